@@ -1,0 +1,17 @@
+"""magneto_kernels: fused Sub-LayerNorm kernels for Magneto (Foundation Transformer) models.
+
+Public ops (see ``ops.py``; the specification is ``reference.py``):
+
+- ``layer_norm(x, weight, bias, eps=1e-5, *, norm="layer", backend=None)``
+- ``add_layer_norm(x, residual, weight, bias, eps=1e-5, *, alpha=1.0, norm="layer", backend=None)``
+- ``ln_linear(x, ln_weight, ln_bias, weight, bias=None, *, eps=1e-5, norm="layer",
+  input_activation=None, activation=None, residual=None, alpha=1.0, dropout_p=0.0, backend=None)``
+
+``available_backends(device)`` says which backends run on a device and why the others do not.
+"""
+from magneto_kernels import library  # noqa: F401  (defines the torch.library op families)
+from magneto_kernels.backends import BACKENDS, ENV_VAR, available_backends, resolve_backend
+from magneto_kernels.ops import add_layer_norm, layer_norm, ln_linear
+
+__all__ = ["BACKENDS", "ENV_VAR", "available_backends", "resolve_backend", "layer_norm",
+           "add_layer_norm", "ln_linear"]

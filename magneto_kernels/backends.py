@@ -1,0 +1,105 @@
+"""Which backends can run an op on a given device, and which one a call gets.
+
+Backends and the op family each runs (``magneto_kernels.library``):
+
+=========== ============================================ ==========
+backend     what runs                                    op family
+=========== ============================================ ==========
+reference   plain PyTorch (``reference.py``), any device —
+triton      Triton kernels: CUDA, or CPU under           triton
+            ``TRITON_INTERPRET=1`` (set before import)
+cpu         C++ kernels of ``magneto_kernels._C``        cpp
+cuda        CUDA C++ kernels of ``magneto_kernels._C``   cpp
+=========== ============================================ ==========
+
+Choice, strongest first: the ``backend=`` argument, the ``MAGNETO_BACKEND`` environment
+variable, then the fastest available for the device (the interpreter is never chosen by default:
+it is for checking kernels, not for speed). float64 inputs always go to ``reference``.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional, Union
+
+import torch
+
+BACKENDS = ("reference", "triton", "cpu", "cuda")
+ENV_VAR = "MAGNETO_BACKEND"
+FAMILY = {"triton": "triton", "cpu": "cpp", "cuda": "cpp"}
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_DEFAULT_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_problem(device_type: str) -> Optional[str]:
+    try:
+        from magneto_kernels import triton as triton_kernels
+    except ImportError as err:
+        return f"triton is not importable ({err})"
+    if device_type == "cuda":
+        return None if torch.cuda.is_available() else "torch sees no CUDA device"
+    if device_type == "cpu":
+        if triton_kernels.INTERPRET:
+            return None
+        return ("Triton runs on CPU tensors only in its interpreter: set TRITON_INTERPRET=1 "
+                "before importing magneto_kernels")
+    return f"no Triton kernels for device type {device_type!r}"
+
+
+@functools.lru_cache(maxsize=None)
+def _cpp_problem(device_type: str) -> Optional[str]:
+    try:
+        from magneto_kernels import _C
+    except ImportError as err:
+        return ("the C++ extension magneto_kernels._C is not built "
+                f"(pip install --no-build-isolation -e .): {err}")
+    if device_type == "cpu":
+        return None
+    if device_type == "cuda":
+        if not _C.with_cuda():
+            return "magneto_kernels._C was built without CUDA kernels"
+        return None if torch.cuda.is_available() else "torch sees no CUDA device"
+    return f"no C++ kernels for device type {device_type!r}"
+
+
+def _problem(backend: str, device_type: str) -> Optional[str]:
+    if backend == "reference":
+        return None
+    if backend == "triton":
+        return _triton_problem(device_type)
+    if backend != device_type:
+        return f"backend {backend!r} runs on {backend} tensors, not {device_type}"
+    return _cpp_problem(device_type)
+
+
+def available_backends(device: Union[str, torch.device] = "cpu") -> dict[str, Optional[str]]:
+    """Every backend name mapped to None when it can run on ``device``, else to the reason why not."""
+    device_type = torch.device(device).type
+    return {name: _problem(name, device_type) for name in BACKENDS}
+
+
+def resolve_backend(backend: Optional[str], x: torch.Tensor) -> str:
+    """The backend a call on ``x`` runs on; ValueError if the requested one cannot run there."""
+    if backend is None:
+        backend = os.environ.get(ENV_VAR) or None
+        source = f"the {ENV_VAR} environment variable"
+    else:
+        source = "the backend argument"
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS} or unset, got {backend!r}")
+    device_type = x.device.type
+    if x.dtype not in KERNEL_DTYPES:
+        if backend not in (None, "reference"):
+            raise ValueError(f"backend {backend!r} supports dtypes {KERNEL_DTYPES}, got {x.dtype}; "
+                             "use backend='reference' for float64")
+        return "reference"
+    if backend is not None:
+        problem = _problem(backend, device_type)
+        if problem is not None:
+            raise ValueError(f"backend {backend!r} (from {source}) cannot run on {x.device}: {problem}")
+        return backend
+    for name in _DEFAULT_ORDER.get(device_type, ("reference",)):
+        if _problem(name, device_type) is None:
+            return name
+    return "reference"

@@ -1,0 +1,137 @@
+"""The public ops: argument checks, backend choice, and the call into an op family.
+
+Each function accepts any number of leading (batch) dimensions, checks its arguments with errors
+that name the argument, picks a backend (``backends.resolve_backend``) and either runs the
+pure-PyTorch reference or flattens to rows and calls the backend family's ``torch.library`` op.
+Dropout seeds are drawn here, from torch's generator on x's device, so ``torch.manual_seed``
+makes every backend draw the same mask.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from magneto_kernels import reference
+from magneto_kernels.backends import FAMILY, resolve_backend
+from magneto_kernels.library import get_op
+
+PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _check_tensor(name: str, t: Optional[Tensor], x: Tensor, shape: Optional[tuple] = None,
+                  dtypes: Optional[tuple] = None) -> None:
+    if t is None:
+        return
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a Tensor or None, got {type(t).__name__}")
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise ValueError(f"{name} must have dtype in {dtypes}, got {t.dtype}")
+
+
+def _check_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                norm: str, prefix: str = "") -> None:
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise ValueError("x must be a floating-point Tensor")
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(x.shape)}")
+    if norm not in ("layer", "rms"):
+        raise ValueError(f"norm must be 'layer' or 'rms', got {norm!r}")
+    if not eps >= 0.0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    width = (x.shape[-1],)
+    param_dtypes = (x.dtype, torch.float32)
+    _check_tensor(prefix + "weight", weight, x, width, param_dtypes)
+    _check_tensor(prefix + "bias", bias, x, width, param_dtypes)
+    if norm == "rms" and bias is not None:
+        raise ValueError(f"{prefix}bias must be None for norm='rms' (RMSNorm has no bias)")
+    if bias is not None and weight is None:
+        raise ValueError(f"{prefix}bias given without {prefix}weight")
+
+
+def _rows(x: Tensor) -> Tensor:
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+def _draw_seed(x: Tensor) -> Tensor:
+    return torch.randint(0, 2**62, (), dtype=torch.int64, device=x.device)
+
+
+def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float = 1e-5, *,
+               norm: str = "layer", backend: Optional[str] = None) -> Tensor:
+    """LayerNorm (``norm="layer"``) or RMSNorm (``norm="rms"``) over x's last dimension."""
+    _check_norm(x, weight, bias, eps, norm)
+    backend = resolve_backend(backend, x)
+    if backend == "reference":
+        return reference.layer_norm(x, weight, bias, eps, norm=norm)
+    y, _, _ = get_op("layer_norm", FAMILY[backend])(_rows(x), weight, bias, float(eps), norm)
+    return y.view(x.shape)
+
+
+def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                   eps: float = 1e-5, *, alpha: float = 1.0, norm: str = "layer",
+                   backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+    """Post-LN / DeepNorm residual: returns ``(N(alpha·residual + x), alpha·residual + x)``."""
+    _check_norm(x, weight, bias, eps, norm)
+    _check_tensor("residual", residual, x, tuple(x.shape), (x.dtype,))
+    if residual is None:
+        raise ValueError("residual must be a Tensor")
+    backend = resolve_backend(backend, x)
+    if backend == "reference":
+        return reference.add_layer_norm(x, residual, weight, bias, eps, alpha=alpha, norm=norm)
+    y, s, _, _ = get_op("add_layer_norm", FAMILY[backend])(
+        _rows(x), _rows(residual), weight, bias, float(eps), float(alpha), norm)
+    return y.view(x.shape), s.view(x.shape)
+
+
+def ln_linear(x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], weight: Tensor,
+              bias: Optional[Tensor] = None, *, eps: float = 1e-5, norm: str = "layer",
+              input_activation: Optional[str] = None, activation: Optional[str] = None,
+              residual: Optional[Tensor] = None, alpha: float = 1.0, dropout_p: float = 0.0,
+              backend: Optional[str] = None) -> Tensor:
+    """``alpha·residual + dropout(act(N(in_act(x)) @ weight.T + bias))``, fused.
+
+    ``N`` is LayerNorm or RMSNorm with parameters ``ln_weight``/``ln_bias``, or nothing when
+    ``ln_weight`` is None. ``input_activation`` is applied to x before the norm (fc2 takes fc1's
+    pre-activation u, so the two share one saved tensor). Activations: None, "gelu",
+    "gelu_tanh", "relu", "silu" ("swish"). Pass ``dropout_p=0`` outside training.
+    """
+    if ln_weight is None:
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            raise ValueError("x must be a floating-point Tensor")
+        if ln_bias is not None:
+            raise ValueError("ln_bias given without ln_weight")
+        if norm not in ("layer", "rms"):
+            raise ValueError(f"norm must be 'layer' or 'rms', got {norm!r}")
+    else:
+        _check_norm(x, ln_weight, ln_bias, eps, norm, prefix="ln_")
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise ValueError("weight must be a 2-D Tensor (out_features, in_features)")
+    out_features, in_features = weight.shape
+    _check_tensor("weight", weight, x, (out_features, x.shape[-1]), (x.dtype,))
+    _check_tensor("bias", bias, x, (out_features,), (x.dtype,))
+    out_shape = (*x.shape[:-1], out_features)
+    _check_tensor("residual", residual, x, out_shape, (x.dtype,))
+    input_activation = reference.canonical_activation(input_activation)
+    activation = reference.canonical_activation(activation)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    seed = _draw_seed(x) if dropout_p > 0.0 else None
+
+    backend = resolve_backend(backend, x)
+    if backend == "reference":
+        return reference.ln_linear(
+            x, ln_weight, ln_bias, weight, bias, eps=eps, norm=norm,
+            input_activation=input_activation, activation=activation, residual=residual,
+            alpha=alpha, dropout_p=dropout_p, seed=seed)
+    out, _, _, _ = get_op("ln_linear", FAMILY[backend])(
+        _rows(x), ln_weight, ln_bias, weight.contiguous(), bias,
+        None if residual is None else _rows(residual), seed, float(eps),
+        "none" if ln_weight is None else norm, input_activation, activation, float(alpha),
+        float(dropout_p))
+    return out.view(out_shape)

@@ -1,0 +1,177 @@
+"""Pure-PyTorch reference of every magneto op: the specification each backend is tested against.
+
+Everything here is plain differentiable PyTorch (autograd supplies the gradients), written for
+clarity, not speed. Run it on float64 inputs to get the oracle the tests compare against.
+
+Numerics that every backend shares:
+- norm statistics and the normalisation are computed in float32 (float64 for float64 inputs);
+  the normalised row is rounded to the input dtype before it enters the matrix product;
+- dropout keeps an element iff ``philox(seed, index) >= dropout_threshold(p)``, where ``index``
+  is the element's row-major position in the (rows, out_features) output: the mask is a pure
+  function of the seed, so backward regenerates it and every backend draws the same one.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+NORMS = ("layer", "rms", "none")
+ACTIVATIONS = ("none", "gelu", "gelu_tanh", "relu", "silu")
+ACTIVATION_ALIASES = {None: "none", "swish": "silu", "identity": "none", "linear": "none"}
+
+
+def canonical_activation(name: Optional[str]) -> str:
+    """Map user spellings (None, 'swish', ...) to one of ACTIVATIONS; ValueError otherwise."""
+    name = ACTIVATION_ALIASES.get(name, name)
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS + ('swish', None)}, got {name!r}")
+    return name
+
+
+def apply_activation(x: Tensor, name: Optional[str]) -> Tensor:
+    name = canonical_activation(name)
+    if name == "none":
+        return x
+    if name == "gelu":
+        return F.gelu(x)
+    if name == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if name == "relu":
+        return F.relu(x)
+    return F.silu(x)
+
+
+def _stat_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def normalize(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, norm: str) -> Tensor:
+    """LayerNorm or RMSNorm over the last dimension, in float32 (float64 for float64 input).
+
+    Returns the result in the statistics dtype; callers round it to the dtype they need.
+    """
+    dt = _stat_dtype(x)
+    width = (x.shape[-1],)
+    w = None if weight is None else weight.to(dt)
+    b = None if bias is None else bias.to(dt)
+    if norm == "layer":
+        return F.layer_norm(x.to(dt), width, w, b, eps)
+    if norm == "rms":
+        return F.rms_norm(x.to(dt), width, w, eps)
+    if norm == "none":
+        return x.to(dt)
+    raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+
+
+def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float = 1e-5, *,
+               norm: str = "layer") -> Tensor:
+    """``N(x)``: LayerNorm (``norm="layer"``) or RMSNorm (``norm="rms"``) over the last dim."""
+    return normalize(x, weight, bias, eps, norm).to(x.dtype)
+
+
+def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                   eps: float = 1e-5, *, alpha: float = 1.0, norm: str = "layer") -> tuple[Tensor, Tensor]:
+    """Post-LN / DeepNorm residual: ``s = alpha·residual + x`` and ``(N(s), s)``.
+
+    ``s`` is formed in the statistics dtype; the norm reads that unrounded sum and both outputs
+    are rounded to x's dtype.
+    """
+    dt = _stat_dtype(x)
+    s = alpha * residual.to(dt) + x.to(dt)
+    return normalize(s, weight, bias, eps, norm).to(x.dtype), s.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dropout: Philox4x32-10 keyed by the seed, counter = (index mod 2^32, index >> 32, 0, 0).
+# Bit-compatible with triton.language.randint (first output word) for indices below 2^32.
+
+PHILOX_KEY_A = 0x9E3779B9
+PHILOX_KEY_B = 0xBB67AE85
+PHILOX_ROUND_A = 0xD2511F53
+PHILOX_ROUND_B = 0xCD9E8D57
+_U32 = 0xFFFFFFFF
+
+
+def dropout_threshold(p: float) -> int:
+    """Integer threshold t: an element is kept iff its 32-bit random word is >= t."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {p}")
+    return min(int(p * 4294967296.0), _U32)
+
+
+def _mulhilo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
+    """(high, low) 32-bit words of a·b for a < 2^32 and int64 b in [0, 2^32), without overflow."""
+    t = a * (b & 0xFFFF)          # < 2^48
+    u = a * (b >> 16)             # < 2^48;  a·b = u·2^16 + t
+    hi = (u + (t >> 16)) >> 16
+    lo = (((u & 0xFFFF) << 16) + t) & _U32
+    return hi, lo
+
+
+def philox(seed: Tensor, index: Tensor) -> Tensor:
+    """First 32-bit word of Philox4x32-10(key=seed, counter=(index lo, index hi, 0, 0)).
+
+    ``seed``: 0-d int64 tensor; ``index``: int64 tensor of non-negative indices. Returns int64
+    values in [0, 2^32).
+    """
+    seed = seed.to(device=index.device, dtype=torch.int64)
+    k0 = seed & _U32
+    k1 = (seed >> 32) & _U32
+    c0 = index & _U32
+    c1 = index >> 32
+    c2 = torch.zeros_like(index)
+    c3 = torch.zeros_like(index)
+    for _ in range(10):
+        hi_b, lo_b = _mulhilo(PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mulhilo(PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + PHILOX_KEY_A) & _U32
+        k1 = (k1 + PHILOX_KEY_B) & _U32
+    return c0
+
+
+def dropout_mask(seed: Tensor, shape: tuple[int, ...], p: float, device=None) -> Tensor:
+    """Boolean keep-mask of ``shape`` (row-major element indices) for dropout probability p."""
+    numel = 1
+    for s in shape:
+        numel *= s
+    index = torch.arange(numel, dtype=torch.int64, device=device or seed.device).view(shape)
+    return philox(seed, index) >= dropout_threshold(p)
+
+
+def dropout(x: Tensor, p: float, seed: Optional[Tensor]) -> Tensor:
+    """Philox dropout of x (row-major indices over x's shape); identity when p == 0."""
+    if p == 0.0:
+        return x
+    keep = dropout_mask(seed, tuple(x.shape), p, x.device)
+    return x * keep.to(x.dtype) * (1.0 / (1.0 - p))
+
+
+# ----------------------------------------------------------------------------------------------
+
+def ln_linear(x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], weight: Tensor,
+              bias: Optional[Tensor] = None, *, eps: float = 1e-5, norm: str = "layer",
+              input_activation: Optional[str] = None, activation: Optional[str] = None,
+              residual: Optional[Tensor] = None, alpha: float = 1.0, dropout_p: float = 0.0,
+              seed: Optional[Tensor] = None) -> Tensor:
+    """``alpha·residual + dropout(act(N(in_act(x)) @ weight.T + bias))``.
+
+    ``N`` is skipped when ``ln_weight`` is None. The dropout mask is indexed over the output
+    viewed as (rows, out_features), rows being x's leading dimensions flattened.
+    """
+    a = apply_activation(x, input_activation)
+    if ln_weight is None:
+        h = a
+    else:
+        h = normalize(a, ln_weight, ln_bias, eps, norm).to(weight.dtype)
+    y = apply_activation(F.linear(h, weight, bias), activation)
+    if dropout_p > 0.0:
+        if seed is None:
+            raise ValueError("dropout_p > 0 needs a seed")
+        y = dropout(y, dropout_p, seed)
+    if residual is not None:
+        y = alpha * residual + y
+    return y
