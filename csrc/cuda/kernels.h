@@ -1,0 +1,192 @@
+// Launchers of magneto's CUDA kernels. Torch-free: raw pointers, sizes, row strides, the codes of
+// csrc/common.h and a stream, so that nvcc compiles them without torch (tools/check_cuda.sh) and
+// csrc/bindings.cpp (under MAGNETO_WITH_CUDA) does all tensor checking and allocation.
+//
+// Conventions shared by every launcher
+// - Matrices are row-major (rows, cols) with a row stride in elements (>= cols); vectors
+//   (weight, bias, mean, rstd) are contiguous. Element types: `dtype` for activations, `param_dtype`
+//   (== dtype or kFloat32) for norm weight/bias; statistics (mean, rstd) are always float32.
+// - Optional inputs and outputs are null pointers when absent.
+// - Every launcher returns a Status: nullptr on success, otherwise a static, human-readable
+//   message (invalid arguments, or the cudaGetErrorString of the launch error, checked with
+//   cudaGetLastError after the launches). Never free it. Bindings: TORCH_CHECK(!status, status).
+// - All work is enqueued on `stream`; nothing synchronises.
+// - 16-byte vector loads/stores are used when every pointer of a launch is 16-byte aligned and
+//   every row stride is a multiple of 16 bytes; otherwise the same kernels take a scalar path.
+//   Odd widths are fine (a scalar tail covers the last partial vector).
+// - Reductions over rows (dweight, dbias) are deterministic: per-block partial sums written to a
+//   caller-provided float32 workspace, then a fixed-order sum kernel. No atomics. The workspace
+//   size comes from the matching *_workspace_bytes function (it depends on the current device's
+//   SM count, so ask on the device the launch runs on).
+//
+// The GEMMs of ln_linear are not here: the bindings call cuBLAS(Lt) through at::mm/addmm, with
+// these kernels as prologue (norm_forward writing N(in_act(x)) in the GEMM operand's dtype) and
+// epilogue (linear_epilogue: bias, activation, dropout, alpha-scaled residual in one pass), and in
+// backward linear_backward_prologue (dz and dbias) before the two GEMMs and norm_backward after.
+// That is the "cuBLASLt with our own prologue/epilogue kernels" option of issue 4: cuBLAS is the
+// fastest GEMM available on every architecture without our own tuning, and the memory-bound work
+// around it runs at copy bandwidth in single passes. A CUTLASS GEMM with the norm applied in its
+// main loop (or folded into its epilogue, DESIGN.md §2) would save the round trip of the
+// normalised operand through HBM; it is future work that needs measurement on the GPU.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+#include "common.h"
+
+namespace magneto {
+namespace gpu {
+
+using Status = const char*;  // nullptr on success, else a static message
+
+// ------------------------------------------------------------------------------ norm forward
+// Per row r (all math in float32):
+//   s = x                     (residual == nullptr)
+//   s = alpha*residual + x    (residual != nullptr; written, rounded to dtype, to `sum` if given)
+//   a = round_dtype(in_act(s))            (input_activation; identity for kNone)
+//   kLayer: mean = avg(a), rstd = 1/sqrt(avg((a-mean)^2) + eps), y = (a-mean)*rstd*w + b
+//   kRms:   rstd = 1/sqrt(avg(a^2) + eps),                        y = a*rstd*w
+//   kNone:  y = a   (no statistics; weight and bias must be null)
+// w = 1 and b = 0 when weight/bias are null. y, sum: dtype; mean, rstd: float32 (mean only for
+// kLayer). y == nullptr computes statistics only (row_stats). With saved_rstd (and saved_mean
+// for kLayer) given, those statistics are applied instead of computed: ln_linear's backward
+// recomputes its GEMM operand N(in_act(x)) this way (no residual allowed then).
+// Widths up to 32768 (16-bit dtypes) / 16384 (float32) keep the row in registers (warp per row
+// for narrow rows, up to 512 threads per row for wide ones, exact two-pass statistics); wider
+// rows use a block per row with Welford statistics and a second read of the row.
+// Outputs must not alias inputs.
+struct NormForwardParams {
+  const void* x = nullptr;
+  int64_t x_stride = 0;
+  const void* residual = nullptr;
+  int64_t residual_stride = 0;
+  float alpha = 1.0f;
+  const void* weight = nullptr;  // (cols,) param_dtype
+  const void* bias = nullptr;    // (cols,) param_dtype; kLayer only
+  const float* saved_mean = nullptr;
+  const float* saved_rstd = nullptr;
+  void* y = nullptr;
+  int64_t y_stride = 0;
+  void* sum = nullptr;
+  int64_t sum_stride = 0;
+  float* mean = nullptr;  // (rows,) written when non-null (kLayer)
+  float* rstd = nullptr;  // (rows,) written when non-null (kLayer, kRms)
+  int64_t rows = 0;
+  int64_t cols = 0;
+  float eps = 1e-5f;
+  Norm norm = Norm::kLayer;
+  Activation input_activation = Activation::kNone;
+  DType dtype = DType::kFloat32;
+  DType param_dtype = DType::kFloat32;
+};
+Status norm_forward(const NormForwardParams& p, cudaStream_t stream);
+
+// Row statistics only: norm_forward with y = sum = nullptr (mean for kLayer, rstd).
+Status row_stats(const void* x, int64_t x_stride, float* mean, float* rstd, int64_t rows,
+                 int64_t cols, float eps, Norm norm, Activation input_activation, DType dtype,
+                 cudaStream_t stream);
+
+// ------------------------------------------------------------------------------ norm backward
+// Gradient of y = N(in_act(x)) (x being s for add_layer_norm), with a = round_dtype(in_act(x)):
+//   xhat = (a - mean)*rstd (kLayer) | a*rstd (kRms);  g = dy*w
+//   kLayer: da = rstd*(g - avg(g) - xhat*avg(g*xhat))
+//   kRms:   da = rstd*(g - xhat*avg(g*xhat))
+//   kNone:  da = dy
+//   dx = da * in_act'(x) + grad_accum          (grad_accum optional, dtype)
+//   dweight = sum_rows(dy*xhat), dbias = sum_rows(dy)   (param_dtype, optional, deterministic)
+// dx may be null when only parameter gradients are wanted. dweight/dbias need a float32
+// workspace of norm_backward_workspace_bytes(...) bytes (0 when neither is requested); with
+// rows == 0 they are written as zeros. Outputs must not alias inputs.
+// Widths up to 8192 run one fused kernel (row in registers, per-thread column partials); wider
+// rows run a block-per-row dx kernel plus a column-partials kernel.
+struct NormBackwardParams {
+  const void* dy = nullptr;
+  int64_t dy_stride = 0;
+  const void* x = nullptr;
+  int64_t x_stride = 0;
+  const void* weight = nullptr;  // (cols,) param_dtype or null
+  const float* mean = nullptr;   // (rows,) kLayer
+  const float* rstd = nullptr;   // (rows,) kLayer, kRms
+  const void* grad_accum = nullptr;
+  int64_t grad_accum_stride = 0;
+  void* dx = nullptr;
+  int64_t dx_stride = 0;
+  void* dweight = nullptr;  // (cols,) param_dtype
+  void* dbias = nullptr;    // (cols,) param_dtype; kLayer only
+  void* workspace = nullptr;
+  size_t workspace_bytes = 0;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  Norm norm = Norm::kLayer;
+  Activation input_activation = Activation::kNone;
+  DType dtype = DType::kFloat32;
+  DType param_dtype = DType::kFloat32;
+};
+// Bytes of float32 workspace norm_backward needs for these sizes on the current device
+// (0 when want_dweight and want_dbias are both false).
+size_t norm_backward_workspace_bytes(int64_t rows, int64_t cols, DType dtype, Norm norm,
+                                     Activation input_activation, bool want_dweight,
+                                     bool want_dbias);
+Status norm_backward(const NormBackwardParams& p, cudaStream_t stream);
+
+// ------------------------------------------------------------------------------ linear epilogue
+// One pass over the GEMM output z (rows, cols) = N(in_act(x)) @ W^T (z_dtype: dtype or float32):
+//   u = z + bias;  preact = round_dtype(u) if requested;
+//   v = act(u);    v = keep ? v*dropout_scale : 0 with keep = philox(seed, r*cols + c) >= threshold
+//   out = alpha*residual + v      (no residual: out = v)
+// Everything in float32, rounded once to dtype. seed is a device pointer to the int64 seed
+// (null: no dropout). out may alias z (when z_dtype == dtype and strides match) or residual.
+struct LinearEpilogueParams {
+  const void* z = nullptr;
+  int64_t z_stride = 0;
+  DType z_dtype = DType::kFloat32;
+  const void* bias = nullptr;  // (cols,) dtype
+  const void* residual = nullptr;
+  int64_t residual_stride = 0;
+  float alpha = 1.0f;
+  const int64_t* seed = nullptr;
+  uint32_t dropout_threshold = 0;  // magneto::dropout_threshold(p)
+  float dropout_scale = 1.0f;      // 1/(1-p)
+  void* out = nullptr;
+  int64_t out_stride = 0;
+  void* preact = nullptr;
+  int64_t preact_stride = 0;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  Activation activation = Activation::kNone;
+  DType dtype = DType::kFloat32;
+};
+Status linear_epilogue(const LinearEpilogueParams& p, cudaStream_t stream);
+
+// ------------------------------------------------------------------------------ linear backward
+// dz = dy * (keep ? dropout_scale : 0) * act'(preact)   (preact needed when activation != kNone;
+// keep as in linear_epilogue), written in dtype; dz may alias dy. dbias = sum_rows(dz) in dtype
+// (optional; float32 workspace of linear_backward_prologue_workspace_bytes bytes; deterministic).
+// The column sum uses the float32 dz before rounding.
+struct LinearBackwardPrologueParams {
+  const void* dy = nullptr;
+  int64_t dy_stride = 0;
+  const void* preact = nullptr;
+  int64_t preact_stride = 0;
+  const int64_t* seed = nullptr;
+  uint32_t dropout_threshold = 0;
+  float dropout_scale = 1.0f;
+  void* dz = nullptr;
+  int64_t dz_stride = 0;
+  void* dbias = nullptr;  // (cols,) dtype
+  void* workspace = nullptr;
+  size_t workspace_bytes = 0;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  Activation activation = Activation::kNone;
+  DType dtype = DType::kFloat32;
+};
+size_t linear_backward_prologue_workspace_bytes(int64_t rows, int64_t cols, DType dtype,
+                                                bool want_dbias);
+Status linear_backward_prologue(const LinearBackwardPrologueParams& p, cudaStream_t stream);
+
+}  // namespace gpu
+}  // namespace magneto
