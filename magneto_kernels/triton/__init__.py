@@ -2,7 +2,28 @@
 
 Importing this package registers the kernels. Under ``TRITON_INTERPRET=1`` (set before import)
 they run on CPU tensors in Triton's interpreter.
-"""
-import os
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+Modules: ``philox`` (Philox4x32-10 dropout stream), ``activations``, ``norm`` (row kernels:
+LayerNorm/RMSNorm forward and backward, add-LayerNorm, deterministic column sums), ``ln_linear``
+(the fused norm → GEMM → epilogue op and its backward).
+
+float32 GEMMs follow ``torch.get_float32_matmul_precision()``: "highest" (PyTorch's default)
+runs ``tl.dot`` with ``input_precision="ieee"`` (exact fp32 products, like torch.matmul);
+"high"/"medium" allow TF32 (~5e-4 relative error, much faster on tensor cores).
+"""
+import torch
+
+from magneto_kernels.triton.common import INTERPRET  # noqa: F401  (read by backends.py)
+from magneto_kernels.triton import ln_linear as _ln_linear, norm as _norm
+from magneto_kernels.library import op_name
+
+_IMPLS = {
+    "layer_norm": _norm.layer_norm,
+    "layer_norm_backward": _norm.layer_norm_backward,
+    "add_layer_norm": _norm.add_layer_norm,
+    "ln_linear": _ln_linear.ln_linear,
+    "ln_linear_backward": _ln_linear.ln_linear_backward,
+}
+
+for _op, _impl in _IMPLS.items():
+    torch.library.register_kernel(op_name(_op, "triton"), None, _impl)

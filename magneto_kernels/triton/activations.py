@@ -1,0 +1,71 @@
+"""Device helpers: activations and their derivatives (fp32 in, fp32 out), and the rounding cast.
+
+Codes follow csrc/common.h ``Activation``: 0 none, 1 gelu (erf), 2 gelu_tanh, 3 relu, 4 silu.
+"""
+import triton
+import triton.language as tl
+
+from magneto_kernels.triton.common import INTERPRET
+
+ACT_CODES = {"none": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4}
+NORM_CODES = {"layer": 0, "rms": 1, "none": 2}
+
+_INTERPRET: tl.constexpr = tl.constexpr(INTERPRET)
+_SQRT1_2: tl.constexpr = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI: tl.constexpr = tl.constexpr(0.3989422804014327)
+_SQRT_2_OVER_PI: tl.constexpr = tl.constexpr(0.7978845608028654)
+_GELU_C: tl.constexpr = tl.constexpr(0.044715)
+
+
+@triton.jit
+def _tanh(x):
+    # tanh(x) = 1 - 2 / (exp(2x) + 1): exact limits at +-inf, no overflow to NaN.
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def activation(x, ACT: tl.constexpr):
+    if ACT == 1:
+        y = 0.5 * x * (1.0 + tl.erf(x * _SQRT1_2))
+    elif ACT == 2:
+        y = 0.5 * x * (1.0 + _tanh(_SQRT_2_OVER_PI * (x + _GELU_C * x * x * x)))
+    elif ACT == 3:
+        y = tl.maximum(x, 0.0)
+    elif ACT == 4:
+        y = x / (1.0 + tl.exp(-x))
+    else:
+        y = x
+    return y
+
+
+@triton.jit
+def activation_grad(x, ACT: tl.constexpr):
+    """d activation(x) / dx (relu'(0) = 0, as PyTorch)."""
+    if ACT == 1:
+        d = 0.5 * (1.0 + tl.erf(x * _SQRT1_2)) + x * _INV_SQRT_2PI * tl.exp(-0.5 * x * x)
+    elif ACT == 2:
+        inner = _SQRT_2_OVER_PI * (x + _GELU_C * x * x * x)
+        t = _tanh(inner)
+        d = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_C * x * x)
+    elif ACT == 3:
+        d = tl.where(x > 0.0, 1.0, 0.0)
+    elif ACT == 4:
+        s = 1.0 / (1.0 + tl.exp(-x))
+        d = s * (1.0 + x * (1.0 - s))
+    else:
+        d = tl.full(x.shape, 1.0, tl.float32)
+    return d
+
+
+@triton.jit
+def cast_rn(x, dtype: tl.constexpr):
+    """Cast float32 ``x`` to ``dtype`` rounding to nearest even (as the GPU does).
+
+    Triton 3.6's interpreter truncates float32 → bfloat16 casts, which doubles and biases the
+    rounding error; there we round the bit pattern ourselves first, so the truncation is exact.
+    """
+    if _INTERPRET and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)

@@ -1,0 +1,70 @@
+"""Launch-side helpers shared by the Triton kernel modules."""
+import functools
+import os
+
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+POISON = os.environ.get("MAGNETO_POISON", "0") == "1"
+"""When True every output and scratch buffer starts as NaN instead of uninitialised memory, so a
+kernel that leaves an element unwritten (or reads a partial it never wrote) fails the tests. The
+test suite switches it on; it costs a fill per buffer, so it is off by default."""
+
+
+def new_buffer(shape, dtype, device) -> torch.Tensor:
+    """An uninitialised buffer (NaN-filled when POISON is on) for a kernel to write."""
+    if POISON:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=None)
+def num_programs_for_rows(device_index: int) -> int:
+    """Programs for row-reduction kernels that keep per-program partial sums: a few per SM."""
+    return 4 * torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def reduction_programs(x: torch.Tensor, rows: int) -> int:
+    if x.device.type == "cuda":
+        return max(1, min(rows, num_programs_for_rows(x.device.index or 0)))
+    return max(1, min(rows, 4))
+
+
+def fp32_dot_precision() -> str:
+    """``tl.dot`` input precision for float32 operands, following PyTorch's own matmul setting.
+
+    ``torch.set_float32_matmul_precision("highest")`` (PyTorch's default) gives "ieee": exact
+    fp32 products, like torch.matmul. "high" or "medium" give "tf32" (10-bit mantissa inputs,
+    ~5e-4 relative error, several times faster on tensor cores). bf16/fp16 operands ignore it.
+    """
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def _patch_interpreter_for_numpy_2_4() -> None:
+    """Let Triton 3.6's interpreter use runtime loop bounds under numpy >= 2.4.
+
+    The interpreter keeps scalar kernel arguments as 1-element numpy arrays and converts them
+    with ``int(array)`` in ``tensor.__index__`` (used by ``range(0, N, BLOCK)``); numpy 2.4 made
+    that conversion an error for arrays with ndim > 0. We wrap the interpreter's per-launch
+    patch so ``__index__`` goes through ``.item()``; its scope restores both on exit (LIFO).
+    """
+    import numpy as np
+    from triton.runtime import interpreter
+
+    if tuple(int(v) for v in np.__version__.split(".")[:2]) < (2, 4):
+        return
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "_magneto_patched", False):
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patch_lang_tensor._magneto_patched = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+if INTERPRET:
+    _patch_interpreter_for_numpy_2_4()

@@ -1,0 +1,342 @@
+"""The fused ``ln_linear`` op in Triton: ``alpha·residual + dropout(act(N(in_act(x)) @ W^T + b))``.
+
+Forward (two launches):
+  1. a row-statistics pass (``norm.norm_forward`` with ``write_y=False``): mean and rstd of
+     in_act(x) per row, float32, merged chunk-wise for wide rows (stable for |mean| >> std);
+  2. one GEMM that *normalises on load*: every A tile is read from x, passed through the input
+     activation, normalised in float32 registers ``(a - mean)·rstd·gamma + beta``, rounded to
+     the weight dtype and fed to ``tl.dot``; the epilogue adds the bias, stores the
+     pre-activation (only when an output activation is used), applies the activation, Philox
+     dropout and ``alpha·residual``.
+  The normalised input never touches memory. Numerically this is the unfused computation (the
+  normalised row is rounded to the weight dtype exactly where the reference rounds it), so
+  accuracy does not degrade for large |mean|/std. The alternative "fold" variant (gamma folded
+  into W, mean/rstd applied in the epilogue) runs the main loop on raw x and loses
+  ~log2(|mean|/std) bits to cancellation in low-precision GEMMs; without a GPU to show it faster
+  it is not kept (see bench/bench_gpu.py for the comparison points).
+
+Backward (``ln_linear_backward``):
+  dz = dy ⊙ keep/(1-p) ⊙ act'(u)  (mask regenerated from the seed; u = saved pre-activation),
+       with per-row-block partial sums of dz for db (summed deterministically in a 2nd stage);
+  dW = dz^T @ N(in_act(x))        (a GEMM that recomputes the normalised x on load);
+  dh = dz @ W                      (float32 result, kept exact for the norm backward);
+  dx, dgamma, dbeta from the norm-backward row kernel, which also applies in_act'(x).
+
+float32 operands use ``tl.dot(input_precision=...)`` from ``common.fp32_dot_precision()``.
+"""
+import triton
+import triton.language as tl
+import torch
+
+from magneto_kernels import reference
+from magneto_kernels.triton.activations import (ACT_CODES, NORM_CODES, activation,
+                                                 activation_grad, cast_rn)
+from magneto_kernels.triton.common import (INTERPRET, fp32_dot_precision, new_buffer,
+                                           reduction_programs)
+from magneto_kernels.triton.norm import column_sum, norm_backward, norm_forward
+from magneto_kernels.triton.philox import dropout_keep
+
+# One small configuration in the interpreter (autotuning there would take minutes).
+_INTERPRET_META = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}
+
+
+def _gemm_configs():
+    """Hopper/Ampere tile shapes for bf16/fp16 (also valid, if slower, for fp32)."""
+    shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+        (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4),
+        (128, 128, 64, 4, 4), (64, 256, 64, 4, 4), (128, 128, 32, 4, 5), (64, 128, 64, 4, 4),
+    ]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                          num_warps=w, num_stages=s) for bm, bn, bk, w, s in shapes]
+
+
+@triton.jit
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped tile order: GROUP_M row-tiles sweep the columns together so A and B tiles are
+    reused from L2 before eviction."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    return pid_m, pid_n
+
+
+@triton.jit
+def _normalize_tile(a, mean, rstd, gamma, beta, valid, IN_ACT: tl.constexpr, NORM: tl.constexpr,
+                    HAS_LNW: tl.constexpr, HAS_LNB: tl.constexpr):
+    """N(in_act(a)) for a float32 tile; ``mean``/``rstd`` broadcast over the tile's rows,
+    ``gamma``/``beta`` over its columns. Invalid (out-of-range) entries become 0."""
+    a = activation(a, IN_ACT)
+    if NORM == 0:
+        a = (a - mean) * rstd
+    elif NORM == 1:
+        a = a * rstd
+    if HAS_LNW:
+        a = a * gamma
+    if HAS_LNB:
+        a = a + beta
+    return tl.where(valid, a, 0.0)
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    # ``a`` is already rounded to b's dtype. DOT_FP32 (interpreter, bf16) widens both operands
+    # so the interpreter never does bf16 arithmetic; the products are the same.
+    if DOT_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _ln_matmul_kernel(A, B, C, PREACT, MEAN, RSTD, LNW, LNB, BIAS, RES, SEED,
+                      M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+                      threshold, dropout_scale, alpha,
+                      NORM: tl.constexpr, IN_ACT: tl.constexpr, HAS_LNW: tl.constexpr,
+                      HAS_LNB: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                      WRITE_PREACT: tl.constexpr, DROPOUT: tl.constexpr, HAS_RES: tl.constexpr,
+                      DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      GROUP_M: tl.constexpr):
+    """C[M, N] = epilogue(N(in_act(A)) @ B), B[k, n] at B + k·stride_bk + n·stride_bn.
+
+    Forward: A = x, B = W^T. Also the backward's dh = dz @ W (no norm, no epilogue).
+    """
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_mask = rm < M
+    n_mask = rn < N
+    mean = tl.zeros([BLOCK_M], tl.float32)
+    rstd = tl.zeros([BLOCK_M], tl.float32)
+    if NORM == 0:
+        mean = tl.load(MEAN + rm, mask=m_mask, other=0.0)
+    if NORM != 2:
+        rstd = tl.load(RSTD + rm, mask=m_mask, other=0.0)
+    a_ptrs = A + rm[:, None].to(tl.int64) * stride_am + rk[None, :] * stride_ak
+    b_ptrs = B + rk[:, None].to(tl.int64) * stride_bk + rn[None, :].to(tl.int64) * stride_bn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + rk
+        k_mask = k < K
+        valid = m_mask[:, None] & k_mask[None, :]
+        a = tl.load(a_ptrs, mask=valid, other=0.0).to(tl.float32)
+        gamma = tl.zeros([BLOCK_K], tl.float32)
+        beta = tl.zeros([BLOCK_K], tl.float32)
+        if HAS_LNW:
+            gamma = tl.load(LNW + k, mask=k_mask, other=0.0).to(tl.float32)
+        if HAS_LNB:
+            beta = tl.load(LNB + k, mask=k_mask, other=0.0).to(tl.float32)
+        a = _normalize_tile(a, mean[:, None], rstd[:, None], gamma[None, :], beta[None, :], valid,
+                            IN_ACT, NORM, HAS_LNW, HAS_LNB)
+        b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = _dot(cast_rn(a, B.dtype.element_ty), b, acc, DOT_FP32, PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    c_mask = m_mask[:, None] & n_mask[None, :]
+    offs = rm[:, None].to(tl.int64) * N + rn[None, :]
+    if HAS_BIAS:
+        acc += tl.load(BIAS + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if WRITE_PREACT:
+        tl.store(PREACT + offs, cast_rn(acc, PREACT.dtype.element_ty), mask=c_mask)
+    acc = activation(acc, ACT)
+    if DROPOUT:
+        acc = tl.where(dropout_keep(SEED, offs, threshold), acc * dropout_scale, 0.0)
+    if HAS_RES:
+        acc = alpha * tl.load(RES + offs, mask=c_mask, other=0.0).to(tl.float32) + acc
+    tl.store(C + offs, cast_rn(acc, C.dtype.element_ty), mask=c_mask)
+
+
+@triton.jit
+def _dw_kernel(DZ, X, DW, MEAN, RSTD, LNW, LNB, M, N, K,
+               NORM: tl.constexpr, IN_ACT: tl.constexpr, HAS_LNW: tl.constexpr,
+               HAS_LNB: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               GROUP_M: tl.constexpr):
+    """dW[N, K] = dz^T @ N(in_act(x)), reducing over the M rows; the normalised x tiles are
+    recomputed on load from x and the saved row statistics. (Here BLOCK_M tiles dW's rows, i.e.
+    N, and BLOCK_K tiles the reduction over M.)"""
+    pid_n, pid_k = _tile_ids(N, K, BLOCK_M, BLOCK_N, GROUP_M)
+    rn = pid_n * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
+    rr = tl.arange(0, BLOCK_K)
+    n_mask = rn < N
+    k_mask = rk < K
+    gamma = tl.zeros([BLOCK_N], tl.float32)
+    beta = tl.zeros([BLOCK_N], tl.float32)
+    if HAS_LNW:
+        gamma = tl.load(LNW + rk, mask=k_mask, other=0.0).to(tl.float32)
+    if HAS_LNB:
+        beta = tl.load(LNB + rk, mask=k_mask, other=0.0).to(tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for m0 in range(0, M, BLOCK_K):
+        rows = m0 + rr
+        r_mask = rows < M
+        dzt = tl.load(DZ + rows[None, :].to(tl.int64) * N + rn[:, None],
+                      mask=n_mask[:, None] & r_mask[None, :], other=0.0)
+        valid = r_mask[:, None] & k_mask[None, :]
+        x = tl.load(X + rows[:, None].to(tl.int64) * K + rk[None, :], mask=valid,
+                    other=0.0).to(tl.float32)
+        mean = tl.zeros([BLOCK_K], tl.float32)
+        rstd = tl.zeros([BLOCK_K], tl.float32)
+        if NORM == 0:
+            mean = tl.load(MEAN + rows, mask=r_mask, other=0.0)
+        if NORM != 2:
+            rstd = tl.load(RSTD + rows, mask=r_mask, other=0.0)
+        h = _normalize_tile(x, mean[:, None], rstd[:, None], gamma[None, :], beta[None, :], valid,
+                            IN_ACT, NORM, HAS_LNW, HAS_LNB)
+        acc = _dot(dzt, cast_rn(h, DZ.dtype.element_ty), acc, DOT_FP32, PRECISION)
+    tl.store(DW + rn[:, None].to(tl.int64) * K + rk[None, :], cast_rn(acc, DW.dtype.element_ty),
+             mask=n_mask[:, None] & k_mask[None, :])
+
+
+@triton.jit
+def _dz_kernel(DY, PREACT, SEED, DZ, DB_PART, M, N, threshold, dropout_scale,
+               ACT: tl.constexpr, DROPOUT: tl.constexpr, WRITE_DZ: tl.constexpr,
+               WANT_DB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dz = dy ⊙ keep/(1-p) ⊙ act'(u), and row-block partial sums of dz for db."""
+    pid_m = tl.program_id(0)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    mask = (rm < M)[:, None] & n_mask[None, :]
+    offs = rm[:, None].to(tl.int64) * N + rn[None, :]
+    dz = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+    if DROPOUT:
+        dz = tl.where(dropout_keep(SEED, offs, threshold), dz * dropout_scale, 0.0)
+    if ACT != 0:
+        dz = dz * activation_grad(tl.load(PREACT + offs, mask=mask, other=0.0).to(tl.float32), ACT)
+    if WRITE_DZ:
+        tl.store(DZ + offs, cast_rn(dz, DZ.dtype.element_ty), mask=mask)
+    if WANT_DB:
+        tl.store(DB_PART + pid_m.to(tl.int64) * N + rn, tl.sum(dz, axis=0), mask=n_mask)
+
+
+if not INTERPRET:
+    _ln_matmul_tuned = triton.autotune(
+        _gemm_configs(), key=["M", "N", "K", "NORM", "ACT", "DROPOUT", "HAS_RES", "DOT_FP32",
+                              "PRECISION"])(_ln_matmul_kernel)
+    _dw_tuned = triton.autotune(
+        _gemm_configs(), key=["M", "N", "K", "NORM", "DOT_FP32", "PRECISION"])(_dw_kernel)
+
+
+def _launch_gemm(kernel, tuned_name, rows, cols, *args, **flags):
+    """Launch a GEMM kernel over a (rows × cols) output: autotuned on GPU, one config in the
+    interpreter."""
+    def grid(meta):
+        return (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]),)
+
+    if INTERPRET:
+        kernel[grid(_INTERPRET_META)](*args, **flags, **_INTERPRET_META)
+    else:
+        globals()[tuned_name][grid](*args, **flags)
+
+
+def _dot_flags(dtype: torch.dtype) -> dict:
+    return {"DOT_FP32": INTERPRET and dtype != torch.float16,
+            "PRECISION": fp32_dot_precision() if dtype == torch.float32 else "tf32"}
+
+
+def _dropout_args(dropout_p: float) -> tuple[int, float]:
+    if dropout_p == 0.0:
+        return 0, 1.0
+    return reference.dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p)
+
+
+def ln_linear(x, ln_weight, ln_bias, weight, bias, residual, seed, eps, norm, input_activation,
+              activation, alpha, dropout_p):
+    rows, k = x.shape
+    n = weight.shape[0]
+    if dropout_p > 0.0 and seed is None:
+        raise ValueError("dropout_p > 0 needs a seed tensor")
+    if norm != "none":
+        _, _, mean, rstd = norm_forward(x, None, None, eps, norm,
+                                        input_activation=input_activation, write_y=False)
+    else:
+        mean = x.new_empty((0,), dtype=torch.float32)
+        rstd = x.new_empty((0,), dtype=torch.float32)
+    out = new_buffer((rows, n), x.dtype, x.device)
+    write_preact = activation != "none"
+    preact = new_buffer((rows, n) if write_preact else (0,), x.dtype, x.device)
+    threshold, scale = _dropout_args(dropout_p)
+    if rows == 0 or n == 0:
+        return out, mean, rstd, preact
+    _launch_gemm(
+        _ln_matmul_kernel, "_ln_matmul_tuned", rows, n,
+        x, weight, out, preact if write_preact else out, mean, rstd,
+        ln_weight if ln_weight is not None else x, ln_bias if ln_bias is not None else x,
+        bias if bias is not None else x, residual if residual is not None else x,
+        seed if seed is not None else mean, rows, n, k, k, 1, 1, k, threshold, scale, alpha,
+        NORM=NORM_CODES[norm], IN_ACT=ACT_CODES[input_activation],
+        HAS_LNW=ln_weight is not None, HAS_LNB=ln_bias is not None, HAS_BIAS=bias is not None,
+        ACT=ACT_CODES[activation], WRITE_PREACT=write_preact, DROPOUT=dropout_p > 0.0,
+        HAS_RES=residual is not None, **_dot_flags(weight.dtype))
+    return out, mean, rstd, preact
+
+
+def ln_linear_backward(grad_out, x, ln_weight, ln_bias, weight, mean, rstd, preact, seed, norm,
+                       input_activation, activation, dropout_p, output_mask):
+    rows, k = x.shape
+    n = weight.shape[0]
+    empty = x.new_empty((0,))
+    want_dx, want_dlnw, want_dlnb, want_dw, want_db = (bool(m) for m in output_mask)
+    want_dlnw = want_dlnw and ln_weight is not None
+    want_dlnb = want_dlnb and ln_bias is not None
+    need_dh = want_dx or want_dlnw or want_dlnb
+    dw = db = empty
+    if rows == 0:
+        zeros = torch.zeros_like
+        return (new_buffer(x.shape, x.dtype, x.device) if want_dx else empty,
+                zeros(ln_weight) if want_dlnw else empty, zeros(ln_bias) if want_dlnb else empty,
+                zeros(weight) if want_dw else empty,
+                weight.new_zeros((n,)) if want_db else empty)
+
+    # dz (and db) ------------------------------------------------------------------------------
+    threshold, scale = _dropout_args(dropout_p)
+    transform = activation != "none" or dropout_p > 0.0
+    dz = grad_out
+    if transform or want_db:
+        block_m, block_n = 32, min(128, triton.next_power_of_2(n))
+        row_blocks = triton.cdiv(rows, block_m)
+        if transform and (want_dw or need_dh):
+            dz = new_buffer((rows, n), weight.dtype, x.device)
+        db_part = new_buffer((row_blocks, n), torch.float32, x.device) if want_db else empty
+        _dz_kernel[(row_blocks, triton.cdiv(n, block_n))](
+            grad_out, preact if activation != "none" else grad_out,
+            seed if seed is not None else grad_out, dz, db_part if want_db else grad_out,
+            rows, n, threshold, scale, ACT=ACT_CODES[activation], DROPOUT=dropout_p > 0.0,
+            WRITE_DZ=dz is not grad_out, WANT_DB=want_db, BLOCK_M=block_m, BLOCK_N=block_n,
+            num_warps=4)
+        if want_db:
+            db = column_sum(db_part, weight.dtype)
+    if dz.dtype != weight.dtype:
+        dz = dz.to(weight.dtype)
+
+    flags = {"NORM": NORM_CODES[norm], "IN_ACT": ACT_CODES[input_activation],
+             "HAS_LNW": ln_weight is not None, "HAS_LNB": ln_bias is not None,
+             **_dot_flags(weight.dtype)}
+    # dW = dz^T @ N(in_act(x)) ----------------------------------------------------------------
+    if want_dw:
+        dw = new_buffer(weight.shape, weight.dtype, x.device)
+        _launch_gemm(_dw_kernel, "_dw_tuned", n, k,
+                     dz, x, dw, mean, rstd, ln_weight if ln_weight is not None else x,
+                     ln_bias if ln_bias is not None else x, rows, n, k, **flags)
+
+    # dh = dz @ W, then the norm backward (with in_act') ---------------------------------------
+    dx = dlnw = dlnb = empty
+    if need_dh:
+        dh = new_buffer((rows, k), torch.float32, x.device)
+        _launch_gemm(
+            _ln_matmul_kernel, "_ln_matmul_tuned", rows, k,
+            dz, weight, dh, dh, mean, rstd, x, x, x, x, mean, rows, k, n, n, 1, k, 1, 0, 1.0, 1.0,
+            NORM=NORM_CODES["none"], IN_ACT=0, HAS_LNW=False, HAS_LNB=False, HAS_BIAS=False,
+            ACT=0, WRITE_PREACT=False, DROPOUT=False, HAS_RES=False, **_dot_flags(weight.dtype))
+        dx, dlnw, dlnb = norm_backward(dh, x, ln_weight, ln_bias, mean, rstd, None, norm,
+                                       [want_dx, want_dlnw, want_dlnb],
+                                       input_activation=input_activation)
+    return dx, dlnw, dlnb, dw, db

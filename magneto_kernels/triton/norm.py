@@ -1,0 +1,339 @@
+"""Row kernels: LayerNorm / RMSNorm forward (optionally fused with the Post-LN residual add
+``s = alpha·residual + x`` or with an input activation), the norm backward (input-activation
+derivative and accumulation into an existing gradient included), and the deterministic
+two-stage column reduction used for dgamma, dbeta and dbias.
+
+All arithmetic is float32 whatever the storage dtype (values are cast right after ``tl.load``,
+which also keeps the interpreter away from bf16 arithmetic). Rows up to ``MAX_FUSED_WIDTH`` wide
+are held in registers in one block; wider rows are processed in chunks of ``CHUNK`` columns with
+the statistics merged chunk by chunk (Chan et al.), so widths 1..65536 (and more) work.
+"""
+import triton
+import triton.language as tl
+import torch
+
+from magneto_kernels.triton.activations import (ACT_CODES, NORM_CODES, activation,
+                                                 activation_grad, cast_rn)
+from magneto_kernels.triton.common import new_buffer, reduction_programs
+
+MAX_FUSED_WIDTH = 8192
+CHUNK = 4096
+
+
+def row_block(width: int) -> tuple[int, bool, int]:
+    """(BLOCK_N, SINGLE, num_warps) for rows of ``width`` columns."""
+    if width <= MAX_FUSED_WIDTH:
+        block = triton.next_power_of_2(width)
+        single = True
+    else:
+        block, single = CHUNK, False
+    return block, single, min(16, max(1, block // 512))
+
+
+@triton.jit
+def _load_row_input(X, RES, cols, mask, alpha, IN_ACT: tl.constexpr, HAS_RES: tl.constexpr):
+    """The row the norm acts on: in_act(x), or alpha·residual + x for the Post-LN add."""
+    a = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        a = alpha * tl.load(RES + cols, mask=mask, other=0.0).to(tl.float32) + a
+    if IN_ACT != 0:
+        a = activation(a, IN_ACT)
+    return a
+
+
+@triton.jit
+def _store_normalized(Y, W, B, a, mean, rstd, cols, mask, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    y = (a - mean) * rstd
+    if HAS_W:
+        y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_B:
+        y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + cols, cast_rn(y, Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _norm_fwd_kernel(X, RES, Y, S, W, B, MEAN, RSTD, N, eps, alpha,
+                     NORM: tl.constexpr, IN_ACT: tl.constexpr, HAS_RES: tl.constexpr,
+                     HAS_W: tl.constexpr, HAS_B: tl.constexpr, WRITE_Y: tl.constexpr,
+                     BLOCK_N: tl.constexpr, SINGLE: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    X += row * N
+    RES += row * N
+    Y += row * N
+    S += row * N
+    if SINGLE:
+        cols = tl.arange(0, BLOCK_N)
+        mask = cols < N
+        a = _load_row_input(X, RES, cols, mask, alpha, IN_ACT, HAS_RES)
+        if HAS_RES:
+            tl.store(S + cols, cast_rn(a, S.dtype.element_ty), mask=mask)
+        if NORM == 0:
+            mean = tl.sum(a, axis=0) / N
+            d = tl.where(mask, a - mean, 0.0)
+            rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / N + eps)
+        else:
+            mean = 0.0
+            rstd = 1.0 / tl.sqrt(tl.sum(a * a, axis=0) / N + eps)
+    else:
+        # Pass 1: per-chunk (count, mean, M2) merged into the row's (mean, M2) — no cancellation
+        # from a one-pass sum of squares even when |mean| >> std.
+        mean = 0.0
+        m2 = 0.0
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            mask = cols < N
+            a = _load_row_input(X, RES, cols, mask, alpha, IN_ACT, HAS_RES)
+            if HAS_RES:
+                tl.store(S + cols, cast_rn(a, S.dtype.element_ty), mask=mask)
+            count = tl.minimum(N - start, BLOCK_N).to(tl.float32)
+            if NORM == 0:
+                chunk_mean = tl.sum(a, axis=0) / count
+                d = tl.where(mask, a - chunk_mean, 0.0)
+                total = start + count
+                delta = chunk_mean - mean
+                mean += delta * (count / total)
+                m2 += tl.sum(d * d, axis=0) + delta * delta * (start * (count / total))
+            else:
+                m2 += tl.sum(a * a, axis=0)
+        if NORM != 0:
+            mean = 0.0
+        rstd = 1.0 / tl.sqrt(m2 / N + eps)
+    if NORM == 0:
+        tl.store(MEAN + row, mean)
+    tl.store(RSTD + row, rstd)
+    if WRITE_Y:
+        if SINGLE:
+            _store_normalized(Y, W, B, a, mean, rstd, cols, mask, HAS_W, HAS_B)
+        else:
+            for start in range(0, N, BLOCK_N):
+                cols = start + tl.arange(0, BLOCK_N)
+                mask = cols < N
+                a = _load_row_input(X, RES, cols, mask, alpha, IN_ACT, HAS_RES)
+                _store_normalized(Y, W, B, a, mean, rstd, cols, mask, HAS_W, HAS_B)
+
+
+@triton.jit
+def _norm_bwd_row_chunk(DY, X, W, ACC, DX, cols, mask, mean, rstd, c1, c2,
+                        NORM: tl.constexpr, IN_ACT: tl.constexpr, HAS_W: tl.constexpr,
+                        HAS_ACC: tl.constexpr, WANT_DX: tl.constexpr):
+    """dx for one chunk of a row given the row sums c1 = mean(g·xhat), c2 = mean(g); returns
+    (dy, xhat) for the dgamma/dbeta partials."""
+    x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
+    a = activation(x, IN_ACT)
+    dy = tl.load(DY + cols, mask=mask, other=0.0).to(tl.float32)
+    xhat = tl.where(mask, (a - mean) * rstd, 0.0)
+    if WANT_DX:
+        g = dy
+        if HAS_W:
+            g = g * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        if NORM == 0:
+            da = (g - c2 - xhat * c1) * rstd
+        elif NORM == 1:
+            da = (g - xhat * c1) * rstd
+        else:
+            da = g
+        if IN_ACT != 0:
+            da = da * activation_grad(x, IN_ACT)
+        if HAS_ACC:
+            da += tl.load(ACC + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + cols, cast_rn(da, DX.dtype.element_ty), mask=mask)
+    return dy, xhat
+
+
+@triton.jit
+def _norm_bwd_kernel(DY, X, W, MEAN, RSTD, ACC, DX, DW_PART, DB_PART, M, N, rows_per_prog,
+                     NORM: tl.constexpr, IN_ACT: tl.constexpr, HAS_W: tl.constexpr,
+                     HAS_ACC: tl.constexpr, WANT_DX: tl.constexpr, WANT_DW: tl.constexpr,
+                     WANT_DB: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr):
+    """Backward of y = N(in_act(x)) for a contiguous block of rows per program.
+
+    With xhat = (a - mean)·rstd (a = in_act(x); mean = 0 for RMSNorm) and g = dy·gamma:
+      LayerNorm  da = rstd·(g - mean(g) - xhat·mean(g·xhat))
+      RMSNorm    da = rstd·(g - xhat·mean(g·xhat))
+      none       da = g
+    dx = da·in_act'(x) (+ acc). Each program writes its own row of dgamma = Σ dy·xhat and
+    dbeta = Σ dy partial sums; a second kernel adds the rows up in a fixed order (no atomics).
+    """
+    pid = tl.program_id(0)
+    row_start = pid * rows_per_prog
+    row_end = tl.minimum(row_start + rows_per_prog, M)
+    DW_PART += pid.to(tl.int64) * N
+    DB_PART += pid.to(tl.int64) * N
+    if SINGLE:
+        cols = tl.arange(0, BLOCK_N)
+        mask = cols < N
+        if HAS_W:
+            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        dw_acc = tl.zeros([BLOCK_N], tl.float32)
+        db_acc = tl.zeros([BLOCK_N], tl.float32)
+    for row in range(row_start, row_end):
+        off = tl.cast(row, tl.int64) * N
+        mean = 0.0
+        rstd = 1.0
+        if NORM == 0:
+            mean = tl.load(MEAN + row)
+        if NORM != 2:
+            rstd = tl.load(RSTD + row)
+        if SINGLE:
+            x = tl.load(X + off + cols, mask=mask, other=0.0).to(tl.float32)
+            a = activation(x, IN_ACT)
+            dy = tl.load(DY + off + cols, mask=mask, other=0.0).to(tl.float32)
+            xhat = tl.where(mask, (a - mean) * rstd, 0.0)
+            if WANT_DX:
+                g = dy
+                if HAS_W:
+                    g = g * w
+                c1 = tl.sum(g * xhat, axis=0) / N
+                c2 = tl.sum(g, axis=0) / N
+                if NORM == 0:
+                    da = (g - c2 - xhat * c1) * rstd
+                elif NORM == 1:
+                    da = (g - xhat * c1) * rstd
+                else:
+                    da = g
+                if IN_ACT != 0:
+                    da = da * activation_grad(x, IN_ACT)
+                if HAS_ACC:
+                    da += tl.load(ACC + off + cols, mask=mask, other=0.0).to(tl.float32)
+                tl.store(DX + off + cols, cast_rn(da, DX.dtype.element_ty), mask=mask)
+            dw_acc += dy * xhat
+            db_acc += dy
+        else:
+            c1 = 0.0
+            c2 = 0.0
+            if WANT_DX:
+                for start in range(0, N, BLOCK_N):
+                    cols = start + tl.arange(0, BLOCK_N)
+                    mask = cols < N
+                    a = activation(tl.load(X + off + cols, mask=mask, other=0.0).to(tl.float32),
+                                   IN_ACT)
+                    g = tl.load(DY + off + cols, mask=mask, other=0.0).to(tl.float32)
+                    if HAS_W:
+                        g = g * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+                    c1 += tl.sum(g * tl.where(mask, (a - mean) * rstd, 0.0), axis=0)
+                    c2 += tl.sum(g, axis=0)
+                c1 = c1 / N
+                c2 = c2 / N
+            for start in range(0, N, BLOCK_N):
+                cols = start + tl.arange(0, BLOCK_N)
+                mask = cols < N
+                dy, xhat = _norm_bwd_row_chunk(DY + off, X + off, W, ACC + off, DX + off, cols,
+                                               mask, mean, rstd, c1, c2, NORM, IN_ACT, HAS_W,
+                                               HAS_ACC, WANT_DX)
+                # Partial sums live in this program's own scratch row (read-modify-write).
+                if WANT_DW:
+                    prev = tl.load(DW_PART + cols, mask=mask & (row > row_start), other=0.0)
+                    tl.store(DW_PART + cols, prev + dy * xhat, mask=mask)
+                if WANT_DB:
+                    prev = tl.load(DB_PART + cols, mask=mask & (row > row_start), other=0.0)
+                    tl.store(DB_PART + cols, prev + dy, mask=mask)
+    if SINGLE:
+        if WANT_DW:
+            tl.store(DW_PART + cols, dw_acc, mask=mask)
+        if WANT_DB:
+            tl.store(DB_PART + cols, db_acc, mask=mask)
+
+
+@triton.jit
+def _column_sum_kernel(P, OUT, R, N, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """OUT[n] = Σ_r P[r, n] for a float32 (R, N) array of partial sums, in a fixed order."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    acc = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
+    for start in range(0, R, BLOCK_R):
+        rows = start + tl.arange(0, BLOCK_R)
+        ptrs = P + rows[:, None].to(tl.int64) * N + cols[None, :]
+        acc += tl.load(ptrs, mask=(rows[:, None] < R) & col_mask[None, :], other=0.0)
+    tl.store(OUT + cols, cast_rn(tl.sum(acc, axis=0), OUT.dtype.element_ty), mask=col_mask)
+
+
+def column_sum(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Deterministic second stage: sum the rows of float32 ``partials`` (R, N) into (N,) ``dtype``."""
+    rows, width = partials.shape
+    out = new_buffer((width,), dtype, partials.device)
+    block_n = min(256, triton.next_power_of_2(width))
+    block_r = min(32, triton.next_power_of_2(rows))
+    _column_sum_kernel[(triton.cdiv(width, block_n),)](
+        partials, out, rows, width, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=4)
+    return out
+
+
+# ------------------------------------------------------------------------------ host wrappers
+
+def norm_forward(x, weight, bias, eps, norm, *, residual=None, alpha=1.0, input_activation="none",
+                 write_y=True):
+    """Row statistics and (optionally) y = N(a) for 2-D contiguous x, with a = alpha·residual + x
+    when ``residual`` is given and a = in_act(x) otherwise.
+
+    Returns (y, s, mean, rstd): y is None unless ``write_y``; s (= a, rounded to x's dtype) is
+    None unless ``residual`` is given; mean is empty for RMSNorm, both stats empty for "none".
+    """
+    rows, width = x.shape
+    device = x.device
+    mean = new_buffer((rows if norm == "layer" else 0,), torch.float32, device)
+    rstd = new_buffer((rows if norm != "none" else 0,), torch.float32, device)
+    y = new_buffer(x.shape, x.dtype, device) if write_y else None
+    s = new_buffer(x.shape, x.dtype, device) if residual is not None else None
+    if rows == 0 or (norm == "none" and not write_y):
+        return y, s, mean, rstd
+    if norm == "none":
+        raise ValueError("norm_forward: norm='none' has nothing to normalise")
+    block, single, warps = row_block(width)
+    _norm_fwd_kernel[(rows,)](
+        x, residual if residual is not None else x, y if write_y else x, s if s is not None else x,
+        weight if weight is not None else x, bias if bias is not None else x, mean, rstd,
+        width, eps, alpha,
+        NORM=NORM_CODES[norm], IN_ACT=ACT_CODES[input_activation],
+        HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None,
+        WRITE_Y=write_y, BLOCK_N=block, SINGLE=single, num_warps=warps)
+    return y, s, mean, rstd
+
+
+def norm_backward(grad_y, x, weight, bias, mean, rstd, grad_accum, norm, output_mask, *,
+                  input_activation="none"):
+    """(dx, dweight, dbias) of y = N(in_act(x)) (see ``_norm_bwd_kernel``); ``grad_accum`` is
+    added to dx. Unwanted gradients come back as ``x.new_empty((0,))``."""
+    rows, width = x.shape
+    device = x.device
+    want_dx = bool(output_mask[0])
+    want_dw = bool(output_mask[1]) and weight is not None
+    want_db = bool(output_mask[2]) and bias is not None
+    empty = x.new_empty((0,))
+    dx = new_buffer(x.shape, x.dtype, device) if want_dx else empty
+    if rows == 0:
+        zeros = lambda p: torch.zeros_like(p)  # noqa: E731  (sum over no rows)
+        return dx, zeros(weight) if want_dw else empty, zeros(bias) if want_db else empty
+    if not (want_dx or want_dw or want_db):
+        return empty, empty, empty
+    programs = reduction_programs(x, rows)
+    rows_per_prog = triton.cdiv(rows, programs)
+    programs = triton.cdiv(rows, rows_per_prog)
+    dw_part = new_buffer((programs, width), torch.float32, device) if want_dw else empty
+    db_part = new_buffer((programs, width), torch.float32, device) if want_db else empty
+    block, single, warps = row_block(width)
+    _norm_bwd_kernel[(programs,)](
+        grad_y, x, weight if weight is not None else x, mean, rstd,
+        grad_accum if grad_accum is not None else x, dx if want_dx else x,
+        dw_part if want_dw else x, db_part if want_db else x, rows, width, rows_per_prog,
+        NORM=NORM_CODES[norm], IN_ACT=ACT_CODES[input_activation], HAS_W=weight is not None,
+        HAS_ACC=grad_accum is not None, WANT_DX=want_dx, WANT_DW=want_dw, WANT_DB=want_db,
+        BLOCK_N=block, SINGLE=single, num_warps=warps)
+    dw = column_sum(dw_part, weight.dtype) if want_dw else empty
+    db = column_sum(db_part, bias.dtype) if want_db else empty
+    return dx, dw, db
+
+
+# ------------------------------------------------------------------------ op implementations
+
+def layer_norm(x, weight, bias, eps, norm):
+    y, _, mean, rstd = norm_forward(x, weight, bias, eps, norm)
+    return y, mean, rstd
+
+
+def layer_norm_backward(grad_y, x, weight, bias, mean, rstd, grad_accum, norm, output_mask):
+    return norm_backward(grad_y, x, weight, bias, mean, rstd, grad_accum, norm, output_mask)
+
+
+def add_layer_norm(x, residual, weight, bias, eps, alpha, norm):
+    y, s, mean, rstd = norm_forward(x, weight, bias, eps, norm, residual=residual, alpha=alpha)
+    return y, s, mean, rstd
