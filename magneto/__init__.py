@@ -1,0 +1,23 @@
+"""magneto: the Magneto ("Foundation Transformers", Wang et al. 2022) backbone in PyTorch.
+
+Sub-LayerNorm Transformer blocks whose every "norm then linear" pair and residual add runs
+through the fused ops of ``magneto_kernels`` (pure-PyTorch reference, Triton, C++/CUDA), with
+Magneto's DeepNet-derived init, Pre-LN / Post-LN / DeepNorm variants for comparison, and
+torchscale 0.3.0 compatibility (``magneto.compat.torchscale``).
+"""
+from magneto.attention import MultiheadAttention
+from magneto.config import MagnetoConfig
+from magneto.decoder import Decoder
+from magneto.embeddings import (LearnedPositionalEmbedding, SinusoidalPositionalEmbedding,
+                                TokenEmbedding, build_output_projection)
+from magneto.encoder import Encoder
+from magneto.encoder_decoder import EncoderDecoder
+from magneto.feedforward import FeedForward
+from magneto.init import LayerScales, layer_scales
+from magneto.layers import DecoderLayer, DropPath, EncoderLayer
+from magneto.norm import Norm
+
+__all__ = ["MagnetoConfig", "MultiheadAttention", "FeedForward", "EncoderLayer", "DecoderLayer",
+           "Encoder", "Decoder", "EncoderDecoder", "TokenEmbedding", "LearnedPositionalEmbedding",
+           "SinusoidalPositionalEmbedding", "build_output_projection", "Norm", "DropPath",
+           "LayerScales", "layer_scales"]

@@ -1,0 +1,308 @@
+"""Conversion between torchscale 0.3.0 modules and magneto modules.
+
+``from_torchscale(module)`` turns a torchscale ``Encoder``, ``Decoder`` or ``EncoderDecoder``
+(Sub-LN, Pre-LN, Post-LN or DeepNorm) into the equivalent magneto module, a drop-in
+replacement: same forward call, same result structure, same outputs and gradients (up to
+float rounding), ``incremental_state`` decoding included. Parameter names are torchscale's
+except that q/k/v are stored packed (``in_proj_weight``/``in_proj_bias``); magneto modules load
+torchscale state dicts directly, and ``to_torchscale(module)`` / ``to_torchscale_state_dict``
+export back.
+
+What cannot be converted yet is refused with a ``ValueError`` naming the option, never
+converted approximately: MoE (``moe_freq``/``moe_expert_count``, ``use_xmoe``), xPos
+(``xpos_rel_pos``), relative position buckets (``rel_pos_buckets``), ``layernorm_embedding``,
+``multiway``, ``fsdp``, and an encoder-decoder whose encoder and decoder differ in width, heads,
+FFN width or norm placement. Embedding modules of types magneto does not know (e.g. a vision
+embedding) are carried over unchanged (deep-copied).
+
+Importing torchscale needs ``timm.models.layers.drop_path``; where timm is not installed, the
+tests and ``magneto.demo`` provide a labelled stand-in (``tests/_timm_standin``).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from magneto.config import MagnetoConfig
+from magneto.decoder import Decoder
+from magneto.embeddings import LearnedPositionalEmbedding, TokenEmbedding
+from magneto.encoder import Encoder
+from magneto.encoder_decoder import EncoderDecoder
+
+_ACTIVATIONS = {"gelu": "gelu", "relu": "relu", "swish": "silu"}
+_UNSUPPORTED = (  # (option, predicate on its value, what it is)
+    ("moe_freq", lambda v: v != 0, "mixture-of-experts layers"),
+    ("moe_expert_count", lambda v: v != 0, "mixture-of-experts layers"),
+    ("use_xmoe", bool, "X-MoE routing"),
+    ("xpos_rel_pos", bool, "xPos relative positions"),
+    ("layernorm_embedding", bool, "a LayerNorm on the embeddings"),
+    ("multiway", bool, "multiway (per-modality) layers"),
+    ("fsdp", bool, "FSDP-wrapped layers"),
+)
+
+
+def _torchscale():
+    """torchscale's architecture modules (imported on demand)."""
+    try:
+        from torchscale.architecture import config, decoder, encoder, encoder_decoder
+        from torchscale.component import embedding
+    except ImportError as err:
+        raise ImportError(
+            f"torchscale 0.3.0 is needed here ({err}). It installs with `pip install "
+            "fairscale==0.4.0 && pip install --no-deps torchscale==0.3.0`; it imports "
+            "timm.models.layers.drop_path, for which tests/_timm_standin provides a stand-in "
+            "(put that folder on sys.path) where timm is not installed") from err
+    return config, encoder, decoder, encoder_decoder, embedding
+
+
+# ------------------------------------------------------------------------------------------
+# torchscale -> magneto
+
+def config_from_torchscale(args, kind: str) -> MagnetoConfig:
+    """A ``MagnetoConfig`` equal to torchscale ``args`` for a model of ``kind`` ("encoder",
+    "decoder" or "encoder_decoder"); ValueError naming the first option it cannot represent."""
+    for option, unsupported, what in _UNSUPPORTED:
+        if unsupported(getattr(args, option, 0) or 0):
+            raise ValueError(f"{option}={getattr(args, option)!r}: {what} cannot be converted "
+                             "to magneto yet")
+    if getattr(args, "rel_pos_buckets", 0) > 0 and getattr(args, "max_rel_pos", 0) > 0:
+        raise ValueError(f"rel_pos_buckets={args.rel_pos_buckets}: relative position buckets "
+                         "cannot be converted to magneto yet")
+    sides = {"encoder": ["encoder"], "decoder": ["decoder"],
+             "encoder_decoder": ["encoder", "decoder"]}[kind]
+    first = sides[0]
+    for field in ("embed_dim", "attention_heads", "ffn_embed_dim", "normalize_before"):
+        values = {getattr(args, f"{side}_{field}") for side in sides}
+        if len(values) > 1:
+            raise ValueError(f"decoder_{field}={getattr(args, f'decoder_{field}')!r} differs from "
+                             f"encoder_{field}: magneto uses one value for both")
+    activation = str(args.activation_fn)
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation_fn={activation!r}: expected one of {tuple(_ACTIVATIONS)}")
+    if args.deepnorm:
+        scheme = "deepnorm"
+    elif args.subln:
+        scheme = "subln"
+    else:
+        scheme = "pre" if getattr(args, f"{first}_normalize_before") else "post"
+    return MagnetoConfig(
+        embed_dim=getattr(args, f"{first}_embed_dim"),
+        num_heads=getattr(args, f"{first}_attention_heads"),
+        ffn_dim=getattr(args, f"{first}_ffn_embed_dim"),
+        encoder_layers=getattr(args, "encoder_layers", 0) if kind != "decoder" else 0,
+        decoder_layers=getattr(args, "decoder_layers", 0) if kind != "encoder" else 0,
+        vocab_size=max(int(args.vocab_size), 0),
+        max_positions=int(getattr(args, "max_source_positions" if first == "encoder"
+                                  else "max_target_positions", 1024)),
+        positions="none",
+        scale_embedding=not args.no_scale_embedding,
+        output_projection=not args.no_output_layer,
+        normalize_output=bool(getattr(args, "normalize_output", True)),
+        activation=_ACTIVATIONS[activation],
+        dropout=float(args.dropout), attention_dropout=float(args.attention_dropout),
+        activation_dropout=float(args.activation_dropout), drop_path=float(args.drop_path_rate),
+        eps=float(args.layernorm_eps), norm="layer", norm_scheme=scheme, init="torchscale",
+        checkpoint_activations=bool(args.checkpoint_activations))
+
+
+def _embedding_from_torchscale(module: Optional[nn.Module], embedding_mod, memo: dict):
+    if module is None:
+        return None
+    if id(module) in memo:  # shared between encoder and decoder
+        return memo[id(module)]
+    plain = type(module) in (nn.Embedding, embedding_mod.TextEmbedding, embedding_mod.PositionalEmbedding) \
+        and module.max_norm is None and not module.scale_grad_by_freq and not module.sparse
+    if plain:
+        cls = (LearnedPositionalEmbedding if isinstance(module, embedding_mod.PositionalEmbedding)
+               else TokenEmbedding)
+        converted = cls(module.num_embeddings, module.embedding_dim, padding_idx=module.padding_idx)
+    else:
+        converted = copy.deepcopy(module)
+    memo[id(module)] = converted
+    return converted
+
+
+def _copy_projection(projection, embed_tokens, converted_tokens):
+    if projection is None:
+        return None
+    if type(projection) is not nn.Linear:
+        return copy.deepcopy(projection)
+    converted = nn.Linear(projection.in_features, projection.out_features,
+                          bias=projection.bias is not None)
+    if embed_tokens is not None and projection.weight is getattr(embed_tokens, "weight", None):
+        converted.weight = converted_tokens.weight
+    return converted
+
+
+def _detach_unowned(target: nn.Module, source: nn.Module) -> None:
+    """Drop what magneto built from its config but the torchscale module does not have."""
+    for name in ("embed_tokens", "embed_positions", "output_projection"):
+        if getattr(source, name, None) is None:
+            setattr(target, name, None)
+
+
+def _check_alphas(ts_module, module) -> None:
+    for i, (theirs, ours) in enumerate(zip(ts_module.layers, module.layers)):
+        if not math.isclose(theirs.alpha, ours.alpha, rel_tol=1e-12):
+            raise ValueError(f"layer {i}: torchscale alpha {theirs.alpha} != magneto alpha "
+                             f"{ours.alpha} (encoder_layers/decoder_layers do not match the model)")
+
+
+def from_torchscale(module: nn.Module) -> nn.Module:
+    """The magneto equivalent of a torchscale ``Encoder``, ``Decoder`` or ``EncoderDecoder``.
+
+    Parameters are copied (not shared); train/eval mode, dtype and device follow ``module``.
+    The caller's random number stream is left untouched.
+    """
+    ts_config, ts_encoder, ts_decoder, ts_encdec, embedding_mod = _torchscale()
+    memo: dict = {}
+    with torch.random.fork_rng(devices=[]):
+        if isinstance(module, ts_encdec.EncoderDecoder):
+            config = config_from_torchscale(module.args, "encoder_decoder")
+            enc, dec = module.encoder, module.decoder
+            tokens = [_embedding_from_torchscale(m, embedding_mod, memo)
+                      for m in (enc.embed_tokens, enc.embed_positions, dec.embed_tokens,
+                                dec.embed_positions)]
+            projection = _copy_projection(dec.output_projection, dec.embed_tokens, tokens[2])
+            converted = EncoderDecoder(config, *tokens, output_projection=projection)
+            _detach_unowned(converted.encoder, enc)
+            _detach_unowned(converted.decoder, dec)
+            _check_alphas(enc, converted.encoder)
+            _check_alphas(dec, converted.decoder)
+        elif isinstance(module, (ts_encoder.Encoder, ts_decoder.Decoder)):
+            # One half of an encoder-decoder (its init and DeepNorm alpha depend on both depths):
+            # a decoder with cross-attention, or an encoder built from an EncoderDecoderConfig.
+            is_encoder = isinstance(module, ts_encoder.Encoder)
+            if is_encoder:
+                is_encdec = isinstance(module.args, ts_config.EncoderDecoderConfig)
+            else:
+                is_encdec = bool(len(module.layers)) and module.layers[0].encoder_attn is not None
+                if is_encdec and not hasattr(module.args, "encoder_layers"):
+                    raise ValueError("a torchscale Decoder with cross-attention needs an "
+                                     "EncoderDecoderConfig (encoder_layers sets its init)")
+            kind = "encoder_decoder" if is_encdec else ("encoder" if is_encoder else "decoder")
+            config = config_from_torchscale(module.args, kind)
+            tokens = _embedding_from_torchscale(module.embed_tokens, embedding_mod, memo)
+            positions = _embedding_from_torchscale(module.embed_positions, embedding_mod, memo)
+            projection = _copy_projection(module.output_projection, module.embed_tokens, tokens)
+            cls = Encoder if is_encoder else Decoder
+            converted = cls(config, tokens, positions, projection, is_encoder_decoder=is_encdec)
+            _detach_unowned(converted, module)
+            _check_alphas(module, converted)
+        else:
+            raise ValueError("module must be a torchscale Encoder, Decoder or EncoderDecoder, got "
+                             f"{type(module).__module__}.{type(module).__name__}")
+    reference = next(module.parameters(), None)
+    if reference is not None:
+        converted.to(device=reference.device, dtype=reference.dtype)
+    converted.load_state_dict(module.state_dict(), strict=True)
+    return converted.train(module.training)
+
+
+# ------------------------------------------------------------------------------------------
+# magneto -> torchscale
+
+def to_torchscale_state_dict(state_dict: dict) -> dict:
+    """A magneto state dict with q/k/v unpacked into torchscale's ``{q,k,v}_proj`` entries."""
+    out = {}
+    for key, value in state_dict.items():
+        for packed, kind in (("in_proj_weight", "weight"), ("in_proj_bias", "bias")):
+            if key.endswith(packed):
+                prefix = key[: -len(packed)]
+                for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
+                    out[f"{prefix}{name}.{kind}"] = part.clone()
+                break
+        else:
+            out[key] = value
+    return out
+
+
+def torchscale_args(config: MagnetoConfig, kind: str, no_output_layer: bool = False):
+    """torchscale's ``EncoderConfig``/``DecoderConfig``/``EncoderDecoderConfig`` for ``config``."""
+    ts_config = _torchscale()[0]
+    if config.norm != "layer":
+        raise ValueError(f"norm={config.norm!r}: torchscale has LayerNorm only")
+    if config.activation == "gelu_tanh":
+        raise ValueError("activation='gelu_tanh' has no torchscale counterpart")
+    if not config.bias:
+        raise ValueError("bias=False: torchscale's projections always have biases")
+    before = config.normalize_before
+    common = dict(
+        activation_fn={"silu": "swish"}.get(config.canonical_activation, config.canonical_activation),
+        dropout=config.dropout, attention_dropout=config.attention_dropout,
+        activation_dropout=config.activation_dropout, drop_path_rate=config.drop_path,
+        no_scale_embedding=not config.scale_embedding, layernorm_eps=config.eps,
+        deepnorm=config.norm_scheme == "deepnorm", subln=config.norm_scheme == "subln",
+        vocab_size=config.vocab_size, no_output_layer=no_output_layer or not config.output_projection,
+        checkpoint_activations=config.checkpoint_activations)
+    sides = {}
+    for side in ("encoder", "decoder"):
+        sides.update({f"{side}_embed_dim": config.embed_dim,
+                      f"{side}_attention_heads": config.num_heads,
+                      f"{side}_ffn_embed_dim": config.ffn_dim,
+                      f"{side}_layers": getattr(config, f"{side}_layers"),
+                      f"{side}_normalize_before": before})
+    if kind == "encoder":
+        keep = {k: v for k, v in sides.items() if k.startswith("encoder")}
+        return ts_config.EncoderConfig(**common, **keep, normalize_output=config.normalize_output,
+                                       max_source_positions=config.max_positions)
+    if kind == "decoder":
+        keep = {k: v for k, v in sides.items() if k.startswith("decoder")}
+        return ts_config.DecoderConfig(**common, **keep, max_target_positions=config.max_positions)
+    return ts_config.EncoderDecoderConfig(**common, **sides, normalize_output=config.normalize_output,
+                                          max_source_positions=config.max_positions,
+                                          max_target_positions=config.max_positions)
+
+
+def _embedding_to_torchscale(module: Optional[nn.Module], embedding_mod, memo: dict):
+    if module is None:
+        return None
+    if id(module) in memo:
+        return memo[id(module)]
+    if type(module) in (TokenEmbedding, LearnedPositionalEmbedding):
+        cls = (embedding_mod.PositionalEmbedding if isinstance(module, LearnedPositionalEmbedding)
+               else embedding_mod.TextEmbedding)
+        converted = cls(module.num_embeddings, module.embedding_dim, padding_idx=module.padding_idx)
+    else:
+        converted = copy.deepcopy(module)
+    memo[id(module)] = converted
+    return converted
+
+
+def to_torchscale(module: nn.Module) -> nn.Module:
+    """The torchscale 0.3.0 equivalent of a magneto ``Encoder``, ``Decoder`` or ``EncoderDecoder``
+    (parameters copied; the caller's random stream untouched)."""
+    _, ts_encoder, ts_decoder, ts_encdec, embedding_mod = _torchscale()
+    memo: dict = {}
+    config = module.config
+    with torch.random.fork_rng(devices=[]):
+        if isinstance(module, EncoderDecoder):
+            enc, dec = module.encoder, module.decoder
+            embeds = [_embedding_to_torchscale(m, embedding_mod, memo)
+                      for m in (enc.embed_tokens, enc.embed_positions, dec.embed_tokens,
+                                dec.embed_positions)]
+            projection = _copy_projection(dec.output_projection, dec.embed_tokens, embeds[2])
+            args = torchscale_args(config, "encoder_decoder", no_output_layer=projection is None)
+            converted = ts_encdec.EncoderDecoder(args, *embeds, output_projection=projection)
+        elif isinstance(module, (Encoder, Decoder)):
+            is_encoder = isinstance(module, Encoder)
+            tokens = _embedding_to_torchscale(module.embed_tokens, embedding_mod, memo)
+            positions = _embedding_to_torchscale(module.embed_positions, embedding_mod, memo)
+            projection = _copy_projection(module.output_projection, module.embed_tokens, tokens)
+            args = torchscale_args(config, "encoder" if is_encoder else "decoder",
+                                   no_output_layer=projection is None)
+            cls = ts_encoder.Encoder if is_encoder else ts_decoder.Decoder
+            converted = cls(args, tokens, positions, projection,
+                            is_encoder_decoder=module.is_encoder_decoder)
+        else:
+            raise ValueError("module must be a magneto Encoder, Decoder or EncoderDecoder, got "
+                             f"{type(module).__name__}")
+    reference = next(module.parameters(), None)
+    if reference is not None:
+        converted.to(device=reference.device, dtype=reference.dtype)
+    converted.load_state_dict(to_torchscale_state_dict(module.state_dict()), strict=True)
+    return converted.train(module.training)

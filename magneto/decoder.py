@@ -1,0 +1,123 @@
+"""The Magneto decoder: embeddings, a stack of ``DecoderLayer``, final norm, output projection.
+
+Same constructor arguments, forward call, result and ``incremental_state`` format as torchscale
+0.3.0's ``Decoder``: ``incremental_state`` is a dict with one dict per layer index holding
+``prev_key``/``prev_value`` (batch, heads, length, head_dim), plus an optional
+``"is_first_step"`` flag. Without the flag each call feeds the whole prefix as
+``prev_output_tokens`` and only its last token is computed; with it the whole prefix is
+computed (causally) and cached. Cross-attention keys/values are recomputed each step, as in
+torchscale.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from magneto.config import MagnetoConfig
+from magneto.encoder import _Stack
+from magneto.layers import DecoderLayer
+from magneto.norm import Norm
+
+
+class Decoder(_Stack):
+    """Magneto (or Pre-LN / Post-LN / DeepNorm) decoder; arguments as ``magneto.Encoder``."""
+
+    def __init__(self, config: MagnetoConfig, embed_tokens: Optional[nn.Module] = None,
+                 embed_positions: Optional[nn.Module] = None,
+                 output_projection: Optional[nn.Module] = None, is_encoder_decoder: bool = False,
+                 **kwargs):
+        super().__init__(**kwargs)
+        if not isinstance(config, MagnetoConfig):
+            raise ValueError(f"config must be a MagnetoConfig, got {type(config).__name__}")
+        self.config = self.args = config
+        self.is_encoder_decoder = is_encoder_decoder
+        self.embed_dim = config.embed_dim
+        self.embed_scale = math.sqrt(config.embed_dim) if config.scale_embedding else 1.0
+        self.dropout_module = nn.Dropout(config.dropout)
+        with torch.random.fork_rng(devices=[]):
+            self._setup_embeddings(config, embed_tokens, embed_positions, output_projection,
+                                   want_projection=True)
+            self.layers = nn.ModuleList(DecoderLayer(config, i, is_encoder_decoder)
+                                        for i in range(config.decoder_layers))
+            self.layer_norm = (Norm(config.embed_dim, config.eps, config.norm, config.backend)
+                               if config.normalize_before else None)
+        self.num_layers = len(self.layers)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self._reset_embeddings()
+        for layer in self.layers:
+            layer.reset_parameters()
+        if self.layer_norm is not None:
+            self.layer_norm.reset_parameters()
+
+    @staticmethod
+    def is_first_step(incremental_state: Optional[dict]) -> bool:
+        return incremental_state is not None and bool(incremental_state.get("is_first_step", False))
+
+    def forward_embedding(self, tokens: Optional[Tensor], token_embedding: Optional[Tensor] = None,
+                          incremental_state: Optional[dict] = None) -> tuple[Tensor, Tensor]:
+        positions = None
+        if self.embed_positions is not None:
+            source = tokens if tokens is not None else token_embedding
+            positions = self.embed_positions(source, incremental_state=incremental_state)
+        if incremental_state is not None and not self.is_first_step(incremental_state):
+            tokens = tokens[:, -1:] if tokens is not None else None
+            positions = positions[:, -1:] if positions is not None else None
+        if token_embedding is None:
+            if self.embed_tokens is None:
+                raise ValueError("token_embeddings must be given: this decoder has no embed_tokens")
+            token_embedding = self.embed_tokens(tokens)
+        x = embed = self.embed_scale * token_embedding
+        if positions is not None:
+            x = x + positions
+        return self.dropout_module(x), embed
+
+    def forward(self, prev_output_tokens: Optional[Tensor],
+                self_attn_padding_mask: Optional[Tensor] = None, encoder_out: Optional[dict] = None,
+                incremental_state: Optional[dict] = None, features_only: bool = False,
+                return_all_hiddens: bool = False, token_embeddings: Optional[Tensor] = None,
+                **kwargs) -> tuple[Tensor, dict]:
+        """torchscale's call and result: ``(x, {"inner_states", "l_aux", "attn": None})``.
+
+        ``prev_output_tokens`` (batch, length) and/or ``token_embeddings`` (batch, length, d);
+        ``self_attn_padding_mask`` (batch, keys so far), True at padding; ``encoder_out``: an
+        ``Encoder`` result (uses ``encoder_out`` and ``encoder_padding_mask``).
+        """
+        self._check_inputs(prev_output_tokens, token_embeddings)
+        x, _ = self.forward_embedding(prev_output_tokens, token_embeddings, incremental_state)
+        first_step = self.is_first_step(incremental_state)
+        causal = incremental_state is None or first_step
+        inner_states = [x]
+        l_aux = [] if encoder_out is None else list(encoder_out.get("l_aux", []))
+        enc = None if encoder_out is None else encoder_out["encoder_out"]
+        enc_mask = None if encoder_out is None else encoder_out.get("encoder_padding_mask")
+        for idx, layer in enumerate(self.layers):
+            state = None
+            if incremental_state is not None:
+                state = incremental_state.setdefault(idx, {})
+            x, _, _, l_aux_i = self._run_layer(
+                layer, x, enc, enc_mask, incremental_state=state,
+                self_attn_padding_mask=self_attn_padding_mask, is_first_step=first_step,
+                self_attn_causal=causal)
+            l_aux.append(l_aux_i)
+            inner_states.append(x)
+        return self._finish(x, features_only), {"inner_states": inner_states, "l_aux": l_aux,
+                                                 "attn": None}
+
+    def output_layer(self, features: Tensor) -> Tensor:
+        return self.output_projection(features)
+
+    def _check_inputs(self, tokens: Optional[Tensor], token_embeddings: Optional[Tensor]) -> None:
+        if tokens is None and token_embeddings is None:
+            raise ValueError("prev_output_tokens or token_embeddings must be given")
+        if tokens is not None and tokens.dim() != 2:
+            raise ValueError(f"prev_output_tokens must have shape (batch, length), got "
+                             f"{tuple(tokens.shape)}")
+        if token_embeddings is not None and (token_embeddings.dim() != 3
+                                             or token_embeddings.shape[-1] != self.embed_dim):
+            raise ValueError(f"token_embeddings must have shape (batch, length, embed_dim="
+                             f"{self.embed_dim}), got {tuple(token_embeddings.shape)}")

@@ -1,0 +1,85 @@
+"""The feed-forward sublayer: fc1 writes the pre-activation u, fc2 applies the activation on input.
+
+Sub-LN (x the residual stream, u the only tensor fc1 and fc2 share):
+
+    u = W_1 · LN_in(x) + b_1                                  (ln_linear, no activation)
+    y = alpha·x + dropout( W_2 · LN_ffn( act(u) ) + b_2 )     (ln_linear, input_activation=act)
+
+Pre-LN drops ``LN_ffn`` (``ffn_layernorm``); Post-LN/DeepNorm also drop ``LN_in`` and add the
+residual afterwards (``add_layer_norm``, in the layer).
+
+Which path is fused (for fused backends):
+- default (no activation dropout in training): both projections as above, the activation,
+  the output dropout and the residual add inside ``ln_linear``;
+- ``activation_dropout > 0`` while training: unfused fallback: ``act(u)``, then Philox dropout
+  (``magneto_kernels.reference.dropout``, seed drawn from torch's generator), then fc2 as
+  ``ln_linear`` without ``input_activation``;
+- drop path is handled by the layer (it calls this module without ``residual``).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+import magneto_kernels
+from magneto.config import MagnetoConfig
+from magneto.init import init_linear_
+from magneto.norm import Norm, norm_kwargs
+from magneto_kernels import reference
+
+
+def draw_seed(x: Tensor) -> Tensor:
+    """A dropout seed from torch's generator on x's device (as ``magneto_kernels`` ops draw)."""
+    return torch.randint(0, 2**62, (), dtype=torch.int64, device=x.device)
+
+
+class FeedForward(nn.Module):
+    """``fc1`` (d -> ffn_dim), activation, ``ffn_layernorm`` (Sub-LN only), ``fc2`` (-> d).
+
+    ``fc1``/``fc2`` are ``nn.Linear`` modules used as parameter holders (torchscale's names).
+    """
+
+    def __init__(self, config: MagnetoConfig):
+        super().__init__()
+        self.config = config
+        self.embed_dim, self.ffn_dim = config.embed_dim, config.ffn_dim
+        self.activation = config.canonical_activation
+        self.dropout, self.activation_dropout = config.dropout, config.activation_dropout
+        self.backend = config.backend
+        self.fc1 = nn.Linear(config.embed_dim, config.ffn_dim, bias=config.bias)
+        self.fc2 = nn.Linear(config.ffn_dim, config.embed_dim, bias=config.bias)
+        self.ffn_layernorm = (Norm(config.ffn_dim, config.eps, config.norm, config.backend)
+                              if config.norm_scheme == "subln" else None)
+        self.reset_parameters()
+
+    def reset_parameters(self, gain: float = 1.0) -> None:
+        """Init per ``config.init`` with ``gain`` on fc1 and fc2 (torchscale order: fc1, fc2)."""
+        init_linear_(self.fc1.weight, self.fc1.bias, gain, self.config.init)
+        init_linear_(self.fc2.weight, self.fc2.bias, gain, self.config.init)
+        if self.ffn_layernorm is not None:
+            self.ffn_layernorm.reset_parameters()
+
+    def forward(self, x: Tensor, *, input_norm: Optional[Norm] = None,
+                residual: Optional[Tensor] = None, alpha: float = 1.0,
+                dropout_p: Optional[float] = None) -> Tensor:
+        """``alpha·residual + dropout(fc2(LN_ffn(act(fc1(input_norm(x))))))``.
+
+        Called as ``ffn(x)`` it is torchscale's ``FeedForwardNetwork`` (output dropout
+        ``config.dropout`` in training). ``dropout_p`` overrides the output dropout.
+        """
+        if x.dim() < 1 or x.shape[-1] != self.embed_dim:
+            raise ValueError(f"x must have last dimension embed_dim={self.embed_dim}, got shape "
+                             f"{tuple(x.shape)}")
+        if dropout_p is None:
+            dropout_p = self.dropout if self.training else 0.0
+        u = magneto_kernels.ln_linear(x, weight=self.fc1.weight, bias=self.fc1.bias,
+                                      backend=self.backend, **norm_kwargs(input_norm))
+        fc2 = dict(weight=self.fc2.weight, bias=self.fc2.bias, residual=residual, alpha=alpha,
+                   dropout_p=dropout_p, backend=self.backend, **norm_kwargs(self.ffn_layernorm))
+        if self.training and self.activation_dropout > 0.0:
+            a = reference.apply_activation(u, self.activation)
+            a = reference.dropout(a, self.activation_dropout, draw_seed(a))
+            return magneto_kernels.ln_linear(a, **fc2)
+        return magneto_kernels.ln_linear(u, input_activation=self.activation, **fc2)

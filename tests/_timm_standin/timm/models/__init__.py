@@ -1,0 +1,1 @@
+"""STAND-IN for timm.models (see ../../README.md)."""
