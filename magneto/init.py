@@ -48,6 +48,18 @@ from torch import Tensor, nn
 from magneto.config import MagnetoConfig
 
 
+class Beta(float):
+    """DeepNorm's gain beta = 1/divisor that remembers the divisor: torchscale applies beta as
+    ``p.div_(divisor)``, which rounds differently from ``p.mul_(beta)``."""
+
+    divisor: float
+
+    def __new__(cls, divisor: float) -> "Beta":
+        beta = super().__new__(cls, 1.0 / divisor)
+        beta.divisor = divisor
+        return beta
+
+
 @dataclass(frozen=True)
 class LayerScales:
     """Residual scale and init gains of one layer."""
@@ -85,17 +97,17 @@ def deepnorm_alpha(role: str, encoder_layers: int, decoder_layers: int,
 
 
 def deepnorm_beta(role: str, encoder_layers: int, decoder_layers: int, is_encoder_decoder: bool,
-                  variant: str = "paper") -> float:
+                  variant: str = "paper") -> Beta:
     """DeepNorm's gain beta; ``variant`` ("paper"/"torchscale") matters for the enc-dec encoder only."""
     n, m = encoder_layers, decoder_layers
     if role == "encoder":
         if is_encoder_decoder:
-            constant = 1.15 if variant == "torchscale" else 1.0 / 0.87
-            return 1.0 / (math.pow(math.pow(n, 4) * m, 0.0625) / constant)
-        return 1.0 / math.pow(8.0 * n, 0.25)
+            constant = 1.15 if variant == "torchscale" else 0.87
+            return Beta(math.pow(math.pow(n, 4) * m, 0.0625) / constant)
+        return Beta(math.pow(8.0 * n, 0.25))
     if is_encoder_decoder:
-        return 1.0 / math.pow(12.0 * m, 0.25)
-    return 1.0 / math.pow(8.0 * m, 0.25)
+        return Beta(math.pow(12.0 * m, 0.25))
+    return Beta(math.pow(8.0 * m, 0.25))
 
 
 def layer_scales(config: MagnetoConfig, role: str, is_encoder_decoder: bool = False) -> LayerScales:
@@ -133,10 +145,11 @@ def init_linear_(weight: Tensor, bias: Optional[Tensor], gain: float, scheme: st
     if bias is not None:
         bound = 1.0 / math.sqrt(weight.shape[1])
         nn.init.uniform_(bias, -bound, bound)
-    if gain != 1.0:
-        weight.mul_(gain)
-        if bias is not None:
-            bias.mul_(gain)
+    for t in (weight, bias):
+        if t is not None and isinstance(gain, Beta):
+            t.div_(gain.divisor)
+        elif t is not None and gain != 1.0:
+            t.mul_(gain)
 
 
 @torch.no_grad()
