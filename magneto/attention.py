@@ -210,7 +210,8 @@ class MultiheadAttention(nn.Module):
 
     def _weights(self, q: Tensor, k: Tensor, mask: Optional[Tensor], causal: bool) -> Tensor:
         """Softmax probabilities (heads, batch, tgt, src), before attention dropout."""
-        scores = (q @ k.transpose(-1, -2)).float() / math.sqrt(self.head_dim)
+        dtype = torch.promote_types(q.dtype, torch.float32)  # softmax in >= fp32 (torchscale)
+        scores = (q @ k.transpose(-1, -2)).to(dtype) / math.sqrt(self.head_dim)
         if causal:
             mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
         if mask is not None:
