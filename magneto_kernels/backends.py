@@ -63,7 +63,10 @@ def _cpp_problem(device_type: str) -> Optional[str]:
     return f"no C++ kernels for device type {device_type!r}"
 
 
+@torch.compiler.assume_constant_result
 def _problem(backend: str, device_type: str) -> Optional[str]:
+    """Why ``backend`` cannot run on ``device_type`` tensors, or None when it can. Constant for
+    a process, so torch.compile evaluates it once while tracing instead of tracing into it."""
     if backend == "reference":
         return None
     if backend == "triton":
