@@ -234,8 +234,11 @@ def test_ln_linear(case, dtype):
 
 
 def test_ln_linear_batch_dims_and_large_mean():
-    """Normalise-on-load keeps the unfused numerics: |mean|/std = 1e3 still matches."""
-    x = randn(2, 3, 96, mean=1000.0, std=1.0)
+    """Normalise-on-load keeps the unfused numerics: |mean|/std = 1e3 still matches PyTorch.
+
+    (There both lose digits to the fp32 rounding of each row's mean, a per-row error: 64 rows
+    make the comparison of error norms stable.)"""
+    x = randn(2, 32, 96, mean=1000.0, std=1.0)
     inputs = [x, randn(96, mean=1.0, std=0.2), randn(96, std=0.2), randn(40, 96, std=0.1),
               randn(40), None]
     ours, ref = _ln_linear_fns("layer", "none", "gelu", 0.0, 1.0, seed=0)

@@ -41,10 +41,15 @@ _INTERPRET_META = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}
 
 
 def _gemm_configs():
-    """Hopper/Ampere tile shapes for bf16/fp16 (also valid, if slower, for fp32)."""
+    """Hopper tile shapes for bf16/fp16 (valid, if slower, for fp32).
+
+    Few on purpose: every flag combination compiles every config while autotuning (5-30 s
+    each), and the GPU check has minutes. Chosen from ptxas reports for sm_90a (AOT-compiled
+    here, no GPU): 128x128 with 8 warps and 64x128 with 4 warps keep spills to ~100 bytes for
+    the plain GEMM; 128x256 spills ~0.6 KB but may still win on the largest shapes.
+    """
     shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
-        (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4),
-        (128, 128, 64, 4, 4), (64, 256, 64, 4, 4), (128, 128, 32, 4, 5), (64, 128, 64, 4, 4),
+        (128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3),
     ]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
                           num_warps=w, num_stages=s) for bm, bn, bk, w, s in shapes]
@@ -84,7 +89,7 @@ def _normalize_tile(a, mean, rstd, gamma, beta, valid, IN_ACT: tl.constexpr, NOR
 
 @triton.jit
 def _dot(a, b, acc, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    # ``a`` is already rounded to b's dtype. DOT_FP32 (interpreter, bf16) widens both operands
+    # ``a`` and ``b`` have the same dtype. DOT_FP32 (interpreter, bf16) widens both operands
     # so the interpreter never does bf16 arithmetic; the products are the same.
     if DOT_FP32:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
@@ -106,50 +111,60 @@ def _ln_matmul_kernel(A, B, C, PREACT, MEAN, RSTD, LNW, LNB, BIAS, RES, SEED,
     Forward: A = x, B = W^T. Also the backward's dh = dz @ W (no norm, no epilogue).
     """
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # 64-bit tile origins, 32-bit offsets inside the tile: keeps the pointer tensors small.
+    row0 = (pid_m * BLOCK_M).to(tl.int64)
+    col0 = (pid_n * BLOCK_N).to(tl.int64)
+    lm = tl.arange(0, BLOCK_M)
+    ln = tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    m_mask = rm < M
-    n_mask = rn < N
+    m_mask = pid_m * BLOCK_M + lm < M
+    n_mask = pid_n * BLOCK_N + ln < N
     mean = tl.zeros([BLOCK_M], tl.float32)
     rstd = tl.zeros([BLOCK_M], tl.float32)
     if NORM == 0:
-        mean = tl.load(MEAN + rm, mask=m_mask, other=0.0)
+        mean = tl.load(MEAN + row0 + lm, mask=m_mask, other=0.0)
     if NORM != 2:
-        rstd = tl.load(RSTD + rm, mask=m_mask, other=0.0)
-    a_ptrs = A + rm[:, None].to(tl.int64) * stride_am + rk[None, :] * stride_ak
-    b_ptrs = B + rk[:, None].to(tl.int64) * stride_bk + rn[None, :].to(tl.int64) * stride_bn
+        rstd = tl.load(RSTD + row0 + lm, mask=m_mask, other=0.0)
+    a_ptrs = A + row0 * stride_am + (lm[:, None] * stride_am + rk[None, :] * stride_ak)
+    b_ptrs = B + col0 * stride_bn + (rk[:, None] * stride_bk + ln[None, :] * stride_bn)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + rk
         k_mask = k < K
         valid = m_mask[:, None] & k_mask[None, :]
-        a = tl.load(a_ptrs, mask=valid, other=0.0).to(tl.float32)
-        gamma = tl.zeros([BLOCK_K], tl.float32)
-        beta = tl.zeros([BLOCK_K], tl.float32)
-        if HAS_LNW:
-            gamma = tl.load(LNW + k, mask=k_mask, other=0.0).to(tl.float32)
-        if HAS_LNB:
-            beta = tl.load(LNB + k, mask=k_mask, other=0.0).to(tl.float32)
-        a = _normalize_tile(a, mean[:, None], rstd[:, None], gamma[None, :], beta[None, :], valid,
-                            IN_ACT, NORM, HAS_LNW, HAS_LNB)
+        a = tl.load(a_ptrs, mask=valid, other=0.0)
+        if NORM != 2 or IN_ACT != 0:
+            gamma = tl.zeros([BLOCK_K], tl.float32)
+            beta = tl.zeros([BLOCK_K], tl.float32)
+            if HAS_LNW:
+                gamma = tl.load(LNW + k, mask=k_mask, other=0.0).to(tl.float32)
+            if HAS_LNB:
+                beta = tl.load(LNB + k, mask=k_mask, other=0.0).to(tl.float32)
+            a = _normalize_tile(a.to(tl.float32), mean[:, None], rstd[:, None], gamma[None, :],
+                                beta[None, :], valid, IN_ACT, NORM, HAS_LNW, HAS_LNB)
+            a = cast_rn(a, B.dtype.element_ty)
+        # else: a plain GEMM operand (the backward's dz, or x with no norm and no in_act) goes
+        # straight from memory to tl.dot, so the compiler can pipeline it through shared memory.
         b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = _dot(cast_rn(a, B.dtype.element_ty), b, acc, DOT_FP32, PRECISION)
+        acc = _dot(a, b, acc, DOT_FP32, PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
     c_mask = m_mask[:, None] & n_mask[None, :]
-    offs = rm[:, None].to(tl.int64) * N + rn[None, :]
+    tile = row0 * N + col0
+    offs = lm[:, None] * N + ln[None, :]
     if HAS_BIAS:
-        acc += tl.load(BIAS + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(BIAS + col0 + ln, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if WRITE_PREACT:
-        tl.store(PREACT + offs, cast_rn(acc, PREACT.dtype.element_ty), mask=c_mask)
+        tl.store(PREACT + tile + offs, cast_rn(acc, PREACT.dtype.element_ty), mask=c_mask)
     acc = activation(acc, ACT)
     if DROPOUT:
-        acc = tl.where(dropout_keep(SEED, offs, threshold), acc * dropout_scale, 0.0)
+        # Element index in the (M, N) output: the Philox counter (64-bit).
+        keep = dropout_keep(SEED, tile + offs.to(tl.int64), threshold)
+        acc = tl.where(keep, acc * dropout_scale, 0.0)
     if HAS_RES:
-        acc = alpha * tl.load(RES + offs, mask=c_mask, other=0.0).to(tl.float32) + acc
-    tl.store(C + offs, cast_rn(acc, C.dtype.element_ty), mask=c_mask)
+        acc = alpha * tl.load(RES + tile + offs, mask=c_mask, other=0.0).to(tl.float32) + acc
+    tl.store(C + tile + offs, cast_rn(acc, C.dtype.element_ty), mask=c_mask)
 
 
 @triton.jit
@@ -162,26 +177,28 @@ def _dw_kernel(DZ, X, DW, MEAN, RSTD, LNW, LNB, M, N, K,
     recomputed on load from x and the saved row statistics. (Here BLOCK_M tiles dW's rows, i.e.
     N, and BLOCK_K tiles the reduction over M.)"""
     pid_n, pid_k = _tile_ids(N, K, BLOCK_M, BLOCK_N, GROUP_M)
-    rn = pid_n * BLOCK_M + tl.arange(0, BLOCK_M)
-    rk = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
+    n0 = (pid_n * BLOCK_M).to(tl.int64)
+    k0 = (pid_k * BLOCK_N).to(tl.int64)
+    ln = tl.arange(0, BLOCK_M)
+    lk = tl.arange(0, BLOCK_N)
     rr = tl.arange(0, BLOCK_K)
-    n_mask = rn < N
-    k_mask = rk < K
+    n_mask = pid_n * BLOCK_M + ln < N
+    k_mask = pid_k * BLOCK_N + lk < K
     gamma = tl.zeros([BLOCK_N], tl.float32)
     beta = tl.zeros([BLOCK_N], tl.float32)
     if HAS_LNW:
-        gamma = tl.load(LNW + rk, mask=k_mask, other=0.0).to(tl.float32)
+        gamma = tl.load(LNW + k0 + lk, mask=k_mask, other=0.0).to(tl.float32)
     if HAS_LNB:
-        beta = tl.load(LNB + rk, mask=k_mask, other=0.0).to(tl.float32)
+        beta = tl.load(LNB + k0 + lk, mask=k_mask, other=0.0).to(tl.float32)
+    dz_ptrs = DZ + n0 + (rr[None, :] * N + ln[:, None])      # dz^T tile (BLOCK_M, BLOCK_K)
+    x_ptrs = X + k0 + (rr[:, None] * K + lk[None, :])        # x tile (BLOCK_K, BLOCK_N)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for m0 in range(0, M, BLOCK_K):
         rows = m0 + rr
         r_mask = rows < M
-        dzt = tl.load(DZ + rows[None, :].to(tl.int64) * N + rn[:, None],
-                      mask=n_mask[:, None] & r_mask[None, :], other=0.0)
+        dzt = tl.load(dz_ptrs, mask=n_mask[:, None] & r_mask[None, :], other=0.0)
         valid = r_mask[:, None] & k_mask[None, :]
-        x = tl.load(X + rows[:, None].to(tl.int64) * K + rk[None, :], mask=valid,
-                    other=0.0).to(tl.float32)
+        x = tl.load(x_ptrs, mask=valid, other=0.0).to(tl.float32)
         mean = tl.zeros([BLOCK_K], tl.float32)
         rstd = tl.zeros([BLOCK_K], tl.float32)
         if NORM == 0:
@@ -191,8 +208,10 @@ def _dw_kernel(DZ, X, DW, MEAN, RSTD, LNW, LNB, M, N, K,
         h = _normalize_tile(x, mean[:, None], rstd[:, None], gamma[None, :], beta[None, :], valid,
                             IN_ACT, NORM, HAS_LNW, HAS_LNB)
         acc = _dot(dzt, cast_rn(h, DZ.dtype.element_ty), acc, DOT_FP32, PRECISION)
-    tl.store(DW + rn[:, None].to(tl.int64) * K + rk[None, :], cast_rn(acc, DW.dtype.element_ty),
-             mask=n_mask[:, None] & k_mask[None, :])
+        dz_ptrs += BLOCK_K * N
+        x_ptrs += BLOCK_K * K
+    tl.store(DW + n0 * K + k0 + (ln[:, None] * K + lk[None, :]),
+             cast_rn(acc, DW.dtype.element_ty), mask=n_mask[:, None] & k_mask[None, :])
 
 
 @triton.jit

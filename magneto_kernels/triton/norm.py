@@ -5,8 +5,9 @@ two-stage column reduction used for dgamma, dbeta and dbias.
 
 All arithmetic is float32 whatever the storage dtype (values are cast right after ``tl.load``,
 which also keeps the interpreter away from bf16 arithmetic). Rows up to ``MAX_FUSED_WIDTH`` wide
-are held in registers in one block; wider rows are processed in chunks of ``CHUNK`` columns with
-the statistics merged chunk by chunk (Chan et al.), so widths 1..65536 (and more) work.
+(``MAX_FUSED_WIDTH_BACKWARD`` in the backward) are held in registers in one block; wider rows
+are processed in chunks of ``CHUNK`` columns, the statistics merged chunk by chunk (Chan et
+al.), so widths 1..65536 (and more) work.
 """
 import triton
 import triton.language as tl
@@ -17,12 +18,14 @@ from magneto_kernels.triton.activations import (ACT_CODES, NORM_CODES, activatio
 from magneto_kernels.triton.common import new_buffer, reduction_programs
 
 MAX_FUSED_WIDTH = 8192
+MAX_FUSED_WIDTH_BACKWARD = 4096  # the backward keeps ~7 row vectors live: wider rows spill
 CHUNK = 4096
 
 
-def row_block(width: int) -> tuple[int, bool, int]:
-    """(BLOCK_N, SINGLE, num_warps) for rows of ``width`` columns."""
-    if width <= MAX_FUSED_WIDTH:
+def row_block(width: int, max_fused: int = MAX_FUSED_WIDTH) -> tuple[int, bool, int]:
+    """(BLOCK_N, SINGLE, num_warps) for rows of ``width`` columns: one in-register block up to
+    ``max_fused`` columns, else CHUNK-wide chunks."""
+    if width <= max_fused:
         block = triton.next_power_of_2(width)
         single = True
     else:
@@ -310,7 +313,7 @@ def norm_backward(grad_y, x, weight, bias, mean, rstd, grad_accum, norm, output_
     programs = triton.cdiv(rows, rows_per_prog)
     dw_part = new_buffer((programs, width), torch.float32, device) if want_dw else empty
     db_part = new_buffer((programs, width), torch.float32, device) if want_db else empty
-    block, single, warps = row_block(width)
+    block, single, warps = row_block(width, MAX_FUSED_WIDTH_BACKWARD)
     _norm_bwd_kernel[(programs,)](
         grad_y, x, weight if weight is not None else x, mean, rstd,
         grad_accum if grad_accum is not None else x, dx if want_dx else x,

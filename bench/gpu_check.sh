@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The project's one GPU script (DESIGN.md §5): build the extension, run the GPU tests, time the
+# ops — in under 6 minutes on one GPU, so that scarce GPU time goes to measuring.
+#
+#   OUT=/some/dir bash bench/gpu_check.sh        (logs and tables land in $OUT)
+#
+# Every stage has its own time limit and log; a failing stage is reported and the next one
+# still runs (a broken C++ build must not hide the Triton numbers). Exit status: 0 when every
+# stage passed, 1 otherwise. Stage budgets: build 150 s, GPU tests 100 s, benchmarks 150 s.
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+OUT="${OUT:-bench/results/gpu_$(date +%Y%m%d_%H%M%S)}"
+mkdir -p "$OUT"
+START=$(date +%s)
+FAILED=()
+
+log() { echo "[gpu_check +$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/summary.txt"; }
+
+stage() {  # stage NAME SECONDS LOGFILE CMD...
+  local name=$1 limit=$2 logfile=$3
+  shift 3
+  log "── $name (limit ${limit}s) → $logfile"
+  local rc=0
+  timeout --kill-after=10 "$limit" "$@" > "$OUT/$logfile" 2>&1 || rc=$?
+  tail -n 25 "$OUT/$logfile"
+  if [ "$rc" -eq 0 ]; then
+    log "   $name: OK"
+  else
+    [ "$rc" -eq 124 ] && log "   $name: TIMED OUT after ${limit}s" || log "   $name: FAILED (rc=$rc)"
+    FAILED+=("$name")
+  fi
+}
+
+log "repo $(git rev-parse --short HEAD 2>/dev/null || echo '?'), OUT=$OUT"
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv \
+  > "$OUT/nvidia-smi.txt" 2>&1 || true
+python3 - <<'PY' 2>&1 | tee "$OUT/versions.txt"
+import torch, triton
+print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)
+print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "NONE")
+PY
+
+# 1. Build magneto_kernels._C (C++ CPU + CUDA kernels) against the installed torch.
+stage build 150 build.log env TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 \
+  python3 -m pip install --no-build-isolation --no-deps -e .
+
+# 2. GPU tests: every test marked `gpu` (Triton and CUDA backends). Real Triton kernels, not
+#    the interpreter: TRITON_INTERPRET=0 overrides the CPU default in tests/conftest.py.
+stage gpu-tests 100 pytest_gpu.log env TRITON_INTERPRET=0 \
+  python3 -m pytest -m gpu -q -rs -p no:cacheprovider tests/
+
+# 3. Benchmarks: markdown + json tables into $OUT.
+stage bench 150 bench.log env TRITON_INTERPRET=0 python3 bench/bench_gpu.py --out "$OUT"
+
+log "total $(( $(date +%s) - START ))s"
+if [ "${#FAILED[@]}" -ne 0 ]; then
+  log "FAILED stages: ${FAILED[*]}"
+  exit 1
+fi
+log "all stages passed"
