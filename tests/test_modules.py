@@ -1,6 +1,6 @@
 """magneto modules against hand-written formulas, gradcheck, incremental decoding, bad input.
 
-Everything runs on CPU with the default (reference) backend of ``magneto_kernels``.
+Everything runs on CPU on the pure-PyTorch reference backend of ``magneto_kernels``.
 """
 import io
 import math
@@ -11,11 +11,20 @@ import torch.nn.functional as F
 from conftest import RTOL, assert_close, randn
 
 import magneto
+import magneto_kernels
 from magneto.compat.torchscale import to_torchscale_state_dict
 from magneto.feedforward import draw_seed
 from magneto_kernels import reference
 
 D, HEADS, FFN = 16, 4, 24
+
+
+@pytest.fixture(autouse=True)
+def _reference_backend(monkeypatch):
+    """These tests check the modules on the pure-PyTorch reference ops (the kernels have
+    their own tests); pinned per test so an installed C++/Triton backend does not take over."""
+    monkeypatch.setenv(magneto_kernels.ENV_VAR, "reference")
+
 SCHEMES = ("subln", "pre", "post", "deepnorm")
 
 
