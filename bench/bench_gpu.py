@@ -1,6 +1,8 @@
 """GPU timing table for the Triton kernels (and the "cuda" backend where built), side by side.
 
     python3 bench/bench_gpu.py [--out DIR] [--quick]
+    TRITON_INTERPRET=1 python3 bench/bench_gpu.py --smoke-cpu   (checks this script on CPU:
+        tiny shapes, the interpreter, one wall-clock run per entry; the numbers mean nothing)
 
 Rows (bf16, triton.testing.do_bench medians, all measured in this one run):
 - layer_norm forward / backward at 32768×4096 against the device copy bandwidth measured here
@@ -11,7 +13,7 @@ Rows (bf16, triton.testing.do_bench medians, all measured in this one run):
   of the reference op; plus the Sub-LN variants (fc1 with GELU, out_proj with residual+dropout).
 
 Writes ``bench_gpu.md`` (markdown) and ``bench_gpu.json`` to --out (default: $OUT, else
-bench/results/). Needs a CUDA GPU; exits with status 2 without one.
+bench/results/). Needs a CUDA GPU (exits with status 2 without one) unless --smoke-cpu.
 """
 from __future__ import annotations
 
@@ -27,12 +29,20 @@ import torch.nn.functional as F
 os.environ.setdefault("TRITON_INTERPRET", "0")
 
 import magneto_kernels as mk  # noqa: E402
+import magneto_kernels.triton  # noqa: E402,F401  (registers the triton family's kernels)
 from magneto_kernels import reference  # noqa: E402
 from magneto_kernels.library import get_op  # noqa: E402
 
+DEVICE = "cuda"
+
 
 def bench(fn, grad_to_none=None) -> float:
-    """Median milliseconds of fn() (do_bench flushes L2 between runs)."""
+    """Median milliseconds of fn() (do_bench flushes L2 between runs); one wall-clock run in
+    the CPU smoke mode."""
+    if DEVICE == "cpu":
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
     import triton.testing
 
     return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none,
@@ -40,13 +50,13 @@ def bench(fn, grad_to_none=None) -> float:
 
 
 def cuda_backend_available() -> bool:
-    return mk.available_backends("cuda").get("cuda") is None
+    return DEVICE == "cuda" and mk.available_backends("cuda").get("cuda") is None
 
 
 def layer_norm_rows(rows: int, width: int, dtype) -> list[dict]:
-    x = torch.randn(rows, width, device="cuda", dtype=dtype) + 1.0
-    w = torch.randn(width, device="cuda", dtype=dtype) * 0.1 + 1.0
-    b = torch.randn(width, device="cuda", dtype=dtype) * 0.1
+    x = torch.randn(rows, width, device=DEVICE, dtype=dtype) + 1.0
+    w = torch.randn(width, device=DEVICE, dtype=dtype) * 0.1 + 1.0
+    b = torch.randn(width, device=DEVICE, dtype=dtype) * 0.1
     dy = torch.randn_like(x)
     nbytes = x.numel() * x.element_size()
     y = torch.empty_like(x)
@@ -72,15 +82,15 @@ def layer_norm_rows(rows: int, width: int, dtype) -> list[dict]:
             3 * nbytes)
         add(f"rms_norm fwd [{backend}]", bench(lambda: fwd(x, w, None, 1e-5, "rms")), 2 * nbytes)
     add("layer_norm fwd [torch]", bench(lambda: F.layer_norm(x, (width,), w, b)), 2 * nbytes)
-    xg = x.detach().requires_grad_()
-    yt = F.layer_norm(xg, (width,), w, b)
-    add("layer_norm bwd [torch]",
-        bench(lambda: torch.autograd.grad(yt, xg, dy, retain_graph=True)), 3 * nbytes)
+    leaves = [t.detach().requires_grad_() for t in (x, w, b)]
+    yt = F.layer_norm(leaves[0], (width,), leaves[1], leaves[2])
+    add("layer_norm bwd [torch]",   # dx, dweight and dbias, as ours
+        bench(lambda: torch.autograd.grad(yt, leaves, dy, retain_graph=True)), 3 * nbytes)
     return out
 
 
 def ln_linear_rows(m: int, k: int, n: int, dtype) -> list[dict]:
-    dev = "cuda"
+    dev = DEVICE
     x = torch.randn(m, k, device=dev, dtype=dtype) + 0.5
     g = torch.randn(k, device=dev, dtype=dtype) * 0.1 + 1.0
     beta = torch.randn(k, device=dev, dtype=dtype) * 0.1
@@ -111,7 +121,8 @@ def ln_linear_rows(m: int, k: int, n: int, dtype) -> list[dict]:
     add(f"torch.matmul {m}x{k}x{n}", mm_fwd, mm_fb, mm_fwd, mm_fb)
     add("torch eager LayerNorm+Linear",
         *timed(lambda: F.linear(F.layer_norm(x, (k,), g, beta), w, bias)), mm_fwd, mm_fb)
-    compiled = torch.compile(lambda x, g, beta, w, bias: reference.ln_linear(x, g, beta, w, bias))
+    compiled = torch.compile(lambda x, g, beta, w, bias: reference.ln_linear(x, g, beta, w, bias),
+                             backend="inductor" if DEVICE == "cuda" else "aot_eager")
     add("torch.compile(reference.ln_linear)", *timed(lambda: compiled(x, g, beta, w, bias)),
         mm_fwd, mm_fb)
     backends = ["triton"] + (["cuda"] if cuda_backend_available() else [])
@@ -145,26 +156,34 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT") or os.path.join(
         os.path.dirname(os.path.abspath(__file__)), "results"))
-    parser.add_argument("--quick", action="store_true", help="smaller shapes (smoke run)")
+    parser.add_argument("--quick", action="store_true", help="smaller shapes")
+    parser.add_argument("--smoke-cpu", action="store_true",
+                        help="check the script on CPU under TRITON_INTERPRET=1 (no timing value)")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    global DEVICE
+    if args.smoke_cpu:
+        DEVICE = "cpu"
+    elif not torch.cuda.is_available():
         print("bench_gpu.py: no CUDA device visible; nothing to time", file=sys.stderr)
         return 2
     torch.manual_seed(0)
     dtype = torch.bfloat16
     ln_shape = (4096, 4096) if args.quick else (32768, 4096)
     mm_shape = (2048, 1024, 1024) if args.quick else (16384, 4096, 4096)
+    if args.smoke_cpu:
+        dtype, ln_shape, mm_shape = torch.float32, (4, 300), (40, 48, 56)
     started = time.time()
-    header = (f"{torch.cuda.get_device_name()} · torch {torch.__version__} · triton "
+    device_name = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU smoke run"
+    header = (f"{device_name} · torch {torch.__version__} · triton "
               f"{__import__('triton').__version__} · cuda backend: "
               f"{'yes' if cuda_backend_available() else 'no'}\n\n")
     sections = []
     results = {}
     for title, fn, shape in [
-            (f"LayerNorm {ln_shape[0]}x{ln_shape[1]} bf16 vs copy bandwidth", layer_norm_rows,
-             ln_shape),
-            (f"ln_linear M={mm_shape[0]} K={mm_shape[1]} N={mm_shape[2]} bf16", ln_linear_rows,
-             mm_shape)]:
+            (f"LayerNorm {ln_shape[0]}x{ln_shape[1]} {dtype} vs copy bandwidth",
+             layer_norm_rows, ln_shape),
+            (f"ln_linear M={mm_shape[0]} K={mm_shape[1]} N={mm_shape[2]} {dtype}",
+             ln_linear_rows, mm_shape)]:
         rows = fn(*shape, dtype)
         results[title] = rows
         sections.append(to_markdown(title, rows))

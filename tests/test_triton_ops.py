@@ -70,7 +70,8 @@ def run_case(fn_triton, fn_ref, inputs, dtype, names, grad_seed=0):
 
     def grads_of(outs, args):
         return torch.autograd.grad(outs, [args[i] for i in leaves],
-                                   [g.to(o.dtype) for g, o in zip(grads, outs)])
+                                   [g.to(device=o.device, dtype=o.dtype)
+                                    for g, o in zip(grads, outs)])
 
     for i, a, b, c in zip(leaves, grads_of(out_ours, ours), grads_of(out_same, same),
                           grads_of(out_ref, ref)):
@@ -365,6 +366,23 @@ def test_torch_compile_fullgraph_forward_and_backward():
 
 
 # ------------------------------------------------------------------------------------ GPU only
+
+@pytest.mark.gpu
+def test_gpu_philox_and_dropout_mask_match_reference():
+    """The compiled Philox (uint32 multiply-high on the GPU) draws the reference's bits."""
+    seed = torch.tensor(2**62 - 12345, dtype=torch.int64, device="cuda")
+    index = torch.cat([torch.arange(0, 1 << 20, dtype=torch.int64, device="cuda"),
+                       torch.tensor([2**32 - 1, 2**32, 2**40 + 3], device="cuda")])
+    assert torch.equal(triton_philox.philox(seed, index), reference.philox(seed, index))
+    x = randn(300, 64, mean=1.0, device="cuda")
+    w = randn(500, 64, device="cuda")
+    torch.manual_seed(11)
+    y = mk.ln_linear(x, None, None, w, dropout_p=0.25, backend="triton")
+    torch.manual_seed(11)
+    keep = reference.dropout_mask(torch.randint(0, 2**62, (), dtype=torch.int64, device="cuda"),
+                                  (300, 500), 0.25)
+    assert torch.equal(y != 0, keep)
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
