@@ -25,6 +25,7 @@ def _reference_backend(monkeypatch):
     their own tests); pinned per test so an installed C++/Triton backend does not take over."""
     monkeypatch.setenv(magneto_kernels.ENV_VAR, "reference")
 
+
 SCHEMES = ("subln", "pre", "post", "deepnorm")
 
 
