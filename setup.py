@@ -37,7 +37,7 @@ def _extensions():
     if not cpp_sources:
         return [], {}
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx_flags = ["-O3", "-g0", "-std=c++17", "-fopenmp"]
     include_dirs = [os.path.join(HERE, "csrc")]
     if _want_cuda():
         ext = CUDAExtension(

@@ -1,0 +1,515 @@
+// The one bindings file of magneto_kernels._C: checks tensors (shape, dtype, device, contiguity;
+// errors name the argument and raise ValueError), allocates outputs, and registers the "cpp" op
+// family (schemas, fake impls and autograd formulas live in magneto_kernels/library.py) for the
+// CPU dispatch key and, when built with MAGNETO_WITH_CUDA, for CUDA.
+//
+// The kernels themselves know nothing of torch: csrc/cpu/kernels.h (CPU) and
+// csrc/cuda/kernels.h (CUDA). ln_linear's GEMMs go through at::mm/addmm (MKL or oneDNN on CPU,
+// cuBLAS on CUDA) between our memory-bound passes:
+//
+//   forward   H = N(in_act(x))                      one pass over x (rows, stats)
+//             out = alpha·residual + bias;  out += H @ W^T       (no activation, no dropout)
+//             u = H @ W^T + bias;  out = alpha·residual + dropout(act(u))   (one pass over u)
+//   backward  dz = dy ⊙ dropout mask ⊙ act'(u), dbias = Σ dz    one pass over dy (skipped,
+//                                                               bar the dbias sum, when dz = dy)
+//             dh = dz @ W
+//             one pass over x: dx = norm backward of dh ⊙ in_act'(x), dgamma/dbeta partials,
+//                              and H = N(in_act(x)) recomputed from the saved stats
+//             dW = dz^T @ H
+#include <pybind11/pybind11.h>
+
+#include <atomic>
+#include <cmath>
+#include <optional>
+#include <string_view>
+#include <tuple>
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "common.h"
+#include "cpu/kernels.h"
+
+#ifdef MAGNETO_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <ATen/cuda/CUDAContext.h>
+#include "cuda/kernels.h"
+#endif
+
+namespace magneto {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+// ------------------------------------------------------------------------------ argument checks
+
+DType dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kHalf: return DType::kFloat16;
+    default: TORCH_CHECK_VALUE(false, "unsupported dtype ", t);
+  }
+  return DType::kFloat32;
+}
+
+Norm parse_norm(std::string_view norm, bool allow_none) {
+  if (norm == "layer") return Norm::kLayer;
+  if (norm == "rms") return Norm::kRms;
+  if (norm == "none" && allow_none) return Norm::kNone;
+  TORCH_CHECK_VALUE(false, "norm must be ", allow_none ? "'layer', 'rms' or 'none'" : "'layer' or 'rms'",
+                    ", got '", norm, "'");
+  return Norm::kLayer;
+}
+
+Activation parse_activation(std::string_view name, const char* arg) {
+  if (name == "none") return Activation::kNone;
+  if (name == "gelu") return Activation::kGelu;
+  if (name == "gelu_tanh") return Activation::kGeluTanh;
+  if (name == "relu") return Activation::kRelu;
+  if (name == "silu") return Activation::kSilu;
+  TORCH_CHECK_VALUE(false, arg, " must be one of 'none', 'gelu', 'gelu_tanh', 'relu', 'silu', got '",
+                    name, "'");
+  return Activation::kNone;
+}
+
+// x: the 2-D row-major input every other argument is checked against.
+void check_input(const Tensor& x, const char* name = "x") {
+  TORCH_CHECK_VALUE(x.dim() == 2, name, " must be 2-D (rows, features), got shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 ||
+                        x.scalar_type() == at::kHalf,
+                    name, " must be float32, bfloat16 or float16, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.device().is_cpu() || x.device().is_cuda(), name,
+                    " must be on a CPU or CUDA device, got ", x.device());
+  TORCH_CHECK_VALUE(x.is_contiguous(), name, " must be contiguous");
+}
+
+void check_like(const Tensor& t, const char* name, const Tensor& x, at::IntArrayRef shape,
+                std::optional<at::ScalarType> dtype) {
+  TORCH_CHECK_VALUE(t.device() == x.device(), name, " is on ", t.device(), " but x is on ",
+                    x.device());
+  TORCH_CHECK_VALUE(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
+  const at::ScalarType want = dtype.value_or(x.scalar_type());
+  TORCH_CHECK_VALUE(t.scalar_type() == want, name, " must have dtype ", want, ", got ",
+                    t.scalar_type());
+  TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
+}
+
+// A norm parameter: (cols,), x's dtype or float32, on x's device, contiguous.
+void check_param(const OptTensor& t, const char* name, const Tensor& x) {
+  if (!t.has_value()) return;
+  const int64_t cols = x.size(1);
+  TORCH_CHECK_VALUE(t->device() == x.device(), name, " is on ", t->device(), " but x is on ",
+                    x.device());
+  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == cols, name, " must have shape (", cols,
+                    ",), got ", t->sizes());
+  TORCH_CHECK_VALUE(t->scalar_type() == x.scalar_type() || t->scalar_type() == at::kFloat, name,
+                    " must have x's dtype (", x.scalar_type(), ") or float32, got ",
+                    t->scalar_type());
+  TORCH_CHECK_VALUE(t->is_contiguous(), name, " must be contiguous");
+}
+
+void check_norm_params(const OptTensor& weight, const OptTensor& bias, Norm norm, const Tensor& x,
+                       const char* weight_name, const char* bias_name) {
+  check_param(weight, weight_name, x);
+  check_param(bias, bias_name, x);
+  TORCH_CHECK_VALUE(!(bias.has_value() && norm == Norm::kRms), bias_name,
+                    " must be None for norm='rms' (RMSNorm has no bias)");
+  TORCH_CHECK_VALUE(!(bias.has_value() && !weight.has_value()), bias_name, " given without ",
+                    weight_name);
+  TORCH_CHECK_VALUE(!(weight.has_value() && norm == Norm::kNone), weight_name,
+                    " must be None for norm='none'");
+}
+
+// Saved statistics: float32 (rows,) where the norm has them, anything empty where it does not.
+void check_stats(const Tensor& mean, const Tensor& rstd, Norm norm, const Tensor& x) {
+  const int64_t rows = x.size(0);
+  if (norm == Norm::kLayer) check_like(mean, "mean", x, {rows}, at::kFloat);
+  if (norm != Norm::kNone) check_like(rstd, "rstd", x, {rows}, at::kFloat);
+}
+
+void check_eps(double eps) { TORCH_CHECK_VALUE(eps >= 0.0, "eps must be >= 0, got ", eps); }
+
+// The dropout seed (a 0-d int64 tensor on x's device) when dropout_p > 0.
+void check_dropout(const OptTensor& seed, double p, const Tensor& x) {
+  TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, "dropout_p must be in [0, 1), got ", p);
+  if (p == 0.0) return;
+  TORCH_CHECK_VALUE(seed.has_value(), "seed must be given when dropout_p > 0");
+  check_like(*seed, "seed", x, {}, at::kLong);
+}
+
+std::array<bool, 5> mask_of(const c10::List<bool>& output_mask, size_t n) {
+  TORCH_CHECK_VALUE(output_mask.size() == n, "output_mask must have ", n, " entries, got ",
+                    output_mask.size());
+  std::array<bool, 5> mask{};
+  for (size_t i = 0; i < n; ++i) mask[i] = output_mask.get(i);
+  return mask;
+}
+
+// Tests set this (magneto_kernels._C._set_poison_outputs) to fill every output and intermediate
+// buffer with NaN before the kernels write it, so that an element a kernel forgets shows up.
+std::atomic<bool> poison_outputs{false};
+
+Tensor new_tensor(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  Tensor t = at::empty(sizes, options);
+  if (poison_outputs.load(std::memory_order_relaxed)) t.fill_(NAN);
+  return t;
+}
+
+Tensor new_like(const Tensor& t) { return new_tensor(t.sizes(), t.options()); }
+
+Tensor empty0(const Tensor& x) { return at::empty({0}, x.options()); }
+
+Tensor stats_tensor(const Tensor& x, bool present) {
+  return new_tensor({present ? x.size(0) : 0}, x.options().dtype(at::kFloat));
+}
+
+// ----------------------------------------------------------------------------------- CPU path
+
+// Norm parameters as float32 pointers for the CPU kernels (a float32 copy when stored in bf16/fp16).
+struct ParamF32 {
+  Tensor t;
+  explicit ParamF32(const OptTensor& p) {
+    if (p.has_value()) t = p->scalar_type() == at::kFloat ? *p : p->to(at::kFloat);
+  }
+  const float* ptr() const { return t.defined() ? t.data_ptr<float>() : nullptr; }
+};
+
+// A float32 gradient buffer for a parameter: the output itself when the parameter is float32.
+Tensor grad_f32(const Tensor& out) {
+  return out.scalar_type() == at::kFloat ? out
+                                         : new_tensor(out.sizes(), out.options().dtype(at::kFloat));
+}
+
+void copy_back(const Tensor& out, const Tensor& f32) {
+  if (!out.is_same(f32)) out.copy_(f32);
+}
+
+float* opt_float_ptr(const Tensor& t) { return t.numel() > 0 ? t.data_ptr<float>() : nullptr; }
+
+void cpu_norm_forward(const Tensor& x, const OptTensor& residual, double alpha,
+                      const OptTensor& weight, const OptTensor& bias, double eps, Norm norm,
+                      Activation input_activation, const Tensor& y, const Tensor& sum,
+                      const Tensor& mean, const Tensor& rstd) {
+  const ParamF32 w(weight), b(bias);
+  cpu::NormForward a;
+  a.dtype = dtype_code(x.scalar_type());
+  a.norm = norm;
+  a.input_activation = input_activation;
+  a.rows = x.size(0);
+  a.cols = x.size(1);
+  a.x = x.data_ptr();
+  a.x_stride = a.cols;
+  if (residual.has_value()) {
+    a.residual = residual->data_ptr();
+    a.residual_stride = a.cols;
+    a.alpha = static_cast<float>(alpha);
+  }
+  a.gamma = w.ptr();
+  a.beta = b.ptr();
+  a.eps = static_cast<float>(eps);
+  a.y = y.data_ptr();
+  a.y_stride = a.cols;
+  if (sum.defined()) {
+    a.sum = sum.data_ptr();
+    a.sum_stride = a.cols;
+  }
+  a.mean = opt_float_ptr(mean);
+  a.rstd = opt_float_ptr(rstd);
+  cpu::norm_forward(a);
+}
+
+// Norm backward (dy given) and/or recomputation of h = N(in_act(x)) (h defined).
+void cpu_norm_backward(const Tensor& dy, const Tensor& x, const OptTensor& weight,
+                       const OptTensor& bias, const Tensor& mean, const Tensor& rstd,
+                       const OptTensor& grad_accum, Norm norm, Activation input_activation,
+                       const Tensor& dx, const Tensor& dweight, const Tensor& dbias,
+                       const Tensor& h) {
+  const ParamF32 w(weight), b(bias);
+  const Tensor dw32 = dweight.numel() > 0 ? grad_f32(dweight) : Tensor();
+  const Tensor db32 = dbias.numel() > 0 ? grad_f32(dbias) : Tensor();
+  cpu::NormBackward a;
+  a.dtype = dtype_code(x.scalar_type());
+  a.norm = norm;
+  a.input_activation = input_activation;
+  a.rows = x.size(0);
+  a.cols = x.size(1);
+  if (dy.defined()) {
+    a.dy = dy.data_ptr();
+    a.dy_stride = a.cols;
+  }
+  a.x = x.data_ptr();
+  a.x_stride = a.cols;
+  a.mean = opt_float_ptr(mean);
+  a.rstd = opt_float_ptr(rstd);
+  a.gamma = w.ptr();
+  a.beta = b.ptr();
+  if (grad_accum.has_value()) {
+    a.grad_accum = grad_accum->data_ptr();
+    a.grad_accum_stride = a.cols;
+  }
+  if (dx.numel() > 0) {
+    a.dx = dx.data_ptr();
+    a.dx_stride = a.cols;
+  }
+  a.dgamma = dw32.defined() ? dw32.data_ptr<float>() : nullptr;
+  a.dbeta = db32.defined() ? db32.data_ptr<float>() : nullptr;
+  if (h.defined()) {
+    a.h = h.data_ptr();
+    a.h_stride = a.cols;
+  }
+  cpu::norm_backward(a);
+  if (dw32.defined()) copy_back(dweight, dw32);
+  if (db32.defined()) copy_back(dbias, db32);
+}
+
+uint64_t seed_value(const OptTensor& seed, double p) {
+  return p > 0.0 ? static_cast<uint64_t>(seed->item<int64_t>()) : 0;
+}
+
+// (out, preact) of ln_linear on CPU; H is the GEMM operand N(in_act(x)).
+std::tuple<Tensor, Tensor> cpu_linear_forward(const Tensor& H, const Tensor& weight,
+                                              const OptTensor& bias, const OptTensor& residual,
+                                              uint64_t seed, double alpha, Activation activation,
+                                              double dropout_p) {
+  const int64_t rows = H.size(0), cols = weight.size(0);
+  const DType dtype = dtype_code(H.scalar_type());
+  const Tensor wt = weight.t();
+  if (activation == Activation::kNone && dropout_p == 0.0) {
+    if (!residual.has_value()) {
+      Tensor out = bias.has_value() ? at::addmm(*bias, H, wt) : at::mm(H, wt);
+      return {out, empty0(H)};
+    }
+    // The residual and the bias become the GEMM's accumulator: out = alpha·r + b, out += H W^T.
+    Tensor out = new_tensor({rows, cols}, H.options());
+    cpu::residual_bias_init(dtype, rows, cols, residual->data_ptr(), cols,
+                            static_cast<float>(alpha), bias.has_value() ? bias->data_ptr() : nullptr,
+                            out.data_ptr(), cols);
+    out.addmm_(H, wt);
+    return {out, empty0(H)};
+  }
+  Tensor u = bias.has_value() ? at::addmm(*bias, H, wt) : at::mm(H, wt);
+  const bool keep_preact = activation != Activation::kNone;
+  Tensor out = keep_preact ? new_like(u) : u;
+  cpu::LinearEpilogue e;
+  e.dtype = dtype;
+  e.activation = activation;
+  e.rows = rows;
+  e.cols = cols;
+  e.preact = u.data_ptr();
+  e.preact_stride = cols;
+  if (residual.has_value()) {
+    e.residual = residual->data_ptr();
+    e.residual_stride = cols;
+    e.alpha = static_cast<float>(alpha);
+  }
+  e.seed = seed;
+  e.dropout_p = dropout_p;
+  e.out = out.data_ptr();
+  e.out_stride = cols;
+  cpu::linear_epilogue(e);
+  return {out, keep_preact ? u : empty0(H)};
+}
+
+// ----------------------------------------------------------------------------------------- ops
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_cpp(const Tensor& x, const OptTensor& weight,
+                                                  const OptTensor& bias, double eps,
+                                                  c10::string_view norm_name) {
+  check_input(x);
+  const Norm norm = parse_norm(norm_name, false);
+  check_norm_params(weight, bias, norm, x, "weight", "bias");
+  check_eps(eps);
+  Tensor y = new_like(x);
+  Tensor mean = stats_tensor(x, norm == Norm::kLayer);
+  Tensor rstd = stats_tensor(x, true);
+  if (x.is_cpu()) {
+    cpu_norm_forward(x, std::nullopt, 1.0, weight, bias, eps, norm, Activation::kNone, y,
+                     Tensor(), mean, rstd);
+  } else {
+    TORCH_CHECK(false, "magneto_kernels._C: CUDA kernels not wired yet");
+  }
+  return {y, mean, rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_backward_cpp(
+    const Tensor& grad_y, const Tensor& x, const OptTensor& weight, const OptTensor& bias,
+    const Tensor& mean, const Tensor& rstd, const OptTensor& grad_accum,
+    c10::string_view norm_name, const c10::List<bool>& output_mask) {
+  check_input(x);
+  const Norm norm = parse_norm(norm_name, false);
+  check_norm_params(weight, bias, norm, x, "weight", "bias");
+  check_like(grad_y, "grad_y", x, x.sizes(), std::nullopt);
+  check_stats(mean, rstd, norm, x);
+  if (grad_accum.has_value()) check_like(*grad_accum, "grad_accum", x, x.sizes(), std::nullopt);
+  const auto mask = mask_of(output_mask, 3);
+  Tensor dx = mask[0] ? new_like(x) : empty0(x);
+  Tensor dw = mask[1] && weight.has_value() ? new_like(*weight) : empty0(x);
+  Tensor db = mask[2] && bias.has_value() ? new_like(*bias) : empty0(x);
+  if (dx.numel() == 0 && dw.numel() == 0 && db.numel() == 0) return {dx, dw, db};
+  if (x.is_cpu()) {
+    cpu_norm_backward(grad_y, x, weight, bias, mean, rstd, grad_accum, norm, Activation::kNone,
+                      dx, dw, db, Tensor());
+  } else {
+    TORCH_CHECK(false, "magneto_kernels._C: CUDA kernels not wired yet");
+  }
+  return {dx, dw, db};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> add_layer_norm_cpp(
+    const Tensor& x, const Tensor& residual, const OptTensor& weight, const OptTensor& bias,
+    double eps, double alpha, c10::string_view norm_name) {
+  check_input(x);
+  const Norm norm = parse_norm(norm_name, false);
+  check_like(residual, "residual", x, x.sizes(), std::nullopt);
+  check_norm_params(weight, bias, norm, x, "weight", "bias");
+  check_eps(eps);
+  Tensor y = new_like(x);
+  Tensor s = new_like(x);
+  Tensor mean = stats_tensor(x, norm == Norm::kLayer);
+  Tensor rstd = stats_tensor(x, true);
+  if (x.is_cpu()) {
+    cpu_norm_forward(x, residual, alpha, weight, bias, eps, norm, Activation::kNone, y, s, mean,
+                     rstd);
+  } else {
+    TORCH_CHECK(false, "magneto_kernels._C: CUDA kernels not wired yet");
+  }
+  return {y, s, mean, rstd};
+}
+
+void check_linear(const Tensor& x, const Tensor& weight, const OptTensor& bias) {
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == x.size(1),
+                    "weight must have shape (out_features, ", x.size(1), "), got ",
+                    weight.sizes());
+  check_like(weight, "weight", x, weight.sizes(), std::nullopt);
+  if (bias.has_value()) check_like(*bias, "bias", x, {weight.size(0)}, std::nullopt);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> ln_linear_cpp(
+    const Tensor& x, const OptTensor& ln_weight, const OptTensor& ln_bias, const Tensor& weight,
+    const OptTensor& bias, const OptTensor& residual, const OptTensor& seed, double eps,
+    c10::string_view norm_name, c10::string_view input_activation_name,
+    c10::string_view activation_name, double alpha, double dropout_p) {
+  check_input(x);
+  const Norm norm = parse_norm(norm_name, true);
+  const Activation input_activation = parse_activation(input_activation_name, "input_activation");
+  const Activation activation = parse_activation(activation_name, "activation");
+  check_norm_params(ln_weight, ln_bias, norm, x, "ln_weight", "ln_bias");
+  check_linear(x, weight, bias);
+  if (residual.has_value()) {
+    check_like(*residual, "residual", x, {x.size(0), weight.size(0)}, std::nullopt);
+  }
+  check_dropout(seed, dropout_p, x);
+  check_eps(eps);
+  Tensor mean = stats_tensor(x, norm == Norm::kLayer);
+  Tensor rstd = stats_tensor(x, norm != Norm::kNone);
+  if (x.is_cpu()) {
+    Tensor H = x;
+    if (norm != Norm::kNone || input_activation != Activation::kNone) {
+      H = new_like(x);
+      cpu_norm_forward(x, std::nullopt, 1.0, ln_weight, ln_bias, eps, norm, input_activation, H,
+                       Tensor(), mean, rstd);
+    }
+    auto [out, preact] = cpu_linear_forward(H, weight, bias, residual, seed_value(seed, dropout_p),
+                                            alpha, activation, dropout_p);
+    return {out, mean, rstd, preact};
+  }
+  TORCH_CHECK(false, "magneto_kernels._C: CUDA kernels not wired yet");
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ln_linear_backward_cpp(
+    const Tensor& grad_out, const Tensor& x, const OptTensor& ln_weight, const OptTensor& ln_bias,
+    const Tensor& weight, const Tensor& mean, const Tensor& rstd, const Tensor& preact,
+    const OptTensor& seed, c10::string_view norm_name, c10::string_view input_activation_name,
+    c10::string_view activation_name, double dropout_p, const c10::List<bool>& output_mask) {
+  check_input(x);
+  const Norm norm = parse_norm(norm_name, true);
+  const Activation input_activation = parse_activation(input_activation_name, "input_activation");
+  const Activation activation = parse_activation(activation_name, "activation");
+  check_norm_params(ln_weight, ln_bias, norm, x, "ln_weight", "ln_bias");
+  check_linear(x, weight, std::nullopt);
+  const int64_t rows = x.size(0), out_features = weight.size(0);
+  check_like(grad_out, "grad_out", x, {rows, out_features}, std::nullopt);
+  check_stats(mean, rstd, norm, x);
+  if (activation != Activation::kNone) {
+    check_like(preact, "preact", x, {rows, out_features}, std::nullopt);
+  }
+  check_dropout(seed, dropout_p, x);
+  const auto mask = mask_of(output_mask, 5);
+  const bool want_dx = mask[0];
+  Tensor dx = want_dx ? new_like(x) : empty0(x);
+  Tensor dln_w = mask[1] && ln_weight.has_value() ? new_like(*ln_weight) : empty0(x);
+  Tensor dln_b = mask[2] && ln_bias.has_value() ? new_like(*ln_bias) : empty0(x);
+  Tensor dw = mask[3] ? new_like(weight) : empty0(x);
+  Tensor db = mask[4] ? new_tensor({out_features}, weight.options()) : empty0(x);
+  TORCH_CHECK(x.is_cpu(), "magneto_kernels._C: CUDA kernels not wired yet");
+
+  // dz = dy ⊙ mask/(1−p) ⊙ act'(u), with dbias = Σ_rows dz in the same pass.
+  const DType dtype = dtype_code(x.scalar_type());
+  const bool dz_is_dy = activation == Activation::kNone && dropout_p == 0.0;
+  Tensor dz = dz_is_dy ? grad_out : new_like(grad_out);
+  Tensor db32 = mask[4] ? grad_f32(db) : Tensor();
+  if (!dz_is_dy || mask[4]) {
+    cpu::LinearGradEpilogue g;
+    g.dtype = dtype;
+    g.activation = activation;
+    g.rows = rows;
+    g.cols = out_features;
+    g.dy = grad_out.data_ptr();
+    g.dy_stride = out_features;
+    if (activation != Activation::kNone) {
+      g.preact = preact.data_ptr();
+      g.preact_stride = out_features;
+    }
+    g.seed = seed_value(seed, dropout_p);
+    g.dropout_p = dropout_p;
+    if (!dz_is_dy) {
+      g.dz = dz.data_ptr();
+      g.dz_stride = out_features;
+    }
+    g.dbias = db32.defined() ? db32.data_ptr<float>() : nullptr;
+    cpu::linear_grad_epilogue(g);
+    if (db32.defined()) copy_back(db, db32);
+  }
+
+  // dh = dz @ W, then one pass over x for the norm backward and for H = N(in_act(x)).
+  const bool identity_prologue = norm == Norm::kNone && input_activation == Activation::kNone;
+  const bool want_norm_grads = want_dx || dln_w.numel() > 0 || dln_b.numel() > 0;
+  Tensor dh = want_norm_grads ? at::mm(dz, weight) : Tensor();
+  Tensor H = mask[3] ? (identity_prologue ? x : new_like(x)) : Tensor();
+  if (identity_prologue && want_dx) {
+    dx = dh;  // N and in_act are the identity: dx = dh, a fresh tensor
+  } else if (want_norm_grads || (H.defined() && !identity_prologue)) {
+    cpu_norm_backward(dh, x, ln_weight, ln_bias, mean, rstd, std::nullopt, norm, input_activation,
+                      dx, dln_w, dln_b, identity_prologue ? Tensor() : H);
+  }
+  if (mask[3]) at::mm_out(dw, dz.t(), H);
+  return {dx, dln_w, dln_b, dw, db};
+}
+
+}  // namespace
+}  // namespace magneto
+
+TORCH_LIBRARY_IMPL(magneto, CPU, m) {
+  m.impl("layer_norm_cpp", TORCH_FN(magneto::layer_norm_cpp));
+  m.impl("layer_norm_backward_cpp", TORCH_FN(magneto::layer_norm_backward_cpp));
+  m.impl("add_layer_norm_cpp", TORCH_FN(magneto::add_layer_norm_cpp));
+  m.impl("ln_linear_cpp", TORCH_FN(magneto::ln_linear_cpp));
+  m.impl("ln_linear_backward_cpp", TORCH_FN(magneto::ln_linear_backward_cpp));
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "magneto's C++ CPU and CUDA kernels; importing registers the magneto::*_cpp ops.";
+  m.def("with_cuda", []() {
+#ifdef MAGNETO_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  }, "Whether the CUDA kernels were compiled in.");
+  m.def("_set_poison_outputs", [](bool on) { magneto::poison_outputs = on; },
+        "Tests only: fill outputs and buffers with NaN before the kernels write them.");
+  m.def("cpu_capability", []() { return std::string(magneto::cpu::capability()); },
+        "The instruction set the CPU kernels run with: 'avx512', 'avx2' or 'default'.");
+}

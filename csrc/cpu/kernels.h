@@ -1,0 +1,128 @@
+// The C++ CPU kernels: row-wise norm forward/backward and the memory-bound passes around the GEMMs
+// of ln_linear. The interface is torch-free: raw pointers, sizes, row strides (in elements) and
+// the codes of common.h. Tensors are row-major; `dtype` is the element type of every tensor
+// argument typed `void*`; norm parameters and reductions are float32.
+//
+// The implementations use ATen's at::vec and at::parallel_for internally (kernels_impl.h),
+// compiled once per instruction set and chosen at run time (dispatch.cpp).
+#pragma once
+
+#include <cstdint>
+
+#include "common.h"
+
+namespace magneto::cpu {
+
+// Row-wise normalisation forward: layer_norm, add_layer_norm and ln_linear's prologue.
+// For each of `rows` rows of `cols` elements, in float32:
+//   s = x + alpha·residual      (residual optional; s written, rounded, to `sum` when given)
+//   a = in_act(s)               (rounded to dtype, as the reference applies it in that dtype)
+//   y = N(a)·gamma + beta       (LayerNorm, RMSNorm, or a itself for Norm::kNone; gamma and
+//                                beta optional)
+// mean[i] (LayerNorm) and rstd[i] (LayerNorm, RMSNorm) are written when the pointers are given.
+struct NormForward {
+  DType dtype = DType::kFloat32;
+  Norm norm = Norm::kLayer;
+  Activation input_activation = Activation::kNone;
+  int64_t rows = 0, cols = 0;
+  const void* x = nullptr;
+  int64_t x_stride = 0;
+  const void* residual = nullptr;
+  int64_t residual_stride = 0;
+  float alpha = 1.0f;
+  const float* gamma = nullptr;
+  const float* beta = nullptr;
+  float eps = 1e-5f;
+  void* y = nullptr;
+  int64_t y_stride = 0;
+  void* sum = nullptr;
+  int64_t sum_stride = 0;
+  float* mean = nullptr;
+  float* rstd = nullptr;
+};
+void norm_forward(const NormForward& args);
+
+// Row-wise normalisation backward, fused with ln_linear's input-activation derivative and with the
+// recomputation of the normalised rows that the weight gradient needs. With a = in_act(x),
+// xhat = (a − mean)·rstd (a·rstd for RMSNorm, a for Norm::kNone) and g = dy⊙gamma:
+//   da = rstd·(g − mean_row(g) − xhat·mean_row(g⊙xhat))     (RMSNorm drops mean_row(g);
+//                                                             Norm::kNone: da = dy)
+//   dx = da⊙in_act'(x) + grad_accum                           (grad_accum optional)
+//   dgamma = Σ_rows dy⊙xhat,  dbeta = Σ_rows dy                (float32, deterministic: fixed
+//                                                             row chunks, then a fixed-order sum)
+//   h = xhat·gamma + beta rounded to dtype                    (optional: the GEMM operand N(a))
+// dy may be null when only h is wanted. Every output pointer is optional.
+struct NormBackward {
+  DType dtype = DType::kFloat32;
+  Norm norm = Norm::kLayer;
+  Activation input_activation = Activation::kNone;
+  int64_t rows = 0, cols = 0;
+  const void* dy = nullptr;
+  int64_t dy_stride = 0;
+  const void* x = nullptr;
+  int64_t x_stride = 0;
+  const float* mean = nullptr;
+  const float* rstd = nullptr;
+  const float* gamma = nullptr;
+  const float* beta = nullptr;
+  const void* grad_accum = nullptr;
+  int64_t grad_accum_stride = 0;
+  void* dx = nullptr;
+  int64_t dx_stride = 0;
+  float* dgamma = nullptr;
+  float* dbeta = nullptr;
+  void* h = nullptr;
+  int64_t h_stride = 0;
+};
+void norm_backward(const NormBackward& args);
+
+// ln_linear's output pass over the GEMM result u (bias already added by the GEMM):
+//   out = alpha·residual + dropout(act(u))
+// residual optional; dropout keeps element (i, j) iff philox(seed, i·cols + j) >=
+// dropout_threshold(p) and scales kept ones by 1/(1−p). `out` may be `preact` itself.
+struct LinearEpilogue {
+  DType dtype = DType::kFloat32;
+  Activation activation = Activation::kNone;
+  int64_t rows = 0, cols = 0;
+  const void* preact = nullptr;
+  int64_t preact_stride = 0;
+  const void* residual = nullptr;
+  int64_t residual_stride = 0;
+  float alpha = 1.0f;
+  uint64_t seed = 0;
+  double dropout_p = 0.0;
+  void* out = nullptr;
+  int64_t out_stride = 0;
+};
+void linear_epilogue(const LinearEpilogue& args);
+
+// out = alpha·residual + bias (bias broadcast over rows, optional): the accumulator a GEMM then
+// adds u = h @ W^T into, when the output has no activation and no dropout.
+void residual_bias_init(DType dtype, int64_t rows, int64_t cols, const void* residual,
+                        int64_t residual_stride, float alpha, const void* bias, void* out,
+                        int64_t out_stride);
+
+// ln_linear's backward pass over the output gradient:
+//   dz = dy ⊙ keep/(1−p) ⊙ act'(preact)      (written when dz is given)
+//   dbias = Σ_rows dz                        (float32, deterministic, when dbias is given)
+// preact is read only when activation != kNone.
+struct LinearGradEpilogue {
+  DType dtype = DType::kFloat32;
+  Activation activation = Activation::kNone;
+  int64_t rows = 0, cols = 0;
+  const void* dy = nullptr;
+  int64_t dy_stride = 0;
+  const void* preact = nullptr;
+  int64_t preact_stride = 0;
+  uint64_t seed = 0;
+  double dropout_p = 0.0;
+  void* dz = nullptr;
+  int64_t dz_stride = 0;
+  float* dbias = nullptr;
+};
+void linear_grad_epilogue(const LinearGradEpilogue& args);
+
+// Which instruction set the kernels run with ("avx512", "avx2" or "default").
+const char* capability();
+
+}  // namespace magneto::cpu

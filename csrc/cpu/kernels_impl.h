@@ -1,0 +1,535 @@
+// Implementation of the CPU kernels of kernels.h, compiled once per instruction set: each
+// kernels_<isa>.cpp defines MAGNETO_ISA (the namespace the functions land in) and the
+// CPU_CAPABILITY macros that select at::vec's implementation, then includes this file.
+//
+// Every kernel works on float32 copies of one row at a time (a row of bf16/fp16 is converted into
+// a per-thread buffer of `cols` floats, which stays in L1/L2), so the arithmetic is written once,
+// over Vectorized<float>. Parallelism is over rows; column reductions (dgamma, dbeta, dbias) use
+// fixed row chunks whose partial sums are added in a fixed order, so results do not depend on the
+// number of threads.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "common.h"
+#include "cpu/kernels.h"
+
+namespace magneto::cpu::MAGNETO_ISA {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kW = Vec::size();
+
+// ------------------------------------------------------------------------------------ helpers
+
+// Calls f(j, count) for consecutive vectors of the row [0, n): count == kW except for the tail.
+template <typename F>
+inline void vec_loop(int64_t n, F&& f) {
+  int64_t j = 0;
+  for (; j + kW <= n; j += kW) f(j, kW);
+  if (j < n) f(j, n - j);
+}
+
+// A row of T seen as floats: the row itself for float, else converted into `scratch`.
+template <typename T>
+inline const float* load_row(const T* row, float* scratch, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    return row;
+  } else {
+    at::vec::convert(row, scratch, n);
+    return scratch;
+  }
+}
+
+// Where to compute a float row destined for `row`: the row itself for float, else `scratch`
+// (then written back by store_row).
+template <typename T>
+inline float* dest_row(T* row, float* scratch) {
+  if constexpr (std::is_same_v<T, float>) {
+    return row;
+  } else {
+    return scratch;
+  }
+}
+
+template <typename T>
+inline void store_row(const float* src, T* row, int64_t n) {
+  if constexpr (!std::is_same_v<T, float>) at::vec::convert(src, row, n);
+}
+
+// Rounds float values to T and back (what computing in T does to a result).
+template <typename T>
+inline void round_to(float* v, int64_t n) {
+  if constexpr (!std::is_same_v<T, float>) {
+    for (int64_t j = 0; j < n; ++j) v[j] = static_cast<float>(static_cast<T>(v[j]));
+  }
+}
+
+// Horizontal sum of the vector lanes, in a fixed order.
+inline float hsum(const Vec& v) {
+  alignas(64) float lanes[kW];
+  v.store(lanes);
+  float s = 0.0f;
+  for (int64_t l = 0; l < kW; ++l) s += lanes[l];
+  return s;
+}
+
+// ------------------------------------------------------------------------------ activations
+
+constexpr float kSqrtHalf = 0.70710678118654752440f;     // 1/sqrt(2)
+constexpr float kInvSqrt2Pi = 0.39894228040143267794f;   // 1/sqrt(2 pi)
+constexpr float kTanhBeta = 0.79788456080286535588f;     // sqrt(2/pi)
+constexpr float kTanhKappa = 0.044715f;
+
+template <Activation A>
+inline Vec act_forward(const Vec& x) {
+  if constexpr (A == Activation::kNone) {
+    return x;
+  } else if constexpr (A == Activation::kRelu) {
+    return at::vec::clamp_min(x, Vec(0.0f));
+  } else if constexpr (A == Activation::kGelu) {
+    return x * Vec(0.5f) * (Vec(1.0f) + (x * Vec(kSqrtHalf)).erf());
+  } else if constexpr (A == Activation::kGeluTanh) {
+    const Vec inner = Vec(kTanhBeta) * (x + Vec(kTanhKappa) * x * x * x);
+    return Vec(0.5f) * x * (Vec(1.0f) + inner.tanh());
+  } else {  // silu: x·sigmoid(x)
+    return x / (Vec(1.0f) + x.neg().exp());
+  }
+}
+
+// d act(x) / dx.
+template <Activation A>
+inline Vec act_derivative(const Vec& x) {
+  if constexpr (A == Activation::kNone) {
+    return Vec(1.0f);
+  } else if constexpr (A == Activation::kRelu) {
+    return Vec::blendv(Vec(0.0f), Vec(1.0f), x > Vec(0.0f));
+  } else if constexpr (A == Activation::kGelu) {
+    // Φ(x) + x·φ(x)
+    const Vec cdf = Vec(0.5f) * (Vec(1.0f) + (x * Vec(kSqrtHalf)).erf());
+    const Vec pdf = (x * x * Vec(-0.5f)).exp() * Vec(kInvSqrt2Pi);
+    return cdf + x * pdf;
+  } else if constexpr (A == Activation::kGeluTanh) {
+    const Vec x2 = x * x;
+    const Vec t = (Vec(kTanhBeta) * (x + Vec(kTanhKappa) * x2 * x)).tanh();
+    const Vec dinner = Vec(kTanhBeta) * (Vec(1.0f) + Vec(3.0f * kTanhKappa) * x2);
+    return Vec(0.5f) * (Vec(1.0f) + t) + Vec(0.5f) * x * (Vec(1.0f) - t * t) * dinner;
+  } else {  // silu: s·(1 + x·(1 − s))
+    const Vec s = Vec(1.0f) / (Vec(1.0f) + x.neg().exp());
+    return s * (Vec(1.0f) + x * (Vec(1.0f) - s));
+  }
+}
+
+// Calls f(std::integral_constant<Activation, a>{}) so the activation is a compile-time constant
+// inside the loops.
+template <typename F>
+inline void with_activation(Activation a, F&& f) {
+  switch (a) {
+    case Activation::kNone: return f(std::integral_constant<Activation, Activation::kNone>{});
+    case Activation::kGelu: return f(std::integral_constant<Activation, Activation::kGelu>{});
+    case Activation::kGeluTanh:
+      return f(std::integral_constant<Activation, Activation::kGeluTanh>{});
+    case Activation::kRelu: return f(std::integral_constant<Activation, Activation::kRelu>{});
+    case Activation::kSilu: return f(std::integral_constant<Activation, Activation::kSilu>{});
+  }
+}
+
+template <typename F>
+inline void with_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32: return f(float{});
+    case DType::kBFloat16: return f(c10::BFloat16{});
+    case DType::kFloat16: return f(c10::Half{});
+  }
+}
+
+// ---------------------------------------------------------------------------------- dropout
+
+// Per-element dropout factors for elements [index, index + count) of the output: 1/(1−p) where
+// philox(seed, index) >= threshold, 0 elsewhere (the mask of reference.dropout_mask).
+struct Dropout {
+  uint64_t seed;
+  uint32_t threshold;
+  float scale;
+
+  Dropout(uint64_t seed_, double p)
+      : seed(seed_), threshold(dropout_threshold(p)), scale(static_cast<float>(1.0 / (1.0 - p))) {}
+
+  Vec factors(uint64_t index, int64_t count) const {
+    uint32_t bits[kW];
+    for (int64_t l = 0; l < kW; ++l) bits[l] = philox(seed, index + static_cast<uint64_t>(l));
+    alignas(64) float f[kW];
+    for (int64_t l = 0; l < kW; ++l) f[l] = (l < count && bits[l] >= threshold) ? scale : 0.0f;
+    return Vec::loadu(f);
+  }
+};
+
+// ------------------------------------------------------------------- deterministic reductions
+
+// Fixed row chunks for column sums: the count depends only on the shape, never on the number of
+// threads, and the partial sums stay below 4M floats.
+inline int64_t reduction_chunks(int64_t rows, int64_t cols) {
+  const int64_t by_memory = std::max<int64_t>(1, (int64_t{1} << 22) / std::max<int64_t>(cols, 1));
+  return std::max<int64_t>(1, std::min({rows, int64_t{128}, by_memory}));
+}
+
+// Runs body(row_begin, row_end, chunk) over the rows: in fixed chunks when a column reduction is
+// wanted (chunks > 0), else in whatever ranges at::parallel_for picks (chunk = -1).
+template <typename F>
+inline void for_rows(int64_t rows, int64_t cols, int64_t chunks, F&& body) {
+  if (chunks > 0) {
+    at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+      for (int64_t c = cb; c < ce; ++c) body(c * rows / chunks, (c + 1) * rows / chunks, c);
+    });
+  } else {
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1));
+    at::parallel_for(0, rows, grain, [&](int64_t rb, int64_t re) { body(rb, re, int64_t{-1}); });
+  }
+}
+
+// out[j] = Σ_c partial[c·cols + j], summed in chunk order.
+inline void sum_chunks(const float* partial, int64_t chunks, int64_t cols, float* out) {
+  at::parallel_for(0, cols, 1024, [&](int64_t jb, int64_t je) {
+    for (int64_t j = jb; j < je; ++j) out[j] = 0.0f;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const float* p = partial + c * cols;
+      for (int64_t j = jb; j < je; ++j) out[j] += p[j];
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------ norm forward
+
+// Mean and 1/std (or 1/rms) of a float row.
+inline void row_stats(Norm norm, const float* v, int64_t n, float eps, float& mean, float& rstd) {
+  mean = 0.0f;
+  rstd = 1.0f;
+  if (norm == Norm::kNone) return;
+  const float inv_n = 1.0f / static_cast<float>(n);
+  if (norm == Norm::kLayer) {
+    Vec acc(0.0f);
+    vec_loop(n, [&](int64_t j, int64_t c) { acc += Vec::loadu(v + j, c); });
+    mean = hsum(acc) * inv_n;
+  }
+  // Second pass over the cached row: sum of squared deviations (no cancellation).
+  const Vec m(mean);
+  Vec acc(0.0f);
+  vec_loop(n, [&](int64_t j, int64_t c) {
+    const Vec d = Vec::set(Vec(0.0f), Vec::loadu(v + j, c) - m, c);
+    acc = at::vec::fmadd(d, d, acc);
+  });
+  rstd = 1.0f / std::sqrt(std::max(hsum(acc) * inv_n, 0.0f) + eps);
+}
+
+// v ← in_act(v) rounded to T, in place.
+template <typename T, Activation IA>
+inline void apply_input_activation(float* v, int64_t n) {
+  if constexpr (IA != Activation::kNone) {
+    vec_loop(n, [&](int64_t j, int64_t c) { act_forward<IA>(Vec::loadu(v + j, c)).store(v + j, c); });
+    round_to<T>(v, n);
+  }
+}
+
+template <typename T, Activation IA>
+void norm_forward_typed(const NormForward& a) {
+  const int64_t n = a.cols;
+  for_rows(a.rows, n, 0, [&](int64_t rb, int64_t re, int64_t) {
+    std::vector<float> buffer(3 * n);
+    float* v_buf = buffer.data();
+    float* y_buf = v_buf + n;
+    float* r_buf = y_buf + n;
+    for (int64_t i = rb; i < re; ++i) {
+      const T* x = static_cast<const T*>(a.x) + i * a.x_stride;
+      const float* v;
+      if (a.residual == nullptr && IA == Activation::kNone) {
+        v = load_row(x, v_buf, n);
+      } else {
+        at::vec::convert(x, v_buf, n);
+        if (a.residual != nullptr) {
+          const float* r = load_row(static_cast<const T*>(a.residual) + i * a.residual_stride,
+                                    r_buf, n);
+          const Vec alpha(a.alpha);
+          vec_loop(n, [&](int64_t j, int64_t c) {
+            at::vec::fmadd(alpha, Vec::loadu(r + j, c), Vec::loadu(v_buf + j, c)).store(v_buf + j, c);
+          });
+          if (a.sum != nullptr) {
+            T* s = static_cast<T*>(a.sum) + i * a.sum_stride;
+            if constexpr (std::is_same_v<T, float>) {
+              std::copy(v_buf, v_buf + n, s);
+            } else {
+              store_row(v_buf, s, n);
+            }
+          }
+        }
+        apply_input_activation<T, IA>(v_buf, n);
+        v = v_buf;
+      }
+      float mean, rstd;
+      row_stats(a.norm, v, n, a.eps, mean, rstd);
+      if (a.mean != nullptr && a.norm == Norm::kLayer) a.mean[i] = mean;
+      if (a.rstd != nullptr && a.norm != Norm::kNone) a.rstd[i] = rstd;
+
+      T* y_row = static_cast<T*>(a.y) + i * a.y_stride;
+      float* y = dest_row(y_row, y_buf);
+      if (a.norm == Norm::kNone) {
+        std::copy(v, v + n, y);
+      } else {
+        const Vec m(mean), r(rstd);
+        vec_loop(n, [&](int64_t j, int64_t c) {
+          Vec out = (Vec::loadu(v + j, c) - m) * r;
+          if (a.gamma != nullptr) out = out * Vec::loadu(a.gamma + j, c);
+          if (a.beta != nullptr) out = out + Vec::loadu(a.beta + j, c);
+          out.store(y + j, c);
+        });
+      }
+      store_row(y, y_row, n);
+    }
+  });
+}
+
+// ----------------------------------------------------------------------------- norm backward
+
+template <typename T, Activation IA>
+void norm_backward_typed(const NormBackward& a) {
+  const int64_t n = a.cols;
+  const bool reduce = a.dy != nullptr && (a.dgamma != nullptr || a.dbeta != nullptr);
+  const int64_t chunks = reduce ? reduction_chunks(a.rows, n) : 0;
+  std::vector<float> dgamma_part(a.dgamma != nullptr ? chunks * n : 0, 0.0f);
+  std::vector<float> dbeta_part(a.dbeta != nullptr ? chunks * n : 0, 0.0f);
+  const bool layer = a.norm == Norm::kLayer;
+  const bool none = a.norm == Norm::kNone;
+
+  for_rows(a.rows, n, chunks, [&](int64_t rb, int64_t re, int64_t chunk) {
+    std::vector<float> buffer(5 * n);
+    float* x_buf = buffer.data();   // x as floats (the input activation's argument)
+    float* a_buf = x_buf + n;       // a = in_act(x)
+    float* dy_buf = a_buf + n;
+    float* out_buf = dy_buf + n;    // dx or h before conversion
+    float* acc_buf = out_buf + n;   // grad_accum
+    float* pg = a.dgamma != nullptr && chunk >= 0 ? dgamma_part.data() + chunk * n : nullptr;
+    float* pb = a.dbeta != nullptr && chunk >= 0 ? dbeta_part.data() + chunk * n : nullptr;
+
+    for (int64_t i = rb; i < re; ++i) {
+      const T* x_row = static_cast<const T*>(a.x) + i * a.x_stride;
+      const float* xf = load_row(x_row, x_buf, n);
+      const float* av = xf;
+      if constexpr (IA != Activation::kNone) {
+        std::copy(xf, xf + n, a_buf);
+        apply_input_activation<T, IA>(a_buf, n);
+        av = a_buf;
+      }
+      const float mean = layer ? a.mean[i] : 0.0f;
+      const float rstd = none ? 1.0f : a.rstd[i];
+      const Vec m(mean), r(rstd);
+      auto xhat_at = [&](int64_t j, int64_t c) { return (Vec::loadu(av + j, c) - m) * r; };
+
+      if (a.h != nullptr) {
+        T* h_row = static_cast<T*>(a.h) + i * a.h_stride;
+        float* h = dest_row(h_row, out_buf);
+        vec_loop(n, [&](int64_t j, int64_t c) {
+          Vec out = xhat_at(j, c);
+          if (!none && a.gamma != nullptr) out = out * Vec::loadu(a.gamma + j, c);
+          if (!none && a.beta != nullptr) out = out + Vec::loadu(a.beta + j, c);
+          out.store(h + j, c);
+        });
+        store_row(h, h_row, n);
+      }
+      if (a.dy == nullptr) continue;
+
+      const float* dy = load_row(static_cast<const T*>(a.dy) + i * a.dy_stride, dy_buf, n);
+      // Pass 1: the row means of g and g⊙xhat, and the dgamma/dbeta partial sums.
+      Vec sum_g(0.0f), sum_gx(0.0f);
+      vec_loop(n, [&](int64_t j, int64_t c) {
+        const Vec d = Vec::loadu(dy + j, c);
+        const Vec xh = Vec::set(Vec(0.0f), xhat_at(j, c), c);
+        if (pg != nullptr) at::vec::fmadd(d, xh, Vec::loadu(pg + j, c)).store(pg + j, c);
+        if (pb != nullptr) (d + Vec::loadu(pb + j, c)).store(pb + j, c);
+        const Vec g = a.gamma != nullptr && !none ? d * Vec::loadu(a.gamma + j, c) : d;
+        sum_g += g;
+        sum_gx = at::vec::fmadd(g, xh, sum_gx);
+      });
+      if (a.dx == nullptr) continue;
+
+      const float inv_n = 1.0f / static_cast<float>(n);
+      const Vec c1(layer ? hsum(sum_g) * inv_n : 0.0f);
+      const Vec c2(none ? 0.0f : hsum(sum_gx) * inv_n);
+      const float* acc = a.grad_accum == nullptr
+          ? nullptr
+          : load_row(static_cast<const T*>(a.grad_accum) + i * a.grad_accum_stride, acc_buf, n);
+      T* dx_row = static_cast<T*>(a.dx) + i * a.dx_stride;
+      float* dx = dest_row(dx_row, out_buf);
+      // Pass 2: dx = rstd·(g − c1 − xhat·c2)·in_act'(x) + grad_accum.
+      vec_loop(n, [&](int64_t j, int64_t c) {
+        const Vec d = Vec::loadu(dy + j, c);
+        Vec da;
+        if (none) {
+          da = d;
+        } else {
+          const Vec g = a.gamma != nullptr ? d * Vec::loadu(a.gamma + j, c) : d;
+          da = r * (g - c1 - xhat_at(j, c) * c2);
+        }
+        if constexpr (IA != Activation::kNone) da = da * act_derivative<IA>(Vec::loadu(xf + j, c));
+        if (acc != nullptr) da = da + Vec::loadu(acc + j, c);
+        da.store(dx + j, c);
+      });
+      store_row(dx, dx_row, n);
+    }
+  });
+  if (a.dgamma != nullptr) {
+    if (reduce) sum_chunks(dgamma_part.data(), chunks, n, a.dgamma); else std::fill(a.dgamma, a.dgamma + n, 0.0f);
+  }
+  if (a.dbeta != nullptr) {
+    if (reduce) sum_chunks(dbeta_part.data(), chunks, n, a.dbeta); else std::fill(a.dbeta, a.dbeta + n, 0.0f);
+  }
+}
+
+// --------------------------------------------------------------------------- linear epilogues
+
+template <typename T, Activation A>
+void linear_epilogue_typed(const LinearEpilogue& a) {
+  const int64_t n = a.cols;
+  const bool drop = a.dropout_p > 0.0;
+  const Dropout dropout(a.seed, a.dropout_p);
+  for_rows(a.rows, n, 0, [&](int64_t rb, int64_t re, int64_t) {
+    std::vector<float> buffer(3 * n);
+    float* u_buf = buffer.data();
+    float* r_buf = u_buf + n;
+    float* o_buf = r_buf + n;
+    const Vec alpha(a.alpha);
+    for (int64_t i = rb; i < re; ++i) {
+      const float* u = load_row(static_cast<const T*>(a.preact) + i * a.preact_stride, u_buf, n);
+      const float* res = a.residual == nullptr
+          ? nullptr
+          : load_row(static_cast<const T*>(a.residual) + i * a.residual_stride, r_buf, n);
+      T* out_row = static_cast<T*>(a.out) + i * a.out_stride;
+      float* out = dest_row(out_row, o_buf);
+      const uint64_t base = static_cast<uint64_t>(i) * static_cast<uint64_t>(n);
+      vec_loop(n, [&](int64_t j, int64_t c) {
+        Vec y = act_forward<A>(Vec::loadu(u + j, c));
+        if (drop) y = y * dropout.factors(base + j, c);
+        if (res != nullptr) y = at::vec::fmadd(alpha, Vec::loadu(res + j, c), y);
+        y.store(out + j, c);
+      });
+      store_row(out, out_row, n);
+    }
+  });
+}
+
+template <typename T, Activation A>
+void linear_grad_epilogue_typed(const LinearGradEpilogue& a) {
+  const int64_t n = a.cols;
+  const bool drop = a.dropout_p > 0.0;
+  const Dropout dropout(a.seed, a.dropout_p);
+  const int64_t chunks = a.dbias != nullptr ? reduction_chunks(a.rows, n) : 0;
+  std::vector<float> partial(chunks * n, 0.0f);
+  for_rows(a.rows, n, chunks, [&](int64_t rb, int64_t re, int64_t chunk) {
+    std::vector<float> buffer(3 * n);
+    float* dy_buf = buffer.data();
+    float* u_buf = dy_buf + n;
+    float* dz_buf = u_buf + n;
+    float* part = chunk >= 0 ? partial.data() + chunk * n : nullptr;
+    for (int64_t i = rb; i < re; ++i) {
+      const float* dy = load_row(static_cast<const T*>(a.dy) + i * a.dy_stride, dy_buf, n);
+      const float* u = A == Activation::kNone
+          ? nullptr
+          : load_row(static_cast<const T*>(a.preact) + i * a.preact_stride, u_buf, n);
+      T* dz_row = a.dz == nullptr ? nullptr : static_cast<T*>(a.dz) + i * a.dz_stride;
+      float* dz = dz_row == nullptr ? nullptr : dest_row(dz_row, dz_buf);
+      const uint64_t base = static_cast<uint64_t>(i) * static_cast<uint64_t>(n);
+      vec_loop(n, [&](int64_t j, int64_t c) {
+        Vec g = Vec::loadu(dy + j, c);
+        if (drop) g = g * dropout.factors(base + j, c);
+        if constexpr (A != Activation::kNone) g = g * act_derivative<A>(Vec::loadu(u + j, c));
+        if (dz != nullptr) g.store(dz + j, c);
+        if (part != nullptr) (Vec::loadu(part + j, c) + g).store(part + j, c);
+      });
+      if (dz != nullptr) store_row(dz, dz_row, n);
+    }
+  });
+  if (a.dbias != nullptr) sum_chunks(partial.data(), chunks, n, a.dbias);
+}
+
+template <typename T>
+void residual_bias_init_typed(int64_t rows, int64_t cols, const T* residual,
+                              int64_t residual_stride, float alpha, const T* bias, T* out,
+                              int64_t out_stride) {
+  std::vector<float> bias_f(cols, 0.0f);
+  if (bias != nullptr) at::vec::convert(bias, bias_f.data(), cols);
+  for_rows(rows, cols, 0, [&](int64_t rb, int64_t re, int64_t) {
+    std::vector<float> buffer(2 * cols);
+    float* r_buf = buffer.data();
+    float* o_buf = r_buf + cols;
+    const Vec a(alpha);
+    for (int64_t i = rb; i < re; ++i) {
+      T* out_row = out + i * out_stride;
+      float* o = dest_row(out_row, o_buf);
+      if (residual == nullptr) {
+        std::copy(bias_f.begin(), bias_f.end(), o);
+      } else {
+        const float* r = load_row(residual + i * residual_stride, r_buf, cols);
+        vec_loop(cols, [&](int64_t j, int64_t c) {
+          at::vec::fmadd(a, Vec::loadu(r + j, c), Vec::loadu(bias_f.data() + j, c)).store(o + j, c);
+        });
+      }
+      store_row(o, out_row, cols);
+    }
+  });
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------- entry points (ISA)
+
+void norm_forward(const NormForward& a) {
+  with_dtype(a.dtype, [&](auto t) {
+    with_activation(a.input_activation, [&](auto ia) {
+      norm_forward_typed<decltype(t), decltype(ia)::value>(a);
+    });
+  });
+}
+
+void norm_backward(const NormBackward& a) {
+  with_dtype(a.dtype, [&](auto t) {
+    with_activation(a.input_activation, [&](auto ia) {
+      norm_backward_typed<decltype(t), decltype(ia)::value>(a);
+    });
+  });
+}
+
+void linear_epilogue(const LinearEpilogue& a) {
+  with_dtype(a.dtype, [&](auto t) {
+    with_activation(a.activation, [&](auto act) {
+      linear_epilogue_typed<decltype(t), decltype(act)::value>(a);
+    });
+  });
+}
+
+void linear_grad_epilogue(const LinearGradEpilogue& a) {
+  with_dtype(a.dtype, [&](auto t) {
+    with_activation(a.activation, [&](auto act) {
+      linear_grad_epilogue_typed<decltype(t), decltype(act)::value>(a);
+    });
+  });
+}
+
+void residual_bias_init(DType dtype, int64_t rows, int64_t cols, const void* residual,
+                        int64_t residual_stride, float alpha, const void* bias, void* out,
+                        int64_t out_stride) {
+  with_dtype(dtype, [&](auto t) {
+    using T = decltype(t);
+    residual_bias_init_typed<T>(rows, cols, static_cast<const T*>(residual), residual_stride,
+                                alpha, static_cast<const T*>(bias), static_cast<T*>(out),
+                                out_stride);
+  });
+}
+
+}  // namespace magneto::cpu::MAGNETO_ISA
