@@ -136,7 +136,7 @@ class MagnetoConfig:
 
     @property
     def normalize_before(self) -> bool:
-        """True when each sublayer normalises its input (Sub-LN, Pre-LN), False for Post-LN/DeepNorm."""
+        """True when sublayers normalise their input (Sub-LN, Pre-LN), not for Post-LN/DeepNorm."""
         return self.norm_scheme in ("subln", "pre")
 
     def replace(self, **changes) -> "MagnetoConfig":

@@ -23,7 +23,8 @@ STANDIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def _rel(ours: torch.Tensor, theirs: torch.Tensor) -> float:
-    return ((ours.double() - theirs.double()).norm() / theirs.double().norm().clamp_min(1e-30)).item()
+    diff = (ours.double() - theirs.double()).norm()
+    return (diff / theirs.double().norm().clamp_min(1e-30)).item()
 
 
 def run_backbone() -> None:

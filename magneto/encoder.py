@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 import magneto_kernels
 from magneto import init
 from magneto.config import MagnetoConfig
-from magneto.embeddings import (LearnedPositionalEmbedding, TokenEmbedding, build_output_projection,
+from magneto.embeddings import (LearnedPositionalEmbedding, build_output_projection,
                                 build_positions, build_token_embedding)
 from magneto.layers import EncoderLayer
 from magneto.norm import Norm, norm_kwargs
@@ -115,7 +115,8 @@ class Encoder(_Stack):
         if self.layer_norm is not None:
             self.layer_norm.reset_parameters()
 
-    def forward_embedding(self, src_tokens: Optional[Tensor], token_embedding: Optional[Tensor] = None,
+    def forward_embedding(self, src_tokens: Optional[Tensor],
+                          token_embedding: Optional[Tensor] = None,
                           positions: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         if token_embedding is None:
             if self.embed_tokens is None:

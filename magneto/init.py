@@ -98,7 +98,8 @@ def deepnorm_alpha(role: str, encoder_layers: int, decoder_layers: int,
 
 def deepnorm_beta(role: str, encoder_layers: int, decoder_layers: int, is_encoder_decoder: bool,
                   variant: str = "paper") -> Beta:
-    """DeepNorm's gain beta; ``variant`` ("paper"/"torchscale") matters for the enc-dec encoder only."""
+    """DeepNorm's gain beta; ``variant`` ("paper"/"torchscale") matters only for the encoder of
+    an encoder-decoder."""
     n, m = encoder_layers, decoder_layers
     if role == "encoder":
         if is_encoder_decoder:
@@ -162,7 +163,7 @@ def init_token_embedding_(embedding: nn.Embedding) -> None:
 
 @torch.no_grad()
 def init_learned_positions_(embedding: nn.Embedding, scheme: str) -> None:
-    """N(0, d^-1/2) ("paper") or N(0, 1) ("torchscale", nn.Embedding's default); padding row zero."""
+    """N(0, d^-1/2) ("paper") or N(0, 1) ("torchscale": nn.Embedding's default); padding row 0."""
     std = 1.0 if scheme == "torchscale" else embedding.embedding_dim ** -0.5
     nn.init.normal_(embedding.weight, mean=0.0, std=std)
     if embedding.padding_idx is not None:

@@ -60,7 +60,8 @@ def _norm(x, norm):
 def _attention(mha, xq, xk, xv, keep=None):
     """softmax(q k^T / sqrt(dh) + mask) v per head, inner LN, out_proj. keep: True = attend."""
     w, b = mha.in_proj_weight, mha.in_proj_bias
-    q, k, v = (t @ w[i * D:(i + 1) * D].T + b[i * D:(i + 1) * D] for i, t in enumerate((xq, xk, xv)))
+    rows = [slice(i * D, (i + 1) * D) for i in range(3)]
+    q, k, v = (t @ w[r].T + b[r] for r, t in zip(rows, (xq, xk, xv)))
     heads = lambda t: t.view(t.shape[0], t.shape[1], HEADS, D // HEADS).transpose(1, 2)  # noqa
     scores = heads(q) @ heads(k).transpose(-1, -2) / math.sqrt(D // HEADS)
     if keep is not None:
@@ -127,7 +128,8 @@ def test_encoder_layer_matches_formula(scheme, norm, activation):
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_decoder_layer_matches_formula(scheme):
     config = _config(norm_scheme=scheme)
-    layer = _randomize(magneto.DecoderLayer(config, depth=0, is_encoder_decoder=True).double().eval())
+    layer = magneto.DecoderLayer(config, depth=0, is_encoder_decoder=True)
+    layer = _randomize(layer.double().eval())
     x, enc = randn(2, 5, D, dtype=torch.float64, mean=-0.3), randn(2, 6, D, dtype=torch.float64)
     pad = _padding(2, 6, 3)
     out = layer(x, enc, pad, self_attn_causal=True)[0]
@@ -165,7 +167,8 @@ def test_feedforward_dropout_paths_match_formula():
             a = reference.dropout(a, activation_dropout, draw_seed(a))
         y = _norm(a, ffn.ffn_layernorm) @ ffn.fc2.weight.T + ffn.fc2.bias
         ref = 1.5 * x + reference.dropout(y, 0.3, draw_seed(y))
-        assert_close(out, ref, RTOL[torch.float64], atol=1e-12, name=f"act_dropout={activation_dropout}")
+        assert_close(out, ref, RTOL[torch.float64], atol=1e-12,
+                     name=f"activation_dropout={activation_dropout}")
         assert (out == 1.5 * x).any(), "output dropout dropped nothing"
 
 

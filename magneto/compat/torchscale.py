@@ -114,8 +114,9 @@ def _embedding_from_torchscale(module: Optional[nn.Module], embedding_mod, memo:
         return None
     if id(module) in memo:  # shared between encoder and decoder
         return memo[id(module)]
-    plain = type(module) in (nn.Embedding, embedding_mod.TextEmbedding, embedding_mod.PositionalEmbedding) \
-        and module.max_norm is None and not module.scale_grad_by_freq and not module.sparse
+    known = (nn.Embedding, embedding_mod.TextEmbedding, embedding_mod.PositionalEmbedding)
+    plain = type(module) in known and module.max_norm is None and not module.scale_grad_by_freq \
+        and not module.sparse
     if plain:
         cls = (LearnedPositionalEmbedding if isinstance(module, embedding_mod.PositionalEmbedding)
                else TokenEmbedding)
@@ -231,13 +232,15 @@ def torchscale_args(config: MagnetoConfig, kind: str, no_output_layer: bool = Fa
     if not config.bias:
         raise ValueError("bias=False: torchscale's projections always have biases")
     before = config.normalize_before
+    activation = config.canonical_activation
     common = dict(
-        activation_fn={"silu": "swish"}.get(config.canonical_activation, config.canonical_activation),
+        activation_fn="swish" if activation == "silu" else activation,
         dropout=config.dropout, attention_dropout=config.attention_dropout,
         activation_dropout=config.activation_dropout, drop_path_rate=config.drop_path,
         no_scale_embedding=not config.scale_embedding, layernorm_eps=config.eps,
         deepnorm=config.norm_scheme == "deepnorm", subln=config.norm_scheme == "subln",
-        vocab_size=config.vocab_size, no_output_layer=no_output_layer or not config.output_projection,
+        vocab_size=config.vocab_size,
+        no_output_layer=no_output_layer or not config.output_projection,
         checkpoint_activations=config.checkpoint_activations)
     sides = {}
     for side in ("encoder", "decoder"):
@@ -253,7 +256,8 @@ def torchscale_args(config: MagnetoConfig, kind: str, no_output_layer: bool = Fa
     if kind == "decoder":
         keep = {k: v for k, v in sides.items() if k.startswith("decoder")}
         return ts_config.DecoderConfig(**common, **keep, max_target_positions=config.max_positions)
-    return ts_config.EncoderDecoderConfig(**common, **sides, normalize_output=config.normalize_output,
+    return ts_config.EncoderDecoderConfig(**common, **sides,
+                                          normalize_output=config.normalize_output,
                                           max_source_positions=config.max_positions,
                                           max_target_positions=config.max_positions)
 
