@@ -1,0 +1,192 @@
+#!/usr/bin/env python3
+"""Compile-check the CUDA kernels without a GPU (and without a CUDA torch).
+
+Compiles the device code of every csrc/cuda/*.cu with nvcc for sm_80 and sm_90a and
+`-Xptxas -v` (one job per file and architecture), using the flags setup.py builds with, and fails on a compile error or warning in our sources, or on any register
+spill (non-zero "spill stores"/"spill loads") in our kernels. Also checks that the launcher header
+csrc/cuda/kernels.h compiles with the host C++ compiler alone, as csrc/bindings.cpp includes it.
+Prints, per kernel template, its instantiations and register range per architecture.
+
+    python tools/check_cuda.py [-j JOBS] [--verbose]
+
+nvcc is taken from $NVCC, then PATH, then $CUDA_HOME/bin. Exit status: 0 ok, 1 failed,
+2 nvcc not found.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CUDA_DIR = ROOT / "csrc" / "cuda"
+ARCHS = (("compute_80", "sm_80"), ("compute_90a", "sm_90a"))
+# Keep in step with setup.py's nvcc flags.
+NVCC_FLAGS = ["-std=c++17", "-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
+              "-Xptxas", "-v", f"-I{ROOT / 'csrc'}"]
+
+ENTRY = re.compile(r"Compiling entry function '(\S+)' for '(sm_\w+)'")
+PROPS = re.compile(r"Function properties for (\S+)")
+SPILLS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+REGS = re.compile(r"Used (\d+) registers")
+
+
+def find_nvcc() -> str | None:
+    for candidate in (os.environ.get("NVCC"), shutil.which("nvcc"),
+                      os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")):
+        if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def cuda_include(nvcc: str) -> Path:
+    """The CUDA include directory next to nvcc (following wrapper scripts via `nvcc -v`-free paths)."""
+    for base in (os.environ.get("CUDA_HOME"), str(Path(nvcc).resolve().parents[1]), "/usr/local/cuda"):
+        if base and (Path(base) / "include" / "cuda_runtime_api.h").exists():
+            return Path(base) / "include"
+    out = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                         capture_output=True, text=True).stderr
+    match = re.search(r"INCLUDES=\"-I([^\"]+?)/?\"", out)
+    return Path(match.group(1)) if match else Path("/usr/local/cuda/include")
+
+
+def compile_cu(nvcc: str, source: Path, arch: tuple[str, str]) -> tuple[int, str, float]:
+    """Device code only (-cubin): the host side adds nothing to check and costs CI time."""
+    virtual, real = arch
+    cmd = [nvcc, "-cubin", "-o", os.devnull, *NVCC_FLAGS,
+           "-gencode", f"arch={virtual},code={real}", str(source)]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - start
+
+
+def check_header() -> tuple[int, str]:
+    """kernels.h must compile with the host compiler and the CUDA headers only."""
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        return 0, "no host C++ compiler found; header check skipped"
+    nvcc = find_nvcc()
+    src = '#include "cuda/kernels.h"\nint main() { return magneto::gpu::NormForwardParams{}.rows > 0; }\n'
+    proc = subprocess.run([cxx, "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror",
+                           f"-I{ROOT / 'csrc'}", f"-I{cuda_include(nvcc)}", "-x", "c++", "-"],
+                          input=src, capture_output=True, text=True)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def demangle(names: list[str]) -> dict[str, str]:
+    tool = shutil.which("c++filt")
+    if tool is None or not names:
+        return {n: n for n in names}
+    out = subprocess.run([tool], input="\n".join(names), capture_output=True, text=True).stdout
+    return dict(zip(names, out.splitlines()))
+
+
+def template_name(demangled: str) -> str:
+    """'void magneto::...::norm_forward_rows<float, ...>(...)' -> 'norm_forward_rows'."""
+    head = demangled.replace("(anonymous namespace)::", "").split("(")[0]
+    head = head.split("<")[0]
+    return head.split("::")[-1].replace("void ", "")
+
+
+def parse(log: str) -> list[dict]:
+    """One record per (kernel, arch): registers, stack frame, spill bytes."""
+    records, current, props_for = [], {}, None
+    for line in log.splitlines():
+        if m := ENTRY.search(line):
+            current = {"name": m.group(1), "arch": m.group(2)}
+        elif m := PROPS.search(line):
+            props_for = m.group(1)
+        elif (m := SPILLS.search(line)) and current and props_for == current["name"]:
+            current.update(stack=int(m.group(1)), spill_stores=int(m.group(2)),
+                           spill_loads=int(m.group(3)))
+        elif (m := REGS.search(line)) and current:
+            current["regs"] = int(m.group(1))
+            records.append(current)
+            current = {}
+    return records
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--verbose", action="store_true", help="list every kernel instantiation")
+    args = parser.parse_args()
+
+    nvcc = find_nvcc()
+    if nvcc is None:
+        print("check_cuda: nvcc not found (set NVCC or CUDA_HOME)", file=sys.stderr)
+        return 2
+    sources = sorted(CUDA_DIR.glob("*.cu"))
+    if not sources:
+        print(f"check_cuda: no .cu files under {CUDA_DIR}", file=sys.stderr)
+        return 1
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    print(f"check_cuda: {version.strip().splitlines()[-1]}; {len(sources)} files, "
+          f"archs {', '.join(r for _, r in ARCHS)}, {args.jobs} jobs")
+
+    failed = False
+    rc, out = check_header()
+    if rc != 0:
+        print(f"FAIL csrc/cuda/kernels.h does not compile with the host compiler:\n{out}")
+        failed = True
+
+    records = []
+    tasks = [(source, arch) for source in sources for arch in ARCHS]
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        results = pool.map(lambda task: compile_cu(nvcc, *task), tasks)
+        for (source, (_, real)), (rc, log, seconds) in zip(tasks, results):
+            rel = source.relative_to(ROOT)
+            ours = [ln for ln in log.splitlines()
+                    if re.search(r"\b(error|warning)\b", ln, re.I) and "csrc/" in ln]
+            if rc != 0:
+                print(f"FAIL {rel} ({real}): nvcc exit status {rc}\n{log}")
+                failed = True
+                continue
+            if ours:
+                print(f"FAIL {rel} ({real}): warnings in our sources:\n" + "\n".join(ours))
+                failed = True
+            recs = parse(log)
+            print(f"  {rel} ({real}): {len(recs)} kernels in {seconds:.0f} s")
+            records += recs
+
+    names = demangle(sorted({r["name"] for r in records}))
+    spills = [r for r in records if "magneto" in names[r["name"]]
+              and (r.get("spill_stores", 0) or r.get("spill_loads", 0))]
+    for r in spills:
+        print(f"FAIL register spill in {names[r['name']]} ({r['arch']}): "
+              f"{r['spill_stores']} B stores, {r['spill_loads']} B loads")
+    failed |= bool(spills)
+
+    table: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    stack: dict[str, int] = defaultdict(int)
+    for r in records:
+        name = template_name(names[r["name"]])
+        table[name][r["arch"]].append(r["regs"])
+        stack[name] = max(stack[name], r.get("stack", 0))
+    print(f"{'kernel':34s} {'inst':>5s}  " + "  ".join(f"{a:>13s}" for _, a in ARCHS) + "  stack")
+    for name in sorted(table):
+        cells = []
+        for _, arch in ARCHS:
+            regs = table[name].get(arch, [])
+            cells.append(f"{min(regs):>4d}-{max(regs):<3d} regs" if regs else f"{'-':>13s}")
+        count = len(table[name].get(ARCHS[0][1], []))
+        print(f"{name:34s} {count:5d}  " + "  ".join(cells) + f"  {stack[name]:4d} B")
+    if args.verbose:
+        for r in sorted(records, key=lambda r: (names[r["name"]], r["arch"])):
+            print(f"  {r['arch']:7s} {r['regs']:4d} regs {r.get('stack', 0):4d} B stack  {names[r['name']]}")
+    if not records and not failed:
+        print("FAIL no kernels were compiled")
+        failed = True
+    print("check_cuda: FAILED" if failed else "check_cuda: ok (no errors, no spills)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
