@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 import magneto_kernels
 from magneto.config import MagnetoConfig
-from magneto.init import init_linear_
+from magneto.init import init_linear_, uninitialized_linear
 from magneto.norm import Norm, norm_kwargs
 
 _PACKED = ("q_proj", "k_proj", "v_proj")
@@ -40,10 +40,10 @@ class MultiheadAttention(nn.Module):
 
     Parameters: ``in_proj_weight`` (3d, d) and ``in_proj_bias`` (3d) (rows q, k, v),
     ``out_proj`` (an ``nn.Linear`` used as a parameter holder), ``inner_attn_ln`` (Sub-LN
-    self-attention only).
+    self-attention only). ``gain``: the init gain of v_proj and out_proj (``magneto.init``).
     """
 
-    def __init__(self, config: MagnetoConfig, self_attention: bool = True):
+    def __init__(self, config: MagnetoConfig, self_attention: bool = True, gain: float = 1.0):
         super().__init__()
         self.config = config
         d = config.embed_dim
@@ -54,10 +54,10 @@ class MultiheadAttention(nn.Module):
         self.backend = config.backend
         self.in_proj_weight = nn.Parameter(torch.empty(3 * d, d))
         self.in_proj_bias = nn.Parameter(torch.empty(3 * d)) if config.bias else None
-        self.out_proj = nn.Linear(d, d, bias=config.bias)
+        self.out_proj = uninitialized_linear(d, d, bias=config.bias)
         self.inner_attn_ln = (Norm(d, config.eps, config.norm, config.backend)
                               if config.norm_scheme == "subln" and self_attention else None)
-        self.reset_parameters()
+        self.reset_parameters(gain)
         self.register_load_state_dict_pre_hook(_pack_torchscale_projections)
 
     def reset_parameters(self, gain: float = 1.0) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-import torch
 from torch import Tensor, nn
 
 from magneto.config import MagnetoConfig
@@ -37,15 +36,13 @@ class Decoder(_Stack):
         self.embed_dim = config.embed_dim
         self.embed_scale = math.sqrt(config.embed_dim) if config.scale_embedding else 1.0
         self.dropout_module = nn.Dropout(config.dropout)
-        with torch.random.fork_rng(devices=[]):
-            self._setup_embeddings(config, embed_tokens, embed_positions, output_projection,
-                                   want_projection=True)
-            self.layers = nn.ModuleList(DecoderLayer(config, i, is_encoder_decoder)
-                                        for i in range(config.decoder_layers))
-            self.layer_norm = (Norm(config.embed_dim, config.eps, config.norm, config.backend)
-                               if config.normalize_before else None)
+        self._setup_embeddings(config, embed_tokens, embed_positions, output_projection,
+                               want_projection=True)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, is_encoder_decoder)
+                                    for i in range(config.decoder_layers))
+        self.layer_norm = (Norm(config.embed_dim, config.eps, config.norm, config.backend)
+                           if config.normalize_before else None)
         self.num_layers = len(self.layers)
-        self.reset_parameters()
 
     def reset_parameters(self) -> None:
         self._reset_embeddings()

@@ -76,14 +76,19 @@ class SinusoidalPositionalEmbedding(nn.Module):
 
 
 def build_token_embedding(config: MagnetoConfig) -> TokenEmbedding:
-    return TokenEmbedding(config.vocab_size, config.embed_dim, padding_idx=config.padding_idx)
+    """Uninitialised (``magneto.init.init_token_embedding_`` initialises it)."""
+    weight = torch.empty(config.vocab_size, config.embed_dim)
+    return TokenEmbedding(config.vocab_size, config.embed_dim, padding_idx=config.padding_idx,
+                          _weight=weight)
 
 
 def build_positions(config: MagnetoConfig) -> Optional[nn.Module]:
-    """The position embedding ``config.positions`` asks for (None for "none")."""
+    """The position embedding ``config.positions`` asks for (None for "none"); a learned one is
+    uninitialised (``magneto.init.init_learned_positions_`` initialises it)."""
     if config.positions == "learned":
-        return LearnedPositionalEmbedding(config.max_positions + LearnedPositionalEmbedding.OFFSET,
-                                          config.embed_dim)
+        rows = config.max_positions + LearnedPositionalEmbedding.OFFSET
+        return LearnedPositionalEmbedding(rows, config.embed_dim,
+                                          _weight=torch.empty(rows, config.embed_dim))
     if config.positions == "sinusoidal":
         return SinusoidalPositionalEmbedding(config.embed_dim, config.max_positions)
     return None
@@ -91,8 +96,10 @@ def build_positions(config: MagnetoConfig) -> Optional[nn.Module]:
 
 def build_output_projection(config: MagnetoConfig,
                             embed_tokens: Optional[nn.Embedding] = None) -> nn.Linear:
-    """Bias-free ``d -> vocab`` projection; tied to ``embed_tokens`` when given."""
-    projection = nn.Linear(config.embed_dim, config.vocab_size, bias=False)
+    """Bias-free ``d -> vocab`` projection, tied to ``embed_tokens`` when given, else
+    uninitialised (``magneto.init.init_output_projection_`` initialises it)."""
+    from magneto.init import uninitialized_linear
+    projection = uninitialized_linear(config.embed_dim, config.vocab_size, bias=False)
     if embed_tokens is not None:
         projection.weight = embed_tokens.weight
     return projection

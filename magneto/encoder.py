@@ -25,7 +25,7 @@ class _Stack(nn.Module):
 
     def _setup_embeddings(self, config: MagnetoConfig, embed_tokens, embed_positions,
                           output_projection, want_projection: bool) -> None:
-        """Use the given modules; build the missing ones ``config`` asks for (and init those)."""
+        """Use the given modules; build (and initialise) the missing ones ``config`` asks for."""
         self._owned = set()
         if embed_tokens is None and config.vocab_size > 0:
             embed_tokens = build_token_embedding(config)
@@ -41,6 +41,7 @@ class _Stack(nn.Module):
             if tied is None:
                 self._owned.add("output_projection")
         self.output_projection = output_projection
+        self._reset_embeddings()
 
     def _reset_embeddings(self) -> None:
         """Init the embeddings this module built, in torchscale's order (tokens, positions,
@@ -82,8 +83,9 @@ class Encoder(_Stack):
     ``is_encoder_decoder``: this is the encoder of an encoder-decoder (its init and DeepNorm
     alpha depend on the decoder depth; it gets no output projection of its own).
 
-    Parameters are initialised per ``config.init`` after construction, drawing from torch's
-    generator in torchscale's order (construction itself does not touch the caller's stream).
+    Parameters are initialised per ``config.init`` as they are built, drawing from torch's
+    generator in torchscale's order (the same seed gives torchscale's model with
+    ``init="torchscale"``); ``reset_parameters()`` redraws them in that order.
     """
 
     def __init__(self, config: MagnetoConfig, embed_tokens: Optional[nn.Module] = None,
@@ -98,15 +100,13 @@ class Encoder(_Stack):
         self.embed_dim = config.embed_dim
         self.embed_scale = math.sqrt(config.embed_dim) if config.scale_embedding else 1.0
         self.dropout_module = nn.Dropout(config.dropout)
-        with torch.random.fork_rng(devices=[]):
-            self._setup_embeddings(config, embed_tokens, embed_positions, output_projection,
-                                   want_projection=not is_encoder_decoder)
-            self.layers = nn.ModuleList(EncoderLayer(config, i, is_encoder_decoder)
-                                        for i in range(config.encoder_layers))
-            self.layer_norm = (Norm(config.embed_dim, config.eps, config.norm, config.backend)
-                               if config.normalize_before and config.normalize_output else None)
+        self._setup_embeddings(config, embed_tokens, embed_positions, output_projection,
+                               want_projection=not is_encoder_decoder)
+        self.layers = nn.ModuleList(EncoderLayer(config, i, is_encoder_decoder)
+                                    for i in range(config.encoder_layers))
+        self.layer_norm = (Norm(config.embed_dim, config.eps, config.norm, config.backend)
+                           if config.normalize_before and config.normalize_output else None)
         self.num_layers = len(self.layers)
-        self.reset_parameters()
 
     def reset_parameters(self) -> None:
         self._reset_embeddings()

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 import magneto_kernels
 from magneto.config import MagnetoConfig
-from magneto.init import init_linear_
+from magneto.init import init_linear_, uninitialized_linear
 from magneto.norm import Norm, norm_kwargs
 from magneto_kernels import reference
 
@@ -38,21 +38,22 @@ def draw_seed(x: Tensor) -> Tensor:
 class FeedForward(nn.Module):
     """``fc1`` (d -> ffn_dim), activation, ``ffn_layernorm`` (Sub-LN only), ``fc2`` (-> d).
 
-    ``fc1``/``fc2`` are ``nn.Linear`` modules used as parameter holders (torchscale's names).
+    ``fc1``/``fc2`` are ``nn.Linear`` modules used as parameter holders (torchscale's names);
+    ``gain`` is their init gain (``magneto.init``).
     """
 
-    def __init__(self, config: MagnetoConfig):
+    def __init__(self, config: MagnetoConfig, gain: float = 1.0):
         super().__init__()
         self.config = config
         self.embed_dim, self.ffn_dim = config.embed_dim, config.ffn_dim
         self.activation = config.canonical_activation
         self.dropout, self.activation_dropout = config.dropout, config.activation_dropout
         self.backend = config.backend
-        self.fc1 = nn.Linear(config.embed_dim, config.ffn_dim, bias=config.bias)
-        self.fc2 = nn.Linear(config.ffn_dim, config.embed_dim, bias=config.bias)
+        self.fc1 = uninitialized_linear(config.embed_dim, config.ffn_dim, bias=config.bias)
+        self.fc2 = uninitialized_linear(config.ffn_dim, config.embed_dim, bias=config.bias)
         self.ffn_layernorm = (Norm(config.ffn_dim, config.eps, config.norm, config.backend)
                               if config.norm_scheme == "subln" else None)
-        self.reset_parameters()
+        self.reset_parameters(gain)
 
     def reset_parameters(self, gain: float = 1.0) -> None:
         """Init per ``config.init`` with ``gain`` on fc1 and fc2 (torchscale order: fc1, fc2)."""

@@ -131,6 +131,13 @@ def layer_scales(config: MagnetoConfig, role: str, is_encoder_decoder: bool = Fa
     return LayerScales(alpha=1.0, self_attn=1.0, cross_attn=1.0, ffn=1.0)
 
 
+def uninitialized_linear(in_features: int, out_features: int, bias: bool = True) -> nn.Linear:
+    """An ``nn.Linear`` with allocated but uninitialised parameters: no random draws, so the
+    caller's init alone decides what the generator stream sees (torchscale's order)."""
+    layer = nn.Linear(in_features, out_features, bias=bias, device="meta")
+    return layer.to_empty(device=torch.empty(0).device)
+
+
 @torch.no_grad()
 def init_linear_(weight: Tensor, bias: Optional[Tensor], gain: float, scheme: str) -> None:
     """Initialise one projection in place (``weight`` may be a row block of a packed weight)."""

@@ -101,14 +101,14 @@ class EncoderLayer(_ResidualLayer):
 
     def __init__(self, config: MagnetoConfig, depth: int = 0, is_encoder_decoder: bool = False):
         super().__init__(config, "encoder", depth, is_encoder_decoder)
-        self.self_attn = MultiheadAttention(config, self_attention=True)
+        # Built (and initialised) in torchscale's order: self_attn, ffn.
+        self.self_attn = MultiheadAttention(config, True, gain=self.scales.self_attn)
         self.self_attn_layer_norm = self._norm()
-        self.ffn = FeedForward(config)
+        self.ffn = FeedForward(config, gain=self.scales.ffn)
         self.final_layer_norm = self._norm()
-        self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Init with this layer's gains (torchscale order: self_attn, ffn)."""
+        """Re-initialise with this layer's gains (torchscale order: self_attn, ffn)."""
         self.self_attn.reset_parameters(self.scales.self_attn)
         self.ffn.reset_parameters(self.scales.ffn)
         self.self_attn_layer_norm.reset_parameters()
@@ -140,20 +140,20 @@ class DecoderLayer(_ResidualLayer):
 
     def __init__(self, config: MagnetoConfig, depth: int = 0, is_encoder_decoder: bool = False):
         super().__init__(config, "decoder", depth, is_encoder_decoder)
-        self.self_attn = MultiheadAttention(config, self_attention=True)
+        # Built (and initialised) in torchscale's order: self_attn, encoder_attn, ffn.
+        self.self_attn = MultiheadAttention(config, True, gain=self.scales.self_attn)
         self.self_attn_layer_norm = self._norm()
         if is_encoder_decoder:
-            self.encoder_attn = MultiheadAttention(config, self_attention=False)
+            self.encoder_attn = MultiheadAttention(config, False, gain=self.scales.cross_attn)
             self.encoder_attn_layer_norm = self._norm()
         else:
             self.encoder_attn = None
             self.encoder_attn_layer_norm = None
-        self.ffn = FeedForward(config)
+        self.ffn = FeedForward(config, gain=self.scales.ffn)
         self.final_layer_norm = self._norm()
-        self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Init with this layer's gains (torchscale order: self_attn, encoder_attn, ffn)."""
+        """Re-initialise with this layer's gains (order: self_attn, encoder_attn, ffn)."""
         self.self_attn.reset_parameters(self.scales.self_attn)
         if self.encoder_attn is not None:
             self.encoder_attn.reset_parameters(self.scales.cross_attn)
