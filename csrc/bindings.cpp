@@ -32,7 +32,7 @@
 
 #ifdef MAGNETO_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include "cuda/kernels.h"
 #endif
 
@@ -186,7 +186,9 @@ void copy_back(const Tensor& out, const Tensor& f32) {
   if (!out.is_same(f32)) out.copy_(f32);
 }
 
-float* opt_float_ptr(const Tensor& t) { return t.numel() > 0 ? t.data_ptr<float>() : nullptr; }
+float* opt_float_ptr(const Tensor& t) {
+  return t.defined() && t.numel() > 0 ? t.data_ptr<float>() : nullptr;
+}
 
 void cpu_norm_forward(const Tensor& x, const OptTensor& residual, double alpha,
                       const OptTensor& weight, const OptTensor& bias, double eps, Norm norm,
@@ -268,27 +270,38 @@ uint64_t seed_value(const OptTensor& seed, double p) {
   return p > 0.0 ? static_cast<uint64_t>(seed->item<int64_t>()) : 0;
 }
 
-// (out, preact) of ln_linear on CPU; H is the GEMM operand N(in_act(x)).
-std::tuple<Tensor, Tensor> cpu_linear_forward(const Tensor& H, const Tensor& weight,
-                                              const OptTensor& bias, const OptTensor& residual,
-                                              uint64_t seed, double alpha, Activation activation,
-                                              double dropout_p) {
-  const int64_t rows = H.size(0), cols = weight.size(0);
-  const DType dtype = dtype_code(H.scalar_type());
+// ln_linear forward on CPU: (out, preact); mean and rstd are filled.
+std::tuple<Tensor, Tensor> cpu_ln_linear(const Tensor& x, const OptTensor& ln_weight,
+                                         const OptTensor& ln_bias, const Tensor& weight,
+                                         const OptTensor& bias, const OptTensor& residual,
+                                         const OptTensor& seed, double eps, Norm norm,
+                                         Activation input_activation, Activation activation,
+                                         double alpha, double dropout_p, const Tensor& mean,
+                                         const Tensor& rstd) {
+  // H = N(in_act(x)), the GEMM operand (x itself when both are the identity).
+  Tensor H = x;
+  if (norm != Norm::kNone || input_activation != Activation::kNone) {
+    H = new_like(x);
+    cpu_norm_forward(x, std::nullopt, 1.0, ln_weight, ln_bias, eps, norm, input_activation, H,
+                     Tensor(), mean, rstd);
+  }
+  const int64_t rows = x.size(0), cols = weight.size(0);
+  const DType dtype = dtype_code(x.scalar_type());
   const Tensor wt = weight.t();
   if (activation == Activation::kNone && dropout_p == 0.0) {
     if (!residual.has_value()) {
       Tensor out = bias.has_value() ? at::addmm(*bias, H, wt) : at::mm(H, wt);
-      return {out, empty0(H)};
+      return {out, empty0(x)};
     }
     // The residual and the bias become the GEMM's accumulator: out = alpha·r + b, out += H W^T.
-    Tensor out = new_tensor({rows, cols}, H.options());
+    Tensor out = new_tensor({rows, cols}, x.options());
     cpu::residual_bias_init(dtype, rows, cols, residual->data_ptr(), cols,
                             static_cast<float>(alpha), bias.has_value() ? bias->data_ptr() : nullptr,
                             out.data_ptr(), cols);
     out.addmm_(H, wt);
-    return {out, empty0(H)};
+    return {out, empty0(x)};
   }
+  // u = H W^T + b by the GEMM, then activation, dropout and residual in one pass over u.
   Tensor u = bias.has_value() ? at::addmm(*bias, H, wt) : at::mm(H, wt);
   const bool keep_preact = activation != Activation::kNone;
   Tensor out = keep_preact ? new_like(u) : u;
@@ -304,13 +317,299 @@ std::tuple<Tensor, Tensor> cpu_linear_forward(const Tensor& H, const Tensor& wei
     e.residual_stride = cols;
     e.alpha = static_cast<float>(alpha);
   }
-  e.seed = seed;
+  e.seed = seed_value(seed, dropout_p);
   e.dropout_p = dropout_p;
   e.out = out.data_ptr();
   e.out_stride = cols;
   cpu::linear_epilogue(e);
-  return {out, keep_preact ? u : empty0(H)};
+  return {out, keep_preact ? u : empty0(x)};
 }
+
+// ln_linear backward on CPU into the allocated gradients (empty ones are not wanted); returns dx
+// (which may be replaced by dh when the prologue is the identity).
+Tensor cpu_ln_linear_backward(const Tensor& grad_out, const Tensor& x, const OptTensor& ln_weight,
+                              const OptTensor& ln_bias, const Tensor& weight, const Tensor& mean,
+                              const Tensor& rstd, const Tensor& preact, const OptTensor& seed,
+                              Norm norm, Activation input_activation, Activation activation,
+                              double dropout_p, Tensor dx, const Tensor& dln_w,
+                              const Tensor& dln_b, Tensor dw, Tensor db) {
+  const int64_t rows = x.size(0), out_features = weight.size(0);
+  // dz = dy ⊙ mask/(1−p) ⊙ act'(u), with dbias = Σ_rows dz in the same pass.
+  const bool dz_is_dy = activation == Activation::kNone && dropout_p == 0.0;
+  Tensor dz = dz_is_dy ? grad_out : new_like(grad_out);
+  const Tensor db32 = db.numel() > 0 ? grad_f32(db) : Tensor();
+  if (!dz_is_dy || db32.defined()) {
+    cpu::LinearGradEpilogue g;
+    g.dtype = dtype_code(x.scalar_type());
+    g.activation = activation;
+    g.rows = rows;
+    g.cols = out_features;
+    g.dy = grad_out.data_ptr();
+    g.dy_stride = out_features;
+    if (activation != Activation::kNone) {
+      g.preact = preact.data_ptr();
+      g.preact_stride = out_features;
+    }
+    g.seed = seed_value(seed, dropout_p);
+    g.dropout_p = dropout_p;
+    if (!dz_is_dy) {
+      g.dz = dz.data_ptr();
+      g.dz_stride = out_features;
+    }
+    g.dbias = db32.defined() ? db32.data_ptr<float>() : nullptr;
+    cpu::linear_grad_epilogue(g);
+    if (db32.defined()) copy_back(db, db32);
+  }
+  // dh = dz @ W, then one pass over x for the norm backward and for H = N(in_act(x)).
+  const bool identity_prologue = norm == Norm::kNone && input_activation == Activation::kNone;
+  const bool want_dx = dx.numel() > 0;
+  const bool want_norm_grads = want_dx || dln_w.numel() > 0 || dln_b.numel() > 0;
+  const bool want_dw = dw.numel() > 0;
+  Tensor dh = want_norm_grads ? at::mm(dz, weight) : Tensor();
+  Tensor H = want_dw ? (identity_prologue ? x : new_like(x)) : Tensor();
+  if (identity_prologue && want_dx) {
+    dx = dh;  // N and in_act are the identity: dx = dh, a fresh tensor
+  } else if (want_norm_grads || (want_dw && !identity_prologue)) {
+    cpu_norm_backward(dh, x, ln_weight, ln_bias, mean, rstd, std::nullopt, norm, input_activation,
+                      dx, dln_w, dln_b, identity_prologue ? Tensor() : H);
+  }
+  if (want_dw) at::mm_out(dw, dz.t(), H);
+  return dx;
+}
+
+// ---------------------------------------------------------------------------------- CUDA path
+#ifdef MAGNETO_WITH_CUDA
+
+void check_status(gpu::Status status) { TORCH_CHECK(status == nullptr, status); }
+
+cudaStream_t current_stream(const Tensor& x) {
+  return c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+}
+
+const void* opt_ptr(const Tensor& t) { return t.defined() && t.numel() > 0 ? t.data_ptr() : nullptr; }
+
+// Norm weight and bias in the one parameter dtype the CUDA kernels take (both float32 when the
+// two were given in different dtypes).
+struct CudaParams {
+  Tensor weight, bias;
+  DType dtype;
+  CudaParams(const OptTensor& w, const OptTensor& b, const Tensor& x) {
+    const bool mixed = w.has_value() && b.has_value() && w->scalar_type() != b->scalar_type();
+    if (w.has_value()) weight = mixed ? w->to(at::kFloat) : *w;
+    if (b.has_value()) bias = mixed ? b->to(at::kFloat) : *b;
+    const Tensor& any = weight.defined() ? weight : bias;
+    dtype = dtype_code(any.defined() ? any.scalar_type() : x.scalar_type());
+  }
+  // The gradient buffer of a parameter output in this dtype (the output itself when it matches).
+  Tensor grad_buffer(const Tensor& out) const {
+    if (out.numel() == 0 || dtype_code(out.scalar_type()) == dtype) return out;
+    return new_tensor(out.sizes(), out.options().dtype(at::kFloat));  // params went float32
+  }
+};
+
+Tensor workspace(const Tensor& x, size_t bytes) {
+  return at::empty({static_cast<int64_t>(bytes)}, x.options().dtype(at::kByte));
+}
+
+// norm_forward on CUDA; with saved stats given, they are applied instead of computed.
+void cuda_norm_forward(const Tensor& x, const OptTensor& residual, double alpha,
+                       const OptTensor& weight, const OptTensor& bias, double eps, Norm norm,
+                       Activation input_activation, const Tensor& y, const Tensor& sum,
+                       const Tensor& mean, const Tensor& rstd, const Tensor& saved_mean = Tensor(),
+                       const Tensor& saved_rstd = Tensor()) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const CudaParams params(weight, bias, x);
+  gpu::NormForwardParams p;
+  p.x = x.data_ptr();
+  p.x_stride = x.size(1);
+  if (residual.has_value()) {
+    p.residual = residual->data_ptr();
+    p.residual_stride = x.size(1);
+    p.alpha = static_cast<float>(alpha);
+  }
+  p.weight = opt_ptr(params.weight);
+  p.bias = opt_ptr(params.bias);
+  p.saved_mean = static_cast<const float*>(opt_ptr(saved_mean));
+  p.saved_rstd = static_cast<const float*>(opt_ptr(saved_rstd));
+  p.y = y.data_ptr();
+  p.y_stride = x.size(1);
+  if (sum.defined()) {
+    p.sum = sum.data_ptr();
+    p.sum_stride = x.size(1);
+  }
+  p.mean = opt_float_ptr(mean);
+  p.rstd = opt_float_ptr(rstd);
+  p.rows = x.size(0);
+  p.cols = x.size(1);
+  p.eps = static_cast<float>(eps);
+  p.norm = norm;
+  p.input_activation = input_activation;
+  p.dtype = dtype_code(x.scalar_type());
+  p.param_dtype = params.dtype;
+  check_status(gpu::norm_forward(p, current_stream(x)));
+}
+
+void cuda_norm_backward(const Tensor& dy, const Tensor& x, const OptTensor& weight,
+                        const OptTensor& bias, const Tensor& mean, const Tensor& rstd,
+                        const OptTensor& grad_accum, Norm norm, Activation input_activation,
+                        const Tensor& dx, const Tensor& dweight, const Tensor& dbias) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const CudaParams params(weight, bias, x);
+  const Tensor dw = params.grad_buffer(dweight), db = params.grad_buffer(dbias);
+  gpu::NormBackwardParams p;
+  p.dy = dy.data_ptr();
+  p.dy_stride = x.size(1);
+  p.x = x.data_ptr();
+  p.x_stride = x.size(1);
+  p.weight = opt_ptr(params.weight);
+  p.mean = opt_float_ptr(mean);
+  p.rstd = opt_float_ptr(rstd);
+  if (grad_accum.has_value()) {
+    p.grad_accum = grad_accum->data_ptr();
+    p.grad_accum_stride = x.size(1);
+  }
+  if (dx.numel() > 0) {
+    p.dx = dx.data_ptr();
+    p.dx_stride = x.size(1);
+  }
+  p.dweight = dw.numel() > 0 ? dw.data_ptr() : nullptr;
+  p.dbias = db.numel() > 0 ? db.data_ptr() : nullptr;
+  p.rows = x.size(0);
+  p.cols = x.size(1);
+  p.norm = norm;
+  p.input_activation = input_activation;
+  p.dtype = dtype_code(x.scalar_type());
+  p.param_dtype = params.dtype;
+  p.workspace_bytes = gpu::norm_backward_workspace_bytes(
+      p.rows, p.cols, p.dtype, norm, input_activation, p.dweight != nullptr, p.dbias != nullptr);
+  const Tensor ws = workspace(x, p.workspace_bytes);
+  p.workspace = p.workspace_bytes > 0 ? ws.data_ptr() : nullptr;
+  check_status(gpu::norm_backward(p, current_stream(x)));
+  if (!dw.is_same(dweight)) dweight.copy_(dw);
+  if (!db.is_same(dbias)) dbias.copy_(db);
+}
+
+std::tuple<Tensor, Tensor> cuda_ln_linear(const Tensor& x, const OptTensor& ln_weight,
+                                          const OptTensor& ln_bias, const Tensor& weight,
+                                          const OptTensor& bias, const OptTensor& residual,
+                                          const OptTensor& seed, double eps, Norm norm,
+                                          Activation input_activation, Activation activation,
+                                          double alpha, double dropout_p, const Tensor& mean,
+                                          const Tensor& rstd) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  Tensor H = x;
+  if (norm != Norm::kNone || input_activation != Activation::kNone) {
+    H = new_like(x);
+    cuda_norm_forward(x, std::nullopt, 1.0, ln_weight, ln_bias, eps, norm, input_activation, H,
+                      Tensor(), mean, rstd);
+  }
+  const Tensor wt = weight.t();
+  if (activation == Activation::kNone && dropout_p == 0.0 && !residual.has_value()) {
+    return {bias.has_value() ? at::addmm(*bias, H, wt) : at::mm(H, wt), empty0(x)};
+  }
+  // z = H W^T by cuBLAS; bias, activation, dropout and residual in one epilogue pass.
+  Tensor z = at::mm(H, wt);
+  const bool keep_preact = activation != Activation::kNone;
+  Tensor preact = keep_preact ? new_like(z) : empty0(x);
+  gpu::LinearEpilogueParams e;
+  e.z = z.data_ptr();
+  e.z_stride = z.size(1);
+  e.z_dtype = dtype_code(z.scalar_type());
+  e.bias = bias.has_value() ? bias->data_ptr() : nullptr;
+  if (residual.has_value()) {
+    e.residual = residual->data_ptr();
+    e.residual_stride = z.size(1);
+    e.alpha = static_cast<float>(alpha);
+  }
+  if (dropout_p > 0.0) {
+    e.seed = seed->data_ptr<int64_t>();
+    e.dropout_threshold = dropout_threshold(dropout_p);
+    e.dropout_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
+  }
+  e.out = z.data_ptr();  // in place
+  e.out_stride = z.size(1);
+  if (keep_preact) {
+    e.preact = preact.data_ptr();
+    e.preact_stride = z.size(1);
+  }
+  e.rows = z.size(0);
+  e.cols = z.size(1);
+  e.activation = activation;
+  e.dtype = dtype_code(x.scalar_type());
+  check_status(gpu::linear_epilogue(e, current_stream(x)));
+  return {z, preact};
+}
+
+Tensor cuda_ln_linear_backward(const Tensor& grad_out, const Tensor& x,
+                               const OptTensor& ln_weight, const OptTensor& ln_bias,
+                               const Tensor& weight, const Tensor& mean, const Tensor& rstd,
+                               const Tensor& preact, const OptTensor& seed, Norm norm,
+                               Activation input_activation, Activation activation,
+                               double dropout_p, Tensor dx, const Tensor& dln_w,
+                               const Tensor& dln_b, Tensor dw, Tensor db) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t rows = x.size(0), out_features = weight.size(0);
+  const bool dz_is_dy = activation == Activation::kNone && dropout_p == 0.0;
+  Tensor dz = grad_out;
+  if (!dz_is_dy) {
+    dz = new_like(grad_out);
+    gpu::LinearBackwardPrologueParams g;
+    g.dy = grad_out.data_ptr();
+    g.dy_stride = out_features;
+    if (activation != Activation::kNone) {
+      g.preact = preact.data_ptr();
+      g.preact_stride = out_features;
+    }
+    if (dropout_p > 0.0) {
+      g.seed = seed->data_ptr<int64_t>();
+      g.dropout_threshold = dropout_threshold(dropout_p);
+      g.dropout_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
+    }
+    g.dz = dz.data_ptr();
+    g.dz_stride = out_features;
+    g.dbias = db.numel() > 0 ? db.data_ptr() : nullptr;
+    g.rows = rows;
+    g.cols = out_features;
+    g.activation = activation;
+    g.dtype = dtype_code(x.scalar_type());
+    g.workspace_bytes = gpu::linear_backward_prologue_workspace_bytes(
+        rows, out_features, g.dtype, g.dbias != nullptr);
+    const Tensor ws = workspace(x, g.workspace_bytes);
+    g.workspace = g.workspace_bytes > 0 ? ws.data_ptr() : nullptr;
+    check_status(gpu::linear_backward_prologue(g, current_stream(x)));
+  } else if (db.numel() > 0) {
+    at::sum_out(db, grad_out, {0});
+  }
+  const bool identity_prologue = norm == Norm::kNone && input_activation == Activation::kNone;
+  const bool want_dx = dx.numel() > 0;
+  const bool want_norm_grads = want_dx || dln_w.numel() > 0 || dln_b.numel() > 0;
+  if (want_norm_grads) {
+    Tensor dh = at::mm(dz, weight);
+    if (identity_prologue) {
+      dx = dh;
+    } else {
+      cuda_norm_backward(dh, x, ln_weight, ln_bias, mean, rstd, std::nullopt, norm,
+                         input_activation, dx, dln_w, dln_b);
+    }
+  }
+  if (dw.numel() > 0) {
+    // H = N(in_act(x)) recomputed from the saved statistics.
+    Tensor H = x;
+    if (!identity_prologue) {
+      H = new_like(x);
+      cuda_norm_forward(x, std::nullopt, 1.0, ln_weight, ln_bias, 0.0, norm, input_activation,
+                        H, Tensor(), Tensor(), Tensor(), mean, rstd);
+    }
+    at::mm_out(dw, dz.t(), H);
+  }
+  return dx;
+}
+
+#define MAGNETO_CUDA_OR(call) call
+#else
+#define MAGNETO_CUDA_OR(call) \
+  TORCH_CHECK(false, "magneto_kernels._C was built without CUDA kernels")
+#endif  // MAGNETO_WITH_CUDA
 
 // ----------------------------------------------------------------------------------------- ops
 
@@ -328,7 +627,8 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_cpp(const Tensor& x, const OptTens
     cpu_norm_forward(x, std::nullopt, 1.0, weight, bias, eps, norm, Activation::kNone, y,
                      Tensor(), mean, rstd);
   } else {
-    TORCH_CHECK(false, "magneto_kernels._C: CUDA kernels not wired yet");
+    MAGNETO_CUDA_OR(cuda_norm_forward(x, std::nullopt, 1.0, weight, bias, eps, norm,
+                                      Activation::kNone, y, Tensor(), mean, rstd));
   }
   return {y, mean, rstd};
 }
@@ -352,7 +652,8 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_backward_cpp(
     cpu_norm_backward(grad_y, x, weight, bias, mean, rstd, grad_accum, norm, Activation::kNone,
                       dx, dw, db, Tensor());
   } else {
-    TORCH_CHECK(false, "magneto_kernels._C: CUDA kernels not wired yet");
+    MAGNETO_CUDA_OR(cuda_norm_backward(grad_y, x, weight, bias, mean, rstd, grad_accum, norm,
+                                       Activation::kNone, dx, dw, db));
   }
   return {dx, dw, db};
 }
@@ -373,7 +674,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_layer_norm_cpp(
     cpu_norm_forward(x, residual, alpha, weight, bias, eps, norm, Activation::kNone, y, s, mean,
                      rstd);
   } else {
-    TORCH_CHECK(false, "magneto_kernels._C: CUDA kernels not wired yet");
+    MAGNETO_CUDA_OR(cuda_norm_forward(x, residual, alpha, weight, bias, eps, norm,
+                                      Activation::kNone, y, s, mean, rstd));
   }
   return {y, s, mean, rstd};
 }
@@ -404,18 +706,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ln_linear_cpp(
   check_eps(eps);
   Tensor mean = stats_tensor(x, norm == Norm::kLayer);
   Tensor rstd = stats_tensor(x, norm != Norm::kNone);
+  Tensor out, preact;
   if (x.is_cpu()) {
-    Tensor H = x;
-    if (norm != Norm::kNone || input_activation != Activation::kNone) {
-      H = new_like(x);
-      cpu_norm_forward(x, std::nullopt, 1.0, ln_weight, ln_bias, eps, norm, input_activation, H,
-                       Tensor(), mean, rstd);
-    }
-    auto [out, preact] = cpu_linear_forward(H, weight, bias, residual, seed_value(seed, dropout_p),
-                                            alpha, activation, dropout_p);
-    return {out, mean, rstd, preact};
+    std::tie(out, preact) = cpu_ln_linear(x, ln_weight, ln_bias, weight, bias, residual, seed, eps,
+                                          norm, input_activation, activation, alpha, dropout_p,
+                                          mean, rstd);
+  } else {
+    MAGNETO_CUDA_OR(std::tie(out, preact) = cuda_ln_linear(
+                        x, ln_weight, ln_bias, weight, bias, residual, seed, eps, norm,
+                        input_activation, activation, alpha, dropout_p, mean, rstd));
   }
-  TORCH_CHECK(false, "magneto_kernels._C: CUDA kernels not wired yet");
+  return {out, mean, rstd, preact};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ln_linear_backward_cpp(
@@ -437,67 +738,40 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ln_linear_backward_cpp(
   }
   check_dropout(seed, dropout_p, x);
   const auto mask = mask_of(output_mask, 5);
-  const bool want_dx = mask[0];
-  Tensor dx = want_dx ? new_like(x) : empty0(x);
+  Tensor dx = mask[0] ? new_like(x) : empty0(x);
   Tensor dln_w = mask[1] && ln_weight.has_value() ? new_like(*ln_weight) : empty0(x);
   Tensor dln_b = mask[2] && ln_bias.has_value() ? new_like(*ln_bias) : empty0(x);
   Tensor dw = mask[3] ? new_like(weight) : empty0(x);
   Tensor db = mask[4] ? new_tensor({out_features}, weight.options()) : empty0(x);
-  TORCH_CHECK(x.is_cpu(), "magneto_kernels._C: CUDA kernels not wired yet");
-
-  // dz = dy ⊙ mask/(1−p) ⊙ act'(u), with dbias = Σ_rows dz in the same pass.
-  const DType dtype = dtype_code(x.scalar_type());
-  const bool dz_is_dy = activation == Activation::kNone && dropout_p == 0.0;
-  Tensor dz = dz_is_dy ? grad_out : new_like(grad_out);
-  Tensor db32 = mask[4] ? grad_f32(db) : Tensor();
-  if (!dz_is_dy || mask[4]) {
-    cpu::LinearGradEpilogue g;
-    g.dtype = dtype;
-    g.activation = activation;
-    g.rows = rows;
-    g.cols = out_features;
-    g.dy = grad_out.data_ptr();
-    g.dy_stride = out_features;
-    if (activation != Activation::kNone) {
-      g.preact = preact.data_ptr();
-      g.preact_stride = out_features;
-    }
-    g.seed = seed_value(seed, dropout_p);
-    g.dropout_p = dropout_p;
-    if (!dz_is_dy) {
-      g.dz = dz.data_ptr();
-      g.dz_stride = out_features;
-    }
-    g.dbias = db32.defined() ? db32.data_ptr<float>() : nullptr;
-    cpu::linear_grad_epilogue(g);
-    if (db32.defined()) copy_back(db, db32);
+  if (x.is_cpu()) {
+    dx = cpu_ln_linear_backward(grad_out, x, ln_weight, ln_bias, weight, mean, rstd, preact, seed,
+                                norm, input_activation, activation, dropout_p, dx, dln_w, dln_b,
+                                dw, db);
+  } else {
+    MAGNETO_CUDA_OR(dx = cuda_ln_linear_backward(grad_out, x, ln_weight, ln_bias, weight, mean,
+                                                 rstd, preact, seed, norm, input_activation,
+                                                 activation, dropout_p, dx, dln_w, dln_b, dw,
+                                                 db));
   }
-
-  // dh = dz @ W, then one pass over x for the norm backward and for H = N(in_act(x)).
-  const bool identity_prologue = norm == Norm::kNone && input_activation == Activation::kNone;
-  const bool want_norm_grads = want_dx || dln_w.numel() > 0 || dln_b.numel() > 0;
-  Tensor dh = want_norm_grads ? at::mm(dz, weight) : Tensor();
-  Tensor H = mask[3] ? (identity_prologue ? x : new_like(x)) : Tensor();
-  if (identity_prologue && want_dx) {
-    dx = dh;  // N and in_act are the identity: dx = dh, a fresh tensor
-  } else if (want_norm_grads || (H.defined() && !identity_prologue)) {
-    cpu_norm_backward(dh, x, ln_weight, ln_bias, mean, rstd, std::nullopt, norm, input_activation,
-                      dx, dln_w, dln_b, identity_prologue ? Tensor() : H);
-  }
-  if (mask[3]) at::mm_out(dw, dz.t(), H);
   return {dx, dln_w, dln_b, dw, db};
 }
 
 }  // namespace
 }  // namespace magneto
 
-TORCH_LIBRARY_IMPL(magneto, CPU, m) {
-  m.impl("layer_norm_cpp", TORCH_FN(magneto::layer_norm_cpp));
-  m.impl("layer_norm_backward_cpp", TORCH_FN(magneto::layer_norm_backward_cpp));
-  m.impl("add_layer_norm_cpp", TORCH_FN(magneto::add_layer_norm_cpp));
-  m.impl("ln_linear_cpp", TORCH_FN(magneto::ln_linear_cpp));
+// One kernel per op serves both dispatch keys: it branches on x's device.
+#define MAGNETO_REGISTER_CPP_FAMILY(m)                                            \
+  m.impl("layer_norm_cpp", TORCH_FN(magneto::layer_norm_cpp));                     \
+  m.impl("layer_norm_backward_cpp", TORCH_FN(magneto::layer_norm_backward_cpp));   \
+  m.impl("add_layer_norm_cpp", TORCH_FN(magneto::add_layer_norm_cpp));             \
+  m.impl("ln_linear_cpp", TORCH_FN(magneto::ln_linear_cpp));                       \
   m.impl("ln_linear_backward_cpp", TORCH_FN(magneto::ln_linear_backward_cpp));
-}
+
+TORCH_LIBRARY_IMPL(magneto, CPU, m) { MAGNETO_REGISTER_CPP_FAMILY(m) }
+
+#ifdef MAGNETO_WITH_CUDA
+TORCH_LIBRARY_IMPL(magneto, CUDA, m) { MAGNETO_REGISTER_CPP_FAMILY(m) }
+#endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "magneto's C++ CPU and CUDA kernels; importing registers the magneto::*_cpp ops.";
