@@ -63,7 +63,7 @@ class MultiheadAttention(nn.Module):
     def reset_parameters(self, gain: float = 1.0) -> None:
         """Init per ``config.init``: q/k gain 1, v_proj and out_proj ``gain`` (torchscale's
         draw order: k, v, q, out_proj)."""
-        d, scheme = self.embed_dim, self.config.init
+        scheme = self.config.init
         for name, g in (("k", 1.0), ("v", gain), ("q", 1.0)):
             rows = self._rows(name)
             bias = None if self.in_proj_bias is None else self.in_proj_bias[rows]
