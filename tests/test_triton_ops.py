@@ -3,9 +3,9 @@ TRITON_INTERPRET=1: forward and every gradient, layer/rms/none norms, all activa
 dropout, fp32/bf16/fp16, odd and wide sizes; plus Philox bit-compatibility, the op contract
 (output_mask, empties), saved-tensor bytes, opcheck and torch.compile.
 
-Closeness (DESIGN.md §4): ``‖out − ref64‖ ≤ max(RTOL·‖ref64‖, 2·‖torch − ref64‖) + atol`` where
-``torch`` is PyTorch's own computation of the same op in the same dtype (the reference module run
-on the low-precision inputs). Every output buffer is NaN-poisoned before the kernels write it.
+Closeness (DESIGN.md §4): ‖out − ref64‖ ≤ max(RTOL·‖ref64‖, 2·‖torch − ref64‖) + atol, where
+``torch`` is PyTorch's own computation of the same op in the same dtype (the reference module
+run on the low-precision inputs). Every output buffer is NaN-poisoned before the kernels write.
 """
 import math
 
@@ -400,7 +400,7 @@ def test_gpu_ln_linear_real_size(dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision,rtol", [("highest", 1e-5), ("high", 5e-4)])
 def test_gpu_fp32_ieee_and_tf32(precision, rtol):
-    """fp32 follows torch.set_float32_matmul_precision: "highest" → ieee (exact), "high" → tf32."""
+    """fp32 follows torch.set_float32_matmul_precision: "highest" → ieee, "high" → tf32."""
     torch.manual_seed(0)
     x, ln_w, ln_b, w, b, _ = [t if t is None else t.cuda() for t in
                               _ln_linear_inputs(1024, 512, 768, "layer", False, True, "fp32",

@@ -46,7 +46,8 @@ def activation_grad(x, ACT: tl.constexpr):
     elif ACT == 2:
         inner = _SQRT_2_OVER_PI * (x + _GELU_C * x * x * x)
         t = _tanh(inner)
-        d = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_C * x * x)
+        dinner = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_C * x * x)
+        d = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dinner
     elif ACT == 3:
         d = tl.where(x > 0.0, 1.0, 0.0)
     elif ACT == 4:

@@ -24,8 +24,6 @@ Backward (``ln_linear_backward``):
 
 float32 operands use ``tl.dot(input_precision=...)`` from ``common.fp32_dot_precision()``.
 """
-import os
-
 import triton
 import triton.language as tl
 import torch
@@ -33,19 +31,12 @@ import torch
 from magneto_kernels import reference
 from magneto_kernels.triton.activations import (ACT_CODES, NORM_CODES, activation,
                                                  activation_grad, cast_rn)
-from magneto_kernels.triton.common import (INTERPRET, fp32_dot_precision, new_buffer,
-                                           reduction_programs)
+from magneto_kernels.triton.common import AUTOTUNE, INTERPRET, fp32_dot_precision, new_buffer
 from magneto_kernels.triton.norm import column_sum, norm_backward, norm_forward
 from magneto_kernels.triton.philox import dropout_keep
 
 # One small configuration in the interpreter (autotuning there would take minutes).
 _INTERPRET_META = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}
-
-AUTOTUNE = os.environ.get("MAGNETO_TRITON_AUTOTUNE", "1") != "0"
-"""GPU GEMMs autotune over ``_gemm_configs()`` unless MAGNETO_TRITON_AUTOTUNE=0, which uses the
-first config only (the GPU tests set it: correctness does not need the fastest tile, and every
-autotuned flag combination costs a compile per config)."""
-
 
 def _gemm_configs():
     """Hopper tile shapes for bf16/fp16 (valid, if slower, for fp32).

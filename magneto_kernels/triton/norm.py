@@ -15,7 +15,7 @@ import torch
 
 from magneto_kernels.triton.activations import (ACT_CODES, NORM_CODES, activation,
                                                  activation_grad, cast_rn)
-from magneto_kernels.triton.common import new_buffer, reduction_programs
+from magneto_kernels.triton.common import AUTOTUNE, INTERPRET, new_buffer, reduction_programs
 
 MAX_FUSED_WIDTH = 8192
 MAX_FUSED_WIDTH_BACKWARD = 4096  # the backward keeps ~7 row vectors live: wider rows spill
@@ -251,7 +251,8 @@ def _column_sum_kernel(P, OUT, R, N, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexp
 
 
 def column_sum(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Deterministic second stage: sum the rows of float32 ``partials`` (R, N) into (N,) ``dtype``."""
+    """Deterministic second stage: the rows of float32 ``partials`` (R, N) summed into (N,)
+    ``dtype``."""
     rows, width = partials.shape
     out = new_buffer((width,), dtype, partials.device)
     block_n = min(256, triton.next_power_of_2(width))
@@ -262,6 +263,25 @@ def column_sum(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------ host wrappers
+
+if not INTERPRET:
+    _WARP_CONFIGS = [triton.Config({}, num_warps=w) for w in (4, 8, 16)]
+    _norm_fwd_tuned = triton.autotune(
+        _WARP_CONFIGS, key=["N", "NORM", "IN_ACT", "HAS_RES", "WRITE_Y", "BLOCK_N", "SINGLE"]
+    )(_norm_fwd_kernel)
+    _norm_bwd_tuned = triton.autotune(
+        _WARP_CONFIGS, key=["N", "NORM", "IN_ACT", "WANT_DX", "BLOCK_N", "SINGLE"]
+    )(_norm_bwd_kernel)
+
+
+def _launch_row_kernel(kernel, tuned_name, grid, args, flags, num_warps):
+    """Autotune the warp count on GPUs; the width-based guess in the interpreter or when
+    autotuning is off. (Both kernels are idempotent, as autotuning's reruns need.)"""
+    if INTERPRET or not AUTOTUNE:
+        kernel[grid](*args, **flags, num_warps=num_warps)
+    else:
+        globals()[tuned_name][grid](*args, **flags)
+
 
 def norm_forward(x, weight, bias, eps, norm, *, residual=None, alpha=1.0, input_activation="none",
                  write_y=True):
@@ -282,13 +302,14 @@ def norm_forward(x, weight, bias, eps, norm, *, residual=None, alpha=1.0, input_
     if norm == "none":
         raise ValueError("norm_forward: norm='none' has nothing to normalise")
     block, single, warps = row_block(width)
-    _norm_fwd_kernel[(rows,)](
-        x, residual if residual is not None else x, y if write_y else x, s if s is not None else x,
-        weight if weight is not None else x, bias if bias is not None else x, mean, rstd,
-        width, eps, alpha,
-        NORM=NORM_CODES[norm], IN_ACT=ACT_CODES[input_activation],
-        HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None,
-        WRITE_Y=write_y, BLOCK_N=block, SINGLE=single, num_warps=warps)
+    _launch_row_kernel(
+        _norm_fwd_kernel, "_norm_fwd_tuned", (rows,),
+        (x, residual if residual is not None else x, y if write_y else x,
+         s if s is not None else x, weight if weight is not None else x,
+         bias if bias is not None else x, mean, rstd, width, eps, alpha),
+        dict(NORM=NORM_CODES[norm], IN_ACT=ACT_CODES[input_activation],
+             HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None,
+             WRITE_Y=write_y, BLOCK_N=block, SINGLE=single), warps)
     return y, s, mean, rstd
 
 
@@ -314,13 +335,14 @@ def norm_backward(grad_y, x, weight, bias, mean, rstd, grad_accum, norm, output_
     dw_part = new_buffer((programs, width), torch.float32, device) if want_dw else empty
     db_part = new_buffer((programs, width), torch.float32, device) if want_db else empty
     block, single, warps = row_block(width, MAX_FUSED_WIDTH_BACKWARD)
-    _norm_bwd_kernel[(programs,)](
-        grad_y, x, weight if weight is not None else x, mean, rstd,
-        grad_accum if grad_accum is not None else x, dx if want_dx else x,
-        dw_part if want_dw else x, db_part if want_db else x, rows, width, rows_per_prog,
-        NORM=NORM_CODES[norm], IN_ACT=ACT_CODES[input_activation], HAS_W=weight is not None,
-        HAS_ACC=grad_accum is not None, WANT_DX=want_dx, WANT_DW=want_dw, WANT_DB=want_db,
-        BLOCK_N=block, SINGLE=single, num_warps=warps)
+    _launch_row_kernel(
+        _norm_bwd_kernel, "_norm_bwd_tuned", (programs,),
+        (grad_y, x, weight if weight is not None else x, mean, rstd,
+         grad_accum if grad_accum is not None else x, dx if want_dx else x,
+         dw_part if want_dw else x, db_part if want_db else x, rows, width, rows_per_prog),
+        dict(NORM=NORM_CODES[norm], IN_ACT=ACT_CODES[input_activation], HAS_W=weight is not None,
+             HAS_ACC=grad_accum is not None, WANT_DX=want_dx, WANT_DW=want_dw, WANT_DB=want_db,
+             BLOCK_N=block, SINGLE=single), warps)
     dw = column_sum(dw_part, weight.dtype) if want_dw else empty
     db = column_sum(db_part, bias.dtype) if want_db else empty
     return dx, dw, db

@@ -39,7 +39,7 @@ def philox_word(seed, index):
 
 @triton.jit
 def dropout_keep(seed_ptr, index, threshold):
-    """Keep-mask: ``philox(seed, index) >= threshold`` (threshold from reference.dropout_threshold)."""
+    """Keep-mask ``philox(seed, index) >= threshold`` (``reference.dropout_threshold(p)``)."""
     seed = tl.load(seed_ptr)
     return philox_word(seed, index).to(tl.int64) >= threshold
 
