@@ -134,10 +134,10 @@ Status norm_backward(const NormBackwardParams& p, cudaStream_t stream);
 
 // ------------------------------------------------------------------------------ linear epilogue
 // One pass over the GEMM output z (rows, cols) = N(in_act(x)) @ W^T (z_dtype: dtype or float32):
-//   u = z + bias;  preact = round_dtype(u) if requested;
+//   u = round_dtype(z + bias)   (the reference's dtype GEMM output; written to preact if given)
 //   v = act(u);    v = keep ? v*dropout_scale : 0 with keep = philox(seed, r*cols + c) >= threshold
 //   out = alpha*residual + v      (no residual: out = v)
-// Everything in float32, rounded once to dtype. seed is a device pointer to the int64 seed
+// Computed in float32 from u on, rounded once to dtype. seed is a device pointer to the int64 seed
 // (null: no dropout). out may alias z (when z_dtype == dtype and strides match) or residual.
 struct LinearEpilogueParams {
   const void* z = nullptr;

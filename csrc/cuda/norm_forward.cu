@@ -166,10 +166,13 @@ __global__ void __launch_bounds__(kWideThreads)
       load_input<T, kRuntimeActivation>(p, row, c0, valid, vec_ok, true, a);
       const int n = valid < VEC ? valid : VEC;
       float vs = 0.0f;
-      for (int i = 0; i < n; ++i) vs += a[i];
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) vs += a[i];  // missing elements are zero
       const float vmean = layer ? vs / static_cast<float>(n) : 0.0f;
       float vm2 = 0.0f;
-      for (int i = 0; i < n; ++i) vm2 += (a[i] - vmean) * (a[i] - vmean);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i)
+        if (i < n) vm2 += (a[i] - vmean) * (a[i] - vmean);
       st = layer ? merge(st, Welford{static_cast<float>(n), vmean, vm2})
                  : Welford{st.n + n, 0.0f, st.m2 + vm2};
     }
@@ -205,8 +208,8 @@ __global__ void __launch_bounds__(kWideThreads)
   }
 }
 
-// The NV (1, 4 or 8: few instantiations) the register kernel needs for `nvec` vectors per row and the threads per row it uses;
-// NV == 0 when the row is too wide for registers.
+// Threads per row (about a quarter of the row's vectors, 32..512) and vectors per thread
+// (1, 4 or 8: few instantiations) of the register kernel; nv == 0: too wide for registers.
 struct RowPlan {
   int nv;
   int tpr;
