@@ -9,11 +9,19 @@ Forward (two launches):
      pre-activation (only when an output activation is used), applies the activation, Philox
      dropout and ``alpha·residual``.
   The normalised input never touches memory. Numerically this is the unfused computation (the
-  normalised row is rounded to the weight dtype exactly where the reference rounds it), so
-  accuracy does not degrade for large |mean|/std. The alternative "fold" variant (gamma folded
-  into W, mean/rstd applied in the epilogue) runs the main loop on raw x and loses
-  ~log2(|mean|/std) bits to cancellation in low-precision GEMMs; without a GPU to show it faster
-  it is not kept (see bench/bench_gpu.py for the comparison points).
+  normalised row is rounded to the weight dtype exactly where the reference rounds it, the
+  statistics are two-pass/Chan in fp32), so its limits are the reference's: for |mean|/std ≳
+  1e3 fp32 loses ~|mean|/std·2^-24 relative to the rounding of each row's mean, exactly like
+  PyTorch's own fp32 LayerNorm (tested at 1e3: within 2x of PyTorch's error).
+  Not kept: the "fold" variant (gamma folded into W, ``rstd·(x@W'^T - mean·ΣW') + W·beta + b`` in
+  the epilogue). Its main loop is a plain GEMM on raw x, but the epilogue subtracts two numbers
+  of size |mean|·‖W'‖, so its relative error grows as 2^-24·sqrt(K)·|mean|/std: ~4e-3 at
+  |mean|/std = 1e3 and K = 4096, already past fp32's 1e-5 tolerance at |mean|/std ≈ 3.
+  Cost of what we keep (from ptxas on sm_90a, no GPU measured yet): the A operand makes a
+  register round trip (load → normalise → dot), so Triton cannot stream it through shared memory
+  asynchronously; plain operands (no norm, no in_act, and the backward's dz) skip the round trip.
+  If the GPU table shows the forward short of 1.10x matmul, the fold variant restricted to
+  bf16/fp16 inputs without in_act is the next experiment.
 
 Backward (``ln_linear_backward``):
   dz = dy ⊙ keep/(1-p) ⊙ act'(u)  (mask regenerated from the seed; u = saved pre-activation),
