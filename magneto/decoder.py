@@ -68,7 +68,8 @@ class Decoder(_Stack):
             if self.embed_tokens is None:
                 raise ValueError("token_embeddings must be given: this decoder has no embed_tokens")
             token_embedding = self.embed_tokens(tokens)
-        x = embed = self.embed_scale * token_embedding
+        x = embed = (token_embedding if self.embed_scale == 1.0  # no copy to save for backward
+                     else self.embed_scale * token_embedding)
         if positions is not None:
             x = x + positions
         return self.dropout_module(x), embed

@@ -122,7 +122,8 @@ class Encoder(_Stack):
             if self.embed_tokens is None:
                 raise ValueError("token_embeddings must be given: this encoder has no embed_tokens")
             token_embedding = self.embed_tokens(src_tokens)
-        x = embed = self.embed_scale * token_embedding
+        x = embed = (token_embedding if self.embed_scale == 1.0  # no copy to save for backward
+                     else self.embed_scale * token_embedding)
         if self.embed_positions is not None:
             source = src_tokens if src_tokens is not None else x
             x = embed + self.embed_positions(source, positions=positions)
@@ -153,7 +154,8 @@ class Encoder(_Stack):
                              f"{(batch, length)}, got {tuple(encoder_padding_mask.shape)}")
 
         x, encoder_embedding = self.forward_embedding(src_tokens, token_embeddings, positions)
-        x = x * (1 - encoder_padding_mask.unsqueeze(-1).type_as(x))
+        if given_mask is not None:  # zero the padded rows (a no-op, and a saved copy, without)
+            x = x * (1 - encoder_padding_mask.unsqueeze(-1).type_as(x))
         encoder_states = [x] if return_all_hiddens else []
         l_aux = []
         # Only a mask the caller gave reaches attention: an all-False one would only slow SDPA.
