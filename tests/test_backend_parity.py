@@ -114,3 +114,30 @@ def test_training_with_dropout_matches_reference(backend):
     for (name, p), (_, q) in zip(model.named_parameters(), oracle.named_parameters()):
         if q.grad is not None:
             assert_close(p.grad, q.grad, 1e-5, atol=1e-6, name=f"grad of {name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("precision,rtol", [("highest", 1e-5), ("high", 2e-3)])
+@pytest.mark.parametrize("kind", ["encoder", "decoder", "encoder_decoder"])
+def test_model_parity_gpu(backend, precision, rtol, kind):
+    """On the GPU: exact fp32 products ("highest", PyTorch's default) and tf32 ("high")."""
+    problem = magneto_kernels.available_backends("cuda")[backend]
+    if problem is not None:
+        pytest.skip(f"backend {backend!r} unavailable on cuda: {problem}")
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        model = build(kind, backend).cuda()
+        oracle = build(kind, "reference", torch.float64)
+        src, src_pad, tgt = inputs()
+        out = forward(model, kind, src.cuda(), src_pad.cuda(), tgt.cuda())
+        want = forward(oracle, kind, src, src_pad, tgt)
+        assert_close(out, want, rtol, name=f"{kind} output ({precision})")
+        _loss(out.cpu()).backward()
+        _loss(want).backward()
+        for (name, p), (_, q) in zip(model.named_parameters(), oracle.named_parameters()):
+            if q.grad is not None:
+                assert_close(p.grad, q.grad, 10 * rtol, atol=1e-6, name=f"grad of {name}")
+    finally:
+        torch.set_float32_matmul_precision(previous)
