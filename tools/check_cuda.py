@@ -2,9 +2,12 @@
 """Compile-check the CUDA kernels without a GPU (and without a CUDA torch).
 
 Compiles the device code of every csrc/cuda/*.cu with nvcc for sm_80 and sm_90a and
-`-Xptxas -v` (one job per file and architecture), using the flags setup.py builds with, and fails on a compile error or warning in our sources, or on any register
-spill (non-zero "spill stores"/"spill loads") in our kernels. Also checks that the launcher header
-csrc/cuda/kernels.h compiles with the host C++ compiler alone, as csrc/bindings.cpp includes it.
+`-Xptxas -v` (one job per file and architecture), using the flags setup.py builds with, and
+fails on a compile error or warning in our sources, or on any register spill (non-zero
+"spill stores"/"spill loads") in our kernels. Also checks that the launcher header
+csrc/cuda/kernels.h compiles with the host C++ compiler alone, as csrc/bindings.cpp includes it,
+and links and runs tools/cuda_link_check.cpp against the objects (every launcher is defined; the
+argument checks work; no GPU needed).
 Prints, per kernel template, its instantiations and register range per architecture.
 
     python tools/check_cuda.py [-j JOBS] [--verbose]
@@ -20,6 +23,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -57,14 +61,28 @@ def cuda_include(nvcc: str) -> Path:
     return Path(match.group(1)) if match else Path("/usr/local/cuda/include")
 
 
-def compile_cu(nvcc: str, source: Path, arch: tuple[str, str]) -> tuple[int, str, float]:
-    """Device code only (-cubin): the host side adds nothing to check and costs CI time."""
+def compile_cu(nvcc: str, source: Path, arch: tuple[str, str],
+               obj: Path | None) -> tuple[int, str, float]:
+    """Device code only (-cubin), or a full object (host code too) when `obj` is given."""
     virtual, real = arch
-    cmd = [nvcc, "-cubin", "-o", os.devnull, *NVCC_FLAGS,
-           "-gencode", f"arch={virtual},code={real}", str(source)]
+    out = ["-c", "-o", str(obj)] if obj else ["-cubin", "-o", os.devnull]
+    cmd = [nvcc, *out, *NVCC_FLAGS, "-gencode", f"arch={virtual},code={real}", str(source)]
     start = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - start
+
+
+def link_check(nvcc: str, objects: list[Path], workdir: Path) -> tuple[int, str]:
+    """Links tools/cuda_link_check.cpp with the objects (every launcher of kernels.h must be
+    defined) and runs it: argument checks and empty sizes, no GPU needed."""
+    exe = workdir / "cuda_link_check"
+    proc = subprocess.run([nvcc, "-std=c++17", f"-I{ROOT / 'csrc'}", "-o", str(exe),
+                           str(ROOT / "tools" / "cuda_link_check.cpp"), *map(str, objects)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        return proc.returncode, "link failed:\n" + proc.stdout + proc.stderr
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
+    return run.returncode, run.stdout + run.stderr
 
 
 def check_header() -> tuple[int, str]:
@@ -138,23 +156,35 @@ def main() -> int:
         failed = True
 
     records = []
+    # Largest files first for a balanced pool; the last architecture also builds host objects.
+    sources.sort(key=lambda p: -p.stat().st_size)
     tasks = [(source, arch) for source in sources for arch in ARCHS]
-    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        results = pool.map(lambda task: compile_cu(nvcc, *task), tasks)
-        for (source, (_, real)), (rc, log, seconds) in zip(tasks, results):
-            rel = source.relative_to(ROOT)
-            ours = [ln for ln in log.splitlines()
-                    if re.search(r"\b(error|warning)\b", ln, re.I) and "csrc/" in ln]
-            if rc != 0:
-                print(f"FAIL {rel} ({real}): nvcc exit status {rc}\n{log}")
-                failed = True
-                continue
-            if ours:
-                print(f"FAIL {rel} ({real}): warnings in our sources:\n" + "\n".join(ours))
-                failed = True
-            recs = parse(log)
-            print(f"  {rel} ({real}): {len(recs)} kernels in {seconds:.0f} s")
-            records += recs
+    with tempfile.TemporaryDirectory(prefix="check_cuda_") as tmp:
+        workdir = Path(tmp)
+
+        def obj_for(source, arch):
+            return workdir / f"{source.stem}.o" if arch == ARCHS[-1] else None
+
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            results = pool.map(lambda t: compile_cu(nvcc, t[0], t[1], obj_for(*t)), tasks)
+            for (source, (_, real)), (rc, log, seconds) in zip(tasks, results):
+                rel = source.relative_to(ROOT)
+                ours = [ln for ln in log.splitlines()
+                        if re.search(r"\b(error|warning)\b", ln, re.I) and "csrc/" in ln]
+                if rc != 0:
+                    print(f"FAIL {rel} ({real}): nvcc exit status {rc}\n{log}")
+                    failed = True
+                    continue
+                if ours:
+                    print(f"FAIL {rel} ({real}): warnings in our sources:\n" + "\n".join(ours))
+                    failed = True
+                recs = parse(log)
+                print(f"  {rel} ({real}): {len(recs)} kernels in {seconds:.0f} s")
+                records += recs
+        if not failed:
+            rc, out = link_check(nvcc, [obj_for(s, ARCHS[-1]) for s in sources], workdir)
+            print(("  " if rc == 0 else "FAIL ") + out.strip().replace("\n", "\n  "))
+            failed |= rc != 0
 
     names = demangle(sorted({r["name"] for r in records}))
     spills = [r for r in records if "magneto" in names[r["name"]]
