@@ -129,6 +129,23 @@ inline Vec act_derivative(const Vec& x) {
   }
 }
 
+// act(x) and act'(x) together, sharing their transcendental terms.
+template <Activation A>
+inline void act_with_derivative(const Vec& x, Vec& value, Vec& derivative) {
+  if constexpr (A == Activation::kGelu) {
+    const Vec cdf = Vec(0.5f) * (Vec(1.0f) + (x * Vec(kSqrtHalf)).erf());
+    value = x * cdf;
+    derivative = cdf + x * (x * x * Vec(-0.5f)).exp() * Vec(kInvSqrt2Pi);
+  } else if constexpr (A == Activation::kSilu) {
+    const Vec s = Vec(1.0f) / (Vec(1.0f) + x.neg().exp());
+    value = x * s;
+    derivative = s * (Vec(1.0f) + x * (Vec(1.0f) - s));
+  } else {
+    value = act_forward<A>(x);
+    derivative = act_derivative<A>(x);
+  }
+}
+
 // Calls f(std::integral_constant<Activation, a>{}) so the activation is a compile-time constant
 // inside the loops.
 template <typename F>
@@ -307,12 +324,14 @@ void norm_backward_typed(const NormBackward& a) {
   std::vector<float> dbeta_part(a.dbeta != nullptr ? chunks * n : 0, 0.0f);
   const bool layer = a.norm == Norm::kLayer;
   const bool none = a.norm == Norm::kNone;
+  const bool want_dx = a.dy != nullptr && a.dx != nullptr;
 
   for_rows(a.rows, n, chunks, [&](int64_t rb, int64_t re, int64_t chunk) {
-    std::vector<float> buffer(5 * n);
+    std::vector<float> buffer(6 * n);
     float* x_buf = buffer.data();   // x as floats (the input activation's argument)
     float* a_buf = x_buf + n;       // a = in_act(x)
-    float* dy_buf = a_buf + n;
+    float* da_buf = a_buf + n;      // in_act'(x)
+    float* dy_buf = da_buf + n;
     float* out_buf = dy_buf + n;    // dx or h before conversion
     float* acc_buf = out_buf + n;   // grad_accum
     float* pg = a.dgamma != nullptr && chunk >= 0 ? dgamma_part.data() + chunk * n : nullptr;
@@ -323,8 +342,18 @@ void norm_backward_typed(const NormBackward& a) {
       const float* xf = load_row(x_row, x_buf, n);
       const float* av = xf;
       if constexpr (IA != Activation::kNone) {
-        std::copy(xf, xf + n, a_buf);
-        apply_input_activation<T, IA>(a_buf, n);
+        if (want_dx) {  // in_act'(x) too, for dx
+          vec_loop(n, [&](int64_t j, int64_t c) {
+            Vec value, derivative;
+            act_with_derivative<IA>(Vec::loadu(xf + j, c), value, derivative);
+            value.store(a_buf + j, c);
+            derivative.store(da_buf + j, c);
+          });
+          round_to<T>(a_buf, n);
+        } else {
+          std::copy(xf, xf + n, a_buf);
+          apply_input_activation<T, IA>(a_buf, n);
+        }
         av = a_buf;
       }
       const float mean = layer ? a.mean[i] : 0.0f;
@@ -377,7 +406,7 @@ void norm_backward_typed(const NormBackward& a) {
           const Vec g = a.gamma != nullptr ? d * Vec::loadu(a.gamma + j, c) : d;
           da = r * (g - c1 - xhat_at(j, c) * c2);
         }
-        if constexpr (IA != Activation::kNone) da = da * act_derivative<IA>(Vec::loadu(xf + j, c));
+        if constexpr (IA != Activation::kNone) da = da * Vec::loadu(da_buf + j, c);
         if (acc != nullptr) da = da + Vec::loadu(acc + j, c);
         da.store(dx + j, c);
       });
