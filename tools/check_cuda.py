@@ -32,8 +32,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"
 ARCHS = (("compute_80", "sm_80"), ("compute_90a", "sm_90a"))
-# Keep in step with setup.py's nvcc flags.
+# Keep in step with setup.py's nvcc flags, plus the ones torch's CUDAExtension adds
+# (torch.utils.cpp_extension.COMMON_NVCC_FLAGS: no implicit half/bfloat16 conversions).
 NVCC_FLAGS = ["-std=c++17", "-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
+              "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+              "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
               "-Xptxas", "-v", f"-I{ROOT / 'csrc'}"]
 
 ENTRY = re.compile(r"Compiling entry function '(\S+)' for '(sm_\w+)'")
