@@ -80,7 +80,8 @@ def check(out, ref64, same_dtype, name, dtype, atol=1e-6):
 def compare(ours_fn, ref_fn, inputs, dtype, names):
     """Outputs and the gradients of every given input: CUDA vs float64 vs same-dtype torch."""
     def leaves(cast):
-        return [None if t is None else cast(t).detach().clone().requires_grad_(True) for t in inputs]
+        return [None if t is None else cast(t).detach().clone().requires_grad_(True)
+                for t in inputs]
 
     ours, same, ref = leaves(lambda t: t), leaves(lambda t: t), leaves(lambda t: t.double())
     outs = [ours_fn(*ours), ref_fn(*same), ref_fn(*ref)]
@@ -122,7 +123,8 @@ def test_layer_norm(shape, norm, dtype):
     param_dtype = torch.float32 if width % 2 else dtype  # both parameter dtypes get covered
     x = randn(rows, width, dtype=dtype, mean=3.0, std=2.0, device="cuda")
     w = randn(width, dtype=param_dtype, mean=1.0, std=0.3, device="cuda")
-    b = randn(width, dtype=param_dtype, mean=0.2, std=0.5, device="cuda") if norm == "layer" else None
+    b = (randn(width, dtype=param_dtype, mean=0.2, std=0.5, device="cuda")
+         if norm == "layer" else None)
     compare(lambda x, w, b: mk.layer_norm(x, w, b, 1e-5, norm=norm, backend="cuda"),
             lambda x, w, b: reference.layer_norm(x, w, b, 1e-5, norm=norm),
             [x, w, b], dtype, ["x", "weight", "bias"])

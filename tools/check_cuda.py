@@ -54,8 +54,9 @@ def find_nvcc() -> str | None:
 
 
 def cuda_include(nvcc: str) -> Path:
-    """The CUDA include directory next to nvcc (following wrapper scripts via `nvcc -v`-free paths)."""
-    for base in (os.environ.get("CUDA_HOME"), str(Path(nvcc).resolve().parents[1]), "/usr/local/cuda"):
+    """The CUDA include directory: $CUDA_HOME's, the one beside nvcc, or what nvcc reports."""
+    beside_nvcc = str(Path(nvcc).resolve().parents[1])
+    for base in (os.environ.get("CUDA_HOME"), beside_nvcc, "/usr/local/cuda"):
         if base and (Path(base) / "include" / "cuda_runtime_api.h").exists():
             return Path(base) / "include"
     out = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
@@ -94,7 +95,8 @@ def check_header() -> tuple[int, str]:
     if cxx is None:
         return 0, "no host C++ compiler found; header check skipped"
     nvcc = find_nvcc()
-    src = '#include "cuda/kernels.h"\nint main() { return magneto::gpu::NormForwardParams{}.rows > 0; }\n'
+    src = ('#include "cuda/kernels.h"\n'
+           "int main() { return magneto::gpu::NormForwardParams{}.rows > 0; }\n")
     proc = subprocess.run([cxx, "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror",
                            f"-I{ROOT / 'csrc'}", f"-I{cuda_include(nvcc)}", "-x", "c++", "-"],
                           input=src, capture_output=True, text=True)
@@ -213,7 +215,8 @@ def main() -> int:
         print(f"{name:34s} {count:5d}  " + "  ".join(cells) + f"  {stack[name]:4d} B")
     if args.verbose:
         for r in sorted(records, key=lambda r: (names[r["name"]], r["arch"])):
-            print(f"  {r['arch']:7s} {r['regs']:4d} regs {r.get('stack', 0):4d} B stack  {names[r['name']]}")
+            print(f"  {r['arch']:7s} {r['regs']:4d} regs {r.get('stack', 0):4d} B stack  "
+                  f"{names[r['name']]}")
     if not records and not failed:
         print("FAIL no kernels were compiled")
         failed = True

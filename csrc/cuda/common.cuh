@@ -121,7 +121,9 @@ __device__ __forceinline__ void load_param(const void* p, bool param_f32, int co
 // ------------------------------------------------------------------ activations
 // tanh from one exponential: exact at the limits (exp overflow gives 1, underflow -1) and with an
 // absolute error of a few float32 ulps of 1 elsewhere, also under --use_fast_math.
-__device__ __forceinline__ float tanh_from_exp(float u) { return 1.0f - 2.0f / (1.0f + expf(2.0f * u)); }
+__device__ __forceinline__ float tanh_from_exp(float u) {
+  return 1.0f - 2.0f / (1.0f + expf(2.0f * u));
+}
 
 constexpr float kInvSqrt2 = 0.70710678118654752f;
 constexpr float kInvSqrt2Pi = 0.39894228040143268f;
@@ -274,7 +276,9 @@ inline int next_pow2(int64_t v) {
   return p;
 }
 
-__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
 
 // Streaming multiprocessors of the current device (0 if it cannot be queried).
 inline int num_sms() {

@@ -4,8 +4,9 @@
 //
 // Conventions shared by every launcher
 // - Matrices are row-major (rows, cols) with a row stride in elements (>= cols); vectors
-//   (weight, bias, mean, rstd) are contiguous. Element types: `dtype` for activations, `param_dtype`
-//   (== dtype or kFloat32) for norm weight/bias; statistics (mean, rstd) are always float32.
+//   (weight, bias, mean, rstd) are contiguous. Element types: `dtype` for activations,
+//   `param_dtype` (== dtype or kFloat32) for norm weight/bias; statistics (mean, rstd) are
+//   always float32.
 // - Optional inputs and outputs are null pointers when absent.
 // - Every launcher returns a Status: nullptr on success, otherwise a static, human-readable
 //   message (invalid arguments, or the cudaGetErrorString of the launch error, checked with

@@ -113,7 +113,10 @@ __global__ void __launch_bounds__(kTileX* kTileY)
 dim3 tile_grid(int64_t rows, int64_t cols, int vec, bool reduce) {
   const int64_t gx = ceil_div(ceil_div(cols, vec), kTileX);
   int64_t gy = std::min<int64_t>(ceil_div(rows, kTileY), kMaxGridY);
-  if (reduce) gy = std::min<int64_t>(gy, ceil_div(static_cast<int64_t>(std::max(num_sms(), 1)) * 8, gx));
+  if (reduce) {
+    const int64_t target_blocks = static_cast<int64_t>(std::max(num_sms(), 1)) * 8;
+    gy = std::min<int64_t>(gy, ceil_div(target_blocks, gx));
+  }
   return dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
 }
 
@@ -132,7 +135,8 @@ Status linear_epilogue(const LinearEpilogueParams& p, cudaStream_t stream) {
   if (p.z_dtype != p.dtype && p.z_dtype != DType::kFloat32)
     return "magneto cuda linear_epilogue: z_dtype must be dtype or float32";
   if (p.rows == 0 || p.cols == 0) return nullptr;
-  if (p.z == nullptr || p.out == nullptr) return "magneto cuda linear_epilogue: z and out are required";
+  if (p.z == nullptr || p.out == nullptr)
+    return "magneto cuda linear_epilogue: z and out are required";
   if (p.z_stride < p.cols || p.out_stride < p.cols || (p.residual && p.residual_stride < p.cols) ||
       (p.preact && p.preact_stride < p.cols))
     return "magneto cuda linear_epilogue: a row stride is smaller than cols";

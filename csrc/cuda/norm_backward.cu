@@ -78,7 +78,8 @@ __device__ __forceinline__ void write_partials(float (&acc)[NV][VEC], float* dst
 #pragma unroll
         for (int i = 0; i < VEC; ++i) {
           float s = 0.0f;
-          for (int g = 0; g < rows_per_block; ++g) s += shared[(j * VEC + i) * blockDim.x + g * tpr + lane];
+          for (int g = 0; g < rows_per_block; ++g)
+            s += shared[(j * VEC + i) * blockDim.x + g * tpr + lane];
           acc[j][i] = s;
         }
     }
@@ -190,7 +191,8 @@ __global__ void __launch_bounds__(kWideThreads) norm_backward_wide_dx(const Norm
       float x[VEC], dy[VEC], w[VEC];
       load_vec<T, VEC>(x_row + c0, cols - c0, vec_ok, x);
       load_vec<T, VEC>(dy_row + c0, cols - c0, vec_ok, dy);
-      load_param<T, VEC>(p.weight, p.param_dtype == DType::kFloat32, c0, cols - c0, vec_ok, 1.0f, w);
+      load_param<T, VEC>(p.weight, p.param_dtype == DType::kFloat32, c0, cols - c0, vec_ok, 1.0f,
+                         w);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
         const float g = dy[i] * w[i];
@@ -220,7 +222,8 @@ __global__ void __launch_bounds__(kColumnTileX* kColumnTileY)
   constexpr int VEC = kVec<T>;
   __shared__ float tile[kColumnTileY][kColumnTileX * VEC];
   const int cols = static_cast<int>(p.cols);
-  const int c0 = (static_cast<int>(blockIdx.x) * kColumnTileX + static_cast<int>(threadIdx.x)) * VEC;
+  const int c0 =
+      (static_cast<int>(blockIdx.x) * kColumnTileX + static_cast<int>(threadIdx.x)) * VEC;
   const int valid = cols - c0;
   const bool layer = p.norm == Norm::kLayer;
   float acc_w[VEC], acc_b[VEC];
@@ -242,8 +245,10 @@ __global__ void __launch_bounds__(kColumnTileX* kColumnTileY)
       }
     }
   }
-  if (dw_part != nullptr) write_tile_partial<kColumnTileX, kColumnTileY, VEC>(acc_w, dw_part, cols, c0, tile);
-  if (db_part != nullptr) write_tile_partial<kColumnTileX, kColumnTileY, VEC>(acc_b, db_part, cols, c0, tile);
+  if (dw_part != nullptr)
+    write_tile_partial<kColumnTileX, kColumnTileY, VEC>(acc_w, dw_part, cols, c0, tile);
+  if (db_part != nullptr)
+    write_tile_partial<kColumnTileX, kColumnTileY, VEC>(acc_b, db_part, cols, c0, tile);
 }
 
 // How a backward runs for given sizes: the register kernel (nv > 0) or the wide kernels, with
@@ -304,7 +309,8 @@ Plan make_plan(int64_t rows, int64_t cols) {
 Plan plan_for(int64_t rows, int64_t cols, DType dtype, Activation act) {
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    return dispatch_activation(act, [&](auto a) { return make_plan<T, decltype(a)::value>(rows, cols); });
+    return dispatch_activation(
+        act, [&](auto a) { return make_plan<T, decltype(a)::value>(rows, cols); });
   });
 }
 
@@ -314,7 +320,8 @@ void launch(const NormBackwardParams& p, const Plan& plan, bool vec_ok, float* d
   if (p.rows == 0) return;
   if (plan.nv == 0) {
     if (p.dx != nullptr)
-      norm_backward_wide_dx<T><<<static_cast<unsigned>(p.rows), kWideThreads, 0, stream>>>(p, vec_ok);
+      norm_backward_wide_dx<T>
+          <<<static_cast<unsigned>(p.rows), kWideThreads, 0, stream>>>(p, vec_ok);
     if (dw_part != nullptr || db_part != nullptr)
       norm_backward_columns<T><<<dim3(plan.grid_x, plan.grid_y), dim3(kColumnTileX, kColumnTileY),
                                       0, stream>>>(p, vec_ok, dw_part, db_part);

@@ -283,8 +283,8 @@ Status norm_forward(const NormForwardParams& p, cudaStream_t stream) {
   const int eb = elem_bytes(p.dtype);
   const bool vec_ok = aligned16(p.x) && stride_ok(p.x_stride, eb) && aligned16(p.residual) &&
                       stride_ok(p.residual_stride, eb) && aligned16(p.y) &&
-                      stride_ok(p.y_stride, eb) && aligned16(p.sum) && stride_ok(p.sum_stride, eb) &&
-                      aligned16(p.weight) && aligned16(p.bias);
+                      stride_ok(p.y_stride, eb) && aligned16(p.sum) &&
+                      stride_ok(p.sum_stride, eb) && aligned16(p.weight) && aligned16(p.bias);
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     return dispatch_activation(p.input_activation, [&](auto act) {
