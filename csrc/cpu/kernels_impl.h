@@ -66,6 +66,16 @@ inline void store_row(const float* src, T* row, int64_t n) {
   if constexpr (!std::is_same_v<T, float>) at::vec::convert(src, row, n);
 }
 
+// Writes a float row to storage of type T (a copy for float).
+template <typename T>
+inline void write_row(const float* src, T* row, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::copy(src, src + n, row);
+  } else {
+    at::vec::convert(src, row, n);
+  }
+}
+
 // Rounds float values to T and back (what computing in T does to a result).
 template <typename T>
 inline void round_to(float* v, int64_t n) {
@@ -309,14 +319,7 @@ void norm_forward_typed(const NormForward& a) {
           vec_loop(n, [&](int64_t j, int64_t c) {
             at::vec::fmadd(alpha, Vec::loadu(r + j, c), Vec::loadu(v_buf + j, c)).store(v_buf + j, c);
           });
-          if (a.sum != nullptr) {
-            T* s = static_cast<T*>(a.sum) + i * a.sum_stride;
-            if constexpr (std::is_same_v<T, float>) {
-              std::copy(v_buf, v_buf + n, s);
-            } else {
-              store_row(v_buf, s, n);
-            }
-          }
+          if (a.sum != nullptr) write_row(v_buf, static_cast<T*>(a.sum) + i * a.sum_stride, n);
         }
         apply_input_activation<T, IA>(v_buf, n);
         v = v_buf;
