@@ -63,7 +63,7 @@ def lm_loss(model, inputs, targets):
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
 
 
-def relative_update(scheme, layers, width=16, heads=2, ffn_dim=32, lr=1e-3, batch_size=4, seq_len=32,
+def relative_update(scheme, layers, width=16, heads=2, ffn_dim=32, lr=1e-4, batch_size=4, seq_len=32,
                     seed=0, dtype=torch.float64):
     """DeepNet's update size: ‖F(x; θ+Δθ) − F(x; θ)‖ / ‖F(x; θ)‖, Δθ one Adam step at init.
 
@@ -114,7 +114,8 @@ class DivergenceDetector:
         if len(self._recent) == 1 and self._reference == math.inf:
             self._reference = loss
         if mean > self.blowup * self._reference:
-            return f"loss blew up: mean of last {len(self._recent)} steps {mean:.3f} > {self.blowup} x {self._reference:.3f}"
+            return (f"loss blew up: mean of last {len(self._recent)} steps {mean:.3f} "
+                    f"> {self.blowup} x {self._reference:.3f}")
         if len(self._recent) == self.window:
             self._reference = min(self._reference, mean)
         return None
@@ -149,10 +150,12 @@ class RunResult:
 def evaluate(model, inputs, targets, batch_size):
     """Mean validation loss over fixed windows (token-weighted; every window has the same length)."""
     model.eval()
-    losses = [lm_loss(model, inputs[i : i + batch_size], targets[i : i + batch_size]).item() * len(inputs[i : i + batch_size])
-              for i in range(0, len(inputs), batch_size)]
+    total = 0.0
+    for i in range(0, len(inputs), batch_size):
+        chunk = slice(i, i + batch_size)
+        total += lm_loss(model, inputs[chunk], targets[chunk]).item() * len(inputs[chunk])
     model.train()
-    return sum(losses) / len(inputs)
+    return total / len(inputs)
 
 
 def train_scheme(scheme, args, corpus, valid_batch):
@@ -212,11 +215,10 @@ def plot(results, path, title):
     for i, r in enumerate(results):
         color = f"C{i}"
         label = LABELS[r.scheme] + (" (diverged)" if r.diverged else "")
-        losses = torch.tensor(r.train_loss, dtype=torch.float64)
-        k = min(10, len(losses))
-        smooth = losses.unfold(0, k, 1).mean(1) if k > 0 else losses
-        ax_train.plot(r.train_tokens, losses.tolist(), color=color, alpha=0.2, linewidth=0.8)
-        ax_train.plot(r.train_tokens[k - 1 :], smooth.tolist(), color=color, label=label)
+        smooth = [sum(r.train_loss[max(0, i - 9) : i + 1]) / len(r.train_loss[max(0, i - 9) : i + 1])
+                  for i in range(len(r.train_loss))]
+        ax_train.plot(r.train_tokens, r.train_loss, color=color, alpha=0.2, linewidth=0.8)
+        ax_train.plot(r.train_tokens, smooth, color=color, label=label)
         ax_valid.plot(r.valid_tokens, r.valid_loss, color=color, marker="o", markersize=3, label=label)
         if r.diverged:
             last = r.train_loss[-1]
@@ -283,30 +285,39 @@ def run(args, argv):
     print(f"wrote {out / 'stability.png'}, {out / 'stability.md'}, {out / 'stability.json'}")
 
 
+def update_sizes(schemes=SCHEMES, depths=(6, 24, 96), lr=1e-4, seeds=(0, 1, 2), **kwargs):
+    """``relative_update`` averaged over seeds, for every (scheme, depth); kwargs go to it."""
+    return {(scheme, depth): sum(relative_update(scheme, depth, lr=lr, seed=seed, **kwargs) for seed in seeds)
+            / len(seeds) for scheme in schemes for depth in depths}
+
+
 def measure_update(args):
+    """Print DeepNet's update size at depths 6, 24, 96 (width 16) as a markdown table."""
     torch.set_num_threads(args.threads)
-    depths = (6, 24, 96)
-    print(f"relative output change after one Adam step (lr {args.lr:g}) at init, width 16, heads 2, FFN 32")
+    depths, seeds = (6, 24, 96), (0, 1, 2)
+    sizes = update_sizes(args.schemes, depths, lr=args.update_lr, seeds=seeds)
+    print(f"Relative output change after one Adam step at init (lr {args.update_lr:g}; width 16, 2 heads, "
+          f"FFN 32; batch 4x32 random bytes; float64; mean of seeds {seeds})\n")
     print("| scheme | " + " | ".join(f"depth {d}" for d in depths) + " |")
     print("|---|" + "---:|" * len(depths))
     for scheme in args.schemes:
-        sizes = [relative_update(scheme, d, lr=args.lr, seed=args.seed) for d in depths]
-        print(f"| {LABELS[scheme]} | " + " | ".join(f"{s:.4f}" for s in sizes) + " |")
+        print(f"| {LABELS[scheme]} | " + " | ".join(f"{sizes[scheme, d]:.4f}" for d in depths) + " |")
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--layers", type=int, default=48, help="decoder layers (depth)")
     p.add_argument("--width", type=int, default=128, help="model width (embed_dim)")
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--ffn-dim", type=int, default=512)
+    p.add_argument("--heads", type=int, default=4, help="attention heads")
+    p.add_argument("--ffn-dim", type=int, default=512, help="feed-forward hidden size")
     p.add_argument("--seq-len", type=int, default=128, help="bytes per training window")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--tokens", type=int, default=200_000, help="training tokens (bytes) per scheme")
+    p.add_argument("--batch-size", type=int, default=16, help="windows per step")
+    p.add_argument("--tokens", type=int, default=256_000, help="training tokens (bytes) per scheme")
     p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (aggressive on purpose)")
     p.add_argument("--warmup", type=int, default=0, help="linear warm-up steps (0: none)")
-    p.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=SCHEMES)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=SCHEMES, help="norm schemes to run")
+    p.add_argument("--seed", type=int, default=0, help="seed of the init and of the batch order")
     p.add_argument("--eval-every", type=int, default=10, help="steps between validation evaluations")
     p.add_argument("--valid-windows", type=int, default=32, help="validation windows of --seq-len bytes")
     p.add_argument("--train-bytes", type=int, default=4_000_000)
@@ -317,13 +328,14 @@ def parse_args(argv):
     p.add_argument("--out-dir", default=str(DEFAULT_OUT_DIR))
     p.add_argument("--measure-update", action="store_true",
                    help="print DeepNet's one-step update size at depths 6, 24, 96 instead of training")
+    p.add_argument("--update-lr", type=float, default=1e-4, help="Adam learning rate of --measure-update")
     args = p.parse_args(argv)
     for name in ("layers", "width", "heads", "ffn_dim", "seq_len", "batch_size", "tokens", "eval_every",
                  "valid_windows", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.lr <= 0:
-        p.error("--lr must be > 0")
+    if args.lr <= 0 or args.update_lr <= 0:
+        p.error("--lr and --update-lr must be > 0")
     if args.warmup < 0:
         p.error("--warmup must be >= 0")
     return args
