@@ -37,7 +37,11 @@ def _extensions():
     if not cpp_sources:
         return [], {}
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
-    cxx_flags = ["-O3", "-g0", "-std=c++17", "-fopenmp"]
+    # C++20 as torch itself (its headers use C++20); -fopenmp: at::parallel_for is an OpenMP
+    # template compiled into our kernels. The -Wno-* match torch's own build: GCC warns inside
+    # its AVX512 intrinsic headers and at at::vec's pragmas.
+    cxx_flags = ["-O3", "-g0", "-std=c++20", "-fopenmp", "-Wno-maybe-uninitialized",
+                 "-Wno-unknown-pragmas", "-Wno-psabi"]
     include_dirs = [os.path.join(HERE, "csrc")]
     if _want_cuda():
         ext = CUDAExtension(
