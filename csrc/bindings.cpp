@@ -407,8 +407,11 @@ struct CudaParams {
   }
 };
 
+// The float32 partial sums of the column reductions (bytes: a *_workspace_bytes result, a
+// multiple of 4); NaN-poisoned in tests like every buffer, so a partial row a kernel fails to
+// write shows up in the gradient instead of reading stale memory.
 Tensor workspace(const Tensor& x, size_t bytes) {
-  return at::empty({static_cast<int64_t>(bytes)}, x.options().dtype(at::kByte));
+  return new_tensor({static_cast<int64_t>((bytes + 3) / 4)}, x.options().dtype(at::kFloat));
 }
 
 // norm_forward on CUDA; with saved stats given, they are applied instead of computed.
