@@ -109,9 +109,11 @@ def test_cuda_backend_is_available():
 
 # Widths that take each path: warp per row (1, 33, 250), block per row (1000, 4097),
 # backward's wide kernels (8200 > 8192), forward's wide kernel for fp32 (16390 > 16384) and
-# every dtype (65536 > 32768).
-NORM_SHAPES = [(5, 1), (7, 33), (64, 250), (9, 1000), (3, 4097), (3, 8200), (2, 16390),
-               (2, 65536)]
+# every dtype (65536 > 32768). 3000 rows of 1000: more rows than backward's register kernel
+# has row groups in its grid (a few blocks per SM), so each block loops over rows,
+# accumulating dweight/dbias across iterations and alternating its reduction buffers.
+NORM_SHAPES = [(5, 1), (7, 33), (64, 250), (9, 1000), (3000, 1000), (3, 4097), (3, 8200),
+               (2, 16390), (2, 65536)]
 
 
 @pytest.mark.gpu
@@ -194,6 +196,16 @@ def test_ln_linear(sizes, case, dtype):
     ours, ref = _ln_linear_fns(norm, in_act, act, alpha, p)
     compare(ours, ref, [x, ln_w, ln_b, w, b, r], dtype,
             ["x", "ln_weight", "ln_bias", "weight", "bias", "residual"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", [LN_LINEAR_CASES[2], LN_LINEAR_CASES[3]],
+                         ids=lambda c: "-".join(map(str, c)))
+def test_ln_linear_wide_rows(case, dtype):
+    """in_features 40000: the prologue takes the forward's wide (Welford) kernel, whose input
+    activation is a runtime switch, in every dtype."""
+    test_ln_linear((3, 40000, 16), case, dtype)
 
 
 @pytest.mark.gpu
