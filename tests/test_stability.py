@@ -16,6 +16,7 @@ Magneto     0.019    0.041    0.093
 
 The assertions below are that ordering with margins of 2x or more (measured margins in comments).
 """
+import json
 import math
 
 import pytest
@@ -168,13 +169,22 @@ def test_main_writes_plot_table_and_record(tmp_path):
     for label in stability.LABELS.values():
         assert f"| {label} |" in table
     assert (tmp_path / "stability.png").stat().st_size > 10_000
-    import json
     record = json.loads((tmp_path / "stability.json").read_text())
     assert [r["scheme"] for r in record["runs"]] == list(stability.SCHEMES)
     for run in record["runs"]:
         assert not run["diverged"] and len(run["train_loss"]) == 6
         assert run["valid_loss"][-1] < run["valid_loss"][0]  # it learns something
         assert run["max_grad_norm"] > 0 and run["tokens_per_second"] > 0
+    # Redrawing from the record reproduces the table without training.
+    (tmp_path / "stability.md").unlink()
+    stability.main(["--replot", "--out-dir", str(tmp_path)])
+    assert (tmp_path / "stability.md").read_text() == table
+
+
+def test_unigram_baseline_is_the_frequency_cross_entropy():
+    train = torch.tensor([0, 0, 0, 1])  # add-one smoothed: p(0) = 4/261, p(1) = 2/261
+    assert stability.unigram_loss(train, torch.tensor([0, 1])) == pytest.approx(
+        -(math.log(4 / 261) + math.log(2 / 261)) / 2, rel=1e-12)
 
 
 # ----------------------------------------------------------------------------- update size

@@ -146,6 +146,16 @@ class RunResult:
         return self.train_tokens[-1] / self.train_seconds if self.train_tokens and self.train_seconds else math.nan
 
 
+def unigram_loss(train, targets):
+    """Validation loss of the training bytes' frequencies (add-one smoothed), ignoring all context.
+
+    A model at this loss has learnt nothing but how common each byte is; leaving it is the first
+    sign that attention and depth are doing something.
+    """
+    counts = torch.bincount(train, minlength=VOCAB_SIZE).double() + 1.0
+    return -(counts / counts.sum()).log()[targets].mean().item()
+
+
 @torch.no_grad()
 def evaluate(model, inputs, targets, batch_size):
     """Mean validation loss over fixed windows (token-weighted; every window has the same length)."""
@@ -203,8 +213,9 @@ def train_scheme(scheme, args, corpus, valid_batch):
     return result
 
 
-def plot(results, path, title):
-    """Train (smoothed) and validation loss against tokens, one line per scheme; x marks divergence."""
+def plot(results, path, title, baseline):
+    """Train (smoothed) and validation loss against tokens, one line per scheme; x marks divergence;
+    the dashed line is the unigram baseline."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -225,6 +236,7 @@ def plot(results, path, title):
             ax_train.plot(r.train_tokens[-1], min(last, ceiling) if math.isfinite(last) else ceiling, "x",
                           color=color, markersize=10, markeredgewidth=2)
     for ax, name in ((ax_train, "train loss (10-step mean; raw faint)"), (ax_valid, "validation loss")):
+        ax.axhline(baseline, color="gray", linestyle="--", linewidth=1, label="unigram baseline (no context)")
         ax.set_xlabel("training tokens")
         ax.set_title(name)
         ax.grid(alpha=0.3)
@@ -259,30 +271,52 @@ def command_line(argv):
     return "python -m magneto.examples.stability" + "".join(f" {a}" for a in argv)
 
 
-def run(args, argv):
-    torch.set_num_threads(args.threads)
+def load_data(args):
+    """The corpus, the fixed validation windows and the unigram baseline on them."""
     corpus = load_corpus(train_bytes=args.train_bytes, valid_bytes=args.valid_bytes)
     valid_batch = fixed_windows(corpus.valid, args.valid_windows, args.seq_len)
-    print(f"corpus: {corpus.train.numel():,} train bytes from {len(corpus.train_files)} files, "
-          f"{corpus.valid.numel():,} validation bytes from {len(corpus.valid_files)} other files", file=sys.stderr)
-    results = [train_scheme(scheme, args, corpus, valid_batch) for scheme in args.schemes]
+    return corpus, valid_batch, unigram_loss(corpus.train, valid_batch[1])
 
+
+def write_outputs(results, args, command, environment, baseline):
+    """stability.png, stability.md and stability.json in args.out_dir."""
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     setup = describe(args)
-    plot(results, out / "stability.png", f"{setup}\n{command_line(argv)}")
-    environment = (f"Python {platform.python_version()} stdlib, torch {torch.__version__}, "
-                   f"{args.threads} threads, {platform.processor() or platform.machine()}")
-    text = (f"# Training stability: four norm schemes\n\n`{command_line(argv)}`\n\n{setup}. {environment}. "
+    plot(results, out / "stability.png", f"{setup}\n{command}", baseline)
+    text = (f"# Training stability: four norm schemes\n\n`{command}`\n\n{setup}. {environment}. "
             f"Parameters per model: {', '.join(f'{LABELS[r.scheme]} {r.parameters:,}' for r in results)}.\n\n"
-            f"{table(results)}\n\n![loss curves](stability.png)\n")
+            f"{table(results)}\n\nUnigram baseline (byte frequencies of the training split, no context) on the "
+            f"same validation windows: {baseline:.3f}. A diverged run's validation loss is taken where it "
+            f"stopped.\n\n![loss curves](stability.png)\n")
     (out / "stability.md").write_text(text)
-    record = {"command": command_line(argv), "setup": setup, "environment": environment, "args": vars(args),
+    record = {"command": command, "setup": setup, "environment": environment, "unigram_baseline": baseline,
+              "args": vars(args),
               "runs": [dict(asdict(r), max_grad_norm=r.max_grad_norm, tokens_per_second=r.tokens_per_second)
                        for r in results]}
     (out / "stability.json").write_text(json.dumps(record, indent=1))
     print(table(results))
     print(f"wrote {out / 'stability.png'}, {out / 'stability.md'}, {out / 'stability.json'}")
+
+
+def run(args, argv):
+    torch.set_num_threads(args.threads)
+    corpus, valid_batch, baseline = load_data(args)
+    print(f"corpus: {corpus.train.numel():,} train bytes from {len(corpus.train_files)} files, "
+          f"{corpus.valid.numel():,} validation bytes from {len(corpus.valid_files)} other files", file=sys.stderr)
+    results = [train_scheme(scheme, args, corpus, valid_batch) for scheme in args.schemes]
+    environment = (f"Python {platform.python_version()} stdlib, torch {torch.__version__}, "
+                   f"{args.threads} thread(s), {platform.processor() or platform.machine()}")
+    write_outputs(results, args, command_line(argv), environment, baseline)
+
+
+def replot(out_dir):
+    """Redraw the plot and table from a saved stability.json (no training)."""
+    record = json.loads((Path(out_dir) / "stability.json").read_text())
+    args = argparse.Namespace(**{**record["args"], "out_dir": str(out_dir)})
+    fields = {f for f in RunResult.__dataclass_fields__}
+    results = [RunResult(**{k: v for k, v in run.items() if k in fields}) for run in record["runs"]]
+    write_outputs(results, args, record["command"], record["environment"], load_data(args)[2])
 
 
 def update_sizes(schemes=SCHEMES, depths=(6, 24, 96), lr=1e-4, seeds=(0, 1, 2), **kwargs):
@@ -329,6 +363,8 @@ def parse_args(argv):
     p.add_argument("--measure-update", action="store_true",
                    help="print DeepNet's one-step update size at depths 6, 24, 96 instead of training")
     p.add_argument("--update-lr", type=float, default=1e-4, help="Adam learning rate of --measure-update")
+    p.add_argument("--replot", action="store_true",
+                   help="redraw stability.png/.md from --out-dir's stability.json instead of training")
     args = p.parse_args(argv)
     for name in ("layers", "width", "heads", "ffn_dim", "seq_len", "batch_size", "tokens", "eval_every",
                  "valid_windows", "threads"):
@@ -346,6 +382,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.measure_update:
         measure_update(args)
+    elif args.replot:
+        replot(args.out_dir)
     else:
         run(args, argv)
 
