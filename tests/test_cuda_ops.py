@@ -260,3 +260,24 @@ def test_parameter_gradients_are_deterministic(width):
         mk.layer_norm(x, wi, bi, backend="cuda").backward(dy)
         grads.append((wi.grad, bi.grad))
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+@pytest.mark.gpu
+def test_zero_rows():
+    """An empty batch (whose tensors have null data pointers) gives empty outputs and zero
+    parameter gradients, forward and backward, for every op."""
+    x = randn(0, 16, device="cuda").requires_grad_()
+    lw, w, b = (t.requires_grad_() for t in (randn(16, mean=1.0, device="cuda"),
+                                             randn(8, 16, device="cuda"),
+                                             randn(8, device="cuda")))
+    out = mk.ln_linear(x, lw, None, w, b, activation="gelu", dropout_p=0.1, backend="cuda")
+    assert out.shape == (0, 8)
+    (out * 2).sum().backward()
+    for t in (lw, w, b):
+        assert torch.equal(t.grad, torch.zeros_like(t)), "a sum over no rows is zero"
+    lb = randn(16, device="cuda").requires_grad_()
+    y, s = mk.add_layer_norm(x, torch.zeros_like(x), lw, lb, backend="cuda")
+    assert y.shape == s.shape == (0, 16)
+    lw.grad = None
+    mk.layer_norm(x, lw, lb, backend="cuda").sum().backward()
+    assert torch.equal(lw.grad, torch.zeros_like(lw)) and torch.equal(lb.grad, torch.zeros_like(lb))

@@ -48,6 +48,9 @@ int main() {
   f.rows = 0;
   f.cols = 4;
   expect_ok(norm_forward(f, stream), "norm_forward with zero rows");
+  f.x = f.y = nullptr;  // what an empty tensor's data pointer is
+  expect_ok(norm_forward(f, stream), "norm_forward with zero rows and null pointers");
+  f.x = f.y = dummy;
   f.rows = 1;
   f.x_stride = 3;
   expect_error(norm_forward(f, stream), "stride", "norm_forward stride < cols");

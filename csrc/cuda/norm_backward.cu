@@ -356,7 +356,7 @@ Status validate(const NormBackwardParams& p) {
     return "magneto cuda norm_backward: unknown activation code";
   if (p.norm != Norm::kLayer && p.norm != Norm::kRms && p.norm != Norm::kNone)
     return "magneto cuda norm_backward: unknown norm code";
-  if (p.rows > 0 && (p.x == nullptr || p.dy == nullptr))
+  if (p.rows > 0 && p.cols > 0 && (p.x == nullptr || p.dy == nullptr))
     return "magneto cuda norm_backward: x and dy are required";
   if (p.x_stride < p.cols || p.dy_stride < p.cols || (p.dx && p.dx_stride < p.cols) ||
       (p.grad_accum && p.grad_accum_stride < p.cols))

@@ -257,7 +257,8 @@ Status validate(const NormForwardParams& p) {
     return "magneto cuda norm_forward: unknown activation code";
   if (p.norm != Norm::kLayer && p.norm != Norm::kRms && p.norm != Norm::kNone)
     return "magneto cuda norm_forward: unknown norm code";
-  if (p.x == nullptr) return "magneto cuda norm_forward: x is null";
+  // An empty tensor has a null data pointer (zero-row batches): only a non-empty x is required.
+  if (p.rows > 0 && p.cols > 0 && p.x == nullptr) return "magneto cuda norm_forward: x is null";
   if (p.x_stride < p.cols || (p.residual && p.residual_stride < p.cols) ||
       (p.y && p.y_stride < p.cols) || (p.sum && p.sum_stride < p.cols))
     return "magneto cuda norm_forward: a row stride is smaller than cols";
