@@ -1,5 +1,5 @@
 // Launchers of magneto's CUDA kernels. Torch-free: raw pointers, sizes, row strides, the codes of
-// csrc/common.h and a stream, so that nvcc compiles them without torch (tools/check_cuda.sh) and
+// csrc/common.h and a stream, so that nvcc compiles them without torch (tools/check_cuda.py) and
 // csrc/bindings.cpp (under MAGNETO_WITH_CUDA) does all tensor checking and allocation.
 //
 // Conventions shared by every launcher
