@@ -22,4 +22,4 @@ test: setup
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q
 
 bench-cpu: setup
-	$(PYTHON) bench/bench_cpu.py
+	$(PYTHON) bench/bench_cpu.py --threads 1 2 --rounds 31
