@@ -10,7 +10,6 @@ torchscale.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 from torch import Tensor, nn
@@ -18,7 +17,6 @@ from torch import Tensor, nn
 from magneto.config import MagnetoConfig
 from magneto.encoder import _Stack
 from magneto.layers import DecoderLayer
-from magneto.norm import Norm
 
 
 class Decoder(_Stack):
@@ -29,27 +27,9 @@ class Decoder(_Stack):
                  output_projection: Optional[nn.Module] = None, is_encoder_decoder: bool = False,
                  **kwargs):
         super().__init__(**kwargs)
-        if not isinstance(config, MagnetoConfig):
-            raise ValueError(f"config must be a MagnetoConfig, got {type(config).__name__}")
-        self.config = self.args = config
-        self.is_encoder_decoder = is_encoder_decoder
-        self.embed_dim = config.embed_dim
-        self.embed_scale = math.sqrt(config.embed_dim) if config.scale_embedding else 1.0
-        self.dropout_module = nn.Dropout(config.dropout)
-        self._setup_embeddings(config, embed_tokens, embed_positions, output_projection,
-                               want_projection=True)
-        self.layers = nn.ModuleList(DecoderLayer(config, i, is_encoder_decoder)
-                                    for i in range(config.decoder_layers))
-        self.layer_norm = (Norm(config.embed_dim, config.eps, config.norm, config.backend)
-                           if config.normalize_before else None)
-        self.num_layers = len(self.layers)
-
-    def reset_parameters(self) -> None:
-        self._reset_embeddings()
-        for layer in self.layers:
-            layer.reset_parameters()
-        if self.layer_norm is not None:
-            self.layer_norm.reset_parameters()
+        self._build(config, embed_tokens, embed_positions, output_projection, is_encoder_decoder,
+                    DecoderLayer, config.decoder_layers, want_projection=True,
+                    final_norm=config.normalize_before)
 
     @staticmethod
     def is_first_step(incremental_state: Optional[dict]) -> bool:

@@ -23,6 +23,33 @@ from magneto.norm import Norm, norm_kwargs
 class _Stack(nn.Module):
     """What Encoder and Decoder share: embeddings they own, the final norm + output projection."""
 
+    def _build(self, config: MagnetoConfig, embed_tokens, embed_positions, output_projection,
+               is_encoder_decoder: bool, layer_type: type, num_layers: int, want_projection: bool,
+               final_norm: bool) -> None:
+        """Embeddings, ``num_layers`` layers of ``layer_type`` and the optional final norm, built
+        (and so initialised) in torchscale's order."""
+        if not isinstance(config, MagnetoConfig):
+            raise ValueError(f"config must be a MagnetoConfig, got {type(config).__name__}")
+        self.config = self.args = config
+        self.is_encoder_decoder = is_encoder_decoder
+        self.embed_dim = config.embed_dim
+        self.embed_scale = math.sqrt(config.embed_dim) if config.scale_embedding else 1.0
+        self.dropout_module = nn.Dropout(config.dropout)
+        self._setup_embeddings(config, embed_tokens, embed_positions, output_projection,
+                               want_projection)
+        self.layers = nn.ModuleList(layer_type(config, i, is_encoder_decoder)
+                                    for i in range(num_layers))
+        self.layer_norm = (Norm(config.embed_dim, config.eps, config.norm, config.backend)
+                           if final_norm else None)
+        self.num_layers = len(self.layers)
+
+    def reset_parameters(self) -> None:
+        self._reset_embeddings()
+        for layer in self.layers:
+            layer.reset_parameters()
+        if self.layer_norm is not None:
+            self.layer_norm.reset_parameters()
+
     def _setup_embeddings(self, config: MagnetoConfig, embed_tokens, embed_positions,
                           output_projection, want_projection: bool) -> None:
         """Use the given modules; build (and initialise) the missing ones ``config`` asks for."""
@@ -93,27 +120,9 @@ class Encoder(_Stack):
                  output_projection: Optional[nn.Module] = None, is_encoder_decoder: bool = False,
                  **kwargs):
         super().__init__(**kwargs)
-        if not isinstance(config, MagnetoConfig):
-            raise ValueError(f"config must be a MagnetoConfig, got {type(config).__name__}")
-        self.config = self.args = config
-        self.is_encoder_decoder = is_encoder_decoder
-        self.embed_dim = config.embed_dim
-        self.embed_scale = math.sqrt(config.embed_dim) if config.scale_embedding else 1.0
-        self.dropout_module = nn.Dropout(config.dropout)
-        self._setup_embeddings(config, embed_tokens, embed_positions, output_projection,
-                               want_projection=not is_encoder_decoder)
-        self.layers = nn.ModuleList(EncoderLayer(config, i, is_encoder_decoder)
-                                    for i in range(config.encoder_layers))
-        self.layer_norm = (Norm(config.embed_dim, config.eps, config.norm, config.backend)
-                           if config.normalize_before and config.normalize_output else None)
-        self.num_layers = len(self.layers)
-
-    def reset_parameters(self) -> None:
-        self._reset_embeddings()
-        for layer in self.layers:
-            layer.reset_parameters()
-        if self.layer_norm is not None:
-            self.layer_norm.reset_parameters()
+        self._build(config, embed_tokens, embed_positions, output_projection, is_encoder_decoder,
+                    EncoderLayer, config.encoder_layers, want_projection=not is_encoder_decoder,
+                    final_norm=config.normalize_before and config.normalize_output)
 
     def forward_embedding(self, src_tokens: Optional[Tensor],
                           token_embedding: Optional[Tensor] = None,

@@ -26,6 +26,27 @@ def assert_close(out, ref, rtol, atol=1e-6, name="output"):
     assert err <= bound, f"{name}: ‖out-ref‖ = {err:.3e} > {bound:.3e} (relative {rel:.3e})"
 
 
+def assert_close_to_reference(out, ref64, same_dtype, name, dtype=None, atol=1e-6):
+    """The sharper check (DESIGN.md §4): ``‖out − ref64‖`` within ``RTOL[dtype]·‖ref64‖`` or
+    within twice PyTorch's own same-dtype error ``‖same_dtype − ref64‖``, plus ``atol``.
+
+    ``dtype`` is the dtype the op ran in (default: out's). NaN never passes. Returns the
+    relative error, for reports.
+    """
+    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
+    assert out.dtype == same_dtype.dtype, f"{name}: dtype {out.dtype} != {same_dtype.dtype}"
+    rtol = RTOL[dtype or out.dtype]
+    out, ref64, same_dtype = (t.detach().double().cpu() for t in (out, ref64, same_dtype))
+    assert torch.isfinite(out).all(), f"{name}: non-finite values"
+    err = (out - ref64).norm().item()
+    torch_err = (same_dtype - ref64).norm().item()
+    ref_norm = ref64.norm().item()
+    bound = max(rtol * ref_norm, 2.0 * torch_err) + atol
+    assert err <= bound, (f"{name}: ‖out-ref‖ = {err:.3e} > {bound:.3e} (torch's own error "
+                          f"{torch_err:.3e}, ‖ref‖ = {ref_norm:.3e})")
+    return err / max(ref_norm, 1e-300)
+
+
 def randn(*shape, dtype=torch.float32, mean=0.0, std=1.0, device="cpu", generator=None):
     """Fresh random normal values (optionally shifted: non-zero-mean rows are the hard case)."""
     t = torch.randn(*shape, dtype=torch.float64, generator=generator) * std + mean

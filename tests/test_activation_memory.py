@@ -3,7 +3,6 @@ on the default CPU backend: DESIGN.md §2 counts 10 d-vectors per token, torchsc
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 import magneto

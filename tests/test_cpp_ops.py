@@ -20,7 +20,8 @@ import magneto_kernels as mk
 from magneto_kernels import reference
 from magneto_kernels.library import get_op
 
-from conftest import RTOL, randn
+from conftest import randn
+from conftest import assert_close_to_reference as check
 
 _C = pytest.importorskip("magneto_kernels._C", reason="C++ extension not built")
 
@@ -33,20 +34,6 @@ def poison_outputs():
     _C._set_poison_outputs(True)
     yield
     _C._set_poison_outputs(False)
-
-
-def check(out, ref64, same_dtype, name, atol=1e-6):
-    """Fails unless ‖out − ref64‖ is within RTOL[dtype]·‖ref64‖ or twice PyTorch's own
-    same-dtype error ‖same_dtype − ref64‖, plus atol. NaN never passes."""
-    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
-    assert out.dtype == same_dtype.dtype, f"{name}: dtype {out.dtype} != {same_dtype.dtype}"
-    rtol = RTOL[out.dtype]
-    out, ref64, same_dtype = (t.detach().double() for t in (out, ref64, same_dtype))
-    assert torch.isfinite(out).all(), f"{name}: non-finite values"
-    err = (out - ref64).norm().item()
-    ref_norm = ref64.norm().item()
-    bound = max(rtol * ref_norm, 2 * (same_dtype - ref64).norm().item()) + atol
-    assert err <= bound, f"{name}: ‖out-ref‖ = {err:.3e} > {bound:.3e} (‖ref‖ = {ref_norm:.3e})"
 
 
 def run_three(fn, tensors, grad_names, seed=0, **kwargs):
@@ -78,10 +65,10 @@ def check_all(results, atol=1e-6, reduction_rows=1):
     an atol growing with sqrt(rows)."""
     (outs, grads), (outs_t, grads_t), (outs_64, grads_64) = results
     for i, (o, ot, o64) in enumerate(zip(outs, outs_t, outs_64)):
-        check(o, o64, ot, f"output {i}", atol)
+        check(o, o64, ot, f"output {i}", atol=atol)
     for name in grads:
         scale = reduction_rows ** 0.5 if grads[name].dim() == 1 else 1.0
-        check(grads[name], grads_64[name], grads_t[name], f"grad {name}", atol * scale)
+        check(grads[name], grads_64[name], grads_t[name], f"grad {name}", atol=atol * scale)
 
 
 # -------------------------------------------------------------------------------- layer_norm

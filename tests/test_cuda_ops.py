@@ -26,7 +26,8 @@ import magneto_kernels as mk
 from magneto_kernels import reference
 from magneto_kernels.backends import available_backends
 
-from conftest import RTOL, randn
+from conftest import randn
+from conftest import assert_close_to_reference as check
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -63,18 +64,6 @@ def poison_outputs(request):
     _C._set_poison_outputs(True)
     yield
     _C._set_poison_outputs(False)
-
-
-def check(out, ref64, same_dtype, name, dtype, atol=1e-6):
-    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
-    assert out.dtype == same_dtype.dtype, f"{name}: dtype {out.dtype} != {same_dtype.dtype}"
-    out, ref64, same_dtype = (t.detach().double().cpu() for t in (out, ref64, same_dtype))
-    assert torch.isfinite(out).all(), f"{name}: non-finite values"
-    err = (out - ref64).norm().item()
-    torch_err = (same_dtype - ref64).norm().item()
-    bound = max(RTOL[dtype] * ref64.norm().item(), 2.0 * torch_err) + atol
-    assert err <= bound, (f"{name}: ‖out-ref‖ = {err:.3e} > {bound:.3e} (torch's own error "
-                          f"{torch_err:.3e}, ‖ref‖ = {ref64.norm().item():.3e})")
 
 
 def compare(ours_fn, ref_fn, inputs, dtype, names):

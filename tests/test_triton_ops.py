@@ -16,7 +16,8 @@ import magneto_kernels as mk
 from magneto_kernels import reference
 from magneto_kernels.library import get_op
 
-from conftest import RTOL, randn
+from conftest import randn
+from conftest import assert_close_to_reference as check
 
 triton_kernels = pytest.importorskip("magneto_kernels.triton")
 from magneto_kernels.triton import common, philox as triton_philox  # noqa: E402
@@ -28,22 +29,6 @@ ACTS = ("none", "gelu", "gelu_tanh", "relu", "silu")
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
     monkeypatch.setattr(common, "POISON", True)
-
-
-def check(out, ref64, same_dtype, name, dtype, atol=1e-6):
-    """Relative error of ``out``; fails unless it is within RTOL[dtype] (the dtype the op ran in)
-    or twice PyTorch's own same-dtype error ``same_dtype`` (plus atol)."""
-    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
-    assert out.dtype == same_dtype.dtype, f"{name}: dtype {out.dtype} != {same_dtype.dtype}"
-    out, ref64, same_dtype = (t.detach().double().cpu() for t in (out, ref64, same_dtype))
-    assert torch.isfinite(out).all(), f"{name}: non-finite values"
-    err = (out - ref64).norm().item()
-    torch_err = (same_dtype - ref64).norm().item()
-    ref_norm = ref64.norm().item()
-    bound = max(RTOL[dtype] * ref_norm, 2.0 * torch_err) + atol
-    assert err <= bound, (f"{name}: ‖out-ref‖ = {err:.3e} > {bound:.3e} (torch's own error "
-                          f"{torch_err:.3e}, ‖ref‖ = {ref_norm:.3e})")
-    return err / max(ref_norm, 1e-300)
 
 
 def leaf(t):
