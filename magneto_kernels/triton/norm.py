@@ -116,6 +116,21 @@ def _norm_fwd_kernel(X, RES, Y, S, W, B, MEAN, RSTD, N, eps, alpha,
 
 
 @triton.jit
+def _input_grad(g, xhat, c1, c2, rstd, x, NORM: tl.constexpr, IN_ACT: tl.constexpr):
+    """d loss / d x of y = N(in_act(x)) from g = dy·gamma and the row means c1 = mean(g·xhat),
+    c2 = mean(g) (formulas in ``_norm_bwd_kernel``)."""
+    if NORM == 0:
+        da = (g - c2 - xhat * c1) * rstd
+    elif NORM == 1:
+        da = (g - xhat * c1) * rstd
+    else:
+        da = g
+    if IN_ACT != 0:
+        da = da * activation_grad(x, IN_ACT)
+    return da
+
+
+@triton.jit
 def _norm_bwd_row_chunk(DY, X, W, ACC, DX, cols, mask, mean, rstd, c1, c2,
                         NORM: tl.constexpr, IN_ACT: tl.constexpr, HAS_W: tl.constexpr,
                         HAS_ACC: tl.constexpr, WANT_DX: tl.constexpr):
@@ -129,14 +144,7 @@ def _norm_bwd_row_chunk(DY, X, W, ACC, DX, cols, mask, mean, rstd, c1, c2,
         g = dy
         if HAS_W:
             g = g * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-        if NORM == 0:
-            da = (g - c2 - xhat * c1) * rstd
-        elif NORM == 1:
-            da = (g - xhat * c1) * rstd
-        else:
-            da = g
-        if IN_ACT != 0:
-            da = da * activation_grad(x, IN_ACT)
+        da = _input_grad(g, xhat, c1, c2, rstd, x, NORM, IN_ACT)
         if HAS_ACC:
             da += tl.load(ACC + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + cols, cast_rn(da, DX.dtype.element_ty), mask=mask)
@@ -188,14 +196,7 @@ def _norm_bwd_kernel(DY, X, W, MEAN, RSTD, ACC, DX, DW_PART, DB_PART, M, N, rows
                     g = g * w
                 c1 = tl.sum(g * xhat, axis=0) / N
                 c2 = tl.sum(g, axis=0) / N
-                if NORM == 0:
-                    da = (g - c2 - xhat * c1) * rstd
-                elif NORM == 1:
-                    da = (g - xhat * c1) * rstd
-                else:
-                    da = g
-                if IN_ACT != 0:
-                    da = da * activation_grad(x, IN_ACT)
+                da = _input_grad(g, xhat, c1, c2, rstd, x, NORM, IN_ACT)
                 if HAS_ACC:
                     da += tl.load(ACC + off + cols, mask=mask, other=0.0).to(tl.float32)
                 tl.store(DX + off + cols, cast_rn(da, DX.dtype.element_ty), mask=mask)
