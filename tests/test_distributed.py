@@ -62,6 +62,7 @@ def _worker(rank: int, port: int, mode: str, checkpoint: bool, out_dir: str) -> 
             grads[name] = g.detach().clone()
         if rank == 0:
             torch.save(grads, os.path.join(out_dir, f"{mode}.pt"))
+        dist.barrier()  # no rank tears gloo down while the other is still in a collective
     finally:
         dist.destroy_process_group()
 
