@@ -7,7 +7,8 @@
 # Every stage has its own time limit and log; a failing stage is reported and the next one
 # still runs (a broken C++ build must not hide the Triton numbers). Exit status: 0 when every
 # stage passed, 1 otherwise. Stage budgets: build 120 s, GPU tests 90 s, benchmarks 140 s
-# (plus a few seconds of setup): under 6 minutes in all.
+# (plus a few seconds of setup): under 6 minutes in all; then, unless QUICK=1, the interpreter
+# op suite on CUDA tensors (100 s more), last so that it cannot delay the measurements.
 set -uo pipefail   # no -e: each stage's failure is recorded by stage() and the next still runs
 
 cd "$(dirname "$0")/.."
@@ -54,6 +55,14 @@ stage gpu-tests 90 pytest_gpu.log env TRITON_INTERPRET=0 MAGNETO_TRITON_AUTOTUNE
 
 # 3. Benchmarks: markdown + json tables into $OUT.
 stage bench 140 bench.log env TRITON_INTERPRET=0 python3 bench/bench_gpu.py --out "$OUT"
+
+# 4. Extra, after the measurements (skip with QUICK=1): the full Triton op suite of
+#    tests/test_triton_ops.py (written for the CPU interpreter) on CUDA tensors.
+if [ "${QUICK:-0}" != "1" ]; then
+  stage triton-ops-on-gpu 100 pytest_triton_cuda.log env TRITON_INTERPRET=0 \
+    MAGNETO_TRITON_AUTOTUNE=0 MAGNETO_TEST_DEVICE=cuda \
+    python3 -m pytest -q -x -rs -p no:cacheprovider -m "not gpu" tests/test_triton_ops.py
+fi
 
 log "total $(( $(date +%s) - START ))s"
 if [ "${#FAILED[@]}" -ne 0 ]; then

@@ -47,10 +47,17 @@ def assert_close_to_reference(out, ref64, same_dtype, name, dtype=None, atol=1e-
     return err / max(ref_norm, 1e-300)
 
 
-def randn(*shape, dtype=torch.float32, mean=0.0, std=1.0, device="cpu", generator=None):
-    """Fresh random normal values (optionally shifted: non-zero-mean rows are the hard case)."""
+# Tests that take their inputs from randn() run on this device: MAGNETO_TEST_DEVICE=cuda with
+# TRITON_INTERPRET=0 runs e.g. tests/test_triton_ops.py's CPU cases on a GPU (bench/gpu_check.sh).
+TEST_DEVICE = os.environ.get("MAGNETO_TEST_DEVICE", "cpu")
+
+
+def randn(*shape, dtype=torch.float32, mean=0.0, std=1.0, device=None, generator=None):
+    """Fresh random normal values (optionally shifted: non-zero-mean rows are the hard case),
+    drawn on the CPU (reproducible with ``generator``) and moved to ``device`` (default
+    ``TEST_DEVICE``)."""
     t = torch.randn(*shape, dtype=torch.float64, generator=generator) * std + mean
-    return t.to(device=device, dtype=dtype)
+    return t.to(device=device or TEST_DEVICE, dtype=dtype)
 
 
 def pytest_configure(config):
