@@ -153,6 +153,15 @@ def _check_alphas(ts_module, module) -> None:
                              f"{ours.alpha} (encoder_layers/decoder_layers do not match the model)")
 
 
+def _take_over(converted: nn.Module, module: nn.Module, state_dict: dict) -> nn.Module:
+    """``converted`` on ``module``'s device and dtype, with its weights and training flag."""
+    reference = next(module.parameters(), None)
+    if reference is not None:
+        converted.to(device=reference.device, dtype=reference.dtype)
+    converted.load_state_dict(state_dict, strict=True)
+    return converted.train(module.training)
+
+
 def from_torchscale(module: nn.Module) -> nn.Module:
     """The magneto equivalent of a torchscale ``Encoder``, ``Decoder`` or ``EncoderDecoder``.
 
@@ -197,11 +206,7 @@ def from_torchscale(module: nn.Module) -> nn.Module:
         else:
             raise ValueError("module must be a torchscale Encoder, Decoder or EncoderDecoder, got "
                              f"{type(module).__module__}.{type(module).__name__}")
-    reference = next(module.parameters(), None)
-    if reference is not None:
-        converted.to(device=reference.device, dtype=reference.dtype)
-    converted.load_state_dict(module.state_dict(), strict=True)
-    return converted.train(module.training)
+    return _take_over(converted, module, module.state_dict())
 
 
 # ------------------------------------------------------------------------------------------
@@ -305,8 +310,4 @@ def to_torchscale(module: nn.Module) -> nn.Module:
         else:
             raise ValueError("module must be a magneto Encoder, Decoder or EncoderDecoder, got "
                              f"{type(module).__name__}")
-    reference = next(module.parameters(), None)
-    if reference is not None:
-        converted.to(device=reference.device, dtype=reference.dtype)
-    converted.load_state_dict(to_torchscale_state_dict(module.state_dict()), strict=True)
-    return converted.train(module.training)
+    return _take_over(converted, module, to_torchscale_state_dict(module.state_dict()))
