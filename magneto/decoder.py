@@ -44,12 +44,7 @@ class Decoder(_Stack):
         if incremental_state is not None and not self.is_first_step(incremental_state):
             tokens = tokens[:, -1:] if tokens is not None else None
             positions = positions[:, -1:] if positions is not None else None
-        if token_embedding is None:
-            if self.embed_tokens is None:
-                raise ValueError("token_embeddings must be given: this decoder has no embed_tokens")
-            token_embedding = self.embed_tokens(tokens)
-        x = embed = (token_embedding if self.embed_scale == 1.0  # no copy to save for backward
-                     else self.embed_scale * token_embedding)
+        x = embed = self._scaled_token_embedding(tokens, token_embedding)
         if positions is not None:
             x = x + positions
         return self.dropout_module(x), embed

@@ -50,6 +50,18 @@ class _Stack(nn.Module):
         if self.layer_norm is not None:
             self.layer_norm.reset_parameters()
 
+    def _scaled_token_embedding(self, tokens: Optional[Tensor],
+                                token_embedding: Optional[Tensor]) -> Tensor:
+        """``embed_scale · (token_embedding or embed_tokens(tokens))``."""
+        if token_embedding is None:
+            if self.embed_tokens is None:
+                raise ValueError(f"token_embeddings must be given: this {type(self).__name__.lower()}"
+                                 " has no embed_tokens")
+            token_embedding = self.embed_tokens(tokens)
+        if self.embed_scale == 1.0:  # no copy to save for backward
+            return token_embedding
+        return self.embed_scale * token_embedding
+
     def _setup_embeddings(self, config: MagnetoConfig, embed_tokens, embed_positions,
                           output_projection, want_projection: bool) -> None:
         """Use the given modules; build (and initialise) the missing ones ``config`` asks for."""
@@ -127,12 +139,7 @@ class Encoder(_Stack):
     def forward_embedding(self, src_tokens: Optional[Tensor],
                           token_embedding: Optional[Tensor] = None,
                           positions: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-        if token_embedding is None:
-            if self.embed_tokens is None:
-                raise ValueError("token_embeddings must be given: this encoder has no embed_tokens")
-            token_embedding = self.embed_tokens(src_tokens)
-        x = embed = (token_embedding if self.embed_scale == 1.0  # no copy to save for backward
-                     else self.embed_scale * token_embedding)
+        x = embed = self._scaled_token_embedding(src_tokens, token_embedding)
         if self.embed_positions is not None:
             source = src_tokens if src_tokens is not None else x
             x = embed + self.embed_positions(source, positions=positions)
