@@ -55,8 +55,8 @@ class _Stack(nn.Module):
         """``embed_scale · (token_embedding or embed_tokens(tokens))``."""
         if token_embedding is None:
             if self.embed_tokens is None:
-                raise ValueError(f"token_embeddings must be given: this {type(self).__name__.lower()}"
-                                 " has no embed_tokens")
+                kind = type(self).__name__.lower()
+                raise ValueError(f"token_embeddings must be given: this {kind} has no embed_tokens")
             token_embedding = self.embed_tokens(tokens)
         if self.embed_scale == 1.0:  # no copy to save for backward
             return token_embedding
