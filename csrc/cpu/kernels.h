@@ -51,7 +51,8 @@ void norm_forward(const NormForward& args);
 //   dgamma = Σ_rows dy⊙xhat,  dbeta = Σ_rows dy                (float32, deterministic: fixed
 //                                                             row chunks, then a fixed-order sum)
 //   h = xhat·gamma + beta rounded to dtype                    (optional: the GEMM operand N(a))
-// dy may be null when only h is wanted. Every output pointer is optional.
+// dy may be null when only h is wanted. Every output pointer is optional. dx may be dy itself
+// (same pointer and stride): each row of dy is read before the same row of dx is written.
 struct NormBackward {
   DType dtype = DType::kFloat32;
   Norm norm = Norm::kLayer;

@@ -76,11 +76,16 @@ inline void write_row(const float* src, T* row, int64_t n) {
   }
 }
 
-// Rounds float values to T and back (what computing in T does to a result).
+// Rounds the lanes of v to T and back (what computing in T does to a result).
 template <typename T>
-inline void round_to(float* v, int64_t n) {
-  if constexpr (!std::is_same_v<T, float>) {
-    for (int64_t j = 0; j < n; ++j) v[j] = static_cast<float>(static_cast<T>(v[j]));
+inline Vec round_vec(const Vec& v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    alignas(64) float lanes[kW];
+    v.store(lanes);
+    for (int64_t l = 0; l < kW; ++l) lanes[l] = static_cast<float>(static_cast<T>(lanes[l]));
+    return Vec::loadu(lanes);
   }
 }
 
@@ -100,6 +105,21 @@ constexpr float kInvSqrt2Pi = 0.39894228040143267794f;   // 1/sqrt(2 pi)
 constexpr float kTanhBeta = 0.79788456080286535588f;     // sqrt(2/pi)
 constexpr float kTanhKappa = 0.044715f;
 
+// The normal CDF Φ(x) and density φ(x) that GELU and its derivative are made of, sharing one
+// exp(−x²/2): erf(|x|/√2) by Abramowitz–Stegun 7.1.26 (|error| ≤ 1.5e-7; the formula at::vec's
+// erf uses, which spends a second exp when φ is wanted too).
+inline void gelu_cdf_pdf(const Vec& x, Vec& cdf, Vec& pdf) {
+  const Vec t = Vec(1.0f) / at::vec::fmadd(Vec(0.3275911f * kSqrtHalf), x.abs(), Vec(1.0f));
+  Vec r = at::vec::fmadd(Vec(1.061405429f), t, Vec(-1.453152027f));
+  r = at::vec::fmadd(r, t, Vec(1.421413741f));
+  r = at::vec::fmadd(r, t, Vec(-0.284496736f));
+  r = at::vec::fmadd(r, t, Vec(0.254829592f));
+  const Vec e = (x * x * Vec(-0.5f)).exp();
+  const Vec half_erf = Vec(0.5f) - Vec(0.5f) * r * t * e;  // erf(|x|/√2) / 2
+  cdf = Vec::blendv(Vec(0.5f) + half_erf, Vec(0.5f) - half_erf, x < Vec(0.0f));
+  pdf = e * Vec(kInvSqrt2Pi);
+}
+
 template <Activation A>
 inline Vec act_forward(const Vec& x) {
   if constexpr (A == Activation::kNone) {
@@ -107,7 +127,9 @@ inline Vec act_forward(const Vec& x) {
   } else if constexpr (A == Activation::kRelu) {
     return at::vec::clamp_min(x, Vec(0.0f));
   } else if constexpr (A == Activation::kGelu) {
-    return x * Vec(0.5f) * (Vec(1.0f) + (x * Vec(kSqrtHalf)).erf());
+    Vec cdf, pdf;
+    gelu_cdf_pdf(x, cdf, pdf);
+    return x * cdf;
   } else if constexpr (A == Activation::kGeluTanh) {
     const Vec inner = Vec(kTanhBeta) * (x + Vec(kTanhKappa) * x * x * x);
     return Vec(0.5f) * x * (Vec(1.0f) + inner.tanh());
@@ -124,10 +146,9 @@ inline Vec act_derivative(const Vec& x) {
   } else if constexpr (A == Activation::kRelu) {
     return Vec::blendv(Vec(0.0f), Vec(1.0f), x > Vec(0.0f));
   } else if constexpr (A == Activation::kGelu) {
-    // Φ(x) + x·φ(x)
-    const Vec cdf = Vec(0.5f) * (Vec(1.0f) + (x * Vec(kSqrtHalf)).erf());
-    const Vec pdf = (x * x * Vec(-0.5f)).exp() * Vec(kInvSqrt2Pi);
-    return cdf + x * pdf;
+    Vec cdf, pdf;
+    gelu_cdf_pdf(x, cdf, pdf);
+    return at::vec::fmadd(x, pdf, cdf);  // Φ(x) + x·φ(x)
   } else if constexpr (A == Activation::kGeluTanh) {
     const Vec x2 = x * x;
     const Vec t = (Vec(kTanhBeta) * (x + Vec(kTanhKappa) * x2 * x)).tanh();
@@ -143,9 +164,10 @@ inline Vec act_derivative(const Vec& x) {
 template <Activation A>
 inline void act_with_derivative(const Vec& x, Vec& value, Vec& derivative) {
   if constexpr (A == Activation::kGelu) {
-    const Vec cdf = Vec(0.5f) * (Vec(1.0f) + (x * Vec(kSqrtHalf)).erf());
+    Vec cdf, pdf;
+    gelu_cdf_pdf(x, cdf, pdf);
     value = x * cdf;
-    derivative = cdf + x * (x * x * Vec(-0.5f)).exp() * Vec(kInvSqrt2Pi);
+    derivative = at::vec::fmadd(x, pdf, cdf);
   } else if constexpr (A == Activation::kSilu) {
     const Vec s = Vec(1.0f) / (Vec(1.0f) + x.neg().exp());
     value = x * s;
@@ -267,16 +289,20 @@ inline void sum_chunks(const float* partial, int64_t chunks, int64_t cols, float
 
 // ------------------------------------------------------------------------------ norm forward
 
-// Mean and 1/std (or 1/rms) of a float row.
-inline void row_stats(Norm norm, const float* v, int64_t n, float eps, float& mean, float& rstd) {
+// Mean and 1/std (or 1/rms) of a float row; `sum` is Σ v when the caller has it (NaN: not known).
+inline void row_stats(Norm norm, const float* v, int64_t n, float eps, float sum, float& mean,
+                      float& rstd) {
   mean = 0.0f;
   rstd = 1.0f;
   if (norm == Norm::kNone) return;
   const float inv_n = 1.0f / static_cast<float>(n);
   if (norm == Norm::kLayer) {
-    Vec acc(0.0f);
-    vec_loop(n, [&](int64_t j, int64_t c) { acc += Vec::loadu(v + j, c); });
-    mean = hsum(acc) * inv_n;
+    if (std::isnan(sum)) {
+      Vec acc(0.0f);
+      vec_loop(n, [&](int64_t j, int64_t c) { acc += Vec::loadu(v + j, c); });
+      sum = hsum(acc);
+    }
+    mean = sum * inv_n;
   }
   // Second pass over the cached row: sum of squared deviations (no cancellation).
   const Vec m(mean);
@@ -288,15 +314,6 @@ inline void row_stats(Norm norm, const float* v, int64_t n, float eps, float& me
   rstd = 1.0f / std::sqrt(std::max(hsum(acc) * inv_n, 0.0f) + eps);
 }
 
-// v ← in_act(v) rounded to T, in place.
-template <typename T, Activation IA>
-inline void apply_input_activation(float* v, int64_t n) {
-  if constexpr (IA != Activation::kNone) {
-    vec_loop(n, [&](int64_t j, int64_t c) { act_forward<IA>(Vec::loadu(v + j, c)).store(v + j, c); });
-    round_to<T>(v, n);
-  }
-}
-
 template <typename T, Activation IA>
 void norm_forward_typed(const NormForward& a) {
   const int64_t n = a.cols;
@@ -305,27 +322,34 @@ void norm_forward_typed(const NormForward& a) {
     float* v_buf = buffer.data();
     float* y_buf = v_buf + n;
     float* r_buf = y_buf + n;
+    const Vec alpha(a.alpha);
     for (int64_t i = rb; i < re; ++i) {
-      const T* x = static_cast<const T*>(a.x) + i * a.x_stride;
-      const float* v;
-      if (a.residual == nullptr && IA == Activation::kNone) {
-        v = load_row(x, v_buf, n);
-      } else {
-        at::vec::convert(x, v_buf, n);
-        if (a.residual != nullptr) {
-          const float* r = load_row(static_cast<const T*>(a.residual) + i * a.residual_stride,
-                                    r_buf, n);
-          const Vec alpha(a.alpha);
-          vec_loop(n, [&](int64_t j, int64_t c) {
-            at::vec::fmadd(alpha, Vec::loadu(r + j, c), Vec::loadu(v_buf + j, c)).store(v_buf + j, c);
-          });
-          if (a.sum != nullptr) write_row(v_buf, static_cast<T*>(a.sum) + i * a.sum_stride, n);
-        }
-        apply_input_activation<T, IA>(v_buf, n);
+      const float* xf = load_row(static_cast<const T*>(a.x) + i * a.x_stride, v_buf, n);
+      const float* v = xf;
+      float sum = NAN;
+      if (a.residual != nullptr || IA != Activation::kNone) {
+        // One sweep: s = x + alpha·residual (to `sum` when wanted), a = in_act(s) rounded to T
+        // into v_buf (which may hold x already: element j is read before it is written), Σ a.
+        const float* r = a.residual == nullptr
+            ? nullptr
+            : load_row(static_cast<const T*>(a.residual) + i * a.residual_stride, r_buf, n);
+        float* s_out = a.sum != nullptr ? y_buf : nullptr;
+        Vec acc(0.0f);
+        vec_loop(n, [&](int64_t j, int64_t c) {
+          Vec sv = Vec::loadu(xf + j, c);
+          if (r != nullptr) sv = at::vec::fmadd(alpha, Vec::loadu(r + j, c), sv);
+          if (s_out != nullptr) sv.store(s_out + j, c);
+          Vec av = sv;
+          if constexpr (IA != Activation::kNone) av = round_vec<T>(act_forward<IA>(sv));
+          av.store(v_buf + j, c);
+          acc += Vec::set(Vec(0.0f), av, c);
+        });
+        if (s_out != nullptr) write_row(s_out, static_cast<T*>(a.sum) + i * a.sum_stride, n);
+        sum = hsum(acc);
         v = v_buf;
       }
       float mean, rstd;
-      row_stats(a.norm, v, n, a.eps, mean, rstd);
+      row_stats(a.norm, v, n, a.eps, sum, mean, rstd);
       if (a.mean != nullptr && a.norm == Norm::kLayer) a.mean[i] = mean;
       if (a.rstd != nullptr && a.norm != Norm::kNone) a.rstd[i] = rstd;
 
@@ -363,64 +387,59 @@ void norm_backward_typed(const NormBackward& a) {
   for_rows(a.rows, n, chunks, [&](int64_t rb, int64_t re, int64_t chunk) {
     std::vector<float> buffer(6 * n);
     float* x_buf = buffer.data();   // x as floats (the input activation's argument)
-    float* a_buf = x_buf + n;       // a = in_act(x)
-    float* da_buf = a_buf + n;      // in_act'(x)
+    float* xh_buf = x_buf + n;      // xhat
+    float* da_buf = xh_buf + n;     // in_act'(x)
     float* dy_buf = da_buf + n;
     float* out_buf = dy_buf + n;    // dx or h before conversion
     float* acc_buf = out_buf + n;   // grad_accum
     float* pg = a.dgamma != nullptr && chunk >= 0 ? dgamma_part.data() + chunk * n : nullptr;
     float* pb = a.dbeta != nullptr && chunk >= 0 ? dbeta_part.data() + chunk * n : nullptr;
+    const bool affine = !none && a.gamma != nullptr;
+    const bool shift = !none && a.beta != nullptr;
 
     for (int64_t i = rb; i < re; ++i) {
-      const T* x_row = static_cast<const T*>(a.x) + i * a.x_stride;
-      const float* xf = load_row(x_row, x_buf, n);
-      const float* av = xf;
-      if constexpr (IA != Activation::kNone) {
-        if (want_dx) {  // in_act'(x) too, for dx
-          vec_loop(n, [&](int64_t j, int64_t c) {
-            Vec value, derivative;
-            act_with_derivative<IA>(Vec::loadu(xf + j, c), value, derivative);
-            value.store(a_buf + j, c);
-            derivative.store(da_buf + j, c);
-          });
-          round_to<T>(a_buf, n);
-        } else {
-          std::copy(xf, xf + n, a_buf);
-          apply_input_activation<T, IA>(a_buf, n);
-        }
-        av = a_buf;
-      }
-      const float mean = layer ? a.mean[i] : 0.0f;
-      const float rstd = none ? 1.0f : a.rstd[i];
-      const Vec m(mean), r(rstd);
-      auto xhat_at = [&](int64_t j, int64_t c) { return (Vec::loadu(av + j, c) - m) * r; };
+      const float* xf = load_row(static_cast<const T*>(a.x) + i * a.x_stride, x_buf, n);
+      const float* dy = a.dy == nullptr
+          ? nullptr
+          : load_row(static_cast<const T*>(a.dy) + i * a.dy_stride, dy_buf, n);
+      T* h_row = a.h == nullptr ? nullptr : static_cast<T*>(a.h) + i * a.h_stride;
+      float* h = h_row == nullptr ? nullptr : dest_row(h_row, out_buf);
+      const Vec m(layer ? a.mean[i] : 0.0f), r(none ? 1.0f : a.rstd[i]);
 
-      if (a.h != nullptr) {
-        T* h_row = static_cast<T*>(a.h) + i * a.h_stride;
-        float* h = dest_row(h_row, out_buf);
-        vec_loop(n, [&](int64_t j, int64_t c) {
-          Vec out = xhat_at(j, c);
-          if (!none && a.gamma != nullptr) out = out * Vec::loadu(a.gamma + j, c);
-          if (!none && a.beta != nullptr) out = out + Vec::loadu(a.beta + j, c);
-          out.store(h + j, c);
-        });
-        store_row(h, h_row, n);
-      }
-      if (a.dy == nullptr) continue;
-
-      const float* dy = load_row(static_cast<const T*>(a.dy) + i * a.dy_stride, dy_buf, n);
-      // Pass 1: the row means of g and g⊙xhat, and the dgamma/dbeta partial sums.
+      // Sweep 1, one read of x (and dy): a = in_act(x) rounded to T, in_act'(x) (kept for dx),
+      // xhat (kept for dx), h, the dgamma/dbeta partial sums and the row sums of g = dy⊙gamma
+      // and g⊙xhat.
       Vec sum_g(0.0f), sum_gx(0.0f);
       vec_loop(n, [&](int64_t j, int64_t c) {
+        Vec av = Vec::loadu(xf + j, c);
+        if constexpr (IA != Activation::kNone) {
+          if (want_dx) {
+            const Vec xv = av;
+            Vec derivative;
+            act_with_derivative<IA>(xv, av, derivative);
+            derivative.store(da_buf + j, c);
+          } else {
+            av = act_forward<IA>(av);
+          }
+          av = round_vec<T>(av);
+        }
+        const Vec xh = Vec::set(Vec(0.0f), none ? av : (av - m) * r, c);
+        if (want_dx) xh.store(xh_buf + j, c);
+        if (h != nullptr) {
+          Vec out = affine ? xh * Vec::loadu(a.gamma + j, c) : xh;
+          if (shift) out = out + Vec::loadu(a.beta + j, c);
+          out.store(h + j, c);
+        }
+        if (dy == nullptr) return;
         const Vec d = Vec::loadu(dy + j, c);
-        const Vec xh = Vec::set(Vec(0.0f), xhat_at(j, c), c);
         if (pg != nullptr) at::vec::fmadd(d, xh, Vec::loadu(pg + j, c)).store(pg + j, c);
         if (pb != nullptr) (d + Vec::loadu(pb + j, c)).store(pb + j, c);
-        const Vec g = a.gamma != nullptr && !none ? d * Vec::loadu(a.gamma + j, c) : d;
+        const Vec g = affine ? d * Vec::loadu(a.gamma + j, c) : d;
         sum_g += g;
         sum_gx = at::vec::fmadd(g, xh, sum_gx);
       });
-      if (a.dx == nullptr) continue;
+      if (h != nullptr) store_row(h, h_row, n);
+      if (!want_dx) continue;
 
       const float inv_n = 1.0f / static_cast<float>(n);
       const Vec c1(layer ? hsum(sum_g) * inv_n : 0.0f);
@@ -430,15 +449,16 @@ void norm_backward_typed(const NormBackward& a) {
           : load_row(static_cast<const T*>(a.grad_accum) + i * a.grad_accum_stride, acc_buf, n);
       T* dx_row = static_cast<T*>(a.dx) + i * a.dx_stride;
       float* dx = dest_row(dx_row, out_buf);
-      // Pass 2: dx = rstd·(g − c1 − xhat·c2)·in_act'(x) + grad_accum.
+      // Sweep 2: dx = rstd·(g − c1 − xhat·c2)·in_act'(x) + grad_accum (dx may be dy itself: each
+      // element of dy is read before it is overwritten).
       vec_loop(n, [&](int64_t j, int64_t c) {
         const Vec d = Vec::loadu(dy + j, c);
         Vec da;
         if (none) {
           da = d;
         } else {
-          const Vec g = a.gamma != nullptr ? d * Vec::loadu(a.gamma + j, c) : d;
-          da = r * (g - c1 - xhat_at(j, c) * c2);
+          const Vec g = affine ? d * Vec::loadu(a.gamma + j, c) : d;
+          da = r * (g - c1 - Vec::loadu(xh_buf + j, c) * c2);
         }
         if constexpr (IA != Activation::kNone) da = da * Vec::loadu(da_buf + j, c);
         if (acc != nullptr) da = da + Vec::loadu(acc + j, c);
