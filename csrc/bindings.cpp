@@ -4,22 +4,24 @@
 // CPU dispatch key and, when built with MAGNETO_WITH_CUDA, for CUDA.
 //
 // The kernels themselves know nothing of torch: csrc/cpu/kernels.h (CPU) and
-// csrc/cuda/kernels.h (CUDA). ln_linear's GEMMs go through at::mm/addmm (MKL or oneDNN on CPU,
-// cuBLAS on CUDA) between our memory-bound passes:
+// csrc/cuda/kernels.h (CUDA). ln_linear's GEMMs run between our memory-bound passes, on CPU
+// through csrc/cpu_gemm.h (oneDNN's matmul where usable, else at::mm), on CUDA through cuBLAS:
 //
 //   forward   H = N(in_act(x))                      one pass over x (rows, stats)
 //             out = alpha·residual + bias;  out += H @ W^T       (no activation, no dropout)
-//             u = H @ W^T + bias;  out = alpha·residual + dropout(act(u))   (one pass over u)
+//             u = bias;  u += H @ W^T;  out = alpha·residual + dropout(act(u))  (one pass over u)
 //   backward  dz = dy ⊙ dropout mask ⊙ act'(u), dbias = Σ dz    one pass over dy (skipped,
 //                                                               bar the dbias sum, when dz = dy)
 //             dh = dz @ W
 //             one pass over x: dx = norm backward of dh ⊙ in_act'(x), dgamma/dbeta partials,
 //                              and H = N(in_act(x)) recomputed from the saved stats
 //             dW = dz^T @ H
-#include <pybind11/pybind11.h>
+#include <torch/python.h>  // pybind11 with the Tensor type casters
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <optional>
 #include <string_view>
 #include <tuple>
@@ -29,6 +31,7 @@
 
 #include "common.h"
 #include "cpu/kernels.h"
+#include "cpu_gemm.h"
 
 #ifdef MAGNETO_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
@@ -270,6 +273,47 @@ uint64_t seed_value(const OptTensor& seed, double p) {
   return p > 0.0 ? static_cast<uint64_t>(seed->item<int64_t>()) : 0;
 }
 
+// The CPU ln_linear's GEMM operand H = N(in_act(x)) is recomputed in the forward and in the
+// backward and dropped right after its GEMM. It lives in a per-thread workspace kept between calls:
+// a fresh M×K tensor per call would be returned to the OS on free (glibc maps large blocks) and
+// page-faulted in again, 4 KiB at a time, on every call. The workspace holds at most
+// MAGNETO_CPU_WORKSPACE_MB (default 64) MiB; a larger forward runs in row blocks through it, a
+// larger backward allocates H as before.
+int64_t workspace_limit_bytes() {
+  static const int64_t limit = [] {
+    const char* env = std::getenv("MAGNETO_CPU_WORKSPACE_MB");
+    const long long mb = env != nullptr ? std::atoll(env) : 64;
+    TORCH_CHECK_VALUE(mb >= 0, "MAGNETO_CPU_WORKSPACE_MB must be >= 0, got ", env);
+    return static_cast<int64_t>(mb) << 20;
+  }();
+  return limit;
+}
+
+// How many rows of `cols` elements of x's dtype the workspace holds (at least 1).
+int64_t workspace_rows(const Tensor& x, int64_t cols) {
+  const int64_t row_bytes = std::max<int64_t>(1, cols * static_cast<int64_t>(x.element_size()));
+  return std::max<int64_t>(1, workspace_limit_bytes() / row_bytes);
+}
+
+// A rows×cols tensor like x in this thread's workspace (grown as needed, never past the limit
+// unless one row alone exceeds it); valid until the next call on this thread.
+Tensor workspace(const Tensor& x, int64_t rows, int64_t cols) {
+  thread_local Tensor buffer;
+  const int64_t bytes = rows * cols * static_cast<int64_t>(x.element_size());
+  if (!buffer.defined() || buffer.numel() < bytes) {
+    buffer = Tensor();  // free the old one first
+    buffer = at::empty({bytes}, x.options().dtype(at::kByte));
+  }
+  Tensor view = buffer.narrow(0, 0, bytes).view(x.scalar_type()).view({rows, cols});
+  if (poison_outputs.load(std::memory_order_relaxed)) view.fill_(NAN);
+  return view;
+}
+
+// Rows [begin, begin + count) of a per-row tensor; empty tensors (absent stats) stay empty.
+Tensor row_slice(const Tensor& t, int64_t begin, int64_t count) {
+  return t.numel() == 0 ? t : t.narrow(0, begin, count);
+}
+
 // ln_linear forward on CPU: (out, preact); mean and rstd are filled.
 std::tuple<Tensor, Tensor> cpu_ln_linear(const Tensor& x, const OptTensor& ln_weight,
                                          const OptTensor& ln_bias, const Tensor& weight,
@@ -278,31 +322,50 @@ std::tuple<Tensor, Tensor> cpu_ln_linear(const Tensor& x, const OptTensor& ln_we
                                          Activation input_activation, Activation activation,
                                          double alpha, double dropout_p, const Tensor& mean,
                                          const Tensor& rstd) {
-  // H = N(in_act(x)), the GEMM operand (x itself when both are the identity).
-  Tensor H = x;
-  if (norm != Norm::kNone || input_activation != Activation::kNone) {
-    H = new_like(x);
-    cpu_norm_forward(x, std::nullopt, 1.0, ln_weight, ln_bias, eps, norm, input_activation, H,
-                     Tensor(), mean, rstd);
-  }
-  const int64_t rows = x.size(0), cols = weight.size(0);
+  const int64_t rows = x.size(0), in_features = x.size(1), cols = weight.size(0);
   const DType dtype = dtype_code(x.scalar_type());
   const Tensor wt = weight.t();
-  if (activation == Activation::kNone && dropout_p == 0.0) {
-    if (!residual.has_value()) {
-      Tensor out = bias.has_value() ? at::addmm(*bias, H, wt) : at::mm(H, wt);
-      return {out, empty0(x)};
+  const bool identity_prologue = norm == Norm::kNone && input_activation == Activation::kNone;
+  const int64_t block = std::min(rows, workspace_rows(x, in_features));
+  const OptTensor out_residual =
+      activation == Activation::kNone && dropout_p == 0.0 ? residual : std::nullopt;
+  Tensor u;
+  if (!out_residual.has_value() && (identity_prologue || block == rows)) {
+    // One GEMM with the bias in its epilogue: u = H W^T + b.
+    Tensor H = x;
+    if (!identity_prologue) {
+      H = workspace(x, rows, in_features);
+      cpu_norm_forward(x, std::nullopt, 1.0, ln_weight, ln_bias, eps, norm, input_activation, H,
+                       Tensor(), mean, rstd);
     }
-    // The residual and the bias become the GEMM's accumulator: out = alpha·r + b, out += H W^T.
-    Tensor out = new_tensor({rows, cols}, x.options());
-    cpu::residual_bias_init(dtype, rows, cols, residual->data_ptr(), cols,
-                            static_cast<float>(alpha), bias.has_value() ? bias->data_ptr() : nullptr,
-                            out.data_ptr(), cols);
-    out.addmm_(H, wt);
-    return {out, empty0(x)};
+    u = cpu_gemm::linear(H, weight, bias);
+  } else {
+    // The GEMM accumulates into u = alpha·residual + bias (either optional; the residual only
+    // when nothing follows the GEMM), written in one pass.
+    u = new_tensor({rows, cols}, x.options());
+    const bool init = out_residual.has_value() || bias.has_value();
+    if (init) {
+      cpu::residual_bias_init(dtype, rows, cols,
+                              out_residual ? out_residual->data_ptr() : nullptr, cols,
+                              static_cast<float>(alpha),
+                              bias.has_value() ? bias->data_ptr() : nullptr, u.data_ptr(), cols);
+    }
+    if (identity_prologue) {
+      cpu_gemm::matmul(x, wt, u, /*accumulate=*/init);  // H = x
+    } else {
+      // H = N(in_act(x)) block by block in the workspace, each block followed by its GEMM.
+      for (int64_t begin = 0; begin < rows; begin += block) {
+        const int64_t count = std::min(block, rows - begin);
+        const Tensor H = workspace(x, count, in_features);
+        cpu_norm_forward(x.narrow(0, begin, count), std::nullopt, 1.0, ln_weight, ln_bias, eps,
+                         norm, input_activation, H, Tensor(), row_slice(mean, begin, count),
+                         row_slice(rstd, begin, count));
+        cpu_gemm::matmul(H, wt, u.narrow(0, begin, count), /*accumulate=*/init);
+      }
+    }
   }
-  // u = H W^T + b by the GEMM, then activation, dropout and residual in one pass over u.
-  Tensor u = bias.has_value() ? at::addmm(*bias, H, wt) : at::mm(H, wt);
+  if (activation == Activation::kNone && dropout_p == 0.0) return {u, empty0(x)};
+  // u = H W^T + b: activation, dropout and residual in one pass over it.
   const bool keep_preact = activation != Activation::kNone;
   Tensor out = keep_preact ? new_like(u) : u;
   cpu::LinearEpilogue e;
@@ -360,20 +423,31 @@ Tensor cpu_ln_linear_backward(const Tensor& grad_out, const Tensor& x, const Opt
     cpu::linear_grad_epilogue(g);
     if (db32.defined()) copy_back(db, db32);
   }
-  // dh = dz @ W, then one pass over x for the norm backward and for H = N(in_act(x)).
+  // dh = dz @ W, then one pass over x for the norm backward and for H = N(in_act(x)). dh goes
+  // straight into dx when dx is wanted, and the norm backward turns it into dx in place, row by
+  // row: no M×K buffer for dh.
   const bool identity_prologue = norm == Norm::kNone && input_activation == Activation::kNone;
   const bool want_dx = dx.numel() > 0;
   const bool want_norm_grads = want_dx || dln_w.numel() > 0 || dln_b.numel() > 0;
   const bool want_dw = dw.numel() > 0;
-  Tensor dh = want_norm_grads ? at::mm(dz, weight) : Tensor();
-  Tensor H = want_dw ? (identity_prologue ? x : new_like(x)) : Tensor();
+  Tensor dh;
+  if (want_norm_grads) {
+    dh = want_dx ? dx : new_tensor({rows, x.size(1)}, x.options());
+    cpu_gemm::matmul(dz, weight, dh, /*accumulate=*/false);
+  }
+  Tensor H;  // the GEMM operand of dW, in the workspace when it fits (see workspace())
+  if (want_dw) {
+    H = identity_prologue ? x
+        : rows <= workspace_rows(x, x.size(1)) ? workspace(x, rows, x.size(1))
+                                                : new_like(x);
+  }
   if (identity_prologue && want_dx) {
-    dx = dh;  // N and in_act are the identity: dx = dh, a fresh tensor
+    // N and in_act are the identity: dx = dh, already in place
   } else if (want_norm_grads || (want_dw && !identity_prologue)) {
     cpu_norm_backward(dh, x, ln_weight, ln_bias, mean, rstd, std::nullopt, norm, input_activation,
                       dx, dln_w, dln_b, identity_prologue ? Tensor() : H);
   }
-  if (want_dw) at::mm_out(dw, dz.t(), H);
+  if (want_dw) cpu_gemm::matmul(dz.t(), H, dw, /*accumulate=*/false);
   return dx;
 }
 
@@ -787,6 +861,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, "Whether the CUDA kernels were compiled in.");
   m.def("_set_poison_outputs", [](bool on) { magneto::poison_outputs = on; },
         "Tests only: fill outputs and buffers with NaN before the kernels write them.");
+  m.def("cpu_gemm_engine", []() { return magneto::cpu_gemm::engine(); },
+        "The GEMM engine of the CPU ln_linear: 'onednn' or 'aten' (see csrc/cpu_gemm.h).");
+  m.def("_cpu_gemm",
+        [](const at::Tensor& a, const at::Tensor& b, const at::Tensor& out, bool accumulate) {
+          magneto::cpu_gemm::matmul(a, b, out, accumulate);
+        },
+        "Benchmarks: out = a @ b (or out += a @ b) with the CPU ln_linear's GEMM engine.");
+  m.def("_set_cpu_gemm_engine", [](const std::string& choice) { magneto::cpu_gemm::set_engine(choice); },
+        "Benchmarks and tests: 'auto', 'onednn' or 'aten', overriding MAGNETO_CPU_GEMM.");
   m.def("cpu_capability", []() { return std::string(magneto::cpu::capability()); },
         "The instruction set the CPU kernels run with: 'avx512', 'avx2' or 'default'.");
 }

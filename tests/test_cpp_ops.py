@@ -369,10 +369,11 @@ def test_opcheck(op):
 
 # ----------------------------------------------------------------- instruction-set builds
 
-_ISA_SCRIPT = r"""
+# A fresh process's ln_linear forward+backward (and an RMSNorm) against the reference.
+_SUBPROCESS_SCRIPT = r"""
 import torch, magneto_kernels as mk
 from magneto_kernels import _C, reference
-assert _C.cpu_capability() == "{isa}", _C.cpu_capability()
+{check}
 torch.manual_seed(0)
 x = (torch.randn(29, 83) * 2 + 1).requires_grad_()
 lw, lb = torch.randn(83).requires_grad_(), torch.randn(83).requires_grad_()
@@ -392,16 +393,73 @@ print("ok")
 """
 
 
+def run_subprocess_check(check: str, **env):
+    env = dict(os.environ, OMP_NUM_THREADS="2", **env)
+    proc = subprocess.run([sys.executable, "-c", _SUBPROCESS_SCRIPT.format(check=check)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
 @pytest.mark.parametrize("isa", ["avx2", "default"])
 def test_other_instruction_set_builds(isa):
     """The narrower builds of the kernels (chosen by MAGNETO_CPU_ISA) agree with the reference;
     the widest one the CPU supports runs in every other test."""
     if isa == "avx2" and _C.cpu_capability() == "default":
         pytest.skip("the CPU has no AVX2")
-    env = dict(os.environ, MAGNETO_CPU_ISA=isa, OMP_NUM_THREADS="2")
-    proc = subprocess.run([sys.executable, "-c", _ISA_SCRIPT.format(isa=isa)], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+    run_subprocess_check(f"assert _C.cpu_capability() == {isa!r}, _C.cpu_capability()",
+                         MAGNETO_CPU_ISA=isa)
+
+
+# ------------------------------------------------------------- GEMM engine and workspace
+
+def _engines():
+    _C._set_cpu_gemm_engine("auto")
+    return ["aten"] + (["onednn"] if _C.cpu_gemm_engine() == "onednn" else [])
+
+
+@pytest.fixture
+def restore_engine():
+    yield
+    _C._set_cpu_gemm_engine("auto")
+
+
+@pytest.mark.parametrize("engine", _engines())
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_gemm_engine_layouts(engine, accumulate, restore_engine):
+    """The three GEMMs of ln_linear (H @ W^T, dz @ W, dz^T @ H: plain and transposed operands)
+    against float64, with and without accumulating into the output; empty sums give zeros."""
+    _C._set_cpu_gemm_engine(engine)
+    assert _C.cpu_gemm_engine() == engine
+    h, w, dz = randn(37, 53, mean=0.5), randn(29, 53, std=0.2), randn(37, 29, mean=-0.3)
+    for a, b in ((h, w.t()), (dz, w), (dz.t(), h)):
+        start = randn(a.shape[0], b.shape[1])
+        out = start.clone() if accumulate else torch.full_like(start, float("nan"))
+        _C._cpu_gemm(a, b, out, accumulate)
+        want = a.double() @ b.double() + (start.double() if accumulate else 0)
+        torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    empty = torch.full((4, 3), float("nan"))
+    _C._cpu_gemm(randn(4, 0), randn(0, 3), empty, False)
+    assert torch.equal(empty, torch.zeros(4, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("engine", _engines())
+def test_ln_linear_with_each_gemm_engine(engine, dtype, restore_engine):
+    _C._set_cpu_gemm_engine(engine)
+    case = ("layer", "gelu", "silu", True, 1.5, 0.0, True)
+    fn, tensors, grads, kwargs = _ln_linear_case(case, dtype)
+    check_all(run_three(fn, tensors, grads, seed=5, **kwargs), atol=1e-5, reduction_rows=37)
+
+
+def test_bad_gemm_engine_name(restore_engine):
+    with pytest.raises(ValueError, match="MAGNETO_CPU_GEMM"):
+        _C._set_cpu_gemm_engine("mkl")
+
+
+def test_row_blocked_forward_and_unbuffered_backward():
+    """MAGNETO_CPU_WORKSPACE_MB=0: the forward normalises and multiplies one row at a time and the
+    backward allocates its GEMM operand instead of using the workspace."""
+    run_subprocess_check("", MAGNETO_CPU_WORKSPACE_MB="0")
 
 
 # ------------------------------------------------------------------- agreement with Triton
