@@ -387,7 +387,7 @@ void norm_backward_typed(const NormBackward& a) {
   for_rows(a.rows, n, chunks, [&](int64_t rb, int64_t re, int64_t chunk) {
     std::vector<float> buffer(6 * n);
     float* x_buf = buffer.data();   // x as floats (the input activation's argument)
-    float* xh_buf = x_buf + n;      // xhat
+    float* xh_buf = x_buf + n;      // xhat (with an input activation)
     float* da_buf = xh_buf + n;     // in_act'(x)
     float* dy_buf = da_buf + n;
     float* out_buf = dy_buf + n;    // dx or h before conversion
@@ -396,6 +396,9 @@ void norm_backward_typed(const NormBackward& a) {
     float* pb = a.dbeta != nullptr && chunk >= 0 ? dbeta_part.data() + chunk * n : nullptr;
     const bool affine = !none && a.gamma != nullptr;
     const bool shift = !none && a.beta != nullptr;
+    // Sweep 2 reads xhat back when it came from the activation; else recomputing it from the
+    // cached row of x is cheaper than a store and a load.
+    const bool keep_xhat = want_dx && IA != Activation::kNone;
 
     for (int64_t i = rb; i < re; ++i) {
       const float* xf = load_row(static_cast<const T*>(a.x) + i * a.x_stride, x_buf, n);
@@ -409,35 +412,46 @@ void norm_backward_typed(const NormBackward& a) {
       // Sweep 1, one read of x (and dy): a = in_act(x) rounded to T, in_act'(x) (kept for dx),
       // xhat (kept for dx), h, the dgamma/dbeta partial sums and the row sums of g = dy⊙gamma
       // and g⊙xhat.
+      // (Compiled once per combination of h and dy present, so the loop carries no such test.)
       Vec sum_g(0.0f), sum_gx(0.0f);
-      vec_loop(n, [&](int64_t j, int64_t c) {
-        Vec av = Vec::loadu(xf + j, c);
-        if constexpr (IA != Activation::kNone) {
-          if (want_dx) {
-            const Vec xv = av;
-            Vec derivative;
-            act_with_derivative<IA>(xv, av, derivative);
-            derivative.store(da_buf + j, c);
-          } else {
-            av = act_forward<IA>(av);
+      auto sweep1 = [&](auto with_h, auto with_dy) {
+        vec_loop(n, [&](int64_t j, int64_t c) {
+          Vec av = Vec::loadu(xf + j, c);
+          if constexpr (IA != Activation::kNone) {
+            if (want_dx) {
+              const Vec xv = av;
+              Vec derivative;
+              act_with_derivative<IA>(xv, av, derivative);
+              derivative.store(da_buf + j, c);
+            } else {
+              av = act_forward<IA>(av);
+            }
+            av = round_vec<T>(av);
           }
-          av = round_vec<T>(av);
-        }
-        const Vec xh = Vec::set(Vec(0.0f), none ? av : (av - m) * r, c);
-        if (want_dx) xh.store(xh_buf + j, c);
-        if (h != nullptr) {
-          Vec out = affine ? xh * Vec::loadu(a.gamma + j, c) : xh;
-          if (shift) out = out + Vec::loadu(a.beta + j, c);
-          out.store(h + j, c);
-        }
-        if (dy == nullptr) return;
-        const Vec d = Vec::loadu(dy + j, c);
-        if (pg != nullptr) at::vec::fmadd(d, xh, Vec::loadu(pg + j, c)).store(pg + j, c);
-        if (pb != nullptr) (d + Vec::loadu(pb + j, c)).store(pb + j, c);
-        const Vec g = affine ? d * Vec::loadu(a.gamma + j, c) : d;
-        sum_g += g;
-        sum_gx = at::vec::fmadd(g, xh, sum_gx);
-      });
+          const Vec xh = Vec::set(Vec(0.0f), (av - m) * r, c);  // exact for Norm::kNone (m 0, r 1)
+          if (keep_xhat) xh.store(xh_buf + j, c);
+          if constexpr (decltype(with_h)::value) {
+            Vec out = affine ? xh * Vec::loadu(a.gamma + j, c) : xh;
+            if (shift) out = out + Vec::loadu(a.beta + j, c);
+            out.store(h + j, c);
+          }
+          if constexpr (decltype(with_dy)::value) {
+            const Vec d = Vec::loadu(dy + j, c);
+            if (pg != nullptr) at::vec::fmadd(d, xh, Vec::loadu(pg + j, c)).store(pg + j, c);
+            if (pb != nullptr) (d + Vec::loadu(pb + j, c)).store(pb + j, c);
+            const Vec g = affine ? d * Vec::loadu(a.gamma + j, c) : d;
+            sum_g += g;
+            sum_gx = at::vec::fmadd(g, xh, sum_gx);
+          }
+        });
+      };
+      using Yes = std::true_type;
+      using No = std::false_type;
+      if (h != nullptr) {
+        if (dy != nullptr) sweep1(Yes{}, Yes{}); else sweep1(Yes{}, No{});
+      } else if (dy != nullptr) {
+        sweep1(No{}, Yes{});
+      }
       if (h != nullptr) store_row(h, h_row, n);
       if (!want_dx) continue;
 
@@ -458,7 +472,8 @@ void norm_backward_typed(const NormBackward& a) {
           da = d;
         } else {
           const Vec g = affine ? d * Vec::loadu(a.gamma + j, c) : d;
-          da = r * (g - c1 - Vec::loadu(xh_buf + j, c) * c2);
+          const Vec xh = keep_xhat ? Vec::loadu(xh_buf + j, c) : (Vec::loadu(xf + j, c) - m) * r;
+          da = r * (g - c1 - xh * c2);
         }
         if constexpr (IA != Activation::kNone) da = da * Vec::loadu(da_buf + j, c);
         if (acc != nullptr) da = da + Vec::loadu(acc + j, c);
