@@ -107,14 +107,17 @@ constexpr float kTanhKappa = 0.044715f;
 
 // The normal CDF Φ(x) and density φ(x) that GELU and its derivative are made of, sharing one
 // exp(−x²/2): erf(|x|/√2) by Abramowitz–Stegun 7.1.26 (|error| ≤ 1.5e-7; the formula at::vec's
-// erf uses, which spends a second exp when φ is wanted too).
+// erf uses, which spends a second exp when φ is wanted too). The exp is at::vec's exp_u20
+// (≤ 6 ulp on [−80, 0]; the erf approximation dominates): GELU and its derivative stay within
+// the error of torch's own fp32 F.gelu (tests/test_cpp_ops.py::test_gelu_accuracy), and the
+// fc2-shaped ln_linear forward+backward gets ~3% faster than with the 1-ulp exp.
 inline void gelu_cdf_pdf(const Vec& x, Vec& cdf, Vec& pdf) {
   const Vec t = Vec(1.0f) / at::vec::fmadd(Vec(0.3275911f * kSqrtHalf), x.abs(), Vec(1.0f));
   Vec r = at::vec::fmadd(Vec(1.061405429f), t, Vec(-1.453152027f));
   r = at::vec::fmadd(r, t, Vec(1.421413741f));
   r = at::vec::fmadd(r, t, Vec(-0.284496736f));
   r = at::vec::fmadd(r, t, Vec(0.254829592f));
-  const Vec e = (x * x * Vec(-0.5f)).exp();
+  const Vec e = (x * x * Vec(-0.5f)).exp_u20();
   const Vec half_erf = Vec(0.5f) - Vec(0.5f) * r * t * e;  // erf(|x|/√2) / 2
   cdf = Vec::blendv(Vec(0.5f) + half_erf, Vec(0.5f) - half_erf, x < Vec(0.0f));
   pdf = e * Vec(kInvSqrt2Pi);
