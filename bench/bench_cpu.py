@@ -2,12 +2,25 @@
 
 - ``ln_linear`` forward+backward at M=1024 for the two FFN shapes (K=768→N=3072 like fc1: LN,
   bias; K=3072→N=768 like fc2: GELU on the input, LN, bias, residual), against
-  (a) the same three GEMMs alone (H @ W^T, dz @ W, dz^T @ H on ready-made operands) — goal:
-      within 1.10×, and
+  (a) the same three GEMMs alone (H @ W^T, dz @ W, dz^T @ H on ready-made operands, fresh outputs)
+      run by the GEMM engine the op uses (csrc/cpu_gemm.h: oneDNN where usable) — goal: within
+      1.10×;
   (b) the eager reference (``backend="reference"``: F.layer_norm, F.linear, adds, autograd) —
       goal: faster by more than the run-to-run spread;
+  and, for scale, the same GEMMs through torch.mm (MKL in torch's CPU wheels), which is what
+  the eager reference's F.linear runs: the engine ratio shows how much of (b) is the GEMM engine
+  and how much is fusion.
 - ``layer_norm`` forward and backward at 8192×1024 against ``torch.nn.functional.layer_norm``
-  (aten's native_layer_norm / native_layer_norm_backward) — goal: no slower.
+  (aten's native_layer_norm / native_layer_norm_backward) — goal: no slower;
+- one training step (forward+backward) of a whole Sub-LN encoder layer with its final LayerNorm
+  (d=768, 12 heads, FFN 3072, 2×512 tokens): magneto on the ``cpu`` backend against the same
+  model on ``backend="reference"`` (plain PyTorch ops) and against torchscale 0.3.0.
+
+Everything runs twice, in two processes: with glibc's default allocator settings, under which
+every fresh block of more than 32 MiB (and, depending on glibc's adaptive thresholds, smaller
+ones) is mapped anew and page-faulted in 4 KiB at a time on first touch, and with large blocks
+kept for reuse (MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ at 4 GB, what jemalloc or
+tcmalloc give by default), which times the kernels rather than the page faults.
 
 The machine is shared and noisy, so every round times each variant once, interleaved, and the
 ratios are taken per round: the tables give their median and the spread (min–max over rounds).
@@ -23,6 +36,9 @@ import argparse
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
@@ -60,6 +76,10 @@ def ratio_stats(num: list[float], den: list[float]) -> tuple[float, float, float
     return statistics.median(ratios), min(ratios), max(ratios)
 
 
+def fmt_ratio(median: float, lo: float, hi: float) -> str:
+    return f"{median:.3f} ({lo:.3f}–{hi:.3f})"
+
+
 def ln_linear_variants(m: int, k: int, n: int, fc2: bool) -> dict:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(m, k, generator=g) * 2 + 1
@@ -80,12 +100,21 @@ def ln_linear_variants(m: int, k: int, n: int, fc2: bool) -> dict:
 
     h = F.layer_norm(x, (k,), lw, lb)
 
-    def gemms():
-        torch.mm(h, w.t())
-        torch.mm(dy, w)
-        torch.mm(dy.t(), h)
+    def gemms(engine):
+        def run():
+            engine(h, w.t(), torch.empty(m, n))
+            engine(dy, w, torch.empty(m, k))
+            engine(dy.t(), h, torch.empty(n, k))
+        return run
 
-    return {"magneto cpu": fused("cpu"), "GEMMs alone": gemms, "eager reference": fused("reference")}
+    def ours(a, b, out):
+        _C._cpu_gemm(a, b, out, False)
+
+    def aten(a, b, out):
+        torch.mm(a, b, out=out)
+
+    return {"magneto cpu": fused("cpu"), "GEMMs alone": gemms(ours),
+            "GEMMs alone, torch.mm": gemms(aten), "eager reference": fused("reference")}
 
 
 def layer_norm_variants(rows: int, cols: int) -> dict:
@@ -106,56 +135,128 @@ def layer_norm_variants(rows: int, cols: int) -> dict:
     }
 
 
+def encoder_layer_variants(d: int = 768, heads: int = 12, ffn: int = 3072, batch: int = 2,
+                           tokens: int = 512) -> dict:
+    from bench_memory import magneto_encoder, torchscale_encoder
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, tokens, d, generator=g)
+    dy = torch.randn(batch, tokens, d, generator=g)
+
+    def step(model):
+        model.train()
+
+        def run():
+            model(None, token_embeddings=x)["encoder_out"].backward(dy)
+            model.zero_grad(set_to_none=True)
+        return run
+
+    return {"magneto cpu": step(magneto_encoder("cpu", d, heads, ffn)),
+            "magneto reference": step(magneto_encoder("reference", d, heads, ffn)),
+            "torchscale": step(torchscale_encoder(d, heads, ffn))}
+
+
 def tables(rounds: int) -> list[str]:
-    lines = ["| shape | options | magneto cpu (ms) | GEMMs alone (ms) | eager reference (ms) | "
-             "cpu / GEMMs | cpu / eager |",
-             "|---|---|---|---|---|---|---|"]
+    engine = _C.cpu_gemm_engine()
+    lines = [f"| shape | options | magneto cpu (ms) | GEMMs alone, {engine} (ms) | eager reference (ms) "
+             "| cpu / GEMMs | cpu / eager | GEMMs: torch.mm / " + engine + " |",
+             "|---|---|---|---|---|---|---|---|"]
     for k, n, fc2 in ((768, 3072, False), (3072, 768, True)):
         times = interleaved(ln_linear_variants(1024, k, n, fc2), rounds)
-        ours, gemm, eager = (times[v] for v in ("magneto cpu", "GEMMs alone", "eager reference"))
-        rg, rg_lo, rg_hi = ratio_stats(ours, gemm)
-        re, re_lo, re_hi = ratio_stats(ours, eager)
+        ours, gemm, eager, mm = (times[v] for v in ("magneto cpu", "GEMMs alone", "eager reference",
+                                                   "GEMMs alone, torch.mm"))
         opts = "LN, gelu input act, bias, residual" if fc2 else "LN, bias"
+        cells = [fmt_ratio(*ratio_stats(a, b)) for a, b in ((ours, gemm), (ours, eager), (mm, gemm))]
         lines.append(f"| K={k}, N={n} | {opts} | {1e3 * statistics.median(ours):.1f} | "
                      f"{1e3 * statistics.median(gemm):.1f} | {1e3 * statistics.median(eager):.1f} | "
-                     f"{rg:.3f} ({rg_lo:.3f}–{rg_hi:.3f}) | {re:.3f} ({re_lo:.3f}–{re_hi:.3f}) |")
+                     + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
+
+    lines += ["", "one Sub-LN encoder layer + final LN, forward+backward (d=768, 12 heads, "
+              "FFN 3072, 2×512 tokens):", "",
+              "| magneto cpu (ms) | magneto reference (ms) | torchscale 0.3.0 (ms) | "
+              "cpu / reference | cpu / torchscale |", "|---|---|---|---|---|"]
+    times = interleaved(encoder_layer_variants(), max(5, rounds // 3))
+    ours, ref, ts = (times[v] for v in ("magneto cpu", "magneto reference", "torchscale"))
+    lines.append(f"| {1e3 * statistics.median(ours):.1f} | {1e3 * statistics.median(ref):.1f} | "
+                 f"{1e3 * statistics.median(ts):.1f} | {fmt_ratio(*ratio_stats(ours, ref))} | "
+                 f"{fmt_ratio(*ratio_stats(ours, ts))} |")
+    print(lines[-1], flush=True)
 
     lines += ["", "layer_norm 8192×1024:", "",
               "| pass | magneto cpu (ms) | torch (ms) | magneto / torch |", "|---|---|---|---|"]
-    times = interleaved(layer_norm_variants(8192, 1024), rounds * 2)
+    times = interleaved(layer_norm_variants(8192, 1024), rounds * 6)
     for p, theirs in (("fwd", "fwd F.layer_norm"), ("bwd", "bwd aten")):
         ours = times[f"{p} magneto cpu"]
-        r, lo, hi = ratio_stats(ours, times[theirs])
         lines.append(f"| {p} | {1e3 * statistics.median(ours):.2f} | "
-                     f"{1e3 * statistics.median(times[theirs]):.2f} | {r:.3f} ({lo:.3f}–{hi:.3f}) |")
+                     f"{1e3 * statistics.median(times[theirs]):.2f} | "
+                     f"{fmt_ratio(*ratio_stats(ours, times[theirs]))} |")
         print(lines[-1], flush=True)
     return lines
 
 
-def main() -> None:
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+ALLOCATOR_MODES = {
+    "default": ("glibc malloc, default settings", {}),
+    "kept": ("large blocks kept for reuse (MALLOC_MMAP_THRESHOLD_=MALLOC_TRIM_THRESHOLD_=4 GB)",
+             {"MALLOC_MMAP_THRESHOLD_": "4000000000", "MALLOC_TRIM_THRESHOLD_": "4000000000"}),
+}
+
+
+def run_mode(args) -> list[str]:
+    """This process's tables, under the allocator settings it was started with."""
     global CLOCK
+    lines = []
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        CLOCK = time.process_time if threads == 1 else time.perf_counter
+        lines += [f"### {threads} thread{'s' if threads > 1 else ''}", "",
+                  "ln_linear forward+backward, M=1024:", ""]
+        print(lines[-4], flush=True)
+        lines += tables(args.rounds) + [""]
+    return lines
+
+
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=21)
     parser.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "cpu.md"))
+    parser.add_argument("--allocator", choices=[*ALLOCATOR_MODES, "both"], default="both",
+                        help="which allocator settings to run under (each in its own process)")
     args = parser.parse_args()
     torch.manual_seed(0)
 
-    lines = ["# CPU benchmark (bench/bench_cpu.py)", "",
-             f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-             f"torch {torch.__version__}, kernels built for `{_C.cpu_capability()}`; fp32; "
-             f"{args.rounds} interleaved rounds; ratio = median over rounds of per-round ratios "
-             "(spread = min–max over rounds). 1 thread: process CPU time; more: wall time.", ""]
-    for threads in args.threads:
-        torch.set_num_threads(threads)
-        CLOCK = time.process_time if threads == 1 else time.perf_counter
-        lines += [f"## {threads} thread{'s' if threads > 1 else ''}", "",
-                  "ln_linear forward+backward, M=1024:", ""]
-        print(lines[-4], flush=True)
-        lines += tables(args.rounds) + [""]
+    if args.allocator != "both":  # a child: the environment was set by the parent (or the user)
+        lines = run_mode(args)
+    else:
+        lines = []
+        for mode, (title, env) in ALLOCATOR_MODES.items():
+            with tempfile.NamedTemporaryFile("r", suffix=".md") as part:
+                print(f"## allocator: {title}", flush=True)
+                subprocess.run([sys.executable, __file__, "--rounds", str(args.rounds),
+                                "--threads", *map(str, args.threads), "--allocator", mode,
+                                "--out", part.name], env=dict(os.environ, **env), check=True)
+                lines += [f"## Allocator: {title}", ""] + part.read().splitlines() + [""]
+        lines = ["# CPU benchmark (bench/bench_cpu.py)", "",
+                 f"{cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__}, kernels built "
+                 f"for `{_C.cpu_capability()}`, GEMM engine `{_C.cpu_gemm_engine()}`; fp32; "
+                 f"{args.rounds} interleaved rounds (the encoder layer: a third as many); ratio = "
+                 "median over rounds of per-round ratios (spread = min–max over rounds). 1 "
+                 "thread: process CPU time; more: wall time.", "",
+                 f"Command: `python bench/bench_cpu.py --rounds {args.rounds} --threads "
+                 f"{' '.join(map(str, args.threads))}`", ""] + lines
 
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         f.write("\n".join(lines))
     print(f"wrote {args.out}")

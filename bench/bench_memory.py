@@ -31,17 +31,19 @@ def _per_token_d_vectors(encoder: torch.nn.Module) -> float:
     return nbytes / (BATCH * T * D * x.element_size())
 
 
-def torchscale_encoder() -> torch.nn.Module:
+def torchscale_encoder(d: int = D, heads: int = HEADS, ffn: int = FFN) -> torch.nn.Module:
+    """torchscale 0.3.0's Sub-LN encoder: one layer and the final LayerNorm, no embeddings."""
     from torchscale.architecture.config import EncoderConfig
     from torchscale.architecture.encoder import Encoder
-    config = EncoderConfig(encoder_embed_dim=D, encoder_attention_heads=HEADS,
-                           encoder_ffn_embed_dim=FFN, encoder_layers=1, subln=True,
+    config = EncoderConfig(encoder_embed_dim=d, encoder_attention_heads=heads,
+                           encoder_ffn_embed_dim=ffn, encoder_layers=1, subln=True,
                            no_output_layer=True)
     return Encoder(config)
 
 
-def magneto_encoder(backend: str) -> torch.nn.Module:
-    config = magneto.MagnetoConfig(embed_dim=D, num_heads=HEADS, ffn_dim=FFN, encoder_layers=1,
+def magneto_encoder(backend: str, d: int = D, heads: int = HEADS, ffn: int = FFN) -> torch.nn.Module:
+    """The same model in magneto, on one backend."""
+    config = magneto.MagnetoConfig(embed_dim=d, num_heads=heads, ffn_dim=ffn, encoder_layers=1,
                                    positions="none", backend=backend)
     return magneto.Encoder(config)
 
