@@ -375,10 +375,11 @@ import torch, magneto_kernels as mk
 from magneto_kernels import _C, reference
 {check}
 torch.manual_seed(0)
-x = (torch.randn(29, 83) * 2 + 1).requires_grad_()
-lw, lb = torch.randn(83).requires_grad_(), torch.randn(83).requires_grad_()
-w, r = (torch.randn(47, 83) * 0.1).requires_grad_(), torch.randn(29, 47)
-dy = torch.randn(29, 47)
+rows, cols = {rows}, {cols}
+x = (torch.randn(rows, cols) * 2 + 1).requires_grad_()
+lw, lb = torch.randn(cols).requires_grad_(), torch.randn(cols).requires_grad_()
+w, r = (torch.randn(47, cols) * 0.1).requires_grad_(), torch.randn(rows, 47)
+dy = torch.randn(rows, 47)
 outs = []
 for backend in ("cpu", "reference"):
     torch.manual_seed(1)
@@ -393,10 +394,11 @@ print("ok")
 """
 
 
-def run_subprocess_check(check: str, **env):
+def run_subprocess_check(check: str, rows=29, cols=83, **env):
     env = dict(os.environ, OMP_NUM_THREADS="2", **env)
-    proc = subprocess.run([sys.executable, "-c", _SUBPROCESS_SCRIPT.format(check=check)], env=env,
-                          capture_output=True, text=True, timeout=300)
+    script = _SUBPROCESS_SCRIPT.format(check=check, rows=rows, cols=cols)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
 
 
@@ -456,10 +458,15 @@ def test_bad_gemm_engine_name(restore_engine):
         _C._set_cpu_gemm_engine("mkl")
 
 
-def test_row_blocked_forward_and_unbuffered_backward():
-    """MAGNETO_CPU_WORKSPACE_MB=0: the forward normalises and multiplies one row at a time and the
-    backward allocates its GEMM operand instead of using the workspace."""
+def test_without_workspace():
+    """MAGNETO_CPU_WORKSPACE_MB=0: forward and backward allocate their GEMM operand per call."""
     run_subprocess_check("", MAGNETO_CPU_WORKSPACE_MB="0")
+
+
+def test_row_blocked_forward():
+    """An operand of 1000×300 fp32 (1.14 MiB) through a 1 MiB workspace: the forward runs in two
+    row blocks (873 + 127 rows), the backward allocates its operand."""
+    run_subprocess_check("", rows=1000, cols=300, MAGNETO_CPU_WORKSPACE_MB="1")
 
 
 # ------------------------------------------------------------------- agreement with Triton
