@@ -40,28 +40,51 @@ Choice current_choice() {
   return choice;
 }
 
-// Why oneDNN cannot run here (empty when it can). Found once: the symbol, then one small matmul
-// against at::mm, which also catches CPUs that mkldnn_matmul refuses (it wants AVX-512 BW/VL/DQ
-// or AVX-NE-CONVERT even for fp32).
-const std::string& onednn_unusable_reason(MkldnnMatmul* fn) {
-  static MkldnnMatmul found = nullptr;
-  static const std::string reason = [] {
+// oneDNN's matmul as found once in this process: the symbol, then one small matmul against
+// at::mm, which also catches CPUs that mkldnn_matmul refuses (it wants AVX-512 BW/VL/DQ or
+// AVX-NE-CONVERT even for fp32). `why_not` is empty when it is usable.
+struct Onednn {
+  MkldnnMatmul matmul = nullptr;
+  std::string why_not;
+};
+
+const Onednn& onednn() {
+  static const Onednn found = [] {
+    Onednn o;
     auto sym = reinterpret_cast<MkldnnMatmul>(dlsym(RTLD_DEFAULT, kMkldnnMatmulSymbol));
-    if (sym == nullptr) return std::string("torch does not export at::native::mkldnn_matmul");
+    if (sym == nullptr) {
+      o.why_not = "torch does not export at::native::mkldnn_matmul";
+      return o;
+    }
     try {
       const Tensor a = at::arange(24, at::kFloat).reshape({4, 6}) / 7;
       const Tensor b = at::arange(18, at::kFloat).reshape({6, 3}) / 5;
       Tensor c = at::ones({4, 3}, at::kFloat);
       sym(a, b, c, 1.0f, 1.0f);
-      if (!at::allclose(c, at::mm(a, b) + 1)) return std::string("mkldnn_matmul gave a wrong result");
+      if (!at::allclose(c, at::mm(a, b) + 1)) o.why_not = "mkldnn_matmul gave a wrong result";
     } catch (const std::exception& e) {
-      return std::string("mkldnn_matmul failed: ") + e.what();
+      o.why_not = std::string("mkldnn_matmul failed: ") + e.what();
     }
-    found = sym;
-    return std::string();
+    if (o.why_not.empty()) o.matmul = sym;
+    return o;
   }();
-  *fn = found;
-  return reason;
+  return found;
+}
+
+// Whether the GEMMs go to oneDNN now (the choice, torch.backends.mkldnn.enabled, usability).
+bool use_onednn() {
+  const Choice c = current_choice();
+  if (c == Choice::kAten || !at::globalContext().userEnabledMkldnn()) return false;
+  const Onednn& o = onednn();
+  TORCH_CHECK(o.why_not.empty() || c == Choice::kAuto,
+              "MAGNETO_CPU_GEMM=onednn but oneDNN is not usable: ", o.why_not);
+  return o.why_not.empty();
+}
+
+// Shapes and dtypes that stay with ATen: empty operands (a sum over no rows must still write
+// zeros) and fp16 (mkldnn_matmul takes it only on CPUs with AVX512-FP16).
+bool aten_only(const Tensor& a, const Tensor& b) {
+  return a.numel() == 0 || b.numel() == 0 || a.scalar_type() == at::kHalf;
 }
 
 }  // namespace
@@ -73,22 +96,12 @@ void set_engine(const std::string& s) {
   choice_set = true;
 }
 
-std::string engine() {
-  const Choice c = current_choice();
-  if (c == Choice::kAten || !at::globalContext().userEnabledMkldnn()) return "aten";
-  MkldnnMatmul fn;
-  const std::string& reason = onednn_unusable_reason(&fn);
-  if (reason.empty()) return "onednn";
-  TORCH_CHECK(c == Choice::kAuto, "MAGNETO_CPU_GEMM=onednn but oneDNN is not usable: ", reason);
-  return "aten";
-}
+std::string engine() { return use_onednn() ? "onednn" : "aten"; }
 
 Tensor linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias) {
   static const std::optional<c10::OperatorHandle> linear_pointwise =
       c10::Dispatcher::singleton().findOp({"mkldnn::_linear_pointwise", ""});
-  const bool degenerate = x.numel() == 0 || weight.numel() == 0;
-  if (!degenerate && x.scalar_type() != at::kHalf && linear_pointwise.has_value() &&
-      engine() == "onednn") {
+  if (!aten_only(x, weight) && linear_pointwise.has_value() && use_onednn()) {
     torch::jit::Stack stack{x, weight, bias, std::string("none"),
                             c10::List<std::optional<at::Scalar>>(), std::string("")};
     linear_pointwise->callBoxed(stack);
@@ -98,15 +111,9 @@ Tensor linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>
 }
 
 void matmul(const Tensor& a, const Tensor& b, const Tensor& result, bool accumulate) {
-  // Empty operands (a sum over no rows must still write zeros) and fp16 stay with ATen.
-  const bool degenerate = a.numel() == 0 || b.numel() == 0 || result.numel() == 0;
-  if (!degenerate && a.scalar_type() != at::kHalf && engine() == "onednn") {
-    MkldnnMatmul fn;
-    onednn_unusable_reason(&fn);
-    fn(a, b, result, accumulate ? 1.0f : 0.0f, 1.0f);
-    return;
-  }
-  if (accumulate) {
+  if (!aten_only(a, b) && result.numel() > 0 && use_onednn()) {
+    onednn().matmul(a, b, result, accumulate ? 1.0f : 0.0f, 1.0f);
+  } else if (accumulate) {
     result.addmm_(a, b);
   } else {
     at::mm_out(const_cast<Tensor&>(result), a, b);
