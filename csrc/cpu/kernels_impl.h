@@ -104,22 +104,43 @@ constexpr float kSqrtHalf = 0.70710678118654752440f;     // 1/sqrt(2)
 constexpr float kInvSqrt2Pi = 0.39894228040143267794f;   // 1/sqrt(2 pi)
 constexpr float kTanhBeta = 0.79788456080286535588f;     // sqrt(2/pi)
 constexpr float kTanhKappa = 0.044715f;
+constexpr float kLog2e = 1.44269504088896340736f;
+
+// 2^t for t <= 0, as 2^n·2^f with n = round(t): 2^f, |f| <= 1/2, by a degree-6 minimax
+// polynomial (relative error 9.6e-8 in float arithmetic, about 1 ulp) and 2^n written
+// straight into the exponent bits. t is clamped at -126, so the result bottoms out at 2^-126
+// (~1.2e-38) instead of underflowing; its one use below cannot tell the difference.
+// 13 vector instructions against ~19 for at::vec's exp_u20 (fc2-shaped ln_linear forward: −7%).
+inline Vec exp2_nonpositive(const Vec& t) {
+  const Vec clamped = at::vec::maximum(t, Vec(-126.0f));
+  const Vec n = clamped.round();
+  const Vec f = clamped - n;
+  Vec p = at::vec::fmadd(Vec(0.00015345810970757157f), f, Vec(0.0013399930903688073f));
+  p = at::vec::fmadd(p, f, Vec(0.009618489071726799f));
+  p = at::vec::fmadd(p, f, Vec(0.05550328642129898f));
+  p = at::vec::fmadd(p, f, Vec(0.24022646248340607f));
+  p = at::vec::fmadd(p, f, Vec(0.6931471824645996f));
+  p = at::vec::fmadd(p, f, Vec(1.0f));
+  // (n + 127)·2^23, exact in float for n in [-126, 0], is the bit pattern of 2^n.
+  const Vec pow2_bits = at::vec::fmadd(n, Vec(8388608.0f), Vec(1065353216.0f));
+  return p * at::vec::cast<float>(at::vec::convert_to_int_of_same_size(pow2_bits));
+}
 
 // The normal CDF Φ(x) and density φ(x) that GELU and its derivative are made of, sharing one
-// exp(−x²/2): erf(|x|/√2) by Abramowitz–Stegun 7.1.26 (|error| ≤ 1.5e-7; the formula at::vec's
-// erf uses, which spends a second exp when φ is wanted too). The exp is at::vec's exp_u20
-// (≤ 6 ulp on [−80, 0]; the erf approximation dominates): GELU and its derivative stay within
-// the error of torch's own fp32 F.gelu (tests/test_cpp_ops.py::test_gelu_accuracy), and the
-// fc2-shaped ln_linear forward+backward gets ~3% faster than with the 1-ulp exp.
+// exp(−x²/2): the tail Φ(−|x|) = erfc(|x|/√2)/2 by Abramowitz–Stegun 7.1.26 (|error| ≤ 7.5e-8;
+// the formula at::vec's erf uses, which spends a second exp when φ is wanted too), and
+// Φ(x) = 1 − Φ(−|x|) for x >= 0. GELU and its derivative stay within the error of torch's own
+// fp32 F.gelu (tests/test_cpp_ops.py::test_gelu_accuracy).
 inline void gelu_cdf_pdf(const Vec& x, Vec& cdf, Vec& pdf) {
   const Vec t = Vec(1.0f) / at::vec::fmadd(Vec(0.3275911f * kSqrtHalf), x.abs(), Vec(1.0f));
-  Vec r = at::vec::fmadd(Vec(1.061405429f), t, Vec(-1.453152027f));
-  r = at::vec::fmadd(r, t, Vec(1.421413741f));
-  r = at::vec::fmadd(r, t, Vec(-0.284496736f));
-  r = at::vec::fmadd(r, t, Vec(0.254829592f));
-  const Vec e = (x * x * Vec(-0.5f)).exp_u20();
-  const Vec half_erf = Vec(0.5f) - Vec(0.5f) * r * t * e;  // erf(|x|/√2) / 2
-  cdf = Vec::blendv(Vec(0.5f) + half_erf, Vec(0.5f) - half_erf, x < Vec(0.0f));
+  // The 7.1.26 coefficients halved (exactly), so that r·t·e is the tail itself.
+  Vec r = at::vec::fmadd(Vec(0.5f * 1.061405429f), t, Vec(0.5f * -1.453152027f));
+  r = at::vec::fmadd(r, t, Vec(0.5f * 1.421413741f));
+  r = at::vec::fmadd(r, t, Vec(0.5f * -0.284496736f));
+  r = at::vec::fmadd(r, t, Vec(0.5f * 0.254829592f));
+  const Vec e = exp2_nonpositive(x * x * Vec(-0.5f * kLog2e));  // exp(−x²/2)
+  const Vec tail = r * t * e;                                      // Φ(−|x|)
+  cdf = Vec::blendv(Vec(1.0f) - tail, tail, x < Vec(0.0f));
   pdf = e * Vec(kInvSqrt2Pi);
 }
 
@@ -256,6 +277,44 @@ struct Dropout {
   }
 };
 
+// ----------------------------------------------------------------------- software prefetch
+
+// The row kernels make two or three passes over a row, and only the first comes from memory: the
+// hardware prefetcher follows that pass but leaves the memory idle while the others run in L1.
+// So one pass also touches, column by column, the same columns `ahead` rows on (about 8 KiB
+// ahead, at least a row) of the rows to read and, for writing, of the rows to write, which keeps
+// loads and write-allocations in flight. Measured in fp32 against no software prefetch, one
+// thread / two: 1024×3072 forward with GELU writing H −20% / −21%, its backward −25% / −16%;
+// LayerNorm 8192×1024 forward −20% / −9%, backward −26% / −13%.
+struct RowPrefetch {
+  const char* base = nullptr;  // null: nothing to prefetch
+  int64_t row_bytes = 0;       // stride between rows, in bytes
+  int64_t rows = 0;
+  int64_t ahead = 1;
+  size_t elem = 4;
+
+  RowPrefetch() = default;
+  template <typename T>
+  RowPrefetch(const T* base_, int64_t stride, int64_t rows_, int64_t cols)
+      : base(reinterpret_cast<const char*>(base_)),
+        row_bytes(stride * static_cast<int64_t>(sizeof(T))),
+        rows(rows_),
+        ahead(std::clamp<int64_t>(8192 / std::max<int64_t>(1, cols * static_cast<int64_t>(sizeof(T))), 1, 8)),
+        elem(sizeof(T)) {}
+
+  // The row `ahead` rows after row i, or null past the last row.
+  const char* after(int64_t i) const {
+    return base != nullptr && i + ahead < rows ? base + (i + ahead) * row_bytes : nullptr;
+  }
+  // Prefetches column j of a row from after(), to be read or to be written.
+  void touch(const char* row, int64_t j) const {
+    if (row != nullptr) __builtin_prefetch(row + j * static_cast<int64_t>(elem), 0, 3);
+  }
+  void touch_for_write(const char* row, int64_t j) const {
+    if (row != nullptr) __builtin_prefetch(row + j * static_cast<int64_t>(elem), 1, 3);
+  }
+};
+
 // ------------------------------------------------------------------- deterministic reductions
 
 // Fixed row chunks for column sums: the count depends only on the shape, never on the number of
@@ -322,6 +381,14 @@ inline void row_stats(Norm norm, const float* v, int64_t n, float eps, float sum
 template <typename T, Activation IA>
 void norm_forward_typed(const NormForward& a) {
   const int64_t n = a.cols;
+  const RowPrefetch x_ahead(static_cast<const T*>(a.x), a.x_stride, a.rows, n);
+  const RowPrefetch residual_ahead = a.residual == nullptr
+      ? RowPrefetch()
+      : RowPrefetch(static_cast<const T*>(a.residual), a.residual_stride, a.rows, n);
+  const RowPrefetch y_ahead(static_cast<const T*>(a.y), a.y_stride, a.rows, n);
+  const RowPrefetch sum_ahead = a.sum == nullptr
+      ? RowPrefetch()
+      : RowPrefetch(static_cast<const T*>(a.sum), a.sum_stride, a.rows, n);
   for_rows(a.rows, n, 0, [&](int64_t rb, int64_t re, int64_t) {
     std::vector<float> buffer(3 * n);
     float* v_buf = buffer.data();
@@ -364,7 +431,15 @@ void norm_forward_typed(const NormForward& a) {
         std::copy(v, v + n, y);
       } else {
         const Vec m(mean), r(rstd);
+        const char* next_x = x_ahead.after(i);
+        const char* next_residual = residual_ahead.after(i);
+        const char* next_y = y_ahead.after(i);
+        const char* next_sum = sum_ahead.after(i);
         vec_loop(n, [&](int64_t j, int64_t c) {
+          x_ahead.touch(next_x, j);
+          residual_ahead.touch(next_residual, j);
+          y_ahead.touch_for_write(next_y, j);
+          sum_ahead.touch_for_write(next_sum, j);
           Vec out = (Vec::loadu(v + j, c) - m) * r;
           if (a.gamma != nullptr) out = out * Vec::loadu(a.gamma + j, c);
           if (a.beta != nullptr) out = out + Vec::loadu(a.beta + j, c);
@@ -388,6 +463,17 @@ void norm_backward_typed(const NormBackward& a) {
   const bool layer = a.norm == Norm::kLayer;
   const bool none = a.norm == Norm::kNone;
   const bool want_dx = a.dy != nullptr && a.dx != nullptr;
+  const RowPrefetch x_ahead(static_cast<const T*>(a.x), a.x_stride, a.rows, n);
+  const RowPrefetch dy_ahead = a.dy == nullptr
+      ? RowPrefetch()
+      : RowPrefetch(static_cast<const T*>(a.dy), a.dy_stride, a.rows, n);
+  const RowPrefetch h_ahead = a.h == nullptr
+      ? RowPrefetch()
+      : RowPrefetch(static_cast<const T*>(a.h), a.h_stride, a.rows, n);
+  // dx written in place of dy is in cache already.
+  const RowPrefetch dx_ahead = !want_dx || a.dx == a.dy
+      ? RowPrefetch()
+      : RowPrefetch(static_cast<const T*>(a.dx), a.dx_stride, a.rows, n);
 
   for_rows(a.rows, n, chunks, [&](int64_t rb, int64_t re, int64_t chunk) {
     std::vector<float> buffer(6 * n);
@@ -419,8 +505,12 @@ void norm_backward_typed(const NormBackward& a) {
       // and g⊙xhat.
       // (Compiled once per combination of h and dy present, so the loop carries no such test.)
       Vec sum_g(0.0f), sum_gx(0.0f);
+      const char* next_x = x_ahead.after(i);
+      const char* next_dy = dy_ahead.after(i);
       auto sweep1 = [&](auto with_h, auto with_dy) {
         vec_loop(n, [&](int64_t j, int64_t c) {
+          x_ahead.touch(next_x, j);
+          dy_ahead.touch(next_dy, j);
           Vec av = Vec::loadu(xf + j, c);
           if constexpr (IA != Activation::kNone) {
             if (want_dx) {
@@ -470,7 +560,11 @@ void norm_backward_typed(const NormBackward& a) {
       float* dx = dest_row(dx_row, out_buf);
       // Sweep 2: dx = rstd·(g − c1 − xhat·c2)·in_act'(x) + grad_accum (dx may be dy itself: each
       // element of dy is read before it is overwritten).
+      const char* next_h = h_ahead.after(i);
+      const char* next_dx = dx_ahead.after(i);
       vec_loop(n, [&](int64_t j, int64_t c) {
+        h_ahead.touch_for_write(next_h, j);
+        dx_ahead.touch_for_write(next_dx, j);
         const Vec d = Vec::loadu(dy + j, c);
         Vec da;
         if (none) {
