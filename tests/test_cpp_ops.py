@@ -379,6 +379,7 @@ rows, cols = {rows}, {cols}
 x = (torch.randn(rows, cols) * 2 + 1).requires_grad_()
 lw, lb = torch.randn(cols).requires_grad_(), torch.randn(cols).requires_grad_()
 w, r = (torch.randn(47, cols) * 0.1).requires_grad_(), torch.randn(rows, 47)
+b = torch.randn(47).requires_grad_()
 dy = torch.randn(rows, 47)
 outs = []
 for backend in ("cpu", "reference"):
@@ -386,6 +387,10 @@ for backend in ("cpu", "reference"):
     y = mk.ln_linear(x, lw, lb, w, None, residual=r, input_activation="gelu",
                      activation="silu", dropout_p=0.3, backend=backend)
     outs.append([y] + list(torch.autograd.grad(y, (x, lw, lb, w), dy)))
+    # fc2's case: the residual folded into the GEMM's output (or added after it), with a bias
+    y = mk.ln_linear(x, lw, lb, w, b, residual=r, alpha=0.7, input_activation="gelu",
+                     backend=backend)
+    outs[-1] += [y] + list(torch.autograd.grad(y, (x, lw, lb, w, b), dy))
     outs[-1].append(mk.layer_norm(x, lw, None, norm="rms", backend=backend))
 for a, b in zip(*outs):
     err = ((a - b).norm() / b.norm()).item()
