@@ -8,8 +8,11 @@
 // through csrc/cpu_gemm.h (oneDNN's matmul where usable, else at::mm), on CUDA through cuBLAS:
 //
 //   forward   H = N(in_act(x))                      one pass over x (rows, stats)
-//             out = alpha·residual + bias;  out += H @ W^T       (no activation, no dropout)
-//             u = bias;  u += H @ W^T;  out = alpha·residual + dropout(act(u))  (one pass over u)
+//             u = H @ W^T + bias                    (bias: CPU in oneDNN's epilogue, CUDA below)
+//             out = alpha·residual + dropout(act(u))   one pass over u, in place unless u is kept
+//                                                       (none without residual, act, dropout)
+//             (a CPU operand larger than the workspace goes in row blocks, each GEMM
+//             accumulating into out = alpha·residual + bias when nothing else follows)
 //   backward  dz = dy ⊙ dropout mask ⊙ act'(u), dbias = Σ dz    one pass over dy (skipped,
 //                                                               bar the dbias sum, when dz = dy)
 //             dh = dz @ W

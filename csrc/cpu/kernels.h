@@ -97,8 +97,9 @@ struct LinearEpilogue {
 };
 void linear_epilogue(const LinearEpilogue& args);
 
-// out = alpha·residual + bias (bias broadcast over rows, optional): the accumulator a GEMM then
-// adds u = h @ W^T into, when the output has no activation and no dropout.
+// out = alpha·residual + bias (bias broadcast over rows, optional): the accumulator the row-blocked
+// ln_linear forward's GEMMs add u = h @ W^T into, when the output has no activation and no
+// dropout.
 void residual_bias_init(DType dtype, int64_t rows, int64_t cols, const void* residual,
                         int64_t residual_stride, float alpha, const void* bias, void* out,
                         int64_t out_stride);
