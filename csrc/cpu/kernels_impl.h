@@ -521,13 +521,19 @@ void norm_backward_typed(const NormBackward& a) {
       // xhat (kept for dx), h, the dgamma/dbeta partial sums and the row sums of g = dy⊙gamma
       // and g⊙xhat.
       // (Compiled once per combination of h and dy present, so the loop carries no such test.)
+      // It is the longer sweep, so it also touches the rows ahead, to read and to write (2
+      // threads, 1024×3072 with GELU: −4% against the writes touched in sweep 2).
       Vec sum_g(0.0f), sum_gx(0.0f);
       const char* next_x = x_ahead.after(i);
       const char* next_dy = dy_ahead.after(i);
+      const char* next_h = h_ahead.after(i);
+      const char* next_dx = dx_ahead.after(i);
       auto sweep1 = [&](auto with_h, auto with_dy) {
         vec_loop(n, [&](int64_t j, int64_t c) {
           x_ahead.touch(next_x, j);
           dy_ahead.touch(next_dy, j);
+          h_ahead.touch_for_write(next_h, j);
+          dx_ahead.touch_for_write(next_dx, j);
           Vec av = Vec::loadu(xf + j, c);
           if constexpr (IA != Activation::kNone) {
             if (want_dx) {
@@ -577,11 +583,7 @@ void norm_backward_typed(const NormBackward& a) {
       float* dx = dest_row(dx_row, out_buf);
       // Sweep 2: dx = rstd·(g − c1 − xhat·c2)·in_act'(x) + grad_accum (dx may be dy itself: each
       // element of dy is read before it is overwritten).
-      const char* next_h = h_ahead.after(i);
-      const char* next_dx = dx_ahead.after(i);
       vec_loop(n, [&](int64_t j, int64_t c) {
-        h_ahead.touch_for_write(next_h, j);
-        dx_ahead.touch_for_write(next_dx, j);
         const Vec d = Vec::loadu(dy + j, c);
         Vec da;
         if (none) {
