@@ -300,7 +300,8 @@ struct RowPrefetch {
       : base(reinterpret_cast<const char*>(base_)),
         row_bytes(stride * static_cast<int64_t>(sizeof(T))),
         rows(rows_),
-        ahead(std::clamp<int64_t>(8192 / std::max<int64_t>(1, cols * static_cast<int64_t>(sizeof(T))), 1, 8)),
+        ahead(std::clamp<int64_t>(
+            8192 / std::max<int64_t>(1, cols * static_cast<int64_t>(sizeof(T))), 1, 8)),
         elem(sizeof(T)) {}
 
   // The row `ahead` rows after row i, or null past the last row.
