@@ -7,6 +7,7 @@ Public ops (see ``ops.py``; the specification is ``reference.py``):
 - ``ln_linear(x, ln_weight, ln_bias, weight, bias=None, *, eps=1e-5, norm="layer",
   input_activation=None, activation=None, residual=None, alpha=1.0, dropout_p=0.0, backend=None)``
 
+``activation(x, name)`` and ``dropout(x, p)`` are the unfused pieces modules fall back to.
 ``available_backends(device)`` says which backends run on a device and why the others do not.
 """
 from magneto_kernels import library  # noqa: F401  (defines the torch.library op families)
@@ -15,7 +16,7 @@ try:  # the C++ extension registers the "cpp" family's CPU/CUDA kernels when imp
 except ImportError:  # not built: available_backends() says why the cpu/cuda backends are missing
     pass
 from magneto_kernels.backends import BACKENDS, ENV_VAR, available_backends, resolve_backend
-from magneto_kernels.ops import add_layer_norm, layer_norm, ln_linear
+from magneto_kernels.ops import activation, add_layer_norm, dropout, layer_norm, ln_linear
 
 __all__ = ["BACKENDS", "ENV_VAR", "available_backends", "resolve_backend", "layer_norm",
-           "add_layer_norm", "ln_linear"]
+           "add_layer_norm", "ln_linear", "activation", "dropout"]

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from magneto_kernels import reference
+from magneto_kernels.codes import canonical_activation
 from magneto_kernels.backends import FAMILY, resolve_backend
 from magneto_kernels.library import get_op
 
@@ -117,8 +118,8 @@ def ln_linear(x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
     _check_tensor("bias", bias, x, (out_features,), (x.dtype,))
     out_shape = (*x.shape[:-1], out_features)
     _check_tensor("residual", residual, x, out_shape, (x.dtype,))
-    input_activation = reference.canonical_activation(input_activation)
-    activation = reference.canonical_activation(activation)
+    input_activation = canonical_activation(input_activation)
+    activation = canonical_activation(activation)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     seed = _draw_seed(x) if dropout_p > 0.0 else None
@@ -135,3 +136,17 @@ def ln_linear(x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
         "none" if ln_weight is None else norm, input_activation, activation, float(alpha),
         float(dropout_p))
     return out.view(out_shape)
+
+
+def activation(x: Tensor, name: Optional[str]) -> Tensor:
+    """``name``'s activation of x, as the fused ops apply it (None, "gelu", "gelu_tanh", "relu",
+    "silu"/"swish"): for the unfused paths of modules."""
+    return reference.apply_activation(x, canonical_activation(name))
+
+
+def dropout(x: Tensor, p: float) -> Tensor:
+    """Philox dropout of x with a seed drawn from torch's generator on x's device: the mask the
+    fused ops draw for the same seed and shape. Identity when ``p == 0``."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {p}")
+    return reference.dropout(x, p, _draw_seed(x) if p > 0.0 else None)

@@ -18,17 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-NORMS = ("layer", "rms", "none")
-ACTIVATIONS = ("none", "gelu", "gelu_tanh", "relu", "silu")
-ACTIVATION_ALIASES = {None: "none", "swish": "silu", "identity": "none", "linear": "none"}
-
-
-def canonical_activation(name: Optional[str]) -> str:
-    """Map user spellings (None, 'swish', ...) to one of ACTIVATIONS; ValueError otherwise."""
-    name = ACTIVATION_ALIASES.get(name, name)
-    if name not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS + ('swish', None)}, got {name!r}")
-    return name
+from magneto_kernels.codes import (NORMS, PHILOX_KEY_A, PHILOX_KEY_B, PHILOX_ROUND_A,
+                                   PHILOX_ROUND_B, PHILOX_ROUNDS, canonical_activation,
+                                   dropout_threshold)
 
 
 def apply_activation(x: Tensor, name: Optional[str]) -> Tensor:
@@ -63,7 +55,7 @@ def normalize(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: 
         return F.rms_norm(x.to(dt), width, w, eps)
     if norm == "none":
         return x.to(dt)
-    raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    raise ValueError(f"norm must be one of {tuple(NORMS)}, got {norm!r}")
 
 
 def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float = 1e-5, *,
@@ -88,18 +80,7 @@ def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: 
 # Dropout: Philox4x32-10 keyed by the seed, counter = (index mod 2^32, index >> 32, 0, 0).
 # Bit-compatible with triton.language.randint (first output word) for indices below 2^32.
 
-PHILOX_KEY_A = 0x9E3779B9
-PHILOX_KEY_B = 0xBB67AE85
-PHILOX_ROUND_A = 0xD2511F53
-PHILOX_ROUND_B = 0xCD9E8D57
 _U32 = 0xFFFFFFFF
-
-
-def dropout_threshold(p: float) -> int:
-    """Integer threshold t: an element is kept iff its 32-bit random word is >= t."""
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {p}")
-    return min(int(p * 4294967296.0), _U32)
 
 
 def _mulhilo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -124,7 +105,7 @@ def philox(seed: Tensor, index: Tensor) -> Tensor:
     c1 = index >> 32
     c2 = torch.zeros_like(index)
     c3 = torch.zeros_like(index)
-    for _ in range(10):
+    for _ in range(PHILOX_ROUNDS):
         hi_b, lo_b = _mulhilo(PHILOX_ROUND_B, c2)
         hi_a, lo_a = _mulhilo(PHILOX_ROUND_A, c0)
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a

@@ -1,0 +1,44 @@
+"""The tables every Python layer of magneto_kernels shares: norm kinds, activations, Philox.
+
+One definition each, read by the reference (``reference.py``), the public ops (``ops.py``), the
+Triton kernels (``triton/``) and the tests, which enumerate them from here. The integer codes are
+the ones the kernels are compiled with; ``csrc/common.h`` holds the same table for C++ and CUDA,
+and a test checks that the two agree (``magneto_kernels._C.codes()``).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+NORMS = {"layer": 0, "rms": 1, "none": 2}
+"""Norm kind -> kernel code. "none": no norm (``ln_linear`` with ``ln_weight=None``)."""
+
+ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4}
+"""Activation -> kernel code, for ``activation`` and ``input_activation`` alike."""
+
+ACTIVATION_ALIASES = {None: "none", "swish": "silu", "identity": "none", "linear": "none"}
+"""Other spellings users pass, mapped to a key of ACTIVATIONS."""
+
+# Philox4x32-10 (Salmon et al. 2011): the key increments and round multipliers.
+PHILOX_KEY_A = 0x9E3779B9
+PHILOX_KEY_B = 0xBB67AE85
+PHILOX_ROUND_A = 0xD2511F53
+PHILOX_ROUND_B = 0xCD9E8D57
+PHILOX_ROUNDS = 10
+
+_U32 = 0xFFFFFFFF
+
+
+def canonical_activation(name: Optional[str]) -> str:
+    """Map user spellings (None, 'swish', ...) to a key of ACTIVATIONS; ValueError otherwise."""
+    name = ACTIVATION_ALIASES.get(name, name)
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {tuple(ACTIVATIONS) + ('swish', None)}, "
+                         f"got {name!r}")
+    return name
+
+
+def dropout_threshold(p: float) -> int:
+    """Integer threshold t: an element is kept iff its 32-bit Philox word is >= t."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {p}")
+    return min(int(p * 4294967296.0), _U32)
