@@ -9,16 +9,16 @@ every distinct saved storage counted once, parameters and the input left out
 from __future__ import annotations
 
 import os
-import sys
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tests", "_timm_standin"))  # torchscale imports timm
+import magneto
+import magneto_kernels
+from magneto.compat import timm_standin
+from magneto.profiling import saved_tensor_bytes
 
-import magneto  # noqa: E402
-import magneto_kernels  # noqa: E402
-from magneto.profiling import saved_tensor_bytes  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
+timm_standin.use_if_missing()  # torchscale imports timm.models.layers.drop_path
 
 D, HEADS, FFN, T, BATCH = 256, 4, 1024, 128, 2
 
