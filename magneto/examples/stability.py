@@ -11,7 +11,8 @@ loss blows up, is stopped and recorded as diverged.
     python -m magneto.examples.stability --measure-update  # DeepNet's one-step update size
 
 Writes ``stability.png`` (train and validation loss per scheme), ``stability.md`` (a table) and
-``stability.json`` (every number) into ``--out-dir``.
+``stability.json`` (every number) into ``--out-dir`` (default ``./results``; the repository's
+own run is in ``bench/results``, made with ``--out-dir bench/results``).
 
 The mechanism behind the claim (DeepNet, Wang et al. 2022, §3): with Post-LN the change of the
 model's output caused by one optimizer step at initialisation grows with depth, and a large early
@@ -35,7 +36,7 @@ from magneto.examples.data import VOCAB_SIZE, fixed_windows, load_corpus, random
 
 SCHEMES = ("post", "pre", "deepnorm", "subln")
 LABELS = {"post": "Post-LN", "pre": "Pre-LN", "deepnorm": "DeepNorm", "subln": "Magneto (Sub-LN)"}
-DEFAULT_OUT_DIR = Path("bench/results")
+DEFAULT_OUT_DIR = Path("results")  # under the current directory
 
 
 def build_model(scheme, layers, width, heads, ffn_dim, max_positions, vocab_size=VOCAB_SIZE):
@@ -359,7 +360,8 @@ def parse_args(argv):
     p.add_argument("--blowup", type=float, default=2.0, help="divergence: windowed loss > blowup x best")
     p.add_argument("--blowup-window", type=int, default=10, help="steps in the divergence window")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--out-dir", default=str(DEFAULT_OUT_DIR))
+    p.add_argument("--out-dir", default=str(DEFAULT_OUT_DIR),
+                   help="where the results go (default: ./results)")
     p.add_argument("--measure-update", action="store_true",
                    help="print DeepNet's one-step update size at depths 6, 24, 96 instead of training")
     p.add_argument("--update-lr", type=float, default=1e-4, help="Adam learning rate of --measure-update")
