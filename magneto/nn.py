@@ -173,7 +173,8 @@ def _copy_weights(new: nn.Module, old: nn.Module) -> None:
     for target, source in pairs:
         if isinstance(source, nn.MultiheadAttention):
             if not source._qkv_same_embed_dim:
-                raise ValueError("copy_weights: attention with kdim/vdim != d_model is not supported")
+                raise ValueError("copy_weights: attention with kdim/vdim != d_model is not "
+                                 "supported")
             target.in_proj_weight.copy_(source.in_proj_weight)
             if target.in_proj_bias is not None:
                 target.in_proj_bias.copy_(source.in_proj_bias)
