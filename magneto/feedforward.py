@@ -16,6 +16,8 @@ Which path is fused (for fused backends):
   fused ops draw, seed from torch's generator), then fc2 as ``ln_linear`` without
   ``input_activation``;
 - drop path is handled by the layer (it calls this module without ``residual``).
+
+Why the activation sits on fc2's input: docs/design.md, The op contract.
 """
 from __future__ import annotations
 
