@@ -9,16 +9,16 @@ every distinct saved storage counted once, parameters and the input left out
 from __future__ import annotations
 
 import os
-import sys
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tests", "_timm_standin"))  # torchscale imports timm
+import magneto
+import magneto_kernels
+from magneto.compat import timm_standin
+from magneto.profiling import saved_tensor_bytes
 
-import magneto  # noqa: E402
-import magneto_kernels  # noqa: E402
-from magneto.profiling import saved_tensor_bytes  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
+timm_standin.use_if_missing()  # torchscale imports timm.models.layers.drop_path
 
 D, HEADS, FFN, T, BATCH = 256, 4, 1024, 128, 2
 
@@ -41,7 +41,8 @@ def torchscale_encoder(d: int = D, heads: int = HEADS, ffn: int = FFN) -> torch.
     return Encoder(config)
 
 
-def magneto_encoder(backend: str, d: int = D, heads: int = HEADS, ffn: int = FFN) -> torch.nn.Module:
+def magneto_encoder(backend: str, d: int = D, heads: int = HEADS,
+                    ffn: int = FFN) -> torch.nn.Module:
     """The same model in magneto, on one backend."""
     config = magneto.MagnetoConfig(embed_dim=d, num_heads=heads, ffn_dim=ffn, encoder_layers=1,
                                    positions="none", backend=backend)
@@ -53,7 +54,8 @@ def main() -> None:
     rows = [("torchscale 0.3.0 (eager)", _per_token_d_vectors(torchscale_encoder()))]
     for backend, problem in magneto_kernels.available_backends("cpu").items():
         if problem is None and not (backend == "triton"):  # the interpreter is too slow at T=128
-            rows.append((f"magneto, backend={backend}", _per_token_d_vectors(magneto_encoder(backend))))
+            rows.append((f"magneto, backend={backend}",
+                         _per_token_d_vectors(magneto_encoder(backend))))
     lines = [f"Saved for backward per token, one Sub-LN encoder layer + final LN "
              f"(d={D}, {HEADS} heads, FFN {FFN}, T={T}, batch {BATCH}, fp32), in d-vectors "
              f"({D * 4} bytes):", "", "| model | d-vectors per token |", "|---|---|"]

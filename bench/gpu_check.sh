@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The project's one GPU script (DESIGN.md §5): build the extension, run the GPU tests, time the
-# ops — in under 6 minutes on one GPU, so that scarce GPU time goes to measuring.
+# The project's one GPU script (docs/design.md, Traps): build the extension, run the GPU tests,
+# time the ops — in under 6 minutes on one GPU, so that scarce GPU time goes to measuring.
 #
 #   OUT=/some/dir bash bench/gpu_check.sh        (logs and tables land in $OUT)
 #

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from magneto_kernels.backends import BACKENDS
-from magneto_kernels.reference import canonical_activation
+from magneto_kernels.codes import canonical_activation
 
 NORM_SCHEMES = ("subln", "pre", "post", "deepnorm")
 NORMS = ("layer", "rms")

@@ -15,21 +15,20 @@ from typing import Optional
 from torch import Tensor, nn
 
 from magneto.config import MagnetoConfig
-from magneto.encoder import _Stack
 from magneto.layers import DecoderLayer
+from magneto.stack import Stack
 
 
-class Decoder(_Stack):
+class Decoder(Stack):
     """Magneto (or Pre-LN / Post-LN / DeepNorm) decoder; arguments as ``magneto.Encoder``."""
 
     def __init__(self, config: MagnetoConfig, embed_tokens: Optional[nn.Module] = None,
                  embed_positions: Optional[nn.Module] = None,
                  output_projection: Optional[nn.Module] = None, is_encoder_decoder: bool = False,
                  **kwargs):
-        super().__init__(**kwargs)
-        self._build(config, embed_tokens, embed_positions, output_projection, is_encoder_decoder,
-                    DecoderLayer, config.decoder_layers, want_projection=True,
-                    final_norm=config.normalize_before)
+        super().__init__(config, embed_tokens, embed_positions, output_projection,
+                         is_encoder_decoder, DecoderLayer, config.decoder_layers,
+                         want_projection=True, final_norm=config.normalize_before, **kwargs)
 
     @staticmethod
     def is_first_step(incremental_state: Optional[dict]) -> bool:
@@ -44,7 +43,7 @@ class Decoder(_Stack):
         if incremental_state is not None and not self.is_first_step(incremental_state):
             tokens = tokens[:, -1:] if tokens is not None else None
             positions = positions[:, -1:] if positions is not None else None
-        x = embed = self._scaled_token_embedding(tokens, token_embedding)
+        x = embed = self.scaled_token_embedding(tokens, token_embedding)
         if positions is not None:
             x = x + positions
         return self.dropout_module(x), embed
@@ -72,13 +71,13 @@ class Decoder(_Stack):
             state = None
             if incremental_state is not None:
                 state = incremental_state.setdefault(idx, {})
-            x, _, _, l_aux_i = self._run_layer(
+            x, _, _, l_aux_i = self.run_layer(
                 layer, x, enc, enc_mask, incremental_state=state,
                 self_attn_padding_mask=self_attn_padding_mask, is_first_step=first_step,
                 self_attn_causal=causal)
             l_aux.append(l_aux_i)
             inner_states.append(x)
-        return self._finish(x, features_only), {"inner_states": inner_states, "l_aux": l_aux,
+        return self.final_output(x, features_only), {"inner_states": inner_states, "l_aux": l_aux,
                                                  "attn": None}
 
     def output_layer(self, features: Tensor) -> Tensor:

@@ -3,23 +3,18 @@ print their parity against torchscale 0.3.0 (relative errors of outputs and grad
 
 Runs on CPU in a few seconds. The parity part needs torchscale (``pip install fairscale==0.4.0
 && pip install --no-deps torchscale==0.3.0``); torchscale imports one function from timm, and
-where timm is not installed the repository's labelled stand-in (``tests/_timm_standin``) is used.
+where timm is not installed the labelled stand-in ``magneto.compat.timm_standin`` is used.
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
 import time
 
 import torch
 
 import magneto
 import magneto_kernels
+from magneto.compat import timm_standin
 from magneto.compat.torchscale import from_torchscale, to_torchscale_state_dict
-
-STANDIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests",
-                       "_timm_standin")
 
 
 def _rel(ours: torch.Tensor, theirs: torch.Tensor) -> float:
@@ -52,8 +47,7 @@ def run_backbone() -> None:
 
 
 def _import_torchscale():
-    if importlib.util.find_spec("timm") is None and os.path.isdir(STANDIN):
-        sys.path.insert(0, STANDIN)  # stand-in for timm.models.layers.drop_path (labelled)
+    timm_standin.use_if_missing()  # torchscale imports timm.models.layers.drop_path
     from torchscale.architecture import config, decoder, encoder, encoder_decoder
     from torchscale.component.embedding import PositionalEmbedding, TextEmbedding
     return config, encoder, decoder, encoder_decoder, TextEmbedding, PositionalEmbedding

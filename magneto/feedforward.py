@@ -11,10 +11,13 @@ residual afterwards (``add_layer_norm``, in the layer).
 Which path is fused (for fused backends):
 - default (no activation dropout in training): both projections as above, the activation,
   the output dropout and the residual add inside ``ln_linear``;
-- ``activation_dropout > 0`` while training: unfused fallback: ``act(u)``, then Philox dropout
-  (``magneto_kernels.reference.dropout``, seed drawn from torch's generator), then fc2 as
-  ``ln_linear`` without ``input_activation``;
+- ``activation_dropout > 0`` while training: unfused fallback through the public ops:
+  ``magneto_kernels.activation(u, act)``, then ``magneto_kernels.dropout`` (the Philox mask the
+  fused ops draw, seed from torch's generator), then fc2 as ``ln_linear`` without
+  ``input_activation``;
 - drop path is handled by the layer (it calls this module without ``residual``).
+
+Why the activation sits on fc2's input: docs/design.md, The op contract.
 """
 from __future__ import annotations
 
@@ -27,11 +30,14 @@ import magneto_kernels
 from magneto.config import MagnetoConfig
 from magneto.init import init_linear_, uninitialized_linear
 from magneto.norm import Norm, norm_kwargs
-from magneto_kernels import reference
 
 
 def draw_seed(x: Tensor) -> Tensor:
-    """A dropout seed from torch's generator on x's device (as ``magneto_kernels`` ops draw)."""
+    """The dropout seed ``magneto_kernels`` ops draw from torch's generator on x's device.
+
+    Not used by this module (it calls ``magneto_kernels.dropout``); kept because
+    tests/test_modules.py imports it to rebuild masks by hand.
+    """
     return torch.randint(0, 2**62, (), dtype=torch.int64, device=x.device)
 
 
@@ -80,7 +86,7 @@ class FeedForward(nn.Module):
         fc2 = dict(weight=self.fc2.weight, bias=self.fc2.bias, residual=residual, alpha=alpha,
                    dropout_p=dropout_p, backend=self.backend, **norm_kwargs(self.ffn_layernorm))
         if self.training and self.activation_dropout > 0.0:
-            a = reference.apply_activation(u, self.activation)
-            a = reference.dropout(a, self.activation_dropout, draw_seed(a))
+            a = magneto_kernels.activation(u, self.activation)
+            a = magneto_kernels.dropout(a, self.activation_dropout)
             return magneto_kernels.ln_linear(a, **fc2)
         return magneto_kernels.ln_linear(u, input_activation=self.activation, **fc2)

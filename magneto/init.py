@@ -34,7 +34,7 @@ Two base inits (``MagnetoConfig.init``), both applying the gains above:
   Learned position embeddings N(0, 1) (``nn.Embedding``'s default, as torchscale's users get).
 
 Both: token embeddings and output projections N(0, d^-1/2) (torchscale's ``TextEmbedding`` and
-``build_output_projection``), norms weight 1, bias 0.
+``build_output_projection``), norms weight 1, bias 0. (docs/design.md, The model.)
 """
 from __future__ import annotations
 

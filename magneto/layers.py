@@ -51,7 +51,7 @@ def drop_path_rate(config: MagnetoConfig, depth: int, num_layers: int) -> float:
     return config.drop_path * depth / (num_layers - 1)
 
 
-class _ResidualLayer(nn.Module):
+class ResidualLayer(nn.Module):
     """What encoder and decoder layers share: the residual block and its scales."""
 
     def __init__(self, config: MagnetoConfig, role: str, depth: int, is_encoder_decoder: bool):
@@ -75,7 +75,7 @@ class _ResidualLayer(nn.Module):
             raise ValueError(f"x must be a (batch, length, embed_dim={self.embed_dim}) Tensor, "
                              f"got {shape}")
 
-    def _residual_block(self, x: Tensor, norm: Norm, sublayer: Callable[..., Tensor]) -> Tensor:
+    def residual_block(self, x: Tensor, norm: Norm, sublayer: Callable[..., Tensor]) -> Tensor:
         """The new residual stream after ``sublayer`` (called with the fused-op keywords)."""
         p = self.config.dropout if self.training else 0.0
         drop_path = self.drop_path is not None and self.training
@@ -92,11 +92,11 @@ class _ResidualLayer(nn.Module):
                                                 backend=self.config.backend)
         return out
 
-    def _ffn_block(self, x: Tensor) -> Tensor:
-        return self._residual_block(x, self.final_layer_norm, self.ffn)
+    def ffn_block(self, x: Tensor) -> Tensor:
+        return self.residual_block(x, self.final_layer_norm, self.ffn)
 
 
-class EncoderLayer(_ResidualLayer):
+class EncoderLayer(ResidualLayer):
     """Self-attention block then feed-forward block (torchscale's ``EncoderLayer``)."""
 
     def __init__(self, config: MagnetoConfig, depth: int = 0, is_encoder_decoder: bool = False):
@@ -131,11 +131,11 @@ class EncoderLayer(_ResidualLayer):
                                   key_padding_mask=encoder_padding_mask, attn_mask=attn_mask,
                                   rel_pos=rel_pos, **kw)[0]
 
-        x = self._residual_block(x, self.self_attn_layer_norm, attention)
-        return self._ffn_block(x), None
+        x = self.residual_block(x, self.self_attn_layer_norm, attention)
+        return self.ffn_block(x), None
 
 
-class DecoderLayer(_ResidualLayer):
+class DecoderLayer(ResidualLayer):
     """Causal self-attention, cross-attention (encoder-decoder only), feed-forward."""
 
     def __init__(self, config: MagnetoConfig, depth: int = 0, is_encoder_decoder: bool = False):
@@ -181,12 +181,12 @@ class DecoderLayer(_ResidualLayer):
                                   key_padding_mask=self_attn_padding_mask, attn_mask=self_attn_mask,
                                   rel_pos=self_attn_rel_pos, is_causal=self_attn_causal, **kw)[0]
 
-        x = self._residual_block(x, self.self_attn_layer_norm, self_attention)
+        x = self.residual_block(x, self.self_attn_layer_norm, self_attention)
         if self.encoder_attn is not None and encoder_out is not None:
             def cross_attention(h, **kw):
                 return self.encoder_attn(h, encoder_out, encoder_out,
                                          key_padding_mask=encoder_padding_mask,
                                          rel_pos=cross_attn_rel_pos, **kw)[0]
 
-            x = self._residual_block(x, self.encoder_attn_layer_norm, cross_attention)
-        return self._ffn_block(x), None, None, None
+            x = self.residual_block(x, self.encoder_attn_layer_norm, cross_attention)
+        return self.ffn_block(x), None, None, None

@@ -102,8 +102,8 @@ class TransformerEncoderLayer(EncoderLayer):
                                   attn_mask=src_mask, is_causal=is_causal and src_mask is None,
                                   **kw)[0]
 
-        x = self._residual_block(x, self.self_attn_layer_norm, attention)
-        x = self._ffn_block(x)
+        x = self.residual_block(x, self.self_attn_layer_norm, attention)
+        x = self.ffn_block(x)
         return x if self.batch_first else x.transpose(0, 1)
 
 
@@ -145,9 +145,9 @@ class TransformerDecoderLayer(DecoderLayer):
                                      attn_mask=memory_mask,
                                      is_causal=memory_is_causal and memory_mask is None, **kw)[0]
 
-        x = self._residual_block(x, self.self_attn_layer_norm, self_attention)
-        x = self._residual_block(x, self.encoder_attn_layer_norm, cross_attention)
-        x = self._ffn_block(x)
+        x = self.residual_block(x, self.self_attn_layer_norm, self_attention)
+        x = self.residual_block(x, self.encoder_attn_layer_norm, cross_attention)
+        x = self.ffn_block(x)
         return x if self.batch_first else x.transpose(0, 1)
 
 
@@ -173,7 +173,8 @@ def _copy_weights(new: nn.Module, old: nn.Module) -> None:
     for target, source in pairs:
         if isinstance(source, nn.MultiheadAttention):
             if not source._qkv_same_embed_dim:
-                raise ValueError("copy_weights: attention with kdim/vdim != d_model is not supported")
+                raise ValueError("copy_weights: attention with kdim/vdim != d_model is not "
+                                 "supported")
             target.in_proj_weight.copy_(source.in_proj_weight)
             if target.in_proj_bias is not None:
                 target.in_proj_bias.copy_(source.in_proj_bias)

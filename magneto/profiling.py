@@ -1,4 +1,7 @@
-"""Measure what autograd keeps for backward: bytes of the distinct storages a forward saves."""
+"""Measure what autograd keeps for backward: bytes of the distinct storages a forward saves.
+
+What one Magneto layer saves, and why: docs/design.md, Memory accounting.
+"""
 from __future__ import annotations
 
 from typing import Callable, Iterable

@@ -16,7 +16,7 @@ FFN width or norm placement. Embedding modules of types magneto does not know (e
 embedding) are carried over unchanged (deep-copied).
 
 Importing torchscale needs ``timm.models.layers.drop_path``; where timm is not installed, the
-tests and ``magneto.demo`` provide a labelled stand-in (``tests/_timm_standin``).
+labelled stand-in ``magneto.compat.timm_standin`` provides it (``use_if_missing()``).
 """
 from __future__ import annotations
 
@@ -54,8 +54,8 @@ def _torchscale():
         raise ImportError(
             f"torchscale 0.3.0 is needed here ({err}). It installs with `pip install "
             "fairscale==0.4.0 && pip install --no-deps torchscale==0.3.0`; it imports "
-            "timm.models.layers.drop_path, for which tests/_timm_standin provides a stand-in "
-            "(put that folder on sys.path) where timm is not installed") from err
+            "timm.models.layers.drop_path: where timm is not installed, call "
+            "magneto.compat.timm_standin.use_if_missing() first (a labelled stand-in)") from err
     return config, encoder, decoder, encoder_decoder, embedding
 
 

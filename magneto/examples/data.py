@@ -15,6 +15,7 @@ Everything is deterministic and independent of filesystem listing order:
 The same Python version therefore always yields the same corpus; a different version's stdlib yields
 a different, equally valid one (the split rule and order are unchanged).
 """
+
 import hashlib
 import sysconfig
 from dataclasses import dataclass
@@ -24,7 +25,9 @@ import torch
 
 VOCAB_SIZE = 257
 EOF_TOKEN = 256
-EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
+EXCLUDED_DIRS = frozenset(
+    {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+)
 
 
 def stdlib_root() -> Path:
@@ -86,10 +89,12 @@ def _encode(root: Path, files, max_bytes: int):
 def load_corpus(train_bytes=4_000_000, valid_bytes=400_000, valid_fraction=0.1, root=None):
     """Read the byte corpus: disjoint train/validation files, each split capped at its byte budget.
 
-    A file cut by the budget contributes only its first bytes; files are never shared between splits.
+    A file cut by the budget contributes only its first bytes; no file is in both splits.
     """
     if train_bytes < 2 or valid_bytes < 2:
-        raise ValueError(f"train_bytes and valid_bytes must be >= 2, got {train_bytes}, {valid_bytes}")
+        raise ValueError(
+            f"train_bytes and valid_bytes must be >= 2, got {train_bytes}, {valid_bytes}"
+        )
     if not 0.0 < valid_fraction < 1.0:
         raise ValueError(f"valid_fraction must be in (0, 1), got {valid_fraction}")
     root = Path(root) if root is not None else stdlib_root()
@@ -104,7 +109,9 @@ def load_corpus(train_bytes=4_000_000, valid_bytes=400_000, valid_fraction=0.1, 
 def random_windows(stream: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator):
     """A batch of random contiguous windows: inputs (B, T) and next-token targets (B, T)."""
     if stream.numel() < seq_len + 1:
-        raise ValueError(f"stream of {stream.numel()} tokens is shorter than seq_len + 1 = {seq_len + 1}")
+        raise ValueError(
+            f"stream of {stream.numel()} tokens is shorter than seq_len + 1 = {seq_len + 1}"
+        )
     starts = torch.randint(0, stream.numel() - seq_len, (batch_size,), generator=generator)
     windows = torch.stack([stream[s : s + seq_len + 1] for s in starts.tolist()])
     return windows[:, :-1], windows[:, 1:]
@@ -113,7 +120,9 @@ def random_windows(stream: torch.Tensor, batch_size: int, seq_len: int, generato
 def fixed_windows(stream: torch.Tensor, num_windows: int, seq_len: int):
     """Evenly spaced windows covering the stream (the same every call): inputs and targets."""
     if stream.numel() < seq_len + 1:
-        raise ValueError(f"stream of {stream.numel()} tokens is shorter than seq_len + 1 = {seq_len + 1}")
+        raise ValueError(
+            f"stream of {stream.numel()} tokens is shorter than seq_len + 1 = {seq_len + 1}"
+        )
     last = stream.numel() - seq_len - 1
     starts = torch.linspace(0, last, num_windows).round().long().unique()
     windows = torch.stack([stream[s : s + seq_len + 1] for s in starts.tolist()])

@@ -11,13 +11,15 @@ loss blows up, is stopped and recorded as diverged.
     python -m magneto.examples.stability --measure-update  # DeepNet's one-step update size
 
 Writes ``stability.png`` (train and validation loss per scheme), ``stability.md`` (a table) and
-``stability.json`` (every number) into ``--out-dir``.
+``stability.json`` (every number) into ``--out-dir`` (default ``./results``; the repository's
+own run is in ``bench/results``, made with ``--out-dir bench/results``).
 
 The mechanism behind the claim (DeepNet, Wang et al. 2022, §3): with Post-LN the change of the
 model's output caused by one optimizer step at initialisation grows with depth, and a large early
 update throws training into a bad region; DeepNorm and Magneto's initialisation bound it.
 ``relative_update`` measures that quantity, ‖F(x; θ+Δθ) − F(x; θ)‖ / ‖F(x; θ)‖ after one Adam step.
 """
+
 import argparse
 import json
 import math
@@ -35,7 +37,7 @@ from magneto.examples.data import VOCAB_SIZE, fixed_windows, load_corpus, random
 
 SCHEMES = ("post", "pre", "deepnorm", "subln")
 LABELS = {"post": "Post-LN", "pre": "Pre-LN", "deepnorm": "DeepNorm", "subln": "Magneto (Sub-LN)"}
-DEFAULT_OUT_DIR = Path("bench/results")
+DEFAULT_OUT_DIR = Path("results")  # under the current directory
 
 
 def build_model(scheme, layers, width, heads, ffn_dim, max_positions, vocab_size=VOCAB_SIZE):
@@ -63,8 +65,18 @@ def lm_loss(model, inputs, targets):
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
 
 
-def relative_update(scheme, layers, width=16, heads=2, ffn_dim=32, lr=1e-4, batch_size=4, seq_len=32,
-                    seed=0, dtype=torch.float64):
+def relative_update(
+    scheme,
+    layers,
+    width=16,
+    heads=2,
+    ffn_dim=32,
+    lr=1e-4,
+    batch_size=4,
+    seq_len=32,
+    seed=0,
+    dtype=torch.float64,
+):
     """DeepNet's update size: ‖F(x; θ+Δθ) − F(x; θ)‖ / ‖F(x; θ)‖, Δθ one Adam step at init.
 
     F is the decoder's output (logits) on a fixed random batch x; Δθ is one step of Adam (no weight
@@ -74,7 +86,9 @@ def relative_update(scheme, layers, width=16, heads=2, ffn_dim=32, lr=1e-4, batc
     """
     torch.manual_seed(seed)
     model = build_model(scheme, layers, width, heads, ffn_dim, max_positions=seq_len).to(dtype)
-    tokens = torch.randint(0, VOCAB_SIZE, (batch_size, seq_len + 1), generator=torch.Generator().manual_seed(seed))
+    tokens = torch.randint(
+        0, VOCAB_SIZE, (batch_size, seq_len + 1), generator=torch.Generator().manual_seed(seed)
+    )
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     before, _ = model(inputs)
     F.cross_entropy(before.reshape(-1, before.size(-1)), targets.reshape(-1)).backward()
@@ -114,8 +128,10 @@ class DivergenceDetector:
         if len(self._recent) == 1 and self._reference == math.inf:
             self._reference = loss
         if mean > self.blowup * self._reference:
-            return (f"loss blew up: mean of last {len(self._recent)} steps {mean:.3f} "
-                    f"> {self.blowup} x {self._reference:.3f}")
+            return (
+                f"loss blew up: mean of last {len(self._recent)} steps {mean:.3f} "
+                f"> {self.blowup} x {self._reference:.3f}"
+            )
         if len(self._recent) == self.window:
             self._reference = min(self._reference, mean)
         return None
@@ -143,7 +159,11 @@ class RunResult:
 
     @property
     def tokens_per_second(self):
-        return self.train_tokens[-1] / self.train_seconds if self.train_tokens and self.train_seconds else math.nan
+        return (
+            self.train_tokens[-1] / self.train_seconds
+            if self.train_tokens and self.train_seconds
+            else math.nan
+        )
 
 
 def unigram_loss(train, targets):
@@ -158,7 +178,7 @@ def unigram_loss(train, targets):
 
 @torch.no_grad()
 def evaluate(model, inputs, targets, batch_size):
-    """Mean validation loss over fixed windows (token-weighted; every window has the same length)."""
+    """Mean validation loss over fixed windows (token-weighted; all windows have one length)."""
     model.eval()
     total = 0.0
     for i in range(0, len(inputs), batch_size):
@@ -173,9 +193,13 @@ def train_scheme(scheme, args, corpus, valid_batch):
     from tqdm import tqdm
 
     torch.manual_seed(args.seed)
-    model = build_model(scheme, args.layers, args.width, args.heads, args.ffn_dim, max_positions=args.seq_len)
+    model = build_model(
+        scheme, args.layers, args.width, args.heads, args.ffn_dim, max_positions=args.seq_len
+    )
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
-    batches = torch.Generator().manual_seed(args.seed)  # the same batches, in the same order, for every scheme
+    batches = torch.Generator().manual_seed(
+        args.seed
+    )  # the same batches, in the same order, for every scheme
     detector = DivergenceDetector(blowup=args.blowup, window=args.blowup_window)
     result = RunResult(scheme, parameters=sum(p.numel() for p in model.parameters()))
     tokens_per_step = args.batch_size * args.seq_len
@@ -183,7 +207,13 @@ def train_scheme(scheme, args, corpus, valid_batch):
 
     result.valid_tokens.append(0)
     result.valid_loss.append(evaluate(model, *valid_batch, args.batch_size))
-    bar = tqdm(range(1, steps + 1), desc=f"{LABELS[scheme]:>16}", unit="step", dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(
+        range(1, steps + 1),
+        desc=f"{LABELS[scheme]:>16}",
+        unit="step",
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = args.lr * min(1.0, step / args.warmup) if args.warmup > 0 else args.lr
@@ -192,7 +222,9 @@ def train_scheme(scheme, args, corpus, valid_batch):
         loss = lm_loss(model, inputs, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf).item()  # measure, no clipping
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            model.parameters(), math.inf
+        ).item()  # measure, no clipping
         reason = detector.update(loss.item(), grad_norm)
         if reason is None:
             optimizer.step()
@@ -226,17 +258,36 @@ def plot(results, path, title, baseline):
     for i, r in enumerate(results):
         color = f"C{i}"
         label = LABELS[r.scheme] + (" (diverged)" if r.diverged else "")
-        smooth = [sum(r.train_loss[max(0, i - 9) : i + 1]) / len(r.train_loss[max(0, i - 9) : i + 1])
-                  for i in range(len(r.train_loss))]
+        smooth = [
+            sum(r.train_loss[max(0, i - 9) : i + 1]) / len(r.train_loss[max(0, i - 9) : i + 1])
+            for i in range(len(r.train_loss))
+        ]
         ax_train.plot(r.train_tokens, r.train_loss, color=color, alpha=0.2, linewidth=0.8)
         ax_train.plot(r.train_tokens, smooth, color=color, label=label)
-        ax_valid.plot(r.valid_tokens, r.valid_loss, color=color, marker="o", markersize=3, label=label)
+        ax_valid.plot(
+            r.valid_tokens, r.valid_loss, color=color, marker="o", markersize=3, label=label
+        )
         if r.diverged:
             last = r.train_loss[-1]
-            ax_train.plot(r.train_tokens[-1], min(last, ceiling) if math.isfinite(last) else ceiling, "x",
-                          color=color, markersize=10, markeredgewidth=2)
-    for ax, name in ((ax_train, "train loss (10-step mean; raw faint)"), (ax_valid, "validation loss")):
-        ax.axhline(baseline, color="gray", linestyle="--", linewidth=1, label="unigram baseline (no context)")
+            ax_train.plot(
+                r.train_tokens[-1],
+                min(last, ceiling) if math.isfinite(last) else ceiling,
+                "x",
+                color=color,
+                markersize=10,
+                markeredgewidth=2,
+            )
+    for ax, name in (
+        (ax_train, "train loss (10-step mean; raw faint)"),
+        (ax_valid, "validation loss"),
+    ):
+        ax.axhline(
+            baseline,
+            color="gray",
+            linestyle="--",
+            linewidth=1,
+            label="unigram baseline (no context)",
+        )
         ax.set_xlabel("training tokens")
         ax.set_title(name)
         ax.grid(alpha=0.3)
@@ -251,20 +302,27 @@ def plot(results, path, title, baseline):
 
 def table(results):
     """Markdown table of the runs."""
-    rows = ["| scheme | final validation loss | diverged | largest gradient norm | tokens/s |",
-            "|---|---:|---|---:|---:|"]
+    rows = [
+        "| scheme | final validation loss | diverged | largest gradient norm | tokens/s |",
+        "|---|---:|---|---:|---:|",
+    ]
     for r in results:
         diverged = f"yes ({r.reason})" if r.diverged else "no"
-        rows.append(f"| {LABELS[r.scheme]} | {r.valid_loss[-1]:.3f} | {diverged} | {r.max_grad_norm:.3g} "
-                    f"| {r.tokens_per_second:.0f} |")
+        rows.append(
+            f"| {LABELS[r.scheme]} | {r.valid_loss[-1]:.3f} | {diverged} | {r.max_grad_norm:.3g} "
+            f"| {r.tokens_per_second:.0f} |"
+        )
     return "\n".join(rows)
 
 
 def describe(args):
     """One line stating the setup, for the plot title and the table header."""
-    return (f"{args.layers} layers, width {args.width}, {args.heads} heads, FFN {args.ffn_dim}; "
-            f"Adam lr {args.lr:g}, warm-up {args.warmup} steps; batch {args.batch_size}x{args.seq_len} bytes; "
-            f"{args.tokens:,} tokens per scheme; seed {args.seed}")
+    return (
+        f"{args.layers} layers, width {args.width}, {args.heads} heads, FFN {args.ffn_dim}; "
+        f"Adam lr {args.lr:g}, warm-up {args.warmup} steps; "
+        f"batch {args.batch_size}x{args.seq_len} bytes; "
+        f"{args.tokens:,} tokens per scheme; seed {args.seed}"
+    )
 
 
 def command_line(argv):
@@ -284,16 +342,26 @@ def write_outputs(results, args, command, environment, baseline):
     out.mkdir(parents=True, exist_ok=True)
     setup = describe(args)
     plot(results, out / "stability.png", f"{setup}\n{command}", baseline)
-    text = (f"# Training stability: four norm schemes\n\n`{command}`\n\n{setup}. {environment}. "
-            f"Parameters per model: {', '.join(f'{LABELS[r.scheme]} {r.parameters:,}' for r in results)}.\n\n"
-            f"{table(results)}\n\nUnigram baseline (byte frequencies of the training split, no context) on the "
-            f"same validation windows: {baseline:.3f}. A diverged run's validation loss is taken where it "
-            f"stopped.\n\n![loss curves](stability.png)\n")
+    parameters = ", ".join(f"{LABELS[r.scheme]} {r.parameters:,}" for r in results)
+    text = (
+        f"# Training stability: four norm schemes\n\n`{command}`\n\n{setup}. {environment}. "
+        f"Parameters per model: {parameters}.\n\n"
+        f"{table(results)}\n\nUnigram baseline (byte frequencies of the training split, "
+        f"no context) on the same validation windows: {baseline:.3f}. A diverged run's "
+        f"validation loss is taken where it stopped.\n\n![loss curves](stability.png)\n"
+    )
     (out / "stability.md").write_text(text)
-    record = {"command": command, "setup": setup, "environment": environment, "unigram_baseline": baseline,
-              "args": vars(args),
-              "runs": [dict(asdict(r), max_grad_norm=r.max_grad_norm, tokens_per_second=r.tokens_per_second)
-                       for r in results]}
+    record = {
+        "command": command,
+        "setup": setup,
+        "environment": environment,
+        "unigram_baseline": baseline,
+        "args": vars(args),
+        "runs": [
+            dict(asdict(r), max_grad_norm=r.max_grad_norm, tokens_per_second=r.tokens_per_second)
+            for r in results
+        ],
+    }
     (out / "stability.json").write_text(json.dumps(record, indent=1))
     print(table(results))
     print(f"wrote {out / 'stability.png'}, {out / 'stability.md'}, {out / 'stability.json'}")
@@ -302,11 +370,16 @@ def write_outputs(results, args, command, environment, baseline):
 def run(args, argv):
     torch.set_num_threads(args.threads)
     corpus, valid_batch, baseline = load_data(args)
-    print(f"corpus: {corpus.train.numel():,} train bytes from {len(corpus.train_files)} files, "
-          f"{corpus.valid.numel():,} validation bytes from {len(corpus.valid_files)} other files", file=sys.stderr)
+    print(
+        f"corpus: {corpus.train.numel():,} train bytes from {len(corpus.train_files)} files, "
+        f"{corpus.valid.numel():,} validation bytes from {len(corpus.valid_files)} other files",
+        file=sys.stderr,
+    )
     results = [train_scheme(scheme, args, corpus, valid_batch) for scheme in args.schemes]
-    environment = (f"Python {platform.python_version()} stdlib, torch {torch.__version__}, "
-                   f"{args.threads} thread(s), {platform.processor() or platform.machine()}")
+    environment = (
+        f"Python {platform.python_version()} stdlib, torch {torch.__version__}, "
+        f"{args.threads} thread(s), {platform.processor() or platform.machine()}"
+    )
     write_outputs(results, args, command_line(argv), environment, baseline)
 
 
@@ -321,8 +394,14 @@ def replot(out_dir):
 
 def update_sizes(schemes=SCHEMES, depths=(6, 24, 96), lr=1e-4, seeds=(0, 1, 2), **kwargs):
     """``relative_update`` averaged over seeds, for every (scheme, depth); kwargs go to it."""
-    return {(scheme, depth): sum(relative_update(scheme, depth, lr=lr, seed=seed, **kwargs) for seed in seeds)
-            / len(seeds) for scheme in schemes for depth in depths}
+    return {
+        (scheme, depth): sum(
+            relative_update(scheme, depth, lr=lr, seed=seed, **kwargs) for seed in seeds
+        )
+        / len(seeds)
+        for scheme in schemes
+        for depth in depths
+    }
 
 
 def measure_update(args):
@@ -330,17 +409,23 @@ def measure_update(args):
     torch.set_num_threads(args.threads)
     depths, seeds = (6, 24, 96), (0, 1, 2)
     sizes = update_sizes(args.schemes, depths, lr=args.update_lr, seeds=seeds)
-    print(f"Relative output change after one Adam step at init (lr {args.update_lr:g}; width 16, 2 heads, "
-          f"FFN 32; batch 4x32 random bytes; float64; mean of seeds {seeds})\n")
+    print(
+        f"Relative output change after one Adam step at init (lr {args.update_lr:g}; "
+        f"width 16, 2 heads, "
+        f"FFN 32; batch 4x32 random bytes; float64; mean of seeds {seeds})\n"
+    )
     print("| scheme | " + " | ".join(f"depth {d}" for d in depths) + " |")
     print("|---|" + "---:|" * len(depths))
     for scheme in args.schemes:
-        print(f"| {LABELS[scheme]} | " + " | ".join(f"{sizes[scheme, d]:.4f}" for d in depths) + " |")
+        print(
+            f"| {LABELS[scheme]} | " + " | ".join(f"{sizes[scheme, d]:.4f}" for d in depths) + " |"
+        )
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--layers", type=int, default=48, help="decoder layers (depth)")
     p.add_argument("--width", type=int, default=128, help="model width (embed_dim)")
     p.add_argument("--heads", type=int, default=4, help="attention heads")
@@ -348,26 +433,56 @@ def parse_args(argv):
     p.add_argument("--seq-len", type=int, default=128, help="bytes per training window")
     p.add_argument("--batch-size", type=int, default=16, help="windows per step")
     p.add_argument("--tokens", type=int, default=256_000, help="training tokens (bytes) per scheme")
-    p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (aggressive on purpose)")
+    p.add_argument(
+        "--lr", type=float, default=2e-3, help="Adam learning rate (aggressive on purpose)"
+    )
     p.add_argument("--warmup", type=int, default=0, help="linear warm-up steps (0: none)")
-    p.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=SCHEMES, help="norm schemes to run")
+    p.add_argument(
+        "--schemes", nargs="+", default=list(SCHEMES), choices=SCHEMES, help="norm schemes to run"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the init and of the batch order")
-    p.add_argument("--eval-every", type=int, default=10, help="steps between validation evaluations")
-    p.add_argument("--valid-windows", type=int, default=32, help="validation windows of --seq-len bytes")
+    p.add_argument(
+        "--eval-every", type=int, default=10, help="steps between validation evaluations"
+    )
+    p.add_argument(
+        "--valid-windows", type=int, default=32, help="validation windows of --seq-len bytes"
+    )
     p.add_argument("--train-bytes", type=int, default=4_000_000)
     p.add_argument("--valid-bytes", type=int, default=400_000)
-    p.add_argument("--blowup", type=float, default=2.0, help="divergence: windowed loss > blowup x best")
+    p.add_argument(
+        "--blowup", type=float, default=2.0, help="divergence: windowed loss > blowup x best"
+    )
     p.add_argument("--blowup-window", type=int, default=10, help="steps in the divergence window")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--out-dir", default=str(DEFAULT_OUT_DIR))
-    p.add_argument("--measure-update", action="store_true",
-                   help="print DeepNet's one-step update size at depths 6, 24, 96 instead of training")
-    p.add_argument("--update-lr", type=float, default=1e-4, help="Adam learning rate of --measure-update")
-    p.add_argument("--replot", action="store_true",
-                   help="redraw stability.png/.md from --out-dir's stability.json instead of training")
+    p.add_argument(
+        "--out-dir", default=str(DEFAULT_OUT_DIR), help="where the results go (default: ./results)"
+    )
+    p.add_argument(
+        "--measure-update",
+        action="store_true",
+        help="print DeepNet's one-step update size at depths 6, 24, 96 instead of training",
+    )
+    p.add_argument(
+        "--update-lr", type=float, default=1e-4, help="Adam learning rate of --measure-update"
+    )
+    p.add_argument(
+        "--replot",
+        action="store_true",
+        help="redraw stability.png/.md from --out-dir's stability.json instead of training",
+    )
     args = p.parse_args(argv)
-    for name in ("layers", "width", "heads", "ffn_dim", "seq_len", "batch_size", "tokens", "eval_every",
-                 "valid_windows", "threads"):
+    for name in (
+        "layers",
+        "width",
+        "heads",
+        "ffn_dim",
+        "seq_len",
+        "batch_size",
+        "tokens",
+        "eval_every",
+        "valid_windows",
+        "threads",
+    ):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.lr <= 0 or args.update_lr <= 0:
