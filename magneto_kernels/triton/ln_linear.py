@@ -36,11 +36,11 @@ import triton
 import triton.language as tl
 import torch
 
-from magneto_kernels import reference
-from magneto_kernels.triton.activations import (ACT_CODES, NORM_CODES, activation,
-                                                 activation_grad, cast_rn)
+from magneto_kernels.codes import ACTIVATIONS, NORMS, dropout_threshold
+from magneto_kernels.triton.activations import ACT_NONE, activation, activation_grad, cast_rn
 from magneto_kernels.triton.common import AUTOTUNE, INTERPRET, fp32_dot_precision, new_buffer
-from magneto_kernels.triton.norm import column_sum, norm_backward, norm_forward
+from magneto_kernels.triton.norm import (LAYER_NORM, NO_NORM, RMS_NORM, column_sum,
+                                         norm_backward, norm_forward)
 from magneto_kernels.triton.philox import dropout_keep
 
 # One small configuration in the interpreter (autotuning there would take minutes).
@@ -83,9 +83,9 @@ def _normalize_tile(a, mean, rstd, gamma, beta, valid, IN_ACT: tl.constexpr, NOR
     """N(in_act(a)) for a float32 tile; ``mean``/``rstd`` broadcast over the tile's rows,
     ``gamma``/``beta`` over its columns. Invalid (out-of-range) entries become 0."""
     a = activation(a, IN_ACT)
-    if NORM == 0:
+    if NORM == LAYER_NORM:
         a = (a - mean) * rstd
-    elif NORM == 1:
+    elif NORM == RMS_NORM:
         a = a * rstd
     if HAS_LNW:
         a = a * gamma
@@ -128,9 +128,9 @@ def _ln_matmul_kernel(A, B, C, PREACT, MEAN, RSTD, LNW, LNB, BIAS, RES, SEED,
     n_mask = pid_n * BLOCK_N + ln < N
     mean = tl.zeros([BLOCK_M], tl.float32)
     rstd = tl.zeros([BLOCK_M], tl.float32)
-    if NORM == 0:
+    if NORM == LAYER_NORM:
         mean = tl.load(MEAN + row0 + lm, mask=m_mask, other=0.0)
-    if NORM != 2:
+    if NORM != NO_NORM:
         rstd = tl.load(RSTD + row0 + lm, mask=m_mask, other=0.0)
     a_ptrs = A + row0 * stride_am + (lm[:, None] * stride_am + rk[None, :] * stride_ak)
     b_ptrs = B + col0 * stride_bn + (rk[:, None] * stride_bk + ln[None, :] * stride_bn)
@@ -140,7 +140,7 @@ def _ln_matmul_kernel(A, B, C, PREACT, MEAN, RSTD, LNW, LNB, BIAS, RES, SEED,
         k_mask = k < K
         valid = m_mask[:, None] & k_mask[None, :]
         a = tl.load(a_ptrs, mask=valid, other=0.0)
-        if NORM != 2 or IN_ACT != 0:
+        if NORM != NO_NORM or IN_ACT != ACT_NONE:
             gamma = tl.zeros([BLOCK_K], tl.float32)
             beta = tl.zeros([BLOCK_K], tl.float32)
             if HAS_LNW:
@@ -208,9 +208,9 @@ def _dw_kernel(DZ, X, DW, MEAN, RSTD, LNW, LNB, M, N, K,
         x = tl.load(x_ptrs, mask=valid, other=0.0).to(tl.float32)
         mean = tl.zeros([BLOCK_K], tl.float32)
         rstd = tl.zeros([BLOCK_K], tl.float32)
-        if NORM == 0:
+        if NORM == LAYER_NORM:
             mean = tl.load(MEAN + rows, mask=r_mask, other=0.0)
-        if NORM != 2:
+        if NORM != NO_NORM:
             rstd = tl.load(RSTD + rows, mask=r_mask, other=0.0)
         h = _normalize_tile(x, mean[:, None], rstd[:, None], gamma[None, :], beta[None, :], valid,
                             IN_ACT, NORM, HAS_LNW, HAS_LNB)
@@ -235,7 +235,7 @@ def _dz_kernel(DY, PREACT, SEED, DZ, DB_PART, M, N, threshold, dropout_scale,
     dz = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
     if DROPOUT:
         dz = tl.where(dropout_keep(SEED, offs, threshold), dz * dropout_scale, 0.0)
-    if ACT != 0:
+    if ACT != ACT_NONE:
         dz = dz * activation_grad(tl.load(PREACT + offs, mask=mask, other=0.0).to(tl.float32), ACT)
     if WRITE_DZ:
         tl.store(DZ + offs, cast_rn(dz, DZ.dtype.element_ty), mask=mask)
@@ -275,7 +275,7 @@ def _dot_flags(dtype: torch.dtype) -> dict:
 def _dropout_args(dropout_p: float) -> tuple[int, float]:
     if dropout_p == 0.0:
         return 0, 1.0
-    return reference.dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p)
+    return dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p)
 
 
 def ln_linear(x, ln_weight, ln_bias, weight, bias, residual, seed, eps, norm, input_activation,
@@ -302,9 +302,9 @@ def ln_linear(x, ln_weight, ln_bias, weight, bias, residual, seed, eps, norm, in
         ln_weight if ln_weight is not None else x, ln_bias if ln_bias is not None else x,
         bias if bias is not None else x, residual if residual is not None else x,
         seed if seed is not None else mean, rows, n, k, k, 1, 1, k, threshold, scale, alpha,
-        NORM=NORM_CODES[norm], IN_ACT=ACT_CODES[input_activation],
+        NORM=NORMS[norm], IN_ACT=ACTIVATIONS[input_activation],
         HAS_LNW=ln_weight is not None, HAS_LNB=ln_bias is not None, HAS_BIAS=bias is not None,
-        ACT=ACT_CODES[activation], WRITE_PREACT=write_preact, DROPOUT=dropout_p > 0.0,
+        ACT=ACTIVATIONS[activation], WRITE_PREACT=write_preact, DROPOUT=dropout_p > 0.0,
         HAS_RES=residual is not None, **_dot_flags(weight.dtype))
     return out, mean, rstd, preact
 
@@ -339,7 +339,7 @@ def ln_linear_backward(grad_out, x, ln_weight, ln_bias, weight, mean, rstd, prea
         _dz_kernel[(row_blocks, triton.cdiv(n, block_n))](
             grad_out, preact if activation != "none" else grad_out,
             seed if seed is not None else grad_out, dz, db_part if want_db else grad_out,
-            rows, n, threshold, scale, ACT=ACT_CODES[activation], DROPOUT=dropout_p > 0.0,
+            rows, n, threshold, scale, ACT=ACTIVATIONS[activation], DROPOUT=dropout_p > 0.0,
             WRITE_DZ=dz is not grad_out, WANT_DB=want_db, BLOCK_M=block_m, BLOCK_N=block_n,
             num_warps=4)
         if want_db:
@@ -347,7 +347,7 @@ def ln_linear_backward(grad_out, x, ln_weight, ln_bias, weight, mean, rstd, prea
     if dz.dtype != weight.dtype:
         dz = dz.to(weight.dtype)
 
-    flags = {"NORM": NORM_CODES[norm], "IN_ACT": ACT_CODES[input_activation],
+    flags = {"NORM": NORMS[norm], "IN_ACT": ACTIVATIONS[input_activation],
              "HAS_LNW": ln_weight is not None, "HAS_LNB": ln_bias is not None,
              **_dot_flags(weight.dtype)}
     # dW = dz^T @ N(in_act(x)) ----------------------------------------------------------------
@@ -364,8 +364,8 @@ def ln_linear_backward(grad_out, x, ln_weight, ln_bias, weight, mean, rstd, prea
         _launch_gemm(
             _ln_matmul_kernel, "_ln_matmul_tuned", rows, k,
             dz, weight, dh, dh, mean, rstd, x, x, x, x, mean, rows, k, n, n, 1, k, 1, 0, 1.0, 1.0,
-            NORM=NORM_CODES["none"], IN_ACT=0, HAS_LNW=False, HAS_LNB=False, HAS_BIAS=False,
-            ACT=0, WRITE_PREACT=False, DROPOUT=False, HAS_RES=False, **_dot_flags(weight.dtype))
+            NORM=NORMS["none"], IN_ACT=ACTIVATIONS["none"], HAS_LNW=False, HAS_LNB=False, HAS_BIAS=False,
+            ACT=ACTIVATIONS["none"], WRITE_PREACT=False, DROPOUT=False, HAS_RES=False, **_dot_flags(weight.dtype))
         dx, dlnw, dlnb = norm_backward(dh, x, ln_weight, ln_bias, mean, rstd, None, norm,
                                        [want_dx, want_dlnw, want_dlnb],
                                        input_activation=input_activation)

@@ -13,9 +13,14 @@ import triton
 import triton.language as tl
 import torch
 
-from magneto_kernels.triton.activations import (ACT_CODES, NORM_CODES, activation,
-                                                 activation_grad, cast_rn)
+from magneto_kernels.codes import ACTIVATIONS, NORMS
+from magneto_kernels.triton.activations import ACT_NONE, activation, activation_grad, cast_rn
 from magneto_kernels.triton.common import AUTOTUNE, INTERPRET, new_buffer, reduction_programs
+
+# The norm-kind codes of ``codes.NORMS`` as the kernels compare them.
+LAYER_NORM: tl.constexpr = tl.constexpr(NORMS["layer"])
+RMS_NORM: tl.constexpr = tl.constexpr(NORMS["rms"])
+NO_NORM: tl.constexpr = tl.constexpr(NORMS["none"])
 
 MAX_FUSED_WIDTH = 8192
 MAX_FUSED_WIDTH_BACKWARD = 4096  # the backward keeps ~7 row vectors live: wider rows spill
@@ -39,7 +44,7 @@ def _load_row_input(X, RES, cols, mask, alpha, IN_ACT: tl.constexpr, HAS_RES: tl
     a = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
         a = alpha * tl.load(RES + cols, mask=mask, other=0.0).to(tl.float32) + a
-    if IN_ACT != 0:
+    if IN_ACT != ACT_NONE:
         a = activation(a, IN_ACT)
     return a
 
@@ -70,7 +75,7 @@ def _norm_fwd_kernel(X, RES, Y, S, W, B, MEAN, RSTD, N, eps, alpha,
         a = _load_row_input(X, RES, cols, mask, alpha, IN_ACT, HAS_RES)
         if HAS_RES:
             tl.store(S + cols, cast_rn(a, S.dtype.element_ty), mask=mask)
-        if NORM == 0:
+        if NORM == LAYER_NORM:
             mean = tl.sum(a, axis=0) / N
             d = tl.where(mask, a - mean, 0.0)
             rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / N + eps)
@@ -89,7 +94,7 @@ def _norm_fwd_kernel(X, RES, Y, S, W, B, MEAN, RSTD, N, eps, alpha,
             if HAS_RES:
                 tl.store(S + cols, cast_rn(a, S.dtype.element_ty), mask=mask)
             count = tl.minimum(N - start, BLOCK_N).to(tl.float32)
-            if NORM == 0:
+            if NORM == LAYER_NORM:
                 chunk_mean = tl.sum(a, axis=0) / count
                 d = tl.where(mask, a - chunk_mean, 0.0)
                 total = start + count
@@ -98,10 +103,10 @@ def _norm_fwd_kernel(X, RES, Y, S, W, B, MEAN, RSTD, N, eps, alpha,
                 m2 += tl.sum(d * d, axis=0) + delta * delta * (start * (count / total))
             else:
                 m2 += tl.sum(a * a, axis=0)
-        if NORM != 0:
+        if NORM != LAYER_NORM:
             mean = 0.0
         rstd = 1.0 / tl.sqrt(m2 / N + eps)
-    if NORM == 0:
+    if NORM == LAYER_NORM:
         tl.store(MEAN + row, mean)
     tl.store(RSTD + row, rstd)
     if WRITE_Y:
@@ -119,13 +124,13 @@ def _norm_fwd_kernel(X, RES, Y, S, W, B, MEAN, RSTD, N, eps, alpha,
 def _input_grad(g, xhat, c1, c2, rstd, x, NORM: tl.constexpr, IN_ACT: tl.constexpr):
     """d loss / d x of y = N(in_act(x)) from g = dy·gamma and the row means c1 = mean(g·xhat),
     c2 = mean(g) (formulas in ``_norm_bwd_kernel``)."""
-    if NORM == 0:
+    if NORM == LAYER_NORM:
         da = (g - c2 - xhat * c1) * rstd
-    elif NORM == 1:
+    elif NORM == RMS_NORM:
         da = (g - xhat * c1) * rstd
     else:
         da = g
-    if IN_ACT != 0:
+    if IN_ACT != ACT_NONE:
         da = da * activation_grad(x, IN_ACT)
     return da
 
@@ -181,9 +186,9 @@ def _norm_bwd_kernel(DY, X, W, MEAN, RSTD, ACC, DX, DW_PART, DB_PART, M, N, rows
         off = tl.cast(row, tl.int64) * N
         mean = 0.0
         rstd = 1.0
-        if NORM == 0:
+        if NORM == LAYER_NORM:
             mean = tl.load(MEAN + row)
-        if NORM != 2:
+        if NORM != NO_NORM:
             rstd = tl.load(RSTD + row)
         if SINGLE:
             x = tl.load(X + off + cols, mask=mask, other=0.0).to(tl.float32)
@@ -308,7 +313,7 @@ def norm_forward(x, weight, bias, eps, norm, *, residual=None, alpha=1.0, input_
         (x, residual if residual is not None else x, y if write_y else x,
          s if s is not None else x, weight if weight is not None else x,
          bias if bias is not None else x, mean, rstd, width, eps, alpha),
-        dict(NORM=NORM_CODES[norm], IN_ACT=ACT_CODES[input_activation],
+        dict(NORM=NORMS[norm], IN_ACT=ACTIVATIONS[input_activation],
              HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None,
              WRITE_Y=write_y, BLOCK_N=block, SINGLE=single), warps)
     return y, s, mean, rstd
@@ -341,7 +346,7 @@ def norm_backward(grad_y, x, weight, bias, mean, rstd, grad_accum, norm, output_
         (grad_y, x, weight if weight is not None else x, mean, rstd,
          grad_accum if grad_accum is not None else x, dx if want_dx else x,
          dw_part if want_dw else x, db_part if want_db else x, rows, width, rows_per_prog),
-        dict(NORM=NORM_CODES[norm], IN_ACT=ACT_CODES[input_activation], HAS_W=weight is not None,
+        dict(NORM=NORMS[norm], IN_ACT=ACTIVATIONS[input_activation], HAS_W=weight is not None,
              HAS_ACC=grad_accum is not None, WANT_DX=want_dx, WANT_DW=want_dw, WANT_DB=want_db,
              BLOCK_N=block, SINGLE=single), warps)
     dw = column_sum(dw_part, weight.dtype) if want_dw else empty
