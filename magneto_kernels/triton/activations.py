@@ -35,7 +35,10 @@ def activation(x, ACT: tl.constexpr):
     if ACT == _GELU:
         y = 0.5 * x * (1.0 + tl.erf(x * _SQRT1_2))
     elif ACT == _GELU_TANH:
-        y = 0.5 * x * (1.0 + _tanh(_SQRT_2_OVER_PI * (x + _GELU_C * x * x * x)))
+        # Assigned before the call: in the interpreter a constexpr times a tensor stays a
+        # constexpr until assigned, and Triton 3.9's tl.exp rejects one passed straight in.
+        inner = _SQRT_2_OVER_PI * (x + _GELU_C * x * x * x)
+        y = 0.5 * x * (1.0 + _tanh(inner))
     elif ACT == _RELU:
         y = tl.maximum(x, 0.0)
     elif ACT == _SILU:

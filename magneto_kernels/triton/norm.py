@@ -244,18 +244,22 @@ def _norm_bwd_kernel(DY, X, GAMMA, MEAN, RSTD, GRAD_ACCUM, DX, DGAMMA_PART, DBET
                     sum_gxhat += tl.sum(g * tl.where(mask, (a - mean) * rstd, 0.0), axis=0)
             mean_g = sum_g / N
             mean_gxhat = sum_gxhat / N
+            # Partial sums live in this program's own scratch row (read-modify-write), which holds
+            # them from the program's second row on. after_first is a block, not the scalar
+            # row > row_start: the interpreter splats a scalar comparison to int32 data, which
+            # Triton 3.9's interpreter rejects as a load mask.
+            after_first = tl.full([BLOCK_N], row, tl.int32) > row_start
             for start in range(0, N, BLOCK_N):
                 cols = start + tl.arange(0, BLOCK_N)
                 mask = cols < N
                 dy, xhat = _norm_bwd_row_chunk(dy_row, x_row, GAMMA, grad_accum_row, dx_row, cols,
                                                mask, mean, rstd, mean_g, mean_gxhat, NORM, IN_ACT,
                                                HAS_GAMMA, HAS_GRAD_ACCUM, WANT_DX)
-                # Partial sums live in this program's own scratch row (read-modify-write).
                 if WANT_DGAMMA:
-                    prev = tl.load(DGAMMA_PART + cols, mask=mask & (row > row_start), other=0.0)
+                    prev = tl.load(DGAMMA_PART + cols, mask=mask & after_first, other=0.0)
                     tl.store(DGAMMA_PART + cols, prev + dy * xhat, mask=mask)
                 if WANT_DBETA:
-                    prev = tl.load(DBETA_PART + cols, mask=mask & (row > row_start), other=0.0)
+                    prev = tl.load(DBETA_PART + cols, mask=mask & after_first, other=0.0)
                     tl.store(DBETA_PART + cols, prev + dy, mask=mask)
     if SINGLE:
         if WANT_DGAMMA:
