@@ -12,6 +12,8 @@ cpu         C++ kernels of ``magneto_kernels._C``        cpp
 cuda        CUDA C++ kernels of ``magneto_kernels._C``   cpp
 =========== ============================================ ==========
 
+Why each backend has an op family of its own: docs/design.md, Backends and dispatch.
+
 Choice, strongest first: the ``backend=`` argument, the ``MAGNETO_BACKEND`` environment
 variable, then the fastest available for the device (the interpreter is never chosen by default:
 it is for checking kernels, not for speed). float64 inputs always go to ``reference``.
@@ -77,7 +79,8 @@ def _problem(backend: str, device_type: str) -> Optional[str]:
 
 
 def available_backends(device: Union[str, torch.device] = "cpu") -> dict[str, Optional[str]]:
-    """Every backend name mapped to None when it can run on ``device``, else to the reason why not."""
+    """Every backend name mapped to None when it can run on ``device``, else to the reason why
+    not."""
     device_type = torch.device(device).type
     return {name: _problem(name, device_type) for name in BACKENDS}
 
@@ -100,7 +103,8 @@ def resolve_backend(backend: Optional[str], x: torch.Tensor) -> str:
     if backend is not None:
         problem = _problem(backend, device_type)
         if problem is not None:
-            raise ValueError(f"backend {backend!r} (from {source}) cannot run on {x.device}: {problem}")
+            raise ValueError(f"backend {backend!r} (from {source}) cannot run on {x.device}: "
+                             f"{problem}")
         return backend
     for name in _DEFAULT_ORDER.get(device_type, ("reference",)):
         if _problem(name, device_type) is None:

@@ -2,7 +2,8 @@
 by every backend family.
 
 A dispatch key holds one kernel per op, yet the Triton interpreter and the C++ CPU kernels both
-run on CPU tensors, so each backend family gets its own copy of every op (DESIGN.md §3):
+run on CPU tensors, so each backend family gets its own copy of every op (docs/design.md,
+Backends and dispatch):
 
     magneto::ln_linear_triton, magneto::ln_linear_cpp, ...  (same schema, fake impl, autograd)
 
@@ -11,7 +12,7 @@ The family's kernels register themselves on import: ``magneto_kernels.triton`` w
 ``TORCH_LIBRARY_IMPL(magneto, CPU/CUDA, ...)``. Ops take 2-D row-major inputs; the public
 functions in ``magneto_kernels.ops`` flatten leading dimensions and validate arguments.
 
-Conventions every family implements:
+Conventions every family implements (docs/design.md, The op contract):
 - ``mean`` and ``rstd`` are float32 per-row statistics; ``mean`` is empty (shape (0,)) for
   RMSNorm, both are empty when ``norm == "none"``;
 - ``preact`` (the GEMM output before the output activation) is returned, and saved, only when
@@ -32,8 +33,8 @@ SCHEMAS = {
         "(Tensor grad_y, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd, "
         "Tensor? grad_accum, str norm, bool[] output_mask) -> (Tensor, Tensor, Tensor)",
     "add_layer_norm":
-        "(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, float eps, float alpha, str norm)"
-        " -> (Tensor, Tensor, Tensor, Tensor)",
+        "(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, float eps, float alpha, "
+        "str norm) -> (Tensor, Tensor, Tensor, Tensor)",
     "ln_linear":
         "(Tensor x, Tensor? ln_weight, Tensor? ln_bias, Tensor weight, Tensor? bias, "
         "Tensor? residual, Tensor? seed, float eps, str norm, str input_activation, "

@@ -99,8 +99,9 @@ def ln_linear(x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
 
     ``N`` is LayerNorm or RMSNorm with parameters ``ln_weight``/``ln_bias``, or nothing when
     ``ln_weight`` is None. ``input_activation`` is applied to x before the norm (fc2 takes fc1's
-    pre-activation u, so the two share one saved tensor). Activations: None, "gelu",
-    "gelu_tanh", "relu", "silu" ("swish"). Pass ``dropout_p=0`` outside training.
+    preact, so the two share one saved tensor). Activations: the keys of
+    ``codes.ACTIVATIONS`` or their ``codes.ACTIVATION_ALIASES`` (None, "swish", ...). Pass
+    ``dropout_p=0`` outside training.
     """
     if ln_weight is None:
         if not isinstance(x, Tensor) or not x.is_floating_point():
@@ -139,8 +140,8 @@ def ln_linear(x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
 
 
 def activation(x: Tensor, name: Optional[str]) -> Tensor:
-    """``name``'s activation of x, as the fused ops apply it (None, "gelu", "gelu_tanh", "relu",
-    "silu"/"swish"): for the unfused paths of modules."""
+    """``name``'s activation of x (a key of ``codes.ACTIVATIONS`` or an alias), as the fused ops
+    apply it: for the unfused paths of modules."""
     return reference.apply_activation(x, canonical_activation(name))
 
 

@@ -40,7 +40,8 @@ def _stat_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def normalize(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, norm: str) -> Tensor:
+def normalize(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+              norm: str) -> Tensor:
     """LayerNorm or RMSNorm over the last dimension, in float32 (float64 for float64 input).
 
     Returns the result in the statistics dtype; callers round it to the dtype they need.
@@ -65,7 +66,8 @@ def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps:
 
 
 def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                   eps: float = 1e-5, *, alpha: float = 1.0, norm: str = "layer") -> tuple[Tensor, Tensor]:
+                   eps: float = 1e-5, *, alpha: float = 1.0,
+                   norm: str = "layer") -> tuple[Tensor, Tensor]:
     """Post-LN / DeepNorm residual: ``s = alpha·residual + x`` and ``(N(s), s)``.
 
     ``s`` is formed in the statistics dtype; the norm reads that unrounded sum and both outputs

@@ -7,6 +7,11 @@ Modules: ``philox`` (Philox4x32-10 dropout stream), ``activations``, ``norm`` (r
 LayerNorm/RMSNorm forward and backward, add-LayerNorm, deterministic column sums), ``ln_linear``
 (the fused norm → GEMM → epilogue op and its backward).
 
+Launch convention: an absent tensor is passed as None next to a constexpr ``HAS_*``/``WANT_*``
+flag (Triton specialises None as a constexpr, so the kernel never sees a placeholder pointer);
+long launches take one keyword argument per line; autotuned kernels are held in each module's
+``_TUNED`` dict, keyed by the plain kernel.
+
 float32 GEMMs follow ``torch.get_float32_matmul_precision()``: "highest" (PyTorch's default)
 runs ``tl.dot`` with ``input_precision="ieee"`` (exact fp32 products, like torch.matmul);
 "high"/"medium" allow TF32 (~5e-4 relative error, much faster on tensor cores).

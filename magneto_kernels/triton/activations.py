@@ -1,14 +1,20 @@
 """Device helpers: activations and their derivatives (fp32 in, fp32 out), and the rounding cast.
 
-Codes follow csrc/common.h ``Activation``: 0 none, 1 gelu (erf), 2 gelu_tanh, 3 relu, 4 silu.
+The activation codes are ``magneto_kernels.codes.ACTIVATIONS``; each gets a named constexpr
+here, so an added activation is one constant and one branch in each of ``activation`` and
+``activation_grad``.
 """
 import triton
 import triton.language as tl
 
+from magneto_kernels.codes import ACTIVATIONS
 from magneto_kernels.triton.common import INTERPRET
 
-ACT_CODES = {"none": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4}
-NORM_CODES = {"layer": 0, "rms": 1, "none": 2}
+ACT_NONE: tl.constexpr = tl.constexpr(ACTIVATIONS["none"])
+_GELU: tl.constexpr = tl.constexpr(ACTIVATIONS["gelu"])
+_GELU_TANH: tl.constexpr = tl.constexpr(ACTIVATIONS["gelu_tanh"])
+_RELU: tl.constexpr = tl.constexpr(ACTIVATIONS["relu"])
+_SILU: tl.constexpr = tl.constexpr(ACTIVATIONS["silu"])
 
 _INTERPRET: tl.constexpr = tl.constexpr(INTERPRET)
 _SQRT1_2: tl.constexpr = tl.constexpr(0.7071067811865476)
@@ -25,13 +31,17 @@ def _tanh(x):
 
 @triton.jit
 def activation(x, ACT: tl.constexpr):
-    if ACT == 1:
+    """``ACT``'s activation of x (ACT_NONE: the identity)."""
+    if ACT == _GELU:
         y = 0.5 * x * (1.0 + tl.erf(x * _SQRT1_2))
-    elif ACT == 2:
-        y = 0.5 * x * (1.0 + _tanh(_SQRT_2_OVER_PI * (x + _GELU_C * x * x * x)))
-    elif ACT == 3:
+    elif ACT == _GELU_TANH:
+        # Assigned before the call: in the interpreter a constexpr times a tensor stays a
+        # constexpr until assigned, and Triton 3.9's tl.exp rejects one passed straight in.
+        inner = _SQRT_2_OVER_PI * (x + _GELU_C * x * x * x)
+        y = 0.5 * x * (1.0 + _tanh(inner))
+    elif ACT == _RELU:
         y = tl.maximum(x, 0.0)
-    elif ACT == 4:
+    elif ACT == _SILU:
         y = x / (1.0 + tl.exp(-x))
     else:
         y = x
@@ -41,16 +51,16 @@ def activation(x, ACT: tl.constexpr):
 @triton.jit
 def activation_grad(x, ACT: tl.constexpr):
     """d activation(x) / dx (relu'(0) = 0, as PyTorch)."""
-    if ACT == 1:
+    if ACT == _GELU:
         d = 0.5 * (1.0 + tl.erf(x * _SQRT1_2)) + x * _INV_SQRT_2PI * tl.exp(-0.5 * x * x)
-    elif ACT == 2:
+    elif ACT == _GELU_TANH:
         inner = _SQRT_2_OVER_PI * (x + _GELU_C * x * x * x)
         t = _tanh(inner)
         dinner = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_C * x * x)
         d = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dinner
-    elif ACT == 3:
+    elif ACT == _RELU:
         d = tl.where(x > 0.0, 1.0, 0.0)
-    elif ACT == 4:
+    elif ACT == _SILU:
         s = 1.0 / (1.0 + tl.exp(-x))
         d = s * (1.0 + x * (1.0 - s))
     else:

@@ -13,9 +13,14 @@ import triton
 import triton.language as tl
 import torch
 
-from magneto_kernels.triton.activations import (ACT_CODES, NORM_CODES, activation,
-                                                 activation_grad, cast_rn)
+from magneto_kernels.codes import ACTIVATIONS, NORMS
+from magneto_kernels.triton.activations import ACT_NONE, activation, activation_grad, cast_rn
 from magneto_kernels.triton.common import AUTOTUNE, INTERPRET, new_buffer, reduction_programs
+
+# The norm-kind codes of ``codes.NORMS`` as the kernels compare them.
+LAYER_NORM: tl.constexpr = tl.constexpr(NORMS["layer"])
+RMS_NORM: tl.constexpr = tl.constexpr(NORMS["rms"])
+NO_NORM: tl.constexpr = tl.constexpr(NORMS["none"])
 
 MAX_FUSED_WIDTH = 8192
 MAX_FUSED_WIDTH_BACKWARD = 4096  # the backward keeps ~7 row vectors live: wider rows spill
@@ -39,38 +44,44 @@ def _load_row_input(X, RES, cols, mask, alpha, IN_ACT: tl.constexpr, HAS_RES: tl
     a = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
         a = alpha * tl.load(RES + cols, mask=mask, other=0.0).to(tl.float32) + a
-    if IN_ACT != 0:
+    if IN_ACT != ACT_NONE:
         a = activation(a, IN_ACT)
     return a
 
 
 @triton.jit
-def _store_normalized(Y, W, B, a, mean, rstd, cols, mask, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+def _store_normalized(Y, GAMMA, BETA, a, mean, rstd, cols, mask, HAS_GAMMA: tl.constexpr,
+                      HAS_BETA: tl.constexpr):
     y = (a - mean) * rstd
-    if HAS_W:
-        y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_B:
-        y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_GAMMA:
+        y = y * tl.load(GAMMA + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BETA:
+        y = y + tl.load(BETA + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(Y + cols, cast_rn(y, Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _norm_fwd_kernel(X, RES, Y, S, W, B, MEAN, RSTD, N, eps, alpha,
+def _norm_fwd_kernel(X, RES, Y, S, GAMMA, BETA, MEAN, RSTD, N, eps, alpha,
                      NORM: tl.constexpr, IN_ACT: tl.constexpr, HAS_RES: tl.constexpr,
-                     HAS_W: tl.constexpr, HAS_B: tl.constexpr, WRITE_Y: tl.constexpr,
+                     HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, WRITE_Y: tl.constexpr,
                      BLOCK_N: tl.constexpr, SINGLE: tl.constexpr):
+    """Statistics of one row of a = in_act(x) (or alpha·residual + x, also stored as S), and
+    optionally Y = xhat·gamma + beta. RES and S are None without a residual, Y without WRITE_Y,
+    MEAN for RMSNorm."""
     row = tl.program_id(0).to(tl.int64)
     X += row * N
-    RES += row * N
-    Y += row * N
-    S += row * N
+    if HAS_RES:
+        RES += row * N
+        S += row * N
+    if WRITE_Y:
+        Y += row * N
     if SINGLE:
         cols = tl.arange(0, BLOCK_N)
         mask = cols < N
         a = _load_row_input(X, RES, cols, mask, alpha, IN_ACT, HAS_RES)
         if HAS_RES:
             tl.store(S + cols, cast_rn(a, S.dtype.element_ty), mask=mask)
-        if NORM == 0:
+        if NORM == LAYER_NORM:
             mean = tl.sum(a, axis=0) / N
             d = tl.where(mask, a - mean, 0.0)
             rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / N + eps)
@@ -89,7 +100,7 @@ def _norm_fwd_kernel(X, RES, Y, S, W, B, MEAN, RSTD, N, eps, alpha,
             if HAS_RES:
                 tl.store(S + cols, cast_rn(a, S.dtype.element_ty), mask=mask)
             count = tl.minimum(N - start, BLOCK_N).to(tl.float32)
-            if NORM == 0:
+            if NORM == LAYER_NORM:
                 chunk_mean = tl.sum(a, axis=0) / count
                 d = tl.where(mask, a - chunk_mean, 0.0)
                 total = start + count
@@ -98,144 +109,163 @@ def _norm_fwd_kernel(X, RES, Y, S, W, B, MEAN, RSTD, N, eps, alpha,
                 m2 += tl.sum(d * d, axis=0) + delta * delta * (start * (count / total))
             else:
                 m2 += tl.sum(a * a, axis=0)
-        if NORM != 0:
+        if NORM != LAYER_NORM:
             mean = 0.0
         rstd = 1.0 / tl.sqrt(m2 / N + eps)
-    if NORM == 0:
+    if NORM == LAYER_NORM:
         tl.store(MEAN + row, mean)
     tl.store(RSTD + row, rstd)
     if WRITE_Y:
         if SINGLE:
-            _store_normalized(Y, W, B, a, mean, rstd, cols, mask, HAS_W, HAS_B)
+            _store_normalized(Y, GAMMA, BETA, a, mean, rstd, cols, mask, HAS_GAMMA, HAS_BETA)
         else:
             for start in range(0, N, BLOCK_N):
                 cols = start + tl.arange(0, BLOCK_N)
                 mask = cols < N
                 a = _load_row_input(X, RES, cols, mask, alpha, IN_ACT, HAS_RES)
-                _store_normalized(Y, W, B, a, mean, rstd, cols, mask, HAS_W, HAS_B)
+                _store_normalized(Y, GAMMA, BETA, a, mean, rstd, cols, mask, HAS_GAMMA,
+                                  HAS_BETA)
 
 
 @triton.jit
-def _input_grad(g, xhat, c1, c2, rstd, x, NORM: tl.constexpr, IN_ACT: tl.constexpr):
-    """d loss / d x of y = N(in_act(x)) from g = dy·gamma and the row means c1 = mean(g·xhat),
-    c2 = mean(g) (formulas in ``_norm_bwd_kernel``)."""
-    if NORM == 0:
-        da = (g - c2 - xhat * c1) * rstd
-    elif NORM == 1:
-        da = (g - xhat * c1) * rstd
+def _input_grad(g, xhat, mean_g, mean_gxhat, rstd, x, NORM: tl.constexpr, IN_ACT: tl.constexpr):
+    """dx = da·in_act'(x) of y = N(in_act(x)), from g = dy·gamma and its row means
+    ``mean_g``, ``mean_gxhat`` (formulas in ``_norm_bwd_kernel``)."""
+    if NORM == LAYER_NORM:
+        da = (g - mean_g - xhat * mean_gxhat) * rstd
+    elif NORM == RMS_NORM:
+        da = (g - xhat * mean_gxhat) * rstd
     else:
         da = g
-    if IN_ACT != 0:
+    if IN_ACT != ACT_NONE:
         da = da * activation_grad(x, IN_ACT)
     return da
 
 
 @triton.jit
-def _norm_bwd_row_chunk(DY, X, W, ACC, DX, cols, mask, mean, rstd, c1, c2,
-                        NORM: tl.constexpr, IN_ACT: tl.constexpr, HAS_W: tl.constexpr,
-                        HAS_ACC: tl.constexpr, WANT_DX: tl.constexpr):
-    """dx for one chunk of a row given the row sums c1 = mean(g·xhat), c2 = mean(g); returns
-    (dy, xhat) for the dgamma/dbeta partials."""
+def _norm_bwd_row_chunk(DY, X, GAMMA, GRAD_ACCUM, DX, cols, mask, mean, rstd, mean_g, mean_gxhat,
+                        NORM: tl.constexpr, IN_ACT: tl.constexpr, HAS_GAMMA: tl.constexpr,
+                        HAS_GRAD_ACCUM: tl.constexpr, WANT_DX: tl.constexpr):
+    """dx for one chunk of a row (DY, X, GRAD_ACCUM and DX point at the row) given the row means;
+    returns (dy, xhat) for the dgamma/dbeta partials."""
     x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
     a = activation(x, IN_ACT)
     dy = tl.load(DY + cols, mask=mask, other=0.0).to(tl.float32)
     xhat = tl.where(mask, (a - mean) * rstd, 0.0)
     if WANT_DX:
         g = dy
-        if HAS_W:
-            g = g * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-        da = _input_grad(g, xhat, c1, c2, rstd, x, NORM, IN_ACT)
-        if HAS_ACC:
-            da += tl.load(ACC + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + cols, cast_rn(da, DX.dtype.element_ty), mask=mask)
+        if HAS_GAMMA:
+            g = g * tl.load(GAMMA + cols, mask=mask, other=0.0).to(tl.float32)
+        dx = _input_grad(g, xhat, mean_g, mean_gxhat, rstd, x, NORM, IN_ACT)
+        if HAS_GRAD_ACCUM:
+            dx += tl.load(GRAD_ACCUM + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + cols, cast_rn(dx, DX.dtype.element_ty), mask=mask)
     return dy, xhat
 
 
 @triton.jit
-def _norm_bwd_kernel(DY, X, W, MEAN, RSTD, ACC, DX, DW_PART, DB_PART, M, N, rows_per_prog,
-                     NORM: tl.constexpr, IN_ACT: tl.constexpr, HAS_W: tl.constexpr,
-                     HAS_ACC: tl.constexpr, WANT_DX: tl.constexpr, WANT_DW: tl.constexpr,
-                     WANT_DB: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr):
+def _norm_bwd_kernel(DY, X, GAMMA, MEAN, RSTD, GRAD_ACCUM, DX, DGAMMA_PART, DBETA_PART,
+                     M, N, rows_per_prog,
+                     NORM: tl.constexpr, IN_ACT: tl.constexpr, HAS_GAMMA: tl.constexpr,
+                     HAS_GRAD_ACCUM: tl.constexpr, WANT_DX: tl.constexpr,
+                     WANT_DGAMMA: tl.constexpr, WANT_DBETA: tl.constexpr,
+                     BLOCK_N: tl.constexpr, SINGLE: tl.constexpr):
     """Backward of y = N(in_act(x)) for a contiguous block of rows per program.
 
-    With xhat = (a - mean)·rstd (a = in_act(x); mean = 0 for RMSNorm) and g = dy·gamma:
-      LayerNorm  da = rstd·(g - mean(g) - xhat·mean(g·xhat))
-      RMSNorm    da = rstd·(g - xhat·mean(g·xhat))
+    With xhat = (a - mean)·rstd (a = in_act(x); mean = 0 for RMSNorm), g = dy·gamma and the row
+    means mean_g = mean(g), mean_gxhat = mean(g·xhat):
+      LayerNorm  da = rstd·(g - mean_g - xhat·mean_gxhat)
+      RMSNorm    da = rstd·(g - xhat·mean_gxhat)
       none       da = g
-    dx = da·in_act'(x) (+ acc). Each program writes its own row of dgamma = Σ dy·xhat and
+    dx = da·in_act'(x) (+ grad_accum). Each program writes its own row of dgamma = Σ dy·xhat and
     dbeta = Σ dy partial sums; a second kernel adds the rows up in a fixed order (no atomics).
+    Absent tensors (GAMMA, MEAN, GRAD_ACCUM, unwanted outputs) are None.
     """
     pid = tl.program_id(0)
     row_start = pid * rows_per_prog
     row_end = tl.minimum(row_start + rows_per_prog, M)
-    DW_PART += pid.to(tl.int64) * N
-    DB_PART += pid.to(tl.int64) * N
+    if WANT_DGAMMA:
+        DGAMMA_PART += pid.to(tl.int64) * N
+    if WANT_DBETA:
+        DBETA_PART += pid.to(tl.int64) * N
     if SINGLE:
         cols = tl.arange(0, BLOCK_N)
         mask = cols < N
-        if HAS_W:
-            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-        dw_acc = tl.zeros([BLOCK_N], tl.float32)
-        db_acc = tl.zeros([BLOCK_N], tl.float32)
+        if HAS_GAMMA:
+            gamma = tl.load(GAMMA + cols, mask=mask, other=0.0).to(tl.float32)
+        dgamma_acc = tl.zeros([BLOCK_N], tl.float32)
+        dbeta_acc = tl.zeros([BLOCK_N], tl.float32)
     for row in range(row_start, row_end):
         off = tl.cast(row, tl.int64) * N
         mean = 0.0
         rstd = 1.0
-        if NORM == 0:
+        if NORM == LAYER_NORM:
             mean = tl.load(MEAN + row)
-        if NORM != 2:
+        if NORM != NO_NORM:
             rstd = tl.load(RSTD + row)
+        dy_row = DY + off
+        x_row = X + off
+        grad_accum_row = GRAD_ACCUM
+        dx_row = DX
+        if HAS_GRAD_ACCUM:
+            grad_accum_row += off
+        if WANT_DX:
+            dx_row += off
         if SINGLE:
-            x = tl.load(X + off + cols, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
             a = activation(x, IN_ACT)
-            dy = tl.load(DY + off + cols, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(dy_row + cols, mask=mask, other=0.0).to(tl.float32)
             xhat = tl.where(mask, (a - mean) * rstd, 0.0)
             if WANT_DX:
                 g = dy
-                if HAS_W:
-                    g = g * w
-                c1 = tl.sum(g * xhat, axis=0) / N
-                c2 = tl.sum(g, axis=0) / N
-                da = _input_grad(g, xhat, c1, c2, rstd, x, NORM, IN_ACT)
-                if HAS_ACC:
-                    da += tl.load(ACC + off + cols, mask=mask, other=0.0).to(tl.float32)
-                tl.store(DX + off + cols, cast_rn(da, DX.dtype.element_ty), mask=mask)
-            dw_acc += dy * xhat
-            db_acc += dy
+                if HAS_GAMMA:
+                    g = g * gamma
+                mean_g = tl.sum(g, axis=0) / N
+                mean_gxhat = tl.sum(g * xhat, axis=0) / N
+                dx = _input_grad(g, xhat, mean_g, mean_gxhat, rstd, x, NORM, IN_ACT)
+                if HAS_GRAD_ACCUM:
+                    dx += tl.load(grad_accum_row + cols, mask=mask, other=0.0).to(tl.float32)
+                tl.store(dx_row + cols, cast_rn(dx, DX.dtype.element_ty), mask=mask)
+            dgamma_acc += dy * xhat
+            dbeta_acc += dy
         else:
-            c1 = 0.0
-            c2 = 0.0
+            sum_g = 0.0
+            sum_gxhat = 0.0
             if WANT_DX:
                 for start in range(0, N, BLOCK_N):
                     cols = start + tl.arange(0, BLOCK_N)
                     mask = cols < N
-                    a = activation(tl.load(X + off + cols, mask=mask, other=0.0).to(tl.float32),
+                    a = activation(tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32),
                                    IN_ACT)
-                    g = tl.load(DY + off + cols, mask=mask, other=0.0).to(tl.float32)
-                    if HAS_W:
-                        g = g * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-                    c1 += tl.sum(g * tl.where(mask, (a - mean) * rstd, 0.0), axis=0)
-                    c2 += tl.sum(g, axis=0)
-                c1 = c1 / N
-                c2 = c2 / N
+                    g = tl.load(dy_row + cols, mask=mask, other=0.0).to(tl.float32)
+                    if HAS_GAMMA:
+                        g = g * tl.load(GAMMA + cols, mask=mask, other=0.0).to(tl.float32)
+                    sum_g += tl.sum(g, axis=0)
+                    sum_gxhat += tl.sum(g * tl.where(mask, (a - mean) * rstd, 0.0), axis=0)
+            mean_g = sum_g / N
+            mean_gxhat = sum_gxhat / N
+            # Partial sums live in this program's own scratch row (read-modify-write), which holds
+            # them from the program's second row on. after_first is a block, not the scalar
+            # row > row_start: the interpreter splats a scalar comparison to int32 data, which
+            # Triton 3.9's interpreter rejects as a load mask.
+            after_first = tl.full([BLOCK_N], row, tl.int32) > row_start
             for start in range(0, N, BLOCK_N):
                 cols = start + tl.arange(0, BLOCK_N)
                 mask = cols < N
-                dy, xhat = _norm_bwd_row_chunk(DY + off, X + off, W, ACC + off, DX + off, cols,
-                                               mask, mean, rstd, c1, c2, NORM, IN_ACT, HAS_W,
-                                               HAS_ACC, WANT_DX)
-                # Partial sums live in this program's own scratch row (read-modify-write).
-                if WANT_DW:
-                    prev = tl.load(DW_PART + cols, mask=mask & (row > row_start), other=0.0)
-                    tl.store(DW_PART + cols, prev + dy * xhat, mask=mask)
-                if WANT_DB:
-                    prev = tl.load(DB_PART + cols, mask=mask & (row > row_start), other=0.0)
-                    tl.store(DB_PART + cols, prev + dy, mask=mask)
+                dy, xhat = _norm_bwd_row_chunk(dy_row, x_row, GAMMA, grad_accum_row, dx_row, cols,
+                                               mask, mean, rstd, mean_g, mean_gxhat, NORM, IN_ACT,
+                                               HAS_GAMMA, HAS_GRAD_ACCUM, WANT_DX)
+                if WANT_DGAMMA:
+                    prev = tl.load(DGAMMA_PART + cols, mask=mask & after_first, other=0.0)
+                    tl.store(DGAMMA_PART + cols, prev + dy * xhat, mask=mask)
+                if WANT_DBETA:
+                    prev = tl.load(DBETA_PART + cols, mask=mask & after_first, other=0.0)
+                    tl.store(DBETA_PART + cols, prev + dy, mask=mask)
     if SINGLE:
-        if WANT_DW:
-            tl.store(DW_PART + cols, dw_acc, mask=mask)
-        if WANT_DB:
-            tl.store(DB_PART + cols, db_acc, mask=mask)
+        if WANT_DGAMMA:
+            tl.store(DGAMMA_PART + cols, dgamma_acc, mask=mask)
+        if WANT_DBETA:
+            tl.store(DBETA_PART + cols, dbeta_acc, mask=mask)
 
 
 @triton.jit
@@ -265,26 +295,28 @@ def column_sum(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------ host wrappers
 
+_TUNED = {}
+"""Plain kernel -> its warp-count autotuner (GPU only: the interpreter has no warps to tune)."""
 if not INTERPRET:
     _WARP_CONFIGS = [triton.Config({}, num_warps=w) for w in (4, 8, 16)]
-    _norm_fwd_tuned = triton.autotune(
+    _TUNED[_norm_fwd_kernel] = triton.autotune(
         _WARP_CONFIGS, key=["N", "NORM", "IN_ACT", "HAS_RES", "WRITE_Y", "BLOCK_N", "SINGLE"]
     )(_norm_fwd_kernel)
-    _norm_bwd_tuned = triton.autotune(
+    _TUNED[_norm_bwd_kernel] = triton.autotune(
         _WARP_CONFIGS, key=["N", "NORM", "IN_ACT", "WANT_DX", "BLOCK_N", "SINGLE"]
     )(_norm_bwd_kernel)
 
 
-def _launch_row_kernel(kernel, tuned_name, grid, args, flags, num_warps):
-    """Autotune the warp count on GPUs; the width-based guess in the interpreter or when
-    autotuning is off. (Both kernels are idempotent, as autotuning's reruns need.)"""
+def _launch_row_kernel(kernel, grid, num_warps, **args):
+    """Autotune the warp count on GPUs; the width-based guess ``num_warps`` in the interpreter
+    or when autotuning is off. (Both kernels are idempotent, as autotuning's reruns need.)"""
     if INTERPRET or not AUTOTUNE:
-        kernel[grid](*args, **flags, num_warps=num_warps)
+        kernel[grid](**args, num_warps=num_warps)
     else:
-        globals()[tuned_name][grid](*args, **flags)
+        _TUNED[kernel][grid](**args)
 
 
-def norm_forward(x, weight, bias, eps, norm, *, residual=None, alpha=1.0, input_activation="none",
+def norm_forward(x, gamma, beta, eps, norm, *, residual=None, alpha=1.0, input_activation="none",
                  write_y=True):
     """Row statistics and (optionally) y = N(a) for 2-D contiguous x, with a = alpha·residual + x
     when ``residual`` is given and a = in_act(x) otherwise.
@@ -304,52 +336,83 @@ def norm_forward(x, weight, bias, eps, norm, *, residual=None, alpha=1.0, input_
         raise ValueError("norm_forward: norm='none' has nothing to normalise")
     block, single, warps = row_block(width)
     _launch_row_kernel(
-        _norm_fwd_kernel, "_norm_fwd_tuned", (rows,),
-        (x, residual if residual is not None else x, y if write_y else x,
-         s if s is not None else x, weight if weight is not None else x,
-         bias if bias is not None else x, mean, rstd, width, eps, alpha),
-        dict(NORM=NORM_CODES[norm], IN_ACT=ACT_CODES[input_activation],
-             HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None,
-             WRITE_Y=write_y, BLOCK_N=block, SINGLE=single), warps)
+        _norm_fwd_kernel, (rows,), warps,
+        X=x,
+        RES=residual,
+        Y=y,
+        S=s,
+        GAMMA=gamma,
+        BETA=beta,
+        MEAN=mean if norm == "layer" else None,
+        RSTD=rstd,
+        N=width,
+        eps=eps,
+        alpha=alpha,
+        NORM=NORMS[norm],
+        IN_ACT=ACTIVATIONS[input_activation],
+        HAS_RES=residual is not None,
+        HAS_GAMMA=gamma is not None,
+        HAS_BETA=beta is not None,
+        WRITE_Y=write_y,
+        BLOCK_N=block,
+        SINGLE=single,
+    )
     return y, s, mean, rstd
 
 
-def norm_backward(grad_y, x, weight, bias, mean, rstd, grad_accum, norm, output_mask, *,
+def norm_backward(dy, x, gamma, beta, mean, rstd, grad_accum, norm, output_mask, *,
                   input_activation="none"):
-    """(dx, dweight, dbias) of y = N(in_act(x)) (see ``_norm_bwd_kernel``); ``grad_accum`` is
+    """(dx, dgamma, dbeta) of y = N(in_act(x)) (see ``_norm_bwd_kernel``); ``grad_accum`` is
     added to dx. Unwanted gradients come back as ``x.new_empty((0,))``."""
     rows, width = x.shape
     device = x.device
     want_dx = bool(output_mask[0])
-    want_dw = bool(output_mask[1]) and weight is not None
-    want_db = bool(output_mask[2]) and bias is not None
+    want_dgamma = bool(output_mask[1]) and gamma is not None
+    want_dbeta = bool(output_mask[2]) and beta is not None
     empty = x.new_empty((0,))
     dx = new_buffer(x.shape, x.dtype, device) if want_dx else empty
     if rows == 0:
         zeros = lambda p: torch.zeros_like(p)  # noqa: E731  (sum over no rows)
-        return dx, zeros(weight) if want_dw else empty, zeros(bias) if want_db else empty
-    if not (want_dx or want_dw or want_db):
+        return dx, zeros(gamma) if want_dgamma else empty, zeros(beta) if want_dbeta else empty
+    if not (want_dx or want_dgamma or want_dbeta):
         return empty, empty, empty
     programs = reduction_programs(x, rows)
     rows_per_prog = triton.cdiv(rows, programs)
     programs = triton.cdiv(rows, rows_per_prog)
-    dw_part = new_buffer((programs, width), torch.float32, device) if want_dw else empty
-    db_part = new_buffer((programs, width), torch.float32, device) if want_db else empty
+    dgamma_part = new_buffer((programs, width), torch.float32, device) if want_dgamma else None
+    dbeta_part = new_buffer((programs, width), torch.float32, device) if want_dbeta else None
     block, single, warps = row_block(width, MAX_FUSED_WIDTH_BACKWARD)
     _launch_row_kernel(
-        _norm_bwd_kernel, "_norm_bwd_tuned", (programs,),
-        (grad_y, x, weight if weight is not None else x, mean, rstd,
-         grad_accum if grad_accum is not None else x, dx if want_dx else x,
-         dw_part if want_dw else x, db_part if want_db else x, rows, width, rows_per_prog),
-        dict(NORM=NORM_CODES[norm], IN_ACT=ACT_CODES[input_activation], HAS_W=weight is not None,
-             HAS_ACC=grad_accum is not None, WANT_DX=want_dx, WANT_DW=want_dw, WANT_DB=want_db,
-             BLOCK_N=block, SINGLE=single), warps)
-    dw = column_sum(dw_part, weight.dtype) if want_dw else empty
-    db = column_sum(db_part, bias.dtype) if want_db else empty
-    return dx, dw, db
+        _norm_bwd_kernel, (programs,), warps,
+        DY=dy,
+        X=x,
+        GAMMA=gamma,
+        MEAN=mean if norm == "layer" else None,
+        RSTD=rstd if norm != "none" else None,
+        GRAD_ACCUM=grad_accum,
+        DX=dx if want_dx else None,
+        DGAMMA_PART=dgamma_part,
+        DBETA_PART=dbeta_part,
+        M=rows,
+        N=width,
+        rows_per_prog=rows_per_prog,
+        NORM=NORMS[norm],
+        IN_ACT=ACTIVATIONS[input_activation],
+        HAS_GAMMA=gamma is not None,
+        HAS_GRAD_ACCUM=grad_accum is not None,
+        WANT_DX=want_dx,
+        WANT_DGAMMA=want_dgamma,
+        WANT_DBETA=want_dbeta,
+        BLOCK_N=block,
+        SINGLE=single,
+    )
+    dgamma = column_sum(dgamma_part, gamma.dtype) if want_dgamma else empty
+    dbeta = column_sum(dbeta_part, beta.dtype) if want_dbeta else empty
+    return dx, dgamma, dbeta
 
 
 # ------------------------------------------------------------------------ op implementations
+# The op schemas keep torch's names: their ``weight``/``bias`` are the kernels' gamma/beta.
 
 def layer_norm(x, weight, bias, eps, norm):
     y, _, mean, rstd = norm_forward(x, weight, bias, eps, norm)

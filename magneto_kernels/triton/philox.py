@@ -7,10 +7,13 @@ backend draws the same dropout mask for tensors of any size.
 import triton
 import triton.language as tl
 
-PHILOX_KEY_A: tl.constexpr = tl.constexpr(0x9E3779B9)
-PHILOX_KEY_B: tl.constexpr = tl.constexpr(0xBB67AE85)
-PHILOX_ROUND_A: tl.constexpr = tl.constexpr(0xD2511F53)
-PHILOX_ROUND_B: tl.constexpr = tl.constexpr(0xCD9E8D57)
+from magneto_kernels import codes
+
+PHILOX_KEY_A: tl.constexpr = tl.constexpr(codes.PHILOX_KEY_A)
+PHILOX_KEY_B: tl.constexpr = tl.constexpr(codes.PHILOX_KEY_B)
+PHILOX_ROUND_A: tl.constexpr = tl.constexpr(codes.PHILOX_ROUND_A)
+PHILOX_ROUND_B: tl.constexpr = tl.constexpr(codes.PHILOX_ROUND_B)
+PHILOX_ROUNDS: tl.constexpr = tl.constexpr(codes.PHILOX_ROUNDS)
 
 
 @triton.jit
@@ -25,7 +28,7 @@ def philox_word(seed, index):
     c1 = ((index >> 32) & 0xFFFFFFFF).to(tl.uint32)
     c2 = tl.zeros_like(c0)
     c3 = tl.zeros_like(c0)
-    for _ in tl.static_range(10):
+    for _ in tl.static_range(PHILOX_ROUNDS):
         prev_c0 = c0
         prev_c2 = c2
         c0 = tl.umulhi(prev_c2, PHILOX_ROUND_B) ^ c1 ^ k0
@@ -39,7 +42,7 @@ def philox_word(seed, index):
 
 @triton.jit
 def dropout_keep(seed_ptr, index, threshold):
-    """Keep-mask ``philox(seed, index) >= threshold`` (``reference.dropout_threshold(p)``)."""
+    """Keep-mask ``philox(seed, index) >= threshold`` (``codes.dropout_threshold(p)``)."""
     seed = tl.load(seed_ptr)
     return philox_word(seed, index).to(tl.int64) >= threshold
 
