@@ -279,9 +279,9 @@ LN_LINEAR_CASES = (
     [pytest.param(c, id=_ids(c)) for c in _LN_LINEAR_SCENARIOS]
     + [pytest.param((37, 65, 129, *c, "same"), id=_ids((37, 65, 129, *c))) for c in _CUDA_COMBOS]
     # Every activation in both places, from the codes table: a new one is tested unasked.
-    + [pytest.param((23, 40, 24, "layer", a, "none", 1.0, 0.0, True, "fp32"), id=f"in-{a}")
+    + [pytest.param((9, 24, 16, "layer", a, "none", 1.0, 0.0, True, "fp32"), id=f"in-{a}")
        for a in ACTS]
-    + [pytest.param((23, 40, 24, "rms", "none", a, None, 0.1, True, "same"), id=f"out-{a}")
+    + [pytest.param((9, 24, 16, "rms", "none", a, None, 0.1, True, "same"), id=f"out-{a}")
        for a in ACTS]
     # GPU-sized: in_features 9000 (CUDA's wide K) and 40000 (the prologue's Welford kernel,
     # whose input activation is a runtime switch).

@@ -166,8 +166,8 @@ def test_ln_linear_backward_output_mask(kernels, mask):
     """Only the requested gradients come back, bit for bit the full call's; the rest are
     empty (library.py contract)."""
     dev = kernels.device
-    x, lw, lb = randn(21, 50, mean=1.0, device=dev), randn(50, mean=1.0, device=dev), \
-        randn(50, device=dev)
+    x, lw, lb = (randn(21, 50, mean=1.0, device=dev), randn(50, mean=1.0, device=dev),
+                 randn(50, device=dev))
     w = randn(30, 50, std=0.15, device=dev)
     fwd = get_op("ln_linear", kernels.family)
     bwd = get_op("ln_linear_backward", kernels.family)
@@ -261,8 +261,8 @@ def test_dropout_mask_of_the_ops_is_bit_identical(kernels, p):
 
 def test_dropout_is_reproducible_through_manual_seed(backend):
     dev = backend.device
-    x, w, ones = randn(12, 20, mean=1.0, device=dev), randn(16, 20, device=dev), \
-        torch.ones(20, device=dev)
+    x, w, ones = (randn(12, 20, mean=1.0, device=dev), randn(16, 20, device=dev),
+                  torch.ones(20, device=dev))
     runs = []
     for _ in range(2):
         torch.manual_seed(5)
