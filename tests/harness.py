@@ -27,6 +27,10 @@ from magneto_kernels.codes import ACTIVATIONS, NORMS
 RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float64: 1e-12}
 """Norm-wise relative tolerance against float64, by the dtype of the tensor compared."""
 
+ATOL = 1e-6
+"""Absolute slack of compare_to_reference; parameter gradients (sums over rows) get
+``ATOL·sqrt(rows)``."""
+
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 """The dtypes every kernel backend runs in."""
 
@@ -143,12 +147,12 @@ def backend_params(kernels_only=False):
 
 # --------------------------------------------------------------------------- the comparison
 
-def compare_to_reference(backend: Backend, fn, inputs: dict, *, seed=0, atol=1e-6):
+def compare_to_reference(backend: Backend, fn, inputs: dict, *, seed=0):
     """Runs ``fn(**inputs, backend=...)`` on ``backend``, on the reference in the inputs' dtype
     and on the reference in float64 (the same inputs, the same dropout seed through
     ``torch.manual_seed(seed)``), backpropagates one random non-zero-mean gradient per output,
     and checks every output and the gradient of every given input (``inputs`` maps names to
-    tensors or None). Parameter gradients (1-D, sums over rows) get ``atol·sqrt(rows)``."""
+    tensors or None)."""
     runs = ((backend.name, lambda t: t), ("reference", lambda t: t),
             ("reference", lambda t: t.double()))
     names = [name for name, t in inputs.items() if t is not None]
@@ -165,13 +169,13 @@ def compare_to_reference(backend: Backend, fn, inputs: dict, *, seed=0, atol=1e-
     dys = [randn(*o.shape, dtype=torch.float64, mean=0.3, generator=gen, device=o.device)
            for o in results[2][1]]
     for i, (out, same, out64) in enumerate(zip(*(outs for _, outs in results))):
-        assert_close_to_reference(out, out64, same, f"output {i}", atol=atol)
+        assert_close_to_reference(out, out64, same, f"output {i}", atol=ATOL)
     grads = [torch.autograd.grad(outs, [leaves[k] for k in names],
                                  [dy.to(o.dtype) for dy, o in zip(dys, outs)])
              for leaves, outs in results]
     for name, grad, same, grad64 in zip(names, *grads):
         scale = rows ** 0.5 if grad.dim() == 1 else 1.0
-        assert_close_to_reference(grad, grad64, same, f"grad of {name}", atol=atol * scale)
+        assert_close_to_reference(grad, grad64, same, f"grad of {name}", atol=ATOL * scale)
 
 
 # --------------------------------------------------------------------------------------- cases
