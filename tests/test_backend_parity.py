@@ -7,7 +7,7 @@ import torch
 
 import magneto
 import magneto_kernels
-from conftest import assert_close
+from harness import assert_close
 
 FUSED = ("cpu", "triton")
 VOCAB, PAD = 41, 1

@@ -4,7 +4,7 @@ import torch
 
 import magneto
 import magneto_kernels
-from conftest import assert_close
+from harness import assert_close
 
 
 def _encoder(backend, **overrides):

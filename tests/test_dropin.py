@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from magneto.nn import TransformerDecoderLayer, TransformerEncoderLayer, magnetize
-from conftest import assert_close, randn
+from harness import assert_close, randn
 
 
 def _ln(x, m):

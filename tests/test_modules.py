@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import RTOL, assert_close, randn
+from harness import RTOL, assert_close, randn
 
 import magneto
 import magneto_kernels

@@ -8,7 +8,7 @@ import torch
 import magneto_kernels as mk
 from magneto_kernels import reference
 from magneto_kernels.backends import resolve_backend
-from conftest import assert_close, randn
+from harness import assert_close, randn
 
 
 def _philox_int(seed: int, index: int) -> int:

@@ -1,0 +1,256 @@
+"""What only the C++ CPU backend (``backend="cpu"``) has; tests/test_ops.py runs the op suite on it.
+
+The bindings' argument errors, parameter gradients independent of the thread count, every
+instruction-set build of the kernels, both GEMM engines and the workspace policy, agreement with
+the Triton kernels, and the GELU's accuracy. Every output and intermediate buffer of the
+bindings is NaN-poisoned before the kernels write it.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import magneto_kernels as mk
+from magneto_kernels.library import get_op
+
+from harness import BY_NAME, check_ln_linear_case, randn
+
+_C = pytest.importorskip("magneto_kernels._C", reason="C++ extension not built")
+CPU = BY_NAME["cpu"]
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs():
+    with CPU.running():
+        yield
+
+
+def test_parameter_gradients_do_not_depend_on_thread_count():
+    x = randn(300, 72, mean=1.0)
+    w, b = randn(72, mean=1.0), randn(72)
+    dy = randn(300, 72, mean=0.2)
+    _, mean, rstd = get_op("layer_norm", CPU.family)(x, w, b, 1e-5, "layer")
+    bwd = get_op("layer_norm_backward", CPU.family)
+    _, dw, db = bwd(dy, x, w, b, mean, rstd, None, "layer", [True, True, True])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        _, dw1, db1 = bwd(dy, x, w, b, mean, rstd, None, "layer", [False, True, True])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(dw, dw1) and torch.equal(db, db1), "dgamma/dbeta depend on thread count"
+
+
+# ------------------------------------------------------------------------------- bad inputs
+
+def _good_ln_linear_args():
+    x = randn(6, 8, mean=1.0)
+    return dict(x=x, ln_weight=torch.ones(8), ln_bias=torch.zeros(8) + 0.1, weight=randn(4, 8),
+                bias=randn(4), residual=randn(6, 4), seed=None, eps=1e-5, norm="layer",
+                input_activation="none", activation="none", alpha=1.0, dropout_p=0.0)
+
+
+@pytest.mark.parametrize("change,needle", [
+    (dict(x=randn(6, 8, dtype=torch.float64)), "x must be float32"),
+    (dict(x=randn(48)), "x must be 2-D"),
+    (dict(x=randn(8, 6).t()), "x must be contiguous"),
+    (dict(ln_weight=torch.ones(7)), "ln_weight must have shape"),
+    (dict(ln_weight=torch.ones(8, dtype=torch.float64)), "ln_weight must have x's dtype"),
+    (dict(ln_bias=torch.ones(16)[::2]), "ln_bias must be contiguous"),
+    (dict(weight=randn(4, 9)), "weight must have shape"),
+    (dict(weight=randn(4, 8, dtype=torch.bfloat16)), "weight must have dtype"),
+    (dict(bias=randn(5)), "bias must have shape"),
+    (dict(residual=randn(6, 5)), "residual must have shape"),
+    (dict(norm="batch"), "norm must be"),
+    (dict(activation="tanh"), "activation must be"),
+    (dict(input_activation="elu"), "input_activation must be"),
+    (dict(dropout_p=0.5), "seed must be given"),
+    (dict(dropout_p=0.5, seed=torch.tensor(1.0)), "seed must have dtype"),
+    (dict(dropout_p=1.0, seed=torch.tensor(1)), "dropout_p must be in"),
+    (dict(norm="rms"), "ln_bias must be None for norm='rms'"),
+    (dict(norm="none", ln_bias=None), "ln_weight must be None for norm='none'"),
+    (dict(eps=-1.0), "eps must be"),
+])
+def test_ln_linear_bad_input(change, needle):
+    args = _good_ln_linear_args()
+    args.update(change)
+    with pytest.raises(ValueError, match=needle):
+        get_op("ln_linear", CPU.family)(*args.values())
+
+
+def test_norm_ops_bad_input():
+    x, w = randn(4, 8), torch.ones(8)
+    with pytest.raises(ValueError, match="norm must be 'layer' or 'rms'"):
+        get_op("layer_norm", CPU.family)(x, w, None, 1e-5, "none")
+    with pytest.raises(ValueError, match="residual must have shape"):
+        get_op("add_layer_norm", CPU.family)(x, randn(4, 9), w, None, 1e-5, 1.0, "layer")
+    _, mean, rstd = get_op("layer_norm", CPU.family)(x, w, None, 1e-5, "layer")
+    bwd = get_op("layer_norm_backward", CPU.family)
+    with pytest.raises(ValueError, match="rstd must have dtype"):
+        bwd(x, x, w, None, mean, rstd.double(), None, "layer", [True, True, False])
+    with pytest.raises(ValueError, match="mean must have shape"):
+        bwd(x, x, w, None, mean[:3], rstd, None, "layer", [True, True, False])
+    with pytest.raises(ValueError, match="grad_y must have shape"):
+        bwd(x[:3], x, w, None, mean, rstd, None, "layer", [True, True, False])
+    with pytest.raises(ValueError, match="output_mask must have 3 entries"):
+        bwd(x, x, w, None, mean, rstd, None, "layer", [True, True])
+    with pytest.raises(ValueError, match="preact must have shape"):
+        get_op("ln_linear_backward", CPU.family)(randn(4, 3), x, w, None, randn(3, 8), mean, rstd,
+                                            randn(0), None, "layer", "none", "gelu", 0.0,
+                                            [True] * 5)
+
+
+# ----------------------------------------------------------------- instruction-set builds
+
+# A fresh process's ln_linear forward+backward (and an RMSNorm) against the reference.
+_SUBPROCESS_SCRIPT = r"""
+import torch, magneto_kernels as mk
+from magneto_kernels import _C, reference
+{check}
+torch.manual_seed(0)
+rows, cols = {rows}, {cols}
+x = (torch.randn(rows, cols) * 2 + 1).requires_grad_()
+lw, lb = torch.randn(cols).requires_grad_(), torch.randn(cols).requires_grad_()
+w, r = (torch.randn(47, cols) * 0.1).requires_grad_(), torch.randn(rows, 47)
+b = torch.randn(47).requires_grad_()
+dy = torch.randn(rows, 47)
+outs = []
+for backend in ("cpu", "reference"):
+    torch.manual_seed(1)
+    y = mk.ln_linear(x, lw, lb, w, None, residual=r, input_activation="gelu",
+                     activation="silu", dropout_p=0.3, backend=backend)
+    outs.append([y] + list(torch.autograd.grad(y, (x, lw, lb, w), dy)))
+    # fc2's case: the residual folded into the GEMM's output (or added after it), with a bias
+    y = mk.ln_linear(x, lw, lb, w, b, residual=r, alpha=0.7, input_activation="gelu",
+                     backend=backend)
+    outs[-1] += [y] + list(torch.autograd.grad(y, (x, lw, lb, w, b), dy))
+    outs[-1].append(mk.layer_norm(x, lw, None, norm="rms", backend=backend))
+for a, b in zip(*outs):
+    err = ((a - b).norm() / b.norm()).item()
+    assert err < 1e-5, err
+print("ok")
+"""
+
+
+def run_subprocess_check(check: str, rows=29, cols=83, **env):
+    env = dict(os.environ, OMP_NUM_THREADS="2", **env)
+    script = _SUBPROCESS_SCRIPT.format(check=check, rows=rows, cols=cols)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("isa", ["avx2", "default"])
+def test_other_instruction_set_builds(isa):
+    """The narrower builds of the kernels (chosen by MAGNETO_CPU_ISA) agree with the reference;
+    the widest one the CPU supports runs in every other test."""
+    if isa == "avx2" and _C.cpu_capability() == "default":
+        pytest.skip("the CPU has no AVX2")
+    run_subprocess_check(f"assert _C.cpu_capability() == {isa!r}, _C.cpu_capability()",
+                         MAGNETO_CPU_ISA=isa)
+
+
+# ------------------------------------------------------------- GEMM engine and workspace
+
+ENGINES = ["aten", "onednn"]
+
+
+def use_engine(engine):
+    """Selects a CPU GEMM engine for one test (restore_engine puts the user's choice back)."""
+    _C._set_cpu_gemm_engine(engine)
+    try:
+        assert _C.cpu_gemm_engine() == engine
+    except RuntimeError as e:  # MAGNETO_CPU_GEMM=onednn where oneDNN cannot run
+        pytest.skip(f"oneDNN matmul not usable here: {e}")
+
+
+@pytest.fixture
+def restore_engine():
+    yield
+    _C._set_cpu_gemm_engine(os.environ.get("MAGNETO_CPU_GEMM", "auto"))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_gemm_engine_layouts(engine, accumulate, restore_engine):
+    """The three GEMMs of ln_linear (H @ W^T, dz @ W, dz^T @ H: plain and transposed operands)
+    against float64, with and without accumulating into the output; empty sums give zeros."""
+    use_engine(engine)
+    h, w, dz = randn(37, 53, mean=0.5), randn(29, 53, std=0.2), randn(37, 29, mean=-0.3)
+    for a, b in ((h, w.t()), (dz, w), (dz.t(), h)):
+        start = randn(a.shape[0], b.shape[1])
+        out = start.clone() if accumulate else torch.full_like(start, float("nan"))
+        _C._cpu_gemm(a, b, out, accumulate)
+        want = a.double() @ b.double() + (start.double() if accumulate else 0)
+        torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    empty = torch.full((4, 3), float("nan"))
+    _C._cpu_gemm(randn(4, 0), randn(0, 3), empty, False)
+    assert torch.equal(empty, torch.zeros(4, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("engine", ENGINES)
+def test_ln_linear_with_each_gemm_engine(engine, dtype, restore_engine):
+    use_engine(engine)
+    check_ln_linear_case(CPU, (37, 67, 45, "layer", "gelu", "silu", 1.5, 0.0, True, "same"),
+                         dtype)
+
+
+def test_bad_gemm_engine_name(restore_engine):
+    with pytest.raises(ValueError, match="MAGNETO_CPU_GEMM"):
+        _C._set_cpu_gemm_engine("mkl")
+
+
+def test_without_workspace():
+    """MAGNETO_CPU_WORKSPACE_MB=0: forward and backward allocate their GEMM operand per call."""
+    run_subprocess_check("", MAGNETO_CPU_WORKSPACE_MB="0")
+
+
+def test_row_blocked_forward():
+    """An operand of 1000×300 fp32 (1.14 MiB) through a 1 MiB workspace: the forward runs in two
+    row blocks (873 + 127 rows), the backward allocates its operand."""
+    run_subprocess_check("", rows=1000, cols=300, MAGNETO_CPU_WORKSPACE_MB="1")
+
+
+# ------------------------------------------------------------------- agreement with Triton
+
+def test_cpu_agrees_with_triton_interpreter():
+    problem = mk.available_backends("cpu")["triton"]
+    if problem is not None:
+        pytest.skip(f"Triton backend unavailable on CPU: {problem}")
+    x = randn(19, 40, mean=1.0, std=2.0)
+    lw, lb = randn(40, mean=1.0, std=0.2), randn(40, std=0.3)
+    w, b, r = randn(24, 40, std=0.15), randn(24), randn(19, 24)
+    dy = randn(19, 24, mean=0.2)
+    results = {}
+    for backend in ("cpu", "triton"):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, lw, lb, w, b, r)]
+        torch.manual_seed(11)
+        y = mk.ln_linear(*leaves[:5], residual=leaves[5], input_activation="gelu",
+                         activation="gelu_tanh", alpha=1.5, dropout_p=0.25, backend=backend)
+        z, s = mk.add_layer_norm(leaves[0], leaves[0] * 0.5, leaves[1], leaves[2], alpha=0.8,
+                                 backend=backend)
+        results[backend] = [y, z, s, *torch.autograd.grad(
+            (y * dy).sum() + (z * z).sum(), leaves)]
+    # A different dropout mask would change whole elements of y and of every gradient.
+    for i, (c, t) in enumerate(zip(results["cpu"], results["triton"])):
+        torch.testing.assert_close(c, t, rtol=2e-5, atol=2e-5, msg=lambda m: f"output {i}: {m}")
+
+
+def test_gelu_accuracy():
+    """The C++ GELU (A&S erf with a shared fast exp) and its derivative, over [-10, 10] and a
+    normal sample, are no less accurate than torch's own fp32 F.gelu against float64. ln_linear
+    without a norm and with a 1×1 identity weight returns gelu(x) exactly through the GEMM."""
+    x = torch.cat([torch.linspace(-10, 10, 20001), randn(20000, std=3.0)]).reshape(-1, 1)
+    xs = [x.clone().requires_grad_() for _ in range(3)]
+    ours = mk.ln_linear(xs[0], None, None, torch.ones(1, 1), None, input_activation="gelu",
+                        backend="cpu")
+    theirs = torch.nn.functional.gelu(xs[1])
+    ref = torch.nn.functional.gelu(xs[2].double())
+    grads = [torch.autograd.grad(y.sum(), t)[0] for y, t in zip((ours, theirs, ref), xs)]
+    for name, a, b, r in (("gelu", ours, theirs, ref), ("gelu'", *grads)):
+        err, torch_err = ((v.double() - r).detach() for v in (a, b))
+        assert err.abs().max() <= 1.05 * torch_err.abs().max(), name
+        assert err.norm() <= 1.05 * torch_err.norm(), name
