@@ -57,11 +57,11 @@ stage gpu-tests 90 pytest_gpu.log env TRITON_INTERPRET=0 MAGNETO_TRITON_AUTOTUNE
 stage bench 140 bench.log env TRITON_INTERPRET=0 python3 bench/bench_gpu.py --out "$OUT"
 
 # 4. Extra, after the measurements (skip with QUICK=1): the full Triton op suite of
-#    tests/test_triton_ops.py (written for the CPU interpreter) on CUDA tensors.
+#    tests/test_ops.py and tests/test_ops_triton.py (written for the CPU interpreter) on CUDA tensors.
 if [ "${QUICK:-0}" != "1" ]; then
   stage triton-ops-on-gpu 100 pytest_triton_cuda.log env TRITON_INTERPRET=0 \
     MAGNETO_TRITON_AUTOTUNE=0 MAGNETO_TEST_DEVICE=cuda \
-    python3 -m pytest -q -x -rs -p no:cacheprovider -m "not gpu" tests/test_triton_ops.py
+    python3 -m pytest -q -x -rs -p no:cacheprovider -m "not gpu" -k triton tests/test_ops.py tests/test_ops_triton.py
 fi
 
 log "total $(( $(date +%s) - START ))s"

@@ -23,22 +23,12 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor, nn
 
 import magneto_kernels
 from magneto.config import MagnetoConfig
 from magneto.init import init_linear_, uninitialized_linear
 from magneto.norm import Norm, norm_kwargs
-
-
-def draw_seed(x: Tensor) -> Tensor:
-    """The dropout seed ``magneto_kernels`` ops draw from torch's generator on x's device.
-
-    Not used by this module (it calls ``magneto_kernels.dropout``); kept because
-    tests/test_modules.py imports it to rebuild masks by hand.
-    """
-    return torch.randint(0, 2**62, (), dtype=torch.int64, device=x.device)
 
 
 class FeedForward(nn.Module):

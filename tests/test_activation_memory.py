@@ -1,7 +1,5 @@
 """Bytes saved for backward by one Magneto encoder layer with its final LayerNorm, in training,
-on the default CPU backend: DESIGN.md §2 counts 10 d-vectors per token, torchscale saves 24."""
-import sys
-from pathlib import Path
+on the default CPU backend: docs/design.md (Memory accounting) counts 10 d-vectors per token, torchscale saves 24."""
 
 import torch
 
@@ -9,7 +7,6 @@ import magneto
 import magneto_kernels
 from magneto.profiling import saved_tensor_bytes
 
-sys.path.insert(0, str(Path(__file__).parent / "_timm_standin"))  # torchscale imports timm
 
 D, HEADS, FFN, T, BATCH = 256, 4, 1024, 128, 2
 

@@ -4,27 +4,21 @@ The per-parameter scale factors are measured on torchscale itself, not taken fro
 forms: torchscale's Sub-LN / DeepNorm model divided elementwise by the Pre-LN model built from
 the same seed (LayerNorms draw nothing, so both draw the same numbers before scaling).
 """
-import importlib.util
 import math
-import os
-import sys
 
 import pytest
 import torch
 
-if importlib.util.find_spec("timm") is None:  # torchscale imports one timm function: stand-in
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "_timm_standin"))
-
-from torchscale.architecture.config import (DecoderConfig, EncoderConfig,  # noqa: E402
+from torchscale.architecture.config import (DecoderConfig, EncoderConfig,
                                             EncoderDecoderConfig)
-from torchscale.architecture.decoder import Decoder as TSDecoder  # noqa: E402
-from torchscale.architecture.encoder import Encoder as TSEncoder  # noqa: E402
-from torchscale.architecture.encoder_decoder import EncoderDecoder as TSEncoderDecoder  # noqa: E402
-from torchscale.component.embedding import TextEmbedding  # noqa: E402
+from torchscale.architecture.decoder import Decoder as TSDecoder
+from torchscale.architecture.encoder import Encoder as TSEncoder
+from torchscale.architecture.encoder_decoder import EncoderDecoder as TSEncoderDecoder
+from torchscale.component.embedding import TextEmbedding
 
-import magneto  # noqa: E402
-from magneto import init  # noqa: E402
-from magneto.compat.torchscale import to_torchscale_state_dict  # noqa: E402
+import magneto
+from magneto import init
+from magneto.compat.torchscale import to_torchscale_state_dict
 
 DEPTHS = (1, 6, 12, 24, 100)
 D, HEADS, FFN, VOCAB = 8, 2, 16, 11
@@ -156,7 +150,7 @@ def test_paper_init_is_xavier_normal_with_zero_bias():
 
 @pytest.mark.parametrize("n,m", [(1, 1), (6, 12), (24, 6), (100, 100)])
 def test_closed_forms_match_the_papers(n, m):
-    """The formulas of DESIGN.md §1 written out independently."""
+    """The formulas of docs/design.md, The model, written out independently."""
     s = init.layer_scales
     cfg = magneto.MagnetoConfig(encoder_layers=n, decoder_layers=m)
     assert s(cfg, "encoder").ffn ** 2 == pytest.approx(math.log(2 * n))

@@ -13,7 +13,6 @@ from harness import RTOL, assert_close, randn
 import magneto
 import magneto_kernels
 from magneto.compat.torchscale import to_torchscale_state_dict
-from magneto.feedforward import draw_seed
 from magneto_kernels import reference
 
 D, HEADS, FFN = 16, 4, 24
@@ -47,7 +46,13 @@ def _randomize(module, seed=0):
 
 
 # ---------------------------------------------------------------------------------------------
-# Hand-written reference formulas (float64), straight from the paper / DESIGN.md §1.
+# Hand-written reference formulas (float64), straight from the paper (docs/design.md, The model).
+
+
+def draw_seed(x):
+    """The dropout seed convention of magneto_kernels' ops, restated: one int64 from torch's
+    generator on x's device, so that torch.manual_seed reproduces every mask."""
+    return torch.randint(0, 2**62, (), dtype=torch.int64, device=x.device)
 
 def _norm(x, norm):
     if norm.kind == "rms":

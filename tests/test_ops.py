@@ -221,7 +221,7 @@ def test_ln_linear_op_contract(kernels):
 @pytest.mark.parametrize("rows,k,n,p", [(23, 17, 45, 0.1), (23, 17, 45, 0.5), (23, 17, 45, 0.9),
                                         (300, 64, 517, 0.1), (300, 64, 517, 0.5)])
 def test_dropout_mask_matches_reference(backend, rows, k, n, p):
-    """The seed drawn from torch's generator (as ops._draw_seed) gives reference.dropout_mask's
+    """The seed drawn from torch's generator (as the public ops draw it) gives reference.dropout_mask's
     mask, bit for bit; kept values are scaled by 1/(1-p)."""
     dev = backend.device
     x, w = randn(rows, k, mean=1.0, device=dev), randn(n, k, device=dev)

@@ -1,29 +1,23 @@
 """Drop-in parity with the real torchscale 0.3.0 package (fp32, relative error <= 1e-5).
 
 torchscale imports ``timm.models.layers.drop_path``; real timm does not install beside the CPU
-torch, so ``tests/_timm_standin`` (a labelled stand-in providing that one function) is put on
-``sys.path`` when no timm is importable.
+torch, so conftest.py puts ``magneto/compat/timm_standin`` (a labelled stand-in providing that one
+function) on ``sys.path`` when no timm is importable.
 """
-import importlib.util
-import os
-import sys
 
 import pytest
 import torch
 
-if importlib.util.find_spec("timm") is None:
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "_timm_standin"))
-
-from torchscale.architecture.config import (DecoderConfig, EncoderConfig,  # noqa: E402
+from torchscale.architecture.config import (DecoderConfig, EncoderConfig,
                                             EncoderDecoderConfig)
-from torchscale.architecture.decoder import Decoder as TSDecoder  # noqa: E402
-from torchscale.architecture.encoder import Encoder as TSEncoder  # noqa: E402
-from torchscale.architecture.encoder_decoder import EncoderDecoder as TSEncoderDecoder  # noqa: E402
-from torchscale.component.embedding import PositionalEmbedding, TextEmbedding  # noqa: E402
+from torchscale.architecture.decoder import Decoder as TSDecoder
+from torchscale.architecture.encoder import Encoder as TSEncoder
+from torchscale.architecture.encoder_decoder import EncoderDecoder as TSEncoderDecoder
+from torchscale.component.embedding import PositionalEmbedding, TextEmbedding
 
-import magneto  # noqa: E402
-import magneto_kernels  # noqa: E402
-from magneto.compat.torchscale import (config_from_torchscale, from_torchscale,  # noqa: E402
+import magneto
+import magneto_kernels
+from magneto.compat.torchscale import (config_from_torchscale, from_torchscale,
                                        to_torchscale, to_torchscale_state_dict)
 
 TOL = 1e-5
