@@ -1,5 +1,5 @@
 // The one bindings file of magneto_kernels._C: checks tensors (shape, dtype, device, contiguity;
-// errors name the argument and raise ValueError), allocates outputs, and registers the "cpp" op
+// errors name the argument and raise ValueError), allocates outputs, and registers the "native" op
 // family (schemas, fake impls and autograd formulas live in magneto_kernels/library.py) for the
 // CPU dispatch key and, when built with MAGNETO_WITH_CUDA, for CUDA.
 //
@@ -708,7 +708,7 @@ Tensor cuda_ln_linear_backward(const Tensor& grad_out, const Tensor& x,
 
 // ----------------------------------------------------------------------------------------- ops
 
-std::tuple<Tensor, Tensor, Tensor> layer_norm_cpp(const Tensor& x, const OptTensor& weight,
+std::tuple<Tensor, Tensor, Tensor> layer_norm_native(const Tensor& x, const OptTensor& weight,
                                                   const OptTensor& bias, double eps,
                                                   c10::string_view norm_name) {
   check_input(x);
@@ -728,7 +728,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_cpp(const Tensor& x, const OptTens
   return {y, mean, rstd};
 }
 
-std::tuple<Tensor, Tensor, Tensor> layer_norm_backward_cpp(
+std::tuple<Tensor, Tensor, Tensor> layer_norm_backward_native(
     const Tensor& grad_y, const Tensor& x, const OptTensor& weight, const OptTensor& bias,
     const Tensor& mean, const Tensor& rstd, const OptTensor& grad_accum,
     c10::string_view norm_name, const c10::List<bool>& output_mask) {
@@ -753,7 +753,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_backward_cpp(
   return {dx, dw, db};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> add_layer_norm_cpp(
+std::tuple<Tensor, Tensor, Tensor, Tensor> add_layer_norm_native(
     const Tensor& x, const Tensor& residual, const OptTensor& weight, const OptTensor& bias,
     double eps, double alpha, c10::string_view norm_name) {
   check_input(x);
@@ -783,7 +783,7 @@ void check_linear(const Tensor& x, const Tensor& weight, const OptTensor& bias) 
   if (bias.has_value()) check_like(*bias, "bias", x, {weight.size(0)}, std::nullopt);
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> ln_linear_cpp(
+std::tuple<Tensor, Tensor, Tensor, Tensor> ln_linear_native(
     const Tensor& x, const OptTensor& ln_weight, const OptTensor& ln_bias, const Tensor& weight,
     const OptTensor& bias, const OptTensor& residual, const OptTensor& seed, double eps,
     c10::string_view norm_name, c10::string_view input_activation_name,
@@ -814,7 +814,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ln_linear_cpp(
   return {out, mean, rstd, preact};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ln_linear_backward_cpp(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ln_linear_backward_native(
     const Tensor& grad_out, const Tensor& x, const OptTensor& ln_weight, const OptTensor& ln_bias,
     const Tensor& weight, const Tensor& mean, const Tensor& rstd, const Tensor& preact,
     const OptTensor& seed, c10::string_view norm_name, c10::string_view input_activation_name,
@@ -855,21 +855,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ln_linear_backward_cpp(
 }  // namespace magneto
 
 // One kernel per op serves both dispatch keys: it branches on x's device.
-#define MAGNETO_REGISTER_CPP_FAMILY(m)                                            \
-  m.impl("layer_norm_cpp", TORCH_FN(magneto::layer_norm_cpp));                     \
-  m.impl("layer_norm_backward_cpp", TORCH_FN(magneto::layer_norm_backward_cpp));   \
-  m.impl("add_layer_norm_cpp", TORCH_FN(magneto::add_layer_norm_cpp));             \
-  m.impl("ln_linear_cpp", TORCH_FN(magneto::ln_linear_cpp));                       \
-  m.impl("ln_linear_backward_cpp", TORCH_FN(magneto::ln_linear_backward_cpp));
+#define MAGNETO_REGISTER_NATIVE_FAMILY(m)                                            \
+  m.impl("layer_norm_native", TORCH_FN(magneto::layer_norm_native));                     \
+  m.impl("layer_norm_backward_native", TORCH_FN(magneto::layer_norm_backward_native));   \
+  m.impl("add_layer_norm_native", TORCH_FN(magneto::add_layer_norm_native));             \
+  m.impl("ln_linear_native", TORCH_FN(magneto::ln_linear_native));                       \
+  m.impl("ln_linear_backward_native", TORCH_FN(magneto::ln_linear_backward_native));
 
-TORCH_LIBRARY_IMPL(magneto, CPU, m) { MAGNETO_REGISTER_CPP_FAMILY(m) }
+TORCH_LIBRARY_IMPL(magneto, CPU, m) { MAGNETO_REGISTER_NATIVE_FAMILY(m) }
 
 #ifdef MAGNETO_WITH_CUDA
-TORCH_LIBRARY_IMPL(magneto, CUDA, m) { MAGNETO_REGISTER_CPP_FAMILY(m) }
+TORCH_LIBRARY_IMPL(magneto, CUDA, m) { MAGNETO_REGISTER_NATIVE_FAMILY(m) }
 #endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "magneto's C++ CPU and CUDA kernels; importing registers the magneto::*_cpp ops.";
+  m.doc() = "magneto's C++ CPU and CUDA kernels; importing registers the magneto::*_native ops.";
   m.def("with_cuda", []() {
 #ifdef MAGNETO_WITH_CUDA
     return true;

@@ -8,8 +8,8 @@ backend     what runs                                    op family
 reference   plain PyTorch (``reference.py``), any device —
 triton      Triton kernels: CUDA, or CPU under           triton
             ``TRITON_INTERPRET=1`` (set before import)
-cpu         C++ kernels of ``magneto_kernels._C``        cpp
-cuda        CUDA C++ kernels of ``magneto_kernels._C``   cpp
+cpu         C++ kernels of ``magneto_kernels._C``        native
+cuda        CUDA C++ kernels of ``magneto_kernels._C``   native
 =========== ============================================ ==========
 
 Choice, strongest first: the ``backend=`` argument, the ``MAGNETO_BACKEND`` environment
@@ -26,7 +26,7 @@ import torch
 
 BACKENDS = ("reference", "triton", "cpu", "cuda")
 ENV_VAR = "MAGNETO_BACKEND"
-FAMILY = {"triton": "triton", "cpu": "cpp", "cuda": "cpp"}
+FAMILY = {"triton": "triton", "cpu": "native", "cuda": "native"}
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _DEFAULT_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
 

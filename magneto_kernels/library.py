@@ -4,7 +4,7 @@ by every backend family.
 A dispatch key holds one kernel per op, yet the Triton interpreter and the C++ CPU kernels both
 run on CPU tensors, so each backend family gets its own copy of every op (DESIGN.md §3):
 
-    magneto::ln_linear_triton, magneto::ln_linear_cpp, ...  (same schema, fake impl, autograd)
+    magneto::ln_linear_triton, magneto::ln_linear_native, ...  (same schema, fake impl, autograd)
 
 The family's kernels register themselves on import: ``magneto_kernels.triton`` with
 ``torch.library.register_kernel`` and the C++ extension ``magneto_kernels._C`` with
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-FAMILIES = ("triton", "cpp")
+FAMILIES = ("triton", "native")
 
 SCHEMAS = {
     "layer_norm":

@@ -1,4 +1,4 @@
-"""The C++ CPU backend (``backend="cpu"``, op family "cpp" of ``magneto_kernels._C``) against the
+"""The C++ CPU backend (``backend="cpu"``, op family "native" of ``magneto_kernels._C``) against the
 float64 reference: forward and every gradient, LayerNorm/RMSNorm/none, every activation on the
 input and the output, residual with alpha, dropout, fp32/bf16/fp16, odd sizes, non-zero-mean rows;
 plus the bit-identical Philox mask, deterministic reductions, the bindings' argument errors,
@@ -134,8 +134,8 @@ def test_layer_norm_backward_accumulates_and_reductions_are_deterministic():
     x = randn(300, 72, mean=1.0)
     w, b = randn(72, mean=1.0), randn(72)
     dy, acc = randn(300, 72, mean=0.2), randn(300, 72)
-    _, mean, rstd = get_op("layer_norm", "cpp")(x, w, b, 1e-5, "layer")
-    bwd = get_op("layer_norm_backward", "cpp")
+    _, mean, rstd = get_op("layer_norm", "native")(x, w, b, 1e-5, "layer")
+    bwd = get_op("layer_norm_backward", "native")
     dx, dw, db = bwd(dy, x, w, b, mean, rstd, acc, "layer", [True, True, True])
     dx0, _, _ = bwd(dy, x, w, b, mean, rstd, None, "layer", [True, False, False])
     check(dx, (dx0 + acc).double(), dx0 + acc, "dx with grad_accum")
@@ -215,7 +215,7 @@ def test_ln_linear_backward_output_mask(mask):
     """Only the requested gradients come back; the rest are empty (library.py contract)."""
     x, lw, lb = randn(21, 50, mean=1.0), randn(50, mean=1.0), randn(50)
     w = randn(30, 50, std=0.15)
-    fwd, bwd = get_op("ln_linear", "cpp"), get_op("ln_linear_backward", "cpp")
+    fwd, bwd = get_op("ln_linear", "native"), get_op("ln_linear_backward", "native")
     seed = torch.tensor(99, dtype=torch.int64)
     args = ("layer", "gelu", "gelu", 1.0, 0.2)
     out, mean, rstd, preact = fwd(x, lw, lb, w, None, None, seed, 1e-5, *args[:3], *args[3:])
@@ -234,7 +234,7 @@ def test_ln_linear_backward_output_mask(mask):
 
 def test_ln_linear_return_conventions():
     x, w = randn(5, 16, mean=1.0), randn(8, 16)
-    fwd = get_op("ln_linear", "cpp")
+    fwd = get_op("ln_linear", "native")
     _, mean, rstd, preact = fwd(x, torch.ones(16), None, w, None, None, None, 1e-5, "rms",
                                 "none", "none", 1.0, 0.0)
     assert mean.numel() == 0 and rstd.shape == (5,) and preact.numel() == 0
@@ -253,7 +253,7 @@ def test_dropout_mask_is_bit_identical_to_reference(p):
     x = randn(rows, n, mean=3.0, std=0.5).abs() + 0.5  # no zeros of its own
     eye = torch.eye(n)
     seed = torch.tensor(0x1234_5678_9ABC, dtype=torch.int64)
-    fwd, bwd = get_op("ln_linear", "cpp"), get_op("ln_linear_backward", "cpp")
+    fwd, bwd = get_op("ln_linear", "native"), get_op("ln_linear_backward", "native")
     out, mean, rstd, preact = fwd(x, None, None, eye, None, None, seed, 1e-5, "none", "none",
                                   "none", 1.0, p)
     keep = reference.dropout_mask(seed, (rows, n), p)
@@ -311,17 +311,17 @@ def test_ln_linear_bad_input(change, needle):
     args = _good_ln_linear_args()
     args.update(change)
     with pytest.raises(ValueError, match=needle):
-        get_op("ln_linear", "cpp")(*args.values())
+        get_op("ln_linear", "native")(*args.values())
 
 
 def test_norm_ops_bad_input():
     x, w = randn(4, 8), torch.ones(8)
     with pytest.raises(ValueError, match="norm must be 'layer' or 'rms'"):
-        get_op("layer_norm", "cpp")(x, w, None, 1e-5, "none")
+        get_op("layer_norm", "native")(x, w, None, 1e-5, "none")
     with pytest.raises(ValueError, match="residual must have shape"):
-        get_op("add_layer_norm", "cpp")(x, randn(4, 9), w, None, 1e-5, 1.0, "layer")
-    _, mean, rstd = get_op("layer_norm", "cpp")(x, w, None, 1e-5, "layer")
-    bwd = get_op("layer_norm_backward", "cpp")
+        get_op("add_layer_norm", "native")(x, randn(4, 9), w, None, 1e-5, 1.0, "layer")
+    _, mean, rstd = get_op("layer_norm", "native")(x, w, None, 1e-5, "layer")
+    bwd = get_op("layer_norm_backward", "native")
     with pytest.raises(ValueError, match="rstd must have dtype"):
         bwd(x, x, w, None, mean, rstd.double(), None, "layer", [True, True, False])
     with pytest.raises(ValueError, match="mean must have shape"):
@@ -331,7 +331,7 @@ def test_norm_ops_bad_input():
     with pytest.raises(ValueError, match="output_mask must have 3 entries"):
         bwd(x, x, w, None, mean, rstd, None, "layer", [True, True])
     with pytest.raises(ValueError, match="preact must have shape"):
-        get_op("ln_linear_backward", "cpp")(randn(4, 3), x, w, None, randn(3, 8), mean, rstd,
+        get_op("ln_linear_backward", "native")(randn(4, 3), x, w, None, randn(3, 8), mean, rstd,
                                             randn(0), None, "layer", "none", "gelu", 0.0,
                                             [True] * 5)
 
@@ -342,8 +342,8 @@ def _opcheck_args():
     x, lw, lb = randn(9, 24, mean=1.0), randn(24, mean=1.0), randn(24)
     w, b, r = randn(10, 24, std=0.2), randn(10), randn(9, 10)
     seed = torch.tensor(42, dtype=torch.int64)
-    _, mean, rstd = get_op("layer_norm", "cpp")(x, lw, lb, 1e-5, "layer")
-    _, _, _, preact = get_op("ln_linear", "cpp")(x, lw, lb, w, b, r, seed, 1e-5, "layer", "gelu",
+    _, mean, rstd = get_op("layer_norm", "native")(x, lw, lb, 1e-5, "layer")
+    _, _, _, preact = get_op("ln_linear", "native")(x, lw, lb, w, b, r, seed, 1e-5, "layer", "gelu",
                                                  "silu", 1.5, 0.1)
     return {
         "layer_norm": (x.requires_grad_(), lw.requires_grad_(), lb.requires_grad_(), 1e-5, "layer"),
@@ -364,7 +364,7 @@ def _opcheck_args():
 @pytest.mark.parametrize("op", ["layer_norm", "layer_norm_backward", "add_layer_norm",
                                 "ln_linear", "ln_linear_backward"])
 def test_opcheck(op):
-    torch.library.opcheck(get_op(op, "cpp"), _opcheck_args()[op])
+    torch.library.opcheck(get_op(op, "native"), _opcheck_args()[op])
 
 
 # ----------------------------------------------------------------- instruction-set builds
