@@ -12,7 +12,7 @@
 
 namespace magneto {
 
-// The codes the bindings pass to kernels (strings in the op schema).
+// The codes csrc/api.cpp passes to kernels (strings in the op schema).
 enum class Norm : int { kLayer = 0, kRms = 1, kNone = 2 };
 enum class Activation : int { kNone = 0, kGelu = 1, kGeluTanh = 2, kRelu = 3, kSilu = 4 };
 enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };

@@ -5,8 +5,8 @@ Compiles the device code of every csrc/cuda/*.cu with nvcc for sm_80 and sm_90a 
 `-Xptxas -v` (one job per file and architecture), using the flags setup.py builds with, and
 fails on a compile error or warning in our sources, or on any register spill (non-zero
 "spill stores"/"spill loads") in our kernels. Also checks that the launcher header
-csrc/cuda/kernels.h compiles with the host C++ compiler alone, as csrc/bindings.cpp includes it,
-and links and runs tools/cuda_link_check.cpp against the objects (every launcher is defined; the
+csrc/cuda/kernels.h compiles with the host C++ compiler alone, as csrc/cuda/*.cpp include it, and
+links and runs tools/cuda_link_check.cpp against the objects (every launcher is defined; the
 argument checks work; no GPU needed).
 Prints, per kernel template, its instantiations and register range per architecture.
 

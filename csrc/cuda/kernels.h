@@ -1,6 +1,7 @@
 // Launchers of magneto's CUDA kernels. Torch-free: raw pointers, sizes, row strides, the codes of
-// csrc/common.h and a stream, so that nvcc compiles them without torch (tools/check_cuda.py) and
-// csrc/bindings.cpp (under MAGNETO_WITH_CUDA) does all tensor checking and allocation.
+// csrc/common.h and a stream, so that nvcc compiles them without torch (tools/check_cuda.py);
+// csrc/api.cpp does all tensor checking and allocation, csrc/cuda/norm.cpp and ln_linear.cpp
+// fill these structs.
 //
 // Conventions shared by every launcher
 // - Matrices are row-major (rows, cols) with a row stride in elements (>= cols); vectors
@@ -20,15 +21,15 @@
 //   size comes from the matching *_workspace_bytes function (it depends on the current device's
 //   SM count, so ask on the device the launch runs on).
 //
-// The GEMMs of ln_linear are not here: the bindings call cuBLAS(Lt) through at::mm/addmm, with
-// these kernels as prologue (norm_forward writing N(in_act(x)) in the GEMM operand's dtype) and
-// epilogue (linear_epilogue: bias, activation, dropout, alpha-scaled residual in one pass), and in
-// backward linear_backward_prologue (dz and dbias) before the two GEMMs and norm_backward after.
-// That is the "cuBLASLt with our own prologue/epilogue kernels" option of issue 4: cuBLAS is the
-// fastest GEMM available on every architecture without our own tuning, and the memory-bound work
-// around it runs at copy bandwidth in single passes. A CUTLASS GEMM with the norm applied in its
-// main loop (or folded into its epilogue, DESIGN.md §2) would save the round trip of the
-// normalised operand through HBM; it is future work that needs measurement on the GPU.
+// The GEMMs of ln_linear are not here: csrc/cuda/ln_linear.cpp calls cuBLAS(Lt) through
+// at::mm/addmm, with these kernels as prologue (norm_forward writing N(in_act(x)) in the GEMM
+// operand's dtype) and epilogue (linear_epilogue: bias, activation, dropout, alpha-scaled residual
+// in one pass), and in backward linear_backward_prologue (dz and dbias) before the two GEMMs and
+// norm_backward after. cuBLAS is the fastest GEMM available on every architecture without our own
+// tuning, and the memory-bound work around it runs at copy bandwidth in single passes. A CUTLASS
+// GEMM with the norm applied in its main loop (or folded into its epilogue; docs/design.md,
+// Kernels per backend) would save the round trip of the normalised operand through HBM; it is
+// future work that needs measurement on the GPU.
 #pragma once
 
 #include <cstddef>

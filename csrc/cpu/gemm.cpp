@@ -1,4 +1,4 @@
-#include "cpu_gemm.h"
+#include "cpu/gemm.h"
 
 #include <dlfcn.h>
 
@@ -7,7 +7,7 @@
 #include <cstdlib>
 #include <mutex>
 
-namespace magneto::cpu_gemm {
+namespace magneto::cpu::gemm {
 namespace {
 
 using at::Tensor;
@@ -120,4 +120,4 @@ void matmul(const Tensor& a, const Tensor& b, const Tensor& result, bool accumul
   }
 }
 
-}  // namespace magneto::cpu_gemm
+}  // namespace magneto::cpu::gemm
