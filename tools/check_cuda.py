@@ -96,7 +96,7 @@ def check_header() -> tuple[int, str]:
         return 0, "no host C++ compiler found; header check skipped"
     nvcc = find_nvcc()
     src = ('#include "cuda/kernels.h"\n'
-           "int main() { return magneto::gpu::NormForwardParams{}.rows > 0; }\n")
+           "int main() { return magneto::cuda::NormForwardParams{}.rows > 0; }\n")
     proc = subprocess.run([cxx, "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror",
                            f"-I{ROOT / 'csrc'}", f"-I{cuda_include(nvcc)}", "-x", "c++", "-"],
                           input=src, capture_output=True, text=True)

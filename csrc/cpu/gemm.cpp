@@ -12,7 +12,8 @@ namespace {
 
 using at::Tensor;
 
-// at::native::mkldnn_matmul(mat1, mat2, result, beta, alpha): result = beta·result + alpha·mat1@mat2.
+// at::native::mkldnn_matmul(mat1, mat2, result, beta, alpha):
+// result = beta·result + alpha·mat1@mat2.
 using MkldnnMatmul = void (*)(const Tensor&, const Tensor&, const Tensor&, float, float);
 constexpr const char* kMkldnnMatmulSymbol = "_ZN2at6native13mkldnn_matmulERKNS_6TensorES3_S3_ff";
 

@@ -170,7 +170,7 @@ Tensor run_ln_linear_backward(const Tensor& grad_out, const Tensor& x, const Opt
   Tensor dz = dz_is_dy ? grad_out : new_like(grad_out);
   const Tensor dbias32 = dbias.numel() > 0 ? grad_f32(dbias) : Tensor();
   if (!dz_is_dy || dbias32.defined()) {
-    LinearGradEpilogue g;
+    LinearEpilogueBackward g;
     g.dtype = dtype_code(x.scalar_type());
     g.activation = activation;
     g.rows = rows;
@@ -188,7 +188,7 @@ Tensor run_ln_linear_backward(const Tensor& grad_out, const Tensor& x, const Opt
       g.dz_stride = out_features;
     }
     g.dbias = dbias32.defined() ? dbias32.data_ptr<float>() : nullptr;
-    linear_grad_epilogue(g);
+    linear_epilogue_backward(g);
     if (dbias32.defined()) copy_back(dbias, dbias32);
   }
   // dh = dz @ weight, then one pass over x for the norm backward and for the recompute of h. dh

@@ -15,7 +15,7 @@
 #include "cuda/kernels.h"
 
 namespace magneto {
-namespace gpu {
+namespace cuda {
 namespace detail {
 
 constexpr int kWarp = 32;
@@ -104,7 +104,7 @@ __device__ __forceinline__ void store_vec(S* p, int valid, bool vec_ok, const fl
   }
 }
 
-// A norm parameter vector (weight or bias) stored as T or float32 (param_f32); `fill` when absent.
+// A norm parameter vector (gamma or beta) stored as T or float32 (param_f32); `fill` when absent.
 template <typename T, int N>
 __device__ __forceinline__ void load_param(const void* p, bool param_f32, int col, int valid,
                                            bool vec_ok, float fill, float (&out)[N]) {
@@ -342,5 +342,5 @@ Status column_sum(const float* partials, int64_t num_partials, int64_t cols, voi
                   DType out_dtype, cudaStream_t stream);
 
 }  // namespace detail
-}  // namespace gpu
+}  // namespace cuda
 }  // namespace magneto

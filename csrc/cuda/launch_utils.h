@@ -10,7 +10,7 @@
 
 namespace magneto::cuda {
 
-inline void check_status(gpu::Status status) { TORCH_CHECK(status == nullptr, status); }
+inline void check_status(Status status) { TORCH_CHECK(status == nullptr, status); }
 
 inline cudaStream_t current_stream(const Tensor& x) {
   return c10::cuda::getCurrentCUDAStream(x.device().index()).stream();

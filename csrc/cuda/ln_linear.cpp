@@ -5,7 +5,7 @@
 //             z = h @ weight^T                         cuBLAS (with the bias, addmm, when
 //                                                      nothing follows)
 //             out = alpha·residual + dropout(act(z + bias))   linear_epilogue, one pass
-//   backward  dz = dy ⊙ keep/(1−p) ⊙ act'(preact), dbias = Σ dz   linear_backward_prologue
+//   backward  dz = dy ⊙ keep/(1−p) ⊙ act'(preact), dbias = Σ dz   linear_epilogue_backward
 //             dh = dz @ weight                         cuBLAS
 //             dx, dgamma, dbeta from dh                norm_backward
 //             h recomputed by norm_forward with the saved statistics: cuBLAS reads its
@@ -40,7 +40,7 @@ std::tuple<Tensor, Tensor> run_ln_linear(const Tensor& x, const OptTensor& ln_we
   Tensor z = at::mm(h, wt);
   const bool keep_preact = activation != Activation::kNone;
   Tensor preact = keep_preact ? new_like(z) : empty0(x);
-  gpu::LinearEpilogueParams e;
+  LinearEpilogueParams e;
   e.z = z.data_ptr();
   e.z_stride = z.size(1);
   e.z_dtype = dtype_code(z.scalar_type());
@@ -65,7 +65,7 @@ std::tuple<Tensor, Tensor> run_ln_linear(const Tensor& x, const OptTensor& ln_we
   e.cols = z.size(1);
   e.activation = activation;
   e.dtype = dtype_code(x.scalar_type());
-  check_status(gpu::linear_epilogue(e, current_stream(x)));
+  check_status(linear_epilogue(e, current_stream(x)));
   return {z, preact};
 }
 
@@ -81,7 +81,7 @@ Tensor run_ln_linear_backward(const Tensor& grad_out, const Tensor& x, const Opt
   Tensor dz = grad_out;
   if (!dz_is_dy) {
     dz = new_like(grad_out);
-    gpu::LinearBackwardPrologueParams g;
+    LinearEpilogueBackwardParams g;
     g.dy = grad_out.data_ptr();
     g.dy_stride = out_features;
     if (activation != Activation::kNone) {
@@ -100,11 +100,11 @@ Tensor run_ln_linear_backward(const Tensor& grad_out, const Tensor& x, const Opt
     g.cols = out_features;
     g.activation = activation;
     g.dtype = dtype_code(x.scalar_type());
-    g.workspace_bytes = gpu::linear_backward_prologue_workspace_bytes(
+    g.workspace_bytes = linear_epilogue_backward_workspace_bytes(
         rows, out_features, g.dtype, g.dbias != nullptr);
     const Tensor ws = workspace(x, g.workspace_bytes);
     g.workspace = g.workspace_bytes > 0 ? ws.data_ptr() : nullptr;
-    check_status(gpu::linear_backward_prologue(g, current_stream(x)));
+    check_status(linear_epilogue_backward(g, current_stream(x)));
   } else if (dbias.numel() > 0) {
     at::sum_out(dbias, grad_out, {0});
   }

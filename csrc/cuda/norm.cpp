@@ -40,7 +40,7 @@ void run_norm_forward(const Tensor& x, const OptTensor& residual, double alpha,
                       const Tensor& saved_rstd) {
   const c10::cuda::CUDAGuard guard(x.device());
   const NormParams params(gamma, beta, x);
-  gpu::NormForwardParams p;
+  NormForwardParams p;
   p.x = x.data_ptr();
   p.x_stride = x.size(1);
   if (residual.has_value()) {
@@ -48,8 +48,8 @@ void run_norm_forward(const Tensor& x, const OptTensor& residual, double alpha,
     p.residual_stride = x.size(1);
     p.alpha = static_cast<float>(alpha);
   }
-  p.weight = opt_ptr(params.gamma);
-  p.bias = opt_ptr(params.beta);
+  p.gamma = opt_ptr(params.gamma);
+  p.beta = opt_ptr(params.beta);
   p.saved_mean = static_cast<const float*>(opt_ptr(saved_mean));
   p.saved_rstd = static_cast<const float*>(opt_ptr(saved_rstd));
   p.y = y.data_ptr();
@@ -67,7 +67,7 @@ void run_norm_forward(const Tensor& x, const OptTensor& residual, double alpha,
   p.input_activation = input_activation;
   p.dtype = dtype_code(x.scalar_type());
   p.param_dtype = params.dtype;
-  check_status(gpu::norm_forward(p, current_stream(x)));
+  check_status(norm_forward(p, current_stream(x)));
 }
 
 void run_norm_backward(const Tensor& dy, const Tensor& x, const OptTensor& gamma,
@@ -77,12 +77,12 @@ void run_norm_backward(const Tensor& dy, const Tensor& x, const OptTensor& gamma
   const c10::cuda::CUDAGuard guard(x.device());
   const NormParams params(gamma, beta, x);
   const Tensor dgamma_buf = params.grad_buffer(dgamma), dbeta_buf = params.grad_buffer(dbeta);
-  gpu::NormBackwardParams p;
+  NormBackwardParams p;
   p.dy = dy.data_ptr();
   p.dy_stride = x.size(1);
   p.x = x.data_ptr();
   p.x_stride = x.size(1);
-  p.weight = opt_ptr(params.gamma);
+  p.gamma = opt_ptr(params.gamma);
   p.mean = opt_float_ptr(mean);
   p.rstd = opt_float_ptr(rstd);
   if (grad_accum.has_value()) {
@@ -93,19 +93,19 @@ void run_norm_backward(const Tensor& dy, const Tensor& x, const OptTensor& gamma
     p.dx = dx.data_ptr();
     p.dx_stride = x.size(1);
   }
-  p.dweight = dgamma_buf.numel() > 0 ? dgamma_buf.data_ptr() : nullptr;
-  p.dbias = dbeta_buf.numel() > 0 ? dbeta_buf.data_ptr() : nullptr;
+  p.dgamma = dgamma_buf.numel() > 0 ? dgamma_buf.data_ptr() : nullptr;
+  p.dbeta = dbeta_buf.numel() > 0 ? dbeta_buf.data_ptr() : nullptr;
   p.rows = x.size(0);
   p.cols = x.size(1);
   p.norm = norm;
   p.input_activation = input_activation;
   p.dtype = dtype_code(x.scalar_type());
   p.param_dtype = params.dtype;
-  p.workspace_bytes = gpu::norm_backward_workspace_bytes(
-      p.rows, p.cols, p.dtype, norm, input_activation, p.dweight != nullptr, p.dbias != nullptr);
+  p.workspace_bytes = norm_backward_workspace_bytes(
+      p.rows, p.cols, p.dtype, norm, input_activation, p.dgamma != nullptr, p.dbeta != nullptr);
   const Tensor ws = workspace(x, p.workspace_bytes);
   p.workspace = p.workspace_bytes > 0 ? ws.data_ptr() : nullptr;
-  check_status(gpu::norm_backward(p, current_stream(x)));
+  check_status(norm_backward(p, current_stream(x)));
   if (!dgamma_buf.is_same(dgamma)) dgamma.copy_(dgamma_buf);
   if (!dbeta_buf.is_same(dbeta)) dbeta.copy_(dbeta_buf);
 }
