@@ -10,6 +10,7 @@
 #include <string>
 #include <string_view>
 #include <tuple>
+#include <vector>
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -29,25 +30,45 @@ namespace {
 
 // ------------------------------------------------------------------------------ argument checks
 
-Norm parse_norm(std::string_view norm, bool allow_none) {
-  if (norm == "layer") return Norm::kLayer;
-  if (norm == "rms") return Norm::kRms;
-  if (norm == "none" && allow_none) return Norm::kNone;
-  TORCH_CHECK_VALUE(false, "norm must be ",
-                    allow_none ? "'layer', 'rms' or 'none'" : "'layer' or 'rms'", ", got '", norm,
+// The names of a common.h table, quoted and joined: "'a', 'b', 'c'", or with `last` before the
+// final one ("'a', 'b' or 'c'"); `skip` is left out.
+template <typename Code, size_t N>
+std::string quoted_names(const NameCode<Code> (&table)[N], const char* last,
+                         std::optional<Code> skip = std::nullopt) {
+  std::vector<std::string> names;
+  for (const auto& entry : table) {
+    if (entry.code != skip) names.push_back(std::string("'") + entry.name + "'");
+  }
+  std::string out;
+  for (size_t i = 0; i < names.size(); ++i) {
+    if (i > 0) out += i + 1 == names.size() ? last : ", ";
+    out += names[i];
+  }
+  return out;
+}
+
+template <typename Code, size_t N>
+std::optional<Code> find_code(const NameCode<Code> (&table)[N], std::string_view name) {
+  for (const auto& entry : table) {
+    if (name == entry.name) return entry.code;
+  }
+  return std::nullopt;
+}
+
+Norm parse_norm(std::string_view name, bool allow_none) {
+  const std::optional<Norm> norm = find_code(kNorms, name);
+  if (norm.has_value() && (allow_none || *norm != Norm::kNone)) return *norm;
+  const std::optional<Norm> skip = allow_none ? std::nullopt : std::optional(Norm::kNone);
+  TORCH_CHECK_VALUE(false, "norm must be ", quoted_names(kNorms, " or ", skip), ", got '", name,
                     "'");
   return Norm::kLayer;
 }
 
 Activation parse_activation(std::string_view name, const char* arg) {
-  if (name == "none") return Activation::kNone;
-  if (name == "gelu") return Activation::kGelu;
-  if (name == "gelu_tanh") return Activation::kGeluTanh;
-  if (name == "relu") return Activation::kRelu;
-  if (name == "silu") return Activation::kSilu;
-  TORCH_CHECK_VALUE(false, arg,
-                    " must be one of 'none', 'gelu', 'gelu_tanh', 'relu', 'silu', got '", name,
-                    "'");
+  const std::optional<Activation> activation = find_code(kActivations, name);
+  if (activation.has_value()) return *activation;
+  TORCH_CHECK_VALUE(false, arg, " must be one of ", quoted_names(kActivations, ", "), ", got '",
+                    name, "'");
   return Activation::kNone;
 }
 
@@ -336,6 +357,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_set_cpu_gemm_engine",
         [](const std::string& choice) { magneto::cpu::gemm::set_engine(choice); },
         "Benchmarks and tests: 'auto', 'onednn' or 'aten', overriding MAGNETO_CPU_GEMM.");
+  m.def("codes", []() {
+    pybind11::dict norms, activations, philox;
+    for (const auto& entry : magneto::kNorms) norms[entry.name] = static_cast<int>(entry.code);
+    for (const auto& entry : magneto::kActivations) {
+      activations[entry.name] = static_cast<int>(entry.code);
+    }
+    philox["key_a"] = magneto::kPhiloxKeyA;
+    philox["key_b"] = magneto::kPhiloxKeyB;
+    philox["round_a"] = magneto::kPhiloxRoundA;
+    philox["round_b"] = magneto::kPhiloxRoundB;
+    philox["rounds"] = magneto::kPhiloxRounds;
+    pybind11::dict codes;
+    codes["norms"] = norms;
+    codes["activations"] = activations;
+    codes["philox"] = philox;
+    return codes;
+  }, "csrc/common.h's tables: {'norms': {name: code}, 'activations': {name: code},"
+     " 'philox': {constant: value}}, for tests to check against magneto_kernels/codes.py.");
   m.def("cpu_capability", []() { return std::string(magneto::cpu::capability()); },
         "The instruction set the CPU kernels run with: 'avx512', 'avx2' or 'default'.");
 }

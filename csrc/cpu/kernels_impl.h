@@ -252,10 +252,10 @@ struct Dropout {
       c3[l] = 0;
     }
     uint64_t k0 = seed & kLo, k1 = seed >> 32;
-    for (int round = 0; round < 10; ++round) {
+    for (int round = 0; round < kPhiloxRounds; ++round) {
       for (int64_t l = 0; l < kW; ++l) {
-        const uint64_t prod_b = uint64_t{0xCD9E8D57u} * (c2[l] & kLo);
-        const uint64_t prod_a = uint64_t{0xD2511F53u} * (c0[l] & kLo);
+        const uint64_t prod_b = uint64_t{kPhiloxRoundB} * (c2[l] & kLo);
+        const uint64_t prod_a = uint64_t{kPhiloxRoundA} * (c0[l] & kLo);
         const uint64_t n0 = (prod_b >> 32) ^ c1[l] ^ k0;
         const uint64_t n2 = (prod_a >> 32) ^ c3[l] ^ k1;
         c0[l] = n0;
@@ -263,8 +263,8 @@ struct Dropout {
         c2[l] = n2;
         c3[l] = prod_a & kLo;
       }
-      k0 = (k0 + 0x9E3779B9u) & kLo;
-      k1 = (k1 + 0xBB67AE85u) & kLo;
+      k0 = (k0 + kPhiloxKeyA) & kLo;
+      k1 = (k1 + kPhiloxKeyB) & kLo;
     }
     for (int64_t l = 0; l < kW; ++l) out[l] = static_cast<uint32_t>(c0[l]);
   }

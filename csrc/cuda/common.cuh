@@ -331,10 +331,7 @@ auto dispatch_activation(Activation a, F&& f) {
   }
 }
 
-inline bool valid_activation(Activation a) {
-  return a == Activation::kNone || a == Activation::kGelu || a == Activation::kGeluTanh ||
-         a == Activation::kRelu || a == Activation::kSilu;
-}
+inline bool valid_activation(Activation a) { return in_table(kActivations, a); }
 
 // Stage two of the deterministic column reductions (reduce.cu): out[c] = sum_p partials[p, c]
 // in a fixed order, rounded to out_dtype; zeros when num_partials == 0.

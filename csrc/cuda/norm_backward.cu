@@ -359,7 +359,7 @@ Status validate(const NormBackwardParams& p) {
     return "magneto cuda norm_backward: param_dtype must be dtype or float32";
   if (!valid_activation(p.input_activation))
     return "magneto cuda norm_backward: unknown activation code";
-  if (p.norm != Norm::kLayer && p.norm != Norm::kRms && p.norm != Norm::kNone)
+  if (!in_table(kNorms, p.norm))
     return "magneto cuda norm_backward: unknown norm code";
   if (p.rows > 0 && p.cols > 0 && (p.x == nullptr || p.dy == nullptr))
     return "magneto cuda norm_backward: x and dy are required";

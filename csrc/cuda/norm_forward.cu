@@ -255,7 +255,7 @@ Status validate(const NormForwardParams& p) {
     return "magneto cuda norm_forward: param_dtype must be dtype or float32";
   if (!valid_activation(p.input_activation))
     return "magneto cuda norm_forward: unknown activation code";
-  if (p.norm != Norm::kLayer && p.norm != Norm::kRms && p.norm != Norm::kNone)
+  if (!in_table(kNorms, p.norm))
     return "magneto cuda norm_forward: unknown norm code";
   // An empty tensor has a null data pointer (zero-row batches): only a non-empty x is required.
   if (p.rows > 0 && p.cols > 0 && p.x == nullptr) return "magneto cuda norm_forward: x is null";
