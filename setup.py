@@ -62,15 +62,25 @@ def _extensions():
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
+def _readme():
+    path = os.path.join(HERE, "README.md")
+    if not os.path.exists(path):
+        return ""
+    with open(path) as f:
+        return f.read()
+
+
 ext_modules, cmdclass = _extensions()
 
 setup(
     name="magneto",
     version="0.1.0",
-    description="Fused Sub-LayerNorm kernels and modules for Magneto (Foundation Transformer) models",
-    long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
+    description="Fused Sub-LayerNorm kernels and modules for Magneto (Foundation Transformer) "
+                "models",
+    long_description=_readme(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["magneto", "magneto.*", "magneto_kernels", "magneto_kernels.*"]),
+    packages=find_packages(
+        include=["magneto", "magneto.*", "magneto_kernels", "magneto_kernels.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "numpy"],
     extras_require={
