@@ -15,7 +15,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _sources(pattern):
-    return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern), recursive=True))
+    paths = glob.glob(os.path.join(HERE, pattern), recursive=True)
+    return sorted(os.path.relpath(p, HERE) for p in paths)
 
 
 def _want_cuda():
@@ -33,7 +34,10 @@ def _want_cuda():
 
 
 def _extensions():
-    cpp_sources = _sources("csrc/**/*.cpp")
+    # The API file and the CPU backend always; the CUDA kernels and their orchestration
+    # (csrc/cuda/*.cu, csrc/cuda/*.cpp) only in CUDA builds, so a CPU build never compiles code
+    # that needs the CUDA runtime.
+    cpp_sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/**/*.cpp")
     if not cpp_sources:
         return [], {}
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
@@ -45,7 +49,8 @@ def _extensions():
     include_dirs = [os.path.join(HERE, "csrc")]
     if _want_cuda():
         ext = CUDAExtension(
-            "magneto_kernels._C", cpp_sources + _sources("csrc/**/*.cu"),
+            "magneto_kernels._C",
+            cpp_sources + _sources("csrc/cuda/*.cpp") + _sources("csrc/cuda/*.cu"),
             include_dirs=include_dirs, define_macros=[("MAGNETO_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags,
                                 "nvcc": ["-O3", "-std=c++17", "--use_fast_math",
@@ -57,15 +62,25 @@ def _extensions():
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
+def _readme():
+    path = os.path.join(HERE, "README.md")
+    if not os.path.exists(path):
+        return ""
+    with open(path) as f:
+        return f.read()
+
+
 ext_modules, cmdclass = _extensions()
 
 setup(
     name="magneto",
     version="0.1.0",
-    description="Fused Sub-LayerNorm kernels and modules for Magneto (Foundation Transformer) models",
-    long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
+    description="Fused Sub-LayerNorm kernels and modules for Magneto (Foundation Transformer) "
+                "models",
+    long_description=_readme(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["magneto", "magneto.*", "magneto_kernels", "magneto_kernels.*"]),
+    packages=find_packages(
+        include=["magneto", "magneto.*", "magneto_kernels", "magneto_kernels.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "numpy"],
     extras_require={

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 import magneto_kernels as mk
 from magneto_kernels import _C
+from magneto_kernels.backends import FAMILY
 from magneto_kernels.library import get_op
 
 
@@ -122,9 +123,9 @@ def layer_norm_variants(rows: int, cols: int) -> dict:
     x = torch.randn(rows, cols, generator=g) * 2 + 1
     w, b = torch.randn(cols, generator=g) * 0.2 + 1, torch.randn(cols, generator=g) * 0.1
     dy = torch.randn(rows, cols, generator=g)
-    _, mean, rstd = get_op("layer_norm", "cpp")(x, w, b, 1e-5, "layer")
+    _, mean, rstd = get_op("layer_norm", FAMILY["cpu"])(x, w, b, 1e-5, "layer")
     _, t_mean, t_rstd = torch.ops.aten.native_layer_norm(x, [cols], w, b, 1e-5)
-    ours_bwd = get_op("layer_norm_backward", "cpp")
+    ours_bwd = get_op("layer_norm_backward", FAMILY["cpu"])
     return {
         "fwd magneto cpu": lambda: mk.layer_norm(x, w, b, backend="cpu"),
         "fwd F.layer_norm": lambda: F.layer_norm(x, (cols,), w, b),

@@ -31,6 +31,7 @@ os.environ.setdefault("TRITON_INTERPRET", "0")
 import magneto_kernels as mk  # noqa: E402
 import magneto_kernels.triton  # noqa: E402,F401  (registers the triton family's kernels)
 from magneto_kernels import reference  # noqa: E402
+from magneto_kernels.backends import FAMILY  # noqa: E402
 from magneto_kernels.library import get_op  # noqa: E402
 
 DEVICE = "cuda"
@@ -71,9 +72,8 @@ def layer_norm_rows(rows: int, width: int, dtype) -> list[dict]:
 
     backends = ["triton"] + (["cuda"] if cuda_backend_available() else [])
     for backend in backends:
-        family = "triton" if backend == "triton" else "cpp"
-        fwd = get_op("layer_norm", family)
-        bwd = get_op("layer_norm_backward", family)
+        fwd = get_op("layer_norm", FAMILY[backend])
+        bwd = get_op("layer_norm_backward", FAMILY[backend])
         add(f"layer_norm fwd [{backend}]",
             bench(lambda: fwd(x, w, b, 1e-5, "layer")), 2 * nbytes)
         _, mean, rstd = fwd(x, w, b, 1e-5, "layer")

@@ -2,6 +2,7 @@
 // host compiler both accept.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #if defined(__CUDACC__)
@@ -12,10 +13,51 @@
 
 namespace magneto {
 
-// The codes the bindings pass to kernels (strings in the op schema).
+// The kernel codes of the op schema's strings, defined once for C++ and CUDA: each enum and, right
+// under it, its name/code table, which csrc/api.cpp parses the strings with (its error messages
+// list the names from here) and magneto_kernels._C.codes() exposes, so that tests/test_codes.py
+// checks them against magneto_kernels/codes.py, the Python side's one definition.
 enum class Norm : int { kLayer = 0, kRms = 1, kNone = 2 };
 enum class Activation : int { kNone = 0, kGelu = 1, kGeluTanh = 2, kRelu = 3, kSilu = 4 };
 enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+template <typename Code>
+struct NameCode {
+  const char* name;
+  Code code;
+};
+
+inline constexpr NameCode<Norm> kNorms[] = {
+    {"layer", Norm::kLayer},
+    {"rms", Norm::kRms},
+    {"none", Norm::kNone},
+};
+
+inline constexpr NameCode<Activation> kActivations[] = {
+    {"none", Activation::kNone},
+    {"gelu", Activation::kGelu},
+    {"gelu_tanh", Activation::kGeluTanh},
+    {"relu", Activation::kRelu},
+    {"silu", Activation::kSilu},
+};
+
+// Whether `code` has a row in `table`: the launchers' check of the codes they are given.
+template <typename Code, size_t N>
+constexpr bool in_table(const NameCode<Code> (&table)[N], Code code) {
+  for (size_t i = 0; i < N; ++i) {
+    if (table[i].code == code) return true;
+  }
+  return false;
+}
+
+// Philox4x32-10 (Salmon et al. 2011): the key increments and the round multipliers, used by the
+// scalar philox below (CUDA and host), the vectorised one of csrc/cpu/kernels_impl.h, and equal to
+// magneto_kernels/codes.py's PHILOX_* (tests/test_codes.py).
+inline constexpr uint32_t kPhiloxKeyA = 0x9E3779B9u;
+inline constexpr uint32_t kPhiloxKeyB = 0xBB67AE85u;
+inline constexpr uint32_t kPhiloxRoundA = 0xD2511F53u;
+inline constexpr uint32_t kPhiloxRoundB = 0xCD9E8D57u;
+inline constexpr int kPhiloxRounds = 10;
 
 // Philox4x32-10 keyed by the 64-bit seed, counter = (index lo, index hi, 0, 0); returns the first
 // output word. Bit-identical to magneto_kernels.reference.philox and to the Triton kernels, so
@@ -24,17 +66,17 @@ MAGNETO_HOST_DEVICE uint32_t philox(uint64_t seed, uint64_t index) {
   uint32_t c0 = static_cast<uint32_t>(index), c1 = static_cast<uint32_t>(index >> 32);
   uint32_t c2 = 0, c3 = 0;
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  for (int round = 0; round < 10; ++round) {
-    const uint64_t prod_b = static_cast<uint64_t>(0xCD9E8D57u) * c2;
-    const uint64_t prod_a = static_cast<uint64_t>(0xD2511F53u) * c0;
+  for (int round = 0; round < kPhiloxRounds; ++round) {
+    const uint64_t prod_b = static_cast<uint64_t>(kPhiloxRoundB) * c2;
+    const uint64_t prod_a = static_cast<uint64_t>(kPhiloxRoundA) * c0;
     const uint32_t n0 = static_cast<uint32_t>(prod_b >> 32) ^ c1 ^ k0;
     const uint32_t n2 = static_cast<uint32_t>(prod_a >> 32) ^ c3 ^ k1;
     c0 = n0;
     c1 = static_cast<uint32_t>(prod_b);
     c2 = n2;
     c3 = static_cast<uint32_t>(prod_a);
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
   }
   return c0;
 }

@@ -11,7 +11,7 @@ Public ops (see ``ops.py``; the specification is ``reference.py``):
 ``available_backends(device)`` says which backends run on a device and why the others do not.
 """
 from magneto_kernels import library  # noqa: F401  (defines the torch.library op families)
-try:  # the C++ extension registers the "cpp" family's CPU/CUDA kernels when imported
+try:  # the C++ extension registers the "native" family's CPU/CUDA kernels when imported
     from magneto_kernels import _C  # noqa: F401
 except ImportError:  # not built: available_backends() says why the cpu/cuda backends are missing
     pass

@@ -8,8 +8,8 @@ backend     what runs                                    op family
 reference   plain PyTorch (``reference.py``), any device —
 triton      Triton kernels: CUDA, or CPU under           triton
             ``TRITON_INTERPRET=1`` (set before import)
-cpu         C++ kernels of ``magneto_kernels._C``        cpp
-cuda        CUDA C++ kernels of ``magneto_kernels._C``   cpp
+cpu         C++ kernels of ``magneto_kernels._C``        native
+cuda        CUDA C++ kernels of ``magneto_kernels._C``   native
 =========== ============================================ ==========
 
 Why each backend has an op family of its own: docs/design.md, Backends and dispatch.
@@ -28,7 +28,7 @@ import torch
 
 BACKENDS = ("reference", "triton", "cpu", "cuda")
 ENV_VAR = "MAGNETO_BACKEND"
-FAMILY = {"triton": "triton", "cpu": "cpp", "cuda": "cpp"}
+FAMILY = {"triton": "triton", "cpu": "native", "cuda": "native"}
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _DEFAULT_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
 

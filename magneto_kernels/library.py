@@ -5,7 +5,7 @@ A dispatch key holds one kernel per op, yet the Triton interpreter and the C++ C
 run on CPU tensors, so each backend family gets its own copy of every op (docs/design.md,
 Backends and dispatch):
 
-    magneto::ln_linear_triton, magneto::ln_linear_cpp, ...  (same schema, fake impl, autograd)
+    magneto::ln_linear_triton, magneto::ln_linear_native, ...  (same schema, fake impl, autograd)
 
 The family's kernels register themselves on import: ``magneto_kernels.triton`` with
 ``torch.library.register_kernel`` and the C++ extension ``magneto_kernels._C`` with
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-FAMILIES = ("triton", "cpp")
+FAMILIES = ("triton", "native")
 
 SCHEMAS = {
     "layer_norm":

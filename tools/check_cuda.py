@@ -5,9 +5,10 @@ Compiles the device code of every csrc/cuda/*.cu with nvcc for sm_80 and sm_90a 
 `-Xptxas -v` (one job per file and architecture), using the flags setup.py builds with, and
 fails on a compile error or warning in our sources, or on any register spill (non-zero
 "spill stores"/"spill loads") in our kernels. Also checks that the launcher header
-csrc/cuda/kernels.h compiles with the host C++ compiler alone, as csrc/bindings.cpp includes it,
-and links and runs tools/cuda_link_check.cpp against the objects (every launcher is defined; the
-argument checks work; no GPU needed).
+csrc/cuda/kernels.h compiles with the host C++ compiler alone, as csrc/cuda/*.cpp include it,
+links and runs tools/cuda_link_check.cpp against the objects (every launcher is defined; the
+argument checks work; no GPU needed), and syntax-checks the CUDA orchestration (csrc/cuda/*.cpp)
+and csrc/api.cpp with MAGNETO_WITH_CUDA against torch's headers (skipped without torch).
 Prints, per kernel template, its instantiations and register range per architecture.
 
     python tools/check_cuda.py [-j JOBS] [--verbose]
@@ -96,11 +97,57 @@ def check_header() -> tuple[int, str]:
         return 0, "no host C++ compiler found; header check skipped"
     nvcc = find_nvcc()
     src = ('#include "cuda/kernels.h"\n'
-           "int main() { return magneto::gpu::NormForwardParams{}.rows > 0; }\n")
+           "int main() { return magneto::cuda::NormForwardParams{}.rows > 0; }\n")
     proc = subprocess.run([cxx, "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror",
                            f"-I{ROOT / 'csrc'}", f"-I{cuda_include(nvcc)}", "-x", "c++", "-"],
                           input=src, capture_output=True, text=True)
     return proc.returncode, proc.stdout + proc.stderr
+
+
+def check_orchestration(workdir: Path, jobs: int) -> tuple[int, str]:
+    """csrc/cuda/*.cpp and csrc/api.cpp as a CUDA build compiles them (MAGNETO_WITH_CUDA),
+    syntax-checked by the host compiler against torch's headers: a CPU build compiles neither
+    the CUDA orchestration nor api.cpp's CUDA branch, so without this a mistake there would
+    only show on a GPU machine."""
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        return 0, "no host C++ compiler found; orchestration check skipped"
+    try:
+        import sysconfig
+
+        from torch.utils.cpp_extension import include_paths
+    except ImportError as err:
+        return 0, f"torch not importable ({err}); orchestration check skipped"
+    includes = [*include_paths(), sysconfig.get_paths()["include"]]
+    # CPU wheels of torch ship c10/cuda's headers but not the one CMake generates for them.
+    macros = Path("c10") / "cuda" / "impl" / "cuda_cmake_macros.h"
+    if not any((Path(p) / macros).exists() for p in includes):
+        stub = workdir / "stub"
+        (stub / macros).parent.mkdir(parents=True, exist_ok=True)
+        (stub / macros).write_text("#define C10_CUDA_BUILD_SHARED_LIBS\n")
+        includes.append(str(stub))
+    includes.append(str(cuda_include(find_nvcc())))
+    flags = ["-std=c++20", "-fsyntax-only", "-Wall", "-Wextra", "-Wno-unused-parameter",
+             "-DMAGNETO_WITH_CUDA", "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H",
+             f"-I{ROOT / 'csrc'}", *(f"-I{p}" for p in includes)]
+    sources = [*sorted(CUDA_DIR.glob("*.cpp")), ROOT / "csrc" / "api.cpp"]
+
+    def compile_one(source: Path) -> tuple[Path, int, str]:
+        proc = subprocess.run([cxx, *flags, str(source)], capture_output=True, text=True)
+        return source, proc.returncode, proc.stdout + proc.stderr
+
+    rc, report = 0, []
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        for source, code, log in pool.map(compile_one, sources):
+            rel = source.relative_to(ROOT)
+            ours = [ln for ln in log.splitlines()
+                    if re.search(r"\b(error|warning)\b", ln, re.I) and "csrc/" in ln]
+            if code != 0 or ours:
+                rc = 1
+                report.append(f"FAIL {rel} (host compiler, MAGNETO_WITH_CUDA):\n{log}")
+            else:
+                report.append(f"{rel}: compiles with MAGNETO_WITH_CUDA")
+    return rc, "\n".join(report)
 
 
 def demangle(names: list[str]) -> dict[str, str]:
@@ -190,6 +237,9 @@ def main() -> int:
             rc, out = link_check(nvcc, [obj_for(s, ARCHS[-1]) for s in sources], workdir)
             print(("  " if rc == 0 else "FAIL ") + out.strip().replace("\n", "\n  "))
             failed |= rc != 0
+        rc, out = check_orchestration(workdir, args.jobs)
+        print("  " + out.strip().replace("\n", "\n  "))
+        failed |= rc != 0
 
     names = demangle(sorted({r["name"] for r in records}))
     spills = [r for r in records if "magneto" in names[r["name"]]

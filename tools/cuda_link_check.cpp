@@ -10,7 +10,7 @@ namespace {
 
 int failures = 0;
 
-void expect_error(magneto::gpu::Status status, const char* fragment, const char* what) {
+void expect_error(magneto::cuda::Status status, const char* fragment, const char* what) {
   if (status == nullptr || std::strstr(status, fragment) == nullptr) {
     std::printf("FAIL %s: expected an error containing '%s', got '%s'\n", what, fragment,
                 status ? status : "(success)");
@@ -18,7 +18,7 @@ void expect_error(magneto::gpu::Status status, const char* fragment, const char*
   }
 }
 
-void expect_ok(magneto::gpu::Status status, const char* what) {
+void expect_ok(magneto::cuda::Status status, const char* what) {
   if (status != nullptr) {
     std::printf("FAIL %s: expected success, got '%s'\n", what, status);
     ++failures;
@@ -36,7 +36,7 @@ void expect_eq(size_t got, size_t want, const char* what) {
 
 int main() {
   using namespace magneto;
-  using namespace magneto::gpu;
+  using namespace magneto::cuda;
   float dummy[4] = {};
   const cudaStream_t stream = nullptr;
 
@@ -62,13 +62,13 @@ int main() {
   expect_error(norm_forward(f, stream), "param_dtype", "norm_forward bad param dtype");
   f.param_dtype = DType::kFloat32;
   f.norm = Norm::kRms;
-  f.bias = dummy;
-  expect_error(norm_forward(f, stream), "kRms", "norm_forward rms with bias");
-  f.bias = nullptr;
+  f.beta = dummy;
+  expect_error(norm_forward(f, stream), "kRms", "norm_forward rms with beta");
+  f.beta = nullptr;
   f.norm = Norm::kNone;
-  f.weight = dummy;
-  expect_error(norm_forward(f, stream), "kNone", "norm_forward none with weight");
-  f.weight = nullptr;
+  f.gamma = dummy;
+  expect_error(norm_forward(f, stream), "kNone", "norm_forward none with gamma");
+  f.gamma = nullptr;
   f.norm = Norm::kLayer;
   f.input_activation = static_cast<Activation>(9);
   expect_error(norm_forward(f, stream), "activation", "norm_forward bad activation");
@@ -84,8 +84,8 @@ int main() {
   b.x = b.dy = dummy;
   expect_error(norm_backward(b, stream), "rstd", "norm_backward without statistics");
   b.norm = Norm::kRms;
-  b.dbias = dummy;
-  expect_error(norm_backward(b, stream), "kRms", "norm_backward rms dbias");
+  b.dbeta = dummy;
+  expect_error(norm_backward(b, stream), "kRms", "norm_backward rms dbeta");
   expect_eq(norm_backward_workspace_bytes(100, 64, DType::kFloat32, Norm::kLayer,
                                           Activation::kNone, false, false),
             0, "norm_backward workspace without parameter gradients");
@@ -106,17 +106,19 @@ int main() {
   e.z_dtype = DType::kFloat32;
   expect_ok(linear_epilogue(e, stream), "linear_epilogue with zero rows");
 
-  LinearBackwardPrologueParams l;
+  LinearEpilogueBackwardParams l;
   l.rows = 3;
   l.cols = 8;
   l.dy = l.dz = dummy;
   l.dy_stride = l.dz_stride = 8;
   l.activation = Activation::kGelu;
-  expect_error(linear_backward_prologue(l, stream), "preact", "prologue without preact");
+  expect_error(linear_epilogue_backward(l, stream), "preact",
+               "linear_epilogue_backward without preact");
   l.rows = 0;
-  expect_ok(linear_backward_prologue(l, stream), "prologue with zero rows, no dbias");
-  expect_eq(linear_backward_prologue_workspace_bytes(0, 8, DType::kFloat32, true), 0,
-            "prologue workspace with zero rows");
+  expect_ok(linear_epilogue_backward(l, stream),
+            "linear_epilogue_backward with zero rows, no dbias");
+  expect_eq(linear_epilogue_backward_workspace_bytes(0, 8, DType::kFloat32, true), 0,
+            "linear_epilogue_backward workspace with zero rows");
 
   if (failures == 0) std::printf("cuda_link_check: ok\n");
   return failures == 0 ? 0 : 1;

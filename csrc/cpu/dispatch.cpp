@@ -9,14 +9,14 @@
 
 namespace magneto::cpu {
 
-#define MAGNETO_DECLARE_KERNELS(isa)                                                          \
-  namespace isa {                                                                             \
-  void norm_forward(const NormForward&);                                                      \
-  void norm_backward(const NormBackward&);                                                    \
-  void linear_epilogue(const LinearEpilogue&);                                                \
-  void linear_grad_epilogue(const LinearGradEpilogue&);                                       \
-  void residual_bias_init(DType, int64_t, int64_t, const void*, int64_t, float, const void*,  \
-                          void*, int64_t);                                                    \
+#define MAGNETO_DECLARE_KERNELS(isa)                                                         \
+  namespace isa {                                                                            \
+  void norm_forward(const NormForward&);                                                     \
+  void norm_backward(const NormBackward&);                                                   \
+  void linear_epilogue(const LinearEpilogue&);                                               \
+  void linear_epilogue_backward(const LinearEpilogueBackward&);                              \
+  void residual_bias_init(DType, int64_t, int64_t, const void*, int64_t, float, const void*, \
+                          void*, int64_t);                                                   \
   }
 
 MAGNETO_DECLARE_KERNELS(baseline)
@@ -70,7 +70,9 @@ Isa isa() {
 void norm_forward(const NormForward& a) { MAGNETO_DISPATCH(norm_forward, a) }
 void norm_backward(const NormBackward& a) { MAGNETO_DISPATCH(norm_backward, a) }
 void linear_epilogue(const LinearEpilogue& a) { MAGNETO_DISPATCH(linear_epilogue, a) }
-void linear_grad_epilogue(const LinearGradEpilogue& a) { MAGNETO_DISPATCH(linear_grad_epilogue, a) }
+void linear_epilogue_backward(const LinearEpilogueBackward& a) {
+  MAGNETO_DISPATCH(linear_epilogue_backward, a)
+}
 
 void residual_bias_init(DType dtype, int64_t rows, int64_t cols, const void* residual,
                         int64_t residual_stride, float alpha, const void* bias, void* out,

@@ -43,9 +43,10 @@ struct NormForward {
 void norm_forward(const NormForward& args);
 
 // Row-wise normalisation backward, fused with ln_linear's input-activation derivative and with the
-// recomputation of the normalised rows that the weight gradient needs. With a = in_act(x),
-// xhat = (a − mean)·rstd (a·rstd for RMSNorm, a for Norm::kNone) and g = dy⊙gamma:
-//   da = rstd·(g − mean_row(g) − xhat·mean_row(g⊙xhat))     (RMSNorm drops mean_row(g);
+// recompute of h that the weight gradient needs (this sweep reads x anyway, so h costs one write
+// and no extra read). With a = in_act(x), xhat = (a − mean)·rstd (a·rstd for RMSNorm, a for
+// Norm::kNone), g = dy⊙gamma, mean_g = mean_row(g) and mean_gxhat = mean_row(g⊙xhat):
+//   da = rstd·(g − mean_g − xhat·mean_gxhat)                 (RMSNorm drops mean_g;
 //                                                             Norm::kNone: da = dy)
 //   dx = da⊙in_act'(x) + grad_accum                           (grad_accum optional)
 //   dgamma = Σ_rows dy⊙xhat,  dbeta = Σ_rows dy                (float32, deterministic: fixed
@@ -77,8 +78,8 @@ struct NormBackward {
 };
 void norm_backward(const NormBackward& args);
 
-// ln_linear's output pass over the GEMM result u (bias already added by the GEMM):
-//   out = alpha·residual + dropout(act(u))
+// ln_linear's output pass over the GEMM result preact (bias already added by the GEMM):
+//   out = alpha·residual + dropout(act(preact))
 // residual optional; dropout keeps element (i, j) iff philox(seed, i·cols + j) >=
 // dropout_threshold(p) and scales kept ones by 1/(1−p). `out` may be `preact` itself.
 struct LinearEpilogue {
@@ -98,17 +99,17 @@ struct LinearEpilogue {
 void linear_epilogue(const LinearEpilogue& args);
 
 // out = alpha·residual + bias (bias broadcast over rows, optional): the accumulator the row-blocked
-// ln_linear forward's GEMMs add u = h @ W^T into, when the output has no activation and no
+// ln_linear forward's GEMMs add h @ weight^T into, when the output has no activation and no
 // dropout.
 void residual_bias_init(DType dtype, int64_t rows, int64_t cols, const void* residual,
                         int64_t residual_stride, float alpha, const void* bias, void* out,
                         int64_t out_stride);
 
-// ln_linear's backward pass over the output gradient:
+// The dz pass, ln_linear's backward pass over the output gradient:
 //   dz = dy ⊙ keep/(1−p) ⊙ act'(preact)      (written when dz is given)
 //   dbias = Σ_rows dz                        (float32, deterministic, when dbias is given)
 // preact is read only when activation != kNone.
-struct LinearGradEpilogue {
+struct LinearEpilogueBackward {
   DType dtype = DType::kFloat32;
   Activation activation = Activation::kNone;
   int64_t rows = 0, cols = 0;
@@ -122,7 +123,7 @@ struct LinearGradEpilogue {
   int64_t dz_stride = 0;
   float* dbias = nullptr;
 };
-void linear_grad_epilogue(const LinearGradEpilogue& args);
+void linear_epilogue_backward(const LinearEpilogueBackward& args);
 
 // Which instruction set the kernels run with ("avx512", "avx2" or "default").
 const char* capability();

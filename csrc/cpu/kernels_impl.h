@@ -252,10 +252,10 @@ struct Dropout {
       c3[l] = 0;
     }
     uint64_t k0 = seed & kLo, k1 = seed >> 32;
-    for (int round = 0; round < 10; ++round) {
+    for (int round = 0; round < kPhiloxRounds; ++round) {
       for (int64_t l = 0; l < kW; ++l) {
-        const uint64_t prod_b = uint64_t{0xCD9E8D57u} * (c2[l] & kLo);
-        const uint64_t prod_a = uint64_t{0xD2511F53u} * (c0[l] & kLo);
+        const uint64_t prod_b = uint64_t{kPhiloxRoundB} * (c2[l] & kLo);
+        const uint64_t prod_a = uint64_t{kPhiloxRoundA} * (c0[l] & kLo);
         const uint64_t n0 = (prod_b >> 32) ^ c1[l] ^ k0;
         const uint64_t n2 = (prod_a >> 32) ^ c3[l] ^ k1;
         c0[l] = n0;
@@ -263,8 +263,8 @@ struct Dropout {
         c2[l] = n2;
         c3[l] = prod_a & kLo;
       }
-      k0 = (k0 + 0x9E3779B9u) & kLo;
-      k1 = (k1 + 0xBB67AE85u) & kLo;
+      k0 = (k0 + kPhiloxKeyA) & kLo;
+      k1 = (k1 + kPhiloxKeyB) & kLo;
     }
     for (int64_t l = 0; l < kW; ++l) out[l] = static_cast<uint32_t>(c0[l]);
   }
@@ -525,7 +525,7 @@ void norm_backward_typed(const NormBackward& a) {
       // (Compiled once per combination of h and dy present, so the loop carries no such test.)
       // It is the longer sweep, so it also touches the rows ahead, to read and to write (2
       // threads, 1024×3072 with GELU: −4% against the writes touched in sweep 2).
-      Vec sum_g(0.0f), sum_gx(0.0f);
+      Vec sum_g(0.0f), sum_gxhat(0.0f);
       const char* next_x = x_ahead.after(i);
       const char* next_dy = dy_ahead.after(i);
       const char* next_h = h_ahead.after(i);
@@ -561,7 +561,7 @@ void norm_backward_typed(const NormBackward& a) {
             if (pb != nullptr) (d + Vec::loadu(pb + j, c)).store(pb + j, c);
             const Vec g = affine ? d * Vec::loadu(a.gamma + j, c) : d;
             sum_g += g;
-            sum_gx = at::vec::fmadd(g, xh, sum_gx);
+            sum_gxhat = at::vec::fmadd(g, xh, sum_gxhat);
           }
         });
       };
@@ -576,15 +576,15 @@ void norm_backward_typed(const NormBackward& a) {
       if (!want_dx) continue;
 
       const float inv_n = 1.0f / static_cast<float>(n);
-      const Vec c1(layer ? hsum(sum_g) * inv_n : 0.0f);
-      const Vec c2(none ? 0.0f : hsum(sum_gx) * inv_n);
+      const Vec mean_g(layer ? hsum(sum_g) * inv_n : 0.0f);
+      const Vec mean_gxhat(none ? 0.0f : hsum(sum_gxhat) * inv_n);
       const float* acc = a.grad_accum == nullptr
           ? nullptr
           : load_row(static_cast<const T*>(a.grad_accum) + i * a.grad_accum_stride, acc_buf, n);
       T* dx_row = static_cast<T*>(a.dx) + i * a.dx_stride;
       float* dx = dest_row(dx_row, out_buf);
-      // Sweep 2: dx = rstd·(g − c1 − xhat·c2)·in_act'(x) + grad_accum (dx may be dy itself: each
-      // element of dy is read before it is overwritten).
+      // Sweep 2: dx = rstd·(g − mean_g − xhat·mean_gxhat)·in_act'(x) + grad_accum (dx may be dy
+      // itself: each element of dy is read before it is overwritten).
       vec_loop(n, [&](int64_t j, int64_t c) {
         const Vec d = Vec::loadu(dy + j, c);
         Vec da;
@@ -593,7 +593,7 @@ void norm_backward_typed(const NormBackward& a) {
         } else {
           const Vec g = affine ? d * Vec::loadu(a.gamma + j, c) : d;
           const Vec xh = keep_xhat ? Vec::loadu(xh_buf + j, c) : (Vec::loadu(xf + j, c) - m) * r;
-          da = r * (g - c1 - xh * c2);
+          da = r * (g - mean_g - xh * mean_gxhat);
         }
         if constexpr (IA != Activation::kNone) da = da * Vec::loadu(da_buf + j, c);
         if (acc != nullptr) da = da + Vec::loadu(acc + j, c);
@@ -603,10 +603,18 @@ void norm_backward_typed(const NormBackward& a) {
     }
   });
   if (a.dgamma != nullptr) {
-    if (reduce) sum_chunks(dgamma_part.data(), chunks, n, a.dgamma); else std::fill(a.dgamma, a.dgamma + n, 0.0f);
+    if (reduce) {
+      sum_chunks(dgamma_part.data(), chunks, n, a.dgamma);
+    } else {
+      std::fill(a.dgamma, a.dgamma + n, 0.0f);
+    }
   }
   if (a.dbeta != nullptr) {
-    if (reduce) sum_chunks(dbeta_part.data(), chunks, n, a.dbeta); else std::fill(a.dbeta, a.dbeta + n, 0.0f);
+    if (reduce) {
+      sum_chunks(dbeta_part.data(), chunks, n, a.dbeta);
+    } else {
+      std::fill(a.dbeta, a.dbeta + n, 0.0f);
+    }
   }
 }
 
@@ -643,7 +651,7 @@ void linear_epilogue_typed(const LinearEpilogue& a) {
 }
 
 template <typename T, Activation A>
-void linear_grad_epilogue_typed(const LinearGradEpilogue& a) {
+void linear_epilogue_backward_typed(const LinearEpilogueBackward& a) {
   const int64_t n = a.cols;
   const bool drop = a.dropout_p > 0.0;
   const Dropout dropout(a.seed, a.dropout_p);
@@ -731,10 +739,10 @@ void linear_epilogue(const LinearEpilogue& a) {
   });
 }
 
-void linear_grad_epilogue(const LinearGradEpilogue& a) {
+void linear_epilogue_backward(const LinearEpilogueBackward& a) {
   with_dtype(a.dtype, [&](auto t) {
     with_activation(a.activation, [&](auto act) {
-      linear_grad_epilogue_typed<decltype(t), decltype(act)::value>(a);
+      linear_epilogue_backward_typed<decltype(t), decltype(act)::value>(a);
     });
   });
 }

@@ -15,7 +15,7 @@
 #include "cuda/kernels.h"
 
 namespace magneto {
-namespace gpu {
+namespace cuda {
 namespace detail {
 
 constexpr int kWarp = 32;
@@ -104,7 +104,7 @@ __device__ __forceinline__ void store_vec(S* p, int valid, bool vec_ok, const fl
   }
 }
 
-// A norm parameter vector (weight or bias) stored as T or float32 (param_f32); `fill` when absent.
+// A norm parameter vector (gamma or beta) stored as T or float32 (param_f32); `fill` when absent.
 template <typename T, int N>
 __device__ __forceinline__ void load_param(const void* p, bool param_f32, int col, int valid,
                                            bool vec_ok, float fill, float (&out)[N]) {
@@ -331,10 +331,7 @@ auto dispatch_activation(Activation a, F&& f) {
   }
 }
 
-inline bool valid_activation(Activation a) {
-  return a == Activation::kNone || a == Activation::kGelu || a == Activation::kGeluTanh ||
-         a == Activation::kRelu || a == Activation::kSilu;
-}
+inline bool valid_activation(Activation a) { return in_table(kActivations, a); }
 
 // Stage two of the deterministic column reductions (reduce.cu): out[c] = sum_p partials[p, c]
 // in a fixed order, rounded to out_dtype; zeros when num_partials == 0.
@@ -342,5 +339,5 @@ Status column_sum(const float* partials, int64_t num_partials, int64_t cols, voi
                   DType out_dtype, cudaStream_t stream);
 
 }  // namespace detail
-}  // namespace gpu
+}  // namespace cuda
 }  // namespace magneto

@@ -1,34 +1,35 @@
 // Launchers of magneto's CUDA kernels. Torch-free: raw pointers, sizes, row strides, the codes of
-// csrc/common.h and a stream, so that nvcc compiles them without torch (tools/check_cuda.py) and
-// csrc/bindings.cpp (under MAGNETO_WITH_CUDA) does all tensor checking and allocation.
+// csrc/common.h and a stream, so that nvcc compiles them without torch (tools/check_cuda.py);
+// csrc/api.cpp does all tensor checking and allocation, csrc/cuda/norm.cpp and ln_linear.cpp
+// fill these structs.
 //
 // Conventions shared by every launcher
 // - Matrices are row-major (rows, cols) with a row stride in elements (>= cols); vectors
-//   (weight, bias, mean, rstd) are contiguous. Element types: `dtype` for activations,
-//   `param_dtype` (== dtype or kFloat32) for norm weight/bias; statistics (mean, rstd) are
+//   (gamma, beta, bias, mean, rstd) are contiguous. Element types: `dtype` for activations,
+//   `param_dtype` (== dtype or kFloat32) for the norm's gamma/beta; statistics (mean, rstd) are
 //   always float32.
 // - Optional inputs and outputs are null pointers when absent.
 // - Every launcher returns a Status: nullptr on success, otherwise a static, human-readable
 //   message (invalid arguments, or the cudaGetErrorString of the launch error, checked with
-//   cudaGetLastError after the launches). Never free it. Bindings: TORCH_CHECK(!status, status).
+//   cudaGetLastError after the launches). Never free it. Callers: TORCH_CHECK(!status, status).
 // - All work is enqueued on `stream`; nothing synchronises.
 // - 16-byte vector loads/stores are used when every pointer of a launch is 16-byte aligned and
 //   every row stride is a multiple of 16 bytes; otherwise the same kernels take a scalar path.
 //   Odd widths are fine (a scalar tail covers the last partial vector).
-// - Reductions over rows (dweight, dbias) are deterministic: per-block partial sums written to a
-//   caller-provided float32 workspace, then a fixed-order sum kernel. No atomics. The workspace
-//   size comes from the matching *_workspace_bytes function (it depends on the current device's
-//   SM count, so ask on the device the launch runs on).
+// - Reductions over rows (dgamma, dbeta, dbias) are deterministic: per-block partial sums written
+//   to a caller-provided float32 workspace, then a fixed-order sum kernel. No atomics. The
+//   workspace size comes from the matching *_workspace_bytes function (it depends on the current
+//   device's SM count, so ask on the device the launch runs on).
 //
-// The GEMMs of ln_linear are not here: the bindings call cuBLAS(Lt) through at::mm/addmm, with
-// these kernels as prologue (norm_forward writing N(in_act(x)) in the GEMM operand's dtype) and
-// epilogue (linear_epilogue: bias, activation, dropout, alpha-scaled residual in one pass), and in
-// backward linear_backward_prologue (dz and dbias) before the two GEMMs and norm_backward after.
-// That is the "cuBLASLt with our own prologue/epilogue kernels" option of issue 4: cuBLAS is the
-// fastest GEMM available on every architecture without our own tuning, and the memory-bound work
-// around it runs at copy bandwidth in single passes. A CUTLASS GEMM with the norm applied in its
-// main loop (or folded into its epilogue, DESIGN.md §2) would save the round trip of the
-// normalised operand through HBM; it is future work that needs measurement on the GPU.
+// The GEMMs of ln_linear are not here: csrc/cuda/ln_linear.cpp calls cuBLAS(Lt) through
+// at::mm/addmm, with these kernels as prologue (norm_forward writing N(in_act(x)) in the GEMM
+// operand's dtype) and epilogue (linear_epilogue: bias, activation, dropout, alpha-scaled residual
+// in one pass), and in backward linear_epilogue_backward (dz and dbias) before the two GEMMs and
+// norm_backward after. cuBLAS is the fastest GEMM available on every architecture without our own
+// tuning, and the memory-bound work around it runs at copy bandwidth in single passes. A CUTLASS
+// GEMM with the norm applied in its main loop (or folded into its epilogue; docs/design.md,
+// Kernels per backend) would save the round trip of the normalised operand through HBM; it is
+// future work that needs measurement on the GPU.
 #pragma once
 
 #include <cstddef>
@@ -39,7 +40,7 @@
 #include "common.h"
 
 namespace magneto {
-namespace gpu {
+namespace cuda {
 
 using Status = const char*;  // nullptr on success, else a static message
 
@@ -48,13 +49,13 @@ using Status = const char*;  // nullptr on success, else a static message
 //   s = x                     (residual == nullptr)
 //   s = alpha*residual + x    (residual != nullptr; written, rounded to dtype, to `sum` if given)
 //   a = round_dtype(in_act(s))            (input_activation; identity for kNone)
-//   kLayer: mean = avg(a), rstd = 1/sqrt(avg((a-mean)^2) + eps), y = (a-mean)*rstd*w + b
-//   kRms:   rstd = 1/sqrt(avg(a^2) + eps),                        y = a*rstd*w
-//   kNone:  y = a   (no statistics; weight and bias must be null)
-// w = 1 and b = 0 when weight/bias are null. y, sum: dtype; mean, rstd: float32 (mean only for
+//   kLayer: mean = avg(a), rstd = 1/sqrt(avg((a-mean)^2) + eps), y = (a-mean)*rstd*gamma + beta
+//   kRms:   rstd = 1/sqrt(avg(a^2) + eps),                        y = a*rstd*gamma
+//   kNone:  y = a   (no statistics; gamma and beta must be null)
+// gamma = 1 and beta = 0 when null. y, sum: dtype; mean, rstd: float32 (mean only for
 // kLayer). y == nullptr computes statistics only (row_stats). With saved_rstd (and saved_mean
 // for kLayer) given, those statistics are applied instead of computed: ln_linear's backward
-// recomputes its GEMM operand N(in_act(x)) this way (no residual allowed then).
+// recomputes its GEMM operand h = N(in_act(x)) this way (no residual allowed then).
 // Widths up to 32768 (16-bit dtypes) / 16384 (float32) keep the row in registers (warp per row
 // for narrow rows, up to 512 threads per row for wide ones, exact two-pass statistics); wider
 // rows use a block per row with Welford statistics and a second read of the row.
@@ -65,8 +66,8 @@ struct NormForwardParams {
   const void* residual = nullptr;
   int64_t residual_stride = 0;
   float alpha = 1.0f;
-  const void* weight = nullptr;  // (cols,) param_dtype
-  const void* bias = nullptr;    // (cols,) param_dtype; kLayer only
+  const void* gamma = nullptr;  // (cols,) param_dtype
+  const void* beta = nullptr;   // (cols,) param_dtype; kLayer only
   const float* saved_mean = nullptr;
   const float* saved_rstd = nullptr;
   void* y = nullptr;
@@ -92,13 +93,14 @@ Status row_stats(const void* x, int64_t x_stride, float* mean, float* rstd, int6
 
 // ------------------------------------------------------------------------------ norm backward
 // Gradient of y = N(in_act(x)) (x being s for add_layer_norm), with a = round_dtype(in_act(x)):
-//   xhat = (a - mean)*rstd (kLayer) | a*rstd (kRms);  g = dy*w
-//   kLayer: da = rstd*(g - avg(g) - xhat*avg(g*xhat))
-//   kRms:   da = rstd*(g - xhat*avg(g*xhat))
+//   xhat = (a - mean)*rstd (kLayer) | a*rstd (kRms);  g = dy*gamma
+//   mean_g = avg(g), mean_gxhat = avg(g*xhat)
+//   kLayer: da = rstd*(g - mean_g - xhat*mean_gxhat)
+//   kRms:   da = rstd*(g - xhat*mean_gxhat)
 //   kNone:  da = dy
 //   dx = da * in_act'(x) + grad_accum          (grad_accum optional, dtype)
-//   dweight = sum_rows(dy*xhat), dbias = sum_rows(dy)   (param_dtype, optional, deterministic)
-// dx may be null when only parameter gradients are wanted. dweight/dbias need a float32
+//   dgamma = sum_rows(dy*xhat), dbeta = sum_rows(dy)   (param_dtype, optional, deterministic)
+// dx may be null when only parameter gradients are wanted. dgamma/dbeta need a float32
 // workspace of norm_backward_workspace_bytes(...) bytes (0 when neither is requested); with
 // rows == 0 they are written as zeros. Outputs must not alias inputs.
 // Widths up to 8192 run one fused kernel (row in registers, per-thread column partials); wider
@@ -108,15 +110,15 @@ struct NormBackwardParams {
   int64_t dy_stride = 0;
   const void* x = nullptr;
   int64_t x_stride = 0;
-  const void* weight = nullptr;  // (cols,) param_dtype or null
-  const float* mean = nullptr;   // (rows,) kLayer
-  const float* rstd = nullptr;   // (rows,) kLayer, kRms
+  const void* gamma = nullptr;  // (cols,) param_dtype or null
+  const float* mean = nullptr;  // (rows,) kLayer
+  const float* rstd = nullptr;  // (rows,) kLayer, kRms
   const void* grad_accum = nullptr;
   int64_t grad_accum_stride = 0;
   void* dx = nullptr;
   int64_t dx_stride = 0;
-  void* dweight = nullptr;  // (cols,) param_dtype
-  void* dbias = nullptr;    // (cols,) param_dtype; kLayer only
+  void* dgamma = nullptr;  // (cols,) param_dtype
+  void* dbeta = nullptr;   // (cols,) param_dtype; kLayer only
   void* workspace = nullptr;
   size_t workspace_bytes = 0;
   int64_t rows = 0;
@@ -127,10 +129,10 @@ struct NormBackwardParams {
   DType param_dtype = DType::kFloat32;
 };
 // Bytes of float32 workspace norm_backward needs for these sizes on the current device
-// (0 when want_dweight and want_dbias are both false).
+// (0 when want_dgamma and want_dbeta are both false).
 size_t norm_backward_workspace_bytes(int64_t rows, int64_t cols, DType dtype, Norm norm,
-                                     Activation input_activation, bool want_dweight,
-                                     bool want_dbias);
+                                     Activation input_activation, bool want_dgamma,
+                                     bool want_dbeta);
 Status norm_backward(const NormBackwardParams& p, cudaStream_t stream);
 
 // ------------------------------------------------------------------------------ linear epilogue
@@ -162,12 +164,12 @@ struct LinearEpilogueParams {
 };
 Status linear_epilogue(const LinearEpilogueParams& p, cudaStream_t stream);
 
-// ------------------------------------------------------------------------------ linear backward
+// --------------------------------------------------------------------- linear epilogue backward
 // dz = dy * (keep ? dropout_scale : 0) * act'(preact)   (preact needed when activation != kNone;
 // keep as in linear_epilogue), written in dtype; dz may alias dy. dbias = sum_rows(dz) in dtype
-// (optional; float32 workspace of linear_backward_prologue_workspace_bytes bytes; deterministic).
+// (optional; float32 workspace of linear_epilogue_backward_workspace_bytes bytes; deterministic).
 // The column sum uses the float32 dz before rounding.
-struct LinearBackwardPrologueParams {
+struct LinearEpilogueBackwardParams {
   const void* dy = nullptr;
   int64_t dy_stride = 0;
   const void* preact = nullptr;
@@ -185,9 +187,9 @@ struct LinearBackwardPrologueParams {
   Activation activation = Activation::kNone;
   DType dtype = DType::kFloat32;
 };
-size_t linear_backward_prologue_workspace_bytes(int64_t rows, int64_t cols, DType dtype,
+size_t linear_epilogue_backward_workspace_bytes(int64_t rows, int64_t cols, DType dtype,
                                                 bool want_dbias);
-Status linear_backward_prologue(const LinearBackwardPrologueParams& p, cudaStream_t stream);
+Status linear_epilogue_backward(const LinearEpilogueBackwardParams& p, cudaStream_t stream);
 
-}  // namespace gpu
+}  // namespace cuda
 }  // namespace magneto

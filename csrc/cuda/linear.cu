@@ -1,7 +1,7 @@
 // The memory-bound passes around ln_linear's cuBLAS GEMMs.
 // - linear_epilogue: bias, output activation, Philox dropout and the alpha-scaled residual in
 //   one read of the GEMM output (plus the pre-activation, saved for backward).
-// - linear_backward_prologue: dz = dy * dropout mask * act'(preact) in one pass, with the dbias
+// - linear_epilogue_backward: dz = dy * dropout mask * act'(preact) in one pass, with the dbias
 //   column sums of dz reduced deterministically (tile partials, then column_sum).
 // Both use column tiles: a block of kTileX x kTileY threads, thread (x, y) owning one 16-byte
 // vector of columns and rows y, y + kTileY, ... of its row chunk, so that a warp reads 32
@@ -9,7 +9,7 @@
 #include "cuda/common.cuh"
 
 namespace magneto {
-namespace gpu {
+namespace cuda {
 namespace detail {
 namespace {
 
@@ -69,7 +69,7 @@ __global__ void __launch_bounds__(kTileX* kTileY)
 
 template <typename T, Activation ACT>
 __global__ void __launch_bounds__(kTileX* kTileY)
-    linear_backward_prologue_kernel(const LinearBackwardPrologueParams p, bool vec_ok,
+    linear_epilogue_backward_kernel(const LinearEpilogueBackwardParams p, bool vec_ok,
                                     float* db_part) {
   constexpr int VEC = kVec<T>;
   __shared__ float tile[kTileY][kTileX * VEC];
@@ -166,7 +166,7 @@ Status linear_epilogue(const LinearEpilogueParams& p, cudaStream_t stream) {
   return launch_status();
 }
 
-size_t linear_backward_prologue_workspace_bytes(int64_t rows, int64_t cols, DType dtype,
+size_t linear_epilogue_backward_workspace_bytes(int64_t rows, int64_t cols, DType dtype,
                                                 bool want_dbias) {
   using namespace detail;
   if (!want_dbias || rows <= 0 || cols <= 0 || !valid_dtype(dtype)) return 0;
@@ -174,25 +174,25 @@ size_t linear_backward_prologue_workspace_bytes(int64_t rows, int64_t cols, DTyp
   return sizeof(float) * static_cast<size_t>(grid.y) * static_cast<size_t>(cols);
 }
 
-Status linear_backward_prologue(const LinearBackwardPrologueParams& p, cudaStream_t stream) {
+Status linear_epilogue_backward(const LinearEpilogueBackwardParams& p, cudaStream_t stream) {
   using namespace detail;
   if (!valid_common(p.rows, p.cols, p.dtype, p.activation))
-    return "magneto cuda linear_backward_prologue: invalid size, dtype or activation code";
+    return "magneto cuda linear_epilogue_backward: invalid size, dtype or activation code";
   if (p.cols == 0) return nullptr;
   const bool reduce = p.dbias != nullptr;
   const dim3 grid = tile_grid(p.rows, p.cols, 16 / elem_bytes(p.dtype), reduce);
   if (p.rows > 0) {
     if (p.dy == nullptr || p.dz == nullptr)
-      return "magneto cuda linear_backward_prologue: dy and dz are required";
+      return "magneto cuda linear_epilogue_backward: dy and dz are required";
     if (p.activation != Activation::kNone && p.preact == nullptr)
-      return "magneto cuda linear_backward_prologue: preact is required with an activation";
+      return "magneto cuda linear_epilogue_backward: preact is required with an activation";
     if (p.dy_stride < p.cols || p.dz_stride < p.cols || (p.preact && p.preact_stride < p.cols))
-      return "magneto cuda linear_backward_prologue: a row stride is smaller than cols";
+      return "magneto cuda linear_epilogue_backward: a row stride is smaller than cols";
     if (reduce && (p.workspace == nullptr ||
                    p.workspace_bytes < sizeof(float) * static_cast<size_t>(grid.y) *
                                            static_cast<size_t>(p.cols)))
-      return "magneto cuda linear_backward_prologue: workspace smaller than "
-             "linear_backward_prologue_workspace_bytes";
+      return "magneto cuda linear_epilogue_backward: workspace smaller than "
+             "linear_epilogue_backward_workspace_bytes";
     const int eb = elem_bytes(p.dtype);
     const bool vec_ok = aligned16(p.dy) && stride_ok(p.dy_stride, eb) && aligned16(p.dz) &&
                         stride_ok(p.dz_stride, eb) && aligned16(p.preact) &&
@@ -201,7 +201,7 @@ Status linear_backward_prologue(const LinearBackwardPrologueParams& p, cudaStrea
     dispatch_dtype(p.dtype, [&](auto tag) {
       using T = typename decltype(tag)::type;
       return dispatch_activation(p.activation, [&](auto act) {
-        linear_backward_prologue_kernel<T, decltype(act)::value>
+        linear_epilogue_backward_kernel<T, decltype(act)::value>
             <<<grid, dim3(kTileX, kTileY), 0, stream>>>(p, vec_ok, db_part);
         return 0;
       });
@@ -216,5 +216,5 @@ Status linear_backward_prologue(const LinearBackwardPrologueParams& p, cudaStrea
   return nullptr;
 }
 
-}  // namespace gpu
+}  // namespace cuda
 }  // namespace magneto

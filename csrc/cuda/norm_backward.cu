@@ -1,9 +1,9 @@
 // Norm backward: dx (with the input activation's derivative and an optional gradient to add),
-// and dweight/dbias reduced over rows in two deterministic stages.
+// and dgamma/dbeta reduced over rows in two deterministic stages.
 //
 // Rows up to 8192 wide: norm_backward_rows keeps the row of x and dy in registers (row groups of
 // 32..512 threads as in norm_forward_rows) and loops over rows, each thread accumulating
-// dweight/dbias partials for the columns it owns in registers; at the end the row groups of a
+// dgamma/dbeta partials for the columns it owns in registers; at the end the row groups of a
 // block add theirs in shared memory and the block writes one partial row to the workspace.
 // Wider rows: norm_backward_wide_dx (a block per row, two reads) and norm_backward_columns
 // (a tile of 32 vectors x 8 rows per block, looping down a chunk of rows) for the partials;
@@ -12,7 +12,7 @@
 #include "cuda/common.cuh"
 
 namespace magneto {
-namespace gpu {
+namespace cuda {
 namespace detail {
 namespace {
 
@@ -20,7 +20,7 @@ constexpr int kRowsBlockMin = 256;  // threads per block of the register kernel,
 constexpr int kWideThreads = 512;
 constexpr int kColumnTileX = 32;    // vectors per column tile
 constexpr int kColumnTileY = 8;     // rows processed side by side in a column tile
-constexpr int kRegisterFloats = 16;  // floats per thread per cached row array (x, dy, dw, db)
+constexpr int kRegisterFloats = 16;  // floats per thread per cached row array (x, dy, partials)
 
 // a = round(in_act(x)) and xhat = (a - mean)*rstd.
 template <typename T, Activation ACT>
@@ -29,15 +29,15 @@ __device__ __forceinline__ float normalized(float x, float mean, float rstd, Act
   return (a - mean) * rstd;
 }
 
-// dx for VEC columns from the row's reduced means mg = avg(g), mgx = avg(g*xhat).
+// dx for VEC columns from the row's reduced means mean_g = avg(g), mean_gxhat = avg(g*xhat).
 template <typename T, Activation ACT>
 __device__ __forceinline__ void store_dx(const NormBackwardParams& p, int64_t row, int c0,
-                                         int valid, bool vec_ok, float mean, float rstd, float mg,
-                                         float mgx, const float (&x)[kVec<T>],
+                                         int valid, bool vec_ok, float mean, float rstd,
+                                         float mean_g, float mean_gxhat, const float (&x)[kVec<T>],
                                          const float (&dy)[kVec<T>]) {
   constexpr int VEC = kVec<T>;
   float w[VEC], acc[VEC], dx[VEC];
-  load_param<T, VEC>(p.weight, p.param_dtype == DType::kFloat32, c0, valid, vec_ok, 1.0f, w);
+  load_param<T, VEC>(p.gamma, p.param_dtype == DType::kFloat32, c0, valid, vec_ok, 1.0f, w);
   if (p.grad_accum != nullptr) {
     load_vec<T, VEC>(static_cast<const T*>(p.grad_accum) + row * p.grad_accum_stride + c0, valid,
                      vec_ok, acc);
@@ -51,7 +51,7 @@ __device__ __forceinline__ void store_dx(const NormBackwardParams& p, int64_t ro
     float da = dy[i];
     if (has_norm) {
       const float xhat = normalized<T, ACT>(x[i], mean, rstd, p.input_activation);
-      da = rstd * (dy[i] * w[i] - mg - xhat * mgx);
+      da = rstd * (dy[i] * w[i] - mean_g - xhat * mean_gxhat);
     }
     dx[i] = fmaf(da, activation_derivative<ACT>(x[i], p.input_activation), acc[i]);
   }
@@ -98,8 +98,8 @@ __device__ __forceinline__ void write_partials(float (&acc)[NV][VEC], float* dst
 
 template <typename T, Activation ACT, int NV>
 __global__ void __launch_bounds__(kMaxThreadsPerRow)
-    norm_backward_rows(const NormBackwardParams p, int tpr, bool vec_ok, float* dw_part,
-                       float* db_part) {
+    norm_backward_rows(const NormBackwardParams p, int tpr, bool vec_ok, float* dgamma_part,
+                       float* dbeta_part) {
   constexpr int VEC = kVec<T>;
   __shared__ float2 red[2][kMaxThreadsPerRow / kWarp];
   extern __shared__ float shared_partials[];  // blockDim.x*NV*VEC floats when > 1 row per block
@@ -112,11 +112,11 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow)
   const bool layer = p.norm == Norm::kLayer;
   const bool param_f32 = p.param_dtype == DType::kFloat32;
 
-  float acc_w[NV][VEC], acc_b[NV][VEC];
+  float acc_dgamma[NV][VEC], acc_dbeta[NV][VEC];
 #pragma unroll
   for (int j = 0; j < NV; ++j)
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) acc_w[j][i] = acc_b[j][i] = 0.0f;
+    for (int i = 0; i < VEC; ++i) acc_dgamma[j][i] = acc_dbeta[j][i] = 0.0f;
 
   int parity = 0;
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * rows_per_block; base < p.rows;
@@ -131,7 +131,7 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow)
       load_vec<T, VEC>(static_cast<const T*>(p.x) + row * p.x_stride + c0, valid, vec_ok, x[j]);
       load_vec<T, VEC>(static_cast<const T*>(p.dy) + row * p.dy_stride + c0, valid, vec_ok, dy[j]);
     }
-    float mean = 0.0f, rstd = 1.0f, mg = 0.0f, mgx = 0.0f;
+    float mean = 0.0f, rstd = 1.0f, mean_g = 0.0f, mean_gxhat = 0.0f;
     if (has_norm) {
       if (active) {
         rstd = p.rstd[row];
@@ -142,32 +142,35 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow)
       for (int j = 0; j < NV; ++j) {
         const int c0 = (j * tpr + lane) * VEC;
         float w[VEC];
-        load_param<T, VEC>(p.weight, param_f32, c0, active ? cols - c0 : 0, vec_ok, 1.0f, w);
+        load_param<T, VEC>(p.gamma, param_f32, c0, active ? cols - c0 : 0, vec_ok, 1.0f, w);
 #pragma unroll
         for (int i = 0; i < VEC; ++i) {
           const float xhat = normalized<T, ACT>(x[j][i], mean, rstd, p.input_activation);
           const float g = dy[j][i] * w[i];  // zero for missing elements (dy is zero there)
           sg += g;
           sgx += g * xhat;
-          acc_w[j][i] = fmaf(dy[j][i], xhat, acc_w[j][i]);
-          acc_b[j][i] += dy[j][i];
+          acc_dgamma[j][i] = fmaf(dy[j][i], xhat, acc_dgamma[j][i]);
+          acc_dbeta[j][i] += dy[j][i];
         }
       }
       const float2 sums = group_sum2(sg, sgx, tpr, red[parity]);
-      mg = layer ? sums.x * inv_cols : 0.0f;
-      mgx = sums.y * inv_cols;
+      mean_g = layer ? sums.x * inv_cols : 0.0f;
+      mean_gxhat = sums.y * inv_cols;
     }
     if (p.dx != nullptr && active) {
 #pragma unroll
       for (int j = 0; j < NV; ++j) {
         const int c0 = (j * tpr + lane) * VEC;
         if (c0 < cols)
-          store_dx<T, ACT>(p, row, c0, cols - c0, vec_ok, mean, rstd, mg, mgx, x[j], dy[j]);
+          store_dx<T, ACT>(p, row, c0, cols - c0, vec_ok, mean, rstd, mean_g, mean_gxhat, x[j],
+                           dy[j]);
       }
     }
   }
-  if (dw_part != nullptr) write_partials<NV, VEC>(acc_w, dw_part, tpr, cols, shared_partials);
-  if (db_part != nullptr) write_partials<NV, VEC>(acc_b, db_part, tpr, cols, shared_partials);
+  if (dgamma_part != nullptr)
+    write_partials<NV, VEC>(acc_dgamma, dgamma_part, tpr, cols, shared_partials);
+  if (dbeta_part != nullptr)
+    write_partials<NV, VEC>(acc_dbeta, dbeta_part, tpr, cols, shared_partials);
 }
 
 template <typename T>
@@ -181,7 +184,7 @@ __global__ void __launch_bounds__(kWideThreads) norm_backward_wide_dx(const Norm
   const bool layer = p.norm == Norm::kLayer;
   const T* x_row = static_cast<const T*>(p.x) + row * p.x_stride;
   const T* dy_row = static_cast<const T*>(p.dy) + row * p.dy_stride;
-  float mean = 0.0f, rstd = 1.0f, mg = 0.0f, mgx = 0.0f;
+  float mean = 0.0f, rstd = 1.0f, mean_g = 0.0f, mean_gxhat = 0.0f;
   if (p.norm != Norm::kNone) {
     rstd = p.rstd[row];
     if (layer) mean = p.mean[row];
@@ -191,7 +194,7 @@ __global__ void __launch_bounds__(kWideThreads) norm_backward_wide_dx(const Norm
       float x[VEC], dy[VEC], w[VEC];
       load_vec<T, VEC>(x_row + c0, cols - c0, vec_ok, x);
       load_vec<T, VEC>(dy_row + c0, cols - c0, vec_ok, dy);
-      load_param<T, VEC>(p.weight, p.param_dtype == DType::kFloat32, c0, cols - c0, vec_ok, 1.0f,
+      load_param<T, VEC>(p.gamma, p.param_dtype == DType::kFloat32, c0, cols - c0, vec_ok, 1.0f,
                          w);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
@@ -201,24 +204,26 @@ __global__ void __launch_bounds__(kWideThreads) norm_backward_wide_dx(const Norm
       }
     }
     const float2 sums = group_sum2(sg, sgx, blockDim.x, red);
-    mg = layer ? sums.x / static_cast<float>(cols) : 0.0f;
-    mgx = sums.y / static_cast<float>(cols);
+    mean_g = layer ? sums.x / static_cast<float>(cols) : 0.0f;
+    mean_gxhat = sums.y / static_cast<float>(cols);
   }
   for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
     const int c0 = v * VEC;
     float x[VEC], dy[VEC];
     load_vec<T, VEC>(x_row + c0, cols - c0, vec_ok, x);
     load_vec<T, VEC>(dy_row + c0, cols - c0, vec_ok, dy);
-    store_dx<T, kRuntimeActivation>(p, row, c0, cols - c0, vec_ok, mean, rstd, mg, mgx, x, dy);
+    store_dx<T, kRuntimeActivation>(p, row, c0, cols - c0, vec_ok, mean, rstd, mean_g, mean_gxhat,
+                                    x, dy);
   }
 }
 
-// Partial dweight/dbias over a chunk of rows for a tile of kColumnTileX vectors: thread (tx, ty)
+// Partial dgamma/dbeta over a chunk of rows for a tile of kColumnTileX vectors: thread (tx, ty)
 // owns vector blockIdx.x*kColumnTileX + tx and rows ty, ty + kColumnTileY, ... of chunk
 // blockIdx.y (chunks interleave with stride gridDim.y*kColumnTileY).
 template <typename T>
 __global__ void __launch_bounds__(kColumnTileX* kColumnTileY)
-    norm_backward_columns(const NormBackwardParams p, bool vec_ok, float* dw_part, float* db_part) {
+    norm_backward_columns(const NormBackwardParams p, bool vec_ok, float* dgamma_part,
+                          float* dbeta_part) {
   constexpr int VEC = kVec<T>;
   __shared__ float tile[kColumnTileY][kColumnTileX * VEC];
   const int cols = static_cast<int>(p.cols);
@@ -226,9 +231,9 @@ __global__ void __launch_bounds__(kColumnTileX* kColumnTileY)
       (static_cast<int>(blockIdx.x) * kColumnTileX + static_cast<int>(threadIdx.x)) * VEC;
   const int valid = cols - c0;
   const bool layer = p.norm == Norm::kLayer;
-  float acc_w[VEC], acc_b[VEC];
+  float acc_dgamma[VEC], acc_dbeta[VEC];
 #pragma unroll
-  for (int i = 0; i < VEC; ++i) acc_w[i] = acc_b[i] = 0.0f;
+  for (int i = 0; i < VEC; ++i) acc_dgamma[i] = acc_dbeta[i] = 0.0f;
   if (valid > 0) {
     for (int64_t row = static_cast<int64_t>(blockIdx.y) * kColumnTileY + threadIdx.y; row < p.rows;
          row += static_cast<int64_t>(gridDim.y) * kColumnTileY) {
@@ -240,15 +245,15 @@ __global__ void __launch_bounds__(kColumnTileX* kColumnTileY)
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
         const float xhat = normalized<T, kRuntimeActivation>(x[i], mean, rstd, p.input_activation);
-        acc_w[i] = fmaf(dy[i], xhat, acc_w[i]);
-        acc_b[i] += dy[i];
+        acc_dgamma[i] = fmaf(dy[i], xhat, acc_dgamma[i]);
+        acc_dbeta[i] += dy[i];
       }
     }
   }
-  if (dw_part != nullptr)
-    write_tile_partial<kColumnTileX, kColumnTileY, VEC>(acc_w, dw_part, cols, c0, tile);
-  if (db_part != nullptr)
-    write_tile_partial<kColumnTileX, kColumnTileY, VEC>(acc_b, db_part, cols, c0, tile);
+  if (dgamma_part != nullptr)
+    write_tile_partial<kColumnTileX, kColumnTileY, VEC>(acc_dgamma, dgamma_part, cols, c0, tile);
+  if (dbeta_part != nullptr)
+    write_tile_partial<kColumnTileX, kColumnTileY, VEC>(acc_dbeta, dbeta_part, cols, c0, tile);
 }
 
 // How a backward runs for given sizes: the register kernel (nv > 0) or the wide kernels, with
@@ -315,31 +320,31 @@ Plan plan_for(int64_t rows, int64_t cols, DType dtype, Activation act) {
 }
 
 template <typename T, Activation ACT>
-void launch(const NormBackwardParams& p, const Plan& plan, bool vec_ok, float* dw_part,
-            float* db_part, cudaStream_t stream) {
+void launch(const NormBackwardParams& p, const Plan& plan, bool vec_ok, float* dgamma_part,
+            float* dbeta_part, cudaStream_t stream) {
   if (p.rows == 0) return;
   if (plan.nv == 0) {
     if (p.dx != nullptr)
       norm_backward_wide_dx<T>
           <<<static_cast<unsigned>(p.rows), kWideThreads, 0, stream>>>(p, vec_ok);
-    if (dw_part != nullptr || db_part != nullptr)
+    if (dgamma_part != nullptr || dbeta_part != nullptr)
       norm_backward_columns<T><<<dim3(plan.grid_x, plan.grid_y), dim3(kColumnTileX, kColumnTileY),
-                                      0, stream>>>(p, vec_ok, dw_part, db_part);
+                                      0, stream>>>(p, vec_ok, dgamma_part, dbeta_part);
     return;
   }
   switch (plan.nv) {
     case 1:
       norm_backward_rows<T, ACT, 1><<<plan.grid_x, plan.block, plan.smem, stream>>>(
-          p, plan.tpr, vec_ok, dw_part, db_part);
+          p, plan.tpr, vec_ok, dgamma_part, dbeta_part);
       break;
     case 2:
       norm_backward_rows<T, ACT, 2><<<plan.grid_x, plan.block, plan.smem, stream>>>(
-          p, plan.tpr, vec_ok, dw_part, db_part);
+          p, plan.tpr, vec_ok, dgamma_part, dbeta_part);
       break;
     default:
       if constexpr (kVec<T> == 4) {
         norm_backward_rows<T, ACT, 4><<<plan.grid_x, plan.block, plan.smem, stream>>>(
-            p, plan.tpr, vec_ok, dw_part, db_part);
+            p, plan.tpr, vec_ok, dgamma_part, dbeta_part);
       }
       break;
   }
@@ -354,16 +359,16 @@ Status validate(const NormBackwardParams& p) {
     return "magneto cuda norm_backward: param_dtype must be dtype or float32";
   if (!valid_activation(p.input_activation))
     return "magneto cuda norm_backward: unknown activation code";
-  if (p.norm != Norm::kLayer && p.norm != Norm::kRms && p.norm != Norm::kNone)
+  if (!in_table(kNorms, p.norm))
     return "magneto cuda norm_backward: unknown norm code";
   if (p.rows > 0 && p.cols > 0 && (p.x == nullptr || p.dy == nullptr))
     return "magneto cuda norm_backward: x and dy are required";
   if (p.x_stride < p.cols || p.dy_stride < p.cols || (p.dx && p.dx_stride < p.cols) ||
       (p.grad_accum && p.grad_accum_stride < p.cols))
     return "magneto cuda norm_backward: a row stride is smaller than cols";
-  if (p.norm == Norm::kNone && (p.weight || p.dweight || p.dbias))
-    return "magneto cuda norm_backward: norm kNone has no weight or bias";
-  if (p.norm == Norm::kRms && p.dbias) return "magneto cuda norm_backward: kRms has no bias";
+  if (p.norm == Norm::kNone && (p.gamma || p.dgamma || p.dbeta))
+    return "magneto cuda norm_backward: norm kNone has no gamma, dgamma or dbeta";
+  if (p.norm == Norm::kRms && p.dbeta) return "magneto cuda norm_backward: kRms has no dbeta";
   if (p.rows > 0 && ((p.norm != Norm::kNone && !p.rstd) || (p.norm == Norm::kLayer && !p.mean)))
     return "magneto cuda norm_backward: missing mean (kLayer) or rstd";
   return nullptr;
@@ -373,11 +378,11 @@ Status validate(const NormBackwardParams& p) {
 }  // namespace detail
 
 size_t norm_backward_workspace_bytes(int64_t rows, int64_t cols, DType dtype, Norm norm,
-                                     Activation input_activation, bool want_dweight,
-                                     bool want_dbias) {
+                                     Activation input_activation, bool want_dgamma,
+                                     bool want_dbeta) {
   using namespace detail;
   (void)norm;  // the plan does not depend on it; kept so callers state what they launch
-  const int arrays = static_cast<int>(want_dweight) + static_cast<int>(want_dbias);
+  const int arrays = static_cast<int>(want_dgamma) + static_cast<int>(want_dbeta);
   if (arrays == 0 || rows <= 0 || cols <= 0 || !valid_dtype(dtype) ||
       !valid_activation(input_activation))
     return 0;
@@ -392,37 +397,39 @@ Status norm_backward(const NormBackwardParams& p, cudaStream_t stream) {
   if (p.cols == 0) return nullptr;
   const Plan plan = plan_for(p.rows, p.cols, p.dtype, p.input_activation);
   const size_t part_floats = static_cast<size_t>(plan.partials) * static_cast<size_t>(p.cols);
-  const int arrays = static_cast<int>(p.dweight != nullptr) + static_cast<int>(p.dbias != nullptr);
+  const int arrays = static_cast<int>(p.dgamma != nullptr) + static_cast<int>(p.dbeta != nullptr);
   if (p.rows > 0 && arrays > 0 &&
       (p.workspace == nullptr || p.workspace_bytes < sizeof(float) * arrays * part_floats))
     return "magneto cuda norm_backward: workspace smaller than norm_backward_workspace_bytes";
-  float* dw_part = p.dweight != nullptr ? static_cast<float*>(p.workspace) : nullptr;
-  float* db_part =
-      p.dbias != nullptr ? static_cast<float*>(p.workspace) + (dw_part ? part_floats : 0) : nullptr;
+  float* dgamma_part = p.dgamma != nullptr ? static_cast<float*>(p.workspace) : nullptr;
+  float* dbeta_part = p.dbeta != nullptr
+                          ? static_cast<float*>(p.workspace) + (dgamma_part ? part_floats : 0)
+                          : nullptr;
 
   const int eb = elem_bytes(p.dtype);
   const bool vec_ok = aligned16(p.x) && stride_ok(p.x_stride, eb) && aligned16(p.dy) &&
                       stride_ok(p.dy_stride, eb) && aligned16(p.dx) && stride_ok(p.dx_stride, eb) &&
                       aligned16(p.grad_accum) && stride_ok(p.grad_accum_stride, eb) &&
-                      aligned16(p.weight);
+                      aligned16(p.gamma);
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     return dispatch_activation(p.input_activation, [&](auto act) {
-      launch<T, decltype(act)::value>(p, plan, vec_ok, dw_part, db_part, stream);
+      launch<T, decltype(act)::value>(p, plan, vec_ok, dgamma_part, dbeta_part, stream);
       return 0;
     });
   });
   if (Status err = launch_status()) return err;
-  if (p.dweight != nullptr) {
-    if (Status err = column_sum(dw_part, plan.partials, p.cols, p.dweight, p.param_dtype, stream))
+  if (p.dgamma != nullptr) {
+    if (Status err =
+            column_sum(dgamma_part, plan.partials, p.cols, p.dgamma, p.param_dtype, stream))
       return err;
   }
-  if (p.dbias != nullptr) {
-    if (Status err = column_sum(db_part, plan.partials, p.cols, p.dbias, p.param_dtype, stream))
+  if (p.dbeta != nullptr) {
+    if (Status err = column_sum(dbeta_part, plan.partials, p.cols, p.dbeta, p.param_dtype, stream))
       return err;
   }
   return nullptr;
 }
 
-}  // namespace gpu
+}  // namespace cuda
 }  // namespace magneto

@@ -14,7 +14,7 @@
 #include "cuda/common.cuh"
 
 namespace magneto {
-namespace gpu {
+namespace cuda {
 namespace detail {
 namespace {
 
@@ -58,8 +58,8 @@ __device__ __forceinline__ void store_output(const NormForwardParams& p, int64_t
   } else {
     const bool param_f32 = p.param_dtype == DType::kFloat32;
     float w[VEC], b[VEC];
-    load_param<T, VEC>(p.weight, param_f32, c0, valid, vec_ok, 1.0f, w);
-    load_param<T, VEC>(p.bias, param_f32, c0, valid, vec_ok, 0.0f, b);
+    load_param<T, VEC>(p.gamma, param_f32, c0, valid, vec_ok, 1.0f, w);
+    load_param<T, VEC>(p.beta, param_f32, c0, valid, vec_ok, 0.0f, b);
 #pragma unroll
     for (int i = 0; i < VEC; ++i) y[i] = fmaf((a[i] - mean) * rstd, w[i], b[i]);
   }
@@ -255,17 +255,17 @@ Status validate(const NormForwardParams& p) {
     return "magneto cuda norm_forward: param_dtype must be dtype or float32";
   if (!valid_activation(p.input_activation))
     return "magneto cuda norm_forward: unknown activation code";
-  if (p.norm != Norm::kLayer && p.norm != Norm::kRms && p.norm != Norm::kNone)
+  if (!in_table(kNorms, p.norm))
     return "magneto cuda norm_forward: unknown norm code";
   // An empty tensor has a null data pointer (zero-row batches): only a non-empty x is required.
   if (p.rows > 0 && p.cols > 0 && p.x == nullptr) return "magneto cuda norm_forward: x is null";
   if (p.x_stride < p.cols || (p.residual && p.residual_stride < p.cols) ||
       (p.y && p.y_stride < p.cols) || (p.sum && p.sum_stride < p.cols))
     return "magneto cuda norm_forward: a row stride is smaller than cols";
-  if (p.norm == Norm::kNone && (p.weight || p.bias || p.mean || p.rstd || p.saved_rstd))
-    return "magneto cuda norm_forward: norm kNone takes no weight, bias or statistics";
-  if (p.norm == Norm::kRms && (p.bias || p.mean || p.saved_mean))
-    return "magneto cuda norm_forward: norm kRms takes no bias and has no mean";
+  if (p.norm == Norm::kNone && (p.gamma || p.beta || p.mean || p.rstd || p.saved_rstd))
+    return "magneto cuda norm_forward: norm kNone takes no gamma, beta or statistics";
+  if (p.norm == Norm::kRms && (p.beta || p.mean || p.saved_mean))
+    return "magneto cuda norm_forward: norm kRms takes no beta and has no mean";
   if (p.saved_rstd != nullptr && (p.residual || (p.norm == Norm::kLayer && !p.saved_mean)))
     return "magneto cuda norm_forward: saved statistics need saved_mean (kLayer) and no residual";
   if (p.sum != nullptr && p.residual == nullptr)
@@ -285,7 +285,7 @@ Status norm_forward(const NormForwardParams& p, cudaStream_t stream) {
   const bool vec_ok = aligned16(p.x) && stride_ok(p.x_stride, eb) && aligned16(p.residual) &&
                       stride_ok(p.residual_stride, eb) && aligned16(p.y) &&
                       stride_ok(p.y_stride, eb) && aligned16(p.sum) &&
-                      stride_ok(p.sum_stride, eb) && aligned16(p.weight) && aligned16(p.bias);
+                      stride_ok(p.sum_stride, eb) && aligned16(p.gamma) && aligned16(p.beta);
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     return dispatch_activation(p.input_activation, [&](auto act) {
@@ -315,5 +315,5 @@ Status row_stats(const void* x, int64_t x_stride, float* mean, float* rstd, int6
   return norm_forward(p, stream);
 }
 
-}  // namespace gpu
+}  // namespace cuda
 }  // namespace magneto

@@ -1,10 +1,10 @@
-// Stage two of the deterministic column reductions (dweight, dbias): a fixed-order sum over the
-// per-block partial rows that stage one wrote to the workspace. No atomics, so repeated runs on
-// the same device give bitwise-identical gradients.
+// Stage two of the deterministic column reductions (dgamma, dbeta, dbias): a fixed-order sum
+// over the per-block partial rows that stage one wrote to the workspace. No atomics, so repeated
+// runs on the same device give bitwise-identical gradients.
 #include "cuda/common.cuh"
 
 namespace magneto {
-namespace gpu {
+namespace cuda {
 namespace detail {
 namespace {
 
@@ -39,5 +39,5 @@ Status column_sum(const float* partials, int64_t num_partials, int64_t cols, voi
 }
 
 }  // namespace detail
-}  // namespace gpu
+}  // namespace cuda
 }  // namespace magneto

@@ -1,4 +1,4 @@
-#include "cpu_gemm.h"
+#include "cpu/gemm.h"
 
 #include <dlfcn.h>
 
@@ -7,12 +7,13 @@
 #include <cstdlib>
 #include <mutex>
 
-namespace magneto::cpu_gemm {
+namespace magneto::cpu::gemm {
 namespace {
 
 using at::Tensor;
 
-// at::native::mkldnn_matmul(mat1, mat2, result, beta, alpha): result = beta·result + alpha·mat1@mat2.
+// at::native::mkldnn_matmul(mat1, mat2, result, beta, alpha):
+// result = beta·result + alpha·mat1@mat2.
 using MkldnnMatmul = void (*)(const Tensor&, const Tensor&, const Tensor&, float, float);
 constexpr const char* kMkldnnMatmulSymbol = "_ZN2at6native13mkldnn_matmulERKNS_6TensorES3_S3_ff";
 
@@ -120,4 +121,4 @@ void matmul(const Tensor& a, const Tensor& b, const Tensor& result, bool accumul
   }
 }
 
-}  // namespace magneto::cpu_gemm
+}  // namespace magneto::cpu::gemm

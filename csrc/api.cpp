@@ -1,0 +1,380 @@
+// The API of magneto_kernels._C: checks tensors (shape, dtype, device, contiguity; errors name the
+// argument and raise ValueError), allocates outputs, dispatches on x's device to the op
+// orchestration of a backend (csrc/cpu/ops.h, csrc/cuda/ops.h) and registers the "native" op
+// family (schemas, fake impls and autograd formulas live in magneto_kernels/library.py) for the
+// CPU dispatch key and, when built with MAGNETO_WITH_CUDA, for CUDA.
+#include <torch/python.h>  // pybind11 with the Tensor type casters
+
+#include <array>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <tuple>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "common.h"
+#include "cpu/gemm.h"
+#include "cpu/kernels.h"
+#include "cpu/ops.h"
+#include "tensor_utils.h"
+
+#ifdef MAGNETO_WITH_CUDA
+#include "cuda/ops.h"
+#endif
+
+namespace magneto {
+namespace {
+
+// ------------------------------------------------------------------------------ argument checks
+
+// The names of a common.h table, quoted and joined: "'a', 'b', 'c'", or with `last` before the
+// final one ("'a', 'b' or 'c'"); `skip` is left out.
+template <typename Code, size_t N>
+std::string quoted_names(const NameCode<Code> (&table)[N], const char* last,
+                         std::optional<Code> skip = std::nullopt) {
+  std::vector<std::string> names;
+  for (const auto& entry : table) {
+    if (entry.code != skip) names.push_back(std::string("'") + entry.name + "'");
+  }
+  std::string out;
+  for (size_t i = 0; i < names.size(); ++i) {
+    if (i > 0) out += i + 1 == names.size() ? last : ", ";
+    out += names[i];
+  }
+  return out;
+}
+
+template <typename Code, size_t N>
+std::optional<Code> find_code(const NameCode<Code> (&table)[N], std::string_view name) {
+  for (const auto& entry : table) {
+    if (name == entry.name) return entry.code;
+  }
+  return std::nullopt;
+}
+
+Norm parse_norm(std::string_view name, bool allow_none) {
+  const std::optional<Norm> norm = find_code(kNorms, name);
+  if (norm.has_value() && (allow_none || *norm != Norm::kNone)) return *norm;
+  const std::optional<Norm> skip = allow_none ? std::nullopt : std::optional(Norm::kNone);
+  TORCH_CHECK_VALUE(false, "norm must be ", quoted_names(kNorms, " or ", skip), ", got '", name,
+                    "'");
+  return Norm::kLayer;
+}
+
+Activation parse_activation(std::string_view name, const char* arg) {
+  const std::optional<Activation> activation = find_code(kActivations, name);
+  if (activation.has_value()) return *activation;
+  TORCH_CHECK_VALUE(false, arg, " must be one of ", quoted_names(kActivations, ", "), ", got '",
+                    name, "'");
+  return Activation::kNone;
+}
+
+// x: the 2-D row-major input every other argument is checked against.
+void check_input(const Tensor& x, const char* name = "x") {
+  TORCH_CHECK_VALUE(x.dim() == 2, name, " must be 2-D (rows, features), got shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 ||
+                        x.scalar_type() == at::kHalf,
+                    name, " must be float32, bfloat16 or float16, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.device().is_cpu() || x.device().is_cuda(), name,
+                    " must be on a CPU or CUDA device, got ", x.device());
+  TORCH_CHECK_VALUE(x.is_contiguous(), name, " must be contiguous");
+}
+
+void check_like(const Tensor& t, const char* name, const Tensor& x, at::IntArrayRef shape,
+                std::optional<at::ScalarType> dtype) {
+  TORCH_CHECK_VALUE(t.device() == x.device(), name, " is on ", t.device(), " but x is on ",
+                    x.device());
+  TORCH_CHECK_VALUE(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
+  const at::ScalarType want = dtype.value_or(x.scalar_type());
+  TORCH_CHECK_VALUE(t.scalar_type() == want, name, " must have dtype ", want, ", got ",
+                    t.scalar_type());
+  TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
+}
+
+// A norm parameter: (cols,), x's dtype or float32, on x's device, contiguous.
+void check_param(const OptTensor& t, const char* name, const Tensor& x) {
+  if (!t.has_value()) return;
+  const int64_t cols = x.size(1);
+  TORCH_CHECK_VALUE(t->device() == x.device(), name, " is on ", t->device(), " but x is on ",
+                    x.device());
+  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == cols, name, " must have shape (", cols,
+                    ",), got ", t->sizes());
+  TORCH_CHECK_VALUE(t->scalar_type() == x.scalar_type() || t->scalar_type() == at::kFloat, name,
+                    " must have x's dtype (", x.scalar_type(), ") or float32, got ",
+                    t->scalar_type());
+  TORCH_CHECK_VALUE(t->is_contiguous(), name, " must be contiguous");
+}
+
+// gamma, beta: the norm's parameters, named in errors as the public API names them.
+void check_norm_params(const OptTensor& gamma, const OptTensor& beta, Norm norm, const Tensor& x,
+                       const char* gamma_name, const char* beta_name) {
+  check_param(gamma, gamma_name, x);
+  check_param(beta, beta_name, x);
+  TORCH_CHECK_VALUE(!(beta.has_value() && norm == Norm::kRms), beta_name,
+                    " must be None for norm='rms' (RMSNorm has no bias)");
+  TORCH_CHECK_VALUE(!(beta.has_value() && !gamma.has_value()), beta_name, " given without ",
+                    gamma_name);
+  TORCH_CHECK_VALUE(!(gamma.has_value() && norm == Norm::kNone), gamma_name,
+                    " must be None for norm='none'");
+}
+
+// Saved statistics: float32 (rows,) where the norm has them, anything empty where it does not.
+void check_stats(const Tensor& mean, const Tensor& rstd, Norm norm, const Tensor& x) {
+  const int64_t rows = x.size(0);
+  if (norm == Norm::kLayer) check_like(mean, "mean", x, {rows}, at::kFloat);
+  if (norm != Norm::kNone) check_like(rstd, "rstd", x, {rows}, at::kFloat);
+}
+
+void check_eps(double eps) { TORCH_CHECK_VALUE(eps >= 0.0, "eps must be >= 0, got ", eps); }
+
+// The dropout seed (a 0-d int64 tensor on x's device) when dropout_p > 0.
+void check_dropout(const OptTensor& seed, double p, const Tensor& x) {
+  TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, "dropout_p must be in [0, 1), got ", p);
+  if (p == 0.0) return;
+  TORCH_CHECK_VALUE(seed.has_value(), "seed must be given when dropout_p > 0");
+  check_like(*seed, "seed", x, {}, at::kLong);
+}
+
+void check_linear(const Tensor& x, const Tensor& weight, const OptTensor& bias) {
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == x.size(1),
+                    "weight must have shape (out_features, ", x.size(1), "), got ",
+                    weight.sizes());
+  check_like(weight, "weight", x, weight.sizes(), std::nullopt);
+  if (bias.has_value()) check_like(*bias, "bias", x, {weight.size(0)}, std::nullopt);
+}
+
+std::array<bool, 5> mask_of(const c10::List<bool>& output_mask, size_t n) {
+  TORCH_CHECK_VALUE(output_mask.size() == n, "output_mask must have ", n, " entries, got ",
+                    output_mask.size());
+  std::array<bool, 5> mask{};
+  for (size_t i = 0; i < n; ++i) mask[i] = output_mask.get(i);
+  return mask;
+}
+
+#ifndef MAGNETO_WITH_CUDA
+// CUDA tensors reach these ops through the CUDA dispatch key, which only CUDA builds register;
+// this guards a CPU-only build's device branch all the same.
+[[noreturn]] void no_cuda_kernels() {
+  TORCH_CHECK(false, "magneto_kernels._C was built without CUDA kernels");
+  __builtin_unreachable();
+}
+#endif
+
+// ----------------------------------------------------------------------------------------- ops
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_native(const Tensor& x, const OptTensor& weight,
+                                                     const OptTensor& bias, double eps,
+                                                     c10::string_view norm_name) {
+  check_input(x);
+  const Norm norm = parse_norm(norm_name, false);
+  check_norm_params(weight, bias, norm, x, "weight", "bias");
+  check_eps(eps);
+  Tensor y = new_like(x);
+  Tensor mean = stats_tensor(x, norm == Norm::kLayer);
+  Tensor rstd = stats_tensor(x, true);
+  if (x.is_cpu()) {
+    cpu::run_norm_forward(x, std::nullopt, 1.0, weight, bias, eps, norm, Activation::kNone, y,
+                          Tensor(), mean, rstd);
+  } else {
+#ifdef MAGNETO_WITH_CUDA
+    cuda::run_norm_forward(x, std::nullopt, 1.0, weight, bias, eps, norm, Activation::kNone, y,
+                           Tensor(), mean, rstd);
+#else
+    no_cuda_kernels();
+#endif
+  }
+  return {y, mean, rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_backward_native(
+    const Tensor& grad_y, const Tensor& x, const OptTensor& weight, const OptTensor& bias,
+    const Tensor& mean, const Tensor& rstd, const OptTensor& grad_accum,
+    c10::string_view norm_name, const c10::List<bool>& output_mask) {
+  check_input(x);
+  const Norm norm = parse_norm(norm_name, false);
+  check_norm_params(weight, bias, norm, x, "weight", "bias");
+  check_like(grad_y, "grad_y", x, x.sizes(), std::nullopt);
+  check_stats(mean, rstd, norm, x);
+  if (grad_accum.has_value()) check_like(*grad_accum, "grad_accum", x, x.sizes(), std::nullopt);
+  const auto mask = mask_of(output_mask, 3);
+  Tensor dx = mask[0] ? new_like(x) : empty0(x);
+  Tensor dgamma = mask[1] && weight.has_value() ? new_like(*weight) : empty0(x);
+  Tensor dbeta = mask[2] && bias.has_value() ? new_like(*bias) : empty0(x);
+  if (dx.numel() == 0 && dgamma.numel() == 0 && dbeta.numel() == 0) return {dx, dgamma, dbeta};
+  if (x.is_cpu()) {
+    cpu::run_norm_backward(grad_y, x, weight, bias, mean, rstd, grad_accum, norm,
+                           Activation::kNone, dx, dgamma, dbeta, Tensor());
+  } else {
+#ifdef MAGNETO_WITH_CUDA
+    cuda::run_norm_backward(grad_y, x, weight, bias, mean, rstd, grad_accum, norm,
+                            Activation::kNone, dx, dgamma, dbeta);
+#else
+    no_cuda_kernels();
+#endif
+  }
+  return {dx, dgamma, dbeta};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> add_layer_norm_native(
+    const Tensor& x, const Tensor& residual, const OptTensor& weight, const OptTensor& bias,
+    double eps, double alpha, c10::string_view norm_name) {
+  check_input(x);
+  const Norm norm = parse_norm(norm_name, false);
+  check_like(residual, "residual", x, x.sizes(), std::nullopt);
+  check_norm_params(weight, bias, norm, x, "weight", "bias");
+  check_eps(eps);
+  Tensor y = new_like(x);
+  Tensor sum = new_like(x);
+  Tensor mean = stats_tensor(x, norm == Norm::kLayer);
+  Tensor rstd = stats_tensor(x, true);
+  if (x.is_cpu()) {
+    cpu::run_norm_forward(x, residual, alpha, weight, bias, eps, norm, Activation::kNone, y, sum,
+                          mean, rstd);
+  } else {
+#ifdef MAGNETO_WITH_CUDA
+    cuda::run_norm_forward(x, residual, alpha, weight, bias, eps, norm, Activation::kNone, y,
+                           sum, mean, rstd);
+#else
+    no_cuda_kernels();
+#endif
+  }
+  return {y, sum, mean, rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> ln_linear_native(
+    const Tensor& x, const OptTensor& ln_weight, const OptTensor& ln_bias, const Tensor& weight,
+    const OptTensor& bias, const OptTensor& residual, const OptTensor& seed, double eps,
+    c10::string_view norm_name, c10::string_view input_activation_name,
+    c10::string_view activation_name, double alpha, double dropout_p) {
+  check_input(x);
+  const Norm norm = parse_norm(norm_name, true);
+  const Activation input_activation = parse_activation(input_activation_name, "input_activation");
+  const Activation activation = parse_activation(activation_name, "activation");
+  check_norm_params(ln_weight, ln_bias, norm, x, "ln_weight", "ln_bias");
+  check_linear(x, weight, bias);
+  if (residual.has_value()) {
+    check_like(*residual, "residual", x, {x.size(0), weight.size(0)}, std::nullopt);
+  }
+  check_dropout(seed, dropout_p, x);
+  check_eps(eps);
+  Tensor mean = stats_tensor(x, norm == Norm::kLayer);
+  Tensor rstd = stats_tensor(x, norm != Norm::kNone);
+  Tensor out, preact;
+  if (x.is_cpu()) {
+    std::tie(out, preact) =
+        cpu::run_ln_linear(x, ln_weight, ln_bias, weight, bias, residual, seed, eps, norm,
+                           input_activation, activation, alpha, dropout_p, mean, rstd);
+  } else {
+#ifdef MAGNETO_WITH_CUDA
+    std::tie(out, preact) =
+        cuda::run_ln_linear(x, ln_weight, ln_bias, weight, bias, residual, seed, eps, norm,
+                            input_activation, activation, alpha, dropout_p, mean, rstd);
+#else
+    no_cuda_kernels();
+#endif
+  }
+  return {out, mean, rstd, preact};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ln_linear_backward_native(
+    const Tensor& grad_out, const Tensor& x, const OptTensor& ln_weight, const OptTensor& ln_bias,
+    const Tensor& weight, const Tensor& mean, const Tensor& rstd, const Tensor& preact,
+    const OptTensor& seed, c10::string_view norm_name, c10::string_view input_activation_name,
+    c10::string_view activation_name, double dropout_p, const c10::List<bool>& output_mask) {
+  check_input(x);
+  const Norm norm = parse_norm(norm_name, true);
+  const Activation input_activation = parse_activation(input_activation_name, "input_activation");
+  const Activation activation = parse_activation(activation_name, "activation");
+  check_norm_params(ln_weight, ln_bias, norm, x, "ln_weight", "ln_bias");
+  check_linear(x, weight, std::nullopt);
+  const int64_t rows = x.size(0), out_features = weight.size(0);
+  check_like(grad_out, "grad_out", x, {rows, out_features}, std::nullopt);
+  check_stats(mean, rstd, norm, x);
+  if (activation != Activation::kNone) {
+    check_like(preact, "preact", x, {rows, out_features}, std::nullopt);
+  }
+  check_dropout(seed, dropout_p, x);
+  const auto mask = mask_of(output_mask, 5);
+  Tensor dx = mask[0] ? new_like(x) : empty0(x);
+  Tensor dgamma = mask[1] && ln_weight.has_value() ? new_like(*ln_weight) : empty0(x);
+  Tensor dbeta = mask[2] && ln_bias.has_value() ? new_like(*ln_bias) : empty0(x);
+  Tensor dweight = mask[3] ? new_like(weight) : empty0(x);
+  Tensor dbias = mask[4] ? new_tensor({out_features}, weight.options()) : empty0(x);
+  if (x.is_cpu()) {
+    dx = cpu::run_ln_linear_backward(grad_out, x, ln_weight, ln_bias, weight, mean, rstd, preact,
+                                     seed, norm, input_activation, activation, dropout_p, dx,
+                                     dgamma, dbeta, dweight, dbias);
+  } else {
+#ifdef MAGNETO_WITH_CUDA
+    dx = cuda::run_ln_linear_backward(grad_out, x, ln_weight, ln_bias, weight, mean, rstd, preact,
+                                      seed, norm, input_activation, activation, dropout_p, dx,
+                                      dgamma, dbeta, dweight, dbias);
+#else
+    no_cuda_kernels();
+#endif
+  }
+  return {dx, dgamma, dbeta, dweight, dbias};
+}
+
+}  // namespace
+}  // namespace magneto
+
+// One kernel per op serves both dispatch keys: it branches on x's device.
+#define MAGNETO_REGISTER_NATIVE_FAMILY(m)                                                 \
+  m.impl("layer_norm_native", TORCH_FN(magneto::layer_norm_native));                     \
+  m.impl("layer_norm_backward_native", TORCH_FN(magneto::layer_norm_backward_native));   \
+  m.impl("add_layer_norm_native", TORCH_FN(magneto::add_layer_norm_native));             \
+  m.impl("ln_linear_native", TORCH_FN(magneto::ln_linear_native));                       \
+  m.impl("ln_linear_backward_native", TORCH_FN(magneto::ln_linear_backward_native));
+
+TORCH_LIBRARY_IMPL(magneto, CPU, m) { MAGNETO_REGISTER_NATIVE_FAMILY(m) }
+
+#ifdef MAGNETO_WITH_CUDA
+TORCH_LIBRARY_IMPL(magneto, CUDA, m) { MAGNETO_REGISTER_NATIVE_FAMILY(m) }
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "magneto's C++ CPU and CUDA kernels; importing registers the magneto::*_native ops.";
+  m.def("with_cuda", []() {
+#ifdef MAGNETO_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  }, "Whether the CUDA kernels were compiled in.");
+  m.def("_set_poison_outputs", [](bool on) { magneto::poison_outputs = on; },
+        "Tests only: fill outputs and buffers with NaN before the kernels write them.");
+  m.def("cpu_gemm_engine", []() { return magneto::cpu::gemm::engine(); },
+        "The GEMM engine of the CPU ln_linear: 'onednn' or 'aten' (see csrc/cpu/gemm.h).");
+  m.def("_cpu_gemm",
+        [](const at::Tensor& a, const at::Tensor& b, const at::Tensor& out, bool accumulate) {
+          magneto::cpu::gemm::matmul(a, b, out, accumulate);
+        },
+        "Benchmarks: out = a @ b (or out += a @ b) with the CPU ln_linear's GEMM engine.");
+  m.def("_set_cpu_gemm_engine",
+        [](const std::string& choice) { magneto::cpu::gemm::set_engine(choice); },
+        "Benchmarks and tests: 'auto', 'onednn' or 'aten', overriding MAGNETO_CPU_GEMM.");
+  m.def("codes", []() {
+    pybind11::dict norms, activations, philox;
+    for (const auto& entry : magneto::kNorms) norms[entry.name] = static_cast<int>(entry.code);
+    for (const auto& entry : magneto::kActivations) {
+      activations[entry.name] = static_cast<int>(entry.code);
+    }
+    philox["key_a"] = magneto::kPhiloxKeyA;
+    philox["key_b"] = magneto::kPhiloxKeyB;
+    philox["round_a"] = magneto::kPhiloxRoundA;
+    philox["round_b"] = magneto::kPhiloxRoundB;
+    philox["rounds"] = magneto::kPhiloxRounds;
+    pybind11::dict codes;
+    codes["norms"] = norms;
+    codes["activations"] = activations;
+    codes["philox"] = philox;
+    return codes;
+  }, "csrc/common.h's tables: {'norms': {name: code}, 'activations': {name: code},"
+     " 'philox': {constant: value}}, for tests to check against magneto_kernels/codes.py.");
+  m.def("cpu_capability", []() { return std::string(magneto::cpu::capability()); },
+        "The instruction set the CPU kernels run with: 'avx512', 'avx2' or 'default'.");
+}

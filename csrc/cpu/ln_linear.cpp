@@ -1,0 +1,223 @@
+// ln_linear on the CPU: our memory-bound passes (csrc/cpu/kernels.h) around the GEMMs of the
+// CPU GEMM engine (csrc/cpu/gemm.h: oneDNN's matmul where usable, else at::mm):
+//
+//   forward   h = N(in_act(x))                         one pass over x (rows, stats)
+//             preact = h @ weight^T + bias             (bias in oneDNN's epilogue)
+//             out = alpha·residual + dropout(act(preact))   one pass over preact, in place
+//                                                      unless preact is kept (no pass without
+//                                                      residual, act and dropout)
+//             (an h larger than the workspace goes in row blocks, each GEMM accumulating into
+//             out = alpha·residual + bias when nothing else follows)
+//   backward  dz = dy ⊙ keep/(1−p) ⊙ act'(preact), dbias = Σ dz   one pass over dy (skipped,
+//                                                      bar the dbias sum, when dz = dy)
+//             dh = dz @ weight
+//             one pass over x: dx = norm backward of dh ⊙ in_act'(x), dgamma/dbeta partials,
+//                              and h recomputed from the saved stats (the sweep already reads x)
+//             dweight = dz^T @ h
+#include <algorithm>
+#include <cstdlib>
+
+#include "cpu/gemm.h"
+#include "cpu/kernels.h"
+#include "cpu/ops.h"
+
+namespace magneto::cpu {
+namespace {
+
+// The GEMM operand h = N(in_act(x)) is recomputed in the forward and in the backward and
+// dropped right after its GEMM. It lives in a per-thread workspace kept between calls: a fresh
+// M×K tensor per call would be returned to the OS on free (glibc maps large blocks) and
+// page-faulted in again, 4 KiB at a time, on every call. The workspace holds at most
+// MAGNETO_CPU_WORKSPACE_MB (default 64) MiB. A forward whose h is larger runs in row blocks
+// through it, if a block of kMinBlockRows rows fits (smaller GEMMs lose speed: 128-row blocks
+// measured ~10% slower at K=3072); otherwise, and for a backward whose h does not fit, h is
+// allocated per call (MAGNETO_CPU_WORKSPACE_MB=0: always).
+constexpr int64_t kMinBlockRows = 256;
+
+int64_t workspace_limit_bytes() {
+  static const int64_t limit = [] {
+    const char* env = std::getenv("MAGNETO_CPU_WORKSPACE_MB");
+    const long long mb = env != nullptr ? std::atoll(env) : 64;
+    TORCH_CHECK_VALUE(mb >= 0, "MAGNETO_CPU_WORKSPACE_MB must be >= 0, got ", env);
+    return static_cast<int64_t>(mb) << 20;
+  }();
+  return limit;
+}
+
+// The rows of `cols` elements of x's dtype to put through the workspace at a time: all `rows`
+// when they fit, else as many as fit if that is at least min_rows, else 0 (do not use it).
+int64_t workspace_block_rows(const Tensor& x, int64_t rows, int64_t cols, int64_t min_rows) {
+  const int64_t row_bytes = std::max<int64_t>(1, cols * static_cast<int64_t>(x.element_size()));
+  const int64_t fit = workspace_limit_bytes() / row_bytes;
+  if (fit >= rows) return rows;
+  return fit >= min_rows ? fit : 0;
+}
+
+// A rows×cols tensor like x in this thread's workspace (grown as needed, up to the limit);
+// valid until the next call on this thread.
+Tensor workspace(const Tensor& x, int64_t rows, int64_t cols) {
+  thread_local Tensor buffer;
+  const int64_t bytes = rows * cols * static_cast<int64_t>(x.element_size());
+  if (!buffer.defined() || buffer.numel() < bytes) {
+    buffer = Tensor();  // free the old one first
+    buffer = at::empty({bytes}, x.options().dtype(at::kByte));
+  }
+  Tensor view = buffer.narrow(0, 0, bytes).view(x.scalar_type()).view({rows, cols});
+  if (poison_outputs.load(std::memory_order_relaxed)) view.fill_(NAN);
+  return view;
+}
+
+// Rows [begin, begin + count) of a per-row tensor; empty tensors (absent stats) stay empty.
+Tensor row_slice(const Tensor& t, int64_t begin, int64_t count) {
+  return t.numel() == 0 ? t : t.narrow(0, begin, count);
+}
+
+// The CPU kernels draw the mask from the seed's value (the CUDA ones read it on the device).
+uint64_t seed_value(const OptTensor& seed, double p) {
+  return p > 0.0 ? static_cast<uint64_t>(seed->item<int64_t>()) : 0;
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> run_ln_linear(const Tensor& x, const OptTensor& ln_weight,
+                                         const OptTensor& ln_bias, const Tensor& weight,
+                                         const OptTensor& bias, const OptTensor& residual,
+                                         const OptTensor& seed, double eps, Norm norm,
+                                         Activation input_activation, Activation activation,
+                                         double alpha, double dropout_p, const Tensor& mean,
+                                         const Tensor& rstd) {
+  const int64_t rows = x.size(0), in_features = x.size(1), cols = weight.size(0);
+  const DType dtype = dtype_code(x.scalar_type());
+  const Tensor wt = weight.t();
+  const bool identity_prologue = norm == Norm::kNone && input_activation == Activation::kNone;
+  // h in blocks of `block` rows through the workspace, or (block_rows 0) all at once, allocated.
+  const int64_t block_rows = workspace_block_rows(x, rows, in_features, kMinBlockRows);
+  const int64_t block = block_rows > 0 ? block_rows : rows;
+  auto operand = [&](int64_t count) {
+    return block_rows > 0 ? workspace(x, count, in_features)
+                          : new_tensor({count, in_features}, x.options());
+  };
+  Tensor preact;
+  bool residual_added = false;
+  if (identity_prologue || block == rows) {
+    // One GEMM with the bias in its epilogue: preact = h W^T + b. The residual comes in the pass
+    // over preact below: accumulating into an output filled with alpha·residual + b instead
+    // makes the GEMM read it, ~2.5% of the fc2-shaped GEMM against ~1% for the extra pass.
+    Tensor h = x;
+    if (!identity_prologue) {
+      h = operand(rows);
+      run_norm_forward(x, std::nullopt, 1.0, ln_weight, ln_bias, eps, norm, input_activation, h,
+                       Tensor(), mean, rstd);
+    }
+    preact = gemm::linear(h, weight, bias);
+  } else {
+    // h = N(in_act(x)) block by block, each block followed by its GEMM, accumulating into
+    // preact = alpha·residual + bias (either optional; the residual only when nothing follows
+    // the GEMM), written in one pass.
+    residual_added = activation == Activation::kNone && dropout_p == 0.0 && residual.has_value();
+    preact = new_tensor({rows, cols}, x.options());
+    const bool init = residual_added || bias.has_value();
+    if (init) {
+      residual_bias_init(dtype, rows, cols, residual_added ? residual->data_ptr() : nullptr, cols,
+                         static_cast<float>(alpha), bias.has_value() ? bias->data_ptr() : nullptr,
+                         preact.data_ptr(), cols);
+    }
+    for (int64_t begin = 0; begin < rows; begin += block) {
+      const int64_t count = std::min(block, rows - begin);
+      const Tensor h = operand(count);
+      run_norm_forward(x.narrow(0, begin, count), std::nullopt, 1.0, ln_weight, ln_bias, eps,
+                       norm, input_activation, h, Tensor(), row_slice(mean, begin, count),
+                       row_slice(rstd, begin, count));
+      gemm::matmul(h, wt, preact.narrow(0, begin, count), /*accumulate=*/init);
+    }
+  }
+  const bool pass_needed = activation != Activation::kNone || dropout_p > 0.0 ||
+                           (residual.has_value() && !residual_added);
+  if (!pass_needed) return {preact, empty0(x)};
+  // Activation, dropout and residual in one pass over preact (in place unless preact is kept for
+  // the backward).
+  const bool keep_preact = activation != Activation::kNone;
+  Tensor out = keep_preact ? new_like(preact) : preact;
+  LinearEpilogue e;
+  e.dtype = dtype;
+  e.activation = activation;
+  e.rows = rows;
+  e.cols = cols;
+  e.preact = preact.data_ptr();
+  e.preact_stride = cols;
+  if (residual.has_value()) {
+    e.residual = residual->data_ptr();
+    e.residual_stride = cols;
+    e.alpha = static_cast<float>(alpha);
+  }
+  e.seed = seed_value(seed, dropout_p);
+  e.dropout_p = dropout_p;
+  e.out = out.data_ptr();
+  e.out_stride = cols;
+  linear_epilogue(e);
+  return {out, keep_preact ? preact : empty0(x)};
+}
+
+Tensor run_ln_linear_backward(const Tensor& grad_out, const Tensor& x, const OptTensor& ln_weight,
+                              const OptTensor& ln_bias, const Tensor& weight, const Tensor& mean,
+                              const Tensor& rstd, const Tensor& preact, const OptTensor& seed,
+                              Norm norm, Activation input_activation, Activation activation,
+                              double dropout_p, Tensor dx, const Tensor& dgamma,
+                              const Tensor& dbeta, Tensor dweight, Tensor dbias) {
+  const int64_t rows = x.size(0), out_features = weight.size(0);
+  // dz = dy ⊙ keep/(1−p) ⊙ act'(preact), with dbias = Σ_rows dz in the same pass.
+  const bool dz_is_dy = activation == Activation::kNone && dropout_p == 0.0;
+  Tensor dz = dz_is_dy ? grad_out : new_like(grad_out);
+  const Tensor dbias32 = dbias.numel() > 0 ? grad_f32(dbias) : Tensor();
+  if (!dz_is_dy || dbias32.defined()) {
+    LinearEpilogueBackward g;
+    g.dtype = dtype_code(x.scalar_type());
+    g.activation = activation;
+    g.rows = rows;
+    g.cols = out_features;
+    g.dy = grad_out.data_ptr();
+    g.dy_stride = out_features;
+    if (activation != Activation::kNone) {
+      g.preact = preact.data_ptr();
+      g.preact_stride = out_features;
+    }
+    g.seed = seed_value(seed, dropout_p);
+    g.dropout_p = dropout_p;
+    if (!dz_is_dy) {
+      g.dz = dz.data_ptr();
+      g.dz_stride = out_features;
+    }
+    g.dbias = dbias32.defined() ? dbias32.data_ptr<float>() : nullptr;
+    linear_epilogue_backward(g);
+    if (dbias32.defined()) copy_back(dbias, dbias32);
+  }
+  // dh = dz @ weight, then one pass over x for the norm backward and for the recompute of h. dh
+  // goes straight into dx when dx is wanted, and the norm backward turns it into dx in place,
+  // row by row: no M×K buffer for dh.
+  const bool identity_prologue = norm == Norm::kNone && input_activation == Activation::kNone;
+  const bool want_dx = dx.numel() > 0;
+  const bool want_norm_grads = want_dx || dgamma.numel() > 0 || dbeta.numel() > 0;
+  const bool want_dweight = dweight.numel() > 0;
+  Tensor dh;
+  if (want_norm_grads) {
+    dh = want_dx ? dx : new_tensor({rows, x.size(1)}, x.options());
+    gemm::matmul(dz, weight, dh, /*accumulate=*/false);
+  }
+  Tensor h;  // the GEMM operand of dweight, in the workspace when it fits (see workspace())
+  if (want_dweight && identity_prologue) {
+    h = x;
+  } else if (want_dweight) {
+    const bool fits = workspace_block_rows(x, rows, x.size(1), rows) == rows;
+    h = fits ? workspace(x, rows, x.size(1)) : new_like(x);
+  }
+  if (identity_prologue && want_dx) {
+    // N and in_act are the identity: dx = dh, already in place
+  } else if (want_norm_grads || (want_dweight && !identity_prologue)) {
+    run_norm_backward(dh, x, ln_weight, ln_bias, mean, rstd, std::nullopt, norm, input_activation,
+                      dx, dgamma, dbeta, identity_prologue ? Tensor() : h);
+  }
+  if (want_dweight) gemm::matmul(dz.t(), h, dweight, /*accumulate=*/false);
+  return dx;
+}
+
+}  // namespace magneto::cpu

@@ -1,0 +1,26 @@
+"""The C++/CUDA tables (csrc/common.h, exposed as ``magneto_kernels._C.codes()``) agree with the
+Python ones (``magneto_kernels.codes``): one definition per language, checked against each other.
+"""
+import pytest
+
+from magneto_kernels import codes
+
+_C = pytest.importorskip("magneto_kernels._C", reason="the C++ extension is not built")
+
+
+def test_norm_codes_match():
+    assert _C.codes()["norms"] == codes.NORMS
+
+
+def test_activation_codes_match():
+    assert _C.codes()["activations"] == codes.ACTIVATIONS
+
+
+def test_philox_constants_match():
+    assert _C.codes()["philox"] == {
+        "key_a": codes.PHILOX_KEY_A,
+        "key_b": codes.PHILOX_KEY_B,
+        "round_a": codes.PHILOX_ROUND_A,
+        "round_b": codes.PHILOX_ROUND_B,
+        "rounds": codes.PHILOX_ROUNDS,
+    }
