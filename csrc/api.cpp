@@ -6,6 +6,7 @@
 #include <torch/python.h>  // pybind11 with the Tensor type casters
 
 #include <array>
+#include <cstdlib>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -377,4 +378,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
      " 'philox': {constant: value}}, for tests to check against magneto_kernels/codes.py.");
   m.def("cpu_capability", []() { return std::string(magneto::cpu::capability()); },
         "The instruction set the CPU kernels run with: 'avx512', 'avx2' or 'default'.");
+  m.def("cpu_isas", []() { return magneto::cpu::supported_isas(); },
+        "The instruction sets this CPU can run the kernels with, widest first.");
+
+  // MAGNETO_CPU_ISA is read once, here, so that a bad value fails the import with its name
+  // instead of the first kernel call, and a fallback is said once.
+  const char* isa_request = std::getenv("MAGNETO_CPU_ISA");
+  const magneto::cpu::IsaSelection isa = magneto::cpu::select_isa(isa_request);
+  if (!isa.valid) {
+    throw pybind11::value_error(c10::str("MAGNETO_CPU_ISA must be 'avx512', 'avx2', 'default' or "
+                                         "'auto' (or unset: the widest this CPU supports), got '",
+                                         isa_request, "'"));
+  }
+  if (!isa.note.empty()) {
+    pybind11::module_::import("warnings").attr("warn")(isa.note,
+                                                       pybind11::module_::import("builtins")
+                                                           .attr("RuntimeWarning"));
+  }
 }

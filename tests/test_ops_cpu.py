@@ -5,6 +5,7 @@ instruction-set build of the kernels, both GEMM engines and the workspace policy
 the Triton kernels, and the GELU's accuracy. Every output and intermediate buffer of the
 bindings is NaN-poisoned before the kernels write it.
 """
+import math
 import os
 import subprocess
 import sys
@@ -142,14 +143,41 @@ def run_subprocess_check(check: str, rows=29, cols=83, **env):
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
 
 
-@pytest.mark.parametrize("isa", ["avx2", "default"])
-def test_other_instruction_set_builds(isa):
-    """The narrower builds of the kernels (chosen by MAGNETO_CPU_ISA) agree with the reference;
-    the widest one the CPU supports runs in every other test."""
-    if isa == "avx2" and _C.cpu_capability() == "default":
-        pytest.skip("the CPU has no AVX2")
-    run_subprocess_check(f"assert _C.cpu_capability() == {isa!r}, _C.cpu_capability()",
-                         MAGNETO_CPU_ISA=isa)
+ISAS = ("avx512", "avx2", "default")  # widest first, as MAGNETO_CPU_ISA names them
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_instruction_set_builds(isa):
+    """Every build of the kernels (chosen by MAGNETO_CPU_ISA) agrees with the reference. A build
+    the CPU lacks falls back to the widest supported one below it, with a RuntimeWarning naming
+    both; `make test` also runs the whole C++ op suite under each build the CPU supports."""
+    supported = _C.cpu_isas()
+    expected = next(name for name in ISAS[ISAS.index(isa):] if name in supported)
+    check = (f"assert _C.cpu_capability() == {expected!r}, _C.cpu_capability()\n"
+             f"assert _C.cpu_isas() == {supported!r}\n")
+    run_subprocess_check(check, MAGNETO_CPU_ISA=isa, PYTHONWARNINGS="error::RuntimeWarning"
+                         if expected == isa else "default")
+
+
+def test_instruction_set_fallback_is_said():
+    """Asking for a build the CPU lacks warns once at import (on an AVX2-only CPU: avx512)."""
+    missing = [name for name in ISAS if name not in _C.cpu_isas()]
+    if not missing:
+        pytest.skip(f"this CPU runs every build ({', '.join(ISAS)}): there is no fallback")
+    proc = subprocess.run([sys.executable, "-W", "always", "-c", "import magneto_kernels"],
+                          env=dict(os.environ, MAGNETO_CPU_ISA=missing[0]), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"MAGNETO_CPU_ISA={missing[0]} needs" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_unknown_instruction_set_is_refused():
+    proc = subprocess.run([sys.executable, "-c", "import magneto_kernels"],
+                          env=dict(os.environ, MAGNETO_CPU_ISA="avx1024"), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "MAGNETO_CPU_ISA must be 'avx512', 'avx2', 'default' or 'auto'" in proc.stderr
+    assert "got 'avx1024'" in proc.stderr
 
 
 # ------------------------------------------------------------- GEMM engine and workspace
@@ -240,17 +268,41 @@ def test_cpu_agrees_with_triton_interpreter():
 
 
 def test_gelu_accuracy():
-    """The C++ GELU (A&S erf with a shared fast exp) and its derivative, over [-10, 10] and a
-    normal sample, are no less accurate than torch's own fp32 F.gelu against float64. ln_linear
-    without a norm and with a 1×1 identity weight returns gelu(x) exactly through the GEMM."""
+    """The C++ GELU and its derivative, over [-10, 10] and a normal sample, within an error
+    bound derived from how they are computed, element by element, against float64 — not
+    against torch's own fp32 F.gelu, whose error depends on the ISA path torch takes (AVX2 and
+    AVX-512 builds differ). ln_linear without a norm and with a 1×1 identity weight returns
+    gelu(x) exactly through the GEMM.
+
+    The kernel computes the tail Φ(−|x|) = r(t)·t·exp(−x²/2) (Abramowitz–Stegun 7.1.26,
+    |error| ≤ 7.5e-8), from which Φ(x) = tail or 1 − tail, GELU = x·Φ(x) and
+    GELU' = Φ(x) + x·φ(x). With u = 2^-24 (half an fp32 ulp, relative):
+      err Φ     ≤ 7.5e-8 + 8u·tail + u·Φ      (polynomial, exp and products; the 1 − tail)
+      rel err φ ≤ (4 + 2·x²/2·log2 e)·u       (exp2's polynomial; its argument's rounding, which
+                                               the exponent magnifies)
+      GELU:  |x|·err Φ + 2u·|GELU|
+      GELU': err Φ + |x|·φ·rel err φ + 2u·(Φ + |x|·φ)
+    The largest ratio error/bound is about 0.93, at x ≈ −3, where the A&S error itself peaks;
+    every instruction-set build runs this test (the Makefile's per-ISA runs)."""
     x = torch.cat([torch.linspace(-10, 10, 20001), randn(20000, std=3.0)]).reshape(-1, 1)
-    xs = [x.clone().requires_grad_() for _ in range(3)]
+    xs = [x.clone().requires_grad_() for _ in range(2)]
     ours = mk.ln_linear(xs[0], None, None, torch.ones(1, 1), None, input_activation="gelu",
                         backend="cpu")
-    theirs = torch.nn.functional.gelu(xs[1])
-    ref = torch.nn.functional.gelu(xs[2].double())
-    grads = [torch.autograd.grad(y.sum(), t)[0] for y, t in zip((ours, theirs, ref), xs)]
-    for name, a, b, r in (("gelu", ours, theirs, ref), ("gelu'", *grads)):
-        err, torch_err = ((v.double() - r).detach() for v in (a, b))
-        assert err.abs().max() <= 1.05 * torch_err.abs().max(), name
-        assert err.norm() <= 1.05 * torch_err.norm(), name
+    ref = torch.nn.functional.gelu(xs[1].double())
+    d_ours, d_ref = (torch.autograd.grad(y.sum(), t)[0] for y, t in zip((ours, ref), xs))
+    x = x.double()
+    u = 2.0**-24
+    tail = 0.5 * torch.special.erfc(x.abs() / math.sqrt(2.0))
+    cdf = torch.where(x < 0, tail, 1 - tail)
+    pdf = torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+    err_cdf = 7.5e-8 + 8 * u * tail + u * cdf
+    rel_err_pdf = (4 + x * x * math.log2(math.e)) * u
+    bounds = {"gelu": x.abs() * err_cdf + 2 * u * (x * cdf).abs(),
+              "gelu'": err_cdf + x.abs() * pdf * rel_err_pdf + 2 * u * (cdf + x.abs() * pdf)}
+    for name, out, r in (("gelu", ours, ref), ("gelu'", d_ours, d_ref)):
+        err = (out.double() - r).detach().abs()
+        ratio = err / bounds[name]
+        worst = ratio.argmax()
+        assert ratio.max() <= 1.0, (f"{name} on {_C.cpu_capability()}: error {err.flatten()[worst]:.3e} "
+                                    f"at x = {x.flatten()[worst]:.6f} exceeds the bound by "
+                                    f"{ratio.max():.3f}x")

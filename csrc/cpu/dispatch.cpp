@@ -1,8 +1,9 @@
 // Run-time choice among the instruction-set builds of the CPU kernels: the widest the CPU
-// supports, or the one named by MAGNETO_CPU_ISA ("avx512", "avx2", "default"; for tests and
-// benchmarks of the narrower builds). An ISA the CPU lacks is never chosen.
-#include <cstdlib>
-#include <cstring>
+// supports, unless select_isa() (called by the bindings with MAGNETO_CPU_ISA at import) asks for
+// a narrower one, so that tests and benchmarks can run every build on one machine. An ISA the
+// CPU lacks is never chosen: asking for it falls back to the widest supported build below it.
+#include <string>
+#include <string_view>
 
 #include "cpu/isa.h"
 #include "cpu/kernels.h"
@@ -30,29 +31,49 @@ namespace {
 
 enum class Isa { kBaseline, kAvx2, kAvx512 };
 
-Isa detect() {
+// Widest first; the names are MAGNETO_CPU_ISA's values and capability()'s results.
+struct IsaName {
+  Isa isa;
+  const char* name;
+  const char* needs;  // what the CPU must have, for the fallback message
+};
+constexpr IsaName kIsas[] = {
+    {Isa::kAvx512, "avx512", "AVX-512 F, BW, VL and DQ"},
+    {Isa::kAvx2, "avx2", "AVX2, FMA, F16C and BMI2"},
+    {Isa::kBaseline, "default", "nothing beyond x86-64"},
+};
+
+bool cpu_supports(Isa isa) {
 #if MAGNETO_CPU_X86_VARIANTS
   __builtin_cpu_init();
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                     __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi2");
-  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
-                      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-                      __builtin_cpu_supports("avx512dq");
-  Isa best = avx512 ? Isa::kAvx512 : avx2 ? Isa::kAvx2 : Isa::kBaseline;
-  if (const char* want = std::getenv("MAGNETO_CPU_ISA")) {
-    if (std::strcmp(want, "default") == 0) best = Isa::kBaseline;
-    if (std::strcmp(want, "avx2") == 0 && avx2) best = Isa::kAvx2;
+  switch (isa) {
+    case Isa::kAvx512:
+      return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    case Isa::kAvx2: return avx2;
+    case Isa::kBaseline: return true;
   }
-  return best;
+  return false;
 #else
-  return Isa::kBaseline;
+  return isa == Isa::kBaseline;
 #endif
 }
 
-Isa isa() {
-  static const Isa chosen = detect();
+Isa widest_supported_from(size_t first) {
+  for (size_t i = first; i < std::size(kIsas); ++i) {
+    if (cpu_supports(kIsas[i].isa)) return kIsas[i].isa;
+  }
+  return Isa::kBaseline;
+}
+
+Isa& chosen_isa() {
+  static Isa chosen = widest_supported_from(0);
   return chosen;
 }
+
+Isa isa() { return chosen_isa(); }
 
 }  // namespace
 
@@ -82,12 +103,39 @@ void residual_bias_init(DType dtype, int64_t rows, int64_t cols, const void* res
 }
 
 const char* capability() {
-  switch (isa()) {
-    case Isa::kAvx512: return "avx512";
-    case Isa::kAvx2: return "avx2";
-    case Isa::kBaseline: return "default";
+  for (const IsaName& entry : kIsas) {
+    if (entry.isa == isa()) return entry.name;
   }
   return "default";
+}
+
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> names;
+  for (const IsaName& entry : kIsas) {
+    if (cpu_supports(entry.isa)) names.emplace_back(entry.name);
+  }
+  return names;
+}
+
+IsaSelection select_isa(const char* request) {
+  IsaSelection result;
+  const std::string_view want = request == nullptr ? "" : request;
+  if (want.empty() || want == "auto") {
+    chosen_isa() = widest_supported_from(0);
+    return result;
+  }
+  for (size_t i = 0; i < std::size(kIsas); ++i) {
+    if (want != kIsas[i].name) continue;
+    chosen_isa() = widest_supported_from(i);
+    if (chosen_isa() != kIsas[i].isa) {
+      result.note = std::string("MAGNETO_CPU_ISA=") + kIsas[i].name + " needs " +
+                    kIsas[i].needs + ", which this CPU lacks; the CPU kernels run with " +
+                    capability() + " instead";
+    }
+    return result;
+  }
+  result.valid = false;
+  return result;
 }
 
 }  // namespace magneto::cpu

@@ -8,6 +8,8 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
+#include <vector>
 
 #include "common.h"
 
@@ -127,5 +129,18 @@ void linear_epilogue_backward(const LinearEpilogueBackward& args);
 
 // Which instruction set the kernels run with ("avx512", "avx2" or "default").
 const char* capability();
+
+// The builds this CPU can run, widest first: a subset of "avx512", "avx2", "default".
+std::vector<std::string> supported_isas();
+
+// Chooses the build the kernels run with: `request` is MAGNETO_CPU_ISA's value (null, "" or
+// "auto": the widest the CPU supports). A build the CPU lacks falls back to the widest one below
+// it, and `note` says so; an unknown name leaves the choice alone and sets valid = false. Call
+// before the first kernel runs (the bindings do, at import).
+struct IsaSelection {
+  bool valid = true;
+  std::string note;
+};
+IsaSelection select_isa(const char* request);
 
 }  // namespace magneto::cpu
