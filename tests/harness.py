@@ -221,15 +221,6 @@ NORM_SPECIAL_CASES = {
 }
 
 
-KNOWN_GAPS = {
-    ("cpu", "mean-1000", "layer"):
-        "the C++ fp32 LayerNorm forward at |mean|/std = 1e3 is 2.0-3.7x PyTorch's own error "
-        "over 8 rows of 1000 (about 2.5x at 64 rows; the Triton kernels stay near 1x)",
-}
-"""(backend, NORM_SPECIAL_CASES id, norm) -> why that backend misses the bound: a strict xfail,
-so the test fails once the backend is fixed and the entry has to go."""
-
-
 # (norm, (rows, cols), alpha, parameter dtype: "fp32" or "same" as x's)
 ADD_NORM_CASES = [
     ("layer", (13, 161), 1.0, "same"), ("layer", (13, 161), 2.3, "same"),

@@ -15,7 +15,7 @@ import magneto_kernels as mk
 from magneto_kernels import reference
 from magneto_kernels.library import get_op
 
-from harness import (ADD_NORM_CASES, DTYPES, KNOWN_GAPS, LN_LINEAR_CASES, NORM_KINDS, NORM_SHAPES,
+from harness import (ADD_NORM_CASES, DTYPES, LN_LINEAR_CASES, NORM_KINDS, NORM_SHAPES,
                      NORM_SPECIAL_CASES, assert_close_to_reference, backend_params,
                      check_ln_linear_case, compare_to_reference, ln_linear_fn, ln_linear_inputs,
                      norm_inputs, randn)
@@ -55,10 +55,7 @@ def test_layer_norm(backend, shape, norm, dtype):
 
 @pytest.mark.parametrize("norm", NORM_KINDS)
 @pytest.mark.parametrize("case", NORM_SPECIAL_CASES)
-def test_layer_norm_special(request, backend, case, norm):
-    gap = KNOWN_GAPS.get((backend.name, case, norm))
-    if gap is not None:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=gap))
+def test_layer_norm_special(backend, case, norm):
     shape, dtype, mean, std, eps, params = NORM_SPECIAL_CASES[case]
     cols, dev = shape[-1], backend.device
     inputs = {

@@ -99,6 +99,12 @@ inline float hsum(const Vec& v) {
   return s;
 }
 
+inline float hfirst(const Vec& v) {
+  alignas(64) float lanes[kW];
+  v.store(lanes);
+  return lanes[0];
+}
+
 // ------------------------------------------------------------------------------ activations
 
 constexpr float kSqrtHalf = 0.70710678118654752440f;     // 1/sqrt(2)
@@ -130,8 +136,8 @@ inline Vec exp2_nonpositive(const Vec& t) {
 // The normal CDF Φ(x) and density φ(x) that GELU and its derivative are made of, sharing one
 // exp(−x²/2): the tail Φ(−|x|) = erfc(|x|/√2)/2 by Abramowitz–Stegun 7.1.26 (|error| ≤ 7.5e-8;
 // the formula at::vec's erf uses, which spends a second exp when φ is wanted too), and
-// Φ(x) = 1 − Φ(−|x|) for x >= 0. GELU and its derivative stay within the error of torch's own
-// fp32 F.gelu (tests/test_cpp_ops.py::test_gelu_accuracy).
+// Φ(x) = 1 − Φ(−|x|) for x >= 0. tests/test_ops_cpu.py::test_gelu_accuracy derives the error
+// bound of GELU and its derivative from these steps and checks it on every instruction set.
 inline void gelu_cdf_pdf(const Vec& x, Vec& cdf, Vec& pdf) {
   const Vec t = Vec(1.0f) / at::vec::fmadd(Vec(0.3275911f * kSqrtHalf), x.abs(), Vec(1.0f));
   // The 7.1.26 coefficients halved (exactly), so that r·t·e is the tail itself.
@@ -362,20 +368,27 @@ inline void sum_chunks(const float* partial, int64_t chunks, int64_t cols, float
 
 // ------------------------------------------------------------------------------ norm forward
 
-// Mean and 1/std (or 1/rms) of a float row; `sum` is Σ v when the caller has it (NaN: not known).
-inline void row_stats(Norm norm, const float* v, int64_t n, float eps, float sum, float& mean,
-                      float& rstd) {
+// Mean and 1/std (or 1/rms) of a float row. The mean is taken as shift + Σ(v − shift)/n with
+// shift = v[0]: the shifted terms are of the size of the row's spread, not of its mean, so the
+// sum loses no digits when |mean| >> std and the mean is exact to its own rounding (a plain Σ v
+// in fp32 lanes was 2-3.7x PyTorch's error at |mean|/std = 1e3). `shifted_sum` is Σ(v − v[0])
+// when the caller has it (NaN: not known).
+inline void row_stats(Norm norm, const float* v, int64_t n, float eps, float shifted_sum,
+                      float& mean, float& rstd) {
   mean = 0.0f;
   rstd = 1.0f;
   if (norm == Norm::kNone) return;
   const float inv_n = 1.0f / static_cast<float>(n);
   if (norm == Norm::kLayer) {
-    if (std::isnan(sum)) {
+    const Vec shift(v[0]);
+    if (std::isnan(shifted_sum)) {
       Vec acc(0.0f);
-      vec_loop(n, [&](int64_t j, int64_t c) { acc += Vec::loadu(v + j, c); });
-      sum = hsum(acc);
+      vec_loop(n, [&](int64_t j, int64_t c) {
+        acc += Vec::set(Vec(0.0f), Vec::loadu(v + j, c) - shift, c);
+      });
+      shifted_sum = hsum(acc);
     }
-    mean = sum * inv_n;
+    mean = v[0] + shifted_sum * inv_n;
   }
   // Second pass over the cached row: sum of squared deviations (no cancellation).
   const Vec m(mean);
@@ -416,14 +429,20 @@ void norm_forward_typed(const NormForward& a) {
       const char* next_sum = sum_ahead.after(i);
       const float* xf = load_row(static_cast<const T*>(a.x) + i * a.x_stride, v_buf, n);
       const float* v = xf;
-      float sum = NAN;
+      float shifted_sum = NAN;
       if (first_sweep) {
         // One sweep: s = x + alpha·residual (to `sum` when wanted), a = in_act(s) rounded to T
-        // into v_buf (which may hold x already: element j is read before it is written), Σ a.
+        // into v_buf (which may hold x already: element j is read before it is written), and
+        // Σ(a − a[0]) for row_stats.
         const float* r = a.residual == nullptr
             ? nullptr
             : load_row(static_cast<const T*>(a.residual) + i * a.residual_stride, r_buf, n);
         float* s_out = a.sum != nullptr ? y_buf : nullptr;
+        // row_stats' shift: a[0], the first element as the loop below computes it.
+        Vec first(xf[0]);
+        if (r != nullptr) first = at::vec::fmadd(alpha, Vec(r[0]), first);
+        if constexpr (IA != Activation::kNone) first = round_vec<T>(act_forward<IA>(first));
+        const Vec shift(hfirst(first));
         Vec acc(0.0f);
         vec_loop(n, [&](int64_t j, int64_t c) {
           x_ahead.touch(next_x, j);
@@ -436,14 +455,14 @@ void norm_forward_typed(const NormForward& a) {
           Vec av = sv;
           if constexpr (IA != Activation::kNone) av = round_vec<T>(act_forward<IA>(sv));
           av.store(v_buf + j, c);
-          acc += Vec::set(Vec(0.0f), av, c);
+          acc += Vec::set(Vec(0.0f), av - shift, c);
         });
         if (s_out != nullptr) write_row(s_out, static_cast<T*>(a.sum) + i * a.sum_stride, n);
-        sum = hsum(acc);
+        shifted_sum = hsum(acc);
         v = v_buf;
       }
       float mean, rstd;
-      row_stats(a.norm, v, n, a.eps, sum, mean, rstd);
+      row_stats(a.norm, v, n, a.eps, shifted_sum, mean, rstd);
       if (a.mean != nullptr && a.norm == Norm::kLayer) a.mean[i] = mean;
       if (a.rstd != nullptr && a.norm != Norm::kNone) a.rstd[i] = rstd;
 
