@@ -3,7 +3,7 @@
 - ``ln_linear`` forward+backward at M=1024 for the two FFN shapes (K=768→N=3072 like fc1: LN,
   bias; K=3072→N=768 like fc2: GELU on the input, LN, bias, residual), against
   (a) the same three GEMMs alone (H @ W^T, dz @ W, dz^T @ H on ready-made operands, fresh outputs)
-      run by the GEMM engine the op uses (csrc/cpu/gemm.h: oneDNN where usable) — goal: within
+      run by the GEMM engine the op uses (csrc/cpu/gemm.h: MKL on Intel, else oneDNN) — goal: within
       1.10×;
   (b) the eager reference (``backend="reference"``: F.layer_norm, F.linear, adds, autograd) —
       goal: faster by more than the run-to-run spread;

@@ -3,10 +3,11 @@
 //
 // torch's CPU at::mm runs fp32 through MKL, and MKL takes its AVX2 code path on non-Intel CPUs: on
 // an AMD EPYC with AVX-512 it reaches ~100 GFLOP/s on one core where oneDNN's matmul reaches ~220
-// (bench/bench_cpu.py measures both side by side). So the engine is oneDNN's matmul where torch
-// has it and the CPU runs it, and at::mm otherwise:
+// (bench/bench_cpu.py measures both side by side). On Intel CPUs MKL is the faster of the two.
+// So the engine is at::mm on Intel CPUs, and elsewhere oneDNN's matmul where torch has it and the
+// CPU runs it:
 //
-//   MAGNETO_CPU_GEMM=auto (default)  oneDNN if usable, else ATen
+//   MAGNETO_CPU_GEMM=auto (default)  ATen on Intel CPUs; elsewhere oneDNN if usable, else ATen
 //                   =onednn          oneDNN; an error if it is not usable
 //                   =aten            at::mm / at::addmm (MKL or whatever BLAS torch was built with)
 //
