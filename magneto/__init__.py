@@ -19,10 +19,13 @@ from magneto.init import LayerScales, layer_scales
 from magneto.layers import DecoderLayer, DropPath, EncoderLayer
 from magneto.multiway import Multiway
 from magneto.norm import Norm
+from magneto.speech import (ConvSubsampling, SpeechEncoder, lengths_to_padding_mask,
+                            speech_encoder_config)
 from magneto.vision import PatchEmbedding, VisionTransformer, vision_encoder_config
 
 __all__ = ["MagnetoConfig", "MultiheadAttention", "FeedForward", "EncoderLayer", "DecoderLayer",
            "Encoder", "Decoder", "EncoderDecoder", "TokenEmbedding", "LearnedPositionalEmbedding",
            "SinusoidalPositionalEmbedding", "build_output_projection", "Norm", "DropPath",
            "LayerScales", "layer_scales", "Multiway", "BEiT3", "PatchEmbedding",
-           "VisionTransformer", "vision_encoder_config"]
+           "VisionTransformer", "vision_encoder_config", "ConvSubsampling", "SpeechEncoder",
+           "lengths_to_padding_mask", "speech_encoder_config"]
