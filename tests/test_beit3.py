@@ -185,3 +185,21 @@ def test_bad_configs_are_refused():
         magneto.BEiT3(config.replace(multiway=True, vocab_size=0))
     with pytest.raises(ValueError, match="multiway"):
         config_from_torchscale(_args(multiway=False), "beit3")
+    with pytest.raises(ValueError, match="padding_idx"):
+        to_torchscale(magneto.BEiT3(config.replace(multiway=True, padding_idx=1), img_size=IMG,
+                                    patch_size=PATCH))
+
+
+def test_drop_path_training_parity(monkeypatch):
+    """In training, drop path draws one per-sample mask per block from torch's generator, for
+    the two parts together, as torchscale does for the whole sequence."""
+    monkeypatch.setenv(magneto_kernels.ENV_VAR, "reference")
+    ts = _ts_model(drop_path_rate=0.5).train()
+    mg = from_torchscale(ts)
+    assert mg.training
+    inputs = _inputs("vision_text", batch=8)
+    outs = []
+    for model in (ts, mg):
+        torch.manual_seed(9)
+        outs.append(model(**inputs)["encoder_out"])
+    assert _rel(outs[1], outs[0]) <= TOL

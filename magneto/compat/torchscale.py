@@ -13,8 +13,8 @@ What cannot be converted yet is refused with a ``ValueError`` naming the option,
 converted approximately: MoE (``moe_freq``/``moe_expert_count``, ``use_xmoe``), xPos
 (``xpos_rel_pos``), relative position buckets (``rel_pos_buckets``), ``layernorm_embedding``,
 ``multiway`` outside a BEiT3 model, ``fsdp``, and an encoder-decoder whose encoder and decoder
-differ in width, heads, FFN width or norm placement. Embedding modules of types magneto does not know (e.g. a vision
-embedding) are carried over unchanged (deep-copied).
+differ in width, heads, FFN width or norm placement. Embedding modules of types magneto does
+not know are carried over unchanged (deep-copied).
 
 Importing torchscale needs ``timm.models.layers.drop_path``; where timm is not installed, the
 labelled stand-in ``magneto.compat.timm_standin`` provides it (``use_if_missing()``).
@@ -323,6 +323,9 @@ def to_torchscale(module: nn.Module) -> nn.Module:
     config = module.config
     with torch.random.fork_rng(devices=[]):
         if isinstance(module, BEiT3):
+            if module.text_embed.padding_idx is not None:
+                raise ValueError(f"padding_idx={module.text_embed.padding_idx}: torchscale's "
+                                 "BEiT3 text embedding has no padding row")
             no_output_layer = module.encoder.output_projection is None
             args = torchscale_args(config, "encoder", no_output_layer=no_output_layer)
             vision = module.vision_embed
