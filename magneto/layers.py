@@ -14,6 +14,7 @@ Multiway encoder layers (``config.multiway``; ``magneto.multiway``): the norms a
 ``Multiway`` pairs. A single-modality ``multiway_split_position`` runs the block above with one
 copy; ``forward_parts`` runs the same block once per part (each fused op on a contiguous
 part, with that part's norm and weights), attention over the whole sequence.
+
 Parameter names follow torchscale (``self_attn``, ``self_attn_layer_norm``, ``encoder_attn``,
 ``encoder_attn_layer_norm``, ``ffn``, ``final_layer_norm``).
 """
