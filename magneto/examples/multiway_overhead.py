@@ -2,7 +2,8 @@
 
     python3 -m magneto.examples.multiway_overhead --dim 768 --length 256 --split 197 --threads 1
 
-Variants, interleaved round by round (so a load change on the machine hits all alike):
+Variants, interleaved round by round in a rotating order (so a load change on the machine
+hits all alike):
 
 - ``plain``: the non-multiway layer;
 - ``single``: the multiway layer with every token in one part (split -1): the plain path with
@@ -70,8 +71,11 @@ def main(argv=None) -> None:
     times = {name: [] for name in variants}
     for name, (run, inputs) in variants.items():  # warm-up
         _step(run, inputs)
-    for _ in range(args.rounds):
-        for name, (run, inputs) in variants.items():
+    names = list(variants)
+    for round_ in range(args.rounds):
+        # rotate the order, so no variant always runs right after the same other one
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            run, inputs = variants[name]
             start = time.perf_counter()
             _step(run, inputs)
             times[name].append(time.perf_counter() - start)
