@@ -24,8 +24,9 @@ from magneto.vision import PatchEmbedding
 
 def _positions(tokens: int, embed_dim: int, scheme: str) -> LearnedPositionalEmbedding:
     """Learned positions for ``tokens`` tokens, in torchscale's layout (ids start at 2)."""
-    table = LearnedPositionalEmbedding(tokens + LearnedPositionalEmbedding.OFFSET, embed_dim)
-    init_learned_positions_(table, scheme)
+    rows = tokens + LearnedPositionalEmbedding.OFFSET
+    table = LearnedPositionalEmbedding(rows, embed_dim, _weight=torch.empty(rows, embed_dim))
+    init_learned_positions_(table, scheme)  # the only draw: torchscale's order, seed for seed
     return table
 
 
@@ -35,6 +36,8 @@ class BEiT3(nn.Module):
     ``config``: ``multiway=True``, ``vocab_size`` > 0 (the text vocabulary; also the output
     projection's width unless ``output_projection=False``), ``max_positions`` text tokens.
     ``img_size``/``patch_size``/``in_chans``: the image geometry (torchscale's ``args``).
+    Built in torchscale's order, so with ``init="torchscale"`` the same seed gives
+    torchscale's parameters.
     """
 
     def __init__(self, config: MagnetoConfig, img_size: int = 224, patch_size: int = 16,

@@ -111,7 +111,8 @@ class VisionTransformer(nn.Module):
                                           cls_token=True)
         # torchscale's layout: two unused rows in front (position ids start at 2).
         rows = self.patch_embed.num_position_embeddings() + LearnedPositionalEmbedding.OFFSET
-        positions = LearnedPositionalEmbedding(rows, config.embed_dim)
+        positions = LearnedPositionalEmbedding(rows, config.embed_dim,
+                                               _weight=torch.empty(rows, config.embed_dim))
         init_learned_positions_(positions, config.init)
         self.encoder = Encoder(config.replace(positions="none"), embed_positions=positions)
         self.head = nn.Linear(config.embed_dim, num_classes)

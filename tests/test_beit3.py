@@ -203,3 +203,17 @@ def test_drop_path_training_parity(monkeypatch):
         torch.manual_seed(9)
         outs.append(model(**inputs)["encoder_out"])
     assert _rel(outs[1], outs[0]) <= TOL
+
+
+def test_same_seed_gives_torchscales_parameters():
+    """With ``init="torchscale"`` (what config_from_torchscale sets) the model draws its
+    parameters in torchscale's order: the same seed gives the same BEiT-3."""
+    torch.manual_seed(0)
+    theirs = TSBEiT3(_args()).state_dict()
+    torch.manual_seed(0)
+    ours = magneto.BEiT3(config_from_torchscale(_args(), "beit3"), img_size=IMG,
+                         patch_size=PATCH, in_chans=CHANS)
+    ours = to_torchscale_state_dict(ours.state_dict())
+    assert ours.keys() == theirs.keys()
+    for name, value in theirs.items():
+        assert torch.equal(ours[name], value), name
