@@ -14,14 +14,18 @@ One sublayer of a Sub-LN block, with x the residual stream:
 Cross-attention (``self_attention=False``): q from the (normalised) decoder stream, k/v from the
 encoder output through plain projections, no inner LN.
 
+Multiway (``config.multiway``, self-attention only): ``in_proj``, ``out_proj`` and
+``inner_attn_ln`` come in two copies ``A``/``B`` (``magneto.multiway``); ``part`` picks the
+copy every token uses, ``forward_parts`` runs a sequence made of an A part and a B part.
+
 Checkpoints: parameters are stored packed, but torchscale state dicts (separate ``q_proj``,
-``k_proj``, ``v_proj`` entries) load directly: a load-state-dict pre-hook packs them.
-``magneto.compat.torchscale`` exports back.
+``k_proj``, ``v_proj`` entries, per part ``q_proj.A`` ... for multiway) load directly: a
+load-state-dict pre-hook packs them. ``magneto.compat.torchscale`` exports back.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +34,7 @@ from torch import Tensor, nn
 import magneto_kernels
 from magneto.config import MagnetoConfig
 from magneto.init import init_linear_, uninitialized_linear
+from magneto.multiway import PARTS, Multiway, check_parts, pick
 from magneto.norm import Norm, norm_kwargs
 
 _PACKED = ("q_proj", "k_proj", "v_proj")
@@ -40,7 +45,9 @@ class MultiheadAttention(nn.Module):
 
     Parameters: ``in_proj_weight`` (3d, d) and ``in_proj_bias`` (3d) (rows q, k, v),
     ``out_proj`` (an ``nn.Linear`` used as a parameter holder), ``inner_attn_ln`` (Sub-LN
-    self-attention only). ``gain``: the init gain of v_proj and out_proj (``magneto.init``).
+    self-attention only). Multiway: ``in_proj.A``/``in_proj.B`` (``nn.Linear`` (3d, d) holders)
+    instead of ``in_proj_weight``/``in_proj_bias``, and ``out_proj``/``inner_attn_ln`` are
+    ``Multiway`` pairs. ``gain``: the init gain of v_proj and out_proj (``magneto.init``).
     """
 
     def __init__(self, config: MagnetoConfig, self_attention: bool = True, gain: float = 1.0):
@@ -52,23 +59,37 @@ class MultiheadAttention(nn.Module):
         self.encoder_decoder_attention = not self_attention
         self.attention_dropout = config.attention_dropout
         self.backend = config.backend
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * d, d))
-        self.in_proj_bias = nn.Parameter(torch.empty(3 * d)) if config.bias else None
-        self.out_proj = uninitialized_linear(d, d, bias=config.bias)
-        self.inner_attn_ln = (Norm(d, config.eps, config.norm, config.backend)
+        self.multiway = config.multiway
+        if self.multiway and not self_attention:
+            raise ValueError("multiway: only self-attention can be multiway")
+
+        def copies(build):
+            return Multiway(build(), build()) if self.multiway else build()
+
+        if self.multiway:
+            self.in_proj = copies(lambda: uninitialized_linear(d, 3 * d, bias=config.bias))
+        else:
+            self.in_proj_weight = nn.Parameter(torch.empty(3 * d, d))
+            self.in_proj_bias = nn.Parameter(torch.empty(3 * d)) if config.bias else None
+        self.out_proj = copies(lambda: uninitialized_linear(d, d, bias=config.bias))
+        self.inner_attn_ln = (copies(lambda: Norm(d, config.eps, config.norm, config.backend))
                               if config.norm_scheme == "subln" and self_attention else None)
+        self.parts = (0, 1) if self.multiway else (None,)
         self.reset_parameters(gain)
         self.register_load_state_dict_pre_hook(_pack_torchscale_projections)
 
     def reset_parameters(self, gain: float = 1.0) -> None:
         """Init per ``config.init``: q/k gain 1, v_proj and out_proj ``gain`` (torchscale's
-        draw order: k, v, q, out_proj)."""
+        draw order: k, v, q, out_proj; multiway: A then B of each)."""
         scheme = self.config.init
         for name, g in (("k", 1.0), ("v", gain), ("q", 1.0)):
             rows = self._rows(name)
-            bias = None if self.in_proj_bias is None else self.in_proj_bias[rows]
-            init_linear_(self.in_proj_weight[rows], bias, g, scheme)
-        init_linear_(self.out_proj.weight, self.out_proj.bias, gain, scheme)
+            for part in self.parts:
+                weight, bias = self._weight(rows, part)
+                init_linear_(weight, bias, g, scheme)
+        for part in self.parts:
+            out_proj = pick(self.out_proj, part)
+            init_linear_(out_proj.weight, out_proj.bias, gain, scheme)
         if self.inner_attn_ln is not None:
             self.inner_attn_ln.reset_parameters()
 
@@ -76,38 +97,66 @@ class MultiheadAttention(nn.Module):
         i = {"q": 0, "k": 1, "v": 2}[name]
         return slice(i * self.embed_dim, (i + 1) * self.embed_dim)
 
-    def _weight(self, rows: slice) -> tuple[Tensor, Optional[Tensor]]:
-        bias = None if self.in_proj_bias is None else self.in_proj_bias[rows]
-        return self.in_proj_weight[rows], bias
+    def _weight(self, rows: slice, part: Optional[int]) -> tuple[Tensor, Optional[Tensor]]:
+        """Rows of the packed q/k/v weight and bias (of copy ``part`` in a multiway model)."""
+        if self.multiway:
+            proj = pick(self.in_proj, part)
+            weight, bias = proj.weight, proj.bias
+        else:
+            weight, bias = self.in_proj_weight, self.in_proj_bias
+        return weight[rows], None if bias is None else bias[rows]
 
-    def _linear(self, x: Tensor, rows: slice, norm: dict) -> Tensor:
-        weight, bias = self._weight(rows)
+    def _linear(self, x: Tensor, rows: slice, norm: dict, part: Optional[int]) -> Tensor:
+        weight, bias = self._weight(rows, part)
         return magneto_kernels.ln_linear(x, weight=weight, bias=bias, backend=self.backend, **norm)
 
-    def _project(self, query: Tensor, key: Tensor, value: Tensor,
-                 input_norm: Optional[Norm]) -> tuple[Tensor, Tensor, Tensor]:
+    def _out_proj(self, attn: Tensor, part: Optional[int], residual: Optional[Tensor],
+                  alpha: float, dropout_p: float) -> Tensor:
+        """``alpha·residual + dropout(out_proj(inner_attn_ln(attn)))``, one fused op."""
+        out_proj = pick(self.out_proj, part)
+        return magneto_kernels.ln_linear(
+            attn, weight=out_proj.weight, bias=out_proj.bias, residual=residual, alpha=alpha,
+            dropout_p=dropout_p, backend=self.backend,
+            **norm_kwargs(pick(self.inner_attn_ln, part)))
+
+    def _project(self, query: Tensor, key: Tensor, value: Tensor, input_norm: Optional[Norm],
+                 part: Optional[int]) -> tuple[Tensor, Tensor, Tensor]:
         """q, k, v of shape (batch, length, d): one GEMM when query, key and value coincide
         (self-attention), two when key and value do (cross-attention), else three."""
         d = self.embed_dim
         q_norm = norm_kwargs(input_norm)
         kv_norm = q_norm if self.self_attention else norm_kwargs(None)
         if key is query and value is query:
-            return self._linear(query, slice(0, 3 * d), q_norm).split(d, dim=-1)
-        q = self._linear(query, self._rows("q"), q_norm)
+            return self._linear(query, slice(0, 3 * d), q_norm, part).split(d, dim=-1)
+        q = self._linear(query, self._rows("q"), q_norm, part)
         if key is value:
-            k, v = self._linear(key, slice(d, 3 * d), kv_norm).split(d, dim=-1)
+            k, v = self._linear(key, slice(d, 3 * d), kv_norm, part).split(d, dim=-1)
         else:
-            k = self._linear(key, self._rows("k"), kv_norm)
-            v = self._linear(value, self._rows("v"), kv_norm)
+            k = self._linear(key, self._rows("k"), kv_norm, part)
+            v = self._linear(value, self._rows("v"), kv_norm, part)
         return q, k, v
+
+    def _heads(self, t: Tensor) -> Tensor:
+        """(batch, length, d) -> (batch, heads, length, head_dim), a view."""
+        return t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+
+    @staticmethod
+    def _extend_cache(incremental_state: Optional[dict], k: Tensor,
+                      v: Tensor) -> tuple[Tensor, Tensor]:
+        if incremental_state is not None:
+            if "prev_key" in incremental_state:
+                k = torch.cat([incremental_state["prev_key"].to(k.dtype), k], dim=2)
+                v = torch.cat([incremental_state["prev_value"].to(v.dtype), v], dim=2)
+            incremental_state["prev_key"], incremental_state["prev_value"] = k, v
+        return k, v
 
     def forward(self, query: Tensor, key: Optional[Tensor] = None, value: Optional[Tensor] = None,
                 incremental_state: Optional[dict] = None, key_padding_mask: Optional[Tensor] = None,
                 attn_mask: Optional[Tensor] = None, rel_pos: Optional[Tensor] = None,
                 is_first_step: bool = False, *, input_norm: Optional[Norm] = None,
                 residual: Optional[Tensor] = None, alpha: float = 1.0, dropout_p: float = 0.0,
-                is_causal: bool = False, need_weights: bool = False
-                ) -> tuple[Tensor, Optional[Tensor]]:
+                is_causal: bool = False, need_weights: bool = False,
+                part: Optional[int] = None) -> tuple[Tensor, Optional[Tensor]]:
         """torchscale's call: returns ``(output, attention weights or None)``.
 
         - ``key_padding_mask``: (batch, src_len), True/nonzero marks padding (ignored keys).
@@ -121,6 +170,8 @@ class MultiheadAttention(nn.Module):
           ``alpha·residual + dropout(out_proj(...))``, all in ``out_proj``'s epilogue.
         - ``need_weights``: also return the softmax probabilities (heads, batch, tgt, src) as
           torchscale does (computed separately; SDPA does not expose them). Default: None.
+        - ``part``: multiway models, the copy every token uses (0 = A, 1 = B; ``forward_parts``
+          mixes them); None in non-multiway models.
         - ``rel_pos`` (relative position bias) is not supported; ``is_first_step`` only matters
           for xPos, which is not supported either (accepted for torchscale's call).
         """
@@ -129,15 +180,10 @@ class MultiheadAttention(nn.Module):
         if rel_pos is not None:
             raise ValueError("rel_pos: relative position bias is not supported")
         bsz, tgt_len = self._check_inputs(query, key, value, residual)
-        q, k, v = self._project(query, key, value, input_norm)
-        q = q.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
-        k = k.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
-        v = v.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
-        if incremental_state is not None:
-            if "prev_key" in incremental_state:
-                k = torch.cat([incremental_state["prev_key"].to(k.dtype), k], dim=2)
-                v = torch.cat([incremental_state["prev_value"].to(v.dtype), v], dim=2)
-            incremental_state["prev_key"], incremental_state["prev_value"] = k, v
+        if self.multiway and part is None:
+            raise ValueError("part: a multiway attention needs the copy to use (0 = A, 1 = B)")
+        q, k, v = (self._heads(t) for t in self._project(query, key, value, input_norm, part))
+        k, v = self._extend_cache(incremental_state, k, v)
         src_len = k.shape[2]
 
         mask, causal = self._attention_mask(bsz, tgt_len, src_len, key_padding_mask, attn_mask,
@@ -147,11 +193,54 @@ class MultiheadAttention(nn.Module):
             dropout_p=self.attention_dropout if self.training else 0.0)
         weights = self._weights(q, k, mask, causal) if need_weights else None
         attn = attn.transpose(1, 2).reshape(bsz, tgt_len, self.embed_dim)
-        out = magneto_kernels.ln_linear(
-            attn, weight=self.out_proj.weight, bias=self.out_proj.bias, residual=residual,
-            alpha=alpha, dropout_p=dropout_p, backend=self.backend,
-            **norm_kwargs(self.inner_attn_ln))
-        return out, weights
+        return self._out_proj(attn, part, residual, alpha, dropout_p), weights
+
+    def forward_parts(self, parts: Sequence[Tensor], key_padding_mask: Optional[Tensor] = None,
+                      attn_mask: Optional[Tensor] = None,
+                      incremental_state: Optional[dict] = None, *,
+                      input_norm: Optional[Multiway] = None,
+                      residual: Optional[Sequence[Tensor]] = None, alpha: float = 1.0,
+                      dropout_p: float = 0.0) -> list[Tensor]:
+        """Multiway self-attention over the sequence ``cat(parts, dim=1)``, returning the output
+        as the same two parts: part A's tokens use copy A's projections and norms, part B's
+        copy B's; attention sees every key.
+
+        ``input_norm``/``residual``: a ``Multiway`` norm pair and the two residual parts, as in
+        ``forward``; masks and ``incremental_state`` refer to the whole sequence.
+        """
+        if not self.multiway:
+            raise ValueError("forward_parts: this attention is not multiway")
+        check_parts(parts, self.embed_dim)
+        if residual is not None:
+            for name, x, r in zip(PARTS, parts, residual):
+                if r.shape != x.shape:
+                    raise ValueError(f"residual part {name} must have shape {tuple(x.shape)}, "
+                                     f"got {tuple(r.shape)}")
+        d = self.embed_dim
+        bsz, tgt_len = parts[0].shape[0], parts[0].shape[1] + parts[1].shape[1]
+        # One GEMM per part into its own output; attention needs q/k/v of the whole sequence.
+        qkv = torch.cat([self._linear(x, slice(0, 3 * d), norm_kwargs(pick(input_norm, part)),
+                                      part) for part, x in enumerate(parts)], dim=1)
+        q, k, v = (self._heads(t) for t in qkv.split(d, dim=-1))
+        k, v = self._extend_cache(incremental_state, k, v)
+        mask, _ = self._attention_mask(bsz, tgt_len, k.shape[2], key_padding_mask, attn_mask,
+                                       False, q)
+        p = self.attention_dropout if self.training else 0.0
+        out, start = [], 0
+        for part, x in enumerate(parts):
+            rows = slice(start, start + x.shape[1])
+            start = rows.stop
+            part_mask = mask
+            if mask is not None and mask.shape[-2] == tgt_len:
+                part_mask = mask[..., rows, :]
+            # Queries split per part: each output is (batch, part length, d) in memory order,
+            # so out_proj reads it in place instead of a copy sliced from the whole output.
+            attn = F.scaled_dot_product_attention(q[:, :, rows], k, v, attn_mask=part_mask,
+                                                  dropout_p=p)
+            attn = attn.transpose(1, 2).reshape(bsz, x.shape[1], d)
+            out.append(self._out_proj(attn, part, None if residual is None else residual[part],
+                                      alpha, dropout_p))
+        return out
 
     def _check_inputs(self, query: Tensor, key: Tensor, value: Tensor,
                       residual: Optional[Tensor]) -> tuple[int, int]:
@@ -222,9 +311,15 @@ class MultiheadAttention(nn.Module):
 
 def _pack_torchscale_projections(module: MultiheadAttention, state_dict: dict, prefix: str,
                                  *args) -> None:
-    """Load-state-dict pre-hook: torchscale's ``{q,k,v}_proj.{weight,bias}`` -> packed params."""
-    for kind, target in (("weight", "in_proj_weight"), ("bias", "in_proj_bias")):
-        keys = [f"{prefix}{name}.{kind}" for name in _PACKED]
+    """Load-state-dict pre-hook: torchscale's ``{q,k,v}_proj.{weight,bias}`` -> packed params
+    (multiway: ``{q,k,v}_proj.A.weight`` -> ``in_proj.A.weight``, likewise for B)."""
+    if module.multiway:
+        targets = [(f".{part}.{kind}", f"in_proj.{part}.{kind}")
+                   for part in PARTS for kind in ("weight", "bias")]
+    else:
+        targets = [(".weight", "in_proj_weight"), (".bias", "in_proj_bias")]
+    for suffix, target in targets:
+        keys = [f"{prefix}{name}{suffix}" for name in _PACKED]
         present = [k in state_dict for k in keys]
         if not any(present):
             continue

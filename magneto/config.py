@@ -58,6 +58,9 @@ class MagnetoConfig:
     encoder beta of a DeepNorm encoder-decoder: "paper" (0.87·(N⁴M)^(-1/16)) or "torchscale"
     (1.15·(N⁴M)^(-1/16)); None follows ``init``.
 
+    ``multiway``: every per-token module of an encoder layer comes in two copies, ``A`` and
+    ``B``, chosen per token by ``multiway_split_position`` (BEiT-3; ``magneto.multiway``).
+
     ``backend`` is passed to every ``magneto_kernels`` op (None: the default for the device).
     ``checkpoint_activations`` recomputes each layer in backward (non-reentrant checkpoint).
     """
@@ -89,6 +92,7 @@ class MagnetoConfig:
     bias: bool = True
     backend: Optional[str] = None
     checkpoint_activations: bool = False
+    multiway: bool = False
 
     def __post_init__(self):
         for name in ("embed_dim", "num_heads", "ffn_dim", "max_positions"):
@@ -119,7 +123,8 @@ class MagnetoConfig:
         if not isinstance(self.eps, (int, float)) or not self.eps > 0.0:
             raise ValueError(f"eps must be a positive number, got {self.eps!r}")
         for name in ("scale_embedding", "share_input_output_embed", "share_all_embeddings",
-                     "output_projection", "normalize_output", "bias", "checkpoint_activations"):
+                     "output_projection", "normalize_output", "bias", "checkpoint_activations",
+                     "multiway"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if (self.share_input_output_embed or self.share_all_embeddings) and self.vocab_size == 0:

@@ -26,6 +26,8 @@ class Decoder(Stack):
                  embed_positions: Optional[nn.Module] = None,
                  output_projection: Optional[nn.Module] = None, is_encoder_decoder: bool = False,
                  **kwargs):
+        if isinstance(config, MagnetoConfig) and config.multiway:
+            raise ValueError("multiway: only encoders can be multiway (BEiT-3)")
         super().__init__(config, embed_tokens, embed_positions, output_projection,
                          is_encoder_decoder, DecoderLayer, config.decoder_layers,
                          want_projection=True, final_norm=config.normalize_before, **kwargs)

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from magneto.config import MagnetoConfig
 from magneto.layers import EncoderLayer
+from magneto.multiway import Multiway, pick, single_part
 from magneto.stack import Stack
 
 
@@ -38,12 +39,35 @@ class Encoder(Stack):
 
     def forward_embedding(self, src_tokens: Optional[Tensor],
                           token_embedding: Optional[Tensor] = None,
-                          positions: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                          positions: Optional[Tensor] = None, *,
+                          part: Optional[int] = None) -> tuple[Tensor, Tensor]:
+        """``(dropout(embedding + positions), embedding)``; ``part``: the copy of a ``Multiway``
+        position embedding every token uses."""
         x = embed = self.scaled_token_embedding(src_tokens, token_embedding)
         if self.embed_positions is not None:
             source = src_tokens if src_tokens is not None else x
-            x = embed + self.embed_positions(source, positions=positions)
+            x = embed + pick(self.embed_positions, part)(source, positions=positions)
         return self.dropout_module(x), embed
+
+    def forward_embedding_parts(self, src_tokens: Optional[Tensor],
+                                token_embedding: Optional[Tensor], positions: Optional[Tensor],
+                                split: int) -> tuple[list[Tensor], Tensor]:
+        """The embedded sequence as two contiguous parts (tokens before and after ``split``),
+        and the whole embedding. A ``Multiway`` position embedding numbers each part from its
+        own start (torchscale's ``MutliwayEmbedding``); another one numbers the whole sequence.
+        """
+        embed = self.scaled_token_embedding(src_tokens, token_embedding)
+        sizes = [split, embed.shape[1] - split]
+        parts = embed.split(sizes, dim=1)
+        if isinstance(self.embed_positions, Multiway):
+            sources = parts if src_tokens is None else src_tokens.split(sizes, dim=1)
+            parts = [x + self.embed_positions[part](source, positions=positions)
+                     for part, (x, source) in enumerate(zip(parts, sources))]
+        elif self.embed_positions is not None:
+            source = src_tokens if src_tokens is not None else embed
+            table = self.embed_positions(source, positions=positions).split(sizes, dim=1)
+            parts = [x + pos for x, pos in zip(parts, table)]
+        return [self.dropout_module(x.contiguous()) for x in parts], embed
 
     def forward(self, src_tokens: Optional[Tensor], encoder_padding_mask: Optional[Tensor] = None,
                 attn_mask: Optional[Tensor] = None, return_all_hiddens: bool = False,
@@ -57,10 +81,12 @@ class Encoder(Stack):
         ``src_tokens`` (batch, length) token ids and/or ``token_embeddings`` (batch, length, d);
         ``encoder_padding_mask`` (batch, length), True at padding; ``attn_mask`` (length, length),
         nonzero = masked; ``incremental_state``: a list with one dict per layer (key/value cache).
+        ``multiway_split_position`` (multiway encoders): see ``magneto.multiway``; a split
+        inside the sequence carries the residual stream as two parts from the embedding to the
+        final norm.
         """
-        if multiway_split_position is not None:
-            raise ValueError("multiway_split_position: multiway encoders are not supported")
         batch, length = self._check_inputs(src_tokens, token_embeddings)
+        part = single_part(self.config.multiway, multiway_split_position, length)
         given_mask = encoder_padding_mask
         if encoder_padding_mask is None:
             device = (src_tokens if src_tokens is not None else token_embeddings).device
@@ -69,22 +95,49 @@ class Encoder(Stack):
             raise ValueError(f"encoder_padding_mask must have shape (batch, length) = "
                              f"{(batch, length)}, got {tuple(encoder_padding_mask.shape)}")
 
-        x, encoder_embedding = self.forward_embedding(src_tokens, token_embeddings, positions)
+        # Only a mask the caller gave reaches attention: an all-False one would only slow SDPA.
+        layer_mask = given_mask if incremental_state is None else None
+        if self.config.multiway and part is None:
+            parts, encoder_embedding = self.forward_embedding_parts(
+                src_tokens, token_embeddings, positions, multiway_split_position)
+            if given_mask is not None:
+                keep = (1 - encoder_padding_mask.unsqueeze(-1).type_as(parts[0]))
+                keep = keep.split([p.shape[1] for p in parts], dim=1)
+                parts = [x * k for x, k in zip(parts, keep)]
+            encoder_states = [torch.cat(parts, dim=1)] if return_all_hiddens else []
+            for idx, layer in enumerate(self.layers):
+                state = incremental_state[idx] if incremental_state is not None else None
+                parts = self.run_layer(layer.forward_parts, parts, encoder_padding_mask=layer_mask,
+                                       attn_mask=attn_mask, incremental_state=state)
+                if return_all_hiddens:
+                    encoder_states.append(torch.cat(parts, dim=1))
+            out = torch.cat([self.final_output(x, features_only, part)
+                             for part, x in enumerate(parts)], dim=1)
+            return self._result(out, encoder_embedding, encoder_padding_mask, encoder_states,
+                                [None] * len(self.layers))
+
+        x, encoder_embedding = self.forward_embedding(src_tokens, token_embeddings, positions,
+                                                      part=part)
         if given_mask is not None:  # zero the padded rows (a no-op, and a saved copy, without)
             x = x * (1 - encoder_padding_mask.unsqueeze(-1).type_as(x))
         encoder_states = [x] if return_all_hiddens else []
         l_aux = []
-        # Only a mask the caller gave reaches attention: an all-False one would only slow SDPA.
-        layer_mask = given_mask if incremental_state is None else None
         for idx, layer in enumerate(self.layers):
             state = incremental_state[idx] if incremental_state is not None else None
             x, l_aux_i = self.run_layer(layer, x, encoder_padding_mask=layer_mask,
-                                         attn_mask=attn_mask, incremental_state=state)
+                                         attn_mask=attn_mask, incremental_state=state,
+                                         multiway_split_position=multiway_split_position)
             if return_all_hiddens:
                 encoder_states.append(x)
             l_aux.append(l_aux_i)
+        return self._result(self.final_output(x, features_only, part), encoder_embedding,
+                            encoder_padding_mask, encoder_states, l_aux)
+
+    @staticmethod
+    def _result(encoder_out: Tensor, encoder_embedding: Tensor, encoder_padding_mask: Tensor,
+                encoder_states: list, l_aux: list) -> dict:
         return {
-            "encoder_out": self.final_output(x, features_only),
+            "encoder_out": encoder_out,
             "encoder_embedding": encoder_embedding,
             "encoder_padding_mask": encoder_padding_mask,
             "encoder_states": encoder_states,

@@ -9,12 +9,18 @@ output dropout, alpha from ``magneto.init.layer_scales``):
 
 With drop path active (training, rate > 0) the add is unfused: f runs without ``residual``,
 its output is scaled per sample, then added (Post-LN/DeepNorm: then ``add_layer_norm``).
+
+Multiway encoder layers (``config.multiway``; ``magneto.multiway``): the norms and ``ffn`` are
+``Multiway`` pairs. A single-modality ``multiway_split_position`` runs the block above with one
+copy; ``forward_parts`` runs the same block once per part (each fused op on a contiguous
+part, with that part's norm and weights), attention over the whole sequence.
+
 Parameter names follow torchscale (``self_attn``, ``self_attn_layer_norm``, ``encoder_attn``,
 ``encoder_attn_layer_norm``, ``ffn``, ``final_layer_norm``).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +30,7 @@ from magneto.attention import MultiheadAttention
 from magneto.config import MagnetoConfig
 from magneto.feedforward import FeedForward
 from magneto.init import layer_scales
+from magneto.multiway import Multiway, check_parts, pick, single_part, split_parts
 from magneto.norm import Norm
 
 
@@ -37,8 +44,12 @@ class DropPath(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0.0:
             return x
-        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - self.p)
-        return x * keep / (1.0 - self.p)
+        return x * self.sample(x) / (1.0 - self.p)
+
+    def sample(self, x: Tensor) -> Tensor:
+        """The per-sample keep mask, (batch, 1, ..., 1): one draw for a whole sample, shared
+        by the parts of a multiway sequence."""
+        return x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - self.p)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -65,9 +76,14 @@ class ResidualLayer(nn.Module):
         rate = drop_path_rate(config, depth, num_layers)
         self.drop_path = DropPath(rate) if rate > 0.0 else None
 
-    def _norm(self) -> Norm:
+    def _norm(self) -> nn.Module:
+        """The layer's norm: a ``Multiway`` pair in a multiway model."""
         c = self.config
-        return Norm(c.embed_dim, c.eps, c.norm, c.backend)
+
+        def build():
+            return Norm(c.embed_dim, c.eps, c.norm, c.backend)
+
+        return Multiway(build(), build()) if c.multiway else build()
 
     def _check_input(self, x: Tensor) -> None:
         if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.embed_dim:
@@ -92,8 +108,38 @@ class ResidualLayer(nn.Module):
                                                 backend=self.config.backend)
         return out
 
-    def ffn_block(self, x: Tensor) -> Tensor:
-        return self.residual_block(x, self.final_layer_norm, self.ffn)
+    def ffn_block(self, x: Tensor, part: Optional[int] = None) -> Tensor:
+        return self.residual_block(x, pick(self.final_layer_norm, part), pick(self.ffn, part))
+
+    def residual_block_parts(self, parts: Sequence[Tensor], norm: Multiway,
+                             sublayer: Callable[..., list]) -> list[Tensor]:
+        """``residual_block`` of a multiway sequence held as two parts: ``sublayer`` takes and
+        returns the two parts (with the fused-op keywords; ``input_norm`` the norm pair)."""
+        p = self.config.dropout if self.training else 0.0
+        drop_path = self.drop_path is not None and self.training
+        if self.normalize_before:
+            if not drop_path:
+                return sublayer(parts, input_norm=norm, residual=parts, alpha=self.alpha,
+                                dropout_p=p)
+            ys = sublayer(parts, input_norm=norm, dropout_p=p)
+        else:
+            ys = sublayer(parts, dropout_p=p)
+        if drop_path:  # one draw per sample, as for the whole sequence
+            keep = self.drop_path.sample(parts[0])
+            ys = [y * keep / (1.0 - self.drop_path.p) for y in ys]
+        if self.normalize_before:
+            return [self.alpha * x + y for x, y in zip(parts, ys)]
+        return [magneto_kernels.add_layer_norm(y, x, norm[part].weight, norm[part].bias,
+                                               norm[part].eps, alpha=self.alpha,
+                                               norm=norm[part].kind, backend=self.config.backend)[0]
+                for part, (x, y) in enumerate(zip(parts, ys))]
+
+    def ffn_parts(self, parts: Sequence[Tensor], *, input_norm: Optional[Multiway] = None,
+                  residual: Optional[Sequence[Tensor]] = None, **kwargs) -> list[Tensor]:
+        """The feed-forward sublayer of a multiway sequence: each part through its own copy."""
+        return [self.ffn[part](x, input_norm=pick(input_norm, part),
+                               residual=None if residual is None else residual[part], **kwargs)
+                for part, x in enumerate(parts)]
 
 
 class EncoderLayer(ResidualLayer):
@@ -104,7 +150,9 @@ class EncoderLayer(ResidualLayer):
         # Built (and initialised) in torchscale's order: self_attn, ffn.
         self.self_attn = MultiheadAttention(config, True, gain=self.scales.self_attn)
         self.self_attn_layer_norm = self._norm()
-        self.ffn = FeedForward(config, gain=self.scales.ffn)
+        self.ffn = (Multiway(FeedForward(config, gain=self.scales.ffn),
+                             FeedForward(config, gain=self.scales.ffn))
+                    if config.multiway else FeedForward(config, gain=self.scales.ffn))
         self.final_layer_norm = self._norm()
 
     def reset_parameters(self) -> None:
@@ -119,20 +167,49 @@ class EncoderLayer(ResidualLayer):
                 multiway_split_position: Optional[int] = None,
                 incremental_state: Optional[dict] = None) -> tuple[Tensor, None]:
         """torchscale's call; returns ``(x, l_aux=None)``. ``attn_mask`` (tgt, src) masks the
-        positions where it is nonzero (torchscale turns them into -1e8 scores)."""
-        if multiway_split_position is not None:
-            raise ValueError("multiway_split_position: multiway layers are not supported")
+        positions where it is nonzero (torchscale turns them into -1e8 scores).
+
+        ``multiway_split_position`` (multiway models only; ``magneto.multiway``): None or -1 all
+        tokens use copy A, 0 copy B, 0 < s < length the first s tokens A and the rest B (the
+        input is split into two contiguous parts, run by ``forward_parts``, and joined).
+        """
         self._check_input(x)
+        part = single_part(self.config.multiway, multiway_split_position, x.shape[1])
+        if self.config.multiway and part is None:
+            if rel_pos is not None:
+                raise ValueError("rel_pos: relative position bias is not supported")
+            parts = self.forward_parts(split_parts(x, multiway_split_position),
+                                       encoder_padding_mask, attn_mask, incremental_state)
+            return torch.cat(parts, dim=1), None
         if attn_mask is not None:
             attn_mask = attn_mask.to(torch.bool)
 
         def attention(h, **kw):
             return self.self_attn(h, h, h, incremental_state=incremental_state,
                                   key_padding_mask=encoder_padding_mask, attn_mask=attn_mask,
-                                  rel_pos=rel_pos, **kw)[0]
+                                  rel_pos=rel_pos, part=part, **kw)[0]
 
-        x = self.residual_block(x, self.self_attn_layer_norm, attention)
-        return self.ffn_block(x), None
+        x = self.residual_block(x, pick(self.self_attn_layer_norm, part), attention)
+        return self.ffn_block(x, part), None
+
+    def forward_parts(self, parts: Sequence[Tensor], encoder_padding_mask: Optional[Tensor] = None,
+                      attn_mask: Optional[Tensor] = None,
+                      incremental_state: Optional[dict] = None) -> list[Tensor]:
+        """A multiway layer on a sequence held as two parts, (batch, s, d) for copy A and
+        (batch, length - s, d) for copy B; returns the new parts. Masks refer to the whole
+        sequence (``forward``'s arguments)."""
+        if not self.config.multiway:
+            raise ValueError("forward_parts: this layer is not multiway")
+        check_parts(parts, self.embed_dim)
+        if attn_mask is not None:
+            attn_mask = attn_mask.to(torch.bool)
+
+        def attention(xs, **kw):
+            return self.self_attn.forward_parts(xs, encoder_padding_mask, attn_mask,
+                                                incremental_state, **kw)
+
+        parts = self.residual_block_parts(parts, self.self_attn_layer_norm, attention)
+        return self.residual_block_parts(parts, self.final_layer_norm, self.ffn_parts)
 
 
 class DecoderLayer(ResidualLayer):
@@ -140,6 +217,8 @@ class DecoderLayer(ResidualLayer):
 
     def __init__(self, config: MagnetoConfig, depth: int = 0, is_encoder_decoder: bool = False):
         super().__init__(config, "decoder", depth, is_encoder_decoder)
+        if config.multiway:
+            raise ValueError("multiway: only encoder layers can be multiway")
         # Built (and initialised) in torchscale's order: self_attn, encoder_attn, ffn.
         self.self_attn = MultiheadAttention(config, True, gain=self.scales.self_attn)
         self.self_attn_layer_norm = self._norm()

@@ -17,6 +17,7 @@ from magneto import init
 from magneto.config import MagnetoConfig
 from magneto.embeddings import (LearnedPositionalEmbedding, build_output_projection,
                                 build_positions, build_token_embedding)
+from magneto.multiway import Multiway, pick
 from magneto.norm import Norm, norm_kwargs
 
 
@@ -46,8 +47,13 @@ class Stack(nn.Module):
                                want_projection)
         self.layers = nn.ModuleList(layer_type(config, i, is_encoder_decoder)
                                     for i in range(num_layers))
-        self.layer_norm = (Norm(config.embed_dim, config.eps, config.norm, config.backend)
-                           if final_norm else None)
+        def build_norm():
+            return Norm(config.embed_dim, config.eps, config.norm, config.backend)
+
+        self.layer_norm = None
+        if final_norm:  # per modality in a multiway model (torchscale's ``layer_norm.A``)
+            self.layer_norm = (Multiway(build_norm(), build_norm()) if config.multiway
+                               else build_norm())
         self.num_layers = len(self.layers)
 
     def reset_parameters(self) -> None:
@@ -108,14 +114,15 @@ class Stack(nn.Module):
             return checkpoint(layer, *args, use_reentrant=False, **kwargs)
         return layer(*args, **kwargs)
 
-    def final_output(self, x: Tensor, features_only: bool) -> Tensor:
-        """Final norm (Pre-LN/Sub-LN) and output projection; one fused ``ln_linear`` when both
-        apply and the projection is linear."""
+    def final_output(self, x: Tensor, features_only: bool, part: Optional[int] = None) -> Tensor:
+        """Final norm (Pre-LN/Sub-LN; copy ``part`` of a multiway one) and output projection;
+        one fused ``ln_linear`` when both apply and the projection is linear."""
+        layer_norm = pick(self.layer_norm, part)
         project = not features_only and self.output_projection is not None
         if project and isinstance(self.output_projection, nn.Linear):
             return magneto_kernels.ln_linear(
                 x, weight=self.output_projection.weight, bias=self.output_projection.bias,
-                backend=self.config.backend, **norm_kwargs(self.layer_norm))
-        if self.layer_norm is not None:
-            x = self.layer_norm(x)
+                backend=self.config.backend, **norm_kwargs(layer_norm))
+        if layer_norm is not None:
+            x = layer_norm(x)
         return self.output_projection(x) if project else x

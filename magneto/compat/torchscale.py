@@ -1,19 +1,20 @@
 """Conversion between torchscale 0.3.0 modules and magneto modules.
 
 ``from_torchscale(module)`` turns a torchscale ``Encoder``, ``Decoder`` or ``EncoderDecoder``
-(Sub-LN, Pre-LN, Post-LN or DeepNorm) into the equivalent magneto module, a drop-in
-replacement: same forward call, same result structure, same outputs and gradients (up to
-float rounding), ``incremental_state`` decoding included. Parameter names are torchscale's
-except that q/k/v are stored packed (``in_proj_weight``/``in_proj_bias``); magneto modules load
+(Sub-LN, Pre-LN, Post-LN or DeepNorm), or a ``torchscale.model.BEiT3.BEiT3`` (multiway), into
+the equivalent magneto module, a drop-in replacement: same forward call, same result
+structure, same outputs and gradients (up to float rounding), ``incremental_state`` decoding
+included. Parameter names are torchscale's except that q/k/v are stored packed
+(``in_proj_weight``/``in_proj_bias``; multiway ``in_proj.A.weight`` ...); magneto modules load
 torchscale state dicts directly, and ``to_torchscale(module)`` / ``to_torchscale_state_dict``
 export back.
 
 What cannot be converted yet is refused with a ``ValueError`` naming the option, never
 converted approximately: MoE (``moe_freq``/``moe_expert_count``, ``use_xmoe``), xPos
 (``xpos_rel_pos``), relative position buckets (``rel_pos_buckets``), ``layernorm_embedding``,
-``multiway``, ``fsdp``, and an encoder-decoder whose encoder and decoder differ in width, heads,
-FFN width or norm placement. Embedding modules of types magneto does not know (e.g. a vision
-embedding) are carried over unchanged (deep-copied).
+``multiway`` outside a BEiT3 model, ``fsdp``, and an encoder-decoder whose encoder and decoder
+differ in width, heads, FFN width or norm placement. Embedding modules of types magneto does
+not know are carried over unchanged (deep-copied).
 
 Importing torchscale needs ``timm.models.layers.drop_path``; where timm is not installed, the
 labelled stand-in ``magneto.compat.timm_standin`` provides it (``use_if_missing()``).
@@ -27,11 +28,13 @@ from typing import Optional
 import torch
 from torch import nn
 
+from magneto.beit3 import BEiT3
 from magneto.config import MagnetoConfig
 from magneto.decoder import Decoder
 from magneto.embeddings import LearnedPositionalEmbedding, TokenEmbedding
 from magneto.encoder import Encoder
 from magneto.encoder_decoder import EncoderDecoder
+from magneto.multiway import PARTS
 
 _ACTIVATIONS = {"gelu": "gelu", "relu": "relu", "swish": "silu"}
 _UNSUPPORTED = (  # (option, predicate on its value, what it is)
@@ -40,7 +43,7 @@ _UNSUPPORTED = (  # (option, predicate on its value, what it is)
     ("use_xmoe", bool, "X-MoE routing"),
     ("xpos_rel_pos", bool, "xPos relative positions"),
     ("layernorm_embedding", bool, "a LayerNorm on the embeddings"),
-    ("multiway", bool, "multiway (per-modality) layers"),
+    ("multiway", bool, "multiway (per-modality) layers outside a BEiT3 model"),
     ("fsdp", bool, "FSDP-wrapped layers"),
 )
 
@@ -62,17 +65,28 @@ def _torchscale():
 # ------------------------------------------------------------------------------------------
 # torchscale -> magneto
 
+def _beit3_class():
+    """torchscale's BEiT3 (imported on demand, after ``_torchscale()`` succeeded)."""
+    from torchscale.model.BEiT3 import BEiT3 as TSBEiT3
+    return TSBEiT3
+
+
 def config_from_torchscale(args, kind: str) -> MagnetoConfig:
     """A ``MagnetoConfig`` equal to torchscale ``args`` for a model of ``kind`` ("encoder",
-    "decoder" or "encoder_decoder"); ValueError naming the first option it cannot represent."""
+    "decoder", "encoder_decoder" or "beit3"); ValueError naming the first option it cannot
+    represent."""
+    if kind == "beit3" and not getattr(args, "multiway", False):
+        raise ValueError("multiway=False: a BEiT3 model is multiway")
     for option, unsupported, what in _UNSUPPORTED:
+        if option == "multiway" and kind == "beit3":
+            continue
         if unsupported(getattr(args, option, 0) or 0):
             raise ValueError(f"{option}={getattr(args, option)!r}: {what} cannot be converted "
                              "to magneto yet")
     if getattr(args, "rel_pos_buckets", 0) > 0 and getattr(args, "max_rel_pos", 0) > 0:
         raise ValueError(f"rel_pos_buckets={args.rel_pos_buckets}: relative position buckets "
                          "cannot be converted to magneto yet")
-    sides = {"encoder": ["encoder"], "decoder": ["decoder"],
+    sides = {"encoder": ["encoder"], "decoder": ["decoder"], "beit3": ["encoder"],
              "encoder_decoder": ["encoder", "decoder"]}[kind]
     first = sides[0]
     for field in ("embed_dim", "attention_heads", "ffn_embed_dim", "normalize_before"):
@@ -89,6 +103,12 @@ def config_from_torchscale(args, kind: str) -> MagnetoConfig:
         scheme = "subln"
     else:
         scheme = "pre" if getattr(args, f"{first}_normalize_before") else "post"
+    max_positions = int(getattr(args, "max_source_positions" if first == "encoder"
+                                else "max_target_positions", 1024))
+    if kind == "beit3":  # BEiT3's text table has max_source_positions rows, 2 of them unused
+        max_positions -= LearnedPositionalEmbedding.OFFSET
+        if max_positions < 1:
+            raise ValueError(f"max_source_positions={args.max_source_positions}: BEiT3 needs > 2")
     return MagnetoConfig(
         embed_dim=getattr(args, f"{first}_embed_dim"),
         num_heads=getattr(args, f"{first}_attention_heads"),
@@ -96,9 +116,8 @@ def config_from_torchscale(args, kind: str) -> MagnetoConfig:
         encoder_layers=getattr(args, "encoder_layers", 0) if kind != "decoder" else 0,
         decoder_layers=getattr(args, "decoder_layers", 0) if kind != "encoder" else 0,
         vocab_size=max(int(args.vocab_size), 0),
-        max_positions=int(getattr(args, "max_source_positions" if first == "encoder"
-                                  else "max_target_positions", 1024)),
-        positions="none",
+        max_positions=max_positions,
+        positions="learned" if kind == "beit3" else "none", multiway=kind == "beit3",
         scale_embedding=not args.no_scale_embedding,
         output_projection=not args.no_output_layer,
         normalize_output=bool(getattr(args, "normalize_output", True)),
@@ -171,7 +190,14 @@ def from_torchscale(module: nn.Module) -> nn.Module:
     ts_config, ts_encoder, ts_decoder, ts_encdec, embedding_mod = _torchscale()
     memo: dict = {}
     with torch.random.fork_rng(devices=[]):
-        if isinstance(module, ts_encdec.EncoderDecoder):
+        if isinstance(module, _beit3_class()):
+            config = config_from_torchscale(module.args, "beit3")
+            args = module.args
+            converted = BEiT3(config, img_size=args.img_size, patch_size=args.patch_size,
+                              in_chans=args.in_chans)
+            _detach_unowned(converted.encoder, module.encoder)
+            _check_alphas(module.encoder, converted.encoder)
+        elif isinstance(module, ts_encdec.EncoderDecoder):
             config = config_from_torchscale(module.args, "encoder_decoder")
             enc, dec = module.encoder, module.decoder
             tokens = [_embedding_from_torchscale(m, embedding_mod, memo)
@@ -204,23 +230,30 @@ def from_torchscale(module: nn.Module) -> nn.Module:
             _detach_unowned(converted, module)
             _check_alphas(module, converted)
         else:
-            raise ValueError("module must be a torchscale Encoder, Decoder or EncoderDecoder, got "
-                             f"{type(module).__module__}.{type(module).__name__}")
+            raise ValueError("module must be a torchscale Encoder, Decoder or EncoderDecoder (or "
+                             f"a BEiT3), got {type(module).__module__}.{type(module).__name__}")
     return _take_over(converted, module, module.state_dict())
 
 
 # ------------------------------------------------------------------------------------------
 # magneto -> torchscale
 
+# packed magneto name -> the suffix of torchscale's q_proj/k_proj/v_proj names
+_PACKED = {"in_proj_weight": ".weight", "in_proj_bias": ".bias",
+           **{f"in_proj.{part}.{kind}": f".{part}.{kind}"
+              for part in PARTS for kind in ("weight", "bias")}}
+
+
 def to_torchscale_state_dict(state_dict: dict) -> dict:
-    """A magneto state dict with q/k/v unpacked into torchscale's ``{q,k,v}_proj`` entries."""
+    """A magneto state dict with q/k/v unpacked into torchscale's ``{q,k,v}_proj`` entries
+    (multiway: ``{q,k,v}_proj.A`` and ``.B``)."""
     out = {}
     for key, value in state_dict.items():
-        for packed, kind in (("in_proj_weight", "weight"), ("in_proj_bias", "bias")):
+        for packed, suffix in _PACKED.items():
             if key.endswith(packed):
                 prefix = key[: -len(packed)]
-                for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
-                    out[f"{prefix}{name}.{kind}"] = part.clone()
+                for name, rows in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
+                    out[f"{prefix}{name}{suffix}"] = rows.clone()
                 break
         else:
             out[key] = value
@@ -289,7 +322,19 @@ def to_torchscale(module: nn.Module) -> nn.Module:
     memo: dict = {}
     config = module.config
     with torch.random.fork_rng(devices=[]):
-        if isinstance(module, EncoderDecoder):
+        if isinstance(module, BEiT3):
+            if module.text_embed.padding_idx is not None:
+                raise ValueError(f"padding_idx={module.text_embed.padding_idx}: torchscale's "
+                                 "BEiT3 text embedding has no padding row")
+            no_output_layer = module.encoder.output_projection is None
+            args = torchscale_args(config, "encoder", no_output_layer=no_output_layer)
+            vision = module.vision_embed
+            args.multiway = True
+            args.max_source_positions = config.max_positions + LearnedPositionalEmbedding.OFFSET
+            args.img_size, args.patch_size = vision.img_size[0], vision.patch_size[0]
+            args.in_chans = vision.in_chans
+            converted = _beit3_class()(args)
+        elif isinstance(module, EncoderDecoder):
             enc, dec = module.encoder, module.decoder
             embeds = [_embedding_to_torchscale(m, embedding_mod, memo)
                       for m in (enc.embed_tokens, enc.embed_positions, dec.embed_tokens,
@@ -308,6 +353,6 @@ def to_torchscale(module: nn.Module) -> nn.Module:
             converted = cls(args, tokens, positions, projection,
                             is_encoder_decoder=module.is_encoder_decoder)
         else:
-            raise ValueError("module must be a magneto Encoder, Decoder or EncoderDecoder, got "
-                             f"{type(module).__name__}")
+            raise ValueError("module must be a magneto Encoder, Decoder or EncoderDecoder (or a "
+                             f"BEiT3), got {type(module).__name__}")
     return _take_over(converted, module, to_torchscale_state_dict(module.state_dict()))
