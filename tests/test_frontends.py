@@ -6,7 +6,7 @@ from torchscale.component.embedding import VisionEmbedding
 
 import magneto
 import magneto_kernels
-from conftest import assert_close
+from harness import assert_close
 from magneto.speech import subsampled_length
 
 D, HEADS, FFN = 32, 4, 64

@@ -5,7 +5,7 @@ import torch
 
 import magneto
 import magneto_kernels
-from conftest import assert_close
+from harness import assert_close
 from magneto.multiway import Multiway
 from magneto.profiling import saved_tensor_bytes
 
