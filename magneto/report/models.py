@@ -91,14 +91,13 @@ def twins(kind: str, d: int, heads: int, ffn: int, backends: list[str], device: 
     return theirs.to(device=device, dtype=dtype), ours
 
 
-def layer_call(model: nn.Module, kind: str, x: torch.Tensor, torchscale: bool,
+def layer_call(layer, kind: str, x: torch.Tensor, torchscale: bool,
                incremental_state: Optional[dict] = None):
-    """One call of the stack's only layer as its own stack calls it: the decoder's
-    self-attention causal (torchscale: its additive mask; magneto: SDPA's causal flag) except
-    for a one-token decoding step."""
-    layer = model.layers[0]
+    """One call of a stack's layer (or its compiled twin) as its own stack calls it: the
+    decoder's self-attention causal (torchscale: its additive mask; magneto: SDPA's causal flag)
+    except for a one-token decoding step."""
     if kind == "encoder":
-        return layer(x)[0]
+        return layer(x, None)[0]
     if incremental_state is not None:
         return layer(x, incremental_state=incremental_state)[0]
     if torchscale:
