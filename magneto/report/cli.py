@@ -42,8 +42,9 @@ def parser() -> argparse.ArgumentParser:
                    help="dtype of the speed and memory sections (default: float32 on cpu, "
                         "bfloat16 on cuda); parity always covers float32 and bfloat16")
     p.add_argument("--backends", nargs="+", metavar="BACKEND",
-                   help="fused backends to time (default: every one available on the device; "
-                        "the Triton interpreter joins parity only)")
+                   help="fused backends to check and time (default: every one available on the "
+                        "device; triton on CPU, under TRITON_INTERPRET=1, is checked in parity "
+                        "at tiny sizes and never timed)")
     p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
                    metavar="SECTION", help=f"sections to run, of {', '.join(SECTIONS)} "
                    "(compile: torch.compile comparators in ops, layers and decode)")
@@ -87,31 +88,25 @@ def plan(args: argparse.Namespace, error) -> Plan:
     fused = [b for b, why in available.items() if why is None and b != "reference"]
     # On CPU the Triton backend runs only in its interpreter: correct, far too slow to time.
     timeable = [b for b in fused if not (device == "cpu" and b == "triton")]
-    if args.backends is None:
-        backends = timeable
-    else:
-        backends = []
-        for b in args.backends:
-            if b not in available:
-                error(f"--backends: unknown backend {b!r}; choose from {tuple(available)}")
-            if b == "reference":
-                error("--backends: 'reference' is the eager comparator, timed in every case; "
-                      "name fused backends only")
-            if available[b] is not None:
-                error(f"--backends: {b!r} cannot run on {device}: {available[b]}")
-            if b not in timeable:
-                error(f"--backends: {b!r} runs on {device} only in the Triton interpreter: it "
-                      "is checked in parity (with TRITON_INTERPRET=1), never timed")
-            backends.append(b)
-    parity_backends = ["reference"] + [b for b in fused if args.backends is None or b in
-                                       backends or b not in timeable]
+    named = fused if args.backends is None else list(dict.fromkeys(args.backends))
+    for b in named:
+        if b not in available:
+            error(f"--backends: unknown backend {b!r}; choose from {tuple(available)}")
+        if b == "reference":
+            error("--backends: 'reference' is the eager comparator, in every section; name "
+                  "fused backends only")
+        if available[b] is not None:
+            error(f"--backends: {b!r} cannot run on {device}: {available[b]}")
+    backends = [b for b in named if b in timeable]
+    parity_backends = ["reference", *named]
     sections = [s for s in args.sections if s not in args.skip]
     if not sections:
         error("--sections/--skip: nothing left to run")
     timed = {"ops", "layers", "decode"} & set(sections)
     if timed and not backends:
-        error(f"sections {sorted(timed)} need a fused backend to time on {device}; none is "
-              f"available: {available}")
+        error(f"sections {sorted(timed)} need a fused backend to time on {device}, got "
+              f"{named or 'none available'} (the Triton interpreter is checked in parity only, "
+              "never timed)")
     base = SIZES["quick" if args.quick else device]
     sizes = dataclasses.replace(base, **{k: getattr(args, k) for k in
                                          ("d", "heads", "ffn", "batch", "tokens", "context")
@@ -140,7 +135,7 @@ def _ticks(p: Plan) -> int:
     if "parity" in p.sections:
         n += 7 * 2 * len(p.parity_backends)
     if "models" in p.sections:
-        n += 10 * len(p.parity_backends)
+        n += sum(4 if p.device == "cpu" and b == "triton" else 10 for b in p.parity_backends)
     if "memory" in p.sections:
         n += 2 * (len(p.backends) + 2)
     cases = {"ops": 8, "layers": 4, "decode": 3 * len(p.sizes.decode_rows)}
@@ -171,7 +166,9 @@ def run(p: Plan, command: str, progress: bool = True) -> dict:
         report["parity_ops"] = rows
     if "models" in p.sections:
         bar.set_description("parity: models vs torchscale")
-        report["parity_models"] = parity.model_parity(p.parity_backends, tick=tick)
+        interpreted = {"triton"} if p.device == "cpu" else set()
+        report["parity_models"] = parity.model_parity(p.parity_backends, subln_only=interpreted,
+                                                      tick=tick)
     if "memory" in p.sections:
         bar.set_description("memory")
         sz = p.sizes
