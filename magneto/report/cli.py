@@ -27,7 +27,7 @@ SIZES = {"cpu": speed.Sizes(d=768, heads=12, ffn=3072, batch=4, tokens=256,
                               context=16)}
 ROUNDS = {"cpu": 15, "cuda": 10, "quick": 3}
 # Parity sizes: rows, in_features, out_features; the Triton interpreter gets the tiny ones.
-PARITY_SHAPE = (256, 384, 512)
+PARITY_SHAPE = (128, 256, 384)
 TINY_PARITY_SHAPE = (16, 64, 48)
 
 

@@ -26,8 +26,9 @@ def saved_per_token(backends: list[str], d: int, heads: int, ffn: int, batch: in
         for name, (layer, is_ts) in models.items():
             layer.train()
             x = torch.randn(batch, tokens, d, device=device, dtype=dtype, requires_grad=True)
-            nbytes, _ = saved_tensor_bytes(lambda: layer_call(layer, kind, x, is_ts),
-                                           exclude=[*layer.parameters(), x])
+            nbytes, _ = saved_tensor_bytes(
+                lambda layer=layer, kind=kind, x=x, is_ts=is_ts: layer_call(layer, kind, x, is_ts),
+                exclude=[*layer.parameters(), x])
             per_token = nbytes / (batch * tokens)
             rows.append({"layer": kind, "model": name, "bytes_per_token": per_token,
                          "d_vectors_per_token": per_token / (d * x.element_size())})

@@ -169,7 +169,10 @@ def _floors(shapes, rows: int, backward: bool, s: Settings,
         if attention is None:
             floors[name] = gemms
         else:
-            floors[name] = (lambda g, a: lambda: (g(), a()))(gemms, attention)
+            def both(gemms=gemms):
+                gemms()
+                attention()
+            floors[name] = both
     return floors
 
 
@@ -214,13 +217,15 @@ def _norm_cases(sz: Sizes, s: Settings) -> list[Case]:
         for pass_, n_passes in zip(("fwd", "fwd+bwd"), passes):
             def wrap(c, p=pass_, lv=leaves):
                 return c if p == "fwd" else _fwd_bwd(c, dy, lv)
-            variants = {subject(be): wrap(lambda be=be: call(be)) for be in s.backends}
-            variants[REFERENCE] = wrap(lambda: call("reference"))
+            variants = {subject(be): wrap(lambda be=be, call=call: call(be))
+                        for be in s.backends}
+            variants[REFERENCE] = wrap(lambda call=call: call("reference"))
             variants.update({name: wrap(c) for name, c in others.items()})
             case = Case("ops", f"{op} {rows}×{d}", pass_, variants, list(s.backends),
                         floors=[FLOOR_BYTES], copy_passes=n_passes, copy_bytes=nbytes)
             if s.compile:
-                variants[COMPILED], case.compile_s = _compiled(wrap(lambda: call("reference")))
+                variants[COMPILED], case.compile_s = _compiled(
+                    wrap(lambda call=call: call("reference")))
             variants[COPY] = lambda: copy_dst.copy_(x)
             cases.append(case)
     return cases
