@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from magneto.report import cli, harness
+from magneto.report import cli, harness, readme
 
 
 def test_interleaved_rounds_rotate_and_ratios_are_per_round():
@@ -115,3 +115,11 @@ def test_tiny_report_json_md_png(tmp_path, one_thread, capsys):
     for title in ("Parity: every op against float64", "Parity: whole models against torchscale",
                   "Speed: one Sub-LN layer", "Speed: decoding", "Memory: saved for backward"):
         assert title in md
+
+    # The README's results block is generated from the JSON, between its markers.
+    old = "intro\n<!-- report:cpu:start -->\nstale\n<!-- report:cpu:end -->\nrest\n"
+    new = readme.replace_block(old, "cpu", readme.section(report, str(files[".json"])))
+    assert new.startswith("intro\n<!-- report:cpu:start -->\nMeasured ")
+    assert "stale" not in new and new.endswith("<!-- report:cpu:end -->\nrest\n")
+    with pytest.raises(ValueError, match="no <!-- report:cuda:start -->"):
+        readme.replace_block(old, "cuda", "body")

@@ -167,8 +167,8 @@ def run(p: Plan, command: str, progress: bool = True) -> dict:
     if "models" in p.sections:
         bar.set_description("parity: models vs torchscale")
         interpreted = {"triton"} if p.device == "cpu" else set()
-        report["parity_models"] = parity.model_parity(p.parity_backends, subln_only=interpreted,
-                                                      tick=tick)
+        report["parity_models"] = parity.model_parity(p.parity_backends, p.device,
+                                                      subln_only=interpreted, tick=tick)
     if "memory" in p.sections:
         bar.set_description("memory")
         sz = p.sizes

@@ -131,7 +131,7 @@ def _rel(ours: Tensor, theirs: Tensor) -> float:
     return (diff / theirs.double().norm().clamp_min(1e-30)).item()
 
 
-def _torchscale_model(kind: str, scheme: str):
+def _torchscale_model(kind: str, scheme: str, device: str):
     config, encoder, decoder, encoder_decoder, embedding = import_torchscale()
     torch.manual_seed(0)
     enc = {f"encoder_{k}": v for k, v in MODEL_SIZES.items()}
@@ -150,17 +150,17 @@ def _torchscale_model(kind: str, scheme: str):
     with torch.no_grad():  # move LayerNorms and biases off their init values
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    return model.eval()
+    return model.to(device).eval()
 
 
-def _model_inputs():
+def _model_inputs(device: str):
     g = torch.Generator().manual_seed(0)
     src = torch.randint(2, VOCAB, (3, 12), generator=g)
     pad = torch.zeros(3, 12, dtype=torch.bool)
     pad[1, 8:] = True
     src[pad] = 1
     tgt = torch.randint(2, VOCAB, (3, 9), generator=g)
-    return src, pad, tgt
+    return src.to(device), pad.to(device), tgt.to(device)
 
 
 def _forward_backward(model, kind: str, inputs) -> tuple[Tensor, dict]:
@@ -171,21 +171,22 @@ def _forward_backward(model, kind: str, inputs) -> tuple[Tensor, dict]:
         main = model(tgt)[0]
     else:
         main = model(src, tgt)[0]
-    (main * torch.linspace(-1, 1, main.numel()).view_as(main)).sum().backward()
+    weights = torch.linspace(-1, 1, main.numel(), device=main.device).view_as(main)
+    (main * weights).sum().backward()
     return main.detach(), {n: p.grad for n, p in model.named_parameters()}
 
 
-def model_parity(backends: list[str], subln_only: Iterable[str] = (),
+def model_parity(backends: list[str], device: str = "cpu", subln_only: Iterable[str] = (),
                  tick: Callable[[], None] = lambda: None) -> list[dict]:
     """One row per (model, scheme, backend): output and worst parameter-gradient error against
     torchscale, plus token-by-token decoding with ``incremental_state`` for the decoder.
     Backends in ``subln_only`` (the Triton interpreter: minutes for every scheme) get the
     Magneto scheme only."""
-    inputs = _model_inputs()
+    inputs = _model_inputs(device)
     rows = []
     for kind in ("encoder", "decoder", "encoder_decoder"):
         for scheme in SCHEMES:
-            theirs_model = _torchscale_model(kind, scheme)
+            theirs_model = _torchscale_model(kind, scheme, device)
             theirs, theirs_g = _forward_backward(theirs_model, kind, inputs)
             for backend in backends:
                 if scheme != "subln" and backend in subln_only:
@@ -202,16 +203,16 @@ def model_parity(backends: list[str], subln_only: Iterable[str] = (),
                              "output_rel_err": out_err, "grad_rel_err": grad_err,
                              "ok": max(out_err, grad_err) <= MODEL_TOL})
                 tick()
-    theirs_model = _torchscale_model("decoder", "subln")
+    theirs_model = _torchscale_model("decoder", "subln", device)
     for backend in backends:
-        rows.append(dict(_decoding_parity(theirs_model, backend), backend=backend))
+        rows.append(dict(_decoding_parity(theirs_model, backend, device), backend=backend))
         tick()
     return rows
 
 
-def _decoding_parity(theirs_model, backend: str) -> dict:
+def _decoding_parity(theirs_model, backend: str, device: str) -> dict:
     ours_model = from_torchscale(theirs_model)
-    tokens = _model_inputs()[2]
+    tokens = _model_inputs(device)[2]
     states, worst = ({}, {}), 0.0
     with torch.no_grad(), default_backend(backend):
         for t in range(1, tokens.shape[1] + 1):

@@ -18,7 +18,7 @@ CPU_GOALS = {FLOOR_ENGINE: 1.10, TORCHSCALE: 1.0, COMPILED: 1.0}
 GPU_GOALS = {REFERENCE: 1 / 1.3, COMPILED: 1 / 1.15, TORCHSCALE: 1 / 1.5}
 
 
-def _comparators(records: list[dict]) -> list[str]:
+def comparators_of(records: list[dict]) -> list[str]:
     seen = []
     for r in records:
         for ratios in r["ratios"].values():
@@ -27,7 +27,7 @@ def _comparators(records: list[dict]) -> list[str]:
     return [v for v in _ORDER if v in seen] + extra + [v for v in _FLOORS if v in seen]
 
 
-def _ratio(stats: Optional[dict]) -> Optional[str]:
+def ratio_cell(stats: Optional[dict]) -> Optional[str]:
     if stats is None:
         return None
     return f"{stats['median']:.3f} ({stats['lo']:.3f}–{stats['hi']:.3f})"
@@ -91,7 +91,7 @@ def _speed(records: list[dict]) -> list[str]:
         group_records = [r for r in records if r["group"] == group]
         if not group_records:
             continue
-        comparators = _comparators(group_records)
+        comparators = comparators_of(group_records)
         header = ["case", "pass", "backend", "ms", *[f"/ {c}" for c in comparators],
                   "achieved"]
         rows = []
@@ -100,7 +100,7 @@ def _speed(records: list[dict]) -> list[str]:
                 achieved = r["achieved"].get(be, {})
                 rows.append([r["case"], r["pass"], be,
                              1e3 * r["times"][f"magneto {be}"]["median_s"],
-                             *[_ratio(ratios.get(c)) for c in comparators],
+                             *[ratio_cell(ratios.get(c)) for c in comparators],
                              ", ".join(f"{v:.2f} {unit}" for unit, v in achieved.items())
                              or None])
         lines += [f"## {title}", ""] + markdown_table(header, rows) + [""]
@@ -218,7 +218,7 @@ def plot(report: dict, path: str) -> bool:
     fig, axes = plt.subplots(len(groups), 1, figsize=(12, 3.6 * len(groups)), squeeze=False)
     for ax, group in zip(axes[:, 0], groups):
         rs = [r for r in records if r["group"] == group]
-        comparators = _comparators(rs)
+        comparators = comparators_of(rs)
         width = 0.8 / max(1, len(comparators))
         bars = [(r, be, ratios) for r in rs for be, ratios in r["ratios"].items()]
         for i, c in enumerate(comparators):
