@@ -101,13 +101,16 @@ def _fwd_bwd(call: Callable[[], torch.Tensor], dy: torch.Tensor, leaves) -> Call
     return run
 
 
-def _compiled(fn: Callable) -> tuple[Callable, float]:
-    """torch.compile of fn and the seconds its first two calls took (compile + first run)."""
-    compiled = torch.compile(fn)
+def _first_calls(variant: Callable[[], object]) -> float:
+    """Seconds of a torch.compile variant's first two calls, in which it compiles (forward on
+    the first, backward on the first backward), so that the timed rounds find it compiled.
+
+    Only the computation is compiled, never a variant's wrapper: a wrapper that drops its
+    result would let inductor eliminate the whole computation as dead code."""
     start = time.perf_counter()
-    compiled()
-    compiled()
-    return compiled, time.perf_counter() - start
+    variant()
+    variant()
+    return time.perf_counter() - start
 
 
 # ------------------------------------------------------------------------------------------
@@ -224,8 +227,8 @@ def _norm_cases(sz: Sizes, s: Settings) -> list[Case]:
             case = Case("ops", f"{op} {rows}×{d}", pass_, variants, list(s.backends),
                         floors=[FLOOR_BYTES], copy_passes=n_passes, copy_bytes=nbytes)
             if s.compile:
-                variants[COMPILED], case.compile_s = _compiled(
-                    wrap(lambda call=call: call("reference")))
+                variants[COMPILED] = wrap(torch.compile(lambda call=call: call("reference")))
+                case.compile_s = _first_calls(variants[COMPILED])
             variants[COPY] = lambda: copy_dst.copy_(x)
             cases.append(case)
     return cases
@@ -267,8 +270,8 @@ def _ln_linear_cases(sz: Sizes, s: Settings, rows: int, passes: tuple[str, ...],
                         list(s.backends), floors=list(floors),
                         flops=2.0 * rows * k * n * (3 if backward else 1))
             if s.compile:
-                variants[COMPILED], case.compile_s = _compiled(
-                    wrap(lambda call=call: call("reference")))
+                variants[COMPILED] = wrap(torch.compile(lambda call=call: call("reference")))
+                case.compile_s = _first_calls(variants[COMPILED])
             variants.update(floors)
             cases.append(case)
     return cases
@@ -332,7 +335,8 @@ def layer_cases(sz: Sizes, s: Settings) -> list[Case]:
                         variants, list(s.backends), floors=list(floors),
                         flops=_layer_flops(sz, kind) * (3 if backward else 1))
             if s.compile:
-                variants[COMPILED], case.compile_s = _compiled(wrap(compiled))
+                variants[COMPILED] = wrap(compiled)
+                case.compile_s = _first_calls(variants[COMPILED])
             variants.update(floors)
             cases.append(case)
     return cases
@@ -374,7 +378,8 @@ def decode_cases(sz: Sizes, s: Settings) -> list[Case]:
         case = Case("decode", f"decoder layer step, {rows} rows, {sz.context} cached",
                     "no_grad", variants, list(s.backends), floors=list(floors))
         if s.compile:
-            variants[COMPILED], case.compile_s = _compiled(step(compiled))
+            variants[COMPILED] = step(compiled)
+            case.compile_s = _first_calls(variants[COMPILED])
         variants.update(floors)
         cases.append(case)
         cases += _ln_linear_cases(sz, s, rows, ("no_grad",), "decode")
