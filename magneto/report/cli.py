@@ -15,6 +15,7 @@ import torch
 
 import magneto_kernels as mk
 from magneto.report import harness, memory, parity, render, speed
+from magneto.report.models import import_torchscale
 
 SECTIONS = ("parity", "models", "memory", "ops", "layers", "decode", "compile")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -111,6 +112,13 @@ def plan(args: argparse.Namespace, error) -> Plan:
         error(f"sections {sorted(timed)} need a fused backend to time on {device}, got "
               f"{named or 'none available'} (the Triton interpreter is checked in parity only, "
               "never timed)")
+    needs_torchscale = sorted({"models", "memory", "layers", "decode"} & set(sections))
+    if needs_torchscale:
+        try:
+            import_torchscale()
+        except ImportError as err:
+            error(f"sections {needs_torchscale} compare with torchscale: {err}; or leave them "
+                  f"out with --skip {' '.join(needs_torchscale)}")
     base = SIZES["quick" if args.quick else device]
     sizes = dataclasses.replace(base, **{k: getattr(args, k) for k in
                                          ("d", "heads", "ffn", "batch", "tokens", "context")
