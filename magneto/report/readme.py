@@ -36,8 +36,9 @@ def _worst_parity(rows: list[dict]) -> list[list]:
 def section(report: dict, json_path: str) -> str:
     m, st = report["machine"], report["settings"]
     sizes = st["sizes"]
+    threads = f"{m['threads']} thread{'s' if m['threads'] > 1 else ''}"
     lines = [f"Measured {m['date']} on {m.get('gpu') or m['cpu']} ({m['cpus']} CPUs, "
-             f"{m['threads']} threads, kernels for {m.get('kernel_isa')}, GEMM engine "
+             f"{threads}, kernels for {m.get('kernel_isa')}, GEMM engine "
              f"{m.get('cpu_gemm_engine')}; torch {m['torch']}, triton {m['triton']}), "
              f"{st['dtype']}, d={sizes['d']}, {sizes['heads']} heads, FFN {sizes['ffn']}, "
              f"{sizes['batch']}×{sizes['tokens']} tokens, {st['rounds']} interleaved rounds "
