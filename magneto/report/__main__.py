@@ -1,0 +1,5 @@
+import sys
+
+from magneto.report.cli import main
+
+sys.exit(main())
