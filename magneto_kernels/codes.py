@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
+
 NORMS = {"layer": 0, "rms": 1, "none": 2}
 """Norm kind -> kernel code. "none": no norm (``ln_linear`` with ``ln_weight=None``)."""
 
@@ -17,6 +19,10 @@ ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4}
 
 ACTIVATION_ALIASES = {None: "none", "swish": "silu", "identity": "none", "linear": "none"}
 """Other spellings users pass, mapped to a key of ACTIVATIONS."""
+
+RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float64: 1e-12}
+"""Norm-wise relative tolerance of every backend against the float64 reference, by the dtype of
+the tensor compared (docs/design.md, Numerics and tolerances): tests and the report use it."""
 
 # Philox4x32-10 (Salmon et al. 2011): the key increments and round multipliers.
 PHILOX_KEY_A = 0x9E3779B9

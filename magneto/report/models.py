@@ -6,9 +6,7 @@ installed the project's labelled stand-in is put on ``sys.path`` first.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
-import sys
 from typing import Optional
 
 import torch
@@ -16,19 +14,12 @@ from torch import nn
 
 import magneto
 import magneto_kernels
+from magneto.compat import timm_standin
 from magneto.compat.torchscale import from_torchscale
-
-_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 def import_torchscale():
     """torchscale's architecture modules; ImportError (with how to install it) when missing."""
-    if importlib.util.find_spec("timm") is None:
-        try:
-            from magneto.compat import timm_standin
-            timm_standin.use_if_missing()
-        except ImportError:  # a tree where the stand-in still lives beside the tests
-            sys.path.insert(0, os.path.join(_REPO, "tests", "_timm_standin"))
+    timm_standin.use_if_missing()
     try:
         from torchscale.architecture import config, decoder, encoder, encoder_decoder
         from torchscale.component import embedding

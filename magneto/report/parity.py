@@ -16,10 +16,10 @@ import torch
 from torch import Tensor
 
 import magneto_kernels as mk
+from magneto_kernels.codes import RTOL
 from magneto.compat.torchscale import from_torchscale, to_torchscale_state_dict
 from magneto.report.models import default_backend, import_torchscale
 
-RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 ATOL = 1e-6
 MODEL_TOL = 1e-5
 DROPOUT_SEED = 1234
