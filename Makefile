@@ -1,25 +1,85 @@
-# The README's two Quickstart commands: `make demo` (the main job) and `make test` (the suite).
+# The README's two Quickstart commands: `make report` (the main job: the parity-and-speed report)
+# and `make test` (the suite).
 # Both install what they need first, into the current Python (a venv is up to you), on a CPU
 # machine: torch is pinned to the CPU build and the extension builds against it without build
 # isolation (an isolated build would pull a multi-GB CUDA torch).
+#
+# Installs are remembered in .stamps/ (one set per Python interpreter): `make test` on a warm
+# tree reinstalls nothing and rebuilds the extension only when csrc/ or setup.py changed.
+# `make clean` forgets them.
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip --disable-pip-version-check
+STAMPS := .stamps/$(subst /,_,$(shell command -v $(PYTHON)))
+EXT_SOURCES := setup.py $(shell find csrc -type f)
+PYTEST := TRITON_INTERPRET=1 $(PYTHON) -m pytest
+CPU_SUITE := tests/test_ops_cpu.py tests/test_ops.py -k cpu
 
-.PHONY: setup demo test bench-cpu
+.PHONY: setup report test quick lint format cuda-check bench bench-cpu gpu-check clean
 
-setup:
+# Every pin in one place: CI installs exactly these.
+$(STAMPS)/deps: Makefile
 	$(PIP) install -q torch==2.13.0 numpy ninja pybind11 setuptools wheel
-	$(PIP) install -q triton==3.6.0 fairscale==0.4.0 "pytest>=8" "pytest-benchmark>=4" matplotlib tqdm
+	$(PIP) install -q triton==3.6.0 fairscale==0.4.0 "pytest>=8" "pytest-benchmark>=4" \
+		matplotlib tqdm ruff==0.17.6
 	# torchscale (the reference implementation) pins timm, whose torchvision needs a CUDA torch:
-	# install it without dependencies; tests provide a labelled stand-in for the one timm function.
+	# install it without dependencies; magneto ships a labelled stand-in for the one timm function.
 	$(PIP) install -q --no-deps torchscale==0.3.0
+	@mkdir -p $(@D) && touch $@
+
+$(STAMPS)/ext: $(STAMPS)/deps $(EXT_SOURCES)
 	$(PIP) install -q --no-build-isolation --no-deps -e .
+	@touch $@
 
-demo: setup
-	$(PYTHON) -m magneto.demo
+setup: $(STAMPS)/ext
 
-test: setup
-	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q
+# Parity against float64 and torchscale, speed ratios against eager, torchscale, torch.compile
+# and the GEMM floor, memory, machine: bench/results/report-<device>-<date>.{md,json,png}.
+report: setup
+	$(PYTHON) -m magneto.report
+
+# The whole suite, with the lint and format checks first (they take a second); then the C++ op
+# suite again under each narrower instruction-set build this CPU supports, with torch's own
+# kernels (ATen, oneDNN, MKL) held to the same instruction set, so that what an AVX2-only or a
+# baseline x86-64 machine runs is tested here too.
+test: setup lint
+	$(PYTEST) -q
+	@isas=$$($(PYTHON) -c "from magneto_kernels import _C; print(*_C.cpu_isas()[1:])") || exit 1; \
+	for isa in $$isas; do \
+		echo "== C++ op suite, MAGNETO_CPU_ISA=$$isa"; \
+		case $$isa in \
+			avx2) torch_isa="ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2";; \
+			*) torch_isa="ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_ENABLE_INSTRUCTIONS=SSE4_2";; \
+		esac; \
+		env MAGNETO_CPU_ISA=$$isa $$torch_isa $(PYTEST) -q -p no:cacheprovider $(CPU_SUITE) || exit 1; \
+	done
+
+# A few-minute check while iterating: stops at the first failure, skips the slow tests.
+quick: setup
+	$(PYTEST) -q -x -m "not slow"
+
+lint: $(STAMPS)/deps
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+format: $(STAMPS)/deps
+	$(PYTHON) -m ruff check --fix .
+	$(PYTHON) -m ruff format .
+
+# nvcc compile of csrc/cuda for sm_80 and sm_90a, failing on warnings and register spills.
+cuda-check:
+	$(PYTHON) tools/check_cuda.py
+
+# pytest-benchmark suites (not part of the test run), backends side by side per op and pass.
+bench: setup
+	$(PYTHON) -m pytest bench --benchmark-group-by=group -q
 
 bench-cpu: setup
 	$(PYTHON) bench/bench_cpu.py --threads 1 2 --rounds 31
+
+# On a CUDA machine: build, GPU tests and GPU benchmarks, logs under $(OUT).
+gpu-check:
+	OUT=$(or $(OUT),bench/results/gpu) bash bench/gpu_check.sh
+
+clean:
+	rm -rf .stamps build *.egg-info magneto_kernels/_C*.so .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
