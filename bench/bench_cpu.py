@@ -22,11 +22,11 @@ ones) is mapped anew and page-faulted in 4 KiB at a time on first touch, and wit
 kept for reuse (MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ at 4 GB, what jemalloc or
 tcmalloc give by default), which times the kernels rather than the page faults.
 
-The machine is shared and noisy, so every round times each variant once, interleaved, and the
-ratios are taken per round: the tables give their median and the spread (min–max over rounds).
-Each thread count gets its own tables. With one thread the clock is the process's CPU time
-(``time.process_time``), which other processes' load does not inflate; with more threads it is
-wall time (CPU time would count threads waiting at barriers).
+Timing, rounds, ratios, machine info and tables come from the project's one benchmark harness
+(``magneto.report.harness``, shared with ``python -m magneto.report``): every round times each
+variant once, interleaved, and the ratios are taken per round; the tables give their median and
+the spread (min–max over rounds). Each thread count gets its own tables, headed by its clock
+(``harness.cpu_timer``: the process's CPU time with one thread, wall time with more).
 
     python bench/bench_cpu.py [--rounds 21] [--threads 1 2] [--out bench/results/cpu.md]
 """
@@ -34,51 +34,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 import torch
 import torch.nn.functional as F
 
 import magneto_kernels as mk
+from magneto.report import harness
 from magneto_kernels import _C
 from magneto_kernels.backends import FAMILY
 from magneto_kernels.library import get_op
-
-
-CLOCK = time.perf_counter
-
-
-def timed(fn) -> float:
-    start = CLOCK()
-    fn()
-    return CLOCK() - start
-
-
-def interleaved(variants: dict, rounds: int, warmup: int = 2) -> dict[str, list[float]]:
-    """Seconds per call of each variant, one call of each per round, in rotating order."""
-    for _ in range(warmup):
-        for fn in variants.values():
-            fn()
-    times = {name: [] for name in variants}
-    names = list(variants)
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            times[name].append(timed(variants[name]))
-    return times
-
-
-def ratio_stats(num: list[float], den: list[float]) -> tuple[float, float, float]:
-    ratios = [a / b for a, b in zip(num, den)]
-    return statistics.median(ratios), min(ratios), max(ratios)
-
-
-def fmt_ratio(median: float, lo: float, hi: float) -> str:
-    return f"{median:.3f} ({lo:.3f}–{hi:.3f})"
 
 
 def ln_linear_variants(m: int, k: int, n: int, fc2: bool) -> dict:
@@ -156,57 +123,53 @@ def encoder_layer_variants(d: int = 768, heads: int = 12, ffn: int = 3072, batch
             "torchscale": step(torchscale_encoder(d, heads, ffn))}
 
 
-def tables(rounds: int) -> list[str]:
+def ms(seconds: list[float]) -> float:
+    return 1e3 * harness.time_stats(seconds)["median_s"]
+
+
+def tables(rounds: int, timer: harness.Timer) -> list[str]:
     engine = _C.cpu_gemm_engine()
-    lines = [f"| shape | options | magneto cpu (ms) | GEMMs alone, {engine} (ms) | eager reference (ms) "
-             "| cpu / GEMMs | cpu / eager | GEMMs: torch.mm / " + engine + " |",
-             "|---|---|---|---|---|---|---|---|"]
+    header = ["shape", "options", "magneto cpu (ms)", f"GEMMs alone, {engine} (ms)",
+              "eager reference (ms)", "cpu / GEMMs", "cpu / eager",
+              f"GEMMs: torch.mm / {engine}"]
+    rows = []
     for k, n, fc2 in ((768, 3072, False), (3072, 768, True)):
-        times = interleaved(ln_linear_variants(1024, k, n, fc2), rounds)
-        ours, gemm, eager, mm = (times[v] for v in ("magneto cpu", "GEMMs alone", "eager reference",
-                                                   "GEMMs alone, torch.mm"))
+        times = harness.interleaved(ln_linear_variants(1024, k, n, fc2), rounds, timer)
+        ours, gemm, eager, mm = (times[v] for v in ("magneto cpu", "GEMMs alone",
+                                                   "eager reference", "GEMMs alone, torch.mm"))
         opts = "LN, gelu input act, bias, residual" if fc2 else "LN, bias"
-        cells = [fmt_ratio(*ratio_stats(a, b)) for a, b in ((ours, gemm), (ours, eager), (mm, gemm))]
-        lines.append(f"| K={k}, N={n} | {opts} | {1e3 * statistics.median(ours):.1f} | "
-                     f"{1e3 * statistics.median(gemm):.1f} | {1e3 * statistics.median(eager):.1f} | "
-                     + " | ".join(cells) + " |")
-        print(lines[-1], flush=True)
+        rows.append([f"K={k}, N={n}", opts, ms(ours), ms(gemm), ms(eager),
+                     *(harness.ratio_stats(a, b) for a, b in ((ours, gemm), (ours, eager),
+                                                              (mm, gemm)))])
+    lines = harness.markdown_table(header, rows)
+    print("\n".join(lines), flush=True)
 
     lines += ["", "one Sub-LN encoder layer + final LN, forward+backward (d=768, 12 heads, "
-              "FFN 3072, 2×512 tokens):", "",
-              "| magneto cpu (ms) | magneto reference (ms) | torchscale 0.3.0 (ms) | "
-              "cpu / reference | cpu / torchscale |", "|---|---|---|---|---|"]
-    times = interleaved(encoder_layer_variants(), max(5, rounds // 3))
+              "FFN 3072, 2×512 tokens):", ""]
+    times = harness.interleaved(encoder_layer_variants(), max(5, rounds // 3), timer)
     ours, ref, ts = (times[v] for v in ("magneto cpu", "magneto reference", "torchscale"))
-    lines.append(f"| {1e3 * statistics.median(ours):.1f} | {1e3 * statistics.median(ref):.1f} | "
-                 f"{1e3 * statistics.median(ts):.1f} | {fmt_ratio(*ratio_stats(ours, ref))} | "
-                 f"{fmt_ratio(*ratio_stats(ours, ts))} |")
-    print(lines[-1], flush=True)
+    table = harness.markdown_table(
+        ["magneto cpu (ms)", "magneto reference (ms)", "torchscale 0.3.0 (ms)",
+         "cpu / reference", "cpu / torchscale"],
+        [[ms(ours), ms(ref), ms(ts), harness.ratio_stats(ours, ref),
+          harness.ratio_stats(ours, ts)]])
+    print("\n".join(table), flush=True)
+    lines += table
 
-    lines += ["", "layer_norm 8192×1024:", "",
-              "| pass | magneto cpu (ms) | torch (ms) | magneto / torch |", "|---|---|---|---|"]
+    lines += ["", "layer_norm 8192×1024:", ""]
     variants = layer_norm_variants(8192, 1024)
+    rows = []
     for p, theirs in (("fwd", "fwd F.layer_norm"), ("bwd", "bwd aten")):
         # Each pass on its own, so that each kernel follows the other as often as itself (what a
         # kernel leaves in cache shifts the next one's time by up to ~10% at this size).
-        times = interleaved({v: variants[v] for v in (f"{p} magneto cpu", theirs)}, rounds * 6)
+        times = harness.interleaved({v: variants[v] for v in (f"{p} magneto cpu", theirs)},
+                                    rounds * 6, timer)
         ours = times[f"{p} magneto cpu"]
-        lines.append(f"| {p} | {1e3 * statistics.median(ours):.2f} | "
-                     f"{1e3 * statistics.median(times[theirs]):.2f} | "
-                     f"{fmt_ratio(*ratio_stats(ours, times[theirs]))} |")
-        print(lines[-1], flush=True)
-    return lines
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        rows.append([p, ms(ours), ms(times[theirs]), harness.ratio_stats(ours, times[theirs])])
+    table = harness.markdown_table(["pass", "magneto cpu (ms)", "torch (ms)", "magneto / torch"],
+                                   rows)
+    print("\n".join(table), flush=True)
+    return lines + table
 
 
 ALLOCATOR_MODES = {
@@ -218,15 +181,14 @@ ALLOCATOR_MODES = {
 
 def run_mode(args) -> list[str]:
     """This process's tables, under the allocator settings it was started with."""
-    global CLOCK
     lines = []
     for threads in args.threads:
         torch.set_num_threads(threads)
-        CLOCK = time.process_time if threads == 1 else time.perf_counter
-        lines += [f"### {threads} thread{'s' if threads > 1 else ''}", "",
+        timer = harness.cpu_timer(threads)
+        lines += [f"### {threads} thread{'s' if threads > 1 else ''} ({timer.clock})", "",
                   "ln_linear forward+backward, M=1024:", ""]
         print(lines[-4], flush=True)
-        lines += tables(args.rounds) + [""]
+        lines += tables(args.rounds, timer) + [""]
     return lines
 
 
@@ -234,7 +196,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=21)
     parser.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()])
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "cpu.md"))
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
+                                                      "cpu.md"))
     parser.add_argument("--allocator", choices=[*ALLOCATOR_MODES, "both"], default="both",
                         help="which allocator settings to run under (each in its own process)")
     args = parser.parse_args()
@@ -251,12 +214,13 @@ def main() -> None:
                                 "--threads", *map(str, args.threads), "--allocator", mode,
                                 "--out", part.name], env=dict(os.environ, **env), check=True)
                 lines += [f"## Allocator: {title}", ""] + part.read().splitlines() + [""]
+        info = harness.machine_info("cpu")
         lines = ["# CPU benchmark (bench/bench_cpu.py)", "",
-                 f"{cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__}, kernels built "
-                 f"for `{_C.cpu_capability()}`, GEMM engine `{_C.cpu_gemm_engine()}`; fp32; "
+                 f"{info['date']}; {info['cpu']}, {info['cpus']} CPUs, torch {info['torch']}, "
+                 f"kernels built for `{info['kernel_isa']}`, GEMM engine "
+                 f"`{info['cpu_gemm_engine']}`; fp32; "
                  f"{args.rounds} interleaved rounds (the encoder layer: a third as many); ratio = "
-                 "median over rounds of per-round ratios (spread = min–max over rounds). 1 "
-                 "thread: process CPU time; more: wall time.", "",
+                 "median over rounds of per-round ratios (spread = min–max over rounds).", "",
                  f"Command: `python bench/bench_cpu.py --rounds {args.rounds} --threads "
                  f"{' '.join(map(str, args.threads))}`", ""] + lines
 

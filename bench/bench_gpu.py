@@ -1,10 +1,14 @@
 """GPU timing table for the Triton kernels (and the "cuda" backend where built), side by side.
 
-    python3 bench/bench_gpu.py [--out DIR] [--quick]
+    python3 bench/bench_gpu.py [--out DIR] [--quick] [--rounds 5]
     TRITON_INTERPRET=1 python3 bench/bench_gpu.py --smoke-cpu   (checks this script on CPU:
-        tiny shapes, the interpreter, one wall-clock run per entry; the numbers mean nothing)
+        tiny shapes, the interpreter, one wall-clock round; the numbers mean nothing)
 
-Rows (bf16, triton.testing.do_bench medians, all measured in this one run):
+What ``python -m magneto.report --device cuda`` does not time, at larger sizes: rms_norm, and
+ln_linear with an output GELU and with dropout. Timing, rounds, ratios, machine info and tables
+come from the project's one benchmark harness (``magneto.report.harness``): each table's
+variants run in interleaved rounds, each measurement a ``triton.testing.do_bench`` median, and
+every ratio is the median (min–max) of per-round ratios. Rows (bf16, all measured in this run):
 - layer_norm forward / backward at 32768×4096 against the device copy bandwidth measured here
   (``y.copy_(x)``): fraction = (bytes moved / time) / copy bandwidth. Forward moves x and y,
   backward moves dy, x and dx (the stats and parameters are negligible).
@@ -30,6 +34,7 @@ os.environ.setdefault("TRITON_INTERPRET", "0")
 
 import magneto_kernels as mk  # noqa: E402
 import magneto_kernels.triton  # noqa: E402,F401  (registers the triton family's kernels)
+from magneto.report import harness  # noqa: E402
 from magneto_kernels import reference  # noqa: E402
 from magneto_kernels.backends import FAMILY  # noqa: E402
 from magneto_kernels.library import get_op  # noqa: E402
@@ -37,59 +42,59 @@ from magneto_kernels.library import get_op  # noqa: E402
 DEVICE = "cuda"
 
 
-def bench(fn, grad_to_none=None) -> float:
-    """Median milliseconds of fn() (do_bench flushes L2 between runs); one wall-clock run in
-    the CPU smoke mode."""
-    if DEVICE == "cpu":
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e3
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none,
-                                   return_mode="median")
-
-
 def cuda_backend_available() -> bool:
     return DEVICE == "cuda" and mk.available_backends("cuda").get("cuda") is None
 
 
-def layer_norm_rows(rows: int, width: int, dtype) -> list[dict]:
+def ms(seconds: list[float]) -> float:
+    return 1e3 * harness.time_stats(seconds)["median_s"]
+
+
+def layer_norm_rows(rows: int, width: int, dtype, rounds: int, timer: harness.Timer
+                    ) -> list[dict]:
     x = torch.randn(rows, width, device=DEVICE, dtype=dtype) + 1.0
     w = torch.randn(width, device=DEVICE, dtype=dtype) * 0.1 + 1.0
     b = torch.randn(width, device=DEVICE, dtype=dtype) * 0.1
     dy = torch.randn_like(x)
     nbytes = x.numel() * x.element_size()
     y = torch.empty_like(x)
-    copy_ms = bench(lambda: y.copy_(x))
-    copy_gbs = 2 * nbytes / copy_ms / 1e6
-    out = [{"op": f"copy {rows}x{width} {dtype}", "ms": copy_ms, "GB/s": copy_gbs,
-            "fraction of copy": 1.0}]
-
-    def add(name, ms, moved):
-        gbs = moved / ms / 1e6
-        out.append({"op": name, "ms": ms, "GB/s": gbs, "fraction of copy": gbs / copy_gbs})
-
-    backends = ["triton"] + (["cuda"] if cuda_backend_available() else [])
-    for backend in backends:
+    variants = {"copy": lambda: y.copy_(x)}
+    moved = {"copy": 2 * nbytes}
+    for backend in ["triton"] + (["cuda"] if cuda_backend_available() else []):
         fwd = get_op("layer_norm", FAMILY[backend])
         bwd = get_op("layer_norm_backward", FAMILY[backend])
-        add(f"layer_norm fwd [{backend}]",
-            bench(lambda: fwd(x, w, b, 1e-5, "layer")), 2 * nbytes)
         _, mean, rstd = fwd(x, w, b, 1e-5, "layer")
-        add(f"layer_norm bwd [{backend}]",
-            bench(lambda: bwd(dy, x, w, b, mean, rstd, None, "layer", [True, True, True])),
-            3 * nbytes)
-        add(f"rms_norm fwd [{backend}]", bench(lambda: fwd(x, w, None, 1e-5, "rms")), 2 * nbytes)
-    add("layer_norm fwd [torch]", bench(lambda: F.layer_norm(x, (width,), w, b)), 2 * nbytes)
+        variants[f"layer_norm fwd [{backend}]"] = \
+            lambda fwd=fwd: fwd(x, w, b, 1e-5, "layer")
+        variants[f"layer_norm bwd [{backend}]"] = \
+            lambda bwd=bwd, mean=mean, rstd=rstd: bwd(dy, x, w, b, mean, rstd, None, "layer",
+                                                      [True, True, True])
+        variants[f"rms_norm fwd [{backend}]"] = lambda fwd=fwd: fwd(x, w, None, 1e-5, "rms")
+        moved.update({f"layer_norm fwd [{backend}]": 2 * nbytes,
+                      f"layer_norm bwd [{backend}]": 3 * nbytes,
+                      f"rms_norm fwd [{backend}]": 2 * nbytes})
     leaves = [t.detach().requires_grad_() for t in (x, w, b)]
     yt = F.layer_norm(leaves[0], (width,), leaves[1], leaves[2])
-    add("layer_norm bwd [torch]",   # dx, dweight and dbias, as ours
-        bench(lambda: torch.autograd.grad(yt, leaves, dy, retain_graph=True)), 3 * nbytes)
+    variants["layer_norm fwd [torch]"] = lambda: F.layer_norm(x, (width,), w, b)
+    # dx, dweight and dbias, as ours
+    variants["layer_norm bwd [torch]"] = \
+        lambda: torch.autograd.grad(yt, leaves, dy, retain_graph=True)
+    moved.update({"layer_norm fwd [torch]": 2 * nbytes, "layer_norm bwd [torch]": 3 * nbytes})
+
+    times = harness.interleaved(variants, rounds, timer)
+    # Fraction of the copy bandwidth, per round: the time the bytes take at the copy's speed
+    # over the op's time.
+    out = []
+    for name, t in times.items():
+        ideal = [c * moved[name] / moved["copy"] for c in times["copy"]]
+        out.append({"op": f"copy {rows}x{width} {dtype}" if name == "copy" else name,
+                    "ms": ms(t), "GB/s": moved[name] / harness.time_stats(t)["median_s"] / 1e9,
+                    "fraction of copy": harness.ratio_stats(ideal, t)})
     return out
 
 
-def ln_linear_rows(m: int, k: int, n: int, dtype) -> list[dict]:
+def ln_linear_rows(m: int, k: int, n: int, dtype, rounds: int, timer: harness.Timer
+                   ) -> list[dict]:
     dev = DEVICE
     x = torch.randn(m, k, device=dev, dtype=dtype) + 0.5
     g = torch.randn(k, device=dev, dtype=dtype) * 0.1 + 1.0
@@ -100,56 +105,47 @@ def ln_linear_rows(m: int, k: int, n: int, dtype) -> list[dict]:
     dy = torch.randn(m, n, device=dev, dtype=dtype)
     flops = 2.0 * m * n * k
     params = [t.requires_grad_() for t in (x, g, beta, w, bias)]
-    rows = []
 
-    def add(name, fwd_ms, fb_ms, mm_fwd, mm_fb):
-        rows.append({"op": name, "fwd ms": fwd_ms, "fwd TFLOP/s": flops / fwd_ms / 1e9,
-                     "fwd / matmul": fwd_ms / mm_fwd if mm_fwd else None,
-                     "fwd+bwd ms": fb_ms, "fwd+bwd / matmul": fb_ms / mm_fb if mm_fb else None})
-
-    def timed(fn):
-        def fwd():
+    def fwd(fn):
+        def run():
             with torch.no_grad():
                 fn()
+        return run
 
-        def fwd_bwd():
+    def fwd_bwd(fn):
+        def run():  # the gradients are dropped in the call, so that none accumulates
             fn().backward(dy)
+            for t in params:
+                t.grad = None
+        return run
 
-        return bench(fwd), bench(fwd_bwd, grad_to_none=params)
-
-    mm_fwd, mm_fb = timed(lambda: torch.matmul(x, w.t()))
-    add(f"torch.matmul {m}x{k}x{n}", mm_fwd, mm_fb, mm_fwd, mm_fb)
-    add("torch eager LayerNorm+Linear",
-        *timed(lambda: F.linear(F.layer_norm(x, (k,), g, beta), w, bias)), mm_fwd, mm_fb)
+    matmul = f"torch.matmul {m}x{k}x{n}"
+    calls = {matmul: lambda: torch.matmul(x, w.t()),
+             "torch eager LayerNorm+Linear":
+                 lambda: F.linear(F.layer_norm(x, (k,), g, beta), w, bias)}
     compiled = torch.compile(lambda x, g, beta, w, bias: reference.ln_linear(x, g, beta, w, bias),
                              backend="inductor" if DEVICE == "cuda" else "aot_eager")
-    add("torch.compile(reference.ln_linear)", *timed(lambda: compiled(x, g, beta, w, bias)),
-        mm_fwd, mm_fb)
-    backends = ["triton"] + (["cuda"] if cuda_backend_available() else [])
-    for backend in backends:
-        add(f"ln_linear [{backend}]",
-            *timed(lambda: mk.ln_linear(x, g, beta, w, bias, backend=backend)), mm_fwd, mm_fb)
-        add(f"ln_linear gelu (fc1) [{backend}]",
-            *timed(lambda: mk.ln_linear(x, g, beta, w, bias, activation="gelu", backend=backend)),
-            mm_fwd, mm_fb)
-        add(f"ln_linear in_act+residual+dropout (fc2) [{backend}]",
-            *timed(lambda: mk.ln_linear(x, g, beta, w, bias, input_activation="gelu",
-                                        residual=res, dropout_p=0.1, backend=backend)),
-            mm_fwd, mm_fb)
-    return rows
-
-
-def to_markdown(title: str, rows: list[dict]) -> str:
-    cols = list(rows[0].keys())
-    lines = [f"### {title}", "", "| " + " | ".join(cols) + " |",
-             "|" + "|".join("---" for _ in cols) + "|"]
-    for r in rows:
-        cells = []
-        for c in cols:
-            v = r.get(c)
-            cells.append("—" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    calls["torch.compile(reference.ln_linear)"] = lambda: compiled(x, g, beta, w, bias)
+    for backend in ["triton"] + (["cuda"] if cuda_backend_available() else []):
+        calls[f"ln_linear [{backend}]"] = \
+            lambda be=backend: mk.ln_linear(x, g, beta, w, bias, backend=be)
+        calls[f"ln_linear gelu (fc1) [{backend}]"] = \
+            lambda be=backend: mk.ln_linear(x, g, beta, w, bias, activation="gelu", backend=be)
+        calls[f"ln_linear in_act+residual+dropout (fc2) [{backend}]"] = \
+            lambda be=backend: mk.ln_linear(x, g, beta, w, bias, input_activation="gelu",
+                                            residual=res, dropout_p=0.1, backend=be)
+    variants = {}
+    for name, fn in calls.items():
+        variants[f"fwd {name}"] = fwd(fn)
+        variants[f"fwd+bwd {name}"] = fwd_bwd(fn)
+    times = harness.interleaved(variants, rounds, timer)
+    return [{"op": name, "fwd ms": ms(times[f"fwd {name}"]),
+             "fwd TFLOP/s": flops / harness.time_stats(times[f"fwd {name}"])["median_s"] / 1e12,
+             "fwd / matmul": harness.ratio_stats(times[f"fwd {name}"], times[f"fwd {matmul}"]),
+             "fwd+bwd ms": ms(times[f"fwd+bwd {name}"]),
+             "fwd+bwd / matmul": harness.ratio_stats(times[f"fwd+bwd {name}"],
+                                                     times[f"fwd+bwd {matmul}"])}
+            for name in calls]
 
 
 def main() -> int:
@@ -157,6 +153,7 @@ def main() -> int:
     parser.add_argument("--out", default=os.environ.get("OUT") or os.path.join(
         os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--quick", action="store_true", help="smaller shapes")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per table")
     parser.add_argument("--smoke-cpu", action="store_true",
                         help="check the script on CPU under TRITON_INTERPRET=1 (no timing value)")
     args = parser.parse_args()
@@ -170,23 +167,29 @@ def main() -> int:
     dtype = torch.bfloat16
     ln_shape = (4096, 4096) if args.quick else (32768, 4096)
     mm_shape = (2048, 1024, 1024) if args.quick else (16384, 4096, 4096)
+    rounds = args.rounds
     if args.smoke_cpu:
-        dtype, ln_shape, mm_shape = torch.float32, (4, 300), (40, 48, 56)
+        dtype, ln_shape, mm_shape, rounds = torch.float32, (4, 300), (40, 48, 56), 1
+    timer = harness.cpu_timer() if args.smoke_cpu else harness.gpu_timer()
     started = time.time()
-    device_name = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU smoke run"
-    header = (f"{device_name} · torch {torch.__version__} · triton "
-              f"{__import__('triton').__version__} · cuda backend: "
-              f"{'yes' if cuda_backend_available() else 'no'}\n\n")
+    info = harness.machine_info(DEVICE)
+    header = (f"{info.get('gpu', 'CPU smoke run')} · torch {info['torch']} · triton "
+              f"{info['triton']} · cuda backend: {'yes' if cuda_backend_available() else 'no'}"
+              f" · {info['date']}\n\n{rounds} interleaved rounds, {timer.clock}; ratios: median "
+              "(min–max) of per-round ratios\n\n")
     sections = []
-    results = {}
+    results = {"machine": info}
     for title, fn, shape in [
             (f"LayerNorm {ln_shape[0]}x{ln_shape[1]} {dtype} vs copy bandwidth",
              layer_norm_rows, ln_shape),
             (f"ln_linear M={mm_shape[0]} K={mm_shape[1]} N={mm_shape[2]} {dtype}",
              ln_linear_rows, mm_shape)]:
-        rows = fn(*shape, dtype)
-        results[title] = rows
-        sections.append(to_markdown(title, rows))
+        rows = fn(*shape, dtype, rounds, timer)
+        results[title] = [{c: v.as_dict() if isinstance(v, harness.RatioStats) else v
+                           for c, v in r.items()} for r in rows]
+        cols = list(rows[0])
+        sections.append("\n".join([f"### {title}", "", *harness.markdown_table(
+            cols, [[r[c] for c in cols] for r in rows])]) + "\n")
         print(sections[-1], flush=True)
     text = header + "\n".join(sections) + f"\n(total {time.time() - started:.0f} s)\n"
     os.makedirs(args.out, exist_ok=True)

@@ -53,8 +53,22 @@ stage build 120 build.log env TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 \
 stage gpu-tests 90 pytest_gpu.log env TRITON_INTERPRET=0 MAGNETO_TRITON_AUTOTUNE=0 \
   python3 -m pytest -m gpu -q -rs -p no:cacheprovider tests/
 
-# 3. Benchmarks: markdown + json tables into $OUT.
-stage bench 140 bench.log env TRITON_INTERPRET=0 python3 bench/bench_gpu.py --out "$OUT"
+# 3. Benchmarks, 140 s in all, into $OUT: the report (parity, speed with its floors, memory, the
+#    machine: report-cuda-<date>.{md,json,png}), then bench/bench_gpu.py's tables for what the
+#    report does not time (rms_norm, ln_linear with an output GELU and with dropout, larger
+#    sizes). The defaults fit the budget: MAGNETO_TRITON_AUTOTUNE=0 reuses the kernels the GPU
+#    tests compiled (autotuning compiles every config of every flag combination, 5-30 s each),
+#    and REPORT_FLAGS leaves out the torch.compile comparators (inductor compiles every case:
+#    minutes). For those and tuned kernels, with time to spare:
+#    MAGNETO_TRITON_AUTOTUNE=1 REPORT_FLAGS= bash bench/gpu_check.sh
+REPORT_FLAGS="${REPORT_FLAGS---skip compile --rounds 5}"
+# shellcheck disable=SC2086  # REPORT_FLAGS is a list of flags
+stage report 90 report.log env TRITON_INTERPRET=0 \
+  MAGNETO_TRITON_AUTOTUNE="${MAGNETO_TRITON_AUTOTUNE:-0}" \
+  python3 -m magneto.report --device cuda --out-dir "$OUT" --no-progress $REPORT_FLAGS
+stage bench 50 bench.log env TRITON_INTERPRET=0 \
+  MAGNETO_TRITON_AUTOTUNE="${MAGNETO_TRITON_AUTOTUNE:-0}" \
+  python3 bench/bench_gpu.py --out "$OUT"
 
 # 4. Extra, after the measurements (skip with QUICK=1): the full Triton op suite of
 #    tests/test_ops.py and tests/test_ops_triton.py (written for the CPU interpreter) on CUDA tensors.
