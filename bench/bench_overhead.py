@@ -62,21 +62,21 @@ def cases(rows: int, width: int, out_features: int, grad: bool) -> dict[str, dic
     family = FAMILY["cpu"]
     ln, add_ln, lin = (get_op(op, family) for op in ("layer_norm", "add_layer_norm", "ln_linear"))
     return {
-        "ln_linear": dict(
-            raw=lambda: ln_linear_raw(lin, x2, g, b, w, wb),
-            public=lambda: mk.ln_linear(x, g, b, w, wb),
-            public_2d=lambda: mk.ln_linear(x2, g, b, w, wb),
-            eager=lambda: F.linear(F.layer_norm(x, (width,), g, b, EPS), w, wb)),
-        "layer_norm": dict(
-            raw=lambda: ln(x2, g, b, EPS, "layer"),
-            public=lambda: mk.layer_norm(x, g, b, EPS),
-            public_2d=lambda: mk.layer_norm(x2, g, b, EPS),
-            eager=lambda: F.layer_norm(x, (width,), g, b, EPS)),
-        "add_layer_norm": dict(
-            raw=lambda: add_ln(x2, res2, g, b, EPS, 1.0, "layer"),
-            public=lambda: mk.add_layer_norm(x, res, g, b, EPS),
-            public_2d=lambda: mk.add_layer_norm(x2, res2, g, b, EPS),
-            eager=lambda: F.layer_norm(res + x, (width,), g, b, EPS)),
+        "ln_linear": {
+            "raw": lambda: ln_linear_raw(lin, x2, g, b, w, wb),
+            "public": lambda: mk.ln_linear(x, g, b, w, wb),
+            "public_2d": lambda: mk.ln_linear(x2, g, b, w, wb),
+            "eager": lambda: F.linear(F.layer_norm(x, (width,), g, b, EPS), w, wb)},
+        "layer_norm": {
+            "raw": lambda: ln(x2, g, b, EPS, "layer"),
+            "public": lambda: mk.layer_norm(x, g, b, EPS),
+            "public_2d": lambda: mk.layer_norm(x2, g, b, EPS),
+            "eager": lambda: F.layer_norm(x, (width,), g, b, EPS)},
+        "add_layer_norm": {
+            "raw": lambda: add_ln(x2, res2, g, b, EPS, 1.0, "layer"),
+            "public": lambda: mk.add_layer_norm(x, res, g, b, EPS),
+            "public_2d": lambda: mk.add_layer_norm(x2, res2, g, b, EPS),
+            "eager": lambda: F.layer_norm(res + x, (width,), g, b, EPS)},
     }
 
 

@@ -186,8 +186,8 @@ def _autograd_kernel(op, backward, setup_context):
     """The Autograd-key kernel ``torch.library.register_autograd(op, backward, setup_context=...)``
     would register (torch/_library/autograd.py), without its per-call costs: that one rebuilds
     the schema's argument list once per argument on every call that records a graph (its
-    ``fill_defaults``: ~60 µs for ln_linear's 13 arguments, 3× a decode-size kernel) and wraps
-    the keyset in a dataclass. Our schemas have no defaults, keyword-only arguments or out
+    ``fill_defaults``: ~50 µs for ln_linear's 13 arguments, more than a decode-size kernel) and
+    wraps the keyset in a dataclass. Our schemas have no defaults, keyword-only arguments or out
     variants, which is all that machinery serves.
 
     The keyset travels as the last input of the autograd.Function, as in torch's version;
