@@ -178,11 +178,12 @@ def _register_autograd(family: str) -> None:
         "ln_linear": (ln_linear_backward, ln_linear_setup),
     }
     for op, (backward, setup) in formulas.items():
-        _lib.impl(f"{op}_{family}", _autograd_kernel(get_op(op, family), backward, setup),
-                  "Autograd", with_keyset=True)
+        name = f"{op}_{family}"
+        _lib.impl(name, _autograd_kernel(name, get_op(op, family), backward, setup), "Autograd",
+                  with_keyset=True)
 
 
-def _autograd_kernel(op, backward, setup_context):
+def _autograd_kernel(name: str, op, backward, setup_context):
     """The Autograd-key kernel ``torch.library.register_autograd(op, backward, setup_context=...)``
     would register (torch/_library/autograd.py), without its per-call costs: that one rebuilds
     the schema's argument list once per argument on every call that records a graph (its
@@ -196,26 +197,26 @@ def _autograd_kernel(op, backward, setup_context):
     """
     after_autograd = torch._C._after_autograd_keyset
 
-    class Function(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, *args):
-            *inputs, keyset = args
-            with torch._C._AutoDispatchBelowAutograd():
-                output = op.redispatch(keyset & after_autograd, *inputs)
-            setup_context(ctx, inputs, output)
-            return output
+    def forward(ctx, *args):
+        *inputs, keyset = args
+        with torch._C._AutoDispatchBelowAutograd():
+            output = op.redispatch(keyset & after_autograd, *inputs)
+        setup_context(ctx, inputs, output)
+        return output
 
-        @staticmethod
-        def backward(ctx, *grads):
-            return (*backward(ctx, *grads), None)
+    def function_backward(ctx, *grads):
+        return (*backward(ctx, *grads), None)
+
+    # Built with type() so that grad_fn is named after the op ("ln_linear_<family>Backward").
+    function = type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(forward), "backward": staticmethod(function_backward)})
 
     def kernel(keyset, *args):
         if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
-            return Function.apply(*args, keyset)
+            return function.apply(*args, keyset)
         with torch._C._AutoDispatchBelowAutograd():
             return op.redispatch(keyset & after_autograd, *args)
 
-    Function.__name__ = Function.__qualname__ = f"{op._opname}_autograd"
     return kernel
 
 
