@@ -86,14 +86,15 @@ def available_backends(device: Union[str, torch.device] = "cpu") -> dict[str, Op
 
 
 def resolve_backend(backend: Optional[str], x: torch.Tensor) -> str:
-    """The backend a call on ``x`` runs on; ValueError if the requested one cannot run there."""
-    if backend is None:
+    """The backend a call on ``x`` runs on; ValueError if the requested one cannot run there.
+    Runs on every op call, so the messages naming where the request came from are built only
+    when one is raised."""
+    from_env = backend is None
+    if from_env:
         backend = os.environ.get(ENV_VAR) or None
-        source = f"the {ENV_VAR} environment variable"
-    else:
-        source = "the backend argument"
     if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"{source} must be one of {BACKENDS} or unset, got {backend!r}")
+        raise ValueError(f"{_source(from_env)} must be one of {BACKENDS} or unset, "
+                         f"got {backend!r}")
     device_type = x.device.type
     if x.dtype not in KERNEL_DTYPES:
         if backend not in (None, "reference"):
@@ -103,10 +104,14 @@ def resolve_backend(backend: Optional[str], x: torch.Tensor) -> str:
     if backend is not None:
         problem = _problem(backend, device_type)
         if problem is not None:
-            raise ValueError(f"backend {backend!r} (from {source}) cannot run on {x.device}: "
-                             f"{problem}")
+            raise ValueError(f"backend {backend!r} (from {_source(from_env)}) cannot run on "
+                             f"{x.device}: {problem}")
         return backend
     for name in _DEFAULT_ORDER.get(device_type, ("reference",)):
         if _problem(name, device_type) is None:
             return name
     return "reference"
+
+
+def _source(from_env: bool) -> str:
+    return f"the {ENV_VAR} environment variable" if from_env else "the backend argument"

@@ -178,8 +178,46 @@ def _register_autograd(family: str) -> None:
         "ln_linear": (ln_linear_backward, ln_linear_setup),
     }
     for op, (backward, setup) in formulas.items():
-        torch.library.register_autograd(op_name(op, family), backward, setup_context=setup,
-                                        lib=_lib)
+        name = f"{op}_{family}"
+        _lib.impl(name, _autograd_kernel(name, get_op(op, family), backward, setup), "Autograd",
+                  with_keyset=True)
+
+
+def _autograd_kernel(name: str, op, backward, setup_context):
+    """The Autograd-key kernel ``torch.library.register_autograd(op, backward, setup_context=...)``
+    would register (torch/_library/autograd.py), without its per-call costs: that one rebuilds
+    the schema's argument list once per argument on every call that records a graph (its
+    ``fill_defaults``: ~50 µs for ln_linear's 13 arguments, more than a decode-size kernel) and
+    wraps the keyset in a dataclass. Our schemas have no defaults, keyword-only arguments or out
+    variants, which is all that machinery serves.
+
+    The keyset travels as the last input of the autograd.Function, as in torch's version;
+    ``ctx.needs_input_grad`` then has one trailing entry more, which the formulas, indexing
+    from the front, never read.
+    """
+    after_autograd = torch._C._after_autograd_keyset
+
+    def forward(ctx, *args):
+        *inputs, keyset = args
+        with torch._C._AutoDispatchBelowAutograd():
+            output = op.redispatch(keyset & after_autograd, *inputs)
+        setup_context(ctx, inputs, output)
+        return output
+
+    def function_backward(ctx, *grads):
+        return (*backward(ctx, *grads), None)
+
+    # Built with type() so that grad_fn is named after the op ("ln_linear_<family>Backward").
+    function = type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(forward), "backward": staticmethod(function_backward)})
+
+    def kernel(keyset, *args):
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+            return function.apply(*args, keyset)
+        with torch._C._AutoDispatchBelowAutograd():
+            return op.redispatch(keyset & after_autograd, *args)
+
+    return kernel
 
 
 for _family in FAMILIES:

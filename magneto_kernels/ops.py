@@ -5,6 +5,11 @@ that name the argument, picks a backend (``backends.resolve_backend``) and eithe
 pure-PyTorch reference or flattens to rows and calls the backend family's ``torch.library`` op.
 Dropout seeds are drawn here, from torch's generator on x's device, so ``torch.manual_seed``
 makes every backend draw the same mask.
+
+A decode-size kernel takes a few µs to tens of µs, so the path around it is kept to a few µs
+(``bench/bench_overhead.py`` measures it): ops are looked up once, each tensor attribute is read
+once, 2-D inputs are neither flattened nor viewed back, and calls that want no gradient skip the
+ops' Python Autograd kernel (``_call``).
 """
 from __future__ import annotations
 
@@ -14,41 +19,69 @@ import torch
 from torch import Tensor
 
 from magneto_kernels import reference
-from magneto_kernels.codes import canonical_activation
 from magneto_kernels.backends import FAMILY, resolve_backend
+from magneto_kernels.codes import canonical_activation
 from magneto_kernels.library import get_op
 
-PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# The op of each (public op, backend), looked up once rather than by name on every call.
+_OPS = {(op, backend): get_op(op, family) for backend, family in FAMILY.items()
+        for op in ("layer_norm", "add_layer_norm", "ln_linear")}
 
 
-def _check_tensor(name: str, t: Optional[Tensor], x: Tensor, shape: Optional[tuple] = None,
-                  dtypes: Optional[tuple] = None) -> None:
+def _call(op, *args):
+    """``op(*args)``, without the op's Python Autograd kernel when no gradient is wanted.
+
+    For such a call that kernel (``library._autograd_kernel``) only redispatches below the
+    Autograd key, but reaching it from the dispatcher costs ~5 µs (arguments converted to Python
+    objects and back); entering the same guard here costs under 1 µs. Calls that record a graph,
+    and every call torch.compile traces, go through the op as registered.
+    """
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled()
+                                         and torch._C._any_requires_grad(*args)):
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
+def _check_tensor(name: str, t: Optional[Tensor], device: torch.device, shape: tuple,
+                  dtypes: tuple) -> None:
     if t is None:
         return
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a Tensor or None, got {type(t).__name__}")
-    if t.device != x.device:
-        raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    if shape is not None and tuple(t.shape) != tuple(shape):
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but x is on {device}")
+    if t.shape != shape:
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
-    if dtypes is not None and t.dtype not in dtypes:
+    if t.dtype not in dtypes:
         raise ValueError(f"{name} must have dtype in {dtypes}, got {t.dtype}")
+
+
+def _check_x(x: Tensor) -> None:
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise ValueError("x must be a floating-point Tensor")
+
+
+def _check_norm_kind(norm: str) -> None:
+    if norm != "layer" and norm != "rms":
+        raise ValueError(f"norm must be 'layer' or 'rms', got {norm!r}")
 
 
 def _check_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                 norm: str, prefix: str = "") -> None:
-    if not isinstance(x, Tensor) or not x.is_floating_point():
-        raise ValueError("x must be a floating-point Tensor")
-    if x.dim() < 1 or x.shape[-1] == 0:
-        raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(x.shape)}")
-    if norm not in ("layer", "rms"):
-        raise ValueError(f"norm must be 'layer' or 'rms', got {norm!r}")
+    _check_x(x)
+    shape = x.shape
+    if len(shape) < 1 or shape[-1] == 0:
+        raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(shape)}")
+    _check_norm_kind(norm)
     if not eps >= 0.0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    width = (x.shape[-1],)
+    if weight is None and bias is None:
+        return
+    width, device = shape[-1:], x.device
     param_dtypes = (x.dtype, torch.float32)
-    _check_tensor(prefix + "weight", weight, x, width, param_dtypes)
-    _check_tensor(prefix + "bias", bias, x, width, param_dtypes)
+    _check_tensor(prefix + "weight", weight, device, width, param_dtypes)
+    _check_tensor(prefix + "bias", bias, device, width, param_dtypes)
     if norm == "rms" and bias is not None:
         raise ValueError(f"{prefix}bias must be None for norm='rms' (RMSNorm has no bias)")
     if bias is not None and weight is None:
@@ -56,7 +89,10 @@ def _check_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps
 
 
 def _rows(x: Tensor) -> Tensor:
-    return x.reshape(-1, x.shape[-1]).contiguous()
+    """x as a contiguous (rows, cols) matrix; a 2-D x as it is (a view costs ~1 µs)."""
+    if x.dim() != 2:
+        x = x.reshape(-1, x.shape[-1])
+    return x.contiguous()
 
 
 def _draw_seed(x: Tensor) -> Tensor:
@@ -70,8 +106,8 @@ def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps:
     backend = resolve_backend(backend, x)
     if backend == "reference":
         return reference.layer_norm(x, weight, bias, eps, norm=norm)
-    y, _, _ = get_op("layer_norm", FAMILY[backend])(_rows(x), weight, bias, float(eps), norm)
-    return y.view(x.shape)
+    y, _, _ = _call(_OPS["layer_norm", backend], _rows(x), weight, bias, float(eps), norm)
+    return y if x.dim() == 2 else y.view(*x.shape)
 
 
 def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -79,15 +115,17 @@ def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: 
                    backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
     """Post-LN / DeepNorm residual: returns ``(N(alpha·residual + x), alpha·residual + x)``."""
     _check_norm(x, weight, bias, eps, norm)
-    _check_tensor("residual", residual, x, tuple(x.shape), (x.dtype,))
+    _check_tensor("residual", residual, x.device, x.shape, (x.dtype,))
     if residual is None:
         raise ValueError("residual must be a Tensor")
     backend = resolve_backend(backend, x)
     if backend == "reference":
         return reference.add_layer_norm(x, residual, weight, bias, eps, alpha=alpha, norm=norm)
-    y, s, _, _ = get_op("add_layer_norm", FAMILY[backend])(
-        _rows(x), _rows(residual), weight, bias, float(eps), float(alpha), norm)
-    return y.view(x.shape), s.view(x.shape)
+    y, s, _, _ = _call(_OPS["add_layer_norm", backend], _rows(x), _rows(residual), weight, bias,
+                       float(eps), float(alpha), norm)
+    if x.dim() == 2:
+        return y, s
+    return y.view(*x.shape), s.view(*x.shape)
 
 
 def ln_linear(x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], weight: Tensor,
@@ -104,21 +142,20 @@ def ln_linear(x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
     ``dropout_p=0`` outside training.
     """
     if ln_weight is None:
-        if not isinstance(x, Tensor) or not x.is_floating_point():
-            raise ValueError("x must be a floating-point Tensor")
+        _check_x(x)
         if ln_bias is not None:
             raise ValueError("ln_bias given without ln_weight")
-        if norm not in ("layer", "rms"):
-            raise ValueError(f"norm must be 'layer' or 'rms', got {norm!r}")
+        _check_norm_kind(norm)
     else:
         _check_norm(x, ln_weight, ln_bias, eps, norm, prefix="ln_")
     if not isinstance(weight, Tensor) or weight.dim() != 2:
         raise ValueError("weight must be a 2-D Tensor (out_features, in_features)")
-    out_features, in_features = weight.shape
-    _check_tensor("weight", weight, x, (out_features, x.shape[-1]), (x.dtype,))
-    _check_tensor("bias", bias, x, (out_features,), (x.dtype,))
-    out_shape = (*x.shape[:-1], out_features)
-    _check_tensor("residual", residual, x, out_shape, (x.dtype,))
+    out_features = weight.shape[0]
+    x_shape, device, dtypes = x.shape, x.device, (x.dtype,)
+    _check_tensor("weight", weight, device, (out_features, x_shape[-1]), dtypes)
+    _check_tensor("bias", bias, device, (out_features,), dtypes)
+    if residual is not None:
+        _check_tensor("residual", residual, device, (*x_shape[:-1], out_features), dtypes)
     input_activation = canonical_activation(input_activation)
     activation = canonical_activation(activation)
     if not 0.0 <= dropout_p < 1.0:
@@ -131,12 +168,12 @@ def ln_linear(x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
             x, ln_weight, ln_bias, weight, bias, eps=eps, norm=norm,
             input_activation=input_activation, activation=activation, residual=residual,
             alpha=alpha, dropout_p=dropout_p, seed=seed)
-    out, _, _, _ = get_op("ln_linear", FAMILY[backend])(
-        _rows(x), ln_weight, ln_bias, weight.contiguous(), bias,
+    out, _, _, _ = _call(
+        _OPS["ln_linear", backend], _rows(x), ln_weight, ln_bias, weight.contiguous(), bias,
         None if residual is None else _rows(residual), seed, float(eps),
         "none" if ln_weight is None else norm, input_activation, activation, float(alpha),
         float(dropout_p))
-    return out.view(out_shape)
+    return out if len(x_shape) == 2 else out.view(*x_shape[:-1], out_features)
 
 
 def activation(x: Tensor, name: Optional[str]) -> Tensor:

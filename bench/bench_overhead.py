@@ -1,0 +1,147 @@
+"""Per-call overhead of the public ops over the op they call, at decode sizes, on CPU.
+
+For ``ln_linear``, ``layer_norm`` and ``add_layer_norm`` at 1 and 8 rows of width 768 (ln_linear
+768→768 and 768→2304) and at 1 row of width 64, fp32, one thread, each timed per call as:
+
+- raw:    the family's ``torch.ops.magneto.<op>_<family>`` op on the ready (rows, cols) matrix;
+- public: ``magneto_kernels.<op>`` on x of shape (1, rows, cols), as the modules pass it
+          (checks, backend choice, flattening and the view back included), with ``backend=None``
+          so the ``MAGNETO_BACKEND`` lookup and the default order are timed too;
+- 2-D:    the same public call on the (rows, cols) matrix;
+- eager:  ``F.layer_norm`` (after the add, for add_layer_norm) and ``F.linear``.
+
+Each under ``torch.no_grad()`` and with the parameters requiring grad (a training forward: the
+op records its backward). The overhead column is public − raw, the number the public API adds.
+
+Timed back to back, a kernel that streams a 768×768 weight slows down by more than the Python
+run between its calls costs on its own (measured here: a 0.6 µs ``os.environ.get`` adds ~5 µs to
+a 1×768→768 ln_linear), so the decode-size overheads include that effect; the 1×64 rows, whose
+kernels touch little memory, show what the public path itself costs.
+
+The machine may be shared and noisy: every round times each variant once (many calls each),
+interleaved, the clock is the process's CPU time (``time.process_time``, one thread, so other
+processes' load does not inflate it), and the table gives medians over rounds, the overhead
+as the median of per-round differences. Times the ``magneto_kernels`` that Python imports: run
+it from the checkout to time (``python -m bench.bench_overhead`` puts the working directory
+first on the path).
+
+    python -m bench.bench_overhead [--rounds 15] [--sample-ms 20]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import time
+
+import torch
+import torch.nn.functional as F
+
+import magneto_kernels as mk
+from magneto_kernels.backends import FAMILY
+from magneto_kernels.library import get_op
+
+EPS = 1e-5
+SIZES = ((1, 768, 768), (8, 768, 2304), (1, 64, 64))  # rows, in_features, out_features
+
+
+def cases(rows: int, width: int, out_features: int, grad: bool) -> dict[str, dict]:
+    """Per op: the variants' callables, on tensors made once."""
+    gen = torch.Generator().manual_seed(0)
+
+    def param(*shape):
+        return torch.randn(*shape, generator=gen).requires_grad_(grad)
+
+    x = torch.randn(1, rows, width, generator=gen)
+    x2 = x.view(rows, width)
+    res = torch.randn(1, rows, width, generator=gen)
+    res2 = res.view(rows, width)
+    g, b = param(width), param(width)
+    w, wb = param(out_features, width), param(out_features)
+    family = FAMILY["cpu"]
+    ln, add_ln, lin = (get_op(op, family) for op in ("layer_norm", "add_layer_norm", "ln_linear"))
+    return {
+        "ln_linear": {
+            "raw": lambda: ln_linear_raw(lin, x2, g, b, w, wb),
+            "public": lambda: mk.ln_linear(x, g, b, w, wb),
+            "public_2d": lambda: mk.ln_linear(x2, g, b, w, wb),
+            "eager": lambda: F.linear(F.layer_norm(x, (width,), g, b, EPS), w, wb)},
+        "layer_norm": {
+            "raw": lambda: ln(x2, g, b, EPS, "layer"),
+            "public": lambda: mk.layer_norm(x, g, b, EPS),
+            "public_2d": lambda: mk.layer_norm(x2, g, b, EPS),
+            "eager": lambda: F.layer_norm(x, (width,), g, b, EPS)},
+        "add_layer_norm": {
+            "raw": lambda: add_ln(x2, res2, g, b, EPS, 1.0, "layer"),
+            "public": lambda: mk.add_layer_norm(x, res, g, b, EPS),
+            "public_2d": lambda: mk.add_layer_norm(x2, res2, g, b, EPS),
+            "eager": lambda: F.layer_norm(res + x, (width,), g, b, EPS)},
+    }
+
+
+def ln_linear_raw(op, x, g, b, w, wb):
+    return op(x, g, b, w, wb, None, None, EPS, "layer", "none", "none", 1.0, 0.0)
+
+
+def per_call_us(fn, calls: int) -> float:
+    start = time.process_time()
+    for _ in range(calls):
+        fn()
+    return (time.process_time() - start) / calls * 1e6
+
+
+def measure(variants: dict, rounds: int, sample_ms: float) -> dict[str, float]:
+    for fn in variants.values():  # warm up, and size a sample to about sample_ms
+        per_call_us(fn, 20)
+    slowest = max(per_call_us(fn, 50) for fn in variants.values())
+    calls = max(20, int(sample_ms * 1e3 / slowest))
+    samples = [{name: per_call_us(fn, calls) for name, fn in variants.items()}
+               for _ in range(rounds)]
+    result = {name: statistics.median(s[name] for s in samples) for name in variants}
+    result["overhead"] = statistics.median(s["public"] - s["raw"] for s in samples)
+    result["spread"] = max(s["public"] - s["raw"] for s in samples) - min(
+        s["public"] - s["raw"] for s in samples)
+    return result
+
+
+def revision() -> str:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(mk.__file__)))
+    try:
+        return subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--sample-ms", type=float, default=20.0,
+                        help="CPU time per variant per round")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    load = os.getloadavg()
+    print(f"magneto_kernels from {os.path.dirname(mk.__file__)} (git {revision()}), "
+          f"torch {torch.__version__}, 1 thread, fp32, {args.rounds} rounds; "
+          f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on {os.cpu_count()} CPUs")
+    print(f"backend=None resolves to {mk.resolve_backend(None, torch.empty(1))!r}; "
+          f"times in µs per call (process CPU time), medians over rounds\n")
+    print("| op | rows×K→N | grad | raw | public | public 2-D | eager | public − raw "
+          "(spread) | public / eager |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    for rows, width, out_features in SIZES:
+        for grad in (False, True):
+            for op, variants in cases(rows, width, out_features, grad).items():
+                with torch.set_grad_enabled(grad):
+                    r = measure(variants, args.rounds, args.sample_ms)
+                size = f"{rows}×{width}" + (f"→{out_features}" if op == "ln_linear" else "")
+                print(f"| {op} | {size} | {'yes' if grad else 'no_grad'} | {r['raw']:.1f} | "
+                      f"{r['public']:.1f} | {r['public_2d']:.1f} | {r['eager']:.1f} | "
+                      f"{r['overhead']:+.1f} ({r['spread']:.1f}) | "
+                      f"{r['public'] / r['eager']:.2f} |", flush=True)
+    print(f"\nload average after: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()

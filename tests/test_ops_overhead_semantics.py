@@ -1,0 +1,87 @@
+"""The short paths of the public ops behave as the long ones: calls that skip the ops' Autograd
+kernel (no gradient wanted), 2-D inputs that are not flattened, the op families' own Autograd
+kernels, and torch.compile of an inference call. Behaviour only; bench/bench_overhead.py times
+them."""
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import magneto_kernels as mk
+
+pytestmark = pytest.mark.skipif(mk.available_backends("cpu")["cpu"] is not None,
+                                reason="the cpu backend is not built")
+
+
+def _params(requires_grad: bool):
+    gen = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(*shape, generator=gen) for shape in ((16,), (16,), (24, 16), (24,))]
+    return [t.requires_grad_(requires_grad) for t in tensors]
+
+
+def _calls(x, res, params):
+    g, b, w, wb = params
+    return {
+        "layer_norm": lambda: mk.layer_norm(x, g, b, backend="cpu"),
+        "add_layer_norm": lambda: mk.add_layer_norm(x, res, g, b, backend="cpu", alpha=1.5),
+        "ln_linear": lambda: mk.ln_linear(x, g, b, w, wb, activation="gelu", backend="cpu"),
+    }
+
+
+@pytest.mark.parametrize("shape", [(16,), (3, 16), (2, 3, 16), (0, 16)])
+@pytest.mark.parametrize("op", ["layer_norm", "add_layer_norm", "ln_linear"])
+def test_no_grad_path_matches_graph_recording_path(op, shape):
+    gen = torch.Generator().manual_seed(1)
+    x, res = torch.randn(*shape, generator=gen), torch.randn(*shape, generator=gen)
+    with torch.no_grad():
+        fast = _calls(x, res, _params(False))[op]()
+    recorded = _calls(x, res, _params(True))[op]()
+    fast = fast if isinstance(fast, tuple) else (fast,)
+    recorded = recorded if isinstance(recorded, tuple) else (recorded,)
+    for f, r in zip(fast, recorded):
+        assert f.shape == r.shape and f.shape[:-1] == shape[:-1]
+        assert f.grad_fn is None and not f.requires_grad
+        assert r.requires_grad and r.grad_fn is not None
+        torch.testing.assert_close(f, r.detach(), rtol=0, atol=0)
+
+
+def test_grad_enabled_without_grad_inputs_records_nothing():
+    x = torch.randn(4, 16)
+    out = _calls(x, x, _params(False))["ln_linear"]()
+    assert out.grad_fn is None and not out.requires_grad
+    with torch.inference_mode():
+        assert _calls(x, x, _params(False))["ln_linear"]().shape == (4, 24)
+
+
+def test_gradients_flow_to_x_only():
+    x = torch.randn(2, 3, 16, requires_grad=True)
+    g, b, w, wb = _params(False)
+    out = mk.ln_linear(x, g, b, w, wb, activation="gelu", backend="cpu")
+    (dx,) = torch.autograd.grad(out.square().sum(), x)
+    xr = x.detach().double().requires_grad_()
+    ref = mk.ln_linear(xr, g.double(), b.double(), w.double(), wb.double(), activation="gelu",
+                       backend="reference")
+    (dx_ref,) = torch.autograd.grad(ref.square().sum(), xr)
+    torch.testing.assert_close(dx, dx_ref.float(), rtol=1e-4, atol=1e-4)
+
+
+def test_fake_tensors_take_the_no_grad_path():
+    with FakeTensorMode():
+        x = torch.empty(2, 3, 16)
+        with torch.no_grad():
+            out = _calls(x, x, _params(False))["ln_linear"]()
+    assert out.shape == (2, 3, 24)
+
+
+def test_compile_inference_fullgraph_matches_eager():
+    x = torch.randn(2, 3, 16)
+    params = _params(False)
+
+    def block(x):
+        y, s = mk.add_layer_norm(x, x, *params[:2], backend="cpu")
+        return mk.ln_linear(y, *params, backend="cpu") + mk.layer_norm(s, *params[:2],
+                                                                          backend="cpu").sum()
+
+    with torch.no_grad():
+        eager = block(x)
+        compiled = torch.compile(block, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(compiled, eager)
