@@ -3,6 +3,7 @@
 Sizes: the report's defaults for the device, or its tiny ones with ``MAGNETO_BENCH_SIZES=quick``.
 torch.compile comparators are left out (minutes of compiling for a benchmark suite).
 """
+
 from __future__ import annotations
 
 import os
@@ -15,10 +16,17 @@ from magneto.report import cli, harness, speed
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SIZES = cli.SIZES[os.environ.get("MAGNETO_BENCH_SIZES", DEVICE)]
 SETTINGS = speed.Settings(
-    device=DEVICE, dtype=torch.bfloat16 if DEVICE == "cuda" else torch.float32,
-    backends=[b for b, why in mk.available_backends(DEVICE).items()
-              if why is None and b != "reference" and not (DEVICE == "cpu" and b == "triton")],
-    compile=False, rounds=1, timer=harness.cpu_timer())
+    device=DEVICE,
+    dtype=torch.bfloat16 if DEVICE == "cuda" else torch.float32,
+    backends=[
+        b
+        for b, why in mk.available_backends(DEVICE).items()
+        if why is None and b != "reference" and not (DEVICE == "cpu" and b == "triton")
+    ],
+    compile=False,
+    rounds=1,
+    timer=harness.cpu_timer(),
+)
 
 
 def params(cases: list[speed.Case]) -> list:
@@ -28,8 +36,11 @@ def params(cases: list[speed.Case]) -> list:
     side."""
     import pytest
 
-    return [pytest.param(case, name, id=f"{case.name} {case.pass_} | {name}".replace("×", "x"))
-            for case in cases for name in case.variants]
+    return [
+        pytest.param(case, name, id=f"{case.name} {case.pass_} | {name}".replace("×", "x"))
+        for case in cases
+        for name in case.variants
+    ]
 
 
 def run(benchmark, case: speed.Case, variant: str) -> None:

@@ -30,6 +30,7 @@ the spread (min–max over rounds). Each thread count gets its own tables, heade
 
     python bench/bench_cpu.py [--rounds 21] [--threads 1 2] [--out bench/results/cpu.md]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,7 +53,7 @@ def ln_linear_variants(m: int, k: int, n: int, fc2: bool) -> dict:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(m, k, generator=g) * 2 + 1
     lw, lb = torch.randn(k, generator=g) * 0.2 + 1, torch.randn(k, generator=g) * 0.1
-    w, b = torch.randn(n, k, generator=g) * k ** -0.5, torch.randn(n, generator=g) * 0.1
+    w, b = torch.randn(n, k, generator=g) * k**-0.5, torch.randn(n, generator=g) * 0.1
     r = torch.randn(m, n, generator=g) if fc2 else None
     dy = torch.randn(m, n, generator=g)
     options = dict(input_activation="gelu" if fc2 else None, residual=r)
@@ -64,6 +65,7 @@ def ln_linear_variants(m: int, k: int, n: int, fc2: bool) -> dict:
             torch.autograd.backward(out, dy)
             for t in leaves:
                 t.grad = None
+
         return run
 
     h = F.layer_norm(x, (k,), lw, lb)
@@ -73,6 +75,7 @@ def ln_linear_variants(m: int, k: int, n: int, fc2: bool) -> dict:
             engine(h, w.t(), torch.empty(m, n))
             engine(dy, w, torch.empty(m, k))
             engine(dy.t(), h, torch.empty(n, k))
+
         return run
 
     def ours(a, b, out):
@@ -81,8 +84,12 @@ def ln_linear_variants(m: int, k: int, n: int, fc2: bool) -> dict:
     def aten(a, b, out):
         torch.mm(a, b, out=out)
 
-    return {"magneto cpu": fused("cpu"), "GEMMs alone": gemms(ours),
-            "GEMMs alone, torch.mm": gemms(aten), "eager reference": fused("reference")}
+    return {
+        "magneto cpu": fused("cpu"),
+        "GEMMs alone": gemms(ours),
+        "GEMMs alone, torch.mm": gemms(aten),
+        "eager reference": fused("reference"),
+    }
 
 
 def layer_norm_variants(rows: int, cols: int) -> dict:
@@ -96,16 +103,20 @@ def layer_norm_variants(rows: int, cols: int) -> dict:
     return {
         "fwd magneto cpu": lambda: mk.layer_norm(x, w, b, backend="cpu"),
         "fwd F.layer_norm": lambda: F.layer_norm(x, (cols,), w, b),
-        "bwd magneto cpu": lambda: ours_bwd(dy, x, w, b, mean, rstd, None, "layer",
-                                            [True, True, True]),
+        "bwd magneto cpu": lambda: ours_bwd(
+            dy, x, w, b, mean, rstd, None, "layer", [True, True, True]
+        ),
         "bwd aten": lambda: torch.ops.aten.native_layer_norm_backward(
-            dy, x, [cols], t_mean, t_rstd, w, b, [True, True, True]),
+            dy, x, [cols], t_mean, t_rstd, w, b, [True, True, True]
+        ),
     }
 
 
-def encoder_layer_variants(d: int = 768, heads: int = 12, ffn: int = 3072, batch: int = 2,
-                           tokens: int = 512) -> dict:
+def encoder_layer_variants(
+    d: int = 768, heads: int = 12, ffn: int = 3072, batch: int = 2, tokens: int = 512
+) -> dict:
     from bench_memory import magneto_encoder, torchscale_encoder
+
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, tokens, d, generator=g)
     dy = torch.randn(batch, tokens, d, generator=g)
@@ -116,11 +127,14 @@ def encoder_layer_variants(d: int = 768, heads: int = 12, ffn: int = 3072, batch
         def run():
             model(None, token_embeddings=x)["encoder_out"].backward(dy)
             model.zero_grad(set_to_none=True)
+
         return run
 
-    return {"magneto cpu": step(magneto_encoder("cpu", d, heads, ffn)),
-            "magneto reference": step(magneto_encoder("reference", d, heads, ffn)),
-            "torchscale": step(torchscale_encoder(d, heads, ffn))}
+    return {
+        "magneto cpu": step(magneto_encoder("cpu", d, heads, ffn)),
+        "magneto reference": step(magneto_encoder("reference", d, heads, ffn)),
+        "torchscale": step(torchscale_encoder(d, heads, ffn)),
+    }
 
 
 def ms(seconds: list[float]) -> float:
@@ -129,30 +143,63 @@ def ms(seconds: list[float]) -> float:
 
 def tables(rounds: int, timer: harness.Timer) -> list[str]:
     engine = _C.cpu_gemm_engine()
-    header = ["shape", "options", "magneto cpu (ms)", f"GEMMs alone, {engine} (ms)",
-              "eager reference (ms)", "cpu / GEMMs", "cpu / eager",
-              f"GEMMs: torch.mm / {engine}"]
+    header = [
+        "shape",
+        "options",
+        "magneto cpu (ms)",
+        f"GEMMs alone, {engine} (ms)",
+        "eager reference (ms)",
+        "cpu / GEMMs",
+        "cpu / eager",
+        f"GEMMs: torch.mm / {engine}",
+    ]
     rows = []
     for k, n, fc2 in ((768, 3072, False), (3072, 768, True)):
         times = harness.interleaved(ln_linear_variants(1024, k, n, fc2), rounds, timer)
-        ours, gemm, eager, mm = (times[v] for v in ("magneto cpu", "GEMMs alone",
-                                                   "eager reference", "GEMMs alone, torch.mm"))
+        ours, gemm, eager, mm = (
+            times[v]
+            for v in ("magneto cpu", "GEMMs alone", "eager reference", "GEMMs alone, torch.mm")
+        )
         opts = "LN, gelu input act, bias, residual" if fc2 else "LN, bias"
-        rows.append([f"K={k}, N={n}", opts, ms(ours), ms(gemm), ms(eager),
-                     *(harness.ratio_stats(a, b) for a, b in ((ours, gemm), (ours, eager),
-                                                              (mm, gemm)))])
+        rows.append(
+            [
+                f"K={k}, N={n}",
+                opts,
+                ms(ours),
+                ms(gemm),
+                ms(eager),
+                *(harness.ratio_stats(a, b) for a, b in ((ours, gemm), (ours, eager), (mm, gemm))),
+            ]
+        )
     lines = harness.markdown_table(header, rows)
     print("\n".join(lines), flush=True)
 
-    lines += ["", "one Sub-LN encoder layer + final LN, forward+backward (d=768, 12 heads, "
-              "FFN 3072, 2×512 tokens):", ""]
+    lines += [
+        "",
+        "one Sub-LN encoder layer + final LN, forward+backward (d=768, 12 heads, "
+        "FFN 3072, 2×512 tokens):",
+        "",
+    ]
     times = harness.interleaved(encoder_layer_variants(), max(5, rounds // 3), timer)
     ours, ref, ts = (times[v] for v in ("magneto cpu", "magneto reference", "torchscale"))
     table = harness.markdown_table(
-        ["magneto cpu (ms)", "magneto reference (ms)", "torchscale 0.3.0 (ms)",
-         "cpu / reference", "cpu / torchscale"],
-        [[ms(ours), ms(ref), ms(ts), harness.ratio_stats(ours, ref),
-          harness.ratio_stats(ours, ts)]])
+        [
+            "magneto cpu (ms)",
+            "magneto reference (ms)",
+            "torchscale 0.3.0 (ms)",
+            "cpu / reference",
+            "cpu / torchscale",
+        ],
+        [
+            [
+                ms(ours),
+                ms(ref),
+                ms(ts),
+                harness.ratio_stats(ours, ref),
+                harness.ratio_stats(ours, ts),
+            ]
+        ],
+    )
     print("\n".join(table), flush=True)
     lines += table
 
@@ -162,20 +209,24 @@ def tables(rounds: int, timer: harness.Timer) -> list[str]:
     for p, theirs in (("fwd", "fwd F.layer_norm"), ("bwd", "bwd aten")):
         # Each pass on its own, so that each kernel follows the other as often as itself (what a
         # kernel leaves in cache shifts the next one's time by up to ~10% at this size).
-        times = harness.interleaved({v: variants[v] for v in (f"{p} magneto cpu", theirs)},
-                                    rounds * 6, timer)
+        times = harness.interleaved(
+            {v: variants[v] for v in (f"{p} magneto cpu", theirs)}, rounds * 6, timer
+        )
         ours = times[f"{p} magneto cpu"]
         rows.append([p, ms(ours), ms(times[theirs]), harness.ratio_stats(ours, times[theirs])])
-    table = harness.markdown_table(["pass", "magneto cpu (ms)", "torch (ms)", "magneto / torch"],
-                                   rows)
+    table = harness.markdown_table(
+        ["pass", "magneto cpu (ms)", "torch (ms)", "magneto / torch"], rows
+    )
     print("\n".join(table), flush=True)
     return lines + table
 
 
 ALLOCATOR_MODES = {
     "default": ("glibc malloc, default settings", {}),
-    "kept": ("large blocks kept for reuse (MALLOC_MMAP_THRESHOLD_=MALLOC_TRIM_THRESHOLD_=4 GB)",
-             {"MALLOC_MMAP_THRESHOLD_": "4000000000", "MALLOC_TRIM_THRESHOLD_": "4000000000"}),
+    "kept": (
+        "large blocks kept for reuse (MALLOC_MMAP_THRESHOLD_=MALLOC_TRIM_THRESHOLD_=4 GB)",
+        {"MALLOC_MMAP_THRESHOLD_": "4000000000", "MALLOC_TRIM_THRESHOLD_": "4000000000"},
+    ),
 }
 
 
@@ -185,8 +236,12 @@ def run_mode(args) -> list[str]:
     for threads in args.threads:
         torch.set_num_threads(threads)
         timer = harness.cpu_timer(threads)
-        lines += [f"### {threads} thread{'s' if threads > 1 else ''} ({timer.clock})", "",
-                  "ln_linear forward+backward, M=1024:", ""]
+        lines += [
+            f"### {threads} thread{'s' if threads > 1 else ''} ({timer.clock})",
+            "",
+            "ln_linear forward+backward, M=1024:",
+            "",
+        ]
         print(lines[-4], flush=True)
         lines += tables(args.rounds, timer) + [""]
     return lines
@@ -196,10 +251,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=21)
     parser.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()])
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
-                                                      "cpu.md"))
-    parser.add_argument("--allocator", choices=[*ALLOCATOR_MODES, "both"], default="both",
-                        help="which allocator settings to run under (each in its own process)")
+    parser.add_argument(
+        "--out", default=os.path.join(os.path.dirname(__file__), "results", "cpu.md")
+    )
+    parser.add_argument(
+        "--allocator",
+        choices=[*ALLOCATOR_MODES, "both"],
+        default="both",
+        help="which allocator settings to run under (each in its own process)",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
 
@@ -210,19 +270,37 @@ def main() -> None:
         for mode, (title, env) in ALLOCATOR_MODES.items():
             with tempfile.NamedTemporaryFile("r", suffix=".md") as part:
                 print(f"## allocator: {title}", flush=True)
-                subprocess.run([sys.executable, __file__, "--rounds", str(args.rounds),
-                                "--threads", *map(str, args.threads), "--allocator", mode,
-                                "--out", part.name], env=dict(os.environ, **env), check=True)
+                subprocess.run(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--rounds",
+                        str(args.rounds),
+                        "--threads",
+                        *map(str, args.threads),
+                        "--allocator",
+                        mode,
+                        "--out",
+                        part.name,
+                    ],
+                    env=dict(os.environ, **env),
+                    check=True,
+                )
                 lines += [f"## Allocator: {title}", ""] + part.read().splitlines() + [""]
         info = harness.machine_info("cpu")
-        lines = ["# CPU benchmark (bench/bench_cpu.py)", "",
-                 f"{info['date']}; {info['cpu']}, {info['cpus']} CPUs, torch {info['torch']}, "
-                 f"kernels built for `{info['kernel_isa']}`, GEMM engine "
-                 f"`{info['cpu_gemm_engine']}`; fp32; "
-                 f"{args.rounds} interleaved rounds (the encoder layer: a third as many); ratio = "
-                 "median over rounds of per-round ratios (spread = min–max over rounds).", "",
-                 f"Command: `python bench/bench_cpu.py --rounds {args.rounds} --threads "
-                 f"{' '.join(map(str, args.threads))}`", ""] + lines
+        lines = [
+            "# CPU benchmark (bench/bench_cpu.py)",
+            "",
+            f"{info['date']}; {info['cpu']}, {info['cpus']} CPUs, torch {info['torch']}, "
+            f"kernels built for `{info['kernel_isa']}`, GEMM engine "
+            f"`{info['cpu_gemm_engine']}`; fp32; "
+            f"{args.rounds} interleaved rounds (the encoder layer: a third as many); ratio = "
+            "median over rounds of per-round ratios (spread = min–max over rounds).",
+            "",
+            f"Command: `python bench/bench_cpu.py --rounds {args.rounds} --threads "
+            f"{' '.join(map(str, args.threads))}`",
+            "",
+        ] + lines
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

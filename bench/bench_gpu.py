@@ -19,6 +19,7 @@ every ratio is the median (min–max) of per-round ratios. Rows (bf16, all measu
 Writes ``bench_gpu.md`` (markdown) and ``bench_gpu.json`` to --out (default: $OUT, else
 bench/results/). Needs a CUDA GPU (exits with status 2 without one) unless --smoke-cpu.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,7 @@ def ms(seconds: list[float]) -> float:
     return 1e3 * harness.time_stats(seconds)["median_s"]
 
 
-def layer_norm_rows(rows: int, width: int, dtype, rounds: int, timer: harness.Timer
-                    ) -> list[dict]:
+def layer_norm_rows(rows: int, width: int, dtype, rounds: int, timer: harness.Timer) -> list[dict]:
     x = torch.randn(rows, width, device=DEVICE, dtype=dtype) + 1.0
     w = torch.randn(width, device=DEVICE, dtype=dtype) * 0.1 + 1.0
     b = torch.randn(width, device=DEVICE, dtype=dtype) * 0.1
@@ -64,21 +64,25 @@ def layer_norm_rows(rows: int, width: int, dtype, rounds: int, timer: harness.Ti
         fwd = get_op("layer_norm", FAMILY[backend])
         bwd = get_op("layer_norm_backward", FAMILY[backend])
         _, mean, rstd = fwd(x, w, b, 1e-5, "layer")
-        variants[f"layer_norm fwd [{backend}]"] = \
-            lambda fwd=fwd: fwd(x, w, b, 1e-5, "layer")
-        variants[f"layer_norm bwd [{backend}]"] = \
-            lambda bwd=bwd, mean=mean, rstd=rstd: bwd(dy, x, w, b, mean, rstd, None, "layer",
-                                                      [True, True, True])
+        variants[f"layer_norm fwd [{backend}]"] = lambda fwd=fwd: fwd(x, w, b, 1e-5, "layer")
+        variants[f"layer_norm bwd [{backend}]"] = lambda bwd=bwd, mean=mean, rstd=rstd: bwd(
+            dy, x, w, b, mean, rstd, None, "layer", [True, True, True]
+        )
         variants[f"rms_norm fwd [{backend}]"] = lambda fwd=fwd: fwd(x, w, None, 1e-5, "rms")
-        moved.update({f"layer_norm fwd [{backend}]": 2 * nbytes,
-                      f"layer_norm bwd [{backend}]": 3 * nbytes,
-                      f"rms_norm fwd [{backend}]": 2 * nbytes})
+        moved.update(
+            {
+                f"layer_norm fwd [{backend}]": 2 * nbytes,
+                f"layer_norm bwd [{backend}]": 3 * nbytes,
+                f"rms_norm fwd [{backend}]": 2 * nbytes,
+            }
+        )
     leaves = [t.detach().requires_grad_() for t in (x, w, b)]
     yt = F.layer_norm(leaves[0], (width,), leaves[1], leaves[2])
     variants["layer_norm fwd [torch]"] = lambda: F.layer_norm(x, (width,), w, b)
     # dx, dweight and dbias, as ours
-    variants["layer_norm bwd [torch]"] = \
-        lambda: torch.autograd.grad(yt, leaves, dy, retain_graph=True)
+    variants["layer_norm bwd [torch]"] = lambda: torch.autograd.grad(
+        yt, leaves, dy, retain_graph=True
+    )
     moved.update({"layer_norm fwd [torch]": 2 * nbytes, "layer_norm bwd [torch]": 3 * nbytes})
 
     times = harness.interleaved(variants, rounds, timer)
@@ -87,19 +91,23 @@ def layer_norm_rows(rows: int, width: int, dtype, rounds: int, timer: harness.Ti
     out = []
     for name, t in times.items():
         ideal = [c * moved[name] / moved["copy"] for c in times["copy"]]
-        out.append({"op": f"copy {rows}x{width} {dtype}" if name == "copy" else name,
-                    "ms": ms(t), "GB/s": moved[name] / harness.time_stats(t)["median_s"] / 1e9,
-                    "fraction of copy": harness.ratio_stats(ideal, t)})
+        out.append(
+            {
+                "op": f"copy {rows}x{width} {dtype}" if name == "copy" else name,
+                "ms": ms(t),
+                "GB/s": moved[name] / harness.time_stats(t)["median_s"] / 1e9,
+                "fraction of copy": harness.ratio_stats(ideal, t),
+            }
+        )
     return out
 
 
-def ln_linear_rows(m: int, k: int, n: int, dtype, rounds: int, timer: harness.Timer
-                   ) -> list[dict]:
+def ln_linear_rows(m: int, k: int, n: int, dtype, rounds: int, timer: harness.Timer) -> list[dict]:
     dev = DEVICE
     x = torch.randn(m, k, device=dev, dtype=dtype) + 0.5
     g = torch.randn(k, device=dev, dtype=dtype) * 0.1 + 1.0
     beta = torch.randn(k, device=dev, dtype=dtype) * 0.1
-    w = torch.randn(n, k, device=dev, dtype=dtype) / k ** 0.5
+    w = torch.randn(n, k, device=dev, dtype=dtype) / k**0.5
     bias = torch.randn(n, device=dev, dtype=dtype) * 0.1
     res = torch.randn(m, n, device=dev, dtype=dtype)
     dy = torch.randn(m, n, device=dev, dtype=dtype)
@@ -110,6 +118,7 @@ def ln_linear_rows(m: int, k: int, n: int, dtype, rounds: int, timer: harness.Ti
         def run():
             with torch.no_grad():
                 fn()
+
         return run
 
     def fwd_bwd(fn):
@@ -117,45 +126,73 @@ def ln_linear_rows(m: int, k: int, n: int, dtype, rounds: int, timer: harness.Ti
             fn().backward(dy)
             for t in params:
                 t.grad = None
+
         return run
 
     matmul = f"torch.matmul {m}x{k}x{n}"
-    calls = {matmul: lambda: torch.matmul(x, w.t()),
-             "torch eager LayerNorm+Linear":
-                 lambda: F.linear(F.layer_norm(x, (k,), g, beta), w, bias)}
-    compiled = torch.compile(lambda x, g, beta, w, bias: reference.ln_linear(x, g, beta, w, bias),
-                             backend="inductor" if DEVICE == "cuda" else "aot_eager")
+    calls = {
+        matmul: lambda: torch.matmul(x, w.t()),
+        "torch eager LayerNorm+Linear": lambda: F.linear(F.layer_norm(x, (k,), g, beta), w, bias),
+    }
+    compiled = torch.compile(
+        lambda x, g, beta, w, bias: reference.ln_linear(x, g, beta, w, bias),
+        backend="inductor" if DEVICE == "cuda" else "aot_eager",
+    )
     calls["torch.compile(reference.ln_linear)"] = lambda: compiled(x, g, beta, w, bias)
     for backend in ["triton"] + (["cuda"] if cuda_backend_available() else []):
-        calls[f"ln_linear [{backend}]"] = \
-            lambda be=backend: mk.ln_linear(x, g, beta, w, bias, backend=be)
-        calls[f"ln_linear gelu (fc1) [{backend}]"] = \
-            lambda be=backend: mk.ln_linear(x, g, beta, w, bias, activation="gelu", backend=be)
-        calls[f"ln_linear in_act+residual+dropout (fc2) [{backend}]"] = \
-            lambda be=backend: mk.ln_linear(x, g, beta, w, bias, input_activation="gelu",
-                                            residual=res, dropout_p=0.1, backend=be)
+        calls[f"ln_linear [{backend}]"] = lambda be=backend: mk.ln_linear(
+            x, g, beta, w, bias, backend=be
+        )
+        calls[f"ln_linear gelu (fc1) [{backend}]"] = lambda be=backend: mk.ln_linear(
+            x, g, beta, w, bias, activation="gelu", backend=be
+        )
+        calls[f"ln_linear in_act+residual+dropout (fc2) [{backend}]"] = lambda be=backend: (
+            mk.ln_linear(
+                x,
+                g,
+                beta,
+                w,
+                bias,
+                input_activation="gelu",
+                residual=res,
+                dropout_p=0.1,
+                backend=be,
+            )
+        )
     variants = {}
     for name, fn in calls.items():
         variants[f"fwd {name}"] = fwd(fn)
         variants[f"fwd+bwd {name}"] = fwd_bwd(fn)
     times = harness.interleaved(variants, rounds, timer)
-    return [{"op": name, "fwd ms": ms(times[f"fwd {name}"]),
-             "fwd TFLOP/s": flops / harness.time_stats(times[f"fwd {name}"])["median_s"] / 1e12,
-             "fwd / matmul": harness.ratio_stats(times[f"fwd {name}"], times[f"fwd {matmul}"]),
-             "fwd+bwd ms": ms(times[f"fwd+bwd {name}"]),
-             "fwd+bwd / matmul": harness.ratio_stats(times[f"fwd+bwd {name}"],
-                                                     times[f"fwd+bwd {matmul}"])}
-            for name in calls]
+    return [
+        {
+            "op": name,
+            "fwd ms": ms(times[f"fwd {name}"]),
+            "fwd TFLOP/s": flops / harness.time_stats(times[f"fwd {name}"])["median_s"] / 1e12,
+            "fwd / matmul": harness.ratio_stats(times[f"fwd {name}"], times[f"fwd {matmul}"]),
+            "fwd+bwd ms": ms(times[f"fwd+bwd {name}"]),
+            "fwd+bwd / matmul": harness.ratio_stats(
+                times[f"fwd+bwd {name}"], times[f"fwd+bwd {matmul}"]
+            ),
+        }
+        for name in calls
+    ]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default=os.environ.get("OUT") or os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument(
+        "--out",
+        default=os.environ.get("OUT")
+        or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+    )
     parser.add_argument("--quick", action="store_true", help="smaller shapes")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per table")
-    parser.add_argument("--smoke-cpu", action="store_true",
-                        help="check the script on CPU under TRITON_INTERPRET=1 (no timing value)")
+    parser.add_argument(
+        "--smoke-cpu",
+        action="store_true",
+        help="check the script on CPU under TRITON_INTERPRET=1 (no timing value)",
+    )
     args = parser.parse_args()
     global DEVICE
     if args.smoke_cpu:
@@ -173,23 +210,42 @@ def main() -> int:
     timer = harness.cpu_timer() if args.smoke_cpu else harness.gpu_timer()
     started = time.time()
     info = harness.machine_info(DEVICE)
-    header = (f"{info.get('gpu', 'CPU smoke run')} · torch {info['torch']} · triton "
-              f"{info['triton']} · cuda backend: {'yes' if cuda_backend_available() else 'no'}"
-              f" · {info['date']}\n\n{rounds} interleaved rounds, {timer.clock}; ratios: median "
-              "(min–max) of per-round ratios\n\n")
+    header = (
+        f"{info.get('gpu', 'CPU smoke run')} · torch {info['torch']} · triton "
+        f"{info['triton']} · cuda backend: {'yes' if cuda_backend_available() else 'no'}"
+        f" · {info['date']}\n\n{rounds} interleaved rounds, {timer.clock}; ratios: median "
+        "(min–max) of per-round ratios\n\n"
+    )
     sections = []
     results = {"machine": info}
     for title, fn, shape in [
-            (f"LayerNorm {ln_shape[0]}x{ln_shape[1]} {dtype} vs copy bandwidth",
-             layer_norm_rows, ln_shape),
-            (f"ln_linear M={mm_shape[0]} K={mm_shape[1]} N={mm_shape[2]} {dtype}",
-             ln_linear_rows, mm_shape)]:
+        (
+            f"LayerNorm {ln_shape[0]}x{ln_shape[1]} {dtype} vs copy bandwidth",
+            layer_norm_rows,
+            ln_shape,
+        ),
+        (
+            f"ln_linear M={mm_shape[0]} K={mm_shape[1]} N={mm_shape[2]} {dtype}",
+            ln_linear_rows,
+            mm_shape,
+        ),
+    ]:
         rows = fn(*shape, dtype, rounds, timer)
-        results[title] = [{c: v.as_dict() if isinstance(v, harness.RatioStats) else v
-                           for c, v in r.items()} for r in rows]
+        results[title] = [
+            {c: v.as_dict() if isinstance(v, harness.RatioStats) else v for c, v in r.items()}
+            for r in rows
+        ]
         cols = list(rows[0])
-        sections.append("\n".join([f"### {title}", "", *harness.markdown_table(
-            cols, [[r[c] for c in cols] for r in rows])]) + "\n")
+        sections.append(
+            "\n".join(
+                [
+                    f"### {title}",
+                    "",
+                    *harness.markdown_table(cols, [[r[c] for c in cols] for r in rows]),
+                ]
+            )
+            + "\n"
+        )
         print(sections[-1], flush=True)
     text = header + "\n".join(sections) + f"\n(total {time.time() - started:.0f} s)\n"
     os.makedirs(args.out, exist_ok=True)

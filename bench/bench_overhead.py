@@ -27,6 +27,7 @@ first on the path).
 
     python -m bench.bench_overhead [--rounds 15] [--sample-ms 20]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,17 +67,20 @@ def cases(rows: int, width: int, out_features: int, grad: bool) -> dict[str, dic
             "raw": lambda: ln_linear_raw(lin, x2, g, b, w, wb),
             "public": lambda: mk.ln_linear(x, g, b, w, wb),
             "public_2d": lambda: mk.ln_linear(x2, g, b, w, wb),
-            "eager": lambda: F.linear(F.layer_norm(x, (width,), g, b, EPS), w, wb)},
+            "eager": lambda: F.linear(F.layer_norm(x, (width,), g, b, EPS), w, wb),
+        },
         "layer_norm": {
             "raw": lambda: ln(x2, g, b, EPS, "layer"),
             "public": lambda: mk.layer_norm(x, g, b, EPS),
             "public_2d": lambda: mk.layer_norm(x2, g, b, EPS),
-            "eager": lambda: F.layer_norm(x, (width,), g, b, EPS)},
+            "eager": lambda: F.layer_norm(x, (width,), g, b, EPS),
+        },
         "add_layer_norm": {
             "raw": lambda: add_ln(x2, res2, g, b, EPS, 1.0, "layer"),
             "public": lambda: mk.add_layer_norm(x, res, g, b, EPS),
             "public_2d": lambda: mk.add_layer_norm(x2, res2, g, b, EPS),
-            "eager": lambda: F.layer_norm(res + x, (width,), g, b, EPS)},
+            "eager": lambda: F.layer_norm(res + x, (width,), g, b, EPS),
+        },
     }
 
 
@@ -96,20 +100,26 @@ def measure(variants: dict, rounds: int, sample_ms: float) -> dict[str, float]:
         per_call_us(fn, 20)
     slowest = max(per_call_us(fn, 50) for fn in variants.values())
     calls = max(20, int(sample_ms * 1e3 / slowest))
-    samples = [{name: per_call_us(fn, calls) for name, fn in variants.items()}
-               for _ in range(rounds)]
+    samples = [
+        {name: per_call_us(fn, calls) for name, fn in variants.items()} for _ in range(rounds)
+    ]
     result = {name: statistics.median(s[name] for s in samples) for name in variants}
     result["overhead"] = statistics.median(s["public"] - s["raw"] for s in samples)
     result["spread"] = max(s["public"] - s["raw"] for s in samples) - min(
-        s["public"] - s["raw"] for s in samples)
+        s["public"] - s["raw"] for s in samples
+    )
     return result
 
 
 def revision() -> str:
     root = os.path.dirname(os.path.dirname(os.path.abspath(mk.__file__)))
     try:
-        return subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", root, "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -117,18 +127,25 @@ def revision() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--sample-ms", type=float, default=20.0,
-                        help="CPU time per variant per round")
+    parser.add_argument(
+        "--sample-ms", type=float, default=20.0, help="CPU time per variant per round"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     load = os.getloadavg()
-    print(f"magneto_kernels from {os.path.dirname(mk.__file__)} (git {revision()}), "
-          f"torch {torch.__version__}, 1 thread, fp32, {args.rounds} rounds; "
-          f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on {os.cpu_count()} CPUs")
-    print(f"backend=None resolves to {mk.resolve_backend(None, torch.empty(1))!r}; "
-          f"times in µs per call (process CPU time), medians over rounds\n")
-    print("| op | rows×K→N | grad | raw | public | public 2-D | eager | public − raw "
-          "(spread) | public / eager |")
+    print(
+        f"magneto_kernels from {os.path.dirname(mk.__file__)} (git {revision()}), "
+        f"torch {torch.__version__}, 1 thread, fp32, {args.rounds} rounds; "
+        f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on {os.cpu_count()} CPUs"
+    )
+    print(
+        f"backend=None resolves to {mk.resolve_backend(None, torch.empty(1))!r}; "
+        f"times in µs per call (process CPU time), medians over rounds\n"
+    )
+    print(
+        "| op | rows×K→N | grad | raw | public | public 2-D | eager | public − raw "
+        "(spread) | public / eager |"
+    )
     print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for rows, width, out_features in SIZES:
         for grad in (False, True):
@@ -136,10 +153,13 @@ def main() -> None:
                 with torch.set_grad_enabled(grad):
                     r = measure(variants, args.rounds, args.sample_ms)
                 size = f"{rows}×{width}" + (f"→{out_features}" if op == "ln_linear" else "")
-                print(f"| {op} | {size} | {'yes' if grad else 'no_grad'} | {r['raw']:.1f} | "
-                      f"{r['public']:.1f} | {r['public_2d']:.1f} | {r['eager']:.1f} | "
-                      f"{r['overhead']:+.1f} ({r['spread']:.1f}) | "
-                      f"{r['public'] / r['eager']:.2f} |", flush=True)
+                print(
+                    f"| {op} | {size} | {'yes' if grad else 'no_grad'} | {r['raw']:.1f} | "
+                    f"{r['public']:.1f} | {r['public_2d']:.1f} | {r['eager']:.1f} | "
+                    f"{r['overhead']:+.1f} ({r['spread']:.1f}) | "
+                    f"{r['public'] / r['eager']:.2f} |",
+                    flush=True,
+                )
     print(f"\nload average after: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
 
 

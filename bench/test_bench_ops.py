@@ -6,9 +6,10 @@
 Not part of the test run (pytest.ini collects tests/ only). The variants are the report's
 (``magneto.report.speed``): ``magneto <backend>``, ``eager reference`` and the floors.
 """
-import pytest
 
+import pytest
 from _cases import SETTINGS, SIZES, params, run
+
 from magneto.report import speed
 
 

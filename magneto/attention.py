@@ -22,6 +22,7 @@ Checkpoints: parameters are stored packed, but torchscale state dicts (separate 
 ``k_proj``, ``v_proj`` entries, per part ``q_proj.A`` ... for multiway) load directly: a
 load-state-dict pre-hook packs them. ``magneto.compat.torchscale`` exports back.
 """
+
 from __future__ import annotations
 
 import math
@@ -72,8 +73,11 @@ class MultiheadAttention(nn.Module):
             self.in_proj_weight = nn.Parameter(torch.empty(3 * d, d))
             self.in_proj_bias = nn.Parameter(torch.empty(3 * d)) if config.bias else None
         self.out_proj = copies(lambda: uninitialized_linear(d, d, bias=config.bias))
-        self.inner_attn_ln = (copies(lambda: Norm(d, config.eps, config.norm, config.backend))
-                              if config.norm_scheme == "subln" and self_attention else None)
+        self.inner_attn_ln = (
+            copies(lambda: Norm(d, config.eps, config.norm, config.backend))
+            if config.norm_scheme == "subln" and self_attention
+            else None
+        )
         self.parts = (0, 1) if self.multiway else (None,)
         self.reset_parameters(gain)
         self.register_load_state_dict_pre_hook(_pack_torchscale_projections)
@@ -110,17 +114,35 @@ class MultiheadAttention(nn.Module):
         weight, bias = self._weight(rows, part)
         return magneto_kernels.ln_linear(x, weight=weight, bias=bias, backend=self.backend, **norm)
 
-    def _out_proj(self, attn: Tensor, part: Optional[int], residual: Optional[Tensor],
-                  alpha: float, dropout_p: float) -> Tensor:
+    def _out_proj(
+        self,
+        attn: Tensor,
+        part: Optional[int],
+        residual: Optional[Tensor],
+        alpha: float,
+        dropout_p: float,
+    ) -> Tensor:
         """``alpha·residual + dropout(out_proj(inner_attn_ln(attn)))``, one fused op."""
         out_proj = pick(self.out_proj, part)
         return magneto_kernels.ln_linear(
-            attn, weight=out_proj.weight, bias=out_proj.bias, residual=residual, alpha=alpha,
-            dropout_p=dropout_p, backend=self.backend,
-            **norm_kwargs(pick(self.inner_attn_ln, part)))
+            attn,
+            weight=out_proj.weight,
+            bias=out_proj.bias,
+            residual=residual,
+            alpha=alpha,
+            dropout_p=dropout_p,
+            backend=self.backend,
+            **norm_kwargs(pick(self.inner_attn_ln, part)),
+        )
 
-    def _project(self, query: Tensor, key: Tensor, value: Tensor, input_norm: Optional[Norm],
-                 part: Optional[int]) -> tuple[Tensor, Tensor, Tensor]:
+    def _project(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        input_norm: Optional[Norm],
+        part: Optional[int],
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """q, k, v of shape (batch, length, d): one GEMM when query, key and value coincide
         (self-attention), two when key and value do (cross-attention), else three."""
         d = self.embed_dim
@@ -141,8 +163,9 @@ class MultiheadAttention(nn.Module):
         return t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
 
     @staticmethod
-    def _extend_cache(incremental_state: Optional[dict], k: Tensor,
-                      v: Tensor) -> tuple[Tensor, Tensor]:
+    def _extend_cache(
+        incremental_state: Optional[dict], k: Tensor, v: Tensor
+    ) -> tuple[Tensor, Tensor]:
         if incremental_state is not None:
             if "prev_key" in incremental_state:
                 k = torch.cat([incremental_state["prev_key"].to(k.dtype), k], dim=2)
@@ -150,13 +173,25 @@ class MultiheadAttention(nn.Module):
             incremental_state["prev_key"], incremental_state["prev_value"] = k, v
         return k, v
 
-    def forward(self, query: Tensor, key: Optional[Tensor] = None, value: Optional[Tensor] = None,
-                incremental_state: Optional[dict] = None, key_padding_mask: Optional[Tensor] = None,
-                attn_mask: Optional[Tensor] = None, rel_pos: Optional[Tensor] = None,
-                is_first_step: bool = False, *, input_norm: Optional[Norm] = None,
-                residual: Optional[Tensor] = None, alpha: float = 1.0, dropout_p: float = 0.0,
-                is_causal: bool = False, need_weights: bool = False,
-                part: Optional[int] = None) -> tuple[Tensor, Optional[Tensor]]:
+    def forward(
+        self,
+        query: Tensor,
+        key: Optional[Tensor] = None,
+        value: Optional[Tensor] = None,
+        incremental_state: Optional[dict] = None,
+        key_padding_mask: Optional[Tensor] = None,
+        attn_mask: Optional[Tensor] = None,
+        rel_pos: Optional[Tensor] = None,
+        is_first_step: bool = False,
+        *,
+        input_norm: Optional[Norm] = None,
+        residual: Optional[Tensor] = None,
+        alpha: float = 1.0,
+        dropout_p: float = 0.0,
+        is_causal: bool = False,
+        need_weights: bool = False,
+        part: Optional[int] = None,
+    ) -> tuple[Tensor, Optional[Tensor]]:
         """torchscale's call: returns ``(output, attention weights or None)``.
 
         - ``key_padding_mask``: (batch, src_len), True/nonzero marks padding (ignored keys).
@@ -186,21 +221,33 @@ class MultiheadAttention(nn.Module):
         k, v = self._extend_cache(incremental_state, k, v)
         src_len = k.shape[2]
 
-        mask, causal = self._attention_mask(bsz, tgt_len, src_len, key_padding_mask, attn_mask,
-                                            is_causal, q)
+        mask, causal = self._attention_mask(
+            bsz, tgt_len, src_len, key_padding_mask, attn_mask, is_causal, q
+        )
         attn = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal,
-            dropout_p=self.attention_dropout if self.training else 0.0)
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=causal,
+            dropout_p=self.attention_dropout if self.training else 0.0,
+        )
         weights = self._weights(q, k, mask, causal) if need_weights else None
         attn = attn.transpose(1, 2).reshape(bsz, tgt_len, self.embed_dim)
         return self._out_proj(attn, part, residual, alpha, dropout_p), weights
 
-    def forward_parts(self, parts: Sequence[Tensor], key_padding_mask: Optional[Tensor] = None,
-                      attn_mask: Optional[Tensor] = None,
-                      incremental_state: Optional[dict] = None, *,
-                      input_norm: Optional[Multiway] = None,
-                      residual: Optional[Sequence[Tensor]] = None, alpha: float = 1.0,
-                      dropout_p: float = 0.0) -> list[Tensor]:
+    def forward_parts(
+        self,
+        parts: Sequence[Tensor],
+        key_padding_mask: Optional[Tensor] = None,
+        attn_mask: Optional[Tensor] = None,
+        incremental_state: Optional[dict] = None,
+        *,
+        input_norm: Optional[Multiway] = None,
+        residual: Optional[Sequence[Tensor]] = None,
+        alpha: float = 1.0,
+        dropout_p: float = 0.0,
+    ) -> list[Tensor]:
         """Multiway self-attention over the sequence ``cat(parts, dim=1)``, returning the output
         as the same two parts: part A's tokens use copy A's projections and norms, part B's
         copy B's; attention sees every key.
@@ -214,17 +261,25 @@ class MultiheadAttention(nn.Module):
         if residual is not None:
             for name, x, r in zip(PARTS, parts, residual):
                 if r.shape != x.shape:
-                    raise ValueError(f"residual part {name} must have shape {tuple(x.shape)}, "
-                                     f"got {tuple(r.shape)}")
+                    raise ValueError(
+                        f"residual part {name} must have shape {tuple(x.shape)}, "
+                        f"got {tuple(r.shape)}"
+                    )
         d = self.embed_dim
         bsz, tgt_len = parts[0].shape[0], parts[0].shape[1] + parts[1].shape[1]
         # One GEMM per part into its own output; attention needs q/k/v of the whole sequence.
-        qkv = torch.cat([self._linear(x, slice(0, 3 * d), norm_kwargs(pick(input_norm, part)),
-                                      part) for part, x in enumerate(parts)], dim=1)
+        qkv = torch.cat(
+            [
+                self._linear(x, slice(0, 3 * d), norm_kwargs(pick(input_norm, part)), part)
+                for part, x in enumerate(parts)
+            ],
+            dim=1,
+        )
         q, k, v = (self._heads(t) for t in qkv.split(d, dim=-1))
         k, v = self._extend_cache(incremental_state, k, v)
-        mask, _ = self._attention_mask(bsz, tgt_len, k.shape[2], key_padding_mask, attn_mask,
-                                       False, q)
+        mask, _ = self._attention_mask(
+            bsz, tgt_len, k.shape[2], key_padding_mask, attn_mask, False, q
+        )
         p = self.attention_dropout if self.training else 0.0
         out, start = [], 0
         for part, x in enumerate(parts):
@@ -235,34 +290,54 @@ class MultiheadAttention(nn.Module):
                 part_mask = mask[..., rows, :]
             # Queries split per part: each output is (batch, part length, d) in memory order,
             # so out_proj reads it in place instead of a copy sliced from the whole output.
-            attn = F.scaled_dot_product_attention(q[:, :, rows], k, v, attn_mask=part_mask,
-                                                  dropout_p=p)
+            attn = F.scaled_dot_product_attention(
+                q[:, :, rows], k, v, attn_mask=part_mask, dropout_p=p
+            )
             attn = attn.transpose(1, 2).reshape(bsz, x.shape[1], d)
-            out.append(self._out_proj(attn, part, None if residual is None else residual[part],
-                                      alpha, dropout_p))
+            out.append(
+                self._out_proj(
+                    attn, part, None if residual is None else residual[part], alpha, dropout_p
+                )
+            )
         return out
 
-    def _check_inputs(self, query: Tensor, key: Tensor, value: Tensor,
-                      residual: Optional[Tensor]) -> tuple[int, int]:
+    def _check_inputs(
+        self, query: Tensor, key: Tensor, value: Tensor, residual: Optional[Tensor]
+    ) -> tuple[int, int]:
         for name, t in (("query", query), ("key", key), ("value", value)):
             if not isinstance(t, Tensor) or t.dim() != 3:
-                raise ValueError(f"{name} must be a 3-D Tensor (batch, length, embed_dim), got "
-                                 f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+                raise ValueError(
+                    f"{name} must be a 3-D Tensor (batch, length, embed_dim), got "
+                    f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}"
+                )
             if t.shape[-1] != self.embed_dim:
-                raise ValueError(f"{name} must have last dimension embed_dim={self.embed_dim}, "
-                                 f"got shape {tuple(t.shape)}")
+                raise ValueError(
+                    f"{name} must have last dimension embed_dim={self.embed_dim}, "
+                    f"got shape {tuple(t.shape)}"
+                )
         if key.shape[0] != query.shape[0] or value.shape[:2] != key.shape[:2]:
-            raise ValueError(f"query, key and value must share the batch size (and key/value the "
-                             f"length), got {tuple(query.shape)}, {tuple(key.shape)}, "
-                             f"{tuple(value.shape)}")
+            raise ValueError(
+                f"query, key and value must share the batch size (and key/value the "
+                f"length), got {tuple(query.shape)}, {tuple(key.shape)}, "
+                f"{tuple(value.shape)}"
+            )
         if residual is not None and residual.shape != query.shape:
-            raise ValueError(f"residual must have the query's shape {tuple(query.shape)}, got "
-                             f"{tuple(residual.shape)}")
+            raise ValueError(
+                f"residual must have the query's shape {tuple(query.shape)}, got "
+                f"{tuple(residual.shape)}"
+            )
         return query.shape[0], query.shape[1]
 
-    def _attention_mask(self, bsz: int, tgt_len: int, src_len: int,
-                        key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor],
-                        is_causal: bool, q: Tensor) -> tuple[Optional[Tensor], bool]:
+    def _attention_mask(
+        self,
+        bsz: int,
+        tgt_len: int,
+        src_len: int,
+        key_padding_mask: Optional[Tensor],
+        attn_mask: Optional[Tensor],
+        is_causal: bool,
+        q: Tensor,
+    ) -> tuple[Optional[Tensor], bool]:
         """SDPA's ``attn_mask`` (bool: True = attend, or additive float) and ``is_causal``."""
         if key_padding_mask is None and attn_mask is None:
             if not is_causal or tgt_len == 1:
@@ -275,20 +350,27 @@ class MultiheadAttention(nn.Module):
             keep = keep.tril(src_len - tgt_len)
         if key_padding_mask is not None:
             if tuple(key_padding_mask.shape) != (bsz, src_len):
-                raise ValueError(f"key_padding_mask must have shape (batch, src_len) = "
-                                 f"{(bsz, src_len)}, got {tuple(key_padding_mask.shape)}")
+                raise ValueError(
+                    f"key_padding_mask must have shape (batch, src_len) = "
+                    f"{(bsz, src_len)}, got {tuple(key_padding_mask.shape)}"
+                )
             not_pad = ~key_padding_mask.to(device=q.device, dtype=torch.bool)[:, None, None, :]
             keep = not_pad if keep is None else keep & not_pad
         if attn_mask is None:
             return keep, False
         if attn_mask.dim() == 2 and tuple(attn_mask.shape) == (tgt_len, src_len):
             attn_mask = attn_mask[None, None]
-        elif attn_mask.dim() == 3 and tuple(attn_mask.shape) == (bsz * self.num_heads, tgt_len,
-                                                                 src_len):
+        elif attn_mask.dim() == 3 and tuple(attn_mask.shape) == (
+            bsz * self.num_heads,
+            tgt_len,
+            src_len,
+        ):
             attn_mask = attn_mask.view(bsz, self.num_heads, tgt_len, src_len)
         else:
-            raise ValueError(f"attn_mask must have shape (tgt_len, src_len) = {(tgt_len, src_len)} "
-                             f"or (batch*heads, tgt_len, src_len), got {tuple(attn_mask.shape)}")
+            raise ValueError(
+                f"attn_mask must have shape (tgt_len, src_len) = {(tgt_len, src_len)} "
+                f"or (batch*heads, tgt_len, src_len), got {tuple(attn_mask.shape)}"
+            )
         if attn_mask.dtype == torch.bool:
             keep = ~attn_mask if keep is None else keep & ~attn_mask
             return keep, False
@@ -304,18 +386,25 @@ class MultiheadAttention(nn.Module):
         if causal:
             mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
         if mask is not None:
-            scores = (scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool
-                      else scores + mask)
+            scores = (
+                scores.masked_fill(~mask, float("-inf"))
+                if mask.dtype == torch.bool
+                else scores + mask
+            )
         return scores.softmax(-1).to(q.dtype).transpose(0, 1)
 
 
-def _pack_torchscale_projections(module: MultiheadAttention, state_dict: dict, prefix: str,
-                                 *args) -> None:
+def _pack_torchscale_projections(
+    module: MultiheadAttention, state_dict: dict, prefix: str, *args
+) -> None:
     """Load-state-dict pre-hook: torchscale's ``{q,k,v}_proj.{weight,bias}`` -> packed params
     (multiway: ``{q,k,v}_proj.A.weight`` -> ``in_proj.A.weight``, likewise for B)."""
     if module.multiway:
-        targets = [(f".{part}.{kind}", f"in_proj.{part}.{kind}")
-                   for part in PARTS for kind in ("weight", "bias")]
+        targets = [
+            (f".{part}.{kind}", f"in_proj.{part}.{kind}")
+            for part in PARTS
+            for kind in ("weight", "bias")
+        ]
     else:
         targets = [(".weight", "in_proj_weight"), (".bias", "in_proj_bias")]
     for suffix, target in targets:

@@ -7,6 +7,7 @@ encoder layers; q/k/v packed per part, see ``magneto.multiway``), so public BEiT
 load directly; same forward call and result. The image tokens come first: with both inputs,
 ``multiway_split_position`` is the number of image tokens (patches + class token).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -40,8 +41,9 @@ class BEiT3(nn.Module):
     torchscale's parameters.
     """
 
-    def __init__(self, config: MagnetoConfig, img_size: int = 224, patch_size: int = 16,
-                 in_chans: int = 3):
+    def __init__(
+        self, config: MagnetoConfig, img_size: int = 224, patch_size: int = 16, in_chans: int = 3
+    ):
         super().__init__()
         if not isinstance(config, MagnetoConfig):
             raise ValueError(f"config must be a MagnetoConfig, got {type(config).__name__}")
@@ -53,28 +55,41 @@ class BEiT3(nn.Module):
             raise ValueError("share_input_output_embed: BEiT3's output projection is not tied")
         self.config = self.args = config
         d = config.embed_dim
-        self.text_embed = TokenEmbedding(config.vocab_size, d, padding_idx=config.padding_idx,
-                                         _weight=torch.empty(config.vocab_size, d))
+        self.text_embed = TokenEmbedding(
+            config.vocab_size,
+            d,
+            padding_idx=config.padding_idx,
+            _weight=torch.empty(config.vocab_size, d),
+        )
         init_token_embedding_(self.text_embed)
-        self.vision_embed = PatchEmbedding(img_size, patch_size, in_chans, d, mask_token=True,
-                                           cls_token=True)
-        positions = Multiway(_positions(self.vision_embed.num_position_embeddings(), d,
-                                        config.init),
-                             _positions(config.max_positions, d, config.init))
+        self.vision_embed = PatchEmbedding(
+            img_size, patch_size, in_chans, d, mask_token=True, cls_token=True
+        )
+        positions = Multiway(
+            _positions(self.vision_embed.num_position_embeddings(), d, config.init),
+            _positions(config.max_positions, d, config.init),
+        )
         projection = None
         if config.output_projection:
             projection = build_output_projection(config)
             init_output_projection_(projection, config.init)
         # The encoder embeds nothing itself: BEiT3 hands it the token embeddings.
-        self.encoder = Encoder(config.replace(vocab_size=0, positions="none"),
-                               embed_positions=positions, output_projection=projection)
+        self.encoder = Encoder(
+            config.replace(vocab_size=0, positions="none"),
+            embed_positions=positions,
+            output_projection=projection,
+        )
 
-    def forward(self, textual_tokens: Optional[Tensor] = None,
-                visual_tokens: Optional[Tensor] = None,
-                text_padding_position: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None,
-                vision_masked_position: Optional[Tensor] = None,
-                incremental_state: Optional[list] = None,
-                positions: Optional[Tensor] = None) -> dict:
+    def forward(
+        self,
+        textual_tokens: Optional[Tensor] = None,
+        visual_tokens: Optional[Tensor] = None,
+        text_padding_position: Optional[Tensor] = None,
+        attn_mask: Optional[Tensor] = None,
+        vision_masked_position: Optional[Tensor] = None,
+        incremental_state: Optional[list] = None,
+        positions: Optional[Tensor] = None,
+    ) -> dict:
         """torchscale's call: the encoder's result dict plus ``"multiway_split_position"``.
 
         ``textual_tokens`` (batch, text length) ids; ``visual_tokens`` (batch, in_chans,
@@ -85,14 +100,20 @@ class BEiT3(nn.Module):
             raise ValueError("textual_tokens or visual_tokens must be given")
         if textual_tokens is not None:
             if not isinstance(textual_tokens, Tensor) or textual_tokens.dim() != 2:
-                shape = (tuple(textual_tokens.shape) if isinstance(textual_tokens, Tensor)
-                         else type(textual_tokens).__name__)
+                shape = (
+                    tuple(textual_tokens.shape)
+                    if isinstance(textual_tokens, Tensor)
+                    else type(textual_tokens).__name__
+                )
                 raise ValueError(f"textual_tokens must be a (batch, length) Tensor, got {shape}")
-            if text_padding_position is not None and \
-                    tuple(text_padding_position.shape) != tuple(textual_tokens.shape):
-                raise ValueError(f"text_padding_position must have the shape of textual_tokens "
-                                 f"{tuple(textual_tokens.shape)}, got "
-                                 f"{tuple(text_padding_position.shape)}")
+            if text_padding_position is not None and tuple(text_padding_position.shape) != tuple(
+                textual_tokens.shape
+            ):
+                raise ValueError(
+                    f"text_padding_position must have the shape of textual_tokens "
+                    f"{tuple(textual_tokens.shape)}, got "
+                    f"{tuple(text_padding_position.shape)}"
+                )
         elif text_padding_position is not None:
             raise ValueError("text_padding_position needs textual_tokens")
         if visual_tokens is None and vision_masked_position is not None:
@@ -109,15 +130,23 @@ class BEiT3(nn.Module):
         else:
             image = self.vision_embed(visual_tokens, vision_masked_position)
             if image.shape[0] != textual_tokens.shape[0]:
-                raise ValueError(f"visual_tokens and textual_tokens must share the batch size, "
-                                 f"got {image.shape[0]} and {textual_tokens.shape[0]}")
+                raise ValueError(
+                    f"visual_tokens and textual_tokens must share the batch size, "
+                    f"got {image.shape[0]} and {textual_tokens.shape[0]}"
+                )
             split = image.shape[1]
             x = torch.cat([image, self.text_embed(textual_tokens)], dim=1)
             if text_padding_position is not None:
                 image_pad = torch.zeros(image.shape[:-1], dtype=torch.bool, device=image.device)
                 padding_mask = torch.cat([image_pad, text_padding_position.to(torch.bool)], dim=1)
-        out = self.encoder(None, encoder_padding_mask=padding_mask, attn_mask=attn_mask,
-                           token_embeddings=x, multiway_split_position=split,
-                           incremental_state=incremental_state, positions=positions)
+        out = self.encoder(
+            None,
+            encoder_padding_mask=padding_mask,
+            attn_mask=attn_mask,
+            token_embeddings=x,
+            multiway_split_position=split,
+            incremental_state=incremental_state,
+            positions=positions,
+        )
         out["multiway_split_position"] = split
         return out

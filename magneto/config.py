@@ -16,6 +16,7 @@ deepnorm    ``LN(alpha·x + W_out · f_core(x))`` (DeepNet)              DeepNor
 (cross-attention never has an inner LN). Every field is checked in ``__post_init__``; a bad
 value raises ``ValueError`` naming the field and what was expected.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -100,13 +101,16 @@ class MagnetoConfig:
         for name in ("encoder_layers", "decoder_layers", "vocab_size"):
             _check_int(name, getattr(self, name), minimum=0)
         if self.embed_dim % self.num_heads != 0:
-            raise ValueError(f"embed_dim must be divisible by num_heads, got embed_dim="
-                             f"{self.embed_dim} and num_heads={self.num_heads}")
+            raise ValueError(
+                f"embed_dim must be divisible by num_heads, got embed_dim="
+                f"{self.embed_dim} and num_heads={self.num_heads}"
+            )
         if self.padding_idx is not None:
             _check_int("padding_idx", self.padding_idx, minimum=0)
             if self.vocab_size and self.padding_idx >= self.vocab_size:
-                raise ValueError(f"padding_idx must be < vocab_size={self.vocab_size}, "
-                                 f"got {self.padding_idx}")
+                raise ValueError(
+                    f"padding_idx must be < vocab_size={self.vocab_size}, got {self.padding_idx}"
+                )
         _check_choice("positions", self.positions, POSITIONS)
         _check_choice("norm", self.norm, NORMS)
         _check_choice("norm_scheme", self.norm_scheme, NORM_SCHEMES)
@@ -122,9 +126,16 @@ class MagnetoConfig:
                 raise ValueError(f"{name} must be a probability in [0, 1), got {value!r}")
         if not isinstance(self.eps, (int, float)) or not self.eps > 0.0:
             raise ValueError(f"eps must be a positive number, got {self.eps!r}")
-        for name in ("scale_embedding", "share_input_output_embed", "share_all_embeddings",
-                     "output_projection", "normalize_output", "bias", "checkpoint_activations",
-                     "multiway"):
+        for name in (
+            "scale_embedding",
+            "share_input_output_embed",
+            "share_all_embeddings",
+            "output_projection",
+            "normalize_output",
+            "bias",
+            "checkpoint_activations",
+            "multiway",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if (self.share_input_output_embed or self.share_all_embeddings) and self.vocab_size == 0:

@@ -8,6 +8,7 @@ Same constructor arguments, forward call, result and ``incremental_state`` forma
 computed (causally) and cached. Cross-attention keys/values are recomputed each step, as in
 torchscale.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -22,22 +23,40 @@ from magneto.stack import Stack
 class Decoder(Stack):
     """Magneto (or Pre-LN / Post-LN / DeepNorm) decoder; arguments as ``magneto.Encoder``."""
 
-    def __init__(self, config: MagnetoConfig, embed_tokens: Optional[nn.Module] = None,
-                 embed_positions: Optional[nn.Module] = None,
-                 output_projection: Optional[nn.Module] = None, is_encoder_decoder: bool = False,
-                 **kwargs):
+    def __init__(
+        self,
+        config: MagnetoConfig,
+        embed_tokens: Optional[nn.Module] = None,
+        embed_positions: Optional[nn.Module] = None,
+        output_projection: Optional[nn.Module] = None,
+        is_encoder_decoder: bool = False,
+        **kwargs,
+    ):
         if isinstance(config, MagnetoConfig) and config.multiway:
             raise ValueError("multiway: only encoders can be multiway (BEiT-3)")
-        super().__init__(config, embed_tokens, embed_positions, output_projection,
-                         is_encoder_decoder, DecoderLayer, config.decoder_layers,
-                         want_projection=True, final_norm=config.normalize_before, **kwargs)
+        super().__init__(
+            config,
+            embed_tokens,
+            embed_positions,
+            output_projection,
+            is_encoder_decoder,
+            DecoderLayer,
+            config.decoder_layers,
+            want_projection=True,
+            final_norm=config.normalize_before,
+            **kwargs,
+        )
 
     @staticmethod
     def is_first_step(incremental_state: Optional[dict]) -> bool:
         return incremental_state is not None and bool(incremental_state.get("is_first_step", False))
 
-    def forward_embedding(self, tokens: Optional[Tensor], token_embedding: Optional[Tensor] = None,
-                          incremental_state: Optional[dict] = None) -> tuple[Tensor, Tensor]:
+    def forward_embedding(
+        self,
+        tokens: Optional[Tensor],
+        token_embedding: Optional[Tensor] = None,
+        incremental_state: Optional[dict] = None,
+    ) -> tuple[Tensor, Tensor]:
         positions = None
         if self.embed_positions is not None:
             source = tokens if tokens is not None else token_embedding
@@ -50,11 +69,17 @@ class Decoder(Stack):
             x = x + positions
         return self.dropout_module(x), embed
 
-    def forward(self, prev_output_tokens: Optional[Tensor],
-                self_attn_padding_mask: Optional[Tensor] = None, encoder_out: Optional[dict] = None,
-                incremental_state: Optional[dict] = None, features_only: bool = False,
-                return_all_hiddens: bool = False, token_embeddings: Optional[Tensor] = None,
-                **kwargs) -> tuple[Tensor, dict]:
+    def forward(
+        self,
+        prev_output_tokens: Optional[Tensor],
+        self_attn_padding_mask: Optional[Tensor] = None,
+        encoder_out: Optional[dict] = None,
+        incremental_state: Optional[dict] = None,
+        features_only: bool = False,
+        return_all_hiddens: bool = False,
+        token_embeddings: Optional[Tensor] = None,
+        **kwargs,
+    ) -> tuple[Tensor, dict]:
         """torchscale's call and result: ``(x, {"inner_states", "l_aux", "attn": None})``.
 
         ``prev_output_tokens`` (batch, length) and/or ``token_embeddings`` (batch, length, d);
@@ -74,13 +99,22 @@ class Decoder(Stack):
             if incremental_state is not None:
                 state = incremental_state.setdefault(idx, {})
             x, _, _, l_aux_i = self.run_layer(
-                layer, x, enc, enc_mask, incremental_state=state,
-                self_attn_padding_mask=self_attn_padding_mask, is_first_step=first_step,
-                self_attn_causal=causal)
+                layer,
+                x,
+                enc,
+                enc_mask,
+                incremental_state=state,
+                self_attn_padding_mask=self_attn_padding_mask,
+                is_first_step=first_step,
+                self_attn_causal=causal,
+            )
             l_aux.append(l_aux_i)
             inner_states.append(x)
-        return self.final_output(x, features_only), {"inner_states": inner_states, "l_aux": l_aux,
-                                                 "attn": None}
+        return self.final_output(x, features_only), {
+            "inner_states": inner_states,
+            "l_aux": l_aux,
+            "attn": None,
+        }
 
     def output_layer(self, features: Tensor) -> Tensor:
         return self.output_projection(features)
@@ -89,9 +123,13 @@ class Decoder(Stack):
         if tokens is None and token_embeddings is None:
             raise ValueError("prev_output_tokens or token_embeddings must be given")
         if tokens is not None and tokens.dim() != 2:
-            raise ValueError(f"prev_output_tokens must have shape (batch, length), got "
-                             f"{tuple(tokens.shape)}")
-        if token_embeddings is not None and (token_embeddings.dim() != 3
-                                             or token_embeddings.shape[-1] != self.embed_dim):
-            raise ValueError(f"token_embeddings must have shape (batch, length, embed_dim="
-                             f"{self.embed_dim}), got {tuple(token_embeddings.shape)}")
+            raise ValueError(
+                f"prev_output_tokens must have shape (batch, length), got {tuple(tokens.shape)}"
+            )
+        if token_embeddings is not None and (
+            token_embeddings.dim() != 3 or token_embeddings.shape[-1] != self.embed_dim
+        ):
+            raise ValueError(
+                f"token_embeddings must have shape (batch, length, embed_dim="
+                f"{self.embed_dim}), got {tuple(token_embeddings.shape)}"
+            )

@@ -4,6 +4,7 @@ Forward signatures follow torchscale's (``embed_positions(x, positions=None, inc
 None)`` returning ``(1 or batch, length, d)``), so these modules and torchscale's are
 interchangeable inside an ``Encoder``/``Decoder``.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,6 +21,7 @@ class TokenEmbedding(nn.Embedding):
 
     def reset_parameters(self) -> None:
         from magneto.init import init_token_embedding_
+
         init_token_embedding_(self)
 
 
@@ -39,8 +41,10 @@ class LearnedPositionalEmbedding(nn.Embedding):
     def forward(self, x: Tensor, positions: Optional[Tensor] = None, **kwargs) -> Tensor:
         if positions is None:
             if x.size(1) + self.OFFSET > self.num_embeddings:
-                raise ValueError(f"sequence length {x.size(1)} exceeds the position table "
-                                 f"({self.num_embeddings - self.OFFSET} positions)")
+                raise ValueError(
+                    f"sequence length {x.size(1)} exceeds the position table "
+                    f"({self.num_embeddings - self.OFFSET} positions)"
+                )
             positions = _default_positions(x, self.OFFSET)
         return super().forward(positions)
 
@@ -55,8 +59,9 @@ class SinusoidalPositionalEmbedding(nn.Module):
         super().__init__()
         self.embedding_dim, self.max_positions = embedding_dim, max_positions
         half = embedding_dim // 2
-        freqs = torch.exp(torch.arange(half, dtype=torch.float64)
-                          * -(math.log(10000.0) / max(half - 1, 1)))
+        freqs = torch.exp(
+            torch.arange(half, dtype=torch.float64) * -(math.log(10000.0) / max(half - 1, 1))
+        )
         angles = torch.arange(max_positions, dtype=torch.float64).unsqueeze(1) * freqs
         table = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
         if embedding_dim % 2:
@@ -66,8 +71,9 @@ class SinusoidalPositionalEmbedding(nn.Module):
     def forward(self, x: Tensor, positions: Optional[Tensor] = None, **kwargs) -> Tensor:
         if positions is None:
             if x.size(1) > self.max_positions:
-                raise ValueError(f"sequence length {x.size(1)} exceeds max_positions="
-                                 f"{self.max_positions}")
+                raise ValueError(
+                    f"sequence length {x.size(1)} exceeds max_positions={self.max_positions}"
+                )
             positions = _default_positions(x, 0)
         return self.weight[positions]
 
@@ -78,8 +84,9 @@ class SinusoidalPositionalEmbedding(nn.Module):
 def build_token_embedding(config: MagnetoConfig) -> TokenEmbedding:
     """Uninitialised (``magneto.init.init_token_embedding_`` initialises it)."""
     weight = torch.empty(config.vocab_size, config.embed_dim)
-    return TokenEmbedding(config.vocab_size, config.embed_dim, padding_idx=config.padding_idx,
-                          _weight=weight)
+    return TokenEmbedding(
+        config.vocab_size, config.embed_dim, padding_idx=config.padding_idx, _weight=weight
+    )
 
 
 def build_positions(config: MagnetoConfig) -> Optional[nn.Module]:
@@ -87,18 +94,21 @@ def build_positions(config: MagnetoConfig) -> Optional[nn.Module]:
     uninitialised (``magneto.init.init_learned_positions_`` initialises it)."""
     if config.positions == "learned":
         rows = config.max_positions + LearnedPositionalEmbedding.OFFSET
-        return LearnedPositionalEmbedding(rows, config.embed_dim,
-                                          _weight=torch.empty(rows, config.embed_dim))
+        return LearnedPositionalEmbedding(
+            rows, config.embed_dim, _weight=torch.empty(rows, config.embed_dim)
+        )
     if config.positions == "sinusoidal":
         return SinusoidalPositionalEmbedding(config.embed_dim, config.max_positions)
     return None
 
 
-def build_output_projection(config: MagnetoConfig,
-                            embed_tokens: Optional[nn.Embedding] = None) -> nn.Linear:
+def build_output_projection(
+    config: MagnetoConfig, embed_tokens: Optional[nn.Embedding] = None
+) -> nn.Linear:
     """Bias-free ``d -> vocab`` projection, tied to ``embed_tokens`` when given, else
     uninitialised (``magneto.init.init_output_projection_`` initialises it)."""
     from magneto.init import uninitialized_linear
+
     projection = uninitialized_linear(config.embed_dim, config.vocab_size, bias=False)
     if embed_tokens is not None:
         projection.weight = embed_tokens.weight

@@ -2,6 +2,7 @@
 
 Same constructor arguments, forward call and returned dict as torchscale 0.3.0's ``Encoder``.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -28,19 +29,36 @@ class Encoder(Stack):
     ``init="torchscale"``); ``reset_parameters()`` redraws them in that order.
     """
 
-    def __init__(self, config: MagnetoConfig, embed_tokens: Optional[nn.Module] = None,
-                 embed_positions: Optional[nn.Module] = None,
-                 output_projection: Optional[nn.Module] = None, is_encoder_decoder: bool = False,
-                 **kwargs):
-        super().__init__(config, embed_tokens, embed_positions, output_projection,
-                         is_encoder_decoder, EncoderLayer, config.encoder_layers,
-                         want_projection=not is_encoder_decoder,
-                         final_norm=config.normalize_before and config.normalize_output, **kwargs)
+    def __init__(
+        self,
+        config: MagnetoConfig,
+        embed_tokens: Optional[nn.Module] = None,
+        embed_positions: Optional[nn.Module] = None,
+        output_projection: Optional[nn.Module] = None,
+        is_encoder_decoder: bool = False,
+        **kwargs,
+    ):
+        super().__init__(
+            config,
+            embed_tokens,
+            embed_positions,
+            output_projection,
+            is_encoder_decoder,
+            EncoderLayer,
+            config.encoder_layers,
+            want_projection=not is_encoder_decoder,
+            final_norm=config.normalize_before and config.normalize_output,
+            **kwargs,
+        )
 
-    def forward_embedding(self, src_tokens: Optional[Tensor],
-                          token_embedding: Optional[Tensor] = None,
-                          positions: Optional[Tensor] = None, *,
-                          part: Optional[int] = None) -> tuple[Tensor, Tensor]:
+    def forward_embedding(
+        self,
+        src_tokens: Optional[Tensor],
+        token_embedding: Optional[Tensor] = None,
+        positions: Optional[Tensor] = None,
+        *,
+        part: Optional[int] = None,
+    ) -> tuple[Tensor, Tensor]:
         """``(dropout(embedding + positions), embedding)``; ``part``: the copy of a ``Multiway``
         position embedding every token uses."""
         x = embed = self.scaled_token_embedding(src_tokens, token_embedding)
@@ -49,9 +67,13 @@ class Encoder(Stack):
             x = embed + pick(self.embed_positions, part)(source, positions=positions)
         return self.dropout_module(x), embed
 
-    def forward_embedding_parts(self, src_tokens: Optional[Tensor],
-                                token_embedding: Optional[Tensor], positions: Optional[Tensor],
-                                split: int) -> tuple[list[Tensor], Tensor]:
+    def forward_embedding_parts(
+        self,
+        src_tokens: Optional[Tensor],
+        token_embedding: Optional[Tensor],
+        positions: Optional[Tensor],
+        split: int,
+    ) -> tuple[list[Tensor], Tensor]:
         """The embedded sequence as two contiguous parts (tokens before and after ``split``),
         and the whole embedding. A ``Multiway`` position embedding numbers each part from its
         own start (torchscale's ``MutliwayEmbedding``); another one numbers the whole sequence.
@@ -61,20 +83,29 @@ class Encoder(Stack):
         parts = embed.split(sizes, dim=1)
         if isinstance(self.embed_positions, Multiway):
             sources = parts if src_tokens is None else src_tokens.split(sizes, dim=1)
-            parts = [x + self.embed_positions[part](source, positions=positions)
-                     for part, (x, source) in enumerate(zip(parts, sources))]
+            parts = [
+                x + self.embed_positions[part](source, positions=positions)
+                for part, (x, source) in enumerate(zip(parts, sources))
+            ]
         elif self.embed_positions is not None:
             source = src_tokens if src_tokens is not None else embed
             table = self.embed_positions(source, positions=positions).split(sizes, dim=1)
             parts = [x + pos for x, pos in zip(parts, table)]
         return [self.dropout_module(x.contiguous()) for x in parts], embed
 
-    def forward(self, src_tokens: Optional[Tensor], encoder_padding_mask: Optional[Tensor] = None,
-                attn_mask: Optional[Tensor] = None, return_all_hiddens: bool = False,
-                token_embeddings: Optional[Tensor] = None,
-                multiway_split_position: Optional[int] = None, features_only: bool = False,
-                incremental_state: Optional[list] = None, positions: Optional[Tensor] = None,
-                **kwargs) -> dict:
+    def forward(
+        self,
+        src_tokens: Optional[Tensor],
+        encoder_padding_mask: Optional[Tensor] = None,
+        attn_mask: Optional[Tensor] = None,
+        return_all_hiddens: bool = False,
+        token_embeddings: Optional[Tensor] = None,
+        multiway_split_position: Optional[int] = None,
+        features_only: bool = False,
+        incremental_state: Optional[list] = None,
+        positions: Optional[Tensor] = None,
+        **kwargs,
+    ) -> dict:
         """torchscale's call and result: ``{"encoder_out", "encoder_embedding",
         "encoder_padding_mask", "encoder_states", "l_aux"}``.
 
@@ -92,50 +123,80 @@ class Encoder(Stack):
             device = (src_tokens if src_tokens is not None else token_embeddings).device
             encoder_padding_mask = torch.zeros(batch, length, dtype=torch.bool, device=device)
         elif tuple(encoder_padding_mask.shape) != (batch, length):
-            raise ValueError(f"encoder_padding_mask must have shape (batch, length) = "
-                             f"{(batch, length)}, got {tuple(encoder_padding_mask.shape)}")
+            raise ValueError(
+                f"encoder_padding_mask must have shape (batch, length) = "
+                f"{(batch, length)}, got {tuple(encoder_padding_mask.shape)}"
+            )
 
         # Only a mask the caller gave reaches attention: an all-False one would only slow SDPA.
         layer_mask = given_mask if incremental_state is None else None
         if self.config.multiway and part is None:
             parts, encoder_embedding = self.forward_embedding_parts(
-                src_tokens, token_embeddings, positions, multiway_split_position)
+                src_tokens, token_embeddings, positions, multiway_split_position
+            )
             if given_mask is not None:
-                keep = (1 - encoder_padding_mask.unsqueeze(-1).type_as(parts[0]))
+                keep = 1 - encoder_padding_mask.unsqueeze(-1).type_as(parts[0])
                 keep = keep.split([p.shape[1] for p in parts], dim=1)
                 parts = [x * k for x, k in zip(parts, keep)]
             encoder_states = [torch.cat(parts, dim=1)] if return_all_hiddens else []
             for idx, layer in enumerate(self.layers):
                 state = incremental_state[idx] if incremental_state is not None else None
-                parts = self.run_layer(layer.forward_parts, parts, encoder_padding_mask=layer_mask,
-                                       attn_mask=attn_mask, incremental_state=state)
+                parts = self.run_layer(
+                    layer.forward_parts,
+                    parts,
+                    encoder_padding_mask=layer_mask,
+                    attn_mask=attn_mask,
+                    incremental_state=state,
+                )
                 if return_all_hiddens:
                     encoder_states.append(torch.cat(parts, dim=1))
-            out = torch.cat([self.final_output(x, features_only, part)
-                             for part, x in enumerate(parts)], dim=1)
-            return self._result(out, encoder_embedding, encoder_padding_mask, encoder_states,
-                                [None] * len(self.layers))
+            out = torch.cat(
+                [self.final_output(x, features_only, part) for part, x in enumerate(parts)], dim=1
+            )
+            return self._result(
+                out,
+                encoder_embedding,
+                encoder_padding_mask,
+                encoder_states,
+                [None] * len(self.layers),
+            )
 
-        x, encoder_embedding = self.forward_embedding(src_tokens, token_embeddings, positions,
-                                                      part=part)
+        x, encoder_embedding = self.forward_embedding(
+            src_tokens, token_embeddings, positions, part=part
+        )
         if given_mask is not None:  # zero the padded rows (a no-op, and a saved copy, without)
             x = x * (1 - encoder_padding_mask.unsqueeze(-1).type_as(x))
         encoder_states = [x] if return_all_hiddens else []
         l_aux = []
         for idx, layer in enumerate(self.layers):
             state = incremental_state[idx] if incremental_state is not None else None
-            x, l_aux_i = self.run_layer(layer, x, encoder_padding_mask=layer_mask,
-                                         attn_mask=attn_mask, incremental_state=state,
-                                         multiway_split_position=multiway_split_position)
+            x, l_aux_i = self.run_layer(
+                layer,
+                x,
+                encoder_padding_mask=layer_mask,
+                attn_mask=attn_mask,
+                incremental_state=state,
+                multiway_split_position=multiway_split_position,
+            )
             if return_all_hiddens:
                 encoder_states.append(x)
             l_aux.append(l_aux_i)
-        return self._result(self.final_output(x, features_only, part), encoder_embedding,
-                            encoder_padding_mask, encoder_states, l_aux)
+        return self._result(
+            self.final_output(x, features_only, part),
+            encoder_embedding,
+            encoder_padding_mask,
+            encoder_states,
+            l_aux,
+        )
 
     @staticmethod
-    def _result(encoder_out: Tensor, encoder_embedding: Tensor, encoder_padding_mask: Tensor,
-                encoder_states: list, l_aux: list) -> dict:
+    def _result(
+        encoder_out: Tensor,
+        encoder_embedding: Tensor,
+        encoder_padding_mask: Tensor,
+        encoder_states: list,
+        l_aux: list,
+    ) -> dict:
         return {
             "encoder_out": encoder_out,
             "encoder_embedding": encoder_embedding,
@@ -144,18 +205,23 @@ class Encoder(Stack):
             "l_aux": l_aux,
         }
 
-    def _check_inputs(self, src_tokens: Optional[Tensor],
-                      token_embeddings: Optional[Tensor]) -> tuple[int, int]:
+    def _check_inputs(
+        self, src_tokens: Optional[Tensor], token_embeddings: Optional[Tensor]
+    ) -> tuple[int, int]:
         if src_tokens is None and token_embeddings is None:
             raise ValueError("src_tokens or token_embeddings must be given")
         if token_embeddings is not None:
             if token_embeddings.dim() != 3 or token_embeddings.shape[-1] != self.embed_dim:
-                raise ValueError(f"token_embeddings must have shape (batch, length, embed_dim="
-                                 f"{self.embed_dim}), got {tuple(token_embeddings.shape)}")
+                raise ValueError(
+                    f"token_embeddings must have shape (batch, length, embed_dim="
+                    f"{self.embed_dim}), got {tuple(token_embeddings.shape)}"
+                )
             shape = tuple(token_embeddings.shape[:2])
         else:
             shape = tuple(src_tokens.shape)
         if src_tokens is not None and (src_tokens.dim() != 2 or tuple(src_tokens.shape) != shape):
-            raise ValueError(f"src_tokens must have shape (batch, length) = {shape}, got "
-                             f"{tuple(src_tokens.shape)}")
+            raise ValueError(
+                f"src_tokens must have shape (batch, length) = {shape}, got "
+                f"{tuple(src_tokens.shape)}"
+            )
         return shape

@@ -19,6 +19,7 @@ Which path is fused (for fused backends):
 
 Why the activation sits on fc2's input: docs/design.md, The op contract.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -47,8 +48,11 @@ class FeedForward(nn.Module):
         self.backend = config.backend
         self.fc1 = uninitialized_linear(config.embed_dim, config.ffn_dim, bias=config.bias)
         self.fc2 = uninitialized_linear(config.ffn_dim, config.embed_dim, bias=config.bias)
-        self.ffn_layernorm = (Norm(config.ffn_dim, config.eps, config.norm, config.backend)
-                              if config.norm_scheme == "subln" else None)
+        self.ffn_layernorm = (
+            Norm(config.ffn_dim, config.eps, config.norm, config.backend)
+            if config.norm_scheme == "subln"
+            else None
+        )
         self.reset_parameters(gain)
 
     def reset_parameters(self, gain: float = 1.0) -> None:
@@ -58,23 +62,42 @@ class FeedForward(nn.Module):
         if self.ffn_layernorm is not None:
             self.ffn_layernorm.reset_parameters()
 
-    def forward(self, x: Tensor, *, input_norm: Optional[Norm] = None,
-                residual: Optional[Tensor] = None, alpha: float = 1.0,
-                dropout_p: Optional[float] = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        input_norm: Optional[Norm] = None,
+        residual: Optional[Tensor] = None,
+        alpha: float = 1.0,
+        dropout_p: Optional[float] = None,
+    ) -> Tensor:
         """``alpha·residual + dropout(fc2(LN_ffn(act(fc1(input_norm(x))))))``.
 
         Called as ``ffn(x)`` it is torchscale's ``FeedForwardNetwork`` (output dropout
         ``config.dropout`` in training). ``dropout_p`` overrides the output dropout.
         """
         if x.dim() < 1 or x.shape[-1] != self.embed_dim:
-            raise ValueError(f"x must have last dimension embed_dim={self.embed_dim}, got shape "
-                             f"{tuple(x.shape)}")
+            raise ValueError(
+                f"x must have last dimension embed_dim={self.embed_dim}, got shape {tuple(x.shape)}"
+            )
         if dropout_p is None:
             dropout_p = self.dropout if self.training else 0.0
-        u = magneto_kernels.ln_linear(x, weight=self.fc1.weight, bias=self.fc1.bias,
-                                      backend=self.backend, **norm_kwargs(input_norm))
-        fc2 = dict(weight=self.fc2.weight, bias=self.fc2.bias, residual=residual, alpha=alpha,
-                   dropout_p=dropout_p, backend=self.backend, **norm_kwargs(self.ffn_layernorm))
+        u = magneto_kernels.ln_linear(
+            x,
+            weight=self.fc1.weight,
+            bias=self.fc1.bias,
+            backend=self.backend,
+            **norm_kwargs(input_norm),
+        )
+        fc2 = dict(
+            weight=self.fc2.weight,
+            bias=self.fc2.bias,
+            residual=residual,
+            alpha=alpha,
+            dropout_p=dropout_p,
+            backend=self.backend,
+            **norm_kwargs(self.ffn_layernorm),
+        )
         if self.training and self.activation_dropout > 0.0:
             a = magneto_kernels.activation(u, self.activation)
             a = magneto_kernels.dropout(a, self.activation_dropout)

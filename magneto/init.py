@@ -36,6 +36,7 @@ Two base inits (``MagnetoConfig.init``), both applying the gains above:
 Both: token embeddings and output projections N(0, d^-1/2) (torchscale's ``TextEmbedding`` and
 ``build_output_projection``), norms weight 1, bias 0. (docs/design.md, The model.)
 """
+
 from __future__ import annotations
 
 import math
@@ -65,13 +66,14 @@ class LayerScales:
     """Residual scale and init gains of one layer."""
 
     alpha: float
-    self_attn: float   # gain of the self-attention's v_proj and out_proj
+    self_attn: float  # gain of the self-attention's v_proj and out_proj
     cross_attn: float  # gain of the cross-attention's v_proj and out_proj (decoder of enc-dec)
-    ffn: float         # gain of fc1 and fc2
+    ffn: float  # gain of fc1 and fc2
 
 
-def subln_gamma(role: str, encoder_layers: int, decoder_layers: int,
-                is_encoder_decoder: bool) -> float:
+def subln_gamma(
+    role: str, encoder_layers: int, decoder_layers: int, is_encoder_decoder: bool
+) -> float:
     """Magneto's gain gamma (expressions ordered as torchscale's, so the floats match)."""
     n, m = encoder_layers, decoder_layers
     if role == "encoder":
@@ -83,8 +85,9 @@ def subln_gamma(role: str, encoder_layers: int, decoder_layers: int,
     return math.sqrt(math.log(m * 2))
 
 
-def deepnorm_alpha(role: str, encoder_layers: int, decoder_layers: int,
-                   is_encoder_decoder: bool) -> float:
+def deepnorm_alpha(
+    role: str, encoder_layers: int, decoder_layers: int, is_encoder_decoder: bool
+) -> float:
     """DeepNorm's residual scale alpha."""
     n, m = encoder_layers, decoder_layers
     if role == "encoder":
@@ -96,8 +99,13 @@ def deepnorm_alpha(role: str, encoder_layers: int, decoder_layers: int,
     return math.pow(2.0 * m, 0.25)
 
 
-def deepnorm_beta(role: str, encoder_layers: int, decoder_layers: int, is_encoder_decoder: bool,
-                  variant: str = "paper") -> Beta:
+def deepnorm_beta(
+    role: str,
+    encoder_layers: int,
+    decoder_layers: int,
+    is_encoder_decoder: bool,
+    variant: str = "paper",
+) -> Beta:
     """DeepNorm's gain beta; ``variant`` ("paper"/"torchscale") matters only for the encoder of
     an encoder-decoder."""
     n, m = encoder_layers, decoder_layers
@@ -116,8 +124,10 @@ def layer_scales(config: MagnetoConfig, role: str, is_encoder_decoder: bool = Fa
     if role not in ("encoder", "decoder"):
         raise ValueError(f"role must be 'encoder' or 'decoder', got {role!r}")
     n, m = config.encoder_layers, config.decoder_layers
-    for name, count, needed in (("encoder_layers", n, role == "encoder" or is_encoder_decoder),
-                                ("decoder_layers", m, role == "decoder" or is_encoder_decoder)):
+    for name, count, needed in (
+        ("encoder_layers", n, role == "encoder" or is_encoder_decoder),
+        ("decoder_layers", m, role == "decoder" or is_encoder_decoder),
+    ):
         if needed and count < 1:
             raise ValueError(f"{name} must be >= 1 for a layer of this model, got {count}")
     if config.norm_scheme == "subln":
@@ -163,7 +173,7 @@ def init_linear_(weight: Tensor, bias: Optional[Tensor], gain: float, scheme: st
 @torch.no_grad()
 def init_token_embedding_(embedding: nn.Embedding) -> None:
     """N(0, d^-1/2), padding row zero (torchscale's ``TextEmbedding``)."""
-    nn.init.normal_(embedding.weight, mean=0.0, std=embedding.embedding_dim ** -0.5)
+    nn.init.normal_(embedding.weight, mean=0.0, std=embedding.embedding_dim**-0.5)
     if embedding.padding_idx is not None:
         embedding.weight[embedding.padding_idx].zero_()
 
@@ -171,7 +181,7 @@ def init_token_embedding_(embedding: nn.Embedding) -> None:
 @torch.no_grad()
 def init_learned_positions_(embedding: nn.Embedding, scheme: str) -> None:
     """N(0, d^-1/2) ("paper") or N(0, 1) ("torchscale": nn.Embedding's default); padding row 0."""
-    std = 1.0 if scheme == "torchscale" else embedding.embedding_dim ** -0.5
+    std = 1.0 if scheme == "torchscale" else embedding.embedding_dim**-0.5
     nn.init.normal_(embedding.weight, mean=0.0, std=std)
     if embedding.padding_idx is not None:
         embedding.weight[embedding.padding_idx].zero_()
@@ -183,6 +193,6 @@ def init_output_projection_(projection: nn.Linear, scheme: str) -> None:
     with ``scheme="torchscale"`` both draws happen so the random stream stays aligned."""
     if scheme == "torchscale":
         nn.init.kaiming_uniform_(projection.weight, a=math.sqrt(5))
-    nn.init.normal_(projection.weight, mean=0.0, std=projection.in_features ** -0.5)
+    nn.init.normal_(projection.weight, mean=0.0, std=projection.in_features**-0.5)
     if projection.bias is not None:
         projection.bias.zero_()

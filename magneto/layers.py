@@ -18,6 +18,7 @@ part, with that part's norm and weights), attention over the whole sequence.
 Parameter names follow torchscale (``self_attn``, ``self_attn_layer_norm``, ``encoder_attn``,
 ``encoder_attn_layer_norm``, ``ffn``, ``final_layer_norm``).
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional, Sequence
@@ -88,8 +89,9 @@ class ResidualLayer(nn.Module):
     def _check_input(self, x: Tensor) -> None:
         if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.embed_dim:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"x must be a (batch, length, embed_dim={self.embed_dim}) Tensor, "
-                             f"got {shape}")
+            raise ValueError(
+                f"x must be a (batch, length, embed_dim={self.embed_dim}) Tensor, got {shape}"
+            )
 
     def residual_block(self, x: Tensor, norm: Norm, sublayer: Callable[..., Tensor]) -> Tensor:
         """The new residual stream after ``sublayer`` (called with the fused-op keywords)."""
@@ -103,24 +105,33 @@ class ResidualLayer(nn.Module):
         y = sublayer(x, dropout_p=p)
         if drop_path:
             y = self.drop_path(y)
-        out, _ = magneto_kernels.add_layer_norm(y, x, norm.weight, norm.bias, norm.eps,
-                                                alpha=self.alpha, norm=norm.kind,
-                                                backend=self.config.backend)
+        out, _ = magneto_kernels.add_layer_norm(
+            y,
+            x,
+            norm.weight,
+            norm.bias,
+            norm.eps,
+            alpha=self.alpha,
+            norm=norm.kind,
+            backend=self.config.backend,
+        )
         return out
 
     def ffn_block(self, x: Tensor, part: Optional[int] = None) -> Tensor:
         return self.residual_block(x, pick(self.final_layer_norm, part), pick(self.ffn, part))
 
-    def residual_block_parts(self, parts: Sequence[Tensor], norm: Multiway,
-                             sublayer: Callable[..., list]) -> list[Tensor]:
+    def residual_block_parts(
+        self, parts: Sequence[Tensor], norm: Multiway, sublayer: Callable[..., list]
+    ) -> list[Tensor]:
         """``residual_block`` of a multiway sequence held as two parts: ``sublayer`` takes and
         returns the two parts (with the fused-op keywords; ``input_norm`` the norm pair)."""
         p = self.config.dropout if self.training else 0.0
         drop_path = self.drop_path is not None and self.training
         if self.normalize_before:
             if not drop_path:
-                return sublayer(parts, input_norm=norm, residual=parts, alpha=self.alpha,
-                                dropout_p=p)
+                return sublayer(
+                    parts, input_norm=norm, residual=parts, alpha=self.alpha, dropout_p=p
+                )
             ys = sublayer(parts, input_norm=norm, dropout_p=p)
         else:
             ys = sublayer(parts, dropout_p=p)
@@ -129,17 +140,38 @@ class ResidualLayer(nn.Module):
             ys = [y * keep / (1.0 - self.drop_path.p) for y in ys]
         if self.normalize_before:
             return [self.alpha * x + y for x, y in zip(parts, ys)]
-        return [magneto_kernels.add_layer_norm(y, x, norm[part].weight, norm[part].bias,
-                                               norm[part].eps, alpha=self.alpha,
-                                               norm=norm[part].kind, backend=self.config.backend)[0]
-                for part, (x, y) in enumerate(zip(parts, ys))]
+        return [
+            magneto_kernels.add_layer_norm(
+                y,
+                x,
+                norm[part].weight,
+                norm[part].bias,
+                norm[part].eps,
+                alpha=self.alpha,
+                norm=norm[part].kind,
+                backend=self.config.backend,
+            )[0]
+            for part, (x, y) in enumerate(zip(parts, ys))
+        ]
 
-    def ffn_parts(self, parts: Sequence[Tensor], *, input_norm: Optional[Multiway] = None,
-                  residual: Optional[Sequence[Tensor]] = None, **kwargs) -> list[Tensor]:
+    def ffn_parts(
+        self,
+        parts: Sequence[Tensor],
+        *,
+        input_norm: Optional[Multiway] = None,
+        residual: Optional[Sequence[Tensor]] = None,
+        **kwargs,
+    ) -> list[Tensor]:
         """The feed-forward sublayer of a multiway sequence: each part through its own copy."""
-        return [self.ffn[part](x, input_norm=pick(input_norm, part),
-                               residual=None if residual is None else residual[part], **kwargs)
-                for part, x in enumerate(parts)]
+        return [
+            self.ffn[part](
+                x,
+                input_norm=pick(input_norm, part),
+                residual=None if residual is None else residual[part],
+                **kwargs,
+            )
+            for part, x in enumerate(parts)
+        ]
 
 
 class EncoderLayer(ResidualLayer):
@@ -150,9 +182,13 @@ class EncoderLayer(ResidualLayer):
         # Built (and initialised) in torchscale's order: self_attn, ffn.
         self.self_attn = MultiheadAttention(config, True, gain=self.scales.self_attn)
         self.self_attn_layer_norm = self._norm()
-        self.ffn = (Multiway(FeedForward(config, gain=self.scales.ffn),
-                             FeedForward(config, gain=self.scales.ffn))
-                    if config.multiway else FeedForward(config, gain=self.scales.ffn))
+        self.ffn = (
+            Multiway(
+                FeedForward(config, gain=self.scales.ffn), FeedForward(config, gain=self.scales.ffn)
+            )
+            if config.multiway
+            else FeedForward(config, gain=self.scales.ffn)
+        )
         self.final_layer_norm = self._norm()
 
     def reset_parameters(self) -> None:
@@ -162,10 +198,15 @@ class EncoderLayer(ResidualLayer):
         self.self_attn_layer_norm.reset_parameters()
         self.final_layer_norm.reset_parameters()
 
-    def forward(self, x: Tensor, encoder_padding_mask: Optional[Tensor] = None,
-                attn_mask: Optional[Tensor] = None, rel_pos: Optional[Tensor] = None,
-                multiway_split_position: Optional[int] = None,
-                incremental_state: Optional[dict] = None) -> tuple[Tensor, None]:
+    def forward(
+        self,
+        x: Tensor,
+        encoder_padding_mask: Optional[Tensor] = None,
+        attn_mask: Optional[Tensor] = None,
+        rel_pos: Optional[Tensor] = None,
+        multiway_split_position: Optional[int] = None,
+        incremental_state: Optional[dict] = None,
+    ) -> tuple[Tensor, None]:
         """torchscale's call; returns ``(x, l_aux=None)``. ``attn_mask`` (tgt, src) masks the
         positions where it is nonzero (torchscale turns them into -1e8 scores).
 
@@ -178,23 +219,39 @@ class EncoderLayer(ResidualLayer):
         if self.config.multiway and part is None:
             if rel_pos is not None:
                 raise ValueError("rel_pos: relative position bias is not supported")
-            parts = self.forward_parts(split_parts(x, multiway_split_position),
-                                       encoder_padding_mask, attn_mask, incremental_state)
+            parts = self.forward_parts(
+                split_parts(x, multiway_split_position),
+                encoder_padding_mask,
+                attn_mask,
+                incremental_state,
+            )
             return torch.cat(parts, dim=1), None
         if attn_mask is not None:
             attn_mask = attn_mask.to(torch.bool)
 
         def attention(h, **kw):
-            return self.self_attn(h, h, h, incremental_state=incremental_state,
-                                  key_padding_mask=encoder_padding_mask, attn_mask=attn_mask,
-                                  rel_pos=rel_pos, part=part, **kw)[0]
+            return self.self_attn(
+                h,
+                h,
+                h,
+                incremental_state=incremental_state,
+                key_padding_mask=encoder_padding_mask,
+                attn_mask=attn_mask,
+                rel_pos=rel_pos,
+                part=part,
+                **kw,
+            )[0]
 
         x = self.residual_block(x, pick(self.self_attn_layer_norm, part), attention)
         return self.ffn_block(x, part), None
 
-    def forward_parts(self, parts: Sequence[Tensor], encoder_padding_mask: Optional[Tensor] = None,
-                      attn_mask: Optional[Tensor] = None,
-                      incremental_state: Optional[dict] = None) -> list[Tensor]:
+    def forward_parts(
+        self,
+        parts: Sequence[Tensor],
+        encoder_padding_mask: Optional[Tensor] = None,
+        attn_mask: Optional[Tensor] = None,
+        incremental_state: Optional[dict] = None,
+    ) -> list[Tensor]:
         """A multiway layer on a sequence held as two parts, (batch, s, d) for copy A and
         (batch, length - s, d) for copy B; returns the new parts. Masks refer to the whole
         sequence (``forward``'s arguments)."""
@@ -205,8 +262,9 @@ class EncoderLayer(ResidualLayer):
             attn_mask = attn_mask.to(torch.bool)
 
         def attention(xs, **kw):
-            return self.self_attn.forward_parts(xs, encoder_padding_mask, attn_mask,
-                                                incremental_state, **kw)
+            return self.self_attn.forward_parts(
+                xs, encoder_padding_mask, attn_mask, incremental_state, **kw
+            )
 
         parts = self.residual_block_parts(parts, self.self_attn_layer_norm, attention)
         return self.residual_block_parts(parts, self.final_layer_norm, self.ffn_parts)
@@ -241,13 +299,20 @@ class DecoderLayer(ResidualLayer):
         self.self_attn_layer_norm.reset_parameters()
         self.final_layer_norm.reset_parameters()
 
-    def forward(self, x: Tensor, encoder_out: Optional[Tensor] = None,
-                encoder_padding_mask: Optional[Tensor] = None,
-                incremental_state: Optional[dict] = None, self_attn_mask: Optional[Tensor] = None,
-                self_attn_padding_mask: Optional[Tensor] = None,
-                self_attn_rel_pos: Optional[Tensor] = None,
-                cross_attn_rel_pos: Optional[Tensor] = None, is_first_step: bool = False, *,
-                self_attn_causal: bool = False) -> tuple[Tensor, None, None, None]:
+    def forward(
+        self,
+        x: Tensor,
+        encoder_out: Optional[Tensor] = None,
+        encoder_padding_mask: Optional[Tensor] = None,
+        incremental_state: Optional[dict] = None,
+        self_attn_mask: Optional[Tensor] = None,
+        self_attn_padding_mask: Optional[Tensor] = None,
+        self_attn_rel_pos: Optional[Tensor] = None,
+        cross_attn_rel_pos: Optional[Tensor] = None,
+        is_first_step: bool = False,
+        *,
+        self_attn_causal: bool = False,
+    ) -> tuple[Tensor, None, None, None]:
         """torchscale's call; returns ``(x, attn=None, None, l_aux=None)``.
 
         ``self_attn_mask`` is torchscale's additive float mask (or bool, True = masked);
@@ -256,16 +321,30 @@ class DecoderLayer(ResidualLayer):
         self._check_input(x)
 
         def self_attention(h, **kw):
-            return self.self_attn(h, h, h, incremental_state=incremental_state,
-                                  key_padding_mask=self_attn_padding_mask, attn_mask=self_attn_mask,
-                                  rel_pos=self_attn_rel_pos, is_causal=self_attn_causal, **kw)[0]
+            return self.self_attn(
+                h,
+                h,
+                h,
+                incremental_state=incremental_state,
+                key_padding_mask=self_attn_padding_mask,
+                attn_mask=self_attn_mask,
+                rel_pos=self_attn_rel_pos,
+                is_causal=self_attn_causal,
+                **kw,
+            )[0]
 
         x = self.residual_block(x, self.self_attn_layer_norm, self_attention)
         if self.encoder_attn is not None and encoder_out is not None:
+
             def cross_attention(h, **kw):
-                return self.encoder_attn(h, encoder_out, encoder_out,
-                                         key_padding_mask=encoder_padding_mask,
-                                         rel_pos=cross_attn_rel_pos, **kw)[0]
+                return self.encoder_attn(
+                    h,
+                    encoder_out,
+                    encoder_out,
+                    key_padding_mask=encoder_padding_mask,
+                    rel_pos=cross_attn_rel_pos,
+                    **kw,
+                )[0]
 
             x = self.residual_block(x, self.encoder_attn_layer_norm, cross_attention)
         return self.ffn_block(x), None, None, None

@@ -22,6 +22,7 @@ Module names follow torchscale (``self_attn_layer_norm.A.weight``, ``ffn.B.fc1.w
 the packed q/k/v of a part is ``in_proj.A.weight`` (torchscale's ``q_proj.A.weight``,
 ``k_proj.A.weight``, ``v_proj.A.weight`` load into it and export back).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -68,14 +69,17 @@ def single_part(multiway: bool, split: Optional[int], length: int) -> Optional[i
     """
     if not multiway:
         if split is not None:
-            raise ValueError(f"multiway_split_position={split!r}: this model is not multiway "
-                             "(MagnetoConfig.multiway=False)")
+            raise ValueError(
+                f"multiway_split_position={split!r}: this model is not multiway "
+                "(MagnetoConfig.multiway=False)"
+            )
         return None
     if split is None:
         return 0
     if isinstance(split, bool) or not isinstance(split, int) or not -1 <= split <= length:
-        raise ValueError(f"multiway_split_position must be an int in [-1, length={length}], "
-                         f"got {split!r}")
+        raise ValueError(
+            f"multiway_split_position must be an int in [-1, length={length}], got {split!r}"
+        )
     if split in (-1, length):
         return 0
     if split == 0:
@@ -96,8 +100,11 @@ def check_parts(parts: Sequence[Tensor], embed_dim: int) -> None:
     for name, t in zip(PARTS, parts):
         if not isinstance(t, Tensor) or t.dim() != 3 or t.shape[-1] != embed_dim:
             shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-            raise ValueError(f"part {name} must be a (batch, length, embed_dim={embed_dim}) "
-                             f"Tensor, got {shape}")
+            raise ValueError(
+                f"part {name} must be a (batch, length, embed_dim={embed_dim}) Tensor, got {shape}"
+            )
     if parts[0].shape[0] != parts[1].shape[0]:
-        raise ValueError(f"parts must share the batch size, got {tuple(parts[0].shape)} and "
-                         f"{tuple(parts[1].shape)}")
+        raise ValueError(
+            f"parts must share the batch size, got {tuple(parts[0].shape)} and "
+            f"{tuple(parts[1].shape)}"
+        )

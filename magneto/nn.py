@@ -24,6 +24,7 @@ What differs from ``torch.nn`` (by design):
   (``magneto.FeedForward``); pass ``activation_dropout=0.0`` to keep it fused.
 - Parameter names are Magneto's (torchscale's), not ``torch.nn``'s.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional, Union
@@ -48,27 +49,49 @@ def _activation_name(activation: Union[str, Callable]) -> str:
             if name == "gelu" and activation.approximate == "tanh":
                 return "gelu_tanh"
             return name
-    raise ValueError(f"activation must be 'relu', 'gelu', 'gelu_tanh', 'silu' or F.relu / F.gelu / "
-                     f"F.silu (or their nn modules), got {activation!r}")
+    raise ValueError(
+        f"activation must be 'relu', 'gelu', 'gelu_tanh', 'silu' or F.relu / F.gelu / "
+        f"F.silu (or their nn modules), got {activation!r}"
+    )
 
 
-def _config(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, bias,
-            encoder_layers, decoder_layers, options) -> MagnetoConfig:
+def _config(
+    d_model,
+    nhead,
+    dim_feedforward,
+    dropout,
+    activation,
+    layer_norm_eps,
+    bias,
+    encoder_layers,
+    decoder_layers,
+    options,
+) -> MagnetoConfig:
     attention_dropout = options.pop("attention_dropout", None)
     activation_dropout = options.pop("activation_dropout", None)
     return MagnetoConfig(
-        embed_dim=d_model, num_heads=nhead, ffn_dim=dim_feedforward, encoder_layers=encoder_layers,
-        decoder_layers=decoder_layers, dropout=dropout,
+        embed_dim=d_model,
+        num_heads=nhead,
+        ffn_dim=dim_feedforward,
+        encoder_layers=encoder_layers,
+        decoder_layers=decoder_layers,
+        dropout=dropout,
         attention_dropout=dropout if attention_dropout is None else attention_dropout,
         activation_dropout=dropout if activation_dropout is None else activation_dropout,
-        activation=_activation_name(activation), eps=layer_norm_eps, bias=bias, positions="none",
-        **options)
+        activation=_activation_name(activation),
+        eps=layer_norm_eps,
+        bias=bias,
+        positions="none",
+        **options,
+    )
 
 
 def _to_batch_first(x: Tensor, batch_first: bool, name: str, dim: int) -> Tensor:
     if not isinstance(x, Tensor) or x.dim() != 3:
-        raise ValueError(f"{name} must be a 3-D Tensor, got "
-                         f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        raise ValueError(
+            f"{name} must be a 3-D Tensor, got "
+            f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}"
+        )
     if x.shape[-1] != dim:
         raise ValueError(f"{name} must have last dimension d_model={dim}, got {tuple(x.shape)}")
     return x if batch_first else x.transpose(0, 1)
@@ -82,25 +105,59 @@ class TransformerEncoderLayer(EncoderLayer):
     ``MagnetoConfig`` field (``norm_scheme``, ``norm``, ``init``, ``backend``, ...).
     """
 
-    def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
-                 activation: Union[str, Callable] = F.relu, layer_norm_eps: float = 1e-5,
-                 batch_first: bool = False, norm_first: bool = False, bias: bool = True,
-                 device=None, dtype=None, *, num_layers: int = 1, **options):
-        config = _config(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, bias,
-                         num_layers, 0, options)
+    def __init__(
+        self,
+        d_model: int,
+        nhead: int,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        activation: Union[str, Callable] = F.relu,
+        layer_norm_eps: float = 1e-5,
+        batch_first: bool = False,
+        norm_first: bool = False,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        num_layers: int = 1,
+        **options,
+    ):
+        config = _config(
+            d_model,
+            nhead,
+            dim_feedforward,
+            dropout,
+            activation,
+            layer_norm_eps,
+            bias,
+            num_layers,
+            0,
+            options,
+        )
         super().__init__(config)
         self.batch_first = batch_first
         self.self_attn.batch_first = batch_first  # torch.nn.TransformerEncoder reads this
         self.to(device=device, dtype=dtype)
 
-    def forward(self, src: Tensor, src_mask: Optional[Tensor] = None,
-                src_key_padding_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+    def forward(
+        self,
+        src: Tensor,
+        src_mask: Optional[Tensor] = None,
+        src_key_padding_mask: Optional[Tensor] = None,
+        is_causal: bool = False,
+    ) -> Tensor:
         x = _to_batch_first(src, self.batch_first, "src", self.embed_dim)
 
         def attention(h, **kw):
-            return self.self_attn(h, h, h, key_padding_mask=src_key_padding_mask,
-                                  attn_mask=src_mask, is_causal=is_causal and src_mask is None,
-                                  **kw)[0]
+            return self.self_attn(
+                h,
+                h,
+                h,
+                key_padding_mask=src_key_padding_mask,
+                attn_mask=src_mask,
+                is_causal=is_causal and src_mask is None,
+                **kw,
+            )[0]
 
         x = self.residual_block(x, self.self_attn_layer_norm, attention)
         x = self.ffn_block(x)
@@ -115,35 +172,76 @@ class TransformerDecoderLayer(DecoderLayer):
     init gains of an encoder-decoder depend on both), and as ``TransformerEncoderLayer``.
     """
 
-    def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
-                 activation: Union[str, Callable] = F.relu, layer_norm_eps: float = 1e-5,
-                 batch_first: bool = False, norm_first: bool = False, bias: bool = True,
-                 device=None, dtype=None, *, num_layers: int = 1, num_encoder_layers: int = 1,
-                 **options):
-        config = _config(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, bias,
-                         num_encoder_layers, num_layers, options)
+    def __init__(
+        self,
+        d_model: int,
+        nhead: int,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        activation: Union[str, Callable] = F.relu,
+        layer_norm_eps: float = 1e-5,
+        batch_first: bool = False,
+        norm_first: bool = False,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        num_layers: int = 1,
+        num_encoder_layers: int = 1,
+        **options,
+    ):
+        config = _config(
+            d_model,
+            nhead,
+            dim_feedforward,
+            dropout,
+            activation,
+            layer_norm_eps,
+            bias,
+            num_encoder_layers,
+            num_layers,
+            options,
+        )
         super().__init__(config, is_encoder_decoder=True)
         self.batch_first = batch_first
         self.self_attn.batch_first = batch_first
         self.to(device=device, dtype=dtype)
 
-    def forward(self, tgt: Tensor, memory: Tensor, tgt_mask: Optional[Tensor] = None,
-                memory_mask: Optional[Tensor] = None,
-                tgt_key_padding_mask: Optional[Tensor] = None,
-                memory_key_padding_mask: Optional[Tensor] = None, tgt_is_causal: bool = False,
-                memory_is_causal: bool = False) -> Tensor:
+    def forward(
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        tgt_mask: Optional[Tensor] = None,
+        memory_mask: Optional[Tensor] = None,
+        tgt_key_padding_mask: Optional[Tensor] = None,
+        memory_key_padding_mask: Optional[Tensor] = None,
+        tgt_is_causal: bool = False,
+        memory_is_causal: bool = False,
+    ) -> Tensor:
         x = _to_batch_first(tgt, self.batch_first, "tgt", self.embed_dim)
         mem = _to_batch_first(memory, self.batch_first, "memory", self.embed_dim)
 
         def self_attention(h, **kw):
-            return self.self_attn(h, h, h, key_padding_mask=tgt_key_padding_mask,
-                                  attn_mask=tgt_mask, is_causal=tgt_is_causal and tgt_mask is None,
-                                  **kw)[0]
+            return self.self_attn(
+                h,
+                h,
+                h,
+                key_padding_mask=tgt_key_padding_mask,
+                attn_mask=tgt_mask,
+                is_causal=tgt_is_causal and tgt_mask is None,
+                **kw,
+            )[0]
 
         def cross_attention(h, **kw):
-            return self.encoder_attn(h, mem, mem, key_padding_mask=memory_key_padding_mask,
-                                     attn_mask=memory_mask,
-                                     is_causal=memory_is_causal and memory_mask is None, **kw)[0]
+            return self.encoder_attn(
+                h,
+                mem,
+                mem,
+                key_padding_mask=memory_key_padding_mask,
+                attn_mask=memory_mask,
+                is_causal=memory_is_causal and memory_mask is None,
+                **kw,
+            )[0]
 
         x = self.residual_block(x, self.self_attn_layer_norm, self_attention)
         x = self.residual_block(x, self.encoder_attn_layer_norm, cross_attention)
@@ -153,28 +251,43 @@ class TransformerDecoderLayer(DecoderLayer):
 
 def _layer_arguments(old: nn.Module) -> dict:
     linear1 = old.linear1
-    return dict(d_model=old.self_attn.embed_dim, nhead=old.self_attn.num_heads,
-                dim_feedforward=linear1.out_features, dropout=old.dropout.p,
-                activation=old.activation, layer_norm_eps=old.norm1.eps,
-                batch_first=old.self_attn.batch_first, bias=linear1.bias is not None,
-                device=linear1.weight.device, dtype=linear1.weight.dtype)
+    return dict(
+        d_model=old.self_attn.embed_dim,
+        nhead=old.self_attn.num_heads,
+        dim_feedforward=linear1.out_features,
+        dropout=old.dropout.p,
+        activation=old.activation,
+        layer_norm_eps=old.norm1.eps,
+        batch_first=old.self_attn.batch_first,
+        bias=linear1.bias is not None,
+        device=linear1.weight.device,
+        dtype=linear1.weight.dtype,
+    )
 
 
 @torch.no_grad()
 def _copy_weights(new: nn.Module, old: nn.Module) -> None:
     """Every torch.nn weight that has a Magneto counterpart; new LayerNorms stay at identity."""
-    pairs = [(new.self_attn, old.self_attn), (new.self_attn_layer_norm, old.norm1),
-             (new.ffn.fc1, old.linear1), (new.ffn.fc2, old.linear2)]
+    pairs = [
+        (new.self_attn, old.self_attn),
+        (new.self_attn_layer_norm, old.norm1),
+        (new.ffn.fc1, old.linear1),
+        (new.ffn.fc2, old.linear2),
+    ]
     if isinstance(old, nn.TransformerDecoderLayer):
-        pairs += [(new.encoder_attn, old.multihead_attn), (new.encoder_attn_layer_norm, old.norm2),
-                  (new.final_layer_norm, old.norm3)]
+        pairs += [
+            (new.encoder_attn, old.multihead_attn),
+            (new.encoder_attn_layer_norm, old.norm2),
+            (new.final_layer_norm, old.norm3),
+        ]
     else:
         pairs.append((new.final_layer_norm, old.norm2))
     for target, source in pairs:
         if isinstance(source, nn.MultiheadAttention):
             if not source._qkv_same_embed_dim:
-                raise ValueError("copy_weights: attention with kdim/vdim != d_model is not "
-                                 "supported")
+                raise ValueError(
+                    "copy_weights: attention with kdim/vdim != d_model is not supported"
+                )
             target.in_proj_weight.copy_(source.in_proj_weight)
             if target.in_proj_bias is not None:
                 target.in_proj_bias.copy_(source.in_proj_bias)
@@ -184,13 +297,15 @@ def _copy_weights(new: nn.Module, old: nn.Module) -> None:
             target.bias.copy_(source.bias)
 
 
-def _magnetize_stack(stack: nn.Module, layer_type, torch_type, extra: dict, copy_weights: bool,
-                     options: dict) -> None:
+def _magnetize_stack(
+    stack: nn.Module, layer_type, torch_type, extra: dict, copy_weights: bool, options: dict
+) -> None:
     layers = stack.layers
     for i, old in enumerate(layers):
         if not isinstance(old, torch_type):
-            raise ValueError(f"layers[{i}] must be a torch.nn.{torch_type.__name__}, got "
-                             f"{type(old).__name__}")
+            raise ValueError(
+                f"layers[{i}] must be a torch.nn.{torch_type.__name__}, got {type(old).__name__}"
+            )
         new = layer_type(**_layer_arguments(old), num_layers=len(layers), **extra, **options)
         if copy_weights:
             _copy_weights(new, old)
@@ -210,18 +325,38 @@ def magnetize(module: nn.Module, *, copy_weights: bool = False, **options) -> nn
     ``MagnetoConfig`` fields for every new layer (``backend``, ``norm_scheme``, ...).
     """
     if isinstance(module, nn.Transformer):
-        _magnetize_stack(module.encoder, TransformerEncoderLayer, nn.TransformerEncoderLayer, {},
-                         copy_weights, options)
-        _magnetize_stack(module.decoder, TransformerDecoderLayer, nn.TransformerDecoderLayer,
-                         {"num_encoder_layers": len(module.encoder.layers)}, copy_weights, options)
+        _magnetize_stack(
+            module.encoder,
+            TransformerEncoderLayer,
+            nn.TransformerEncoderLayer,
+            {},
+            copy_weights,
+            options,
+        )
+        _magnetize_stack(
+            module.decoder,
+            TransformerDecoderLayer,
+            nn.TransformerDecoderLayer,
+            {"num_encoder_layers": len(module.encoder.layers)},
+            copy_weights,
+            options,
+        )
     elif isinstance(module, nn.TransformerEncoder):
-        _magnetize_stack(module, TransformerEncoderLayer, nn.TransformerEncoderLayer, {},
-                         copy_weights, options)
+        _magnetize_stack(
+            module, TransformerEncoderLayer, nn.TransformerEncoderLayer, {}, copy_weights, options
+        )
     elif isinstance(module, nn.TransformerDecoder):
-        _magnetize_stack(module, TransformerDecoderLayer, nn.TransformerDecoderLayer,
-                         {"num_encoder_layers": options.pop("num_encoder_layers", 1)}, copy_weights,
-                         options)
+        _magnetize_stack(
+            module,
+            TransformerDecoderLayer,
+            nn.TransformerDecoderLayer,
+            {"num_encoder_layers": options.pop("num_encoder_layers", 1)},
+            copy_weights,
+            options,
+        )
     else:
-        raise ValueError(f"module must be a torch.nn.TransformerEncoder, TransformerDecoder or "
-                         f"Transformer, got {type(module).__name__}")
+        raise ValueError(
+            f"module must be a torch.nn.TransformerEncoder, TransformerDecoder or "
+            f"Transformer, got {type(module).__name__}"
+        )
     return module

@@ -4,6 +4,7 @@ Parameter names (``weight``, ``bias``) match ``torch.nn.LayerNorm``, so torchsca
 load unchanged. Blocks rarely call a norm's ``forward``: they hand its parameters to the fused
 ops (``norm_kwargs``), which is what lets a backend fuse the norm into the next projection.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -17,8 +18,9 @@ import magneto_kernels
 class Norm(nn.Module):
     """LayerNorm (``kind="layer"``: weight and bias) or RMSNorm (``kind="rms"``: weight only)."""
 
-    def __init__(self, dim: int, eps: float = 1e-5, kind: str = "layer",
-                 backend: Optional[str] = None):
+    def __init__(
+        self, dim: int, eps: float = 1e-5, kind: str = "layer", backend: Optional[str] = None
+    ):
         super().__init__()
         if kind not in ("layer", "rms"):
             raise ValueError(f"kind must be 'layer' or 'rms', got {kind!r}")
@@ -34,8 +36,9 @@ class Norm(nn.Module):
             self.bias.zero_()
 
     def forward(self, x: Tensor) -> Tensor:
-        return magneto_kernels.layer_norm(x, self.weight, self.bias, self.eps, norm=self.kind,
-                                          backend=self.backend)
+        return magneto_kernels.layer_norm(
+            x, self.weight, self.bias, self.eps, norm=self.kind, backend=self.backend
+        )
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}, kind={self.kind!r}"

@@ -2,6 +2,7 @@
 
 What one Magneto layer saves, and why: docs/design.md, Memory accounting.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Iterable
@@ -10,8 +11,9 @@ import torch
 from torch import Tensor
 
 
-def saved_tensor_bytes(forward: Callable[[], object], exclude: Iterable[Tensor] = ()
-                       ) -> tuple[int, object]:
+def saved_tensor_bytes(
+    forward: Callable[[], object], exclude: Iterable[Tensor] = ()
+) -> tuple[int, object]:
     """Run ``forward()`` and return ``(bytes, its result)``: the bytes of every distinct storage
     that autograd saved for backward during the call, each counted once, leaving out the
     storages of ``exclude`` (typically the parameters and the input).

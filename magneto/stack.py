@@ -3,6 +3,7 @@
 Everything is built, and so initialised, in torchscale 0.3.0's order, so that the same seed
 gives torchscale's parameters with ``init="torchscale"``.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,8 +16,12 @@ from torch.utils.checkpoint import checkpoint
 import magneto_kernels
 from magneto import init
 from magneto.config import MagnetoConfig
-from magneto.embeddings import (LearnedPositionalEmbedding, build_output_projection,
-                                build_positions, build_token_embedding)
+from magneto.embeddings import (
+    LearnedPositionalEmbedding,
+    build_output_projection,
+    build_positions,
+    build_token_embedding,
+)
 from magneto.multiway import Multiway, pick
 from magneto.norm import Norm, norm_kwargs
 
@@ -30,9 +35,20 @@ class Stack(nn.Module):
     and ends with ``final_output``.
     """
 
-    def __init__(self, config: MagnetoConfig, embed_tokens, embed_positions, output_projection,
-                 is_encoder_decoder: bool, layer_type: type, num_layers: int, *,
-                 want_projection: bool, final_norm: bool, **kwargs):
+    def __init__(
+        self,
+        config: MagnetoConfig,
+        embed_tokens,
+        embed_positions,
+        output_projection,
+        is_encoder_decoder: bool,
+        layer_type: type,
+        num_layers: int,
+        *,
+        want_projection: bool,
+        final_norm: bool,
+        **kwargs,
+    ):
         """Embeddings, ``num_layers`` layers of ``layer_type`` and the optional final norm, built
         (and so initialised) in torchscale's order."""
         super().__init__(**kwargs)
@@ -43,17 +59,21 @@ class Stack(nn.Module):
         self.embed_dim = config.embed_dim
         self.embed_scale = math.sqrt(config.embed_dim) if config.scale_embedding else 1.0
         self.dropout_module = nn.Dropout(config.dropout)
-        self._setup_embeddings(config, embed_tokens, embed_positions, output_projection,
-                               want_projection)
-        self.layers = nn.ModuleList(layer_type(config, i, is_encoder_decoder)
-                                    for i in range(num_layers))
+        self._setup_embeddings(
+            config, embed_tokens, embed_positions, output_projection, want_projection
+        )
+        self.layers = nn.ModuleList(
+            layer_type(config, i, is_encoder_decoder) for i in range(num_layers)
+        )
+
         def build_norm():
             return Norm(config.embed_dim, config.eps, config.norm, config.backend)
 
         self.layer_norm = None
         if final_norm:  # per modality in a multiway model (torchscale's ``layer_norm.A``)
-            self.layer_norm = (Multiway(build_norm(), build_norm()) if config.multiway
-                               else build_norm())
+            self.layer_norm = (
+                Multiway(build_norm(), build_norm()) if config.multiway else build_norm()
+            )
         self.num_layers = len(self.layers)
 
     def reset_parameters(self) -> None:
@@ -63,8 +83,9 @@ class Stack(nn.Module):
         if self.layer_norm is not None:
             self.layer_norm.reset_parameters()
 
-    def scaled_token_embedding(self, tokens: Optional[Tensor],
-                                token_embedding: Optional[Tensor]) -> Tensor:
+    def scaled_token_embedding(
+        self, tokens: Optional[Tensor], token_embedding: Optional[Tensor]
+    ) -> Tensor:
         """``embed_scale · (token_embedding or embed_tokens(tokens))``."""
         if token_embedding is None:
             if self.embed_tokens is None:
@@ -75,8 +96,14 @@ class Stack(nn.Module):
             return token_embedding
         return self.embed_scale * token_embedding
 
-    def _setup_embeddings(self, config: MagnetoConfig, embed_tokens, embed_positions,
-                          output_projection, want_projection: bool) -> None:
+    def _setup_embeddings(
+        self,
+        config: MagnetoConfig,
+        embed_tokens,
+        embed_positions,
+        output_projection,
+        want_projection: bool,
+    ) -> None:
         """Use the given modules; build (and initialise) the missing ones ``config`` asks for."""
         self._owned = set()
         if embed_tokens is None and config.vocab_size > 0:
@@ -86,8 +113,12 @@ class Stack(nn.Module):
             embed_positions = build_positions(config)
             self._owned.add("embed_positions")
         self.embed_tokens, self.embed_positions = embed_tokens, embed_positions
-        if output_projection is None and want_projection and config.output_projection \
-                and config.vocab_size > 0:
+        if (
+            output_projection is None
+            and want_projection
+            and config.output_projection
+            and config.vocab_size > 0
+        ):
             tied = self.embed_tokens if config.share_input_output_embed else None
             output_projection = build_output_projection(config, tied)
             if tied is None:
@@ -101,16 +132,21 @@ class Stack(nn.Module):
         scheme = self.config.init
         if "embed_tokens" in self._owned:
             init.init_token_embedding_(self.embed_tokens)
-        if "embed_positions" in self._owned and isinstance(self.embed_positions,
-                                                             LearnedPositionalEmbedding):
+        if "embed_positions" in self._owned and isinstance(
+            self.embed_positions, LearnedPositionalEmbedding
+        ):
             init.init_learned_positions_(self.embed_positions, scheme)
         if "output_projection" in self._owned:
             init.init_output_projection_(self.output_projection, scheme)
 
     def run_layer(self, layer: nn.Module, *args, **kwargs):
         """``layer(*args, **kwargs)``, recomputed in backward when checkpointing is on."""
-        if self.config.checkpoint_activations and self.training and torch.is_grad_enabled() \
-                and kwargs.get("incremental_state") is None:
+        if (
+            self.config.checkpoint_activations
+            and self.training
+            and torch.is_grad_enabled()
+            and kwargs.get("incremental_state") is None
+        ):
             return checkpoint(layer, *args, use_reentrant=False, **kwargs)
         return layer(*args, **kwargs)
 
@@ -121,8 +157,12 @@ class Stack(nn.Module):
         project = not features_only and self.output_projection is not None
         if project and isinstance(self.output_projection, nn.Linear):
             return magneto_kernels.ln_linear(
-                x, weight=self.output_projection.weight, bias=self.output_projection.bias,
-                backend=self.config.backend, **norm_kwargs(layer_norm))
+                x,
+                weight=self.output_projection.weight,
+                bias=self.output_projection.bias,
+                backend=self.config.backend,
+                **norm_kwargs(layer_norm),
+            )
         if layer_norm is not None:
             x = layer_norm(x)
         return self.output_projection(x) if project else x

@@ -6,6 +6,7 @@ image (batch, channels, H, W) becomes (batch, [1 +] patches, d): a ``patch_size`
 with stride ``patch_size``, patches in row-major order, masked patches (masked image
 modelling) replaced by ``mask_token``, then ``cls_token`` prepended.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -30,11 +31,22 @@ class PatchEmbedding(nn.Module):
     ``embed_dim`` (torchscale's ``VisionEmbedding``; ``mask_token``/``cls_token`` its
     ``contain_mask_token``/``prepend_cls_token``, both zero-initialised as there)."""
 
-    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
-                 embed_dim: int = 768, mask_token: bool = False, cls_token: bool = False):
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        mask_token: bool = False,
+        cls_token: bool = False,
+    ):
         super().__init__()
-        for name, value in (("img_size", img_size), ("patch_size", patch_size),
-                            ("in_chans", in_chans), ("embed_dim", embed_dim)):
+        for name, value in (
+            ("img_size", img_size),
+            ("patch_size", patch_size),
+            ("in_chans", in_chans),
+            ("embed_dim", embed_dim),
+        ):
             _positive(name, value)
         if patch_size > img_size:
             raise ValueError(f"patch_size={patch_size} must be <= img_size={img_size}")
@@ -59,21 +71,27 @@ class PatchEmbedding(nn.Module):
         """
         if not isinstance(x, Tensor) or x.dim() != 4:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"images must be a (batch, channels, height, width) Tensor, got "
-                             f"{shape}")
+            raise ValueError(
+                f"images must be a (batch, channels, height, width) Tensor, got {shape}"
+            )
         if x.shape[1] != self.in_chans:
-            raise ValueError(f"images have {x.shape[1]} channels, the patch embedding expects "
-                             f"in_chans={self.in_chans}")
+            raise ValueError(
+                f"images have {x.shape[1]} channels, the patch embedding expects "
+                f"in_chans={self.in_chans}"
+            )
         if tuple(x.shape[2:]) != self.img_size:
-            raise ValueError(f"image size {tuple(x.shape[2:])} does not match img_size="
-                             f"{self.img_size}")
+            raise ValueError(
+                f"image size {tuple(x.shape[2:])} does not match img_size={self.img_size}"
+            )
         x = self.proj(x).flatten(2).transpose(1, 2)
         if masked_position is not None:
             if self.mask_token is None:
                 raise ValueError("masked_position needs a patch embedding with mask_token=True")
             if tuple(masked_position.shape) != tuple(x.shape[:2]):
-                raise ValueError(f"masked_position must have shape (batch, num_patches) = "
-                                 f"{tuple(x.shape[:2])}, got {tuple(masked_position.shape)}")
+                raise ValueError(
+                    f"masked_position must have shape (batch, num_patches) = "
+                    f"{tuple(x.shape[:2])}, got {tuple(masked_position.shape)}"
+                )
             w = masked_position.unsqueeze(-1).type_as(x)
             x = x * (1 - w) + self.mask_token * w
         if self.cls_token is not None:
@@ -81,17 +99,27 @@ class PatchEmbedding(nn.Module):
         return x
 
     def extra_repr(self) -> str:
-        return (f"img_size={self.img_size[0]}, patch_size={self.patch_size[0]}, "
-                f"in_chans={self.in_chans}, num_patches={self.num_patches}")
+        return (
+            f"img_size={self.img_size[0]}, patch_size={self.patch_size[0]}, "
+            f"in_chans={self.in_chans}, num_patches={self.num_patches}"
+        )
 
 
-def vision_encoder_config(embed_dim: int = 768, num_heads: int = 12, ffn_dim: int = 3072,
-                          layers: int = 12, **overrides) -> MagnetoConfig:
+def vision_encoder_config(
+    embed_dim: int = 768, num_heads: int = 12, ffn_dim: int = 3072, layers: int = 12, **overrides
+) -> MagnetoConfig:
     """A Magneto encoder for patch tokens (ViT-Base shape by default): no vocabulary, positions
     added by the model that owns the patch embedding (``VisionTransformer``), Sub-LN."""
-    fields = dict(embed_dim=embed_dim, num_heads=num_heads, ffn_dim=ffn_dim,
-                  encoder_layers=layers, decoder_layers=0, vocab_size=0, positions="none",
-                  activation="gelu")
+    fields = dict(
+        embed_dim=embed_dim,
+        num_heads=num_heads,
+        ffn_dim=ffn_dim,
+        encoder_layers=layers,
+        decoder_layers=0,
+        vocab_size=0,
+        positions="none",
+        activation="gelu",
+    )
     fields.update(overrides)
     return MagnetoConfig(**fields)
 
@@ -100,19 +128,27 @@ class VisionTransformer(nn.Module):
     """Image classifier (ViT / BEiT style): patch embedding with a class token, learned
     positions, a Magneto encoder and a linear head on the class token's final state."""
 
-    def __init__(self, config: MagnetoConfig, num_classes: int, img_size: int = 224,
-                 patch_size: int = 16, in_chans: int = 3):
+    def __init__(
+        self,
+        config: MagnetoConfig,
+        num_classes: int,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+    ):
         super().__init__()
         _positive("num_classes", num_classes)
         if config.vocab_size != 0:
             raise ValueError(f"vocab_size must be 0 for a vision encoder, got {config.vocab_size}")
         self.config = config
-        self.patch_embed = PatchEmbedding(img_size, patch_size, in_chans, config.embed_dim,
-                                          cls_token=True)
+        self.patch_embed = PatchEmbedding(
+            img_size, patch_size, in_chans, config.embed_dim, cls_token=True
+        )
         # torchscale's layout: two unused rows in front (position ids start at 2).
         rows = self.patch_embed.num_position_embeddings() + LearnedPositionalEmbedding.OFFSET
-        positions = LearnedPositionalEmbedding(rows, config.embed_dim,
-                                               _weight=torch.empty(rows, config.embed_dim))
+        positions = LearnedPositionalEmbedding(
+            rows, config.embed_dim, _weight=torch.empty(rows, config.embed_dim)
+        )
         init_learned_positions_(positions, config.init)
         self.encoder = Encoder(config.replace(positions="none"), embed_positions=positions)
         self.head = nn.Linear(config.embed_dim, num_classes)

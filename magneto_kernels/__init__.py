@@ -10,7 +10,9 @@ Public ops (see ``ops.py``; the specification is ``reference.py``):
 ``activation(x, name)`` and ``dropout(x, p)`` are the unfused pieces modules fall back to.
 ``available_backends(device)`` says which backends run on a device and why the others do not.
 """
+
 from magneto_kernels import library  # noqa: F401  (defines the torch.library op families)
+
 try:  # the C++ extension registers the "native" family's CPU/CUDA kernels when imported
     from magneto_kernels import _C  # noqa: F401
 except ImportError as err:  # not built: available_backends() says why cpu/cuda are missing
@@ -19,5 +21,14 @@ except ImportError as err:  # not built: available_backends() says why cpu/cuda 
 from magneto_kernels.backends import BACKENDS, ENV_VAR, available_backends, resolve_backend
 from magneto_kernels.ops import activation, add_layer_norm, dropout, layer_norm, ln_linear
 
-__all__ = ["BACKENDS", "ENV_VAR", "available_backends", "resolve_backend", "layer_norm",
-           "add_layer_norm", "ln_linear", "activation", "dropout"]
+__all__ = [
+    "BACKENDS",
+    "ENV_VAR",
+    "available_backends",
+    "resolve_backend",
+    "layer_norm",
+    "add_layer_norm",
+    "ln_linear",
+    "activation",
+    "dropout",
+]

@@ -5,6 +5,7 @@ Triton kernels (``triton/``) and the tests, which enumerate them from here. The 
 the ones the kernels are compiled with; ``csrc/common.h`` holds the same table for C++ and CUDA,
 and a test checks that the two agree (``magneto_kernels._C.codes()``).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -38,8 +39,9 @@ def canonical_activation(name: Optional[str]) -> str:
     """Map user spellings (None, 'swish', ...) to a key of ACTIVATIONS; ValueError otherwise."""
     name = ACTIVATION_ALIASES.get(name, name)
     if name not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {tuple(ACTIVATIONS) + ('swish', None)}, "
-                         f"got {name!r}")
+        raise ValueError(
+            f"activation must be one of {tuple(ACTIVATIONS) + ('swish', None)}, got {name!r}"
+        )
     return name
 
 

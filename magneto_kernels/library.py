@@ -20,6 +20,7 @@ Conventions every family implements (docs/design.md, The op contract):
 - gradients a caller did not ask for (``output_mask``) and of absent tensors come back as
   ``x.new_empty((0,))``; ``dbias`` has the linear weight's dtype.
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,23 +28,28 @@ import torch
 FAMILIES = ("triton", "native")
 
 SCHEMAS = {
-    "layer_norm":
-        "(Tensor x, Tensor? weight, Tensor? bias, float eps, str norm) -> (Tensor, Tensor, Tensor)",
-    "layer_norm_backward":
+    "layer_norm": (
+        "(Tensor x, Tensor? weight, Tensor? bias, float eps, str norm) -> (Tensor, Tensor, Tensor)"
+    ),
+    "layer_norm_backward": (
         "(Tensor grad_y, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd, "
-        "Tensor? grad_accum, str norm, bool[] output_mask) -> (Tensor, Tensor, Tensor)",
-    "add_layer_norm":
+        "Tensor? grad_accum, str norm, bool[] output_mask) -> (Tensor, Tensor, Tensor)"
+    ),
+    "add_layer_norm": (
         "(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, float eps, float alpha, "
-        "str norm) -> (Tensor, Tensor, Tensor, Tensor)",
-    "ln_linear":
+        "str norm) -> (Tensor, Tensor, Tensor, Tensor)"
+    ),
+    "ln_linear": (
         "(Tensor x, Tensor? ln_weight, Tensor? ln_bias, Tensor weight, Tensor? bias, "
         "Tensor? residual, Tensor? seed, float eps, str norm, str input_activation, "
-        "str activation, float alpha, float dropout_p) -> (Tensor, Tensor, Tensor, Tensor)",
-    "ln_linear_backward":
+        "str activation, float alpha, float dropout_p) -> (Tensor, Tensor, Tensor, Tensor)"
+    ),
+    "ln_linear_backward": (
         "(Tensor grad_out, Tensor x, Tensor? ln_weight, Tensor? ln_bias, Tensor weight, "
         "Tensor mean, Tensor rstd, Tensor preact, Tensor? seed, str norm, str input_activation, "
         "str activation, float dropout_p, bool[] output_mask) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
 }
 
 _lib = torch.library.Library("magneto", "FRAGMENT")
@@ -58,6 +64,7 @@ def get_op(op: str, family: str):
 
 
 # ---------------------------------------------------------------------------- fake (meta) impls
+
 
 def _stats(x: torch.Tensor, norm: str) -> tuple[torch.Tensor, torch.Tensor]:
     rows = x.shape[0]
@@ -75,26 +82,60 @@ def _layer_norm_fake(x, weight, bias, eps, norm):
 
 
 def _layer_norm_backward_fake(grad_y, x, weight, bias, mean, rstd, grad_accum, norm, output_mask):
-    return (_grad_like(x, output_mask[0], x), _grad_like(weight, output_mask[1], x),
-            _grad_like(bias, output_mask[2], x))
+    return (
+        _grad_like(x, output_mask[0], x),
+        _grad_like(weight, output_mask[1], x),
+        _grad_like(bias, output_mask[2], x),
+    )
 
 
 def _add_layer_norm_fake(x, residual, weight, bias, eps, alpha, norm):
     return (torch.empty_like(x), torch.empty_like(x), *_stats(x, norm))
 
 
-def _ln_linear_fake(x, ln_weight, ln_bias, weight, bias, residual, seed, eps, norm,
-                    input_activation, activation, alpha, dropout_p):
+def _ln_linear_fake(
+    x,
+    ln_weight,
+    ln_bias,
+    weight,
+    bias,
+    residual,
+    seed,
+    eps,
+    norm,
+    input_activation,
+    activation,
+    alpha,
+    dropout_p,
+):
     out = x.new_empty((x.shape[0], weight.shape[0]))
     preact = out.new_empty(out.shape if activation != "none" else (0,))
     return (out, *_stats(x, norm), preact)
 
 
-def _ln_linear_backward_fake(grad_out, x, ln_weight, ln_bias, weight, mean, rstd, preact, seed,
-                             norm, input_activation, activation, dropout_p, output_mask):
-    return (_grad_like(x, output_mask[0], x), _grad_like(ln_weight, output_mask[1], x),
-            _grad_like(ln_bias, output_mask[2], x), _grad_like(weight, output_mask[3], x),
-            weight.new_empty((weight.shape[0],)) if output_mask[4] else x.new_empty((0,)))
+def _ln_linear_backward_fake(
+    grad_out,
+    x,
+    ln_weight,
+    ln_bias,
+    weight,
+    mean,
+    rstd,
+    preact,
+    seed,
+    norm,
+    input_activation,
+    activation,
+    dropout_p,
+    output_mask,
+):
+    return (
+        _grad_like(x, output_mask[0], x),
+        _grad_like(ln_weight, output_mask[1], x),
+        _grad_like(ln_bias, output_mask[2], x),
+        _grad_like(weight, output_mask[3], x),
+        weight.new_empty((weight.shape[0],)) if output_mask[4] else x.new_empty((0,)),
+    )
 
 
 _FAKES = {
@@ -107,6 +148,7 @@ _FAKES = {
 
 
 # ---------------------------------------------------------------------------- autograd formulas
+
 
 def _empty_to_none(t: torch.Tensor, wanted: bool):
     return t if wanted and t.numel() > 0 else None
@@ -121,12 +163,21 @@ def _register_autograd(family: str) -> None:
 
     def layer_norm_backward(ctx, grad_y, _grad_mean, _grad_rstd):
         x, weight, bias, mean, rstd = ctx.saved_tensors
-        mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
-                bias is not None and ctx.needs_input_grad[2]]
+        mask = [
+            ctx.needs_input_grad[0],
+            weight is not None and ctx.needs_input_grad[1],
+            bias is not None and ctx.needs_input_grad[2],
+        ]
         dx, dw, db = get_op("layer_norm_backward", family)(
-            grad_y.contiguous(), x, weight, bias, mean, rstd, None, ctx.norm, mask)
-        return (_empty_to_none(dx, mask[0]), _empty_to_none(dw, mask[1]),
-                _empty_to_none(db, mask[2]), None, None)
+            grad_y.contiguous(), x, weight, bias, mean, rstd, None, ctx.norm, mask
+        )
+        return (
+            _empty_to_none(dx, mask[0]),
+            _empty_to_none(dw, mask[1]),
+            _empty_to_none(db, mask[2]),
+            None,
+            None,
+        )
 
     def add_layer_norm_setup(ctx, inputs, output):
         x, residual, weight, bias, eps, alpha, norm = inputs
@@ -136,20 +187,44 @@ def _register_autograd(family: str) -> None:
 
     def add_layer_norm_backward(ctx, grad_y, grad_s, _grad_mean, _grad_rstd):
         s, weight, bias, mean, rstd = ctx.saved_tensors
-        mask = [True, weight is not None and ctx.needs_input_grad[2],
-                bias is not None and ctx.needs_input_grad[3]]
+        mask = [
+            True,
+            weight is not None and ctx.needs_input_grad[2],
+            bias is not None and ctx.needs_input_grad[3],
+        ]
         grad_accum = None if grad_s is None else grad_s.contiguous()
         ds, dw, db = get_op("layer_norm_backward", family)(
-            grad_y.contiguous(), s, weight, bias, mean, rstd, grad_accum, ctx.norm, mask)
+            grad_y.contiguous(), s, weight, bias, mean, rstd, grad_accum, ctx.norm, mask
+        )
         dres = None
         if ctx.needs_input_grad[1]:
             dres = ds if ctx.alpha == 1.0 else ds * ctx.alpha
-        return (ds if ctx.needs_input_grad[0] else None, dres, _empty_to_none(dw, mask[1]),
-                _empty_to_none(db, mask[2]), None, None, None)
+        return (
+            ds if ctx.needs_input_grad[0] else None,
+            dres,
+            _empty_to_none(dw, mask[1]),
+            _empty_to_none(db, mask[2]),
+            None,
+            None,
+            None,
+        )
 
     def ln_linear_setup(ctx, inputs, output):
-        (x, ln_weight, ln_bias, weight, bias, residual, seed, eps, norm, input_activation,
-         activation, alpha, dropout_p) = inputs
+        (
+            x,
+            ln_weight,
+            ln_bias,
+            weight,
+            bias,
+            residual,
+            seed,
+            eps,
+            norm,
+            input_activation,
+            activation,
+            alpha,
+            dropout_p,
+        ) = inputs
         _, mean, rstd, preact = output
         ctx.save_for_backward(x, ln_weight, ln_bias, weight, mean, rstd, preact, seed)
         ctx.options = (norm, input_activation, activation, dropout_p)
@@ -159,14 +234,29 @@ def _register_autograd(family: str) -> None:
     def ln_linear_backward(ctx, grad_out, _grad_mean, _grad_rstd, _grad_preact):
         x, ln_weight, ln_bias, weight, mean, rstd, preact, seed = ctx.saved_tensors
         need = ctx.needs_input_grad
-        mask = [need[0], ln_weight is not None and need[1], ln_bias is not None and need[2],
-                need[3], ctx.has_bias and need[4]]
+        mask = [
+            need[0],
+            ln_weight is not None and need[1],
+            ln_bias is not None and need[2],
+            need[3],
+            ctx.has_bias and need[4],
+        ]
         grad_out = grad_out.contiguous()
         grads = [None] * 13
         if any(mask):
             outs = get_op("ln_linear_backward", family)(
-                grad_out, x, ln_weight, ln_bias, weight, mean, rstd, preact, seed,
-                *ctx.options, mask)
+                grad_out,
+                x,
+                ln_weight,
+                ln_bias,
+                weight,
+                mean,
+                rstd,
+                preact,
+                seed,
+                *ctx.options,
+                mask,
+            )
             grads[:5] = [_empty_to_none(g, m) for g, m in zip(outs, mask)]
         if need[5]:
             grads[5] = grad_out if ctx.alpha == 1.0 else grad_out * ctx.alpha
@@ -179,8 +269,12 @@ def _register_autograd(family: str) -> None:
     }
     for op, (backward, setup) in formulas.items():
         name = f"{op}_{family}"
-        _lib.impl(name, _autograd_kernel(name, get_op(op, family), backward, setup), "Autograd",
-                  with_keyset=True)
+        _lib.impl(
+            name,
+            _autograd_kernel(name, get_op(op, family), backward, setup),
+            "Autograd",
+            with_keyset=True,
+        )
 
 
 def _autograd_kernel(name: str, op, backward, setup_context):
@@ -208,8 +302,11 @@ def _autograd_kernel(name: str, op, backward, setup_context):
         return (*backward(ctx, *grads), None)
 
     # Built with type() so that grad_fn is named after the op ("ln_linear_<family>Backward").
-    function = type(name, (torch.autograd.Function,), {
-        "forward": staticmethod(forward), "backward": staticmethod(function_backward)})
+    function = type(
+        name,
+        (torch.autograd.Function,),
+        {"forward": staticmethod(forward), "backward": staticmethod(function_backward)},
+    )
 
     def kernel(keyset, *args):
         if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):

@@ -11,6 +11,7 @@ A decode-size kernel takes a few µs to tens of µs, so the path around it is ke
 once, 2-D inputs are neither flattened nor viewed back, and calls that want no gradient skip the
 ops' Python Autograd kernel (``_call``).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -24,8 +25,11 @@ from magneto_kernels.codes import canonical_activation
 from magneto_kernels.library import get_op
 
 # The op of each (public op, backend), looked up once rather than by name on every call.
-_OPS = {(op, backend): get_op(op, family) for backend, family in FAMILY.items()
-        for op in ("layer_norm", "add_layer_norm", "ln_linear")}
+_OPS = {
+    (op, backend): get_op(op, family)
+    for backend, family in FAMILY.items()
+    for op in ("layer_norm", "add_layer_norm", "ln_linear")
+}
 
 
 def _call(op, *args):
@@ -36,15 +40,17 @@ def _call(op, *args):
     objects and back); entering the same guard here costs under 1 µs. Calls that record a graph,
     and every call torch.compile traces, go through the op as registered.
     """
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled()
-                                         and torch._C._any_requires_grad(*args)):
+    if torch.compiler.is_compiling() or (
+        torch.is_grad_enabled() and torch._C._any_requires_grad(*args)
+    ):
         return op(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)
 
 
-def _check_tensor(name: str, t: Optional[Tensor], device: torch.device, shape: tuple,
-                  dtypes: tuple) -> None:
+def _check_tensor(
+    name: str, t: Optional[Tensor], device: torch.device, shape: tuple, dtypes: tuple
+) -> None:
     if t is None:
         return
     if not isinstance(t, Tensor):
@@ -67,8 +73,14 @@ def _check_norm_kind(norm: str) -> None:
         raise ValueError(f"norm must be 'layer' or 'rms', got {norm!r}")
 
 
-def _check_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                norm: str, prefix: str = "") -> None:
+def _check_norm(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+    norm: str,
+    prefix: str = "",
+) -> None:
     _check_x(x)
     shape = x.shape
     if len(shape) < 1 or shape[-1] == 0:
@@ -99,8 +111,15 @@ def _draw_seed(x: Tensor) -> Tensor:
     return torch.randint(0, 2**62, (), dtype=torch.int64, device=x.device)
 
 
-def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float = 1e-5, *,
-               norm: str = "layer", backend: Optional[str] = None) -> Tensor:
+def layer_norm(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float = 1e-5,
+    *,
+    norm: str = "layer",
+    backend: Optional[str] = None,
+) -> Tensor:
     """LayerNorm (``norm="layer"``) or RMSNorm (``norm="rms"``) over x's last dimension."""
     _check_norm(x, weight, bias, eps, norm)
     backend = resolve_backend(backend, x)
@@ -110,9 +129,17 @@ def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps:
     return y if x.dim() == 2 else y.view(*x.shape)
 
 
-def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                   eps: float = 1e-5, *, alpha: float = 1.0, norm: str = "layer",
-                   backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+def add_layer_norm(
+    x: Tensor,
+    residual: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float = 1e-5,
+    *,
+    alpha: float = 1.0,
+    norm: str = "layer",
+    backend: Optional[str] = None,
+) -> tuple[Tensor, Tensor]:
     """Post-LN / DeepNorm residual: returns ``(N(alpha·residual + x), alpha·residual + x)``."""
     _check_norm(x, weight, bias, eps, norm)
     _check_tensor("residual", residual, x.device, x.shape, (x.dtype,))
@@ -121,18 +148,37 @@ def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: 
     backend = resolve_backend(backend, x)
     if backend == "reference":
         return reference.add_layer_norm(x, residual, weight, bias, eps, alpha=alpha, norm=norm)
-    y, s, _, _ = _call(_OPS["add_layer_norm", backend], _rows(x), _rows(residual), weight, bias,
-                       float(eps), float(alpha), norm)
+    y, s, _, _ = _call(
+        _OPS["add_layer_norm", backend],
+        _rows(x),
+        _rows(residual),
+        weight,
+        bias,
+        float(eps),
+        float(alpha),
+        norm,
+    )
     if x.dim() == 2:
         return y, s
     return y.view(*x.shape), s.view(*x.shape)
 
 
-def ln_linear(x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], weight: Tensor,
-              bias: Optional[Tensor] = None, *, eps: float = 1e-5, norm: str = "layer",
-              input_activation: Optional[str] = None, activation: Optional[str] = None,
-              residual: Optional[Tensor] = None, alpha: float = 1.0, dropout_p: float = 0.0,
-              backend: Optional[str] = None) -> Tensor:
+def ln_linear(
+    x: Tensor,
+    ln_weight: Optional[Tensor],
+    ln_bias: Optional[Tensor],
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    eps: float = 1e-5,
+    norm: str = "layer",
+    input_activation: Optional[str] = None,
+    activation: Optional[str] = None,
+    residual: Optional[Tensor] = None,
+    alpha: float = 1.0,
+    dropout_p: float = 0.0,
+    backend: Optional[str] = None,
+) -> Tensor:
     """``alpha·residual + dropout(act(N(in_act(x)) @ weight.T + bias))``, fused.
 
     ``N`` is LayerNorm or RMSNorm with parameters ``ln_weight``/``ln_bias``, or nothing when
@@ -165,14 +211,36 @@ def ln_linear(x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
     backend = resolve_backend(backend, x)
     if backend == "reference":
         return reference.ln_linear(
-            x, ln_weight, ln_bias, weight, bias, eps=eps, norm=norm,
-            input_activation=input_activation, activation=activation, residual=residual,
-            alpha=alpha, dropout_p=dropout_p, seed=seed)
+            x,
+            ln_weight,
+            ln_bias,
+            weight,
+            bias,
+            eps=eps,
+            norm=norm,
+            input_activation=input_activation,
+            activation=activation,
+            residual=residual,
+            alpha=alpha,
+            dropout_p=dropout_p,
+            seed=seed,
+        )
     out, _, _, _ = _call(
-        _OPS["ln_linear", backend], _rows(x), ln_weight, ln_bias, weight.contiguous(), bias,
-        None if residual is None else _rows(residual), seed, float(eps),
-        "none" if ln_weight is None else norm, input_activation, activation, float(alpha),
-        float(dropout_p))
+        _OPS["ln_linear", backend],
+        _rows(x),
+        ln_weight,
+        ln_bias,
+        weight.contiguous(),
+        bias,
+        None if residual is None else _rows(residual),
+        seed,
+        float(eps),
+        "none" if ln_weight is None else norm,
+        input_activation,
+        activation,
+        float(alpha),
+        float(dropout_p),
+    )
     return out if len(x_shape) == 2 else out.view(*x_shape[:-1], out_features)
 
 

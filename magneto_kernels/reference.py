@@ -10,6 +10,7 @@ Numerics that every backend shares:
   is the element's row-major position in the (rows, out_features) output: the mask is a pure
   function of the seed, so backward regenerates it and every backend draws the same one.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -18,9 +19,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from magneto_kernels.codes import (NORMS, PHILOX_KEY_A, PHILOX_KEY_B, PHILOX_ROUND_A,
-                                   PHILOX_ROUND_B, PHILOX_ROUNDS, canonical_activation,
-                                   dropout_threshold)
+from magneto_kernels.codes import (
+    NORMS,
+    PHILOX_KEY_A,
+    PHILOX_KEY_B,
+    PHILOX_ROUND_A,
+    PHILOX_ROUND_B,
+    PHILOX_ROUNDS,
+    canonical_activation,
+    dropout_threshold,
+)
 
 
 def apply_activation(x: Tensor, name: Optional[str]) -> Tensor:
@@ -40,8 +48,9 @@ def _stat_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def normalize(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-              norm: str) -> Tensor:
+def normalize(
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, norm: str
+) -> Tensor:
     """LayerNorm or RMSNorm over the last dimension, in float32 (float64 for float64 input).
 
     Returns the result in the statistics dtype; callers round it to the dtype they need.
@@ -59,15 +68,28 @@ def normalize(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: 
     raise ValueError(f"norm must be one of {tuple(NORMS)}, got {norm!r}")
 
 
-def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float = 1e-5, *,
-               norm: str = "layer") -> Tensor:
+def layer_norm(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float = 1e-5,
+    *,
+    norm: str = "layer",
+) -> Tensor:
     """``N(x)``: LayerNorm (``norm="layer"``) or RMSNorm (``norm="rms"``) over the last dim."""
     return normalize(x, weight, bias, eps, norm).to(x.dtype)
 
 
-def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                   eps: float = 1e-5, *, alpha: float = 1.0,
-                   norm: str = "layer") -> tuple[Tensor, Tensor]:
+def add_layer_norm(
+    x: Tensor,
+    residual: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float = 1e-5,
+    *,
+    alpha: float = 1.0,
+    norm: str = "layer",
+) -> tuple[Tensor, Tensor]:
     """Post-LN / DeepNorm residual: ``s = alpha·residual + x`` and ``(N(s), s)``.
 
     ``s`` is formed in the statistics dtype; the norm reads that unrounded sum and both outputs
@@ -87,8 +109,8 @@ _U32 = 0xFFFFFFFF
 
 def _mulhilo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
     """(high, low) 32-bit words of a·b for a < 2^32 and int64 b in [0, 2^32), without overflow."""
-    t = a * (b & 0xFFFF)          # < 2^48
-    u = a * (b >> 16)             # < 2^48;  a·b = u·2^16 + t
+    t = a * (b & 0xFFFF)  # < 2^48
+    u = a * (b >> 16)  # < 2^48;  a·b = u·2^16 + t
     hi = (u + (t >> 16)) >> 16
     lo = (((u & 0xFFFF) << 16) + t) & _U32
     return hi, lo
@@ -135,11 +157,23 @@ def dropout(x: Tensor, p: float, seed: Optional[Tensor]) -> Tensor:
 
 # ----------------------------------------------------------------------------------------------
 
-def ln_linear(x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], weight: Tensor,
-              bias: Optional[Tensor] = None, *, eps: float = 1e-5, norm: str = "layer",
-              input_activation: Optional[str] = None, activation: Optional[str] = None,
-              residual: Optional[Tensor] = None, alpha: float = 1.0, dropout_p: float = 0.0,
-              seed: Optional[Tensor] = None) -> Tensor:
+
+def ln_linear(
+    x: Tensor,
+    ln_weight: Optional[Tensor],
+    ln_bias: Optional[Tensor],
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    eps: float = 1e-5,
+    norm: str = "layer",
+    input_activation: Optional[str] = None,
+    activation: Optional[str] = None,
+    residual: Optional[Tensor] = None,
+    alpha: float = 1.0,
+    dropout_p: float = 0.0,
+    seed: Optional[Tensor] = None,
+) -> Tensor:
     """``alpha·residual + dropout(act(N(in_act(x)) @ weight.T + bias))``.
 
     ``N`` is skipped when ``ln_weight`` is None. The dropout mask is indexed over the output

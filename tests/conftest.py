@@ -4,6 +4,7 @@ float64-reference comparison, inputs, backends and cases) are in tests/harness.p
 Triton kernels run on CPU tensors in the interpreter, which must be switched on before any
 kernel module is imported, hence the environment default below.
 """
+
 import importlib.util
 import os
 import sys
@@ -13,8 +14,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 # torchscale imports timm.models.layers.drop_path; where no timm is installed the labelled
 # stand-in in magneto/compat/timm_standin provides it (by path: importing magneto here would
 # import the kernels before the tests set their environment).
-TIMM_STANDIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                            "magneto", "compat", "timm_standin")
+TIMM_STANDIN = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "magneto", "compat", "timm_standin"
+)
 if importlib.util.find_spec("timm") is None:
     sys.path.insert(0, TIMM_STANDIN)
 

@@ -2,12 +2,13 @@
 float64 reference: encoder (with padding), decoder (and token-by-token decoding with the key/value
 cache), encoder-decoder; Sub-LN, Pre-LN, Post-LN, DeepNorm; LayerNorm and RMSNorm. Tiny models:
 the Triton backend runs in the interpreter here."""
+
 import pytest
 import torch
+from harness import assert_close
 
 import magneto
 import magneto_kernels
-from harness import assert_close
 
 FUSED = ("cpu", "triton")
 VOCAB, PAD = 41, 1
@@ -16,17 +17,31 @@ VOCAB, PAD = 41, 1
 def _backend_or_skip(backend):
     problem = magneto_kernels.available_backends("cpu")[backend]
     if problem is not None:
-        pytest.skip(f"backend {backend!r} unavailable: {problem} (test_expected_backends fails "
-                    "when CI expects it)")
+        pytest.skip(
+            f"backend {backend!r} unavailable: {problem} (test_expected_backends fails "
+            "when CI expects it)"
+        )
 
 
 def build(kind, backend, dtype=torch.float32, **overrides):
-    config = dict(embed_dim=32, num_heads=2, ffn_dim=48, encoder_layers=2, decoder_layers=2,
-                  vocab_size=VOCAB, padding_idx=PAD, max_positions=64, backend=backend)
+    config = dict(
+        embed_dim=32,
+        num_heads=2,
+        ffn_dim=48,
+        encoder_layers=2,
+        decoder_layers=2,
+        vocab_size=VOCAB,
+        padding_idx=PAD,
+        max_positions=64,
+        backend=backend,
+    )
     config.update(overrides)
     torch.manual_seed(0)
-    cls = {"encoder": magneto.Encoder, "decoder": magneto.Decoder,
-           "encoder_decoder": magneto.EncoderDecoder}[kind]
+    cls = {
+        "encoder": magneto.Encoder,
+        "decoder": magneto.Decoder,
+        "encoder_decoder": magneto.EncoderDecoder,
+    }[kind]
     return cls(magneto.MagnetoConfig(**config)).to(dtype)
 
 
@@ -47,7 +62,9 @@ def forward(model, kind, src, src_pad, tgt):
 
 
 def _loss(out):
-    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    weights = torch.randn(
+        out.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64
+    )
     return (out * weights.to(out.dtype)).sum()
 
 

@@ -3,6 +3,7 @@
 
 ``python3 -m pytest -q -s tests/test_beit3.py -k parity`` prints the largest errors per case.
 """
+
 import pytest
 import torch
 from torchscale.architecture.config import EncoderConfig
@@ -10,17 +11,30 @@ from torchscale.model.BEiT3 import BEiT3 as TSBEiT3
 
 import magneto
 import magneto_kernels
-from magneto.compat.torchscale import (config_from_torchscale, from_torchscale, to_torchscale,
-                                       to_torchscale_state_dict)
+from magneto.compat.torchscale import (
+    config_from_torchscale,
+    from_torchscale,
+    to_torchscale,
+    to_torchscale_state_dict,
+)
 
 TOL = 1e-5
 D, HEADS, FFN, VOCAB, IMG, PATCH, CHANS, TEXT = 32, 4, 48, 40, 16, 4, 3, 20
 
 
 def _args(**extra):
-    fields = dict(encoder_embed_dim=D, encoder_attention_heads=HEADS, encoder_ffn_embed_dim=FFN,
-                  encoder_layers=2, multiway=True, vocab_size=VOCAB, img_size=IMG,
-                  patch_size=PATCH, in_chans=CHANS, max_source_positions=TEXT)
+    fields = dict(
+        encoder_embed_dim=D,
+        encoder_attention_heads=HEADS,
+        encoder_ffn_embed_dim=FFN,
+        encoder_layers=2,
+        multiway=True,
+        vocab_size=VOCAB,
+        img_size=IMG,
+        patch_size=PATCH,
+        in_chans=CHANS,
+        max_source_positions=TEXT,
+    )
     fields.update(extra)
     return EncoderConfig(**fields)
 
@@ -51,8 +65,9 @@ def _inputs(case, batch=2, seed=1):
         "text_padded": dict(textual_tokens=text, text_padding_position=pad),
         "vision_text": dict(visual_tokens=images, textual_tokens=text, text_padding_position=pad),
         "vision_masked": dict(visual_tokens=images, vision_masked_position=masked),
-        "vision_text_masked": dict(visual_tokens=images, textual_tokens=text,
-                                   vision_masked_position=masked),
+        "vision_text_masked": dict(
+            visual_tokens=images, textual_tokens=text, vision_masked_position=masked
+        ),
     }[case]
 
 
@@ -71,8 +86,9 @@ def _compare_outputs(ours, theirs, errors):
 
 def _compare_grads(ours, theirs, errors):
     theirs_g = {n: p.grad for n, p in theirs.named_parameters()}
-    ours_g = to_torchscale_state_dict({n: torch.zeros_like(p) if p.grad is None else p.grad
-                                       for n, p in ours.named_parameters()})
+    ours_g = to_torchscale_state_dict(
+        {n: torch.zeros_like(p) if p.grad is None else p.grad for n, p in ours.named_parameters()}
+    )
     assert ours_g.keys() == theirs_g.keys()
     for name, grad in theirs_g.items():
         mine = ours_g[name]
@@ -116,8 +132,10 @@ def _parity(case, backend, monkeypatch, **extra):
     _compare_outputs(ours, theirs, errors)
     _compare_grads(mg, ts, errors)
     worst = max(errors, key=errors.get)
-    print(f"\n{case} on {backend}: output {errors['encoder_out']:.1e}, worst {worst} "
-          f"{errors[worst]:.1e}")
+    print(
+        f"\n{case} on {backend}: output {errors['encoder_out']:.1e}, worst {worst} "
+        f"{errors[worst]:.1e}"
+    )
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
@@ -130,8 +148,9 @@ def test_parity_triton_interpreter(monkeypatch):
     _parity("vision_text", "triton", monkeypatch)
 
 
-@pytest.mark.parametrize("extra", [dict(no_output_layer=True), dict(deepnorm=True),
-                                   dict(subln=False)])
+@pytest.mark.parametrize(
+    "extra", [dict(no_output_layer=True), dict(deepnorm=True), dict(subln=False)]
+)
 def test_parity_other_configurations(extra, monkeypatch):
     _parity("vision_text", "reference", monkeypatch, **extra)
 
@@ -158,27 +177,46 @@ def _model():
     return from_torchscale(TSBEiT3(_args())).eval()
 
 
-@pytest.mark.parametrize("inputs,name", [
-    (dict(visual_tokens=torch.randn(2, CHANS, IMG + 4, IMG)), "image size"),
-    (dict(visual_tokens=torch.randn(2, 1, IMG, IMG)), "channels"),
-    (dict(visual_tokens=torch.randn(CHANS, IMG, IMG)), "images"),
-    (dict(textual_tokens=torch.randint(0, VOCAB, (2, TEXT))), "position table"),
-    (dict(textual_tokens=torch.randint(0, VOCAB, (2, 5)),
-          text_padding_position=torch.zeros(2, 6, dtype=torch.bool)), "text_padding_position"),
-    (dict(visual_tokens=torch.randn(2, CHANS, IMG, IMG),
-          vision_masked_position=torch.zeros(2, 5, dtype=torch.bool)), "masked_position"),
-    (dict(visual_tokens=torch.randn(2, CHANS, IMG, IMG),
-          textual_tokens=torch.randint(0, VOCAB, (3, 5))), "batch size"),
-    (dict(), "textual_tokens or visual_tokens"),
-])
+@pytest.mark.parametrize(
+    "inputs,name",
+    [
+        (dict(visual_tokens=torch.randn(2, CHANS, IMG + 4, IMG)), "image size"),
+        (dict(visual_tokens=torch.randn(2, 1, IMG, IMG)), "channels"),
+        (dict(visual_tokens=torch.randn(CHANS, IMG, IMG)), "images"),
+        (dict(textual_tokens=torch.randint(0, VOCAB, (2, TEXT))), "position table"),
+        (
+            dict(
+                textual_tokens=torch.randint(0, VOCAB, (2, 5)),
+                text_padding_position=torch.zeros(2, 6, dtype=torch.bool),
+            ),
+            "text_padding_position",
+        ),
+        (
+            dict(
+                visual_tokens=torch.randn(2, CHANS, IMG, IMG),
+                vision_masked_position=torch.zeros(2, 5, dtype=torch.bool),
+            ),
+            "masked_position",
+        ),
+        (
+            dict(
+                visual_tokens=torch.randn(2, CHANS, IMG, IMG),
+                textual_tokens=torch.randint(0, VOCAB, (3, 5)),
+            ),
+            "batch size",
+        ),
+        (dict(), "textual_tokens or visual_tokens"),
+    ],
+)
 def test_bad_input_names_the_problem(inputs, name):
     with pytest.raises(ValueError, match=name):
         _model()(**inputs)
 
 
 def test_bad_configs_are_refused():
-    config = magneto.MagnetoConfig(embed_dim=D, num_heads=HEADS, ffn_dim=FFN, encoder_layers=1,
-                                   vocab_size=VOCAB)
+    config = magneto.MagnetoConfig(
+        embed_dim=D, num_heads=HEADS, ffn_dim=FFN, encoder_layers=1, vocab_size=VOCAB
+    )
     with pytest.raises(ValueError, match="multiway"):
         magneto.BEiT3(config)
     with pytest.raises(ValueError, match="vocab_size"):
@@ -186,8 +224,11 @@ def test_bad_configs_are_refused():
     with pytest.raises(ValueError, match="multiway"):
         config_from_torchscale(_args(multiway=False), "beit3")
     with pytest.raises(ValueError, match="padding_idx"):
-        to_torchscale(magneto.BEiT3(config.replace(multiway=True, padding_idx=1), img_size=IMG,
-                                    patch_size=PATCH))
+        to_torchscale(
+            magneto.BEiT3(
+                config.replace(multiway=True, padding_idx=1), img_size=IMG, patch_size=PATCH
+            )
+        )
 
 
 def test_drop_path_training_parity(monkeypatch):
@@ -211,8 +252,9 @@ def test_same_seed_gives_torchscales_parameters():
     torch.manual_seed(0)
     theirs = TSBEiT3(_args()).state_dict()
     torch.manual_seed(0)
-    ours = magneto.BEiT3(config_from_torchscale(_args(), "beit3"), img_size=IMG,
-                         patch_size=PATCH, in_chans=CHANS)
+    ours = magneto.BEiT3(
+        config_from_torchscale(_args(), "beit3"), img_size=IMG, patch_size=PATCH, in_chans=CHANS
+    )
     ours = to_torchscale_state_dict(ours.state_dict())
     assert ours.keys() == theirs.keys()
     for name, value in theirs.items():

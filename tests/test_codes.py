@@ -1,6 +1,7 @@
 """The C++/CUDA tables (csrc/common.h, exposed as ``magneto_kernels._C.codes()``) agree with the
 Python ones (``magneto_kernels.codes``): one definition per language, checked against each other.
 """
+
 import pytest
 
 from magneto_kernels import codes

@@ -1,15 +1,23 @@
 """torch.compile of a fused model, and activation checkpointing that replays dropout exactly."""
+
 import pytest
 import torch
+from harness import assert_close
 
 import magneto
 import magneto_kernels
-from harness import assert_close
 
 
 def _encoder(backend, **overrides):
-    config = dict(embed_dim=32, num_heads=2, ffn_dim=64, encoder_layers=2, vocab_size=37,
-                  positions="learned", backend=backend)
+    config = dict(
+        embed_dim=32,
+        num_heads=2,
+        ffn_dim=64,
+        encoder_layers=2,
+        vocab_size=37,
+        positions="learned",
+        backend=backend,
+    )
     config.update(overrides)
     torch.manual_seed(0)
     return magneto.Encoder(magneto.MagnetoConfig(**config))
@@ -64,6 +72,7 @@ def test_checkpointing_replays_dropout_exactly(backend):
 
 def test_checkpointing_saves_less():
     from magneto.profiling import saved_tensor_bytes
+
     sizes = []
     for flag in (False, True):
         model = _encoder("reference", checkpoint_activations=flag, encoder_layers=3).train()

@@ -1,6 +1,7 @@
 """Two CPU processes (gloo) train a small Magneto model one step under DDP and under FSDP2
 (``fully_shard``, with and without activation checkpointing); the gradients match the
 single-process gradients of the same global batch."""
+
 import os
 import socket
 import tempfile
@@ -20,9 +21,16 @@ TIMEOUT_S = 180  # a hung process group fails the test instead of stalling CI
 
 def _model(checkpoint: bool) -> torch.nn.Module:
     torch.manual_seed(0)
-    config = magneto.MagnetoConfig(embed_dim=32, num_heads=2, ffn_dim=64, decoder_layers=2,
-                                   vocab_size=29, max_positions=32, backend="cpu",
-                                   checkpoint_activations=checkpoint)
+    config = magneto.MagnetoConfig(
+        embed_dim=32,
+        num_heads=2,
+        ffn_dim=64,
+        decoder_layers=2,
+        vocab_size=29,
+        max_positions=32,
+        backend="cpu",
+        checkpoint_activations=checkpoint,
+    )
     return magneto.Decoder(config)
 
 
@@ -51,6 +59,7 @@ def _worker(rank: int, port: int, mode: str, checkpoint: bool, out_dir: str) -> 
             wrapped = torch.nn.parallel.DistributedDataParallel(model)
         else:
             from torch.distributed.fsdp import fully_shard
+
             for layer in model.layers:
                 fully_shard(layer)
             wrapped = fully_shard(model)
@@ -81,8 +90,13 @@ def test_two_process_gradients_match_single_process(mode, checkpoint):
     model = _model(checkpoint).train()
     _loss(model, _batch()).backward()
     with tempfile.TemporaryDirectory() as out_dir:
-        workers = mp.start_processes(_worker, args=(_free_port(), mode, checkpoint, out_dir),
-                                     nprocs=WORLD, start_method="spawn", join=False)
+        workers = mp.start_processes(
+            _worker,
+            args=(_free_port(), mode, checkpoint, out_dir),
+            nprocs=WORLD,
+            start_method="spawn",
+            join=False,
+        )
         deadline = time.monotonic() + TIMEOUT_S
         while not workers.join(timeout=5):
             if time.monotonic() > deadline:

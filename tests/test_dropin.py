@@ -1,14 +1,15 @@
 """magneto.nn drop-in layers: torch.nn's constructor and forward signatures, masks as torch.nn
 takes them, checked against a hand-written float64 Sub-LN block; magnetize swaps layers."""
+
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from harness import assert_close, randn
 from torch import nn
 
 from magneto.nn import TransformerDecoderLayer, TransformerEncoderLayer, magnetize
-from harness import assert_close, randn
 
 
 def _ln(x, m):
@@ -19,8 +20,8 @@ def _attention(attn, q_in, kv_in, mask, heads):
     d = q_in.shape[-1]
     w, b = attn.in_proj_weight, attn.in_proj_bias
     q = q_in @ w[:d].T + b[:d]
-    k = kv_in @ w[d:2 * d].T + b[d:2 * d]
-    v = kv_in @ w[2 * d:].T + b[2 * d:]
+    k = kv_in @ w[d : 2 * d].T + b[d : 2 * d]
+    v = kv_in @ w[2 * d :].T + b[2 * d :]
     split = lambda t: t.unflatten(-1, (heads, d // heads)).transpose(1, 2)  # noqa: E731
     q, k, v = split(q), split(k), split(v)
     scores = q @ k.transpose(-1, -2) / math.sqrt(d // heads) + mask
@@ -37,8 +38,13 @@ def _ffn(ffn, x, act):
 
 def _encoder_formula(layer, x, mask, act):
     """Sub-LN encoder layer in float64, batch-first x, additive mask (batch, 1, tgt, src)."""
-    h = x + _attention(layer.self_attn, _ln(x, layer.self_attn_layer_norm),
-                       _ln(x, layer.self_attn_layer_norm), mask, layer.self_attn.num_heads)
+    h = x + _attention(
+        layer.self_attn,
+        _ln(x, layer.self_attn_layer_norm),
+        _ln(x, layer.self_attn_layer_norm),
+        mask,
+        layer.self_attn.num_heads,
+    )
     return h + _ffn(layer.ffn, _ln(h, layer.final_layer_norm), act)
 
 
@@ -50,14 +56,26 @@ def _additive(bool_mask):
 def test_encoder_layer_matches_formula_with_torch_masks(batch_first):
     torch.manual_seed(0)
     S, N, E, H = 6, 3, 16, 4
-    layer = TransformerEncoderLayer(E, H, dim_feedforward=24, dropout=0.0, activation="gelu",
-                                    batch_first=batch_first, num_layers=4).double().eval()
+    layer = (
+        TransformerEncoderLayer(
+            E,
+            H,
+            dim_feedforward=24,
+            dropout=0.0,
+            activation="gelu",
+            batch_first=batch_first,
+            num_layers=4,
+        )
+        .double()
+        .eval()
+    )
     x = randn(N, S, E, mean=1.5, dtype=torch.float64)
     pad = torch.zeros(N, S, dtype=torch.bool)
     pad[0, -2:] = True
     causal = torch.triu(torch.ones(S, S, dtype=torch.bool), 1)
-    want = _encoder_formula(layer, x, _additive(causal)[None, None] + _additive(pad)[:, None, None, :],
-                            F.gelu)
+    want = _encoder_formula(
+        layer, x, _additive(causal)[None, None] + _additive(pad)[:, None, None, :], F.gelu
+    )
     src = x if batch_first else x.transpose(0, 1)
     for src_mask in (causal, _additive(causal)):  # bool (True = not allowed) and additive float
         out = layer(src, src_mask=src_mask, src_key_padding_mask=pad)
@@ -73,7 +91,9 @@ def test_inside_torch_transformer_encoder_and_backward():
     encoder = nn.TransformerEncoder(layer, num_layers=3, enable_nested_tensor=False)
     src = randn(5, 2, 16, mean=0.5)
     pad = torch.tensor([[False] * 5, [False, False, False, True, True]])
-    out = encoder(src, src_key_padding_mask=pad, mask=torch.triu(torch.ones(5, 5, dtype=torch.bool), 1))
+    out = encoder(
+        src, src_key_padding_mask=pad, mask=torch.triu(torch.ones(5, 5, dtype=torch.bool), 1)
+    )
     assert out.shape == src.shape and torch.isfinite(out).all()
     out.sum().backward()
     assert all(p.grad is not None for p in encoder.parameters())
@@ -81,8 +101,9 @@ def test_inside_torch_transformer_encoder_and_backward():
 
 def test_magnetize_encoder_copies_weights():
     torch.manual_seed(0)
-    reference = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0),
-                                      num_layers=2, enable_nested_tensor=False)
+    reference = nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0), num_layers=2, enable_nested_tensor=False
+    )
     old_layers = list(reference.layers)
     model = magnetize(reference, copy_weights=True)
     assert all(isinstance(m, TransformerEncoderLayer) for m in model.layers)
@@ -97,13 +118,26 @@ def test_magnetize_encoder_copies_weights():
 
 def test_magnetize_transformer_and_decoder_layer():
     torch.manual_seed(0)
-    model = magnetize(nn.Transformer(16, 2, num_encoder_layers=2, num_decoder_layers=3,
-                                     dim_feedforward=32, dropout=0.0, batch_first=True))
+    model = magnetize(
+        nn.Transformer(
+            16,
+            2,
+            num_encoder_layers=2,
+            num_decoder_layers=3,
+            dim_feedforward=32,
+            dropout=0.0,
+            batch_first=True,
+        )
+    )
     assert isinstance(model.decoder.layers[0], TransformerDecoderLayer)
     assert model.decoder.layers[0].config.encoder_layers == 2
     src, tgt = randn(2, 7, 16), randn(2, 5, 16)
-    out = model(src, tgt, tgt_mask=nn.Transformer.generate_square_subsequent_mask(5),
-                src_key_padding_mask=torch.zeros(2, 7, dtype=torch.bool))
+    out = model(
+        src,
+        tgt,
+        tgt_mask=nn.Transformer.generate_square_subsequent_mask(5),
+        src_key_padding_mask=torch.zeros(2, 7, dtype=torch.bool),
+    )
     assert out.shape == (2, 5, 16) and torch.isfinite(out).all()
 
 
@@ -115,10 +149,20 @@ def test_decoder_layer_cross_attention_formula():
     mem_pad = torch.zeros(2, 6, dtype=torch.bool)
     mem_pad[1, -3:] = True
     causal = torch.triu(torch.ones(4, 4, dtype=torch.bool), 1)
-    x = tgt + _attention(layer.self_attn, _ln(tgt, layer.self_attn_layer_norm),
-                         _ln(tgt, layer.self_attn_layer_norm), _additive(causal), H)
-    x = x + _attention(layer.encoder_attn, _ln(x, layer.encoder_attn_layer_norm), mem,
-                       _additive(mem_pad)[:, None, None, :], H)
+    x = tgt + _attention(
+        layer.self_attn,
+        _ln(tgt, layer.self_attn_layer_norm),
+        _ln(tgt, layer.self_attn_layer_norm),
+        _additive(causal),
+        H,
+    )
+    x = x + _attention(
+        layer.encoder_attn,
+        _ln(x, layer.encoder_attn_layer_norm),
+        mem,
+        _additive(mem_pad)[:, None, None, :],
+        H,
+    )
     want = x + _ffn(layer.ffn, _ln(x, layer.final_layer_norm), F.relu)
     out = layer(tgt, mem, tgt_mask=causal, memory_key_padding_mask=mem_pad)
     assert_close(out, want, 1e-12)

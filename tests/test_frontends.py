@@ -1,12 +1,13 @@
 """Vision and speech front-ends: shapes, masks, the errors that name the bad input, every
 backend and torch.compile; the two examples learn their generated data."""
+
 import pytest
 import torch
+from harness import assert_close
 from torchscale.component.embedding import VisionEmbedding
 
 import magneto
 import magneto_kernels
-from harness import assert_close
 from magneto.speech import subsampled_length
 
 D, HEADS, FFN = 32, 4, 64
@@ -20,6 +21,7 @@ def _backend_or_skip(backend):
 
 # ------------------------------------------------------------------------------------------
 # vision
+
 
 def test_patch_embedding_is_torchscales_vision_embedding():
     torch.manual_seed(0)
@@ -37,27 +39,32 @@ def test_patch_embedding_is_torchscales_vision_embedding():
     assert torch.equal(out[:, 1:][masked], ours.mask_token[0].expand(int(masked.sum()), D))
 
 
-@pytest.mark.parametrize("images,masked,name", [
-    (torch.randn(2, 3, 16, 12), None, "image size"),
-    (torch.randn(2, 1, 16, 16), None, "channels"),
-    (torch.randn(3, 16, 16), None, "images"),
-    (torch.randn(2, 3, 16, 16), torch.zeros(2, 15, dtype=torch.bool), "masked_position"),
-])
+@pytest.mark.parametrize(
+    "images,masked,name",
+    [
+        (torch.randn(2, 3, 16, 12), None, "image size"),
+        (torch.randn(2, 1, 16, 16), None, "channels"),
+        (torch.randn(3, 16, 16), None, "images"),
+        (torch.randn(2, 3, 16, 16), torch.zeros(2, 15, dtype=torch.bool), "masked_position"),
+    ],
+)
 def test_patch_embedding_errors(images, masked, name):
     embed = magneto.PatchEmbedding(16, 4, 3, D, mask_token=True)
     with pytest.raises(ValueError, match=name):
         embed(images, masked)
     with pytest.raises(ValueError, match="mask_token"):
-        magneto.PatchEmbedding(16, 4, 3, D)(torch.randn(1, 3, 16, 16),
-                                            torch.zeros(1, 16, dtype=torch.bool))
+        magneto.PatchEmbedding(16, 4, 3, D)(
+            torch.randn(1, 3, 16, 16), torch.zeros(1, 16, dtype=torch.bool)
+        )
     with pytest.raises(ValueError, match="patch_size"):
         magneto.PatchEmbedding(8, 16, 3, D)
 
 
 def _vit(backend):
     torch.manual_seed(0)
-    config = magneto.vision_encoder_config(embed_dim=D, num_heads=HEADS, ffn_dim=FFN, layers=2,
-                                           backend=backend)
+    config = magneto.vision_encoder_config(
+        embed_dim=D, num_heads=HEADS, ffn_dim=FFN, layers=2, backend=backend
+    )
     return magneto.VisionTransformer(config, num_classes=5, img_size=16, patch_size=4)
 
 
@@ -95,10 +102,12 @@ def test_vision_transformer_compiles():
 # ------------------------------------------------------------------------------------------
 # speech
 
+
 def _speech(backend, in_features=20):
     torch.manual_seed(0)
-    config = magneto.speech_encoder_config(embed_dim=D, num_heads=HEADS, ffn_dim=FFN, layers=2,
-                                           max_positions=64, backend=backend)
+    config = magneto.speech_encoder_config(
+        embed_dim=D, num_heads=HEADS, ffn_dim=FFN, layers=2, max_positions=64, backend=backend
+    )
     return magneto.SpeechEncoder(config, in_features=in_features, channels=8)
 
 
@@ -116,19 +125,24 @@ def test_subsampling_shapes_and_masks():
     y, _ = front(padded, lengths)
     assert torch.equal(y[1][~mask[1]], x[1][~mask[1]])
     assert front(features)[1] is None
-    assert magneto.lengths_to_padding_mask(torch.tensor([2, 0]), 3).tolist() == \
-        [[False, False, True], [True, True, True]]
+    assert magneto.lengths_to_padding_mask(torch.tensor([2, 0]), 3).tolist() == [
+        [False, False, True],
+        [True, True, True],
+    ]
 
 
-@pytest.mark.parametrize("features,lengths,name", [
-    (torch.randn(2, 50, 21), None, "feature width"),
-    (torch.randn(2, 50, 20), torch.tensor([51, 20]), "longer than the input"),
-    (torch.randn(2, 50, 20), torch.tensor([50]), "lengths"),
-    (torch.randn(2, 50, 20), torch.tensor([50.0, 20.0]), "integer"),
-    (torch.randn(2, 50, 20), torch.tensor([50, 6]), "lengths must be >= 7"),
-    (torch.randn(2, 6, 20), None, "frames"),
-    (torch.randn(50, 20), None, "features"),
-])
+@pytest.mark.parametrize(
+    "features,lengths,name",
+    [
+        (torch.randn(2, 50, 21), None, "feature width"),
+        (torch.randn(2, 50, 20), torch.tensor([51, 20]), "longer than the input"),
+        (torch.randn(2, 50, 20), torch.tensor([50]), "lengths"),
+        (torch.randn(2, 50, 20), torch.tensor([50.0, 20.0]), "integer"),
+        (torch.randn(2, 50, 20), torch.tensor([50, 6]), "lengths must be >= 7"),
+        (torch.randn(2, 6, 20), None, "frames"),
+        (torch.randn(50, 20), None, "features"),
+    ],
+)
 def test_subsampling_errors(features, lengths, name):
     front = magneto.ConvSubsampling(in_features=20, embed_dim=D, channels=8)
     with pytest.raises(ValueError, match=name):
@@ -150,7 +164,7 @@ def test_speech_encoder_ignores_padding():
     mask = out["encoder_padding_mask"]
     assert out["encoder_out"].shape == (2, 9, D) and mask[1].sum() == 9 - subsampled_length(24)
     alone = model(features[1:, :24], lengths[1:])["encoder_out"]
-    assert_close(out["encoder_out"][1, :alone.shape[1]], alone[0], 1e-5, name="padded vs alone")
+    assert_close(out["encoder_out"][1, : alone.shape[1]], alone[0], 1e-5, name="padded vs alone")
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
@@ -179,7 +193,9 @@ def test_speech_encoder_compiles():
 # ------------------------------------------------------------------------------------------
 # examples
 
+
 def test_examples_learn_their_generated_data(capsys):
     from magneto.examples import image_classification, speech_classification
+
     assert image_classification.main(["--steps", "60"]) > 0.9
     assert speech_classification.main(["--steps", "120"]) > 0.6

@@ -4,13 +4,12 @@ The per-parameter scale factors are measured on torchscale itself, not taken fro
 forms: torchscale's Sub-LN / DeepNorm model divided elementwise by the Pre-LN model built from
 the same seed (LayerNorms draw nothing, so both draw the same numbers before scaling).
 """
+
 import math
 
 import pytest
 import torch
-
-from torchscale.architecture.config import (DecoderConfig, EncoderConfig,
-                                            EncoderDecoderConfig)
+from torchscale.architecture.config import DecoderConfig, EncoderConfig, EncoderDecoderConfig
 from torchscale.architecture.decoder import Decoder as TSDecoder
 from torchscale.architecture.encoder import Encoder as TSEncoder
 from torchscale.architecture.encoder_decoder import EncoderDecoder as TSEncoderDecoder
@@ -29,25 +28,50 @@ def _ts_model(arch, scheme, n, m, seed):
     torch.manual_seed(seed)
     flags = dict(TS_FLAGS[scheme], vocab_size=VOCAB, activation_fn="gelu")
     if arch == "encoder":
-        args = EncoderConfig(encoder_embed_dim=D, encoder_attention_heads=HEADS,
-                             encoder_ffn_embed_dim=FFN, encoder_layers=n, **flags)
+        args = EncoderConfig(
+            encoder_embed_dim=D,
+            encoder_attention_heads=HEADS,
+            encoder_ffn_embed_dim=FFN,
+            encoder_layers=n,
+            **flags,
+        )
         return TSEncoder(args, TextEmbedding(VOCAB, D))
     if arch == "decoder":
-        args = DecoderConfig(decoder_embed_dim=D, decoder_attention_heads=HEADS,
-                             decoder_ffn_embed_dim=FFN, decoder_layers=m, **flags)
+        args = DecoderConfig(
+            decoder_embed_dim=D,
+            decoder_attention_heads=HEADS,
+            decoder_ffn_embed_dim=FFN,
+            decoder_layers=m,
+            **flags,
+        )
         return TSDecoder(args, TextEmbedding(VOCAB, D))
-    args = EncoderDecoderConfig(encoder_embed_dim=D, encoder_attention_heads=HEADS,
-                                encoder_ffn_embed_dim=FFN, encoder_layers=n, decoder_embed_dim=D,
-                                decoder_attention_heads=HEADS, decoder_ffn_embed_dim=FFN,
-                                decoder_layers=m, **flags)
+    args = EncoderDecoderConfig(
+        encoder_embed_dim=D,
+        encoder_attention_heads=HEADS,
+        encoder_ffn_embed_dim=FFN,
+        encoder_layers=n,
+        decoder_embed_dim=D,
+        decoder_attention_heads=HEADS,
+        decoder_ffn_embed_dim=FFN,
+        decoder_layers=m,
+        **flags,
+    )
     return TSEncoderDecoder(args, TextEmbedding(VOCAB, D), None, TextEmbedding(VOCAB, D))
 
 
 def _magneto_model(arch, scheme, n, m, seed, **overrides):
     torch.manual_seed(seed)
-    config = magneto.MagnetoConfig(embed_dim=D, num_heads=HEADS, ffn_dim=FFN, encoder_layers=n,
-                                   decoder_layers=m, vocab_size=VOCAB, positions="none",
-                                   norm_scheme=scheme, **overrides)
+    config = magneto.MagnetoConfig(
+        embed_dim=D,
+        num_heads=HEADS,
+        ffn_dim=FFN,
+        encoder_layers=n,
+        decoder_layers=m,
+        vocab_size=VOCAB,
+        positions="none",
+        norm_scheme=scheme,
+        **overrides,
+    )
     if arch == "encoder_decoder":  # embeddings built first, as in _ts_model
         embeddings = magneto.TokenEmbedding(VOCAB, D), magneto.TokenEmbedding(VOCAB, D)
         return magneto.EncoderDecoder(config, embeddings[0], None, embeddings[1])
@@ -104,8 +128,9 @@ def _torchscale_scale_factors(arch, scheme, n, m, seed):
     return factors
 
 
-@pytest.mark.parametrize("scheme,beta", [("subln", None), ("deepnorm", "paper"),
-                                         ("deepnorm", "torchscale")])
+@pytest.mark.parametrize(
+    "scheme,beta", [("subln", None), ("deepnorm", "paper"), ("deepnorm", "torchscale")]
+)
 def test_paper_init_gains_match_torchscale_scale_factors(scheme, beta):
     """The paper init's gain on every projection = torchscale's measured factor (except the
     encoder beta of a DeepNorm encoder-decoder with beta="paper": 0.87/1.15 of torchscale's)."""
@@ -114,37 +139,55 @@ def test_paper_init_gains_match_torchscale_scale_factors(scheme, beta):
     for arch, n, m in [c for c in CASES if c[0] != "encoder_decoder"] + pairs:
         factors = _torchscale_scale_factors(arch, scheme, n, m, seed=7)
         scaled = to_torchscale_state_dict(
-            _magneto_model(arch, scheme, n, m, seed=3, deepnorm_beta=beta).state_dict())
+            _magneto_model(arch, scheme, n, m, seed=3, deepnorm_beta=beta).state_dict()
+        )
         plain = to_torchscale_state_dict(
-            _magneto_model(arch, "pre", n, m, seed=3, deepnorm_beta=beta).state_dict())
+            _magneto_model(arch, "pre", n, m, seed=3, deepnorm_beta=beta).state_dict()
+        )
         assert factors.keys() <= plain.keys()
         for key, factor in factors.items():
-            if beta == "paper" and scheme == "deepnorm" and arch == "encoder_decoder" \
-                    and key.startswith("encoder.") and factor != 1.0:
+            if (
+                beta == "paper"
+                and scheme == "deepnorm"
+                and arch == "encoder_decoder"
+                and key.startswith("encoder.")
+                and factor != 1.0
+            ):
                 factor *= 0.87 / 1.15
             ratio = scaled[key] / plain[key]
-            torch.testing.assert_close(ratio, torch.full_like(ratio, factor), rtol=1e-5, atol=0,
-                                       msg=lambda s: f"{arch} N={n} M={m} {key}: {s}")
+            torch.testing.assert_close(
+                ratio,
+                torch.full_like(ratio, factor),
+                rtol=1e-5,
+                atol=0,
+                msg=lambda s: f"{arch} N={n} M={m} {key}: {s}",
+            )
 
 
 def test_paper_init_is_xavier_normal_with_zero_bias():
     torch.manual_seed(0)
-    config = magneto.MagnetoConfig(embed_dim=96, num_heads=4, ffn_dim=192, encoder_layers=6,
-                                   positions="none")
+    config = magneto.MagnetoConfig(
+        embed_dim=96, num_heads=4, ffn_dim=192, encoder_layers=6, positions="none"
+    )
     layer = magneto.Encoder(config).layers[0]
     gamma = math.sqrt(math.log(12))
     xavier = {"q": 1 / math.sqrt(96), "k": 1 / math.sqrt(96), "v": gamma / math.sqrt(96)}
     w = layer.self_attn.in_proj_weight
     for i, name in enumerate("qkv"):
-        std = w[i * 96:(i + 1) * 96].std().item()
+        std = w[i * 96 : (i + 1) * 96].std().item()
         assert std == pytest.approx(xavier[name], rel=0.05), name
-    assert layer.self_attn.out_proj.weight.std().item() == pytest.approx(gamma / math.sqrt(96),
-                                                                        rel=0.05)
+    assert layer.self_attn.out_proj.weight.std().item() == pytest.approx(
+        gamma / math.sqrt(96), rel=0.05
+    )
     fc_std = gamma * math.sqrt(2 / (96 + 192))
     assert layer.ffn.fc1.weight.std().item() == pytest.approx(fc_std, rel=0.05)
     assert layer.ffn.fc2.weight.std().item() == pytest.approx(fc_std, rel=0.05)
-    for bias in (layer.self_attn.in_proj_bias, layer.self_attn.out_proj.bias,
-                 layer.ffn.fc1.bias, layer.ffn.fc2.bias):
+    for bias in (
+        layer.self_attn.in_proj_bias,
+        layer.self_attn.out_proj.bias,
+        layer.ffn.fc1.bias,
+        layer.ffn.fc2.bias,
+    ):
         assert torch.count_nonzero(bias) == 0
 
 
@@ -162,10 +205,11 @@ def test_closed_forms_match_the_papers(n, m):
     assert s(deep, "encoder").alpha == pytest.approx((2 * n) ** 0.25)
     assert s(deep, "encoder").ffn == pytest.approx((8 * n) ** -0.25)
     assert s(deep, "decoder").alpha == pytest.approx((2 * m) ** 0.25)
-    assert s(deep, "encoder", True).alpha == pytest.approx(0.81 * (n ** 4 * m) ** (1 / 16))
-    assert s(deep, "encoder", True).ffn == pytest.approx(0.87 * (n ** 4 * m) ** (-1 / 16))
+    assert s(deep, "encoder", True).alpha == pytest.approx(0.81 * (n**4 * m) ** (1 / 16))
+    assert s(deep, "encoder", True).ffn == pytest.approx(0.87 * (n**4 * m) ** (-1 / 16))
     assert s(deep.replace(deepnorm_beta="torchscale"), "encoder", True).ffn == pytest.approx(
-        1.15 * (n ** 4 * m) ** (-1 / 16))
+        1.15 * (n**4 * m) ** (-1 / 16)
+    )
     assert s(deep, "decoder", True).alpha == pytest.approx((3 * m) ** 0.25)
     assert s(deep, "decoder", True).cross_attn == pytest.approx((12 * m) ** -0.25)
     for scheme in ("pre", "post"):
@@ -174,5 +218,8 @@ def test_closed_forms_match_the_papers(n, m):
 
 def test_init_needs_layers_on_both_sides_of_an_encoder_decoder():
     with pytest.raises(ValueError, match="decoder_layers"):
-        magneto.EncoderDecoder(magneto.MagnetoConfig(embed_dim=8, num_heads=2, ffn_dim=8,
-                                                     encoder_layers=2, decoder_layers=0))
+        magneto.EncoderDecoder(
+            magneto.MagnetoConfig(
+                embed_dim=8, num_heads=2, ffn_dim=8, encoder_layers=2, decoder_layers=0
+            )
+        )

@@ -2,6 +2,7 @@
 
 Everything runs on CPU on the pure-PyTorch reference backend of ``magneto_kernels``.
 """
+
 import io
 import math
 
@@ -29,8 +30,14 @@ SCHEMES = ("subln", "pre", "post", "deepnorm")
 
 
 def _config(**overrides):
-    base = dict(embed_dim=D, num_heads=HEADS, ffn_dim=FFN, encoder_layers=3, decoder_layers=3,
-                positions="none")
+    base = dict(
+        embed_dim=D,
+        num_heads=HEADS,
+        ffn_dim=FFN,
+        encoder_layers=3,
+        decoder_layers=3,
+        positions="none",
+    )
     return magneto.MagnetoConfig(**{**base, **overrides})
 
 
@@ -40,8 +47,11 @@ def _randomize(module, seed=0):
     g = torch.Generator().manual_seed(seed)
     for name, p in module.named_parameters():
         noise = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
-        p.copy_(1.0 + 0.2 * noise if name.endswith("norm.weight") or "_ln.weight" in name
-                or "layernorm.weight" in name else 0.3 * noise)
+        p.copy_(
+            1.0 + 0.2 * noise
+            if name.endswith("norm.weight") or "_ln.weight" in name or "layernorm.weight" in name
+            else 0.3 * noise
+        )
     return module
 
 
@@ -53,6 +63,7 @@ def draw_seed(x):
     """The dropout seed convention of magneto_kernels' ops, restated: one int64 from torch's
     generator on x's device, so that torch.manual_seed reproduces every mask."""
     return torch.randint(0, 2**62, (), dtype=torch.int64, device=x.device)
+
 
 def _norm(x, norm):
     if norm.kind == "rms":
@@ -79,8 +90,12 @@ def _attention(mha, xq, xk, xv, keep=None):
 
 
 def _ffn(ffn, x):
-    act = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu,
-           "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}[ffn.activation]
+    act = {
+        "gelu": F.gelu,
+        "relu": F.relu,
+        "silu": F.silu,
+        "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    }[ffn.activation]
     a = act(x @ ffn.fc1.weight.T + ffn.fc1.bias)
     if ffn.ffn_layernorm is not None:
         a = _norm(a, ffn.ffn_layernorm)
@@ -94,18 +109,33 @@ def _block(scheme, alpha, x, norm, f):
 
 
 def _encoder_layer_formula(layer, scheme, x, keep):
-    x = _block(scheme, layer.alpha, x, layer.self_attn_layer_norm,
-               lambda h: _attention(layer.self_attn, h, h, h, keep)[0])
+    x = _block(
+        scheme,
+        layer.alpha,
+        x,
+        layer.self_attn_layer_norm,
+        lambda h: _attention(layer.self_attn, h, h, h, keep)[0],
+    )
     return _block(scheme, layer.alpha, x, layer.final_layer_norm, lambda h: _ffn(layer.ffn, h))
 
 
 def _decoder_layer_formula(layer, scheme, x, enc, enc_keep):
     t = x.shape[1]
     causal = torch.ones(t, t, dtype=torch.bool).tril()
-    x = _block(scheme, layer.alpha, x, layer.self_attn_layer_norm,
-               lambda h: _attention(layer.self_attn, h, h, h, causal)[0])
-    x = _block(scheme, layer.alpha, x, layer.encoder_attn_layer_norm,
-               lambda h: _attention(layer.encoder_attn, h, enc, enc, enc_keep)[0])
+    x = _block(
+        scheme,
+        layer.alpha,
+        x,
+        layer.self_attn_layer_norm,
+        lambda h: _attention(layer.self_attn, h, h, h, causal)[0],
+    )
+    x = _block(
+        scheme,
+        layer.alpha,
+        x,
+        layer.encoder_attn_layer_norm,
+        lambda h: _attention(layer.encoder_attn, h, enc, enc, enc_keep)[0],
+    )
     return _block(scheme, layer.alpha, x, layer.final_layer_norm, lambda h: _ffn(layer.ffn, h))
 
 
@@ -115,9 +145,17 @@ def _padding(batch, length, pad_from):
     return mask
 
 
-@pytest.mark.parametrize("scheme,norm,activation", [
-    ("subln", "layer", "gelu"), ("subln", "rms", "silu"), ("pre", "layer", "relu"),
-    ("post", "layer", "gelu_tanh"), ("deepnorm", "layer", "gelu"), ("deepnorm", "rms", "relu")])
+@pytest.mark.parametrize(
+    "scheme,norm,activation",
+    [
+        ("subln", "layer", "gelu"),
+        ("subln", "rms", "silu"),
+        ("pre", "layer", "relu"),
+        ("post", "layer", "gelu_tanh"),
+        ("deepnorm", "layer", "gelu"),
+        ("deepnorm", "rms", "relu"),
+    ],
+)
 def test_encoder_layer_matches_formula(scheme, norm, activation):
     config = _config(norm_scheme=scheme, norm=norm, activation=activation)
     layer = _randomize(magneto.EncoderLayer(config, depth=1).double().eval())
@@ -172,8 +210,13 @@ def test_feedforward_dropout_paths_match_formula():
             a = reference.dropout(a, activation_dropout, draw_seed(a))
         y = _norm(a, ffn.ffn_layernorm) @ ffn.fc2.weight.T + ffn.fc2.bias
         ref = 1.5 * x + reference.dropout(y, 0.3, draw_seed(y))
-        assert_close(out, ref, RTOL[torch.float64], atol=1e-12,
-                     name=f"activation_dropout={activation_dropout}")
+        assert_close(
+            out,
+            ref,
+            RTOL[torch.float64],
+            atol=1e-12,
+            name=f"activation_dropout={activation_dropout}",
+        )
         assert (out == 1.5 * x).any(), "output dropout dropped nothing"
 
 
@@ -195,10 +238,17 @@ def test_drop_path_matches_formula(scheme):
 
     with torch.no_grad():
         layer.eval()  # the sublayers themselves draw nothing here (no dropout)
-        x1 = _block_drop(scheme, layer, x, layer.self_attn_layer_norm,
-                         lambda h: _attention(layer.self_attn, h, h, h)[0], dropped)
-        ref = _block_drop(scheme, layer, x1, layer.final_layer_norm,
-                          lambda h: _ffn(layer.ffn, h), dropped)
+        x1 = _block_drop(
+            scheme,
+            layer,
+            x,
+            layer.self_attn_layer_norm,
+            lambda h: _attention(layer.self_attn, h, h, h)[0],
+            dropped,
+        )
+        ref = _block_drop(
+            scheme, layer, x1, layer.final_layer_norm, lambda h: _ffn(layer.ffn, h), dropped
+        )
     assert_close(out, ref, RTOL[torch.float64], atol=1e-12)
     assert all((k == 0).any() and (k != 0).any() for k in keeps), "both branches must occur"
 
@@ -211,6 +261,7 @@ def _block_drop(scheme, layer, x, norm, f, dropped):
 
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_gradcheck_two_layer_encoder(scheme):
     config = _config(embed_dim=8, num_heads=2, ffn_dim=12, encoder_layers=2, norm_scheme=scheme)
@@ -220,13 +271,17 @@ def test_gradcheck_two_layer_encoder(scheme):
     pad = _padding(2, 3, 2)
 
     def run(x, *values):
-        out = torch.func.functional_call(model, dict(zip(names, values)),
-                                         args=(None,), kwargs=dict(token_embeddings=x,
-                                                                   encoder_padding_mask=pad))
+        out = torch.func.functional_call(
+            model,
+            dict(zip(names, values)),
+            args=(None,),
+            kwargs=dict(token_embeddings=x, encoder_padding_mask=pad),
+        )
         return out["encoder_out"]
 
-    assert torch.autograd.gradcheck(run, (x, *[p.detach().requires_grad_() for p in params]),
-                                    fast_mode=True)
+    assert torch.autograd.gradcheck(
+        run, (x, *[p.detach().requires_grad_() for p in params]), fast_mode=True
+    )
 
 
 def test_gradcheck_two_layer_decoder_with_cross_attention():
@@ -239,15 +294,20 @@ def test_gradcheck_two_layer_decoder_with_cross_attention():
 
     def run(x, enc, *values):
         encoder_out = {"encoder_out": enc, "encoder_padding_mask": pad}
-        return torch.func.functional_call(model, dict(zip(names, values)), args=(None,),
-                                          kwargs=dict(token_embeddings=x,
-                                                      encoder_out=encoder_out))[0]
+        return torch.func.functional_call(
+            model,
+            dict(zip(names, values)),
+            args=(None,),
+            kwargs=dict(token_embeddings=x, encoder_out=encoder_out),
+        )[0]
 
-    assert torch.autograd.gradcheck(run, (x, enc, *[p.detach().requires_grad_() for p in params]),
-                                    fast_mode=True)
+    assert torch.autograd.gradcheck(
+        run, (x, enc, *[p.detach().requires_grad_() for p in params]), fast_mode=True
+    )
 
 
 # ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("scheme", ["subln", "deepnorm"])
 @pytest.mark.parametrize("positions", ["learned", "sinusoidal"])
@@ -259,14 +319,14 @@ def test_incremental_decoding_equals_full_causal_decoding(scheme, positions):
     with torch.no_grad():
         full = model(tokens)[0]
         state = {}
-        steps = [model(tokens[:, :t + 1], incremental_state=state)[0] for t in range(7)]
+        steps = [model(tokens[:, : t + 1], incremental_state=state)[0] for t in range(7)]
         assert_close(torch.cat(steps, dim=1), full, RTOL[torch.float32])
         assert state[0]["prev_key"].shape == (3, HEADS, 7, D // HEADS)
         # prefix in one call (is_first_step), then token by token
         state = {"is_first_step": True}
         prefix = model(tokens[:, :4], incremental_state=state)[0]
         state["is_first_step"] = False
-        rest = [model(tokens[:, :t + 1], incremental_state=state)[0] for t in range(4, 7)]
+        rest = [model(tokens[:, : t + 1], incremental_state=state)[0] for t in range(4, 7)]
         assert_close(torch.cat([prefix, *rest], dim=1), full, RTOL[torch.float32])
 
 
@@ -279,8 +339,10 @@ def test_incremental_decoding_with_cross_attention():
         full = model(src, tgt, encoder_padding_mask=pad)[0]
         encoder_out = model.encoder(src, encoder_padding_mask=pad)
         state = {}
-        steps = [model.decoder(tgt[:, :t + 1], encoder_out=encoder_out, incremental_state=state)[0]
-                 for t in range(6)]
+        steps = [
+            model.decoder(tgt[:, : t + 1], encoder_out=encoder_out, incremental_state=state)[0]
+            for t in range(6)
+        ]
     assert_close(torch.cat(steps, dim=1), full, RTOL[torch.float32])
 
 
@@ -331,17 +393,21 @@ def test_sinusoidal_positions_formula():
 
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs,field", [
-    (dict(embed_dim=10, num_heads=3), "embed_dim must be divisible by num_heads"),
-    (dict(norm_scheme="sandwich"), "norm_scheme"),
-    (dict(activation="tanh"), "activation"),
-    (dict(norm="batch"), "norm"),
-    (dict(init="kaiming"), "init"),
-    (dict(positions="rotary"), "positions"),
-    (dict(dropout=1.0), "dropout"),
-    (dict(backend="tpu"), "backend"),
-    (dict(num_heads=0), "num_heads"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        (dict(embed_dim=10, num_heads=3), "embed_dim must be divisible by num_heads"),
+        (dict(norm_scheme="sandwich"), "norm_scheme"),
+        (dict(activation="tanh"), "activation"),
+        (dict(norm="batch"), "norm"),
+        (dict(init="kaiming"), "init"),
+        (dict(positions="rotary"), "positions"),
+        (dict(dropout=1.0), "dropout"),
+        (dict(backend="tpu"), "backend"),
+        (dict(num_heads=0), "num_heads"),
+    ],
+)
 def test_bad_config_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         _config(**kwargs)
@@ -352,8 +418,11 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(ValueError, match="token_embeddings.*embed_dim=16"):
         encoder(None, token_embeddings=torch.randn(2, 3, D + 1))
     with pytest.raises(ValueError, match="encoder_padding_mask.*\\(2, 3\\)"):
-        encoder(None, token_embeddings=torch.randn(2, 3, D),
-                encoder_padding_mask=torch.zeros(2, 4, dtype=torch.bool))
+        encoder(
+            None,
+            token_embeddings=torch.randn(2, 3, D),
+            encoder_padding_mask=torch.zeros(2, 4, dtype=torch.bool),
+        )
     with pytest.raises(ValueError, match="src_tokens or token_embeddings"):
         encoder(None)
     mha = magneto.MultiheadAttention(_config())

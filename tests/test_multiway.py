@@ -1,11 +1,12 @@
 """Multiway encoder layers (``MagnetoConfig.multiway``): memory, exactness of the single-part
 paths, the split on every norm scheme and backend, torch.compile, and the errors."""
+
 import pytest
 import torch
+from harness import assert_close
 
 import magneto
 import magneto_kernels
-from harness import assert_close
 from magneto.multiway import Multiway
 from magneto.profiling import saved_tensor_bytes
 
@@ -14,8 +15,15 @@ SCHEMES = ["subln", "pre", "post", "deepnorm"]
 
 
 def _config(**overrides):
-    fields = dict(embed_dim=D, num_heads=HEADS, ffn_dim=FFN, encoder_layers=2, positions="none",
-                  multiway=True, backend="reference")
+    fields = dict(
+        embed_dim=D,
+        num_heads=HEADS,
+        ffn_dim=FFN,
+        encoder_layers=2,
+        positions="none",
+        multiway=True,
+        backend="reference",
+    )
     fields.update(overrides)
     return magneto.MagnetoConfig(**fields)
 
@@ -41,6 +49,7 @@ def _input(batch=3, length=9, seed=1):
 def _copy_part_into(plain, multiway, part):
     """Load copy ``part`` of ``multiway``'s parameters into the non-multiway ``plain``."""
     from magneto.compat.torchscale import to_torchscale_state_dict
+
     name = "AB"[part]
     state = {}
     for key, value in to_torchscale_state_dict(multiway.state_dict()).items():
@@ -65,19 +74,27 @@ def _saved_per_token(encoder, split, positions=None):
     x = torch.randn(MEM_BATCH, MEM_T, MEM_D, requires_grad=True)
 
     def forward():
-        return encoder(None, token_embeddings=x, multiway_split_position=split,
-                       positions=positions)["encoder_out"]
+        return encoder(
+            None, token_embeddings=x, multiway_split_position=split, positions=positions
+        )["encoder_out"]
 
     nbytes, _ = saved_tensor_bytes(forward, exclude=[*encoder.parameters(), x])
     return nbytes / (MEM_BATCH * MEM_T)
 
 
 def _mem_encoder(layers, **overrides):
-    assert magneto_kernels.resolve_backend(None, torch.empty(1)) == "cpu", \
+    assert magneto_kernels.resolve_backend(None, torch.empty(1)) == "cpu", (
         "the default CPU backend should be the fused C++ one"
+    )
     torch.manual_seed(0)
-    fields = dict(embed_dim=MEM_D, num_heads=MEM_HEADS, ffn_dim=MEM_FFN, encoder_layers=layers,
-                  positions="none", multiway=True)
+    fields = dict(
+        embed_dim=MEM_D,
+        num_heads=MEM_HEADS,
+        ffn_dim=MEM_FFN,
+        encoder_layers=layers,
+        positions="none",
+        multiway=True,
+    )
     fields.update(overrides)
     return magneto.Encoder(magneto.MagnetoConfig(**fields))
 
@@ -107,6 +124,7 @@ def test_split_multiway_layer_saves_the_plain_count_per_layer():
 # ------------------------------------------------------------------------------------------
 # exactness and the split itself
 
+
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("split,part", [(-1, 0), (None, 0), (9, 0), (0, 1)])
 def test_single_part_is_the_plain_path_bit_for_bit(scheme, split, part):
@@ -134,11 +152,21 @@ def test_split_with_equal_copies_is_the_single_part_result(scheme):
     encoder = _twin_parts(_encoder(norm_scheme=scheme, dropout=0.0))
     x, pad = _input(), torch.zeros(3, 9, dtype=torch.bool)
     pad[1, 6:] = True
-    whole = encoder(None, token_embeddings=x, encoder_padding_mask=pad,
-                    multiway_split_position=-1, return_all_hiddens=True)
+    whole = encoder(
+        None,
+        token_embeddings=x,
+        encoder_padding_mask=pad,
+        multiway_split_position=-1,
+        return_all_hiddens=True,
+    )
     for split in (1, 4, 8):
-        out = encoder(None, token_embeddings=x, encoder_padding_mask=pad,
-                      multiway_split_position=split, return_all_hiddens=True)
+        out = encoder(
+            None,
+            token_embeddings=x,
+            encoder_padding_mask=pad,
+            multiway_split_position=split,
+            return_all_hiddens=True,
+        )
         assert_close(out["encoder_out"], whole["encoder_out"], 1e-6, name=f"split {split}")
         for i, (a, b) in enumerate(zip(out["encoder_states"], whole["encoder_states"])):
             assert_close(a, b, 1e-6, name=f"state {i}, split {split}")
@@ -220,6 +248,7 @@ def test_compile_one_multiway_layer():
 
 # ------------------------------------------------------------------------------------------
 # errors
+
 
 @pytest.mark.parametrize("split", [-2, 10, 2.5, True])
 def test_split_outside_the_sequence_is_refused(split):

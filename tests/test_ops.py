@@ -8,20 +8,32 @@ empty statistics, grad_accum, deterministic parameter gradients, opcheck).
 What only one backend has (the C++ GEMM engines and instruction-set builds, Triton's Philox and
 compile checks, CUDA's kernel paths) is in tests/test_ops_<backend>.py.
 """
+
 import pytest
 import torch
+from harness import (
+    ADD_NORM_CASES,
+    DTYPES,
+    LN_LINEAR_CASES,
+    NORM_KINDS,
+    NORM_SHAPES,
+    NORM_SPECIAL_CASES,
+    assert_close_to_reference,
+    backend_params,
+    check_ln_linear_case,
+    compare_to_reference,
+    ln_linear_fn,
+    ln_linear_inputs,
+    norm_inputs,
+    randn,
+)
 
 import magneto_kernels as mk
 from magneto_kernels import reference
 from magneto_kernels.library import get_op
 
-from harness import (ADD_NORM_CASES, DTYPES, LN_LINEAR_CASES, NORM_KINDS, NORM_SHAPES,
-                     NORM_SPECIAL_CASES, assert_close_to_reference, backend_params,
-                     check_ln_linear_case, compare_to_reference, ln_linear_fn, ln_linear_inputs,
-                     norm_inputs, randn)
-
-
 # Each test seeds torch's generator, so its inputs do not depend on which tests ran before.
+
 
 @pytest.fixture(params=backend_params())
 def backend(request):
@@ -39,18 +51,21 @@ def kernels(request):
 
 
 def _layer_norm(norm, eps=1e-5):
-    return lambda x, weight, bias, backend: mk.layer_norm(x, weight, bias, eps, norm=norm,
-                                                          backend=backend)
+    return lambda x, weight, bias, backend: mk.layer_norm(
+        x, weight, bias, eps, norm=norm, backend=backend
+    )
 
 
 # -------------------------------------------------------------------------------- layer_norm
+
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("norm", NORM_KINDS)
 @pytest.mark.parametrize("shape", NORM_SHAPES)
 def test_layer_norm(backend, shape, norm, dtype):
-    compare_to_reference(backend, _layer_norm(norm), norm_inputs(*shape, dtype, norm,
-                                                                backend.device))
+    compare_to_reference(
+        backend, _layer_norm(norm), norm_inputs(*shape, dtype, norm, backend.device)
+    )
 
 
 @pytest.mark.parametrize("norm", NORM_KINDS)
@@ -61,8 +76,11 @@ def test_layer_norm_special(backend, case, norm):
     inputs = {
         "x": randn(*shape, dtype=dtype, mean=mean, std=std, device=dev),
         "weight": None if params is None else randn(cols, mean=1.0, std=0.2, device=dev),
-        "bias": (randn(cols, std=0.2, device=dev)
-                 if params == "weight+bias" and norm == "layer" else None),
+        "bias": (
+            randn(cols, std=0.2, device=dev)
+            if params == "weight+bias" and norm == "layer"
+            else None
+        ),
     }
     compare_to_reference(backend, _layer_norm(norm, eps), inputs)
 
@@ -82,8 +100,7 @@ def test_add_layer_norm(backend, case, dtype):
     # Both outputs carry gradient (the skip path's sum feeds the next sublayer), so dx also
     # takes the grad_accum path.
     def fn(x, residual, weight, bias, backend):
-        return mk.add_layer_norm(x, residual, weight, bias, alpha=alpha, norm=norm,
-                                 backend=backend)
+        return mk.add_layer_norm(x, residual, weight, bias, alpha=alpha, norm=norm, backend=backend)
 
     compare_to_reference(backend, fn, inputs)
 
@@ -101,12 +118,13 @@ def test_layer_norm_backward_accumulates_and_is_deterministic(kernels, shape):
     dx1, dw1, db1 = bwd(dy, x, w, b, mean, rstd, acc, "layer", [True, True, True])
     assert_close_to_reference(dx1, (dx0 + acc).double(), dx0 + acc, "dx with grad_accum")
     torch.testing.assert_close(dx1, dx0 + acc, rtol=1e-6, atol=1e-6)
-    assert torch.equal(dw0, dw1) and torch.equal(db0, db1)     # bit-identical: no atomics
+    assert torch.equal(dw0, dw1) and torch.equal(db0, db1)  # bit-identical: no atomics
     dx2, dw2, db2 = bwd(dy, x, w, b, mean, rstd, None, "layer", [False, True, False])
     assert dx2.shape == (0,) and db2.shape == (0,) and torch.equal(dw2, dw0)
 
 
 # --------------------------------------------------------------------------------- ln_linear
+
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", LN_LINEAR_CASES)
@@ -122,24 +140,33 @@ def test_ln_linear_batch_dims(backend, case):
     make the comparison of error norms stable.)"""
     dev = backend.device
     if case == "mean-1000-batch":
-        inputs = dict(x=randn(2, 32, 96, mean=1000.0, device=dev),
-                      ln_weight=randn(96, mean=1.0, std=0.2, device=dev),
-                      ln_bias=randn(96, std=0.2, device=dev),
-                      weight=randn(40, 96, std=0.1, device=dev), bias=randn(40, device=dev),
-                      residual=None)
+        inputs = dict(
+            x=randn(2, 32, 96, mean=1000.0, device=dev),
+            ln_weight=randn(96, mean=1.0, std=0.2, device=dev),
+            ln_bias=randn(96, std=0.2, device=dev),
+            weight=randn(40, 96, std=0.1, device=dev),
+            bias=randn(40, device=dev),
+            residual=None,
+        )
         fn = ln_linear_fn("layer", "none", "gelu", None, 0.0)
     else:
-        inputs = dict(x=randn(2, 3, 40, mean=4.0, device=dev),
-                      ln_weight=torch.ones(40, device=dev), ln_bias=None,
-                      weight=randn(24, 40, std=0.2, device=dev), bias=None, residual=None)
+        inputs = dict(
+            x=randn(2, 3, 40, mean=4.0, device=dev),
+            ln_weight=torch.ones(40, device=dev),
+            ln_bias=None,
+            weight=randn(24, 40, std=0.2, device=dev),
+            bias=None,
+            residual=None,
+        )
         fn = ln_linear_fn("layer", "none", "none", None, 0.0)
     compare_to_reference(backend, fn, inputs)
 
 
 def test_ln_linear_partial_gradients(backend):
     """Only some inputs need gradients: the others come back as None, the rest are right."""
-    inputs = ln_linear_inputs(19, 33, 21, "layer", False, True, "fp32", torch.float32,
-                              backend.device)
+    inputs = ln_linear_inputs(
+        19, 33, 21, "layer", False, True, "fp32", torch.float32, backend.device
+    )
     x, ln_w, ln_b, w, b = (inputs[k] for k in ("x", "ln_weight", "ln_bias", "weight", "bias"))
     ln_w.requires_grad_()
     w.requires_grad_()
@@ -147,30 +174,38 @@ def test_ln_linear_partial_gradients(backend):
     dy = randn(19, 21, device=backend.device)
     g_lnw, g_w = torch.autograd.grad(y, [ln_w, w], dy)
     ln_w64, w64 = (t.detach().double().requires_grad_() for t in (ln_w, w))
-    y64 = reference.ln_linear(x.double(), ln_w64, ln_b.double(), w64, b.double(),
-                              activation="gelu")
+    y64 = reference.ln_linear(x.double(), ln_w64, ln_b.double(), w64, b.double(), activation="gelu")
     r_lnw, r_w = torch.autograd.grad(y64, [ln_w64, w64], dy.double())
     torch.testing.assert_close(g_lnw.double(), r_lnw, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(g_w.double(), r_w, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("mask", [[True, False, False, False, False],
-                                  [False, True, True, False, False],
-                                  [False, False, False, True, False],
-                                  [False, False, False, False, True],
-                                  [True, False, True, True, False]])
+@pytest.mark.parametrize(
+    "mask",
+    [
+        [True, False, False, False, False],
+        [False, True, True, False, False],
+        [False, False, False, True, False],
+        [False, False, False, False, True],
+        [True, False, True, True, False],
+    ],
+)
 def test_ln_linear_backward_output_mask(kernels, mask):
     """Only the requested gradients come back, bit for bit the full call's; the rest are
     empty (library.py contract)."""
     dev = kernels.device
-    x, lw, lb = (randn(21, 50, mean=1.0, device=dev), randn(50, mean=1.0, device=dev),
-                 randn(50, device=dev))
+    x, lw, lb = (
+        randn(21, 50, mean=1.0, device=dev),
+        randn(50, mean=1.0, device=dev),
+        randn(50, device=dev),
+    )
     w = randn(30, 50, std=0.15, device=dev)
     fwd = get_op("ln_linear", kernels.family)
     bwd = get_op("ln_linear_backward", kernels.family)
     seed = torch.tensor(99, dtype=torch.int64, device=dev)
-    out, mean, rstd, preact = fwd(x, lw, lb, w, None, None, seed, 1e-5, "layer", "gelu", "gelu",
-                                  1.0, 0.2)
+    out, mean, rstd, preact = fwd(
+        x, lw, lb, w, None, None, seed, 1e-5, "layer", "gelu", "gelu", 1.0, 0.2
+    )
     assert preact.shape == out.shape and mean.shape == (21,) and rstd.shape == (21,)
     dy = randn(21, 30, mean=0.1, device=dev)
     args = (dy, x, lw, lb, w, mean, rstd, preact, seed, "layer", "gelu", "gelu", 0.2)
@@ -190,36 +225,74 @@ def test_ln_linear_op_contract(kernels):
     inputs = ln_linear_inputs(7, 9, 5, "layer", False, False, "fp32", torch.bfloat16, dev)
     x, ln_w, ln_b, w = (inputs[k] for k in ("x", "ln_weight", "ln_bias", "weight"))
     fwd = get_op("ln_linear", kernels.family)
-    out, mean, rstd, preact = fwd(x, ln_w, ln_b, w, None, None, None, 1e-5, "layer", "none",
-                                  "none", 1.0, 0.0)
+    out, mean, rstd, preact = fwd(
+        x, ln_w, ln_b, w, None, None, None, 1e-5, "layer", "none", "none", 1.0, 0.0
+    )
     assert preact.shape == (0,) and mean.shape == (7,) and rstd.dtype == torch.float32
     dy = randn(7, 5, dtype=torch.bfloat16, device=dev)
     dx, dlnw, dlnb, dw, db = get_op("ln_linear_backward", kernels.family)(
-        dy, x, ln_w, ln_b, w, mean, rstd, preact, None, "layer", "none", "none", 0.0,
-        [False, True, False, False, True])
+        dy,
+        x,
+        ln_w,
+        ln_b,
+        w,
+        mean,
+        rstd,
+        preact,
+        None,
+        "layer",
+        "none",
+        "none",
+        0.0,
+        [False, True, False, False, True],
+    )
     assert dx.shape == dlnb.shape == dw.shape == (0,)
     assert dlnw.shape == (9,) and dlnw.dtype == torch.float32
     assert db.dtype == torch.bfloat16
     torch.testing.assert_close(db.float(), dy.float().sum(0), rtol=1e-2, atol=1e-2)
-    _, mean_r, rstd_r, _ = fwd(x, ln_w, None, w, None, None, None, 1e-5, "rms", "none", "relu",
-                               1.0, 0.0)
+    _, mean_r, rstd_r, _ = fwd(
+        x, ln_w, None, w, None, None, None, 1e-5, "rms", "none", "relu", 1.0, 0.0
+    )
     assert mean_r.shape == (0,) and rstd_r.shape == (7,)
     x, w = randn(5, 16, mean=1.0, device=dev), randn(8, 16, device=dev)
-    _, mean, rstd, preact = fwd(x, torch.ones(16, device=dev), None, w, None, None, None, 1e-5,
-                                "rms", "none", "none", 1.0, 0.0)
+    _, mean, rstd, preact = fwd(
+        x,
+        torch.ones(16, device=dev),
+        None,
+        w,
+        None,
+        None,
+        None,
+        1e-5,
+        "rms",
+        "none",
+        "none",
+        1.0,
+        0.0,
+    )
     assert mean.numel() == 0 and rstd.shape == (5,) and preact.numel() == 0
-    _, mean, rstd, preact = fwd(x, None, None, w, None, None, None, 1e-5, "none", "none",
-                                "relu", 1.0, 0.0)
+    _, mean, rstd, preact = fwd(
+        x, None, None, w, None, None, None, 1e-5, "none", "none", "relu", 1.0, 0.0
+    )
     assert mean.numel() == 0 and rstd.numel() == 0 and preact.shape == (5, 8)
 
 
 # ----------------------------------------------------------------------------------- dropout
 
-@pytest.mark.parametrize("rows,k,n,p", [(23, 17, 45, 0.1), (23, 17, 45, 0.5), (23, 17, 45, 0.9),
-                                        (300, 64, 517, 0.1), (300, 64, 517, 0.5)])
+
+@pytest.mark.parametrize(
+    "rows,k,n,p",
+    [
+        (23, 17, 45, 0.1),
+        (23, 17, 45, 0.5),
+        (23, 17, 45, 0.9),
+        (300, 64, 517, 0.1),
+        (300, 64, 517, 0.5),
+    ],
+)
 def test_dropout_mask_matches_reference(backend, rows, k, n, p):
-    """The seed drawn from torch's generator (as the public ops draw it) gives reference.dropout_mask's
-    mask, bit for bit; kept values are scaled by 1/(1-p)."""
+    """The seed drawn from torch's generator (as the public ops draw it) gives
+    reference.dropout_mask's mask, bit for bit; kept values are scaled by 1/(1-p)."""
     dev = backend.device
     x, w = randn(rows, k, mean=1.0, device=dev), randn(n, k, device=dev)
     torch.manual_seed(7)
@@ -245,40 +318,62 @@ def test_dropout_mask_of_the_ops_is_bit_identical(kernels, p):
     seed = torch.tensor(0x1234_5678_9ABC, dtype=torch.int64, device=dev)
     fwd = get_op("ln_linear", kernels.family)
     bwd = get_op("ln_linear_backward", kernels.family)
-    out, mean, rstd, preact = fwd(x, None, None, eye, None, None, seed, 1e-5, "none", "none",
-                                  "none", 1.0, p)
+    out, mean, rstd, preact = fwd(
+        x, None, None, eye, None, None, seed, 1e-5, "none", "none", "none", 1.0, p
+    )
     keep = reference.dropout_mask(seed, (rows, n), p)
     assert torch.equal(out != 0, keep)
     torch.testing.assert_close(out[keep], x[keep] / (1 - p), rtol=1e-6, atol=0)
     dy = randn(rows, n, mean=2.0, device=dev).abs() + 0.5
-    dx = bwd(dy, x, None, None, eye, mean, rstd, preact, seed, "none", "none", "none", p,
-             [True, False, False, False, False])[0]
+    dx = bwd(
+        dy,
+        x,
+        None,
+        None,
+        eye,
+        mean,
+        rstd,
+        preact,
+        seed,
+        "none",
+        "none",
+        "none",
+        p,
+        [True, False, False, False, False],
+    )[0]
     assert torch.equal(dx != 0, keep)
 
 
 def test_dropout_is_reproducible_through_manual_seed(backend):
     dev = backend.device
-    x, w, ones = (randn(12, 20, mean=1.0, device=dev), randn(16, 20, device=dev),
-                  torch.ones(20, device=dev))
+    x, w, ones = (
+        randn(12, 20, mean=1.0, device=dev),
+        randn(16, 20, device=dev),
+        torch.ones(20, device=dev),
+    )
     runs = []
     for _ in range(2):
         torch.manual_seed(5)
         runs.append(mk.ln_linear(x, ones, None, w, dropout_p=0.5, backend=backend.name))
     assert torch.equal(runs[0], runs[1])
     torch.manual_seed(6)
-    assert not torch.equal(runs[0], mk.ln_linear(x, ones, None, w, dropout_p=0.5,
-                                                 backend=backend.name))
+    assert not torch.equal(
+        runs[0], mk.ln_linear(x, ones, None, w, dropout_p=0.5, backend=backend.name)
+    )
 
 
 # ------------------------------------------------------------------------------ empty batch
+
 
 def test_zero_rows(backend):
     """An empty batch (whose tensors have null data pointers) gives empty outputs and zero
     parameter gradients, forward and backward, for every op."""
     dev = backend.device
     x = randn(0, 16, device=dev).requires_grad_()
-    lw, w, b = (t.requires_grad_() for t in (randn(16, mean=1.0, device=dev),
-                                             randn(8, 16, device=dev), randn(8, device=dev)))
+    lw, w, b = (
+        t.requires_grad_()
+        for t in (randn(16, mean=1.0, device=dev), randn(8, 16, device=dev), randn(8, device=dev))
+    )
     out = mk.ln_linear(x, lw, None, w, b, activation="gelu", dropout_p=0.1, backend=backend.name)
     assert out.shape == (0, 8)
     (out * 2).sum().backward()
@@ -290,23 +385,25 @@ def test_zero_rows(backend):
     lw.grad = None
     mk.layer_norm(x, lw, lb, backend=backend.name).sum().backward()
     assert torch.equal(lw.grad, torch.zeros_like(lw)) and torch.equal(lb.grad, torch.zeros_like(lb))
-    y = mk.layer_norm(randn(0, 5, device=dev), torch.ones(5, device=dev), None,
-                      backend=backend.name)
+    y = mk.layer_norm(
+        randn(0, 5, device=dev), torch.ones(5, device=dev), None, backend=backend.name
+    )
     assert y.shape == (0, 5)
 
 
 # ------------------------------------------------------------------------ op registration
 
+
 def _opcheck_args(dev):
-    inputs = ln_linear_inputs(9, 24, 10, "layer", True, True, "fp32", torch.float32, dev,
-                              mean=1.0)
+    inputs = ln_linear_inputs(9, 24, 10, "layer", True, True, "fp32", torch.float32, dev, mean=1.0)
     x, lw, lb, w, b, r = inputs.values()
     seed = torch.tensor(42, dtype=torch.int64, device=dev)
     return x, lw, lb, w, b, r, seed
 
 
-@pytest.mark.parametrize("op", ["layer_norm", "layer_norm_backward", "add_layer_norm",
-                                "ln_linear", "ln_linear_backward"])
+@pytest.mark.parametrize(
+    "op", ["layer_norm", "layer_norm_backward", "add_layer_norm", "ln_linear", "ln_linear_backward"]
+)
 def test_opcheck(kernels, op):
     dev, family = kernels.device, kernels.family
     x, lw, lb, w, b, r, seed = _opcheck_args(dev)
@@ -315,15 +412,41 @@ def test_opcheck(kernels, op):
     _, mean_l, rstd_l, preact = get_op("ln_linear", family)(*ln_linear_args)
     args = {
         "layer_norm": (x, lw, lb, 1e-5, "layer"),
-        "layer_norm_backward": (randn(9, 24, device=dev), x, lw, lb, mean, rstd,
-                                randn(9, 24, device=dev), "layer", [True, True, True]),
+        "layer_norm_backward": (
+            randn(9, 24, device=dev),
+            x,
+            lw,
+            lb,
+            mean,
+            rstd,
+            randn(9, 24, device=dev),
+            "layer",
+            [True, True, True],
+        ),
         "add_layer_norm": (x, randn(9, 24, device=dev), lw, None, 1e-5, 2.0, "rms"),
         "ln_linear": ln_linear_args,
-        "ln_linear_backward": (randn(9, 10, device=dev), x, lw, lb, w, mean_l, rstd_l, preact,
-                               seed, "layer", "gelu", "silu", 0.1, [True] * 5),
+        "ln_linear_backward": (
+            randn(9, 10, device=dev),
+            x,
+            lw,
+            lb,
+            w,
+            mean_l,
+            rstd_l,
+            preact,
+            seed,
+            "layer",
+            "gelu",
+            "silu",
+            0.1,
+            [True] * 5,
+        ),
     }[op]
-    if not op.endswith("_backward"):   # backward ops are not themselves differentiable
-        args = tuple(a.detach().clone().requires_grad_()
-                     if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-                     for a in args)
+    if not op.endswith("_backward"):  # backward ops are not themselves differentiable
+        args = tuple(
+            a.detach().clone().requires_grad_()
+            if isinstance(a, torch.Tensor) and a.is_floating_point()
+            else a
+            for a in args
+        )
     torch.library.opcheck(get_op(op, family), args)

@@ -5,6 +5,7 @@ instruction-set build of the kernels, both GEMM engines and the workspace policy
 the Triton kernels, and the GELU's accuracy. Every output and intermediate buffer of the
 bindings is NaN-poisoned before the kernels write it.
 """
+
 import math
 import os
 import subprocess
@@ -12,11 +13,10 @@ import sys
 
 import pytest
 import torch
+from harness import BY_NAME, check_ln_linear_case, randn
 
 import magneto_kernels as mk
 from magneto_kernels.library import get_op
-
-from harness import BY_NAME, check_ln_linear_case, randn
 
 _C = pytest.importorskip("magneto_kernels._C", reason="C++ extension not built")
 CPU = BY_NAME["cpu"]
@@ -46,34 +46,50 @@ def test_parameter_gradients_do_not_depend_on_thread_count():
 
 # ------------------------------------------------------------------------------- bad inputs
 
+
 def _good_ln_linear_args():
     x = randn(6, 8, mean=1.0)
-    return dict(x=x, ln_weight=torch.ones(8), ln_bias=torch.zeros(8) + 0.1, weight=randn(4, 8),
-                bias=randn(4), residual=randn(6, 4), seed=None, eps=1e-5, norm="layer",
-                input_activation="none", activation="none", alpha=1.0, dropout_p=0.0)
+    return dict(
+        x=x,
+        ln_weight=torch.ones(8),
+        ln_bias=torch.zeros(8) + 0.1,
+        weight=randn(4, 8),
+        bias=randn(4),
+        residual=randn(6, 4),
+        seed=None,
+        eps=1e-5,
+        norm="layer",
+        input_activation="none",
+        activation="none",
+        alpha=1.0,
+        dropout_p=0.0,
+    )
 
 
-@pytest.mark.parametrize("change,needle", [
-    (dict(x=randn(6, 8, dtype=torch.float64)), "x must be float32"),
-    (dict(x=randn(48)), "x must be 2-D"),
-    (dict(x=randn(8, 6).t()), "x must be contiguous"),
-    (dict(ln_weight=torch.ones(7)), "ln_weight must have shape"),
-    (dict(ln_weight=torch.ones(8, dtype=torch.float64)), "ln_weight must have x's dtype"),
-    (dict(ln_bias=torch.ones(16)[::2]), "ln_bias must be contiguous"),
-    (dict(weight=randn(4, 9)), "weight must have shape"),
-    (dict(weight=randn(4, 8, dtype=torch.bfloat16)), "weight must have dtype"),
-    (dict(bias=randn(5)), "bias must have shape"),
-    (dict(residual=randn(6, 5)), "residual must have shape"),
-    (dict(norm="batch"), "norm must be"),
-    (dict(activation="tanh"), "activation must be"),
-    (dict(input_activation="elu"), "input_activation must be"),
-    (dict(dropout_p=0.5), "seed must be given"),
-    (dict(dropout_p=0.5, seed=torch.tensor(1.0)), "seed must have dtype"),
-    (dict(dropout_p=1.0, seed=torch.tensor(1)), "dropout_p must be in"),
-    (dict(norm="rms"), "ln_bias must be None for norm='rms'"),
-    (dict(norm="none", ln_bias=None), "ln_weight must be None for norm='none'"),
-    (dict(eps=-1.0), "eps must be"),
-])
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        (dict(x=randn(6, 8, dtype=torch.float64)), "x must be float32"),
+        (dict(x=randn(48)), "x must be 2-D"),
+        (dict(x=randn(8, 6).t()), "x must be contiguous"),
+        (dict(ln_weight=torch.ones(7)), "ln_weight must have shape"),
+        (dict(ln_weight=torch.ones(8, dtype=torch.float64)), "ln_weight must have x's dtype"),
+        (dict(ln_bias=torch.ones(16)[::2]), "ln_bias must be contiguous"),
+        (dict(weight=randn(4, 9)), "weight must have shape"),
+        (dict(weight=randn(4, 8, dtype=torch.bfloat16)), "weight must have dtype"),
+        (dict(bias=randn(5)), "bias must have shape"),
+        (dict(residual=randn(6, 5)), "residual must have shape"),
+        (dict(norm="batch"), "norm must be"),
+        (dict(activation="tanh"), "activation must be"),
+        (dict(input_activation="elu"), "input_activation must be"),
+        (dict(dropout_p=0.5), "seed must be given"),
+        (dict(dropout_p=0.5, seed=torch.tensor(1.0)), "seed must have dtype"),
+        (dict(dropout_p=1.0, seed=torch.tensor(1)), "dropout_p must be in"),
+        (dict(norm="rms"), "ln_bias must be None for norm='rms'"),
+        (dict(norm="none", ln_bias=None), "ln_weight must be None for norm='none'"),
+        (dict(eps=-1.0), "eps must be"),
+    ],
+)
 def test_ln_linear_bad_input(change, needle):
     args = _good_ln_linear_args()
     args.update(change)
@@ -98,9 +114,22 @@ def test_norm_ops_bad_input():
     with pytest.raises(ValueError, match="output_mask must have 3 entries"):
         bwd(x, x, w, None, mean, rstd, None, "layer", [True, True])
     with pytest.raises(ValueError, match="preact must have shape"):
-        get_op("ln_linear_backward", CPU.family)(randn(4, 3), x, w, None, randn(3, 8), mean, rstd,
-                                            randn(0), None, "layer", "none", "gelu", 0.0,
-                                            [True] * 5)
+        get_op("ln_linear_backward", CPU.family)(
+            randn(4, 3),
+            x,
+            w,
+            None,
+            randn(3, 8),
+            mean,
+            rstd,
+            randn(0),
+            None,
+            "layer",
+            "none",
+            "gelu",
+            0.0,
+            [True] * 5,
+        )
 
 
 # ----------------------------------------------------------------- instruction-set builds
@@ -138,8 +167,9 @@ print("ok")
 def run_subprocess_check(check: str, rows=29, cols=83, **env):
     env = dict(os.environ, OMP_NUM_THREADS="2", **env)
     script = _SUBPROCESS_SCRIPT.format(check=check, rows=rows, cols=cols)
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
 
 
@@ -152,11 +182,16 @@ def test_instruction_set_builds(isa):
     the CPU lacks falls back to the widest supported one below it, with a RuntimeWarning naming
     both; `make test` also runs the whole C++ op suite under each build the CPU supports."""
     supported = _C.cpu_isas()
-    expected = next(name for name in ISAS[ISAS.index(isa):] if name in supported)
-    check = (f"assert _C.cpu_capability() == {expected!r}, _C.cpu_capability()\n"
-             f"assert _C.cpu_isas() == {supported!r}\n")
-    run_subprocess_check(check, MAGNETO_CPU_ISA=isa, PYTHONWARNINGS="error::RuntimeWarning"
-                         if expected == isa else "default")
+    expected = next(name for name in ISAS[ISAS.index(isa) :] if name in supported)
+    check = (
+        f"assert _C.cpu_capability() == {expected!r}, _C.cpu_capability()\n"
+        f"assert _C.cpu_isas() == {supported!r}\n"
+    )
+    run_subprocess_check(
+        check,
+        MAGNETO_CPU_ISA=isa,
+        PYTHONWARNINGS="error::RuntimeWarning" if expected == isa else "default",
+    )
 
 
 def test_instruction_set_fallback_is_said():
@@ -164,17 +199,25 @@ def test_instruction_set_fallback_is_said():
     missing = [name for name in ISAS if name not in _C.cpu_isas()]
     if not missing:
         pytest.skip(f"this CPU runs every build ({', '.join(ISAS)}): there is no fallback")
-    proc = subprocess.run([sys.executable, "-W", "always", "-c", "import magneto_kernels"],
-                          env=dict(os.environ, MAGNETO_CPU_ISA=missing[0]), capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-W", "always", "-c", "import magneto_kernels"],
+        env=dict(os.environ, MAGNETO_CPU_ISA=missing[0]),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"MAGNETO_CPU_ISA={missing[0]} needs" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_unknown_instruction_set_is_refused():
-    proc = subprocess.run([sys.executable, "-c", "import magneto_kernels"],
-                          env=dict(os.environ, MAGNETO_CPU_ISA="avx1024"), capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", "import magneto_kernels"],
+        env=dict(os.environ, MAGNETO_CPU_ISA="avx1024"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert "MAGNETO_CPU_ISA must be 'avx512', 'avx2', 'default' or 'auto'" in proc.stderr
     assert "got 'avx1024'" in proc.stderr
@@ -222,8 +265,7 @@ def test_gemm_engine_layouts(engine, accumulate, restore_engine):
 @pytest.mark.parametrize("engine", ENGINES)
 def test_ln_linear_with_each_gemm_engine(engine, dtype, restore_engine):
     use_engine(engine)
-    check_ln_linear_case(CPU, (37, 67, 45, "layer", "gelu", "silu", 1.5, 0.0, True, "same"),
-                         dtype)
+    check_ln_linear_case(CPU, (37, 67, 45, "layer", "gelu", "silu", 1.5, 0.0, True, "same"), dtype)
 
 
 def test_bad_gemm_engine_name(restore_engine):
@@ -244,6 +286,7 @@ def test_row_blocked_forward():
 
 # ------------------------------------------------------------------- agreement with Triton
 
+
 def test_cpu_agrees_with_triton_interpreter():
     problem = mk.available_backends("cpu")["triton"]
     if problem is not None:
@@ -256,12 +299,19 @@ def test_cpu_agrees_with_triton_interpreter():
     for backend in ("cpu", "triton"):
         leaves = [t.detach().clone().requires_grad_() for t in (x, lw, lb, w, b, r)]
         torch.manual_seed(11)
-        y = mk.ln_linear(*leaves[:5], residual=leaves[5], input_activation="gelu",
-                         activation="gelu_tanh", alpha=1.5, dropout_p=0.25, backend=backend)
-        z, s = mk.add_layer_norm(leaves[0], leaves[0] * 0.5, leaves[1], leaves[2], alpha=0.8,
-                                 backend=backend)
-        results[backend] = [y, z, s, *torch.autograd.grad(
-            (y * dy).sum() + (z * z).sum(), leaves)]
+        y = mk.ln_linear(
+            *leaves[:5],
+            residual=leaves[5],
+            input_activation="gelu",
+            activation="gelu_tanh",
+            alpha=1.5,
+            dropout_p=0.25,
+            backend=backend,
+        )
+        z, s = mk.add_layer_norm(
+            leaves[0], leaves[0] * 0.5, leaves[1], leaves[2], alpha=0.8, backend=backend
+        )
+        results[backend] = [y, z, s, *torch.autograd.grad((y * dy).sum() + (z * z).sum(), leaves)]
     # A different dropout mask would change whole elements of y and of every gradient.
     for i, (c, t) in enumerate(zip(results["cpu"], results["triton"])):
         torch.testing.assert_close(c, t, rtol=2e-5, atol=2e-5, msg=lambda m: f"output {i}: {m}")
@@ -286,8 +336,9 @@ def test_gelu_accuracy():
     every instruction-set build runs this test (the Makefile's per-ISA runs)."""
     x = torch.cat([torch.linspace(-10, 10, 20001), randn(20000, std=3.0)]).reshape(-1, 1)
     xs = [x.clone().requires_grad_() for _ in range(2)]
-    ours = mk.ln_linear(xs[0], None, None, torch.ones(1, 1), None, input_activation="gelu",
-                        backend="cpu")
+    ours = mk.ln_linear(
+        xs[0], None, None, torch.ones(1, 1), None, input_activation="gelu", backend="cpu"
+    )
     ref = torch.nn.functional.gelu(xs[1].double())
     d_ours, d_ref = (torch.autograd.grad(y.sum(), t)[0] for y, t in zip((ours, ref), xs))
     x = x.double()
@@ -297,12 +348,16 @@ def test_gelu_accuracy():
     pdf = torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
     err_cdf = 7.5e-8 + 8 * u * tail + u * cdf
     rel_err_pdf = (4 + x * x * math.log2(math.e)) * u
-    bounds = {"gelu": x.abs() * err_cdf + 2 * u * (x * cdf).abs(),
-              "gelu'": err_cdf + x.abs() * pdf * rel_err_pdf + 2 * u * (cdf + x.abs() * pdf)}
+    bounds = {
+        "gelu": x.abs() * err_cdf + 2 * u * (x * cdf).abs(),
+        "gelu'": err_cdf + x.abs() * pdf * rel_err_pdf + 2 * u * (cdf + x.abs() * pdf),
+    }
     for name, out, r in (("gelu", ours, ref), ("gelu'", d_ours, d_ref)):
         err = (out.double() - r).detach().abs()
         ratio = err / bounds[name]
         worst = ratio.argmax()
-        assert ratio.max() <= 1.0, (f"{name} on {_C.cpu_capability()}: error {err.flatten()[worst]:.3e} "
-                                    f"at x = {x.flatten()[worst]:.6f} exceeds the bound by "
-                                    f"{ratio.max():.3f}x")
+        assert ratio.max() <= 1.0, (
+            f"{name} on {_C.cpu_capability()}: error {err.flatten()[worst]:.3e} "
+            f"at x = {x.flatten()[worst]:.6f} exceeds the bound by "
+            f"{ratio.max():.3f}x"
+        )

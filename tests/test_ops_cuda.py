@@ -7,6 +7,7 @@ it is skipped, saying why, when nvcc is absent. Everything else needs a GPU (``g
 run by bench/gpu_check.sh): the backend is there, the scalar path for misaligned tensors gives
 the vector path's bits, and parameter gradients are deterministic.
 """
+
 import importlib.util
 import subprocess
 import sys
@@ -14,11 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from harness import BY_NAME, randn
 
 import magneto_kernels as mk
 from magneto_kernels.backends import available_backends
-
-from harness import BY_NAME, randn
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = BY_NAME["cuda"]
@@ -36,13 +36,18 @@ def test_nvcc_compile_check():
     check_cuda = _load_check_cuda()
     if check_cuda.find_nvcc() is None:
         pytest.skip("nvcc not found (PATH, $NVCC, $CUDA_HOME): the CUDA compile check needs it")
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "check_cuda.py")],
-                          capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "check_cuda.py")],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "norm_forward_rows" in proc.stdout and "linear_epilogue_kernel" in proc.stdout
 
 
 # ------------------------------------------------------------------------------------ GPU only
+
 
 @pytest.fixture(autouse=True)
 def poison_outputs(request):

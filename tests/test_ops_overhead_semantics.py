@@ -2,14 +2,16 @@
 kernel (no gradient wanted), 2-D inputs that are not flattened, the op families' own Autograd
 kernels, and torch.compile of an inference call. Behaviour only; bench/bench_overhead.py times
 them."""
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import magneto_kernels as mk
 
-pytestmark = pytest.mark.skipif(mk.available_backends("cpu")["cpu"] is not None,
-                                reason="the cpu backend is not built")
+pytestmark = pytest.mark.skipif(
+    mk.available_backends("cpu")["cpu"] is not None, reason="the cpu backend is not built"
+)
 
 
 def _params(requires_grad: bool):
@@ -58,8 +60,9 @@ def test_gradients_flow_to_x_only():
     out = mk.ln_linear(x, g, b, w, wb, activation="gelu", backend="cpu")
     (dx,) = torch.autograd.grad(out.square().sum(), x)
     xr = x.detach().double().requires_grad_()
-    ref = mk.ln_linear(xr, g.double(), b.double(), w.double(), wb.double(), activation="gelu",
-                       backend="reference")
+    ref = mk.ln_linear(
+        xr, g.double(), b.double(), w.double(), wb.double(), activation="gelu", backend="reference"
+    )
     (dx_ref,) = torch.autograd.grad(ref.square().sum(), xr)
     torch.testing.assert_close(dx, dx_ref.float(), rtol=1e-4, atol=1e-4)
 
@@ -78,8 +81,10 @@ def test_compile_inference_fullgraph_matches_eager():
 
     def block(x):
         y, s = mk.add_layer_norm(x, x, *params[:2], backend="cpu")
-        return mk.ln_linear(y, *params, backend="cpu") + mk.layer_norm(s, *params[:2],
-                                                                          backend="cpu").sum()
+        return (
+            mk.ln_linear(y, *params, backend="cpu")
+            + mk.layer_norm(s, *params[:2], backend="cpu").sum()
+        )
 
     with torch.no_grad():
         eager = block(x)

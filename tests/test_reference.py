@@ -1,14 +1,15 @@
 """The reference ops themselves: Philox against a plain-integer implementation, the dropout
 mask's statistics, the public functions' argument checks and the backend choice."""
+
 import os
 
 import pytest
 import torch
+from harness import assert_close, randn
 
 import magneto_kernels as mk
 from magneto_kernels import reference
 from magneto_kernels.backends import resolve_backend
-from harness import assert_close, randn
 
 
 def _philox_int(seed: int, index: int) -> int:
@@ -27,7 +28,9 @@ def _philox_int(seed: int, index: int) -> int:
 def test_philox_matches_integer_implementation():
     gen = torch.Generator().manual_seed(1)
     seeds = torch.randint(0, 2**62, (4,), generator=gen).tolist() + [0, 2**63 - 1]
-    index = torch.cat([torch.randint(0, 2**40, (64,), generator=gen), torch.tensor([0, 1, 2**32 - 1, 2**32])])
+    index = torch.cat(
+        [torch.randint(0, 2**40, (64,), generator=gen), torch.tensor([0, 1, 2**32 - 1, 2**32])]
+    )
     for seed in seeds:
         got = reference.philox(torch.tensor(seed), index).tolist()
         want = [_philox_int(seed, i) for i in index.tolist()]
@@ -60,8 +63,19 @@ def test_ln_linear_reference_composes_the_documented_formula():
     w, b = randn(24, 16, dtype=torch.float64), randn(24, dtype=torch.float64)
     r = randn(5, 7, 24, dtype=torch.float64)
     seed = torch.tensor(99)
-    out = reference.ln_linear(x, lw, lb, w, b, input_activation="silu", activation="gelu", residual=r,
-                              alpha=1.7, dropout_p=0.25, seed=seed)
+    out = reference.ln_linear(
+        x,
+        lw,
+        lb,
+        w,
+        b,
+        input_activation="silu",
+        activation="gelu",
+        residual=r,
+        alpha=1.7,
+        dropout_p=0.25,
+        seed=seed,
+    )
     a = torch.nn.functional.silu(x)
     mu = a.mean(-1, keepdim=True)
     var = ((a - mu) ** 2).mean(-1, keepdim=True)

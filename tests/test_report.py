@@ -1,5 +1,6 @@
 """The parity-and-speed report (``python -m magneto.report``) at tiny sizes: its JSON, its
 parity numbers, its ratio statistics on a synthetic timer, and its errors for bad flags."""
+
 import json
 import math
 import re
@@ -20,8 +21,9 @@ def test_interleaved_rounds_rotate_and_ratios_are_per_round():
         calls.append(name)
         return next(planned[name])
 
-    times = harness.interleaved({"a": lambda: "a", "b": lambda: "b"}, rounds=3, timer=timer,
-                                warmup=0)
+    times = harness.interleaved(
+        {"a": lambda: "a", "b": lambda: "b"}, rounds=3, timer=timer, warmup=0
+    )
     assert times == {"a": [2.0, 4.0, 6.0], "b": [1.0, 1.0, 3.0]}
     assert calls == ["a", "b", "b", "a", "a", "b"]  # the order rotates by one per round
     stats = harness.ratio_stats(times["a"], times["b"])  # per-round ratios 2, 4, 2
@@ -38,19 +40,22 @@ def test_harness_refuses_what_it_cannot_summarise():
         harness.interleaved({"a": lambda: None}, rounds=0, timer=harness.cpu_timer())
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--backends", "nope"], "unknown backend 'nope'"),
-    (["--backends", "reference"], "'reference' is the eager comparator"),
-    (["--backends", "cuda"], "cannot run on cpu"),
-    # The Triton interpreter (TRITON_INTERPRET=1, the suite's default) is never timed.
-    (["--backends", "triton", "--sections", "ops"], "checked in parity only|cannot run on cpu"),
-    (["--d", "100", "--heads", "12"], "must be divisible by --heads"),
-    (["--rounds", "0"], "--rounds must be >= 1"),
-    (["--decode-rows", "0"], "--decode-rows must all be >= 1"),
-    (["--sections", "ops", "--skip", "ops"], "nothing left to run"),
-    (["--sections", "speed"], "invalid choice: 'speed'"),
-    (["--dtype", "float16"], "invalid choice: 'float16'"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--backends", "nope"], "unknown backend 'nope'"),
+        (["--backends", "reference"], "'reference' is the eager comparator"),
+        (["--backends", "cuda"], "cannot run on cpu"),
+        # The Triton interpreter (TRITON_INTERPRET=1, the suite's default) is never timed.
+        (["--backends", "triton", "--sections", "ops"], "checked in parity only|cannot run on cpu"),
+        (["--d", "100", "--heads", "12"], "must be divisible by --heads"),
+        (["--rounds", "0"], "--rounds must be >= 1"),
+        (["--decode-rows", "0"], "--decode-rows must all be >= 1"),
+        (["--sections", "ops", "--skip", "ops"], "nothing left to run"),
+        (["--sections", "speed"], "invalid choice: 'speed'"),
+        (["--dtype", "float16"], "invalid choice: 'float16'"),
+    ],
+)
 def test_bad_flags_exit_with_a_message(flags, message, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(flags + ["--device", "cpu"])
@@ -67,23 +72,57 @@ def one_thread():
 
 def test_tiny_report_json_md_png(tmp_path, one_thread, capsys):
     sections = ["parity", "models", "memory", "ops", "layers", "decode"]  # compile: too slow here
-    assert cli.main(["--quick", "--device", "cpu", "--backends", "cpu", "--rounds", "1",
-                     "--threads", "1", "--decode-rows", "2", "--sections", *sections,
-                     "--out-dir", str(tmp_path), "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "--quick",
+                "--device",
+                "cpu",
+                "--backends",
+                "cpu",
+                "--rounds",
+                "1",
+                "--threads",
+                "1",
+                "--decode-rows",
+                "2",
+                "--sections",
+                *sections,
+                "--out-dir",
+                str(tmp_path),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     files = {p.suffix: p for p in tmp_path.iterdir()}
     assert set(files) == {".json", ".md", ".png"}
     assert all(p.name.startswith("report-cpu-") for p in files.values())
     report = json.loads(files[".json"].read_text())
-    assert {"command", "machine", "settings", "parity_ops", "parity_models", "memory", "speed",
-            "goals", "runtime_s"} <= set(report)
+    assert {
+        "command",
+        "machine",
+        "settings",
+        "parity_ops",
+        "parity_models",
+        "memory",
+        "speed",
+        "goals",
+        "runtime_s",
+    } <= set(report)
     assert report["settings"]["backends"] == ["cpu"]
     assert report["settings"]["parity_backends"] == ["reference", "cpu"]
     assert {"cpu", "threads", "torch", "triton", "cpu_gemm_engine", "date"} <= set(
-        report["machine"])
+        report["machine"]
+    )
 
     ops = {(r["op"], r["dtype"], r["backend"]) for r in report["parity_ops"]}
-    assert ops == {(op, dt, be) for op in ("layer_norm", "add_layer_norm", "ln_linear")
-                   for dt in ("float32", "bfloat16") for be in ("reference", "cpu")}
+    assert ops == {
+        (op, dt, be)
+        for op in ("layer_norm", "add_layer_norm", "ln_linear")
+        for dt in ("float32", "bfloat16")
+        for be in ("reference", "cpu")
+    }
     for r in report["parity_ops"]:
         for part in ("output", "grads"):
             e = r[part]
@@ -95,8 +134,13 @@ def test_tiny_report_json_md_png(tmp_path, one_thread, capsys):
         assert r["grad_rel_err"] is None or r["grad_rel_err"] < 1e-5, r
 
     groups = {(r["group"], r["pass"]) for r in report["speed"]}
-    assert groups == {("ops", "fwd"), ("ops", "fwd+bwd"), ("layers", "fwd"),
-                      ("layers", "fwd+bwd"), ("decode", "no_grad")}
+    assert groups == {
+        ("ops", "fwd"),
+        ("ops", "fwd+bwd"),
+        ("layers", "fwd"),
+        ("layers", "fwd+bwd"),
+        ("decode", "no_grad"),
+    }
     for r in report["speed"]:
         assert "magneto cpu" in r["times"] and "eager reference" in r["times"]
         assert r["floors"] and set(r["floors"]) <= set(r["ratios"]["cpu"])
@@ -105,15 +149,23 @@ def test_tiny_report_json_md_png(tmp_path, one_thread, capsys):
     layers = [r for r in report["speed"] if r["group"] == "layers"]
     assert all("torchscale" in r["ratios"]["cpu"] for r in layers)
     measured = {g["comparator"]: g["holds"] is not None for g in report["goals"]}
-    assert measured == {"floor: same GEMM engine": True, "torchscale": True,
-                        "torch.compile(reference)": False}  # the compile section was left out
+    assert measured == {
+        "floor: same GEMM engine": True,
+        "torchscale": True,
+        "torch.compile(reference)": False,
+    }  # the compile section was left out
     saved = {(r["layer"], r["model"]): r["d_vectors_per_token"] for r in report["memory"]}
     assert saved[("encoder", "magneto cpu")] < saved[("encoder", "torchscale")]
 
     md = files[".md"].read_text()
     assert md in capsys.readouterr().out
-    for title in ("Parity: every op against float64", "Parity: whole models against torchscale",
-                  "Speed: one Sub-LN layer", "Speed: decoding", "Memory: saved for backward"):
+    for title in (
+        "Parity: every op against float64",
+        "Parity: whole models against torchscale",
+        "Speed: one Sub-LN layer",
+        "Speed: decoding",
+        "Memory: saved for backward",
+    ):
         assert title in md
 
     # The README's results block is generated from the JSON, between its markers.

@@ -16,6 +16,7 @@ Magneto     0.019    0.041    0.093
 
 The assertions below are that ordering with margins of 2x or more (measured margins in comments).
 """
+
 import json
 import math
 
@@ -39,6 +40,7 @@ def _restore_threads():
 
 
 # ----------------------------------------------------------------------------------------- data
+
 
 def _fake_stdlib(root):
     """A small tree with distinct file contents, plus directories the corpus must skip."""
@@ -69,10 +71,14 @@ def _decode(stream):
 def test_split_is_by_file_and_excludes_non_library_files(tmp_path):
     contents = _fake_stdlib(tmp_path)
     listed = data.list_source_files(tmp_path)
-    assert all(not rel.startswith(("site-packages/", "test/")) and "/tests/" not in rel for rel in listed)
+    assert all(
+        not rel.startswith(("site-packages/", "test/")) and "/tests/" not in rel for rel in listed
+    )
     assert len(listed) == 40 and listed == sorted(listed)
 
-    corpus = data.load_corpus(train_bytes=10**6, valid_bytes=10**6, valid_fraction=0.25, root=tmp_path)
+    corpus = data.load_corpus(
+        train_bytes=10**6, valid_bytes=10**6, valid_fraction=0.25, root=tmp_path
+    )
     assert set(corpus.train_files).isdisjoint(corpus.valid_files)
     assert set(corpus.train_files) | set(corpus.valid_files) == set(listed)
     assert all(data.is_validation(f, 0.25) for f in corpus.valid_files)
@@ -123,9 +129,10 @@ def test_windows_are_shifted_targets():
 
 # ------------------------------------------------------------------------ divergence detection
 
+
 def test_detector_accepts_a_normal_run_with_a_spike():
     detector = DivergenceDetector(blowup=2.0, window=10)
-    losses = [5.6 * 0.97 ** i for i in range(60)]
+    losses = [5.6 * 0.97**i for i in range(60)]
     losses[30] = 9.0  # one spike, recovered from at once
     assert all(detector.update(loss, 1.0) is None for loss in losses)
 
@@ -148,9 +155,33 @@ def test_detector_stops_when_the_loss_climbs_and_stays_up():
 
 
 def _tiny_args(tmp_path, *extra):
-    return ["--layers", "2", "--width", "16", "--heads", "2", "--ffn-dim", "32", "--seq-len", "16",
-            "--batch-size", "4", "--train-bytes", "20000", "--valid-bytes", "4000", "--valid-windows", "4",
-            "--eval-every", "4", "--threads", "1", "--out-dir", str(tmp_path), *extra]
+    return [
+        "--layers",
+        "2",
+        "--width",
+        "16",
+        "--heads",
+        "2",
+        "--ffn-dim",
+        "32",
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "4",
+        "--train-bytes",
+        "20000",
+        "--valid-bytes",
+        "4000",
+        "--valid-windows",
+        "4",
+        "--eval-every",
+        "4",
+        "--threads",
+        "1",
+        "--out-dir",
+        str(tmp_path),
+        *extra,
+    ]
 
 
 def test_training_stops_and_records_a_divergent_run(tmp_path):
@@ -184,10 +215,12 @@ def test_main_writes_plot_table_and_record(tmp_path):
 def test_unigram_baseline_is_the_frequency_cross_entropy():
     train = torch.tensor([0, 0, 0, 1])  # add-one smoothed: p(0) = 4/261, p(1) = 2/261
     assert stability.unigram_loss(train, torch.tensor([0, 1])) == pytest.approx(
-        -(math.log(4 / 261) + math.log(2 / 261)) / 2, rel=1e-12)
+        -(math.log(4 / 261) + math.log(2 / 261)) / 2, rel=1e-12
+    )
 
 
 # ----------------------------------------------------------------------------- update size
+
 
 @pytest.fixture(scope="module")
 def update_sizes():
@@ -196,7 +229,10 @@ def update_sizes():
     sizes = stability.update_sizes(stability.SCHEMES, DEPTHS, lr=UPDATE_LR, seeds=SEEDS)
     print("\nrelative output change after one Adam step at init (mean of seeds", SEEDS, ")")
     for scheme in stability.SCHEMES:
-        print(f"{stability.LABELS[scheme]:>17}: " + "  ".join(f"{sizes[scheme, d]:.4f}" for d in DEPTHS))
+        print(
+            f"{stability.LABELS[scheme]:>17}: "
+            + "  ".join(f"{sizes[scheme, d]:.4f}" for d in DEPTHS)
+        )
     return sizes
 
 
@@ -229,7 +265,10 @@ def test_post_ln_update_grows_with_depth_much_faster(update_sizes):
 
 def test_post_ln_update_is_largest_when_deep(update_sizes):
     s = update_sizes
-    for depth in (24, 96):  # measured: 5.7x and 4.2x Magneto's, 27x and 13x DeepNorm's, 6.6x and 3.8x Pre-LN's
+    for depth in (
+        24,
+        96,
+    ):  # measured: 5.7x and 4.2x Magneto's, 27x and 13x DeepNorm's, 6.6x and 3.8x Pre-LN's
         for other in ("pre", "deepnorm", "subln"):
             assert s["post", depth] > 2 * s[other, depth], (depth, other)
 

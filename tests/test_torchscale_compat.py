@@ -7,9 +7,7 @@ function) on ``sys.path`` when no timm is importable.
 
 import pytest
 import torch
-
-from torchscale.architecture.config import (DecoderConfig, EncoderConfig,
-                                            EncoderDecoderConfig)
+from torchscale.architecture.config import DecoderConfig, EncoderConfig, EncoderDecoderConfig
 from torchscale.architecture.decoder import Decoder as TSDecoder
 from torchscale.architecture.encoder import Encoder as TSEncoder
 from torchscale.architecture.encoder_decoder import EncoderDecoder as TSEncoderDecoder
@@ -17,8 +15,12 @@ from torchscale.component.embedding import PositionalEmbedding, TextEmbedding
 
 import magneto
 import magneto_kernels
-from magneto.compat.torchscale import (config_from_torchscale, from_torchscale,
-                                       to_torchscale, to_torchscale_state_dict)
+from magneto.compat.torchscale import (
+    config_from_torchscale,
+    from_torchscale,
+    to_torchscale,
+    to_torchscale_state_dict,
+)
 
 TOL = 1e-5
 
@@ -29,18 +31,30 @@ def _reference_backend(monkeypatch):
     their own tests); pinned per test so an installed C++/Triton backend does not take over."""
     monkeypatch.setenv(magneto_kernels.ENV_VAR, "reference")
 
+
 D, HEADS, FFN, VOCAB, PAD = 32, 4, 48, 40, 1
-SCHEMES = {"subln": {}, "deepnorm": {"deepnorm": True}, "pre": {"subln": False},
-           "post": {"subln": False, "encoder_normalize_before": False,
-                    "decoder_normalize_before": False}}
+SCHEMES = {
+    "subln": {},
+    "deepnorm": {"deepnorm": True},
+    "pre": {"subln": False},
+    "post": {"subln": False, "encoder_normalize_before": False, "decoder_normalize_before": False},
+}
 
 
 def _args(kind, scheme, **extra):
     flags = dict(SCHEMES[scheme], vocab_size=VOCAB, **extra)
-    enc = dict(encoder_embed_dim=D, encoder_attention_heads=HEADS, encoder_ffn_embed_dim=FFN,
-               encoder_layers=3)
-    dec = dict(decoder_embed_dim=D, decoder_attention_heads=HEADS, decoder_ffn_embed_dim=FFN,
-               decoder_layers=2)
+    enc = dict(
+        encoder_embed_dim=D,
+        encoder_attention_heads=HEADS,
+        encoder_ffn_embed_dim=FFN,
+        encoder_layers=3,
+    )
+    dec = dict(
+        decoder_embed_dim=D,
+        decoder_attention_heads=HEADS,
+        decoder_ffn_embed_dim=FFN,
+        decoder_layers=2,
+    )
     if kind == "encoder":
         flags.pop("decoder_normalize_before", None)
         return EncoderConfig(**enc, **flags)
@@ -77,8 +91,8 @@ def _tokens(batch=3, length=9, seed=1):
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(2, VOCAB, (batch, length), generator=g)
     pad = torch.zeros(batch, length, dtype=torch.bool)
-    pad[1, length - 3:] = True
-    pad[2, length - 1:] = True
+    pad[1, length - 3 :] = True
+    pad[2, length - 1 :] = True
     tokens[pad] = PAD
     return tokens, pad
 
@@ -142,8 +156,9 @@ def test_encoder_parity_with_padding(scheme):
     mg = from_torchscale(ts)
     assert isinstance(mg, magneto.Encoder) and not mg.training
     tokens, pad = _tokens()
-    theirs, ours = _run_both(ts, mg, lambda m: m(tokens, encoder_padding_mask=pad,
-                                                 return_all_hiddens=True))
+    theirs, ours = _run_both(
+        ts, mg, lambda m: m(tokens, encoder_padding_mask=pad, return_all_hiddens=True)
+    )
     errors = {}
     _compare(ours, theirs, "encoder", errors)
     _compare_grads(mg, ts, errors)
@@ -154,8 +169,9 @@ def test_decoder_parity(scheme):
     ts = _ts_model("decoder", scheme)
     mg = from_torchscale(ts)
     tokens, pad = _tokens(seed=2)
-    theirs, ours = _run_both(ts, mg, lambda m: m(tokens, self_attn_padding_mask=pad,
-                                                 return_all_hiddens=True))
+    theirs, ours = _run_both(
+        ts, mg, lambda m: m(tokens, self_attn_padding_mask=pad, return_all_hiddens=True)
+    )
     errors = {}
     _compare(ours, theirs, "decoder", errors)
     _compare_grads(mg, ts, errors)
@@ -201,8 +217,10 @@ def test_incremental_decoding_parity(scheme, first_step):
     start = 4 if first_step else 1
     with torch.no_grad():
         for t in range(start, 8):
-            steps = [model(tokens[:, :t], incremental_state=state)
-                     for model, state in zip((ts, mg), states)]
+            steps = [
+                model(tokens[:, :t], incremental_state=state)
+                for model, state in zip((ts, mg), states)
+            ]
             _compare(steps[1], steps[0], f"step {t}", errors)
             for state in states:
                 state["is_first_step"] = False
@@ -216,7 +234,8 @@ def test_incremental_decoding_parity(scheme, first_step):
 def test_torchscale_state_dict_loads_directly():
     ts = _ts_model("encoder_decoder", "subln")
     config = config_from_torchscale(ts.args, "encoder_decoder").replace(
-        init="paper", positions="learned", max_positions=62, padding_idx=PAD)
+        init="paper", positions="learned", max_positions=62, padding_idx=PAD
+    )
     mg = magneto.EncoderDecoder(config).eval()
     mg.load_state_dict(ts.state_dict())  # separate q/k/v entries -> packed parameters
     src, tgt = _tokens(seed=7)[0], _tokens(length=5, seed=8)[0]
@@ -227,19 +246,33 @@ def test_torchscale_state_dict_loads_directly():
 @pytest.mark.parametrize("kind", ["encoder", "decoder", "encoder_decoder"])
 def test_to_torchscale_round_trip(kind):
     torch.manual_seed(0)
-    config = magneto.MagnetoConfig(embed_dim=D, num_heads=HEADS, ffn_dim=FFN, encoder_layers=2,
-                                   decoder_layers=2, vocab_size=VOCAB, padding_idx=PAD,
-                                   norm_scheme="deepnorm" if kind == "decoder" else "subln",
-                                   max_positions=30, share_all_embeddings=kind == "encoder_decoder")
-    cls = {"encoder": magneto.Encoder, "decoder": magneto.Decoder,
-           "encoder_decoder": magneto.EncoderDecoder}[kind]
+    config = magneto.MagnetoConfig(
+        embed_dim=D,
+        num_heads=HEADS,
+        ffn_dim=FFN,
+        encoder_layers=2,
+        decoder_layers=2,
+        vocab_size=VOCAB,
+        padding_idx=PAD,
+        norm_scheme="deepnorm" if kind == "decoder" else "subln",
+        max_positions=30,
+        share_all_embeddings=kind == "encoder_decoder",
+    )
+    cls = {
+        "encoder": magneto.Encoder,
+        "decoder": magneto.Decoder,
+        "encoder_decoder": magneto.EncoderDecoder,
+    }[kind]
     mg = _perturb(cls(config)).eval()
     ts = to_torchscale(mg)
     assert type(ts).__module__.startswith("torchscale")
     tokens = _tokens(seed=9)[0]
     with torch.no_grad():
-        call = (lambda m: m(tokens, tokens[:, :5])) if kind == "encoder_decoder" else (
-            lambda m: m(tokens))
+        call = (
+            (lambda m: m(tokens, tokens[:, :5]))
+            if kind == "encoder_decoder"
+            else (lambda m: m(tokens))
+        )
         _compare(call(mg), call(ts), kind, {})
         if kind == "encoder_decoder":
             assert ts.decoder.embed_tokens is ts.encoder.embed_tokens
@@ -248,9 +281,18 @@ def test_to_torchscale_round_trip(kind):
         _compare(call(back), call(mg), "back", {})
 
 
-@pytest.mark.parametrize("option,value", [
-    ("moe_freq", 2), ("moe_expert_count", 4), ("xpos_rel_pos", True), ("rel_pos_buckets", 32),
-    ("layernorm_embedding", True), ("multiway", True), ("use_xmoe", True)])
+@pytest.mark.parametrize(
+    "option,value",
+    [
+        ("moe_freq", 2),
+        ("moe_expert_count", 4),
+        ("xpos_rel_pos", True),
+        ("rel_pos_buckets", 32),
+        ("layernorm_embedding", True),
+        ("multiway", True),
+        ("use_xmoe", True),
+    ],
+)
 def test_unsupported_torchscale_options_are_refused(option, value):
     extra = {option: value}
     if option == "rel_pos_buckets":
@@ -272,7 +314,10 @@ def test_other_refusals_name_the_problem():
     with pytest.raises(ValueError, match="torchscale Encoder, Decoder or EncoderDecoder"):
         from_torchscale(torch.nn.Linear(2, 2))
     config = magneto.MagnetoConfig(embed_dim=D, num_heads=HEADS, ffn_dim=FFN, encoder_layers=1)
-    for change, name in ((dict(norm="rms"), "norm"), (dict(activation="gelu_tanh"), "gelu_tanh"),
-                         (dict(bias=False), "bias")):
+    for change, name in (
+        (dict(norm="rms"), "norm"),
+        (dict(activation="gelu_tanh"), "gelu_tanh"),
+        (dict(bias=False), "bias"),
+    ):
         with pytest.raises(ValueError, match=name):
             to_torchscale(magneto.Encoder(config.replace(**change)))

@@ -16,6 +16,7 @@ Prints, per kernel template, its instantiations and register range per architect
 nvcc is taken from $NVCC, then PATH, then $CUDA_HOME/bin. Exit status: 0 ok, 1 failed,
 2 nvcc not found.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,10 +36,20 @@ CUDA_DIR = ROOT / "csrc" / "cuda"
 ARCHS = (("compute_80", "sm_80"), ("compute_90a", "sm_90a"))
 # Keep in step with setup.py's nvcc flags, plus the ones torch's CUDAExtension adds
 # (torch.utils.cpp_extension.COMMON_NVCC_FLAGS: no implicit half/bfloat16 conversions).
-NVCC_FLAGS = ["-std=c++17", "-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
-              "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-              "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
-              "-Xptxas", "-v", f"-I{ROOT / 'csrc'}"]
+NVCC_FLAGS = [
+    "-std=c++17",
+    "-O3",
+    "--use_fast_math",
+    "-lineinfo",
+    "--expt-relaxed-constexpr",
+    "-D__CUDA_NO_HALF_OPERATORS__",
+    "-D__CUDA_NO_HALF_CONVERSIONS__",
+    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    "-D__CUDA_NO_HALF2_OPERATORS__",
+    "-Xptxas",
+    "-v",
+    f"-I{ROOT / 'csrc'}",
+]
 
 ENTRY = re.compile(r"Compiling entry function '(\S+)' for '(sm_\w+)'")
 PROPS = re.compile(r"Function properties for (\S+)")
@@ -47,8 +58,11 @@ REGS = re.compile(r"Used (\d+) registers")
 
 
 def find_nvcc() -> str | None:
-    for candidate in (os.environ.get("NVCC"), shutil.which("nvcc"),
-                      os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")):
+    for candidate in (
+        os.environ.get("NVCC"),
+        shutil.which("nvcc"),
+        os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc"),
+    ):
         if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return candidate
     return None
@@ -60,14 +74,18 @@ def cuda_include(nvcc: str) -> Path:
     for base in (os.environ.get("CUDA_HOME"), beside_nvcc, "/usr/local/cuda"):
         if base and (Path(base) / "include" / "cuda_runtime_api.h").exists():
             return Path(base) / "include"
-    out = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
-                         capture_output=True, text=True).stderr
+    out = subprocess.run(
+        [nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+        capture_output=True,
+        text=True,
+    ).stderr
     match = re.search(r"INCLUDES=\"-I([^\"]+?)/?\"", out)
     return Path(match.group(1)) if match else Path("/usr/local/cuda/include")
 
 
-def compile_cu(nvcc: str, source: Path, arch: tuple[str, str],
-               obj: Path | None) -> tuple[int, str, float]:
+def compile_cu(
+    nvcc: str, source: Path, arch: tuple[str, str], obj: Path | None
+) -> tuple[int, str, float]:
     """Device code only (-cubin), or a full object (host code too) when `obj` is given."""
     virtual, real = arch
     out = ["-c", "-o", str(obj)] if obj else ["-cubin", "-o", os.devnull]
@@ -81,9 +99,19 @@ def link_check(nvcc: str, objects: list[Path], workdir: Path) -> tuple[int, str]
     """Links tools/cuda_link_check.cpp with the objects (every launcher of kernels.h must be
     defined) and runs it: argument checks and empty sizes, no GPU needed."""
     exe = workdir / "cuda_link_check"
-    proc = subprocess.run([nvcc, "-std=c++17", f"-I{ROOT / 'csrc'}", "-o", str(exe),
-                           str(ROOT / "tools" / "cuda_link_check.cpp"), *map(str, objects)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            nvcc,
+            "-std=c++17",
+            f"-I{ROOT / 'csrc'}",
+            "-o",
+            str(exe),
+            str(ROOT / "tools" / "cuda_link_check.cpp"),
+            *map(str, objects),
+        ],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         return proc.returncode, "link failed:\n" + proc.stdout + proc.stderr
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
@@ -96,11 +124,28 @@ def check_header() -> tuple[int, str]:
     if cxx is None:
         return 0, "no host C++ compiler found; header check skipped"
     nvcc = find_nvcc()
-    src = ('#include "cuda/kernels.h"\n'
-           "int main() { return magneto::cuda::NormForwardParams{}.rows > 0; }\n")
-    proc = subprocess.run([cxx, "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror",
-                           f"-I{ROOT / 'csrc'}", f"-I{cuda_include(nvcc)}", "-x", "c++", "-"],
-                          input=src, capture_output=True, text=True)
+    src = (
+        '#include "cuda/kernels.h"\n'
+        "int main() { return magneto::cuda::NormForwardParams{}.rows > 0; }\n"
+    )
+    proc = subprocess.run(
+        [
+            cxx,
+            "-std=c++17",
+            "-fsyntax-only",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            f"-I{ROOT / 'csrc'}",
+            f"-I{cuda_include(nvcc)}",
+            "-x",
+            "c++",
+            "-",
+        ],
+        input=src,
+        capture_output=True,
+        text=True,
+    )
     return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -127,9 +172,18 @@ def check_orchestration(workdir: Path, jobs: int) -> tuple[int, str]:
         (stub / macros).write_text("#define C10_CUDA_BUILD_SHARED_LIBS\n")
         includes.append(str(stub))
     includes.append(str(cuda_include(find_nvcc())))
-    flags = ["-std=c++20", "-fsyntax-only", "-Wall", "-Wextra", "-Wno-unused-parameter",
-             "-DMAGNETO_WITH_CUDA", "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H",
-             f"-I{ROOT / 'csrc'}", *(f"-I{p}" for p in includes)]
+    flags = [
+        "-std=c++20",
+        "-fsyntax-only",
+        "-Wall",
+        "-Wextra",
+        "-Wno-unused-parameter",
+        "-DMAGNETO_WITH_CUDA",
+        "-DTORCH_EXTENSION_NAME=_C",
+        "-DTORCH_API_INCLUDE_EXTENSION_H",
+        f"-I{ROOT / 'csrc'}",
+        *(f"-I{p}" for p in includes),
+    ]
     sources = [*sorted(CUDA_DIR.glob("*.cpp")), ROOT / "csrc" / "api.cpp"]
 
     def compile_one(source: Path) -> tuple[Path, int, str]:
@@ -140,8 +194,11 @@ def check_orchestration(workdir: Path, jobs: int) -> tuple[int, str]:
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         for source, code, log in pool.map(compile_one, sources):
             rel = source.relative_to(ROOT)
-            ours = [ln for ln in log.splitlines()
-                    if re.search(r"\b(error|warning)\b", ln, re.I) and "csrc/" in ln]
+            ours = [
+                ln
+                for ln in log.splitlines()
+                if re.search(r"\b(error|warning)\b", ln, re.I) and "csrc/" in ln
+            ]
             if code != 0 or ours:
                 rc = 1
                 report.append(f"FAIL {rel} (host compiler, MAGNETO_WITH_CUDA):\n{log}")
@@ -174,8 +231,9 @@ def parse(log: str) -> list[dict]:
         elif m := PROPS.search(line):
             props_for = m.group(1)
         elif (m := SPILLS.search(line)) and current and props_for == current["name"]:
-            current.update(stack=int(m.group(1)), spill_stores=int(m.group(2)),
-                           spill_loads=int(m.group(3)))
+            current.update(
+                stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3))
+            )
         elif (m := REGS.search(line)) and current:
             current["regs"] = int(m.group(1))
             records.append(current)
@@ -198,8 +256,10 @@ def main() -> int:
         print(f"check_cuda: no .cu files under {CUDA_DIR}", file=sys.stderr)
         return 1
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
-    print(f"check_cuda: {version.strip().splitlines()[-1]}; {len(sources)} files, "
-          f"archs {', '.join(r for _, r in ARCHS)}, {args.jobs} jobs")
+    print(
+        f"check_cuda: {version.strip().splitlines()[-1]}; {len(sources)} files, "
+        f"archs {', '.join(r for _, r in ARCHS)}, {args.jobs} jobs"
+    )
 
     failed = False
     rc, out = check_header()
@@ -221,8 +281,11 @@ def main() -> int:
             results = pool.map(lambda t: compile_cu(nvcc, t[0], t[1], obj_for(*t)), tasks)
             for (source, (_, real)), (rc, log, seconds) in zip(tasks, results):
                 rel = source.relative_to(ROOT)
-                ours = [ln for ln in log.splitlines()
-                        if re.search(r"\b(error|warning)\b", ln, re.I) and "csrc/" in ln]
+                ours = [
+                    ln
+                    for ln in log.splitlines()
+                    if re.search(r"\b(error|warning)\b", ln, re.I) and "csrc/" in ln
+                ]
                 if rc != 0:
                     print(f"FAIL {rel} ({real}): nvcc exit status {rc}\n{log}")
                     failed = True
@@ -242,11 +305,16 @@ def main() -> int:
         failed |= rc != 0
 
     names = demangle(sorted({r["name"] for r in records}))
-    spills = [r for r in records if "magneto" in names[r["name"]]
-              and (r.get("spill_stores", 0) or r.get("spill_loads", 0))]
+    spills = [
+        r
+        for r in records
+        if "magneto" in names[r["name"]] and (r.get("spill_stores", 0) or r.get("spill_loads", 0))
+    ]
     for r in spills:
-        print(f"FAIL register spill in {names[r['name']]} ({r['arch']}): "
-              f"{r['spill_stores']} B stores, {r['spill_loads']} B loads")
+        print(
+            f"FAIL register spill in {names[r['name']]} ({r['arch']}): "
+            f"{r['spill_stores']} B stores, {r['spill_loads']} B loads"
+        )
     failed |= bool(spills)
 
     table: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
@@ -265,8 +333,10 @@ def main() -> int:
         print(f"{name:34s} {count:5d}  " + "  ".join(cells) + f"  {stack[name]:4d} B")
     if args.verbose:
         for r in sorted(records, key=lambda r: (names[r["name"]], r["arch"])):
-            print(f"  {r['arch']:7s} {r['regs']:4d} regs {r.get('stack', 0):4d} B stack  "
-                  f"{names[r['name']]}")
+            print(
+                f"  {r['arch']:7s} {r['regs']:4d} regs {r.get('stack', 0):4d} B stack  "
+                f"{names[r['name']]}"
+            )
     if not records and not failed:
         print("FAIL no kernels were compiled")
         failed = True

@@ -2,8 +2,19 @@
 
 torchscale itself is imported only when a conversion runs.
 """
-from magneto.compat.torchscale import (config_from_torchscale, from_torchscale, to_torchscale,
-                                       to_torchscale_state_dict, torchscale_args)
 
-__all__ = ["from_torchscale", "to_torchscale", "to_torchscale_state_dict", "config_from_torchscale",
-           "torchscale_args"]
+from magneto.compat.torchscale import (
+    config_from_torchscale,
+    from_torchscale,
+    to_torchscale,
+    to_torchscale_state_dict,
+    torchscale_args,
+)
+
+__all__ = [
+    "from_torchscale",
+    "to_torchscale",
+    "to_torchscale_state_dict",
+    "config_from_torchscale",
+    "torchscale_args",
+]

@@ -19,6 +19,7 @@ not know are carried over unchanged (deep-copied).
 Importing torchscale needs ``timm.models.layers.drop_path``; where timm is not installed, the
 labelled stand-in ``magneto.compat.timm_standin`` provides it (``use_if_missing()``).
 """
+
 from __future__ import annotations
 
 import copy
@@ -58,16 +59,19 @@ def _torchscale():
             f"torchscale 0.3.0 is needed here ({err}). It installs with `pip install "
             "fairscale==0.4.0 && pip install --no-deps torchscale==0.3.0`; it imports "
             "timm.models.layers.drop_path: where timm is not installed, call "
-            "magneto.compat.timm_standin.use_if_missing() first (a labelled stand-in)") from err
+            "magneto.compat.timm_standin.use_if_missing() first (a labelled stand-in)"
+        ) from err
     return config, encoder, decoder, encoder_decoder, embedding
 
 
 # ------------------------------------------------------------------------------------------
 # torchscale -> magneto
 
+
 def _beit3_class():
     """torchscale's BEiT3 (imported on demand, after ``_torchscale()`` succeeded)."""
     from torchscale.model.BEiT3 import BEiT3 as TSBEiT3
+
     return TSBEiT3
 
 
@@ -81,19 +85,28 @@ def config_from_torchscale(args, kind: str) -> MagnetoConfig:
         if option == "multiway" and kind == "beit3":
             continue
         if unsupported(getattr(args, option, 0) or 0):
-            raise ValueError(f"{option}={getattr(args, option)!r}: {what} cannot be converted "
-                             "to magneto yet")
+            raise ValueError(
+                f"{option}={getattr(args, option)!r}: {what} cannot be converted to magneto yet"
+            )
     if getattr(args, "rel_pos_buckets", 0) > 0 and getattr(args, "max_rel_pos", 0) > 0:
-        raise ValueError(f"rel_pos_buckets={args.rel_pos_buckets}: relative position buckets "
-                         "cannot be converted to magneto yet")
-    sides = {"encoder": ["encoder"], "decoder": ["decoder"], "beit3": ["encoder"],
-             "encoder_decoder": ["encoder", "decoder"]}[kind]
+        raise ValueError(
+            f"rel_pos_buckets={args.rel_pos_buckets}: relative position buckets "
+            "cannot be converted to magneto yet"
+        )
+    sides = {
+        "encoder": ["encoder"],
+        "decoder": ["decoder"],
+        "beit3": ["encoder"],
+        "encoder_decoder": ["encoder", "decoder"],
+    }[kind]
     first = sides[0]
     for field in ("embed_dim", "attention_heads", "ffn_embed_dim", "normalize_before"):
         values = {getattr(args, f"{side}_{field}") for side in sides}
         if len(values) > 1:
-            raise ValueError(f"decoder_{field}={getattr(args, f'decoder_{field}')!r} differs from "
-                             f"encoder_{field}: magneto uses one value for both")
+            raise ValueError(
+                f"decoder_{field}={getattr(args, f'decoder_{field}')!r} differs from "
+                f"encoder_{field}: magneto uses one value for both"
+            )
     activation = str(args.activation_fn)
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation_fn={activation!r}: expected one of {tuple(_ACTIVATIONS)}")
@@ -103,8 +116,11 @@ def config_from_torchscale(args, kind: str) -> MagnetoConfig:
         scheme = "subln"
     else:
         scheme = "pre" if getattr(args, f"{first}_normalize_before") else "post"
-    max_positions = int(getattr(args, "max_source_positions" if first == "encoder"
-                                else "max_target_positions", 1024))
+    max_positions = int(
+        getattr(
+            args, "max_source_positions" if first == "encoder" else "max_target_positions", 1024
+        )
+    )
     if kind == "beit3":  # BEiT3's text table has max_source_positions rows, 2 of them unused
         max_positions -= LearnedPositionalEmbedding.OFFSET
         if max_positions < 1:
@@ -117,15 +133,22 @@ def config_from_torchscale(args, kind: str) -> MagnetoConfig:
         decoder_layers=getattr(args, "decoder_layers", 0) if kind != "encoder" else 0,
         vocab_size=max(int(args.vocab_size), 0),
         max_positions=max_positions,
-        positions="learned" if kind == "beit3" else "none", multiway=kind == "beit3",
+        positions="learned" if kind == "beit3" else "none",
+        multiway=kind == "beit3",
         scale_embedding=not args.no_scale_embedding,
         output_projection=not args.no_output_layer,
         normalize_output=bool(getattr(args, "normalize_output", True)),
         activation=_ACTIVATIONS[activation],
-        dropout=float(args.dropout), attention_dropout=float(args.attention_dropout),
-        activation_dropout=float(args.activation_dropout), drop_path=float(args.drop_path_rate),
-        eps=float(args.layernorm_eps), norm="layer", norm_scheme=scheme, init="torchscale",
-        checkpoint_activations=bool(args.checkpoint_activations))
+        dropout=float(args.dropout),
+        attention_dropout=float(args.attention_dropout),
+        activation_dropout=float(args.activation_dropout),
+        drop_path=float(args.drop_path_rate),
+        eps=float(args.layernorm_eps),
+        norm="layer",
+        norm_scheme=scheme,
+        init="torchscale",
+        checkpoint_activations=bool(args.checkpoint_activations),
+    )
 
 
 def _embedding_from_torchscale(module: Optional[nn.Module], embedding_mod, memo: dict):
@@ -134,11 +157,18 @@ def _embedding_from_torchscale(module: Optional[nn.Module], embedding_mod, memo:
     if id(module) in memo:  # shared between encoder and decoder
         return memo[id(module)]
     known = (nn.Embedding, embedding_mod.TextEmbedding, embedding_mod.PositionalEmbedding)
-    plain = type(module) in known and module.max_norm is None and not module.scale_grad_by_freq \
+    plain = (
+        type(module) in known
+        and module.max_norm is None
+        and not module.scale_grad_by_freq
         and not module.sparse
+    )
     if plain:
-        cls = (LearnedPositionalEmbedding if isinstance(module, embedding_mod.PositionalEmbedding)
-               else TokenEmbedding)
+        cls = (
+            LearnedPositionalEmbedding
+            if isinstance(module, embedding_mod.PositionalEmbedding)
+            else TokenEmbedding
+        )
         converted = cls(module.num_embeddings, module.embedding_dim, padding_idx=module.padding_idx)
     else:
         converted = copy.deepcopy(module)
@@ -151,8 +181,9 @@ def _copy_projection(projection, embed_tokens, converted_tokens):
         return None
     if type(projection) is not nn.Linear:
         return copy.deepcopy(projection)
-    converted = nn.Linear(projection.in_features, projection.out_features,
-                          bias=projection.bias is not None)
+    converted = nn.Linear(
+        projection.in_features, projection.out_features, bias=projection.bias is not None
+    )
     if embed_tokens is not None and projection.weight is getattr(embed_tokens, "weight", None):
         converted.weight = converted_tokens.weight
     return converted
@@ -168,8 +199,10 @@ def _detach_unowned(target: nn.Module, source: nn.Module) -> None:
 def _check_alphas(ts_module, module) -> None:
     for i, (theirs, ours) in enumerate(zip(ts_module.layers, module.layers)):
         if not math.isclose(theirs.alpha, ours.alpha, rel_tol=1e-12):
-            raise ValueError(f"layer {i}: torchscale alpha {theirs.alpha} != magneto alpha "
-                             f"{ours.alpha} (encoder_layers/decoder_layers do not match the model)")
+            raise ValueError(
+                f"layer {i}: torchscale alpha {theirs.alpha} != magneto alpha "
+                f"{ours.alpha} (encoder_layers/decoder_layers do not match the model)"
+            )
 
 
 def _take_over(converted: nn.Module, module: nn.Module, state_dict: dict) -> nn.Module:
@@ -193,16 +226,23 @@ def from_torchscale(module: nn.Module) -> nn.Module:
         if isinstance(module, _beit3_class()):
             config = config_from_torchscale(module.args, "beit3")
             args = module.args
-            converted = BEiT3(config, img_size=args.img_size, patch_size=args.patch_size,
-                              in_chans=args.in_chans)
+            converted = BEiT3(
+                config, img_size=args.img_size, patch_size=args.patch_size, in_chans=args.in_chans
+            )
             _detach_unowned(converted.encoder, module.encoder)
             _check_alphas(module.encoder, converted.encoder)
         elif isinstance(module, ts_encdec.EncoderDecoder):
             config = config_from_torchscale(module.args, "encoder_decoder")
             enc, dec = module.encoder, module.decoder
-            tokens = [_embedding_from_torchscale(m, embedding_mod, memo)
-                      for m in (enc.embed_tokens, enc.embed_positions, dec.embed_tokens,
-                                dec.embed_positions)]
+            tokens = [
+                _embedding_from_torchscale(m, embedding_mod, memo)
+                for m in (
+                    enc.embed_tokens,
+                    enc.embed_positions,
+                    dec.embed_tokens,
+                    dec.embed_positions,
+                )
+            ]
             projection = _copy_projection(dec.output_projection, dec.embed_tokens, tokens[2])
             converted = EncoderDecoder(config, *tokens, output_projection=projection)
             _detach_unowned(converted.encoder, enc)
@@ -218,8 +258,10 @@ def from_torchscale(module: nn.Module) -> nn.Module:
             else:
                 is_encdec = bool(len(module.layers)) and module.layers[0].encoder_attn is not None
                 if is_encdec and not hasattr(module.args, "encoder_layers"):
-                    raise ValueError("a torchscale Decoder with cross-attention needs an "
-                                     "EncoderDecoderConfig (encoder_layers sets its init)")
+                    raise ValueError(
+                        "a torchscale Decoder with cross-attention needs an "
+                        "EncoderDecoderConfig (encoder_layers sets its init)"
+                    )
             kind = "encoder_decoder" if is_encdec else ("encoder" if is_encoder else "decoder")
             config = config_from_torchscale(module.args, kind)
             tokens = _embedding_from_torchscale(module.embed_tokens, embedding_mod, memo)
@@ -230,8 +272,10 @@ def from_torchscale(module: nn.Module) -> nn.Module:
             _detach_unowned(converted, module)
             _check_alphas(module, converted)
         else:
-            raise ValueError("module must be a torchscale Encoder, Decoder or EncoderDecoder (or "
-                             f"a BEiT3), got {type(module).__module__}.{type(module).__name__}")
+            raise ValueError(
+                "module must be a torchscale Encoder, Decoder or EncoderDecoder (or "
+                f"a BEiT3), got {type(module).__module__}.{type(module).__name__}"
+            )
     return _take_over(converted, module, module.state_dict())
 
 
@@ -239,9 +283,13 @@ def from_torchscale(module: nn.Module) -> nn.Module:
 # magneto -> torchscale
 
 # packed magneto name -> the suffix of torchscale's q_proj/k_proj/v_proj names
-_PACKED = {"in_proj_weight": ".weight", "in_proj_bias": ".bias",
-           **{f"in_proj.{part}.{kind}": f".{part}.{kind}"
-              for part in PARTS for kind in ("weight", "bias")}}
+_PACKED = {
+    "in_proj_weight": ".weight",
+    "in_proj_bias": ".bias",
+    **{
+        f"in_proj.{part}.{kind}": f".{part}.{kind}" for part in PARTS for kind in ("weight", "bias")
+    },
+}
 
 
 def to_torchscale_state_dict(state_dict: dict) -> dict:
@@ -273,31 +321,47 @@ def torchscale_args(config: MagnetoConfig, kind: str, no_output_layer: bool = Fa
     activation = config.canonical_activation
     common = dict(
         activation_fn="swish" if activation == "silu" else activation,
-        dropout=config.dropout, attention_dropout=config.attention_dropout,
-        activation_dropout=config.activation_dropout, drop_path_rate=config.drop_path,
-        no_scale_embedding=not config.scale_embedding, layernorm_eps=config.eps,
-        deepnorm=config.norm_scheme == "deepnorm", subln=config.norm_scheme == "subln",
+        dropout=config.dropout,
+        attention_dropout=config.attention_dropout,
+        activation_dropout=config.activation_dropout,
+        drop_path_rate=config.drop_path,
+        no_scale_embedding=not config.scale_embedding,
+        layernorm_eps=config.eps,
+        deepnorm=config.norm_scheme == "deepnorm",
+        subln=config.norm_scheme == "subln",
         vocab_size=config.vocab_size,
         no_output_layer=no_output_layer or not config.output_projection,
-        checkpoint_activations=config.checkpoint_activations)
+        checkpoint_activations=config.checkpoint_activations,
+    )
     sides = {}
     for side in ("encoder", "decoder"):
-        sides.update({f"{side}_embed_dim": config.embed_dim,
-                      f"{side}_attention_heads": config.num_heads,
-                      f"{side}_ffn_embed_dim": config.ffn_dim,
-                      f"{side}_layers": getattr(config, f"{side}_layers"),
-                      f"{side}_normalize_before": before})
+        sides.update(
+            {
+                f"{side}_embed_dim": config.embed_dim,
+                f"{side}_attention_heads": config.num_heads,
+                f"{side}_ffn_embed_dim": config.ffn_dim,
+                f"{side}_layers": getattr(config, f"{side}_layers"),
+                f"{side}_normalize_before": before,
+            }
+        )
     if kind == "encoder":
         keep = {k: v for k, v in sides.items() if k.startswith("encoder")}
-        return ts_config.EncoderConfig(**common, **keep, normalize_output=config.normalize_output,
-                                       max_source_positions=config.max_positions)
+        return ts_config.EncoderConfig(
+            **common,
+            **keep,
+            normalize_output=config.normalize_output,
+            max_source_positions=config.max_positions,
+        )
     if kind == "decoder":
         keep = {k: v for k, v in sides.items() if k.startswith("decoder")}
         return ts_config.DecoderConfig(**common, **keep, max_target_positions=config.max_positions)
-    return ts_config.EncoderDecoderConfig(**common, **sides,
-                                          normalize_output=config.normalize_output,
-                                          max_source_positions=config.max_positions,
-                                          max_target_positions=config.max_positions)
+    return ts_config.EncoderDecoderConfig(
+        **common,
+        **sides,
+        normalize_output=config.normalize_output,
+        max_source_positions=config.max_positions,
+        max_target_positions=config.max_positions,
+    )
 
 
 def _embedding_to_torchscale(module: Optional[nn.Module], embedding_mod, memo: dict):
@@ -306,8 +370,11 @@ def _embedding_to_torchscale(module: Optional[nn.Module], embedding_mod, memo: d
     if id(module) in memo:
         return memo[id(module)]
     if type(module) in (TokenEmbedding, LearnedPositionalEmbedding):
-        cls = (embedding_mod.PositionalEmbedding if isinstance(module, LearnedPositionalEmbedding)
-               else embedding_mod.TextEmbedding)
+        cls = (
+            embedding_mod.PositionalEmbedding
+            if isinstance(module, LearnedPositionalEmbedding)
+            else embedding_mod.TextEmbedding
+        )
         converted = cls(module.num_embeddings, module.embedding_dim, padding_idx=module.padding_idx)
     else:
         converted = copy.deepcopy(module)
@@ -324,8 +391,10 @@ def to_torchscale(module: nn.Module) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         if isinstance(module, BEiT3):
             if module.text_embed.padding_idx is not None:
-                raise ValueError(f"padding_idx={module.text_embed.padding_idx}: torchscale's "
-                                 "BEiT3 text embedding has no padding row")
+                raise ValueError(
+                    f"padding_idx={module.text_embed.padding_idx}: torchscale's "
+                    "BEiT3 text embedding has no padding row"
+                )
             no_output_layer = module.encoder.output_projection is None
             args = torchscale_args(config, "encoder", no_output_layer=no_output_layer)
             vision = module.vision_embed
@@ -336,9 +405,15 @@ def to_torchscale(module: nn.Module) -> nn.Module:
             converted = _beit3_class()(args)
         elif isinstance(module, EncoderDecoder):
             enc, dec = module.encoder, module.decoder
-            embeds = [_embedding_to_torchscale(m, embedding_mod, memo)
-                      for m in (enc.embed_tokens, enc.embed_positions, dec.embed_tokens,
-                                dec.embed_positions)]
+            embeds = [
+                _embedding_to_torchscale(m, embedding_mod, memo)
+                for m in (
+                    enc.embed_tokens,
+                    enc.embed_positions,
+                    dec.embed_tokens,
+                    dec.embed_positions,
+                )
+            ]
             projection = _copy_projection(dec.output_projection, dec.embed_tokens, embeds[2])
             args = torchscale_args(config, "encoder_decoder", no_output_layer=projection is None)
             converted = ts_encdec.EncoderDecoder(args, *embeds, output_projection=projection)
@@ -347,12 +422,16 @@ def to_torchscale(module: nn.Module) -> nn.Module:
             tokens = _embedding_to_torchscale(module.embed_tokens, embedding_mod, memo)
             positions = _embedding_to_torchscale(module.embed_positions, embedding_mod, memo)
             projection = _copy_projection(module.output_projection, module.embed_tokens, tokens)
-            args = torchscale_args(config, "encoder" if is_encoder else "decoder",
-                                   no_output_layer=projection is None)
+            args = torchscale_args(
+                config, "encoder" if is_encoder else "decoder", no_output_layer=projection is None
+            )
             cls = ts_encoder.Encoder if is_encoder else ts_decoder.Decoder
-            converted = cls(args, tokens, positions, projection,
-                            is_encoder_decoder=module.is_encoder_decoder)
+            converted = cls(
+                args, tokens, positions, projection, is_encoder_decoder=module.is_encoder_decoder
+            )
         else:
-            raise ValueError("module must be a magneto Encoder, Decoder or EncoderDecoder (or a "
-                             f"BEiT3), got {type(module).__name__}")
+            raise ValueError(
+                "module must be a magneto Encoder, Decoder or EncoderDecoder (or a "
+                f"BEiT3), got {type(module).__name__}"
+            )
     return _take_over(converted, module, to_torchscale_state_dict(module.state_dict()))

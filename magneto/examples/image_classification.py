@@ -8,6 +8,7 @@ A patch embedding with a class token, learned positions, a Sub-LN Magneto encode
 linear head on the class token (``magneto.VisionTransformer``) learn it in a few hundred
 steps on a CPU. Prints the training loss and the accuracy on held-out images.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,9 @@ def stripe_images(count: int, size: int, generator: torch.Generator) -> tuple:
     labels = torch.randint(0, len(CLASSES), (count,), generator=generator)
     coords = torch.arange(size, dtype=torch.float32)
     rows, cols = coords[:, None], coords[None, :]
-    directions = torch.stack([rows.expand(size, size), cols.expand(size, size),
-                              rows + cols, rows - cols])  # (classes, size, size)
+    directions = torch.stack(
+        [rows.expand(size, size), cols.expand(size, size), rows + cols, rows - cols]
+    )  # (classes, size, size)
     period = 3.0 + 5.0 * torch.rand(count, 1, 1, generator=generator)
     phase = 2 * math.pi * torch.rand(count, 1, 1, generator=generator)
     wave = torch.sin(2 * math.pi * directions[labels] / period + phase)  # (count, size, size)
@@ -37,8 +39,9 @@ def stripe_images(count: int, size: int, generator: torch.Generator) -> tuple:
 
 
 def main(argv=None) -> float:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--img-size", type=int, default=32)
@@ -53,11 +56,16 @@ def main(argv=None) -> float:
 
     torch.manual_seed(args.seed)
     data = torch.Generator().manual_seed(args.seed + 1)
-    config = magneto.vision_encoder_config(embed_dim=args.width, num_heads=args.heads,
-                                           ffn_dim=4 * args.width, layers=args.layers,
-                                           backend=args.backend)
-    model = magneto.VisionTransformer(config, num_classes=len(CLASSES), img_size=args.img_size,
-                                      patch_size=args.patch_size)
+    config = magneto.vision_encoder_config(
+        embed_dim=args.width,
+        num_heads=args.heads,
+        ffn_dim=4 * args.width,
+        layers=args.layers,
+        backend=args.backend,
+    )
+    model = magneto.VisionTransformer(
+        config, num_classes=len(CLASSES), img_size=args.img_size, patch_size=args.patch_size
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     for step in range(1, args.steps + 1):
         images, labels = stripe_images(args.batch_size, args.img_size, data)
@@ -71,8 +79,9 @@ def main(argv=None) -> float:
     images, labels = stripe_images(512, args.img_size, torch.Generator().manual_seed(10**6))
     with torch.no_grad():
         accuracy = (model(images).argmax(-1) == labels).float().mean().item()
-    print(f"held-out accuracy {accuracy:.3f} ({len(CLASSES)} classes, chance "
-          f"{1 / len(CLASSES):.2f})")
+    print(
+        f"held-out accuracy {accuracy:.3f} ({len(CLASSES)} classes, chance {1 / len(CLASSES):.2f})"
+    )
     return accuracy
 
 

@@ -17,6 +17,7 @@ hits all alike):
 
 Prints the median time of each and its ratio to ``plain``'s median.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,22 +47,32 @@ def main(argv=None) -> None:
     parser.add_argument("--split", type=int, default=197, help="image tokens (BEiT-3: 196 + 1)")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--backend", default=None, help="magneto_kernels backend (default: auto)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads; 1 on a loaded machine, where a parallel op waits "
-                             "for its threads to be scheduled, a cost per call, not per row")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads; 1 on a loaded machine, where a parallel op waits "
+        "for its threads to be scheduled, a cost per call, not per row",
+    )
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
-    config = magneto.MagnetoConfig(embed_dim=args.dim, num_heads=args.heads,
-                                   ffn_dim=4 * args.dim, encoder_layers=12,
-                                   backend=args.backend)
+    config = magneto.MagnetoConfig(
+        embed_dim=args.dim,
+        num_heads=args.heads,
+        ffn_dim=4 * args.dim,
+        encoder_layers=12,
+        backend=args.backend,
+    )
     plain = magneto.EncoderLayer(config).train()
     multiway = magneto.EncoderLayer(config.replace(multiway=True)).train()
     x = torch.randn(args.batch, args.length, args.dim, requires_grad=True)
-    parts = [x[:, :args.split].detach().clone().requires_grad_(),
-             x[:, args.split:].detach().clone().requires_grad_()]
+    parts = [
+        x[:, : args.split].detach().clone().requires_grad_(),
+        x[:, args.split :].detach().clone().requires_grad_(),
+    ]
     variants = {
         "plain": (lambda: plain(x)[0], [x]),
         "single": (lambda: multiway(x, multiway_split_position=-1)[0], [x]),
@@ -69,25 +80,29 @@ def main(argv=None) -> None:
         "split": (lambda: multiway(x, multiway_split_position=args.split)[0], [x]),
     }
     times = {name: [] for name in variants}
-    for name, (run, inputs) in variants.items():  # warm-up
+    for run, inputs in variants.values():  # warm-up
         _step(run, inputs)
     names = list(variants)
     for round_ in range(args.rounds):
         # rotate the order, so no variant always runs right after the same other one
-        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
             run, inputs = variants[name]
             start = time.perf_counter()
             _step(run, inputs)
             times[name].append(time.perf_counter() - start)
     load = os.getloadavg()
-    print(f"d={args.dim} heads={args.heads} batch={args.batch} length={args.length} "
-          f"split={args.split} rounds={args.rounds} threads={torch.get_num_threads()} "
-          f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print(
+        f"d={args.dim} heads={args.heads} batch={args.batch} length={args.length} "
+        f"split={args.split} rounds={args.rounds} threads={torch.get_num_threads()} "
+        f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+    )
     base = statistics.median(times["plain"])
     for name, samples in times.items():
         median = statistics.median(samples)
-        print(f"{name:>7}: median {median * 1e3:8.2f} ms  ratio {median / base:.3f}  "
-              f"(min {min(samples) * 1e3:.2f} ms)")
+        print(
+            f"{name:>7}: median {median * 1e3:8.2f} ms  ratio {median / base:.3f}  "
+            f"(min {min(samples) * 1e3:.2f} ms)"
+        )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ four classes), over noise, padded to the longest utterance of the batch. The fro
 comes from the lengths, a Sub-LN Magneto encoder runs over the frames, and a linear head reads
 the mean of the valid frames. Prints the training loss and the held-out accuracy.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,11 +32,12 @@ def utterances(count: int, bins: int, max_frames: int, generator: torch.Generato
     for i in range(count):
         t = torch.arange(int(lengths[i]))
         frac = t / max(int(lengths[i]) - 1, 1)
-        offset = {0: frac * bins / 4, 1: -frac * bins / 4, 2: 0 * frac,
-                  3: (t // 8 % 2) * bins / 4}[int(labels[i])]
+        offset = {0: frac * bins / 4, 1: -frac * bins / 4, 2: 0 * frac, 3: (t // 8 % 2) * bins / 4}[
+            int(labels[i])
+        ]
         band = (start[i] + offset).long().clamp(0, bins - 1)
         features[i, t, band] += 3.0
-        features[i, int(lengths[i]):] = 0.0  # padding
+        features[i, int(lengths[i]) :] = 0.0  # padding
     return features, lengths, labels
 
 
@@ -53,8 +55,9 @@ class Classifier(nn.Module):
 
 
 def main(argv=None) -> float:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--bins", type=int, default=40, help="filterbank features per frame")
@@ -69,11 +72,17 @@ def main(argv=None) -> float:
 
     torch.manual_seed(args.seed)
     data = torch.Generator().manual_seed(args.seed + 1)
-    config = magneto.speech_encoder_config(embed_dim=args.width, num_heads=args.heads,
-                                           ffn_dim=4 * args.width, layers=args.layers,
-                                           max_positions=args.max_frames, backend=args.backend)
-    model = Classifier(magneto.SpeechEncoder(config, in_features=args.bins, channels=32),
-                       len(CLASSES))
+    config = magneto.speech_encoder_config(
+        embed_dim=args.width,
+        num_heads=args.heads,
+        ffn_dim=4 * args.width,
+        layers=args.layers,
+        max_positions=args.max_frames,
+        backend=args.backend,
+    )
+    model = Classifier(
+        magneto.SpeechEncoder(config, in_features=args.bins, channels=32), len(CLASSES)
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     for step in range(1, args.steps + 1):
         features, lengths, labels = utterances(args.batch_size, args.bins, args.max_frames, data)
@@ -84,12 +93,14 @@ def main(argv=None) -> float:
         if step % max(args.steps // 10, 1) == 0 or step == 1:
             print(f"step {step:5d}  loss {loss.item():.4f}")
     model.eval()
-    features, lengths, labels = utterances(256, args.bins, args.max_frames,
-                                           torch.Generator().manual_seed(10**6))
+    features, lengths, labels = utterances(
+        256, args.bins, args.max_frames, torch.Generator().manual_seed(10**6)
+    )
     with torch.no_grad():
         accuracy = (model(features, lengths).argmax(-1) == labels).float().mean().item()
-    print(f"held-out accuracy {accuracy:.3f} ({len(CLASSES)} classes, chance "
-          f"{1 / len(CLASSES):.2f})")
+    print(
+        f"held-out accuracy {accuracy:.3f} ({len(CLASSES)} classes, chance {1 / len(CLASSES):.2f})"
+    )
     return accuracy
 
 

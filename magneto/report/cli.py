@@ -1,4 +1,5 @@
 """``python -m magneto.report``: parse the flags, run the sections, write md, json and png."""
+
 from __future__ import annotations
 
 import argparse
@@ -20,12 +21,17 @@ from magneto.report.models import import_torchscale
 SECTIONS = ("parity", "models", "memory", "ops", "layers", "decode", "compile")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Default sizes per device: the sizes the speed goals are stated at, and --quick's tiny ones.
-SIZES = {"cpu": speed.Sizes(d=768, heads=12, ffn=3072, batch=4, tokens=256,
-                            decode_rows=(1, 8, 64), context=256),
-         "cuda": speed.Sizes(d=2048, heads=16, ffn=8192, batch=4, tokens=2048,
-                             decode_rows=(1, 8, 64), context=2048),
-         "quick": speed.Sizes(d=64, heads=4, ffn=128, batch=2, tokens=16, decode_rows=(1, 4),
-                              context=16)}
+SIZES = {
+    "cpu": speed.Sizes(
+        d=768, heads=12, ffn=3072, batch=4, tokens=256, decode_rows=(1, 8, 64), context=256
+    ),
+    "cuda": speed.Sizes(
+        d=2048, heads=16, ffn=8192, batch=4, tokens=2048, decode_rows=(1, 8, 64), context=2048
+    ),
+    "quick": speed.Sizes(
+        d=64, heads=4, ffn=128, batch=2, tokens=16, decode_rows=(1, 4), context=16
+    ),
+}
 ROUNDS = {"cpu": 15, "cuda": 10, "quick": 3}
 # Parity sizes: rows, in_features, out_features; the Triton interpreter gets the tiny ones.
 PARITY_SHAPE = (128, 256, 384)
@@ -36,38 +42,76 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m magneto.report",
         description="Parity and speed of magneto's kernels and layers on this machine: writes "
-                    "report-<device>-<date>.{md,json,png}.")
-    p.add_argument("--device", choices=("cpu", "cuda"),
-                   default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=tuple(DTYPES),
-                   help="dtype of the speed and memory sections (default: float32 on cpu, "
-                        "bfloat16 on cuda); parity always covers float32 and bfloat16")
-    p.add_argument("--backends", nargs="+", metavar="BACKEND",
-                   help="fused backends to check and time (default: every one available on the "
-                        "device; triton on CPU, under TRITON_INTERPRET=1, is checked in parity "
-                        "at tiny sizes and never timed)")
-    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
-                   metavar="SECTION", help=f"sections to run, of {', '.join(SECTIONS)} "
-                   "(compile: torch.compile comparators in ops, layers and decode)")
-    p.add_argument("--skip", nargs="+", choices=SECTIONS, default=[], metavar="SECTION",
-                   help="sections to leave out")
-    p.add_argument("--quick", action="store_true",
-                   help=f"tiny sizes and {ROUNDS['quick']} rounds: checks the report, "
-                        "the numbers mean little")
-    for name, what in (("d", "model width"), ("heads", "attention heads"),
-                       ("ffn", "FFN width"), ("batch", "sequences at training size"),
-                       ("tokens", "tokens per sequence at training size"),
-                       ("context", "cached tokens per sequence when decoding")):
+        "report-<device>-<date>.{md,json,png}.",
+    )
+    p.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        help="dtype of the speed and memory sections (default: float32 on cpu, "
+        "bfloat16 on cuda); parity always covers float32 and bfloat16",
+    )
+    p.add_argument(
+        "--backends",
+        nargs="+",
+        metavar="BACKEND",
+        help="fused backends to check and time (default: every one available on the "
+        "device; triton on CPU, under TRITON_INTERPRET=1, is checked in parity "
+        "at tiny sizes and never timed)",
+    )
+    p.add_argument(
+        "--sections",
+        nargs="+",
+        choices=SECTIONS,
+        default=list(SECTIONS),
+        metavar="SECTION",
+        help=f"sections to run, of {', '.join(SECTIONS)} "
+        "(compile: torch.compile comparators in ops, layers and decode)",
+    )
+    p.add_argument(
+        "--skip",
+        nargs="+",
+        choices=SECTIONS,
+        default=[],
+        metavar="SECTION",
+        help="sections to leave out",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"tiny sizes and {ROUNDS['quick']} rounds: checks the report, the numbers mean little",
+    )
+    for name, what in (
+        ("d", "model width"),
+        ("heads", "attention heads"),
+        ("ffn", "FFN width"),
+        ("batch", "sequences at training size"),
+        ("tokens", "tokens per sequence at training size"),
+        ("context", "cached tokens per sequence when decoding"),
+    ):
         p.add_argument(f"--{name}", type=int, help=what)
-    p.add_argument("--decode-rows", type=int, nargs="+", metavar="ROWS",
-                   help="rows (sequences, one new token each) of the decoding cases")
+    p.add_argument(
+        "--decode-rows",
+        type=int,
+        nargs="+",
+        metavar="ROWS",
+        help="rows (sequences, one new token each) of the decoding cases",
+    )
     p.add_argument("--rounds", type=int, help="interleaved rounds per case")
-    p.add_argument("--threads", type=int,
-                   help="torch threads (default: torch's); with 1 the clock is the process's "
-                        "CPU time, which other processes' load does not inflate (shared "
-                        "machines), with more it is wall time")
-    p.add_argument("--out-dir", default=os.path.join("bench", "results"),
-                   help="where the md, json and png go (default: bench/results)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads (default: torch's); with 1 the clock is the process's "
+        "CPU time, which other processes' load does not inflate (shared "
+        "machines), with more it is wall time",
+    )
+    p.add_argument(
+        "--out-dir",
+        default=os.path.join("bench", "results"),
+        help="where the md, json and png go (default: bench/results)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -76,7 +120,7 @@ def parser() -> argparse.ArgumentParser:
 class Plan:
     device: str
     dtype: torch.dtype
-    backends: list[str]         # timed (subjects)
+    backends: list[str]  # timed (subjects)
     parity_backends: list[str]  # reference first, then the fused ones, interpreter included
     sections: list[str]
     sizes: speed.Sizes
@@ -98,8 +142,10 @@ def plan(args: argparse.Namespace, error) -> Plan:
         if b not in available:
             error(f"--backends: unknown backend {b!r}; choose from {tuple(available)}")
         if b == "reference":
-            error("--backends: 'reference' is the eager comparator, in every section; name "
-                  "fused backends only")
+            error(
+                "--backends: 'reference' is the eager comparator, in every section; name "
+                "fused backends only"
+            )
         if available[b] is not None:
             error(f"--backends: {b!r} cannot run on {device}: {available[b]}")
     backends = [b for b in named if b in timeable]
@@ -109,20 +155,29 @@ def plan(args: argparse.Namespace, error) -> Plan:
         error("--sections/--skip: nothing left to run")
     timed = {"ops", "layers", "decode"} & set(sections)
     if timed and not backends:
-        error(f"sections {sorted(timed)} need a fused backend to time on {device}, got "
-              f"{named or 'none available'} (the Triton interpreter is checked in parity only, "
-              "never timed)")
+        error(
+            f"sections {sorted(timed)} need a fused backend to time on {device}, got "
+            f"{named or 'none available'} (the Triton interpreter is checked in parity only, "
+            "never timed)"
+        )
     needs_torchscale = sorted({"models", "memory", "layers", "decode"} & set(sections))
     if needs_torchscale:
         try:
             import_torchscale()
         except ImportError as err:
-            error(f"sections {needs_torchscale} compare with torchscale: {err}; or leave them "
-                  f"out with --skip {' '.join(needs_torchscale)}")
+            error(
+                f"sections {needs_torchscale} compare with torchscale: {err}; or leave them "
+                f"out with --skip {' '.join(needs_torchscale)}"
+            )
     base = SIZES["quick" if args.quick else device]
-    sizes = dataclasses.replace(base, **{k: getattr(args, k) for k in
-                                         ("d", "heads", "ffn", "batch", "tokens", "context")
-                                         if getattr(args, k) is not None})
+    sizes = dataclasses.replace(
+        base,
+        **{
+            k: getattr(args, k)
+            for k in ("d", "heads", "ffn", "batch", "tokens", "context")
+            if getattr(args, k) is not None
+        },
+    )
     if args.decode_rows is not None:
         sizes.decode_rows = tuple(args.decode_rows)
     for name in ("d", "heads", "ffn", "batch", "tokens", "context"):
@@ -132,8 +187,7 @@ def plan(args: argparse.Namespace, error) -> Plan:
         error(f"--decode-rows must all be >= 1, got {list(sizes.decode_rows)}")
     if sizes.d % sizes.heads:
         error(f"--d ({sizes.d}) must be divisible by --heads ({sizes.heads})")
-    rounds = args.rounds if args.rounds is not None else ROUNDS["quick" if args.quick
-                                                                else device]
+    rounds = args.rounds if args.rounds is not None else ROUNDS["quick" if args.quick else device]
     if rounds < 1:
         error(f"--rounds must be >= 1, got {rounds}")
     if args.threads is not None and args.threads < 1:
@@ -161,8 +215,9 @@ def run(p: Plan, command: str, progress: bool = True) -> dict:
 
     started = time.perf_counter()
     timer = harness.gpu_timer() if p.device == "cuda" else harness.cpu_timer()
-    settings = speed.Settings(p.device, p.dtype, p.backends, "compile" in p.sections, p.rounds,
-                              timer)
+    settings = speed.Settings(
+        p.device, p.dtype, p.backends, "compile" in p.sections, p.rounds, timer
+    )
     report = {"command": command, "machine": harness.machine_info(p.device)}
     bar = tqdm(total=_ticks(p), disable=not progress, unit="step", file=sys.stderr)
     tick = bar.update
@@ -172,37 +227,42 @@ def run(p: Plan, command: str, progress: bool = True) -> dict:
         for backend in p.parity_backends:
             interpreted = backend == "triton" and p.device == "cpu"
             shape = TINY_PARITY_SHAPE if interpreted or p.quick else PARITY_SHAPE
-            rows += parity.op_parity([backend], [torch.float32, torch.bfloat16], p.device,
-                                     *shape, tick=tick)
+            rows += parity.op_parity(
+                [backend], [torch.float32, torch.bfloat16], p.device, *shape, tick=tick
+            )
         report["parity_ops"] = rows
     if "models" in p.sections:
         bar.set_description("parity: models vs torchscale")
         interpreted = {"triton"} if p.device == "cpu" else set()
-        report["parity_models"] = parity.model_parity(p.parity_backends, p.device,
-                                                      subln_only=interpreted, tick=tick)
+        report["parity_models"] = parity.model_parity(
+            p.parity_backends, p.device, subln_only=interpreted, tick=tick
+        )
     if "memory" in p.sections:
         bar.set_description("memory")
         sz = p.sizes
-        report["memory"] = memory.saved_per_token(p.backends, sz.d, sz.heads, sz.ffn,
-                                                  sz.batch, sz.tokens, p.device, p.dtype,
-                                                  tick=tick)
+        report["memory"] = memory.saved_per_token(
+            p.backends, sz.d, sz.heads, sz.ffn, sz.batch, sz.tokens, p.device, p.dtype, tick=tick
+        )
     report["speed"] = []
-    builders = {"ops": speed.op_cases, "layers": speed.layer_cases,
-                "decode": speed.decode_cases}
+    builders = {"ops": speed.op_cases, "layers": speed.layer_cases, "decode": speed.decode_cases}
     for section, build in builders.items():
         if section not in p.sections:
             continue
-        bar.set_description(f"{section}: building" + (" and compiling" if settings.compile
-                                                       else ""))
+        bar.set_description(f"{section}: building" + (" and compiling" if settings.compile else ""))
         for case in build(p.sizes, settings):
             bar.set_description(f"{section}: {case.name} {case.pass_}")
             report["speed"].append(speed.measure(case, settings, tick=tick))
     bar.close()
     report["settings"] = {
-        "device": p.device, "dtype": str(p.dtype).replace("torch.", ""),
-        "backends": p.backends, "parity_backends": p.parity_backends,
-        "sections": p.sections, "sizes": dataclasses.asdict(p.sizes), "rounds": p.rounds,
-        "clock": timer.clock, "comparators_missing": settings.comparators_missing,
+        "device": p.device,
+        "dtype": str(p.dtype).replace("torch.", ""),
+        "backends": p.backends,
+        "parity_backends": p.parity_backends,
+        "sections": p.sections,
+        "sizes": dataclasses.asdict(p.sizes),
+        "rounds": p.rounds,
+        "clock": timer.clock,
+        "comparators_missing": settings.comparators_missing,
     }
     report["runtime_s"] = time.perf_counter() - started
     report["goals"] = render.goals(report)

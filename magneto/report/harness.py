@@ -16,6 +16,7 @@ wherever it is printed:
   min–max over rounds (``ratio_stats``): a ratio measured side by side survives a machine
   that is uniformly slowed down, an absolute time does not.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,16 +51,19 @@ def gpu_timer(warmup_ms: float = 5.0, rep_ms: float = 20.0) -> Timer:
     import triton.testing
 
     def timer(fn: Callable[[], object]) -> float:
-        return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms,
-                                       return_mode="median") / 1e3
+        return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median") / 1e3
 
     timer.clock = f"triton.testing.do_bench median ({rep_ms:g} ms per measurement)"
     return timer
 
 
-def interleaved(variants: dict[str, Callable[[], object]], rounds: int, timer: Timer,
-                warmup: int = 2, tick: Callable[[], None] = lambda: None
-                ) -> dict[str, list[float]]:
+def interleaved(
+    variants: dict[str, Callable[[], object]],
+    rounds: int,
+    timer: Timer,
+    warmup: int = 2,
+    tick: Callable[[], None] = lambda: None,
+) -> dict[str, list[float]]:
     """Seconds of each variant per round: ``rounds`` measurements each, one of every variant per
     round, the order rotated by one each round, after ``warmup`` untimed calls of each.
     ``tick()`` is called once per round (a progress bar)."""
@@ -104,8 +108,7 @@ def ratio_stats(num: Sequence[float], den: Sequence[float]) -> RatioStats:
 
 def time_stats(seconds: Sequence[float]) -> dict:
     """Median and min–max of one variant's per-round seconds."""
-    return {"median_s": statistics.median(seconds), "min_s": min(seconds),
-            "max_s": max(seconds)}
+    return {"median_s": statistics.median(seconds), "min_s": min(seconds), "max_s": max(seconds)}
 
 
 def cpu_model() -> str:
@@ -132,11 +135,13 @@ def machine_info(device: str) -> dict:
     }
     try:
         import triton
+
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = None
     try:
         from magneto_kernels import _C
+
         info["kernel_isa"] = _C.cpu_capability()
         info["cpu_gemm_engine"] = _C.cpu_gemm_engine()
     except ImportError:
@@ -151,6 +156,7 @@ def machine_info(device: str) -> dict:
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]:
     """Lines of a markdown table; floats with 3 significant decimals, None as an em dash."""
+
     def cell(v: object) -> str:
         if v is None:
             return "—"

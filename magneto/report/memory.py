@@ -4,6 +4,7 @@ Every distinct storage autograd saves is counted once, parameters and the input 
 (``magneto.profiling.saved_tensor_bytes``; docs/design.md, Memory accounting). Also given in
 d-vectors (``d`` elements of the layer's dtype) per token.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -14,9 +15,17 @@ from magneto.profiling import saved_tensor_bytes
 from magneto.report.models import layer_call, twins
 
 
-def saved_per_token(backends: list[str], d: int, heads: int, ffn: int, batch: int, tokens: int,
-                    device: str, dtype: torch.dtype, tick: Callable[[], None] = lambda: None
-                    ) -> list[dict]:
+def saved_per_token(
+    backends: list[str],
+    d: int,
+    heads: int,
+    ffn: int,
+    batch: int,
+    tokens: int,
+    device: str,
+    dtype: torch.dtype,
+    tick: Callable[[], None] = lambda: None,
+) -> list[dict]:
     rows = []
     for kind in ("encoder", "decoder"):
         theirs, ours = twins(kind, d, heads, ffn, [*backends, "reference"], device, dtype)
@@ -28,9 +37,16 @@ def saved_per_token(backends: list[str], d: int, heads: int, ffn: int, batch: in
             x = torch.randn(batch, tokens, d, device=device, dtype=dtype, requires_grad=True)
             nbytes, _ = saved_tensor_bytes(
                 lambda layer=layer, kind=kind, x=x, is_ts=is_ts: layer_call(layer, kind, x, is_ts),
-                exclude=[*layer.parameters(), x])
+                exclude=[*layer.parameters(), x],
+            )
             per_token = nbytes / (batch * tokens)
-            rows.append({"layer": kind, "model": name, "bytes_per_token": per_token,
-                         "d_vectors_per_token": per_token / (d * x.element_size())})
+            rows.append(
+                {
+                    "layer": kind,
+                    "model": name,
+                    "bytes_per_token": per_token,
+                    "d_vectors_per_token": per_token / (d * x.element_size()),
+                }
+            )
             tick()
     return rows

@@ -3,6 +3,7 @@
 torchscale imports one function from timm (``timm.models.layers.drop_path``); where timm is not
 installed the project's labelled stand-in is put on ``sys.path`` first.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -17,6 +18,7 @@ import magneto_kernels
 from magneto.compat import timm_standin
 from magneto.compat.torchscale import from_torchscale
 
+
 def import_torchscale():
     """torchscale's architecture modules; ImportError (with how to install it) when missing."""
     timm_standin.use_if_missing()
@@ -24,9 +26,10 @@ def import_torchscale():
         from torchscale.architecture import config, decoder, encoder, encoder_decoder
         from torchscale.component import embedding
     except ImportError as err:
-        raise ImportError(f"torchscale 0.3.0 is not importable ({err}); install it with `pip "
-                          "install fairscale==0.4.0 && pip install --no-deps torchscale==0.3.0`"
-                          ) from err
+        raise ImportError(
+            f"torchscale 0.3.0 is not importable ({err}); install it with `pip "
+            "install fairscale==0.4.0 && pip install --no-deps torchscale==0.3.0`"
+        ) from err
     return config, encoder, decoder, encoder_decoder, embedding
 
 
@@ -45,8 +48,9 @@ def default_backend(backend: str):
             os.environ[magneto_kernels.ENV_VAR] = old
 
 
-def torchscale_stack(kind: str, d: int, heads: int, ffn: int, layers: int = 1,
-                     vocab: int = 0) -> nn.Module:
+def torchscale_stack(
+    kind: str, d: int, heads: int, ffn: int, layers: int = 1, vocab: int = 0
+) -> nn.Module:
     """torchscale's Sub-LN ``Encoder`` or decoder-only ``Decoder``, no output projection; with
     ``vocab > 0`` token and position embeddings of their own."""
     config, encoder, decoder, _, embedding = import_torchscale()
@@ -56,15 +60,18 @@ def torchscale_stack(kind: str, d: int, heads: int, ffn: int, layers: int = 1,
     args.update(subln=True, no_output_layer=vocab == 0, vocab_size=vocab)
     embeds = ()
     if vocab:
-        embeds = (embedding.TextEmbedding(vocab, d, padding_idx=1),
-                  embedding.PositionalEmbedding(1024, d))
+        embeds = (
+            embedding.TextEmbedding(vocab, d, padding_idx=1),
+            embedding.PositionalEmbedding(1024, d),
+        )
     if kind == "encoder":
         return encoder.Encoder(config.EncoderConfig(**args), *embeds)
     return decoder.Decoder(config.DecoderConfig(**args), *embeds)
 
 
-def twins(kind: str, d: int, heads: int, ffn: int, backends: list[str], device: str,
-          dtype: torch.dtype) -> tuple[nn.Module, dict[str, nn.Module]]:
+def twins(
+    kind: str, d: int, heads: int, ffn: int, backends: list[str], device: str, dtype: torch.dtype
+) -> tuple[nn.Module, dict[str, nn.Module]]:
     """torchscale's one-layer stack and magneto's, one per backend, all with the same weights
     (torchscale's init, moved off it so that norms and biases are not trivial)."""
     torch.manual_seed(0)
@@ -82,8 +89,9 @@ def twins(kind: str, d: int, heads: int, ffn: int, backends: list[str], device: 
     return theirs.to(device=device, dtype=dtype), ours
 
 
-def layer_call(layer, kind: str, x: torch.Tensor, torchscale: bool,
-               incremental_state: Optional[dict] = None):
+def layer_call(
+    layer, kind: str, x: torch.Tensor, torchscale: bool, incremental_state: Optional[dict] = None
+):
     """One call of a stack's layer (or its compiled twin) as its own stack calls it: the
     decoder's self-attention causal (torchscale: its additive mask; magneto: SDPA's causal flag)
     except for a one-token decoding step."""
@@ -92,7 +100,8 @@ def layer_call(layer, kind: str, x: torch.Tensor, torchscale: bool,
     if incremental_state is not None:
         return layer(x, incremental_state=incremental_state)[0]
     if torchscale:
-        mask = torch.full((x.shape[1], x.shape[1]), float("-inf"), device=x.device,
-                          dtype=x.dtype).triu(1)
+        mask = torch.full(
+            (x.shape[1], x.shape[1]), float("-inf"), device=x.device, dtype=x.dtype
+        ).triu(1)
         return layer(x, self_attn_mask=mask)[0]
     return layer(x, self_attn_causal=True)[0]

@@ -7,6 +7,7 @@ being PyTorch's own result in the op's dtype (the reference backend): the rule o
 docs/design.md, Numerics and tolerances. Models compare outputs and parameter gradients with
 torchscale 0.3.0's, same weights, fp32, within ``MODEL_TOL``.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,9 +17,9 @@ import torch
 from torch import Tensor
 
 import magneto_kernels as mk
-from magneto_kernels.codes import RTOL
 from magneto.compat.torchscale import from_torchscale, to_torchscale_state_dict
 from magneto.report.models import default_backend, import_torchscale
+from magneto_kernels.codes import RTOL
 
 ATOL = 1e-6
 MODEL_TOL = 1e-5
@@ -38,38 +39,107 @@ def _op_cases(rows: int, cols: int, out_features: int) -> list[tuple[str, str, d
 
     x = randn(rows, cols, mean=1.0, std=2.0)  # non-zero-mean rows: the hard case for a norm
     norm = dict(weight=randn(cols, mean=1.0, std=0.2), bias=randn(cols, std=0.1))
-    linear = dict(ln_weight=norm["weight"], ln_bias=norm["bias"],
-                  weight=randn(out_features, cols, std=cols ** -0.5),
-                  bias=randn(out_features, std=0.1))
+    linear = dict(
+        ln_weight=norm["weight"],
+        ln_bias=norm["bias"],
+        weight=randn(out_features, cols, std=cols**-0.5),
+        bias=randn(out_features, std=0.1),
+    )
     wide = randn(rows, out_features)
     cases = [
-        ("layer_norm", "LayerNorm", dict(x=x, **norm),
-         lambda t, b: (mk.layer_norm(t["x"], t["weight"], t["bias"], backend=b),)),
-        ("layer_norm", "RMSNorm", dict(x=x, weight=norm["weight"]),
-         lambda t, b: (mk.layer_norm(t["x"], t["weight"], None, norm="rms", backend=b),)),
-        ("add_layer_norm", "alpha 0.7", dict(x=x, residual=randn(rows, cols), **norm),
-         lambda t, b: mk.add_layer_norm(t["x"], t["residual"], t["weight"], t["bias"],
-                                        alpha=0.7, backend=b)),
-        ("ln_linear", "LN, bias (q/k/v)", dict(x=x, **linear),
-         lambda t, b: (mk.ln_linear(t["x"], t["ln_weight"], t["ln_bias"], t["weight"],
-                                    t["bias"], backend=b),)),
-        ("ln_linear", "gelu (fc1)", dict(x=x, **linear),
-         lambda t, b: (mk.ln_linear(t["x"], t["ln_weight"], t["ln_bias"], t["weight"],
-                                    t["bias"], activation="gelu", backend=b),)),
-        ("ln_linear", "gelu input, residual (fc2)", dict(x=x, residual=wide, **linear),
-         lambda t, b: (mk.ln_linear(t["x"], t["ln_weight"], t["ln_bias"], t["weight"],
-                                    t["bias"], input_activation="gelu",
-                                    residual=t["residual"], alpha=1.3, backend=b),)),
-        ("ln_linear", "RMSNorm, residual, dropout 0.1",
-         dict(x=x, ln_weight=linear["ln_weight"], weight=linear["weight"], residual=wide),
-         lambda t, b: (mk.ln_linear(t["x"], t["ln_weight"], None, t["weight"], norm="rms",
-                                    residual=t["residual"], dropout_p=0.1, backend=b),)),
+        (
+            "layer_norm",
+            "LayerNorm",
+            dict(x=x, **norm),
+            lambda t, b: (mk.layer_norm(t["x"], t["weight"], t["bias"], backend=b),),
+        ),
+        (
+            "layer_norm",
+            "RMSNorm",
+            dict(x=x, weight=norm["weight"]),
+            lambda t, b: (mk.layer_norm(t["x"], t["weight"], None, norm="rms", backend=b),),
+        ),
+        (
+            "add_layer_norm",
+            "alpha 0.7",
+            dict(x=x, residual=randn(rows, cols), **norm),
+            lambda t, b: mk.add_layer_norm(
+                t["x"], t["residual"], t["weight"], t["bias"], alpha=0.7, backend=b
+            ),
+        ),
+        (
+            "ln_linear",
+            "LN, bias (q/k/v)",
+            dict(x=x, **linear),
+            lambda t, b: (
+                mk.ln_linear(
+                    t["x"], t["ln_weight"], t["ln_bias"], t["weight"], t["bias"], backend=b
+                ),
+            ),
+        ),
+        (
+            "ln_linear",
+            "gelu (fc1)",
+            dict(x=x, **linear),
+            lambda t, b: (
+                mk.ln_linear(
+                    t["x"],
+                    t["ln_weight"],
+                    t["ln_bias"],
+                    t["weight"],
+                    t["bias"],
+                    activation="gelu",
+                    backend=b,
+                ),
+            ),
+        ),
+        (
+            "ln_linear",
+            "gelu input, residual (fc2)",
+            dict(x=x, residual=wide, **linear),
+            lambda t, b: (
+                mk.ln_linear(
+                    t["x"],
+                    t["ln_weight"],
+                    t["ln_bias"],
+                    t["weight"],
+                    t["bias"],
+                    input_activation="gelu",
+                    residual=t["residual"],
+                    alpha=1.3,
+                    backend=b,
+                ),
+            ),
+        ),
+        (
+            "ln_linear",
+            "RMSNorm, residual, dropout 0.1",
+            dict(x=x, ln_weight=linear["ln_weight"], weight=linear["weight"], residual=wide),
+            lambda t, b: (
+                mk.ln_linear(
+                    t["x"],
+                    t["ln_weight"],
+                    None,
+                    t["weight"],
+                    norm="rms",
+                    residual=t["residual"],
+                    dropout_p=0.1,
+                    backend=b,
+                ),
+            ),
+        ),
     ]
     return cases
 
 
-def _run(call: Callable, inputs: dict, backend: str, dtype: torch.dtype, device: str,
-         grads_out: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+def _run(
+    call: Callable,
+    inputs: dict,
+    backend: str,
+    dtype: torch.dtype,
+    device: str,
+    grads_out: list[Tensor],
+) -> tuple[list[Tensor], list[Tensor]]:
     """Outputs and input gradients of ``call`` on copies of ``inputs`` in ``dtype``; the
     dropout seed is drawn from the same generator state every time (the same mask)."""
     leaves = {k: _leaf(v.to(device=device, dtype=dtype)) for k, v in inputs.items()}
@@ -92,9 +162,15 @@ def _worst(errors: list[dict]) -> dict:
     return dict(worst, ok=all(e["ok"] for e in errors))
 
 
-def op_parity(backends: list[str], dtypes: list[torch.dtype], device: str, rows: int,
-              cols: int, out_features: int, tick: Callable[[], None] = lambda: None
-              ) -> list[dict]:
+def op_parity(
+    backends: list[str],
+    dtypes: list[torch.dtype],
+    device: str,
+    rows: int,
+    cols: int,
+    out_features: int,
+    tick: Callable[[], None] = lambda: None,
+) -> list[dict]:
     """One row per (op case, dtype, backend): worst output and worst gradient error."""
     results = []
     for op, case, inputs, call in _op_cases(rows, cols, out_features):
@@ -107,13 +183,19 @@ def op_parity(backends: list[str], dtypes: list[torch.dtype], device: str, rows:
             for backend in backends:
                 outs, grads = _run(call, inputs, backend, dtype, device, grads_out)
                 rtol = RTOL[dtype]
-                results.append({
-                    "op": op, "case": case, "dtype": str(dtype).replace("torch.", ""),
-                    "backend": backend, "shape": [rows, cols, out_features],
-                    "output": _worst([_error(*t, rtol) for t in zip(outs, ref_out, same_out)]),
-                    "grads": _worst([_error(*t, rtol)
-                                     for t in zip(grads, ref_grads, same_grads)]),
-                })
+                results.append(
+                    {
+                        "op": op,
+                        "case": case,
+                        "dtype": str(dtype).replace("torch.", ""),
+                        "backend": backend,
+                        "shape": [rows, cols, out_features],
+                        "output": _worst([_error(*t, rtol) for t in zip(outs, ref_out, same_out)]),
+                        "grads": _worst(
+                            [_error(*t, rtol) for t in zip(grads, ref_grads, same_grads)]
+                        ),
+                    }
+                )
                 tick()
     return results
 
@@ -145,8 +227,13 @@ def _torchscale_model(kind: str, scheme: str, device: str):
     elif kind == "decoder":
         model = decoder.Decoder(config.DecoderConfig(**dec, **flags), text(), positions())
     else:
-        model = encoder_decoder.EncoderDecoder(config.EncoderDecoderConfig(**enc, **dec, **flags),
-                                               text(), positions(), text(), positions())
+        model = encoder_decoder.EncoderDecoder(
+            config.EncoderDecoderConfig(**enc, **dec, **flags),
+            text(),
+            positions(),
+            text(),
+            positions(),
+        )
     with torch.no_grad():  # move LayerNorms and biases off their init values
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -176,8 +263,12 @@ def _forward_backward(model, kind: str, inputs) -> tuple[Tensor, dict]:
     return main.detach(), {n: p.grad for n, p in model.named_parameters()}
 
 
-def model_parity(backends: list[str], device: str = "cpu", subln_only: Iterable[str] = (),
-                 tick: Callable[[], None] = lambda: None) -> list[dict]:
+def model_parity(
+    backends: list[str],
+    device: str = "cpu",
+    subln_only: Iterable[str] = (),
+    tick: Callable[[], None] = lambda: None,
+) -> list[dict]:
     """One row per (model, scheme, backend): output and worst parameter-gradient error against
     torchscale, plus token-by-token decoding with ``incremental_state`` for the decoder.
     Backends in ``subln_only`` (the Triton interpreter: minutes for every scheme) get the
@@ -196,12 +287,20 @@ def model_parity(backends: list[str], device: str = "cpu", subln_only: Iterable[
                     ours, ours_g = _forward_backward(ours_model, kind, inputs)
                 ours_g = to_torchscale_state_dict(ours_g)
                 # k_proj.bias has an exactly-zero gradient (softmax shift invariance): noise only.
-                grad_err = max(_rel(ours_g[n], g) for n, g in theirs_g.items()
-                               if not n.endswith("k_proj.bias"))
+                grad_err = max(
+                    _rel(ours_g[n], g) for n, g in theirs_g.items() if not n.endswith("k_proj.bias")
+                )
                 out_err = _rel(ours, theirs)
-                rows.append({"model": kind, "scheme": scheme, "backend": backend,
-                             "output_rel_err": out_err, "grad_rel_err": grad_err,
-                             "ok": max(out_err, grad_err) <= MODEL_TOL})
+                rows.append(
+                    {
+                        "model": kind,
+                        "scheme": scheme,
+                        "backend": backend,
+                        "output_rel_err": out_err,
+                        "grad_rel_err": grad_err,
+                        "ok": max(out_err, grad_err) <= MODEL_TOL,
+                    }
+                )
                 tick()
     theirs_model = _torchscale_model("decoder", "subln", device)
     for backend in backends:
@@ -219,5 +318,10 @@ def _decoding_parity(theirs_model, backend: str, device: str) -> dict:
             theirs = theirs_model(tokens[:, :t], incremental_state=states[0])[0]
             ours = ours_model(tokens[:, :t], incremental_state=states[1])[0]
             worst = max(worst, _rel(ours, theirs))
-    return {"model": "decoder, token by token (incremental_state)", "scheme": "subln",
-            "output_rel_err": worst, "grad_rel_err": None, "ok": worst <= MODEL_TOL}
+    return {
+        "model": "decoder, token by token (incremental_state)",
+        "scheme": "subln",
+        "output_rel_err": worst,
+        "grad_rel_err": None,
+        "ok": worst <= MODEL_TOL,
+    }

@@ -7,6 +7,7 @@ With ``--readme`` the block between ``<!-- report:<device>:start -->`` and
 ``<!-- report:<device>:end -->`` is replaced (the markers stay), so that the README shows the
 latest committed report of each device without a number typed by hand.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,52 +30,83 @@ def _worst_parity(rows: list[dict]) -> list[list]:
         cur[0] = max(cur[0], r["output"]["rel_err"])
         cur[1] = max(cur[1], r["grads"]["rel_err"])
         cur[2] = cur[2] and r["output"]["ok"] and r["grads"]["ok"]
-    return [[op, be, dt, f"{o:.1e}", f"{g:.1e}", "yes" if ok else "**no**"]
-            for (op, be, dt), (o, g, ok) in worst.items()]
+    return [
+        [op, be, dt, f"{o:.1e}", f"{g:.1e}", "yes" if ok else "**no**"]
+        for (op, be, dt), (o, g, ok) in worst.items()
+    ]
 
 
 def section(report: dict, json_path: str) -> str:
     m, st = report["machine"], report["settings"]
     sizes = st["sizes"]
     threads = f"{m['threads']} thread{'s' if m['threads'] > 1 else ''}"
-    lines = [f"Measured {m['date']} on {m.get('gpu') or m['cpu']} ({m['cpus']} CPUs, "
-             f"{threads}, kernels for {m.get('kernel_isa')}, GEMM engine "
-             f"{m.get('cpu_gemm_engine')}; torch {m['torch']}, triton {m['triton']}), "
-             f"{st['dtype']}, d={sizes['d']}, {sizes['heads']} heads, FFN {sizes['ffn']}, "
-             f"{sizes['batch']}×{sizes['tokens']} tokens, {st['rounds']} interleaved rounds "
-             f"({st['clock']}), in {report['runtime_s']:.0f} s. Command: `{report['command']}`; "
-             f"full report: [{os.path.basename(json_path)[:-5]}.md]"
-             f"({os.path.splitext(json_path)[0]}.md).", ""]
+    lines = [
+        f"Measured {m['date']} on {m.get('gpu') or m['cpu']} ({m['cpus']} CPUs, "
+        f"{threads}, kernels for {m.get('kernel_isa')}, GEMM engine "
+        f"{m.get('cpu_gemm_engine')}; torch {m['torch']}, triton {m['triton']}), "
+        f"{st['dtype']}, d={sizes['d']}, {sizes['heads']} heads, FFN {sizes['ffn']}, "
+        f"{sizes['batch']}×{sizes['tokens']} tokens, {st['rounds']} interleaved rounds "
+        f"({st['clock']}), in {report['runtime_s']:.0f} s. Command: `{report['command']}`; "
+        f"full report: [{os.path.basename(json_path)[:-5]}.md]"
+        f"({os.path.splitext(json_path)[0]}.md).",
+        "",
+    ]
     layers = [r for r in report.get("speed", []) if r["group"] == "layers"]
     if layers:
         comparators = comparators_of(layers)
-        lines += ["time(magneto) / time(X), median (min–max) over rounds; below 1 is faster:",
-                  ""]
+        lines += ["time(magneto) / time(X), median (min–max) over rounds; below 1 is faster:", ""]
         lines += markdown_table(
             ["layer", "pass", "backend", "ms", *[f"/ {c}" for c in comparators]],
-            [[r["case"], r["pass"], be, 1e3 * r["times"][f"magneto {be}"]["median_s"],
-              *[ratio_cell(ratios.get(c)) for c in comparators]]
-             for r in layers for be, ratios in r["ratios"].items()]) + [""]
+            [
+                [
+                    r["case"],
+                    r["pass"],
+                    be,
+                    1e3 * r["times"][f"magneto {be}"]["median_s"],
+                    *[ratio_cell(ratios.get(c)) for c in comparators],
+                ]
+                for r in layers
+                for be, ratios in r["ratios"].items()
+            ],
+        ) + [""]
     if report.get("goals"):
         lines += markdown_table(
             ["speed goal (layer fwd+bwd)", "backend", "ratio", "bound", "holds"],
-            [[f"{g['case']} / {g['comparator']}", g["backend"], g["median"],
-              f"≤ {g['bound']:.3f}", {True: "yes", False: "**no**", None: "not measured"}[
-                  g["holds"]]] for g in report["goals"]]) + [""]
+            [
+                [
+                    f"{g['case']} / {g['comparator']}",
+                    g["backend"],
+                    g["median"],
+                    f"≤ {g['bound']:.3f}",
+                    {True: "yes", False: "**no**", None: "not measured"}[g["holds"]],
+                ]
+                for g in report["goals"]
+            ],
+        ) + [""]
     if report.get("parity_ops"):
         lines += ["Parity against float64, worst norm-wise relative error over the cases:", ""]
-        lines += markdown_table(["op", "backend", "dtype", "output", "gradients",
-                                 "within bounds"], _worst_parity(report["parity_ops"])) + [""]
+        lines += markdown_table(
+            ["op", "backend", "dtype", "output", "gradients", "within bounds"],
+            _worst_parity(report["parity_ops"]),
+        ) + [""]
     if report.get("parity_models"):
-        worst = max(max(r["output_rel_err"], r["grad_rel_err"] or 0.0)
-                    for r in report["parity_models"])
-        lines += [f"Whole models against torchscale 0.3.0 (encoder, decoder, encoder-decoder; "
-                  f"Sub-LN, DeepNorm, Pre-LN; token-by-token decoding): worst relative error "
-                  f"{worst:.1e}.", ""]
+        worst = max(
+            max(r["output_rel_err"], r["grad_rel_err"] or 0.0) for r in report["parity_models"]
+        )
+        lines += [
+            f"Whole models against torchscale 0.3.0 (encoder, decoder, encoder-decoder; "
+            f"Sub-LN, DeepNorm, Pre-LN; token-by-token decoding): worst relative error "
+            f"{worst:.1e}.",
+            "",
+        ]
     if report.get("memory"):
-        lines += markdown_table(["saved for backward per token", "d-vectors"],
-                                [[f"{r['layer']} layer, {r['model']}", r["d_vectors_per_token"]]
-                                 for r in report["memory"]]) + [""]
+        lines += markdown_table(
+            ["saved for backward per token", "d-vectors"],
+            [
+                [f"{r['layer']} layer, {r['model']}", r["d_vectors_per_token"]]
+                for r in report["memory"]
+            ],
+        ) + [""]
     return "\n".join(lines)
 
 
@@ -87,8 +119,9 @@ def replace_block(text: str, device: str, body: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m magneto.report.readme",
-                                description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m magneto.report.readme", description=__doc__.split("\n")[0]
+    )
     p.add_argument("json", help="a report's JSON (bench/results/report-<device>-<date>.json)")
     p.add_argument("--readme", help="README to update in place (between the report markers)")
     args = p.parse_args(argv)

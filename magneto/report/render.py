@@ -1,17 +1,30 @@
 """The report's markdown and plot, both generated from its JSON (nothing typed by hand)."""
+
 from __future__ import annotations
 
 from typing import Optional
 
 from magneto.report.harness import markdown_table
-from magneto.report.speed import (COMPILED, FLOOR_BYTES, FLOOR_ENGINE, FLOOR_MM, REFERENCE,
-                                  TORCHSCALE)
+from magneto.report.speed import (
+    COMPILED,
+    FLOOR_BYTES,
+    FLOOR_ENGINE,
+    FLOOR_MM,
+    REFERENCE,
+    TORCHSCALE,
+)
 
 # Comparator columns in this order; any other (a GPU library's LayerNorm) goes before the floors.
 _ORDER = [REFERENCE, TORCHSCALE, COMPILED]
 _FLOORS = [FLOOR_ENGINE, FLOOR_MM, FLOOR_BYTES]
-_COLORS = {REFERENCE: "tab:blue", TORCHSCALE: "tab:orange", COMPILED: "tab:green",
-           FLOOR_ENGINE: "tab:gray", FLOOR_MM: "tab:brown", FLOOR_BYTES: "tab:purple"}
+_COLORS = {
+    REFERENCE: "tab:blue",
+    TORCHSCALE: "tab:orange",
+    COMPILED: "tab:green",
+    FLOOR_ENGINE: "tab:gray",
+    FLOOR_MM: "tab:brown",
+    FLOOR_BYTES: "tab:purple",
+}
 
 # The speed goals, as bounds on time(magneto) / time(comparator) for a layer's forward+backward.
 CPU_GOALS = {FLOOR_ENGINE: 1.10, TORCHSCALE: 1.0, COMPILED: 1.0}
@@ -45,18 +58,33 @@ def _parity_ops(rows: list[dict]) -> list[str]:
         key = (r["op"], r["case"], r["dtype"], tuple(r["shape"]))
         table.setdefault(key, {})[r["backend"]] = f"{_err(r['output'])} / {_err(r['grads'])}"
     failed = [r for r in rows if not (r["output"]["ok"] and r["grads"]["ok"])]
-    lines = ["## Parity: every op against float64", "",
-             "Norm-wise relative error of the output / of the worst input gradient, with its "
-             "bound: max(rtol·‖ref‖, 2·PyTorch's own error in that dtype) + atol "
-             "(docs/design.md, Numerics and tolerances). Shape: rows × in_features "
-             "(× out_features for ln_linear).", ""]
-    lines += markdown_table(["op", "case", "dtype", "shape", *backends],
-                            [[op, case, dtype, "×".join(map(str, shape[:2 if op != "ln_linear"
-                                                                     else 3])),
-                              *[cells.get(b) for b in backends]]
-                             for (op, case, dtype, shape), cells in table.items()])
-    verdict = (f"All {len(rows)} within their bounds." if not failed else
-               f"**{len(failed)} of {len(rows)} outside their bounds.**")
+    lines = [
+        "## Parity: every op against float64",
+        "",
+        "Norm-wise relative error of the output / of the worst input gradient, with its "
+        "bound: max(rtol·‖ref‖, 2·PyTorch's own error in that dtype) + atol "
+        "(docs/design.md, Numerics and tolerances). Shape: rows × in_features "
+        "(× out_features for ln_linear).",
+        "",
+    ]
+    lines += markdown_table(
+        ["op", "case", "dtype", "shape", *backends],
+        [
+            [
+                op,
+                case,
+                dtype,
+                "×".join(map(str, shape[: 2 if op != "ln_linear" else 3])),
+                *[cells.get(b) for b in backends],
+            ]
+            for (op, case, dtype, shape), cells in table.items()
+        ],
+    )
+    verdict = (
+        f"All {len(rows)} within their bounds."
+        if not failed
+        else f"**{len(failed)} of {len(rows)} outside their bounds.**"
+    )
     return lines + ["", verdict, ""]
 
 
@@ -66,25 +94,36 @@ def _parity_models(rows: list[dict]) -> list[str]:
     for r in rows:
         grad = "—" if r["grad_rel_err"] is None else f"{r['grad_rel_err']:.1e}"
         mark = "" if r["ok"] else " **FAIL**"
-        table.setdefault((r["model"], r["scheme"]), {})[r["backend"]] = \
+        table.setdefault((r["model"], r["scheme"]), {})[r["backend"]] = (
             f"{r['output_rel_err']:.1e} / {grad}{mark}"
+        )
     failed = sum(not r["ok"] for r in rows)
-    lines = ["## Parity: whole models against torchscale 0.3.0", "",
-             "fp32, same weights (moved off their init), relative error of the output / of the "
-             "worst parameter gradient; bound 1e-5.", ""]
-    lines += markdown_table(["model", "scheme", *backends],
-                            [[m, sch, *[c.get(b) for b in backends]]
-                             for (m, sch), c in table.items()])
-    verdict = (f"All {len(rows)} within 1e-5." if not failed else
-               f"**{failed} of {len(rows)} above 1e-5.**")
+    lines = [
+        "## Parity: whole models against torchscale 0.3.0",
+        "",
+        "fp32, same weights (moved off their init), relative error of the output / of the "
+        "worst parameter gradient; bound 1e-5.",
+        "",
+    ]
+    lines += markdown_table(
+        ["model", "scheme", *backends],
+        [[m, sch, *[c.get(b) for b in backends]] for (m, sch), c in table.items()],
+    )
+    verdict = (
+        f"All {len(rows)} within 1e-5."
+        if not failed
+        else f"**{failed} of {len(rows)} above 1e-5.**"
+    )
     if any(b not in cells for cells in table.values() for b in backends):
         verdict += " —: not run (the Triton interpreter checks the Sub-LN models only)."
     return lines + ["", verdict, ""]
 
 
-_GROUP_TITLES = {"ops": "Speed: ops at training size",
-                 "layers": "Speed: one Sub-LN layer at training size",
-                 "decode": "Speed: decoding (no_grad, KV cache)"}
+_GROUP_TITLES = {
+    "ops": "Speed: ops at training size",
+    "layers": "Speed: one Sub-LN layer at training size",
+    "decode": "Speed: decoding (no_grad, KV cache)",
+}
 
 
 def _speed(records: list[dict]) -> list[str]:
@@ -94,17 +133,21 @@ def _speed(records: list[dict]) -> list[str]:
         if not group_records:
             continue
         comparators = comparators_of(group_records)
-        header = ["case", "pass", "backend", "ms", *[f"/ {c}" for c in comparators],
-                  "achieved"]
+        header = ["case", "pass", "backend", "ms", *[f"/ {c}" for c in comparators], "achieved"]
         rows = []
         for r in group_records:
             for be, ratios in r["ratios"].items():
                 achieved = r["achieved"].get(be, {})
-                rows.append([r["case"], r["pass"], be,
-                             1e3 * r["times"][f"magneto {be}"]["median_s"],
-                             *[ratio_cell(ratios.get(c)) for c in comparators],
-                             ", ".join(f"{v:.2f} {unit}" for unit, v in achieved.items())
-                             or None])
+                rows.append(
+                    [
+                        r["case"],
+                        r["pass"],
+                        be,
+                        1e3 * r["times"][f"magneto {be}"]["median_s"],
+                        *[ratio_cell(ratios.get(c)) for c in comparators],
+                        ", ".join(f"{v:.2f} {unit}" for unit, v in achieved.items()) or None,
+                    ]
+                )
         lines += [f"## {title}", ""] + markdown_table(header, rows) + [""]
     return lines
 
@@ -119,10 +162,16 @@ def goals(report: dict) -> list[dict]:
         for be, ratios in r["ratios"].items():
             for comparator, bound in bounds.items():
                 stats = ratios.get(comparator)
-                checked.append({"case": r["case"], "backend": be, "comparator": comparator,
-                                "bound": bound,
-                                "median": None if stats is None else stats["median"],
-                                "holds": None if stats is None else stats["median"] <= bound})
+                checked.append(
+                    {
+                        "case": r["case"],
+                        "backend": be,
+                        "comparator": comparator,
+                        "bound": bound,
+                        "median": None if stats is None else stats["median"],
+                        "holds": None if stats is None else stats["median"] <= bound,
+                    }
+                )
     return checked
 
 
@@ -130,50 +179,87 @@ def _goals(report: dict) -> list[str]:
     checked = goals(report)
     if not checked:
         return []
-    lines = ["## Speed goals (layer forward+backward)", "",
-             "time(magneto) / time(comparator), median over rounds, against its bound. The "
-             "goals are stated for the default sizes" + (" (bf16, d=2048, T=2048)." if
-                                                         report["settings"]["device"] == "cuda"
-                                                         else " (fp32, d=768, 12 heads, FFN "
-                                                         "3072, 4×256 tokens)."), ""]
-    lines += markdown_table(["case", "backend", "comparator", "ratio", "bound", "holds"],
-                            [[g["case"], g["backend"], g["comparator"], g["median"],
-                              f"≤ {g['bound']:.3f}", {True: "yes", False: "**no**",
-                                                     None: "not measured"}[g["holds"]]]
-                             for g in checked])
+    lines = [
+        "## Speed goals (layer forward+backward)",
+        "",
+        "time(magneto) / time(comparator), median over rounds, against its bound. The "
+        "goals are stated for the default sizes"
+        + (
+            " (bf16, d=2048, T=2048)."
+            if report["settings"]["device"] == "cuda"
+            else " (fp32, d=768, 12 heads, FFN 3072, 4×256 tokens)."
+        ),
+        "",
+    ]
+    lines += markdown_table(
+        ["case", "backend", "comparator", "ratio", "bound", "holds"],
+        [
+            [
+                g["case"],
+                g["backend"],
+                g["comparator"],
+                g["median"],
+                f"≤ {g['bound']:.3f}",
+                {True: "yes", False: "**no**", None: "not measured"}[g["holds"]],
+            ]
+            for g in checked
+        ],
+    )
     return lines + [""]
 
 
 def _memory(rows: list[dict]) -> list[str]:
-    lines = ["## Memory: saved for backward per token", "",
-             "One Sub-LN layer in training; distinct storages counted once, parameters and "
-             "input excluded; d-vectors = d elements of the layer's dtype.", ""]
-    lines += markdown_table(["layer", "model", "bytes per token", "d-vectors per token"],
-                            [[r["layer"], r["model"], round(r["bytes_per_token"]),
-                              r["d_vectors_per_token"]] for r in rows])
+    lines = [
+        "## Memory: saved for backward per token",
+        "",
+        "One Sub-LN layer in training; distinct storages counted once, parameters and "
+        "input excluded; d-vectors = d elements of the layer's dtype.",
+        "",
+    ]
+    lines += markdown_table(
+        ["layer", "model", "bytes per token", "d-vectors per token"],
+        [
+            [r["layer"], r["model"], round(r["bytes_per_token"]), r["d_vectors_per_token"]]
+            for r in rows
+        ],
+    )
     return lines + [""]
 
 
 def _machine(report: dict) -> list[str]:
     m, st = report["machine"], report["settings"]
-    rows = [("date", m["date"]), ("CPU", f"{m['cpu']}, {m['cpus']} CPUs"),
-            ("threads", m["threads"]), ("kernels built for", m.get("kernel_isa")),
-            ("cpu backend GEMM engine", m.get("cpu_gemm_engine")),
-            ("torch / triton / python", f"{m['torch']} / {m['triton']} / {m['python']}")]
+    rows = [
+        ("date", m["date"]),
+        ("CPU", f"{m['cpu']}, {m['cpus']} CPUs"),
+        ("threads", m["threads"]),
+        ("kernels built for", m.get("kernel_isa")),
+        ("cpu backend GEMM engine", m.get("cpu_gemm_engine")),
+        ("torch / triton / python", f"{m['torch']} / {m['triton']} / {m['python']}"),
+    ]
     if "gpu" in m:
         rows.append(("GPU", f"{m['gpu']} (CUDA {m['cuda']})"))
     if "load_average" in m:
-        rows.append(("load average at start (1/5/15 min)",
-                     " / ".join(map(str, m["load_average"]))))
+        rows.append(("load average at start (1/5/15 min)", " / ".join(map(str, m["load_average"]))))
     sizes = st["sizes"]
-    rows += [("device, dtype (speed)", f"{st['device']}, {st['dtype']}"),
-             ("training size", f"d={sizes['d']}, {sizes['heads']} heads, FFN {sizes['ffn']}, "
-                               f"{sizes['batch']}×{sizes['tokens']} tokens"),
-             ("decode size", f"{', '.join(map(str, sizes['decode_rows']))} rows over "
-                             f"{sizes['context']} cached tokens"),
-             ("timing", f"{st['rounds']} interleaved rounds, {st['clock']}; ratio = median "
-                        "(min–max) over rounds of per-round time ratios"),
-             ("runtime", f"{report['runtime_s']:.0f} s")]
+    rows += [
+        ("device, dtype (speed)", f"{st['device']}, {st['dtype']}"),
+        (
+            "training size",
+            f"d={sizes['d']}, {sizes['heads']} heads, FFN {sizes['ffn']}, "
+            f"{sizes['batch']}×{sizes['tokens']} tokens",
+        ),
+        (
+            "decode size",
+            f"{', '.join(map(str, sizes['decode_rows']))} rows over "
+            f"{sizes['context']} cached tokens",
+        ),
+        (
+            "timing",
+            f"{st['rounds']} interleaved rounds, {st['clock']}; ratio = median "
+            "(min–max) over rounds of per-round time ratios",
+        ),
+        ("runtime", f"{report['runtime_s']:.0f} s"),
+    ]
     for name, why in st.get("comparators_missing", {}).items():
         rows.append((f"{name}", f"not measured: {why}"))
     return ["## Machine and settings", ""] + markdown_table(["", ""], rows) + [""]
@@ -181,24 +267,34 @@ def _machine(report: dict) -> list[str]:
 
 def markdown(report: dict, png_name: Optional[str] = None) -> str:
     m = report["machine"]
-    lines = [f"# magneto report: {report['settings']['device']}, {m['date']}", "",
-             f"Command: `{report['command']}`", ""]
+    lines = [
+        f"# magneto report: {report['settings']['device']}, {m['date']}",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+    ]
     lines += _machine(report)
     if "parity_ops" in report:
         lines += _parity_ops(report["parity_ops"])
     if "parity_models" in report:
         lines += _parity_models(report["parity_models"])
     if report.get("speed"):
-        lines += ["Speed tables: `/ X` is time(magneto backend) / time(X) per round, median "
-                  "(min–max): below 1 is faster than X; against a floor it is at least 1 and "
-                  "its inverse is the achieved fraction of the floor.", ""]
+        lines += [
+            "Speed tables: `/ X` is time(magneto backend) / time(X) per round, median "
+            "(min–max): below 1 is faster than X; against a floor it is at least 1 and "
+            "its inverse is the achieved fraction of the floor.",
+            "",
+        ]
         if png_name:
             lines += [f"![ratios]({png_name})", ""]
         lines += _speed(report["speed"]) + _goals(report)
         compiled = [r["compile_s"] for r in report["speed"] if r["compile_s"] is not None]
         if compiled:
-            lines += [f"torch.compile: {sum(compiled):.0f} s of compiling and first calls in "
-                      "all, excluded from every timing.", ""]
+            lines += [
+                f"torch.compile: {sum(compiled):.0f} s of compiling and first calls in "
+                "all, excluded from every timing.",
+                "",
+            ]
     if "memory" in report:
         lines += _memory(report["memory"])
     return "\n".join(lines)
@@ -210,6 +306,7 @@ def plot(report: dict, path: str) -> bool:
     records = report.get("speed") or []
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -232,8 +329,16 @@ def plot(report: dict, path: str) -> bool:
                     med.append(s["median"])
                     err[0].append(s["median"] - s["lo"])
                     err[1].append(s["hi"] - s["median"])
-            ax.bar(xs, med, width, yerr=err, capsize=2, label=f"/ {c}",
-                   color=_COLORS.get(c, f"C{4 + i}"), hatch="//" if c in _FLOORS else None)
+            ax.bar(
+                xs,
+                med,
+                width,
+                yerr=err,
+                capsize=2,
+                label=f"/ {c}",
+                color=_COLORS.get(c, f"C{4 + i}"),
+                hatch="//" if c in _FLOORS else None,
+            )
         labels = [f"{r['case']}\n{r['pass']} [{be}]" for r, be, _ in bars]
         ax.axhline(1.0, color="black", linewidth=1)
         ax.set_xticks(range(len(bars)), labels, fontsize=6, rotation=30, ha="right")
@@ -241,8 +346,11 @@ def plot(report: dict, path: str) -> bool:
         ax.set_ylabel("time(magneto) / time(X)")
         ax.set_title(_GROUP_TITLES[group], fontsize=10)
         ax.legend(fontsize=7, ncol=3)
-    fig.suptitle(f"magneto, {report['settings']['device']}, {report['machine']['date']}: below "
-                 "1 = faster than X; floors (hatched) ≥ 1", fontsize=10)
+    fig.suptitle(
+        f"magneto, {report['settings']['device']}, {report['machine']['date']}: below "
+        "1 = faster than X; floors (hatched) ≥ 1",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

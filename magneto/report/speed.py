@@ -18,6 +18,7 @@ round. Variants, by name:
   through ``torch.mm``; for the memory-bound norm ops, the bytes an ideal kernel moves, at the
   copy bandwidth measured in the same rounds (``y.copy_(x)`` on a tensor of x's size).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -98,6 +99,7 @@ def _fwd_bwd(call: Callable[[], torch.Tensor], dy: torch.Tensor, leaves) -> Call
         call().backward(dy)
         for t in leaves:
             t.grad = None
+
     return run
 
 
@@ -116,9 +118,11 @@ def _first_calls(variant: Callable[[], object]) -> float:
 # ------------------------------------------------------------------------------------------
 # GEMM and attention floors
 
+
 def _mm_engines(device: str) -> dict[str, Callable]:
     """The floors' GEMM engines: on CPU the cpu backend's own and torch.mm; on a GPU torch.mm
     (cuBLAS, which the cuda backend calls)."""
+
     def aten(a, b, out):
         torch.mm(a, b, out=out)
 
@@ -128,16 +132,17 @@ def _mm_engines(device: str) -> dict[str, Callable]:
 
         def ours(a, b, out):
             _C._cpu_gemm(a, b, out, False)
+
         engines = {FLOOR_ENGINE: ours, FLOOR_MM: aten}
     return engines
 
 
-def _gemms(shapes: list[tuple[int, int]], rows: int, backward: bool, mm: Callable,
-           s: Settings) -> Callable[[], None]:
+def _gemms(
+    shapes: list[tuple[int, int]], rows: int, backward: bool, mm: Callable, s: Settings
+) -> Callable[[], None]:
     """The GEMMs of linear layers (in_features, out_features) at ``rows``: forward
     ``h @ W^T``; backward also ``dz @ W`` and ``dz^T @ h``."""
-    operands = [(_randn(rows, k, s=s), _randn(n, k, s=s), _randn(rows, n, s=s))
-                for k, n in shapes]
+    operands = [(_randn(rows, k, s=s), _randn(n, k, s=s), _randn(rows, n, s=s)) for k, n in shapes]
 
     def run():
         for h, w, dz in operands:
@@ -146,11 +151,20 @@ def _gemms(shapes: list[tuple[int, int]], rows: int, backward: bool, mm: Callabl
             if backward:
                 mm(dz, w, torch.empty(rows, k, device=s.device, dtype=s.dtype))
                 mm(dz.t(), h, torch.empty(n, k, device=s.device, dtype=s.dtype))
+
     return run
 
 
-def _attention(batch: int, heads: int, queries: int, keys: int, head_dim: int, causal: bool,
-               backward: bool, s: Settings) -> Callable[[], None]:
+def _attention(
+    batch: int,
+    heads: int,
+    queries: int,
+    keys: int,
+    head_dim: int,
+    causal: bool,
+    backward: bool,
+    s: Settings,
+) -> Callable[[], None]:
     q = _randn(batch, heads, queries, head_dim, s=s, grad=backward)
     k = _randn(batch, heads, keys, head_dim, s=s, grad=backward)
     v = _randn(batch, heads, keys, head_dim, s=s, grad=backward)
@@ -161,20 +175,24 @@ def _attention(batch: int, heads: int, queries: int, keys: int, head_dim: int, c
         if backward:
             out.backward(do)
             q.grad = k.grad = v.grad = None
+
     return run
 
 
-def _floors(shapes, rows: int, backward: bool, s: Settings,
-            attention: Optional[Callable[[], None]] = None) -> dict[str, Callable[[], None]]:
+def _floors(
+    shapes, rows: int, backward: bool, s: Settings, attention: Optional[Callable[[], None]] = None
+) -> dict[str, Callable[[], None]]:
     floors = {}
     for name, mm in _mm_engines(s.device).items():
         gemms = _gemms(shapes, rows, backward, mm, s)
         if attention is None:
             floors[name] = gemms
         else:
+
             def both(gemms=gemms):
                 gemms()
                 attention()
+
             floors[name] = both
     return floors
 
@@ -182,16 +200,19 @@ def _floors(shapes, rows: int, backward: bool, s: Settings,
 # ------------------------------------------------------------------------------------------
 # Ops
 
+
 def _gpu_layer_norms(s: Settings, x, w, b) -> dict[str, Callable[[], torch.Tensor]]:
     """Other libraries' LayerNorm kernels, where importable (recorded as missing otherwise)."""
     found = {}
     try:
         from liger_kernel.ops.layer_norm import LigerLayerNormFunction
+
         found["Liger-Kernel LayerNorm"] = lambda: LigerLayerNormFunction.apply(x, w, b, 1e-5)
     except ImportError as err:
         s.comparators_missing["Liger-Kernel LayerNorm"] = str(err)
     try:
         from flash_attn.ops.triton.layer_norm import layer_norm_fn
+
         found["flash-attn LayerNorm"] = lambda: layer_norm_fn(x, w, b, eps=1e-5)
     except ImportError as err:
         s.comparators_missing["flash-attn LayerNorm"] = str(err)
@@ -210,22 +231,33 @@ def _norm_cases(sz: Sizes, s: Settings) -> list[Case]:
     calls = {
         # op: (call on a backend, leaves, tensor passes: forward, forward+backward)
         "layer_norm": (lambda be: mk.layer_norm(x, w, b, backend=be), (x, w, b), (2, 5)),
-        "add_layer_norm": (lambda be: mk.add_layer_norm(x, residual, w, b, backend=be)[0],
-                           (x, residual, w, b), (4, 8)),
+        "add_layer_norm": (
+            lambda be: mk.add_layer_norm(x, residual, w, b, backend=be)[0],
+            (x, residual, w, b),
+            (4, 8),
+        ),
     }
     cases = []
     for op, (call, leaves, passes) in calls.items():
-        others = _gpu_layer_norms(s, x, w, b) if op == "layer_norm" and s.device == "cuda" \
-            else {}
+        others = _gpu_layer_norms(s, x, w, b) if op == "layer_norm" and s.device == "cuda" else {}
         for pass_, n_passes in zip(("fwd", "fwd+bwd"), passes):
+
             def wrap(c, p=pass_, lv=leaves):
                 return c if p == "fwd" else _fwd_bwd(c, dy, lv)
-            variants = {subject(be): wrap(lambda be=be, call=call: call(be))
-                        for be in s.backends}
+
+            variants = {subject(be): wrap(lambda be=be, call=call: call(be)) for be in s.backends}
             variants[REFERENCE] = wrap(lambda call=call: call("reference"))
             variants.update({name: wrap(c) for name, c in others.items()})
-            case = Case("ops", f"{op} {rows}×{d}", pass_, variants, list(s.backends),
-                        floors=[FLOOR_BYTES], copy_passes=n_passes, copy_bytes=nbytes)
+            case = Case(
+                "ops",
+                f"{op} {rows}×{d}",
+                pass_,
+                variants,
+                list(s.backends),
+                floors=[FLOOR_BYTES],
+                copy_passes=n_passes,
+                copy_bytes=nbytes,
+            )
             if s.compile:
                 variants[COMPILED] = wrap(torch.compile(lambda call=call: call("reference")))
                 case.compile_s = _first_calls(variants[COMPILED])
@@ -234,8 +266,9 @@ def _norm_cases(sz: Sizes, s: Settings) -> list[Case]:
     return cases
 
 
-def _ln_linear_cases(sz: Sizes, s: Settings, rows: int, passes: tuple[str, ...],
-                     group: str) -> list[Case]:
+def _ln_linear_cases(
+    sz: Sizes, s: Settings, rows: int, passes: tuple[str, ...], group: str
+) -> list[Case]:
     """fc1 (d → ffn: LN, bias) and fc2 (ffn → d: gelu input activation, LN, bias, residual)."""
     cases = []
     for label, k, n, fc2 in (("fc1", sz.d, sz.ffn, False), ("fc2", sz.ffn, sz.d, True)):
@@ -243,7 +276,7 @@ def _ln_linear_cases(sz: Sizes, s: Settings, rows: int, passes: tuple[str, ...],
         x = _randn(rows, k, s=s, mean=0.5, grad=grad)
         lw = _randn(k, s=s, mean=1.0, std=0.2, grad=grad)
         lb = _randn(k, s=s, std=0.1, grad=grad)
-        w = _randn(n, k, s=s, std=k ** -0.5, grad=grad)
+        w = _randn(n, k, s=s, std=k**-0.5, grad=grad)
         bias = _randn(n, s=s, std=0.1, grad=grad)
         residual = _randn(rows, n, s=s) if fc2 else None
         dy = _randn(rows, n, s=s)
@@ -262,13 +295,19 @@ def _ln_linear_cases(sz: Sizes, s: Settings, rows: int, passes: tuple[str, ...],
                 if pass_ == "no_grad":
                     return lambda: _no_grad(c)
                 return c
-            variants = {subject(be): wrap(lambda be=be, call=call: call(be))
-                        for be in s.backends}
+
+            variants = {subject(be): wrap(lambda be=be, call=call: call(be)) for be in s.backends}
             variants[REFERENCE] = wrap(lambda call=call: call("reference"))
             floors = _floors([(k, n)], rows, backward, s)
-            case = Case(group, f"ln_linear {label} M={rows} K={k} N={n}", pass_, variants,
-                        list(s.backends), floors=list(floors),
-                        flops=2.0 * rows * k * n * (3 if backward else 1))
+            case = Case(
+                group,
+                f"ln_linear {label} M={rows} K={k} N={n}",
+                pass_,
+                variants,
+                list(s.backends),
+                floors=list(floors),
+                flops=2.0 * rows * k * n * (3 if backward else 1),
+            )
             if s.compile:
                 variants[COMPILED] = wrap(torch.compile(lambda call=call: call("reference")))
                 case.compile_s = _first_calls(variants[COMPILED])
@@ -289,14 +328,16 @@ def op_cases(sz: Sizes, s: Settings) -> list[Case]:
 # ------------------------------------------------------------------------------------------
 # Layers
 
+
 def _layer_shapes(sz: Sizes) -> list[tuple[int, int]]:
     """(in, out) of a Sub-LN layer's linear maps: packed q/k/v, out_proj, fc1, fc2."""
     return [(sz.d, 3 * sz.d), (sz.d, sz.d), (sz.d, sz.ffn), (sz.ffn, sz.d)]
 
 
 def _models(kind: str, sz: Sizes, s: Settings):
-    theirs, ours = twins(kind, sz.d, sz.heads, sz.ffn, [*s.backends, "reference"], s.device,
-                         s.dtype)
+    theirs, ours = twins(
+        kind, sz.d, sz.heads, sz.ffn, [*s.backends, "reference"], s.device, s.dtype
+    )
     return theirs.layers[0], {be: m.layers[0] for be, m in ours.items()}
 
 
@@ -316,6 +357,7 @@ def layer_cases(sz: Sizes, s: Settings) -> list[Case]:
             def wrap(layer, is_ts=False, backward=backward, kind=kind, x=x, dy=dy):
                 def call():
                     return layer_call(layer, kind, x, is_ts)
+
                 if not backward:
                     return call
 
@@ -323,17 +365,26 @@ def layer_cases(sz: Sizes, s: Settings) -> list[Case]:
                     call().backward(dy)
                     layer.zero_grad(set_to_none=True)
                     x.grad = None
+
                 return run
+
             variants = {subject(be): wrap(ours[be]) for be in s.backends}
             variants[REFERENCE] = wrap(ours["reference"])
             variants[TORCHSCALE] = wrap(theirs, True)
             head_dim = sz.d // sz.heads
-            attention = _attention(sz.batch, sz.heads, sz.tokens, sz.tokens, head_dim,
-                                   kind == "decoder", backward, s)
+            attention = _attention(
+                sz.batch, sz.heads, sz.tokens, sz.tokens, head_dim, kind == "decoder", backward, s
+            )
             floors = _floors(_layer_shapes(sz), sz.rows, backward, s, attention)
-            case = Case("layers", f"{kind} layer {sz.batch}×{sz.tokens} tokens", pass_,
-                        variants, list(s.backends), floors=list(floors),
-                        flops=_layer_flops(sz, kind) * (3 if backward else 1))
+            case = Case(
+                "layers",
+                f"{kind} layer {sz.batch}×{sz.tokens} tokens",
+                pass_,
+                variants,
+                list(s.backends),
+                floors=list(floors),
+                flops=_layer_flops(sz, kind) * (3 if backward else 1),
+            )
             if s.compile:
                 variants[COMPILED] = wrap(compiled)
                 case.compile_s = _first_calls(variants[COMPILED])
@@ -366,17 +417,29 @@ def decode_cases(sz: Sizes, s: Settings) -> list[Case]:
         def step(layer, is_ts=False, x=x, key=key, value=value):
             def run():
                 with torch.no_grad():
-                    layer_call(layer, "decoder", x, is_ts,
-                               incremental_state={"prev_key": key, "prev_value": value})
+                    layer_call(
+                        layer,
+                        "decoder",
+                        x,
+                        is_ts,
+                        incremental_state={"prev_key": key, "prev_value": value},
+                    )
+
             return run
+
         variants = {subject(be): step(ours[be]) for be in s.backends}
         variants[REFERENCE] = step(ours["reference"])
         variants[TORCHSCALE] = step(theirs, True)
         attention = _attention(rows, sz.heads, 1, sz.context + 1, head_dim, False, False, s)
-        floors = _floors(_layer_shapes(sz), rows, False, s,
-                         lambda a=attention: _no_grad(a))
-        case = Case("decode", f"decoder layer step, {rows} rows, {sz.context} cached",
-                    "no_grad", variants, list(s.backends), floors=list(floors))
+        floors = _floors(_layer_shapes(sz), rows, False, s, lambda a=attention: _no_grad(a))
+        case = Case(
+            "decode",
+            f"decoder layer step, {rows} rows, {sz.context} cached",
+            "no_grad",
+            variants,
+            list(s.backends),
+            floors=list(floors),
+        )
         if s.compile:
             variants[COMPILED] = step(compiled)
             case.compile_s = _first_calls(variants[COMPILED])
@@ -388,6 +451,7 @@ def decode_cases(sz: Sizes, s: Settings) -> list[Case]:
 
 # ------------------------------------------------------------------------------------------
 
+
 def measure(case: Case, s: Settings, tick: Callable[[], None] = lambda: None) -> dict:
     """Time ``case`` in interleaved rounds; its JSON record."""
     times = harness.interleaved(case.variants, s.rounds, s.timer, tick=tick)
@@ -395,10 +459,16 @@ def measure(case: Case, s: Settings, tick: Callable[[], None] = lambda: None) ->
         times[FLOOR_BYTES] = [t * case.copy_passes / 2 for t in times.pop(COPY)]
     comparators = [v for v in times if v not in map(subject, case.subjects)]
     record = {
-        "group": case.group, "case": case.name, "pass": case.pass_,
+        "group": case.group,
+        "case": case.name,
+        "pass": case.pass_,
         "times": {v: harness.time_stats(t) for v, t in times.items()},
-        "ratios": {be: {v: harness.ratio_stats(times[subject(be)], times[v]).as_dict()
-                        for v in comparators} for be in case.subjects},
+        "ratios": {
+            be: {
+                v: harness.ratio_stats(times[subject(be)], times[v]).as_dict() for v in comparators
+            }
+            for be in case.subjects
+        },
         "floors": case.floors,
         "compile_s": case.compile_s,
     }

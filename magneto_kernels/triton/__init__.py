@@ -16,11 +16,13 @@ float32 GEMMs follow ``torch.get_float32_matmul_precision()``: "highest" (PyTorc
 runs ``tl.dot`` with ``input_precision="ieee"`` (exact fp32 products, like torch.matmul);
 "high"/"medium" allow TF32 (~5e-4 relative error, much faster on tensor cores).
 """
+
 import torch
 
-from magneto_kernels.triton.common import INTERPRET  # noqa: F401  (read by backends.py)
-from magneto_kernels.triton import ln_linear as _ln_linear, norm as _norm
 from magneto_kernels.library import op_name
+from magneto_kernels.triton import ln_linear as _ln_linear
+from magneto_kernels.triton import norm as _norm
+from magneto_kernels.triton.common import INTERPRET  # noqa: F401  (read by backends.py)
 
 _IMPLS = {
     "layer_norm": _norm.layer_norm,

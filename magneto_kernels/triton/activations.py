@@ -4,6 +4,7 @@ The activation codes are ``magneto_kernels.codes.ACTIVATIONS``; each gets a name
 here, so an added activation is one constant and one branch in each of ``activation`` and
 ``activation_grad``.
 """
+
 import triton
 import triton.language as tl
 

@@ -1,4 +1,5 @@
 """Launch-side helpers shared by the Triton kernel modules."""
+
 import functools
 import os
 

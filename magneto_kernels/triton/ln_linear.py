@@ -37,15 +37,22 @@ Backward (``ln_linear_backward``):
 
 float32 operands use ``tl.dot(input_precision=...)`` from ``common.fp32_dot_precision()``.
 """
+
+import torch
 import triton
 import triton.language as tl
-import torch
 
 from magneto_kernels.codes import ACTIVATIONS, NORMS, dropout_threshold
 from magneto_kernels.triton.activations import ACT_NONE, activation, activation_grad, cast_rn
 from magneto_kernels.triton.common import AUTOTUNE, INTERPRET, fp32_dot_precision, new_buffer
-from magneto_kernels.triton.norm import (LAYER_NORM, NO_NORM, RMS_NORM, column_sum,
-                                         norm_backward, norm_forward)
+from magneto_kernels.triton.norm import (
+    LAYER_NORM,
+    NO_NORM,
+    RMS_NORM,
+    column_sum,
+    norm_backward,
+    norm_forward,
+)
 from magneto_kernels.triton.philox import dropout_keep
 
 # One small configuration in the interpreter (autotuning there would take minutes).
@@ -62,10 +69,15 @@ def _gemm_configs():
     To be revisited with GPU measurements.
     """
     shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
-        (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
+        (128, 128, 64, 8, 3),
+        (128, 256, 64, 8, 3),
     ]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                          num_warps=w, num_stages=s) for bm, bn, bk, w, s in shapes]
+    return [
+        triton.Config(
+            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s
+        )
+        for bm, bn, bk, w, s in shapes
+    ]
 
 
 @triton.jit
@@ -84,8 +96,18 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
 
 
 @triton.jit
-def _normalize_tile(x, mean, rstd, gamma, beta, valid, IN_ACT: tl.constexpr, NORM: tl.constexpr,
-                    HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr):
+def _normalize_tile(
+    x,
+    mean,
+    rstd,
+    gamma,
+    beta,
+    valid,
+    IN_ACT: tl.constexpr,
+    NORM: tl.constexpr,
+    HAS_GAMMA: tl.constexpr,
+    HAS_BETA: tl.constexpr,
+):
     """h = N(in_act(x)) for a float32 tile, before rounding; ``mean``/``rstd`` broadcast over
     the tile's rows, ``gamma``/``beta`` over its columns. Invalid (out-of-range) entries become
     0."""
@@ -111,15 +133,44 @@ def _dot(a, b, acc, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _ln_matmul_kernel(A, B, C, PREACT, MEAN, RSTD, GAMMA, BETA, BIAS, RES, SEED,
-                      M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
-                      threshold, dropout_scale, alpha,
-                      NORM: tl.constexpr, IN_ACT: tl.constexpr, HAS_GAMMA: tl.constexpr,
-                      HAS_BETA: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-                      WRITE_PREACT: tl.constexpr, DROPOUT: tl.constexpr, HAS_RES: tl.constexpr,
-                      DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      GROUP_M: tl.constexpr):
+def _ln_matmul_kernel(
+    A,
+    B,
+    C,
+    PREACT,
+    MEAN,
+    RSTD,
+    GAMMA,
+    BETA,
+    BIAS,
+    RES,
+    SEED,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_ak,
+    stride_bk,
+    stride_bn,
+    threshold,
+    dropout_scale,
+    alpha,
+    NORM: tl.constexpr,
+    IN_ACT: tl.constexpr,
+    HAS_GAMMA: tl.constexpr,
+    HAS_BETA: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,
+    WRITE_PREACT: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
     """C[M, N] = linear_epilogue(N(in_act(A)) @ B), B[k, n] at B + k·stride_bk + n·stride_bn.
 
     Forward: A = x, B = weight^T. Also the backward's dh = dz @ weight (no norm, no epilogue).
@@ -155,8 +206,18 @@ def _ln_matmul_kernel(A, B, C, PREACT, MEAN, RSTD, GAMMA, BETA, BIAS, RES, SEED,
                 gamma = tl.load(GAMMA + k, mask=k_mask, other=0.0).to(tl.float32)
             if HAS_BETA:
                 beta = tl.load(BETA + k, mask=k_mask, other=0.0).to(tl.float32)
-            h = _normalize_tile(a.to(tl.float32), mean[:, None], rstd[:, None], gamma[None, :],
-                                beta[None, :], valid, IN_ACT, NORM, HAS_GAMMA, HAS_BETA)
+            h = _normalize_tile(
+                a.to(tl.float32),
+                mean[:, None],
+                rstd[:, None],
+                gamma[None, :],
+                beta[None, :],
+                valid,
+                IN_ACT,
+                NORM,
+                HAS_GAMMA,
+                HAS_BETA,
+            )
             a = cast_rn(h, B.dtype.element_ty)
         # else: a plain GEMM operand (the backward's dz, or x with no norm and no in_act) goes
         # straight from memory to tl.dot, so the compiler can pipeline it through shared memory.
@@ -184,11 +245,28 @@ def _ln_matmul_kernel(A, B, C, PREACT, MEAN, RSTD, GAMMA, BETA, BIAS, RES, SEED,
 
 
 @triton.jit
-def _dweight_kernel(DZ, X, DWEIGHT, MEAN, RSTD, GAMMA, BETA, M, N, K,
-                    NORM: tl.constexpr, IN_ACT: tl.constexpr, HAS_GAMMA: tl.constexpr,
-                    HAS_BETA: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    GROUP_M: tl.constexpr):
+def _dweight_kernel(
+    DZ,
+    X,
+    DWEIGHT,
+    MEAN,
+    RSTD,
+    GAMMA,
+    BETA,
+    M,
+    N,
+    K,
+    NORM: tl.constexpr,
+    IN_ACT: tl.constexpr,
+    HAS_GAMMA: tl.constexpr,
+    HAS_BETA: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
     """dweight[N, K] = dz^T @ h, reducing over the M rows; the h tiles are recomputed on load
     from x and the saved row statistics. (Here BLOCK_M tiles dweight's rows, i.e. N, and
     BLOCK_K tiles the reduction over M.) Absent MEAN, RSTD, GAMMA, BETA are None."""
@@ -206,8 +284,8 @@ def _dweight_kernel(DZ, X, DWEIGHT, MEAN, RSTD, GAMMA, BETA, M, N, K,
         gamma = tl.load(GAMMA + k0 + lk, mask=k_mask, other=0.0).to(tl.float32)
     if HAS_BETA:
         beta = tl.load(BETA + k0 + lk, mask=k_mask, other=0.0).to(tl.float32)
-    dz_ptrs = DZ + n0 + (rr[None, :] * N + ln[:, None])      # dz^T tile (BLOCK_M, BLOCK_K)
-    x_ptrs = X + k0 + (rr[:, None] * K + lk[None, :])        # x tile (BLOCK_K, BLOCK_N)
+    dz_ptrs = DZ + n0 + (rr[None, :] * N + ln[:, None])  # dz^T tile (BLOCK_M, BLOCK_K)
+    x_ptrs = X + k0 + (rr[:, None] * K + lk[None, :])  # x tile (BLOCK_K, BLOCK_N)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for m0 in range(0, M, BLOCK_K):
         rows = m0 + rr
@@ -221,20 +299,46 @@ def _dweight_kernel(DZ, X, DWEIGHT, MEAN, RSTD, GAMMA, BETA, M, N, K,
             mean = tl.load(MEAN + rows, mask=r_mask, other=0.0)
         if NORM != NO_NORM:
             rstd = tl.load(RSTD + rows, mask=r_mask, other=0.0)
-        h = _normalize_tile(x, mean[:, None], rstd[:, None], gamma[None, :], beta[None, :], valid,
-                            IN_ACT, NORM, HAS_GAMMA, HAS_BETA)
+        h = _normalize_tile(
+            x,
+            mean[:, None],
+            rstd[:, None],
+            gamma[None, :],
+            beta[None, :],
+            valid,
+            IN_ACT,
+            NORM,
+            HAS_GAMMA,
+            HAS_BETA,
+        )
         acc = _dot(dzt, cast_rn(h, DZ.dtype.element_ty), acc, DOT_FP32, PRECISION)
         dz_ptrs += BLOCK_K * N
         x_ptrs += BLOCK_K * K
-    tl.store(DWEIGHT + n0 * K + k0 + (ln[:, None] * K + lk[None, :]),
-             cast_rn(acc, DWEIGHT.dtype.element_ty), mask=n_mask[:, None] & k_mask[None, :])
+    tl.store(
+        DWEIGHT + n0 * K + k0 + (ln[:, None] * K + lk[None, :]),
+        cast_rn(acc, DWEIGHT.dtype.element_ty),
+        mask=n_mask[:, None] & k_mask[None, :],
+    )
 
 
 @triton.jit
-def _linear_epilogue_backward_kernel(DY, PREACT, SEED, DZ, DBIAS_PART, M, N, threshold,
-                                     dropout_scale, ACT: tl.constexpr, DROPOUT: tl.constexpr,
-                                     WRITE_DZ: tl.constexpr, WANT_DBIAS: tl.constexpr,
-                                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _linear_epilogue_backward_kernel(
+    DY,
+    PREACT,
+    SEED,
+    DZ,
+    DBIAS_PART,
+    M,
+    N,
+    threshold,
+    dropout_scale,
+    ACT: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    WRITE_DZ: tl.constexpr,
+    WANT_DBIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """dz = dy ⊙ keep/(1-p) ⊙ act'(preact), and row-block partial sums of dz for dbias.
     PREACT (no activation), SEED (no dropout), DZ and DBIAS_PART (not wanted) may be None."""
     pid_m = tl.program_id(0)
@@ -259,15 +363,18 @@ _TUNED = {}
 """Plain GEMM kernel -> its autotuner (GPU only: the interpreter runs ``_INTERPRET_META``)."""
 if not INTERPRET:
     _TUNED[_ln_matmul_kernel] = triton.autotune(
-        _gemm_configs(), key=["M", "N", "K", "NORM", "ACT", "DROPOUT", "HAS_RES", "DOT_FP32",
-                              "PRECISION"])(_ln_matmul_kernel)
+        _gemm_configs(),
+        key=["M", "N", "K", "NORM", "ACT", "DROPOUT", "HAS_RES", "DOT_FP32", "PRECISION"],
+    )(_ln_matmul_kernel)
     _TUNED[_dweight_kernel] = triton.autotune(
-        _gemm_configs(), key=["M", "N", "K", "NORM", "DOT_FP32", "PRECISION"])(_dweight_kernel)
+        _gemm_configs(), key=["M", "N", "K", "NORM", "DOT_FP32", "PRECISION"]
+    )(_dweight_kernel)
 
 
 def _launch_gemm(kernel, rows, cols, **args):
     """Launch a GEMM kernel over a (rows × cols) output: autotuned on GPU, one config in the
     interpreter or when autotuning is off."""
+
     def grid(meta):
         return (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]),)
 
@@ -275,15 +382,18 @@ def _launch_gemm(kernel, rows, cols, **args):
         kernel[grid(_INTERPRET_META)](**args, **_INTERPRET_META)
     elif not AUTOTUNE:
         config = _gemm_configs()[0]
-        kernel[grid(config.kwargs)](**args, **config.kwargs, num_warps=config.num_warps,
-                                    num_stages=config.num_stages)
+        kernel[grid(config.kwargs)](
+            **args, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages
+        )
     else:
         _TUNED[kernel][grid](**args)
 
 
 def _dot_flags(dtype: torch.dtype) -> dict:
-    return {"DOT_FP32": INTERPRET and dtype != torch.float16,
-            "PRECISION": fp32_dot_precision() if dtype == torch.float32 else "tf32"}
+    return {
+        "DOT_FP32": INTERPRET and dtype != torch.float16,
+        "PRECISION": fp32_dot_precision() if dtype == torch.float32 else "tf32",
+    }
 
 
 def _dropout_args(dropout_p: float) -> tuple[int, float]:
@@ -293,9 +403,25 @@ def _dropout_args(dropout_p: float) -> tuple[int, float]:
     return dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p)
 
 
-def _ln_matmul(a, b, out, *, norm="none", input_activation="none", mean=None, rstd=None,
-               gamma=None, beta=None, bias=None, activation="none", preact=None, seed=None,
-               dropout_p=0.0, residual=None, alpha=1.0):
+def _ln_matmul(
+    a,
+    b,
+    out,
+    *,
+    norm="none",
+    input_activation="none",
+    mean=None,
+    rstd=None,
+    gamma=None,
+    beta=None,
+    bias=None,
+    activation="none",
+    preact=None,
+    seed=None,
+    dropout_p=0.0,
+    residual=None,
+    alpha=1.0,
+):
     """out = linear_epilogue(N(in_act(a)) @ b) for a (rows, K) and b (K, cols), both any-strided
     views, out and the optional preact/residual contiguous (rows, cols). The keywords left at
     their defaults make it a plain GEMM, ``out = a @ b``."""
@@ -303,7 +429,9 @@ def _ln_matmul(a, b, out, *, norm="none", input_activation="none", mean=None, rs
     cols = out.shape[1]
     threshold, scale = _dropout_args(dropout_p)
     _launch_gemm(
-        _ln_matmul_kernel, rows, cols,
+        _ln_matmul_kernel,
+        rows,
+        cols,
         A=a,
         B=b,
         C=out,
@@ -338,15 +466,29 @@ def _ln_matmul(a, b, out, *, norm="none", input_activation="none", mean=None, rs
     )
 
 
-def ln_linear(x, ln_weight, ln_bias, weight, bias, residual, seed, eps, norm, input_activation,
-              activation, alpha, dropout_p):
+def ln_linear(
+    x,
+    ln_weight,
+    ln_bias,
+    weight,
+    bias,
+    residual,
+    seed,
+    eps,
+    norm,
+    input_activation,
+    activation,
+    alpha,
+    dropout_p,
+):
     rows, k = x.shape
     n = weight.shape[0]
     if dropout_p > 0.0 and seed is None:
         raise ValueError("dropout_p > 0 needs a seed tensor")
     if norm != "none":
-        _, _, mean, rstd = norm_forward(x, None, None, eps, norm,
-                                        input_activation=input_activation, write_y=False)
+        _, _, mean, rstd = norm_forward(
+            x, None, None, eps, norm, input_activation=input_activation, write_y=False
+        )
     else:
         mean = x.new_empty((0,), dtype=torch.float32)
         rstd = x.new_empty((0,), dtype=torch.float32)
@@ -356,7 +498,9 @@ def ln_linear(x, ln_weight, ln_bias, weight, bias, residual, seed, eps, norm, in
     if rows == 0 or n == 0:
         return out, mean, rstd, preact
     _ln_matmul(
-        x, weight.t(), out,
+        x,
+        weight.t(),
+        out,
         norm=norm,
         input_activation=input_activation,
         mean=mean if norm == "layer" else None,
@@ -374,8 +518,22 @@ def ln_linear(x, ln_weight, ln_bias, weight, bias, residual, seed, eps, norm, in
     return out, mean, rstd, preact
 
 
-def ln_linear_backward(grad_out, x, ln_weight, ln_bias, weight, mean, rstd, preact, seed, norm,
-                       input_activation, activation, dropout_p, output_mask):
+def ln_linear_backward(
+    grad_out,
+    x,
+    ln_weight,
+    ln_bias,
+    weight,
+    mean,
+    rstd,
+    preact,
+    seed,
+    norm,
+    input_activation,
+    activation,
+    dropout_p,
+    output_mask,
+):
     # The kernels' gamma/beta are the op's ln_weight/ln_bias; grad_out is dy.
     rows, k = x.shape
     n = weight.shape[0]
@@ -387,11 +545,13 @@ def ln_linear_backward(grad_out, x, ln_weight, ln_bias, weight, mean, rstd, prea
     dweight = dbias = empty
     if rows == 0:
         zeros = torch.zeros_like
-        return (new_buffer(x.shape, x.dtype, x.device) if want_dx else empty,
-                zeros(ln_weight) if want_dgamma else empty,
-                zeros(ln_bias) if want_dbeta else empty,
-                zeros(weight) if want_dweight else empty,
-                weight.new_zeros((n,)) if want_dbias else empty)
+        return (
+            new_buffer(x.shape, x.dtype, x.device) if want_dx else empty,
+            zeros(ln_weight) if want_dgamma else empty,
+            zeros(ln_bias) if want_dbeta else empty,
+            zeros(weight) if want_dweight else empty,
+            weight.new_zeros((n,)) if want_dbias else empty,
+        )
     mean = mean if norm == "layer" else None
     rstd = rstd if norm != "none" else None
 
@@ -404,8 +564,7 @@ def ln_linear_backward(grad_out, x, ln_weight, ln_bias, weight, mean, rstd, prea
         row_blocks = triton.cdiv(rows, block_m)
         if transform and (want_dweight or need_dh):
             dz = new_buffer((rows, n), weight.dtype, x.device)
-        dbias_part = (new_buffer((row_blocks, n), torch.float32, x.device) if want_dbias
-                      else None)
+        dbias_part = new_buffer((row_blocks, n), torch.float32, x.device) if want_dbias else None
         _linear_epilogue_backward_kernel[(row_blocks, triton.cdiv(n, block_n))](
             DY=grad_out,
             PREACT=preact if activation != "none" else None,
@@ -433,7 +592,9 @@ def ln_linear_backward(grad_out, x, ln_weight, ln_bias, weight, mean, rstd, prea
     if want_dweight:
         dweight = new_buffer(weight.shape, weight.dtype, x.device)
         _launch_gemm(
-            _dweight_kernel, n, k,
+            _dweight_kernel,
+            n,
+            k,
             DZ=dz,
             X=x,
             DWEIGHT=dweight,
@@ -456,7 +617,16 @@ def ln_linear_backward(grad_out, x, ln_weight, ln_bias, weight, mean, rstd, prea
     if need_dh:
         dh = new_buffer((rows, k), torch.float32, x.device)
         _ln_matmul(dz, weight, dh)
-        dx, dgamma, dbeta = norm_backward(dh, x, ln_weight, ln_bias, mean, rstd, None, norm,
-                                          [want_dx, want_dgamma, want_dbeta],
-                                          input_activation=input_activation)
+        dx, dgamma, dbeta = norm_backward(
+            dh,
+            x,
+            ln_weight,
+            ln_bias,
+            mean,
+            rstd,
+            None,
+            norm,
+            [want_dx, want_dgamma, want_dbeta],
+            input_activation=input_activation,
+        )
     return dx, dgamma, dbeta, dweight, dbias

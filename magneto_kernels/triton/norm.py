@@ -9,9 +9,10 @@ which also keeps the interpreter away from bf16 arithmetic). Rows up to ``MAX_FU
 are processed in chunks of ``CHUNK`` columns, the statistics merged chunk by chunk (Chan et
 al.), so widths 1..65536 (and more) work.
 """
+
+import torch
 import triton
 import triton.language as tl
-import torch
 
 from magneto_kernels.codes import ACTIVATIONS, NORMS
 from magneto_kernels.triton.activations import ACT_NONE, activation, activation_grad, cast_rn
@@ -50,8 +51,9 @@ def _load_row_input(X, RES, cols, mask, alpha, IN_ACT: tl.constexpr, HAS_RES: tl
 
 
 @triton.jit
-def _store_normalized(Y, GAMMA, BETA, a, mean, rstd, cols, mask, HAS_GAMMA: tl.constexpr,
-                      HAS_BETA: tl.constexpr):
+def _store_normalized(
+    Y, GAMMA, BETA, a, mean, rstd, cols, mask, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr
+):
     y = (a - mean) * rstd
     if HAS_GAMMA:
         y = y * tl.load(GAMMA + cols, mask=mask, other=0.0).to(tl.float32)
@@ -61,10 +63,27 @@ def _store_normalized(Y, GAMMA, BETA, a, mean, rstd, cols, mask, HAS_GAMMA: tl.c
 
 
 @triton.jit
-def _norm_fwd_kernel(X, RES, Y, S, GAMMA, BETA, MEAN, RSTD, N, eps, alpha,
-                     NORM: tl.constexpr, IN_ACT: tl.constexpr, HAS_RES: tl.constexpr,
-                     HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, WRITE_Y: tl.constexpr,
-                     BLOCK_N: tl.constexpr, SINGLE: tl.constexpr):
+def _norm_fwd_kernel(
+    X,
+    RES,
+    Y,
+    S,
+    GAMMA,
+    BETA,
+    MEAN,
+    RSTD,
+    N,
+    eps,
+    alpha,
+    NORM: tl.constexpr,
+    IN_ACT: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    HAS_GAMMA: tl.constexpr,
+    HAS_BETA: tl.constexpr,
+    WRITE_Y: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SINGLE: tl.constexpr,
+):
     """Statistics of one row of a = in_act(x) (or alpha·residual + x, also stored as S), and
     optionally Y = xhat·gamma + beta. RES and S are None without a residual, Y without WRITE_Y,
     MEAN for RMSNorm."""
@@ -123,8 +142,7 @@ def _norm_fwd_kernel(X, RES, Y, S, GAMMA, BETA, MEAN, RSTD, N, eps, alpha,
                 cols = start + tl.arange(0, BLOCK_N)
                 mask = cols < N
                 a = _load_row_input(X, RES, cols, mask, alpha, IN_ACT, HAS_RES)
-                _store_normalized(Y, GAMMA, BETA, a, mean, rstd, cols, mask, HAS_GAMMA,
-                                  HAS_BETA)
+                _store_normalized(Y, GAMMA, BETA, a, mean, rstd, cols, mask, HAS_GAMMA, HAS_BETA)
 
 
 @triton.jit
@@ -143,9 +161,24 @@ def _input_grad(g, xhat, mean_g, mean_gxhat, rstd, x, NORM: tl.constexpr, IN_ACT
 
 
 @triton.jit
-def _norm_bwd_row_chunk(DY, X, GAMMA, GRAD_ACCUM, DX, cols, mask, mean, rstd, mean_g, mean_gxhat,
-                        NORM: tl.constexpr, IN_ACT: tl.constexpr, HAS_GAMMA: tl.constexpr,
-                        HAS_GRAD_ACCUM: tl.constexpr, WANT_DX: tl.constexpr):
+def _norm_bwd_row_chunk(
+    DY,
+    X,
+    GAMMA,
+    GRAD_ACCUM,
+    DX,
+    cols,
+    mask,
+    mean,
+    rstd,
+    mean_g,
+    mean_gxhat,
+    NORM: tl.constexpr,
+    IN_ACT: tl.constexpr,
+    HAS_GAMMA: tl.constexpr,
+    HAS_GRAD_ACCUM: tl.constexpr,
+    WANT_DX: tl.constexpr,
+):
     """dx for one chunk of a row (DY, X, GRAD_ACCUM and DX point at the row) given the row means;
     returns (dy, xhat) for the dgamma/dbeta partials."""
     x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
@@ -164,12 +197,29 @@ def _norm_bwd_row_chunk(DY, X, GAMMA, GRAD_ACCUM, DX, cols, mask, mean, rstd, me
 
 
 @triton.jit
-def _norm_bwd_kernel(DY, X, GAMMA, MEAN, RSTD, GRAD_ACCUM, DX, DGAMMA_PART, DBETA_PART,
-                     M, N, rows_per_prog,
-                     NORM: tl.constexpr, IN_ACT: tl.constexpr, HAS_GAMMA: tl.constexpr,
-                     HAS_GRAD_ACCUM: tl.constexpr, WANT_DX: tl.constexpr,
-                     WANT_DGAMMA: tl.constexpr, WANT_DBETA: tl.constexpr,
-                     BLOCK_N: tl.constexpr, SINGLE: tl.constexpr):
+def _norm_bwd_kernel(
+    DY,
+    X,
+    GAMMA,
+    MEAN,
+    RSTD,
+    GRAD_ACCUM,
+    DX,
+    DGAMMA_PART,
+    DBETA_PART,
+    M,
+    N,
+    rows_per_prog,
+    NORM: tl.constexpr,
+    IN_ACT: tl.constexpr,
+    HAS_GAMMA: tl.constexpr,
+    HAS_GRAD_ACCUM: tl.constexpr,
+    WANT_DX: tl.constexpr,
+    WANT_DGAMMA: tl.constexpr,
+    WANT_DBETA: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SINGLE: tl.constexpr,
+):
     """Backward of y = N(in_act(x)) for a contiguous block of rows per program.
 
     With xhat = (a - mean)·rstd (a = in_act(x); mean = 0 for RMSNorm), g = dy·gamma and the row
@@ -235,8 +285,9 @@ def _norm_bwd_kernel(DY, X, GAMMA, MEAN, RSTD, GRAD_ACCUM, DX, DGAMMA_PART, DBET
                 for start in range(0, N, BLOCK_N):
                     cols = start + tl.arange(0, BLOCK_N)
                     mask = cols < N
-                    a = activation(tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32),
-                                   IN_ACT)
+                    a = activation(
+                        tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32), IN_ACT
+                    )
                     g = tl.load(dy_row + cols, mask=mask, other=0.0).to(tl.float32)
                     if HAS_GAMMA:
                         g = g * tl.load(GAMMA + cols, mask=mask, other=0.0).to(tl.float32)
@@ -252,9 +303,24 @@ def _norm_bwd_kernel(DY, X, GAMMA, MEAN, RSTD, GRAD_ACCUM, DX, DGAMMA_PART, DBET
             for start in range(0, N, BLOCK_N):
                 cols = start + tl.arange(0, BLOCK_N)
                 mask = cols < N
-                dy, xhat = _norm_bwd_row_chunk(dy_row, x_row, GAMMA, grad_accum_row, dx_row, cols,
-                                               mask, mean, rstd, mean_g, mean_gxhat, NORM, IN_ACT,
-                                               HAS_GAMMA, HAS_GRAD_ACCUM, WANT_DX)
+                dy, xhat = _norm_bwd_row_chunk(
+                    dy_row,
+                    x_row,
+                    GAMMA,
+                    grad_accum_row,
+                    dx_row,
+                    cols,
+                    mask,
+                    mean,
+                    rstd,
+                    mean_g,
+                    mean_gxhat,
+                    NORM,
+                    IN_ACT,
+                    HAS_GAMMA,
+                    HAS_GRAD_ACCUM,
+                    WANT_DX,
+                )
                 if WANT_DGAMMA:
                     prev = tl.load(DGAMMA_PART + cols, mask=mask & after_first, other=0.0)
                     tl.store(DGAMMA_PART + cols, prev + dy * xhat, mask=mask)
@@ -289,7 +355,8 @@ def column_sum(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     block_n = min(256, triton.next_power_of_2(width))
     block_r = min(32, triton.next_power_of_2(rows))
     _column_sum_kernel[(triton.cdiv(width, block_n),)](
-        partials, out, rows, width, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=4)
+        partials, out, rows, width, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=4
+    )
     return out
 
 
@@ -316,8 +383,9 @@ def _launch_row_kernel(kernel, grid, num_warps, **args):
         _TUNED[kernel][grid](**args)
 
 
-def norm_forward(x, gamma, beta, eps, norm, *, residual=None, alpha=1.0, input_activation="none",
-                 write_y=True):
+def norm_forward(
+    x, gamma, beta, eps, norm, *, residual=None, alpha=1.0, input_activation="none", write_y=True
+):
     """Row statistics and (optionally) y = N(a) for 2-D contiguous x, with a = alpha·residual + x
     when ``residual`` is given and a = in_act(x) otherwise.
 
@@ -336,7 +404,9 @@ def norm_forward(x, gamma, beta, eps, norm, *, residual=None, alpha=1.0, input_a
         raise ValueError("norm_forward: norm='none' has nothing to normalise")
     block, single, warps = row_block(width)
     _launch_row_kernel(
-        _norm_fwd_kernel, (rows,), warps,
+        _norm_fwd_kernel,
+        (rows,),
+        warps,
         X=x,
         RES=residual,
         Y=y,
@@ -360,8 +430,9 @@ def norm_forward(x, gamma, beta, eps, norm, *, residual=None, alpha=1.0, input_a
     return y, s, mean, rstd
 
 
-def norm_backward(dy, x, gamma, beta, mean, rstd, grad_accum, norm, output_mask, *,
-                  input_activation="none"):
+def norm_backward(
+    dy, x, gamma, beta, mean, rstd, grad_accum, norm, output_mask, *, input_activation="none"
+):
     """(dx, dgamma, dbeta) of y = N(in_act(x)) (see ``_norm_bwd_kernel``); ``grad_accum`` is
     added to dx. Unwanted gradients come back as ``x.new_empty((0,))``."""
     rows, width = x.shape
@@ -383,7 +454,9 @@ def norm_backward(dy, x, gamma, beta, mean, rstd, grad_accum, norm, output_mask,
     dbeta_part = new_buffer((programs, width), torch.float32, device) if want_dbeta else None
     block, single, warps = row_block(width, MAX_FUSED_WIDTH_BACKWARD)
     _launch_row_kernel(
-        _norm_bwd_kernel, (programs,), warps,
+        _norm_bwd_kernel,
+        (programs,),
+        warps,
         DY=dy,
         X=x,
         GAMMA=gamma,
@@ -413,6 +486,7 @@ def norm_backward(dy, x, gamma, beta, mean, rstd, grad_accum, norm, output_mask,
 
 # ------------------------------------------------------------------------ op implementations
 # The op schemas keep torch's names: their ``weight``/``bias`` are the kernels' gamma/beta.
+
 
 def layer_norm(x, weight, bias, eps, norm):
     y, _, mean, rstd = norm_forward(x, weight, bias, eps, norm)

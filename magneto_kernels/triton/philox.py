@@ -4,6 +4,7 @@
 offset); this version takes the full 64-bit index as counter (lo word, hi word, 0, 0), so every
 backend draws the same dropout mask for tensors of any size.
 """
+
 import triton
 import triton.language as tl
 

@@ -4,6 +4,7 @@ the one timm function torchscale 0.3.0 imports (README.md here says why).
 This folder holds a ``timm`` package; ``use_if_missing()`` puts the folder on ``sys.path`` when
 no real timm is importable, so that ``import torchscale`` works beside a CPU-only torch.
 """
+
 from __future__ import annotations
 
 import importlib.util

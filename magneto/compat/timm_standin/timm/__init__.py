@@ -1,2 +1,3 @@
 """STAND-IN for timm: provides only ``timm.models.layers.drop_path`` (see ../README.md)."""
+
 STANDIN = True

@@ -1,9 +1,11 @@
 """STAND-IN for ``timm.models.layers``: only ``drop_path``, the one function torchscale imports."""
+
 import torch
 
 
-def drop_path(x: torch.Tensor, drop_prob: float = 0.0, training: bool = False,
-              scale_by_keep: bool = True) -> torch.Tensor:
+def drop_path(
+    x: torch.Tensor, drop_prob: float = 0.0, training: bool = False, scale_by_keep: bool = True
+) -> torch.Tensor:
     """Stochastic depth: zero whole samples (dim 0) with probability drop_prob, rescale the rest."""
     if drop_prob == 0.0 or not training:
         return x
