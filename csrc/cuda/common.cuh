@@ -75,7 +75,8 @@ __device__ __forceinline__ void load_vec(const S* p, int valid, bool vec_ok, flo
 #pragma unroll
     for (int c = 0; c < N / kPer; ++c) {
       alignas(16) S e[kPer];
-      __builtin_memcpy(e, __builtin_assume_aligned(p + c * kPer, 16), 16);
+      __builtin_memcpy(e, __builtin_assume_aligned(static_cast<const void*>(p + c * kPer), 16),
+                       16);
 #pragma unroll
       for (int i = 0; i < kPer; ++i) out[c * kPer + i] = to_float(e[i]);
     }
@@ -96,7 +97,7 @@ __device__ __forceinline__ void store_vec(S* p, int valid, bool vec_ok, const fl
       alignas(16) S e[kPer];
 #pragma unroll
       for (int i = 0; i < kPer; ++i) e[i] = from_float<S>(in[c * kPer + i]);
-      __builtin_memcpy(__builtin_assume_aligned(p + c * kPer, 16), e, 16);
+      __builtin_memcpy(__builtin_assume_aligned(static_cast<void*>(p + c * kPer), 16), e, 16);
     }
   } else {
 #pragma unroll
