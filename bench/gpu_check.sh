@@ -70,7 +70,8 @@ fi
 #    memcheck (out-of-bounds and misaligned accesses) on the CUDA backend's op tests, racecheck
 #    (shared-memory hazards, much slower) on their float32 cases. Torch's own kernels are
 #    checked too; any report fails the stage.
-SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
+SANITIZER=$(command -v compute-sanitizer ||
+            echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
 if [ "${QUICK:-0}" != "1" ]; then
   if [ -x "$SANITIZER" ]; then
     stage memcheck 150 sanitizer_memcheck.log env TRITON_INTERPRET=0 \
