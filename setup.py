@@ -99,6 +99,17 @@ def _emulated_source(cu_path, out_dir):
     return os.path.relpath(out, HERE)
 
 
+def _including_source(path, out_dir):
+    """<out_dir>/emu_<dir>_<name>.cpp, a file that includes `path`."""
+    rel = os.path.relpath(path, os.path.join(HERE, "csrc"))
+    out = os.path.join(out_dir, "emu_" + rel.replace(os.sep, "_"))
+    text = f'#include "{path}"\n'
+    if not os.path.exists(out) or open(out).read() != text:
+        with open(out, "w") as f:
+            f.write(text)
+    return os.path.relpath(out, HERE)
+
+
 def _emulated_cuda_extension(CppExtension, include_dirs):
     """magneto_kernels._C_emu: the API file, the CUDA orchestration and kernels as host C++
     against csrc/cuda_emu (which stands in for the CUDA headers), the CPU GEMM engine the API
@@ -109,8 +120,11 @@ def _emulated_cuda_extension(CppExtension, include_dirs):
     os.makedirs(out_dir, exist_ok=True)
     kernels = [_emulated_source(os.path.join(HERE, p), out_dir)
                for p in _sources("csrc/cuda/*.cu")]
-    sources = (_sources("csrc/*.cpp") + ["csrc/cpu/gemm.cpp"] + _sources("csrc/cuda/*.cpp")
-               + _sources("csrc/cuda_emu/*.cpp") + kernels)
+    # The files _C compiles too, included from files of their own: their objects then have
+    # paths of their own, and the two extensions do not rebuild each other's.
+    shared = [_including_source(os.path.join(HERE, p), out_dir)
+              for p in _sources("csrc/*.cpp") + ["csrc/cpu/gemm.cpp"] + _sources("csrc/cuda/*.cpp")]
+    sources = shared + _sources("csrc/cuda_emu/*.cpp") + kernels
     flags = ["-O2", "-g0", "-std=c++20", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized"]
     return CppExtension(
         "magneto_kernels._C_emu", sources,
