@@ -12,9 +12,9 @@
 // completes when every lane of its mask has reached it (same call, mask and width), through a
 // per-warp exchange. A barrier or shuffle that cannot complete (part of a block or warp reaches
 // it, lanes at different calls, a lane outside the mask) fails the launch with a message that
-// cudaGetLastError/cudaGetErrorString report. Fibers are resumed in thread order, and in reverse
-// order after every other barrier, so that a missing barrier between a write and the reads of
-// the other threads shows up in more cases; it is no race detector (docs/design.md, Traps).
+// cudaGetLastError/cudaGetErrorString report. Fibers are resumed in thread order, the direction
+// alternating at each barrier release, so that a missing barrier between a write and the reads
+// of other threads shows up in more cases; it is no race detector (docs/design.md, Traps).
 // __half/__nv_bfloat16 convert with round-to-nearest-even; the math functions are libm's, so
 // --use_fast_math numerics are not reproduced.
 #pragma once
