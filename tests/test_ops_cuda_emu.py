@@ -33,6 +33,12 @@ def cuda():
 
 # ------------------------------------------------------------------------------ the emulation
 
+def test_cpu_tensors_run_the_emulated_build():
+    from magneto_kernels import _C
+    assert not _C.emulated() and _C.emulated_cuda.emulated()
+    assert mk.available_backends("cpu")["cpu"] is not None  # _C_emu holds the CPU key now
+
+
 def test_shuffle_masks_and_widths():
     out = torch.ops.magneto_emu.kernel_self_test("shuffles").view(5, 64)
     t = torch.arange(64)
