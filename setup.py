@@ -71,14 +71,13 @@ def _extensions():
 
 # The two CUDA constructs host C++ lacks, rewritten for csrc/cuda_emu: a launch
 # `kernel<tmpl><<<config>>>(` and a dynamic shared array `extern __shared__ T name[];`.
-_LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;]*>)?)\s*<<<(.*?)>>>\s*\(", re.S)
+_LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;]*>)?)\s*<<<(.*?)>>>\s*\(", re.DOTALL)
 _DYNAMIC_SHARED = re.compile(r"extern\s+__shared__\s+([\w:]+)\s+(\w+)\s*\[\s*\]\s*;")
 
 
 def _emulated_source(cu_path, out_dir):
     """csrc/cuda/<name>.cu rewritten as <out_dir>/<name>.cpp (line numbers kept, and a #line so
-    that diagnostics and __FILE__ name the .cu); rewritten only when it changes, so that ninja
-    recompiles only what changed."""
+    that diagnostics and __FILE__ name the .cu)."""
     with open(cu_path) as f:
         text = f.read()
 
@@ -93,20 +92,25 @@ def _emulated_source(cu_path, out_dir):
                                text)
     text = f'#line 1 "{cu_path}"\n' + text
     out = os.path.join(out_dir, os.path.splitext(os.path.basename(cu_path))[0] + ".cpp")
-    if not os.path.exists(out) or open(out).read() != text:
-        with open(out, "w") as f:
-            f.write(text)
+    _write_if_changed(out, text)
     return os.path.relpath(out, HERE)
+
+
+def _write_if_changed(path, text):
+    """Writes only a change, so that ninja recompiles only what changed."""
+    if os.path.exists(path):
+        with open(path) as f:
+            if f.read() == text:
+                return
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def _including_source(path, out_dir):
     """<out_dir>/emu_<dir>_<name>.cpp, a file that includes `path`."""
     rel = os.path.relpath(path, os.path.join(HERE, "csrc"))
     out = os.path.join(out_dir, "emu_" + rel.replace(os.sep, "_"))
-    text = f'#include "{path}"\n'
-    if not os.path.exists(out) or open(out).read() != text:
-        with open(out, "w") as f:
-            f.write(text)
+    _write_if_changed(out, f'#include "{path}"\n')
     return os.path.relpath(out, HERE)
 
 
