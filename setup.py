@@ -2,12 +2,16 @@
 
 The extension always contains the C++ CPU kernels; the CUDA kernels join it when torch was built
 with CUDA and nvcc is found. MAGNETO_BUILD_CUDA=1 forces them on (set TORCH_CUDA_ARCH_LIST when
-no GPU is visible), MAGNETO_BUILD_CUDA=0 forces them off. Build against the installed torch:
+no GPU is visible), MAGNETO_BUILD_CUDA=0 forces them off. MAGNETO_BUILD_CUDA_EMU=1 also builds
+magneto_kernels._C_emu: the CUDA kernels compiled for the CPU against csrc/cuda_emu, which
+MAGNETO_CUDA_EMULATE=1 selects at import (a test vehicle; docs/design.md, Backends and dispatch).
+Build against the installed torch:
 
     pip install --no-build-isolation -e .
 """
 import glob
 import os
+import re
 
 from setuptools import find_packages, setup
 
@@ -59,7 +63,78 @@ def _extensions():
     else:
         ext = CppExtension("magneto_kernels._C", cpp_sources, include_dirs=include_dirs,
                            extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    exts = [ext]
+    if os.environ.get("MAGNETO_BUILD_CUDA_EMU", "0").lower() in ("1", "on", "true"):
+        exts.append(_emulated_cuda_extension(CppExtension, include_dirs))
+    return exts, {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+# The two CUDA constructs host C++ lacks, rewritten for csrc/cuda_emu: a launch
+# `kernel<tmpl><<<config>>>(` and a dynamic shared array `extern __shared__ T name[];`.
+_LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;]*>)?)\s*<<<(.*?)>>>\s*\(", re.DOTALL)
+_DYNAMIC_SHARED = re.compile(r"extern\s+__shared__\s+([\w:]+)\s+(\w+)\s*\[\s*\]\s*;")
+
+
+def _emulated_source(cu_path, out_dir):
+    """csrc/cuda/<name>.cu rewritten as <out_dir>/<name>.cpp (line numbers kept, and a #line so
+    that diagnostics and __FILE__ name the .cu)."""
+    with open(cu_path) as f:
+        text = f.read()
+
+    def launch(m):
+        kernel, config = m.group(1), m.group(2)
+        newlines = "\n" * m.group(0).count("\n")
+        return (f'::magneto::cuda_emu::launch("{kernel}", {kernel}, '
+                f'{" ".join(config.split())})({newlines}')
+
+    text = _LAUNCH.sub(launch, text)
+    text = _DYNAMIC_SHARED.sub(r"\1* const \2 = ::magneto::cuda_emu::dynamic_shared<\1>();",
+                               text)
+    text = f'#line 1 "{cu_path}"\n' + text
+    out = os.path.join(out_dir, os.path.splitext(os.path.basename(cu_path))[0] + ".cpp")
+    _write_if_changed(out, text)
+    return os.path.relpath(out, HERE)
+
+
+def _write_if_changed(path, text):
+    """Writes only a change, so that ninja recompiles only what changed."""
+    if os.path.exists(path):
+        with open(path) as f:
+            if f.read() == text:
+                return
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _including_source(path, out_dir):
+    """<out_dir>/emu_<dir>_<name>.cpp, a file that includes `path`."""
+    rel = os.path.relpath(path, os.path.join(HERE, "csrc"))
+    out = os.path.join(out_dir, "emu_" + rel.replace(os.sep, "_"))
+    _write_if_changed(out, f'#include "{path}"\n')
+    return os.path.relpath(out, HERE)
+
+
+def _emulated_cuda_extension(CppExtension, include_dirs):
+    """magneto_kernels._C_emu: the API file, the CUDA orchestration and kernels as host C++
+    against csrc/cuda_emu (which stands in for the CUDA headers), the CPU GEMM engine the API
+    binds; no CPU kernels (csrc/cuda_emu/no_cpu_kernels.cpp). -O2 as a release build of the
+    kernels would have (what the strict-aliasing defect showed up at): the four kernel files take
+    about 15 s at -O2 on one core, the torch-including files most of the build."""
+    out_dir = os.path.join(HERE, "build", "cuda_emu_src")
+    os.makedirs(out_dir, exist_ok=True)
+    kernels = [_emulated_source(os.path.join(HERE, p), out_dir)
+               for p in _sources("csrc/cuda/*.cu")]
+    # The files _C compiles too, included from files of their own: their objects then have
+    # paths of their own, and the two extensions do not rebuild each other's.
+    shared = [_including_source(os.path.join(HERE, p), out_dir)
+              for p in _sources("csrc/*.cpp") + ["csrc/cpu/gemm.cpp"] + _sources("csrc/cuda/*.cpp")]
+    sources = shared + _sources("csrc/cuda_emu/*.cpp") + kernels
+    flags = ["-O2", "-g0", "-std=c++20", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized"]
+    return CppExtension(
+        "magneto_kernels._C_emu", sources,
+        include_dirs=[os.path.join(HERE, "csrc", "cuda_emu", "include")] + include_dirs,
+        define_macros=[("MAGNETO_WITH_CUDA", "1"), ("MAGNETO_CUDA_EMULATE", "1")],
+        extra_compile_args={"cxx": flags})
 
 
 def _readme():

@@ -8,7 +8,8 @@
 # still runs (a broken C++ build must not hide the Triton numbers). Exit status: 0 when every
 # stage passed, 1 otherwise. Stage budgets: build 120 s, GPU tests 90 s, benchmarks 140 s
 # (plus a few seconds of setup): under 6 minutes in all; then, unless QUICK=1, the interpreter
-# op suite on CUDA tensors (100 s more), last so that it cannot delay the measurements.
+# op suite on CUDA tensors (100 s more) and compute-sanitizer's memcheck and racecheck on the CUDA
+# backend's op tests (150 s each), last so that they cannot delay the measurements.
 set -uo pipefail   # no -e: each stage's failure is recorded by stage() and the next still runs
 
 cd "$(dirname "$0")/.."
@@ -76,6 +77,27 @@ if [ "${QUICK:-0}" != "1" ]; then
   stage triton-ops-on-gpu 100 pytest_triton_cuda.log env TRITON_INTERPRET=0 \
     MAGNETO_TRITON_AUTOTUNE=0 MAGNETO_TEST_DEVICE=cuda \
     python3 -m pytest -q -x -rs -p no:cacheprovider -m "not gpu" -k triton tests/test_ops.py tests/test_ops_triton.py
+fi
+
+# 5. Extra (skip with QUICK=1): the CUDA kernels under compute-sanitizer, which sees what the CPU
+#    emulation of CI cannot (csrc/cuda_emu: no race detection, no out-of-bounds checks):
+#    memcheck (out-of-bounds and misaligned accesses) on the CUDA backend's op tests, racecheck
+#    (shared-memory hazards, much slower) on their float32 cases. Torch's own kernels are
+#    checked too; any report fails the stage.
+SANITIZER=$(command -v compute-sanitizer ||
+            echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
+if [ "${QUICK:-0}" != "1" ]; then
+  if [ -x "$SANITIZER" ]; then
+    stage memcheck 150 sanitizer_memcheck.log env TRITON_INTERPRET=0 \
+      "$SANITIZER" --tool memcheck --error-exitcode 1 --print-limit 20 \
+      python3 -m pytest -q -x -rs -p no:cacheprovider -k cuda tests/test_ops.py \
+      tests/test_ops_cuda.py
+    stage racecheck 150 sanitizer_racecheck.log env TRITON_INTERPRET=0 \
+      "$SANITIZER" --tool racecheck --error-exitcode 1 --print-limit 20 \
+      python3 -m pytest -q -x -rs -p no:cacheprovider -k "cuda and dtype0" tests/test_ops.py
+  else
+    log "── memcheck, racecheck: compute-sanitizer not found, skipped"
+  fi
 fi
 
 log "total $(( $(date +%s) - START ))s"

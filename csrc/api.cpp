@@ -3,10 +3,16 @@
 // orchestration of a backend (csrc/cpu/ops.h, csrc/cuda/ops.h) and registers the "native" op
 // family (schemas, fake impls and autograd formulas live in magneto_kernels/library.py) for the
 // CPU dispatch key and, when built with MAGNETO_WITH_CUDA, for CUDA.
+//
+// The same file builds magneto_kernels._C_emu (MAGNETO_CUDA_EMULATE, csrc/cuda_emu): the CUDA
+// kernels compiled for the CPU, which take the CPU dispatch key and run CPU tensors through
+// magneto::cuda. With MAGNETO_CUDA_EMULATE=1 in the environment, _C leaves that key to _C_emu and
+// imports it, so that one extension per process registers it.
 #include <torch/python.h>  // pybind11 with the Tensor type casters
 
 #include <array>
 #include <cstdlib>
+#include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -155,6 +161,17 @@ std::array<bool, 5> mask_of(const c10::List<bool>& output_mask, size_t n) {
   return mask;
 }
 
+// Whether x runs the C++ CPU kernels (magneto::cpu), else the CUDA kernels (magneto::cuda): by
+// device, except in the emulated build, where CPU tensors run the CUDA kernels.
+bool runs_cpu_kernels(const Tensor& x) {
+#ifdef MAGNETO_CUDA_EMULATE
+  (void)x;
+  return false;
+#else
+  return x.is_cpu();
+#endif
+}
+
 #ifndef MAGNETO_WITH_CUDA
 // CUDA tensors reach these ops through the CUDA dispatch key, which only CUDA builds register;
 // this guards a CPU-only build's device branch all the same.
@@ -176,7 +193,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_native(const Tensor& x, const OptT
   Tensor y = new_like(x);
   Tensor mean = stats_tensor(x, norm == Norm::kLayer);
   Tensor rstd = stats_tensor(x, true);
-  if (x.is_cpu()) {
+  if (runs_cpu_kernels(x)) {
     cpu::run_norm_forward(x, std::nullopt, 1.0, weight, bias, eps, norm, Activation::kNone, y,
                           Tensor(), mean, rstd);
   } else {
@@ -205,7 +222,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_backward_native(
   Tensor dgamma = mask[1] && weight.has_value() ? new_like(*weight) : empty0(x);
   Tensor dbeta = mask[2] && bias.has_value() ? new_like(*bias) : empty0(x);
   if (dx.numel() == 0 && dgamma.numel() == 0 && dbeta.numel() == 0) return {dx, dgamma, dbeta};
-  if (x.is_cpu()) {
+  if (runs_cpu_kernels(x)) {
     cpu::run_norm_backward(grad_y, x, weight, bias, mean, rstd, grad_accum, norm,
                            Activation::kNone, dx, dgamma, dbeta, Tensor());
   } else {
@@ -231,7 +248,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_layer_norm_native(
   Tensor sum = new_like(x);
   Tensor mean = stats_tensor(x, norm == Norm::kLayer);
   Tensor rstd = stats_tensor(x, true);
-  if (x.is_cpu()) {
+  if (runs_cpu_kernels(x)) {
     cpu::run_norm_forward(x, residual, alpha, weight, bias, eps, norm, Activation::kNone, y, sum,
                           mean, rstd);
   } else {
@@ -264,7 +281,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ln_linear_native(
   Tensor mean = stats_tensor(x, norm == Norm::kLayer);
   Tensor rstd = stats_tensor(x, norm != Norm::kNone);
   Tensor out, preact;
-  if (x.is_cpu()) {
+  if (runs_cpu_kernels(x)) {
     std::tie(out, preact) =
         cpu::run_ln_linear(x, ln_weight, ln_bias, weight, bias, residual, seed, eps, norm,
                            input_activation, activation, alpha, dropout_p, mean, rstd);
@@ -304,7 +321,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ln_linear_backward_native(
   Tensor dbeta = mask[2] && ln_bias.has_value() ? new_like(*ln_bias) : empty0(x);
   Tensor dweight = mask[3] ? new_like(weight) : empty0(x);
   Tensor dbias = mask[4] ? new_tensor({out_features}, weight.options()) : empty0(x);
-  if (x.is_cpu()) {
+  if (runs_cpu_kernels(x)) {
     dx = cpu::run_ln_linear_backward(grad_out, x, ln_weight, ln_bias, weight, mean, rstd, preact,
                                      seed, norm, input_activation, activation, dropout_p, dx,
                                      dgamma, dbeta, dweight, dbias);
@@ -331,14 +348,57 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ln_linear_backward_native(
   m.impl("ln_linear_native", TORCH_FN(magneto::ln_linear_native));                       \
   m.impl("ln_linear_backward_native", TORCH_FN(magneto::ln_linear_backward_native));
 
-TORCH_LIBRARY_IMPL(magneto, CPU, m) { MAGNETO_REGISTER_NATIVE_FAMILY(m) }
+namespace magneto {
+namespace {
 
-#ifdef MAGNETO_WITH_CUDA
+#ifndef MAGNETO_CUDA_EMULATE
+bool cuda_emulation_requested() {
+  const char* v = std::getenv("MAGNETO_CUDA_EMULATE");
+  return v != nullptr && std::string_view(v) == "1";
+}
+#endif
+
+// The CPU key's registration, made when this extension owns the key (see the top of the file).
+const std::unique_ptr<torch::Library> cpu_registration = [] {
+  std::unique_ptr<torch::Library> lib;
+#ifndef MAGNETO_CUDA_EMULATE
+  if (cuda_emulation_requested()) return lib;
+#endif
+  lib = std::make_unique<torch::Library>(torch::Library::IMPL, "magneto", c10::DispatchKey::CPU,
+                                         __FILE__, __LINE__);
+  auto& m = *lib;
+  MAGNETO_REGISTER_NATIVE_FAMILY(m)
+  return lib;
+}();
+
+}  // namespace
+}  // namespace magneto
+
+#if defined(MAGNETO_WITH_CUDA) && !defined(MAGNETO_CUDA_EMULATE)
 TORCH_LIBRARY_IMPL(magneto, CUDA, m) { MAGNETO_REGISTER_NATIVE_FAMILY(m) }
 #endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "magneto's C++ CPU and CUDA kernels; importing registers the magneto::*_native ops.";
+#ifndef MAGNETO_CUDA_EMULATE
+  if (magneto::cuda_emulation_requested()) {
+    try {
+      m.attr("emulated_cuda") = pybind11::module_::import("magneto_kernels._C_emu");
+    } catch (pybind11::error_already_set& err) {
+      throw pybind11::import_error(
+          std::string("MAGNETO_CUDA_EMULATE=1 needs magneto_kernels._C_emu, the CUDA kernels "
+                      "built for the CPU (MAGNETO_BUILD_CUDA_EMU=1 python3 setup.py build_ext "
+                      "--inplace): ") + err.what());
+    }
+  }
+#endif
+  m.def("emulated", []() {
+#ifdef MAGNETO_CUDA_EMULATE
+    return true;
+#else
+    return false;
+#endif
+  }, "Whether this is the emulated build: the CUDA kernels run on CPU tensors (csrc/cuda_emu).");
   m.def("with_cuda", []() {
 #ifdef MAGNETO_WITH_CUDA
     return true;

@@ -17,6 +17,10 @@ Why each backend has an op family of its own: docs/design.md, Backends and dispa
 Choice, strongest first: the ``backend=`` argument, the ``MAGNETO_BACKEND`` environment
 variable, then the fastest available for the device (the interpreter is never chosen by default:
 it is for checking kernels, not for speed). float64 inputs always go to ``reference``.
+
+``MAGNETO_CUDA_EMULATE=1`` (set before import) makes ``cuda`` run its kernels compiled for the
+CPU (``magneto_kernels._C_emu``) on CPU tensors, in place of the ``cpu`` backend: a test
+vehicle, never chosen by default.
 """
 from __future__ import annotations
 
@@ -65,6 +69,19 @@ def _cpp_problem(device_type: str) -> Optional[str]:
     return f"no C++ kernels for device type {device_type!r}"
 
 
+EMULATED_CUDA = os.environ.get("MAGNETO_CUDA_EMULATE") == "1"
+
+
+def _emulated_problem(backend: str, device_type: str) -> Optional[str]:
+    """_problem for cpu and cuda under MAGNETO_CUDA_EMULATE=1: the native family's CPU kernels
+    are then the emulated CUDA ones (csrc/cuda_emu)."""
+    if device_type != "cpu":
+        return "MAGNETO_CUDA_EMULATE=1: the emulated cuda backend takes CPU tensors only"
+    if backend == "cpu":
+        return "MAGNETO_CUDA_EMULATE=1: CPU tensors run the emulated CUDA kernels instead"
+    return _cpp_problem("cpu")
+
+
 @torch.compiler.assume_constant_result
 def _problem(backend: str, device_type: str) -> Optional[str]:
     """Why ``backend`` cannot run on ``device_type`` tensors, or None when it can. Constant for
@@ -73,6 +90,8 @@ def _problem(backend: str, device_type: str) -> Optional[str]:
         return None
     if backend == "triton":
         return _triton_problem(device_type)
+    if EMULATED_CUDA:
+        return _emulated_problem(backend, device_type)
     if backend != device_type:
         return f"backend {backend!r} runs on {backend} tensors, not {device_type}"
     return _cpp_problem(device_type)

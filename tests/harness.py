@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import magneto_kernels as mk
-from magneto_kernels.backends import FAMILY, available_backends
+from magneto_kernels.backends import EMULATED_CUDA, FAMILY, available_backends
 from magneto_kernels.codes import ACTIVATIONS, NORMS, RTOL
 
 # ---------------------------------------------------------------------------------- tolerances
@@ -130,7 +130,9 @@ BACKENDS = (
     Backend("cpu", "cpu", poison=_poison_extension),
     # On CPU tensors only under TRITON_INTERPRET=1 (tests/conftest.py's default).
     Backend("triton", TEST_DEVICE, poison=_poison_triton),
-    Backend("cuda", "cuda", poison=_poison_extension, gpu=True),
+    # MAGNETO_CUDA_EMULATE=1: the CUDA kernels compiled for the CPU, on CPU tensors (csrc/cuda_emu).
+    Backend("cuda", "cpu" if EMULATED_CUDA else "cuda", poison=_poison_extension,
+            gpu=not EMULATED_CUDA),
 )
 BY_NAME = {b.name: b for b in BACKENDS}
 

@@ -64,7 +64,9 @@ constexpr int kVec = 16 / static_cast<int>(sizeof(T));
 // N consecutive elements of S starting at p, as floats. `valid` = how many of them exist (may be
 // <= 0: nothing is read). The 16-byte path needs vec_ok (the caller checked that p is 16-byte
 // aligned) and all N elements present; otherwise elements are read one by one and the missing
-// ones are zero.
+// ones are zero. The 16 bytes move by memcpy from a pointer assumed 16-byte aligned: nvcc emits
+// the same 128-bit load/store as a uint4 pun would, and it is well-defined C++ (g++ -O2 with
+// strict aliasing miscompiles the pun when the kernels are compiled for the CPU, csrc/cuda_emu).
 template <typename S, int N>
 __device__ __forceinline__ void load_vec(const S* p, int valid, bool vec_ok, float (&out)[N]) {
   constexpr int kPer = kVec<S>;
@@ -72,8 +74,9 @@ __device__ __forceinline__ void load_vec(const S* p, int valid, bool vec_ok, flo
   if (vec_ok && valid >= N) {
 #pragma unroll
     for (int c = 0; c < N / kPer; ++c) {
-      const uint4 raw = *reinterpret_cast<const uint4*>(p + c * kPer);
-      const S* e = reinterpret_cast<const S*>(&raw);
+      alignas(16) S e[kPer];
+      __builtin_memcpy(e, __builtin_assume_aligned(static_cast<const void*>(p + c * kPer), 16),
+                       16);
 #pragma unroll
       for (int i = 0; i < kPer; ++i) out[c * kPer + i] = to_float(e[i]);
     }
@@ -91,11 +94,10 @@ __device__ __forceinline__ void store_vec(S* p, int valid, bool vec_ok, const fl
   if (vec_ok && valid >= N) {
 #pragma unroll
     for (int c = 0; c < N / kPer; ++c) {
-      uint4 raw;
-      S* e = reinterpret_cast<S*>(&raw);
+      alignas(16) S e[kPer];
 #pragma unroll
       for (int i = 0; i < kPer; ++i) e[i] = from_float<S>(in[c * kPer + i]);
-      *reinterpret_cast<uint4*>(p + c * kPer) = raw;
+      __builtin_memcpy(__builtin_assume_aligned(static_cast<void*>(p + c * kPer), 16), e, 16);
     }
   } else {
 #pragma unroll

@@ -11,8 +11,6 @@
 //             h recomputed by norm_forward with the saved statistics: cuBLAS reads its
 //             operands from memory, so h is written once more before the dweight GEMM
 //             dweight = dz^T @ h                       cuBLAS
-#include <c10/cuda/CUDAGuard.h>
-
 #include "cuda/launch_utils.h"
 #include "cuda/ops.h"
 
@@ -25,7 +23,7 @@ std::tuple<Tensor, Tensor> run_ln_linear(const Tensor& x, const OptTensor& ln_we
                                          Activation input_activation, Activation activation,
                                          double alpha, double dropout_p, const Tensor& mean,
                                          const Tensor& rstd) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   Tensor h = x;
   if (norm != Norm::kNone || input_activation != Activation::kNone) {
     h = new_like(x);
@@ -75,7 +73,7 @@ Tensor run_ln_linear_backward(const Tensor& grad_out, const Tensor& x, const Opt
                               Norm norm, Activation input_activation, Activation activation,
                               double dropout_p, Tensor dx, const Tensor& dgamma,
                               const Tensor& dbeta, Tensor dweight, Tensor dbias) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   const int64_t rows = x.size(0), out_features = weight.size(0);
   const bool dz_is_dy = activation == Activation::kNone && dropout_p == 0.0;
   Tensor dz = grad_out;

@@ -1,7 +1,5 @@
 // Tensor-to-launcher glue of the CUDA norm passes (csrc/cuda/ops.h), shared by layer_norm,
 // add_layer_norm and ln_linear's prologue and backward.
-#include <c10/cuda/CUDAGuard.h>
-
 #include "cuda/launch_utils.h"
 #include "cuda/ops.h"
 
@@ -38,7 +36,7 @@ void run_norm_forward(const Tensor& x, const OptTensor& residual, double alpha,
                       Activation input_activation, const Tensor& y, const Tensor& sum,
                       const Tensor& mean, const Tensor& rstd, const Tensor& saved_mean,
                       const Tensor& saved_rstd) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   const NormParams params(gamma, beta, x);
   NormForwardParams p;
   p.x = x.data_ptr();
@@ -74,7 +72,7 @@ void run_norm_backward(const Tensor& dy, const Tensor& x, const OptTensor& gamma
                        const OptTensor& beta, const Tensor& mean, const Tensor& rstd,
                        const OptTensor& grad_accum, Norm norm, Activation input_activation,
                        const Tensor& dx, const Tensor& dgamma, const Tensor& dbeta) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   const NormParams params(gamma, beta, x);
   const Tensor dgamma_buf = params.grad_buffer(dgamma), dbeta_buf = params.grad_buffer(dbeta);
   NormBackwardParams p;
