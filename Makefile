@@ -26,8 +26,10 @@ $(STAMPS)/deps: Makefile
 	$(PIP) install -q --no-deps torchscale==0.3.0
 	@mkdir -p $(@D) && touch $@
 
+# MAGNETO_BUILD_CUDA_EMU=1: also magneto_kernels._C_emu, the CUDA kernels built for the CPU
+# (csrc/cuda_emu), which the suite runs under MAGNETO_CUDA_EMULATE=1.
 $(STAMPS)/ext: $(STAMPS)/deps $(EXT_SOURCES)
-	$(PIP) install -q --no-build-isolation --no-deps -e .
+	MAGNETO_BUILD_CUDA_EMU=1 $(PIP) install -q --no-build-isolation --no-deps -e .
 	@touch $@
 
 setup: $(STAMPS)/ext
@@ -37,12 +39,18 @@ setup: $(STAMPS)/ext
 report: setup
 	$(PYTHON) -m magneto.report
 
-# The whole suite, with the lint and format checks first (they take a second); then the C++ op
-# suite again under each narrower instruction-set build this CPU supports, with torch's own
-# kernels (ATen, oneDNN, MKL) held to the same instruction set, so that what an AVX2-only or a
-# baseline x86-64 machine runs is tested here too.
+# The whole suite, with the lint and format checks first (they take a second); then the op
+# suite on the CUDA kernels executed on the CPU (MAGNETO_CUDA_EMULATE=1, which must be set before
+# import, hence its own process; MAGNETO_EXPECTED_BACKENDS makes it fail, not skip, if the
+# emulated build is missing); then the C++ op suite again under each narrower instruction-set
+# build this CPU supports, with torch's own kernels (ATen, oneDNN, MKL) held to the same
+# instruction set, so that what an AVX2-only or a baseline x86-64 machine runs is tested here too.
 test: setup lint
 	$(PYTEST) -q
+	@echo "== op suite on the emulated CUDA backend"
+	MAGNETO_CUDA_EMULATE=1 MAGNETO_EXPECTED_BACKENDS=reference,cuda $(PYTEST) -q \
+		-p no:cacheprovider tests/test_ops.py tests/test_ops_cuda_emu.py tests/test_reference.py \
+		-k "cuda or expected_backends"
 	@isas=$$($(PYTHON) -c "from magneto_kernels import _C; print(*_C.cpu_isas()[1:])") || exit 1; \
 	for isa in $$isas; do \
 		echo "== C++ op suite, MAGNETO_CPU_ISA=$$isa"; \
@@ -53,9 +61,10 @@ test: setup lint
 		env MAGNETO_CPU_ISA=$$isa $$torch_isa $(PYTEST) -q -p no:cacheprovider $(CPU_SUITE) || exit 1; \
 	done
 
-# A few-minute check while iterating: stops at the first failure, skips the slow tests.
+# A few-minute check while iterating: stops at the first failure and leaves out the Triton
+# interpreter (the slowest part of the suite; make test runs it).
 quick: setup
-	$(PYTEST) -q -x -m "not slow"
+	$(PYTEST) -q -x -k "not triton"
 
 lint: $(STAMPS)/deps
 	$(PYTHON) -m ruff check .

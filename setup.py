@@ -9,6 +9,7 @@ Build against the installed torch:
 
     pip install --no-build-isolation -e .
 """
+
 import glob
 import os
 import re
@@ -27,8 +28,9 @@ def _want_cuda():
     switch = os.environ.get("MAGNETO_BUILD_CUDA", "auto").lower()
     if switch in ("0", "off", "false"):
         return False
-    from torch.utils.cpp_extension import CUDA_HOME
     import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
     available = torch.version.cuda is not None and CUDA_HOME is not None
     if switch in ("1", "on", "true"):
         if not available:
@@ -45,24 +47,46 @@ def _extensions():
     if not cpp_sources:
         return [], {}
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
     # C++20 as torch itself (its headers use C++20); -fopenmp: at::parallel_for is an OpenMP
     # template compiled into our kernels. The -Wno-* match torch's own build: GCC warns inside
     # its AVX512 intrinsic headers and at at::vec's pragmas.
-    cxx_flags = ["-O3", "-g0", "-std=c++20", "-fopenmp", "-Wno-maybe-uninitialized",
-                 "-Wno-unknown-pragmas", "-Wno-psabi"]
+    cxx_flags = [
+        "-O3",
+        "-g0",
+        "-std=c++20",
+        "-fopenmp",
+        "-Wno-maybe-uninitialized",
+        "-Wno-unknown-pragmas",
+        "-Wno-psabi",
+    ]
     include_dirs = [os.path.join(HERE, "csrc")]
     if _want_cuda():
         ext = CUDAExtension(
             "magneto_kernels._C",
             cpp_sources + _sources("csrc/cuda/*.cpp") + _sources("csrc/cuda/*.cu"),
-            include_dirs=include_dirs, define_macros=[("MAGNETO_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags,
-                                "nvcc": ["-O3", "-std=c++17", "--use_fast_math",
-                                         "-lineinfo", "--expt-relaxed-constexpr"]},
-            extra_link_args=["-fopenmp"])
+            include_dirs=include_dirs,
+            define_macros=[("MAGNETO_WITH_CUDA", "1")],
+            extra_compile_args={
+                "cxx": cxx_flags,
+                "nvcc": [
+                    "-O3",
+                    "-std=c++17",
+                    "--use_fast_math",
+                    "-lineinfo",
+                    "--expt-relaxed-constexpr",
+                ],
+            },
+            extra_link_args=["-fopenmp"],
+        )
     else:
-        ext = CppExtension("magneto_kernels._C", cpp_sources, include_dirs=include_dirs,
-                           extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
+        ext = CppExtension(
+            "magneto_kernels._C",
+            cpp_sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp"],
+        )
     exts = [ext]
     if os.environ.get("MAGNETO_BUILD_CUDA_EMU", "0").lower() in ("1", "on", "true"):
         exts.append(_emulated_cuda_extension(CppExtension, include_dirs))
@@ -84,12 +108,13 @@ def _emulated_source(cu_path, out_dir):
     def launch(m):
         kernel, config = m.group(1), m.group(2)
         newlines = "\n" * m.group(0).count("\n")
-        return (f'::magneto::cuda_emu::launch("{kernel}", {kernel}, '
-                f'{" ".join(config.split())})({newlines}')
+        return (
+            f'::magneto::cuda_emu::launch("{kernel}", {kernel}, '
+            f"{' '.join(config.split())})({newlines}"
+        )
 
     text = _LAUNCH.sub(launch, text)
-    text = _DYNAMIC_SHARED.sub(r"\1* const \2 = ::magneto::cuda_emu::dynamic_shared<\1>();",
-                               text)
+    text = _DYNAMIC_SHARED.sub(r"\1* const \2 = ::magneto::cuda_emu::dynamic_shared<\1>();", text)
     text = f'#line 1 "{cu_path}"\n' + text
     out = os.path.join(out_dir, os.path.splitext(os.path.basename(cu_path))[0] + ".cpp")
     _write_if_changed(out, text)
@@ -122,19 +147,22 @@ def _emulated_cuda_extension(CppExtension, include_dirs):
     about 15 s at -O2 on one core, the torch-including files most of the build."""
     out_dir = os.path.join(HERE, "build", "cuda_emu_src")
     os.makedirs(out_dir, exist_ok=True)
-    kernels = [_emulated_source(os.path.join(HERE, p), out_dir)
-               for p in _sources("csrc/cuda/*.cu")]
+    kernels = [_emulated_source(os.path.join(HERE, p), out_dir) for p in _sources("csrc/cuda/*.cu")]
     # The files _C compiles too, included from files of their own: their objects then have
     # paths of their own, and the two extensions do not rebuild each other's.
-    shared = [_including_source(os.path.join(HERE, p), out_dir)
-              for p in _sources("csrc/*.cpp") + ["csrc/cpu/gemm.cpp"] + _sources("csrc/cuda/*.cpp")]
+    shared = [
+        _including_source(os.path.join(HERE, p), out_dir)
+        for p in _sources("csrc/*.cpp") + ["csrc/cpu/gemm.cpp"] + _sources("csrc/cuda/*.cpp")
+    ]
     sources = shared + _sources("csrc/cuda_emu/*.cpp") + kernels
     flags = ["-O2", "-g0", "-std=c++20", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized"]
     return CppExtension(
-        "magneto_kernels._C_emu", sources,
+        "magneto_kernels._C_emu",
+        sources,
         include_dirs=[os.path.join(HERE, "csrc", "cuda_emu", "include")] + include_dirs,
         define_macros=[("MAGNETO_WITH_CUDA", "1"), ("MAGNETO_CUDA_EMULATE", "1")],
-        extra_compile_args={"cxx": flags})
+        extra_compile_args={"cxx": flags},
+    )
 
 
 def _readme():
@@ -151,11 +179,12 @@ setup(
     name="magneto",
     version="0.1.0",
     description="Fused Sub-LayerNorm kernels and modules for Magneto (Foundation Transformer) "
-                "models",
+    "models",
     long_description=_readme(),
     long_description_content_type="text/markdown",
     packages=find_packages(
-        include=["magneto", "magneto.*", "magneto_kernels", "magneto_kernels.*"]),
+        include=["magneto", "magneto.*", "magneto_kernels", "magneto_kernels.*"]
+    ),
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "numpy"],
     extras_require={

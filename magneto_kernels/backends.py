@@ -22,6 +22,7 @@ it is for checking kernels, not for speed). float64 inputs always go to ``refere
 CPU (``magneto_kernels._C_emu``) on CPU tensors, in place of the ``cpu`` backend: a test
 vehicle, never chosen by default.
 """
+
 from __future__ import annotations
 
 import functools
@@ -48,8 +49,10 @@ def _triton_problem(device_type: str) -> Optional[str]:
     if device_type == "cpu":
         if triton_kernels.INTERPRET:
             return None
-        return ("Triton runs on CPU tensors only in its interpreter: set TRITON_INTERPRET=1 "
-                "before importing magneto_kernels")
+        return (
+            "Triton runs on CPU tensors only in its interpreter: set TRITON_INTERPRET=1 "
+            "before importing magneto_kernels"
+        )
     return f"no Triton kernels for device type {device_type!r}"
 
 
@@ -58,8 +61,10 @@ def _cpp_problem(device_type: str) -> Optional[str]:
     try:
         from magneto_kernels import _C
     except ImportError as err:
-        return ("the C++ extension magneto_kernels._C is not built "
-                f"(pip install --no-build-isolation -e .): {err}")
+        return (
+            "the C++ extension magneto_kernels._C is not built "
+            f"(pip install --no-build-isolation -e .): {err}"
+        )
     if device_type == "cpu":
         return None
     if device_type == "cuda":
@@ -112,19 +117,22 @@ def resolve_backend(backend: Optional[str], x: torch.Tensor) -> str:
     if from_env:
         backend = os.environ.get(ENV_VAR) or None
     if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"{_source(from_env)} must be one of {BACKENDS} or unset, "
-                         f"got {backend!r}")
+        raise ValueError(f"{_source(from_env)} must be one of {BACKENDS} or unset, got {backend!r}")
     device_type = x.device.type
     if x.dtype not in KERNEL_DTYPES:
         if backend not in (None, "reference"):
-            raise ValueError(f"backend {backend!r} supports dtypes {KERNEL_DTYPES}, got {x.dtype}; "
-                             "use backend='reference' for float64")
+            raise ValueError(
+                f"backend {backend!r} supports dtypes {KERNEL_DTYPES}, got {x.dtype}; "
+                "use backend='reference' for float64"
+            )
         return "reference"
     if backend is not None:
         problem = _problem(backend, device_type)
         if problem is not None:
-            raise ValueError(f"backend {backend!r} (from {_source(from_env)}) cannot run on "
-                             f"{x.device}: {problem}")
+            raise ValueError(
+                f"backend {backend!r} (from {_source(from_env)}) cannot run on "
+                f"{x.device}: {problem}"
+            )
         return backend
     for name in _DEFAULT_ORDER.get(device_type, ("reference",)):
         if _problem(name, device_type) is None:

@@ -8,6 +8,7 @@ NaN and inf never pass; the backends NaN-poison every output buffer before their
 
 A backend is one row of ``BACKENDS``; tests/test_ops.py runs every case below on every row.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -57,8 +58,10 @@ def assert_close_to_reference(out, ref64, same_dtype, name, atol=1e-6):
     torch_err = (same_dtype - ref64).norm().item()
     ref_norm = ref64.norm().item()
     bound = max(rtol * ref_norm, 2.0 * torch_err) + atol
-    assert err <= bound, (f"{name}: ‖out-ref‖ = {err:.3e} > {bound:.3e} (torch's own error "
-                          f"{torch_err:.3e}, ‖ref‖ = {ref_norm:.3e})")
+    assert err <= bound, (
+        f"{name}: ‖out-ref‖ = {err:.3e} > {bound:.3e} (torch's own error "
+        f"{torch_err:.3e}, ‖ref‖ = {ref_norm:.3e})"
+    )
 
 
 # ------------------------------------------------------------------------------------- inputs
@@ -78,8 +81,10 @@ def randn(*shape, dtype=torch.float32, mean=0.0, std=1.0, device=None, generator
 
 # ------------------------------------------------------------------------------------ backends
 
+
 def _poison_triton():
     from magneto_kernels.triton import common
+
     previous = common.POISON
     common.POISON = True
     return lambda: setattr(common, "POISON", previous)
@@ -87,6 +92,7 @@ def _poison_triton():
 
 def _poison_extension():
     from magneto_kernels import _C
+
     _C._set_poison_outputs(True)
     return lambda: _C._set_poison_outputs(False)
 
@@ -131,8 +137,9 @@ BACKENDS = (
     # On CPU tensors only under TRITON_INTERPRET=1 (tests/conftest.py's default).
     Backend("triton", TEST_DEVICE, poison=_poison_triton),
     # MAGNETO_CUDA_EMULATE=1: the CUDA kernels compiled for the CPU, on CPU tensors (csrc/cuda_emu).
-    Backend("cuda", "cpu" if EMULATED_CUDA else "cuda", poison=_poison_extension,
-            gpu=not EMULATED_CUDA),
+    Backend(
+        "cuda", "cpu" if EMULATED_CUDA else "cuda", poison=_poison_extension, gpu=not EMULATED_CUDA
+    ),
 )
 BY_NAME = {b.name: b for b in BACKENDS}
 
@@ -141,11 +148,15 @@ GPU = pytest.mark.gpu
 
 def backend_params(kernels_only=False):
     """BACKENDS as pytest parameters (``kernels_only``: those with an op family)."""
-    return [pytest.param(b, id=b.name, marks=[GPU] if b.gpu else [])
-            for b in BACKENDS if b.family is not None or not kernels_only]
+    return [
+        pytest.param(b, id=b.name, marks=[GPU] if b.gpu else [])
+        for b in BACKENDS
+        if b.family is not None or not kernels_only
+    ]
 
 
 # --------------------------------------------------------------------------- the comparison
+
 
 def compare_to_reference(backend: Backend, fn, inputs: dict, *, seed=0):
     """Runs ``fn(**inputs, backend=...)`` on ``backend``, on the reference in the inputs' dtype
@@ -153,28 +164,38 @@ def compare_to_reference(backend: Backend, fn, inputs: dict, *, seed=0):
     ``torch.manual_seed(seed)``), backpropagates one random non-zero-mean gradient per output,
     and checks every output and the gradient of every given input (``inputs`` maps names to
     tensors or None)."""
-    runs = ((backend.name, lambda t: t), ("reference", lambda t: t),
-            ("reference", lambda t: t.double()))
+    runs = (
+        (backend.name, lambda t: t),
+        ("reference", lambda t: t),
+        ("reference", lambda t: t.double()),
+    )
     names = [name for name, t in inputs.items() if t is not None]
     x = inputs[names[0]]
     rows = x.numel() // max(x.shape[-1], 1)
     results = []
     for name, cast in runs:
-        leaves = {k: None if t is None else cast(t).detach().clone().requires_grad_(True)
-                  for k, t in inputs.items()}
+        leaves = {
+            k: None if t is None else cast(t).detach().clone().requires_grad_(True)
+            for k, t in inputs.items()
+        }
         torch.manual_seed(seed)
         outs = fn(**leaves, backend=name)
         results.append((leaves, outs if isinstance(outs, tuple) else (outs,)))
     gen = torch.Generator().manual_seed(1234)
-    dys = [randn(*o.shape, dtype=torch.float64, mean=0.3, generator=gen, device=o.device)
-           for o in results[2][1]]
+    dys = [
+        randn(*o.shape, dtype=torch.float64, mean=0.3, generator=gen, device=o.device)
+        for o in results[2][1]
+    ]
     for i, (out, same, out64) in enumerate(zip(*(outs for _, outs in results))):
         assert_close_to_reference(out, out64, same, f"output {i}", atol=ATOL)
-    grads = [torch.autograd.grad(outs, [leaves[k] for k in names],
-                                 [dy.to(o.dtype) for dy, o in zip(dys, outs)])
-             for leaves, outs in results]
+    grads = [
+        torch.autograd.grad(
+            outs, [leaves[k] for k in names], [dy.to(o.dtype) for dy, o in zip(dys, outs)]
+        )
+        for leaves, outs in results
+    ]
     for name, grad, same, grad64 in zip(names, *grads):
-        scale = rows ** 0.5 if grad.dim() == 1 else 1.0
+        scale = rows**0.5 if grad.dim() == 1 else 1.0
         assert_close_to_reference(grad, grad64, same, f"grad of {name}", atol=ATOL * scale)
 
 
@@ -189,9 +210,20 @@ NORM_KINDS = tuple(n for n in NORMS if n != "none")
 # around 4096. GPU-sized ones, marked gpu: CUDA's backward wide kernels (8200 > 8192), forward
 # wide kernel for fp32 (16390 > 16384), more rows than its register kernel has row groups.
 NORM_SHAPES = [
-    (1, 1), (5, 1), (7, 33), (3, 37), (37, 199), (37, 257), (64, 250), (3, 1000), (9, 1000),
-    (3, 4097), (3, 4099), (2, 65536),
-    pytest.param((3000, 1000), marks=GPU), pytest.param((3, 8200), marks=GPU),
+    (1, 1),
+    (5, 1),
+    (7, 33),
+    (3, 37),
+    (37, 199),
+    (37, 257),
+    (64, 250),
+    (3, 1000),
+    (9, 1000),
+    (3, 4097),
+    (3, 4099),
+    (2, 65536),
+    pytest.param((3000, 1000), marks=GPU),
+    pytest.param((3, 8200), marks=GPU),
     pytest.param((2, 16390), marks=GPU),
 ]
 
@@ -203,8 +235,11 @@ def norm_inputs(rows, cols, dtype, norm, device):
     return {
         "x": randn(rows, cols, dtype=dtype, mean=3.0, std=2.0, device=device),
         "weight": randn(cols, dtype=param_dtype, mean=1.0, std=0.3, device=device),
-        "bias": (randn(cols, dtype=param_dtype, mean=0.2, std=0.5, device=device)
-                 if norm == "layer" else None),
+        "bias": (
+            randn(cols, dtype=param_dtype, mean=0.2, std=0.5, device=device)
+            if norm == "layer"
+            else None
+        ),
     }
 
 
@@ -223,27 +258,30 @@ NORM_SPECIAL_CASES = {
 
 # (norm, (rows, cols), alpha, parameter dtype: "fp32" or "same" as x's)
 ADD_NORM_CASES = [
-    ("layer", (13, 161), 1.0, "same"), ("layer", (13, 161), 2.3, "same"),
+    ("layer", (13, 161), 1.0, "same"),
+    ("layer", (13, 161), 2.3, "same"),
     ("rms", (13, 161), 0.7, "same"),
-    ("layer", (37, 199), 0.81, "fp32"), ("rms", (5, 1000), 0.81, "fp32"),
+    ("layer", (37, 199), 0.81, "fp32"),
+    ("rms", (5, 1000), 0.81, "fp32"),
     ("layer", (2, 65536), 0.81, "fp32"),
-    ("layer", (33, 127), 1.0, "same"), ("rms", (16, 1024), 2.5, "same"),
-    pytest.param(("layer", (3, 40000), 0.7, "same"), marks=GPU),   # CUDA's wide (Welford) path
+    ("layer", (33, 127), 1.0, "same"),
+    ("rms", (16, 1024), 2.5, "same"),
+    pytest.param(("layer", (3, 40000), 0.7, "same"), marks=GPU),  # CUDA's wide (Welford) path
 ]
 
 # (rows, in, out, norm, input_activation, activation, residual alpha or None for no residual,
 #  dropout_p, bias, ln params dtype: "fp32" or "same" as x's)
 _LN_LINEAR_SCENARIOS = [
-    (37, 67, 45, "layer", "none", "none", None, 0.0, True, "same"),      # fc1 / q-k-v
-    (37, 67, 45, "layer", "gelu", "none", 1.0, 0.0, True, "same"),       # fc2: act(u) -> LN
-    (37, 67, 45, "layer", "none", "none", 2.5, 0.0, False, "same"),      # out_proj, alpha·res
+    (37, 67, 45, "layer", "none", "none", None, 0.0, True, "same"),  # fc1 / q-k-v
+    (37, 67, 45, "layer", "gelu", "none", 1.0, 0.0, True, "same"),  # fc2: act(u) -> LN
+    (37, 67, 45, "layer", "none", "none", 2.5, 0.0, False, "same"),  # out_proj, alpha·res
     (37, 67, 45, "rms", "silu", "gelu_tanh", 0.5, 0.0, True, "same"),
     (37, 67, 45, "layer", "relu", "relu", None, 0.0, True, "same"),
     (37, 67, 45, "layer", "gelu_tanh", "silu", 1.0, 0.3, True, "same"),
     (37, 67, 45, "rms", "none", "gelu", None, 0.2, False, "same"),
-    (37, 67, 45, "none", "none", "none", None, 0.0, True, "same"),       # plain linear
-    (37, 67, 45, "none", "gelu", "none", 1.5, 0.1, True, "same"),        # activation, no norm
-    (37, 67, 45, "layer", "none", "none", 1.0, 0.4, True, "same"),       # dropout only
+    (37, 67, 45, "none", "none", "none", None, 0.0, True, "same"),  # plain linear
+    (37, 67, 45, "none", "gelu", "none", 1.5, 0.1, True, "same"),  # activation, no norm
+    (37, 67, 45, "layer", "none", "none", 1.0, 0.4, True, "same"),  # dropout only
     (37, 67, 45, "layer", "gelu", "silu", 1.0, 0.25, True, "fp32"),
     (37, 199, 61, "layer", "none", "none", None, 0.0, True, "fp32"),
     (3, 37, 199, "layer", "gelu", "gelu", 0.7, 0.0, True, "same"),
@@ -253,7 +291,7 @@ _LN_LINEAR_SCENARIOS = [
     (37, 64, 37, "none", "gelu_tanh", "none", 0.7, 0.3, True, "fp32"),
     (37, 61, 45, "rms", "relu", "gelu", 0.7, 0.5, True, "same"),
     (2, 3, 5, "none", "none", "silu", None, 0.0, False, "fp32"),
-    (2, 9000, 3, "layer", "gelu", "none", 0.7, 0.0, True, "fp32"),      # chunked row statistics
+    (2, 9000, 3, "layer", "gelu", "none", 0.7, 0.0, True, "fp32"),  # chunked row statistics
 ]
 _CUDA_COMBOS = [
     ("layer", "none", "none", None, 0.0, True),
@@ -274,16 +312,24 @@ LN_LINEAR_CASES = (
     [pytest.param(c, id=_ids(c)) for c in _LN_LINEAR_SCENARIOS]
     + [pytest.param((37, 65, 129, *c, "same"), id=_ids((37, 65, 129, *c))) for c in _CUDA_COMBOS]
     # Every activation in both places, from the codes table: a new one is tested unasked.
-    + [pytest.param((9, 24, 16, "layer", a, "none", 1.0, 0.0, True, "fp32"), id=f"in-{a}")
-       for a in ACTS]
-    + [pytest.param((9, 24, 16, "rms", "none", a, None, 0.1, True, "same"), id=f"out-{a}")
-       for a in ACTS]
+    + [
+        pytest.param((9, 24, 16, "layer", a, "none", 1.0, 0.0, True, "fp32"), id=f"in-{a}")
+        for a in ACTS
+    ]
+    + [
+        pytest.param((9, 24, 16, "rms", "none", a, None, 0.1, True, "same"), id=f"out-{a}")
+        for a in ACTS
+    ]
     # GPU-sized: in_features 9000 (CUDA's wide K) and 40000 (the prologue's Welford kernel,
     # whose input activation is a runtime switch).
-    + [pytest.param((4, 9000, 24, *c, "same"), id=_ids((4, 9000, 24, *c)), marks=GPU)
-       for c in _CUDA_COMBOS]
-    + [pytest.param((3, 40000, 16, *c, "same"), id=_ids((3, 40000, 16, *c)), marks=GPU)
-       for c in _CUDA_COMBOS[2:4]]
+    + [
+        pytest.param((4, 9000, 24, *c, "same"), id=_ids((4, 9000, 24, *c)), marks=GPU)
+        for c in _CUDA_COMBOS
+    ]
+    + [
+        pytest.param((3, 40000, 16, *c, "same"), id=_ids((3, 40000, 16, *c)), marks=GPU)
+        for c in _CUDA_COMBOS[2:4]
+    ]
 )
 
 
@@ -292,11 +338,13 @@ def ln_linear_inputs(rows, k, n, norm, residual, bias, param, dtype, device, mea
     p_dtype = torch.float32 if param == "fp32" else dtype
     return {
         "x": randn(rows, k, dtype=dtype, mean=mean, std=2.0, device=device),
-        "ln_weight": (None if norm == "none"
-                      else randn(k, dtype=p_dtype, mean=1.0, std=0.3, device=device)),
-        "ln_bias": (randn(k, dtype=p_dtype, mean=0.1, std=0.3, device=device)
-                    if norm == "layer" else None),
-        "weight": randn(n, k, dtype=dtype, std=k ** -0.5, device=device),
+        "ln_weight": (
+            None if norm == "none" else randn(k, dtype=p_dtype, mean=1.0, std=0.3, device=device)
+        ),
+        "ln_bias": (
+            randn(k, dtype=p_dtype, mean=0.1, std=0.3, device=device) if norm == "layer" else None
+        ),
+        "weight": randn(n, k, dtype=dtype, std=k**-0.5, device=device),
         "bias": randn(n, dtype=dtype, mean=0.1, std=0.2, device=device) if bias else None,
         "residual": randn(rows, n, dtype=dtype, mean=-0.5, device=device) if residual else None,
     }
@@ -304,19 +352,30 @@ def ln_linear_inputs(rows, k, n, norm, residual, bias, param, dtype, device, mea
 
 def ln_linear_fn(norm, input_activation, activation, alpha, dropout_p):
     """ln_linear with those options, as compare_to_reference calls it."""
+
     def fn(x, ln_weight, ln_bias, weight, bias, residual, backend):
-        return mk.ln_linear(x, ln_weight, ln_bias, weight, bias, residual=residual,
-                            norm="layer" if norm == "none" else norm,
-                            input_activation=input_activation, activation=activation,
-                            alpha=1.0 if alpha is None else alpha, dropout_p=dropout_p,
-                            backend=backend)
+        return mk.ln_linear(
+            x,
+            ln_weight,
+            ln_bias,
+            weight,
+            bias,
+            residual=residual,
+            norm="layer" if norm == "none" else norm,
+            input_activation=input_activation,
+            activation=activation,
+            alpha=1.0 if alpha is None else alpha,
+            dropout_p=dropout_p,
+            backend=backend,
+        )
+
     return fn
 
 
 def check_ln_linear_case(backend: Backend, case, dtype):
     """One LN_LINEAR_CASES entry on ``backend`` against the float64 reference."""
     rows, k, n, norm, in_act, act, alpha, p, bias, param = case
-    inputs = ln_linear_inputs(rows, k, n, norm, alpha is not None, bias, param, dtype,
-                              backend.device)
-    compare_to_reference(backend, ln_linear_fn(norm, in_act, act, alpha, p), inputs,
-                         seed=rows + k)
+    inputs = ln_linear_inputs(
+        rows, k, n, norm, alpha is not None, bias, param, dtype, backend.device
+    )
+    compare_to_reference(backend, ln_linear_fn(norm, in_act, act, alpha, p), inputs, seed=rows + k)

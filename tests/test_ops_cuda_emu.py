@@ -7,21 +7,21 @@ GPU-sized inputs, here at sizes the emulation runs in seconds.
     MAGNETO_CUDA_EMULATE=1 python3 -m pytest -q tests/test_ops_cuda_emu.py
     MAGNETO_CUDA_EMULATE=1 python3 -m pytest -q tests/test_ops.py -k cuda
 """
+
 import pytest
 import torch
+from harness import BY_NAME, DTYPES, check_ln_linear_case, compare_to_reference, norm_inputs, randn
 
 import magneto_kernels as mk
 from magneto_kernels.backends import EMULATED_CUDA
-
-from harness import (BY_NAME, DTYPES, check_ln_linear_case, compare_to_reference, norm_inputs,
-                     randn)
 
 CUDA = BY_NAME["cuda"]
 
 pytestmark = pytest.mark.skipif(
     not EMULATED_CUDA or CUDA.problem() is not None,
     reason="needs MAGNETO_CUDA_EMULATE=1 and magneto_kernels._C_emu "
-           f"({CUDA.problem() if EMULATED_CUDA else 'MAGNETO_CUDA_EMULATE is not 1'})")
+    f"({CUDA.problem() if EMULATED_CUDA else 'MAGNETO_CUDA_EMULATE is not 1'})",
+)
 
 
 @pytest.fixture
@@ -33,8 +33,10 @@ def cuda():
 
 # ------------------------------------------------------------------------------ the emulation
 
+
 def test_cpu_tensors_run_the_emulated_build():
     from magneto_kernels import _C
+
     assert not _C.emulated() and _C.emulated_cuda.emulated()
     assert mk.available_backends("cpu")["cpu"] is not None  # _C_emu holds the CPU key now
 
@@ -54,14 +56,27 @@ def test_shuffle_masks_and_widths():
     assert out[4].tolist() == torch.where(lane < 16, lane ^ 1, lane ^ 2).tolist()
 
 
-@pytest.mark.parametrize("kernel, message", [
-    ("barrier_in_branch", (r"__syncthreads at self_test\.cpp:\d+ in divergent code: reached by "
-                           r"16 of 64 threads")),
-    ("barriers_at_two_sites", r"wait at different __syncthreads"),
-    ("shuffle_in_branch", (r"shuffle at self_test\.cpp:\d+ in divergent code: warp 0 .* lanes "
-                           r"16,.*,31 never reach it \(exited: 16")),
-    ("shuffle_outside_mask", r"lane 16 reads lane 17, which is not in the mask"),
-])
+@pytest.mark.parametrize(
+    "kernel, message",
+    [
+        (
+            "barrier_in_branch",
+            (
+                r"__syncthreads at self_test\.cpp:\d+ in divergent code: reached by "
+                r"16 of 64 threads"
+            ),
+        ),
+        ("barriers_at_two_sites", r"wait at different __syncthreads"),
+        (
+            "shuffle_in_branch",
+            (
+                r"shuffle at self_test\.cpp:\d+ in divergent code: warp 0 .* lanes "
+                r"16,.*,31 never reach it \(exited: 16"
+            ),
+        ),
+        ("shuffle_outside_mask", r"lane 16 reads lane 17, which is not in the mask"),
+    ],
+)
 def test_divergent_launches_are_reported(kernel, message):
     with pytest.raises(RuntimeError, match=message):
         torch.ops.magneto_emu.kernel_self_test(kernel)
@@ -74,19 +89,26 @@ def _float_samples():
     bits = torch.randint(0, 2**31 - 1, (200000,), generator=g, dtype=torch.int64)
     bits = torch.cat([bits, bits | (1 << 31)]).to(torch.int32)
     x = bits.view(torch.float32)
-    ties = torch.cat([torch.arange(-2048, 2048, dtype=torch.float32) * 2.0**-24 + 2.0**-25,
-                      torch.arange(1, 4096, dtype=torch.float32) + 0.5,
-                      torch.tensor([65504.0, 65519.0, 65520.0, 65536.0, 1e30, 6e-8, 3e-8])])
+    ties = torch.cat(
+        [
+            torch.arange(-2048, 2048, dtype=torch.float32) * 2.0**-24 + 2.0**-25,
+            torch.arange(1, 4096, dtype=torch.float32) + 0.5,
+            torch.tensor([65504.0, 65519.0, 65520.0, 65536.0, 1e30, 6e-8, 3e-8]),
+        ]
+    )
     specials = torch.tensor([0.0, -0.0, float("inf"), -float("inf")])
     return torch.cat([x[torch.isfinite(x)], ties, -ties, specials])
 
 
 def test_float16_and_bfloat16_round_to_nearest_even():
     x = _float_samples()
-    assert torch.equal(torch.ops.magneto_emu.half_bits(x),
-                       x.half().view(torch.int16).to(torch.int32) & 0xFFFF)
-    assert torch.equal(torch.ops.magneto_emu.bfloat16_bits(x),
-                       x.bfloat16().view(torch.int16).to(torch.int32) & 0xFFFF)
+    assert torch.equal(
+        torch.ops.magneto_emu.half_bits(x), x.half().view(torch.int16).to(torch.int32) & 0xFFFF
+    )
+    assert torch.equal(
+        torch.ops.magneto_emu.bfloat16_bits(x),
+        x.bfloat16().view(torch.int16).to(torch.int32) & 0xFFFF,
+    )
     nan = torch.tensor([float("nan")])
     assert torch.ops.magneto_emu.half_bits(nan).item() & 0x7C00 == 0x7C00
     assert torch.ops.magneto_emu.bfloat16_bits(nan).item() & 0x7F80 == 0x7F80
@@ -94,9 +116,11 @@ def test_float16_and_bfloat16_round_to_nearest_even():
 
 # ------------------------------------------------------------------ kernel paths, small inputs
 
+
 def _layer_norm(norm):
-    return lambda x, weight, bias, backend: mk.layer_norm(x, weight, bias, norm=norm,
-                                                          backend=backend)
+    return lambda x, weight, bias, backend: mk.layer_norm(
+        x, weight, bias, norm=norm, backend=backend
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -123,8 +147,10 @@ def test_misaligned_rows_take_the_scalar_path(cuda, dtype):
 # wide backward kernels. Two rows keep the emulated launches short.
 WIDE_K = {torch.float32: 16390, torch.bfloat16: 32770, torch.float16: 32770}
 # (norm, input_activation, activation, residual alpha or None, dropout_p, bias)
-WIDE_COMBOS = [("layer", "gelu", "none", 1.0, 0.0, True),
-               ("rms", "silu", "gelu_tanh", 0.5, 0.2, False)]
+WIDE_COMBOS = [
+    ("layer", "gelu", "none", 1.0, 0.0, True),
+    ("rms", "silu", "gelu_tanh", 0.5, 0.2, False),
+]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -141,6 +167,9 @@ def test_add_layer_norm_welford_rows(cuda, dtype):
     weight = randn(cols, dtype=dtype, mean=1.0, std=0.3, device="cpu")
     bias = randn(cols, dtype=dtype, std=0.3, device="cpu")
     compare_to_reference(
-        cuda, lambda x, residual, weight, bias, backend: mk.add_layer_norm(
-            x, residual, weight, bias, alpha=0.7, backend=backend),
-        {"x": x, "residual": residual, "weight": weight, "bias": bias})
+        cuda,
+        lambda x, residual, weight, bias, backend: mk.add_layer_norm(
+            x, residual, weight, bias, alpha=0.7, backend=backend
+        ),
+        {"x": x, "residual": residual, "weight": weight, "bias": bias},
+    )
