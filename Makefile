@@ -16,15 +16,27 @@ CPU_SUITE := tests/test_ops_cpu.py tests/test_ops.py -k cpu
 
 .PHONY: setup report test quick lint format cuda-check bench bench-cpu gpu-check clean
 
-# Every pin in one place: CI installs exactly these.
+# Every pin in one place: CI installs exactly these. Triton: the oldest and the newest release
+# setup.py admits (triton>=3.6,<3.10) are both tested.
+TRITON_OLDEST := 3.6.0
 $(STAMPS)/deps: Makefile
 	$(PIP) install -q torch==2.13.0 numpy ninja pybind11 setuptools wheel
-	$(PIP) install -q triton==3.6.0 fairscale==0.4.0 "pytest>=8" "pytest-benchmark>=4" \
+	$(PIP) install -q triton==$(TRITON_OLDEST) fairscale==0.4.0 "pytest>=8" "pytest-benchmark>=4" \
 		matplotlib tqdm ruff==0.17.6
 	# torchscale (the reference implementation) pins timm, whose torchvision needs a CUDA torch:
 	# install it without dependencies; magneto ships a labelled stand-in for the one timm function.
 	$(PIP) install -q --no-deps torchscale==0.3.0
 	@mkdir -p $(@D) && touch $@
+
+# The newest Triton setup.py admits, in a venv on top of this Python's packages (the oldest,
+# TRITON_OLDEST, is the one installed above): the Triton kernels are tested under both.
+TRITON_NEWEST := 3.9.0
+TRITON_NEWEST_VENV := .venv-triton-$(TRITON_NEWEST)
+$(STAMPS)/triton-newest: $(STAMPS)/deps
+	$(PYTHON) -m venv --system-site-packages $(TRITON_NEWEST_VENV)
+	$(TRITON_NEWEST_VENV)/bin/python -m pip --disable-pip-version-check install -q \
+		triton==$(TRITON_NEWEST)
+	@touch $@
 
 # MAGNETO_BUILD_CUDA_EMU=1: also magneto_kernels._C_emu, the CUDA kernels built for the CPU
 # (csrc/cuda_emu), which the suite runs under MAGNETO_CUDA_EMULATE=1.
@@ -39,14 +51,19 @@ setup: $(STAMPS)/ext
 report: setup
 	$(PYTHON) -m magneto.report
 
-# The whole suite, with the lint and format checks first (they take a second); then the op
+# The whole suite, with the lint and format checks first (they take a second); then the Triton
+# kernels again under the newest admitted Triton; then the op
 # suite on the CUDA kernels executed on the CPU (MAGNETO_CUDA_EMULATE=1, which must be set before
 # import, hence its own process; MAGNETO_EXPECTED_BACKENDS makes it fail, not skip, if the
 # emulated build is missing); then the C++ op suite again under each narrower instruction-set
 # build this CPU supports, with torch's own kernels (ATen, oneDNN, MKL) held to the same
 # instruction set, so that what an AVX2-only or a baseline x86-64 machine runs is tested here too.
-test: setup lint
+test: setup lint $(STAMPS)/triton-newest
 	$(PYTEST) -q
+	@echo "== Triton kernels under Triton $(TRITON_NEWEST)"
+	TRITON_INTERPRET=1 $(TRITON_NEWEST_VENV)/bin/python -m pytest -q -p no:cacheprovider \
+		tests/test_ops.py tests/test_ops_triton.py tests/test_triton_compile.py \
+		-k "triton or compile"
 	@echo "== op suite on the emulated CUDA backend"
 	MAGNETO_CUDA_EMULATE=1 MAGNETO_EXPECTED_BACKENDS=reference,cuda $(PYTEST) -q \
 		-p no:cacheprovider tests/test_ops.py tests/test_ops_cuda_emu.py tests/test_reference.py \
@@ -90,5 +107,5 @@ gpu-check:
 	OUT=$(or $(OUT),bench/results/gpu) bash bench/gpu_check.sh
 
 clean:
-	rm -rf .stamps build *.egg-info magneto_kernels/_C*.so .pytest_cache .ruff_cache
+	rm -rf .stamps build *.egg-info magneto_kernels/_C*.so .pytest_cache .ruff_cache .venv-triton-*
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
