@@ -77,13 +77,17 @@ const Onednn& onednn() {
 // ln_linear's fwd+bwd 10% (fc1 shape) and 46% (fc2 shape) faster than oneDNN's matmul, and
 // the backward's GEMMs alone 1.1-2.4x faster. Elsewhere MKL takes its AVX2 path, and oneDNN was
 // ~2x faster on an AMD EPYC with AVX-512.
+// Asked once: use_onednn() runs on every GEMM call.
 bool cpu_is_intel() {
+  static const bool intel = [] {
 #if defined(__x86_64__) && defined(__GNUC__)
-  __builtin_cpu_init();
-  return __builtin_cpu_is("intel");
+    __builtin_cpu_init();
+    return __builtin_cpu_is("intel") != 0;
 #else
-  return false;
+    return false;
 #endif
+  }();
+  return intel;
 }
 
 bool use_onednn() {
