@@ -71,12 +71,33 @@ Norm parse_norm(std::string_view name, bool allow_none) {
   return Norm::kLayer;
 }
 
-Activation parse_activation(std::string_view name, const char* arg) {
+Activation parse_activation(std::string_view name) {
   const std::optional<Activation> activation = find_code(kActivations, name);
   if (activation.has_value()) return *activation;
-  TORCH_CHECK_VALUE(false, arg, " must be one of ", quoted_names(kActivations, ", "), ", got '",
-                    name, "'");
+  TORCH_CHECK_VALUE(false, "activation must be one of ", quoted_names(kActivations, ", "),
+                    ", got '", name, "'");
   return Activation::kNone;
+}
+
+// ln_linear's input activation: a plain one or a gated one (common.h).
+Activation parse_input_activation(std::string_view name) {
+  std::optional<Activation> activation = find_code(kActivations, name);
+  if (!activation.has_value()) activation = find_code(kGatedActivations, name);
+  if (activation.has_value()) return *activation;
+  TORCH_CHECK_VALUE(false, "input_activation must be one of ", quoted_names(kActivations, ", "),
+                    ", ", quoted_names(kGatedActivations, ", "), ", got '", name, "'");
+  return Activation::kNone;
+}
+
+// The width of ln_linear's norm and GEMM operand h = N(in_act(x)): x's, or half of it for a gated
+// input activation (x = [gate | up]).
+int64_t in_features_of(const Tensor& x, Activation input_activation) {
+  if (!is_gated(input_activation)) return x.size(1);
+  TORCH_CHECK_VALUE(x.size(1) % 2 == 0,
+                    "a gated input_activation needs x's last dimension to be even ([gate | up]), "
+                    "got ",
+                    x.size(1));
+  return x.size(1) / 2;
 }
 
 // x: the 2-D row-major input every other argument is checked against.
@@ -102,9 +123,8 @@ void check_like(const Tensor& t, const char* name, const Tensor& x, at::IntArray
 }
 
 // A norm parameter: (cols,), x's dtype or float32, on x's device, contiguous.
-void check_param(const OptTensor& t, const char* name, const Tensor& x) {
+void check_param(const OptTensor& t, const char* name, const Tensor& x, int64_t cols) {
   if (!t.has_value()) return;
-  const int64_t cols = x.size(1);
   TORCH_CHECK_VALUE(t->device() == x.device(), name, " is on ", t->device(), " but x is on ",
                     x.device());
   TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == cols, name, " must have shape (", cols,
@@ -117,9 +137,9 @@ void check_param(const OptTensor& t, const char* name, const Tensor& x) {
 
 // gamma, beta: the norm's parameters, named in errors as the public API names them.
 void check_norm_params(const OptTensor& gamma, const OptTensor& beta, Norm norm, const Tensor& x,
-                       const char* gamma_name, const char* beta_name) {
-  check_param(gamma, gamma_name, x);
-  check_param(beta, beta_name, x);
+                       const char* gamma_name, const char* beta_name, int64_t cols) {
+  check_param(gamma, gamma_name, x, cols);
+  check_param(beta, beta_name, x, cols);
   TORCH_CHECK_VALUE(!(beta.has_value() && norm == Norm::kRms), beta_name,
                     " must be None for norm='rms' (RMSNorm has no bias)");
   TORCH_CHECK_VALUE(!(beta.has_value() && !gamma.has_value()), beta_name, " given without ",
@@ -145,9 +165,10 @@ void check_dropout(const OptTensor& seed, double p, const Tensor& x) {
   check_like(*seed, "seed", x, {}, at::kLong);
 }
 
-void check_linear(const Tensor& x, const Tensor& weight, const OptTensor& bias) {
-  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == x.size(1),
-                    "weight must have shape (out_features, ", x.size(1), "), got ",
+void check_linear(const Tensor& x, int64_t in_features, const Tensor& weight,
+                  const OptTensor& bias) {
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == in_features,
+                    "weight must have shape (out_features, ", in_features, "), got ",
                     weight.sizes());
   check_like(weight, "weight", x, weight.sizes(), std::nullopt);
   if (bias.has_value()) check_like(*bias, "bias", x, {weight.size(0)}, std::nullopt);
@@ -188,7 +209,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_native(const Tensor& x, const OptT
                                                      c10::string_view norm_name) {
   check_input(x);
   const Norm norm = parse_norm(norm_name, false);
-  check_norm_params(weight, bias, norm, x, "weight", "bias");
+  check_norm_params(weight, bias, norm, x, "weight", "bias", x.size(1));
   check_eps(eps);
   Tensor y = new_like(x);
   Tensor mean = stats_tensor(x, norm == Norm::kLayer);
@@ -213,7 +234,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_backward_native(
     c10::string_view norm_name, const c10::List<bool>& output_mask) {
   check_input(x);
   const Norm norm = parse_norm(norm_name, false);
-  check_norm_params(weight, bias, norm, x, "weight", "bias");
+  check_norm_params(weight, bias, norm, x, "weight", "bias", x.size(1));
   check_like(grad_y, "grad_y", x, x.sizes(), std::nullopt);
   check_stats(mean, rstd, norm, x);
   if (grad_accum.has_value()) check_like(*grad_accum, "grad_accum", x, x.sizes(), std::nullopt);
@@ -242,7 +263,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_layer_norm_native(
   check_input(x);
   const Norm norm = parse_norm(norm_name, false);
   check_like(residual, "residual", x, x.sizes(), std::nullopt);
-  check_norm_params(weight, bias, norm, x, "weight", "bias");
+  check_norm_params(weight, bias, norm, x, "weight", "bias", x.size(1));
   check_eps(eps);
   Tensor y = new_like(x);
   Tensor sum = new_like(x);
@@ -269,10 +290,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ln_linear_native(
     c10::string_view activation_name, double alpha, double dropout_p) {
   check_input(x);
   const Norm norm = parse_norm(norm_name, true);
-  const Activation input_activation = parse_activation(input_activation_name, "input_activation");
-  const Activation activation = parse_activation(activation_name, "activation");
-  check_norm_params(ln_weight, ln_bias, norm, x, "ln_weight", "ln_bias");
-  check_linear(x, weight, bias);
+  const Activation input_activation = parse_input_activation(input_activation_name);
+  const Activation activation = parse_activation(activation_name);
+  const int64_t in_features = in_features_of(x, input_activation);
+  check_norm_params(ln_weight, ln_bias, norm, x, "ln_weight", "ln_bias", in_features);
+  check_linear(x, in_features, weight, bias);
   if (residual.has_value()) {
     check_like(*residual, "residual", x, {x.size(0), weight.size(0)}, std::nullopt);
   }
@@ -304,10 +326,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ln_linear_backward_native(
     c10::string_view activation_name, double dropout_p, const c10::List<bool>& output_mask) {
   check_input(x);
   const Norm norm = parse_norm(norm_name, true);
-  const Activation input_activation = parse_activation(input_activation_name, "input_activation");
-  const Activation activation = parse_activation(activation_name, "activation");
-  check_norm_params(ln_weight, ln_bias, norm, x, "ln_weight", "ln_bias");
-  check_linear(x, weight, std::nullopt);
+  const Activation input_activation = parse_input_activation(input_activation_name);
+  const Activation activation = parse_activation(activation_name);
+  const int64_t in_features = in_features_of(x, input_activation);
+  check_norm_params(ln_weight, ln_bias, norm, x, "ln_weight", "ln_bias", in_features);
+  check_linear(x, in_features, weight, std::nullopt);
   const int64_t rows = x.size(0), out_features = weight.size(0);
   check_like(grad_out, "grad_out", x, {rows, out_features}, std::nullopt);
   check_stats(mean, rstd, norm, x);
@@ -419,10 +442,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         [](const std::string& choice) { magneto::cpu::gemm::set_engine(choice); },
         "Benchmarks and tests: 'auto', 'onednn' or 'aten', overriding MAGNETO_CPU_GEMM.");
   m.def("codes", []() {
-    pybind11::dict norms, activations, philox;
+    pybind11::dict norms, activations, gated_activations, philox;
     for (const auto& entry : magneto::kNorms) norms[entry.name] = static_cast<int>(entry.code);
     for (const auto& entry : magneto::kActivations) {
       activations[entry.name] = static_cast<int>(entry.code);
+    }
+    for (const auto& entry : magneto::kGatedActivations) {
+      for (const auto& gate : magneto::kActivations) {
+        if (gate.code == magneto::gate_of(entry.code)) gated_activations[entry.name] = gate.name;
+      }
     }
     philox["key_a"] = magneto::kPhiloxKeyA;
     philox["key_b"] = magneto::kPhiloxKeyB;
@@ -432,10 +460,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     pybind11::dict codes;
     codes["norms"] = norms;
     codes["activations"] = activations;
+    codes["gated_activations"] = gated_activations;
     codes["philox"] = philox;
     return codes;
   }, "csrc/common.h's tables: {'norms': {name: code}, 'activations': {name: code},"
-     " 'philox': {constant: value}}, for tests to check against magneto_kernels/codes.py.");
+     " 'gated_activations': {name: gate's activation}, 'philox': {constant: value}}, for tests to check against magneto_kernels/codes.py.");
   m.def("cpu_capability", []() { return std::string(magneto::cpu::capability()); },
         "The instruction set the CPU kernels run with: 'avx512', 'avx2' or 'default'.");
   m.def("cpu_isas", []() { return magneto::cpu::supported_isas(); },

@@ -18,7 +18,20 @@ namespace magneto {
 // list the names from here) and magneto_kernels._C.codes() exposes, so that tests/test_codes.py
 // checks them against magneto_kernels/codes.py, the Python side's one definition.
 enum class Norm : int { kLayer = 0, kRms = 1, kNone = 2 };
-enum class Activation : int { kNone = 0, kGelu = 1, kGeluTanh = 2, kRelu = 3, kSilu = 4 };
+// The gated input activations (x = [gate | up], in_act(x) = act(gate)·up, ln_linear only) are
+// their gate's code with kGatedBit set: is_gated() and gate_of() take them apart.
+enum class Activation : int {
+  kNone = 0,
+  kGelu = 1,
+  kGeluTanh = 2,
+  kRelu = 3,
+  kSilu = 4,
+  kRelu2 = 5,
+  kGeglu = 16 | 1,
+  kSwiglu = 16 | 4,
+  kRelu2Glu = 16 | 5,
+};
+inline constexpr int kGatedBit = 16;
 enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
 template <typename Code>
@@ -39,7 +52,23 @@ inline constexpr NameCode<Activation> kActivations[] = {
     {"gelu_tanh", Activation::kGeluTanh},
     {"relu", Activation::kRelu},
     {"silu", Activation::kSilu},
+    {"relu2", Activation::kRelu2},
 };
+
+inline constexpr NameCode<Activation> kGatedActivations[] = {
+    {"geglu", Activation::kGeglu},
+    {"swiglu", Activation::kSwiglu},
+    {"relu2_glu", Activation::kRelu2Glu},
+};
+
+MAGNETO_HOST_DEVICE constexpr bool is_gated(Activation a) {
+  return (static_cast<int>(a) & kGatedBit) != 0;
+}
+
+// The activation of a gated activation's gate; a plain activation itself.
+MAGNETO_HOST_DEVICE constexpr Activation gate_of(Activation a) {
+  return static_cast<Activation>(static_cast<int>(a) & ~kGatedBit);
+}
 
 // Whether `code` has a row in `table`: the launchers' check of the codes they are given.
 template <typename Code, size_t N>

@@ -15,8 +15,14 @@ import torch
 NORMS = {"layer": 0, "rms": 1, "none": 2}
 """Norm kind -> kernel code. "none": no norm (``ln_linear`` with ``ln_weight=None``)."""
 
-ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4}
-"""Activation -> kernel code, for ``activation`` and ``input_activation`` alike."""
+ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4, "relu2": 5}
+"""Activation -> kernel code, for ``activation`` and ``input_activation`` alike. relu2 is
+``relu(x)²`` (Primer; BitNet's FFN)."""
+
+GATED_ACTIVATIONS = {"geglu": "gelu", "swiglu": "silu", "relu2_glu": "relu2"}
+"""Gated input activation -> the activation of its gate, a key of ACTIVATIONS: with
+``x = [gate | up]`` split in two halves of its last dimension, ``in_act(x) = act(gate)·up``.
+Only ``ln_linear``'s ``input_activation`` takes them; its x is then twice the weight's width."""
 
 ACTIVATION_ALIASES = {None: "none", "swish": "silu", "identity": "none", "linear": "none"}
 """Other spellings users pass, mapped to a key of ACTIVATIONS."""
@@ -43,6 +49,19 @@ def canonical_activation(name: Optional[str]) -> str:
             f"activation must be one of {tuple(ACTIVATIONS) + ('swish', None)}, got {name!r}"
         )
     return name
+
+
+def canonical_input_activation(name: Optional[str]) -> str:
+    """canonical_activation, or a key of GATED_ACTIVATIONS."""
+    if name in GATED_ACTIVATIONS:
+        return name
+    try:
+        return canonical_activation(name)
+    except ValueError:
+        raise ValueError(
+            f"input_activation must be one of {tuple(ACTIVATIONS) + tuple(GATED_ACTIVATIONS)}"
+            f" (or 'swish', None), got {name!r}"
+        ) from None
 
 
 def dropout_threshold(p: float) -> int:

@@ -21,7 +21,11 @@ from torch import Tensor
 
 from magneto_kernels import reference
 from magneto_kernels.backends import FAMILY, resolve_backend
-from magneto_kernels.codes import canonical_activation
+from magneto_kernels.codes import (
+    GATED_ACTIVATIONS,
+    canonical_activation,
+    canonical_input_activation,
+)
 from magneto_kernels.library import get_op
 
 # The op of each (public op, backend), looked up once rather than by name on every call.
@@ -80,7 +84,9 @@ def _check_norm(
     eps: float,
     norm: str,
     prefix: str = "",
+    width: Optional[int] = None,
 ) -> None:
+    """``width``: the normalised width, x's last dimension unless given."""
     _check_x(x)
     shape = x.shape
     if len(shape) < 1 or shape[-1] == 0:
@@ -90,7 +96,7 @@ def _check_norm(
         raise ValueError(f"eps must be >= 0, got {eps}")
     if weight is None and bias is None:
         return
-    width, device = shape[-1:], x.device
+    width, device = (shape[-1] if width is None else width,), x.device
     param_dtypes = (x.dtype, torch.float32)
     _check_tensor(prefix + "weight", weight, device, width, param_dtypes)
     _check_tensor(prefix + "bias", bias, device, width, param_dtypes)
@@ -184,25 +190,37 @@ def ln_linear(
     ``N`` is LayerNorm or RMSNorm with parameters ``ln_weight``/``ln_bias``, or nothing when
     ``ln_weight`` is None. ``input_activation`` is applied to x before the norm (fc2 takes fc1's
     preact, so the two share one saved tensor). Activations: the keys of
-    ``codes.ACTIVATIONS`` or their ``codes.ACTIVATION_ALIASES`` (None, "swish", ...). Pass
-    ``dropout_p=0`` outside training.
+    ``codes.ACTIVATIONS`` or their ``codes.ACTIVATION_ALIASES`` (None, "swish", ...); the
+    input activation may also be gated (``codes.GATED_ACTIVATIONS``: "swiglu", "geglu",
+    "relu2_glu"), when x is ``[gate | up]``, twice in_features wide, and
+    ``in_act(x) = act(gate)·up``. Only x is saved for the backward: the gated product is
+    recomputed. Pass ``dropout_p=0`` outside training.
     """
+    input_activation = canonical_input_activation(input_activation)
+    _check_x(x)
+    x_shape = x.shape
+    in_features = x_shape[-1] if x_shape else 0
+    if input_activation in GATED_ACTIVATIONS:
+        if in_features % 2:
+            raise ValueError(
+                f"input_activation={input_activation!r} needs x = [gate | up] with an even last"
+                f" dimension, got shape {tuple(x_shape)}"
+            )
+        in_features //= 2
     if ln_weight is None:
-        _check_x(x)
         if ln_bias is not None:
             raise ValueError("ln_bias given without ln_weight")
         _check_norm_kind(norm)
     else:
-        _check_norm(x, ln_weight, ln_bias, eps, norm, prefix="ln_")
+        _check_norm(x, ln_weight, ln_bias, eps, norm, prefix="ln_", width=in_features)
     if not isinstance(weight, Tensor) or weight.dim() != 2:
         raise ValueError("weight must be a 2-D Tensor (out_features, in_features)")
     out_features = weight.shape[0]
-    x_shape, device, dtypes = x.shape, x.device, (x.dtype,)
-    _check_tensor("weight", weight, device, (out_features, x_shape[-1]), dtypes)
+    device, dtypes = x.device, (x.dtype,)
+    _check_tensor("weight", weight, device, (out_features, in_features), dtypes)
     _check_tensor("bias", bias, device, (out_features,), dtypes)
     if residual is not None:
         _check_tensor("residual", residual, device, (*x_shape[:-1], out_features), dtypes)
-    input_activation = canonical_activation(input_activation)
     activation = canonical_activation(activation)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")

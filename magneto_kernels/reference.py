@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from magneto_kernels.codes import (
+    GATED_ACTIVATIONS,
     NORMS,
     PHILOX_KEY_A,
     PHILOX_KEY_B,
@@ -41,7 +42,18 @@ def apply_activation(x: Tensor, name: Optional[str]) -> Tensor:
         return F.gelu(x, approximate="tanh")
     if name == "relu":
         return F.relu(x)
+    if name == "relu2":
+        return F.relu(x).square()
     return F.silu(x)
+
+
+def apply_input_activation(x: Tensor, name: str) -> Tensor:
+    """ln_linear's input activation: apply_activation, or for a gated one (GATED_ACTIVATIONS)
+    ``act(gate)·up`` with ``x = [gate | up]`` split along the last dimension."""
+    if name in GATED_ACTIVATIONS:
+        gate, up = x.chunk(2, dim=-1)
+        return apply_activation(gate, GATED_ACTIVATIONS[name]) * up
+    return apply_activation(x, name)
 
 
 def _stat_dtype(x: Tensor) -> torch.dtype:
@@ -179,7 +191,7 @@ def ln_linear(
     ``N`` is skipped when ``ln_weight`` is None. The dropout mask is indexed over the output
     viewed as (rows, out_features), rows being x's leading dimensions flattened.
     """
-    a = apply_activation(x, input_activation)
+    a = apply_input_activation(x, input_activation)
     if ln_weight is None:
         h = a
     else:

@@ -21,7 +21,7 @@ import torch
 
 import magneto_kernels as mk
 from magneto_kernels.backends import EMULATED_CUDA, FAMILY, available_backends
-from magneto_kernels.codes import ACTIVATIONS, NORMS, RTOL
+from magneto_kernels.codes import ACTIVATIONS, GATED_ACTIVATIONS, NORMS, RTOL
 
 # ---------------------------------------------------------------------------------- tolerances
 
@@ -202,6 +202,7 @@ def compare_to_reference(backend: Backend, fn, inputs: dict, *, seed=0):
 # --------------------------------------------------------------------------------------- cases
 
 ACTS = tuple(ACTIVATIONS)
+GATED = tuple(GATED_ACTIVATIONS)
 NORM_KINDS = tuple(n for n in NORMS if n != "none")
 """The norms of layer_norm and add_layer_norm; ln_linear also takes "none" (no norm)."""
 
@@ -292,6 +293,16 @@ _LN_LINEAR_SCENARIOS = [
     (37, 61, 45, "rms", "relu", "gelu", 0.7, 0.5, True, "same"),
     (2, 3, 5, "none", "none", "silu", None, 0.0, False, "fp32"),
     (2, 9000, 3, "layer", "gelu", "none", 0.7, 0.0, True, "fp32"),  # chunked row statistics
+    # Gated input activations (x = [gate | up], 2·in wide): BitNet's down_proj (RMSNorm of
+    # relu2(gate)·up), Llama's (SwiGLU, no norm, the residual added), and the other paths.
+    (37, 67, 45, "rms", "relu2_glu", "none", 1.0, 0.0, False, "same"),
+    (37, 67, 45, "none", "swiglu", "none", 1.0, 0.0, False, "same"),
+    (37, 64, 45, "layer", "geglu", "gelu", None, 0.2, True, "fp32"),
+    (37, 61, 45, "none", "geglu", "relu2", 0.7, 0.3, True, "same"),
+    (5, 1000, 3, "rms", "swiglu", "none", None, 0.0, True, "same"),
+    (3, 37, 199, "layer", "relu2_glu", "silu", 0.7, 0.0, True, "same"),
+    (1, 1, 1, "rms", "swiglu", "none", 0.7, 0.0, True, "fp32"),
+    (2, 9000, 3, "layer", "relu2_glu", "none", 0.7, 0.0, True, "fp32"),  # chunked row statistics
 ]
 _CUDA_COMBOS = [
     ("layer", "none", "none", None, 0.0, True),
@@ -301,6 +312,9 @@ _CUDA_COMBOS = [
     ("layer", "relu", "silu", 2.0, 0.1, True),
     ("none", "gelu_tanh", "relu", None, 0.3, True),
     ("none", "none", "none", 1.0, 0.0, False),
+    ("rms", "relu2_glu", "none", 1.0, 0.0, False),
+    ("none", "swiglu", "none", 1.0, 0.0, False),
+    ("layer", "geglu", "relu2", None, 0.2, True),
 ]
 
 
@@ -314,7 +328,7 @@ LN_LINEAR_CASES = (
     # Every activation in both places, from the codes table: a new one is tested unasked.
     + [
         pytest.param((9, 24, 16, "layer", a, "none", 1.0, 0.0, True, "fp32"), id=f"in-{a}")
-        for a in ACTS
+        for a in ACTS + GATED
     ]
     + [
         pytest.param((9, 24, 16, "rms", "none", a, None, 0.1, True, "same"), id=f"out-{a}")
@@ -333,11 +347,15 @@ LN_LINEAR_CASES = (
 )
 
 
-def ln_linear_inputs(rows, k, n, norm, residual, bias, param, dtype, device, mean=1.5):
-    """The six tensor arguments of ln_linear (None where absent); x has row mean ``mean``."""
+def ln_linear_inputs(
+    rows, k, n, norm, residual, bias, param, dtype, device, mean=1.5, input_activation="none"
+):
+    """The six tensor arguments of ln_linear (None where absent); x has row mean ``mean``, and
+    2·k columns ([gate | up]) for a gated input activation."""
     p_dtype = torch.float32 if param == "fp32" else dtype
+    x_cols = 2 * k if input_activation in GATED_ACTIVATIONS else k
     return {
-        "x": randn(rows, k, dtype=dtype, mean=mean, std=2.0, device=device),
+        "x": randn(rows, x_cols, dtype=dtype, mean=mean, std=2.0, device=device),
         "ln_weight": (
             None if norm == "none" else randn(k, dtype=p_dtype, mean=1.0, std=0.3, device=device)
         ),
@@ -376,6 +394,7 @@ def check_ln_linear_case(backend: Backend, case, dtype):
     """One LN_LINEAR_CASES entry on ``backend`` against the float64 reference."""
     rows, k, n, norm, in_act, act, alpha, p, bias, param = case
     inputs = ln_linear_inputs(
-        rows, k, n, norm, alpha is not None, bias, param, dtype, backend.device
+        rows, k, n, norm, alpha is not None, bias, param, dtype, backend.device,
+        input_activation=in_act,
     )
     compare_to_reference(backend, ln_linear_fn(norm, in_act, act, alpha, p), inputs, seed=rows + k)

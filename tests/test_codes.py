@@ -15,6 +15,7 @@ def test_norm_codes_match():
 
 def test_activation_codes_match():
     assert _C.codes()["activations"] == codes.ACTIVATIONS
+    assert _C.codes()["gated_activations"] == codes.GATED_ACTIVATIONS
 
 
 def test_philox_constants_match():
