@@ -142,15 +142,19 @@ class MultiheadAttention(nn.Module):
         value: Tensor,
         input_norm: Optional[Norm],
         part: Optional[int],
-    ) -> tuple[Tensor, Tensor, Tensor]:
+        kv_cached: bool = False,
+    ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
         """q, k, v of shape (batch, length, d): one GEMM when query, key and value coincide
-        (self-attention), two when key and value do (cross-attention), else three."""
+        (self-attention), two when key and value do (cross-attention), else three; q alone
+        (k, v None) when ``kv_cached``."""
         d = self.embed_dim
         q_norm = norm_kwargs(input_norm)
         kv_norm = q_norm if self.self_attention else norm_kwargs(None)
-        if key is query and value is query:
+        if key is query and value is query and not kv_cached:
             return self._linear(query, slice(0, 3 * d), q_norm, part).split(d, dim=-1)
         q = self._linear(query, self._rows("q"), q_norm, part)
+        if kv_cached:
+            return q, None, None
         if key is value:
             k, v = self._linear(key, slice(d, 3 * d), kv_norm, part).split(d, dim=-1)
         else:
@@ -161,6 +165,22 @@ class MultiheadAttention(nn.Module):
     def _heads(self, t: Tensor) -> Tensor:
         """(batch, length, d) -> (batch, heads, length, head_dim), a view."""
         return t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+
+    def _static_kv(
+        self, static_kv_cache: dict, query: Tensor, key: Tensor, value: Tensor, input_norm, part
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v in heads layout, k and v from ``static_kv_cache`` while it holds them for these
+        key and value tensors, else projected and stored there."""
+        hit = (
+            static_kv_cache.get("key_source") is key
+            and static_kv_cache.get("value_source") is value
+        )
+        q, k, v = self._project(query, key, value, input_norm, part, kv_cached=hit)
+        if hit:
+            return self._heads(q), static_kv_cache["key"], static_kv_cache["value"]
+        k, v = self._heads(k), self._heads(v)
+        static_kv_cache.update(key_source=key, value_source=value, key=k, value=v)
+        return self._heads(q), k, v
 
     @staticmethod
     def _extend_cache(
@@ -191,6 +211,7 @@ class MultiheadAttention(nn.Module):
         is_causal: bool = False,
         need_weights: bool = False,
         part: Optional[int] = None,
+        static_kv_cache: Optional[dict] = None,
     ) -> tuple[Tensor, Optional[Tensor]]:
         """torchscale's call: returns ``(output, attention weights or None)``.
 
@@ -207,6 +228,10 @@ class MultiheadAttention(nn.Module):
           torchscale does (computed separately; SDPA does not expose them). Default: None.
         - ``part``: multiway models, the copy every token uses (0 = A, 1 = B; ``forward_parts``
           mixes them); None in non-multiway models.
+        - ``static_kv_cache``: cross-attention decoding, a dict (empty at the first step) that
+          keeps k and v of ``key``/``value`` between calls: while the same key and value tensors
+          are passed (the encoder output of every decoding step), their projections are reused
+          instead of recomputed. torchscale recomputes them at every step.
         - ``rel_pos`` (relative position bias) is not supported; ``is_first_step`` only matters
           for xPos, which is not supported either (accepted for torchscale's call).
         """
@@ -217,7 +242,10 @@ class MultiheadAttention(nn.Module):
         bsz, tgt_len = self._check_inputs(query, key, value, residual)
         if self.multiway and part is None:
             raise ValueError("part: a multiway attention needs the copy to use (0 = A, 1 = B)")
-        q, k, v = (self._heads(t) for t in self._project(query, key, value, input_norm, part))
+        if static_kv_cache is not None:
+            q, k, v = self._static_kv(static_kv_cache, query, key, value, input_norm, part)
+        else:
+            q, k, v = (self._heads(t) for t in self._project(query, key, value, input_norm, part))
         k, v = self._extend_cache(incremental_state, k, v)
         src_len = k.shape[2]
 

@@ -335,6 +335,11 @@ class DecoderLayer(ResidualLayer):
 
         x = self.residual_block(x, self.self_attn_layer_norm, self_attention)
         if self.encoder_attn is not None and encoder_out is not None:
+            # Decoding: the encoder output is the same at every step, so its keys and values
+            # are projected once and kept in the layer's state.
+            static_kv_cache = None
+            if incremental_state is not None:
+                static_kv_cache = incremental_state.setdefault("encoder_attn", {})
 
             def cross_attention(h, **kw):
                 return self.encoder_attn(
@@ -343,6 +348,7 @@ class DecoderLayer(ResidualLayer):
                     encoder_out,
                     key_padding_mask=encoder_padding_mask,
                     rel_pos=cross_attn_rel_pos,
+                    static_kv_cache=static_kv_cache,
                     **kw,
                 )[0]
 

@@ -330,7 +330,9 @@ def test_incremental_decoding_equals_full_causal_decoding(scheme, positions):
         assert_close(torch.cat([prefix, *rest], dim=1), full, RTOL[torch.float32])
 
 
-def test_incremental_decoding_with_cross_attention():
+def test_incremental_decoding_with_cross_attention(monkeypatch):
+    """Step-by-step decoding matches the full pass, and each layer projects the encoder output
+    to keys and values once, at the first step, not at every step."""
     torch.manual_seed(0)
     model = _randomize(magneto.EncoderDecoder(_config(vocab_size=30, positions="learned"))).eval()
     src, tgt = torch.randint(0, 30, (2, 5)), torch.randint(0, 30, (2, 6))
@@ -338,12 +340,23 @@ def test_incremental_decoding_with_cross_attention():
     with torch.no_grad():
         full = model(src, tgt, encoder_padding_mask=pad)[0]
         encoder_out = model.encoder(src, encoder_padding_mask=pad)
+        projections_of_encoder_out = []
+        linear = magneto.attention.MultiheadAttention._linear
+
+        def counting_linear(self, x, *args):
+            if x is encoder_out["encoder_out"]:
+                projections_of_encoder_out.append(self)
+            return linear(self, x, *args)
+
+        monkeypatch.setattr(magneto.attention.MultiheadAttention, "_linear", counting_linear)
         state = {}
         steps = [
             model.decoder(tgt[:, : t + 1], encoder_out=encoder_out, incremental_state=state)[0]
             for t in range(6)
         ]
     assert_close(torch.cat(steps, dim=1), full, RTOL[torch.float32])
+    # one k/v GEMM (key is value) per layer, over all six steps
+    assert len(projections_of_encoder_out) == len(model.decoder.layers)
 
 
 def test_state_dict_round_trip():

@@ -1,0 +1,121 @@
+"""Greedy decoding with the KV cache: magneto against torchscale, the same weights, on CPU.
+
+Two models, each taken from torchscale 0.3.0 and converted with ``from_torchscale`` (so both
+sides hold identical weights), Sub-LN, fp32, ``torch.no_grad``, ``eval()``:
+
+- decoder-only: ``Decoder``, 12 layers, d=768, 12 heads, FFN 3072;
+- encoder-decoder: ``EncoderDecoder``, 6 + 6 layers of the same width, a 64-token source.
+
+Each decodes ``--tokens`` tokens greedily from a 4-token prompt for a batch of 1 and of 8
+sequences, calling the model on the growing prefix with ``incremental_state`` as torchscale's
+generation loop does (the decoder embeds only the last token). magneto's cross-attention keeps
+the encoder output's keys and values in the state after the first step; torchscale projects
+them again at every step. Both sides must pick the same tokens (checked).
+
+The timings are interleaved rounds (``magneto.report.harness.interleaved``), one generation of
+each side per round; the ratio is magneto's time over torchscale's, the median of the per-round
+ratios with their range. Run it from the checkout:
+
+    python -m bench.bench_decode [--rounds 7] [--tokens 16] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import magneto_kernels
+from magneto.compat.torchscale import from_torchscale
+from magneto.report import harness
+from magneto.report.models import import_torchscale
+
+D, HEADS, FFN, VOCAB = 768, 12, 3072, 1000
+
+
+def _models(kind: str):
+    """torchscale's model and its magneto conversion, with the same weights."""
+    config, _, decoder, encoder_decoder, embedding = import_torchscale()
+    torch.manual_seed(0)
+    if kind == "decoder":
+        args = config.DecoderConfig(
+            decoder_embed_dim=D,
+            decoder_attention_heads=HEADS,
+            decoder_ffn_embed_dim=FFN,
+            decoder_layers=12,
+            vocab_size=VOCAB,
+            subln=True,
+        )
+        theirs = decoder.Decoder(
+            args,
+            embedding.TextEmbedding(VOCAB, D, padding_idx=1),
+            embedding.PositionalEmbedding(1024, D),
+        )
+    else:
+        sizes = dict(embed_dim=D, attention_heads=HEADS, ffn_embed_dim=FFN, layers=6)
+        args = config.EncoderDecoderConfig(
+            **{f"{side}_{k}": v for side in ("encoder", "decoder") for k, v in sizes.items()},
+            vocab_size=VOCAB,
+            subln=True,
+        )
+        theirs = encoder_decoder.EncoderDecoder(
+            args,
+            embedding.TextEmbedding(VOCAB, D, padding_idx=1),
+            embedding.PositionalEmbedding(1024, D),
+            embedding.TextEmbedding(VOCAB, D, padding_idx=1),
+            embedding.PositionalEmbedding(1024, D),
+        )
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    ours = from_torchscale(theirs)
+    return theirs.eval(), ours.eval()
+
+
+def _generate(model, kind: str, prompt: torch.Tensor, tokens: int, source: torch.Tensor):
+    """Greedy tokens after ``prompt``: the model called on the growing prefix with a cache."""
+    state, out = {}, prompt
+    with torch.no_grad():
+        decoder = model if kind == "decoder" else model.decoder
+        enc = None if kind == "decoder" else model.encoder(source)
+        for _ in range(tokens):
+            if kind == "decoder":
+                logits = decoder(out, incremental_state=state)[0]
+            else:
+                logits = decoder(out, encoder_out=enc, incremental_state=state)[0]
+            out = torch.cat([out, logits[:, -1:].argmax(-1)], dim=1)
+    return out[:, prompt.shape[1] :]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    timer = harness.cpu_timer(args.threads)
+    backend = magneto_kernels.resolve_backend(None, torch.empty(0))
+    print(f"# Greedy decoding, {args.tokens} tokens, magneto ({backend}) / torchscale")
+    print(f"\n{harness.cpu_model()}, {args.threads} threads, {timer.clock}, {args.rounds} rounds\n")
+    rows = []
+    for kind in ("decoder", "encoder_decoder"):
+        theirs, ours = _models(kind)
+        for batch in (1, 8):
+            gen = torch.Generator().manual_seed(batch)
+            prompt = torch.randint(2, VOCAB, (batch, 4), generator=gen)
+            source = torch.randint(2, VOCAB, (batch, 64), generator=gen)
+            picked = [_generate(m, kind, prompt, args.tokens, source) for m in (ours, theirs)]
+            same = torch.equal(*picked)
+            variants = {
+                name: (lambda m=m: _generate(m, kind, prompt, args.tokens, source))
+                for name, m in (("magneto", ours), ("torchscale", theirs))
+            }
+            times = harness.interleaved(variants, args.rounds, timer, warmup=1)
+            ratio = harness.ratio_stats(times["magneto"], times["torchscale"])
+            rows.append((kind, batch, str(ratio), "yes" if same else "NO"))
+    print("\n".join(harness.markdown_table(("model", "batch", "time ratio", "same tokens"), rows)))
+
+
+if __name__ == "__main__":
+    main()
