@@ -22,7 +22,7 @@ TRITON_OLDEST := 3.6.0
 $(STAMPS)/deps: Makefile
 	$(PIP) install -q torch==2.13.0 numpy ninja pybind11 setuptools wheel
 	$(PIP) install -q triton==$(TRITON_OLDEST) fairscale==0.4.0 "pytest>=8" "pytest-benchmark>=4" \
-		matplotlib tqdm ruff==0.17.6
+		matplotlib tqdm ruff==0.17.6 transformers==5.23.0 peft==0.21.2
 	# torchscale (the reference implementation) pins timm, whose torchvision needs a CUDA torch:
 	# install it without dependencies; magneto ships a labelled stand-in for the one timm function.
 	$(PIP) install -q --no-deps torchscale==0.3.0
