@@ -14,7 +14,7 @@ EXT_SOURCES := setup.py $(shell find csrc -type f)
 PYTEST := TRITON_INTERPRET=1 $(PYTHON) -m pytest
 CPU_SUITE := tests/test_ops_cpu.py tests/test_ops.py -k cpu
 
-.PHONY: setup report test quick lint format cuda-check bench bench-cpu gpu-check clean
+.PHONY: setup report test quick lint format cuda-check bench bench-cpu bench-isa gpu-check clean
 
 # Every pin in one place: CI installs exactly these. Triton: the oldest and the newest release
 # setup.py admits (triton>=3.6,<3.10) are both tested.
@@ -71,15 +71,9 @@ test: setup lint $(STAMPS)/triton-newest
 	@isas=$$($(PYTHON) -c "from magneto_kernels import _C; print(*_C.cpu_isas()[1:])") || exit 1; \
 	for isa in $$isas; do \
 		echo "== C++ op suite, MAGNETO_CPU_ISA=$$isa"; \
-		case $$isa in \
-			avx2) torch_isa="ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2";; \
-			*) torch_isa="ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_ENABLE_INSTRUCTIONS=SSE4_2";; \
-		esac; \
-		env MAGNETO_CPU_ISA=$$isa $$torch_isa $(PYTEST) -q -p no:cacheprovider $(CPU_SUITE) || exit 1; \
+		tools/with_cpu_isa.sh $$isa $(PYTEST) -q -p no:cacheprovider $(CPU_SUITE) || exit 1; \
 	done
 
-# A few-minute check while iterating: stops at the first failure and leaves out the Triton
-# interpreter (the slowest part of the suite; make test runs it).
 quick: setup
 	$(PYTEST) -q -x -k "not triton"
 
@@ -101,6 +95,16 @@ bench: setup
 
 bench-cpu: setup
 	$(PYTHON) bench/bench_cpu.py --threads 1 2 --rounds 31
+
+# The report's speed sections (ops, layers, decode) once per instruction set this CPU supports,
+# magneto's kernels and torch's held to it (tools/with_cpu_isa.sh), one thread (process CPU
+# time: robust to a shared machine): bench/results/isa-<isa>/.
+bench-isa: setup
+	@isas=$$($(PYTHON) -c "from magneto_kernels import _C; print(*_C.cpu_isas())") || exit 1; \
+	for isa in $$isas; do \
+		tools/with_cpu_isa.sh $$isa $(PYTHON) -m magneto.report --sections ops layers decode \
+			--threads 1 --no-progress --out-dir bench/results/isa-$$isa || exit 1; \
+	done
 
 # On a CUDA machine: build, GPU tests and GPU benchmarks, logs under $(OUT).
 gpu-check:
