@@ -432,15 +432,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_set_poison_outputs", [](bool on) { magneto::poison_outputs = on; },
         "Tests only: fill outputs and buffers with NaN before the kernels write them.");
   m.def("cpu_gemm_engine", []() { return magneto::cpu::gemm::engine(); },
-        "The GEMM engine of the CPU ln_linear: 'onednn' or 'aten' (see csrc/cpu/gemm.h).");
+        "What runs the CPU ln_linear's GEMMs: 'aten (mkl)' or 'aten' (see csrc/cpu/gemm.h).");
   m.def("_cpu_gemm",
         [](const at::Tensor& a, const at::Tensor& b, const at::Tensor& out, bool accumulate) {
           magneto::cpu::gemm::matmul(a, b, out, accumulate);
         },
-        "Benchmarks: out = a @ b (or out += a @ b) with the CPU ln_linear's GEMM engine.");
-  m.def("_set_cpu_gemm_engine",
-        [](const std::string& choice) { magneto::cpu::gemm::set_engine(choice); },
-        "Benchmarks and tests: 'auto', 'onednn' or 'aten', overriding MAGNETO_CPU_GEMM.");
+        "Benchmarks and tests: out = a @ b (or out += a @ b) as the CPU ln_linear runs it.");
   m.def("codes", []() {
     pybind11::dict norms, activations, gated_activations, philox;
     for (const auto& entry : magneto::kNorms) norms[entry.name] = static_cast<int>(entry.code);

@@ -1,21 +1,16 @@
 // The GEMM engine of the CPU ln_linear (csrc/cpu/ln_linear.cpp runs it between our memory-bound
-// passes).
+// passes): torch's own at::mm / at::addmm, which torch's CPU wheels run through MKL.
 //
-// torch's CPU at::mm runs fp32 through MKL, and MKL takes its AVX2 code path on non-Intel CPUs: on
-// an AMD EPYC with AVX-512 it reaches ~100 GFLOP/s on one core where oneDNN's matmul reaches ~220
-// (bench/bench_cpu.py measures both side by side). On Intel CPUs MKL is the faster of the two.
-// So the engine is at::mm on Intel CPUs, and elsewhere oneDNN's matmul where torch has it and the
-// CPU runs it:
-//
-//   MAGNETO_CPU_GEMM=auto (default)  ATen on Intel CPUs; elsewhere oneDNN if usable, else ATen
-//                   =onednn          oneDNN; an error if it is not usable
-//                   =aten            at::mm / at::addmm (MKL or whatever BLAS torch was built with)
-//
-// oneDNN is reached through at::native::mkldnn_matmul, which libtorch_cpu exports but does not
-// ship a header for, and the registered op mkldnn::_linear_pointwise; both are looked up at run
-// time, so a torch without them falls back to ATen instead of failing to import. It honours
-// torch.backends.mkldnn.matmul.fp32_precision (full fp32 unless the user opted into bf16/tf32)
-// and torch.backends.mkldnn.enabled.
+// Only public ATen calls: the engine follows torch's BLAS and its settings, and a torch release
+// cannot break it. Measured against the alternatives (one thread, fp32, ln_linear's three GEMM
+// shapes at M=1024 and the decode shape 1x768->2304; docs/design.md, Kernels per backend):
+// - OpenBLAS 0.3.34 (scipy-openblas32, the build numpy and SciPy ship) on an Intel Sapphire
+//   Rapids: 1.01-1.14x MKL's time with its AVX-512 kernels, 0.94-1.05x with its AVX2 ones
+//   against MKL held to AVX2, and 2.5x at one row;
+// - oneDNN's fp32 matmul has no public entry point in torch (at::mm reaches it only for
+//   bf16/fp16 or when the user allows reduced-precision fp32), so it could only be reached
+//   through torch internals. It was ~2x faster than MKL on an AMD EPYC with AVX-512, where MKL
+//   takes its AVX2 code path: that is the gap this choice leaves (README, Limits).
 #pragma once
 
 #include <optional>
@@ -29,16 +24,11 @@ namespace magneto::cpu::gemm {
 // contiguous or transposed views of contiguous tensors; result is contiguous.
 void matmul(const at::Tensor& a, const at::Tensor& b, const at::Tensor& result, bool accumulate);
 
-// x @ weight^T + bias (bias optional) into a new tensor: with oneDNN, its inner-product primitive
-// adds the bias in the GEMM's epilogue (mkldnn::_linear_pointwise); accumulating into a
-// bias-filled output instead costs an extra read of the output, ~8% at M=1024, N=3072.
+// x @ weight^T + bias (bias optional) into a new tensor.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
                   const std::optional<at::Tensor>& bias);
 
-// The engine matmul uses now: "onednn" or "aten".
+// What runs the GEMMs: "aten (mkl)" when torch was built with MKL, else "aten".
 std::string engine();
-
-// Sets the choice ("auto", "onednn" or "aten"), overriding MAGNETO_CPU_GEMM; benchmarks and tests.
-void set_engine(const std::string& choice);
 
 }  // namespace magneto::cpu::gemm
