@@ -394,7 +394,15 @@ def check_ln_linear_case(backend: Backend, case, dtype):
     """One LN_LINEAR_CASES entry on ``backend`` against the float64 reference."""
     rows, k, n, norm, in_act, act, alpha, p, bias, param = case
     inputs = ln_linear_inputs(
-        rows, k, n, norm, alpha is not None, bias, param, dtype, backend.device,
+        rows,
+        k,
+        n,
+        norm,
+        alpha is not None,
+        bias,
+        param,
+        dtype,
+        backend.device,
         input_activation=in_act,
     )
     compare_to_reference(backend, ln_linear_fn(norm, in_act, act, alpha, p), inputs, seed=rows + k)
