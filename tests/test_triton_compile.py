@@ -35,6 +35,9 @@ def _compile_all() -> int:
     failures = []
 
     def build(label, fn, types, consts, num_warps=4, num_stages=3, max_spill=None):
+        # constexprs a configuration leaves out (GATED) take their defaults, as in a launch
+        defaults = {p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}
+        consts = {**defaults, **consts}
         sig = {name: "constexpr" if name in consts else types[name] for name in fn.arg_names}
         src = ASTSource(
             fn=fn,
