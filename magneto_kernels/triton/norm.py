@@ -10,9 +10,9 @@ constexpr, so the other kernels compile as if it did not exist.
 
 All arithmetic is float32 whatever the storage dtype (values are cast right after ``tl.load``,
 which also keeps the interpreter away from bf16 arithmetic). Rows up to ``MAX_FUSED_WIDTH`` wide
-(``MAX_FUSED_WIDTH_BACKWARD`` in the backward) are held in registers in one block; wider rows
-are processed in chunks of ``CHUNK`` columns, the statistics merged chunk by chunk (Chan et
-al.), so widths 1..65536 (and more) work.
+(``MAX_FUSED_WIDTH_BACKWARD`` in the backward, half that for a gated row) are held in registers
+in one block; wider rows are processed in chunks of ``CHUNK`` columns, the statistics merged
+chunk by chunk (Chan et al.), so widths 1..65536 (and more) work.
 """
 
 import torch
@@ -126,10 +126,10 @@ def _norm_fwd_kernel(
     optionally Y = xhat·gamma + beta. RES and S are None without a residual, Y without WRITE_Y,
     MEAN for RMSNorm. N is the width of a (and Y); x's row stride is N, or 2N when GATED."""
     row = tl.program_id(0).to(tl.int64)
-    x_stride = N
+    stride_xm = N  # x's row stride
     if GATED:
-        x_stride = 2 * N
-    X += row * x_stride
+        stride_xm = 2 * N
+    X += row * stride_xm
     if HAS_RES:
         RES += row * N
         S += row * N
