@@ -7,12 +7,21 @@ import dataclasses
 
 import pytest
 import torch
-from harness import BY_NAME, DTYPES, compare_to_reference, ln_linear_fn, ln_linear_inputs, randn
+from harness import (
+    BY_NAME,
+    DTYPES,
+    check_ln_linear_case,
+    compare_to_reference,
+    ln_linear_fn,
+    ln_linear_inputs,
+    randn,
+)
 
 import magneto_kernels as mk
 from magneto_kernels import reference
 
 triton_kernels = pytest.importorskip("magneto_kernels.triton")
+from magneto_kernels.triton import norm as triton_norm  # noqa: E402
 from magneto_kernels.triton import philox as triton_philox  # noqa: E402
 
 TRITON = BY_NAME["triton"]
@@ -98,6 +107,17 @@ def test_ln_linear_saved_tensor_bytes(act, p):
     assert all(t.grad is not None for t in params)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gated_norm_backward_chunked_from_half_width(dtype):
+    """A gated row goes chunked in the norm backward from half MAX_FUSED_WIDTH_BACKWARD on
+    (norm.backward_row_block): in_features 3000 has one-block statistics, a chunked backward."""
+    assert triton_norm.backward_row_block(3000, gated=True)[1] is False
+    assert triton_norm.backward_row_block(3000, gated=False)[1] is True
+    check_ln_linear_case(
+        TRITON, (3, 3000, 5, "rms", "swiglu", "none", 0.7, 0.0, True, "fp32"), dtype
+    )
+
+
 # --------------------------------------------------------------------------- registration/compile
 
 
@@ -172,6 +192,29 @@ def test_gpu_ln_linear_real_size(dtype):
     inputs = ln_linear_inputs(4096, 1024, 3072, "layer", True, True, "fp32", dtype, "cuda")
     compare_to_reference(
         TRITON_ON_GPU, ln_linear_fn("layer", "none", "gelu", 1.0, 0.1), inputs, seed=3
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("norm,input_activation", [("rms", "relu2_glu"), ("layer", "swiglu")])
+def test_gpu_ln_linear_gated_real_size(dtype, norm, input_activation):
+    """A down projection's shapes with a gated input activation (x = [gate | up], 2·3072
+    wide): the two-half loads in the GEMMs and the chunked gated norm backward."""
+    inputs = ln_linear_inputs(
+        4096,
+        3072,
+        1024,
+        norm,
+        True,
+        False,
+        "fp32",
+        dtype,
+        "cuda",
+        input_activation=input_activation,
+    )
+    compare_to_reference(
+        TRITON_ON_GPU, ln_linear_fn(norm, input_activation, "none", 1.0, 0.0), inputs, seed=5
     )
 
 

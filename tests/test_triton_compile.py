@@ -35,6 +35,9 @@ def _compile_all() -> int:
     failures = []
 
     def build(label, fn, types, consts, num_warps=4, num_stages=3, max_spill=None):
+        # constexprs a configuration leaves out (GATED) take their defaults, as in a launch
+        defaults = {p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}
+        consts = {**defaults, **consts}
         sig = {name: "constexpr" if name in consts else types[name] for name in fn.arg_names}
         src = ASTSource(
             fn=fn,
@@ -342,6 +345,100 @@ def _compile_all() -> int:
             BLOCK_N=128,
             **none("PREACT", "SEED", "DZ"),
         ),
+    )
+    # Gated input activations (x = [gate | up], IN_ACT the gate's activation): ln_linear's
+    # prologue statistics, its forward GEMM, the dweight GEMM and the norm backward.
+    for norm, in_act, single, block in [(1, 5, True, 8192), (0, 4, False, nm.CHUNK)]:
+        build(
+            f"norm_fwd gated stats norm={norm} in_act={in_act} block={block}",
+            nm._norm_fwd_kernel,
+            fwd_types,
+            dict(
+                none("RES", "Y", "S", "GAMMA", "BETA", *(("MEAN",) if norm == 1 else ())),
+                NORM=norm,
+                IN_ACT=in_act,
+                HAS_RES=False,
+                HAS_GAMMA=False,
+                HAS_BETA=False,
+                WRITE_Y=False,
+                BLOCK_N=block,
+                SINGLE=single,
+                GATED=True,
+            ),
+            num_warps=nm.row_block(block if single else 10**5)[2],
+            max_spill=0,
+        )
+    for norm, in_act, single, block in [
+        (0, 1, True, 2048),
+        (1, 5, True, 2048),
+        (1, 1, True, 512),
+        (0, 4, False, nm.CHUNK),
+        (1, 5, False, nm.CHUNK),
+    ]:
+        build(
+            f"norm_bwd gated norm={norm} in_act={in_act} block={block}",
+            nm._norm_bwd_kernel,
+            bwd_types,
+            dict(
+                none("GRAD_ACCUM", *(("MEAN", "DBETA_PART") if norm == 1 else ())),
+                NORM=norm,
+                IN_ACT=in_act,
+                HAS_GAMMA=True,
+                HAS_GRAD_ACCUM=False,
+                WANT_DX=True,
+                WANT_DGAMMA=True,
+                WANT_DBETA=norm == 0,
+                BLOCK_N=block,
+                SINGLE=single,
+                GATED=True,
+            ),
+            num_warps=nm.backward_row_block(block if single else 10**5, gated=True)[2],
+            max_spill=64,
+        )
+    gated = dict(plain, NORM=1, IN_ACT=5, HAS_BETA=False, GATED=True)
+    for cfg in configs:
+        build(
+            f"ln_matmul bf16 gated rms relu2_glu {cfg}",
+            ll._ln_matmul_kernel,
+            gemm_types("bf16"),
+            dict(gated, BETA=None, **{k: v for k, v in cfg.kwargs.items() if k != "GROUP_M"}),
+            cfg.num_warps,
+            cfg.num_stages,
+        )
+    cfg = configs[0]
+    build(
+        f"ln_matmul bf16 gated no norm swiglu {cfg}",
+        ll._ln_matmul_kernel,
+        gemm_types("bf16"),
+        dict(
+            plain,
+            NORM=2,
+            IN_ACT=4,
+            HAS_GAMMA=False,
+            HAS_BETA=False,
+            GATED=True,
+            **tiles,
+            **none("MEAN", "RSTD", "GAMMA", "BETA"),
+        ),
+        cfg.num_warps,
+        cfg.num_stages,
+    )
+    build(
+        f"dweight gated layer geglu {cfg}",
+        ll._dweight_kernel,
+        dw_types,
+        dict(
+            NORM=0,
+            IN_ACT=1,
+            HAS_GAMMA=True,
+            HAS_BETA=True,
+            DOT_FP32=False,
+            PRECISION="tf32",
+            GATED=True,
+            **cfg.kwargs,
+        ),
+        cfg.num_warps,
+        cfg.num_stages,
     )
     print(f"{len(failures)} failures: {failures}")
     return 1 if failures else 0

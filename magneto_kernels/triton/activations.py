@@ -1,14 +1,16 @@
-"""Device helpers: activations and their derivatives (fp32 in, fp32 out), and the rounding cast.
+"""Device helpers: activations and their derivatives (fp32 in, fp32 out), the gated input
+activations built on them, and the rounding cast.
 
 The activation codes are ``magneto_kernels.codes.ACTIVATIONS``; each gets a named constexpr
 here, so an added activation is one constant and one branch in each of ``activation`` and
-``activation_grad``.
+``activation_grad``. A gated input activation (``codes.GATED_ACTIVATIONS``) reaches the kernels
+as its gate's code in ``IN_ACT`` plus ``GATED=True`` (``input_activation_args``).
 """
 
 import triton
 import triton.language as tl
 
-from magneto_kernels.codes import ACTIVATIONS
+from magneto_kernels.codes import ACTIVATIONS, GATED_ACTIVATIONS
 from magneto_kernels.triton.common import INTERPRET
 
 ACT_NONE: tl.constexpr = tl.constexpr(ACTIVATIONS["none"])
@@ -16,6 +18,7 @@ _GELU: tl.constexpr = tl.constexpr(ACTIVATIONS["gelu"])
 _GELU_TANH: tl.constexpr = tl.constexpr(ACTIVATIONS["gelu_tanh"])
 _RELU: tl.constexpr = tl.constexpr(ACTIVATIONS["relu"])
 _SILU: tl.constexpr = tl.constexpr(ACTIVATIONS["silu"])
+_RELU2: tl.constexpr = tl.constexpr(ACTIVATIONS["relu2"])
 
 _INTERPRET: tl.constexpr = tl.constexpr(INTERPRET)
 _SQRT1_2: tl.constexpr = tl.constexpr(0.7071067811865476)
@@ -44,6 +47,9 @@ def activation(x, ACT: tl.constexpr):
         y = tl.maximum(x, 0.0)
     elif ACT == _SILU:
         y = x / (1.0 + tl.exp(-x))
+    elif ACT == _RELU2:
+        r = tl.maximum(x, 0.0)
+        y = r * r
     else:
         y = x
     return y
@@ -51,7 +57,7 @@ def activation(x, ACT: tl.constexpr):
 
 @triton.jit
 def activation_grad(x, ACT: tl.constexpr):
-    """d activation(x) / dx (relu'(0) = 0, as PyTorch)."""
+    """d activation(x) / dx (relu'(0) = 0, as PyTorch; relu2'(x) = 2·relu(x))."""
     if ACT == _GELU:
         d = 0.5 * (1.0 + tl.erf(x * _SQRT1_2)) + x * _INV_SQRT_2PI * tl.exp(-0.5 * x * x)
     elif ACT == _GELU_TANH:
@@ -64,6 +70,8 @@ def activation_grad(x, ACT: tl.constexpr):
     elif ACT == _SILU:
         s = 1.0 / (1.0 + tl.exp(-x))
         d = s * (1.0 + x * (1.0 - s))
+    elif ACT == _RELU2:
+        d = 2.0 * tl.maximum(x, 0.0)
     else:
         d = tl.full(x.shape, 1.0, tl.float32)
     return d
@@ -81,3 +89,24 @@ def cast_rn(x, dtype: tl.constexpr):
         bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
         x = bits.to(tl.float32, bitcast=True)
     return x.to(dtype)
+
+
+@triton.jit
+def gated_activation(gate, up, ACT: tl.constexpr, dtype: tl.constexpr):
+    """a = act(gate)·up of float32 ``gate`` and ``up``, rounded to x's ``dtype`` (where the
+    reference forms it) and returned as float32, ready for the norm."""
+    return cast_rn(activation(gate, ACT) * up, dtype).to(tl.float32)
+
+
+@triton.jit
+def gated_activation_grad(da, gate, up, ACT: tl.constexpr):
+    """(dgate, dup) = (da·up·act'(gate), da·act(gate)): the gradient at x = [gate | up] of
+    a = act(gate)·up, given da, the gradient at a."""
+    return da * up * activation_grad(gate, ACT), da * activation(gate, ACT)
+
+
+def input_activation_args(name: str) -> dict:
+    """The kernels' ``IN_ACT`` and ``GATED`` constexprs for ``input_activation`` ``name``: a
+    gated one (x = [gate | up]) passes its gate's activation code with ``GATED=True``."""
+    gated = name in GATED_ACTIVATIONS
+    return {"IN_ACT": ACTIVATIONS[GATED_ACTIVATIONS[name] if gated else name], "GATED": gated}

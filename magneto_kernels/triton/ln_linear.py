@@ -35,6 +35,12 @@ Backward (``ln_linear_backward``):
   dh = dz @ weight     (float32 result, kept exact for the norm backward);
   dx, dgamma, dbeta from the norm-backward row kernel, which also applies in_act'(x).
 
+Gated input activations (``GATED``; IN_ACT is then the gate's activation): x = [gate | up] has
+2K columns, x's row stride is no longer K, and every place that applies in_act to x (the row
+statistics, the forward's normalise-on-load, the dweight GEMM's recompute of h, the norm
+backward) loads both halves and forms a = act(gate)·up in float32, rounded to x's dtype; the
+norm backward writes dx = [da·up·act'(gate) | da·act(gate)]. a is never stored: only x is.
+
 float32 operands use ``tl.dot(input_precision=...)`` from ``common.fp32_dot_precision()``.
 """
 
@@ -43,7 +49,14 @@ import triton
 import triton.language as tl
 
 from magneto_kernels.codes import ACTIVATIONS, NORMS, dropout_threshold
-from magneto_kernels.triton.activations import ACT_NONE, activation, activation_grad, cast_rn
+from magneto_kernels.triton.activations import (
+    ACT_NONE,
+    activation,
+    activation_grad,
+    cast_rn,
+    gated_activation,
+    input_activation_args,
+)
 from magneto_kernels.triton.common import AUTOTUNE, INTERPRET, fp32_dot_precision, new_buffer
 from magneto_kernels.triton.norm import (
     LAYER_NORM,
@@ -96,22 +109,34 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
 
 
 @triton.jit
+def _input_tile(x, x_ptrs, up_offset, valid, IN_ACT: tl.constexpr, GATED: tl.constexpr):
+    """a = in_act(x) in float32 for the tile ``x`` loaded from ``x_ptrs`` with mask ``valid``;
+    GATED: x is the gate, its up tile ``up_offset`` elements on."""
+    x = x.to(tl.float32)
+    if GATED:
+        up = tl.load(x_ptrs + up_offset, mask=valid, other=0.0).to(tl.float32)
+        a = gated_activation(x, up, IN_ACT, x_ptrs.dtype.element_ty)
+    else:
+        a = activation(x, IN_ACT)
+    return a
+
+
+@triton.jit
 def _normalize_tile(
-    x,
+    a,
     mean,
     rstd,
     gamma,
     beta,
     valid,
-    IN_ACT: tl.constexpr,
     NORM: tl.constexpr,
     HAS_GAMMA: tl.constexpr,
     HAS_BETA: tl.constexpr,
 ):
-    """h = N(in_act(x)) for a float32 tile, before rounding; ``mean``/``rstd`` broadcast over
-    the tile's rows, ``gamma``/``beta`` over its columns. Invalid (out-of-range) entries become
-    0."""
-    h = activation(x, IN_ACT)
+    """h = N(a) for a float32 tile a = in_act(x), before rounding; ``mean``/``rstd`` broadcast
+    over the tile's rows, ``gamma``/``beta`` over its columns. Invalid (out-of-range) entries
+    become 0."""
+    h = a
     if NORM == LAYER_NORM:
         h = (h - mean) * rstd
     elif NORM == RMS_NORM:
@@ -170,10 +195,12 @@ def _ln_matmul_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    GATED: tl.constexpr = False,
 ):
     """C[M, N] = linear_epilogue(N(in_act(A)) @ B), B[k, n] at B + k·stride_bk + n·stride_bn.
 
     Forward: A = x, B = weight^T. Also the backward's dh = dz @ weight (no norm, no epilogue).
+    GATED: A = [gate | up], the up half K columns (K·stride_ak) on from the gate.
     Absent tensors (PREACT, MEAN, RSTD, GAMMA, BETA, BIAS, RES, SEED) are None.
     """
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -207,13 +234,12 @@ def _ln_matmul_kernel(
             if HAS_BETA:
                 beta = tl.load(BETA + k, mask=k_mask, other=0.0).to(tl.float32)
             h = _normalize_tile(
-                a.to(tl.float32),
+                _input_tile(a, a_ptrs, K * stride_ak, valid, IN_ACT, GATED),
                 mean[:, None],
                 rstd[:, None],
                 gamma[None, :],
                 beta[None, :],
                 valid,
-                IN_ACT,
                 NORM,
                 HAS_GAMMA,
                 HAS_BETA,
@@ -266,10 +292,12 @@ def _dweight_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    GATED: tl.constexpr = False,
 ):
     """dweight[N, K] = dz^T @ h, reducing over the M rows; the h tiles are recomputed on load
     from x and the saved row statistics. (Here BLOCK_M tiles dweight's rows, i.e. N, and
-    BLOCK_K tiles the reduction over M.) Absent MEAN, RSTD, GAMMA, BETA are None."""
+    BLOCK_K tiles the reduction over M.) x is contiguous, K wide, or [gate | up] 2K wide when
+    GATED. Absent MEAN, RSTD, GAMMA, BETA are None."""
     pid_n, pid_k = _tile_ids(N, K, BLOCK_M, BLOCK_N, GROUP_M)
     n0 = (pid_n * BLOCK_M).to(tl.int64)
     k0 = (pid_k * BLOCK_N).to(tl.int64)
@@ -284,8 +312,11 @@ def _dweight_kernel(
         gamma = tl.load(GAMMA + k0 + lk, mask=k_mask, other=0.0).to(tl.float32)
     if HAS_BETA:
         beta = tl.load(BETA + k0 + lk, mask=k_mask, other=0.0).to(tl.float32)
+    stride_xm = K  # x's row stride
+    if GATED:
+        stride_xm = 2 * K
     dz_ptrs = DZ + n0 + (rr[None, :] * N + ln[:, None])  # dz^T tile (BLOCK_M, BLOCK_K)
-    x_ptrs = X + k0 + (rr[:, None] * K + lk[None, :])  # x tile (BLOCK_K, BLOCK_N)
+    x_ptrs = X + k0 + (rr[:, None] * stride_xm + lk[None, :])  # x tile (BLOCK_K, BLOCK_N)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for m0 in range(0, M, BLOCK_K):
         rows = m0 + rr
@@ -300,20 +331,19 @@ def _dweight_kernel(
         if NORM != NO_NORM:
             rstd = tl.load(RSTD + rows, mask=r_mask, other=0.0)
         h = _normalize_tile(
-            x,
+            _input_tile(x, x_ptrs, K, valid, IN_ACT, GATED),
             mean[:, None],
             rstd[:, None],
             gamma[None, :],
             beta[None, :],
             valid,
-            IN_ACT,
             NORM,
             HAS_GAMMA,
             HAS_BETA,
         )
         acc = _dot(dzt, cast_rn(h, DZ.dtype.element_ty), acc, DOT_FP32, PRECISION)
         dz_ptrs += BLOCK_K * N
-        x_ptrs += BLOCK_K * K
+        x_ptrs += BLOCK_K * stride_xm
     tl.store(
         DWEIGHT + n0 * K + k0 + (ln[:, None] * K + lk[None, :]),
         cast_rn(acc, DWEIGHT.dtype.element_ty),
@@ -364,10 +394,10 @@ _TUNED = {}
 if not INTERPRET:
     _TUNED[_ln_matmul_kernel] = triton.autotune(
         _gemm_configs(),
-        key=["M", "N", "K", "NORM", "ACT", "DROPOUT", "HAS_RES", "DOT_FP32", "PRECISION"],
+        key=["M", "N", "K", "NORM", "GATED", "ACT", "DROPOUT", "HAS_RES", "DOT_FP32", "PRECISION"],
     )(_ln_matmul_kernel)
     _TUNED[_dweight_kernel] = triton.autotune(
-        _gemm_configs(), key=["M", "N", "K", "NORM", "DOT_FP32", "PRECISION"]
+        _gemm_configs(), key=["M", "N", "K", "NORM", "GATED", "DOT_FP32", "PRECISION"]
     )(_dweight_kernel)
 
 
@@ -423,10 +453,11 @@ def _ln_matmul(
     alpha=1.0,
 ):
     """out = linear_epilogue(N(in_act(a)) @ b) for a (rows, K) and b (K, cols), both any-strided
-    views, out and the optional preact/residual contiguous (rows, cols). The keywords left at
-    their defaults make it a plain GEMM, ``out = a @ b``."""
-    rows, k = a.shape
-    cols = out.shape[1]
+    views, out and the optional preact/residual contiguous (rows, cols); a is (rows, 2K),
+    [gate | up], for a gated input activation. The keywords left at their defaults make it a
+    plain GEMM, ``out = a @ b``."""
+    rows = a.shape[0]
+    k, cols = b.shape
     threshold, scale = _dropout_args(dropout_p)
     _launch_gemm(
         _ln_matmul_kernel,
@@ -454,7 +485,7 @@ def _ln_matmul(
         dropout_scale=scale,
         alpha=alpha,
         NORM=NORMS[norm],
-        IN_ACT=ACTIVATIONS[input_activation],
+        **input_activation_args(input_activation),
         HAS_GAMMA=gamma is not None,
         HAS_BETA=beta is not None,
         HAS_BIAS=bias is not None,
@@ -481,7 +512,7 @@ def ln_linear(
     alpha,
     dropout_p,
 ):
-    rows, k = x.shape
+    rows = x.shape[0]
     n = weight.shape[0]
     if dropout_p > 0.0 and seed is None:
         raise ValueError("dropout_p > 0 needs a seed tensor")
@@ -534,9 +565,10 @@ def ln_linear_backward(
     dropout_p,
     output_mask,
 ):
-    # The kernels' gamma/beta are the op's ln_weight/ln_bias; grad_out is dy.
-    rows, k = x.shape
-    n = weight.shape[0]
+    # The kernels' gamma/beta are the op's ln_weight/ln_bias; grad_out is dy. x is (rows, 2k)
+    # for a gated input activation.
+    rows = x.shape[0]
+    n, k = weight.shape
     empty = x.new_empty((0,))
     want_dx, want_dgamma, want_dbeta, want_dweight, want_dbias = (bool(m) for m in output_mask)
     want_dgamma = want_dgamma and ln_weight is not None
@@ -606,7 +638,7 @@ def ln_linear_backward(
             N=n,
             K=k,
             NORM=NORMS[norm],
-            IN_ACT=ACTIVATIONS[input_activation],
+            **input_activation_args(input_activation),
             HAS_GAMMA=ln_weight is not None,
             HAS_BETA=ln_bias is not None,
             **_dot_flags(weight.dtype),

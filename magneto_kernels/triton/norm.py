@@ -3,19 +3,32 @@
 derivative and accumulation into an existing gradient included), and the deterministic
 two-stage column reduction used for dgamma, dbeta and dbias.
 
+With a gated input activation (``GATED``, ln_linear's prologue and norm backward) x's rows are
+``[gate | up]``, twice the norm's width N: x's row stride is 2N, a = act(gate)·up is formed on
+load (``activations.gated_activation``) and dx is written as [dgate | dup], 2N wide. GATED is a
+constexpr, so the other kernels compile as if it did not exist.
+
 All arithmetic is float32 whatever the storage dtype (values are cast right after ``tl.load``,
 which also keeps the interpreter away from bf16 arithmetic). Rows up to ``MAX_FUSED_WIDTH`` wide
-(``MAX_FUSED_WIDTH_BACKWARD`` in the backward) are held in registers in one block; wider rows
-are processed in chunks of ``CHUNK`` columns, the statistics merged chunk by chunk (Chan et
-al.), so widths 1..65536 (and more) work.
+(``MAX_FUSED_WIDTH_BACKWARD`` in the backward, half that for a gated row) are held in registers
+in one block; wider rows are processed in chunks of ``CHUNK`` columns, the statistics merged
+chunk by chunk (Chan et al.), so widths 1..65536 (and more) work.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from magneto_kernels.codes import ACTIVATIONS, NORMS
-from magneto_kernels.triton.activations import ACT_NONE, activation, activation_grad, cast_rn
+from magneto_kernels.codes import NORMS
+from magneto_kernels.triton.activations import (
+    ACT_NONE,
+    activation,
+    activation_grad,
+    cast_rn,
+    gated_activation,
+    gated_activation_grad,
+    input_activation_args,
+)
 from magneto_kernels.triton.common import AUTOTUNE, INTERPRET, new_buffer, reduction_programs
 
 # The norm-kind codes of ``codes.NORMS`` as the kernels compare them.
@@ -39,13 +52,37 @@ def row_block(width: int, max_fused: int = MAX_FUSED_WIDTH) -> tuple[int, bool, 
     return block, single, min(16, max(1, block // 512))
 
 
+def backward_row_block(width: int, gated: bool) -> tuple[int, bool, int]:
+    """row_block for the norm backward. A gated row also keeps up live and writes both dx
+    halves: it stays in registers only up to half MAX_FUSED_WIDTH_BACKWARD, with twice the
+    warps (the plain choice spills 100-180 B per thread in ptxas for sm_90a)."""
+    if not gated:
+        return row_block(width, MAX_FUSED_WIDTH_BACKWARD)
+    block, single, warps = row_block(width, MAX_FUSED_WIDTH_BACKWARD // 2)
+    return block, single, min(16, 2 * warps)
+
+
 @triton.jit
-def _load_row_input(X, RES, cols, mask, alpha, IN_ACT: tl.constexpr, HAS_RES: tl.constexpr):
-    """The row the norm acts on: in_act(x), or alpha·residual + x for the Post-LN add."""
+def _load_row_input(
+    X,
+    RES,
+    cols,
+    mask,
+    alpha,
+    N,
+    IN_ACT: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    GATED: tl.constexpr,
+):
+    """The row the norm acts on: in_act(x), or alpha·residual + x for the Post-LN add. GATED:
+    X's row is [gate | up], the up half N columns on."""
     a = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
         a = alpha * tl.load(RES + cols, mask=mask, other=0.0).to(tl.float32) + a
-    if IN_ACT != ACT_NONE:
+    if GATED:
+        up = tl.load(X + N + cols, mask=mask, other=0.0).to(tl.float32)
+        a = gated_activation(a, up, IN_ACT, X.dtype.element_ty)
+    elif IN_ACT != ACT_NONE:
         a = activation(a, IN_ACT)
     return a
 
@@ -83,12 +120,16 @@ def _norm_fwd_kernel(
     WRITE_Y: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SINGLE: tl.constexpr,
+    GATED: tl.constexpr = False,
 ):
     """Statistics of one row of a = in_act(x) (or alpha·residual + x, also stored as S), and
     optionally Y = xhat·gamma + beta. RES and S are None without a residual, Y without WRITE_Y,
-    MEAN for RMSNorm."""
+    MEAN for RMSNorm. N is the width of a (and Y); x's row stride is N, or 2N when GATED."""
     row = tl.program_id(0).to(tl.int64)
-    X += row * N
+    stride_xm = N  # x's row stride
+    if GATED:
+        stride_xm = 2 * N
+    X += row * stride_xm
     if HAS_RES:
         RES += row * N
         S += row * N
@@ -97,7 +138,7 @@ def _norm_fwd_kernel(
     if SINGLE:
         cols = tl.arange(0, BLOCK_N)
         mask = cols < N
-        a = _load_row_input(X, RES, cols, mask, alpha, IN_ACT, HAS_RES)
+        a = _load_row_input(X, RES, cols, mask, alpha, N, IN_ACT, HAS_RES, GATED)
         if HAS_RES:
             tl.store(S + cols, cast_rn(a, S.dtype.element_ty), mask=mask)
         if NORM == LAYER_NORM:
@@ -115,7 +156,7 @@ def _norm_fwd_kernel(
         for start in range(0, N, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             mask = cols < N
-            a = _load_row_input(X, RES, cols, mask, alpha, IN_ACT, HAS_RES)
+            a = _load_row_input(X, RES, cols, mask, alpha, N, IN_ACT, HAS_RES, GATED)
             if HAS_RES:
                 tl.store(S + cols, cast_rn(a, S.dtype.element_ty), mask=mask)
             count = tl.minimum(N - start, BLOCK_N).to(tl.float32)
@@ -141,7 +182,7 @@ def _norm_fwd_kernel(
             for start in range(0, N, BLOCK_N):
                 cols = start + tl.arange(0, BLOCK_N)
                 mask = cols < N
-                a = _load_row_input(X, RES, cols, mask, alpha, IN_ACT, HAS_RES)
+                a = _load_row_input(X, RES, cols, mask, alpha, N, IN_ACT, HAS_RES, GATED)
                 _store_normalized(Y, GAMMA, BETA, a, mean, rstd, cols, mask, HAS_GAMMA, HAS_BETA)
 
 
@@ -161,6 +202,14 @@ def _input_grad(g, xhat, mean_g, mean_gxhat, rstd, x, NORM: tl.constexpr, IN_ACT
 
 
 @triton.jit
+def _store_input_grad(DX, GRAD_ACCUM, cols, mask, dx, HAS_GRAD_ACCUM: tl.constexpr):
+    """DX[cols] = dx (+ GRAD_ACCUM[cols]); DX and GRAD_ACCUM point at the row."""
+    if HAS_GRAD_ACCUM:
+        dx += tl.load(GRAD_ACCUM + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DX + cols, cast_rn(dx, DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _norm_bwd_row_chunk(
     DY,
     X,
@@ -173,26 +222,36 @@ def _norm_bwd_row_chunk(
     rstd,
     mean_g,
     mean_gxhat,
+    N,
     NORM: tl.constexpr,
     IN_ACT: tl.constexpr,
     HAS_GAMMA: tl.constexpr,
     HAS_GRAD_ACCUM: tl.constexpr,
     WANT_DX: tl.constexpr,
+    GATED: tl.constexpr,
 ):
     """dx for one chunk of a row (DY, X, GRAD_ACCUM and DX point at the row) given the row means;
-    returns (dy, xhat) for the dgamma/dbeta partials."""
+    returns (dy, xhat) for the dgamma/dbeta partials. GATED: x is the row's gate half."""
     x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
-    a = activation(x, IN_ACT)
+    if GATED:
+        up = tl.load(X + N + cols, mask=mask, other=0.0).to(tl.float32)
+        a = gated_activation(x, up, IN_ACT, X.dtype.element_ty)
+    else:
+        a = activation(x, IN_ACT)
     dy = tl.load(DY + cols, mask=mask, other=0.0).to(tl.float32)
     xhat = tl.where(mask, (a - mean) * rstd, 0.0)
     if WANT_DX:
         g = dy
         if HAS_GAMMA:
             g = g * tl.load(GAMMA + cols, mask=mask, other=0.0).to(tl.float32)
-        dx = _input_grad(g, xhat, mean_g, mean_gxhat, rstd, x, NORM, IN_ACT)
-        if HAS_GRAD_ACCUM:
-            dx += tl.load(GRAD_ACCUM + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + cols, cast_rn(dx, DX.dtype.element_ty), mask=mask)
+        if GATED:
+            da = _input_grad(g, xhat, mean_g, mean_gxhat, rstd, x, NORM, ACT_NONE)
+            dgate, dup = gated_activation_grad(da, x, up, IN_ACT)
+            _store_input_grad(DX, GRAD_ACCUM, cols, mask, dgate, HAS_GRAD_ACCUM)
+            _store_input_grad(DX, GRAD_ACCUM, N + cols, mask, dup, HAS_GRAD_ACCUM)
+        else:
+            dx = _input_grad(g, xhat, mean_g, mean_gxhat, rstd, x, NORM, IN_ACT)
+            _store_input_grad(DX, GRAD_ACCUM, cols, mask, dx, HAS_GRAD_ACCUM)
     return dy, xhat
 
 
@@ -219,6 +278,7 @@ def _norm_bwd_kernel(
     WANT_DBETA: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SINGLE: tl.constexpr,
+    GATED: tl.constexpr = False,
 ):
     """Backward of y = N(in_act(x)) for a contiguous block of rows per program.
 
@@ -227,7 +287,8 @@ def _norm_bwd_kernel(
       LayerNorm  da = rstd·(g - mean_g - xhat·mean_gxhat)
       RMSNorm    da = rstd·(g - xhat·mean_gxhat)
       none       da = g
-    dx = da·in_act'(x) (+ grad_accum). Each program writes its own row of dgamma = Σ dy·xhat and
+    dx = da·in_act'(x) (+ grad_accum); GATED: dx = [da·up·act'(gate) | da·act(gate)], x, dx and
+    grad_accum being 2N wide. Each program writes its own row of dgamma = Σ dy·xhat and
     dbeta = Σ dy partial sums; a second kernel adds the rows up in a fixed order (no atomics).
     Absent tensors (GAMMA, MEAN, GRAD_ACCUM, unwanted outputs) are None.
     """
@@ -247,6 +308,9 @@ def _norm_bwd_kernel(
         dbeta_acc = tl.zeros([BLOCK_N], tl.float32)
     for row in range(row_start, row_end):
         off = tl.cast(row, tl.int64) * N
+        x_off = off  # the row's offset in x, dx and grad_accum
+        if GATED:
+            x_off = 2 * off
         mean = 0.0
         rstd = 1.0
         if NORM == LAYER_NORM:
@@ -254,16 +318,20 @@ def _norm_bwd_kernel(
         if NORM != NO_NORM:
             rstd = tl.load(RSTD + row)
         dy_row = DY + off
-        x_row = X + off
+        x_row = X + x_off
         grad_accum_row = GRAD_ACCUM
         dx_row = DX
         if HAS_GRAD_ACCUM:
-            grad_accum_row += off
+            grad_accum_row += x_off
         if WANT_DX:
-            dx_row += off
+            dx_row += x_off
         if SINGLE:
-            x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-            a = activation(x, IN_ACT)
+            x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)  # the gate if GATED
+            if GATED:
+                up = tl.load(x_row + N + cols, mask=mask, other=0.0).to(tl.float32)
+                a = gated_activation(x, up, IN_ACT, X.dtype.element_ty)
+            else:
+                a = activation(x, IN_ACT)
             dy = tl.load(dy_row + cols, mask=mask, other=0.0).to(tl.float32)
             xhat = tl.where(mask, (a - mean) * rstd, 0.0)
             if WANT_DX:
@@ -272,10 +340,14 @@ def _norm_bwd_kernel(
                     g = g * gamma
                 mean_g = tl.sum(g, axis=0) / N
                 mean_gxhat = tl.sum(g * xhat, axis=0) / N
-                dx = _input_grad(g, xhat, mean_g, mean_gxhat, rstd, x, NORM, IN_ACT)
-                if HAS_GRAD_ACCUM:
-                    dx += tl.load(grad_accum_row + cols, mask=mask, other=0.0).to(tl.float32)
-                tl.store(dx_row + cols, cast_rn(dx, DX.dtype.element_ty), mask=mask)
+                if GATED:
+                    da = _input_grad(g, xhat, mean_g, mean_gxhat, rstd, x, NORM, ACT_NONE)
+                    dgate, dup = gated_activation_grad(da, x, up, IN_ACT)
+                    _store_input_grad(dx_row, grad_accum_row, cols, mask, dgate, HAS_GRAD_ACCUM)
+                    _store_input_grad(dx_row, grad_accum_row, N + cols, mask, dup, HAS_GRAD_ACCUM)
+                else:
+                    dx = _input_grad(g, xhat, mean_g, mean_gxhat, rstd, x, NORM, IN_ACT)
+                    _store_input_grad(dx_row, grad_accum_row, cols, mask, dx, HAS_GRAD_ACCUM)
             dgamma_acc += dy * xhat
             dbeta_acc += dy
         else:
@@ -285,9 +357,7 @@ def _norm_bwd_kernel(
                 for start in range(0, N, BLOCK_N):
                     cols = start + tl.arange(0, BLOCK_N)
                     mask = cols < N
-                    a = activation(
-                        tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32), IN_ACT
-                    )
+                    a = _load_row_input(x_row, None, cols, mask, 1.0, N, IN_ACT, False, GATED)
                     g = tl.load(dy_row + cols, mask=mask, other=0.0).to(tl.float32)
                     if HAS_GAMMA:
                         g = g * tl.load(GAMMA + cols, mask=mask, other=0.0).to(tl.float32)
@@ -315,11 +385,13 @@ def _norm_bwd_kernel(
                     rstd,
                     mean_g,
                     mean_gxhat,
+                    N,
                     NORM,
                     IN_ACT,
                     HAS_GAMMA,
                     HAS_GRAD_ACCUM,
                     WANT_DX,
+                    GATED,
                 )
                 if WANT_DGAMMA:
                     prev = tl.load(DGAMMA_PART + cols, mask=mask & after_first, other=0.0)
@@ -367,10 +439,11 @@ _TUNED = {}
 if not INTERPRET:
     _WARP_CONFIGS = [triton.Config({}, num_warps=w) for w in (4, 8, 16)]
     _TUNED[_norm_fwd_kernel] = triton.autotune(
-        _WARP_CONFIGS, key=["N", "NORM", "IN_ACT", "HAS_RES", "WRITE_Y", "BLOCK_N", "SINGLE"]
+        _WARP_CONFIGS,
+        key=["N", "NORM", "IN_ACT", "GATED", "HAS_RES", "WRITE_Y", "BLOCK_N", "SINGLE"],
     )(_norm_fwd_kernel)
     _TUNED[_norm_bwd_kernel] = triton.autotune(
-        _WARP_CONFIGS, key=["N", "NORM", "IN_ACT", "WANT_DX", "BLOCK_N", "SINGLE"]
+        _WARP_CONFIGS, key=["N", "NORM", "IN_ACT", "GATED", "WANT_DX", "BLOCK_N", "SINGLE"]
     )(_norm_bwd_kernel)
 
 
@@ -387,16 +460,20 @@ def norm_forward(
     x, gamma, beta, eps, norm, *, residual=None, alpha=1.0, input_activation="none", write_y=True
 ):
     """Row statistics and (optionally) y = N(a) for 2-D contiguous x, with a = alpha·residual + x
-    when ``residual`` is given and a = in_act(x) otherwise.
+    when ``residual`` is given and a = in_act(x) otherwise (for a gated input activation x is
+    [gate | up] and a half as wide).
 
     Returns (y, s, mean, rstd): y is None unless ``write_y``; s (= a, rounded to x's dtype) is
     None unless ``residual`` is given; mean is empty for RMSNorm, both stats empty for "none".
     """
+    in_act = input_activation_args(input_activation)
     rows, width = x.shape
+    if in_act["GATED"]:
+        width //= 2
     device = x.device
     mean = new_buffer((rows if norm == "layer" else 0,), torch.float32, device)
     rstd = new_buffer((rows if norm != "none" else 0,), torch.float32, device)
-    y = new_buffer(x.shape, x.dtype, device) if write_y else None
+    y = new_buffer((rows, width), x.dtype, device) if write_y else None
     s = new_buffer(x.shape, x.dtype, device) if residual is not None else None
     if rows == 0 or (norm == "none" and not write_y):
         return y, s, mean, rstd
@@ -419,7 +496,7 @@ def norm_forward(
         eps=eps,
         alpha=alpha,
         NORM=NORMS[norm],
-        IN_ACT=ACTIVATIONS[input_activation],
+        **in_act,
         HAS_RES=residual is not None,
         HAS_GAMMA=gamma is not None,
         HAS_BETA=beta is not None,
@@ -434,8 +511,10 @@ def norm_backward(
     dy, x, gamma, beta, mean, rstd, grad_accum, norm, output_mask, *, input_activation="none"
 ):
     """(dx, dgamma, dbeta) of y = N(in_act(x)) (see ``_norm_bwd_kernel``); ``grad_accum`` is
-    added to dx. Unwanted gradients come back as ``x.new_empty((0,))``."""
-    rows, width = x.shape
+    added to dx. Unwanted gradients come back as ``x.new_empty((0,))``. dy is as wide as the
+    norm: half x's width for a gated input activation."""
+    in_act = input_activation_args(input_activation)
+    rows, width = dy.shape
     device = x.device
     want_dx = bool(output_mask[0])
     want_dgamma = bool(output_mask[1]) and gamma is not None
@@ -452,7 +531,7 @@ def norm_backward(
     programs = triton.cdiv(rows, rows_per_prog)
     dgamma_part = new_buffer((programs, width), torch.float32, device) if want_dgamma else None
     dbeta_part = new_buffer((programs, width), torch.float32, device) if want_dbeta else None
-    block, single, warps = row_block(width, MAX_FUSED_WIDTH_BACKWARD)
+    block, single, warps = backward_row_block(width, in_act["GATED"])
     _launch_row_kernel(
         _norm_bwd_kernel,
         (programs,),
@@ -470,7 +549,7 @@ def norm_backward(
         N=width,
         rows_per_prog=rows_per_prog,
         NORM=NORMS[norm],
-        IN_ACT=ACTIVATIONS[input_activation],
+        **in_act,
         HAS_GAMMA=gamma is not None,
         HAS_GRAD_ACCUM=grad_accum is not None,
         WANT_DX=want_dx,
