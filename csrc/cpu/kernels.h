@@ -22,6 +22,8 @@ namespace magneto::cpu {
 //   y = N(a)·gamma + beta       (LayerNorm, RMSNorm, or a itself for Norm::kNone; gamma and
 //                                beta optional)
 // mean[i] (LayerNorm) and rstd[i] (LayerNorm, RMSNorm) are written when the pointers are given.
+// A gated input activation (ln_linear only: no residual, no sum) reads rows of x 2·cols wide,
+// x = [gate | up], and a = act(gate)·up in float32, rounded to dtype once.
 struct NormForward {
   DType dtype = DType::kFloat32;
   Norm norm = Norm::kLayer;
@@ -56,6 +58,9 @@ void norm_forward(const NormForward& args);
 //   h = xhat·gamma + beta rounded to dtype                    (optional: the GEMM operand N(a))
 // dy may be null when only h is wanted. Every output pointer is optional. dx may be dy itself
 // (same pointer and stride): each row of dy is read before the same row of dx is written.
+// A gated input activation (no grad_accum) reads rows of x 2·cols wide, x = [gate | up] as for
+// NormForward, and writes rows of dx 2·cols wide, dx = [da⊙up⊙act'(gate) | da⊙act(gate)]; dx is
+// then never dy.
 struct NormBackward {
   DType dtype = DType::kFloat32;
   Norm norm = Norm::kLayer;

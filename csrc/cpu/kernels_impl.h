@@ -164,6 +164,9 @@ inline Vec act_forward(const Vec& x) {
   } else if constexpr (A == Activation::kGeluTanh) {
     const Vec inner = Vec(kTanhBeta) * (x + Vec(kTanhKappa) * x * x * x);
     return Vec(0.5f) * x * (Vec(1.0f) + inner.tanh());
+  } else if constexpr (A == Activation::kRelu2) {
+    const Vec r = at::vec::clamp_min(x, Vec(0.0f));
+    return r * r;
   } else {  // silu: x·sigmoid(x)
     return x / (Vec(1.0f) + x.neg().exp());
   }
@@ -185,6 +188,8 @@ inline Vec act_derivative(const Vec& x) {
     const Vec t = (Vec(kTanhBeta) * (x + Vec(kTanhKappa) * x2 * x)).tanh();
     const Vec dinner = Vec(kTanhBeta) * (Vec(1.0f) + Vec(3.0f * kTanhKappa) * x2);
     return Vec(0.5f) * (Vec(1.0f) + t) + Vec(0.5f) * x * (Vec(1.0f) - t * t) * dinner;
+  } else if constexpr (A == Activation::kRelu2) {
+    return Vec(2.0f) * at::vec::clamp_min(x, Vec(0.0f));
   } else {  // silu: s·(1 + x·(1 − s))
     const Vec s = Vec(1.0f) / (Vec(1.0f) + x.neg().exp());
     return s * (Vec(1.0f) + x * (Vec(1.0f) - s));
@@ -203,6 +208,10 @@ inline void act_with_derivative(const Vec& x, Vec& value, Vec& derivative) {
     const Vec s = Vec(1.0f) / (Vec(1.0f) + x.neg().exp());
     value = x * s;
     derivative = s * (Vec(1.0f) + x * (Vec(1.0f) - s));
+  } else if constexpr (A == Activation::kRelu2) {
+    const Vec r = at::vec::clamp_min(x, Vec(0.0f));
+    value = r * r;
+    derivative = r + r;
   } else {
     value = act_forward<A>(x);
     derivative = act_derivative<A>(x);
@@ -220,6 +229,25 @@ inline void with_activation(Activation a, F&& f) {
       return f(std::integral_constant<Activation, Activation::kGeluTanh>{});
     case Activation::kRelu: return f(std::integral_constant<Activation, Activation::kRelu>{});
     case Activation::kSilu: return f(std::integral_constant<Activation, Activation::kSilu>{});
+    case Activation::kRelu2: return f(std::integral_constant<Activation, Activation::kRelu2>{});
+    default: return;  // a gated code: see with_input_activation
+  }
+}
+
+// Calls f(ia, gated) for an input activation: ia the activation (a gated one's gate), gated
+// std::true_type for a gated one (common.h's kGatedActivations: only their gates are compiled
+// into the gated kernels), std::false_type else.
+template <typename F>
+inline void with_input_activation(Activation a, F&& f) {
+  if (!is_gated(a)) return with_activation(a, [&](auto ia) { f(ia, std::false_type{}); });
+  switch (gate_of(a)) {
+    case Activation::kGelu:
+      return f(std::integral_constant<Activation, Activation::kGelu>{}, std::true_type{});
+    case Activation::kSilu:
+      return f(std::integral_constant<Activation, Activation::kSilu>{}, std::true_type{});
+    case Activation::kRelu2:
+      return f(std::integral_constant<Activation, Activation::kRelu2>{}, std::true_type{});
+    default: return;  // api.cpp admits no other gate
   }
 }
 
@@ -400,10 +428,13 @@ inline void row_stats(Norm norm, const float* v, int64_t n, float eps, float shi
   rstd = 1.0f / std::sqrt(std::max(hsum(acc) * inv_n, 0.0f) + eps);
 }
 
-template <typename T, Activation IA>
+// Gated (IA then the gate's activation, never kNone): a row of x is [gate | up], 2n wide, and
+// a = IA(gate)·up (kernels.h).
+template <typename T, Activation IA, bool Gated>
 void norm_forward_typed(const NormForward& a) {
   const int64_t n = a.cols;
-  const RowPrefetch x_ahead(static_cast<const T*>(a.x), a.x_stride, a.rows, n);
+  const int64_t x_cols = Gated ? 2 * n : n;
+  const RowPrefetch x_ahead(static_cast<const T*>(a.x), a.x_stride, a.rows, x_cols);
   const RowPrefetch residual_ahead = a.residual == nullptr
       ? RowPrefetch()
       : RowPrefetch(static_cast<const T*>(a.residual), a.residual_stride, a.rows, n);
@@ -412,9 +443,9 @@ void norm_forward_typed(const NormForward& a) {
       ? RowPrefetch()
       : RowPrefetch(static_cast<const T*>(a.sum), a.sum_stride, a.rows, n);
   for_rows(a.rows, n, 0, [&](int64_t rb, int64_t re, int64_t) {
-    std::vector<float> buffer(3 * n);
+    std::vector<float> buffer(x_cols + 2 * n);
     float* v_buf = buffer.data();
-    float* y_buf = v_buf + n;
+    float* y_buf = v_buf + x_cols;
     float* r_buf = y_buf + n;
     const Vec alpha(a.alpha);
     // The rows ahead are touched in the first sweep when there is one (the long one, with the
@@ -427,13 +458,13 @@ void norm_forward_typed(const NormForward& a) {
       const char* next_residual = residual_ahead.after(i);
       const char* next_y = y_ahead.after(i);
       const char* next_sum = sum_ahead.after(i);
-      const float* xf = load_row(static_cast<const T*>(a.x) + i * a.x_stride, v_buf, n);
+      const float* xf = load_row(static_cast<const T*>(a.x) + i * a.x_stride, v_buf, x_cols);
       const float* v = xf;
       float shifted_sum = NAN;
       if (first_sweep) {
         // One sweep: s = x + alpha·residual (to `sum` when wanted), a = in_act(s) rounded to T
-        // into v_buf (which may hold x already: element j is read before it is written), and
-        // Σ(a − a[0]) for row_stats.
+        // into v_buf (which may hold x already: element j, and gated its up element n + j, is
+        // read before element j is written), and Σ(a − a[0]) for row_stats.
         const float* r = a.residual == nullptr
             ? nullptr
             : load_row(static_cast<const T*>(a.residual) + i * a.residual_stride, r_buf, n);
@@ -441,11 +472,16 @@ void norm_forward_typed(const NormForward& a) {
         // row_stats' shift: a[0], the first element as the loop below computes it.
         Vec first(xf[0]);
         if (r != nullptr) first = at::vec::fmadd(alpha, Vec(r[0]), first);
-        if constexpr (IA != Activation::kNone) first = round_vec<T>(act_forward<IA>(first));
+        if constexpr (IA != Activation::kNone) {
+          first = act_forward<IA>(first);
+          if constexpr (Gated) first = first * Vec(xf[n]);
+          first = round_vec<T>(first);
+        }
         const Vec shift(hfirst(first));
         Vec acc(0.0f);
         vec_loop(n, [&](int64_t j, int64_t c) {
           x_ahead.touch(next_x, j);
+          if constexpr (Gated) x_ahead.touch(next_x, n + j);
           residual_ahead.touch(next_residual, j);
           y_ahead.touch_for_write(next_y, j);
           sum_ahead.touch_for_write(next_sum, j);
@@ -453,7 +489,11 @@ void norm_forward_typed(const NormForward& a) {
           if (r != nullptr) sv = at::vec::fmadd(alpha, Vec::loadu(r + j, c), sv);
           if (s_out != nullptr) sv.store(s_out + j, c);
           Vec av = sv;
-          if constexpr (IA != Activation::kNone) av = round_vec<T>(act_forward<IA>(sv));
+          if constexpr (IA != Activation::kNone) {
+            av = act_forward<IA>(sv);
+            if constexpr (Gated) av = av * Vec::loadu(xf + n + j, c);
+            av = round_vec<T>(av);
+          }
           av.store(v_buf + j, c);
           acc += Vec::set(Vec(0.0f), av - shift, c);
         });
@@ -491,9 +531,11 @@ void norm_forward_typed(const NormForward& a) {
 
 // ----------------------------------------------------------------------------- norm backward
 
-template <typename T, Activation IA>
+// Gated as for norm_forward_typed: x and dx rows are 2n wide.
+template <typename T, Activation IA, bool Gated>
 void norm_backward_typed(const NormBackward& a) {
   const int64_t n = a.cols;
+  const int64_t x_cols = Gated ? 2 * n : n;
   const bool reduce = a.dy != nullptr && (a.dgamma != nullptr || a.dbeta != nullptr);
   const int64_t chunks = reduce ? reduction_chunks(a.rows, n) : 0;
   std::vector<float> dgamma_part(a.dgamma != nullptr ? chunks * n : 0, 0.0f);
@@ -501,7 +543,7 @@ void norm_backward_typed(const NormBackward& a) {
   const bool layer = a.norm == Norm::kLayer;
   const bool none = a.norm == Norm::kNone;
   const bool want_dx = a.dy != nullptr && a.dx != nullptr;
-  const RowPrefetch x_ahead(static_cast<const T*>(a.x), a.x_stride, a.rows, n);
+  const RowPrefetch x_ahead(static_cast<const T*>(a.x), a.x_stride, a.rows, x_cols);
   const RowPrefetch dy_ahead = a.dy == nullptr
       ? RowPrefetch()
       : RowPrefetch(static_cast<const T*>(a.dy), a.dy_stride, a.rows, n);
@@ -511,16 +553,17 @@ void norm_backward_typed(const NormBackward& a) {
   // dx written in place of dy is in cache already.
   const RowPrefetch dx_ahead = !want_dx || a.dx == a.dy
       ? RowPrefetch()
-      : RowPrefetch(static_cast<const T*>(a.dx), a.dx_stride, a.rows, n);
+      : RowPrefetch(static_cast<const T*>(a.dx), a.dx_stride, a.rows, x_cols);
 
   for_rows(a.rows, n, chunks, [&](int64_t rb, int64_t re, int64_t chunk) {
-    std::vector<float> buffer(6 * n);
-    float* x_buf = buffer.data();   // x as floats (the input activation's argument)
-    float* xh_buf = x_buf + n;      // xhat (with an input activation)
-    float* da_buf = xh_buf + n;     // in_act'(x)
+    std::vector<float> buffer(2 * x_cols + (Gated ? 5 : 4) * n);
+    float* x_buf = buffer.data();     // x as floats (the input activation's argument)
+    float* xh_buf = x_buf + x_cols;   // xhat (with an input activation)
+    float* da_buf = xh_buf + n;       // in_act'(x); gated ∂a/∂gate = up·IA'(gate)
     float* dy_buf = da_buf + n;
-    float* out_buf = dy_buf + n;    // dx or h before conversion
-    float* acc_buf = out_buf + n;   // grad_accum
+    float* out_buf = dy_buf + n;      // dx or h before conversion
+    float* acc_buf = out_buf + x_cols;  // grad_accum
+    float* act_buf = acc_buf + n;     // gated: ∂a/∂up = IA(gate)
     float* pg = a.dgamma != nullptr && chunk >= 0 ? dgamma_part.data() + chunk * n : nullptr;
     float* pb = a.dbeta != nullptr && chunk >= 0 ? dbeta_part.data() + chunk * n : nullptr;
     const bool affine = !none && a.gamma != nullptr;
@@ -530,7 +573,7 @@ void norm_backward_typed(const NormBackward& a) {
     const bool keep_xhat = want_dx && IA != Activation::kNone;
 
     for (int64_t i = rb; i < re; ++i) {
-      const float* xf = load_row(static_cast<const T*>(a.x) + i * a.x_stride, x_buf, n);
+      const float* xf = load_row(static_cast<const T*>(a.x) + i * a.x_stride, x_buf, x_cols);
       const float* dy = a.dy == nullptr
           ? nullptr
           : load_row(static_cast<const T*>(a.dy) + i * a.dy_stride, dy_buf, n);
@@ -555,15 +598,27 @@ void norm_backward_typed(const NormBackward& a) {
           dy_ahead.touch(next_dy, j);
           h_ahead.touch_for_write(next_h, j);
           dx_ahead.touch_for_write(next_dx, j);
+          if constexpr (Gated) {
+            x_ahead.touch(next_x, n + j);
+            dx_ahead.touch_for_write(next_dx, n + j);
+          }
           Vec av = Vec::loadu(xf + j, c);
           if constexpr (IA != Activation::kNone) {
             if (want_dx) {
               const Vec xv = av;
               Vec derivative;
               act_with_derivative<IA>(xv, av, derivative);
-              derivative.store(da_buf + j, c);
+              if constexpr (Gated) {
+                const Vec up = Vec::loadu(xf + n + j, c);
+                (up * derivative).store(da_buf + j, c);
+                av.store(act_buf + j, c);
+                av = av * up;
+              } else {
+                derivative.store(da_buf + j, c);
+              }
             } else {
               av = act_forward<IA>(av);
+              if constexpr (Gated) av = av * Vec::loadu(xf + n + j, c);
             }
             av = round_vec<T>(av);
           }
@@ -603,7 +658,8 @@ void norm_backward_typed(const NormBackward& a) {
       T* dx_row = static_cast<T*>(a.dx) + i * a.dx_stride;
       float* dx = dest_row(dx_row, out_buf);
       // Sweep 2: dx = rstd·(g − mean_g − xhat·mean_gxhat)·in_act'(x) + grad_accum (dx may be dy
-      // itself: each element of dy is read before it is overwritten).
+      // itself: each element of dy is read before it is overwritten); gated, da =
+      // rstd·(g − mean_g − xhat·mean_gxhat) and dx = [da·up·IA'(gate) | da·IA(gate)].
       vec_loop(n, [&](int64_t j, int64_t c) {
         const Vec d = Vec::loadu(dy + j, c);
         Vec da;
@@ -614,11 +670,12 @@ void norm_backward_typed(const NormBackward& a) {
           const Vec xh = keep_xhat ? Vec::loadu(xh_buf + j, c) : (Vec::loadu(xf + j, c) - m) * r;
           da = r * (g - mean_g - xh * mean_gxhat);
         }
+        if constexpr (Gated) (da * Vec::loadu(act_buf + j, c)).store(dx + n + j, c);
         if constexpr (IA != Activation::kNone) da = da * Vec::loadu(da_buf + j, c);
         if (acc != nullptr) da = da + Vec::loadu(acc + j, c);
         da.store(dx + j, c);
       });
-      store_row(dx, dx_row, n);
+      store_row(dx, dx_row, x_cols);
     }
   });
   if (a.dgamma != nullptr) {
@@ -736,16 +793,16 @@ void residual_bias_init_typed(int64_t rows, int64_t cols, const T* residual,
 
 void norm_forward(const NormForward& a) {
   with_dtype(a.dtype, [&](auto t) {
-    with_activation(a.input_activation, [&](auto ia) {
-      norm_forward_typed<decltype(t), decltype(ia)::value>(a);
+    with_input_activation(a.input_activation, [&](auto ia, auto gated) {
+      norm_forward_typed<decltype(t), decltype(ia)::value, decltype(gated)::value>(a);
     });
   });
 }
 
 void norm_backward(const NormBackward& a) {
   with_dtype(a.dtype, [&](auto t) {
-    with_activation(a.input_activation, [&](auto ia) {
-      norm_backward_typed<decltype(t), decltype(ia)::value>(a);
+    with_input_activation(a.input_activation, [&](auto ia, auto gated) {
+      norm_backward_typed<decltype(t), decltype(ia)::value, decltype(gated)::value>(a);
     });
   });
 }

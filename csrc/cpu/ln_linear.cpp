@@ -14,6 +14,8 @@
 //             one pass over x: dx = norm backward of dh ⊙ in_act'(x), dgamma/dbeta partials,
 //                              and h recomputed from the saved stats (the sweep already reads x)
 //             dweight = dz^T @ h
+// A gated input activation makes x 2·K wide (x = [gate | up]); h, dh, the norm and the GEMMs
+// stay K wide, and only the norm passes read x (and write dx) at 2·K.
 #include <algorithm>
 #include <cstdlib>
 
@@ -54,7 +56,7 @@ int64_t workspace_block_rows(const Tensor& x, int64_t rows, int64_t cols, int64_
 }
 
 // A rows×cols tensor like x in this thread's workspace (grown as needed, up to the limit);
-// valid until the next call on this thread.
+// valid until the next call on this thread. Operands used together are row ranges of one.
 Tensor workspace(const Tensor& x, int64_t rows, int64_t cols) {
   thread_local Tensor buffer;
   const int64_t bytes = rows * cols * static_cast<int64_t>(x.element_size());
@@ -86,7 +88,8 @@ std::tuple<Tensor, Tensor> run_ln_linear(const Tensor& x, const OptTensor& ln_we
                                          Activation input_activation, Activation activation,
                                          double alpha, double dropout_p, const Tensor& mean,
                                          const Tensor& rstd) {
-  const int64_t rows = x.size(0), in_features = x.size(1), cols = weight.size(0);
+  // in_features: the GEMM's K, x's width or half of it for a gated input activation.
+  const int64_t rows = x.size(0), in_features = weight.size(1), cols = weight.size(0);
   const DType dtype = dtype_code(x.scalar_type());
   const Tensor wt = weight.t();
   const bool identity_prologue = norm == Norm::kNone && input_activation == Activation::kNone;
@@ -192,24 +195,34 @@ Tensor run_ln_linear_backward(const Tensor& grad_out, const Tensor& x, const Opt
     if (dbias32.defined()) copy_back(dbias, dbias32);
   }
   // dh = dz @ weight, then one pass over x for the norm backward and for the recompute of h. dh
-  // goes straight into dx when dx is wanted, and the norm backward turns it into dx in place,
-  // row by row: no M×K buffer for dh.
+  // goes straight into dx when dx is wanted and as wide, and the norm backward turns it into dx
+  // in place, row by row: no M×K buffer for dh. A gated dx is 2·K wide: dh gets its own buffer.
+  const int64_t in_features = weight.size(1);
   const bool identity_prologue = norm == Norm::kNone && input_activation == Activation::kNone;
   const bool want_dx = dx.numel() > 0;
   const bool want_norm_grads = want_dx || dgamma.numel() > 0 || dbeta.numel() > 0;
   const bool want_dweight = dweight.numel() > 0;
+  const bool dh_in_dx = want_dx && !is_gated(input_activation);
+  const bool dh_buffer = want_norm_grads && !dh_in_dx;
+  const bool h_buffer = want_dweight && !identity_prologue;
+  // dh's and h's buffers: row ranges of the workspace when both fit (see workspace()), else
+  // allocated.
+  const int64_t buffers = int64_t{dh_buffer} + int64_t{h_buffer};
+  const bool fits = buffers > 0 &&
+                    workspace_block_rows(x, buffers * rows, in_features, buffers * rows) ==
+                        buffers * rows;
+  const Tensor space = fits ? workspace(x, buffers * rows, in_features) : Tensor();
+  auto buffer = [&](int64_t index) {
+    return fits ? space.narrow(0, index * rows, rows)
+                : new_tensor({rows, in_features}, x.options());
+  };
   Tensor dh;
   if (want_norm_grads) {
-    dh = want_dx ? dx : new_tensor({rows, x.size(1)}, x.options());
+    dh = dh_in_dx ? dx : buffer(0);
     gemm::matmul(dz, weight, dh, /*accumulate=*/false);
   }
-  Tensor h;  // the GEMM operand of dweight, in the workspace when it fits (see workspace())
-  if (want_dweight && identity_prologue) {
-    h = x;
-  } else if (want_dweight) {
-    const bool fits = workspace_block_rows(x, rows, x.size(1), rows) == rows;
-    h = fits ? workspace(x, rows, x.size(1)) : new_like(x);
-  }
+  Tensor h;  // the GEMM operand of dweight
+  if (want_dweight) h = identity_prologue ? x : buffer(int64_t{dh_buffer});
   if (identity_prologue && want_dx) {
     // N and in_act are the identity: dx = dh, already in place
   } else if (want_norm_grads || (want_dweight && !identity_prologue)) {

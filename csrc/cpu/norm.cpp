@@ -6,6 +6,11 @@
 namespace magneto::cpu {
 namespace {
 
+// The norm's width: x's, or half of it for a gated input activation (x = [gate | up]).
+int64_t norm_cols(const Tensor& x, Activation input_activation) {
+  return is_gated(input_activation) ? x.size(1) / 2 : x.size(1);
+}
+
 // Norm parameters as float32 pointers for the kernels (a float32 copy when stored in
 // bf16/fp16): the kernels take one parameter type, and the copy is a (cols,) vector.
 struct ParamF32 {
@@ -28,9 +33,9 @@ void run_norm_forward(const Tensor& x, const OptTensor& residual, double alpha,
   a.norm = norm;
   a.input_activation = input_activation;
   a.rows = x.size(0);
-  a.cols = x.size(1);
+  a.cols = norm_cols(x, input_activation);
   a.x = x.data_ptr();
-  a.x_stride = a.cols;
+  a.x_stride = x.size(1);
   if (residual.has_value()) {
     a.residual = residual->data_ptr();
     a.residual_stride = a.cols;
@@ -63,24 +68,24 @@ void run_norm_backward(const Tensor& dy, const Tensor& x, const OptTensor& gamma
   a.norm = norm;
   a.input_activation = input_activation;
   a.rows = x.size(0);
-  a.cols = x.size(1);
+  a.cols = norm_cols(x, input_activation);
   if (dy.defined()) {
     a.dy = dy.data_ptr();
     a.dy_stride = a.cols;
   }
   a.x = x.data_ptr();
-  a.x_stride = a.cols;
+  a.x_stride = x.size(1);
   a.mean = opt_float_ptr(mean);
   a.rstd = opt_float_ptr(rstd);
   a.gamma = g.ptr();
   a.beta = b.ptr();
   if (grad_accum.has_value()) {
     a.grad_accum = grad_accum->data_ptr();
-    a.grad_accum_stride = a.cols;
+    a.grad_accum_stride = x.size(1);
   }
   if (dx.numel() > 0) {
     a.dx = dx.data_ptr();
-    a.dx_stride = a.cols;
+    a.dx_stride = x.size(1);
   }
   a.dgamma = dgamma32.defined() ? dgamma32.data_ptr<float>() : nullptr;
   a.dbeta = dbeta32.defined() ? dbeta32.data_ptr<float>() : nullptr;
