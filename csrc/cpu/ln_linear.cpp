@@ -1,8 +1,8 @@
 // ln_linear on the CPU: our memory-bound passes (csrc/cpu/kernels.h) around the GEMMs of the
-// CPU GEMM engine (csrc/cpu/gemm.h: oneDNN's matmul where usable, else at::mm):
+// CPU GEMMs (csrc/cpu/gemm.h: torch's at::mm / at::addmm):
 //
 //   forward   h = N(in_act(x))                         one pass over x (rows, stats)
-//             preact = h @ weight^T + bias             (bias in oneDNN's epilogue)
+//             preact = h @ weight^T + bias             (at::addmm)
 //             out = alpha·residual + dropout(act(preact))   one pass over preact, in place
 //                                                      unless preact is kept (no pass without
 //                                                      residual, act and dropout)
