@@ -7,7 +7,9 @@
 // block add theirs in shared memory and the block writes one partial row to the workspace.
 // Wider rows: norm_backward_wide_dx (a block per row, two reads) and norm_backward_columns
 // (a tile of 32 vectors x 8 rows per block, looping down a chunk of rows) for the partials;
-// these two take the input activation as a runtime switch.
+// these two take the input activation as a runtime switch (whether it is gated, a template flag).
+// A gated input activation (x = [gate | up], rows of 2*cols) loads both halves of x and writes
+// both halves of dx; a = act(gate)*up is recomputed from them, never read.
 // Stage two is column_sum (reduce.cu) over the partial rows.
 #include "cuda/common.cuh"
 
@@ -22,40 +24,63 @@ constexpr int kColumnTileX = 32;    // vectors per column tile
 constexpr int kColumnTileY = 8;     // rows processed side by side in a column tile
 constexpr int kRegisterFloats = 16;  // floats per thread per cached row array (x, dy, partials)
 
-// a = round(in_act(x)) and xhat = (a - mean)*rstd.
-template <typename T, Activation ACT>
-__device__ __forceinline__ float normalized(float x, float mean, float rstd, Activation runtime) {
-  const float a = has_activation<ACT>(runtime) ? round_to<T>(activation<ACT>(x, runtime)) : x;
-  return (a - mean) * rstd;
+// a = round(in_act(x)) and xhat = (a - mean)*rstd (input_act: `up` only read when GATED).
+template <typename T, Activation A, bool GATED>
+__device__ __forceinline__ float normalized(float x, float up, float mean, float rstd,
+                                            Activation runtime) {
+  return (input_act<T, A, GATED>(x, up, runtime) - mean) * rstd;
 }
 
 // dx for VEC columns from the row's reduced means mean_g = avg(g), mean_gxhat = avg(g*xhat).
-template <typename T, Activation ACT>
+// A: the (gate's) activation, or kRuntimeActivation for the code `runtime`. GATED: x holds the
+// gate's and `up` the up half's elements; dgate goes to column c0 of dx's row and dup cols
+// columns further. Otherwise `up` is not read.
+template <typename T, Activation A, bool GATED>
 __device__ __forceinline__ void store_dx(const NormBackwardParams& p, int64_t row, int c0,
                                          int valid, bool vec_ok, float mean, float rstd,
-                                         float mean_g, float mean_gxhat, const float (&x)[kVec<T>],
+                                         float mean_g, float mean_gxhat, Activation runtime,
+                                         const float (&x)[kVec<T>], const float (&up)[kVec<T>],
                                          const float (&dy)[kVec<T>]) {
   constexpr int VEC = kVec<T>;
-  float w[VEC], acc[VEC], dx[VEC];
+  float w[VEC];
   load_param<T, VEC>(p.gamma, p.param_dtype == DType::kFloat32, c0, valid, vec_ok, 1.0f, w);
-  if (p.grad_accum != nullptr) {
-    load_vec<T, VEC>(static_cast<const T*>(p.grad_accum) + row * p.grad_accum_stride + c0, valid,
-                     vec_ok, acc);
-  } else {
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) acc[i] = 0.0f;
-  }
   const bool has_norm = p.norm != Norm::kNone;
+  T* dx_row = static_cast<T*>(p.dx) + row * p.dx_stride;
+  if constexpr (GATED) {
+    float dgate[VEC], dup[VEC];
 #pragma unroll
-  for (int i = 0; i < VEC; ++i) {
-    float da = dy[i];
-    if (has_norm) {
-      const float xhat = normalized<T, ACT>(x[i], mean, rstd, p.input_activation);
-      da = rstd * (dy[i] * w[i] - mean_g - xhat * mean_gxhat);
+    for (int i = 0; i < VEC; ++i) {
+      const float act_gate = activation<A>(x[i], runtime);
+      float da = dy[i];
+      if (has_norm) {
+        const float xhat = (round_to<T>(act_gate * up[i]) - mean) * rstd;
+        da = rstd * (dy[i] * w[i] - mean_g - xhat * mean_gxhat);
+      }
+      dgate[i] = da * up[i] * activation_derivative<A>(x[i], runtime);
+      dup[i] = da * act_gate;
     }
-    dx[i] = fmaf(da, activation_derivative<ACT>(x[i], p.input_activation), acc[i]);
+    store_vec<T, VEC>(dx_row + c0, valid, vec_ok, dgate);
+    store_vec<T, VEC>(dx_row + p.cols + c0, valid, vec_ok, dup);
+  } else {
+    float acc[VEC], dx[VEC];
+    if (p.grad_accum != nullptr) {
+      load_vec<T, VEC>(static_cast<const T*>(p.grad_accum) + row * p.grad_accum_stride + c0, valid,
+                       vec_ok, acc);
+    } else {
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) acc[i] = 0.0f;
+    }
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      float da = dy[i];
+      if (has_norm) {
+        const float xhat = normalized<T, A, false>(x[i], 0.0f, mean, rstd, runtime);
+        da = rstd * (dy[i] * w[i] - mean_g - xhat * mean_gxhat);
+      }
+      dx[i] = fmaf(da, activation_derivative<A>(x[i], runtime), acc[i]);
+    }
+    store_vec<T, VEC>(dx_row + c0, valid, vec_ok, dx);
   }
-  store_vec<T, VEC>(static_cast<T*>(p.dx) + row * p.dx_stride + c0, valid, vec_ok, dx);
 }
 
 // Writes this block's partial row of `dst` ([gridDim.x, cols]) from the per-thread accumulators,
@@ -101,6 +126,8 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow)
     norm_backward_rows(const NormBackwardParams p, int tpr, bool vec_ok, float* dgamma_part,
                        float* dbeta_part) {
   constexpr int VEC = kVec<T>;
+  constexpr Activation A = gate_of(ACT);
+  constexpr bool GATED = is_gated(ACT);
   __shared__ float2 red[2][kMaxThreadsPerRow / kWarp];
   extern __shared__ float shared_partials[];  // blockDim.x*NV*VEC floats when > 1 row per block
   const int lane = static_cast<int>(threadIdx.x) % tpr;
@@ -124,11 +151,14 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow)
     const int64_t row = base + group;
     const bool active = row < p.rows;  // inactive groups still join the block's reductions
     float x[NV][VEC], dy[NV][VEC];
+    float up[NV][VEC] = {};  // GATED: x holds the gate half, up the up half; else unused
 #pragma unroll
     for (int j = 0; j < NV; ++j) {
       const int c0 = (j * tpr + lane) * VEC;
       const int valid = active ? cols - c0 : 0;  // missing elements load as zero
-      load_vec<T, VEC>(static_cast<const T*>(p.x) + row * p.x_stride + c0, valid, vec_ok, x[j]);
+      const T* x_row = static_cast<const T*>(p.x) + row * p.x_stride;
+      load_vec<T, VEC>(x_row + c0, valid, vec_ok, x[j]);
+      if constexpr (GATED) load_vec<T, VEC>(x_row + cols + c0, valid, vec_ok, up[j]);
       load_vec<T, VEC>(static_cast<const T*>(p.dy) + row * p.dy_stride + c0, valid, vec_ok, dy[j]);
     }
     float mean = 0.0f, rstd = 1.0f, mean_g = 0.0f, mean_gxhat = 0.0f;
@@ -145,7 +175,8 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow)
         load_param<T, VEC>(p.gamma, param_f32, c0, active ? cols - c0 : 0, vec_ok, 1.0f, w);
 #pragma unroll
         for (int i = 0; i < VEC; ++i) {
-          const float xhat = normalized<T, ACT>(x[j][i], mean, rstd, p.input_activation);
+          const float xhat =
+              normalized<T, A, GATED>(x[j][i], up[j][i], mean, rstd, p.input_activation);
           const float g = dy[j][i] * w[i];  // zero for missing elements (dy is zero there)
           sg += g;
           sgx += g * xhat;
@@ -162,8 +193,8 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow)
       for (int j = 0; j < NV; ++j) {
         const int c0 = (j * tpr + lane) * VEC;
         if (c0 < cols)
-          store_dx<T, ACT>(p, row, c0, cols - c0, vec_ok, mean, rstd, mean_g, mean_gxhat, x[j],
-                           dy[j]);
+          store_dx<T, A, GATED>(p, row, c0, cols - c0, vec_ok, mean, rstd, mean_g, mean_gxhat,
+                                p.input_activation, x[j], up[j], dy[j]);
       }
     }
   }
@@ -173,10 +204,11 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow)
     write_partials<NV, VEC>(acc_dbeta, dbeta_part, tpr, cols, shared_partials);
 }
 
-template <typename T>
+template <typename T, bool GATED>
 __global__ void __launch_bounds__(kWideThreads) norm_backward_wide_dx(const NormBackwardParams p,
                                                                       bool vec_ok) {
   constexpr int VEC = kVec<T>;
+  const Activation act = GATED ? gate_of(p.input_activation) : p.input_activation;
   __shared__ float2 red[kWideThreads / kWarp];
   const int64_t row = blockIdx.x;
   const int cols = static_cast<int>(p.cols);
@@ -191,8 +223,9 @@ __global__ void __launch_bounds__(kWideThreads) norm_backward_wide_dx(const Norm
     float sg = 0.0f, sgx = 0.0f;
     for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
       const int c0 = v * VEC;
-      float x[VEC], dy[VEC], w[VEC];
+      float x[VEC], dy[VEC], w[VEC], up[VEC] = {};
       load_vec<T, VEC>(x_row + c0, cols - c0, vec_ok, x);
+      if constexpr (GATED) load_vec<T, VEC>(x_row + cols + c0, cols - c0, vec_ok, up);
       load_vec<T, VEC>(dy_row + c0, cols - c0, vec_ok, dy);
       load_param<T, VEC>(p.gamma, p.param_dtype == DType::kFloat32, c0, cols - c0, vec_ok, 1.0f,
                          w);
@@ -200,7 +233,7 @@ __global__ void __launch_bounds__(kWideThreads) norm_backward_wide_dx(const Norm
       for (int i = 0; i < VEC; ++i) {
         const float g = dy[i] * w[i];
         sg += g;
-        sgx += g * normalized<T, kRuntimeActivation>(x[i], mean, rstd, p.input_activation);
+        sgx += g * normalized<T, kRuntimeActivation, GATED>(x[i], up[i], mean, rstd, act);
       }
     }
     const float2 sums = group_sum2(sg, sgx, blockDim.x, red);
@@ -209,22 +242,24 @@ __global__ void __launch_bounds__(kWideThreads) norm_backward_wide_dx(const Norm
   }
   for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
     const int c0 = v * VEC;
-    float x[VEC], dy[VEC];
+    float x[VEC], dy[VEC], up[VEC] = {};
     load_vec<T, VEC>(x_row + c0, cols - c0, vec_ok, x);
+    if constexpr (GATED) load_vec<T, VEC>(x_row + cols + c0, cols - c0, vec_ok, up);
     load_vec<T, VEC>(dy_row + c0, cols - c0, vec_ok, dy);
-    store_dx<T, kRuntimeActivation>(p, row, c0, cols - c0, vec_ok, mean, rstd, mean_g, mean_gxhat,
-                                    x, dy);
+    store_dx<T, kRuntimeActivation, GATED>(p, row, c0, cols - c0, vec_ok, mean, rstd, mean_g,
+                                           mean_gxhat, act, x, up, dy);
   }
 }
 
 // Partial dgamma/dbeta over a chunk of rows for a tile of kColumnTileX vectors: thread (tx, ty)
 // owns vector blockIdx.x*kColumnTileX + tx and rows ty, ty + kColumnTileY, ... of chunk
 // blockIdx.y (chunks interleave with stride gridDim.y*kColumnTileY).
-template <typename T>
+template <typename T, bool GATED>
 __global__ void __launch_bounds__(kColumnTileX* kColumnTileY)
     norm_backward_columns(const NormBackwardParams p, bool vec_ok, float* dgamma_part,
                           float* dbeta_part) {
   constexpr int VEC = kVec<T>;
+  const Activation act = GATED ? gate_of(p.input_activation) : p.input_activation;
   __shared__ float tile[kColumnTileY][kColumnTileX * VEC];
   const int cols = static_cast<int>(p.cols);
   const int c0 =
@@ -237,14 +272,16 @@ __global__ void __launch_bounds__(kColumnTileX* kColumnTileY)
   if (valid > 0) {
     for (int64_t row = static_cast<int64_t>(blockIdx.y) * kColumnTileY + threadIdx.y; row < p.rows;
          row += static_cast<int64_t>(gridDim.y) * kColumnTileY) {
-      float x[VEC], dy[VEC];
-      load_vec<T, VEC>(static_cast<const T*>(p.x) + row * p.x_stride + c0, valid, vec_ok, x);
+      float x[VEC], dy[VEC], up[VEC] = {};
+      const T* x_row = static_cast<const T*>(p.x) + row * p.x_stride;
+      load_vec<T, VEC>(x_row + c0, valid, vec_ok, x);
+      if constexpr (GATED) load_vec<T, VEC>(x_row + cols + c0, valid, vec_ok, up);
       load_vec<T, VEC>(static_cast<const T*>(p.dy) + row * p.dy_stride + c0, valid, vec_ok, dy);
       const float rstd = p.rstd[row];
       const float mean = layer ? p.mean[row] : 0.0f;
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
-        const float xhat = normalized<T, kRuntimeActivation>(x[i], mean, rstd, p.input_activation);
+        const float xhat = normalized<T, kRuntimeActivation, GATED>(x[i], up[i], mean, rstd, act);
         acc_dgamma[i] = fmaf(dy[i], xhat, acc_dgamma[i]);
         acc_dbeta[i] += dy[i];
       }
@@ -314,7 +351,7 @@ Plan make_plan(int64_t rows, int64_t cols) {
 Plan plan_for(int64_t rows, int64_t cols, DType dtype, Activation act) {
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    return dispatch_activation(
+    return dispatch_input_activation(
         act, [&](auto a) { return make_plan<T, decltype(a)::value>(rows, cols); });
   });
 }
@@ -325,11 +362,12 @@ void launch(const NormBackwardParams& p, const Plan& plan, bool vec_ok, float* d
   if (p.rows == 0) return;
   if (plan.nv == 0) {
     if (p.dx != nullptr)
-      norm_backward_wide_dx<T>
+      norm_backward_wide_dx<T, is_gated(ACT)>
           <<<static_cast<unsigned>(p.rows), kWideThreads, 0, stream>>>(p, vec_ok);
     if (dgamma_part != nullptr || dbeta_part != nullptr)
-      norm_backward_columns<T><<<dim3(plan.grid_x, plan.grid_y), dim3(kColumnTileX, kColumnTileY),
-                                      0, stream>>>(p, vec_ok, dgamma_part, dbeta_part);
+      norm_backward_columns<T, is_gated(ACT)>
+          <<<dim3(plan.grid_x, plan.grid_y), dim3(kColumnTileX, kColumnTileY), 0, stream>>>(
+              p, vec_ok, dgamma_part, dbeta_part);
     return;
   }
   switch (plan.nv) {
@@ -357,15 +395,19 @@ Status validate(const NormBackwardParams& p) {
   if (!valid_dtype(p.dtype)) return "magneto cuda norm_backward: unknown dtype code";
   if (p.param_dtype != p.dtype && p.param_dtype != DType::kFloat32)
     return "magneto cuda norm_backward: param_dtype must be dtype or float32";
-  if (!valid_activation(p.input_activation))
+  if (!valid_input_activation(p.input_activation))
     return "magneto cuda norm_backward: unknown activation code";
   if (!in_table(kNorms, p.norm))
     return "magneto cuda norm_backward: unknown norm code";
   if (p.rows > 0 && p.cols > 0 && (p.x == nullptr || p.dy == nullptr))
     return "magneto cuda norm_backward: x and dy are required";
-  if (p.x_stride < p.cols || p.dy_stride < p.cols || (p.dx && p.dx_stride < p.cols) ||
+  const bool gated = is_gated(p.input_activation);
+  const int64_t x_cols = gated ? 2 * p.cols : p.cols;  // x and dx: [gate | up] when gated
+  if (p.x_stride < x_cols || p.dy_stride < p.cols || (p.dx && p.dx_stride < x_cols) ||
       (p.grad_accum && p.grad_accum_stride < p.cols))
     return "magneto cuda norm_backward: a row stride is smaller than cols";
+  if (gated && p.grad_accum != nullptr)
+    return "magneto cuda norm_backward: a gated input activation takes no grad_accum";
   if (p.norm == Norm::kNone && (p.gamma || p.dgamma || p.dbeta))
     return "magneto cuda norm_backward: norm kNone has no gamma, dgamma or dbeta";
   if (p.norm == Norm::kRms && p.dbeta) return "magneto cuda norm_backward: kRms has no dbeta";
@@ -384,7 +426,7 @@ size_t norm_backward_workspace_bytes(int64_t rows, int64_t cols, DType dtype, No
   (void)norm;  // the plan does not depend on it; kept so callers state what they launch
   const int arrays = static_cast<int>(want_dgamma) + static_cast<int>(want_dbeta);
   if (arrays == 0 || rows <= 0 || cols <= 0 || !valid_dtype(dtype) ||
-      !valid_activation(input_activation))
+      !valid_input_activation(input_activation))
     return 0;
   const Plan plan = plan_for(rows, cols, dtype, input_activation);
   return sizeof(float) * static_cast<size_t>(arrays) * static_cast<size_t>(plan.partials) *
@@ -410,10 +452,11 @@ Status norm_backward(const NormBackwardParams& p, cudaStream_t stream) {
   const bool vec_ok = aligned16(p.x) && stride_ok(p.x_stride, eb) && aligned16(p.dy) &&
                       stride_ok(p.dy_stride, eb) && aligned16(p.dx) && stride_ok(p.dx_stride, eb) &&
                       aligned16(p.grad_accum) && stride_ok(p.grad_accum_stride, eb) &&
-                      aligned16(p.gamma);
+                      aligned16(p.gamma) &&
+                      (!is_gated(p.input_activation) || stride_ok(p.cols, eb));  // the up halves
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    return dispatch_activation(p.input_activation, [&](auto act) {
+    return dispatch_input_activation(p.input_activation, [&](auto act) {
       launch<T, decltype(act)::value>(p, plan, vec_ok, dgamma_part, dbeta_part, stream);
       return 0;
     });
