@@ -221,17 +221,12 @@ __device__ __forceinline__ float activation_derivative(float x, Activation runti
   }
 }
 
-// a = round_T(in_act(x)) for one element of a norm kernel's input: act(x) (x itself for kNone),
-// or for a gated row (GATED: x from the gate half, `up` from the up half) act(x)·up, computed in
-// float32 and rounded once. A is a plain activation or kRuntimeActivation (then `runtime`, the
-// gate's code when GATED); `up` is ignored unless GATED.
-template <typename T, Activation A, bool GATED>
-__device__ __forceinline__ float input_act(float x, float up, Activation runtime) {
-  if constexpr (GATED) {
-    return round_to<T>(activation<A>(x, runtime) * up);
-  } else {
-    return has_activation<A>(runtime) ? round_to<T>(activation<A>(x, runtime)) : x;
-  }
+// a = round_T(act(gate)*up) for one element of a gated row (x = [gate | up]), computed in float32
+// and rounded once, as the other input activations. A: the gate's activation, or
+// kRuntimeActivation for the code `runtime` (gate_of of the gated code).
+template <typename T, Activation A>
+__device__ __forceinline__ float gated_act(float gate, float up, Activation runtime) {
+  return round_to<T>(activation<A>(gate, runtime) * up);
 }
 
 // ------------------------------------------------------------------ reductions

@@ -8,8 +8,10 @@
 // Wider rows: norm_backward_wide_dx (a block per row, two reads) and norm_backward_columns
 // (a tile of 32 vectors x 8 rows per block, looping down a chunk of rows) for the partials;
 // these two take the input activation as a runtime switch (whether it is gated, a template flag).
-// A gated input activation (x = [gate | up], rows of 2*cols) loads both halves of x and writes
-// both halves of dx; a = act(gate)*up is recomputed from them, never read.
+// A gated input activation (x = [gate | up], rows of 2*cols) reads both halves of x and writes
+// both halves of dx; a = act(gate)*up is recomputed from them, never stored. The register kernel
+// keeps a (not the two halves) in registers, as many as x otherwise, and reads the halves again
+// for dx (mostly from L1/L2).
 // Stage two is column_sum (reduce.cu) over the partial rows.
 #include "cuda/common.cuh"
 
@@ -24,63 +26,80 @@ constexpr int kColumnTileX = 32;    // vectors per column tile
 constexpr int kColumnTileY = 8;     // rows processed side by side in a column tile
 constexpr int kRegisterFloats = 16;  // floats per thread per cached row array (x, dy, partials)
 
-// a = round(in_act(x)) and xhat = (a - mean)*rstd (input_act: `up` only read when GATED).
-template <typename T, Activation A, bool GATED>
-__device__ __forceinline__ float normalized(float x, float up, float mean, float rstd,
-                                            Activation runtime) {
-  return (input_act<T, A, GATED>(x, up, runtime) - mean) * rstd;
+// a = round(in_act(x)) and xhat = (a - mean)*rstd.
+template <typename T, Activation ACT>
+__device__ __forceinline__ float normalized(float x, float mean, float rstd, Activation runtime) {
+  const float a = has_activation<ACT>(runtime) ? round_to<T>(activation<ACT>(x, runtime)) : x;
+  return (a - mean) * rstd;
+}
+
+// The gate and up halves of VEC columns at c0 of row `row` of a gated x (x = [gate | up]).
+template <typename T>
+__device__ __forceinline__ void load_halves(const NormBackwardParams& p, int64_t row, int c0,
+                                            int valid, bool vec_ok, float (&gate)[kVec<T>],
+                                            float (&up)[kVec<T>]) {
+  constexpr int VEC = kVec<T>;
+  const T* x = static_cast<const T*>(p.x) + row * p.x_stride + c0;
+  load_vec<T, VEC>(x, valid, vec_ok, gate);
+  load_vec<T, VEC>(x + p.cols, valid, vec_ok, up);  // missing elements: act(0)*0 = 0
 }
 
 // dx for VEC columns from the row's reduced means mean_g = avg(g), mean_gxhat = avg(g*xhat).
-// A: the (gate's) activation, or kRuntimeActivation for the code `runtime`. GATED: x holds the
-// gate's and `up` the up half's elements; dgate goes to column c0 of dx's row and dup cols
-// columns further. Otherwise `up` is not read.
-template <typename T, Activation A, bool GATED>
+template <typename T, Activation ACT>
 __device__ __forceinline__ void store_dx(const NormBackwardParams& p, int64_t row, int c0,
                                          int valid, bool vec_ok, float mean, float rstd,
-                                         float mean_g, float mean_gxhat, Activation runtime,
-                                         const float (&x)[kVec<T>], const float (&up)[kVec<T>],
+                                         float mean_g, float mean_gxhat, const float (&x)[kVec<T>],
                                          const float (&dy)[kVec<T>]) {
   constexpr int VEC = kVec<T>;
-  float w[VEC];
+  float w[VEC], acc[VEC], dx[VEC];
+  load_param<T, VEC>(p.gamma, p.param_dtype == DType::kFloat32, c0, valid, vec_ok, 1.0f, w);
+  if (p.grad_accum != nullptr) {
+    load_vec<T, VEC>(static_cast<const T*>(p.grad_accum) + row * p.grad_accum_stride + c0, valid,
+                     vec_ok, acc);
+  } else {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) acc[i] = 0.0f;
+  }
+  const bool has_norm = p.norm != Norm::kNone;
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) {
+    float da = dy[i];
+    if (has_norm) {
+      const float xhat = normalized<T, ACT>(x[i], mean, rstd, p.input_activation);
+      da = rstd * (dy[i] * w[i] - mean_g - xhat * mean_gxhat);
+    }
+    dx[i] = fmaf(da, activation_derivative<ACT>(x[i], p.input_activation), acc[i]);
+  }
+  store_vec<T, VEC>(static_cast<T*>(p.dx) + row * p.dx_stride + c0, valid, vec_ok, dx);
+}
+
+// store_dx for a gated row (no grad_accum): dgate = da*up*act'(gate) at column c0 of dx's row,
+// dup = da*act(gate) cols columns further; a = gated_act(gate, up), as the statistics used.
+template <typename T, Activation A>
+__device__ __forceinline__ void store_dx_gated(const NormBackwardParams& p, int64_t row, int c0,
+                                               int valid, bool vec_ok, float mean, float rstd,
+                                               float mean_g, float mean_gxhat, Activation runtime,
+                                               const float (&gate)[kVec<T>],
+                                               const float (&up)[kVec<T>],
+                                               const float (&a)[kVec<T>],
+                                               const float (&dy)[kVec<T>]) {
+  constexpr int VEC = kVec<T>;
+  float w[VEC], dgate[VEC], dup[VEC];
   load_param<T, VEC>(p.gamma, p.param_dtype == DType::kFloat32, c0, valid, vec_ok, 1.0f, w);
   const bool has_norm = p.norm != Norm::kNone;
-  T* dx_row = static_cast<T*>(p.dx) + row * p.dx_stride;
-  if constexpr (GATED) {
-    float dgate[VEC], dup[VEC];
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) {
-      const float act_gate = activation<A>(x[i], runtime);
-      float da = dy[i];
-      if (has_norm) {
-        const float xhat = (round_to<T>(act_gate * up[i]) - mean) * rstd;
-        da = rstd * (dy[i] * w[i] - mean_g - xhat * mean_gxhat);
-      }
-      dgate[i] = da * up[i] * activation_derivative<A>(x[i], runtime);
-      dup[i] = da * act_gate;
+  for (int i = 0; i < VEC; ++i) {
+    float da = dy[i];
+    if (has_norm) {
+      const float xhat = (a[i] - mean) * rstd;
+      da = rstd * (dy[i] * w[i] - mean_g - xhat * mean_gxhat);
     }
-    store_vec<T, VEC>(dx_row + c0, valid, vec_ok, dgate);
-    store_vec<T, VEC>(dx_row + p.cols + c0, valid, vec_ok, dup);
-  } else {
-    float acc[VEC], dx[VEC];
-    if (p.grad_accum != nullptr) {
-      load_vec<T, VEC>(static_cast<const T*>(p.grad_accum) + row * p.grad_accum_stride + c0, valid,
-                       vec_ok, acc);
-    } else {
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) acc[i] = 0.0f;
-    }
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) {
-      float da = dy[i];
-      if (has_norm) {
-        const float xhat = normalized<T, A, false>(x[i], 0.0f, mean, rstd, runtime);
-        da = rstd * (dy[i] * w[i] - mean_g - xhat * mean_gxhat);
-      }
-      dx[i] = fmaf(da, activation_derivative<A>(x[i], runtime), acc[i]);
-    }
-    store_vec<T, VEC>(dx_row + c0, valid, vec_ok, dx);
+    dgate[i] = da * up[i] * activation_derivative<A>(gate[i], runtime);
+    dup[i] = da * activation<A>(gate[i], runtime);
   }
+  T* dx = static_cast<T*>(p.dx) + row * p.dx_stride + c0;
+  store_vec<T, VEC>(dx, valid, vec_ok, dgate);
+  store_vec<T, VEC>(dx + p.cols, valid, vec_ok, dup);
 }
 
 // Writes this block's partial row of `dst` ([gridDim.x, cols]) from the per-thread accumulators,
@@ -150,15 +169,19 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow)
        base += static_cast<int64_t>(gridDim.x) * rows_per_block, parity ^= 1) {
     const int64_t row = base + group;
     const bool active = row < p.rows;  // inactive groups still join the block's reductions
-    float x[NV][VEC], dy[NV][VEC];
-    float up[NV][VEC] = {};  // GATED: x holds the gate half, up the up half; else unused
+    float x[NV][VEC], dy[NV][VEC];  // GATED: x holds a = act(gate)*up
 #pragma unroll
     for (int j = 0; j < NV; ++j) {
       const int c0 = (j * tpr + lane) * VEC;
       const int valid = active ? cols - c0 : 0;  // missing elements load as zero
-      const T* x_row = static_cast<const T*>(p.x) + row * p.x_stride;
-      load_vec<T, VEC>(x_row + c0, valid, vec_ok, x[j]);
-      if constexpr (GATED) load_vec<T, VEC>(x_row + cols + c0, valid, vec_ok, up[j]);
+      if constexpr (GATED) {
+        float gate[VEC], up[VEC];
+        load_halves<T>(p, row, c0, valid, vec_ok, gate, up);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) x[j][i] = gated_act<T, A>(gate[i], up[i], p.input_activation);
+      } else {
+        load_vec<T, VEC>(static_cast<const T*>(p.x) + row * p.x_stride + c0, valid, vec_ok, x[j]);
+      }
       load_vec<T, VEC>(static_cast<const T*>(p.dy) + row * p.dy_stride + c0, valid, vec_ok, dy[j]);
     }
     float mean = 0.0f, rstd = 1.0f, mean_g = 0.0f, mean_gxhat = 0.0f;
@@ -175,8 +198,8 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow)
         load_param<T, VEC>(p.gamma, param_f32, c0, active ? cols - c0 : 0, vec_ok, 1.0f, w);
 #pragma unroll
         for (int i = 0; i < VEC; ++i) {
-          const float xhat =
-              normalized<T, A, GATED>(x[j][i], up[j][i], mean, rstd, p.input_activation);
+          const float xhat = GATED ? (x[j][i] - mean) * rstd
+                                   : normalized<T, A>(x[j][i], mean, rstd, p.input_activation);
           const float g = dy[j][i] * w[i];  // zero for missing elements (dy is zero there)
           sg += g;
           sgx += g * xhat;
@@ -192,9 +215,16 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow)
 #pragma unroll
       for (int j = 0; j < NV; ++j) {
         const int c0 = (j * tpr + lane) * VEC;
-        if (c0 < cols)
-          store_dx<T, A, GATED>(p, row, c0, cols - c0, vec_ok, mean, rstd, mean_g, mean_gxhat,
-                                p.input_activation, x[j], up[j], dy[j]);
+        if (c0 >= cols) continue;
+        if constexpr (GATED) {
+          float gate[VEC], up[VEC];
+          load_halves<T>(p, row, c0, cols - c0, vec_ok, gate, up);
+          store_dx_gated<T, A>(p, row, c0, cols - c0, vec_ok, mean, rstd, mean_g, mean_gxhat,
+                               p.input_activation, gate, up, x[j], dy[j]);
+        } else {
+          store_dx<T, A>(p, row, c0, cols - c0, vec_ok, mean, rstd, mean_g, mean_gxhat, x[j],
+                         dy[j]);
+        }
       }
     }
   }
@@ -208,7 +238,6 @@ template <typename T, bool GATED>
 __global__ void __launch_bounds__(kWideThreads) norm_backward_wide_dx(const NormBackwardParams p,
                                                                       bool vec_ok) {
   constexpr int VEC = kVec<T>;
-  const Activation act = GATED ? gate_of(p.input_activation) : p.input_activation;
   __shared__ float2 red[kWideThreads / kWarp];
   const int64_t row = blockIdx.x;
   const int cols = static_cast<int>(p.cols);
@@ -223,9 +252,17 @@ __global__ void __launch_bounds__(kWideThreads) norm_backward_wide_dx(const Norm
     float sg = 0.0f, sgx = 0.0f;
     for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
       const int c0 = v * VEC;
-      float x[VEC], dy[VEC], w[VEC], up[VEC] = {};
-      load_vec<T, VEC>(x_row + c0, cols - c0, vec_ok, x);
-      if constexpr (GATED) load_vec<T, VEC>(x_row + cols + c0, cols - c0, vec_ok, up);
+      float x[VEC], dy[VEC], w[VEC];
+      if constexpr (GATED) {
+        const Activation gate_act = gate_of(p.input_activation);
+        float gate[VEC], up[VEC];
+        load_halves<T>(p, row, c0, cols - c0, vec_ok, gate, up);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i)
+          x[i] = gated_act<T, kRuntimeActivation>(gate[i], up[i], gate_act);
+      } else {
+        load_vec<T, VEC>(x_row + c0, cols - c0, vec_ok, x);
+      }
       load_vec<T, VEC>(dy_row + c0, cols - c0, vec_ok, dy);
       load_param<T, VEC>(p.gamma, p.param_dtype == DType::kFloat32, c0, cols - c0, vec_ok, 1.0f,
                          w);
@@ -233,7 +270,9 @@ __global__ void __launch_bounds__(kWideThreads) norm_backward_wide_dx(const Norm
       for (int i = 0; i < VEC; ++i) {
         const float g = dy[i] * w[i];
         sg += g;
-        sgx += g * normalized<T, kRuntimeActivation, GATED>(x[i], up[i], mean, rstd, act);
+        sgx += g * (GATED ? (x[i] - mean) * rstd
+                          : normalized<T, kRuntimeActivation>(x[i], mean, rstd,
+                                                              p.input_activation));
       }
     }
     const float2 sums = group_sum2(sg, sgx, blockDim.x, red);
@@ -242,12 +281,23 @@ __global__ void __launch_bounds__(kWideThreads) norm_backward_wide_dx(const Norm
   }
   for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
     const int c0 = v * VEC;
-    float x[VEC], dy[VEC], up[VEC] = {};
-    load_vec<T, VEC>(x_row + c0, cols - c0, vec_ok, x);
-    if constexpr (GATED) load_vec<T, VEC>(x_row + cols + c0, cols - c0, vec_ok, up);
-    load_vec<T, VEC>(dy_row + c0, cols - c0, vec_ok, dy);
-    store_dx<T, kRuntimeActivation, GATED>(p, row, c0, cols - c0, vec_ok, mean, rstd, mean_g,
-                                           mean_gxhat, act, x, up, dy);
+    float x[VEC], dy[VEC];
+    if constexpr (GATED) {
+      const Activation gate_act = gate_of(p.input_activation);
+      float gate[VEC], up[VEC];
+      load_halves<T>(p, row, c0, cols - c0, vec_ok, gate, up);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i)
+        x[i] = gated_act<T, kRuntimeActivation>(gate[i], up[i], gate_act);
+      load_vec<T, VEC>(dy_row + c0, cols - c0, vec_ok, dy);
+      store_dx_gated<T, kRuntimeActivation>(p, row, c0, cols - c0, vec_ok, mean, rstd, mean_g,
+                                            mean_gxhat, gate_act, gate, up, x, dy);
+    } else {
+      load_vec<T, VEC>(x_row + c0, cols - c0, vec_ok, x);
+      load_vec<T, VEC>(dy_row + c0, cols - c0, vec_ok, dy);
+      store_dx<T, kRuntimeActivation>(p, row, c0, cols - c0, vec_ok, mean, rstd, mean_g,
+                                      mean_gxhat, x, dy);
+    }
   }
 }
 
@@ -259,7 +309,6 @@ __global__ void __launch_bounds__(kColumnTileX* kColumnTileY)
     norm_backward_columns(const NormBackwardParams p, bool vec_ok, float* dgamma_part,
                           float* dbeta_part) {
   constexpr int VEC = kVec<T>;
-  const Activation act = GATED ? gate_of(p.input_activation) : p.input_activation;
   __shared__ float tile[kColumnTileY][kColumnTileX * VEC];
   const int cols = static_cast<int>(p.cols);
   const int c0 =
@@ -272,16 +321,25 @@ __global__ void __launch_bounds__(kColumnTileX* kColumnTileY)
   if (valid > 0) {
     for (int64_t row = static_cast<int64_t>(blockIdx.y) * kColumnTileY + threadIdx.y; row < p.rows;
          row += static_cast<int64_t>(gridDim.y) * kColumnTileY) {
-      float x[VEC], dy[VEC], up[VEC] = {};
-      const T* x_row = static_cast<const T*>(p.x) + row * p.x_stride;
-      load_vec<T, VEC>(x_row + c0, valid, vec_ok, x);
-      if constexpr (GATED) load_vec<T, VEC>(x_row + cols + c0, valid, vec_ok, up);
+      float x[VEC], dy[VEC];
+      if constexpr (GATED) {
+        const Activation gate_act = gate_of(p.input_activation);
+        float gate[VEC], up[VEC];
+        load_halves<T>(p, row, c0, valid, vec_ok, gate, up);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i)
+          x[i] = gated_act<T, kRuntimeActivation>(gate[i], up[i], gate_act);
+      } else {
+        load_vec<T, VEC>(static_cast<const T*>(p.x) + row * p.x_stride + c0, valid, vec_ok, x);
+      }
       load_vec<T, VEC>(static_cast<const T*>(p.dy) + row * p.dy_stride + c0, valid, vec_ok, dy);
       const float rstd = p.rstd[row];
       const float mean = layer ? p.mean[row] : 0.0f;
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
-        const float xhat = normalized<T, kRuntimeActivation, GATED>(x[i], up[i], mean, rstd, act);
+        const float xhat =
+            GATED ? (x[i] - mean) * rstd
+                  : normalized<T, kRuntimeActivation>(x[i], mean, rstd, p.input_activation);
         acc_dgamma[i] = fmaf(dy[i], xhat, acc_dgamma[i]);
         acc_dbeta[i] += dy[i];
       }

@@ -38,7 +38,7 @@ __device__ __forceinline__ void load_input(const NormForwardParams& p, int64_t r
     float up[VEC];
     load_vec<T, VEC>(x + p.cols, valid, vec_ok, up);  // missing elements: act(0)*0 = 0
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) a[i] = input_act<T, A, true>(a[i], up[i], runtime);
+    for (int i = 0; i < VEC; ++i) a[i] = gated_act<T, A>(a[i], up[i], runtime);
   } else {
     if (p.residual != nullptr) {
       float r[VEC];
