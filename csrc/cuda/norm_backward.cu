@@ -10,8 +10,8 @@
 // these two take the input activation as a runtime switch (whether it is gated, a template flag).
 // A gated input activation (x = [gate | up], rows of 2*cols) reads both halves of x and writes
 // both halves of dx; a = act(gate)*up is recomputed from them, never stored. The register kernel
-// keeps a (not the two halves) in registers, as many as x otherwise, and reads the halves again
-// for dx (mostly from L1/L2).
+// holds only dy (and the partials) of a gated row: it reads the halves for the row sums and again
+// for dx (then mostly from L1/L2).
 // Stage two is column_sum (reduce.cu) over the partial rows.
 #include "cuda/common.cuh"
 
@@ -44,6 +44,19 @@ __device__ __forceinline__ void load_halves(const NormBackwardParams& p, int64_t
   load_vec<T, VEC>(x + p.cols, valid, vec_ok, up);  // missing elements: act(0)*0 = 0
 }
 
+// a = gated_act(gate, up) for VEC columns at c0 of row `row` of a gated x. A: the gate's
+// activation, or kRuntimeActivation for the code `runtime`.
+template <typename T, Activation A>
+__device__ __forceinline__ void load_gated_act(const NormBackwardParams& p, int64_t row, int c0,
+                                               int valid, bool vec_ok, Activation runtime,
+                                               float (&a)[kVec<T>]) {
+  constexpr int VEC = kVec<T>;
+  float gate[VEC], up[VEC];
+  load_halves<T>(p, row, c0, valid, vec_ok, gate, up);
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) a[i] = gated_act<T, A>(gate[i], up[i], runtime);
+}
+
 // dx for VEC columns from the row's reduced means mean_g = avg(g), mean_gxhat = avg(g*xhat).
 template <typename T, Activation ACT>
 __device__ __forceinline__ void store_dx(const NormBackwardParams& p, int64_t row, int c0,
@@ -73,33 +86,34 @@ __device__ __forceinline__ void store_dx(const NormBackwardParams& p, int64_t ro
   store_vec<T, VEC>(static_cast<T*>(p.dx) + row * p.dx_stride + c0, valid, vec_ok, dx);
 }
 
-// store_dx for a gated row (no grad_accum): dgate = da*up*act'(gate) at column c0 of dx's row,
-// dup = da*act(gate) cols columns further; a = gated_act(gate, up), as the statistics used.
+// store_dx for a gated row (no grad_accum), reading its two halves of x: dgate = da*up*act'(gate)
+// at column c0 of dx's row, dup = da*act(gate) cols columns further. One half after the other:
+// fewer values live at once (the register kernel is at its limit).
 template <typename T, Activation A>
 __device__ __forceinline__ void store_dx_gated(const NormBackwardParams& p, int64_t row, int c0,
                                                int valid, bool vec_ok, float mean, float rstd,
                                                float mean_g, float mean_gxhat, Activation runtime,
-                                               const float (&gate)[kVec<T>],
-                                               const float (&up)[kVec<T>],
-                                               const float (&a)[kVec<T>],
                                                const float (&dy)[kVec<T>]) {
   constexpr int VEC = kVec<T>;
-  float w[VEC], dgate[VEC], dup[VEC];
+  float gate[VEC], up[VEC], w[VEC], da[VEC], d[VEC];
+  load_halves<T>(p, row, c0, valid, vec_ok, gate, up);
   load_param<T, VEC>(p.gamma, p.param_dtype == DType::kFloat32, c0, valid, vec_ok, 1.0f, w);
   const bool has_norm = p.norm != Norm::kNone;
 #pragma unroll
   for (int i = 0; i < VEC; ++i) {
-    float da = dy[i];
+    da[i] = dy[i];
     if (has_norm) {
-      const float xhat = (a[i] - mean) * rstd;
-      da = rstd * (dy[i] * w[i] - mean_g - xhat * mean_gxhat);
+      const float xhat = (gated_act<T, A>(gate[i], up[i], runtime) - mean) * rstd;
+      da[i] = rstd * (dy[i] * w[i] - mean_g - xhat * mean_gxhat);
     }
-    dgate[i] = da * up[i] * activation_derivative<A>(gate[i], runtime);
-    dup[i] = da * activation<A>(gate[i], runtime);
   }
   T* dx = static_cast<T*>(p.dx) + row * p.dx_stride + c0;
-  store_vec<T, VEC>(dx, valid, vec_ok, dgate);
-  store_vec<T, VEC>(dx + p.cols, valid, vec_ok, dup);
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) d[i] = da[i] * up[i] * activation_derivative<A>(gate[i], runtime);
+  store_vec<T, VEC>(dx, valid, vec_ok, d);
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) d[i] = da[i] * activation<A>(gate[i], runtime);
+  store_vec<T, VEC>(dx + p.cols, valid, vec_ok, d);
 }
 
 // Writes this block's partial row of `dst` ([gridDim.x, cols]) from the per-thread accumulators,
@@ -169,19 +183,15 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow)
        base += static_cast<int64_t>(gridDim.x) * rows_per_block, parity ^= 1) {
     const int64_t row = base + group;
     const bool active = row < p.rows;  // inactive groups still join the block's reductions
-    float x[NV][VEC], dy[NV][VEC];  // GATED: x holds a = act(gate)*up
+    // GATED: x is not held (the halves are read where a is needed, for the sums and for dx):
+    // a next to dy and the partials would not fit the registers.
+    float x[NV][VEC], dy[NV][VEC];
 #pragma unroll
     for (int j = 0; j < NV; ++j) {
       const int c0 = (j * tpr + lane) * VEC;
       const int valid = active ? cols - c0 : 0;  // missing elements load as zero
-      if constexpr (GATED) {
-        float gate[VEC], up[VEC];
-        load_halves<T>(p, row, c0, valid, vec_ok, gate, up);
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) x[j][i] = gated_act<T, A>(gate[i], up[i], p.input_activation);
-      } else {
+      if constexpr (!GATED)
         load_vec<T, VEC>(static_cast<const T*>(p.x) + row * p.x_stride + c0, valid, vec_ok, x[j]);
-      }
       load_vec<T, VEC>(static_cast<const T*>(p.dy) + row * p.dy_stride + c0, valid, vec_ok, dy[j]);
     }
     float mean = 0.0f, rstd = 1.0f, mean_g = 0.0f, mean_gxhat = 0.0f;
@@ -194,11 +204,13 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow)
 #pragma unroll
       for (int j = 0; j < NV; ++j) {
         const int c0 = (j * tpr + lane) * VEC;
-        float w[VEC];
+        float w[VEC], a[VEC];
         load_param<T, VEC>(p.gamma, param_f32, c0, active ? cols - c0 : 0, vec_ok, 1.0f, w);
+        if constexpr (GATED)
+          load_gated_act<T, A>(p, row, c0, active ? cols - c0 : 0, vec_ok, p.input_activation, a);
 #pragma unroll
         for (int i = 0; i < VEC; ++i) {
-          const float xhat = GATED ? (x[j][i] - mean) * rstd
+          const float xhat = GATED ? (a[i] - mean) * rstd
                                    : normalized<T, A>(x[j][i], mean, rstd, p.input_activation);
           const float g = dy[j][i] * w[i];  // zero for missing elements (dy is zero there)
           sg += g;
@@ -217,10 +229,8 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow)
         const int c0 = (j * tpr + lane) * VEC;
         if (c0 >= cols) continue;
         if constexpr (GATED) {
-          float gate[VEC], up[VEC];
-          load_halves<T>(p, row, c0, cols - c0, vec_ok, gate, up);
           store_dx_gated<T, A>(p, row, c0, cols - c0, vec_ok, mean, rstd, mean_g, mean_gxhat,
-                               p.input_activation, gate, up, x[j], dy[j]);
+                               p.input_activation, dy[j]);
         } else {
           store_dx<T, A>(p, row, c0, cols - c0, vec_ok, mean, rstd, mean_g, mean_gxhat, x[j],
                          dy[j]);
@@ -253,13 +263,9 @@ __global__ void __launch_bounds__(kWideThreads) norm_backward_wide_dx(const Norm
     for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
       const int c0 = v * VEC;
       float x[VEC], dy[VEC], w[VEC];
-      if constexpr (GATED) {
-        const Activation gate_act = gate_of(p.input_activation);
-        float gate[VEC], up[VEC];
-        load_halves<T>(p, row, c0, cols - c0, vec_ok, gate, up);
-#pragma unroll
-        for (int i = 0; i < VEC; ++i)
-          x[i] = gated_act<T, kRuntimeActivation>(gate[i], up[i], gate_act);
+      if constexpr (GATED) {  // x holds a
+        load_gated_act<T, kRuntimeActivation>(p, row, c0, cols - c0, vec_ok,
+                                              gate_of(p.input_activation), x);
       } else {
         load_vec<T, VEC>(x_row + c0, cols - c0, vec_ok, x);
       }
@@ -283,15 +289,9 @@ __global__ void __launch_bounds__(kWideThreads) norm_backward_wide_dx(const Norm
     const int c0 = v * VEC;
     float x[VEC], dy[VEC];
     if constexpr (GATED) {
-      const Activation gate_act = gate_of(p.input_activation);
-      float gate[VEC], up[VEC];
-      load_halves<T>(p, row, c0, cols - c0, vec_ok, gate, up);
-#pragma unroll
-      for (int i = 0; i < VEC; ++i)
-        x[i] = gated_act<T, kRuntimeActivation>(gate[i], up[i], gate_act);
       load_vec<T, VEC>(dy_row + c0, cols - c0, vec_ok, dy);
       store_dx_gated<T, kRuntimeActivation>(p, row, c0, cols - c0, vec_ok, mean, rstd, mean_g,
-                                            mean_gxhat, gate_act, gate, up, x, dy);
+                                            mean_gxhat, gate_of(p.input_activation), dy);
     } else {
       load_vec<T, VEC>(x_row + c0, cols - c0, vec_ok, x);
       load_vec<T, VEC>(dy_row + c0, cols - c0, vec_ok, dy);
@@ -322,13 +322,9 @@ __global__ void __launch_bounds__(kColumnTileX* kColumnTileY)
     for (int64_t row = static_cast<int64_t>(blockIdx.y) * kColumnTileY + threadIdx.y; row < p.rows;
          row += static_cast<int64_t>(gridDim.y) * kColumnTileY) {
       float x[VEC], dy[VEC];
-      if constexpr (GATED) {
-        const Activation gate_act = gate_of(p.input_activation);
-        float gate[VEC], up[VEC];
-        load_halves<T>(p, row, c0, valid, vec_ok, gate, up);
-#pragma unroll
-        for (int i = 0; i < VEC; ++i)
-          x[i] = gated_act<T, kRuntimeActivation>(gate[i], up[i], gate_act);
+      if constexpr (GATED) {  // x holds a
+        load_gated_act<T, kRuntimeActivation>(p, row, c0, valid, vec_ok,
+                                              gate_of(p.input_activation), x);
       } else {
         load_vec<T, VEC>(static_cast<const T*>(p.x) + row * p.x_stride + c0, valid, vec_ok, x);
       }
