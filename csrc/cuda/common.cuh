@@ -143,12 +143,16 @@ __device__ __forceinline__ float act_forward(float x) {
     return 0.5f * x * (1.0f + t);
   } else if constexpr (A == Activation::kRelu) {
     return x > 0.0f ? x : 0.0f;
-  } else {  // kSilu
+  } else if constexpr (A == Activation::kRelu2) {
+    const float r = x > 0.0f ? x : 0.0f;
+    return r * r;
+  } else {
+    static_assert(A == Activation::kSilu, "act_forward takes a plain activation");
     return x / (1.0f + expf(-x));
   }
 }
 
-// d act / dx at x (relu: 0 at x == 0, as torch).
+// d act / dx at x (relu, relu2: 0 at x == 0, as torch).
 template <Activation A>
 __device__ __forceinline__ float act_derivative(float x) {
   if constexpr (A == Activation::kNone) {
@@ -163,14 +167,19 @@ __device__ __forceinline__ float act_derivative(float x) {
            0.5f * x * (1.0f - t * t) * kSqrt2OverPi * (1.0f + 3.0f * kGeluTanhCubic * x2);
   } else if constexpr (A == Activation::kRelu) {
     return x > 0.0f ? 1.0f : 0.0f;
-  } else {  // kSilu
+  } else if constexpr (A == Activation::kRelu2) {
+    return x > 0.0f ? 2.0f * x : 0.0f;
+  } else {
+    static_assert(A == Activation::kSilu, "act_derivative takes a plain activation");
     const float s = 1.0f / (1.0f + expf(-x));
     return s * (1.0f + x * (1.0f - s));
   }
 }
 
 // Template argument standing for "the activation is the runtime code": the wide-row kernels,
-// rarely used, take it to keep the number of instantiations (and CI's compile time) down.
+// rarely used, take it to keep the number of instantiations (and CI's compile time) down. For a
+// gated input activation the runtime code is the gate's (gate_of), and whether the row is gated
+// is a template flag of those kernels: it changes what they load.
 constexpr Activation kRuntimeActivation = static_cast<Activation>(-1);
 
 template <Activation A>
@@ -190,6 +199,7 @@ __device__ __forceinline__ float activation(float x, Activation runtime) {
       case Activation::kGeluTanh: return act_forward<Activation::kGeluTanh>(x);
       case Activation::kRelu: return act_forward<Activation::kRelu>(x);
       case Activation::kSilu: return act_forward<Activation::kSilu>(x);
+      case Activation::kRelu2: return act_forward<Activation::kRelu2>(x);
       default: return x;
     }
   }
@@ -205,9 +215,18 @@ __device__ __forceinline__ float activation_derivative(float x, Activation runti
       case Activation::kGeluTanh: return act_derivative<Activation::kGeluTanh>(x);
       case Activation::kRelu: return act_derivative<Activation::kRelu>(x);
       case Activation::kSilu: return act_derivative<Activation::kSilu>(x);
+      case Activation::kRelu2: return act_derivative<Activation::kRelu2>(x);
       default: return 1.0f;
     }
   }
+}
+
+// a = round_T(act(gate)*up) for one element of a gated row (x = [gate | up]), computed in float32
+// and rounded once, as the other input activations. A: the gate's activation, or
+// kRuntimeActivation for the code `runtime` (gate_of of the gated code).
+template <typename T, Activation A>
+__device__ __forceinline__ float gated_act(float gate, float up, Activation runtime) {
+  return round_to<T>(activation<A>(gate, runtime) * up);
 }
 
 // ------------------------------------------------------------------ reductions
@@ -328,12 +347,33 @@ auto dispatch_activation(Activation a, F&& f) {
       return f(ActTag<Activation::kRelu>{});
     case Activation::kSilu:
       return f(ActTag<Activation::kSilu>{});
+    case Activation::kRelu2:
+      return f(ActTag<Activation::kRelu2>{});
     default:
       return f(ActTag<Activation::kNone>{});
   }
 }
 
+// dispatch_activation for an input activation, which may also be a gated code: the norm kernels
+// take it whole as their template argument and split it with gate_of / is_gated.
+template <typename F>
+auto dispatch_input_activation(Activation a, F&& f) {
+  switch (a) {
+    case Activation::kGeglu:
+      return f(ActTag<Activation::kGeglu>{});
+    case Activation::kSwiglu:
+      return f(ActTag<Activation::kSwiglu>{});
+    case Activation::kRelu2Glu:
+      return f(ActTag<Activation::kRelu2Glu>{});
+    default:
+      return dispatch_activation(a, f);
+  }
+}
+
 inline bool valid_activation(Activation a) { return in_table(kActivations, a); }
+inline bool valid_input_activation(Activation a) {
+  return valid_activation(a) || in_table(kGatedActivations, a);
+}
 
 // Stage two of the deterministic column reductions (reduce.cu): out[c] = sum_p partials[p, c]
 // in a fixed order, rounded to out_dtype; zeros when num_partials == 0.

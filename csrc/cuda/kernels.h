@@ -49,6 +49,8 @@ using Status = const char*;  // nullptr on success, else a static message
 //   s = x                     (residual == nullptr)
 //   s = alpha*residual + x    (residual != nullptr; written, rounded to dtype, to `sum` if given)
 //   a = round_dtype(in_act(s))            (input_activation; identity for kNone)
+//   gated input_activation (common.h; no residual then): x's rows are 2*cols wide, [gate | up],
+//   and a = round_dtype(act(gate)*up) with gate = x[r, c], up = x[r, cols + c]
 //   kLayer: mean = avg(a), rstd = 1/sqrt(avg((a-mean)^2) + eps), y = (a-mean)*rstd*gamma + beta
 //   kRms:   rstd = 1/sqrt(avg(a^2) + eps),                        y = a*rstd*gamma
 //   kNone:  y = a   (no statistics; gamma and beta must be null)
@@ -99,6 +101,8 @@ Status row_stats(const void* x, int64_t x_stride, float* mean, float* rstd, int6
 //   kRms:   da = rstd*(g - xhat*mean_gxhat)
 //   kNone:  da = dy
 //   dx = da * in_act'(x) + grad_accum          (grad_accum optional, dtype)
+//   gated input_activation (a = act(gate)*up as in norm_forward; no grad_accum): x and dx rows
+//   are 2*cols wide, dx = [da*up*act'(gate) | da*act(gate)]
 //   dgamma = sum_rows(dy*xhat), dbeta = sum_rows(dy)   (param_dtype, optional, deterministic)
 // dx may be null when only parameter gradients are wanted. dgamma/dbeta need a float32
 // workspace of norm_backward_workspace_bytes(...) bytes (0 when neither is requested); with

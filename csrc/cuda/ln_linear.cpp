@@ -11,10 +11,22 @@
 //             h recomputed by norm_forward with the saved statistics: cuBLAS reads its
 //             operands from memory, so h is written once more before the dweight GEMM
 //             dweight = dz^T @ h                       cuBLAS
+//
+// h, dh are (rows, K) with K = weight.size(1); x and dx are (rows, 2K) for a gated input
+// activation (x = [gate | up]), whose product act(gate)·up norm_forward and norm_backward
+// recompute from x.
 #include "cuda/launch_utils.h"
 #include "cuda/ops.h"
 
 namespace magneto::cuda {
+namespace {
+
+// The GEMM operand h = N(in_act(x)): (rows, K), K = weight.size(1) (x.size(1) / 2 when gated).
+Tensor new_h(const Tensor& x, const Tensor& weight) {
+  return new_tensor({x.size(0), weight.size(1)}, x.options());
+}
+
+}  // namespace
 
 std::tuple<Tensor, Tensor> run_ln_linear(const Tensor& x, const OptTensor& ln_weight,
                                          const OptTensor& ln_bias, const Tensor& weight,
@@ -26,7 +38,7 @@ std::tuple<Tensor, Tensor> run_ln_linear(const Tensor& x, const OptTensor& ln_we
   const DeviceGuard guard(x.device());
   Tensor h = x;
   if (norm != Norm::kNone || input_activation != Activation::kNone) {
-    h = new_like(x);
+    h = new_h(x, weight);
     run_norm_forward(x, std::nullopt, 1.0, ln_weight, ln_bias, eps, norm, input_activation, h,
                      Tensor(), mean, rstd);
   }
@@ -121,7 +133,7 @@ Tensor run_ln_linear_backward(const Tensor& grad_out, const Tensor& x, const Opt
   if (dweight.numel() > 0) {
     Tensor h = x;
     if (!identity_prologue) {
-      h = new_like(x);
+      h = new_h(x, weight);
       run_norm_forward(x, std::nullopt, 1.0, ln_weight, ln_bias, 0.0, norm, input_activation, h,
                        Tensor(), Tensor(), Tensor(), mean, rstd);
     }

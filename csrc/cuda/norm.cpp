@@ -29,6 +29,11 @@ struct NormParams {
   }
 };
 
+// The width the norm works on: x's, or half of it for a gated input activation (x = [gate | up]).
+int64_t norm_cols(const Tensor& x, Activation input_activation) {
+  return is_gated(input_activation) ? x.size(1) / 2 : x.size(1);
+}
+
 }  // namespace
 
 void run_norm_forward(const Tensor& x, const OptTensor& residual, double alpha,
@@ -38,12 +43,13 @@ void run_norm_forward(const Tensor& x, const OptTensor& residual, double alpha,
                       const Tensor& saved_rstd) {
   const DeviceGuard guard(x.device());
   const NormParams params(gamma, beta, x);
+  const int64_t cols = norm_cols(x, input_activation);
   NormForwardParams p;
   p.x = x.data_ptr();
   p.x_stride = x.size(1);
   if (residual.has_value()) {
     p.residual = residual->data_ptr();
-    p.residual_stride = x.size(1);
+    p.residual_stride = cols;
     p.alpha = static_cast<float>(alpha);
   }
   p.gamma = opt_ptr(params.gamma);
@@ -51,15 +57,15 @@ void run_norm_forward(const Tensor& x, const OptTensor& residual, double alpha,
   p.saved_mean = static_cast<const float*>(opt_ptr(saved_mean));
   p.saved_rstd = static_cast<const float*>(opt_ptr(saved_rstd));
   p.y = y.data_ptr();
-  p.y_stride = x.size(1);
+  p.y_stride = cols;
   if (sum.defined()) {
     p.sum = sum.data_ptr();
-    p.sum_stride = x.size(1);
+    p.sum_stride = cols;
   }
   p.mean = opt_float_ptr(mean);
   p.rstd = opt_float_ptr(rstd);
   p.rows = x.size(0);
-  p.cols = x.size(1);
+  p.cols = cols;
   p.eps = static_cast<float>(eps);
   p.norm = norm;
   p.input_activation = input_activation;
@@ -75,9 +81,10 @@ void run_norm_backward(const Tensor& dy, const Tensor& x, const OptTensor& gamma
   const DeviceGuard guard(x.device());
   const NormParams params(gamma, beta, x);
   const Tensor dgamma_buf = params.grad_buffer(dgamma), dbeta_buf = params.grad_buffer(dbeta);
+  const int64_t cols = norm_cols(x, input_activation);
   NormBackwardParams p;
   p.dy = dy.data_ptr();
-  p.dy_stride = x.size(1);
+  p.dy_stride = cols;
   p.x = x.data_ptr();
   p.x_stride = x.size(1);
   p.gamma = opt_ptr(params.gamma);
@@ -94,7 +101,7 @@ void run_norm_backward(const Tensor& dy, const Tensor& x, const OptTensor& gamma
   p.dgamma = dgamma_buf.numel() > 0 ? dgamma_buf.data_ptr() : nullptr;
   p.dbeta = dbeta_buf.numel() > 0 ? dbeta_buf.data_ptr() : nullptr;
   p.rows = x.size(0);
-  p.cols = x.size(1);
+  p.cols = cols;
   p.norm = norm;
   p.input_activation = input_activation;
   p.dtype = dtype_code(x.scalar_type());

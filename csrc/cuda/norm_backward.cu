@@ -7,7 +7,11 @@
 // block add theirs in shared memory and the block writes one partial row to the workspace.
 // Wider rows: norm_backward_wide_dx (a block per row, two reads) and norm_backward_columns
 // (a tile of 32 vectors x 8 rows per block, looping down a chunk of rows) for the partials;
-// these two take the input activation as a runtime switch.
+// these two take the input activation as a runtime switch (whether it is gated, a template flag).
+// A gated input activation (x = [gate | up], rows of 2*cols) reads both halves of x and writes
+// both halves of dx; a = act(gate)*up is recomputed from them, never stored. The register kernel
+// holds only dy (and the partials) of a gated row: it reads the halves for the row sums and again
+// for dx (then mostly from L1/L2).
 // Stage two is column_sum (reduce.cu) over the partial rows.
 #include "cuda/common.cuh"
 
@@ -27,6 +31,30 @@ template <typename T, Activation ACT>
 __device__ __forceinline__ float normalized(float x, float mean, float rstd, Activation runtime) {
   const float a = has_activation<ACT>(runtime) ? round_to<T>(activation<ACT>(x, runtime)) : x;
   return (a - mean) * rstd;
+}
+
+// The gate and up halves of VEC columns at c0 of row `row` of a gated x (x = [gate | up]).
+template <typename T>
+__device__ __forceinline__ void load_halves(const NormBackwardParams& p, int64_t row, int c0,
+                                            int valid, bool vec_ok, float (&gate)[kVec<T>],
+                                            float (&up)[kVec<T>]) {
+  constexpr int VEC = kVec<T>;
+  const T* x = static_cast<const T*>(p.x) + row * p.x_stride + c0;
+  load_vec<T, VEC>(x, valid, vec_ok, gate);
+  load_vec<T, VEC>(x + p.cols, valid, vec_ok, up);  // missing elements: act(0)*0 = 0
+}
+
+// a = gated_act(gate, up) for VEC columns at c0 of row `row` of a gated x. A: the gate's
+// activation, or kRuntimeActivation for the code `runtime`.
+template <typename T, Activation A>
+__device__ __forceinline__ void load_gated_act(const NormBackwardParams& p, int64_t row, int c0,
+                                               int valid, bool vec_ok, Activation runtime,
+                                               float (&a)[kVec<T>]) {
+  constexpr int VEC = kVec<T>;
+  float gate[VEC], up[VEC];
+  load_halves<T>(p, row, c0, valid, vec_ok, gate, up);
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) a[i] = gated_act<T, A>(gate[i], up[i], runtime);
 }
 
 // dx for VEC columns from the row's reduced means mean_g = avg(g), mean_gxhat = avg(g*xhat).
@@ -56,6 +84,36 @@ __device__ __forceinline__ void store_dx(const NormBackwardParams& p, int64_t ro
     dx[i] = fmaf(da, activation_derivative<ACT>(x[i], p.input_activation), acc[i]);
   }
   store_vec<T, VEC>(static_cast<T*>(p.dx) + row * p.dx_stride + c0, valid, vec_ok, dx);
+}
+
+// store_dx for a gated row (no grad_accum), reading its two halves of x: dgate = da*up*act'(gate)
+// at column c0 of dx's row, dup = da*act(gate) cols columns further. One half after the other:
+// fewer values live at once (the register kernel is at its limit).
+template <typename T, Activation A>
+__device__ __forceinline__ void store_dx_gated(const NormBackwardParams& p, int64_t row, int c0,
+                                               int valid, bool vec_ok, float mean, float rstd,
+                                               float mean_g, float mean_gxhat, Activation runtime,
+                                               const float (&dy)[kVec<T>]) {
+  constexpr int VEC = kVec<T>;
+  float gate[VEC], up[VEC], w[VEC], da[VEC], d[VEC];
+  load_halves<T>(p, row, c0, valid, vec_ok, gate, up);
+  load_param<T, VEC>(p.gamma, p.param_dtype == DType::kFloat32, c0, valid, vec_ok, 1.0f, w);
+  const bool has_norm = p.norm != Norm::kNone;
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) {
+    da[i] = dy[i];
+    if (has_norm) {
+      const float xhat = (gated_act<T, A>(gate[i], up[i], runtime) - mean) * rstd;
+      da[i] = rstd * (dy[i] * w[i] - mean_g - xhat * mean_gxhat);
+    }
+  }
+  T* dx = static_cast<T*>(p.dx) + row * p.dx_stride + c0;
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) d[i] = da[i] * up[i] * activation_derivative<A>(gate[i], runtime);
+  store_vec<T, VEC>(dx, valid, vec_ok, d);
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) d[i] = da[i] * activation<A>(gate[i], runtime);
+  store_vec<T, VEC>(dx + p.cols, valid, vec_ok, d);
 }
 
 // Writes this block's partial row of `dst` ([gridDim.x, cols]) from the per-thread accumulators,
@@ -101,6 +159,8 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow)
     norm_backward_rows(const NormBackwardParams p, int tpr, bool vec_ok, float* dgamma_part,
                        float* dbeta_part) {
   constexpr int VEC = kVec<T>;
+  constexpr Activation A = gate_of(ACT);
+  constexpr bool GATED = is_gated(ACT);
   __shared__ float2 red[2][kMaxThreadsPerRow / kWarp];
   extern __shared__ float shared_partials[];  // blockDim.x*NV*VEC floats when > 1 row per block
   const int lane = static_cast<int>(threadIdx.x) % tpr;
@@ -123,12 +183,15 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow)
        base += static_cast<int64_t>(gridDim.x) * rows_per_block, parity ^= 1) {
     const int64_t row = base + group;
     const bool active = row < p.rows;  // inactive groups still join the block's reductions
+    // GATED: x is not held (the halves are read where a is needed, for the sums and for dx):
+    // a next to dy and the partials would not fit the registers.
     float x[NV][VEC], dy[NV][VEC];
 #pragma unroll
     for (int j = 0; j < NV; ++j) {
       const int c0 = (j * tpr + lane) * VEC;
       const int valid = active ? cols - c0 : 0;  // missing elements load as zero
-      load_vec<T, VEC>(static_cast<const T*>(p.x) + row * p.x_stride + c0, valid, vec_ok, x[j]);
+      if constexpr (!GATED)
+        load_vec<T, VEC>(static_cast<const T*>(p.x) + row * p.x_stride + c0, valid, vec_ok, x[j]);
       load_vec<T, VEC>(static_cast<const T*>(p.dy) + row * p.dy_stride + c0, valid, vec_ok, dy[j]);
     }
     float mean = 0.0f, rstd = 1.0f, mean_g = 0.0f, mean_gxhat = 0.0f;
@@ -141,11 +204,14 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow)
 #pragma unroll
       for (int j = 0; j < NV; ++j) {
         const int c0 = (j * tpr + lane) * VEC;
-        float w[VEC];
+        float w[VEC], a[VEC];
         load_param<T, VEC>(p.gamma, param_f32, c0, active ? cols - c0 : 0, vec_ok, 1.0f, w);
+        if constexpr (GATED)
+          load_gated_act<T, A>(p, row, c0, active ? cols - c0 : 0, vec_ok, p.input_activation, a);
 #pragma unroll
         for (int i = 0; i < VEC; ++i) {
-          const float xhat = normalized<T, ACT>(x[j][i], mean, rstd, p.input_activation);
+          const float xhat = GATED ? (a[i] - mean) * rstd
+                                   : normalized<T, A>(x[j][i], mean, rstd, p.input_activation);
           const float g = dy[j][i] * w[i];  // zero for missing elements (dy is zero there)
           sg += g;
           sgx += g * xhat;
@@ -161,9 +227,14 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow)
 #pragma unroll
       for (int j = 0; j < NV; ++j) {
         const int c0 = (j * tpr + lane) * VEC;
-        if (c0 < cols)
-          store_dx<T, ACT>(p, row, c0, cols - c0, vec_ok, mean, rstd, mean_g, mean_gxhat, x[j],
-                           dy[j]);
+        if (c0 >= cols) continue;
+        if constexpr (GATED) {
+          store_dx_gated<T, A>(p, row, c0, cols - c0, vec_ok, mean, rstd, mean_g, mean_gxhat,
+                               p.input_activation, dy[j]);
+        } else {
+          store_dx<T, A>(p, row, c0, cols - c0, vec_ok, mean, rstd, mean_g, mean_gxhat, x[j],
+                         dy[j]);
+        }
       }
     }
   }
@@ -173,7 +244,7 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow)
     write_partials<NV, VEC>(acc_dbeta, dbeta_part, tpr, cols, shared_partials);
 }
 
-template <typename T>
+template <typename T, bool GATED>
 __global__ void __launch_bounds__(kWideThreads) norm_backward_wide_dx(const NormBackwardParams p,
                                                                       bool vec_ok) {
   constexpr int VEC = kVec<T>;
@@ -192,7 +263,12 @@ __global__ void __launch_bounds__(kWideThreads) norm_backward_wide_dx(const Norm
     for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
       const int c0 = v * VEC;
       float x[VEC], dy[VEC], w[VEC];
-      load_vec<T, VEC>(x_row + c0, cols - c0, vec_ok, x);
+      if constexpr (GATED) {  // x holds a
+        load_gated_act<T, kRuntimeActivation>(p, row, c0, cols - c0, vec_ok,
+                                              gate_of(p.input_activation), x);
+      } else {
+        load_vec<T, VEC>(x_row + c0, cols - c0, vec_ok, x);
+      }
       load_vec<T, VEC>(dy_row + c0, cols - c0, vec_ok, dy);
       load_param<T, VEC>(p.gamma, p.param_dtype == DType::kFloat32, c0, cols - c0, vec_ok, 1.0f,
                          w);
@@ -200,7 +276,9 @@ __global__ void __launch_bounds__(kWideThreads) norm_backward_wide_dx(const Norm
       for (int i = 0; i < VEC; ++i) {
         const float g = dy[i] * w[i];
         sg += g;
-        sgx += g * normalized<T, kRuntimeActivation>(x[i], mean, rstd, p.input_activation);
+        sgx += g * (GATED ? (x[i] - mean) * rstd
+                          : normalized<T, kRuntimeActivation>(x[i], mean, rstd,
+                                                              p.input_activation));
       }
     }
     const float2 sums = group_sum2(sg, sgx, blockDim.x, red);
@@ -210,17 +288,23 @@ __global__ void __launch_bounds__(kWideThreads) norm_backward_wide_dx(const Norm
   for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
     const int c0 = v * VEC;
     float x[VEC], dy[VEC];
-    load_vec<T, VEC>(x_row + c0, cols - c0, vec_ok, x);
-    load_vec<T, VEC>(dy_row + c0, cols - c0, vec_ok, dy);
-    store_dx<T, kRuntimeActivation>(p, row, c0, cols - c0, vec_ok, mean, rstd, mean_g, mean_gxhat,
-                                    x, dy);
+    if constexpr (GATED) {
+      load_vec<T, VEC>(dy_row + c0, cols - c0, vec_ok, dy);
+      store_dx_gated<T, kRuntimeActivation>(p, row, c0, cols - c0, vec_ok, mean, rstd, mean_g,
+                                            mean_gxhat, gate_of(p.input_activation), dy);
+    } else {
+      load_vec<T, VEC>(x_row + c0, cols - c0, vec_ok, x);
+      load_vec<T, VEC>(dy_row + c0, cols - c0, vec_ok, dy);
+      store_dx<T, kRuntimeActivation>(p, row, c0, cols - c0, vec_ok, mean, rstd, mean_g,
+                                      mean_gxhat, x, dy);
+    }
   }
 }
 
 // Partial dgamma/dbeta over a chunk of rows for a tile of kColumnTileX vectors: thread (tx, ty)
 // owns vector blockIdx.x*kColumnTileX + tx and rows ty, ty + kColumnTileY, ... of chunk
 // blockIdx.y (chunks interleave with stride gridDim.y*kColumnTileY).
-template <typename T>
+template <typename T, bool GATED>
 __global__ void __launch_bounds__(kColumnTileX* kColumnTileY)
     norm_backward_columns(const NormBackwardParams p, bool vec_ok, float* dgamma_part,
                           float* dbeta_part) {
@@ -238,13 +322,20 @@ __global__ void __launch_bounds__(kColumnTileX* kColumnTileY)
     for (int64_t row = static_cast<int64_t>(blockIdx.y) * kColumnTileY + threadIdx.y; row < p.rows;
          row += static_cast<int64_t>(gridDim.y) * kColumnTileY) {
       float x[VEC], dy[VEC];
-      load_vec<T, VEC>(static_cast<const T*>(p.x) + row * p.x_stride + c0, valid, vec_ok, x);
+      if constexpr (GATED) {  // x holds a
+        load_gated_act<T, kRuntimeActivation>(p, row, c0, valid, vec_ok,
+                                              gate_of(p.input_activation), x);
+      } else {
+        load_vec<T, VEC>(static_cast<const T*>(p.x) + row * p.x_stride + c0, valid, vec_ok, x);
+      }
       load_vec<T, VEC>(static_cast<const T*>(p.dy) + row * p.dy_stride + c0, valid, vec_ok, dy);
       const float rstd = p.rstd[row];
       const float mean = layer ? p.mean[row] : 0.0f;
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
-        const float xhat = normalized<T, kRuntimeActivation>(x[i], mean, rstd, p.input_activation);
+        const float xhat =
+            GATED ? (x[i] - mean) * rstd
+                  : normalized<T, kRuntimeActivation>(x[i], mean, rstd, p.input_activation);
         acc_dgamma[i] = fmaf(dy[i], xhat, acc_dgamma[i]);
         acc_dbeta[i] += dy[i];
       }
@@ -314,7 +405,7 @@ Plan make_plan(int64_t rows, int64_t cols) {
 Plan plan_for(int64_t rows, int64_t cols, DType dtype, Activation act) {
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    return dispatch_activation(
+    return dispatch_input_activation(
         act, [&](auto a) { return make_plan<T, decltype(a)::value>(rows, cols); });
   });
 }
@@ -325,11 +416,12 @@ void launch(const NormBackwardParams& p, const Plan& plan, bool vec_ok, float* d
   if (p.rows == 0) return;
   if (plan.nv == 0) {
     if (p.dx != nullptr)
-      norm_backward_wide_dx<T>
+      norm_backward_wide_dx<T, is_gated(ACT)>
           <<<static_cast<unsigned>(p.rows), kWideThreads, 0, stream>>>(p, vec_ok);
     if (dgamma_part != nullptr || dbeta_part != nullptr)
-      norm_backward_columns<T><<<dim3(plan.grid_x, plan.grid_y), dim3(kColumnTileX, kColumnTileY),
-                                      0, stream>>>(p, vec_ok, dgamma_part, dbeta_part);
+      norm_backward_columns<T, is_gated(ACT)>
+          <<<dim3(plan.grid_x, plan.grid_y), dim3(kColumnTileX, kColumnTileY), 0, stream>>>(
+              p, vec_ok, dgamma_part, dbeta_part);
     return;
   }
   switch (plan.nv) {
@@ -357,15 +449,19 @@ Status validate(const NormBackwardParams& p) {
   if (!valid_dtype(p.dtype)) return "magneto cuda norm_backward: unknown dtype code";
   if (p.param_dtype != p.dtype && p.param_dtype != DType::kFloat32)
     return "magneto cuda norm_backward: param_dtype must be dtype or float32";
-  if (!valid_activation(p.input_activation))
+  if (!valid_input_activation(p.input_activation))
     return "magneto cuda norm_backward: unknown activation code";
   if (!in_table(kNorms, p.norm))
     return "magneto cuda norm_backward: unknown norm code";
   if (p.rows > 0 && p.cols > 0 && (p.x == nullptr || p.dy == nullptr))
     return "magneto cuda norm_backward: x and dy are required";
-  if (p.x_stride < p.cols || p.dy_stride < p.cols || (p.dx && p.dx_stride < p.cols) ||
+  const bool gated = is_gated(p.input_activation);
+  const int64_t x_cols = gated ? 2 * p.cols : p.cols;  // x and dx: [gate | up] when gated
+  if (p.x_stride < x_cols || p.dy_stride < p.cols || (p.dx && p.dx_stride < x_cols) ||
       (p.grad_accum && p.grad_accum_stride < p.cols))
     return "magneto cuda norm_backward: a row stride is smaller than cols";
+  if (gated && p.grad_accum != nullptr)
+    return "magneto cuda norm_backward: a gated input activation takes no grad_accum";
   if (p.norm == Norm::kNone && (p.gamma || p.dgamma || p.dbeta))
     return "magneto cuda norm_backward: norm kNone has no gamma, dgamma or dbeta";
   if (p.norm == Norm::kRms && p.dbeta) return "magneto cuda norm_backward: kRms has no dbeta";
@@ -384,7 +480,7 @@ size_t norm_backward_workspace_bytes(int64_t rows, int64_t cols, DType dtype, No
   (void)norm;  // the plan does not depend on it; kept so callers state what they launch
   const int arrays = static_cast<int>(want_dgamma) + static_cast<int>(want_dbeta);
   if (arrays == 0 || rows <= 0 || cols <= 0 || !valid_dtype(dtype) ||
-      !valid_activation(input_activation))
+      !valid_input_activation(input_activation))
     return 0;
   const Plan plan = plan_for(rows, cols, dtype, input_activation);
   return sizeof(float) * static_cast<size_t>(arrays) * static_cast<size_t>(plan.partials) *
@@ -410,10 +506,11 @@ Status norm_backward(const NormBackwardParams& p, cudaStream_t stream) {
   const bool vec_ok = aligned16(p.x) && stride_ok(p.x_stride, eb) && aligned16(p.dy) &&
                       stride_ok(p.dy_stride, eb) && aligned16(p.dx) && stride_ok(p.dx_stride, eb) &&
                       aligned16(p.grad_accum) && stride_ok(p.grad_accum_stride, eb) &&
-                      aligned16(p.gamma);
+                      aligned16(p.gamma) &&
+                      (!is_gated(p.input_activation) || stride_ok(p.cols, eb));  // the up halves
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    return dispatch_activation(p.input_activation, [&](auto act) {
+    return dispatch_input_activation(p.input_activation, [&](auto act) {
       launch<T, decltype(act)::value>(p, plan, vec_ok, dgamma_part, dbeta_part, stream);
       return 0;
     });

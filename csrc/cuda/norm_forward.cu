@@ -1,6 +1,7 @@
 // Norm forward: LayerNorm / RMSNorm / none over rows, with the optional alpha-scaled residual
-// add (add_layer_norm), input activation (ln_linear's prologue), saved statistics (ln_linear's
-// backward recomputing its GEMM operand) and statistics-only mode (row_stats).
+// add (add_layer_norm), input activation (ln_linear's prologue; a gated one reads rows of 2*cols,
+// [gate | up]), saved statistics (ln_linear's backward recomputing its GEMM operand) and
+// statistics-only mode (row_stats).
 //
 // Two kernels:
 // - norm_forward_rows: the row lives in registers. A row group of `tpr` threads (32..512, a
@@ -10,7 +11,7 @@
 //   ones (mean, then the mean squared deviation) from registers.
 // - norm_forward_wide: a 512-thread block per row for rows too wide for registers: Welford
 //   statistics in a first read, normalisation in a second read (served mostly by L2); its
-//   input activation is a runtime switch.
+//   input activation is a runtime switch (whether it is gated, a template flag).
 #include "cuda/common.cuh"
 
 namespace magneto {
@@ -23,25 +24,35 @@ constexpr int kWideThreads = 512;    // threads per block of the wide kernel
 constexpr int kMaxNV = 8;            // 16-byte vectors per thread in the register kernel
 
 // Loads VEC elements of s = x (+ alpha*residual) at column c0 of row `row`, writes s (rounded)
-// to p.sum when asked, and returns a = round(in_act(s)) in `a`.
-template <typename T, Activation ACT>
+// to p.sum when asked, and returns a = round(in_act(s)) in `a`. GATED (no residual then): a =
+// round(act(gate)*up), the gate at column c0 of x's row and up cols columns further.
+// A: the (gate's) activation, or kRuntimeActivation for the code `runtime`.
+template <typename T, Activation A, bool GATED>
 __device__ __forceinline__ void load_input(const NormForwardParams& p, int64_t row, int c0,
                                            int valid, bool vec_ok, bool write_sum,
-                                           float (&a)[kVec<T>]) {
+                                           Activation runtime, float (&a)[kVec<T>]) {
   constexpr int VEC = kVec<T>;
-  load_vec<T, VEC>(static_cast<const T*>(p.x) + row * p.x_stride + c0, valid, vec_ok, a);
-  if (p.residual != nullptr) {
-    float r[VEC];
-    load_vec<T, VEC>(static_cast<const T*>(p.residual) + row * p.residual_stride + c0, valid,
-                     vec_ok, r);
+  const T* x = static_cast<const T*>(p.x) + row * p.x_stride + c0;
+  load_vec<T, VEC>(x, valid, vec_ok, a);
+  if constexpr (GATED) {
+    float up[VEC];
+    load_vec<T, VEC>(x + p.cols, valid, vec_ok, up);  // missing elements: act(0)*0 = 0
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) a[i] = fmaf(p.alpha, r[i], a[i]);
-    if (write_sum && p.sum != nullptr)
-      store_vec<T, VEC>(static_cast<T*>(p.sum) + row * p.sum_stride + c0, valid, vec_ok, a);
-  }
-  if (has_activation<ACT>(p.input_activation)) {
+    for (int i = 0; i < VEC; ++i) a[i] = gated_act<T, A>(a[i], up[i], runtime);
+  } else {
+    if (p.residual != nullptr) {
+      float r[VEC];
+      load_vec<T, VEC>(static_cast<const T*>(p.residual) + row * p.residual_stride + c0, valid,
+                       vec_ok, r);
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) a[i] = round_to<T>(activation<ACT>(a[i], p.input_activation));
+      for (int i = 0; i < VEC; ++i) a[i] = fmaf(p.alpha, r[i], a[i]);
+      if (write_sum && p.sum != nullptr)
+        store_vec<T, VEC>(static_cast<T*>(p.sum) + row * p.sum_stride + c0, valid, vec_ok, a);
+    }
+    if (has_activation<A>(runtime)) {
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) a[i] = round_to<T>(activation<A>(a[i], runtime));
+    }
   }
 }
 
@@ -81,7 +92,8 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow)
 #pragma unroll
   for (int j = 0; j < NV; ++j) {
     const int c0 = (j * tpr + lane) * VEC;
-    load_input<T, ACT>(p, row, c0, active ? cols - c0 : 0, vec_ok, true, a[j]);
+    load_input<T, gate_of(ACT), is_gated(ACT)>(p, row, c0, active ? cols - c0 : 0, vec_ok, true,
+                                               p.input_activation, a[j]);
   }
 
   float mean = 0.0f, rstd = 1.0f;
@@ -140,10 +152,11 @@ __device__ __forceinline__ Welford merge(const Welford& a, const Welford& b) {
   return {n, a.mean + delta * wb, a.m2 + b.m2 + delta * delta * a.n * wb};
 }
 
-template <typename T>
+template <typename T, bool GATED>
 __global__ void __launch_bounds__(kWideThreads)
     norm_forward_wide(const NormForwardParams p, bool vec_ok) {
   constexpr int VEC = kVec<T>;
+  const Activation act = GATED ? gate_of(p.input_activation) : p.input_activation;
   __shared__ Welford warp_states[kWideThreads / kWarp];
   const int64_t row = blockIdx.x;
   const int cols = static_cast<int>(p.cols);
@@ -163,7 +176,7 @@ __global__ void __launch_bounds__(kWideThreads)
       const int c0 = v * VEC;
       const int valid = cols - c0;
       float a[VEC];
-      load_input<T, kRuntimeActivation>(p, row, c0, valid, vec_ok, true, a);
+      load_input<T, kRuntimeActivation, GATED>(p, row, c0, valid, vec_ok, true, act, a);
       const int n = valid < VEC ? valid : VEC;
       float vs = 0.0f;
 #pragma unroll
@@ -203,7 +216,7 @@ __global__ void __launch_bounds__(kWideThreads)
   for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
     const int c0 = v * VEC;
     float a[VEC];
-    load_input<T, kRuntimeActivation>(p, row, c0, cols - c0, vec_ok, false, a);
+    load_input<T, kRuntimeActivation, GATED>(p, row, c0, cols - c0, vec_ok, false, act, a);
     store_output<T>(p, row, c0, cols - c0, vec_ok, mean, rstd, a);
   }
 }
@@ -228,7 +241,8 @@ void launch(const NormForwardParams& p, bool vec_ok, cudaStream_t stream) {
   constexpr int VEC = kVec<T>;
   const RowPlan plan = plan_rows(ceil_div(p.cols, VEC));
   if (plan.nv == 0) {
-    norm_forward_wide<T><<<static_cast<unsigned>(p.rows), kWideThreads, 0, stream>>>(p, vec_ok);
+    norm_forward_wide<T, is_gated(ACT)>
+        <<<static_cast<unsigned>(p.rows), kWideThreads, 0, stream>>>(p, vec_ok);
     return;
   }
   const int block = std::max(plan.tpr, kRowsBlockMin);
@@ -253,13 +267,14 @@ Status validate(const NormForwardParams& p) {
   if (!valid_dtype(p.dtype)) return "magneto cuda norm_forward: unknown dtype code";
   if (p.param_dtype != p.dtype && p.param_dtype != DType::kFloat32)
     return "magneto cuda norm_forward: param_dtype must be dtype or float32";
-  if (!valid_activation(p.input_activation))
+  if (!valid_input_activation(p.input_activation))
     return "magneto cuda norm_forward: unknown activation code";
   if (!in_table(kNorms, p.norm))
     return "magneto cuda norm_forward: unknown norm code";
   // An empty tensor has a null data pointer (zero-row batches): only a non-empty x is required.
   if (p.rows > 0 && p.cols > 0 && p.x == nullptr) return "magneto cuda norm_forward: x is null";
-  if (p.x_stride < p.cols || (p.residual && p.residual_stride < p.cols) ||
+  const bool gated = is_gated(p.input_activation);
+  if (p.x_stride < (gated ? 2 * p.cols : p.cols) || (p.residual && p.residual_stride < p.cols) ||
       (p.y && p.y_stride < p.cols) || (p.sum && p.sum_stride < p.cols))
     return "magneto cuda norm_forward: a row stride is smaller than cols";
   if (p.norm == Norm::kNone && (p.gamma || p.beta || p.mean || p.rstd || p.saved_rstd))
@@ -270,6 +285,8 @@ Status validate(const NormForwardParams& p) {
     return "magneto cuda norm_forward: saved statistics need saved_mean (kLayer) and no residual";
   if (p.sum != nullptr && p.residual == nullptr)
     return "magneto cuda norm_forward: sum output without residual";
+  if (gated && p.residual != nullptr)
+    return "magneto cuda norm_forward: a gated input activation takes no residual";
   return nullptr;
 }
 
@@ -285,10 +302,11 @@ Status norm_forward(const NormForwardParams& p, cudaStream_t stream) {
   const bool vec_ok = aligned16(p.x) && stride_ok(p.x_stride, eb) && aligned16(p.residual) &&
                       stride_ok(p.residual_stride, eb) && aligned16(p.y) &&
                       stride_ok(p.y_stride, eb) && aligned16(p.sum) &&
-                      stride_ok(p.sum_stride, eb) && aligned16(p.gamma) && aligned16(p.beta);
+                      stride_ok(p.sum_stride, eb) && aligned16(p.gamma) && aligned16(p.beta) &&
+                      (!is_gated(p.input_activation) || stride_ok(p.cols, eb));  // the up half
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    return dispatch_activation(p.input_activation, [&](auto act) {
+    return dispatch_input_activation(p.input_activation, [&](auto act) {
       launch<T, decltype(act)::value>(p, vec_ok, stream);
       return 0;
     });

@@ -14,13 +14,15 @@ namespace magneto::cuda {
 // y = N(in_act(x + alpha·residual))·gamma + beta, with the sum written to `sum` (when defined)
 // and the statistics to mean/rstd (when non-empty). With saved_mean/saved_rstd given, those
 // statistics are applied instead of computed (the recompute of h in ln_linear's backward).
+// A gated input_activation takes x of 2·K columns ([gate | up]) and no residual; y is (rows, K).
 void run_norm_forward(const Tensor& x, const OptTensor& residual, double alpha,
                       const OptTensor& gamma, const OptTensor& beta, double eps, Norm norm,
                       Activation input_activation, const Tensor& y, const Tensor& sum,
                       const Tensor& mean, const Tensor& rstd, const Tensor& saved_mean = Tensor(),
                       const Tensor& saved_rstd = Tensor());
 
-// Norm backward into dx, dgamma and dbeta (each optional: empty when not wanted).
+// Norm backward into dx, dgamma and dbeta (each optional: empty when not wanted). dy is (rows, K);
+// x and dx are (rows, 2·K) for a gated input_activation (no grad_accum then), else (rows, K).
 void run_norm_backward(const Tensor& dy, const Tensor& x, const OptTensor& gamma,
                        const OptTensor& beta, const Tensor& mean, const Tensor& rstd,
                        const OptTensor& grad_accum, Norm norm, Activation input_activation,
