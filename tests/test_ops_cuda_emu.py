@@ -150,6 +150,7 @@ WIDE_K = {torch.float32: 16390, torch.bfloat16: 32770, torch.float16: 32770}
 WIDE_COMBOS = [
     ("layer", "gelu", "none", 1.0, 0.0, True),
     ("rms", "silu", "gelu_tanh", 0.5, 0.2, False),
+    ("layer", "swiglu", "none", None, 0.0, True),  # the gated Welford and wide-dx kernels
 ]
 
 
