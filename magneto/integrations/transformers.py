@@ -27,9 +27,10 @@ normalised activations are never stored for backward):
 - Kosmos-2.5 (no inner attention LN): out_proj with the residual and dropout; the FFN as
   Kosmos-2's.
 
-gate/up (and q/k/v) are one call on their concatenated weights (``torch.cat`` at call time,
-autograd splits the gradient) from ``MagnetoOptions.concat_min_rows`` rows on; below that, one
-call per projection and the outputs concatenated (``concat_min_rows`` says why).
+gate/up (and q/k/v) are one call per projection, their outputs concatenated, where a gradient
+is recorded or rows < in_features (decode); otherwise one call on their weights concatenated at
+call time (``torch.cat``; autograd would split the gradient). ``MagnetoOptions.concat_min_rows``
+sets another threshold and says why this one.
 
 Left unfused, running the model's own code:
 
@@ -99,15 +100,22 @@ class MagnetoOptions:
     backend: the ``magneto_kernels`` backend of every call (None: the ops' own choice,
         ``MAGNETO_BACKEND`` or the fastest available).
     concat_min_rows: from this many rows (tokens in the call) on, gate/up and q/k/v run as one
-        call on their weights concatenated at call time; below it, one call per projection.
-        The concatenation copies every weight once per call: negligible next to the GEMM of a
-        training batch, but at decode sizes (a few rows) the GEMM only streams the weights, so
-        the copy would double or triple its memory traffic, more than the norm recomputed per
-        call costs (bench/bench_transformers.py ``--concat`` measures both).
+        call on their weights concatenated at call time; below it, one call per projection
+        (the norm recomputed in each) and their outputs concatenated. None (the default): one
+        call only where no gradient is recorded and rows >= in_features. Why: the two ways
+        copy either the weights (2·ffn × hidden for gate/up) or the outputs (rows × 2·ffn), so
+        copying the smaller one means concatenating weights from rows = in_features on; and
+        where a gradient is recorded, the concatenated weight is a new tensor that ln_linear
+        keeps for backward, one more weight-sized tensor per projection group and layer (in
+        bench/bench_transformers.py's Kosmos-2 layer, 512 tokens: 24640 B/token saved with
+        it, 18512 without), while separate calls share one saved x and add only their row
+        statistics. Next to the GEMMs either copy is O(1/hidden) of the work in training and
+        prefill; at decode (a few rows) the GEMMs only stream the weights, and copying them
+        as well would double that traffic.
     """
 
     backend: Optional[str] = None
-    concat_min_rows: int = 16
+    concat_min_rows: Optional[int] = None
 
 
 _DEFAULT_OPTIONS = MagnetoOptions()
@@ -168,13 +176,25 @@ def _cat_bias(linears) -> Optional[Tensor]:
     )
 
 
+def _concat_weights(x: Tensor, linears, options: MagnetoOptions) -> bool:
+    """Whether to run projections of one input as one call on concatenated weights
+    (``MagnetoOptions.concat_min_rows`` says when and why)."""
+    rows = x.numel() // x.shape[-1]
+    if options.concat_min_rows is not None:
+        return rows >= options.concat_min_rows
+    if torch.is_grad_enabled() and (
+        x.requires_grad or any(linear.weight.requires_grad for linear in linears)
+    ):
+        return False
+    return rows >= x.shape[-1]
+
+
 def _project(x: Tensor, norm, linears, options: MagnetoOptions, *, concat: bool):
     """``[linear(norm(x)) for linear in linears]``, each fused with the norm where it can be;
     ``concat``: the outputs concatenated along the last dimension instead."""
     nargs = _norm_args(norm)
     plain = [nargs is not None and _plain(linear, x) for linear in linears]
-    rows = x.numel() // x.shape[-1]
-    if all(plain) and len(linears) > 1 and rows >= options.concat_min_rows:
+    if all(plain) and len(linears) > 1 and _concat_weights(x, linears, options):
         weight = torch.cat([linear.weight for linear in linears])
         y = _call(x, nargs, weight, _cat_bias(linears), options)
         return y if concat else y.split([linear.out_features for linear in linears], dim=-1)
