@@ -230,7 +230,7 @@ def test_unsupported_model_type():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_training_converges_alike(family):
     model, reference = _pair(family)
-    ids = _ids(batch=4, length=16)
+    ids = _ids()
     losses = {}
     for name, m in (("patched", model), ("reference", reference)):
         m.train()

@@ -38,8 +38,8 @@ Left unfused, running the model's own code:
   quantised ``AutoBitLinear`` / ``BitLinear``, PEFT's LoRA layers (which then work as usual,
   fed by the norm module's own output) and offloading hooks; ``apply_magneto`` logs those it
   finds. Likewise norms without an affine weight.
-- Kosmos-2's cross-attention (``encoder_attn``, no inner LN) and its image-to-text projection's
-  ``x_attn``; the vision towers of Kosmos-2 and Kosmos-2.5 are left alone.
+- Kosmos-2's cross-attention (``encoder_attn``, no inner LN) and the cross-attention ``x_attn``
+  of both models' image-to-text projection; the vision towers are left alone.
 - Kosmos-2's ``activation_dropout`` (between the activation and ``ffn_layernorm``) when it is
   active in training: the activation and that dropout then run unfused between fc1 and fc2
   (ffn_layernorm stays fused into fc2).
@@ -435,7 +435,7 @@ class _KosmosAttention:
     Cross-attention runs the original code."""
 
     _modeling = None
-    _scale_query = False  # Kosmos-2.5 scales the query before attention, not inside it
+    _scale_query = False  # Kosmos-2.5 scales the query before the attention, not inside it
 
     def forward(
         self,
@@ -499,6 +499,28 @@ class _KosmosAttention:
             dropout_p=magneto_dropout_p,
         )
         return out, attn_weights
+
+
+class _Kosmos2_5Attention(_KosmosAttention):
+    """Kosmos-2.5's attention takes attention_mask before past_key_values."""
+
+    _scale_query = True
+
+    def forward(
+        self,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        past_key_values=None,
+        **kwargs,
+    ):
+        return super().forward(
+            hidden_states,
+            encoder_hidden_states,
+            past_key_values=past_key_values,
+            attention_mask=attention_mask,
+            **kwargs,
+        )
 
 
 class _KosmosFFN:
@@ -620,7 +642,7 @@ def _build_kosmos2(modeling) -> dict:
 def _build_kosmos2_5(modeling) -> dict:
     attention = modeling.Kosmos2_5TextAttention
     return {
-        attention: _subclass(_KosmosAttention, attention, _modeling=modeling, _scale_query=True),
+        attention: _subclass(_Kosmos2_5Attention, attention, _modeling=modeling),
         modeling.Kosmos2_5TextFFN: _subclass(_KosmosFFN, modeling.Kosmos2_5TextFFN),
         modeling.Kosmos2_5TextBlock: _subclass(_Kosmos2_5TextBlock, modeling.Kosmos2_5TextBlock),
     }
