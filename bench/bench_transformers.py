@@ -52,6 +52,8 @@ def build_model(family: str, hidden: int, ffn: int, heads: int) -> torch.nn.Modu
             num_hidden_layers=1,
             num_attention_heads=heads,
             num_key_value_heads=heads,
+            bos_token_id=None,  # BitNet's defaults lie outside this small vocabulary
+            eos_token_id=None,
             attn_implementation="sdpa",
         )
         return model_cls(config)
