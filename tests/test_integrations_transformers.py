@@ -49,6 +49,8 @@ def _bitnet(**overrides):
         num_key_value_heads=2,
         max_position_embeddings=64,
         pad_token_id=0,
+        bos_token_id=1,  # BitNet's defaults lie outside the tiny vocabulary
+        eos_token_id=2,
         **overrides,
     )
     return transformers.BitNetForCausalLM(config)
