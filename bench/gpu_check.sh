@@ -71,6 +71,16 @@ stage bench 50 bench.log env TRITON_INTERPRET=0 \
   MAGNETO_TRITON_AUTOTUNE="${MAGNETO_TRITON_AUTOTUNE:-0}" \
   python3 bench/bench_gpu.py --out "$OUT"
 
+# The Hugging Face decoder layers, patched vs unpatched (needs transformers 5.23.0, which the GPU
+# machine lacks: carry its wheel and pip install it with --no-deps first).
+if python3 -c "import transformers" 2>/dev/null; then
+  stage bench-transformers 60 bench_transformers.log env TRITON_INTERPRET=0 \
+    MAGNETO_TRITON_AUTOTUNE="${MAGNETO_TRITON_AUTOTUNE:-0}" \
+    python3 -m bench.bench_transformers --device cuda
+else
+  log "── bench-transformers: transformers not installed, skipped"
+fi
+
 # 4. Extra, after the measurements (skip with QUICK=1): the full Triton op suite of
 #    tests/test_ops.py and tests/test_ops_triton.py (written for the CPU interpreter) on CUDA tensors.
 if [ "${QUICK:-0}" != "1" ]; then
