@@ -120,15 +120,22 @@ class Backend:
     @contextlib.contextmanager
     def running(self):
         """Skips when the backend cannot run here; else poisons outputs for the block."""
-        problem = self.problem()
-        if problem is not None:
-            pytest.skip(f"backend {self.name!r} unavailable on {self.device}: {problem}")
+        require_backend(self.name, self.device)
         restore = self.poison() if self.poison is not None else None
         try:
             yield self
         finally:
             if restore is not None:
                 restore()
+
+
+def require_backend(name: str, device: str = "cpu") -> None:
+    """Skips the test, saying why, when backend ``name`` cannot run on ``device`` here (a CPU
+    machine without a GPU, an extension built without it). CI cannot lose a backend this way:
+    tests/test_reference.py::test_expected_backends_are_available fails instead."""
+    problem = available_backends(device)[name]
+    if problem is not None:
+        pytest.skip(f"backend {name!r} unavailable on {device}: {problem}")
 
 
 BACKENDS = (

@@ -5,22 +5,12 @@ the Triton backend runs in the interpreter here."""
 
 import pytest
 import torch
-from harness import assert_close
+from harness import assert_close, require_backend
 
 import magneto
-import magneto_kernels
 
 FUSED = ("cpu", "triton")
 VOCAB, PAD = 41, 1
-
-
-def _backend_or_skip(backend):
-    problem = magneto_kernels.available_backends("cpu")[backend]
-    if problem is not None:
-        pytest.skip(
-            f"backend {backend!r} unavailable: {problem} (test_expected_backends fails "
-            "when CI expects it)"
-        )
 
 
 def build(kind, backend, dtype=torch.float32, **overrides):
@@ -88,20 +78,20 @@ def check_parity(kind, backend, **overrides):
 @pytest.mark.parametrize("kind", ["encoder", "decoder", "encoder_decoder"])
 @pytest.mark.parametrize("scheme", ["subln", "pre", "post", "deepnorm"])
 def test_model_parity(backend, kind, scheme):
-    _backend_or_skip(backend)
+    require_backend(backend)
     check_parity(kind, backend, norm_scheme=scheme)
 
 
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("kind", ["encoder", "decoder"])
 def test_model_parity_rmsnorm(backend, kind):
-    _backend_or_skip(backend)
+    require_backend(backend)
     check_parity(kind, backend, norm="rms", activation="swish")
 
 
 @pytest.mark.parametrize("backend", FUSED)
 def test_incremental_decoding_matches_full_reference(backend):
-    _backend_or_skip(backend)
+    require_backend(backend)
     model = build("decoder", backend).eval()
     oracle = build("decoder", "reference", torch.float64).eval()
     _, _, tgt = inputs(tgt_len=6)
@@ -116,7 +106,7 @@ def test_incremental_decoding_matches_full_reference(backend):
 def test_training_with_dropout_matches_reference(backend):
     """Dropout seeds come from torch's generator and every backend draws the same Philox mask,
     so one seed gives the same training step on every backend."""
-    _backend_or_skip(backend)
+    require_backend(backend)
     drops = dict(dropout=0.2, attention_dropout=0.1, activation_dropout=0.1, drop_path=0.1)
     model = build("encoder_decoder", backend, **drops).train()
     oracle = build("encoder_decoder", "reference", **drops).train()
@@ -139,9 +129,7 @@ def test_training_with_dropout_matches_reference(backend):
 @pytest.mark.parametrize("kind", ["encoder", "decoder", "encoder_decoder"])
 def test_model_parity_gpu(backend, precision, rtol, kind):
     """On the GPU: exact fp32 products ("highest", PyTorch's default) and tf32 ("high")."""
-    problem = magneto_kernels.available_backends("cuda")[backend]
-    if problem is not None:
-        pytest.skip(f"backend {backend!r} unavailable on cuda: {problem}")
+    require_backend(backend, "cuda")
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(precision)
     try:

@@ -6,6 +6,7 @@
 
 import pytest
 import torch
+from harness import require_backend
 from torchscale.architecture.config import EncoderConfig
 from torchscale.model.BEiT3 import BEiT3 as TSBEiT3
 
@@ -119,9 +120,7 @@ CASES = ["vision", "text_padded", "vision_text", "vision_masked", "vision_text_m
 
 
 def _parity(case, backend, monkeypatch, **extra):
-    problem = magneto_kernels.available_backends("cpu")[backend]
-    if problem is not None:
-        pytest.skip(f"{backend} unavailable: {problem}")
+    require_backend(backend)
     monkeypatch.setenv(magneto_kernels.ENV_VAR, backend)
     ts = _ts_model(**extra)
     mg = from_torchscale(ts)

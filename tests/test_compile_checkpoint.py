@@ -2,10 +2,9 @@
 
 import pytest
 import torch
-from harness import assert_close
+from harness import assert_close, require_backend
 
 import magneto
-import magneto_kernels
 
 
 def _encoder(backend, **overrides):
@@ -23,15 +22,9 @@ def _encoder(backend, **overrides):
     return magneto.Encoder(magneto.MagnetoConfig(**config))
 
 
-def _cpu_or_skip():
-    problem = magneto_kernels.available_backends("cpu")["cpu"]
-    if problem is not None:
-        pytest.skip(f"C++ backend unavailable: {problem}")
-
-
 @pytest.mark.parametrize("scheme", ["subln", "deepnorm"])
 def test_compile_fullgraph_matches_eager(scheme):
-    _cpu_or_skip()
+    require_backend("cpu")
     model = _encoder("cpu", norm_scheme=scheme).eval()
     tokens = torch.randint(2, 37, (2, 9), generator=torch.Generator().manual_seed(3))
 
@@ -54,7 +47,7 @@ def test_compile_fullgraph_matches_eager(scheme):
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_checkpointing_replays_dropout_exactly(backend):
     if backend == "cpu":
-        _cpu_or_skip()
+        require_backend("cpu")
     drops = dict(dropout=0.2, attention_dropout=0.1, activation_dropout=0.1, drop_path=0.2)
     plain = _encoder(backend, **drops).train()
     ckpt = _encoder(backend, checkpoint_activations=True, **drops).train()

@@ -10,7 +10,7 @@ call. GPU-only (marked ``gpu``): they run in bench/gpu_check.sh.
 
 import pytest
 import torch
-from harness import BY_NAME, RTOL, assert_close, randn
+from harness import RTOL, assert_close, randn, require_backend
 
 import magneto
 import magneto_kernels as mk
@@ -19,12 +19,6 @@ pytestmark = pytest.mark.gpu
 
 GPU_BACKENDS = [pytest.param(name, id=name) for name in ("cuda", "triton")]
 D, HEADS, FFN, CONTEXT = 256, 4, 1024, 64
-
-
-def _skip_unless_available(name):
-    problem = BY_NAME[name].problem()
-    if problem is not None:
-        pytest.skip(f"backend {name!r} unavailable on cuda: {problem}")
 
 
 def _capture(fn, static_inputs):
@@ -83,7 +77,7 @@ def _decoder_step(backend):
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_ln_linear_decode_in_a_cuda_graph(backend):
-    _skip_unless_available(backend)
+    require_backend(backend, "cuda")
     fn = _ln_linear_decode(backend)
     x, residual = randn(1, 1, D, mean=1.0, device="cuda"), randn(1, 1, 3 * D, device="cuda")
     graph, out = _capture(fn, (x, residual))
@@ -98,7 +92,7 @@ def test_ln_linear_decode_in_a_cuda_graph(backend):
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_decoder_step_in_a_cuda_graph(backend):
-    _skip_unless_available(backend)
+    require_backend(backend, "cuda")
     fn = _decoder_step(backend)
     x = randn(1, 1, D, device="cuda")
     graph, out = _capture(fn, (x,))
@@ -111,7 +105,7 @@ def test_decoder_step_in_a_cuda_graph(backend):
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_decoder_step_compiled_reduce_overhead(backend):
     """torch.compile's CUDA-graph mode: the ops' fake kernels trace, the graph replays."""
-    _skip_unless_available(backend)
+    require_backend(backend, "cuda")
     fn = _decoder_step(backend)
     compiled = torch.compile(fn, mode="reduce-overhead", fullgraph=True)
     for seed in range(4):  # the first calls record, the later ones replay the graph

@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from harness import require_backend
 
 import magneto
-import magneto_kernels
 
 WORLD = 2
 TIMEOUT_S = 180  # a hung process group fails the test instead of stalling CI
@@ -84,9 +84,7 @@ def _worker(rank: int, port: int, mode: str, checkpoint: bool, out_dir: str) -> 
 
 @pytest.mark.parametrize("mode,checkpoint", [("ddp", False), ("fsdp2", False), ("fsdp2", True)])
 def test_two_process_gradients_match_single_process(mode, checkpoint):
-    problem = magneto_kernels.available_backends("cpu")["cpu"]
-    if problem is not None:
-        pytest.skip(f"C++ backend unavailable: {problem}")
+    require_backend("cpu")
     model = _model(checkpoint).train()
     _loss(model, _batch()).backward()
     with tempfile.TemporaryDirectory() as out_dir:

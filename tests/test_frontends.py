@@ -3,20 +3,13 @@ backend and torch.compile; the two examples learn their generated data."""
 
 import pytest
 import torch
-from harness import assert_close
+from harness import assert_close, require_backend
 from torchscale.component.embedding import VisionEmbedding
 
 import magneto
-import magneto_kernels
 from magneto.speech import subsampled_length
 
 D, HEADS, FFN = 32, 4, 64
-
-
-def _backend_or_skip(backend):
-    problem = magneto_kernels.available_backends("cpu")[backend]
-    if problem is not None:
-        pytest.skip(f"{backend} unavailable: {problem}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -78,7 +71,7 @@ def _grads(model, *inputs):
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_vision_transformer_on_fused_backends_matches_reference(backend):
-    _backend_or_skip(backend)
+    require_backend(backend)
     images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     ref_out, ref_grads = _grads(_vit("reference"), images)
     model = _vit(backend)
@@ -90,7 +83,7 @@ def test_vision_transformer_on_fused_backends_matches_reference(backend):
 
 
 def test_vision_transformer_compiles():
-    _backend_or_skip("cpu")
+    require_backend("cpu")
     model = _vit("cpu").eval()
     images = torch.randn(2, 3, 16, 16)
     eager = model(images)
@@ -169,7 +162,7 @@ def test_speech_encoder_ignores_padding():
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_speech_encoder_on_fused_backends_matches_reference(backend):
-    _backend_or_skip(backend)
+    require_backend(backend)
     features = torch.randn(2, 40, 20, generator=torch.Generator().manual_seed(1))
     lengths = torch.tensor([40, 24])
     ref_out, ref_grads = _grads(_speech("reference"), features, lengths)
@@ -181,7 +174,7 @@ def test_speech_encoder_on_fused_backends_matches_reference(backend):
 
 
 def test_speech_encoder_compiles():
-    _backend_or_skip("cpu")
+    require_backend("cpu")
     model = _speech("cpu").eval()
     features, lengths = torch.randn(2, 40, 20), torch.tensor([40, 24])
     eager = model(features, lengths)["encoder_out"]

@@ -3,7 +3,7 @@ paths, the split on every norm scheme and backend, torch.compile, and the errors
 
 import pytest
 import torch
-from harness import assert_close
+from harness import assert_close, require_backend
 
 import magneto
 import magneto_kernels
@@ -195,16 +195,10 @@ def _loss_and_grads(encoder, x, split):
     return out, grads
 
 
-def _backend_or_skip(backend):
-    problem = magneto_kernels.available_backends("cpu")[backend]
-    if problem is not None:
-        pytest.skip(f"{backend} unavailable: {problem}")
-
-
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 @pytest.mark.parametrize("scheme", ["subln", "deepnorm"])
 def test_split_on_fused_backends_matches_reference(backend, scheme):
-    _backend_or_skip(backend)
+    require_backend(backend)
     reference = _encoder(norm_scheme=scheme, encoder_layers=1)
     fused = _encoder(norm_scheme=scheme, encoder_layers=1, backend=backend)
     x = _input(batch=2, length=7)
@@ -228,7 +222,7 @@ def test_training_with_drop_path_and_checkpointing_replays_the_split():
 
 
 def test_compile_one_multiway_layer():
-    _backend_or_skip("cpu")
+    require_backend("cpu")
     torch.manual_seed(0)
     layer = _perturb(magneto.EncoderLayer(_config(backend="cpu"))).eval()
     x = _input(batch=2, length=7).requires_grad_()

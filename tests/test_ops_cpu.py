@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from harness import BY_NAME, randn
+from harness import BY_NAME, randn, require_backend
 
 import magneto_kernels as mk
 from magneto_kernels.library import get_op
@@ -261,9 +261,7 @@ def test_row_blocked_forward():
 
 
 def test_cpu_agrees_with_triton_interpreter():
-    problem = mk.available_backends("cpu")["triton"]
-    if problem is not None:
-        pytest.skip(f"Triton backend unavailable on CPU: {problem}")
+    require_backend("triton")
     x = randn(19, 40, mean=1.0, std=2.0)
     lw, lb = randn(40, mean=1.0, std=0.2), randn(40, std=0.3)
     w, b, r = randn(24, 40, std=0.15), randn(24), randn(19, 24)
