@@ -28,30 +28,18 @@ import torch
 import magneto_kernels
 from magneto.compat.torchscale import from_torchscale
 from magneto.report import harness
-from magneto.report.models import import_torchscale
+from magneto.report.models import import_torchscale, torchscale_stack
 
 D, HEADS, FFN, VOCAB = 768, 12, 3072, 1000
 
 
 def _models(kind: str):
     """torchscale's model and its magneto conversion, with the same weights."""
-    config, _, decoder, encoder_decoder, embedding = import_torchscale()
     torch.manual_seed(0)
     if kind == "decoder":
-        args = config.DecoderConfig(
-            decoder_embed_dim=D,
-            decoder_attention_heads=HEADS,
-            decoder_ffn_embed_dim=FFN,
-            decoder_layers=12,
-            vocab_size=VOCAB,
-            subln=True,
-        )
-        theirs = decoder.Decoder(
-            args,
-            embedding.TextEmbedding(VOCAB, D, padding_idx=1),
-            embedding.PositionalEmbedding(1024, D),
-        )
+        theirs = torchscale_stack("decoder", D, HEADS, FFN, layers=12, vocab=VOCAB)
     else:
+        config, _, _, encoder_decoder, embedding = import_torchscale()
         sizes = dict(embed_dim=D, attention_heads=HEADS, ffn_embed_dim=FFN, layers=6)
         args = config.EncoderDecoderConfig(
             **{f"{side}_{k}": v for side in ("encoder", "decoder") for k, v in sizes.items()},

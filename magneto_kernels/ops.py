@@ -86,8 +86,8 @@ def _check_norm(
     prefix: str = "",
     width: Optional[int] = None,
 ) -> None:
-    """``width``: the normalised width, x's last dimension unless given."""
-    _check_x(x)
+    """The norm's arguments, x already checked by _check_x; ``width``: the normalised width,
+    x's last dimension unless given."""
     shape = x.shape
     if len(shape) < 1 or shape[-1] == 0:
         raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(shape)}")
@@ -127,6 +127,7 @@ def layer_norm(
     backend: Optional[str] = None,
 ) -> Tensor:
     """LayerNorm (``norm="layer"``) or RMSNorm (``norm="rms"``) over x's last dimension."""
+    _check_x(x)
     _check_norm(x, weight, bias, eps, norm)
     backend = resolve_backend(backend, x)
     if backend == "reference":
@@ -147,6 +148,7 @@ def add_layer_norm(
     backend: Optional[str] = None,
 ) -> tuple[Tensor, Tensor]:
     """Post-LN / DeepNorm residual: returns ``(N(alpha·residual + x), alpha·residual + x)``."""
+    _check_x(x)
     _check_norm(x, weight, bias, eps, norm)
     _check_tensor("residual", residual, x.device, x.shape, (x.dtype,))
     if residual is None:
