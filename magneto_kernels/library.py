@@ -1,5 +1,7 @@
 """The torch.library op families: one schema, fake (meta) impl and autograd formula per op, shared
-by every backend family.
+by every backend family. The formulas run here, in Python, for the triton family; the native
+family runs the same ones in C++ (csrc/autograd.cpp), so that its calls recording a graph cost no
+Python between the dispatcher and the kernels.
 
 A dispatch key holds one kernel per op, yet the Triton interpreter and the C++ CPU kernels both
 run on CPU tensors, so each backend family gets its own copy of every op (docs/design.md,
@@ -9,7 +11,7 @@ Backends and dispatch):
 
 The family's kernels register themselves on import: ``magneto_kernels.triton`` with
 ``torch.library.register_kernel`` and the C++ extension ``magneto_kernels._C`` with
-``TORCH_LIBRARY_IMPL(magneto, CPU/CUDA, ...)``. Ops take 2-D row-major inputs; the public
+``TORCH_LIBRARY_IMPL(magneto, CPU/CUDA/Autograd, ...)``. Ops take 2-D row-major inputs; the public
 functions in ``magneto_kernels.ops`` flatten leading dimensions and validate arguments.
 
 Conventions every family implements (docs/design.md, The op contract):
@@ -321,4 +323,6 @@ for _family in FAMILIES:
     for _op, _schema in SCHEMAS.items():
         _lib.define(f"{_op}_{_family}{_schema}")
         torch.library.register_fake(op_name(_op, _family), _FAKES[_op], lib=_lib)
-    _register_autograd(_family)
+# The native family's autograd formulas are these, in C++ (csrc/autograd.cpp, registered by
+# magneto_kernels._C): its calls that record a graph then run no Python around the kernel.
+_register_autograd("triton")
