@@ -109,13 +109,32 @@ def available_backends(device: Union[str, torch.device] = "cpu") -> dict[str, Op
     return {name: _problem(name, device_type) for name in BACKENDS}
 
 
+_RESOLVED: dict[tuple, str] = {}
+"""(request, device, dtype) -> backend, for the requests that resolved: what can run where is
+constant for a process (``_problem``), so a request resolves the same way every time."""
+
+
 def resolve_backend(backend: Optional[str], x: torch.Tensor) -> str:
     """The backend a call on ``x`` runs on; ValueError if the requested one cannot run there.
-    Runs on every op call, so the messages naming where the request came from are built only
-    when one is raised."""
+    Runs on every op call: a request seen before is one dict lookup (torch.compile traces the
+    full choice instead, once), and the messages naming where a request came from are built
+    only when one is raised."""
     from_env = backend is None
     if from_env:
         backend = os.environ.get(ENV_VAR) or None
+    if torch.compiler.is_compiling():
+        return _resolve(backend, from_env, x)
+    key = (backend, x.device, x.dtype)
+    try:
+        resolved = _RESOLVED.get(key)
+    except TypeError:  # an unhashable request: _resolve says what is wrong with it
+        return _resolve(backend, from_env, x)
+    if resolved is None:
+        resolved = _RESOLVED[key] = _resolve(backend, from_env, x)
+    return resolved
+
+
+def _resolve(backend: Optional[str], from_env: bool, x: torch.Tensor) -> str:
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"{_source(from_env)} must be one of {BACKENDS} or unset, got {backend!r}")
     device_type = x.device.type

@@ -28,6 +28,9 @@ from __future__ import annotations
 import torch
 
 FAMILIES = ("triton", "native")
+PYTHON_AUTOGRAD_FAMILIES = ("triton",)
+"""The families whose Autograd-key kernel is the Python one below; the native family's is C++
+(csrc/autograd.cpp), registered by magneto_kernels._C."""
 
 SCHEMAS = {
     "layer_norm": (
@@ -323,6 +326,5 @@ for _family in FAMILIES:
     for _op, _schema in SCHEMAS.items():
         _lib.define(f"{_op}_{_family}{_schema}")
         torch.library.register_fake(op_name(_op, _family), _FAKES[_op], lib=_lib)
-# The native family's autograd formulas are these, in C++ (csrc/autograd.cpp, registered by
-# magneto_kernels._C): its calls that record a graph then run no Python around the kernel.
-_register_autograd("triton")
+for _family in PYTHON_AUTOGRAD_FAMILIES:
+    _register_autograd(_family)

@@ -9,7 +9,8 @@ makes every backend draw the same mask.
 A decode-size kernel takes a few µs to tens of µs, so the path around it is kept to a few µs
 (``bench/bench_overhead.py`` measures it): ops are looked up once, each tensor attribute is read
 once, 2-D inputs are neither flattened nor viewed back, and calls that want no gradient skip the
-ops' Python Autograd kernel (``_call``).
+triton family's Python Autograd kernel (``_below_python_autograd``; the native family's is C++
+and does that itself).
 """
 
 from __future__ import annotations
@@ -26,30 +27,39 @@ from magneto_kernels.codes import (
     canonical_activation,
     canonical_input_activation,
 )
-from magneto_kernels.library import get_op
-
-# The op of each (public op, backend), looked up once rather than by name on every call.
-_OPS = {
-    (op, backend): get_op(op, family)
-    for backend, family in FAMILY.items()
-    for op in ("layer_norm", "add_layer_norm", "ln_linear")
-}
+from magneto_kernels.library import PYTHON_AUTOGRAD_FAMILIES, get_op
 
 
-def _call(op, *args):
-    """``op(*args)``, without the op's Python Autograd kernel when no gradient is wanted.
+def _below_python_autograd(op):
+    """``op``, called without its Python Autograd kernel when no gradient is wanted.
 
     For such a call that kernel (``library._autograd_kernel``) only redispatches below the
     Autograd key, but reaching it from the dispatcher costs ~5 µs (arguments converted to Python
     objects and back); entering the same guard here costs under 1 µs. Calls that record a graph,
     and every call torch.compile traces, go through the op as registered.
     """
-    if torch.compiler.is_compiling() or (
-        torch.is_grad_enabled() and torch._C._any_requires_grad(*args)
-    ):
-        return op(*args)
-    with torch._C._AutoDispatchBelowAutograd():
-        return op(*args)
+
+    def call(*args):
+        if torch.compiler.is_compiling() or (
+            torch.is_grad_enabled() and torch._C._any_requires_grad(*args)
+        ):
+            return op(*args)
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+
+    return call
+
+
+# What each (public op, backend) calls, made once rather than looked up by name on every call.
+_OPS = {
+    (op, backend): (
+        _below_python_autograd(get_op(op, family))
+        if family in PYTHON_AUTOGRAD_FAMILIES
+        else get_op(op, family)
+    )
+    for backend, family in FAMILY.items()
+    for op in ("layer_norm", "add_layer_norm", "ln_linear")
+}
 
 
 def _check_tensor(
@@ -132,8 +142,8 @@ def layer_norm(
     backend = resolve_backend(backend, x)
     if backend == "reference":
         return reference.layer_norm(x, weight, bias, eps, norm=norm)
-    y, _, _ = _call(_OPS["layer_norm", backend], _rows(x), weight, bias, float(eps), norm)
-    return y if x.dim() == 2 else y.view(*x.shape)
+    y, _, _ = _OPS["layer_norm", backend](_rows(x), weight, bias, float(eps), norm)
+    return y if x.dim() == 2 else y.view(x.shape)
 
 
 def add_layer_norm(
@@ -156,8 +166,7 @@ def add_layer_norm(
     backend = resolve_backend(backend, x)
     if backend == "reference":
         return reference.add_layer_norm(x, residual, weight, bias, eps, alpha=alpha, norm=norm)
-    y, s, _, _ = _call(
-        _OPS["add_layer_norm", backend],
+    y, s, _, _ = _OPS["add_layer_norm", backend](
         _rows(x),
         _rows(residual),
         weight,
@@ -168,7 +177,8 @@ def add_layer_norm(
     )
     if x.dim() == 2:
         return y, s
-    return y.view(*x.shape), s.view(*x.shape)
+    shape = x.shape
+    return y.view(shape), s.view(shape)
 
 
 def ln_linear(
@@ -245,8 +255,7 @@ def ln_linear(
             dropout_p=dropout_p,
             seed=seed,
         )
-    out, _, _, _ = _call(
-        _OPS["ln_linear", backend],
+    out, _, _, _ = _OPS["ln_linear", backend](
         _rows(x),
         ln_weight,
         ln_bias,
