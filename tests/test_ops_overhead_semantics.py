@@ -5,6 +5,7 @@ them."""
 
 import pytest
 import torch
+from harness import require_backend
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import magneto_kernels as mk
@@ -90,3 +91,95 @@ def test_compile_inference_fullgraph_matches_eager():
         eager = block(x)
         compiled = torch.compile(block, fullgraph=True, backend="aot_eager")(x)
     torch.testing.assert_close(compiled, eager)
+
+
+# Which arguments a call passes (absent optionals shift the autograd edges of the ones after
+# them) and which gradients it asks for: each family's Autograd kernel must map every gradient
+# to its own argument.
+_LN_LINEAR_CASES = [
+    # present optionals, wanted gradients
+    (
+        ("ln_weight", "ln_bias", "bias", "residual"),
+        ("x", "ln_weight", "ln_bias", "weight", "bias", "residual"),
+    ),
+    (("bias", "residual"), ("weight", "residual")),
+    (("ln_weight", "residual"), ("residual", "ln_weight")),
+    (("ln_weight", "ln_bias"), ("ln_bias", "weight")),
+    (("residual",), ("residual",)),
+    ((), ("x",)),
+]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("present,wanted", _LN_LINEAR_CASES)
+def test_ln_linear_partial_gradients_reach_their_arguments(backend, present, wanted):
+    require_backend(backend)
+    gen = torch.Generator().manual_seed(2)
+    full = {
+        "x": torch.randn(5, 16, generator=gen) + 0.5,
+        "ln_weight": torch.randn(16, generator=gen),
+        "ln_bias": torch.randn(16, generator=gen),
+        "weight": torch.randn(12, 16, generator=gen),
+        "bias": torch.randn(12, generator=gen),
+        "residual": torch.randn(5, 12, generator=gen),
+    }
+    args = {k: v for k, v in full.items() if k in ("x", "weight") or k in present}
+    dy = torch.randn(5, 12, generator=gen)
+
+    def grads(tensors, backend):
+        leaves = {k: v.clone().requires_grad_(k in wanted) for k, v in tensors.items()}
+        x, weight = leaves.pop("x"), leaves.pop("weight")
+        out = mk.ln_linear(
+            x,
+            weight=weight,
+            alpha=0.7,
+            backend=backend,
+            **leaves,
+            **{k: None for k in ("ln_weight", "ln_bias") if k not in leaves},
+        )
+        named = {"x": x, "weight": weight, **leaves}
+        got = torch.autograd.grad(out, [named[k] for k in wanted], dy.to(out.dtype))
+        return dict(zip(wanted, got))
+
+    ours = grads(args, backend)
+    ref = grads({k: v.double() for k, v in args.items()}, "reference")
+    for name in wanted:
+        torch.testing.assert_close(ours[name], ref[name].float(), rtol=1e-4, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize(
+    "with_bias,wanted",
+    [
+        (with_bias, wanted)
+        for with_bias in (True, False)
+        for wanted in (("x",), ("residual",), ("weight",), ("x", "residual", "bias"))
+        if with_bias or "bias" not in wanted
+    ],
+)
+def test_add_layer_norm_partial_gradients_reach_their_arguments(backend, with_bias, wanted):
+    require_backend(backend)
+    gen = torch.Generator().manual_seed(3)
+    full = {
+        "x": torch.randn(5, 16, generator=gen) + 0.5,
+        "residual": torch.randn(5, 16, generator=gen),
+        "weight": torch.randn(16, generator=gen),
+        "bias": torch.randn(16, generator=gen) if with_bias else None,
+    }
+    dy, ds = torch.randn(5, 16, generator=gen), torch.randn(5, 16, generator=gen)
+
+    def grads(backend, dtype):
+        leaves = {
+            k: None if v is None else v.to(dtype).requires_grad_(k in wanted)
+            for k, v in full.items()
+        }
+        y, s = mk.add_layer_norm(*leaves.values(), alpha=1.3, backend=backend)
+        # Both outputs' gradients (s's joins the kernel's), as one scalar: the reference's s
+        # records no graph when only the norm's parameters want a gradient.
+        loss = (y * dy.to(dtype)).sum() + (s * ds.to(dtype)).sum()
+        got = torch.autograd.grad(loss, [leaves[k] for k in wanted])
+        return dict(zip(wanted, got))
+
+    ours, ref = grads(backend, torch.float32), grads("reference", torch.float64)
+    for name in wanted:
+        torch.testing.assert_close(ours[name], ref[name].float(), rtol=1e-4, atol=1e-4, msg=name)
