@@ -5,7 +5,7 @@ For ``ln_linear``, ``layer_norm`` and ``add_layer_norm`` at 1 and 8 rows of widt
 
 - raw:    the family's ``torch.ops.magneto.<op>_<family>`` op on the ready (rows, cols) matrix;
 - public: ``magneto_kernels.<op>`` on x of shape (1, rows, cols), as the modules pass it
-          (checks, backend choice, flattening and the view back included), with ``backend=None``
+          (checks, backend choice and the call included), with ``backend=None``
           so the ``MAGNETO_BACKEND`` lookup and the default order are timed too;
 - 2-D:    the same public call on the (rows, cols) matrix;
 - eager:  ``F.layer_norm`` (after the add, for add_layer_norm) and ``F.linear``.

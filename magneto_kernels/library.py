@@ -11,8 +11,9 @@ Backends and dispatch):
 
 The family's kernels register themselves on import: ``magneto_kernels.triton`` with
 ``torch.library.register_kernel`` and the C++ extension ``magneto_kernels._C`` with
-``TORCH_LIBRARY_IMPL(magneto, CPU/CUDA/Autograd, ...)``. Ops take 2-D row-major inputs; the public
-functions in ``magneto_kernels.ops`` flatten leading dimensions and validate arguments.
+``TORCH_LIBRARY_IMPL(magneto, CPU/CUDA/Autograd, ...)``. Ops take contiguous row-major inputs of
+shape (*, features), rows being all the leading dimensions together, and return outputs with x's
+leading dimensions; the public functions in ``magneto_kernels.ops`` validate arguments.
 
 Conventions every family implements (docs/design.md, The op contract):
 - ``mean`` and ``rstd`` are float32 per-row statistics; ``mean`` is empty (shape (0,)) for
@@ -24,6 +25,8 @@ Conventions every family implements (docs/design.md, The op contract):
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -71,8 +74,12 @@ def get_op(op: str, family: str):
 # ---------------------------------------------------------------------------- fake (meta) impls
 
 
+def _rows(x: torch.Tensor) -> int:
+    return math.prod(x.shape[:-1])
+
+
 def _stats(x: torch.Tensor, norm: str) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = x.shape[0]
+    rows = _rows(x)
     mean = x.new_empty((rows if norm == "layer" else 0,), dtype=torch.float32)
     rstd = x.new_empty((rows if norm != "none" else 0,), dtype=torch.float32)
     return mean, rstd
@@ -113,7 +120,7 @@ def _ln_linear_fake(
     alpha,
     dropout_p,
 ):
-    out = x.new_empty((x.shape[0], weight.shape[0]))
+    out = x.new_empty((*x.shape[:-1], weight.shape[0]))
     preact = out.new_empty(out.shape if activation != "none" else (0,))
     return (out, *_stats(x, norm), preact)
 

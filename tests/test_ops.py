@@ -401,10 +401,13 @@ def _opcheck_args(dev):
     return x, lw, lb, w, b, r, seed
 
 
+@pytest.mark.parametrize("rows_as", [(9,), (3, 3)], ids=["2d", "3d"])
 @pytest.mark.parametrize(
     "op", ["layer_norm", "layer_norm_backward", "add_layer_norm", "ln_linear", "ln_linear_backward"]
 )
-def test_opcheck(kernels, op):
+def test_opcheck(kernels, op, rows_as):
+    """Each op as registered; with the 9 rows given as (3, 3) leading dimensions too (the ops
+    take (*, features) and return outputs with x's leading dimensions)."""
     dev, family = kernels.device, kernels.family
     x, lw, lb, w, b, r, seed = _opcheck_args(dev)
     _, mean, rstd = get_op("layer_norm", family)(x, lw, lb, 1e-5, "layer")
@@ -442,6 +445,12 @@ def test_opcheck(kernels, op):
             [True] * 5,
         ),
     }[op]
+    args = tuple(  # the row-shaped tensors (9, features) as (*rows_as, features)
+        a.reshape(*rows_as, a.shape[-1])
+        if isinstance(a, torch.Tensor) and a.dim() == 2 and a.shape[0] == 9
+        else a
+        for a in args
+    )
     if not op.endswith("_backward"):  # backward ops are not themselves differentiable
         args = tuple(
             a.detach().clone().requires_grad_()

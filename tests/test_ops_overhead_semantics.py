@@ -183,3 +183,23 @@ def test_add_layer_norm_partial_gradients_reach_their_arguments(backend, with_bi
     ours, ref = grads(backend, torch.float32), grads("reference", torch.float64)
     for name in wanted:
         torch.testing.assert_close(ours[name], ref[name].float(), rtol=1e-4, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_outputs_of_leading_dimensions_are_plain_tensors(backend, grad):
+    """The ops take (*, features) and give outputs of x's leading dimensions: tensors of their
+    own, not views of a kernel buffer, so that in-place updates of them (a residual stream
+    updated with add_) work as on eager outputs, with and without a graph."""
+    require_backend(backend)
+    gen = torch.Generator().manual_seed(4)
+    x, res = torch.randn(2, 3, 16, generator=gen), torch.randn(2, 3, 16, generator=gen)
+    g, b, w, wb = _params(grad)
+    outs = [
+        mk.layer_norm(x, g, b, backend=backend),
+        *mk.add_layer_norm(x, res, g, b, backend=backend),
+        mk.ln_linear(x, g, b, w, wb, activation="gelu", backend=backend),
+    ]
+    for out in outs:
+        assert out.shape[:-1] == (2, 3) and not out._is_view()
+        out.mul_(2.0)  # raises for an output view of a custom autograd function

@@ -24,12 +24,64 @@ from magneto_kernels.triton import ln_linear as _ln_linear
 from magneto_kernels.triton import norm as _norm
 from magneto_kernels.triton.common import INTERPRET  # noqa: F401  (read by backends.py)
 
+# The ops take x, and the tensors shaped like it or like the output, as (*, features)
+# (magneto_kernels.library); the kernels run on (rows, features) matrices.
+
+
+def _rows(t):
+    """t as (rows, features); None, 2-D tensors and placeholders (1-D, empty) as they are."""
+    if t is None or t.dim() == 2 or (t.dim() == 1 and t.numel() == 0):
+        return t
+    return t.reshape(-1, t.shape[-1])
+
+
+def _like(out, x):
+    """A (rows, features) output with x's leading dimensions; an absent one (1-D, empty) as it
+    is. Not an autograd view of the kernel's buffer (the view is taken below the ADInplaceOrView
+    key, as the C++ kernels take theirs): an op's output must stay modifiable in place."""
+    if x.dim() == 2 or out.dim() != 2:
+        return out
+    with torch._C._AutoDispatchBelowADInplaceOrView():
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def _layer_norm_op(x, *args):
+    y, mean, rstd = _norm.layer_norm(_rows(x), *args)
+    return _like(y, x), mean, rstd
+
+
+def _layer_norm_backward_op(grad_y, x, weight, bias, mean, rstd, grad_accum, *args):
+    dx, dweight, dbias = _norm.layer_norm_backward(
+        _rows(grad_y), _rows(x), weight, bias, mean, rstd, _rows(grad_accum), *args
+    )
+    return _like(dx, x), dweight, dbias
+
+
+def _add_layer_norm_op(x, residual, *args):
+    y, s, mean, rstd = _norm.add_layer_norm(_rows(x), _rows(residual), *args)
+    return _like(y, x), _like(s, x), mean, rstd
+
+
+def _ln_linear_op(x, ln_weight, ln_bias, weight, bias, residual, *args):
+    out, mean, rstd, preact = _ln_linear.ln_linear(
+        _rows(x), ln_weight, ln_bias, weight, bias, _rows(residual), *args
+    )
+    return _like(out, x), mean, rstd, _like(preact, x)
+
+
+def _ln_linear_backward_op(grad_out, x, ln_weight, ln_bias, weight, mean, rstd, preact, *args):
+    grads = _ln_linear.ln_linear_backward(
+        _rows(grad_out), _rows(x), ln_weight, ln_bias, weight, mean, rstd, _rows(preact), *args
+    )
+    return (_like(grads[0], x), *grads[1:])
+
+
 _IMPLS = {
-    "layer_norm": _norm.layer_norm,
-    "layer_norm_backward": _norm.layer_norm_backward,
-    "add_layer_norm": _norm.add_layer_norm,
-    "ln_linear": _ln_linear.ln_linear,
-    "ln_linear_backward": _ln_linear.ln_linear_backward,
+    "layer_norm": _layer_norm_op,
+    "layer_norm_backward": _layer_norm_backward_op,
+    "add_layer_norm": _add_layer_norm_op,
+    "ln_linear": _ln_linear_op,
+    "ln_linear_backward": _ln_linear_backward_op,
 }
 
 for _op, _impl in _IMPLS.items():
