@@ -102,7 +102,8 @@ int64_t in_features_of(const Tensor& x, Activation input_activation) {
 
 // x: the row-major input, (*, features), every other argument is checked against.
 void check_input(const Tensor& x, const char* name = "x") {
-  TORCH_CHECK_VALUE(x.dim() >= 1, name, " must have a features dimension (*, features), got shape ",
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) > 0, name,
+                    " must have a non-empty features dimension (*, features), got shape ",
                     x.sizes());
   TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 ||
                         x.scalar_type() == at::kHalf,

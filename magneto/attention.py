@@ -108,6 +108,8 @@ class MultiheadAttention(nn.Module):
             weight, bias = proj.weight, proj.bias
         else:
             weight, bias = self.in_proj_weight, self.in_proj_bias
+        if rows.start == 0 and rows.stop == weight.shape[0]:  # all of q/k/v: no slice views
+            return weight, bias
         return weight[rows], None if bias is None else bias[rows]
 
     def _linear(self, x: Tensor, rows: slice, norm: dict, part: Optional[int]) -> Tensor:

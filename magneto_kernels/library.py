@@ -31,6 +31,9 @@ import math
 import torch
 
 FAMILIES = ("triton", "native")
+SELF_CHECKING_FAMILIES = ("native",)
+"""The families whose ops check every argument themselves (csrc/api.cpp), with errors naming the
+public arguments; the triton family's kernels trust the public functions' checks."""
 PYTHON_AUTOGRAD_FAMILIES = ("triton",)
 """The families whose Autograd-key kernel is the Python one below; the native family's is C++
 (csrc/autograd.cpp), registered by magneto_kernels._C."""

@@ -9,9 +9,9 @@ makes every backend draw the same mask.
 
 A decode-size kernel takes a few µs to tens of µs, so the path around it is kept to a few µs
 (``bench/bench_overhead.py`` measures it): ops are looked up once, each tensor attribute is read
-once, nothing is flattened or viewed back, and calls that want no gradient skip the
-triton family's Python Autograd kernel (``_below_python_autograd``; the native family's is C++
-and does that itself).
+once, nothing is flattened or viewed back, the native family's ops check their arguments
+themselves (``_OP_CHECKS``), and calls that want no gradient skip the triton family's Python
+Autograd kernel (``_below_python_autograd``; the native family's is C++ and does that itself).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from magneto_kernels.codes import (
     canonical_activation,
     canonical_input_activation,
 )
-from magneto_kernels.library import PYTHON_AUTOGRAD_FAMILIES, get_op
+from magneto_kernels.library import PYTHON_AUTOGRAD_FAMILIES, SELF_CHECKING_FAMILIES, get_op
 
 
 def _below_python_autograd(op):
@@ -121,6 +121,24 @@ def _draw_seed(x: Tensor) -> Tensor:
     return torch.randint(0, 2**62, (), dtype=torch.int64, device=x.device)
 
 
+# The backends whose op checks every argument itself (csrc/api.cpp: shapes, dtypes, devices,
+# contiguity, the options), with errors naming the same arguments. For them the public function
+# runs its own checks only when the op refuses a call (to say what is wrong in the public API's
+# words) instead of before every call: ~2-4 µs of a decode-size call. torch.compile traces the
+# checks-first path, which costs nothing once compiled.
+_OP_CHECKS = frozenset(b for b, family in FAMILY.items() if family in SELF_CHECKING_FAMILIES)
+# What an op raises for arguments it refuses (TypeError: not a Tensor where the schema wants one).
+_REFUSALS = (ValueError, TypeError, RuntimeError)
+
+
+def _checked_by_op(backend: str) -> bool:
+    return backend in _OP_CHECKS and not torch.compiler.is_compiling()
+
+
+def _check_layer_norm(x, weight, bias, eps, norm) -> None:
+    _check_norm(x, weight, bias, eps, norm)
+
+
 def layer_norm(
     x: Tensor,
     weight: Optional[Tensor],
@@ -132,12 +150,24 @@ def layer_norm(
 ) -> Tensor:
     """LayerNorm (``norm="layer"``) or RMSNorm (``norm="rms"``) over x's last dimension."""
     _check_x(x)
-    _check_norm(x, weight, bias, eps, norm)
     backend = resolve_backend(backend, x)
+    if _checked_by_op(backend):
+        try:
+            return _OPS["layer_norm", backend](x.contiguous(), weight, bias, float(eps), norm)[0]
+        except _REFUSALS:
+            _check_layer_norm(x, weight, bias, eps, norm)
+            raise
+    _check_layer_norm(x, weight, bias, eps, norm)
     if backend == "reference":
         return reference.layer_norm(x, weight, bias, eps, norm=norm)
-    y, _, _ = _OPS["layer_norm", backend](x.contiguous(), weight, bias, float(eps), norm)
-    return y
+    return _OPS["layer_norm", backend](x.contiguous(), weight, bias, float(eps), norm)[0]
+
+
+def _check_add_layer_norm(x, residual, weight, bias, eps, norm) -> None:
+    _check_norm(x, weight, bias, eps, norm)
+    _check_tensor("residual", residual, x.device, x.shape, (x.dtype,))
+    if residual is None:
+        raise ValueError("residual must be a Tensor")
 
 
 def add_layer_norm(
@@ -153,23 +183,54 @@ def add_layer_norm(
 ) -> tuple[Tensor, Tensor]:
     """Post-LN / DeepNorm residual: returns ``(N(alpha·residual + x), alpha·residual + x)``."""
     _check_x(x)
-    _check_norm(x, weight, bias, eps, norm)
-    _check_tensor("residual", residual, x.device, x.shape, (x.dtype,))
-    if residual is None:
-        raise ValueError("residual must be a Tensor")
     backend = resolve_backend(backend, x)
+    if _checked_by_op(backend):
+        try:
+            return _add_layer_norm(x, residual, weight, bias, eps, alpha, norm, backend)
+        except _REFUSALS:
+            _check_add_layer_norm(x, residual, weight, bias, eps, norm)
+            raise
+    _check_add_layer_norm(x, residual, weight, bias, eps, norm)
     if backend == "reference":
         return reference.add_layer_norm(x, residual, weight, bias, eps, alpha=alpha, norm=norm)
+    return _add_layer_norm(x, residual, weight, bias, eps, alpha, norm, backend)
+
+
+def _add_layer_norm(x, residual, weight, bias, eps, alpha, norm, backend):
     y, s, _, _ = _OPS["add_layer_norm", backend](
-        x.contiguous(),
-        residual.contiguous(),
-        weight,
-        bias,
-        float(eps),
-        float(alpha),
-        norm,
+        x.contiguous(), residual.contiguous(), weight, bias, float(eps), float(alpha), norm
     )
     return y, s
+
+
+def _check_ln_linear(
+    x, ln_weight, ln_bias, weight, bias, residual, eps, norm, input_activation, dropout_p
+) -> None:
+    """ln_linear's arguments, x already checked by _check_x and the activations canonical."""
+    x_shape = x.shape
+    in_features = x_shape[-1] if x_shape else 0
+    if input_activation in GATED_ACTIVATIONS:
+        if in_features % 2:
+            raise ValueError(
+                f"input_activation={input_activation!r} needs x = [gate | up] with an even last"
+                f" dimension, got shape {tuple(x_shape)}"
+            )
+        in_features //= 2
+    if ln_weight is None:
+        if ln_bias is not None:
+            raise ValueError("ln_bias given without ln_weight")
+    else:
+        _check_norm(x, ln_weight, ln_bias, eps, norm, prefix="ln_", width=in_features)
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise ValueError("weight must be a 2-D Tensor (out_features, in_features)")
+    out_features = weight.shape[0]
+    device, dtypes = x.device, (x.dtype,)
+    _check_tensor("weight", weight, device, (out_features, in_features), dtypes)
+    _check_tensor("bias", bias, device, (out_features,), dtypes)
+    if residual is not None:
+        _check_tensor("residual", residual, device, (*x_shape[:-1], out_features), dtypes)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
 
 
 def ln_linear(
@@ -200,43 +261,23 @@ def ln_linear(
     recomputed. Pass ``dropout_p=0`` outside training.
     """
     input_activation = canonical_input_activation(input_activation)
-    _check_x(x)
-    x_shape = x.shape
-    in_features = x_shape[-1] if x_shape else 0
-    if input_activation in GATED_ACTIVATIONS:
-        if in_features % 2:
-            raise ValueError(
-                f"input_activation={input_activation!r} needs x = [gate | up] with an even last"
-                f" dimension, got shape {tuple(x_shape)}"
-            )
-        in_features //= 2
-    if ln_weight is None:
-        if ln_bias is not None:
-            raise ValueError("ln_bias given without ln_weight")
-        _check_norm_kind(norm)
-    else:
-        _check_norm(x, ln_weight, ln_bias, eps, norm, prefix="ln_", width=in_features)
-    if not isinstance(weight, Tensor) or weight.dim() != 2:
-        raise ValueError("weight must be a 2-D Tensor (out_features, in_features)")
-    out_features = weight.shape[0]
-    device, dtypes = x.device, (x.dtype,)
-    _check_tensor("weight", weight, device, (out_features, in_features), dtypes)
-    _check_tensor("bias", bias, device, (out_features,), dtypes)
-    if residual is not None:
-        _check_tensor("residual", residual, device, (*x_shape[:-1], out_features), dtypes)
     activation = canonical_activation(activation)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    seed = _draw_seed(x) if dropout_p > 0.0 else None
-
+    _check_x(x)
+    _check_norm_kind(norm)  # the op sees "none" for ln_weight=None, not the norm asked for
     backend = resolve_backend(backend, x)
+    checks = (x, ln_weight, ln_bias, weight, bias, residual, eps, norm, input_activation, dropout_p)
+    call = (x, ln_weight, ln_bias, weight, bias, residual, eps, norm)
+    options = (input_activation, activation, alpha, dropout_p, backend)
+    if _checked_by_op(backend):
+        try:
+            return _ln_linear(*call, *options)
+        except _REFUSALS:
+            _check_ln_linear(*checks)
+            raise
+    _check_ln_linear(*checks)
     if backend == "reference":
         return reference.ln_linear(
-            x,
-            ln_weight,
-            ln_bias,
-            weight,
-            bias,
+            *call[:5],
             eps=eps,
             norm=norm,
             input_activation=input_activation,
@@ -244,8 +285,15 @@ def ln_linear(
             residual=residual,
             alpha=alpha,
             dropout_p=dropout_p,
-            seed=seed,
+            seed=_draw_seed(x) if dropout_p > 0.0 else None,
         )
+    return _ln_linear(*call, *options)
+
+
+def _ln_linear(
+    x, ln_weight, ln_bias, weight, bias, residual, eps, norm, input_activation, activation, alpha,
+    dropout_p, backend
+):  # fmt: skip
     out, _, _, _ = _OPS["ln_linear", backend](
         x.contiguous(),
         ln_weight,
@@ -253,7 +301,7 @@ def ln_linear(
         weight.contiguous(),
         bias,
         None if residual is None else residual.contiguous(),
-        seed,
+        _draw_seed(x) if dropout_p > 0.0 else None,
         float(eps),
         "none" if ln_weight is None else norm,
         input_activation,

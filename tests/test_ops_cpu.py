@@ -70,7 +70,8 @@ def _good_ln_linear_args():
     "change,needle",
     [
         (dict(x=randn(6, 8, dtype=torch.float64)), "x must be float32"),
-        (dict(x=torch.tensor(1.0)), "x must have a features dimension"),
+        (dict(x=torch.tensor(1.0)), "x must have a non-empty features dimension"),
+        (dict(x=randn(6, 0)), "x must have a non-empty features dimension"),
         (dict(residual=randn(3, 2, 4)), "residual must have shape"),
         (dict(x=randn(8, 6).t()), "x must be contiguous"),
         (dict(ln_weight=torch.ones(7)), "ln_weight must have shape"),

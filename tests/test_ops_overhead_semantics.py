@@ -203,3 +203,61 @@ def test_outputs_of_leading_dimensions_are_plain_tensors(backend, grad):
     for out in outs:
         assert out.shape[:-1] == (2, 3) and not out._is_view()
         out.mul_(2.0)  # raises for an output view of a custom autograd function
+
+
+_BAD_CALLS = {
+    "layer_norm weight shape": (
+        lambda be: mk.layer_norm(torch.randn(4, 8), torch.randn(7), None, backend=be),
+        ValueError,
+        r"weight must have shape \(8,\), got \(7,\)",
+    ),
+    "layer_norm weight type": (
+        lambda be: mk.layer_norm(torch.randn(4, 8), [1.0] * 8, None, backend=be),
+        TypeError,
+        "weight must be a Tensor or None, got list",
+    ),
+    "add_layer_norm residual": (
+        lambda be: mk.add_layer_norm(
+            torch.randn(2, 4, 8), torch.randn(4, 2, 8), None, None, backend=be
+        ),
+        ValueError,
+        r"residual must have shape \(2, 4, 8\), got \(4, 2, 8\)",
+    ),
+    "ln_linear weight dtype": (
+        lambda be: mk.ln_linear(
+            torch.randn(4, 8), None, None, torch.randn(5, 8, dtype=torch.float64), backend=be
+        ),
+        ValueError,
+        r"weight must have dtype in \(torch.float32,\), got torch.float64",
+    ),
+    "ln_linear residual": (
+        lambda be: mk.ln_linear(
+            torch.randn(2, 3, 8),
+            None,
+            None,
+            torch.randn(5, 8),
+            residual=torch.randn(3, 2, 5),
+            backend=be,
+        ),
+        ValueError,
+        r"residual must have shape \(2, 3, 5\), got \(3, 2, 5\)",
+    ),
+    "ln_linear norm": (
+        lambda be: mk.ln_linear(
+            torch.randn(4, 8), torch.ones(8), None, torch.randn(5, 8), norm="none", backend=be
+        ),
+        ValueError,
+        "norm must be 'layer' or 'rms', got 'none'",
+    ),
+}
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("case", list(_BAD_CALLS))
+def test_bad_arguments_get_the_public_message_on_every_backend(backend, case):
+    """The cpu backend's op checks the arguments itself and the public function checks them
+    only when the op refuses a call: the error is still the public function's own."""
+    require_backend(backend)
+    call, error, message = _BAD_CALLS[case]
+    with pytest.raises(error, match=message):
+        call(backend)
