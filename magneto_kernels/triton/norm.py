@@ -210,6 +210,37 @@ def _store_input_grad(DX, GRAD_ACCUM, cols, mask, dx, HAS_GRAD_ACCUM: tl.constex
 
 
 @triton.jit
+def _store_row_input_grad(
+    DX,
+    GRAD_ACCUM,
+    cols,
+    mask,
+    N,
+    g,
+    xhat,
+    mean_g,
+    mean_gxhat,
+    rstd,
+    x,
+    up,
+    NORM: tl.constexpr,
+    IN_ACT: tl.constexpr,
+    GATED: tl.constexpr,
+    HAS_GRAD_ACCUM: tl.constexpr,
+):
+    """dx of one chunk of a row into DX (+ GRAD_ACCUM), both pointing at the row; GATED: x and up
+    are the row's gate and up halves, and dx goes to both."""
+    if GATED:
+        da = _input_grad(g, xhat, mean_g, mean_gxhat, rstd, x, NORM, ACT_NONE)
+        dgate, dup = gated_activation_grad(da, x, up, IN_ACT)
+        _store_input_grad(DX, GRAD_ACCUM, cols, mask, dgate, HAS_GRAD_ACCUM)
+        _store_input_grad(DX, GRAD_ACCUM, N + cols, mask, dup, HAS_GRAD_ACCUM)
+    else:
+        dx = _input_grad(g, xhat, mean_g, mean_gxhat, rstd, x, NORM, IN_ACT)
+        _store_input_grad(DX, GRAD_ACCUM, cols, mask, dx, HAS_GRAD_ACCUM)
+
+
+@triton.jit
 def _norm_bwd_row_chunk(
     DY,
     X,
@@ -233,6 +264,7 @@ def _norm_bwd_row_chunk(
     """dx for one chunk of a row (DY, X, GRAD_ACCUM and DX point at the row) given the row means;
     returns (dy, xhat) for the dgamma/dbeta partials. GATED: x is the row's gate half."""
     x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
+    up = 0.0  # the up half, when GATED
     if GATED:
         up = tl.load(X + N + cols, mask=mask, other=0.0).to(tl.float32)
         a = gated_activation(x, up, IN_ACT, X.dtype.element_ty)
@@ -244,14 +276,24 @@ def _norm_bwd_row_chunk(
         g = dy
         if HAS_GAMMA:
             g = g * tl.load(GAMMA + cols, mask=mask, other=0.0).to(tl.float32)
-        if GATED:
-            da = _input_grad(g, xhat, mean_g, mean_gxhat, rstd, x, NORM, ACT_NONE)
-            dgate, dup = gated_activation_grad(da, x, up, IN_ACT)
-            _store_input_grad(DX, GRAD_ACCUM, cols, mask, dgate, HAS_GRAD_ACCUM)
-            _store_input_grad(DX, GRAD_ACCUM, N + cols, mask, dup, HAS_GRAD_ACCUM)
-        else:
-            dx = _input_grad(g, xhat, mean_g, mean_gxhat, rstd, x, NORM, IN_ACT)
-            _store_input_grad(DX, GRAD_ACCUM, cols, mask, dx, HAS_GRAD_ACCUM)
+        _store_row_input_grad(
+            DX,
+            GRAD_ACCUM,
+            cols,
+            mask,
+            N,
+            g,
+            xhat,
+            mean_g,
+            mean_gxhat,
+            rstd,
+            x,
+            up,
+            NORM,
+            IN_ACT,
+            GATED,
+            HAS_GRAD_ACCUM,
+        )
     return dy, xhat
 
 
@@ -327,6 +369,7 @@ def _norm_bwd_kernel(
             dx_row += x_off
         if SINGLE:
             x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)  # the gate if GATED
+            up = 0.0  # the up half, when GATED
             if GATED:
                 up = tl.load(x_row + N + cols, mask=mask, other=0.0).to(tl.float32)
                 a = gated_activation(x, up, IN_ACT, X.dtype.element_ty)
@@ -340,14 +383,24 @@ def _norm_bwd_kernel(
                     g = g * gamma
                 mean_g = tl.sum(g, axis=0) / N
                 mean_gxhat = tl.sum(g * xhat, axis=0) / N
-                if GATED:
-                    da = _input_grad(g, xhat, mean_g, mean_gxhat, rstd, x, NORM, ACT_NONE)
-                    dgate, dup = gated_activation_grad(da, x, up, IN_ACT)
-                    _store_input_grad(dx_row, grad_accum_row, cols, mask, dgate, HAS_GRAD_ACCUM)
-                    _store_input_grad(dx_row, grad_accum_row, N + cols, mask, dup, HAS_GRAD_ACCUM)
-                else:
-                    dx = _input_grad(g, xhat, mean_g, mean_gxhat, rstd, x, NORM, IN_ACT)
-                    _store_input_grad(dx_row, grad_accum_row, cols, mask, dx, HAS_GRAD_ACCUM)
+                _store_row_input_grad(
+                    dx_row,
+                    grad_accum_row,
+                    cols,
+                    mask,
+                    N,
+                    g,
+                    xhat,
+                    mean_g,
+                    mean_gxhat,
+                    rstd,
+                    x,
+                    up,
+                    NORM,
+                    IN_ACT,
+                    GATED,
+                    HAS_GRAD_ACCUM,
+                )
             dgamma_acc += dy * xhat
             dbeta_acc += dy
         else:
