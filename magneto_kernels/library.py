@@ -77,12 +77,13 @@ def get_op(op: str, family: str):
 # ---------------------------------------------------------------------------- fake (meta) impls
 
 
-def _rows(x: torch.Tensor) -> int:
+def _row_count(x: torch.Tensor) -> int:
+    """x's rows: its leading dimensions together (x is (*, features))."""
     return math.prod(x.shape[:-1])
 
 
 def _stats(x: torch.Tensor, norm: str) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = _rows(x)
+    rows = _row_count(x)
     mean = x.new_empty((rows if norm == "layer" else 0,), dtype=torch.float32)
     rstd = x.new_empty((rows if norm != "none" else 0,), dtype=torch.float32)
     return mean, rstd

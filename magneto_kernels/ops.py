@@ -135,10 +135,6 @@ def _checked_by_op(backend: str) -> bool:
     return backend in _OP_CHECKS and not torch.compiler.is_compiling()
 
 
-def _check_layer_norm(x, weight, bias, eps, norm) -> None:
-    _check_norm(x, weight, bias, eps, norm)
-
-
 def layer_norm(
     x: Tensor,
     weight: Optional[Tensor],
@@ -155,9 +151,9 @@ def layer_norm(
         try:
             return _OPS["layer_norm", backend](x.contiguous(), weight, bias, float(eps), norm)[0]
         except _REFUSALS:
-            _check_layer_norm(x, weight, bias, eps, norm)
+            _check_norm(x, weight, bias, eps, norm)
             raise
-    _check_layer_norm(x, weight, bias, eps, norm)
+    _check_norm(x, weight, bias, eps, norm)
     if backend == "reference":
         return reference.layer_norm(x, weight, bias, eps, norm=norm)
     return _OPS["layer_norm", backend](x.contiguous(), weight, bias, float(eps), norm)[0]
