@@ -62,7 +62,9 @@ bool records_graph(const Ts&... tensors) {
   return at::GradMode::is_enabled() && (requires_grad(tensors) || ...);
 }
 
+// An optional tensor as a saved tensor (undefined when absent), and back.
 Tensor value_or_undefined(const OptTensor& t) { return t.value_or(Tensor()); }
+OptTensor optional_of(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
 // A gradient the backward op returned: undefined where it was not asked for (the op returns an
 // empty tensor there).
@@ -114,9 +116,8 @@ struct LayerNormFunction : torch::autograd::Function<LayerNormFunction> {
         {needs_grad(ctx, edge[0]), needs_grad(ctx, edge[1]), needs_grad(ctx, edge[2])});
     const std::string norm = ctx->saved_data["norm"].toStringRef();
     auto [dx, dweight, dbias] = layer_norm_backward_op().call(
-        grads[0].contiguous(), x, weight.defined() ? OptTensor(weight) : std::nullopt,
-        bias.defined() ? OptTensor(bias) : std::nullopt, saved[3], saved[4], std::nullopt, norm,
-        mask);
+        grads[0].contiguous(), x, optional_of(weight), optional_of(bias), saved[3], saved[4],
+        std::nullopt, norm, mask);
     return {wanted(dx, mask[0]), wanted(dweight, mask[1]), wanted(dbias, mask[2]), Tensor(),
             Tensor()};
   }
@@ -166,8 +167,7 @@ struct AddLayerNormFunction : torch::autograd::Function<AddLayerNormFunction> {
     const double alpha = ctx->saved_data["alpha"].toDouble();
     // The sum's own gradient (when the sum is used after the op) joins ds in the kernel.
     auto [ds, dweight, dbias] = layer_norm_backward_op().call(
-        grads[0].contiguous(), sum, weight.defined() ? OptTensor(weight) : std::nullopt,
-        bias.defined() ? OptTensor(bias) : std::nullopt, saved[3], saved[4],
+        grads[0].contiguous(), sum, optional_of(weight), optional_of(bias), saved[3], saved[4],
         grads[1].defined() ? OptTensor(grads[1].contiguous()) : std::nullopt, norm, mask);
     Tensor dresidual;
     if (needs_grad(ctx, edge[1])) dresidual = alpha == 1.0 ? ds : ds * alpha;
@@ -246,9 +246,8 @@ struct LnLinearFunction : torch::autograd::Function<LnLinearFunction> {
     variable_list result(13);
     if (mask[0] || mask[1] || mask[2] || mask[3] || mask[4]) {
       auto [dx, dln_weight, dln_bias, dweight, dbias] = ln_linear_backward_op().call(
-          grad_out, x, ln_weight.defined() ? OptTensor(ln_weight) : std::nullopt,
-          ln_bias.defined() ? OptTensor(ln_bias) : std::nullopt, weight, saved[4], saved[5],
-          saved[6], seed.defined() ? OptTensor(seed) : std::nullopt,
+          grad_out, x, optional_of(ln_weight), optional_of(ln_bias), weight, saved[4], saved[5],
+          saved[6], optional_of(seed),
           data["norm"].toStringRef(), data["input_activation"].toStringRef(),
           data["activation"].toStringRef(), data["dropout_p"].toDouble(), mask);
       result[0] = wanted(dx, mask[0]);
