@@ -25,7 +25,12 @@ as the median of per-round differences. Times the ``magneto_kernels`` that Pytho
 it from the checkout to time (``python -m bench.bench_overhead`` puts the working directory
 first on the path).
 
-    python -m bench.bench_overhead [--rounds 15] [--sample-ms 20]
+``--gemm`` times instead the forward GEMM alone at 1-32 rows (the raw op with no norm and no
+activation, i.e. the cpu backend's ``gemm::linear``: the few-row kernel up to 16 rows) against
+``torch.addmm`` on the same tensors, as the median over rounds of the per-round time ratio, for
+the decode shapes K×N = 768×2304, 768×3072, 3072×768 (csrc/cpu/gemm.h quotes it).
+
+    python -m bench.bench_overhead [--rounds 15] [--sample-ms 20] [--gemm]
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 import magneto_kernels as mk
+from magneto_kernels import _C
 from magneto_kernels.backends import FAMILY
 from magneto_kernels.library import get_op
 
@@ -111,6 +117,41 @@ def measure(variants: dict, rounds: int, sample_ms: float) -> dict[str, float]:
     return result
 
 
+GEMM_ROWS = (1, 2, 4, 8, 16, 32)
+GEMM_SHAPES = ((768, 2304), (768, 3072), (3072, 768))  # K, N
+
+
+def gemm_table(rounds: int, sample_ms: float) -> None:
+    """time(cpu backend's forward GEMM) / time(torch.addmm), per rows and shape."""
+    lin = get_op("ln_linear", FAMILY["cpu"])
+    gen = torch.Generator().manual_seed(0)
+    print("| rows | " + " | ".join(f"K={k} N={n}" for k, n in GEMM_SHAPES) + " |")
+    print("|---:|" + "---:|" * len(GEMM_SHAPES))
+    weights = [
+        (torch.randn(n, k, generator=gen), torch.randn(n, generator=gen)) for k, n in GEMM_SHAPES
+    ]
+    for rows in GEMM_ROWS:
+        cells = []
+        for w, wb in weights:
+            x = torch.randn(rows, w.shape[1], generator=gen)
+            variants = {
+                "ours": lambda x=x, w=w, wb=wb: lin(
+                    x, None, None, w, wb, None, None, EPS, "none", "none", "none", 1.0, 0.0
+                ),
+                "addmm": lambda x=x, w=w, wb=wb: torch.addmm(wb, x, w.t()),
+            }
+            torch.testing.assert_close(
+                variants["ours"]()[0], variants["addmm"](), rtol=1e-5, atol=1e-4
+            )
+            calls = max(5, int(sample_ms * 1e3 / per_call_us(variants["addmm"], 5)))
+            ratios = []
+            for _ in range(rounds):
+                t = {name: per_call_us(fn, calls) for name, fn in variants.items()}
+                ratios.append(t["ours"] / t["addmm"])
+            cells.append(f"{statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f})")
+        print(f"| {rows} | " + " | ".join(cells) + " |", flush=True)
+
+
 def revision() -> str:
     root = os.path.dirname(os.path.dirname(os.path.abspath(mk.__file__)))
     try:
@@ -130,6 +171,9 @@ def main() -> None:
     parser.add_argument(
         "--sample-ms", type=float, default=20.0, help="CPU time per variant per round"
     )
+    parser.add_argument(
+        "--gemm", action="store_true", help="the forward GEMM alone against torch.addmm"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     load = os.getloadavg()
@@ -138,6 +182,11 @@ def main() -> None:
         f"torch {torch.__version__}, 1 thread, fp32, {args.rounds} rounds; "
         f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on {os.cpu_count()} CPUs"
     )
+    if args.gemm:
+        print(f"cpu GEMM engine: {_C.cpu_gemm_engine()}; time(ours) / time(torch.addmm), median")
+        print("(min–max) over rounds\n")
+        gemm_table(args.rounds, args.sample_ms)
+        return
     print(
         f"backend=None resolves to {mk.resolve_backend(None, torch.empty(1))!r}; "
         f"times in µs per call (process CPU time), medians over rounds\n"

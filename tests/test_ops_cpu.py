@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from harness import BY_NAME, randn, require_backend
+from harness import BY_NAME, assert_close_to_reference, randn, require_backend
 
 import magneto_kernels as mk
 from magneto_kernels.library import get_op
@@ -244,8 +244,53 @@ def test_gemm_layouts(accumulate):
     assert torch.equal(empty, torch.zeros(4, 3))
 
 
-def test_gemm_engine_is_torchs():
-    assert _C.cpu_gemm_engine() == ("aten (mkl)" if torch.backends.mkl.is_available() else "aten")
+def test_gemm_engine_is_reported():
+    """torch's GEMMs, and the few-row kernel where the build has it (not the portable one)."""
+    engine = "aten (mkl)" if torch.backends.mkl.is_available() else "aten"
+    if _C.cpu_capability() != "default":
+        engine += f"; fp32 linear at 1-{FEW_ROWS_MAX} rows: magneto few-row kernel"
+    assert _C.cpu_gemm_engine() == engine
+
+
+FEW_ROWS_MAX = 16  # csrc/cpu/dispatch.cpp, linear_few_rows_max()
+
+
+def _linear(x, w, b):
+    """The forward GEMM of ln_linear alone (no norm, no activation): gemm::linear."""
+    op = get_op("ln_linear", CPU.family)
+    return op(x, None, None, w, b, None, None, 1e-5, "none", "none", "none", 1.0, 0.0)[0]
+
+
+@pytest.mark.parametrize("k", [37, 200])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_few_row_linear(k, bias):
+    """The decode-size GEMM (kernels.h, linear_few_rows) at every row count up to two past its
+    limit: full row tiles (8 rows on AVX-512, 4 on AVX2) and every edge, an odd number of weight
+    rows (the one-row column edge), k with a vector tail (37; 200 = 12.5 AVX-512 vectors), x with
+    a non-zero mean; judged against float64 as F.linear in fp32 is."""
+    n = 7
+    w = randn(n, k, std=k**-0.5)
+    b = randn(n, mean=0.3) if bias else None
+    for rows in range(1, FEW_ROWS_MAX + 3):
+        x = randn(rows, k, mean=1.0)
+        y64 = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+        same = torch.nn.functional.linear(x, w, b)
+        assert_close_to_reference(_linear(x, w, b), y64, same, f"{rows} rows")
+
+
+def test_few_row_linear_does_not_depend_on_thread_count():
+    """Each output is one fixed-order dot product, whichever thread computes it: the two threads
+    split 300 column tiles here."""
+    x, w, b = randn(FEW_ROWS_MAX, 64, mean=1.0), randn(600, 64), randn(600)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        y2 = _linear(x, w, b)
+        torch.set_num_threads(1)
+        y1 = _linear(x, w, b)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(y1, y2)
 
 
 def test_without_workspace():

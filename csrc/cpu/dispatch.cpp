@@ -5,6 +5,8 @@
 #include <string>
 #include <string_view>
 
+#include <c10/util/Exception.h>
+
 #include "cpu/isa.h"
 #include "cpu/kernels.h"
 
@@ -24,6 +26,12 @@ MAGNETO_DECLARE_KERNELS(baseline)
 #if MAGNETO_CPU_X86_VARIANTS
 MAGNETO_DECLARE_KERNELS(avx512)
 MAGNETO_DECLARE_KERNELS(avx2)
+namespace avx512 {
+void linear_few_rows(const LinearFewRows&);
+}
+namespace avx2 {
+void linear_few_rows(const LinearFewRows&);
+}
 #endif
 #undef MAGNETO_DECLARE_KERNELS
 
@@ -93,6 +101,21 @@ void norm_backward(const NormBackward& a) { MAGNETO_DISPATCH(norm_backward, a) }
 void linear_epilogue(const LinearEpilogue& a) { MAGNETO_DISPATCH(linear_epilogue, a) }
 void linear_epilogue_backward(const LinearEpilogueBackward& a) {
   MAGNETO_DISPATCH(linear_epilogue_backward, a)
+}
+
+// The rows up to which the few-row kernel beats the BLAS, measured at 768-3072 features
+// (csrc/cpu/gemm.h): 16 on both builds that have it.
+int64_t linear_few_rows_max() { return isa() == Isa::kBaseline ? 0 : 16; }
+
+void linear_few_rows(const LinearFewRows& a) {
+#if MAGNETO_CPU_X86_VARIANTS
+  switch (isa()) {
+    case Isa::kAvx512: return avx512::linear_few_rows(a);
+    case Isa::kAvx2: return avx2::linear_few_rows(a);
+    case Isa::kBaseline: break;
+  }
+#endif
+  TORCH_INTERNAL_ASSERT(false, "linear_few_rows: the portable build has no few-row kernel");
 }
 
 void residual_bias_init(DType dtype, int64_t rows, int64_t cols, const void* residual,

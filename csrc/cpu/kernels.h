@@ -132,6 +132,27 @@ struct LinearEpilogueBackward {
 };
 void linear_epilogue_backward(const LinearEpilogueBackward& args);
 
+// y = x @ weight^T + bias (bias optional), float32, for a few rows of x: the decode-size GEMM.
+// Each weight row is read from memory once per 4 or 8 rows of x and dotted with them (x stays in
+// L1/L2), so up to 8 rows run at the memory bandwidth of the weight; BLAS GEMMs pack the weight
+// first, which at 2-16 rows costs more than the arithmetic (csrc/cpu/gemm.h has the
+// measurements). Every output element is one fixed-order dot product, so results do not depend on
+// the number of threads. Only the AVX2 and AVX-512 builds have it: linear_few_rows_max() is the
+// most rows it is used for with the build chosen, 0 for the portable one (whose at::vec is scalar
+// code, 4-6x slower than the BLAS).
+struct LinearFewRows {
+  int64_t rows = 0, in_features = 0, out_features = 0;
+  const float* x = nullptr;  // rows × in_features, row stride x_stride
+  int64_t x_stride = 0;
+  const float* weight = nullptr;  // out_features × in_features, row stride weight_stride
+  int64_t weight_stride = 0;
+  const float* bias = nullptr;
+  float* y = nullptr;  // rows × out_features, row stride y_stride
+  int64_t y_stride = 0;
+};
+void linear_few_rows(const LinearFewRows& args);
+int64_t linear_few_rows_max();
+
 // Which instruction set the kernels run with ("avx512", "avx2" or "default").
 const char* capability();
 
