@@ -21,6 +21,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "native_ops.h"
+
 namespace magneto {
 namespace {
 
@@ -28,30 +30,7 @@ using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-using LayerNormOp = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&,
-                                                       const OptTensor&, double,
-                                                       c10::string_view);
-using LayerNormBackwardOp = std::tuple<Tensor, Tensor, Tensor>(
-    const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const Tensor&,
-    const Tensor&, const OptTensor&, c10::string_view, const c10::List<bool>&);
-using AddLayerNormOp = std::tuple<Tensor, Tensor, Tensor, Tensor>(
-    const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, double, double,
-    c10::string_view);
-using LnLinearOp = std::tuple<Tensor, Tensor, Tensor, Tensor>(
-    const Tensor&, const OptTensor&, const OptTensor&, const Tensor&, const OptTensor&,
-    const OptTensor&, const OptTensor&, double, c10::string_view, c10::string_view,
-    c10::string_view, double, double);
-using LnLinearBackwardOp = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
-    const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const Tensor&,
-    const Tensor&, const Tensor&, const Tensor&, const OptTensor&, c10::string_view,
-    c10::string_view, c10::string_view, double, const c10::List<bool>&);
-
-// magneto::<name>, looked up on first use (library.py defines the schemas when imported).
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
+using namespace native_ops;
 
 bool requires_grad(const Tensor& t) { return t.requires_grad(); }
 bool requires_grad(const OptTensor& t) { return t.has_value() && t->requires_grad(); }
@@ -85,16 +64,6 @@ bool needs_grad(AutogradContext* ctx, int edge) {
 }
 
 // ----------------------------------------------------------------------------------- layer_norm
-
-const auto& layer_norm_op() {
-  static const auto op = find_op<LayerNormOp>("magneto::layer_norm_native");
-  return op;
-}
-
-const auto& layer_norm_backward_op() {
-  static const auto op = find_op<LayerNormBackwardOp>("magneto::layer_norm_backward_native");
-  return op;
-}
 
 struct LayerNormFunction : torch::autograd::Function<LayerNormFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const OptTensor& weight,
@@ -135,11 +104,6 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_autograd(const Tensor& x, const Op
 }
 
 // ------------------------------------------------------------------------------- add_layer_norm
-
-const auto& add_layer_norm_op() {
-  static const auto op = find_op<AddLayerNormOp>("magneto::add_layer_norm_native");
-  return op;
-}
 
 struct AddLayerNormFunction : torch::autograd::Function<AddLayerNormFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& residual,
@@ -194,16 +158,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_layer_norm_autograd(
 }
 
 // ------------------------------------------------------------------------------------ ln_linear
-
-const auto& ln_linear_op() {
-  static const auto op = find_op<LnLinearOp>("magneto::ln_linear_native");
-  return op;
-}
-
-const auto& ln_linear_backward_op() {
-  static const auto op = find_op<LnLinearBackwardOp>("magneto::ln_linear_backward_native");
-  return op;
-}
 
 struct LnLinearFunction : torch::autograd::Function<LnLinearFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const OptTensor& ln_weight,

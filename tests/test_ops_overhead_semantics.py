@@ -76,6 +76,44 @@ def test_fake_tensors_take_the_no_grad_path():
     assert out.shape == (2, 3, 24)
 
 
+class _LogFunctions(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+class _LogDispatch(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mode", [_LogFunctions, _LogDispatch])
+@pytest.mark.parametrize("op", ["layer_norm", "add_layer_norm", "ln_linear"])
+def test_python_modes_see_the_op(op, mode):
+    """The native ops are called through the extension's typed calls (ops._DIRECT) only where
+    that changes nothing: a torch function mode (e.g. ``with torch.device(...)``) or a tensor
+    subclass with __torch_function__ gets the torch.ops call, and a dispatch mode sees the op at
+    the dispatcher either way; the results are the same."""
+    gen = torch.Generator().manual_seed(2)
+    x, res = torch.randn(3, 16, generator=gen), torch.randn(3, 16, generator=gen)
+    call = _calls(x, res, _params(False))[op]
+    plain = call()
+    with mode() as log:
+        logged = call()
+    assert f"magneto.{op}_native.default" in log.seen, log.seen
+    for a, b in zip(*(o if isinstance(o, tuple) else (o,) for o in (plain, logged))):
+        assert torch.equal(a, b)
+
+
 def test_compile_inference_fullgraph_matches_eager():
     x = torch.randn(2, 3, 16)
     params = _params(False)
