@@ -3,7 +3,9 @@
 For ``ln_linear``, ``layer_norm`` and ``add_layer_norm`` at 1 and 8 rows of width 768 (ln_linear
 768→768 and 768→2304) and at 1 row of width 64, fp32, one thread, each timed per call as:
 
-- raw:    the family's ``torch.ops.magneto.<op>_<family>`` op on the ready (rows, cols) matrix;
+- ops:    the family's ``torch.ops.magneto.<op>_<family>`` op on the ready (rows, cols) matrix;
+- raw:    the same op through the extension's typed call (``_C.call_<op>``), which the public
+          function uses for the cpu backend: the kernel call with nothing around it;
 - public: ``magneto_kernels.<op>`` on x of shape (1, rows, cols), as the modules pass it
           (checks, backend choice and the call included), with ``backend=None``
           so the ``MAGNETO_BACKEND`` lookup and the default order are timed too;
@@ -70,19 +72,22 @@ def cases(rows: int, width: int, out_features: int, grad: bool) -> dict[str, dic
     ln, add_ln, lin = (get_op(op, family) for op in ("layer_norm", "add_layer_norm", "ln_linear"))
     return {
         "ln_linear": {
-            "raw": lambda: ln_linear_raw(lin, x2, g, b, w, wb),
+            "ops": lambda: ln_linear_raw(lin, x2, g, b, w, wb),
+            "raw": lambda: ln_linear_raw(_C.call_ln_linear, x2, g, b, w, wb),
             "public": lambda: mk.ln_linear(x, g, b, w, wb),
             "public_2d": lambda: mk.ln_linear(x2, g, b, w, wb),
             "eager": lambda: F.linear(F.layer_norm(x, (width,), g, b, EPS), w, wb),
         },
         "layer_norm": {
-            "raw": lambda: ln(x2, g, b, EPS, "layer"),
+            "ops": lambda: ln(x2, g, b, EPS, "layer"),
+            "raw": lambda: _C.call_layer_norm(x2, g, b, EPS, "layer"),
             "public": lambda: mk.layer_norm(x, g, b, EPS),
             "public_2d": lambda: mk.layer_norm(x2, g, b, EPS),
             "eager": lambda: F.layer_norm(x, (width,), g, b, EPS),
         },
         "add_layer_norm": {
-            "raw": lambda: add_ln(x2, res2, g, b, EPS, 1.0, "layer"),
+            "ops": lambda: add_ln(x2, res2, g, b, EPS, 1.0, "layer"),
+            "raw": lambda: _C.call_add_layer_norm(x2, res2, g, b, EPS, 1.0, "layer"),
             "public": lambda: mk.add_layer_norm(x, res, g, b, EPS),
             "public_2d": lambda: mk.add_layer_norm(x2, res2, g, b, EPS),
             "eager": lambda: F.layer_norm(res + x, (width,), g, b, EPS),
@@ -192,10 +197,10 @@ def main() -> None:
         f"times in µs per call (process CPU time), medians over rounds\n"
     )
     print(
-        "| op | rows×K→N | grad | raw | public | public 2-D | eager | public − raw "
+        "| op | rows×K→N | grad | torch.ops | raw | public | public 2-D | eager | public − raw "
         "(spread) | public / eager |"
     )
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for rows, width, out_features in SIZES:
         for grad in (False, True):
             for op, variants in cases(rows, width, out_features, grad).items():
@@ -203,7 +208,8 @@ def main() -> None:
                     r = measure(variants, args.rounds, args.sample_ms)
                 size = f"{rows}×{width}" + (f"→{out_features}" if op == "ln_linear" else "")
                 print(
-                    f"| {op} | {size} | {'yes' if grad else 'no_grad'} | {r['raw']:.1f} | "
+                    f"| {op} | {size} | {'yes' if grad else 'no_grad'} | {r['ops']:.1f} | "
+                    f"{r['raw']:.1f} | "
                     f"{r['public']:.1f} | {r['public_2d']:.1f} | {r['eager']:.1f} | "
                     f"{r['overhead']:+.1f} ({r['spread']:.1f}) | "
                     f"{r['public'] / r['eager']:.2f} |",
