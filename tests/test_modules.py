@@ -3,6 +3,7 @@
 Everything runs on CPU on the pure-PyTorch reference backend of ``magneto_kernels``.
 """
 
+import copy
 import io
 import math
 
@@ -328,6 +329,65 @@ def test_incremental_decoding_equals_full_causal_decoding(scheme, positions):
         state["is_first_step"] = False
         rest = [model(tokens[:, : t + 1], incremental_state=state)[0] for t in range(4, 7)]
         assert_close(torch.cat([prefix, *rest], dim=1), full, RTOL[torch.float32])
+
+
+def _layer_caches(state):
+    return [s for s in state.values() if isinstance(s, dict)]
+
+
+def test_kv_cache_grows_in_place():
+    """Decoding steps write their keys and values into room after the cache
+    (attention._KVRoom) instead of copying it: the storage stays put between steps, a view an
+    earlier step returned keeps its values, a state copied at some step (dict by dict, or
+    deep-copied) and decoded on separately stays right on every branch, and a cache reordered
+    as torchscale's beam search does (index_select) is taken as given. Every step is checked
+    against the full causal pass."""
+    torch.manual_seed(0)
+    model = _randomize(magneto.Decoder(_config(vocab_size=30, padding_idx=1))).eval()
+    tokens = torch.randint(2, 30, (3, 9))
+    other = torch.cat([tokens[:, :4], torch.randint(2, 30, (3, 5))], dim=1)
+
+    def check(seq, state, t):
+        step = model(seq[:, : t + 1], incremental_state=state)[0]
+        assert_close(step[:, -1], model(seq[:, : t + 1])[0][:, -1], RTOL[torch.float32])
+
+    with torch.no_grad():
+        state = {}
+        for t in range(4):
+            check(tokens, state, t)
+        storage = [c["prev_key"].untyped_storage().data_ptr() for c in _layer_caches(state)]
+        kept = [(c["prev_key"], c["prev_key"].clone()) for c in _layer_caches(state)]
+        branch = {i: dict(c) if isinstance(c, dict) else c for i, c in state.items()}
+        copied = copy.deepcopy(state)
+        for t in range(4, 9):
+            check(tokens, state, t)
+            check(other, branch, t)
+            check(other, copied, t)
+        after = [c["prev_key"].untyped_storage().data_ptr() for c in _layer_caches(state)]
+        assert after == storage, "the cache was copied instead of extended in place"
+        for view, values in kept:
+            assert torch.equal(view, values)
+        order = torch.tensor([2, 0, 1])
+        for cache in _layer_caches(state):
+            for name in ("prev_key", "prev_value"):
+                cache[name] = cache[name].index_select(0, order)
+        extended = torch.cat([tokens[order], torch.randint(2, 30, (3, 1))], dim=1)
+        check(extended, state, 9)
+
+
+def test_kv_cache_is_copied_when_recording_a_graph():
+    """With gradients the cache is concatenated as torchscale does (no in-place writes into
+    tensors a backward may have saved): gradients through two decoding steps match the full
+    pass's."""
+    torch.manual_seed(0)
+    model = _randomize(magneto.Decoder(_config(vocab_size=30, padding_idx=1))).eval()
+    tokens = torch.randint(2, 30, (2, 2))
+    state = {}
+    steps = [model(tokens[:, : t + 1], incremental_state=state)[0] for t in range(2)]
+    weight = model.layers[0].self_attn.in_proj_weight
+    (grad,) = torch.autograd.grad(torch.cat(steps, dim=1).square().sum(), weight)
+    (want,) = torch.autograd.grad(model(tokens)[0].square().sum(), weight)
+    assert_close(grad, want, RTOL[torch.float32])
 
 
 def test_incremental_decoding_with_cross_attention(monkeypatch):
