@@ -6,17 +6,20 @@ sides hold identical weights), Sub-LN, fp32, ``torch.no_grad``, ``eval()``:
 - decoder-only: ``Decoder``, 12 layers, d=768, 12 heads, FFN 3072;
 - encoder-decoder: ``EncoderDecoder``, 6 + 6 layers of the same width, a 64-token source.
 
-Each decodes ``--tokens`` tokens greedily from a 4-token prompt for a batch of 1 and of 8
-sequences, calling the model on the growing prefix with ``incremental_state`` as torchscale's
-generation loop does (the decoder embeds only the last token). magneto's cross-attention keeps
-the encoder output's keys and values in the state after the first step; torchscale projects
-them again at every step. Both sides must pick the same tokens (checked).
+Each decodes ``--tokens`` tokens greedily after a ``--prompt``-token prompt (default 4) for a
+batch of 1 and of 8 sequences: the prompt in one causal call that caches its keys and values
+(``incremental_state["is_first_step"] = True``), then the growing prefix with
+``incremental_state`` as torchscale's generation loop calls it (the decoder embeds only the
+last token). torchscale concatenates each layer's cache with the new keys and values at every
+step; magneto writes them into room after it (``magneto.attention._KVRoom``). magneto's
+cross-attention keeps the encoder output's keys and values in the state after the first step;
+torchscale projects them again at every step. Both sides must pick the same tokens (checked).
 
 The timings are interleaved rounds (``magneto.report.harness.interleaved``), one generation of
 each side per round; the ratio is magneto's time over torchscale's, the median of the per-round
 ratios with their range. Run it from the checkout:
 
-    python -m bench.bench_decode [--rounds 7] [--tokens 16] [--threads 2]
+    python -m bench.bench_decode [--rounds 7] [--tokens 16] [--prompt 4] [--threads 2]
 """
 
 from __future__ import annotations
@@ -61,8 +64,9 @@ def _models(kind: str):
 
 
 def _generate(model, kind: str, prompt: torch.Tensor, tokens: int, source: torch.Tensor):
-    """Greedy tokens after ``prompt``: the model called on the growing prefix with a cache."""
-    state, out = {}, prompt
+    """Greedy tokens after ``prompt``: the prompt cached in one call, then the model called on
+    the growing prefix with the cache."""
+    state, out = {"is_first_step": True}, prompt
     with torch.no_grad():
         decoder = model if kind == "decoder" else model.decoder
         enc = None if kind == "decoder" else model.encoder(source)
@@ -71,6 +75,7 @@ def _generate(model, kind: str, prompt: torch.Tensor, tokens: int, source: torch
                 logits = decoder(out, incremental_state=state)[0]
             else:
                 logits = decoder(out, encoder_out=enc, incremental_state=state)[0]
+            state["is_first_step"] = False
             out = torch.cat([out, logits[:, -1:].argmax(-1)], dim=1)
     return out[:, prompt.shape[1] :]
 
@@ -79,19 +84,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--prompt", type=int, default=4, help="prompt tokens, cached in one call")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     timer = harness.cpu_timer(args.threads)
     backend = magneto_kernels.resolve_backend(None, torch.empty(0))
-    print(f"# Greedy decoding, {args.tokens} tokens, magneto ({backend}) / torchscale")
+    print(
+        f"# Greedy decoding, {args.tokens} tokens after a {args.prompt}-token prompt, "
+        f"magneto ({backend}) / torchscale"
+    )
     print(f"\n{harness.cpu_model()}, {args.threads} threads, {timer.clock}, {args.rounds} rounds\n")
     rows = []
     for kind in ("decoder", "encoder_decoder"):
         theirs, ours = _models(kind)
         for batch in (1, 8):
             gen = torch.Generator().manual_seed(batch)
-            prompt = torch.randint(2, VOCAB, (batch, 4), generator=gen)
+            prompt = torch.randint(2, VOCAB, (batch, args.prompt), generator=gen)
             source = torch.randint(2, VOCAB, (batch, 64), generator=gen)
             picked = [_generate(m, kind, prompt, args.tokens, source) for m in (ours, theirs)]
             same = torch.equal(*picked)

@@ -5,8 +5,11 @@ Same constructor arguments, forward call, result and ``incremental_state`` forma
 ``prev_key``/``prev_value`` (batch, heads, length, head_dim), plus an optional
 ``"is_first_step"`` flag. Without the flag each call feeds the whole prefix as
 ``prev_output_tokens`` and only its last token is computed; with it the whole prefix is
-computed (causally) and cached. Cross-attention keys/values are recomputed each step, as in
-torchscale.
+computed (causally) and cached. Unlike torchscale, each layer's ``prev_key``/``prev_value`` are
+views of buffers with room after them, which later steps write into instead of copying the
+cache (``magneto.attention._KVRoom``; without gradients), and cross-attention projects the
+encoder output to keys and values once per sequence, keeping them in the layer's state under
+``"encoder_attn"`` (torchscale recomputes them at every step).
 """
 
 from __future__ import annotations
