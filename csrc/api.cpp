@@ -507,31 +507,36 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, "csrc/common.h's tables: {'norms': {name: code}, 'activations': {name: code},"
      " 'gated_activations': {name: gate's activation}, 'philox': {constant: value}}, for tests to check against magneto_kernels/codes.py.");
   // The native ops called through their typed handles: what torch.ops.magneto.<op>_native
-  // does, without boxing the arguments (~4 µs of a decode-size call; bench/bench_overhead.py).
-  // magneto_kernels/ops.py calls these for plain tensors outside torch.compile.
+  // does, without boxing the arguments (~2-5 µs of a decode-size call;
+  // bench/bench_overhead.py), and like it with torch's error and warning translation and the
+  // GIL released. magneto_kernels/ops.py calls these for plain tensors outside torch.compile.
   using magneto::native_ops::OptTensor;
   using at::Tensor;
   m.def("call_layer_norm",
-        [](const Tensor& x, const OptTensor& weight, const OptTensor& bias, double eps,
-           const std::string& norm) {
+        torch::wrap_pybind_function_no_gil([](const Tensor& x, const OptTensor& weight,
+                                              const OptTensor& bias, double eps,
+                                              const std::string& norm) {
           return magneto::native_ops::layer_norm_op().call(x, weight, bias, eps, norm);
-        });
+        }));
   m.def("call_add_layer_norm",
-        [](const Tensor& x, const Tensor& residual, const OptTensor& weight,
-           const OptTensor& bias, double eps, double alpha, const std::string& norm) {
+        torch::wrap_pybind_function_no_gil([](const Tensor& x, const Tensor& residual,
+                                              const OptTensor& weight, const OptTensor& bias,
+                                              double eps, double alpha,
+                                              const std::string& norm) {
           return magneto::native_ops::add_layer_norm_op().call(x, residual, weight, bias, eps,
                                                                alpha, norm);
-        });
+        }));
   m.def("call_ln_linear",
-        [](const Tensor& x, const OptTensor& ln_weight, const OptTensor& ln_bias,
-           const Tensor& weight, const OptTensor& bias, const OptTensor& residual,
-           const OptTensor& seed, double eps, const std::string& norm,
-           const std::string& input_activation, const std::string& activation, double alpha,
-           double dropout_p) {
-          return magneto::native_ops::ln_linear_op().call(
-              x, ln_weight, ln_bias, weight, bias, residual, seed, eps, norm, input_activation,
-              activation, alpha, dropout_p);
-        });
+        torch::wrap_pybind_function_no_gil(
+            [](const Tensor& x, const OptTensor& ln_weight, const OptTensor& ln_bias,
+               const Tensor& weight, const OptTensor& bias, const OptTensor& residual,
+               const OptTensor& seed, double eps, const std::string& norm,
+               const std::string& input_activation, const std::string& activation, double alpha,
+               double dropout_p) {
+              return magneto::native_ops::ln_linear_op().call(
+                  x, ln_weight, ln_bias, weight, bias, residual, seed, eps, norm,
+                  input_activation, activation, alpha, dropout_p);
+            }));
   m.def("cpu_capability", []() { return std::string(magneto::cpu::capability()); },
         "The instruction set the CPU kernels run with: 'avx512', 'avx2' or 'default'.");
   m.def("cpu_isas", []() { return magneto::cpu::supported_isas(); },

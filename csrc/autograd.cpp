@@ -26,8 +26,8 @@
 namespace magneto {
 namespace {
 
-using at::Tensor;
-using OptTensor = std::optional<Tensor>;
+using native_ops::OptTensor;
+using native_ops::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using namespace native_ops;

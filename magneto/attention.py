@@ -31,6 +31,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 import magneto_kernels
 from magneto.config import MagnetoConfig
@@ -44,21 +45,20 @@ _PACKED = ("q_proj", "k_proj", "v_proj")
 class _KVRoom:
     """Cached keys and values with room to grow, so that a decoding step writes only its new
     positions instead of copying the whole cache (torch.cat: O(length) per step, O(length²) per
-    sequence; at 8 rows over 256 cached tokens the copy was a quarter of a decoder layer's step).
+    sequence; at 8 rows over 256 cached tokens the copy took half of a decoder layer's step).
 
     ``prev_key``/``prev_value`` are views of the first ``length`` positions of two buffers of
-    ``capacity`` positions; each view carries its room (attribute ``ATTR``). A step extends in
-    place only if the cache it is given is the room's latest pair of views: anything else (a
-    caller's tensors, torchscale's reordered copies, an older view shared by a copied dict,
-    another dtype) starts a new room, copying what it is given. Positions a view covers are
-    never written again, so earlier views keep their values. Capacity doubles when full.
+    ``capacity`` positions (``_ROOMS`` maps the views to their room, weakly; a deep copy or a
+    saved state holds plain tensors). A step extends in place only if the cache it is given is the
+    room's latest pair of views and the new positions fit; anything else (a caller's tensors,
+    torchscale's reordered copies, an older view shared by a copied dict, another dtype, a full
+    room) starts a new room, copying what it is given, with half as much room again. Positions
+    a view covers are never written again, so earlier views keep their values.
     """
 
-    ATTR = "_magneto_kv_room"
-
     def __init__(self, prev_k: Optional[Tensor], prev_v: Optional[Tensor], k: Tensor, v: Tensor):
-        length = 0 if prev_k is None else prev_k.shape[2]
-        capacity = max(16, 2 * (length + k.shape[2]))
+        need = k.shape[2] + (0 if prev_k is None else prev_k.shape[2])
+        capacity = need + max(16, need // 2)
         self.key = k.new_empty((*k.shape[:2], capacity, k.shape[3]))
         self.value = v.new_empty((*v.shape[:2], capacity, v.shape[3]))
         self.length = 0
@@ -71,13 +71,13 @@ class _KVRoom:
         self.value[:, :, start : self.length].copy_(v)
         views = self.key[:, :, : self.length], self.value[:, :, : self.length]
         for view in views:
-            setattr(view, self.ATTR, self)
+            _ROOMS[view] = self
         return views
 
     def _takes(self, prev_k: Tensor, prev_v: Tensor, k: Tensor, v: Tensor) -> bool:
         """Whether (prev_k, prev_v) are this room's latest views and k, v fit after them."""
         return (
-            getattr(prev_v, self.ATTR, None) is self
+            _ROOMS.get(prev_v) is self
             and prev_k.shape[2] == self.length == prev_v.shape[2]
             and self.length + k.shape[2] <= self.key.shape[2]
             and k.shape[:2] == self.key.shape[:2]
@@ -87,6 +87,8 @@ class _KVRoom:
             and k.dtype == self.key.dtype
             and v.dtype == self.value.dtype
             and k.device == self.key.device
+            # buffers made under inference_mode take in-place writes only inside it
+            and (not self.key.is_inference() or torch.is_inference_mode_enabled())
         )
 
     @classmethod
@@ -94,10 +96,13 @@ class _KVRoom:
         cls, prev_k: Optional[Tensor], prev_v: Optional[Tensor], k: Tensor, v: Tensor
     ) -> tuple[Tensor, Tensor]:
         """The cache (prev_k, prev_v) followed by (k, v) along the positions, as views."""
-        room = None if prev_k is None else getattr(prev_k, cls.ATTR, None)
+        room = None if prev_k is None else _ROOMS.get(prev_k)
         if room is None or not room._takes(prev_k, prev_v, k, v):
             room = cls(prev_k, prev_v, k, v)
         return room._write(k, v)
+
+
+_ROOMS = WeakIdKeyDictionary()  # cache view -> its _KVRoom, while the view lives
 
 
 class MultiheadAttention(nn.Module):
@@ -251,7 +256,8 @@ class MultiheadAttention(nn.Module):
             return k, v
         prev_k, prev_v = incremental_state.get("prev_key"), incremental_state.get("prev_value")
         if torch.compiler.is_compiling() or (
-            torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)
+            torch.is_grad_enabled()
+            and any(t is not None and t.requires_grad for t in (k, v, prev_k, prev_v))
         ):
             # Traced or differentiated: torchscale's copy, no in-place writes.
             if prev_k is not None:

@@ -78,6 +78,7 @@ _DIRECT = (
     else {op: getattr(_C, "call_" + op) for op in ("layer_norm", "add_layer_norm", "ln_linear")}
 )
 _has_torch_function = torch._C._has_torch_function
+assert SELF_CHECKING_FAMILIES == ("native",), "_DIRECT holds the native family's calls only"
 
 
 def _direct(op: str, backend: str, args: tuple):

@@ -375,6 +375,25 @@ def test_kv_cache_grows_in_place():
         check(extended, state, 9)
 
 
+def test_kv_cache_across_inference_mode():
+    """A cache made under torch.inference_mode (inference tensors, which take in-place writes
+    only inside it) continues under no_grad, and the other way round."""
+    torch.manual_seed(0)
+    model = _randomize(magneto.Decoder(_config(vocab_size=30, padding_idx=1))).eval()
+    tokens = torch.randint(2, 30, (2, 6))
+    with torch.no_grad():
+        full = model(tokens)[0]
+    for first, then in (
+        (torch.inference_mode, torch.no_grad),
+        (torch.no_grad, torch.inference_mode),
+    ):
+        state, steps = {}, []
+        for t in range(6):
+            with first() if t < 3 else then():
+                steps.append(model(tokens[:, : t + 1], incremental_state=state)[0])
+        assert_close(torch.cat(steps, dim=1), full, RTOL[torch.float32])
+
+
 def test_kv_cache_is_copied_when_recording_a_graph():
     """With gradients the cache is concatenated as torchscale does (no in-place writes into
     tensors a backward may have saved): gradients through two decoding steps match the full

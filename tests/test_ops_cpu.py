@@ -281,6 +281,8 @@ def test_few_row_linear(k, bias):
 def test_few_row_linear_does_not_depend_on_thread_count():
     """Each output is one fixed-order dot product, whichever thread computes it: the two threads
     split 300 column tiles here."""
+    if _C.cpu_capability() == "default":
+        pytest.skip("the portable build has no few-row kernel (MKL runs these rows)")
     x, w, b = randn(FEW_ROWS_MAX, 64, mean=1.0), randn(600, 64), randn(600)
     threads = torch.get_num_threads()
     try:

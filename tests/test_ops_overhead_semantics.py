@@ -114,6 +114,33 @@ def test_python_modes_see_the_op(op, mode):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("op", ["layer_norm", "add_layer_norm", "ln_linear"])
+def test_plain_calls_take_the_typed_call(op, monkeypatch):
+    """Plain tensors outside torch.compile reach the op through _C.call_<op> (ops._DIRECT), with
+    and without a graph."""
+    from magneto_kernels import ops
+
+    calls = []
+    direct = ops._DIRECT[op]
+    monkeypatch.setitem(ops._DIRECT, op, lambda *args: calls.append(op) or direct(*args))
+    gen = torch.Generator().manual_seed(3)
+    x, res = torch.randn(3, 16, generator=gen), torch.randn(3, 16, generator=gen)
+    for grad in (False, True):
+        _calls(x, res, _params(grad))[op]()
+    assert calls == [op, op]
+
+
+def test_typed_calls_raise_the_ops_errors():
+    """torch's error translation, as torch.ops has it: the op's checks raise ValueError."""
+    from magneto_kernels import _C
+
+    x = torch.randn(3, 16)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        _C.call_layer_norm(x, torch.ones(4), None, 1e-5, "layer")
+    with pytest.raises(ValueError, match="residual"):
+        _C.call_add_layer_norm(x, torch.ones(3, 4), None, None, 1e-5, 1.0, "layer")
+
+
 def test_compile_inference_fullgraph_matches_eager():
     x = torch.randn(2, 3, 16)
     params = _params(False)

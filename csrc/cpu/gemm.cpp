@@ -10,13 +10,15 @@ using at::Tensor;
 std::string engine() {
   std::string name = at::hasMKL() ? "aten (mkl)" : "aten";
   const int64_t few = linear_few_rows_max();
-  if (few > 0) name += "; fp32 linear at 1-" + std::to_string(few) + " rows: magneto few-row kernel";
+  if (few > 0) {
+    name += "; fp32 linear at 1-" + std::to_string(few) + " rows: magneto few-row kernel";
+  }
   return name;
 }
 
 Tensor linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias) {
   const int64_t rows = x.size(0);
-  if (x.scalar_type() != at::kFloat || rows > linear_few_rows_max()) {
+  if (x.scalar_type() != at::kFloat || rows == 0 || rows > linear_few_rows_max()) {
     return bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
   }
   Tensor y = new_tensor({rows, weight.size(0)}, x.options());

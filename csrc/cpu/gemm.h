@@ -19,7 +19,10 @@
 //   K×N = 768×2304, 768×3072, 3072×768; bench/results/gemm-rows-cpu.md):
 //     AVX-512: 1-2 rows 0.99-1.02, 4 rows 0.56, 8 rows 0.43-0.50, 16 rows 0.72-0.84;
 //     AVX2 (MKL held to AVX2): 1 row 1.00, 2 rows 0.59-0.62, 4 rows 0.54, 8 rows 0.61-0.67,
-//              16 rows 0.86-0.89; at 32 rows it was 0.96-1.15 on both, so those stay with MKL.
+//              16 rows 0.86-0.89.
+//   With two threads (AVX-512, 768x3072 and 3072x768): 1 row 0.98-1.00, 4 rows 0.63, 8 rows
+//   0.50-0.52, 16 rows 0.75-0.84. A build that ran the kernel at 32 rows measured 0.96-1.15
+//   there (one thread), so 17 rows and more stay with MKL.
 //   The portable build's at::vec is scalar code (4-6x slower than MKL), so it keeps at::addmm.
 #pragma once
 
