@@ -41,6 +41,11 @@ Tensor run_ln_linear_backward(const Tensor&, const Tensor&, const OptTensor&, co
   unavailable();
 }
 
+// The CPU GEMM engine (csrc/cpu/gemm.cpp, which the emulated CUDA orchestration uses) keeps
+// torch's GEMM at every size here.
+int64_t linear_few_rows_max() { return 0; }
+void linear_few_rows(const LinearFewRows&) { unavailable(); }
+
 const char* capability() { return "none"; }
 
 // No CPU kernel builds to choose among here: MAGNETO_CPU_ISA concerns magneto_kernels._C.
