@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 import magneto_kernels as mk
+from magneto.report import harness
 from magneto_kernels import _C
 from magneto_kernels.backends import FAMILY
 from magneto_kernels.library import get_op
@@ -149,11 +150,12 @@ def gemm_table(rounds: int, sample_ms: float) -> None:
                 variants["ours"]()[0], variants["addmm"](), rtol=1e-5, atol=1e-4
             )
             calls = max(5, int(sample_ms * 1e3 / per_call_us(variants["addmm"], 5)))
-            ratios = []
-            for _ in range(rounds):
-                t = {name: per_call_us(fn, calls) for name, fn in variants.items()}
-                ratios.append(t["ours"] / t["addmm"])
-            cells.append(f"{statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f})")
+            samples = {
+                name: (lambda fn=fn: [fn() for _ in range(calls)]) for name, fn in variants.items()
+            }
+            times = harness.interleaved(samples, rounds, harness.cpu_timer(1), warmup=1)
+            r = harness.ratio_stats(times["ours"], times["addmm"])
+            cells.append(f"{r.median:.2f} ({r.lo:.2f}–{r.hi:.2f})")
         print(f"| {rows} | " + " | ".join(cells) + " |", flush=True)
 
 
