@@ -28,14 +28,15 @@ $(STAMPS)/deps: Makefile
 	$(PIP) install -q --no-deps torchscale==0.3.0
 	@mkdir -p $(@D) && touch $@
 
-# The newest Triton setup.py admits, in a venv on top of this Python's packages (the oldest,
-# TRITON_OLDEST, is the one installed above): the Triton kernels are tested under both.
+# The newest Triton setup.py admits, installed into a folder of its own and put first on
+# PYTHONPATH for its stage (the oldest, TRITON_OLDEST, is the one installed above): the Triton
+# kernels are tested under both. A folder, not a nested venv: a venv made from inside a venv
+# sees the base interpreter's packages, not the outer venv's (no torch there).
 TRITON_NEWEST := 3.9.0
-TRITON_NEWEST_VENV := .venv-triton-$(TRITON_NEWEST)
+TRITON_NEWEST_DIR := .triton-$(TRITON_NEWEST)
 $(STAMPS)/triton-newest: $(STAMPS)/deps
-	$(PYTHON) -m venv --system-site-packages $(TRITON_NEWEST_VENV)
-	$(TRITON_NEWEST_VENV)/bin/python -m pip --disable-pip-version-check install -q \
-		triton==$(TRITON_NEWEST)
+	rm -rf $(TRITON_NEWEST_DIR)
+	$(PIP) install -q --no-deps --target $(TRITON_NEWEST_DIR) triton==$(TRITON_NEWEST)
 	@touch $@
 
 # MAGNETO_BUILD_CUDA_EMU=1: also magneto_kernels._C_emu, the CUDA kernels built for the CPU
@@ -61,7 +62,9 @@ report: setup
 test: setup lint $(STAMPS)/triton-newest
 	$(PYTEST) -q
 	@echo "== Triton kernels under Triton $(TRITON_NEWEST)"
-	TRITON_INTERPRET=1 $(TRITON_NEWEST_VENV)/bin/python -m pytest -q -p no:cacheprovider \
+	PYTHONPATH=$(TRITON_NEWEST_DIR)$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) -c \
+		"import triton; assert triton.__version__ == '$(TRITON_NEWEST)', triton.__version__"
+	PYTHONPATH=$(TRITON_NEWEST_DIR)$${PYTHONPATH:+:$$PYTHONPATH} $(PYTEST) -q -p no:cacheprovider \
 		tests/test_ops.py tests/test_ops_triton.py tests/test_triton_compile.py \
 		-k "triton or compile"
 	@echo "== op suite on the emulated CUDA backend"
@@ -111,5 +114,5 @@ gpu-check:
 	OUT=$(or $(OUT),bench/results/gpu) bash bench/gpu_check.sh
 
 clean:
-	rm -rf .stamps build *.egg-info magneto_kernels/_C*.so .pytest_cache .ruff_cache .venv-triton-*
+	rm -rf .stamps build *.egg-info magneto_kernels/_C*.so .pytest_cache .ruff_cache .triton-*
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
