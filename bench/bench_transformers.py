@@ -27,12 +27,14 @@ import copy
 import os
 import statistics
 import time
+import types
 
 import torch
 import transformers
 
 import magneto_kernels
 from magneto.integrations import transformers as mt
+from magneto.integrations.transformers._projections import project
 from magneto.profiling import saved_tensor_bytes
 
 FAMILIES = ("llama", "bitnet", "kosmos2", "kosmos2_5")
@@ -137,13 +139,17 @@ def bench_concat(args, device: torch.device, sync) -> list[dict]:
     """One ln_linear on cat(gate, up) weights vs two calls and a cat of their outputs."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    mt.replacements("llama")  # registers LlamaRMSNorm as a norm the ops recompute
     torch.manual_seed(0)
     norm = LlamaRMSNorm(args.hidden).to(device)
     linears = [torch.nn.Linear(args.hidden, args.ffn, bias=False).to(device) for _ in range(2)]
-    options = {
-        "concat": mt.MagnetoOptions(backend=args.backend, concat_min_rows=0),
-        "separate": mt.MagnetoOptions(backend=args.backend, concat_min_rows=2**62),
+    # What project() reads of the patched module making the call: its options and the family's
+    # RMSNorm class.
+    callers = {
+        name: types.SimpleNamespace(
+            _magneto_options=mt.MagnetoOptions(backend=args.backend, concat_min_rows=rows),
+            _rms_norm=LlamaRMSNorm,
+        )
+        for name, rows in (("concat", 0), ("separate", 2**62))
     }
     rows_list = (1, 4, 16, 64, 256, 1024)
     results = []
@@ -151,29 +157,29 @@ def bench_concat(args, device: torch.device, sync) -> list[dict]:
         for rows in rows_list:
             x = torch.randn(rows, args.hidden, device=device, requires_grad=grad)
 
-            def run(opts, x=x, grad=grad):
+            def run(caller, x=x, grad=grad):
                 with torch.set_grad_enabled(grad):
-                    y = mt._project(x, norm, linears, opts, concat=True)
+                    y = project(caller, x, norm, linears, concat=True)
                     if grad:
                         y.sum().backward()
 
             calls = max(2, 256 // rows)
-            times = {name: [] for name in options}
+            times = {name: [] for name in callers}
             for round_ in range(args.warmup + args.rounds):
-                for name, opts in options.items():
+                for name, caller in callers.items():
                     sync()
                     start = time.perf_counter()
                     for _ in range(calls):
-                        run(opts)
+                        run(caller)
                     sync()
                     if round_ >= args.warmup:
                         times[name].append((time.perf_counter() - start) / calls * 1e6)
             median = {name: statistics.median(t) for name, t in times.items()}
             saved = {}
-            for name, opts in options.items():
+            for name, caller in callers.items():
                 with torch.set_grad_enabled(grad):
                     saved[name], _ = saved_tensor_bytes(
-                        lambda opts=opts, x=x: mt._project(x, norm, linears, opts, concat=True),
+                        lambda caller=caller, x=x: project(caller, x, norm, linears, concat=True),
                         exclude=[x, norm.weight, *(linear.weight for linear in linears)],
                     )
             results.append({"grad": grad, "rows": rows, **median, "saved": saved})

@@ -1,0 +1,136 @@
+"""What the tests of magneto.integrations.transformers share: tiny random models of each family,
+the patched/unpatched pair, inputs, the closeness check and the count of fused calls.
+
+Tiny random configs (hidden 64, 2 layers, vocab 100, dropouts 0 unless a test is about
+dropout), float32: logits and every parameter gradient within 1e-5 (norm-wise relative) of a
+deep copy taken before patching.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from harness import assert_close
+
+import magneto_kernels
+
+transformers = pytest.importorskip("transformers")
+
+from magneto.integrations import transformers as mt  # noqa: E402
+
+RTOL = 1e-5
+VOCAB = 100
+LAYERS = 2
+
+
+def llama(**overrides):
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        **overrides,
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
+def bitnet(**overrides):
+    config = transformers.BitNetConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,  # BitNet's defaults lie outside the tiny vocabulary
+        eos_token_id=2,
+        **overrides,
+    )
+    return transformers.BitNetForCausalLM(config)
+
+
+def kosmos_text_config(config_cls, **overrides):
+    settings = dict(
+        vocab_size=VOCAB,
+        embed_dim=64,
+        ffn_dim=128,
+        layers=LAYERS,
+        attention_heads=4,
+        max_position_embeddings=64,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+    )
+    settings.update(overrides)
+    return config_cls(**settings)
+
+
+def kosmos2(**overrides):
+    config = kosmos_text_config(transformers.Kosmos2TextConfig, **overrides)
+    return transformers.models.kosmos2.modeling_kosmos2.Kosmos2TextForCausalLM(config)
+
+
+def kosmos2_5(**overrides):
+    config = kosmos_text_config(transformers.Kosmos2_5TextConfig, **overrides)
+    return transformers.models.kosmos2_5.modeling_kosmos2_5.Kosmos2_5TextForCausalLM(config)
+
+
+BUILD = {"llama": llama, "bitnet": bitnet, "kosmos2": kosmos2, "kosmos2_5": kosmos2_5}
+FAMILIES = tuple(BUILD)
+
+FUSED_PER_LAYER = {"llama": 7, "bitnet": 7, "kosmos2": 6, "kosmos2_5": 6}
+"""ln_linear calls of one layer's forward where gradients are recorded (one call per projection:
+q, k, v, the output projection, gate and up or fc1, down_proj or fc2)."""
+
+
+def pair(family, seed=0, **overrides):
+    """(patched model, unpatched deep copy taken before patching)."""
+    torch.manual_seed(seed)
+    model = BUILD[family](**overrides)
+    reference = copy.deepcopy(model)
+    return mt.apply_magneto(model), reference
+
+
+def ids(batch=2, length=12, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, length), generator=generator)
+
+
+def close(actual, expected, rtol=RTOL, what="output"):
+    """Norm-wise relative error within rtol, with an absolute floor of rtol / 10 per element for
+    values that are zero up to rounding (a key bias's gradient cannot change the softmax)."""
+    assert_close(actual, expected, rtol, atol=0.1 * rtol * expected.numel() ** 0.5, name=what)
+
+
+def check_grads(model, reference):
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        if q.grad is None:
+            assert p.grad is None, name
+            continue
+        close(p.grad, q.grad, what=f"grad of {name}")
+
+
+def patched_types(model):
+    return {type(m) for m in model.modules() if type(m).__name__.startswith("Magneto")}
+
+
+class FusedCalls:
+    """Counts the integration's ``magneto_kernels.ln_linear`` calls (``fused_calls`` fixture)."""
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        original = magneto_kernels.ln_linear
+
+        def counting(*args, **kwargs):
+            self.count += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(magneto_kernels, "ln_linear", counting)
