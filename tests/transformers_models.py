@@ -25,8 +25,8 @@ VOCAB = 100
 LAYERS = 2
 
 
-def llama(**overrides):
-    config = transformers.LlamaConfig(
+def _llama_like(config_cls, model_cls, **overrides):
+    config = config_cls(
         vocab_size=VOCAB,
         hidden_size=64,
         intermediate_size=128,
@@ -37,24 +37,17 @@ def llama(**overrides):
         pad_token_id=0,
         **overrides,
     )
-    return transformers.LlamaForCausalLM(config)
+    return model_cls(config)
+
+
+def llama(**overrides):
+    return _llama_like(transformers.LlamaConfig, transformers.LlamaForCausalLM, **overrides)
 
 
 def bitnet(**overrides):
-    config = transformers.BitNetConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=1,  # BitNet's defaults lie outside the tiny vocabulary
-        eos_token_id=2,
-        **overrides,
-    )
-    return transformers.BitNetForCausalLM(config)
+    # BitNet's default bos/eos tokens lie outside the tiny vocabulary
+    settings = dict(bos_token_id=1, eos_token_id=2, **overrides)
+    return _llama_like(transformers.BitNetConfig, transformers.BitNetForCausalLM, **settings)
 
 
 def kosmos_text_config(config_cls, **overrides):
