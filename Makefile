@@ -39,6 +39,17 @@ $(STAMPS)/triton-newest: $(STAMPS)/deps
 	$(PIP) install -q --no-deps --target $(TRITON_NEWEST_DIR) triton==$(TRITON_NEWEST)
 	@touch $@
 
+# The oldest transformers the Hugging Face integration admits (TRANSFORMERS_RANGE in
+# magneto/integrations/transformers; the newest is the pin above), in a folder of its own put
+# first on PYTHONPATH for the integration's tests. Its dependency pins equal the pinned one's.
+TRANSFORMERS_OLDEST := 5.18.0
+TRANSFORMERS_OLDEST_DIR := .transformers-$(TRANSFORMERS_OLDEST)
+$(STAMPS)/transformers-oldest: $(STAMPS)/deps
+	rm -rf $(TRANSFORMERS_OLDEST_DIR)
+	$(PIP) install -q --no-deps --target $(TRANSFORMERS_OLDEST_DIR) \
+		transformers==$(TRANSFORMERS_OLDEST)
+	@touch $@
+
 # MAGNETO_BUILD_CUDA_EMU=1: also magneto_kernels._C_emu, the CUDA kernels built for the CPU
 # (csrc/cuda_emu), which the suite runs under MAGNETO_CUDA_EMULATE=1.
 $(STAMPS)/ext: $(STAMPS)/deps $(EXT_SOURCES)
@@ -59,7 +70,7 @@ report: setup
 # emulated build is missing); then the C++ op suite again under each narrower instruction-set
 # build this CPU supports, with torch's own kernels (ATen, oneDNN, MKL) held to the same
 # instruction set, so that what an AVX2-only or a baseline x86-64 machine runs is tested here too.
-test: setup lint $(STAMPS)/triton-newest
+test: setup lint $(STAMPS)/triton-newest $(STAMPS)/transformers-oldest
 	$(PYTEST) -q
 	@echo "== Triton kernels under Triton $(TRITON_NEWEST)"
 	PYTHONPATH=$(TRITON_NEWEST_DIR)$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) -c \
@@ -67,6 +78,11 @@ test: setup lint $(STAMPS)/triton-newest
 	PYTHONPATH=$(TRITON_NEWEST_DIR)$${PYTHONPATH:+:$$PYTHONPATH} $(PYTEST) -q -p no:cacheprovider \
 		tests/test_ops.py tests/test_ops_triton.py tests/test_triton_compile.py \
 		-k "triton or compile"
+	@echo "== Hugging Face integration under transformers $(TRANSFORMERS_OLDEST)"
+	PYTHONPATH=$(TRANSFORMERS_OLDEST_DIR)$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) -c \
+		"import transformers as t; assert t.__version__ == '$(TRANSFORMERS_OLDEST)', t.__version__"
+	PYTHONPATH=$(TRANSFORMERS_OLDEST_DIR)$${PYTHONPATH:+:$$PYTHONPATH} $(PYTEST) -q \
+		-p no:cacheprovider tests/test_integrations_transformers*.py
 	@echo "== op suite on the emulated CUDA backend"
 	MAGNETO_CUDA_EMULATE=1 MAGNETO_EXPECTED_BACKENDS=reference,cuda $(PYTEST) -q \
 		-p no:cacheprovider tests/test_ops.py tests/test_ops_cuda_emu.py tests/test_reference.py \
@@ -114,5 +130,5 @@ gpu-check:
 	OUT=$(or $(OUT),bench/results/gpu) bash bench/gpu_check.sh
 
 clean:
-	rm -rf .stamps build *.egg-info magneto_kernels/_C*.so .pytest_cache .ruff_cache .triton-*
+	rm -rf .stamps build *.egg-info magneto_kernels/_C*.so .pytest_cache .ruff_cache .triton-* .transformers-*
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

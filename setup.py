@@ -193,7 +193,7 @@ setup(
     install_requires=["torch>=2.13,<2.14", "numpy"],
     extras_require={
         "triton": ["triton>=3.6,<3.10"],
-        "transformers": ["transformers==5.23.0"],
+        "transformers": ["transformers>=5.18.0,<5.24"],
         "test": [
             "pytest>=8",
             "pytest-benchmark>=4",
