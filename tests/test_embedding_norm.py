@@ -18,28 +18,18 @@ D, VOCAB = 16, 30
 NormLayer = getattr(magneto.norm, "NormLayer", None) or magneto.norm.Norm
 
 
+def _config(kind, **options):
+    sizes = dict(embed_dim=D, attention_heads=2, ffn_embed_dim=32, layers=1)
+    config = EncoderConfig if kind == "encoder" else DecoderConfig
+    return config(
+        **{f"{kind}_{k}": v for k, v in sizes.items()}, layernorm_embedding=True, **options
+    )
+
+
 def _model(kind, **options):
     torch.manual_seed(0)
-    if kind == "encoder":
-        args = EncoderConfig(
-            encoder_embed_dim=D,
-            encoder_attention_heads=2,
-            encoder_ffn_embed_dim=32,
-            encoder_layers=1,
-            layernorm_embedding=True,
-            **options,
-        )
-        model = TSEncoder(args, TextEmbedding(VOCAB, D), PositionalEmbedding(40, D))
-    else:
-        args = DecoderConfig(
-            decoder_embed_dim=D,
-            decoder_attention_heads=2,
-            decoder_ffn_embed_dim=32,
-            decoder_layers=1,
-            layernorm_embedding=True,
-            **options,
-        )
-        model = TSDecoder(args, TextEmbedding(VOCAB, D), PositionalEmbedding(40, D))
+    cls = TSEncoder if kind == "encoder" else TSDecoder
+    model = cls(_config(kind, **options), TextEmbedding(VOCAB, D), PositionalEmbedding(40, D))
     with torch.no_grad():  # norm parameters off their identity init
         model.layernorm_embedding.weight.normal_(1.0, 0.3)
         model.layernorm_embedding.bias.normal_(0.0, 0.3)
@@ -94,14 +84,7 @@ def test_decoding_step_normalises_the_new_row():
 def test_token_embeddings_without_positions():
     """``token_embeddings`` given and no position module: the norm alone."""
     torch.manual_seed(0)
-    args = EncoderConfig(
-        encoder_embed_dim=D,
-        encoder_attention_heads=2,
-        encoder_ffn_embed_dim=32,
-        encoder_layers=1,
-        layernorm_embedding=True,
-    )
-    model = TSEncoder(args)
+    model = TSEncoder(_config("encoder"))
     token_embeddings = torch.randn(2, 5, D) * 3 + 1
     x_ts, _ = model.forward_embedding(None, token_embeddings)
     assert_close(embedding_output(token_embeddings, None, _norm_from(model)), x_ts, 1e-6)

@@ -6,21 +6,17 @@ and non-Sub-LN experts; the initial parameters drawn as torchscale draws them, a
 loading both ways.
 
 torchscale's MOELayer needs torch.distributed (it all-reduces the token count over the world):
-a one-process gloo group is started for this module and torn down after it. Its gating logs a
-histogram of the int64 expert indices, which ``torch.histc`` supports on CUDA only: on CPU the
-tests hand it the indices as float (the histogram is logging; no result depends on it).
+a one-process gloo group is started for this module and torn down after it. Its gating's logging
+needs ``tests/gloo.py``'s ``float_histc`` on CPU.
 """
-
-import os
-import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
+from gloo import float_histc, one_process_group
 from harness import assert_close, randn
 from torchscale.architecture.config import EncoderConfig
 from torchscale.component.feedforward_network import make_experts
-from torchscale.component.xmoe import global_groups
 from torchscale.component.xmoe.moe_layer import MOELayer as TSMOELayer
 from torchscale.component.xmoe.routing import Top1Gate, Top2Gate
 
@@ -33,23 +29,13 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_process_group():
-    with tempfile.TemporaryDirectory() as tmp:
-        dist.init_process_group(
-            "gloo", init_method="file://" + os.path.join(tmp, "store"), rank=0, world_size=1
-        )
-        try:
-            yield
-        finally:
-            dist.destroy_process_group()
-            for fn in (global_groups.get_moe_group, global_groups.get_all2all_group):
-                for attr in [a for a in vars(fn) if a.startswith("_")]:
-                    delattr(fn, attr)  # torchscale caches its groups on these functions
+    with one_process_group():
+        yield
 
 
 @pytest.fixture(autouse=True)
 def _histc_of_integers(monkeypatch):
-    histc = torch.histc
-    monkeypatch.setattr(torch, "histc", lambda x, *args, **kw: histc(x.float(), *args, **kw))
+    float_histc(monkeypatch)
 
 
 def _args(**options):

@@ -10,19 +10,15 @@ The cases are written from the options alone, at small sizes (d=32, 2 layers) in
 torchscale's defaults (d=768, 12 layers): the options, not the sizes, decide what converts.
 """
 
-import os
-import tempfile
-
 import pytest
 import torch
-import torch.distributed as dist
+from gloo import float_histc, one_process_group
 from harness import assert_close
 from torchscale.architecture.config import DecoderConfig, EncoderConfig, EncoderDecoderConfig
 from torchscale.architecture.decoder import Decoder as TSDecoder
 from torchscale.architecture.encoder import Encoder as TSEncoder
 from torchscale.architecture.encoder_decoder import EncoderDecoder as TSEncoderDecoder
 from torchscale.component.embedding import PositionalEmbedding, TextEmbedding
-from torchscale.component.xmoe import global_groups
 
 from magneto.compat.torchscale import from_torchscale, to_torchscale_state_dict
 
@@ -101,21 +97,10 @@ def _params(cases):
 
 @pytest.fixture
 def moe_process_group(monkeypatch):
-    """torchscale's MoE layers need torch.distributed (one process here), and its gating's
-    logging histogram of int64 indices, which torch.histc supports on CUDA only, floats."""
-    histc = torch.histc
-    monkeypatch.setattr(torch, "histc", lambda x, *args, **kw: histc(x.float(), *args, **kw))
-    with tempfile.TemporaryDirectory() as tmp:
-        dist.init_process_group(
-            "gloo", init_method="file://" + os.path.join(tmp, "store"), rank=0, world_size=1
-        )
-        try:
-            yield
-        finally:
-            dist.destroy_process_group()
-            for fn in (global_groups.get_moe_group, global_groups.get_all2all_group):
-                for attr in [a for a in vars(fn) if a.startswith("_")]:
-                    delattr(fn, attr)  # torchscale caches its groups on these functions
+    """torchscale's MoE layers need torch.distributed, and on CPU a float histogram."""
+    float_histc(monkeypatch)
+    with one_process_group():
+        yield
 
 
 def _sizes(kind):

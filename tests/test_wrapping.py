@@ -3,14 +3,11 @@ outside fairscale's ``enable_wrap`` nothing is wrapped; inside it every layer is
 FlattenParamsWrapper and FullyShardedDataParallel, the latter built on a one-process gloo group);
 torch's FSDP2 ``fully_shard`` and FSDP1 (GPU only: FSDP1 refuses a CPU-only machine)."""
 
-import os
-import tempfile
-
 import pytest
 import torch
-import torch.distributed as dist
 from fairscale.nn import FlattenParamsWrapper, enable_wrap
 from fairscale.nn import FullyShardedDataParallel as FairscaleFSDP
+from gloo import one_process_group
 from torchscale.architecture.config import DecoderConfig, EncoderConfig
 from torchscale.architecture.decoder import Decoder as TSDecoder
 from torchscale.architecture.encoder import Encoder as TSEncoder
@@ -31,15 +28,9 @@ def _encoder(**options):
 
 
 @pytest.fixture
-def one_process_group():
-    with tempfile.TemporaryDirectory() as tmp:
-        dist.init_process_group(
-            "gloo", init_method="file://" + os.path.join(tmp, "store"), rank=0, world_size=1
-        )
-        try:
-            yield
-        finally:
-            dist.destroy_process_group()
+def process_group():
+    with one_process_group():
+        yield
 
 
 @pytest.mark.parametrize("options", [{}, {"checkpoint_activations": True}], ids=["", "ckpt"])
@@ -65,7 +56,7 @@ def test_flatten_params_wrapper_inside_enable_wrap():
     assert wrapped_layers(model.layers[1]) == [""]
 
 
-def test_fairscale_fsdp_inside_enable_wrap(one_process_group):
+def test_fairscale_fsdp_inside_enable_wrap(process_group):
     with enable_wrap(wrapper_cls=FairscaleFSDP):
         model = _encoder()
     assert all(isinstance(layer, FairscaleFSDP) for layer in model.layers)
@@ -73,7 +64,7 @@ def test_fairscale_fsdp_inside_enable_wrap(one_process_group):
     assert wrapped_layers(model) == ["layers.0", "layers.1"]
 
 
-def test_fsdp2_fully_shard(one_process_group):
+def test_fsdp2_fully_shard(process_group):
     from torch.distributed.fsdp import fully_shard
 
     model = _encoder()
@@ -84,7 +75,7 @@ def test_fsdp2_fully_shard(one_process_group):
 
 
 @pytest.mark.gpu
-def test_fsdp1_wrapped_layer(one_process_group):
+def test_fsdp1_wrapped_layer(process_group):
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     model = _encoder().cuda()
