@@ -33,8 +33,9 @@ import torch
 from torch import Tensor
 
 
-def _scale_base_powers(head_dim: int, device) -> Tensor:
-    """ζ_i = (2i + 0.4·head_dim) / (1.4·head_dim), i < head_dim/2 (torchscale's ``XPOS.scale``)."""
+def xpos_scale(head_dim: int, device=None) -> Tensor:
+    """ζ_i = (2i + 0.4·head_dim) / (1.4·head_dim), i < head_dim/2, float32: torchscale's
+    ``XPOS.scale`` buffer, which its state dicts hold as ``self_attn.xpos.scale``."""
     return (torch.arange(0, head_dim, 2, device=device) + 0.4 * head_dim) / (1.4 * head_dim)
 
 
@@ -51,7 +52,7 @@ def xpos_tables(
     last ``length`` of ``length + offset`` positions."""
     total = length + offset
     min_pos = -total // 2
-    zeta = _scale_base_powers(head_dim, device)
+    zeta = xpos_scale(head_dim, device)
     positions = torch.arange(min_pos, total + min_pos, device=device).to(zeta).div(scale_base)
     scale = zeta ** positions[:, None]
     half = head_dim // 2

@@ -7,7 +7,7 @@ import torch
 from harness import assert_close_to_reference, randn
 from torchscale.component.xpos_relative_position import XPOS
 
-from magneto.xpos import apply_xpos, apply_xpos_qk
+from magneto.xpos import apply_xpos, apply_xpos_qk, xpos_scale
 
 CASES = [  # (batch·heads, length, head_dim, offset, scale_base)
     (6, 7, 8, 0, 512),
@@ -115,3 +115,10 @@ def test_scores_depend_on_the_distance_only():
 def test_bad_arguments_are_refused(shape, offset, match):
     with pytest.raises(ValueError, match=match):
         apply_xpos(torch.ones(shape), offset)
+
+
+@pytest.mark.parametrize("head_dim", [8, 64])
+def test_scale_is_torchscales_state_dict_buffer(head_dim):
+    """torchscale's state dicts hold XPOS's ``scale`` buffer (``self_attn.xpos.scale``)."""
+    buffer = XPOS(head_dim).state_dict()["scale"]
+    assert torch.equal(xpos_scale(head_dim), buffer)
