@@ -34,6 +34,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.nn.functional import all_to_all_single
 
@@ -68,9 +69,12 @@ class Expert(nn.Module):
         self.fc2 = nn.Linear(ffn_dim, embed_dim)
         self.ffn_layernorm = nn.LayerNorm(ffn_dim, eps=eps) if subln else None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, dropout_p: Optional[float] = None) -> Tensor:
         """``dropout(fc2(ffn_layernorm(act(fc1(x)))))``: fc1 writes the pre-activation, fc2
-        applies the activation and the norm on load (activation dropout in training: unfused)."""
+        applies the activation and the norm on load (activation dropout in training: unfused).
+        ``dropout_p`` overrides the output dropout (``dropout`` in training)."""
+        if dropout_p is None:
+            dropout_p = self.dropout if self.training else 0.0
         preact = magneto_kernels.ln_linear(
             x, None, None, self.fc1.weight, self.fc1.bias, backend=self.backend
         )
@@ -81,7 +85,7 @@ class Expert(nn.Module):
             eps=1e-5 if norm is None else norm.eps,
             weight=self.fc2.weight,
             bias=self.fc2.bias,
-            dropout_p=self.dropout if self.training else 0.0,
+            dropout_p=dropout_p,
             backend=self.backend,
         )
         if self.training and self.activation_dropout > 0.0:
@@ -158,36 +162,70 @@ class MoELayer(nn.Module):
             p.expert = True  # fairseq's trainer keeps these out of the data-parallel all-reduce
 
     def forward(
-        self, x: Tensor, input_padding_mask: Optional[Tensor] = None
+        self,
+        x: Tensor,
+        input_padding_mask: Optional[Tensor] = None,
+        *,
+        input_norm: Optional[nn.Module] = None,
+        residual: Optional[Tensor] = None,
+        alpha: float = 1.0,
+        dropout_p: Optional[float] = None,
+        time_major: bool = False,
     ) -> tuple[Tensor, Tensor]:
-        """``(y, l_aux)``: ``y`` of x's shape; ``input_padding_mask`` (x's leading shape, True
-        at padding) keeps those tokens from every expert."""
+        """``(y, l_aux)`` with ``y = alpha·residual + Σ weight·expert(input_norm(x))`` of x's
+        shape (no residual term without ``residual``).
+
+        - ``input_padding_mask`` (x's leading shape, True at padding): those tokens go nowhere.
+        - ``input_norm``: the layer's norm, called once; the gate and the experts read its output
+          (torchscale: ``final_layer_norm`` before ``moe_layer``).
+        - ``dropout_p``: the experts' output dropout instead of their own (``residual``'s
+          sublayer protocol, as ``magneto.FeedForward``).
+        - ``time_major``: route a (batch, length, d) ``x`` in (length, batch) order, the order
+          in which torchscale's encoder hands its tokens over (capacity goes to tokens first in
+          that order); its decoder hands them batch-major.
+        """
         if input_padding_mask is not None and input_padding_mask.shape != x.shape[:-1]:
             raise ValueError(
                 f"input_padding_mask must have shape {tuple(x.shape[:-1])}, got "
                 f"{tuple(input_padding_mask.shape)}"
             )
-        tokens = x.reshape(-1, x.shape[-1])
+        if residual is not None and residual.shape != x.shape:
+            raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {residual.shape}")
+        if time_major:
+            if x.dim() != 3:
+                raise ValueError(f"time_major: x must be (batch, length, d), got {tuple(x.shape)}")
+            x, residual, input_padding_mask = (
+                None if t is None else t.transpose(0, 1) for t in (x, residual, input_padding_mask)
+            )
+        h = x if input_norm is None else input_norm(x)
+        tokens = h.reshape(-1, h.shape[-1])
         mask = None if input_padding_mask is None else input_padding_mask.reshape(-1)
         count = tokens.shape[0]
         if self.group is not None and dist.get_world_size() > 1:
             tokens, mask = _pad_to_world_max(tokens, mask)
+        if residual is None:
+            base = tokens.new_zeros(tokens.shape)
+        else:  # the residual add folded into the combine (zero rows for any padding)
+            base = alpha * residual.reshape(-1, residual.shape[-1])
+            base = F.pad(base, (0, 0, 0, tokens.shape[0] - count))
         routing = self.gate(tokens, mask)
         exchange = self.group is not None and dist.get_world_size(self.group) > 1
         combine = self._exchange if exchange else self._local
-        return combine(tokens, routing)[:count].reshape(x.shape), routing.l_aux
+        expert_kwargs = {} if dropout_p is None else {"dropout_p": dropout_p}
+        y = combine(tokens, routing, base, expert_kwargs)[:count].reshape(h.shape)
+        return (y.transpose(0, 1) if time_major else y), routing.l_aux
 
-    def _local(self, tokens: Tensor, routing: Routing) -> Tensor:
+    def _local(self, tokens: Tensor, routing: Routing, base: Tensor, kwargs: dict) -> Tensor:
         """Every expert here, each on the tokens it took (in capacity-buffer order)."""
         position, token, weight = _dispatched(routing)
         order = torch.argsort(position)
         position, token, weight = position[order], token[order], weight[order]
         counts = torch.bincount(position // routing.capacity, minlength=len(self.experts))
         rows = tokens[token].split(counts.tolist())
-        out = torch.cat([expert(r) for expert, r in zip(self.experts, rows)])
-        return _combine(tokens, token, weight, out)
+        out = torch.cat([expert(r, **kwargs) for expert, r in zip(self.experts, rows)])
+        return _combine(base, token, weight, out)
 
-    def _exchange(self, tokens: Tensor, routing: Routing) -> Tensor:
+    def _exchange(self, tokens: Tensor, routing: Routing, base: Tensor, kwargs: dict) -> Tensor:
         """torchscale's all-to-all: (E·C, d) buffer out, this rank's experts' rows in, back."""
         ranks, capacity = dist.get_world_size(self.group), routing.capacity
         position, token, weight = _dispatched(routing)
@@ -197,13 +235,13 @@ class MoELayer(nn.Module):
         rows = buffer.view(ranks, len(self.experts), capacity, -1)
         out = torch.stack(
             [
-                expert(rows[:, j].reshape(ranks * capacity, -1)).view(ranks, capacity, -1)
+                expert(rows[:, j].reshape(ranks * capacity, -1), **kwargs).view(ranks, capacity, -1)
                 for j, expert in enumerate(self.experts)
             ],
             dim=1,
         ).view_as(buffer)
         out = all_to_all_single(torch.empty_like(out), out, group=self.group)
-        return _combine(tokens, token, weight, out[position])
+        return _combine(base, token, weight, out[position])
 
 
 def _dispatched(routing: Routing) -> tuple[Tensor, Tensor, Tensor]:
@@ -215,10 +253,11 @@ def _dispatched(routing: Routing) -> tuple[Tensor, Tensor, Tensor]:
     return position, token[kept], routing.weight.flatten()[kept]
 
 
-def _combine(tokens: Tensor, token: Tensor, weight: Tensor, out: Tensor) -> Tensor:
-    """Σ over each token's dispatched choices of weight·expert output (torchscale's combine)."""
+def _combine(base: Tensor, token: Tensor, weight: Tensor, out: Tensor) -> Tensor:
+    """``base`` plus, at each token, Σ over its dispatched choices of weight·expert output
+    (torchscale's combine)."""
     weighted = out * weight.to(out.dtype).unsqueeze(-1)
-    return tokens.new_zeros(tokens.shape).index_add(0, token, weighted)
+    return base.index_add(0, token, weighted)
 
 
 def _pad_to_world_max(tokens: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:

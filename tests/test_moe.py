@@ -10,6 +10,8 @@ a one-process gloo group is started for this module and torn down after it. Its 
 needs ``tests/gloo.py``'s ``float_histc`` on CPU.
 """
 
+import copy
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -156,6 +158,42 @@ def test_layer_matches_torchscale(top, training, case, padded):
     assert int(routing.kept.sum()) < tokens * top
     per_expert = torch.bincount(routing.expert[routing.kept], minlength=E)
     assert int(per_expert.max()) <= routing.capacity
+
+
+@pytest.mark.parametrize("time_major", [True, False], ids=["encoder", "decoder"])
+def test_residual_block_is_torchscales_moe_half_layer(time_major):
+    """``moe(x, input_norm=, residual=, alpha=, time_major=)`` is the second half of
+    torchscale's MoE encoder layer (``final_layer_norm``, tokens handed over time-major,
+    ``residual·alpha + y``) or decoder layer (batch-major): output, l_aux, every gradient."""
+    ours, theirs = _pair(2, moe_second_expert_policy="all")
+    _perturb(theirs)
+    ours.load_state_dict(theirs.state_dict())
+    norm = torch.nn.LayerNorm(D)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.3), norm.bias.normal_(0.0, 0.3)
+    norm_ts, alpha = copy.deepcopy(norm), 1.7
+    x = randn(3, 8, D, mean=0.4).requires_grad_()
+    x_ts = x.detach().clone().requires_grad_()
+    dy = randn(3, 8, D)
+
+    h = norm_ts(x_ts)
+    h, l_aux_ts = theirs(h.transpose(0, 1)) if time_major else theirs(h)
+    y_ts = x_ts * alpha + (h.transpose(0, 1) if time_major else h)
+    ((y_ts * dy).sum() + l_aux_ts).backward()
+    y, l_aux = ours(x, input_norm=norm, residual=x, alpha=alpha, time_major=time_major)
+    ((y * dy).sum() + l_aux).backward()
+
+    assert_close(y, y_ts, TOL, name="y")
+    assert_close(l_aux, l_aux_ts, TOL, name="l_aux")
+    assert_close(x.grad, x_ts.grad, TOL, name="dx")
+    for (name, p), p_ts in zip(norm.named_parameters(), norm_ts.parameters()):
+        assert_close(p.grad, p_ts.grad, TOL, name="norm " + name)
+    grads_ts = dict(theirs.named_parameters())
+    for name, p in ours.named_parameters():
+        assert_close(p.grad, grads_ts[name].grad, TOL, name="grad " + name)
+    # the order decides which tokens the full experts drop: the two orders differ here
+    other, _ = ours(x, input_norm=norm, residual=x, alpha=alpha, time_major=not time_major)
+    assert not torch.allclose(other, y)
 
 
 def test_initial_parameters_are_torchscales():
