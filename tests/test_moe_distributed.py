@@ -1,0 +1,152 @@
+"""Expert parallelism over two CPU processes (gloo), started once for the module: each rank holds
+its share of the experts (``expert_group``, ``build_experts``), tokens go through torchscale's
+all-to-all exchange, and every output, ``l_aux`` and gradient equals a single-process run of
+the same layer holding all the experts, fed each rank's tokens in turn (padded to the largest
+count as the ranks pad them; expert gradients summed over the ranks' tokens)."""
+
+import os
+import socket
+import tempfile
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from harness import assert_close
+
+from magneto.moe import Expert, MoELayer, build_experts, expert_group
+from magneto.moe_gate import Gate
+
+WORLD = 2
+TIMEOUT_S = 180  # a hung process group fails the test instead of stalling CI
+D, FFN = 16, 24
+SCENARIOS = {  # experts, top, training, tokens per rank, padded tokens, gate options
+    "top2-train": (4, 2, True, (12, 12), False, {}),
+    "top1-train-unequal-padded": (4, 1, True, (12, 7), True, {}),
+    "top2-eval-sampling-one-each": (
+        2,
+        2,
+        False,
+        (10, 9),
+        False,
+        {"second_expert_policy": "sampling"},
+    ),
+    "more-ranks-than-experts": (1, 1, True, (6, 9), False, {}),
+}
+
+
+def _layer(name, group=None, indices=None):
+    experts, top, training, _, _, options = SCENARIOS[name]
+    torch.manual_seed(0)
+    gate = Gate(D, experts, top, **options)
+    with torch.no_grad():
+        (gate.wg.weight if hasattr(gate.wg, "weight") else gate.wg).mul_(3.0)  # overflow
+    indices = range(experts) if indices is None else indices
+    built = build_experts(lambda: Expert(D, FFN), indices)
+    return MoELayer(gate, built, group).train(training)
+
+
+def _inputs(name, rank):
+    count, padded = SCENARIOS[name][3][rank], SCENARIOS[name][4]
+    g = torch.Generator().manual_seed(10 + rank)
+    x = torch.randn(count, D, generator=g) + 0.3
+    dy = torch.randn(count, D, generator=g)
+    padding = None
+    if padded:
+        padding = torch.zeros(count, dtype=torch.bool)
+        padding[-2:] = True
+    return x, dy, padding
+
+
+def _step(layer, x, dy, padding, seed):
+    x = x.clone().requires_grad_()
+    torch.manual_seed(seed)  # the random policies draw from torch's generator
+    y, l_aux = layer(x, padding)
+    ((y * dy).sum() + 0.5 * l_aux).backward()
+    return y.detach(), l_aux.detach(), x.grad
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        for name in SCENARIOS:
+            group, indices = expert_group(SCENARIOS[name][0])
+            layer = _layer(name, group, indices)
+            y, l_aux, dx = _step(layer, *_inputs(name, rank), seed=100 + rank)
+            grads = {}
+            for param_name, p in layer.named_parameters():
+                parts = param_name.split(".")
+                if parts[0] == "experts":  # local index -> global index
+                    parts[1] = str(indices[int(parts[1])])
+                grads[".".join(parts)] = p.grad
+            result = dict(y=y, l_aux=l_aux, dx=dx, grads=grads)
+            torch.save(result, os.path.join(out_dir, f"{name}-{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while the other is still in a collective
+    finally:
+        dist.destroy_process_group()
+    # Saved: leave without the interpreter's teardown, where gloo's threads have been seen to
+    # hang (tests/test_distributed.py). A failure above raises before this.
+    os._exit(0)
+
+
+@pytest.fixture(scope="module")
+def ranks_results():
+    with tempfile.TemporaryDirectory() as out_dir:
+        workers = mp.start_processes(
+            _worker, args=(_free_port(), out_dir), nprocs=WORLD, start_method="spawn", join=False
+        )
+        deadline = time.monotonic() + TIMEOUT_S
+        while not workers.join(timeout=5):
+            if time.monotonic() > deadline:
+                for process in workers.processes:
+                    process.kill()
+                pytest.fail(f"the worker processes did not finish in {TIMEOUT_S} s")
+        yield {
+            (name, rank): torch.load(os.path.join(out_dir, f"{name}-{rank}.pt"))
+            for name in SCENARIOS
+            for rank in range(WORLD)
+        }
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_two_ranks_equal_one_process_with_all_experts(ranks_results, name):
+    layer = _layer(name)
+    expert_grads = {}
+    largest = max(SCENARIOS[name][3])
+    for rank in range(WORLD):
+        x, dy, padding = _inputs(name, rank)
+        count = x.shape[0]
+        # the ranks pad to the largest count with zero rows the gate skips
+        mask = torch.zeros(largest, dtype=torch.bool)
+        mask[count:] = True
+        if padding is not None:
+            mask[:count] = padding
+        x_padded = torch.cat([x, x.new_zeros(largest - count, D)])
+        dy_padded = torch.cat([dy, dy.new_zeros(largest - count, D)])
+        layer.zero_grad(set_to_none=True)
+        y, l_aux, dx = _step(layer, x_padded, dy_padded, mask, seed=100 + rank)
+        got = ranks_results[name, rank]
+        assert_close(got["y"], y[:count], 1e-5, name=f"rank {rank} y")
+        assert_close(got["l_aux"], l_aux, 1e-6, name=f"rank {rank} l_aux")
+        assert_close(got["dx"], dx[:count], 1e-5, name=f"rank {rank} dx")
+        for param_name, p in layer.named_parameters():
+            if param_name.startswith("gate."):  # replicated: each rank's own tokens
+                assert_close(
+                    got["grads"][param_name], p.grad, 1e-5, name=f"rank {rank} {param_name}"
+                )
+            else:
+                expert_grads[param_name] = expert_grads.get(param_name, 0) + p.grad
+    for param_name, grad in expert_grads.items():
+        # an expert's gradient is on its rank; a replicated expert's (more ranks than experts)
+        # is split over its replicas, summed by the trainer
+        got = [ranks_results[name, r]["grads"].get(param_name) for r in range(WORLD)]
+        assert_close(sum(g for g in got if g is not None), grad, 1e-5, name=param_name)
