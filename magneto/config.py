@@ -23,14 +23,13 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
+from magneto.norm import NORMS
 from magneto_kernels.backends import BACKENDS
 from magneto_kernels.codes import canonical_activation
 
 NORM_SCHEMES = ("subln", "pre", "post", "deepnorm")
-NORMS = ("layer", "rms")
 INITS = ("paper", "torchscale")
 POSITIONS = ("learned", "sinusoidal", "none")
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "swish")
 DEEPNORM_BETAS = ("paper", "torchscale")
 
 
@@ -119,7 +118,7 @@ class MagnetoConfig:
             _check_choice("deepnorm_beta", self.deepnorm_beta, DEEPNORM_BETAS)
         if self.backend is not None:
             _check_choice("backend", self.backend, BACKENDS)
-        _check_choice("activation", self.activation, ACTIVATIONS)
+        canonical_activation(self.activation)  # the ops' activations and aliases
         for name in ("dropout", "attention_dropout", "activation_dropout", "drop_path"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:

@@ -147,20 +147,15 @@ class TransformerEncoderLayer(EncoderLayer):
         is_causal: bool = False,
     ) -> Tensor:
         x = _to_batch_first(src, self.batch_first, "src", self.embed_dim)
-
-        def attention(h, **kw):
-            return self.self_attn(
-                h,
-                h,
-                h,
-                key_padding_mask=src_key_padding_mask,
-                attn_mask=src_mask,
-                is_causal=is_causal and src_mask is None,
-                **kw,
-            )[0]
-
-        x = self.residual_block(x, self.self_attn_layer_norm, attention)
-        x = self.ffn_block(x)
+        x = self.residual(
+            x,
+            self.self_attn_layer_norm,
+            self.self_attn,
+            key_padding_mask=src_key_padding_mask,
+            attn_mask=src_mask,
+            is_causal=is_causal and src_mask is None,
+        )
+        x = self.residual(x, self.final_layer_norm, self.ffn)
         return x if self.batch_first else x.transpose(0, 1)
 
 
@@ -220,32 +215,25 @@ class TransformerDecoderLayer(DecoderLayer):
     ) -> Tensor:
         x = _to_batch_first(tgt, self.batch_first, "tgt", self.embed_dim)
         mem = _to_batch_first(memory, self.batch_first, "memory", self.embed_dim)
-
-        def self_attention(h, **kw):
-            return self.self_attn(
-                h,
-                h,
-                h,
-                key_padding_mask=tgt_key_padding_mask,
-                attn_mask=tgt_mask,
-                is_causal=tgt_is_causal and tgt_mask is None,
-                **kw,
-            )[0]
-
-        def cross_attention(h, **kw):
-            return self.encoder_attn(
-                h,
-                mem,
-                mem,
-                key_padding_mask=memory_key_padding_mask,
-                attn_mask=memory_mask,
-                is_causal=memory_is_causal and memory_mask is None,
-                **kw,
-            )[0]
-
-        x = self.residual_block(x, self.self_attn_layer_norm, self_attention)
-        x = self.residual_block(x, self.encoder_attn_layer_norm, cross_attention)
-        x = self.ffn_block(x)
+        x = self.residual(
+            x,
+            self.self_attn_layer_norm,
+            self.self_attn,
+            key_padding_mask=tgt_key_padding_mask,
+            attn_mask=tgt_mask,
+            is_causal=tgt_is_causal and tgt_mask is None,
+        )
+        x = self.residual(
+            x,
+            self.encoder_attn_layer_norm,
+            self.encoder_attn,
+            key=mem,
+            value=mem,
+            key_padding_mask=memory_key_padding_mask,
+            attn_mask=memory_mask,
+            is_causal=memory_is_causal and memory_mask is None,
+        )
+        x = self.residual(x, self.final_layer_norm, self.ffn)
         return x if self.batch_first else x.transpose(0, 1)
 
 

@@ -5,7 +5,7 @@
 the equivalent magneto module, a drop-in replacement: same forward call, same result
 structure, same outputs and gradients (up to float rounding), ``incremental_state`` decoding
 included. Parameter names are torchscale's except that q/k/v are stored packed
-(``in_proj_weight``/``in_proj_bias``; multiway ``in_proj.A.weight`` ...); magneto modules load
+(``in_proj.weight``/``in_proj.bias``; multiway ``in_proj.A.weight`` ...); magneto modules load
 torchscale state dicts directly, and ``to_torchscale(module)`` / ``to_torchscale_state_dict``
 export back.
 
@@ -284,8 +284,8 @@ def from_torchscale(module: nn.Module) -> nn.Module:
 
 # packed magneto name -> the suffix of torchscale's q_proj/k_proj/v_proj names
 _PACKED = {
-    "in_proj_weight": ".weight",
-    "in_proj_bias": ".bias",
+    "in_proj.weight": ".weight",
+    "in_proj.bias": ".bias",
     **{
         f"in_proj.{part}.{kind}": f".{part}.{kind}" for part in PARTS for kind in ("weight", "bias")
     },
