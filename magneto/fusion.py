@@ -101,7 +101,8 @@ def warn_unfused(site: str, module: nn.Module) -> None:
     if module in _WARNED:
         return
     _WARNED.add(module)
-    why = "has hooks" if has_hooks(module) else f"is a {type(module).__qualname__}"
+    cls = type(module)
+    why = "has hooks" if has_hooks(module) else f"is a {cls.__module__}.{cls.__qualname__}"
     warnings.warn(
         f"magneto: {site} {why}, which the fused ops cannot stand in for: it runs as a module, "
         "unfused (docs/design.md, The model: what is fused)",

@@ -1,15 +1,28 @@
 """What magneto's own modules fuse, and what they do with modules they cannot fuse.
 
 - The fused-call counts: each layer makes exactly the op calls docs/design.md (The model) lists.
+- What wraps or replaces a projection or a norm runs as a module (magneto.fusion), with one
+  UnfusedWarning naming it, and gives the result the module gives: PEFT LoRA (adapter
+  gradients against LoRA written as a parametrization, which stays fused; merge_and_unload),
+  hooks (on sublayers: what torch.nn's hooks see), replacement classes. Parametrizations stay
+  fused and act.
 """
 
 import collections
+import copy
+import warnings
 
 import pytest
 import torch
+from harness import RTOL, assert_close, randn
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from torch.nn.utils import parametrize
 
 import magneto
 import magneto_kernels
+from magneto.fusion import UnfusedWarning
+from magneto.nn import magnetize
 
 D, HEADS, FFN = 16, 4, 24
 
@@ -84,3 +97,223 @@ def test_activation_dropout_runs_fc2_unfused_as_documented(op_calls):
     ffn = magneto.FeedForward(_config(activation_dropout=0.2)).train()
     ffn(torch.randn(2, 5, D))
     assert op_calls == collections.Counter(ln_linear=2, activation=1, dropout=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Wrapped, hooked and replaced modules
+
+
+@torch.no_grad()
+def _perturb(module, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for p in module.parameters():
+        p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return module
+
+
+def _unfused_warnings(run):
+    """``run()``'s result and the UnfusedWarning messages it raised."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = run()
+    return out, [str(w.message) for w in caught if issubclass(w.category, UnfusedWarning)]
+
+
+class _LowRank(nn.Module):
+    """LoRA as a parametrization, ``W + (B @ A)·scaling``: fused, since it acts through
+    ``.weight``; the twin PEFT's adapters are checked against."""
+
+    def __init__(self, a, b, scaling):
+        super().__init__()
+        self.a = nn.Parameter(a.detach().clone())
+        self.b = nn.Parameter(b.detach().clone())
+        self.scaling = scaling
+
+    def forward(self, weight):
+        return weight + (self.b @ self.a) * self.scaling
+
+
+LORA_TARGETS = ["in_proj", "out_proj", "fc1", "fc2"]
+
+
+def test_peft_lora_trains_and_merges():
+    """PEFT LoRA on q/k/v (the packed ``in_proj``), out_proj, fc1 and fc2 of an
+    encoder-decoder (self- and cross-attention): the adapted model runs the LoRA layers
+    unfused, with one warning per adapted module; its output and the adapters' gradients
+    equal those of LoRA written as parametrizations (fused); merge_and_unload gives the
+    adapted output back, fully fused."""
+    torch.manual_seed(0)
+    config = _config(vocab_size=30, backend=None, encoder_layers=1, decoder_layers=1)
+    model = _perturb(magneto.EncoderDecoder(config)).eval()
+    twin = copy.deepcopy(model)
+    src, tgt = torch.randint(0, 30, (2, 6)), torch.randint(0, 30, (2, 5))
+    base_out = model(src, tgt)[0]
+    peft_model = get_peft_model(
+        model, LoraConfig(target_modules=LORA_TARGETS, r=4, init_lora_weights=False)
+    )
+    adapters = {}
+    for name, module in peft_model.base_model.model.named_modules():
+        if hasattr(module, "lora_A"):
+            low_rank = _LowRank(
+                module.lora_A["default"].weight,
+                module.lora_B["default"].weight,
+                module.scaling["default"],
+            )
+            parametrize.register_parametrization(twin.get_submodule(name), "weight", low_rank)
+            adapters[name] = (module, low_rank)
+    assert len(adapters) == 4 + 6  # encoder layer; decoder layer with its cross-attention
+
+    out, warned = _unfused_warnings(lambda: peft_model(src, tgt)[0])
+    assert len(warned) == len(adapters) and all("peft" in w for w in warned), warned
+    assert not torch.allclose(out, base_out), "the adapters changed nothing"
+    twin_out, twin_warned = _unfused_warnings(lambda: twin(src, tgt)[0])
+    assert twin_warned == []
+    assert_close(out, twin_out, RTOL[torch.float32])
+
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    (out * g).sum().backward()
+    (twin_out * g).sum().backward()
+    for name, (module, low_rank) in adapters.items():
+        for ours, theirs in (
+            (module.lora_A["default"].weight, low_rank.a),
+            (module.lora_B["default"].weight, low_rank.b),
+        ):
+            assert ours.grad is not None and ours.grad.abs().sum() > 0, name
+            assert_close(ours.grad, theirs.grad, RTOL[torch.float32], name=name)
+
+    merged = peft_model.merge_and_unload()
+    merged_out, merged_warned = _unfused_warnings(lambda: merged(src, tgt)[0])
+    assert merged_warned == []
+    assert_close(merged_out, out, RTOL[torch.float32])
+
+
+def _torch_and_magneto_layers():
+    """torch.nn's Pre-LN encoder layer and magneto's (norm_scheme="pre") with its weights:
+    the same function (float64, no dropout, training mode so torch takes its slow path)."""
+    torch.manual_seed(0)
+    theirs = nn.TransformerEncoderLayer(
+        D, HEADS, FFN, dropout=0.0, batch_first=True, norm_first=True, dtype=torch.float64
+    )
+    _perturb(theirs)
+    stack = nn.TransformerEncoder(copy.deepcopy(theirs), 1, enable_nested_tensor=False)
+    ours = magnetize(stack, copy_weights=True, norm_scheme="pre").layers[0]
+    return theirs.train(), ours.train()
+
+
+def test_hooks_on_sublayers_see_what_torch_nn_hooks_see():
+    """Hooks on ``self_attn`` see its input (the normalised stream) and its output, not the
+    residual sum; hooks on ``ffn`` see the block's FFN output: what torch.nn computes there."""
+    theirs, ours = _torch_and_magneto_layers()
+    x = randn(2, 5, D, dtype=torch.float64, mean=0.5)
+    seen = collections.defaultdict(list)
+
+    def record(name):
+        def hook(module, args, output):
+            seen[name].append((args[0], output[0] if isinstance(output, tuple) else output))
+
+        return hook
+
+    theirs.self_attn.register_forward_hook(record("theirs"))
+    ours.self_attn.register_forward_hook(record("ours"))
+    ours.ffn.register_forward_hook(record("ours ffn"))
+    want = theirs(x)
+    out, warned = _unfused_warnings(lambda: ours(x))
+    assert len(warned) == 2 and "self_attn" in warned[0] and "ffn" in warned[1], warned
+    assert_close(out, want, RTOL[torch.float64], atol=1e-12)
+    (their_in, their_out), (our_in, our_out) = seen["theirs"][0], seen["ours"][0]
+    assert_close(our_in, their_in, RTOL[torch.float64], atol=1e-12, name="self_attn input")
+    assert_close(our_out, their_out, RTOL[torch.float64], atol=1e-12, name="self_attn output")
+    h = x + their_out
+    ffn = theirs.linear2(theirs.activation(theirs.linear1(theirs.norm2(h))))
+    assert_close(seen["ours ffn"][0][1], ffn, RTOL[torch.float64], atol=1e-12, name="ffn")
+
+
+def test_hooks_on_projections_and_norms_fire_and_act():
+    """A forward hook on any projection or norm fires once per call of the module (in_proj
+    once for q, k and v) and its result is used; the layer's output is the fused one."""
+    torch.manual_seed(0)
+    layer = _perturb(magneto.EncoderLayer(_config(backend=None))).eval()
+    x = randn(2, 5, D, mean=0.3)
+    fused = layer(x)[0]
+    calls = collections.Counter()
+    for name, module in layer.named_modules():
+        if isinstance(module, (nn.Linear, magneto.NormLayer)):
+            module.register_forward_hook(lambda m, a, o, name=name: calls.update([name]))
+    out, warned = _unfused_warnings(lambda: layer(x)[0])
+    assert calls == {name: 1 for name in calls} and len(calls) == 8, calls
+    assert len(warned) == 8, warned
+    assert_close(out, fused, RTOL[torch.float32])
+    _, again = _unfused_warnings(lambda: layer(x)[0])
+    assert again == [], "the warning is once per module"
+
+    layer.ffn.register_forward_hook(lambda m, a, o: torch.zeros_like(o))
+    with torch.no_grad():
+        h = x + layer.self_attn(layer.self_attn_layer_norm(x))[0]
+    with pytest.warns(UnfusedWarning, match="EncoderLayer.ffn has hooks"):
+        out = layer(x)[0]
+    assert_close(out, h, RTOL[torch.float32], name="a hook's result is used")
+
+
+def test_global_module_hooks_unfuse_everything():
+    torch.manual_seed(0)
+    layer = _perturb(magneto.EncoderLayer(_config(backend=None))).eval()
+    x = randn(2, 5, D)
+    fused = layer(x)[0]
+    called = []
+    handle = nn.modules.module.register_module_forward_hook(lambda m, a, o: called.append(m))
+    try:
+        out, warned = _unfused_warnings(lambda: layer(x)[0])
+    finally:
+        handle.remove()
+    assert layer.ffn.fc1 in called and layer.self_attn.in_proj in called
+    assert warned
+    assert_close(out, fused, RTOL[torch.float32])
+
+
+class _Double(nn.Module):
+    def forward(self, weight):
+        return 2 * weight
+
+
+def test_parametrizations_stay_fused_and_act(op_calls):
+    """A parametrized projection is read through its parametrization by the fused op: the same
+    op calls, no warning, and the result of the parametrized weight, gradients included."""
+    torch.manual_seed(0)
+    layer = _perturb(magneto.EncoderLayer(_config())).double().eval()
+    twin = copy.deepcopy(layer)
+    nn.utils.parametrizations.weight_norm(layer.self_attn.in_proj)
+    parametrize.register_parametrization(layer.ffn.fc2, "weight", _Double())
+    with torch.no_grad():
+        twin.ffn.fc2.weight.mul_(2)
+    x = randn(2, 5, D, dtype=torch.float64, mean=0.5)
+    out, warned = _unfused_warnings(lambda: layer(x)[0])
+    assert warned == []
+    assert op_calls == collections.Counter(ln_linear=4)
+    assert_close(out, twin(x)[0], RTOL[torch.float64], atol=1e-12)
+    out.sum().backward()
+    originals = layer.self_attn.in_proj.parametrizations.weight  # weight_norm's g and v
+    for p in (originals.original0, originals.original1):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+class _DoubledLinear(nn.Linear):
+    """A replacement class with its own forward."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def test_replaced_projections_run_their_own_forward():
+    torch.manual_seed(0)
+    layer = _perturb(magneto.EncoderLayer(_config())).double().eval()
+    twin = copy.deepcopy(layer)
+    doubled = _DoubledLinear(FFN, D, dtype=torch.float64)
+    doubled.load_state_dict(layer.ffn.fc2.state_dict())
+    layer.ffn.fc2 = doubled
+    with torch.no_grad():
+        twin.ffn.fc2.weight.mul_(2)
+        twin.ffn.fc2.bias.mul_(2)
+    x = randn(2, 5, D, dtype=torch.float64, mean=0.5)
+    out, warned = _unfused_warnings(lambda: layer(x)[0])
+    assert len(warned) == 1 and "FeedForward.fc2" in warned[0] and "_DoubledLinear" in warned[0]
+    assert_close(out, twin(x)[0], RTOL[torch.float64], atol=1e-12)
