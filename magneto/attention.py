@@ -197,9 +197,12 @@ class MultiheadAttention(nn.Module):
         - ``query``: (batch, tgt_len, d); or, in a multiway model, a sequence held as two parts
           (then ``residual`` too, ``input_norm`` a ``Multiway`` pair, and the output the two
           parts; ``multiway.attention_parts``).
-        - ``key_padding_mask``: (batch, src_len), True/nonzero marks padding (ignored keys).
-        - ``attn_mask``: (tgt_len, src_len) or (batch·heads, tgt_len, src_len); float masks are
-          added to the scores (torchscale), bool masks mark masked positions with True.
+        - ``key_padding_mask``: (batch, src_len); ``attn_mask``: (tgt_len, src_len) or
+          (batch·heads, tgt_len, src_len). Each is read by its dtype (``magneto.masks``): bool
+          True = masked, floating = added to the scores, integer = torchscale's 0/1 (nonzero =
+          masked). A float key padding mask is a bias, as in ``torch.nn``; torchscale's
+          ``MultiheadAttention`` reads any padding mask as nonzero = padding, which magneto's
+          layers and models do for it (``masks.torchscale_mask``).
         - ``incremental_state``: a dict; ``prev_key``/``prev_value`` (batch, heads, len,
           head_dim) are read and extended (self-attention decoding, torchscale's format).
         - ``is_causal``: query i (of the last tgt_len positions) sees keys up to its own position.

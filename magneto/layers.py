@@ -35,6 +35,7 @@ from magneto.config import MagnetoConfig
 from magneto.feedforward import FeedForward
 from magneto.fusion import add_norm, has_hooks, warn_unfused
 from magneto.init import layer_scales
+from magneto.masks import torchscale_mask
 from magneto.multiway import Multiway, check_parts, pick, single_part, split_parts
 from magneto.norm import NormLayer
 
@@ -179,8 +180,9 @@ class EncoderLayer(ResidualLayer):
         multiway_split_position: Optional[int] = None,
         incremental_state: Optional[dict] = None,
     ) -> tuple[Tensor, None]:
-        """torchscale's call; returns ``(x, l_aux=None)``. ``attn_mask`` (tgt, src) masks the
-        positions where it is nonzero (torchscale turns them into -1e8 scores).
+        """torchscale's call; returns ``(x, l_aux=None)``. ``encoder_padding_mask`` (batch, src)
+        and ``attn_mask`` (tgt, src) mask the positions where they are nonzero, whatever their
+        dtype (torchscale's reading; ``magneto.masks``).
 
         ``multiway_split_position`` (multiway models only; ``magneto.multiway``): None or -1 all
         tokens use copy A, 0 copy B, 0 < s < length the first s tokens A and the rest B (the
@@ -194,15 +196,13 @@ class EncoderLayer(ResidualLayer):
             parts = split_parts(x, multiway_split_position)
             parts = self.forward_parts(parts, encoder_padding_mask, attn_mask, incremental_state)
             return torch.cat(parts, dim=1), None
-        if attn_mask is not None:
-            attn_mask = attn_mask.to(torch.bool)
         x = self.residual(
             x,
             pick(self.self_attn_layer_norm, part),
             self.self_attn,
             incremental_state=incremental_state,
-            key_padding_mask=encoder_padding_mask,
-            attn_mask=attn_mask,
+            key_padding_mask=torchscale_mask(encoder_padding_mask),
+            attn_mask=torchscale_mask(attn_mask),
             rel_pos=rel_pos,
             part=part,
         )
@@ -222,14 +222,12 @@ class EncoderLayer(ResidualLayer):
         if not self.config.multiway:
             raise ValueError("forward_parts: this layer is not multiway")
         check_parts(parts, self.embed_dim)
-        if attn_mask is not None:
-            attn_mask = attn_mask.to(torch.bool)
         parts = self.residual(
             list(parts),
             self.self_attn_layer_norm,
             self.self_attn,
-            key_padding_mask=encoder_padding_mask,
-            attn_mask=attn_mask,
+            key_padding_mask=torchscale_mask(encoder_padding_mask),
+            attn_mask=torchscale_mask(attn_mask),
             incremental_state=incremental_state,
         )
         return self.residual(parts, self.final_layer_norm, self.ffn)
@@ -280,7 +278,9 @@ class DecoderLayer(ResidualLayer):
     ) -> tuple[Tensor, None, None, None]:
         """torchscale's call; returns ``(x, attn=None, None, l_aux=None)``.
 
-        ``self_attn_mask`` is torchscale's additive float mask (or bool, True = masked);
+        ``self_attn_mask`` is torchscale's additive float mask (or bool, True = masked; an
+        integer 0/1 mask: nonzero = masked, where torchscale would add it to the scores);
+        padding masks: nonzero = padding, whatever their dtype (``magneto.masks``).
         ``self_attn_causal=True`` asks for the causal mask without materialising it.
         """
         self._check_input(x)
@@ -289,7 +289,7 @@ class DecoderLayer(ResidualLayer):
             self.self_attn_layer_norm,
             self.self_attn,
             incremental_state=incremental_state,
-            key_padding_mask=self_attn_padding_mask,
+            key_padding_mask=torchscale_mask(self_attn_padding_mask),
             attn_mask=self_attn_mask,
             rel_pos=self_attn_rel_pos,
             is_causal=self_attn_causal,
@@ -306,7 +306,7 @@ class DecoderLayer(ResidualLayer):
                 self.encoder_attn,
                 key=encoder_out,
                 value=encoder_out,
-                key_padding_mask=encoder_padding_mask,
+                key_padding_mask=torchscale_mask(encoder_padding_mask),
                 rel_pos=cross_attn_rel_pos,
                 static_kv_cache=encoder_kv,
             )

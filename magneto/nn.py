@@ -4,8 +4,14 @@ with a Magneto (Sub-LN) block inside, and ``magnetize`` to swap the layers of an
 
 Same constructor arguments and forward calls as ``torch.nn`` (``d_model, nhead,
 dim_feedforward, dropout, activation, layer_norm_eps, batch_first, norm_first, bias, device,
-dtype``; masks as ``torch.nn`` takes them: bool with True = not allowed, or additive float),
-so the layers work inside ``torch.nn.TransformerEncoder`` / ``TransformerDecoder``.
+dtype``), so the layers work inside ``torch.nn.TransformerEncoder`` / ``TransformerDecoder``.
+Masks read as ``torch.nn`` reads them (``magneto.masks``): bool with True = not allowed, or
+float added to the scores (finite values included, for the key padding masks too), 2-D or
+per head (batch·heads, tgt, src); integer masks are refused, as ``torch.nn`` refuses them.
+The ``is_causal`` hints: with a mask the mask decides (torch.nn may use a causal kernel
+instead, which gives the same result when the hint is true); ``is_causal`` / ``tgt_is_causal``
+without a mask apply the causal mask (torch.nn raises there, or its fast path ignores the
+hint); ``memory_is_causal`` without ``memory_mask`` raises, as torch.nn does.
 
 What differs from ``torch.nn`` (by design):
 
@@ -35,6 +41,7 @@ from torch import Tensor, nn
 
 from magneto.config import MagnetoConfig
 from magneto.layers import DecoderLayer, EncoderLayer
+from magneto.masks import torch_mask
 
 _ACTIVATIONS = {F.relu: "relu", F.gelu: "gelu", F.silu: "silu"}
 
@@ -151,8 +158,8 @@ class TransformerEncoderLayer(EncoderLayer):
             x,
             self.self_attn_layer_norm,
             self.self_attn,
-            key_padding_mask=src_key_padding_mask,
-            attn_mask=src_mask,
+            key_padding_mask=torch_mask(src_key_padding_mask, "src_key_padding_mask"),
+            attn_mask=torch_mask(src_mask, "src_mask"),
             is_causal=is_causal and src_mask is None,
         )
         x = self.residual(x, self.final_layer_norm, self.ffn)
@@ -215,12 +222,17 @@ class TransformerDecoderLayer(DecoderLayer):
     ) -> Tensor:
         x = _to_batch_first(tgt, self.batch_first, "tgt", self.embed_dim)
         mem = _to_batch_first(memory, self.batch_first, "memory", self.embed_dim)
+        if memory_is_causal and memory_mask is None:
+            raise ValueError(
+                "memory_is_causal=True needs memory_mask: the hint says memory_mask is causal "
+                "(as torch.nn, which raises too)"
+            )
         x = self.residual(
             x,
             self.self_attn_layer_norm,
             self.self_attn,
-            key_padding_mask=tgt_key_padding_mask,
-            attn_mask=tgt_mask,
+            key_padding_mask=torch_mask(tgt_key_padding_mask, "tgt_key_padding_mask"),
+            attn_mask=torch_mask(tgt_mask, "tgt_mask"),
             is_causal=tgt_is_causal and tgt_mask is None,
         )
         x = self.residual(
@@ -229,9 +241,8 @@ class TransformerDecoderLayer(DecoderLayer):
             self.encoder_attn,
             key=mem,
             value=mem,
-            key_padding_mask=memory_key_padding_mask,
-            attn_mask=memory_mask,
-            is_causal=memory_is_causal and memory_mask is None,
+            key_padding_mask=torch_mask(memory_key_padding_mask, "memory_key_padding_mask"),
+            attn_mask=torch_mask(memory_mask, "memory_mask"),
         )
         x = self.residual(x, self.final_layer_norm, self.ffn)
         return x if self.batch_first else x.transpose(0, 1)
