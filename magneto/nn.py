@@ -12,6 +12,9 @@ The ``is_causal`` hints: with a mask the mask decides (torch.nn may use a causal
 instead, which gives the same result when the hint is true); ``is_causal`` / ``tgt_is_causal``
 without a mask apply the causal mask (torch.nn raises there, or its fast path ignores the
 hint); ``memory_is_causal`` without ``memory_mask`` raises, as torch.nn does.
+Unbatched inputs, (length, d_model) with (length,) key padding masks, work as in ``torch.nn``.
+``activation``: a name the fused ops know, torch's relu / gelu / silu (functions or modules),
+or any other callable, which then runs unfused between fc1 and fc2.
 
 What differs from ``torch.nn`` (by design):
 
@@ -43,23 +46,20 @@ from magneto.config import MagnetoConfig
 from magneto.layers import DecoderLayer, EncoderLayer
 from magneto.masks import torch_mask
 
-_ACTIVATIONS = {F.relu: "relu", F.gelu: "gelu", F.silu: "silu"}
+_ACTIVATIONS = {F.relu: "relu", torch.relu: "relu", F.gelu: "gelu", F.silu: "silu"}
+"""torch's activation functions the fused ops have, by their ops name."""
 
 
-def _activation_name(activation: Union[str, Callable]) -> str:
-    if isinstance(activation, str):
-        return activation
-    if activation in _ACTIVATIONS:
+def _activation(activation: Union[str, Callable]) -> Union[str, Callable]:
+    """The ops' name for ``activation`` where they have it (fused), else the callable itself
+    (applied unfused; ``MagnetoConfig.activation``)."""
+    if not isinstance(activation, str) and activation in _ACTIVATIONS:
         return _ACTIVATIONS[activation]
     for module_type, name in ((nn.ReLU, "relu"), (nn.GELU, "gelu"), (nn.SiLU, "silu")):
-        if isinstance(activation, module_type):
-            if name == "gelu" and activation.approximate == "tanh":
-                return "gelu_tanh"
-            return name
-    raise ValueError(
-        f"activation must be 'relu', 'gelu', 'gelu_tanh', 'silu' or F.relu / F.gelu / "
-        f"F.silu (or their nn modules), got {activation!r}"
-    )
+        if type(activation) is module_type:
+            tanh = name == "gelu" and activation.approximate == "tanh"
+            return "gelu_tanh" if tanh else name
+    return activation
 
 
 def _config(
@@ -85,7 +85,7 @@ def _config(
         dropout=dropout,
         attention_dropout=dropout if attention_dropout is None else attention_dropout,
         activation_dropout=dropout if activation_dropout is None else activation_dropout,
-        activation=_activation_name(activation),
+        activation=_activation(activation),
         eps=layer_norm_eps,
         bias=bias,
         positions="none",
@@ -94,14 +94,31 @@ def _config(
 
 
 def _to_batch_first(x: Tensor, batch_first: bool, name: str, dim: int) -> Tensor:
-    if not isinstance(x, Tensor) or x.dim() != 3:
+    """x as (batch, length, d): transposed unless ``batch_first``; an unbatched (length, d)
+    input (torch.nn takes it) as a batch of one."""
+    if not isinstance(x, Tensor) or x.dim() not in (2, 3):
         raise ValueError(
-            f"{name} must be a 3-D Tensor, got "
+            f"{name} must be a 3-D Tensor, or 2-D unbatched, got "
             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}"
         )
     if x.shape[-1] != dim:
         raise ValueError(f"{name} must have last dimension d_model={dim}, got {tuple(x.shape)}")
+    if x.dim() == 2:
+        return x.unsqueeze(0)
     return x if batch_first else x.transpose(0, 1)
+
+
+def _from_batch_first(y: Tensor, like: Tensor, batch_first: bool) -> Tensor:
+    """The layer's output in the layout of its input ``like``."""
+    if like.dim() == 2:
+        return y.squeeze(0)
+    return y if batch_first else y.transpose(0, 1)
+
+
+def _padding(mask: Optional[Tensor], like: Tensor, name: str) -> Optional[Tensor]:
+    """A key padding mask as torch.nn takes it, (length,) for an unbatched input."""
+    mask = torch_mask(mask, name)
+    return mask.unsqueeze(0) if mask is not None and like.dim() == 2 else mask
 
 
 class TransformerEncoderLayer(EncoderLayer):
@@ -158,12 +175,12 @@ class TransformerEncoderLayer(EncoderLayer):
             x,
             self.self_attn_layer_norm,
             self.self_attn,
-            key_padding_mask=torch_mask(src_key_padding_mask, "src_key_padding_mask"),
+            key_padding_mask=_padding(src_key_padding_mask, src, "src_key_padding_mask"),
             attn_mask=torch_mask(src_mask, "src_mask"),
             is_causal=is_causal and src_mask is None,
         )
         x = self.residual(x, self.final_layer_norm, self.ffn)
-        return x if self.batch_first else x.transpose(0, 1)
+        return _from_batch_first(x, src, self.batch_first)
 
 
 class TransformerDecoderLayer(DecoderLayer):
@@ -231,7 +248,7 @@ class TransformerDecoderLayer(DecoderLayer):
             x,
             self.self_attn_layer_norm,
             self.self_attn,
-            key_padding_mask=torch_mask(tgt_key_padding_mask, "tgt_key_padding_mask"),
+            key_padding_mask=_padding(tgt_key_padding_mask, tgt, "tgt_key_padding_mask"),
             attn_mask=torch_mask(tgt_mask, "tgt_mask"),
             is_causal=tgt_is_causal and tgt_mask is None,
         )
@@ -241,11 +258,11 @@ class TransformerDecoderLayer(DecoderLayer):
             self.encoder_attn,
             key=mem,
             value=mem,
-            key_padding_mask=torch_mask(memory_key_padding_mask, "memory_key_padding_mask"),
+            key_padding_mask=_padding(memory_key_padding_mask, memory, "memory_key_padding_mask"),
             attn_mask=torch_mask(memory_mask, "memory_mask"),
         )
         x = self.residual(x, self.final_layer_norm, self.ffn)
-        return x if self.batch_first else x.transpose(0, 1)
+        return _from_batch_first(x, tgt, self.batch_first)
 
 
 def _layer_arguments(old: nn.Module) -> dict:

@@ -6,6 +6,8 @@
   gradients against LoRA written as a parametrization, which stays fused; merge_and_unload),
   hooks (on sublayers: what torch.nn's hooks see), replacement classes. Parametrizations stay
   fused and act.
+- The toolbox: swapped norms (torch's LayerNorm and RMSNorm fused, others run), swapped
+  projections, pruning then training, dynamic quantisation, torch.ao observers, strided inputs.
 """
 
 import collections
@@ -17,7 +19,7 @@ import torch
 from harness import RTOL, assert_close, randn
 from peft import LoraConfig, get_peft_model
 from torch import nn
-from torch.nn.utils import parametrize
+from torch.nn.utils import parametrize, prune
 
 import magneto
 import magneto_kernels
@@ -317,3 +319,135 @@ def test_replaced_projections_run_their_own_forward():
     out, warned = _unfused_warnings(lambda: layer(x)[0])
     assert len(warned) == 1 and "FeedForward.fc2" in warned[0] and "_DoubledLinear" in warned[0]
     assert_close(out, twin(x)[0], RTOL[torch.float64], atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# The toolbox
+
+
+def _run_unfused(run):
+    """``run()`` with a global (no-op) module hook: every module then runs as a module, which
+    is the semantics a fused call must reproduce."""
+    handle = nn.modules.module.register_module_forward_hook(lambda m, a, o: None)
+    try:
+        return _unfused_warnings(run)[0]
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("scheme", ["subln", "post"])
+def test_torch_norms_swapped_in_stay_fused(scheme, op_calls):
+    """nn.LayerNorm and nn.RMSNorm (its default eps: the dtype's epsilon) in place of
+    magneto's norms: fused (the same op calls, no warning), with their own results."""
+    torch.manual_seed(0)
+    layer = _perturb(magneto.EncoderLayer(_config(norm_scheme=scheme))).double().eval()
+    layer.self_attn_layer_norm = _perturb(nn.LayerNorm(D, eps=1e-3, dtype=torch.float64))
+    layer.final_layer_norm = _perturb(nn.RMSNorm(D, dtype=torch.float64), seed=1)
+    x = randn(2, 5, D, dtype=torch.float64, mean=0.5)
+    out, warned = _unfused_warnings(lambda: layer(x)[0])
+    assert warned == []
+    ln_linear, add_layer_norm = ENCODER_LAYER[scheme]
+    assert op_calls == collections.Counter(ln_linear=ln_linear, add_layer_norm=add_layer_norm)
+    assert_close(out, _run_unfused(lambda: layer(x)[0]), RTOL[torch.float64], atol=1e-12)
+
+
+@pytest.mark.parametrize("scheme", ["subln", "post"])
+def test_other_norms_and_projections_swapped_in_run_as_modules(scheme):
+    """A norm the ops cannot express (no affine weight, nn.Identity) and a projection that is
+    not a Linear (an nn.Sequential) run as modules, each with a warning naming it."""
+    torch.manual_seed(0)
+    layer = _perturb(magneto.EncoderLayer(_config(norm_scheme=scheme))).double().eval()
+    twin = copy.deepcopy(layer)
+    layer.ffn.fc1 = nn.Sequential(layer.ffn.fc1)
+    layer.self_attn_layer_norm = nn.LayerNorm(D, elementwise_affine=False, dtype=torch.float64)
+    layer.final_layer_norm = nn.Identity()
+    x = randn(2, 5, D, dtype=torch.float64, mean=0.5)
+    out, warned = _unfused_warnings(lambda: layer(x)[0])
+    assert any("FeedForward.fc1 is a torch.nn.modules.container.Sequential" in w for w in warned)
+    assert any("LayerNorm" in w for w in warned) and any("Identity" in w for w in warned)
+    with torch.no_grad():  # the same layer written out with the swapped modules
+        twin.self_attn_layer_norm.weight.fill_(1.0)
+        twin.self_attn_layer_norm.bias.zero_()
+    if scheme == "subln":
+        h = x + twin.self_attn(twin.self_attn_layer_norm(x))[0]
+        want = h + twin.ffn(h)
+    else:
+        h = twin.self_attn_layer_norm(x + twin.self_attn(x)[0])
+        want = h + twin.ffn(h)
+    assert_close(out, want, RTOL[torch.float64], atol=1e-12)
+
+
+def test_pruned_projection_trains():
+    """torch.nn.utils.prune (a forward pre-hook recomputing the weight): the pruned weight is
+    what runs, and training keeps the pruned entries at zero."""
+    torch.manual_seed(0)
+    layer = _perturb(magneto.EncoderLayer(_config(backend=None))).train()
+    twin = copy.deepcopy(layer)
+    fc1 = layer.ffn.fc1
+    prune.l1_unstructured(fc1, "weight", amount=0.5)
+    with torch.no_grad():
+        twin.ffn.fc1.weight.mul_(fc1.weight_mask)
+    x = randn(2, 5, D, mean=0.3)
+    with pytest.warns(UnfusedWarning, match="FeedForward.fc1 has hooks"):
+        out = layer(x)[0]
+    assert_close(out, twin(x)[0], RTOL[torch.float32])
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    for _ in range(3):
+        optimizer.zero_grad()
+        layer(x)[0].square().sum().backward()
+        pruned = fc1.weight_mask == 0
+        assert (fc1.weight_orig.grad[pruned] == 0).all() and fc1.weight_orig.grad.abs().sum() > 0
+        optimizer.step()
+    layer(x)
+    assert (fc1.weight[fc1.weight_mask == 0] == 0).all()
+
+
+def test_dynamic_quantization_runs_the_quantized_modules():
+    from torch.ao.quantization import quantize_dynamic
+
+    torch.manual_seed(0)
+    model = _perturb(magneto.Encoder(_config(backend=None, vocab_size=30))).eval()
+    tokens = torch.randint(0, 30, (2, 6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.ao is deprecated upstream
+        warnings.simplefilter("ignore", UserWarning)
+        quantized = quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
+    linears = [m for m in quantized.modules() if type(m) is nn.Linear]
+    assert linears == [], "every Linear quantized"
+    with torch.no_grad():
+        want = model(tokens)["encoder_out"]
+        got, warned = _unfused_warnings(lambda: quantized(tokens)["encoder_out"])
+    assert any("FeedForward.fc2 is a torch.ao" in w for w in warned), warned
+    assert not torch.equal(got, want), "the quantized weights ran"
+    assert_close(got, want, 0.05)
+
+
+def test_torch_ao_observers_see_the_projections():
+    """torch.ao.quantization.prepare attaches observers as forward hooks: they fire through
+    the unfused path and record what the projection produced."""
+    torch.manual_seed(0)
+    layer = _perturb(magneto.EncoderLayer(_config(backend=None))).eval()
+    twin = copy.deepcopy(layer)
+    layer.qconfig = torch.ao.quantization.default_qconfig
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        torch.ao.quantization.prepare(layer, inplace=True)
+    produced = []
+    layer.ffn.fc1.register_forward_hook(lambda m, a, o: produced.append(o))
+    x = randn(2, 5, D, mean=0.3)
+    out, warned = _unfused_warnings(lambda: layer(x)[0])
+    assert warned
+    observer = layer.ffn.fc1.activation_post_process
+    assert observer.min_val == produced[0].min() and observer.max_val == produced[0].max()
+    assert_close(out, twin(x)[0], RTOL[torch.float32])
+
+
+def test_strided_inputs():
+    torch.manual_seed(0)
+    encoder = _perturb(magneto.Encoder(_config(backend=None))).eval()
+    wide = randn(2, 10, D, mean=0.3)
+    strided = wide[:, ::2]
+    assert not strided.is_contiguous()
+    out = encoder(None, token_embeddings=strided)["encoder_out"]
+    assert torch.equal(out, encoder(None, token_embeddings=strided.contiguous())["encoder_out"])

@@ -18,6 +18,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from harness import RTOL, assert_close, randn
 from torch import nn
 
@@ -38,11 +39,13 @@ def _perturb(module, seed=0):
     return module
 
 
-def torch_twins(kind="encoder"):
+def torch_twins(kind="encoder", activation=F.relu):
     """torch.nn's norm_first layer and magneto.nn's Pre-LN layer with its weights: the same
     function (float64, no dropout, training mode so that torch.nn takes its slow path)."""
     torch.manual_seed(0)
-    args = dict(dropout=0.0, batch_first=True, norm_first=True, dtype=torch.float64)
+    args = dict(
+        dropout=0.0, batch_first=True, norm_first=True, dtype=torch.float64, activation=activation
+    )
     if kind == "encoder":
         theirs = _perturb(nn.TransformerEncoderLayer(D, HEADS, FFN, **args))
         stack = nn.TransformerEncoder(copy.deepcopy(theirs), 1, enable_nested_tensor=False)

@@ -313,6 +313,8 @@ def torchscale_args(config: MagnetoConfig, kind: str, no_output_layer: bool = Fa
     ts_config = _torchscale()[0]
     if config.norm != "layer":
         raise ValueError(f"norm={config.norm!r}: torchscale has LayerNorm only")
+    if callable(config.activation):
+        raise ValueError(f"activation={config.activation!r}: torchscale takes a name only")
     if config.activation == "gelu_tanh":
         raise ValueError("activation='gelu_tanh' has no torchscale counterpart")
     if not config.bias:
