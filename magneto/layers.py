@@ -121,7 +121,7 @@ class ResidualLayer(nn.Module):
         drop_path = self.drop_path is not None and self.training
         hooked = _hooked(sublayer)
         if hooked:  # called as torch.nn calls it: its hooks see its own input and output
-            name = next(n for n, m in self.named_children() if m is sublayer)
+            name = next(n for n, m in self.named_modules() if m is sublayer)
             warn_unfused(f"{type(self).__name__}.{name}", sublayer)
             y = _output(sublayer(norm(x) if before else x, dropout_p=0.0, **kwargs))
         elif before and not drop_path:  # fused: input norm in the first GEMM, add in the last

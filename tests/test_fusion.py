@@ -135,15 +135,15 @@ class _LowRank(nn.Module):
         return weight + (self.b @ self.a) * self.scaling
 
 
-LORA_TARGETS = ["in_proj", "out_proj", "fc1", "fc2"]
+LORA_TARGETS = ["in_proj", "out_proj", "fc1", "fc2", "output_projection"]
 
 
 def test_peft_lora_trains_and_merges():
-    """PEFT LoRA on q/k/v (the packed ``in_proj``), out_proj, fc1 and fc2 of an
-    encoder-decoder (self- and cross-attention): the adapted model runs the LoRA layers
-    unfused, with one warning per adapted module; its output and the adapters' gradients
-    equal those of LoRA written as parametrizations (fused); merge_and_unload gives the
-    adapted output back, fully fused."""
+    """PEFT LoRA on q/k/v (the packed ``in_proj``), out_proj, fc1, fc2 and the output
+    projection of an encoder-decoder (self- and cross-attention): the adapted model runs the
+    LoRA layers unfused, with one warning per adapted module; its output and the adapters'
+    gradients equal those of LoRA written as parametrizations (fused); merge_and_unload gives
+    the adapted output back, fully fused."""
     torch.manual_seed(0)
     config = _config(vocab_size=30, backend=None, encoder_layers=1, decoder_layers=1)
     model = _perturb(magneto.EncoderDecoder(config)).eval()
@@ -163,7 +163,7 @@ def test_peft_lora_trains_and_merges():
             )
             parametrize.register_parametrization(twin.get_submodule(name), "weight", low_rank)
             adapters[name] = (module, low_rank)
-    assert len(adapters) == 4 + 6  # encoder layer; decoder layer with its cross-attention
+    assert len(adapters) == 4 + 6 + 1  # encoder layer, decoder layer, output projection
 
     out, warned = _unfused_warnings(lambda: peft_model(src, tgt)[0])
     assert len(warned) == len(adapters) and all("peft" in w for w in warned), warned
@@ -256,20 +256,49 @@ def test_hooks_on_projections_and_norms_fire_and_act():
     assert_close(out, h, RTOL[torch.float32], name="a hook's result is used")
 
 
-def test_global_module_hooks_unfuse_everything():
+def test_hooks_on_a_split_multiway_sequence():
+    """A multiway layer on a split sequence: a hook on self_attn sees the two parts, one on a
+    copy of the FFN sees its part; the result is the unhooked one."""
     torch.manual_seed(0)
-    layer = _perturb(magneto.EncoderLayer(_config(backend=None))).eval()
-    x = randn(2, 5, D)
-    fused = layer(x)[0]
+    layer = _perturb(magneto.EncoderLayer(_config(backend=None, multiway=True))).eval()
+    x = randn(2, 7, D, mean=0.3)
+    want = layer(x, multiway_split_position=3)[0]
+    seen = []
+    layer.self_attn.register_forward_hook(lambda m, a, o: seen.append([t.shape for t in o[0]]))
+    layer.ffn.B.register_forward_hook(lambda m, a, o: seen.append(o.shape))
+    out, warned = _unfused_warnings(lambda: layer(x, multiway_split_position=3)[0])
+    assert seen == [[(2, 3, D), (2, 4, D)], (2, 4, D)] and len(warned) == 2
+    assert_close(out, want, RTOL[torch.float32])
+
+
+def test_global_module_hooks_unfuse_everything():
+    """Global module hooks reach every module: self-attention, cross-attention and the FFN
+    are called as torch.nn calls them, every projection and norm as a module."""
+    torch.manual_seed(0)
+    layer = magneto.DecoderLayer(_config(backend=None), is_encoder_decoder=True)
+    layer = _perturb(layer).eval()
+    x, memory = randn(2, 5, D), randn(2, 6, D)
+    fused = layer(x, memory, self_attn_causal=True)[0]
     called = []
     handle = nn.modules.module.register_module_forward_hook(lambda m, a, o: called.append(m))
     try:
-        out, warned = _unfused_warnings(lambda: layer(x)[0])
+        out, warned = _unfused_warnings(lambda: layer(x, memory, self_attn_causal=True)[0])
     finally:
         handle.remove()
-    assert layer.ffn.fc1 in called and layer.self_attn.in_proj in called
-    assert warned
+    assert layer.encoder_attn in called and layer.encoder_attn.in_proj in called
+    assert any("DecoderLayer.encoder_attn has hooks" in w for w in warned), warned
     assert_close(out, fused, RTOL[torch.float32])
+
+
+def test_hooks_on_a_multiway_copy():
+    torch.manual_seed(0)
+    layer = _perturb(magneto.EncoderLayer(_config(backend=None, multiway=True))).eval()
+    x = randn(2, 7, D, mean=0.3)
+    want = layer(x, multiway_split_position=0)[0]
+    layer.ffn.B.register_forward_hook(lambda m, a, o: None)
+    with pytest.warns(UnfusedWarning, match="EncoderLayer.ffn.B has hooks"):
+        out = layer(x, multiway_split_position=0)[0]
+    assert_close(out, want, RTOL[torch.float32])
 
 
 class _Double(nn.Module):
