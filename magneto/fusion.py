@@ -57,10 +57,9 @@ def has_hooks(module: nn.Module) -> bool:
 
 def _class(module: nn.Module) -> type:
     """The module's class, or the class it had before parametrizations subclassed it."""
-    cls = type(module)
-    if parametrize.is_parametrized(module):
+    if "parametrizations" in module._modules:  # parametrize.is_parametrized, without its getattr
         return parametrize.type_before_parametrizations(module)
-    return cls
+    return type(module)
 
 
 def fusable_linear(module: nn.Module) -> bool:

@@ -73,8 +73,9 @@ def drop_path_rate(config: MagnetoConfig, depth: int, num_layers: int) -> float:
 
 def _hooked(sublayer: nn.Module) -> bool:
     """Whether calling ``sublayer`` (or a copy of a ``Multiway`` one) runs hooks."""
-    copies = sublayer.children() if isinstance(sublayer, Multiway) else ()
-    return any(has_hooks(m) for m in (sublayer, *copies))
+    if has_hooks(sublayer):
+        return True
+    return isinstance(sublayer, Multiway) and (has_hooks(sublayer.A) or has_hooks(sublayer.B))
 
 
 def _output(y):
