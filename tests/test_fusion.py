@@ -18,13 +18,13 @@ import pytest
 import torch
 from harness import RTOL, assert_close, randn
 from peft import LoraConfig, get_peft_model
+from test_masks import perturb, torch_twins
 from torch import nn
 from torch.nn.utils import parametrize, prune
 
 import magneto
 import magneto_kernels
 from magneto.fusion import UnfusedWarning
-from magneto.nn import magnetize
 
 D, HEADS, FFN = 16, 4, 24
 
@@ -105,14 +105,6 @@ def test_activation_dropout_runs_fc2_unfused_as_documented(op_calls):
 # Wrapped, hooked and replaced modules
 
 
-@torch.no_grad()
-def _perturb(module, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for p in module.parameters():
-        p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return module
-
-
 def _unfused_warnings(run):
     """``run()``'s result and the UnfusedWarning messages it raised."""
     with warnings.catch_warnings(record=True) as caught:
@@ -146,7 +138,7 @@ def test_peft_lora_trains_and_merges():
     the adapted output back, fully fused."""
     torch.manual_seed(0)
     config = _config(vocab_size=30, backend=None, encoder_layers=1, decoder_layers=1)
-    model = _perturb(magneto.EncoderDecoder(config)).eval()
+    model = perturb(magneto.EncoderDecoder(config)).eval()
     twin = copy.deepcopy(model)
     src, tgt = torch.randint(0, 30, (2, 6)), torch.randint(0, 30, (2, 5))
     base_out = model(src, tgt)[0]
@@ -189,23 +181,10 @@ def test_peft_lora_trains_and_merges():
     assert_close(merged_out, out, RTOL[torch.float32])
 
 
-def _torch_and_magneto_layers():
-    """torch.nn's Pre-LN encoder layer and magneto's (norm_scheme="pre") with its weights:
-    the same function (float64, no dropout, training mode so torch takes its slow path)."""
-    torch.manual_seed(0)
-    theirs = nn.TransformerEncoderLayer(
-        D, HEADS, FFN, dropout=0.0, batch_first=True, norm_first=True, dtype=torch.float64
-    )
-    _perturb(theirs)
-    stack = nn.TransformerEncoder(copy.deepcopy(theirs), 1, enable_nested_tensor=False)
-    ours = magnetize(stack, copy_weights=True, norm_scheme="pre").layers[0]
-    return theirs.train(), ours.train()
-
-
 def test_hooks_on_sublayers_see_what_torch_nn_hooks_see():
     """Hooks on ``self_attn`` see its input (the normalised stream) and its output, not the
     residual sum; hooks on ``ffn`` see the block's FFN output: what torch.nn computes there."""
-    theirs, ours = _torch_and_magneto_layers()
+    theirs, ours = torch_twins("encoder")
     x = randn(2, 5, D, dtype=torch.float64, mean=0.5)
     seen = collections.defaultdict(list)
 
@@ -234,7 +213,7 @@ def test_hooks_on_projections_and_norms_fire_and_act():
     """A forward hook on any projection or norm fires once per call of the module (in_proj
     once for q, k and v) and its result is used; the layer's output is the fused one."""
     torch.manual_seed(0)
-    layer = _perturb(magneto.EncoderLayer(_config(backend=None))).eval()
+    layer = perturb(magneto.EncoderLayer(_config(backend=None))).eval()
     x = randn(2, 5, D, mean=0.3)
     fused = layer(x)[0]
     calls = collections.Counter()
@@ -260,7 +239,7 @@ def test_hooks_on_a_split_multiway_sequence():
     """A multiway layer on a split sequence: a hook on self_attn sees the two parts, one on a
     copy of the FFN sees its part; the result is the unhooked one."""
     torch.manual_seed(0)
-    layer = _perturb(magneto.EncoderLayer(_config(backend=None, multiway=True))).eval()
+    layer = perturb(magneto.EncoderLayer(_config(backend=None, multiway=True))).eval()
     x = randn(2, 7, D, mean=0.3)
     want = layer(x, multiway_split_position=3)[0]
     seen = []
@@ -276,7 +255,7 @@ def test_global_module_hooks_unfuse_everything():
     are called as torch.nn calls them, every projection and norm as a module."""
     torch.manual_seed(0)
     layer = magneto.DecoderLayer(_config(backend=None), is_encoder_decoder=True)
-    layer = _perturb(layer).eval()
+    layer = perturb(layer).eval()
     x, memory = randn(2, 5, D), randn(2, 6, D)
     fused = layer(x, memory, self_attn_causal=True)[0]
     called = []
@@ -292,7 +271,7 @@ def test_global_module_hooks_unfuse_everything():
 
 def test_hooks_on_a_multiway_copy():
     torch.manual_seed(0)
-    layer = _perturb(magneto.EncoderLayer(_config(backend=None, multiway=True))).eval()
+    layer = perturb(magneto.EncoderLayer(_config(backend=None, multiway=True))).eval()
     x = randn(2, 7, D, mean=0.3)
     want = layer(x, multiway_split_position=0)[0]
     layer.ffn.B.register_forward_hook(lambda m, a, o: None)
@@ -310,7 +289,7 @@ def test_parametrizations_stay_fused_and_act(op_calls):
     """A parametrized projection is read through its parametrization by the fused op: the same
     op calls, no warning, and the result of the parametrized weight, gradients included."""
     torch.manual_seed(0)
-    layer = _perturb(magneto.EncoderLayer(_config())).double().eval()
+    layer = perturb(magneto.EncoderLayer(_config())).double().eval()
     twin = copy.deepcopy(layer)
     nn.utils.parametrizations.weight_norm(layer.self_attn.in_proj)
     parametrize.register_parametrization(layer.ffn.fc2, "weight", _Double())
@@ -336,7 +315,7 @@ class _DoubledLinear(nn.Linear):
 
 def test_replaced_projections_run_their_own_forward():
     torch.manual_seed(0)
-    layer = _perturb(magneto.EncoderLayer(_config())).double().eval()
+    layer = perturb(magneto.EncoderLayer(_config())).double().eval()
     twin = copy.deepcopy(layer)
     doubled = _DoubledLinear(FFN, D, dtype=torch.float64)
     doubled.load_state_dict(layer.ffn.fc2.state_dict())
@@ -369,9 +348,9 @@ def test_torch_norms_swapped_in_stay_fused(scheme, op_calls):
     """nn.LayerNorm and nn.RMSNorm (its default eps: the dtype's epsilon) in place of
     magneto's norms: fused (the same op calls, no warning), with their own results."""
     torch.manual_seed(0)
-    layer = _perturb(magneto.EncoderLayer(_config(norm_scheme=scheme))).double().eval()
-    layer.self_attn_layer_norm = _perturb(nn.LayerNorm(D, eps=1e-3, dtype=torch.float64))
-    layer.final_layer_norm = _perturb(nn.RMSNorm(D, dtype=torch.float64), seed=1)
+    layer = perturb(magneto.EncoderLayer(_config(norm_scheme=scheme))).double().eval()
+    layer.self_attn_layer_norm = perturb(nn.LayerNorm(D, eps=1e-3, dtype=torch.float64))
+    layer.final_layer_norm = perturb(nn.RMSNorm(D, dtype=torch.float64), seed=1)
     x = randn(2, 5, D, dtype=torch.float64, mean=0.5)
     out, warned = _unfused_warnings(lambda: layer(x)[0])
     assert warned == []
@@ -385,7 +364,7 @@ def test_other_norms_and_projections_swapped_in_run_as_modules(scheme):
     """A norm the ops cannot express (no affine weight, nn.Identity) and a projection that is
     not a Linear (an nn.Sequential) run as modules, each with a warning naming it."""
     torch.manual_seed(0)
-    layer = _perturb(magneto.EncoderLayer(_config(norm_scheme=scheme))).double().eval()
+    layer = perturb(magneto.EncoderLayer(_config(norm_scheme=scheme))).double().eval()
     twin = copy.deepcopy(layer)
     layer.ffn.fc1 = nn.Sequential(layer.ffn.fc1)
     layer.self_attn_layer_norm = nn.LayerNorm(D, elementwise_affine=False, dtype=torch.float64)
@@ -410,7 +389,7 @@ def test_pruned_projection_trains():
     """torch.nn.utils.prune (a forward pre-hook recomputing the weight): the pruned weight is
     what runs, and training keeps the pruned entries at zero."""
     torch.manual_seed(0)
-    layer = _perturb(magneto.EncoderLayer(_config(backend=None))).train()
+    layer = perturb(magneto.EncoderLayer(_config(backend=None))).train()
     twin = copy.deepcopy(layer)
     fc1 = layer.ffn.fc1
     prune.l1_unstructured(fc1, "weight", amount=0.5)
@@ -435,7 +414,7 @@ def test_dynamic_quantization_runs_the_quantized_modules():
     from torch.ao.quantization import quantize_dynamic
 
     torch.manual_seed(0)
-    model = _perturb(magneto.Encoder(_config(backend=None, vocab_size=30))).eval()
+    model = perturb(magneto.Encoder(_config(backend=None, vocab_size=30))).eval()
     tokens = torch.randint(0, 30, (2, 6))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torch.ao is deprecated upstream
@@ -455,7 +434,7 @@ def test_torch_ao_observers_see_the_projections():
     """torch.ao.quantization.prepare attaches observers as forward hooks: they fire through
     the unfused path and record what the projection produced."""
     torch.manual_seed(0)
-    layer = _perturb(magneto.EncoderLayer(_config(backend=None))).eval()
+    layer = perturb(magneto.EncoderLayer(_config(backend=None))).eval()
     twin = copy.deepcopy(layer)
     layer.qconfig = torch.ao.quantization.default_qconfig
     with warnings.catch_warnings():
@@ -474,7 +453,7 @@ def test_torch_ao_observers_see_the_projections():
 
 def test_strided_inputs():
     torch.manual_seed(0)
-    encoder = _perturb(magneto.Encoder(_config(backend=None))).eval()
+    encoder = perturb(magneto.Encoder(_config(backend=None))).eval()
     wide = randn(2, 10, D, mean=0.3)
     strided = wide[:, ::2]
     assert not strided.is_contiguous()

@@ -32,7 +32,8 @@ TORCHSCALE_TOL = dict(rtol=1e-6, atol=1e-12)  # torchscale's softmax runs in flo
 
 
 @torch.no_grad()
-def _perturb(module, seed=0):
+def perturb(module, seed=0):
+    """Every parameter moved off its init (norm weights off 1, biases off 0)."""
     g = torch.Generator().manual_seed(seed)
     for p in module.parameters():
         p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
@@ -47,10 +48,10 @@ def torch_twins(kind="encoder", activation=F.relu):
         dropout=0.0, batch_first=True, norm_first=True, dtype=torch.float64, activation=activation
     )
     if kind == "encoder":
-        theirs = _perturb(nn.TransformerEncoderLayer(D, HEADS, FFN, **args))
+        theirs = perturb(nn.TransformerEncoderLayer(D, HEADS, FFN, **args))
         stack = nn.TransformerEncoder(copy.deepcopy(theirs), 1, enable_nested_tensor=False)
     else:
-        theirs = _perturb(nn.TransformerDecoderLayer(D, HEADS, FFN, **args))
+        theirs = perturb(nn.TransformerDecoderLayer(D, HEADS, FFN, **args))
         stack = nn.TransformerDecoder(copy.deepcopy(theirs), 1)
     ours = magnetize(stack, copy_weights=True, norm_scheme="pre").layers[0]
     return theirs.train(), ours.train()
@@ -179,7 +180,7 @@ def _torchscale_encoder():
         encoder_embed_dim=D, encoder_attention_heads=HEADS, encoder_ffn_embed_dim=FFN,
         encoder_layers=2, no_output_layer=True,
     )  # fmt: skip
-    return _perturb(Encoder(args)).double().eval()
+    return perturb(Encoder(args)).double().eval()
 
 
 @pytest.mark.parametrize(
@@ -221,7 +222,7 @@ def test_decoder_layer_integer_mask_is_converted():
         decoder_embed_dim=D, decoder_attention_heads=HEADS, decoder_ffn_embed_dim=FFN,
         decoder_layers=1,
     )  # fmt: skip
-    theirs = _perturb(DecoderLayer(args, depth=0)).double().eval()
+    theirs = perturb(DecoderLayer(args, depth=0)).double().eval()
     config = magneto.MagnetoConfig(
         embed_dim=D, num_heads=HEADS, ffn_dim=FFN, decoder_layers=1, positions="none"
     )
@@ -246,7 +247,7 @@ def test_decoder_layer_integer_mask_is_converted():
 def test_attention_reads_masks_by_dtype():
     torch.manual_seed(0)
     config = magneto.MagnetoConfig(embed_dim=D, num_heads=HEADS, ffn_dim=FFN, positions="none")
-    mha = _perturb(magneto.MultiheadAttention(config)).double()
+    mha = perturb(magneto.MultiheadAttention(config)).double()
     x = randn(B, S, D, dtype=torch.float64)
     causal = torch.ones(S, S, dtype=torch.bool).triu(1)
     want = mha(x, attn_mask=causal)[0]
