@@ -11,7 +11,7 @@ batch of 1 and of 8 sequences: the prompt in one causal call that caches its key
 (``incremental_state["is_first_step"] = True``), then the growing prefix with
 ``incremental_state`` as torchscale's generation loop calls it (the decoder embeds only the
 last token). torchscale concatenates each layer's cache with the new keys and values at every
-step; magneto writes them into room after it (``magneto.attention._KVRoom``). magneto's
+step; magneto writes them into room after it (``magneto.kv_cache.KVRoom``). magneto's
 cross-attention keeps the encoder output's keys and values in the state after the first step;
 torchscale projects them again at every step. Both sides must pick the same tokens (checked).
 

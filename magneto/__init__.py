@@ -20,10 +20,11 @@ from magneto.embeddings import (
 from magneto.encoder import Encoder
 from magneto.encoder_decoder import EncoderDecoder
 from magneto.feedforward import FeedForward
+from magneto.fusion import UnfusedWarning
 from magneto.init import LayerScales, layer_scales
 from magneto.layers import DecoderLayer, DropPath, EncoderLayer
 from magneto.multiway import Multiway
-from magneto.norm import Norm
+from magneto.norm import NormLayer
 from magneto.speech import (
     ConvSubsampling,
     SpeechEncoder,
@@ -45,7 +46,8 @@ __all__ = [
     "LearnedPositionalEmbedding",
     "SinusoidalPositionalEmbedding",
     "build_output_projection",
-    "Norm",
+    "NormLayer",
+    "UnfusedWarning",
     "DropPath",
     "LayerScales",
     "layer_scales",

@@ -21,16 +21,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional, Union
 
+from magneto.norm import NORMS
 from magneto_kernels.backends import BACKENDS
 from magneto_kernels.codes import canonical_activation
 
 NORM_SCHEMES = ("subln", "pre", "post", "deepnorm")
-NORMS = ("layer", "rms")
 INITS = ("paper", "torchscale")
 POSITIONS = ("learned", "sinusoidal", "none")
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "swish")
 DEEPNORM_BETAS = ("paper", "torchscale")
 
 
@@ -51,6 +50,10 @@ class MagnetoConfig:
     embeddings, ``attention_dropout`` on the attention probabilities, ``activation_dropout``
     after the FFN activation, ``drop_path`` the largest stochastic-depth rate (layer i of L gets
     ``drop_path·i/(L-1)``, as torchscale).
+
+    ``activation``: a name the ops know (``magneto_kernels.codes.ACTIVATIONS`` and their
+    aliases; fused into fc2's prologue) or any callable, a function or an ``nn.Module`` (applied
+    unfused between fc1 and fc2, the rest stays fused).
 
     ``norm_scheme``: see the module docstring. ``norm``: "layer" (LayerNorm) or "rms" (RMSNorm).
     ``init``: "paper" (Xavier normal with the paper's gains, zero biases; the default) or
@@ -80,7 +83,7 @@ class MagnetoConfig:
     share_all_embeddings: bool = False
     output_projection: bool = True
     normalize_output: bool = True
-    activation: str = "gelu"
+    activation: Union[str, Callable] = "gelu"
     dropout: float = 0.0
     attention_dropout: float = 0.0
     activation_dropout: float = 0.0
@@ -119,7 +122,8 @@ class MagnetoConfig:
             _check_choice("deepnorm_beta", self.deepnorm_beta, DEEPNORM_BETAS)
         if self.backend is not None:
             _check_choice("backend", self.backend, BACKENDS)
-        _check_choice("activation", self.activation, ACTIVATIONS)
+        if not callable(self.activation):
+            canonical_activation(self.activation)  # the ops' activations and aliases
         for name in ("dropout", "attention_dropout", "activation_dropout", "drop_path"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
@@ -146,8 +150,10 @@ class MagnetoConfig:
         return self.embed_dim // self.num_heads
 
     @property
-    def canonical_activation(self) -> str:
-        """The activation in ``magneto_kernels`` spelling ("swish" -> "silu")."""
+    def canonical_activation(self) -> Union[str, Callable]:
+        """The activation in ``magneto_kernels`` spelling ("swish" -> "silu"), or the callable."""
+        if callable(self.activation):
+            return self.activation
         return canonical_activation(self.activation)
 
     @property

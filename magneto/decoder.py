@@ -7,7 +7,7 @@ Same constructor arguments, forward call, result and ``incremental_state`` forma
 ``prev_output_tokens`` and only its last token is computed; with it the whole prefix is
 computed (causally) and cached. Unlike torchscale, each layer's ``prev_key``/``prev_value`` are
 views of buffers with room after them, which later steps write into instead of copying the
-cache (``magneto.attention._KVRoom``; without gradients), and cross-attention projects the
+cache (``magneto.kv_cache.KVRoom``; without gradients), and cross-attention projects the
 encoder output to keys and values once per sequence, keeping them in the layer's state under
 ``"encoder_attn"`` (torchscale recomputes them at every step).
 """

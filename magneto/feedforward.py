@@ -1,9 +1,9 @@
-"""The feed-forward sublayer: fc1 writes the pre-activation u, fc2 applies the activation on input.
+"""The feed-forward sublayer: fc1 writes the pre-activation, fc2 applies the activation on input.
 
-Sub-LN (x the residual stream, u the only tensor fc1 and fc2 share):
+Sub-LN (x the residual stream, ``preact`` the only tensor fc1 and fc2 share):
 
-    u = W_1 · LN_in(x) + b_1                                  (ln_linear, no activation)
-    y = alpha·x + dropout( W_2 · LN_ffn( act(u) ) + b_2 )     (ln_linear, input_activation=act)
+    preact = W_1 · LN_in(x) + b_1                                  (ln_linear, no activation)
+    y = alpha·x + dropout( W_2 · LN_ffn( act(preact) ) + b_2 )     (ln_linear, input_activation)
 
 Pre-LN drops ``LN_ffn`` (``ffn_layernorm``); Post-LN/DeepNorm also drop ``LN_in`` and add the
 residual afterwards (``add_layer_norm``, in the layer).
@@ -12,7 +12,7 @@ Which path is fused (for fused backends):
 - default (no activation dropout in training): both projections as above, the activation,
   the output dropout and the residual add inside ``ln_linear``;
 - ``activation_dropout > 0`` while training: unfused fallback through the public ops:
-  ``magneto_kernels.activation(u, act)``, then ``magneto_kernels.dropout`` (the Philox mask the
+  ``magneto_kernels.activation(preact, act)``, then ``magneto_kernels.dropout`` (the Philox mask the
   fused ops draw, seed from torch's generator), then fc2 as ``ln_linear`` without
   ``input_activation``;
 - drop path is handled by the layer (it calls this module without ``residual``).
@@ -28,15 +28,17 @@ from torch import Tensor, nn
 
 import magneto_kernels
 from magneto.config import MagnetoConfig
+from magneto.fusion import activate, project
 from magneto.init import init_linear_, uninitialized_linear
-from magneto.norm import Norm, norm_kwargs
+from magneto.norm import NormLayer
 
 
 class FeedForward(nn.Module):
     """``fc1`` (d -> ffn_dim), activation, ``ffn_layernorm`` (Sub-LN only), ``fc2`` (-> d).
 
-    ``fc1``/``fc2`` are ``nn.Linear`` modules used as parameter holders (torchscale's names);
-    ``gain`` is their init gain (``magneto.init``).
+    ``fc1``/``fc2`` are ``nn.Linear`` modules (torchscale's names) whose parameters the fused ops
+    read (``magneto.fusion``: a module it cannot fuse is called instead); ``gain`` is their init
+    gain (``magneto.init``).
     """
 
     def __init__(self, config: MagnetoConfig, gain: float = 1.0):
@@ -49,7 +51,7 @@ class FeedForward(nn.Module):
         self.fc1 = uninitialized_linear(config.embed_dim, config.ffn_dim, bias=config.bias)
         self.fc2 = uninitialized_linear(config.ffn_dim, config.embed_dim, bias=config.bias)
         self.ffn_layernorm = (
-            Norm(config.ffn_dim, config.eps, config.norm, config.backend)
+            NormLayer(config.ffn_dim, config.eps, config.norm, config.backend)
             if config.norm_scheme == "subln"
             else None
         )
@@ -66,7 +68,7 @@ class FeedForward(nn.Module):
         self,
         x: Tensor,
         *,
-        input_norm: Optional[Norm] = None,
+        input_norm: Optional[nn.Module] = None,
         residual: Optional[Tensor] = None,
         alpha: float = 1.0,
         dropout_p: Optional[float] = None,
@@ -82,24 +84,20 @@ class FeedForward(nn.Module):
             )
         if dropout_p is None:
             dropout_p = self.dropout if self.training else 0.0
-        u = magneto_kernels.ln_linear(
-            x,
-            weight=self.fc1.weight,
-            bias=self.fc1.bias,
-            backend=self.backend,
-            **norm_kwargs(input_norm),
-        )
-        fc2 = dict(
-            weight=self.fc2.weight,
-            bias=self.fc2.bias,
+        preact = project("FeedForward.fc1", x, self.fc1, input_norm, backend=self.backend)
+        activation = self.activation
+        if self.training and self.activation_dropout > 0.0:
+            preact = activate(preact, activation)
+            preact = magneto_kernels.dropout(preact, self.activation_dropout)
+            activation = None
+        return project(
+            "FeedForward.fc2",
+            preact,
+            self.fc2,
+            self.ffn_layernorm,
+            input_activation=activation,
             residual=residual,
             alpha=alpha,
             dropout_p=dropout_p,
             backend=self.backend,
-            **norm_kwargs(self.ffn_layernorm),
         )
-        if self.training and self.activation_dropout > 0.0:
-            a = magneto_kernels.activation(u, self.activation)
-            a = magneto_kernels.dropout(a, self.activation_dropout)
-            return magneto_kernels.ln_linear(a, **fc2)
-        return magneto_kernels.ln_linear(u, input_activation=self.activation, **fc2)

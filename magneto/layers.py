@@ -1,19 +1,22 @@
 """Encoder and decoder layers: residual blocks around attention and feed-forward sublayers.
 
-One residual block, per ``config.norm_scheme`` (x the residual stream, f a sublayer, p the
-output dropout, alpha from ``magneto.init.layer_scales``):
+A layer's forward is one line per residual, ``x = self.residual(x, norm, sublayer, ...)``, which
+per ``config.norm_scheme`` is (x the residual stream, f the sublayer, p the output dropout,
+alpha from ``magneto.init.layer_scales``):
 
 - subln / pre: ``x <- alpha·x + dropout(f(LN(x)))``. The input LN is fused into f's first
-  projection and the add into its last (``ln_linear(..., residual=x, alpha=alpha)``).
+  projection and the add into its last (f takes ``input_norm``, ``residual``, ``alpha`` and
+  ``dropout_p``, and hands them to ``ln_linear``).
 - post / deepnorm: ``x <- LN(alpha·x + dropout(f(x)))`` with ``add_layer_norm``.
 
-With drop path active (training, rate > 0) the add is unfused: f runs without ``residual``,
-its output is scaled per sample, then added (Post-LN/DeepNorm: then ``add_layer_norm``).
+The add is unfused (f runs without ``residual``, its output is added afterwards) with drop path
+in training (f's output scaled per sample first) and when f has hooks: f is then called on
+LN(x), as ``torch.nn`` calls its sublayers, so that its hooks see f's own input and output.
 
 Multiway encoder layers (``config.multiway``; ``magneto.multiway``): the norms and ``ffn`` are
 ``Multiway`` pairs. A single-modality ``multiway_split_position`` runs the block above with one
-copy; ``forward_parts`` runs the same block once per part (each fused op on a contiguous
-part, with that part's norm and weights), attention over the whole sequence.
+copy; ``forward_parts`` runs the same block on the sequence held as two parts (each fused op on
+a contiguous part, with that part's norm and weights), attention over the whole sequence.
 
 Parameter names follow torchscale (``self_attn``, ``self_attn_layer_norm``, ``encoder_attn``,
 ``encoder_attn_layer_norm``, ``ffn``, ``final_layer_norm``).
@@ -21,7 +24,7 @@ Parameter names follow torchscale (``self_attn``, ``self_attn_layer_norm``, ``en
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -30,9 +33,14 @@ import magneto_kernels
 from magneto.attention import MultiheadAttention
 from magneto.config import MagnetoConfig
 from magneto.feedforward import FeedForward
+from magneto.fusion import add_norm, has_hooks, warn_unfused
 from magneto.init import layer_scales
+from magneto.masks import torchscale_mask
 from magneto.multiway import Multiway, check_parts, pick, single_part, split_parts
-from magneto.norm import Norm
+from magneto.norm import NormLayer
+
+Stream = Union[Tensor, list]
+"""The residual stream: a tensor, or a multiway sequence's two parts."""
 
 
 class DropPath(nn.Module):
@@ -63,6 +71,18 @@ def drop_path_rate(config: MagnetoConfig, depth: int, num_layers: int) -> float:
     return config.drop_path * depth / (num_layers - 1)
 
 
+def _hooked(sublayer: nn.Module) -> bool:
+    """Whether calling ``sublayer`` (or a copy of a ``Multiway`` one) runs hooks."""
+    if has_hooks(sublayer):
+        return True
+    return isinstance(sublayer, Multiway) and (has_hooks(sublayer.A) or has_hooks(sublayer.B))
+
+
+def _output(y):
+    """A sublayer's output: attention returns ``(output, weights)``."""
+    return y[0] if isinstance(y, tuple) else y
+
+
 class ResidualLayer(nn.Module):
     """What encoder and decoder layers share: the residual block and its scales."""
 
@@ -82,7 +102,7 @@ class ResidualLayer(nn.Module):
         c = self.config
 
         def build():
-            return Norm(c.embed_dim, c.eps, c.norm, c.backend)
+            return NormLayer(c.embed_dim, c.eps, c.norm, c.backend)
 
         return Multiway(build(), build()) if c.multiway else build()
 
@@ -93,85 +113,39 @@ class ResidualLayer(nn.Module):
                 f"x must be a (batch, length, embed_dim={self.embed_dim}) Tensor, got {shape}"
             )
 
-    def residual_block(self, x: Tensor, norm: Norm, sublayer: Callable[..., Tensor]) -> Tensor:
-        """The new residual stream after ``sublayer`` (called with the fused-op keywords)."""
+    def residual(self, x: Stream, norm: nn.Module, sublayer: nn.Module, **kwargs) -> Stream:
+        """The residual stream after ``sublayer`` (``kwargs`` go to it), per the norm scheme
+        (module docstring). For a multiway sequence's two parts, ``norm`` and ``sublayer`` take
+        and return parts (``Multiway`` pairs, or attention)."""
         p = self.config.dropout if self.training else 0.0
+        before = self.normalize_before
         drop_path = self.drop_path is not None and self.training
-        if self.normalize_before:
-            if not drop_path:  # fused: input LN in the first GEMM, add in the last
-                return sublayer(x, input_norm=norm, residual=x, alpha=self.alpha, dropout_p=p)
-            y = sublayer(x, input_norm=norm, dropout_p=p)
-            return self.alpha * x + self.drop_path(y)
-        y = sublayer(x, dropout_p=p)
-        if drop_path:
-            y = self.drop_path(y)
-        out, _ = magneto_kernels.add_layer_norm(
-            y,
-            x,
-            norm.weight,
-            norm.bias,
-            norm.eps,
-            alpha=self.alpha,
-            norm=norm.kind,
-            backend=self.config.backend,
-        )
-        return out
-
-    def ffn_block(self, x: Tensor, part: Optional[int] = None) -> Tensor:
-        return self.residual_block(x, pick(self.final_layer_norm, part), pick(self.ffn, part))
-
-    def residual_block_parts(
-        self, parts: Sequence[Tensor], norm: Multiway, sublayer: Callable[..., list]
-    ) -> list[Tensor]:
-        """``residual_block`` of a multiway sequence held as two parts: ``sublayer`` takes and
-        returns the two parts (with the fused-op keywords; ``input_norm`` the norm pair)."""
-        p = self.config.dropout if self.training else 0.0
-        drop_path = self.drop_path is not None and self.training
-        if self.normalize_before:
-            if not drop_path:
-                return sublayer(
-                    parts, input_norm=norm, residual=parts, alpha=self.alpha, dropout_p=p
-                )
-            ys = sublayer(parts, input_norm=norm, dropout_p=p)
-        else:
-            ys = sublayer(parts, dropout_p=p)
-        if drop_path:  # one draw per sample, as for the whole sequence
-            keep = self.drop_path.sample(parts[0])
-            ys = [y * keep / (1.0 - self.drop_path.p) for y in ys]
-        if self.normalize_before:
-            return [self.alpha * x + y for x, y in zip(parts, ys)]
-        return [
-            magneto_kernels.add_layer_norm(
-                y,
-                x,
-                norm[part].weight,
-                norm[part].bias,
-                norm[part].eps,
-                alpha=self.alpha,
-                norm=norm[part].kind,
-                backend=self.config.backend,
-            )[0]
-            for part, (x, y) in enumerate(zip(parts, ys))
-        ]
-
-    def ffn_parts(
-        self,
-        parts: Sequence[Tensor],
-        *,
-        input_norm: Optional[Multiway] = None,
-        residual: Optional[Sequence[Tensor]] = None,
-        **kwargs,
-    ) -> list[Tensor]:
-        """The feed-forward sublayer of a multiway sequence: each part through its own copy."""
-        return [
-            self.ffn[part](
-                x,
-                input_norm=pick(input_norm, part),
-                residual=None if residual is None else residual[part],
-                **kwargs,
+        hooked = _hooked(sublayer)
+        if hooked:  # called as torch.nn calls it: its hooks see its own input and output
+            name = next(n for n, m in self.named_modules() if m is sublayer)
+            warn_unfused(f"{type(self).__name__}.{name}", sublayer)
+            y = _output(sublayer(norm(x) if before else x, dropout_p=0.0, **kwargs))
+        elif before and not drop_path:  # fused: input norm in the first GEMM, add in the last
+            return _output(
+                sublayer(x, input_norm=norm, residual=x, alpha=self.alpha, dropout_p=p, **kwargs)
             )
-            for part, x in enumerate(parts)
-        ]
+        else:
+            y = _output(sublayer(x, input_norm=norm if before else None, dropout_p=p, **kwargs))
+        parts = isinstance(x, list)
+        xs, ys = (x, y) if parts else ([x], [y])
+        if hooked and p > 0.0:
+            ys = [magneto_kernels.dropout(y, p) for y in ys]
+        if drop_path:  # one draw per sample, shared by a multiway sequence's parts
+            keep = self.drop_path.sample(xs[0])
+            ys = [y * keep / (1.0 - self.drop_path.p) for y in ys]
+        if before:
+            out = [self.alpha * x + y for x, y in zip(xs, ys)]
+        else:
+            norms = (norm[0], norm[1]) if parts else (norm,)
+            site = f"{type(self).__name__}'s norm"
+            backend = self.config.backend
+            out = [add_norm(site, n, y, x, self.alpha, backend) for n, x, y in zip(norms, xs, ys)]
+        return out if parts else out[0]
 
 
 class EncoderLayer(ResidualLayer):
@@ -207,8 +181,9 @@ class EncoderLayer(ResidualLayer):
         multiway_split_position: Optional[int] = None,
         incremental_state: Optional[dict] = None,
     ) -> tuple[Tensor, None]:
-        """torchscale's call; returns ``(x, l_aux=None)``. ``attn_mask`` (tgt, src) masks the
-        positions where it is nonzero (torchscale turns them into -1e8 scores).
+        """torchscale's call; returns ``(x, l_aux=None)``. ``encoder_padding_mask`` (batch, src)
+        and ``attn_mask`` (tgt, src) mask the positions where they are nonzero, whatever their
+        dtype (torchscale's reading; ``magneto.masks``).
 
         ``multiway_split_position`` (multiway models only; ``magneto.multiway``): None or -1 all
         tokens use copy A, 0 copy B, 0 < s < length the first s tokens A and the rest B (the
@@ -219,31 +194,21 @@ class EncoderLayer(ResidualLayer):
         if self.config.multiway and part is None:
             if rel_pos is not None:
                 raise ValueError("rel_pos: relative position bias is not supported")
-            parts = self.forward_parts(
-                split_parts(x, multiway_split_position),
-                encoder_padding_mask,
-                attn_mask,
-                incremental_state,
-            )
+            parts = split_parts(x, multiway_split_position)
+            parts = self.forward_parts(parts, encoder_padding_mask, attn_mask, incremental_state)
             return torch.cat(parts, dim=1), None
-        if attn_mask is not None:
-            attn_mask = attn_mask.to(torch.bool)
-
-        def attention(h, **kw):
-            return self.self_attn(
-                h,
-                h,
-                h,
-                incremental_state=incremental_state,
-                key_padding_mask=encoder_padding_mask,
-                attn_mask=attn_mask,
-                rel_pos=rel_pos,
-                part=part,
-                **kw,
-            )[0]
-
-        x = self.residual_block(x, pick(self.self_attn_layer_norm, part), attention)
-        return self.ffn_block(x, part), None
+        x = self.residual(
+            x,
+            pick(self.self_attn_layer_norm, part),
+            self.self_attn,
+            incremental_state=incremental_state,
+            key_padding_mask=torchscale_mask(encoder_padding_mask),
+            attn_mask=torchscale_mask(attn_mask),
+            rel_pos=rel_pos,
+            part=part,
+        )
+        x = self.residual(x, pick(self.final_layer_norm, part), pick(self.ffn, part))
+        return x, None
 
     def forward_parts(
         self,
@@ -258,16 +223,15 @@ class EncoderLayer(ResidualLayer):
         if not self.config.multiway:
             raise ValueError("forward_parts: this layer is not multiway")
         check_parts(parts, self.embed_dim)
-        if attn_mask is not None:
-            attn_mask = attn_mask.to(torch.bool)
-
-        def attention(xs, **kw):
-            return self.self_attn.forward_parts(
-                xs, encoder_padding_mask, attn_mask, incremental_state, **kw
-            )
-
-        parts = self.residual_block_parts(parts, self.self_attn_layer_norm, attention)
-        return self.residual_block_parts(parts, self.final_layer_norm, self.ffn_parts)
+        parts = self.residual(
+            list(parts),
+            self.self_attn_layer_norm,
+            self.self_attn,
+            key_padding_mask=torchscale_mask(encoder_padding_mask),
+            attn_mask=torchscale_mask(attn_mask),
+            incremental_state=incremental_state,
+        )
+        return self.residual(parts, self.final_layer_norm, self.ffn)
 
 
 class DecoderLayer(ResidualLayer):
@@ -315,42 +279,37 @@ class DecoderLayer(ResidualLayer):
     ) -> tuple[Tensor, None, None, None]:
         """torchscale's call; returns ``(x, attn=None, None, l_aux=None)``.
 
-        ``self_attn_mask`` is torchscale's additive float mask (or bool, True = masked);
+        ``self_attn_mask`` is torchscale's additive float mask (or bool, True = masked; an
+        integer 0/1 mask: nonzero = masked, where torchscale would add it to the scores);
+        padding masks: nonzero = padding, whatever their dtype (``magneto.masks``).
         ``self_attn_causal=True`` asks for the causal mask without materialising it.
         """
         self._check_input(x)
-
-        def self_attention(h, **kw):
-            return self.self_attn(
-                h,
-                h,
-                h,
-                incremental_state=incremental_state,
-                key_padding_mask=self_attn_padding_mask,
-                attn_mask=self_attn_mask,
-                rel_pos=self_attn_rel_pos,
-                is_causal=self_attn_causal,
-                **kw,
-            )[0]
-
-        x = self.residual_block(x, self.self_attn_layer_norm, self_attention)
+        x = self.residual(
+            x,
+            self.self_attn_layer_norm,
+            self.self_attn,
+            incremental_state=incremental_state,
+            key_padding_mask=torchscale_mask(self_attn_padding_mask),
+            attn_mask=self_attn_mask,
+            rel_pos=self_attn_rel_pos,
+            is_causal=self_attn_causal,
+        )
         if self.encoder_attn is not None and encoder_out is not None:
             # Decoding: the encoder output is the same at every step, so its keys and values
             # are projected once and kept in the layer's state.
-            static_kv_cache = None
+            encoder_kv = None
             if incremental_state is not None:
-                static_kv_cache = incremental_state.setdefault("encoder_attn", {})
-
-            def cross_attention(h, **kw):
-                return self.encoder_attn(
-                    h,
-                    encoder_out,
-                    encoder_out,
-                    key_padding_mask=encoder_padding_mask,
-                    rel_pos=cross_attn_rel_pos,
-                    static_kv_cache=static_kv_cache,
-                    **kw,
-                )[0]
-
-            x = self.residual_block(x, self.encoder_attn_layer_norm, cross_attention)
-        return self.ffn_block(x), None, None, None
+                encoder_kv = incremental_state.setdefault("encoder_attn", {})
+            x = self.residual(
+                x,
+                self.encoder_attn_layer_norm,
+                self.encoder_attn,
+                key=encoder_out,
+                value=encoder_out,
+                key_padding_mask=torchscale_mask(encoder_padding_mask),
+                rel_pos=cross_attn_rel_pos,
+                static_kv_cache=encoder_kv,
+            )
+        x = self.residual(x, self.final_layer_norm, self.ffn)
+        return x, None, None, None

@@ -27,7 +27,11 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+from magneto import kv_cache, masks
 
 PARTS = ("A", "B")
 
@@ -47,8 +51,20 @@ class Multiway(nn.Module):
         self.A.reset_parameters(*args)
         self.B.reset_parameters(*args)
 
-    def forward(self, *args, **kwargs):
-        raise TypeError("a Multiway module is not called itself: call its part, module[part]")
+    def forward(self, parts: Sequence[Tensor], **kwargs) -> list:
+        """Each copy on its own part, ``[A(parts[0], ...), B(parts[1], ...)]``: a keyword whose
+        value is a ``Multiway`` pair or a list of two parts gives each copy its own."""
+        if len(parts) != 2:
+            raise ValueError(f"parts must be two tensors (A part, B part), got {len(parts)}")
+        return [
+            copy(x, **{name: _own(value, part) for name, value in kwargs.items()})
+            for part, (copy, x) in enumerate(zip((self.A, self.B), parts))
+        ]
+
+
+def _own(value, part: int):
+    """A copy's own share of a ``Multiway.forward`` keyword."""
+    return value[part] if isinstance(value, (Multiway, list, tuple)) else value
 
 
 def pick(module: Optional[nn.Module], part: Optional[int]) -> Optional[nn.Module]:
@@ -108,3 +124,60 @@ def check_parts(parts: Sequence[Tensor], embed_dim: int) -> None:
             f"parts must share the batch size, got {tuple(parts[0].shape)} and "
             f"{tuple(parts[1].shape)}"
         )
+
+
+def attention_parts(
+    attn: nn.Module,
+    parts: Sequence[Tensor],
+    key_padding_mask: Optional[Tensor],
+    attn_mask: Optional[Tensor],
+    incremental_state: Optional[dict],
+    *,
+    input_norm: Optional[Multiway],
+    residual: Optional[Sequence[Tensor]],
+    alpha: float,
+    dropout_p: float,
+) -> list[Tensor]:
+    """Multiway self-attention (``attn``, a ``MultiheadAttention``) over the sequence
+    ``cat(parts, dim=1)``, returning the output as the same two parts: part A's tokens use copy
+    A's projections and norms, part B's copy B's; attention sees every key.
+
+    ``input_norm``/``residual``: a ``Multiway`` norm pair and the two residual parts, as in
+    ``MultiheadAttention.forward``; masks and ``incremental_state`` refer to the whole sequence.
+    """
+    if not attn.multiway:
+        raise ValueError("parts: this attention is not multiway")
+    check_parts(parts, attn.embed_dim)
+    if residual is not None:
+        for name, x, r in zip(PARTS, parts, residual):
+            if r.shape != x.shape:
+                raise ValueError(
+                    f"residual part {name} must have shape {tuple(x.shape)}, got {tuple(r.shape)}"
+                )
+    d = attn.embed_dim
+    bsz, tgt_len = parts[0].shape[0], parts[0].shape[1] + parts[1].shape[1]
+    # One GEMM per part into its own output; attention needs q/k/v of the whole sequence.
+    qkv = torch.cat(
+        [attn._linear(x, None, pick(input_norm, part), part) for part, x in enumerate(parts)],
+        dim=1,
+    )
+    q, k, v = (attn._heads(t) for t in qkv.split(d, dim=-1))
+    k, v = kv_cache.extend(incremental_state, k, v)
+    mask, _ = masks.sdpa_mask(
+        bsz, attn.num_heads, tgt_len, k.shape[2], key_padding_mask, attn_mask, False, q
+    )
+    p = attn.attention_dropout if attn.training else 0.0
+    out, start = [], 0
+    for part, x in enumerate(parts):
+        rows = slice(start, start + x.shape[1])
+        start = rows.stop
+        part_mask = mask
+        if mask is not None and mask.shape[-2] == tgt_len:
+            part_mask = mask[..., rows, :]
+        # Queries split per part: each output is (batch, part length, d) in memory order,
+        # so out_proj reads it in place instead of a copy sliced from the whole output.
+        y = F.scaled_dot_product_attention(q[:, :, rows], k, v, attn_mask=part_mask, dropout_p=p)
+        y = y.transpose(1, 2).reshape(bsz, x.shape[1], d)
+        r = None if residual is None else residual[part]
+        out.append(attn._out_proj(y, part, r, alpha, dropout_p))
+    return out

@@ -4,8 +4,17 @@ with a Magneto (Sub-LN) block inside, and ``magnetize`` to swap the layers of an
 
 Same constructor arguments and forward calls as ``torch.nn`` (``d_model, nhead,
 dim_feedforward, dropout, activation, layer_norm_eps, batch_first, norm_first, bias, device,
-dtype``; masks as ``torch.nn`` takes them: bool with True = not allowed, or additive float),
-so the layers work inside ``torch.nn.TransformerEncoder`` / ``TransformerDecoder``.
+dtype``), so the layers work inside ``torch.nn.TransformerEncoder`` / ``TransformerDecoder``.
+Masks read as ``torch.nn`` reads them (``magneto.masks``): bool with True = not allowed, or
+float added to the scores (finite values included, for the key padding masks too), 2-D or
+per head (batch·heads, tgt, src); integer masks are refused, as ``torch.nn`` refuses them.
+The ``is_causal`` hints: with a mask the mask decides (torch.nn may use a causal kernel
+instead, which gives the same result when the hint is true); ``is_causal`` / ``tgt_is_causal``
+without a mask apply the causal mask (torch.nn raises there, or its fast path ignores the
+hint); ``memory_is_causal`` without ``memory_mask`` raises, as torch.nn does.
+Unbatched inputs, (length, d_model) with (length,) key padding masks, work as in ``torch.nn``.
+``activation``: a name the fused ops know, torch's relu / gelu / silu (functions or modules),
+or any other callable, which then runs unfused between fc1 and fc2.
 
 What differs from ``torch.nn`` (by design):
 
@@ -35,24 +44,22 @@ from torch import Tensor, nn
 
 from magneto.config import MagnetoConfig
 from magneto.layers import DecoderLayer, EncoderLayer
+from magneto.masks import torch_mask
 
-_ACTIVATIONS = {F.relu: "relu", F.gelu: "gelu", F.silu: "silu"}
+_ACTIVATIONS = {F.relu: "relu", torch.relu: "relu", F.gelu: "gelu", F.silu: "silu"}
+"""torch's activation functions the fused ops have, by their ops name."""
 
 
-def _activation_name(activation: Union[str, Callable]) -> str:
-    if isinstance(activation, str):
-        return activation
-    if activation in _ACTIVATIONS:
+def _activation(activation: Union[str, Callable]) -> Union[str, Callable]:
+    """The ops' name for ``activation`` where they have it (fused), else the callable itself
+    (applied unfused; ``MagnetoConfig.activation``)."""
+    if not isinstance(activation, str) and activation in _ACTIVATIONS:
         return _ACTIVATIONS[activation]
     for module_type, name in ((nn.ReLU, "relu"), (nn.GELU, "gelu"), (nn.SiLU, "silu")):
-        if isinstance(activation, module_type):
-            if name == "gelu" and activation.approximate == "tanh":
-                return "gelu_tanh"
-            return name
-    raise ValueError(
-        f"activation must be 'relu', 'gelu', 'gelu_tanh', 'silu' or F.relu / F.gelu / "
-        f"F.silu (or their nn modules), got {activation!r}"
-    )
+        if type(activation) is module_type:
+            tanh = name == "gelu" and activation.approximate == "tanh"
+            return "gelu_tanh" if tanh else name
+    return activation
 
 
 def _config(
@@ -78,7 +85,7 @@ def _config(
         dropout=dropout,
         attention_dropout=dropout if attention_dropout is None else attention_dropout,
         activation_dropout=dropout if activation_dropout is None else activation_dropout,
-        activation=_activation_name(activation),
+        activation=_activation(activation),
         eps=layer_norm_eps,
         bias=bias,
         positions="none",
@@ -87,14 +94,31 @@ def _config(
 
 
 def _to_batch_first(x: Tensor, batch_first: bool, name: str, dim: int) -> Tensor:
-    if not isinstance(x, Tensor) or x.dim() != 3:
+    """x as (batch, length, d): transposed unless ``batch_first``; an unbatched (length, d)
+    input (torch.nn takes it) as a batch of one."""
+    if not isinstance(x, Tensor) or x.dim() not in (2, 3):
         raise ValueError(
-            f"{name} must be a 3-D Tensor, got "
+            f"{name} must be a 3-D Tensor, or 2-D unbatched, got "
             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}"
         )
     if x.shape[-1] != dim:
         raise ValueError(f"{name} must have last dimension d_model={dim}, got {tuple(x.shape)}")
+    if x.dim() == 2:
+        return x.unsqueeze(0)
     return x if batch_first else x.transpose(0, 1)
+
+
+def _from_batch_first(y: Tensor, like: Tensor, batch_first: bool) -> Tensor:
+    """The layer's output in the layout of its input ``like``."""
+    if like.dim() == 2:
+        return y.squeeze(0)
+    return y if batch_first else y.transpose(0, 1)
+
+
+def _padding(mask: Optional[Tensor], like: Tensor, name: str) -> Optional[Tensor]:
+    """A key padding mask as torch.nn takes it, (length,) for an unbatched input."""
+    mask = torch_mask(mask, name)
+    return mask.unsqueeze(0) if mask is not None and like.dim() == 2 else mask
 
 
 class TransformerEncoderLayer(EncoderLayer):
@@ -147,21 +171,16 @@ class TransformerEncoderLayer(EncoderLayer):
         is_causal: bool = False,
     ) -> Tensor:
         x = _to_batch_first(src, self.batch_first, "src", self.embed_dim)
-
-        def attention(h, **kw):
-            return self.self_attn(
-                h,
-                h,
-                h,
-                key_padding_mask=src_key_padding_mask,
-                attn_mask=src_mask,
-                is_causal=is_causal and src_mask is None,
-                **kw,
-            )[0]
-
-        x = self.residual_block(x, self.self_attn_layer_norm, attention)
-        x = self.ffn_block(x)
-        return x if self.batch_first else x.transpose(0, 1)
+        x = self.residual(
+            x,
+            self.self_attn_layer_norm,
+            self.self_attn,
+            key_padding_mask=_padding(src_key_padding_mask, src, "src_key_padding_mask"),
+            attn_mask=torch_mask(src_mask, "src_mask"),
+            is_causal=is_causal and src_mask is None,
+        )
+        x = self.residual(x, self.final_layer_norm, self.ffn)
+        return _from_batch_first(x, src, self.batch_first)
 
 
 class TransformerDecoderLayer(DecoderLayer):
@@ -220,33 +239,30 @@ class TransformerDecoderLayer(DecoderLayer):
     ) -> Tensor:
         x = _to_batch_first(tgt, self.batch_first, "tgt", self.embed_dim)
         mem = _to_batch_first(memory, self.batch_first, "memory", self.embed_dim)
-
-        def self_attention(h, **kw):
-            return self.self_attn(
-                h,
-                h,
-                h,
-                key_padding_mask=tgt_key_padding_mask,
-                attn_mask=tgt_mask,
-                is_causal=tgt_is_causal and tgt_mask is None,
-                **kw,
-            )[0]
-
-        def cross_attention(h, **kw):
-            return self.encoder_attn(
-                h,
-                mem,
-                mem,
-                key_padding_mask=memory_key_padding_mask,
-                attn_mask=memory_mask,
-                is_causal=memory_is_causal and memory_mask is None,
-                **kw,
-            )[0]
-
-        x = self.residual_block(x, self.self_attn_layer_norm, self_attention)
-        x = self.residual_block(x, self.encoder_attn_layer_norm, cross_attention)
-        x = self.ffn_block(x)
-        return x if self.batch_first else x.transpose(0, 1)
+        if memory_is_causal and memory_mask is None:
+            raise ValueError(
+                "memory_is_causal=True needs memory_mask: the hint says memory_mask is causal "
+                "(as torch.nn, which raises too)"
+            )
+        x = self.residual(
+            x,
+            self.self_attn_layer_norm,
+            self.self_attn,
+            key_padding_mask=_padding(tgt_key_padding_mask, tgt, "tgt_key_padding_mask"),
+            attn_mask=torch_mask(tgt_mask, "tgt_mask"),
+            is_causal=tgt_is_causal and tgt_mask is None,
+        )
+        x = self.residual(
+            x,
+            self.encoder_attn_layer_norm,
+            self.encoder_attn,
+            key=mem,
+            value=mem,
+            key_padding_mask=_padding(memory_key_padding_mask, memory, "memory_key_padding_mask"),
+            attn_mask=torch_mask(memory_mask, "memory_mask"),
+        )
+        x = self.residual(x, self.final_layer_norm, self.ffn)
+        return _from_batch_first(x, tgt, self.batch_first)
 
 
 def _layer_arguments(old: nn.Module) -> dict:

@@ -2,7 +2,7 @@
 
 Parameter names (``weight``, ``bias``) match ``torch.nn.LayerNorm``, so torchscale checkpoints
 load unchanged. Blocks rarely call a norm's ``forward``: they hand its parameters to the fused
-ops (``norm_kwargs``), which is what lets a backend fuse the norm into the next projection.
+ops (``magneto.fusion``), which is what lets a backend fuse the norm into the next projection.
 """
 
 from __future__ import annotations
@@ -13,20 +13,24 @@ import torch
 from torch import Tensor, nn
 
 import magneto_kernels
+from magneto_kernels.codes import NORMS as OP_NORMS
+
+NORMS = tuple(n for n in OP_NORMS if n != "none")
+"""The norms a ``NormLayer`` (and ``MagnetoConfig.norm``) can be: the ops' norms but "none"."""
 
 
-class Norm(nn.Module):
-    """LayerNorm (``kind="layer"``: weight and bias) or RMSNorm (``kind="rms"``: weight only)."""
+class NormLayer(nn.Module):
+    """LayerNorm (``norm="layer"``: weight and bias) or RMSNorm (``norm="rms"``: weight only)."""
 
     def __init__(
-        self, dim: int, eps: float = 1e-5, kind: str = "layer", backend: Optional[str] = None
+        self, dim: int, eps: float = 1e-5, norm: str = "layer", backend: Optional[str] = None
     ):
         super().__init__()
-        if kind not in ("layer", "rms"):
-            raise ValueError(f"kind must be 'layer' or 'rms', got {kind!r}")
-        self.dim, self.eps, self.kind, self.backend = dim, float(eps), kind, backend
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        self.dim, self.eps, self.norm, self.backend = dim, float(eps), norm, backend
         self.weight = nn.Parameter(torch.empty(dim))
-        self.bias = nn.Parameter(torch.empty(dim)) if kind == "layer" else None
+        self.bias = nn.Parameter(torch.empty(dim)) if norm == "layer" else None
         self.reset_parameters()
 
     @torch.no_grad()
@@ -37,15 +41,8 @@ class Norm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return magneto_kernels.layer_norm(
-            x, self.weight, self.bias, self.eps, norm=self.kind, backend=self.backend
+            x, self.weight, self.bias, self.eps, norm=self.norm, backend=self.backend
         )
 
     def extra_repr(self) -> str:
-        return f"{self.dim}, eps={self.eps}, kind={self.kind!r}"
-
-
-def norm_kwargs(norm: Optional[Norm]) -> dict:
-    """``ln_linear`` arguments for an optional norm in front of a projection."""
-    if norm is None:
-        return {"ln_weight": None, "ln_bias": None}
-    return {"ln_weight": norm.weight, "ln_bias": norm.bias, "eps": norm.eps, "norm": norm.kind}
+        return f"{self.dim}, eps={self.eps}, norm={self.norm!r}"

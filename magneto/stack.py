@@ -13,7 +13,6 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-import magneto_kernels
 from magneto import init
 from magneto.config import MagnetoConfig
 from magneto.embeddings import (
@@ -22,8 +21,9 @@ from magneto.embeddings import (
     build_positions,
     build_token_embedding,
 )
+from magneto.fusion import project
 from magneto.multiway import Multiway, pick
-from magneto.norm import Norm, norm_kwargs
+from magneto.norm import NormLayer
 
 
 class Stack(nn.Module):
@@ -67,7 +67,7 @@ class Stack(nn.Module):
         )
 
         def build_norm():
-            return Norm(config.embed_dim, config.eps, config.norm, config.backend)
+            return NormLayer(config.embed_dim, config.eps, config.norm, config.backend)
 
         self.layer_norm = None
         if final_norm:  # per modality in a multiway model (torchscale's ``layer_norm.A``)
@@ -152,17 +152,9 @@ class Stack(nn.Module):
 
     def final_output(self, x: Tensor, features_only: bool, part: Optional[int] = None) -> Tensor:
         """Final norm (Pre-LN/Sub-LN; copy ``part`` of a multiway one) and output projection;
-        one fused ``ln_linear`` when both apply and the projection is linear."""
+        one fused ``ln_linear`` when both apply."""
         layer_norm = pick(self.layer_norm, part)
-        project = not features_only and self.output_projection is not None
-        if project and isinstance(self.output_projection, nn.Linear):
-            return magneto_kernels.ln_linear(
-                x,
-                weight=self.output_projection.weight,
-                bias=self.output_projection.bias,
-                backend=self.config.backend,
-                **norm_kwargs(layer_norm),
-            )
-        if layer_norm is not None:
-            x = layer_norm(x)
-        return self.output_projection(x) if project else x
+        if features_only or self.output_projection is None:
+            return x if layer_norm is None else layer_norm(x)
+        site = f"{type(self).__name__}.output_projection"
+        return project(site, x, self.output_projection, layer_norm, backend=self.config.backend)

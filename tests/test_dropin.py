@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from harness import assert_close, randn
+from harness import RTOL, assert_close, randn
+from test_masks import torch_twins
 from torch import nn
 
 from magneto.nn import TransformerDecoderLayer, TransformerEncoderLayer, magnetize
@@ -171,9 +172,52 @@ def test_decoder_layer_cross_attention_formula():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="embed_dim must be divisible by num_heads"):
         TransformerEncoderLayer(10, 3)
-    with pytest.raises(ValueError, match="activation must be"):
-        TransformerEncoderLayer(8, 2, activation=torch.tanh)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        TransformerEncoderLayer(8, 2, activation="tanh")  # a name the ops lack (torch: too)
     with pytest.raises(ValueError, match="src must have last dimension d_model=8"):
         TransformerEncoderLayer(8, 2)(randn(3, 2, 9))
     with pytest.raises(ValueError, match="module must be"):
         magnetize(nn.Linear(3, 3))
+
+
+def test_unbatched_inputs_as_torch_nn():
+    """(length, d_model) inputs with (length,) key padding masks and per-head masks
+    (heads, tgt, src), as torch.nn takes them."""
+    theirs, ours = torch_twins("encoder")
+    x = randn(5, 16, dtype=torch.float64, mean=0.5)
+    pad = torch.tensor([False, False, False, True, True])
+    heads = torch.randn(4, 5, 5, dtype=torch.float64)
+    for kwargs in (dict(), dict(src_key_padding_mask=pad), dict(src_mask=heads)):
+        out = ours(x, **kwargs)
+        assert out.shape == x.shape
+        assert_close(out, theirs(x, **kwargs), RTOL[torch.float64], atol=1e-12)
+    theirs, ours = torch_twins("decoder")
+    tgt, memory = randn(4, 16, dtype=torch.float64), randn(5, 16, dtype=torch.float64)
+    causal = torch.ones(4, 4, dtype=torch.bool).triu(1)
+    kwargs = dict(tgt_mask=causal, memory_key_padding_mask=pad)
+    out = ours(tgt, memory, **kwargs)
+    assert_close(out, theirs(tgt, memory, **kwargs), RTOL[torch.float64], atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "activation,fused",
+    [
+        (torch.relu, "relu"),
+        (nn.GELU(approximate="tanh"), "gelu_tanh"),
+        (F.silu, "silu"),
+        (torch.tanh, None),
+        (nn.Tanh(), None),
+        (lambda t: t * torch.sigmoid(1.5 * t), None),
+    ],
+    ids=["torch.relu", "nn.GELU(tanh)", "F.silu", "torch.tanh", "nn.Tanh()", "lambda"],
+)
+def test_activation_callables_as_torch_nn(activation, fused):
+    """What the fused ops have is fused under its name; any other callable runs unfused
+    between fc1 and fc2 (fc2 keeps its fused norm and residual)."""
+    theirs, ours = torch_twins("encoder", activation=activation)
+    if fused:
+        assert ours.ffn.activation == fused
+    else:  # the callable itself (torch.nn's stack deep-copies a module one)
+        assert type(ours.ffn.activation) is type(activation)
+    x = randn(3, 5, 16, dtype=torch.float64, mean=0.5)
+    assert_close(ours(x), theirs(x), RTOL[torch.float64], atol=1e-12)

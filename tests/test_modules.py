@@ -16,6 +16,7 @@ import magneto
 import magneto_kernels
 from magneto.compat.torchscale import to_torchscale_state_dict
 from magneto_kernels import reference
+from magneto_kernels.codes import ACTIVATION_ALIASES, ACTIVATIONS, canonical_activation
 
 D, HEADS, FFN = 16, 4, 24
 
@@ -67,7 +68,7 @@ def draw_seed(x):
 
 
 def _norm(x, norm):
-    if norm.kind == "rms":
+    if norm.norm == "rms":
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight
     mu = x.mean(-1, keepdim=True)
     var = (x - mu).pow(2).mean(-1, keepdim=True)
@@ -199,7 +200,7 @@ def test_feedforward_dropout_paths_match_formula():
     """Fused path (output dropout in fc2's epilogue) and the activation-dropout fallback."""
     config = _config(dropout=0.3, activation_dropout=0.2)
     ffn = _randomize(magneto.FeedForward(config).double()).train()
-    ln = _randomize(magneto.Norm(D), seed=1).double()
+    ln = _randomize(magneto.NormLayer(D), seed=1).double()
     x = randn(2, 5, D, dtype=torch.float64, mean=1.0)
     for activation_dropout in (0.2, 0.0):
         ffn.activation_dropout = activation_dropout
@@ -337,7 +338,7 @@ def _layer_caches(state):
 
 def test_kv_cache_grows_in_place():
     """Decoding steps write their keys and values into room after the cache
-    (attention._KVRoom) instead of copying it: the storage stays put between steps, a view an
+    (kv_cache.KVRoom) instead of copying it: the storage stays put between steps, a view an
     earlier step returned keeps its values, a state copied at some step (dict by dict, or
     deep-copied) and decoded on separately stays right on every branch, and a cache reordered
     as torchscale's beam search does (index_select) is taken as given. Every step is checked
@@ -456,6 +457,40 @@ def test_state_dict_round_trip():
     third = magneto.EncoderDecoder(config).eval()
     third.load_state_dict(to_torchscale_state_dict(first.state_dict()))
     assert torch.equal(first(src, tgt)[0], third(src, tgt)[0])
+
+
+def test_state_dict_of_earlier_versions_loads():
+    """Earlier magneto versions stored the packed q/k/v as ``in_proj_weight``/``in_proj_bias``
+    (now the module ``in_proj``): their state dicts load through the pre-hook."""
+    torch.manual_seed(0)
+    first = magneto.Encoder(_config()).eval()
+    old = {
+        key.replace("in_proj.weight", "in_proj_weight").replace("in_proj.bias", "in_proj_bias"): t
+        for key, t in first.state_dict().items()
+    }
+    assert "layers.0.self_attn.in_proj_weight" in old
+    torch.manual_seed(1)
+    second = magneto.Encoder(_config()).eval()
+    second.load_state_dict(old)
+    x = randn(2, 3, D)
+    assert torch.equal(
+        first(None, token_embeddings=x)["encoder_out"],
+        second(None, token_embeddings=x)["encoder_out"],
+    )
+
+
+@pytest.mark.parametrize(
+    "activation", [*ACTIVATIONS, *(a for a in ACTIVATION_ALIASES if a is not None)]
+)
+def test_config_accepts_the_ops_activations(activation):
+    """MagnetoConfig validates against magneto_kernels.codes: every activation the ops take,
+    aliases included, builds a model whose FFN applies it (relu2 = relu(x)²)."""
+    ffn = _randomize(magneto.FeedForward(_config(activation=activation)).double())
+    x = randn(2, 3, D, dtype=torch.float64, mean=0.3)
+    preact = x @ ffn.fc1.weight.T + ffn.fc1.bias
+    a = reference.apply_activation(preact, canonical_activation(activation))
+    want = _norm(a, ffn.ffn_layernorm) @ ffn.fc2.weight.T + ffn.fc2.bias
+    assert_close(ffn(x), want, RTOL[torch.float64], atol=1e-12)
 
 
 def test_checkpoint_activations_gives_the_same_gradients():

@@ -178,10 +178,10 @@ def test_split_uses_each_part_for_its_own_tokens():
     encoder = _encoder(encoder_layers=1, normalize_output=False)
     layer = encoder.layers[0]
     parts = [_input(length=4, seed=2), _input(length=5, seed=3)]
-    ffn_out = layer.ffn_parts(parts)
+    ffn_out = layer.ffn(parts)
     with torch.no_grad():
         layer.ffn.A.fc2.bias.add_(1.0)
-    changed = layer.ffn_parts(parts)
+    changed = layer.ffn(parts)
     assert not torch.equal(changed[0], ffn_out[0])
     assert torch.equal(changed[1], ffn_out[1])
 

@@ -317,6 +317,7 @@ def test_other_refusals_name_the_problem():
     for change, name in (
         (dict(norm="rms"), "norm"),
         (dict(activation="gelu_tanh"), "gelu_tanh"),
+        (dict(activation=torch.tanh), "takes a name only"),
         (dict(bias=False), "bias"),
     ):
         with pytest.raises(ValueError, match=name):

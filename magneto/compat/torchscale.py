@@ -5,7 +5,7 @@
 the equivalent magneto module, a drop-in replacement: same forward call, same result
 structure, same outputs and gradients (up to float rounding), ``incremental_state`` decoding
 included. Parameter names are torchscale's except that q/k/v are stored packed
-(``in_proj_weight``/``in_proj_bias``; multiway ``in_proj.A.weight`` ...); magneto modules load
+(``in_proj.weight``/``in_proj.bias``; multiway ``in_proj.A.weight`` ...); magneto modules load
 torchscale state dicts directly, and ``to_torchscale(module)`` / ``to_torchscale_state_dict``
 export back.
 
@@ -284,8 +284,8 @@ def from_torchscale(module: nn.Module) -> nn.Module:
 
 # packed magneto name -> the suffix of torchscale's q_proj/k_proj/v_proj names
 _PACKED = {
-    "in_proj_weight": ".weight",
-    "in_proj_bias": ".bias",
+    "in_proj.weight": ".weight",
+    "in_proj.bias": ".bias",
     **{
         f"in_proj.{part}.{kind}": f".{part}.{kind}" for part in PARTS for kind in ("weight", "bias")
     },
@@ -313,6 +313,8 @@ def torchscale_args(config: MagnetoConfig, kind: str, no_output_layer: bool = Fa
     ts_config = _torchscale()[0]
     if config.norm != "layer":
         raise ValueError(f"norm={config.norm!r}: torchscale has LayerNorm only")
+    if callable(config.activation):
+        raise ValueError(f"activation={config.activation!r}: torchscale takes a name only")
     if config.activation == "gelu_tanh":
         raise ValueError("activation='gelu_tanh' has no torchscale counterpart")
     if not config.bias:
