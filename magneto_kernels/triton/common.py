@@ -25,6 +25,15 @@ def new_buffer(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def rowwise(*tensors):
+    """The tensors as the kernels read them: a 2-D tensor with unit column stride (any row
+    stride, which the kernels take) and a 1-D one with unit stride, else a contiguous copy;
+    None as it is. The kernels index columns and 1-D parameters as contiguous."""
+    return tuple(
+        t if t is None or t.numel() <= 1 or t.stride(-1) == 1 else t.contiguous() for t in tensors
+    )
+
+
 @functools.lru_cache(maxsize=None)
 def num_programs_for_rows(device_index: int) -> int:
     """Programs for row-reduction kernels that keep per-program partial sums: a few per SM."""
