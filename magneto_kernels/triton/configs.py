@@ -28,33 +28,36 @@ from magneto_kernels.triton.common import AUTOTUNE, INTERPRET
 
 @dataclasses.dataclass(frozen=True)
 class Tile:
-    """One launch configuration: constexpr tile sizes (``meta``), warps, pipeline stages and an
-    upper bound of its shared memory for operands of ``itemsize`` bytes."""
+    """One launch configuration: constexpr tile sizes (``meta``), warps, pipeline stages and,
+    for a GEMM, what bounds its shared memory: the operands' ``itemsize`` and how many tiles of
+    each operand a stage loads (two along the gated side: gate and up)."""
 
-    meta: tuple  # ((name, value), ...): BLOCK_M, BLOCK_N, BLOCK_K or none for a row kernel
+    meta: tuple  # ((name, value), ...): BLOCK_M, BLOCK_N, BLOCK_K; none for a row kernel
     num_warps: int
-    num_stages: int = 1
-    itemsize: int = 0  # operand bytes; 0: no pipelined operands (row kernels)
+    num_stages: int = 3  # Triton's default
+    itemsize: int = 0  # operand bytes; 0: no pipelined operands (the row kernels)
+    a_tiles: int = 1  # BLOCK_M x BLOCK_K tiles per stage
+    b_tiles: int = 1  # BLOCK_K x BLOCK_N tiles per stage
 
     @property
     def smem(self) -> int:
-        """Upper bound of the shared memory (bytes): ``num_stages`` buffers of the A and B tiles
-        plus 1 KiB of barriers and scratch (the compiler reuses the operand buffers for the
-        epilogue's layout conversions). Checked against ptxas by the AOT test."""
+        """Upper bound of the shared memory (bytes): ``num_stages`` buffers of every operand
+        tile plus 2 KiB of barriers and scratch (the compiler reuses the operand buffers for the
+        epilogue's layout conversions). The AOT test checks it against the compiler."""
         if not self.itemsize:
-            return 1024
+            return 2048
         m = dict(self.meta)
-        per_stage = (m["BLOCK_M"] + m["BLOCK_N"]) * m["BLOCK_K"] * self.itemsize
-        return self.num_stages * per_stage + 1024
+        rows = self.a_tiles * m["BLOCK_M"] + self.b_tiles * m["BLOCK_N"]
+        return self.num_stages * rows * m["BLOCK_K"] * self.itemsize + 2048
 
     def __str__(self):
         sizes = "x".join(str(v) for _, v in self.meta)
         return f"{sizes} w{self.num_warps} s{self.num_stages}" if sizes else f"w{self.num_warps}"
 
 
-def gemm_tile(block_m, block_n, block_k, num_warps, num_stages, itemsize) -> Tile:
+def gemm_tile(block_m, block_n, block_k, num_warps, num_stages, itemsize, a_tiles=1, b_tiles=1):
     meta = (("BLOCK_M", block_m), ("BLOCK_N", block_n), ("BLOCK_K", block_k))
-    return Tile(meta, num_warps, num_stages, itemsize)
+    return Tile(meta, num_warps, num_stages, itemsize, a_tiles, b_tiles)
 
 
 ROW_BUCKETS = (16, 64)
@@ -64,16 +67,20 @@ GEMM_TILES = {
     # (dot kind, row bucket): (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), best first (the tile
     # used with autotuning off). The few-row tiles are narrow in N so that a decode-size GEMM
     # still spreads the weight over many programs, and deep in K to keep loads in flight.
-    ("mma16", 16): [(16, 64, 128, 4, 4), (16, 32, 256, 4, 3)],
+    ("mma16", 16): [(16, 64, 128, 4, 4), (16, 32, 128, 4, 4)],
     ("mma16", 64): [(64, 64, 64, 4, 4), (64, 128, 64, 4, 4)],
-    ("mma16", None): [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4)],
+    ("mma16", None): [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4)],
     ("tf32", 16): [(16, 64, 64, 4, 4), (16, 32, 128, 4, 3)],
     ("tf32", 64): [(64, 64, 32, 4, 4), (64, 128, 32, 4, 4)],
     ("tf32", None): [(128, 128, 32, 8, 3), (64, 128, 32, 4, 4)],
     ("ieee", 16): [(16, 64, 32, 4, 3), (16, 32, 64, 4, 3)],
-    ("ieee", 64): [(64, 64, 16, 4, 3)],
-    ("ieee", None): [(64, 128, 16, 8, 2), (64, 64, 16, 4, 3)],
+    ("ieee", 64): [(64, 64, 16, 8, 3)],
+    ("ieee", None): [(64, 128, 16, 8, 2), (64, 64, 16, 8, 3)],
 }
+
+UNALIGNED_BLOCK_K = 32
+"""BLOCK_K at most this when a width or stride is not a multiple of 16 elements (or a pointer
+not 16-byte aligned): Triton then loads each element on its own, and a deeper A tile spills."""
 
 
 def dot_kind(dtype: torch.dtype) -> str:
@@ -89,10 +96,16 @@ def row_bucket(rows: int):
     return next((b for b in ROW_BUCKETS if rows <= b), None)
 
 
-def gemm_tiles(dtype: torch.dtype, rows: int) -> list[Tile]:
-    """The candidate tiles, best first, of a GEMM over ``rows`` rows of ``dtype`` operands."""
+def gemm_tiles(dtype: torch.dtype, rows: int, aligned=True, a_tiles=1, b_tiles=1) -> list[Tile]:
+    """The candidate tiles, best first, of a GEMM over ``rows`` rows of ``dtype`` operands;
+    ``aligned``: whether its widths and strides are multiples of 16 and its pointers 16-byte
+    aligned (see UNALIGNED_BLOCK_K); ``a_tiles``, ``b_tiles``: Tile's."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    return [gemm_tile(*t, itemsize) for t in GEMM_TILES[dot_kind(dtype), row_bucket(rows)]]
+    tiles = []
+    for m, n, k, warps, stages in GEMM_TILES[dot_kind(dtype), row_bucket(rows)]:
+        k = k if aligned else min(k, UNALIGNED_BLOCK_K)
+        tiles.append(gemm_tile(m, n, k, warps, stages, itemsize, a_tiles, b_tiles))
+    return tiles
 
 
 @functools.lru_cache(maxsize=None)

@@ -346,9 +346,20 @@ def _dweight_kernel(
     )
 
 
-def _gemm(kernel, rows, cols, dtype, flags, **args):
+def _aligned(args: dict) -> bool:
+    """Whether Triton specialises the launch as aligned: every tensor 16-byte aligned, every
+    width and stride a multiple of 16 (or 1)."""
+    return all(
+        v.data_ptr() % 16 == 0 if isinstance(v, torch.Tensor) else v % 16 == 0 or v == 1
+        for name, v in args.items()
+        if isinstance(v, torch.Tensor) or name in ("N", "K") or name.startswith("stride_")
+    )
+
+
+def _gemm(kernel, rows, cols, dtype, flags, gated_side, **args):
     """Launch a GEMM kernel over a (rows × cols) output with the tiles of its operands' ``dtype``
-    and row count; ``flags`` are its constexpr flags (part of the autotuning key)."""
+    and row count; ``flags`` are its constexpr flags (part of the autotuning key), and with a
+    gated input activation its ``gated_side`` operand ("a" or "b") loads two tiles a stage."""
 
     def grid(meta):
         return (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]),)
@@ -357,24 +368,12 @@ def _gemm(kernel, rows, cols, dtype, flags, **args):
         "DOT_FP32": INTERPRET and dtype != torch.float16,
         "PRECISION": fp32_dot_precision() if dtype == torch.float32 else "tf32",
     }
-    key = (
-        configs.row_bucket(args["M"]),
-        args["N"],
-        args["K"],
-        dtype,
-        *flags.values(),
-        *dot.values(),
-    )
-    configs.launch(
-        kernel,
-        grid,
-        configs.gemm_tiles(dtype, rows),
-        key,
-        **args,
-        **flags,
-        **dot,
-        GROUP_M=8,
-    )
+    aligned = _aligned(args)
+    gated = {f"{gated_side}_tiles": 2} if flags["GATED"] else {}
+    tiles = configs.gemm_tiles(dtype, rows, aligned, **gated)
+    sizes = (configs.row_bucket(args["M"]), args["N"], args["K"], dtype, aligned)
+    key = (*sizes, *flags.values(), *dot.values())
+    configs.launch(kernel, grid, tiles, key, **args, **flags, **dot, GROUP_M=8)
 
 
 def dropout_args(dropout_p: float) -> tuple[int, float]:
@@ -426,6 +425,7 @@ def ln_matmul(
         cols,
         b.dtype,
         flags,
+        "a",
         A=a,
         B=b,
         C=out,
@@ -469,6 +469,7 @@ def dweight(dz, x, out, norm, input_activation, *, mean=None, rstd=None, gamma=N
         k,
         out.dtype,
         flags,
+        "b",
         DZ=dz,
         X=x,
         DWEIGHT=out,

@@ -54,21 +54,17 @@ def row_block(width: int, max_fused: int = MAX_FUSED_WIDTH) -> tuple[int, bool, 
     return block, single, min(16, max(1, block // 512))
 
 
-def row_tiles(num_warps: int) -> list:
-    """The launch candidates of a row kernel whose block width wants ``num_warps`` (row_block):
-    that many, then the larger of 4, 8 and 16 warps (fewer columns per thread: never more
-    registers) for autotuning to try."""
-    return [configs.Tile((), w) for w in (num_warps, *(w for w in (4, 8, 16) if w > num_warps))]
-
-
 def backward_row_block(width: int, gated: bool) -> tuple[int, bool, int]:
     """row_block for the norm backward. A gated row also keeps up live and writes both dx
     halves: it stays in registers only up to half MAX_FUSED_WIDTH_BACKWARD, with twice the
-    warps (the plain choice spills 100-180 B per thread in ptxas for sm_90a)."""
+    warps (the plain choice spills in ptxas for sm_90a)."""
     if not gated:
-        return row_block(width, MAX_FUSED_WIDTH_BACKWARD)
-    block, single, warps = row_block(width, MAX_FUSED_WIDTH_BACKWARD // 2)
-    return block, single, min(16, 2 * warps)
+        block, single, warps = row_block(width, MAX_FUSED_WIDTH_BACKWARD)
+    else:
+        block, single, warps = row_block(width, MAX_FUSED_WIDTH_BACKWARD // 2)
+        warps = min(16, 2 * warps)
+    # a chunk holds dy, x (and up), g, xhat and the partial sums: 16 warps, 8 columns each
+    return block, single, warps if single else 16
 
 
 @triton.jit
@@ -428,15 +424,10 @@ def column_sum(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _launch_row_kernel(kernel, programs, num_warps, flags, **args):
-    """Launch a row kernel over ``programs`` programs with ``num_warps`` warps (autotuned on
-    GPUs among row_tiles, once per width and ``flags``). (Every row kernel is idempotent, as
-    autotuning's reruns need.)"""
-    key = (
-        args["N"],
-        *flags.values(),
-        *(str(v.dtype) for v in args.values() if hasattr(v, "dtype")),
-    )
-    configs.launch(kernel, lambda meta: (programs,), row_tiles(num_warps), key, **args, **flags)
+    """Launch a row kernel over ``programs`` programs with ``num_warps`` warps: the width-based
+    choice of row_block, not autotuned (each candidate would be one more compile to check)."""
+    tile = configs.Tile((), num_warps)
+    configs.launch(kernel, lambda meta: (programs,), [tile], (), **args, **flags)
 
 
 def norm_forward(
