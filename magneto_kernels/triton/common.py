@@ -8,9 +8,9 @@ import torch
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 AUTOTUNE = os.environ.get("MAGNETO_TRITON_AUTOTUNE", "1") != "0"
-"""On GPUs the kernels autotune (GEMM tiles, row-kernel warps) unless MAGNETO_TRITON_AUTOTUNE=0,
-which takes the first GEMM config and a width-based warp count (the GPU tests set it:
-correctness needs no fastest config, and every autotuned flag combination costs compiles)."""
+"""On GPUs the GEMMs autotune among their tiles (``configs.launch``) unless
+MAGNETO_TRITON_AUTOTUNE=0, which takes the first tile that fits the device (the GPU tests set
+it: correctness needs no fastest tile, and every autotuned flag combination costs compiles)."""
 
 POISON = os.environ.get("MAGNETO_POISON", "0") == "1"
 """When True every output and scratch buffer starts as NaN instead of uninitialised memory, so a

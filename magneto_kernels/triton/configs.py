@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.testing
 
-from magneto_kernels.triton.common import AUTOTUNE, INTERPRET
+from magneto_kernels.triton.common import AUTOTUNE, INTERPRET, fp32_dot_precision
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +88,7 @@ def dot_kind(dtype: torch.dtype) -> str:
     ``torch.get_float32_matmul_precision()``: "highest" is exact, "high"/"medium" allow tf32."""
     if dtype != torch.float32:
         return "mma16"
-    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return "ieee" if fp32_dot_precision() == "ieee" else "tf32"
 
 
 def row_bucket(rows: int):
