@@ -19,6 +19,7 @@ from harness import (
 
 import magneto_kernels as mk
 from magneto_kernels import reference
+from magneto_kernels.library import get_op
 
 triton_kernels = pytest.importorskip("magneto_kernels.triton")
 from magneto_kernels.triton import norm as triton_norm  # noqa: E402
@@ -116,6 +117,126 @@ def test_gated_norm_backward_chunked_from_half_width(dtype):
     check_ln_linear_case(
         TRITON, (3, 3000, 5, "rms", "swiglu", "none", 0.7, 0.0, True, "fp32"), dtype
     )
+
+
+@pytest.mark.parametrize("input_activation", ["gelu", "silu", "swiglu"])
+def test_input_activation_rounded_to_x_dtype(input_activation):
+    """a = in_act(x) is rounded to x's dtype before the norm, where the reference (and the C++
+    kernels) form it: the row statistics, h in the forward GEMM and xhat in the norm backward
+    are those of the rounded a. Each check also shows that the unrounded a would fail it."""
+    rows, k = 64, 64
+    width = 2 * k if input_activation == "swiglu" else k
+    x = randn(rows, width, dtype=torch.bfloat16, mean=0.5, std=2.0)
+    ones, zeros = torch.ones(k), torch.zeros(k)
+    eye = torch.eye(k, dtype=torch.bfloat16)  # out = h exactly: one product per output
+    # formed in float32 and rounded once (a gated one too, as the C++ kernels form it; the
+    # reference's eager product rounds act(gate) first)
+    a_rounded = reference.apply_input_activation(x.float(), input_activation).to(x.dtype).double()
+    a_exact = reference.apply_input_activation(x.double(), input_activation)
+    out, mean, rstd, _ = get_op("ln_linear", "triton")(
+        x, ones, zeros, eye, None, None, None, 1e-5, "layer", input_activation, "none", 1.0, 0.0
+    )
+
+    def stats(a):
+        m = a.mean(-1)
+        return m, ((a - m[:, None]) ** 2).mean(-1).add(1e-5).rsqrt()
+
+    for a, matches in ((a_rounded, True), (a_exact, False)):
+        m, r = stats(a)
+        close = torch.allclose(mean.double(), m, rtol=2e-6, atol=2e-6) and torch.allclose(
+            rstd.double(), r, rtol=2e-6
+        )
+        h = ((a - m[:, None]) * r[:, None]).to(torch.bfloat16)
+        same_h = (out != h).double().mean().item() < 0.01
+        assert close == matches and same_h == matches, (matches, close, same_h)
+
+    dy = randn(rows, k)
+    _, dgamma, _ = triton_norm.norm_backward(
+        dy, x, ones, None, mean, rstd, None, "layer", [False, True, False],
+        input_activation=input_activation,
+    )  # fmt: skip
+    for a, matches in ((a_rounded, True), (a_exact, False)):
+        m, r = stats(a)
+        expected = (dy.double() * (a - m[:, None]) * r[:, None]).sum(0)
+        assert torch.allclose(dgamma.double(), expected, rtol=1e-5, atol=1e-5) == matches
+
+
+def _strided(t, column_step=1):
+    """t's values in a tensor with a row stride past its width (and ``column_step`` for a 1-D
+    one), NaN in the gaps: a kernel that assumes contiguity reads NaN."""
+    if t.dim() == 1:
+        big = torch.full((t.shape[0] * column_step,), float("nan"), dtype=t.dtype)
+        big[::column_step] = t
+        return big[::column_step]
+    big = torch.full((t.shape[0], t.shape[1] + 7), float("nan"), dtype=t.dtype)
+    big[:, : t.shape[1]] = t
+    return big[:, : t.shape[1]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernels_take_strides(dtype):
+    """Every op of the family on row-strided x, residual and gradients and on strided 1-D
+    parameters gives what it gives on contiguous copies, bit for bit."""
+    rows, k, n = 19, 40, 24
+    x = randn(rows, 2 * k, dtype=dtype, mean=1.0)
+    w = randn(n, k, dtype=dtype) * 0.2
+    ln_w, ln_b, bias = randn(k, mean=1.0), randn(k), randn(n, dtype=dtype)
+    res, dy = randn(rows, n, dtype=dtype), randn(rows, n, dtype=dtype)
+    seed = torch.tensor(77, dtype=torch.int64)
+    fwd, bwd = get_op("ln_linear", "triton"), get_op("ln_linear_backward", "triton")
+    norm_fwd, norm_bwd = get_op("layer_norm", "triton"), get_op("layer_norm_backward", "triton")
+    add_norm = get_op("add_layer_norm", "triton")
+    for in_act, xk in (("gelu", x[:, :k].contiguous()), ("swiglu", x)):
+        calls = [
+            lambda s: fwd(
+                s(xk),
+                s(ln_w, 2),
+                s(ln_b, 3),
+                w,
+                s(bias, 2),
+                s(res),
+                seed,
+                1e-5,
+                "layer",
+                in_act,
+                "silu",
+                0.7,
+                0.2,
+            ),  # fmt: skip
+        ]
+        out, mean, rstd, preact = calls[0](lambda t, *_: t)
+        calls.append(
+            lambda s: bwd(
+                s(dy),
+                s(xk),
+                s(ln_w, 2),
+                s(ln_b, 2),
+                w,
+                mean,
+                rstd,
+                s(preact),
+                seed,
+                "layer",
+                in_act,
+                "silu",
+                0.2,
+                [True] * 5,
+            )  # fmt: skip
+        )
+        for call in calls:
+            for got, want in zip(call(_strided), call(lambda t, *_: t)):
+                assert torch.equal(got, want)
+    x0 = x[:, :k].contiguous()
+    y, mean, rstd = norm_fwd(x0, ln_w, ln_b, 1e-5, "layer")
+    for call in (
+        lambda s: norm_fwd(s(x0), s(ln_w, 3), s(ln_b, 2), 1e-5, "layer"),
+        lambda s: add_norm(s(x0), s(x0 * 0.5), s(ln_w, 2), s(ln_b, 2), 1e-5, 0.9, "rms"),
+        lambda s: norm_bwd(
+            s(y), s(x0), s(ln_w, 2), s(ln_b, 2), mean, rstd, s(x0), "layer", [True] * 3
+        ),  # fmt: skip
+    ):
+        for got, want in zip(call(_strided), call(lambda t, *_: t)):
+            assert torch.equal(got, want)
 
 
 # --------------------------------------------------------------------------- registration/compile

@@ -1,5 +1,5 @@
-"""Device helpers: activations and their derivatives (fp32 in, fp32 out), the gated input
-activations built on them, and the rounding cast.
+"""Device helpers: activations and their derivatives (fp32 in, fp32 out), the input activation
+(gated or not) built on them, and the rounding cast.
 
 The activation codes are ``magneto_kernels.codes.ACTIVATIONS``; each gets a named constexpr
 here, so an added activation is one constant and one branch in each of ``activation`` and
@@ -92,10 +92,18 @@ def cast_rn(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def gated_activation(gate, up, ACT: tl.constexpr, dtype: tl.constexpr):
-    """a = act(gate)·up of float32 ``gate`` and ``up``, rounded to x's ``dtype`` (where the
-    reference forms it) and returned as float32, ready for the norm."""
-    return cast_rn(activation(gate, ACT) * up, dtype).to(tl.float32)
+def input_activation(x, up, ACT: tl.constexpr, GATED: tl.constexpr, dtype: tl.constexpr):
+    """a = in_act(x) of float32 ``x`` loaded from ``dtype`` storage, as float32 ready for the
+    norm: ``ACT``'s activation of x, or with GATED act(x)·up (x the gate, ``up`` the up half),
+    rounded to ``dtype``, as the reference forms it in x's dtype (and the C++ kernels round
+    it). Without an input activation, x itself."""
+    if GATED:
+        a = cast_rn(activation(x, ACT) * up, dtype).to(tl.float32)
+    elif ACT != ACT_NONE:
+        a = cast_rn(activation(x, ACT), dtype).to(tl.float32)
+    else:
+        a = x
+    return a
 
 
 @triton.jit

@@ -8,9 +8,9 @@ import torch
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 AUTOTUNE = os.environ.get("MAGNETO_TRITON_AUTOTUNE", "1") != "0"
-"""On GPUs the kernels autotune (GEMM tiles, row-kernel warps) unless MAGNETO_TRITON_AUTOTUNE=0,
-which takes the first GEMM config and a width-based warp count (the GPU tests set it:
-correctness needs no fastest config, and every autotuned flag combination costs compiles)."""
+"""On GPUs the GEMMs autotune among their tiles (``configs.launch``) unless
+MAGNETO_TRITON_AUTOTUNE=0, which takes the first tile that fits the device (the GPU tests set
+it: correctness needs no fastest tile, and every autotuned flag combination costs compiles)."""
 
 POISON = os.environ.get("MAGNETO_POISON", "0") == "1"
 """When True every output and scratch buffer starts as NaN instead of uninitialised memory, so a
@@ -23,6 +23,15 @@ def new_buffer(shape, dtype, device) -> torch.Tensor:
     if POISON:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def rowwise(*tensors):
+    """The tensors as the kernels read them: a 2-D tensor with unit column stride (any row
+    stride, which the kernels take) and a 1-D one with unit stride, else a contiguous copy;
+    None as it is. The kernels index columns and 1-D parameters as contiguous."""
+    return tuple(
+        t if t is None or t.numel() <= 1 or t.stride(-1) == 1 else t.contiguous() for t in tensors
+    )
 
 
 @functools.lru_cache(maxsize=None)

@@ -4,9 +4,10 @@ derivative and accumulation into an existing gradient included), and the determi
 two-stage column reduction used for dgamma, dbeta and dbias.
 
 With a gated input activation (``GATED``, ln_linear's prologue and norm backward) x's rows are
-``[gate | up]``, twice the norm's width N: x's row stride is 2N, a = act(gate)·up is formed on
-load (``activations.gated_activation``) and dx is written as [dgate | dup], 2N wide. GATED is a
-constexpr, so the other kernels compile as if it did not exist.
+``[gate | up]``, twice the norm's width N: a = act(gate)·up is formed on load
+(``activations.input_activation``) and dx is written as [dgate | dup], 2N wide. GATED is a
+constexpr, so the other kernels compile as if it did not exist. Inputs are read with their row
+strides; outputs are written contiguous.
 
 All arithmetic is float32 whatever the storage dtype (values are cast right after ``tl.load``,
 which also keeps the interpreter away from bf16 arithmetic). Rows up to ``MAX_FUSED_WIDTH`` wide
@@ -20,16 +21,16 @@ import triton
 import triton.language as tl
 
 from magneto_kernels.codes import NORMS
+from magneto_kernels.triton import configs
 from magneto_kernels.triton.activations import (
     ACT_NONE,
-    activation,
     activation_grad,
     cast_rn,
-    gated_activation,
     gated_activation_grad,
+    input_activation,
     input_activation_args,
 )
-from magneto_kernels.triton.common import AUTOTUNE, INTERPRET, new_buffer, reduction_programs
+from magneto_kernels.triton.common import new_buffer, reduction_programs, rowwise
 
 # The norm-kind codes of ``codes.NORMS`` as the kernels compare them.
 LAYER_NORM: tl.constexpr = tl.constexpr(NORMS["layer"])
@@ -43,7 +44,8 @@ CHUNK = 4096
 
 def row_block(width: int, max_fused: int = MAX_FUSED_WIDTH) -> tuple[int, bool, int]:
     """(BLOCK_N, SINGLE, num_warps) for rows of ``width`` columns: one in-register block up to
-    ``max_fused`` columns, else CHUNK-wide chunks."""
+    ``max_fused`` columns, else CHUNK-wide chunks; the warps give each thread 16 columns of the
+    block, at most 16 warps."""
     if width <= max_fused:
         block = triton.next_power_of_2(width)
         single = True
@@ -55,11 +57,14 @@ def row_block(width: int, max_fused: int = MAX_FUSED_WIDTH) -> tuple[int, bool, 
 def backward_row_block(width: int, gated: bool) -> tuple[int, bool, int]:
     """row_block for the norm backward. A gated row also keeps up live and writes both dx
     halves: it stays in registers only up to half MAX_FUSED_WIDTH_BACKWARD, with twice the
-    warps (the plain choice spills 100-180 B per thread in ptxas for sm_90a)."""
+    warps (the plain choice spills in ptxas for sm_90a)."""
     if not gated:
-        return row_block(width, MAX_FUSED_WIDTH_BACKWARD)
-    block, single, warps = row_block(width, MAX_FUSED_WIDTH_BACKWARD // 2)
-    return block, single, min(16, 2 * warps)
+        block, single, warps = row_block(width, MAX_FUSED_WIDTH_BACKWARD)
+    else:
+        block, single, warps = row_block(width, MAX_FUSED_WIDTH_BACKWARD // 2)
+        warps = min(16, 2 * warps)
+    # a chunk holds dy, x (and up), g, xhat and the partial sums: 16 warps, 8 columns each
+    return block, single, warps if single else 16
 
 
 @triton.jit
@@ -79,12 +84,10 @@ def _load_row_input(
     a = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
         a = alpha * tl.load(RES + cols, mask=mask, other=0.0).to(tl.float32) + a
+    up = a  # the up half, when GATED
     if GATED:
         up = tl.load(X + N + cols, mask=mask, other=0.0).to(tl.float32)
-        a = gated_activation(a, up, IN_ACT, X.dtype.element_ty)
-    elif IN_ACT != ACT_NONE:
-        a = activation(a, IN_ACT)
-    return a
+    return input_activation(a, up, IN_ACT, GATED, X.dtype.element_ty)
 
 
 @triton.jit
@@ -110,28 +113,28 @@ def _norm_fwd_kernel(
     MEAN,
     RSTD,
     N,
+    stride_xm,
+    stride_rm,
     eps,
     alpha,
     NORM: tl.constexpr,
     IN_ACT: tl.constexpr,
+    GATED: tl.constexpr,
     HAS_RES: tl.constexpr,
     HAS_GAMMA: tl.constexpr,
     HAS_BETA: tl.constexpr,
     WRITE_Y: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SINGLE: tl.constexpr,
-    GATED: tl.constexpr = False,
 ):
     """Statistics of one row of a = in_act(x) (or alpha·residual + x, also stored as S), and
     optionally Y = xhat·gamma + beta. RES and S are None without a residual, Y without WRITE_Y,
-    MEAN for RMSNorm. N is the width of a (and Y); x's row stride is N, or 2N when GATED."""
+    MEAN for RMSNorm. N is the width of a, Y and S; x and the residual have row strides
+    stride_xm, stride_rm (x is 2N wide when GATED)."""
     row = tl.program_id(0).to(tl.int64)
-    stride_xm = N  # x's row stride
-    if GATED:
-        stride_xm = 2 * N
     X += row * stride_xm
     if HAS_RES:
-        RES += row * N
+        RES += row * stride_rm
         S += row * N
     if WRITE_Y:
         Y += row * N
@@ -241,60 +244,16 @@ def _store_row_input_grad(
 
 
 @triton.jit
-def _norm_bwd_row_chunk(
-    DY,
-    X,
-    GAMMA,
-    GRAD_ACCUM,
-    DX,
-    cols,
-    mask,
-    mean,
-    rstd,
-    mean_g,
-    mean_gxhat,
-    N,
-    NORM: tl.constexpr,
-    IN_ACT: tl.constexpr,
-    HAS_GAMMA: tl.constexpr,
-    HAS_GRAD_ACCUM: tl.constexpr,
-    WANT_DX: tl.constexpr,
-    GATED: tl.constexpr,
-):
-    """dx for one chunk of a row (DY, X, GRAD_ACCUM and DX point at the row) given the row means;
-    returns (dy, xhat) for the dgamma/dbeta partials. GATED: x is the row's gate half."""
+def _row_chunk(DY, X, cols, mask, mean, rstd, N, IN_ACT: tl.constexpr, GATED: tl.constexpr):
+    """(x, up, dy, xhat) of one chunk of a row (DY and X point at the row): x (the gate when
+    GATED) and up in float32, dy, and xhat = (in_act(x) - mean)·rstd, 0 outside the row."""
     x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
-    up = 0.0  # the up half, when GATED
+    up = x  # the up half, when GATED
     if GATED:
         up = tl.load(X + N + cols, mask=mask, other=0.0).to(tl.float32)
-        a = gated_activation(x, up, IN_ACT, X.dtype.element_ty)
-    else:
-        a = activation(x, IN_ACT)
+    a = input_activation(x, up, IN_ACT, GATED, X.dtype.element_ty)
     dy = tl.load(DY + cols, mask=mask, other=0.0).to(tl.float32)
-    xhat = tl.where(mask, (a - mean) * rstd, 0.0)
-    if WANT_DX:
-        g = dy
-        if HAS_GAMMA:
-            g = g * tl.load(GAMMA + cols, mask=mask, other=0.0).to(tl.float32)
-        _store_row_input_grad(
-            DX,
-            GRAD_ACCUM,
-            cols,
-            mask,
-            N,
-            g,
-            xhat,
-            mean_g,
-            mean_gxhat,
-            rstd,
-            x,
-            up,
-            NORM,
-            IN_ACT,
-            GATED,
-            HAS_GRAD_ACCUM,
-        )
-    return dy, xhat
+    return x, up, dy, tl.where(mask, (a - mean) * rstd, 0.0)
 
 
 @triton.jit
@@ -310,9 +269,13 @@ def _norm_bwd_kernel(
     DBETA_PART,
     M,
     N,
+    stride_dym,
+    stride_xm,
+    stride_gm,
     rows_per_prog,
     NORM: tl.constexpr,
     IN_ACT: tl.constexpr,
+    GATED: tl.constexpr,
     HAS_GAMMA: tl.constexpr,
     HAS_GRAD_ACCUM: tl.constexpr,
     WANT_DX: tl.constexpr,
@@ -320,7 +283,6 @@ def _norm_bwd_kernel(
     WANT_DBETA: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SINGLE: tl.constexpr,
-    GATED: tl.constexpr = False,
 ):
     """Backward of y = N(in_act(x)) for a contiguous block of rows per program.
 
@@ -330,7 +292,8 @@ def _norm_bwd_kernel(
       RMSNorm    da = rstd·(g - xhat·mean_gxhat)
       none       da = g
     dx = da·in_act'(x) (+ grad_accum); GATED: dx = [da·up·act'(gate) | da·act(gate)], x, dx and
-    grad_accum being 2N wide. Each program writes its own row of dgamma = Σ dy·xhat and
+    grad_accum being 2N wide. dy, x and grad_accum have row strides stride_dym, stride_xm,
+    stride_gm; dx is contiguous. Each program writes its own row of dgamma = Σ dy·xhat and
     dbeta = Σ dy partial sums; a second kernel adds the rows up in a fixed order (no atomics).
     Absent tensors (GAMMA, MEAN, GRAD_ACCUM, unwanted outputs) are None.
     """
@@ -341,6 +304,9 @@ def _norm_bwd_kernel(
         DGAMMA_PART += pid.to(tl.int64) * N
     if WANT_DBETA:
         DBETA_PART += pid.to(tl.int64) * N
+    stride_dxm = N  # dx's row stride
+    if GATED:
+        stride_dxm = 2 * N
     if SINGLE:
         cols = tl.arange(0, BLOCK_N)
         mask = cols < N
@@ -349,34 +315,23 @@ def _norm_bwd_kernel(
         dgamma_acc = tl.zeros([BLOCK_N], tl.float32)
         dbeta_acc = tl.zeros([BLOCK_N], tl.float32)
     for row in range(row_start, row_end):
-        off = tl.cast(row, tl.int64) * N
-        x_off = off  # the row's offset in x, dx and grad_accum
-        if GATED:
-            x_off = 2 * off
+        row64 = tl.cast(row, tl.int64)
         mean = 0.0
         rstd = 1.0
         if NORM == LAYER_NORM:
             mean = tl.load(MEAN + row)
         if NORM != NO_NORM:
             rstd = tl.load(RSTD + row)
-        dy_row = DY + off
-        x_row = X + x_off
+        dy_row = DY + row64 * stride_dym
+        x_row = X + row64 * stride_xm
         grad_accum_row = GRAD_ACCUM
         dx_row = DX
         if HAS_GRAD_ACCUM:
-            grad_accum_row += x_off
+            grad_accum_row += row64 * stride_gm
         if WANT_DX:
-            dx_row += x_off
+            dx_row += row64 * stride_dxm
         if SINGLE:
-            x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)  # the gate if GATED
-            up = 0.0  # the up half, when GATED
-            if GATED:
-                up = tl.load(x_row + N + cols, mask=mask, other=0.0).to(tl.float32)
-                a = gated_activation(x, up, IN_ACT, X.dtype.element_ty)
-            else:
-                a = activation(x, IN_ACT)
-            dy = tl.load(dy_row + cols, mask=mask, other=0.0).to(tl.float32)
-            xhat = tl.where(mask, (a - mean) * rstd, 0.0)
+            x, up, dy, xhat = _row_chunk(dy_row, x_row, cols, mask, mean, rstd, N, IN_ACT, GATED)
             if WANT_DX:
                 g = dy
                 if HAS_GAMMA:
@@ -384,23 +339,9 @@ def _norm_bwd_kernel(
                 mean_g = tl.sum(g, axis=0) / N
                 mean_gxhat = tl.sum(g * xhat, axis=0) / N
                 _store_row_input_grad(
-                    dx_row,
-                    grad_accum_row,
-                    cols,
-                    mask,
-                    N,
-                    g,
-                    xhat,
-                    mean_g,
-                    mean_gxhat,
-                    rstd,
-                    x,
-                    up,
-                    NORM,
-                    IN_ACT,
-                    GATED,
-                    HAS_GRAD_ACCUM,
-                )
+                    dx_row, grad_accum_row, cols, mask, N, g, xhat, mean_g,
+                    mean_gxhat, rstd, x, up, NORM, IN_ACT, GATED, HAS_GRAD_ACCUM,
+                )  # fmt: skip
             dgamma_acc += dy * xhat
             dbeta_acc += dy
         else:
@@ -410,12 +351,13 @@ def _norm_bwd_kernel(
                 for start in range(0, N, BLOCK_N):
                     cols = start + tl.arange(0, BLOCK_N)
                     mask = cols < N
-                    a = _load_row_input(x_row, None, cols, mask, 1.0, N, IN_ACT, False, GATED)
-                    g = tl.load(dy_row + cols, mask=mask, other=0.0).to(tl.float32)
+                    _, _, g, xhat = _row_chunk(
+                        dy_row, x_row, cols, mask, mean, rstd, N, IN_ACT, GATED
+                    )
                     if HAS_GAMMA:
                         g = g * tl.load(GAMMA + cols, mask=mask, other=0.0).to(tl.float32)
                     sum_g += tl.sum(g, axis=0)
-                    sum_gxhat += tl.sum(g * tl.where(mask, (a - mean) * rstd, 0.0), axis=0)
+                    sum_gxhat += tl.sum(g * xhat, axis=0)
             mean_g = sum_g / N
             mean_gxhat = sum_gxhat / N
             # Partial sums live in this program's own scratch row (read-modify-write), which holds
@@ -426,26 +368,17 @@ def _norm_bwd_kernel(
             for start in range(0, N, BLOCK_N):
                 cols = start + tl.arange(0, BLOCK_N)
                 mask = cols < N
-                dy, xhat = _norm_bwd_row_chunk(
-                    dy_row,
-                    x_row,
-                    GAMMA,
-                    grad_accum_row,
-                    dx_row,
-                    cols,
-                    mask,
-                    mean,
-                    rstd,
-                    mean_g,
-                    mean_gxhat,
-                    N,
-                    NORM,
-                    IN_ACT,
-                    HAS_GAMMA,
-                    HAS_GRAD_ACCUM,
-                    WANT_DX,
-                    GATED,
+                x, up, dy, xhat = _row_chunk(
+                    dy_row, x_row, cols, mask, mean, rstd, N, IN_ACT, GATED
                 )
+                if WANT_DX:
+                    g = dy
+                    if HAS_GAMMA:
+                        g = g * tl.load(GAMMA + cols, mask=mask, other=0.0).to(tl.float32)
+                    _store_row_input_grad(
+                        dx_row, grad_accum_row, cols, mask, N, g, xhat, mean_g,
+                        mean_gxhat, rstd, x, up, NORM, IN_ACT, GATED, HAS_GRAD_ACCUM,
+                    )  # fmt: skip
                 if WANT_DGAMMA:
                     prev = tl.load(DGAMMA_PART + cols, mask=mask & after_first, other=0.0)
                     tl.store(DGAMMA_PART + cols, prev + dy * xhat, mask=mask)
@@ -479,47 +412,36 @@ def column_sum(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     out = new_buffer((width,), dtype, partials.device)
     block_n = min(256, triton.next_power_of_2(width))
     block_r = min(32, triton.next_power_of_2(rows))
-    _column_sum_kernel[(triton.cdiv(width, block_n),)](
-        partials, out, rows, width, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=4
+    tile = configs.Tile((("BLOCK_R", block_r), ("BLOCK_N", block_n)), num_warps=4)
+    grid = (triton.cdiv(width, block_n),)
+    configs.launch(
+        _column_sum_kernel, lambda meta: grid, [tile], (), P=partials, OUT=out, R=rows, N=width
     )
     return out
 
 
 # ------------------------------------------------------------------------------ host wrappers
 
-_TUNED = {}
-"""Plain kernel -> its warp-count autotuner (GPU only: the interpreter has no warps to tune)."""
-if not INTERPRET:
-    _WARP_CONFIGS = [triton.Config({}, num_warps=w) for w in (4, 8, 16)]
-    _TUNED[_norm_fwd_kernel] = triton.autotune(
-        _WARP_CONFIGS,
-        key=["N", "NORM", "IN_ACT", "GATED", "HAS_RES", "WRITE_Y", "BLOCK_N", "SINGLE"],
-    )(_norm_fwd_kernel)
-    _TUNED[_norm_bwd_kernel] = triton.autotune(
-        _WARP_CONFIGS, key=["N", "NORM", "IN_ACT", "GATED", "WANT_DX", "BLOCK_N", "SINGLE"]
-    )(_norm_bwd_kernel)
 
-
-def _launch_row_kernel(kernel, grid, num_warps, **args):
-    """Autotune the warp count on GPUs; the width-based guess ``num_warps`` in the interpreter
-    or when autotuning is off. (Both kernels are idempotent, as autotuning's reruns need.)"""
-    if INTERPRET or not AUTOTUNE:
-        kernel[grid](**args, num_warps=num_warps)
-    else:
-        _TUNED[kernel][grid](**args)
+def _launch_row_kernel(kernel, programs, num_warps, flags, **args):
+    """Launch a row kernel over ``programs`` programs with ``num_warps`` warps: the width-based
+    choice of row_block, not autotuned (each candidate would be one more compile to check)."""
+    tile = configs.Tile((), num_warps)
+    configs.launch(kernel, lambda meta: (programs,), [tile], (), **args, **flags)
 
 
 def norm_forward(
     x, gamma, beta, eps, norm, *, residual=None, alpha=1.0, input_activation="none", write_y=True
 ):
-    """Row statistics and (optionally) y = N(a) for 2-D contiguous x, with a = alpha·residual + x
-    when ``residual`` is given and a = in_act(x) otherwise (for a gated input activation x is
+    """Row statistics and (optionally) y = N(a) for 2-D x, with a = alpha·residual + x when
+    ``residual`` is given and a = in_act(x) otherwise (for a gated input activation x is
     [gate | up] and a half as wide).
 
     Returns (y, s, mean, rstd): y is None unless ``write_y``; s (= a, rounded to x's dtype) is
     None unless ``residual`` is given; mean is empty for RMSNorm, both stats empty for "none".
     """
     in_act = input_activation_args(input_activation)
+    x, residual, gamma, beta = rowwise(x, residual, gamma, beta)
     rows, width = x.shape
     if in_act["GATED"]:
         width //= 2
@@ -533,10 +455,21 @@ def norm_forward(
     if norm == "none":
         raise ValueError("norm_forward: norm='none' has nothing to normalise")
     block, single, warps = row_block(width)
+    flags = dict(
+        NORM=NORMS[norm],
+        **in_act,
+        HAS_RES=residual is not None,
+        HAS_GAMMA=gamma is not None,
+        HAS_BETA=beta is not None,
+        WRITE_Y=write_y,
+        BLOCK_N=block,
+        SINGLE=single,
+    )
     _launch_row_kernel(
         _norm_fwd_kernel,
-        (rows,),
+        rows,
         warps,
+        flags,
         X=x,
         RES=residual,
         Y=y,
@@ -546,16 +479,10 @@ def norm_forward(
         MEAN=mean if norm == "layer" else None,
         RSTD=rstd,
         N=width,
+        stride_xm=x.stride(0),
+        stride_rm=0 if residual is None else residual.stride(0),
         eps=eps,
         alpha=alpha,
-        NORM=NORMS[norm],
-        **in_act,
-        HAS_RES=residual is not None,
-        HAS_GAMMA=gamma is not None,
-        HAS_BETA=beta is not None,
-        WRITE_Y=write_y,
-        BLOCK_N=block,
-        SINGLE=single,
     )
     return y, s, mean, rstd
 
@@ -567,6 +494,7 @@ def norm_backward(
     added to dx. Unwanted gradients come back as ``x.new_empty((0,))``. dy is as wide as the
     norm: half x's width for a gated input activation."""
     in_act = input_activation_args(input_activation)
+    dy, x, gamma, beta, grad_accum = rowwise(dy, x, gamma, beta, grad_accum)
     rows, width = dy.shape
     device = x.device
     want_dx = bool(output_mask[0])
@@ -585,10 +513,22 @@ def norm_backward(
     dgamma_part = new_buffer((programs, width), torch.float32, device) if want_dgamma else None
     dbeta_part = new_buffer((programs, width), torch.float32, device) if want_dbeta else None
     block, single, warps = backward_row_block(width, in_act["GATED"])
+    flags = dict(
+        NORM=NORMS[norm],
+        **in_act,
+        HAS_GAMMA=gamma is not None,
+        HAS_GRAD_ACCUM=grad_accum is not None,
+        WANT_DX=want_dx,
+        WANT_DGAMMA=want_dgamma,
+        WANT_DBETA=want_dbeta,
+        BLOCK_N=block,
+        SINGLE=single,
+    )
     _launch_row_kernel(
         _norm_bwd_kernel,
-        (programs,),
+        programs,
         warps,
+        flags,
         DY=dy,
         X=x,
         GAMMA=gamma,
@@ -600,16 +540,10 @@ def norm_backward(
         DBETA_PART=dbeta_part,
         M=rows,
         N=width,
+        stride_dym=dy.stride(0),
+        stride_xm=x.stride(0),
+        stride_gm=0 if grad_accum is None else grad_accum.stride(0),
         rows_per_prog=rows_per_prog,
-        NORM=NORMS[norm],
-        **in_act,
-        HAS_GAMMA=gamma is not None,
-        HAS_GRAD_ACCUM=grad_accum is not None,
-        WANT_DX=want_dx,
-        WANT_DGAMMA=want_dgamma,
-        WANT_DBETA=want_dbeta,
-        BLOCK_N=block,
-        SINGLE=single,
     )
     dgamma = column_sum(dgamma_part, gamma.dtype) if want_dgamma else empty
     dbeta = column_sum(dbeta_part, beta.dtype) if want_dbeta else empty
