@@ -40,8 +40,8 @@ def _want_cuda():
 
 
 def _extensions():
-    # The API file and the CPU backend always; the CUDA kernels and their orchestration
-    # (csrc/cuda/*.cu, csrc/cuda/*.cpp) only in CUDA builds, so a CPU build never compiles code
+    # The op layer (csrc/*.cpp) and the CPU backend always; the CUDA backend and kernels
+    # (csrc/cuda/*.cpp, csrc/cuda/*.cu) only in CUDA builds, so a CPU build never compiles code
     # that needs the CUDA runtime.
     cpp_sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/**/*.cpp")
     if not cpp_sources:
@@ -140,11 +140,11 @@ def _including_source(path, out_dir):
 
 
 def _emulated_cuda_extension(CppExtension, include_dirs):
-    """magneto_kernels._C_emu: the API file, the CUDA orchestration and kernels as host C++
-    against csrc/cuda_emu (which stands in for the CUDA headers), the CPU GEMM engine the API
-    binds; no CPU kernels (csrc/cuda_emu/no_cpu_kernels.cpp). -O2 as a release build of the
-    kernels would have (what the strict-aliasing defect showed up at): the four kernel files take
-    about 15 s at -O2 on one core, the torch-including files most of the build."""
+    """magneto_kernels._C_emu: the checks, the registration and the CUDA backend and kernels as
+    host C++ against csrc/cuda_emu (which stands in for the CUDA headers), with a module of its
+    own (csrc/cuda_emu/module.cpp). -O2 as a release build of the kernels would have (what the
+    strict-aliasing defect showed up at): the four kernel files take about 15 s at -O2 on one
+    core, the torch-including files most of the build."""
     out_dir = os.path.join(HERE, "build", "cuda_emu_src")
     os.makedirs(out_dir, exist_ok=True)
     kernels = [_emulated_source(os.path.join(HERE, p), out_dir) for p in _sources("csrc/cuda/*.cu")]
@@ -152,7 +152,7 @@ def _emulated_cuda_extension(CppExtension, include_dirs):
     # paths of their own, and the two extensions do not rebuild each other's.
     shared = [
         _including_source(os.path.join(HERE, p), out_dir)
-        for p in _sources("csrc/*.cpp") + ["csrc/cpu/gemm.cpp"] + _sources("csrc/cuda/*.cpp")
+        for p in ["csrc/checks.cpp", "csrc/register.cpp"] + _sources("csrc/cuda/*.cpp")
     ]
     sources = shared + _sources("csrc/cuda_emu/*.cpp") + kernels
     flags = ["-O2", "-g0", "-std=c++20", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized"]

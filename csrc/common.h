@@ -14,7 +14,7 @@
 namespace magneto {
 
 // The kernel codes of the op schema's strings, defined once for C++ and CUDA: each enum and, right
-// under it, its name/code table, which csrc/api.cpp parses the strings with (its error messages
+// under it, its name/code table, which csrc/checks.cpp parses the strings with (its error messages
 // list the names from here) and magneto_kernels._C.codes() exposes, so that tests/test_codes.py
 // checks them against magneto_kernels/codes.py, the Python side's one definition.
 enum class Norm : int { kLayer = 0, kRms = 1, kNone = 2 };

@@ -1,4 +1,4 @@
-// The GEMM engine of the CPU ln_linear (csrc/cpu/ln_linear.cpp runs it between our memory-bound
+// The GEMM engine of the CPU ln_linear (csrc/cpu/backend.cpp runs it between our memory-bound
 // passes): torch's own at::mm / at::addmm, which torch's CPU wheels run through MKL, and for the
 // forward GEMM of 1-16 rows in fp32 our few-row kernel (kernels.h, linear_few_rows) on the AVX2
 // and AVX-512 builds.

@@ -248,7 +248,7 @@ inline void with_input_activation(Activation a, F&& f) {
       return f(std::integral_constant<Activation, Activation::kSilu>{}, std::true_type{});
     case Activation::kRelu2:
       return f(std::integral_constant<Activation, Activation::kRelu2>{}, std::true_type{});
-    default: return;  // api.cpp admits no other gate
+    default: return;  // csrc/checks.cpp admits no other gate
   }
 }
 

@@ -1,7 +1,7 @@
 // Launchers of magneto's CUDA kernels. Torch-free: raw pointers, sizes, row strides, the codes of
 // csrc/common.h and a stream, so that nvcc compiles them without torch (tools/check_cuda.py);
-// csrc/api.cpp does all tensor checking and allocation, csrc/cuda/norm.cpp and ln_linear.cpp
-// fill these structs.
+// csrc/checks.cpp does all tensor checking, csrc/ops.h the allocation, and csrc/cuda/backend.cpp
+// fills these structs.
 //
 // Conventions shared by every launcher
 // - Matrices are row-major (rows, cols) with a row stride in elements (>= cols); vectors
@@ -21,7 +21,7 @@
 //   workspace size comes from the matching *_workspace_bytes function (it depends on the current
 //   device's SM count, so ask on the device the launch runs on).
 //
-// The GEMMs of ln_linear are not here: csrc/cuda/ln_linear.cpp calls cuBLAS(Lt) through
+// The GEMMs of ln_linear are not here: csrc/cuda/backend.cpp calls cuBLAS(Lt) through
 // at::mm/addmm, with these kernels as prologue (norm_forward writing N(in_act(x)) in the GEMM
 // operand's dtype) and epilogue (linear_epilogue: bias, activation, dropout, alpha-scaled residual
 // in one pass), and in backward linear_epilogue_backward (dz and dbias) before the two GEMMs and

@@ -1,8 +1,12 @@
-// ln_linear on the CPU: our memory-bound passes (csrc/cpu/kernels.h) around the GEMMs of the
-// CPU GEMMs (csrc/cpu/gemm.h: torch's at::mm / at::addmm):
+// The CPU backend (cpu::Kernels, csrc/backend.h): our memory-bound passes (csrc/cpu/kernels.h)
+// around the GEMMs of the CPU GEMM engine (csrc/cpu/gemm.h: torch's at::mm / at::addmm, and our
+// few-row kernel):
 //
+//   norm ops  one norm pass over x (y, the sum with the residual, the statistics); backward one
+//             pass over x and dy
+//   ln_linear
 //   forward   h = N(in_act(x))                         one pass over x (rows, stats)
-//             preact = h @ weight^T + bias             (at::addmm)
+//             preact = h @ weight^T + bias             (gemm::linear)
 //             out = alpha·residual + dropout(act(preact))   one pass over preact, in place
 //                                                      unless preact is kept (no pass without
 //                                                      residual, act and dropout)
@@ -19,20 +23,77 @@
 #include <algorithm>
 #include <cstdlib>
 
+#include "backend.h"
 #include "cpu/gemm.h"
 #include "cpu/kernels.h"
-#include "cpu/ops.h"
 
 namespace magneto::cpu {
 namespace {
+
+// The norm's width: x's, or half of it for a gated input activation (x = [gate | up]).
+int64_t norm_cols(const Tensor& x, Activation input_activation) {
+  return is_gated(input_activation) ? x.size(1) / 2 : x.size(1);
+}
+
+// Norm parameters as float32 pointers for the kernels (a float32 copy when stored in
+// bf16/fp16): the kernels take one parameter type, and the copy is a (cols,) vector.
+struct ParamF32 {
+  Tensor t;
+  explicit ParamF32(const OptTensor& p) {
+    if (p.has_value()) t = p->scalar_type() == at::kFloat ? *p : p->to(at::kFloat);
+  }
+  const float* ptr() const { return t.defined() ? t.data_ptr<float>() : nullptr; }
+};
+
+// The norm backward (args.dy defined) into grads, and/or the recompute of h = N(in_act(x)) from
+// the saved statistics (h defined), in one sweep over x.
+void norm_backward_and_h(const NormBackwardArgs& args, const NormGrads& grads, const Tensor& h) {
+  const Tensor& x = args.x;
+  const ParamF32 g(args.gamma), b(args.beta);
+  const Tensor dgamma32 = grads.dgamma.numel() > 0 ? grad_f32(grads.dgamma) : Tensor();
+  const Tensor dbeta32 = grads.dbeta.numel() > 0 ? grad_f32(grads.dbeta) : Tensor();
+  NormBackward a;
+  a.dtype = dtype_code(x.scalar_type());
+  a.norm = args.norm;
+  a.input_activation = args.input_activation;
+  a.rows = x.size(0);
+  a.cols = norm_cols(x, args.input_activation);
+  if (args.dy.defined()) {
+    a.dy = args.dy.data_ptr();
+    a.dy_stride = a.cols;
+  }
+  a.x = x.data_ptr();
+  a.x_stride = x.size(1);
+  a.mean = opt_float_ptr(args.mean);
+  a.rstd = opt_float_ptr(args.rstd);
+  a.gamma = g.ptr();
+  a.beta = b.ptr();
+  if (args.grad_accum.has_value()) {
+    a.grad_accum = args.grad_accum->data_ptr();
+    a.grad_accum_stride = x.size(1);
+  }
+  if (grads.dx.numel() > 0) {
+    a.dx = grads.dx.data_ptr();
+    a.dx_stride = x.size(1);
+  }
+  a.dgamma = dgamma32.defined() ? dgamma32.data_ptr<float>() : nullptr;
+  a.dbeta = dbeta32.defined() ? dbeta32.data_ptr<float>() : nullptr;
+  if (h.defined()) {
+    a.h = h.data_ptr();
+    a.h_stride = a.cols;
+  }
+  norm_backward(a);
+  if (dgamma32.defined()) copy_back(grads.dgamma, dgamma32);
+  if (dbeta32.defined()) copy_back(grads.dbeta, dbeta32);
+}
 
 // The GEMM operand h = N(in_act(x)) is recomputed in the forward and in the backward and
 // dropped right after its GEMM. It lives in a per-thread workspace kept between calls: a fresh
 // M×K tensor per call would be returned to the OS on free (glibc maps large blocks) and
 // page-faulted in again, 4 KiB at a time, on every call. The workspace holds at most
 // MAGNETO_CPU_WORKSPACE_MB (default 64) MiB. A forward whose h is larger runs in row blocks
-// through it, if a block of kMinBlockRows rows fits (smaller GEMMs lose speed: 128-row blocks
-// measured ~10% slower at K=3072); otherwise, and for a backward whose h does not fit, h is
+// through it, if a block of kMinBlockRows rows fits (smaller blocks slow the GEMMs down:
+// docs/design.md, Decisions); otherwise, and for a backward whose h does not fit, h is
 // allocated per call (MAGNETO_CPU_WORKSPACE_MB=0: always).
 constexpr int64_t kMinBlockRows = 256;
 
@@ -81,20 +142,57 @@ uint64_t seed_value(const OptTensor& seed, double p) {
   return p > 0.0 ? static_cast<uint64_t>(seed->item<int64_t>()) : 0;
 }
 
+// ln_linear's prologue h = N(in_act(x)) for rows of x, into h, with their statistics.
+void prologue(const LnLinearArgs& a, const Tensor& x, const Tensor& h, const Tensor& mean,
+              const Tensor& rstd) {
+  Kernels::norm_forward({x, std::nullopt, 1.0, a.ln_weight, a.ln_bias, a.eps, a.norm,
+                         a.input_activation},
+                        {h, Tensor(), mean, rstd});
+}
+
 }  // namespace
 
-std::tuple<Tensor, Tensor> run_ln_linear(const Tensor& x, const OptTensor& ln_weight,
-                                         const OptTensor& ln_bias, const Tensor& weight,
-                                         const OptTensor& bias, const OptTensor& residual,
-                                         const OptTensor& seed, double eps, Norm norm,
-                                         Activation input_activation, Activation activation,
-                                         double alpha, double dropout_p, const Tensor& mean,
-                                         const Tensor& rstd) {
+void Kernels::norm_forward(const NormArgs& args, const NormOutputs& out) {
+  const Tensor& x = args.x;
+  const ParamF32 g(args.gamma), b(args.beta);
+  NormForward a;
+  a.dtype = dtype_code(x.scalar_type());
+  a.norm = args.norm;
+  a.input_activation = args.input_activation;
+  a.rows = x.size(0);
+  a.cols = norm_cols(x, args.input_activation);
+  a.x = x.data_ptr();
+  a.x_stride = x.size(1);
+  if (args.residual.has_value()) {
+    a.residual = args.residual->data_ptr();
+    a.residual_stride = a.cols;
+    a.alpha = static_cast<float>(args.alpha);
+  }
+  a.gamma = g.ptr();
+  a.beta = b.ptr();
+  a.eps = static_cast<float>(args.eps);
+  a.y = out.y.data_ptr();
+  a.y_stride = a.cols;
+  if (out.sum.defined()) {
+    a.sum = out.sum.data_ptr();
+    a.sum_stride = a.cols;
+  }
+  a.mean = opt_float_ptr(out.mean);
+  a.rstd = opt_float_ptr(out.rstd);
+  cpu::norm_forward(a);
+}
+
+void Kernels::norm_backward(const NormBackwardArgs& args, const NormGrads& grads) {
+  norm_backward_and_h(args, grads, Tensor());
+}
+
+void Kernels::ln_linear(const LnLinearArgs& a, LnLinearOutputs& out) {
+  const Tensor& x = a.x;
   // in_features: the GEMM's K, x's width or half of it for a gated input activation.
-  const int64_t rows = x.size(0), in_features = weight.size(1), cols = weight.size(0);
+  const int64_t rows = x.size(0), in_features = a.weight.size(1), cols = a.weight.size(0);
   const DType dtype = dtype_code(x.scalar_type());
-  const Tensor wt = weight.t();
-  const bool identity_prologue = norm == Norm::kNone && input_activation == Activation::kNone;
+  const bool identity_prologue =
+      a.norm == Norm::kNone && a.input_activation == Activation::kNone;
   // h in blocks of `block` rows through the workspace, or (block_rows 0) all at once, allocated.
   const int64_t block_rows = workspace_block_rows(x, rows, in_features, kMinBlockRows);
   const int64_t block = block_rows > 0 ? block_rows : rows;
@@ -107,104 +205,107 @@ std::tuple<Tensor, Tensor> run_ln_linear(const Tensor& x, const OptTensor& ln_we
   if (identity_prologue || block == rows) {
     // One GEMM with the bias in its epilogue: preact = h W^T + b. The residual comes in the pass
     // over preact below: accumulating into an output filled with alpha·residual + b instead
-    // makes the GEMM read it, ~2.5% of the fc2-shaped GEMM against ~1% for the extra pass.
+    // makes the GEMM read it, which costs more than the extra pass (docs/design.md, Decisions).
     Tensor h = x;
     if (!identity_prologue) {
       h = operand(rows);
-      run_norm_forward(x, std::nullopt, 1.0, ln_weight, ln_bias, eps, norm, input_activation, h,
-                       Tensor(), mean, rstd);
+      prologue(a, x, h, out.mean, out.rstd);
     }
-    preact = gemm::linear(h, weight, bias);
+    preact = gemm::linear(h, a.weight, a.bias);
   } else {
     // h = N(in_act(x)) block by block, each block followed by its GEMM, accumulating into
     // preact = alpha·residual + bias (either optional; the residual only when nothing follows
     // the GEMM), written in one pass.
-    residual_added = activation == Activation::kNone && dropout_p == 0.0 && residual.has_value();
+    residual_added =
+        a.activation == Activation::kNone && a.dropout_p == 0.0 && a.residual.has_value();
     preact = new_tensor({rows, cols}, x.options());
-    const bool init = residual_added || bias.has_value();
+    const bool init = residual_added || a.bias.has_value();
     if (init) {
-      residual_bias_init(dtype, rows, cols, residual_added ? residual->data_ptr() : nullptr, cols,
-                         static_cast<float>(alpha), bias.has_value() ? bias->data_ptr() : nullptr,
-                         preact.data_ptr(), cols);
+      residual_bias_init(dtype, rows, cols, residual_added ? a.residual->data_ptr() : nullptr,
+                         cols, static_cast<float>(a.alpha),
+                         a.bias.has_value() ? a.bias->data_ptr() : nullptr, preact.data_ptr(),
+                         cols);
     }
+    const Tensor wt = a.weight.t();
     for (int64_t begin = 0; begin < rows; begin += block) {
       const int64_t count = std::min(block, rows - begin);
       const Tensor h = operand(count);
-      run_norm_forward(x.narrow(0, begin, count), std::nullopt, 1.0, ln_weight, ln_bias, eps,
-                       norm, input_activation, h, Tensor(), row_slice(mean, begin, count),
-                       row_slice(rstd, begin, count));
+      prologue(a, x.narrow(0, begin, count), h, row_slice(out.mean, begin, count),
+               row_slice(out.rstd, begin, count));
       gemm::matmul(h, wt, preact.narrow(0, begin, count), /*accumulate=*/init);
     }
   }
-  const bool pass_needed = activation != Activation::kNone || dropout_p > 0.0 ||
-                           (residual.has_value() && !residual_added);
-  if (!pass_needed) return {preact, empty0(x)};
+  const bool pass_needed = a.activation != Activation::kNone || a.dropout_p > 0.0 ||
+                           (a.residual.has_value() && !residual_added);
+  if (!pass_needed) {
+    out.out = preact;
+    out.preact = empty0(x);
+    return;
+  }
   // Activation, dropout and residual in one pass over preact (in place unless preact is kept for
   // the backward).
-  const bool keep_preact = activation != Activation::kNone;
-  Tensor out = keep_preact ? new_like(preact) : preact;
+  const bool keep_preact = a.activation != Activation::kNone;
+  out.out = keep_preact ? new_like(preact) : preact;
+  out.preact = keep_preact ? preact : empty0(x);
   LinearEpilogue e;
   e.dtype = dtype;
-  e.activation = activation;
+  e.activation = a.activation;
   e.rows = rows;
   e.cols = cols;
   e.preact = preact.data_ptr();
   e.preact_stride = cols;
-  if (residual.has_value()) {
-    e.residual = residual->data_ptr();
+  if (a.residual.has_value()) {
+    e.residual = a.residual->data_ptr();
     e.residual_stride = cols;
-    e.alpha = static_cast<float>(alpha);
+    e.alpha = static_cast<float>(a.alpha);
   }
-  e.seed = seed_value(seed, dropout_p);
-  e.dropout_p = dropout_p;
-  e.out = out.data_ptr();
+  e.seed = seed_value(a.seed, a.dropout_p);
+  e.dropout_p = a.dropout_p;
+  e.out = out.out.data_ptr();
   e.out_stride = cols;
   linear_epilogue(e);
-  return {out, keep_preact ? preact : empty0(x)};
 }
 
-Tensor run_ln_linear_backward(const Tensor& grad_out, const Tensor& x, const OptTensor& ln_weight,
-                              const OptTensor& ln_bias, const Tensor& weight, const Tensor& mean,
-                              const Tensor& rstd, const Tensor& preact, const OptTensor& seed,
-                              Norm norm, Activation input_activation, Activation activation,
-                              double dropout_p, Tensor dx, const Tensor& dgamma,
-                              const Tensor& dbeta, Tensor dweight, Tensor dbias) {
-  const int64_t rows = x.size(0), out_features = weight.size(0);
+void Kernels::ln_linear_backward(const LnLinearBackwardArgs& a, LnLinearGrads& grads) {
+  const Tensor& x = a.x;
+  const int64_t rows = x.size(0), out_features = a.weight.size(0);
   // dz = dy ⊙ keep/(1−p) ⊙ act'(preact), with dbias = Σ_rows dz in the same pass.
-  const bool dz_is_dy = activation == Activation::kNone && dropout_p == 0.0;
-  Tensor dz = dz_is_dy ? grad_out : new_like(grad_out);
-  const Tensor dbias32 = dbias.numel() > 0 ? grad_f32(dbias) : Tensor();
+  const bool dz_is_dy = a.activation == Activation::kNone && a.dropout_p == 0.0;
+  Tensor dz = dz_is_dy ? a.grad_out : new_like(a.grad_out);
+  const Tensor dbias32 = grads.dbias.numel() > 0 ? grad_f32(grads.dbias) : Tensor();
   if (!dz_is_dy || dbias32.defined()) {
     LinearEpilogueBackward g;
     g.dtype = dtype_code(x.scalar_type());
-    g.activation = activation;
+    g.activation = a.activation;
     g.rows = rows;
     g.cols = out_features;
-    g.dy = grad_out.data_ptr();
+    g.dy = a.grad_out.data_ptr();
     g.dy_stride = out_features;
-    if (activation != Activation::kNone) {
-      g.preact = preact.data_ptr();
+    if (a.activation != Activation::kNone) {
+      g.preact = a.preact.data_ptr();
       g.preact_stride = out_features;
     }
-    g.seed = seed_value(seed, dropout_p);
-    g.dropout_p = dropout_p;
+    g.seed = seed_value(a.seed, a.dropout_p);
+    g.dropout_p = a.dropout_p;
     if (!dz_is_dy) {
       g.dz = dz.data_ptr();
       g.dz_stride = out_features;
     }
     g.dbias = dbias32.defined() ? dbias32.data_ptr<float>() : nullptr;
     linear_epilogue_backward(g);
-    if (dbias32.defined()) copy_back(dbias, dbias32);
+    if (dbias32.defined()) copy_back(grads.dbias, dbias32);
   }
   // dh = dz @ weight, then one pass over x for the norm backward and for the recompute of h. dh
   // goes straight into dx when dx is wanted and as wide, and the norm backward turns it into dx
   // in place, row by row: no M×K buffer for dh. A gated dx is 2·K wide: dh gets its own buffer.
-  const int64_t in_features = weight.size(1);
-  const bool identity_prologue = norm == Norm::kNone && input_activation == Activation::kNone;
-  const bool want_dx = dx.numel() > 0;
-  const bool want_norm_grads = want_dx || dgamma.numel() > 0 || dbeta.numel() > 0;
-  const bool want_dweight = dweight.numel() > 0;
-  const bool dh_in_dx = want_dx && !is_gated(input_activation);
+  const int64_t in_features = a.weight.size(1);
+  const bool identity_prologue =
+      a.norm == Norm::kNone && a.input_activation == Activation::kNone;
+  const bool want_dx = grads.dx.numel() > 0;
+  const bool want_norm_grads =
+      want_dx || grads.dln_weight.numel() > 0 || grads.dln_bias.numel() > 0;
+  const bool want_dweight = grads.dweight.numel() > 0;
+  const bool dh_in_dx = want_dx && !is_gated(a.input_activation);
   const bool dh_buffer = want_norm_grads && !dh_in_dx;
   const bool h_buffer = want_dweight && !identity_prologue;
   // dh's and h's buffers: row ranges of the workspace when both fit (see workspace()), else
@@ -220,19 +321,20 @@ Tensor run_ln_linear_backward(const Tensor& grad_out, const Tensor& x, const Opt
   };
   Tensor dh;
   if (want_norm_grads) {
-    dh = dh_in_dx ? dx : buffer(0);
-    gemm::matmul(dz, weight, dh, /*accumulate=*/false);
+    dh = dh_in_dx ? grads.dx : buffer(0);
+    gemm::matmul(dz, a.weight, dh, /*accumulate=*/false);
   }
   Tensor h;  // the GEMM operand of dweight
   if (want_dweight) h = identity_prologue ? x : buffer(int64_t{dh_buffer});
   if (identity_prologue && want_dx) {
     // N and in_act are the identity: dx = dh, already in place
   } else if (want_norm_grads || (want_dweight && !identity_prologue)) {
-    run_norm_backward(dh, x, ln_weight, ln_bias, mean, rstd, std::nullopt, norm, input_activation,
-                      dx, dgamma, dbeta, identity_prologue ? Tensor() : h);
+    norm_backward_and_h({dh, x, a.ln_weight, a.ln_bias, a.mean, a.rstd, std::nullopt, a.norm,
+                         a.input_activation},
+                        {grads.dx, grads.dln_weight, grads.dln_bias},
+                        identity_prologue ? Tensor() : h);
   }
-  if (want_dweight) gemm::matmul(dz.t(), h, dweight, /*accumulate=*/false);
-  return dx;
+  if (want_dweight) gemm::matmul(dz.t(), h, grads.dweight, /*accumulate=*/false);
 }
 
 }  // namespace magneto::cpu
