@@ -26,13 +26,15 @@ Conventions every family implements (docs/design.md, The op contract):
 
 from __future__ import annotations
 
+import collections
 import math
+from dataclasses import dataclass
 
 import torch
 
 FAMILIES = ("triton", "native")
 SELF_CHECKING_FAMILIES = ("native",)
-"""The families whose ops check every argument themselves (csrc/api.cpp), with errors naming the
+"""The families whose ops check every argument themselves (csrc/checks.cpp), with errors naming the
 public arguments; the triton family's kernels trust the public functions' checks."""
 PYTHON_AUTOGRAD_FAMILIES = ("triton",)
 """The families whose Autograd-key kernel is the Python one below; the native family's is C++
@@ -62,6 +64,44 @@ SCHEMAS = {
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
     ),
 }
+
+
+@dataclass(frozen=True)
+class Signature:
+    """One op's arguments, read once from its schema: their names, types (``kinds``, as the
+    schema spells them: "Tensor", "Tensor?", "float", "str", "bool[]") and defaults, and
+    ``Args``, a namedtuple type that names the arguments of a call, so that code that takes an
+    op's arguments names the ones it uses instead of listing them all."""
+
+    op: str
+    names: tuple[str, ...]
+    kinds: tuple[str, ...]
+    Args: type
+
+    @classmethod
+    def of(cls, op: str, schema: str) -> Signature:
+        arguments = torch._C.parse_schema(f"magneto::{op}{schema}").arguments
+        names = tuple(a.name for a in arguments)
+        kinds = tuple(_KINDS[str(a.type)] for a in arguments)
+        defaults = [a.default_value for a in arguments if a.has_default_value()]
+        return cls(op, names, kinds, collections.namedtuple(f"{op}_args", names, defaults=defaults))
+
+    def bind(self, args) -> tuple:
+        """A call's arguments in schema order, by name. Trailing arguments may be left out where
+        the schema has defaults, as the dispatcher leaves out the ones equal to their default
+        when it calls a Python kernel."""
+        return self.Args(*args)
+
+
+_KINDS = {
+    "Tensor": "Tensor",
+    "Optional[Tensor]": "Tensor?",
+    "float": "float",
+    "str": "str",
+    "List[bool]": "bool[]",
+}
+
+SIGNATURES = {op: Signature.of(op, schema) for op, schema in SCHEMAS.items()}
 
 _lib = torch.library.Library("magneto", "FRAGMENT")
 
@@ -93,64 +133,41 @@ def _grad_like(t, wanted: bool, x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(t) if t is not None and wanted else x.new_empty((0,))
 
 
-def _layer_norm_fake(x, weight, bias, eps, norm):
-    return (torch.empty_like(x), *_stats(x, norm))
+def _layer_norm_fake(*args):
+    a = SIGNATURES["layer_norm"].bind(args)
+    return (torch.empty_like(a.x), *_stats(a.x, a.norm))
 
 
-def _layer_norm_backward_fake(grad_y, x, weight, bias, mean, rstd, grad_accum, norm, output_mask):
+def _layer_norm_backward_fake(*args):
+    a = SIGNATURES["layer_norm_backward"].bind(args)
     return (
-        _grad_like(x, output_mask[0], x),
-        _grad_like(weight, output_mask[1], x),
-        _grad_like(bias, output_mask[2], x),
+        _grad_like(a.x, a.output_mask[0], a.x),
+        _grad_like(a.weight, a.output_mask[1], a.x),
+        _grad_like(a.bias, a.output_mask[2], a.x),
     )
 
 
-def _add_layer_norm_fake(x, residual, weight, bias, eps, alpha, norm):
-    return (torch.empty_like(x), torch.empty_like(x), *_stats(x, norm))
+def _add_layer_norm_fake(*args):
+    a = SIGNATURES["add_layer_norm"].bind(args)
+    return (torch.empty_like(a.x), torch.empty_like(a.x), *_stats(a.x, a.norm))
 
 
-def _ln_linear_fake(
-    x,
-    ln_weight,
-    ln_bias,
-    weight,
-    bias,
-    residual,
-    seed,
-    eps,
-    norm,
-    input_activation,
-    activation,
-    alpha,
-    dropout_p,
-):
-    out = x.new_empty((*x.shape[:-1], weight.shape[0]))
-    preact = out.new_empty(out.shape if activation != "none" else (0,))
-    return (out, *_stats(x, norm), preact)
+def _ln_linear_fake(*args):
+    a = SIGNATURES["ln_linear"].bind(args)
+    out = a.x.new_empty((*a.x.shape[:-1], a.weight.shape[0]))
+    preact = out.new_empty(out.shape if a.activation != "none" else (0,))
+    return (out, *_stats(a.x, a.norm), preact)
 
 
-def _ln_linear_backward_fake(
-    grad_out,
-    x,
-    ln_weight,
-    ln_bias,
-    weight,
-    mean,
-    rstd,
-    preact,
-    seed,
-    norm,
-    input_activation,
-    activation,
-    dropout_p,
-    output_mask,
-):
+def _ln_linear_backward_fake(*args):
+    a = SIGNATURES["ln_linear_backward"].bind(args)
+    mask, x = a.output_mask, a.x
     return (
-        _grad_like(x, output_mask[0], x),
-        _grad_like(ln_weight, output_mask[1], x),
-        _grad_like(ln_bias, output_mask[2], x),
-        _grad_like(weight, output_mask[3], x),
-        weight.new_empty((weight.shape[0],)) if output_mask[4] else x.new_empty((0,)),
+        _grad_like(x, mask[0], x),
+        _grad_like(a.ln_weight, mask[1], x),
+        _grad_like(a.ln_bias, mask[2], x),
+        _grad_like(a.weight, mask[3], x),
+        a.weight.new_empty((a.weight.shape[0],)) if mask[4] else x.new_empty((0,)),
     )
 
 
@@ -170,12 +187,17 @@ def _empty_to_none(t: torch.Tensor, wanted: bool):
     return t if wanted and t.numel() > 0 else None
 
 
+def _grads(op: str, **by_name) -> tuple:
+    """A backward's gradients in op's argument order: None for the arguments not named."""
+    return tuple(by_name.get(name) for name in SIGNATURES[op].names)
+
+
 def _register_autograd(family: str) -> None:
     def layer_norm_setup(ctx, inputs, output):
-        x, weight, bias, eps, norm = inputs
+        a = SIGNATURES["layer_norm"].bind(inputs)
         _, mean, rstd = output
-        ctx.save_for_backward(x, weight, bias, mean, rstd)
-        ctx.norm = norm
+        ctx.save_for_backward(a.x, a.weight, a.bias, mean, rstd)
+        ctx.norm = a.norm
 
     def layer_norm_backward(ctx, grad_y, _grad_mean, _grad_rstd):
         x, weight, bias, mean, rstd = ctx.saved_tensors
@@ -187,19 +209,18 @@ def _register_autograd(family: str) -> None:
         dx, dw, db = get_op("layer_norm_backward", family)(
             grad_y.contiguous(), x, weight, bias, mean, rstd, None, ctx.norm, mask
         )
-        return (
-            _empty_to_none(dx, mask[0]),
-            _empty_to_none(dw, mask[1]),
-            _empty_to_none(db, mask[2]),
-            None,
-            None,
+        return _grads(
+            "layer_norm",
+            x=_empty_to_none(dx, mask[0]),
+            weight=_empty_to_none(dw, mask[1]),
+            bias=_empty_to_none(db, mask[2]),
         )
 
     def add_layer_norm_setup(ctx, inputs, output):
-        x, residual, weight, bias, eps, alpha, norm = inputs
+        a = SIGNATURES["add_layer_norm"].bind(inputs)
         _, s, mean, rstd = output
-        ctx.save_for_backward(s, weight, bias, mean, rstd)
-        ctx.norm, ctx.alpha = norm, alpha
+        ctx.save_for_backward(s, a.weight, a.bias, mean, rstd)
+        ctx.norm, ctx.alpha = a.norm, a.alpha
 
     def add_layer_norm_backward(ctx, grad_y, grad_s, _grad_mean, _grad_rstd):
         s, weight, bias, mean, rstd = ctx.saved_tensors
@@ -215,37 +236,27 @@ def _register_autograd(family: str) -> None:
         dres = None
         if ctx.needs_input_grad[1]:
             dres = ds if ctx.alpha == 1.0 else ds * ctx.alpha
-        return (
-            ds if ctx.needs_input_grad[0] else None,
-            dres,
-            _empty_to_none(dw, mask[1]),
-            _empty_to_none(db, mask[2]),
-            None,
-            None,
-            None,
+        return _grads(
+            "add_layer_norm",
+            x=ds if ctx.needs_input_grad[0] else None,
+            residual=dres,
+            weight=_empty_to_none(dw, mask[1]),
+            bias=_empty_to_none(db, mask[2]),
         )
 
     def ln_linear_setup(ctx, inputs, output):
-        (
-            x,
-            ln_weight,
-            ln_bias,
-            weight,
-            bias,
-            residual,
-            seed,
-            eps,
-            norm,
-            input_activation,
-            activation,
-            alpha,
-            dropout_p,
-        ) = inputs
+        a = SIGNATURES["ln_linear"].bind(inputs)
         _, mean, rstd, preact = output
-        ctx.save_for_backward(x, ln_weight, ln_bias, weight, mean, rstd, preact, seed)
-        ctx.options = (norm, input_activation, activation, dropout_p)
-        ctx.alpha = alpha
-        ctx.has_bias = bias is not None
+        ctx.save_for_backward(a.x, a.ln_weight, a.ln_bias, a.weight, mean, rstd, preact, a.seed)
+        # The backward op's options (its non-tensor arguments) are the forward's of the same name.
+        backward = SIGNATURES["ln_linear_backward"]
+        ctx.options = {
+            n: v
+            for n, v in a._asdict().items()
+            if n in backward.names and isinstance(v, (str, float, int))
+        }
+        ctx.alpha = a.alpha
+        ctx.has_bias = a.bias is not None
 
     def ln_linear_backward(ctx, grad_out, _grad_mean, _grad_rstd, _grad_preact):
         x, ln_weight, ln_bias, weight, mean, rstd, preact, seed = ctx.saved_tensors
@@ -258,25 +269,27 @@ def _register_autograd(family: str) -> None:
             ctx.has_bias and need[4],
         ]
         grad_out = grad_out.contiguous()
-        grads = [None] * 13
+        grads = {}
         if any(mask):
-            outs = get_op("ln_linear_backward", family)(
-                grad_out,
-                x,
-                ln_weight,
-                ln_bias,
-                weight,
-                mean,
-                rstd,
-                preact,
-                seed,
-                *ctx.options,
-                mask,
+            args = SIGNATURES["ln_linear_backward"].Args(
+                **ctx.options,
+                grad_out=grad_out,
+                x=x,
+                ln_weight=ln_weight,
+                ln_bias=ln_bias,
+                weight=weight,
+                mean=mean,
+                rstd=rstd,
+                preact=preact,
+                seed=seed,
+                output_mask=mask,
             )
-            grads[:5] = [_empty_to_none(g, m) for g, m in zip(outs, mask)]
+            outs = get_op("ln_linear_backward", family)(*args)
+            names = ("x", "ln_weight", "ln_bias", "weight", "bias")
+            grads = {n: _empty_to_none(g, m) for n, g, m in zip(names, outs, mask)}
         if need[5]:
-            grads[5] = grad_out if ctx.alpha == 1.0 else grad_out * ctx.alpha
-        return tuple(grads)
+            grads["residual"] = grad_out if ctx.alpha == 1.0 else grad_out * ctx.alpha
+        return _grads("ln_linear", **grads)
 
     formulas = {
         "layer_norm": (layer_norm_backward, layer_norm_setup),

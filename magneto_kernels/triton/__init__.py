@@ -19,7 +19,7 @@ runs ``tl.dot`` with ``input_precision="ieee"`` (exact fp32 products, like torch
 
 import torch
 
-from magneto_kernels.library import op_name
+from magneto_kernels.library import SIGNATURES, op_name
 from magneto_kernels.triton import ln_linear as _ln_linear
 from magneto_kernels.triton import norm as _norm
 from magneto_kernels.triton.common import INTERPRET  # noqa: F401  (read by backends.py)
@@ -45,35 +45,38 @@ def _like(out, x):
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
-def _layer_norm_op(x, *args):
-    y, mean, rstd = _norm.layer_norm(_rows(x), *args)
-    return _like(y, x), mean, rstd
+def _layer_norm_op(*args):
+    a = SIGNATURES["layer_norm"].bind(args)
+    y, mean, rstd = _norm.layer_norm(*a._replace(x=_rows(a.x)))
+    return _like(y, a.x), mean, rstd
 
 
-def _layer_norm_backward_op(grad_y, x, weight, bias, mean, rstd, grad_accum, *args):
-    dx, dweight, dbias = _norm.layer_norm_backward(
-        _rows(grad_y), _rows(x), weight, bias, mean, rstd, _rows(grad_accum), *args
-    )
-    return _like(dx, x), dweight, dbias
+def _layer_norm_backward_op(*args):
+    a = SIGNATURES["layer_norm_backward"].bind(args)
+    rows = a._replace(grad_y=_rows(a.grad_y), x=_rows(a.x), grad_accum=_rows(a.grad_accum))
+    dx, dweight, dbias = _norm.layer_norm_backward(*rows)
+    return _like(dx, a.x), dweight, dbias
 
 
-def _add_layer_norm_op(x, residual, *args):
-    y, s, mean, rstd = _norm.add_layer_norm(_rows(x), _rows(residual), *args)
-    return _like(y, x), _like(s, x), mean, rstd
+def _add_layer_norm_op(*args):
+    a = SIGNATURES["add_layer_norm"].bind(args)
+    y, s, mean, rstd = _norm.add_layer_norm(*a._replace(x=_rows(a.x), residual=_rows(a.residual)))
+    return _like(y, a.x), _like(s, a.x), mean, rstd
 
 
-def _ln_linear_op(x, ln_weight, ln_bias, weight, bias, residual, *args):
+def _ln_linear_op(*args):
+    a = SIGNATURES["ln_linear"].bind(args)
     out, mean, rstd, preact = _ln_linear.ln_linear(
-        _rows(x), ln_weight, ln_bias, weight, bias, _rows(residual), *args
+        *a._replace(x=_rows(a.x), residual=_rows(a.residual))
     )
-    return _like(out, x), mean, rstd, _like(preact, x)
+    return _like(out, a.x), mean, rstd, _like(preact, a.x)
 
 
-def _ln_linear_backward_op(grad_out, x, ln_weight, ln_bias, weight, mean, rstd, preact, *args):
-    grads = _ln_linear.ln_linear_backward(
-        _rows(grad_out), _rows(x), ln_weight, ln_bias, weight, mean, rstd, _rows(preact), *args
-    )
-    return (_like(grads[0], x), *grads[1:])
+def _ln_linear_backward_op(*args):
+    a = SIGNATURES["ln_linear_backward"].bind(args)
+    rows = a._replace(grad_out=_rows(a.grad_out), x=_rows(a.x), preact=_rows(a.preact))
+    grads = _ln_linear.ln_linear_backward(*rows)
+    return (_like(grads[0], a.x), *grads[1:])
 
 
 _IMPLS = {
