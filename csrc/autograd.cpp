@@ -242,4 +242,7 @@ void register_family(torch::Library& m) {
 }  // namespace
 }  // namespace magneto
 
-TORCH_LIBRARY_IMPL(magneto, Autograd, m) { magneto::register_family<magneto::kNative>(m); }
+TORCH_LIBRARY_IMPL(magneto, Autograd, m) {
+  magneto::register_family<magneto::kNative>(m);
+  magneto::register_family<magneto::kTriton>(m);
+}

@@ -144,9 +144,14 @@ void check_param(const OptTensor& t, const char* name, const Tensor& x, int64_t 
                     x.device());
   TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == cols, name, " must have shape (", cols,
                     ",), got ", py_shape(t->sizes()));
-  TORCH_CHECK_VALUE(t->scalar_type() == x.scalar_type() || t->scalar_type() == at::kFloat, name,
-                    " must have x's dtype ", py_dtype(x.scalar_type()),
-                    " or torch.float32, got ", py_dtype(t->scalar_type()));
+  if (x.scalar_type() == at::kFloat) {
+    TORCH_CHECK_VALUE(t->scalar_type() == at::kFloat, name, " must have dtype torch.float32, got ",
+                      py_dtype(t->scalar_type()));
+  } else {
+    TORCH_CHECK_VALUE(t->scalar_type() == x.scalar_type() || t->scalar_type() == at::kFloat,
+                      name, " must have x's dtype ", py_dtype(x.scalar_type()),
+                      " or torch.float32, got ", py_dtype(t->scalar_type()));
+  }
 }
 
 // gamma, beta: the norm's parameters, named in errors as the public API names them.
@@ -223,6 +228,26 @@ OptTensor contiguous(const OptTensor& t) {
   return t.has_value() ? OptTensor(t->contiguous()) : std::nullopt;
 }
 
+// What ln_linear and its backward share: x, the names, the norm's parameters and the weight.
+struct LnLinearCodes {
+  Norm norm;
+  Activation input_activation, activation;
+};
+
+template <class Call>
+LnLinearCodes check_ln_linear_common(const Call& call) {
+  check_input(call.x);
+  const LnLinearCodes codes{parse_norm(call.norm, true),
+                            parse_input_activation(call.input_activation),
+                            parse_activation(call.activation)};
+  const int64_t in_features =
+      in_features_of(call.x, codes.input_activation, call.input_activation);
+  check_norm_params(call.ln_weight, call.ln_bias, codes.norm, call.x, "ln_weight", "ln_bias",
+                    in_features);
+  check_weight(call.weight, call.x, in_features);
+  return codes;
+}
+
 }  // namespace
 
 Tensor with_rows_of(const Tensor& result, const Tensor& x) {
@@ -264,13 +289,7 @@ NormBackwardArgs parse(const schema::LayerNormBackward& call) {
 
 LnLinearArgs parse(const schema::LnLinear& call) {
   const Tensor& x = call.x;
-  check_input(x);
-  const Norm norm = parse_norm(call.norm, true);
-  const Activation input_activation = parse_input_activation(call.input_activation);
-  const Activation activation = parse_activation(call.activation);
-  const int64_t in_features = in_features_of(x, input_activation, call.input_activation);
-  check_norm_params(call.ln_weight, call.ln_bias, norm, x, "ln_weight", "ln_bias", in_features);
-  check_weight(call.weight, x, in_features);
+  const auto [norm, input_activation, activation] = check_ln_linear_common(call);
   const int64_t out_features = call.weight.size(0);
   if (call.bias.has_value()) check_like(*call.bias, "bias", x, {out_features});
   if (call.residual.has_value()) {
@@ -295,13 +314,7 @@ LnLinearArgs parse(const schema::LnLinear& call) {
 
 LnLinearBackwardArgs parse(const schema::LnLinearBackward& call) {
   const Tensor& x = call.x;
-  check_input(x);
-  const Norm norm = parse_norm(call.norm, true);
-  const Activation input_activation = parse_input_activation(call.input_activation);
-  const Activation activation = parse_activation(call.activation);
-  const int64_t in_features = in_features_of(x, input_activation, call.input_activation);
-  check_norm_params(call.ln_weight, call.ln_bias, norm, x, "ln_weight", "ln_bias", in_features);
-  check_weight(call.weight, x, in_features);
+  const auto [norm, input_activation, activation] = check_ln_linear_common(call);
   const std::vector<int64_t> out_shape = rows_shape(x, call.weight.size(0));
   check_like(call.grad_out, "grad_out", x, out_shape);
   check_stats(call.mean, call.rstd, norm, x);

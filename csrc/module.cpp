@@ -1,12 +1,20 @@
 // magneto_kernels._C, the Python module: importing it registers the native family's kernels
 // (csrc/register.cpp) and every family's Autograd kernels (csrc/autograd.cpp); its functions are
-// the typed calls of the ops, the tables of common.h for tests, and what the CPU kernels run
-// with. With MAGNETO_CUDA_EMULATE=1 it imports magneto_kernels._C_emu, which holds the CPU
+// the typed calls of every family's ops, the tables of common.h for tests, and what the CPU
+// kernels run with. With MAGNETO_CUDA_EMULATE=1 it imports magneto_kernels._C_emu, which holds the CPU
 // dispatch key then (docs/design.md, Backends and dispatch).
 #include <torch/python.h>  // pybind11 with the Tensor type casters
 
 #include <cstdlib>
+#include <cstring>
 #include <string>
+#include <string_view>
+#include <tuple>
+#include <utility>
+
+#include <ATen/PythonTorchFunctionTLS.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
 
 #include "backend.h"
 #include "cpu/gemm.h"
@@ -16,23 +24,161 @@
 namespace magneto {
 namespace {
 
-// Op of Family called through its typed dispatcher handle: what torch.ops.magneto.<op>_<family>
-// does, without boxing the arguments (a few µs of a decode-size call; bench/bench_overhead.py).
+// ------------------------------------------------------------------------------ typed calls
+
+// The typed calls, _C.call_<op>_<family>: Python's one way to an op outside torch.compile
+// (magneto_kernels/ops.py). Each converts its Python arguments to the op's C++ types and calls
+// the op's typed dispatcher handle, which dispatches exactly as
+// torch.ops.magneto.<op>_<family> does (Autograd key, the device's kernel, dispatch modes)
+// without boxing the arguments into a stack and back: a few µs of a decode-size call
+// (bench/bench_overhead.py). Where Python must see the call (an argument that is a Tensor
+// subclass, or a torch function mode: the __torch_function__ protocol), it makes the torch.ops
+// call instead. Errors and warnings are translated as torch.ops translates them, and the GIL is
+// released while the op runs.
+
+const char* type_name(PyObject* obj) {
+  const char* name = Py_TYPE(obj)->tp_name;
+  const char* dot = std::strrchr(name, '.');
+  return dot != nullptr ? dot + 1 : name;
+}
+
+[[noreturn]] void wrong_type(const c10::FunctionSchema& schema, size_t index, const char* want,
+                             PyObject* obj) {
+  throw torch::TypeError(
+      c10::str(schema.arguments()[index].name(), " must be ", want, ", got ", type_name(obj)));
+}
+
+// A Python argument as the op's C++ argument type A (a TypeError naming the argument, worded as
+// magneto_kernels/checks.py words it, otherwise); get() is what the typed call takes.
+template <class A>
+struct Arg;
+template <>
+struct Arg<const Tensor&> {
+  const Tensor* value;
+  Arg(PyObject* obj, const c10::FunctionSchema& schema, size_t index) {
+    if (!THPVariable_Check(obj)) wrong_type(schema, index, "a Tensor", obj);
+    value = &THPVariable_Unpack(obj);
+  }
+  const Tensor& get() const { return *value; }
+};
+template <>
+struct Arg<const OptTensor&> {
+  OptTensor value;
+  Arg(PyObject* obj, const c10::FunctionSchema& schema, size_t index) {
+    if (obj == Py_None) return;
+    if (!THPVariable_Check(obj)) wrong_type(schema, index, "a Tensor or None", obj);
+    value = THPVariable_Unpack(obj);
+  }
+  const OptTensor& get() const { return value; }
+};
+template <>
+struct Arg<double> {
+  double value;
+  Arg(PyObject* obj, const c10::FunctionSchema& schema, size_t index) {
+    if (PyFloat_Check(obj)) {
+      value = PyFloat_AS_DOUBLE(obj);
+    } else if (PyLong_Check(obj)) {
+      value = PyLong_AsDouble(obj);
+      if (value == -1.0 && PyErr_Occurred()) throw python_error();
+    } else {
+      wrong_type(schema, index, "a float", obj);
+    }
+  }
+  double get() const { return value; }
+};
+template <>
+struct Arg<std::string_view> {
+  std::string_view value;
+  Arg(PyObject* obj, const c10::FunctionSchema& schema, size_t index) {
+    if (!PyUnicode_Check(obj)) wrong_type(schema, index, "a str", obj);
+    Py_ssize_t size = 0;
+    const char* data = PyUnicode_AsUTF8AndSize(obj, &size);
+    if (data == nullptr) throw python_error();
+    value = std::string_view(data, static_cast<size_t>(size));
+  }
+  std::string_view get() const { return value; }
+};
+
+// Whether Python must see a call with these arguments (see above). A subclass of Tensor may
+// override __torch_function__; a plain Tensor, Parameter, None, float, int or str does not.
+bool needs_python(PyObject* const* args, Py_ssize_t nargs) {
+  if (at::impl::torch_function_mode_enabled()) return true;
+  for (Py_ssize_t i = 0; i < nargs; ++i) {
+    PyObject* obj = args[i];
+    if (THPVariable_CheckExact(obj) || obj == Py_None || PyFloat_CheckExact(obj) ||
+        PyUnicode_CheckExact(obj) || PyLong_CheckExact(obj)) {
+      continue;
+    }
+    if (THPVariable_Check(obj)) return true;
+  }
+  return false;
+}
+
 template <class Op, const char* Family, class Signature = typename Op::Signature>
 struct TypedCall;
 template <class Op, const char* Family, class R, class... A>
 struct TypedCall<Op, Family, R(A...)> {
-  static R call(A... args) { return op_handle<Op, Family>().call(args...); }
+  static PyObject* call(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+    HANDLE_TH_ERRORS
+    const auto& op = op_handle<Op, Family>();
+    if (nargs != static_cast<Py_ssize_t>(sizeof...(A))) {
+      throw torch::TypeError(c10::str(op.schema().name(), " takes ", sizeof...(A),
+                                      " arguments, got ", nargs));
+    }
+    if (needs_python(args, nargs)) {
+      const pybind11::object overload = pybind11::module_::import("torch")
+                                            .attr("ops")
+                                            .attr("magneto")
+                                            .attr((std::string(Op::kName) + "_" + Family).c_str())
+                                            .attr("default");
+      return PyObject_Vectorcall(overload.ptr(), args, static_cast<size_t>(nargs), nullptr);
+    }
+    return call_with(op, args, std::index_sequence_for<A...>{});
+    END_HANDLE_TH_ERRORS
+  }
+
+  template <size_t... I>
+  static PyObject* call_with(const c10::TypedOperatorHandle<R(A...)>& op, PyObject* const* args,
+                             std::index_sequence<I...>) {
+    // Converted left to right: the first argument of a wrong type is the one named.
+    const std::tuple<Arg<A>...> converted{Arg<A>(args[I], op.schema(), I)...};
+    R out;
+    {
+      pybind11::gil_scoped_release no_gil;
+      out = op.call(std::get<I>(converted).get()...);
+    }
+    return std::apply(
+        [](auto&... t) {
+          PyObject* tuple = PyTuple_New(sizeof...(t));
+          Py_ssize_t i = 0;
+          (PyTuple_SET_ITEM(tuple, i++, THPVariable_Wrap(std::move(t))), ...);
+          return tuple;
+        },
+        out);
+  }
 };
 
-// call_<op>: the native op's typed call, with torch's error and warning translation and the GIL
-// released, as torch.ops has them. magneto_kernels/ops.py calls these for plain tensors outside
-// torch.compile.
-template <class Op>
+template <class Op, const char* Family>
 void def_typed_call(pybind11::module_& m) {
-  m.def((std::string("call_") + Op::kName).c_str(),
-        torch::wrap_pybind_function_no_gil(&TypedCall<Op, kNative>::call));
+  static const std::string name = std::string("call_") + Op::kName + "_" + Family;
+  static PyMethodDef def{
+      name.c_str(),
+      reinterpret_cast<PyCFunction>(
+          reinterpret_cast<void (*)()>(&TypedCall<Op, Family>::call)),
+      METH_FASTCALL,
+      "The op's typed call: torch.ops.magneto.<op>_<family> without boxing (csrc/module.cpp)."};
+  m.attr(name.c_str()) =
+      pybind11::reinterpret_steal<pybind11::object>(PyCFunction_NewEx(&def, nullptr, nullptr));
 }
+
+template <const char* Family>
+void def_typed_calls(pybind11::module_& m) {
+  def_typed_call<schema::LayerNorm, Family>(m);
+  def_typed_call<schema::AddLayerNorm, Family>(m);
+  def_typed_call<schema::LnLinear, Family>(m);
+}
+
+// ------------------------------------------------------------------------------------ tables
 
 pybind11::dict codes() {
   pybind11::dict norms, activations, gated_activations, philox;
@@ -93,9 +239,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "magneto_kernels/codes.py and backends.py: {'norms': {name: code}, 'activations': "
         "{name: code}, 'gated_activations': {name: gate's activation}, 'philox': {constant: "
         "value}, 'families': (name, ...)}.");
-  magneto::def_typed_call<magneto::schema::LayerNorm>(m);
-  magneto::def_typed_call<magneto::schema::AddLayerNorm>(m);
-  magneto::def_typed_call<magneto::schema::LnLinear>(m);
+  magneto::def_typed_calls<magneto::kNative>(m);
+  magneto::def_typed_calls<magneto::kTriton>(m);
   m.def("cpu_capability", []() { return std::string(magneto::cpu::capability()); },
         "The instruction set the CPU kernels run with: 'avx512', 'avx2' or 'default'.");
   m.def("cpu_isas", []() { return magneto::cpu::supported_isas(); },

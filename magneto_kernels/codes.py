@@ -51,19 +51,6 @@ def canonical_activation(name: Optional[str]) -> str:
     return name
 
 
-def canonical_input_activation(name: Optional[str]) -> str:
-    """canonical_activation, or a key of GATED_ACTIVATIONS."""
-    if name in GATED_ACTIVATIONS:
-        return name
-    try:
-        return canonical_activation(name)
-    except ValueError:
-        raise ValueError(
-            f"input_activation must be one of {tuple(ACTIVATIONS) + tuple(GATED_ACTIVATIONS)}"
-            f" (or 'swish', None), got {name!r}"
-        ) from None
-
-
 def dropout_threshold(p: float) -> int:
     """Integer threshold t: an element is kept iff its 32-bit Philox word is >= t."""
     if not 0.0 <= p < 1.0:
