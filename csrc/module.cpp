@@ -250,11 +250,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // instead of the first kernel call, and a fallback is said once.
   const char* isa_request = std::getenv("MAGNETO_CPU_ISA");
   const magneto::cpu::IsaSelection isa = magneto::cpu::select_isa(isa_request);
-  if (!isa.valid) {
-    throw pybind11::value_error(c10::str("MAGNETO_CPU_ISA must be 'avx512', 'avx2', 'default' or "
-                                         "'auto' (or unset: the widest this CPU supports), got '",
-                                         isa_request, "'"));
-  }
+  if (!isa.valid) throw pybind11::value_error(isa.note);
   if (!isa.note.empty()) {
     pybind11::module_::import("warnings").attr("warn")(isa.note,
                                                        pybind11::module_::import("builtins")

@@ -33,14 +33,14 @@ def _shape(shape) -> str:
 
 def _check_types(signature, args) -> None:
     """The types the schema declares, as the typed call converts them (TypeError)."""
-    for name, kind, value in zip(signature.names, signature.kinds, args):
-        if kind == "Tensor" and not isinstance(value, Tensor):
+    for name, type_, value in zip(signature.names, signature.types, args):
+        if type_ == "Tensor" and not isinstance(value, Tensor):
             raise TypeError(f"{name} must be a Tensor, got {type(value).__name__}")
-        if kind == "Tensor?" and value is not None and not isinstance(value, Tensor):
+        if type_ == "Tensor?" and value is not None and not isinstance(value, Tensor):
             raise TypeError(f"{name} must be a Tensor or None, got {type(value).__name__}")
-        if kind == "float" and not isinstance(value, _NUMBER_TYPES):
+        if type_ == "float" and not isinstance(value, _NUMBER_TYPES):
             raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-        if kind == "str" and not isinstance(value, str):
+        if type_ == "str" and not isinstance(value, str):
             raise TypeError(f"{name} must be a str, got {type(value).__name__}")
 
 

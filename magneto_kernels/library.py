@@ -69,23 +69,23 @@ SCHEMAS = {
 
 @dataclass(frozen=True)
 class Signature:
-    """One op's arguments, read once from its schema: their names, types (``kinds``, as the
-    schema spells them: "Tensor", "Tensor?", "float", "str", "bool[]") and defaults, and
+    """One op's arguments, read once from its schema: their names, types (as the schema
+    spells them: "Tensor", "Tensor?", "float", "str", "bool[]") and defaults, and
     ``Args``, a namedtuple type that names the arguments of a call, so that code that takes an
     op's arguments names the ones it uses instead of listing them all."""
 
     op: str
     names: tuple[str, ...]
-    kinds: tuple[str, ...]
+    types: tuple[str, ...]
     Args: type
 
     @classmethod
     def of(cls, op: str, schema: str) -> Signature:
         arguments = torch._C.parse_schema(f"magneto::{op}{schema}").arguments
         names = tuple(a.name for a in arguments)
-        kinds = tuple(_KINDS[str(a.type)] for a in arguments)
+        types = tuple(_TYPES[str(a.type)] for a in arguments)
         defaults = [a.default_value for a in arguments if a.has_default_value()]
-        return cls(op, names, kinds, collections.namedtuple(f"{op}_args", names, defaults=defaults))
+        return cls(op, names, types, collections.namedtuple(f"{op}_args", names, defaults=defaults))
 
     def bind(self, args) -> tuple:
         """A call's arguments in schema order, by name. Trailing arguments may be left out where
@@ -94,7 +94,7 @@ class Signature:
         return self.Args(*args)
 
 
-_KINDS = {
+_TYPES = {
     "Tensor": "Tensor",
     "Optional[Tensor]": "Tensor?",
     "float": "float",

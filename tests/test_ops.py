@@ -16,7 +16,7 @@ from harness import (
     ADD_NORM_CASES,
     DTYPES,
     LN_LINEAR_CASES,
-    NORM_KINDS,
+    NORM_NAMES,
     NORM_SHAPES,
     NORM_SPECIAL_CASES,
     TEST_DEVICE,
@@ -62,7 +62,7 @@ def _layer_norm(norm, eps=1e-5):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("norm", NORM_KINDS)
+@pytest.mark.parametrize("norm", NORM_NAMES)
 @pytest.mark.parametrize("shape", NORM_SHAPES)
 def test_layer_norm(backend, shape, norm, dtype):
     compare_to_reference(
@@ -70,7 +70,7 @@ def test_layer_norm(backend, shape, norm, dtype):
     )
 
 
-@pytest.mark.parametrize("norm", NORM_KINDS)
+@pytest.mark.parametrize("norm", NORM_NAMES)
 @pytest.mark.parametrize("case", NORM_SPECIAL_CASES)
 def test_layer_norm_special(backend, case, norm):
     shape, dtype, mean, std, eps, params = NORM_SPECIAL_CASES[case]

@@ -1,8 +1,9 @@
 """What only the C++ CPU backend (``backend="cpu"``) has; tests/test_ops.py runs the op suite on it.
 
-Parameter gradients independent of the thread count, every instruction-set build of the kernels, both GEMM engines and the workspace policy, agreement with
-the Triton kernels, and the GELU's accuracy. Every output and intermediate buffer of the
-bindings is NaN-poisoned before the kernels write it.
+Parameter gradients independent of the thread count, every instruction-set build of the
+kernels, both GEMM engines and the workspace policy, agreement with the Triton kernels, and the
+GELU's accuracy. Every output and intermediate buffer of the bindings is NaN-poisoned before the
+kernels write it.
 """
 
 import math

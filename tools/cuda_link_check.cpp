@@ -96,14 +96,14 @@ int main() {
   LinearEpilogueParams e;
   e.rows = 3;
   e.cols = 8;
-  e.z_stride = e.out_stride = 8;
-  expect_error(linear_epilogue(e, stream), "required", "linear_epilogue without z");
-  e.z = e.out = dummy;
+  e.product_stride = e.out_stride = 8;
+  expect_error(linear_epilogue(e, stream), "required", "linear_epilogue without product");
+  e.product = e.out = dummy;
   e.dtype = DType::kBFloat16;
-  e.z_dtype = DType::kFloat16;
-  expect_error(linear_epilogue(e, stream), "z_dtype", "linear_epilogue bad z dtype");
+  e.product_dtype = DType::kFloat16;
+  expect_error(linear_epilogue(e, stream), "product_dtype", "linear_epilogue bad product dtype");
   e.rows = 0;
-  e.z_dtype = DType::kFloat32;
+  e.product_dtype = DType::kFloat32;
   expect_ok(linear_epilogue(e, stream), "linear_epilogue with zero rows");
 
   LinearEpilogueBackwardParams l;

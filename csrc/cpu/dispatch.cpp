@@ -158,6 +158,11 @@ IsaSelection select_isa(const char* request) {
     return result;
   }
   result.valid = false;
+  result.note = "MAGNETO_CPU_ISA must be ";
+  for (const IsaName& entry : kIsas) result.note += std::string("'") + entry.name + "', ";
+  result.note.resize(result.note.size() - 2);
+  result.note += " or 'auto' (or unset: the widest this CPU supports), got '" +
+                 std::string(want) + "'";
   return result;
 }
 

@@ -161,8 +161,8 @@ std::vector<std::string> supported_isas();
 
 // Chooses the build the kernels run with: `request` is MAGNETO_CPU_ISA's value (null, "" or
 // "auto": the widest the CPU supports). A build the CPU lacks falls back to the widest one below
-// it, and `note` says so; an unknown name leaves the choice alone and sets valid = false. Call
-// before the first kernel runs (the bindings do, at import).
+// it, and `note` says so; an unknown name leaves the choice alone, sets valid = false and `note`
+// to the error. Call before the first kernel runs (the bindings do, at import).
 struct IsaSelection {
   bool valid = true;
   std::string note;

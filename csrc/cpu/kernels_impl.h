@@ -378,8 +378,8 @@ inline void for_rows(int64_t rows, int64_t cols, int64_t chunks, F&& body) {
   }
   std::atomic<int64_t> next{0};
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    for (int64_t u = next.fetch_add(1); u < units; u = next.fetch_add(1)) {
-      body(u * rows / units, (u + 1) * rows / units, reduce ? u : int64_t{-1});
+    for (int64_t unit = next.fetch_add(1); unit < units; unit = next.fetch_add(1)) {
+      body(unit * rows / units, (unit + 1) * rows / units, reduce ? unit : int64_t{-1});
     }
   });
 }
@@ -704,12 +704,13 @@ void linear_epilogue_typed(const LinearEpilogue& a) {
   const Dropout dropout(a.seed, a.dropout_p);
   for_rows(a.rows, n, 0, [&](int64_t rb, int64_t re, int64_t) {
     std::vector<float> buffer(3 * n);
-    float* u_buf = buffer.data();
-    float* r_buf = u_buf + n;
+    float* preact_buf = buffer.data();
+    float* r_buf = preact_buf + n;
     float* o_buf = r_buf + n;
     const Vec alpha(a.alpha);
     for (int64_t i = rb; i < re; ++i) {
-      const float* u = load_row(static_cast<const T*>(a.preact) + i * a.preact_stride, u_buf, n);
+      const float* preact =
+          load_row(static_cast<const T*>(a.preact) + i * a.preact_stride, preact_buf, n);
       const float* res = a.residual == nullptr
           ? nullptr
           : load_row(static_cast<const T*>(a.residual) + i * a.residual_stride, r_buf, n);
@@ -717,7 +718,7 @@ void linear_epilogue_typed(const LinearEpilogue& a) {
       float* out = dest_row(out_row, o_buf);
       const uint64_t base = static_cast<uint64_t>(i) * static_cast<uint64_t>(n);
       vec_loop(n, [&](int64_t j, int64_t c) {
-        Vec y = act_forward<A>(Vec::loadu(u + j, c));
+        Vec y = act_forward<A>(Vec::loadu(preact + j, c));
         if (drop) y = y * dropout.factors(base + j, c);
         if (res != nullptr) y = at::vec::fmadd(alpha, Vec::loadu(res + j, c), y);
         y.store(out + j, c);
@@ -737,21 +738,21 @@ void linear_epilogue_backward_typed(const LinearEpilogueBackward& a) {
   for_rows(a.rows, n, chunks, [&](int64_t rb, int64_t re, int64_t chunk) {
     std::vector<float> buffer(3 * n);
     float* dy_buf = buffer.data();
-    float* u_buf = dy_buf + n;
-    float* dz_buf = u_buf + n;
+    float* preact_buf = dy_buf + n;
+    float* dz_buf = preact_buf + n;
     float* part = chunk >= 0 ? partial.data() + chunk * n : nullptr;
     for (int64_t i = rb; i < re; ++i) {
       const float* dy = load_row(static_cast<const T*>(a.dy) + i * a.dy_stride, dy_buf, n);
-      const float* u = A == Activation::kNone
+      const float* preact = A == Activation::kNone
           ? nullptr
-          : load_row(static_cast<const T*>(a.preact) + i * a.preact_stride, u_buf, n);
+          : load_row(static_cast<const T*>(a.preact) + i * a.preact_stride, preact_buf, n);
       T* dz_row = a.dz == nullptr ? nullptr : static_cast<T*>(a.dz) + i * a.dz_stride;
       float* dz = dz_row == nullptr ? nullptr : dest_row(dz_row, dz_buf);
       const uint64_t base = static_cast<uint64_t>(i) * static_cast<uint64_t>(n);
       vec_loop(n, [&](int64_t j, int64_t c) {
         Vec g = Vec::loadu(dy + j, c);
         if (drop) g = g * dropout.factors(base + j, c);
-        if constexpr (A != Activation::kNone) g = g * act_derivative<A>(Vec::loadu(u + j, c));
+        if constexpr (A != Activation::kNone) g = g * act_derivative<A>(Vec::loadu(preact + j, c));
         if (dz != nullptr) g.store(dz + j, c);
         if (part != nullptr) (Vec::loadu(part + j, c) + g).store(part + j, c);
       });
@@ -837,7 +838,7 @@ inline void few_rows_tile(const LinearFewRows& a, int64_t row, int64_t col) {
     float* y = a.y + (row + r) * a.y_stride + col;
     for (int c = 0; c < C; ++c) {
       const float dot = at::vec::vec_reduce_all<float>(
-          [](const Vec& u, const Vec& v) { return u + v; }, acc[r][c]);
+          [](const Vec& a, const Vec& b) { return a + b; }, acc[r][c]);
       y[c] = a.bias != nullptr ? dot + a.bias[col + c] : dot;
     }
   }

@@ -163,9 +163,9 @@ void Kernels::ln_linear(const LnLinearArgs& a, LnLinearOutputs& out) {
   const bool keep_preact = a.activation != Activation::kNone;
   out.preact = keep_preact ? new_like(out.out) : empty0(x);
   LinearEpilogueParams e;
-  e.z = out.out.data_ptr();
-  e.z_stride = out.out.size(1);
-  e.z_dtype = dtype_code(out.out.scalar_type());
+  e.product = out.out.data_ptr();
+  e.product_stride = out.out.size(1);
+  e.product_dtype = dtype_code(out.out.scalar_type());
   e.bias = a.bias.has_value() ? a.bias->data_ptr() : nullptr;
   if (a.residual.has_value()) {
     e.residual = a.residual->data_ptr();

@@ -123,8 +123,8 @@ __device__ __forceinline__ void load_param(const void* p, bool param_f32, int co
 // ------------------------------------------------------------------ activations
 // tanh from one exponential: exact at the limits (exp overflow gives 1, underflow -1) and with an
 // absolute error of a few float32 ulps of 1 elsewhere, also under --use_fast_math.
-__device__ __forceinline__ float tanh_from_exp(float u) {
-  return 1.0f - 2.0f / (1.0f + expf(2.0f * u));
+__device__ __forceinline__ float tanh_from_exp(float v) {
+  return 1.0f - 2.0f / (1.0f + expf(2.0f * v));
 }
 
 constexpr float kInvSqrt2 = 0.70710678118654752f;

@@ -140,16 +140,19 @@ size_t norm_backward_workspace_bytes(int64_t rows, int64_t cols, DType dtype, No
 Status norm_backward(const NormBackwardParams& p, cudaStream_t stream);
 
 // ------------------------------------------------------------------------------ linear epilogue
-// One pass over the GEMM output z (rows, cols) = N(in_act(x)) @ W^T (z_dtype: dtype or float32):
-//   u = round_dtype(z + bias)   (the reference's dtype GEMM output; written to preact if given)
-//   v = act(u);    v = keep ? v*dropout_scale : 0 with keep = philox(seed, r*cols + c) >= threshold
+// One pass over the GEMM's product (rows, cols) = N(in_act(x)) @ W^T (product_dtype: dtype or
+// float32):
+//   preact = round_dtype(product + bias)   (the reference's dtype GEMM output; written to
+//                                            `preact` if given)
+//   v = act(preact);  v = keep ? v*dropout_scale : 0 with keep = philox(seed, r*cols + c) >= threshold
 //   out = alpha*residual + v      (no residual: out = v)
-// Computed in float32 from u on, rounded once to dtype. seed is a device pointer to the int64 seed
-// (null: no dropout). out may alias z (when z_dtype == dtype and strides match) or residual.
+// Computed in float32 from preact on, rounded once to dtype. seed is a device pointer to the
+// int64 seed (null: no dropout). out may alias product (when product_dtype == dtype and strides
+// match) or residual.
 struct LinearEpilogueParams {
-  const void* z = nullptr;
-  int64_t z_stride = 0;
-  DType z_dtype = DType::kFloat32;
+  const void* product = nullptr;
+  int64_t product_stride = 0;
+  DType product_dtype = DType::kFloat32;
   const void* bias = nullptr;  // (cols,) dtype
   const void* residual = nullptr;
   int64_t residual_stride = 0;
