@@ -1,7 +1,7 @@
 // The Autograd-key kernels of the op families: the op contract's autograd formulas
 // (docs/design.md, The op contract), in C++ so that a call that records a graph runs no Python
-// between the dispatcher and the kernel (a Python autograd.Function costs ~15-20 µs a call,
-// more than a decode-size kernel; bench/bench_overhead.py).
+// between the dispatcher and the kernel (a Python autograd.Function costs more than a
+// decode-size kernel: docs/design.md, Decisions).
 //
 // Each kernel calls its op below the Autograd key: directly when the call records no graph, else
 // inside a torch::autograd::Function whose backward calls the op's backward op. Both go through

@@ -211,8 +211,8 @@ std::vector<int64_t> rows_shape(const Tensor& x, int64_t features) {
   return shape;
 }
 
-// The kernels take (rows, features) matrices: a contiguous t viewed as one (a view costs well
-// under 1 µs here, below the Autograd key; the same in Python ~3 µs).
+// The kernels take (rows, features) matrices: a contiguous t viewed as one, here below the
+// Autograd key, where a view costs far less than in Python (docs/design.md, Decisions).
 Tensor as_rows(const Tensor& t) {
   const Tensor c = t.contiguous();
   if (c.dim() == 2) return c;

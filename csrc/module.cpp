@@ -30,10 +30,9 @@ namespace {
 // (magneto_kernels/ops.py). Each converts its Python arguments to the op's C++ types and calls
 // the op's typed dispatcher handle, which dispatches exactly as
 // torch.ops.magneto.<op>_<family> does (Autograd key, the device's kernel, dispatch modes)
-// without boxing the arguments into a stack and back: a few µs of a decode-size call
-// (bench/bench_overhead.py). Where Python must see the call (an argument that is a Tensor
-// subclass, or a torch function mode: the __torch_function__ protocol), it makes the torch.ops
-// call instead. Errors and warnings are translated as torch.ops translates them, and the GIL is
+// without boxing the arguments into a stack and back (docs/design.md, Decisions). Where Python
+// must see the call (an argument that is a Tensor subclass, or a torch function mode: the
+// __torch_function__ protocol), it makes the torch.ops call instead. Errors and warnings are translated as torch.ops translates them, and the GIL is
 // released while the op runs.
 
 const char* type_name(PyObject* obj) {

@@ -17,8 +17,8 @@ but what the public API adds to an op, ``ln_linear``'s ``norm`` naming a norm (i
 seeds are drawn here, from torch's generator on x's device, so ``torch.manual_seed`` makes every
 backend draw the same mask. Nothing is flattened or viewed back: the ops take (*, features).
 
-A decode-size kernel takes a few µs to tens of µs, so the path to it is kept to a few µs
-(``bench/bench_overhead.py`` measures it): one cached lookup of the entry, no checks, no
+A decode-size kernel is short, so the path to it is kept short (``bench/bench_overhead.py``
+measures it; docs/design.md, Decisions): one cached lookup of the entry, no checks, no
 Autograd-key kernel in Python (every family's is C++, ``csrc/autograd.cpp``).
 """
 

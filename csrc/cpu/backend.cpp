@@ -118,8 +118,8 @@ int64_t workspace_block_rows(const Tensor& x, int64_t rows, int64_t cols, int64_
 
 // A rows×cols tensor like x in this thread's workspace (grown as needed, up to the limit);
 // valid until the next call on this thread. Operands used together are row ranges of one.
-// from_blob, not narrow/view of the buffer: one TensorImpl instead of three dispatched view ops,
-// ~1 µs of a decode-size call.
+// from_blob, not narrow/view of the buffer: one TensorImpl instead of three dispatched view ops
+// (docs/design.md, Decisions).
 Tensor workspace(const Tensor& x, int64_t rows, int64_t cols) {
   thread_local Tensor buffer;
   const int64_t bytes = rows * cols * static_cast<int64_t>(x.element_size());

@@ -103,8 +103,8 @@ void linear_epilogue_backward(const LinearEpilogueBackward& a) {
   MAGNETO_DISPATCH(linear_epilogue_backward, a)
 }
 
-// The rows up to which the few-row kernel beats the BLAS, measured at 768-3072 features
-// (csrc/cpu/gemm.h): 16 on both builds that have it.
+// The rows up to which the few-row kernel beats the BLAS: 16 on both builds that have it
+// (docs/design.md, Decisions).
 int64_t linear_few_rows_max() { return isa() == Isa::kBaseline ? 0 : 16; }
 
 void linear_few_rows(const LinearFewRows& a) {
