@@ -113,7 +113,8 @@ struct LayerNormFormula {
   static const auto& op() { return op_handle<Op, Family>(); }
   static auto inputs(const Op& c) { return std::forward_as_tuple(c.x, c.weight, c.bias); }
 
-  static void save(AutogradContext* ctx, const Op& c, const std::tuple<Tensor, Tensor, Tensor>& out) {
+  static void save(AutogradContext* ctx, const Op& c,
+                   const std::tuple<Tensor, Tensor, Tensor>& out) {
     const auto& [y, mean, rstd] = out;
     ctx->save_for_backward({c.x, value_or_undefined(c.weight), value_or_undefined(c.bias), mean,
                             rstd});

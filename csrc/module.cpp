@@ -1,8 +1,8 @@
 // magneto_kernels._C, the Python module: importing it registers the native family's kernels
 // (csrc/register.cpp) and every family's Autograd kernels (csrc/autograd.cpp); its functions are
 // the typed calls of every family's ops, the tables of common.h for tests, and what the CPU
-// kernels run with. With MAGNETO_CUDA_EMULATE=1 it imports magneto_kernels._C_emu, which holds the CPU
-// dispatch key then (docs/design.md, Backends and dispatch).
+// kernels run with. With MAGNETO_CUDA_EMULATE=1 it imports magneto_kernels._C_emu, which holds
+// the CPU dispatch key then (docs/design.md, Backends and dispatch).
 #include <torch/python.h>  // pybind11 with the Tensor type casters
 
 #include <cstdlib>
@@ -32,8 +32,8 @@ namespace {
 // torch.ops.magneto.<op>_<family> does (Autograd key, the device's kernel, dispatch modes)
 // without boxing the arguments into a stack and back (docs/design.md, Decisions). Where Python
 // must see the call (an argument that is a Tensor subclass, or a torch function mode: the
-// __torch_function__ protocol), it makes the torch.ops call instead. Errors and warnings are translated as torch.ops translates them, and the GIL is
-// released while the op runs.
+// __torch_function__ protocol), it makes the torch.ops call instead. Errors and warnings are
+// translated as torch.ops translates them, and the GIL is released while the op runs.
 
 const char* type_name(PyObject* obj) {
   const char* name = Py_TYPE(obj)->tp_name;

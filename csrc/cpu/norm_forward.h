@@ -16,8 +16,8 @@ namespace {
 // Mean and 1/std (or 1/rms) of a float row. The mean is taken as shift + Σ(v − shift)/n with
 // shift = v[0]: the shifted terms are of the size of the row's spread, not of its mean, so the
 // sum loses no digits when |mean| >> std and the mean is exact to its own rounding (a plain Σ v
-// in fp32 lanes is not: docs/design.md, Decisions). `shifted_sum` is Σ(v − v[0]) when the caller has it (NaN: not
-// known).
+// in fp32 lanes is not: docs/design.md, Decisions). `shifted_sum` is Σ(v − v[0]) when the
+// caller has it (NaN: not known).
 inline void row_stats(Norm norm, const float* v, int64_t n, float eps, float shifted_sum,
                       float& mean, float& rstd) {
   mean = 0.0f;

@@ -149,8 +149,8 @@ struct RowPrefetch {
 
 // Fixed row chunks for column sums: the count depends only on the shape, never on the number of
 // threads; at least 32 rows a chunk (each chunk's partial rows are read and written once per row,
-// so fewer, longer chunks keep them in cache; docs/design.md, Decisions), at most 128 chunks, and the partial
-// sums stay below 4M floats.
+// so fewer, longer chunks keep them in cache; docs/design.md, Decisions), at most 128 chunks,
+// and the partial sums stay below 4M floats.
 inline int64_t reduction_chunks(int64_t rows, int64_t cols) {
   const int64_t by_memory = std::max<int64_t>(1, (int64_t{1} << 22) / std::max<int64_t>(cols, 1));
   return std::max<int64_t>(1, std::min({rows / 32, int64_t{128}, by_memory}));
@@ -159,8 +159,8 @@ inline int64_t reduction_chunks(int64_t rows, int64_t cols) {
 // Runs body(row_begin, row_end, chunk) over the rows: in the fixed chunks when a column reduction
 // is wanted (chunks > 0), else in up to 64 blocks of at least ~16K elements (chunk = -1). The
 // threads take the units one at a time, so that one slowed down (by another process on a shared
-// machine) does not hold the others at the barrier (docs/design.md, Decisions); which thread runs a chunk never
-// changes its partial sums.
+// machine) does not hold the others at the barrier (docs/design.md, Decisions); which thread
+// runs a chunk never changes its partial sums.
 template <typename F>
 inline void for_rows(int64_t rows, int64_t cols, int64_t chunks, F&& body) {
   const bool reduce = chunks > 0;

@@ -144,7 +144,8 @@ Status norm_backward(const NormBackwardParams& p, cudaStream_t stream);
 // float32):
 //   preact = round_dtype(product + bias)   (the reference's dtype GEMM output; written to
 //                                            `preact` if given)
-//   v = act(preact);  v = keep ? v*dropout_scale : 0 with keep = philox(seed, r*cols + c) >= threshold
+//   v = act(preact);  v = keep ? v*dropout_scale : 0,
+//                     keep = philox(seed, r*cols + c) >= threshold
 //   out = alpha*residual + v      (no residual: out = v)
 // Computed in float32 from preact on, rounded once to dtype. seed is a device pointer to the
 // int64 seed (null: no dropout). out may alias product (when product_dtype == dtype and strides

@@ -138,8 +138,8 @@ Status linear_epilogue(const LinearEpilogueParams& p, cudaStream_t stream) {
   if (p.rows == 0 || p.cols == 0) return nullptr;
   if (p.product == nullptr || p.out == nullptr)
     return "magneto cuda linear_epilogue: product and out are required";
-  if (p.product_stride < p.cols || p.out_stride < p.cols || (p.residual && p.residual_stride < p.cols) ||
-      (p.preact && p.preact_stride < p.cols))
+  if (p.product_stride < p.cols || p.out_stride < p.cols ||
+      (p.residual && p.residual_stride < p.cols) || (p.preact && p.preact_stride < p.cols))
     return "magneto cuda linear_epilogue: a row stride is smaller than cols";
   const int eb = elem_bytes(p.dtype);
   const bool vec_ok = aligned16(p.product) &&
@@ -155,12 +155,12 @@ Status linear_epilogue(const LinearEpilogueParams& p, cudaStream_t stream) {
     return dispatch_activation(p.activation, [&](auto act) {
       constexpr Activation A = decltype(act)::value;
       if constexpr (std::is_same_v<T, float>) {
-        linear_epilogue_kernel<T, float, A><<<grid, block, 0, stream>>>(p, vec_ok);
+        launch_kernel(linear_epilogue_kernel<T, float, A>, grid, block, 0, stream)(p, vec_ok);
       } else {
         if (p.product_dtype == DType::kFloat32)
-          linear_epilogue_kernel<T, float, A><<<grid, block, 0, stream>>>(p, vec_ok);
+          launch_kernel(linear_epilogue_kernel<T, float, A>, grid, block, 0, stream)(p, vec_ok);
         else
-          linear_epilogue_kernel<T, T, A><<<grid, block, 0, stream>>>(p, vec_ok);
+          launch_kernel(linear_epilogue_kernel<T, T, A>, grid, block, 0, stream)(p, vec_ok);
       }
       return 0;
     });
@@ -203,8 +203,8 @@ Status linear_epilogue_backward(const LinearEpilogueBackwardParams& p, cudaStrea
     dispatch_dtype(p.dtype, [&](auto tag) {
       using T = typename decltype(tag)::type;
       return dispatch_activation(p.activation, [&](auto act) {
-        linear_epilogue_backward_kernel<T, decltype(act)::value>
-            <<<grid, dim3(kTileX, kTileY), 0, stream>>>(p, vec_ok, db_part);
+        launch_kernel(linear_epilogue_backward_kernel<T, decltype(act)::value>, grid,
+                      dim3(kTileX, kTileY), 0, stream)(p, vec_ok, db_part);
         return 0;
       });
     });

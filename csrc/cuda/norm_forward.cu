@@ -241,21 +241,21 @@ void launch(const NormForwardParams& p, bool vec_ok, cudaStream_t stream) {
   constexpr int VEC = kVec<T>;
   const RowPlan plan = plan_rows(ceil_div(p.cols, VEC));
   if (plan.nv == 0) {
-    norm_forward_wide<T, is_gated(ACT)>
-        <<<static_cast<unsigned>(p.rows), kWideThreads, 0, stream>>>(p, vec_ok);
+    launch_kernel(norm_forward_wide<T, is_gated(ACT)>, static_cast<unsigned>(p.rows), kWideThreads,
+                  0, stream)(p, vec_ok);
     return;
   }
   const int block = std::max(plan.tpr, kRowsBlockMin);
   const unsigned grid = static_cast<unsigned>(ceil_div(p.rows, block / plan.tpr));
   switch (plan.nv) {
     case 1:
-      norm_forward_rows<T, ACT, 1><<<grid, block, 0, stream>>>(p, plan.tpr, vec_ok);
+      launch_kernel(norm_forward_rows<T, ACT, 1>, grid, block, 0, stream)(p, plan.tpr, vec_ok);
       break;
     case 4:
-      norm_forward_rows<T, ACT, 4><<<grid, block, 0, stream>>>(p, plan.tpr, vec_ok);
+      launch_kernel(norm_forward_rows<T, ACT, 4>, grid, block, 0, stream)(p, plan.tpr, vec_ok);
       break;
     default:
-      norm_forward_rows<T, ACT, 8><<<grid, block, 0, stream>>>(p, plan.tpr, vec_ok);
+      launch_kernel(norm_forward_rows<T, ACT, 8>, grid, block, 0, stream)(p, plan.tpr, vec_ok);
       break;
   }
 }
