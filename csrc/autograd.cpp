@@ -54,7 +54,7 @@ bool needs_grad(AutogradContext* ctx, int edge) {
 
 // A backward op's output_mask, from the gradients autograd needs.
 template <size_t N>
-c10::List<bool> mask_of(AutogradContext* ctx, const std::array<int, N>& edges) {
+c10::List<bool> output_mask(AutogradContext* ctx, const std::array<int, N>& edges) {
   c10::List<bool> mask;
   for (int edge : edges) mask.push_back(needs_grad(ctx, edge));
   return mask;
@@ -125,7 +125,7 @@ struct LayerNormFormula {
   static variable_list backward(AutogradContext* ctx, const variable_list& grads) {
     const variable_list saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &weight = saved[1], &bias = saved[2];
-    const auto mask = mask_of(ctx, edge_indices<3>({true, weight.defined(), bias.defined()}));
+    const auto mask = output_mask(ctx, edge_indices<3>({true, weight.defined(), bias.defined()}));
     auto [dx, dweight, dbias] = op_handle<schema::LayerNormBackward, Family>().call(
         grads[0], x, optional_of(weight), optional_of(bias), saved[3], saved[4], std::nullopt,
         ctx->saved_data["norm"].toStringRef(), mask);
@@ -205,7 +205,8 @@ struct LnLinearFormula {
     auto& data = ctx->saved_data;
     const auto edge = edge_indices<6>({true, ln_weight.defined(), ln_bias.defined(), true,
                                        data["has_bias"].toBool(), data["has_residual"].toBool()});
-    const auto mask = mask_of(ctx, std::array<int, 5>{edge[0], edge[1], edge[2], edge[3], edge[4]});
+    const auto mask =
+        output_mask(ctx, std::array<int, 5>{edge[0], edge[1], edge[2], edge[3], edge[4]});
     const Tensor& grad_out = grads[0];
     variable_list result(6);
     if (mask[0] || mask[1] || mask[2] || mask[3] || mask[4]) {

@@ -132,9 +132,8 @@ void Kernels::norm_backward(const NormBackwardArgs& args, const NormGrads& grads
   p.input_activation = args.input_activation;
   p.dtype = dtype_code(x.scalar_type());
   p.param_dtype = params.dtype;
-  p.workspace_bytes = norm_backward_workspace_bytes(p.rows, p.cols, p.dtype, p.norm,
-                                                    p.input_activation, p.dgamma != nullptr,
-                                                    p.dbeta != nullptr);
+  p.workspace_bytes = norm_backward_workspace_bytes(p.rows, p.cols, p.dtype, p.input_activation,
+                                                    p.dgamma != nullptr, p.dbeta != nullptr);
   const Tensor ws = workspace(x, p.workspace_bytes);
   p.workspace = p.workspace_bytes > 0 ? ws.data_ptr() : nullptr;
   check_status(cuda::norm_backward(p, current_stream(x)));

@@ -55,7 +55,7 @@ using Status = const char*;  // nullptr on success, else a static message
 //   kRms:   rstd = 1/sqrt(avg(a^2) + eps),                        y = a*rstd*gamma
 //   kNone:  y = a   (no statistics; gamma and beta must be null)
 // gamma = 1 and beta = 0 when null. y, sum: dtype; mean, rstd: float32 (mean only for
-// kLayer). y == nullptr computes statistics only (row_stats). With saved_rstd (and saved_mean
+// kLayer). With saved_rstd (and saved_mean
 // for kLayer) given, those statistics are applied instead of computed: ln_linear's backward
 // recomputes its GEMM operand h = N(in_act(x)) this way (no residual allowed then).
 // Widths up to 32768 (16-bit dtypes) / 16384 (float32) keep the row in registers (warp per row
@@ -87,11 +87,6 @@ struct NormForwardParams {
   DType param_dtype = DType::kFloat32;
 };
 Status norm_forward(const NormForwardParams& p, cudaStream_t stream);
-
-// Row statistics only: norm_forward with y = sum = nullptr (mean for kLayer, rstd).
-Status row_stats(const void* x, int64_t x_stride, float* mean, float* rstd, int64_t rows,
-                 int64_t cols, float eps, Norm norm, Activation input_activation, DType dtype,
-                 cudaStream_t stream);
 
 // ------------------------------------------------------------------------------ norm backward
 // Gradient of y = N(in_act(x)) (x being s for add_layer_norm), with a = round_dtype(in_act(x)):
@@ -134,7 +129,7 @@ struct NormBackwardParams {
 };
 // Bytes of float32 workspace norm_backward needs for these sizes on the current device
 // (0 when want_dgamma and want_dbeta are both false).
-size_t norm_backward_workspace_bytes(int64_t rows, int64_t cols, DType dtype, Norm norm,
+size_t norm_backward_workspace_bytes(int64_t rows, int64_t cols, DType dtype,
                                      Activation input_activation, bool want_dgamma,
                                      bool want_dbeta);
 Status norm_backward(const NormBackwardParams& p, cudaStream_t stream);

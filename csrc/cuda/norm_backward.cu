@@ -474,11 +474,10 @@ Status validate(const NormBackwardParams& p) {
 }  // namespace
 }  // namespace detail
 
-size_t norm_backward_workspace_bytes(int64_t rows, int64_t cols, DType dtype, Norm norm,
+size_t norm_backward_workspace_bytes(int64_t rows, int64_t cols, DType dtype,
                                      Activation input_activation, bool want_dgamma,
                                      bool want_dbeta) {
   using namespace detail;
-  (void)norm;  // the plan does not depend on it; kept so callers state what they launch
   const int arrays = static_cast<int>(want_dgamma) + static_cast<int>(want_dbeta);
   if (arrays == 0 || rows <= 0 || cols <= 0 || !valid_dtype(dtype) ||
       !valid_input_activation(input_activation))
