@@ -12,7 +12,6 @@ Build against the installed torch:
 
 import glob
 import os
-import re
 
 from setuptools import find_packages, setup
 
@@ -40,8 +39,8 @@ def _want_cuda():
 
 
 def _extensions():
-    # The API file and the CPU backend always; the CUDA kernels and their orchestration
-    # (csrc/cuda/*.cu, csrc/cuda/*.cpp) only in CUDA builds, so a CPU build never compiles code
+    # The op layer (csrc/*.cpp) and the CPU backend always; the CUDA backend and kernels
+    # (csrc/cuda/*.cpp, csrc/cuda/*.cu) only in CUDA builds, so a CPU build never compiles code
     # that needs the CUDA runtime.
     cpp_sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/**/*.cpp")
     if not cpp_sources:
@@ -93,34 +92,6 @@ def _extensions():
     return exts, {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
-# The two CUDA constructs host C++ lacks, rewritten for csrc/cuda_emu: a launch
-# `kernel<tmpl><<<config>>>(` and a dynamic shared array `extern __shared__ T name[];`.
-_LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;]*>)?)\s*<<<(.*?)>>>\s*\(", re.DOTALL)
-_DYNAMIC_SHARED = re.compile(r"extern\s+__shared__\s+([\w:]+)\s+(\w+)\s*\[\s*\]\s*;")
-
-
-def _emulated_source(cu_path, out_dir):
-    """csrc/cuda/<name>.cu rewritten as <out_dir>/<name>.cpp (line numbers kept, and a #line so
-    that diagnostics and __FILE__ name the .cu)."""
-    with open(cu_path) as f:
-        text = f.read()
-
-    def launch(m):
-        kernel, config = m.group(1), m.group(2)
-        newlines = "\n" * m.group(0).count("\n")
-        return (
-            f'::magneto::cuda_emu::launch("{kernel}", {kernel}, '
-            f"{' '.join(config.split())})({newlines}"
-        )
-
-    text = _LAUNCH.sub(launch, text)
-    text = _DYNAMIC_SHARED.sub(r"\1* const \2 = ::magneto::cuda_emu::dynamic_shared<\1>();", text)
-    text = f'#line 1 "{cu_path}"\n' + text
-    out = os.path.join(out_dir, os.path.splitext(os.path.basename(cu_path))[0] + ".cpp")
-    _write_if_changed(out, text)
-    return os.path.relpath(out, HERE)
-
-
 def _write_if_changed(path, text):
     """Writes only a change, so that ninja recompiles only what changed."""
     if os.path.exists(path):
@@ -132,29 +103,29 @@ def _write_if_changed(path, text):
 
 
 def _including_source(path, out_dir):
-    """<out_dir>/emu_<dir>_<name>.cpp, a file that includes `path`."""
-    rel = os.path.relpath(path, os.path.join(HERE, "csrc"))
-    out = os.path.join(out_dir, "emu_" + rel.replace(os.sep, "_"))
+    """<out_dir>/emu_<dir>_<name>.cpp, a C++ file that includes `path` (a .cpp or a .cu)."""
+    rel = os.path.splitext(os.path.relpath(path, os.path.join(HERE, "csrc")))[0]
+    out = os.path.join(out_dir, "emu_" + rel.replace(os.sep, "_") + ".cpp")
     _write_if_changed(out, f'#include "{path}"\n')
     return os.path.relpath(out, HERE)
 
 
 def _emulated_cuda_extension(CppExtension, include_dirs):
-    """magneto_kernels._C_emu: the API file, the CUDA orchestration and kernels as host C++
-    against csrc/cuda_emu (which stands in for the CUDA headers), the CPU GEMM engine the API
-    binds; no CPU kernels (csrc/cuda_emu/no_cpu_kernels.cpp). -O2 as a release build of the
-    kernels would have (what the strict-aliasing defect showed up at): the four kernel files take
-    about 15 s at -O2 on one core, the torch-including files most of the build."""
+    """magneto_kernels._C_emu: the checks, the registration and the CUDA backend and kernels as
+    host C++ against csrc/cuda_emu (which stands in for the CUDA headers), with a module of its
+    own (csrc/cuda_emu/module.cpp). The .cu files compile as they are (csrc/cuda/common.cuh's
+    launch_kernel and dynamic_shared). -O2 as a release build of the kernels would have (what the
+    strict-aliasing defect showed up at): the four kernel files take about 15 s at -O2 on one
+    core, the torch-including files most of the build."""
     out_dir = os.path.join(HERE, "build", "cuda_emu_src")
     os.makedirs(out_dir, exist_ok=True)
-    kernels = [_emulated_source(os.path.join(HERE, p), out_dir) for p in _sources("csrc/cuda/*.cu")]
-    # The files _C compiles too, included from files of their own: their objects then have
-    # paths of their own, and the two extensions do not rebuild each other's.
-    shared = [
-        _including_source(os.path.join(HERE, p), out_dir)
-        for p in _sources("csrc/*.cpp") + ["csrc/cpu/gemm.cpp"] + _sources("csrc/cuda/*.cpp")
-    ]
-    sources = shared + _sources("csrc/cuda_emu/*.cpp") + kernels
+    # Each file _C compiles too, and each .cu, included from a .cpp of its own: their objects
+    # then have paths of their own (the two extensions do not rebuild each other's), and the .cu
+    # files compile as C++.
+    included = ["csrc/checks.cpp", "csrc/register.cpp"] + _sources("csrc/cuda/*.cpp")
+    included += _sources("csrc/cuda/*.cu")
+    sources = [_including_source(os.path.join(HERE, p), out_dir) for p in included]
+    sources += _sources("csrc/cuda_emu/*.cpp")
     flags = ["-O2", "-g0", "-std=c++20", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized"]
     return CppExtension(
         "magneto_kernels._C_emu",

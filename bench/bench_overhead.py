@@ -4,8 +4,8 @@ For ``ln_linear``, ``layer_norm`` and ``add_layer_norm`` at 1 and 8 rows of widt
 768→768 and 768→2304) and at 1 row of width 64, fp32, one thread, each timed per call as:
 
 - ops:    the family's ``torch.ops.magneto.<op>_<family>`` op on the ready (rows, cols) matrix;
-- raw:    the same op through the extension's typed call (``_C.call_<op>``), which the public
-          function uses for the cpu backend: the kernel call with nothing around it;
+- raw:    the same op through the extension's typed call (``_C.call_<op>_native``), which the
+          public function uses for the cpu backend: the kernel call with nothing around it;
 - public: ``magneto_kernels.<op>`` on x of shape (1, rows, cols), as the modules pass it
           (checks, backend choice and the call included), with ``backend=None``
           so the ``MAGNETO_BACKEND`` lookup and the default order are timed too;
@@ -74,21 +74,21 @@ def cases(rows: int, width: int, out_features: int, grad: bool) -> dict[str, dic
     return {
         "ln_linear": {
             "ops": lambda: ln_linear_raw(lin, x2, g, b, w, wb),
-            "raw": lambda: ln_linear_raw(_C.call_ln_linear, x2, g, b, w, wb),
+            "raw": lambda: ln_linear_raw(_C.call_ln_linear_native, x2, g, b, w, wb),
             "public": lambda: mk.ln_linear(x, g, b, w, wb),
             "public_2d": lambda: mk.ln_linear(x2, g, b, w, wb),
             "eager": lambda: F.linear(F.layer_norm(x, (width,), g, b, EPS), w, wb),
         },
         "layer_norm": {
             "ops": lambda: ln(x2, g, b, EPS, "layer"),
-            "raw": lambda: _C.call_layer_norm(x2, g, b, EPS, "layer"),
+            "raw": lambda: _C.call_layer_norm_native(x2, g, b, EPS, "layer"),
             "public": lambda: mk.layer_norm(x, g, b, EPS),
             "public_2d": lambda: mk.layer_norm(x2, g, b, EPS),
             "eager": lambda: F.layer_norm(x, (width,), g, b, EPS),
         },
         "add_layer_norm": {
             "ops": lambda: add_ln(x2, res2, g, b, EPS, 1.0, "layer"),
-            "raw": lambda: _C.call_add_layer_norm(x2, res2, g, b, EPS, 1.0, "layer"),
+            "raw": lambda: _C.call_add_layer_norm_native(x2, res2, g, b, EPS, 1.0, "layer"),
             "public": lambda: mk.add_layer_norm(x, res, g, b, EPS),
             "public_2d": lambda: mk.add_layer_norm(x2, res2, g, b, EPS),
             "eager": lambda: F.layer_norm(res + x, (width,), g, b, EPS),

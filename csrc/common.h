@@ -14,7 +14,7 @@
 namespace magneto {
 
 // The kernel codes of the op schema's strings, defined once for C++ and CUDA: each enum and, right
-// under it, its name/code table, which csrc/api.cpp parses the strings with (its error messages
+// under it, its name/code table, which csrc/checks.cpp parses the strings with (its error messages
 // list the names from here) and magneto_kernels._C.codes() exposes, so that tests/test_codes.py
 // checks them against magneto_kernels/codes.py, the Python side's one definition.
 enum class Norm : int { kLayer = 0, kRms = 1, kNone = 2 };
@@ -80,7 +80,7 @@ constexpr bool in_table(const NameCode<Code> (&table)[N], Code code) {
 }
 
 // Philox4x32-10 (Salmon et al. 2011): the key increments and the round multipliers, used by the
-// scalar philox below (CUDA and host), the vectorised one of csrc/cpu/kernels_impl.h, and equal to
+// scalar philox below (CUDA and host), the vectorised one of csrc/cpu/philox.h, and equal to
 // magneto_kernels/codes.py's PHILOX_* (tests/test_codes.py).
 inline constexpr uint32_t kPhiloxKeyA = 0x9E3779B9u;
 inline constexpr uint32_t kPhiloxKeyB = 0xBB67AE85u;

@@ -1,4 +1,4 @@
-// Torch-side helpers shared by the API file and the CPU and CUDA op orchestration: the dtype code
+// Torch-side helpers shared by the ops (csrc/ops.h) and the backends: the dtype code
 // a kernel takes, output allocation (NaN-poisoned in tests) and pointer access to optional
 // tensors. Host code only; the kernels never see a Tensor.
 #pragma once
@@ -40,11 +40,6 @@ inline Tensor new_like(const Tensor& t) { return new_tensor(t.sizes(), t.options
 
 // What the op returns for an absent output (a gradient not asked for, no preact, ...).
 inline Tensor empty0(const Tensor& x) { return at::empty({0}, x.options()); }
-
-// Per-row float32 statistics of x, or an empty tensor where the norm has none.
-inline Tensor stats_tensor(const Tensor& x, bool present) {
-  return new_tensor({present ? x.size(0) : 0}, x.options().dtype(at::kFloat));
-}
 
 inline float* opt_float_ptr(const Tensor& t) {
   return t.defined() && t.numel() > 0 ? t.data_ptr<float>() : nullptr;

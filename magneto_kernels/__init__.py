@@ -12,12 +12,6 @@ Public ops (see ``ops.py``; the specification is ``reference.py``):
 """
 
 from magneto_kernels import library  # noqa: F401  (defines the torch.library op families)
-
-try:  # the C++ extension registers the "native" family's CPU/CUDA kernels when imported
-    from magneto_kernels import _C  # noqa: F401
-except ImportError as err:  # not built: available_backends() says why cpu/cuda are missing
-    if "MAGNETO_CPU_ISA" in str(err):  # built, but asked for an unknown instruction set
-        raise
 from magneto_kernels.backends import BACKENDS, ENV_VAR, available_backends, resolve_backend
 from magneto_kernels.ops import activation, add_layer_norm, dropout, layer_norm, ln_linear
 

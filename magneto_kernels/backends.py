@@ -38,12 +38,33 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _DEFAULT_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
 
 
+def _import_extension():
+    """magneto_kernels._C and None, or None and why it cannot be imported. Importing it registers
+    the native family's kernels, every family's Autograd kernels (csrc/autograd.cpp) and the
+    typed calls ops.py makes: every backend but the reference needs it."""
+    try:
+        from magneto_kernels import _C
+    except ImportError as err:
+        if "MAGNETO_CPU_ISA" in str(err):  # built, but asked for an unknown instruction set
+            raise
+        return None, (
+            "the C++ extension magneto_kernels._C is not built "
+            f"(pip install --no-build-isolation -e .): {err}"
+        )
+    return _C, None
+
+
+EXTENSION, _EXTENSION_PROBLEM = _import_extension()
+
+
 @functools.lru_cache(maxsize=None)
 def _triton_problem(device_type: str) -> Optional[str]:
     try:
         from magneto_kernels import triton as triton_kernels
     except ImportError as err:
         return f"triton is not importable ({err})"
+    if _EXTENSION_PROBLEM is not None:
+        return _EXTENSION_PROBLEM
     if device_type == "cuda":
         return None if torch.cuda.is_available() else "torch sees no CUDA device"
     if device_type == "cpu":
@@ -58,17 +79,12 @@ def _triton_problem(device_type: str) -> Optional[str]:
 
 @functools.lru_cache(maxsize=None)
 def _cpp_problem(device_type: str) -> Optional[str]:
-    try:
-        from magneto_kernels import _C
-    except ImportError as err:
-        return (
-            "the C++ extension magneto_kernels._C is not built "
-            f"(pip install --no-build-isolation -e .): {err}"
-        )
+    if _EXTENSION_PROBLEM is not None:
+        return _EXTENSION_PROBLEM
     if device_type == "cpu":
         return None
     if device_type == "cuda":
-        if not _C.with_cuda():
+        if not EXTENSION.with_cuda():
             return "magneto_kernels._C was built without CUDA kernels"
         return None if torch.cuda.is_available() else "torch sees no CUDA device"
     return f"no C++ kernels for device type {device_type!r}"
@@ -116,15 +132,24 @@ constant for a process (``_problem``), so a request resolves the same way every 
 
 def resolve_backend(backend: Optional[str], x: torch.Tensor) -> str:
     """The backend a call on ``x`` runs on; ValueError if the requested one cannot run there.
-    Runs on every op call: a request seen before is one dict lookup (torch.compile traces the
-    full choice instead, once), and the messages naming where a request came from are built
-    only when one is raised."""
+    torch.compile traces the full choice (once); otherwise it is ``cached_backend``'s."""
+    if torch.compiler.is_compiling():
+        from_env = backend is None
+        return _resolve(os.environ.get(ENV_VAR) or None if from_env else backend, from_env, x)
+    return cached_backend(backend, x)
+
+
+def cached_backend(backend: Optional[str], x: torch.Tensor) -> str:
+    """resolve_backend outside torch.compile, on every op call: a request seen before is one dict
+    lookup, and the messages naming where a request came from are built only when one is
+    raised."""
     from_env = backend is None
     if from_env:
         backend = os.environ.get(ENV_VAR) or None
-    if torch.compiler.is_compiling():
-        return _resolve(backend, from_env, x)
-    key = (backend, x.device, x.dtype)
+    try:
+        key = (backend, x.device, x.dtype)
+    except AttributeError:
+        raise TypeError(f"x must be a Tensor, got {type(x).__name__}") from None
     try:
         resolved = _RESOLVED.get(key)
     except TypeError:  # an unhashable request: _resolve says what is wrong with it

@@ -1,4 +1,4 @@
-"""The tables every Python layer of magneto_kernels shares: norm kinds, activations, Philox.
+"""The tables every Python layer of magneto_kernels shares: norms, activations, Philox.
 
 One definition each, read by the reference (``reference.py``), the public ops (``ops.py``), the
 Triton kernels (``triton/``) and the tests, which enumerate them from here. The integer codes are
@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 NORMS = {"layer": 0, "rms": 1, "none": 2}
-"""Norm kind -> kernel code. "none": no norm (``ln_linear`` with ``ln_weight=None``)."""
+"""Norm -> kernel code. "none": no norm (``ln_linear`` with ``ln_weight=None``)."""
 
 ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4, "relu2": 5}
 """Activation -> kernel code, for ``activation`` and ``input_activation`` alike. relu2 is
@@ -49,19 +49,6 @@ def canonical_activation(name: Optional[str]) -> str:
             f"activation must be one of {tuple(ACTIVATIONS) + ('swish', None)}, got {name!r}"
         )
     return name
-
-
-def canonical_input_activation(name: Optional[str]) -> str:
-    """canonical_activation, or a key of GATED_ACTIVATIONS."""
-    if name in GATED_ACTIVATIONS:
-        return name
-    try:
-        return canonical_activation(name)
-    except ValueError:
-        raise ValueError(
-            f"input_activation must be one of {tuple(ACTIVATIONS) + tuple(GATED_ACTIVATIONS)}"
-            f" (or 'swish', None), got {name!r}"
-        ) from None
 
 
 def dropout_threshold(p: float) -> int:

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import magneto_kernels as mk
-from magneto_kernels.backends import EMULATED_CUDA, FAMILY, available_backends
+from magneto_kernels.backends import EMULATED_CUDA, FAMILY, KERNEL_DTYPES, available_backends
 from magneto_kernels.codes import ACTIVATIONS, GATED_ACTIVATIONS, NORMS, RTOL
 
 # ---------------------------------------------------------------------------------- tolerances
@@ -30,7 +30,7 @@ ATOL = 1e-6
 """Absolute slack of compare_to_reference; parameter gradients (sums over rows) get
 ``ATOL·sqrt(rows)``."""
 
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DTYPES = KERNEL_DTYPES
 """The dtypes every kernel backend runs in."""
 
 
@@ -210,7 +210,7 @@ def compare_to_reference(backend: Backend, fn, inputs: dict, *, seed=0):
 
 ACTS = tuple(ACTIVATIONS)
 GATED = tuple(GATED_ACTIVATIONS)
-NORM_KINDS = tuple(n for n in NORMS if n != "none")
+NORM_NAMES = tuple(n for n in NORMS if n != "none")
 """The norms of layer_norm and add_layer_norm; ln_linear also takes "none" (no norm)."""
 
 # (rows, cols). Every kernel path of every backend: one row and one column, the CUDA warp per
@@ -281,7 +281,7 @@ ADD_NORM_CASES = [
 #  dropout_p, bias, ln params dtype: "fp32" or "same" as x's)
 _LN_LINEAR_SCENARIOS = [
     (37, 67, 45, "layer", "none", "none", None, 0.0, True, "same"),  # fc1 / q-k-v
-    (37, 67, 45, "layer", "gelu", "none", 1.0, 0.0, True, "same"),  # fc2: act(u) -> LN
+    (37, 67, 45, "layer", "gelu", "none", 1.0, 0.0, True, "same"),  # fc2: act(preact) -> LN
     (37, 67, 45, "layer", "none", "none", 2.5, 0.0, False, "same"),  # out_proj, alpha·res
     (37, 67, 45, "rms", "silu", "gelu_tanh", 0.5, 0.0, True, "same"),
     (37, 67, 45, "layer", "relu", "relu", None, 0.0, True, "same"),

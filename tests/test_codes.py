@@ -26,3 +26,10 @@ def test_philox_constants_match():
         "round_b": codes.PHILOX_ROUND_B,
         "rounds": codes.PHILOX_ROUNDS,
     }
+
+
+def test_op_families_match():
+    """The families whose Autograd kernels csrc/autograd.cpp registers are backends.py's."""
+    from magneto_kernels.backends import FAMILY
+
+    assert set(_C.codes()["families"]) == set(FAMILY.values())

@@ -2,8 +2,9 @@
 forward and every gradient of layer_norm, add_layer_norm and ln_linear, LayerNorm/RMSNorm/none,
 every activation on the input and the output, residual with alpha, dropout, fp32/bf16/fp16, odd
 and wide sizes, non-zero-mean rows and gradients; the dropout mask bit for bit against
-``reference.dropout_mask``; empty batches; and the op contract of each op family (output_mask,
-empty statistics, grad_accum, deterministic parameter gradients, opcheck).
+``reference.dropout_mask``; empty batches; the op contract of each op family (output_mask,
+empty statistics, grad_accum, deterministic parameter gradients, strided inputs, opcheck); and the
+argument errors, word for word the same on every backend.
 
 What only one backend has (the C++ GEMM engines and instruction-set builds, Triton's Philox and
 compile checks, CUDA's kernel paths) is in tests/test_ops_<backend>.py.
@@ -15,9 +16,10 @@ from harness import (
     ADD_NORM_CASES,
     DTYPES,
     LN_LINEAR_CASES,
-    NORM_KINDS,
+    NORM_NAMES,
     NORM_SHAPES,
     NORM_SPECIAL_CASES,
+    TEST_DEVICE,
     assert_close_to_reference,
     backend_params,
     check_ln_linear_case,
@@ -60,7 +62,7 @@ def _layer_norm(norm, eps=1e-5):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("norm", NORM_KINDS)
+@pytest.mark.parametrize("norm", NORM_NAMES)
 @pytest.mark.parametrize("shape", NORM_SHAPES)
 def test_layer_norm(backend, shape, norm, dtype):
     compare_to_reference(
@@ -68,7 +70,7 @@ def test_layer_norm(backend, shape, norm, dtype):
     )
 
 
-@pytest.mark.parametrize("norm", NORM_KINDS)
+@pytest.mark.parametrize("norm", NORM_NAMES)
 @pytest.mark.parametrize("case", NORM_SPECIAL_CASES)
 def test_layer_norm_special(backend, case, norm):
     shape, dtype, mean, std, eps, params = NORM_SPECIAL_CASES[case]
@@ -459,3 +461,308 @@ def test_opcheck(kernels, op, rows_as):
             for a in args
         )
     torch.library.opcheck(get_op(op, family), args)
+
+
+# --------------------------------------------------------------- op-level argument errors
+
+
+def _on(args: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+
+
+def _good_ln_linear_args():
+    x = randn(6, 8, mean=1.0)
+    return dict(
+        x=x,
+        ln_weight=torch.ones(8),
+        ln_bias=torch.zeros(8) + 0.1,
+        weight=randn(4, 8),
+        bias=randn(4),
+        residual=randn(6, 4),
+        seed=None,
+        eps=1e-5,
+        norm="layer",
+        input_activation="none",
+        activation="none",
+        alpha=1.0,
+        dropout_p=0.0,
+    )
+
+
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        (
+            dict(x=randn(6, 8, dtype=torch.float64)),
+            "x must have dtype torch.float32, torch.bfloat16",
+        ),
+        (dict(x=torch.tensor(1.0)), r"x must have a non-empty last dimension, got shape \(\)"),
+        (dict(x=randn(6, 0)), r"x must have a non-empty last dimension, got shape \(6, 0\)"),
+        (dict(residual=randn(3, 2, 4)), "residual must have shape"),
+        (dict(ln_weight=torch.ones(7)), "ln_weight must have shape"),
+        (dict(ln_weight=torch.ones(8, dtype=torch.float64)), "ln_weight must have dtype torch"),
+        (dict(weight=randn(4, 9)), "weight must have shape"),
+        (dict(weight=randn(4, 8, dtype=torch.bfloat16)), "weight must have x's dtype"),
+        (dict(bias=randn(5)), "bias must have shape"),
+        (dict(residual=randn(6, 5)), "residual must have shape"),
+        (dict(norm="batch"), "norm must be"),
+        (dict(activation="tanh"), "activation must be"),
+        (dict(input_activation="elu"), "input_activation must be"),
+        (dict(dropout_p=0.5), "seed must be given"),
+        (dict(dropout_p=0.5, seed=torch.tensor(1.0)), "seed must have dtype"),
+        (dict(dropout_p=1.0, seed=torch.tensor(1)), "dropout_p must be in"),
+        (dict(norm="rms"), "ln_bias must be None for norm='rms'"),
+        (dict(norm="none", ln_bias=None), "ln_weight must be None for norm='none'"),
+        (dict(eps=-1.0), "eps must be"),
+    ],
+)
+def test_ln_linear_bad_input(kernels, change, needle):
+    """The op's own checks, with what the public functions never pass (no seed, norm="none"
+    with a weight): every family's op words them the same."""
+    args = _on(_good_ln_linear_args(), kernels.device)
+    args.update(_on(change, kernels.device))
+    with pytest.raises(ValueError, match=needle):
+        get_op("ln_linear", kernels.family)(*args.values())
+
+
+def test_strided_inputs_are_read_as_their_values(kernels):
+    """The ops take tensors of any strides (a transposed x, a strided parameter, a sliced
+    residual) and compute what they would on contiguous copies."""
+    args = _on(_good_ln_linear_args(), kernels.device)
+    strided = dict(
+        args,
+        x=args["x"].t().contiguous().t(),
+        ln_bias=torch.stack([args["ln_bias"]] * 2, 1)[:, 0],
+        weight=args["weight"].t().contiguous().t(),
+        residual=torch.cat([args["residual"]] * 2, 1)[:, :4],
+    )
+    for name in ("x", "ln_bias", "weight", "residual"):
+        assert not strided[name].is_contiguous()
+    op = get_op("ln_linear", kernels.family)
+    for a, b in zip(op(*strided.values()), op(*args.values())):
+        assert torch.equal(a, b)
+
+
+def test_norm_ops_bad_input(kernels):
+    family, dev = kernels.family, kernels.device
+    x, w = randn(4, 8, device=dev), torch.ones(8, device=dev)
+    with pytest.raises(ValueError, match="norm must be 'layer' or 'rms'"):
+        get_op("layer_norm", family)(x, w, None, 1e-5, "none")
+    with pytest.raises(ValueError, match="residual must have shape"):
+        get_op("add_layer_norm", family)(x, randn(4, 9, device=dev), w, None, 1e-5, 1.0, "layer")
+    _, mean, rstd = get_op("layer_norm", family)(x, w, None, 1e-5, "layer")
+    bwd = get_op("layer_norm_backward", family)
+    with pytest.raises(ValueError, match="rstd must have dtype"):
+        bwd(x, x, w, None, mean, rstd.double(), None, "layer", [True, True, False])
+    with pytest.raises(ValueError, match="mean must have shape"):
+        bwd(x, x, w, None, mean[:3], rstd, None, "layer", [True, True, False])
+    with pytest.raises(ValueError, match="grad_y must have shape"):
+        bwd(x[:3], x, w, None, mean, rstd, None, "layer", [True, True, False])
+    with pytest.raises(ValueError, match="output_mask must have 3 entries"):
+        bwd(x, x, w, None, mean, rstd, None, "layer", [True, True])
+    with pytest.raises(ValueError, match="preact must have shape"):
+        get_op("ln_linear_backward", family)(
+            randn(4, 3, device=dev),
+            x,
+            w,
+            None,
+            randn(3, 8, device=dev),
+            mean,
+            rstd,
+            randn(0, device=dev),
+            None,
+            "layer",
+            "none",
+            "gelu",
+            0.0,
+            [True] * 5,
+        )
+
+
+# ------------------------------------------------------------------------- argument errors
+
+
+def _x(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype, device=TEST_DEVICE)
+
+
+# A bad value or type of each argument of each public op: (call, error, message). The message is
+# the public API's, raised by the op of every backend (csrc/checks.cpp, csrc/module.cpp for the
+# native family, checks.py for triton and the reference).
+_BAD_CALLS = {
+    "layer_norm x type": (
+        lambda be: mk.layer_norm([1.0] * 8, None, None, backend=be),
+        TypeError,
+        "x must be a Tensor, got list",
+    ),
+    "layer_norm x shape": (
+        lambda be: mk.layer_norm(_x(4, 0), None, None, backend=be),
+        ValueError,
+        r"x must have a non-empty last dimension, got shape \(4, 0\)",
+    ),
+    "layer_norm weight shape": (
+        lambda be: mk.layer_norm(_x(4, 8), _x(7), None, backend=be),
+        ValueError,
+        r"weight must have shape \(8,\), got \(7,\)",
+    ),
+    "layer_norm weight type": (
+        lambda be: mk.layer_norm(_x(4, 8), [1.0] * 8, None, backend=be),
+        TypeError,
+        "weight must be a Tensor or None, got list",
+    ),
+    "layer_norm weight dtype": (
+        lambda be: mk.layer_norm(_x(4, 8), _x(8, dtype=torch.float64), None, backend=be),
+        ValueError,
+        "weight must have dtype torch.float32, got torch.float64",
+    ),
+    "layer_norm weight dtype, bf16 x": (
+        lambda be: mk.layer_norm(
+            _x(4, 8, dtype=torch.bfloat16), _x(8, dtype=torch.float16), None, backend=be
+        ),
+        ValueError,
+        "weight must have x's dtype torch.bfloat16 or torch.float32, got torch.float16",
+    ),
+    "layer_norm rms bias": (
+        lambda be: mk.layer_norm(_x(4, 8), _x(8), _x(8), norm="rms", backend=be),
+        ValueError,
+        r"bias must be None for norm='rms' \(RMSNorm has no bias\)",
+    ),
+    "layer_norm bias without weight": (
+        lambda be: mk.layer_norm(_x(4, 8), None, _x(8), backend=be),
+        ValueError,
+        "bias given without weight",
+    ),
+    "layer_norm eps": (
+        lambda be: mk.layer_norm(_x(4, 8), None, None, -1, backend=be),
+        ValueError,
+        r"eps must be >= 0, got -1.0",
+    ),
+    "layer_norm eps type": (
+        lambda be: mk.layer_norm(_x(4, 8), None, None, "1e-5", backend=be),
+        TypeError,
+        "eps must be a float, got str",
+    ),
+    "layer_norm norm": (
+        lambda be: mk.layer_norm(_x(4, 8), None, None, norm="batch", backend=be),
+        ValueError,
+        "norm must be 'layer' or 'rms', got 'batch'",
+    ),
+    "layer_norm norm type": (
+        lambda be: mk.layer_norm(_x(4, 8), None, None, norm=None, backend=be),
+        TypeError,
+        "norm must be a str, got NoneType",
+    ),
+    "add_layer_norm residual": (
+        lambda be: mk.add_layer_norm(_x(2, 4, 8), _x(4, 2, 8), None, None, backend=be),
+        ValueError,
+        r"residual must have shape \(2, 4, 8\), got \(4, 2, 8\)",
+    ),
+    "add_layer_norm residual dtype": (
+        lambda be: mk.add_layer_norm(
+            _x(4, 8), _x(4, 8, dtype=torch.float16), None, None, backend=be
+        ),
+        ValueError,
+        "residual must have x's dtype torch.float32, got torch.float16",
+    ),
+    "add_layer_norm residual type": (
+        lambda be: mk.add_layer_norm(_x(4, 8), None, None, None, backend=be),
+        TypeError,
+        "residual must be a Tensor, got NoneType",
+    ),
+    "add_layer_norm alpha type": (
+        lambda be: mk.add_layer_norm(_x(4, 8), _x(4, 8), None, None, alpha="2", backend=be),
+        TypeError,
+        "alpha must be a float, got str",
+    ),
+    "ln_linear x shape": (
+        lambda be: mk.ln_linear(_x(4, 0), None, None, _x(5, 0), backend=be),
+        ValueError,
+        r"x must have a non-empty last dimension, got shape \(4, 0\)",
+    ),
+    "ln_linear ln_weight shape": (
+        lambda be: mk.ln_linear(_x(4, 8), _x(7), None, _x(5, 8), backend=be),
+        ValueError,
+        r"ln_weight must have shape \(8,\), got \(7,\)",
+    ),
+    "ln_linear ln_bias without ln_weight": (
+        lambda be: mk.ln_linear(_x(4, 8), None, _x(8), _x(5, 8), backend=be),
+        ValueError,
+        "ln_bias given without ln_weight",
+    ),
+    "ln_linear rms ln_bias": (
+        lambda be: mk.ln_linear(_x(4, 8), _x(8), _x(8), _x(5, 8), norm="rms", backend=be),
+        ValueError,
+        r"ln_bias must be None for norm='rms' \(RMSNorm has no bias\)",
+    ),
+    "ln_linear weight type": (
+        lambda be: mk.ln_linear(_x(4, 8), None, None, None, backend=be),
+        TypeError,
+        "weight must be a Tensor, got NoneType",
+    ),
+    "ln_linear weight shape": (
+        lambda be: mk.ln_linear(_x(4, 8), None, None, _x(5, 9), backend=be),
+        ValueError,
+        r"weight must have shape \(out_features, 8\), got \(5, 9\)",
+    ),
+    "ln_linear weight dtype": (
+        lambda be: mk.ln_linear(_x(4, 8), None, None, _x(5, 8, dtype=torch.float64), backend=be),
+        ValueError,
+        "weight must have x's dtype torch.float32, got torch.float64",
+    ),
+    "ln_linear bias shape": (
+        lambda be: mk.ln_linear(_x(4, 8), None, None, _x(5, 8), _x(4), backend=be),
+        ValueError,
+        r"bias must have shape \(5,\), got \(4,\)",
+    ),
+    "ln_linear residual": (
+        lambda be: mk.ln_linear(
+            _x(2, 3, 8), None, None, _x(5, 8), residual=_x(3, 2, 5), backend=be
+        ),
+        ValueError,
+        r"residual must have shape \(2, 3, 5\), got \(3, 2, 5\)",
+    ),
+    "ln_linear norm": (
+        lambda be: mk.ln_linear(_x(4, 8), _x(8), None, _x(5, 8), norm="none", backend=be),
+        ValueError,
+        "norm must be 'layer' or 'rms', got 'none'",
+    ),
+    "ln_linear activation": (
+        lambda be: mk.ln_linear(_x(4, 8), None, None, _x(5, 8), activation="tanh", backend=be),
+        ValueError,
+        "activation must be one of 'none', 'gelu', 'gelu_tanh', 'relu', 'silu', 'relu2', "
+        "got 'tanh'",
+    ),
+    "ln_linear input_activation": (
+        lambda be: mk.ln_linear(_x(4, 8), None, None, _x(5, 8), input_activation="elu", backend=be),
+        ValueError,
+        "input_activation must be one of 'none', 'gelu', 'gelu_tanh', 'relu', 'silu', 'relu2', "
+        "'geglu', 'swiglu', 'relu2_glu', got 'elu'",
+    ),
+    "ln_linear gated width": (
+        lambda be: mk.ln_linear(
+            _x(4, 7), None, None, _x(5, 3), input_activation="swiglu", backend=be
+        ),
+        ValueError,
+        r"input_activation='swiglu' needs x = \[gate \| up\] with an even last dimension, got "
+        r"shape \(4, 7\)",
+    ),
+    "ln_linear dropout_p": (
+        lambda be: mk.ln_linear(_x(4, 8), None, None, _x(5, 8), dropout_p=1.0, backend=be),
+        ValueError,
+        r"dropout_p must be in \[0, 1\), got 1.0",
+    ),
+    "ln_linear eps": (
+        lambda be: mk.ln_linear(_x(4, 8), _x(8), None, _x(5, 8), eps=-0.5, backend=be),
+        ValueError,
+        "eps must be >= 0, got -0.5",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(_BAD_CALLS))
+def test_bad_arguments_get_the_public_message_on_every_backend(backend, case):
+    """Every backend's op checks its arguments (the native family's in C++, the others in
+    checks.py) and words its errors as the public API does, nothing being checked twice."""
+    call, error, message = _BAD_CALLS[case]
+    with pytest.raises(error, match=f"^{message}$"):
+        call(backend.name)

@@ -1,9 +1,9 @@
 """What only the C++ CPU backend (``backend="cpu"``) has; tests/test_ops.py runs the op suite on it.
 
-The bindings' argument errors, parameter gradients independent of the thread count, every
-instruction-set build of the kernels, both GEMM engines and the workspace policy, agreement with
-the Triton kernels, and the GELU's accuracy. Every output and intermediate buffer of the
-bindings is NaN-poisoned before the kernels write it.
+Parameter gradients independent of the thread count, every instruction-set build of the
+kernels, both GEMM engines and the workspace policy, agreement with the Triton kernels, and the
+GELU's accuracy. Every output and intermediate buffer of the bindings is NaN-poisoned before the
+kernels write it.
 """
 
 import math
@@ -42,96 +42,6 @@ def test_parameter_gradients_do_not_depend_on_thread_count():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(dw, dw1) and torch.equal(db, db1), "dgamma/dbeta depend on thread count"
-
-
-# ------------------------------------------------------------------------------- bad inputs
-
-
-def _good_ln_linear_args():
-    x = randn(6, 8, mean=1.0)
-    return dict(
-        x=x,
-        ln_weight=torch.ones(8),
-        ln_bias=torch.zeros(8) + 0.1,
-        weight=randn(4, 8),
-        bias=randn(4),
-        residual=randn(6, 4),
-        seed=None,
-        eps=1e-5,
-        norm="layer",
-        input_activation="none",
-        activation="none",
-        alpha=1.0,
-        dropout_p=0.0,
-    )
-
-
-@pytest.mark.parametrize(
-    "change,needle",
-    [
-        (dict(x=randn(6, 8, dtype=torch.float64)), "x must be float32"),
-        (dict(x=torch.tensor(1.0)), "x must have a non-empty features dimension"),
-        (dict(x=randn(6, 0)), "x must have a non-empty features dimension"),
-        (dict(residual=randn(3, 2, 4)), "residual must have shape"),
-        (dict(x=randn(8, 6).t()), "x must be contiguous"),
-        (dict(ln_weight=torch.ones(7)), "ln_weight must have shape"),
-        (dict(ln_weight=torch.ones(8, dtype=torch.float64)), "ln_weight must have x's dtype"),
-        (dict(ln_bias=torch.ones(16)[::2]), "ln_bias must be contiguous"),
-        (dict(weight=randn(4, 9)), "weight must have shape"),
-        (dict(weight=randn(4, 8, dtype=torch.bfloat16)), "weight must have dtype"),
-        (dict(bias=randn(5)), "bias must have shape"),
-        (dict(residual=randn(6, 5)), "residual must have shape"),
-        (dict(norm="batch"), "norm must be"),
-        (dict(activation="tanh"), "activation must be"),
-        (dict(input_activation="elu"), "input_activation must be"),
-        (dict(dropout_p=0.5), "seed must be given"),
-        (dict(dropout_p=0.5, seed=torch.tensor(1.0)), "seed must have dtype"),
-        (dict(dropout_p=1.0, seed=torch.tensor(1)), "dropout_p must be in"),
-        (dict(norm="rms"), "ln_bias must be None for norm='rms'"),
-        (dict(norm="none", ln_bias=None), "ln_weight must be None for norm='none'"),
-        (dict(eps=-1.0), "eps must be"),
-    ],
-)
-def test_ln_linear_bad_input(change, needle):
-    args = _good_ln_linear_args()
-    args.update(change)
-    with pytest.raises(ValueError, match=needle):
-        get_op("ln_linear", CPU.family)(*args.values())
-
-
-def test_norm_ops_bad_input():
-    x, w = randn(4, 8), torch.ones(8)
-    with pytest.raises(ValueError, match="norm must be 'layer' or 'rms'"):
-        get_op("layer_norm", CPU.family)(x, w, None, 1e-5, "none")
-    with pytest.raises(ValueError, match="residual must have shape"):
-        get_op("add_layer_norm", CPU.family)(x, randn(4, 9), w, None, 1e-5, 1.0, "layer")
-    _, mean, rstd = get_op("layer_norm", CPU.family)(x, w, None, 1e-5, "layer")
-    bwd = get_op("layer_norm_backward", CPU.family)
-    with pytest.raises(ValueError, match="rstd must have dtype"):
-        bwd(x, x, w, None, mean, rstd.double(), None, "layer", [True, True, False])
-    with pytest.raises(ValueError, match="mean must have shape"):
-        bwd(x, x, w, None, mean[:3], rstd, None, "layer", [True, True, False])
-    with pytest.raises(ValueError, match="grad_y must have shape"):
-        bwd(x[:3], x, w, None, mean, rstd, None, "layer", [True, True, False])
-    with pytest.raises(ValueError, match="output_mask must have 3 entries"):
-        bwd(x, x, w, None, mean, rstd, None, "layer", [True, True])
-    with pytest.raises(ValueError, match="preact must have shape"):
-        get_op("ln_linear_backward", CPU.family)(
-            randn(4, 3),
-            x,
-            w,
-            None,
-            randn(3, 8),
-            mean,
-            rstd,
-            randn(0),
-            None,
-            "layer",
-            "none",
-            "gelu",
-            0.0,
-            [True] * 5,
-        )
 
 
 # ----------------------------------------------------------------- instruction-set builds

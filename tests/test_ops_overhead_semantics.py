@@ -1,7 +1,7 @@
 """The short paths of the public ops behave as the long ones: calls that skip the ops' Autograd
-kernel (no gradient wanted), 2-D inputs that are not flattened, the op families' own Autograd
-kernels, and torch.compile of an inference call. Behaviour only; bench/bench_overhead.py times
-them."""
+kernel (no gradient wanted), 2-D inputs that are not flattened, the typed calls and when they
+leave the call to torch.ops, the op families' Autograd kernels, and torch.compile of an
+inference call. Behaviour only; bench/bench_overhead.py times them."""
 
 import pytest
 import torch
@@ -9,6 +9,7 @@ from harness import require_backend
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import magneto_kernels as mk
+from magneto_kernels.backends import FAMILY
 
 pytestmark = pytest.mark.skipif(
     mk.available_backends("cpu")["cpu"] is not None, reason="the cpu backend is not built"
@@ -21,23 +22,27 @@ def _params(requires_grad: bool):
     return [t.requires_grad_(requires_grad) for t in tensors]
 
 
-def _calls(x, res, params):
+def _calls(x, res, params, backend="cpu"):
     g, b, w, wb = params
     return {
-        "layer_norm": lambda: mk.layer_norm(x, g, b, backend="cpu"),
-        "add_layer_norm": lambda: mk.add_layer_norm(x, res, g, b, backend="cpu", alpha=1.5),
-        "ln_linear": lambda: mk.ln_linear(x, g, b, w, wb, activation="gelu", backend="cpu"),
+        "layer_norm": lambda: mk.layer_norm(x, g, b, backend=backend),
+        "add_layer_norm": lambda: mk.add_layer_norm(x, res, g, b, backend=backend, alpha=1.5),
+        "ln_linear": lambda: mk.ln_linear(x, g, b, w, wb, activation="gelu", backend=backend),
     }
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
 @pytest.mark.parametrize("shape", [(16,), (3, 16), (2, 3, 16), (0, 16)])
 @pytest.mark.parametrize("op", ["layer_norm", "add_layer_norm", "ln_linear"])
-def test_no_grad_path_matches_graph_recording_path(op, shape):
+def test_no_grad_path_matches_graph_recording_path(op, shape, backend):
+    """The one no-gradient shortcut (csrc/autograd.cpp, for every family) gives what the
+    graph-recording path gives, and records nothing."""
+    require_backend(backend)
     gen = torch.Generator().manual_seed(1)
     x, res = torch.randn(*shape, generator=gen), torch.randn(*shape, generator=gen)
     with torch.no_grad():
-        fast = _calls(x, res, _params(False))[op]()
-    recorded = _calls(x, res, _params(True))[op]()
+        fast = _calls(x, res, _params(False), backend)[op]()
+    recorded = _calls(x, res, _params(True), backend)[op]()
     fast = fast if isinstance(fast, tuple) else (fast,)
     recorded = recorded if isinstance(recorded, tuple) else (recorded,)
     for f, r in zip(fast, recorded):
@@ -96,49 +101,83 @@ class _LogDispatch(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
 @pytest.mark.parametrize("mode", [_LogFunctions, _LogDispatch])
 @pytest.mark.parametrize("op", ["layer_norm", "add_layer_norm", "ln_linear"])
-def test_python_modes_see_the_op(op, mode):
-    """The native ops are called through the extension's typed calls (ops._DIRECT) only where
-    that changes nothing: a torch function mode (e.g. ``with torch.device(...)``) or a tensor
-    subclass with __torch_function__ gets the torch.ops call, and a dispatch mode sees the op at
-    the dispatcher either way; the results are the same."""
+def test_python_modes_see_the_op(op, mode, backend):
+    """The ops are called through the extension's typed calls, which make the torch.ops call
+    where Python must see it: a torch function mode (e.g. ``with torch.device(...)``) sees the
+    op, and a dispatch mode sees it at the dispatcher either way; the results are the same."""
+    require_backend(backend)
     gen = torch.Generator().manual_seed(2)
     x, res = torch.randn(3, 16, generator=gen), torch.randn(3, 16, generator=gen)
-    call = _calls(x, res, _params(False))[op]
+    call = _calls(x, res, _params(False), backend)[op]
     plain = call()
     with mode() as log:
         logged = call()
-    assert f"magneto.{op}_native.default" in log.seen, log.seen
+    assert f"magneto.{op}_{FAMILY[backend]}.default" in log.seen, log.seen
     for a, b in zip(*(o if isinstance(o, tuple) else (o,) for o in (plain, logged))):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("op", ["layer_norm", "add_layer_norm", "ln_linear"])
-def test_plain_calls_take_the_typed_call(op, monkeypatch):
-    """Plain tensors outside torch.compile reach the op through _C.call_<op> (ops._DIRECT), with
-    and without a graph."""
-    from magneto_kernels import ops
+class _Subclass(torch.Tensor):
+    """A tensor subclass that counts the torch functions called on it."""
 
     calls = []
-    direct = ops._DIRECT[op]
-    monkeypatch.setitem(ops._DIRECT, op, lambda *args: calls.append(op) or direct(*args))
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.calls.append(str(func))
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_tensor_subclasses_see_the_op():
+    """An argument that is a Tensor subclass gets the torch.ops call, so its __torch_function__
+    runs; plain tensors get the typed call."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 16, generator=gen)
+    g, b = torch.ones(16), torch.zeros(16)
+    _Subclass.calls.clear()
+    y = mk.layer_norm(x.as_subclass(_Subclass), g, b, backend="cpu")
+    assert "magneto.layer_norm_native.default" in _Subclass.calls
+    assert torch.equal(y.as_subclass(torch.Tensor), mk.layer_norm(x, g, b, backend="cpu"))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("op", ["layer_norm", "add_layer_norm", "ln_linear"])
+def test_plain_calls_take_the_typed_call(op, backend, monkeypatch):
+    """Plain tensors outside torch.compile reach the op through _C.call_<op>_<family>, with
+    and without a graph."""
+    from magneto_kernels import _C, ops
+
+    require_backend(backend)
+    typed = getattr(_C, f"call_{op}_{FAMILY[backend]}")
+    assert ops._ENTRIES[op][backend] is typed
+    calls = []
+    monkeypatch.setitem(ops._ENTRIES[op], backend, lambda *a: calls.append(op) or typed(*a))
     gen = torch.Generator().manual_seed(3)
     x, res = torch.randn(3, 16, generator=gen), torch.randn(3, 16, generator=gen)
     for grad in (False, True):
-        _calls(x, res, _params(grad))[op]()
+        _calls(x, res, _params(grad), backend)[op]()
     assert calls == [op, op]
 
 
 def test_typed_calls_raise_the_ops_errors():
-    """torch's error translation, as torch.ops has it: the op's checks raise ValueError."""
+    """torch's error translation, as torch.ops has it: the op's checks raise ValueError, an
+    argument of the wrong type or number TypeError."""
     from magneto_kernels import _C
 
     x = torch.randn(3, 16)
     with pytest.raises(ValueError, match="weight must have shape"):
-        _C.call_layer_norm(x, torch.ones(4), None, 1e-5, "layer")
+        _C.call_layer_norm_native(x, torch.ones(4), None, 1e-5, "layer")
     with pytest.raises(ValueError, match="residual"):
-        _C.call_add_layer_norm(x, torch.ones(3, 4), None, None, 1e-5, 1.0, "layer")
+        _C.call_add_layer_norm_native(x, torch.ones(3, 4), None, None, 1e-5, 1.0, "layer")
+    with pytest.raises(TypeError, match="^bias must be a Tensor or None, got int$"):
+        _C.call_layer_norm_native(x, None, 3, 1e-5, "layer")
+    with pytest.raises(TypeError, match="^norm must be a str, got float$"):
+        _C.call_layer_norm_triton(x, None, None, 1e-5, 1.0)
+    with pytest.raises(TypeError, match="takes 5 arguments, got 4"):
+        _C.call_layer_norm_native(x, None, None, 1e-5)
 
 
 def test_compile_inference_fullgraph_matches_eager():
@@ -268,61 +307,3 @@ def test_outputs_of_leading_dimensions_are_plain_tensors(backend, grad):
     for out in outs:
         assert out.shape[:-1] == (2, 3) and not out._is_view()
         out.mul_(2.0)  # raises for an output view of a custom autograd function
-
-
-_BAD_CALLS = {
-    "layer_norm weight shape": (
-        lambda be: mk.layer_norm(torch.randn(4, 8), torch.randn(7), None, backend=be),
-        ValueError,
-        r"weight must have shape \(8,\), got \(7,\)",
-    ),
-    "layer_norm weight type": (
-        lambda be: mk.layer_norm(torch.randn(4, 8), [1.0] * 8, None, backend=be),
-        TypeError,
-        "weight must be a Tensor or None, got list",
-    ),
-    "add_layer_norm residual": (
-        lambda be: mk.add_layer_norm(
-            torch.randn(2, 4, 8), torch.randn(4, 2, 8), None, None, backend=be
-        ),
-        ValueError,
-        r"residual must have shape \(2, 4, 8\), got \(4, 2, 8\)",
-    ),
-    "ln_linear weight dtype": (
-        lambda be: mk.ln_linear(
-            torch.randn(4, 8), None, None, torch.randn(5, 8, dtype=torch.float64), backend=be
-        ),
-        ValueError,
-        r"weight must have dtype in \(torch.float32,\), got torch.float64",
-    ),
-    "ln_linear residual": (
-        lambda be: mk.ln_linear(
-            torch.randn(2, 3, 8),
-            None,
-            None,
-            torch.randn(5, 8),
-            residual=torch.randn(3, 2, 5),
-            backend=be,
-        ),
-        ValueError,
-        r"residual must have shape \(2, 3, 5\), got \(3, 2, 5\)",
-    ),
-    "ln_linear norm": (
-        lambda be: mk.ln_linear(
-            torch.randn(4, 8), torch.ones(8), None, torch.randn(5, 8), norm="none", backend=be
-        ),
-        ValueError,
-        "norm must be 'layer' or 'rms', got 'none'",
-    ),
-}
-
-
-@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
-@pytest.mark.parametrize("case", list(_BAD_CALLS))
-def test_bad_arguments_get_the_public_message_on_every_backend(backend, case):
-    """The cpu backend's op checks the arguments itself and the public function checks them
-    only when the op refuses a call: the error is still the public function's own."""
-    require_backend(backend)
-    call, error, message = _BAD_CALLS[case]
-    with pytest.raises(error, match=message):
-        call(backend)

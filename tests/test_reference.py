@@ -106,7 +106,7 @@ def test_public_ops_reject_bad_input():
         mk.ln_linear(x, w, None, randn(5, 8), activation="tanh")
     with pytest.raises(ValueError, match="dropout_p"):
         mk.ln_linear(x, w, None, randn(5, 8), dropout_p=1.0)
-    with pytest.raises(ValueError, match="weight must have dtype"):
+    with pytest.raises(ValueError, match="weight must have x.s dtype"):
         mk.ln_linear(x, w, None, randn(5, 8, dtype=torch.float64))
     with pytest.raises(ValueError, match="backend argument must be one of"):
         mk.layer_norm(x, w, None, backend="numpy")

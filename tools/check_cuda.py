@@ -7,8 +7,9 @@ fails on a compile error or warning in our sources, or on any register spill (no
 "spill stores"/"spill loads") in our kernels. Also checks that the launcher header
 csrc/cuda/kernels.h compiles with the host C++ compiler alone, as csrc/cuda/*.cpp include it,
 links and runs tools/cuda_link_check.cpp against the objects (every launcher is defined; the
-argument checks work; no GPU needed), and syntax-checks the CUDA orchestration (csrc/cuda/*.cpp)
-and csrc/api.cpp with MAGNETO_WITH_CUDA against torch's headers (skipped without torch).
+argument checks work; no GPU needed), and syntax-checks the CUDA backend (csrc/cuda/*.cpp) and
+the files that register it (csrc/register.cpp, csrc/module.cpp) with MAGNETO_WITH_CUDA against
+torch's headers (skipped without torch).
 Prints, per kernel template, its instantiations and register range per architecture.
 
     python tools/check_cuda.py [-j JOBS] [--verbose]
@@ -150,10 +151,10 @@ def check_header() -> tuple[int, str]:
 
 
 def check_orchestration(workdir: Path, jobs: int) -> tuple[int, str]:
-    """csrc/cuda/*.cpp and csrc/api.cpp as a CUDA build compiles them (MAGNETO_WITH_CUDA),
-    syntax-checked by the host compiler against torch's headers: a CPU build compiles neither
-    the CUDA orchestration nor api.cpp's CUDA branch, so without this a mistake there would
-    only show on a GPU machine."""
+    """csrc/cuda/*.cpp, csrc/register.cpp and csrc/module.cpp as a CUDA build compiles them
+    (MAGNETO_WITH_CUDA), syntax-checked by the host compiler against torch's headers: a CPU
+    build compiles neither the CUDA backend nor the CUDA branches of the others, so without this
+    a mistake there would only show on a GPU machine."""
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         return 0, "no host C++ compiler found; orchestration check skipped"
@@ -184,7 +185,11 @@ def check_orchestration(workdir: Path, jobs: int) -> tuple[int, str]:
         f"-I{ROOT / 'csrc'}",
         *(f"-I{p}" for p in includes),
     ]
-    sources = [*sorted(CUDA_DIR.glob("*.cpp")), ROOT / "csrc" / "api.cpp"]
+    sources = [
+        *sorted(CUDA_DIR.glob("*.cpp")),
+        ROOT / "csrc" / "register.cpp",
+        ROOT / "csrc" / "module.cpp",
+    ]
 
     def compile_one(source: Path) -> tuple[Path, int, str]:
         proc = subprocess.run([cxx, *flags, str(source)], capture_output=True, text=True)

@@ -72,9 +72,9 @@ int main() {
   f.norm = Norm::kLayer;
   f.input_activation = static_cast<Activation>(9);
   expect_error(norm_forward(f, stream), "activation", "norm_forward bad activation");
-  expect_error(row_stats(dummy, 4, dummy, dummy, 1, 4, 1e-5f, Norm::kNone, Activation::kNone,
-                         DType::kFloat32, stream),
-               "kNone", "row_stats without a norm");
+  f.input_activation = Activation::kNone;
+  f.y = nullptr;
+  expect_error(norm_forward(f, stream), "required", "norm_forward without y");
 
   NormBackwardParams b;
   b.rows = 2;
@@ -86,24 +86,23 @@ int main() {
   b.norm = Norm::kRms;
   b.dbeta = dummy;
   expect_error(norm_backward(b, stream), "kRms", "norm_backward rms dbeta");
-  expect_eq(norm_backward_workspace_bytes(100, 64, DType::kFloat32, Norm::kLayer,
-                                          Activation::kNone, false, false),
+  expect_eq(norm_backward_workspace_bytes(100, 64, DType::kFloat32, Activation::kNone, false,
+                                          false),
             0, "norm_backward workspace without parameter gradients");
-  expect_eq(norm_backward_workspace_bytes(0, 64, DType::kFloat32, Norm::kLayer, Activation::kNone,
-                                          true, true),
+  expect_eq(norm_backward_workspace_bytes(0, 64, DType::kFloat32, Activation::kNone, true, true),
             0, "norm_backward workspace with zero rows");
 
   LinearEpilogueParams e;
   e.rows = 3;
   e.cols = 8;
-  e.z_stride = e.out_stride = 8;
-  expect_error(linear_epilogue(e, stream), "required", "linear_epilogue without z");
-  e.z = e.out = dummy;
+  e.product_stride = e.out_stride = 8;
+  expect_error(linear_epilogue(e, stream), "required", "linear_epilogue without product");
+  e.product = e.out = dummy;
   e.dtype = DType::kBFloat16;
-  e.z_dtype = DType::kFloat16;
-  expect_error(linear_epilogue(e, stream), "z_dtype", "linear_epilogue bad z dtype");
+  e.product_dtype = DType::kFloat16;
+  expect_error(linear_epilogue(e, stream), "product_dtype", "linear_epilogue bad product dtype");
   e.rows = 0;
-  e.z_dtype = DType::kFloat32;
+  e.product_dtype = DType::kFloat32;
   expect_ok(linear_epilogue(e, stream), "linear_epilogue with zero rows");
 
   LinearEpilogueBackwardParams l;

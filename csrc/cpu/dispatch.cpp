@@ -103,8 +103,8 @@ void linear_epilogue_backward(const LinearEpilogueBackward& a) {
   MAGNETO_DISPATCH(linear_epilogue_backward, a)
 }
 
-// The rows up to which the few-row kernel beats the BLAS, measured at 768-3072 features
-// (csrc/cpu/gemm.h): 16 on both builds that have it.
+// The rows up to which the few-row kernel beats the BLAS: 16 on both builds that have it
+// (docs/design.md, Decisions).
 int64_t linear_few_rows_max() { return isa() == Isa::kBaseline ? 0 : 16; }
 
 void linear_few_rows(const LinearFewRows& a) {
@@ -158,6 +158,11 @@ IsaSelection select_isa(const char* request) {
     return result;
   }
   result.valid = false;
+  result.note = "MAGNETO_CPU_ISA must be ";
+  for (const IsaName& entry : kIsas) result.note += std::string("'") + entry.name + "', ";
+  result.note.resize(result.note.size() - 2);
+  result.note += " or 'auto' (or unset: the widest this CPU supports), got '" +
+                 std::string(want) + "'";
   return result;
 }
 

@@ -136,10 +136,10 @@ void linear_epilogue_backward(const LinearEpilogueBackward& args);
 // Each pair of weight rows is read from memory once and dotted with every row of x, a tile of 8
 // rows (AVX-512) or 4 (AVX2) at a time while the pair stays in L1 (x stays in L1/L2), so up to 8
 // rows run at the memory bandwidth of the weight; BLAS GEMMs pack the weight first, which at
-// 2-16 rows costs more than the arithmetic (csrc/cpu/gemm.h has the measurements). Every output element is one fixed-order dot product, so results do not depend on
-// the number of threads. Only the AVX2 and AVX-512 builds have it: linear_few_rows_max() is the
-// most rows it is used for with the build chosen, 0 for the portable one (whose at::vec is scalar
-// code, 4-6x slower than the BLAS).
+// 2-16 rows costs more than the arithmetic (docs/design.md, Decisions). Every output element is
+// one fixed-order dot product, so results do not depend on the number of threads. Only the AVX2
+// and AVX-512 builds have it: linear_few_rows_max() is the most rows it is used for with the
+// build chosen, 0 for the portable one (whose at::vec is scalar code, slower than the BLAS).
 struct LinearFewRows {
   int64_t rows = 0, in_features = 0, out_features = 0;
   const float* x = nullptr;  // rows × in_features, row stride x_stride
@@ -161,8 +161,8 @@ std::vector<std::string> supported_isas();
 
 // Chooses the build the kernels run with: `request` is MAGNETO_CPU_ISA's value (null, "" or
 // "auto": the widest the CPU supports). A build the CPU lacks falls back to the widest one below
-// it, and `note` says so; an unknown name leaves the choice alone and sets valid = false. Call
-// before the first kernel runs (the bindings do, at import).
+// it, and `note` says so; an unknown name leaves the choice alone, sets valid = false and `note`
+// to the error. Call before the first kernel runs (the bindings do, at import).
 struct IsaSelection {
   bool valid = true;
   std::string note;

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #include "common.h"
 #include "cuda/kernels.h"
@@ -123,8 +124,8 @@ __device__ __forceinline__ void load_param(const void* p, bool param_f32, int co
 // ------------------------------------------------------------------ activations
 // tanh from one exponential: exact at the limits (exp overflow gives 1, underflow -1) and with an
 // absolute error of a few float32 ulps of 1 elsewhere, also under --use_fast_math.
-__device__ __forceinline__ float tanh_from_exp(float u) {
-  return 1.0f - 2.0f / (1.0f + expf(2.0f * u));
+__device__ __forceinline__ float tanh_from_exp(float v) {
+  return 1.0f - 2.0f / (1.0f + expf(2.0f * v));
 }
 
 constexpr float kInvSqrt2 = 0.70710678118654752f;
@@ -279,6 +280,41 @@ __device__ __forceinline__ void write_tile_partial(const float (&acc)[VEC], floa
     }
   }
 }
+
+// ------------------------------------------------------------------ launches and shared memory
+// The two constructs that host C++ lacks, written so that the kernel files compile as they are for
+// a GPU and, against csrc/cuda_emu, for the CPU: launch_kernel(kernel, grid, block, smem,
+// stream)(args...) is kernel<<<grid, block, smem, stream>>>(args...), and dynamic_shared<T>() the
+// block's `extern __shared__` memory as T*.
+#ifdef MAGNETO_CUDA_EMULATE
+using ::magneto::cuda_emu::dynamic_shared;
+using ::magneto::cuda_emu::launch_kernel;
+#else
+template <typename... P>
+struct Launch {
+  void (*kernel)(P...);
+  dim3 grid, block;
+  size_t smem;
+  cudaStream_t stream;
+
+  template <typename... A>
+  void operator()(A&&... args) const {
+    kernel<<<grid, block, smem, stream>>>(std::forward<A>(args)...);
+  }
+};
+
+template <typename... P>
+Launch<P...> launch_kernel(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem = 0,
+                           cudaStream_t stream = nullptr) {
+  return {kernel, grid, block, smem, stream};
+}
+
+template <typename T>
+__device__ __forceinline__ T* dynamic_shared() {
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  return reinterpret_cast<T*>(shared_bytes);
+}
+#endif
 
 // ------------------------------------------------------------------ host helpers
 

@@ -1,7 +1,7 @@
 // Launchers of magneto's CUDA kernels. Torch-free: raw pointers, sizes, row strides, the codes of
 // csrc/common.h and a stream, so that nvcc compiles them without torch (tools/check_cuda.py);
-// csrc/api.cpp does all tensor checking and allocation, csrc/cuda/norm.cpp and ln_linear.cpp
-// fill these structs.
+// csrc/checks.cpp does all tensor checking, csrc/ops.h the allocation, and csrc/cuda/backend.cpp
+// fills these structs.
 //
 // Conventions shared by every launcher
 // - Matrices are row-major (rows, cols) with a row stride in elements (>= cols); vectors
@@ -21,7 +21,7 @@
 //   workspace size comes from the matching *_workspace_bytes function (it depends on the current
 //   device's SM count, so ask on the device the launch runs on).
 //
-// The GEMMs of ln_linear are not here: csrc/cuda/ln_linear.cpp calls cuBLAS(Lt) through
+// The GEMMs of ln_linear are not here: csrc/cuda/backend.cpp calls cuBLAS(Lt) through
 // at::mm/addmm, with these kernels as prologue (norm_forward writing N(in_act(x)) in the GEMM
 // operand's dtype) and epilogue (linear_epilogue: bias, activation, dropout, alpha-scaled residual
 // in one pass), and in backward linear_epilogue_backward (dz and dbias) before the two GEMMs and
@@ -55,7 +55,7 @@ using Status = const char*;  // nullptr on success, else a static message
 //   kRms:   rstd = 1/sqrt(avg(a^2) + eps),                        y = a*rstd*gamma
 //   kNone:  y = a   (no statistics; gamma and beta must be null)
 // gamma = 1 and beta = 0 when null. y, sum: dtype; mean, rstd: float32 (mean only for
-// kLayer). y == nullptr computes statistics only (row_stats). With saved_rstd (and saved_mean
+// kLayer). With saved_rstd (and saved_mean
 // for kLayer) given, those statistics are applied instead of computed: ln_linear's backward
 // recomputes its GEMM operand h = N(in_act(x)) this way (no residual allowed then).
 // Widths up to 32768 (16-bit dtypes) / 16384 (float32) keep the row in registers (warp per row
@@ -87,11 +87,6 @@ struct NormForwardParams {
   DType param_dtype = DType::kFloat32;
 };
 Status norm_forward(const NormForwardParams& p, cudaStream_t stream);
-
-// Row statistics only: norm_forward with y = sum = nullptr (mean for kLayer, rstd).
-Status row_stats(const void* x, int64_t x_stride, float* mean, float* rstd, int64_t rows,
-                 int64_t cols, float eps, Norm norm, Activation input_activation, DType dtype,
-                 cudaStream_t stream);
 
 // ------------------------------------------------------------------------------ norm backward
 // Gradient of y = N(in_act(x)) (x being s for add_layer_norm), with a = round_dtype(in_act(x)):
@@ -134,22 +129,26 @@ struct NormBackwardParams {
 };
 // Bytes of float32 workspace norm_backward needs for these sizes on the current device
 // (0 when want_dgamma and want_dbeta are both false).
-size_t norm_backward_workspace_bytes(int64_t rows, int64_t cols, DType dtype, Norm norm,
+size_t norm_backward_workspace_bytes(int64_t rows, int64_t cols, DType dtype,
                                      Activation input_activation, bool want_dgamma,
                                      bool want_dbeta);
 Status norm_backward(const NormBackwardParams& p, cudaStream_t stream);
 
 // ------------------------------------------------------------------------------ linear epilogue
-// One pass over the GEMM output z (rows, cols) = N(in_act(x)) @ W^T (z_dtype: dtype or float32):
-//   u = round_dtype(z + bias)   (the reference's dtype GEMM output; written to preact if given)
-//   v = act(u);    v = keep ? v*dropout_scale : 0 with keep = philox(seed, r*cols + c) >= threshold
+// One pass over the GEMM's product (rows, cols) = N(in_act(x)) @ W^T (product_dtype: dtype or
+// float32):
+//   preact = round_dtype(product + bias)   (the reference's dtype GEMM output; written to
+//                                            `preact` if given)
+//   v = act(preact);  v = keep ? v*dropout_scale : 0,
+//                     keep = philox(seed, r*cols + c) >= threshold
 //   out = alpha*residual + v      (no residual: out = v)
-// Computed in float32 from u on, rounded once to dtype. seed is a device pointer to the int64 seed
-// (null: no dropout). out may alias z (when z_dtype == dtype and strides match) or residual.
+// Computed in float32 from preact on, rounded once to dtype. seed is a device pointer to the
+// int64 seed (null: no dropout). out may alias product (when product_dtype == dtype and strides
+// match) or residual.
 struct LinearEpilogueParams {
-  const void* z = nullptr;
-  int64_t z_stride = 0;
-  DType z_dtype = DType::kFloat32;
+  const void* product = nullptr;
+  int64_t product_stride = 0;
+  DType product_dtype = DType::kFloat32;
   const void* bias = nullptr;  // (cols,) dtype
   const void* residual = nullptr;
   int64_t residual_stride = 0;

@@ -1,4 +1,4 @@
-// Torch-side helpers of the CUDA orchestration files (csrc/cuda/norm.cpp, ln_linear.cpp): the
+// Torch-side helpers of the CUDA backend (csrc/cuda/backend.cpp): the
 // stream a launch goes on, a launcher's Status as a torch error, and the float32 workspace of the
 // deterministic column reductions.
 //

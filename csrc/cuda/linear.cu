@@ -23,7 +23,7 @@ __device__ __forceinline__ float dropout(float v, uint64_t seed, uint64_t index,
   return philox(seed, index) >= threshold ? v * scale : 0.0f;
 }
 
-template <typename T, typename Z, Activation ACT>
+template <typename T, typename P, Activation ACT>
 __global__ void __launch_bounds__(kTileX* kTileY)
     linear_epilogue_kernel(const LinearEpilogueParams p, bool vec_ok) {
   constexpr int VEC = kVec<T>;
@@ -43,7 +43,8 @@ __global__ void __launch_bounds__(kTileX* kTileY)
   for (int64_t row = static_cast<int64_t>(blockIdx.y) * kTileY + threadIdx.y; row < p.rows;
        row += static_cast<int64_t>(gridDim.y) * kTileY) {
     float v[VEC];
-    load_vec<Z, VEC>(static_cast<const Z*>(p.z) + row * p.z_stride + c0, valid, vec_ok, v);
+    load_vec<P, VEC>(static_cast<const P*>(p.product) + row * p.product_stride + c0, valid, vec_ok,
+                     v);
 #pragma unroll
     for (int i = 0; i < VEC; ++i) v[i] = round_to<T>(v[i] + bias[i]);  // the pre-activation
     if (p.preact != nullptr)
@@ -87,11 +88,11 @@ __global__ void __launch_bounds__(kTileX* kTileY)
       float d[VEC];
       load_vec<T, VEC>(static_cast<const T*>(p.dy) + row * p.dy_stride + c0, valid, vec_ok, d);
       if constexpr (ACT != Activation::kNone) {
-        float u[VEC];
+        float preact[VEC];
         load_vec<T, VEC>(static_cast<const T*>(p.preact) + row * p.preact_stride + c0, valid,
-                         vec_ok, u);
+                         vec_ok, preact);
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) d[i] *= act_derivative<ACT>(u[i]);
+        for (int i = 0; i < VEC; ++i) d[i] *= act_derivative<ACT>(preact[i]);
       }
       if (drop) {
         const uint64_t first = static_cast<uint64_t>(row * cols + c0);
@@ -132,16 +133,17 @@ Status linear_epilogue(const LinearEpilogueParams& p, cudaStream_t stream) {
   using namespace detail;
   if (!valid_common(p.rows, p.cols, p.dtype, p.activation))
     return "magneto cuda linear_epilogue: invalid size, dtype or activation code";
-  if (p.z_dtype != p.dtype && p.z_dtype != DType::kFloat32)
-    return "magneto cuda linear_epilogue: z_dtype must be dtype or float32";
+  if (p.product_dtype != p.dtype && p.product_dtype != DType::kFloat32)
+    return "magneto cuda linear_epilogue: product_dtype must be dtype or float32";
   if (p.rows == 0 || p.cols == 0) return nullptr;
-  if (p.z == nullptr || p.out == nullptr)
-    return "magneto cuda linear_epilogue: z and out are required";
-  if (p.z_stride < p.cols || p.out_stride < p.cols || (p.residual && p.residual_stride < p.cols) ||
-      (p.preact && p.preact_stride < p.cols))
+  if (p.product == nullptr || p.out == nullptr)
+    return "magneto cuda linear_epilogue: product and out are required";
+  if (p.product_stride < p.cols || p.out_stride < p.cols ||
+      (p.residual && p.residual_stride < p.cols) || (p.preact && p.preact_stride < p.cols))
     return "magneto cuda linear_epilogue: a row stride is smaller than cols";
   const int eb = elem_bytes(p.dtype);
-  const bool vec_ok = aligned16(p.z) && stride_ok(p.z_stride, elem_bytes(p.z_dtype)) &&
+  const bool vec_ok = aligned16(p.product) &&
+                      stride_ok(p.product_stride, elem_bytes(p.product_dtype)) &&
                       aligned16(p.bias) && aligned16(p.residual) &&
                       stride_ok(p.residual_stride, eb) && aligned16(p.out) &&
                       stride_ok(p.out_stride, eb) && aligned16(p.preact) &&
@@ -153,12 +155,12 @@ Status linear_epilogue(const LinearEpilogueParams& p, cudaStream_t stream) {
     return dispatch_activation(p.activation, [&](auto act) {
       constexpr Activation A = decltype(act)::value;
       if constexpr (std::is_same_v<T, float>) {
-        linear_epilogue_kernel<T, float, A><<<grid, block, 0, stream>>>(p, vec_ok);
+        launch_kernel(linear_epilogue_kernel<T, float, A>, grid, block, 0, stream)(p, vec_ok);
       } else {
-        if (p.z_dtype == DType::kFloat32)
-          linear_epilogue_kernel<T, float, A><<<grid, block, 0, stream>>>(p, vec_ok);
+        if (p.product_dtype == DType::kFloat32)
+          launch_kernel(linear_epilogue_kernel<T, float, A>, grid, block, 0, stream)(p, vec_ok);
         else
-          linear_epilogue_kernel<T, T, A><<<grid, block, 0, stream>>>(p, vec_ok);
+          launch_kernel(linear_epilogue_kernel<T, T, A>, grid, block, 0, stream)(p, vec_ok);
       }
       return 0;
     });
@@ -201,8 +203,8 @@ Status linear_epilogue_backward(const LinearEpilogueBackwardParams& p, cudaStrea
     dispatch_dtype(p.dtype, [&](auto tag) {
       using T = typename decltype(tag)::type;
       return dispatch_activation(p.activation, [&](auto act) {
-        linear_epilogue_backward_kernel<T, decltype(act)::value>
-            <<<grid, dim3(kTileX, kTileY), 0, stream>>>(p, vec_ok, db_part);
+        launch_kernel(linear_epilogue_backward_kernel<T, decltype(act)::value>, grid,
+                      dim3(kTileX, kTileY), 0, stream)(p, vec_ok, db_part);
         return 0;
       });
     });

@@ -162,7 +162,8 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow)
   constexpr Activation A = gate_of(ACT);
   constexpr bool GATED = is_gated(ACT);
   __shared__ float2 red[2][kMaxThreadsPerRow / kWarp];
-  extern __shared__ float shared_partials[];  // blockDim.x*NV*VEC floats when > 1 row per block
+  // blockDim.x*NV*VEC floats when > 1 row per block
+  float* const shared_partials = dynamic_shared<float>();
   const int lane = static_cast<int>(threadIdx.x) % tpr;
   const int rows_per_block = static_cast<int>(blockDim.x) / tpr;
   const int group = static_cast<int>(threadIdx.x) / tpr;
@@ -416,26 +417,26 @@ void launch(const NormBackwardParams& p, const Plan& plan, bool vec_ok, float* d
   if (p.rows == 0) return;
   if (plan.nv == 0) {
     if (p.dx != nullptr)
-      norm_backward_wide_dx<T, is_gated(ACT)>
-          <<<static_cast<unsigned>(p.rows), kWideThreads, 0, stream>>>(p, vec_ok);
+      launch_kernel(norm_backward_wide_dx<T, is_gated(ACT)>, static_cast<unsigned>(p.rows),
+                    kWideThreads, 0, stream)(p, vec_ok);
     if (dgamma_part != nullptr || dbeta_part != nullptr)
-      norm_backward_columns<T, is_gated(ACT)>
-          <<<dim3(plan.grid_x, plan.grid_y), dim3(kColumnTileX, kColumnTileY), 0, stream>>>(
-              p, vec_ok, dgamma_part, dbeta_part);
+      launch_kernel(norm_backward_columns<T, is_gated(ACT)>, dim3(plan.grid_x, plan.grid_y),
+                    dim3(kColumnTileX, kColumnTileY), 0, stream)(p, vec_ok, dgamma_part,
+                                                                 dbeta_part);
     return;
   }
   switch (plan.nv) {
     case 1:
-      norm_backward_rows<T, ACT, 1><<<plan.grid_x, plan.block, plan.smem, stream>>>(
+      launch_kernel(norm_backward_rows<T, ACT, 1>, plan.grid_x, plan.block, plan.smem, stream)(
           p, plan.tpr, vec_ok, dgamma_part, dbeta_part);
       break;
     case 2:
-      norm_backward_rows<T, ACT, 2><<<plan.grid_x, plan.block, plan.smem, stream>>>(
+      launch_kernel(norm_backward_rows<T, ACT, 2>, plan.grid_x, plan.block, plan.smem, stream)(
           p, plan.tpr, vec_ok, dgamma_part, dbeta_part);
       break;
     default:
       if constexpr (kVec<T> == 4) {
-        norm_backward_rows<T, ACT, 4><<<plan.grid_x, plan.block, plan.smem, stream>>>(
+        launch_kernel(norm_backward_rows<T, ACT, 4>, plan.grid_x, plan.block, plan.smem, stream)(
             p, plan.tpr, vec_ok, dgamma_part, dbeta_part);
       }
       break;
@@ -473,11 +474,10 @@ Status validate(const NormBackwardParams& p) {
 }  // namespace
 }  // namespace detail
 
-size_t norm_backward_workspace_bytes(int64_t rows, int64_t cols, DType dtype, Norm norm,
+size_t norm_backward_workspace_bytes(int64_t rows, int64_t cols, DType dtype,
                                      Activation input_activation, bool want_dgamma,
                                      bool want_dbeta) {
   using namespace detail;
-  (void)norm;  // the plan does not depend on it; kept so callers state what they launch
   const int arrays = static_cast<int>(want_dgamma) + static_cast<int>(want_dbeta);
   if (arrays == 0 || rows <= 0 || cols <= 0 || !valid_dtype(dtype) ||
       !valid_input_activation(input_activation))

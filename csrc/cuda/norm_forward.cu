@@ -1,7 +1,6 @@
 // Norm forward: LayerNorm / RMSNorm / none over rows, with the optional alpha-scaled residual
 // add (add_layer_norm), input activation (ln_linear's prologue; a gated one reads rows of 2*cols,
-// [gate | up]), saved statistics (ln_linear's backward recomputing its GEMM operand) and
-// statistics-only mode (row_stats).
+// [gate | up]) and saved statistics (ln_linear's backward recomputing its GEMM operand).
 //
 // Two kernels:
 // - norm_forward_rows: the row lives in registers. A row group of `tpr` threads (32..512, a
@@ -129,7 +128,7 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow)
     }
   }
 
-  if (p.y != nullptr && active) {
+  if (active) {
 #pragma unroll
     for (int j = 0; j < NV; ++j) {
       const int c0 = (j * tpr + lane) * VEC;
@@ -211,7 +210,6 @@ __global__ void __launch_bounds__(kWideThreads)
       }
     }
   }
-  if (p.y == nullptr) return;
   // Pass 2: recompute a (bitwise as in pass 1) and normalise.
   for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
     const int c0 = v * VEC;
@@ -241,21 +239,21 @@ void launch(const NormForwardParams& p, bool vec_ok, cudaStream_t stream) {
   constexpr int VEC = kVec<T>;
   const RowPlan plan = plan_rows(ceil_div(p.cols, VEC));
   if (plan.nv == 0) {
-    norm_forward_wide<T, is_gated(ACT)>
-        <<<static_cast<unsigned>(p.rows), kWideThreads, 0, stream>>>(p, vec_ok);
+    launch_kernel(norm_forward_wide<T, is_gated(ACT)>, static_cast<unsigned>(p.rows), kWideThreads,
+                  0, stream)(p, vec_ok);
     return;
   }
   const int block = std::max(plan.tpr, kRowsBlockMin);
   const unsigned grid = static_cast<unsigned>(ceil_div(p.rows, block / plan.tpr));
   switch (plan.nv) {
     case 1:
-      norm_forward_rows<T, ACT, 1><<<grid, block, 0, stream>>>(p, plan.tpr, vec_ok);
+      launch_kernel(norm_forward_rows<T, ACT, 1>, grid, block, 0, stream)(p, plan.tpr, vec_ok);
       break;
     case 4:
-      norm_forward_rows<T, ACT, 4><<<grid, block, 0, stream>>>(p, plan.tpr, vec_ok);
+      launch_kernel(norm_forward_rows<T, ACT, 4>, grid, block, 0, stream)(p, plan.tpr, vec_ok);
       break;
     default:
-      norm_forward_rows<T, ACT, 8><<<grid, block, 0, stream>>>(p, plan.tpr, vec_ok);
+      launch_kernel(norm_forward_rows<T, ACT, 8>, grid, block, 0, stream)(p, plan.tpr, vec_ok);
       break;
   }
 }
@@ -271,11 +269,13 @@ Status validate(const NormForwardParams& p) {
     return "magneto cuda norm_forward: unknown activation code";
   if (!in_table(kNorms, p.norm))
     return "magneto cuda norm_forward: unknown norm code";
-  // An empty tensor has a null data pointer (zero-row batches): only a non-empty x is required.
-  if (p.rows > 0 && p.cols > 0 && p.x == nullptr) return "magneto cuda norm_forward: x is null";
+  // An empty tensor has a null data pointer (zero-row batches): only non-empty x and y are
+  // required.
+  if (p.rows > 0 && p.cols > 0 && (p.x == nullptr || p.y == nullptr))
+    return "magneto cuda norm_forward: x and y are required";
   const bool gated = is_gated(p.input_activation);
   if (p.x_stride < (gated ? 2 * p.cols : p.cols) || (p.residual && p.residual_stride < p.cols) ||
-      (p.y && p.y_stride < p.cols) || (p.sum && p.sum_stride < p.cols))
+      p.y_stride < p.cols || (p.sum && p.sum_stride < p.cols))
     return "magneto cuda norm_forward: a row stride is smaller than cols";
   if (p.norm == Norm::kNone && (p.gamma || p.beta || p.mean || p.rstd || p.saved_rstd))
     return "magneto cuda norm_forward: norm kNone takes no gamma, beta or statistics";
@@ -312,25 +312,6 @@ Status norm_forward(const NormForwardParams& p, cudaStream_t stream) {
     });
   });
   return launch_status();
-}
-
-Status row_stats(const void* x, int64_t x_stride, float* mean, float* rstd, int64_t rows,
-                 int64_t cols, float eps, Norm norm, Activation input_activation, DType dtype,
-                 cudaStream_t stream) {
-  if (norm == Norm::kNone) return "magneto cuda row_stats: norm kNone has no statistics";
-  NormForwardParams p;
-  p.x = x;
-  p.x_stride = x_stride;
-  p.mean = norm == Norm::kLayer ? mean : nullptr;
-  p.rstd = rstd;
-  p.rows = rows;
-  p.cols = cols;
-  p.eps = eps;
-  p.norm = norm;
-  p.input_activation = input_activation;
-  p.dtype = dtype;
-  p.param_dtype = DType::kFloat32;
-  return norm_forward(p, stream);
 }
 
 }  // namespace cuda

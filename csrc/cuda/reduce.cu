@@ -31,8 +31,8 @@ Status column_sum(const float* partials, int64_t num_partials, int64_t cols, voi
   const unsigned blocks = static_cast<unsigned>(ceil_div(cols, kColumnSumThreads));
   dispatch_dtype(out_dtype, [&](auto tag) {
     using O = typename decltype(tag)::type;
-    column_sum_kernel<O><<<blocks, kColumnSumThreads, 0, stream>>>(partials, num_partials, cols,
-                                                                    static_cast<O*>(out));
+    launch_kernel(column_sum_kernel<O>, blocks, kColumnSumThreads, 0, stream)(
+        partials, num_partials, cols, static_cast<O*>(out));
     return 0;
   });
   return launch_status();

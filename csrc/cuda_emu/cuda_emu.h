@@ -1,10 +1,11 @@
 // An emulation of the CUDA execution model on the CPU, small and specific to what csrc/cuda's
 // kernels use, so that CI runs them against the float64 reference (docs/design.md, Backends and
-// dispatch). setup.py compiles csrc/cuda/*.cu as host C++ against it (the magneto_kernels._C_emu
-// extension, MAGNETO_BUILD_CUDA_EMU=1), after rewriting the two constructs C++ lacks:
-// `kernel<<<grid, block, smem, stream>>>(args)` becomes `launch("kernel", kernel, grid, block,
-// smem, stream)(args)`, and `extern __shared__ T name[];` becomes `T* const name =
-// dynamic_shared<T>();`. csrc/cuda_emu/include/ stands in for the CUDA headers.
+// dispatch). setup.py compiles csrc/cuda/*.cu as they are, as host C++ against it (the
+// magneto_kernels._C_emu extension, MAGNETO_BUILD_CUDA_EMU=1): the kernel files launch through
+// launch_kernel(kernel, grid, block, smem, stream)(args) and take dynamic shared memory through
+// dynamic_shared<T>() (csrc/cuda/common.cuh), which a GPU build defines as <<<...>>> and
+// `extern __shared__` and this file as below. csrc/cuda_emu/include/ stands in for the CUDA
+// headers.
 //
 // The model: a launch runs its blocks one after another on the calling thread; within a block
 // every CUDA thread is a fiber (ucontext) that runs until it reaches __syncthreads, a shuffle or
@@ -23,6 +24,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <source_location>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -122,7 +125,7 @@ void run_grid(const char* name, dim3 grid, dim3 block, size_t smem, void (*body)
 
 template <typename... P>
 struct Launch {
-  const char* name;
+  std::string name;  // where the launch is, file:line, for its error messages
   void (*kernel)(P...);
   dim3 grid, block;
   size_t smem;
@@ -136,7 +139,7 @@ struct Launch {
       std::tuple<std::decay_t<P>...> params;
     };
     const Frame frame{kernel, std::tuple<std::decay_t<P>...>(std::forward<A>(args)...)};
-    run_grid(name, grid, block, smem,
+    run_grid(name.c_str(), grid, block, smem,
              [](const void* f) {
                const Frame& fr = *static_cast<const Frame*>(f);
                std::apply(fr.kernel, fr.params);
@@ -146,10 +149,13 @@ struct Launch {
 };
 
 template <typename... P>
-Launch<P...> launch(const char* name, void (*kernel)(P...), dim3 grid, dim3 block, size_t smem = 0,
-                    cudaStream_t stream = nullptr) {
+Launch<P...> launch_kernel(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem = 0,
+                           cudaStream_t stream = nullptr,
+                           std::source_location where = std::source_location::current()) {
   (void)stream;  // one in-order stream: launches run when made
-  return {name, kernel, grid, block, smem};
+  std::string file = where.file_name();
+  file = file.substr(file.rfind('/') + 1);
+  return {file + ":" + std::to_string(where.line()), kernel, grid, block, smem};
 }
 
 // ------------------------------------------------------------------ 16-bit floats

@@ -297,7 +297,7 @@ void run_grid(const char* name, dim3 grid, dim3 block, size_t smem, void (*body)
       grid.z == 0 || grid.x > 0x7fffffffu || grid.y > 65535 || grid.z > 65535 ||
       smem > static_cast<size_t>(kSharedPerBlock)) {
     set_error(cudaErrorInvalidConfiguration,
-              std::string("invalid configuration argument (emulated launch of ") + name + ")");
+              std::string("invalid configuration argument (emulated launch at ") + name + ")");
     return;
   }
   if (stacks() == nullptr) {
@@ -326,7 +326,8 @@ void run_grid(const char* name, dim3 grid, dim3 block, size_t smem, void (*body)
         run_block(b);
       }
   if (!b.error.empty())
-    set_error(cudaErrorLaunchFailure, "emulated CUDA kernel " + std::string(name) + ": " + b.error);
+    set_error(cudaErrorLaunchFailure,
+              "emulated CUDA kernel launched at " + std::string(name) + ": " + b.error);
   running = outer;
   builtins = saved;
 }

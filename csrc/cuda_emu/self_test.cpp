@@ -63,7 +63,7 @@ at::Tensor kernel_self_test(std::string_view name) {
                          : name == "shuffle_outside_mask"  ? shuffle_outside_mask
                                                            : nullptr;
   TORCH_CHECK_VALUE(kernel != nullptr, "no self-test kernel '", name, "'");
-  launch("self_test", kernel, 1, kThreads)(p);
+  launch_kernel(kernel, 1, kThreads)(p);
   const cudaError_t err = cudaGetLastError();
   TORCH_CHECK(err == cudaSuccess, cudaGetErrorString(err));
   return out;

@@ -19,20 +19,29 @@ runs ``tl.dot`` with ``input_precision="ieee"`` (exact fp32 products, like torch
 
 import torch
 
+from magneto_kernels import checks
 from magneto_kernels.library import op_name
 from magneto_kernels.triton import ln_linear as _ln_linear
 from magneto_kernels.triton import norm as _norm
 from magneto_kernels.triton.common import INTERPRET  # noqa: F401  (read by backends.py)
 
-# The ops take x, and the tensors shaped like it or like the output, as (*, features)
-# (magneto_kernels.library); the kernels run on (rows, features) matrices.
+# The op boundary: each op checks its arguments (checks.py, as the native family's ops do in
+# C++), then gives the kernels contiguous tensors, x and the tensors row-for-row with it as
+# (rows, features) matrices (the ops take (*, features) and any strides; magneto_kernels.library),
+# and returns outputs with x's leading dimensions.
 
 
 def _rows(t):
-    """t as (rows, features); None, 2-D tensors and placeholders (1-D, empty) as they are."""
-    if t is None or t.dim() == 2 or (t.dim() == 1 and t.numel() == 0):
+    """t contiguous and as (rows, features); None and placeholders (1-D, empty) as they are."""
+    if t is None or (t.dim() == 1 and t.numel() == 0):
         return t
-    return t.reshape(-1, t.shape[-1])
+    t = t.contiguous()
+    return t if t.dim() == 2 else t.view(-1, t.shape[-1])
+
+
+def _dense(t):
+    """t contiguous (the kernels read a vector's elements one after another); None as it is."""
+    return None if t is None else t.contiguous()
 
 
 def _like(out, x):
@@ -45,35 +54,70 @@ def _like(out, x):
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
-def _layer_norm_op(x, *args):
-    y, mean, rstd = _norm.layer_norm(_rows(x), *args)
-    return _like(y, x), mean, rstd
+def _layer_norm_op(*args):
+    a = checks.layer_norm(*args)
+    y, mean, rstd = _norm.layer_norm(
+        *a._replace(x=_rows(a.x), weight=_dense(a.weight), bias=_dense(a.bias))
+    )
+    return _like(y, a.x), mean, rstd
 
 
-def _layer_norm_backward_op(grad_y, x, weight, bias, mean, rstd, grad_accum, *args):
+def _layer_norm_backward_op(*args):
+    a = checks.layer_norm_backward(*args)
     dx, dweight, dbias = _norm.layer_norm_backward(
-        _rows(grad_y), _rows(x), weight, bias, mean, rstd, _rows(grad_accum), *args
+        *a._replace(
+            grad_y=_rows(a.grad_y),
+            x=_rows(a.x),
+            weight=_dense(a.weight),
+            bias=_dense(a.bias),
+            mean=_dense(a.mean),
+            rstd=_dense(a.rstd),
+            grad_accum=_rows(a.grad_accum),
+        )
     )
-    return _like(dx, x), dweight, dbias
+    return _like(dx, a.x), dweight, dbias
 
 
-def _add_layer_norm_op(x, residual, *args):
-    y, s, mean, rstd = _norm.add_layer_norm(_rows(x), _rows(residual), *args)
-    return _like(y, x), _like(s, x), mean, rstd
+def _add_layer_norm_op(*args):
+    a = checks.add_layer_norm(*args)
+    y, s, mean, rstd = _norm.add_layer_norm(
+        *a._replace(
+            x=_rows(a.x), residual=_rows(a.residual), weight=_dense(a.weight), bias=_dense(a.bias)
+        )
+    )
+    return _like(y, a.x), _like(s, a.x), mean, rstd
 
 
-def _ln_linear_op(x, ln_weight, ln_bias, weight, bias, residual, *args):
+def _ln_linear_op(*args):
+    a = checks.ln_linear(*args)
     out, mean, rstd, preact = _ln_linear.ln_linear(
-        _rows(x), ln_weight, ln_bias, weight, bias, _rows(residual), *args
+        *a._replace(
+            x=_rows(a.x),
+            ln_weight=_dense(a.ln_weight),
+            ln_bias=_dense(a.ln_bias),
+            weight=_dense(a.weight),
+            bias=_dense(a.bias),
+            residual=_rows(a.residual),
+        )
     )
-    return _like(out, x), mean, rstd, _like(preact, x)
+    return _like(out, a.x), mean, rstd, _like(preact, a.x)
 
 
-def _ln_linear_backward_op(grad_out, x, ln_weight, ln_bias, weight, mean, rstd, preact, *args):
+def _ln_linear_backward_op(*args):
+    a = checks.ln_linear_backward(*args)
     grads = _ln_linear.ln_linear_backward(
-        _rows(grad_out), _rows(x), ln_weight, ln_bias, weight, mean, rstd, _rows(preact), *args
+        *a._replace(
+            grad_out=_rows(a.grad_out),
+            x=_rows(a.x),
+            ln_weight=_dense(a.ln_weight),
+            ln_bias=_dense(a.ln_bias),
+            weight=_dense(a.weight),
+            mean=_dense(a.mean),
+            rstd=_dense(a.rstd),
+            preact=_rows(a.preact),
+        )
     )
-    return (_like(grads[0], x), *grads[1:])
+    return (_like(grads[0], a.x), *grads[1:])
 
 
 _IMPLS = {

@@ -1,0 +1,116 @@
+// What a backend of the native family implements, declared once for both: cpu::Kernels
+// (csrc/cpu/backend.cpp) and cuda::Kernels (csrc/cuda/backend.cpp, which the emulated build
+// compiles for the CPU too). The ops (csrc/ops.h) call them with the arguments csrc/checks.cpp
+// parsed and checked, and with the outputs allocated: every tensor is contiguous, on x's device
+// and shaped as documented here, with x and the tensors row-for-row with it viewed as (rows,
+// features) matrices; names are the codes of common.h; an empty output (numel 0) is one the
+// caller does not want.
+#pragma once
+
+#include <cstdlib>
+#include <string_view>
+
+#include "tensor_utils.h"
+
+namespace magneto {
+
+// MAGNETO_CUDA_EMULATE=1: CPU tensors run the CUDA kernels built for the CPU
+// (magneto_kernels._C_emu), which then hold the CPU dispatch key (csrc/register.cpp).
+inline bool cuda_emulation_requested() {
+  const char* v = std::getenv("MAGNETO_CUDA_EMULATE");
+  return v != nullptr && std::string_view(v) == "1";
+}
+
+// y = N(in_act(x + alpha·residual))·gamma + beta: layer_norm, add_layer_norm (residual given)
+// and ln_linear's prologue (input_activation). x is (rows, cols), or (rows, 2·cols) for a gated
+// input activation (x = [gate | up], no residual then).
+struct NormArgs {
+  Tensor x;
+  OptTensor residual;  // (rows, cols)
+  double alpha = 1.0;
+  OptTensor gamma, beta;  // (cols,), x's dtype or float32: the norm's weight and bias
+  double eps = 0.0;
+  Norm norm = Norm::kLayer;
+  Activation input_activation = Activation::kNone;
+};
+
+struct NormOutputs {
+  Tensor y;           // (rows, cols)
+  Tensor sum;         // x + alpha·residual, (rows, cols); undefined without a residual
+  Tensor mean, rstd;  // (rows,) float32, written where non-empty
+};
+
+// The norm's backward: dx = N'ᵀ dy (⊙ in_act'(x)) + grad_accum, dgamma, dbeta; x, dx as in
+// NormArgs, dy (rows, cols).
+struct NormBackwardArgs {
+  Tensor dy, x;
+  OptTensor gamma, beta;
+  Tensor mean, rstd;     // the forward's statistics
+  OptTensor grad_accum;  // (rows, cols), added to dx (no gated input activation then)
+  Norm norm = Norm::kLayer;
+  Activation input_activation = Activation::kNone;
+};
+
+struct NormGrads {
+  Tensor dx, dgamma, dbeta;
+};
+
+// out = alpha·residual + dropout(act(N(in_act(x)) @ weight^T + bias)). x is (rows, x_cols) with
+// x_cols = in_features, or 2·in_features for a gated input activation.
+struct LnLinearArgs {
+  Tensor x;
+  OptTensor ln_weight, ln_bias;  // (in_features,)
+  Tensor weight;                 // (out_features, in_features)
+  OptTensor bias;                // (out_features,)
+  OptTensor residual;            // (rows, out_features)
+  OptTensor seed;                // 0-d int64, given when dropout_p > 0
+  double eps = 0.0;
+  Norm norm = Norm::kLayer;  // kNone when ln_weight is absent
+  Activation input_activation = Activation::kNone;
+  Activation activation = Activation::kNone;
+  double alpha = 1.0;
+  double dropout_p = 0.0;
+};
+
+// out: (rows, out_features); preact the GEMM output before the activation, (rows, out_features)
+// when activation != kNone, else empty. mean and rstd are allocated by the op, written by the
+// backend.
+struct LnLinearOutputs {
+  Tensor out, mean, rstd, preact;
+};
+
+struct LnLinearBackwardArgs {
+  Tensor grad_out, x;
+  OptTensor ln_weight, ln_bias;
+  Tensor weight, mean, rstd;
+  Tensor preact;  // the forward's, when activation != kNone
+  OptTensor seed;
+  Norm norm = Norm::kLayer;
+  Activation input_activation = Activation::kNone;
+  Activation activation = Activation::kNone;
+  double dropout_p = 0.0;
+};
+
+// dx is (rows, x_cols); a backend may replace it by a tensor of its own (dh itself when the
+// prologue is the identity).
+struct LnLinearGrads {
+  Tensor dx, dln_weight, dln_bias, dweight, dbias;
+};
+
+#define MAGNETO_BACKEND_KERNELS                                                           \
+  struct Kernels {                                                                        \
+    static void norm_forward(const NormArgs& args, const NormOutputs& out);               \
+    static void norm_backward(const NormBackwardArgs& args, const NormGrads& grads);      \
+    /* Allocates out.out and out.preact, writes out.mean and out.rstd. */                 \
+    static void ln_linear(const LnLinearArgs& args, LnLinearOutputs& out);                \
+    static void ln_linear_backward(const LnLinearBackwardArgs& args, LnLinearGrads& grads); \
+  };
+namespace cpu {
+MAGNETO_BACKEND_KERNELS
+}  // namespace cpu
+namespace cuda {
+MAGNETO_BACKEND_KERNELS
+}  // namespace cuda
+#undef MAGNETO_BACKEND_KERNELS
+
+}  // namespace magneto

@@ -1,0 +1,338 @@
+// The native family's argument checks (checks.h). The order of the checks, and so which error a
+// call with several bad arguments gets, is magneto_kernels/checks.py's.
+#include "checks.h"
+
+#include <charconv>
+#include <cmath>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace magneto {
+namespace {
+
+// ------------------------------------------------------------------ values as Python prints them
+
+std::string py_shape(at::IntArrayRef shape) {
+  std::string out = "(";
+  for (size_t i = 0; i < shape.size(); ++i) out += (i > 0 ? ", " : "") + std::to_string(shape[i]);
+  return out + (shape.size() == 1 ? ",)" : ")");
+}
+
+std::string py_dtype(at::ScalarType dtype) {
+  return "torch." + std::string(c10::getDtypeNames(dtype).first);
+}
+
+// repr(float(v)): the shortest digits that read back as v, in fixed notation for decimal
+// exponents -4..15 (with at least one digit after the point), else as d.ddde±XX.
+std::string py_float(double v) {
+  if (std::isnan(v)) return "nan";
+  if (std::isinf(v)) return v > 0 ? "inf" : "-inf";
+  char buf[64];
+  const auto end = std::to_chars(buf, buf + sizeof buf, v, std::chars_format::scientific).ptr;
+  const std::string s(buf, end);  // [-]d[.ddd]e±XX
+  const size_t e = s.find('e');
+  const bool negative = s[0] == '-';
+  std::string digits = s.substr(negative ? 1 : 0, e - (negative ? 1 : 0));
+  if (digits.size() > 1) digits.erase(1, 1);  // the point
+  const int exp = std::stoi(s.substr(e + 1));
+  std::string out;
+  if (exp >= 16 || exp < -4) {
+    const int mag = exp < 0 ? -exp : exp;
+    out = digits.substr(0, 1) + (digits.size() > 1 ? "." + digits.substr(1) : "") + "e" +
+          (exp < 0 ? "-" : "+") + (mag < 10 ? "0" : "") + std::to_string(mag);
+  } else if (exp < 0) {
+    out = "0." + std::string(-exp - 1, '0') + digits;
+  } else if (static_cast<int>(digits.size()) <= exp + 1) {
+    out = digits + std::string(exp + 1 - digits.size(), '0') + ".0";
+  } else {
+    out = digits.substr(0, exp + 1) + "." + digits.substr(exp + 1);
+  }
+  return (negative ? "-" : "") + out;
+}
+
+// ------------------------------------------------------------------------------------ names
+
+// The names of a common.h table, quoted and joined: "'a', 'b', 'c'", or with `last` before the
+// final one ("'a', 'b' or 'c'"); `skip` is left out.
+template <typename Code, size_t N>
+std::string quoted_names(const NameCode<Code> (&table)[N], const char* last,
+                         std::optional<Code> skip = std::nullopt) {
+  std::vector<std::string> names;
+  for (const auto& entry : table) {
+    if (entry.code != skip) names.push_back(std::string("'") + entry.name + "'");
+  }
+  std::string out;
+  for (size_t i = 0; i < names.size(); ++i) {
+    if (i > 0) out += i + 1 == names.size() ? last : ", ";
+    out += names[i];
+  }
+  return out;
+}
+
+template <typename Code, size_t N>
+std::optional<Code> find_code(const NameCode<Code> (&table)[N], std::string_view name) {
+  for (const auto& entry : table) {
+    if (name == entry.name) return entry.code;
+  }
+  return std::nullopt;
+}
+
+// layer_norm and add_layer_norm normalise (allow_none false); ln_linear's norm may be "none".
+Norm parse_norm(std::string_view name, bool allow_none) {
+  const std::optional<Norm> norm = find_code(kNorms, name);
+  if (norm.has_value() && (allow_none || *norm != Norm::kNone)) return *norm;
+  const std::optional<Norm> skip = allow_none ? std::nullopt : std::optional(Norm::kNone);
+  TORCH_CHECK_VALUE(false, "norm must be ", quoted_names(kNorms, " or ", skip), ", got '", name,
+                    "'");
+  return Norm::kLayer;
+}
+
+Activation parse_activation(std::string_view name) {
+  const std::optional<Activation> activation = find_code(kActivations, name);
+  if (activation.has_value()) return *activation;
+  TORCH_CHECK_VALUE(false, "activation must be one of ", quoted_names(kActivations, ", "),
+                    ", got '", name, "'");
+  return Activation::kNone;
+}
+
+// ln_linear's input activation: a plain one or a gated one (common.h).
+Activation parse_input_activation(std::string_view name) {
+  std::optional<Activation> activation = find_code(kActivations, name);
+  if (!activation.has_value()) activation = find_code(kGatedActivations, name);
+  if (activation.has_value()) return *activation;
+  TORCH_CHECK_VALUE(false, "input_activation must be one of ", quoted_names(kActivations, ", "),
+                    ", ", quoted_names(kGatedActivations, ", "), ", got '", name, "'");
+  return Activation::kNone;
+}
+
+// ---------------------------------------------------------------------------------- tensors
+
+// x, (*, features): what every other tensor is checked against.
+void check_input(const Tensor& x) {
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) > 0,
+                    "x must have a non-empty last dimension, got shape ", py_shape(x.sizes()));
+  TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 ||
+                        x.scalar_type() == at::kHalf,
+                    "x must have dtype torch.float32, torch.bfloat16 or torch.float16, got ",
+                    py_dtype(x.scalar_type()));
+  TORCH_CHECK_VALUE(x.device().is_cpu() || x.device().is_cuda(),
+                    "x must be on a CPU or CUDA device, got ", x.device());
+}
+
+// A tensor on x's device with this shape and dtype (x's when dtype is not given).
+void check_like(const Tensor& t, const char* name, const Tensor& x, at::IntArrayRef shape,
+                std::optional<at::ScalarType> dtype = std::nullopt) {
+  TORCH_CHECK_VALUE(t.device() == x.device(), name, " is on ", t.device(), " but x is on ",
+                    x.device());
+  TORCH_CHECK_VALUE(t.sizes() == shape, name, " must have shape ", py_shape(shape), ", got ",
+                    py_shape(t.sizes()));
+  if (dtype.has_value()) {
+    TORCH_CHECK_VALUE(t.scalar_type() == *dtype, name, " must have dtype ", py_dtype(*dtype),
+                      ", got ", py_dtype(t.scalar_type()));
+  } else {
+    TORCH_CHECK_VALUE(t.scalar_type() == x.scalar_type(), name, " must have x's dtype ",
+                      py_dtype(x.scalar_type()), ", got ", py_dtype(t.scalar_type()));
+  }
+}
+
+// A norm parameter: (cols,), x's dtype or float32, on x's device.
+void check_param(const OptTensor& t, const char* name, const Tensor& x, int64_t cols) {
+  if (!t.has_value()) return;
+  TORCH_CHECK_VALUE(t->device() == x.device(), name, " is on ", t->device(), " but x is on ",
+                    x.device());
+  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == cols, name, " must have shape (", cols,
+                    ",), got ", py_shape(t->sizes()));
+  if (x.scalar_type() == at::kFloat) {
+    TORCH_CHECK_VALUE(t->scalar_type() == at::kFloat, name, " must have dtype torch.float32, got ",
+                      py_dtype(t->scalar_type()));
+  } else {
+    TORCH_CHECK_VALUE(t->scalar_type() == x.scalar_type() || t->scalar_type() == at::kFloat,
+                      name, " must have x's dtype ", py_dtype(x.scalar_type()),
+                      " or torch.float32, got ", py_dtype(t->scalar_type()));
+  }
+}
+
+// gamma, beta: the norm's parameters, named in errors as the public API names them.
+void check_norm_params(const OptTensor& gamma, const OptTensor& beta, Norm norm, const Tensor& x,
+                       const char* gamma_name, const char* beta_name, int64_t cols) {
+  check_param(gamma, gamma_name, x, cols);
+  check_param(beta, beta_name, x, cols);
+  TORCH_CHECK_VALUE(!(beta.has_value() && norm == Norm::kRms), beta_name,
+                    " must be None for norm='rms' (RMSNorm has no bias)");
+  TORCH_CHECK_VALUE(!(beta.has_value() && !gamma.has_value()), beta_name, " given without ",
+                    gamma_name);
+  TORCH_CHECK_VALUE(!(gamma.has_value() && norm == Norm::kNone), gamma_name,
+                    " must be None for norm='none'");
+}
+
+// Saved statistics: float32 (rows,) where the norm has them, anything where it does not.
+void check_stats(const Tensor& mean, const Tensor& rstd, Norm norm, const Tensor& x) {
+  const int64_t rows = x.numel() / x.size(-1);
+  if (norm == Norm::kLayer) check_like(mean, "mean", x, {rows}, at::kFloat);
+  if (norm != Norm::kNone) check_like(rstd, "rstd", x, {rows}, at::kFloat);
+}
+
+void check_eps(double eps) {
+  TORCH_CHECK_VALUE(eps >= 0.0, "eps must be >= 0, got ", py_float(eps));
+}
+
+// The dropout seed, a 0-d int64 tensor on x's device, when dropout_p > 0.
+void check_dropout(const OptTensor& seed, double p, const Tensor& x) {
+  TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, "dropout_p must be in [0, 1), got ", py_float(p));
+  if (p == 0.0) return;
+  TORCH_CHECK_VALUE(seed.has_value(), "seed must be given when dropout_p > 0");
+  check_like(*seed, "seed", x, {}, at::kLong);
+}
+
+// The width of ln_linear's norm and GEMM operand h = N(in_act(x)): x's, or half of it for a
+// gated input activation (x = [gate | up]).
+int64_t in_features_of(const Tensor& x, Activation input_activation, std::string_view name) {
+  const int64_t features = x.size(-1);
+  if (!is_gated(input_activation)) return features;
+  TORCH_CHECK_VALUE(features % 2 == 0, "input_activation='", name,
+                    "' needs x = [gate | up] with an even last dimension, got shape ",
+                    py_shape(x.sizes()));
+  return features / 2;
+}
+
+void check_weight(const Tensor& weight, const Tensor& x, int64_t in_features) {
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == in_features,
+                    "weight must have shape (out_features, ", in_features, "), got ",
+                    py_shape(weight.sizes()));
+  check_like(weight, "weight", x, weight.sizes());
+}
+
+// x's leading dimensions followed by `features`: the shape of a tensor row-for-row with x.
+std::vector<int64_t> rows_shape(const Tensor& x, int64_t features) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = features;
+  return shape;
+}
+
+// The kernels take (rows, features) matrices: a contiguous t viewed as one, here below the
+// Autograd key, where a view costs far less than in Python (docs/design.md, Decisions).
+Tensor as_rows(const Tensor& t) {
+  const Tensor c = t.contiguous();
+  if (c.dim() == 2) return c;
+  const int64_t cols = c.size(-1);
+  return c.view({c.numel() / std::max<int64_t>(cols, 1), cols});
+}
+
+OptTensor as_rows(const OptTensor& t) {
+  return t.has_value() ? OptTensor(as_rows(*t)) : std::nullopt;
+}
+
+OptTensor contiguous(const OptTensor& t) {
+  return t.has_value() ? OptTensor(t->contiguous()) : std::nullopt;
+}
+
+// What ln_linear and its backward share: x, the names, the norm's parameters and the weight.
+struct LnLinearCodes {
+  Norm norm;
+  Activation input_activation, activation;
+};
+
+template <class Call>
+LnLinearCodes check_ln_linear_common(const Call& call) {
+  check_input(call.x);
+  const LnLinearCodes codes{parse_norm(call.norm, true),
+                            parse_input_activation(call.input_activation),
+                            parse_activation(call.activation)};
+  const int64_t in_features =
+      in_features_of(call.x, codes.input_activation, call.input_activation);
+  check_norm_params(call.ln_weight, call.ln_bias, codes.norm, call.x, "ln_weight", "ln_bias",
+                    in_features);
+  check_weight(call.weight, call.x, in_features);
+  return codes;
+}
+
+}  // namespace
+
+Tensor with_rows_of(const Tensor& result, const Tensor& x) {
+  if (x.dim() == 2 || result.dim() != 2) return result;
+  return result.view(rows_shape(x, result.size(1)));
+}
+
+NormArgs parse(const schema::LayerNorm& call) {
+  check_input(call.x);
+  const Norm norm = parse_norm(call.norm, false);
+  check_norm_params(call.weight, call.bias, norm, call.x, "weight", "bias", call.x.size(-1));
+  check_eps(call.eps);
+  return {as_rows(call.x), std::nullopt, 1.0, contiguous(call.weight), contiguous(call.bias),
+          call.eps, norm};
+}
+
+NormArgs parse(const schema::AddLayerNorm& call) {
+  check_input(call.x);
+  const Norm norm = parse_norm(call.norm, false);
+  check_like(call.residual, "residual", call.x, call.x.sizes());
+  check_norm_params(call.weight, call.bias, norm, call.x, "weight", "bias", call.x.size(-1));
+  check_eps(call.eps);
+  return {as_rows(call.x), as_rows(call.residual), call.alpha, contiguous(call.weight),
+          contiguous(call.bias), call.eps, norm};
+}
+
+NormBackwardArgs parse(const schema::LayerNormBackward& call) {
+  check_input(call.x);
+  const Norm norm = parse_norm(call.norm, false);
+  check_like(call.grad_y, "grad_y", call.x, call.x.sizes());
+  if (call.grad_accum.has_value()) {
+    check_like(*call.grad_accum, "grad_accum", call.x, call.x.sizes());
+  }
+  check_norm_params(call.weight, call.bias, norm, call.x, "weight", "bias", call.x.size(-1));
+  check_stats(call.mean, call.rstd, norm, call.x);
+  return {as_rows(call.grad_y), as_rows(call.x), contiguous(call.weight), contiguous(call.bias),
+          call.mean.contiguous(), call.rstd.contiguous(), as_rows(call.grad_accum), norm};
+}
+
+LnLinearArgs parse(const schema::LnLinear& call) {
+  const Tensor& x = call.x;
+  const auto [norm, input_activation, activation] = check_ln_linear_common(call);
+  const int64_t out_features = call.weight.size(0);
+  if (call.bias.has_value()) check_like(*call.bias, "bias", x, {out_features});
+  if (call.residual.has_value()) {
+    check_like(*call.residual, "residual", x, rows_shape(x, out_features));
+  }
+  check_dropout(call.seed, call.dropout_p, x);
+  check_eps(call.eps);
+  return {as_rows(x),
+          contiguous(call.ln_weight),
+          contiguous(call.ln_bias),
+          call.weight.contiguous(),
+          contiguous(call.bias),
+          as_rows(call.residual),
+          call.seed,
+          call.eps,
+          norm,
+          input_activation,
+          activation,
+          call.alpha,
+          call.dropout_p};
+}
+
+LnLinearBackwardArgs parse(const schema::LnLinearBackward& call) {
+  const Tensor& x = call.x;
+  const auto [norm, input_activation, activation] = check_ln_linear_common(call);
+  const std::vector<int64_t> out_shape = rows_shape(x, call.weight.size(0));
+  check_like(call.grad_out, "grad_out", x, out_shape);
+  check_stats(call.mean, call.rstd, norm, x);
+  if (activation != Activation::kNone) check_like(call.preact, "preact", x, out_shape);
+  check_dropout(call.seed, call.dropout_p, x);
+  return {as_rows(call.grad_out),
+          as_rows(x),
+          contiguous(call.ln_weight),
+          contiguous(call.ln_bias),
+          call.weight.contiguous(),
+          call.mean.contiguous(),
+          call.rstd.contiguous(),
+          activation != Activation::kNone ? as_rows(call.preact) : call.preact,
+          call.seed,
+          norm,
+          input_activation,
+          activation,
+          call.dropout_p};
+}
+
+}  // namespace magneto

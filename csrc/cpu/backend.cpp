@@ -1,0 +1,340 @@
+// The CPU backend (cpu::Kernels, csrc/backend.h): our memory-bound passes (csrc/cpu/kernels.h)
+// around the GEMMs of the CPU GEMM engine (csrc/cpu/gemm.h: torch's at::mm / at::addmm, and our
+// few-row kernel):
+//
+//   norm ops  one norm pass over x (y, the sum with the residual, the statistics); backward one
+//             pass over x and dy
+//   ln_linear
+//   forward   h = N(in_act(x))                         one pass over x (rows, stats)
+//             preact = h @ weight^T + bias             (gemm::linear)
+//             out = alpha·residual + dropout(act(preact))   one pass over preact, in place
+//                                                      unless preact is kept (no pass without
+//                                                      residual, act and dropout)
+//             (an h larger than the workspace goes in row blocks, each GEMM accumulating into
+//             out = alpha·residual + bias when nothing else follows)
+//   backward  dz = dy ⊙ keep/(1−p) ⊙ act'(preact), dbias = Σ dz   one pass over dy (skipped,
+//                                                      bar the dbias sum, when dz = dy)
+//             dh = dz @ weight
+//             one pass over x: dx = norm backward of dh ⊙ in_act'(x), dgamma/dbeta partials,
+//                              and h recomputed from the saved stats (the sweep already reads x)
+//             dweight = dz^T @ h
+// A gated input activation makes x 2·K wide (x = [gate | up]); h, dh, the norm and the GEMMs
+// stay K wide, and only the norm passes read x (and write dx) at 2·K.
+#include <algorithm>
+#include <cstdlib>
+
+#include "backend.h"
+#include "cpu/gemm.h"
+#include "cpu/kernels.h"
+
+namespace magneto::cpu {
+namespace {
+
+// The norm's width: x's, or half of it for a gated input activation (x = [gate | up]).
+int64_t norm_cols(const Tensor& x, Activation input_activation) {
+  return is_gated(input_activation) ? x.size(1) / 2 : x.size(1);
+}
+
+// Norm parameters as float32 pointers for the kernels (a float32 copy when stored in
+// bf16/fp16): the kernels take one parameter type, and the copy is a (cols,) vector.
+struct ParamF32 {
+  Tensor t;
+  explicit ParamF32(const OptTensor& p) {
+    if (p.has_value()) t = p->scalar_type() == at::kFloat ? *p : p->to(at::kFloat);
+  }
+  const float* ptr() const { return t.defined() ? t.data_ptr<float>() : nullptr; }
+};
+
+// The norm backward (args.dy defined) into grads, and/or the recompute of h = N(in_act(x)) from
+// the saved statistics (h defined), in one sweep over x.
+void norm_backward_and_h(const NormBackwardArgs& args, const NormGrads& grads, const Tensor& h) {
+  const Tensor& x = args.x;
+  const ParamF32 g(args.gamma), b(args.beta);
+  const Tensor dgamma32 = grads.dgamma.numel() > 0 ? grad_f32(grads.dgamma) : Tensor();
+  const Tensor dbeta32 = grads.dbeta.numel() > 0 ? grad_f32(grads.dbeta) : Tensor();
+  NormBackward a;
+  a.dtype = dtype_code(x.scalar_type());
+  a.norm = args.norm;
+  a.input_activation = args.input_activation;
+  a.rows = x.size(0);
+  a.cols = norm_cols(x, args.input_activation);
+  if (args.dy.defined()) {
+    a.dy = args.dy.data_ptr();
+    a.dy_stride = a.cols;
+  }
+  a.x = x.data_ptr();
+  a.x_stride = x.size(1);
+  a.mean = opt_float_ptr(args.mean);
+  a.rstd = opt_float_ptr(args.rstd);
+  a.gamma = g.ptr();
+  a.beta = b.ptr();
+  if (args.grad_accum.has_value()) {
+    a.grad_accum = args.grad_accum->data_ptr();
+    a.grad_accum_stride = x.size(1);
+  }
+  if (grads.dx.numel() > 0) {
+    a.dx = grads.dx.data_ptr();
+    a.dx_stride = x.size(1);
+  }
+  a.dgamma = dgamma32.defined() ? dgamma32.data_ptr<float>() : nullptr;
+  a.dbeta = dbeta32.defined() ? dbeta32.data_ptr<float>() : nullptr;
+  if (h.defined()) {
+    a.h = h.data_ptr();
+    a.h_stride = a.cols;
+  }
+  norm_backward(a);
+  if (dgamma32.defined()) copy_back(grads.dgamma, dgamma32);
+  if (dbeta32.defined()) copy_back(grads.dbeta, dbeta32);
+}
+
+// The GEMM operand h = N(in_act(x)) is recomputed in the forward and in the backward and
+// dropped right after its GEMM. It lives in a per-thread workspace kept between calls: a fresh
+// M×K tensor per call would be returned to the OS on free (glibc maps large blocks) and
+// page-faulted in again, 4 KiB at a time, on every call. The workspace holds at most
+// MAGNETO_CPU_WORKSPACE_MB (default 64) MiB. A forward whose h is larger runs in row blocks
+// through it, if a block of kMinBlockRows rows fits (smaller blocks slow the GEMMs down:
+// docs/design.md, Decisions); otherwise, and for a backward whose h does not fit, h is
+// allocated per call (MAGNETO_CPU_WORKSPACE_MB=0: always).
+constexpr int64_t kMinBlockRows = 256;
+
+int64_t workspace_limit_bytes() {
+  static const int64_t limit = [] {
+    const char* env = std::getenv("MAGNETO_CPU_WORKSPACE_MB");
+    const long long mb = env != nullptr ? std::atoll(env) : 64;
+    TORCH_CHECK_VALUE(mb >= 0, "MAGNETO_CPU_WORKSPACE_MB must be >= 0, got ", env);
+    return static_cast<int64_t>(mb) << 20;
+  }();
+  return limit;
+}
+
+// The rows of `cols` elements of x's dtype to put through the workspace at a time: all `rows`
+// when they fit, else as many as fit if that is at least min_rows, else 0 (do not use it).
+int64_t workspace_block_rows(const Tensor& x, int64_t rows, int64_t cols, int64_t min_rows) {
+  const int64_t row_bytes = std::max<int64_t>(1, cols * static_cast<int64_t>(x.element_size()));
+  const int64_t fit = workspace_limit_bytes() / row_bytes;
+  if (fit >= rows) return rows;
+  return fit >= min_rows ? fit : 0;
+}
+
+// A rows×cols tensor like x in this thread's workspace (grown as needed, up to the limit);
+// valid until the next call on this thread. Operands used together are row ranges of one.
+// from_blob, not narrow/view of the buffer: one TensorImpl instead of three dispatched view ops
+// (docs/design.md, Decisions).
+Tensor workspace(const Tensor& x, int64_t rows, int64_t cols) {
+  thread_local Tensor buffer;
+  const int64_t bytes = rows * cols * static_cast<int64_t>(x.element_size());
+  if (!buffer.defined() || buffer.numel() < bytes) {
+    buffer = Tensor();  // free the old one first
+    buffer = at::empty({bytes}, x.options().dtype(at::kByte));
+  }
+  Tensor view = at::from_blob(buffer.data_ptr(), {rows, cols}, x.options());
+  if (poison_outputs.load(std::memory_order_relaxed)) view.fill_(NAN);
+  return view;
+}
+
+// Rows [begin, begin + count) of a per-row tensor; empty tensors (absent stats) stay empty.
+Tensor row_slice(const Tensor& t, int64_t begin, int64_t count) {
+  return t.numel() == 0 ? t : t.narrow(0, begin, count);
+}
+
+// The CPU kernels draw the mask from the seed's value (the CUDA ones read it on the device).
+uint64_t seed_value(const OptTensor& seed, double p) {
+  return p > 0.0 ? static_cast<uint64_t>(seed->item<int64_t>()) : 0;
+}
+
+// ln_linear's prologue h = N(in_act(x)) for rows of x, into h, with their statistics.
+void prologue(const LnLinearArgs& a, const Tensor& x, const Tensor& h, const Tensor& mean,
+              const Tensor& rstd) {
+  Kernels::norm_forward({x, std::nullopt, 1.0, a.ln_weight, a.ln_bias, a.eps, a.norm,
+                         a.input_activation},
+                        {h, Tensor(), mean, rstd});
+}
+
+}  // namespace
+
+void Kernels::norm_forward(const NormArgs& args, const NormOutputs& out) {
+  const Tensor& x = args.x;
+  const ParamF32 g(args.gamma), b(args.beta);
+  NormForward a;
+  a.dtype = dtype_code(x.scalar_type());
+  a.norm = args.norm;
+  a.input_activation = args.input_activation;
+  a.rows = x.size(0);
+  a.cols = norm_cols(x, args.input_activation);
+  a.x = x.data_ptr();
+  a.x_stride = x.size(1);
+  if (args.residual.has_value()) {
+    a.residual = args.residual->data_ptr();
+    a.residual_stride = a.cols;
+    a.alpha = static_cast<float>(args.alpha);
+  }
+  a.gamma = g.ptr();
+  a.beta = b.ptr();
+  a.eps = static_cast<float>(args.eps);
+  a.y = out.y.data_ptr();
+  a.y_stride = a.cols;
+  if (out.sum.defined()) {
+    a.sum = out.sum.data_ptr();
+    a.sum_stride = a.cols;
+  }
+  a.mean = opt_float_ptr(out.mean);
+  a.rstd = opt_float_ptr(out.rstd);
+  cpu::norm_forward(a);
+}
+
+void Kernels::norm_backward(const NormBackwardArgs& args, const NormGrads& grads) {
+  norm_backward_and_h(args, grads, Tensor());
+}
+
+void Kernels::ln_linear(const LnLinearArgs& a, LnLinearOutputs& out) {
+  const Tensor& x = a.x;
+  // in_features: the GEMM's K, x's width or half of it for a gated input activation.
+  const int64_t rows = x.size(0), in_features = a.weight.size(1), cols = a.weight.size(0);
+  const DType dtype = dtype_code(x.scalar_type());
+  const bool identity_prologue =
+      a.norm == Norm::kNone && a.input_activation == Activation::kNone;
+  // h in blocks of `block` rows through the workspace, or (block_rows 0) all at once, allocated.
+  const int64_t block_rows = workspace_block_rows(x, rows, in_features, kMinBlockRows);
+  const int64_t block = block_rows > 0 ? block_rows : rows;
+  auto operand = [&](int64_t count) {
+    return block_rows > 0 ? workspace(x, count, in_features)
+                          : new_tensor({count, in_features}, x.options());
+  };
+  Tensor preact;
+  bool residual_added = false;
+  if (identity_prologue || block == rows) {
+    // One GEMM with the bias in its epilogue: preact = h W^T + b. The residual comes in the pass
+    // over preact below: accumulating into an output filled with alpha·residual + b instead
+    // makes the GEMM read it, which costs more than the extra pass (docs/design.md, Decisions).
+    Tensor h = x;
+    if (!identity_prologue) {
+      h = operand(rows);
+      prologue(a, x, h, out.mean, out.rstd);
+    }
+    preact = gemm::linear(h, a.weight, a.bias);
+  } else {
+    // h = N(in_act(x)) block by block, each block followed by its GEMM, accumulating into
+    // preact = alpha·residual + bias (either optional; the residual only when nothing follows
+    // the GEMM), written in one pass.
+    residual_added =
+        a.activation == Activation::kNone && a.dropout_p == 0.0 && a.residual.has_value();
+    preact = new_tensor({rows, cols}, x.options());
+    const bool init = residual_added || a.bias.has_value();
+    if (init) {
+      residual_bias_init(dtype, rows, cols, residual_added ? a.residual->data_ptr() : nullptr,
+                         cols, static_cast<float>(a.alpha),
+                         a.bias.has_value() ? a.bias->data_ptr() : nullptr, preact.data_ptr(),
+                         cols);
+    }
+    const Tensor wt = a.weight.t();
+    for (int64_t begin = 0; begin < rows; begin += block) {
+      const int64_t count = std::min(block, rows - begin);
+      const Tensor h = operand(count);
+      prologue(a, x.narrow(0, begin, count), h, row_slice(out.mean, begin, count),
+               row_slice(out.rstd, begin, count));
+      gemm::matmul(h, wt, preact.narrow(0, begin, count), /*accumulate=*/init);
+    }
+  }
+  const bool pass_needed = a.activation != Activation::kNone || a.dropout_p > 0.0 ||
+                           (a.residual.has_value() && !residual_added);
+  if (!pass_needed) {
+    out.out = preact;
+    out.preact = empty0(x);
+    return;
+  }
+  // Activation, dropout and residual in one pass over preact (in place unless preact is kept for
+  // the backward).
+  const bool keep_preact = a.activation != Activation::kNone;
+  out.out = keep_preact ? new_like(preact) : preact;
+  out.preact = keep_preact ? preact : empty0(x);
+  LinearEpilogue e;
+  e.dtype = dtype;
+  e.activation = a.activation;
+  e.rows = rows;
+  e.cols = cols;
+  e.preact = preact.data_ptr();
+  e.preact_stride = cols;
+  if (a.residual.has_value()) {
+    e.residual = a.residual->data_ptr();
+    e.residual_stride = cols;
+    e.alpha = static_cast<float>(a.alpha);
+  }
+  e.seed = seed_value(a.seed, a.dropout_p);
+  e.dropout_p = a.dropout_p;
+  e.out = out.out.data_ptr();
+  e.out_stride = cols;
+  linear_epilogue(e);
+}
+
+void Kernels::ln_linear_backward(const LnLinearBackwardArgs& a, LnLinearGrads& grads) {
+  const Tensor& x = a.x;
+  const int64_t rows = x.size(0), out_features = a.weight.size(0);
+  // dz = dy ⊙ keep/(1−p) ⊙ act'(preact), with dbias = Σ_rows dz in the same pass.
+  const bool dz_is_dy = a.activation == Activation::kNone && a.dropout_p == 0.0;
+  Tensor dz = dz_is_dy ? a.grad_out : new_like(a.grad_out);
+  const Tensor dbias32 = grads.dbias.numel() > 0 ? grad_f32(grads.dbias) : Tensor();
+  if (!dz_is_dy || dbias32.defined()) {
+    LinearEpilogueBackward g;
+    g.dtype = dtype_code(x.scalar_type());
+    g.activation = a.activation;
+    g.rows = rows;
+    g.cols = out_features;
+    g.dy = a.grad_out.data_ptr();
+    g.dy_stride = out_features;
+    if (a.activation != Activation::kNone) {
+      g.preact = a.preact.data_ptr();
+      g.preact_stride = out_features;
+    }
+    g.seed = seed_value(a.seed, a.dropout_p);
+    g.dropout_p = a.dropout_p;
+    if (!dz_is_dy) {
+      g.dz = dz.data_ptr();
+      g.dz_stride = out_features;
+    }
+    g.dbias = dbias32.defined() ? dbias32.data_ptr<float>() : nullptr;
+    linear_epilogue_backward(g);
+    if (dbias32.defined()) copy_back(grads.dbias, dbias32);
+  }
+  // dh = dz @ weight, then one pass over x for the norm backward and for the recompute of h. dh
+  // goes straight into dx when dx is wanted and as wide, and the norm backward turns it into dx
+  // in place, row by row: no M×K buffer for dh. A gated dx is 2·K wide: dh gets its own buffer.
+  const int64_t in_features = a.weight.size(1);
+  const bool identity_prologue =
+      a.norm == Norm::kNone && a.input_activation == Activation::kNone;
+  const bool want_dx = grads.dx.numel() > 0;
+  const bool want_norm_grads =
+      want_dx || grads.dln_weight.numel() > 0 || grads.dln_bias.numel() > 0;
+  const bool want_dweight = grads.dweight.numel() > 0;
+  const bool dh_in_dx = want_dx && !is_gated(a.input_activation);
+  const bool dh_buffer = want_norm_grads && !dh_in_dx;
+  const bool h_buffer = want_dweight && !identity_prologue;
+  // dh's and h's buffers: row ranges of the workspace when both fit (see workspace()), else
+  // allocated.
+  const int64_t buffers = int64_t{dh_buffer} + int64_t{h_buffer};
+  const bool fits = buffers > 0 &&
+                    workspace_block_rows(x, buffers * rows, in_features, buffers * rows) ==
+                        buffers * rows;
+  const Tensor space = fits ? workspace(x, buffers * rows, in_features) : Tensor();
+  auto buffer = [&](int64_t index) {
+    return fits ? space.narrow(0, index * rows, rows)
+                : new_tensor({rows, in_features}, x.options());
+  };
+  Tensor dh;
+  if (want_norm_grads) {
+    dh = dh_in_dx ? grads.dx : buffer(0);
+    gemm::matmul(dz, a.weight, dh, /*accumulate=*/false);
+  }
+  Tensor h;  // the GEMM operand of dweight
+  if (want_dweight) h = identity_prologue ? x : buffer(int64_t{dh_buffer});
+  if (identity_prologue && want_dx) {
+    // N and in_act are the identity: dx = dh, already in place
+  } else if (want_norm_grads || (want_dweight && !identity_prologue)) {
+    norm_backward_and_h({dh, x, a.ln_weight, a.ln_bias, a.mean, a.rstd, std::nullopt, a.norm,
+                         a.input_activation},
+                        {grads.dx, grads.dln_weight, grads.dln_bias},
+                        identity_prologue ? Tensor() : h);
+  }
+  if (want_dweight) gemm::matmul(dz.t(), h, grads.dweight, /*accumulate=*/false);
+}
+
+}  // namespace magneto::cpu

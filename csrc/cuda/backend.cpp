@@ -1,0 +1,255 @@
+// The CUDA backend (cuda::Kernels, csrc/backend.h): our memory-bound kernels (csrc/cuda/kernels.h)
+// around cuBLAS GEMMs (at::mm/addmm), on the current stream of x's device. Compiled only in CUDA
+// builds (MAGNETO_WITH_CUDA) and in the emulated one (csrc/cuda_emu).
+//
+//   norm ops  norm_forward (y, the sum with the residual, the statistics); norm_backward
+//   ln_linear
+//   forward   h = N(in_act(x))                         norm_forward, in the weight's dtype
+//             preact = h @ weight^T                    cuBLAS (with the bias, addmm, when
+//                                                      nothing follows)
+//             out = alpha·residual + dropout(act(preact + bias))   linear_epilogue, one pass
+//   backward  dz = dy ⊙ keep/(1−p) ⊙ act'(preact), dbias = Σ dz   linear_epilogue_backward
+//             dh = dz @ weight                         cuBLAS
+//             dx, dgamma, dbeta from dh                norm_backward
+//             h recomputed by norm_forward with the saved statistics: cuBLAS reads its
+//             operands from memory, so h is written once more before the dweight GEMM
+//             dweight = dz^T @ h                       cuBLAS
+//
+// h, dh are (rows, K) with K = weight.size(1); x and dx are (rows, 2K) for a gated input
+// activation (x = [gate | up]), whose product act(gate)·up norm_forward and norm_backward
+// recompute from x.
+#include "backend.h"
+#include "cuda/launch_utils.h"
+
+namespace magneto::cuda {
+namespace {
+
+const void* opt_ptr(const Tensor& t) {
+  return t.defined() && t.numel() > 0 ? t.data_ptr() : nullptr;
+}
+
+// gamma and beta in the one parameter dtype the kernels take (both float32 when the two were
+// given in different dtypes).
+struct NormParams {
+  Tensor gamma, beta;
+  DType dtype;
+  NormParams(const OptTensor& g, const OptTensor& b, const Tensor& x) {
+    const bool mixed = g.has_value() && b.has_value() && g->scalar_type() != b->scalar_type();
+    if (g.has_value()) gamma = mixed ? g->to(at::kFloat) : *g;
+    if (b.has_value()) beta = mixed ? b->to(at::kFloat) : *b;
+    const Tensor& any = gamma.defined() ? gamma : beta;
+    dtype = dtype_code(any.defined() ? any.scalar_type() : x.scalar_type());
+  }
+  // The gradient buffer of a parameter output in this dtype (the output itself when it matches).
+  Tensor grad_buffer(const Tensor& out) const {
+    if (out.numel() == 0 || dtype_code(out.scalar_type()) == dtype) return out;
+    return new_tensor(out.sizes(), out.options().dtype(at::kFloat));  // params went float32
+  }
+};
+
+// The width the norm works on: x's, or half of it for a gated input activation (x = [gate | up]).
+int64_t norm_cols(const Tensor& x, Activation input_activation) {
+  return is_gated(input_activation) ? x.size(1) / 2 : x.size(1);
+}
+
+// norm_forward, or with saved_mean/saved_rstd given the normalisation by those statistics
+// instead of computed ones (the recompute of h in ln_linear's backward).
+void norm_forward_with(const NormArgs& args, const NormOutputs& out,
+                       const Tensor& saved_mean = Tensor(), const Tensor& saved_rstd = Tensor()) {
+  const Tensor& x = args.x;
+  const DeviceGuard guard(x.device());
+  const NormParams params(args.gamma, args.beta, x);
+  const int64_t cols = norm_cols(x, args.input_activation);
+  NormForwardParams p;
+  p.x = x.data_ptr();
+  p.x_stride = x.size(1);
+  if (args.residual.has_value()) {
+    p.residual = args.residual->data_ptr();
+    p.residual_stride = cols;
+    p.alpha = static_cast<float>(args.alpha);
+  }
+  p.gamma = opt_ptr(params.gamma);
+  p.beta = opt_ptr(params.beta);
+  p.saved_mean = static_cast<const float*>(opt_ptr(saved_mean));
+  p.saved_rstd = static_cast<const float*>(opt_ptr(saved_rstd));
+  p.y = out.y.data_ptr();
+  p.y_stride = cols;
+  if (out.sum.defined()) {
+    p.sum = out.sum.data_ptr();
+    p.sum_stride = cols;
+  }
+  p.mean = opt_float_ptr(out.mean);
+  p.rstd = opt_float_ptr(out.rstd);
+  p.rows = x.size(0);
+  p.cols = cols;
+  p.eps = static_cast<float>(args.eps);
+  p.norm = args.norm;
+  p.input_activation = args.input_activation;
+  p.dtype = dtype_code(x.scalar_type());
+  p.param_dtype = params.dtype;
+  check_status(cuda::norm_forward(p, current_stream(x)));
+}
+
+// The GEMM operand h = N(in_act(x)): (rows, K), K = weight.size(1) (x.size(1) / 2 when gated).
+Tensor new_h(const Tensor& x, const Tensor& weight) {
+  return new_tensor({x.size(0), weight.size(1)}, x.options());
+}
+
+}  // namespace
+
+void Kernels::norm_forward(const NormArgs& args, const NormOutputs& out) {
+  norm_forward_with(args, out);
+}
+
+void Kernels::norm_backward(const NormBackwardArgs& args, const NormGrads& grads) {
+  const Tensor& x = args.x;
+  const DeviceGuard guard(x.device());
+  const NormParams params(args.gamma, args.beta, x);
+  const Tensor dgamma_buf = params.grad_buffer(grads.dgamma);
+  const Tensor dbeta_buf = params.grad_buffer(grads.dbeta);
+  const int64_t cols = norm_cols(x, args.input_activation);
+  NormBackwardParams p;
+  p.dy = args.dy.data_ptr();
+  p.dy_stride = cols;
+  p.x = x.data_ptr();
+  p.x_stride = x.size(1);
+  p.gamma = opt_ptr(params.gamma);
+  p.mean = opt_float_ptr(args.mean);
+  p.rstd = opt_float_ptr(args.rstd);
+  if (args.grad_accum.has_value()) {
+    p.grad_accum = args.grad_accum->data_ptr();
+    p.grad_accum_stride = x.size(1);
+  }
+  if (grads.dx.numel() > 0) {
+    p.dx = grads.dx.data_ptr();
+    p.dx_stride = x.size(1);
+  }
+  p.dgamma = dgamma_buf.numel() > 0 ? dgamma_buf.data_ptr() : nullptr;
+  p.dbeta = dbeta_buf.numel() > 0 ? dbeta_buf.data_ptr() : nullptr;
+  p.rows = x.size(0);
+  p.cols = cols;
+  p.norm = args.norm;
+  p.input_activation = args.input_activation;
+  p.dtype = dtype_code(x.scalar_type());
+  p.param_dtype = params.dtype;
+  p.workspace_bytes = norm_backward_workspace_bytes(p.rows, p.cols, p.dtype, p.input_activation,
+                                                    p.dgamma != nullptr, p.dbeta != nullptr);
+  const Tensor ws = workspace(x, p.workspace_bytes);
+  p.workspace = p.workspace_bytes > 0 ? ws.data_ptr() : nullptr;
+  check_status(cuda::norm_backward(p, current_stream(x)));
+  if (!dgamma_buf.is_same(grads.dgamma)) grads.dgamma.copy_(dgamma_buf);
+  if (!dbeta_buf.is_same(grads.dbeta)) grads.dbeta.copy_(dbeta_buf);
+}
+
+void Kernels::ln_linear(const LnLinearArgs& a, LnLinearOutputs& out) {
+  const Tensor& x = a.x;
+  const DeviceGuard guard(x.device());
+  Tensor h = x;
+  if (a.norm != Norm::kNone || a.input_activation != Activation::kNone) {
+    h = new_h(x, a.weight);
+    norm_forward_with({x, std::nullopt, 1.0, a.ln_weight, a.ln_bias, a.eps, a.norm,
+                       a.input_activation},
+                      {h, Tensor(), out.mean, out.rstd});
+  }
+  const Tensor wt = a.weight.t();
+  if (a.activation == Activation::kNone && a.dropout_p == 0.0 && !a.residual.has_value()) {
+    out.out = a.bias.has_value() ? at::addmm(*a.bias, h, wt) : at::mm(h, wt);
+    out.preact = empty0(x);
+    return;
+  }
+  // h W^T by cuBLAS; bias, activation, dropout and residual in one epilogue pass, in place.
+  out.out = at::mm(h, wt);
+  const bool keep_preact = a.activation != Activation::kNone;
+  out.preact = keep_preact ? new_like(out.out) : empty0(x);
+  LinearEpilogueParams e;
+  e.product = out.out.data_ptr();
+  e.product_stride = out.out.size(1);
+  e.product_dtype = dtype_code(out.out.scalar_type());
+  e.bias = a.bias.has_value() ? a.bias->data_ptr() : nullptr;
+  if (a.residual.has_value()) {
+    e.residual = a.residual->data_ptr();
+    e.residual_stride = out.out.size(1);
+    e.alpha = static_cast<float>(a.alpha);
+  }
+  if (a.dropout_p > 0.0) {
+    e.seed = a.seed->data_ptr<int64_t>();
+    e.dropout_threshold = dropout_threshold(a.dropout_p);
+    e.dropout_scale = static_cast<float>(1.0 / (1.0 - a.dropout_p));
+  }
+  e.out = out.out.data_ptr();
+  e.out_stride = out.out.size(1);
+  if (keep_preact) {
+    e.preact = out.preact.data_ptr();
+    e.preact_stride = out.out.size(1);
+  }
+  e.rows = out.out.size(0);
+  e.cols = out.out.size(1);
+  e.activation = a.activation;
+  e.dtype = dtype_code(x.scalar_type());
+  check_status(linear_epilogue(e, current_stream(x)));
+}
+
+void Kernels::ln_linear_backward(const LnLinearBackwardArgs& a, LnLinearGrads& grads) {
+  const Tensor& x = a.x;
+  const DeviceGuard guard(x.device());
+  const int64_t rows = x.size(0), out_features = a.weight.size(0);
+  const bool dz_is_dy = a.activation == Activation::kNone && a.dropout_p == 0.0;
+  Tensor dz = a.grad_out;
+  if (!dz_is_dy) {
+    dz = new_like(a.grad_out);
+    LinearEpilogueBackwardParams g;
+    g.dy = a.grad_out.data_ptr();
+    g.dy_stride = out_features;
+    if (a.activation != Activation::kNone) {
+      g.preact = a.preact.data_ptr();
+      g.preact_stride = out_features;
+    }
+    if (a.dropout_p > 0.0) {
+      g.seed = a.seed->data_ptr<int64_t>();
+      g.dropout_threshold = dropout_threshold(a.dropout_p);
+      g.dropout_scale = static_cast<float>(1.0 / (1.0 - a.dropout_p));
+    }
+    g.dz = dz.data_ptr();
+    g.dz_stride = out_features;
+    g.dbias = grads.dbias.numel() > 0 ? grads.dbias.data_ptr() : nullptr;
+    g.rows = rows;
+    g.cols = out_features;
+    g.activation = a.activation;
+    g.dtype = dtype_code(x.scalar_type());
+    g.workspace_bytes = linear_epilogue_backward_workspace_bytes(rows, out_features, g.dtype,
+                                                                 g.dbias != nullptr);
+    const Tensor ws = workspace(x, g.workspace_bytes);
+    g.workspace = g.workspace_bytes > 0 ? ws.data_ptr() : nullptr;
+    check_status(linear_epilogue_backward(g, current_stream(x)));
+  } else if (grads.dbias.numel() > 0) {
+    at::sum_out(grads.dbias, a.grad_out, {0});
+  }
+  const bool identity_prologue =
+      a.norm == Norm::kNone && a.input_activation == Activation::kNone;
+  const bool want_dx = grads.dx.numel() > 0;
+  const bool want_norm_grads =
+      want_dx || grads.dln_weight.numel() > 0 || grads.dln_bias.numel() > 0;
+  if (want_norm_grads) {
+    Tensor dh = at::mm(dz, a.weight);
+    if (identity_prologue) {
+      grads.dx = dh;
+    } else {
+      Kernels::norm_backward(
+          {dh, x, a.ln_weight, a.ln_bias, a.mean, a.rstd, std::nullopt, a.norm,
+           a.input_activation},
+          {grads.dx, grads.dln_weight, grads.dln_bias});
+    }
+  }
+  if (grads.dweight.numel() > 0) {
+    Tensor h = x;
+    if (!identity_prologue) {
+      h = new_h(x, a.weight);
+      norm_forward_with({x, std::nullopt, 1.0, a.ln_weight, a.ln_bias, 0.0, a.norm,
+                         a.input_activation},
+                        {h, Tensor(), Tensor(), Tensor()}, a.mean, a.rstd);
+    }
+    at::mm_out(grads.dweight, dz.t(), h);
+  }
+}
+
+}  // namespace magneto::cuda

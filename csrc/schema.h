@@ -1,0 +1,140 @@
+// The op families' schemas (magneto_kernels/library.py, SCHEMAS) as C++ calls them. Per op: the
+// function type the dispatcher calls its kernels with (Signature), and a struct that names the
+// same arguments in the same order, brace-initialised from them. The native family's kernels
+// (csrc/ops.h), every family's Autograd kernels (csrc/autograd.cpp) and the typed calls
+// (csrc/module.cpp) are written against these structs, not against argument lists.
+#pragma once
+
+#include <optional>
+#include <string>
+#include <string_view>
+#include <tuple>
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+namespace magneto {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+namespace schema {
+
+struct LayerNorm {
+  static constexpr const char* kName = "layer_norm";
+  using Signature = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&,
+                                                        const OptTensor&, double,
+                                                        std::string_view);
+  const Tensor& x;
+  const OptTensor& weight;
+  const OptTensor& bias;
+  double eps;
+  std::string_view norm;
+};
+
+struct LayerNormBackward {
+  static constexpr const char* kName = "layer_norm_backward";
+  using Signature = std::tuple<Tensor, Tensor, Tensor>(
+      const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const Tensor&,
+      const Tensor&, const OptTensor&, std::string_view, const c10::List<bool>&);
+  const Tensor& grad_y;
+  const Tensor& x;
+  const OptTensor& weight;
+  const OptTensor& bias;
+  const Tensor& mean;
+  const Tensor& rstd;
+  const OptTensor& grad_accum;
+  std::string_view norm;
+  const c10::List<bool>& output_mask;
+};
+
+struct AddLayerNorm {
+  static constexpr const char* kName = "add_layer_norm";
+  using Signature = std::tuple<Tensor, Tensor, Tensor, Tensor>(
+      const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, double, double,
+      std::string_view);
+  const Tensor& x;
+  const Tensor& residual;
+  const OptTensor& weight;
+  const OptTensor& bias;
+  double eps;
+  double alpha;
+  std::string_view norm;
+};
+
+struct LnLinear {
+  static constexpr const char* kName = "ln_linear";
+  using Signature = std::tuple<Tensor, Tensor, Tensor, Tensor>(
+      const Tensor&, const OptTensor&, const OptTensor&, const Tensor&, const OptTensor&,
+      const OptTensor&, const OptTensor&, double, std::string_view, std::string_view,
+      std::string_view, double, double);
+  const Tensor& x;
+  const OptTensor& ln_weight;
+  const OptTensor& ln_bias;
+  const Tensor& weight;
+  const OptTensor& bias;
+  const OptTensor& residual;
+  const OptTensor& seed;
+  double eps;
+  std::string_view norm;
+  std::string_view input_activation;
+  std::string_view activation;
+  double alpha;
+  double dropout_p;
+};
+
+struct LnLinearBackward {
+  static constexpr const char* kName = "ln_linear_backward";
+  using Signature = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
+      const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const Tensor&,
+      const Tensor&, const Tensor&, const Tensor&, const OptTensor&, std::string_view,
+      std::string_view, std::string_view, double, const c10::List<bool>&);
+  const Tensor& grad_out;
+  const Tensor& x;
+  const OptTensor& ln_weight;
+  const OptTensor& ln_bias;
+  const Tensor& weight;
+  const Tensor& mean;
+  const Tensor& rstd;
+  const Tensor& preact;
+  const OptTensor& seed;
+  std::string_view norm;
+  std::string_view input_activation;
+  std::string_view activation;
+  double dropout_p;
+  const c10::List<bool>& output_mask;
+};
+
+}  // namespace schema
+
+// The op families (the values of magneto_kernels.backends.FAMILY; tests/test_codes.py checks
+// that the two lists agree): every op is defined once per family as magneto::<op>_<family>.
+inline constexpr char kNative[] = "native";
+inline constexpr char kTriton[] = "triton";
+
+// magneto::<Op>_<Family>'s typed dispatcher handle, looked up on first use (library.py defines
+// the ops when imported, before any call). A call through it dispatches exactly as
+// torch.ops.magneto.<op>_<family> does (Autograd key, then the device's kernel), without boxing
+// the arguments.
+template <class Op, const char* Family>
+const c10::TypedOperatorHandle<typename Op::Signature>& op_handle() {
+  static const auto handle =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow((std::string("magneto::") + Op::kName + "_" + Family).c_str(), "")
+          .template typed<typename Op::Signature>();
+  return handle;
+}
+
+// The function a dispatch key's kernel of Op is: the schema's arguments gathered into Op for
+// Impl. Kernel<schema::LnLinear>::call<&impl> has exactly the signature the dispatcher expects.
+template <class Op, class Signature = typename Op::Signature>
+struct Kernel;
+template <class Op, class R, class... A>
+struct Kernel<Op, R(A...)> {
+  template <R (*Impl)(const Op&)>
+  static R call(A... args) {
+    return Impl(Op{args...});
+  }
+};
+
+}  // namespace magneto

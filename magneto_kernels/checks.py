@@ -1,0 +1,250 @@
+"""The op families' argument checks for the backends whose op boundary is Python: the triton
+family's ops (``triton/__init__.py``) and the reference backend (``ops.py``).
+
+Word for word, and in the same order, what the native family's ops check in C++
+(``csrc/checks.cpp``, and ``csrc/module.cpp`` for the argument types), so that a bad call gets
+the same error on every backend (tests/test_ops_overhead_semantics.py holds them to it). Each
+function takes an op's arguments in schema order (``library.SCHEMAS``), raises TypeError for an
+argument of the wrong type and ValueError for a wrong value, both naming the argument, and
+returns the arguments by name (``library.Signature.bind``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from magneto_kernels.backends import KERNEL_DTYPES
+from magneto_kernels.codes import ACTIVATIONS, GATED_ACTIVATIONS, NORMS
+from magneto_kernels.library import SIGNATURES
+
+_NUMBER_TYPES = (int, float)
+
+
+def _quoted(names, last: str) -> str:
+    """'a', 'b' or 'c' (``last`` before the final name)."""
+    names = [repr(n) for n in names]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + last + names[-1]
+
+
+def _shape(shape) -> str:
+    return str(tuple(shape))
+
+
+def _check_types(signature, args) -> None:
+    """The types the schema declares, as the typed call converts them (TypeError)."""
+    for name, type_, value in zip(signature.names, signature.types, args):
+        if type_ == "Tensor" and not isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(value).__name__}")
+        if type_ == "Tensor?" and value is not None and not isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a Tensor or None, got {type(value).__name__}")
+        if type_ == "float" and not isinstance(value, _NUMBER_TYPES):
+            raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+        if type_ == "str" and not isinstance(value, str):
+            raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+
+
+def _bind(op: str, args: tuple):
+    signature = SIGNATURES[op]
+    if len(args) > len(signature.names):
+        raise TypeError(f"{op} takes {len(signature.names)} arguments, got {len(args)}")
+    a = signature.bind(args)
+    _check_types(signature, a)
+    return a
+
+
+# ------------------------------------------------------------------------------------ names
+
+
+def _norm(name: str, allow_none: bool) -> None:
+    if name in NORMS and (allow_none or name != "none"):
+        return
+    names = [n for n in NORMS if allow_none or n != "none"]
+    raise ValueError(f"norm must be {_quoted(names, ' or ')}, got {name!r}")
+
+
+def _activation(name: str) -> None:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {_quoted(ACTIVATIONS, ', ')}, got {name!r}")
+
+
+def _input_activation(name: str) -> None:
+    if name not in ACTIVATIONS and name not in GATED_ACTIVATIONS:
+        names = _quoted([*ACTIVATIONS, *GATED_ACTIVATIONS], ", ")
+        raise ValueError(f"input_activation must be one of {names}, got {name!r}")
+
+
+# ---------------------------------------------------------------------------------- tensors
+
+
+def _input(x: Tensor, reference: bool) -> None:
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x must have a non-empty last dimension, got shape {_shape(x.shape)}")
+    if reference:
+        if not x.is_floating_point():
+            raise ValueError(f"x must have a floating-point dtype, got {x.dtype}")
+    elif x.dtype not in KERNEL_DTYPES:
+        raise ValueError(
+            f"x must have dtype torch.float32, torch.bfloat16 or torch.float16, got {x.dtype}"
+        )
+
+
+def _like(t: Tensor, name: str, x: Tensor, shape, dtype=None) -> None:
+    """t on x's device, of this shape and dtype (x's when not given)."""
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {_shape(shape)}, got {_shape(t.shape)}")
+    if dtype is None and t.dtype != x.dtype:
+        raise ValueError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
+    if dtype is not None and t.dtype != dtype:
+        raise ValueError(f"{name} must have dtype {dtype}, got {t.dtype}")
+
+
+def _param(t, name: str, x: Tensor, cols: int) -> None:
+    """A norm parameter: (cols,), x's dtype or float32, on x's device."""
+    if t is None:
+        return
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if tuple(t.shape) != (cols,):
+        raise ValueError(f"{name} must have shape {_shape((cols,))}, got {_shape(t.shape)}")
+    if x.dtype == torch.float32 and t.dtype != torch.float32:
+        raise ValueError(f"{name} must have dtype torch.float32, got {t.dtype}")
+    if t.dtype != x.dtype and t.dtype != torch.float32:
+        raise ValueError(f"{name} must have x's dtype {x.dtype} or torch.float32, got {t.dtype}")
+
+
+def _norm_params(gamma, beta, norm: str, x: Tensor, gamma_name: str, beta_name: str, cols: int):
+    _param(gamma, gamma_name, x, cols)
+    _param(beta, beta_name, x, cols)
+    if beta is not None and norm == "rms":
+        raise ValueError(f"{beta_name} must be None for norm='rms' (RMSNorm has no bias)")
+    if beta is not None and gamma is None:
+        raise ValueError(f"{beta_name} given without {gamma_name}")
+    if gamma is not None and norm == "none":
+        raise ValueError(f"{gamma_name} must be None for norm='none'")
+
+
+def _stats(mean: Tensor, rstd: Tensor, norm: str, x: Tensor) -> None:
+    rows = x.numel() // x.shape[-1]
+    if norm == "layer":
+        _like(mean, "mean", x, (rows,), torch.float32)
+    if norm != "none":
+        _like(rstd, "rstd", x, (rows,), torch.float32)
+
+
+def _eps(eps: float) -> None:
+    if not eps >= 0.0:
+        raise ValueError(f"eps must be >= 0, got {float(eps)}")
+
+
+def _dropout(seed, p: float, x: Tensor) -> None:
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {float(p)}")
+    if p == 0.0:
+        return
+    if seed is None:
+        raise ValueError("seed must be given when dropout_p > 0")
+    _like(seed, "seed", x, (), torch.int64)
+
+
+def _in_features(x: Tensor, input_activation: str) -> int:
+    """The width of ln_linear's norm and GEMM operand: x's, or half of it for a gated input
+    activation (x = [gate | up])."""
+    features = x.shape[-1]
+    if input_activation not in GATED_ACTIVATIONS:
+        return features
+    if features % 2:
+        raise ValueError(
+            f"input_activation={input_activation!r} needs x = [gate | up] with an even last"
+            f" dimension, got shape {_shape(x.shape)}"
+        )
+    return features // 2
+
+
+def _weight(weight: Tensor, x: Tensor, in_features: int) -> None:
+    if weight.dim() != 2 or weight.shape[1] != in_features:
+        raise ValueError(
+            f"weight must have shape (out_features, {in_features}), got {_shape(weight.shape)}"
+        )
+    _like(weight, "weight", x, weight.shape)
+
+
+def _ln_linear_common(a, reference: bool) -> None:
+    """What ln_linear and its backward share: x, the names, the norm's parameters, the weight."""
+    _input(a.x, reference)
+    _norm(a.norm, True)
+    _input_activation(a.input_activation)
+    _activation(a.activation)
+    in_features = _in_features(a.x, a.input_activation)
+    _norm_params(a.ln_weight, a.ln_bias, a.norm, a.x, "ln_weight", "ln_bias", in_features)
+    _weight(a.weight, a.x, in_features)
+
+
+def _output_mask(mask, n: int) -> None:
+    if len(mask) != n:
+        raise ValueError(f"output_mask must have {n} entries, got {len(mask)}")
+
+
+# -------------------------------------------------------------------------------------- ops
+
+
+def layer_norm(*args, reference: bool = False):
+    a = _bind("layer_norm", args)
+    _input(a.x, reference)
+    _norm(a.norm, False)
+    _norm_params(a.weight, a.bias, a.norm, a.x, "weight", "bias", a.x.shape[-1])
+    _eps(a.eps)
+    return a
+
+
+def add_layer_norm(*args, reference: bool = False):
+    a = _bind("add_layer_norm", args)
+    _input(a.x, reference)
+    _norm(a.norm, False)
+    _like(a.residual, "residual", a.x, a.x.shape)
+    _norm_params(a.weight, a.bias, a.norm, a.x, "weight", "bias", a.x.shape[-1])
+    _eps(a.eps)
+    return a
+
+
+def layer_norm_backward(*args):
+    a = _bind("layer_norm_backward", args)
+    _input(a.x, False)
+    _norm(a.norm, False)
+    _like(a.grad_y, "grad_y", a.x, a.x.shape)
+    if a.grad_accum is not None:
+        _like(a.grad_accum, "grad_accum", a.x, a.x.shape)
+    _norm_params(a.weight, a.bias, a.norm, a.x, "weight", "bias", a.x.shape[-1])
+    _stats(a.mean, a.rstd, a.norm, a.x)
+    _output_mask(a.output_mask, 3)
+    return a
+
+
+def ln_linear(*args, reference: bool = False):
+    a = _bind("ln_linear", args)
+    x = a.x
+    _ln_linear_common(a, reference)
+    out_features = a.weight.shape[0]
+    if a.bias is not None:
+        _like(a.bias, "bias", x, (out_features,))
+    if a.residual is not None:
+        _like(a.residual, "residual", x, (*x.shape[:-1], out_features))
+    _dropout(a.seed, a.dropout_p, x)
+    _eps(a.eps)
+    return a
+
+
+def ln_linear_backward(*args):
+    a = _bind("ln_linear_backward", args)
+    x = a.x
+    _ln_linear_common(a, False)
+    out_shape = (*x.shape[:-1], a.weight.shape[0])
+    _like(a.grad_out, "grad_out", x, out_shape)
+    _stats(a.mean, a.rstd, a.norm, x)
+    if a.activation != "none":
+        _like(a.preact, "preact", x, out_shape)
+    _dropout(a.seed, a.dropout_p, x)
+    _output_mask(a.output_mask, 5)
+    return a
