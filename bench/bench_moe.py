@@ -33,7 +33,8 @@ def layers(d: int, ffn: int, experts: int):
     from torchscale.component.xmoe.moe_layer import MOELayer
     from torchscale.component.xmoe.routing import Top2Gate
 
-    from magneto.moe import Expert, MoELayer, build_experts
+    from magneto import FeedForward, MagnetoConfig
+    from magneto.moe import MoELayer, build_experts
     from magneto.moe_gate import Gate
 
     args = EncoderConfig(
@@ -42,7 +43,8 @@ def layers(d: int, ffn: int, experts: int):
     torch.manual_seed(0)
     gate = Top2Gate(d, experts, args.moe_gating_use_fp32, args.moe_second_expert_policy)
     theirs = MOELayer(gate, make_experts(args, d, ffn), args)
-    ours = MoELayer(Gate(d, experts, 2), build_experts(lambda: Expert(d, ffn), range(experts)))
+    config = MagnetoConfig(embed_dim=d, num_heads=1, ffn_dim=ffn, encoder_layers=1)
+    ours = MoELayer(Gate(d, experts, 2), build_experts(lambda: FeedForward(config), range(experts)))
     ours.load_state_dict(theirs.state_dict())
     return ours, theirs
 

@@ -133,6 +133,8 @@ def attention_parts(
     attn_mask: Optional[Tensor],
     incremental_state: Optional[dict],
     *,
+    rel_pos: Optional[Tensor] = None,
+    is_first_step: bool = False,
     input_norm: Optional[Multiway],
     residual: Optional[Sequence[Tensor]],
     alpha: float,
@@ -143,7 +145,8 @@ def attention_parts(
     A's projections and norms, part B's copy B's; attention sees every key.
 
     ``input_norm``/``residual``: a ``Multiway`` norm pair and the two residual parts, as in
-    ``MultiheadAttention.forward``; masks and ``incremental_state`` refer to the whole sequence.
+    ``MultiheadAttention.forward``; masks, ``rel_pos``, ``is_first_step`` and
+    ``incremental_state`` refer to the whole sequence.
     """
     if not attn.multiway:
         raise ValueError("parts: this attention is not multiway")
@@ -163,8 +166,9 @@ def attention_parts(
     )
     q, k, v = (attn._heads(t) for t in qkv.split(d, dim=-1))
     k, v = kv_cache.extend(incremental_state, k, v)
+    q, k = attn.rotate(q, k, incremental_state, is_first_step)
     mask, _ = masks.sdpa_mask(
-        bsz, attn.num_heads, tgt_len, k.shape[2], key_padding_mask, attn_mask, False, q
+        bsz, attn.num_heads, tgt_len, k.shape[2], key_padding_mask, attn_mask, False, q, rel_pos
     )
     p = attn.attention_dropout if attn.training else 0.0
     out, start = [], 0

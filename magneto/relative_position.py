@@ -57,6 +57,21 @@ def relative_position_bucket(
     return buckets + torch.where(n < max_exact, n, large)
 
 
+def check_buckets(num_buckets: int, max_distance: int, bidirectional: bool) -> None:
+    """ValueError unless the buckets leave an exact range below ``max_distance``."""
+    max_exact = (num_buckets // 2 if bidirectional else num_buckets) // 2
+    if max_exact < 1:
+        raise ValueError(
+            f"num_buckets={num_buckets} leaves no exact bucket "
+            f"({'>= 4 when bidirectional' if bidirectional else '>= 2'})"
+        )
+    if max_distance <= max_exact:
+        raise ValueError(
+            f"max_distance={max_distance} must exceed the exact range {max_exact} "
+            f"(num_buckets={num_buckets})"
+        )
+
+
 class RelativePositionBias(nn.Module):
     """torchscale's ``RelativePositionBias``: parameter ``relative_attention_bias.weight``
     (num_buckets, num_heads), an ``nn.Embedding`` (its default N(0, 1) init, as torchscale's).
@@ -74,20 +89,13 @@ class RelativePositionBias(nn.Module):
         bidirectional: bool = True,
     ):
         super().__init__()
-        max_exact = (num_buckets // 2 if bidirectional else num_buckets) // 2
-        if max_exact < 1:
-            raise ValueError(
-                f"num_buckets={num_buckets} leaves no exact bucket "
-                f"({'>= 4 when bidirectional' if bidirectional else '>= 2'})"
-            )
-        if max_distance <= max_exact:
-            raise ValueError(
-                f"max_distance={max_distance} must exceed the exact range {max_exact} "
-                f"(num_buckets={num_buckets})"
-            )
+        check_buckets(num_buckets, max_distance, bidirectional)
         self.num_buckets, self.max_distance = num_buckets, max_distance
         self.num_heads, self.bidirectional = num_heads, bidirectional
         self.relative_attention_bias = nn.Embedding(num_buckets, num_heads)
+
+    def reset_parameters(self) -> None:
+        self.relative_attention_bias.reset_parameters()
 
     def buckets(self, qlen: int, klen: int, step: int = 0) -> Tensor:
         """(qlen, klen) buckets of queries at positions ``step`` … ``step + qlen − 1`` against

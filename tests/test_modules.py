@@ -559,8 +559,10 @@ def test_bad_inputs_name_the_argument():
         mha(torch.randn(2, 3, D), key_padding_mask=torch.zeros(3, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="attn_mask must have shape"):
         mha(torch.randn(2, 3, D), attn_mask=torch.zeros(3, 4))
-    with pytest.raises(ValueError, match="rel_pos"):
-        mha(torch.randn(2, 3, D), rel_pos=torch.zeros(8, 3, 3))
+    with pytest.raises(ValueError, match="rel_pos must have shape .*\\(8, 3, 3\\)"):
+        mha(torch.randn(2, 3, D), rel_pos=torch.zeros(6, 3, 3))
+    with pytest.raises(ValueError, match="rel_pos must have shape"):
+        mha(torch.randn(2, 3, D), rel_pos=torch.zeros(1, 3, 3, 3))
     layer = magneto.DecoderLayer(_config())
     with pytest.raises(ValueError, match="x must be a \\(batch, length, embed_dim=16\\)"):
         layer(torch.randn(2, 3, 8))

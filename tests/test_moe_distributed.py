@@ -15,7 +15,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from harness import assert_close
 
-from magneto.moe import Expert, MoELayer, build_experts, expert_group
+from magneto import FeedForward, MagnetoConfig
+from magneto.moe import MoELayer, build_experts, expert_group
 from magneto.moe_gate import Gate
 
 WORLD = 2
@@ -43,7 +44,8 @@ def _layer(name, group=None, indices=None):
     with torch.no_grad():
         (gate.wg.weight if hasattr(gate.wg, "weight") else gate.wg).mul_(3.0)  # overflow
     indices = range(experts) if indices is None else indices
-    built = build_experts(lambda: Expert(D, FFN), indices)
+    config = MagnetoConfig(embed_dim=D, num_heads=1, ffn_dim=FFN, encoder_layers=1)
+    built = build_experts(lambda: FeedForward(config), indices)
     return MoELayer(gate, built, group).train(training)
 
 
