@@ -30,7 +30,10 @@ layer does, so that capacities agree (padding tokens go nowhere but count in the
 ``l_aux``; torchscale pads after the norm with zero rows, whose routing scores are 0, so the
 gate scores the real tokens only and gives the padding zero scores). ``expert_group`` builds
 torchscale's groups; when experts are replicated (more ranks than experts), summing their
-gradients over the replicas is the trainer's job, as in fairseq.
+gradients over the replicas is the trainer's job, as in fairseq. The layer's norm, fused into
+the experts' fc1, meets other ranks' tokens on the ranks running their experts: its gradient
+from a rank's tokens partly lands on those ranks, and only the sum over the ranks (what
+data-parallel training all-reduces for every non-expert parameter) is torchscale's.
 
 ``build_experts`` draws the experts' initial parameters as ``make_experts`` does;
 ``build_moe_layer`` builds a model's MoE layer from its ``MagnetoConfig`` as torchscale's layers
