@@ -18,6 +18,11 @@ concatenated along the sequence (one copy of 3 d-vectors per token), and attenti
 per query part over all keys, so that each part's attention output is again contiguous and
 feeds its ``out_proj`` without a copy (docs/design.md, Memory accounting).
 
+In a decoder (torchscale's ``multiway=True`` on a ``Decoder``) only the attention's
+projections and ``inner_attn_ln``, self- and cross-attention, come in two copies, and since
+torchscale's decoder never sets a split position, copy A serves every token (B never trains);
+magneto's decoder layers pass ``part=0``.
+
 Module names follow torchscale (``self_attn_layer_norm.A.weight``, ``ffn.B.fc1.weight``);
 the packed q/k/v of a part is ``in_proj.A.weight`` (torchscale's ``q_proj.A.weight``,
 ``k_proj.A.weight``, ``v_proj.A.weight`` load into it and export back).

@@ -22,6 +22,11 @@ How torchscale uses it (``architecture/encoder.py``, ``decoder.py``):
 During incremental decoding torchscale slices the batch·heads dimension (``bias[-1:]``) where it
 means the last query row, and its view then fails; ``bias(1, klen, step=klen − 1)`` here is
 that last row, computed alone.
+
+magneto's ``Encoder`` and ``Decoder`` own the same tables under the same names
+(``MagnetoConfig.rel_pos_buckets``/``max_rel_pos``) and compute the (1, heads, tgt, src) bias
+once per forward, for the query rows the call computes; attention adds it inside SDPA's
+additive mask (``magneto.masks.sdpa_mask``), broadcast over the batch.
 """
 
 from __future__ import annotations
