@@ -323,3 +323,6 @@ def test_other_refusals_name_the_problem():
     ):
         with pytest.raises(ValueError, match=name):
             to_torchscale(magneto.Encoder(config.replace(**change)))
+    moe = magneto.Encoder(config.replace(moe_freq=1, moe_expert_count=2))
+    with pytest.raises(ValueError, match="moe_freq=1: torchscale's MoE layers need torch.dist"):
+        to_torchscale(moe)  # outside torch.distributed
