@@ -80,8 +80,8 @@ class MagnetoConfig:
     - ``xpos_rel_pos``, ``xpos_scale_base``: xPos rotary positions on self-attention's queries
       and keys (``magneto.xpos``; head_dim must be even);
     - ``moe_freq``, ``moe_expert_count``: every ``moe_freq``-th layer (layer i with
-      (i+1) % moe_freq == 0) has a mixture of ``moe_expert_count`` experts, Sub-LN FFNs, in place
-      of its FFN (``magneto.moe``; a layer returns its ``l_aux``); ``moe_top1_expert`` (top-1
+      (i+1) % moe_freq == 0) has a mixture of ``moe_expert_count`` experts, ``FeedForward``s, in
+      place of its FFN (``magneto.moe``; a layer returns its ``l_aux``); ``moe_top1_expert`` (top-1
       gating, else top-2), ``moe_gating_use_fp32``, ``moe_eval_capacity_token_fraction``,
       ``moe_second_expert_policy`` ("sampling", "random", "all"),
       ``moe_normalize_gate_prob_before_dropping`` and ``use_xmoe`` (X-MoE routing) as in

@@ -246,7 +246,7 @@ def from_torchscale(module: nn.Module) -> nn.Module:
         raise ValueError(
             f"fsdp: {', '.join(name or '(the model)' for name in wrapped)} wrapped for sharded "
             "data parallelism (their parameters flattened or sharded): convert the model "
-            "before wrapping, or unwrapped"
+            "before wrapping it, or once unwrapped"
         )
     memo: dict = {}
     with torch.random.fork_rng(devices=[]):
