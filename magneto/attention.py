@@ -14,10 +14,15 @@ One sublayer of a Sub-LN block, with x the residual stream:
 Cross-attention (``self_attention=False``): q from the (normalised) decoder stream, k/v from the
 encoder output through plain projections (rows of ``in_proj``), no inner LN.
 
+Positions inside attention (torchscale's options, ``magneto.config``): a relative position bias
+(``rel_pos``) is added to the scores inside SDPA's mask (``masks.sdpa_mask``); xPos
+(``config.xpos_rel_pos``, self-attention only) rotates q and k after the cache is extended, so
+the cache keeps unrotated keys, as torchscale's (``magneto.xpos``).
+
 Decoding caches (``incremental_state``, ``static_kv_cache``): ``magneto.kv_cache``. Multiway
-(``config.multiway``, self-attention only): ``in_proj``, ``out_proj`` and ``inner_attn_ln`` come
-in two copies ``A``/``B`` (``magneto.multiway``); ``part`` picks the copy every token uses, and
-a query given as two parts runs ``multiway.attention_parts``.
+(``config.multiway``): ``in_proj``, ``out_proj`` and ``inner_attn_ln`` come in two copies
+``A``/``B`` (``magneto.multiway``); ``part`` picks the copy every token uses, and a query given
+as two parts (self-attention) runs ``multiway.attention_parts``.
 
 A projection or norm magneto cannot fuse (a LoRA layer, hooks, a quantised module) is called as
 a module instead (``magneto.fusion``). q, k and v are one module, ``in_proj``: an adapter or a
@@ -25,7 +30,8 @@ hook on it covers all three.
 
 Checkpoints: torchscale state dicts (separate ``q_proj``, ``k_proj``, ``v_proj`` entries, per
 part ``q_proj.A`` ... for multiway) load directly: a load-state-dict pre-hook packs them (and
-renames the ``in_proj_weight``/``in_proj_bias`` of earlier magneto versions).
+renames the ``in_proj_weight``/``in_proj_bias`` of earlier magneto versions; xPos's constant
+``xpos.scale`` buffer is checked and dropped).
 ``magneto.compat.torchscale`` exports back.
 """
 
@@ -44,6 +50,7 @@ from magneto.fusion import project
 from magneto.init import init_linear_, uninitialized_linear
 from magneto.multiway import PARTS, Multiway, attention_parts, pick
 from magneto.norm import NormLayer
+from magneto.xpos import apply_xpos_qk, xpos_scale
 
 _PACKED = ("q_proj", "k_proj", "v_proj")
 
@@ -66,8 +73,10 @@ class MultiheadAttention(nn.Module):
         self.attention_dropout = config.attention_dropout
         self.backend = config.backend
         self.multiway = config.multiway
-        if self.multiway and not self_attention:
-            raise ValueError("multiway: only self-attention can be multiway")
+        # xPos rotates self-attention only (torchscale's ``xpos``)
+        self.xpos_scale_base = (
+            config.xpos_scale_base if config.xpos_rel_pos and self_attention else None
+        )
 
         def copies(build):
             return Multiway(build(), build()) if self.multiway else build()
@@ -217,11 +226,12 @@ class MultiheadAttention(nn.Module):
           keeps k and v of ``key``/``value`` between calls: while the same key and value tensors
           are passed (the encoder output of every decoding step), their projections are reused
           instead of recomputed. torchscale recomputes them at every step.
-        - ``rel_pos`` (relative position bias) is not supported; ``is_first_step`` only matters
-          for xPos, which is not supported either (accepted for torchscale's call).
+        - ``rel_pos``: a bias added to the scores after the masks, torchscale's (batch·heads,
+          tgt_len, src_len) or anything 4-D that broadcasts to (batch, heads, tgt_len, src_len)
+          (``magneto.relative_position``).
+        - ``is_first_step``: with xPos and an ``incremental_state``, the queries sit at the
+          positions from 0 (the first, prefilling call) instead of at the cache's last position.
         """
-        if rel_pos is not None:
-            raise ValueError("rel_pos: relative position bias is not supported")
         if isinstance(query, (list, tuple)):
             parts = attention_parts(
                 self,
@@ -229,6 +239,8 @@ class MultiheadAttention(nn.Module):
                 key_padding_mask,
                 attn_mask,
                 incremental_state,
+                rel_pos=rel_pos,
+                is_first_step=is_first_step,
                 input_norm=input_norm,
                 residual=residual,
                 alpha=alpha,
@@ -249,8 +261,17 @@ class MultiheadAttention(nn.Module):
             k, v = cached
         q = self._heads(q)
         k, v = kv_cache.extend(incremental_state, k, v)
+        q, k = self.rotate(q, k, incremental_state, is_first_step)
         mask, causal = masks.sdpa_mask(
-            bsz, self.num_heads, tgt_len, k.shape[2], key_padding_mask, attn_mask, is_causal, q
+            bsz,
+            self.num_heads,
+            tgt_len,
+            k.shape[2],
+            key_padding_mask,
+            attn_mask,
+            is_causal,
+            q,
+            rel_pos,
         )
         attn = F.scaled_dot_product_attention(
             q,
@@ -263,6 +284,19 @@ class MultiheadAttention(nn.Module):
         weights = self._weights(q, k, mask, causal) if need_weights else None
         attn = attn.transpose(1, 2).reshape(bsz, tgt_len, self.embed_dim)
         return self._out_proj(attn, part, residual, alpha, dropout_p), weights
+
+    def rotate(
+        self, q: Tensor, k: Tensor, incremental_state: Optional[dict], is_first_step: bool
+    ) -> tuple[Tensor, Tensor]:
+        """q and k (heads layout, k the whole cache) with xPos applied as torchscale applies it:
+        a decoding call after the first puts its queries at the cache's last position,
+        ``src_len − 1`` (torchscale's offset, whatever the number of queries); unchanged
+        without xPos."""
+        if self.xpos_scale_base is None:
+            return q, k
+        decoding = incremental_state is not None and not is_first_step
+        offset = k.shape[2] - 1 if decoding else 0
+        return apply_xpos_qk(q, k, offset, scale_base=self.xpos_scale_base)
 
     def _check_inputs(
         self, query: Tensor, key: Tensor, value: Tensor, residual: Optional[Tensor]
@@ -304,7 +338,17 @@ def _pack_torchscale_projections(
 ) -> None:
     """Load-state-dict pre-hook: torchscale's ``{q,k,v}_proj.{weight,bias}`` -> ``in_proj``
     (multiway: ``{q,k,v}_proj.A.weight`` -> ``in_proj.A.weight``, likewise for B), and the
-    ``in_proj_weight``/``in_proj_bias`` of earlier magneto versions -> ``in_proj``."""
+    ``in_proj_weight``/``in_proj_bias`` of earlier magneto versions -> ``in_proj``; with xPos,
+    torchscale's ``xpos.scale`` buffer (constant: ``xpos_scale(head_dim)``) is checked and
+    dropped."""
+    scale = state_dict.get(f"{prefix}xpos.scale")
+    if scale is not None and module.xpos_scale_base is not None:
+        expected = xpos_scale(module.head_dim).to(scale.dtype)
+        if not torch.equal(scale.cpu(), expected):
+            raise ValueError(
+                f"{prefix}xpos.scale is not xPos's scale for head_dim={module.head_dim}"
+            )
+        del state_dict[f"{prefix}xpos.scale"]
     for kind in ("weight", "bias"):
         if f"{prefix}in_proj_{kind}" in state_dict:
             state_dict[f"{prefix}in_proj.{kind}"] = state_dict.pop(f"{prefix}in_proj_{kind}")

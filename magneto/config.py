@@ -23,7 +23,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
+from magneto.moe_gate import POLICIES
 from magneto.norm import NORMS
+from magneto.relative_position import check_buckets
 from magneto_kernels.backends import BACKENDS
 from magneto_kernels.codes import canonical_activation
 
@@ -63,7 +65,30 @@ class MagnetoConfig:
     (1.15·(N⁴M)^(-1/16)); None follows ``init``.
 
     ``multiway``: every per-token module of an encoder layer comes in two copies, ``A`` and
-    ``B``, chosen per token by ``multiway_split_position`` (BEiT-3; ``magneto.multiway``).
+    ``B``, chosen per token by ``multiway_split_position`` (BEiT-3; ``magneto.multiway``). In a
+    decoder, as in torchscale, only the attention projections (and ``inner_attn_ln``) come in
+    two copies, and copy A serves every token (torchscale's decoder never sets a split).
+
+    torchscale's options, under torchscale's names:
+
+    - ``layernorm_embedding``: a norm (``norm``'s kind) on the embeddings, after the positions
+      and before the embedding dropout (``magneto.embedding_norm``);
+    - ``rel_pos_buckets``, ``max_rel_pos`` (both > 0, or both 0 for none): T5's relative position
+      buckets, a learned bias per head and bucket added to the attention scores; tables on the
+      encoder (``relative_position``) and decoder (``self_attn_relative_position``, and
+      ``cross_attn_relative_position`` in an encoder-decoder) (``magneto.relative_position``);
+    - ``xpos_rel_pos``, ``xpos_scale_base``: xPos rotary positions on self-attention's queries
+      and keys (``magneto.xpos``; head_dim must be even);
+    - ``moe_freq``, ``moe_expert_count``: every ``moe_freq``-th layer (layer i with
+      (i+1) % moe_freq == 0) has a mixture of ``moe_expert_count`` experts, ``FeedForward``s, in
+      place of its FFN (``magneto.moe``; a layer returns its ``l_aux``); ``moe_top1_expert`` (top-1
+      gating, else top-2), ``moe_gating_use_fp32``, ``moe_eval_capacity_token_fraction``,
+      ``moe_second_expert_policy`` ("sampling", "random", "all"),
+      ``moe_normalize_gate_prob_before_dropping`` and ``use_xmoe`` (X-MoE routing) as in
+      ``magneto.moe_gate``. ``use_xmoe`` forces ``moe_normalize_gate_prob_before_dropping=True``
+      and ``moe_second_expert_policy="random"``, as torchscale's configs do. Under
+      ``torch.distributed`` with several ranks the experts are spread over the ranks as
+      torchscale spreads them (``magneto.moe.expert_group``).
 
     ``backend`` is passed to every ``magneto_kernels`` op (None: the default for the device).
     ``checkpoint_activations`` recomputes each layer in backward (non-reentrant checkpoint).
@@ -97,11 +122,32 @@ class MagnetoConfig:
     backend: Optional[str] = None
     checkpoint_activations: bool = False
     multiway: bool = False
+    layernorm_embedding: bool = False
+    rel_pos_buckets: int = 0
+    max_rel_pos: int = 0
+    xpos_rel_pos: bool = False
+    xpos_scale_base: float = 512
+    moe_freq: int = 0
+    moe_expert_count: int = 0
+    moe_top1_expert: bool = False
+    moe_gating_use_fp32: bool = True
+    moe_eval_capacity_token_fraction: float = 0.25
+    moe_second_expert_policy: str = "random"
+    moe_normalize_gate_prob_before_dropping: bool = False
+    use_xmoe: bool = False
 
     def __post_init__(self):
         for name in ("embed_dim", "num_heads", "ffn_dim", "max_positions"):
             _check_int(name, getattr(self, name), minimum=1)
-        for name in ("encoder_layers", "decoder_layers", "vocab_size"):
+        for name in (
+            "encoder_layers",
+            "decoder_layers",
+            "vocab_size",
+            "rel_pos_buckets",
+            "max_rel_pos",
+            "moe_freq",
+            "moe_expert_count",
+        ):
             _check_int(name, getattr(self, name), minimum=0)
         if self.embed_dim % self.num_heads != 0:
             raise ValueError(
@@ -139,11 +185,66 @@ class MagnetoConfig:
             "bias",
             "checkpoint_activations",
             "multiway",
+            "layernorm_embedding",
+            "xpos_rel_pos",
+            "moe_top1_expert",
+            "moe_gating_use_fp32",
+            "moe_normalize_gate_prob_before_dropping",
+            "use_xmoe",
         ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        self._check_positions()
+        self._check_moe()
         if (self.share_input_output_embed or self.share_all_embeddings) and self.vocab_size == 0:
             raise ValueError("share_input_output_embed / share_all_embeddings need vocab_size > 0")
+
+    def _check_positions(self) -> None:
+        if (self.rel_pos_buckets > 0) != (self.max_rel_pos > 0):
+            raise ValueError(
+                f"rel_pos_buckets={self.rel_pos_buckets}, max_rel_pos={self.max_rel_pos}: "
+                "both > 0 turn relative position buckets on, both 0 leave them off"
+            )
+        if self.rel_pos_buckets > 0:
+            try:
+                check_buckets(self.rel_pos_buckets, self.max_rel_pos, bidirectional=True)
+            except ValueError as err:
+                raise ValueError(f"rel_pos_buckets / max_rel_pos: {err}") from None
+        base = self.xpos_scale_base
+        if isinstance(base, bool) or not isinstance(base, (int, float)) or not base > 0:
+            raise ValueError(f"xpos_scale_base must be a positive number, got {base!r}")
+        if self.xpos_rel_pos and self.head_dim % 2:
+            raise ValueError(
+                f"xpos_rel_pos: xPos rotates pairs, head_dim = embed_dim / num_heads must be "
+                f"even, got {self.head_dim}"
+            )
+
+    def _check_moe(self) -> None:
+        _check_choice("moe_second_expert_policy", self.moe_second_expert_policy, POLICIES)
+        fraction = self.moe_eval_capacity_token_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+            raise ValueError(
+                f"moe_eval_capacity_token_fraction must be a number (<= 0: the training "
+                f"capacity in eval mode too), got {fraction!r}"
+            )
+        if self.use_xmoe:
+            if not (self.moe_freq > 0 and self.moe_expert_count > 0):
+                raise ValueError(
+                    "use_xmoe needs mixture-of-experts layers: moe_freq and moe_expert_count > 0"
+                )
+            # torchscale's configs force these two with X-MoE
+            self.moe_normalize_gate_prob_before_dropping = True
+            self.moe_second_expert_policy = "random"
+        top = 1 if self.moe_top1_expert else 2
+        if self.moe_freq > 0 and self.moe_expert_count < top:
+            raise ValueError(
+                f"moe_expert_count must be >= {top} for top-{top} gating when moe_freq > 0, got "
+                f"{self.moe_expert_count}"
+            )
+
+    def is_moe_layer(self, depth: int) -> bool:
+        """Whether layer ``depth`` (from 0) of a stack is a mixture-of-experts layer."""
+        return self.moe_freq > 0 and (depth + 1) % self.moe_freq == 0
 
     @property
     def head_dim(self) -> int:

@@ -10,6 +10,13 @@ views of buffers with room after them, which later steps write into instead of c
 cache (``magneto.kv_cache.KVRoom``; without gradients), and cross-attention projects the
 encoder output to keys and values once per sequence, keeping them in the layer's state under
 ``"encoder_attn"`` (torchscale recomputes them at every step).
+
+torchscale's options (``magneto.config``): ``layernorm_embedding`` (the new row only, when
+decoding), relative position tables (``self_attn_relative_position``, and
+``cross_attn_relative_position`` in an encoder-decoder: each bias computed once per forward for
+the rows it computes, a decoding step's the last query row, where torchscale's own decoding
+slices the wrong dimension and fails), xPos, mixture-of-experts layers (their ``l_aux`` in the
+result), multiway attention (copy A).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from torch import Tensor, nn
 
 from magneto.config import MagnetoConfig
 from magneto.layers import DecoderLayer
+from magneto.relative_position import RelativePositionBias
 from magneto.stack import Stack
 
 
@@ -35,8 +43,6 @@ class Decoder(Stack):
         is_encoder_decoder: bool = False,
         **kwargs,
     ):
-        if isinstance(config, MagnetoConfig) and config.multiway:
-            raise ValueError("multiway: only encoders can be multiway (BEiT-3)")
         super().__init__(
             config,
             embed_tokens,
@@ -49,6 +55,14 @@ class Decoder(Stack):
             final_norm=config.normalize_before,
             **kwargs,
         )
+        self.self_attn_relative_position = self.relative_positions()
+        self.cross_attn_relative_position = (
+            self.relative_positions() if is_encoder_decoder else None
+        )
+
+    def relative_position_tables(self) -> list[RelativePositionBias]:
+        tables = (self.self_attn_relative_position, self.cross_attn_relative_position)
+        return [t for t in tables if t is not None]
 
     @staticmethod
     def is_first_step(incremental_state: Optional[dict]) -> bool:
@@ -67,10 +81,8 @@ class Decoder(Stack):
         if incremental_state is not None and not self.is_first_step(incremental_state):
             tokens = tokens[:, -1:] if tokens is not None else None
             positions = positions[:, -1:] if positions is not None else None
-        x = embed = self.scaled_token_embedding(tokens, token_embedding)
-        if positions is not None:
-            x = x + positions
-        return self.dropout_module(x), embed
+        embed = self.scaled_token_embedding(tokens, token_embedding)
+        return self.embedding_output(embed, positions), embed
 
     def forward(
         self,
@@ -97,6 +109,16 @@ class Decoder(Stack):
         l_aux = [] if encoder_out is None else list(encoder_out.get("l_aux", []))
         enc = None if encoder_out is None else encoder_out["encoder_out"]
         enc_mask = None if encoder_out is None else encoder_out.get("encoder_padding_mask")
+        # x holds the last rows of the prefix: the biases' query rows start at ``step``
+        length = (prev_output_tokens if prev_output_tokens is not None else token_embeddings).shape[
+            1
+        ]
+        rows, step = x.shape[1], length - x.shape[1]
+        self_rel_pos = cross_rel_pos = None
+        if self.self_attn_relative_position is not None:
+            self_rel_pos = self.self_attn_relative_position.bias(rows, length, step)
+        if self.cross_attn_relative_position is not None and enc is not None:
+            cross_rel_pos = self.cross_attn_relative_position.bias(rows, enc.shape[1], step)
         for idx, layer in enumerate(self.layers):
             state = None
             if incremental_state is not None:
@@ -108,6 +130,8 @@ class Decoder(Stack):
                 enc_mask,
                 incremental_state=state,
                 self_attn_padding_mask=self_attn_padding_mask,
+                self_attn_rel_pos=self_rel_pos,
+                cross_attn_rel_pos=cross_rel_pos,
                 is_first_step=first_step,
                 self_attn_causal=causal,
             )

@@ -7,11 +7,12 @@ scale and the positions and before the embedding dropout (``forward_embedding`` 
 The norm's output is the residual stream itself, so it is a norm of its own (one
 ``magneto_kernels.layer_norm`` call through the norm module), not fused into a projection.
 
-Parameters: ``layernorm_embedding.weight`` / ``.bias`` on the encoder or decoder, a LayerNorm of
-``embed_dim`` with the model's ``layernorm_eps`` even in an RMSNorm model (torchscale has
-LayerNorm only). In a multiway encoder torchscale makes it a multiway pair split along the
-sequence (``layernorm_embedding.A`` / ``.B``): pass the part's norm. During incremental decoding
-the decoder normalises only the new position's row (torchscale keeps the last token and its
+Parameters: ``layernorm_embedding.weight`` / ``.bias`` on the encoder or decoder
+(``MagnetoConfig.layernorm_embedding``): a ``NormLayer`` of ``embed_dim`` of the model's norm
+kind and eps (torchscale's: a LayerNorm with ``layernorm_eps``). In a multiway encoder
+torchscale makes it a multiway pair split along the sequence (``layernorm_embedding.A`` /
+``.B``): each part gets its copy (``Stack.embedding_output``). During incremental decoding the
+decoder normalises only the new position's row (torchscale keeps the last token and its
 position before this step).
 """
 

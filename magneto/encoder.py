@@ -1,6 +1,9 @@
 """The Magneto encoder: embeddings, a stack of ``EncoderLayer``, final norm, output projection.
 
-Same constructor arguments, forward call and returned dict as torchscale 0.3.0's ``Encoder``.
+Same constructor arguments, forward call and returned dict as torchscale 0.3.0's ``Encoder``,
+its options included (``magneto.config``): ``layernorm_embedding``, a relative position table
+(``relative_position``, its bias computed once per forward and added in every layer), xPos,
+mixture-of-experts layers (their ``l_aux`` in the result), multiway layers.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from torch import Tensor, nn
 from magneto.config import MagnetoConfig
 from magneto.layers import EncoderLayer
 from magneto.multiway import Multiway, pick, single_part
+from magneto.relative_position import RelativePositionBias
 from magneto.stack import Stack
 
 
@@ -48,8 +52,13 @@ class Encoder(Stack):
             config.encoder_layers,
             want_projection=not is_encoder_decoder,
             final_norm=config.normalize_before and config.normalize_output,
+            multiway=config.multiway,
             **kwargs,
         )
+        self.relative_position = self.relative_positions()
+
+    def relative_position_tables(self) -> list[RelativePositionBias]:
+        return [t for t in (self.relative_position,) if t is not None]
 
     def forward_embedding(
         self,
@@ -59,13 +68,14 @@ class Encoder(Stack):
         *,
         part: Optional[int] = None,
     ) -> tuple[Tensor, Tensor]:
-        """``(dropout(embedding + positions), embedding)``; ``part``: the copy of a ``Multiway``
-        position embedding every token uses."""
-        x = embed = self.scaled_token_embedding(src_tokens, token_embedding)
+        """``(dropout(layernorm_embedding(embedding + positions)), embedding)``; ``part``: the
+        copy of a ``Multiway`` position embedding and embedding norm every token uses."""
+        embed = self.scaled_token_embedding(src_tokens, token_embedding)
+        table = None
         if self.embed_positions is not None:
-            source = src_tokens if src_tokens is not None else x
-            x = embed + pick(self.embed_positions, part)(source, positions=positions)
-        return self.dropout_module(x), embed
+            source = src_tokens if src_tokens is not None else embed
+            table = pick(self.embed_positions, part)(source, positions=positions)
+        return self.embedding_output(embed, table, part), embed
 
     def forward_embedding_parts(
         self,
@@ -81,17 +91,20 @@ class Encoder(Stack):
         embed = self.scaled_token_embedding(src_tokens, token_embedding)
         sizes = [split, embed.shape[1] - split]
         parts = embed.split(sizes, dim=1)
+        tables = [None, None]
         if isinstance(self.embed_positions, Multiway):
             sources = parts if src_tokens is None else src_tokens.split(sizes, dim=1)
-            parts = [
-                x + self.embed_positions[part](source, positions=positions)
-                for part, (x, source) in enumerate(zip(parts, sources))
+            tables = [
+                self.embed_positions[part](source, positions=positions)
+                for part, source in enumerate(sources)
             ]
         elif self.embed_positions is not None:
             source = src_tokens if src_tokens is not None else embed
-            table = self.embed_positions(source, positions=positions).split(sizes, dim=1)
-            parts = [x + pos for x, pos in zip(parts, table)]
-        return [self.dropout_module(x.contiguous()) for x in parts], embed
+            tables = self.embed_positions(source, positions=positions).split(sizes, dim=1)
+        return [
+            self.embedding_output(x, table, part).contiguous()
+            for part, (x, table) in enumerate(zip(parts, tables))
+        ], embed
 
     def forward(
         self,
@@ -114,7 +127,8 @@ class Encoder(Stack):
         nonzero = masked; ``incremental_state``: a list with one dict per layer (key/value cache).
         ``multiway_split_position`` (multiway encoders): see ``magneto.multiway``; a split
         inside the sequence carries the residual stream as two parts from the embedding to the
-        final norm.
+        final norm. (torchscale keeps a split until the next call that passes one; here a call
+        without one uses copy A, as torchscale's first call does.)
         """
         batch, length = self._check_inputs(src_tokens, token_embeddings)
         part = single_part(self.config.multiway, multiway_split_position, length)
@@ -130,6 +144,9 @@ class Encoder(Stack):
 
         # Only a mask the caller gave reaches attention: an all-False one would only slow SDPA.
         layer_mask = given_mask if incremental_state is None else None
+        rel_pos = None  # one (1, heads, length, length) bias for every layer
+        if self.relative_position is not None:
+            rel_pos = self.relative_position.bias(length, length)
         if self.config.multiway and part is None:
             parts, encoder_embedding = self.forward_embedding_parts(
                 src_tokens, token_embeddings, positions, multiway_split_position
@@ -147,6 +164,7 @@ class Encoder(Stack):
                     encoder_padding_mask=layer_mask,
                     attn_mask=attn_mask,
                     incremental_state=state,
+                    rel_pos=rel_pos,
                 )
                 if return_all_hiddens:
                     encoder_states.append(torch.cat(parts, dim=1))
@@ -175,6 +193,7 @@ class Encoder(Stack):
                 x,
                 encoder_padding_mask=layer_mask,
                 attn_mask=attn_mask,
+                rel_pos=rel_pos,
                 incremental_state=state,
                 multiway_split_position=multiway_split_position,
             )

@@ -20,9 +20,10 @@ The entry points convert before that:
   rules above (torchscale adds its float mask).
 
 ``sdpa_mask`` merges a key padding mask (batch, src_len), an attention mask (tgt_len, src_len)
-or (batch·heads, tgt_len, src_len) and a causal flag into SDPA's ``attn_mask`` (bool, True =
-attend, or additive float) and ``is_causal``; a causal query i of the last tgt_len positions
-sees the keys up to its own position (decoding with a cache: bottom-right aligned).
+or (batch·heads, tgt_len, src_len), a causal flag and a relative position bias (``rel_pos``,
+added to the scores after the masks, as torchscale adds it) into SDPA's ``attn_mask`` (bool,
+True = attend, or additive float) and ``is_causal``; a causal query i of the last tgt_len
+positions sees the keys up to its own position (decoding with a cache: bottom-right aligned).
 """
 
 from __future__ import annotations
@@ -65,10 +66,13 @@ def sdpa_mask(
     attn_mask: Optional[Tensor],
     is_causal: bool,
     q: Tensor,
+    rel_pos: Optional[Tensor] = None,
 ) -> tuple[Optional[Tensor], bool]:
     """SDPA's ``attn_mask`` (bool, True = attend, or additive float in q's dtype) and
-    ``is_causal`` for these masks, each read by its dtype (module docstring)."""
-    if key_padding_mask is None and attn_mask is None:
+    ``is_causal`` for these masks, each read by its dtype (module docstring). ``rel_pos``: an
+    additive bias, torchscale's (batch·heads, tgt_len, src_len) or any 4-D tensor that
+    broadcasts to (batch, heads, tgt_len, src_len) (``magneto.relative_position``)."""
+    if key_padding_mask is None and attn_mask is None and rel_pos is None:
         if not is_causal or tgt_len == 1:
             return None, False
         if tgt_len == src_len:
@@ -105,11 +109,28 @@ def sdpa_mask(
             additive = attn_mask if additive is None else additive + attn_mask
         else:
             keep = ~_masked(attn_mask) if keep is None else keep & ~_masked(attn_mask)
+    if rel_pos is not None:
+        rel_pos = _bias(rel_pos, bsz, heads, tgt_len, src_len).to(q.device, q.dtype)
+        additive = rel_pos if additive is None else additive + rel_pos
     if additive is None:
         return keep, False
     if keep is not None:
         additive = additive.masked_fill(~keep, float("-inf"))
     return additive, False
+
+
+def _bias(rel_pos: Tensor, bsz: int, heads: int, tgt_len: int, src_len: int) -> Tensor:
+    """``rel_pos`` broadcastable to (batch, heads, tgt_len, src_len)."""
+    full = (bsz, heads, tgt_len, src_len)
+    if rel_pos.dim() == 3 and tuple(rel_pos.shape) == (bsz * heads, tgt_len, src_len):
+        return rel_pos.view(full)
+    if rel_pos.dim() == 4 and all(n in (1, m) for n, m in zip(rel_pos.shape, full)):
+        return rel_pos
+    raise ValueError(
+        f"rel_pos must have shape (batch*heads, tgt_len, src_len) = "
+        f"{(bsz * heads, tgt_len, src_len)} or broadcast to (batch, heads, tgt_len, src_len) = "
+        f"{full}, got {tuple(rel_pos.shape)}"
+    )
 
 
 def masked_scores(scores: Tensor, mask: Optional[Tensor], causal: bool) -> Tensor:

@@ -2,14 +2,19 @@
 (``torchscale/component/xmoe/moe_layer.py``, ``MOELayer``; ``feedforward_network.py``,
 ``make_experts``), its experts magneto's fused Sub-LN FFNs.
 
-    y, l_aux = moe(x)       x: (..., d) tokens, already through the layer's input norm
+    y, l_aux = moe(x, input_norm=norm, residual=x, alpha=alpha)      x: (..., d) tokens
 
-1. the gate (``magneto.moe_gate``) routes each token to one or two experts, each expert taking
-   at most ``capacity`` tokens;
-2. each expert is torchscale's ``FeedForwardNetwork`` (``fc1``, activation, ``ffn_layernorm``
-   under Sub-LN, ``fc2``, output dropout), run as two ``ln_linear`` calls on the tokens it was
-   given;
-3. a token's output is the weighted sum of its experts' outputs (0 for a token no expert took).
+1. the gate (``magneto.moe_gate``) routes each token, normalised by the layer's norm, to one or
+   two experts, each expert taking at most ``capacity`` tokens;
+2. each expert is a ``magneto.FeedForward`` (torchscale's ``FeedForwardNetwork``: ``fc1``,
+   activation, ``ffn_layernorm`` under Sub-LN, ``fc2``, output dropout), run as two
+   ``ln_linear`` calls on the tokens it was given, the layer's norm fused into fc1;
+3. a token's output is the residual plus the weighted sum of its experts' outputs (the
+   residual alone for a token no expert took).
+
+The layer's norm is never applied on its own: the gate's projection (``wg``, or X-MoE's
+``wg_reduction``) and every expert's fc1 take it fused, as ``ln_linear``'s prologue, on the
+tokens they read, so no normalised copy of the tokens is kept for backward.
 
 torchscale multiplies dense (E·C, S) dispatch and (S, E·C) combine matrices into the tokens
 (O(S²·d) work for top-2, C ≈ 2S/E); here the tokens are gathered into each expert's rows and the
@@ -22,10 +27,17 @@ gets its experts' rows from every rank, runs its experts, and exchanges the outp
 gradients flow back through the same exchanges. With a ``group`` in a world of several ranks,
 every rank first pads its tokens to the largest token count over the world, as torchscale's
 layer does, so that capacities agree (padding tokens go nowhere but count in the capacity and
-``l_aux``). ``expert_group`` builds torchscale's groups; when experts are replicated (more
-ranks than experts), summing their gradients over the replicas is the trainer's job, as in
-fairseq.
-``build_experts`` draws the experts' initial parameters as ``make_experts`` does.
+``l_aux``; torchscale pads after the norm with zero rows, whose routing scores are 0, so the
+gate scores the real tokens only and gives the padding zero scores). ``expert_group`` builds
+torchscale's groups; when experts are replicated (more ranks than experts), summing their
+gradients over the replicas is the trainer's job, as in fairseq. The layer's norm, fused into
+the experts' fc1, meets other ranks' tokens on the ranks running their experts: its gradient
+from a rank's tokens partly lands on those ranks, and only the sum over the ranks (what
+data-parallel training all-reduces for every non-expert parameter) is torchscale's.
+
+``build_experts`` draws the experts' initial parameters as ``make_experts`` does;
+``build_moe_layer`` builds a model's MoE layer from its ``MagnetoConfig`` as torchscale's layers
+build theirs.
 """
 
 from __future__ import annotations
@@ -34,81 +46,53 @@ from typing import Callable, Iterable, Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.nn.functional import all_to_all_single
 
-import magneto_kernels
+from magneto.config import MagnetoConfig
+from magneto.feedforward import FeedForward
 from magneto.moe_gate import Gate, Routing
 
 
-class Expert(nn.Module):
-    """torchscale's ``FeedForwardNetwork`` and its parameter names: ``fc1`` (d -> ffn_dim),
-    ``ffn_layernorm`` (Sub-LN only), ``fc2`` (-> d); ``nn.Linear``/``nn.LayerNorm`` used as
-    parameter holders, drawn as torchscale draws them.
-
-    ``activation``: torchscale's ``activation_fn`` ("gelu", "relu", "swish") or any activation
-    of ``magneto_kernels``. No input norm: the MoE layer's tokens are normalised already.
-    """
-
-    def __init__(
-        self,
-        embed_dim: int,
-        ffn_dim: int,
-        activation: str = "gelu",
-        dropout: float = 0.0,
-        activation_dropout: float = 0.0,
-        eps: float = 1e-5,
-        subln: bool = True,
-        backend: Optional[str] = None,
-    ):
-        super().__init__()
-        self.activation, self.backend = activation, backend
-        self.dropout, self.activation_dropout = dropout, activation_dropout
-        self.fc1 = nn.Linear(embed_dim, ffn_dim)
-        self.fc2 = nn.Linear(ffn_dim, embed_dim)
-        self.ffn_layernorm = nn.LayerNorm(ffn_dim, eps=eps) if subln else None
-
-    def forward(self, x: Tensor, dropout_p: Optional[float] = None) -> Tensor:
-        """``dropout(fc2(ffn_layernorm(act(fc1(x)))))``: fc1 writes the pre-activation, fc2
-        applies the activation and the norm on load (activation dropout in training: unfused).
-        ``dropout_p`` overrides the output dropout (``dropout`` in training)."""
-        if dropout_p is None:
-            dropout_p = self.dropout if self.training else 0.0
-        preact = magneto_kernels.ln_linear(
-            x, None, None, self.fc1.weight, self.fc1.bias, backend=self.backend
-        )
-        norm = self.ffn_layernorm
-        fc2 = dict(
-            ln_weight=None if norm is None else norm.weight,
-            ln_bias=None if norm is None else norm.bias,
-            eps=1e-5 if norm is None else norm.eps,
-            weight=self.fc2.weight,
-            bias=self.fc2.bias,
-            dropout_p=dropout_p,
-            backend=self.backend,
-        )
-        if self.training and self.activation_dropout > 0.0:
-            a = magneto_kernels.activation(preact, self.activation)
-            return magneto_kernels.ln_linear(
-                magneto_kernels.dropout(a, self.activation_dropout), **fc2
-            )
-        return magneto_kernels.ln_linear(preact, input_activation=self.activation, **fc2)
-
-
-def build_experts(build: Callable[[], nn.Module], indices: Iterable[int]) -> nn.ModuleList:
-    """The experts of global indices ``indices``, each built by ``build()`` under the seed
-    torchscale's ``make_experts`` gives it: one ``torch.randint(1000000)`` draw from torch's
-    generator (the only draw left on it), plus the expert's global index (torchscale:
-    ``ddp_rank·local count + i``, or the rank's expert group when experts are fewer than
-    ranks: the global index when ``ddp_rank`` is the rank)."""
+def _seeded(indices: Iterable[int], run: Callable[[int], object]) -> list:
+    """``run(index)`` for each global expert index under the seed torchscale's ``make_experts``
+    gives that expert: one ``torch.randint(1000000)`` draw from torch's generator (the only
+    draw left on it), plus the index (torchscale: ``ddp_rank·local count + i``, or the rank's
+    expert group when experts are fewer than ranks: the global index when ``ddp_rank`` is the
+    rank)."""
     start_seed = torch.randint(1000000, (1,)).item()
-    experts = []
+    results = []
     for index in indices:
         with torch.random.fork_rng():
             torch.manual_seed(start_seed + index)
-            experts.append(build())
-    return nn.ModuleList(experts)
+            results.append(run(index))
+    return results
+
+
+def build_experts(build: Callable[[], nn.Module], indices: Iterable[int]) -> nn.ModuleList:
+    """The experts of global indices ``indices``, each built by ``build()`` under its
+    ``make_experts`` seed."""
+    return nn.ModuleList(_seeded(indices, lambda index: build()))
+
+
+def build_moe_layer(config: MagnetoConfig, gain: float = 1.0) -> "MoELayer":
+    """The MoE layer of a model with ``config`` (``moe_*`` fields, ``use_xmoe``), as torchscale's
+    encoder and decoder layers build it: the gate, then this rank's experts (``FeedForward``s
+    with init gain ``gain``) in torchscale's placement over ``torch.distributed``'s ranks."""
+    gate = Gate(
+        config.embed_dim,
+        config.moe_expert_count,
+        1 if config.moe_top1_expert else 2,
+        use_fp32=config.moe_gating_use_fp32,
+        second_expert_policy=config.moe_second_expert_policy,
+        normalize_gate_prob_before_dropping=config.moe_normalize_gate_prob_before_dropping,
+        eval_capacity_token_fraction=config.moe_eval_capacity_token_fraction,
+        use_xmoe=config.use_xmoe,
+        backend=config.backend,
+    )
+    group, indices = expert_group(config.moe_expert_count)
+    experts = build_experts(lambda: FeedForward(config, gain=gain), indices)
+    return MoELayer(gate, experts, group)
 
 
 def expert_group(num_experts: int) -> tuple[Optional[dist.ProcessGroup], range]:
@@ -139,7 +123,9 @@ class MoELayer(nn.Module):
     (``i`` the local index), ``forward(x, input_padding_mask)`` -> ``(y, l_aux)``.
 
     ``group``: the expert-parallel process group (``expert_group``); None runs every expert
-    here. ``experts`` are this rank's, the gate's experts ``rank·len(experts)`` onwards.
+    here. ``experts`` are this rank's, the gate's experts ``rank·len(experts)`` onwards (rank
+    in ``group``). An expert is called as ``expert(rows, input_norm=..., dropout_p=...)``
+    (``FeedForward``'s sublayer protocol).
     """
 
     def __init__(
@@ -161,6 +147,14 @@ class MoELayer(nn.Module):
         for p in self.experts.parameters():
             p.expert = True  # fairseq's trainer keeps these out of the data-parallel all-reduce
 
+    def reset_parameters(self, *args) -> None:
+        """Redraw the gate, then the experts under their ``make_experts`` seeds (``args``, e.g.
+        an init gain, go to each expert)."""
+        self.gate.reset_parameters()
+        start = (0 if self.group is None else dist.get_rank(self.group)) * len(self.experts)
+        indices = range(start, start + len(self.experts))
+        _seeded(indices, lambda index: self.experts[index - start].reset_parameters(*args))
+
     def forward(
         self,
         x: Tensor,
@@ -176,8 +170,8 @@ class MoELayer(nn.Module):
         shape (no residual term without ``residual``).
 
         - ``input_padding_mask`` (x's leading shape, True at padding): those tokens go nowhere.
-        - ``input_norm``: the layer's norm, called once; the gate and the experts read its output
-          (torchscale: ``final_layer_norm`` before ``moe_layer``).
+        - ``input_norm``: the layer's norm (torchscale: ``final_layer_norm`` before
+          ``moe_layer``), fused into the gate's projection and each expert's fc1.
         - ``dropout_p``: the experts' output dropout instead of their own (``residual``'s
           sublayer protocol, as ``magneto.FeedForward``).
         - ``time_major``: route a (batch, length, d) ``x`` in (length, batch) order, the order
@@ -197,22 +191,23 @@ class MoELayer(nn.Module):
             x, residual, input_padding_mask = (
                 None if t is None else t.transpose(0, 1) for t in (x, residual, input_padding_mask)
             )
-        h = x if input_norm is None else input_norm(x)
-        tokens = h.reshape(-1, h.shape[-1])
+        tokens = x.reshape(-1, x.shape[-1])
         mask = None if input_padding_mask is None else input_padding_mask.reshape(-1)
-        count = tokens.shape[0]
+        count = padded = tokens.shape[0]
         if self.group is not None and dist.get_world_size() > 1:
-            tokens, mask = _pad_to_world_max(tokens, mask)
+            padded, mask = _pad_to_world_max(count, mask, tokens.device)
         if residual is None:
             base = tokens.new_zeros(tokens.shape)
-        else:  # the residual add folded into the combine (zero rows for any padding)
-            base = alpha * residual.reshape(-1, residual.shape[-1])
-            base = F.pad(base, (0, 0, 0, tokens.shape[0] - count))
-        routing = self.gate(tokens, mask)
+        else:  # the residual add folded into the combine
+            base = residual.reshape(-1, residual.shape[-1])
+            base = base if alpha == 1.0 else alpha * base
+        routing = self.gate(tokens, mask, input_norm=input_norm, num_tokens=padded)
         exchange = self.group is not None and dist.get_world_size(self.group) > 1
         combine = self._exchange if exchange else self._local
-        expert_kwargs = {} if dropout_p is None else {"dropout_p": dropout_p}
-        y = combine(tokens, routing, base, expert_kwargs)[:count].reshape(h.shape)
+        expert_kwargs = {"input_norm": input_norm}
+        if dropout_p is not None:
+            expert_kwargs["dropout_p"] = dropout_p
+        y = combine(tokens, routing, base, expert_kwargs).reshape(x.shape)
         return (y.transpose(0, 1) if time_major else y), routing.l_aux
 
     def _local(self, tokens: Tensor, routing: Routing, base: Tensor, kwargs: dict) -> Tensor:
@@ -260,15 +255,13 @@ def _combine(base: Tensor, token: Tensor, weight: Tensor, out: Tensor) -> Tensor
     return base.index_add(0, token, weighted)
 
 
-def _pad_to_world_max(tokens: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """Tokens padded with zero rows to the largest count over the world, and the padding mask
-    (True at the padding, and where ``mask`` says), as torchscale's ``MOELayer`` pads them."""
-    count = torch.tensor([tokens.shape[0]], device=tokens.device)
-    dist.all_reduce(count, op=dist.ReduceOp.MAX)
-    padded = int(count.item())
-    full_mask = torch.ones(padded, dtype=torch.bool, device=tokens.device)
-    full_mask[: tokens.shape[0]] = False if mask is None else mask
-    if padded == tokens.shape[0]:
-        return tokens, full_mask
-    pad = tokens.new_zeros(padded - tokens.shape[0], tokens.shape[1])
-    return torch.cat([tokens, pad]), full_mask
+def _pad_to_world_max(count: int, mask: Optional[Tensor], device) -> tuple[int, Tensor]:
+    """The largest token count over the world, which torchscale's ``MOELayer`` pads every rank
+    to, and the padding mask of that many tokens (True at the padding, and where ``mask``
+    says)."""
+    largest = torch.tensor([count], device=device)
+    dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+    padded = int(largest.item())
+    full_mask = torch.ones(padded, dtype=torch.bool, device=device)
+    full_mask[:count] = False if mask is None else mask
+    return padded, full_mask

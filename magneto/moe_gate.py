@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from magneto.fusion import project
+
 POLICIES = ("sampling", "random", "all")
 """``moe_second_expert_policy`` values: Gumbel-noised second choice, second choice kept with
 probability 2·g2, always kept (torchscale treats any value but the first two as the last)."""
@@ -172,7 +174,8 @@ class Gate(nn.Module):
     """torchscale's ``Top1Gate`` (``top=1``) or ``Top2Gate`` (``top=2``): parameters
     ``wg.weight`` (E, d) or, with ``use_xmoe``, ``wg_reduction.weight`` (16, d) and ``wg``
     (E, 16), drawn as torchscale draws them. ``forward(x, padding_mask)`` routes the (S, d)
-    tokens ``x`` (eval-mode capacity when not training)."""
+    tokens ``x`` (eval-mode capacity when not training). ``backend``: the ``magneto_kernels``
+    backend of the projection."""
 
     def __init__(
         self,
@@ -186,11 +189,13 @@ class Gate(nn.Module):
         eval_capacity_token_fraction: float = 0.25,
         capacity_factor: float = 1.0,
         use_xmoe: bool = False,
+        backend: Optional[str] = None,
     ):
         super().__init__()
         if num_experts < 1 or (top == 2 and num_experts < 2):
             raise ValueError(f"num_experts={num_experts}: top-{top} gating needs >= {top}")
         self.num_experts, self.top, self.use_xmoe = num_experts, top, use_xmoe
+        self.backend = backend
         self.options = dict(
             use_fp32=use_fp32,
             second_expert_policy=second_expert_policy,
@@ -206,11 +211,21 @@ class Gate(nn.Module):
         else:
             self.wg = nn.Linear(embed_dim, num_experts, bias=False)
 
-    def logits(self, x: Tensor) -> Tensor:
-        """(S, E) routing scores."""
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Redraw as the constructor draws (``nn.Linear``'s init; X-MoE's orthogonal ``wg``)."""
         if not self.use_xmoe:
-            return self.wg(x)
-        x = self.wg_reduction(x)
+            self.wg.reset_parameters()
+            return
+        self.wg_reduction.reset_parameters()
+        nn.init.orthogonal_(self.wg, gain=0.32)
+
+    def logits(self, x: Tensor, input_norm: Optional[nn.Module] = None) -> Tensor:
+        """(S, E) routing scores of the tokens ``input_norm(x)`` (the norm fused into the
+        projection, ``magneto.fusion``)."""
+        if not self.use_xmoe:
+            return project("Gate.wg", x, self.wg, input_norm, backend=self.backend)
+        x = project("Gate.wg_reduction", x, self.wg_reduction, input_norm, backend=self.backend)
         with torch.no_grad():
             self.wg.mul_(1.5 / self.wg.norm(p=2.0, dim=1, keepdim=True))
         experts = F.normalize(self.wg.float(), p=2.0, dim=1, eps=1e-4)
@@ -220,10 +235,22 @@ class Gate(nn.Module):
             scores[~finite] = scores[finite].min()
         return scores
 
-    def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None) -> Routing:
-        return route(
-            self.logits(x), self.top, padding_mask, eval_mode=not self.training, **self.options
-        )
+    def forward(
+        self,
+        x: Tensor,
+        padding_mask: Optional[Tensor] = None,
+        *,
+        input_norm: Optional[nn.Module] = None,
+        num_tokens: Optional[int] = None,
+    ) -> Routing:
+        """The routing of the tokens ``input_norm(x)``; ``num_tokens``: route that many, the
+        rows after x's being zero tokens (the padding torchscale's ``MOELayer`` adds after the
+        norm: their scores are 0, ``wg`` having no bias and X-MoE's cosine of 0 being 0), which
+        ``padding_mask`` marks."""
+        logits = self.logits(x, input_norm)
+        if num_tokens is not None and num_tokens > logits.shape[0]:
+            logits = F.pad(logits, (0, 0, 0, num_tokens - logits.shape[0]))
+        return route(logits, self.top, padding_mask, eval_mode=not self.training, **self.options)
 
     def extra_repr(self) -> str:
         options = "".join(f", {k}={v!r}" for k, v in self.options.items())

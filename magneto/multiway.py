@@ -18,6 +18,11 @@ concatenated along the sequence (one copy of 3 d-vectors per token), and attenti
 per query part over all keys, so that each part's attention output is again contiguous and
 feeds its ``out_proj`` without a copy (docs/design.md, Memory accounting).
 
+In a decoder (torchscale's ``multiway=True`` on a ``Decoder``) only the attention's
+projections and ``inner_attn_ln``, self- and cross-attention, come in two copies, and since
+torchscale's decoder never sets a split position, copy A serves every token (B never trains);
+magneto's decoder layers pass ``part=0``.
+
 Module names follow torchscale (``self_attn_layer_norm.A.weight``, ``ffn.B.fc1.weight``);
 the packed q/k/v of a part is ``in_proj.A.weight`` (torchscale's ``q_proj.A.weight``,
 ``k_proj.A.weight``, ``v_proj.A.weight`` load into it and export back).
@@ -133,6 +138,8 @@ def attention_parts(
     attn_mask: Optional[Tensor],
     incremental_state: Optional[dict],
     *,
+    rel_pos: Optional[Tensor] = None,
+    is_first_step: bool = False,
     input_norm: Optional[Multiway],
     residual: Optional[Sequence[Tensor]],
     alpha: float,
@@ -143,7 +150,8 @@ def attention_parts(
     A's projections and norms, part B's copy B's; attention sees every key.
 
     ``input_norm``/``residual``: a ``Multiway`` norm pair and the two residual parts, as in
-    ``MultiheadAttention.forward``; masks and ``incremental_state`` refer to the whole sequence.
+    ``MultiheadAttention.forward``; masks, ``rel_pos``, ``is_first_step`` and
+    ``incremental_state`` refer to the whole sequence.
     """
     if not attn.multiway:
         raise ValueError("parts: this attention is not multiway")
@@ -163,8 +171,9 @@ def attention_parts(
     )
     q, k, v = (attn._heads(t) for t in qkv.split(d, dim=-1))
     k, v = kv_cache.extend(incremental_state, k, v)
+    q, k = attn.rotate(q, k, incremental_state, is_first_step)
     mask, _ = masks.sdpa_mask(
-        bsz, attn.num_heads, tgt_len, k.shape[2], key_padding_mask, attn_mask, False, q
+        bsz, attn.num_heads, tgt_len, k.shape[2], key_padding_mask, attn_mask, False, q, rel_pos
     )
     p = attn.attention_dropout if attn.training else 0.0
     out, start = [], 0

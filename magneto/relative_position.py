@@ -22,6 +22,11 @@ How torchscale uses it (``architecture/encoder.py``, ``decoder.py``):
 During incremental decoding torchscale slices the batch·heads dimension (``bias[-1:]``) where it
 means the last query row, and its view then fails; ``bias(1, klen, step=klen − 1)`` here is
 that last row, computed alone.
+
+magneto's ``Encoder`` and ``Decoder`` own the same tables under the same names
+(``MagnetoConfig.rel_pos_buckets``/``max_rel_pos``) and compute the (1, heads, tgt, src) bias
+once per forward, for the query rows the call computes; attention adds it inside SDPA's
+additive mask (``magneto.masks.sdpa_mask``), broadcast over the batch.
 """
 
 from __future__ import annotations
@@ -57,6 +62,21 @@ def relative_position_bucket(
     return buckets + torch.where(n < max_exact, n, large)
 
 
+def check_buckets(num_buckets: int, max_distance: int, bidirectional: bool) -> None:
+    """ValueError unless the buckets leave an exact range below ``max_distance``."""
+    max_exact = (num_buckets // 2 if bidirectional else num_buckets) // 2
+    if max_exact < 1:
+        raise ValueError(
+            f"num_buckets={num_buckets} leaves no exact bucket "
+            f"({'>= 4 when bidirectional' if bidirectional else '>= 2'})"
+        )
+    if max_distance <= max_exact:
+        raise ValueError(
+            f"max_distance={max_distance} must exceed the exact range {max_exact} "
+            f"(num_buckets={num_buckets})"
+        )
+
+
 class RelativePositionBias(nn.Module):
     """torchscale's ``RelativePositionBias``: parameter ``relative_attention_bias.weight``
     (num_buckets, num_heads), an ``nn.Embedding`` (its default N(0, 1) init, as torchscale's).
@@ -74,20 +94,13 @@ class RelativePositionBias(nn.Module):
         bidirectional: bool = True,
     ):
         super().__init__()
-        max_exact = (num_buckets // 2 if bidirectional else num_buckets) // 2
-        if max_exact < 1:
-            raise ValueError(
-                f"num_buckets={num_buckets} leaves no exact bucket "
-                f"({'>= 4 when bidirectional' if bidirectional else '>= 2'})"
-            )
-        if max_distance <= max_exact:
-            raise ValueError(
-                f"max_distance={max_distance} must exceed the exact range {max_exact} "
-                f"(num_buckets={num_buckets})"
-            )
+        check_buckets(num_buckets, max_distance, bidirectional)
         self.num_buckets, self.max_distance = num_buckets, max_distance
         self.num_heads, self.bidirectional = num_heads, bidirectional
         self.relative_attention_bias = nn.Embedding(num_buckets, num_heads)
+
+    def reset_parameters(self) -> None:
+        self.relative_attention_bias.reset_parameters()
 
     def buckets(self, qlen: int, klen: int, step: int = 0) -> Tensor:
         """(qlen, klen) buckets of queries at positions ``step`` … ``step + qlen − 1`` against

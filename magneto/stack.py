@@ -1,4 +1,5 @@
-"""The stack ``Encoder`` and ``Decoder`` share: embeddings, layers, final norm, output projection.
+"""The stack ``Encoder`` and ``Decoder`` share: embeddings (and ``layernorm_embedding``), layers,
+final norm, relative position tables, output projection.
 
 Everything is built, and so initialised, in torchscale 0.3.0's order, so that the same seed
 gives torchscale's parameters with ``init="torchscale"``.
@@ -15,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from magneto import init
 from magneto.config import MagnetoConfig
+from magneto.embedding_norm import embedding_output
 from magneto.embeddings import (
     LearnedPositionalEmbedding,
     build_output_projection,
@@ -24,15 +26,19 @@ from magneto.embeddings import (
 from magneto.fusion import project
 from magneto.multiway import Multiway, pick
 from magneto.norm import NormLayer
+from magneto.relative_position import RelativePositionBias
 
 
 class Stack(nn.Module):
     """What ``Encoder`` and ``Decoder`` share: the embeddings, a stack of layers, the final norm
     and the output projection.
 
-    A subclass's ``__init__`` calls ``super().__init__`` with its layer type and depth; its
-    ``forward`` embeds with ``scaled_token_embedding``, runs each layer through ``run_layer``
-    and ends with ``final_output``.
+    A subclass's ``__init__`` calls ``super().__init__`` with its layer type and depth, then
+    builds its relative position tables (``relative_positions``); its ``forward`` embeds with
+    ``scaled_token_embedding`` and ``embedding_output``, runs each layer through ``run_layer``
+    and ends with ``final_output``. ``multiway``: the stack's own norms (``layernorm_embedding``,
+    ``layer_norm``) are ``Multiway`` pairs (a multiway encoder; torchscale's multiway decoder
+    has plain ones).
     """
 
     def __init__(
@@ -47,6 +53,7 @@ class Stack(nn.Module):
         *,
         want_projection: bool,
         final_norm: bool,
+        multiway: bool = False,
         **kwargs,
     ):
         """Embeddings, ``num_layers`` layers of ``layer_type`` and the optional final norm, built
@@ -62,26 +69,41 @@ class Stack(nn.Module):
         self._setup_embeddings(
             config, embed_tokens, embed_positions, output_projection, want_projection
         )
+
+        def build_norm():  # per modality in a multiway encoder (torchscale's ``layer_norm.A``)
+            def one():
+                return NormLayer(config.embed_dim, config.eps, config.norm, config.backend)
+
+            return Multiway(one(), one()) if multiway else one()
+
+        self.layernorm_embedding = build_norm() if config.layernorm_embedding else None
         self.layers = nn.ModuleList(
             layer_type(config, i, is_encoder_decoder) for i in range(num_layers)
         )
-
-        def build_norm():
-            return NormLayer(config.embed_dim, config.eps, config.norm, config.backend)
-
-        self.layer_norm = None
-        if final_norm:  # per modality in a multiway model (torchscale's ``layer_norm.A``)
-            self.layer_norm = (
-                Multiway(build_norm(), build_norm()) if config.multiway else build_norm()
-            )
+        self.layer_norm = build_norm() if final_norm else None
         self.num_layers = len(self.layers)
+
+    def relative_positions(self) -> Optional[RelativePositionBias]:
+        """A relative position table per ``config.rel_pos_buckets``/``max_rel_pos`` (None when
+        off); torchscale builds them after the final norm, each drawing its N(0, 1) init."""
+        c = self.config
+        if c.rel_pos_buckets == 0:
+            return None
+        return RelativePositionBias(c.rel_pos_buckets, c.max_rel_pos, c.num_heads)
 
     def reset_parameters(self) -> None:
         self._reset_embeddings()
         for layer in self.layers:
             layer.reset_parameters()
-        if self.layer_norm is not None:
-            self.layer_norm.reset_parameters()
+        for norm in (self.layernorm_embedding, self.layer_norm):
+            if norm is not None:
+                norm.reset_parameters()
+        for table in self.relative_position_tables():
+            table.reset_parameters()
+
+    def relative_position_tables(self) -> list[RelativePositionBias]:
+        """The stack's relative position tables, in build order (a subclass's)."""
+        return []
 
     def scaled_token_embedding(
         self, tokens: Optional[Tensor], token_embedding: Optional[Tensor]
@@ -138,6 +160,14 @@ class Stack(nn.Module):
             init.init_learned_positions_(self.embed_positions, scheme)
         if "output_projection" in self._owned:
             init.init_output_projection_(self.output_projection, scheme)
+
+    def embedding_output(
+        self, embed: Tensor, positions: Optional[Tensor], part: Optional[int] = None
+    ) -> Tensor:
+        """``dropout(layernorm_embedding(embed + positions))`` (``magneto.embedding_norm``);
+        ``part``: the copy of a ``Multiway`` embedding norm the tokens use."""
+        norm = pick(self.layernorm_embedding, part)
+        return embedding_output(embed, positions, norm, self.dropout_module)
 
     def run_layer(self, layer: nn.Module, *args, **kwargs):
         """``layer(*args, **kwargs)``, recomputed in backward when checkpointing is on."""

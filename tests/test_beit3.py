@@ -148,7 +148,15 @@ def test_parity_triton_interpreter(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "extra", [dict(no_output_layer=True), dict(deepnorm=True), dict(subln=False)]
+    "extra",
+    [
+        dict(no_output_layer=True),
+        dict(deepnorm=True),
+        dict(subln=False),
+        dict(layernorm_embedding=True),  # a multiway pair, split with the sequence
+        dict(rel_pos_buckets=8, max_rel_pos=12),
+        dict(xpos_rel_pos=True, xpos_scale_base=16),
+    ],
 )
 def test_parity_other_configurations(extra, monkeypatch):
     _parity("vision_text", "reference", monkeypatch, **extra)

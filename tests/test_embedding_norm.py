@@ -10,12 +10,10 @@ from torchscale.architecture.decoder import Decoder as TSDecoder
 from torchscale.architecture.encoder import Encoder as TSEncoder
 from torchscale.component.embedding import PositionalEmbedding, TextEmbedding
 
-import magneto.norm
 from magneto.embedding_norm import embedding_output
+from magneto.norm import NormLayer
 
 D, VOCAB = 16, 30
-# magneto's norm module (named NormLayer once the module refactor lands; Norm before it)
-NormLayer = getattr(magneto.norm, "NormLayer", None) or magneto.norm.Norm
 
 
 def _config(kind, **options):

@@ -82,6 +82,52 @@ def test_decoder_layer_fused_calls(scheme, op_calls):
     assert op_calls == collections.Counter(ln_linear=ln_linear, add_layer_norm=add_layer_norm)
 
 
+# torchscale's options: the same calls as the plain layer (rel-pos bias inside SDPA's mask, xPos
+# on q and k between the projections, a multiway decoder's copy A), or an MoE layer's: the
+# gate's projection and each expert's fc1 and fc2 in place of fc1 and fc2, the layer's norm
+# fused into the gate and every fc1, the residual added in the combine.
+EXPERTS = 3
+OPTION_LAYERS = {
+    "xpos": dict(xpos_rel_pos=True),
+    "rel_pos": dict(rel_pos_buckets=8, max_rel_pos=16),
+    "multiway": dict(multiway=True),
+    "moe": dict(moe_freq=1, moe_expert_count=EXPERTS),
+}
+
+
+@pytest.mark.parametrize("scheme", ENCODER_LAYER)
+@pytest.mark.parametrize("option", OPTION_LAYERS)
+@pytest.mark.parametrize("kind", ["encoder", "decoder"])
+def test_option_layer_fused_calls(kind, option, scheme, op_calls):
+    config = _config(norm_scheme=scheme, **OPTION_LAYERS[option])
+    x, encoder_out = torch.randn(2, 5, D), torch.randn(2, 6, D)
+    rel_pos = torch.randn(1, HEADS, 5, 5) if option == "rel_pos" else None
+    if kind == "encoder":
+        layer = magneto.EncoderLayer(config).eval()
+        layer(x, rel_pos=rel_pos, multiway_split_position=2 if option == "multiway" else None)
+        ln_linear, add_layer_norm = ENCODER_LAYER[scheme]
+        if option == "multiway":  # every fused op once per part
+            ln_linear, add_layer_norm = 2 * ln_linear, 2 * add_layer_norm
+    else:
+        layer = magneto.DecoderLayer(config, is_encoder_decoder=True).eval()
+        layer(x, encoder_out, self_attn_rel_pos=rel_pos, self_attn_causal=True)
+        ln_linear, add_layer_norm = DECODER_LAYER[scheme]
+    if option == "moe":
+        ln_linear += 1 + 2 * EXPERTS - 2
+    assert op_calls == collections.Counter(ln_linear=ln_linear, add_layer_norm=add_layer_norm)
+
+
+@pytest.mark.parametrize("scheme", ENCODER_LAYER)
+def test_layernorm_embedding_is_one_norm_call(scheme, op_calls):
+    """The embedding norm's output is the residual stream: one layer_norm of its own."""
+    config = _config(norm_scheme=scheme, layernorm_embedding=True, encoder_layers=1)
+    magneto.Encoder(config).eval()(None, token_embeddings=torch.randn(2, 5, D))
+    ln_linear, add_layer_norm = ENCODER_LAYER[scheme]
+    final = 1 if scheme in ("subln", "pre") else 0  # the final norm, no output projection
+    expected = dict(ln_linear=ln_linear, add_layer_norm=add_layer_norm, layer_norm=1 + final)
+    assert op_calls == collections.Counter({k: v for k, v in expected.items() if v})
+
+
 def test_stack_fuses_the_final_norm_into_the_output_projection(op_calls):
     decoder = magneto.Decoder(_config(vocab_size=30)).eval()
     decoder(torch.randint(0, 30, (2, 5)))

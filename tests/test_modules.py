@@ -493,6 +493,16 @@ def test_config_accepts_the_ops_activations(activation):
     assert_close(ffn(x), want, RTOL[torch.float64], atol=1e-12)
 
 
+def test_config_use_xmoe_forces_torchscales_two_options():
+    config = _config(moe_freq=1, moe_expert_count=2, use_xmoe=True)
+    assert config.moe_normalize_gate_prob_before_dropping is True
+    assert config.moe_second_expert_policy == "random"
+    top1 = _config(moe_freq=1, moe_expert_count=1, moe_top1_expert=True)  # one expert is enough
+    assert [config.is_moe_layer(i) for i in range(4)] == [True] * 4
+    every_third = top1.replace(moe_freq=3)
+    assert [every_third.is_moe_layer(i) for i in range(6)] == [False, False, True] * 2
+
+
 def test_checkpoint_activations_gives_the_same_gradients():
     config = _config(dropout=0.2, activation_dropout=0.1, attention_dropout=0.1)
     torch.manual_seed(0)
@@ -533,6 +543,19 @@ def test_sinusoidal_positions_formula():
         (dict(dropout=1.0), "dropout"),
         (dict(backend="tpu"), "backend"),
         (dict(num_heads=0), "num_heads"),
+        (dict(rel_pos_buckets=32), "rel_pos_buckets=32, max_rel_pos=0: both > 0"),
+        (dict(rel_pos_buckets=2, max_rel_pos=8), "rel_pos_buckets / max_rel_pos: num_buckets=2"),
+        (dict(rel_pos_buckets=32, max_rel_pos=8), "max_distance=8 must exceed"),
+        (dict(max_rel_pos=-1), "max_rel_pos"),
+        (dict(layernorm_embedding=1), "layernorm_embedding"),
+        (dict(xpos_rel_pos=True, embed_dim=12, num_heads=4), "xpos_rel_pos: .* head_dim"),
+        (dict(xpos_scale_base=0), "xpos_scale_base"),
+        (dict(moe_freq=1), "moe_expert_count must be >= 2 for top-2"),
+        (dict(moe_freq=1, moe_expert_count=1), "moe_expert_count must be >= 2"),
+        (dict(moe_freq=-1), "moe_freq"),
+        (dict(moe_second_expert_policy="first"), "moe_second_expert_policy"),
+        (dict(moe_eval_capacity_token_fraction="all"), "moe_eval_capacity_token_fraction"),
+        (dict(use_xmoe=True), "use_xmoe needs mixture-of-experts layers"),
     ],
 )
 def test_bad_config_names_the_field(kwargs, field):
@@ -559,8 +582,10 @@ def test_bad_inputs_name_the_argument():
         mha(torch.randn(2, 3, D), key_padding_mask=torch.zeros(3, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="attn_mask must have shape"):
         mha(torch.randn(2, 3, D), attn_mask=torch.zeros(3, 4))
-    with pytest.raises(ValueError, match="rel_pos"):
-        mha(torch.randn(2, 3, D), rel_pos=torch.zeros(8, 3, 3))
+    with pytest.raises(ValueError, match="rel_pos must have shape .*\\(8, 3, 3\\)"):
+        mha(torch.randn(2, 3, D), rel_pos=torch.zeros(6, 3, 3))
+    with pytest.raises(ValueError, match="rel_pos must have shape"):
+        mha(torch.randn(2, 3, D), rel_pos=torch.zeros(1, 3, 3, 3))
     layer = magneto.DecoderLayer(_config())
     with pytest.raises(ValueError, match="x must be a \\(batch, length, embed_dim=16\\)"):
         layer(torch.randn(2, 3, 8))

@@ -22,7 +22,8 @@ from torchscale.component.feedforward_network import make_experts
 from torchscale.component.xmoe.moe_layer import MOELayer as TSMOELayer
 from torchscale.component.xmoe.routing import Top1Gate, Top2Gate
 
-from magneto.moe import Expert, MoELayer, build_experts, expert_group
+from magneto import FeedForward, MagnetoConfig
+from magneto.moe import MoELayer, build_experts, expert_group
 from magneto.moe_gate import Gate, capacity, route
 
 D, FFN, E = 16, 24, 4
@@ -48,6 +49,20 @@ def _args(**options):
         moe_expert_count=E,
         **options,
     )
+
+
+def _expert(activation="gelu", subln=True):
+    """An expert as torchscale's ``FeedForwardNetwork`` (init drawn as torchscale draws it)."""
+    config = MagnetoConfig(
+        embed_dim=D,
+        num_heads=1,
+        ffn_dim=FFN,
+        encoder_layers=1,
+        activation=activation,
+        norm_scheme="subln" if subln else "pre",
+        init="torchscale",
+    )
+    return FeedForward(config)
 
 
 def _pair(top, seed=0, **options):
@@ -85,7 +100,7 @@ def _pair(top, seed=0, **options):
         eval_capacity_token_fraction=args.moe_eval_capacity_token_fraction,
         use_xmoe=args.use_xmoe,
     )
-    experts = build_experts(lambda: Expert(D, FFN, args.activation_fn, subln=args.subln), range(E))
+    experts = build_experts(lambda: _expert(args.activation_fn, args.subln), range(E))
     return MoELayer(gate, experts), theirs
 
 
@@ -282,9 +297,9 @@ def test_world_of_one_runs_every_expert_here():
         (lambda: Gate(D, 1, 2), "top-2 gating needs >= 2"),
         (lambda: route(torch.zeros(4, 2), 3), "top must be 1 or 2"),
         (lambda: route(torch.zeros(4, 2), 2, second_expert_policy="x"), "second_expert_policy"),
-        (lambda: MoELayer(Gate(D, E), [Expert(D, FFN)]), "1 experts on each of 1 rank"),
+        (lambda: MoELayer(Gate(D, E), [_expert()]), "1 experts on each of 1 rank"),
         (
-            lambda: MoELayer(Gate(D, 2), [Expert(D, FFN)] * 2)(
+            lambda: MoELayer(Gate(D, 2), [_expert()] * 2)(
                 torch.ones(2, 3, D), torch.zeros(3, 2, dtype=torch.bool)
             ),
             "input_padding_mask must have shape",

@@ -15,7 +15,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from harness import assert_close
 
-from magneto.moe import Expert, MoELayer, build_experts, expert_group
+import magneto
+from magneto import FeedForward, MagnetoConfig
+from magneto.moe import MoELayer, build_experts, expert_group
 from magneto.moe_gate import Gate
 
 WORLD = 2
@@ -43,7 +45,8 @@ def _layer(name, group=None, indices=None):
     with torch.no_grad():
         (gate.wg.weight if hasattr(gate.wg, "weight") else gate.wg).mul_(3.0)  # overflow
     indices = range(experts) if indices is None else indices
-    built = build_experts(lambda: Expert(D, FFN), indices)
+    config = MagnetoConfig(embed_dim=D, num_heads=1, ffn_dim=FFN, encoder_layers=1)
+    built = build_experts(lambda: FeedForward(config), indices)
     return MoELayer(gate, built, group).train(training)
 
 
@@ -65,6 +68,28 @@ def _step(layer, x, dy, padding, seed):
     y, l_aux = layer(x, padding)
     ((y * dy).sum() + 0.5 * l_aux).backward()
     return y.detach(), l_aux.detach(), x.grad
+
+
+# A whole model: an encoder whose second layer holds 4 experts, 2 on each rank, built from its
+# MagnetoConfig under the same seed on every rank (and in one process, with all 4).
+MODEL = dict(
+    embed_dim=D, num_heads=2, ffn_dim=FFN, encoder_layers=2, moe_freq=2, moe_expert_count=4
+)
+
+
+def _model():
+    torch.manual_seed(3)
+    return magneto.Encoder(magneto.MagnetoConfig(**MODEL, positions="none")).train()
+
+
+def _model_step(model, rank):
+    g = torch.Generator().manual_seed(20 + rank)
+    x = torch.randn(2, 6, D, generator=g) + 0.3
+    dy = torch.randn(2, 6, D, generator=g)
+    torch.manual_seed(200 + rank)  # the second expert's random draws
+    out = model(None, token_embeddings=x)
+    ((out["encoder_out"] * dy).sum() + sum(a for a in out["l_aux"] if a is not None)).backward()
+    return out["encoder_out"].detach(), {n: p.grad for n, p in model.named_parameters()}
 
 
 def _free_port() -> int:
@@ -90,6 +115,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                 grads[".".join(parts)] = p.grad
             result = dict(y=y, l_aux=l_aux, dx=dx, grads=grads)
             torch.save(result, os.path.join(out_dir, f"{name}-{rank}.pt"))
+        out, grads = _model_step(_model(), rank)
+        torch.save(dict(out=out, grads=grads), os.path.join(out_dir, f"model-{rank}.pt"))
         dist.barrier()  # no rank tears gloo down while the other is still in a collective
     finally:
         dist.destroy_process_group()
@@ -112,7 +139,7 @@ def ranks_results():
                 pytest.fail(f"the worker processes did not finish in {TIMEOUT_S} s")
         yield {
             (name, rank): torch.load(os.path.join(out_dir, f"{name}-{rank}.pt"))
-            for name in SCENARIOS
+            for name in [*SCENARIOS, "model"]
             for rank in range(WORLD)
         }
 
@@ -150,3 +177,35 @@ def test_two_ranks_equal_one_process_with_all_experts(ranks_results, name):
         # is split over its replicas, summed by the trainer
         got = [ranks_results[name, r]["grads"].get(param_name) for r in range(WORLD)]
         assert_close(sum(g for g in got if g is not None), grad, 1e-5, name=param_name)
+
+
+def test_model_experts_spread_over_two_ranks(ranks_results):
+    """A magneto Encoder built from its config in a 2-rank world: each rank holds 2 of the 4
+    experts (``moe_layer.experts.0/1``: global experts 2·rank, 2·rank + 1, drawn under their
+    global seeds); its output and gradients equal one process's model holding all four, fed
+    each rank's tokens. An expert's gradient is the sum over both ranks' tokens, and so is the
+    MoE layer's norm's (fused into the experts' fc1, it meets other ranks' tokens there; the
+    sum is what data-parallel training all-reduces)."""
+    model = _model()
+    summed = {}
+    for rank in range(WORLD):
+        model.zero_grad(set_to_none=True)
+        out, grads = _model_step(model, rank)
+        got = ranks_results["model", rank]
+        assert_close(got["out"], out, 1e-5, name=f"rank {rank} output")
+        assert not any(".experts.2." in name for name in got["grads"])
+        for name, grad in grads.items():
+            if ".experts." in name or name.startswith("layers.1.final_layer_norm."):
+                summed[name] = summed.get(name, 0) + grad
+            else:
+                assert_close(got["grads"][name], grad, 1e-5, name=f"rank {rank} {name}")
+    for name, grad in summed.items():
+        if ".experts." not in name:
+            total = sum(ranks_results["model", r]["grads"][name] for r in range(WORLD))
+            assert_close(total, grad, 1e-5, name=name)
+            continue
+        prefix, rest = name.split(".experts.")
+        index, tail = rest.split(".", 1)
+        owner, local = divmod(int(index), 2)
+        got = ranks_results["model", owner]["grads"][f"{prefix}.experts.{local}.{tail}"]
+        assert_close(got, grad, 1e-5, name=name)

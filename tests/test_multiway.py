@@ -253,14 +253,11 @@ def test_split_outside_the_sequence_is_refused(split):
         encoder.layers[0](_input(), multiway_split_position=split)
 
 
-def test_split_on_a_plain_model_and_multiway_decoders_are_refused():
+def test_split_on_a_plain_model_and_multiway_moe_layers_are_refused():
     plain = magneto.Encoder(_config(multiway=False))
     with pytest.raises(ValueError, match="multiway_split_position"):
         plain(None, token_embeddings=_input(), multiway_split_position=3)
-    for layers in (0, 1):
-        with pytest.raises(ValueError, match="multiway"):
-            magneto.Decoder(_config(decoder_layers=layers))
-    with pytest.raises(ValueError, match="multiway"):
-        magneto.EncoderDecoder(_config(decoder_layers=1))
+    with pytest.raises(ValueError, match="moe_freq: multiway encoder layers cannot be MoE"):
+        magneto.Encoder(_config(moe_freq=1, moe_expert_count=2))
     with pytest.raises(ValueError, match="part"):
         _encoder().layers[0].forward_parts([_input(length=3)])

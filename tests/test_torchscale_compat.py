@@ -282,28 +282,29 @@ def test_to_torchscale_round_trip(kind):
 
 
 @pytest.mark.parametrize(
-    "option,value",
+    "option,value,refused",
     [
-        ("moe_freq", 2),
-        ("moe_expert_count", 4),
-        ("xpos_rel_pos", True),
-        ("rel_pos_buckets", 32),
-        ("layernorm_embedding", True),
-        ("multiway", True),
-        ("use_xmoe", True),
+        ("moe_freq", 2, "moe_expert_count"),  # MoE layers without experts
+        ("use_xmoe", True, "use_xmoe"),  # X-MoE routing without MoE layers
+        ("moe_expert_count", 4, None),  # experts, but no MoE layer: as torchscale, none built
+        ("rel_pos_buckets", 32, None),  # no max_rel_pos: torchscale builds no table either
     ],
 )
-def test_unsupported_torchscale_options_are_refused(option, value):
-    extra = {option: value}
-    if option == "rel_pos_buckets":
-        extra["max_rel_pos"] = 128
-    if option in ("moe_freq", "moe_expert_count", "use_xmoe"):
-        ts = _ts_model("encoder", "subln")
-        setattr(ts.args, option, value)  # building MoE layers needs torch.distributed
-    else:
-        ts = _ts_model("encoder", "subln", **extra)
-    with pytest.raises(ValueError, match=option):
-        from_torchscale(ts)
+def test_options_torchscale_cannot_build_are_refused(option, value, refused):
+    """Options set on a built model's args (torchscale's configs refuse some of these, or
+    build nothing from them): what torchscale could not have built is refused, naming the
+    option; what it ignores converts to the same model."""
+    ts = _ts_model("encoder", "subln")
+    setattr(ts.args, option, value)
+    if refused:
+        with pytest.raises(ValueError, match=refused):
+            from_torchscale(ts)
+        return
+    mg = from_torchscale(ts)
+    assert mg.relative_position is None and all(layer.moe_layer is None for layer in mg.layers)
+    tokens, pad = _tokens()
+    with torch.no_grad():
+        _compare(mg(tokens, encoder_padding_mask=pad), ts(tokens, encoder_padding_mask=pad), "", {})
 
 
 def test_other_refusals_name_the_problem():
@@ -322,3 +323,6 @@ def test_other_refusals_name_the_problem():
     ):
         with pytest.raises(ValueError, match=name):
             to_torchscale(magneto.Encoder(config.replace(**change)))
+    moe = magneto.Encoder(config.replace(moe_freq=1, moe_expert_count=2))
+    with pytest.raises(ValueError, match="moe_freq=1: torchscale's MoE layers need torch.dist"):
+        to_torchscale(moe)  # outside torch.distributed

@@ -8,10 +8,12 @@ import torch
 from fairscale.nn import FlattenParamsWrapper, enable_wrap
 from fairscale.nn import FullyShardedDataParallel as FairscaleFSDP
 from gloo import one_process_group
+from harness import assert_close
 from torchscale.architecture.config import DecoderConfig, EncoderConfig
 from torchscale.architecture.decoder import Decoder as TSDecoder
 from torchscale.architecture.encoder import Encoder as TSEncoder
 
+from magneto.compat.torchscale import from_torchscale
 from magneto.compat.wrapping import wrapped_layers
 
 
@@ -54,6 +56,20 @@ def test_flatten_params_wrapper_inside_enable_wrap():
         model = _encoder()
     assert wrapped_layers(model) == ["layers.0", "layers.1"]
     assert wrapped_layers(model.layers[1]) == [""]
+
+
+def test_from_torchscale_refuses_wrapped_layers_and_converts_the_flag_alone():
+    """fsdp=True converts when nothing is wrapped; wrapped layers are refused by name."""
+    model = _encoder()
+    converted = from_torchscale(model)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        expected = model(None, token_embeddings=x)["encoder_out"]
+        assert_close(converted(None, token_embeddings=x)["encoder_out"], expected, 1e-5)
+    with enable_wrap(wrapper_cls=FlattenParamsWrapper):
+        wrapped = _encoder()
+    with pytest.raises(ValueError, match="fsdp: layers.0, layers.1 wrapped"):
+        from_torchscale(wrapped)
 
 
 def test_fairscale_fsdp_inside_enable_wrap(process_group):

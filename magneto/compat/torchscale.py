@@ -4,17 +4,28 @@
 (Sub-LN, Pre-LN, Post-LN or DeepNorm), or a ``torchscale.model.BEiT3.BEiT3`` (multiway), into
 the equivalent magneto module, a drop-in replacement: same forward call, same result
 structure, same outputs and gradients (up to float rounding), ``incremental_state`` decoding
-included. Parameter names are torchscale's except that q/k/v are stored packed
-(``in_proj.weight``/``in_proj.bias``; multiway ``in_proj.A.weight`` ...); magneto modules load
-torchscale state dicts directly, and ``to_torchscale(module)`` / ``to_torchscale_state_dict``
+included. Every option of torchscale's configs converts (``MagnetoConfig`` has them under
+their names): ``layernorm_embedding``, relative position buckets (``rel_pos_buckets``,
+``max_rel_pos``), xPos (``xpos_rel_pos``, ``xpos_scale_base``), mixture-of-experts layers
+(``moe_freq``, ``moe_expert_count``, ``moe_top1_expert``, ``moe_gating_use_fp32``,
+``moe_eval_capacity_token_fraction``, ``moe_second_expert_policy``,
+``moe_normalize_gate_prob_before_dropping``, ``use_xmoe``; a layer's experts are this rank's
+under ``torch.distributed``, as torchscale places them), ``multiway`` (encoders, decoders,
+encoder-decoders and BEiT3), ``checkpoint_activations``, ``drop_path_rate``, ``bert_init``
+(an init only: the weights are copied), and ``fsdp`` when it wrapped nothing (outside
+fairscale's ``enable_wrap`` it wraps no layer). Parameter names are torchscale's except that
+q/k/v are stored packed (``in_proj.weight``/``in_proj.bias``; multiway ``in_proj.A.weight``
+...); magneto modules load torchscale state dicts directly (xPos's constant ``xpos.scale``
+buffers are checked and dropped), and ``to_torchscale(module)`` / ``to_torchscale_state_dict``
 export back.
 
-What cannot be converted yet is refused with a ``ValueError`` naming the option, never
-converted approximately: MoE (``moe_freq``/``moe_expert_count``, ``use_xmoe``), xPos
-(``xpos_rel_pos``), relative position buckets (``rel_pos_buckets``), ``layernorm_embedding``,
-``multiway`` outside a BEiT3 model, ``fsdp``, and an encoder-decoder whose encoder and decoder
-differ in width, heads, FFN width or norm placement. Embedding modules of types magneto does
-not know are carried over unchanged (deep-copied).
+Refused with a ``ValueError`` naming what it is, never converted approximately: a model whose
+layers are wrapped for sharded data parallelism (fairscale's or torch's FSDP:
+``magneto.compat.wrapping``; unwrap it, or convert before wrapping), an encoder-decoder whose
+encoder and decoder differ in width, heads, FFN width or norm placement, an activation other
+than gelu, relu and swish. Embedding modules of types magneto does not know are carried over
+unchanged (deep-copied). torchscale's MoE layers need ``torch.distributed`` initialised (one
+process is enough), and so does ``to_torchscale`` of an MoE model.
 
 Importing torchscale needs ``timm.models.layers.drop_path``; where timm is not installed, the
 labelled stand-in ``magneto.compat.timm_standin`` provides it (``use_if_missing()``).
@@ -30,22 +41,29 @@ import torch
 from torch import nn
 
 from magneto.beit3 import BEiT3
+from magneto.compat.wrapping import wrapped_layers
 from magneto.config import MagnetoConfig
 from magneto.decoder import Decoder
 from magneto.embeddings import LearnedPositionalEmbedding, TokenEmbedding
 from magneto.encoder import Encoder
 from magneto.encoder_decoder import EncoderDecoder
+from magneto.moe_gate import POLICIES
 from magneto.multiway import PARTS
+from magneto.xpos import xpos_scale
 
 _ACTIVATIONS = {"gelu": "gelu", "relu": "relu", "swish": "silu"}
-_UNSUPPORTED = (  # (option, predicate on its value, what it is)
-    ("moe_freq", lambda v: v != 0, "mixture-of-experts layers"),
-    ("moe_expert_count", lambda v: v != 0, "mixture-of-experts layers"),
-    ("use_xmoe", bool, "X-MoE routing"),
-    ("xpos_rel_pos", bool, "xPos relative positions"),
-    ("layernorm_embedding", bool, "a LayerNorm on the embeddings"),
-    ("multiway", bool, "multiway (per-modality) layers outside a BEiT3 model"),
-    ("fsdp", bool, "FSDP-wrapped layers"),
+# torchscale's options MagnetoConfig holds under the same name and meaning
+_OPTIONS = (
+    "layernorm_embedding",
+    "xpos_rel_pos",
+    "xpos_scale_base",
+    "moe_freq",
+    "moe_expert_count",
+    "moe_top1_expert",
+    "moe_gating_use_fp32",
+    "moe_eval_capacity_token_fraction",
+    "moe_normalize_gate_prob_before_dropping",
+    "use_xmoe",
 )
 
 
@@ -81,18 +99,6 @@ def config_from_torchscale(args, kind: str) -> MagnetoConfig:
     represent."""
     if kind == "beit3" and not getattr(args, "multiway", False):
         raise ValueError("multiway=False: a BEiT3 model is multiway")
-    for option, unsupported, what in _UNSUPPORTED:
-        if option == "multiway" and kind == "beit3":
-            continue
-        if unsupported(getattr(args, option, 0) or 0):
-            raise ValueError(
-                f"{option}={getattr(args, option)!r}: {what} cannot be converted to magneto yet"
-            )
-    if getattr(args, "rel_pos_buckets", 0) > 0 and getattr(args, "max_rel_pos", 0) > 0:
-        raise ValueError(
-            f"rel_pos_buckets={args.rel_pos_buckets}: relative position buckets "
-            "cannot be converted to magneto yet"
-        )
     sides = {
         "encoder": ["encoder"],
         "decoder": ["decoder"],
@@ -134,7 +140,6 @@ def config_from_torchscale(args, kind: str) -> MagnetoConfig:
         vocab_size=max(int(args.vocab_size), 0),
         max_positions=max_positions,
         positions="learned" if kind == "beit3" else "none",
-        multiway=kind == "beit3",
         scale_embedding=not args.no_scale_embedding,
         output_projection=not args.no_output_layer,
         normalize_output=bool(getattr(args, "normalize_output", True)),
@@ -148,7 +153,21 @@ def config_from_torchscale(args, kind: str) -> MagnetoConfig:
         norm_scheme=scheme,
         init="torchscale",
         checkpoint_activations=bool(args.checkpoint_activations),
+        multiway=bool(getattr(args, "multiway", False)),
+        **_options_from_torchscale(args),
     )
+
+
+def _options_from_torchscale(args) -> dict:
+    """The ``MagnetoConfig`` fields of torchscale's position, embedding-norm and MoE options."""
+    options = {name: getattr(args, name) for name in _OPTIONS if hasattr(args, name)}
+    buckets, distance = getattr(args, "rel_pos_buckets", 0), getattr(args, "max_rel_pos", 0)
+    if buckets > 0 and distance > 0:  # torchscale's condition; anything else is off
+        options.update(rel_pos_buckets=buckets, max_rel_pos=distance)
+    policy = getattr(args, "moe_second_expert_policy", "random")
+    # torchscale's gating treats any policy but "sampling" and "random" as keeping both choices
+    options["moe_second_expert_policy"] = policy if policy in POLICIES else "all"
+    return options
 
 
 def _embedding_from_torchscale(module: Optional[nn.Module], embedding_mod, memo: dict):
@@ -218,9 +237,17 @@ def from_torchscale(module: nn.Module) -> nn.Module:
     """The magneto equivalent of a torchscale ``Encoder``, ``Decoder`` or ``EncoderDecoder``.
 
     Parameters are copied (not shared); train/eval mode, dtype and device follow ``module``.
-    The caller's random number stream is left untouched.
+    The caller's random number stream is left untouched. A model with layers wrapped for
+    sharded data parallelism is refused (``magneto.compat.wrapping``).
     """
     ts_config, ts_encoder, ts_decoder, ts_encdec, embedding_mod = _torchscale()
+    wrapped = wrapped_layers(module)
+    if wrapped:
+        raise ValueError(
+            f"fsdp: {', '.join(name or '(the model)' for name in wrapped)} wrapped for sharded "
+            "data parallelism (their parameters flattened or sharded): convert the model "
+            "before wrapping it, or once unwrapped"
+        )
     memo: dict = {}
     with torch.random.fork_rng(devices=[]):
         if isinstance(module, _beit3_class()):
@@ -292,20 +319,31 @@ _PACKED = {
 }
 
 
-def to_torchscale_state_dict(state_dict: dict) -> dict:
+def to_torchscale_state_dict(state_dict: dict, config: Optional[MagnetoConfig] = None) -> dict:
     """A magneto state dict with q/k/v unpacked into torchscale's ``{q,k,v}_proj`` entries
-    (multiway: ``{q,k,v}_proj.A`` and ``.B``)."""
+    (multiway: ``{q,k,v}_proj.A`` and ``.B``); None values (a gradient never computed) stay
+    None for each. With the model's ``config`` and xPos, each self-attention also gets
+    torchscale's constant ``xpos.scale`` buffer."""
     out = {}
     for key, value in state_dict.items():
         for packed, suffix in _PACKED.items():
             if key.endswith(packed):
                 prefix = key[: -len(packed)]
-                for name, rows in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
-                    out[f"{prefix}{name}{suffix}"] = rows.clone()
+                rows = [None] * 3 if value is None else value.chunk(3, dim=0)
+                for name, part in zip(("q_proj", "k_proj", "v_proj"), rows):
+                    out[f"{prefix}{name}{suffix}"] = None if part is None else part.clone()
+                if config is not None and config.xpos_rel_pos and _xpos_site(prefix, packed):
+                    out[f"{prefix}xpos.scale"] = xpos_scale(config.head_dim)
                 break
         else:
             out[key] = value
     return out
+
+
+def _xpos_site(prefix: str, packed: str) -> bool:
+    """Whether the packed entry ``prefix + packed`` is the first of a self-attention's (where
+    torchscale keeps an ``xpos.scale``)."""
+    return prefix.endswith("self_attn.") and packed in ("in_proj.weight", "in_proj.A.weight")
 
 
 def torchscale_args(config: MagnetoConfig, kind: str, no_output_layer: bool = False):
@@ -334,6 +372,11 @@ def torchscale_args(config: MagnetoConfig, kind: str, no_output_layer: bool = Fa
         vocab_size=config.vocab_size,
         no_output_layer=no_output_layer or not config.output_projection,
         checkpoint_activations=config.checkpoint_activations,
+        multiway=config.multiway,
+        rel_pos_buckets=config.rel_pos_buckets,
+        max_rel_pos=config.max_rel_pos,
+        moe_second_expert_policy=config.moe_second_expert_policy,
+        **{name: getattr(config, name) for name in _OPTIONS},
     )
     sides = {}
     for side in ("encoder", "decoder"):
@@ -386,10 +429,17 @@ def _embedding_to_torchscale(module: Optional[nn.Module], embedding_mod, memo: d
 
 def to_torchscale(module: nn.Module) -> nn.Module:
     """The torchscale 0.3.0 equivalent of a magneto ``Encoder``, ``Decoder`` or ``EncoderDecoder``
-    (parameters copied; the caller's random stream untouched)."""
+    (parameters copied; the caller's random stream untouched). torchscale builds MoE layers
+    only with ``torch.distributed`` initialised, each rank holding its experts as magneto's
+    model does."""
     _, ts_encoder, ts_decoder, ts_encdec, embedding_mod = _torchscale()
     memo: dict = {}
     config = module.config
+    if config.moe_freq > 0 and not torch.distributed.is_initialized():
+        raise ValueError(
+            f"moe_freq={config.moe_freq}: torchscale's MoE layers need torch.distributed "
+            "initialised (torch.distributed.init_process_group; one process is enough)"
+        )
     with torch.random.fork_rng(devices=[]):
         if isinstance(module, BEiT3):
             if module.text_embed.padding_idx is not None:
@@ -436,4 +486,4 @@ def to_torchscale(module: nn.Module) -> nn.Module:
                 "module must be a magneto Encoder, Decoder or EncoderDecoder (or a "
                 f"BEiT3), got {type(module).__name__}"
             )
-    return _take_over(converted, module, to_torchscale_state_dict(module.state_dict()))
+    return _take_over(converted, module, to_torchscale_state_dict(module.state_dict(), config))
