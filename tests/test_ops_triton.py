@@ -230,7 +230,7 @@ def test_kernels_take_strides(dtype):
     y, mean, rstd = norm_fwd(x0, ln_w, ln_b, 1e-5, "layer")
     for call in (
         lambda s: norm_fwd(s(x0), s(ln_w, 3), s(ln_b, 2), 1e-5, "layer"),
-        lambda s: add_norm(s(x0), s(x0 * 0.5), s(ln_w, 2), s(ln_b, 2), 1e-5, 0.9, "rms"),
+        lambda s: add_norm(s(x0), s(x0 * 0.5), s(ln_w, 2), s(ln_b, 2), 1e-5, 0.9, "layer"),
         lambda s: norm_bwd(
             s(y), s(x0), s(ln_w, 2), s(ln_b, 2), mean, rstd, s(x0), "layer", [True] * 3
         ),  # fmt: skip
