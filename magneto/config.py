@@ -267,6 +267,25 @@ class MagnetoConfig:
         return dataclasses.replace(self, **changes)
 
 
+def encoder_only_config(
+    embed_dim: int, num_heads: int, ffn_dim: int, layers: int, fields: dict
+) -> MagnetoConfig:
+    """An encoder fed embeddings its owner computes (``VisionTransformer``'s patches,
+    ``SpeechEncoder``'s frames): no vocabulary, no decoder, GELU, then ``fields``."""
+    return MagnetoConfig(
+        **{
+            "embed_dim": embed_dim,
+            "num_heads": num_heads,
+            "ffn_dim": ffn_dim,
+            "encoder_layers": layers,
+            "decoder_layers": 0,
+            "vocab_size": 0,
+            "activation": "gelu",
+            **fields,
+        }
+    )
+
+
 def _check_int(name: str, value, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")

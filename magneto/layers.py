@@ -131,8 +131,16 @@ class ResidualLayer(nn.Module):
         else:
             self.ffn = FeedForward(c, gain=gain)
 
-    def _reset_feed_forward(self) -> None:
+    def reset_parameters(self) -> None:
+        """Re-initialise with this layer's gains, in torchscale's order: self_attn,
+        encoder_attn (a decoder layer of an encoder-decoder), ffn or moe_layer."""
+        self.self_attn.reset_parameters(self.scales.self_attn)
+        if getattr(self, "encoder_attn", None) is not None:
+            self.encoder_attn.reset_parameters(self.scales.cross_attn)
+            self.encoder_attn_layer_norm.reset_parameters()
         (self.ffn or self.moe_layer).reset_parameters(self.scales.ffn)
+        self.self_attn_layer_norm.reset_parameters()
+        self.final_layer_norm.reset_parameters()
 
     def _check_input(self, x: Tensor) -> None:
         if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.embed_dim:
@@ -193,13 +201,6 @@ class EncoderLayer(ResidualLayer):
         self.self_attn_layer_norm = self._norm()
         self._feed_forward(depth)
         self.final_layer_norm = self._norm()
-
-    def reset_parameters(self) -> None:
-        """Re-initialise with this layer's gains (torchscale order: self_attn, ffn)."""
-        self.self_attn.reset_parameters(self.scales.self_attn)
-        self._reset_feed_forward()
-        self.self_attn_layer_norm.reset_parameters()
-        self.final_layer_norm.reset_parameters()
 
     def forward(
         self,
@@ -288,16 +289,6 @@ class DecoderLayer(ResidualLayer):
         self._feed_forward(depth)
         self.final_layer_norm = self._norm()
         self.part = 0 if config.multiway else None  # the attention copy every token uses
-
-    def reset_parameters(self) -> None:
-        """Re-initialise with this layer's gains (order: self_attn, encoder_attn, ffn)."""
-        self.self_attn.reset_parameters(self.scales.self_attn)
-        if self.encoder_attn is not None:
-            self.encoder_attn.reset_parameters(self.scales.cross_attn)
-            self.encoder_attn_layer_norm.reset_parameters()
-        self._reset_feed_forward()
-        self.self_attn_layer_norm.reset_parameters()
-        self.final_layer_norm.reset_parameters()
 
     def forward(
         self,

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from magneto.config import MagnetoConfig
+from magneto.config import MagnetoConfig, encoder_only_config
 from magneto.encoder import Encoder
 
 MIN_FRAMES = 7  # the fewest input frames that give one output frame
@@ -119,19 +119,8 @@ def speech_encoder_config(
     """A Magneto encoder for subsampled speech frames (Speech-Transformer base shape by
     default): no vocabulary, sinusoidal positions for up to ``max_positions`` frames (after
     the 4x subsampling: 2 minutes of 10 ms frames), Sub-LN."""
-    fields = dict(
-        embed_dim=embed_dim,
-        num_heads=num_heads,
-        ffn_dim=ffn_dim,
-        encoder_layers=layers,
-        decoder_layers=0,
-        vocab_size=0,
-        positions="sinusoidal",
-        max_positions=max_positions,
-        activation="gelu",
-    )
-    fields.update(overrides)
-    return MagnetoConfig(**fields)
+    fields = {"positions": "sinusoidal", "max_positions": max_positions, **overrides}
+    return encoder_only_config(embed_dim, num_heads, ffn_dim, layers, fields)
 
 
 class SpeechEncoder(nn.Module):

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from magneto.config import MagnetoConfig
+from magneto.config import MagnetoConfig, encoder_only_config
 from magneto.embeddings import LearnedPositionalEmbedding
 from magneto.encoder import Encoder
 from magneto.init import init_learned_positions_
@@ -110,18 +110,9 @@ def vision_encoder_config(
 ) -> MagnetoConfig:
     """A Magneto encoder for patch tokens (ViT-Base shape by default): no vocabulary, positions
     added by the model that owns the patch embedding (``VisionTransformer``), Sub-LN."""
-    fields = dict(
-        embed_dim=embed_dim,
-        num_heads=num_heads,
-        ffn_dim=ffn_dim,
-        encoder_layers=layers,
-        decoder_layers=0,
-        vocab_size=0,
-        positions="none",
-        activation="gelu",
+    return encoder_only_config(
+        embed_dim, num_heads, ffn_dim, layers, {"positions": "none", **overrides}
     )
-    fields.update(overrides)
-    return MagnetoConfig(**fields)
 
 
 class VisionTransformer(nn.Module):

@@ -1,5 +1,6 @@
 """The interpreter default and the gpu marker; the shared test helpers (tolerances, the
-float64-reference comparison, inputs, backends and cases) are in tests/harness.py.
+float64-reference comparison, inputs, backends and cases) are in tests/harness.py, the small
+models and configs of the module tests in tests/models.py, process groups in tests/gloo.py.
 
 Triton kernels run on CPU tensors in the interpreter, which must be switched on before any
 kernel module is imported, hence the environment default below.

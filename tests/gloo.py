@@ -1,13 +1,20 @@
 """A one-process gloo group, for tests whose code needs torch.distributed initialised
 (torchscale's MoE layers all-reduce their token count over the world; fairscale's FSDP and
-torch's fully_shard need a process group), and torchscale's MoE gating made to run on CPU."""
+torch's fully_shard need a process group), torchscale's MoE gating made to run on CPU, and
+the spawning of several ranks for the tests that need a real world."""
 
 import contextlib
 import os
+import socket
 import tempfile
+import time
 
+import pytest
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
+
+TIMEOUT_S = 180  # a hung process group fails the test instead of stalling CI
 
 
 @contextlib.contextmanager
@@ -33,3 +40,27 @@ def float_histc(monkeypatch) -> None:
     supports on CUDA only: hand it floats (no result depends on that logging)."""
     histc = torch.histc
     monkeypatch.setattr(torch, "histc", lambda x, *args, **kw: histc(x.float(), *args, **kw))
+
+
+def spawn_ranks(worker, args: tuple, world: int, label: str = "") -> None:
+    """Runs ``worker(rank, port, *args)`` in ``world`` spawned processes (``port``: a free one
+    for ``join_world``) and waits for them; fails the test, killing them, after TIMEOUT_S."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    workers = mp.start_processes(
+        worker, args=(port, *args), nprocs=world, start_method="spawn", join=False
+    )
+    deadline = time.monotonic() + TIMEOUT_S
+    while not workers.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in workers.processes:
+                process.kill()
+            pytest.fail(f"{label}the worker processes did not finish in {TIMEOUT_S} s")
+
+
+def join_world(rank: int, port: int, world: int) -> None:
+    """A spawned worker's gloo group with the other ranks of ``spawn_ranks``."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)

@@ -2,6 +2,7 @@
 on the default CPU backend: docs/design.md (Memory accounting) counts 10 d-vectors per token,
 torchscale saves 24."""
 
+import models
 import torch
 
 import magneto
@@ -31,25 +32,17 @@ def test_fused_encoder_layer_saves_ten_d_vectors_per_token():
     nbytes = _saved_bytes(magneto.Encoder(config))
     per_token = nbytes / (BATCH * T)
     # q, k, v (one packed storage, 3), the attention output (1), the residual stream after
-    # attention (1), u shared by fc1 and fc2 (4), the final LayerNorm's input (1): 10 d-vectors.
+    # attention (1), preact shared by fc1 and fc2 (4), the final LayerNorm's input (1):
+    # 10 d-vectors.
     # Plus fp32 (mean, rstd) of five LayerNorms and SDPA's per-head logsumexp.
     expected = 10 * D * 4 + 5 * 2 * 4 + HEADS * 4
     assert per_token == expected, f"saved {per_token} bytes per token, expected {expected}"
 
 
 def test_torchscale_saves_24_d_vectors_per_token():
-    from torchscale.architecture.config import EncoderConfig
     from torchscale.architecture.encoder import Encoder
 
     torch.manual_seed(0)
-    encoder = Encoder(
-        EncoderConfig(
-            encoder_embed_dim=D,
-            encoder_attention_heads=HEADS,
-            encoder_ffn_embed_dim=FFN,
-            encoder_layers=1,
-            subln=True,
-            no_output_layer=True,
-        )
-    )
+    args = models.torchscale_config("encoder", D, HEADS, FFN, 1, subln=True, no_output_layer=True)
+    encoder = Encoder(args)
     assert round(_saved_bytes(encoder) / (BATCH * T * D * 4)) == 24

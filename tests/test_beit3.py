@@ -4,10 +4,11 @@
 ``python3 -m pytest -q -s tests/test_beit3.py -k parity`` prints the largest errors per case.
 """
 
+import models
 import pytest
 import torch
 from harness import require_backend
-from torchscale.architecture.config import EncoderConfig
+from models import perturb, rel_err
 from torchscale.model.BEiT3 import BEiT3 as TSBEiT3
 
 import magneto
@@ -24,34 +25,14 @@ D, HEADS, FFN, VOCAB, IMG, PATCH, CHANS, TEXT = 32, 4, 48, 40, 16, 4, 3, 20
 
 
 def _args(**extra):
-    fields = dict(
-        encoder_embed_dim=D,
-        encoder_attention_heads=HEADS,
-        encoder_ffn_embed_dim=FFN,
-        encoder_layers=2,
-        multiway=True,
-        vocab_size=VOCAB,
-        img_size=IMG,
-        patch_size=PATCH,
-        in_chans=CHANS,
-        max_source_positions=TEXT,
-    )
-    fields.update(extra)
-    return EncoderConfig(**fields)
-
-
-@torch.no_grad()
-def _perturb(module, seed=0):
-    """Every parameter off its init (norms off 1/0, class and mask tokens off 0)."""
-    g = torch.Generator().manual_seed(seed)
-    for p in module.parameters():
-        p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return module
+    image = dict(img_size=IMG, patch_size=PATCH, in_chans=CHANS)
+    fields = dict(multiway=True, vocab_size=VOCAB, max_source_positions=TEXT, **image)
+    return models.torchscale_config("encoder", D, HEADS, FFN, 2, **{**fields, **extra})
 
 
 def _ts_model(seed=0, **extra):
     torch.manual_seed(seed)
-    return _perturb(TSBEiT3(_args(**extra)), seed).eval()
+    return perturb(TSBEiT3(_args(**extra)), seed).eval()
 
 
 def _inputs(case, batch=2, seed=1):
@@ -72,16 +53,12 @@ def _inputs(case, batch=2, seed=1):
     }[case]
 
 
-def _rel(ours, theirs):
-    return ((ours.double() - theirs.double()).norm() / theirs.double().norm()).item()
-
-
 def _compare_outputs(ours, theirs, errors):
     assert ours.keys() == theirs.keys()
     assert ours["multiway_split_position"] == theirs["multiway_split_position"]
     assert torch.equal(ours["encoder_padding_mask"].bool(), theirs["encoder_padding_mask"].bool())
     for key in ("encoder_out", "encoder_embedding"):
-        errors[key] = _rel(ours[key], theirs[key])
+        errors[key] = rel_err(ours[key], theirs[key])
         assert errors[key] <= TOL, f"{key}: relative error {errors[key]:.2e}"
 
 
@@ -104,7 +81,7 @@ def _compare_grads(ours, theirs, errors):
             # With both parts in the sequence only the two copies' sum is zero.
             assert mine.norm() <= TOL * scale, name
             continue
-        errors["grad " + name] = _rel(mine, grad)
+        errors["grad " + name] = rel_err(mine, grad)
         assert errors["grad " + name] <= TOL, f"grad {name}: {errors['grad ' + name]:.2e}"
 
 
@@ -250,7 +227,7 @@ def test_drop_path_training_parity(monkeypatch):
     for model in (ts, mg):
         torch.manual_seed(9)
         outs.append(model(**inputs)["encoder_out"])
-    assert _rel(outs[1], outs[0]) <= TOL
+    assert rel_err(outs[1], outs[0]) <= TOL
 
 
 def test_same_seed_gives_torchscales_parameters():

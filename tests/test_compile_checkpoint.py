@@ -1,5 +1,6 @@
 """torch.compile of a fused model, and activation checkpointing that replays dropout exactly."""
 
+import models
 import pytest
 import torch
 from harness import assert_close, require_backend
@@ -8,18 +9,9 @@ import magneto
 
 
 def _encoder(backend, **overrides):
-    config = dict(
-        embed_dim=32,
-        num_heads=2,
-        ffn_dim=64,
-        encoder_layers=2,
-        vocab_size=37,
-        positions="learned",
-        backend=backend,
-    )
-    config.update(overrides)
     torch.manual_seed(0)
-    return magneto.Encoder(magneto.MagnetoConfig(**config))
+    fixed = dict(encoder_layers=2, vocab_size=37, positions="learned")
+    return magneto.Encoder(models.config(32, 2, 64, overrides, **fixed, backend=backend))
 
 
 @pytest.mark.parametrize("scheme", ["subln", "deepnorm"])

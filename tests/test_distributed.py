@@ -3,35 +3,24 @@
 single-process gradients of the same global batch."""
 
 import os
-import socket
 import tempfile
-import time
 
+import models
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo import join_world, spawn_ranks
 from harness import require_backend
 
 import magneto
 
 WORLD = 2
-TIMEOUT_S = 180  # a hung process group fails the test instead of stalling CI
 
 
 def _model(checkpoint: bool) -> torch.nn.Module:
     torch.manual_seed(0)
-    config = magneto.MagnetoConfig(
-        embed_dim=32,
-        num_heads=2,
-        ffn_dim=64,
-        decoder_layers=2,
-        vocab_size=29,
-        max_positions=32,
-        backend="cpu",
-        checkpoint_activations=checkpoint,
-    )
-    return magneto.Decoder(config)
+    fixed = dict(decoder_layers=2, vocab_size=29, max_positions=32, backend="cpu")
+    return magneto.Decoder(models.config(32, 2, 64, checkpoint_activations=checkpoint, **fixed))
 
 
 def _batch():
@@ -43,16 +32,8 @@ def _loss(model, tokens):
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, port: int, mode: str, checkpoint: bool, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    join_world(rank, port, WORLD)
     try:
         model = _model(checkpoint).train()
         if mode == "ddp":
@@ -88,19 +69,7 @@ def test_two_process_gradients_match_single_process(mode, checkpoint):
     model = _model(checkpoint).train()
     _loss(model, _batch()).backward()
     with tempfile.TemporaryDirectory() as out_dir:
-        workers = mp.start_processes(
-            _worker,
-            args=(_free_port(), mode, checkpoint, out_dir),
-            nprocs=WORLD,
-            start_method="spawn",
-            join=False,
-        )
-        deadline = time.monotonic() + TIMEOUT_S
-        while not workers.join(timeout=5):
-            if time.monotonic() > deadline:
-                for process in workers.processes:
-                    process.kill()
-                pytest.fail(f"{mode}: the worker processes did not finish in {TIMEOUT_S} s")
+        spawn_ranks(_worker, (mode, checkpoint, out_dir), WORLD, f"{mode}: ")
         grads = torch.load(os.path.join(out_dir, f"{mode}.pt"))
     for name, p in model.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6, msg=name)

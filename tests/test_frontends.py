@@ -69,17 +69,24 @@ def _grads(model, *inputs):
     return out, torch.autograd.grad(loss, list(model.parameters()))
 
 
+def _check_against_reference(build, backend, inputs, name):
+    """The model ``build(backend)`` gives on a fused backend: its output and every parameter's
+    gradient are the reference backend's; returns the output."""
+    require_backend(backend)
+    ref_out, ref_grads = _grads(build("reference"), *inputs)
+    model = build(backend)
+    out, grads = _grads(model, *inputs)
+    assert_close(out, ref_out, 1e-5, name=name)
+    for (param, _), g, ref in zip(model.named_parameters(), grads, ref_grads):
+        assert_close(g, ref, 1e-5, atol=1e-6, name=f"grad {param}")
+    return out
+
+
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_vision_transformer_on_fused_backends_matches_reference(backend):
-    require_backend(backend)
     images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    ref_out, ref_grads = _grads(_vit("reference"), images)
-    model = _vit(backend)
-    out, grads = _grads(model, images)
+    out = _check_against_reference(_vit, backend, (images,), "logits")
     assert out.shape == (2, 5)
-    assert_close(out, ref_out, 1e-5, name="logits")
-    for (name, _), g, ref in zip(model.named_parameters(), grads, ref_grads):
-        assert_close(g, ref, 1e-5, atol=1e-6, name=f"grad {name}")
 
 
 def test_vision_transformer_compiles():
@@ -162,15 +169,9 @@ def test_speech_encoder_ignores_padding():
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_speech_encoder_on_fused_backends_matches_reference(backend):
-    require_backend(backend)
     features = torch.randn(2, 40, 20, generator=torch.Generator().manual_seed(1))
     lengths = torch.tensor([40, 24])
-    ref_out, ref_grads = _grads(_speech("reference"), features, lengths)
-    model = _speech(backend)
-    out, grads = _grads(model, features, lengths)
-    assert_close(out, ref_out, 1e-5, name="encoder_out")
-    for (name, _), g, ref in zip(model.named_parameters(), grads, ref_grads):
-        assert_close(g, ref, 1e-5, atol=1e-6, name=f"grad {name}")
+    _check_against_reference(_speech, backend, (features, lengths), "encoder_out")
 
 
 def test_speech_encoder_compiles():

@@ -14,11 +14,13 @@ import collections
 import copy
 import warnings
 
+import models
 import pytest
 import torch
 from harness import RTOL, assert_close, randn
+from models import perturb
 from peft import LoraConfig, get_peft_model
-from test_masks import perturb, torch_twins
+from test_masks import torch_twins
 from torch import nn
 from torch.nn.utils import parametrize, prune
 
@@ -30,17 +32,8 @@ D, HEADS, FFN = 16, 4, 24
 
 
 def _config(**overrides):
-    fields = dict(
-        embed_dim=D,
-        num_heads=HEADS,
-        ffn_dim=FFN,
-        encoder_layers=2,
-        decoder_layers=2,
-        positions="none",
-        backend="reference",
-    )
-    fields.update(overrides)
-    return magneto.MagnetoConfig(**fields)
+    layers = dict(encoder_layers=2, decoder_layers=2)
+    return models.config(D, HEADS, FFN, overrides, **layers, positions="none", backend="reference")
 
 
 @pytest.fixture

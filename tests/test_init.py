@@ -7,9 +7,9 @@ the same seed (LayerNorms draw nothing, so both draw the same numbers before sca
 
 import math
 
+import models
 import pytest
 import torch
-from torchscale.architecture.config import DecoderConfig, EncoderConfig, EncoderDecoderConfig
 from torchscale.architecture.decoder import Decoder as TSDecoder
 from torchscale.architecture.encoder import Encoder as TSEncoder
 from torchscale.architecture.encoder_decoder import EncoderDecoder as TSEncoderDecoder
@@ -27,51 +27,18 @@ TS_FLAGS = {"subln": {}, "deepnorm": {"deepnorm": True}, "pre": {"subln": False}
 def _ts_model(arch, scheme, n, m, seed):
     torch.manual_seed(seed)
     flags = dict(TS_FLAGS[scheme], vocab_size=VOCAB, activation_fn="gelu")
+    args = models.torchscale_config(arch, D, HEADS, FFN, (n, m), **flags)
     if arch == "encoder":
-        args = EncoderConfig(
-            encoder_embed_dim=D,
-            encoder_attention_heads=HEADS,
-            encoder_ffn_embed_dim=FFN,
-            encoder_layers=n,
-            **flags,
-        )
         return TSEncoder(args, TextEmbedding(VOCAB, D))
     if arch == "decoder":
-        args = DecoderConfig(
-            decoder_embed_dim=D,
-            decoder_attention_heads=HEADS,
-            decoder_ffn_embed_dim=FFN,
-            decoder_layers=m,
-            **flags,
-        )
         return TSDecoder(args, TextEmbedding(VOCAB, D))
-    args = EncoderDecoderConfig(
-        encoder_embed_dim=D,
-        encoder_attention_heads=HEADS,
-        encoder_ffn_embed_dim=FFN,
-        encoder_layers=n,
-        decoder_embed_dim=D,
-        decoder_attention_heads=HEADS,
-        decoder_ffn_embed_dim=FFN,
-        decoder_layers=m,
-        **flags,
-    )
     return TSEncoderDecoder(args, TextEmbedding(VOCAB, D), None, TextEmbedding(VOCAB, D))
 
 
 def _magneto_model(arch, scheme, n, m, seed, **overrides):
     torch.manual_seed(seed)
-    config = magneto.MagnetoConfig(
-        embed_dim=D,
-        num_heads=HEADS,
-        ffn_dim=FFN,
-        encoder_layers=n,
-        decoder_layers=m,
-        vocab_size=VOCAB,
-        positions="none",
-        norm_scheme=scheme,
-        **overrides,
-    )
+    fixed = dict(encoder_layers=n, decoder_layers=m, vocab_size=VOCAB, positions="none")
+    config = models.config(D, HEADS, FFN, overrides, **fixed, norm_scheme=scheme)
     if arch == "encoder_decoder":  # embeddings built first, as in _ts_model
         embeddings = magneto.TokenEmbedding(VOCAB, D), magneto.TokenEmbedding(VOCAB, D)
         return magneto.EncoderDecoder(config, embeddings[0], None, embeddings[1])

@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from harness import RTOL, assert_close, randn
+from models import perturb
 from torch import nn
 
 import magneto
@@ -29,15 +30,6 @@ from magneto.nn import magnetize
 D, HEADS, FFN, B, S, T = 16, 4, 24, 3, 5, 4
 TOL = dict(rtol=RTOL[torch.float64], atol=1e-12)
 TORCHSCALE_TOL = dict(rtol=1e-6, atol=1e-12)  # torchscale's softmax runs in float32
-
-
-@torch.no_grad()
-def perturb(module, seed=0):
-    """Every parameter moved off its init (norm weights off 1, biases off 0)."""
-    g = torch.Generator().manual_seed(seed)
-    for p in module.parameters():
-        p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return module
 
 
 def torch_twins(kind="encoder", activation=F.relu):

@@ -7,6 +7,7 @@ import copy
 import io
 import math
 
+import models
 import pytest
 import torch
 import torch.nn.functional as F
@@ -32,15 +33,9 @@ SCHEMES = ("subln", "pre", "post", "deepnorm")
 
 
 def _config(**overrides):
-    base = dict(
-        embed_dim=D,
-        num_heads=HEADS,
-        ffn_dim=FFN,
-        encoder_layers=3,
-        decoder_layers=3,
-        positions="none",
+    return models.config(
+        D, HEADS, FFN, overrides, encoder_layers=3, decoder_layers=3, positions="none"
     )
-    return magneto.MagnetoConfig(**{**base, **overrides})
 
 
 @torch.no_grad()

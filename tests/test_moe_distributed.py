@@ -5,14 +5,12 @@ the same layer holding all the experts, fed each rank's tokens in turn (padded t
 count as the ranks pad them; expert gradients summed over the ranks' tokens)."""
 
 import os
-import socket
 import tempfile
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo import join_world, spawn_ranks
 from harness import assert_close
 
 import magneto
@@ -21,7 +19,6 @@ from magneto.moe import MoELayer, build_experts, expert_group
 from magneto.moe_gate import Gate
 
 WORLD = 2
-TIMEOUT_S = 180  # a hung process group fails the test instead of stalling CI
 D, FFN = 16, 24
 SCENARIOS = {  # experts, top, training, tokens per rank, padded tokens, gate options
     "top2-train": (4, 2, True, (12, 12), False, {}),
@@ -92,16 +89,8 @@ def _model_step(model, rank):
     return out["encoder_out"].detach(), {n: p.grad for n, p in model.named_parameters()}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    join_world(rank, port, WORLD)
     try:
         for name in SCENARIOS:
             group, indices = expert_group(SCENARIOS[name][0])
@@ -128,15 +117,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def ranks_results():
     with tempfile.TemporaryDirectory() as out_dir:
-        workers = mp.start_processes(
-            _worker, args=(_free_port(), out_dir), nprocs=WORLD, start_method="spawn", join=False
-        )
-        deadline = time.monotonic() + TIMEOUT_S
-        while not workers.join(timeout=5):
-            if time.monotonic() > deadline:
-                for process in workers.processes:
-                    process.kill()
-                pytest.fail(f"the worker processes did not finish in {TIMEOUT_S} s")
+        spawn_ranks(_worker, (out_dir,), WORLD)
         yield {
             (name, rank): torch.load(os.path.join(out_dir, f"{name}-{rank}.pt"))
             for name in [*SCENARIOS, "model"]

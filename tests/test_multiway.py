@@ -1,9 +1,11 @@
 """Multiway encoder layers (``MagnetoConfig.multiway``): memory, exactness of the single-part
 paths, the split on every norm scheme and backend, torch.compile, and the errors."""
 
+import models
 import pytest
 import torch
 from harness import assert_close, require_backend
+from models import perturb
 
 import magneto
 import magneto_kernels
@@ -15,30 +17,13 @@ SCHEMES = ["subln", "pre", "post", "deepnorm"]
 
 
 def _config(**overrides):
-    fields = dict(
-        embed_dim=D,
-        num_heads=HEADS,
-        ffn_dim=FFN,
-        encoder_layers=2,
-        positions="none",
-        multiway=True,
-        backend="reference",
-    )
-    fields.update(overrides)
-    return magneto.MagnetoConfig(**fields)
-
-
-@torch.no_grad()
-def _perturb(module, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for p in module.parameters():
-        p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return module
+    fixed = dict(encoder_layers=2, positions="none", multiway=True)
+    return models.config(D, HEADS, FFN, overrides, **fixed, backend="reference")
 
 
 def _encoder(seed=0, **overrides):
     torch.manual_seed(seed)
-    return _perturb(magneto.Encoder(_config(**overrides)), seed).eval()
+    return perturb(magneto.Encoder(_config(**overrides)), seed).eval()
 
 
 def _input(batch=3, length=9, seed=1):
@@ -87,16 +72,8 @@ def _mem_encoder(layers, **overrides):
         "the default CPU backend should be the fused C++ one"
     )
     torch.manual_seed(0)
-    fields = dict(
-        embed_dim=MEM_D,
-        num_heads=MEM_HEADS,
-        ffn_dim=MEM_FFN,
-        encoder_layers=layers,
-        positions="none",
-        multiway=True,
-    )
-    fields.update(overrides)
-    return magneto.Encoder(magneto.MagnetoConfig(**fields))
+    fixed = dict(encoder_layers=layers, positions="none", multiway=True)
+    return magneto.Encoder(models.config(MEM_D, MEM_HEADS, MEM_FFN, overrides, **fixed))
 
 
 @pytest.mark.parametrize("split", [-1, 0, None])
@@ -224,7 +201,7 @@ def test_training_with_drop_path_and_checkpointing_replays_the_split():
 def test_compile_one_multiway_layer():
     require_backend("cpu")
     torch.manual_seed(0)
-    layer = _perturb(magneto.EncoderLayer(_config(backend="cpu"))).eval()
+    layer = perturb(magneto.EncoderLayer(_config(backend="cpu"))).eval()
     x = _input(batch=2, length=7).requires_grad_()
 
     def run(x):

@@ -5,9 +5,10 @@ torch, so conftest.py puts ``magneto/compat/timm_standin`` (a labelled stand-in 
 function) on ``sys.path`` when no timm is importable.
 """
 
+import models
 import pytest
 import torch
-from torchscale.architecture.config import DecoderConfig, EncoderConfig, EncoderDecoderConfig
+from models import perturb, rel_err
 from torchscale.architecture.decoder import Decoder as TSDecoder
 from torchscale.architecture.encoder import Encoder as TSEncoder
 from torchscale.architecture.encoder_decoder import EncoderDecoder as TSEncoderDecoder
@@ -43,34 +44,10 @@ SCHEMES = {
 
 def _args(kind, scheme, **extra):
     flags = dict(SCHEMES[scheme], vocab_size=VOCAB, **extra)
-    enc = dict(
-        encoder_embed_dim=D,
-        encoder_attention_heads=HEADS,
-        encoder_ffn_embed_dim=FFN,
-        encoder_layers=3,
-    )
-    dec = dict(
-        decoder_embed_dim=D,
-        decoder_attention_heads=HEADS,
-        decoder_ffn_embed_dim=FFN,
-        decoder_layers=2,
-    )
-    if kind == "encoder":
-        flags.pop("decoder_normalize_before", None)
-        return EncoderConfig(**enc, **flags)
-    if kind == "decoder":
-        flags.pop("encoder_normalize_before", None)
-        return DecoderConfig(**dec, **flags)
-    return EncoderDecoderConfig(**enc, **dec, **flags)
-
-
-@torch.no_grad()
-def _perturb(module, seed=0):
-    """Move every parameter off its init (norm weights off 1, biases off 0)."""
-    g = torch.Generator().manual_seed(seed)
-    for p in module.parameters():
-        p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return module
+    if kind != "encoder_decoder":  # a one-sided config has no field for the other side
+        other = "decoder" if kind == "encoder" else "encoder"
+        flags.pop(f"{other}_normalize_before", None)
+    return models.torchscale_config(kind, D, HEADS, FFN, (3, 2), **flags)
 
 
 def _ts_model(kind, scheme, seed=0, **extra):
@@ -84,7 +61,7 @@ def _ts_model(kind, scheme, seed=0, **extra):
         model = TSDecoder(args, embed(), positions())
     else:
         model = TSEncoderDecoder(args, embed(), positions(), embed(), positions())
-    return _perturb(model, seed).eval()
+    return perturb(model, seed).eval()
 
 
 def _tokens(batch=3, length=9, seed=1):
@@ -95,10 +72,6 @@ def _tokens(batch=3, length=9, seed=1):
     pad[2, length - 1 :] = True
     tokens[pad] = PAD
     return tokens, pad
-
-
-def _rel(ours, theirs):
-    return ((ours.double() - theirs.double()).norm() / theirs.double().norm()).item()
 
 
 def _compare(ours, theirs, what, errors):
@@ -116,7 +89,7 @@ def _compare(ours, theirs, what, errors):
         if theirs.dtype == torch.bool:
             assert torch.equal(ours, theirs), what
         else:
-            errors[what] = _rel(ours, theirs)
+            errors[what] = rel_err(ours, theirs)
             assert errors[what] <= TOL, f"{what}: relative error {errors[what]:.2e}"
     else:
         assert ours == theirs, what
@@ -134,12 +107,13 @@ def _compare_grads(ours, theirs, errors):
             scale = theirs_g[name[:-4] + "weight"].norm()
             assert ours_g[name].norm() <= TOL * scale and grad.norm() <= TOL * scale, name
             continue
-        errors["grad " + name] = _rel(ours_g[name], grad)
+        errors["grad " + name] = rel_err(ours_g[name], grad)
         assert errors["grad " + name] <= TOL, f"grad {name}: {errors['grad ' + name]:.2e}"
 
 
-def _run_both(ts, mg, call):
-    """call(model) -> result; backward of a fixed random projection of the first tensor."""
+def _check_parity(ts, mg, call, what):
+    """call(model) -> result on both models, then backward of a fixed random projection of the
+    first tensor; the results and the gradients compared; returns the errors."""
     results = []
     for model in (ts, mg):
         out = call(model)
@@ -147,34 +121,27 @@ def _run_both(ts, mg, call):
         g = torch.Generator().manual_seed(5)
         (main * torch.randn(main.shape, generator=g)).sum().backward()
         results.append(out)
-    return results
+    errors = {}
+    _compare(results[1], results[0], what, errors)
+    _compare_grads(mg, ts, errors)
+    return errors
+
+
+ONE_STACK = {  # kind: magneto's class, the padding mask's argument, the tokens' seed
+    "encoder": (magneto.Encoder, "encoder_padding_mask", 1),
+    "decoder": (magneto.Decoder, "self_attn_padding_mask", 2),
+}
 
 
 @pytest.mark.parametrize("scheme", list(SCHEMES))
-def test_encoder_parity_with_padding(scheme):
-    ts = _ts_model("encoder", scheme)
+@pytest.mark.parametrize("kind", list(ONE_STACK))
+def test_one_stack_parity_with_padding(kind, scheme):
+    cls, mask, seed = ONE_STACK[kind]
+    ts = _ts_model(kind, scheme)
     mg = from_torchscale(ts)
-    assert isinstance(mg, magneto.Encoder) and not mg.training
-    tokens, pad = _tokens()
-    theirs, ours = _run_both(
-        ts, mg, lambda m: m(tokens, encoder_padding_mask=pad, return_all_hiddens=True)
-    )
-    errors = {}
-    _compare(ours, theirs, "encoder", errors)
-    _compare_grads(mg, ts, errors)
-
-
-@pytest.mark.parametrize("scheme", list(SCHEMES))
-def test_decoder_parity(scheme):
-    ts = _ts_model("decoder", scheme)
-    mg = from_torchscale(ts)
-    tokens, pad = _tokens(seed=2)
-    theirs, ours = _run_both(
-        ts, mg, lambda m: m(tokens, self_attn_padding_mask=pad, return_all_hiddens=True)
-    )
-    errors = {}
-    _compare(ours, theirs, "decoder", errors)
-    _compare_grads(mg, ts, errors)
+    assert isinstance(mg, cls) and not mg.training
+    tokens, pad = _tokens(seed=seed)
+    _check_parity(ts, mg, lambda m: m(tokens, **{mask: pad}, return_all_hiddens=True), kind)
 
 
 @pytest.mark.parametrize("scheme", list(SCHEMES))
@@ -184,10 +151,7 @@ def test_encoder_decoder_parity(scheme):
     assert isinstance(mg, magneto.EncoderDecoder)
     src, pad = _tokens(seed=3)
     tgt, _ = _tokens(length=6, seed=4)
-    errors = {}
-    theirs, ours = _run_both(ts, mg, lambda m: m(src, tgt))
-    _compare(ours, theirs, "encoder_decoder", errors)
-    _compare_grads(mg, ts, errors)
+    errors = _check_parity(ts, mg, lambda m: m(src, tgt), "encoder_decoder")
     # cross-attention over a padded source
     run = lambda m: m.decoder(tgt, encoder_out=m.encoder(src, encoder_padding_mask=pad))  # noqa
     _compare(run(mg), run(ts), "padded source", errors)
@@ -263,7 +227,7 @@ def test_to_torchscale_round_trip(kind):
         "decoder": magneto.Decoder,
         "encoder_decoder": magneto.EncoderDecoder,
     }[kind]
-    mg = _perturb(cls(config)).eval()
+    mg = perturb(cls(config)).eval()
     ts = to_torchscale(mg)
     assert type(ts).__module__.startswith("torchscale")
     tokens = _tokens(seed=9)[0]

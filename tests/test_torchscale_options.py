@@ -23,11 +23,11 @@ float histogram on CPU.
 import re
 from unittest import mock
 
+import models
 import pytest
 import torch
 from gloo import float_histc, one_process_group
 from harness import assert_close, assert_close_to_reference
-from torchscale.architecture.config import DecoderConfig, EncoderConfig, EncoderDecoderConfig
 from torchscale.architecture.decoder import Decoder as TSDecoder
 from torchscale.architecture.encoder import Encoder as TSEncoder
 from torchscale.architecture.encoder_decoder import EncoderDecoder as TSEncoderDecoder
@@ -141,15 +141,8 @@ def moe_process_group(monkeypatch):
         yield
 
 
-def _sizes(kind):
-    sides = {"encoder": ["encoder"], "decoder": ["decoder"]}.get(kind, ["encoder", "decoder"])
-    dims = dict(embed_dim=D, attention_heads=HEADS, ffn_embed_dim=FFN, layers=LAYERS)
-    return {f"{side}_{k}": v for side in sides for k, v in dims.items()}
-
-
 def _args(kind, options):
-    config = {"encoder": EncoderConfig, "decoder": DecoderConfig}.get(kind, EncoderDecoderConfig)
-    return config(**_sizes(kind), **options)
+    return models.torchscale_config(kind, D, HEADS, FFN, LAYERS, **options)
 
 
 def _build(kind, options, split=None):
@@ -416,16 +409,8 @@ def test_incremental_decoding(kind, option, scheme, request):
 
 def _native(kind, options):
     """A magneto model of ``kind`` built from ``MagnetoConfig`` with torchscale's option names."""
-    config = magneto.MagnetoConfig(
-        embed_dim=D,
-        num_heads=HEADS,
-        ffn_dim=FFN,
-        encoder_layers=LAYERS,
-        decoder_layers=LAYERS,
-        positions="none",
-        init="torchscale",
-        **options,
-    )
+    layers = dict(encoder_layers=LAYERS, decoder_layers=LAYERS)
+    config = models.config(D, HEADS, FFN, options, **layers, positions="none", init="torchscale")
     cls = {"encoder": magneto.Encoder, "decoder": magneto.Decoder}.get(kind)
     return cls(config) if cls else magneto.EncoderDecoder(config)
 

@@ -195,6 +195,13 @@ def _embedding_from_torchscale(module: Optional[nn.Module], embedding_mod, memo:
     return converted
 
 
+def _embeds(module) -> tuple:
+    """An encoder-decoder's four embeddings (torchscale's or magneto's) in the order both
+    constructors take them: encoder tokens and positions, decoder tokens and positions."""
+    enc, dec = module.encoder, module.decoder
+    return enc.embed_tokens, enc.embed_positions, dec.embed_tokens, dec.embed_positions
+
+
 def _copy_projection(projection, embed_tokens, converted_tokens):
     if projection is None:
         return None
@@ -261,15 +268,7 @@ def from_torchscale(module: nn.Module) -> nn.Module:
         elif isinstance(module, ts_encdec.EncoderDecoder):
             config = config_from_torchscale(module.args, "encoder_decoder")
             enc, dec = module.encoder, module.decoder
-            tokens = [
-                _embedding_from_torchscale(m, embedding_mod, memo)
-                for m in (
-                    enc.embed_tokens,
-                    enc.embed_positions,
-                    dec.embed_tokens,
-                    dec.embed_positions,
-                )
-            ]
+            tokens = [_embedding_from_torchscale(m, embedding_mod, memo) for m in _embeds(module)]
             projection = _copy_projection(dec.output_projection, dec.embed_tokens, tokens[2])
             converted = EncoderDecoder(config, *tokens, output_projection=projection)
             _detach_unowned(converted.encoder, enc)
@@ -456,16 +455,8 @@ def to_torchscale(module: nn.Module) -> nn.Module:
             args.in_chans = vision.in_chans
             converted = _beit3_class()(args)
         elif isinstance(module, EncoderDecoder):
-            enc, dec = module.encoder, module.decoder
-            embeds = [
-                _embedding_to_torchscale(m, embedding_mod, memo)
-                for m in (
-                    enc.embed_tokens,
-                    enc.embed_positions,
-                    dec.embed_tokens,
-                    dec.embed_positions,
-                )
-            ]
+            dec = module.decoder
+            embeds = [_embedding_to_torchscale(m, embedding_mod, memo) for m in _embeds(module)]
             projection = _copy_projection(dec.output_projection, dec.embed_tokens, embeds[2])
             args = torchscale_args(config, "encoder_decoder", no_output_layer=projection is None)
             converted = ts_encdec.EncoderDecoder(args, *embeds, output_projection=projection)

@@ -11,13 +11,12 @@ steps on a CPU. Prints the training loss and the accuracy on held-out images.
 
 from __future__ import annotations
 
-import argparse
 import math
 
 import torch
-import torch.nn.functional as F
 
 import magneto
+from magneto.examples import classification
 
 CLASSES = ("horizontal", "vertical", "diagonal", "anti-diagonal")
 
@@ -39,50 +38,21 @@ def stripe_images(count: int, size: int, generator: torch.Generator) -> tuple:
 
 
 def main(argv=None) -> float:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--batch-size", type=int, default=32)
+    p = classification.arguments(__doc__, batch_size=32)
     p.add_argument("--img-size", type=int, default=32)
     p.add_argument("--patch-size", type=int, default=8)
-    p.add_argument("--width", type=int, default=64, help="embed_dim")
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--backend", default=None, help="magneto_kernels backend (default: auto)")
-    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
     torch.manual_seed(args.seed)
-    data = torch.Generator().manual_seed(args.seed + 1)
-    config = magneto.vision_encoder_config(
-        embed_dim=args.width,
-        num_heads=args.heads,
-        ffn_dim=4 * args.width,
-        layers=args.layers,
-        backend=args.backend,
-    )
+    config = magneto.vision_encoder_config(**classification.encoder_options(args))
     model = magneto.VisionTransformer(
         config, num_classes=len(CLASSES), img_size=args.img_size, patch_size=args.patch_size
     )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    for step in range(1, args.steps + 1):
-        images, labels = stripe_images(args.batch_size, args.img_size, data)
-        loss = F.cross_entropy(model(images), labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if step % max(args.steps // 10, 1) == 0 or step == 1:
-            print(f"step {step:5d}  loss {loss.item():.4f}")
-    model.eval()
-    images, labels = stripe_images(512, args.img_size, torch.Generator().manual_seed(10**6))
-    with torch.no_grad():
-        accuracy = (model(images).argmax(-1) == labels).float().mean().item()
-    print(
-        f"held-out accuracy {accuracy:.3f} ({len(CLASSES)} classes, chance {1 / len(CLASSES):.2f})"
-    )
-    return accuracy
+
+    def batch(count, generator):
+        return stripe_images(count, args.img_size, generator)
+
+    return classification.train_and_test(model, batch, args, CLASSES, held_out=512)
 
 
 if __name__ == "__main__":

@@ -12,13 +12,11 @@ the mean of the valid frames. Prints the training loss and the held-out accuracy
 
 from __future__ import annotations
 
-import argparse
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import magneto
+from magneto.examples import classification
 
 CLASSES = ("rising", "falling", "flat", "alternating")
 
@@ -55,53 +53,22 @@ class Classifier(nn.Module):
 
 
 def main(argv=None) -> float:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--batch-size", type=int, default=16)
+    p = classification.arguments(__doc__, batch_size=16)
     p.add_argument("--bins", type=int, default=40, help="filterbank features per frame")
     p.add_argument("--max-frames", type=int, default=96)
-    p.add_argument("--width", type=int, default=64, help="embed_dim")
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--backend", default=None, help="magneto_kernels backend (default: auto)")
-    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
     torch.manual_seed(args.seed)
-    data = torch.Generator().manual_seed(args.seed + 1)
-    config = magneto.speech_encoder_config(
-        embed_dim=args.width,
-        num_heads=args.heads,
-        ffn_dim=4 * args.width,
-        layers=args.layers,
-        max_positions=args.max_frames,
-        backend=args.backend,
-    )
+    options = classification.encoder_options(args)
+    config = magneto.speech_encoder_config(**options, max_positions=args.max_frames)
     model = Classifier(
         magneto.SpeechEncoder(config, in_features=args.bins, channels=32), len(CLASSES)
     )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    for step in range(1, args.steps + 1):
-        features, lengths, labels = utterances(args.batch_size, args.bins, args.max_frames, data)
-        loss = F.cross_entropy(model(features, lengths), labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if step % max(args.steps // 10, 1) == 0 or step == 1:
-            print(f"step {step:5d}  loss {loss.item():.4f}")
-    model.eval()
-    features, lengths, labels = utterances(
-        256, args.bins, args.max_frames, torch.Generator().manual_seed(10**6)
-    )
-    with torch.no_grad():
-        accuracy = (model(features, lengths).argmax(-1) == labels).float().mean().item()
-    print(
-        f"held-out accuracy {accuracy:.3f} ({len(CLASSES)} classes, chance {1 / len(CLASSES):.2f})"
-    )
-    return accuracy
+
+    def batch(count, generator):
+        return utterances(count, args.bins, args.max_frames, generator)
+
+    return classification.train_and_test(model, batch, args, CLASSES, held_out=256)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,16 @@ def _leaf(t: Tensor) -> Tensor:
     return t.detach().requires_grad_()
 
 
+def _ln_linear(**options) -> Callable:
+    """A case's call of ln_linear: the inputs it has (the others None), then ``options``."""
+
+    def call(t, b):
+        args = t["x"], t["ln_weight"], t.get("ln_bias"), t["weight"], t.get("bias")
+        return (mk.ln_linear(*args, residual=t.get("residual"), backend=b, **options),)
+
+    return call
+
+
 def _op_cases(rows: int, cols: int, out_features: int) -> list[tuple[str, str, dict, Callable]]:
     """(op, case, float64 inputs, call(inputs, backend) -> outputs): the ops' main uses."""
     g = torch.Generator().manual_seed(0)
@@ -67,66 +77,19 @@ def _op_cases(rows: int, cols: int, out_features: int) -> list[tuple[str, str, d
                 t["x"], t["residual"], t["weight"], t["bias"], alpha=0.7, backend=b
             ),
         ),
-        (
-            "ln_linear",
-            "LN, bias (q/k/v)",
-            dict(x=x, **linear),
-            lambda t, b: (
-                mk.ln_linear(
-                    t["x"], t["ln_weight"], t["ln_bias"], t["weight"], t["bias"], backend=b
-                ),
-            ),
-        ),
-        (
-            "ln_linear",
-            "gelu (fc1)",
-            dict(x=x, **linear),
-            lambda t, b: (
-                mk.ln_linear(
-                    t["x"],
-                    t["ln_weight"],
-                    t["ln_bias"],
-                    t["weight"],
-                    t["bias"],
-                    activation="gelu",
-                    backend=b,
-                ),
-            ),
-        ),
+        ("ln_linear", "LN, bias (q/k/v)", dict(x=x, **linear), _ln_linear()),
+        ("ln_linear", "gelu (fc1)", dict(x=x, **linear), _ln_linear(activation="gelu")),
         (
             "ln_linear",
             "gelu input, residual (fc2)",
             dict(x=x, residual=wide, **linear),
-            lambda t, b: (
-                mk.ln_linear(
-                    t["x"],
-                    t["ln_weight"],
-                    t["ln_bias"],
-                    t["weight"],
-                    t["bias"],
-                    input_activation="gelu",
-                    residual=t["residual"],
-                    alpha=1.3,
-                    backend=b,
-                ),
-            ),
+            _ln_linear(input_activation="gelu", alpha=1.3),
         ),
         (
             "ln_linear",
             "RMSNorm, residual, dropout 0.1",
             dict(x=x, ln_weight=linear["ln_weight"], weight=linear["weight"], residual=wide),
-            lambda t, b: (
-                mk.ln_linear(
-                    t["x"],
-                    t["ln_weight"],
-                    None,
-                    t["weight"],
-                    norm="rms",
-                    residual=t["residual"],
-                    dropout_p=0.1,
-                    backend=b,
-                ),
-            ),
+            _ln_linear(norm="rms", dropout_p=0.1),
         ),
     ]
     return cases
