@@ -81,24 +81,24 @@ def test_fake_tensors_take_the_no_grad_path():
     assert out.shape == (2, 3, 24)
 
 
-class _LogFunctions(torch.overrides.TorchFunctionMode):
+class _Log:
+    """Records the name of every function a mode sees, then runs it."""
+
     def __init__(self):
         super().__init__()
         self.seen = []
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    def _record(self, func, types, args=(), kwargs=None):
         self.seen.append(str(func))
         return func(*args, **(kwargs or {}))
 
 
-class _LogDispatch(torch.utils._python_dispatch.TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.seen = []
+class _LogFunctions(_Log, torch.overrides.TorchFunctionMode):
+    __torch_function__ = _Log._record
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.seen.append(str(func))
-        return func(*args, **(kwargs or {}))
+
+class _LogDispatch(_Log, torch.utils._python_dispatch.TorchDispatchMode):
+    __torch_dispatch__ = _Log._record
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])

@@ -69,23 +69,24 @@ at::Tensor kernel_self_test(std::string_view name) {
   return out;
 }
 
-// The bits of __float2half_rn / __float2bfloat16_rn of each float32 element (as int32).
-at::Tensor half_bits(const at::Tensor& x) {
+// The bits of the emulated rounding `round` (__float2half_rn or __float2bfloat16_rn) of each
+// float32 element, as int32: the tests compare them with torch's own conversions.
+template <class Round>
+at::Tensor rounded_bits(const at::Tensor& x, Round round) {
   const at::Tensor xc = x.contiguous().to(at::kFloat);
   at::Tensor out = at::empty(xc.sizes(), xc.options().dtype(at::kInt));
   const float* in = xc.data_ptr<float>();
   int* o = out.data_ptr<int>();
-  for (int64_t i = 0; i < xc.numel(); ++i) o[i] = __float2half_rn(in[i]).bits;
+  for (int64_t i = 0; i < xc.numel(); ++i) o[i] = round(in[i]).bits;
   return out;
 }
 
+at::Tensor half_bits(const at::Tensor& x) {
+  return rounded_bits(x, [](float f) { return __float2half_rn(f); });
+}
+
 at::Tensor bfloat16_bits(const at::Tensor& x) {
-  const at::Tensor xc = x.contiguous().to(at::kFloat);
-  at::Tensor out = at::empty(xc.sizes(), xc.options().dtype(at::kInt));
-  const float* in = xc.data_ptr<float>();
-  int* o = out.data_ptr<int>();
-  for (int64_t i = 0; i < xc.numel(); ++i) o[i] = __float2bfloat16_rn(in[i]).bits;
-  return out;
+  return rounded_bits(x, [](float f) { return __float2bfloat16_rn(f); });
 }
 
 }  // namespace
