@@ -178,7 +178,7 @@ class Setup:
     ffn_dim: int = 256
     seq_len: int = 64
     batch_size: int = 8
-    steps: int = 150
+    steps: int = 120
     valid_windows: int = 32
     train_bytes: int = 4_000_000
     valid_bytes: int = 400_000
@@ -349,7 +349,7 @@ def measure_update(args):
 FULL = dict(
     depths=[8, 32, 128],
     lrs=[1e-4, 3.2e-4, 1e-3, 3.2e-3, 1e-2, 3.2e-2, 1e-1, 3.2e-1, 1.0],
-    warmups=[0, 15],
+    warmups=[0, 12],
     seeds=2,
     **vars(Setup()),
 )
@@ -454,7 +454,9 @@ def main(argv=None):
         return
     from magneto.examples import sweep
 
-    sweep.main(args, "python -m magneto.examples.stability" + "".join(f" {a}" for a in argv))
+    # The command that makes these results: a --replot redraws what the command without it made.
+    made_by = "".join(f" {a}" for a in argv if a != "--replot")
+    sweep.main(args, "python -m magneto.examples.stability" + made_by)
 
 
 if __name__ == "__main__":

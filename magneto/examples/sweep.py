@@ -17,15 +17,18 @@ longest first; the parent writes the store and draws the progress bar, whose uni
 layer-step (a run's cost is its depth times its steps, so the time left is estimated from
 work, not from run counts; a run that diverges early counts its full cost).
 
-Sizing of the full sweep (``FULL`` in ``magneto.examples.stability``). One training step of the
-default model (width 64, 4 heads, FFN 256, batch 8 x 64 bytes) took 4.2 ms of process time per
-layer with one torch thread (depths 16 and 64, Post-LN and Sub-LN alike, measured on this
-project's 2-core x86_64 machine while it was shared; process time, not wall time, so other
-processes' load does not count). The first pass is 5 schemes x 7 rates x 2 warm-ups = 70 runs
-per depth of 200 steps: 70 x (6 + 24 + 96) x 200 x 4.2 ms = 2.07 core-hours at most; the second
-pass adds at most 2 rates x 5 schemes x 2 warm-ups = 20 runs per depth, 0.59 core-hours. Runs
-that diverge stop early (Post-LN at depth and the highest rates), which is what brings the
-total under 3 core-hours: 90 minutes on 2 idle cores with ``--jobs 2``.
+Sizing of the full sweep (``FULL`` in ``magneto.examples.stability``), from process time (CPU
+time of the run's own process, so the load of a shared machine does not count, though its
+contention for caches and cores still slows each step). One training step of the default model
+(width 64, 4 heads, FFN 256, batch 8 x 64 bytes) took 4.2 ms per layer with one torch thread
+at depths 16 and 64 (Post-LN and Sub-LN alike) and 5.3 ms in the sweep's own first runs at depth
+128 (on this project's 2-core x86_64 machine, shared with six other jobs). The first pass is
+5 schemes x 9 rates x 2 warm-ups = 90 runs per depth of 120 steps: 90 x (8 + 32 + 128) x 120 =
+1.81M layer-steps; the second pass at most 2 rates x 5 schemes x 2 warm-ups = 20 runs per depth,
+0.40M, of which half diverge and stop early. At 5.3 ms per layer-step that is at most 3.3
+core-hours; runs that diverge (every scheme at the top rates; Post-LN at depth) stop after
+about a third of their steps, which brings the measured total to the figure in stability.md:
+under 3 core-hours, 90 minutes on 2 idle cores with ``--jobs 2``.
 """
 
 import json
