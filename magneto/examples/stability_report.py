@@ -8,11 +8,15 @@ counts as the start). Per learning rate the effective losses of the seeds are av
 - LR sensitivity (Wortsman et al.): the mean over the swept rates of the effective loss minus the
   best (lowest) of them. 0 means every rate trains as well as the best; a line that fails at
   most rates approaches initial loss minus best loss.
-- Stable range: the rates at which no seed diverged.
+- Stable rates: those at which no seed diverged.
+- Rates that learn: those at which every seed ends below the unigram baseline (the loss of byte
+  frequencies alone, no context). A run can fail without diverging: a deep Post-LN model settles
+  at that baseline and stays there, which the divergence rule does not catch.
 """
 
 import math
 import platform
+import textwrap
 from collections import defaultdict
 
 import torch
@@ -35,17 +39,18 @@ def lines(records):
     return grouped
 
 
-def summarise(by_lr, lrs):
+def summarise(by_lr, lrs, unigram):
     """One line's numbers over the rates ``lrs`` (those with no run are left out)."""
     swept = [lr for lr in sorted(lrs) if by_lr.get(lr)]
     losses = {lr: sum(map(effective_loss, by_lr[lr])) / len(by_lr[lr]) for lr in swept}
     diverged = {lr: any(r["diverged"] for r in by_lr[lr]) for lr in swept}
-    stable = [lr for lr in swept if not diverged[lr]]
     best = min(losses, key=losses.get) if losses else None
     return {
         "losses": losses,
         "diverged": diverged,
-        "stable": stable,
+        "stable": [lr for lr in swept if not diverged[lr]],
+        "learns": [lr for lr in swept if all(effective_loss(r) < unigram for r in by_lr[lr])],
+        "initial": max((r["initial_loss"] for lr in swept for r in by_lr[lr]), default=math.nan),
         "best_lr": best,
         "best_loss": losses[best] if losses else math.nan,
         "sensitivity": (sum(losses.values()) / len(losses) - losses[best]) if losses else math.nan,
@@ -53,16 +58,15 @@ def summarise(by_lr, lrs):
     }
 
 
-def stable_range(summary, lrs):
-    """The stable rates as text: 'a – b' when contiguous in the grid, else a list; '—' if none."""
-    stable = summary["stable"]
-    if not stable:
+def rate_range(rates, summary):
+    """Rates as text: 'a – b' when contiguous among the line's swept rates, else a list."""
+    if not rates:
         return "none"
-    grid = sorted(lr for lr in lrs if lr in summary["losses"])
-    first, last = grid.index(stable[0]), grid.index(stable[-1])
-    if len(stable) == last - first + 1:
-        return f"{stable[0]:g} – {stable[-1]:g}" if len(stable) > 1 else f"{stable[0]:g}"
-    return ", ".join(f"{lr:g}" for lr in stable)
+    grid = list(summary["losses"])  # the swept rates, ascending
+    first, last = grid.index(rates[0]), grid.index(rates[-1])
+    if len(rates) == last - first + 1:
+        return f"{rates[0]:g} – {rates[-1]:g}" if len(rates) > 1 else f"{rates[0]:g}"
+    return ", ".join(f"{lr:g}" for lr in rates)
 
 
 def _warmup_title(warmup):
@@ -117,9 +121,9 @@ def plot_losses(summaries, args, unigram, path, title):
     labels.append("unigram baseline (no context)")
     handles.append(plt.Line2D([], [], color="black", marker="x", linestyle="", markersize=8))
     labels.append("diverged (drawn at its initial loss)")
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=9)
+    fig.suptitle(_wrap(title, 40 * cols), fontsize=9)
+    fig.tight_layout(rect=(0, 0.1 / rows, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -150,10 +154,14 @@ def plot_sensitivity(summaries, args, path, title):
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("LR sensitivity (nats)")
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(_wrap(title, 48 * cols), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _wrap(title, width):
+    return "\n".join(textwrap.fill(line, width) for line in title.splitlines())
 
 
 def product_enumerate(a, b):
@@ -178,6 +186,10 @@ def _cell(records):
     )
 
 
+def _number(value):
+    return "—" if value is None else f"{value:.3g}"
+
+
 def tables(summaries, by_line, args):
     """The markdown tables: stable ranges, sensitivity, per-run losses, update size."""
     schemes = [s for s in SCHEMES if s in args.schemes]
@@ -185,14 +197,20 @@ def tables(summaries, by_line, args):
     rule = "|---|" + "---:|" * len(args.depths)
     out = []
     for warmup in args.warmups:
-        out += [f"\n### Stable learning rates, {_warmup_title(warmup)}\n"]
-        out += ["(no seed diverged; best rate and its loss in brackets)\n", head, rule]
+        out += [f"\n### Learning rates, {_warmup_title(warmup)}\n"]
+        out += [
+            "(stable: no seed diverged; learns: every seed ends below the unigram baseline; "
+            "best: the rate of the lowest loss, and that loss)\n",
+            head,
+            rule,
+        ]
         for scheme in schemes:
             cells = []
             for layers in args.depths:
                 s = summaries.get((scheme, layers, warmup))
                 cells.append(
-                    f"{stable_range(s, args.lrs)} ({s['best_lr']:g}: {s['best_loss']:.3f})"
+                    f"stable {rate_range(s['stable'], s)}; learns {rate_range(s['learns'], s)}; "
+                    f"best {s['best_lr']:g} ({s['best_loss']:.3f})"
                     if s and s["losses"]
                     else "not run"
                 )
@@ -216,20 +234,22 @@ def tables(summaries, by_line, args):
             by_lr = by_line.get((scheme, layers, warmup), {})
             cells = [_cell(by_lr[lr]) if by_lr.get(lr) else "—" for lr in sorted(args.lrs)]
             out.append(f"| {LABELS[scheme]} | " + " | ".join(cells) + " |")
-    probe = min(args.lrs, key=lambda lr: abs(math.log(lr / 1e-3)))
+    probe, warmup = min(args.lrs, key=lambda lr: abs(math.log(lr / 1e-3))), min(args.warmups)
     out += [
-        f"\n### At lr {probe:g}, no warm-up nearest: first-step update size / largest "
-        "gradient norm (seed 0)\n",
+        f"\n### First-step update size / largest gradient norm at lr {probe:g}, "
+        f"{_warmup_title(warmup)} (seed 0)\n",
+        "(update size: DeepNet's ‖ΔF‖/‖F‖ of the logits after the first optimizer step)\n",
         head,
         rule,
     ]
-    warmup = min(args.warmups)
     for scheme in schemes:
         cells = []
         for layers in args.depths:
             records = by_line.get((scheme, layers, warmup), {}).get(probe)
             r = records[0] if records else None
-            cells.append(f"{r['first_update']:.3g} / {r['max_grad_norm']:.3g}" if r else "—")
+            cells.append(
+                f"{_number(r['first_update'])} / {_number(r['max_grad_norm'])}" if r else "—"
+            )
         out.append(f"| {LABELS[scheme]} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
@@ -239,16 +259,12 @@ def write(records, args, command, out):
     setup = setup_of(args)
     unigram = Data.load(setup).unigram
     by_line = lines(records)
-    summaries = {}
-    for key, by_lr in by_line.items():
-        summary = summarise(by_lr, args.lrs)
-        summary["initial"] = max(r["initial_loss"] for rs in by_lr.values() for r in rs)
-        summaries[key] = summary
+    summaries = {key: summarise(by_lr, args.lrs, unigram) for key, by_lr in by_line.items()}
     title = f"{describe(args)}\n{command}"
     paths = [out / "stability.png", out / "stability-sensitivity.png", out / "stability.md"]
     plot_losses(summaries, args, unigram, paths[0], title)
     plot_sensitivity(summaries, args, paths[1], title)
-    cpu_hours = sum(r["cpu_seconds"] for r in records.values()) / 3600
+    cpu_minutes = sum(r["cpu_seconds"] for r in records.values()) / 60
     parameters = {
         (run.scheme, run.layers): r["parameters"] for run, r in records.items() if run.seed == 0
     }
@@ -263,7 +279,7 @@ def write(records, args, command, out):
     )
     text = (
         f"# Training stability: learning-rate sensitivity across depth\n\n`{command}`\n\n"
-        f"{describe(args)}. {environment}. {len(records)} runs, {cpu_hours:.2f} core-hours of "
+        f"{describe(args)}. {environment}. {len(records)} runs, {cpu_minutes:.0f} core-minutes of "
         f"process time. Magneto's parameters ({sizes}). Unigram baseline (byte frequencies, "
         f"no context) on the validation windows: {unigram:.3f} nats/byte.\n\n"
         "![final loss against learning rate](stability.png)\n\n"
