@@ -201,3 +201,17 @@ def test_quick_sweep_end_to_end(tmp_path, monkeypatch):
     (tmp_path / "stability.md").unlink()
     stability.main([*argv, "--replot"])
     assert (tmp_path / "stability.md").read_text() == table
+
+
+def test_worker_processes_give_the_same_runs(tmp_path):
+    """The default runner (``--jobs`` > 1: spawned workers) records what the in-process one does."""
+    argv = ["--quick", "--schemes", "post", "--depths", "2", "--lrs", "1e-3", "1", "--seeds", "1"]
+    results = {}
+    for jobs in (1, 2):
+        out = tmp_path / f"jobs{jobs}"
+        stability.main([*argv, "--jobs", str(jobs), "--out-dir", str(out)])
+        records = [json.loads(line) for line in (out / sweep.RUNS_FILE).read_text().splitlines()]
+        results[jobs] = {
+            json.dumps(r["run"], sort_keys=True): (r["final_loss"], r["diverged"]) for r in records
+        }
+    assert len(results[1]) == 2 and results[1] == results[2]

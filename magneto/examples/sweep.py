@@ -111,9 +111,9 @@ _WORKER = {}
 
 
 def _start_worker(setup, threads):
-    # A run thrown off by a high learning rate fills its tensors with subnormal floats, which
-    # x86 cores process many times slower: such a run took 7x the CPU time of its neighbours.
-    # Flushing them to zero changes nothing the sweep measures.
+    # A run thrown off by a high learning rate fills its tensors with subnormal floats, which x86
+    # cores process many times slower (README, Training stability); flushing them to zero changes
+    # nothing the sweep measures.
     torch.set_flush_denormal(True)
     torch.set_num_threads(threads)
     _WORKER["data"] = Data.load(setup)
