@@ -107,26 +107,27 @@ def test_effective_loss_caps_at_the_initial_loss():
 
 
 def test_sensitivity_and_rate_ranges():
-    lrs = [1e-4, 1e-3, 1e-2, 1e-1]
+    lrs = [1e-4, 3e-4, 1e-3, 1e-2, 1e-1]
     by_lr = {
         1e-4: [_record(3.5)],  # above the unigram baseline of 3.2: stable, but learns nothing
+        3e-4: [_record(3.15)],  # under the baseline by less than LEARN_MARGIN: learns nothing
         1e-3: [_record(2.0), _record(2.2)],  # two seeds: mean 2.1
         1e-2: [_record(2.5), _record(None, diverged=True)],  # one seed diverged: unstable
         1e-1: [_record(None, diverged=True)],
     }
     s = stability_report.summarise(by_lr, lrs, unigram=3.2)
-    assert s["losses"] == pytest.approx({1e-4: 3.5, 1e-3: 2.1, 1e-2: 4.25, 1e-1: 6.0})
+    assert s["losses"] == pytest.approx({1e-4: 3.5, 3e-4: 3.15, 1e-3: 2.1, 1e-2: 4.25, 1e-1: 6.0})
     assert s["best_lr"] == 1e-3 and s["best_loss"] == pytest.approx(2.1) and s["initial"] == 6.0
     # Wortsman et al.: mean over rates of min(loss, initial) minus the best loss.
-    assert s["sensitivity"] == pytest.approx((3.5 + 2.1 + 4.25 + 6.0) / 4 - 2.1)
-    assert s["stable"] == [1e-4, 1e-3] and s["learns"] == [1e-3]
-    assert s["seeds"] == {1e-4: 1, 1e-3: 2, 1e-2: 2, 1e-1: 1}
+    assert s["sensitivity"] == pytest.approx((3.5 + 3.15 + 2.1 + 4.25 + 6.0) / 5 - 2.1)
+    assert s["stable"] == [1e-4, 3e-4, 1e-3] and s["learns"] == [1e-3]
+    assert s["seeds"] == {1e-4: 1, 3e-4: 1, 1e-3: 2, 1e-2: 2, 1e-1: 1}
     assert stability_report.rate_range(s["stable"], s) == "0.0001 – 0.001"
     assert stability_report.rate_range(s["learns"], s) == "0.001"
     by_lr[1e-3] = [_record(None, diverged=True)]
     by_lr[1e-2] = [_record(2.4)]
     gap = stability_report.summarise(by_lr, lrs, unigram=3.2)
-    assert stability_report.rate_range(gap["stable"], gap) == "0.0001, 0.01"
+    assert stability_report.rate_range(gap["stable"], gap) == "0.0001, 0.0003, 0.01"
     none = stability_report.summarise({1e-4: [_record(None, diverged=True)]}, lrs, unigram=3.2)
     assert stability_report.rate_range(none["stable"], none) == "none"
     assert none["sensitivity"] == 0.0 and none["learns"] == []
