@@ -1,7 +1,8 @@
 """Runnable demonstrations of magneto (``python -m magneto.examples.<name>``).
 
-``stability``: deep, narrow decoder-only byte-level language models trained in four norm schemes
-(Post-LN, Pre-LN, DeepNorm, Magneto's Sub-LN) on the installed Python standard library.
+``stability``: a learning-rate sweep across depth of deep, narrow decoder-only byte-level language
+models in five norm schemes (Post-LN, Pre-LN, DeepNorm, Sub-LN with the plain init, Magneto) on
+the installed Python standard library (``sweep`` runs it, ``stability_report`` draws it).
 
 ``image_classification``: a small vision Transformer on generated stripe images.
 

@@ -1,32 +1,44 @@
-"""Does Magneto train where other norm schemes diverge? A deep, narrow byte-level LM on CPU.
+"""Is Magneto stable where other norm schemes are not? Learning-rate sensitivity across depth.
 
-Four decoder-only language models of equal size — Post-LN, Pre-LN, DeepNorm and Magneto (Sub-LN) —
-are trained one after another with the same data order, seed, optimizer (Adam) and an aggressive
-learning rate with no warm-up. The text is the Python standard library as installed (see
-``magneto.examples.data``). A run whose loss or gradient norm turns NaN/inf, or whose recent mean
-loss blows up, is stopped and recorded as diverged.
+Decoder-only byte-level language models in five norm schemes — Post-LN, Pre-LN, DeepNorm,
+Sub-LN with the plain initialisation (the ablation) and Magneto (Sub-LN with its DeepNet-derived
+init) — are trained over a grid of learning rates at several depths, with and without a short
+warm-up (Wortsman et al., 2023, "Small-scale proxies for large-scale Transformer training
+instabilities"). An unstable architecture's usable learning-rate range narrows with depth and its
+loss blows up at high rates. The text is the Python standard library as installed, split into
+train and validation by file (``magneto.examples.data``).
 
-    python -m magneto.examples.stability                   # defaults: about 10 min on 2 cores
-    python -m magneto.examples.stability --layers 96 --tokens 2000000 --out-dir /tmp/stab
+    python -m magneto.examples.stability --quick           # a small sweep, a few minutes
+    python -m magneto.examples.stability                   # the full sweep: 90 min on 2 idle cores
     python -m magneto.examples.stability --measure-update  # DeepNet's one-step update size
 
-Writes ``stability.png`` (train and validation loss per scheme), ``stability.md`` (a table) and
-``stability.json`` (every number) into ``--out-dir`` (default ``./results``; the repository's
-own run is in ``bench/results``, made with ``--out-dir bench/results``).
+The sweep is resumable: each finished run is appended to ``stability-runs.jsonl`` in
+``--out-dir`` (default ``./results``), keyed by its settings, and a rerun skips what is done.
+After a first pass with one seed, the learning rates on either side of each scheme's divergence
+edge are rerun with more seeds (``--seeds``). The outputs are ``stability.png`` (final loss
+against learning rate, a panel per depth and warm-up), ``stability-sensitivity.png`` (LR
+sensitivity against depth) and ``stability.md`` (tables); ``magneto.examples.sweep`` plans and
+runs the grid, ``magneto.examples.stability_report`` draws and tabulates.
+
+One run (``train_run``): Adam (betas 0.9/0.98, no weight decay, no clipping) at the run's peak
+learning rate, linear warm-up over ``warmup`` steps, then cosine decay to a tenth of the peak at
+the last step. A run *diverges* when its loss or gradient norm turns NaN/inf, or when its loss
+is above the initial loss (the validation loss at initialisation) and stays there: for
+``patience`` steps of training (10-step mean; the run is stopped), or at the end (final
+validation loss not below the initial one).
 
 The mechanism behind the claim (DeepNet, Wang et al. 2022, §3): with Post-LN the change of the
 model's output caused by one optimizer step at initialisation grows with depth, and a large early
 update throws training into a bad region; DeepNorm and Magneto's initialisation bound it.
-``relative_update`` measures that quantity, ‖F(x; θ+Δθ) − F(x; θ)‖ / ‖F(x; θ)‖ after one Adam step.
+``relative_update`` measures that quantity, ‖F(x; θ+Δθ) − F(x; θ)‖ / ‖F(x; θ)‖ after one Adam
+step; every run of the sweep records it for its own first step.
 """
 
 import argparse
-import json
 import math
-import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,13 +47,26 @@ import torch.nn.functional as F
 import magneto
 from magneto.examples.data import VOCAB_SIZE, fixed_windows, load_corpus, random_windows
 
-SCHEMES = ("post", "pre", "deepnorm", "subln")
-LABELS = {"post": "Post-LN", "pre": "Pre-LN", "deepnorm": "DeepNorm", "subln": "Magneto (Sub-LN)"}
+SCHEMES = ("post", "pre", "deepnorm", "subln_plain", "subln")
+LABELS = {
+    "post": "Post-LN",
+    "pre": "Pre-LN",
+    "deepnorm": "DeepNorm",
+    "subln_plain": "Sub-LN, plain init",
+    "subln": "Magneto (Sub-LN + init)",
+}
 DEFAULT_OUT_DIR = Path("results")  # under the current directory
 
 
 def build_model(scheme, layers, width, heads, ffn_dim, max_positions, vocab_size=VOCAB_SIZE):
-    """A magneto decoder-only LM in the given norm scheme, with the paper's initialisation."""
+    """A magneto decoder-only LM in the given norm scheme, with the paper's initialisation.
+
+    ``"subln_plain"`` is Magneto's architecture with Pre-LN's initialisation (gain 1 everywhere),
+    which ``MagnetoConfig`` has no field for: Pre-LN is built first from the same random state and
+    its parameters are copied into the Sub-LN model. The two draw the same numbers in the same
+    order (Sub-LN's extra norms draw none), so the result is exactly Magneto's model with the
+    gained weights (v_proj, out_proj, fc1, fc2) divided by its gain (``tests/test_stability.py``).
+    """
     if scheme not in SCHEMES:
         raise ValueError(f"scheme: expected one of {SCHEMES}, got {scheme!r}")
     config = magneto.MagnetoConfig(
@@ -52,17 +77,210 @@ def build_model(scheme, layers, width, heads, ffn_dim, max_positions, vocab_size
         vocab_size=vocab_size,
         activation="gelu",
         dropout=0.0,
-        norm_scheme=scheme,
+        norm_scheme="subln" if scheme == "subln_plain" else scheme,
         init="paper",
         max_positions=max_positions,
     )
-    return magneto.Decoder(config)
+    if scheme != "subln_plain":
+        return magneto.Decoder(config)
+    with torch.random.fork_rng(devices=[]):
+        plain = magneto.Decoder(config.replace(norm_scheme="pre")).state_dict()
+    model = magneto.Decoder(config)
+    missing, unexpected = model.load_state_dict(plain, strict=False)
+    state = model.state_dict()  # what Pre-LN lacks must be Sub-LN's norms: constant, not drawn
+    drawn = [name for name in missing if not state[name].eq(state[name].flatten()[0]).all()]
+    if unexpected or drawn:
+        raise RuntimeError(
+            f"Pre-LN's parameters no longer map onto Sub-LN's: random {drawn[:4]}, "
+            f"unexpected {unexpected[:4]}"
+        )
+    return model
 
 
 def lm_loss(model, inputs, targets):
     """Mean next-token cross-entropy (nats per byte)."""
     logits, _ = model(inputs)
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
+
+
+@torch.no_grad()
+def evaluate(model, inputs, targets, batch_size):
+    """Mean validation loss over fixed windows (token-weighted; all windows have one length)."""
+    model.eval()
+    total = 0.0
+    for i in range(0, len(inputs), batch_size):
+        chunk = slice(i, i + batch_size)
+        total += lm_loss(model, inputs[chunk], targets[chunk]).item() * len(inputs[chunk])
+    model.train()
+    return total / len(inputs)
+
+
+def unigram_loss(train, targets):
+    """Validation loss of the training bytes' frequencies (add-one smoothed), ignoring all context.
+
+    A model at this loss has learnt nothing but how common each byte is; leaving it is the first
+    sign that attention and depth are doing something.
+    """
+    counts = torch.bincount(train, minlength=VOCAB_SIZE).double() + 1.0
+    return -(counts / counts.sum()).log()[targets].mean().item()
+
+
+class DivergenceDetector:
+    """Decides when a training run has diverged (the rule of the module docstring).
+
+    ``update`` takes each step's loss and gradient norm. A NaN/inf diverges at once. Otherwise the
+    mean of the last ``window`` losses is compared with ``initial_loss`` once ``window`` steps
+    have run; ``above_since`` is the step from which that mean has stayed above it (None while it
+    is not above), and ``patience`` steps of it diverge the run. A spike the run recovers from is
+    tolerated. ``diverged_at``: the step of the NaN/inf, or ``above_since``, once diverged.
+    """
+
+    def __init__(self, initial_loss, window=10, patience=30):
+        if not math.isfinite(initial_loss):
+            raise ValueError(f"initial_loss must be finite, got {initial_loss}")
+        if window < 1 or patience < 1:
+            raise ValueError(f"window and patience must be >= 1, got {window}, {patience}")
+        self.initial_loss, self.window, self.patience = initial_loss, window, patience
+        self.above_since = self.diverged_at = None
+        self._recent = []
+        self._step = 0
+
+    def update(self, loss, grad_norm=0.0):
+        """Feed one step's loss and gradient norm; returns the reason for divergence, or None."""
+        self._step += 1
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            self.diverged_at = self._step
+            return f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}"
+        self._recent = (self._recent + [loss])[-self.window :]
+        if len(self._recent) < self.window:
+            return None
+        mean = sum(self._recent) / self.window
+        if mean <= self.initial_loss:
+            self.above_since = None
+            return None
+        if self.above_since is None:
+            self.above_since = self._step
+        if self._step - self.above_since + 1 >= self.patience:
+            self.diverged_at = self.above_since
+            return (
+                f"{self.window}-step mean loss above the initial {self.initial_loss:.3f} "
+                f"for {self.patience} steps (now {mean:.3f})"
+            )
+        return None
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What every run of a sweep shares: model shape, data, length and the divergence rule."""
+
+    width: int = 64
+    heads: int = 4
+    ffn_dim: int = 256
+    seq_len: int = 64
+    batch_size: int = 8
+    steps: int = 120
+    valid_windows: int = 32
+    train_bytes: int = 4_000_000
+    valid_bytes: int = 400_000
+    window: int = 10
+    patience: int = 30
+
+
+@dataclass(frozen=True)
+class Run:
+    """One point of the sweep."""
+
+    scheme: str
+    layers: int
+    lr: float
+    warmup: int
+    seed: int
+
+
+def lr_factor(step, warmup, steps):
+    """The learning rate of ``step`` (1-based) as a fraction of the peak: linear warm-up over
+    ``warmup`` steps, then cosine decay from 1 to 0.1 at ``steps``."""
+    ramp = min(1.0, step / warmup) if warmup > 0 else 1.0
+    progress = max(0, step - warmup) / max(1, steps - warmup)
+    return ramp * (0.1 + 0.45 * (1.0 + math.cos(math.pi * progress)))
+
+
+@dataclass(frozen=True)
+class Data:
+    """The corpus of a setup with its fixed validation windows and unigram baseline."""
+
+    train: torch.Tensor
+    valid_inputs: torch.Tensor
+    valid_targets: torch.Tensor
+    unigram: float
+
+    @classmethod
+    def load(cls, setup):
+        corpus = load_corpus(train_bytes=setup.train_bytes, valid_bytes=setup.valid_bytes)
+        inputs, targets = fixed_windows(corpus.valid, setup.valid_windows, setup.seq_len)
+        return cls(corpus.train, inputs, targets, unigram_loss(corpus.train, targets))
+
+
+def train_run(run, setup, data):
+    """Train one run from its seed; stops early if it diverges. Returns its results as a dict.
+
+    The seed fixes both the init and the batch order, so runs that differ only in scheme, depth
+    or learning rate see the same batches. ``first_update`` is DeepNet's update size for the
+    first optimizer step as taken (under warm-up, at lr/warmup) on the first batch.
+    """
+    torch.manual_seed(run.seed)
+    model = build_model(
+        run.scheme, run.layers, setup.width, setup.heads, setup.ffn_dim, setup.seq_len
+    )
+    parameters = list(model.parameters())
+    optimizer = torch.optim.Adam(parameters, lr=run.lr, betas=(0.9, 0.98), eps=1e-8)
+    batches = torch.Generator().manual_seed(run.seed)
+    valid = (data.valid_inputs, data.valid_targets, setup.batch_size)
+    started = time.process_time()
+    initial = evaluate(model, *valid)
+    detector = DivergenceDetector(initial, setup.window, setup.patience)
+    log_every = max(1, setup.steps // 20)
+    curve, interval, grad_norms, first_update, reason, step = [], [], [], math.nan, None, 0
+    for step in range(1, setup.steps + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = run.lr * lr_factor(step, run.warmup, setup.steps)
+        inputs, targets = random_windows(data.train, setup.batch_size, setup.seq_len, batches)
+        logits, _ = model(inputs)
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, math.inf).item()  # no clipping
+        grad_norms.append(grad_norm)
+        interval.append(loss.item())
+        reason = detector.update(loss.item(), grad_norm)
+        if reason is not None:
+            break
+        optimizer.step()
+        if step == 1:
+            with torch.no_grad():
+                before = logits.detach()
+                first_update = ((model(inputs)[0] - before).norm() / before.norm()).item()
+        if step % log_every == 0:
+            curve.append([step, sum(interval) / len(interval)])
+            interval = []
+    final = evaluate(model, *valid)
+    if reason is None and not final < initial:
+        reason = f"final validation loss {final:.3f} not below the initial {initial:.3f}"
+        detector.diverged_at = detector.above_since or setup.steps
+    finite = [g for g in grad_norms if math.isfinite(g)]
+    return {  # NaN/inf as None: the store is strict JSON
+        "initial_loss": initial,
+        "final_loss": final if math.isfinite(final) else None,
+        "diverged": reason is not None,
+        "diverged_step": detector.diverged_at,
+        "reason": reason or "",
+        "steps_done": step,
+        "max_grad_norm": max(finite) if finite else None,
+        "first_update": first_update if math.isfinite(first_update) else None,
+        "train_curve": curve,
+        "cpu_seconds": time.process_time() - started,
+        "parameters": sum(p.numel() for p in parameters),
+    }
 
 
 def relative_update(
@@ -98,300 +316,6 @@ def relative_update(
     return ((after - before).norm() / before.norm()).item()
 
 
-class DivergenceDetector:
-    """Decides when a training run has diverged.
-
-    A run diverges when its loss or gradient norm is NaN/inf, or when the mean loss of its last
-    ``window`` steps exceeds ``blowup`` times a reference: the smaller of the first step's loss and
-    the best (lowest) windowed mean seen so far. Single spikes that the run recovers from within a
-    window are tolerated; a loss that climbs and stays up is not.
-    """
-
-    def __init__(self, blowup=2.0, window=10):
-        if blowup <= 1.0:
-            raise ValueError(f"blowup must be > 1, got {blowup}")
-        if window < 1:
-            raise ValueError(f"window must be >= 1, got {window}")
-        self.blowup = blowup
-        self.window = window
-        self._recent = []
-        self._reference = math.inf
-
-    def update(self, loss, grad_norm=0.0):
-        """Feed one step's loss and gradient norm; returns the reason for divergence, or None."""
-        if not math.isfinite(loss):
-            return f"loss is {loss}"
-        if not math.isfinite(grad_norm):
-            return f"gradient norm is {grad_norm}"
-        self._recent = (self._recent + [loss])[-self.window :]
-        mean = sum(self._recent) / len(self._recent)
-        if len(self._recent) == 1 and self._reference == math.inf:
-            self._reference = loss
-        if mean > self.blowup * self._reference:
-            return (
-                f"loss blew up: mean of last {len(self._recent)} steps {mean:.3f} "
-                f"> {self.blowup} x {self._reference:.3f}"
-            )
-        if len(self._recent) == self.window:
-            self._reference = min(self._reference, mean)
-        return None
-
-
-@dataclass
-class RunResult:
-    """Everything recorded about one scheme's run."""
-
-    scheme: str
-    train_tokens: list = field(default_factory=list)  # tokens seen after each step
-    train_loss: list = field(default_factory=list)
-    grad_norm: list = field(default_factory=list)
-    valid_tokens: list = field(default_factory=list)
-    valid_loss: list = field(default_factory=list)
-    diverged: bool = False
-    reason: str = ""
-    train_seconds: float = 0.0
-    parameters: int = 0
-
-    @property
-    def max_grad_norm(self):
-        finite = [g for g in self.grad_norm if math.isfinite(g)]
-        return max(finite) if finite else math.nan
-
-    @property
-    def tokens_per_second(self):
-        return (
-            self.train_tokens[-1] / self.train_seconds
-            if self.train_tokens and self.train_seconds
-            else math.nan
-        )
-
-
-def unigram_loss(train, targets):
-    """Validation loss of the training bytes' frequencies (add-one smoothed), ignoring all context.
-
-    A model at this loss has learnt nothing but how common each byte is; leaving it is the first
-    sign that attention and depth are doing something.
-    """
-    counts = torch.bincount(train, minlength=VOCAB_SIZE).double() + 1.0
-    return -(counts / counts.sum()).log()[targets].mean().item()
-
-
-@torch.no_grad()
-def evaluate(model, inputs, targets, batch_size):
-    """Mean validation loss over fixed windows (token-weighted; all windows have one length)."""
-    model.eval()
-    total = 0.0
-    for i in range(0, len(inputs), batch_size):
-        chunk = slice(i, i + batch_size)
-        total += lm_loss(model, inputs[chunk], targets[chunk]).item() * len(inputs[chunk])
-    model.train()
-    return total / len(inputs)
-
-
-def train_scheme(scheme, args, corpus, valid_batch):
-    """Train one scheme from the shared seed; stops early (and records why) if it diverges."""
-    from tqdm import tqdm
-
-    torch.manual_seed(args.seed)
-    model = build_model(
-        scheme, args.layers, args.width, args.heads, args.ffn_dim, max_positions=args.seq_len
-    )
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
-    batches = torch.Generator().manual_seed(
-        args.seed
-    )  # the same batches, in the same order, for every scheme
-    detector = DivergenceDetector(blowup=args.blowup, window=args.blowup_window)
-    result = RunResult(scheme, parameters=sum(p.numel() for p in model.parameters()))
-    tokens_per_step = args.batch_size * args.seq_len
-    steps = max(1, args.tokens // tokens_per_step)
-
-    result.valid_tokens.append(0)
-    result.valid_loss.append(evaluate(model, *valid_batch, args.batch_size))
-    bar = tqdm(
-        range(1, steps + 1),
-        desc=f"{LABELS[scheme]:>16}",
-        unit="step",
-        dynamic_ncols=True,
-        file=sys.stderr,
-    )
-    for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = args.lr * min(1.0, step / args.warmup) if args.warmup > 0 else args.lr
-        inputs, targets = random_windows(corpus.train, args.batch_size, args.seq_len, batches)
-        started = time.perf_counter()
-        loss = lm_loss(model, inputs, targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            model.parameters(), math.inf
-        ).item()  # measure, no clipping
-        reason = detector.update(loss.item(), grad_norm)
-        if reason is None:
-            optimizer.step()
-        result.train_seconds += time.perf_counter() - started
-        result.train_tokens.append(step * tokens_per_step)
-        result.train_loss.append(loss.item())
-        result.grad_norm.append(grad_norm)
-        bar.set_postfix(loss=f"{loss.item():.3f}", gnorm=f"{grad_norm:.3g}")
-        if reason is not None:
-            result.diverged, result.reason = True, f"step {step}: {reason}"
-            bar.write(f"{LABELS[scheme]} diverged at {result.reason}")
-        if reason is not None or step % args.eval_every == 0 or step == steps:
-            result.valid_tokens.append(step * tokens_per_step)
-            result.valid_loss.append(evaluate(model, *valid_batch, args.batch_size))
-        if reason is not None:
-            break
-    bar.close()
-    return result
-
-
-def plot(results, path, title, baseline):
-    """Train (smoothed) and validation loss against tokens, one line per scheme; x marks divergence;
-    the dashed line is the unigram baseline."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_train, ax_valid) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    ceiling = 2.0 * math.log(VOCAB_SIZE)  # keep a blow-up from flattening the other curves
-    for i, r in enumerate(results):
-        color = f"C{i}"
-        label = LABELS[r.scheme] + (" (diverged)" if r.diverged else "")
-        smooth = [
-            sum(r.train_loss[max(0, i - 9) : i + 1]) / len(r.train_loss[max(0, i - 9) : i + 1])
-            for i in range(len(r.train_loss))
-        ]
-        ax_train.plot(r.train_tokens, r.train_loss, color=color, alpha=0.2, linewidth=0.8)
-        ax_train.plot(r.train_tokens, smooth, color=color, label=label)
-        ax_valid.plot(
-            r.valid_tokens, r.valid_loss, color=color, marker="o", markersize=3, label=label
-        )
-        if r.diverged:
-            last = r.train_loss[-1]
-            ax_train.plot(
-                r.train_tokens[-1],
-                min(last, ceiling) if math.isfinite(last) else ceiling,
-                "x",
-                color=color,
-                markersize=10,
-                markeredgewidth=2,
-            )
-    for ax, name in (
-        (ax_train, "train loss (10-step mean; raw faint)"),
-        (ax_valid, "validation loss"),
-    ):
-        ax.axhline(
-            baseline,
-            color="gray",
-            linestyle="--",
-            linewidth=1,
-            label="unigram baseline (no context)",
-        )
-        ax.set_xlabel("training tokens")
-        ax.set_title(name)
-        ax.grid(alpha=0.3)
-        ax.set_ylim(top=ceiling)
-    ax_train.set_ylabel("cross-entropy (nats per byte)")
-    ax_valid.legend()
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def table(results):
-    """Markdown table of the runs."""
-    rows = [
-        "| scheme | final validation loss | diverged | largest gradient norm | tokens/s |",
-        "|---|---:|---|---:|---:|",
-    ]
-    for r in results:
-        diverged = f"yes ({r.reason})" if r.diverged else "no"
-        rows.append(
-            f"| {LABELS[r.scheme]} | {r.valid_loss[-1]:.3f} | {diverged} | {r.max_grad_norm:.3g} "
-            f"| {r.tokens_per_second:.0f} |"
-        )
-    return "\n".join(rows)
-
-
-def describe(args):
-    """One line stating the setup, for the plot title and the table header."""
-    return (
-        f"{args.layers} layers, width {args.width}, {args.heads} heads, FFN {args.ffn_dim}; "
-        f"Adam lr {args.lr:g}, warm-up {args.warmup} steps; "
-        f"batch {args.batch_size}x{args.seq_len} bytes; "
-        f"{args.tokens:,} tokens per scheme; seed {args.seed}"
-    )
-
-
-def command_line(argv):
-    return "python -m magneto.examples.stability" + "".join(f" {a}" for a in argv)
-
-
-def load_data(args):
-    """The corpus, the fixed validation windows and the unigram baseline on them."""
-    corpus = load_corpus(train_bytes=args.train_bytes, valid_bytes=args.valid_bytes)
-    valid_batch = fixed_windows(corpus.valid, args.valid_windows, args.seq_len)
-    return corpus, valid_batch, unigram_loss(corpus.train, valid_batch[1])
-
-
-def write_outputs(results, args, command, environment, baseline):
-    """stability.png, stability.md and stability.json in args.out_dir."""
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    setup = describe(args)
-    plot(results, out / "stability.png", f"{setup}\n{command}", baseline)
-    parameters = ", ".join(f"{LABELS[r.scheme]} {r.parameters:,}" for r in results)
-    text = (
-        f"# Training stability: four norm schemes\n\n`{command}`\n\n{setup}. {environment}. "
-        f"Parameters per model: {parameters}.\n\n"
-        f"{table(results)}\n\nUnigram baseline (byte frequencies of the training split, "
-        f"no context) on the same validation windows: {baseline:.3f}. A diverged run's "
-        f"validation loss is taken where it stopped.\n\n![loss curves](stability.png)\n"
-    )
-    (out / "stability.md").write_text(text)
-    record = {
-        "command": command,
-        "setup": setup,
-        "environment": environment,
-        "unigram_baseline": baseline,
-        "args": vars(args),
-        "runs": [
-            dict(asdict(r), max_grad_norm=r.max_grad_norm, tokens_per_second=r.tokens_per_second)
-            for r in results
-        ],
-    }
-    (out / "stability.json").write_text(json.dumps(record, indent=1))
-    print(table(results))
-    print(f"wrote {out / 'stability.png'}, {out / 'stability.md'}, {out / 'stability.json'}")
-
-
-def run(args, argv):
-    torch.set_num_threads(args.threads)
-    corpus, valid_batch, baseline = load_data(args)
-    print(
-        f"corpus: {corpus.train.numel():,} train bytes from {len(corpus.train_files)} files, "
-        f"{corpus.valid.numel():,} validation bytes from {len(corpus.valid_files)} other files",
-        file=sys.stderr,
-    )
-    results = [train_scheme(scheme, args, corpus, valid_batch) for scheme in args.schemes]
-    environment = (
-        f"Python {platform.python_version()} stdlib, torch {torch.__version__}, "
-        f"{args.threads} thread(s), {platform.processor() or platform.machine()}"
-    )
-    write_outputs(results, args, command_line(argv), environment, baseline)
-
-
-def replot(out_dir):
-    """Redraw the plot and table from a saved stability.json (no training)."""
-    record = json.loads((Path(out_dir) / "stability.json").read_text())
-    args = argparse.Namespace(**{**record["args"], "out_dir": str(out_dir)})
-    fields = {f for f in RunResult.__dataclass_fields__}
-    results = [RunResult(**{k: v for k, v in run.items() if k in fields}) for run in record["runs"]]
-    write_outputs(results, args, record["command"], record["environment"], load_data(args)[2])
-
-
 def update_sizes(schemes=SCHEMES, depths=(6, 24, 96), lr=1e-4, seeds=(0, 1, 2), **kwargs):
     """``relative_update`` averaged over seeds, for every (scheme, depth); kwargs go to it."""
     return {
@@ -411,8 +335,7 @@ def measure_update(args):
     sizes = update_sizes(args.schemes, depths, lr=args.update_lr, seeds=seeds)
     print(
         f"Relative output change after one Adam step at init (lr {args.update_lr:g}; "
-        f"width 16, 2 heads, "
-        f"FFN 32; batch 4x32 random bytes; float64; mean of seeds {seeds})\n"
+        f"width 16, 2 heads, FFN 32; batch 4x32 random bytes; float64; mean of seeds {seeds})\n"
     )
     print("| scheme | " + " | ".join(f"depth {d}" for d in depths) + " |")
     print("|---|" + "---:|" * len(depths))
@@ -422,74 +345,105 @@ def measure_update(args):
         )
 
 
+# The full sweep and --quick. Sizing of the full sweep: docs in magneto.examples.sweep.
+FULL = dict(
+    depths=[8, 32, 128],
+    lrs=[1e-4, 3.2e-4, 1e-3, 3.2e-3, 1e-2, 3.2e-2, 1e-1, 3.2e-1, 1.0],
+    warmups=[0, 12],
+    seeds=2,
+    **vars(Setup()),
+)
+QUICK = dict(
+    FULL,
+    depths=[2, 8],
+    lrs=[1e-3, 3.2e-2, 1.0],
+    warmups=[0],
+    seeds=2,
+    width=32,
+    heads=2,
+    ffn_dim=64,
+    seq_len=32,
+    batch_size=4,
+    steps=40,
+    valid_windows=16,
+    train_bytes=400_000,
+    valid_bytes=40_000,
+    patience=15,
+)
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=__doc__.split("\n\n")[0],
+        epilog="Without --quick the defaults are the full sweep's: "
+        + ", ".join(f"{k}={v}" for k, v in FULL.items())
+        + ". --quick: "
+        + ", ".join(f"{k}={v}" for k, v in QUICK.items() if FULL[k] != v)
+        + ". Flags given explicitly override either.",
     )
-    p.add_argument("--layers", type=int, default=48, help="decoder layers (depth)")
-    p.add_argument("--width", type=int, default=128, help="model width (embed_dim)")
-    p.add_argument("--heads", type=int, default=4, help="attention heads")
-    p.add_argument("--ffn-dim", type=int, default=512, help="feed-forward hidden size")
-    p.add_argument("--seq-len", type=int, default=128, help="bytes per training window")
-    p.add_argument("--batch-size", type=int, default=16, help="windows per step")
-    p.add_argument("--tokens", type=int, default=256_000, help="training tokens (bytes) per scheme")
-    p.add_argument(
-        "--lr", type=float, default=2e-3, help="Adam learning rate (aggressive on purpose)"
+    grid = p.add_argument_group("the grid")
+    grid.add_argument("--quick", action="store_true", help="a small sweep (a few minutes; CI)")
+    grid.add_argument(
+        "--schemes", nargs="+", default=list(SCHEMES), choices=SCHEMES, help="norm schemes"
     )
-    p.add_argument("--warmup", type=int, default=0, help="linear warm-up steps (0: none)")
-    p.add_argument(
-        "--schemes", nargs="+", default=list(SCHEMES), choices=SCHEMES, help="norm schemes to run"
+    grid.add_argument("--depths", nargs="+", type=int, help="decoder layers, one panel each")
+    grid.add_argument("--lrs", nargs="+", type=float, help="peak Adam learning rates")
+    grid.add_argument("--warmups", nargs="+", type=int, help="warm-up lengths in steps (0: none)")
+    grid.add_argument(
+        "--seeds",
+        type=int,
+        help="seeds at each scheme's divergence edge (the first pass runs seed 0 only)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the init and of the batch order")
-    p.add_argument(
-        "--eval-every", type=int, default=10, help="steps between validation evaluations"
+    model = p.add_argument_group("model, data and training (shared by every run)")
+    model.add_argument("--width", type=int, help="model width (embed_dim)")
+    model.add_argument("--heads", type=int, help="attention heads")
+    model.add_argument("--ffn-dim", type=int, help="feed-forward hidden size")
+    model.add_argument("--seq-len", type=int, help="bytes per training window")
+    model.add_argument("--batch-size", type=int, help="windows per step")
+    model.add_argument("--steps", type=int, help="optimizer steps per run")
+    model.add_argument("--valid-windows", type=int, help="validation windows of --seq-len bytes")
+    model.add_argument("--train-bytes", type=int, help="training split's byte budget")
+    model.add_argument("--valid-bytes", type=int, help="validation split's byte budget")
+    model.add_argument("--window", type=int, help="steps in the divergence rule's loss mean")
+    model.add_argument(
+        "--patience", type=int, help="steps above the initial loss that stop a run as diverged"
     )
-    p.add_argument(
-        "--valid-windows", type=int, default=32, help="validation windows of --seq-len bytes"
-    )
-    p.add_argument("--train-bytes", type=int, default=4_000_000)
-    p.add_argument("--valid-bytes", type=int, default=400_000)
-    p.add_argument(
-        "--blowup", type=float, default=2.0, help="divergence: windowed loss > blowup x best"
-    )
-    p.add_argument("--blowup-window", type=int, default=10, help="steps in the divergence window")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument(
+    how = p.add_argument_group("running")
+    how.add_argument("--jobs", type=int, default=2, help="runs in parallel (worker processes)")
+    how.add_argument("--threads", type=int, default=1, help="torch CPU threads per job")
+    how.add_argument(
         "--out-dir", default=str(DEFAULT_OUT_DIR), help="where the results go (default: ./results)"
     )
-    p.add_argument(
+    how.add_argument(
+        "--replot", action="store_true", help="redraw from --out-dir's runs without training"
+    )
+    how.add_argument(
         "--measure-update",
         action="store_true",
         help="print DeepNet's one-step update size at depths 6, 24, 96 instead of training",
     )
-    p.add_argument(
+    how.add_argument(
         "--update-lr", type=float, default=1e-4, help="Adam learning rate of --measure-update"
     )
-    p.add_argument(
-        "--replot",
-        action="store_true",
-        help="redraw stability.png/.md from --out-dir's stability.json instead of training",
-    )
     args = p.parse_args(argv)
-    for name in (
-        "layers",
-        "width",
-        "heads",
-        "ffn_dim",
-        "seq_len",
-        "batch_size",
-        "tokens",
-        "eval_every",
-        "valid_windows",
-        "threads",
-    ):
+    for name, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    positive = ["jobs", "threads", "seeds", *(n for n in vars(Setup()) if n != "patience")]
+    for name in positive + ["patience"]:
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.lr <= 0 or args.update_lr <= 0:
-        p.error("--lr and --update-lr must be > 0")
-    if args.warmup < 0:
-        p.error("--warmup must be >= 0")
+    if min(args.depths) < 1 or min(args.warmups) < 0 or min(args.lrs) <= 0:
+        p.error("--depths must be >= 1, --warmups >= 0 and --lrs > 0")
+    if args.update_lr <= 0:
+        p.error("--update-lr must be > 0")
+    if max(args.warmups) >= args.steps:
+        p.error("every --warmups value must be shorter than --steps")
     return args
+
+
+def setup_of(args):
+    return Setup(**{name: getattr(args, name) for name in vars(Setup())})
 
 
 def main(argv=None):
@@ -497,10 +451,12 @@ def main(argv=None):
     args = parse_args(argv)
     if args.measure_update:
         measure_update(args)
-    elif args.replot:
-        replot(args.out_dir)
-    else:
-        run(args, argv)
+        return
+    from magneto.examples import sweep
+
+    # The command that makes these results: a --replot redraws what the command without it made.
+    made_by = "".join(f" {a}" for a in argv if a != "--replot")
+    sweep.main(args, "python -m magneto.examples.stability" + made_by)
 
 
 if __name__ == "__main__":
