@@ -9,7 +9,8 @@ op's arguments in schema order (``library.SCHEMAS``):
   dispatch of ``torch.ops.magneto.<op>_<family>`` without boxing the arguments; for a tensor
   subclass or under a torch function mode it makes the ``torch.ops`` call itself). Under
   torch.compile, the ``torch.ops`` op, which Dynamo traces.
-- ``reference``: ``checks.py``, then ``reference.py``.
+- ``reference``: ``checks.py``, then ``reference.py``; under ``torch.autocast``, on the
+  arguments cast by ``autocast.py``'s rule, which the families' Autocast-key kernels apply.
 
 The ops check their own arguments (``csrc/checks.cpp``, ``checks.py``): nothing is checked here
 but what the public API adds to an op, ``ln_linear``'s ``norm`` naming a norm (its op takes
@@ -29,26 +30,26 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from magneto_kernels import checks, reference
+from magneto_kernels import autocast, checks, reference
 from magneto_kernels.backends import EXTENSION, FAMILY, cached_backend, resolve_backend
 from magneto_kernels.codes import ACTIVATION_ALIASES, canonical_activation
 from magneto_kernels.library import get_op
 
 
 def _layer_norm_reference(*args):
-    a = checks.layer_norm(*args, reference=True)
+    a = checks.layer_norm(*autocast.cast_if_enabled("layer_norm", args), reference=True)
     return (reference.layer_norm(a.x, a.weight, a.bias, a.eps, norm=a.norm),)
 
 
 def _add_layer_norm_reference(*args):
-    a = checks.add_layer_norm(*args, reference=True)
+    a = checks.add_layer_norm(*autocast.cast_if_enabled("add_layer_norm", args), reference=True)
     return reference.add_layer_norm(
         a.x, a.residual, a.weight, a.bias, a.eps, alpha=a.alpha, norm=a.norm
     )
 
 
 def _ln_linear_reference(*args):
-    a = checks.ln_linear(*args, reference=True)
+    a = checks.ln_linear(*autocast.cast_if_enabled("ln_linear", args), reference=True)
     out = reference.ln_linear(
         a.x,
         a.ln_weight,
