@@ -92,6 +92,9 @@ def _entry(op: str, backend: Optional[str], x: Tensor):
     return _ENTRIES[op][cached_backend(backend, x)]
 
 
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
 def _draw_seed(x: Tensor) -> Tensor:
     return torch.randint(0, 2**62, (), dtype=torch.int64, device=x.device)
 
@@ -118,9 +121,22 @@ def add_layer_norm(
     *,
     alpha: float = 1.0,
     norm: str = "layer",
+    residual_in_fp32: bool = False,
     backend: Optional[str] = None,
 ) -> tuple[Tensor, Tensor]:
-    """Post-LN / DeepNorm residual: returns ``(N(alpha·residual + x), alpha·residual + x)``."""
+    """Post-LN / DeepNorm residual: returns ``(N(alpha·residual + x), alpha·residual + x)``.
+
+    ``residual_in_fp32``: for bf16/fp16 x, the sum ``s`` is formed, returned and saved for the
+    backward in float32 (the norm of an unrounded sum: its gradients, dgamma most, lose less),
+    and ``N(s)`` comes back in x's dtype. It runs the float32 op on float32 copies of x, the
+    residual and the norm parameters (not fused: three casts more)."""
+    if residual_in_fp32 and x.dtype in _LOW_PRECISION:
+        x, low = x.float(), x.dtype
+        residual, weight, bias = (
+            None if t is None else t.float() for t in (residual, weight, bias)
+        )
+        y, s = _entry("add_layer_norm", backend, x)(x, residual, weight, bias, eps, alpha, norm)[:2]
+        return y.to(low), s
     return _entry("add_layer_norm", backend, x)(x, residual, weight, bias, eps, alpha, norm)[:2]
 
 
