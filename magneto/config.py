@@ -92,6 +92,9 @@ class MagnetoConfig:
 
     ``backend`` is passed to every ``magneto_kernels`` op (None: the default for the device).
     ``checkpoint_activations`` recomputes each layer in backward (non-reentrant checkpoint).
+    ``residual_in_fp32``: in a post / deepnorm block of a bf16/fp16 model, each residual sum
+    ``alpha·x + f(x)`` is formed and kept (for the norm's backward) in float32, the norm's output
+    in the model's dtype (``add_layer_norm(..., residual_in_fp32=True)``).
     """
 
     embed_dim: int = 768
@@ -121,6 +124,7 @@ class MagnetoConfig:
     bias: bool = True
     backend: Optional[str] = None
     checkpoint_activations: bool = False
+    residual_in_fp32: bool = False
     multiway: bool = False
     layernorm_embedding: bool = False
     rel_pos_buckets: int = 0
@@ -184,6 +188,7 @@ class MagnetoConfig:
             "normalize_output",
             "bias",
             "checkpoint_activations",
+            "residual_in_fp32",
             "multiway",
             "layernorm_embedding",
             "xpos_rel_pos",

@@ -172,13 +172,22 @@ def project(
 
 
 def add_norm(
-    site: str, norm: nn.Module, x: Tensor, residual: Tensor, alpha: float, backend: Optional[str]
+    site: str,
+    norm: nn.Module,
+    x: Tensor,
+    residual: Tensor,
+    alpha: float,
+    backend: Optional[str],
+    residual_in_fp32: bool = False,
 ) -> Tensor:
     """Post-LN / DeepNorm: ``norm(alpha·residual + x)``, one ``add_layer_norm`` where ``norm`` can
-    be fused, else the sum and the norm module's call."""
+    be fused, else the sum and the norm module's call (``residual_in_fp32``: the sum in float32,
+    the result in x's dtype, both ways)."""
     args = norm_arguments(norm, x)
     if args is None or args["ln_weight"] is None:
         warn_unfused(site, norm)
+        if residual_in_fp32:
+            return norm(alpha * residual.float() + x.float()).to(x.dtype)
         return norm(alpha * residual + x)
     out, _ = magneto_kernels.add_layer_norm(
         x,
@@ -188,6 +197,7 @@ def add_norm(
         args["eps"],
         alpha=alpha,
         norm=args["norm"],
+        residual_in_fp32=residual_in_fp32,
         backend=backend,
     )
     return out

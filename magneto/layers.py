@@ -185,8 +185,10 @@ class ResidualLayer(nn.Module):
         else:
             norms = (norm[0], norm[1]) if parts else (norm,)
             site = f"{type(self).__name__}'s norm"
-            backend = self.config.backend
-            out = [add_norm(site, n, y, x, self.alpha, backend) for n, x, y in zip(norms, xs, ys)]
+            backend, fp32 = self.config.backend, self.config.residual_in_fp32
+            out = [
+                add_norm(site, n, y, x, self.alpha, backend, fp32) for n, x, y in zip(norms, xs, ys)
+            ]
         out = out if parts else out[0]
         return (out, extra) if aux else out
 

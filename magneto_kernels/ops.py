@@ -9,7 +9,8 @@ op's arguments in schema order (``library.SCHEMAS``):
   dispatch of ``torch.ops.magneto.<op>_<family>`` without boxing the arguments; for a tensor
   subclass or under a torch function mode it makes the ``torch.ops`` call itself). Under
   torch.compile, the ``torch.ops`` op, which Dynamo traces.
-- ``reference``: ``checks.py``, then ``reference.py``.
+- ``reference``: ``checks.py``, then ``reference.py``; under ``torch.autocast``, on the
+  arguments cast by ``autocast.py``'s rule, which the families' Autocast-key kernels apply.
 
 The ops check their own arguments (``csrc/checks.cpp``, ``checks.py``): nothing is checked here
 but what the public API adds to an op, ``ln_linear``'s ``norm`` naming a norm (its op takes
@@ -24,31 +25,32 @@ Autograd-key kernel in Python (every family's is C++, ``csrc/autograd.cpp``).
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from magneto_kernels import checks, reference
-from magneto_kernels.backends import EXTENSION, FAMILY, cached_backend, resolve_backend
+from magneto_kernels import autocast, checks, reference
+from magneto_kernels.backends import ENV_VAR, EXTENSION, FAMILY, cached_backend, resolve_backend
 from magneto_kernels.codes import ACTIVATION_ALIASES, canonical_activation
 from magneto_kernels.library import get_op
 
 
 def _layer_norm_reference(*args):
-    a = checks.layer_norm(*args, reference=True)
+    a = checks.layer_norm(*autocast.cast_if_enabled("layer_norm", args), reference=True)
     return (reference.layer_norm(a.x, a.weight, a.bias, a.eps, norm=a.norm),)
 
 
 def _add_layer_norm_reference(*args):
-    a = checks.add_layer_norm(*args, reference=True)
+    a = checks.add_layer_norm(*autocast.cast_if_enabled("add_layer_norm", args), reference=True)
     return reference.add_layer_norm(
         a.x, a.residual, a.weight, a.bias, a.eps, alpha=a.alpha, norm=a.norm
     )
 
 
 def _ln_linear_reference(*args):
-    a = checks.ln_linear(*args, reference=True)
+    a = checks.ln_linear(*autocast.cast_if_enabled("ln_linear", args), reference=True)
     out = reference.ln_linear(
         a.x,
         a.ln_weight,
@@ -91,6 +93,29 @@ def _entry(op: str, backend: Optional[str], x: Tensor):
     return _ENTRIES[op][cached_backend(backend, x)]
 
 
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+_FUNCTORCH_REFUSAL = "cannot use C++ torch::autograd::Function with functorch transforms"
+
+
+def _under_torch_func(op: str, backend: Optional[str], args: tuple, error: RuntimeError):
+    """A kernel backend's op under a torch.func transform that differentiates (grad, vjp,
+    jacrev, jacfwd, vmap of grad): torch runs no C++ autograd Function there, and every family's
+    is C++. With no backend asked for (neither ``backend=`` nor MAGNETO_BACKEND), the call goes
+    to the reference backend, which works through plain autograd; else a clear error."""
+    if _FUNCTORCH_REFUSAL not in str(error):
+        raise error
+    if backend is None and not os.environ.get(ENV_VAR):
+        return _ENTRIES[op]["reference"](*args)
+    asked = repr(backend) if backend is not None else f"{ENV_VAR}={os.environ[ENV_VAR]!r}"
+    raise RuntimeError(
+        f"{op}: backend {asked} cannot run under torch.func's differentiating transforms "
+        "(grad, vjp, jacrev, jacfwd; vmap alone works): its autograd is a C++ function, which "
+        "functorch refuses. Pass backend='reference' (or leave the backend unset, which uses "
+        "it there)"
+    ) from error
+
+
 def _draw_seed(x: Tensor) -> Tensor:
     return torch.randint(0, 2**62, (), dtype=torch.int64, device=x.device)
 
@@ -105,7 +130,11 @@ def layer_norm(
     backend: Optional[str] = None,
 ) -> Tensor:
     """LayerNorm (``norm="layer"``) or RMSNorm (``norm="rms"``) over x's last dimension."""
-    return _entry("layer_norm", backend, x)(x, weight, bias, eps, norm)[0]
+    args = (x, weight, bias, eps, norm)
+    try:
+        return _entry("layer_norm", backend, x)(*args)[0]
+    except RuntimeError as error:
+        return _under_torch_func("layer_norm", backend, args, error)[0]
 
 
 def add_layer_norm(
@@ -117,10 +146,29 @@ def add_layer_norm(
     *,
     alpha: float = 1.0,
     norm: str = "layer",
+    residual_in_fp32: bool = False,
     backend: Optional[str] = None,
 ) -> tuple[Tensor, Tensor]:
-    """Post-LN / DeepNorm residual: returns ``(N(alpha·residual + x), alpha·residual + x)``."""
-    return _entry("add_layer_norm", backend, x)(x, residual, weight, bias, eps, alpha, norm)[:2]
+    """Post-LN / DeepNorm residual: returns ``(N(alpha·residual + x), alpha·residual + x)``.
+
+    ``residual_in_fp32``: for bf16/fp16 x, the sum ``s`` is formed, returned and saved for the
+    backward in float32 (the norm of an unrounded sum: its gradients, dgamma most, lose less),
+    and ``N(s)`` comes back in x's dtype. It runs the float32 op on float32 copies of x, the
+    residual and the norm parameters (not fused: three casts more)."""
+    if residual_in_fp32 and x.dtype in _LOW_PRECISION:
+        x, low = x.float(), x.dtype
+        residual, weight, bias = (
+            None if t is None else t.float() for t in (residual, weight, bias)
+        )
+        y, s = add_layer_norm(
+            x, residual, weight, bias, eps, alpha=alpha, norm=norm, backend=backend
+        )
+        return y.to(low), s
+    args = (x, residual, weight, bias, eps, alpha, norm)
+    try:
+        return _entry("add_layer_norm", backend, x)(*args)[:2]
+    except RuntimeError as error:
+        return _under_torch_func("add_layer_norm", backend, args, error)[:2]
 
 
 def ln_linear(
@@ -152,8 +200,7 @@ def ln_linear(
     """
     if norm != "layer" and norm != "rms":
         raise ValueError(f"norm must be 'layer' or 'rms', got {norm!r}")
-    call = _entry("ln_linear", backend, x)
-    return call(
+    args = (
         x,
         ln_weight,
         ln_bias,
@@ -167,7 +214,11 @@ def ln_linear(
         ACTIVATION_ALIASES.get(activation, activation),
         alpha,
         dropout_p,
-    )[0]
+    )
+    try:
+        return _entry("ln_linear", backend, x)(*args)[0]
+    except RuntimeError as error:
+        return _under_torch_func("ln_linear", backend, args, error)[0]
 
 
 def activation(x: Tensor, name: Optional[str]) -> Tensor:

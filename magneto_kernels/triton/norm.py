@@ -84,6 +84,9 @@ def _load_row_input(
     a = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
         a = alpha * tl.load(RES + cols, mask=mask, other=0.0).to(tl.float32) + a
+        # The sum as stored in S (x's dtype): the statistics must be those of the s that the
+        # backward normalises again, else a bf16 row of small variance gets xhat of O(1) error.
+        a = a.to(X.dtype.element_ty).to(tl.float32)
     up = a  # the up half, when GATED
     if GATED:
         up = tl.load(X + N + cols, mask=mask, other=0.0).to(tl.float32)
