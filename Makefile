@@ -12,7 +12,7 @@ PIP := $(PYTHON) -m pip --disable-pip-version-check
 STAMPS := .stamps/$(subst /,_,$(shell command -v $(PYTHON)))
 EXT_SOURCES := setup.py $(shell find csrc -type f)
 PYTEST := TRITON_INTERPRET=1 $(PYTHON) -m pytest
-CPU_SUITE := tests/test_ops_cpu.py tests/test_ops.py -k cpu
+CPU_SUITE := tests/test_ops_cpu.py tests/test_ops.py tests/test_group.py -k cpu
 
 .PHONY: setup report test quick lint format cuda-check bench bench-cpu bench-isa gpu-check clean
 
@@ -85,7 +85,7 @@ test: setup lint $(STAMPS)/triton-newest $(STAMPS)/transformers-oldest
 		-p no:cacheprovider tests/test_integrations_transformers*.py
 	@echo "== op suite on the emulated CUDA backend"
 	MAGNETO_CUDA_EMULATE=1 MAGNETO_EXPECTED_BACKENDS=reference,cuda $(PYTEST) -q \
-		-p no:cacheprovider tests/test_ops.py tests/test_ops_cuda_emu.py tests/test_reference.py \
+		-p no:cacheprovider tests/test_ops.py tests/test_ops_cuda_emu.py tests/test_reference.py tests/test_group.py \
 		-k "cuda or expected_backends"
 	@isas=$$($(PYTHON) -c "from magneto_kernels import _C; print(*_C.cpu_isas()[1:])") || exit 1; \
 	for isa in $$isas; do \
