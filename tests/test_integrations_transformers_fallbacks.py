@@ -1,5 +1,5 @@
 """magneto.integrations.transformers refuses to fuse what it does not recognise: projections of
-another class (BitNet's quantised AutoBitLinear, PEFT's LoRA layers, a subclass of nn.Linear)
+another class (BitNet's packed BitLinear, PEFT's LoRA layers, a subclass of nn.Linear)
 or with hooks run as their own modules, fed by the norm module, with a warning at patch time
 naming each; the others stay fused (their calls counted), and the results are transformers'.
 Shared helpers: tests/transformers_models.py."""
@@ -39,19 +39,21 @@ class _UnknownLinear(nn.Linear):
         return super().forward(x) * 0.5
 
 
-def test_quantised_bitnet_projections_stay_unfused(caplog, fused_calls):
-    from transformers.integrations.bitnet import AutoBitLinear
+def test_packed_bitlinear_projection_stays_unfused(caplog, fused_calls):
+    """BitLinear (packed 2-bit weights) has no adapter: it runs as its module, named."""
+    from transformers.integrations.bitnet import BitLinear, pack_weights
 
     torch.manual_seed(0)
     model = bitnet()
     attention = model.model.layers[0].self_attn
-    quantised = AutoBitLinear(64, 64, bias=False, online_quant=True)
-    quantised.weight.data.copy_(attention.q_proj.weight)
+    quantised = BitLinear(64, 64, bias=False, dtype=torch.float32)
+    quantised.weight.copy_(pack_weights(torch.randint(-1, 2, (64, 64), dtype=torch.int8)))
+    quantised.weight_scale.fill_(20.0)
     attention.q_proj = quantised
     reference = copy.deepcopy(model)
     with caplog.at_level(logging.WARNING, logger=mt.__name__):
         mt.apply_magneto(model)
-    assert "model.layers.0.self_attn.q_proj (AutoBitLinear)" in caplog.text
+    assert "model.layers.0.self_attn.q_proj (BitLinear)" in caplog.text
     tokens = ids()
     close(model(tokens).logits, reference(tokens).logits, what="logits")
     assert fused_calls.count == LAYERS * FUSED_PER_LAYER["bitnet"]  # k/v still one group

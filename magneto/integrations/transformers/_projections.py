@@ -20,6 +20,8 @@ import magneto_kernels
 from magneto import fusion
 from magneto_kernels.codes import GATED_ACTIVATIONS
 
+from . import _bitnet_projections
+
 
 @dataclasses.dataclass(frozen=True)
 class MagnetoOptions:
@@ -93,10 +95,11 @@ class LinearProjection:
         return outs
 
 
-PROJECTIONS = {nn.Linear: LinearProjection}
-"""Linear class (exactly: not its subclasses) -> its adapter. A projection of another class
-(BitNet's quantised ``AutoBitLinear`` and ``BitLinear``, PEFT's LoRA layers, any wrapper) runs
-as its own module, fed by the norm module's output, and ``apply_magneto`` names it in a warning."""
+PROJECTIONS = {nn.Linear: LinearProjection, **_bitnet_projections.PROJECTIONS}
+"""Linear class (exactly: not its subclasses) -> its adapter (BitNet's ``AutoBitLinear``:
+``_bitnet_projections``). A projection of another class (BitNet's packed ``BitLinear``, PEFT's
+LoRA layers, any wrapper) runs as its own module, fed by the norm module's output, and
+``apply_magneto`` names it in a warning."""
 
 
 def _adapter(linear: nn.Module, x: Tensor):
