@@ -64,6 +64,7 @@ def test_autobitlinear_bitnet_matches_transformers(online, quantised_calls, capl
     with caplog.at_level(logging.WARNING, logger=mt.__name__):
         mt.apply_magneto(model)
     assert "AutoBitLinear" not in caplog.text  # nothing named as left unfused
+    assert list(model.state_dict()) == list(reference.state_dict())  # save_pretrained's keys
     tokens = ids()
     out = model(tokens, labels=tokens)
     expected = reference(tokens, labels=tokens)
