@@ -12,7 +12,7 @@ PIP := $(PYTHON) -m pip --disable-pip-version-check
 STAMPS := .stamps/$(subst /,_,$(shell command -v $(PYTHON)))
 EXT_SOURCES := setup.py $(shell find csrc -type f)
 PYTEST := TRITON_INTERPRET=1 $(PYTHON) -m pytest
-CPU_SUITE := tests/test_ops_cpu.py tests/test_ops.py -k cpu
+CPU_SUITE := tests/test_ops_cpu.py tests/test_ops.py tests/test_group.py -k cpu
 
 .PHONY: setup report test quick lint format cuda-check bench bench-cpu bench-isa gpu-check clean
 
@@ -87,7 +87,8 @@ test: setup lint $(STAMPS)/triton-newest $(STAMPS)/transformers-oldest
 	MAGNETO_CUDA_EMULATE=1 MAGNETO_EXPECTED_BACKENDS=reference,cuda $(PYTEST) -q \
 		-p no:cacheprovider tests/test_ops.py tests/test_ops_cuda_emu.py tests/test_reference.py \
 		tests/test_ops_edges.py tests/test_ops_properties.py tests/test_autocast.py \
-		tests/test_torch_func.py tests/test_residual_in_fp32.py -k "cuda or expected_backends"
+		tests/test_torch_func.py tests/test_residual_in_fp32.py tests/test_group.py \
+		-k "cuda or expected_backends"
 	@isas=$$($(PYTHON) -c "from magneto_kernels import _C; print(*_C.cpu_isas()[1:])") || exit 1; \
 	for isa in $$isas; do \
 		echo "== C++ op suite, MAGNETO_CPU_ISA=$$isa"; \

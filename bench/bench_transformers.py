@@ -12,12 +12,11 @@ unpatched layer is a deep copy taken before patching. Columns:
   per token.
 - backend: the ``magneto_kernels`` backend the patched layer's calls ran on.
 
-``--concat`` instead times the choice ``MagnetoOptions.concat_min_rows`` makes for gate/up: one
-ln_linear on the weights concatenated at call time vs one call per projection with the outputs
-concatenated, per number of rows, with and without gradients (RMSNorm 512 → 2 × 2048): µs per
-call and the bytes saved for backward.
+``--group`` instead times gate/up (RMSNorm 512 → 2 × 2048) as one ``ln_linear_group``, as one
+``ln_linear`` per projection, and as one ``ln_linear`` on a packed weight (magneto's own models'
+``in_proj``), per number of rows, with and without gradients: µs per call.
 
-    python -m bench.bench_transformers [--device cuda] [--backend reference] [--concat]
+    python -m bench.bench_transformers [--device cuda] [--backend reference] [--group]
 """
 
 from __future__ import annotations
@@ -27,14 +26,12 @@ import copy
 import os
 import statistics
 import time
-import types
 
 import torch
 import transformers
 
 import magneto_kernels
 from magneto.integrations import transformers as mt
-from magneto.integrations.transformers._projections import project
 from magneto.profiling import saved_tensor_bytes
 
 FAMILIES = ("llama", "bitnet", "kosmos2", "kosmos2_5")
@@ -135,54 +132,51 @@ def bench_family(family: str, args, device: torch.device, sync) -> dict:
     }
 
 
-def bench_concat(args, device: torch.device, sync) -> list[dict]:
-    """One ln_linear on cat(gate, up) weights vs two calls and a cat of their outputs."""
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
-
+def bench_group(args, device: torch.device, sync) -> list[dict]:
+    """gate/up three ways: ``ln_linear_group`` on two weights, one ``ln_linear`` per weight (the
+    norm recomputed in each), and one ``ln_linear`` on a packed weight (magneto's own models'
+    ``in_proj``: one parameter, its output split)."""
     torch.manual_seed(0)
-    norm = LlamaRMSNorm(args.hidden).to(device)
-    linears = [torch.nn.Linear(args.hidden, args.ffn, bias=False).to(device) for _ in range(2)]
-    # What project() reads of the patched module making the call: its options and the family's
-    # RMSNorm class.
-    callers = {
-        name: types.SimpleNamespace(
-            _magneto_options=mt.MagnetoOptions(backend=args.backend, concat_min_rows=rows),
-            _rms_norm=LlamaRMSNorm,
-        )
-        for name, rows in (("concat", 0), ("separate", 2**62))
+    ln_weight = (1 + 0.1 * torch.randn(args.hidden, device=device)).requires_grad_()
+    weights = [
+        (torch.randn(args.ffn, args.hidden, device=device) * args.hidden**-0.5).requires_grad_()
+        for _ in range(2)
+    ]
+    packed = torch.cat(weights).detach().requires_grad_()
+    kw = dict(norm="rms", backend=args.backend)
+    ways = {
+        "group": lambda x: magneto_kernels.ln_linear_group(x, ln_weight, None, weights, **kw),
+        "separate": lambda x: [
+            magneto_kernels.ln_linear(x, ln_weight, None, w, **kw) for w in weights
+        ],
+        "packed": lambda x: magneto_kernels.ln_linear(x, ln_weight, None, packed, **kw).chunk(
+            2, -1
+        ),
     }
-    rows_list = (1, 4, 16, 64, 256, 1024)
     results = []
     for grad in (False, True):
-        for rows in rows_list:
+        for rows in (1, 4, 16, 64, 256, 1024):
             x = torch.randn(rows, args.hidden, device=device, requires_grad=grad)
 
-            def run(caller, x=x, grad=grad):
+            def run(way, x=x, grad=grad):
                 with torch.set_grad_enabled(grad):
-                    y = project(caller, x, norm, linears, concat=True)
+                    outs = way(x)
                     if grad:
-                        y.sum().backward()
+                        sum(o.sum() for o in outs).backward()
 
             calls = max(2, 256 // rows)
-            times = {name: [] for name in callers}
+            times = {name: [] for name in ways}
             for round_ in range(args.warmup + args.rounds):
-                for name, caller in callers.items():
+                for name, way in ways.items():
                     sync()
                     start = time.perf_counter()
                     for _ in range(calls):
-                        run(caller)
+                        run(way)
                     sync()
                     if round_ >= args.warmup:
                         times[name].append((time.perf_counter() - start) / calls * 1e6)
             median = {name: statistics.median(t) for name, t in times.items()}
-            saved = {}
-            for name, caller in callers.items():
-                with torch.set_grad_enabled(grad):
-                    saved[name], _ = saved_tensor_bytes(
-                        lambda caller=caller, x=x: project(caller, x, norm, linears, concat=True),
-                        exclude=[x, norm.weight, *(linear.weight for linear in linears)],
-                    )
-            results.append({"grad": grad, "rows": rows, **median, "saved": saved})
+            results.append({"grad": grad, "rows": rows, **median})
     return results
 
 
@@ -199,7 +193,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--families", default=",".join(FAMILIES))
-    parser.add_argument("--concat", action="store_true", help="time gate/up concat vs separate")
+    parser.add_argument(
+        "--group", action="store_true", help="time gate/up grouped vs separate vs packed"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
@@ -210,18 +206,18 @@ def main() -> None:
         f"{args.threads} threads, fp32, {args.rounds} rounds; "
         f"load average {load[0]:.1f} on {os.cpu_count()} CPUs\n"
     )
-    if args.concat:
+    if args.group:
         print(f"gate/up: RMSNorm {args.hidden} -> 2 x {args.ffn}, µs per call (median)\n")
         print(
-            "| grad | rows | concat weights | separate calls | concat / separate "
-            "| saved B concat | saved B separate |"
+            "| grad | rows | group | separate calls | packed weight | group / separate "
+            "| group / packed |"
         )
         print("|---|---:|---:|---:|---:|---:|---:|")
-        for r in bench_concat(args, device, sync):
+        for r in bench_group(args, device, sync):
             print(
-                f"| {'fwd+bwd' if r['grad'] else 'no_grad'} | {r['rows']} | {r['concat']:.0f}"
-                f" | {r['separate']:.0f} | {r['concat'] / r['separate']:.2f}"
-                f" | {r['saved']['concat']} | {r['saved']['separate']} |"
+                f"| {'fwd+bwd' if r['grad'] else 'no_grad'} | {r['rows']} | {r['group']:.0f}"
+                f" | {r['separate']:.0f} | {r['packed']:.0f} | {r['group'] / r['separate']:.2f}"
+                f" | {r['group'] / r['packed']:.2f} |"
             )
         return
     print(

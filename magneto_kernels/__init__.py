@@ -7,12 +7,16 @@ Public ops (see ``ops.py``; the specification is ``reference.py``):
 - ``ln_linear(x, ln_weight, ln_bias, weight, bias=None, *, eps=1e-5, norm="layer",
   input_activation=None, activation=None, residual=None, alpha=1.0, dropout_p=0.0, backend=None)``
 
+- ``ln_linear_group(x, ln_weight, ln_bias, weights, biases=None, *, eps=1e-5, norm="layer",
+  backend=None)``: one output per weight, x normalised once (``group.py``)
+
 ``activation(x, name)`` and ``dropout(x, p)`` are the unfused pieces modules fall back to.
 ``available_backends(device)`` says which backends run on a device and why the others do not.
 """
 
 from magneto_kernels import library  # noqa: F401  (defines the torch.library op families)
 from magneto_kernels.backends import BACKENDS, ENV_VAR, available_backends, resolve_backend
+from magneto_kernels.group import ln_linear_group
 from magneto_kernels.ops import activation, add_layer_norm, dropout, layer_norm, ln_linear
 
 __all__ = [
@@ -23,6 +27,7 @@ __all__ = [
     "layer_norm",
     "add_layer_norm",
     "ln_linear",
+    "ln_linear_group",
     "activation",
     "dropout",
 ]

@@ -67,20 +67,16 @@ def test_bfloat16_within_its_rounding(family):
     close(out, reference(tokens).logits.float(), rtol=2e-2, what="bf16 logits")
 
 
-def test_concatenated_weights_match(fused_calls):
-    """gate/up and q/k/v as one call on concatenated weights: by default without gradients from
-    rows >= hidden on (80 >= 64: four calls a layer), and with gradients when asked for
-    (concat_min_rows=0)."""
+@pytest.mark.parametrize("length", [20, 40])  # 40 rows < 64 = hidden, 80 rows >= hidden
+def test_grouped_projections_without_gradients_match(length, fused_calls):
+    """gate/up and q/k/v are one ln_linear_group call each, with or without gradients, on both
+    of its no-gradient paths (one call per weight below in_features rows, the weights taken as
+    one from there on)."""
     model, reference = pair("llama")
-    tokens = ids(batch=2, length=40)
+    tokens = ids(batch=2, length=length)
     with torch.no_grad():
         close(model(tokens).logits, reference(tokens).logits, what="no-grad logits")
     assert fused_calls.count == LAYERS * 4
-    mt.apply_magneto(model, concat_min_rows=0)
-    model(tokens, labels=tokens).loss.backward()
-    assert fused_calls.count == 2 * LAYERS * 4
-    reference(tokens, labels=tokens).loss.backward()
-    check_grads(model, reference)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -1,5 +1,5 @@
 """magneto.integrations.transformers refuses to fuse what it does not recognise: projections of
-another class (BitNet's quantised AutoBitLinear, PEFT's LoRA layers, a subclass of nn.Linear)
+another class (BitNet's packed BitLinear, PEFT's LoRA layers, a subclass of nn.Linear)
 or with hooks run as their own modules, fed by the norm module, with a warning at patch time
 naming each; the others stay fused (their calls counted), and the results are transformers'.
 Shared helpers: tests/transformers_models.py."""
@@ -39,22 +39,24 @@ class _UnknownLinear(nn.Linear):
         return super().forward(x) * 0.5
 
 
-def test_quantised_bitnet_projections_stay_unfused(caplog, fused_calls):
-    from transformers.integrations.bitnet import AutoBitLinear
+def test_packed_bitlinear_projection_stays_unfused(caplog, fused_calls):
+    """BitLinear (packed 2-bit weights) has no adapter: it runs as its module, named."""
+    from transformers.integrations.bitnet import BitLinear, pack_weights
 
     torch.manual_seed(0)
     model = bitnet()
     attention = model.model.layers[0].self_attn
-    quantised = AutoBitLinear(64, 64, bias=False, online_quant=True)
-    quantised.weight.data.copy_(attention.q_proj.weight)
+    quantised = BitLinear(64, 64, bias=False, dtype=torch.float32)
+    quantised.weight.copy_(pack_weights(torch.randint(-1, 2, (64, 64), dtype=torch.int8)))
+    quantised.weight_scale.fill_(20.0)
     attention.q_proj = quantised
     reference = copy.deepcopy(model)
     with caplog.at_level(logging.WARNING, logger=mt.__name__):
         mt.apply_magneto(model)
-    assert "model.layers.0.self_attn.q_proj (AutoBitLinear)" in caplog.text
+    assert "model.layers.0.self_attn.q_proj (BitLinear)" in caplog.text
     tokens = ids()
     close(model(tokens).logits, reference(tokens).logits, what="logits")
-    assert fused_calls.count == LAYERS * FUSED_PER_LAYER["bitnet"] - 1
+    assert fused_calls.count == LAYERS * FUSED_PER_LAYER["bitnet"]  # k/v still one group
 
 
 def test_unknown_projection_class_and_hooked_projection_stay_unfused(caplog, fused_calls):
@@ -75,12 +77,39 @@ def test_unknown_projection_class_and_hooked_projection_stay_unfused(caplog, fus
     assert "k_proj" not in caplog.text
     tokens = ids()
     out, expected = model(tokens, labels=tokens), reference(tokens, labels=tokens)
-    assert fused_calls.count == LAYERS * FUSED_PER_LAYER["llama"] - 2
+    assert fused_calls.count == LAYERS * FUSED_PER_LAYER["llama"] - 1  # q/v still one group
     assert len(hooked) == 2  # the patched model's call and the reference's
     close(out.logits, expected.logits, what="logits")
     out.loss.backward()
     expected.loss.backward()
     check_grads(model, reference)
+
+
+def test_backward_hooked_projection_and_global_hooks_stay_unfused(fused_calls):
+    """magneto.fusion's rule: a backward hook on a projection, or a global module hook, makes the
+    integration call the module (so the hook fires), as a forward hook does."""
+    torch.manual_seed(0)
+    model = llama()
+    fired = []
+    v_proj = model.model.layers[0].self_attn.v_proj
+    v_proj.register_full_backward_hook(lambda *_: fired.append("v"))
+    reference = copy.deepcopy(model)
+    mt.apply_magneto(model)
+    tokens = ids()
+    out, expected = model(tokens, labels=tokens), reference(tokens, labels=tokens)
+    assert fused_calls.count == LAYERS * FUSED_PER_LAYER["llama"]  # q/k one group, v alone
+    out.loss.backward()
+    expected.loss.backward()
+    assert fired == ["v", "v"]
+    check_grads(model, reference)
+    calls = []
+    handle = nn.modules.module.register_module_forward_hook(lambda *_: calls.append(1))
+    try:
+        fused_calls.count = 0
+        model(tokens)
+    finally:
+        handle.remove()
+    assert fused_calls.count == 0
 
 
 @pytest.mark.parametrize("order", ["peft_first", "magneto_first"])
@@ -104,7 +133,7 @@ def test_peft_lora_projections_fall_back(order, fused_calls):
     assert len(patched_types(model)) == 3
     tokens = ids()
     out = model(input_ids=tokens, labels=tokens)
-    assert fused_calls.count == LAYERS * (FUSED_PER_LAYER["llama"] - 3)
+    assert fused_calls.count == LAYERS * (FUSED_PER_LAYER["llama"] - 1)  # k alone, no down
     expected = reference(input_ids=tokens, labels=tokens)
     close(out.logits, expected.logits, what="logits")
     out.loss.backward()

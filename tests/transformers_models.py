@@ -79,9 +79,9 @@ def kosmos2_5(**overrides):
 BUILD = {"llama": llama, "bitnet": bitnet, "kosmos2": kosmos2, "kosmos2_5": kosmos2_5}
 FAMILIES = tuple(BUILD)
 
-FUSED_PER_LAYER = {"llama": 7, "bitnet": 7, "kosmos2": 6, "kosmos2_5": 6}
-"""ln_linear calls of one layer's forward where gradients are recorded (one call per projection:
-q, k, v, the output projection, gate and up or fc1, down_proj or fc2)."""
+FUSED_PER_LAYER = {"llama": 4, "bitnet": 4, "kosmos2": 4, "kosmos2_5": 4}
+"""Fused calls of one layer's forward: q/k/v (one group), the output projection, gate/up (one
+group) or fc1, down_proj or fc2."""
 
 
 def pair(family, seed=0, **overrides):
@@ -116,14 +116,16 @@ def patched_types(model):
 
 
 class FusedCalls:
-    """Counts the integration's ``magneto_kernels.ln_linear`` calls (``fused_calls`` fixture)."""
+    """Counts the integration's ``magneto_kernels.ln_linear`` and ``ln_linear_group`` calls
+    (``fused_calls`` fixture; a group is one call)."""
 
     def __init__(self, monkeypatch):
         self.count = 0
-        original = magneto_kernels.ln_linear
+        for name in ("ln_linear", "ln_linear_group"):
+            original = getattr(magneto_kernels, name)
 
-        def counting(*args, **kwargs):
-            self.count += 1
-            return original(*args, **kwargs)
+            def counting(*args, original=original, **kwargs):
+                self.count += 1
+                return original(*args, **kwargs)
 
-        monkeypatch.setattr(magneto_kernels, "ln_linear", counting)
+            monkeypatch.setattr(magneto_kernels, name, counting)

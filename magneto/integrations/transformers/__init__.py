@@ -16,11 +16,12 @@ differs, over the shared forwards (``_blocks``: self-attention, feed-forward, th
 and the fused calls (``_projections``: one adapter per linear class, the group call site of
 q/k/v and gate/up, the output projection).
 
-What runs fused (``magneto_kernels.ln_linear``; the norm is recomputed inside each call, so the
-normalised activations are never stored for backward): in every family the block's pre-norm into
-its input projections and both residual adds into the output projections; per family, the
-family module's docstring. gate/up (and q/k/v) run as one call on their weights concatenated at
-call time or as one call each (``MagnetoOptions.concat_min_rows`` says when and why).
+What runs fused (``magneto_kernels.ln_linear`` and ``ln_linear_group``; the norm is recomputed
+inside each call, so the normalised activations are never stored for backward): in every family
+the block's pre-norm into its input projections and both residual adds into the output
+projections; per family, the family module's docstring. gate/up (and q/k/v) run as one
+``magneto_kernels.ln_linear_group`` (x normalised once, one output per projection, the input
+gradient summed inside the op).
 
 Left unfused, running the model's own code: projections that no adapter of
 ``_projections.PROJECTIONS`` accepts at call time (anything but a plain ``nn.Linear`` today:

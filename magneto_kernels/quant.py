@@ -1,0 +1,155 @@
+"""BitNet b1.58's quantised projection: the reference formula (the specification of the quantised
+``ln_linear`` mode) and its float64 evaluation for tests.
+
+The spec is transformers' own code (``transformers/integrations/bitnet.py``, 5.23.0), step by
+step and in its dtypes:
+
+- activations, per token (``ActQuant``, ``AutoBitLinear``): in float32,
+  ``s = 127 / max(|h|).clamp(min=1e-5)``, ``q = round(h·s).clamp(-128, 127)`` (torch rounds
+  half to even), and the fake-quantised ``q / s`` back in h's dtype;
+- weights, online (``WeightQuant``, master weights): in float32,
+  ``s_w = 1 / mean(|W|).clamp(min=1e-5)``, ``t = round(W·s_w).clamp(-1, 1)``, ``t / s_w`` back
+  in W's dtype; offline (``AutoBitLinear(online_quant=False)``): W holds t, and the output is
+  multiplied by ``weight_scale`` after the linear (bias included);
+- ``BitLinear`` (2-bit packed): t unpacked to the layer's dtype, ``y = (q @ t.T) /
+  (weight_scale · s)`` and the bias added after (its steps' dtypes: ``_bitlinear``);
+- straight-through backward through both quantisations (``grad_input = grad_output``): the
+  linear's gradients are taken at the fake-quantised operands.
+
+``h`` is the normalised row: BitNet's ``BitNetRMSNorm`` (float32, rounded to x's dtype, times
+its weight) of x, or of ``relu2(gate)·up`` for down_proj.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ACT_EPS = 1e-5
+"""transformers' clamp of the per-token absmax (``ActQuant``, ``BitLinear.activation_quant``)."""
+WEIGHT_EPS = 1e-5
+"""transformers' clamp of the per-tensor absmean (``WeightQuant``)."""
+QMAX = 127
+QUANT_MODES = ("bitnet_online", "bitnet_offline", "bitlinear")
+"""``AutoBitLinear`` with master weights (training), with stored ternary weights and
+``weight_scale`` (the 2B-4T checkpoint), and ``BitLinear`` (packed 2-bit weights)."""
+
+
+def act_codes(h: Tensor) -> tuple[Tensor, Tensor]:
+    """(q, s) of ``ActQuant``: the int8 codes (as h's float32 values) and the per-row scale."""
+    h = h.float()
+    s = QMAX / h.abs().amax(dim=-1, keepdim=True).clamp(min=ACT_EPS)
+    return (h * s).round().clamp(-QMAX - 1, QMAX), s
+
+
+def weight_codes(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """(t, s_w) of ``WeightQuant``: the ternary codes (float32) and the per-tensor scale."""
+    w = weight.float()
+    s = 1.0 / w.abs().mean().clamp(min=WEIGHT_EPS)
+    return (w * s).round().clamp(-1, 1), s
+
+
+class _ActQuant(torch.autograd.Function):
+    """``ActQuant``: fake-quantised h in h's dtype, straight-through backward."""
+
+    @staticmethod
+    def forward(ctx, h):
+        q, s = act_codes(h)
+        return (q / s).to(h.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class _WeightQuant(torch.autograd.Function):
+    """``WeightQuant``: fake-quantised W in W's dtype, straight-through backward."""
+
+    @staticmethod
+    def forward(ctx, weight):
+        t, s = weight_codes(weight)
+        return (t / s).to(weight.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def bitnet_norm(x: Tensor, ln_weight: Optional[Tensor], eps: float) -> Tensor:
+    """``BitNetRMSNorm``: float32, rounded to x's dtype, times the weight."""
+    if ln_weight is None:
+        return x
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return ln_weight * h.to(x.dtype)
+
+
+def relu2_glu(x: Tensor) -> Tensor:
+    """BitNet's down_proj input, ``relu2(gate)·up`` of x = [gate | up], as transformers runs it."""
+    gate, up = x.chunk(2, dim=-1)
+    return torch.square(torch.relu(gate)) * up
+
+
+def ln_linear_bitnet(
+    x: Tensor,
+    ln_weight: Optional[Tensor],
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    quant: str = "bitnet_online",
+    weight_scale: Optional[Tensor] = None,
+    eps: float = 1e-6,
+    input_activation: Optional[str] = None,
+    residual: Optional[Tensor] = None,
+    alpha: float = 1.0,
+) -> Tensor:
+    """``alpha·residual + Q(BitNetRMSNorm(in_act(x)))`` with Q the quantised projection of mode
+    ``quant`` (``QUANT_MODES``), as transformers computes it (top of the file). ``weight``: the
+    master weight (online), the ternary weight (offline) or the unpacked ternary weight of a
+    ``BitLinear``; ``weight_scale``: the stored scale (offline modes; shape (1,))."""
+    if quant not in QUANT_MODES:
+        raise ValueError(f"quant must be one of {QUANT_MODES}, got {quant!r}")
+    if quant != "bitnet_online" and (weight_scale is None or weight_scale.numel() != 1):
+        shape = None if weight_scale is None else tuple(weight_scale.shape)
+        raise ValueError(
+            f"quant={quant!r} needs a per-tensor weight_scale of shape (1,), got {shape}"
+        )
+    if input_activation not in (None, "relu2_glu"):
+        raise ValueError(f"input_activation must be None or 'relu2_glu', got {input_activation!r}")
+    a = relu2_glu(x) if input_activation == "relu2_glu" else x
+    h = bitnet_norm(a, ln_weight, eps)
+    if quant == "bitlinear":
+        y = _bitlinear(h, weight, weight_scale, bias)
+    else:
+        w = _WeightQuant.apply(weight) if quant == "bitnet_online" else weight
+        y = F.linear(_ActQuant.apply(h), w, bias)
+        if quant == "bitnet_offline":
+            y = y * weight_scale
+    return y if residual is None else alpha * residual + y
+
+
+def _bitlinear(h: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``BitLinear.forward`` after its optional norm. Its ``activation_quant`` and
+    ``post_quant_process`` are ``torch.compile``'d, and inductor computes a bf16/fp16 kernel's
+    pointwise steps in float32, rounding only what it returns: s and h·s in float32, s returned
+    (and divided by) in h's dtype, the division in float32 rounded once."""
+    s = QMAX / h.float().abs().amax(dim=-1, keepdim=True).clamp(min=ACT_EPS)
+    q = (h.float() * s).round().clamp(-QMAX - 1, QMAX).to(torch.int8)
+    y = F.linear(q.to(weight.dtype), weight)
+    y = (y.float() / (weight_scale.float() * s.to(h.dtype).float())).to(y.dtype)
+    return y if bias is None else y + bias.view(1, -1).expand_as(y)
+
+
+def float64_codes(h: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+    """The float64 evaluation of the activation codes of h (float64) at scale s (float64), and
+    where a code sits at a rounding tie: ``|frac(h·s) − 0.5|`` below ``tie_width``, the room one
+    last-bit difference of an fp32 h·s leaves (2⁻¹⁷ relative of |h·s| ≤ 128, i.e. 128 ulps of
+    fp32 at 127 as a margin of the norm's rounding too), where the kernel's float32 h may round
+    either way. Tests allow one code of difference there and nowhere else."""
+    v = h * s
+    q = v.round().clamp(-QMAX - 1, QMAX)
+    tie = ((v - v.floor()) - 0.5).abs() <= v.abs().clamp(min=1.0) * 2.0**-17
+    return q, tie
