@@ -12,7 +12,8 @@ PIP := $(PYTHON) -m pip --disable-pip-version-check
 STAMPS := .stamps/$(subst /,_,$(shell command -v $(PYTHON)))
 EXT_SOURCES := setup.py $(shell find csrc -type f)
 PYTEST := TRITON_INTERPRET=1 $(PYTHON) -m pytest
-CPU_SUITE := tests/test_ops_cpu.py tests/test_ops.py tests/test_group.py -k cpu
+CPU_SUITE := tests/test_ops_cpu.py tests/test_ops.py tests/test_group.py tests/test_ops_edges.py \
+	tests/test_ops_properties.py -k cpu
 
 .PHONY: setup report test quick lint format cuda-check bench bench-cpu bench-isa gpu-check clean
 

@@ -87,7 +87,7 @@ void norm_forward_typed(const NormForward& a) {
         float* s_out = a.sum != nullptr ? y_buf : nullptr;
         // row_stats' shift: a[0], the first element as the loop below computes it.
         Vec first(xf[0]);
-        if (r != nullptr) first = at::vec::fmadd(alpha, Vec(r[0]), first);
+        if (r != nullptr) first = round_vec<T>(at::vec::fmadd(alpha, Vec(r[0]), first));
         if constexpr (IA != Activation::kNone) {
           first = act_forward<IA>(first);
           if constexpr (Gated) first = first * Vec(xf[n]);
@@ -102,7 +102,8 @@ void norm_forward_typed(const NormForward& a) {
           y_ahead.touch_for_write(next_y, j);
           sum_ahead.touch_for_write(next_sum, j);
           Vec sv = Vec::loadu(xf + j, c);
-          if (r != nullptr) sv = at::vec::fmadd(alpha, Vec::loadu(r + j, c), sv);
+          // s rounded to T: the statistics are those of s as stored, which the backward reads.
+          if (r != nullptr) sv = round_vec<T>(at::vec::fmadd(alpha, Vec::loadu(r + j, c), sv));
           if (s_out != nullptr) sv.store(s_out + j, c);
           Vec av = sv;
           if constexpr (IA != Activation::kNone) {

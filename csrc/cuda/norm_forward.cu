@@ -44,7 +44,8 @@ __device__ __forceinline__ void load_input(const NormForwardParams& p, int64_t r
       load_vec<T, VEC>(static_cast<const T*>(p.residual) + row * p.residual_stride + c0, valid,
                        vec_ok, r);
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) a[i] = fmaf(p.alpha, r[i], a[i]);
+      // s rounded to T: the statistics are those of s as stored, which the backward reads.
+      for (int i = 0; i < VEC; ++i) a[i] = round_to<T>(fmaf(p.alpha, r[i], a[i]));
       if (write_sum && p.sum != nullptr)
         store_vec<T, VEC>(static_cast<T*>(p.sum) + row * p.sum_stride + c0, valid, vec_ok, a);
     }
