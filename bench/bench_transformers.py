@@ -39,13 +39,11 @@ FAMILIES = ("llama", "bitnet", "kosmos2", "kosmos2_5")
 
 def build_model(family: str, hidden: int, ffn: int, heads: int) -> torch.nn.Module:
     """A one-layer causal LM of ``family``: the layer under test is ``model.model.layers[0]``."""
+    from transformers.models.kosmos2 import modeling_kosmos2
+    from transformers.models.kosmos2_5 import modeling_kosmos2_5
+
     if family in ("llama", "bitnet"):
-        config_cls, model_cls = {
-            "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-            "bitnet": (transformers.BitNetConfig, transformers.BitNetForCausalLM),
-        }[family]
-        config = config_cls(
-            vocab_size=128,
+        sizes = dict(
             hidden_size=hidden,
             intermediate_size=ffn,
             num_hidden_layers=1,
@@ -53,31 +51,27 @@ def build_model(family: str, hidden: int, ffn: int, heads: int) -> torch.nn.Modu
             num_key_value_heads=heads,
             bos_token_id=None,  # BitNet's defaults lie outside this small vocabulary
             eos_token_id=None,
-            attn_implementation="sdpa",
         )
-        return model_cls(config)
-    from transformers.models.kosmos2 import modeling_kosmos2
-    from transformers.models.kosmos2_5 import modeling_kosmos2_5
-
+    else:
+        sizes = dict(
+            embed_dim=hidden,
+            ffn_dim=ffn,
+            layers=1,
+            attention_heads=heads,
+            dropout=0.0,
+            attention_dropout=0.0,
+            activation_dropout=0.0,
+        )
     config_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "bitnet": (transformers.BitNetConfig, transformers.BitNetForCausalLM),
         "kosmos2": (transformers.Kosmos2TextConfig, modeling_kosmos2.Kosmos2TextForCausalLM),
         "kosmos2_5": (
             transformers.Kosmos2_5TextConfig,
             modeling_kosmos2_5.Kosmos2_5TextForCausalLM,
         ),
     }[family]
-    config = config_cls(
-        vocab_size=128,
-        embed_dim=hidden,
-        ffn_dim=ffn,
-        layers=1,
-        attention_heads=heads,
-        dropout=0.0,
-        attention_dropout=0.0,
-        activation_dropout=0.0,
-        attn_implementation="sdpa",
-    )
-    return model_cls(config)
+    return model_cls(config_cls(vocab_size=128, attn_implementation="sdpa", **sizes))
 
 
 def layer_kwargs(model, family: str, x: torch.Tensor) -> dict:

@@ -52,30 +52,18 @@ def weight_codes(weight: Tensor) -> tuple[Tensor, Tensor]:
     return (w * s).round().clamp(-1, 1), s
 
 
-class _ActQuant(torch.autograd.Function):
-    """``ActQuant``: fake-quantised h in h's dtype, straight-through backward."""
+class _FakeQuant(torch.autograd.Function):
+    """transformers' ``ActQuant`` / ``WeightQuant``: t fake-quantised by ``codes`` (act_codes or
+    weight_codes) in t's dtype, straight-through backward."""
 
     @staticmethod
-    def forward(ctx, h):
-        q, s = act_codes(h)
-        return (q / s).to(h.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
-
-
-class _WeightQuant(torch.autograd.Function):
-    """``WeightQuant``: fake-quantised W in W's dtype, straight-through backward."""
-
-    @staticmethod
-    def forward(ctx, weight):
-        t, s = weight_codes(weight)
-        return (t / s).to(weight.dtype)
+    def forward(ctx, t, codes):
+        q, s = codes(t)
+        return (q / s).to(t.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad
+        return grad, None
 
 
 def bitnet_norm(x: Tensor, ln_weight: Optional[Tensor], eps: float) -> Tensor:
@@ -124,8 +112,8 @@ def ln_linear_bitnet(
     if quant == "bitlinear":
         y = _bitlinear(h, weight, weight_scale, bias)
     else:
-        w = _WeightQuant.apply(weight) if quant == "bitnet_online" else weight
-        y = F.linear(_ActQuant.apply(h), w, bias)
+        w = _FakeQuant.apply(weight, weight_codes) if quant == "bitnet_online" else weight
+        y = F.linear(_FakeQuant.apply(h, act_codes), w, bias)
         if quant == "bitnet_offline":
             y = y * weight_scale
     return y if residual is None else alpha * residual + y

@@ -37,3 +37,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """The Hugging Face integration tests' count of fused calls (tests/transformers_models.py;
+    imported here only when a test asks, since it imports transformers)."""
+    from transformers_models import FusedCalls
+
+    return FusedCalls(monkeypatch)

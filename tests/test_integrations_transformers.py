@@ -19,7 +19,6 @@ from transformers_models import (
     FUSED_PER_LAYER,
     LAYERS,
     VOCAB,
-    FusedCalls,
     check_grads,
     close,
     ids,
@@ -30,11 +29,6 @@ from transformers_models import (
 transformers = pytest.importorskip("transformers")
 
 from magneto.integrations import transformers as mt  # noqa: E402
-
-
-@pytest.fixture
-def fused_calls(monkeypatch):
-    return FusedCalls(monkeypatch)
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])

@@ -13,7 +13,6 @@ from torch import nn
 from transformers_models import (
     FUSED_PER_LAYER,
     LAYERS,
-    FusedCalls,
     bitnet,
     check_grads,
     close,
@@ -25,11 +24,6 @@ from transformers_models import (
 transformers = pytest.importorskip("transformers")
 
 from magneto.integrations import transformers as mt  # noqa: E402
-
-
-@pytest.fixture
-def fused_calls(monkeypatch):
-    return FusedCalls(monkeypatch)
 
 
 class _UnknownLinear(nn.Linear):

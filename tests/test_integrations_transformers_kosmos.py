@@ -10,7 +10,6 @@ from transformers_models import (
     BUILD,
     FUSED_PER_LAYER,
     LAYERS,
-    FusedCalls,
     check_grads,
     close,
     ids,
@@ -21,11 +20,6 @@ from transformers_models import (
 transformers = pytest.importorskip("transformers")
 
 from magneto.integrations import transformers as mt  # noqa: E402
-
-
-@pytest.fixture
-def fused_calls(monkeypatch):
-    return FusedCalls(monkeypatch)
 
 
 @pytest.mark.parametrize("family", ["kosmos2", "kosmos2_5"])
