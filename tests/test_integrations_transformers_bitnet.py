@@ -1,22 +1,22 @@
 """apply_magneto on BitNet with AutoBitLinear projections (online: master weights, training;
-offline: ternary weights and weight_scale): every projection of every layer, with the norm
-before it (input RMSNorm, attn_sub_norm, post-attention RMSNorm, ffn_sub_norm of relu2(gate)·up)
-and both residual adds, runs as one call of the quantised projection's formula, side by side
-with the unpatched model: logits, every gradient (online), greedy tokens."""
+offline: ternary weights and weight_scale): until the quantised op has kernels, every
+AutoBitLinear runs as its own module fed by the norm module (its reference formula in PyTorch
+ops was slower than transformers' own path), named in apply_magneto's warning; the rest of the
+layer stays patched. Side by side with the unpatched model: logits, every gradient (online),
+greedy tokens, state-dict keys."""
 
 import copy
 import logging
 
 import pytest
 import torch
-from transformers_models import LAYERS, bitnet, check_grads, close, ids
+from transformers_models import bitnet, check_grads, close, ids
 
 transformers = pytest.importorskip("transformers")
 
 from transformers.integrations.bitnet import AutoBitLinear  # noqa: E402
 
 from magneto.integrations import transformers as mt  # noqa: E402
-from magneto_kernels import quant  # noqa: E402
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -44,34 +44,23 @@ def _quantised(online: bool):
     return model
 
 
-@pytest.fixture
-def quantised_calls(monkeypatch):
-    calls = []
-    original = quant.ln_linear_bitnet
-
-    def counting(*args, **kwargs):
-        calls.append(kwargs.get("input_activation"))
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(quant, "ln_linear_bitnet", counting)
-    return calls
-
-
 @pytest.mark.parametrize("online", [True, False], ids=["online", "offline"])
-def test_autobitlinear_bitnet_matches_transformers(online, quantised_calls, caplog):
+def test_autobitlinear_bitnet_runs_unfused_and_named(online, fused_calls, caplog):
     model = _quantised(online)
     reference = copy.deepcopy(model)
     with caplog.at_level(logging.WARNING, logger=mt.__name__):
         mt.apply_magneto(model)
-    assert "AutoBitLinear" not in caplog.text  # nothing named as left unfused
+    for name in PROJ:
+        assert (
+            f"model.layers.0.{'mlp' if name in PROJ[4:] else 'self_attn'}.{name} (AutoBitLinear)"
+            in caplog.text
+        )
     assert list(model.state_dict()) == list(reference.state_dict())  # save_pretrained's keys
     tokens = ids()
     out = model(tokens, labels=tokens)
     expected = reference(tokens, labels=tokens)
     close(out.logits, expected.logits, what="logits")
-    # per layer: q, k, v, o (attn_sub_norm + residual), gate, up, down (ffn_sub_norm of relu2_glu)
-    assert len(quantised_calls) == LAYERS * 7
-    assert quantised_calls.count("relu2_glu") == LAYERS
+    assert fused_calls.count == 0  # every projection of the layer is quantised
     if online:
         out.loss.backward()
         expected.loss.backward()

@@ -1,10 +1,9 @@
 """BitNet: Llama's block (``llama.py``) with ``attn_sub_norm`` fused into o_proj and
 ``down_proj(ffn_sub_norm(relu2(gate)·up))`` as one call ("relu2_glu").
 
-Projections of transformers' ``AutoBitLinear`` (online and offline) run with the norm before
-them and the residual add as one call of the quantised projection's formula
-(``_bitnet_projections``); ``BitLinear`` (packed 2-bit) has no adapter yet: it runs as its own
-module, fed by the norm module.
+Projections of transformers' quantised classes (``AutoBitLinear``, packed ``BitLinear``) have no
+adapter yet: they run as their own modules, fed by the norm module, and ``apply_magneto`` names
+them.
 """
 
 from __future__ import annotations
