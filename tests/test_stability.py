@@ -202,7 +202,7 @@ def test_plain_init_ablation_is_magneto_divided_by_its_gain():
     assert magneto_.keys() == plain.keys()
     gained = 0
     for name, value in magneto_.items():
-        if name.endswith("in_proj_weight"):  # rows q, k, v: only v has the gain
+        if name.endswith("in_proj.weight"):  # rows q, k, v: only v has the gain
             torch.testing.assert_close(plain[name][: 2 * width], value[: 2 * width])
             torch.testing.assert_close(plain[name][2 * width :] * gamma, value[2 * width :])
             gained += 1
