@@ -20,6 +20,20 @@ from transformers.models.kosmos2 import modeling_kosmos2 as modeling
 from ._blocks import Fused, feed_forward, pre_norm_block, self_attention
 
 
+def kosmos_pre_norm_block(layer: nn.Module, hidden_states: Tensor, **kwargs) -> Tensor:
+    """A Kosmos-2 / Kosmos-2.5 text layer's pre-norm block: its modules, by their names in
+    transformers, handed to ``pre_norm_block`` with the call's own arguments."""
+    return pre_norm_block(
+        hidden_states,
+        attention=layer.self_attn,
+        attention_norm=layer.self_attn_layer_norm,
+        mlp=layer.ffn,
+        mlp_norm=layer.final_layer_norm,
+        dropout_p=layer.dropout if layer.training else 0.0,
+        **kwargs,
+    )
+
+
 class FusedKosmosAttention(Fused):
     """Self-attention: q/k/v from ``magneto_norm(hidden_states)``; out_proj (after
     ``_out_norm()``) with ``magneto_residual`` and ``magneto_dropout_p``."""
@@ -121,13 +135,9 @@ class FusedKosmos2TextBlock(Fused):
                 output_attentions=output_attentions,
                 **kwargs,
             )
-        return pre_norm_block(
+        return kosmos_pre_norm_block(
+            self,
             hidden_states,
-            attention=self.self_attn,
-            attention_norm=self.self_attn_layer_norm,
-            mlp=self.ffn,
-            mlp_norm=self.final_layer_norm,
-            dropout_p=self.dropout if self.training else 0.0,
             cross_attention=cross_attention,
             attention_mask=attention_mask,
             past_key_values=past_key_values,

@@ -7,8 +7,8 @@ from __future__ import annotations
 from torch import Tensor
 from transformers.models.kosmos2_5 import modeling_kosmos2_5 as modeling
 
-from ._blocks import Fused, pre_norm_block
-from .kosmos2 import FusedKosmosAttention, FusedKosmosFFN
+from ._blocks import Fused
+from .kosmos2 import FusedKosmosAttention, FusedKosmosFFN, kosmos_pre_norm_block
 
 
 class FusedKosmos2_5Attention(FusedKosmosAttention):
@@ -47,13 +47,9 @@ class FusedKosmos2_5TextBlock(Fused):
         use_cache=True,
         **kwargs,
     ) -> Tensor:
-        return pre_norm_block(
+        return kosmos_pre_norm_block(
+            self,
             hidden_states,
-            attention=self.self_attn,
-            attention_norm=self.self_attn_layer_norm,
-            mlp=self.ffn,
-            mlp_norm=self.final_layer_norm,
-            dropout_p=self.dropout if self.training else 0.0,
             attention_mask=attention_mask,
             past_key_values=past_key_values,
             use_cache=use_cache,
