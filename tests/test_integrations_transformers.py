@@ -22,13 +22,11 @@ from transformers_models import (
     check_grads,
     close,
     ids,
+    mt,
     pair,
     patched_types,
+    transformers,
 )
-
-transformers = pytest.importorskip("transformers")
-
-from magneto.integrations import transformers as mt  # noqa: E402
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])

@@ -10,13 +10,14 @@ import logging
 
 import pytest
 import torch
-from transformers_models import bitnet, check_grads, close, ids
-
-transformers = pytest.importorskip("transformers")
-
-from transformers.integrations.bitnet import AutoBitLinear  # noqa: E402
-
-from magneto.integrations import transformers as mt  # noqa: E402
+from transformers.integrations.bitnet import AutoBitLinear
+from transformers_models import (
+    bitnet,
+    check_grads,
+    close,
+    ids,
+    mt,
+)
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

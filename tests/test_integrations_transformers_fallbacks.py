@@ -18,12 +18,9 @@ from transformers_models import (
     close,
     ids,
     llama,
+    mt,
     patched_types,
 )
-
-transformers = pytest.importorskip("transformers")
-
-from magneto.integrations import transformers as mt  # noqa: E402
 
 
 class _UnknownLinear(nn.Linear):

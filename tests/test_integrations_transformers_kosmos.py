@@ -14,12 +14,10 @@ from transformers_models import (
     close,
     ids,
     kosmos_text_config,
+    mt,
     pair,
+    transformers,
 )
-
-transformers = pytest.importorskip("transformers")
-
-from magneto.integrations import transformers as mt  # noqa: E402
 
 
 @pytest.mark.parametrize("family", ["kosmos2", "kosmos2_5"])
