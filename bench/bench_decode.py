@@ -1,7 +1,8 @@
 """Greedy decoding with the KV cache: magneto against torchscale, the same weights, on CPU.
 
 Two models, each taken from torchscale 0.3.0 and converted with ``from_torchscale`` (so both
-sides hold identical weights), Sub-LN, fp32, ``torch.no_grad``, ``eval()``:
+sides hold identical weights), Sub-LN, fp32 (``--dtype bfloat16``: both in bf16),
+``torch.no_grad``, ``eval()``:
 
 - decoder-only: ``Decoder``, 12 layers, d=768, 12 heads, FFN 3072;
 - encoder-decoder: ``EncoderDecoder``, 6 + 6 layers of the same width, a 64-token source.
@@ -19,7 +20,7 @@ The timings are interleaved rounds (``magneto.report.harness.interleaved``), one
 each side per round; the ratio is magneto's time over torchscale's, the median of the per-round
 ratios with their range. Run it from the checkout:
 
-    python -m bench.bench_decode [--rounds 7] [--tokens 16] [--prompt 4] [--threads 2]
+    python -m bench.bench_decode [--rounds 7] [--tokens 16] [--prompt 4] [--threads 2] [--dtype D]
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ from magneto.report.models import import_torchscale, torchscale_stack
 D, HEADS, FFN, VOCAB = 768, 12, 3072, 1000
 
 
-def _models(kind: str):
-    """torchscale's model and its magneto conversion, with the same weights."""
+def _models(kind: str, dtype: torch.dtype):
+    """torchscale's model and its magneto conversion, with the same weights, in ``dtype``."""
     torch.manual_seed(0)
     if kind == "decoder":
         theirs = torchscale_stack("decoder", D, HEADS, FFN, layers=12, vocab=VOCAB)
@@ -60,7 +61,7 @@ def _models(kind: str):
         for p in theirs.parameters():
             p.add_(0.02 * torch.randn_like(p))
     ours = from_torchscale(theirs)
-    return theirs.eval(), ours.eval()
+    return theirs.to(dtype).eval(), ours.to(dtype).eval()
 
 
 def _generate(model, kind: str, prompt: torch.Tensor, tokens: int, source: torch.Tensor):
@@ -86,18 +87,20 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--prompt", type=int, default=4, help="prompt tokens, cached in one call")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
     torch.set_num_threads(args.threads)
     timer = harness.cpu_timer(args.threads)
     backend = magneto_kernels.resolve_backend(None, torch.empty(0))
     print(
         f"# Greedy decoding, {args.tokens} tokens after a {args.prompt}-token prompt, "
-        f"magneto ({backend}) / torchscale"
+        f"magneto ({backend}) / torchscale, {args.dtype}"
     )
     print(f"\n{harness.cpu_model()}, {args.threads} threads, {timer.clock}, {args.rounds} rounds\n")
     rows = []
     for kind in ("decoder", "encoder_decoder"):
-        theirs, ours = _models(kind)
+        theirs, ours = _models(kind, dtype)
         for batch in (1, 8):
             gen = torch.Generator().manual_seed(batch)
             prompt = torch.randint(2, VOCAB, (batch, args.prompt), generator=gen)

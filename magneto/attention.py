@@ -6,8 +6,9 @@ One sublayer of a Sub-LN block, with x the residual stream:
 
 - ``[q; k; v]`` is ONE matrix product: ``in_proj``, an ``nn.Linear`` (d -> 3d, rows q, k, v),
   run as ``ln_linear`` with the input LN; Post-LN/DeepNorm pass no input LN.
-- The core is ``F.scaled_dot_product_attention`` (masks: ``magneto.masks``; attention dropout;
-  FlashAttention / memory-efficient kernels on GPU when no explicit mask is needed).
+- The core is ``magneto.attention_core.attend``: ``F.scaled_dot_product_attention``'s
+  semantics (masks: ``magneto.masks``; attention dropout) on the path measured fastest for the
+  device, dtype and shape (torch's SDPA kernels, or two GEMMs around a softmax).
 - ``out_proj`` is ``ln_linear`` with the inner LN (Sub-LN only; self-attention only), the
   residual, alpha and the output dropout in its epilogue.
 
@@ -41,10 +42,10 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from magneto import kv_cache, masks
+from magneto.attention_core import attend
 from magneto.config import MagnetoConfig
 from magneto.fusion import project
 from magneto.init import init_linear_, uninitialized_linear
@@ -273,14 +274,7 @@ class MultiheadAttention(nn.Module):
             q,
             rel_pos,
         )
-        attn = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=causal,
-            dropout_p=self.attention_dropout if self.training else 0.0,
-        )
+        attn = attend(q, k, v, mask, causal, self.attention_dropout if self.training else 0.0)
         weights = self._weights(q, k, mask, causal) if need_weights else None
         attn = attn.transpose(1, 2).reshape(bsz, tgt_len, self.embed_dim)
         return self._out_proj(attn, part, residual, alpha, dropout_p), weights

@@ -33,10 +33,10 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from magneto import kv_cache, masks
+from magneto.attention_core import attend
 
 PARTS = ("A", "B")
 
@@ -185,7 +185,7 @@ def attention_parts(
             part_mask = mask[..., rows, :]
         # Queries split per part: each output is (batch, part length, d) in memory order,
         # so out_proj reads it in place instead of a copy sliced from the whole output.
-        y = F.scaled_dot_product_attention(q[:, :, rows], k, v, attn_mask=part_mask, dropout_p=p)
+        y = attend(q[:, :, rows], k, v, part_mask, False, p)
         y = y.transpose(1, 2).reshape(bsz, x.shape[1], d)
         r = None if residual is None else residual[part]
         out.append(attn._out_proj(y, part, r, alpha, dropout_p))
