@@ -227,7 +227,7 @@ def test_gemm_engine_is_reported():
     it (not the portable one)."""
     engine = _C.cpu_gemm_engine()
     assert engine.startswith("aten (mkl)" if torch.backends.mkl.is_available() else "aten")
-    few = f"; fp32 linear at 1-{FEW_ROWS_MAX} rows: magneto few-row kernel"
+    few = f"; linear at 1-{FEW_ROWS_MAX} rows: magneto few-row kernel"
     assert (few in engine) == (_C.cpu_capability() != "default")
 
 
@@ -240,29 +240,32 @@ def _linear(x, w, b):
     return op(x, None, None, w, b, None, None, 1e-5, "none", "none", "none", 1.0, 0.0)[0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("k", [37, 200])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
-def test_few_row_linear(k, bias):
+def test_few_row_linear(dtype, k, bias):
     """The decode-size GEMM (kernels.h, linear_few_rows) at every row count up to two past its
     limit: full row tiles (8 rows on AVX-512, 4 on AVX2) and every edge, an odd number of weight
     rows (the one-row column edge), k with a vector tail (37; 200 = 12.5 AVX-512 vectors), x with
-    a non-zero mean; judged against float64 as F.linear in fp32 is."""
+    a non-zero mean, every dtype; judged against float64 as F.linear in that dtype is."""
     n = 7
-    w = randn(n, k, std=k**-0.5)
-    b = randn(n, mean=0.3) if bias else None
+    w = randn(n, k, std=k**-0.5, dtype=dtype)
+    b = randn(n, mean=0.3, dtype=dtype) if bias else None
     for rows in range(1, FEW_ROWS_MAX + 3):
-        x = randn(rows, k, mean=1.0)
+        x = randn(rows, k, mean=1.0, dtype=dtype)
         y64 = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
         same = torch.nn.functional.linear(x, w, b)
         assert_close_to_reference(_linear(x, w, b), y64, same, f"{rows} rows")
 
 
-def test_few_row_linear_does_not_depend_on_thread_count():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_few_row_linear_does_not_depend_on_thread_count(dtype):
     """Each output is one fixed-order dot product, whichever thread computes it: the two threads
     split 300 column tiles here."""
     if _C.cpu_capability() == "default":
         pytest.skip("the portable build has no few-row kernel (MKL runs these rows)")
     x, w, b = randn(FEW_ROWS_MAX, 64, mean=1.0), randn(600, 64), randn(600)
+    x, w, b = (t.to(dtype) for t in (x, w, b))
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)

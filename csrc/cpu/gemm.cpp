@@ -18,9 +18,17 @@ using at::Tensor;
 
 namespace {
 
-enum class Engine { kAten, kOneDnn };
+enum class Engine { kAten, kOneDnn, kFewRows };
+constexpr Engine kEngines[] = {Engine::kAten, Engine::kOneDnn, Engine::kFewRows};
 
-const char* engine_name(Engine engine) { return engine == Engine::kAten ? "aten" : "onednn"; }
+const char* engine_name(Engine engine) {
+  switch (engine) {
+    case Engine::kAten: return "aten";
+    case Engine::kOneDnn: return "onednn";
+    case Engine::kFewRows: return "few-row kernel";
+  }
+  return "?";
+}
 
 const char* role_name(Role role) {
   switch (role) {
@@ -88,6 +96,33 @@ Tensor onednn_linear(const c10::OperatorHandle& op, const Tensor& x, const Tenso
   return stack.at(0).toTensor();
 }
 
+// Whether the few-row kernel can run x @ weight^T + bias: 1-16 rows on a build that has it, one
+// dtype for all three.
+bool few_rows_fit(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias) {
+  const auto dtype = x.scalar_type();
+  return x.size(0) > 0 && x.size(0) <= linear_few_rows_max() && weight.scalar_type() == dtype &&
+         (!bias.has_value() || bias->scalar_type() == dtype);
+}
+
+Tensor few_rows_linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias) {
+  const int64_t rows = x.size(0);
+  Tensor y = new_tensor({rows, weight.size(0)}, x.options());
+  LinearFewRows a;
+  a.dtype = dtype_code(x.scalar_type());
+  a.rows = rows;
+  a.in_features = weight.size(1);
+  a.out_features = weight.size(0);
+  a.x = x.data_ptr();
+  a.x_stride = x.stride(0);
+  a.weight = weight.data_ptr();
+  a.weight_stride = weight.stride(0);
+  a.bias = bias.has_value() ? bias->data_ptr() : nullptr;
+  a.y = y.data_ptr();
+  a.y_stride = a.out_features;
+  linear_few_rows(a);
+  return y;
+}
+
 // One GEMM of the engine: the linear (result undefined: returns a new tensor) or the matmul into
 // result.
 struct Gemm {
@@ -95,10 +130,17 @@ struct Gemm {
   const Tensor& b;  // the linear's weight (out x in), or the matmul's right operand
   const std::optional<Tensor>& bias;
   bool is_linear;
+  bool few_rows;  // a linear the few-row kernel can run
+
+  bool can_run(Engine engine, const c10::OperatorHandle* op) const {
+    if (engine == Engine::kOneDnn) return op != nullptr;
+    return engine == Engine::kAten || few_rows;
+  }
 
   Tensor run(Engine engine, const c10::OperatorHandle* op, const Tensor& result,
              bool accumulate) const {
     if (is_linear) {
+      if (engine == Engine::kFewRows) return few_rows_linear(a, b, bias);
       if (engine == Engine::kOneDnn) return onednn_linear(*op, a, b, bias);
       return bias.has_value() ? at::addmm(*bias, a, b.t()) : at::mm(a, b.t());
     }
@@ -120,27 +162,35 @@ double cpu_seconds() {
   return static_cast<double>(t.tv_sec) + 1e-9 * static_cast<double>(t.tv_nsec);
 }
 
-// The faster engine for g, timed on its own operands into a scratch output (so that result is
+// The fastest engine for g, timed on its own operands into a scratch output (so that result is
 // written once, by the engine chosen): three alternating rounds, the minimum of each, in the
 // process's CPU time, which other processes on a loaded machine disturb far less than wall
-// time. oneDNN must win by 5%: within that the engines are level and torch's default stays. An
-// engine that fails (oneDNN throws where it refuses a dtype on this CPU) loses.
+// time. Another engine must beat aten by 5%: within that they are level and torch's default
+// stays. An engine that fails (oneDNN throws where it refuses a dtype on this CPU) drops out.
 Engine measure(const Gemm& g, const c10::OperatorHandle* op, const Tensor& result) {
   const Tensor scratch = g.is_linear ? Tensor() : at::empty_like(result);
-  double best[2] = {1e300, 1e300};
+  double best[3] = {1e300, 1e300, 1e300};
+  bool failed[3] = {false, false, false};
   for (int round = 0; round < 3; ++round) {
-    for (Engine engine : {Engine::kAten, Engine::kOneDnn}) {
+    for (Engine engine : kEngines) {
+      const int i = static_cast<int>(engine);
+      if (!g.can_run(engine, op) || failed[i]) continue;
       const double start = cpu_seconds();
       try {
         g.run(engine, op, scratch, false);
       } catch (const std::exception&) {
-        return Engine::kAten;
+        failed[i] = true;
+        continue;
       }
-      double& slot = best[static_cast<int>(engine)];
-      slot = std::min(slot, cpu_seconds() - start);
+      best[i] = std::min(best[i], cpu_seconds() - start);
     }
   }
-  return best[1] < 0.95 * best[0] ? Engine::kOneDnn : Engine::kAten;
+  Engine chosen = Engine::kAten;
+  for (Engine engine : {Engine::kOneDnn, Engine::kFewRows}) {
+    const int i = static_cast<int>(engine);
+    if (best[i] < 0.95 * best[0] && best[i] < best[static_cast<int>(chosen)]) chosen = engine;
+  }
+  return chosen;
 }
 
 Tensor dispatch(Role role, const Gemm& g, const Tensor& result, bool accumulate, int64_t m,
@@ -149,7 +199,7 @@ Tensor dispatch(Role role, const Gemm& g, const Tensor& result, bool accumulate,
   const c10::OperatorHandle* op = onednn_linear_op();
   const at::ScalarType dtype = g.a.scalar_type();
   Engine engine = Engine::kAten;
-  if (op != nullptr && m > 0 && n > 0 && k > 0) {
+  if ((op != nullptr || g.few_rows) && m > 0 && n > 0 && k > 0) {
     std::lock_guard<std::mutex> lock(s.mutex);
     check_policy(s.policy);
     if (s.policy == "onednn") {
@@ -161,7 +211,7 @@ Tensor dispatch(Role role, const Gemm& g, const Tensor& result, bool accumulate,
       engine = it->second;
     }
   }
-  if (engine == Engine::kOneDnn) {
+  if (engine != Engine::kAten && g.can_run(engine, op)) {
     try {
       return g.run(engine, op, result, accumulate);
     } catch (const std::exception&) {  // pinned to onednn, which refuses this dtype: aten
@@ -181,7 +231,8 @@ std::string engine() {
   name += "; policy " + s.policy;
   const int64_t few = linear_few_rows_max();
   if (few > 0) {
-    name += "; fp32 linear at 1-" + std::to_string(few) + " rows: magneto few-row kernel";
+    name += "; linear at 1-" + std::to_string(few) +
+            " rows: magneto few-row kernel (fp32; bf16/fp16 where measured faster)";
   }
   for (const auto& [key, engine] : s.chosen) {
     const auto& [role, dtype, m, n, k, threads] = key;
@@ -204,29 +255,15 @@ void set_policy(const std::string& policy, bool hide_onednn) {
 
 Tensor linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias) {
   const int64_t rows = x.size(0);
-  if (x.scalar_type() != at::kFloat || rows == 0 || rows > linear_few_rows_max()) {
-    return dispatch(Role::kForward, Gemm{x, weight, bias, true}, Tensor(), false, rows,
-                    weight.size(0), weight.size(1));
-  }
-  Tensor y = new_tensor({rows, weight.size(0)}, x.options());
-  LinearFewRows a;
-  a.rows = rows;
-  a.in_features = weight.size(1);
-  a.out_features = weight.size(0);
-  a.x = x.data_ptr<float>();
-  a.x_stride = x.stride(0);
-  a.weight = weight.data_ptr<float>();
-  a.weight_stride = weight.stride(0);
-  a.bias = bias.has_value() ? bias->data_ptr<float>() : nullptr;
-  a.y = y.data_ptr<float>();
-  a.y_stride = a.out_features;
-  linear_few_rows(a);
-  return y;
+  const Gemm g{x, weight, bias, true, few_rows_fit(x, weight, bias)};
+  // fp32 at 1-16 rows: the few-row kernel, unmeasured (it wins on every CPU measured)
+  if (g.few_rows && x.scalar_type() == at::kFloat) return few_rows_linear(x, weight, bias);
+  return dispatch(Role::kForward, g, Tensor(), false, rows, weight.size(0), weight.size(1));
 }
 
 void matmul(Role role, const Tensor& a, const Tensor& b, const Tensor& result, bool accumulate) {
   static const std::optional<Tensor> no_bias;
-  dispatch(role, Gemm{a, b, no_bias, false}, result, accumulate, a.size(0), b.size(1),
+  dispatch(role, Gemm{a, b, no_bias, false, false}, result, accumulate, a.size(0), b.size(1),
            a.size(1));
 }
 

@@ -10,9 +10,11 @@
 // own operands (process CPU time; oneDNN must win by 5%), and the chosen engine's result is the
 // one returned (a repeated call is bit-identical). MAGNETO_CPU_GEMM=aten|onednn|auto pins the
 // choice (set_policy for tests).
-// For the forward GEMM of 1-16 rows in fp32 our few-row kernel (kernels.h, linear_few_rows) runs
-// on the AVX2 and AVX-512 builds: at these sizes both engines pack the weight first, which costs
-// more than streaming it. The measurements: docs/design.md, Decisions.
+// The forward GEMM of 1-16 rows has a third engine, our few-row kernel (kernels.h,
+// linear_few_rows; AVX2 and AVX-512 builds), which streams the weight once where both BLAS pack
+// it first: in fp32 it always runs (it wins on every CPU measured); in bf16/fp16 it is a
+// candidate of the measurement (on Sapphire Rapids it wins at 1-2 rows and loses to AMX from 8).
+// The measurements: docs/design.md, Decisions.
 #pragma once
 
 #include <optional>
