@@ -69,14 +69,14 @@ def ln_linear_variants(m: int, k: int, n: int, fc2: bool) -> dict:
 
     def gemms(engine):
         def run():
-            engine(h, w.t(), torch.empty(m, n))
-            engine(dy, w, torch.empty(m, k))
-            engine(dy.t(), h, torch.empty(n, k))
+            engine(h, w.t(), torch.empty(m, n), "forward")
+            engine(dy, w, torch.empty(m, k), "input_grad")
+            engine(dy.t(), h, torch.empty(n, k), "weight_grad")
 
         return run
 
-    def ours(a, b, out):
-        _C._cpu_gemm(a, b, out, False)
+    def ours(a, b, out, role):
+        _C._cpu_gemm(a, b, out, False, role)
 
     return {
         "magneto cpu": fused("cpu"),

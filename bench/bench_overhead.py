@@ -32,7 +32,7 @@ activation, i.e. the cpu backend's ``gemm::linear``: the few-row kernel up to 16
 ``torch.addmm`` on the same tensors, as the median over rounds of the per-round time ratio, for
 the decode shapes K×N = 768×2304, 768×3072, 3072×768 (csrc/cpu/gemm.h quotes it).
 
-    python -m bench.bench_overhead [--rounds 15] [--sample-ms 20] [--gemm]
+    python -m bench.bench_overhead [--rounds 15] [--sample-ms 20] [--gemm [--dtype D]]
 """
 
 from __future__ import annotations
@@ -127,28 +127,28 @@ GEMM_ROWS = (1, 2, 4, 8, 16, 32)
 GEMM_SHAPES = ((768, 2304), (768, 3072), (3072, 768))  # K, N
 
 
-def gemm_table(rounds: int, sample_ms: float) -> None:
-    """time(cpu backend's forward GEMM) / time(torch.addmm), per rows and shape."""
+def gemm_table(rounds: int, sample_ms: float, dtype: torch.dtype) -> None:
+    """time(cpu backend's forward GEMM) / time(torch.addmm), per rows and shape, in dtype."""
     lin = get_op("ln_linear", FAMILY["cpu"])
     gen = torch.Generator().manual_seed(0)
     print("| rows | " + " | ".join(f"K={k} N={n}" for k, n in GEMM_SHAPES) + " |")
     print("|---:|" + "---:|" * len(GEMM_SHAPES))
     weights = [
-        (torch.randn(n, k, generator=gen), torch.randn(n, generator=gen)) for k, n in GEMM_SHAPES
+        (torch.randn(n, k, generator=gen).to(dtype), torch.randn(n, generator=gen).to(dtype))
+        for k, n in GEMM_SHAPES
     ]
+    tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=0.5)
     for rows in GEMM_ROWS:
         cells = []
         for w, wb in weights:
-            x = torch.randn(rows, w.shape[1], generator=gen)
+            x = torch.randn(rows, w.shape[1], generator=gen).to(dtype)
             variants = {
                 "ours": lambda x=x, w=w, wb=wb: lin(
                     x, None, None, w, wb, None, None, EPS, "none", "none", "none", 1.0, 0.0
                 ),
                 "addmm": lambda x=x, w=w, wb=wb: torch.addmm(wb, x, w.t()),
             }
-            torch.testing.assert_close(
-                variants["ours"]()[0], variants["addmm"](), rtol=1e-5, atol=1e-4
-            )
+            torch.testing.assert_close(variants["ours"]()[0], variants["addmm"](), **tol)
             calls = max(5, int(sample_ms * 1e3 / per_call_us(variants["addmm"], 5)))
             samples = {
                 name: (lambda fn=fn: [fn() for _ in range(calls)]) for name, fn in variants.items()
@@ -181,18 +181,19 @@ def main() -> None:
     parser.add_argument(
         "--gemm", action="store_true", help="the forward GEMM alone against torch.addmm"
     )
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     args = parser.parse_args()
     torch.set_num_threads(1)
     load = os.getloadavg()
     print(
         f"magneto_kernels from {os.path.dirname(mk.__file__)} (git {revision()}), "
-        f"torch {torch.__version__}, 1 thread, fp32, {args.rounds} rounds; "
+        f"torch {torch.__version__}, 1 thread, {args.dtype}, {args.rounds} rounds; "
         f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on {os.cpu_count()} CPUs"
     )
     if args.gemm:
         print(f"cpu GEMM engine: {_C.cpu_gemm_engine()}; time(ours) / time(torch.addmm), median")
         print("(min–max) over rounds\n")
-        gemm_table(args.rounds, args.sample_ms)
+        gemm_table(args.rounds, args.sample_ms, getattr(torch, args.dtype))
         return
     print(
         f"backend=None resolves to {mk.resolve_backend(None, torch.empty(1))!r}; "

@@ -227,12 +227,27 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_set_poison_outputs", [](bool on) { magneto::poison_outputs = on; },
         "Tests only: fill outputs and buffers with NaN before the kernels write them.");
   m.def("cpu_gemm_engine", []() { return magneto::cpu::gemm::engine(); },
-        "What runs the CPU ln_linear's GEMMs: 'aten (mkl)' or 'aten' (see csrc/cpu/gemm.h).");
+        "What runs the CPU ln_linear's GEMMs: the engines present, the policy, and the engine "
+        "measured fastest per role, dtype and size so far (see csrc/cpu/gemm.h).");
+  m.def("_set_cpu_gemm_policy", &magneto::cpu::gemm::set_policy, py::arg("policy"),
+        py::arg("hide_onednn") = false,
+        "Tests and benchmarks: 'auto', 'aten' or 'onednn' (MAGNETO_CPU_GEMM until set); "
+        "hide_onednn: as if torch had no oneDNN linear. Forgets the measured choices.");
   m.def("_cpu_gemm",
-        [](const at::Tensor& a, const at::Tensor& b, const at::Tensor& out, bool accumulate) {
-          magneto::cpu::gemm::matmul(a, b, out, accumulate);
+        [](const at::Tensor& a, const at::Tensor& b, const at::Tensor& out, bool accumulate,
+           const std::string& role) {
+          using magneto::cpu::gemm::Role;
+          TORCH_CHECK(role == "forward" || role == "input_grad" || role == "weight_grad",
+                      "role must be 'forward', 'input_grad' or 'weight_grad', got '", role, "'");
+          const Role r = role == "forward"      ? Role::kForward
+                         : role == "input_grad" ? Role::kInputGrad
+                                                : Role::kWeightGrad;
+          magneto::cpu::gemm::matmul(r, a, b, out, accumulate);
         },
-        "Benchmarks and tests: out = a @ b (or out += a @ b) as the CPU ln_linear runs it.");
+        py::arg("a"), py::arg("b"), py::arg("out"), py::arg("accumulate"),
+        py::arg("role") = "forward",
+        "Benchmarks and tests: out = a @ b (or out += a @ b) as the CPU ln_linear runs the GEMM "
+        "of this role.");
   m.def("codes", &magneto::codes,
         "csrc/common.h's tables and the op families, for tests to check against "
         "magneto_kernels/codes.py and backends.py: {'norms': {name: code}, 'activations': "

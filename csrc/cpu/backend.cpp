@@ -1,6 +1,6 @@
 // The CPU backend (cpu::Kernels, csrc/backend.h): our memory-bound passes (csrc/cpu/kernels.h)
-// around the GEMMs of the CPU GEMM engine (csrc/cpu/gemm.h: torch's at::mm / at::addmm, and our
-// few-row kernel):
+// around the GEMMs of the CPU GEMM engine (csrc/cpu/gemm.h: torch's at::mm / at::addmm or its
+// oneDNN linear, whichever measures faster, and our few-row kernel):
 //
 //   norm ops  one norm pass over x (y, the sum with the residual, the statistics); backward one
 //             pass over x and dy
@@ -232,7 +232,8 @@ void Kernels::ln_linear(const LnLinearArgs& a, LnLinearOutputs& out) {
       const Tensor h = operand(count);
       prologue(a, x.narrow(0, begin, count), h, row_slice(out.mean, begin, count),
                row_slice(out.rstd, begin, count));
-      gemm::matmul(h, wt, preact.narrow(0, begin, count), /*accumulate=*/init);
+      gemm::matmul(gemm::Role::kForward, h, wt, preact.narrow(0, begin, count),
+                   /*accumulate=*/init);
     }
   }
   const bool pass_needed = a.activation != Activation::kNone || a.dropout_p > 0.0 ||
@@ -322,7 +323,7 @@ void Kernels::ln_linear_backward(const LnLinearBackwardArgs& a, LnLinearGrads& g
   Tensor dh;
   if (want_norm_grads) {
     dh = dh_in_dx ? grads.dx : buffer(0);
-    gemm::matmul(dz, a.weight, dh, /*accumulate=*/false);
+    gemm::matmul(gemm::Role::kInputGrad, dz, a.weight, dh, /*accumulate=*/false);
   }
   Tensor h;  // the GEMM operand of dweight
   if (want_dweight) h = identity_prologue ? x : buffer(int64_t{dh_buffer});
@@ -334,7 +335,9 @@ void Kernels::ln_linear_backward(const LnLinearBackwardArgs& a, LnLinearGrads& g
                         {grads.dx, grads.dln_weight, grads.dln_bias},
                         identity_prologue ? Tensor() : h);
   }
-  if (want_dweight) gemm::matmul(dz.t(), h, grads.dweight, /*accumulate=*/false);
+  if (want_dweight) {
+    gemm::matmul(gemm::Role::kWeightGrad, dz.t(), h, grads.dweight, /*accumulate=*/false);
+  }
 }
 
 }  // namespace magneto::cpu

@@ -1,5 +1,5 @@
-// The few-row fp32 GEMM (kernels.h, LinearFewRows): ln_linear's forward GEMM at 1-16 rows on the
-// AVX2 and AVX-512 builds.
+// The few-row GEMM (kernels.h, LinearFewRows): ln_linear's forward GEMM at 1-16 rows on the AVX2
+// and AVX-512 builds, in float32, bf16 or fp16.
 #pragma once
 
 #include "cpu/kernels.h"
@@ -33,49 +33,74 @@ inline void in_register(Vec& v) {
 #endif
 }
 
+// count (≤ kW) values of T from p as float lanes, the rest zero.
+template <typename T>
+inline Vec load_floats(const T* p, int64_t count) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Vec::loadu(p, count);
+  } else {
+    // kW values of T fill half a Vectorized<T>, whose conversion gives two float vectors
+    return std::get<0>(at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p, count)));
+  }
+}
+
+// The operands of a tile: x as float32 rows (converted once for the whole call when stored in
+// bf16/fp16), the weight, bias and y in T.
+template <typename T>
+struct FewRows {
+  const LinearFewRows& a;
+  const float* x;
+  int64_t x_stride;
+  const T* weight() const { return static_cast<const T*>(a.weight); }
+  const T* bias() const { return static_cast<const T*>(a.bias); }
+  T* y() const { return static_cast<T*>(a.y); }
+};
+
 // y[r][c] = x_r · w_c (+ bias[c]) for R ≤ kTileRows rows of x and C ≤ kTileCols weight rows.
-template <int R, int C>
-inline void few_rows_tile(const LinearFewRows& a, int64_t row, int64_t col) {
+template <int R, int C, typename T>
+inline void few_rows_tile(const FewRows<T>& f, int64_t row, int64_t col) {
+  const LinearFewRows& a = f.a;
   Vec acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = Vec(0.0f);
-  const float* x = a.x + row * a.x_stride;
-  const float* w = a.weight + col * a.weight_stride;
+  const float* x = f.x + row * f.x_stride;
+  const T* w = f.weight() + col * a.weight_stride;
   // The tail's lanes past k load as zeros in both operands, so they add nothing.
   vec_loop(a.in_features, [&](int64_t j, int64_t count) {
     Vec wv[C];
-    for (int c = 0; c < C; ++c) wv[c] = Vec::loadu(w + c * a.weight_stride + j, count);
+    for (int c = 0; c < C; ++c) wv[c] = load_floats(w + c * a.weight_stride + j, count);
     for (int r = 0; r < R; ++r) {
-      Vec xv = Vec::loadu(x + r * a.x_stride + j, count);
+      Vec xv = Vec::loadu(x + r * f.x_stride + j, count);
       in_register(xv);
       for (int c = 0; c < C; ++c) acc[r][c] = at::vec::fmadd(xv, wv[c], acc[r][c]);
     }
   });
   for (int r = 0; r < R; ++r) {
-    float* y = a.y + (row + r) * a.y_stride + col;
+    T* y = f.y() + (row + r) * a.y_stride + col;
     for (int c = 0; c < C; ++c) {
       const float dot = at::vec::vec_reduce_all<float>(
           [](const Vec& a, const Vec& b) { return a + b; }, acc[r][c]);
-      y[c] = a.bias != nullptr ? dot + a.bias[col + c] : dot;
+      y[c] = static_cast<T>(a.bias != nullptr ? dot + static_cast<float>(f.bias()[col + c])
+                                              : dot);
     }
   }
 }
 
 // The R-row tile at (row, col) for the R = rows left (1 ≤ R < kTileRows).
-template <int C, int R = kTileRows - 1>
-inline void few_rows_edge(const LinearFewRows& a, int64_t rows_left, int64_t row, int64_t col) {
+template <int C, typename T, int R = kTileRows - 1>
+inline void few_rows_edge(const FewRows<T>& f, int64_t rows_left, int64_t row, int64_t col) {
   if constexpr (R >= 1) {
-    if (rows_left == R) return few_rows_tile<R, C>(a, row, col);
-    few_rows_edge<C, R - 1>(a, rows_left, row, col);
+    if (rows_left == R) return few_rows_tile<R, C>(f, row, col);
+    few_rows_edge<C, T, R - 1>(f, rows_left, row, col);
   }
 }
 
 // Every row of y at weight rows [col, col + C): full tiles, then the edge.
-template <int C>
-inline void few_rows_column(const LinearFewRows& a, int64_t col) {
+template <int C, typename T>
+inline void few_rows_column(const FewRows<T>& f, int64_t col) {
   int64_t row = 0;
-  for (; row + kTileRows <= a.rows; row += kTileRows) few_rows_tile<kTileRows, C>(a, row, col);
-  if (row < a.rows) few_rows_edge<C>(a, a.rows - row, row, col);
+  for (; row + kTileRows <= f.a.rows; row += kTileRows) few_rows_tile<kTileRows, C>(f, row, col);
+  if (row < f.a.rows) few_rows_edge<C>(f, f.a.rows - row, row, col);
 }
 
 #endif  // AVX2 or AVX-512
@@ -84,14 +109,32 @@ inline void few_rows_column(const LinearFewRows& a, int64_t col) {
 
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 void linear_few_rows(const LinearFewRows& a) {
-  const int64_t tiles = a.out_features / kTileCols;
-  // Threads split the weight rows, at least ~64 KiB of them per task.
-  const int64_t tile_floats = kTileCols * std::max<int64_t>(a.in_features, 1);
-  const int64_t grain = std::max<int64_t>(1, 16384 / tile_floats);
-  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) few_rows_column<kTileCols>(a, t * kTileCols);
+  with_dtype(a.dtype, [&](auto zero) {
+    using T = decltype(zero);
+    // x as float32: converted once here for bf16/fp16 (at most 16 rows), so that the tiles
+    // convert only the weight they stream
+    std::vector<float> converted;
+    const float* x = static_cast<const float*>(a.x);
+    int64_t x_stride = a.x_stride;
+    if constexpr (!std::is_same_v<T, float>) {
+      converted.resize(a.rows * a.in_features);
+      for (int64_t r = 0; r < a.rows; ++r) {
+        at::vec::convert(static_cast<const T*>(a.x) + r * a.x_stride,
+                         converted.data() + r * a.in_features, a.in_features);
+      }
+      x = converted.data();
+      x_stride = a.in_features;
+    }
+    const FewRows<T> f{a, x, x_stride};
+    const int64_t tiles = a.out_features / kTileCols;
+    // Threads split the weight rows, at least ~64 KiB of them per task.
+    const int64_t tile_bytes = kTileCols * std::max<int64_t>(a.in_features, 1) * sizeof(T);
+    const int64_t grain = std::max<int64_t>(1, 65536 / tile_bytes);
+    at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) few_rows_column<kTileCols>(f, t * kTileCols);
+    });
+    for (int64_t col = tiles * kTileCols; col < a.out_features; ++col) few_rows_column<1>(f, col);
   });
-  for (int64_t col = tiles * kTileCols; col < a.out_features; ++col) few_rows_column<1>(a, col);
 }
 #endif
 

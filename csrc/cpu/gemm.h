@@ -1,13 +1,20 @@
 // The GEMM engine of the CPU ln_linear (csrc/cpu/backend.cpp runs it between our memory-bound
-// passes): torch's own at::mm / at::addmm, which torch's CPU wheels run through MKL, and for the
-// forward GEMM of 1-16 rows in fp32 our few-row kernel (kernels.h, linear_few_rows) on the AVX2
-// and AVX-512 builds.
-//
-// Only public ATen calls: the engine follows torch's BLAS and its settings, and a torch release
-// cannot break it. OpenBLAS was no faster; oneDNN's fp32 matmul, faster on AMD CPUs, has no
-// public entry point in torch. At 1-16 rows BLAS GEMMs pack the weight first, which costs more
-// than streaming it, hence the few-row kernel; the portable build's at::vec is scalar code, so it
-// keeps at::addmm. The measurements: docs/design.md, Decisions.
+// passes). Two engines, both torch's and both reached through public, registered entry points:
+// - aten: at::mm / at::addmm, which torch's CPU wheels run through MKL;
+// - onednn: torch's registered oneDNN linear operator (mkldnn::_linear_pointwise, the op
+//   torch.compile's CPU path emits), found through the dispatcher by its schema name, so that a
+//   torch without it (or whose signature changed) falls back to aten with no error.
+// Which is faster depends on the CPU (MKL takes its AVX2 path on AMD CPUs; oneDNN reaches
+// AMX-BF16 on Intel's), the dtype, the GEMM's role and its size, so it is measured, once per
+// process and per (role, dtype, M/N/K rounded up to powers of two, thread count), on the call's
+// own operands (process CPU time; oneDNN must win by 5%), and the chosen engine's result is the
+// one returned (a repeated call is bit-identical). MAGNETO_CPU_GEMM=aten|onednn|auto pins the
+// choice (set_policy for tests).
+// The forward GEMM of 1-16 rows has a third engine, our few-row kernel (kernels.h,
+// linear_few_rows; AVX2 and AVX-512 builds), which streams the weight once where both BLAS pack
+// it first: in fp32 it always runs (it wins on every CPU measured); in bf16/fp16 it is a
+// candidate of the measurement (on Sapphire Rapids it wins at 1-2 rows and loses to AMX from 8).
+// The measurements: docs/design.md, Decisions.
 #pragma once
 
 #include <optional>
@@ -17,16 +24,26 @@
 
 namespace magneto::cpu::gemm {
 
+// A GEMM's role in ln_linear, which keys the engine choice: the forward (preact = h W^T), the
+// input gradient (dh = dz W) and the weight gradient (dweight = dz^T h).
+enum class Role { kForward, kInputGrad, kWeightGrad };
+
 // result = a @ b (accumulate = false) or result += a @ b (accumulate = true). a and b may be
 // contiguous or transposed views of contiguous tensors; result is contiguous.
-void matmul(const at::Tensor& a, const at::Tensor& b, const at::Tensor& result, bool accumulate);
+void matmul(Role role, const at::Tensor& a, const at::Tensor& b, const at::Tensor& result,
+            bool accumulate);
 
 // x @ weight^T + bias (bias optional) into a new tensor; x and weight contiguous.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
                   const std::optional<at::Tensor>& bias);
 
-// What runs the GEMMs: "aten (mkl)" when torch was built with MKL, else "aten", followed by the
-// few-row kernel's rows where the build has it.
+// What runs the GEMMs: the engines present, the policy, the few-row kernel's rows where the
+// build has it, and every choice measured so far, per role.
 std::string engine();
+
+// Tests and benchmarks: the policy ("auto", "aten" or "onednn"; the environment's
+// MAGNETO_CPU_GEMM until set), hide_onednn as if torch had no oneDNN operator; forgets the
+// choices measured so far.
+void set_policy(const std::string& policy, bool hide_onednn);
 
 }  // namespace magneto::cpu::gemm

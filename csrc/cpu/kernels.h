@@ -132,22 +132,25 @@ struct LinearEpilogueBackward {
 };
 void linear_epilogue_backward(const LinearEpilogueBackward& args);
 
-// y = x @ weight^T + bias (bias optional), float32, for a few rows of x: the decode-size GEMM.
-// Each pair of weight rows is read from memory once and dotted with every row of x, a tile of 8
-// rows (AVX-512) or 4 (AVX2) at a time while the pair stays in L1 (x stays in L1/L2), so up to 8
-// rows run at the memory bandwidth of the weight; BLAS GEMMs pack the weight first, which at
-// 2-16 rows costs more than the arithmetic (docs/design.md, Decisions). Every output element is
-// one fixed-order dot product, so results do not depend on the number of threads. Only the AVX2
-// and AVX-512 builds have it: linear_few_rows_max() is the most rows it is used for with the
-// build chosen, 0 for the portable one (whose at::vec is scalar code, slower than the BLAS).
+// y = x @ weight^T + bias (bias optional), for a few rows of x: the decode-size GEMM, in float32,
+// bf16 or fp16 (x, weight, bias and y of one dtype; products accumulated in float32, y rounded
+// once). Each pair of weight rows is read from memory once and dotted with every row of x, a
+// tile of 8 rows (AVX-512) or 4 (AVX2) at a time while the pair stays in L1 (x, as float32,
+// stays in L1/L2), so up to 8 rows run at the memory bandwidth of the weight; BLAS GEMMs pack
+// the weight first, which at 2-16 rows costs more than the arithmetic (docs/design.md,
+// Decisions). Every output element is one fixed-order dot product, so results do not depend on
+// the number of threads. Only the AVX2 and AVX-512 builds have it: linear_few_rows_max() is the
+// most rows it is used for with the build chosen, 0 for the portable one (whose at::vec is
+// scalar code, slower than the BLAS).
 struct LinearFewRows {
+  DType dtype = DType::kFloat32;
   int64_t rows = 0, in_features = 0, out_features = 0;
-  const float* x = nullptr;  // rows × in_features, row stride x_stride
+  const void* x = nullptr;  // rows × in_features, row stride x_stride
   int64_t x_stride = 0;
-  const float* weight = nullptr;  // out_features × in_features, row stride weight_stride
+  const void* weight = nullptr;  // out_features × in_features, row stride weight_stride
   int64_t weight_stride = 0;
-  const float* bias = nullptr;
-  float* y = nullptr;  // rows × out_features, row stride y_stride
+  const void* bias = nullptr;
+  void* y = nullptr;  // rows × out_features, row stride y_stride
   int64_t y_stride = 0;
 };
 void linear_few_rows(const LinearFewRows& args);

@@ -14,8 +14,9 @@ round. Variants, by name:
 - floors: what the case cannot do without. For ``ln_linear`` and the layers, their GEMMs alone
   (ready-made operands, fresh outputs) plus, for the layers, the attention core
   (``F.scaled_dot_product_attention``, as our layers run it), through the GEMM engine the
-  ``cpu`` backend uses (``_C._cpu_gemm``: a faster engine must not pass for a fusion win) and
-  through ``torch.mm``; for the memory-bound norm ops, the bytes an ideal kernel moves, at the
+  ``cpu`` backend uses (``_C._cpu_gemm``, per GEMM role: the faster of MKL and oneDNN as
+  measured on this CPU, so a faster engine does not pass for a fusion win) and through
+  ``torch.mm``; for the memory-bound norm ops, the bytes an ideal kernel moves, at the
   copy bandwidth measured in the same rounds (``y.copy_(x)`` on a tensor of x's size).
 """
 
@@ -123,15 +124,15 @@ def _mm_engines(device: str) -> dict[str, Callable]:
     """The floors' GEMM engines: on CPU the cpu backend's own and torch.mm; on a GPU torch.mm
     (cuBLAS, which the cuda backend calls)."""
 
-    def aten(a, b, out):
+    def aten(a, b, out, role):
         torch.mm(a, b, out=out)
 
     engines = {FLOOR_MM: aten}
     if device == "cpu":
         from magneto_kernels import _C
 
-        def ours(a, b, out):
-            _C._cpu_gemm(a, b, out, False)
+        def ours(a, b, out, role):
+            _C._cpu_gemm(a, b, out, False, role)
 
         engines = {FLOOR_ENGINE: ours, FLOOR_MM: aten}
     return engines
@@ -147,10 +148,10 @@ def _gemms(
     def run():
         for h, w, dz in operands:
             n, k = w.shape
-            mm(h, w.t(), torch.empty(rows, n, device=s.device, dtype=s.dtype))
+            mm(h, w.t(), torch.empty(rows, n, device=s.device, dtype=s.dtype), "forward")
             if backward:
-                mm(dz, w, torch.empty(rows, k, device=s.device, dtype=s.dtype))
-                mm(dz.t(), h, torch.empty(n, k, device=s.device, dtype=s.dtype))
+                mm(dz, w, torch.empty(rows, k, device=s.device, dtype=s.dtype), "input_grad")
+                mm(dz.t(), h, torch.empty(n, k, device=s.device, dtype=s.dtype), "weight_grad")
 
     return run
 
