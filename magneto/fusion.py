@@ -139,6 +139,18 @@ def project(
     the warning). ``rows``: a slice of the outputs (of a packed q/k/v projection)."""
     if callable(input_activation):  # an activation with no kernel code runs before the op
         x, input_activation = input_activation(x), None
+    parallel = getattr(linear, "parallel_project", None)
+    if parallel is not None:  # a tensor-parallel shard (magneto.parallel) adds its collectives
+        return parallel(
+            x,
+            norm,
+            input_activation=input_activation,
+            residual=residual,
+            alpha=alpha,
+            dropout_p=dropout_p,
+            rows=rows,
+            backend=backend,
+        )
     norm_args = norm_arguments(norm, x)
     if norm_args is None:
         warn_unfused(f"the norm before {site}", norm)

@@ -1,0 +1,154 @@
+"""The collectives of tensor parallelism, as autograd functions: the two Megatron conjugates
+(copy into the tensor-parallel region, sum out of it) and the norm over features sharded across
+ranks (docs/design.md, Tensor parallelism).
+
+Sharded norm, per row of x (k features on this rank, n = k·world in all):
+
+- forward, LayerNorm: each rank computes its partial (mean, M2) (M2 the sum of squared
+  deviations from its own mean); one all-gather of these 2 floats per row; every rank combines
+  them in rank order with Chan's formula (the same floats on every rank). Not sum / sum of
+  squares: ``E[x²] − E[x]²`` cancels when |mean| ≫ std (at |mean|/std = 1e3 fp32 keeps no digit
+  of the variance), and Chan's combine is not a sum, so it cannot ride an all-reduce: an all-reduce
+  of (n·mean, M2, n·mean²) would bring the cancellation back. RMSNorm: one all-reduce of the
+  row's sum of squares (1 float per row; no cancellation, every term is positive).
+- backward: with g = dy·weight and xhat the normalised input, ``dx = rstd·(g − mean(g) −
+  xhat·mean(g·xhat))``: the two row sums (one for RMSNorm, which has no mean) are all-reduced;
+  dweight and dbias stay local to the shard.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+
+class _CopyToParallel(torch.autograd.Function):
+    """Identity forward; backward all-reduces the gradient (each rank holds a partial one)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        dy = dy.contiguous().clone()
+        dist.all_reduce(dy, group=ctx.group)
+        return dy, None
+
+
+class _ReduceFromParallel(torch.autograd.Function):
+    """All-reduce (sum) forward; identity backward (every rank needs the whole gradient)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        x = x.contiguous().clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        return dy, None
+
+
+def copy_to_parallel(x: Optional[Tensor], group) -> Optional[Tensor]:
+    """x as it enters a column-parallel projection: its gradient is summed over ``group``."""
+    return None if x is None else _CopyToParallel.apply(x, group)
+
+
+def reduce_from_parallel(x: Tensor, group) -> Tensor:
+    """The sum of a row-parallel projection's partial outputs over ``group``."""
+    return _ReduceFromParallel.apply(x, group)
+
+
+def chan_combine(mean: Tensor, m2: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    """(mean, M2) of the union of ``world`` equal parts of ``count`` elements each, from their
+    (world, rows) partial means and M2s: Chan, Golub and LeVeque's pairwise update, in part
+    order (so every rank computes the same floats)."""
+    mean_a, m2_a, n_a = mean[0], m2[0], count
+    for mean_b, m2_b in zip(mean[1:], m2[1:]):
+        n = n_a + count
+        delta = mean_b - mean_a
+        mean_a = mean_a + delta * (count / n)
+        m2_a = m2_a + m2_b + delta * delta * (n_a * count / n)
+        n_a = n
+    return mean_a, m2_a
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32  # the ops' numerics
+
+
+class _ShardedNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, norm, group):
+        world = dist.get_world_size(group)
+        xf = x.to(_compute_dtype(x))
+        k = xf.shape[-1]
+        n = k * world
+        if norm == "layer":
+            local_mean = xf.mean(-1)
+            local_m2 = (xf - local_mean.unsqueeze(-1)).square().sum(-1)
+            stats = torch.stack([local_mean, local_m2]).contiguous()
+            gathered = stats.new_empty((world * 2, *stats.shape[1:]))
+            dist.all_gather_single(gathered, stats, group=group)
+            gathered = gathered.view(world, *stats.shape)
+            mean, m2 = chan_combine(gathered[:, 0], gathered[:, 1], k)
+            xc = xf - mean.unsqueeze(-1)
+        else:
+            m2 = xf.square().sum(-1)
+            dist.all_reduce(m2, group=group)
+            mean, xc = None, xf
+        rstd = torch.rsqrt(m2 / n + eps)
+        y = xc * rstd.unsqueeze(-1) * weight.to(xf.dtype)
+        if bias is not None:
+            y = y + bias.to(xf.dtype)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.has_bias, ctx.group, ctx.n = bias is not None, group, n
+        return y.to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight, mean, rstd = ctx.saved_tensors
+        xf = x.to(_compute_dtype(x))
+        xc = xf if mean is None else xf - mean.unsqueeze(-1)
+        xhat = xc * rstd.unsqueeze(-1)
+        dyf = dy.to(xf.dtype)
+        g = dyf * weight.to(xf.dtype)
+        if mean is None:
+            sums = (g * xhat).sum(-1, keepdim=True)
+        else:
+            sums = torch.stack([g.sum(-1), (g * xhat).sum(-1)], -1)
+        sums = sums.contiguous()
+        dist.all_reduce(sums, group=ctx.group)
+        sums = sums / ctx.n
+        if mean is None:
+            dx = rstd.unsqueeze(-1) * (g - xhat * sums[..., :1])
+        else:
+            dx = rstd.unsqueeze(-1) * (g - sums[..., :1] - xhat * sums[..., 1:])
+        rows = tuple(range(dy.dim() - 1))
+        dweight = (dyf * xhat).sum(rows).to(weight.dtype)
+        dbias = dyf.sum(rows).to(weight.dtype) if ctx.has_bias else None
+        return dx.to(x.dtype), dweight, dbias, None, None, None
+
+
+def sharded_norm(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    eps: float,
+    norm: str,
+    group,
+) -> Tensor:
+    """LayerNorm (``norm="layer"``) or RMSNorm (``"rms"``) of rows whose features are split in
+    equal, consecutive shards over ``group`` (this rank's shard x, weight and bias)."""
+    if norm not in ("layer", "rms"):
+        raise ValueError(f"norm must be 'layer' or 'rms', got {norm!r}")
+    if weight.shape != x.shape[-1:]:
+        raise ValueError(f"weight must have shape {tuple(x.shape[-1:])}, got {tuple(weight.shape)}")
+    return _ShardedNorm.apply(x, weight, bias, float(eps), norm, group)
