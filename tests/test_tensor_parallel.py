@@ -136,13 +136,16 @@ def _norm_case(norm, mean, rank, world):
 
 
 def _model_case(kind, scheme, norm):
+    from magneto.parallel import communication_log
+
     model = tensor_parallelize(_model(kind, scheme, norm).eval(), dist.group.WORLD)
-    out = _output(kind, model)
-    _loss(out).backward()
+    with communication_log() as log:
+        out = _output(kind, model)
+        _loss(out).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     shards = {n: _shard(model, n) for n in grads}
     greedy = _greedy(model) if kind == "decoder" else None
-    return {"out": out.detach(), "grads": grads, "shards": shards, "greedy": greedy}
+    return {"out": out.detach(), "grads": grads, "shards": shards, "greedy": greedy, "log": log}
 
 
 def _two_d_step():
@@ -301,6 +304,25 @@ def test_model_matches_one_process(_runs, world, kind, scheme, norm):
         want = _greedy(model)
         for results in per_rank:
             assert torch.equal(results["greedy"], want)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_communication_per_layer(_runs, world):
+    """A Sub-LN decoder layer's collectives in one training step (forward and backward), as
+    docs/design.md counts them: per row, out_proj's and fc2's outputs (d floats each) all-reduced
+    forward, the input gradients of q/k/v and fc1 (d each) backward; per inner norm 2 floats
+    all-gathered forward and 2 all-reduced backward; the fused input norms' weight and bias
+    gradients (d floats each, per projection site) all-reduced."""
+    rows, f32 = 2 * 7, 4
+    per_layer = (
+        [("all_reduce", rows * D * f32)] * 4
+        + [("all_gather", 2 * rows * f32)] * 2
+        + [("all_reduce", 2 * rows * f32)] * 2
+        + [("all_reduce", D * f32)] * 4
+    )
+    for results in _runs[world]:
+        log = results[("model", "decoder", "subln", "layer")]["log"]
+        assert sorted(log) == sorted(per_layer * 2)
 
 
 def test_fsdp2_times_tensor_parallel_step_matches_one_process(_runs):

@@ -6,6 +6,7 @@ checkpoint that loads at another tensor-parallel degree."""
 from magneto.parallel.checkpoint import load_sharded_state_dict, sharded_state_dict
 from magneto.parallel.functional import (
     chan_combine,
+    communication_log,
     copy_to_parallel,
     reduce_from_parallel,
     sharded_norm,
@@ -18,6 +19,7 @@ __all__ = [
     "RowParallelLinear",
     "ShardedNorm",
     "chan_combine",
+    "communication_log",
     "copy_to_parallel",
     "load_sharded_state_dict",
     "reduce_from_parallel",

@@ -18,12 +18,44 @@ Sharded norm, per row of x (k features on this rank, n = k·world in all):
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+_LOGS: list[list[tuple[str, int]]] = []
+
+
+@contextlib.contextmanager
+def communication_log():
+    """The collectives tensor parallelism runs inside the block, as a list of (name, payload
+    bytes per rank) filled as they run: "all_reduce" (wire bytes per rank on a ring:
+    2·(world−1)/world · payload) or "all_gather" (this rank's part; (world−1) · payload)."""
+    log: list[tuple[str, int]] = []
+    _LOGS.append(log)
+    try:
+        yield log
+    finally:
+        _LOGS.remove(log)
+
+
+def _all_reduce(x: Tensor, group) -> None:
+    for log in _LOGS:
+        log.append(("all_reduce", x.numel() * x.element_size()))
+    dist.all_reduce(x, group=group)
+
+
+def _all_gather(x: Tensor, group) -> Tensor:
+    """(world, *x.shape): every rank's x, in rank order."""
+    for log in _LOGS:
+        log.append(("all_gather", x.numel() * x.element_size()))
+    world = dist.get_world_size(group)
+    out = x.new_empty((world * x.shape[0], *x.shape[1:]))
+    dist.all_gather_single(out, x.contiguous(), group=group)
+    return out.view(world, *x.shape)
 
 
 class _CopyToParallel(torch.autograd.Function):
@@ -37,7 +69,7 @@ class _CopyToParallel(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor):
         dy = dy.contiguous().clone()
-        dist.all_reduce(dy, group=ctx.group)
+        _all_reduce(dy, ctx.group)
         return dy, None
 
 
@@ -47,7 +79,7 @@ class _ReduceFromParallel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, group) -> Tensor:
         x = x.contiguous().clone()
-        dist.all_reduce(x, group=group)
+        _all_reduce(x, group)
         return x
 
     @staticmethod
@@ -93,15 +125,12 @@ class _ShardedNorm(torch.autograd.Function):
         if norm == "layer":
             local_mean = xf.mean(-1)
             local_m2 = (xf - local_mean.unsqueeze(-1)).square().sum(-1)
-            stats = torch.stack([local_mean, local_m2]).contiguous()
-            gathered = stats.new_empty((world * 2, *stats.shape[1:]))
-            dist.all_gather_single(gathered, stats, group=group)
-            gathered = gathered.view(world, *stats.shape)
+            gathered = _all_gather(torch.stack([local_mean, local_m2]), group)
             mean, m2 = chan_combine(gathered[:, 0], gathered[:, 1], k)
             xc = xf - mean.unsqueeze(-1)
         else:
             m2 = xf.square().sum(-1)
-            dist.all_reduce(m2, group=group)
+            _all_reduce(m2, group)
             mean, xc = None, xf
         rstd = torch.rsqrt(m2 / n + eps)
         y = xc * rstd.unsqueeze(-1) * weight.to(xf.dtype)
@@ -125,7 +154,7 @@ class _ShardedNorm(torch.autograd.Function):
         else:
             sums = torch.stack([g.sum(-1), (g * xhat).sum(-1)], -1)
         sums = sums.contiguous()
-        dist.all_reduce(sums, group=ctx.group)
+        _all_reduce(sums, ctx.group)
         sums = sums / ctx.n
         if mean is None:
             dx = rstd.unsqueeze(-1) * (g - xhat * sums[..., :1])
