@@ -21,7 +21,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 import magneto
 from magneto.examples.data import VOCAB_SIZE, fixed_windows, load_corpus, random_windows
-from magneto.parallel import tensor_parallelize
+from magneto.parallel import communication_log, tensor_parallelize
 
 
 def arguments() -> argparse.ArgumentParser:
@@ -86,11 +86,20 @@ def main(argv=None) -> None:
             t.to(device)
             for t in random_windows(corpus.train, args.batch_size, args.seq_len, generator)
         )
-        logits = model(inputs)[0]
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with communication_log() as log:
+            logits = model(inputs)[0]
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
         optimizer.step()
+        if step == 0:
+            say(f"tensor-parallel collectives of one step, per layer ({inputs.numel()} rows):")
+            for name in ("all_reduce", "all_gather"):
+                sizes = [b for n, b in log if n == name]
+                say(
+                    f"  {name}: {len(sizes) // args.layers} calls, "
+                    f"{sum(sizes) / args.layers / 2**10:.1f} KiB payload per rank"
+                )
         if step % 20 == 0 or step == args.steps - 1:
             say(f"step {step:4d}  train loss {loss.item():.3f}")
     model.eval()
