@@ -26,7 +26,7 @@ from gloo import join_world, spawn_ranks
 from harness import RTOL, assert_close, assert_close_to_reference, require_backend
 
 import magneto
-from magneto.parallel import chan_combine, tensor_parallelize
+from magneto.parallel import chan_combine, shard_of, tensor_parallelize
 
 D, HEADS, FFN, VOCAB = 32, 4, 64, 29
 ROWS, FEATURES = 6, 48
@@ -111,14 +111,6 @@ def _lm_batch():
     return torch.randint(0, VOCAB, (4, 9), generator=torch.Generator().manual_seed(3))
 
 
-def _shard(model, name):
-    """(dim, index) of ``name``'s slice on a rank, or None for a replicated parameter."""
-    module = model.get_submodule(name.rpartition(".")[0])
-    if not hasattr(module, "shard_index") or (name.endswith("bias") and module.shard_dim == 1):
-        return None
-    return module.shard_dim if name.endswith("weight") else 0, module.shard_index.clone()
-
-
 # ------------------------------------------------------------------------------------- ranks
 
 
@@ -143,7 +135,7 @@ def _model_case(kind, scheme, norm):
         out = _output(kind, model)
         _loss(out).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    shards = {n: _shard(model, n) for n in grads}
+    shards = {n: shard_of(model, n) for n in grads}
     greedy = _greedy(model) if kind == "decoder" else None
     return {"out": out.detach(), "grads": grads, "shards": shards, "greedy": greedy, "log": log}
 
@@ -162,7 +154,7 @@ def _two_d_step():
     grads = {n: p.grad.full_tensor().clone() for n, p in model.named_parameters()}
     optimizer.step()
     params = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
-    shards = {n: _shard(model, n) for n in grads}
+    shards = {n: shard_of(model, n) for n in grads}
     return {"grads": grads, "params": params, "shards": shards}
 
 

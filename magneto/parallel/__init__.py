@@ -11,7 +11,13 @@ from magneto.parallel.functional import (
     reduce_from_parallel,
     sharded_norm,
 )
-from magneto.parallel.layers import ColumnParallelLinear, RowParallelLinear, ShardedNorm
+from magneto.parallel.hf import tensor_parallelize_transformers
+from magneto.parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    ShardedNorm,
+    shard_of,
+)
 from magneto.parallel.plan import tensor_parallelize
 
 __all__ = [
@@ -23,7 +29,9 @@ __all__ = [
     "copy_to_parallel",
     "load_sharded_state_dict",
     "reduce_from_parallel",
+    "shard_of",
     "sharded_norm",
     "sharded_state_dict",
     "tensor_parallelize",
+    "tensor_parallelize_transformers",
 ]

@@ -79,14 +79,26 @@ class ColumnParallelLinear(_Shard):
 
 
 class ShardedNorm(_Shard):
-    """This rank's features ``index`` of a ``NormLayer`` whose rows span the ranks."""
+    """This rank's features ``index`` of a norm (``weight``, ``bias``, ``eps``, ``norm``: the
+    whole norm's) whose rows span the ranks."""
 
-    def __init__(self, norm_layer: nn.Module, index: Tensor, group):
+    def __init__(self, weight, bias, eps: float, norm: str, index: Tensor, group):
         super().__init__()
-        self.weight = _shard(norm_layer.weight, 0, index)
-        self.bias = _shard(norm_layer.bias, 0, index)
-        self.eps, self.norm = norm_layer.eps, norm_layer.norm
-        self._keep(0, index, (norm_layer.weight.shape[0],), group)
+        self.weight = _shard(weight, 0, index)
+        self.bias = _shard(bias, 0, index)
+        self.eps, self.norm = eps, norm
+        self._keep(0, index, (weight.shape[0],), group)
+
+    @classmethod
+    def of(cls, module: nn.Module, index: Tensor, group) -> "ShardedNorm":
+        """The shard of a norm module ``magneto.fusion`` recognises, or of a Hugging Face
+        RMSNorm (``weight`` and ``variance_epsilon``)."""
+        if hasattr(module, "variance_epsilon") and not hasattr(module, "bias"):
+            return cls(module.weight, None, module.variance_epsilon, "rms", index, group)
+        args = norm_arguments(module, module.weight.new_empty(0))
+        if args is None:
+            raise ValueError(f"tensor parallelism cannot shard the norm {type(module).__name__}")
+        return cls(args["ln_weight"], args["ln_bias"], args["eps"], args["norm"], index, group)
 
     def forward(self, x: Tensor) -> Tensor:
         return sharded_norm(x, self.weight, self.bias, self.eps, self.norm, self.group)
@@ -135,6 +147,15 @@ class RowParallelLinear(_Shard):
         if dropout_p > 0.0:
             y = magneto_kernels.dropout(y, dropout_p)
         return y if residual is None else alpha * residual + y
+
+
+def shard_of(model: nn.Module, name: str) -> Optional[tuple[int, Tensor]]:
+    """(dimension, indices) of the whole parameter ``name`` that this rank's ``name`` holds, or
+    None for a replicated one: ``whole.index_select(*shard_of(model, name))`` is the slice."""
+    module = model.get_submodule(name.rpartition(".")[0])
+    if not isinstance(module, _Shard) or (name.endswith("bias") and module.shard_dim == 1):
+        return None
+    return (module.shard_dim if name.endswith("weight") else 0), module.shard_index
 
 
 def head_rows(heads: int, head_dim: int, packed: int, rank: int, world: int) -> Tensor:

@@ -75,7 +75,7 @@ def _attention(attn: MultiheadAttention, rank: int, world: int, group) -> None:
         view = (linear.out_features, width)
         setattr(owner, name, RowParallelLinear(linear, cols, view, group))
     for owner, name in _copies(attn, "inner_attn_ln"):
-        setattr(owner, name, ShardedNorm(getattr(owner, name), cols, group))
+        setattr(owner, name, ShardedNorm.of(getattr(owner, name), cols, group))
     attn.num_heads = heads // world
     attn.inner_dim = attn.num_heads * head_dim
 
@@ -89,7 +89,7 @@ def _feed_forward(ffn: FeedForward, rank: int, world: int, group) -> None:
     ffn.fc1 = ColumnParallelLinear(ffn.fc1, index, (ffn_dim, ffn.embed_dim), group)
     ffn.fc2 = RowParallelLinear(ffn.fc2, index, (ffn.embed_dim, ffn_dim), group)
     if ffn.ffn_layernorm is not None:
-        ffn.ffn_layernorm = ShardedNorm(ffn.ffn_layernorm, index, group)
+        ffn.ffn_layernorm = ShardedNorm.of(ffn.ffn_layernorm, index, group)
 
 
 def tensor_parallelize(model: nn.Module, mesh, tp_dim=None) -> nn.Module:
