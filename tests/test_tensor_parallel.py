@@ -52,13 +52,13 @@ def _norm_inputs(norm, mean):
     return x.float(), weight.float(), bias.float() if norm == "layer" else None, dy.float()
 
 
-def _model(kind, scheme, norm):
+def _model(kind, scheme, norm, **overrides):
     torch.manual_seed(0)
     fixed = dict(
         norm_scheme=scheme,
         norm=norm,
         backend="cpu",
-        vocab_size=VOCAB,
+        vocab_size=overrides.pop("vocab_size", VOCAB),
         max_positions=32,
         encoder_layers=2,
         decoder_layers=2,
@@ -66,7 +66,7 @@ def _model(kind, scheme, norm):
     if kind == "beit3":
         config = models.config(D, HEADS, FFN, dict(multiway=True), **fixed)
         return models.perturb(magneto.BEiT3(config, img_size=8, patch_size=4, in_chans=3))
-    config = models.config(D, HEADS, FFN, **fixed)
+    config = models.config(D, HEADS, FFN, overrides, **fixed)
     build = {
         "encoder": magneto.Encoder,
         "decoder": magneto.Decoder,
@@ -140,6 +140,22 @@ def _model_case(kind, scheme, norm):
     return {"out": out.detach(), "grads": grads, "shards": shards, "greedy": greedy, "log": log}
 
 
+def _vocab_model(tied):
+    return _model("decoder", "subln", "layer", vocab_size=32, share_input_output_embed=tied)
+
+
+def _vocab_parallel(tied):
+    from magneto.parallel import vocab_parallel_cross_entropy
+
+    model = tensor_parallelize(_vocab_model(tied).train(), dist.group.WORLD, vocab_parallel=True)
+    tokens = _lm_batch()
+    logits = model(tokens[:, :-1])[0]
+    loss = vocab_parallel_cross_entropy(logits, tokens[:, 1:], dist.group.WORLD)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return {"loss": loss.detach(), "grads": grads, "shards": {n: shard_of(model, n) for n in grads}}
+
+
 def _two_d_step():
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -188,6 +204,8 @@ def _worker(rank, port, world, out_dir):
         results = {("norm", *case): _norm_case(*case, rank, world) for case in NORM_CASES}
         for case in MODEL_CASES:
             results[("model", *case)] = _model_case(*case)
+        for tied in (False, True):
+            results[("vocab", tied)] = _vocab_parallel(tied)
         if world == 4:
             results["two_d"] = _two_d_step()
         results["checkpoint"] = _checkpoint(world, os.path.join(out_dir, "checkpoint"))
@@ -315,6 +333,22 @@ def test_communication_per_layer(_runs, world):
     for results in _runs[world]:
         log = results[("model", "decoder", "subln", "layer")]["log"]
         assert sorted(log) == sorted(per_layer * 2)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_vocab_parallel_loss_matches_one_process(_runs, world, tied):
+    """Token embedding and output projection split by vocabulary blocks (tied: one parameter),
+    the loss from the blocks of the logits: the one-process cross entropy and gradients."""
+    per_rank = [r[("vocab", tied)] for r in _runs[world]]
+    model = _vocab_model(tied).train()
+    loss = _lm_loss(model, _lm_batch())
+    loss.backward()
+    for results in per_rank:
+        assert_close(results["loss"], loss, RTOL[torch.float32], name="loss")
+        sharded = [n for n, shard in results["shards"].items() if shard is not None]
+        assert {"embed_tokens.weight"} <= set(sharded)
+    _check_grads(model, per_rank)
 
 
 def test_fsdp2_times_tensor_parallel_step_matches_one_process(_runs):

@@ -10,12 +10,14 @@ from magneto.parallel.functional import (
     copy_to_parallel,
     reduce_from_parallel,
     sharded_norm,
+    vocab_parallel_cross_entropy,
 )
 from magneto.parallel.hf import tensor_parallelize_transformers
 from magneto.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
     ShardedNorm,
+    VocabParallelEmbedding,
     shard_of,
 )
 from magneto.parallel.plan import tensor_parallelize
@@ -24,6 +26,7 @@ __all__ = [
     "ColumnParallelLinear",
     "RowParallelLinear",
     "ShardedNorm",
+    "VocabParallelEmbedding",
     "chan_combine",
     "communication_log",
     "copy_to_parallel",
@@ -34,4 +37,5 @@ __all__ = [
     "sharded_state_dict",
     "tensor_parallelize",
     "tensor_parallelize_transformers",
+    "vocab_parallel_cross_entropy",
 ]

@@ -14,7 +14,12 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from magneto.parallel.layers import ColumnParallelLinear, RowParallelLinear, ShardedNorm
+from magneto.parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    ShardedNorm,
+    VocabParallelEmbedding,
+)
 
 
 def _placement(module: nn.Module, name: str) -> tuple[tuple[int, ...], int] | None:
@@ -25,7 +30,7 @@ def _placement(module: nn.Module, name: str) -> tuple[tuple[int, ...], int] | No
         return (view, len(view) - 2) if name == "weight" else (view[:-1], len(view) - 2)
     if isinstance(module, RowParallelLinear):
         return (view, 1) if name == "weight" else None
-    if isinstance(module, ShardedNorm):
+    if isinstance(module, (ShardedNorm, VocabParallelEmbedding)):
         return view, 0
     return None
 

@@ -42,10 +42,10 @@ def communication_log():
         _LOGS.remove(log)
 
 
-def _all_reduce(x: Tensor, group) -> None:
+def _all_reduce(x: Tensor, group, op=dist.ReduceOp.SUM) -> None:
     for log in _LOGS:
         log.append(("all_reduce", x.numel() * x.element_size()))
-    dist.all_reduce(x, group=group)
+    dist.all_reduce(x, op=op, group=group)
 
 
 def _all_gather(x: Tensor, group) -> Tensor:
@@ -181,3 +181,25 @@ def sharded_norm(
     if weight.shape != x.shape[-1:]:
         raise ValueError(f"weight must have shape {tuple(x.shape[-1:])}, got {tuple(weight.shape)}")
     return _ShardedNorm.apply(x, weight, bias, float(eps), norm, group)
+
+
+def vocab_parallel_cross_entropy(
+    logits: Tensor, target: Tensor, group, ignore_index: int = -100
+) -> Tensor:
+    """Mean cross entropy of logits whose vocabulary is split in equal consecutive blocks over
+    ``group`` (this rank's block; ``target`` the whole vocabulary's ids), without gathering the
+    logits: three all-reduces of one float per row (the max, the sum of exponentials, the
+    target's logit). Every rank gets the same loss; the gradients reach each rank's block."""
+    rank, vocab = dist.get_rank(group), logits.shape[-1]
+    logits = logits.float()
+    shift = logits.detach().amax(-1)
+    _all_reduce(shift, group, dist.ReduceOp.MAX)
+    shifted = logits - shift.unsqueeze(-1)
+    sum_exp = reduce_from_parallel(shifted.exp().sum(-1), group)
+    local = target - rank * vocab
+    inside = (local >= 0) & (local < vocab)
+    picked = shifted.gather(-1, local.clamp(0, vocab - 1).unsqueeze(-1)).squeeze(-1)
+    target_logit = reduce_from_parallel(picked * inside, group)
+    keep = target != ignore_index
+    loss = (sum_exp.log() - target_logit) * keep
+    return loss.sum() / keep.sum()

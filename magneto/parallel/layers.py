@@ -165,3 +165,25 @@ def head_rows(heads: int, head_dim: int, packed: int, rank: int, world: int) -> 
     width = heads * head_dim
     starts = [b * width + rank * local for b in range(packed)]
     return torch.cat([torch.arange(start, start + local) for start in starts])
+
+
+class VocabParallelEmbedding(_Shard):
+    """This rank's rows ``index`` (one consecutive block of the vocabulary) of an
+    ``nn.Embedding``: tokens outside the block give zeros, and one all-reduce sums the ranks'
+    rows into every token's embedding."""
+
+    def __init__(self, embedding: nn.Embedding, index: Tensor, group):
+        super().__init__()
+        self.weight = _shard(embedding.weight, 0, index)
+        self.start, self.num_embeddings = int(index[0]), embedding.num_embeddings
+        pad = embedding.padding_idx
+        self.padding_idx = None
+        if pad is not None and self.start <= pad < self.start + index.numel():
+            self.padding_idx = pad - self.start
+        self._keep(0, index, tuple(embedding.weight.shape), group)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        local = tokens - self.start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        rows = F.embedding(local.masked_fill(outside, 0), self.weight, self.padding_idx)
+        return reduce_from_parallel(rows.masked_fill(outside.unsqueeze(-1), 0.0), self.group)

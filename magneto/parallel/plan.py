@@ -28,6 +28,7 @@ from magneto.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
     ShardedNorm,
+    VocabParallelEmbedding,
     head_rows,
 )
 
@@ -92,13 +93,44 @@ def _feed_forward(ffn: FeedForward, rank: int, world: int, group) -> None:
         ffn.ffn_layernorm = ShardedNorm.of(ffn.ffn_layernorm, index, group)
 
 
-def tensor_parallelize(model: nn.Module, mesh, tp_dim=None) -> nn.Module:
+def _vocabulary(model: nn.Module, rank: int, world: int, group) -> None:
+    """Token embeddings and output projections split by vocabulary blocks; a weight shared by
+    several (tied embeddings) stays one parameter."""
+    shards = {}  # id of a whole weight -> its shard, for tied weights
+    for module in list(model.modules()):
+        for name in ("embed_tokens", "output_projection"):
+            child = getattr(module, name, None)
+            if child is None or isinstance(child, (VocabParallelEmbedding, ColumnParallelLinear)):
+                continue
+            vocab = child.weight.shape[0]
+            if vocab % world:
+                raise ValueError(f"vocab_size={vocab} is not divisible by {world} ranks")
+            index = torch.arange(rank * vocab // world, (rank + 1) * vocab // world)
+            if name == "embed_tokens":
+                shard = VocabParallelEmbedding(child, index, group)
+            else:
+                _check_linear(child, name)
+                shard = ColumnParallelLinear(child, index, tuple(child.weight.shape), group)
+            whole = id(child.weight)
+            if whole in shards:
+                shard.weight = shards[whole]
+            shards[whole] = shard.weight
+            setattr(module, name, shard)
+
+
+def tensor_parallelize(
+    model: nn.Module, mesh, tp_dim=None, *, vocab_parallel: bool = False
+) -> nn.Module:
     """Shard ``model`` (an ``Encoder``, ``Decoder``, ``EncoderDecoder``, ``BEiT3`` or anything
     made of magneto's ``MultiheadAttention`` and ``FeedForward``) in place over ``mesh`` (a 1-D
     ``DeviceMesh``, a named dimension ``tp_dim`` of a larger one, or a process group) and return
     it. Every rank must hold the same parameters before (built from the same seed, or loaded):
     each keeps its slice of them. Not supported yet (ValueError): mixture-of-experts layers and
-    relative position buckets (a bias of every head, which would need slicing by rank)."""
+    relative position buckets (a bias of every head, which would need slicing by rank).
+
+    ``vocab_parallel``: token embeddings and output projections split by vocabulary blocks too;
+    the model then returns this rank's block of the logits, for
+    ``vocab_parallel_cross_entropy`` (the whole logits are never gathered)."""
     group = _group(mesh, tp_dim)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     config = getattr(model, "config", None)
@@ -111,4 +143,6 @@ def tensor_parallelize(model: nn.Module, mesh, tp_dim=None) -> nn.Module:
                 _attention(module, rank, world, group)
             elif isinstance(module, FeedForward):
                 _feed_forward(module, rank, world, group)
+        if vocab_parallel:
+            _vocabulary(model, rank, world, group)
     return model
