@@ -140,6 +140,27 @@ def _model_case(kind, scheme, norm):
     return {"out": out.detach(), "grads": grads, "shards": shards, "greedy": greedy, "log": log}
 
 
+def _saved_by_fc2():
+    """Shapes of what a sharded fc2 (gelu on its input, ffn_layernorm, residual add) keeps for
+    backward, parameters aside."""
+    ffn = tensor_parallelize(_model("decoder", "subln", "layer"), dist.group.WORLD).layers[0].ffn
+    params = {p.data_ptr() for p in ffn.parameters()}
+    preact = torch.randn(2, 7, ffn.fc2.in_features, requires_grad=True)
+    residual = torch.randn(2, 7, D, requires_grad=True)
+    saved = []
+
+    def keep(t):
+        if t.data_ptr() not in params:
+            saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        magneto.fusion.project(
+            "fc2", preact, ffn.fc2, ffn.ffn_layernorm, input_activation="gelu", residual=residual
+        )
+    return sorted(saved)
+
+
 def _vocab_model(tied):
     return _model("decoder", "subln", "layer", vocab_size=32, share_input_output_embed=tied)
 
@@ -204,6 +225,7 @@ def _worker(rank, port, world, out_dir):
         results = {("norm", *case): _norm_case(*case, rank, world) for case in NORM_CASES}
         for case in MODEL_CASES:
             results[("model", *case)] = _model_case(*case)
+        results["saved_by_fc2"] = _saved_by_fc2()
         for tied in (False, True):
             results[("vocab", tied)] = _vocab_parallel(tied)
         if world == 4:
@@ -349,6 +371,14 @@ def test_vocab_parallel_loss_matches_one_process(_runs, world, tied):
         sharded = [n for n, shard in results["shards"].items() if shard is not None]
         assert {"embed_tokens.weight"} <= set(sharded)
     _check_grads(model, per_rank)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_row_parallel_projection_keeps_what_the_fused_op_keeps(_runs, world):
+    """A sharded fc2 keeps its input (fc1's pre-activation, this rank's columns) and the row
+    statistics, as the fused op does: the activation and the normalised rows are recomputed."""
+    for results in _runs[world]:
+        assert results["saved_by_fc2"] == sorted([(2, 7, FFN // world), (2, 7), (2, 7)])
 
 
 def test_fsdp2_times_tensor_parallel_step_matches_one_process(_runs):

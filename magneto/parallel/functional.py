@@ -26,6 +26,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+import magneto_kernels
+
 _LOGS: list[list[tuple[str, int]]] = []
 
 
@@ -115,55 +117,119 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32  # the ops' numerics
 
 
+def _norm_forward(x, weight, bias, eps, norm, group):
+    """(N(x) in x's dtype, mean or None for RMSNorm, rstd): the statistics over every rank."""
+    xf = x.to(_compute_dtype(x))
+    k = xf.shape[-1]
+    if norm == "layer":
+        local_mean = xf.mean(-1)
+        local_m2 = (xf - local_mean.unsqueeze(-1)).square().sum(-1)
+        gathered = _all_gather(torch.stack([local_mean, local_m2]), group)
+        mean, m2 = chan_combine(gathered[:, 0], gathered[:, 1], k)
+    else:
+        m2 = xf.square().sum(-1)
+        _all_reduce(m2, group)
+        mean = None
+    rstd = torch.rsqrt(m2 / (k * dist.get_world_size(group)) + eps)
+    return _normalize(x, weight, bias, mean, rstd), mean, rstd
+
+
+def _normalize(x, weight, bias, mean, rstd):
+    xf = x.to(_compute_dtype(x))
+    xc = xf if mean is None else xf - mean.unsqueeze(-1)
+    y = xc * rstd.unsqueeze(-1) * weight.to(xf.dtype)
+    return (y if bias is None else y + bias.to(xf.dtype)).to(x.dtype)
+
+
+def _norm_backward(x, weight, mean, rstd, dy, group, has_bias):
+    """(dx, dweight, dbias or None) of the sharded norm: two row sums all-reduced (one for
+    RMSNorm); dweight and dbias this rank's own."""
+    xf = x.to(_compute_dtype(x))
+    xc = xf if mean is None else xf - mean.unsqueeze(-1)
+    xhat = xc * rstd.unsqueeze(-1)
+    dyf = dy.to(xf.dtype)
+    g = dyf * weight.to(xf.dtype)
+    if mean is None:
+        sums = (g * xhat).sum(-1, keepdim=True)
+    else:
+        sums = torch.stack([g.sum(-1), (g * xhat).sum(-1)], -1)
+    sums = sums.contiguous()
+    _all_reduce(sums, group)
+    sums = sums / (xf.shape[-1] * dist.get_world_size(group))
+    if mean is None:
+        dx = rstd.unsqueeze(-1) * (g - xhat * sums[..., :1])
+    else:
+        dx = rstd.unsqueeze(-1) * (g - sums[..., :1] - xhat * sums[..., 1:])
+    rows = tuple(range(dy.dim() - 1))
+    dweight = (dyf * xhat).sum(rows).to(weight.dtype)
+    dbias = dyf.sum(rows).to(weight.dtype) if has_bias else None
+    return dx.to(x.dtype), dweight, dbias
+
+
 class _ShardedNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, norm, group):
-        world = dist.get_world_size(group)
-        xf = x.to(_compute_dtype(x))
-        k = xf.shape[-1]
-        n = k * world
-        if norm == "layer":
-            local_mean = xf.mean(-1)
-            local_m2 = (xf - local_mean.unsqueeze(-1)).square().sum(-1)
-            gathered = _all_gather(torch.stack([local_mean, local_m2]), group)
-            mean, m2 = chan_combine(gathered[:, 0], gathered[:, 1], k)
-            xc = xf - mean.unsqueeze(-1)
-        else:
-            m2 = xf.square().sum(-1)
-            _all_reduce(m2, group)
-            mean, xc = None, xf
-        rstd = torch.rsqrt(m2 / n + eps)
-        y = xc * rstd.unsqueeze(-1) * weight.to(xf.dtype)
-        if bias is not None:
-            y = y + bias.to(xf.dtype)
+        y, mean, rstd = _norm_forward(x, weight, bias, eps, norm, group)
         ctx.save_for_backward(x, weight, mean, rstd)
-        ctx.has_bias, ctx.group, ctx.n = bias is not None, group, n
-        return y.to(x.dtype)
+        ctx.has_bias, ctx.group = bias is not None, group
+        return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
         x, weight, mean, rstd = ctx.saved_tensors
-        xf = x.to(_compute_dtype(x))
-        xc = xf if mean is None else xf - mean.unsqueeze(-1)
-        xhat = xc * rstd.unsqueeze(-1)
-        dyf = dy.to(xf.dtype)
-        g = dyf * weight.to(xf.dtype)
-        if mean is None:
-            sums = (g * xhat).sum(-1, keepdim=True)
-        else:
-            sums = torch.stack([g.sum(-1), (g * xhat).sum(-1)], -1)
-        sums = sums.contiguous()
-        _all_reduce(sums, ctx.group)
-        sums = sums / ctx.n
-        if mean is None:
-            dx = rstd.unsqueeze(-1) * (g - xhat * sums[..., :1])
-        else:
-            dx = rstd.unsqueeze(-1) * (g - sums[..., :1] - xhat * sums[..., 1:])
-        rows = tuple(range(dy.dim() - 1))
-        dweight = (dyf * xhat).sum(rows).to(weight.dtype)
-        dbias = dyf.sum(rows).to(weight.dtype) if ctx.has_bias else None
-        return dx.to(x.dtype), dweight, dbias, None, None, None
+        dx, dweight, dbias = _norm_backward(x, weight, mean, rstd, dy, ctx.group, ctx.has_bias)
+        return dx, dweight, dbias, None, None, None
+
+
+class _RowParallelNormLinear(torch.autograd.Function):
+    """``N(in_act(x)) @ weight^T`` with N over every rank's features (this rank's partial
+    product), saving x and the row statistics only, as the fused op does: the activation and
+    the normalised rows are recomputed in backward instead of kept."""
+
+    @staticmethod
+    def forward(ctx, x, ln_weight, ln_bias, weight, eps, norm, input_activation, group, backend):
+        a = x if input_activation is None else magneto_kernels.activation(x, input_activation)
+        h, mean, rstd = _norm_forward(a, ln_weight, ln_bias, eps, norm, group)
+        ctx.save_for_backward(x, ln_weight, ln_bias, weight, mean, rstd)
+        ctx.group, ctx.input_activation = group, input_activation
+        return magneto_kernels.ln_linear(h, None, None, weight, backend=backend)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        x, ln_weight, ln_bias, weight, mean, rstd = ctx.saved_tensors
+        act = ctx.input_activation
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(act is not None)
+            a = xg if act is None else magneto_kernels.activation(xg, act)
+        h = _normalize(a.detach(), ln_weight, ln_bias, mean, rstd)
+        dweight = (dout.flatten(0, -2).t() @ h.flatten(0, -2)).to(weight.dtype)
+        dh = (dout @ weight).to(x.dtype)
+        da, dln_weight, dln_bias = _norm_backward(
+            a.detach(), ln_weight, mean, rstd, dh, ctx.group, ln_bias is not None
+        )
+        dx = da if act is None else torch.autograd.grad(a, xg, da)[0]
+        return dx, dln_weight, dln_bias, dweight, None, None, None, None, None
+
+
+def row_parallel_norm_linear(
+    x: Tensor,
+    ln_weight: Tensor,
+    ln_bias: Optional[Tensor],
+    weight: Tensor,
+    eps: float,
+    norm: str,
+    input_activation: Optional[str],
+    group,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """This rank's partial ``N(in_act(x)) @ weight^T`` of a row-parallel projection, the norm
+    over features split across ``group`` (as ``sharded_norm``); x, weight and the row statistics
+    are all it keeps for backward."""
+    return _RowParallelNormLinear.apply(
+        x, ln_weight, ln_bias, weight, float(eps), norm, input_activation, group, backend
+    )
 
 
 def sharded_norm(

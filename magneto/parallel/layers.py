@@ -22,7 +22,12 @@ from torch import Tensor, nn
 
 import magneto_kernels
 from magneto.fusion import norm_arguments
-from magneto.parallel.functional import copy_to_parallel, reduce_from_parallel, sharded_norm
+from magneto.parallel.functional import (
+    copy_to_parallel,
+    reduce_from_parallel,
+    row_parallel_norm_linear,
+    sharded_norm,
+)
 
 
 def _shard(param: Optional[Tensor], dim: int, index: Tensor) -> Optional[nn.Parameter]:
@@ -127,20 +132,24 @@ class RowParallelLinear(_Shard):
         the group (as a one-process run's)."""
         if rows is not None:
             raise ValueError("a row-parallel projection has no packed outputs")
-        if norm is not None:
-            if not isinstance(norm, ShardedNorm):
-                raise ValueError("the norm before a row-parallel projection must be sharded")
-            if input_activation is not None:
-                x = magneto_kernels.activation(x, input_activation)
-            x, input_activation = norm(x), None
-        partial = magneto_kernels.ln_linear(
-            x,
-            None,
-            None,
-            self.weight,
-            input_activation=input_activation,
-            backend=backend,
-        )
+        if norm is None:
+            partial = magneto_kernels.ln_linear(
+                x, None, None, self.weight, input_activation=input_activation, backend=backend
+            )
+        elif isinstance(norm, ShardedNorm):
+            partial = row_parallel_norm_linear(
+                x,
+                norm.weight,
+                norm.bias,
+                self.weight,
+                norm.eps,
+                norm.norm,
+                input_activation,
+                self.group,
+                backend,
+            )
+        else:
+            raise ValueError("the norm before a row-parallel projection must be sharded")
         y = reduce_from_parallel(partial, self.group)
         if self.bias is not None:
             y = y + self.bias
