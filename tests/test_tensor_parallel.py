@@ -93,12 +93,12 @@ def _loss(out):
     return (out * weights).sum()
 
 
-def _greedy(model, steps=6):
+def _greedy(model, steps=6, argmax=lambda logits: logits.argmax(-1)):
     tokens, state = torch.tensor([[3], [5]]), {}
     with torch.no_grad():
         for _ in range(steps):
             logits = model(tokens, incremental_state=state)[0]
-            tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+            tokens = torch.cat([tokens, argmax(logits[:, -1]).unsqueeze(-1)], dim=1)
     return tokens
 
 
@@ -166,15 +166,18 @@ def _vocab_model(tied):
 
 
 def _vocab_parallel(tied):
-    from magneto.parallel import vocab_parallel_cross_entropy
+    from magneto.parallel import vocab_parallel_argmax, vocab_parallel_cross_entropy
 
     model = tensor_parallelize(_vocab_model(tied).train(), dist.group.WORLD, vocab_parallel=True)
+    greedy = _greedy(model.eval(), argmax=lambda t: vocab_parallel_argmax(t, dist.group.WORLD))
+    model.train()
     tokens = _lm_batch()
     logits = model(tokens[:, :-1])[0]
     loss = vocab_parallel_cross_entropy(logits, tokens[:, 1:], dist.group.WORLD)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return {"loss": loss.detach(), "grads": grads, "shards": {n: shard_of(model, n) for n in grads}}
+    shards = {n: shard_of(model, n) for n in grads}
+    return {"loss": loss.detach(), "grads": grads, "shards": shards, "greedy": greedy}
 
 
 def _two_d_step():

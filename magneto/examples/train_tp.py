@@ -21,7 +21,12 @@ from torch.distributed.device_mesh import init_device_mesh
 
 import magneto
 from magneto.examples.data import VOCAB_SIZE, fixed_windows, load_corpus, random_windows
-from magneto.parallel import communication_log, tensor_parallelize
+from magneto.parallel import (
+    communication_log,
+    tensor_parallelize,
+    vocab_parallel_argmax,
+    vocab_parallel_cross_entropy,
+)
 
 
 def arguments() -> argparse.ArgumentParser:
@@ -38,6 +43,12 @@ def arguments() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--norm", default="layer", choices=("layer", "rms"))
+    p.add_argument(
+        "--vocab-parallel",
+        action="store_true",
+        help="split the embedding and output projection by vocabulary blocks (the vocabulary "
+        "padded to a multiple of --tp; the padding ids are never a target)",
+    )
     p.add_argument("--backend", default=None, help="magneto_kernels backend (default: auto)")
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -63,13 +74,23 @@ def main(argv=None) -> None:
         num_heads=args.heads,
         ffn_dim=4 * args.width,
         decoder_layers=args.layers,
-        vocab_size=VOCAB_SIZE,
+        vocab_size=-(-VOCAB_SIZE // tp) * tp if args.vocab_parallel else VOCAB_SIZE,
         max_positions=args.seq_len + 32,
         norm=args.norm,
         backend=args.backend,
     )
     model = magneto.Decoder(config).to(device)
-    tensor_parallelize(model, mesh, "tp")
+    tensor_parallelize(model, mesh, "tp", vocab_parallel=args.vocab_parallel)
+    tp_group = mesh.get_group("tp")
+
+    def loss_of(logits, targets):
+        if args.vocab_parallel:
+            return vocab_parallel_cross_entropy(logits, targets, tp_group)
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+    def argmax(logits):
+        return vocab_parallel_argmax(logits, tp_group) if args.vocab_parallel else logits.argmax(-1)
+
     if world // tp > 1:
         from torch.distributed.fsdp import fully_shard
 
@@ -87,12 +108,11 @@ def main(argv=None) -> None:
             for t in random_windows(corpus.train, args.batch_size, args.seq_len, generator)
         )
         with communication_log() as log:
-            logits = model(inputs)[0]
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+            loss = loss_of(model(inputs)[0], targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
         optimizer.step()
-        if step == 0:
+        if step == 0 and not args.vocab_parallel:  # per layer: only the blocks communicate
             say(f"tensor-parallel collectives of one step, per layer ({inputs.numel()} rows):")
             for name in ("all_reduce", "all_gather"):
                 sizes = [b for n, b in log if n == name]
@@ -105,13 +125,12 @@ def main(argv=None) -> None:
     model.eval()
     with torch.no_grad():
         inputs, targets = (t.to(device) for t in fixed_windows(corpus.valid, 16, args.seq_len))
-        logits = model(inputs)[0]
-        valid = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        valid = loss_of(model(inputs)[0], targets)
         say(f"validation loss {valid.item():.3f}")
         tokens, state = torch.tensor([list(b"def ")], device=device), {}
         for _ in range(40):
             step_logits = model(tokens, incremental_state=state)[0]
-            tokens = torch.cat([tokens, step_logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+            tokens = torch.cat([tokens, argmax(step_logits[:, -1]).unsqueeze(-1)], dim=1)
         say(
             "greedy:",
             repr(bytes(t for t in tokens[0].tolist() if t < 256).decode(errors="replace")),

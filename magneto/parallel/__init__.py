@@ -10,6 +10,7 @@ from magneto.parallel.functional import (
     copy_to_parallel,
     reduce_from_parallel,
     sharded_norm,
+    vocab_parallel_argmax,
     vocab_parallel_cross_entropy,
 )
 from magneto.parallel.hf import tensor_parallelize_transformers
@@ -37,5 +38,6 @@ __all__ = [
     "sharded_state_dict",
     "tensor_parallelize",
     "tensor_parallelize_transformers",
+    "vocab_parallel_argmax",
     "vocab_parallel_cross_entropy",
 ]

@@ -269,3 +269,13 @@ def vocab_parallel_cross_entropy(
     keep = target != ignore_index
     loss = (sum_exp.log() - target_logit) * keep
     return loss.sum() / keep.sum()
+
+
+def vocab_parallel_argmax(logits: Tensor, group) -> Tensor:
+    """The whole vocabulary's argmax of logits split in equal consecutive blocks over ``group``
+    (the first one on ties, as ``argmax``): one all-gather of (max, index) per row."""
+    best, index = logits.float().max(-1)
+    index = index + dist.get_rank(group) * logits.shape[-1]
+    gathered = _all_gather(torch.stack([best, index.float()]), group)  # (world, 2, *rows)
+    rank = gathered[:, 0].argmax(0, keepdim=True)
+    return gathered[:, 1].gather(0, rank).squeeze(0).long()
