@@ -22,7 +22,7 @@ import models
 import pytest
 import torch
 import torch.distributed as dist
-from gloo import join_world, spawn_ranks
+from gloo import run_worlds
 from harness import RTOL, assert_close, assert_close_to_reference, require_backend
 
 import magneto
@@ -222,37 +222,26 @@ def _checkpoint(world, directory):
         return _output("decoder", model)
 
 
-def _worker(rank, port, world, out_dir):
-    join_world(rank, port, world)
-    try:
-        results = {("norm", *case): _norm_case(*case, rank, world) for case in NORM_CASES}
-        for case in MODEL_CASES:
-            results[("model", *case)] = _model_case(*case)
-        results["saved_by_fc2"] = _saved_by_fc2()
-        for tied in (False, True):
-            results[("vocab", tied)] = _vocab_parallel(tied)
-        if world == 4:
-            results["two_d"] = _two_d_step()
-        results["checkpoint"] = _checkpoint(world, os.path.join(out_dir, "checkpoint"))
-        torch.save(results, os.path.join(out_dir, f"{world}_{rank}.pt"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    os._exit(0)  # saved: skip the interpreter's teardown (tests/test_distributed.py says why)
+def _rank(rank, world, out_dir):
+    results = {("norm", *case): _norm_case(*case, rank, world) for case in NORM_CASES}
+    for case in MODEL_CASES:
+        results[("model", *case)] = _model_case(*case)
+    results["saved_by_fc2"] = _saved_by_fc2()
+    for tied in (False, True):
+        results[("vocab", tied)] = _vocab_parallel(tied)
+    if world == 4:
+        results["two_d"] = _two_d_step()
+    results["checkpoint"] = _checkpoint(world, os.path.join(out_dir, "checkpoint"))
+    return results
 
 
 @pytest.fixture(scope="module")
 def _runs():
-    """{world: [rank 0's results, rank 1's, ...]}, the ranks started once per world size."""
+    """{world: [rank 0's results, rank 1's, ...]}, the ranks started once per world size (2
+    first: it writes the checkpoint 4 reads)."""
     require_backend("cpu")
-    runs = {}
     with tempfile.TemporaryDirectory() as out_dir:
-        for world in WORLDS:  # 2 first: it writes the checkpoint 4 reads
-            spawn_ranks(_worker, (world, out_dir), world, f"{world} ranks: ")
-            runs[world] = [
-                torch.load(os.path.join(out_dir, f"{world}_{r}.pt")) for r in range(world)
-            ]
-    return runs
+        return run_worlds(_rank, WORLDS, out_dir)
 
 
 # ------------------------------------------------------------------------------------- tests

@@ -3,14 +3,13 @@ Llama, BitNet (dense) and Kosmos-2's text model, patched by ``apply_magneto`` an
 the unpatched one-process model's logits and every parameter's gradient (fp32). The ranks are
 started once per world size for the module."""
 
-import os
 import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
 import transformers_models as tm
-from gloo import join_world, spawn_ranks
+from gloo import run_worlds
 from harness import require_backend
 
 FAMILIES = ("llama", "bitnet", "kosmos2")
@@ -32,37 +31,25 @@ def _run(model):
     return logits
 
 
-def _worker(rank, port, world, out_dir):
+def _rank(rank, world, out_dir):
     from magneto.parallel import shard_of, tensor_parallelize_transformers
 
-    join_world(rank, port, world)
-    try:
-        results = {}
-        for family in FAMILIES:
-            model, _ = tm.pair(family, **_overrides(family, world))
-            tensor_parallelize_transformers(model, dist.group.WORLD)
-            logits = _run(model)
-            grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-            shards = {n: shard_of(model, n) for n in grads}
-            results[family] = {"logits": logits.detach(), "grads": grads, "shards": shards}
-        torch.save(results, os.path.join(out_dir, f"{world}_{rank}.pt"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    os._exit(0)  # saved: skip the interpreter's teardown (tests/test_distributed.py says why)
+    results = {}
+    for family in FAMILIES:
+        model, _ = tm.pair(family, **_overrides(family, world))
+        tensor_parallelize_transformers(model, dist.group.WORLD)
+        logits = _run(model)
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        shards = {n: shard_of(model, n) for n in grads}
+        results[family] = {"logits": logits.detach(), "grads": grads, "shards": shards}
+    return results
 
 
 @pytest.fixture(scope="module")
 def _runs():
     require_backend("cpu")
-    runs = {}
     with tempfile.TemporaryDirectory() as out_dir:
-        for world in WORLDS:
-            spawn_ranks(_worker, (world, out_dir), world, f"{world} ranks: ")
-            runs[world] = [
-                torch.load(os.path.join(out_dir, f"{world}_{r}.pt")) for r in range(world)
-            ]
-    return runs
+        return run_worlds(_rank, WORLDS, out_dir)
 
 
 @pytest.mark.parametrize("world", WORLDS)
