@@ -3,6 +3,7 @@ Llama, BitNet (dense) and Kosmos-2's text model, patched by ``apply_magneto`` an
 the unpatched one-process model's logits and every parameter's gradient (fp32). The ranks are
 started once per world size for the module."""
 
+import os
 import tempfile
 
 import pytest
@@ -31,10 +32,30 @@ def _run(model):
     return logits
 
 
+def _llama_tp_plan(world, out_dir):
+    """Llama loaded with transformers' own tensor-parallel plan (``tp_plan="auto"``: DTensor
+    parameters behind hooks), then ``apply_magneto``: the projections run as transformers'
+    modules, the rest fused."""
+    import transformers
+
+    path = os.path.join(out_dir, f"llama-{world}")
+    if dist.get_rank() == 0:
+        tm.pair("llama", **_overrides("llama", world))[1].save_pretrained(path)
+    dist.barrier()
+    model = tm.mt.apply_magneto(transformers.LlamaForCausalLM.from_pretrained(path, tp_plan="auto"))
+    logits = _run(model)
+    grads = {
+        n: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+        for n, p in model.named_parameters()
+        if p.grad is not None
+    }
+    return {"logits": logits.detach(), "grads": grads, "shards": dict.fromkeys(grads)}
+
+
 def _rank(rank, world, out_dir):
     from magneto.parallel import shard_of, tensor_parallelize_transformers
 
-    results = {}
+    results = {"llama_tp_plan": _llama_tp_plan(world, out_dir)}
     for family in FAMILIES:
         model, _ = tm.pair(family, **_overrides(family, world))
         tensor_parallelize_transformers(model, dist.group.WORLD)
@@ -50,6 +71,16 @@ def _runs():
     require_backend("cpu")
     with tempfile.TemporaryDirectory() as out_dir:
         return run_worlds(_rank, WORLDS, out_dir)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_llama_with_transformers_tp_plan_and_apply_magneto(_runs, world):
+    _, reference = tm.pair("llama", **_overrides("llama", world))
+    logits = _run(reference)
+    for rank, results in enumerate(r["llama_tp_plan"] for r in _runs[world]):
+        tm.close(results["logits"], logits, what=f"rank {rank} logits")
+        for name, p in reference.named_parameters():
+            tm.close(results["grads"][name], p.grad, what=f"rank {rank} grad of {name}")
 
 
 @pytest.mark.parametrize("world", WORLDS)
