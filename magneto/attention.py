@@ -69,6 +69,9 @@ class MultiheadAttention(nn.Module):
         self.config = config
         d = config.embed_dim
         self.embed_dim, self.num_heads, self.head_dim = d, config.num_heads, config.head_dim
+        # the width of q, k, v and of the attention output, num_heads·head_dim: embed_dim, or
+        # this rank's heads only under tensor parallelism (magneto.parallel)
+        self.inner_dim = d
         self.self_attention = self_attention
         self.encoder_decoder_attention = not self_attention
         self.attention_dropout = config.attention_dropout
@@ -122,7 +125,7 @@ class MultiheadAttention(nn.Module):
     def _rows(self, name: str) -> slice:
         """The rows of q, k or v ("q", "k", "v"; "kv": k and v) in ``in_proj``'s output."""
         start, stop = {"q": (0, 1), "k": (1, 2), "v": (2, 3), "kv": (1, 3)}[name]
-        return slice(start * self.embed_dim, stop * self.embed_dim)
+        return slice(start * self.inner_dim, stop * self.inner_dim)
 
     def _linear(
         self, x: Tensor, rows: Optional[slice], norm: Optional[nn.Module], part: Optional[int]
@@ -164,7 +167,7 @@ class MultiheadAttention(nn.Module):
         """q, k, v of shape (batch, length, d): one GEMM when query, key and value coincide
         (self-attention), two when key and value do (cross-attention), else three; q alone
         (k, v None) when ``kv_cached``."""
-        d = self.embed_dim
+        d = self.inner_dim
         kv_norm = input_norm if self.self_attention else None
         if key is query and value is query and not kv_cached:
             return self._linear(query, None, input_norm, part).split(d, dim=-1)
@@ -276,7 +279,7 @@ class MultiheadAttention(nn.Module):
         )
         attn = attend(q, k, v, mask, causal, self.attention_dropout if self.training else 0.0)
         weights = self._weights(q, k, mask, causal) if need_weights else None
-        attn = attn.transpose(1, 2).reshape(bsz, tgt_len, self.embed_dim)
+        attn = attn.transpose(1, 2).reshape(bsz, tgt_len, self.inner_dim)
         return self._out_proj(attn, part, residual, alpha, dropout_p), weights
 
     def rotate(

@@ -10,7 +10,9 @@ module would compute exactly the op's formula from those parameters. magneto fus
   ``.weight``, which is what the op reads),
 - none of them when they carry hooks (forward, forward-pre or backward hooks of the module, or
   global module hooks): pruning (``torch.nn.utils.prune``), the old ``weight_norm``, torch.ao
-  observers and offloading work through hooks, and hooks fire only when the module is called.
+  observers and offloading work through hooks, and hooks fire only when the module is called;
+- no ``nn.Linear`` whose weight is a DTensor (a tensor-parallel plan of torch or transformers
+  redistributes it in the module's call).
 
 Anything else (PEFT LoRA layers, ``torch.ao`` quantized or QAT modules, a replacement class with
 its own forward, an ``nn.Sequential``) is called as a module: the projection runs unfused, and a
@@ -20,6 +22,7 @@ shows each distinct message once). The Hugging Face integration applies the same
 
 from __future__ import annotations
 
+import sys
 import warnings
 import weakref
 from typing import Callable, Optional, Union
@@ -64,7 +67,13 @@ def _class(module: nn.Module) -> type:
 
 def fusable_linear(module: nn.Module) -> bool:
     """Whether ``ln_linear`` may read ``module.weight``/``module.bias`` instead of calling it."""
-    return _class(module) is nn.Linear and not has_hooks(module)
+    if _class(module) is not nn.Linear or has_hooks(module):
+        return False
+    # a DTensor weight (torch's or transformers' tensor-parallel plans) is sharded behind
+    # hooks that redistribute it: the module's own call does that, the fused op cannot. No
+    # DTensor exists before its module is imported, so nothing is imported for the check.
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is None or not isinstance(module.weight, dtensor.DTensor)
 
 
 def norm_arguments(module: Optional[nn.Module], x: Tensor) -> Optional[dict]:
@@ -139,6 +148,18 @@ def project(
     the warning). ``rows``: a slice of the outputs (of a packed q/k/v projection)."""
     if callable(input_activation):  # an activation with no kernel code runs before the op
         x, input_activation = input_activation(x), None
+    parallel = getattr(linear, "parallel_project", None)
+    if parallel is not None:  # a tensor-parallel shard (magneto.parallel) adds its collectives
+        return parallel(
+            x,
+            norm,
+            input_activation=input_activation,
+            residual=residual,
+            alpha=alpha,
+            dropout_p=dropout_p,
+            rows=rows,
+            backend=backend,
+        )
     norm_args = norm_arguments(norm, x)
     if norm_args is None:
         warn_unfused(f"the norm before {site}", norm)

@@ -162,7 +162,7 @@ def attention_parts(
                 raise ValueError(
                     f"residual part {name} must have shape {tuple(x.shape)}, got {tuple(r.shape)}"
                 )
-    d = attn.embed_dim
+    d = attn.inner_dim
     bsz, tgt_len = parts[0].shape[0], parts[0].shape[1] + parts[1].shape[1]
     # One GEMM per part into its own output; attention needs q/k/v of the whole sequence.
     qkv = torch.cat(

@@ -64,3 +64,26 @@ def join_world(rank: int, port: int, world: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def _saving_worker(rank: int, port: int, compute, world: int, out_dir: str) -> None:
+    join_world(rank, port, world)
+    try:
+        result = compute(rank, world, out_dir)
+        torch.save(result, os.path.join(out_dir, f"{world}_{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while another is still in a collective
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)  # saved: skip the interpreter's teardown (tests/test_distributed.py says why)
+
+
+def run_worlds(compute, worlds, out_dir: str) -> dict:
+    """``{world: [rank 0's result, rank 1's, ...]}``: ``compute(rank, world, out_dir)`` (a
+    module-level function) run once by every rank of a gloo world of each size in ``worlds``,
+    in turn, its result saved in ``out_dir`` and loaded back here."""
+    runs = {}
+    for world in worlds:
+        spawn_ranks(_saving_worker, (compute, world, out_dir), world, f"{world} ranks: ")
+        paths = [os.path.join(out_dir, f"{world}_{rank}.pt") for rank in range(world)]
+        runs[world] = [torch.load(path) for path in paths]
+    return runs

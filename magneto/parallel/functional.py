@@ -1,0 +1,281 @@
+"""The collectives of tensor parallelism, as autograd functions: the two Megatron conjugates
+(copy into the tensor-parallel region, sum out of it) and the norm over features sharded across
+ranks (docs/design.md, Tensor parallelism).
+
+Sharded norm, per row of x (k features on this rank, n = k·world in all):
+
+- forward, LayerNorm: each rank computes its partial (mean, M2) (M2 the sum of squared
+  deviations from its own mean); one all-gather of these 2 floats per row; every rank combines
+  them in rank order with Chan's formula (the same floats on every rank). Not sum / sum of
+  squares: ``E[x²] − E[x]²`` cancels when |mean| ≫ std (at |mean|/std = 1e3 fp32 keeps no digit
+  of the variance), and Chan's combine is not a sum, so it cannot ride an all-reduce: an all-reduce
+  of (n·mean, M2, n·mean²) would bring the cancellation back. RMSNorm: one all-reduce of the
+  row's sum of squares (1 float per row; no cancellation, every term is positive).
+- backward: with g = dy·weight and xhat the normalised input, ``dx = rstd·(g − mean(g) −
+  xhat·mean(g·xhat))``: the two row sums (one for RMSNorm, which has no mean) are all-reduced;
+  dweight and dbias stay local to the shard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+import magneto_kernels
+
+_LOGS: list[list[tuple[str, int]]] = []
+
+
+@contextlib.contextmanager
+def communication_log():
+    """The collectives tensor parallelism runs inside the block, as a list of (name, payload
+    bytes per rank) filled as they run: "all_reduce" (wire bytes per rank on a ring:
+    2·(world−1)/world · payload) or "all_gather" (this rank's part; (world−1) · payload)."""
+    log: list[tuple[str, int]] = []
+    _LOGS.append(log)
+    try:
+        yield log
+    finally:
+        _LOGS.remove(log)
+
+
+def _all_reduce(x: Tensor, group, op=dist.ReduceOp.SUM) -> None:
+    for log in _LOGS:
+        log.append(("all_reduce", x.numel() * x.element_size()))
+    dist.all_reduce(x, op=op, group=group)
+
+
+def _all_gather(x: Tensor, group) -> Tensor:
+    """(world, *x.shape): every rank's x, in rank order."""
+    for log in _LOGS:
+        log.append(("all_gather", x.numel() * x.element_size()))
+    world = dist.get_world_size(group)
+    out = x.new_empty((world * x.shape[0], *x.shape[1:]))
+    dist.all_gather_single(out, x.contiguous(), group=group)
+    return out.view(world, *x.shape)
+
+
+class _CopyToParallel(torch.autograd.Function):
+    """Identity forward; backward all-reduces the gradient (each rank holds a partial one)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        dy = dy.contiguous().clone()
+        _all_reduce(dy, ctx.group)
+        return dy, None
+
+
+class _ReduceFromParallel(torch.autograd.Function):
+    """All-reduce (sum) forward; identity backward (every rank needs the whole gradient)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        x = x.contiguous().clone()
+        _all_reduce(x, group)
+        return x
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        return dy, None
+
+
+def copy_to_parallel(x: Optional[Tensor], group) -> Optional[Tensor]:
+    """x as it enters a column-parallel projection: its gradient is summed over ``group``."""
+    return None if x is None else _CopyToParallel.apply(x, group)
+
+
+def reduce_from_parallel(x: Tensor, group) -> Tensor:
+    """The sum of a row-parallel projection's partial outputs over ``group``."""
+    return _ReduceFromParallel.apply(x, group)
+
+
+def chan_combine(mean: Tensor, m2: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    """(mean, M2) of the union of ``world`` equal parts of ``count`` elements each, from their
+    (world, rows) partial means and M2s: Chan, Golub and LeVeque's pairwise update, in part
+    order (so every rank computes the same floats)."""
+    mean_a, m2_a, n_a = mean[0], m2[0], count
+    for mean_b, m2_b in zip(mean[1:], m2[1:]):
+        n = n_a + count
+        delta = mean_b - mean_a
+        mean_a = mean_a + delta * (count / n)
+        m2_a = m2_a + m2_b + delta * delta * (n_a * count / n)
+        n_a = n
+    return mean_a, m2_a
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32  # the ops' numerics
+
+
+def _norm_forward(x, weight, bias, eps, norm, group):
+    """(N(x) in x's dtype, mean or None for RMSNorm, rstd): the statistics over every rank."""
+    xf = x.to(_compute_dtype(x))
+    k = xf.shape[-1]
+    if norm == "layer":
+        local_mean = xf.mean(-1)
+        local_m2 = (xf - local_mean.unsqueeze(-1)).square().sum(-1)
+        gathered = _all_gather(torch.stack([local_mean, local_m2]), group)
+        mean, m2 = chan_combine(gathered[:, 0], gathered[:, 1], k)
+    else:
+        m2 = xf.square().sum(-1)
+        _all_reduce(m2, group)
+        mean = None
+    rstd = torch.rsqrt(m2 / (k * dist.get_world_size(group)) + eps)
+    return _normalize(x, weight, bias, mean, rstd), mean, rstd
+
+
+def _normalize(x, weight, bias, mean, rstd):
+    xf = x.to(_compute_dtype(x))
+    xc = xf if mean is None else xf - mean.unsqueeze(-1)
+    y = xc * rstd.unsqueeze(-1) * weight.to(xf.dtype)
+    return (y if bias is None else y + bias.to(xf.dtype)).to(x.dtype)
+
+
+def _norm_backward(x, weight, mean, rstd, dy, group, has_bias):
+    """(dx, dweight, dbias or None) of the sharded norm: two row sums all-reduced (one for
+    RMSNorm); dweight and dbias this rank's own."""
+    xf = x.to(_compute_dtype(x))
+    xc = xf if mean is None else xf - mean.unsqueeze(-1)
+    xhat = xc * rstd.unsqueeze(-1)
+    dyf = dy.to(xf.dtype)
+    g = dyf * weight.to(xf.dtype)
+    if mean is None:
+        sums = (g * xhat).sum(-1, keepdim=True)
+    else:
+        sums = torch.stack([g.sum(-1), (g * xhat).sum(-1)], -1)
+    sums = sums.contiguous()
+    _all_reduce(sums, group)
+    sums = sums / (xf.shape[-1] * dist.get_world_size(group))
+    if mean is None:
+        dx = rstd.unsqueeze(-1) * (g - xhat * sums[..., :1])
+    else:
+        dx = rstd.unsqueeze(-1) * (g - sums[..., :1] - xhat * sums[..., 1:])
+    rows = tuple(range(dy.dim() - 1))
+    dweight = (dyf * xhat).sum(rows).to(weight.dtype)
+    dbias = dyf.sum(rows).to(weight.dtype) if has_bias else None
+    return dx.to(x.dtype), dweight, dbias
+
+
+class _ShardedNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, norm, group):
+        y, mean, rstd = _norm_forward(x, weight, bias, eps, norm, group)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.has_bias, ctx.group = bias is not None, group
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight, mean, rstd = ctx.saved_tensors
+        dx, dweight, dbias = _norm_backward(x, weight, mean, rstd, dy, ctx.group, ctx.has_bias)
+        return dx, dweight, dbias, None, None, None
+
+
+class _RowParallelNormLinear(torch.autograd.Function):
+    """``N(in_act(x)) @ weight^T`` with N over every rank's features (this rank's partial
+    product), saving x and the row statistics only, as the fused op does: the activation and
+    the normalised rows are recomputed in backward instead of kept."""
+
+    @staticmethod
+    def forward(ctx, x, ln_weight, ln_bias, weight, eps, norm, input_activation, group, backend):
+        a = x if input_activation is None else magneto_kernels.activation(x, input_activation)
+        h, mean, rstd = _norm_forward(a, ln_weight, ln_bias, eps, norm, group)
+        ctx.save_for_backward(x, ln_weight, ln_bias, weight, mean, rstd)
+        ctx.group, ctx.input_activation = group, input_activation
+        return magneto_kernels.ln_linear(h, None, None, weight, backend=backend)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        x, ln_weight, ln_bias, weight, mean, rstd = ctx.saved_tensors
+        act = ctx.input_activation
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(act is not None)
+            a = xg if act is None else magneto_kernels.activation(xg, act)
+        h = _normalize(a.detach(), ln_weight, ln_bias, mean, rstd)
+        dweight = (dout.flatten(0, -2).t() @ h.flatten(0, -2)).to(weight.dtype)
+        dh = (dout @ weight).to(x.dtype)
+        da, dln_weight, dln_bias = _norm_backward(
+            a.detach(), ln_weight, mean, rstd, dh, ctx.group, ln_bias is not None
+        )
+        dx = da if act is None else torch.autograd.grad(a, xg, da)[0]
+        return dx, dln_weight, dln_bias, dweight, None, None, None, None, None
+
+
+def row_parallel_norm_linear(
+    x: Tensor,
+    ln_weight: Tensor,
+    ln_bias: Optional[Tensor],
+    weight: Tensor,
+    eps: float,
+    norm: str,
+    input_activation: Optional[str],
+    group,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """This rank's partial ``N(in_act(x)) @ weight^T`` of a row-parallel projection, the norm
+    over features split across ``group`` (as ``sharded_norm``); x, weight and the row statistics
+    are all it keeps for backward."""
+    return _RowParallelNormLinear.apply(
+        x, ln_weight, ln_bias, weight, float(eps), norm, input_activation, group, backend
+    )
+
+
+def sharded_norm(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    eps: float,
+    norm: str,
+    group,
+) -> Tensor:
+    """LayerNorm (``norm="layer"``) or RMSNorm (``"rms"``) of rows whose features are split in
+    equal, consecutive shards over ``group`` (this rank's shard x, weight and bias)."""
+    if norm not in ("layer", "rms"):
+        raise ValueError(f"norm must be 'layer' or 'rms', got {norm!r}")
+    if weight.shape != x.shape[-1:]:
+        raise ValueError(f"weight must have shape {tuple(x.shape[-1:])}, got {tuple(weight.shape)}")
+    return _ShardedNorm.apply(x, weight, bias, float(eps), norm, group)
+
+
+def vocab_parallel_cross_entropy(
+    logits: Tensor, target: Tensor, group, ignore_index: int = -100
+) -> Tensor:
+    """Mean cross entropy of logits whose vocabulary is split in equal consecutive blocks over
+    ``group`` (this rank's block; ``target`` the whole vocabulary's ids), without gathering the
+    logits: three all-reduces of one float per row (the max, the sum of exponentials, the
+    target's logit). Every rank gets the same loss; the gradients reach each rank's block."""
+    rank, vocab = dist.get_rank(group), logits.shape[-1]
+    logits = logits.float()
+    shift = logits.detach().amax(-1)
+    _all_reduce(shift, group, dist.ReduceOp.MAX)
+    shifted = logits - shift.unsqueeze(-1)
+    sum_exp = reduce_from_parallel(shifted.exp().sum(-1), group)
+    local = target - rank * vocab
+    inside = (local >= 0) & (local < vocab)
+    picked = shifted.gather(-1, local.clamp(0, vocab - 1).unsqueeze(-1)).squeeze(-1)
+    target_logit = reduce_from_parallel(picked * inside, group)
+    keep = target != ignore_index
+    loss = (sum_exp.log() - target_logit) * keep
+    return loss.sum() / keep.sum()
+
+
+def vocab_parallel_argmax(logits: Tensor, group) -> Tensor:
+    """The whole vocabulary's argmax of logits split in equal consecutive blocks over ``group``
+    (the first one on ties, as ``argmax``): one all-gather of (max, index) per row."""
+    best, index = logits.float().max(-1)
+    index = index + dist.get_rank(group) * logits.shape[-1]
+    gathered = _all_gather(torch.stack([best, index.float()]), group)  # (world, 2, *rows)
+    rank = gathered[:, 0].argmax(0, keepdim=True)
+    return gathered[:, 1].gather(0, rank).squeeze(0).long()

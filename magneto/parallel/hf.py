@@ -1,0 +1,86 @@
+"""The tensor-parallel plan of Hugging Face's Sub-LN families and Llama: BitNet (dense
+projections), Kosmos-2's text model, Llama; patched by ``apply_magneto`` or not.
+
+Per decoder layer: q_proj, k_proj, v_proj column-parallel by heads (grouped-query attention: the
+key/value heads split like the query heads, so a rank's query heads read its own key/value
+heads), o_proj / out_proj row-parallel; gate_proj and up_proj (or fc1) column-parallel,
+down_proj (or fc2) row-parallel; the sub-norms (BitNet's ``attn_sub_norm`` and
+``ffn_sub_norm``, Kosmos-2's ``inner_attn_ln`` and ``ffn_layernorm``) sharded with the features
+they normalise. Attention and MLP forwards need no change: they reshape with ``-1`` heads and
+call the projection and norm modules, which are the shards. transformers' own ``tp_plan``
+(DTensor parameters behind hooks) is not composed with ``apply_magneto``: the fused ops take
+plain tensors. The projections run as modules (unfused); the fused entry points of the sharded
+norm are the next step (README, Limits).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from magneto.parallel.layers import ColumnParallelLinear, RowParallelLinear, ShardedNorm, head_rows
+from magneto.parallel.plan import _group
+
+_ATTENTION = (
+    ("q_proj", "k_proj", "v_proj"),
+    ("o_proj", "out_proj"),
+    ("attn_sub_norm", "inner_attn_ln"),
+)
+_MLP = (("gate_proj", "up_proj", "fc1"), ("down_proj", "fc2"), ("ffn_sub_norm", "ffn_layernorm"))
+
+
+def _present(module: nn.Module, names) -> list[str]:
+    return [n for n in names if isinstance(getattr(module, n, None), nn.Module)]
+
+
+def _shard_block(module, columns: dict, row: str, norm: list, out_index, rank, world, group):
+    for name, index in columns.items():
+        linear = getattr(module, name)
+        view = (linear.out_features, linear.in_features)
+        setattr(module, name, ColumnParallelLinear(linear, index, view, group))
+    linear = getattr(module, row)
+    view = (linear.out_features, linear.in_features)
+    setattr(module, row, RowParallelLinear(linear, out_index, view, group))
+    for name in norm:
+        setattr(module, name, ShardedNorm.of(getattr(module, name), out_index, group))
+
+
+def _attention(module: nn.Module, rank: int, world: int, group) -> None:
+    head_dim = module.head_dim
+    columns = {}
+    for name in _ATTENTION[0]:
+        heads = getattr(module, name).out_features // head_dim
+        if heads % world:
+            raise ValueError(f"{name}: {heads} heads do not divide by {world} ranks")
+        columns[name] = head_rows(heads, head_dim, 1, rank, world)
+    (row,) = _present(module, _ATTENTION[1])
+    norm = _present(module, _ATTENTION[2])
+    _shard_block(module, columns, row, norm, columns["q_proj"], rank, world, group)
+
+
+def _mlp(module: nn.Module, rank: int, world: int, group) -> None:
+    ups = _present(module, _MLP[0])
+    width = getattr(module, ups[0]).out_features
+    if width % world:
+        raise ValueError(f"{ups[0]}: {width} features do not divide by {world} ranks")
+    local = width // world
+    index = torch.arange(rank * local, (rank + 1) * local)
+    (row,) = _present(module, _MLP[1])
+    norm = _present(module, _MLP[2])
+    _shard_block(module, dict.fromkeys(ups, index), row, norm, index, rank, world, group)
+
+
+def tensor_parallelize_transformers(model: nn.Module, mesh, tp_dim=None) -> nn.Module:
+    """Shard a Llama, BitNet (dense) or Kosmos-2 text model in place over ``mesh`` (as
+    ``tensor_parallelize``) and return it. Every rank must hold the same parameters before."""
+    group = _group(mesh, tp_dim)
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    blocks = list(model.modules())
+    with torch.no_grad():
+        for module in blocks:
+            if len(_present(module, _ATTENTION[0])) == 3 and _present(module, _ATTENTION[1]):
+                _attention(module, rank, world, group)
+            elif _present(module, _MLP[0]) and _present(module, _MLP[1]):
+                _mlp(module, rank, world, group)
+    return model
