@@ -26,7 +26,7 @@ LAYERS = 2
 
 
 def _llama_like(config_cls, model_cls, **overrides):
-    config = config_cls(
+    settings = dict(
         vocab_size=VOCAB,
         hidden_size=64,
         intermediate_size=128,
@@ -35,9 +35,8 @@ def _llama_like(config_cls, model_cls, **overrides):
         num_key_value_heads=2,
         max_position_embeddings=64,
         pad_token_id=0,
-        **overrides,
     )
-    return model_cls(config)
+    return model_cls(config_cls(**{**settings, **overrides}))
 
 
 def llama(**overrides):
