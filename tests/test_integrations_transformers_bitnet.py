@@ -180,3 +180,27 @@ def test_weights_changed_in_place_are_packed_again():
     tokens = ids()
     with torch.no_grad():
         close(model(tokens).logits, reference(tokens).logits, what="logits")
+
+
+def test_peft_lora_on_quantised_projections_falls_back(fused_calls, caplog):
+    """PEFT LoRA around online AutoBitLinear projections: those run PEFT's forward on the norm
+    module's output, named in the warning; the others stay fused; logits as unpatched."""
+    peft = pytest.importorskip("peft")
+    lora = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0)
+    base = _quantised("online")
+    reference = peft.get_peft_model(copy.deepcopy(base), copy.deepcopy(lora))
+    model = peft.get_peft_model(base, lora)
+    for name, p in reference.named_parameters():  # LoRA's B starts at zero: move it off
+        if "lora_B" in name:
+            torch.manual_seed(len(name))
+            p.data.normal_()
+    model.load_state_dict(reference.state_dict())
+    with caplog.at_level(logging.WARNING, logger=mt.__name__):
+        mt.apply_magneto(model)
+    assert "self_attn.q_proj (Linear)" in caplog.text  # PEFT's lora.Linear
+    tokens = ids()
+    with torch.no_grad():
+        out = model(input_ids=tokens).logits
+        expected = reference(input_ids=tokens).logits
+    assert fused_calls.count == LAYERS * (FUSED_PER_LAYER - 2)  # q and v fall back
+    close(out, expected, what="logits")
