@@ -13,7 +13,7 @@ STAMPS := .stamps/$(subst /,_,$(shell command -v $(PYTHON)))
 EXT_SOURCES := setup.py $(shell find csrc -type f)
 PYTEST := TRITON_INTERPRET=1 $(PYTHON) -m pytest
 CPU_SUITE := tests/test_ops_cpu.py tests/test_ops.py tests/test_group.py tests/test_ops_edges.py \
-	tests/test_ops_properties.py -k cpu
+	tests/test_ops_properties.py tests/test_quant_op.py -k cpu
 
 .PHONY: setup report test quick lint format cuda-check bench bench-cpu bench-isa gpu-check clean
 

@@ -97,7 +97,7 @@ def cases(rows: int, width: int, out_features: int, grad: bool) -> dict[str, dic
 
 
 def ln_linear_raw(op, x, g, b, w, wb):
-    return op(x, g, b, w, wb, None, None, EPS, "layer", "none", "none", 1.0, 0.0)
+    return op(x, g, b, w, wb, None, None, EPS, "layer", "none", "none", 1.0, 0.0, "none", None)
 
 
 def per_call_us(fn, calls: int) -> float:

@@ -196,6 +196,7 @@ struct LnLinearFormula {
     ctx->saved_data["dropout_p"] = c.dropout_p;
     ctx->saved_data["has_bias"] = c.bias.has_value();
     ctx->saved_data["has_residual"] = c.residual.has_value();
+    ctx->saved_data["quant"] = std::string(c.quant);
     ctx->mark_non_differentiable({mean, rstd, preact});
   }
 
@@ -215,7 +216,7 @@ struct LnLinearFormula {
               grad_out, x, optional_of(ln_weight), optional_of(ln_bias), weight, saved[4],
               saved[5], saved[6], optional_of(saved[7]), data["norm"].toStringRef(),
               data["input_activation"].toStringRef(), data["activation"].toStringRef(),
-              data["dropout_p"].toDouble(), mask);
+              data["dropout_p"].toDouble(), mask, data["quant"].toStringRef());
       result = {wanted(dx, mask[0]),      wanted(dln_weight, mask[1]), wanted(dln_bias, mask[2]),
                 wanted(dweight, mask[3]), wanted(dbias, mask[4]),      Tensor()};
     }

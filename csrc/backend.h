@@ -70,6 +70,11 @@ struct LnLinearArgs {
   Activation activation = Activation::kNone;
   double alpha = 1.0;
   double dropout_p = 0.0;
+  // Quant::kNone, or BitNet's quantised projection (common.h; norm kRms or kNone, no output
+  // activation, no dropout): weight the master weight (online), or packed (offline modes:
+  // (out_features, in_features / 4) uint8, common.h's layout) with weight_scale (1,) float32.
+  Quant quant = Quant::kNone;
+  OptTensor weight_scale;
 };
 
 // out: (rows, out_features); preact the GEMM output before the activation, (rows, out_features)
@@ -89,6 +94,7 @@ struct LnLinearBackwardArgs {
   Activation input_activation = Activation::kNone;
   Activation activation = Activation::kNone;
   double dropout_p = 0.0;
+  Quant quant = Quant::kNone;  // kNone or kBitnetOnline (the offline modes have no backward)
 };
 
 // dx is (rows, x_cols); a backend may replace it by a tensor of its own (dh itself when the

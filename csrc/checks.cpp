@@ -107,6 +107,14 @@ Activation parse_input_activation(std::string_view name) {
   return Activation::kNone;
 }
 
+Quant parse_quant(std::string_view name) {
+  const std::optional<Quant> quant = find_code(kQuants, name);
+  if (quant.has_value()) return *quant;
+  TORCH_CHECK_VALUE(false, "quant must be one of ", quoted_names(kQuants, ", "), ", got '", name,
+                    "'");
+  return Quant::kNone;
+}
+
 // ---------------------------------------------------------------------------------- tensors
 
 // x, (*, features): what every other tensor is checked against.
@@ -197,6 +205,18 @@ int64_t in_features_of(const Tensor& x, Activation input_activation, std::string
   return features / 2;
 }
 
+// The offline modes' packed weight (common.h's layout): (out_features, in_features / 4) uint8.
+void check_packed_weight(const Tensor& weight, const Tensor& x, int64_t in_features,
+                         std::string_view quant) {
+  TORCH_CHECK_VALUE(in_features % kQuantPackUnit == 0, "quant='", quant,
+                    "' needs in_features a multiple of ", kQuantPackUnit, ", got ", in_features);
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == in_features / 4,
+                    "weight must have shape (out_features, ", in_features / 4,
+                    ") for quant='", quant, "' (packed: magneto_kernels.quant.pack), got ",
+                    py_shape(weight.sizes()));
+  check_like(weight, "weight", x, weight.sizes(), at::kByte);
+}
+
 void check_weight(const Tensor& weight, const Tensor& x, int64_t in_features) {
   TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == in_features,
                     "weight must have shape (out_features, ", in_features, "), got ",
@@ -232,6 +252,7 @@ OptTensor contiguous(const OptTensor& t) {
 struct LnLinearCodes {
   Norm norm;
   Activation input_activation, activation;
+  Quant quant;
 };
 
 template <class Call>
@@ -239,12 +260,25 @@ LnLinearCodes check_ln_linear_common(const Call& call) {
   check_input(call.x);
   const LnLinearCodes codes{parse_norm(call.norm, true),
                             parse_input_activation(call.input_activation),
-                            parse_activation(call.activation)};
+                            parse_activation(call.activation), parse_quant(call.quant)};
   const int64_t in_features =
       in_features_of(call.x, codes.input_activation, call.input_activation);
   check_norm_params(call.ln_weight, call.ln_bias, codes.norm, call.x, "ln_weight", "ln_bias",
                     in_features);
-  check_weight(call.weight, call.x, in_features);
+  if (codes.quant != Quant::kNone) {
+    TORCH_CHECK_VALUE(codes.norm != Norm::kLayer &&
+                          (codes.input_activation == Activation::kNone ||
+                           codes.input_activation == Activation::kRelu2Glu) &&
+                          codes.activation == Activation::kNone,
+                      "quant='", call.quant,
+                      "' takes norm='rms' or no norm, input_activation 'none' or 'relu2_glu' and "
+                      "no output activation (BitNet's)");
+  }
+  if (is_offline(codes.quant)) {
+    check_packed_weight(call.weight, call.x, in_features, call.quant);
+  } else {
+    check_weight(call.weight, call.x, in_features);
+  }
   return codes;
 }
 
@@ -289,7 +323,7 @@ NormBackwardArgs parse(const schema::LayerNormBackward& call) {
 
 LnLinearArgs parse(const schema::LnLinear& call) {
   const Tensor& x = call.x;
-  const auto [norm, input_activation, activation] = check_ln_linear_common(call);
+  const auto [norm, input_activation, activation, quant] = check_ln_linear_common(call);
   const int64_t out_features = call.weight.size(0);
   if (call.bias.has_value()) check_like(*call.bias, "bias", x, {out_features});
   if (call.residual.has_value()) {
@@ -297,6 +331,19 @@ LnLinearArgs parse(const schema::LnLinear& call) {
   }
   check_dropout(call.seed, call.dropout_p, x);
   check_eps(call.eps);
+  if (quant != Quant::kNone) {
+    TORCH_CHECK_VALUE(call.dropout_p == 0.0, "quant='", call.quant, "' takes no dropout");
+  }
+  OptTensor weight_scale;
+  if (is_offline(quant)) {
+    TORCH_CHECK_VALUE(call.weight_scale.has_value(), "quant='", call.quant,
+                      "' needs weight_scale, a tensor of shape (1,)");
+    check_param(call.weight_scale, "weight_scale", x, 1);
+    weight_scale = call.weight_scale->to(at::kFloat).contiguous();
+  } else {
+    TORCH_CHECK_VALUE(!call.weight_scale.has_value(), "weight_scale must be None for quant='",
+                      call.quant, "'");
+  }
   return {as_rows(x),
           contiguous(call.ln_weight),
           contiguous(call.ln_bias),
@@ -309,12 +356,17 @@ LnLinearArgs parse(const schema::LnLinear& call) {
           input_activation,
           activation,
           call.alpha,
-          call.dropout_p};
+          call.dropout_p,
+          quant,
+          weight_scale};
 }
 
 LnLinearBackwardArgs parse(const schema::LnLinearBackward& call) {
   const Tensor& x = call.x;
-  const auto [norm, input_activation, activation] = check_ln_linear_common(call);
+  const auto [norm, input_activation, activation, quant] = check_ln_linear_common(call);
+  TORCH_CHECK_NOT_IMPLEMENTED(!is_offline(quant), "ln_linear: quant='", call.quant,
+                              "' has no backward (inference only); train with "
+                              "quant='bitnet_online'");
   const std::vector<int64_t> out_shape = rows_shape(x, call.weight.size(0));
   check_like(call.grad_out, "grad_out", x, out_shape);
   check_stats(call.mean, call.rstd, norm, x);
@@ -332,7 +384,8 @@ LnLinearBackwardArgs parse(const schema::LnLinearBackward& call) {
           norm,
           input_activation,
           activation,
-          call.dropout_p};
+          call.dropout_p,
+          quant};
 }
 
 }  // namespace magneto

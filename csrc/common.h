@@ -33,6 +33,20 @@ enum class Activation : int {
 };
 inline constexpr int kGatedBit = 16;
 enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+// ln_linear's quantised projection (BitNet b1.58; magneto_kernels/quant.py has the formula):
+// none, AutoBitLinear with master weights (fake-quantised, straight-through backward), with
+// stored ternary weights times weight_scale, and BitLinear (divided by weight_scale).
+enum class Quant : int { kNone = 0, kBitnetOnline = 1, kBitnetOffline = 2, kBitlinear = 3 };
+// The offline modes' packed weight: (out_features, in_features / 4) uint8, in_features a multiple
+// of kQuantPackUnit; in each block of 128 k (32 bytes), byte b holds the codes c = t + 1 of
+// k = 32·i + b at bits 2i..2i+1, i = 0..3, so that shifting a 32-byte load by 2i and masking
+// gives 32 consecutive codes (csrc/cpu/quant.h).
+inline constexpr int kQuantPackUnit = 128;
+
+// The modes whose weight is packed (inference only: no backward).
+MAGNETO_HOST_DEVICE constexpr bool is_offline(Quant q) {
+  return q == Quant::kBitnetOffline || q == Quant::kBitlinear;
+}
 
 template <typename Code>
 struct NameCode {
@@ -44,6 +58,13 @@ inline constexpr NameCode<Norm> kNorms[] = {
     {"layer", Norm::kLayer},
     {"rms", Norm::kRms},
     {"none", Norm::kNone},
+};
+
+inline constexpr NameCode<Quant> kQuants[] = {
+    {"none", Quant::kNone},
+    {"bitnet_online", Quant::kBitnetOnline},
+    {"bitnet_offline", Quant::kBitnetOffline},
+    {"bitlinear", Quant::kBitlinear},
 };
 
 inline constexpr NameCode<Activation> kActivations[] = {

@@ -180,8 +180,9 @@ void def_typed_calls(pybind11::module_& m) {
 // ------------------------------------------------------------------------------------ tables
 
 pybind11::dict codes() {
-  pybind11::dict norms, activations, gated_activations, philox;
+  pybind11::dict norms, activations, gated_activations, philox, quants;
   for (const auto& entry : kNorms) norms[entry.name] = static_cast<int>(entry.code);
+  for (const auto& entry : kQuants) quants[entry.name] = static_cast<int>(entry.code);
   for (const auto& entry : kActivations) activations[entry.name] = static_cast<int>(entry.code);
   for (const auto& entry : kGatedActivations) {
     for (const auto& gate : kActivations) {
@@ -198,6 +199,8 @@ pybind11::dict codes() {
   out["activations"] = activations;
   out["gated_activations"] = gated_activations;
   out["philox"] = philox;
+  out["quants"] = quants;
+  out["quant_pack_unit"] = kQuantPackUnit;
   out["families"] = pybind11::make_tuple(kNative, kTriton);
   return out;
 }

@@ -67,7 +67,7 @@ struct LnLinear {
   using Signature = std::tuple<Tensor, Tensor, Tensor, Tensor>(
       const Tensor&, const OptTensor&, const OptTensor&, const Tensor&, const OptTensor&,
       const OptTensor&, const OptTensor&, double, std::string_view, std::string_view,
-      std::string_view, double, double);
+      std::string_view, double, double, std::string_view, const OptTensor&);
   const Tensor& x;
   const OptTensor& ln_weight;
   const OptTensor& ln_bias;
@@ -81,6 +81,8 @@ struct LnLinear {
   std::string_view activation;
   double alpha;
   double dropout_p;
+  std::string_view quant;
+  const OptTensor& weight_scale;
 };
 
 struct LnLinearBackward {
@@ -88,7 +90,7 @@ struct LnLinearBackward {
   using Signature = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
       const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const Tensor&,
       const Tensor&, const Tensor&, const Tensor&, const OptTensor&, std::string_view,
-      std::string_view, std::string_view, double, const c10::List<bool>&);
+      std::string_view, std::string_view, double, const c10::List<bool>&, std::string_view);
   const Tensor& grad_out;
   const Tensor& x;
   const OptTensor& ln_weight;
@@ -103,6 +105,7 @@ struct LnLinearBackward {
   std::string_view activation;
   double dropout_p;
   const c10::List<bool>& output_mask;
+  std::string_view quant;
 };
 
 }  // namespace schema

@@ -15,7 +15,13 @@ import torch
 from torch import Tensor
 
 from magneto_kernels.backends import KERNEL_DTYPES
-from magneto_kernels.codes import ACTIVATIONS, GATED_ACTIVATIONS, NORMS
+from magneto_kernels.codes import (
+    ACTIVATIONS,
+    GATED_ACTIVATIONS,
+    NORMS,
+    QUANT_PACK_UNIT,
+    QUANTS,
+)
 from magneto_kernels.library import SIGNATURES
 
 _NUMBER_TYPES = (int, float)
@@ -72,6 +78,11 @@ def _input_activation(name: str) -> None:
     if name not in ACTIVATIONS and name not in GATED_ACTIVATIONS:
         names = _quoted([*ACTIVATIONS, *GATED_ACTIVATIONS], ", ")
         raise ValueError(f"input_activation must be one of {names}, got {name!r}")
+
+
+def _quant(name: str) -> None:
+    if name not in QUANTS:
+        raise ValueError(f"quant must be one of {_quoted(QUANTS, ', ')}, got {name!r}")
 
 
 # ---------------------------------------------------------------------------------- tensors
@@ -171,15 +182,45 @@ def _weight(weight: Tensor, x: Tensor, in_features: int) -> None:
     _like(weight, "weight", x, weight.shape)
 
 
+_OFFLINE = ("bitnet_offline", "bitlinear")
+
+
+def _packed_weight(weight: Tensor, x: Tensor, in_features: int, quant: str) -> None:
+    """The offline modes' packed weight (``quant.pack``): (out_features, in_features / 4)."""
+    if in_features % QUANT_PACK_UNIT:
+        raise ValueError(
+            f"quant={quant!r} needs in_features a multiple of {QUANT_PACK_UNIT}, got {in_features}"
+        )
+    if weight.dim() != 2 or weight.shape[1] != in_features // 4:
+        raise ValueError(
+            f"weight must have shape (out_features, {in_features // 4}) for quant={quant!r}"
+            f" (packed: magneto_kernels.quant.pack), got {_shape(weight.shape)}"
+        )
+    _like(weight, "weight", x, weight.shape, torch.uint8)
+
+
 def _ln_linear_common(a, reference: bool) -> None:
     """What ln_linear and its backward share: x, the names, the norm's parameters, the weight."""
     _input(a.x, reference)
     _norm(a.norm, True)
     _input_activation(a.input_activation)
     _activation(a.activation)
+    _quant(a.quant)
     in_features = _in_features(a.x, a.input_activation)
     _norm_params(a.ln_weight, a.ln_bias, a.norm, a.x, "ln_weight", "ln_bias", in_features)
-    _weight(a.weight, a.x, in_features)
+    if a.quant != "none" and (
+        a.norm == "layer"
+        or a.input_activation not in ("none", "relu2_glu")
+        or a.activation != "none"
+    ):
+        raise ValueError(
+            f"quant={a.quant!r} takes norm='rms' or no norm, input_activation 'none' or"
+            " 'relu2_glu' and no output activation (BitNet's)"
+        )
+    if a.quant in _OFFLINE:
+        _packed_weight(a.weight, a.x, in_features, a.quant)
+    else:
+        _weight(a.weight, a.x, in_features)
 
 
 def _output_mask(mask, n: int) -> None:
@@ -233,6 +274,14 @@ def ln_linear(*args, reference: bool = False):
         _like(a.residual, "residual", x, (*x.shape[:-1], out_features))
     _dropout(a.seed, a.dropout_p, x)
     _eps(a.eps)
+    if a.quant != "none" and a.dropout_p != 0.0:
+        raise ValueError(f"quant={a.quant!r} takes no dropout")
+    if a.quant in _OFFLINE:
+        if a.weight_scale is None:
+            raise ValueError(f"quant={a.quant!r} needs weight_scale, a tensor of shape (1,)")
+        _param(a.weight_scale, "weight_scale", x, 1)
+    elif a.weight_scale is not None:
+        raise ValueError(f"weight_scale must be None for quant={a.quant!r}")
     return a
 
 
@@ -240,6 +289,11 @@ def ln_linear_backward(*args):
     a = _bind("ln_linear_backward", args)
     x = a.x
     _ln_linear_common(a, False)
+    if a.quant in _OFFLINE:
+        raise NotImplementedError(
+            f"ln_linear: quant={a.quant!r} has no backward (inference only); train with"
+            " quant='bitnet_online'"
+        )
     out_shape = (*x.shape[:-1], a.weight.shape[0])
     _like(a.grad_out, "grad_out", x, out_shape)
     _stats(a.mean, a.rstd, a.norm, x)

@@ -15,6 +15,15 @@ import torch
 NORMS = {"layer": 0, "rms": 1, "none": 2}
 """Norm -> kernel code. "none": no norm (``ln_linear`` with ``ln_weight=None``)."""
 
+QUANTS = {"none": 0, "bitnet_online": 1, "bitnet_offline": 2, "bitlinear": 3}
+"""ln_linear's quantised projection -> kernel code (``quant.py`` has BitNet b1.58's formula):
+none; ``AutoBitLinear`` with master weights (training); with stored ternary weights and
+``weight_scale``; ``BitLinear``. The offline two take the weight packed (``quant.pack``)."""
+
+QUANT_PACK_UNIT = 128
+"""The offline modes' in_features must be a multiple of this: the packed weight's block of 128
+codes, 32 bytes (``quant.pack`` has the layout)."""
+
 ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4, "relu2": 5}
 """Activation -> kernel code, for ``activation`` and ``input_activation`` alike. relu2 is
 ``relu(x)²`` (Primer; BitNet's FFN)."""

@@ -74,7 +74,7 @@ class _Group(torch.autograd.Function):
         for w, b in zip(weights, has_bias):
             y, mean, rstd, _ = call(
                 x, ln_weight, ln_bias, w, next(present) if b else None,
-                None, None, eps, norm, "none", "none", 1.0, 0.0,
+                None, None, eps, norm, "none", "none", 1.0, 0.0, "none", None,
             )  # fmt: skip
             outs.append(y)
         ctx.save_for_backward(x, ln_weight, ln_bias, mean, rstd, *weights)

@@ -56,12 +56,13 @@ SCHEMAS = {
         "(Tensor x, Tensor? ln_weight, Tensor? ln_bias, Tensor weight, Tensor? bias=None, "
         'Tensor? residual=None, Tensor? seed=None, float eps=1e-05, str norm="layer", '
         'str input_activation="none", str activation="none", float alpha=1., '
-        "float dropout_p=0.) -> (Tensor, Tensor, Tensor, Tensor)"
+        'float dropout_p=0., str quant="none", Tensor? weight_scale=None) '
+        "-> (Tensor, Tensor, Tensor, Tensor)"
     ),
     "ln_linear_backward": (
         "(Tensor grad_out, Tensor x, Tensor? ln_weight, Tensor? ln_bias, Tensor weight, "
         "Tensor mean, Tensor rstd, Tensor preact, Tensor? seed, str norm, str input_activation, "
-        "str activation, float dropout_p, bool[] output_mask) "
+        'str activation, float dropout_p, bool[] output_mask, str quant="none") '
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
     ),
 }

@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from magneto_kernels import autocast, checks, reference
+from magneto_kernels import autocast, checks, quant, reference
 from magneto_kernels.backends import ENV_VAR, EXTENSION, FAMILY, cached_backend, resolve_backend
 from magneto_kernels.codes import ACTIVATION_ALIASES, canonical_activation
 from magneto_kernels.library import get_op
@@ -51,6 +51,21 @@ def _add_layer_norm_reference(*args):
 
 def _ln_linear_reference(*args):
     a = checks.ln_linear(*autocast.cast_if_enabled("ln_linear", args), reference=True)
+    if a.quant != "none":
+        offline = a.quant in quant.OFFLINE_MODES
+        out = quant.ln_linear_bitnet(
+            a.x,
+            a.ln_weight,
+            quant.unpack(a.weight, a.x.dtype) if offline else a.weight,
+            a.bias,
+            quant=a.quant,
+            weight_scale=a.weight_scale,
+            eps=a.eps,
+            input_activation=None if a.input_activation == "none" else a.input_activation,
+            residual=a.residual,
+            alpha=a.alpha,
+        )
+        return (out,)
     out = reference.ln_linear(
         a.x,
         a.ln_weight,
@@ -185,6 +200,8 @@ def ln_linear(
     residual: Optional[Tensor] = None,
     alpha: float = 1.0,
     dropout_p: float = 0.0,
+    quant: str = "none",
+    weight_scale: Optional[Tensor] = None,
     backend: Optional[str] = None,
 ) -> Tensor:
     """``alpha·residual + dropout(act(N(in_act(x)) @ weight.T + bias))``, fused.
@@ -197,6 +214,14 @@ def ln_linear(
     "relu2_glu"), when x is ``[gate | up]``, twice in_features wide, and
     ``in_act(x) = act(gate)·up``. Only x is saved for the backward: the gated product is
     recomputed. Pass ``dropout_p=0`` outside training.
+
+    ``quant`` (``codes.QUANTS``) makes the projection BitNet b1.58's, as transformers computes
+    it (``quant.py``; RMSNorm or no norm, input activation none or relu2_glu): "bitnet_online"
+    (AutoBitLinear with master weights: weight and activations fake-quantised,
+    straight-through backward), "bitnet_offline" (AutoBitLinear with ternary weights, times
+    ``weight_scale``) and "bitlinear" (BitLinear, divided by ``weight_scale``); the offline two
+    take the weight packed by ``quant.pack`` and ``weight_scale`` of shape (1,), run integer
+    kernels on the cpu backend and have no backward.
     """
     if norm != "layer" and norm != "rms":
         raise ValueError(f"norm must be 'layer' or 'rms', got {norm!r}")
@@ -214,6 +239,8 @@ def ln_linear(
         ACTIVATION_ALIASES.get(activation, activation),
         alpha,
         dropout_p,
+        quant,
+        weight_scale,
     )
     try:
         return _entry("ln_linear", backend, x)(*args)[0]

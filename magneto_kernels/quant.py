@@ -28,14 +28,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from magneto_kernels.codes import QUANT_PACK_UNIT, QUANTS
+
 ACT_EPS = 1e-5
 """transformers' clamp of the per-token absmax (``ActQuant``, ``BitLinear.activation_quant``)."""
 WEIGHT_EPS = 1e-5
 """transformers' clamp of the per-tensor absmean (``WeightQuant``)."""
 QMAX = 127
-QUANT_MODES = ("bitnet_online", "bitnet_offline", "bitlinear")
+QUANT_MODES = tuple(q for q in QUANTS if q != "none")
 """``AutoBitLinear`` with master weights (training), with stored ternary weights and
 ``weight_scale`` (the 2B-4T checkpoint), and ``BitLinear`` (packed 2-bit weights)."""
+OFFLINE_MODES = ("bitnet_offline", "bitlinear")
+"""The modes whose ``ln_linear`` weight is packed (``pack``): inference only."""
 
 
 def act_codes(h: Tensor) -> tuple[Tensor, Tensor]:
@@ -129,6 +133,42 @@ def _bitlinear(h: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[T
     y = F.linear(q.to(weight.dtype), weight)
     y = (y.float() / (weight_scale.float() * s.to(h.dtype).float())).to(y.dtype)
     return y if bias is None else y + bias.view(1, -1).expand_as(y)
+
+
+def pack(ternary: Tensor) -> Tensor:
+    """The offline modes' packed weight, the layout the kernels read (``csrc/common.h``): a
+    ternary (out_features, in_features) weight, in_features a multiple of ``QUANT_PACK_UNIT``
+    (128), as (out_features, in_features / 4) uint8. In each block of 128 k (32 bytes), byte b
+    holds the codes c = t + 1 of k = 32·i + b at bits 2i..2i+1 (i = 0..3): a 32-byte load
+    shifted by 2i and masked gives 32 consecutive codes, against one 32-byte load of the int8
+    activation row. ValueError naming the problem for other widths or non-ternary values."""
+    out_features, in_features = ternary.shape
+    if in_features % QUANT_PACK_UNIT:
+        raise ValueError(
+            f"in_features must be a multiple of {QUANT_PACK_UNIT} to pack, got {in_features}"
+        )
+    if not bool(((ternary == -1) | (ternary == 0) | (ternary == 1)).all()):
+        raise ValueError("the weight to pack is not ternary (values other than -1, 0, 1)")
+    codes = (ternary.to(torch.int16) + 1).to(torch.uint8)
+    codes = codes.reshape(out_features, in_features // QUANT_PACK_UNIT, 4, 32)
+    packed = codes[:, :, 0] | codes[:, :, 1] << 2 | codes[:, :, 2] << 4 | codes[:, :, 3] << 6
+    return packed.reshape(out_features, in_features // 4).contiguous()
+
+
+def unpack(packed: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The ternary (out_features, in_features) weight of ``pack``'s layout, in ``dtype``."""
+    out_features = packed.shape[0]
+    blocks = packed.reshape(out_features, -1, 1, 32)
+    codes = torch.cat([(blocks >> (2 * i)) & 3 for i in range(4)], dim=2)
+    return codes.reshape(out_features, -1).to(dtype) - 1
+
+
+def unpack_hf(packed: Tensor, out_features: int) -> Tensor:
+    """The ternary weight (int8) of transformers' packed ``BitLinear`` layout, an input format:
+    (ceil(out_features / 4), in_features) uint8, packed row r holding output rows
+    r + i·ceil(out_features / 4) at bits 2i..2i+1 as codes t + 1."""
+    codes = torch.cat([(packed >> (2 * i)) & 3 for i in range(4)], dim=0)
+    return codes[:out_features].to(torch.int8) - 1
 
 
 def float64_codes(h: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:

@@ -33,3 +33,8 @@ def test_op_families_match():
     from magneto_kernels.backends import FAMILY
 
     assert set(_C.codes()["families"]) == set(FAMILY.values())
+
+
+def test_quant_codes_match():
+    assert _C.codes()["quants"] == codes.QUANTS
+    assert _C.codes()["quant_pack_unit"] == codes.QUANT_PACK_UNIT

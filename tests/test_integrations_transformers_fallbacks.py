@@ -31,7 +31,8 @@ class _UnknownLinear(nn.Linear):
 
 
 def test_packed_bitlinear_projection_stays_unfused(caplog, fused_calls):
-    """BitLinear (packed 2-bit weights) has no adapter: it runs as its module, named."""
+    """BitLinear (packed 2-bit weights) whose in_features is not a multiple of the offline
+    kernels' packing unit (128): it runs as its module, named with the reason."""
     from transformers.integrations.bitnet import BitLinear, pack_weights
 
     torch.manual_seed(0)
@@ -44,7 +45,10 @@ def test_packed_bitlinear_projection_stays_unfused(caplog, fused_calls):
     reference = copy.deepcopy(model)
     with caplog.at_level(logging.WARNING, logger=mt.__name__):
         mt.apply_magneto(model)
-    assert "model.layers.0.self_attn.q_proj (BitLinear)" in caplog.text
+    assert (
+        "model.layers.0.self_attn.q_proj (BitLinear: in_features 64 is not a multiple of 128)"
+        in caplog.text
+    )
     tokens = ids()
     close(model(tokens).logits, reference(tokens).logits, what="logits")
     assert fused_calls.count == LAYERS * FUSED_PER_LAYER["bitnet"]  # k/v still one group

@@ -18,6 +18,11 @@
 //             one pass over x: dx = norm backward of dh ⊙ in_act'(x), dgamma/dbeta partials,
 //                              and h recomputed from the saved stats (the sweep already reads x)
 //             dweight = dz^T @ h
+// BitNet's quantised projection (LnLinearArgs::quant): online, the same passes with the weight
+// and h fake-quantised (ATen: transformers' WeightQuant / ActQuant steps, straight-through in the
+// backward, which quantises the recomputed h again for dweight); offline, h's rows quantised to
+// int8 once and dotted against the packed weight (quantize_rows, quant_linear), then the same
+// output pass.
 // A gated input activation makes x 2·K wide (x = [gate | up]); h, dh, the norm and the GEMMs
 // stay K wide, and only the norm passes read x (and write dx) at 2·K.
 #include <algorithm>
@@ -150,6 +155,59 @@ void prologue(const LnLinearArgs& a, const Tensor& x, const Tensor& h, const Ten
                         {h, Tensor(), mean, rstd});
 }
 
+// transformers' WeightQuant: t/s_w in W's dtype, s_w = 1 / mean|W| (float32).
+Tensor fake_quant_weight(const Tensor& weight) {
+  const Tensor w = weight.to(at::kFloat);
+  const Tensor s = w.abs().mean().clamp_min(1e-5).reciprocal();
+  return ((w * s).round().clamp(-1, 1) / s).to(weight.scalar_type());
+}
+
+// transformers' ActQuant on rows of h: q/s in h's dtype, s = 127 / max|h_row| (float32), into
+// h itself when `in_place`, else into a new tensor (h is then x, which is not ours to write).
+Tensor fake_quant_rows(const Tensor& h, bool in_place) {
+  const Tensor f = h.to(at::kFloat);
+  const Tensor s = 127.0 / f.abs().amax(-1, /*keepdim=*/true).clamp_min(1e-5);
+  const Tensor fake = (f * s).round().clamp(-128, 127) / s;
+  return in_place ? h.copy_(fake) : fake.to(h.scalar_type());
+}
+
+// The offline modes' preact (kernels.h, quant_linear) for all rows: h = N(in_act(x)) into the
+// workspace (or allocated when it does not fit), its int8 rows, the integer projection.
+Tensor offline_projection(const LnLinearArgs& a, const Tensor& mean, const Tensor& rstd) {
+  const Tensor& x = a.x;
+  const int64_t rows = x.size(0), in_features = norm_cols(x, a.input_activation);
+  const int64_t out_features = a.weight.size(0);
+  Tensor h = x;
+  if (a.norm != Norm::kNone || a.input_activation != Activation::kNone) {
+    h = workspace_block_rows(x, rows, in_features, rows) == rows
+            ? workspace(x, rows, in_features)
+            : new_tensor({rows, in_features}, x.options());
+    prologue(a, x, h, mean, rstd);
+  }
+  const Tensor q = at::empty({rows, in_features}, x.options().dtype(at::kChar));
+  const Tensor q_sum = at::empty({rows}, x.options().dtype(at::kInt));
+  const Tensor scale = at::empty({rows}, x.options().dtype(at::kFloat));
+  const DType dtype = dtype_code(x.scalar_type());
+  quantize_rows({dtype, rows, in_features, h.data_ptr(), q.data_ptr<int8_t>(),
+                 q_sum.data_ptr<int32_t>(), scale.data_ptr<float>()});
+  Tensor preact = new_tensor({rows, out_features}, x.options());
+  QuantLinear l;
+  l.dtype = dtype;
+  l.quant = a.quant;
+  l.rows = rows;
+  l.in_features = in_features;
+  l.out_features = out_features;
+  l.q = q.data_ptr<int8_t>();
+  l.q_sum = q_sum.data_ptr<int32_t>();
+  l.scale = scale.data_ptr<float>();
+  l.weight = a.weight.data_ptr<uint8_t>();
+  l.weight_scale = a.weight_scale->item<float>();
+  l.bias = a.bias.has_value() ? a.bias->data_ptr() : nullptr;
+  l.preact = preact.data_ptr();
+  quant_linear(l);
+  return preact;
+}
+
 }  // namespace
 
 void Kernels::norm_forward(const NormArgs& args, const NormOutputs& out) {
@@ -200,9 +258,13 @@ void Kernels::ln_linear(const LnLinearArgs& a, LnLinearOutputs& out) {
     return block_rows > 0 ? workspace(x, count, in_features)
                           : new_tensor({count, in_features}, x.options());
   };
+  const bool online = a.quant == Quant::kBitnetOnline;
+  const Tensor weight = online ? fake_quant_weight(a.weight) : a.weight;
   Tensor preact;
   bool residual_added = false;
-  if (identity_prologue || block == rows) {
+  if (is_offline(a.quant)) {
+    preact = offline_projection(a, out.mean, out.rstd);
+  } else if (identity_prologue || block == rows) {
     // One GEMM with the bias in its epilogue: preact = h W^T + b. The residual comes in the pass
     // over preact below: accumulating into an output filled with alpha·residual + b instead
     // makes the GEMM read it, which costs more than the extra pass (docs/design.md, Decisions).
@@ -211,7 +273,8 @@ void Kernels::ln_linear(const LnLinearArgs& a, LnLinearOutputs& out) {
       h = operand(rows);
       prologue(a, x, h, out.mean, out.rstd);
     }
-    preact = gemm::linear(h, a.weight, a.bias);
+    if (online) h = fake_quant_rows(h, !identity_prologue);
+    preact = gemm::linear(h, weight, a.bias);
   } else {
     // h = N(in_act(x)) block by block, each block followed by its GEMM, accumulating into
     // preact = alpha·residual + bias (either optional; the residual only when nothing follows
@@ -226,12 +289,13 @@ void Kernels::ln_linear(const LnLinearArgs& a, LnLinearOutputs& out) {
                          a.bias.has_value() ? a.bias->data_ptr() : nullptr, preact.data_ptr(),
                          cols);
     }
-    const Tensor wt = a.weight.t();
+    const Tensor wt = weight.t();
     for (int64_t begin = 0; begin < rows; begin += block) {
       const int64_t count = std::min(block, rows - begin);
       const Tensor h = operand(count);
       prologue(a, x.narrow(0, begin, count), h, row_slice(out.mean, begin, count),
                row_slice(out.rstd, begin, count));
+      if (online) fake_quant_rows(h, /*in_place=*/true);
       gemm::matmul(gemm::Role::kForward, h, wt, preact.narrow(0, begin, count),
                    /*accumulate=*/init);
     }
@@ -320,10 +384,13 @@ void Kernels::ln_linear_backward(const LnLinearBackwardArgs& a, LnLinearGrads& g
     return fits ? space.narrow(0, index * rows, rows)
                 : new_tensor({rows, in_features}, x.options());
   };
+  // Straight-through (online quant): the linear's gradients at the fake-quantised operands.
+  const bool online = a.quant == Quant::kBitnetOnline;
   Tensor dh;
   if (want_norm_grads) {
     dh = dh_in_dx ? grads.dx : buffer(0);
-    gemm::matmul(gemm::Role::kInputGrad, dz, a.weight, dh, /*accumulate=*/false);
+    gemm::matmul(gemm::Role::kInputGrad, dz, online ? fake_quant_weight(a.weight) : a.weight, dh,
+                 /*accumulate=*/false);
   }
   Tensor h;  // the GEMM operand of dweight
   if (want_dweight) h = identity_prologue ? x : buffer(int64_t{dh_buffer});
@@ -335,6 +402,7 @@ void Kernels::ln_linear_backward(const LnLinearBackwardArgs& a, LnLinearGrads& g
                         {grads.dx, grads.dln_weight, grads.dln_bias},
                         identity_prologue ? Tensor() : h);
   }
+  if (want_dweight && online) h = fake_quant_rows(h, !identity_prologue);
   if (want_dweight) {
     gemm::matmul(gemm::Role::kWeightGrad, dz.t(), h, grads.dweight, /*accumulate=*/false);
   }

@@ -20,6 +20,8 @@ namespace magneto::cpu {
   void linear_epilogue_backward(const LinearEpilogueBackward&);                              \
   void residual_bias_init(DType, int64_t, int64_t, const void*, int64_t, float, const void*, \
                           void*, int64_t);                                                   \
+  void quantize_rows(const QuantizeRows&);                                                   \
+  void quant_linear(const QuantLinear&);                                                     \
   }
 
 MAGNETO_DECLARE_KERNELS(baseline)
@@ -117,6 +119,9 @@ void linear_few_rows(const LinearFewRows& a) {
 #endif
   TORCH_INTERNAL_ASSERT(false, "linear_few_rows: the portable build has no few-row kernel");
 }
+
+void quantize_rows(const QuantizeRows& a) { MAGNETO_DISPATCH(quantize_rows, a) }
+void quant_linear(const QuantLinear& a) { MAGNETO_DISPATCH(quant_linear, a) }
 
 void residual_bias_init(DType dtype, int64_t rows, int64_t cols, const void* residual,
                         int64_t residual_stride, float alpha, const void* bias, void* out,

@@ -156,6 +156,42 @@ struct LinearFewRows {
 void linear_few_rows(const LinearFewRows& args);
 int64_t linear_few_rows_max();
 
+// BitNet b1.58's offline quantised projection (csrc/cpu/quant.h), in two steps:
+// quantize_rows, per row of h (rows × cols, dtype), in float32 as transformers' ActQuant:
+//   s = 127 / max(max_k |h_k|, 1e-5),  q_k = round_half_even(h_k·s) clamped to [−128, 127]
+// writing q (int8, rows × cols), q_sum = Σ_k q_k (int32) and s (float32) per row;
+// quant_linear, acc = Σ_k q_k·t_nk = Σ_k q_k·c_nk − q_sum (int32, exact) against the packed
+// codes c = t + 1 (common.h's layout), then per element in float32, rounded to dtype:
+//   Quant::kBitnetOffline  preact = (acc / s + bias)·weight_scale     (AutoBitLinear)
+//   Quant::kBitlinear      preact = round(acc) / (weight_scale·round(s)) + bias   (BitLinear:
+//                          its GEMM output and s in dtype, the bias added in dtype)
+// The dot products run on u8×s8 multiply-adds (AVX2 maddubs; AVX-512 VNNI vpdpbusd where the
+// CPU has it; a portable loop), threads over blocks of output features, each weight row read
+// once per block of rows.
+struct QuantizeRows {
+  DType dtype = DType::kFloat32;
+  int64_t rows = 0, cols = 0;
+  const void* h = nullptr;  // row stride cols
+  int8_t* q = nullptr;      // row stride cols
+  int32_t* q_sum = nullptr;
+  float* scale = nullptr;
+};
+void quantize_rows(const QuantizeRows& args);
+
+struct QuantLinear {
+  DType dtype = DType::kFloat32;
+  Quant quant = Quant::kBitnetOffline;
+  int64_t rows = 0, in_features = 0, out_features = 0;
+  const int8_t* q = nullptr;  // rows × in_features
+  const int32_t* q_sum = nullptr;
+  const float* scale = nullptr;
+  const uint8_t* weight = nullptr;  // out_features × in_features / 4, packed
+  float weight_scale = 1.0f;
+  const void* bias = nullptr;  // out_features, dtype; optional
+  void* preact = nullptr;      // rows × out_features, dtype
+};
+void quant_linear(const QuantLinear& args);
+
 // Which instruction set the kernels run with ("avx512", "avx2" or "default").
 const char* capability();
 

@@ -8,7 +8,7 @@
 // fixed row chunks whose partial sums are added in a fixed order, so results do not depend on the
 // number of threads. One header per concern: rows.h (row access, prefetch, row loops and
 // reductions), activations.h, philox.h (dropout), norm_forward.h, norm_backward.h,
-// linear_epilogue.h, few_rows.h (the decode-size GEMM); each defines its entry points of
+// linear_epilogue.h, few_rows.h (the decode-size GEMM), quant.h (BitNet's integer projection); each defines its entry points of
 // kernels.h.
 #pragma once
 
@@ -16,3 +16,4 @@
 #include "cpu/linear_epilogue.h"
 #include "cpu/norm_backward.h"
 #include "cpu/norm_forward.h"
+#include "cpu/quant.h"

@@ -143,6 +143,9 @@ void Kernels::norm_backward(const NormBackwardArgs& args, const NormGrads& grads
 
 void Kernels::ln_linear(const LnLinearArgs& a, LnLinearOutputs& out) {
   const Tensor& x = a.x;
+  TORCH_CHECK_NOT_IMPLEMENTED(a.quant == Quant::kNone,
+                              "ln_linear: the CUDA backend has no quantised projection (quant) "
+                              "yet; the cpu and reference backends have");
   const DeviceGuard guard(x.device());
   Tensor h = x;
   if (a.norm != Norm::kNone || a.input_activation != Activation::kNone) {
@@ -191,6 +194,9 @@ void Kernels::ln_linear(const LnLinearArgs& a, LnLinearOutputs& out) {
 
 void Kernels::ln_linear_backward(const LnLinearBackwardArgs& a, LnLinearGrads& grads) {
   const Tensor& x = a.x;
+  TORCH_CHECK_NOT_IMPLEMENTED(a.quant == Quant::kNone,
+                              "ln_linear: the CUDA backend has no quantised projection (quant) "
+                              "yet; the cpu and reference backends have");
   const DeviceGuard guard(x.device());
   const int64_t rows = x.size(0), out_features = a.weight.size(0);
   const bool dz_is_dy = a.activation == Activation::kNone && a.dropout_p == 0.0;

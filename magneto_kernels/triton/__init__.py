@@ -88,8 +88,17 @@ def _add_layer_norm_op(*args):
     return _like(y, a.x), _like(s, a.x), mean, rstd
 
 
+_QUANT_ARGS = ("quant", "weight_scale")  # ln_linear's last arguments, which triton lacks
+_NO_QUANT = (
+    "ln_linear: the triton backend has no quantised projection (quant) yet; the cpu and"
+    " reference backends have"
+)
+
+
 def _ln_linear_op(*args):
     a = checks.ln_linear(*args)
+    if a.quant != "none":
+        raise NotImplementedError(_NO_QUANT)
     out, mean, rstd, preact = _ln_linear.ln_linear(
         *a._replace(
             x=_rows(a.x),
@@ -98,13 +107,15 @@ def _ln_linear_op(*args):
             weight=_dense(a.weight),
             bias=_dense(a.bias),
             residual=_rows(a.residual),
-        )
+        )[: -len(_QUANT_ARGS)]
     )
     return _like(out, a.x), mean, rstd, _like(preact, a.x)
 
 
 def _ln_linear_backward_op(*args):
     a = checks.ln_linear_backward(*args)
+    if a.quant != "none":
+        raise NotImplementedError(_NO_QUANT)
     grads = _ln_linear.ln_linear_backward(
         *a._replace(
             grad_out=_rows(a.grad_out),
@@ -115,7 +126,7 @@ def _ln_linear_backward_op(*args):
             mean=_dense(a.mean),
             rstd=_dense(a.rstd),
             preact=_rows(a.preact),
-        )
+        )[:-1]
     )
     return (_like(grads[0], a.x), *grads[1:])
 

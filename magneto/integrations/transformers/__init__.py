@@ -23,9 +23,14 @@ projections; per family, the family module's docstring. gate/up (and q/k/v) run 
 ``magneto_kernels.ln_linear_group`` (x normalised once, one output per projection, the input
 gradient summed inside the op).
 
+BitNet's quantised projections (transformers' ``AutoBitLinear`` online and offline, packed
+``BitLinear``) run as ``ln_linear``'s quantised modes (``quant=``), their weights packed into
+the kernels' 2-bit layout at patch time (``_projections``).
+
 Left unfused, running the model's own code: projections that no adapter of
-``_projections.PROJECTIONS`` accepts at call time (anything but a plain ``nn.Linear`` today:
-BitNet's quantised ``AutoBitLinear`` / ``BitLinear``, PEFT's LoRA layers, hooked projections),
+``_projections.PROJECTIONS`` accepts at call time (anything but a plain ``nn.Linear`` or
+BitNet's classes: PEFT's LoRA layers, hooked projections; an offline BitNet projection whose
+in_features is not a multiple of 128),
 which then work as usual, fed by the norm module's own output, and which ``apply_magneto`` names
 in a warning; norms ln_linear cannot recompute; activations the ops do not have (they run
 unfused before the fused norm and projection).
@@ -117,7 +122,8 @@ def apply_magneto(model: nn.Module, **options) -> nn.Module:
     (``MODEL_TYPES``); ValueError for another, RuntimeError for a transformers outside
     ``TRANSFORMERS_RANGE``. For Kosmos-2 and Kosmos-2.5 the text decoder is patched and the
     vision tower left alone. Projections that will run unfused are named in one warning.
-    Patching twice is a no-op (a second call only sets the options).
+    Patching twice is a no-op, except that a second call sets the options and packs BitNet's
+    offline weights again (call it after loading other weights in place).
     """
     table = replacements(_family_of(model))
     settings = MagnetoOptions(**options)
@@ -128,11 +134,19 @@ def apply_magneto(model: nn.Module, **options) -> nn.Module:
             module.__class__ = table[type(module)]
         if type(module) in patched:
             module._magneto_options = settings
-            unfused += [
-                f"{name}.{proj} ({type(getattr(module, proj)).__name__})"
-                for proj in _PROJECTION_NAMES
-                if hasattr(module, proj) and type(getattr(module, proj)) not in PROJECTIONS
-            ]
+            for proj in _PROJECTION_NAMES:
+                linear = getattr(module, proj, None)
+                if linear is None:
+                    continue
+                kind = type(linear).__name__
+                adapter = PROJECTIONS.get(type(linear))
+                why = None
+                if adapter is not None and hasattr(adapter, "prepare"):
+                    why = adapter.prepare(f"{name}.{proj}", linear)
+                if adapter is None:
+                    unfused.append(f"{name}.{proj} ({kind})")
+                elif why is not None:
+                    unfused.append(f"{name}.{proj} ({kind}: {why})")
     if unfused:
         logger.warning(
             "magneto: these projections have no fused form and run unfused: %s",

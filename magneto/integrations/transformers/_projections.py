@@ -15,10 +15,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from transformers import activations
+from transformers.integrations.bitnet import AutoBitLinear, BitLinear
 
 import magneto_kernels
 from magneto import fusion
-from magneto_kernels.codes import GATED_ACTIVATIONS
+from magneto_kernels import quant
+from magneto_kernels.codes import GATED_ACTIVATIONS, QUANT_PACK_UNIT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,12 +95,123 @@ class LinearProjection:
         return outs
 
 
-PROJECTIONS = {nn.Linear: LinearProjection}
+def _group_of_calls(adapter, x: Tensor, nargs: NormArgs, linears, options) -> tuple:
+    """A group as one call per projection (each quantises the normalised row again): the
+    quantised ``ln_linear_group`` comes with the quantised op's grouped form."""
+    return tuple(adapter.call(x, nargs, linear, options) for linear in linears)
+
+
+class _BitNetProjection:
+    """What the adapters of transformers' BitNet classes share (``magneto_kernels.quant``):
+    offline, the weight packed into the kernels' layout once, at patch time (``prepare``), kept
+    as a non-persistent buffer ``_magneto_packed`` (``state_dict`` and ``save_pretrained`` do
+    not see it: they write what transformers would), packed again when the module's weight has
+    changed in place since (its version counter) or when ``apply_magneto`` runs again."""
+
+    @classmethod
+    def prepare(cls, name: str, linear: nn.Module) -> Optional[str]:
+        """Packs an offline projection's weight; returns why it cannot be fused (it then runs
+        as its own module), or None. ValueError naming the module for a non-ternary weight."""
+        if not cls.offline(linear):
+            return None
+        if "_magneto_packed" not in linear._buffers:
+            linear.register_buffer("_magneto_packed", None, persistent=False)
+        linear._magneto_packed = None
+        ternary = cls.ternary(linear)
+        if ternary.shape[1] % QUANT_PACK_UNIT:
+            return f"in_features {ternary.shape[1]} is not a multiple of {QUANT_PACK_UNIT}"
+        try:
+            packed = quant.pack(ternary)
+        except ValueError as error:
+            raise ValueError(f"{name}: {error}") from None
+        linear._magneto_packed = packed
+        linear._magneto_name = name
+        linear._magneto_version = linear.weight._version
+        return None
+
+    @classmethod
+    def accepts(cls, linear: nn.Module, x: Tensor) -> bool:
+        if fusion.has_hooks(linear) or linear.rms_norm is not None or cls.dtype(linear) != x.dtype:
+            return False
+        if not cls.offline(linear):
+            return True
+        if getattr(linear, "_magneto_packed", None) is None:
+            return False
+        if linear._magneto_version != linear.weight._version:
+            cls.prepare(linear._magneto_name, linear)
+        return True
+
+    @classmethod
+    def call(cls, x: Tensor, nargs: NormArgs, linear: nn.Module, options, **kwargs) -> Tensor:
+        offline = cls.offline(linear)
+        return _ln_linear(
+            x,
+            nargs,
+            linear._magneto_packed if offline else linear.weight,
+            linear.bias,
+            options,
+            quant=cls.mode(linear),
+            weight_scale=linear.weight_scale if offline else None,
+            **kwargs,
+        )
+
+    @classmethod
+    def group(cls, x: Tensor, nargs: NormArgs, linears, options) -> tuple[Tensor, ...]:
+        return _group_of_calls(cls, x, nargs, linears, options)
+
+
+class AutoBitLinearProjection(_BitNetProjection):
+    """transformers' ``AutoBitLinear``: online (master weights, "bitnet_online") or offline
+    (ternary weight and ``weight_scale``, "bitnet_offline")."""
+
+    @staticmethod
+    def offline(linear) -> bool:
+        return not linear.online_quant
+
+    @staticmethod
+    def mode(linear) -> str:
+        return "bitnet_online" if linear.online_quant else "bitnet_offline"
+
+    @staticmethod
+    def dtype(linear) -> torch.dtype:
+        return linear.weight.dtype
+
+    @staticmethod
+    def ternary(linear) -> Tensor:
+        return linear.weight.detach()
+
+
+class BitLinearProjection(_BitNetProjection):
+    """transformers' ``BitLinear``: its weight in transformers' packed layout, an input format
+    read once (``quant.unpack_hf``) and packed into the kernels' ("bitlinear")."""
+
+    @staticmethod
+    def offline(linear) -> bool:
+        return True
+
+    @staticmethod
+    def mode(linear) -> str:
+        return "bitlinear"
+
+    @staticmethod
+    def dtype(linear) -> torch.dtype:
+        return linear.weight_scale.dtype
+
+    @staticmethod
+    def ternary(linear) -> Tensor:
+        return quant.unpack_hf(linear.weight, linear.out_features)
+
+
+PROJECTIONS = {
+    nn.Linear: LinearProjection,
+    AutoBitLinear: AutoBitLinearProjection,
+    BitLinear: BitLinearProjection,
+}
 """Linear class (exactly: not its subclasses) -> its adapter. A projection of another class
-(BitNet's ``AutoBitLinear`` and packed ``BitLinear``, PEFT's LoRA layers, any wrapper) runs as
-its own module, fed by the norm module's output, and ``apply_magneto`` names it in a warning.
-BitNet's quantised classes get adapters with the quantised op's kernels: its formula in
-PyTorch ops (``magneto_kernels.quant``) measured 1.06-1.16x transformers' own time."""
+(PEFT's LoRA layers, any wrapper) runs as its own module, fed by the norm module's output, and
+``apply_magneto`` names it in a warning. An adapter with a ``prepare(name, linear)`` hook is
+prepared at patch time (BitNet's offline classes: packing), which may name a reason the
+projection stays unfused."""
 
 
 def _adapter(linear: nn.Module, x: Tensor):

@@ -1,9 +1,9 @@
 """BitNet: Llama's block (``llama.py``) with ``attn_sub_norm`` fused into o_proj and
 ``down_proj(ffn_sub_norm(relu2(gate)·up))`` as one call ("relu2_glu").
 
-Projections of transformers' quantised classes (``AutoBitLinear``, packed ``BitLinear``) have no
-adapter yet: they run as their own modules, fed by the norm module, and ``apply_magneto`` names
-them.
+Projections of transformers' quantised classes (``AutoBitLinear`` online and offline, packed
+``BitLinear``) fuse the same four norm sites and both residual adds through their adapters
+(``_projections``): ``ln_linear``'s quantised modes, q/k/v and gate/up one call each for now.
 """
 
 from __future__ import annotations

@@ -1,0 +1,209 @@
+"""BitNet b1.58 at 2B-4T's sizes (hidden 2560, intermediate 6912, 20 heads, 5 KV heads,
+vocabulary 128256), bf16, random ternary weights, built from a config (nothing downloaded):
+magneto's quantised ``ln_linear`` against transformers' own path. Three parts:
+
+- ``op``: one projection (RMSNorm 2560 -> gate_proj 6912, and down_proj's relu2_glu 2·6912 ->
+  2560) at 1, 8, 128 and 2048 rows: transformers (BitNetRMSNorm then offline ``AutoBitLinear``,
+  which multiplies dequantised bf16 weights), magneto's "bitnet_offline" (2-bit weights, int8
+  activations, integer kernels), and a plain dense linear after the norm in bf16 and fp32.
+  µs per call, medians over rounds, every variant timed in every round.
+- ``model``: a model of ``--layers`` decoder layers (default 2; the 30-layer model's bf16
+  weights alone are 4.2 GB), patched with ``apply_magneto`` and unpatched (a deep copy): greedy
+  decoding (KV cache) tokens/s, and prefill of ``--prefill`` tokens; per-layer times scaled to
+  30 layers plus the output projection (128256 × 2560, dense in both) for the full model.
+- resident bytes of the projection weights: transformers' bf16 weights against the packed
+  2-bit weights the kernels read.
+
+    python -m bench.bench_bitnet [--part op|model|all] [--threads 1] [--layers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import magneto_kernels
+from magneto_kernels import quant
+
+HIDDEN, INTER, HEADS, KV_HEADS, LAYERS, VOCAB = 2560, 6912, 20, 5, 30, 128256
+ROWS = (1, 8, 128, 2048)
+
+
+def _median_us(fns: dict, rounds: int, min_time: float = 0.2) -> dict:
+    """Median µs per call of each function, timed alternately in every round."""
+    for fn in fns.values():
+        fn()
+    reps = {}
+    for name, fn in fns.items():
+        start = time.perf_counter()
+        fn()
+        once = time.perf_counter() - start
+        reps[name] = max(1, int(min_time / rounds / max(once, 1e-7)))
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(reps[name]):
+                fn()
+            times[name].append((time.perf_counter() - start) / reps[name] * 1e6)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def bench_op(rounds: int) -> None:
+    from transformers.integrations.bitnet import AutoBitLinear
+    from transformers.models.bitnet.modeling_bitnet import BitNetRMSNorm
+
+    torch.manual_seed(0)
+    dtype = torch.bfloat16
+    print("| projection | rows | transformers (µs) | magneto (µs) | bf16 linear (µs) |"
+          " fp32 linear (µs) | magneto / transformers |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for name, k, n, gated in (
+        ("gate_proj", HIDDEN, INTER, False),
+        ("down_proj", INTER, HIDDEN, True),
+    ):
+        ternary = torch.randint(-1, 2, (n, k)).to(dtype)
+        linear = AutoBitLinear(k, n, bias=False, online_quant=False, dtype=dtype)
+        linear.weight.data.copy_(ternary)
+        linear.weight_scale.fill_(0.02)
+        linear.requires_grad_(False)
+        norm = BitNetRMSNorm(k, eps=1e-5).to(dtype)
+        packed = quant.pack(ternary)
+        ws = linear.weight_scale
+        dense32 = ternary.float() * 0.02
+        for rows in ROWS:
+            x = torch.randn(rows, 2 * k if gated else k, dtype=dtype)
+
+            def act(x):
+                return quant.relu2_glu(x) if gated else x
+
+            def hf():
+                return linear(norm(act(x)))
+
+            def ours():
+                return magneto_kernels.ln_linear(
+                    x, norm.weight, None, packed, eps=1e-5, norm="rms",
+                    input_activation="relu2_glu" if gated else None,
+                    quant="bitnet_offline", weight_scale=ws,
+                )  # fmt: skip
+
+            def bf16():
+                return F.linear(norm(act(x)), ternary)
+
+            def fp32():
+                return F.linear(norm(act(x)).float(), dense32)
+
+            with torch.no_grad():
+                t = _median_us({"hf": hf, "ours": ours, "bf16": bf16, "fp32": fp32}, rounds)
+            print(f"| {name} {k}->{n} | {rows} | {t['hf']:.0f} | {t['ours']:.0f} |"
+                  f" {t['bf16']:.0f} | {t['fp32']:.0f} | {t['ours'] / t['hf']:.2f} |")  # fmt: skip
+
+
+def build_model(layers: int, mode: str = "offline"):
+    """A BitNet of ``layers`` layers at 2B-4T's widths, projections offline AutoBitLinear with
+    random ternary weights, bf16."""
+    import transformers
+    from transformers.integrations.bitnet import AutoBitLinear
+
+    config = transformers.BitNetConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=INTER,
+        num_hidden_layers=layers,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        max_position_embeddings=4096,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = transformers.BitNetForCausalLM(config)
+    model = model.to_empty(device="cpu").to(torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+        for module in model.modules():
+            if hasattr(module, "variance_epsilon"):
+                module.weight.fill_(1.0)
+        for layer in model.model.layers:
+            for parent in (layer.self_attn, layer.mlp):
+                for name, linear in list(parent.named_children()):
+                    if not isinstance(linear, torch.nn.Linear):
+                        continue
+                    q = AutoBitLinear(
+                        linear.in_features, linear.out_features, bias=False,
+                        online_quant=False, dtype=torch.bfloat16,
+                    )  # fmt: skip
+                    q.weight.data.copy_(torch.randint(-1, 2, linear.weight.shape))
+                    q.weight_scale.fill_(1.0)
+                    q.requires_grad_(False)
+                    setattr(parent, name, q)
+    return model.eval()
+
+
+def bench_model(layers: int, threads: int, prefill: int, new_tokens: int, rounds: int) -> None:
+    from transformers.integrations.bitnet import AutoBitLinear
+
+    from magneto.integrations import transformers as mt
+
+    torch.set_num_threads(threads)
+    reference = build_model(layers)
+    model = mt.apply_magneto(copy.deepcopy(reference))
+    bf16_bytes = packed_bytes = 0
+    for m in model.modules():
+        if isinstance(m, AutoBitLinear):
+            bf16_bytes += m.weight.numel() * m.weight.element_size()
+            packed_bytes += m._magneto_packed.numel()
+    print(f"projection weights per layer: transformers bf16 {bf16_bytes / layers / 2**20:.1f}"
+          f" MiB, packed {packed_bytes / layers / 2**20:.1f} MiB"
+          f" ({packed_bytes / bf16_bytes:.3f}x)")  # fmt: skip
+    prompt = torch.randint(0, VOCAB, (1, 8))
+    settings = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+
+    def decode(m):
+        return lambda: m.generate(prompt, **settings)
+
+    long = torch.randint(0, VOCAB, (1, prefill))
+
+    def fill(m):
+        return lambda: m(long, use_cache=False, logits_to_keep=1)
+
+    with torch.no_grad():
+        # random weights give near-tied logits, so bf16 rounding may pick another token
+        same = torch.equal(decode(model)(), decode(reference)())
+        t = _median_us({"ours": decode(model), "hf": decode(reference)}, rounds, min_time=0)
+        p = _median_us({"ours": fill(model), "hf": fill(reference)}, max(1, rounds // 2), 0)
+    # generate() runs the prompt once then new_tokens - 1 decode steps; per token:
+    per_tok = {k: v / new_tokens / 1e6 for k, v in t.items()}
+    print(f"threads {threads}, {layers} layers: decode {1 / per_tok['ours']:.1f} tokens/s"
+          f" patched, {1 / per_tok['hf']:.1f} unpatched (ratio {t['ours'] / t['hf']:.2f});"
+          f" prefill {prefill}: {p['ours'] / 1e6:.2f} s patched, {p['hf'] / 1e6:.2f} s"
+          f" unpatched (ratio {p['ours'] / p['hf']:.2f}); same greedy tokens: {same}")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--part", choices=("op", "model", "all"), default="all")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--prefill", type=int, default=2048)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    if args.part in ("op", "all"):
+        torch.set_num_threads(args.threads[0])
+        bench_op(args.rounds)
+    if args.part in ("model", "all"):
+        for threads in args.threads:
+            bench_model(args.layers, threads, args.prefill, args.new_tokens, args.rounds)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+// BitNet b1.58's offline quantised projection (kernels.h: quantize_rows, quant_linear), compiled
+// once per instruction set like every CPU kernel. The activation row is quantised once (int8 codes
+// q, their sum and the scale s) and reused against every output feature; a weight row is 2 bits
+// per weight, the codes c = t + 1 of common.h's packed layout, so that a 32-byte load shifted by
+// 0, 2, 4, 6 and masked gives the codes of 4 consecutive 32-wide runs of k, each against one
+// contiguous 32-byte load of q: Σ q·t = Σ q·c − Σ q, with c unsigned (u8) and q signed (s8), the
+// operands of AVX2's maddubs and AVX-512 VNNI's vpdpbusd.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "cpu/kernels.h"
+#include "cpu/rows.h"
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace magneto::cpu::MAGNETO_ISA {
+namespace {
+
+constexpr float kActEps = 1e-5f;   // transformers' clamp of the per-token absmax (ActQuant)
+constexpr int64_t kQuantRows = 4;  // rows dotted against one weight row at a time
+constexpr int64_t kQuantColBlock = 16;   // output features per thread task
+constexpr int64_t kQuantRowBlock = 64;   // rows of q kept hot (L2) while a column block runs
+
+template <typename T>
+void quantize_rows_typed(const QuantizeRows& a) {
+  const int64_t n = a.cols;
+  for_rows(a.rows, n, 0, [&](int64_t rb, int64_t re, int64_t) {
+    std::vector<float> buffer(n);
+    for (int64_t i = rb; i < re; ++i) {
+      const float* h = load_row(static_cast<const T*>(a.h) + i * n, buffer.data(), n);
+      float amax = 0.0f;
+      for (int64_t k = 0; k < n; ++k) amax = std::max(amax, std::fabs(h[k]));
+      const float s = 127.0f / std::max(amax, kActEps);
+      int8_t* q = a.q + i * n;
+      int32_t sum = 0;
+      for (int64_t k = 0; k < n; ++k) {
+        // nearbyint rounds half to even, as torch.round does
+        const float v = std::clamp(std::nearbyint(h[k] * s), -128.0f, 127.0f);
+        q[k] = static_cast<int8_t>(v);
+        sum += q[k];
+      }
+      a.q_sum[i] = sum;
+      a.scale[i] = s;
+    }
+  });
+}
+
+// acc[r] = Σ_k q_r[k]·c[k] for `rows` (<= kQuantRows) rows of q, row stride q_stride, against one
+// packed weight row of `blocks` 128-wide blocks: the portable loop.
+inline void dot_codes_portable(const uint8_t* w, const int8_t* q, int64_t q_stride,
+                               int64_t blocks, int64_t rows, int32_t* acc) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const int8_t* qr = q + r * q_stride;
+    int32_t sum = 0;
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      const uint8_t* wb = w + 32 * blk;
+      const int8_t* qb = qr + kQuantPackUnit * blk;
+      for (int i = 0; i < 4; ++i) {
+        for (int b = 0; b < 32; ++b) sum += ((wb[b] >> (2 * i)) & 3) * qb[32 * i + b];
+      }
+    }
+    acc[r] = sum;
+  }
+}
+
+#if defined(__AVX2__)
+inline int32_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// The codes of one 32-byte load of a packed block, 32 consecutive k per shift.
+struct BlockCodes {
+  __m256i c[4];
+  explicit BlockCodes(const uint8_t* w) {
+    const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+    const __m256i mask = _mm256_set1_epi8(3);
+    c[0] = _mm256_and_si256(packed, mask);
+    c[1] = _mm256_and_si256(_mm256_srli_epi16(packed, 2), mask);
+    c[2] = _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask);
+    c[3] = _mm256_and_si256(_mm256_srli_epi16(packed, 6), mask);
+  }
+};
+
+inline __m256i load_q(const int8_t* q) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+}
+
+// AVX2: maddubs (u8·s8 pairs summed to int16: |c·q| <= 256, 4 pairs of shifts <= 2048, no
+// saturation), then madd by 1 to int32 once per block.
+template <int R>
+inline void dot_codes_maddubs(const uint8_t* w, const int8_t* q, int64_t q_stride,
+                              int64_t blocks, int32_t* acc) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i sum[R];
+  for (int r = 0; r < R; ++r) sum[r] = _mm256_setzero_si256();
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const BlockCodes codes(w + 32 * blk);
+    for (int r = 0; r < R; ++r) {
+      const int8_t* qb = q + r * q_stride + kQuantPackUnit * blk;
+      __m256i s16 = _mm256_maddubs_epi16(codes.c[0], load_q(qb));
+      s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(codes.c[1], load_q(qb + 32)));
+      s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(codes.c[2], load_q(qb + 64)));
+      s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(codes.c[3], load_q(qb + 96)));
+      sum[r] = _mm256_add_epi32(sum[r], _mm256_madd_epi16(s16, ones));
+    }
+  }
+  for (int r = 0; r < R; ++r) acc[r] = hsum_epi32(sum[r]);
+}
+#endif
+
+#if defined(__AVX512F__)
+// AVX-512 VNNI (on 256-bit registers, AVX512VL): vpdpbusd accumulates the u8·s8 products of 4
+// bytes straight into int32. Only on CPUs that have it (checked at run time): its own target.
+template <int R>
+__attribute__((target("avx512vnni,avx512vl,avx512f,avx2"), noinline)) void dot_codes_vnni(
+    const uint8_t* w, const int8_t* q, int64_t q_stride, int64_t blocks, int32_t* acc) {
+  __m256i sum[R];
+  for (int r = 0; r < R; ++r) sum[r] = _mm256_setzero_si256();
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const BlockCodes codes(w + 32 * blk);
+    for (int r = 0; r < R; ++r) {
+      const int8_t* qb = q + r * q_stride + kQuantPackUnit * blk;
+      for (int i = 0; i < 4; ++i) sum[r] = _mm256_dpbusd_epi32(sum[r], codes.c[i], load_q(qb + 32 * i));
+    }
+  }
+  for (int r = 0; r < R; ++r) acc[r] = hsum_epi32(sum[r]);
+}
+
+inline bool cpu_has_vnni() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vnni") != 0;
+  }();
+  return has;
+}
+#endif
+
+// acc[r] = Σ_k q_r[k]·c[k] for `rows` (<= kQuantRows) rows: this build's widest dot.
+inline void dot_codes(const uint8_t* w, const int8_t* q, int64_t q_stride, int64_t blocks,
+                      int64_t rows, int32_t* acc) {
+#if defined(__AVX2__)
+  auto run = [&]<int R>() {
+#if defined(__AVX512F__)
+    if (cpu_has_vnni()) return dot_codes_vnni<R>(w, q, q_stride, blocks, acc);
+#endif
+    dot_codes_maddubs<R>(w, q, q_stride, blocks, acc);
+  };
+  switch (rows) {
+    case 4: return run.template operator()<4>();
+    case 3: return run.template operator()<3>();
+    case 2: return run.template operator()<2>();
+    default: return run.template operator()<1>();
+  }
+#else
+  dot_codes_portable(w, q, q_stride, blocks, rows, acc);
+#endif
+}
+
+template <typename T>
+float round_to(float v) {
+  return static_cast<float>(static_cast<T>(v));
+}
+
+template <typename T>
+void quant_linear_typed(const QuantLinear& a) {
+  const int64_t k = a.in_features, n = a.out_features, blocks = k / kQuantPackUnit;
+  const int64_t w_stride = k / 4;
+  const T* bias = static_cast<const T*>(a.bias);
+  T* preact = static_cast<T*>(a.preact);
+  const float ws = a.weight_scale;
+  // Per element, from acc = Σ q·t (kernels.h).
+  auto finish = [&](int32_t acc, int64_t row, int64_t col) -> T {
+    const float s = a.scale[row];
+    if (a.quant == Quant::kBitlinear) {
+      const float y = round_to<T>(round_to<T>(static_cast<float>(acc)) / (ws * round_to<T>(s)));
+      return static_cast<T>(bias == nullptr ? y : y + static_cast<float>(bias[col]));
+    }
+    const float b = bias == nullptr ? 0.0f : static_cast<float>(bias[col]);
+    return static_cast<T>((static_cast<float>(acc) / s + b) * ws);
+  };
+  const int64_t col_blocks = (n + kQuantColBlock - 1) / kQuantColBlock;
+  at::parallel_for(0, col_blocks, 1, [&](int64_t cb, int64_t ce) {
+    const int64_t col_end = std::min(n, ce * kQuantColBlock);
+    for (int64_t r0 = 0; r0 < a.rows; r0 += kQuantRowBlock) {
+      const int64_t r_end = std::min(a.rows, r0 + kQuantRowBlock);
+      for (int64_t col = cb * kQuantColBlock; col < col_end; ++col) {
+        const uint8_t* w = a.weight + col * w_stride;
+        for (int64_t r = r0; r < r_end; r += kQuantRows) {
+          const int64_t count = std::min(kQuantRows, r_end - r);
+          int32_t acc[kQuantRows];
+          dot_codes(w, a.q + r * k, k, blocks, count, acc);
+          for (int64_t j = 0; j < count; ++j) {
+            preact[(r + j) * n + col] = finish(acc[j] - a.q_sum[r + j], r + j, col);
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void quantize_rows(const QuantizeRows& a) {
+  with_dtype(a.dtype, [&](auto tag) { quantize_rows_typed<decltype(tag)>(a); });
+}
+
+void quant_linear(const QuantLinear& a) {
+  with_dtype(a.dtype, [&](auto tag) { quant_linear_typed<decltype(tag)>(a); });
+}
+
+}  // namespace magneto::cpu::MAGNETO_ISA
