@@ -104,13 +104,16 @@ def _norm_args(weight: Tensor, bias: Optional[Tensor], eps: float, norm: str) ->
 _WARNED = weakref.WeakSet()
 
 
-def warn_unfused(site: str, module: nn.Module) -> None:
-    """The one-time ``UnfusedWarning`` for ``module``, at ``site`` (e.g. "FeedForward.fc2")."""
+def warn_unfused(site: str, module: nn.Module, why: Optional[str] = None) -> None:
+    """The one-time ``UnfusedWarning`` for ``module``, at ``site`` (e.g. "FeedForward.fc2");
+    ``why``: what it is that the fused ops cannot stand in for (default: its hooks, or its
+    class)."""
     if module in _WARNED:
         return
     _WARNED.add(module)
     cls = type(module)
-    why = "has hooks" if has_hooks(module) else f"is a {cls.__module__}.{cls.__qualname__}"
+    if why is None:
+        why = "has hooks" if has_hooks(module) else f"is a {cls.__module__}.{cls.__qualname__}"
     warnings.warn(
         f"magneto: {site} {why}, which the fused ops cannot stand in for: it runs as a module, "
         "unfused (docs/design.md, The model: what is fused)",

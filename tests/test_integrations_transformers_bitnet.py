@@ -163,6 +163,21 @@ def test_width_not_a_multiple_of_the_packing_unit_stays_unfused(caplog, fused_ca
     assert fused_calls.count == LAYERS  # down_proj's
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_a_backend_without_quantised_kernels_runs_the_modules(mode, fused_calls):
+    """The triton backend has no quantised kernels: the projections run as transformers'
+    modules, named in a warning, and the norms and adds around them stay fused."""
+    from magneto import UnfusedWarning
+
+    model, reference = _pair(mode)
+    mt.apply_magneto(model, backend="triton")
+    tokens = ids()
+    with pytest.warns(UnfusedWarning, match="runs on the triton backend, which has no quant"):
+        with torch.no_grad():
+            out = model(tokens).logits
+    close(out, reference(tokens).logits, what="logits")
+
+
 def test_non_ternary_offline_weight_refused_naming_the_module():
     model = _quantised("offline")
     with torch.no_grad():

@@ -66,7 +66,7 @@ class LinearProjection:
     """``nn.Linear``: ln_linear reads its weight and bias as they are."""
 
     @staticmethod
-    def accepts(linear: nn.Module, x: Tensor) -> bool:
+    def accepts(linear: nn.Module, x: Tensor, options) -> bool:
         """Whether this call can read the weight directly: ``magneto.fusion``'s rule
         (``fusable_linear``: no hooks of any kind, offloading hooks move it), and x's dtype."""
         return fusion.fusable_linear(linear) and linear.weight.dtype == x.dtype
@@ -130,8 +130,13 @@ class _BitNetProjection:
         return None
 
     @classmethod
-    def accepts(cls, linear: nn.Module, x: Tensor) -> bool:
+    def accepts(cls, linear: nn.Module, x: Tensor, options) -> bool:
         if fusion.has_hooks(linear) or linear.rms_norm is not None or cls.dtype(linear) != x.dtype:
+            return False
+        backend = magneto_kernels.resolve_backend(options.backend, x)
+        if backend not in quant.BACKENDS:  # no quantised kernels there: the module runs it
+            why = f"runs on the {backend} backend, which has no quantised kernels"
+            fusion.warn_unfused(type(linear).__name__, linear, why)
             return False
         if not cls.offline(linear):
             return True
@@ -214,9 +219,9 @@ prepared at patch time (BitNet's offline classes: packing), which may name a rea
 projection stays unfused."""
 
 
-def _adapter(linear: nn.Module, x: Tensor):
+def _adapter(linear: nn.Module, x: Tensor, options):
     adapter = PROJECTIONS.get(parametrize.type_before_parametrizations(linear))
-    return adapter if adapter is not None and adapter.accepts(linear, x) else None
+    return adapter if adapter is not None and adapter.accepts(linear, x, options) else None
 
 
 def project(
@@ -228,7 +233,7 @@ def project(
     options, its family's RMSNorm class)."""
     options = module._magneto_options
     nargs = norm_args(norm, module._rms_norm, x)
-    adapters = [None if nargs is None else _adapter(linear, x) for linear in linears]
+    adapters = [None if nargs is None else _adapter(linear, x, options) for linear in linears]
     outs = [None] * len(linears)
     for adapter in dict.fromkeys(a for a in adapters if a is not None):
         # the projections one adapter accepts: one group call, or one call for a single one
@@ -300,7 +305,7 @@ def output_projection(
         if in_act is None:
             x, act_fn = apply_activation(x, act_fn, gated), None
     nargs = norm_args(norm, module._rms_norm, x)
-    adapter = None if nargs is None else _adapter(linear, x)
+    adapter = None if nargs is None else _adapter(linear, x, module._magneto_options)
     if adapter is not None:
         return adapter.call(
             x,
