@@ -3,7 +3,7 @@ kernel against the reference's int64 Philox (what ``dropout`` ran before it had 
 plus backward, side by side in one run, interleaved, median of ``--rounds`` (docs/design.md,
 Decisions). Usage:
 
-    python3 bench/bench_dropout.py [--backend cpu] [--threads 1] [--rounds 15]
+    python3 -m bench.bench_dropout [--backend cpu] [--threads 1] [--rounds 15]
 """
 
 import argparse

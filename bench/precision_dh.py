@@ -4,7 +4,7 @@ and with dh kept in float32 (Triton's; here the cpu GEMM on float32 copies follo
 native norm backward on float32 rows, whose dx is rounded once), and the cost of the float32 dh
 GEMM on one thread. Usage:
 
-    python3 bench/precision_dh.py
+    python3 -m bench.precision_dh
 """
 
 import statistics
