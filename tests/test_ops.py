@@ -494,7 +494,15 @@ def _opcheck_args(dev):
 
 @pytest.mark.parametrize("rows_as", [(9,), (3, 3)], ids=["2d", "3d"])
 @pytest.mark.parametrize(
-    "op", ["layer_norm", "layer_norm_backward", "add_layer_norm", "ln_linear", "ln_linear_backward"]
+    "op",
+    [
+        "layer_norm",
+        "layer_norm_backward",
+        "add_layer_norm",
+        "ln_linear",
+        "ln_linear_backward",
+        "dropout",
+    ],
 )
 def test_opcheck(kernels, op, rows_as):
     """Each op as registered; with the 9 rows given as (3, 3) leading dimensions too (the ops
@@ -535,6 +543,7 @@ def test_opcheck(kernels, op, rows_as):
             0.1,
             [True] * 5,
         ),
+        "dropout": (x, seed, 0.3),
     }[op]
     args = tuple(  # the row-shaped tensors (9, features) as (*rows_as, features)
         a.reshape(*rows_as, a.shape[-1])
