@@ -13,6 +13,7 @@
 #include <array>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 
 #include <ATen/ATen.h>
@@ -70,6 +71,8 @@ template <class Formula, class R, class... A>
 struct Autograd<Formula, R(A...)> : torch::autograd::Function<Autograd<Formula, R(A...)>> {
   using Op = typename Formula::Op;
   using Args = std::tuple<A...>;
+  // An op with one output (dropout) returns a Tensor, the others a tuple.
+  static constexpr bool kOneOutput = std::is_same_v<R, Tensor>;
 
   static R kernel(A... args) {
     const Op call{args...};
@@ -84,9 +87,13 @@ struct Autograd<Formula, R(A...)> : torch::autograd::Function<Autograd<Formula, 
     const Args pack(args...);
     const variable_list out = std::apply(
         [&](const auto&... t) { return Autograd::apply(&pack, t...); }, inputs);
-    return [&]<size_t... I>(std::index_sequence<I...>) {
-      return R{out[I]...};
-    }(std::make_index_sequence<std::tuple_size_v<R>>{});
+    if constexpr (kOneOutput) {
+      return out[0];
+    } else {
+      return [&]<size_t... I>(std::index_sequence<I...>) {
+        return R{out[I]...};
+      }(std::make_index_sequence<std::tuple_size_v<R>>{});
+    }
   }
 
   // The differentiable inputs follow `pack` only so that autograd makes their edges.
@@ -95,7 +102,11 @@ struct Autograd<Formula, R(A...)> : torch::autograd::Function<Autograd<Formula, 
     at::AutoDispatchBelowADInplaceOrView below;
     const R out = std::apply([](const auto&... a) { return Formula::op().call(a...); }, *pack);
     Formula::save(ctx, std::apply([](const auto&... a) { return Op{a...}; }, *pack), out);
-    return std::apply([](const auto&... t) { return variable_list{t...}; }, out);
+    if constexpr (kOneOutput) {
+      return {out};
+    } else {
+      return std::apply([](const auto&... t) { return variable_list{t...}; }, out);
+    }
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -228,6 +239,26 @@ struct LnLinearFormula {
   }
 };
 
+// -------------------------------------------------------------------------------------- dropout
+
+template <const char* Family>
+struct DropoutFormula {
+  using Op = schema::Dropout;
+  static const auto& op() { return op_handle<Op, Family>(); }
+  static auto inputs(const Op& c) { return std::forward_as_tuple(c.x); }
+
+  static void save(AutogradContext* ctx, const Op& c, const Tensor& /*y*/) {
+    ctx->save_for_backward({c.seed});
+    ctx->saved_data["p"] = c.p;
+  }
+
+  // dx = dy ⊙ keep/(1−p): the op itself on the gradient, with the same seed (so the same mask).
+  static variable_list backward(AutogradContext* ctx, const variable_list& grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    return {op().call(grads[0], saved[0], ctx->saved_data["p"].toDouble())};
+  }
+};
+
 template <template <const char*> class Formula, const char* Family>
 void impl(torch::Library& m) {
   using Op = typename Formula<Family>::Op;
@@ -240,6 +271,7 @@ void register_family(torch::Library& m) {
   impl<LayerNormFormula, Family>(m);
   impl<AddLayerNormFormula, Family>(m);
   impl<LnLinearFormula, Family>(m);
+  impl<DropoutFormula, Family>(m);
 }
 
 }  // namespace

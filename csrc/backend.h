@@ -103,6 +103,14 @@ struct LnLinearGrads {
   Tensor dx, dln_weight, dln_bias, dweight, dbias;
 };
 
+// y = x ⊙ keep/(1−p), keep = philox(seed, i·cols + j) >= dropout_threshold(p): the dropout op,
+// x and y (rows, cols), the mask the fused ops draw (the CUDA kernels read the seed on the device).
+struct DropoutArgs {
+  Tensor x;
+  Tensor seed;  // 0-d int64 on x's device
+  double p = 0.0;
+};
+
 #define MAGNETO_BACKEND_KERNELS                                                           \
   struct Kernels {                                                                        \
     static void norm_forward(const NormArgs& args, const NormOutputs& out);               \
@@ -110,6 +118,7 @@ struct LnLinearGrads {
     /* Allocates out.out and out.preact, writes out.mean and out.rstd. */                 \
     static void ln_linear(const LnLinearArgs& args, LnLinearOutputs& out);                \
     static void ln_linear_backward(const LnLinearBackwardArgs& args, LnLinearGrads& grads); \
+    static void dropout(const DropoutArgs& args, const Tensor& y);                        \
   };
 namespace cpu {
 MAGNETO_BACKEND_KERNELS

@@ -388,4 +388,12 @@ LnLinearBackwardArgs parse(const schema::LnLinearBackward& call) {
           quant};
 }
 
+DropoutArgs parse(const schema::Dropout& call) {
+  check_input(call.x);
+  TORCH_CHECK_VALUE(call.p >= 0.0 && call.p < 1.0, "p must be in [0, 1), got ",
+                    py_float(call.p));
+  check_like(call.seed, "seed", call.x, {}, at::kLong);
+  return {as_rows(call.x), call.seed, call.p};
+}
+
 }  // namespace magneto

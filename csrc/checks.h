@@ -18,6 +18,7 @@ NormArgs parse(const schema::AddLayerNorm& call);
 NormBackwardArgs parse(const schema::LayerNormBackward& call);
 LnLinearArgs parse(const schema::LnLinear& call);
 LnLinearBackwardArgs parse(const schema::LnLinearBackward& call);
+DropoutArgs parse(const schema::Dropout& call);
 
 // output_mask, checked to have N entries.
 template <size_t N>

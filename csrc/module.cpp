@@ -10,6 +10,7 @@
 #include <string>
 #include <string_view>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 
 #include <ATen/PythonTorchFunctionTLS.h>
@@ -146,14 +147,19 @@ struct TypedCall<Op, Family, R(A...)> {
       pybind11::gil_scoped_release no_gil;
       out = op.call(std::get<I>(converted).get()...);
     }
-    return std::apply(
-        [](auto&... t) {
-          PyObject* tuple = PyTuple_New(sizeof...(t));
-          Py_ssize_t i = 0;
-          (PyTuple_SET_ITEM(tuple, i++, THPVariable_Wrap(std::move(t))), ...);
-          return tuple;
-        },
-        out);
+    // An op with one output returns it as torch.ops does, not as a 1-tuple.
+    if constexpr (std::is_same_v<R, Tensor>) {
+      return THPVariable_Wrap(std::move(out));
+    } else {
+      return std::apply(
+          [](auto&... t) {
+            PyObject* tuple = PyTuple_New(sizeof...(t));
+            Py_ssize_t i = 0;
+            (PyTuple_SET_ITEM(tuple, i++, THPVariable_Wrap(std::move(t))), ...);
+            return tuple;
+          },
+          out);
+    }
   }
 };
 
@@ -175,6 +181,7 @@ void def_typed_calls(pybind11::module_& m) {
   def_typed_call<schema::LayerNorm, Family>(m);
   def_typed_call<schema::AddLayerNorm, Family>(m);
   def_typed_call<schema::LnLinear, Family>(m);
+  def_typed_call<schema::Dropout, Family>(m);
 }
 
 // ------------------------------------------------------------------------------------ tables

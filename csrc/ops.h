@@ -71,4 +71,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ln_linear_backward(
   return {with_rows_of(g.dx, call.x), g.dln_weight, g.dln_bias, g.dweight, g.dbias};
 }
 
+template <class Backend>
+Tensor dropout(const schema::Dropout& call) {
+  const DropoutArgs a = parse(call);
+  const Tensor y = new_like(a.x);
+  Backend::dropout(a, y);
+  return with_rows_of(y, call.x);
+}
+
 }  // namespace magneto::ops

@@ -108,6 +108,15 @@ struct LnLinearBackward {
   std::string_view quant;
 };
 
+// One output, so the dispatcher calls it with a Tensor, not a tuple.
+struct Dropout {
+  static constexpr const char* kName = "dropout";
+  using Signature = Tensor(const Tensor&, const Tensor&, double);
+  const Tensor& x;
+  const Tensor& seed;
+  double p;
+};
+
 }  // namespace schema
 
 // The op families (the values of magneto_kernels.backends.FAMILY; tests/test_codes.py checks

@@ -302,3 +302,12 @@ def ln_linear_backward(*args):
     _dropout(a.seed, a.dropout_p, x)
     _output_mask(a.output_mask, 5)
     return a
+
+
+def dropout(*args, reference: bool = False):
+    a = _bind("dropout", args)
+    _input(a.x, reference)
+    if not 0.0 <= a.p < 1.0:
+        raise ValueError(f"p must be in [0, 1), got {float(a.p)}")
+    _like(a.seed, "seed", a.x, (), torch.int64)
+    return a

@@ -65,6 +65,8 @@ SCHEMAS = {
         'str activation, float dropout_p, bool[] output_mask, str quant="none") '
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
     ),
+    # Its backward is itself on the gradient with the same seed: no backward op.
+    "dropout": "(Tensor x, Tensor seed, float p) -> Tensor",
 }
 
 
@@ -173,12 +175,18 @@ def _ln_linear_backward_fake(*args):
     )
 
 
+def _dropout_fake(*args):
+    a = SIGNATURES["dropout"].bind(args)
+    return a.x.new_empty(a.x.shape)
+
+
 _FAKES = {
     "layer_norm": _layer_norm_fake,
     "layer_norm_backward": _layer_norm_backward_fake,
     "add_layer_norm": _add_layer_norm_fake,
     "ln_linear": _ln_linear_fake,
     "ln_linear_backward": _ln_linear_backward_fake,
+    "dropout": _dropout_fake,
 }
 
 

@@ -84,10 +84,16 @@ def _ln_linear_reference(*args):
     return (out,)
 
 
+def _dropout_reference(*args):
+    a = checks.dropout(*args, reference=True)
+    return reference.dropout(a.x, a.p, a.seed)
+
+
 _REFERENCE = {
     "layer_norm": _layer_norm_reference,
     "add_layer_norm": _add_layer_norm_reference,
     "ln_linear": _ln_linear_reference,
+    "dropout": _dropout_reference,
 }
 
 # What a call of each op on each backend runs: outside torch.compile (_ENTRIES) and while
@@ -254,9 +260,15 @@ def activation(x: Tensor, name: Optional[str]) -> Tensor:
     return reference.apply_activation(x, canonical_activation(name))
 
 
-def dropout(x: Tensor, p: float) -> Tensor:
+def dropout(x: Tensor, p: float, *, backend: Optional[str] = None) -> Tensor:
     """Philox dropout of x with a seed drawn from torch's generator on x's device: the mask the
-    fused ops draw for the same seed and shape. Identity when ``p == 0``."""
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {p}")
-    return reference.dropout(x, p, _draw_seed(x) if p > 0.0 else None)
+    fused ops draw for the same seed and shape (element i of x, row-major, kept iff
+    ``philox(seed, i) >= dropout_threshold(p)``). Identity when ``p == 0``. Its gradient is the
+    op itself on the gradient, with the same seed."""
+    if p == 0.0:
+        return x
+    args = (x, _draw_seed(x), p)
+    try:
+        return _entry("dropout", backend, x)(*args)
+    except RuntimeError as error:
+        return _under_torch_func("dropout", backend, args, error)

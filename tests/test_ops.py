@@ -364,6 +364,95 @@ def test_dropout_is_reproducible_through_manual_seed(backend):
     )
 
 
+def test_dh_is_rounded_to_x_dtype_on_every_backend(kernels):
+    """One rule for dh = dz @ weight in ln_linear's backward on every backend: accumulated in
+    float32 and rounded to x's dtype, as PyTorch's own bf16 linear backward rounds it
+    (docs/design.md, Numerics). With float32 norm parameters, dgamma = Σ_rows dh ⊙ xhat is float32
+    and shows the rounding: it is the float64 sum over the rounded dh, not over the exact one."""
+    dev, bf16 = kernels.device, torch.bfloat16
+    rows, k, n = 64, 48, 40
+    x = randn(rows, k, dtype=bf16, mean=1.0, std=2.0, device=dev)
+    ln_weight = randn(k, mean=1.0, std=0.3, device=dev)  # float32
+    w = randn(n, k, dtype=bf16, std=k**-0.5, device=dev)
+    dy = randn(rows, n, dtype=bf16, mean=0.3, device=dev)
+    fwd, bwd = (get_op(op, kernels.family) for op in ("ln_linear", "ln_linear_backward"))
+    _, mean, rstd, preact = fwd(
+        x, ln_weight, None, w, None, None, None, 1e-5, "layer", "none", "none", 1.0, 0.0
+    )
+    mask = [False, True, False, False, False]
+    dgamma = bwd(
+        dy, x, ln_weight, None, w, mean, rstd, preact, None, "layer", "none", "none", 0.0, mask
+    )[1].double()
+    xhat = (x.double() - mean.double()[:, None]) * rstd.double()[:, None]
+    dh_exact = dy.double() @ w.double()
+    dh_rounded = (dy.float() @ w.float()).to(bf16).double()
+
+    def error(dh):
+        want = (dh * xhat).sum(0)
+        return ((dgamma - want).norm() / want.norm()).item()
+
+    assert error(dh_rounded) < 2e-4 and 5 * error(dh_rounded) < error(dh_exact)
+
+
+# ------------------------------------------------------------------------------- dropout op
+
+_DROPOUT_SHAPES = [(23, 45), (2, 3, 37), (300, 517)]
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced"])
+def test_dropout_op_mask_is_the_reference_mask(backend, layout, dtype, p):
+    """mk.dropout (the activation dropout outside the fused ops): element i of x (row-major over
+    x's shape, whatever its strides) is kept iff reference.dropout_mask keeps it, bit for bit on
+    every backend, kept values are x/(1-p) as the reference rounds them, and the gradient is the
+    same mask on dy."""
+    dev = backend.device
+    base = randn(40, 64, mean=2.0, std=0.5, dtype=dtype, device=dev).abs() + 0.5  # no zeros
+    x = {"contiguous": base, "transposed": base.t(), "sliced": base[3:31:2, 5:50]}[layout]
+    x = x.detach().requires_grad_()
+    torch.manual_seed(11)
+    y = mk.dropout(x, p, backend=backend.name)
+    torch.manual_seed(11)
+    seed = torch.randint(0, 2**62, (), dtype=torch.int64, device=dev)
+    keep = reference.dropout_mask(seed, tuple(x.shape), p)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert torch.equal(y != 0, keep)
+    assert 0 < keep.sum() < keep.numel()
+    assert torch.equal(y, reference.dropout(x.detach(), p, seed))
+    dy = randn(*x.shape, mean=1.0, std=0.5, dtype=dtype, device=dev).abs() + 0.5
+    (dx,) = torch.autograd.grad(y, x, dy)
+    assert torch.equal(dx, reference.dropout(dy, p, seed))
+
+
+@pytest.mark.parametrize("p", [0.25, 0.6])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", _DROPOUT_SHAPES, ids=str)
+def test_dropout_op(backend, shape, dtype, p):
+    """Forward and gradient against the float64 reference (the same seed on every run)."""
+    compare_to_reference(
+        backend,
+        lambda x, backend: mk.dropout(x, p, backend=backend),
+        {"x": randn(*shape, dtype=dtype, mean=0.5, device=backend.device)},
+        seed=len(shape),
+    )
+
+
+def test_dropout_op_contract(kernels):
+    """The family's op: p = 0 copies x, an empty x gives an empty y, the seed's checks."""
+    dev, op = kernels.device, get_op("dropout", kernels.family)
+    x = randn(5, 7, mean=1.0, device=dev)
+    seed = torch.tensor(3, dtype=torch.int64, device=dev)
+    y = op(x, seed, 0.0)
+    assert torch.equal(y, x) and y.data_ptr() != x.data_ptr()
+    assert op(x[:0], seed, 0.5).shape == (0, 7)
+    with pytest.raises(ValueError, match=r"^seed must have dtype torch.int64, got torch.float32$"):
+        op(x, seed.float(), 0.5)
+    with pytest.raises(ValueError, match=r"^seed must have shape \(\), got \(1,\)$"):
+        op(x, seed.view(1), 0.5)
+    assert mk.dropout(x, 0.0, backend=kernels.name) is x
+
+
 # ------------------------------------------------------------------------------ empty batch
 
 
@@ -405,7 +494,15 @@ def _opcheck_args(dev):
 
 @pytest.mark.parametrize("rows_as", [(9,), (3, 3)], ids=["2d", "3d"])
 @pytest.mark.parametrize(
-    "op", ["layer_norm", "layer_norm_backward", "add_layer_norm", "ln_linear", "ln_linear_backward"]
+    "op",
+    [
+        "layer_norm",
+        "layer_norm_backward",
+        "add_layer_norm",
+        "ln_linear",
+        "ln_linear_backward",
+        "dropout",
+    ],
 )
 def test_opcheck(kernels, op, rows_as):
     """Each op as registered; with the 9 rows given as (3, 3) leading dimensions too (the ops
@@ -446,6 +543,7 @@ def test_opcheck(kernels, op, rows_as):
             0.1,
             [True] * 5,
         ),
+        "dropout": (x, seed, 0.3),
     }[op]
     args = tuple(  # the row-shaped tensors (9, features) as (*rows_as, features)
         a.reshape(*rows_as, a.shape[-1])
@@ -750,6 +848,16 @@ _BAD_CALLS = {
         lambda be: mk.ln_linear(_x(4, 8), None, None, _x(5, 8), dropout_p=1.0, backend=be),
         ValueError,
         r"dropout_p must be in \[0, 1\), got 1.0",
+    ),
+    "dropout p": (
+        lambda be: mk.dropout(_x(4, 8), 1.0, backend=be),
+        ValueError,
+        r"p must be in \[0, 1\), got 1.0",
+    ),
+    "dropout x": (
+        lambda be: mk.dropout(_x(4, 0), 0.5, backend=be),
+        ValueError,
+        r"x must have a non-empty last dimension, got shape \(4, 0\)",
     ),
     "ln_linear eps": (
         lambda be: mk.ln_linear(_x(4, 8), _x(8), None, _x(5, 8), eps=-0.5, backend=be),

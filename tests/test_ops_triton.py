@@ -371,3 +371,44 @@ def test_gpu_layer_norm_real_size(dtype):
         lambda x, weight, bias, backend: mk.layer_norm(x, weight, bias, backend=backend),
         inputs,
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_gpu_ops_run_on_their_tensors_device_not_the_current_one():
+    """Tensors on cuda:1 while cuda:0 is current: every op launches on cuda:1 (its current
+    stream) and matches the reference there, forward and gradients."""
+    dev = "cuda:1"
+    with torch.cuda.device(0):
+        cases = {
+            "ln_linear": (
+                ln_linear_fn("layer", "gelu", "gelu", 0.5, 0.1),
+                ln_linear_inputs(
+                    19,
+                    40,
+                    24,
+                    "layer",
+                    True,
+                    True,
+                    "fp32",
+                    torch.float32,
+                    dev,
+                    input_activation="gelu",
+                ),  # fmt: skip
+            ),
+            "layer_norm": (
+                lambda x, weight, bias, backend: mk.layer_norm(x, weight, bias, backend=backend),
+                {
+                    "x": randn(19, 40, mean=1.0, device=dev),
+                    "weight": randn(40, mean=1.0, device=dev),
+                    "bias": randn(40, device=dev),
+                },
+            ),
+            "dropout": (
+                lambda x, backend: mk.dropout(x, 0.3, backend=backend),
+                {"x": randn(19, 40, mean=1.0, device=dev)},
+            ),
+        }
+        for fn, inputs in cases.values():
+            compare_to_reference(TRITON_ON_GPU, fn, inputs)
+        assert torch.cuda.current_device() == 0

@@ -105,6 +105,7 @@ def _op_calls():
         for width in (1000, 8192, 12288):
             calls.append(("layer_norm", dtype, dict(rows=BIG, width=width, norm="layer"), False))
             calls.append(("add_layer_norm", dtype, dict(rows=BIG, width=width, norm="rms"), False))
+        calls.append(("dropout", dtype, dict(rows=BIG, width=4096), False))
     return calls
 
 
@@ -125,6 +126,12 @@ def _run_op_call(kind, dtype_name, spec, all_tiles):
     def t(*shape, dt=dtype):
         return torch.empty(*shape, dtype=dt, device="meta")
 
+    seed = torch.empty((), dtype=torch.int64, device="meta")
+    if kind == "dropout":
+        from magneto_kernels.triton import dropout
+
+        dropout.dropout(t(spec["rows"], spec["width"]), seed, 0.3)
+        return
     if kind != "ln_linear":
         rows, width, norm = spec["rows"], spec["width"], spec["norm"]
         x, w, b = t(rows, width), t(width, dt=torch.float32), t(width, dt=torch.float32)
@@ -142,7 +149,6 @@ def _run_op_call(kind, dtype_name, spec, all_tiles):
     ln_b = t(k, dt=torch.float32) if norm == "layer" and spec["ln_bias"] else None
     w, bias = t(n, k), t(n) if spec["bias"] else None
     res = t(rows, n) if spec["res"] else None
-    seed = torch.empty((), dtype=torch.int64, device="meta")
     options = (norm, spec["in_act"], spec["act"])
     out, mean, rstd, preact = ll.ln_linear(
         x, ln_w, ln_b, w, bias, res, seed, 1e-5, *options, 0.7, spec["p"]

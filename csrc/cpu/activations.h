@@ -4,6 +4,8 @@
 
 #include <type_traits>
 
+#include <c10/util/bit_cast.h>
+
 #include "cpu/rows.h"
 
 namespace magneto::cpu::MAGNETO_ISA {
@@ -16,41 +18,60 @@ constexpr float kInvSqrt2Pi = 0.39894228040143267794f;   // 1/sqrt(2 pi)
 constexpr float kTanhBeta = 0.79788456080286535588f;     // sqrt(2/pi)
 constexpr float kTanhKappa = 0.044715f;
 constexpr float kLog2e = 1.44269504088896340736f;
+// ln 2 = kLn2Hi + kLn2Lo, kLn2Hi with 15 significant bits (n·kLn2Hi exact for |n| < 512).
+constexpr float kLn2Hi = 0.693145751953125f;
+constexpr float kLn2Lo = 1.428606765330187045e-06f;
 
-// 2^t for t <= 0, as 2^n·2^f with n = round(t): 2^f, |f| <= 1/2, by a degree-6 minimax
-// polynomial (relative error 9.6e-8 in float arithmetic, about 1 ulp) and 2^n written
-// straight into the exponent bits. t is clamped at -126, so the result bottoms out at 2^-126
-// (~1.2e-38) instead of underflowing; its one use below cannot tell the difference.
-// Fewer instructions than at::vec's exp_u20 (docs/design.md, Decisions).
-inline Vec exp2_nonpositive(const Vec& t) {
-  const Vec clamped = at::vec::maximum(t, Vec(-126.0f));
-  const Vec n = clamped.round();
-  const Vec f = clamped - n;
-  Vec p = at::vec::fmadd(Vec(0.00015345810970757157f), f, Vec(0.0013399930903688073f));
-  p = at::vec::fmadd(p, f, Vec(0.009618489071726799f));
-  p = at::vec::fmadd(p, f, Vec(0.05550328642129898f));
-  p = at::vec::fmadd(p, f, Vec(0.24022646248340607f));
-  p = at::vec::fmadd(p, f, Vec(0.6931471824645996f));
-  p = at::vec::fmadd(p, f, Vec(1.0f));
+// exp(−z²/2) for z >= 0 to a few ulps: z² formed exactly as hi + lo (z split into its upper 12
+// significand bits and the rest, so that every product is exact without an FMA, which the
+// portable build lacks), exp(−hi) by Cody–Waite reduction (hi = n·ln 2 − r, n·ln2_hi exact) and
+// a degree-7 Taylor polynomial on |r| <= ln 2 / 2, exp(−lo) as 1 − lo. A rounded −z²/2 would
+// instead err by up to z²/2 ulps. hi is clamped at 87.3, so the result bottoms out near 2^-126
+// (~1.2e-38) instead of underflowing; Φ there is below float32's normal range anyway.
+inline Vec exp_neg_half_square(const Vec& z) {
+  const Vec z_hi = z & Vec(c10::bit_cast<float>(0xFFFFF000u));
+  const Vec z_lo = z - z_hi;
+  const Vec hi = at::vec::minimum(Vec(0.5f) * z_hi * z_hi, Vec(87.3f));
+  const Vec lo = Vec(0.5f) * at::vec::fmadd(z_lo, z_lo, Vec(2.0f) * z_hi * z_lo);
+  const Vec n = (hi * Vec(-kLog2e)).round();  // in [-126, 0]
+  const Vec r = (n * Vec(-kLn2Lo) - lo) + (n * Vec(-kLn2Hi) - hi);
+  Vec p = at::vec::fmadd(Vec(1.0f / 5040.0f), r, Vec(1.0f / 720.0f));
+  p = at::vec::fmadd(p, r, Vec(1.0f / 120.0f));
+  p = at::vec::fmadd(p, r, Vec(1.0f / 24.0f));
+  p = at::vec::fmadd(p, r, Vec(1.0f / 6.0f));
+  p = at::vec::fmadd(p, r, Vec(0.5f));
+  p = at::vec::fmadd(p, r, Vec(1.0f));
+  p = at::vec::fmadd(p, r, Vec(1.0f));
   // (n + 127)·2^23, exact in float for n in [-126, 0], is the bit pattern of 2^n.
   const Vec pow2_bits = at::vec::fmadd(n, Vec(8388608.0f), Vec(1065353216.0f));
   return p * at::vec::cast<float>(at::vec::convert_to_int_of_same_size(pow2_bits));
 }
 
 // The normal CDF Φ(x) and density φ(x) that GELU and its derivative are made of, sharing one
-// exp(−x²/2): the tail Φ(−|x|) = erfc(|x|/√2)/2 by Abramowitz–Stegun 7.1.26 (|error| ≤ 7.5e-8;
-// the formula at::vec's erf uses, which spends a second exp when φ is wanted too), and
-// Φ(x) = 1 − Φ(−|x|) for x >= 0. tests/test_ops_cpu.py::test_gelu_accuracy derives the error
-// bound of GELU and its derivative from these steps and checks it on every instruction set.
+// exp(−x²/2). The tail Φ(−z), z = |x|, is φ(z) times a smooth function of z (Mills' ratio),
+// written with q = (z − K)/(z + K) ∈ [−1, 1) as Φ(−z) = (1 − q)·m(q)·exp(−z²/2), m a degree-9
+// polynomial fitted for relative error (0.11 ulp in exact arithmetic, K = 3.5, z <= 13.5; beyond,
+// Φ(−z) < 2^-126); Φ(x) = 1 − Φ(−|x|) for x >= 0. About 2 ulps on the tail in float arithmetic,
+// where Abramowitz–Stegun 7.1.26 (at::vec's erf) errs 7.5e-8 absolute, far more than an ulp of
+// a small tail. tests/test_ops_cpu.py::test_gelu_accuracy checks GELU and its derivative
+// element by element on every instruction set.
 inline void gelu_cdf_pdf(const Vec& x, Vec& cdf, Vec& pdf) {
-  const Vec t = Vec(1.0f) / at::vec::fmadd(Vec(0.3275911f * kSqrtHalf), x.abs(), Vec(1.0f));
-  // The 7.1.26 coefficients halved (exactly), so that r·t·e is the tail itself.
-  Vec r = at::vec::fmadd(Vec(0.5f * 1.061405429f), t, Vec(0.5f * -1.453152027f));
-  r = at::vec::fmadd(r, t, Vec(0.5f * 1.421413741f));
-  r = at::vec::fmadd(r, t, Vec(0.5f * -0.284496736f));
-  r = at::vec::fmadd(r, t, Vec(0.5f * 0.254829592f));
-  const Vec e = exp2_nonpositive(x * x * Vec(-0.5f * kLog2e));  // exp(−x²/2)
-  const Vec tail = r * t * e;                                      // Φ(−|x|)
+  constexpr float kMillsK = 3.5f;
+  const Vec z = x.abs();
+  const Vec zc = at::vec::minimum(z, Vec(13.5f));
+  const Vec inv = Vec(1.0f) / (zc + Vec(kMillsK));
+  const Vec q = (zc - Vec(kMillsK)) * inv;
+  Vec m = at::vec::fmadd(Vec(1.682307083683554e-05f), q, Vec(6.198870687512681e-05f));
+  m = at::vec::fmadd(m, q, Vec(-7.077686314005405e-05f));
+  m = at::vec::fmadd(m, q, Vec(-0.00045481693814508617f));
+  m = at::vec::fmadd(m, q, Vec(0.0009273769101127982f));
+  m = at::vec::fmadd(m, q, Vec(0.0024869022890925407f));
+  m = at::vec::fmadd(m, q, Vec(-0.016578959301114082f));
+  m = at::vec::fmadd(m, q, Vec(0.04506069794297218f));
+  m = at::vec::fmadd(m, q, Vec(-0.08079453557729721f));
+  m = at::vec::fmadd(m, q, Vec(0.10634515434503555f));
+  const Vec e = exp_neg_half_square(z);                   // exp(−x²/2)
+  const Vec tail = (Vec(2.0f * kMillsK) * inv) * m * e;  // Φ(−|x|)
   cdf = Vec::blendv(Vec(1.0f) - tail, tail, x < Vec(0.0f));
   pdf = e * Vec(kInvSqrt2Pi);
 }

@@ -18,6 +18,7 @@
 //             one pass over x: dx = norm backward of dh ⊙ in_act'(x), dgamma/dbeta partials,
 //                              and h recomputed from the saved stats (the sweep already reads x)
 //             dweight = dz^T @ h
+//   dropout   the epilogue pass with dropout alone, x for preact
 // BitNet's quantised projection (LnLinearArgs::quant): online, the same passes with the weight
 // and h fake-quantised (ATen: transformers' WeightQuant / ActQuant steps, straight-through in the
 // backward, which quantises the recomputed h again for dweight); offline, h's rows quantised to
@@ -406,6 +407,21 @@ void Kernels::ln_linear_backward(const LnLinearBackwardArgs& a, LnLinearGrads& g
   if (want_dweight) {
     gemm::matmul(gemm::Role::kWeightGrad, dz.t(), h, grads.dweight, /*accumulate=*/false);
   }
+}
+
+// The epilogue pass with nothing but dropout: preact = x, no activation, no residual.
+void Kernels::dropout(const DropoutArgs& a, const Tensor& y) {
+  LinearEpilogue e;
+  e.dtype = dtype_code(a.x.scalar_type());
+  e.rows = a.x.size(0);
+  e.cols = a.x.size(1);
+  e.preact = a.x.data_ptr();
+  e.preact_stride = e.cols;
+  e.seed = static_cast<uint64_t>(a.seed.item<int64_t>());
+  e.dropout_p = a.p;
+  e.out = y.data_ptr();
+  e.out_stride = e.cols;
+  linear_epilogue(e);
 }
 
 }  // namespace magneto::cpu

@@ -14,6 +14,7 @@
 //             h recomputed by norm_forward with the saved statistics: cuBLAS reads its
 //             operands from memory, so h is written once more before the dweight GEMM
 //             dweight = dz^T @ h                       cuBLAS
+//   dropout   linear_epilogue with dropout alone, x for the product
 //
 // h, dh are (rows, K) with K = weight.size(1); x and dx are (rows, 2K) for a gated input
 // activation (x = [gate | up]), whose product act(gate)·up norm_forward and norm_backward
@@ -256,6 +257,26 @@ void Kernels::ln_linear_backward(const LnLinearBackwardArgs& a, LnLinearGrads& g
     }
     at::mm_out(grads.dweight, dz.t(), h);
   }
+}
+
+// The epilogue pass with dropout alone: x for the product (in its own dtype, so the
+// pre-activation's rounding keeps it as it is), no bias, activation or residual.
+void Kernels::dropout(const DropoutArgs& a, const Tensor& y) {
+  const Tensor& x = a.x;
+  const DeviceGuard guard(x.device());
+  LinearEpilogueParams e;
+  e.product = x.data_ptr();
+  e.product_stride = x.size(1);
+  e.product_dtype = dtype_code(x.scalar_type());
+  e.seed = a.seed.data_ptr<int64_t>();
+  e.dropout_threshold = dropout_threshold(a.p);
+  e.dropout_scale = static_cast<float>(1.0 / (1.0 - a.p));
+  e.out = y.data_ptr();
+  e.out_stride = y.size(1);
+  e.rows = x.size(0);
+  e.cols = x.size(1);
+  e.dtype = dtype_code(x.scalar_type());
+  check_status(linear_epilogue(e, current_stream(x)));
 }
 
 }  // namespace magneto::cuda

@@ -5,22 +5,26 @@ they run on CPU tensors in Triton's interpreter.
 
 Modules: ``philox`` (Philox4x32-10 dropout stream), ``activations``, ``norm`` (row kernels:
 LayerNorm/RMSNorm forward and backward, add-LayerNorm, deterministic column sums), ``ln_linear``
-(the fused norm → GEMM → epilogue op and its backward).
+(the fused norm → GEMM → epilogue op and its backward), ``dropout`` (the dropout op).
 
 Launch convention: an absent tensor is passed as None next to a constexpr ``HAS_*``/``WANT_*``
 flag (Triton specialises None as a constexpr, so the kernel never sees a placeholder pointer);
 long launches take one keyword argument per line; autotuned kernels are held in each module's
-``_TUNED`` dict, keyed by the plain kernel.
+``_TUNED`` dict, keyed by the plain kernel. Every op runs under ``torch.cuda.device`` of its
+tensors, so that its launches go to their device's current stream whatever device is current.
 
 float32 GEMMs follow ``torch.get_float32_matmul_precision()``: "highest" (PyTorch's default)
 runs ``tl.dot`` with ``input_precision="ieee"`` (exact fp32 products, like torch.matmul);
 "high"/"medium" allow TF32 (~5e-4 relative error, much faster on tensor cores).
 """
 
+import functools
+
 import torch
 
 from magneto_kernels import checks
 from magneto_kernels.library import op_name
+from magneto_kernels.triton import dropout as _dropout
 from magneto_kernels.triton import ln_linear as _ln_linear
 from magneto_kernels.triton import norm as _norm
 from magneto_kernels.triton.common import INTERPRET  # noqa: F401  (read by backends.py)
@@ -131,13 +135,36 @@ def _ln_linear_backward_op(*args):
     return (_like(grads[0], a.x), *grads[1:])
 
 
+def _dropout_op(*args):
+    a = checks.dropout(*args)
+    return _dropout.dropout(a.x.contiguous(), a.seed, a.p)
+
+
 _IMPLS = {
     "layer_norm": _layer_norm_op,
     "layer_norm_backward": _layer_norm_backward_op,
     "add_layer_norm": _add_layer_norm_op,
     "ln_linear": _ln_linear_op,
     "ln_linear_backward": _ln_linear_backward_op,
+    "dropout": _dropout_op,
 }
 
+
+def _on_its_device(impl):
+    """impl under its first tensor's CUDA device: Triton launches on the current device's current
+    stream, which for a tensor on another GPU than the current one is the wrong device. (The
+    ops check that every tensor is on the first one's device.)"""
+
+    @functools.wraps(impl)
+    def run(*args):
+        first = args[0] if args else None
+        if not isinstance(first, torch.Tensor) or first.device.type != "cuda":
+            return impl(*args)
+        with torch.cuda.device(first.device):
+            return impl(*args)
+
+    return run
+
+
 for _op, _impl in _IMPLS.items():
-    torch.library.register_kernel(op_name(_op, "triton"), None, _impl)
+    torch.library.register_kernel(op_name(_op, "triton"), None, _on_its_device(_impl))

@@ -14,7 +14,7 @@ Backward (``ln_linear_backward``):
        seed), with per-row-block partial sums of dz for dbias (summed in a fixed order);
   dweight = dz^T @ h   a GEMM that recomputes h on load from x and the saved mean/rstd, as the
                        forward does (``gemm.dweight``);
-  dh = dz @ weight     (float32 result, kept exact for the norm backward);
+  dh = dz @ weight     (rounded to x's dtype, as on every backend: docs/design.md, Numerics);
   dx, dgamma, dbeta from the norm-backward row kernel, which also applies in_act'(x).
 
 Gated input activations: x = [gate | up] has 2K columns, and every place that applies in_act
@@ -233,7 +233,7 @@ def ln_linear_backward(
     # dh = dz @ weight, then the norm backward (with in_act') -----------------------------------
     dx = dgamma = dbeta = empty
     if need_dh:
-        dh = new_buffer((rows, k), torch.float32, x.device)
+        dh = new_buffer((rows, k), x.dtype, x.device)
         gemm.ln_matmul(dz, weight, dh)
         dx, dgamma, dbeta = norm_backward(
             dh,
