@@ -9,6 +9,7 @@
 
 #include <cstdlib>
 #include <string_view>
+#include <vector>
 
 #include "tensor_utils.h"
 
@@ -97,6 +98,40 @@ struct LnLinearGrads {
   Tensor dx, dln_weight, dln_bias, dweight, dbias;
 };
 
+// ln_linear_group: outs[i] = N(x) @ weights[i]^T + biases[i], one norm for every weight. x is
+// (rows, in_features), every weight (out_features_i, in_features).
+struct LnLinearGroupArgs {
+  Tensor x;
+  OptTensor ln_weight, ln_bias;    // (in_features,)
+  std::vector<Tensor> weights;     // (out_features_i, in_features)
+  std::vector<OptTensor> biases;   // (out_features_i,), one entry per weight
+  double eps = 0.0;
+  Norm norm = Norm::kLayer;  // kNone when ln_weight is absent
+};
+
+// outs (rows, out_features_i) are allocated by the backend; mean and rstd as in LnLinearOutputs.
+struct LnLinearGroupOutputs {
+  std::vector<Tensor> outs;
+  Tensor mean, rstd;
+};
+
+struct LnLinearGroupBackwardArgs {
+  std::vector<Tensor> grad_outs;  // (rows, out_features_i); undefined where no gradient came
+  Tensor x;
+  OptTensor ln_weight, ln_bias;
+  std::vector<Tensor> weights;
+  Tensor mean, rstd;
+  Norm norm = Norm::kLayer;
+};
+
+// dx = N'ᵀ Σ_i grad_outs[i] @ weights[i] (one norm backward for the group), dweights[i] =
+// grad_outs[i]ᵀ @ h, dbiases[i] = Σ_rows grad_outs[i]; an empty one is not wanted. A backend may
+// replace dx by a tensor of its own (dh itself when N is the identity).
+struct LnLinearGroupGrads {
+  Tensor dx, dln_weight, dln_bias;
+  std::vector<Tensor> dweights, dbiases;
+};
+
 #define MAGNETO_BACKEND_KERNELS                                                           \
   struct Kernels {                                                                        \
     static void norm_forward(const NormArgs& args, const NormOutputs& out);               \
@@ -104,6 +139,10 @@ struct LnLinearGrads {
     /* Allocates out.out and out.preact, writes out.mean and out.rstd. */                 \
     static void ln_linear(const LnLinearArgs& args, LnLinearOutputs& out);                \
     static void ln_linear_backward(const LnLinearBackwardArgs& args, LnLinearGrads& grads); \
+    /* Allocates out.outs, writes out.mean and out.rstd. */                               \
+    static void ln_linear_group(const LnLinearGroupArgs& args, LnLinearGroupOutputs& out); \
+    static void ln_linear_group_backward(const LnLinearGroupBackwardArgs& args,            \
+                                         LnLinearGroupGrads& grads);                       \
   };
 namespace cpu {
 MAGNETO_BACKEND_KERNELS
