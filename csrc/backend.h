@@ -22,6 +22,13 @@ inline bool cuda_emulation_requested() {
   return v != nullptr && std::string_view(v) == "1";
 }
 
+// The names under which each backend's norm passes (a norm forward, or a norm backward with or
+// without the recompute of h) show in torch.profiler: a test counts them, so that an op that
+// should normalise its rows once does (RECORD_FUNCTION costs one flag check when no profiler
+// runs).
+inline constexpr char kNormForwardPass[] = "magneto::norm_forward_pass";
+inline constexpr char kNormBackwardPass[] = "magneto::norm_backward_pass";
+
 // y = N(in_act(x + alpha·residual))·gamma + beta: layer_norm, add_layer_norm (residual given)
 // and ln_linear's prologue (input_activation). x is (rows, cols), or (rows, 2·cols) for a gated
 // input activation (x = [gate | up], no residual then).

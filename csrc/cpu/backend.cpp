@@ -28,6 +28,8 @@
 #include <algorithm>
 #include <cstdlib>
 
+#include <ATen/record_function.h>
+
 #include "backend.h"
 #include "cpu/gemm.h"
 #include "cpu/kernels.h"
@@ -87,6 +89,7 @@ void norm_backward_and_h(const NormBackwardArgs& args, const NormGrads& grads, c
     a.h = h.data_ptr();
     a.h_stride = a.cols;
   }
+  RECORD_FUNCTION(kNormBackwardPass, {});
   norm_backward(a);
   if (dgamma32.defined()) copy_back(grads.dgamma, dgamma32);
   if (dbeta32.defined()) copy_back(grads.dbeta, dbeta32);
@@ -184,6 +187,7 @@ void Kernels::norm_forward(const NormArgs& args, const NormOutputs& out) {
   }
   a.mean = opt_float_ptr(out.mean);
   a.rstd = opt_float_ptr(out.rstd);
+  RECORD_FUNCTION(kNormForwardPass, {});
   cpu::norm_forward(a);
 }
 

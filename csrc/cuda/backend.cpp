@@ -23,6 +23,8 @@
 // h, dh are (rows, K) with K = weight.size(1); x and dx are (rows, 2K) for a gated input
 // activation (x = [gate | up]), whose product act(gate)·up norm_forward and norm_backward
 // recompute from x.
+#include <ATen/record_function.h>
+
 #include "backend.h"
 #include "cuda/launch_utils.h"
 
@@ -92,7 +94,10 @@ void norm_forward_with(const NormArgs& args, const NormOutputs& out,
   p.input_activation = args.input_activation;
   p.dtype = dtype_code(x.scalar_type());
   p.param_dtype = params.dtype;
-  check_status(cuda::norm_forward(p, current_stream(x)));
+  {
+    RECORD_FUNCTION(kNormForwardPass, {});
+    check_status(cuda::norm_forward(p, current_stream(x)));
+  }
 }
 
 // The GEMM operand h = N(in_act(x)): (rows, K), K = weight.size(1) (x.size(1) / 2 when gated).
@@ -141,7 +146,10 @@ void Kernels::norm_backward(const NormBackwardArgs& args, const NormGrads& grads
                                                     p.dgamma != nullptr, p.dbeta != nullptr);
   const Tensor ws = workspace(x, p.workspace_bytes);
   p.workspace = p.workspace_bytes > 0 ? ws.data_ptr() : nullptr;
-  check_status(cuda::norm_backward(p, current_stream(x)));
+  {
+    RECORD_FUNCTION(kNormBackwardPass, {});
+    check_status(cuda::norm_backward(p, current_stream(x)));
+  }
   if (!dgamma_buf.is_same(grads.dgamma)) grads.dgamma.copy_(dgamma_buf);
   if (!dbeta_buf.is_same(grads.dbeta)) grads.dbeta.copy_(dbeta_buf);
 }
