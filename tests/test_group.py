@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import magneto_kernels as mk
+from magneto_kernels.library import get_op
 from tests.harness import (
     DTYPES,
     assert_close_to_reference,
@@ -214,3 +215,32 @@ def test_group_refuses_bad_lists(backend):
             mk.ln_linear_group(x, None, None, [w, w], [None, torch.randn(5)], backend=backend.name)
         with pytest.raises(TypeError, match="weights must be a list of Tensors, got int"):
             mk.ln_linear_group(x, None, None, [w, 3], backend=backend.name)
+
+
+@pytest.mark.parametrize("op", ["ln_linear_group", "ln_linear_group_backward"])
+@pytest.mark.parametrize("rows_as", [(9,), (3, 3)], ids=["2d", "3d"])
+@pytest.mark.parametrize("backend", backend_params(kernels_only=True))
+def test_group_opcheck(backend, rows_as, op):
+    """The group's ops as registered (schema, fake impl, autograd registration), with the rows
+    given as one dimension and as two."""
+    with backend.running():
+        dev, family = backend.device, backend.family
+        gen = torch.Generator().manual_seed(3)
+        x = randn(*rows_as, 24, mean=0.5, generator=gen, device=dev)
+        lw, lb = (
+            randn(24, mean=1.0, generator=gen, device=dev),
+            randn(24, generator=gen, device=dev),
+        )
+        ws = [randn(n, 24, std=0.2, generator=gen, device=dev) for n in (10, 6)]
+        bs = [randn(10, generator=gen, device=dev), None]
+        _, mean, rstd = get_op("ln_linear_group", family)(x, lw, lb, ws, bs, 1e-5, "layer")
+        if op == "ln_linear_group":
+            x, lw, lb = (t.requires_grad_() for t in (x, lw, lb))
+            ws = [w.requires_grad_() for w in ws]
+            bs = [bs[0].requires_grad_(), None]
+            args = (x, lw, lb, ws, bs, 1e-5, "layer")
+        else:
+            dy = [randn(*rows_as, 10, generator=gen, device=dev), None]
+            mask = [True, True, True, True, True, True, False]
+            args = (dy, x, lw, lb, ws, mean, rstd, "layer", mask)
+        torch.library.opcheck(get_op(op, family), args)
