@@ -244,3 +244,36 @@ def test_group_opcheck(backend, rows_as, op):
             mask = [True, True, True, True, True, True, False]
             args = (dy, x, lw, lb, ws, mean, rstd, "layer", mask)
         torch.library.opcheck(get_op(op, family), args)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_group_under_autocast(backend):
+    """torch.autocast casts x, the weights and the biases to the autocast dtype (a linear) and
+    the norm parameters to float32, as for ln_linear; gradients reach the float32 tensors."""
+    inputs = _inputs((4,), 16, "rms", torch.float32, (True, False), (8, 4))
+    x = inputs["x"].requires_grad_()
+    weights = [inputs["w0"].requires_grad_(), inputs["w1"]]
+    biases = [inputs["b0"], None]
+    with backend.running(), torch.autocast(x.device.type, dtype=torch.bfloat16):
+        outs = mk.ln_linear_group(x, inputs["ln_weight"], None, weights, biases, norm="rms",
+                                  backend=backend.name)  # fmt: skip
+    # the reference on the autocast-cast inputs, in bfloat16 and in float64
+    with torch.no_grad():
+        low = [t.to(torch.bfloat16) for t in (x, *weights, biases[0])]
+        refs = [
+            mk.ln_linear_group(
+                cast(low[0]),
+                inputs["ln_weight"].to(dt),
+                None,
+                [cast(w) for w in low[1:3]],
+                [cast(low[3]), None],
+                norm="rms",
+                backend="reference",
+            )  # fmt: skip
+            for dt, cast in ((torch.float32, lambda t: t), (torch.float64, lambda t: t.double()))
+        ]
+    assert [o.dtype for o in outs] == [torch.bfloat16] * 2
+    for i, (out, same, ref64) in enumerate(zip(outs, *refs)):
+        assert_close_to_reference(out, ref64, same, f"output {i}")
+    sum(o.float().sum() for o in outs).backward()
+    assert x.grad.dtype == torch.float32 and weights[0].grad.dtype == torch.float32
