@@ -149,7 +149,7 @@ def bench_group(args, device: torch.device, sync) -> list[dict]:
     }
     results = []
     for grad in (False, True):
-        for rows in (1, 4, 16, 64, 256, 1024):
+        for rows in (int(r) for r in args.group_rows.split(",")):
             x = torch.randn(rows, args.hidden, device=device, requires_grad=grad)
 
             def run(way, x=x, grad=grad):
@@ -190,6 +190,7 @@ def main() -> None:
     parser.add_argument(
         "--group", action="store_true", help="time gate/up grouped vs separate vs packed"
     )
+    parser.add_argument("--group-rows", default="1,4,16,64,256,1024", help="--group's row counts")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)

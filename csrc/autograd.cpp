@@ -15,6 +15,7 @@
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
@@ -259,6 +260,106 @@ struct DropoutFormula {
   }
 };
 
+// ------------------------------------------------------------------------------ ln_linear_group
+
+// Its arguments are lists (weights, biases) and its first output is one, which the Autograd
+// template above does not take: the same pattern, written out. The autograd edges are x,
+// ln_weight, ln_bias (when given), every weight, then the biases that are given.
+template <const char* Family>
+struct LnLinearGroupAutograd : torch::autograd::Function<LnLinearGroupAutograd<Family>> {
+  using Op = schema::LnLinearGroup;
+  using R = std::tuple<std::vector<Tensor>, Tensor, Tensor>;
+
+  static R kernel(const Tensor& x, const OptTensor& ln_weight, const OptTensor& ln_bias,
+                  at::TensorList weights, const c10::List<OptTensor>& biases, double eps,
+                  std::string_view norm) {
+    std::vector<Tensor> given_biases;
+    for (const OptTensor& b : biases) {
+      if (b.has_value()) given_biases.push_back(*b);
+    }
+    bool records_graph = requires_grad(x) || requires_grad(ln_weight) || requires_grad(ln_bias);
+    for (const Tensor& t : weights) records_graph = records_graph || requires_grad(t);
+    for (const Tensor& t : given_biases) records_graph = records_graph || requires_grad(t);
+    if (!at::GradMode::is_enabled() || !records_graph) {
+      at::AutoDispatchBelowADInplaceOrView below;
+      return op_handle<Op, Family>().call(x, ln_weight, ln_bias, weights, biases, eps, norm);
+    }
+    const Op call{x, ln_weight, ln_bias, weights, biases, eps, norm};
+    const variable_list out = LnLinearGroupAutograd::apply(
+        &call, x, ln_weight, ln_bias, weights, at::TensorList(given_biases));
+    const size_t n = weights.size();
+    return {std::vector<Tensor>(out.begin(), out.begin() + n), out[n], out[n + 1]};
+  }
+
+  // The differentiable inputs follow `call` only so that autograd makes their edges.
+  static variable_list forward(AutogradContext* ctx, const Op* call, const Tensor&,
+                               const OptTensor&, const OptTensor&, at::TensorList,
+                               at::TensorList) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    const Op& c = *call;
+    auto [outs, mean, rstd] = op_handle<Op, Family>().call(c.x, c.ln_weight, c.ln_bias, c.weights,
+                                                           c.biases, c.eps, c.norm);
+    // x and the statistics of the input side: h is recomputed in the backward.
+    variable_list saved{c.x, value_or_undefined(c.ln_weight), value_or_undefined(c.ln_bias), mean,
+                        rstd};
+    saved.insert(saved.end(), c.weights.begin(), c.weights.end());
+    ctx->save_for_backward(saved);
+    c10::List<bool> has_bias;
+    for (const OptTensor& b : c.biases) has_bias.push_back(b.has_value());
+    ctx->saved_data["norm"] = std::string(c.norm);
+    ctx->saved_data["has_bias"] = has_bias;
+    ctx->mark_non_differentiable({mean, rstd});
+    // An output without a gradient stays undefined: the backward op skips its GEMMs.
+    ctx->set_materialize_grads(false);
+    outs.push_back(mean);
+    outs.push_back(rstd);
+    return outs;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &ln_weight = saved[1], &ln_bias = saved[2];
+    const std::vector<Tensor> weights(saved.begin() + 5, saved.end());
+    const c10::List<bool> has_bias = ctx->saved_data["has_bias"].toBoolList();
+    const size_t n = weights.size();
+    // The edges, in the order of the forward's inputs (see the top).
+    std::vector<int> edge{0};
+    int next = 1;
+    edge.push_back(ln_weight.defined() ? next++ : -1);
+    edge.push_back(ln_bias.defined() ? next++ : -1);
+    for (size_t i = 0; i < n; ++i) edge.push_back(next++);
+    for (size_t i = 0; i < n; ++i) edge.push_back(has_bias.get(i) ? next++ : -1);
+    c10::List<bool> mask;
+    bool any = false;
+    for (int e : edge) {
+      mask.push_back(needs_grad(ctx, e));
+      any = any || mask.get(mask.size() - 1);
+    }
+    c10::List<OptTensor> grad_outs;
+    for (size_t i = 0; i < n; ++i) grad_outs.push_back(optional_of(grads[i]));
+    // pack's, x's, ln_weight's and ln_bias's positions, then each weight's and given bias's.
+    variable_list result(4 + n);
+    if (!any) {
+      for (size_t i = 0; i < n; ++i) {
+        if (has_bias.get(i)) result.emplace_back();
+      }
+      return result;
+    }
+    auto [dx, dln_weight, dln_bias, dweights, dbiases] =
+        op_handle<schema::LnLinearGroupBackward, Family>().call(
+            grad_outs, x, optional_of(ln_weight), optional_of(ln_bias), weights, saved[3],
+            saved[4], ctx->saved_data["norm"].toStringRef(), mask);
+    result[1] = wanted(dx, mask.get(0));
+    result[2] = wanted(dln_weight, mask.get(1));
+    result[3] = wanted(dln_bias, mask.get(2));
+    for (size_t i = 0; i < n; ++i) result[4 + i] = wanted(dweights[i], mask.get(3 + i));
+    for (size_t i = 0; i < n; ++i) {
+      if (has_bias.get(i)) result.push_back(wanted(dbiases[i], mask.get(3 + n + i)));
+    }
+    return result;
+  }
+};
+
 template <template <const char*> class Formula, const char* Family>
 void impl(torch::Library& m) {
   using Op = typename Formula<Family>::Op;
@@ -272,6 +373,8 @@ void register_family(torch::Library& m) {
   impl<AddLayerNormFormula, Family>(m);
   impl<LnLinearFormula, Family>(m);
   impl<DropoutFormula, Family>(m);
+  m.impl((std::string(schema::LnLinearGroup::kName) + "_" + Family).c_str(),
+         TORCH_FN(&LnLinearGroupAutograd<Family>::kernel));
 }
 
 }  // namespace

@@ -9,6 +9,7 @@
 
 #include <cstdlib>
 #include <string_view>
+#include <vector>
 
 #include "tensor_utils.h"
 
@@ -20,6 +21,13 @@ inline bool cuda_emulation_requested() {
   const char* v = std::getenv("MAGNETO_CUDA_EMULATE");
   return v != nullptr && std::string_view(v) == "1";
 }
+
+// The names under which each backend's norm passes (a norm forward, or a norm backward with or
+// without the recompute of h) show in torch.profiler: a test counts them, so that an op that
+// should normalise its rows once does (RECORD_FUNCTION costs one flag check when no profiler
+// runs).
+inline constexpr char kNormForwardPass[] = "magneto::norm_forward_pass";
+inline constexpr char kNormBackwardPass[] = "magneto::norm_backward_pass";
 
 // y = N(in_act(x + alpha·residual))·gamma + beta: layer_norm, add_layer_norm (residual given)
 // and ln_linear's prologue (input_activation). x is (rows, cols), or (rows, 2·cols) for a gated
@@ -111,6 +119,40 @@ struct DropoutArgs {
   double p = 0.0;
 };
 
+// ln_linear_group: outs[i] = N(x) @ weights[i]^T + biases[i], one norm for every weight. x is
+// (rows, in_features), every weight (out_features_i, in_features).
+struct LnLinearGroupArgs {
+  Tensor x;
+  OptTensor ln_weight, ln_bias;    // (in_features,)
+  std::vector<Tensor> weights;     // (out_features_i, in_features)
+  std::vector<OptTensor> biases;   // (out_features_i,), one entry per weight
+  double eps = 0.0;
+  Norm norm = Norm::kLayer;  // kNone when ln_weight is absent
+};
+
+// outs (rows, out_features_i) are allocated by the backend; mean and rstd as in LnLinearOutputs.
+struct LnLinearGroupOutputs {
+  std::vector<Tensor> outs;
+  Tensor mean, rstd;
+};
+
+struct LnLinearGroupBackwardArgs {
+  std::vector<Tensor> grad_outs;  // (rows, out_features_i); undefined where no gradient came
+  Tensor x;
+  OptTensor ln_weight, ln_bias;
+  std::vector<Tensor> weights;
+  Tensor mean, rstd;
+  Norm norm = Norm::kLayer;
+};
+
+// dx = N'ᵀ Σ_i grad_outs[i] @ weights[i] (one norm backward for the group), dweights[i] =
+// grad_outs[i]ᵀ @ h, dbiases[i] = Σ_rows grad_outs[i]; an empty one is not wanted. A backend may
+// replace dx by a tensor of its own (dh itself when N is the identity).
+struct LnLinearGroupGrads {
+  Tensor dx, dln_weight, dln_bias;
+  std::vector<Tensor> dweights, dbiases;
+};
+
 #define MAGNETO_BACKEND_KERNELS                                                           \
   struct Kernels {                                                                        \
     static void norm_forward(const NormArgs& args, const NormOutputs& out);               \
@@ -119,6 +161,10 @@ struct DropoutArgs {
     static void ln_linear(const LnLinearArgs& args, LnLinearOutputs& out);                \
     static void ln_linear_backward(const LnLinearBackwardArgs& args, LnLinearGrads& grads); \
     static void dropout(const DropoutArgs& args, const Tensor& y);                        \
+    /* Allocates out.outs, writes out.mean and out.rstd. */                               \
+    static void ln_linear_group(const LnLinearGroupArgs& args, LnLinearGroupOutputs& out); \
+    static void ln_linear_group_backward(const LnLinearGroupBackwardArgs& args,            \
+                                         LnLinearGroupGrads& grads);                       \
   };
 namespace cpu {
 MAGNETO_BACKEND_KERNELS

@@ -282,7 +282,48 @@ LnLinearCodes check_ln_linear_common(const Call& call) {
   return codes;
 }
 
+// What ln_linear_group and its backward share: x, the norm and its parameters, the weights.
+template <class Call>
+Norm check_ln_linear_group_common(const Call& call) {
+  check_input(call.x);
+  const Norm norm = parse_norm(call.norm, true);
+  const int64_t in_features = call.x.size(-1);
+  check_norm_params(call.ln_weight, call.ln_bias, norm, call.x, "ln_weight", "ln_bias",
+                    in_features);
+  TORCH_CHECK_VALUE(!call.weights.empty(), "weights is empty");
+  for (size_t i = 0; i < call.weights.size(); ++i) {
+    const Tensor& w = call.weights[i];
+    const std::string name = "weights[" + std::to_string(i) + "]";
+    TORCH_CHECK_VALUE(w.dim() == 2 && w.size(1) == in_features, name,
+                      " must have shape (out_features, ", in_features, "), got ",
+                      py_shape(w.sizes()));
+    check_like(w, name.c_str(), call.x, w.sizes());
+  }
+  return norm;
+}
+
+// One entry per weight in a list argument (biases, grad_outs).
+void check_count(size_t count, const char* name, size_t weights) {
+  TORCH_CHECK_VALUE(count == weights, count, " ", name, " for ", weights,
+                    " weights (give None for a projection without one)");
+}
+
+std::vector<Tensor> contiguous_all(at::TensorList ts) {
+  std::vector<Tensor> out;
+  out.reserve(ts.size());
+  for (const Tensor& t : ts) out.push_back(t.contiguous());
+  return out;
+}
+
 }  // namespace
+
+std::vector<bool> mask_of(const c10::List<bool>& output_mask, size_t n) {
+  TORCH_CHECK_VALUE(output_mask.size() == n, "output_mask must have ", n, " entries, got ",
+                    output_mask.size());
+  std::vector<bool> mask(n);
+  for (size_t i = 0; i < n; ++i) mask[i] = output_mask.get(i);
+  return mask;
+}
 
 Tensor with_rows_of(const Tensor& result, const Tensor& x) {
   if (x.dim() == 2 || result.dim() != 2) return result;
@@ -394,6 +435,44 @@ DropoutArgs parse(const schema::Dropout& call) {
                     py_float(call.p));
   check_like(call.seed, "seed", call.x, {}, at::kLong);
   return {as_rows(call.x), call.seed, call.p};
+}
+
+LnLinearGroupArgs parse(const schema::LnLinearGroup& call) {
+  const Tensor& x = call.x;
+  const Norm norm = check_ln_linear_group_common(call);
+  const size_t n = call.weights.size();
+  check_count(call.biases.size(), "biases", n);
+  std::vector<OptTensor> biases;
+  for (size_t i = 0; i < n; ++i) {
+    const OptTensor bias = call.biases.get(i);
+    if (bias.has_value()) {
+      check_like(*bias, ("biases[" + std::to_string(i) + "]").c_str(), x,
+                 {call.weights[i].size(0)});
+    }
+    biases.push_back(contiguous(bias));
+  }
+  check_eps(call.eps);
+  return {as_rows(x), contiguous(call.ln_weight), contiguous(call.ln_bias),
+          contiguous_all(call.weights), std::move(biases), call.eps, norm};
+}
+
+LnLinearGroupBackwardArgs parse(const schema::LnLinearGroupBackward& call) {
+  const Tensor& x = call.x;
+  const Norm norm = check_ln_linear_group_common(call);
+  const size_t n = call.weights.size();
+  check_count(call.grad_outs.size(), "grad_outs", n);
+  std::vector<Tensor> grad_outs;
+  for (size_t i = 0; i < n; ++i) {
+    const OptTensor grad = call.grad_outs.get(i);
+    if (grad.has_value()) {
+      check_like(*grad, ("grad_outs[" + std::to_string(i) + "]").c_str(), x,
+                 rows_shape(x, call.weights[i].size(0)));
+    }
+    grad_outs.push_back(grad.has_value() ? as_rows(*grad) : Tensor());
+  }
+  check_stats(call.mean, call.rstd, norm, x);
+  return {std::move(grad_outs), as_rows(x), contiguous(call.ln_weight), contiguous(call.ln_bias),
+          contiguous_all(call.weights), call.mean.contiguous(), call.rstd.contiguous(), norm};
 }
 
 }  // namespace magneto

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <array>
+#include <vector>
 
 #include "backend.h"
 #include "schema.h"
@@ -19,6 +20,11 @@ NormBackwardArgs parse(const schema::LayerNormBackward& call);
 LnLinearArgs parse(const schema::LnLinear& call);
 LnLinearBackwardArgs parse(const schema::LnLinearBackward& call);
 DropoutArgs parse(const schema::Dropout& call);
+LnLinearGroupArgs parse(const schema::LnLinearGroup& call);
+LnLinearGroupBackwardArgs parse(const schema::LnLinearGroupBackward& call);
+
+// output_mask, checked to have n entries.
+std::vector<bool> mask_of(const c10::List<bool>& output_mask, size_t n);
 
 // output_mask, checked to have N entries.
 template <size_t N>

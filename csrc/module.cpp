@@ -12,6 +12,7 @@
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <torch/csrc/Exceptions.h>
@@ -99,17 +100,72 @@ struct Arg<std::string_view> {
   std::string_view get() const { return value; }
 };
 
+// A list argument: a list or tuple of them.
+template <class F>
+void for_each_item(PyObject* obj, const c10::FunctionSchema& schema, size_t index,
+                   const char* want, F&& f) {
+  if (!PyList_Check(obj) && !PyTuple_Check(obj)) wrong_type(schema, index, want, obj);
+  const Py_ssize_t size = PySequence_Fast_GET_SIZE(obj);
+  PyObject** items = PySequence_Fast_ITEMS(obj);
+  for (Py_ssize_t i = 0; i < size; ++i) f(items[i]);
+}
+template <>
+struct Arg<at::TensorList> {
+  std::vector<Tensor> value;
+  Arg(PyObject* obj, const c10::FunctionSchema& schema, size_t index) {
+    for_each_item(obj, schema, index, "a list of Tensors", [&](PyObject* item) {
+      if (!THPVariable_Check(item)) wrong_type(schema, index, "a list of Tensors", item);
+      value.push_back(THPVariable_Unpack(item));
+    });
+  }
+  at::TensorList get() const { return value; }
+};
+template <>
+struct Arg<const c10::List<OptTensor>&> {
+  c10::List<OptTensor> value;
+  Arg(PyObject* obj, const c10::FunctionSchema& schema, size_t index) {
+    const char* want = "a list of Tensors or None";
+    for_each_item(obj, schema, index, want, [&](PyObject* item) {
+      if (item != Py_None && !THPVariable_Check(item)) wrong_type(schema, index, want, item);
+      value.push_back(item == Py_None ? OptTensor() : OptTensor(THPVariable_Unpack(item)));
+    });
+  }
+  const c10::List<OptTensor>& get() const { return value; }
+};
+
+// An op's output as Python holds it: a Tensor, or a list of them.
+PyObject* to_python(Tensor&& t) { return THPVariable_Wrap(std::move(t)); }
+PyObject* to_python(std::vector<Tensor>&& ts) {
+  PyObject* list = PyList_New(static_cast<Py_ssize_t>(ts.size()));
+  for (size_t i = 0; i < ts.size(); ++i) {
+    PyList_SET_ITEM(list, static_cast<Py_ssize_t>(i), THPVariable_Wrap(std::move(ts[i])));
+  }
+  return list;
+}
+
+// Whether Python must see an argument (see below): a Tensor subclass, in a list too.
+bool needs_python(PyObject* obj) {
+  if (THPVariable_CheckExact(obj) || obj == Py_None || PyFloat_CheckExact(obj) ||
+      PyUnicode_CheckExact(obj) || PyLong_CheckExact(obj)) {
+    return false;
+  }
+  if (PyList_CheckExact(obj) || PyTuple_CheckExact(obj)) {
+    const Py_ssize_t size = PySequence_Fast_GET_SIZE(obj);
+    PyObject** items = PySequence_Fast_ITEMS(obj);
+    for (Py_ssize_t i = 0; i < size; ++i) {
+      if (needs_python(items[i])) return true;
+    }
+    return false;
+  }
+  return THPVariable_Check(obj);
+}
+
 // Whether Python must see a call with these arguments (see above). A subclass of Tensor may
 // override __torch_function__; a plain Tensor, Parameter, None, float, int or str does not.
 bool needs_python(PyObject* const* args, Py_ssize_t nargs) {
   if (at::impl::torch_function_mode_enabled()) return true;
   for (Py_ssize_t i = 0; i < nargs; ++i) {
-    PyObject* obj = args[i];
-    if (THPVariable_CheckExact(obj) || obj == Py_None || PyFloat_CheckExact(obj) ||
-        PyUnicode_CheckExact(obj) || PyLong_CheckExact(obj)) {
-      continue;
-    }
-    if (THPVariable_Check(obj)) return true;
+    if (needs_python(args[i])) return true;
   }
   return false;
 }
@@ -149,13 +205,13 @@ struct TypedCall<Op, Family, R(A...)> {
     }
     // An op with one output returns it as torch.ops does, not as a 1-tuple.
     if constexpr (std::is_same_v<R, Tensor>) {
-      return THPVariable_Wrap(std::move(out));
+      return to_python(std::move(out));
     } else {
       return std::apply(
           [](auto&... t) {
             PyObject* tuple = PyTuple_New(sizeof...(t));
             Py_ssize_t i = 0;
-            (PyTuple_SET_ITEM(tuple, i++, THPVariable_Wrap(std::move(t))), ...);
+            (PyTuple_SET_ITEM(tuple, i++, to_python(std::move(t))), ...);
             return tuple;
           },
           out);
@@ -182,6 +238,7 @@ void def_typed_calls(pybind11::module_& m) {
   def_typed_call<schema::AddLayerNorm, Family>(m);
   def_typed_call<schema::LnLinear, Family>(m);
   def_typed_call<schema::Dropout, Family>(m);
+  def_typed_call<schema::LnLinearGroup, Family>(m);
 }
 
 // ------------------------------------------------------------------------------------ tables

@@ -5,6 +5,8 @@
 #pragma once
 
 #include <tuple>
+#include <utility>
+#include <vector>
 
 #include "checks.h"
 
@@ -77,6 +79,39 @@ Tensor dropout(const schema::Dropout& call) {
   const Tensor y = new_like(a.x);
   Backend::dropout(a, y);
   return with_rows_of(y, call.x);
+}
+
+template <class Backend>
+std::tuple<std::vector<Tensor>, Tensor, Tensor> ln_linear_group(const schema::LnLinearGroup& call) {
+  const LnLinearGroupArgs a = parse(call);
+  LnLinearGroupOutputs out;
+  out.mean = stats(a.x, a.norm == Norm::kLayer);
+  out.rstd = stats(a.x, a.norm != Norm::kNone);
+  Backend::ln_linear_group(a, out);
+  for (Tensor& o : out.outs) o = with_rows_of(o, call.x);
+  return {std::move(out.outs), out.mean, out.rstd};
+}
+
+template <class Backend>
+std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>>
+ln_linear_group_backward(const schema::LnLinearGroupBackward& call) {
+  const LnLinearGroupBackwardArgs a = parse(call);
+  const size_t n = a.weights.size();
+  const std::vector<bool> want = mask_of(call.output_mask, 3 + 2 * n);
+  const Tensor& x = a.x;
+  LnLinearGroupGrads g{want[0] ? new_like(x) : empty0(x),
+                       want[1] && a.ln_weight.has_value() ? new_like(*a.ln_weight) : empty0(x),
+                       want[2] && a.ln_bias.has_value() ? new_like(*a.ln_bias) : empty0(x),
+                       {},
+                       {}};
+  for (size_t i = 0; i < n; ++i) {
+    const Tensor& w = a.weights[i];
+    g.dweights.push_back(want[3 + i] ? new_like(w) : empty0(x));
+    g.dbiases.push_back(want[3 + n + i] ? new_tensor({w.size(0)}, w.options()) : empty0(x));
+  }
+  Backend::ln_linear_group_backward(a, g);
+  return {with_rows_of(g.dx, call.x), g.dln_weight, g.dln_bias, std::move(g.dweights),
+          std::move(g.dbiases)};
 }
 
 }  // namespace magneto::ops

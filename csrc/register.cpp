@@ -29,6 +29,8 @@ void register_native_family(torch::Library& m) {
   impl<schema::LnLinear, &ops::ln_linear<Backend>>(m);
   impl<schema::LnLinearBackward, &ops::ln_linear_backward<Backend>>(m);
   impl<schema::Dropout, &ops::dropout<Backend>>(m);
+  impl<schema::LnLinearGroup, &ops::ln_linear_group<Backend>>(m);
+  impl<schema::LnLinearGroupBackward, &ops::ln_linear_group_backward<Backend>>(m);
 }
 
 #ifndef MAGNETO_CUDA_EMULATE

@@ -9,6 +9,7 @@
 #include <string>
 #include <string_view>
 #include <tuple>
+#include <vector>
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -115,6 +116,39 @@ struct Dropout {
   const Tensor& x;
   const Tensor& seed;
   double p;
+};
+
+// ln_linear with one norm for several weights (q/k/v, gate/up): one output per weight.
+struct LnLinearGroup {
+  static constexpr const char* kName = "ln_linear_group";
+  using Signature = std::tuple<std::vector<Tensor>, Tensor, Tensor>(
+      const Tensor&, const OptTensor&, const OptTensor&, at::TensorList,
+      const c10::List<OptTensor>&, double, std::string_view);
+  const Tensor& x;
+  const OptTensor& ln_weight;
+  const OptTensor& ln_bias;
+  at::TensorList weights;
+  const c10::List<OptTensor>& biases;
+  double eps;
+  std::string_view norm;
+};
+
+// output_mask: dx, dln_weight, dln_bias, then one entry per weight for dweights, then one per
+// weight for dbiases.
+struct LnLinearGroupBackward {
+  static constexpr const char* kName = "ln_linear_group_backward";
+  using Signature = std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>>(
+      const c10::List<OptTensor>&, const Tensor&, const OptTensor&, const OptTensor&,
+      at::TensorList, const Tensor&, const Tensor&, std::string_view, const c10::List<bool>&);
+  const c10::List<OptTensor>& grad_outs;
+  const Tensor& x;
+  const OptTensor& ln_weight;
+  const OptTensor& ln_bias;
+  at::TensorList weights;
+  const Tensor& mean;
+  const Tensor& rstd;
+  std::string_view norm;
+  const c10::List<bool>& output_mask;
 };
 
 }  // namespace schema

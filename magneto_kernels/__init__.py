@@ -6,9 +6,8 @@ Public ops (see ``ops.py``; the specification is ``reference.py``):
 - ``add_layer_norm(x, residual, weight, bias, eps=1e-5, *, alpha=1.0, norm="layer", backend=None)``
 - ``ln_linear(x, ln_weight, ln_bias, weight, bias=None, *, eps=1e-5, norm="layer",
   input_activation=None, activation=None, residual=None, alpha=1.0, dropout_p=0.0, backend=None)``
-
 - ``ln_linear_group(x, ln_weight, ln_bias, weights, biases=None, *, eps=1e-5, norm="layer",
-  backend=None)``: one output per weight, x normalised once (``group.py``)
+  backend=None)``: one output per weight, x normalised once
 
 ``activation(x, name)`` and ``dropout(x, p)`` are the unfused pieces modules fall back to.
 ``available_backends(device)`` says which backends run on a device and why the others do not.
@@ -16,8 +15,14 @@ Public ops (see ``ops.py``; the specification is ``reference.py``):
 
 from magneto_kernels import library  # noqa: F401  (defines the torch.library op families)
 from magneto_kernels.backends import BACKENDS, ENV_VAR, available_backends, resolve_backend
-from magneto_kernels.group import ln_linear_group
-from magneto_kernels.ops import activation, add_layer_norm, dropout, layer_norm, ln_linear
+from magneto_kernels.ops import (
+    activation,
+    add_layer_norm,
+    dropout,
+    layer_norm,
+    ln_linear,
+    ln_linear_group,
+)
 
 __all__ = [
     "BACKENDS",

@@ -29,11 +29,15 @@ from magneto_kernels.library import FAMILIES, SIGNATURES, _lib, get_op, op_name
 _CASTABLE = (torch.float32, torch.bfloat16, torch.float16)
 
 # Per op: the arguments cast to the autocast dtype, to float32, and promoted together.
-_LOW = {"ln_linear": ("x", "weight", "bias", "residual")}
+_LOW = {
+    "ln_linear": ("x", "weight", "bias", "residual"),
+    "ln_linear_group": ("x", "weights", "biases"),
+}
 _FLOAT32 = {
     "layer_norm": ("weight", "bias"),
     "add_layer_norm": ("weight", "bias"),
     "ln_linear": ("ln_weight", "ln_bias"),
+    "ln_linear_group": ("ln_weight", "ln_bias"),
 }
 _PROMOTE = {"add_layer_norm": ("x", "residual")}
 
@@ -42,6 +46,8 @@ OPS = tuple(_FLOAT32)
 
 
 def _to(t, dtype):
+    if isinstance(t, (list, tuple)):  # a list argument: each of its tensors
+        return [_to(item, dtype) for item in t]
     if isinstance(t, Tensor) and t.dtype in _CASTABLE and t.dtype != dtype:
         return t.to(dtype)
     return t

@@ -25,6 +25,11 @@ from magneto_kernels.codes import (
 from magneto_kernels.library import SIGNATURES
 
 _NUMBER_TYPES = (int, float)
+# A list argument's message (as csrc/module.cpp words it) and whether its items may be None.
+_LIST_TYPES = {
+    "Tensor[]": ("a list of Tensors", False),
+    "Tensor?[]": ("a list of Tensors or None", True),
+}
 
 
 def _quoted(names, last: str) -> str:
@@ -48,6 +53,12 @@ def _check_types(signature, args) -> None:
             raise TypeError(f"{name} must be a float, got {type(value).__name__}")
         if type_ == "str" and not isinstance(value, str):
             raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+        if type_ in _LIST_TYPES:
+            want, allows_none = _LIST_TYPES[type_]
+            items = value if isinstance(value, (list, tuple)) else [value]
+            for item in items:
+                if not isinstance(item, Tensor) and not (allows_none and item is None):
+                    raise TypeError(f"{name} must be {want}, got {type(item).__name__}")
 
 
 def _bind(op: str, args: tuple):
@@ -310,4 +321,52 @@ def dropout(*args, reference: bool = False):
     if not 0.0 <= a.p < 1.0:
         raise ValueError(f"p must be in [0, 1), got {float(a.p)}")
     _like(a.seed, "seed", a.x, (), torch.int64)
+    return a
+
+
+def _ln_linear_group_common(a, reference: bool) -> None:
+    """What ln_linear_group and its backward share: x, the norm and its parameters, the
+    weights."""
+    _input(a.x, reference)
+    _norm(a.norm, True)
+    in_features = a.x.shape[-1]
+    _norm_params(a.ln_weight, a.ln_bias, a.norm, a.x, "ln_weight", "ln_bias", in_features)
+    if len(a.weights) == 0:
+        raise ValueError("weights is empty")
+    for i, w in enumerate(a.weights):
+        if w.dim() != 2 or w.shape[1] != in_features:
+            raise ValueError(
+                f"weights[{i}] must have shape (out_features, {in_features}), got {_shape(w.shape)}"
+            )
+        _like(w, f"weights[{i}]", a.x, w.shape)
+
+
+def _count(count: int, name: str, weights: int) -> None:
+    if count != weights:
+        raise ValueError(
+            f"{count} {name} for {weights} weights (give None for a projection without one)"
+        )
+
+
+def ln_linear_group(*args, reference: bool = False):
+    a = _bind("ln_linear_group", args)
+    _ln_linear_group_common(a, reference)
+    _count(len(a.biases), "biases", len(a.weights))
+    for i, (w, b) in enumerate(zip(a.weights, a.biases)):
+        if b is not None:
+            _like(b, f"biases[{i}]", a.x, (w.shape[0],))
+    _eps(a.eps)
+    return a
+
+
+def ln_linear_group_backward(*args):
+    a = _bind("ln_linear_group_backward", args)
+    x = a.x
+    _ln_linear_group_common(a, False)
+    _count(len(a.grad_outs), "grad_outs", len(a.weights))
+    for i, (w, g) in enumerate(zip(a.weights, a.grad_outs)):
+        if g is not None:
+            _like(g, f"grad_outs[{i}]", x, (*x.shape[:-1], w.shape[0]))
+    _stats(a.mean, a.rstd, a.norm, x)
+    _output_mask(a.output_mask, 3 + 2 * len(a.weights))
     return a

@@ -67,6 +67,18 @@ SCHEMAS = {
     ),
     # Its backward is itself on the gradient with the same seed: no backward op.
     "dropout": "(Tensor x, Tensor seed, float p) -> Tensor",
+    # One norm for several projections (q/k/v, gate/up): one output per weight; output_mask is
+    # (dx, dln_weight, dln_bias, dweights[0..n), dbiases[0..n)); grad_outs[i] None where
+    # outputs[i] got no gradient.
+    "ln_linear_group": (
+        "(Tensor x, Tensor? ln_weight, Tensor? ln_bias, Tensor[] weights, Tensor?[] biases, "
+        'float eps=1e-05, str norm="layer") -> (Tensor[], Tensor, Tensor)'
+    ),
+    "ln_linear_group_backward": (
+        "(Tensor?[] grad_outs, Tensor x, Tensor? ln_weight, Tensor? ln_bias, Tensor[] weights, "
+        "Tensor mean, Tensor rstd, str norm, bool[] output_mask) "
+        "-> (Tensor, Tensor, Tensor, Tensor[], Tensor[])"
+    ),
 }
 
 
@@ -103,6 +115,8 @@ _TYPES = {
     "float": "float",
     "str": "str",
     "List[bool]": "bool[]",
+    "List[Tensor]": "Tensor[]",
+    "List[Optional[Tensor]]": "Tensor?[]",
 }
 
 SIGNATURES = {op: Signature.of(op, schema) for op, schema in SCHEMAS.items()}
@@ -180,6 +194,27 @@ def _dropout_fake(*args):
     return a.x.new_empty(a.x.shape)
 
 
+def _ln_linear_group_fake(*args):
+    a = SIGNATURES["ln_linear_group"].bind(args)
+    lead = a.x.shape[:-1]
+    return [a.x.new_empty((*lead, w.shape[0])) for w in a.weights], *_stats(a.x, a.norm)
+
+
+def _ln_linear_group_backward_fake(*args):
+    a = SIGNATURES["ln_linear_group_backward"].bind(args)
+    mask, x, n = a.output_mask, a.x, len(a.weights)
+    return (
+        _grad_like(x, mask[0], x),
+        _grad_like(a.ln_weight, mask[1], x),
+        _grad_like(a.ln_bias, mask[2], x),
+        [_grad_like(w, mask[3 + i], x) for i, w in enumerate(a.weights)],
+        [
+            w.new_empty((w.shape[0],)) if mask[3 + n + i] else x.new_empty((0,))
+            for i, w in enumerate(a.weights)
+        ],
+    )
+
+
 _FAKES = {
     "layer_norm": _layer_norm_fake,
     "layer_norm_backward": _layer_norm_backward_fake,
@@ -187,6 +222,8 @@ _FAKES = {
     "ln_linear": _ln_linear_fake,
     "ln_linear_backward": _ln_linear_backward_fake,
     "dropout": _dropout_fake,
+    "ln_linear_group": _ln_linear_group_fake,
+    "ln_linear_group_backward": _ln_linear_group_backward_fake,
 }
 
 

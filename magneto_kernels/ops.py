@@ -26,7 +26,7 @@ Autograd-key kernel in Python (every family's is C++, ``csrc/autograd.cpp``).
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -89,11 +89,22 @@ def _dropout_reference(*args):
     return reference.dropout(a.x, a.p, a.seed)
 
 
+def _ln_linear_group_reference(*args):
+    a = checks.ln_linear_group(*autocast.cast_if_enabled("ln_linear_group", args), reference=True)
+    weights, biases = list(a.weights), list(a.biases)
+    return (
+        reference.ln_linear_group(
+            a.x, a.ln_weight, a.ln_bias, weights, biases, eps=a.eps, norm=a.norm
+        ),
+    )
+
+
 _REFERENCE = {
     "layer_norm": _layer_norm_reference,
     "add_layer_norm": _add_layer_norm_reference,
     "ln_linear": _ln_linear_reference,
     "dropout": _dropout_reference,
+    "ln_linear_group": _ln_linear_group_reference,
 }
 
 # What a call of each op on each backend runs: outside torch.compile (_ENTRIES) and while
@@ -272,3 +283,37 @@ def dropout(x: Tensor, p: float, *, backend: Optional[str] = None) -> Tensor:
         return _entry("dropout", backend, x)(*args)
     except RuntimeError as error:
         return _under_torch_func("dropout", backend, args, error)
+
+
+def ln_linear_group(
+    x: Tensor,
+    ln_weight: Optional[Tensor],
+    ln_bias: Optional[Tensor],
+    weights: Sequence[Tensor],
+    biases: Optional[Sequence[Optional[Tensor]]] = None,
+    *,
+    eps: float = 1e-5,
+    norm: str = "layer",
+    backend: Optional[str] = None,
+) -> tuple[Tensor, ...]:
+    """``tuple(N(x) @ w.T + b for w, b in zip(weights, biases))`` as one op: the projections of
+    one normalised input (q/k/v, gate/up), each weight its own parameter (no weight is copied).
+    x is read and normalised once for every weight, and the backward is one for the group: the
+    input gradient ``Σ_i dy_i @ W_i`` is summed inside the op before one norm backward.
+    ``N`` as in ``ln_linear`` (nothing when ``ln_weight`` is None); ``biases``: None, or one
+    entry per weight (None where a projection has no bias)."""
+    if norm != "layer" and norm != "rms":
+        raise ValueError(f"norm must be 'layer' or 'rms', got {norm!r}")
+    args = (
+        x,
+        ln_weight,
+        ln_bias,
+        weights,
+        [None] * len(weights) if biases is None else biases,
+        eps,
+        "none" if ln_weight is None else norm,
+    )
+    try:
+        return tuple(_entry("ln_linear_group", backend, x)(*args)[0])
+    except RuntimeError as error:
+        return tuple(_under_torch_func("ln_linear_group", backend, args, error)[0])

@@ -204,3 +204,19 @@ def ln_linear(
     if residual is not None:
         y = alpha * residual + y
     return y
+
+
+def ln_linear_group(
+    x: Tensor,
+    ln_weight: Optional[Tensor],
+    ln_bias: Optional[Tensor],
+    weights: list[Tensor],
+    biases: list[Optional[Tensor]],
+    *,
+    eps: float = 1e-5,
+    norm: str = "layer",
+) -> tuple[Tensor, ...]:
+    """``tuple(N(x) @ w.T + b for w, b in zip(weights, biases))``: ``ln_linear`` of each weight
+    with one normalised x (``N`` skipped when ``ln_weight`` is None)."""
+    h = x if ln_weight is None else normalize(x, ln_weight, ln_bias, eps, norm).to(weights[0].dtype)
+    return tuple(F.linear(h, w, b) for w, b in zip(weights, biases))

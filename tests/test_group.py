@@ -1,14 +1,18 @@
 """ln_linear_group: several projections of one normalised input, every backend against the
-float64 reference (outputs and every gradient), the decode path without a gradient, and the
-group's input gradient computed by one backward op call (summed inside the op)."""
+float64 reference (outputs and every gradient; 1-4 weights of different widths, biases present or
+not per projection, strided weights and x), without a gradient, its argument checks, and the
+norm passes and launches it makes: one normalisation of x for the whole group, forward and
+backward, whatever the number of weights."""
 
 from __future__ import annotations
+
+from collections import Counter
 
 import pytest
 import torch
 
 import magneto_kernels as mk
-from magneto_kernels import group
+from magneto_kernels.library import get_op
 from tests.harness import (
     DTYPES,
     assert_close_to_reference,
@@ -17,13 +21,21 @@ from tests.harness import (
     randn,
 )
 
-OUT_FEATURES = (16, 8, 8)  # q/k/v of a grouped-query attention; gate/up is two equal ones
+# q/k/v of a grouped-query attention is (16, 8, 8); gate/up two equal ones.
+OUT_FEATURES = [(12,), (16, 16), (16, 8, 8), (8, 12, 4, 16)]
+BIASES = {"nobias": lambda n: (False,) * n, "mixed": lambda n: tuple(i % 2 == 0 for i in range(n))}
 
 
-def _group_fn(norm, n, with_bias):
+def _group_fn(norm, n, with_bias, transposed=False, x_cols=None):
+    """The group on the inputs of _inputs: weights given as (out, K) or, ``transposed``, as the
+    transpose of a (K, out) tensor (a strided weight); x sliced to its first ``x_cols`` columns
+    (a strided x) when given."""
+
     def fn(x, ln_weight, ln_bias, backend, **params):
         weights = [params[f"w{i}"] for i in range(n)]
+        weights = [w.t() for w in weights] if transposed else weights
         biases = [params.get(f"b{i}") for i in range(n)] if any(with_bias) else None
+        x = x if x_cols is None else x[..., :x_cols]
         return mk.ln_linear_group(
             x, ln_weight, ln_bias, weights, biases, eps=1e-5, norm=norm, backend=backend
         )
@@ -31,34 +43,50 @@ def _group_fn(norm, n, with_bias):
     return fn
 
 
-def _inputs(rows, k, norm, dtype, with_bias, out_features=OUT_FEATURES, seed=0):
+def _inputs(rows, k, norm, dtype, with_bias, out_features, seed=0, transposed=False, x_cols=None):
     gen = torch.Generator().manual_seed(seed)
     inputs = {
-        "x": randn(*rows, k, dtype=dtype, mean=0.7, std=1.5, generator=gen),
+        "x": randn(*rows, x_cols or k, dtype=dtype, mean=0.7, std=1.5, generator=gen),
         "ln_weight": None if norm == "none" else randn(k, dtype=dtype, mean=1.0, generator=gen),
         "ln_bias": randn(k, dtype=dtype, mean=0.2, generator=gen) if norm == "layer" else None,
     }
     for i, n in enumerate(out_features):
-        inputs[f"w{i}"] = randn(n, k, dtype=dtype, std=k**-0.5, generator=gen)
+        shape = (k, n) if transposed else (n, k)
+        inputs[f"w{i}"] = randn(*shape, dtype=dtype, std=k**-0.5, generator=gen)
         inputs[f"b{i}"] = randn(n, dtype=dtype, mean=0.1, generator=gen) if with_bias[i] else None
     return inputs
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("with_bias", [(False,) * 3, (True, False, True)], ids=["nobias", "bias"])
+@pytest.mark.parametrize("biases", list(BIASES))
+@pytest.mark.parametrize("out_features", OUT_FEATURES, ids=lambda o: f"{len(o)}w")
 @pytest.mark.parametrize("norm", ["layer", "rms", "none"])
 @pytest.mark.parametrize("backend", backend_params())
-def test_group_matches_float64_reference(backend, norm, with_bias, dtype):
-    inputs = _inputs((3, 5), 24, norm, dtype, with_bias)
+def test_group_matches_float64_reference(backend, norm, out_features, biases, dtype):
+    with_bias = BIASES[biases](len(out_features))
+    inputs = _inputs((3, 5), 24, norm, dtype, with_bias, out_features)
     op_norm = "layer" if norm == "none" else norm
     with backend.running():
-        compare_to_reference(backend, _group_fn(op_norm, 3, with_bias), inputs)
+        compare_to_reference(backend, _group_fn(op_norm, len(out_features), with_bias), inputs)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 40])  # below in_features: one call per weight
+@pytest.mark.parametrize("norm", ["layer", "none"])
+@pytest.mark.parametrize("backend", backend_params())
+def test_group_strided_inputs_match_float64_reference(backend, norm):
+    """Weights that are transposed views and an x that is a column slice of a wider tensor."""
+    out_features, with_bias = (16, 8, 8), (True, False, True)
+    inputs = _inputs((2, 7), 24, norm, torch.float32, with_bias, out_features, transposed=True,
+                     x_cols=40)  # fmt: skip
+    # the norm parameters are K = 24 wide; x's first 24 of 40 columns are the group's input
+    fn = _group_fn("layer", 3, with_bias, transposed=True, x_cols=24)
+    with backend.running():
+        compare_to_reference(backend, fn, inputs)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 40])
 @pytest.mark.parametrize("backend", backend_params())
 def test_group_without_gradient_matches_float64_reference(backend, rows):
-    inputs = _inputs((rows,), 32, "rms", torch.float32, (True, True, False))
+    inputs = _inputs((rows,), 32, "rms", torch.float32, (True, True, False), (16, 8, 8))
     weights = [inputs[f"w{i}"] for i in range(3)]
     biases = [inputs[f"b{i}"] for i in range(3)]
     args = (inputs["x"], inputs["ln_weight"], None)
@@ -74,41 +102,178 @@ def test_group_without_gradient_matches_float64_reference(backend, rows):
         )
     assert len(outs) == 3
     for i, (out, s, r) in enumerate(zip(outs, same, ref64)):
+        assert out.grad_fn is None
         assert_close_to_reference(out, r, s, f"output {i}")
 
 
-@pytest.mark.parametrize("backend", backend_params(kernels_only=True))
-def test_group_backward_is_one_norm_backward(backend, monkeypatch):
-    """The input gradient of the whole group comes from one norm backward of the family: one
-    autograd node for every output, the projections' input gradients summed before it (not
-    accumulated by autograd after one norm backward each)."""
-    calls = []
-    real = group.get_op
+def _train_step(backend, weights_count, grad_outputs=None, dtype=torch.float32):
+    """One forward and backward of a group of ``weights_count`` weights (gradients to x, the
+    norm's and every weight's parameters); ``grad_outputs``: which outputs get a gradient."""
+    out_features = (8, 16, 8, 4, 12)[:weights_count]
+    inputs = _inputs((2, 5), 32, "layer", torch.float32, (True,) * weights_count, out_features)
+    leaves = {k: t.to(dtype).requires_grad_(True) for k, t in inputs.items() if t is not None}
+    n = weights_count
+    outs = mk.ln_linear_group(
+        leaves["x"],
+        leaves["ln_weight"],
+        leaves["ln_bias"],
+        [leaves[f"w{i}"] for i in range(n)],
+        [leaves[f"b{i}"] for i in range(n)],
+        backend=backend,
+    )
+    if backend != "reference":  # one autograd node for the group
+        assert len({o.grad_fn for o in outs}) == 1
+    chosen = range(n) if grad_outputs is None else grad_outputs
+    sum(outs[i].sum() for i in chosen).backward()
+    return leaves
 
-    def counting(op, family):
-        calls.append(op)
-        return real(op, family)
 
-    monkeypatch.setattr(group, "get_op", counting)
-    inputs = _inputs((2, 4), 16, "layer", torch.float32, (False, False, False), (8, 8))
-    x = inputs["x"].requires_grad_(True)
-    weights = [inputs["w0"].requires_grad_(True), inputs["w1"].requires_grad_(True)]
+def _native_passes(backend, weights_count):
+    """The norm passes and ops the native family's group runs, from torch.profiler's events
+    (csrc/backend.h names the passes)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with backend.running(), torch.profiler.profile(activities=activities) as prof:
+        _train_step(backend.name, weights_count)
+    return Counter(e.name for e in prof.events() if e.name.startswith("magneto::"))
+
+
+@pytest.mark.parametrize("weights_count", [2, 3, 4])
+@pytest.mark.parametrize(
+    "backend", [p for p in backend_params(kernels_only=True) if p.id != "triton"]
+)
+def test_native_group_normalises_once(backend, weights_count):
+    """The native family's group runs one op forward and one backward, with one norm pass
+    forward and one norm backward for the whole group, whatever the number of weights (the
+    cuda backend recomputes h with one more norm forward pass in the backward; the cpu backend
+    does it within its norm backward pass), and no per-weight ln_linear."""
+    passes = _native_passes(backend, weights_count)
+    forward_passes = 2 if backend.name == "cuda" else 1
+    assert passes == Counter(
+        {
+            "magneto::ln_linear_group_native": 1,
+            "magneto::ln_linear_group_backward_native": 1,
+            "magneto::norm_forward_pass": forward_passes,
+            "magneto::norm_backward_pass": 1,
+        }
+    ), passes
+
+
+@pytest.mark.parametrize("weights_count", [2, 3, 4, 5])
+@pytest.mark.parametrize(
+    "backend", [p for p in backend_params(kernels_only=True) if p.id == "triton"]
+)
+def test_triton_group_launches(backend, weights_count, monkeypatch):
+    """The triton family's group forward is two launches (the statistics, then one GEMM launch
+    for up to four weights), its backward one norm backward for the group."""
+    from magneto_kernels.triton import configs
+
+    launched = []
+    real_launch = configs.launch
+
+    def launch(kernel, *args, **kwargs):  # every Triton kernel launches through here
+        launched.append(kernel.__name__)
+        return real_launch(kernel, *args, **kwargs)
+
+    monkeypatch.setattr(configs, "launch", launch)
     with backend.running():
-        outs = mk.ln_linear_group(
-            x, inputs["ln_weight"], inputs["ln_bias"], weights, backend=backend.name
-        )
-        assert outs[0].grad_fn is not None and outs[0].grad_fn is outs[1].grad_fn
-        sum(o.sum() for o in outs).backward()
-    assert calls == ["layer_norm", "layer_norm_backward"]
-    assert x.grad is not None and all(w.grad is not None for w in weights)
+        _train_step(backend.name, weights_count)
+    counts = Counter(launched)
+    assert counts["_norm_fwd_kernel"] == 1, counts
+    assert counts["_group_kernel"] == (1 if weights_count <= 4 else 2), counts
+    assert counts["_norm_bwd_kernel"] == 1, counts
+    assert counts["_ln_matmul_kernel"] == weights_count, counts  # dh, summed in float32
 
 
-def test_group_refuses_bad_lists():
+@pytest.mark.parametrize("backend", backend_params(kernels_only=True))
+def test_group_gradient_of_some_outputs(backend):
+    """Outputs that get no gradient add nothing to dx, and their weights get zero gradients."""
+    with backend.running():
+        leaves = _train_step(backend.name, 3, grad_outputs=[1])
+    same = _train_step("reference", 3, grad_outputs=[1])
+    ref64 = _train_step("reference", 3, grad_outputs=[1], dtype=torch.float64)
+    for name, t in leaves.items():
+        # the reference's autograd leaves a tensor that no used output reads without a gradient
+        ref, ref_same = (r[name].grad for r in (ref64, same))
+        ref = torch.zeros_like(ref64[name]) if ref is None else ref
+        ref_same = torch.zeros_like(t) if ref_same is None else ref_same
+        assert_close_to_reference(t.grad, ref, ref_same, name)
+    assert not leaves["w0"].grad.any() and not leaves["b2"].grad.any()
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_group_refuses_bad_lists(backend):
     x = torch.randn(2, 8)
     w = torch.randn(4, 8)
-    with pytest.raises(ValueError, match="empty"):
-        mk.ln_linear_group(x, None, None, [])
-    with pytest.raises(ValueError, match=r"weights\[1\]"):
-        mk.ln_linear_group(x, None, None, [w, torch.randn(4, 6)])
-    with pytest.raises(ValueError, match="biases"):
-        mk.ln_linear_group(x, None, None, [w, w], [None])
+    with backend.running():
+        with pytest.raises(ValueError, match="weights is empty"):
+            mk.ln_linear_group(x, None, None, [], backend=backend.name)
+        with pytest.raises(ValueError, match=r"weights\[1\] must have shape \(out_features, 8\)"):
+            mk.ln_linear_group(x, None, None, [w, torch.randn(4, 6)], backend=backend.name)
+        with pytest.raises(ValueError, match=r"1 biases for 2 weights"):
+            mk.ln_linear_group(x, None, None, [w, w], [None], backend=backend.name)
+        with pytest.raises(ValueError, match=r"biases\[1\] must have shape \(4,\)"):
+            mk.ln_linear_group(x, None, None, [w, w], [None, torch.randn(5)], backend=backend.name)
+        with pytest.raises(TypeError, match="weights must be a list of Tensors, got int"):
+            mk.ln_linear_group(x, None, None, [w, 3], backend=backend.name)
+
+
+@pytest.mark.parametrize("op", ["ln_linear_group", "ln_linear_group_backward"])
+@pytest.mark.parametrize("rows_as", [(9,), (3, 3)], ids=["2d", "3d"])
+@pytest.mark.parametrize("backend", backend_params(kernels_only=True))
+def test_group_opcheck(backend, rows_as, op):
+    """The group's ops as registered (schema, fake impl, autograd registration), with the rows
+    given as one dimension and as two."""
+    with backend.running():
+        dev, family = backend.device, backend.family
+        gen = torch.Generator().manual_seed(3)
+        x = randn(*rows_as, 24, mean=0.5, generator=gen, device=dev)
+        lw, lb = (
+            randn(24, mean=1.0, generator=gen, device=dev),
+            randn(24, generator=gen, device=dev),
+        )
+        ws = [randn(n, 24, std=0.2, generator=gen, device=dev) for n in (10, 6)]
+        bs = [randn(10, generator=gen, device=dev), None]
+        _, mean, rstd = get_op("ln_linear_group", family)(x, lw, lb, ws, bs, 1e-5, "layer")
+        if op == "ln_linear_group":
+            x, lw, lb = (t.requires_grad_() for t in (x, lw, lb))
+            ws = [w.requires_grad_() for w in ws]
+            bs = [bs[0].requires_grad_(), None]
+            args = (x, lw, lb, ws, bs, 1e-5, "layer")
+        else:
+            dy = [randn(*rows_as, 10, generator=gen, device=dev), None]
+            mask = [True, True, True, True, True, True, False]
+            args = (dy, x, lw, lb, ws, mean, rstd, "layer", mask)
+        torch.library.opcheck(get_op(op, family), args)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_group_under_autocast(backend):
+    """torch.autocast casts x, the weights and the biases to the autocast dtype (a linear) and
+    the norm parameters to float32, as for ln_linear; gradients reach the float32 tensors."""
+    inputs = _inputs((4,), 16, "rms", torch.float32, (True, False), (8, 4))
+    x = inputs["x"].requires_grad_()
+    weights = [inputs["w0"].requires_grad_(), inputs["w1"]]
+    biases = [inputs["b0"], None]
+    with backend.running(), torch.autocast(x.device.type, dtype=torch.bfloat16):
+        outs = mk.ln_linear_group(x, inputs["ln_weight"], None, weights, biases, norm="rms",
+                                  backend=backend.name)  # fmt: skip
+    # the reference on the autocast-cast inputs, in bfloat16 and in float64
+    with torch.no_grad():
+        low = [t.to(torch.bfloat16) for t in (x, *weights, biases[0])]
+        refs = [
+            mk.ln_linear_group(
+                cast(low[0]),
+                inputs["ln_weight"].to(dt),
+                None,
+                [cast(w) for w in low[1:3]],
+                [cast(low[3]), None],
+                norm="rms",
+                backend="reference",
+            )  # fmt: skip
+            for dt, cast in ((torch.float32, lambda t: t), (torch.float64, lambda t: t.double()))
+        ]
+    assert [o.dtype for o in outs] == [torch.bfloat16] * 2
+    for i, (out, same, ref64) in enumerate(zip(outs, *refs)):
+        assert_close_to_reference(out, ref64, same, f"output {i}")
+    sum(o.float().sum() for o in outs).backward()
+    assert x.grad.dtype == torch.float32 and weights[0].grad.dtype == torch.float32

@@ -24,10 +24,17 @@
 // backward, which quantises the recomputed h again for dweight); offline, h's rows quantised to
 // int8 once and dotted against the packed weight (quantize_rows, quant_linear), then the same
 // output pass.
+//   ln_linear_group (one norm, several weights W_i)
+//   forward   per block of rows: h = N(x) once, then out_i = h @ W_i^T + b_i for every weight
+//   backward  dbias_i = Σ dy_i; dh = Σ_i dy_i @ W_i (accumulated by the GEMMs in x's dtype, as
+//             ln_linear's dh); one pass over x: norm backward of dh and h recomputed;
+//             dweight_i = dy_i^T @ h
 // A gated input activation makes x 2·K wide (x = [gate | up]); h, dh, the norm and the GEMMs
 // stay K wide, and only the norm passes read x (and write dx) at 2·K.
 #include <algorithm>
 #include <cstdlib>
+
+#include <ATen/record_function.h>
 
 #include "backend.h"
 #include "cpu/gemm.h"
@@ -88,6 +95,7 @@ void norm_backward_and_h(const NormBackwardArgs& args, const NormGrads& grads, c
     a.h = h.data_ptr();
     a.h_stride = a.cols;
   }
+  RECORD_FUNCTION(kNormBackwardPass, {});
   norm_backward(a);
   if (dgamma32.defined()) copy_back(grads.dgamma, dgamma32);
   if (dbeta32.defined()) copy_back(grads.dbeta, dbeta32);
@@ -238,6 +246,7 @@ void Kernels::norm_forward(const NormArgs& args, const NormOutputs& out) {
   }
   a.mean = opt_float_ptr(out.mean);
   a.rstd = opt_float_ptr(out.rstd);
+  RECORD_FUNCTION(kNormForwardPass, {});
   cpu::norm_forward(a);
 }
 
@@ -422,6 +431,120 @@ void Kernels::dropout(const DropoutArgs& a, const Tensor& y) {
   e.out = y.data_ptr();
   e.out_stride = e.cols;
   linear_epilogue(e);
+}
+
+void Kernels::ln_linear_group(const LnLinearGroupArgs& a, LnLinearGroupOutputs& out) {
+  const Tensor& x = a.x;
+  const int64_t rows = x.size(0), in_features = x.size(1);
+  const bool identity_prologue = a.norm == Norm::kNone;
+  const LnLinearArgs norm_args{x, a.ln_weight, a.ln_bias, Tensor(), std::nullopt, std::nullopt,
+                               std::nullopt, a.eps, a.norm};
+  const int64_t block_rows = workspace_block_rows(x, rows, in_features, kMinBlockRows);
+  if (identity_prologue || block_rows == 0 || block_rows == rows) {
+    // h at once (x itself without a norm), then one GEMM per weight with its bias.
+    Tensor h = x;
+    if (!identity_prologue) {
+      h = block_rows > 0 ? workspace(x, rows, in_features)
+                         : new_tensor({rows, in_features}, x.options());
+      prologue(norm_args, x, h, out.mean, out.rstd);
+    }
+    for (size_t i = 0; i < a.weights.size(); ++i) {
+      out.outs.push_back(gemm::linear(h, a.weights[i], a.biases[i]));
+    }
+    return;
+  }
+  // h block by block through the workspace, each block followed by every weight's GEMM,
+  // accumulating into outputs that start as the bias.
+  const DType dtype = dtype_code(x.scalar_type());
+  for (size_t i = 0; i < a.weights.size(); ++i) {
+    const int64_t cols = a.weights[i].size(0);
+    out.outs.push_back(new_tensor({rows, cols}, x.options()));
+    if (a.biases[i].has_value()) {
+      residual_bias_init(dtype, rows, cols, nullptr, cols, 1.0f, a.biases[i]->data_ptr(),
+                         out.outs[i].data_ptr(), cols);
+    }
+  }
+  for (int64_t begin = 0; begin < rows; begin += block_rows) {
+    const int64_t count = std::min(block_rows, rows - begin);
+    const Tensor h = workspace(x, count, in_features);
+    prologue(norm_args, x.narrow(0, begin, count), h, row_slice(out.mean, begin, count),
+             row_slice(out.rstd, begin, count));
+    for (size_t i = 0; i < a.weights.size(); ++i) {
+      gemm::matmul(gemm::Role::kForward, h, a.weights[i].t(), out.outs[i].narrow(0, begin, count),
+                   /*accumulate=*/a.biases[i].has_value());
+    }
+  }
+}
+
+void Kernels::ln_linear_group_backward(const LnLinearGroupBackwardArgs& a,
+                                       LnLinearGroupGrads& grads) {
+  const Tensor& x = a.x;
+  const int64_t rows = x.size(0), in_features = x.size(1);
+  const size_t n = a.weights.size();
+  for (size_t i = 0; i < n; ++i) {
+    if (grads.dbiases[i].numel() == 0) continue;
+    if (!a.grad_outs[i].defined()) {
+      grads.dbiases[i].zero_();
+      continue;
+    }
+    const Tensor dbias32 = grad_f32(grads.dbiases[i]);
+    LinearEpilogueBackward g;  // dz = dy: only the column sum
+    g.dtype = dtype_code(x.scalar_type());
+    g.rows = rows;
+    g.cols = a.weights[i].size(0);
+    g.dy = a.grad_outs[i].data_ptr();
+    g.dy_stride = g.cols;
+    g.dbias = dbias32.data_ptr<float>();
+    linear_epilogue_backward(g);
+    copy_back(grads.dbiases[i], dbias32);
+  }
+  const bool identity_prologue = a.norm == Norm::kNone;
+  const bool want_dx = grads.dx.numel() > 0;
+  const bool want_norm_grads =
+      want_dx || grads.dln_weight.numel() > 0 || grads.dln_bias.numel() > 0;
+  bool want_dweight = false;
+  for (const Tensor& d : grads.dweights) want_dweight = want_dweight || d.numel() > 0;
+  // dh and h as in ln_linear_backward: dh in dx's buffer when dx is wanted, else a workspace
+  // row range; h another.
+  const bool dh_buffer = want_norm_grads && !want_dx;
+  const bool h_buffer = want_dweight && !identity_prologue;
+  const int64_t buffers = int64_t{dh_buffer} + int64_t{h_buffer};
+  const bool fits = buffers > 0 &&
+                    workspace_block_rows(x, buffers * rows, in_features, buffers * rows) ==
+                        buffers * rows;
+  const Tensor space = fits ? workspace(x, buffers * rows, in_features) : Tensor();
+  auto buffer = [&](int64_t index) {
+    return fits ? space.narrow(0, index * rows, rows)
+                : new_tensor({rows, in_features}, x.options());
+  };
+  Tensor dh;
+  if (want_norm_grads) {
+    dh = want_dx ? grads.dx : buffer(0);
+    bool first = true;
+    for (size_t i = 0; i < n; ++i) {
+      if (!a.grad_outs[i].defined()) continue;
+      gemm::matmul(gemm::Role::kInputGrad, a.grad_outs[i], a.weights[i], dh,
+                   /*accumulate=*/!first);
+      first = false;
+    }
+    if (first) dh.zero_();
+  }
+  Tensor h;
+  if (want_dweight) h = identity_prologue ? x : buffer(int64_t{dh_buffer});
+  if (!identity_prologue && (want_norm_grads || want_dweight)) {
+    norm_backward_and_h({dh, x, a.ln_weight, a.ln_bias, a.mean, a.rstd, std::nullopt, a.norm},
+                        {grads.dx, grads.dln_weight, grads.dln_bias},
+                        want_dweight ? h : Tensor());
+  }
+  for (size_t i = 0; i < n; ++i) {
+    if (grads.dweights[i].numel() == 0) continue;
+    if (!a.grad_outs[i].defined()) {
+      grads.dweights[i].zero_();
+    } else {
+      gemm::matmul(gemm::Role::kWeightGrad, a.grad_outs[i].t(), h, grads.dweights[i],
+                   /*accumulate=*/false);
+    }
+  }
 }
 
 }  // namespace magneto::cpu

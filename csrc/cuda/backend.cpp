@@ -16,9 +16,16 @@
 //             dweight = dz^T @ h                       cuBLAS
 //   dropout   linear_epilogue with dropout alone, x for the product
 //
+//   ln_linear_group (one norm, several weights W_i)
+//   forward   h = N(x) once (norm_forward); out_i = h @ W_i^T + b_i   cuBLAS addmm per weight
+//   backward  dbias_i = Σ dy_i; dh = Σ_i dy_i @ W_i (cuBLAS, accumulating in dh's dtype, x's as
+//             ln_linear's); one norm_backward; h recomputed once; dweight_i = dy_i^T @ h
+//
 // h, dh are (rows, K) with K = weight.size(1); x and dx are (rows, 2K) for a gated input
 // activation (x = [gate | up]), whose product act(gate)·up norm_forward and norm_backward
 // recompute from x.
+#include <ATen/record_function.h>
+
 #include "backend.h"
 #include "cuda/launch_utils.h"
 
@@ -88,7 +95,10 @@ void norm_forward_with(const NormArgs& args, const NormOutputs& out,
   p.input_activation = args.input_activation;
   p.dtype = dtype_code(x.scalar_type());
   p.param_dtype = params.dtype;
-  check_status(cuda::norm_forward(p, current_stream(x)));
+  {
+    RECORD_FUNCTION(kNormForwardPass, {});
+    check_status(cuda::norm_forward(p, current_stream(x)));
+  }
 }
 
 // The GEMM operand h = N(in_act(x)): (rows, K), K = weight.size(1) (x.size(1) / 2 when gated).
@@ -137,7 +147,10 @@ void Kernels::norm_backward(const NormBackwardArgs& args, const NormGrads& grads
                                                     p.dgamma != nullptr, p.dbeta != nullptr);
   const Tensor ws = workspace(x, p.workspace_bytes);
   p.workspace = p.workspace_bytes > 0 ? ws.data_ptr() : nullptr;
-  check_status(cuda::norm_backward(p, current_stream(x)));
+  {
+    RECORD_FUNCTION(kNormBackwardPass, {});
+    check_status(cuda::norm_backward(p, current_stream(x)));
+  }
   if (!dgamma_buf.is_same(grads.dgamma)) grads.dgamma.copy_(dgamma_buf);
   if (!dbeta_buf.is_same(grads.dbeta)) grads.dbeta.copy_(dbeta_buf);
 }
@@ -277,6 +290,69 @@ void Kernels::dropout(const DropoutArgs& a, const Tensor& y) {
   e.cols = x.size(1);
   e.dtype = dtype_code(x.scalar_type());
   check_status(linear_epilogue(e, current_stream(x)));
+}
+
+void Kernels::ln_linear_group(const LnLinearGroupArgs& a, LnLinearGroupOutputs& out) {
+  const Tensor& x = a.x;
+  const DeviceGuard guard(x.device());
+  Tensor h = x;
+  if (a.norm != Norm::kNone) {
+    h = new_h(x, a.weights[0]);
+    norm_forward_with({x, std::nullopt, 1.0, a.ln_weight, a.ln_bias, a.eps, a.norm},
+                      {h, Tensor(), out.mean, out.rstd});
+  }
+  for (size_t i = 0; i < a.weights.size(); ++i) {
+    const Tensor wt = a.weights[i].t();
+    out.outs.push_back(a.biases[i].has_value() ? at::addmm(*a.biases[i], h, wt) : at::mm(h, wt));
+  }
+}
+
+void Kernels::ln_linear_group_backward(const LnLinearGroupBackwardArgs& a,
+                                       LnLinearGroupGrads& grads) {
+  const Tensor& x = a.x;
+  const DeviceGuard guard(x.device());
+  const size_t n = a.weights.size();
+  for (size_t i = 0; i < n; ++i) {
+    if (grads.dbiases[i].numel() == 0) continue;
+    if (a.grad_outs[i].defined()) {
+      at::sum_out(grads.dbiases[i], a.grad_outs[i], {0});
+    } else {
+      grads.dbiases[i].zero_();
+    }
+  }
+  const bool identity_prologue = a.norm == Norm::kNone;
+  const bool want_norm_grads =
+      grads.dx.numel() > 0 || grads.dln_weight.numel() > 0 || grads.dln_bias.numel() > 0;
+  if (want_norm_grads) {
+    Tensor dh = at::zeros_like(x);
+    for (size_t i = 0; i < n; ++i) {
+      if (a.grad_outs[i].defined()) dh.addmm_(a.grad_outs[i], a.weights[i]);
+    }
+    if (identity_prologue) {
+      grads.dx = dh;
+    } else {
+      Kernels::norm_backward({dh, x, a.ln_weight, a.ln_bias, a.mean, a.rstd, std::nullopt,
+                              a.norm},
+                             {grads.dx, grads.dln_weight, grads.dln_bias});
+    }
+  }
+  Tensor h;
+  for (size_t i = 0; i < n; ++i) {
+    if (grads.dweights[i].numel() == 0) continue;
+    if (!a.grad_outs[i].defined()) {
+      grads.dweights[i].zero_();
+      continue;
+    }
+    if (!h.defined()) {  // h recomputed once, for every weight's gradient
+      h = x;
+      if (!identity_prologue) {
+        h = new_h(x, a.weights[0]);
+        norm_forward_with({x, std::nullopt, 1.0, a.ln_weight, a.ln_bias, 0.0, a.norm},
+                          {h, Tensor(), Tensor(), Tensor()}, a.mean, a.rstd);
+      }
+    }
+    at::mm_out(grads.dweights[i], a.grad_outs[i].t(), h);
+  }
 }
 
 }  // namespace magneto::cuda

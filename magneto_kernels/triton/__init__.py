@@ -5,7 +5,8 @@ they run on CPU tensors in Triton's interpreter.
 
 Modules: ``philox`` (Philox4x32-10 dropout stream), ``activations``, ``norm`` (row kernels:
 LayerNorm/RMSNorm forward and backward, add-LayerNorm, deterministic column sums), ``ln_linear``
-(the fused norm → GEMM → epilogue op and its backward), ``dropout`` (the dropout op).
+(the fused norm → GEMM → epilogue op and its backward), ``dropout`` (the dropout op),
+``group`` (``ln_linear_group``: one norm for several weights, one launch).
 
 Launch convention: an absent tensor is passed as None next to a constexpr ``HAS_*``/``WANT_*``
 flag (Triton specialises None as a constexpr, so the kernel never sees a placeholder pointer);
@@ -25,6 +26,7 @@ import torch
 from magneto_kernels import checks
 from magneto_kernels.library import op_name
 from magneto_kernels.triton import dropout as _dropout
+from magneto_kernels.triton import group as _group
 from magneto_kernels.triton import ln_linear as _ln_linear
 from magneto_kernels.triton import norm as _norm
 from magneto_kernels.triton.common import INTERPRET  # noqa: F401  (read by backends.py)
@@ -140,6 +142,34 @@ def _dropout_op(*args):
     return _dropout.dropout(a.x.contiguous(), a.seed, a.p)
 
 
+def _ln_linear_group_op(*args):
+    a = checks.ln_linear_group(*args)
+    outs, mean, rstd = _group.ln_linear_group(
+        *a._replace(
+            x=_rows(a.x),
+            ln_weight=_dense(a.ln_weight),
+            ln_bias=_dense(a.ln_bias),
+            biases=[_dense(b) for b in a.biases],
+        )
+    )
+    return [_like(out, a.x) for out in outs], mean, rstd
+
+
+def _ln_linear_group_backward_op(*args):
+    a = checks.ln_linear_group_backward(*args)
+    dx, *grads = _group.ln_linear_group_backward(
+        *a._replace(
+            grad_outs=[_rows(g) for g in a.grad_outs],
+            x=_rows(a.x),
+            ln_weight=_dense(a.ln_weight),
+            ln_bias=_dense(a.ln_bias),
+            mean=_dense(a.mean),
+            rstd=_dense(a.rstd),
+        )
+    )
+    return (_like(dx, a.x), *grads)
+
+
 _IMPLS = {
     "layer_norm": _layer_norm_op,
     "layer_norm_backward": _layer_norm_backward_op,
@@ -147,6 +177,8 @@ _IMPLS = {
     "ln_linear": _ln_linear_op,
     "ln_linear_backward": _ln_linear_backward_op,
     "dropout": _dropout_op,
+    "ln_linear_group": _ln_linear_group_op,
+    "ln_linear_group_backward": _ln_linear_group_backward_op,
 }
 
 
