@@ -31,6 +31,8 @@ from magneto_kernels.triton.norm import LAYER_NORM, NO_NORM, column_sum, norm_ba
 MAX_WEIGHTS = 4
 """The weights one launch takes (q/k/v and gate/up need 3 and 2); a longer list runs in groups
 of this many, each one launch."""
+GROUP_IEEE_TILE = (32, 64, 16, 8, 2)
+"""(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) of the exact-fp32 group launch above 16 rows."""
 
 
 @triton.jit
@@ -214,6 +216,10 @@ def group_matmul(x, weights, biases, outs, norm, mean, rstd, gamma, beta):
     dtype = weights[0].dtype
     aligned = x.stride(0) % 16 == 0 and k % 16 == 0 and all(w.stride(0) % 16 == 0 for w in weights)
     tiles = configs.gemm_tiles(dtype, rows, aligned)
+    if configs.dot_kind(dtype) == "ieee" and configs.row_bucket(rows) != 16:
+        # exact fp32 FMA dots: ln_linear's tiles spill here (the weight slots' code and the
+        # normalise-on-load A tile), a shorter row tile does not (tests/test_triton_compile.py)
+        tiles = [configs.gemm_tile(*GROUP_IEEE_TILE, 4)]
 
     def grid(meta):
         num_m = triton.cdiv(rows, meta["BLOCK_M"])
