@@ -441,7 +441,9 @@ def test_pruned_projection_trains():
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
     for _ in range(3):
         optimizer.zero_grad()
-        layer(x)[0].square().sum().backward()
+        # a mean, not a sum: the sum's steps diverge to NaN by the third, where a last-bit
+        # change of any kernel decides whether the pruned gradients read NaN or 0
+        layer(x)[0].square().mean().backward()
         pruned = fc1.weight_mask == 0
         assert (fc1.weight_orig.grad[pruned] == 0).all() and fc1.weight_orig.grad.abs().sum() > 0
         optimizer.step()
