@@ -341,6 +341,28 @@ void Kernels::ln_linear(const LnLinearArgs& a, LnLinearOutputs& out) {
   linear_epilogue(e);
 }
 
+// A backward's rows x in_features buffers (dh's, h's): `count` row ranges of the workspace when
+// they all fit (see workspace()), else each allocated.
+class BackwardBuffers {
+ public:
+  BackwardBuffers(const Tensor& x, int64_t rows, int64_t in_features, int64_t count)
+      : x_(x), rows_(rows), in_features_(in_features) {
+    fits_ = count > 0 &&
+            workspace_block_rows(x, count * rows, in_features, count * rows) == count * rows;
+    if (fits_) space_ = workspace(x, count * rows, in_features);
+  }
+  Tensor operator()(int64_t index) const {
+    return fits_ ? space_.narrow(0, index * rows_, rows_)
+                 : new_tensor({rows_, in_features_}, x_.options());
+  }
+
+ private:
+  const Tensor& x_;
+  int64_t rows_, in_features_;
+  bool fits_ = false;
+  Tensor space_;
+};
+
 void Kernels::ln_linear_backward(const LnLinearBackwardArgs& a, LnLinearGrads& grads) {
   const Tensor& x = a.x;
   const int64_t rows = x.size(0), out_features = a.weight.size(0);
@@ -383,17 +405,7 @@ void Kernels::ln_linear_backward(const LnLinearBackwardArgs& a, LnLinearGrads& g
   const bool dh_in_dx = want_dx && !is_gated(a.input_activation);
   const bool dh_buffer = want_norm_grads && !dh_in_dx;
   const bool h_buffer = want_dweight && !identity_prologue;
-  // dh's and h's buffers: row ranges of the workspace when both fit (see workspace()), else
-  // allocated.
-  const int64_t buffers = int64_t{dh_buffer} + int64_t{h_buffer};
-  const bool fits = buffers > 0 &&
-                    workspace_block_rows(x, buffers * rows, in_features, buffers * rows) ==
-                        buffers * rows;
-  const Tensor space = fits ? workspace(x, buffers * rows, in_features) : Tensor();
-  auto buffer = [&](int64_t index) {
-    return fits ? space.narrow(0, index * rows, rows)
-                : new_tensor({rows, in_features}, x.options());
-  };
+  const BackwardBuffers buffer(x, rows, in_features, int64_t{dh_buffer} + int64_t{h_buffer});
   // Straight-through (online quant): the linear's gradients at the fake-quantised operands.
   const bool online = a.quant == Quant::kBitnetOnline;
   Tensor dh;
@@ -508,15 +520,7 @@ void Kernels::ln_linear_group_backward(const LnLinearGroupBackwardArgs& a,
   // row range; h another.
   const bool dh_buffer = want_norm_grads && !want_dx;
   const bool h_buffer = want_dweight && !identity_prologue;
-  const int64_t buffers = int64_t{dh_buffer} + int64_t{h_buffer};
-  const bool fits = buffers > 0 &&
-                    workspace_block_rows(x, buffers * rows, in_features, buffers * rows) ==
-                        buffers * rows;
-  const Tensor space = fits ? workspace(x, buffers * rows, in_features) : Tensor();
-  auto buffer = [&](int64_t index) {
-    return fits ? space.narrow(0, index * rows, rows)
-                : new_tensor({rows, in_features}, x.options());
-  };
+  const BackwardBuffers buffer(x, rows, in_features, int64_t{dh_buffer} + int64_t{h_buffer});
   Tensor dh;
   if (want_norm_grads) {
     dh = want_dx ? grads.dx : buffer(0);
