@@ -288,8 +288,8 @@ def test_ln_linear_op_contract(kernels):
         (23, 17, 45, 0.1),
         (23, 17, 45, 0.5),
         (23, 17, 45, 0.9),
-        (300, 64, 517, 0.1),
-        (300, 64, 517, 0.5),
+        (300, 64, 67, 0.1),
+        (300, 64, 67, 0.5),
     ],
 )
 def test_dropout_mask_matches_reference(backend, rows, k, n, p):
@@ -396,7 +396,8 @@ def test_dh_is_rounded_to_x_dtype_on_every_backend(kernels):
 
 # ------------------------------------------------------------------------------- dropout op
 
-_DROPOUT_SHAPES = [(23, 45), (2, 3, 37), (300, 517)]
+# (300, 67): many rows (split across threads) and 20 of the Triton kernel's 1024-element blocks.
+_DROPOUT_SHAPES = [(23, 45), (2, 3, 37), (300, 67)]
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
