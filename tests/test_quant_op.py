@@ -38,13 +38,13 @@ def _ternary(out_features, in_features, generator):
     return torch.randint(-1, 2, (out_features, in_features), generator=generator).float()
 
 
-def _case(rows, dtype, gated, seed):
+def _case(rows, dtype, gated, seed, k=K, n=N):
     gen = torch.Generator().manual_seed(seed)
-    x = randn(rows, 2 * K if gated else K, dtype=dtype, mean=0.3, std=1.2, generator=gen)
-    ln_weight = randn(K, dtype=dtype, mean=1.0, std=0.2, generator=gen)
-    t = _ternary(N, K, gen)
-    bias = randn(N, dtype=dtype, mean=0.1, std=0.5, generator=gen)
-    residual = randn(rows, N, dtype=dtype, mean=-0.2, generator=gen)
+    x = randn(rows, 2 * k if gated else k, dtype=dtype, mean=0.3, std=1.2, generator=gen)
+    ln_weight = randn(k, dtype=dtype, mean=1.0, std=0.2, generator=gen)
+    t = _ternary(n, k, gen)
+    bias = randn(n, dtype=dtype, mean=0.1, std=0.5, generator=gen)
+    residual = randn(rows, n, dtype=dtype, mean=-0.2, generator=gen)
     weight_scale = torch.tensor([0.37 + 0.1 * seed], dtype=dtype)
     return x, ln_weight, t, bias, residual, weight_scale
 
@@ -84,10 +84,13 @@ def _run(backend, x, ln_weight, t, bias, residual, weight_scale, mode, gated):
 @pytest.mark.parametrize("mode", OFFLINE)
 @pytest.mark.parametrize("rows", ROWS)
 def test_offline_fp32_matches_float64_up_to_ties(backend, mode, gated, rows):
-    x, ln_weight, t, bias, residual, weight_scale = _case(rows, torch.float32, gated, rows)
+    _check_fp32_offline(backend, _case(rows, torch.float32, gated, rows), mode, gated)
+
+
+def _check_fp32_offline(backend, case, mode, gated):
     with backend.running():
-        out = _run(backend, x, ln_weight, t, bias, residual, weight_scale, mode, gated)
-    ref, slack = _float64_offline(x, ln_weight, t, bias, residual, weight_scale, mode, gated)
+        out = _run(backend, *case, mode, gated)
+    ref, slack = _float64_offline(*case, mode, gated)
     err = ((out.double() - ref).abs() - slack).clamp(min=0)
     bound = ELEMENT_RTOL_FACTOR * RTOL[torch.float32] * ref.abs().max().item()
     assert_elementwise(err, ref, bound, ATOL, "output")
@@ -100,20 +103,8 @@ def test_offline_several_tiles_and_k_blocks(backend, mode, rows, out_features):
     """Three 128-wide k blocks, output features past one tile (64) and one decode block (8
     features), rows past one tile: every kernel loop of the CUDA family runs more than once and
     ends on a partial tile."""
-    gen = torch.Generator().manual_seed(rows)
-    k = 3 * QUANT_PACK_UNIT
-    x = randn(rows, k, mean=0.3, std=1.2, generator=gen)
-    ln_weight = randn(k, mean=1.0, std=0.2, generator=gen)
-    t = _ternary(out_features, k, gen)
-    bias = randn(out_features, mean=0.1, std=0.5, generator=gen)
-    residual = randn(rows, out_features, mean=-0.2, generator=gen)
-    weight_scale = torch.tensor([0.61])
-    with backend.running():
-        out = _run(backend, x, ln_weight, t, bias, residual, weight_scale, mode, False)
-    ref, slack = _float64_offline(x, ln_weight, t, bias, residual, weight_scale, mode, False)
-    err = ((out.double() - ref).abs() - slack).clamp(min=0)
-    bound = ELEMENT_RTOL_FACTOR * RTOL[torch.float32] * ref.abs().max().item()
-    assert_elementwise(err, ref, bound, ATOL, "output")
+    case = _case(rows, torch.float32, False, rows, k=3 * QUANT_PACK_UNIT, n=out_features)
+    _check_fp32_offline(backend, case, mode, False)
 
 
 @pytest.mark.parametrize("backend", _backends())
@@ -262,13 +253,11 @@ def test_kernel_backends_run_quant_or_refuse_it(backend):
                     call()
 
 
-def test_offline_has_no_backward_on_cuda():
-    from tests.harness import BY_NAME
-
-    backend = BY_NAME["cuda"]
+@pytest.mark.parametrize("backend", [p for p in backend_params() if p.values[0].name == "cuda"])
+def test_offline_has_no_backward_on_cuda(backend):
     gen = torch.Generator().manual_seed(1)
-    x = randn(2, K, generator=gen).to(backend.device).requires_grad_()
     with backend.running():
+        x = randn(2, K, generator=gen).to(backend.device).requires_grad_()
         out = ops.ln_linear(
             x, None, None, quant.pack(_ternary(N, K, gen)).to(backend.device),
             quant="bitnet_offline", weight_scale=torch.ones(1, device=backend.device),
