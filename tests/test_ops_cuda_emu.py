@@ -114,6 +114,30 @@ def test_float16_and_bfloat16_round_to_nearest_even():
     assert torch.ops.magneto_emu.bfloat16_bits(nan).item() & 0x7F80 == 0x7F80
 
 
+def test_dp4a_is_the_wrapped_sum_of_signed_byte_products():
+    """The quantised GEMMs' __dp4a: every byte value on each side (the extremes -128 and 127
+    included) and accumulators near the int32 limits, against int64 arithmetic wrapped to int32."""
+    gen = torch.Generator().manual_seed(0)
+    n = 4096
+    a = torch.randint(-(2**31), 2**31, (n,), dtype=torch.int64, generator=gen)
+    b = torch.randint(-(2**31), 2**31, (n,), dtype=torch.int64, generator=gen)
+    a[:256] = torch.arange(256) * 0x01010101  # every byte value, in every byte
+    b[:2] = torch.tensor([0x80808080, 0x7F7F7F7F])  # -128 and 127 in every byte
+    c = torch.randint(-(2**31), 2**31, (n,), dtype=torch.int64, generator=gen)
+    c[:8] = torch.tensor([2**31 - 1, -(2**31), 2**31 - 100, -(2**31) + 100, 0, -1, 1, 65536])
+
+    def wrap(v):
+        return (v + 2**31) % 2**32 - 2**31
+
+    def signed_bytes(v):
+        shifts = torch.arange(4, dtype=torch.int64) * 8
+        return ((v[:, None] >> shifts) & 0xFF).to(torch.uint8).view(torch.int8).to(torch.int64)
+
+    expected = wrap(c + (signed_bytes(a) * signed_bytes(b)).sum(1))
+    a, b, c = wrap(a).to(torch.int32), wrap(b).to(torch.int32), wrap(c).to(torch.int32)
+    assert torch.equal(torch.ops.magneto_emu.dp4a(a, b, c), expected.to(torch.int32))
+
+
 # ------------------------------------------------------------------ kernel paths, small inputs
 
 

@@ -29,22 +29,22 @@ ROWS = (1, 3, 16, 37)
 
 
 def _backends():
-    """The backends with the quantised projection: reference and cpu (triton and cuda refuse
-    it, tested below)."""
-    return [p for p in backend_params() if p.values[0].name in ("reference", "cpu")]
+    """The backends with the quantised projection (``quant.BACKENDS``; the others refuse it,
+    tested below)."""
+    return [p for p in backend_params() if p.values[0].name in quant.BACKENDS]
 
 
 def _ternary(out_features, in_features, generator):
     return torch.randint(-1, 2, (out_features, in_features), generator=generator).float()
 
 
-def _case(rows, dtype, gated, seed):
+def _case(rows, dtype, gated, seed, k=K, n=N):
     gen = torch.Generator().manual_seed(seed)
-    x = randn(rows, 2 * K if gated else K, dtype=dtype, mean=0.3, std=1.2, generator=gen)
-    ln_weight = randn(K, dtype=dtype, mean=1.0, std=0.2, generator=gen)
-    t = _ternary(N, K, gen)
-    bias = randn(N, dtype=dtype, mean=0.1, std=0.5, generator=gen)
-    residual = randn(rows, N, dtype=dtype, mean=-0.2, generator=gen)
+    x = randn(rows, 2 * k if gated else k, dtype=dtype, mean=0.3, std=1.2, generator=gen)
+    ln_weight = randn(k, dtype=dtype, mean=1.0, std=0.2, generator=gen)
+    t = _ternary(n, k, gen)
+    bias = randn(n, dtype=dtype, mean=0.1, std=0.5, generator=gen)
+    residual = randn(rows, n, dtype=dtype, mean=-0.2, generator=gen)
     weight_scale = torch.tensor([0.37 + 0.1 * seed], dtype=dtype)
     return x, ln_weight, t, bias, residual, weight_scale
 
@@ -69,11 +69,14 @@ def _float64_offline(x, ln_weight, t, bias, residual, weight_scale, mode, gated,
 
 
 def _run(backend, x, ln_weight, t, bias, residual, weight_scale, mode, gated):
+    x, ln_weight, bias, residual, weight_scale, packed = (
+        v.to(backend.device) for v in (x, ln_weight, bias, residual, weight_scale, quant.pack(t))
+    )
     return ops.ln_linear(
-        x, ln_weight, None, quant.pack(t), bias, eps=EPS, norm="rms",
+        x, ln_weight, None, packed, bias, eps=EPS, norm="rms",
         input_activation="relu2_glu" if gated else None, residual=residual,
         quant=mode, weight_scale=weight_scale, backend=backend.name,
-    )  # fmt: skip
+    ).cpu()  # fmt: skip
 
 
 @pytest.mark.parametrize("backend", _backends())
@@ -81,13 +84,27 @@ def _run(backend, x, ln_weight, t, bias, residual, weight_scale, mode, gated):
 @pytest.mark.parametrize("mode", OFFLINE)
 @pytest.mark.parametrize("rows", ROWS)
 def test_offline_fp32_matches_float64_up_to_ties(backend, mode, gated, rows):
-    x, ln_weight, t, bias, residual, weight_scale = _case(rows, torch.float32, gated, rows)
+    _check_fp32_offline(backend, _case(rows, torch.float32, gated, rows), mode, gated)
+
+
+def _check_fp32_offline(backend, case, mode, gated):
     with backend.running():
-        out = _run(backend, x, ln_weight, t, bias, residual, weight_scale, mode, gated)
-    ref, slack = _float64_offline(x, ln_weight, t, bias, residual, weight_scale, mode, gated)
+        out = _run(backend, *case, mode, gated)
+    ref, slack = _float64_offline(*case, mode, gated)
     err = ((out.double() - ref).abs() - slack).clamp(min=0)
     bound = ELEMENT_RTOL_FACTOR * RTOL[torch.float32] * ref.abs().max().item()
     assert_elementwise(err, ref, bound, ATOL, "output")
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("mode", OFFLINE)
+@pytest.mark.parametrize("rows, out_features", [(16, 80), (70, 80)], ids=["decode", "prefill"])
+def test_offline_several_tiles_and_k_blocks(backend, mode, rows, out_features):
+    """Three 128-wide k blocks, output features past one tile (64) and one decode block (8
+    features), rows past one tile: every kernel loop of the CUDA family runs more than once and
+    ends on a partial tile."""
+    case = _case(rows, torch.float32, False, rows, k=3 * QUANT_PACK_UNIT, n=out_features)
+    _check_fp32_offline(backend, case, mode, False)
 
 
 @pytest.mark.parametrize("backend", _backends())
@@ -125,15 +142,15 @@ def test_online_forward_and_every_gradient(backend, gated, rows):
         )  # fmt: skip
 
     with backend.running():
-        compare_to_reference(backend, fn, inputs)
+        compare_to_reference(backend, fn, {k: v.to(backend.device) for k, v in inputs.items()})
 
 
 @pytest.mark.parametrize("backend", _backends())
 def test_online_without_norm_leaves_x_alone(backend):
     """With no norm the GEMM operand is x itself: its fake-quantised copy must not overwrite x."""
     gen = torch.Generator().manual_seed(3)
-    x = randn(4, K, mean=0.2, generator=gen)
-    weight = randn(N, K, std=0.05, generator=gen)
+    x = randn(4, K, mean=0.2, generator=gen).to(backend.device)
+    weight = randn(N, K, std=0.05, generator=gen).to(backend.device)
     before = x.clone()
     with backend.running():
         out = ops.ln_linear(x, None, None, weight, quant="bitnet_online", backend=backend.name)
@@ -185,23 +202,69 @@ def test_bad_arguments_refused_alike(backend, change, error):
     )
     kwargs = {"quant": change.get("quant", "bitnet_offline")}
     kwargs["weight_scale"] = change.get("weight_scale", torch.ones(1))
+    if kwargs["weight_scale"] is not None:
+        kwargs["weight_scale"] = kwargs["weight_scale"].to(backend.device)
     with (
         backend.running(),
         pytest.raises(ValueError, match=error.replace("(", r"\(").replace(")", r"\)")),
     ):
         ops.ln_linear(
-            x, torch.ones(k), None, weight, norm=change.get("norm", "rms"),
-            backend=backend.name, **kwargs,
+            x.to(backend.device), torch.ones(k, device=backend.device), None,
+            weight.to(backend.device), norm=change.get("norm", "rms"), backend=backend.name,
+            **kwargs,
         )  # fmt: skip
 
 
 @pytest.mark.parametrize("backend", _backends())
 def test_weight_scale_refused_online(backend):
+    device = backend.device
     with backend.running(), pytest.raises(ValueError, match="weight_scale must be None"):
         ops.ln_linear(
-            randn(2, K), None, None, randn(N, K), quant="bitnet_online",
-            weight_scale=torch.ones(1), backend=backend.name,
+            randn(2, K, device=device), None, None, randn(N, K, device=device),
+            quant="bitnet_online", weight_scale=torch.ones(1, device=device), backend=backend.name,
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", backend_params(kernels_only=True))
+def test_kernel_backends_run_quant_or_refuse_it(backend):
+    """quant.BACKENDS is what the integrations fuse on: a backend in it runs every mode, any
+    other must refuse (NotImplementedError), never hand back something else."""
+    gen = torch.Generator().manual_seed(2)
+    x, ln_weight, t, bias, residual, weight_scale = _case(3, torch.float32, False, 2)
+    with backend.running():
+        for mode in quant.QUANT_MODES:
+            if mode == "bitnet_online":
+                weight, scale = randn(N, K, std=0.05, generator=gen), None
+            else:
+                weight, scale = quant.pack(t), weight_scale
+
+            def call(mode=mode, weight=weight, scale=scale):
+                d = backend.device
+                return ops.ln_linear(
+                    x.to(d), ln_weight.to(d), None, weight.to(d), bias.to(d), norm="rms",
+                    quant=mode, weight_scale=None if scale is None else scale.to(d),
+                    backend=backend.name,
+                )  # fmt: skip
+
+            if backend.name in quant.BACKENDS:
+                assert torch.isfinite(call()).all()
+            else:
+                with pytest.raises(NotImplementedError, match=f"{backend.name} backend"):
+                    call()
+
+
+@pytest.mark.parametrize("backend", [p for p in backend_params() if p.values[0].name == "cuda"])
+def test_offline_has_no_backward_on_cuda(backend):
+    gen = torch.Generator().manual_seed(1)
+    with backend.running():
+        x = randn(2, K, generator=gen).to(backend.device).requires_grad_()
+        out = ops.ln_linear(
+            x, None, None, quant.pack(_ternary(N, K, gen)).to(backend.device),
+            quant="bitnet_offline", weight_scale=torch.ones(1, device=backend.device),
+            backend="cuda",
+        )  # fmt: skip
+        with pytest.raises(NotImplementedError, match="has no backward"):
+            out.sum().backward()
 
 
 def test_offline_has_no_backward_on_cpu():

@@ -15,6 +15,13 @@
 //             operands from memory, so h is written once more before the dweight GEMM
 //             dweight = dz^T @ h                       cuBLAS
 //   dropout   linear_epilogue with dropout alone, x for the product
+// BitNet's quantised projection (LnLinearArgs::quant; kernels.h and quant.cu):
+//   offline  quantize_rows: h's int8 codes, their sum and scale (h never written); quant_linear:
+//            the integer GEMM against the packed weight, its epilogue the scales, bias and
+//            alpha·residual
+//   online   quantize_rows writing the fake-quantised h and fake_quant_weight the fake weight
+//            (WeightQuant), then the cuBLAS path above; backward straight-through: dh at the
+//            fake weight, dweight at the fake h recomputed with the saved rstd
 //
 //   ln_linear_group (one norm, several weights W_i)
 //   forward   h = N(x) once (norm_forward); out_i = h @ W_i^T + b_i   cuBLAS addmm per weight
@@ -106,6 +113,92 @@ Tensor new_h(const Tensor& x, const Tensor& weight) {
   return new_tensor({x.size(0), weight.size(1)}, x.options());
 }
 
+// quantize_rows (kernels.h) of h = N(in_act(x)), in_features wide: into q, q_sum and scale (the
+// offline operand) when q is given, else into a new fake-quantised h, returned (online). rstd
+// (kRms): written, or applied when `saved` (the backward's recompute, bitwise the forward's h).
+Tensor quantize_rows_of(const Tensor& x, const OptTensor& ln_weight, double eps, Norm norm,
+                        Activation input_activation, int64_t in_features, const Tensor& rstd,
+                        bool saved, const Tensor& q = Tensor(), const Tensor& q_sum = Tensor(),
+                        const Tensor& scale = Tensor()) {
+  const NormParams params(ln_weight, std::nullopt, x);
+  QuantizeRowsParams p;
+  p.x = x.data_ptr();
+  p.x_stride = x.size(1);
+  p.gamma = opt_ptr(params.gamma);
+  float* r = norm == Norm::kRms ? opt_float_ptr(rstd) : nullptr;
+  if (saved) {
+    p.saved_rstd = r;
+  } else {
+    p.rstd = r;
+  }
+  Tensor fake;
+  if (q.defined()) {
+    p.q = q.data_ptr<int8_t>();
+    p.q_sum = q_sum.data_ptr<int32_t>();
+    p.scale = scale.data_ptr<float>();
+  } else {
+    fake = new_tensor({x.size(0), in_features}, x.options());
+    p.fake = fake.data_ptr();
+  }
+  p.rows = x.size(0);
+  p.cols = in_features;
+  p.eps = static_cast<float>(eps);
+  p.norm = norm;
+  p.input_activation = input_activation;
+  p.dtype = dtype_code(x.scalar_type());
+  p.param_dtype = params.dtype;
+  check_status(cuda::quantize_rows(p, current_stream(x)));
+  return fake;
+}
+
+// The online mode's weight, fake-quantised per tensor (WeightQuant).
+Tensor fake_quant_weight_of(const Tensor& weight) {
+  const Tensor fake = new_like(weight);
+  FakeQuantWeightParams p;
+  p.weight = weight.data_ptr();
+  p.fake = fake.data_ptr();
+  p.numel = weight.numel();
+  p.workspace_bytes = fake_quant_weight_workspace_bytes(p.numel);
+  const Tensor ws = workspace(weight, p.workspace_bytes);
+  p.workspace = ws.data_ptr();
+  p.dtype = dtype_code(weight.scalar_type());
+  check_status(cuda::fake_quant_weight(p, current_stream(weight)));
+  return fake;
+}
+
+// The offline modes: out = alpha·residual + the integer projection of h's codes.
+void offline_projection(const LnLinearArgs& a, LnLinearOutputs& out) {
+  const Tensor& x = a.x;
+  const int64_t rows = x.size(0), in_features = norm_cols(x, a.input_activation);
+  const Tensor q = at::empty({rows, in_features}, x.options().dtype(at::kChar));
+  const Tensor q_sum = at::empty({rows}, x.options().dtype(at::kInt));
+  const Tensor scale = new_tensor({rows}, x.options().dtype(at::kFloat));
+  quantize_rows_of(x, a.ln_weight, a.eps, a.norm, a.input_activation, in_features, out.rstd,
+                   /*saved=*/false, q, q_sum, scale);
+  out.out = new_tensor({rows, a.weight.size(0)}, x.options());
+  out.preact = empty0(x);
+  QuantLinearParams l;
+  l.q = q.data_ptr<int8_t>();
+  l.q_sum = q_sum.data_ptr<int32_t>();
+  l.scale = scale.data_ptr<float>();
+  l.weight = a.weight.data_ptr<uint8_t>();
+  l.weight_scale = a.weight_scale->data_ptr<float>();
+  l.bias = a.bias.has_value() ? a.bias->data_ptr() : nullptr;
+  if (a.residual.has_value()) {
+    l.residual = a.residual->data_ptr();
+    l.residual_stride = a.residual->size(1);
+    l.alpha = static_cast<float>(a.alpha);
+  }
+  l.out = out.out.data_ptr();
+  l.out_stride = out.out.size(1);
+  l.rows = rows;
+  l.in_features = in_features;
+  l.out_features = a.weight.size(0);
+  l.quant = a.quant;
+  l.dtype = dtype_code(x.scalar_type());
+  check_status(cuda::quant_linear(l, current_stream(x)));
+}
+
 }  // namespace
 
 void Kernels::norm_forward(const NormArgs& args, const NormOutputs& out) {
@@ -157,18 +250,23 @@ void Kernels::norm_backward(const NormBackwardArgs& args, const NormGrads& grads
 
 void Kernels::ln_linear(const LnLinearArgs& a, LnLinearOutputs& out) {
   const Tensor& x = a.x;
-  TORCH_CHECK_NOT_IMPLEMENTED(a.quant == Quant::kNone,
-                              "ln_linear: the CUDA backend has no quantised projection (quant) "
-                              "yet; the cpu and reference backends have");
   const DeviceGuard guard(x.device());
+  if (is_offline(a.quant)) {
+    offline_projection(a, out);
+    return;
+  }
+  const bool online = a.quant == Quant::kBitnetOnline;
   Tensor h = x;
-  if (a.norm != Norm::kNone || a.input_activation != Activation::kNone) {
+  if (online) {
+    h = quantize_rows_of(x, a.ln_weight, a.eps, a.norm, a.input_activation, a.weight.size(1),
+                         out.rstd, /*saved=*/false);
+  } else if (a.norm != Norm::kNone || a.input_activation != Activation::kNone) {
     h = new_h(x, a.weight);
     norm_forward_with({x, std::nullopt, 1.0, a.ln_weight, a.ln_bias, a.eps, a.norm,
                        a.input_activation},
                       {h, Tensor(), out.mean, out.rstd});
   }
-  const Tensor wt = a.weight.t();
+  const Tensor wt = (online ? fake_quant_weight_of(a.weight) : a.weight).t();
   if (a.activation == Activation::kNone && a.dropout_p == 0.0 && !a.residual.has_value()) {
     out.out = a.bias.has_value() ? at::addmm(*a.bias, h, wt) : at::mm(h, wt);
     out.preact = empty0(x);
@@ -208,9 +306,6 @@ void Kernels::ln_linear(const LnLinearArgs& a, LnLinearOutputs& out) {
 
 void Kernels::ln_linear_backward(const LnLinearBackwardArgs& a, LnLinearGrads& grads) {
   const Tensor& x = a.x;
-  TORCH_CHECK_NOT_IMPLEMENTED(a.quant == Quant::kNone,
-                              "ln_linear: the CUDA backend has no quantised projection (quant) "
-                              "yet; the cpu and reference backends have");
   const DeviceGuard guard(x.device());
   const int64_t rows = x.size(0), out_features = a.weight.size(0);
   const bool dz_is_dy = a.activation == Activation::kNone && a.dropout_p == 0.0;
@@ -249,8 +344,10 @@ void Kernels::ln_linear_backward(const LnLinearBackwardArgs& a, LnLinearGrads& g
   const bool want_dx = grads.dx.numel() > 0;
   const bool want_norm_grads =
       want_dx || grads.dln_weight.numel() > 0 || grads.dln_bias.numel() > 0;
+  // Straight-through (online quant): the linear's gradients at the fake-quantised operands.
+  const bool online = a.quant == Quant::kBitnetOnline;
   if (want_norm_grads) {
-    Tensor dh = at::mm(dz, a.weight);
+    Tensor dh = at::mm(dz, online ? fake_quant_weight_of(a.weight) : a.weight);
     if (identity_prologue) {
       grads.dx = dh;
     } else {
@@ -262,7 +359,10 @@ void Kernels::ln_linear_backward(const LnLinearBackwardArgs& a, LnLinearGrads& g
   }
   if (grads.dweight.numel() > 0) {
     Tensor h = x;
-    if (!identity_prologue) {
+    if (online) {
+      h = quantize_rows_of(x, a.ln_weight, 0.0, a.norm, a.input_activation, a.weight.size(1),
+                           a.rstd, /*saved=*/true);
+    } else if (!identity_prologue) {
       h = new_h(x, a.weight);
       norm_forward_with({x, std::nullopt, 1.0, a.ln_weight, a.ln_bias, 0.0, a.norm,
                          a.input_activation},

@@ -194,5 +194,79 @@ size_t linear_epilogue_backward_workspace_bytes(int64_t rows, int64_t cols, DTyp
                                                 bool want_dbias);
 Status linear_epilogue_backward(const LinearEpilogueBackwardParams& p, cudaStream_t stream);
 
+// ------------------------------------------------------------------------ quantised projection
+// BitNet b1.58's quantised ln_linear (magneto_kernels/quant.py is the specification).
+//
+// quantize_rows: per row r, h = N(in_act(x)) as norm_forward computes and rounds it (norm kRms
+// or kNone; input_activation kNone or kRelu2Glu, x then 2*cols wide), never written; then in
+// float32 s = 127 / max(max_k |h_k|, 1e-5) and q_k = clamp(rint(h_k*s), -128, 127). Writes
+// either the offline modes' operand: q (int8, row stride cols), q_sum = sum_k q_k (int32) and
+// scale = s, or (fake != null) the online mode's fake-quantised row fake = round_dtype(q / s)
+// (row stride cols). rstd (kRms) written when non-null; with saved_rstd given, that one is
+// applied instead (the online backward's recompute of fake, then bitwise the forward's).
+struct QuantizeRowsParams {
+  const void* x = nullptr;
+  int64_t x_stride = 0;
+  const void* gamma = nullptr;  // (cols,) param_dtype; kRms only
+  const float* saved_rstd = nullptr;
+  int8_t* q = nullptr;
+  int32_t* q_sum = nullptr;  // (rows,)
+  float* scale = nullptr;    // (rows,)
+  void* fake = nullptr;
+  float* rstd = nullptr;  // (rows,)
+  int64_t rows = 0;
+  int64_t cols = 0;
+  float eps = 1e-6f;
+  Norm norm = Norm::kRms;
+  Activation input_activation = Activation::kNone;
+  DType dtype = DType::kFloat32;
+  DType param_dtype = DType::kFloat32;
+};
+Status quantize_rows(const QuantizeRowsParams& p, cudaStream_t stream);
+
+// quant_linear: the offline modes' projection of quantize_rows' output against the packed weight
+// (out_features, in_features/4) uint8 of common.h's layout (16-byte aligned; in_features a
+// multiple of kQuantPackUnit): acc = sum_k q_k*t_k, exact in int32, then in float32 with
+// ws = *weight_scale (a device pointer) and s = scale[r], rounded to dtype as the spec's steps:
+//   kBitnetOffline: preact = round((acc/s + bias)*ws)
+//   kBitlinear:     preact = round(round(round(acc) / (ws*round(s))) + bias)
+//   out = round(alpha*residual + preact)   (no residual: out = preact)
+// Up to kQuantGemvRows rows run a warp-per-output-feature kernel (decode), more a tiled one.
+struct QuantLinearParams {
+  const int8_t* q = nullptr;       // (rows, in_features)
+  const int32_t* q_sum = nullptr;  // (rows,)
+  const float* scale = nullptr;    // (rows,)
+  const uint8_t* weight = nullptr;
+  const float* weight_scale = nullptr;  // (1,)
+  const void* bias = nullptr;           // (out_features,) dtype
+  const void* residual = nullptr;
+  int64_t residual_stride = 0;
+  float alpha = 1.0f;
+  void* out = nullptr;
+  int64_t out_stride = 0;
+  int64_t rows = 0;
+  int64_t in_features = 0;
+  int64_t out_features = 0;
+  Quant quant = Quant::kBitnetOffline;
+  DType dtype = DType::kFloat32;
+};
+inline constexpr int64_t kQuantGemvRows = 16;
+Status quant_linear(const QuantLinearParams& p, cudaStream_t stream);
+
+// The online mode's weight (transformers' WeightQuant): s_w = 1 / max(mean_k |W|, 1e-5) over the
+// whole (numel,) tensor in float32 (a deterministic two-stage sum: per-block partials in the
+// float32 workspace of fake_quant_weight_workspace_bytes bytes, then one block in fixed order),
+// fake = round_dtype(clamp(rint(W*s_w), -1, 1) / s_w).
+struct FakeQuantWeightParams {
+  const void* weight = nullptr;
+  void* fake = nullptr;
+  int64_t numel = 0;
+  void* workspace = nullptr;
+  size_t workspace_bytes = 0;
+  DType dtype = DType::kFloat32;
+};
+size_t fake_quant_weight_workspace_bytes(int64_t numel);
+Status fake_quant_weight(const FakeQuantWeightParams& p, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace magneto

@@ -246,3 +246,19 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) {
 // ------------------------------------------------------------------ math
 // expf, erff and fmaf are libm's; CUDA's rsqrtf (2 ulp) as a correctly rounded division.
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+// __fdiv_rn: the IEEE division that --use_fast_math keeps for it (rintf, libm's, rounds half to
+// even as CUDA's does).
+inline float __fdiv_rn(float a, float b) { return a / b; }
+
+// ------------------------------------------------------------------ integer intrinsics
+// __dp4a(a, b, c): c plus the four products of the signed bytes of a and b, wrapping modulo 2^32
+// as the hardware's 32-bit add does.
+inline int __dp4a(int a, int b, int c) {
+  uint32_t acc = static_cast<uint32_t>(c);
+  for (int i = 0; i < 4; ++i) {
+    const int ai = static_cast<int8_t>(static_cast<uint32_t>(a) >> (8 * i));
+    const int bi = static_cast<int8_t>(static_cast<uint32_t>(b) >> (8 * i));
+    acc += static_cast<uint32_t>(ai * bi);
+  }
+  return static_cast<int>(acc);
+}

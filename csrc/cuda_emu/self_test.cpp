@@ -1,6 +1,7 @@
 // Kernels that exercise the emulation itself, for tests/test_ops_cuda_emu.py: shuffles with masks
 // and widths, the launches it must refuse (a barrier or shuffle in divergent code), and the
-// 16-bit conversions. Registered as torch.ops.magneto_emu.* by magneto_kernels._C_emu only.
+// 16-bit conversions and __dp4a. Registered as torch.ops.magneto_emu.* by magneto_kernels._C_emu
+// only.
 #include <string>
 
 #include <ATen/ATen.h>
@@ -89,6 +90,22 @@ at::Tensor bfloat16_bits(const at::Tensor& x) {
   return rounded_bits(x, [](float f) { return __float2bfloat16_rn(f); });
 }
 
+// The emulated __dp4a of int32 words a, b, c elementwise: the tests compare it with the byte
+// products summed in int64 and wrapped to int32.
+at::Tensor dp4a(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
+  TORCH_CHECK_VALUE(a.scalar_type() == at::kInt && b.scalar_type() == at::kInt &&
+                        c.scalar_type() == at::kInt && a.sizes() == b.sizes() &&
+                        a.sizes() == c.sizes(),
+                    "dp4a takes three int32 tensors of one shape");
+  const at::Tensor ac = a.contiguous(), bc = b.contiguous(), cc = c.contiguous();
+  at::Tensor out = at::empty_like(ac);
+  for (int64_t i = 0; i < ac.numel(); ++i) {
+    out.data_ptr<int>()[i] = __dp4a(ac.data_ptr<int>()[i], bc.data_ptr<int>()[i],
+                                    cc.data_ptr<int>()[i]);
+  }
+  return out;
+}
+
 }  // namespace
 }  // namespace magneto::cuda_emu
 
@@ -96,4 +113,5 @@ TORCH_LIBRARY(magneto_emu, m) {
   m.def("kernel_self_test(str name) -> Tensor", &magneto::cuda_emu::kernel_self_test);
   m.def("half_bits(Tensor x) -> Tensor", &magneto::cuda_emu::half_bits);
   m.def("bfloat16_bits(Tensor x) -> Tensor", &magneto::cuda_emu::bfloat16_bits);
+  m.def("dp4a(Tensor a, Tensor b, Tensor c) -> Tensor", &magneto::cuda_emu::dp4a);
 }
