@@ -28,6 +28,7 @@ from magneto.parallel.functional import (
     row_parallel_norm_linear,
     sharded_norm,
 )
+from magneto.parallel.sequence import active, row_output
 
 
 def _shard(param: Optional[Tensor], dim: int, index: Tensor) -> Optional[nn.Parameter]:
@@ -54,8 +55,13 @@ class ColumnParallelLinear(_Shard):
         self.in_features, self.out_features = linear.in_features, index.numel()
         self._keep(0, index, view, group)
 
+    def _input(self, x: Tensor) -> Tensor:
+        """x as the GEMM reads it: in a sequence-parallel layer already gathered (the gather's
+        backward reduce-scatters its gradient), else replicated (its gradient all-reduced)."""
+        return x if active() is self.group else copy_to_parallel(x, self.group)
+
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(copy_to_parallel(x, self.group), self.weight, self.bias)
+        return F.linear(self._input(x), self.weight, self.bias)
 
     def parallel_project(
         self, x, norm, *, input_activation, residual, alpha, dropout_p, rows, backend
@@ -74,7 +80,7 @@ class ColumnParallelLinear(_Shard):
         if rows is not None:
             weight, bias = weight[rows], None if bias is None else bias[rows]
         return magneto_kernels.ln_linear(
-            copy_to_parallel(x, self.group),
+            self._input(x),
             weight=weight,
             bias=bias,
             input_activation=input_activation,
@@ -121,8 +127,17 @@ class RowParallelLinear(_Shard):
         self._keep(1, index, view, group)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = reduce_from_parallel(F.linear(x, self.weight), self.group)
-        return y if self.bias is None else y + self.bias
+        return self._output(F.linear(x, self.weight), 0.0)
+
+    def _output(self, partial: Tensor, dropout_p: float) -> Tensor:
+        """``dropout(sum over ranks(partial) + bias)``: all-reduced, or reduce-scattered to
+        this rank's rows in a sequence-parallel layer."""
+        if active() is self.group:
+            return row_output(partial, self.bias, dropout_p, self.group)
+        y = reduce_from_parallel(partial, self.group)
+        if self.bias is not None:
+            y = y + self.bias
+        return y if dropout_p == 0.0 else magneto_kernels.dropout(y, dropout_p)
 
     def parallel_project(
         self, x, norm, *, input_activation, residual, alpha, dropout_p, rows, backend
@@ -150,11 +165,7 @@ class RowParallelLinear(_Shard):
             )
         else:
             raise ValueError("the norm before a row-parallel projection must be sharded")
-        y = reduce_from_parallel(partial, self.group)
-        if self.bias is not None:
-            y = y + self.bias
-        if dropout_p > 0.0:
-            y = magneto_kernels.dropout(y, dropout_p)
+        y = self._output(partial, dropout_p)
         return y if residual is None else alpha * residual + y
 
 
