@@ -29,6 +29,8 @@ from magneto.parallel.functional import (
     sharded_norm,
 )
 from magneto.parallel.sequence import active, row_output
+from magneto_kernels import reference
+from magneto_kernels.codes import GATED_ACTIVATIONS
 
 
 def _shard(param: Optional[Tensor], dim: int, index: Tensor) -> Optional[nn.Parameter]:
@@ -73,9 +75,6 @@ class ColumnParallelLinear(_Shard):
         args = norm_arguments(norm, x)
         if args is None:
             raise ValueError(f"tensor parallelism cannot fuse the norm {type(norm).__name__}")
-        args = dict(args)
-        for name in ("ln_weight", "ln_bias"):
-            args[name] = copy_to_parallel(args[name], self.group)
         weight, bias = self.weight, self.bias
         if rows is not None:
             weight, bias = weight[rows], None if bias is None else bias[rows]
@@ -85,8 +84,31 @@ class ColumnParallelLinear(_Shard):
             bias=bias,
             input_activation=input_activation,
             backend=backend,
-            **args,
+            **self._norm(**args),
         )
+
+    def _norm(self, ln_weight, ln_bias, **rest) -> dict:
+        """The fused input norm's arguments (``eps``, ``norm`` in ``rest``), its weight and bias
+        (replicated) passed through ``copy_to_parallel``: their gradients are summed over the
+        ranks."""
+        ln_weight, ln_bias = (copy_to_parallel(t, self.group) for t in (ln_weight, ln_bias))
+        return {"ln_weight": ln_weight, "ln_bias": ln_bias, **rest}
+
+
+def column_parallel_group(x, ln_weight, ln_bias, eps, norm, shards, backend=None) -> list:
+    """``[shard(N(x)) for shard in shards]`` for column-parallel shards over one group as one
+    ``ln_linear_group`` (x normalised once, its gradient summed inside the op, then over the
+    ranks by one collective for the whole group)."""
+    first = shards[0]
+    if any(s.group is not first.group for s in shards):
+        raise ValueError("column_parallel_group: the shards are not over one group")
+    return magneto_kernels.ln_linear_group(
+        first._input(x),
+        weights=[s.weight for s in shards],
+        biases=[s.bias for s in shards],
+        backend=backend,
+        **first._norm(ln_weight, ln_bias, eps=eps, norm=norm),
+    )
 
 
 class ShardedNorm(_Shard):
@@ -152,6 +174,9 @@ class RowParallelLinear(_Shard):
                 x, None, None, self.weight, input_activation=input_activation, backend=backend
             )
         elif isinstance(norm, ShardedNorm):
+            if input_activation in GATED_ACTIVATIONS:  # row_parallel_norm_linear has none
+                x = reference.apply_input_activation(x, input_activation)
+                input_activation = None
             partial = row_parallel_norm_linear(
                 x,
                 norm.weight,
