@@ -65,6 +65,14 @@ def _present(module: nn.Module, names) -> list[str]:
 
 
 def _shard_block(module, columns: dict, row: str, norm: list, out_index, rank, world, group):
+    for name in (*columns, row):
+        if type(getattr(module, name)) is not nn.Linear:
+            kind = type(getattr(module, name)).__name__
+            raise ValueError(
+                f"tensor parallelism shards nn.Linear projections; {name} is a {kind} (BitNet's "
+                "quantised projections are not supported yet: docs/design.md, Tensor "
+                "parallelism)"
+            )
     for name, index in columns.items():
         linear = getattr(module, name)
         view = (linear.out_features, linear.in_features)
