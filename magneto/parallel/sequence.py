@@ -72,69 +72,46 @@ def _local(x: Tensor, group) -> Tensor:
     return x.narrow(1, dist.get_rank(group) * length, length)
 
 
-class _GatherSequence(torch.autograd.Function):
-    """Into a column-parallel projection: all-gather; backward reduce-scatter (each rank holds
-    a partial gradient of the whole sequence)."""
+def _split(x: Tensor, group) -> Tensor:
+    return _local(x, group).contiguous()
+
+
+class _Collective(torch.autograd.Function):
+    """``forward(x, group)``, its gradient ``backward(dy, group)``: each pair below is a
+    collective and its conjugate."""
 
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _gather(x, group)
-
-    @staticmethod
-    def backward(ctx, dy):
-        return _reduce_scatter(dy, ctx.group), None
-
-
-class _ReduceScatterSequence(torch.autograd.Function):
-    """Out of a row-parallel projection: reduce-scatter; backward all-gather."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _reduce_scatter(x, group)
+    def forward(ctx, x, group, forward, backward):
+        ctx.group, ctx.conjugate = group, backward
+        return forward(x, group)
 
     @staticmethod
     def backward(ctx, dy):
-        return _gather(dy, ctx.group), None
-
-
-class _Split(torch.autograd.Function):
-    """Replicated -> split (the first layer's input): keep this rank's rows; backward
-    all-gather (the embeddings before want the whole gradient on every rank)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _local(x, group).contiguous()
-
-    @staticmethod
-    def backward(ctx, dy):
-        return _gather(dy, ctx.group), None
-
-
-class _Join(torch.autograd.Function):
-    """Split -> replicated (the last layer's output): all-gather; backward keep this rank's rows
-    (the gradient after it is the same on every rank)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _gather(x, group)
-
-    @staticmethod
-    def backward(ctx, dy):
-        return _local(dy, ctx.group).contiguous(), None
+        return ctx.conjugate(dy, ctx.group), None, None, None
 
 
 def gather_sequence(x: Tensor, group) -> Tensor:
-    """The whole sequence of a split x, for a column-parallel projection."""
-    return _GatherSequence.apply(x, group)
+    """The whole sequence of a split x, into a column-parallel projection: backward
+    reduce-scatters (each rank holds a partial gradient of the whole sequence)."""
+    return _Collective.apply(x, group, _gather, _reduce_scatter)
 
 
 def reduce_scatter_sequence(x: Tensor, group) -> Tensor:
-    """This rank's rows of the sum of a row-parallel projection's partial outputs."""
-    return _ReduceScatterSequence.apply(x, group)
+    """This rank's rows of the sum of a row-parallel projection's partial outputs: backward
+    all-gathers."""
+    return _Collective.apply(x, group, _reduce_scatter, _gather)
+
+
+def split_sequence(x: Tensor, group) -> Tensor:
+    """Replicated -> split (the first layer's input): this rank's rows; backward all-gathers
+    (the embeddings before it want the whole gradient on every rank)."""
+    return _Collective.apply(x, group, _split, _gather)
+
+
+def join_sequence(x: Tensor, group) -> Tensor:
+    """Split -> replicated (the last layer's output): all-gather; backward keeps this rank's
+    rows (the gradient after it is the same on every rank)."""
+    return _Collective.apply(x, group, _gather, _split)
 
 
 def sequence_dropout(y: Tensor, p: float, group) -> Tensor:
@@ -183,7 +160,7 @@ class _SequenceParallelLayer:
                     f"sequence parallelism: the length {x.shape[1]} is not divisible by the "
                     f"{world} tensor-parallel ranks"
                 )
-            x = _Split.apply(x, group)
+            x = split_sequence(x, group)
         _ACTIVE.append(group)
         try:
             out = super().forward(x, *args, **kwargs)
@@ -191,7 +168,7 @@ class _SequenceParallelLayer:
             _ACTIVE.pop()
         if group is None or not self.sequence_join:
             return out
-        return (_Join.apply(out[0], group), *out[1:])
+        return (join_sequence(out[0], group), *out[1:])
 
 
 _LAYER_CLASSES: dict = {}
