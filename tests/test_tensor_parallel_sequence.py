@@ -231,3 +231,6 @@ def test_sequence_parallel_refuses_what_it_does_not_support():
             magneto.Decoder(config()), dist.group.WORLD, sequence_parallel=True
         )
         model(torch.tensor([[3, 4, 5]]))  # one rank: any length divides
+        model.layers[0].self_attn.register_forward_hook(lambda *args: None)
+        with pytest.raises(ValueError, match="hooks"):
+            model(torch.tensor([[3, 4, 5]]))

@@ -29,6 +29,8 @@ from torch import Tensor, nn
 import magneto_kernels
 from magneto.attention import MultiheadAttention
 from magneto.feedforward import FeedForward
+from magneto.fusion import has_hooks
+from magneto.layers import DecoderLayer, EncoderLayer
 from magneto.parallel.functional import _LOGS, copy_to_parallel
 
 _ACTIVE: list = []
@@ -161,6 +163,11 @@ class _SequenceParallelLayer:
                     f"{world} tensor-parallel ranks"
                 )
             x = split_sequence(x, group)
+        if group is not None and (has_hooks(self.self_attn) or has_hooks(self.ffn)):
+            raise ValueError(
+                "sequence parallelism: a sublayer with hooks is called on its norm's output, "
+                "which would run on this rank's rows unfused, its gradient not all-reduced"
+            )
         _ACTIVE.append(group)
         try:
             out = super().forward(x, *args, **kwargs)
@@ -171,14 +178,18 @@ class _SequenceParallelLayer:
         return (join_sequence(out[0], group), *out[1:])
 
 
-_LAYER_CLASSES: dict = {}
+class SequenceParallelEncoderLayer(_SequenceParallelLayer, EncoderLayer):
+    pass
 
 
-def _sequence_parallel_class(cls: type) -> type:
-    if cls not in _LAYER_CLASSES:
-        name = f"SequenceParallel{cls.__name__}"
-        _LAYER_CLASSES[cls] = type(name, (_SequenceParallelLayer, cls), {})
-    return _LAYER_CLASSES[cls]
+class SequenceParallelDecoderLayer(_SequenceParallelLayer, DecoderLayer):
+    pass
+
+
+_LAYER_CLASSES = {
+    EncoderLayer: SequenceParallelEncoderLayer,
+    DecoderLayer: SequenceParallelDecoderLayer,
+}
 
 
 def check_sequence_parallel(model: nn.Module) -> None:
@@ -193,6 +204,8 @@ def check_sequence_parallel(model: nn.Module) -> None:
         )
     if config.multiway:
         raise ValueError("sequence parallelism: multiway models (BEiT3) are not supported yet")
+    if any(type(layer) not in _LAYER_CLASSES for layer in model.layers):
+        raise ValueError("sequence parallelism: layers other than magneto's are not supported")
     if not config.normalize_before:
         raise ValueError(
             f"sequence parallelism: norm_scheme={config.norm_scheme!r} adds and normalises on "
@@ -207,7 +220,7 @@ def install(model: nn.Module, group) -> None:
     for i, layer in enumerate(layers):
         layer.self_attn.__class__ = SequenceParallelAttention
         layer.ffn.__class__ = SequenceParallelFeedForward
-        layer.__class__ = _sequence_parallel_class(type(layer))
+        layer.__class__ = _LAYER_CLASSES[type(layer)]
         layer.sequence_group = group
         layer.sequence_split, layer.sequence_join = i == 0, i == len(layers) - 1
 
