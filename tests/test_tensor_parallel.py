@@ -14,7 +14,8 @@ compare that with the same model run here in one process.
 - vocabulary-parallel embedding, output projection (tied or not), loss and greedy argmax;
 - a 2-D mesh (FSDP2 over 2 data-parallel ranks × 2 tensor-parallel ranks): one training step's
   gradients and updated parameters;
-- a distributed checkpoint saved by 2 tensor-parallel ranks, loaded by 4.
+- a distributed checkpoint saved by 2 tensor-parallel ranks, loaded by 4; one saved by an
+  FSDP2 × TP model (2-D mesh), loaded at another tensor-parallel degree with and without FSDP2.
 """
 
 import os
@@ -224,6 +225,41 @@ def _checkpoint(world, directory):
         return _output("decoder", model)
 
 
+def _fsdp_checkpoint(directory):
+    """4 ranks: an FSDP2 (2) × TP (2) model saves; a TP-4 model and an FSDP2 (4) × TP (1) one,
+    both of other parameters, load it and run."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from magneto.parallel import load_sharded_state_dict, sharded_state_dict
+
+    def build(shape, scale):
+        mesh = init_device_mesh("cpu", shape, mesh_dim_names=("dp", "tp"))
+        model = _model("decoder", "subln", "layer").eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(scale)
+        tensor_parallelize(model, mesh, "tp")
+        if shape[0] > 1:
+            for layer in model.layers:
+                fully_shard(layer, mesh=mesh["dp"])
+            fully_shard(model, mesh=mesh["dp"])
+        return model, mesh["tp"]
+
+    model, tp = build((2, 2), 1.0)
+    dcp.save(sharded_state_dict(model, tp), checkpoint_id=directory)
+    outputs = []
+    for shape in ((1, 4), (4, 1)):
+        model, tp = build(shape, 0.5)
+        state = sharded_state_dict(model, tp)
+        dcp.load(state, checkpoint_id=directory)
+        load_sharded_state_dict(model, state)
+        with torch.no_grad():
+            outputs.append(_output("decoder", model))
+    return outputs
+
+
 def _rank(rank, world, out_dir):
     results = {("norm", *case): _norm_case(*case, rank, world) for case in NORM_CASES}
     for case in MODEL_CASES:
@@ -233,6 +269,7 @@ def _rank(rank, world, out_dir):
         results[("vocab", tied)] = _vocab_parallel(tied)
     if world == 4:
         results["two_d"] = _two_d_step()
+        results["fsdp_checkpoint"] = _fsdp_checkpoint(os.path.join(out_dir, "fsdp_checkpoint"))
     results["checkpoint"] = _checkpoint(world, os.path.join(out_dir, "checkpoint"))
     return results
 
@@ -391,3 +428,13 @@ def test_checkpoint_saved_by_2_ranks_loads_on_4(_runs):
         want = _output("decoder", _model("decoder", "subln", "layer").eval())
     for rank, results in enumerate(_runs[4]):
         assert_close(results["checkpoint"], want, RTOL[torch.float32], name=f"rank {rank}")
+
+
+def test_fsdp2_checkpoint_loads_at_another_tensor_parallel_degree(_runs):
+    """Saved by an FSDP2 (2) × TP (2) model, loaded by a TP-4 one and by an FSDP2 (4) × TP (1)
+    one (their parameters other before): the saved model's outputs."""
+    with torch.no_grad():
+        want = _output("decoder", _model("decoder", "subln", "layer").eval())
+    for rank, results in enumerate(_runs[4]):
+        for shape, out in zip(("TP 4", "FSDP2 4 x TP 1"), results["fsdp_checkpoint"]):
+            assert_close(out, want, RTOL[torch.float32], name=f"rank {rank} {shape}")

@@ -1,7 +1,8 @@
 """The Hugging Face tensor-parallel plan (``magneto.parallel.hf``) on gloo, 2 and 4 processes:
 Llama, BitNet (dense) and Kosmos-2's text model, patched by ``apply_magneto`` and sharded, give
-the unpatched one-process model's logits and every parameter's gradient (fp32). The ranks are
-started once per world size for the module."""
+the unpatched one-process model's logits and every parameter's gradient (fp32), with the
+projections fused as in one process (the same count of fused calls). The ranks are started once
+per world size for the module."""
 
 import os
 import tempfile
@@ -59,10 +60,17 @@ def _rank(rank, world, out_dir):
     for family in FAMILIES:
         model, _ = tm.pair(family, **_overrides(family, world))
         tensor_parallelize_transformers(model, dist.group.WORLD)
-        logits = _run(model)
+        with pytest.MonkeyPatch.context() as patch:
+            calls = tm.FusedCalls(patch)
+            logits = _run(model)
         grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
         shards = {n: shard_of(model, n) for n in grads}
-        results[family] = {"logits": logits.detach(), "grads": grads, "shards": shards}
+        results[family] = {
+            "logits": logits.detach(),
+            "grads": grads,
+            "shards": shards,
+            "fused_calls": calls.count,
+        }
     return results
 
 
@@ -90,6 +98,7 @@ def test_sharded_model_matches_one_process(_runs, world, family):
     logits = _run(reference)
     want = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
     for rank, results in enumerate(r[family] for r in _runs[world]):
+        assert results["fused_calls"] == tm.LAYERS * tm.FUSED_PER_LAYER[family]
         tm.close(results["logits"], logits, what=f"rank {rank} logits")
         assert set(results["grads"]) == set(want)
         sharded = [n for n, shard in results["shards"].items() if shard is not None]
@@ -98,3 +107,19 @@ def test_sharded_model_matches_one_process(_runs, world, family):
             shard = results["shards"][name]
             grad = grad if shard is None else grad.index_select(*shard)
             tm.close(results["grads"][name], grad, what=f"rank {rank} grad of {name}")
+
+
+def test_quantised_bitnet_projections_are_refused():
+    """BitNet's quantised projections (AutoBitLinear: its weight scale a mean over the whole
+    weight) are refused, not turned into dense shards."""
+    from gloo import one_process_group
+    from transformers.integrations.bitnet import AutoBitLinear
+
+    from magneto.parallel import tensor_parallelize_transformers
+
+    model, _ = tm.pair("bitnet")
+    attention = model.model.layers[0].self_attn
+    linear = attention.q_proj
+    attention.q_proj = AutoBitLinear(linear.in_features, linear.out_features, bias=False)
+    with one_process_group(), pytest.raises(ValueError, match="q_proj is a AutoBitLinear"):
+        tensor_parallelize_transformers(model, dist.group.WORLD)

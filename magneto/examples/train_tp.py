@@ -2,6 +2,7 @@
 
     torchrun --nproc-per-node 2 -m magneto.examples.train_tp              # TP over 2 ranks
     torchrun --nproc-per-node 4 -m magneto.examples.train_tp --tp 2       # FSDP2 2 × TP 2
+    torchrun --nproc-per-node 2 -m magneto.examples.train_tp --sequence-parallel
 
 gloo on CPU, NCCL on GPUs. The data are the byte corpus of ``magneto.examples.data`` (the Python
 standard library's sources): every rank of one tensor-parallel group reads the same batch, the
@@ -49,6 +50,12 @@ def arguments() -> argparse.ArgumentParser:
         help="split the embedding and output projection by vocabulary blocks (the vocabulary "
         "padded to a multiple of --tp; the padding ids are never a target)",
     )
+    p.add_argument(
+        "--sequence-parallel",
+        action="store_true",
+        help="split the residual stream on the sequence between the blocks too (--seq-len a "
+        "multiple of --tp)",
+    )
     p.add_argument("--backend", default=None, help="magneto_kernels backend (default: auto)")
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -80,7 +87,13 @@ def main(argv=None) -> None:
         backend=args.backend,
     )
     model = magneto.Decoder(config).to(device)
-    tensor_parallelize(model, mesh, "tp", vocab_parallel=args.vocab_parallel)
+    tensor_parallelize(
+        model,
+        mesh,
+        "tp",
+        vocab_parallel=args.vocab_parallel,
+        sequence_parallel=args.sequence_parallel,
+    )
     tp_group = mesh.get_group("tp")
 
     def loss_of(logits, targets):
@@ -114,7 +127,7 @@ def main(argv=None) -> None:
         optimizer.step()
         if step == 0 and not args.vocab_parallel:  # per layer: only the blocks communicate
             say(f"tensor-parallel collectives of one step, per layer ({inputs.numel()} rows):")
-            for name in ("all_reduce", "all_gather"):
+            for name in ("all_reduce", "all_gather", "reduce_scatter"):
                 sizes = [b for n, b in log if n == name]
                 say(
                     f"  {name}: {len(sizes) // args.layers} calls, "

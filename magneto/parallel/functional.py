@@ -35,7 +35,8 @@ _LOGS: list[list[tuple[str, int]]] = []
 def communication_log():
     """The collectives tensor parallelism runs inside the block, as a list of (name, payload
     bytes per rank) filled as they run: "all_reduce" (wire bytes per rank on a ring:
-    2·(world−1)/world · payload) or "all_gather" (this rank's part; (world−1) · payload)."""
+    2·(world−1)/world · payload), "all_gather" (this rank's part; (world−1) · payload) or
+    "reduce_scatter" (this rank's part of the output; (world−1) · payload)."""
     log: list[tuple[str, int]] = []
     _LOGS.append(log)
     try:

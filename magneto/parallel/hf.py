@@ -6,11 +6,14 @@ key/value heads split like the query heads, so a rank's query heads read its own
 heads), o_proj / out_proj row-parallel; gate_proj and up_proj (or fc1) column-parallel,
 down_proj (or fc2) row-parallel; the sub-norms (BitNet's ``attn_sub_norm`` and
 ``ffn_sub_norm``, Kosmos-2's ``inner_attn_ln`` and ``ffn_layernorm``) sharded with the features
-they normalise. Attention and MLP forwards need no change: they reshape with ``-1`` heads and
-call the projection and norm modules, which are the shards. transformers' own ``tp_plan``
-(DTensor parameters behind hooks) is not composed with ``apply_magneto``: the fused ops take
-plain tensors. The projections run as modules (unfused); the fused entry points of the sharded
-norm are the next step (README, Limits).
+they normalise. Unpatched, the attention and MLP forwards need no change: they reshape with
+``-1`` heads and call the projection and norm modules, which are the shards. Patched by
+``apply_magneto``, the integration fuses the shards as it fuses ``nn.Linear``: a group of
+column-parallel shards (q/k/v, gate/up) through ``ColumnParallelProjection`` (its adapter, one
+``ln_linear_group`` with the outer norm), a row-parallel one (o_proj, down_proj, fc2) through
+its ``parallel_project`` (the sharded sub-norm, the input activation, one all-reduce, the
+residual add). transformers' own ``tp_plan`` (DTensor parameters behind hooks) composes with
+``apply_magneto`` the other way: its projections run as its modules.
 """
 
 from __future__ import annotations
@@ -19,7 +22,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from magneto.parallel.layers import ColumnParallelLinear, RowParallelLinear, ShardedNorm, head_rows
+from magneto.fusion import has_hooks
+from magneto.parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    ShardedNorm,
+    column_parallel_group,
+    head_rows,
+)
 from magneto.parallel.plan import _group
 
 _ATTENTION = (
@@ -30,11 +40,39 @@ _ATTENTION = (
 _MLP = (("gate_proj", "up_proj", "fc1"), ("down_proj", "fc2"), ("ffn_sub_norm", "ffn_layernorm"))
 
 
+class ColumnParallelProjection:
+    """The Hugging Face integration's adapter (``_projections.PROJECTIONS``) of a
+    ``ColumnParallelLinear``: its call and group call are ``column_parallel_group``'s, with the
+    norm arguments ``nargs`` (ln_weight, ln_bias, eps, norm) of the outer norm."""
+
+    @staticmethod
+    def accepts(linear: nn.Module, x, options) -> bool:
+        return not has_hooks(linear) and linear.weight.dtype == x.dtype
+
+    @staticmethod
+    def call(x, nargs, linear: nn.Module, options, **kwargs):
+        if kwargs:  # an output projection is row-parallel (``parallel_project``)
+            raise ValueError(f"a column-parallel projection takes no {sorted(kwargs)}")
+        return column_parallel_group(x, *nargs, [linear], options.backend)[0]
+
+    @staticmethod
+    def group(x, nargs, linears, options):
+        return column_parallel_group(x, *nargs, linears, options.backend)
+
+
 def _present(module: nn.Module, names) -> list[str]:
     return [n for n in names if isinstance(getattr(module, n, None), nn.Module)]
 
 
 def _shard_block(module, columns: dict, row: str, norm: list, out_index, rank, world, group):
+    for name in (*columns, row):
+        if type(getattr(module, name)) is not nn.Linear:
+            kind = type(getattr(module, name)).__name__
+            raise ValueError(
+                f"tensor parallelism shards nn.Linear projections; {name} is a {kind} (BitNet's "
+                "quantised projections are not supported yet: docs/design.md, Tensor "
+                "parallelism)"
+            )
     for name, index in columns.items():
         linear = getattr(module, name)
         view = (linear.out_features, linear.in_features)

@@ -28,6 +28,9 @@ from magneto.parallel.functional import (
     row_parallel_norm_linear,
     sharded_norm,
 )
+from magneto.parallel.sequence import active, row_output
+from magneto_kernels import reference
+from magneto_kernels.codes import GATED_ACTIVATIONS
 
 
 def _shard(param: Optional[Tensor], dim: int, index: Tensor) -> Optional[nn.Parameter]:
@@ -54,8 +57,13 @@ class ColumnParallelLinear(_Shard):
         self.in_features, self.out_features = linear.in_features, index.numel()
         self._keep(0, index, view, group)
 
+    def _input(self, x: Tensor) -> Tensor:
+        """x as the GEMM reads it: in a sequence-parallel layer already gathered (the gather's
+        backward reduce-scatters its gradient), else replicated (its gradient all-reduced)."""
+        return x if active() is self.group else copy_to_parallel(x, self.group)
+
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(copy_to_parallel(x, self.group), self.weight, self.bias)
+        return F.linear(self._input(x), self.weight, self.bias)
 
     def parallel_project(
         self, x, norm, *, input_activation, residual, alpha, dropout_p, rows, backend
@@ -67,20 +75,40 @@ class ColumnParallelLinear(_Shard):
         args = norm_arguments(norm, x)
         if args is None:
             raise ValueError(f"tensor parallelism cannot fuse the norm {type(norm).__name__}")
-        args = dict(args)
-        for name in ("ln_weight", "ln_bias"):
-            args[name] = copy_to_parallel(args[name], self.group)
         weight, bias = self.weight, self.bias
         if rows is not None:
             weight, bias = weight[rows], None if bias is None else bias[rows]
         return magneto_kernels.ln_linear(
-            copy_to_parallel(x, self.group),
+            self._input(x),
             weight=weight,
             bias=bias,
             input_activation=input_activation,
             backend=backend,
-            **args,
+            **self._norm(**args),
         )
+
+    def _norm(self, ln_weight, ln_bias, **rest) -> dict:
+        """The fused input norm's arguments (``eps``, ``norm`` in ``rest``), its weight and bias
+        (replicated) passed through ``copy_to_parallel``: their gradients are summed over the
+        ranks."""
+        ln_weight, ln_bias = (copy_to_parallel(t, self.group) for t in (ln_weight, ln_bias))
+        return {"ln_weight": ln_weight, "ln_bias": ln_bias, **rest}
+
+
+def column_parallel_group(x, ln_weight, ln_bias, eps, norm, shards, backend=None) -> list:
+    """``[shard(N(x)) for shard in shards]`` for column-parallel shards over one group as one
+    ``ln_linear_group`` (x normalised once, its gradient summed inside the op, then over the
+    ranks by one collective for the whole group)."""
+    first = shards[0]
+    if any(s.group is not first.group for s in shards):
+        raise ValueError("column_parallel_group: the shards are not over one group")
+    return magneto_kernels.ln_linear_group(
+        first._input(x),
+        weights=[s.weight for s in shards],
+        biases=[s.bias for s in shards],
+        backend=backend,
+        **first._norm(ln_weight, ln_bias, eps=eps, norm=norm),
+    )
 
 
 class ShardedNorm(_Shard):
@@ -121,8 +149,17 @@ class RowParallelLinear(_Shard):
         self._keep(1, index, view, group)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = reduce_from_parallel(F.linear(x, self.weight), self.group)
-        return y if self.bias is None else y + self.bias
+        return self._output(F.linear(x, self.weight), 0.0)
+
+    def _output(self, partial: Tensor, dropout_p: float) -> Tensor:
+        """``dropout(sum over ranks(partial) + bias)``: all-reduced, or reduce-scattered to
+        this rank's rows in a sequence-parallel layer."""
+        if active() is self.group:
+            return row_output(partial, self.bias, dropout_p, self.group)
+        y = reduce_from_parallel(partial, self.group)
+        if self.bias is not None:
+            y = y + self.bias
+        return y if dropout_p == 0.0 else magneto_kernels.dropout(y, dropout_p)
 
     def parallel_project(
         self, x, norm, *, input_activation, residual, alpha, dropout_p, rows, backend
@@ -137,6 +174,9 @@ class RowParallelLinear(_Shard):
                 x, None, None, self.weight, input_activation=input_activation, backend=backend
             )
         elif isinstance(norm, ShardedNorm):
+            if input_activation in GATED_ACTIVATIONS:  # row_parallel_norm_linear has none
+                x = reference.apply_input_activation(x, input_activation)
+                input_activation = None
             partial = row_parallel_norm_linear(
                 x,
                 norm.weight,
@@ -150,11 +190,7 @@ class RowParallelLinear(_Shard):
             )
         else:
             raise ValueError("the norm before a row-parallel projection must be sharded")
-        y = reduce_from_parallel(partial, self.group)
-        if self.bias is not None:
-            y = y + self.bias
-        if dropout_p > 0.0:
-            y = magneto_kernels.dropout(y, dropout_p)
+        y = self._output(partial, dropout_p)
         return y if residual is None else alpha * residual + y
 
 

@@ -11,6 +11,9 @@ Per block, with world ranks and this rank r:
 - everything else (embeddings, outer norms, the output projection) stays replicated; the
   gradients reaching it are whole on every rank, so the ranks stay in step.
 
+With ``sequence_parallel`` the residual stream between the blocks is split on the sequence
+as well (``magneto.parallel.sequence``).
+
 The outer norm before q/k/v and fc1 stays fused into the column-parallel GEMM; the inner Sub-LN
 norms are computed over the shards (``magneto.parallel.functional.sharded_norm``).
 """
@@ -24,6 +27,7 @@ from torch import nn
 from magneto.attention import MultiheadAttention
 from magneto.feedforward import FeedForward
 from magneto.multiway import Multiway
+from magneto.parallel import sequence
 from magneto.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -119,7 +123,12 @@ def _vocabulary(model: nn.Module, rank: int, world: int, group) -> None:
 
 
 def tensor_parallelize(
-    model: nn.Module, mesh, tp_dim=None, *, vocab_parallel: bool = False
+    model: nn.Module,
+    mesh,
+    tp_dim=None,
+    *,
+    vocab_parallel: bool = False,
+    sequence_parallel: bool = False,
 ) -> nn.Module:
     """Shard ``model`` (an ``Encoder``, ``Decoder``, ``EncoderDecoder``, ``BEiT3`` or anything
     made of magneto's ``MultiheadAttention`` and ``FeedForward``) in place over ``mesh`` (a 1-D
@@ -130,12 +139,19 @@ def tensor_parallelize(
 
     ``vocab_parallel``: token embeddings and output projections split by vocabulary blocks too;
     the model then returns this rank's block of the logits, for
-    ``vocab_parallel_cross_entropy`` (the whole logits are never gathered)."""
+    ``vocab_parallel_cross_entropy`` (the whole logits are never gathered).
+
+    ``sequence_parallel``: between the blocks the residual stream is split on the sequence
+    too (``magneto.parallel.sequence``; the length must divide by the ranks): an ``Encoder``
+    or a ``Decoder`` with ``norm_scheme`` "subln" or "pre", not multiway (ValueError
+    otherwise)."""
     group = _group(mesh, tp_dim)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     config = getattr(model, "config", None)
     if config is not None and (config.moe_freq or config.rel_pos_buckets):
         raise ValueError("tensor parallelism: MoE layers and rel_pos_buckets are not supported yet")
+    if sequence_parallel:
+        sequence.check_sequence_parallel(model)
     blocks = list(model.modules())
     with torch.no_grad():
         for module in blocks:
@@ -145,4 +161,6 @@ def tensor_parallelize(
                 _feed_forward(module, rank, world, group)
         if vocab_parallel:
             _vocabulary(model, rank, world, group)
+    if sequence_parallel:
+        sequence.install(model, group)
     return model

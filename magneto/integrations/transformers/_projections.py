@@ -19,6 +19,8 @@ from transformers.integrations.bitnet import AutoBitLinear, BitLinear
 
 import magneto_kernels
 from magneto import fusion
+from magneto.parallel.hf import ColumnParallelProjection
+from magneto.parallel.layers import ColumnParallelLinear
 from magneto_kernels import quant
 from magneto_kernels.codes import GATED_ACTIVATIONS, QUANT_PACK_UNIT
 
@@ -211,8 +213,10 @@ PROJECTIONS = {
     nn.Linear: LinearProjection,
     AutoBitLinear: AutoBitLinearProjection,
     BitLinear: BitLinearProjection,
+    ColumnParallelLinear: ColumnParallelProjection,
 }
-"""Linear class (exactly: not its subclasses) -> its adapter. A projection of another class
+"""Linear class (exactly: not its subclasses) -> its adapter (a tensor-parallel shard's:
+``magneto.parallel.hf``). A projection of another class
 (PEFT's LoRA layers, any wrapper) runs as its own module, fed by the norm module's output, and
 ``apply_magneto`` names it in a warning. An adapter with a ``prepare(name, linear)`` hook is
 prepared at patch time (BitNet's offline classes: packing), which may name a reason the
@@ -304,6 +308,19 @@ def output_projection(
         in_act = _GATED_OF.get(name) if gated else name
         if in_act is None:
             x, act_fn = apply_activation(x, act_fn, gated), None
+    parallel = getattr(linear, "parallel_project", None)
+    if parallel is not None:  # a row-parallel shard (magneto.parallel): its collectives too
+        backend = module._magneto_options.backend
+        return parallel(
+            x,
+            norm,
+            input_activation=in_act,
+            residual=residual,
+            alpha=1.0,
+            dropout_p=dropout_p,
+            rows=None,
+            backend=backend,
+        )
     nargs = norm_args(norm, module._rms_norm, x)
     adapter = None if nargs is None else _adapter(linear, x, module._magneto_options)
     if adapter is not None:
