@@ -14,18 +14,21 @@ from magneto_kernels import ops, quant
 from magneto_kernels.codes import QUANT_PACK_UNIT, RTOL
 from tests.harness import (
     ATOL,
+    BY_NAME,
     ELEMENT_RTOL_FACTOR,
     assert_close,
     assert_elementwise,
     backend_params,
     compare_to_reference,
     randn,
+    require_backend,
 )
 
 K, N, EPS = 2 * QUANT_PACK_UNIT, 48, 1e-6
 OFFLINE = quant.OFFLINE_MODES
-# Decode sizes (1-16 rows: the row groups of 4 and their tails) and a prefill-like count.
-ROWS = (1, 3, 16, 37)
+# Decode sizes (1-15 rows: the cpu kernel's row groups of 4 and their tails) and the tiled
+# kernel's (16 rows on: tiles of 4 or 2 rows, with tails).
+ROWS = (1, 3, 15, 16, 17, 37, 130)
 
 
 def _backends():
@@ -38,13 +41,13 @@ def _ternary(out_features, in_features, generator):
     return torch.randint(-1, 2, (out_features, in_features), generator=generator).float()
 
 
-def _case(rows, dtype, gated, seed):
+def _case(rows, dtype, gated, seed, k=K, n=N):
     gen = torch.Generator().manual_seed(seed)
-    x = randn(rows, 2 * K if gated else K, dtype=dtype, mean=0.3, std=1.2, generator=gen)
-    ln_weight = randn(K, dtype=dtype, mean=1.0, std=0.2, generator=gen)
-    t = _ternary(N, K, gen)
-    bias = randn(N, dtype=dtype, mean=0.1, std=0.5, generator=gen)
-    residual = randn(rows, N, dtype=dtype, mean=-0.2, generator=gen)
+    x = randn(rows, 2 * k if gated else k, dtype=dtype, mean=0.3, std=1.2, generator=gen)
+    ln_weight = randn(k, dtype=dtype, mean=1.0, std=0.2, generator=gen)
+    t = _ternary(n, k, gen)
+    bias = randn(n, dtype=dtype, mean=0.1, std=0.5, generator=gen)
+    residual = randn(rows, n, dtype=dtype, mean=-0.2, generator=gen)
     weight_scale = torch.tensor([0.37 + 0.1 * seed], dtype=dtype)
     return x, ln_weight, t, bias, residual, weight_scale
 
@@ -88,6 +91,52 @@ def test_offline_fp32_matches_float64_up_to_ties(backend, mode, gated, rows):
     err = ((out.double() - ref).abs() - slack).clamp(min=0)
     bound = ELEMENT_RTOL_FACTOR * RTOL[torch.float32] * ref.abs().max().item()
     assert_elementwise(err, ref, bound, ATOL, "output")
+
+
+# (rows, in_features, out_features) at the cpu kernels' edges: one packing unit; features around
+# the micro-tile (4) and the task (16) widths; 4096 wide, so that 130 rows span two of the tiled
+# kernel's row blocks and several of the prologue's.
+SHAPES = [
+    (3, QUANT_PACK_UNIT, 5),
+    (16, QUANT_PACK_UNIT, 1),
+    (17, 3 * QUANT_PACK_UNIT, 3),
+    (20, 3 * QUANT_PACK_UNIT, 17),
+    (37, QUANT_PACK_UNIT, 33),
+    (130, 32 * QUANT_PACK_UNIT, 22),
+]
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("gated", [False, True], ids=["x", "relu2_glu"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_offline_edges_match_float64_up_to_ties(backend, shape, gated):
+    rows, k, n = shape
+    x, ln_weight, t, bias, residual, weight_scale = _case(rows, torch.float32, gated, 7, k, n)
+    with backend.running():
+        out = _run(backend, x, ln_weight, t, bias, residual, weight_scale, "bitnet_offline", gated)
+    ref, slack = _float64_offline(
+        x, ln_weight, t, bias, residual, weight_scale, "bitnet_offline", gated
+    )
+    err = ((out.double() - ref).abs() - slack).clamp(min=0)
+    bound = ELEMENT_RTOL_FACTOR * RTOL[torch.float32] * ref.abs().max().item()
+    assert_elementwise(err, ref, bound, ATOL, "output")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", OFFLINE)
+def test_offline_cpu_paths_agree_bitwise(mode, dtype):
+    """Every output element is an exact integer sum and one fixed float expression, so the cpu
+    backend's tiled kernel (130 rows at once) and its few-row kernel (the same rows 5 at a time)
+    give the same bits."""
+    require_backend("cpu")
+    x, ln_weight, t, bias, residual, weight_scale = _case(130, dtype, True, 3, 4 * K, 37)
+    args = (ln_weight, t, bias)
+    whole = _run(BY_NAME["cpu"], x, *args, residual, weight_scale, mode, True)
+    parts = [
+        _run(BY_NAME["cpu"], x[i : i + 5], *args, residual[i : i + 5], weight_scale, mode, True)
+        for i in range(0, 130, 5)
+    ]
+    assert torch.equal(whole, torch.cat(parts))
 
 
 @pytest.mark.parametrize("backend", _backends())
@@ -205,8 +254,6 @@ def test_weight_scale_refused_online(backend):
 
 
 def test_offline_has_no_backward_on_cpu():
-    from tests.harness import require_backend
-
     require_backend("cpu")
     gen = torch.Generator().manual_seed(1)
     x = randn(2, K, generator=gen).requires_grad_()
