@@ -106,10 +106,7 @@ SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("backend", _backends())
-@pytest.mark.parametrize("gated", [False, True], ids=["x", "relu2_glu"])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_offline_edges_match_float64_up_to_ties(backend, shape, gated):
+def _check_edges(backend, shape, gated):
     rows, k, n = shape
     x, ln_weight, t, bias, residual, weight_scale = _case(rows, torch.float32, gated, 7, k, n)
     with backend.running():
@@ -122,21 +119,43 @@ def test_offline_edges_match_float64_up_to_ties(backend, shape, gated):
     assert_elementwise(err, ref, bound, ATOL, "output")
 
 
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("gated", [False, True], ids=["x", "relu2_glu"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_offline_edges_match_float64_up_to_ties(backend, shape, gated):
+    _check_edges(backend, shape, gated)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["x", "relu2_glu"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_offline_edges_without_amx_cpu(shape, gated, monkeypatch):
+    """The same on the cpu backend with AMX switched off (MAGNETO_CPU_AMX=0, read per call):
+    where the CPU has AMX-INT8 the test above ran the AMX tiles, this one the vector tiles."""
+    require_backend("cpu")
+    monkeypatch.setenv("MAGNETO_CPU_AMX", "0")
+    _check_edges(BY_NAME["cpu"], shape, gated)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mode", OFFLINE)
-def test_offline_cpu_paths_agree_bitwise(mode, dtype):
+def test_offline_cpu_paths_agree_bitwise(mode, dtype, monkeypatch):
     """Every output element is an exact integer sum and one fixed float expression, so the cpu
-    backend's tiled kernel (130 rows at once) and its few-row kernel (the same rows 5 at a time)
-    give the same bits."""
+    backend's tiled kernels (130 rows at once: AMX where the CPU has it, and with
+    MAGNETO_CPU_AMX=0 the vector tiles) and its few-row kernel (the same rows 5 at a time) give
+    the same bits."""
     require_backend("cpu")
+    cpu = BY_NAME["cpu"]
     x, ln_weight, t, bias, residual, weight_scale = _case(130, dtype, True, 3, 4 * K, 37)
     args = (ln_weight, t, bias)
-    whole = _run(BY_NAME["cpu"], x, *args, residual, weight_scale, mode, True)
+    whole = _run(cpu, x, *args, residual, weight_scale, mode, True)
     parts = [
-        _run(BY_NAME["cpu"], x[i : i + 5], *args, residual[i : i + 5], weight_scale, mode, True)
+        _run(cpu, x[i : i + 5], *args, residual[i : i + 5], weight_scale, mode, True)
         for i in range(0, 130, 5)
     ]
+    monkeypatch.setenv("MAGNETO_CPU_AMX", "0")
+    vector = _run(cpu, x, *args, residual, weight_scale, mode, True)
     assert torch.equal(whole, torch.cat(parts))
+    assert torch.equal(vector, whole)
 
 
 @pytest.mark.parametrize("backend", _backends())

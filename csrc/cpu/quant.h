@@ -18,6 +18,9 @@
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
+#if defined(__AVX512F__)
+#include "cpu/quant_amx.h"
+#endif
 
 namespace magneto::cpu::MAGNETO_ISA {
 namespace {
@@ -28,8 +31,9 @@ constexpr int64_t kQuantColBlock = 16;   // output features per thread task
 constexpr int64_t kQuantRowBlock = 64;   // rows of q kept hot (L2) while a column block runs
 // The tiled kernel (from kTiledMinRows rows on): tasks of kQuantColBlock output features, whose
 // codes are unpacked to bytes once (L1/L2), × a block of rows whose q (about kTiledRowBytes)
-// stays in L2; inside, micro-kernels of kQuantTileRows rows × kQuantTileCols features, one register
-// accumulator each, every code and q vector loaded once per tile.
+// stays in L2; inside, micro-kernels of kQuantTileRows rows × kQuantTileCols features, one
+// register accumulator each, every code and q vector loaded once per tile. AMX-INT8, where the
+// CPU has it, runs the same tasks on tiles (quant_amx.h).
 constexpr int64_t kTiledMinRows = 16;
 constexpr int64_t kTiledRowBytes = 512 << 10;
 constexpr int kQuantTileCols = 4;
@@ -252,8 +256,8 @@ __attribute__((target("avx512vnni,avx512vl,avx512bw,avx512f,avx2"), noinline)) v
 }
 #endif
 
-// One micro-tile of m <= kQuantTileRows rows × n <= kQuantTileCols features with this build's widest
-// instructions (acc row stride n).
+// One micro-tile of m <= kQuantTileRows rows × n <= kQuantTileCols features with this build's
+// widest instructions (acc row stride n).
 template <int M = kQuantTileRows>
 void dot_tile(const uint8_t* codes, const int8_t* q, int64_t k, int64_t m, int64_t n,
               int32_t* acc) {
@@ -278,6 +282,41 @@ void dot_tile(const uint8_t* codes, const int8_t* q, int64_t k, int64_t m, int64
     default: return run.template operator()<1>();
   }
 }
+
+#if defined(__AVX512F__)
+// The tiled projection on AMX: tasks of 32 output features (their codes unpacked once) × a block
+// of rows of the packed q (about kTiledRowBytes, in L2), 32 × 32 results per amx_block;
+// store(acc, row, col) finishes and writes one output element.
+template <typename Store>
+void quant_linear_amx(const QuantLinear& a, const Store& store) {
+  const int64_t k = a.in_features, n = a.out_features, w_stride = k / 4;
+  const int64_t padded_rows = (a.rows + kAmxBlock - 1) / kAmxBlock * kAmxBlock;
+  std::vector<int8_t> q_packed(padded_rows * k);
+  amx_pack_q(a.q, a.rows, padded_rows, k, q_packed.data());
+  const int64_t row_block = std::max<int64_t>(1, kTiledRowBytes / k / kAmxBlock) * kAmxBlock;
+  const int64_t row_blocks = (padded_rows + row_block - 1) / row_block;
+  const int64_t col_blocks = (n + kAmxBlock - 1) / kAmxBlock;
+  at::parallel_for(0, row_blocks * col_blocks, 1, [&](int64_t tb, int64_t te) {
+    std::vector<uint8_t> codes(kAmxBlock * k);
+    alignas(64) int32_t acc[kAmxBlock * kAmxBlock];
+    amx_configure();
+    for (int64_t task = tb; task < te; ++task) {
+      const int64_t r0 = task / col_blocks * row_block, c0 = task % col_blocks * kAmxBlock;
+      const int64_t r_end = std::min(padded_rows, r0 + row_block);
+      const int64_t features = std::min(kAmxBlock, n - c0);
+      unpack_codes(a.weight + c0 * w_stride, w_stride, features, k, codes.data());
+      std::fill(codes.begin() + features * k, codes.end(), 0);  // the last task's missing rows
+      for (int64_t r = r0; r < r_end; r += kAmxBlock) {
+        amx_block(codes.data(), q_packed.data() + r * k, k, acc);
+        for (int64_t i = 0; i < std::min(kAmxBlock, a.rows - r); ++i) {
+          for (int64_t f = 0; f < features; ++f) store(acc[f * kAmxBlock + i], r + i, c0 + f);
+        }
+      }
+    }
+    amx_release();
+  });
+}
+#endif
 
 // acc[r] = Σ_k q_r[k]·c[k] for `rows` (<= kQuantRows) rows: this build's widest dot.
 inline void dot_codes(const uint8_t* w, const int8_t* q, int64_t q_stride, int64_t blocks,
@@ -323,8 +362,15 @@ void quant_linear_typed(const QuantLinear& a) {
     return static_cast<T>((static_cast<float>(acc) / s + b) * ws);
   };
   const int64_t col_blocks = (n + kQuantColBlock - 1) / kQuantColBlock;
+  auto store = [&](int32_t acc, int64_t row, int64_t col) {
+    preact[row * n + col] = finish(acc - a.q_sum[row], row, col);
+  };
   if (a.rows >= kTiledMinRows) {
-    const int64_t row_block = std::max<int64_t>(1, kTiledRowBytes / k / kQuantTileRows) * kQuantTileRows;
+#if defined(__AVX512F__)
+    if (amx_enabled()) return quant_linear_amx(a, store);
+#endif
+    const int64_t row_block =
+        std::max<int64_t>(1, kTiledRowBytes / k / kQuantTileRows) * kQuantTileRows;
     const int64_t row_blocks = (a.rows + row_block - 1) / row_block;
     // Tasks row block-major: a thread's consecutive tasks share their rows of q (in L2).
     at::parallel_for(0, row_blocks * col_blocks, 1, [&](int64_t tb, int64_t te) {
@@ -342,10 +388,7 @@ void quant_linear_typed(const QuantLinear& a) {
             int32_t acc[kQuantTileRows * kQuantTileCols];
             dot_tile(codes.data() + (col - c0) * k, a.q + r * k, k, nr, nc, acc);
             for (int64_t i = 0; i < nr; ++i) {
-              for (int64_t j = 0; j < nc; ++j) {
-                preact[(r + i) * n + col + j] =
-                    finish(acc[i * nc + j] - a.q_sum[r + i], r + i, col + j);
-              }
+              for (int64_t j = 0; j < nc; ++j) store(acc[i * nc + j], r + i, col + j);
             }
           }
         }
@@ -363,9 +406,7 @@ void quant_linear_typed(const QuantLinear& a) {
           const int64_t count = std::min(kQuantRows, r_end - r);
           int32_t acc[kQuantRows];
           dot_codes(w, a.q + r * k, k, blocks, count, acc);
-          for (int64_t j = 0; j < count; ++j) {
-            preact[(r + j) * n + col] = finish(acc[j] - a.q_sum[r + j], r + j, col);
-          }
+          for (int64_t j = 0; j < count; ++j) store(acc[j], r + j, col);
         }
       }
     }
