@@ -3,8 +3,9 @@
 // out 4 k per dword (VNNI), accumulating 16 × 16 int32. The unsigned operand is the unpacked
 // codes as they are (16 output features × 64 k, row stride k); the signed one is q, rearranged
 // once per call into 16-row groups of 64-k blocks (amx_pack_q); the result is transposed
-// (feature × row) into preact by quant.h's quant_linear_amx. Chosen at run time where CPUID lists AMX-INT8 and
-// the OS grants the tile state (arch_prctl), unless MAGNETO_CPU_AMX=0; else the VNNI tiles run.
+// (feature × row) into preact by quant.h's quant_linear_amx. Chosen at run time where CPUID
+// lists AMX-INT8 and the OS grants the tile state (arch_prctl), unless MAGNETO_CPU_AMX=0; else
+// the vector tiles run.
 #pragma once
 
 #include <sys/syscall.h>
