@@ -14,18 +14,21 @@ from magneto_kernels import ops, quant
 from magneto_kernels.codes import QUANT_PACK_UNIT, RTOL
 from tests.harness import (
     ATOL,
+    BY_NAME,
     ELEMENT_RTOL_FACTOR,
     assert_close,
     assert_elementwise,
     backend_params,
     compare_to_reference,
     randn,
+    require_backend,
 )
 
 K, N, EPS = 2 * QUANT_PACK_UNIT, 48, 1e-6
 OFFLINE = quant.OFFLINE_MODES
-# Decode sizes (1-16 rows: the row groups of 4 and their tails) and a prefill-like count.
-ROWS = (1, 3, 16, 37)
+# Decode sizes (1-15 rows: the cpu kernel's row groups of 4 and their tails) and the tiled
+# kernel's (16 rows on: tiles of 4 or 2 rows, with tails).
+ROWS = (1, 3, 15, 16, 17, 37, 130)
 
 
 def _backends():
@@ -94,6 +97,71 @@ def _check_fp32_offline(backend, case, mode, gated):
     err = ((out.double() - ref).abs() - slack).clamp(min=0)
     bound = ELEMENT_RTOL_FACTOR * RTOL[torch.float32] * ref.abs().max().item()
     assert_elementwise(err, ref, bound, ATOL, "output")
+
+
+# (rows, in_features, out_features) at the cpu kernels' edges: one packing unit; features around
+# the micro-tile (4) and the task (16) widths; 4096 wide, so that 130 rows span two of the tiled
+# kernel's row blocks and several of the prologue's.
+SHAPES = [
+    (3, QUANT_PACK_UNIT, 5),
+    (16, QUANT_PACK_UNIT, 1),
+    (17, 3 * QUANT_PACK_UNIT, 3),
+    (20, 3 * QUANT_PACK_UNIT, 17),
+    (37, QUANT_PACK_UNIT, 33),
+    (130, 32 * QUANT_PACK_UNIT, 22),
+]
+
+
+def _check_edges(backend, shape, gated):
+    rows, k, n = shape
+    x, ln_weight, t, bias, residual, weight_scale = _case(rows, torch.float32, gated, 7, k, n)
+    with backend.running():
+        out = _run(backend, x, ln_weight, t, bias, residual, weight_scale, "bitnet_offline", gated)
+    ref, slack = _float64_offline(
+        x, ln_weight, t, bias, residual, weight_scale, "bitnet_offline", gated
+    )
+    err = ((out.double() - ref).abs() - slack).clamp(min=0)
+    bound = ELEMENT_RTOL_FACTOR * RTOL[torch.float32] * ref.abs().max().item()
+    assert_elementwise(err, ref, bound, ATOL, "output")
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("gated", [False, True], ids=["x", "relu2_glu"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_offline_edges_match_float64_up_to_ties(backend, shape, gated):
+    _check_edges(backend, shape, gated)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["x", "relu2_glu"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_offline_edges_without_amx_cpu(shape, gated, monkeypatch):
+    """The same on the cpu backend with AMX switched off (MAGNETO_CPU_AMX=0, read per call):
+    where the CPU has AMX-INT8 the test above ran the AMX tiles, this one the vector tiles."""
+    require_backend("cpu")
+    monkeypatch.setenv("MAGNETO_CPU_AMX", "0")
+    _check_edges(BY_NAME["cpu"], shape, gated)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", OFFLINE)
+def test_offline_cpu_paths_agree_bitwise(mode, dtype, monkeypatch):
+    """Every output element is an exact integer sum and one fixed float expression, so the cpu
+    backend's tiled kernels (130 rows at once: AMX where the CPU has it, and with
+    MAGNETO_CPU_AMX=0 the vector tiles) and its few-row kernel (the same rows 5 at a time) give
+    the same bits."""
+    require_backend("cpu")
+    cpu = BY_NAME["cpu"]
+    x, ln_weight, t, bias, residual, weight_scale = _case(130, dtype, True, 3, 4 * K, 37)
+    args = (ln_weight, t, bias)
+    whole = _run(cpu, x, *args, residual, weight_scale, mode, True)
+    parts = [
+        _run(cpu, x[i : i + 5], *args, residual[i : i + 5], weight_scale, mode, True)
+        for i in range(0, 130, 5)
+    ]
+    monkeypatch.setenv("MAGNETO_CPU_AMX", "0")
+    vector = _run(cpu, x, *args, residual, weight_scale, mode, True)
+    assert torch.equal(whole, torch.cat(parts))
+    assert torch.equal(vector, whole)
 
 
 @pytest.mark.parametrize("backend", _backends())
@@ -268,8 +336,6 @@ def test_offline_has_no_backward_on_cuda(backend):
 
 
 def test_offline_has_no_backward_on_cpu():
-    from tests.harness import require_backend
-
     require_backend("cpu")
     gen = torch.Generator().manual_seed(1)
     x = randn(2, K, generator=gen).requires_grad_()

@@ -110,6 +110,9 @@ void norm_backward_and_h(const NormBackwardArgs& args, const NormGrads& grads, c
 // docs/design.md, Decisions); otherwise, and for a backward whose h does not fit, h is
 // allocated per call (MAGNETO_CPU_WORKSPACE_MB=0: always).
 constexpr int64_t kMinBlockRows = 256;
+// The offline quantised projection's blocks of h, quantised right after the norm: small enough to
+// stay in L2 between the two passes.
+constexpr int64_t kQuantBlockBytes = 256 << 10;
 
 int64_t workspace_limit_bytes() {
   static const int64_t limit = [] {
@@ -180,25 +183,34 @@ Tensor fake_quant_rows(const Tensor& h, bool in_place) {
   return in_place ? h.copy_(fake) : fake.to(h.scalar_type());
 }
 
-// The offline modes' preact (kernels.h, quant_linear) for all rows: h = N(in_act(x)) into the
-// workspace (or allocated when it does not fit), its int8 rows, the integer projection.
+// The offline modes' preact (kernels.h, quant_linear) for all rows: h = N(in_act(x)) a block of
+// rows at a time into a cache-sized workspace, each block quantised to int8 rows right after (the
+// full-precision h of all rows is never written to memory), then the integer projection.
 Tensor offline_projection(const LnLinearArgs& a, const Tensor& mean, const Tensor& rstd) {
   const Tensor& x = a.x;
   const int64_t rows = x.size(0), in_features = norm_cols(x, a.input_activation);
   const int64_t out_features = a.weight.size(0);
-  Tensor h = x;
-  if (a.norm != Norm::kNone || a.input_activation != Activation::kNone) {
-    h = workspace_block_rows(x, rows, in_features, rows) == rows
-            ? workspace(x, rows, in_features)
-            : new_tensor({rows, in_features}, x.options());
-    prologue(a, x, h, mean, rstd);
-  }
   const Tensor q = at::empty({rows, in_features}, x.options().dtype(at::kChar));
   const Tensor q_sum = at::empty({rows}, x.options().dtype(at::kInt));
   const Tensor scale = at::empty({rows}, x.options().dtype(at::kFloat));
   const DType dtype = dtype_code(x.scalar_type());
-  quantize_rows({dtype, rows, in_features, h.data_ptr(), q.data_ptr<int8_t>(),
-                 q_sum.data_ptr<int32_t>(), scale.data_ptr<float>()});
+  const bool identity = a.norm == Norm::kNone && a.input_activation == Activation::kNone;
+  const int64_t block =
+      identity ? rows : std::max<int64_t>(1, kQuantBlockBytes / (in_features * x.element_size()));
+  for (int64_t begin = 0; begin < rows; begin += block) {
+    const int64_t count = std::min(block, rows - begin);
+    Tensor h = x.narrow(0, begin, count);
+    if (!identity) {
+      h = workspace_block_rows(x, count, in_features, count) == count
+              ? workspace(x, count, in_features)
+              : new_tensor({count, in_features}, x.options());
+      prologue(a, x.narrow(0, begin, count), h, row_slice(mean, begin, count),
+               row_slice(rstd, begin, count));
+    }
+    quantize_rows({dtype, count, in_features, h.data_ptr(),
+                   q.data_ptr<int8_t>() + begin * in_features, q_sum.data_ptr<int32_t>() + begin,
+                   scale.data_ptr<float>() + begin});
+  }
   Tensor preact = new_tensor({rows, out_features}, x.options());
   QuantLinear l;
   l.dtype = dtype;

@@ -18,6 +18,9 @@
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
+#if defined(__AVX512F__)
+#include "cpu/quant_amx.h"
+#endif
 
 namespace magneto::cpu::MAGNETO_ISA {
 namespace {
@@ -26,6 +29,19 @@ constexpr float kActEps = 1e-5f;   // transformers' clamp of the per-token absma
 constexpr int64_t kQuantRows = 4;  // rows dotted against one weight row at a time
 constexpr int64_t kQuantColBlock = 16;   // output features per thread task
 constexpr int64_t kQuantRowBlock = 64;   // rows of q kept hot (L2) while a column block runs
+// The tiled kernel (from kTiledMinRows rows on): tasks of kQuantColBlock output features, whose
+// codes are unpacked to bytes once (L1/L2), × a block of rows whose q (about kTiledRowBytes)
+// stays in L2; inside, micro-kernels of kQuantTileRows rows × kQuantTileCols features, one
+// register accumulator each, every code and q vector loaded once per tile. AMX-INT8, where the
+// CPU has it, runs the same tasks on tiles (quant_amx.h).
+constexpr int64_t kTiledMinRows = 16;
+constexpr int64_t kTiledRowBytes = 512 << 10;
+constexpr int kQuantTileCols = 4;
+#if defined(__AVX2__) && !defined(__AVX512F__)
+constexpr int kQuantTileRows = 2;  // 16 ymm registers: 8 accumulators, 4 codes, q, temporaries
+#else
+constexpr int kQuantTileRows = 4;
+#endif
 
 template <typename T>
 void quantize_rows_typed(const QuantizeRows& a) {
@@ -144,6 +160,164 @@ inline bool cpu_has_vnni() {
 }
 #endif
 
+// The codes c (0..2, a byte each) of `cols` packed weight rows, k-contiguous: codes[j·k + kk].
+inline void unpack_codes(const uint8_t* w, int64_t w_stride, int64_t cols, int64_t k,
+                         uint8_t* codes) {
+  for (int64_t j = 0; j < cols; ++j) {
+    const uint8_t* wj = w + j * w_stride;
+    uint8_t* cj = codes + j * k;
+    for (int64_t blk = 0; blk < k / kQuantPackUnit; ++blk) {
+      for (int i = 0; i < 4; ++i) {
+        for (int b = 0; b < 32; ++b) {
+          cj[kQuantPackUnit * blk + 32 * i + b] = (wj[32 * blk + b] >> (2 * i)) & 3;
+        }
+      }
+    }
+  }
+}
+
+// acc[r·N + j] = Σ_kk q_r[kk]·c_j[kk] for M rows of q (row stride k) and N rows of unpacked
+// codes (row stride k): the portable loop.
+template <int M, int N>
+void tile_portable(const uint8_t* codes, const int8_t* q, int64_t k, int32_t* acc) {
+  for (int r = 0; r < M; ++r) {
+    for (int j = 0; j < N; ++j) {
+      int32_t sum = 0;
+      for (int64_t kk = 0; kk < k; ++kk) sum += codes[j * k + kk] * q[r * k + kk];
+      acc[r * N + j] = sum;
+    }
+  }
+}
+
+#if defined(__AVX2__)
+template <int M, int N>
+void tile_maddubs(const uint8_t* codes, const int8_t* q, int64_t k, int32_t* acc) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i sum[M][N];
+  for (int r = 0; r < M; ++r) {
+    for (int j = 0; j < N; ++j) sum[r][j] = _mm256_setzero_si256();
+  }
+  for (int64_t kk = 0; kk < k; kk += 32) {
+    __m256i c[N];
+    for (int j = 0; j < N; ++j) {
+      c[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + j * k + kk));
+    }
+    for (int r = 0; r < M; ++r) {
+      const __m256i qv = load_q(q + r * k + kk);
+      for (int j = 0; j < N; ++j) {
+        const __m256i pairs = _mm256_maddubs_epi16(c[j], qv);  // |pair| <= 512: no saturation
+        sum[r][j] = _mm256_add_epi32(sum[r][j], _mm256_madd_epi16(pairs, ones));
+      }
+    }
+  }
+  for (int r = 0; r < M; ++r) {
+    for (int j = 0; j < N; ++j) acc[r * N + j] = hsum_epi32(sum[r][j]);
+  }
+}
+#endif
+
+#if defined(__AVX512F__)
+// The sums of 4 vectors at once (the lanes of 4 registers folded together, then across).
+__attribute__((target("avx512f"))) inline __m128i hsum4_epi32(__m512i a, __m512i b, __m512i c,
+                                                              __m512i d) {
+  const __m512i ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+  const __m512i cd = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+  const __m512i abcd =
+      _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
+  const __m256i s =
+      _mm256_add_epi32(_mm512_castsi512_si256(abcd), _mm512_extracti64x4_epi64(abcd, 1));
+  return _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+}
+
+// 512-bit vpdpbusd: 64 k per instruction, M·N accumulators.
+template <int M, int N>
+__attribute__((target("avx512vnni,avx512vl,avx512bw,avx512f,avx2"), noinline)) void tile_vnni(
+    const uint8_t* codes, const int8_t* q, int64_t k, int32_t* acc) {
+  __m512i sum[M][N];
+  for (int r = 0; r < M; ++r) {
+    for (int j = 0; j < N; ++j) sum[r][j] = _mm512_setzero_si512();
+  }
+  for (int64_t kk = 0; kk < k; kk += 64) {
+    __m512i c[N];
+    for (int j = 0; j < N; ++j) c[j] = _mm512_loadu_si512(codes + j * k + kk);
+    for (int r = 0; r < M; ++r) {
+      const __m512i qv = _mm512_loadu_si512(q + r * k + kk);
+      for (int j = 0; j < N; ++j) sum[r][j] = _mm512_dpbusd_epi32(sum[r][j], c[j], qv);
+    }
+  }
+  for (int r = 0; r < M; ++r) {
+    if constexpr (N == 4) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(acc + r * N),
+                       hsum4_epi32(sum[r][0], sum[r][1], sum[r][2], sum[r][3]));
+    } else {
+      for (int j = 0; j < N; ++j) acc[r * N + j] = _mm512_reduce_add_epi32(sum[r][j]);
+    }
+  }
+}
+#endif
+
+// One micro-tile of m <= kQuantTileRows rows × n <= kQuantTileCols features with this build's
+// widest instructions (acc row stride n).
+template <int M = kQuantTileRows>
+void dot_tile(const uint8_t* codes, const int8_t* q, int64_t k, int64_t m, int64_t n,
+              int32_t* acc) {
+  if constexpr (M > 1) {
+    if (m < M) return dot_tile<M - 1>(codes, q, k, m, n, acc);
+  }
+  auto run = [&]<int N>() {
+#if defined(__AVX512F__)
+    if (cpu_has_vnni()) return tile_vnni<M, N>(codes, q, k, acc);
+#endif
+#if defined(__AVX2__)
+    tile_maddubs<M, N>(codes, q, k, acc);
+#else
+    tile_portable<M, N>(codes, q, k, acc);
+#endif
+  };
+  static_assert(kQuantTileCols == 4);
+  switch (n) {
+    case 4: return run.template operator()<4>();
+    case 3: return run.template operator()<3>();
+    case 2: return run.template operator()<2>();
+    default: return run.template operator()<1>();
+  }
+}
+
+#if defined(__AVX512F__)
+// The tiled projection on AMX: tasks of 32 output features (their codes unpacked once) × a block
+// of rows of the packed q (about kTiledRowBytes, in L2), 32 × 32 results per amx_block;
+// store(acc, row, col) finishes and writes one output element.
+template <typename Store>
+void quant_linear_amx(const QuantLinear& a, const Store& store) {
+  const int64_t k = a.in_features, n = a.out_features, w_stride = k / 4;
+  const int64_t padded_rows = (a.rows + kAmxBlock - 1) / kAmxBlock * kAmxBlock;
+  std::vector<int8_t> q_packed(padded_rows * k);
+  amx_pack_q(a.q, a.rows, padded_rows, k, q_packed.data());
+  const int64_t row_block = std::max<int64_t>(1, kTiledRowBytes / k / kAmxBlock) * kAmxBlock;
+  const int64_t row_blocks = (padded_rows + row_block - 1) / row_block;
+  const int64_t col_blocks = (n + kAmxBlock - 1) / kAmxBlock;
+  at::parallel_for(0, row_blocks * col_blocks, 1, [&](int64_t tb, int64_t te) {
+    std::vector<uint8_t> codes(kAmxBlock * k);
+    alignas(64) int32_t acc[kAmxBlock * kAmxBlock];
+    amx_configure();
+    for (int64_t task = tb; task < te; ++task) {
+      const int64_t r0 = task / col_blocks * row_block, c0 = task % col_blocks * kAmxBlock;
+      const int64_t r_end = std::min(padded_rows, r0 + row_block);
+      const int64_t features = std::min(kAmxBlock, n - c0);
+      unpack_codes(a.weight + c0 * w_stride, w_stride, features, k, codes.data());
+      std::fill(codes.begin() + features * k, codes.end(), 0);  // the last task's missing rows
+      for (int64_t r = r0; r < r_end; r += kAmxBlock) {
+        amx_block(codes.data(), q_packed.data() + r * k, k, acc);
+        for (int64_t i = 0; i < std::min(kAmxBlock, a.rows - r); ++i) {
+          for (int64_t f = 0; f < features; ++f) store(acc[f * kAmxBlock + i], r + i, c0 + f);
+        }
+      }
+    }
+    amx_release();
+  });
+}
+#endif
+
 // acc[r] = Σ_k q_r[k]·c[k] for `rows` (<= kQuantRows) rows: this build's widest dot.
 inline void dot_codes(const uint8_t* w, const int8_t* q, int64_t q_stride, int64_t blocks,
                       int64_t rows, int32_t* acc) {
@@ -188,6 +362,40 @@ void quant_linear_typed(const QuantLinear& a) {
     return static_cast<T>((static_cast<float>(acc) / s + b) * ws);
   };
   const int64_t col_blocks = (n + kQuantColBlock - 1) / kQuantColBlock;
+  auto store = [&](int32_t acc, int64_t row, int64_t col) {
+    preact[row * n + col] = finish(acc - a.q_sum[row], row, col);
+  };
+  if (a.rows >= kTiledMinRows) {
+#if defined(__AVX512F__)
+    if (amx_enabled()) return quant_linear_amx(a, store);
+#endif
+    const int64_t row_block =
+        std::max<int64_t>(1, kTiledRowBytes / k / kQuantTileRows) * kQuantTileRows;
+    const int64_t row_blocks = (a.rows + row_block - 1) / row_block;
+    // Tasks row block-major: a thread's consecutive tasks share their rows of q (in L2).
+    at::parallel_for(0, row_blocks * col_blocks, 1, [&](int64_t tb, int64_t te) {
+      std::vector<uint8_t> codes(kQuantColBlock * k);
+      for (int64_t task = tb; task < te; ++task) {
+        const int64_t r0 = task / col_blocks * row_block;
+        const int64_t c0 = task % col_blocks * kQuantColBlock;
+        const int64_t r_end = std::min(a.rows, r0 + row_block);
+        const int64_t c_end = std::min(n, c0 + kQuantColBlock);
+        unpack_codes(a.weight + c0 * w_stride, w_stride, c_end - c0, k, codes.data());
+        for (int64_t col = c0; col < c_end; col += kQuantTileCols) {
+          const int64_t nc = std::min<int64_t>(kQuantTileCols, c_end - col);
+          for (int64_t r = r0; r < r_end; r += kQuantTileRows) {
+            const int64_t nr = std::min<int64_t>(kQuantTileRows, r_end - r);
+            int32_t acc[kQuantTileRows * kQuantTileCols];
+            dot_tile(codes.data() + (col - c0) * k, a.q + r * k, k, nr, nc, acc);
+            for (int64_t i = 0; i < nr; ++i) {
+              for (int64_t j = 0; j < nc; ++j) store(acc[i * nc + j], r + i, col + j);
+            }
+          }
+        }
+      }
+    });
+    return;
+  }
   at::parallel_for(0, col_blocks, 1, [&](int64_t cb, int64_t ce) {
     const int64_t col_end = std::min(n, ce * kQuantColBlock);
     for (int64_t r0 = 0; r0 < a.rows; r0 += kQuantRowBlock) {
@@ -198,9 +406,7 @@ void quant_linear_typed(const QuantLinear& a) {
           const int64_t count = std::min(kQuantRows, r_end - r);
           int32_t acc[kQuantRows];
           dot_codes(w, a.q + r * k, k, blocks, count, acc);
-          for (int64_t j = 0; j < count; ++j) {
-            preact[(r + j) * n + col] = finish(acc[j] - a.q_sum[r + j], r + j, col);
-          }
+          for (int64_t j = 0; j < count; ++j) store(acc[j], r + j, col);
         }
       }
     }
