@@ -21,13 +21,17 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 class _Spares:
     """The CPU buffers of rooms no view refers to any more, kept (up to ``MAGNETO_KV_SPARE_MB``
-    MiB, default 256, the oldest dropped first) for the next rooms to reuse. A room's buffer is
-    a fresh allocation of the cache's size, which the C allocator maps from the OS and the
-    kernel then zeroes page by page at the first write: a new room per step (a cache handed in
-    by the caller, torchscale's beam search reordering it, the next batch of sequences) paid
-    that on every step (docs/design.md, Decisions). CUDA's caching allocator already keeps
-    its blocks. A spare is taken only while no tensor but the spare itself holds its storage
-    (a view someone derived from a dead room's cache keeps its values)."""
+    MiB, default 256, the oldest dropped first) for the next rooms to reuse. A large room
+    buffer is a fresh allocation, which the C allocator maps from the OS and the kernel then
+    zeroes page by page at the first write: a new room per step (a cache handed in by the
+    caller, torchscale's beam search reordering it, the next batch of sequences) paid that on
+    every step (docs/design.md, Decisions). Buffers under ``MIN_BYTES`` are not kept: the
+    allocator's heap serves those again without the OS, and thousands of them would make each
+    new room search a long list. CUDA's caching allocator already keeps its blocks. A spare is
+    taken only while no tensor but the spare itself holds its storage (a view someone derived
+    from a dead room's cache keeps its values)."""
+
+    MIN_BYTES = 1 << 20
 
     def __init__(self) -> None:
         self.limit = int(os.environ.get("MAGNETO_KV_SPARE_MB", "256")) << 20
@@ -37,8 +41,10 @@ class _Spares:
         self._use_count = use_count and (lambda t: use_count(t.untyped_storage()._cdata))
         self._alone = self._use_count and self._use_count(torch.empty(1))
 
-    def add(self, *buffers: Tensor) -> None:
-        self.buffers.extend(buffers)
+    def add(self, buffer: Tensor) -> None:
+        if buffer.nbytes < self.MIN_BYTES:
+            return
+        self.buffers.append(buffer)
         while sum(b.nbytes for b in self.buffers) > self.limit:
             self.buffers.pop(0)
 

@@ -33,8 +33,10 @@ def _storages(state) -> set[int]:
 
 
 @pytest.fixture(autouse=True)
-def no_spares():
+def no_spares(monkeypatch):
+    """No spares before or after each test; buffers as small as these tests' kept."""
     kv_cache.empty_spares()
+    monkeypatch.setattr(kv_cache._Spares, "MIN_BYTES", 0)
     yield
     kv_cache.empty_spares()
 
@@ -99,3 +101,14 @@ def test_inference_spares_stay_in_inference_mode():
     with torch.inference_mode():
         state, _, _ = _step(*_cache(4), seed=5)
         assert _storages(state) == inference
+
+
+def test_small_buffers_are_not_kept(monkeypatch):
+    """Buffers under MIN_BYTES go back to the allocator: a long list of small spares would slow
+    every new room down."""
+    monkeypatch.undo()
+    with torch.no_grad():
+        state, _, _ = _step(*_cache(0), seed=1)
+        assert state["prev_key"].untyped_storage().nbytes() < kv_cache._Spares.MIN_BYTES
+        del state
+    assert not kv_cache._SPARES.buffers
