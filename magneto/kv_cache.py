@@ -4,7 +4,8 @@ cross-attention keys and values of an encoder output, projected once per sequenc
 ``incremental_state`` has torchscale's format: per layer ``prev_key``/``prev_value``, (batch,
 heads, length, head_dim). ``extend`` appends a step's keys and values to them. The tensors it
 stores are views of a ``KVRoom``'s buffers, which later steps write into instead of copying the
-cache; with gradients or while tracing it concatenates as torchscale does.
+cache; with gradients or while tracing it concatenates as torchscale does. On the CPU a dead
+room's large buffers are kept for the next room (``_Spares``; ``empty_spares`` drops them).
 """
 
 from __future__ import annotations
@@ -42,8 +43,6 @@ class _Spares:
         self._alone = self._use_count and self._use_count(torch.empty(1))
 
     def add(self, buffer: Tensor) -> None:
-        if buffer.nbytes < self.MIN_BYTES:
-            return
         self.buffers.append(buffer)
         while sum(b.nbytes for b in self.buffers) > self.limit:
             self.buffers.pop(0)
@@ -144,9 +143,9 @@ _ROOMS = WeakIdKeyDictionary()  # cache view -> its KVRoom, while the view lives
 
 def _room_buffer(room: KVRoom, like: Tensor, shape: tuple[int, ...]) -> Tensor:
     """A buffer of ``shape`` for ``room`` (a spare's first elements, or new), given back to the
-    spares when the room dies."""
+    spares when the room dies if it is a CPU buffer of at least ``_Spares.MIN_BYTES``."""
     flat = _SPARES.take(like, shape)
-    if flat.device.type == "cpu":
+    if flat.device.type == "cpu" and flat.nbytes >= _Spares.MIN_BYTES:
         weakref.finalize(room, _SPARES.add, flat).atexit = False
     return flat[: math.prod(shape)].view(shape)
 
