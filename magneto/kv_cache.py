@@ -4,16 +4,77 @@ cross-attention keys and values of an encoder output, projected once per sequenc
 ``incremental_state`` has torchscale's format: per layer ``prev_key``/``prev_value``, (batch,
 heads, length, head_dim). ``extend`` appends a step's keys and values to them. The tensors it
 stores are views of a ``KVRoom``'s buffers, which later steps write into instead of copying the
-cache; with gradients or while tracing it concatenates as torchscale does.
+cache; with gradients or while tracing it concatenates as torchscale does. On the CPU a dead
+room's large buffers are kept for the next room (``_Spares``; ``empty_spares`` drops them).
 """
 
 from __future__ import annotations
 
+import math
+import os
+import weakref
 from typing import Optional
 
 import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
+
+
+class _Spares:
+    """The CPU buffers of rooms no view refers to any more, kept (up to ``MAGNETO_KV_SPARE_MB``
+    MiB, default 256, the oldest dropped first) for the next rooms to reuse. A large room
+    buffer is a fresh allocation, which the C allocator maps from the OS and the kernel then
+    zeroes page by page at the first write: a new room per step (a cache handed in by the
+    caller, torchscale's beam search reordering it, the next batch of sequences) paid that on
+    every step (docs/design.md, Decisions). Buffers under ``MIN_BYTES`` are not kept: the
+    allocator's heap serves those again without the OS, and thousands of them would make each
+    new room search a long list. CUDA's caching allocator already keeps its blocks. A spare is
+    taken only while no tensor but the spare itself holds its storage (a view someone derived
+    from a dead room's cache keeps its values)."""
+
+    MIN_BYTES = 1 << 20
+
+    def __init__(self) -> None:
+        self.limit = int(os.environ.get("MAGNETO_KV_SPARE_MB", "256")) << 20
+        self.buffers: list[Tensor] = []
+        # storage use count of a tensor nothing else shares (None: torch cannot tell, no reuse)
+        use_count = getattr(torch._C, "_storage_Use_Count", None)
+        self._use_count = use_count and (lambda t: use_count(t.untyped_storage()._cdata))
+        self._alone = self._use_count and self._use_count(torch.empty(1))
+
+    def add(self, buffer: Tensor) -> None:
+        self.buffers.append(buffer)
+        while sum(b.nbytes for b in self.buffers) > self.limit:
+            self.buffers.pop(0)
+
+    def take(self, like: Tensor, shape: tuple[int, ...]) -> Tensor:
+        """A flat buffer of at least ``prod(shape)`` elements of like's dtype and device: the
+        smallest fitting spare, else a new one."""
+        numel = math.prod(shape)
+        if like.device.type == "cpu" and self._use_count:
+            inference = torch.is_inference_mode_enabled()
+            fits = [
+                b
+                for b in self.buffers
+                if b.dtype == like.dtype
+                and b.numel() >= numel
+                and (inference or not b.is_inference())
+                and self._use_count(b) == self._alone
+            ]
+            if fits:
+                spare = min(fits, key=Tensor.numel)
+                # by identity; a buffer a finalizer adds meanwhile may be dropped (not reused)
+                self.buffers = [b for b in self.buffers if b is not spare]
+                return spare
+        return like.new_empty(numel)
+
+
+_SPARES = _Spares()
+
+
+def empty_spares() -> None:
+    """Drop the spare cache buffers kept for reuse (``_Spares``), returning their memory."""
+    _SPARES.buffers.clear()
 
 
 class KVRoom:
@@ -33,8 +94,9 @@ class KVRoom:
     def __init__(self, prev_k: Optional[Tensor], prev_v: Optional[Tensor], k: Tensor, v: Tensor):
         need = k.shape[2] + (0 if prev_k is None else prev_k.shape[2])
         capacity = need + max(16, need // 2)
-        self.key = k.new_empty((*k.shape[:2], capacity, k.shape[3]))
-        self.value = v.new_empty((*v.shape[:2], capacity, v.shape[3]))
+        self.key, self.value = (
+            _room_buffer(self, t, (*t.shape[:2], capacity, t.shape[3])) for t in (k, v)
+        )
         self.length = 0
         if prev_k is not None:
             self._write(prev_k, prev_v)
@@ -77,6 +139,15 @@ class KVRoom:
 
 
 _ROOMS = WeakIdKeyDictionary()  # cache view -> its KVRoom, while the view lives
+
+
+def _room_buffer(room: KVRoom, like: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """A buffer of ``shape`` for ``room`` (a spare's first elements, or new), given back to the
+    spares when the room dies if it is a CPU buffer of at least ``_Spares.MIN_BYTES``."""
+    flat = _SPARES.take(like, shape)
+    if flat.device.type == "cpu" and flat.nbytes >= _Spares.MIN_BYTES:
+        weakref.finalize(room, _SPARES.add, flat).atexit = False
+    return flat[: math.prod(shape)].view(shape)
 
 
 def extend(incremental_state: Optional[dict], k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
