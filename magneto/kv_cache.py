@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import weakref
 from typing import Optional
 
@@ -37,15 +38,19 @@ class _Spares:
     def __init__(self) -> None:
         self.limit = int(os.environ.get("MAGNETO_KV_SPARE_MB", "256")) << 20
         self.buffers: list[Tensor] = []
+        # Decoding threads share the list: one spare must never go to two rooms. Re-entrant: a
+        # room's finalizer (add) may run inside take, when an allocation there triggers the GC.
+        self.lock = threading.RLock()
         # storage use count of a tensor nothing else shares (None: torch cannot tell, no reuse)
         use_count = getattr(torch._C, "_storage_Use_Count", None)
         self._use_count = use_count and (lambda t: use_count(t.untyped_storage()._cdata))
         self._alone = self._use_count and self._use_count(torch.empty(1))
 
     def add(self, buffer: Tensor) -> None:
-        self.buffers.append(buffer)
-        while sum(b.nbytes for b in self.buffers) > self.limit:
-            self.buffers.pop(0)
+        with self.lock:
+            self.buffers.append(buffer)
+            while sum(b.nbytes for b in self.buffers) > self.limit:
+                self.buffers.pop(0)
 
     def take(self, like: Tensor, shape: tuple[int, ...]) -> Tensor:
         """A flat buffer of at least ``prod(shape)`` elements of like's dtype and device: the
@@ -53,19 +58,20 @@ class _Spares:
         numel = math.prod(shape)
         if like.device.type == "cpu" and self._use_count:
             inference = torch.is_inference_mode_enabled()
-            fits = [
-                b
-                for b in self.buffers
-                if b.dtype == like.dtype
-                and b.numel() >= numel
-                and (inference or not b.is_inference())
-                and self._use_count(b) == self._alone
-            ]
-            if fits:
-                spare = min(fits, key=Tensor.numel)
-                # by identity; a buffer a finalizer adds meanwhile may be dropped (not reused)
-                self.buffers = [b for b in self.buffers if b is not spare]
-                return spare
+            with self.lock:
+                fits = [
+                    b
+                    for b in self.buffers
+                    if b.dtype == like.dtype
+                    and b.numel() >= numel
+                    and (inference or not b.is_inference())
+                    and self._use_count(b) == self._alone
+                ]
+                if fits:
+                    spare = min(fits, key=Tensor.numel)
+                    # by identity; a buffer a finalizer adds meanwhile may be dropped (not reused)
+                    self.buffers = [b for b in self.buffers if b is not spare]
+                    return spare
         return like.new_empty(numel)
 
 
@@ -74,7 +80,8 @@ _SPARES = _Spares()
 
 def empty_spares() -> None:
     """Drop the spare cache buffers kept for reuse (``_Spares``), returning their memory."""
-    _SPARES.buffers.clear()
+    with _SPARES.lock:
+        _SPARES.buffers.clear()
 
 
 class KVRoom:
