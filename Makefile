@@ -11,7 +11,10 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip --disable-pip-version-check
 STAMPS := .stamps/$(subst /,_,$(shell command -v $(PYTHON)))
 EXT_SOURCES := setup.py $(shell find csrc -type f)
-PYTEST := TRITON_INTERPRET=1 $(PYTHON) -m pytest
+# Every stage runs its tests in one worker process per CPU (pytest-xdist): most of the suite
+# is single-threaded Python (the Triton interpreter, the float64 references, compiler runs).
+JOBS ?= $(shell nproc)
+PYTEST := TRITON_INTERPRET=1 $(PYTHON) -m pytest -n $(JOBS)
 CPU_SUITE := tests/test_ops_cpu.py tests/test_ops.py tests/test_group.py tests/test_ops_edges.py \
 	tests/test_ops_properties.py tests/test_quant_op.py -k cpu
 
@@ -23,6 +26,7 @@ TRITON_OLDEST := 3.6.0
 $(STAMPS)/deps: Makefile
 	$(PIP) install -q torch==2.13.0 numpy ninja pybind11 setuptools wheel
 	$(PIP) install -q triton==$(TRITON_OLDEST) fairscale==0.4.0 "pytest>=8" "pytest-benchmark>=4" \
+		pytest-xdist==3.8.0 \
 		matplotlib tqdm ruff==0.17.6 transformers==5.23.0 peft==0.21.2 "hypothesis>=6"
 	# torchscale (the reference implementation) pins timm, whose torchvision needs a CUDA torch:
 	# install it without dependencies; magneto ships a labelled stand-in for the one timm function.

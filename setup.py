@@ -168,6 +168,7 @@ setup(
         "test": [
             "pytest>=8",
             "pytest-benchmark>=4",
+            "pytest-xdist>=3.8",
             "hypothesis>=6",
             "triton>=3.6,<3.10",
             "fairscale==0.4.0",
