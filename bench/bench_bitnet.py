@@ -122,29 +122,32 @@ def build_model(layers: int, mode: str = "offline"):
         eos_token_id=None,
         pad_token_id=None,
     )
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = transformers.BitNetForCausalLM(config)
-    model = model.to_empty(device="cpu").to(torch.bfloat16)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-        for module in model.modules():
-            if hasattr(module, "variance_epsilon"):
-                module.weight.fill_(1.0)
+    with torch.device("meta"):  # built without data, then each tensor filled once
+        model = transformers.BitNetForCausalLM(config).to(torch.bfloat16)
         for layer in model.model.layers:
             for parent in (layer.self_attn, layer.mlp):
                 for name, linear in list(parent.named_children()):
-                    if not isinstance(linear, torch.nn.Linear):
-                        continue
-                    q = AutoBitLinear(
-                        linear.in_features, linear.out_features, bias=False,
-                        online_quant=False, dtype=torch.bfloat16,
-                    )  # fmt: skip
-                    q.weight.data.copy_(torch.randint(-1, 2, linear.weight.shape))
-                    q.weight_scale.fill_(1.0)
-                    q.requires_grad_(False)
-                    setattr(parent, name, q)
+                    if isinstance(linear, torch.nn.Linear):
+                        q = AutoBitLinear(
+                            linear.in_features, linear.out_features, bias=False,
+                            online_quant=False, dtype=torch.bfloat16,
+                        )  # fmt: skip
+                        setattr(parent, name, q.requires_grad_(False))
+    model = model.to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, AutoBitLinear):
+                ternary = torch.randint(-1, 2, module.weight.shape, generator=generator)
+                module.weight.copy_(ternary.to(torch.int8))
+                module.weight_scale.fill_(1.0)
+            elif hasattr(module, "variance_epsilon"):
+                module.weight.fill_(1.0)
+            elif isinstance(module, (torch.nn.Embedding, torch.nn.Linear)):
+                module.weight.normal_(0, 0.02, generator=generator)
+        rotary = model.model.rotary_emb  # its buffers, computed on construction, as built
+        for name, buffer in type(rotary)(config).named_buffers():
+            getattr(rotary, name).copy_(buffer)
     return model.eval()
 
 
@@ -218,7 +221,7 @@ def bench_model(layers: int, threads: list, prefill: int, new_tokens: int, round
 
     prompt = torch.randint(0, VOCAB, (1, 8))
     long = torch.randint(0, VOCAB, (1, prefill))
-    positions = long[:, :64]
+    positions = long[:, :32]
 
     def decode(m, tokens=new_tokens):
         return m.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)

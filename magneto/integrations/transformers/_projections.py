@@ -300,11 +300,16 @@ class PackedProjection:
             destination[prefix + "weight"] = self._dense_weight()
 
     def _load_from_state_dict(self, state_dict, prefix, *args):
-        weight = state_dict.get(prefix + "weight")
+        key = prefix + "weight"
+        weight = state_dict.get(key)
         if weight is not None and tuple(weight.shape) == tuple(self.weight.shape):
             ternary = self._adapter.ternary(self, weight.detach().to(self._magneto_packed.device))
-            self._magneto_packed = _pack(prefix + "weight", ternary)
-        super()._load_from_state_dict(state_dict, prefix, *args)  # copies into meta: no data
+            self._magneto_packed = _pack(key, ternary)
+            # the rest as torch does it (shape checks, missing and unexpected keys), the weight
+            # as the meta tensor it stays
+            state_dict = {**state_dict, key: _meta_like(weight.detach())}
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        self._magneto_version = self.weight._version  # its copy_ into meta counts as an edit
 
     def _apply(self, fn, recurse=True):
         store = self._parameters if "weight" in self._parameters else self._buffers
