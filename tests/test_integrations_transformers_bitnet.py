@@ -341,3 +341,16 @@ def test_a_dropped_projection_called_as_a_module(mode):
     with torch.no_grad():
         out = model.model.layers[0].mlp.down_proj(x)
         close(out, reference.model.layers[0].mlp.down_proj(x), what="down_proj")
+
+
+def test_report_section():
+    """The report's BitNet section (``python -m magneto.report --sections bitnet``): parity
+    with transformers, the resident bytes, and a markdown table naming each ratio."""
+    from magneto.report import bitnet as section
+
+    row = section.section(rounds=1)
+    assert row["logits_rel_error_fp32"] < 1e-5 and row["greedy_tokens_equal_bf16"] in (True, False)
+    assert row["projection_bytes_ratio"] <= 0.13
+    assert row["op_ratio"]["rounds"] == row["decode_ratio"]["rounds"] == 1
+    text = "\n".join(section.markdown(row))
+    assert "greedy decoding of 8 tokens: time ratio" in text
