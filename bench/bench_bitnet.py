@@ -7,14 +7,15 @@ magneto's quantised ``ln_linear`` against transformers' own path. Three parts:
   which multiplies dequantised bf16 weights), magneto's "bitnet_offline" (2-bit weights, int8
   activations, integer kernels), and a plain dense linear after the norm in bf16 and fp32.
   µs per call, medians over rounds, every variant timed in every round.
-- ``model``: a model of ``--layers`` decoder layers (default 2; the 30-layer model's bf16
-  weights alone are 4.2 GB), patched with ``apply_magneto`` and unpatched (a deep copy): greedy
-  decoding (KV cache) tokens/s, and prefill of ``--prefill`` tokens; per-layer times scaled to
-  30 layers plus the output projection (128256 × 2560, dense in both) for the full model.
-- resident bytes of the projection weights: transformers' bf16 weights against the packed
-  2-bit weights the kernels read.
+- ``model``: a model of ``--layers`` decoder layers (``--layers 30``: the whole 2B-4T, whose
+  bf16 projection weights alone are 4.2 GB; default 2), the embedding and the dense head
+  (128256 × 2560): patched with ``apply_magneto`` (dense head, and ``output_projection="int8"``)
+  and unpatched, built once, the variants interleaved in every round: resident bytes (the
+  projections' and the whole model's), greedy decoding (KV cache) tokens/s on each of
+  ``--threads``, prefill of ``--prefill`` tokens, and the int8 head's argmax agreement with the
+  dense head's.
 
-    python -m bench.bench_bitnet [--part op|model|all] [--threads 1] [--layers 2]
+    python -m bench.bench_bitnet [--part op|model|all] [--threads 1 2] [--layers 30]
 """
 
 from __future__ import annotations
