@@ -349,7 +349,10 @@ def test_report_section():
     from magneto.report import bitnet as section
 
     row = section.section(rounds=1)
-    assert row["logits_rel_error_fp32"] < 1e-5 and row["greedy_tokens_equal_bf16"] in (True, False)
+    # an activation code at a rounding tie may flip by one between the kernel and transformers
+    # (quantisation is discontinuous), which moves the logits by ~1e-2 for some inputs: the
+    # section reports the figure; the 1e-5 parity is test_fused_and_matching_unpatched's
+    assert row["logits_rel_error_fp32"] < 5e-2 and row["greedy_tokens_equal_bf16"] in (True, False)
     assert row["projection_bytes_ratio"] <= 0.13
     assert row["op_ratio"]["rounds"] == row["decode_ratio"]["rounds"] == 1
     text = "\n".join(section.markdown(row))
