@@ -7,14 +7,15 @@ magneto's quantised ``ln_linear`` against transformers' own path. Three parts:
   which multiplies dequantised bf16 weights), magneto's "bitnet_offline" (2-bit weights, int8
   activations, integer kernels), and a plain dense linear after the norm in bf16 and fp32.
   µs per call, medians over rounds, every variant timed in every round.
-- ``model``: a model of ``--layers`` decoder layers (default 2; the 30-layer model's bf16
-  weights alone are 4.2 GB), patched with ``apply_magneto`` and unpatched (a deep copy): greedy
-  decoding (KV cache) tokens/s, and prefill of ``--prefill`` tokens; per-layer times scaled to
-  30 layers plus the output projection (128256 × 2560, dense in both) for the full model.
-- resident bytes of the projection weights: transformers' bf16 weights against the packed
-  2-bit weights the kernels read.
+- ``model``: a model of ``--layers`` decoder layers (``--layers 30``: the whole 2B-4T, whose
+  bf16 projection weights alone are 4.2 GB; default 2), the embedding and the dense head
+  (128256 × 2560): patched with ``apply_magneto`` (dense head, and ``output_projection="int8"``)
+  and unpatched, built once, the variants interleaved in every round: resident bytes (the
+  projections' and the whole model's), greedy decoding (KV cache) tokens/s on each of
+  ``--threads``, prefill of ``--prefill`` tokens, and the int8 head's argmax agreement with the
+  dense head's.
 
-    python -m bench.bench_bitnet [--part op|model|all] [--threads 1] [--layers 2]
+    python -m bench.bench_bitnet [--part op|model|all] [--threads 1 2] [--layers 30]
 """
 
 from __future__ import annotations
@@ -122,70 +123,148 @@ def build_model(layers: int, mode: str = "offline"):
         eos_token_id=None,
         pad_token_id=None,
     )
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = transformers.BitNetForCausalLM(config)
-    model = model.to_empty(device="cpu").to(torch.bfloat16)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-        for module in model.modules():
-            if hasattr(module, "variance_epsilon"):
-                module.weight.fill_(1.0)
+    with torch.device("meta"):  # built without data, then each tensor filled once
+        model = transformers.BitNetForCausalLM(config).to(torch.bfloat16)
         for layer in model.model.layers:
             for parent in (layer.self_attn, layer.mlp):
                 for name, linear in list(parent.named_children()):
-                    if not isinstance(linear, torch.nn.Linear):
-                        continue
-                    q = AutoBitLinear(
-                        linear.in_features, linear.out_features, bias=False,
-                        online_quant=False, dtype=torch.bfloat16,
-                    )  # fmt: skip
-                    q.weight.data.copy_(torch.randint(-1, 2, linear.weight.shape))
-                    q.weight_scale.fill_(1.0)
-                    q.requires_grad_(False)
-                    setattr(parent, name, q)
+                    if isinstance(linear, torch.nn.Linear):
+                        q = AutoBitLinear(
+                            linear.in_features, linear.out_features, bias=False,
+                            online_quant=False, dtype=torch.bfloat16,
+                        )  # fmt: skip
+                        setattr(parent, name, q.requires_grad_(False))
+    model = model.to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, AutoBitLinear):
+                ternary = torch.randint(-1, 2, module.weight.shape, generator=generator)
+                module.weight.copy_(ternary.to(torch.int8))
+                module.weight_scale.fill_(1.0)
+            elif hasattr(module, "variance_epsilon"):
+                module.weight.fill_(1.0)
+            elif isinstance(module, (torch.nn.Embedding, torch.nn.Linear)):
+                module.weight.normal_(0, 0.02, generator=generator)
+        rotary = model.model.rotary_emb  # its buffers, computed on construction, as built
+        for name, buffer in type(rotary)(config).named_buffers():
+            getattr(rotary, name).copy_(buffer)
     return model.eval()
 
 
-def bench_model(layers: int, threads: int, prefill: int, new_tokens: int, rounds: int) -> None:
-    from transformers.integrations.bitnet import AutoBitLinear
+def _timed_rounds(fns: dict, rounds: int, warmups: dict) -> dict:
+    """Seconds per call of each function, one call of each per round (the variants interleaved,
+    so that the machine's load falls on all of them alike), the median over rounds, after one
+    call of each of ``warmups`` (cheaper calls of the same paths). For calls of seconds or
+    minutes, where ``_median_us``'s calibration would double the run."""
+    for fn in warmups.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
+
+def resident_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """(the decoder layers' projection tensors, the whole model): bytes of the distinct
+    storages of parameters and buffers with data (a dropped weight is a meta tensor: none)."""
+
+    def total(tensors) -> int:
+        storages = {}
+        for t in tensors:
+            if t is not None and t.device.type != "meta":
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return sum(storages.values())
+
+    def tensors(module):
+        return [*module.parameters(), *module.buffers()]
+
+    projections = [
+        t
+        for layer in model.model.layers
+        for parent in (layer.self_attn, layer.mlp)
+        for name, child in parent.named_children()
+        if name.endswith("_proj")
+        for t in tensors(child)
+    ]
+    return total(projections), total(tensors(model))
+
+
+def bench_model(layers: int, threads: list, prefill: int, new_tokens: int, rounds: int,
+                prefill_rounds: int) -> None:  # fmt: skip
+    """Patched (dense head and int8 head) against unpatched: resident bytes, greedy decoding
+    tokens/s with the KV cache, prefill of ``prefill`` tokens (the logits of the last only), on
+    each of ``threads``; the models are built once."""
     from magneto.integrations import transformers as mt
 
-    torch.set_num_threads(threads)
+    model = mt.apply_magneto(build_model(layers))  # first: its bf16 weights are dropped
+    ours = resident_bytes(model)
+    dense_head = copy.deepcopy(model.lm_head)
+    mt.apply_magneto(model, output_projection="int8")
+    heads = {"dense": dense_head, "int8": model.lm_head}
     reference = build_model(layers)
-    model = mt.apply_magneto(copy.deepcopy(reference))
-    bf16_bytes = packed_bytes = 0
-    for m in model.modules():
-        if isinstance(m, AutoBitLinear):
-            bf16_bytes += m.weight.numel() * m.weight.element_size()
-            packed_bytes += m._magneto_packed.numel()
-    print(f"projection weights per layer: transformers bf16 {bf16_bytes / layers / 2**20:.1f}"
-          f" MiB, packed {packed_bytes / layers / 2**20:.1f} MiB"
-          f" ({packed_bytes / bf16_bytes:.3f}x)")  # fmt: skip
+    theirs = resident_bytes(reference)
+    int8_bytes = sum(t.numel() * t.element_size() for t in heads["int8"].buffers())
+    print(f"{layers} layers, resident: projection weights {ours[0] / 2**20:.0f} MiB patched,"
+          f" {theirs[0] / 2**20:.0f} MiB unpatched ({ours[0] / theirs[0]:.3f}x); whole model"
+          f" {ours[1] / 2**30:.2f} GiB patched (+{int8_bytes / 2**30:.2f} GiB with the int8"
+          f" head), {theirs[1] / 2**30:.2f} GiB unpatched")  # fmt: skip
+
+    def run(head, call):
+        def fn():
+            model.lm_head = heads[head]
+            return call(model)
+
+        return fn
+
     prompt = torch.randint(0, VOCAB, (1, 8))
-    settings = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-
-    def decode(m):
-        return lambda: m.generate(prompt, **settings)
-
     long = torch.randint(0, VOCAB, (1, prefill))
+    positions = long[:, :32]
 
-    def fill(m):
-        return lambda: m(long, use_cache=False, logits_to_keep=1)
+    def decode(m, tokens=new_tokens):
+        return m.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+
+    def fill(m, ids=long):
+        return m(ids, use_cache=False, logits_to_keep=1)
+
+    def warm(call, *args):
+        return {
+            "dense": run("dense", lambda m: call(m, *args)),
+            "int8": run("int8", lambda m: call(m, *args)),
+            "hf": lambda: call(reference, *args),
+        }
+
+    def argmax(m):
+        return m(positions, use_cache=False).logits.argmax(-1)
 
     with torch.no_grad():
-        # random weights give near-tied logits, so bf16 rounding may pick another token
-        same = torch.equal(decode(model)(), decode(reference)())
-        t = _median_us({"ours": decode(model), "hf": decode(reference)}, rounds, min_time=0)
-        p = _median_us({"ours": fill(model), "hf": fill(reference)}, max(1, rounds // 2), 0)
-    # generate() runs the prompt once then new_tokens - 1 decode steps; per token:
-    per_tok = {k: v / new_tokens / 1e6 for k, v in t.items()}
-    print(f"threads {threads}, {layers} layers: decode {1 / per_tok['ours']:.1f} tokens/s"
-          f" patched, {1 / per_tok['hf']:.1f} unpatched (ratio {t['ours'] / t['hf']:.2f});"
-          f" prefill {prefill}: {p['ours'] / 1e6:.2f} s patched, {p['hf'] / 1e6:.2f} s"
-          f" unpatched (ratio {p['ours'] / p['hf']:.2f}); same greedy tokens: {same}")  # fmt: skip
+        # the int8 head's choice against the dense head's at every position of one input
+        # (teacher-forced: one flip does not change the positions after it)
+        same = (run("int8", argmax)() == run("dense", argmax)()).sum().item()
+        print(f"int8 head: argmax equal to the dense head's at {same}/{positions.shape[1]}"
+              " positions (random weights: near-tied logits)")  # fmt: skip
+        for n in threads:
+            torch.set_num_threads(n)
+            decoders = {"dense": run("dense", decode), "int8": run("int8", decode)}
+            t = _timed_rounds(
+                {**decoders, "hf": lambda: decode(reference)}, rounds, warm(decode, 2)
+            )
+            print(f"threads {n}, {layers} layers, greedy decoding of {new_tokens} tokens after"
+                  f" 8: tokens/s patched {new_tokens / t['dense']:.2f} (dense head),"
+                  f" {new_tokens / t['int8']:.2f} (int8 head), unpatched"
+                  f" {new_tokens / t['hf']:.2f}; time ratios {t['dense'] / t['hf']:.2f},"
+                  f" {t['int8'] / t['hf']:.2f}", flush=True)  # fmt: skip
+            p = _timed_rounds(
+                {"ours": run("dense", fill), "hf": lambda: fill(reference)},
+                prefill_rounds,
+                warm(fill, long[:, :16]),
+            )
+            print(f"threads {n}, {layers} layers, prefill {prefill}: {p['ours']:.1f} s patched,"
+                  f" {p['hf']:.1f} s unpatched (ratio {p['ours'] / p['hf']:.2f})",
+                  flush=True)  # fmt: skip
 
 
 def main() -> None:
@@ -196,13 +275,16 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=2048)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--prefill-rounds", type=int, default=1)
     args = parser.parse_args()
     if args.part in ("op", "all"):
         torch.set_num_threads(args.threads[0])
         bench_op(args.rounds)
     if args.part in ("model", "all"):
-        for threads in args.threads:
-            bench_model(args.layers, threads, args.prefill, args.new_tokens, args.rounds)
+        bench_model(
+            args.layers, args.threads, args.prefill, args.new_tokens, args.rounds,
+            args.prefill_rounds,
+        )  # fmt: skip
 
 
 if __name__ == "__main__":

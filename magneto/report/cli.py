@@ -15,10 +15,10 @@ from typing import Optional
 import torch
 
 import magneto_kernels as mk
-from magneto.report import harness, memory, parity, render, speed
+from magneto.report import bitnet, harness, memory, parity, render, speed
 from magneto.report.models import import_torchscale
 
-SECTIONS = ("parity", "models", "memory", "ops", "layers", "decode", "compile")
+SECTIONS = ("parity", "models", "memory", "ops", "layers", "decode", "compile", "bitnet")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Default sizes per device: the sizes the speed goals are stated at, and --quick's tiny ones.
 SIZES = {
@@ -204,6 +204,8 @@ def _ticks(p: Plan) -> int:
         n += sum(4 if p.device == "cpu" and b == "triton" else 10 for b in p.parity_backends)
     if "memory" in p.sections:
         n += 2 * (len(p.backends) + 2)
+    if "bitnet" in p.sections:
+        n += bitnet.TICKS
     cases = {"ops": 8, "layers": 4, "decode": 3 * len(p.sizes.decode_rows)}
     n += p.rounds * sum(c for s, c in cases.items() if s in p.sections)
     return n
@@ -243,6 +245,9 @@ def run(p: Plan, command: str, progress: bool = True) -> dict:
         report["memory"] = memory.saved_per_token(
             p.backends, sz.d, sz.heads, sz.ffn, sz.batch, sz.tokens, p.device, p.dtype, tick=tick
         )
+    if "bitnet" in p.sections:
+        bar.set_description("bitnet: transformers' BitNet patched vs unpatched")
+        report["bitnet"] = bitnet.section(p.rounds, tick=tick)
     report["speed"] = []
     builders = {"ops": speed.op_cases, "layers": speed.layer_cases, "decode": speed.decode_cases}
     for section, build in builders.items():

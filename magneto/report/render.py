@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from magneto.report import bitnet
 from magneto.report.harness import markdown_table
 from magneto.report.speed import (
     COMPILED,
@@ -297,6 +298,8 @@ def markdown(report: dict, png_name: Optional[str] = None) -> str:
             ]
     if "memory" in report:
         lines += _memory(report["memory"])
+    if "bitnet" in report:
+        lines += bitnet.markdown(report["bitnet"])
     return "\n".join(lines)
 
 

@@ -25,7 +25,9 @@ gradient summed inside the op).
 
 BitNet's quantised projections (transformers' ``AutoBitLinear`` online and offline, packed
 ``BitLinear``) run as ``ln_linear``'s quantised modes (``quant=``), their weights packed into
-the kernels' 2-bit layout at patch time (``_projections``).
+the kernels' 2-bit layout at patch time and, offline, transformers' copy dropped
+(``_projections.PackedProjection``: ``state_dict`` still writes it). ``output_projection="int8"``
+runs the model's head with per-row int8 weights (``_head``; off by default).
 
 Left unfused, running the model's own code: projections that no adapter of
 ``_projections.PROJECTIONS`` accepts at call time (anything but a plain ``nn.Linear`` or
@@ -60,6 +62,7 @@ import transformers
 from packaging.specifiers import SpecifierSet
 from torch import nn
 
+from ._head import set_output_projection
 from ._projections import PROJECTIONS, MagnetoOptions
 
 logger = logging.getLogger(__name__)
@@ -122,11 +125,12 @@ def apply_magneto(model: nn.Module, **options) -> nn.Module:
     (``MODEL_TYPES``); ValueError for another, RuntimeError for a transformers outside
     ``TRANSFORMERS_RANGE``. For Kosmos-2 and Kosmos-2.5 the text decoder is patched and the
     vision tower left alone. Projections that will run unfused are named in one warning.
-    Patching twice is a no-op, except that a second call sets the options and packs BitNet's
-    offline weights again (call it after loading other weights in place).
+    Patching twice is a no-op, except that a second call sets the options and, where their
+    weights are kept (``keep_weights=True``), packs BitNet's offline weights again.
     """
     table = replacements(_family_of(model))
     settings = MagnetoOptions(**options)
+    set_output_projection(model, settings.output_projection)
     patched = set(table.values())
     unfused = []
     for name, module in model.named_modules():
@@ -142,7 +146,7 @@ def apply_magneto(model: nn.Module, **options) -> nn.Module:
                 adapter = PROJECTIONS.get(type(linear))
                 why = None
                 if adapter is not None and hasattr(adapter, "prepare"):
-                    why = adapter.prepare(f"{name}.{proj}", linear)
+                    why = adapter.prepare(f"{name}.{proj}", linear, settings)
                 if adapter is None:
                     unfused.append(f"{name}.{proj} ({kind})")
                 elif why is not None:

@@ -8,6 +8,7 @@ adapter accepts runs as the model's own module, fed by the norm module's output.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Optional, Sequence
 
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from transformers import activations
-from transformers.integrations.bitnet import AutoBitLinear, BitLinear
+from transformers.integrations.bitnet import AutoBitLinear, BitLinear, pack_weights
 
 import magneto_kernels
 from magneto import fusion
@@ -31,9 +32,17 @@ class MagnetoOptions:
 
     backend: the ``magneto_kernels`` backend of every call (None: the ops' own choice,
         ``MAGNETO_BACKEND`` or the fastest available).
+    keep_weights: BitNet's offline projections keep transformers' weight resident beside the
+        packed one (in-place edits of ``.weight`` are then packed again). False (the default):
+        they keep only the packed weight and ``weight_scale`` (``PackedProjection``), 1/8 of the
+        bf16 bytes, which is what a 2-bit model is for.
+    output_projection: None (transformers' dense ``lm_head``) or "int8" (``_head``: per-row
+        int8 weights and scales, not the dense head's logits by design).
     """
 
     backend: Optional[str] = None
+    keep_weights: bool = False
+    output_projection: Optional[str] = None
 
 
 NormArgs = tuple  # (ln_weight, ln_bias, eps, norm): ln_linear's norm arguments
@@ -106,29 +115,33 @@ def _group_of_calls(adapter, x: Tensor, nargs: NormArgs, linears, options) -> tu
 class _BitNetProjection:
     """What the adapters of transformers' BitNet classes share (``magneto_kernels.quant``):
     offline, the weight packed into the kernels' layout once, at patch time (``prepare``), kept
-    as a non-persistent buffer ``_magneto_packed`` (``state_dict`` and ``save_pretrained`` do
-    not see it: they write what transformers would), packed again when the module's weight has
-    changed in place since (its version counter) or when ``apply_magneto`` runs again."""
+    as a non-persistent buffer ``_magneto_packed``; then, unless the options keep it, the
+    module's own weight dropped (``PackedProjection``). Kept, it is packed again when it has
+    changed in place (its version counter) or when ``apply_magneto`` runs again."""
 
     @classmethod
-    def prepare(cls, name: str, linear: nn.Module) -> Optional[str]:
-        """Packs an offline projection's weight; returns why it cannot be fused (it then runs
-        as its own module), or None. ValueError naming the module for a non-ternary weight."""
+    def prepare(cls, name: str, linear: nn.Module, options: MagnetoOptions) -> Optional[str]:
+        """Packs an offline projection's weight and drops the module's own unless
+        ``options.keep_weights``; returns why it cannot be fused (it then runs as its own
+        module, its weight kept), or None. ValueError naming the module for a non-ternary
+        weight."""
         if not cls.offline(linear):
+            return None
+        if isinstance(linear, PackedProjection):  # packed and dropped by an earlier call
+            if options.keep_weights:
+                linear.restore()
             return None
         if "_magneto_packed" not in linear._buffers:
             linear.register_buffer("_magneto_packed", None, persistent=False)
         linear._magneto_packed = None
-        ternary = cls.ternary(linear)
+        ternary = cls.ternary(linear, linear.weight.detach())
         if ternary.shape[1] % QUANT_PACK_UNIT:
             return f"in_features {ternary.shape[1]} is not a multiple of {QUANT_PACK_UNIT}"
-        try:
-            packed = quant.pack(ternary)
-        except ValueError as error:
-            raise ValueError(f"{name}: {error}") from None
-        linear._magneto_packed = packed
         linear._magneto_name = name
+        linear._magneto_packed = _pack(name, ternary)
         linear._magneto_version = linear.weight._version
+        if not options.keep_weights:
+            PackedProjection.drop(linear)
         return None
 
     @classmethod
@@ -145,7 +158,14 @@ class _BitNetProjection:
         if getattr(linear, "_magneto_packed", None) is None:
             return False
         if linear._magneto_version != linear.weight._version:
-            cls.prepare(linear._magneto_name, linear)
+            if isinstance(linear, PackedProjection):
+                raise RuntimeError(
+                    f"{linear._magneto_name}: its weight was changed in place after"
+                    " apply_magneto dropped it (the module holds only the packed weight): load"
+                    " new weights with load_state_dict, which packs them, or patch with"
+                    " apply_magneto(model, keep_weights=True) to edit them in place"
+                )
+            cls.prepare(linear._magneto_name, linear, MagnetoOptions(keep_weights=True))
         return True
 
     @classmethod
@@ -167,6 +187,13 @@ class _BitNetProjection:
         return _group_of_calls(cls, x, nargs, linears, options)
 
 
+def _pack(name: str, ternary: Tensor) -> Tensor:
+    try:
+        return quant.pack(ternary)
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from None
+
+
 class AutoBitLinearProjection(_BitNetProjection):
     """transformers' ``AutoBitLinear``: online (master weights, "bitnet_online") or offline
     (ternary weight and ``weight_scale``, "bitnet_offline")."""
@@ -184,8 +211,12 @@ class AutoBitLinearProjection(_BitNetProjection):
         return linear.weight.dtype
 
     @staticmethod
-    def ternary(linear) -> Tensor:
-        return linear.weight.detach()
+    def ternary(linear, weight: Tensor) -> Tensor:
+        return weight
+
+    @staticmethod
+    def weight_of(linear, ternary: Tensor) -> Tensor:
+        return ternary.to(linear.weight.dtype)
 
 
 class BitLinearProjection(_BitNetProjection):
@@ -205,8 +236,113 @@ class BitLinearProjection(_BitNetProjection):
         return linear.weight_scale.dtype
 
     @staticmethod
-    def ternary(linear) -> Tensor:
-        return quant.unpack_hf(linear.weight, linear.out_features)
+    def ternary(linear, weight: Tensor) -> Tensor:
+        return quant.unpack_hf(weight, linear.out_features)
+
+    @staticmethod
+    def weight_of(linear, ternary: Tensor) -> Tensor:
+        return pack_weights(ternary.to(torch.int8, copy=True))  # it packs in place
+
+
+class PackedProjection:
+    """An offline BitNet projection holding only its packed weight and ``weight_scale``: the
+    class ``drop`` gives it (a subclass of its transformers class, so ``isinstance`` holds).
+
+    ``weight`` stays, as a meta tensor: its shape, dtype, ``requires_grad`` and ``numel`` are
+    transformers' (``num_parameters``, ``model.dtype``, the keys of ``state_dict``), with no
+    data. What reads the data gets it back: ``state_dict`` (hence ``save_pretrained``) writes
+    the weight transformers would, unpacked; ``load_state_dict`` packs what it loads; calling
+    the module runs transformers' forward on the unpacked weight (a projection magneto cannot
+    fuse, e.g. hooked); ``.to(dtype/device)`` moves the packed weight and scale. An in-place
+    edit of ``weight`` has nowhere to go: the fused call refuses it, naming the module (keep the
+    weights with ``apply_magneto(model, keep_weights=True)`` to edit them in place)."""
+
+    _adapter = None  # the adapter of the transformers class
+    _adapter_base = None  # the transformers class
+
+    @classmethod
+    def drop(cls, linear: nn.Module) -> None:
+        linear.__class__ = _PACKED_OF[type(linear)]
+        store = linear._parameters if "weight" in linear._parameters else linear._buffers
+        store["weight"] = _meta_like(store["weight"])
+        linear._magneto_version = linear.weight._version
+
+    def restore(self) -> None:
+        """Back to the transformers class with its weight resident (``keep_weights``)."""
+        store = self._parameters if "weight" in self._parameters else self._buffers
+        dense = self._dense_weight().requires_grad_(store["weight"].requires_grad)
+        if store is self._parameters:
+            dense = nn.Parameter(dense, dense.requires_grad)
+        store["weight"] = dense
+        self._magneto_version = self.weight._version
+        self.__class__ = self._adapter_base
+
+    def _dense_weight(self) -> Tensor:
+        """The weight transformers would hold: the packed one unpacked (to its layout)."""
+        ternary = quant.unpack(self._magneto_packed, torch.int8)
+        return self._adapter.weight_of(self, ternary).to(self.weight.dtype)
+
+    @contextlib.contextmanager
+    def _resident(self):
+        store = self._parameters if "weight" in self._parameters else self._buffers
+        meta = store["weight"]
+        store["weight"] = self._dense_weight()
+        try:
+            yield
+        finally:
+            store["weight"] = meta
+
+    def forward(self, input: Tensor) -> Tensor:
+        with self._resident():
+            return super().forward(input)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if prefix + "weight" in destination:
+            destination[prefix + "weight"] = self._dense_weight()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        key = prefix + "weight"
+        weight = state_dict.get(key)
+        if weight is not None and tuple(weight.shape) == tuple(self.weight.shape):
+            ternary = self._adapter.ternary(self, weight.detach().to(self._magneto_packed.device))
+            self._magneto_packed = _pack(key, ternary)
+            # the rest as torch does it (shape checks, missing and unexpected keys), the weight
+            # as the meta tensor it stays
+            state_dict = {**state_dict, key: _meta_like(weight.detach())}
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        self._magneto_version = self.weight._version  # its copy_ into meta counts as an edit
+
+    def _apply(self, fn, recurse=True):
+        store = self._parameters if "weight" in self._parameters else self._buffers
+        meta = store.pop("weight")
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            probe = fn(torch.empty(0, dtype=meta.dtype))  # the dtype fn gives the weight
+            store["weight"] = _meta_like(meta, probe.dtype)
+            self._magneto_version = self.weight._version
+        return self
+
+
+def _meta_like(weight: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    meta = torch.empty(weight.shape, dtype=dtype or weight.dtype, device="meta")
+    if isinstance(weight, nn.Parameter):
+        return nn.Parameter(meta, weight.requires_grad)
+    return meta
+
+
+class PackedAutoBitLinear(PackedProjection, AutoBitLinear):
+    _adapter = AutoBitLinearProjection
+    _adapter_base = AutoBitLinear
+
+
+class PackedBitLinear(PackedProjection, BitLinear):
+    _adapter = BitLinearProjection
+    _adapter_base = BitLinear
+
+
+_PACKED_OF = {AutoBitLinear: PackedAutoBitLinear, BitLinear: PackedBitLinear}
 
 
 PROJECTIONS = {
@@ -214,13 +350,16 @@ PROJECTIONS = {
     AutoBitLinear: AutoBitLinearProjection,
     BitLinear: BitLinearProjection,
     ColumnParallelLinear: ColumnParallelProjection,
+    PackedAutoBitLinear: AutoBitLinearProjection,
+    PackedBitLinear: BitLinearProjection,
 }
 """Linear class (exactly: not its subclasses) -> its adapter (a tensor-parallel shard's:
 ``magneto.parallel.hf``). A projection of another class
 (PEFT's LoRA layers, any wrapper) runs as its own module, fed by the norm module's output, and
-``apply_magneto`` names it in a warning. An adapter with a ``prepare(name, linear)`` hook is
-prepared at patch time (BitNet's offline classes: packing), which may name a reason the
-projection stays unfused."""
+``apply_magneto`` names it in a warning. An adapter with a ``prepare(name, linear, options)``
+hook is prepared at patch time (BitNet's offline classes: packing, dropping the weight), which
+may name a reason the projection stays unfused. The ``Packed`` classes are BitNet's offline
+classes once their weight is dropped."""
 
 
 def _adapter(linear: nn.Module, x: Tensor, options):

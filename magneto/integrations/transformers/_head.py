@@ -1,0 +1,96 @@
+"""The int8 output projection (``apply_magneto(model, output_projection="int8")``): the model's
+``lm_head`` with per-output-row int8 weights, for decoding.
+
+Once BitNet's projections read 2 bits per weight, the dense head (128256 × 2560 at 2B-4T's
+sizes) is most of a decoded token's bytes; int8 halves them. Per row n of the head's weight W:
+
+    s_n = max_k |W_nk| / 127, rounded to W's dtype;   q_nk = clamp(round(W_nk / s_n), -127, 127)
+    logits = (x @ q.T) · s   (+ bias)
+
+run by torch's registered CPU operator ``aten._weight_int8pack_mm`` (x, s and the logits in one
+dtype; q int8). It is not transformers' result by design (the logits move by the weights'
+rounding, so a near-tied greedy choice may flip): off by default. The head's module keeps its
+dense weight (tied to the embedding in most models, so it stays resident anyway) and its
+``state_dict``: the int8 weight and scales are non-persistent buffers, quantised again when the
+weight has changed in place (its version counter). The final norm runs as the model's module,
+as it does unpatched. A head replaced later (``resize_token_embeddings``) is dense again.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+QMAX = 127
+
+
+def int8_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """The head's int8 weight (N, K) and scales (N, in ``weight``'s dtype): the formula above,
+    the scale computed in float32 and rounded to the weight's dtype before it divides."""
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1) / QMAX).clamp(min=torch.finfo(weight.dtype).tiny)
+    scale = scale.to(weight.dtype)
+    q = torch.round(w / scale.float()[:, None]).clamp(-QMAX, QMAX).to(torch.int8)
+    return q.contiguous(), scale
+
+
+class Int8OutputProjection(nn.Linear):
+    """The class ``quantize`` gives an ``nn.Linear`` head: its forward is the int8 formula."""
+
+    def _quantize(self) -> None:
+        self._magneto_int8, self._magneto_int8_scale = int8_rows(self.weight)
+        self._magneto_version = self.weight._version
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._magneto_version != self.weight._version:
+            self._quantize()
+        if x.dtype != self.weight.dtype:
+            raise TypeError(f"the int8 head runs in {self.weight.dtype}, got x in {x.dtype}")
+        rows = x.reshape(-1, x.shape[-1])
+        out = torch.ops.aten._weight_int8pack_mm(
+            rows.contiguous(), self._magneto_int8, self._magneto_int8_scale
+        )
+        out = out.reshape(*x.shape[:-1], out.shape[-1])
+        return out if self.bias is None else out + self.bias
+
+
+def quantize(head: nn.Module) -> None:
+    """Gives ``head`` (the model's output projection, an ``nn.Linear``) the int8 forward."""
+    if type(head) is Int8OutputProjection:
+        head._quantize()
+        return
+    if type(head) is not nn.Linear:
+        raise ValueError(
+            f"output_projection='int8' needs the output projection to be an nn.Linear,"
+            f" got {type(head).__name__}"
+        )
+    if not head.weight.is_floating_point() or head.weight.device.type != "cpu":
+        raise ValueError(
+            "output_projection='int8' runs torch's CPU operator aten._weight_int8pack_mm: the"
+            f" head's weight must be a floating CPU tensor, got {head.weight.dtype} on"
+            f" {head.weight.device}"
+        )
+    for name in ("_magneto_int8", "_magneto_int8_scale"):
+        head.register_buffer(name, None, persistent=False)
+    head.__class__ = Int8OutputProjection
+    head._quantize()
+
+
+def dequantize(head: nn.Module) -> None:
+    """Back to transformers' dense head (``output_projection=None`` on a patched model)."""
+    if type(head) is Int8OutputProjection:
+        del head._magneto_int8, head._magneto_int8_scale
+        head.__class__ = nn.Linear
+
+
+def set_output_projection(model: nn.Module, kind) -> None:
+    """Applies ``MagnetoOptions.output_projection`` to the model's head (None: dense)."""
+    if kind not in (None, "int8"):
+        raise ValueError(f"output_projection must be None or 'int8', got {kind!r}")
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if getter is not None else None
+    if head is None:
+        if kind is not None:
+            raise ValueError(f"{type(model).__name__} has no output projection to quantise")
+        return
+    (quantize if kind == "int8" else dequantize)(head)
