@@ -40,8 +40,8 @@ QUANT_MODES = tuple(q for q in QUANTS if q != "none")
 ``weight_scale`` (the 2B-4T checkpoint), and ``BitLinear`` (packed 2-bit weights)."""
 OFFLINE_MODES = ("bitnet_offline", "bitlinear")
 """The modes whose ``ln_linear`` weight is packed (``pack``): inference only."""
-BACKENDS = ("reference", "cpu")
-"""The backends with kernels for the quantised modes (triton and cuda refuse them)."""
+BACKENDS = ("reference", "cpu", "triton")
+"""The backends with kernels for the quantised modes (cuda refuses them)."""
 
 
 def act_codes(h: Tensor) -> tuple[Tensor, Tensor]:

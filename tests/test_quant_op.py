@@ -29,9 +29,8 @@ ROWS = (1, 3, 16, 37)
 
 
 def _backends():
-    """The backends with the quantised projection: reference and cpu (triton and cuda refuse
-    it, tested below)."""
-    return [p for p in backend_params() if p.values[0].name in ("reference", "cpu")]
+    """The backends with the quantised projection (``quant.BACKENDS``; cuda refuses it)."""
+    return [p for p in backend_params() if p.values[0].name in quant.BACKENDS]
 
 
 def _ternary(out_features, in_features, generator):
@@ -218,8 +217,21 @@ def test_offline_has_no_backward_on_cpu():
         out.sum().backward()
 
 
-def test_triton_refuses_quant():
+@pytest.mark.parametrize("online", [True, False], ids=["online", "offline"])
+def test_a_backend_without_quantised_kernels_refuses(online):
+    """cuda has no quantised kernels: it refuses (run by the emulated CUDA stage,
+    MAGNETO_CUDA_EMULATE=1), rather than computing an unquantised projection."""
     from tests.harness import BY_NAME
 
-    with BY_NAME["triton"].running(), pytest.raises(NotImplementedError, match="triton backend"):
-        ops.ln_linear(randn(2, K), None, None, randn(N, K), quant="bitnet_online", backend="triton")
+    assert "cuda" not in quant.BACKENDS
+    gen = torch.Generator().manual_seed(2)
+    weight = randn(N, K, generator=gen) if online else quant.pack(_ternary(N, K, gen))
+    kwargs = {"quant": "bitnet_online"} if online else {
+        "quant": "bitnet_offline", "weight_scale": torch.ones(1)}  # fmt: skip
+    cuda = BY_NAME["cuda"]
+    with cuda.running(), pytest.raises(NotImplementedError, match="CUDA backend has no quant"):
+        ops.ln_linear(
+            randn(2, K, device=cuda.device, generator=gen), None, None,
+            weight.to(cuda.device), norm="rms", backend="cuda",
+            **{k: v.to(cuda.device) if torch.is_tensor(v) else v for k, v in kwargs.items()},
+        )  # fmt: skip
