@@ -45,7 +45,7 @@ BITLINEAR: tl.constexpr = tl.constexpr(2)
 _MODES = {"bitnet_online": 0, "bitnet_offline": 1, "bitlinear": 2}
 """The kernels' ``QUANT`` constexpr per mode (the op's ``quant``)."""
 
-_QMAX: tl.constexpr = tl.constexpr(spec.QMAX)
+_QMAX: tl.constexpr = tl.constexpr(float(spec.QMAX))
 _ACT_EPS: tl.constexpr = tl.constexpr(spec.ACT_EPS)
 _WEIGHT_EPS: tl.constexpr = tl.constexpr(spec.WEIGHT_EPS)
 _RNE_MAGIC: tl.constexpr = tl.constexpr(12582912.0)  # 1.5·2^23
@@ -116,20 +116,20 @@ def _row_stats_kernel(
     GATED: tl.constexpr,
     HAS_GAMMA: tl.constexpr,
     WRITE_RSTD: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """Per row of x: RSTD (RMSNorm; None without a norm) of a = in_act(x), computed (WRITE_RSTD)
     or read (the backward's saved one), then SCALE = 127 / max(|h|, 1e-5) over h =
     BitNetRMSNorm(a), in float32. x is [gate | up] when GATED."""
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_xm
-    rk = tl.arange(0, BLOCK_K)
+    rk = tl.arange(0, BLOCK)
     rstd = 0.0
     if NORM == RMS_NORM and not WRITE_RSTD:
         rstd = tl.load(RSTD + row)
     if NORM == RMS_NORM and WRITE_RSTD:
-        sq = tl.zeros([BLOCK_K], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        sq = tl.zeros([BLOCK], tl.float32)
+        for k0 in range(0, K, BLOCK):
             valid = k0 + rk < K
             x = tl.load(x_row + k0 + rk, mask=valid, other=0.0).to(tl.float32)
             up = x
@@ -139,16 +139,17 @@ def _row_stats_kernel(
             sq += a * a
         rstd = 1.0 / tl.sqrt(tl.sum(sq, axis=0) / K + eps)
         tl.store(RSTD + row, rstd)
-    amax = tl.zeros([BLOCK_K], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    amax = tl.zeros([BLOCK], tl.float32)
+    for k0 in range(0, K, BLOCK):
         k = k0 + rk
         valid = k < K
-        gamma = tl.zeros([BLOCK_K], tl.float32)
+        gamma = tl.zeros([BLOCK], tl.float32)
         if HAS_GAMMA:
             gamma = tl.load(GAMMA + k, mask=valid, other=0.0).to(tl.float32)
         h = _bitnet_h(x_row + k, K, valid, rstd, gamma, NORM, IN_ACT, GATED, HAS_GAMMA)
         amax = tl.maximum(amax, tl.abs(h))
-    tl.store(SCALE + row, _QMAX / tl.maximum(tl.max(amax, axis=0), _ACT_EPS))
+    amax = tl.maximum(tl.max(amax, axis=0), _ACT_EPS)
+    tl.store(SCALE + row, tl.full((), _QMAX, tl.float32) / amax)
 
 
 @triton.jit
@@ -232,7 +233,7 @@ def _quant_matmul_kernel(
             if DOT_FP32:
                 acc += tl.dot(q, t.to(tl.float32), input_precision="ieee").to(tl.int32)
             else:
-                acc = tl.dot(q.to(tl.int8), t, acc)
+                acc = tl.dot(q.to(tl.int8), t, acc, out_dtype=tl.int32)
         x_ptrs += BLOCK_K
     if QUANT != ONLINE:
         ws = tl.load(WEIGHT_SCALE).to(tl.float32)
@@ -390,8 +391,8 @@ def row_stats(x, ln_weight, eps, norm, input_activation, in_features, rstd=None)
     scale = new_buffer((rows,), torch.float32, x.device)
     if rows == 0:
         return rstd, scale
-    block_k = min(STATS_BLOCK, triton.next_power_of_2(in_features))
-    tile = configs.Tile((("BLOCK_K", block_k),), STATS_WARPS)
+    block = min(STATS_BLOCK, triton.next_power_of_2(in_features))
+    tile = configs.Tile((("BLOCK", block),), STATS_WARPS)
     configs.launch(
         _row_stats_kernel,
         lambda meta: (rows,),
