@@ -1,9 +1,11 @@
 """ln_linear's quantised projection (``quant=``, BitNet b1.58) through the op, on every backend
-that has it: the offline modes (integer kernels on the cpu backend, whichever ISA build runs:
-tools/with_cpu_isa.sh forces the others) against a float64 evaluation of transformers' formula,
+that has it (``quant.BACKENDS``): the offline modes (integer kernels on the cpu backend,
+whichever ISA build runs: tools/with_cpu_isa.sh forces the others; the triton int8 GEMM, in the
+interpreter here) against a float64 evaluation of transformers' formula,
 one activation code of difference allowed only at detected rounding ties
 (``quant.float64_codes``); the online mode forward and every gradient against the reference;
-the packed layout; bad arguments refused with the same error on every backend."""
+the packed layout; bad arguments refused with the same error on every backend; a backend
+without the kernels (cuda) refusing the mode."""
 
 from __future__ import annotations
 

@@ -463,9 +463,13 @@ def ln_linear(x, ln_weight, weight, bias, residual, eps, norm, input_activation,
         alpha=alpha,
     )
     aligned = gemm._aligned(args)
-    tiles = configs.gemm_tiles(
-        x.dtype if online else torch.int8, rows, aligned, a_tiles=1 + flags["GATED"]
-    )
+    # The pipelined loads per stage (Tile.smem): x's tiles (two when gated) and, online, the
+    # weight's; offline the packed bytes, with x's tiles counted in bytes.
+    x_tiles = 1 + flags["GATED"]
+    if online:
+        tiles = configs.gemm_tiles(x.dtype, rows, aligned, a_tiles=x_tiles)
+    else:
+        tiles = configs.gemm_tiles(torch.int8, rows, aligned, a_tiles=x_tiles * x.element_size())
 
     def grid(meta):
         return (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
