@@ -369,15 +369,27 @@ def fake_quant_weight(weight):
     partial = new_buffer((programs, 1), torch.float32, weight.device)
     tile = configs.Tile((("BLOCK", WEIGHT_BLOCK),), WEIGHT_WARPS)
     configs.launch(
-        _abs_sum_kernel, lambda meta: (programs,), [tile], (),
-        W=weight, PARTIAL=partial, numel=numel, per_program=per_program,
-    )  # fmt: skip
+        _abs_sum_kernel,
+        lambda meta: (programs,),
+        [tile],
+        (),
+        W=weight,
+        PARTIAL=partial,
+        numel=numel,
+        per_program=per_program,
+    )
     abs_sum = column_sum(partial, torch.float32)
     wq = new_buffer(weight.shape, weight.dtype, weight.device)
     configs.launch(
-        _fake_quant_weight_kernel, lambda meta: (triton.cdiv(numel, WEIGHT_BLOCK),), [tile], (),
-        W=weight, ABS_SUM=abs_sum, WQ=wq, numel=numel,
-    )  # fmt: skip
+        _fake_quant_weight_kernel,
+        lambda meta: (triton.cdiv(numel, WEIGHT_BLOCK),),
+        [tile],
+        (),
+        W=weight,
+        ABS_SUM=abs_sum,
+        WQ=wq,
+        numel=numel,
+    )
     return wq
 
 
@@ -420,8 +432,9 @@ def _dot_args(dtype, integer=False):
     }
 
 
-def ln_linear(x, ln_weight, weight, bias, residual, eps, norm, input_activation, alpha, quant,
-              weight_scale):  # fmt: skip
+def ln_linear(
+    x, ln_weight, weight, bias, residual, eps, norm, input_activation, alpha, quant, weight_scale
+):
     """(out, mean, rstd, preact) of ln_linear's quantised mode ``quant``, the triton family's
     outputs: mean and preact empty (RMSNorm, no output activation), rstd empty without a
     norm."""
