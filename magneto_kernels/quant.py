@@ -40,8 +40,9 @@ QUANT_MODES = tuple(q for q in QUANTS if q != "none")
 ``weight_scale`` (the 2B-4T checkpoint), and ``BitLinear`` (packed 2-bit weights)."""
 OFFLINE_MODES = ("bitnet_offline", "bitlinear")
 """The modes whose ``ln_linear`` weight is packed (``pack``): inference only."""
-BACKENDS = ("reference", "cpu", "cuda")
-"""The backends with kernels for the quantised modes (the others refuse them)."""
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+"""The backends with kernels for the quantised modes (every kernel backend; one without them must
+refuse them: tests/test_quant_op.py)."""
 
 
 def act_codes(h: Tensor) -> tuple[Tensor, Tensor]:

@@ -21,6 +21,8 @@ from harness import assert_close_to_reference
 from transformers.integrations.bitnet import AutoBitLinear, BitLinear, pack_weights
 from transformers_models import LAYERS, VOCAB, bitnet, check_grads, close, ids, mt
 
+from magneto_kernels import quant
+
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MODES = ("online", "offline", "bitlinear")
 FUSED_PER_LAYER = len(PROJ)  # q/k/v and gate/up one call each until the quantised group
@@ -67,11 +69,12 @@ def _pair(mode, dtype=torch.float32):
     return model, copy.deepcopy(model)
 
 
+@pytest.mark.parametrize("backend", [b for b in quant.BACKENDS if b != "reference"])
 @pytest.mark.parametrize("mode", MODES)
-def test_fused_and_matching_unpatched(mode, fused_calls, caplog):
+def test_fused_and_matching_unpatched(mode, backend, fused_calls, caplog):
     model, reference = _pair(mode)
     with caplog.at_level(logging.WARNING, logger=mt.__name__):
-        mt.apply_magneto(model)
+        mt.apply_magneto(model, backend=backend)
     assert "run unfused" not in caplog.text
     assert list(model.state_dict()) == list(reference.state_dict())  # save_pretrained's keys
     tokens = ids()
@@ -167,17 +170,21 @@ def test_width_not_a_multiple_of_the_packing_unit_stays_unfused(caplog, fused_ca
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_a_backend_without_quantised_kernels_runs_the_modules(mode, fused_calls):
-    """The triton backend has no quantised kernels: the projections run as transformers'
-    modules, named in a warning, and the norms and adds around them stay fused."""
+def test_a_backend_without_quantised_kernels_runs_the_modules(mode, fused_calls, monkeypatch):
+    """On a backend without quantised kernels (cuda has none; here triton taken out of
+    ``quant.BACKENDS``, since no CUDA runs here) the projections run as transformers' modules,
+    named in a warning, with no fused projection call, and the norms and adds around them stay
+    fused."""
     from magneto import UnfusedWarning
 
+    monkeypatch.setattr(quant, "BACKENDS", tuple(b for b in quant.BACKENDS if b != "triton"))
     model, reference = _pair(mode)
     mt.apply_magneto(model, backend="triton")
     tokens = ids()
     with pytest.warns(UnfusedWarning, match="runs on the triton backend, which has no quant"):
         with torch.no_grad():
             out = model(tokens).logits
+    assert fused_calls.count == 0
     close(out, reference(tokens).logits, what="logits")
 
 

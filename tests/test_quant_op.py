@@ -1,9 +1,11 @@
 """ln_linear's quantised projection (``quant=``, BitNet b1.58) through the op, on every backend
-that has it: the offline modes (integer kernels on the cpu backend, whichever ISA build runs:
-tools/with_cpu_isa.sh forces the others) against a float64 evaluation of transformers' formula,
-one activation code of difference allowed only at detected rounding ties
+that has it (``quant.BACKENDS``): the offline modes (integer kernels on the cpu backend,
+whichever ISA build runs: tools/with_cpu_isa.sh forces the others; the triton int8 GEMM, in the
+interpreter here; the cuda dp4a kernels, in the emulation) against a float64 evaluation of
+transformers' formula, one activation code of difference allowed only at detected rounding ties
 (``quant.float64_codes``); the online mode forward and every gradient against the reference;
-the packed layout; bad arguments refused with the same error on every backend."""
+the packed layout; bad arguments refused with the same error on every backend; a backend
+without the kernels refusing the mode."""
 
 from __future__ import annotations
 
@@ -345,10 +347,3 @@ def test_offline_has_no_backward_on_cpu():
     )  # fmt: skip
     with pytest.raises(NotImplementedError, match="has no backward"):
         out.sum().backward()
-
-
-def test_triton_refuses_quant():
-    from tests.harness import BY_NAME
-
-    with BY_NAME["triton"].running(), pytest.raises(NotImplementedError, match="triton backend"):
-        ops.ln_linear(randn(2, K), None, None, randn(N, K), quant="bitnet_online", backend="triton")

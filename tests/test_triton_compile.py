@@ -113,6 +113,21 @@ def _op_calls():
         calls.append(("ln_linear_group", dtype, four, False))
     gate_up = dict(rows=BIG, k=1000, n=(4096, 4096), norm="none", bias=(0, 0))
     calls.append(("ln_linear_group", "bf16", gate_up, False))
+    # The quantised ln_linear (triton/quant.py; BitNet b1.58 2B-4T's widths): the offline modes'
+    # int8 GEMM with every tile of every row bucket in bf16 (the checkpoint's dtype), a decode
+    # step, down_proj's gated input and fp32; the online mode's forward and backward in the
+    # three float dot kinds, gated and not.
+    for quant in ("bitnet_offline", "bitlinear"):
+        for rows in (BIG, MID, FEW, ONE):
+            offline = dict(rows=rows, k=2560, n=6912, quant=quant, gated=False, bias=True)
+            calls.append(("quant", "bf16", offline, rows != ONE))
+    down = dict(rows=BIG, k=6912, n=2560, quant="bitnet_offline", gated=True, bias=False)
+    calls.append(("quant", "bf16", down, False))
+    calls.append(("quant", "fp32", dict(down, quant="bitlinear", gated=False), False))
+    for dtype in ("fp32", "tf32", "bf16"):
+        for gated in (False, True):
+            online = dict(rows=BIG, k=2560, n=6912, quant="bitnet_online", gated=gated, bias=gated)
+            calls.append(("quant", dtype, online, False))
     for dtype in ("fp32", "bf16"):
         for width in (1000, 8192, 12288):
             calls.append(("layer_norm", dtype, dict(rows=BIG, width=width, norm="layer"), False))
@@ -156,6 +171,22 @@ def _run_op_call(kind, dtype_name, spec, all_tiles):
         if rows != ONE:  # decoding has no backward
             mask = [True, True, True] + [True] * len(ws) + [bool(b) for b in spec["bias"]]
             gr.ln_linear_group_backward(outs, x, ln_w, ln_b, ws, mean, rstd, norm, mask)
+        return
+    if kind == "quant":
+        from magneto_kernels.triton import quant as tq
+
+        rows, k, n, mode = spec["rows"], spec["k"], spec["n"], spec["quant"]
+        x = t(rows, 2 * k if spec["gated"] else k)
+        in_act = "relu2_glu" if spec["gated"] else "none"
+        online = mode == "bitnet_online"
+        w = t(n, k) if online else t(n, k // 4, dt=torch.uint8)
+        bias = t(n) if spec["bias"] else None
+        scale = None if online else t(1)
+        out, _, rstd, _ = tq.ln_linear(
+            x, t(k), w, bias, t(rows, n), 1e-6, "rms", in_act, 1.0, mode, scale
+        )
+        if online:
+            tq.ln_linear_backward(out, x, t(k), w, rstd, "rms", in_act, [True] * 5)
         return
     if kind != "ln_linear":
         rows, width, norm = spec["rows"], spec["width"], spec["norm"]
@@ -201,8 +232,12 @@ def _record_launches():
         # a GEMM's operands: B (the forward's weight^T, dh's weight), B0 (the group's first
         # weight^T), DZ in the dweight GEMM
         gemm = "BLOCK_K" in dict(tiles[0].meta)
-        operand = next((args[name] for name in ("B", "B0", "DZ") if name in args), None)
-        kind = configs.dot_kind(operand.dtype) if gemm else None
+        # W in the quantised GEMM (triton/quant.py): packed uint8 codes, an int8 dot
+        names = ("B", "B0", "DZ", "W")
+        operand = next((args[name] for name in names if name in args), None)
+        kind = None
+        if gemm:
+            kind = configs.dot_kind(torch.int8 if operand.dtype == torch.uint8 else operand.dtype)
         for tile in tiles if current["call"][3] else tiles[:1]:
             launches.append((kernel, args, tile, kind, current["call"]))
 
@@ -337,7 +372,8 @@ def check(entries):
             failures.append(f"{where}: {e['smem']} B shared memory > Tile.smem {e['tile'].smem}")
         if _regs_per_warp(e["regs"]) * e["tile"].num_warps > REGS_PER_SM:
             failures.append(f"{where}: {e['regs']} registers x {e['tile'].num_warps} warps")
-        want = {"mma16": ("wgmma", "mma.sync"), "tf32": ("wgmma", "mma.sync"), "ieee": ("fma",)}
+        tensor_cores = ("wgmma", "mma.sync")
+        want = {"mma16": tensor_cores, "tf32": tensor_cores, "int8": tensor_cores, "ieee": ("fma",)}
         if e["kind"] is not None and e["instr"] not in want[e["kind"]]:
             failures.append(f"{where}: {e['kind']} dot compiles to {e['instr']}")
     return failures

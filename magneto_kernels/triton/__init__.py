@@ -6,7 +6,8 @@ they run on CPU tensors in Triton's interpreter.
 Modules: ``philox`` (Philox4x32-10 dropout stream), ``activations``, ``norm`` (row kernels:
 LayerNorm/RMSNorm forward and backward, add-LayerNorm, deterministic column sums), ``ln_linear``
 (the fused norm → GEMM → epilogue op and its backward), ``dropout`` (the dropout op),
-``group`` (``ln_linear_group``: one norm for several weights, one launch).
+``group`` (``ln_linear_group``: one norm for several weights, one launch), ``quant`` (BitNet's
+quantised ``ln_linear``, ``quant=``).
 
 Launch convention: an absent tensor is passed as None next to a constexpr ``HAS_*``/``WANT_*``
 flag (Triton specialises None as a constexpr, so the kernel never sees a placeholder pointer);
@@ -29,6 +30,7 @@ from magneto_kernels.triton import dropout as _dropout
 from magneto_kernels.triton import group as _group
 from magneto_kernels.triton import ln_linear as _ln_linear
 from magneto_kernels.triton import norm as _norm
+from magneto_kernels.triton import quant as _quant
 from magneto_kernels.triton.common import INTERPRET  # noqa: F401  (read by backends.py)
 
 # The op boundary: each op checks its arguments (checks.py, as the native family's ops do in
@@ -94,17 +96,17 @@ def _add_layer_norm_op(*args):
     return _like(y, a.x), _like(s, a.x), mean, rstd
 
 
-_QUANT_ARGS = ("quant", "weight_scale")  # ln_linear's last arguments, which triton lacks
-_NO_QUANT = (
-    "ln_linear: the triton backend has no quantised projection (quant) yet; the cpu and"
-    " reference backends have"
-)
+_QUANT_ARGS = ("quant", "weight_scale")  # ln_linear's last arguments: triton/quant.py's
 
 
 def _ln_linear_op(*args):
     a = checks.ln_linear(*args)
     if a.quant != "none":
-        raise NotImplementedError(_NO_QUANT)
+        out, mean, rstd, preact = _quant.ln_linear(
+            _rows(a.x), _dense(a.ln_weight), _dense(a.weight), _dense(a.bias), _rows(a.residual),
+            a.eps, a.norm, a.input_activation, a.alpha, a.quant, a.weight_scale,
+        )  # fmt: skip
+        return _like(out, a.x), mean, rstd, preact
     out, mean, rstd, preact = _ln_linear.ln_linear(
         *a._replace(
             x=_rows(a.x),
@@ -120,8 +122,12 @@ def _ln_linear_op(*args):
 
 def _ln_linear_backward_op(*args):
     a = checks.ln_linear_backward(*args)
-    if a.quant != "none":
-        raise NotImplementedError(_NO_QUANT)
+    if a.quant != "none":  # bitnet_online: the checks refuse the offline modes' backward
+        grads = _quant.ln_linear_backward(
+            _rows(a.grad_out), _rows(a.x), _dense(a.ln_weight), _dense(a.weight),
+            _dense(a.rstd), a.norm, a.input_activation, a.output_mask,
+        )  # fmt: skip
+        return (_like(grads[0], a.x), *grads[1:])
     grads = _ln_linear.ln_linear_backward(
         *a._replace(
             grad_out=_rows(a.grad_out),

@@ -7,7 +7,10 @@ to) and by the row count's bucket, never by the exact row count:
 - ``mma16``: bf16/fp16 operands, tensor cores (``wgmma`` on sm_90a, ``mma.sync`` on sm_80);
 - ``tf32``: float32 under ``torch.set_float32_matmul_precision("high")``: tensor cores;
 - ``ieee``: float32 under "highest" (PyTorch's default): exact products on the FMA units, so
-  small tiles (the accumulator and both operands live in registers) and few stages.
+  small tiles (the accumulator and both operands live in registers) and few stages;
+- ``int8``: int8 codes (the quantised ``ln_linear``'s offline modes, ``triton/quant.py``):
+  int8 × int8 → int32 tensor cores, which take BLOCK_K >= 32; both operands are formed in
+  registers (the quantised h and the unpacked 2-bit weight), so deep K tiles.
 
 Every tile listed here is compiled for sm_80 and sm_90a by tests/test_triton_compile.py, for
 every flag combination it covers, and must spill nothing and stay under both architectures'
@@ -76,6 +79,9 @@ GEMM_TILES = {
     ("ieee", 16): [(16, 64, 32, 4, 3), (16, 32, 64, 4, 3)],
     ("ieee", 64): [(64, 64, 16, 8, 2)],
     ("ieee", None): [(128, 64, 16, 8, 2), (64, 64, 16, 8, 2)],
+    ("int8", 16): [(16, 64, 128, 4, 3), (16, 32, 128, 4, 3)],
+    ("int8", 64): [(64, 64, 128, 4, 3), (64, 128, 64, 8, 3)],
+    ("int8", None): [(128, 128, 64, 8, 3), (128, 64, 128, 8, 3)],
 }
 
 UNALIGNED_BLOCK_K = 32
@@ -86,6 +92,8 @@ not 16-byte aligned): Triton then loads each element on its own, and a deeper A 
 def dot_kind(dtype: torch.dtype) -> str:
     """What a GEMM on ``dtype`` operands runs on (see the module docstring). float32 follows
     ``torch.get_float32_matmul_precision()``: "highest" is exact, "high"/"medium" allow tf32."""
+    if dtype == torch.int8:
+        return "int8"
     if dtype != torch.float32:
         return "mma16"
     return "ieee" if fp32_dot_precision() == "ieee" else "tf32"
