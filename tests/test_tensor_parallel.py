@@ -10,7 +10,8 @@ compare that with the same model run here in one process.
 - ``tensor_parallelize``: Encoder, Decoder, EncoderDecoder (every norm scheme, LayerNorm and
   RMSNorm) and BEiT3, outputs and every parameter's gradient; greedy decoding with the KV cache
   gives the one-process tokens; the collectives of a layer (``communication_log``) are the ones
-  docs/design.md counts, and a sharded fc2 keeps only its input and the row statistics;
+  docs/design.md counts, and a sharded fc2 keeps only its input and the row statistics and
+  runs each of the op family's sharded-norm entry points once (the norm fused with it);
 - vocabulary-parallel embedding, output projection (tied or not), loss and greedy argmax;
 - a 2-D mesh (FSDP2 over 2 data-parallel ranks × 2 tensor-parallel ranks): one training step's
   gradients and updated parameters;
