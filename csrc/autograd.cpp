@@ -140,7 +140,7 @@ struct LayerNormFormula {
     const auto mask = output_mask(ctx, edge_indices<3>({true, weight.defined(), bias.defined()}));
     auto [dx, dweight, dbias] = op_handle<schema::LayerNormBackward, Family>().call(
         grads[0], x, optional_of(weight), optional_of(bias), saved[3], saved[4], std::nullopt,
-        ctx->saved_data["norm"].toStringRef(), mask);
+        ctx->saved_data["norm"].toStringRef(), mask, "none", std::nullopt);
     return {wanted(dx, mask[0]), wanted(dweight, mask[1]), wanted(dbias, mask[2])};
   }
 };
@@ -176,7 +176,8 @@ struct AddLayerNormFormula {
     // The sum's own gradient (when the sum is used after the op) joins ds in the kernel.
     auto [ds, dweight, dbias] = op_handle<schema::LayerNormBackward, Family>().call(
         grads[0], sum, optional_of(weight), optional_of(bias), saved[3], saved[4],
-        optional_of(grads[1]), ctx->saved_data["norm"].toStringRef(), mask);
+        optional_of(grads[1]), ctx->saved_data["norm"].toStringRef(), mask, "none",
+        std::nullopt);
     Tensor dresidual;
     if (needs_grad(ctx, edge[1])) dresidual = alpha == 1.0 ? ds : ds * alpha;
     return {needs_grad(ctx, edge[0]) ? ds : Tensor(), dresidual, wanted(dweight, mask[1]),
@@ -197,6 +198,11 @@ struct LnLinearFormula {
   static void save(AutogradContext* ctx, const Op& c,
                    const std::tuple<Tensor, Tensor, Tensor, Tensor>& out) {
     const auto& [y, mean, rstd, preact] = out;
+    // Given statistics are another rank's too: their gradient goes through the sharded norm's
+    // collectives, which magneto/parallel/functional.py runs around this op's two backward halves.
+    TORCH_CHECK_NOT_IMPLEMENTED(!c.rstd.has_value(),
+                                "ln_linear with given mean and rstd has no autograd formula: "
+                                "differentiate it as magneto.parallel does");
     // Only x is saved of the input side: the norm's output, and a gated input activation's
     // product, are recomputed in the backward.
     ctx->save_for_backward({c.x, value_or_undefined(c.ln_weight), value_or_undefined(c.ln_bias),

@@ -43,9 +43,12 @@ struct NormArgs {
 };
 
 struct NormOutputs {
-  Tensor y;           // (rows, cols)
+  Tensor y;           // (rows, cols); undefined for norm_stats
   Tensor sum;         // x + alpha·residual, (rows, cols); undefined without a residual
   Tensor mean, rstd;  // (rows,) float32, written where non-empty
+  // norm_stats (y undefined): (rows,) float32, the row's sum of squared deviations from its mean
+  // (from 0 for RMSNorm), written instead of rstd; else undefined.
+  Tensor m2;
 };
 
 // The norm's backward: dx = N'ᵀ dy (⊙ in_act'(x)) + grad_accum, dgamma, dbeta; x, dx as in
@@ -57,6 +60,9 @@ struct NormBackwardArgs {
   OptTensor grad_accum;  // (rows, cols), added to dx (no gated input activation then)
   Norm norm = Norm::kLayer;
   Activation input_activation = Activation::kNone;
+  // The sharded norm: (rows, 2) float32 [mean(g), mean(g·xhat)] over the whole row, every shard
+  // (rows, 1) [mean(g·xhat)] for RMSNorm), used instead of this row's own.
+  OptTensor row_means;
 };
 
 struct NormGrads {
@@ -83,6 +89,8 @@ struct LnLinearArgs {
   // (out_features, in_features / 4) uint8, common.h's layout) with weight_scale (1,) float32.
   Quant quant = Quant::kNone;
   OptTensor weight_scale;
+  // The row statistics to normalise with (the sharded norm's), else undefined: the backend's own.
+  OptTensor given_mean, given_rstd;
 };
 
 // out: (rows, out_features); preact the GEMM output before the activation, (rows, out_features)
@@ -106,9 +114,12 @@ struct LnLinearBackwardArgs {
 };
 
 // dx is (rows, x_cols); a backend may replace it by a tensor of its own (dh itself when the
-// prologue is the identity).
+// prologue is the identity). ln_linear_backward_partial: dx, dln_weight and dln_bias empty, dh
+// (rows, in_features) and row_sums ((rows, 2) float32 [Σg, Σg·xhat] with g = dh·ln_weight;
+// (rows, 1) [Σg·xhat] for RMSNorm) written instead when wanted.
 struct LnLinearGrads {
   Tensor dx, dln_weight, dln_bias, dweight, dbias;
+  Tensor dh, row_sums;
 };
 
 // y = x ⊙ keep/(1−p), keep = philox(seed, i·cols + j) >= dropout_threshold(p): the dropout op,

@@ -352,14 +352,40 @@ NormArgs parse(const schema::AddLayerNorm& call) {
 NormBackwardArgs parse(const schema::LayerNormBackward& call) {
   check_input(call.x);
   const Norm norm = parse_norm(call.norm, false);
-  check_like(call.grad_y, "grad_y", call.x, call.x.sizes());
+  const Activation input_activation = parse_input_activation(call.input_activation);
+  const int64_t cols = in_features_of(call.x, input_activation, call.input_activation);
+  check_like(call.grad_y, "grad_y", call.x, rows_shape(call.x, cols));
   if (call.grad_accum.has_value()) {
+    TORCH_CHECK_VALUE(!is_gated(input_activation),
+                      "grad_accum must be None for a gated input_activation");
     check_like(*call.grad_accum, "grad_accum", call.x, call.x.sizes());
   }
-  check_norm_params(call.weight, call.bias, norm, call.x, "weight", "bias", call.x.size(-1));
+  check_norm_params(call.weight, call.bias, norm, call.x, "weight", "bias", cols);
   check_stats(call.mean, call.rstd, norm, call.x);
-  return {as_rows(call.grad_y), as_rows(call.x), contiguous(call.weight), contiguous(call.bias),
-          call.mean.contiguous(), call.rstd.contiguous(), as_rows(call.grad_accum), norm};
+  if (call.row_means.has_value()) {
+    const int64_t rows = call.x.numel() / call.x.size(-1);
+    check_like(*call.row_means, "row_means", call.x, {rows, norm == Norm::kLayer ? 2 : 1},
+               at::kFloat);
+  }
+  return {as_rows(call.grad_y),
+          as_rows(call.x),
+          contiguous(call.weight),
+          contiguous(call.bias),
+          call.mean.contiguous(),
+          call.rstd.contiguous(),
+          as_rows(call.grad_accum),
+          norm,
+          input_activation,
+          contiguous(call.row_means)};
+}
+
+NormArgs parse(const schema::NormStats& call) {
+  check_input(call.x);
+  const Norm norm = parse_norm(call.norm, false);
+  const Activation input_activation = parse_input_activation(call.input_activation);
+  in_features_of(call.x, input_activation, call.input_activation);
+  return {as_rows(call.x), std::nullopt, 1.0, std::nullopt, std::nullopt, 0.0, norm,
+          input_activation};
 }
 
 LnLinearArgs parse(const schema::LnLinear& call) {
@@ -385,6 +411,13 @@ LnLinearArgs parse(const schema::LnLinear& call) {
     TORCH_CHECK_VALUE(!call.weight_scale.has_value(), "weight_scale must be None for quant='",
                       call.quant, "'");
   }
+  TORCH_CHECK_VALUE(call.mean.has_value() == call.rstd.has_value(),
+                    "mean and rstd must be given together");
+  if (call.rstd.has_value()) {
+    TORCH_CHECK_VALUE(norm != Norm::kNone && quant == Quant::kNone,
+                      "mean and rstd need a norm (ln_weight given) and quant='none'");
+    check_stats(*call.mean, *call.rstd, norm, x);
+  }
   return {as_rows(x),
           contiguous(call.ln_weight),
           contiguous(call.ln_bias),
@@ -399,7 +432,9 @@ LnLinearArgs parse(const schema::LnLinear& call) {
           call.alpha,
           call.dropout_p,
           quant,
-          weight_scale};
+          weight_scale,
+          contiguous(call.mean),
+          contiguous(call.rstd)};
 }
 
 LnLinearBackwardArgs parse(const schema::LnLinearBackward& call) {

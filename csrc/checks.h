@@ -17,6 +17,7 @@ namespace magneto {
 NormArgs parse(const schema::LayerNorm& call);
 NormArgs parse(const schema::AddLayerNorm& call);
 NormBackwardArgs parse(const schema::LayerNormBackward& call);
+NormArgs parse(const schema::NormStats& call);
 LnLinearArgs parse(const schema::LnLinear& call);
 LnLinearBackwardArgs parse(const schema::LnLinearBackward& call);
 DropoutArgs parse(const schema::Dropout& call);

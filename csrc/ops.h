@@ -26,6 +26,17 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm(const schema::LayerNorm& call) {
   return {with_rows_of(out.y, call.x), out.mean, out.rstd};
 }
 
+// (mean, m2): mean empty for RMSNorm, m2 the row's sum of squared deviations (squares for
+// RMSNorm), of in_act(x).
+template <class Backend>
+std::tuple<Tensor, Tensor> norm_stats(const schema::NormStats& call) {
+  const NormArgs a = parse(call);
+  NormOutputs out{Tensor(), Tensor(), stats(a.x, a.norm == Norm::kLayer), Tensor(),
+                  stats(a.x, true)};
+  Backend::norm_forward(a, out);
+  return {out.mean, out.m2};
+}
+
 template <class Backend>
 std::tuple<Tensor, Tensor, Tensor, Tensor> add_layer_norm(const schema::AddLayerNorm& call) {
   const NormArgs a = parse(call);
@@ -52,8 +63,9 @@ template <class Backend>
 std::tuple<Tensor, Tensor, Tensor, Tensor> ln_linear(const schema::LnLinear& call) {
   const LnLinearArgs a = parse(call);
   LnLinearOutputs out;
-  out.mean = stats(a.x, a.norm == Norm::kLayer);
-  out.rstd = stats(a.x, a.norm != Norm::kNone);
+  // Given statistics come back as copies: an op's output never aliases its input.
+  out.mean = a.given_mean.has_value() ? a.given_mean->clone() : stats(a.x, a.norm == Norm::kLayer);
+  out.rstd = a.given_rstd.has_value() ? a.given_rstd->clone() : stats(a.x, a.norm != Norm::kNone);
   Backend::ln_linear(a, out);
   return {with_rows_of(out.out, call.x), out.mean, out.rstd, with_rows_of(out.preact, call.x)};
 }
@@ -71,6 +83,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ln_linear_backward(
                   want[4] ? new_tensor({a.weight.size(0)}, a.weight.options()) : empty0(x)};
   Backend::ln_linear_backward(a, g);
   return {with_rows_of(g.dx, call.x), g.dln_weight, g.dln_bias, g.dweight, g.dbias};
+}
+
+template <class Backend>
+std::tuple<Tensor, Tensor, Tensor, Tensor> ln_linear_backward_partial(
+    const schema::LnLinearBackwardPartial& call) {
+  const LnLinearBackwardArgs a = parse(static_cast<const schema::LnLinearBackward&>(call));
+  TORCH_CHECK_VALUE(a.norm != Norm::kNone && a.quant == Quant::kNone,
+                    "ln_linear_backward_partial needs a norm and quant='none'");
+  const auto want = mask_of<3>(call.output_mask);
+  const Tensor& x = a.x;
+  LnLinearGrads g{empty0(x),
+                  empty0(x),
+                  empty0(x),
+                  want[1] ? new_like(a.weight) : empty0(x),
+                  want[2] ? new_tensor({a.weight.size(0)}, a.weight.options()) : empty0(x),
+                  want[0] ? new_tensor({x.size(0), a.weight.size(1)}, x.options()) : empty0(x),
+                  want[0] ? new_tensor({x.size(0), a.norm == Norm::kLayer ? 2 : 1},
+                                       x.options().dtype(at::kFloat))
+                          : empty0(x)};
+  Backend::ln_linear_backward(a, g);
+  return {with_rows_of(g.dh, call.x), g.row_sums, g.dweight, g.dbias};
 }
 
 template <class Backend>

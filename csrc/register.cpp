@@ -25,9 +25,11 @@ template <class Backend>
 void register_native_family(torch::Library& m) {
   impl<schema::LayerNorm, &ops::layer_norm<Backend>>(m);
   impl<schema::LayerNormBackward, &ops::layer_norm_backward<Backend>>(m);
+  impl<schema::NormStats, &ops::norm_stats<Backend>>(m);
   impl<schema::AddLayerNorm, &ops::add_layer_norm<Backend>>(m);
   impl<schema::LnLinear, &ops::ln_linear<Backend>>(m);
   impl<schema::LnLinearBackward, &ops::ln_linear_backward<Backend>>(m);
+  impl<schema::LnLinearBackwardPartial, &ops::ln_linear_backward_partial<Backend>>(m);
   impl<schema::Dropout, &ops::dropout<Backend>>(m);
   impl<schema::LnLinearGroup, &ops::ln_linear_group<Backend>>(m);
   impl<schema::LnLinearGroupBackward, &ops::ln_linear_group_backward<Backend>>(m);

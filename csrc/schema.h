@@ -33,11 +33,14 @@ struct LayerNorm {
   std::string_view norm;
 };
 
+// input_activation and row_means serve the sharded norm (magneto/parallel): the norm of
+// in_act(x), and the row means of g and g·xhat over every shard instead of this row's own.
 struct LayerNormBackward {
   static constexpr const char* kName = "layer_norm_backward";
   using Signature = std::tuple<Tensor, Tensor, Tensor>(
       const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const Tensor&,
-      const Tensor&, const OptTensor&, std::string_view, const c10::List<bool>&);
+      const Tensor&, const OptTensor&, std::string_view, const c10::List<bool>&,
+      std::string_view, const OptTensor&);
   const Tensor& grad_y;
   const Tensor& x;
   const OptTensor& weight;
@@ -47,6 +50,17 @@ struct LayerNormBackward {
   const OptTensor& grad_accum;
   std::string_view norm;
   const c10::List<bool>& output_mask;
+  std::string_view input_activation;
+  const OptTensor& row_means;
+};
+
+// The sharded norm's first pass: this shard's per-row (mean, M2) of in_act(x).
+struct NormStats {
+  static constexpr const char* kName = "norm_stats";
+  using Signature = std::tuple<Tensor, Tensor>(const Tensor&, std::string_view, std::string_view);
+  const Tensor& x;
+  std::string_view norm;
+  std::string_view input_activation;
 };
 
 struct AddLayerNorm {
@@ -68,7 +82,8 @@ struct LnLinear {
   using Signature = std::tuple<Tensor, Tensor, Tensor, Tensor>(
       const Tensor&, const OptTensor&, const OptTensor&, const Tensor&, const OptTensor&,
       const OptTensor&, const OptTensor&, double, std::string_view, std::string_view,
-      std::string_view, double, double, std::string_view, const OptTensor&);
+      std::string_view, double, double, std::string_view, const OptTensor&, const OptTensor&,
+      const OptTensor&);
   const Tensor& x;
   const OptTensor& ln_weight;
   const OptTensor& ln_bias;
@@ -84,14 +99,20 @@ struct LnLinear {
   double dropout_p;
   std::string_view quant;
   const OptTensor& weight_scale;
+  // The row statistics to normalise with (the sharded norm's, reduced over every shard) instead
+  // of the op's own.
+  const OptTensor& mean;
+  const OptTensor& rstd;
 };
 
 struct LnLinearBackward {
   static constexpr const char* kName = "ln_linear_backward";
-  using Signature = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
-      const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const Tensor&,
-      const Tensor&, const Tensor&, const Tensor&, const OptTensor&, std::string_view,
-      std::string_view, std::string_view, double, const c10::List<bool>&, std::string_view);
+  template <class R>
+  using Returning = R(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
+                      const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                      std::string_view, std::string_view, std::string_view, double,
+                      const c10::List<bool>&, std::string_view);
+  using Signature = Returning<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>>;
   const Tensor& grad_out;
   const Tensor& x;
   const OptTensor& ln_weight;
@@ -107,6 +128,13 @@ struct LnLinearBackward {
   double dropout_p;
   const c10::List<bool>& output_mask;
   std::string_view quant;
+};
+
+// ln_linear_backward's first half for the sharded norm: its arguments, output_mask (dh and
+// row_sums, dweight, dbias); returns (dh, row_sums, dweight, dbias).
+struct LnLinearBackwardPartial : LnLinearBackward {
+  static constexpr const char* kName = "ln_linear_backward_partial";
+  using Signature = Returning<std::tuple<Tensor, Tensor, Tensor, Tensor>>;
 };
 
 // One output, so the dispatcher calls it with a Tensor, not a tuple.

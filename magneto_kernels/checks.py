@@ -148,12 +148,17 @@ def _norm_params(gamma, beta, norm: str, x: Tensor, gamma_name: str, beta_name: 
         raise ValueError(f"{gamma_name} must be None for norm='none'")
 
 
+def _stat_dtype(x: Tensor) -> torch.dtype:
+    """The statistics' dtype: float32 (float64 for the reference backend's float64 x)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _stats(mean: Tensor, rstd: Tensor, norm: str, x: Tensor) -> None:
     rows = x.numel() // x.shape[-1]
     if norm == "layer":
-        _like(mean, "mean", x, (rows,), torch.float32)
+        _like(mean, "mean", x, (rows,), _stat_dtype(x))
     if norm != "none":
-        _like(rstd, "rstd", x, (rows,), torch.float32)
+        _like(rstd, "rstd", x, (rows,), _stat_dtype(x))
 
 
 def _eps(eps: float) -> None:
@@ -261,16 +266,33 @@ def add_layer_norm(*args, reference: bool = False):
     return a
 
 
-def layer_norm_backward(*args):
+def layer_norm_backward(*args, reference: bool = False):
     a = _bind("layer_norm_backward", args)
-    _input(a.x, False)
+    _input(a.x, reference)
     _norm(a.norm, False)
-    _like(a.grad_y, "grad_y", a.x, a.x.shape)
+    _input_activation(a.input_activation)
+    cols = _in_features(a.x, a.input_activation)
+    _like(a.grad_y, "grad_y", a.x, (*a.x.shape[:-1], cols))
     if a.grad_accum is not None:
+        if a.input_activation in GATED_ACTIVATIONS:
+            raise ValueError("grad_accum must be None for a gated input_activation")
         _like(a.grad_accum, "grad_accum", a.x, a.x.shape)
-    _norm_params(a.weight, a.bias, a.norm, a.x, "weight", "bias", a.x.shape[-1])
+    _norm_params(a.weight, a.bias, a.norm, a.x, "weight", "bias", cols)
     _stats(a.mean, a.rstd, a.norm, a.x)
+    if a.row_means is not None:
+        rows = a.x.numel() // a.x.shape[-1]
+        shape = (rows, 2 if a.norm == "layer" else 1)
+        _like(a.row_means, "row_means", a.x, shape, _stat_dtype(a.x))
     _output_mask(a.output_mask, 3)
+    return a
+
+
+def norm_stats(*args, reference: bool = False):
+    a = _bind("norm_stats", args)
+    _input(a.x, reference)
+    _norm(a.norm, False)
+    _input_activation(a.input_activation)
+    _in_features(a.x, a.input_activation)
     return a
 
 
@@ -293,13 +315,19 @@ def ln_linear(*args, reference: bool = False):
         _param(a.weight_scale, "weight_scale", x, 1)
     elif a.weight_scale is not None:
         raise ValueError(f"weight_scale must be None for quant={a.quant!r}")
+    if (a.mean is None) != (a.rstd is None):
+        raise ValueError("mean and rstd must be given together")
+    if a.rstd is not None:
+        if a.norm == "none" or a.quant != "none":
+            raise ValueError("mean and rstd need a norm (ln_weight given) and quant='none'")
+        _stats(a.mean, a.rstd, a.norm, x)
     return a
 
 
-def ln_linear_backward(*args):
-    a = _bind("ln_linear_backward", args)
+def ln_linear_backward(*args, op: str = "ln_linear_backward", reference: bool = False):
+    a = _bind(op, args)
     x = a.x
-    _ln_linear_common(a, False)
+    _ln_linear_common(a, reference)
     if a.quant in _OFFLINE:
         raise NotImplementedError(
             f"ln_linear: quant={a.quant!r} has no backward (inference only); train with"
@@ -311,7 +339,16 @@ def ln_linear_backward(*args):
     if a.activation != "none":
         _like(a.preact, "preact", x, out_shape)
     _dropout(a.seed, a.dropout_p, x)
-    _output_mask(a.output_mask, 5)
+    if op == "ln_linear_backward":
+        _output_mask(a.output_mask, 5)
+    return a
+
+
+def ln_linear_backward_partial(*args, reference: bool = False):
+    a = ln_linear_backward(*args, op="ln_linear_backward_partial", reference=reference)
+    if a.norm == "none" or a.quant != "none":
+        raise ValueError("ln_linear_backward_partial needs a norm and quant='none'")
+    _output_mask(a.output_mask, 3)
     return a
 
 

@@ -44,10 +44,17 @@ SCHEMAS = {
         '(Tensor x, Tensor? weight, Tensor? bias, float eps=1e-05, str norm="layer") '
         "-> (Tensor, Tensor, Tensor)"
     ),
+    # input_activation and row_means serve the sharded norm (magneto/parallel, docs/design.md's
+    # op contract): the norm of in_act(x), and dx from the row means of g and g·xhat over every
+    # shard ((rows, 2) float32 [mean(g), mean(g·xhat)]; (rows, 1) for RMSNorm).
     "layer_norm_backward": (
         "(Tensor grad_y, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd, "
-        "Tensor? grad_accum, str norm, bool[] output_mask) -> (Tensor, Tensor, Tensor)"
+        'Tensor? grad_accum, str norm, bool[] output_mask, str input_activation="none", '
+        "Tensor? row_means=None) -> (Tensor, Tensor, Tensor)"
     ),
+    # The sharded norm's first pass: this shard's (mean, M2) of in_act(x) per row, float32; for
+    # RMSNorm mean is empty and M2 the sum of squares.
+    "norm_stats": '(Tensor x, str norm="layer", str input_activation="none") -> (Tensor, Tensor)',
     "add_layer_norm": (
         "(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, float eps=1e-05, "
         'float alpha=1., str norm="layer") -> (Tensor, Tensor, Tensor, Tensor)'
@@ -56,14 +63,23 @@ SCHEMAS = {
         "(Tensor x, Tensor? ln_weight, Tensor? ln_bias, Tensor weight, Tensor? bias=None, "
         'Tensor? residual=None, Tensor? seed=None, float eps=1e-05, str norm="layer", '
         'str input_activation="none", str activation="none", float alpha=1., '
-        'float dropout_p=0., str quant="none", Tensor? weight_scale=None) '
-        "-> (Tensor, Tensor, Tensor, Tensor)"
+        'float dropout_p=0., str quant="none", Tensor? weight_scale=None, Tensor? mean=None, '
+        "Tensor? rstd=None) -> (Tensor, Tensor, Tensor, Tensor)"
     ),
     "ln_linear_backward": (
         "(Tensor grad_out, Tensor x, Tensor? ln_weight, Tensor? ln_bias, Tensor weight, "
         "Tensor mean, Tensor rstd, Tensor preact, Tensor? seed, str norm, str input_activation, "
         'str activation, float dropout_p, bool[] output_mask, str quant="none") '
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
+    # ln_linear_backward's first half for the sharded norm, its arguments: output_mask is (dh and
+    # row_sums, dweight, dbias); row_sums (rows, 2) float32 [Σg, Σg·xhat], g = dh·ln_weight,
+    # (rows, 1) [Σg·xhat] for RMSNorm, this shard's.
+    "ln_linear_backward_partial": (
+        "(Tensor grad_out, Tensor x, Tensor? ln_weight, Tensor? ln_bias, Tensor weight, "
+        "Tensor mean, Tensor rstd, Tensor preact, Tensor? seed, str norm, str input_activation, "
+        'str activation, float dropout_p, bool[] output_mask, str quant="none") '
+        "-> (Tensor, Tensor, Tensor, Tensor)"
     ),
     # Its backward is itself on the gradient with the same seed: no backward op.
     "dropout": "(Tensor x, Tensor seed, float p) -> Tensor",
@@ -165,6 +181,11 @@ def _layer_norm_backward_fake(*args):
     )
 
 
+def _norm_stats_fake(*args):
+    a = SIGNATURES["norm_stats"].bind(args)
+    return _stats(a.x, a.norm)  # (mean, M2): the rows' shapes whatever x's width
+
+
 def _add_layer_norm_fake(*args):
     a = SIGNATURES["add_layer_norm"].bind(args)
     return (a.x.new_empty(a.x.shape), a.x.new_empty(a.x.shape), *_stats(a.x, a.norm))
@@ -186,6 +207,20 @@ def _ln_linear_backward_fake(*args):
         _grad_like(a.ln_bias, mask[2], x),
         _grad_like(a.weight, mask[3], x),
         a.weight.new_empty((a.weight.shape[0],)) if mask[4] else x.new_empty((0,)),
+    )
+
+
+def _ln_linear_backward_partial_fake(*args):
+    a = SIGNATURES["ln_linear_backward_partial"].bind(args)
+    mask, x, rows = a.output_mask, a.x, _row_count(a.x)
+    in_features = a.weight.shape[1]
+    return (
+        x.new_empty((*x.shape[:-1], in_features)) if mask[0] else x.new_empty((0,)),
+        x.new_empty((rows, 2 if a.norm == "layer" else 1), dtype=torch.float32)
+        if mask[0]
+        else x.new_empty((0,)),
+        _grad_like(a.weight, mask[1], x),
+        a.weight.new_empty((a.weight.shape[0],)) if mask[2] else x.new_empty((0,)),
     )
 
 
@@ -218,9 +253,11 @@ def _ln_linear_group_backward_fake(*args):
 _FAKES = {
     "layer_norm": _layer_norm_fake,
     "layer_norm_backward": _layer_norm_backward_fake,
+    "norm_stats": _norm_stats_fake,
     "add_layer_norm": _add_layer_norm_fake,
     "ln_linear": _ln_linear_fake,
     "ln_linear_backward": _ln_linear_backward_fake,
+    "ln_linear_backward_partial": _ln_linear_backward_partial_fake,
     "dropout": _dropout_fake,
     "ln_linear_group": _ln_linear_group_fake,
     "ln_linear_group_backward": _ln_linear_group_backward_fake,

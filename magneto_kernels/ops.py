@@ -80,6 +80,8 @@ def _ln_linear_reference(*args):
         alpha=a.alpha,
         dropout_p=a.dropout_p,
         seed=a.seed,
+        mean=a.mean,
+        rstd=a.rstd,
     )
     return (out,)
 
@@ -258,6 +260,8 @@ def ln_linear(
         dropout_p,
         quant,
         weight_scale,
+        None,  # mean and rstd: the op's own (magneto/parallel gives the sharded norm's)
+        None,
     )
     try:
         return _entry("ln_linear", backend, x)(*args)[0]

@@ -185,15 +185,21 @@ def ln_linear(
     alpha: float = 1.0,
     dropout_p: float = 0.0,
     seed: Optional[Tensor] = None,
+    mean: Optional[Tensor] = None,
+    rstd: Optional[Tensor] = None,
 ) -> Tensor:
     """``alpha·residual + dropout(act(N(in_act(x)) @ weight.T + bias))``.
 
     ``N`` is skipped when ``ln_weight`` is None. The dropout mask is indexed over the output
-    viewed as (rows, out_features), rows being x's leading dimensions flattened.
+    viewed as (rows, out_features), rows being x's leading dimensions flattened. ``mean`` and
+    ``rstd`` (per row, the sharded norm's over every shard): N normalises with them instead of
+    x's own statistics.
     """
     a = apply_input_activation(x, input_activation)
     if ln_weight is None:
         h = a
+    elif rstd is not None:
+        h = normalize_with(a, ln_weight, ln_bias, mean, rstd, norm).to(weight.dtype)
     else:
         h = normalize(a, ln_weight, ln_bias, eps, norm).to(weight.dtype)
     y = apply_activation(F.linear(h, weight, bias), activation)
@@ -220,3 +226,115 @@ def ln_linear_group(
     with one normalised x (``N`` skipped when ``ln_weight`` is None)."""
     h = x if ln_weight is None else normalize(x, ln_weight, ln_bias, eps, norm).to(weights[0].dtype)
     return tuple(F.linear(h, w, b) for w, b in zip(weights, biases))
+
+
+# ----------------------------------------------------------------------------------------------
+# The sharded norm's entry points (magneto/parallel/functional.py): the norm's statistics and its
+# backward's two row sums are reduced over the shards of a row between these calls.
+
+
+def _per_row(t: Tensor, like: Tensor, dt: torch.dtype) -> Tensor:
+    """A (rows,) or (rows, k) statistic viewed with like's leading dimensions."""
+    return t.to(dt).reshape(*like.shape[:-1], -1)
+
+
+def normalize_with(
+    a: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    mean: Tensor,
+    rstd: Tensor,
+    norm: str,
+) -> Tensor:
+    """N(a) with the given per-row statistics (mean unused for RMSNorm), in the statistics
+    dtype."""
+    dt = _stat_dtype(a)
+    xc = a.to(dt) - _per_row(mean, a, dt) if norm == "layer" else a.to(dt)
+    y = xc * _per_row(rstd, a, dt)
+    y = y if weight is None else y * weight.to(dt)
+    return y if bias is None else y + bias.to(dt)
+
+
+def norm_stats(x: Tensor, norm: str = "layer", input_activation: str = "none"):
+    """This shard's (mean, M2) of each row of in_act(x) as float32 (rows,) (float64 for float64
+    x): M2 the sum of squared deviations from the shard's mean; for RMSNorm mean empty and M2
+    the sum of squares."""
+    a = apply_input_activation(x, input_activation)
+    dt = _stat_dtype(x)
+    af = a.to(dt).reshape(-1, a.shape[-1])
+    if norm == "rms":
+        return af.new_empty((0,)), af.square().sum(-1)
+    mean = af.mean(-1)
+    return mean, (af - mean.unsqueeze(-1)).square().sum(-1)
+
+
+def _empty(x: Tensor) -> Tensor:
+    return x.new_empty((0,))
+
+
+def ln_linear_backward_partial(
+    grad_out, x, ln_weight, ln_bias, weight, mean, rstd, preact, seed, norm, input_activation,
+    activation, dropout_p, output_mask, quant="none",
+):  # fmt: skip
+    """ln_linear's backward up to the norm's: (dh, row_sums, dweight, dbias), dh the gradient at
+    h = N(in_act(x)) (h recomputed from mean and rstd) and row_sums this shard's
+    [Σg, Σg·xhat] per row (g = dh·ln_weight; [Σg·xhat] for RMSNorm), in the statistics dtype."""
+    a = apply_input_activation(x, input_activation)
+    h = normalize_with(a, ln_weight, ln_bias, mean, rstd, norm).to(weight.dtype)
+    with torch.enable_grad():
+        p = (preact if activation != "none" else torch.zeros_like(grad_out)).detach()
+        p.requires_grad_()
+        y = dropout(apply_activation(p, activation), dropout_p, seed)
+        (dz,) = torch.autograd.grad(y, p, grad_out)
+    rows_dz, rows_h = dz.reshape(-1, dz.shape[-1]), h.reshape(-1, h.shape[-1])
+    dh = dz @ weight
+    dt = _stat_dtype(x)
+    xhat = normalize_with(a, None, None, mean, rstd, norm)
+    g = dh.to(dt) if ln_weight is None else dh.to(dt) * ln_weight.to(dt)
+    sums = [(g * xhat).sum(-1)] if norm == "rms" else [g.sum(-1), (g * xhat).sum(-1)]
+    row_sums = torch.stack(sums, -1).reshape(-1, len(sums)).float()
+    if dt == torch.float64:
+        row_sums = row_sums.double()
+    return (
+        dh if output_mask[0] else _empty(x),
+        row_sums if output_mask[0] else _empty(x),
+        (rows_dz.t() @ rows_h).to(weight.dtype) if output_mask[1] else _empty(x),
+        rows_dz.sum(0).to(weight.dtype) if output_mask[2] else _empty(x),
+    )
+
+
+def layer_norm_backward(
+    grad_y, x, weight, bias, mean, rstd, grad_accum, norm, output_mask,
+    input_activation="none", row_means=None,
+):  # fmt: skip
+    """(dx, dweight, dbias) of ``N(in_act(x))`` at grad_y, the statistics given:
+    ``da = rstd·(g − mean(g) − xhat·mean(g·xhat))`` with g = grad_y·weight, the two row means
+    (one for RMSNorm) x's own or, given as row_means ((rows, 2) [mean(g), mean(g·xhat)], (rows,
+    1) for RMSNorm), those over every shard of the row."""
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(input_activation != "none")
+        a = apply_input_activation(xg, input_activation)
+    dt = _stat_dtype(x)
+    xhat = normalize_with(a.detach(), None, None, mean, rstd, norm)
+    dy = grad_y.to(dt)
+    g = dy if weight is None else dy * weight.to(dt)
+    if row_means is None:
+        mean_g = g.mean(-1, keepdim=True)
+        mean_gxhat = (g * xhat).mean(-1, keepdim=True)
+    else:
+        means = _per_row(row_means, x, dt)
+        mean_g, mean_gxhat = means[..., :1], means[..., -1:]
+    if norm == "rms":
+        mean_g = torch.zeros_like(mean_g)
+    da = _per_row(rstd, x, dt) * (g - mean_g - xhat * mean_gxhat)
+    dx = da if input_activation == "none" else torch.autograd.grad(a, xg, da.to(a.dtype))[0]
+    if grad_accum is not None:
+        dx = dx + grad_accum.to(dt)
+    rows = tuple(range(x.dim() - 1))
+    return (
+        dx.to(x.dtype) if output_mask[0] else _empty(x),
+        (dy * xhat).sum(rows).to(weight.dtype)
+        if output_mask[1] and weight is not None
+        else _empty(x),
+        dy.sum(rows).to(bias.dtype) if output_mask[2] and bias is not None else _empty(x),
+    )

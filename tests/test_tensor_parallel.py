@@ -10,7 +10,8 @@ compare that with the same model run here in one process.
 - ``tensor_parallelize``: Encoder, Decoder, EncoderDecoder (every norm scheme, LayerNorm and
   RMSNorm) and BEiT3, outputs and every parameter's gradient; greedy decoding with the KV cache
   gives the one-process tokens; the collectives of a layer (``communication_log``) are the ones
-  docs/design.md counts, and a sharded fc2 keeps only its input and the row statistics;
+  docs/design.md counts, and a sharded fc2 keeps only its input and the row statistics and
+  runs each of the op family's sharded-norm entry points once (the norm fused with it);
 - vocabulary-parallel embedding, output projection (tied or not), loss and greedy argmax;
 - a 2-D mesh (FSDP2 over 2 data-parallel ranks × 2 tensor-parallel ranks): one training step's
   gradients and updated parameters;
@@ -260,6 +261,23 @@ def _fsdp_checkpoint(directory):
     return outputs
 
 
+_SHARDED_NORM_OPS = ("norm_stats", "ln_linear", "ln_linear_backward_partial", "layer_norm_backward")
+
+
+def _fused_calls_of_fc2():
+    """How many times a sharded fc2's forward and backward ran each of the op family's
+    sharded-norm entry points (torch.profiler's op events)."""
+    ffn = tensor_parallelize(_model("decoder", "subln", "layer"), dist.group.WORLD).layers[0].ffn
+    preact = torch.randn(2, 7, ffn.fc2.in_features, requires_grad=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = magneto.fusion.project(
+            "fc2", preact, ffn.fc2, ffn.ffn_layernorm, input_activation="gelu"
+        )
+        out.sum().backward()
+    names = [event.name for event in prof.events()]
+    return {op: names.count(f"magneto::{op}_native") for op in _SHARDED_NORM_OPS}
+
+
 def _rank(rank, world, out_dir):
     results = {("norm", *case): _norm_case(*case, rank, world) for case in NORM_CASES}
     for case in MODEL_CASES:
@@ -271,6 +289,7 @@ def _rank(rank, world, out_dir):
         results["two_d"] = _two_d_step()
         results["fsdp_checkpoint"] = _fsdp_checkpoint(os.path.join(out_dir, "fsdp_checkpoint"))
     results["checkpoint"] = _checkpoint(world, os.path.join(out_dir, "checkpoint"))
+    results["fused_calls_of_fc2"] = _fused_calls_of_fc2()
     return results
 
 
@@ -407,9 +426,18 @@ def test_vocab_parallel_loss_matches_one_process(_runs, world, tied):
 @pytest.mark.parametrize("world", WORLDS)
 def test_row_parallel_projection_keeps_what_the_fused_op_keeps(_runs, world):
     """A sharded fc2 keeps its input (fc1's pre-activation, this rank's columns) and the row
-    statistics, as the fused op does: the activation and the normalised rows are recomputed."""
+    statistics (per row, as the ops take them), as the fused op does: the activation and the
+    normalised rows are recomputed."""
     for results in _runs[world]:
-        assert results["saved_by_fc2"] == sorted([(2, 7, FFN // world), (2, 7), (2, 7)])
+        assert results["saved_by_fc2"] == sorted([(2, 7, FFN // world), (2 * 7,), (2 * 7,)])
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_row_parallel_projection_runs_the_fused_entry_points(_runs, world):
+    """A sharded fc2 (forward and backward) is one call of each sharded-norm entry point: the
+    norm stays fused with the projection (an unfused fallback would call none of the others)."""
+    for results in _runs[world]:
+        assert results["fused_calls_of_fc2"] == dict.fromkeys(_SHARDED_NORM_OPS, 1)
 
 
 def test_fsdp2_times_tensor_parallel_step_matches_one_process(_runs):

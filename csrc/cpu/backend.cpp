@@ -59,8 +59,10 @@ struct ParamF32 {
 };
 
 // The norm backward (args.dy defined) into grads, and/or the recompute of h = N(in_act(x)) from
-// the saved statistics (h defined), in one sweep over x.
-void norm_backward_and_h(const NormBackwardArgs& args, const NormGrads& grads, const Tensor& h) {
+// the saved statistics (h defined), in one sweep over x; row_sums (defined): the sharded norm's
+// partial row sums (kernels.h, NormBackward).
+void norm_backward_and_h(const NormBackwardArgs& args, const NormGrads& grads, const Tensor& h,
+                         const Tensor& row_sums = Tensor()) {
   const Tensor& x = args.x;
   const ParamF32 g(args.gamma), b(args.beta);
   const Tensor dgamma32 = grads.dgamma.numel() > 0 ? grad_f32(grads.dgamma) : Tensor();
@@ -95,6 +97,8 @@ void norm_backward_and_h(const NormBackwardArgs& args, const NormGrads& grads, c
     a.h = h.data_ptr();
     a.h_stride = a.cols;
   }
+  a.row_sums = opt_float_ptr(row_sums);
+  a.row_means = args.row_means.has_value() ? args.row_means->data_ptr<float>() : nullptr;
   RECORD_FUNCTION(kNormBackwardPass, {});
   norm_backward(a);
   if (dgamma32.defined()) copy_back(grads.dgamma, dgamma32);
@@ -159,9 +163,17 @@ uint64_t seed_value(const OptTensor& seed, double p) {
   return p > 0.0 ? static_cast<uint64_t>(seed->item<int64_t>()) : 0;
 }
 
-// ln_linear's prologue h = N(in_act(x)) for rows of x, into h, with their statistics.
+// ln_linear's prologue h = N(in_act(x)) for rows of x, into h, with their statistics; with
+// given statistics (mean and rstd hold them), the normalisation by those, as the backward's
+// recompute of h.
 void prologue(const LnLinearArgs& a, const Tensor& x, const Tensor& h, const Tensor& mean,
               const Tensor& rstd) {
+  if (a.given_rstd.has_value()) {
+    norm_backward_and_h({Tensor(), x, a.ln_weight, a.ln_bias, mean, rstd, std::nullopt, a.norm,
+                         a.input_activation},
+                        {empty0(x), empty0(x), empty0(x)}, h);
+    return;
+  }
   Kernels::norm_forward({x, std::nullopt, 1.0, a.ln_weight, a.ln_bias, a.eps, a.norm,
                          a.input_activation},
                         {h, Tensor(), mean, rstd});
@@ -250,14 +262,17 @@ void Kernels::norm_forward(const NormArgs& args, const NormOutputs& out) {
   a.gamma = g.ptr();
   a.beta = b.ptr();
   a.eps = static_cast<float>(args.eps);
-  a.y = out.y.data_ptr();
-  a.y_stride = a.cols;
+  if (out.y.defined()) {
+    a.y = out.y.data_ptr();
+    a.y_stride = a.cols;
+  }
   if (out.sum.defined()) {
     a.sum = out.sum.data_ptr();
     a.sum_stride = a.cols;
   }
   a.mean = opt_float_ptr(out.mean);
   a.rstd = opt_float_ptr(out.rstd);
+  a.m2 = opt_float_ptr(out.m2);
   RECORD_FUNCTION(kNormForwardPass, {});
   cpu::norm_forward(a);
 }
@@ -411,18 +426,21 @@ void Kernels::ln_linear_backward(const LnLinearBackwardArgs& a, LnLinearGrads& g
   const bool identity_prologue =
       a.norm == Norm::kNone && a.input_activation == Activation::kNone;
   const bool want_dx = grads.dx.numel() > 0;
+  // ln_linear_backward_partial: dh and the row sums (into grads.dh, grads.row_sums) stand for
+  // the norm's gradients.
+  const bool partial = grads.dh.defined() && grads.dh.numel() > 0;
   const bool want_norm_grads =
-      want_dx || grads.dln_weight.numel() > 0 || grads.dln_bias.numel() > 0;
+      want_dx || grads.dln_weight.numel() > 0 || grads.dln_bias.numel() > 0 || partial;
   const bool want_dweight = grads.dweight.numel() > 0;
   const bool dh_in_dx = want_dx && !is_gated(a.input_activation);
-  const bool dh_buffer = want_norm_grads && !dh_in_dx;
+  const bool dh_buffer = want_norm_grads && !dh_in_dx && !partial;
   const bool h_buffer = want_dweight && !identity_prologue;
   const BackwardBuffers buffer(x, rows, in_features, int64_t{dh_buffer} + int64_t{h_buffer});
   // Straight-through (online quant): the linear's gradients at the fake-quantised operands.
   const bool online = a.quant == Quant::kBitnetOnline;
   Tensor dh;
   if (want_norm_grads) {
-    dh = dh_in_dx ? grads.dx : buffer(0);
+    dh = partial ? grads.dh : dh_in_dx ? grads.dx : buffer(0);
     gemm::matmul(gemm::Role::kInputGrad, dz, online ? fake_quant_weight(a.weight) : a.weight, dh,
                  /*accumulate=*/false);
   }
@@ -434,7 +452,7 @@ void Kernels::ln_linear_backward(const LnLinearBackwardArgs& a, LnLinearGrads& g
     norm_backward_and_h({dh, x, a.ln_weight, a.ln_bias, a.mean, a.rstd, std::nullopt, a.norm,
                          a.input_activation},
                         {grads.dx, grads.dln_weight, grads.dln_bias},
-                        identity_prologue ? Tensor() : h);
+                        identity_prologue ? Tensor() : h, partial ? grads.row_sums : Tensor());
   }
   if (want_dweight && online) h = fake_quant_rows(h, !identity_prologue);
   if (want_dweight) {

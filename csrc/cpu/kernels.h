@@ -37,12 +37,13 @@ struct NormForward {
   const float* gamma = nullptr;
   const float* beta = nullptr;
   float eps = 1e-5f;
-  void* y = nullptr;
+  void* y = nullptr;  // null: the statistics alone (norm_stats)
   int64_t y_stride = 0;
   void* sum = nullptr;
   int64_t sum_stride = 0;
   float* mean = nullptr;
   float* rstd = nullptr;
+  float* m2 = nullptr;  // the row's Σ(a − mean)² (Σa² for RMSNorm), the sharded norm's partial
 };
 void norm_forward(const NormForward& args);
 
@@ -82,6 +83,11 @@ struct NormBackward {
   float* dbeta = nullptr;
   void* h = nullptr;
   int64_t h_stride = 0;
+  // The sharded norm (2 per row [Σg, Σg⊙xhat], 1 for RMSNorm [Σg⊙xhat]): row_sums,
+  // this row's sums, written; row_means, the means over the whole row (every shard), read for dx
+  // instead of this row's own.
+  float* row_sums = nullptr;
+  const float* row_means = nullptr;
 };
 void norm_backward(const NormBackward& args);
 

@@ -127,11 +127,19 @@ void norm_backward_typed(const NormBackward& a) {
         sweep1(No{}, Yes{});
       }
       if (h != nullptr) store_row(h, h_row, n);
+      const int64_t sums = layer ? 2 : 1;
+      if (a.row_sums != nullptr) {
+        if (layer) a.row_sums[i * sums] = hsum(sum_g);
+        a.row_sums[i * sums + sums - 1] = hsum(sum_gxhat);
+      }
       if (!want_dx) continue;
 
       const float inv_n = 1.0f / static_cast<float>(n);
-      const Vec mean_g(layer ? hsum(sum_g) * inv_n : 0.0f);
-      const Vec mean_gxhat(none ? 0.0f : hsum(sum_gxhat) * inv_n);
+      const float* means = a.row_means == nullptr ? nullptr : a.row_means + i * sums;
+      const Vec mean_g(!layer ? 0.0f : means != nullptr ? means[0] : hsum(sum_g) * inv_n);
+      const Vec mean_gxhat(none                ? 0.0f
+                           : means != nullptr ? means[sums - 1]
+                                              : hsum(sum_gxhat) * inv_n);
       const float* acc = a.grad_accum == nullptr
           ? nullptr
           : load_row(static_cast<const T*>(a.grad_accum) + i * a.grad_accum_stride, acc_buf, n);

@@ -19,7 +19,7 @@ namespace {
 // in fp32 lanes is not: docs/design.md, Decisions). `shifted_sum` is Σ(v − v[0]) when the
 // caller has it (NaN: not known).
 inline void row_stats(Norm norm, const float* v, int64_t n, float eps, float shifted_sum,
-                      float& mean, float& rstd) {
+                      float& mean, float& rstd, float* m2 = nullptr) {
   mean = 0.0f;
   rstd = 1.0f;
   if (norm == Norm::kNone) return;
@@ -42,7 +42,9 @@ inline void row_stats(Norm norm, const float* v, int64_t n, float eps, float shi
     const Vec d = Vec::set(Vec(0.0f), Vec::loadu(v + j, c) - m, c);
     acc = at::vec::fmadd(d, d, acc);
   });
-  rstd = 1.0f / std::sqrt(std::max(hsum(acc) * inv_n, 0.0f) + eps);
+  const float squares = hsum(acc);
+  if (m2 != nullptr) *m2 = squares;
+  rstd = 1.0f / std::sqrt(std::max(squares * inv_n, 0.0f) + eps);
 }
 
 // Gated (IA then the gate's activation, never kNone): a row of x is [gate | up], 2n wide, and
@@ -55,7 +57,9 @@ void norm_forward_typed(const NormForward& a) {
   const RowPrefetch residual_ahead = a.residual == nullptr
       ? RowPrefetch()
       : RowPrefetch(static_cast<const T*>(a.residual), a.residual_stride, a.rows, n);
-  const RowPrefetch y_ahead(static_cast<const T*>(a.y), a.y_stride, a.rows, n);
+  const RowPrefetch y_ahead = a.y == nullptr
+      ? RowPrefetch()
+      : RowPrefetch(static_cast<const T*>(a.y), a.y_stride, a.rows, n);
   const RowPrefetch sum_ahead = a.sum == nullptr
       ? RowPrefetch()
       : RowPrefetch(static_cast<const T*>(a.sum), a.sum_stride, a.rows, n);
@@ -119,9 +123,11 @@ void norm_forward_typed(const NormForward& a) {
         v = v_buf;
       }
       float mean, rstd;
-      row_stats(a.norm, v, n, a.eps, shifted_sum, mean, rstd);
+      row_stats(a.norm, v, n, a.eps, shifted_sum, mean, rstd,
+                a.m2 == nullptr ? nullptr : a.m2 + i);
       if (a.mean != nullptr && a.norm == Norm::kLayer) a.mean[i] = mean;
       if (a.rstd != nullptr && a.norm != Norm::kNone) a.rstd[i] = rstd;
+      if (a.y == nullptr) continue;
 
       T* y_row = static_cast<T*>(a.y) + i * a.y_stride;
       float* y = dest_row(y_row, y_buf);

@@ -87,8 +87,11 @@ void norm_forward_with(const NormArgs& args, const NormOutputs& out,
   p.beta = opt_ptr(params.beta);
   p.saved_mean = static_cast<const float*>(opt_ptr(saved_mean));
   p.saved_rstd = static_cast<const float*>(opt_ptr(saved_rstd));
-  p.y = out.y.data_ptr();
-  p.y_stride = cols;
+  if (out.y.defined()) {
+    p.y = out.y.data_ptr();
+    p.y_stride = cols;
+  }
+  p.m2 = opt_float_ptr(out.m2);
   if (out.sum.defined()) {
     p.sum = out.sum.data_ptr();
     p.sum_stride = cols;
@@ -205,7 +208,11 @@ void Kernels::norm_forward(const NormArgs& args, const NormOutputs& out) {
   norm_forward_with(args, out);
 }
 
-void Kernels::norm_backward(const NormBackwardArgs& args, const NormGrads& grads) {
+namespace {
+
+// The norm backward; row_sums (defined): the sharded norm's row sums (kernels.h).
+void norm_backward_with(const NormBackwardArgs& args, const NormGrads& grads,
+                        const Tensor& row_sums = Tensor()) {
   const Tensor& x = args.x;
   const DeviceGuard guard(x.device());
   const NormParams params(args.gamma, args.beta, x);
@@ -230,6 +237,8 @@ void Kernels::norm_backward(const NormBackwardArgs& args, const NormGrads& grads
   }
   p.dgamma = dgamma_buf.numel() > 0 ? dgamma_buf.data_ptr() : nullptr;
   p.dbeta = dbeta_buf.numel() > 0 ? dbeta_buf.data_ptr() : nullptr;
+  p.row_sums = opt_float_ptr(row_sums);
+  p.row_means = args.row_means.has_value() ? args.row_means->data_ptr<float>() : nullptr;
   p.rows = x.size(0);
   p.cols = cols;
   p.norm = args.norm;
@@ -248,6 +257,12 @@ void Kernels::norm_backward(const NormBackwardArgs& args, const NormGrads& grads
   if (!dbeta_buf.is_same(grads.dbeta)) grads.dbeta.copy_(dbeta_buf);
 }
 
+}  // namespace
+
+void Kernels::norm_backward(const NormBackwardArgs& args, const NormGrads& grads) {
+  norm_backward_with(args, grads);
+}
+
 void Kernels::ln_linear(const LnLinearArgs& a, LnLinearOutputs& out) {
   const Tensor& x = a.x;
   const DeviceGuard guard(x.device());
@@ -262,9 +277,12 @@ void Kernels::ln_linear(const LnLinearArgs& a, LnLinearOutputs& out) {
                          out.rstd, /*saved=*/false);
   } else if (a.norm != Norm::kNone || a.input_activation != Activation::kNone) {
     h = new_h(x, a.weight);
+    // Given statistics (the sharded norm's) normalise as the backward's recompute of h does.
+    const bool given = a.given_rstd.has_value();
     norm_forward_with({x, std::nullopt, 1.0, a.ln_weight, a.ln_bias, a.eps, a.norm,
                        a.input_activation},
-                      {h, Tensor(), out.mean, out.rstd});
+                      {h, Tensor(), given ? Tensor() : out.mean, given ? Tensor() : out.rstd},
+                      given ? out.mean : Tensor(), given ? out.rstd : Tensor());
   }
   const Tensor wt = (online ? fake_quant_weight_of(a.weight) : a.weight).t();
   if (a.activation == Activation::kNone && a.dropout_p == 0.0 && !a.residual.has_value()) {
@@ -342,19 +360,23 @@ void Kernels::ln_linear_backward(const LnLinearBackwardArgs& a, LnLinearGrads& g
   const bool identity_prologue =
       a.norm == Norm::kNone && a.input_activation == Activation::kNone;
   const bool want_dx = grads.dx.numel() > 0;
+  // ln_linear_backward_partial: dh and the row sums (grads.dh, grads.row_sums) instead of the
+  // norm's gradients.
+  const bool partial = grads.dh.defined() && grads.dh.numel() > 0;
   const bool want_norm_grads =
-      want_dx || grads.dln_weight.numel() > 0 || grads.dln_bias.numel() > 0;
+      want_dx || grads.dln_weight.numel() > 0 || grads.dln_bias.numel() > 0 || partial;
   // Straight-through (online quant): the linear's gradients at the fake-quantised operands.
   const bool online = a.quant == Quant::kBitnetOnline;
   if (want_norm_grads) {
-    Tensor dh = at::mm(dz, online ? fake_quant_weight_of(a.weight) : a.weight);
+    const Tensor w = online ? fake_quant_weight_of(a.weight) : a.weight;
+    Tensor dh = partial ? at::mm_out(grads.dh, dz, w) : at::mm(dz, w);
     if (identity_prologue) {
       grads.dx = dh;
     } else {
-      Kernels::norm_backward(
-          {dh, x, a.ln_weight, a.ln_bias, a.mean, a.rstd, std::nullopt, a.norm,
-           a.input_activation},
-          {grads.dx, grads.dln_weight, grads.dln_bias});
+      norm_backward_with({dh, x, a.ln_weight, a.ln_bias, a.mean, a.rstd, std::nullopt, a.norm,
+                          a.input_activation},
+                         {grads.dx, grads.dln_weight, grads.dln_bias},
+                         partial ? grads.row_sums : Tensor());
     }
   }
   if (grads.dweight.numel() > 0) {

@@ -78,6 +78,9 @@ struct NormForwardParams {
   int64_t sum_stride = 0;
   float* mean = nullptr;  // (rows,) written when non-null (kLayer)
   float* rstd = nullptr;  // (rows,) written when non-null (kLayer, kRms)
+  // (rows,) the row's sum of squared deviations (of squares for kRms), written when non-null:
+  // norm_stats, the sharded norm's partials (y may then be null)
+  float* m2 = nullptr;
   int64_t rows = 0;
   int64_t cols = 0;
   float eps = 1e-5f;
@@ -120,6 +123,11 @@ struct NormBackwardParams {
   void* dbeta = nullptr;   // (cols,) param_dtype; kLayer only
   void* workspace = nullptr;
   size_t workspace_bytes = 0;
+  // The sharded norm (2 floats a row, [sum or mean of g, of g*xhat]; 1 for kRms, [of g*xhat]):
+  // row_sums, this row's sums, written; row_means, the whole row's (every shard), used for dx
+  // instead of this row's own.
+  float* row_sums = nullptr;
+  const float* row_means = nullptr;
   int64_t rows = 0;
   int64_t cols = 0;
   Norm norm = Norm::kLayer;

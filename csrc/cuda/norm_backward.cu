@@ -116,6 +116,22 @@ __device__ __forceinline__ void store_dx_gated(const NormBackwardParams& p, int6
   store_vec<T, VEC>(dx + p.cols, valid, vec_ok, d);
 }
 
+// The sharded norm: this row's sums (sums.x of g, sums.y of g*xhat) to p.row_sums by the
+// `writer` thread, and the whole row's means from p.row_means in place of the row's own.
+__device__ __forceinline__ void sharded_row_sums(const NormBackwardParams& p, int64_t row,
+                                                 bool layer, bool writer, float2 sums,
+                                                 float& mean_g, float& mean_gxhat) {
+  const int64_t k = layer ? 2 : 1;
+  if (writer && p.row_sums != nullptr) {
+    if (layer) p.row_sums[row * k] = sums.x;
+    p.row_sums[row * k + k - 1] = sums.y;
+  }
+  if (p.row_means != nullptr) {
+    if (layer) mean_g = p.row_means[row * k];
+    mean_gxhat = p.row_means[row * k + k - 1];
+  }
+}
+
 // Writes this block's partial row of `dst` ([gridDim.x, cols]) from the per-thread accumulators,
 // first adding up the row groups of the block in shared memory (fixed order). Block-uniform.
 template <int NV, int VEC>
@@ -223,6 +239,7 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow)
       const float2 sums = group_sum2(sg, sgx, tpr, red[parity]);
       mean_g = layer ? sums.x * inv_cols : 0.0f;
       mean_gxhat = sums.y * inv_cols;
+      if (active) sharded_row_sums(p, row, layer, lane == 0, sums, mean_g, mean_gxhat);
     }
     if (p.dx != nullptr && active) {
 #pragma unroll
@@ -285,7 +302,9 @@ __global__ void __launch_bounds__(kWideThreads) norm_backward_wide_dx(const Norm
     const float2 sums = group_sum2(sg, sgx, blockDim.x, red);
     mean_g = layer ? sums.x / static_cast<float>(cols) : 0.0f;
     mean_gxhat = sums.y / static_cast<float>(cols);
+    sharded_row_sums(p, row, layer, threadIdx.x == 0, sums, mean_g, mean_gxhat);
   }
+  if (p.dx == nullptr) return;  // the row sums alone
   for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
     const int c0 = v * VEC;
     float x[VEC], dy[VEC];
@@ -416,7 +435,7 @@ void launch(const NormBackwardParams& p, const Plan& plan, bool vec_ok, float* d
             float* dbeta_part, cudaStream_t stream) {
   if (p.rows == 0) return;
   if (plan.nv == 0) {
-    if (p.dx != nullptr)
+    if (p.dx != nullptr || p.row_sums != nullptr)
       launch_kernel(norm_backward_wide_dx<T, is_gated(ACT)>, static_cast<unsigned>(p.rows),
                     kWideThreads, 0, stream)(p, vec_ok);
     if (dgamma_part != nullptr || dbeta_part != nullptr)

@@ -121,15 +121,17 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow)
           const float d = a[j][i] - mean;
           if ((j * tpr + lane) * VEC + i < cols) q += d * d;
         }
-      rstd = rsqrtf(group_sum2(q, 0.0f, tpr, red[1]).x / static_cast<float>(cols) + p.eps);
+      const float m2 = group_sum2(q, 0.0f, tpr, red[1]).x;
+      rstd = rsqrtf(m2 / static_cast<float>(cols) + p.eps);
       if (active && lane == 0) {
         if (layer && p.mean != nullptr) p.mean[row] = mean;
         if (p.rstd != nullptr) p.rstd[row] = rstd;
+        if (p.m2 != nullptr) p.m2[row] = m2;
       }
     }
   }
 
-  if (active) {
+  if (active && p.y != nullptr) {
 #pragma unroll
     for (int j = 0; j < NV; ++j) {
       const int c0 = (j * tpr + lane) * VEC;
@@ -208,9 +210,11 @@ __global__ void __launch_bounds__(kWideThreads)
       if (threadIdx.x == 0) {
         if (layer && p.mean != nullptr) p.mean[row] = mean;
         if (p.rstd != nullptr) p.rstd[row] = rstd;
+        if (p.m2 != nullptr) p.m2[row] = total.m2;
       }
     }
   }
+  if (p.y == nullptr) return;
   // Pass 2: recompute a (bitwise as in pass 1) and normalise.
   for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
     const int c0 = v * VEC;
@@ -272,11 +276,13 @@ Status validate(const NormForwardParams& p) {
     return "magneto cuda norm_forward: unknown norm code";
   // An empty tensor has a null data pointer (zero-row batches): only non-empty x and y are
   // required.
-  if (p.rows > 0 && p.cols > 0 && (p.x == nullptr || p.y == nullptr))
-    return "magneto cuda norm_forward: x and y are required";
+  if (p.rows > 0 && p.cols > 0 && (p.x == nullptr || (p.y == nullptr && p.m2 == nullptr)))
+    return "magneto cuda norm_forward: x and y (or m2) are required";
+  if (p.m2 != nullptr && (p.norm == Norm::kNone || p.saved_rstd != nullptr))
+    return "magneto cuda norm_forward: m2 needs a norm and no saved statistics";
   const bool gated = is_gated(p.input_activation);
   if (p.x_stride < (gated ? 2 * p.cols : p.cols) || (p.residual && p.residual_stride < p.cols) ||
-      p.y_stride < p.cols || (p.sum && p.sum_stride < p.cols))
+      (p.y && p.y_stride < p.cols) || (p.sum && p.sum_stride < p.cols))
     return "magneto cuda norm_forward: a row stride is smaller than cols";
   if (p.norm == Norm::kNone && (p.gamma || p.beta || p.mean || p.rstd || p.saved_rstd))
     return "magneto cuda norm_forward: norm kNone takes no gamma, beta or statistics";

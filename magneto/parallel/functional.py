@@ -14,6 +14,13 @@ Sharded norm, per row of x (k features on this rank, n = k·world in all):
 - backward: with g = dy·weight and xhat the normalised input, ``dx = rstd·(g − mean(g) −
   xhat·mean(g·xhat))``: the two row sums (one for RMSNorm, which has no mean) are all-reduced;
   dweight and dbias stay local to the shard.
+
+The row-parallel projection after such a norm stays fused with it through the op families'
+sharded-norm entry points (docs/design.md, The op contract): ``norm_stats`` (this shard's
+partials), ``ln_linear`` with the reduced (mean, rstd) given; backward
+``ln_linear_backward_partial`` (dweight, dh and this shard's row sums), the all-reduce, then
+``layer_norm_backward`` with the reduced row means (dx, dgamma, dbeta). Nothing normalised is
+written in full.
 """
 
 from __future__ import annotations
@@ -27,6 +34,10 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 import magneto_kernels
+from magneto_kernels import checks, reference
+from magneto_kernels.backends import FAMILY, resolve_backend
+from magneto_kernels.codes import canonical_activation
+from magneto_kernels.library import get_op
 
 _LOGS: list[list[tuple[str, int]]] = []
 
@@ -183,35 +194,80 @@ class _ShardedNorm(torch.autograd.Function):
         return dx, dweight, dbias, None, None, None
 
 
+def _entry_points(backend: str):
+    """(norm_stats, ln_linear, ln_linear_backward_partial, layer_norm_backward) of backend's
+    family, each taking its op's arguments in schema order: the reference functions (checked as
+    ops.py checks them) or the family's torch.library ops."""
+    if backend == "reference":
+        return (
+            lambda *a: reference.norm_stats(*checks.norm_stats(*a, reference=True)),
+            lambda *a: magneto_kernels.ops._ln_linear_reference(*a)[0],
+            lambda *a: reference.ln_linear_backward_partial(
+                *checks.ln_linear_backward_partial(*a, reference=True)
+            ),
+            lambda *a: reference.layer_norm_backward(
+                *checks.layer_norm_backward(*a, reference=True)
+            ),
+        )
+    family = FAMILY[backend]
+    names = ("norm_stats", "ln_linear", "ln_linear_backward_partial", "layer_norm_backward")
+    ops = [get_op(name, family) for name in names]
+    return ops[0], lambda *a: ops[1](*a)[0], ops[2], ops[3]
+
+
+def _reduced_stats(local_mean, local_m2, count, eps, norm, group):
+    """(mean, rstd) of rows split over ``group`` from each rank's (mean, M2) of its ``count``
+    features: an all-gather and Chan's combine (LayerNorm), or an all-reduce of the sums of
+    squares (RMSNorm; mean stays empty)."""
+    if norm == "layer":
+        gathered = _all_gather(torch.stack([local_mean, local_m2]), group)
+        mean, m2 = chan_combine(gathered[:, 0], gathered[:, 1], count)
+    else:
+        mean, m2 = local_mean, local_m2.contiguous()
+        _all_reduce(m2, group)
+    return mean, torch.rsqrt(m2 / (count * dist.get_world_size(group)) + eps)
+
+
 class _RowParallelNormLinear(torch.autograd.Function):
     """``N(in_act(x)) @ weight^T`` with N over every rank's features (this rank's partial
-    product), saving x and the row statistics only, as the fused op does: the activation and
-    the normalised rows are recomputed in backward instead of kept."""
+    product), through the family's sharded-norm entry points: the statistics' partials, one
+    collective, the fused op on the reduced statistics; backward the op's first half, one
+    all-reduce of the row sums, the norm's backward. Saves x, the weights and the row
+    statistics."""
 
     @staticmethod
     def forward(ctx, x, ln_weight, ln_bias, weight, eps, norm, input_activation, group, backend):
-        a = x if input_activation is None else magneto_kernels.activation(x, input_activation)
-        h, mean, rstd = _norm_forward(a, ln_weight, ln_bias, eps, norm, group)
+        act = canonical_activation(input_activation)
+        norm_stats, ln_linear, _, _ = ctx.entry_points = _entry_points(backend)
+        local_mean, local_m2 = norm_stats(x, norm, act)
+        count = weight.shape[1]
+        mean, rstd = _reduced_stats(local_mean, local_m2, count, eps, norm, group)
         ctx.save_for_backward(x, ln_weight, ln_bias, weight, mean, rstd)
-        ctx.group, ctx.input_activation = group, input_activation
-        return magneto_kernels.ln_linear(h, None, None, weight, backend=backend)
+        ctx.group, ctx.norm, ctx.input_activation, ctx.count = group, norm, act, count
+        return ln_linear(
+            x, ln_weight, ln_bias, weight, None, None, None, eps, norm, act, "none", 1.0, 0.0,
+            "none", None, mean, rstd,
+        )  # fmt: skip
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
         x, ln_weight, ln_bias, weight, mean, rstd = ctx.saved_tensors
-        act = ctx.input_activation
-        with torch.enable_grad():
-            xg = x.detach().requires_grad_(act is not None)
-            a = xg if act is None else magneto_kernels.activation(xg, act)
-        h = _normalize(a.detach(), ln_weight, ln_bias, mean, rstd)
-        dweight = (dout.flatten(0, -2).t() @ h.flatten(0, -2)).to(weight.dtype)
-        dh = (dout @ weight).to(x.dtype)
-        da, dln_weight, dln_bias = _norm_backward(
-            a.detach(), ln_weight, mean, rstd, dh, ctx.group, ln_bias is not None
-        )
-        dx = da if act is None else torch.autograd.grad(a, xg, da)[0]
-        return dx, dln_weight, dln_bias, dweight, None, None, None, None, None
+        _, _, backward_partial, norm_backward = ctx.entry_points
+        need = ctx.needs_input_grad
+        dh, row_sums, dweight, _ = backward_partial(
+            dout.contiguous(), x, ln_weight, ln_bias, weight, mean, rstd, x.new_empty((0,)),
+            None, ctx.norm, ctx.input_activation, "none", 0.0, [True, need[3], False], "none",
+        )  # fmt: skip
+        _all_reduce(row_sums, ctx.group)
+        row_means = row_sums / (ctx.count * dist.get_world_size(ctx.group))
+        dx, dln_weight, dln_bias = norm_backward(
+            dh, x, ln_weight, ln_bias, mean, rstd, None, ctx.norm, [need[0], need[1], need[2]],
+            ctx.input_activation, row_means,
+        )  # fmt: skip
+        grads = (dx, dln_weight, dln_bias, dweight)
+        grads = tuple(g if wanted else None for g, wanted in zip(grads, need))
+        return (*grads, None, None, None, None, None)
 
 
 def row_parallel_norm_linear(
@@ -229,8 +285,9 @@ def row_parallel_norm_linear(
     over features split across ``group`` (as ``sharded_norm``); x, weight and the row statistics
     are all it keeps for backward."""
     return _RowParallelNormLinear.apply(
-        x, ln_weight, ln_bias, weight, float(eps), norm, input_activation, group, backend
-    )
+        x, ln_weight, ln_bias, weight, float(eps), norm, input_activation, group,
+        resolve_backend(backend, x),
+    )  # fmt: skip
 
 
 def sharded_norm(

@@ -32,6 +32,7 @@ from magneto_kernels.triton import ln_linear as _ln_linear
 from magneto_kernels.triton import norm as _norm
 from magneto_kernels.triton import quant as _quant
 from magneto_kernels.triton.common import INTERPRET  # noqa: F401  (read by backends.py)
+from magneto_kernels.triton.common import new_buffer as _new_buffer
 
 # The op boundary: each op checks its arguments (checks.py, as the native family's ops do in
 # C++), then gives the kernels contiguous tensors, x and the tensors row-for-row with it as
@@ -70,9 +71,12 @@ def _layer_norm_op(*args):
     return _like(y, a.x), mean, rstd
 
 
+_SHARDED_ARGS = ("input_activation", "row_means")  # layer_norm_backward's last arguments
+
+
 def _layer_norm_backward_op(*args):
     a = checks.layer_norm_backward(*args)
-    dx, dweight, dbias = _norm.layer_norm_backward(
+    dx, dweight, dbias = _norm.norm_backward(
         *a._replace(
             grad_y=_rows(a.grad_y),
             x=_rows(a.x),
@@ -81,7 +85,9 @@ def _layer_norm_backward_op(*args):
             mean=_dense(a.mean),
             rstd=_dense(a.rstd),
             grad_accum=_rows(a.grad_accum),
-        )
+        )[: -len(_SHARDED_ARGS)],
+        input_activation=a.input_activation,
+        row_means=_dense(a.row_means),
     )
     return _like(dx, a.x), dweight, dbias
 
@@ -96,7 +102,9 @@ def _add_layer_norm_op(*args):
     return _like(y, a.x), _like(s, a.x), mean, rstd
 
 
-_QUANT_ARGS = ("quant", "weight_scale")  # ln_linear's last arguments: triton/quant.py's
+# ln_linear's last arguments, not the dense GEMM's: the quantised projection's (triton/quant.py)
+# and the given statistics (stats=; the checks refuse them with quant)
+_QUANT_ARGS = ("quant", "weight_scale", "mean", "rstd")
 
 
 def _ln_linear_op(*args):
@@ -115,7 +123,8 @@ def _ln_linear_op(*args):
             weight=_dense(a.weight),
             bias=_dense(a.bias),
             residual=_rows(a.residual),
-        )[: -len(_QUANT_ARGS)]
+        )[: -len(_QUANT_ARGS)],
+        stats=None if a.rstd is None else (_dense(a.mean), _dense(a.rstd)),
     )
     return _like(out, a.x), mean, rstd, _like(preact, a.x)
 
@@ -141,6 +150,40 @@ def _ln_linear_backward_op(*args):
         )[:-1]
     )
     return (_like(grads[0], a.x), *grads[1:])
+
+
+def _norm_stats_op(*args):
+    a = checks.norm_stats(*args)
+    _, _, mean, m2 = _norm.norm_forward(
+        _rows(a.x), None, None, 0.0, a.norm, input_activation=a.input_activation, write_y=False,
+        store_m2=True,
+    )  # fmt: skip
+    return mean, m2
+
+
+def _ln_linear_backward_partial_op(*args):
+    a = checks.ln_linear_backward_partial(*args)
+    want_dh, want_dweight, want_dbias = (bool(m) for m in a.output_mask)
+    rows, x = a.x.numel() // a.x.shape[-1], a.x
+    row_sums = _new_buffer((rows, 2 if a.norm == "layer" else 1), torch.float32, x.device)
+    dh, _, _, dweight, dbias = _ln_linear.ln_linear_backward(
+        *a._replace(
+            grad_out=_rows(a.grad_out),
+            x=_rows(x),
+            ln_weight=_dense(a.ln_weight),
+            ln_bias=_dense(a.ln_bias),
+            weight=_dense(a.weight),
+            mean=_dense(a.mean),
+            rstd=_dense(a.rstd),
+            preact=_rows(a.preact),
+            output_mask=[False, False, False, want_dweight, want_dbias],
+        )[:-1],
+        row_sums=row_sums if want_dh else None,
+    )
+    empty = x.new_empty((0,))
+    if not want_dh:
+        return empty, empty, dweight, dbias
+    return _like(dh, x), row_sums, dweight, dbias
 
 
 def _dropout_op(*args):
@@ -182,6 +225,8 @@ _IMPLS = {
     "add_layer_norm": _add_layer_norm_op,
     "ln_linear": _ln_linear_op,
     "ln_linear_backward": _ln_linear_backward_op,
+    "norm_stats": _norm_stats_op,
+    "ln_linear_backward_partial": _ln_linear_backward_partial_op,
     "dropout": _dropout_op,
     "ln_linear_group": _ln_linear_group_op,
     "ln_linear_group_backward": _ln_linear_group_backward_op,

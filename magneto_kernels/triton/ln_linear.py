@@ -100,13 +100,18 @@ def ln_linear(
     activation,
     alpha,
     dropout_p,
+    stats=None,
 ):
+    """stats: (mean, rstd) to normalise with (the sharded norm's), returned as copies; else the
+    statistics launch computes them."""
     rows = x.shape[0]
     n = weight.shape[0]
     if dropout_p > 0.0 and seed is None:
         raise ValueError("dropout_p > 0 needs a seed tensor")
     x, residual, ln_weight, ln_bias, bias = rowwise(x, residual, ln_weight, ln_bias, bias)
-    if norm != "none":
+    if stats is not None:
+        mean, rstd = (t.clone() for t in stats)
+    elif norm != "none":
         _, _, mean, rstd = norm_forward(
             x, None, None, eps, norm, input_activation=input_activation, write_y=False
         )
@@ -154,9 +159,11 @@ def ln_linear_backward(
     activation,
     dropout_p,
     output_mask,
+    row_sums=None,
 ):
     # The kernels' gamma/beta are the op's ln_weight/ln_bias; grad_out is dy. x is (rows, 2k)
-    # for a gated input activation.
+    # for a gated input activation. row_sums given (ln_linear_backward_partial): it receives the
+    # norm backward's row sums, dx's place holds dh and the norm's gradients are not formed.
     grad_out, x, preact, ln_weight, ln_bias = rowwise(grad_out, x, preact, ln_weight, ln_bias)
     rows = x.shape[0]
     n, k = weight.shape
@@ -164,7 +171,7 @@ def ln_linear_backward(
     want_dx, want_dgamma, want_dbeta, want_dweight, want_dbias = (bool(m) for m in output_mask)
     want_dgamma = want_dgamma and ln_weight is not None
     want_dbeta = want_dbeta and ln_bias is not None
-    need_dh = want_dx or want_dgamma or want_dbeta
+    need_dh = want_dx or want_dgamma or want_dbeta or row_sums is not None
     dweight = dbias = empty
     if rows == 0:
         zeros = torch.zeros_like
@@ -235,6 +242,12 @@ def ln_linear_backward(
     if need_dh:
         dh = new_buffer((rows, k), x.dtype, x.device)
         gemm.ln_matmul(dz, weight, dh)
+        if row_sums is not None:
+            norm_backward(
+                dh, x, ln_weight, ln_bias, mean, rstd, None, norm, [False] * 3,
+                input_activation=input_activation, row_sums=row_sums,
+            )  # fmt: skip
+            return dh, dgamma, dbeta, dweight, dbias
         dx, dgamma, dbeta = norm_backward(
             dh,
             x,

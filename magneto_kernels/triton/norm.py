@@ -126,13 +126,14 @@ def _norm_fwd_kernel(
     HAS_GAMMA: tl.constexpr,
     HAS_BETA: tl.constexpr,
     WRITE_Y: tl.constexpr,
+    STORE_M2: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SINGLE: tl.constexpr,
 ):
     """Statistics of one row of a = in_act(x) (or alpha·residual + x, also stored as S), and
     optionally Y = xhat·gamma + beta. RES and S are None without a residual, Y without WRITE_Y,
     MEAN for RMSNorm. N is the width of a, Y and S; x and the residual have row strides
-    stride_xm, stride_rm (x is 2N wide when GATED)."""
+    stride_xm, stride_rm (x is 2N wide when GATED). STORE_M2 (norm_stats): RSTD gets M2 instead."""
     row = tl.program_id(0).to(tl.int64)
     X += row * stride_xm
     if HAS_RES:
@@ -149,10 +150,10 @@ def _norm_fwd_kernel(
         if NORM == LAYER_NORM:
             mean = tl.sum(a, axis=0) / N
             d = tl.where(mask, a - mean, 0.0)
-            rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / N + eps)
+            m2 = tl.sum(d * d, axis=0)
         else:
             mean = 0.0
-            rstd = 1.0 / tl.sqrt(tl.sum(a * a, axis=0) / N + eps)
+            m2 = tl.sum(a * a, axis=0)
     else:
         # Pass 1: per-chunk (count, mean, M2) merged into the row's (mean, M2) — no cancellation
         # from a one-pass sum of squares even when |mean| >> std.
@@ -176,10 +177,10 @@ def _norm_fwd_kernel(
                 m2 += tl.sum(a * a, axis=0)
         if NORM != LAYER_NORM:
             mean = 0.0
-        rstd = 1.0 / tl.sqrt(m2 / N + eps)
+    rstd = 1.0 / tl.sqrt(m2 / N + eps)
     if NORM == LAYER_NORM:
         tl.store(MEAN + row, mean)
-    tl.store(RSTD + row, rstd)
+    tl.store(RSTD + row, m2 if STORE_M2 else rstd)
     if WRITE_Y:
         if SINGLE:
             _store_normalized(Y, GAMMA, BETA, a, mean, rstd, cols, mask, HAS_GAMMA, HAS_BETA)
@@ -246,6 +247,23 @@ def _store_row_input_grad(
 
 
 @triton.jit
+def _row_means(ROW_SUMS, ROW_MEANS, row, sum_g, sum_gxhat, N, NORM: tl.constexpr):
+    """(mean(g), mean(g·xhat)) of a row, or (ROW_MEANS, the sharded norm) of the whole row over
+    every shard; ROW_SUMS receives the row's sums. 2 floats a row, 1 ([g·xhat]) for RMSNorm."""
+    per_row: tl.constexpr = 2 if NORM == LAYER_NORM else 1
+    if ROW_SUMS is not None:
+        if NORM == LAYER_NORM:
+            tl.store(ROW_SUMS + per_row * row, sum_g)
+        tl.store(ROW_SUMS + per_row * row + per_row - 1, sum_gxhat)
+    mean_g, mean_gxhat = sum_g / N, sum_gxhat / N
+    if ROW_MEANS is not None:
+        if NORM == LAYER_NORM:
+            mean_g = tl.load(ROW_MEANS + per_row * row)
+        mean_gxhat = tl.load(ROW_MEANS + per_row * row + per_row - 1)
+    return mean_g, mean_gxhat
+
+
+@triton.jit
 def _row_chunk(DY, X, cols, mask, mean, rstd, N, IN_ACT: tl.constexpr, GATED: tl.constexpr):
     """(x, up, dy, xhat) of one chunk of a row (DY and X point at the row): x (the gate when
     GATED) and up in float32, dy, and xhat = (in_act(x) - mean)·rstd, 0 outside the row."""
@@ -269,6 +287,8 @@ def _norm_bwd_kernel(
     DX,
     DGAMMA_PART,
     DBETA_PART,
+    ROW_SUMS,
+    ROW_MEANS,
     M,
     N,
     stride_dym,
@@ -297,7 +317,8 @@ def _norm_bwd_kernel(
     grad_accum being 2N wide. dy, x and grad_accum have row strides stride_dym, stride_xm,
     stride_gm; dx is contiguous. Each program writes its own row of dgamma = Σ dy·xhat and
     dbeta = Σ dy partial sums; a second kernel adds the rows up in a fixed order (no atomics).
-    Absent tensors (GAMMA, MEAN, GRAD_ACCUM, unwanted outputs) are None.
+    The sharded norm's ROW_SUMS, ROW_MEANS: ``_row_means``. Absent tensors (GAMMA, MEAN,
+    GRAD_ACCUM, ROW_*, unwanted outputs) are None.
     """
     pid = tl.program_id(0)
     row_start = pid * rows_per_prog
@@ -334,12 +355,14 @@ def _norm_bwd_kernel(
             dx_row += row64 * stride_dxm
         if SINGLE:
             x, up, dy, xhat = _row_chunk(dy_row, x_row, cols, mask, mean, rstd, N, IN_ACT, GATED)
-            if WANT_DX:
+            if WANT_DX or ROW_SUMS is not None:
                 g = dy
                 if HAS_GAMMA:
                     g = g * gamma
-                mean_g = tl.sum(g, axis=0) / N
-                mean_gxhat = tl.sum(g * xhat, axis=0) / N
+                mean_g, mean_gxhat = _row_means(
+                    ROW_SUMS, ROW_MEANS, row64, tl.sum(g, axis=0), tl.sum(g * xhat, axis=0), N, NORM
+                )
+            if WANT_DX:
                 _store_row_input_grad(
                     dx_row, grad_accum_row, cols, mask, N, g, xhat, mean_g,
                     mean_gxhat, rstd, x, up, NORM, IN_ACT, GATED, HAS_GRAD_ACCUM,
@@ -349,7 +372,7 @@ def _norm_bwd_kernel(
         else:
             sum_g = 0.0
             sum_gxhat = 0.0
-            if WANT_DX:
+            if WANT_DX or ROW_SUMS is not None:
                 for start in range(0, N, BLOCK_N):
                     cols = start + tl.arange(0, BLOCK_N)
                     mask = cols < N
@@ -360,8 +383,7 @@ def _norm_bwd_kernel(
                         g = g * tl.load(GAMMA + cols, mask=mask, other=0.0).to(tl.float32)
                     sum_g += tl.sum(g, axis=0)
                     sum_gxhat += tl.sum(g * xhat, axis=0)
-            mean_g = sum_g / N
-            mean_gxhat = sum_gxhat / N
+            mean_g, mean_gxhat = _row_means(ROW_SUMS, ROW_MEANS, row64, sum_g, sum_gxhat, N, NORM)
             # Partial sums live in this program's own scratch row (read-modify-write), which holds
             # them from the program's second row on. after_first is a block, not the scalar
             # row > row_start: the interpreter splats a scalar comparison to int32 data, which
@@ -433,14 +455,16 @@ def _launch_row_kernel(kernel, programs, num_warps, flags, **args):
 
 
 def norm_forward(
-    x, gamma, beta, eps, norm, *, residual=None, alpha=1.0, input_activation="none", write_y=True
-):
+    x, gamma, beta, eps, norm, *, residual=None, alpha=1.0, input_activation="none", write_y=True,
+    store_m2=False,
+):  # fmt: skip
     """Row statistics and (optionally) y = N(a) for 2-D x, with a = alpha·residual + x when
     ``residual`` is given and a = in_act(x) otherwise (for a gated input activation x is
     [gate | up] and a half as wide).
 
     Returns (y, s, mean, rstd): y is None unless ``write_y``; s (= a, rounded to x's dtype) is
     None unless ``residual`` is given; mean is empty for RMSNorm, both stats empty for "none".
+    ``store_m2``: rstd's place holds the rows' M2 instead (norm_stats).
     """
     in_act = input_activation_args(input_activation)
     x, residual, gamma, beta = rowwise(x, residual, gamma, beta)
@@ -464,6 +488,7 @@ def norm_forward(
         HAS_GAMMA=gamma is not None,
         HAS_BETA=beta is not None,
         WRITE_Y=write_y,
+        STORE_M2=store_m2,
         BLOCK_N=block,
         SINGLE=single,
     )
@@ -490,11 +515,14 @@ def norm_forward(
 
 
 def norm_backward(
-    dy, x, gamma, beta, mean, rstd, grad_accum, norm, output_mask, *, input_activation="none"
-):
+    dy, x, gamma, beta, mean, rstd, grad_accum, norm, output_mask, *, input_activation="none",
+    row_sums=None, row_means=None,
+):  # fmt: skip
     """(dx, dgamma, dbeta) of y = N(in_act(x)) (see ``_norm_bwd_kernel``); ``grad_accum`` is
     added to dx. Unwanted gradients come back as ``x.new_empty((0,))``. dy is as wide as the
-    norm: half x's width for a gated input activation."""
+    norm: half x's width for a gated input activation. The sharded norm: ``row_sums`` (float32
+    (rows, 2), (rows, 1) for RMSNorm) receives the rows' sums of g and g·xhat, ``row_means``
+    replaces their means (``_row_means``)."""
     in_act = input_activation_args(input_activation)
     dy, x, gamma, beta, grad_accum = rowwise(dy, x, gamma, beta, grad_accum)
     rows, width = dy.shape
@@ -507,7 +535,7 @@ def norm_backward(
     if rows == 0:
         zeros = lambda p: torch.zeros_like(p)  # noqa: E731  (sum over no rows)
         return dx, zeros(gamma) if want_dgamma else empty, zeros(beta) if want_dbeta else empty
-    if not (want_dx or want_dgamma or want_dbeta):
+    if not (want_dx or want_dgamma or want_dbeta or row_sums is not None):
         return empty, empty, empty
     programs = reduction_programs(x, rows)
     rows_per_prog = triton.cdiv(rows, programs)
@@ -540,6 +568,8 @@ def norm_backward(
         DX=dx if want_dx else None,
         DGAMMA_PART=dgamma_part,
         DBETA_PART=dbeta_part,
+        ROW_SUMS=row_sums,
+        ROW_MEANS=row_means,
         M=rows,
         N=width,
         stride_dym=dy.stride(0),
