@@ -128,6 +128,14 @@ def _op_calls():
         for gated in (False, True):
             online = dict(rows=BIG, k=2560, n=6912, quant="bitnet_online", gated=gated, bias=gated)
             calls.append(("quant", dtype, online, False))
+    # The sharded norm's entry points (tensor parallelism): the row statistics pass (STORE_M2),
+    # the GEMM backward writing the row sums and the norm backward reading the reduced means,
+    # for the layer and RMS norms, the gated input activation and the widest row in registers.
+    for dtype in ("fp32", "bf16"):
+        for norm, in_act, k in (("layer", "none", 4096), ("rms", "relu2_glu", 4096),
+                                ("layer", "gelu", 8192)):  # fmt: skip
+            sharded = dict(rows=BIG, k=k, n=4096, norm=norm, in_act=in_act)
+            calls.append(("sharded_norm", dtype, sharded, False))
     for dtype in ("fp32", "bf16"):
         for width in (1000, 8192, 12288):
             calls.append(("layer_norm", dtype, dict(rows=BIG, width=width, norm="layer"), False))
@@ -187,6 +195,24 @@ def _run_op_call(kind, dtype_name, spec, all_tiles):
         )
         if online:
             tq.ln_linear_backward(out, x, t(k), w, rstd, "rms", in_act, [True] * 5)
+        return
+    if kind == "sharded_norm":
+        rows, k, n, norm, in_act = (spec[key] for key in ("rows", "k", "n", "norm", "in_act"))
+        x = t(rows, 2 * k if in_act == "relu2_glu" else k)
+        ln_w, sums = t(k, dt=torch.float32), t(rows, 2 if norm == "layer" else 1, dt=torch.float32)
+        _, _, mean, rstd = nm.norm_forward(
+            x, None, None, 0.0, norm, input_activation=in_act, write_y=False, store_m2=True
+        )
+        options = (norm, in_act, "none")
+        mask = [True, False, False, True, False]
+        ll.ln_linear_backward(
+            t(rows, n), x, ln_w, None, t(n, k), mean, rstd, t(0), seed, *options, 0.0, mask,
+            row_sums=sums,
+        )  # fmt: skip
+        nm.norm_backward(
+            t(rows, k), x, ln_w, None, mean, rstd, None, norm, [True, True, False],
+            input_activation=in_act, row_means=sums,
+        )  # fmt: skip
         return
     if kind != "ln_linear":
         rows, width, norm = spec["rows"], spec["width"], spec["norm"]
