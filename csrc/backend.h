@@ -47,8 +47,9 @@ struct NormOutputs {
   Tensor sum;         // x + alpha·residual, (rows, cols); undefined without a residual
   Tensor mean, rstd;  // (rows,) float32, written where non-empty
   // norm_stats (y undefined): (rows,) float32, the row's sum of squared deviations from its mean
-  // (from 0 for RMSNorm), written instead of rstd; else undefined.
-  Tensor m2;
+  // (from 0 for RMSNorm), written instead of rstd; else undefined (the default: the unsharded
+  // callers leave it out of their brace lists).
+  Tensor m2 = {};
 };
 
 // The norm's backward: dx = N'ᵀ dy (⊙ in_act'(x)) + grad_accum, dgamma, dbeta; x, dx as in
@@ -61,8 +62,9 @@ struct NormBackwardArgs {
   Norm norm = Norm::kLayer;
   Activation input_activation = Activation::kNone;
   // The sharded norm: (rows, 2) float32 [mean(g), mean(g·xhat)] over the whole row, every shard
-  // (rows, 1) [mean(g·xhat)] for RMSNorm), used instead of this row's own.
-  OptTensor row_means;
+  // (rows, 1) [mean(g·xhat)] for RMSNorm), used instead of this row's own; unsharded callers
+  // leave it out.
+  OptTensor row_means = {};
 };
 
 struct NormGrads {
@@ -119,7 +121,7 @@ struct LnLinearBackwardArgs {
 // (rows, 1) [Σg·xhat] for RMSNorm) written instead when wanted.
 struct LnLinearGrads {
   Tensor dx, dln_weight, dln_bias, dweight, dbias;
-  Tensor dh, row_sums;
+  Tensor dh = {}, row_sums = {};  // ln_linear_backward_partial's only
 };
 
 // y = x ⊙ keep/(1−p), keep = philox(seed, i·cols + j) >= dropout_threshold(p): the dropout op,

@@ -53,6 +53,20 @@ def _llama_tp_plan(world, out_dir):
     return {"logits": logits.detach(), "grads": grads, "shards": dict.fromkeys(grads)}
 
 
+def _count_row_parallel_calls(patch, calls):
+    """calls also counts the row-parallel projections behind a sharded sub-norm: they run the
+    family's sharded-norm entry points (fused), not ``magneto_kernels.ln_linear``."""
+    import magneto.parallel.layers as layers
+
+    original = layers.row_parallel_norm_linear
+
+    def counting(*args, **kwargs):
+        calls.count += 1
+        return original(*args, **kwargs)
+
+    patch.setattr(layers, "row_parallel_norm_linear", counting)
+
+
 def _rank(rank, world, out_dir):
     from magneto.parallel import shard_of, tensor_parallelize_transformers
 
@@ -62,6 +76,7 @@ def _rank(rank, world, out_dir):
         tensor_parallelize_transformers(model, dist.group.WORLD)
         with pytest.MonkeyPatch.context() as patch:
             calls = tm.FusedCalls(patch)
+            _count_row_parallel_calls(patch, calls)
             logits = _run(model)
         grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
         shards = {n: shard_of(model, n) for n in grads}
