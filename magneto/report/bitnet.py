@@ -64,7 +64,8 @@ def _op_variants(dtype):
     from magneto_kernels import quant
 
     k, n = 2560, 6912
-    linear = AutoBitLinear(k, n, bias=False, online_quant=False, dtype=dtype)
+    # .to: transformers before 5.23 has no dtype argument here
+    linear = AutoBitLinear(k, n, bias=False, online_quant=False).to(dtype)
     ternary = torch.randint(-1, 2, (n, k), generator=torch.Generator().manual_seed(1))
     linear.weight.data.copy_(ternary)
     norm = BitNetRMSNorm(k, eps=1e-5).to(dtype)
