@@ -36,7 +36,7 @@ from torch.autograd.function import once_differentiable
 import magneto_kernels
 from magneto_kernels import checks, reference
 from magneto_kernels.backends import FAMILY, resolve_backend
-from magneto_kernels.codes import canonical_activation
+from magneto_kernels.codes import ACTIVATION_ALIASES
 from magneto_kernels.library import get_op
 
 _LOGS: list[list[tuple[str, int]]] = []
@@ -237,7 +237,7 @@ class _RowParallelNormLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, ln_weight, ln_bias, weight, eps, norm, input_activation, group, backend):
-        act = canonical_activation(input_activation)
+        act = ACTIVATION_ALIASES.get(input_activation, input_activation)  # the ops check it
         norm_stats, ln_linear, _, _ = ctx.entry_points = _entry_points(backend)
         local_mean, local_m2 = norm_stats(x, norm, act)
         count = weight.shape[1]

@@ -29,8 +29,6 @@ from magneto.parallel.functional import (
     sharded_norm,
 )
 from magneto.parallel.sequence import active, row_output
-from magneto_kernels import reference
-from magneto_kernels.codes import GATED_ACTIVATIONS
 
 
 def _shard(param: Optional[Tensor], dim: int, index: Tensor) -> Optional[nn.Parameter]:
@@ -174,9 +172,6 @@ class RowParallelLinear(_Shard):
                 x, None, None, self.weight, input_activation=input_activation, backend=backend
             )
         elif isinstance(norm, ShardedNorm):
-            if input_activation in GATED_ACTIVATIONS:  # row_parallel_norm_linear has none
-                x = reference.apply_input_activation(x, input_activation)
-                input_activation = None
             partial = row_parallel_norm_linear(
                 x,
                 norm.weight,
