@@ -358,10 +358,15 @@ def test_report_section():
     from magneto.report import bitnet as section
 
     row = section.section(rounds=1)
-    # an activation code at a rounding tie may flip by one between the kernel and transformers
-    # (quantisation is discontinuous), which moves the logits by ~1e-2 for some inputs: the
-    # section reports the figure; the 1e-5 parity is test_fused_and_matching_unpatched's
-    assert row["logits_rel_error_fp32"] < 5e-2 and row["greedy_tokens_equal_bf16"] in (True, False)
+    # a last-bit difference upstream flips an activation code at a rounding tie, which moves the
+    # logits by ~1e-2 for some prompts, in transformers against itself too (its two attention
+    # kernels): most prompts agree to float32 rounding, none beyond such a flip; the 1e-5
+    # parity on one input is test_fused_and_matching_unpatched's
+    for name in ("magneto", "transformers_eager"):
+        errors = sorted(row["logits_rel_errors_fp32"][name])
+        assert len(errors) == section.PROMPTS and errors[-1] < 5e-2, (name, errors)
+    assert sorted(row["logits_rel_errors_fp32"]["magneto"])[section.PROMPTS // 2] <= 1e-5
+    assert row["greedy_tokens_equal_bf16"] in (True, False)
     assert row["projection_bytes_ratio"] <= 0.13
     assert row["op_ratio"]["rounds"] == row["decode_ratio"]["rounds"] == 1
     text = "\n".join(section.markdown(row))

@@ -86,6 +86,36 @@ def _op_variants(dtype):
     }
 
 
+PROMPTS = 8
+
+
+def _logit_errors(reference) -> dict:
+    """fp32 logits of ``PROMPTS`` prompts, ``‖a − b‖ / ‖b‖`` per prompt: magneto patched
+    against transformers (its default attention, SDPA), and transformers against itself with its
+    eager attention — the yardstick. A quantised model's activation codes are rounded, so a
+    last-bit difference of any value upstream (a fused residual add, another attention kernel)
+    flips the code of an element that sits within it of a rounding tie, and the flip moves every
+    later position's logits by ~1e-2 (the kernels' codes are transformers' on the same input but at
+    such ties: tests/test_quant_op.py). Both comparisons meet such flips on some prompts and agree
+    to float32 rounding on the others."""
+    from magneto.integrations import transformers as mt
+
+    patched = mt.apply_magneto(copy.deepcopy(reference))
+    eager = copy.deepcopy(reference)
+    eager.config._attn_implementation = "eager"
+    errors = {"magneto": [], "transformers_eager": []}
+    for seed in range(PROMPTS):
+        tokens = torch.randint(
+            3, SIZES["vocab_size"], (1, 16), generator=torch.Generator().manual_seed(seed)
+        )
+        with torch.no_grad():
+            theirs = reference(tokens).logits.double()
+            for name, model in (("magneto", patched), ("transformers_eager", eager)):
+                diff = model(tokens).logits.double() - theirs
+                errors[name].append((diff.norm() / theirs.norm()).item())
+    return errors
+
+
 def section(rounds: int, tick: Callable[[], None] = lambda: None) -> dict:
     """The section's JSON object; on the CPU whatever the report's device."""
     from magneto.integrations import transformers as mt
@@ -94,35 +124,32 @@ def section(rounds: int, tick: Callable[[], None] = lambda: None) -> dict:
 
     dtype = torch.bfloat16
     reference = _model(torch.float32)
-    patched = mt.apply_magneto(copy.deepcopy(reference))
-    tokens = torch.randint(3, SIZES["vocab_size"], (1, 16), generator=torch.Generator())
-    with torch.no_grad():
-        ours, theirs = patched(tokens).logits.double(), reference(tokens).logits.double()
-    error = ((ours - theirs).norm() / theirs.norm()).item()
+    errors = _logit_errors(reference)
     tick()
     reference = reference.to(dtype)
     patched = mt.apply_magneto(copy.deepcopy(reference))
+    tokens = torch.randint(3, SIZES["vocab_size"], (1, 4), generator=torch.Generator())
     settings = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         op = interleaved(_op_variants(dtype), rounds, timer)
         tick()
         decode = interleaved(
             {
-                "magneto": lambda: patched.generate(tokens[:, :4], **settings),
-                "transformers": lambda: reference.generate(tokens[:, :4], **settings),
+                "magneto": lambda: patched.generate(tokens, **settings),
+                "transformers": lambda: reference.generate(tokens, **settings),
             },
             rounds,
             timer,
             warmup=1,
         )
         same = torch.equal(
-            patched.generate(tokens[:, :4], **settings),
-            reference.generate(tokens[:, :4], **settings),
+            patched.generate(tokens, **settings),
+            reference.generate(tokens, **settings),
         )
     tick()
     return {
         "sizes": SIZES,
-        "logits_rel_error_fp32": error,
+        "logits_rel_errors_fp32": errors,
         "greedy_tokens_equal_bf16": same,
         "op_ratio": ratio_stats(op["magneto"], op["transformers"]).as_dict(),
         "decode_ratio": ratio_stats(decode["magneto"], decode["transformers"]).as_dict(),
@@ -142,14 +169,21 @@ def markdown(row: dict) -> list[str]:
         "",
     ]
 
+    def errors(name: str) -> str:
+        e = sorted(row["logits_rel_errors_fp32"][name])
+        within = sum(x <= 1e-5 for x in e)
+        return f"{within}/{len(e)}, {e[len(e) // 2]:.1e} ({e[-1]:.1e})"
+
     def ratio(stats: dict) -> str:
         return f"{stats['median']:.2f} ({stats['lo']:.2f}-{stats['hi']:.2f})"
 
     lines += markdown_table(
         ["check", "result"],
         [
-            ["fp32 logits, ‖patched − transformers‖ / ‖transformers‖",
-             f"{row['logits_rel_error_fp32']:.1e}"],
+            ["fp32 logits, ‖patched − transformers‖ / ‖transformers‖: prompts within 1e-5,"
+             " median (max)", errors("magneto")],
+            ["the same of transformers' eager attention against its SDPA (the yardstick)",
+             errors("transformers_eager")],
             ["bf16 greedy tokens (8) equal to transformers'", row["greedy_tokens_equal_bf16"]],
             ["RMSNorm + gate_proj 2560->6912, one row: time ratio", ratio(row["op_ratio"])],
             ["greedy decoding of 8 tokens: time ratio", ratio(row["decode_ratio"])],
