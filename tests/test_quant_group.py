@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from magneto_kernels import ops, quant
-from magneto_kernels.codes import RTOL
+from magneto_kernels.codes import QUANT_PACK_UNIT, RTOL
 from magneto_kernels.library import get_op
 from tests.harness import (
     ATOL,
@@ -75,7 +75,7 @@ def _run_each(backend, x, ln_weight, ts, biases, weight_scales, mode):
 
 @pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("mode", quant.OFFLINE_MODES)
-@pytest.mark.parametrize("rows", (1, 5, 17))
+@pytest.mark.parametrize("rows", (1, 17))
 def test_offline_group_matches_float64_up_to_ties(backend, mode, rows):
     x, ln_weight, ts, biases, weight_scales = _offline_case(rows, torch.float32, rows)
     with backend.running():
@@ -248,13 +248,14 @@ def test_quant_group_opcheck(backend, op, mode):
     with backend.running():
         dev, family = backend.device, backend.family
         gen = torch.Generator().manual_seed(3)
-        x = randn(3, 3, K, mean=0.5, generator=gen, device=dev)
-        lw = randn(K, mean=1.0, generator=gen, device=dev)
+        k = QUANT_PACK_UNIT
+        x = randn(3, 3, k, mean=0.5, generator=gen, device=dev)
+        lw = randn(k, mean=1.0, generator=gen, device=dev)
         if mode == "bitnet_online":
-            ws = [randn(n, K, std=0.2, generator=gen, device=dev) for n in (10, 6)]
+            ws = [randn(n, k, std=0.2, generator=gen, device=dev) for n in (10, 6)]
             scales = None
         else:
-            ws = [quant.pack(_ternary(n, K, gen)).to(dev) for n in (10, 6)]
+            ws = [quant.pack(_ternary(n, k, gen)).to(dev) for n in (10, 6)]
             scales = torch.tensor([0.5, 2.0], device=dev)
         bs = [randn(10, generator=gen, device=dev), None]
         group = get_op("ln_linear_group", family)
