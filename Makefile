@@ -16,7 +16,8 @@ EXT_SOURCES := setup.py $(shell find csrc -type f)
 JOBS ?= $(shell nproc)
 PYTEST := TRITON_INTERPRET=1 $(PYTHON) -m pytest -n $(JOBS)
 CPU_SUITE := tests/test_ops_cpu.py tests/test_ops.py tests/test_group.py tests/test_ops_edges.py \
-	tests/test_ops_properties.py tests/test_quant_op.py tests/test_tensor_parallel_fused.py -k cpu
+	tests/test_ops_properties.py tests/test_quant_op.py tests/test_quant_group.py \
+	tests/test_tensor_parallel_fused.py -k cpu
 
 .PHONY: setup report test quick lint format cuda-check bench bench-cpu bench-isa gpu-check clean
 
