@@ -265,7 +265,9 @@ def group_matmul(x, weights, biases, outs, norm, mean, rstd, gamma, beta):
     )
 
 
-def ln_linear_group(x, ln_weight, ln_bias, weights, biases, eps, norm, quant, weight_scales):
+def ln_linear_group(
+    x, ln_weight, ln_bias, weights, biases, eps, norm, quant="none", weight_scales=None
+):
     rows = x.shape[0]
     x, ln_weight, ln_bias = rowwise(x, ln_weight, ln_bias)
     if quant != "none":
@@ -331,7 +333,7 @@ def _dbias(dy, n, dtype):
 
 
 def ln_linear_group_backward(
-    grad_outs, x, ln_weight, ln_bias, weights, mean, rstd, norm, output_mask, quant
+    grad_outs, x, ln_weight, ln_bias, weights, mean, rstd, norm, output_mask, quant="none"
 ):
     x, ln_weight, ln_bias = rowwise(x, ln_weight, ln_bias)
     online = quant == "bitnet_online"  # the checks refuse the offline modes' backward
