@@ -44,10 +44,14 @@ def _offline_case(rows, dtype, seed):
     return x, ln_weight, ts, biases, weight_scales
 
 
+def _to(t, device):
+    return None if t is None else t.to(device)
+
+
 def _run_group(backend, x, ln_weight, ts, biases, weight_scales, mode):
     d = backend.device
     outs = ops.ln_linear_group(
-        x.to(d), ln_weight.to(d), None, [quant.pack(t).to(d) for t in ts],
+        x.to(d), _to(ln_weight, d), None, [quant.pack(t).to(d) for t in ts],
         [None if b is None else b.to(d) for b in biases], eps=EPS, norm="rms", quant=mode,
         weight_scales=weight_scales.to(d), backend=backend.name,
     )  # fmt: skip
@@ -59,7 +63,7 @@ def _run_each(backend, x, ln_weight, ts, biases, weight_scales, mode):
     return [
         ops.ln_linear(
             x.to(d),
-            ln_weight.to(d),
+            _to(ln_weight, d),
             None,
             quant.pack(t).to(d),
             None if b is None else b.to(d),
@@ -97,6 +101,19 @@ def test_offline_group_matches_float64_up_to_ties(backend, mode, rows):
 def test_offline_group_is_one_ln_linear_per_weight_bitwise(backend, mode, dtype):
     """The same codes and the same integer projection per weight: the same bits."""
     case = _offline_case(9, dtype, 4)
+    with backend.running():
+        group = _run_group(backend, *case, mode)
+        each = _run_each(backend, *case, mode)
+    for i, (g, e) in enumerate(zip(group, each)):
+        assert torch.equal(g, e), f"output {i}"
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("mode", quant.OFFLINE_MODES)
+def test_offline_group_without_norm_is_one_ln_linear_per_weight_bitwise(backend, mode):
+    """No norm: x's own rows quantised once (the cpu backend reads x in place, no h)."""
+    x, _, ts, biases, weight_scales = _offline_case(6, torch.float32, 8)
+    case = (x, None, ts, biases, weight_scales)
     with backend.running():
         group = _run_group(backend, *case, mode)
         each = _run_each(backend, *case, mode)
