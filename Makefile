@@ -16,7 +16,8 @@ EXT_SOURCES := setup.py $(shell find csrc -type f)
 JOBS ?= $(shell nproc)
 PYTEST := TRITON_INTERPRET=1 $(PYTHON) -m pytest -n $(JOBS)
 CPU_SUITE := tests/test_ops_cpu.py tests/test_ops.py tests/test_group.py tests/test_ops_edges.py \
-	tests/test_ops_properties.py tests/test_quant_op.py tests/test_tensor_parallel_fused.py -k cpu
+	tests/test_ops_properties.py tests/test_quant_op.py tests/test_quant_group.py \
+	tests/test_tensor_parallel_fused.py -k cpu
 
 .PHONY: setup report test quick lint format cuda-check bench bench-cpu bench-isa gpu-check clean
 
@@ -93,7 +94,7 @@ test: setup lint $(STAMPS)/triton-newest $(STAMPS)/transformers-oldest
 		-p no:cacheprovider tests/test_ops.py tests/test_ops_cuda_emu.py tests/test_reference.py \
 		tests/test_ops_edges.py tests/test_ops_properties.py tests/test_autocast.py \
 		tests/test_torch_func.py tests/test_residual_in_fp32.py tests/test_group.py \
-		tests/test_quant_op.py tests/test_tensor_parallel_fused.py \
+		tests/test_quant_op.py tests/test_quant_group.py tests/test_tensor_parallel_fused.py \
 		-k "cuda or expected_backends"
 	@isas=$$($(PYTHON) -c "from magneto_kernels import _C; print(*_C.cpu_isas()[1:])") || exit 1; \
 	for isa in $$isas; do \

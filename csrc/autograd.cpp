@@ -278,7 +278,8 @@ struct LnLinearGroupAutograd : torch::autograd::Function<LnLinearGroupAutograd<F
 
   static R kernel(const Tensor& x, const OptTensor& ln_weight, const OptTensor& ln_bias,
                   at::TensorList weights, const c10::List<OptTensor>& biases, double eps,
-                  std::string_view norm) {
+                  std::string_view norm, std::string_view quant,
+                  const OptTensor& weight_scales) {
     std::vector<Tensor> given_biases;
     for (const OptTensor& b : biases) {
       if (b.has_value()) given_biases.push_back(*b);
@@ -288,9 +289,10 @@ struct LnLinearGroupAutograd : torch::autograd::Function<LnLinearGroupAutograd<F
     for (const Tensor& t : given_biases) records_graph = records_graph || requires_grad(t);
     if (!at::GradMode::is_enabled() || !records_graph) {
       at::AutoDispatchBelowADInplaceOrView below;
-      return op_handle<Op, Family>().call(x, ln_weight, ln_bias, weights, biases, eps, norm);
+      return op_handle<Op, Family>().call(x, ln_weight, ln_bias, weights, biases, eps, norm,
+                                          quant, weight_scales);
     }
-    const Op call{x, ln_weight, ln_bias, weights, biases, eps, norm};
+    const Op call{x, ln_weight, ln_bias, weights, biases, eps, norm, quant, weight_scales};
     const variable_list out = LnLinearGroupAutograd::apply(
         &call, x, ln_weight, ln_bias, weights, at::TensorList(given_biases));
     const size_t n = weights.size();
@@ -303,8 +305,8 @@ struct LnLinearGroupAutograd : torch::autograd::Function<LnLinearGroupAutograd<F
                                at::TensorList) {
     at::AutoDispatchBelowADInplaceOrView below;
     const Op& c = *call;
-    auto [outs, mean, rstd] = op_handle<Op, Family>().call(c.x, c.ln_weight, c.ln_bias, c.weights,
-                                                           c.biases, c.eps, c.norm);
+    auto [outs, mean, rstd] = op_handle<Op, Family>().call(
+        c.x, c.ln_weight, c.ln_bias, c.weights, c.biases, c.eps, c.norm, c.quant, c.weight_scales);
     // x and the statistics of the input side: h is recomputed in the backward.
     variable_list saved{c.x, value_or_undefined(c.ln_weight), value_or_undefined(c.ln_bias), mean,
                         rstd};
@@ -313,6 +315,7 @@ struct LnLinearGroupAutograd : torch::autograd::Function<LnLinearGroupAutograd<F
     c10::List<bool> has_bias;
     for (const OptTensor& b : c.biases) has_bias.push_back(b.has_value());
     ctx->saved_data["norm"] = std::string(c.norm);
+    ctx->saved_data["quant"] = std::string(c.quant);
     ctx->saved_data["has_bias"] = has_bias;
     ctx->mark_non_differentiable({mean, rstd});
     // An output without a gradient stays undefined: the backward op skips its GEMMs.
@@ -354,7 +357,8 @@ struct LnLinearGroupAutograd : torch::autograd::Function<LnLinearGroupAutograd<F
     auto [dx, dln_weight, dln_bias, dweights, dbiases] =
         op_handle<schema::LnLinearGroupBackward, Family>().call(
             grad_outs, x, optional_of(ln_weight), optional_of(ln_bias), weights, saved[3],
-            saved[4], ctx->saved_data["norm"].toStringRef(), mask);
+            saved[4], ctx->saved_data["norm"].toStringRef(), mask,
+            ctx->saved_data["quant"].toStringRef());
     result[1] = wanted(dx, mask.get(0));
     result[2] = wanted(dln_weight, mask.get(1));
     result[3] = wanted(dln_bias, mask.get(2));

@@ -141,6 +141,10 @@ struct LnLinearGroupArgs {
   std::vector<OptTensor> biases;   // (out_features_i,), one entry per weight
   double eps = 0.0;
   Norm norm = Norm::kLayer;  // kNone when ln_weight is absent
+  // As LnLinearArgs' (norm kRms or kNone), h's rows quantised once for every weight; offline,
+  // every weight packed and weight_scales (n,) float32, weight_scales[i] weights[i]'s.
+  Quant quant = Quant::kNone;
+  OptTensor weight_scales;
 };
 
 // outs (rows, out_features_i) are allocated by the backend; mean and rstd as in LnLinearOutputs.
@@ -156,6 +160,7 @@ struct LnLinearGroupBackwardArgs {
   std::vector<Tensor> weights;
   Tensor mean, rstd;
   Norm norm = Norm::kLayer;
+  Quant quant = Quant::kNone;  // kNone or kBitnetOnline (the offline modes have no backward)
 };
 
 // dx = N'ᵀ Σ_i grad_outs[i] @ weights[i] (one norm backward for the group), dweights[i] =

@@ -7,6 +7,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 namespace magneto {
@@ -207,14 +208,14 @@ int64_t in_features_of(const Tensor& x, Activation input_activation, std::string
 
 // The offline modes' packed weight (common.h's layout): (out_features, in_features / 4) uint8.
 void check_packed_weight(const Tensor& weight, const Tensor& x, int64_t in_features,
-                         std::string_view quant) {
+                         std::string_view quant, const char* name = "weight") {
   TORCH_CHECK_VALUE(in_features % kQuantPackUnit == 0, "quant='", quant,
                     "' needs in_features a multiple of ", kQuantPackUnit, ", got ", in_features);
-  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == in_features / 4,
-                    "weight must have shape (out_features, ", in_features / 4,
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == in_features / 4, name,
+                    " must have shape (out_features, ", in_features / 4,
                     ") for quant='", quant, "' (packed: magneto_kernels.quant.pack), got ",
                     py_shape(weight.sizes()));
-  check_like(weight, "weight", x, weight.sizes(), at::kByte);
+  check_like(weight, name, x, weight.sizes(), at::kByte);
 }
 
 void check_weight(const Tensor& weight, const Tensor& x, int64_t in_features) {
@@ -282,24 +283,32 @@ LnLinearCodes check_ln_linear_common(const Call& call) {
   return codes;
 }
 
-// What ln_linear_group and its backward share: x, the norm and its parameters, the weights.
+// What ln_linear_group and its backward share: x, the norm and its parameters, the quant mode,
+// the weights.
 template <class Call>
-Norm check_ln_linear_group_common(const Call& call) {
+std::pair<Norm, Quant> check_ln_linear_group_common(const Call& call) {
   check_input(call.x);
   const Norm norm = parse_norm(call.norm, true);
+  const Quant quant = parse_quant(call.quant);
   const int64_t in_features = call.x.size(-1);
   check_norm_params(call.ln_weight, call.ln_bias, norm, call.x, "ln_weight", "ln_bias",
                     in_features);
+  TORCH_CHECK_VALUE(quant == Quant::kNone || norm != Norm::kLayer, "quant='", call.quant,
+                    "' takes norm='rms' or no norm (BitNet's)");
   TORCH_CHECK_VALUE(!call.weights.empty(), "weights is empty");
   for (size_t i = 0; i < call.weights.size(); ++i) {
     const Tensor& w = call.weights[i];
     const std::string name = "weights[" + std::to_string(i) + "]";
+    if (is_offline(quant)) {
+      check_packed_weight(w, call.x, in_features, call.quant, name.c_str());
+      continue;
+    }
     TORCH_CHECK_VALUE(w.dim() == 2 && w.size(1) == in_features, name,
                       " must have shape (out_features, ", in_features, "), got ",
                       py_shape(w.sizes()));
     check_like(w, name.c_str(), call.x, w.sizes());
   }
-  return norm;
+  return {norm, quant};
 }
 
 // One entry per weight in a list argument (biases, grad_outs).
@@ -474,7 +483,7 @@ DropoutArgs parse(const schema::Dropout& call) {
 
 LnLinearGroupArgs parse(const schema::LnLinearGroup& call) {
   const Tensor& x = call.x;
-  const Norm norm = check_ln_linear_group_common(call);
+  const auto [norm, quant] = check_ln_linear_group_common(call);
   const size_t n = call.weights.size();
   check_count(call.biases.size(), "biases", n);
   std::vector<OptTensor> biases;
@@ -487,13 +496,33 @@ LnLinearGroupArgs parse(const schema::LnLinearGroup& call) {
     biases.push_back(contiguous(bias));
   }
   check_eps(call.eps);
-  return {as_rows(x), contiguous(call.ln_weight), contiguous(call.ln_bias),
-          contiguous_all(call.weights), std::move(biases), call.eps, norm};
+  OptTensor weight_scales;
+  if (is_offline(quant)) {
+    TORCH_CHECK_VALUE(call.weight_scales.has_value(), "quant='", call.quant,
+                      "' needs weight_scales, a tensor of shape (", n, ",): one per weight");
+    check_param(call.weight_scales, "weight_scales", x, static_cast<int64_t>(n));
+    weight_scales = call.weight_scales->to(at::kFloat).contiguous();
+  } else {
+    TORCH_CHECK_VALUE(!call.weight_scales.has_value(), "weight_scales must be None for quant='",
+                      call.quant, "'");
+  }
+  return {as_rows(x),
+          contiguous(call.ln_weight),
+          contiguous(call.ln_bias),
+          contiguous_all(call.weights),
+          std::move(biases),
+          call.eps,
+          norm,
+          quant,
+          weight_scales};
 }
 
 LnLinearGroupBackwardArgs parse(const schema::LnLinearGroupBackward& call) {
   const Tensor& x = call.x;
-  const Norm norm = check_ln_linear_group_common(call);
+  const auto [norm, quant] = check_ln_linear_group_common(call);
+  TORCH_CHECK_NOT_IMPLEMENTED(!is_offline(quant), "ln_linear_group: quant='", call.quant,
+                              "' has no backward (inference only); train with "
+                              "quant='bitnet_online'");
   const size_t n = call.weights.size();
   check_count(call.grad_outs.size(), "grad_outs", n);
   std::vector<Tensor> grad_outs;
@@ -507,7 +536,8 @@ LnLinearGroupBackwardArgs parse(const schema::LnLinearGroupBackward& call) {
   }
   check_stats(call.mean, call.rstd, norm, x);
   return {std::move(grad_outs), as_rows(x), contiguous(call.ln_weight), contiguous(call.ln_bias),
-          contiguous_all(call.weights), call.mean.contiguous(), call.rstd.contiguous(), norm};
+          contiguous_all(call.weights), call.mean.contiguous(), call.rstd.contiguous(), norm,
+          quant};
 }
 
 }  // namespace magneto

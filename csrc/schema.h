@@ -146,12 +146,14 @@ struct Dropout {
   double p;
 };
 
-// ln_linear with one norm for several weights (q/k/v, gate/up): one output per weight.
+// ln_linear with one norm for several weights (q/k/v, gate/up): one output per weight. quant as
+// ln_linear's, the row quantised once for every weight; weight_scales (n,) the offline modes'
+// scale of each weight.
 struct LnLinearGroup {
   static constexpr const char* kName = "ln_linear_group";
   using Signature = std::tuple<std::vector<Tensor>, Tensor, Tensor>(
       const Tensor&, const OptTensor&, const OptTensor&, at::TensorList,
-      const c10::List<OptTensor>&, double, std::string_view);
+      const c10::List<OptTensor>&, double, std::string_view, std::string_view, const OptTensor&);
   const Tensor& x;
   const OptTensor& ln_weight;
   const OptTensor& ln_bias;
@@ -159,6 +161,8 @@ struct LnLinearGroup {
   const c10::List<OptTensor>& biases;
   double eps;
   std::string_view norm;
+  std::string_view quant;
+  const OptTensor& weight_scales;
 };
 
 // output_mask: dx, dln_weight, dln_bias, then one entry per weight for dweights, then one per
@@ -167,7 +171,8 @@ struct LnLinearGroupBackward {
   static constexpr const char* kName = "ln_linear_group_backward";
   using Signature = std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>>(
       const c10::List<OptTensor>&, const Tensor&, const OptTensor&, const OptTensor&,
-      at::TensorList, const Tensor&, const Tensor&, std::string_view, const c10::List<bool>&);
+      at::TensorList, const Tensor&, const Tensor&, std::string_view, const c10::List<bool>&,
+      std::string_view);
   const c10::List<OptTensor>& grad_outs;
   const Tensor& x;
   const OptTensor& ln_weight;
@@ -177,6 +182,7 @@ struct LnLinearGroupBackward {
   const Tensor& rstd;
   std::string_view norm;
   const c10::List<bool>& output_mask;
+  std::string_view quant;
 };
 
 }  // namespace schema

@@ -7,7 +7,8 @@ Public ops (see ``ops.py``; the specification is ``reference.py``):
 - ``ln_linear(x, ln_weight, ln_bias, weight, bias=None, *, eps=1e-5, norm="layer",
   input_activation=None, activation=None, residual=None, alpha=1.0, dropout_p=0.0, backend=None)``
 - ``ln_linear_group(x, ln_weight, ln_bias, weights, biases=None, *, eps=1e-5, norm="layer",
-  backend=None)``: one output per weight, x normalised once
+  quant="none", weight_scales=None, backend=None)``: one output per weight, x normalised (and
+  quantised) once
 
 ``activation(x, name)`` and ``dropout(x, p)`` are the unfused pieces modules fall back to.
 ``available_backends(device)`` says which backends run on a device and why the others do not.

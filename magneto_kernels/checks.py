@@ -201,7 +201,9 @@ def _weight(weight: Tensor, x: Tensor, in_features: int) -> None:
 _OFFLINE = ("bitnet_offline", "bitlinear")
 
 
-def _packed_weight(weight: Tensor, x: Tensor, in_features: int, quant: str) -> None:
+def _packed_weight(
+    weight: Tensor, x: Tensor, in_features: int, quant: str, name: str = "weight"
+) -> None:
     """The offline modes' packed weight (``quant.pack``): (out_features, in_features / 4)."""
     if in_features % QUANT_PACK_UNIT:
         raise ValueError(
@@ -209,10 +211,10 @@ def _packed_weight(weight: Tensor, x: Tensor, in_features: int, quant: str) -> N
         )
     if weight.dim() != 2 or weight.shape[1] != in_features // 4:
         raise ValueError(
-            f"weight must have shape (out_features, {in_features // 4}) for quant={quant!r}"
+            f"{name} must have shape (out_features, {in_features // 4}) for quant={quant!r}"
             f" (packed: magneto_kernels.quant.pack), got {_shape(weight.shape)}"
         )
-    _like(weight, "weight", x, weight.shape, torch.uint8)
+    _like(weight, name, x, weight.shape, torch.uint8)
 
 
 def _ln_linear_common(a, reference: bool) -> None:
@@ -362,15 +364,21 @@ def dropout(*args, reference: bool = False):
 
 
 def _ln_linear_group_common(a, reference: bool) -> None:
-    """What ln_linear_group and its backward share: x, the norm and its parameters, the
-    weights."""
+    """What ln_linear_group and its backward share: x, the norm and its parameters, the quant
+    mode, the weights."""
     _input(a.x, reference)
     _norm(a.norm, True)
+    _quant(a.quant)
     in_features = a.x.shape[-1]
     _norm_params(a.ln_weight, a.ln_bias, a.norm, a.x, "ln_weight", "ln_bias", in_features)
+    if a.quant != "none" and a.norm == "layer":
+        raise ValueError(f"quant={a.quant!r} takes norm='rms' or no norm (BitNet's)")
     if len(a.weights) == 0:
         raise ValueError("weights is empty")
     for i, w in enumerate(a.weights):
+        if a.quant in _OFFLINE:
+            _packed_weight(w, a.x, in_features, a.quant, f"weights[{i}]")
+            continue
         if w.dim() != 2 or w.shape[1] != in_features:
             raise ValueError(
                 f"weights[{i}] must have shape (out_features, {in_features}), got {_shape(w.shape)}"
@@ -393,6 +401,15 @@ def ln_linear_group(*args, reference: bool = False):
         if b is not None:
             _like(b, f"biases[{i}]", a.x, (w.shape[0],))
     _eps(a.eps)
+    n = len(a.weights)
+    if a.quant in _OFFLINE:
+        if a.weight_scales is None:
+            raise ValueError(
+                f"quant={a.quant!r} needs weight_scales, a tensor of shape ({n},): one per weight"
+            )
+        _param(a.weight_scales, "weight_scales", a.x, n)
+    elif a.weight_scales is not None:
+        raise ValueError(f"weight_scales must be None for quant={a.quant!r}")
     return a
 
 
@@ -400,6 +417,11 @@ def ln_linear_group_backward(*args):
     a = _bind("ln_linear_group_backward", args)
     x = a.x
     _ln_linear_group_common(a, False)
+    if a.quant in _OFFLINE:
+        raise NotImplementedError(
+            f"ln_linear_group: quant={a.quant!r} has no backward (inference only); train with"
+            " quant='bitnet_online'"
+        )
     _count(len(a.grad_outs), "grad_outs", len(a.weights))
     for i, (w, g) in enumerate(zip(a.weights, a.grad_outs)):
         if g is not None:

@@ -85,14 +85,17 @@ SCHEMAS = {
     "dropout": "(Tensor x, Tensor seed, float p) -> Tensor",
     # One norm for several projections (q/k/v, gate/up): one output per weight; output_mask is
     # (dx, dln_weight, dln_bias, dweights[0..n), dbiases[0..n)); grad_outs[i] None where
-    # outputs[i] got no gradient.
+    # outputs[i] got no gradient. quant as ln_linear's, the row quantised once for every weight;
+    # weight_scales (n,): the offline modes' scale of each weight (a schema list argument has
+    # no None default, hence one tensor).
     "ln_linear_group": (
         "(Tensor x, Tensor? ln_weight, Tensor? ln_bias, Tensor[] weights, Tensor?[] biases, "
-        'float eps=1e-05, str norm="layer") -> (Tensor[], Tensor, Tensor)'
+        'float eps=1e-05, str norm="layer", str quant="none", Tensor? weight_scales=None) '
+        "-> (Tensor[], Tensor, Tensor)"
     ),
     "ln_linear_group_backward": (
         "(Tensor?[] grad_outs, Tensor x, Tensor? ln_weight, Tensor? ln_bias, Tensor[] weights, "
-        "Tensor mean, Tensor rstd, str norm, bool[] output_mask) "
+        'Tensor mean, Tensor rstd, str norm, bool[] output_mask, str quant="none") '
         "-> (Tensor, Tensor, Tensor, Tensor[], Tensor[])"
     ),
 }

@@ -94,6 +94,14 @@ def _dropout_reference(*args):
 def _ln_linear_group_reference(*args):
     a = checks.ln_linear_group(*autocast.cast_if_enabled("ln_linear_group", args), reference=True)
     weights, biases = list(a.weights), list(a.biases)
+    if a.quant != "none":
+        if a.quant in quant.OFFLINE_MODES:
+            weights = [quant.unpack(w, a.x.dtype) for w in weights]
+        outs = quant.ln_linear_group_bitnet(
+            a.x, a.ln_weight, weights, biases, quant=a.quant, weight_scales=a.weight_scales,
+            eps=a.eps,
+        )  # fmt: skip
+        return (outs,)
     return (
         reference.ln_linear_group(
             a.x, a.ln_weight, a.ln_bias, weights, biases, eps=a.eps, norm=a.norm
@@ -298,6 +306,8 @@ def ln_linear_group(
     *,
     eps: float = 1e-5,
     norm: str = "layer",
+    quant: str = "none",
+    weight_scales: Optional[Tensor] = None,
     backend: Optional[str] = None,
 ) -> tuple[Tensor, ...]:
     """``tuple(N(x) @ w.T + b for w, b in zip(weights, biases))`` as one op: the projections of
@@ -305,7 +315,10 @@ def ln_linear_group(
     x is read and normalised once for every weight, and the backward is one for the group: the
     input gradient ``Σ_i dy_i @ W_i`` is summed inside the op before one norm backward.
     ``N`` as in ``ln_linear`` (nothing when ``ln_weight`` is None); ``biases``: None, or one
-    entry per weight (None where a projection has no bias)."""
+    entry per weight (None where a projection has no bias). ``quant`` as in ``ln_linear``
+    (BitNet's q/k/v and gate/up), the normalised row quantised once for every weight; the
+    offline modes take every weight packed and ``weight_scales`` of shape (len(weights),),
+    ``weight_scales[i]`` the scale of ``weights[i]``."""
     if norm != "layer" and norm != "rms":
         raise ValueError(f"norm must be 'layer' or 'rms', got {norm!r}")
     args = (
@@ -316,6 +329,8 @@ def ln_linear_group(
         [None] * len(weights) if biases is None else biases,
         eps,
         "none" if ln_weight is None else norm,
+        quant,
+        weight_scales,
     )
     try:
         return tuple(_entry("ln_linear_group", backend, x)(*args)[0])

@@ -126,6 +126,45 @@ def ln_linear_bitnet(
     return y if residual is None else alpha * residual + y
 
 
+def ln_linear_group_bitnet(
+    x: Tensor,
+    ln_weight: Optional[Tensor],
+    weights: list[Tensor],
+    biases: Optional[list[Optional[Tensor]]] = None,
+    *,
+    quant: str = "bitnet_online",
+    weight_scales: Optional[Tensor] = None,
+    eps: float = 1e-6,
+) -> tuple[Tensor, ...]:
+    """``ln_linear_bitnet`` of one input for several weights (q/k/v, gate/up), the row
+    normalised and its codes taken once: one output per weight, ``weight_scales`` (offline
+    modes) of shape (len(weights),), ``weight_scales[i]`` the scale of ``weights[i]``. The
+    same values as one ``ln_linear_bitnet`` per weight: a row's codes do not depend on the
+    weight."""
+    n = len(weights)
+    biases = [None] * n if biases is None else biases
+    if quant not in QUANT_MODES:
+        raise ValueError(f"quant must be one of {QUANT_MODES}, got {quant!r}")
+    if quant != "bitnet_online" and (weight_scales is None or weight_scales.shape != (n,)):
+        shape = None if weight_scales is None else tuple(weight_scales.shape)
+        raise ValueError(f"quant={quant!r} needs weight_scales of shape ({n},), got {shape}")
+    h = bitnet_norm(x, ln_weight, eps)
+    if quant == "bitlinear":
+        return tuple(
+            _bitlinear(h, w, weight_scales[i : i + 1], b)
+            for i, (w, b) in enumerate(zip(weights, biases))
+        )
+    hq = _FakeQuant.apply(h, act_codes)
+    if quant == "bitnet_online":
+        return tuple(
+            F.linear(hq, _FakeQuant.apply(w, weight_codes), b) for w, b in zip(weights, biases)
+        )
+    return tuple(
+        F.linear(hq, w, b) * weight_scales[i : i + 1]
+        for i, (w, b) in enumerate(zip(weights, biases))
+    )
+
+
 def _bitlinear(h: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
     """``BitLinear.forward`` after its optional norm. Its ``activation_quant`` and
     ``post_quant_process`` are ``torch.compile``'d, and inductor computes a bf16/fp16 kernel's

@@ -29,6 +29,7 @@
 //   backward  dbias_i = Σ dy_i; dh = Σ_i dy_i @ W_i (accumulated by the GEMMs in x's dtype, as
 //             ln_linear's dh); one pass over x: norm backward of dh and h recomputed;
 //             dweight_i = dy_i^T @ h
+//   quantised as ln_linear's, h fake-quantised (online) or int8 rows (offline) once for all W_i
 // A gated input activation makes x 2·K wide (x = [gate | up]); h, dh, the norm and the GEMMs
 // stay K wide, and only the norm passes read x (and write dx) at 2·K.
 #include <algorithm>
@@ -195,17 +196,17 @@ Tensor fake_quant_rows(const Tensor& h, bool in_place) {
   return in_place ? h.copy_(fake) : fake.to(h.scalar_type());
 }
 
-// The offline modes' preact (kernels.h, quant_linear) for all rows: h = N(in_act(x)) a block of
-// rows at a time into a cache-sized workspace, each block quantised to int8 rows right after (the
-// full-precision h of all rows is never written to memory), then the integer projection.
-Tensor offline_projection(const LnLinearArgs& a, const Tensor& mean, const Tensor& rstd) {
+// h's int8 rows (kernels.h, quantize_rows): codes, their sums and scales.
+struct QuantizedRows { Tensor q, q_sum, scale; };
+
+// The offline modes' operand: h = N(in_act(x)) a block of rows at a time into a cache-sized
+// workspace, each block quantised right after (the full-precision h is never all in memory).
+QuantizedRows quantize_h(const LnLinearArgs& a, const Tensor& mean, const Tensor& rstd) {
   const Tensor& x = a.x;
   const int64_t rows = x.size(0), in_features = norm_cols(x, a.input_activation);
-  const int64_t out_features = a.weight.size(0);
-  const Tensor q = at::empty({rows, in_features}, x.options().dtype(at::kChar));
-  const Tensor q_sum = at::empty({rows}, x.options().dtype(at::kInt));
-  const Tensor scale = at::empty({rows}, x.options().dtype(at::kFloat));
-  const DType dtype = dtype_code(x.scalar_type());
+  const QuantizedRows r{at::empty({rows, in_features}, x.options().dtype(at::kChar)),
+                        at::empty({rows}, x.options().dtype(at::kInt)),
+                        at::empty({rows}, x.options().dtype(at::kFloat))};
   const bool identity = a.norm == Norm::kNone && a.input_activation == Activation::kNone;
   const int64_t block =
       identity ? rows : std::max<int64_t>(1, kQuantBlockBytes / (in_features * x.element_size()));
@@ -219,25 +220,21 @@ Tensor offline_projection(const LnLinearArgs& a, const Tensor& mean, const Tenso
       prologue(a, x.narrow(0, begin, count), h, row_slice(mean, begin, count),
                row_slice(rstd, begin, count));
     }
-    quantize_rows({dtype, count, in_features, h.data_ptr(),
-                   q.data_ptr<int8_t>() + begin * in_features, q_sum.data_ptr<int32_t>() + begin,
-                   scale.data_ptr<float>() + begin});
+    quantize_rows({dtype_code(x.scalar_type()), count, in_features, h.data_ptr(),
+                   r.q.data_ptr<int8_t>() + begin * in_features,
+                   r.q_sum.data_ptr<int32_t>() + begin, r.scale.data_ptr<float>() + begin});
   }
-  Tensor preact = new_tensor({rows, out_features}, x.options());
-  QuantLinear l;
-  l.dtype = dtype;
-  l.quant = a.quant;
-  l.rows = rows;
-  l.in_features = in_features;
-  l.out_features = out_features;
-  l.q = q.data_ptr<int8_t>();
-  l.q_sum = q_sum.data_ptr<int32_t>();
-  l.scale = scale.data_ptr<float>();
-  l.weight = a.weight.data_ptr<uint8_t>();
-  l.weight_scale = a.weight_scale->item<float>();
-  l.bias = a.bias.has_value() ? a.bias->data_ptr() : nullptr;
-  l.preact = preact.data_ptr();
-  quant_linear(l);
+  return r;
+}
+
+// The integer projection (kernels.h, quant_linear) of quantised rows against one packed weight.
+Tensor quant_projection(const Tensor& x, Quant quant, const QuantizedRows& r,
+                        const Tensor& weight, float weight_scale, const OptTensor& bias) {
+  Tensor preact = new_tensor({r.q.size(0), weight.size(0)}, x.options());
+  quant_linear({dtype_code(x.scalar_type()), quant, r.q.size(0), r.q.size(1), weight.size(0),
+                r.q.data_ptr<int8_t>(), r.q_sum.data_ptr<int32_t>(), r.scale.data_ptr<float>(),
+                weight.data_ptr<uint8_t>(), weight_scale,
+                bias.has_value() ? bias->data_ptr() : nullptr, preact.data_ptr()});
   return preact;
 }
 
@@ -300,7 +297,8 @@ void Kernels::ln_linear(const LnLinearArgs& a, LnLinearOutputs& out) {
   Tensor preact;
   bool residual_added = false;
   if (is_offline(a.quant)) {
-    preact = offline_projection(a, out.mean, out.rstd);
+    preact = quant_projection(x, a.quant, quantize_h(a, out.mean, out.rstd), a.weight,
+                              a.weight_scale->item<float>(), a.bias);
   } else if (identity_prologue || block == rows) {
     // One GEMM with the bias in its epilogue: preact = h W^T + b. The residual comes in the pass
     // over preact below: accumulating into an output filled with alpha·residual + b instead
@@ -481,6 +479,18 @@ void Kernels::ln_linear_group(const LnLinearGroupArgs& a, LnLinearGroupOutputs& 
   const bool identity_prologue = a.norm == Norm::kNone;
   const LnLinearArgs norm_args{x, a.ln_weight, a.ln_bias, Tensor(), std::nullopt, std::nullopt,
                                std::nullopt, a.eps, a.norm};
+  if (is_offline(a.quant)) {  // the rows quantised once, every weight's projection reading them
+    const QuantizedRows r = quantize_h(norm_args, out.mean, out.rstd);
+    const float* scales = a.weight_scales->data_ptr<float>();
+    for (size_t i = 0; i < a.weights.size(); ++i) {
+      out.outs.push_back(quant_projection(x, a.quant, r, a.weights[i], scales[i], a.biases[i]));
+    }
+    return;
+  }
+  // Online: every weight fake-quantised, and h once, after the norm (straight-through backward).
+  const bool online = a.quant == Quant::kBitnetOnline;
+  std::vector<Tensor> weights;
+  for (const Tensor& w : a.weights) weights.push_back(online ? fake_quant_weight(w) : w);
   const int64_t block_rows = workspace_block_rows(x, rows, in_features, kMinBlockRows);
   if (identity_prologue || block_rows == 0 || block_rows == rows) {
     // h at once (x itself without a norm), then one GEMM per weight with its bias.
@@ -490,8 +500,9 @@ void Kernels::ln_linear_group(const LnLinearGroupArgs& a, LnLinearGroupOutputs& 
                          : new_tensor({rows, in_features}, x.options());
       prologue(norm_args, x, h, out.mean, out.rstd);
     }
-    for (size_t i = 0; i < a.weights.size(); ++i) {
-      out.outs.push_back(gemm::linear(h, a.weights[i], a.biases[i]));
+    if (online) h = fake_quant_rows(h, !identity_prologue);
+    for (size_t i = 0; i < weights.size(); ++i) {
+      out.outs.push_back(gemm::linear(h, weights[i], a.biases[i]));
     }
     return;
   }
@@ -511,8 +522,9 @@ void Kernels::ln_linear_group(const LnLinearGroupArgs& a, LnLinearGroupOutputs& 
     const Tensor h = workspace(x, count, in_features);
     prologue(norm_args, x.narrow(0, begin, count), h, row_slice(out.mean, begin, count),
              row_slice(out.rstd, begin, count));
-    for (size_t i = 0; i < a.weights.size(); ++i) {
-      gemm::matmul(gemm::Role::kForward, h, a.weights[i].t(), out.outs[i].narrow(0, begin, count),
+    if (online) fake_quant_rows(h, /*in_place=*/true);
+    for (size_t i = 0; i < weights.size(); ++i) {
+      gemm::matmul(gemm::Role::kForward, h, weights[i].t(), out.outs[i].narrow(0, begin, count),
                    /*accumulate=*/a.biases[i].has_value());
     }
   }
@@ -551,13 +563,16 @@ void Kernels::ln_linear_group_backward(const LnLinearGroupBackwardArgs& a,
   const bool dh_buffer = want_norm_grads && !want_dx;
   const bool h_buffer = want_dweight && !identity_prologue;
   const BackwardBuffers buffer(x, rows, in_features, int64_t{dh_buffer} + int64_t{h_buffer});
+  // Straight-through (online quant): the linear's gradients at the fake-quantised operands.
+  const bool online = a.quant == Quant::kBitnetOnline;
   Tensor dh;
   if (want_norm_grads) {
     dh = want_dx ? grads.dx : buffer(0);
     bool first = true;
     for (size_t i = 0; i < n; ++i) {
       if (!a.grad_outs[i].defined()) continue;
-      gemm::matmul(gemm::Role::kInputGrad, a.grad_outs[i], a.weights[i], dh,
+      gemm::matmul(gemm::Role::kInputGrad, a.grad_outs[i],
+                   online ? fake_quant_weight(a.weights[i]) : a.weights[i], dh,
                    /*accumulate=*/!first);
       first = false;
     }
@@ -570,6 +585,7 @@ void Kernels::ln_linear_group_backward(const LnLinearGroupBackwardArgs& a,
                         {grads.dx, grads.dln_weight, grads.dln_bias},
                         want_dweight ? h : Tensor());
   }
+  if (want_dweight && online) h = fake_quant_rows(h, !identity_prologue);
   for (size_t i = 0; i < n; ++i) {
     if (grads.dweights[i].numel() == 0) continue;
     if (!a.grad_outs[i].defined()) {

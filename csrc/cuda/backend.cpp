@@ -23,7 +23,7 @@
 //            (WeightQuant), then the cuBLAS path above; backward straight-through: dh at the
 //            fake weight, dweight at the fake h recomputed with the saved rstd
 //
-//   ln_linear_group (one norm, several weights W_i)
+//   ln_linear_group (one norm, several weights W_i; quantised as ln_linear, h's rows once)
 //   forward   h = N(x) once (norm_forward); out_i = h @ W_i^T + b_i   cuBLAS addmm per weight
 //   backward  dbias_i = Σ dy_i; dh = Σ_i dy_i @ W_i (cuBLAS, accumulating in dh's dtype, x's as
 //             ln_linear's); one norm_backward; h recomputed once; dweight_i = dy_i^T @ h
@@ -169,37 +169,57 @@ Tensor fake_quant_weight_of(const Tensor& weight) {
   return fake;
 }
 
-// The offline modes: out = alpha·residual + the integer projection of h's codes.
-void offline_projection(const LnLinearArgs& a, LnLinearOutputs& out) {
-  const Tensor& x = a.x;
-  const int64_t rows = x.size(0), in_features = norm_cols(x, a.input_activation);
-  const Tensor q = at::empty({rows, in_features}, x.options().dtype(at::kChar));
-  const Tensor q_sum = at::empty({rows}, x.options().dtype(at::kInt));
-  const Tensor scale = new_tensor({rows}, x.options().dtype(at::kFloat));
-  quantize_rows_of(x, a.ln_weight, a.eps, a.norm, a.input_activation, in_features, out.rstd,
-                   /*saved=*/false, q, q_sum, scale);
-  out.out = new_tensor({rows, a.weight.size(0)}, x.options());
-  out.preact = empty0(x);
+// h's int8 rows (quantize_rows): codes, their sums and scales.
+struct QuantizedRows {
+  Tensor q, q_sum, scale;
+};
+
+QuantizedRows quantized_rows(const Tensor& x, int64_t in_features) {
+  const int64_t rows = x.size(0);
+  return {at::empty({rows, in_features}, x.options().dtype(at::kChar)),
+          at::empty({rows}, x.options().dtype(at::kInt)),
+          new_tensor({rows}, x.options().dtype(at::kFloat))};
+}
+
+// out = alpha·residual + the integer projection of the rows' codes against one packed weight.
+Tensor quant_projection(const Tensor& x, Quant quant, const QuantizedRows& r,
+                        const Tensor& weight, const float* weight_scale, const OptTensor& bias,
+                        const OptTensor& residual, double alpha) {
+  const int64_t rows = r.q.size(0);
+  Tensor out = new_tensor({rows, weight.size(0)}, x.options());
   QuantLinearParams l;
-  l.q = q.data_ptr<int8_t>();
-  l.q_sum = q_sum.data_ptr<int32_t>();
-  l.scale = scale.data_ptr<float>();
-  l.weight = a.weight.data_ptr<uint8_t>();
-  l.weight_scale = a.weight_scale->data_ptr<float>();
-  l.bias = a.bias.has_value() ? a.bias->data_ptr() : nullptr;
-  if (a.residual.has_value()) {
-    l.residual = a.residual->data_ptr();
-    l.residual_stride = a.residual->size(1);
-    l.alpha = static_cast<float>(a.alpha);
+  l.q = r.q.data_ptr<int8_t>();
+  l.q_sum = r.q_sum.data_ptr<int32_t>();
+  l.scale = r.scale.data_ptr<float>();
+  l.weight = weight.data_ptr<uint8_t>();
+  l.weight_scale = weight_scale;
+  l.bias = bias.has_value() ? bias->data_ptr() : nullptr;
+  if (residual.has_value()) {
+    l.residual = residual->data_ptr();
+    l.residual_stride = residual->size(1);
+    l.alpha = static_cast<float>(alpha);
   }
-  l.out = out.out.data_ptr();
-  l.out_stride = out.out.size(1);
+  l.out = out.data_ptr();
+  l.out_stride = out.size(1);
   l.rows = rows;
-  l.in_features = in_features;
-  l.out_features = a.weight.size(0);
-  l.quant = a.quant;
+  l.in_features = r.q.size(1);
+  l.out_features = weight.size(0);
+  l.quant = quant;
   l.dtype = dtype_code(x.scalar_type());
   check_status(cuda::quant_linear(l, current_stream(x)));
+  return out;
+}
+
+// The offline modes: h's rows quantised, then their integer projection.
+void offline_projection(const LnLinearArgs& a, LnLinearOutputs& out) {
+  const Tensor& x = a.x;
+  const int64_t in_features = norm_cols(x, a.input_activation);
+  const QuantizedRows r = quantized_rows(x, in_features);
+  quantize_rows_of(x, a.ln_weight, a.eps, a.norm, a.input_activation, in_features, out.rstd,
+                   /*saved=*/false, r.q, r.q_sum, r.scale);
+  out.out = quant_projection(x, a.quant, r, a.weight, a.weight_scale->data_ptr<float>(), a.bias,
+                             a.residual, a.alpha);
+  out.preact = empty0(x);
 }
 
 }  // namespace
@@ -417,14 +437,31 @@ void Kernels::dropout(const DropoutArgs& a, const Tensor& y) {
 void Kernels::ln_linear_group(const LnLinearGroupArgs& a, LnLinearGroupOutputs& out) {
   const Tensor& x = a.x;
   const DeviceGuard guard(x.device());
+  const int64_t in_features = x.size(1);
+  if (is_offline(a.quant)) {
+    // The rows normalised and quantised once; every weight's projection reads their codes.
+    const QuantizedRows r = quantized_rows(x, in_features);
+    quantize_rows_of(x, a.ln_weight, a.eps, a.norm, Activation::kNone, in_features, out.rstd,
+                     /*saved=*/false, r.q, r.q_sum, r.scale);
+    const float* scales = a.weight_scales->data_ptr<float>();
+    for (size_t i = 0; i < a.weights.size(); ++i) {
+      out.outs.push_back(quant_projection(x, a.quant, r, a.weights[i], scales + i, a.biases[i],
+                                          std::nullopt, 1.0));
+    }
+    return;
+  }
+  const bool online = a.quant == Quant::kBitnetOnline;
   Tensor h = x;
-  if (a.norm != Norm::kNone) {
+  if (online) {  // h fake-quantised once, every weight fake-quantised (WeightQuant)
+    h = quantize_rows_of(x, a.ln_weight, a.eps, a.norm, Activation::kNone, in_features, out.rstd,
+                         /*saved=*/false);
+  } else if (a.norm != Norm::kNone) {
     h = new_h(x, a.weights[0]);
     norm_forward_with({x, std::nullopt, 1.0, a.ln_weight, a.ln_bias, a.eps, a.norm},
                       {h, Tensor(), out.mean, out.rstd});
   }
   for (size_t i = 0; i < a.weights.size(); ++i) {
-    const Tensor wt = a.weights[i].t();
+    const Tensor wt = (online ? fake_quant_weight_of(a.weights[i]) : a.weights[i]).t();
     out.outs.push_back(a.biases[i].has_value() ? at::addmm(*a.biases[i], h, wt) : at::mm(h, wt));
   }
 }
@@ -445,10 +482,13 @@ void Kernels::ln_linear_group_backward(const LnLinearGroupBackwardArgs& a,
   const bool identity_prologue = a.norm == Norm::kNone;
   const bool want_norm_grads =
       grads.dx.numel() > 0 || grads.dln_weight.numel() > 0 || grads.dln_bias.numel() > 0;
+  // Straight-through (online quant): the linear's gradients at the fake-quantised operands.
+  const bool online = a.quant == Quant::kBitnetOnline;
   if (want_norm_grads) {
     Tensor dh = at::zeros_like(x);
     for (size_t i = 0; i < n; ++i) {
-      if (a.grad_outs[i].defined()) dh.addmm_(a.grad_outs[i], a.weights[i]);
+      if (!a.grad_outs[i].defined()) continue;
+      dh.addmm_(a.grad_outs[i], online ? fake_quant_weight_of(a.weights[i]) : a.weights[i]);
     }
     if (identity_prologue) {
       grads.dx = dh;
@@ -467,7 +507,10 @@ void Kernels::ln_linear_group_backward(const LnLinearGroupBackwardArgs& a,
     }
     if (!h.defined()) {  // h recomputed once, for every weight's gradient
       h = x;
-      if (!identity_prologue) {
+      if (online) {
+        h = quantize_rows_of(x, a.ln_weight, 0.0, a.norm, Activation::kNone, x.size(1), a.rstd,
+                             /*saved=*/true);
+      } else if (!identity_prologue) {
         h = new_h(x, a.weights[0]);
         norm_forward_with({x, std::nullopt, 1.0, a.ln_weight, a.ln_bias, 0.0, a.norm},
                           {h, Tensor(), Tensor(), Tensor()}, a.mean, a.rstd);

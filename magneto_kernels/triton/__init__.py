@@ -199,6 +199,7 @@ def _ln_linear_group_op(*args):
             ln_weight=_dense(a.ln_weight),
             ln_bias=_dense(a.ln_bias),
             biases=[_dense(b) for b in a.biases],
+            weight_scales=_dense(a.weight_scales),
         )
     )
     return [_like(out, a.x) for out in outs], mean, rstd

@@ -11,6 +11,10 @@ Forward, two launches whatever the number of weights:
 Backward: per weight the column sum of dy_i (dbias_i) and ``dweight_i = dy_i^T @ h`` (h
 recomputed on load, ``gemm.dweight``); ``dh = Σ_i dy_i @ W_i`` accumulated in float32 (each GEMM
 adds the previous sum as its epilogue's residual); one norm backward for the group.
+Quantised (``quant``, BitNet's; ``triton/quant.py``): the row statistics and activation scales
+once (``quant.row_stats``), then one ``quant.project`` launch per weight, each forming the row's
+codes on load from them; online backward as ln_linear's, the scales taken once for every
+dweight_i and dh summed over the fake-quantised weights.
 """
 
 import torch
@@ -19,6 +23,7 @@ import triton.language as tl
 
 from magneto_kernels.codes import NORMS
 from magneto_kernels.triton import configs, gemm
+from magneto_kernels.triton import quant as _quant
 from magneto_kernels.triton.activations import ACT_NONE, cast_rn
 from magneto_kernels.triton.common import INTERPRET, fp32_dot_precision, new_buffer, rowwise
 from magneto_kernels.triton.ln_linear import (
@@ -260,9 +265,19 @@ def group_matmul(x, weights, biases, outs, norm, mean, rstd, gamma, beta):
     )
 
 
-def ln_linear_group(x, ln_weight, ln_bias, weights, biases, eps, norm):
+def ln_linear_group(
+    x, ln_weight, ln_bias, weights, biases, eps, norm, quant="none", weight_scales=None
+):
     rows = x.shape[0]
     x, ln_weight, ln_bias = rowwise(x, ln_weight, ln_bias)
+    if quant != "none":
+        rstd, scale = _quant.row_stats(x, ln_weight, eps, norm, "none", x.shape[1])
+        outs = []
+        for i, (w, b) in enumerate(zip(weights, biases)):
+            ws = None if weight_scales is None else weight_scales[i : i + 1]
+            args = (x, ln_weight, w, b, None, norm, "none", 1.0, quant, ws, rstd, scale)
+            outs.append(_quant.project(*args))
+        return outs, x.new_empty((0,), dtype=torch.float32), rstd
     if norm != "none":
         _, _, mean, rstd = norm_forward(x, None, None, eps, norm, write_y=False)
     else:
@@ -318,9 +333,11 @@ def _dbias(dy, n, dtype):
 
 
 def ln_linear_group_backward(
-    grad_outs, x, ln_weight, ln_bias, weights, mean, rstd, norm, output_mask
+    grad_outs, x, ln_weight, ln_bias, weights, mean, rstd, norm, output_mask, quant="none"
 ):
     x, ln_weight, ln_bias = rowwise(x, ln_weight, ln_bias)
+    online = quant == "bitnet_online"  # the checks refuse the offline modes' backward
+    scale = None  # online: the row scales, taken once for every dweight_i
     rows, k = x.shape
     n = len(weights)
     empty = x.new_empty((0,))
@@ -337,6 +354,10 @@ def ln_linear_group_backward(
             dweight = new_buffer(w.shape, w.dtype, x.device)
             if dy is None or rows == 0:
                 dweight.zero_()
+            elif online:
+                if scale is None:
+                    _, scale = _quant.row_stats(x, ln_weight, 0.0, norm, "none", k, rstd)
+                dweight = _quant.quant_dweight(dy, x, ln_weight, w, rstd, scale, norm, "none")
             else:
                 gemm.dweight(dy, x, dweight, norm, "none", mean=mean, rstd=rstd, gamma=ln_weight,
                              beta=ln_bias)  # fmt: skip
@@ -356,6 +377,7 @@ def ln_linear_group_backward(
         given = [(dy, w) for dy, w in zip(grad_outs, weights) if dy is not None]
         for j, (dy, w) in enumerate(given):
             if rows > 0:
+                w = _quant.fake_quant_weight(w) if online else w
                 gemm.ln_matmul(dy, w, dh, residual=dh if j > 0 else None)
         if norm == "none":
             dx = dh.to(x.dtype) if want_dx else empty

@@ -439,14 +439,29 @@ def ln_linear(
     outputs: mean and preact empty (RMSNorm, no output activation), rstd empty without a
     norm."""
     x, residual, ln_weight, bias = rowwise(x, residual, ln_weight, bias)
+    in_features = weight.shape[1] * (1 if quant == "bitnet_online" else 4)
+    empty = x.new_empty((0,), dtype=torch.float32)
+    rstd, scale = row_stats(x, ln_weight, eps, norm, input_activation, in_features)
+    out = project(
+        x, ln_weight, weight, bias, residual, norm, input_activation, alpha, quant, weight_scale,
+        rstd, scale,
+    )  # fmt: skip
+    return out, empty, rstd, x.new_empty((0,))
+
+
+def project(
+    x, ln_weight, weight, bias, residual, norm, input_activation, alpha, quant, weight_scale, rstd,
+    scale,
+):  # fmt: skip
+    """``_quant_matmul_kernel``'s output for x's rows (rowwise) of statistics (rstd, scale)
+    from ``row_stats``: ln_linear's, or one weight's of ln_linear_group (which takes the row
+    statistics once for every weight)."""
     rows = x.shape[0]
     online = quant == "bitnet_online"
     n, in_features = weight.shape[0], weight.shape[1] * (1 if online else 4)
-    empty = x.new_empty((0,), dtype=torch.float32)
-    rstd, scale = row_stats(x, ln_weight, eps, norm, input_activation, in_features)
     out = new_buffer((rows, n), x.dtype, x.device)
     if rows == 0 or n == 0:
-        return out, empty, rstd, x.new_empty((0,))
+        return out
     w = fake_quant_weight(weight) if online else weight
     flags = dict(
         QUANT=_MODES[quant],
@@ -490,7 +505,7 @@ def ln_linear(
     sizes = (configs.row_bucket(rows), n, in_features, x.dtype, aligned)
     key = (*sizes, *flags.values(), *dot.values())
     configs.launch(_quant_matmul_kernel, grid, tiles, key, **args, **flags, **dot, GROUP_M=8)
-    return out, empty, rstd, x.new_empty((0,))
+    return out
 
 
 def ln_linear_backward(grad_out, x, ln_weight, weight, rstd, norm, input_activation, output_mask):
@@ -517,31 +532,7 @@ def ln_linear_backward(grad_out, x, ln_weight, weight, rstd, norm, input_activat
         dbias = column_sum(dz.float(), weight.dtype)
     if want_dweight:
         _, scale = row_stats(x, ln_weight, 0.0, norm, input_activation, k, rstd)
-        dweight = new_buffer(weight.shape, weight.dtype, x.device)
-        flags = dict(
-            NORM=NORMS[norm],
-            **input_activation_args(input_activation),
-            HAS_GAMMA=ln_weight is not None,
-        )
-        gemm._gemm(
-            _quant_dweight_kernel,
-            n,
-            k,
-            weight.dtype,
-            flags,
-            "b",
-            DZ=dz,
-            X=x,
-            DWEIGHT=dweight,
-            RSTD=rstd if norm != "none" else None,
-            SCALE=scale,
-            GAMMA=ln_weight,
-            M=rows,
-            N=n,
-            K=k,
-            stride_dzm=dz.stride(0),
-            stride_xm=x.stride(0),
-        )
+        dweight = quant_dweight(dz, x, ln_weight, weight, rstd, scale, norm, input_activation)
     if need_dh:
         dh = new_buffer((rows, k), x.dtype, x.device)
         gemm.ln_matmul(dz, fake_quant_weight(weight), dh)
@@ -550,3 +541,21 @@ def ln_linear_backward(grad_out, x, ln_weight, weight, rstd, norm, input_activat
             [want_dx, want_dgamma, False], input_activation=input_activation,
         )  # fmt: skip
     return dx, dgamma, empty, dweight, dbias
+
+
+def quant_dweight(dz, x, ln_weight, weight, rstd, scale, norm, input_activation):
+    """dweight = dz^T @ fake_quant(h) (``_quant_dweight_kernel``; h and its codes recomputed on
+    load from x, rstd and the row scales of ``row_stats``)."""
+    n, k = weight.shape
+    dweight = new_buffer(weight.shape, weight.dtype, x.device)
+    flags = dict(
+        NORM=NORMS[norm],
+        **input_activation_args(input_activation),
+        HAS_GAMMA=ln_weight is not None,
+    )
+    gemm._gemm(
+        _quant_dweight_kernel, n, k, weight.dtype, flags, "b", DZ=dz, X=x, DWEIGHT=dweight,
+        RSTD=rstd if norm != "none" else None, SCALE=scale, GAMMA=ln_weight, M=x.shape[0], N=n,
+        K=k, stride_dzm=dz.stride(0), stride_xm=x.stride(0),
+    )  # fmt: skip
+    return dweight

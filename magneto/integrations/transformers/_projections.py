@@ -106,12 +106,6 @@ class LinearProjection:
         return outs
 
 
-def _group_of_calls(adapter, x: Tensor, nargs: NormArgs, linears, options) -> tuple:
-    """A group as one call per projection (each quantises the normalised row again): the
-    quantised ``ln_linear_group`` comes with the quantised op's grouped form."""
-    return tuple(adapter.call(x, nargs, linear, options) for linear in linears)
-
-
 class _BitNetProjection:
     """What the adapters of transformers' BitNet classes share (``magneto_kernels.quant``):
     offline, the weight packed into the kernels' layout once, at patch time (``prepare``), kept
@@ -184,7 +178,28 @@ class _BitNetProjection:
 
     @classmethod
     def group(cls, x: Tensor, nargs: NormArgs, linears, options) -> tuple[Tensor, ...]:
-        return _group_of_calls(cls, x, nargs, linears, options)
+        """q/k/v or gate/up as one quantised ``ln_linear_group``: the normalised row quantised
+        once for every projection. Projections of different modes (a model converted in part)
+        run one call each."""
+        mode = cls.mode(linears[0])
+        if any(cls.mode(linear) != mode for linear in linears):
+            return tuple(cls.call(x, nargs, linear, options) for linear in linears)
+        offline = cls.offline(linears[0])
+        ln_weight, ln_bias, eps, norm = nargs
+        return magneto_kernels.ln_linear_group(
+            x,
+            ln_weight,
+            ln_bias,
+            [linear._magneto_packed if offline else linear.weight for linear in linears],
+            [linear.bias for linear in linears],
+            eps=eps,
+            norm=norm,
+            quant=mode,
+            weight_scales=torch.cat([linear.weight_scale.reshape(1) for linear in linears])
+            if offline
+            else None,
+            backend=options.backend,
+        )
 
 
 def _pack(name: str, ternary: Tensor) -> Tensor:

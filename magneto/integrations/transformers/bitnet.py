@@ -3,7 +3,8 @@
 
 Projections of transformers' quantised classes (``AutoBitLinear`` online and offline, packed
 ``BitLinear``) fuse the same four norm sites and both residual adds through their adapters
-(``_projections``): ``ln_linear``'s quantised modes, q/k/v and gate/up one call each for now.
+(``_projections``): ``ln_linear``'s quantised modes, q/k/v and gate/up each one quantised
+``ln_linear_group`` (the normalised row quantised once for the group).
 """
 
 from __future__ import annotations
