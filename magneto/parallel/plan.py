@@ -143,7 +143,7 @@ def tensor_parallelize(
 
     ``sequence_parallel``: between the blocks the residual stream is split on the sequence
     too (``magneto.parallel.sequence``; the length must divide by the ranks): an ``Encoder``,
-    a ``Decoder`` or an ``EncoderDecoder``, every norm scheme, not multiway (ValueError
+    a ``Decoder``, an ``EncoderDecoder`` or a ``BEiT3``, every norm scheme (ValueError
     otherwise)."""
     group = _group(mesh, tp_dim)
     rank, world = dist.get_rank(group), dist.get_world_size(group)

@@ -22,8 +22,17 @@ Each stack splits its first layer's input (the embeddings and ``layernorm_embedd
 the whole sequence, replicated) and gathers its last layer's output (the final norm and the
 output projection run on the whole sequence, replicated: their gradients are whole on every
 rank). A call with an ``incremental_state`` (decoding with the key/value cache) runs as plain
-tensor parallelism. Multiway models (BEiT3) are refused (``check_sequence_parallel`` says
-why). ``tensor_parallelize(..., sequence_parallel=True)`` installs it.
+tensor parallelism.
+
+A multiway encoder (BEiT3) whose split falls inside the sequence holds this rank's rows as the
+two parts, one of them empty on the ranks whose rows are all of one modality
+(``forward_parts``). A block gathers the rows into the whole sequence's two parts, runs each
+part's projections with that part's copy, and reduce-scatters the two parts' partial outputs as
+one sequence (a part's length need not divide by the ranks); each part's bias, dropout and
+residual add then run on this rank's rows of it (``_residual_parts``). A single-modality call
+runs as any other stack.
+
+``tensor_parallelize(..., sequence_parallel=True)`` installs it.
 """
 
 from __future__ import annotations
