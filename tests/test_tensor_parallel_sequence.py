@@ -103,7 +103,7 @@ def _stream_length(kind):
 
 
 def _dropout_model(kind):
-    return _sequence_model(kind, "subln", "layer", dropout=DROPOUT).train()
+    return _sequence_model(kind, "subln", "layer", dropout=DROPOUT, drop_path=DROPOUT).train()
 
 
 def _dropout_step(kind, model):
@@ -218,9 +218,9 @@ def test_sequence_and_vocab_parallel_loss_matches_one_process(_runs):
 
 @pytest.mark.parametrize("kind", DROPOUT_KINDS)
 def test_sequence_parallel_dropout_draws_the_one_process_masks(_runs, kind):
-    """In training with dropout after out_proj and fc2, each rank keeps its rows of the mask a
-    one-process run draws (BEiT3: of each part's mask, A's drawn before B's): outputs and
-    gradients as one process."""
+    """In training with dropout after out_proj and fc2 and drop path, each rank keeps its rows
+    of the mask a one-process run draws (BEiT3: of each part's mask, A's drawn before B's),
+    and the same per-sample drop path: outputs and gradients as one process."""
     per_rank = [r["dropout"][kind] for r in _runs]
     model = _dropout_model(kind)
     out = _dropout_step(kind, model)

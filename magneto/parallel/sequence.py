@@ -185,6 +185,18 @@ class SequenceParallelFeedForward(FeedForward):
         return super().forward(x if gathered else gather_sequence(x, group), **kwargs)
 
 
+def _split_input(x: Tensor, group) -> Tensor:
+    """A stack's first layer's input split (``split_sequence``); ValueError unless the length
+    divides by the ranks."""
+    world = dist.get_world_size(group)
+    if x.shape[1] % world:
+        raise ValueError(
+            f"sequence parallelism: the length {x.shape[1]} is not divisible by the {world} "
+            "tensor-parallel ranks"
+        )
+    return split_sequence(x, group)
+
+
 class _SequenceParallelLayer:
     """Mixed into a layer's class: its call runs sequence-parallel (the first layer splits its
     input, the last gathers its output) unless it decodes with an ``incremental_state``."""
@@ -204,12 +216,7 @@ class _SequenceParallelLayer:
                 )
             self._check_hooks()
         if group is not None and self.sequence_split:
-            if x.shape[1] % world:
-                raise ValueError(
-                    f"sequence parallelism: the length {x.shape[1]} is not divisible by the "
-                    f"{world} tensor-parallel ranks"
-                )
-            x = split_sequence(x, group)
+            x = _split_input(x, group)
         _ACTIVE.append(group)
         try:
             out = super().forward(x, *args, **kwargs)
@@ -228,15 +235,9 @@ class _SequenceParallelLayer:
         if group is None:
             return super().forward_parts(parts, *args, **kwargs)
         if self.sequence_split:
-            x = torch.cat(list(parts), dim=1)
-            world = dist.get_world_size(group)
-            if x.shape[1] % world:
-                raise ValueError(
-                    f"sequence parallelism: the length {x.shape[1]} is not divisible by the "
-                    f"{world} tensor-parallel ranks"
-                )
             self.sequence_parts["split"] = parts[0].shape[1]
-            parts = self._local_parts(split_sequence(x, group), group)
+            x = _split_input(torch.cat(list(parts), dim=1), group)
+            parts = self._local_parts(x, group)
         self._check_hooks()
         _ACTIVE.append(group)
         try:
@@ -313,11 +314,8 @@ class _SequenceParallelLayer:
         ys = y.split([x.shape[1] for x in parts], dim=1)
         p = self.config.dropout if self.training else 0.0
         start = dist.get_rank(group) * y.shape[1]
-        keep = None
-        if self.drop_path is not None and self.training:
-            keep = self.drop_path.sample(parts[0]) / (1.0 - self.drop_path.p)
-        out = []
-        for part, (x, y) in enumerate(zip(parts, ys)):
+        ys = list(ys)
+        for part, y in enumerate(ys):
             bias = _row_bias(sublayer, part)
             if bias is not None:
                 y = y + copy_to_parallel(bias, group)
@@ -326,16 +324,17 @@ class _SequenceParallelLayer:
                 length = split if part == 0 else whole.shape[1] - split
                 mask = magneto_kernels.dropout(y.new_ones(y.shape[0], length, y.shape[2]), p)
                 y = y * mask.narrow(1, first, y.shape[1])
-            if keep is not None:
-                y = y * keep
-            if before:
-                out.append(self.alpha * x + y)
-            else:  # an empty part too: every rank runs the same collectives
-                site = f"{type(self).__name__}'s norm"
-                n = _rows_norm(norm[part], group)
-                c = self.config
-                out.append(add_norm(site, n, y, x, self.alpha, c.backend, c.residual_in_fp32))
-        return out
+            ys[part] = y
+        if self.drop_path is not None and self.training:  # drawn after the masks, as there
+            keep = self.drop_path.sample(parts[0]) / (1.0 - self.drop_path.p)
+            ys = [y * keep for y in ys]
+        if before:
+            return [self.alpha * x + y for x, y in zip(parts, ys)]
+        site, c = f"{type(self).__name__}'s norm", self.config
+        return [  # an empty part too: every rank runs the same collectives
+            add_norm(site, _rows_norm(n, group), y, x, self.alpha, c.backend, c.residual_in_fp32)
+            for n, x, y in zip((norm[0], norm[1]), parts, ys)
+        ]
 
 
 def _row_bias(sublayer: nn.Module, part: int) -> Optional[Tensor]:
