@@ -13,8 +13,8 @@ compare that with the same model run here in one process.
   docs/design.md counts, and a sharded fc2 keeps only its input and the row statistics and
   runs each of the op family's sharded-norm entry points once (the norm fused with it);
 - vocabulary-parallel embedding, output projection (tied or not), loss and greedy argmax;
-- a 2-D mesh (FSDP2 over 2 data-parallel ranks × 2 tensor-parallel ranks): one training step's
-  gradients and updated parameters;
+- a 2-D mesh (FSDP2 over 2 data-parallel ranks × 2 tensor-parallel ranks, with sequence
+  parallelism too on a DeepNorm decoder): one training step's gradients and updated parameters;
 - a distributed checkpoint saved by 2 tensor-parallel ranks, loaded by 4; one saved by an
   FSDP2 × TP model (2-D mesh), loaded at another tensor-parallel degree with and without FSDP2.
 """
@@ -68,7 +68,7 @@ def _model(kind, scheme, norm, **overrides):
         decoder_layers=2,
     )
     if kind == "beit3":
-        config = models.config(D, HEADS, FFN, dict(multiway=True), **fixed)
+        config = models.config(D, HEADS, FFN, dict(multiway=True, **overrides), **fixed)
         return models.perturb(magneto.BEiT3(config, img_size=8, patch_size=4, in_chans=3))
     config = models.config(D, HEADS, FFN, overrides, **fixed)
     build = {
@@ -184,12 +184,13 @@ def _vocab_parallel(tied):
     return {"loss": loss.detach(), "grads": grads, "shards": shards, "greedy": greedy}
 
 
-def _two_d_step():
+def _two_d_step(scheme="subln", sequence_parallel=False):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
-    model = tensor_parallelize(_model("decoder", "subln", "layer").train(), mesh, "tp")
+    model = _model("decoder", scheme, "layer").train()
+    tensor_parallelize(model, mesh, "tp", sequence_parallel=sequence_parallel)
     for layer in model.layers:
         fully_shard(layer, mesh=mesh["dp"])
     fully_shard(model, mesh=mesh["dp"])
@@ -287,6 +288,7 @@ def _rank(rank, world, out_dir):
         results[("vocab", tied)] = _vocab_parallel(tied)
     if world == 4:
         results["two_d"] = _two_d_step()
+        results["two_d_sequence"] = _two_d_step("deepnorm", sequence_parallel=True)
         results["fsdp_checkpoint"] = _fsdp_checkpoint(os.path.join(out_dir, "fsdp_checkpoint"))
     results["checkpoint"] = _checkpoint(world, os.path.join(out_dir, "checkpoint"))
     results["fused_calls_of_fc2"] = _fused_calls_of_fc2()
@@ -440,9 +442,14 @@ def test_row_parallel_projection_runs_the_fused_entry_points(_runs, world):
         assert results["fused_calls_of_fc2"] == dict.fromkeys(_SHARDED_NORM_OPS, 1)
 
 
-def test_fsdp2_times_tensor_parallel_step_matches_one_process(_runs):
-    per_rank = [r["two_d"] for r in _runs[4]]
-    model = _model("decoder", "subln", "layer").train()
+@pytest.mark.parametrize(
+    "key,scheme", [("two_d", "subln"), ("two_d_sequence", "deepnorm")], ids=["tp", "tp_sp"]
+)
+def test_fsdp2_times_tensor_parallel_step_matches_one_process(_runs, key, scheme):
+    """FSDP2 over the data-parallel ranks × tensor parallelism (and sequence parallelism, on a
+    DeepNorm decoder whose norms after the add run on a rank's rows): one SGD step."""
+    per_rank = [r[key] for r in _runs[4]]
+    model = _model("decoder", scheme, "layer").train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     _lm_loss(model, _lm_batch()).backward()
     _check_grads(model, per_rank)

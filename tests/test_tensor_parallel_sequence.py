@@ -1,13 +1,16 @@
 """Sequence parallelism (``tensor_parallelize(..., sequence_parallel=True)``) on gloo, 2
 processes, against one process (fp32). The ranks are started once for the module.
 
-- Encoder and Decoder (Sub-LN and Pre-LN, LayerNorm and RMSNorm, vocabulary-parallel or not):
+- Encoder, Decoder and EncoderDecoder (every norm scheme: Sub-LN, Pre-LN, Post-LN with
+  ``layernorm_embedding``, DeepNorm; LayerNorm and RMSNorm; vocabulary-parallel or not):
   outputs and every parameter's gradient within RTOL[fp32] = 1e-5 of one process, the layers'
   residual stream really split (a middle layer's output holds length/world rows), and greedy
   decoding with the key/value cache (which runs as plain tensor parallelism) the one-process
   tokens; in training with dropout, the one-process masks;
-- the collectives of a layer (``communication_log``): the four all-reduces of tensor
-  parallelism replaced by all-gathers and reduce-scatters of the same bytes on the wire;
+- the collectives of a training step (``communication_log``) against tensor parallelism's: the
+  activation all-reduces replaced by all-gathers and reduce-scatters of the same bytes on the
+  wire, plus the all-reduces of the parameters used on a rank's rows (Sub-LN and Post-LN
+  decoders, an encoder-decoder's cross-attention);
 - the models sequence parallelism refuses, with their ValueError.
 """
 
@@ -32,37 +35,80 @@ from test_tensor_parallel import (
 import magneto
 from magneto.parallel import communication_log, shard_of, tensor_parallelize
 
-WORLD, LENGTH, BATCH = 2, 8, 2
+WORLD, LENGTH, TARGET, BATCH = 2, 8, 6, 2
 CASES = [
     ("encoder", "subln", "layer"),
     ("encoder", "pre", "rms"),
+    ("encoder", "post", "rms"),
+    ("encoder", "deepnorm", "layer"),
     ("decoder", "subln", "layer"),
     ("decoder", "pre", "layer"),
     ("decoder", "subln", "rms"),
+    ("decoder", "post", "layer"),
+    ("decoder", "deepnorm", "rms"),
+    ("encoder_decoder", "subln", "layer"),
+    ("encoder_decoder", "post", "layer"),
+    ("encoder_decoder", "deepnorm", "rms"),
+    ("beit3", "subln", "layer"),
+    ("beit3", "post", "rms"),
+    ("beit3_text", "subln", "layer"),
+]
+LOG_CASES = [
+    ("decoder", "subln", "layer"),
+    ("decoder", "post", "layer"),
+    ("encoder_decoder", "subln", "layer"),
 ]
 DROPOUT = 0.1
+DROPOUT_KINDS = ["decoder", "beit3"]
 
 
-def _tokens():
-    return torch.randint(2, VOCAB, (BATCH, LENGTH), generator=torch.Generator().manual_seed(1))
+def _tokens(length=LENGTH):
+    return torch.randint(2, VOCAB, (BATCH, length), generator=torch.Generator().manual_seed(1))
+
+
+def _sequence_model(kind, scheme, norm, **overrides):
+    """The case's model; the Post-LN ones with ``layernorm_embedding`` (torchscale's BERT-style
+    post-norm stacks), whose norm runs before the split."""
+    overrides.setdefault("layernorm_embedding", scheme == "post")
+    return _model(kind.removesuffix("_text"), scheme, norm, **overrides).eval()
+
+
+def _images():
+    """BEiT3's: 8x8 images in 4x4 patches, 5 tokens (the class token's too), ahead of the
+    text's LENGTH − 1: the split falls inside rank 0's rows, rank 1 holds text alone."""
+    return torch.randn(BATCH, 3, 8, 8, generator=torch.Generator().manual_seed(4))
 
 
 def _forward(kind, model):
-    """(output, the residual stream after the first layer)."""
+    """(output, the residual stream after the first layer of the last stack; None for BEiT3,
+    whose model does not return it: its split is checked on the collectives)."""
+    if kind == "beit3":
+        return model(textual_tokens=_tokens(LENGTH - 1), visual_tokens=_images())[
+            "encoder_out"
+        ], None
+    if kind == "beit3_text":
+        return model(textual_tokens=_tokens())["encoder_out"], None
     if kind == "encoder":
         result = model(_tokens(), return_all_hiddens=True)
         return result["encoder_out"], result["encoder_states"][1]
-    out, extra = model(_tokens())
+    if kind == "decoder":
+        out, extra = model(_tokens())
+    else:
+        out, extra = model(_tokens(), _tokens(TARGET), return_all_hiddens=True)
     return out, extra["inner_states"][1]
 
 
-def _dropout_model():
-    return _model("decoder", "subln", "layer", dropout=DROPOUT).train()
+def _stream_length(kind):
+    return {"encoder_decoder": TARGET, "beit3": 4 + LENGTH}.get(kind, LENGTH)
 
 
-def _dropout_step(model):
+def _dropout_model(kind):
+    return _sequence_model(kind, "subln", "layer", dropout=DROPOUT, drop_path=DROPOUT).train()
+
+
+def _dropout_step(kind, model):
     torch.manual_seed(5)  # the same generator state on every rank, as in one process
-    out, _ = model(_tokens())
+    out, _ = _forward(kind, model)
     _loss(out).backward()
     return out
 
@@ -76,7 +122,7 @@ def _grads(model):
 
 
 def _sequence_case(kind, scheme, norm):
-    model = _model(kind, scheme, norm).eval()
+    model = _sequence_model(kind, scheme, norm)
     tensor_parallelize(model, dist.group.WORLD, sequence_parallel=True)
     with communication_log() as log:
         out, inner = _forward(kind, model)
@@ -85,7 +131,7 @@ def _sequence_case(kind, scheme, norm):
     greedy = _greedy(model) if kind == "decoder" else None
     return {
         "out": out.detach(),
-        "inner": tuple(inner.shape),
+        "inner": None if inner is None else tuple(inner.shape),
         "grads": grads,
         "shards": shards,
         "greedy": greedy,
@@ -107,16 +153,16 @@ def _vocab_case():
     return {"loss": loss.detach(), "grads": grads, "shards": shards}
 
 
-def _tensor_parallel_log():
-    model = tensor_parallelize(_model("decoder", "subln", "layer").eval(), dist.group.WORLD)
+def _tensor_parallel_log(kind, scheme, norm):
+    model = tensor_parallelize(_sequence_model(kind, scheme, norm), dist.group.WORLD)
     with communication_log() as log:
-        _loss(_forward("decoder", model)[0]).backward()
+        _loss(_forward(kind, model)[0]).backward()
     return log
 
 
-def _dropout_case():
-    model = tensor_parallelize(_dropout_model(), dist.group.WORLD, sequence_parallel=True)
-    out = _dropout_step(model)
+def _dropout_case(kind):
+    model = tensor_parallelize(_dropout_model(kind), dist.group.WORLD, sequence_parallel=True)
+    out = _dropout_step(kind, model)
     grads, shards = _grads(model)
     return {"out": out.detach(), "grads": grads, "shards": shards}
 
@@ -124,8 +170,8 @@ def _dropout_case():
 def _rank(rank, world, out_dir):
     results = {case: _sequence_case(*case) for case in CASES}
     results["vocab"] = _vocab_case()
-    results["tp_log"] = _tensor_parallel_log()
-    results["dropout"] = _dropout_case()
+    results["tp_log"] = {case: _tensor_parallel_log(*case) for case in LOG_CASES}
+    results["dropout"] = {kind: _dropout_case(kind) for kind in DROPOUT_KINDS}
     return results
 
 
@@ -144,11 +190,14 @@ def _runs():
 @pytest.mark.parametrize("kind,scheme,norm", CASES)
 def test_sequence_parallel_matches_one_process(_runs, kind, scheme, norm):
     per_rank = [r[(kind, scheme, norm)] for r in _runs]
-    model = _model(kind, scheme, norm).eval()
+    model = _sequence_model(kind, scheme, norm)
     out, _ = _forward(kind, model)
     _loss(out).backward()
+    rows = BATCH * _stream_length(kind) // WORLD
     for rank, results in enumerate(per_rank):
-        assert results["inner"] == (BATCH, LENGTH // WORLD, D), "the stream is not split"
+        if results["inner"] is not None:
+            assert results["inner"][1] * BATCH == rows, "the stream is not split"
+        assert ("reduce_scatter", rows * D * 4) in results["log"], "the stream is not split"
         assert_close(results["out"], out, RTOL[torch.float32], name=f"rank {rank} output")
     _check_grads(model, per_rank)
     if kind == "decoder":
@@ -167,12 +216,14 @@ def test_sequence_and_vocab_parallel_loss_matches_one_process(_runs):
     _check_grads(model, per_rank)
 
 
-def test_sequence_parallel_dropout_draws_the_one_process_masks(_runs):
-    """In training with dropout after out_proj and fc2, each rank keeps its rows of the mask a
-    one-process run draws: outputs and gradients as one process."""
-    per_rank = [r["dropout"] for r in _runs]
-    model = _dropout_model()
-    out = _dropout_step(model)
+@pytest.mark.parametrize("kind", DROPOUT_KINDS)
+def test_sequence_parallel_dropout_draws_the_one_process_masks(_runs, kind):
+    """In training with dropout after out_proj and fc2 and drop path, each rank keeps its rows
+    of the mask a one-process run draws (BEiT3: of each part's mask, A's drawn before B's),
+    and the same per-sample drop path: outputs and gradients as one process."""
+    per_rank = [r["dropout"][kind] for r in _runs]
+    model = _dropout_model(kind)
+    out = _dropout_step(kind, model)
     for rank, results in enumerate(per_rank):
         assert_close(results["out"], out, RTOL[torch.float32], name=f"rank {rank} output")
     _check_grads(model, per_rank)
@@ -186,27 +237,45 @@ def _wire_bytes(log):
     return sum(ring[name] * size for name, size in log)
 
 
-def test_communication_per_layer(_runs):
-    """A Sub-LN decoder's collectives in one training step, against tensor parallelism's: per
-    layer the four all-reduces of d floats per row (out_proj's and fc2's outputs forward, the
-    input gradients of q/k/v and fc1 backward) become four all-gathers and four
-    reduce-scatters of this rank's rows, the same bytes on the wire; the row-parallel biases'
-    gradients (d floats each) are all-reduced on top; the model splits its first layer's input
-    and gathers its last layer's output (one all-gather of this rank's rows each way)."""
-    rows, f32 = BATCH * LENGTH, 4
-    whole, part = rows * D * f32, rows // WORLD * D * f32
-    replaced = [("all_reduce", whole)] * 4
-    replacing = [("all_gather", part)] * 4 + [("reduce_scatter", part)] * 4
+def _stack_collectives(rows, sublayers, norm_params, layers=2):
+    """(replaced, replacing): a stack's tensor-parallel all-reduces that sequence parallelism
+    replaces, and what it runs instead, for ``layers`` layers of ``sublayers`` blocks on
+    ``rows`` rows (``norm_params``: the weight and bias of a norm after the residual add, 0
+    when the norms come before). Per block the all-reduce of the row-parallel output (forward)
+    and of the column-parallel input's gradient (backward), d floats per row each, become an
+    all-gather and a reduce-scatter of this rank's rows each way; the row-parallel bias and a
+    post-add norm's parameters, used on this rank's rows only, get their gradients
+    all-reduced (d floats each); the stack splits its first layer's input and gathers its last
+    layer's output (an all-gather of this rank's rows each way)."""
+    f32 = 4
+    whole, part, vector = rows * D * f32, rows // WORLD * D * f32, D * f32
+    blocks = sublayers * layers
+    replaced = [("all_reduce", whole)] * 2 * blocks
+    replacing = [("all_gather", part), ("reduce_scatter", part)] * 2 * blocks
     assert _wire_bytes(replaced) == _wire_bytes(replacing)
+    vectors = [("all_reduce", vector)] * (1 + norm_params) * blocks
+    return replaced, replacing + vectors + [("all_gather", part)] * 2
+
+
+@pytest.mark.parametrize("kind,scheme,norm", LOG_CASES)
+def test_communication_per_layer(_runs, kind, scheme, norm):
+    """One training step's collectives against tensor parallelism's (``_stack_collectives``).
+    In an encoder-decoder the decoder's cross-attention adds a block whose query is gathered;
+    its keys and values come from the whole encoder output, their input gradient all-reduced
+    as under tensor parallelism (kept)."""
+    norm_params = 0 if scheme in ("subln", "pre") else {"layer": 2, "rms": 1}[norm]
+    stacks = {
+        "decoder": [(BATCH * LENGTH, 2)],
+        "encoder_decoder": [(BATCH * LENGTH, 2), (BATCH * TARGET, 3)],
+    }[kind]
     for results in _runs:
-        tp_log = results["tp_log"]
-        sp_log = results[("decoder", "subln", "layer")]["log"]
-        kept = list(tp_log)
-        for entry in replaced * 2:  # 2 layers
-            kept.remove(entry)
-        bias_grads = [("all_reduce", D * f32)] * 2 * 2
-        boundary = [("all_gather", part)] * 2
-        assert sorted(sp_log) == sorted(kept + replacing * 2 + bias_grads + boundary)
+        kept, want = list(results["tp_log"][(kind, scheme, norm)]), []
+        for rows, sublayers in stacks:
+            replaced, replacing = _stack_collectives(rows, sublayers, norm_params)
+            for entry in replaced:
+                kept.remove(entry)
+            want += replacing
+        assert sorted(results[(kind, scheme, norm)]["log"]) == sorted(kept + want)
 
 
 def test_sequence_parallel_refuses_what_it_does_not_support():
@@ -217,11 +286,8 @@ def test_sequence_parallel_refuses_what_it_does_not_support():
         return models.config(D, 4, 64, overrides, **fixed)
 
     cases = [
-        (magneto.EncoderDecoder(config()), "cross-attention"),
-        (magneto.BEiT3(config(multiway=True), img_size=8, patch_size=4, in_chans=3), "Encoder"),
-        (magneto.Encoder(config(multiway=True)), "multiway"),
-        (magneto.Decoder(config(norm_scheme="post")), "norm_scheme='post'"),
-        (magneto.Decoder(config(norm_scheme="deepnorm")), "norm_scheme='deepnorm'"),
+        (torch.nn.Sequential(magneto.Encoder(config())), "an Encoder, a Decoder"),
+        (magneto.Encoder(config(moe_freq=1, moe_expert_count=2)), "MoE"),
     ]
     with one_process_group():
         for model, message in cases:
@@ -234,3 +300,9 @@ def test_sequence_parallel_refuses_what_it_does_not_support():
         model.layers[0].self_attn.register_forward_hook(lambda *args: None)
         with pytest.raises(ValueError, match="hooks"):
             model(torch.tensor([[3, 4, 5]]))
+        post = magneto.Decoder(config(norm_scheme="post"))
+        tensor_parallelize(post, dist.group.WORLD, sequence_parallel=True)
+        post(torch.tensor([[3, 4, 5]]))
+        post.layers[0].final_layer_norm.register_forward_hook(lambda *args: None)
+        with pytest.raises(ValueError, match="hooks"):  # add_layer_norm's collective skipped
+            post(torch.tensor([[3, 4, 5]]))

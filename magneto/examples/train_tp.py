@@ -1,8 +1,9 @@
-"""Train a small Magneto (Sub-LN) language model with tensor parallelism, optionally × FSDP2.
+"""Train a small Magneto language model with tensor parallelism, optionally × FSDP2.
 
     torchrun --nproc-per-node 2 -m magneto.examples.train_tp              # TP over 2 ranks
     torchrun --nproc-per-node 4 -m magneto.examples.train_tp --tp 2       # FSDP2 2 × TP 2
     torchrun --nproc-per-node 2 -m magneto.examples.train_tp --sequence-parallel
+    torchrun --nproc-per-node 2 -m magneto.examples.train_tp --sequence-parallel --norm-scheme post
 
 gloo on CPU, NCCL on GPUs. The data are the byte corpus of ``magneto.examples.data`` (the Python
 standard library's sources): every rank of one tensor-parallel group reads the same batch, the
@@ -44,6 +45,7 @@ def arguments() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--norm", default="layer", choices=("layer", "rms"))
+    p.add_argument("--norm-scheme", default="subln", choices=("subln", "pre", "post", "deepnorm"))
     p.add_argument(
         "--vocab-parallel",
         action="store_true",
@@ -84,6 +86,7 @@ def main(argv=None) -> None:
         vocab_size=-(-VOCAB_SIZE // tp) * tp if args.vocab_parallel else VOCAB_SIZE,
         max_positions=args.seq_len + 32,
         norm=args.norm,
+        norm_scheme=args.norm_scheme,
         backend=args.backend,
     )
     model = magneto.Decoder(config).to(device)

@@ -28,7 +28,7 @@ from magneto.parallel.functional import (
     row_parallel_norm_linear,
     sharded_norm,
 )
-from magneto.parallel.sequence import active, row_output
+from magneto.parallel.sequence import active, deferred, row_output
 
 
 def _shard(param: Optional[Tensor], dim: int, index: Tensor) -> Optional[nn.Parameter]:
@@ -153,6 +153,8 @@ class RowParallelLinear(_Shard):
         """``dropout(sum over ranks(partial) + bias)``: all-reduced, or reduce-scattered to
         this rank's rows in a sequence-parallel layer."""
         if active() is self.group:
+            if deferred():  # the multiway layer adds the bias after its reduce-scatter
+                return partial
             return row_output(partial, self.bias, dropout_p, self.group)
         y = reduce_from_parallel(partial, self.group)
         if self.bias is not None:

@@ -142,8 +142,8 @@ def tensor_parallelize(
     ``vocab_parallel_cross_entropy`` (the whole logits are never gathered).
 
     ``sequence_parallel``: between the blocks the residual stream is split on the sequence
-    too (``magneto.parallel.sequence``; the length must divide by the ranks): an ``Encoder``
-    or a ``Decoder`` with ``norm_scheme`` "subln" or "pre", not multiway (ValueError
+    too (``magneto.parallel.sequence``; the length must divide by the ranks): an ``Encoder``,
+    a ``Decoder``, an ``EncoderDecoder`` or a ``BEiT3``, every norm scheme (ValueError
     otherwise)."""
     group = _group(mesh, tp_dim)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
