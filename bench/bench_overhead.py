@@ -32,7 +32,7 @@ activation, i.e. the cpu backend's ``gemm::linear``: the few-row kernel up to 16
 ``torch.addmm`` on the same tensors, as the median over rounds of the per-round time ratio, for
 the decode shapes K×N = 768×2304, 768×3072, 3072×768 (csrc/cpu/gemm.h quotes it).
 
-``--gemm --engines`` times each engine pinned (the few-row kernel's two bf16 variants, oneDNN)
+``--gemm --engines`` times each engine pinned (the few-row kernel's three bf16 variants, oneDNN)
 against ``torch.addmm`` at 1-16 rows, and names the engine the measured choice then picks.
 
     python -m bench.bench_overhead [--rounds 15] [--sample-ms 20] [--gemm [--engines] [--dtype D]]
@@ -164,22 +164,23 @@ def gemm_table(rounds: int, sample_ms: float, dtype: torch.dtype) -> None:
 
 def engine_table(rounds: int, sample_ms: float, dtype: torch.dtype) -> None:
     """Each engine of the forward GEMM pinned (csrc/cpu/gemm.h's policies; the few-row kernel on
-    AVX512-BF16 dot products and, MAGNETO_CPU_BF16_DOT=0, on float32 FMAs), time / torch.addmm's,
+    AMX-BF16 tiles, MAGNETO_CPU_AMX=0 on AVX512-BF16 dot products, and also
+    MAGNETO_CPU_BF16_DOT=0 on float32 FMAs), time / torch.addmm's,
     per rows and shape, interleaved in one process, and the engine the measurement (auto) then
     picks."""
     lin = get_op("ln_linear", FAMILY["cpu"])
     gen = torch.Generator().manual_seed(0)
 
-    def pinned(policy, bf16_dot, x, w, wb):
+    def pinned(policy, amx, bf16_dot, x, w, wb):
         def run():
-            os.environ["MAGNETO_CPU_BF16_DOT"] = bf16_dot
+            os.environ["MAGNETO_CPU_AMX"], os.environ["MAGNETO_CPU_BF16_DOT"] = amx, bf16_dot
             _C._set_cpu_gemm_policy(policy)
             return lin(x, None, None, w, wb, None, None, EPS, "none", "none", "none", 1.0, 0.0)
 
         return run
 
-    engines = {"few-row dot": ("few_rows", "1"), "few-row fma": ("few_rows", "0")}
-    engines["onednn"] = ("onednn", "1")
+    engines = {"few-row amx": ("few_rows", "1", "1"), "few-row dot": ("few_rows", "0", "1")}
+    engines |= {"few-row fma": ("few_rows", "0", "0"), "onednn": ("onednn", "1", "1")}
     print("| rows | K×N | " + " | ".join(engines) + " | auto's choice |")
     print("|---:|---|" + "---:|" * len(engines) + "---|")
     for rows in GEMM_ROWS[:-1]:
@@ -197,10 +198,10 @@ def engine_table(rounds: int, sample_ms: float, dtype: torch.dtype) -> None:
             for name in engines:
                 r = harness.ratio_stats(times[name], times["addmm"])
                 cells.append(f"{r.median:.2f} ({r.lo:.2f}–{r.hi:.2f})")
-            pinned("auto", "1", x, w, wb)()  # measures afresh: policies forget their choices
+            pinned("auto", "1", "1", x, w, wb)()  # measures afresh: policies forget their choices
             chosen = _C.cpu_gemm_engine().rsplit(": ", 1)[-1]
             print(f"| {rows} | {k}×{n} | " + " | ".join(cells) + f" | {chosen} |", flush=True)
-    os.environ.pop("MAGNETO_CPU_BF16_DOT")
+    os.environ.pop("MAGNETO_CPU_AMX"), os.environ.pop("MAGNETO_CPU_BF16_DOT")
     _C._set_cpu_gemm_policy(os.environ.get("MAGNETO_CPU_GEMM", "auto"))
 
 

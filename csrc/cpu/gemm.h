@@ -14,8 +14,8 @@
 // The forward GEMM of 1-16 rows has a third engine, our few-row kernel (kernels.h,
 // linear_few_rows; AVX2 and AVX-512 builds), which streams the weight once where both BLAS pack
 // it first: in fp32 it always runs (it wins on every CPU measured); in bf16/fp16 it is a
-// candidate of the measurement (in bf16 it runs on AVX512-BF16 dot products where the CPU has
-// them, few_rows.h).
+// candidate of the measurement (in bf16 it runs on AMX-BF16 tiles or AVX512-BF16 dot products
+// where the CPU has them, few_rows.h).
 // The measurements: docs/design.md, Decisions.
 #pragma once
 
