@@ -32,7 +32,10 @@ activation, i.e. the cpu backend's ``gemm::linear``: the few-row kernel up to 16
 ``torch.addmm`` on the same tensors, as the median over rounds of the per-round time ratio, for
 the decode shapes K×N = 768×2304, 768×3072, 3072×768 (csrc/cpu/gemm.h quotes it).
 
-    python -m bench.bench_overhead [--rounds 15] [--sample-ms 20] [--gemm [--dtype D]]
+``--gemm --engines`` times each engine pinned (the few-row kernel's three bf16 variants, oneDNN)
+against ``torch.addmm`` at 1-16 rows, and names the engine the measured choice then picks.
+
+    python -m bench.bench_overhead [--rounds 15] [--sample-ms 20] [--gemm [--engines] [--dtype D]]
 """
 
 from __future__ import annotations
@@ -159,6 +162,49 @@ def gemm_table(rounds: int, sample_ms: float, dtype: torch.dtype) -> None:
         print(f"| {rows} | " + " | ".join(cells) + " |", flush=True)
 
 
+def engine_table(rounds: int, sample_ms: float, dtype: torch.dtype) -> None:
+    """Each engine of the forward GEMM pinned (csrc/cpu/gemm.h's policies; the few-row kernel on
+    AMX-BF16 tiles, MAGNETO_CPU_AMX=0 on AVX512-BF16 dot products, and also
+    MAGNETO_CPU_BF16_DOT=0 on float32 FMAs), time / torch.addmm's,
+    per rows and shape, interleaved in one process, and the engine the measurement (auto) then
+    picks."""
+    lin = get_op("ln_linear", FAMILY["cpu"])
+    gen = torch.Generator().manual_seed(0)
+
+    def pinned(policy, amx, bf16_dot, x, w, wb):
+        def run():
+            os.environ["MAGNETO_CPU_AMX"], os.environ["MAGNETO_CPU_BF16_DOT"] = amx, bf16_dot
+            _C._set_cpu_gemm_policy(policy)
+            return lin(x, None, None, w, wb, None, None, EPS, "none", "none", "none", 1.0, 0.0)
+
+        return run
+
+    engines = {"few-row amx": ("few_rows", "1", "1"), "few-row dot": ("few_rows", "0", "1")}
+    engines |= {"few-row fma": ("few_rows", "0", "0"), "onednn": ("onednn", "1", "1")}
+    print("| rows | K×N | " + " | ".join(engines) + " | auto's choice |")
+    print("|---:|---|" + "---:|" * len(engines) + "---|")
+    for rows in GEMM_ROWS[:-1]:
+        for k, n in GEMM_SHAPES:
+            w, wb = torch.randn(n, k, generator=gen).to(dtype), torch.randn(n, generator=gen)
+            x, wb = torch.randn(rows, k, generator=gen).to(dtype), wb.to(dtype)
+            variants = {name: pinned(*e, x, w, wb) for name, e in engines.items()}
+            variants["addmm"] = lambda x=x, w=w, wb=wb: torch.addmm(wb, x, w.t())
+            calls = max(5, int(sample_ms * 1e3 / per_call_us(variants["addmm"], 5)))
+            samples = {
+                name: (lambda fn=fn: [fn() for _ in range(calls)]) for name, fn in variants.items()
+            }
+            times = harness.interleaved(samples, rounds, harness.cpu_timer(1), warmup=1)
+            cells = []
+            for name in engines:
+                r = harness.ratio_stats(times[name], times["addmm"])
+                cells.append(f"{r.median:.2f} ({r.lo:.2f}–{r.hi:.2f})")
+            pinned("auto", "1", "1", x, w, wb)()  # measures afresh: policies forget their choices
+            chosen = _C.cpu_gemm_engine().rsplit(": ", 1)[-1]
+            print(f"| {rows} | {k}×{n} | " + " | ".join(cells) + f" | {chosen} |", flush=True)
+    os.environ.pop("MAGNETO_CPU_AMX"), os.environ.pop("MAGNETO_CPU_BF16_DOT")
+    _C._set_cpu_gemm_policy(os.environ.get("MAGNETO_CPU_GEMM", "auto"))
+
+
 def revision() -> str:
     root = os.path.dirname(os.path.dirname(os.path.abspath(mk.__file__)))
     try:
@@ -181,6 +227,9 @@ def main() -> None:
     parser.add_argument(
         "--gemm", action="store_true", help="the forward GEMM alone against torch.addmm"
     )
+    parser.add_argument(
+        "--engines", action="store_true", help="with --gemm: every engine pinned, against addmm"
+    )
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -193,6 +242,8 @@ def main() -> None:
     if args.gemm:
         print(f"cpu GEMM engine: {_C.cpu_gemm_engine()}; time(ours) / time(torch.addmm), median")
         print("(min–max) over rounds\n")
+        if args.engines:
+            return engine_table(args.rounds, args.sample_ms, getattr(torch, args.dtype))
         gemm_table(args.rounds, args.sample_ms, getattr(torch, args.dtype))
         return
     print(

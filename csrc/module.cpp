@@ -298,7 +298,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "measured fastest per role, dtype and size so far (see csrc/cpu/gemm.h).");
   m.def("_set_cpu_gemm_policy", &magneto::cpu::gemm::set_policy, py::arg("policy"),
         py::arg("hide_onednn") = false,
-        "Tests and benchmarks: 'auto', 'aten' or 'onednn' (MAGNETO_CPU_GEMM until set); "
+        "Tests and benchmarks: 'auto', 'aten', 'onednn' or 'few_rows' (MAGNETO_CPU_GEMM until "
+        "set); "
         "hide_onednn: as if torch had no oneDNN linear. Forgets the measured choices.");
   m.def("_cpu_gemm",
         [](const at::Tensor& a, const at::Tensor& b, const at::Tensor& out, bool accumulate,

@@ -212,7 +212,9 @@ def test_gemm_engine_falls_back_when_onednn_is_missing(gemm_policy):
 
 
 def test_gemm_policy_is_checked(gemm_policy):
-    with pytest.raises(RuntimeError, match="MAGNETO_CPU_GEMM must be 'auto', 'aten' or 'onednn'"):
+    with pytest.raises(
+        RuntimeError, match="MAGNETO_CPU_GEMM must be 'auto', 'aten', 'onednn' or 'few_rows'"
+    ):
         gemm_policy("mkl")
     with pytest.raises(RuntimeError, match="role must be"):
         _C._cpu_gemm(randn(2, 2), randn(2, 2), torch.empty(2, 2), False, "backward")
@@ -240,15 +242,33 @@ def _linear(x, w, b):
     return op(x, None, None, w, b, None, None, 1e-5, "none", "none", "none", 1.0, 0.0)[0]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("k", [37, 200])
+# The few-row kernels of a dtype, each as the environment that selects it: bf16 has three on the
+# AVX-512 build, AMX-BF16 tiles and AVX512-BF16 dot products where the CPU has them
+# (MAGNETO_CPU_AMX=0 skips the tiles, MAGNETO_CPU_BF16_DOT=0 the dot products) and the float32
+# FMAs (csrc/cpu/few_rows.h); a CPU without an extension runs the next kernel in each case.
+FEW_ROW_KERNELS = {
+    "fp32": (torch.float32, {}),
+    "bf16_amx": (torch.bfloat16, {}),
+    "bf16_dot": (torch.bfloat16, {"MAGNETO_CPU_AMX": "0"}),
+    "bf16_fma": (torch.bfloat16, {"MAGNETO_CPU_AMX": "0", "MAGNETO_CPU_BF16_DOT": "0"}),
+    "fp16": (torch.float16, {}),
+}
+
+
+@pytest.mark.parametrize(("dtype", "env"), FEW_ROW_KERNELS.values(), ids=FEW_ROW_KERNELS)
+@pytest.mark.parametrize("k", [37, 64, 200])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
-def test_few_row_linear(dtype, k, bias):
-    """The decode-size GEMM (kernels.h, linear_few_rows) at every row count up to two past its
-    limit: full row tiles (8 rows on AVX-512, 4 on AVX2) and every edge, an odd number of weight
-    rows (the one-row column edge), k with a vector tail (37; 200 = 12.5 AVX-512 vectors), x with
-    a non-zero mean, every dtype; judged against float64 as F.linear in that dtype is."""
-    n = 7
+def test_few_row_linear(gemm_policy, monkeypatch, dtype, env, k, bias):
+    """The decode-size GEMM (kernels.h, linear_few_rows; pinned with the few_rows policy, aten
+    past its rows) at every row count up to two past its limit: full row tiles (8 rows on AVX-512,
+    4 on AVX2) and every edge, an odd number of weight rows (the one-row column edge; 23: one full
+    group of 16 AMX tile rows and a zero-padded one), k with a vector tail (37; 200 = 12.5
+    AVX-512 float vectors, 6.25 bf16 pair vectors and AMX blocks) and without (64), x with a
+    non-zero mean, every dtype and kernel; judged against float64 as F.linear in that dtype is."""
+    gemm_policy("few_rows")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    n = 23
     w = randn(n, k, std=k**-0.5, dtype=dtype)
     b = randn(n, mean=0.3, dtype=dtype) if bias else None
     for rows in range(1, FEW_ROWS_MAX + 3):
@@ -258,12 +278,17 @@ def test_few_row_linear(dtype, k, bias):
         assert_close_to_reference(_linear(x, w, b), y64, same, f"{rows} rows")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_few_row_linear_does_not_depend_on_thread_count(dtype):
+@pytest.mark.parametrize(
+    ("dtype", "env"), list(FEW_ROW_KERNELS.values())[:4], ids=list(FEW_ROW_KERNELS)[:4]
+)
+def test_few_row_linear_does_not_depend_on_thread_count(gemm_policy, monkeypatch, dtype, env):
     """Each output is one fixed-order dot product, whichever thread computes it: the two threads
     split 300 column tiles here."""
     if _C.cpu_capability() == "default":
         pytest.skip("the portable build has no few-row kernel (MKL runs these rows)")
+    gemm_policy("few_rows")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     x, w, b = randn(FEW_ROWS_MAX, 64, mean=1.0), randn(600, 64), randn(600)
     x, w, b = (t.to(dtype) for t in (x, w, b))
     threads = torch.get_num_threads()

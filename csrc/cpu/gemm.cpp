@@ -65,8 +65,9 @@ State& state() {
 }
 
 void check_policy(const std::string& policy) {
-  TORCH_CHECK(policy == "auto" || policy == "aten" || policy == "onednn",
-              "MAGNETO_CPU_GEMM must be 'auto', 'aten' or 'onednn', got '", policy, "'");
+  TORCH_CHECK(policy == "auto" || policy == "aten" || policy == "onednn" || policy == "few_rows",
+              "MAGNETO_CPU_GEMM must be 'auto', 'aten', 'onednn' or 'few_rows', got '", policy,
+              "'");
 }
 
 // torch's oneDNN linear, y = x W^T + b, looked up once by its schema name; none when torch has
@@ -204,6 +205,8 @@ Tensor dispatch(Role role, const Gemm& g, const Tensor& result, bool accumulate,
     check_policy(s.policy);
     if (s.policy == "onednn") {
       engine = Engine::kOneDnn;
+    } else if (s.policy == "few_rows") {
+      engine = g.few_rows ? Engine::kFewRows : Engine::kAten;
     } else if (s.policy == "auto") {
       const Key key{role, dtype, log2_ceil(m), log2_ceil(n), log2_ceil(k), at::get_num_threads()};
       auto it = s.chosen.find(key);

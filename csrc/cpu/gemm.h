@@ -8,12 +8,14 @@
 // AMX-BF16 on Intel's), the dtype, the GEMM's role and its size, so it is measured, once per
 // process and per (role, dtype, M/N/K rounded up to powers of two, thread count), on the call's
 // own operands (process CPU time; oneDNN must win by 5%), and the chosen engine's result is the
-// one returned (a repeated call is bit-identical). MAGNETO_CPU_GEMM=aten|onednn|auto pins the
-// choice (set_policy for tests).
+// one returned (a repeated call is bit-identical). MAGNETO_CPU_GEMM=aten|onednn|few_rows|auto
+// pins the choice (few_rows: the few-row kernel where it fits, aten elsewhere; set_policy for
+// tests).
 // The forward GEMM of 1-16 rows has a third engine, our few-row kernel (kernels.h,
 // linear_few_rows; AVX2 and AVX-512 builds), which streams the weight once where both BLAS pack
 // it first: in fp32 it always runs (it wins on every CPU measured); in bf16/fp16 it is a
-// candidate of the measurement (on Sapphire Rapids it wins at 1-2 rows and loses to AMX from 8).
+// candidate of the measurement (in bf16 it runs on AMX-BF16 tiles or AVX512-BF16 dot products
+// where the CPU has them, few_rows.h).
 // The measurements: docs/design.md, Decisions.
 #pragma once
 
@@ -41,7 +43,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
 // build has it, and every choice measured so far, per role.
 std::string engine();
 
-// Tests and benchmarks: the policy ("auto", "aten" or "onednn"; the environment's
+// Tests and benchmarks: the policy ("auto", "aten", "onednn" or "few_rows"; the environment's
 // MAGNETO_CPU_GEMM until set), hide_onednn as if torch had no oneDNN operator; forgets the
 // choices measured so far.
 void set_policy(const std::string& policy, bool hide_onednn);
