@@ -144,7 +144,7 @@ def test_offline_edges_without_amx_cpu(shape, gated, monkeypatch):
     _check_edges(BY_NAME["cpu"], shape, gated)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("mode", OFFLINE)
 def test_offline_cpu_paths_agree_bitwise(mode, dtype, monkeypatch):
     """Every output element is an exact integer sum and one fixed float expression, so the cpu

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/kernels.h"
@@ -29,11 +30,11 @@ constexpr float kActEps = 1e-5f;   // transformers' clamp of the per-token absma
 constexpr int64_t kQuantRows = 4;  // rows dotted against one weight row at a time
 constexpr int64_t kQuantColBlock = 16;   // output features per thread task
 constexpr int64_t kQuantRowBlock = 64;   // rows of q kept hot (L2) while a column block runs
-// The tiled kernel (from kTiledMinRows rows on): tasks of kQuantColBlock output features, whose
-// codes are unpacked to bytes once (L1/L2), × a block of rows whose q (about kTiledRowBytes)
-// stays in L2; inside, micro-kernels of kQuantTileRows rows × kQuantTileCols features, one
-// register accumulator each, every code and q vector loaded once per tile. AMX-INT8, where the
-// CPU has it, runs the same tasks on tiles (quant_amx.h).
+// The tiled kernel (from kTiledMinRows rows on): the codes of every feature unpacked to bytes
+// once per call (codes_workspace), then tasks of kQuantColBlock output features × a block of
+// rows whose q (about kTiledRowBytes) stays in L2; inside, micro-kernels of kQuantTileRows rows ×
+// kQuantTileCols features, one register accumulator each, every code and q vector loaded once
+// per tile. AMX-INT8, where the CPU has it, runs such tasks on tiles (quant_amx.h).
 constexpr int64_t kTiledMinRows = 16;
 constexpr int64_t kTiledRowBytes = 512 << 10;
 constexpr int kQuantTileCols = 4;
@@ -167,13 +168,29 @@ inline void unpack_codes(const uint8_t* w, int64_t w_stride, int64_t cols, int64
     const uint8_t* wj = w + j * w_stride;
     uint8_t* cj = codes + j * k;
     for (int64_t blk = 0; blk < k / kQuantPackUnit; ++blk) {
+#if defined(__AVX2__)
+      const BlockCodes block(wj + 32 * blk);
+      for (int i = 0; i < 4; ++i) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(cj + kQuantPackUnit * blk + 32 * i),
+                            block.c[i]);
+      }
+#else
       for (int i = 0; i < 4; ++i) {
         for (int b = 0; b < 32; ++b) {
           cj[kQuantPackUnit * blk + 32 * i + b] = (wj[32 * blk + b] >> (2 * i)) & 3;
         }
       }
+#endif
     }
   }
+}
+
+// A buffer of the calling thread's for one call's unpacked codes, kept between calls so that
+// its pages are not faulted in again on every call (the workers write and read it by pointer).
+inline uint8_t* codes_workspace(int64_t bytes) {
+  thread_local std::vector<uint8_t> buffer;
+  if (buffer.size() < static_cast<size_t>(bytes)) buffer = std::vector<uint8_t>(bytes);
+  return buffer.data();
 }
 
 // acc[r·N + j] = Σ_kk q_r[kk]·c_j[kk] for M rows of q (row stride k) and N rows of unpacked
@@ -284,32 +301,90 @@ void dot_tile(const uint8_t* codes, const int8_t* q, int64_t k, int64_t m, int64
 }
 
 #if defined(__AVX512F__)
-// The tiled projection on AMX: tasks of 32 output features (their codes unpacked once) × a block
-// of rows of the packed q (about kTiledRowBytes, in L2), 32 × 32 results per amx_block;
-// store(acc, row, col) finishes and writes one output element.
-template <typename Store>
-void quant_linear_amx(const QuantLinear& a, const Store& store) {
-  const int64_t k = a.in_features, n = a.out_features, w_stride = k / 4;
+// 16 values of T (masked by m: the lanes past a row's end) as float32.
+template <typename T>
+__m512 load16(const T* p, __mmask16 m) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_maskz_loadu_ps(m, p);
+  } else {
+    const __m256i bits = _mm256_maskz_loadu_epi16(m, p);
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+    } else {
+      return _mm512_cvtph_ps(bits);
+    }
+  }
+}
+
+// v rounded to T (bf16 or fp16) as its 16-bit patterns, as c10's scalar conversions round:
+// to nearest even, bf16's NaN to 0x7FC0 (fp16's by F16C).
+template <typename T>
+__m256i to_bits16(__m512 v) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const __m512i bits = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    const __m512i bias = _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF));
+    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, bias), 16);
+    rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q),
+                                    _mm512_set1_epi32(0x7FC0));
+    return _mm512_cvtepi32_epi16(rounded);
+  } else {
+    return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+}
+
+// round_to<T> of 16 values.
+template <typename T>
+__m512 round16(__m512 v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bits16<T>(v)), 16));
+  } else {
+    return _mm512_cvtph_ps(to_bits16<T>(v));
+  }
+}
+
+template <typename T>
+void store16(T* p, __mmask16 m, __m512 v) {
+  if constexpr (std::is_same_v<T, float>) {
+    _mm512_mask_storeu_ps(p, m, v);
+  } else {
+    _mm256_mask_storeu_epi16(p, m, to_bits16<T>(v));
+  }
+}
+#endif
+
+#if defined(__AVX512F__)
+// The tiled projection on AMX: the codes of all features unpacked once per call (amx_pack_codes,
+// into codes_workspace), then tasks of a block of rows
+// (their q, about kTiledRowBytes, in L2) × kAmxBlock features, 32 × 32 results per amx_block;
+// the rows past the last multiple of 32 run from a zero-padded copy. store_row(acc, row, col,
+// count) finishes and writes `count` consecutive outputs of one row.
+template <typename StoreRow>
+void quant_linear_amx(const QuantLinear& a, const StoreRow& store_row) {
+  const int64_t k = a.in_features, n = a.out_features;
+  const int64_t padded_features = (n + kAmxBlock - 1) / kAmxBlock * kAmxBlock;
+  uint8_t* const codes = codes_workspace(padded_features * k);
+  amx_pack_codes(a.weight, k / 4, n, padded_features, k, codes);
+  const int64_t full_rows = a.rows / kAmxBlock * kAmxBlock;
+  std::vector<int8_t> tail(kAmxBlock * k, 0);
+  std::copy(a.q + full_rows * k, a.q + a.rows * k, tail.begin());
   const int64_t padded_rows = (a.rows + kAmxBlock - 1) / kAmxBlock * kAmxBlock;
-  std::vector<int8_t> q_packed(padded_rows * k);
-  amx_pack_q(a.q, a.rows, padded_rows, k, q_packed.data());
   const int64_t row_block = std::max<int64_t>(1, kTiledRowBytes / k / kAmxBlock) * kAmxBlock;
   const int64_t row_blocks = (padded_rows + row_block - 1) / row_block;
-  const int64_t col_blocks = (n + kAmxBlock - 1) / kAmxBlock;
+  const int64_t col_blocks = padded_features / kAmxBlock;
   at::parallel_for(0, row_blocks * col_blocks, 1, [&](int64_t tb, int64_t te) {
-    std::vector<uint8_t> codes(kAmxBlock * k);
     alignas(64) int32_t acc[kAmxBlock * kAmxBlock];
     amx_configure();
     for (int64_t task = tb; task < te; ++task) {
       const int64_t r0 = task / col_blocks * row_block, c0 = task % col_blocks * kAmxBlock;
       const int64_t r_end = std::min(padded_rows, r0 + row_block);
       const int64_t features = std::min(kAmxBlock, n - c0);
-      unpack_codes(a.weight + c0 * w_stride, w_stride, features, k, codes.data());
-      std::fill(codes.begin() + features * k, codes.end(), 0);  // the last task's missing rows
       for (int64_t r = r0; r < r_end; r += kAmxBlock) {
-        amx_block(codes.data(), q_packed.data() + r * k, k, acc);
+        amx_block(r < full_rows ? a.q + r * k : tail.data(), k, codes + c0 * k, k, acc);
         for (int64_t i = 0; i < std::min(kAmxBlock, a.rows - r); ++i) {
-          for (int64_t f = 0; f < features; ++f) store(acc[f * kAmxBlock + i], r + i, c0 + f);
+          store_row(acc + i * kAmxBlock, r + i, c0, features);
         }
       }
     }
@@ -367,26 +442,52 @@ void quant_linear_typed(const QuantLinear& a) {
   };
   if (a.rows >= kTiledMinRows) {
 #if defined(__AVX512F__)
-    if (amx_enabled()) return quant_linear_amx(a, store);
+    // finish for one row's outputs [col, col + count), 16 at a time (the same float
+    // operations in the same order, so the same bits as the other kernels).
+    auto store_row = [&](const int32_t* acc, int64_t row, int64_t col, int64_t count) {
+      T* out = preact + row * n + col;
+      const __m512i q_sum = _mm512_set1_epi32(a.q_sum[row]);
+      const float s = a.scale[row];
+      const __m512 divisor =
+          _mm512_set1_ps(a.quant == Quant::kBitlinear ? ws * round_to<T>(s) : s);
+      for (int64_t j = 0; j < count; j += 16) {
+        const __mmask16 m = count - j >= 16 ? 0xFFFF : (1u << (count - j)) - 1;
+        const __m512 v = _mm512_cvtepi32_ps(
+            _mm512_sub_epi32(_mm512_maskz_loadu_epi32(m, acc + j), q_sum));
+        const __m512 b = bias == nullptr ? _mm512_setzero_ps() : load16(bias + col + j, m);
+        if (a.quant == Quant::kBitlinear) {
+          const __m512 y = round16<T>(_mm512_div_ps(round16<T>(v), divisor));
+          store16(out + j, m, bias == nullptr ? y : _mm512_add_ps(y, b));
+        } else {
+          const __m512 y = _mm512_add_ps(_mm512_div_ps(v, divisor), b);
+          store16(out + j, m, _mm512_mul_ps(y, _mm512_set1_ps(ws)));
+        }
+      }
+    };
+    if (amx_enabled()) return quant_linear_amx(a, store_row);
 #endif
+    // The codes of all features unpacked once per call, then read by every row block.
+    uint8_t* const codes = codes_workspace(n * k);
+    at::parallel_for(0, col_blocks, 1, [&](int64_t cb, int64_t ce) {
+      const int64_t c0 = cb * kQuantColBlock, c_end = std::min(n, ce * kQuantColBlock);
+      unpack_codes(a.weight + c0 * w_stride, w_stride, c_end - c0, k, codes + c0 * k);
+    });
     const int64_t row_block =
         std::max<int64_t>(1, kTiledRowBytes / k / kQuantTileRows) * kQuantTileRows;
     const int64_t row_blocks = (a.rows + row_block - 1) / row_block;
     // Tasks row block-major: a thread's consecutive tasks share their rows of q (in L2).
     at::parallel_for(0, row_blocks * col_blocks, 1, [&](int64_t tb, int64_t te) {
-      std::vector<uint8_t> codes(kQuantColBlock * k);
       for (int64_t task = tb; task < te; ++task) {
         const int64_t r0 = task / col_blocks * row_block;
         const int64_t c0 = task % col_blocks * kQuantColBlock;
         const int64_t r_end = std::min(a.rows, r0 + row_block);
         const int64_t c_end = std::min(n, c0 + kQuantColBlock);
-        unpack_codes(a.weight + c0 * w_stride, w_stride, c_end - c0, k, codes.data());
         for (int64_t col = c0; col < c_end; col += kQuantTileCols) {
           const int64_t nc = std::min<int64_t>(kQuantTileCols, c_end - col);
           for (int64_t r = r0; r < r_end; r += kQuantTileRows) {
             const int64_t nr = std::min<int64_t>(kQuantTileRows, r_end - r);
             int32_t acc[kQuantTileRows * kQuantTileCols];
-            dot_tile(codes.data() + (col - c0) * k, a.q + r * k, k, nr, nc, acc);
+            dot_tile(codes + col * k, a.q + r * k, k, nr, nc, acc);
             for (int64_t i = 0; i < nr; ++i) {
               for (int64_t j = 0; j < nc; ++j) store(acc[i * nc + j], r + i, col + j);
             }

@@ -1,11 +1,11 @@
 // BitNet's tiled integer projection on AMX-INT8 (quant.h's tiled kernel, AVX-512 build only):
-// TDPBUSD multiplies a tile of 16 rows × 64 unsigned bytes by one of 16 × 64 signed bytes laid
-// out 4 k per dword (VNNI), accumulating 16 × 16 int32. The unsigned operand is the unpacked
-// codes as they are (16 output features × 64 k, row stride k); the signed one is q, rearranged
-// once per call into 16-row groups of 64-k blocks (amx_pack_q); the result is transposed
-// (feature × row) into preact by quant.h's quant_linear_amx. Chosen at run time where CPUID
-// lists AMX-INT8 and the OS grants the tile state (arch_prctl), unless MAGNETO_CPU_AMX=0; else
-// the vector tiles run.
+// TDPBSSD multiplies a tile of 16 rows × 64 signed bytes by one of 16 × 64 signed bytes laid out
+// 4 k per dword (VNNI), accumulating 16 × 16 int32. The first operand is q as it is (16 rows ×
+// 64 k, row stride in_features); the second is the codes c = t + 1 (0..2, signed bytes as well),
+// unpacked once per call from the 2-bit weight into 16-feature groups of 64-k blocks
+// (amx_pack_codes), so that the results come out row-major (row × feature), as preact is.
+// Chosen at run time where CPUID lists AMX-INT8 and the OS grants the tile state (arch_prctl),
+// unless MAGNETO_CPU_AMX=0; else the vector tiles run.
 #pragma once
 
 #include <sys/syscall.h>
@@ -38,22 +38,35 @@ inline bool amx_enabled() {
   return available && !(env != nullptr && std::strcmp(env, "0") == 0);
 }
 
-// q (rows × k, row stride k) as TDPBUSD's second operand: for each group of 16 of padded_rows
-// rows (those past `rows` zero) and each 64-k block, 16 × 64 bytes whose row k4 holds, for each
-// of the 16 rows, its 4 bytes at k = 64·block + 4·k4.
-inline void amx_pack_q(const int8_t* q, int64_t rows, int64_t padded_rows, int64_t k,
-                       int8_t* packed) {
-  const int64_t groups = padded_rows / kAmxTile, blocks = k / kAmxTileK;
-  at::parallel_for(0, groups, 1, [&](int64_t gb, int64_t ge) {
+// The codes of `features` packed weight rows (row stride w_stride bytes, k = in_features) as
+// TDPBSSD's second operand, for padded_features (a multiple of 16; the rows past `features`
+// zero): for each group of 16 features, k/4 rows of 64 bytes, row k4 holding each feature's 4
+// codes at k = 4·k4 .. 4·k4 + 3; a 64-k block of a group is one contiguous 1 KiB tile.
+inline void amx_pack_codes(const uint8_t* w, int64_t w_stride, int64_t features,
+                           int64_t padded_features, int64_t k, uint8_t* packed) {
+  const int64_t group_bytes = kAmxTile * k;
+  at::parallel_for(0, padded_features / kAmxTile, 1, [&](int64_t gb, int64_t ge) {
+    const __m256i mask = _mm256_set1_epi8(3);
     for (int64_t g = gb; g < ge; ++g) {
-      for (int64_t b = 0; b < blocks; ++b) {
-        auto* out = reinterpret_cast<int32_t*>(packed + (g * blocks + b) * kAmxTile * kAmxTileK);
-        for (int64_t r = 0; r < kAmxTile; ++r) {
-          const int64_t row = g * kAmxTile + r;
-          for (int64_t k4 = 0; k4 < kAmxTileK / 4; ++k4) {
-            int32_t v = 0;
-            if (row < rows) std::memcpy(&v, q + row * k + b * kAmxTileK + 4 * k4, 4);
-            out[k4 * kAmxTile + r] = v;
+      uint8_t* out = packed + g * group_bytes;
+      for (int64_t f = 0; f < kAmxTile; ++f) {
+        const int64_t feature = g * kAmxTile + f;
+        if (feature >= features) {
+          for (int64_t k4 = 0; k4 < k / 4; ++k4) std::memset(out + k4 * 64 + 4 * f, 0, 4);
+          continue;
+        }
+        // A packed 32-byte chunk shifted by 2·i holds the codes of k = 128·chunk + 32·i + b.
+        for (int64_t chunk = 0; chunk < k / kQuantPackUnit; ++chunk) {
+          const auto* chunk_bits = w + feature * w_stride + 32 * chunk;
+          const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk_bits));
+          alignas(32) uint8_t codes[kQuantPackUnit];
+          for (int i = 0; i < 4; ++i) {
+            _mm256_store_si256(reinterpret_cast<__m256i*>(codes + 32 * i),
+                               _mm256_and_si256(_mm256_srli_epi16(bits, 2 * i), mask));
+          }
+          uint8_t* dst = out + chunk * (kQuantPackUnit / 4) * 64 + 4 * f;
+          for (int64_t k4 = 0; k4 < kQuantPackUnit / 4; ++k4) {
+            std::memcpy(dst + k4 * 64, codes + 4 * k4, 4);
           }
         }
       }
@@ -82,25 +95,25 @@ __attribute__((target("amx-tile"))) inline void amx_configure() {
 
 __attribute__((target("amx-tile"))) inline void amx_release() { _tile_release(); }
 
-// acc (32 features × 32 rows, int32, row stride 32) = codes (32 features, row stride k) · q's
-// packed groups g and g + 1 (32 rows); tiles 0-3 the results, 4-5 the codes, 6-7 q.
+// acc (32 rows × 32 features, int32, row stride 32) = 32 rows of q (row stride q_stride) · two
+// consecutive 16-feature groups of amx_pack_codes; tiles 0-3 the results, 4-5 q, 6-7 the codes.
 __attribute__((target("amx-tile,amx-int8"), noinline)) void amx_block(
-    const uint8_t* codes, const int8_t* q_groups, int64_t k, int32_t* acc) {
-  const int64_t blocks = k / kAmxTileK, group_bytes = blocks * kAmxTile * kAmxTileK;
+    const int8_t* q, int64_t q_stride, const uint8_t* codes, int64_t k, int32_t* acc) {
+  const int64_t group_bytes = kAmxTile * k;
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
   _tile_zero(3);
-  for (int64_t b = 0; b < blocks; ++b) {
-    _tile_loadd(4, codes + b * kAmxTileK, k);
-    _tile_loadd(5, codes + kAmxTile * k + b * kAmxTileK, k);
-    const int8_t* qb = q_groups + b * kAmxTile * kAmxTileK;
-    _tile_loadd(6, qb, kAmxTileK);
-    _tile_loadd(7, qb + group_bytes, kAmxTileK);
-    _tile_dpbusd(0, 4, 6);
-    _tile_dpbusd(1, 4, 7);
-    _tile_dpbusd(2, 5, 6);
-    _tile_dpbusd(3, 5, 7);
+  for (int64_t b = 0; b < k / kAmxTileK; ++b) {
+    _tile_loadd(4, q + b * kAmxTileK, q_stride);
+    _tile_loadd(5, q + kAmxTile * q_stride + b * kAmxTileK, q_stride);
+    const uint8_t* cb = codes + b * kAmxTile * kAmxTileK;
+    _tile_loadd(6, cb, kAmxTileK);
+    _tile_loadd(7, cb + group_bytes, kAmxTileK);
+    _tile_dpbssd(0, 4, 6);
+    _tile_dpbssd(1, 4, 7);
+    _tile_dpbssd(2, 5, 6);
+    _tile_dpbssd(3, 5, 7);
   }
   constexpr int64_t stride = kAmxBlock * sizeof(int32_t);
   _tile_stored(0, acc, stride);
