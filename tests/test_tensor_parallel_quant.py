@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from gloo import run_worlds
-from harness import assert_close, randn, require_backend
+from harness import BY_NAME, GPU, assert_close, randn, require_backend
 
 import magneto_kernels
 from magneto.parallel import functional
@@ -212,18 +212,51 @@ def test_argument_errors(backend, change, error):
         )  # fmt: skip
 
 
-@pytest.mark.parametrize("backend", ["triton"])
+@pytest.mark.parametrize(
+    "backend", ["triton", pytest.param("cuda", marks=[GPU] if BY_NAME["cuda"].gpu else [])]
+)
 def test_families_without_it_refuse(backend):
-    """The triton family (and the cuda one: csrc/cuda/backend.cpp) refuse the tensor-parallel
-    arguments of the quantised modes, naming themselves."""
-    require_backend(backend)
-    x, ln_weight, weight, _ = _inputs("bitnet_online", "none")
-    entry = functional._entry_points(backend)[1]
-    with pytest.raises(NotImplementedError, match="not implemented on the triton backend"):
-        entry(
+    """The triton and cuda families refuse the tensor-parallel arguments of the quantised modes
+    (forward and the partial backward), naming themselves."""
+    device = BY_NAME[backend].device
+    require_backend(backend, device)
+    x, ln_weight, weight, dout = (t.to(device) for t in _inputs("bitnet_online", "none"))
+    _, ln_linear, backward_partial, _ = functional._entry_points(backend)
+    rstd = torch.ones(ROWS, device=device)
+    with pytest.raises(NotImplementedError, match=f"not implemented on the {backend} backend"):
+        ln_linear(
             x, ln_weight, None, weight, None, None, None, EPS, "rms", "none", "none", 1.0, 0.0,
-            "bitnet_online", None, None, None, torch.ones(ROWS),
+            "bitnet_online", None, None, None, torch.ones(ROWS, device=device),
         )  # fmt: skip
+    with pytest.raises(NotImplementedError, match=f"not implemented on the {backend} backend"):
+        backward_partial(
+            dout, x, ln_weight, None, weight, x.new_empty((0,)), rstd, x.new_empty((0,)), None,
+            "rms", "none", "none", 0.0, [True, True, False], "bitnet_online", None, rstd,
+        )  # fmt: skip
+
+
+def _opcheck_cases():
+    x, ln_weight, weight, dout = _inputs("bitnet_online", "relu2_glu")
+    rstd, row_amax = torch.rand(ROWS) + 0.5, torch.rand(ROWS) + 1.0
+    empty, scale = x.new_empty((0,)), weight.abs().mean().reshape(1)
+    return {
+        "ln_linear": (
+            x, ln_weight, None, weight, None, None, None, EPS, "rms", "relu2_glu", "none", 1.0,
+            0.0, "bitnet_online", scale, empty, rstd, row_amax,
+        ),
+        "ln_linear_backward_partial": (
+            dout, x, ln_weight, None, weight, empty, rstd, empty, None, "rms", "relu2_glu",
+            "none", 0.0, [True, True, False], "bitnet_online", scale, row_amax,
+        ),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("op", ["ln_linear", "ln_linear_backward_partial"])
+def test_opcheck(op):
+    """The quantised entry points with the tensor-parallel arguments as registered (schema, fake
+    impl, dispatch) on the native family."""
+    require_backend("cpu")
+    torch.library.opcheck(magneto_kernels.library.get_op(op, "native"), _opcheck_cases()[op])
 
 
 def test_given_row_amax_has_no_autograd_formula():
