@@ -131,8 +131,12 @@ def test_projections_of_other_classes_are_refused():
 
     from magneto.parallel import tensor_parallelize_transformers
 
+    class LinearSubclass(torch.nn.Linear):
+        pass
+
     model, _ = tm.pair("bitnet")
     attention = model.model.layers[0].self_attn
-    attention.q_proj = torch.nn.Sequential(attention.q_proj)
-    with one_process_group(), pytest.raises(ValueError, match="q_proj is a Sequential"):
+    linear = attention.q_proj
+    attention.q_proj = LinearSubclass(linear.in_features, linear.out_features, bias=False)
+    with one_process_group(), pytest.raises(ValueError, match="q_proj is a LinearSubclass"):
         tensor_parallelize_transformers(model, dist.group.WORLD)

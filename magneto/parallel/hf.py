@@ -1,5 +1,6 @@
 """The tensor-parallel plan of Hugging Face's Sub-LN families and Llama: BitNet (dense
-projections), Kosmos-2's text model, Llama; patched by ``apply_magneto`` or not.
+projections or transformers' quantised ones), Kosmos-2's text model, Llama; patched by
+``apply_magneto`` or not.
 
 Per decoder layer: q_proj, k_proj, v_proj column-parallel by heads (grouped-query attention: the
 key/value heads split like the query heads, so a rank's query heads read its own key/value
@@ -12,8 +13,11 @@ they normalise. Unpatched, the attention and MLP forwards need no change: they r
 column-parallel shards (q/k/v, gate/up) through ``ColumnParallelProjection`` (its adapter, one
 ``ln_linear_group`` with the outer norm), a row-parallel one (o_proj, down_proj, fc2) through
 its ``parallel_project`` (the sharded sub-norm, the input activation, one all-reduce, the
-residual add). transformers' own ``tp_plan`` (DTensor parameters behind hooks) composes with
-``apply_magneto`` the other way: its projections run as its modules.
+residual add). BitNet's quantised projections shard as ``ColumnParallelBitLinear`` /
+``RowParallelBitLinear`` (docs/design.md, Tensor parallelism: the whole weight's scale and the
+row-parallel activation scale, each one more all-reduce). transformers' own ``tp_plan`` (DTensor
+parameters behind hooks) composes with ``apply_magneto`` the other way: its projections run as
+its modules.
 """
 
 from __future__ import annotations
@@ -286,7 +290,7 @@ def _mlp(module: nn.Module, rank: int, world: int, group) -> None:
 
 
 def tensor_parallelize_transformers(model: nn.Module, mesh, tp_dim=None) -> nn.Module:
-    """Shard a Llama, BitNet (dense) or Kosmos-2 text model in place over ``mesh`` (as
+    """Shard a Llama, BitNet (dense or quantised) or Kosmos-2 text model in place over ``mesh`` (as
     ``tensor_parallelize``) and return it. Every rank must hold the same parameters before."""
     group = _group(mesh, tp_dim)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
