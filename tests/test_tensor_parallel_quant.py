@@ -308,13 +308,11 @@ def _shard_of(t, rank, world, gated=False):
     return t.chunk(world, -1)[rank].detach().clone().contiguous()
 
 
-def test_row_parallel_over_gloo_is_one_process():
+def test_row_parallel_over_gloo_is_one_process(_world):
     """2 ranks: every mode's output within 1e-5 of one process; online every gradient too;
     the collectives counted (the norm's sum of squares, the row amax, online the weight
     scale, the output)."""
-    require_backend("cpu")
-    with tempfile.TemporaryDirectory() as tmp:
-        ranks = run_worlds(_row_parallel_rank, [2], tmp)[2]
+    ranks = [r["row_parallel"] for r in _world]
     for mode in quant.QUANT_MODES:
         inputs = _inputs(mode, "relu2_glu")
         one = _unsharded("cpu", mode, "relu2_glu", *inputs)
@@ -370,7 +368,7 @@ def _quantised_bitnet(mode):
     return model, copy.deepcopy(model)
 
 
-def _hf_rank(rank, world, out_dir):
+def _hf_rank(rank, world):
     """Per mode: this rank's logits, fused-call count and, online, every parameter's gradient
     (with its shard), offline the greedy tokens (KV cache), of the patched and sharded model."""
     import transformers_models as tm
@@ -407,15 +405,20 @@ def _hf_rank(rank, world, out_dir):
     return results
 
 
+def _rank(rank, world, out_dir):
+    return {"row_parallel": _row_parallel_rank(rank, world, out_dir), "hf": _hf_rank(rank, world)}
+
+
 @pytest.fixture(scope="module")
-def _hf_runs():
+def _world():
+    """Both gloo tests' results, every rank's, from one world of 2 ranks started once."""
     require_backend("cpu")
     with tempfile.TemporaryDirectory() as out_dir:
-        return run_worlds(_hf_rank, [2], out_dir)[2]
+        return run_worlds(_rank, [2], out_dir)[2]
 
 
 @pytest.mark.parametrize("mode", HF_MODES)
-def test_hf_plan_matches_one_process(_hf_runs, mode):
+def test_hf_plan_matches_one_process(_world, mode):
     """2 ranks, patched and sharded: fp32 logits within 1e-5 of the unpatched one-process
     model, every projection fused (7 calls per layer, as in one process: the quantised q/k/v and
     gate/up run one call per projection), online every gradient, offline greedy tokens
@@ -432,7 +435,7 @@ def test_hf_plan_matches_one_process(_hf_runs, mode):
             tokens = reference.generate(
                 tm.ids(length=5), max_new_tokens=8, do_sample=False, pad_token_id=0
             )
-    for rank, result in enumerate(r[mode] for r in _hf_runs):
+    for rank, result in enumerate(r["hf"][mode] for r in _world):
         assert result["fused_calls"] == tm.LAYERS * len(HF_PROJ), result["fused_calls"]
         tm.close(result["logits"], logits, what=f"rank {rank} logits")
         if mode != "online":
