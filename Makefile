@@ -95,6 +95,7 @@ test: setup lint $(STAMPS)/triton-newest $(STAMPS)/transformers-oldest
 		tests/test_ops_edges.py tests/test_ops_properties.py tests/test_autocast.py \
 		tests/test_torch_func.py tests/test_residual_in_fp32.py tests/test_group.py \
 		tests/test_quant_op.py tests/test_quant_group.py tests/test_tensor_parallel_fused.py \
+		tests/test_tensor_parallel_quant.py \
 		-k "cuda or expected_backends"
 	@isas=$$($(PYTHON) -c "from magneto_kernels import _C; print(*_C.cpu_isas()[1:])") || exit 1; \
 	for isa in $$isas; do \

@@ -198,15 +198,20 @@ struct LnLinearFormula {
   static void save(AutogradContext* ctx, const Op& c,
                    const std::tuple<Tensor, Tensor, Tensor, Tensor>& out) {
     const auto& [y, mean, rstd, preact] = out;
-    // Given statistics are another rank's too: their gradient goes through the sharded norm's
-    // collectives, which magneto/parallel/functional.py runs around this op's two backward halves.
+    // Given statistics (and row amax) are another rank's too: their gradient goes through the
+    // sharded norm's collectives, which magneto/parallel/functional.py runs around this op's two
+    // backward halves.
     TORCH_CHECK_NOT_IMPLEMENTED(!c.rstd.has_value(),
                                 "ln_linear with given mean and rstd has no autograd formula: "
+                                "differentiate it as magneto.parallel does");
+    TORCH_CHECK_NOT_IMPLEMENTED(!c.row_amax.has_value(),
+                                "ln_linear with a given row_amax has no autograd formula: "
                                 "differentiate it as magneto.parallel does");
     // Only x is saved of the input side: the norm's output, and a gated input activation's
     // product, are recomputed in the backward.
     ctx->save_for_backward({c.x, value_or_undefined(c.ln_weight), value_or_undefined(c.ln_bias),
-                            c.weight, mean, rstd, preact, value_or_undefined(c.seed)});
+                            c.weight, mean, rstd, preact, value_or_undefined(c.seed),
+                            value_or_undefined(c.weight_scale)});
     ctx->saved_data["norm"] = std::string(c.norm);
     ctx->saved_data["input_activation"] = std::string(c.input_activation);
     ctx->saved_data["activation"] = std::string(c.activation);
@@ -234,7 +239,8 @@ struct LnLinearFormula {
               grad_out, x, optional_of(ln_weight), optional_of(ln_bias), weight, saved[4],
               saved[5], saved[6], optional_of(saved[7]), data["norm"].toStringRef(),
               data["input_activation"].toStringRef(), data["activation"].toStringRef(),
-              data["dropout_p"].toDouble(), mask, data["quant"].toStringRef());
+              data["dropout_p"].toDouble(), mask, data["quant"].toStringRef(),
+              optional_of(saved[8]), std::nullopt);
       result = {wanted(dx, mask[0]),      wanted(dln_weight, mask[1]), wanted(dln_bias, mask[2]),
                 wanted(dweight, mask[3]), wanted(dbias, mask[4]),      Tensor()};
     }

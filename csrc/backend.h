@@ -93,6 +93,10 @@ struct LnLinearArgs {
   OptTensor weight_scale;
   // The row statistics to normalise with (the sharded norm's), else undefined: the backend's own.
   OptTensor given_mean, given_rstd;
+  // Tensor parallelism: weight_scale given in online mode (the whole weight's mean|W|, (1,)
+  // float32) instead of the weight's own, and row_amax (rows,) float32, h's per-row max|h| over
+  // every shard, instead of the row's own (any quantised mode).
+  OptTensor row_amax;
 };
 
 // out: (rows, out_features); preact the GEMM output before the activation, (rows, out_features)
@@ -113,6 +117,7 @@ struct LnLinearBackwardArgs {
   Activation activation = Activation::kNone;
   double dropout_p = 0.0;
   Quant quant = Quant::kNone;  // kNone or kBitnetOnline (the offline modes have no backward)
+  OptTensor weight_scale, row_amax;  // as LnLinearArgs's, given to the forward
 };
 
 // dx is (rows, x_cols); a backend may replace it by a tensor of its own (dh itself when the

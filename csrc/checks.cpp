@@ -183,6 +183,29 @@ void check_stats(const Tensor& mean, const Tensor& rstd, Norm norm, const Tensor
   if (norm != Norm::kNone) check_like(rstd, "rstd", x, {rows}, at::kFloat);
 }
 
+// weight_scale, as a float32 (1,) tensor: the offline modes' stored scale (required), the
+// online mode's whole weight's mean|W| (optional: tensor parallelism), None without quant.
+OptTensor check_weight_scale(const OptTensor& weight_scale, Quant quant, std::string_view name,
+                             const Tensor& x) {
+  if (quant == Quant::kNone) {
+    TORCH_CHECK_VALUE(!weight_scale.has_value(), "weight_scale must be None for quant='", name,
+                      "'");
+    return std::nullopt;
+  }
+  TORCH_CHECK_VALUE(quant == Quant::kBitnetOnline || weight_scale.has_value(), "quant='", name,
+                    "' needs weight_scale, a tensor of shape (1,)");
+  check_param(weight_scale, "weight_scale", x, 1);
+  if (!weight_scale.has_value()) return std::nullopt;
+  return weight_scale->to(at::kFloat).contiguous();
+}
+
+// row_amax: the quantised modes' per-row max|h| over every shard, (rows,) float32.
+void check_row_amax(const OptTensor& row_amax, Quant quant, const Tensor& x) {
+  if (!row_amax.has_value()) return;
+  TORCH_CHECK_VALUE(quant != Quant::kNone, "row_amax needs quant (BitNet's quantised modes)");
+  check_like(*row_amax, "row_amax", x, {x.numel() / x.size(-1)}, at::kFloat);
+}
+
 void check_eps(double eps) {
   TORCH_CHECK_VALUE(eps >= 0.0, "eps must be >= 0, got ", py_float(eps));
 }
@@ -410,23 +433,14 @@ LnLinearArgs parse(const schema::LnLinear& call) {
   if (quant != Quant::kNone) {
     TORCH_CHECK_VALUE(call.dropout_p == 0.0, "quant='", call.quant, "' takes no dropout");
   }
-  OptTensor weight_scale;
-  if (is_offline(quant)) {
-    TORCH_CHECK_VALUE(call.weight_scale.has_value(), "quant='", call.quant,
-                      "' needs weight_scale, a tensor of shape (1,)");
-    check_param(call.weight_scale, "weight_scale", x, 1);
-    weight_scale = call.weight_scale->to(at::kFloat).contiguous();
-  } else {
-    TORCH_CHECK_VALUE(!call.weight_scale.has_value(), "weight_scale must be None for quant='",
-                      call.quant, "'");
-  }
+  const OptTensor weight_scale = check_weight_scale(call.weight_scale, quant, call.quant, x);
   TORCH_CHECK_VALUE(call.mean.has_value() == call.rstd.has_value(),
                     "mean and rstd must be given together");
   if (call.rstd.has_value()) {
-    TORCH_CHECK_VALUE(norm != Norm::kNone && quant == Quant::kNone,
-                      "mean and rstd need a norm (ln_weight given) and quant='none'");
+    TORCH_CHECK_VALUE(norm != Norm::kNone, "mean and rstd need a norm (ln_weight given)");
     check_stats(*call.mean, *call.rstd, norm, x);
   }
+  check_row_amax(call.row_amax, quant, x);
   return {as_rows(x),
           contiguous(call.ln_weight),
           contiguous(call.ln_bias),
@@ -443,7 +457,8 @@ LnLinearArgs parse(const schema::LnLinear& call) {
           quant,
           weight_scale,
           contiguous(call.mean),
-          contiguous(call.rstd)};
+          contiguous(call.rstd),
+          contiguous(call.row_amax)};
 }
 
 LnLinearBackwardArgs parse(const schema::LnLinearBackward& call) {
@@ -457,6 +472,8 @@ LnLinearBackwardArgs parse(const schema::LnLinearBackward& call) {
   check_stats(call.mean, call.rstd, norm, x);
   if (activation != Activation::kNone) check_like(call.preact, "preact", x, out_shape);
   check_dropout(call.seed, call.dropout_p, x);
+  const OptTensor weight_scale = check_weight_scale(call.weight_scale, quant, call.quant, x);
+  check_row_amax(call.row_amax, quant, x);
   return {as_rows(call.grad_out),
           as_rows(x),
           contiguous(call.ln_weight),
@@ -470,7 +487,9 @@ LnLinearBackwardArgs parse(const schema::LnLinearBackward& call) {
           input_activation,
           activation,
           call.dropout_p,
-          quant};
+          quant,
+          weight_scale,
+          contiguous(call.row_amax)};
 }
 
 DropoutArgs parse(const schema::Dropout& call) {

@@ -89,8 +89,8 @@ template <class Backend>
 std::tuple<Tensor, Tensor, Tensor, Tensor> ln_linear_backward_partial(
     const schema::LnLinearBackwardPartial& call) {
   const LnLinearBackwardArgs a = parse(static_cast<const schema::LnLinearBackward&>(call));
-  TORCH_CHECK_VALUE(a.norm != Norm::kNone && a.quant == Quant::kNone,
-                    "ln_linear_backward_partial needs a norm and quant='none'");
+  TORCH_CHECK_VALUE(a.norm != Norm::kNone && !is_offline(a.quant),
+                    "ln_linear_backward_partial needs a norm and quant 'none' or 'bitnet_online'");
   const auto want = mask_of<3>(call.output_mask);
   const Tensor& x = a.x;
   LnLinearGrads g{empty0(x),

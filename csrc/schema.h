@@ -83,7 +83,7 @@ struct LnLinear {
       const Tensor&, const OptTensor&, const OptTensor&, const Tensor&, const OptTensor&,
       const OptTensor&, const OptTensor&, double, std::string_view, std::string_view,
       std::string_view, double, double, std::string_view, const OptTensor&, const OptTensor&,
-      const OptTensor&);
+      const OptTensor&, const OptTensor&);
   const Tensor& x;
   const OptTensor& ln_weight;
   const OptTensor& ln_bias;
@@ -103,6 +103,9 @@ struct LnLinear {
   // of the op's own.
   const OptTensor& mean;
   const OptTensor& rstd;
+  // The quantised modes' per-row max|h| over every shard (tensor parallelism) instead of the
+  // row's own.
+  const OptTensor& row_amax;
 };
 
 struct LnLinearBackward {
@@ -111,7 +114,8 @@ struct LnLinearBackward {
   using Returning = R(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
                       const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
                       std::string_view, std::string_view, std::string_view, double,
-                      const c10::List<bool>&, std::string_view);
+                      const c10::List<bool>&, std::string_view, const OptTensor&,
+                      const OptTensor&);
   using Signature = Returning<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>>;
   const Tensor& grad_out;
   const Tensor& x;
@@ -128,6 +132,10 @@ struct LnLinearBackward {
   double dropout_p;
   const c10::List<bool>& output_mask;
   std::string_view quant;
+  // bitnet_online under tensor parallelism: the whole weight's mean|W| and h's per-row max over
+  // every shard, as the forward was given them.
+  const OptTensor& weight_scale;
+  const OptTensor& row_amax;
 };
 
 // ln_linear_backward's first half for the sharded norm: its arguments, output_mask (dh and

@@ -161,6 +161,27 @@ def _stats(mean: Tensor, rstd: Tensor, norm: str, x: Tensor) -> None:
         _like(rstd, "rstd", x, (rows,), _stat_dtype(x))
 
 
+def _weight_scale(weight_scale, quant: str, x: Tensor) -> None:
+    """The offline modes' stored scale (required), the online mode's whole weight's mean|W|
+    (optional: tensor parallelism), None without quant: (1,), x's dtype or float32."""
+    if quant == "none":
+        if weight_scale is not None:
+            raise ValueError(f"weight_scale must be None for quant={quant!r}")
+        return
+    if quant != "bitnet_online" and weight_scale is None:
+        raise ValueError(f"quant={quant!r} needs weight_scale, a tensor of shape (1,)")
+    _param(weight_scale, "weight_scale", x, 1)
+
+
+def _row_amax(row_amax, quant: str, x: Tensor) -> None:
+    """The quantised modes' per-row max|h| over every shard: (rows,) in the statistics dtype."""
+    if row_amax is None:
+        return
+    if quant == "none":
+        raise ValueError("row_amax needs quant (BitNet's quantised modes)")
+    _like(row_amax, "row_amax", x, (x.numel() // x.shape[-1],), _stat_dtype(x))
+
+
 def _eps(eps: float) -> None:
     if not eps >= 0.0:
         raise ValueError(f"eps must be >= 0, got {float(eps)}")
@@ -311,18 +332,14 @@ def ln_linear(*args, reference: bool = False):
     _eps(a.eps)
     if a.quant != "none" and a.dropout_p != 0.0:
         raise ValueError(f"quant={a.quant!r} takes no dropout")
-    if a.quant in _OFFLINE:
-        if a.weight_scale is None:
-            raise ValueError(f"quant={a.quant!r} needs weight_scale, a tensor of shape (1,)")
-        _param(a.weight_scale, "weight_scale", x, 1)
-    elif a.weight_scale is not None:
-        raise ValueError(f"weight_scale must be None for quant={a.quant!r}")
+    _weight_scale(a.weight_scale, a.quant, x)
     if (a.mean is None) != (a.rstd is None):
         raise ValueError("mean and rstd must be given together")
     if a.rstd is not None:
-        if a.norm == "none" or a.quant != "none":
-            raise ValueError("mean and rstd need a norm (ln_weight given) and quant='none'")
+        if a.norm == "none":
+            raise ValueError("mean and rstd need a norm (ln_weight given)")
         _stats(a.mean, a.rstd, a.norm, x)
+    _row_amax(a.row_amax, a.quant, x)
     return a
 
 
@@ -341,6 +358,8 @@ def ln_linear_backward(*args, op: str = "ln_linear_backward", reference: bool = 
     if a.activation != "none":
         _like(a.preact, "preact", x, out_shape)
     _dropout(a.seed, a.dropout_p, x)
+    _weight_scale(a.weight_scale, a.quant, x)
+    _row_amax(a.row_amax, a.quant, x)
     if op == "ln_linear_backward":
         _output_mask(a.output_mask, 5)
     return a
@@ -348,8 +367,10 @@ def ln_linear_backward(*args, op: str = "ln_linear_backward", reference: bool = 
 
 def ln_linear_backward_partial(*args, reference: bool = False):
     a = ln_linear_backward(*args, op="ln_linear_backward_partial", reference=reference)
-    if a.norm == "none" or a.quant != "none":
-        raise ValueError("ln_linear_backward_partial needs a norm and quant='none'")
+    if a.norm == "none" or a.quant in _OFFLINE:
+        raise ValueError(
+            "ln_linear_backward_partial needs a norm and quant 'none' or 'bitnet_online'"
+        )
     _output_mask(a.output_mask, 3)
     return a
 

@@ -59,17 +59,21 @@ SCHEMAS = {
         "(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, float eps=1e-05, "
         'float alpha=1., str norm="layer") -> (Tensor, Tensor, Tensor, Tensor)'
     ),
+    # mean, rstd and row_amax serve tensor parallelism (docs/design.md's op contract): the
+    # sharded norm's statistics and the quantised modes' per-row max|h| over every shard (float32
+    # (rows,)); weight_scale in "bitnet_online" the whole weight's mean|W|.
     "ln_linear": (
         "(Tensor x, Tensor? ln_weight, Tensor? ln_bias, Tensor weight, Tensor? bias=None, "
         'Tensor? residual=None, Tensor? seed=None, float eps=1e-05, str norm="layer", '
         'str input_activation="none", str activation="none", float alpha=1., '
         'float dropout_p=0., str quant="none", Tensor? weight_scale=None, Tensor? mean=None, '
-        "Tensor? rstd=None) -> (Tensor, Tensor, Tensor, Tensor)"
+        "Tensor? rstd=None, Tensor? row_amax=None) -> (Tensor, Tensor, Tensor, Tensor)"
     ),
     "ln_linear_backward": (
         "(Tensor grad_out, Tensor x, Tensor? ln_weight, Tensor? ln_bias, Tensor weight, "
         "Tensor mean, Tensor rstd, Tensor preact, Tensor? seed, str norm, str input_activation, "
-        'str activation, float dropout_p, bool[] output_mask, str quant="none") '
+        'str activation, float dropout_p, bool[] output_mask, str quant="none", '
+        "Tensor? weight_scale=None, Tensor? row_amax=None) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
     ),
     # ln_linear_backward's first half for the sharded norm, its arguments: output_mask is (dh and
@@ -78,8 +82,8 @@ SCHEMAS = {
     "ln_linear_backward_partial": (
         "(Tensor grad_out, Tensor x, Tensor? ln_weight, Tensor? ln_bias, Tensor weight, "
         "Tensor mean, Tensor rstd, Tensor preact, Tensor? seed, str norm, str input_activation, "
-        'str activation, float dropout_p, bool[] output_mask, str quant="none") '
-        "-> (Tensor, Tensor, Tensor, Tensor)"
+        'str activation, float dropout_p, bool[] output_mask, str quant="none", '
+        "Tensor? weight_scale=None, Tensor? row_amax=None) -> (Tensor, Tensor, Tensor, Tensor)"
     ),
     # Its backward is itself on the gradient with the same seed: no backward op.
     "dropout": "(Tensor x, Tensor seed, float p) -> Tensor",

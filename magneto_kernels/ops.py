@@ -64,6 +64,8 @@ def _ln_linear_reference(*args):
             input_activation=None if a.input_activation == "none" else a.input_activation,
             residual=a.residual,
             alpha=a.alpha,
+            rstd=a.rstd,
+            row_amax=a.row_amax,
         )
         return (out,)
     out = reference.ln_linear(
@@ -268,7 +270,8 @@ def ln_linear(
         dropout_p,
         quant,
         weight_scale,
-        None,  # mean and rstd: the op's own (magneto/parallel gives the sharded norm's)
+        None,  # mean, rstd and row_amax: the op's own (magneto/parallel gives them: every
+        None,  # shard's)
         None,
     )
     try:

@@ -45,17 +45,22 @@ BACKENDS = ("reference", "cpu", "triton", "cuda")
 refuse them: tests/test_quant_op.py)."""
 
 
-def act_codes(h: Tensor) -> tuple[Tensor, Tensor]:
-    """(q, s) of ``ActQuant``: the int8 codes (as h's float32 values) and the per-row scale."""
+def act_codes(h: Tensor, amax: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """(q, s) of ``ActQuant``: the int8 codes (as h's float32 values) and the per-row scale.
+    ``amax``: max|h| per row given (h's leading shape; tensor parallelism: the max over every
+    shard of the row) instead of the row's own."""
     h = h.float()
-    s = QMAX / h.abs().amax(dim=-1, keepdim=True).clamp(min=ACT_EPS)
+    amax = h.abs().amax(dim=-1, keepdim=True) if amax is None else amax.float().unsqueeze(-1)
+    s = QMAX / amax.clamp(min=ACT_EPS)
     return (h * s).round().clamp(-QMAX - 1, QMAX), s
 
 
-def weight_codes(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """(t, s_w) of ``WeightQuant``: the ternary codes (float32) and the per-tensor scale."""
+def weight_codes(weight: Tensor, absmean: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """(t, s_w) of ``WeightQuant``: the ternary codes (float32) and the per-tensor scale.
+    ``absmean``: mean|W| given (tensor parallelism: the whole weight's) instead of weight's."""
     w = weight.float()
-    s = 1.0 / w.abs().mean().clamp(min=WEIGHT_EPS)
+    absmean = w.abs().mean() if absmean is None else absmean.float().reshape(())
+    s = 1.0 / absmean.clamp(min=WEIGHT_EPS)
     return (w * s).round().clamp(-1, 1), s
 
 
@@ -64,21 +69,33 @@ class _FakeQuant(torch.autograd.Function):
     weight_codes) in t's dtype, straight-through backward."""
 
     @staticmethod
-    def forward(ctx, t, codes):
-        q, s = codes(t)
+    def forward(ctx, t, codes, scale):
+        q, s = codes(t, scale)
         return (q / s).to(t.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None
+        return grad, None, None
 
 
-def bitnet_norm(x: Tensor, ln_weight: Optional[Tensor], eps: float) -> Tensor:
-    """``BitNetRMSNorm``: float32, rounded to x's dtype, times the weight."""
+def fake_quant(t: Tensor, codes, scale: Optional[Tensor] = None) -> Tensor:
+    """t fake-quantised by ``codes`` (act_codes or weight_codes, given ``scale``: their amax or
+    absmean), straight-through backward."""
+    return _FakeQuant.apply(t, codes, scale)
+
+
+def bitnet_norm(
+    x: Tensor, ln_weight: Optional[Tensor], eps: float, rstd: Optional[Tensor] = None
+) -> Tensor:
+    """``BitNetRMSNorm``: float32, rounded to x's dtype, times the weight. ``rstd``: the rows'
+    1/rms given (x's leading shape; the sharded norm's, over every shard) instead of x's own."""
     if ln_weight is None:
         return x
     h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if rstd is None:
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    else:
+        h = h * rstd.float().reshape(*x.shape[:-1], 1)
     return ln_weight * h.to(x.dtype)
 
 
@@ -100,27 +117,33 @@ def ln_linear_bitnet(
     input_activation: Optional[str] = None,
     residual: Optional[Tensor] = None,
     alpha: float = 1.0,
+    rstd: Optional[Tensor] = None,
+    row_amax: Optional[Tensor] = None,
 ) -> Tensor:
     """``alpha·residual + Q(BitNetRMSNorm(in_act(x)))`` with Q the quantised projection of mode
     ``quant`` (``QUANT_MODES``), as transformers computes it (top of the file). ``weight``: the
     master weight (online), the ternary weight (offline) or the unpacked ternary weight of a
-    ``BitLinear``; ``weight_scale``: the stored scale (offline modes; shape (1,))."""
+    ``BitLinear``; ``weight_scale``: the stored scale (offline modes; shape (1,)), or online the
+    whole weight's mean|W| given (tensor parallelism). Tensor parallelism's shards of a row:
+    ``rstd`` the norm's statistic and ``row_amax`` max|h| over every shard, given."""
     if quant not in QUANT_MODES:
         raise ValueError(f"quant must be one of {QUANT_MODES}, got {quant!r}")
-    if quant != "bitnet_online" and (weight_scale is None or weight_scale.numel() != 1):
-        shape = None if weight_scale is None else tuple(weight_scale.shape)
+    given = weight_scale is not None
+    if (quant != "bitnet_online" or given) and (not given or weight_scale.numel() != 1):
+        shape = tuple(weight_scale.shape) if given else None
         raise ValueError(
             f"quant={quant!r} needs a per-tensor weight_scale of shape (1,), got {shape}"
         )
     if input_activation not in (None, "relu2_glu"):
         raise ValueError(f"input_activation must be None or 'relu2_glu', got {input_activation!r}")
     a = relu2_glu(x) if input_activation == "relu2_glu" else x
-    h = bitnet_norm(a, ln_weight, eps)
+    h = bitnet_norm(a, ln_weight, eps, rstd)
     if quant == "bitlinear":
-        y = _bitlinear(h, weight, weight_scale, bias)
+        y = _bitlinear(h, weight, weight_scale, bias, row_amax)
     else:
-        w = _FakeQuant.apply(weight, weight_codes) if quant == "bitnet_online" else weight
-        y = F.linear(_FakeQuant.apply(h, act_codes), w, bias)
+        online = quant == "bitnet_online"
+        w = fake_quant(weight, weight_codes, weight_scale) if online else weight
+        y = F.linear(fake_quant(h, act_codes, row_amax), w, bias)
         if quant == "bitnet_offline":
             y = y * weight_scale
     return y if residual is None else alpha * residual + y
@@ -154,10 +177,10 @@ def ln_linear_group_bitnet(
             _bitlinear(h, w, weight_scales[i : i + 1], b)
             for i, (w, b) in enumerate(zip(weights, biases))
         )
-    hq = _FakeQuant.apply(h, act_codes)
+    hq = fake_quant(h, act_codes)
     if quant == "bitnet_online":
         return tuple(
-            F.linear(hq, _FakeQuant.apply(w, weight_codes), b) for w, b in zip(weights, biases)
+            F.linear(hq, fake_quant(w, weight_codes), b) for w, b in zip(weights, biases)
         )
     return tuple(
         F.linear(hq, w, b) * weight_scales[i : i + 1]
@@ -165,12 +188,19 @@ def ln_linear_group_bitnet(
     )
 
 
-def _bitlinear(h: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+def _bitlinear(
+    h: Tensor,
+    weight: Tensor,
+    weight_scale: Tensor,
+    bias: Optional[Tensor],
+    amax: Optional[Tensor] = None,
+) -> Tensor:
     """``BitLinear.forward`` after its optional norm. Its ``activation_quant`` and
     ``post_quant_process`` are ``torch.compile``'d, and inductor computes a bf16/fp16 kernel's
     pointwise steps in float32, rounding only what it returns: s and h·s in float32, s returned
     (and divided by) in h's dtype, the division in float32 rounded once."""
-    s = QMAX / h.float().abs().amax(dim=-1, keepdim=True).clamp(min=ACT_EPS)
+    amax = h.float().abs().amax(dim=-1, keepdim=True) if amax is None else amax.unsqueeze(-1)
+    s = QMAX / amax.float().clamp(min=ACT_EPS)
     q = (h.float() * s).round().clamp(-QMAX - 1, QMAX).to(torch.int8)
     y = F.linear(q.to(weight.dtype), weight)
     y = (y.float() / (weight_scale.float() * s.to(h.dtype).float())).to(y.dtype)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from magneto_kernels import quant as bitnet
 from magneto_kernels.codes import (
     GATED_ACTIVATIONS,
     NORMS,
@@ -274,20 +275,29 @@ def _empty(x: Tensor) -> Tensor:
 
 def ln_linear_backward_partial(
     grad_out, x, ln_weight, ln_bias, weight, mean, rstd, preact, seed, norm, input_activation,
-    activation, dropout_p, output_mask, quant="none",
+    activation, dropout_p, output_mask, quant="none", weight_scale=None, row_amax=None,
 ):  # fmt: skip
     """ln_linear's backward up to the norm's: (dh, row_sums, dweight, dbias), dh the gradient at
     h = N(in_act(x)) (h recomputed from mean and rstd) and row_sums this shard's
-    [Σg, Σg·xhat] per row (g = dh·ln_weight; [Σg·xhat] for RMSNorm), in the statistics dtype."""
+    [Σg, Σg·xhat] per row (g = dh·ln_weight; [Σg·xhat] for RMSNorm), in the statistics dtype.
+    ``quant="bitnet_online"``: straight-through, dh and dweight at the fake-quantised weight
+    and h (``weight_scale`` and ``row_amax`` the forward's, given)."""
     a = apply_input_activation(x, input_activation)
-    h = normalize_with(a, ln_weight, ln_bias, mean, rstd, norm).to(weight.dtype)
     with torch.enable_grad():
         p = (preact if activation != "none" else torch.zeros_like(grad_out)).detach()
         p.requires_grad_()
         y = dropout(apply_activation(p, activation), dropout_p, seed)
         (dz,) = torch.autograd.grad(y, p, grad_out)
+    if quant == "none":
+        h = normalize_with(a, ln_weight, ln_bias, mean, rstd, norm).to(weight.dtype)
+        w = weight
+    else:
+        h = bitnet.fake_quant(
+            bitnet.bitnet_norm(a, ln_weight, 0.0, rstd), bitnet.act_codes, row_amax
+        )
+        w = bitnet.fake_quant(weight, bitnet.weight_codes, weight_scale)
     rows_dz, rows_h = dz.reshape(-1, dz.shape[-1]), h.reshape(-1, h.shape[-1])
-    dh = dz @ weight
+    dh = dz @ w
     dt = _stat_dtype(x)
     xhat = normalize_with(a, None, None, mean, rstd, norm)
     g = dh.to(dt) if ln_weight is None else dh.to(dt) * ln_weight.to(dt)

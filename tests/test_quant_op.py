@@ -286,12 +286,20 @@ def test_bad_arguments_refused_alike(backend, change, error):
 
 
 @pytest.mark.parametrize("backend", _backends())
-def test_weight_scale_refused_online(backend):
+def test_weight_scale_checked_online(backend):
+    """Online, weight_scale is optional (tensor parallelism gives the whole weight's mean|W|:
+    tests/test_tensor_parallel_quant.py) and checked as the offline modes' is; without quant it
+    is refused."""
     device = backend.device
+    with backend.running(), pytest.raises(ValueError, match=r"must have shape \(1,\), got \(2,\)"):
+        ops.ln_linear(
+            randn(2, K, device=device), None, None, randn(N, K, device=device),
+            quant="bitnet_online", weight_scale=torch.ones(2, device=device), backend=backend.name,
+        )  # fmt: skip
     with backend.running(), pytest.raises(ValueError, match="weight_scale must be None"):
         ops.ln_linear(
             randn(2, K, device=device), None, None, randn(N, K, device=device),
-            quant="bitnet_online", weight_scale=torch.ones(1, device=device), backend=backend.name,
+            weight_scale=torch.ones(1, device=device), backend=backend.name,
         )  # fmt: skip
 
 

@@ -124,17 +124,19 @@ def test_sharded_model_matches_one_process(_runs, world, family):
             tm.close(results["grads"][name], grad, what=f"rank {rank} grad of {name}")
 
 
-def test_quantised_bitnet_projections_are_refused():
-    """BitNet's quantised projections (AutoBitLinear: its weight scale a mean over the whole
-    weight) are refused, not turned into dense shards."""
+def test_projections_of_other_classes_are_refused():
+    """A projection that is neither an nn.Linear nor one of BitNet's quantised classes (which
+    shard: tests/test_tensor_parallel_quant.py) is refused, not turned into a dense shard."""
     from gloo import one_process_group
-    from transformers.integrations.bitnet import AutoBitLinear
 
     from magneto.parallel import tensor_parallelize_transformers
+
+    class LinearSubclass(torch.nn.Linear):
+        pass
 
     model, _ = tm.pair("bitnet")
     attention = model.model.layers[0].self_attn
     linear = attention.q_proj
-    attention.q_proj = AutoBitLinear(linear.in_features, linear.out_features, bias=False)
-    with one_process_group(), pytest.raises(ValueError, match="q_proj is a AutoBitLinear"):
+    attention.q_proj = LinearSubclass(linear.in_features, linear.out_features, bias=False)
+    with one_process_group(), pytest.raises(ValueError, match="q_proj is a LinearSubclass"):
         tensor_parallelize_transformers(model, dist.group.WORLD)

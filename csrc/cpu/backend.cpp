@@ -38,6 +38,7 @@
 #include <ATen/record_function.h>
 
 #include "backend.h"
+#include "cpu/fake_quant.h"
 #include "cpu/gemm.h"
 #include "cpu/kernels.h"
 
@@ -180,20 +181,9 @@ void prologue(const LnLinearArgs& a, const Tensor& x, const Tensor& h, const Ten
                         {h, Tensor(), mean, rstd});
 }
 
-// transformers' WeightQuant: t/s_w in W's dtype, s_w = 1 / mean|W| (float32).
-Tensor fake_quant_weight(const Tensor& weight) {
-  const Tensor w = weight.to(at::kFloat);
-  const Tensor s = w.abs().mean().clamp_min(1e-5).reciprocal();
-  return ((w * s).round().clamp(-1, 1) / s).to(weight.scalar_type());
-}
-
-// transformers' ActQuant on rows of h: q/s in h's dtype, s = 127 / max|h_row| (float32), into
-// h itself when `in_place`, else into a new tensor (h is then x, which is not ours to write).
-Tensor fake_quant_rows(const Tensor& h, bool in_place) {
-  const Tensor f = h.to(at::kFloat);
-  const Tensor s = 127.0 / f.abs().amax(-1, /*keepdim=*/true).clamp_min(1e-5);
-  const Tensor fake = (f * s).round().clamp(-128, 127) / s;
-  return in_place ? h.copy_(fake) : fake.to(h.scalar_type());
+// Rows [begin, begin + count) of an optional per-row tensor (undefined when absent).
+Tensor opt_rows(const OptTensor& t, int64_t begin, int64_t count) {
+  return t.has_value() ? t->narrow(0, begin, count) : Tensor();
 }
 
 // h's int8 rows (kernels.h, quantize_rows): codes, their sums and scales.
@@ -219,6 +209,11 @@ QuantizedRows quantize_h(const LnLinearArgs& a, const Tensor& mean, const Tensor
               : new_tensor({count, in_features}, x.options());
       prologue(a, x.narrow(0, begin, count), h, row_slice(mean, begin, count),
                row_slice(rstd, begin, count));
+    }
+    if (a.row_amax.has_value()) {
+      quantize_rows_given(h, a.row_amax->narrow(0, begin, count), r.q.narrow(0, begin, count),
+                          r.q_sum.narrow(0, begin, count), r.scale.narrow(0, begin, count));
+      continue;
     }
     quantize_rows({dtype_code(x.scalar_type()), count, in_features, h.data_ptr(),
                    r.q.data_ptr<int8_t>() + begin * in_features,
@@ -293,7 +288,7 @@ void Kernels::ln_linear(const LnLinearArgs& a, LnLinearOutputs& out) {
                           : new_tensor({count, in_features}, x.options());
   };
   const bool online = a.quant == Quant::kBitnetOnline;
-  const Tensor weight = online ? fake_quant_weight(a.weight) : a.weight;
+  const Tensor weight = online ? fake_quant_weight(a.weight, a.weight_scale) : a.weight;
   Tensor preact;
   bool residual_added = false;
   if (is_offline(a.quant)) {
@@ -308,7 +303,7 @@ void Kernels::ln_linear(const LnLinearArgs& a, LnLinearOutputs& out) {
       h = operand(rows);
       prologue(a, x, h, out.mean, out.rstd);
     }
-    if (online) h = fake_quant_rows(h, !identity_prologue);
+    if (online) h = fake_quant_rows(h, !identity_prologue, opt_rows(a.row_amax, 0, rows));
     preact = gemm::linear(h, weight, a.bias);
   } else {
     // h = N(in_act(x)) block by block, each block followed by its GEMM, accumulating into
@@ -330,7 +325,7 @@ void Kernels::ln_linear(const LnLinearArgs& a, LnLinearOutputs& out) {
       const Tensor h = operand(count);
       prologue(a, x.narrow(0, begin, count), h, row_slice(out.mean, begin, count),
                row_slice(out.rstd, begin, count));
-      if (online) fake_quant_rows(h, /*in_place=*/true);
+      if (online) fake_quant_rows(h, /*in_place=*/true, opt_rows(a.row_amax, begin, count));
       gemm::matmul(gemm::Role::kForward, h, wt, preact.narrow(0, begin, count),
                    /*accumulate=*/init);
     }
@@ -439,7 +434,8 @@ void Kernels::ln_linear_backward(const LnLinearBackwardArgs& a, LnLinearGrads& g
   Tensor dh;
   if (want_norm_grads) {
     dh = partial ? grads.dh : dh_in_dx ? grads.dx : buffer(0);
-    gemm::matmul(gemm::Role::kInputGrad, dz, online ? fake_quant_weight(a.weight) : a.weight, dh,
+    gemm::matmul(gemm::Role::kInputGrad, dz,
+                 online ? fake_quant_weight(a.weight, a.weight_scale) : a.weight, dh,
                  /*accumulate=*/false);
   }
   Tensor h;  // the GEMM operand of dweight
@@ -452,7 +448,9 @@ void Kernels::ln_linear_backward(const LnLinearBackwardArgs& a, LnLinearGrads& g
                         {grads.dx, grads.dln_weight, grads.dln_bias},
                         identity_prologue ? Tensor() : h, partial ? grads.row_sums : Tensor());
   }
-  if (want_dweight && online) h = fake_quant_rows(h, !identity_prologue);
+  if (want_dweight && online) {
+    h = fake_quant_rows(h, !identity_prologue, opt_rows(a.row_amax, 0, rows));
+  }
   if (want_dweight) {
     gemm::matmul(gemm::Role::kWeightGrad, dz.t(), h, grads.dweight, /*accumulate=*/false);
   }

@@ -286,6 +286,11 @@ void Kernels::norm_backward(const NormBackwardArgs& args, const NormGrads& grads
 void Kernels::ln_linear(const LnLinearArgs& a, LnLinearOutputs& out) {
   const Tensor& x = a.x;
   const DeviceGuard guard(x.device());
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      a.quant == Quant::kNone || (!a.given_rstd.has_value() && !a.row_amax.has_value() &&
+                                  !(a.quant == Quant::kBitnetOnline && a.weight_scale.has_value())),
+      "ln_linear: the quantised modes under tensor parallelism (given mean and rstd, row_amax, "
+      "an online weight_scale) are not implemented on the cuda backend yet");
   if (is_offline(a.quant)) {
     offline_projection(a, out);
     return;
@@ -345,6 +350,11 @@ void Kernels::ln_linear(const LnLinearArgs& a, LnLinearOutputs& out) {
 void Kernels::ln_linear_backward(const LnLinearBackwardArgs& a, LnLinearGrads& grads) {
   const Tensor& x = a.x;
   const DeviceGuard guard(x.device());
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      a.quant == Quant::kNone ||
+          (!a.weight_scale.has_value() && !a.row_amax.has_value() && !grads.dh.defined()),
+      "ln_linear: the quantised modes' backward under tensor parallelism (the partial backward, "
+      "weight_scale, row_amax) is not implemented on the cuda backend yet");
   const int64_t rows = x.size(0), out_features = a.weight.size(0);
   const bool dz_is_dy = a.activation == Activation::kNone && a.dropout_p == 0.0;
   Tensor dz = a.grad_out;

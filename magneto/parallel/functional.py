@@ -38,6 +38,7 @@ from magneto_kernels import checks, reference
 from magneto_kernels.backends import FAMILY, resolve_backend
 from magneto_kernels.codes import ACTIVATION_ALIASES
 from magneto_kernels.library import get_op
+from magneto_kernels.quant import OFFLINE_MODES, bitnet_norm
 
 _LOGS: list[list[tuple[str, int]]] = []
 
@@ -228,36 +229,66 @@ def _reduced_stats(local_mean, local_m2, count, eps, norm, group):
     return mean, torch.rsqrt(m2 / (count * dist.get_world_size(group)) + eps)
 
 
+def whole_weight_scale(weight: Tensor, numel: int, group) -> Tensor:
+    """BitNet's online weight scale of a weight sharded over ``group`` (this rank's shard): the
+    whole weight's mean|W|, (1,) float32, from one all-reduce of this shard's Σ|W|. No gradient
+    (the weight quantisation is straight-through)."""
+    total = weight.detach().float().abs().sum().reshape(1)
+    _all_reduce(total, group)
+    return total / numel
+
+
+def _row_amax(x, ln_weight, eps, act, rstd, group) -> Tensor:
+    """max|h| of each row over every shard, (rows,) float32: this shard's h formed as the
+    quantised op forms it (``bitnet_norm`` on the reduced rstd), one all-reduce (MAX)."""
+    h = bitnet_norm(reference.apply_input_activation(x, act), ln_weight, eps, rstd)
+    amax = h.detach().float().abs().amax(-1).reshape(-1).contiguous()
+    _all_reduce(amax, group, dist.ReduceOp.MAX)
+    return amax
+
+
 class _RowParallelNormLinear(torch.autograd.Function):
     """``N(in_act(x)) @ weight^T`` with N over every rank's features (this rank's partial
     product), through the family's sharded-norm entry points: the statistics' partials, one
     collective, the fused op on the reduced statistics; backward the op's first half, one
     all-reduce of the row sums, the norm's backward. Saves x, the weights and the row
-    statistics."""
+    statistics. BitNet's quantised projection (``quant``): h's per-row max over every shard
+    (one all-reduce, MAX) and, online, the whole weight's scale (one all-reduce of one float)
+    are given to the op too, and saved."""
 
     @staticmethod
-    def forward(ctx, x, ln_weight, ln_bias, weight, eps, norm, input_activation, group, backend):
+    def forward(
+        ctx, x, ln_weight, ln_bias, weight, eps, norm, input_activation, group, backend, quant,
+        weight_scale, numel,
+    ):  # fmt: skip
         act = ACTIVATION_ALIASES.get(input_activation, input_activation)  # the ops check it
         norm_stats, ln_linear, _, _ = ctx.entry_points = _entry_points(backend)
         local_mean, local_m2 = norm_stats(x, norm, act)
-        count = weight.shape[1]
+        count = weight.shape[1] * (4 if quant in OFFLINE_MODES else 1)
         mean, rstd = _reduced_stats(local_mean, local_m2, count, eps, norm, group)
-        ctx.save_for_backward(x, ln_weight, ln_bias, weight, mean, rstd)
+        row_amax = None
+        if quant != "none":
+            row_amax = _row_amax(x, ln_weight, eps, act, rstd, group)
+            if quant == "bitnet_online":
+                weight_scale = whole_weight_scale(weight, numel, group)
+        ctx.save_for_backward(x, ln_weight, ln_bias, weight, mean, rstd, weight_scale, row_amax)
         ctx.group, ctx.norm, ctx.input_activation, ctx.count = group, norm, act, count
+        ctx.quant = quant
         return ln_linear(
             x, ln_weight, ln_bias, weight, None, None, None, eps, norm, act, "none", 1.0, 0.0,
-            "none", None, mean, rstd,
+            quant, weight_scale, mean, rstd, row_amax,
         )  # fmt: skip
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
-        x, ln_weight, ln_bias, weight, mean, rstd = ctx.saved_tensors
+        x, ln_weight, ln_bias, weight, mean, rstd, weight_scale, row_amax = ctx.saved_tensors
         _, _, backward_partial, norm_backward = ctx.entry_points
         need = ctx.needs_input_grad
         dh, row_sums, dweight, _ = backward_partial(
             dout.contiguous(), x, ln_weight, ln_bias, weight, mean, rstd, x.new_empty((0,)),
-            None, ctx.norm, ctx.input_activation, "none", 0.0, [True, need[3], False], "none",
+            None, ctx.norm, ctx.input_activation, "none", 0.0, [True, need[3], False], ctx.quant,
+            weight_scale, row_amax,
         )  # fmt: skip
         _all_reduce(row_sums, ctx.group)
         row_means = row_sums / (ctx.count * dist.get_world_size(ctx.group))
@@ -267,7 +298,7 @@ class _RowParallelNormLinear(torch.autograd.Function):
         )  # fmt: skip
         grads = (dx, dln_weight, dln_bias, dweight)
         grads = tuple(g if wanted else None for g, wanted in zip(grads, need))
-        return (*grads, None, None, None, None, None)
+        return (*grads, *[None] * 8)
 
 
 def row_parallel_norm_linear(
@@ -280,13 +311,21 @@ def row_parallel_norm_linear(
     input_activation: Optional[str],
     group,
     backend: Optional[str] = None,
+    *,
+    quant: str = "none",
+    weight_scale: Optional[Tensor] = None,
+    numel: int = 0,
 ) -> Tensor:
     """This rank's partial ``N(in_act(x)) @ weight^T`` of a row-parallel projection, the norm
     over features split across ``group`` (as ``sharded_norm``); x, weight and the row statistics
-    are all it keeps for backward."""
+    are all it keeps for backward. ``quant``: BitNet's quantised projection (``ln_linear``'s
+    modes; RMSNorm), ``weight_scale`` the offline modes' stored scale, ``numel`` the whole
+    weight's element count (online: its scale is the whole weight's mean|W|)."""
+    if quant != "none" and norm != "rms":
+        raise ValueError(f"quant={quant!r} takes norm='rms' (BitNet's sub-norm), got {norm!r}")
     return _RowParallelNormLinear.apply(
         x, ln_weight, ln_bias, weight, float(eps), norm, input_activation, group,
-        resolve_backend(backend, x),
+        resolve_backend(backend, x), quant, weight_scale, numel,
     )  # fmt: skip
 
 

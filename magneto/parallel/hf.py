@@ -1,5 +1,6 @@
 """The tensor-parallel plan of Hugging Face's Sub-LN families and Llama: BitNet (dense
-projections), Kosmos-2's text model, Llama; patched by ``apply_magneto`` or not.
+projections or transformers' quantised ones), Kosmos-2's text model, Llama; patched by
+``apply_magneto`` or not.
 
 Per decoder layer: q_proj, k_proj, v_proj column-parallel by heads (grouped-query attention: the
 key/value heads split like the query heads, so a rank's query heads read its own key/value
@@ -12,25 +13,45 @@ they normalise. Unpatched, the attention and MLP forwards need no change: they r
 column-parallel shards (q/k/v, gate/up) through ``ColumnParallelProjection`` (its adapter, one
 ``ln_linear_group`` with the outer norm), a row-parallel one (o_proj, down_proj, fc2) through
 its ``parallel_project`` (the sharded sub-norm, the input activation, one all-reduce, the
-residual add). transformers' own ``tp_plan`` (DTensor parameters behind hooks) composes with
-``apply_magneto`` the other way: its projections run as its modules.
+residual add). BitNet's quantised projections shard as ``ColumnParallelBitLinear`` /
+``RowParallelBitLinear`` (docs/design.md, Tensor parallelism: the whole weight's scale and the
+row-parallel activation scale, each one more all-reduce). transformers' own ``tp_plan`` (DTensor
+parameters behind hooks) composes with ``apply_magneto`` the other way: its projections run as
+its modules.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
+import magneto_kernels
 from magneto.fusion import has_hooks
+from magneto.parallel.functional import (
+    _all_reduce,
+    reduce_from_parallel,
+    row_parallel_norm_linear,
+    whole_weight_scale,
+)
 from magneto.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
     ShardedNorm,
+    _shard,
     column_parallel_group,
     head_rows,
 )
 from magneto.parallel.plan import _group
+from magneto_kernels import quant
+from magneto_kernels.codes import QUANT_PACK_UNIT
+
+QUANT_BACKENDS = ("reference", "cpu")
+"""The backends whose quantised ``ln_linear`` takes the tensor-parallel arguments (given
+``row_amax``, (mean, rstd) and online ``weight_scale``); on the others a quantised shard runs
+its module's forward (transformers' formula on the shards, with the same collectives)."""
 
 _ATTENTION = (
     ("q_proj", "k_proj", "v_proj"),
@@ -60,26 +81,185 @@ class ColumnParallelProjection:
         return column_parallel_group(x, *nargs, linears, options.backend)
 
 
+def _bitnet_mode(linear: nn.Module) -> Optional[str]:
+    """ln_linear's quantised mode of one of transformers' BitNet classes (packed by
+    ``apply_magneto`` or not), None for another class."""
+    from transformers.integrations.bitnet import AutoBitLinear, BitLinear
+
+    if isinstance(linear, BitLinear):
+        return "bitlinear"
+    if isinstance(linear, AutoBitLinear):
+        return "bitnet_online" if linear.online_quant else "bitnet_offline"
+    return None
+
+
+def _ternary(linear: nn.Module, mode: str) -> Tensor:
+    """The whole ternary weight (float32) of an offline BitNet projection: its module's weight,
+    or the packed one where ``apply_magneto`` dropped it."""
+    if linear.weight.is_meta:
+        return quant.unpack(linear._magneto_packed)
+    if mode == "bitlinear":
+        return quant.unpack_hf(linear.weight.detach(), linear.out_features).float()
+    return linear.weight.detach().float()
+
+
+class _QuantShard:
+    """What the shards of BitNet's quantised projections share: online, the master weight's
+    slice (a parameter; its scale the whole weight's mean|W|, one all-reduce of Σ|W| per call);
+    offline, the ternary weight's slice packed (``quant.pack``) and the stored ``weight_scale``
+    (per tensor: the same on every rank)."""
+
+    def _keep_quantised(self, linear: nn.Module, mode: str, dim: int, index: Tensor) -> None:
+        if getattr(linear, "rms_norm", None) is not None or linear.bias is not None:
+            raise ValueError(
+                "tensor parallelism shards BitNet projections without their own norm or bias"
+            )
+        self.quant, self.numel, self.bias = mode, linear.weight.numel(), None
+        if mode == "bitnet_online":
+            self.weight = _shard(linear.weight, dim, index)
+            self.weight_scale = None
+            return
+        ternary = _ternary(linear, mode).index_select(dim, index.to(linear.weight_scale.device))
+        if ternary.shape[1] % QUANT_PACK_UNIT:
+            raise ValueError(
+                f"a shard's in_features ({ternary.shape[1]}) must be a multiple of "
+                f"{QUANT_PACK_UNIT} to pack (fewer ranks)"
+            )
+        self.register_buffer("packed", quant.pack(ternary), persistent=False)
+        self.register_buffer("weight_scale", linear.weight_scale.detach().clone())
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.weight.dtype if self.quant == "bitnet_online" else self.weight_scale.dtype
+
+    def _operands(self, dtype: Optional[torch.dtype] = None):
+        """(weight, weight_scale): the master weight and the whole weight's scale (online), the
+        packed weight (unpacked into ``dtype`` when given: the modules' formula) and the stored
+        scale (offline)."""
+        if self.quant == "bitnet_online":
+            return self.weight, whole_weight_scale(self.weight, self.numel, self.group)
+        packed = self.packed if dtype is None else quant.unpack(self.packed, dtype)
+        return packed, self.weight_scale
+
+
+class ColumnParallelBitLinear(_QuantShard, ColumnParallelLinear):
+    """This rank's output rows of a BitNet quantised projection; the input is replicated, and the
+    activation quantisation (per row) is local."""
+
+    def __init__(self, linear, index: Tensor, view: tuple[int, ...], group, mode: str):
+        nn.Module.__init__(self)
+        self._keep_quantised(linear, mode, 0, index)
+        self.in_features, self.out_features = linear.in_features, index.numel()
+        self._keep(0, index, view, group)
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight, scale = self._operands(x.dtype)
+        return quant.ln_linear_bitnet(
+            self._input(x), None, weight, quant=self.quant, weight_scale=scale
+        )
+
+    def parallel_project(
+        self, x, norm, *, input_activation, residual, alpha, dropout_p, rows, backend
+    ) -> Tensor:
+        raise ValueError("a quantised column-parallel shard is called through apply_magneto")
+
+    def call(self, x: Tensor, nargs, backend) -> Tensor:
+        """The fused ``ln_linear`` of this shard with its input norm ``nargs`` (ln_weight,
+        ln_bias, eps, norm)."""
+        ln_weight, ln_bias, eps, norm = nargs
+        weight, scale = self._operands()
+        return magneto_kernels.ln_linear(
+            self._input(x), weight=weight, quant=self.quant, weight_scale=scale, backend=backend,
+            **self._norm(ln_weight, ln_bias, eps=eps, norm=norm),
+        )  # fmt: skip
+
+
+class RowParallelBitLinear(_QuantShard, RowParallelLinear):
+    """This rank's input columns of a BitNet quantised projection (o_proj, down_proj): the
+    per-row activation scale is a max over every rank's features, one all-reduce (MAX)."""
+
+    def __init__(self, linear, index: Tensor, view: tuple[int, ...], group, mode: str):
+        nn.Module.__init__(self)
+        self._keep_quantised(linear, mode, 1, index)
+        self.in_features, self.out_features = index.numel(), linear.out_features
+        self._keep(1, index, view, group)
+
+    def forward(self, h: Tensor) -> Tensor:
+        amax = h.detach().float().abs().amax(-1).contiguous()
+        _all_reduce(amax, self.group, dist.ReduceOp.MAX)
+        weight, scale = self._operands(h.dtype)
+        partial = quant.ln_linear_bitnet(
+            h, None, weight, quant=self.quant, weight_scale=scale, row_amax=amax
+        )
+        return reduce_from_parallel(partial, self.group)
+
+    def parallel_project(
+        self, x, norm, *, input_activation, residual, alpha, dropout_p, rows, backend
+    ) -> Tensor:
+        """``alpha·residual + dropout(sum over ranks(Q(W_r, N(in_act(x_r)))))``: the sharded
+        sub-norm, the row amax and the quantised projection through the op families'
+        entry points (``row_parallel_norm_linear``)."""
+        if rows is not None or not isinstance(norm, ShardedNorm):
+            raise ValueError("a quantised row-parallel shard takes its sharded sub-norm")
+        partial = row_parallel_norm_linear(
+            x, norm.weight, norm.bias, self.packed if self.quant != "bitnet_online" else
+            self.weight, norm.eps, norm.norm, input_activation, self.group, backend,
+            quant=self.quant, weight_scale=self.weight_scale, numel=self.numel,
+        )  # fmt: skip
+        y = self._output(partial, dropout_p)
+        return y if residual is None else alpha * residual + y
+
+
+class ColumnParallelBitProjection:
+    """The Hugging Face integration's adapter (``_projections.PROJECTIONS``) of a
+    ``ColumnParallelBitLinear``: one quantised ``ln_linear`` per shard (as one process runs
+    BitNet's q/k/v and gate/up), on the backends with the tensor-parallel arguments."""
+
+    @staticmethod
+    def accepts(linear: nn.Module, x, options) -> bool:
+        backend = magneto_kernels.resolve_backend(options.backend, x)
+        return (
+            not has_hooks(linear) and linear.compute_dtype == x.dtype and backend in QUANT_BACKENDS
+        )
+
+    @staticmethod
+    def call(x, nargs, linear: nn.Module, options, **kwargs):
+        if kwargs:  # an output projection is row-parallel (``parallel_project``)
+            raise ValueError(f"a column-parallel projection takes no {sorted(kwargs)}")
+        return linear.call(x, nargs, options.backend)
+
+    @staticmethod
+    def group(x, nargs, linears, options):
+        return tuple(linear.call(x, nargs, options.backend) for linear in linears)
+
+
 def _present(module: nn.Module, names) -> list[str]:
     return [n for n in names if isinstance(getattr(module, n, None), nn.Module)]
 
 
 def _shard_block(module, columns: dict, row: str, norm: list, out_index, rank, world, group):
+    modes = {}
     for name in (*columns, row):
-        if type(getattr(module, name)) is not nn.Linear:
-            kind = type(getattr(module, name)).__name__
+        linear = getattr(module, name)
+        modes[name] = _bitnet_mode(linear)
+        if type(linear) is not nn.Linear and modes[name] is None:
             raise ValueError(
-                f"tensor parallelism shards nn.Linear projections; {name} is a {kind} (BitNet's "
-                "quantised projections are not supported yet: docs/design.md, Tensor "
-                "parallelism)"
+                f"tensor parallelism shards nn.Linear projections and BitNet's quantised ones;"
+                f" {name} is a {type(linear).__name__}"
             )
     for name, index in columns.items():
         linear = getattr(module, name)
         view = (linear.out_features, linear.in_features)
-        setattr(module, name, ColumnParallelLinear(linear, index, view, group))
+        if modes[name] is None:
+            setattr(module, name, ColumnParallelLinear(linear, index, view, group))
+        else:
+            setattr(module, name, ColumnParallelBitLinear(linear, index, view, group, modes[name]))
     linear = getattr(module, row)
     view = (linear.out_features, linear.in_features)
-    setattr(module, row, RowParallelLinear(linear, out_index, view, group))
+    if modes[row] is None:
+        setattr(module, row, RowParallelLinear(linear, out_index, view, group))
+    else:
+        setattr(module, row, RowParallelBitLinear(linear, out_index, view, group, modes[row]))
     for name in norm:
         setattr(module, name, ShardedNorm.of(getattr(module, name), out_index, group))
 
@@ -110,7 +290,7 @@ def _mlp(module: nn.Module, rank: int, world: int, group) -> None:
 
 
 def tensor_parallelize_transformers(model: nn.Module, mesh, tp_dim=None) -> nn.Module:
-    """Shard a Llama, BitNet (dense) or Kosmos-2 text model in place over ``mesh`` (as
+    """Shard a Llama, BitNet (dense or quantised) or Kosmos-2 text model in place over ``mesh`` (as
     ``tensor_parallelize``) and return it. Every rank must hold the same parameters before."""
     group = _group(mesh, tp_dim)
     rank, world = dist.get_rank(group), dist.get_world_size(group)

@@ -103,12 +103,21 @@ def _add_layer_norm_op(*args):
 
 
 # ln_linear's last arguments, not the dense GEMM's: the quantised projection's (triton/quant.py)
-# and the given statistics (stats=; the checks refuse them with quant)
-_QUANT_ARGS = ("quant", "weight_scale", "mean", "rstd")
+# and the given statistics (stats=), and its backward's
+_QUANT_ARGS = ("quant", "weight_scale", "mean", "rstd", "row_amax")
+_QUANT_BACKWARD_ARGS = ("quant", "weight_scale", "row_amax")
+
+_TP_QUANT = (
+    "the quantised modes under tensor parallelism (given mean and rstd, row_amax, an online"
+    " weight_scale) are not implemented on the triton backend yet"
+)
 
 
 def _ln_linear_op(*args):
     a = checks.ln_linear(*args)
+    online_scale = a.quant == "bitnet_online" and a.weight_scale is not None
+    if a.quant != "none" and (a.rstd is not None or a.row_amax is not None or online_scale):
+        raise NotImplementedError(f"ln_linear: {_TP_QUANT}")
     if a.quant != "none":
         out, mean, rstd, preact = _quant.ln_linear(
             _rows(a.x), _dense(a.ln_weight), _dense(a.weight), _dense(a.bias), _rows(a.residual),
@@ -131,6 +140,8 @@ def _ln_linear_op(*args):
 
 def _ln_linear_backward_op(*args):
     a = checks.ln_linear_backward(*args)
+    if a.weight_scale is not None or a.row_amax is not None:
+        raise NotImplementedError(f"ln_linear: {_TP_QUANT}")
     if a.quant != "none":  # bitnet_online: the checks refuse the offline modes' backward
         grads = _quant.ln_linear_backward(
             _rows(a.grad_out), _rows(a.x), _dense(a.ln_weight), _dense(a.weight),
@@ -147,7 +158,7 @@ def _ln_linear_backward_op(*args):
             mean=_dense(a.mean),
             rstd=_dense(a.rstd),
             preact=_rows(a.preact),
-        )[:-1]
+        )[: -len(_QUANT_BACKWARD_ARGS)]
     )
     return (_like(grads[0], a.x), *grads[1:])
 
@@ -163,6 +174,8 @@ def _norm_stats_op(*args):
 
 def _ln_linear_backward_partial_op(*args):
     a = checks.ln_linear_backward_partial(*args)
+    if a.quant != "none":
+        raise NotImplementedError(f"ln_linear_backward_partial: {_TP_QUANT}")
     want_dh, want_dweight, want_dbias = (bool(m) for m in a.output_mask)
     rows, x = a.x.numel() // a.x.shape[-1], a.x
     row_sums = _new_buffer((rows, 2 if a.norm == "layer" else 1), torch.float32, x.device)
@@ -177,7 +190,7 @@ def _ln_linear_backward_partial_op(*args):
             rstd=_dense(a.rstd),
             preact=_rows(a.preact),
             output_mask=[False, False, False, want_dweight, want_dbias],
-        )[:-1],
+        )[: -len(_QUANT_BACKWARD_ARGS)],
         row_sums=row_sums if want_dh else None,
     )
     empty = x.new_empty((0,))

@@ -20,7 +20,11 @@ from transformers.integrations.bitnet import AutoBitLinear, BitLinear, pack_weig
 
 import magneto_kernels
 from magneto import fusion
-from magneto.parallel.hf import ColumnParallelProjection
+from magneto.parallel.hf import (
+    ColumnParallelBitLinear,
+    ColumnParallelBitProjection,
+    ColumnParallelProjection,
+)
 from magneto.parallel.layers import ColumnParallelLinear
 from magneto_kernels import quant
 from magneto_kernels.codes import GATED_ACTIVATIONS, QUANT_PACK_UNIT
@@ -365,6 +369,7 @@ PROJECTIONS = {
     AutoBitLinear: AutoBitLinearProjection,
     BitLinear: BitLinearProjection,
     ColumnParallelLinear: ColumnParallelProjection,
+    ColumnParallelBitLinear: ColumnParallelBitProjection,
     PackedAutoBitLinear: AutoBitLinearProjection,
     PackedBitLinear: BitLinearProjection,
 }
