@@ -14,9 +14,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 # OpenMP threads that finish a parallel region sleep at once instead of spinning (libgomp's
 # default spins for a while): the suite runs one xdist worker per core, each with torch's
 # threads, and the tests run small ops with Python between them, so spinning threads would take
-# the cores from the other worker. Thread counts, and so the parallel paths tested, are unchanged.
-# Set before torch is imported (libgomp reads it when loaded); the workers and the processes the
-# tests start inherit it.
+# the cores from the other worker (docs/design.md, Decisions). Thread counts, and so the parallel
+# paths tested, are unchanged. Set before torch is imported (libgomp reads it when loaded); the
+# workers and the processes the tests start inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # torchscale imports timm.models.layers.drop_path; where no timm is installed the labelled
