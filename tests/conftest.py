@@ -38,9 +38,9 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    # The long single tests (marked slow: compiler runs over all kernels) first, the rest in
-    # collection order: `make test`'s xdist workers (--dist worksteal) start them at once and
-    # share out the short tests meanwhile, instead of ending on one of them alone.
+    # The long single tests (marked slow: the compiler runs over all kernels, the 2^31-element
+    # norm) first, the rest in collection order: `make test`'s xdist workers (--dist worksteal)
+    # start them at once and share out the short tests meanwhile, instead of ending on one alone.
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
     if torch.cuda.is_available():
         return
