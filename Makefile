@@ -13,11 +13,18 @@ STAMPS := .stamps/$(subst /,_,$(shell command -v $(PYTHON)))
 EXT_SOURCES := setup.py $(shell find csrc -type f)
 # Every stage runs its tests in one worker process per CPU (pytest-xdist): most of the suite
 # is single-threaded Python (the Triton interpreter, the float64 references, compiler runs).
+# worksteal: each worker takes a contiguous half of the collection (a module's tests, and its
+# module-scoped fixtures such as the gloo worlds, mostly stay on one worker) and an idle worker
+# takes half of the other's queue; tests/conftest.py puts the long single tests first.
 JOBS ?= $(shell nproc)
-PYTEST := TRITON_INTERPRET=1 $(PYTHON) -m pytest -n $(JOBS)
+PYTEST := TRITON_INTERPRET=1 $(PYTHON) -m pytest -n $(JOBS) --dist worksteal
 CPU_SUITE := tests/test_ops_cpu.py tests/test_ops.py tests/test_group.py tests/test_ops_edges.py \
 	tests/test_ops_properties.py tests/test_quant_op.py tests/test_quant_group.py \
 	tests/test_tensor_parallel_fused.py -k cpu
+# The tests that choose the build themselves (MAGNETO_CPU_ISA of a process of their own): the
+# main stage runs them; under an instruction-set stage they would run the same builds again.
+CPU_SUITE += $(addprefix --deselect tests/test_ops_cpu.py::,test_instruction_set_builds \
+	test_instruction_set_fallback_is_said test_unknown_instruction_set_is_refused)
 
 .PHONY: setup report test quick lint format cuda-check bench bench-cpu bench-isa gpu-check clean
 

@@ -11,6 +11,13 @@ import os
 import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# OpenMP threads that finish a parallel region sleep at once instead of spinning (libgomp's
+# default spins for a while): the suite runs one xdist worker per core, each with torch's
+# threads, and the tests run small ops with Python between them, so spinning threads would take
+# the cores from the other worker (docs/design.md, Decisions). Thread counts, and so the parallel
+# paths tested, are unchanged. Set before torch is imported (libgomp reads it when loaded); the
+# workers and the processes the tests start inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # torchscale imports timm.models.layers.drop_path; where no timm is installed the labelled
 # stand-in in magneto/compat/timm_standin provides it (by path: importing magneto here would
@@ -31,6 +38,10 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    # The long single tests (marked slow: the compiler runs over all kernels, the 2^31-element
+    # norm) first, the rest in collection order: `make test`'s xdist workers (--dist worksteal)
+    # start them at once and share out the short tests meanwhile, instead of ending on one alone.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (none visible); runs in bench/gpu_check.sh")

@@ -31,6 +31,7 @@ def _load_check_cuda():
     return module
 
 
+@pytest.mark.slow
 def test_nvcc_compile_check():
     """Every .cu compiles for sm_80 and sm_90a without warnings and without register spills."""
     check_cuda = _load_check_cuda()

@@ -574,6 +574,7 @@ def main(argv=None) -> int:
     return 1 if failures else 0
 
 
+@pytest.mark.slow
 def test_every_launch_compiles_for_sm80_and_sm90a_without_spills():
     pytest.importorskip("triton.backends.nvidia")
     # The subprocess must compile this checkout's kernels, not whichever magneto_kernels an
