@@ -15,7 +15,7 @@ magneto's quantised ``ln_linear`` against transformers' own path. Three parts:
   ``--threads``, prefill of ``--prefill`` tokens, and the int8 head's argmax agreement with the
   dense head's.
 
-    python -m bench.bench_bitnet [--part op|model|all] [--threads 1 2] [--layers 30]
+    python -m bench.bench_bitnet [--part op|model|all] [--threads 1 2] [--rows 1 8] [--layers 30]
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def _median_us(fns: dict, rounds: int, min_time: float = 0.2) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def bench_op(rounds: int) -> None:
+def bench_op(rounds: int, rows_list=ROWS) -> None:
     from transformers.integrations.bitnet import AutoBitLinear
     from transformers.models.bitnet.modeling_bitnet import BitNetRMSNorm
 
@@ -77,7 +77,7 @@ def bench_op(rounds: int) -> None:
         packed = quant.pack(ternary)
         ws = linear.weight_scale
         dense32 = ternary.float() * 0.02
-        for rows in ROWS:
+        for rows in rows_list:
             x = torch.randn(rows, 2 * k if gated else k, dtype=dtype)
 
             def act(x):
@@ -271,6 +271,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--part", choices=("op", "model", "all"), default="all")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--rows", type=int, nargs="+", default=list(ROWS), help="op part's rows")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--prefill", type=int, default=2048)
     parser.add_argument("--new-tokens", type=int, default=16)
@@ -279,7 +280,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.part in ("op", "all"):
         torch.set_num_threads(args.threads[0])
-        bench_op(args.rounds)
+        bench_op(args.rounds, args.rows)
     if args.part in ("model", "all"):
         bench_model(
             args.layers, args.threads, args.prefill, args.new_tokens, args.rounds,

@@ -144,16 +144,30 @@ def test_offline_edges_without_amx_cpu(shape, gated, monkeypatch):
     _check_edges(BY_NAME["cpu"], shape, gated)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+# (in_features, out_features): the few-row kernel's last feature group 1 or 3 wide (groups of
+# 4), and 128-wide k blocks in pairs, the second with an odd one left; fp16 (its own rounding of
+# the epilogue) on the first.
+BITWISE_CASES = [
+    (dtype, shape)
+    for shape in ((4 * K, 37), (9 * QUANT_PACK_UNIT, 39))
+    for dtype in (torch.float32, torch.bfloat16)
+] + [(torch.float16, (4 * K, 37))]
+
+
+@pytest.mark.parametrize(
+    "dtype, shape",
+    BITWISE_CASES,
+    ids=lambda c: "x".join(map(str, c)) if isinstance(c, tuple) else str(c),
+)
 @pytest.mark.parametrize("mode", OFFLINE)
-def test_offline_cpu_paths_agree_bitwise(mode, dtype, monkeypatch):
+def test_offline_cpu_paths_agree_bitwise(mode, dtype, shape, monkeypatch):
     """Every output element is an exact integer sum and one fixed float expression, so the cpu
     backend's tiled kernels (130 rows at once: AMX where the CPU has it, and with
-    MAGNETO_CPU_AMX=0 the vector tiles) and its few-row kernel (the same rows 5 at a time) give
-    the same bits."""
+    MAGNETO_CPU_AMX=0 the vector tiles) and its few-row kernel (the same rows 5 at a time: 4
+    and 1) give the same bits."""
     require_backend("cpu")
     cpu = BY_NAME["cpu"]
-    x, ln_weight, t, bias, residual, weight_scale = _case(130, dtype, True, 3, 4 * K, 37)
+    x, ln_weight, t, bias, residual, weight_scale = _case(130, dtype, True, 3, *shape)
     args = (ln_weight, t, bias)
     whole = _run(cpu, x, *args, residual, weight_scale, mode, True)
     parts = [

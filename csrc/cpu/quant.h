@@ -29,7 +29,10 @@ namespace {
 constexpr float kActEps = 1e-5f;   // transformers' clamp of the per-token absmax (ActQuant)
 constexpr int64_t kQuantRows = 4;  // rows dotted against one weight row at a time
 constexpr int64_t kQuantColBlock = 16;   // output features per thread task
-constexpr int64_t kQuantRowBlock = 64;   // rows of q kept hot (L2) while a column block runs
+// The few-row kernel on 512-bit VNNI: features whose packed rows stream side by side, one
+// accumulator per (row, feature), so that each q vector loaded serves them all and the
+// dependent vpdpbusd chains interleave.
+constexpr int kDecodeCols = 4;
 // The tiled kernel (from kTiledMinRows rows on): the codes of every feature unpacked to bytes
 // once per call (codes_workspace), then tasks of kQuantColBlock output features × a block of
 // rows whose q (about kTiledRowBytes) stays in L2; inside, micro-kernels of kQuantTileRows rows ×
@@ -135,23 +138,8 @@ inline void dot_codes_maddubs(const uint8_t* w, const int8_t* q, int64_t q_strid
 #endif
 
 #if defined(__AVX512F__)
-// AVX-512 VNNI (on 256-bit registers, AVX512VL): vpdpbusd accumulates the u8·s8 products of 4
-// bytes straight into int32. Only on CPUs that have it (checked at run time): its own target.
-template <int R>
-__attribute__((target("avx512vnni,avx512vl,avx512f,avx2"), noinline)) void dot_codes_vnni(
-    const uint8_t* w, const int8_t* q, int64_t q_stride, int64_t blocks, int32_t* acc) {
-  __m256i sum[R];
-  for (int r = 0; r < R; ++r) sum[r] = _mm256_setzero_si256();
-  for (int64_t blk = 0; blk < blocks; ++blk) {
-    const BlockCodes codes(w + 32 * blk);
-    for (int r = 0; r < R; ++r) {
-      const int8_t* qb = q + r * q_stride + kQuantPackUnit * blk;
-      for (int i = 0; i < 4; ++i) sum[r] = _mm256_dpbusd_epi32(sum[r], codes.c[i], load_q(qb + 32 * i));
-    }
-  }
-  for (int r = 0; r < R; ++r) acc[r] = hsum_epi32(sum[r]);
-}
-
+// AVX-512 VNNI: the few-row and tiled kernels' vpdpbusd, on CPUs that have it (checked at
+// run time; their functions have their own target).
 inline bool cpu_has_vnni() {
   static const bool has = [] {
     __builtin_cpu_init();
@@ -393,21 +381,118 @@ void quant_linear_amx(const QuantLinear& a, const StoreRow& store_row) {
 }
 #endif
 
-// acc[r] = Σ_k q_r[k]·c[k] for `rows` (<= kQuantRows) rows: this build's widest dot.
+#if defined(__AVX512F__)
+// The few-row kernel's q: a 64-byte load of packed weights holds two 128-wide blocks (2p and
+// 2p + 1), so shift i gives the codes of k = 128·2p + 32i + [0, 32) in its low half and of
+// 128·(2p + 1) + 32i + [0, 32) in its high half. q is reordered once per call to match (its 64
+// bytes for shift i of pair p at 256p + 64i); an odd last block keeps its place.
+inline void pair_blocks(const int8_t* q, int64_t k, int8_t* paired) {
+  const int64_t pairs = k / kQuantPackUnit / 2;
+  for (int64_t p = 0; p < pairs; ++p) {
+    for (int i = 0; i < 4; ++i) {
+      for (int half = 0; half < 2; ++half) {
+        std::copy_n(q + kQuantPackUnit * (2 * p + half) + 32 * i, 32,
+                    paired + 2 * kQuantPackUnit * p + 64 * i + 32 * half);
+      }
+    }
+  }
+  std::copy(q + 2 * kQuantPackUnit * pairs, q + k, paired + 2 * kQuantPackUnit * pairs);
+}
+
+// acc[r·F + f] = Σ_k q_r[k]·c_f[k] for R rows of paired q (row stride k) and F packed weight
+// rows (stride w_stride): one 64-byte load and three shifts give 256 codes of a weight row,
+// each q vector is loaded once for the F features. An odd last block runs on the low halves
+// (masked loads: the high half's codes are zero).
+template <int R, int F>
+__attribute__((target("avx512vnni,avx512vl,avx512bw,avx512f,avx2"), noinline)) void
+dot_pairs_vnni(const uint8_t* w, int64_t w_stride, const int8_t* q, int64_t k, int32_t* acc) {
+  const int64_t blocks = k / kQuantPackUnit;
+  const __m512i mask = _mm512_set1_epi8(3);
+  __m512i sum[R][F];
+  for (int r = 0; r < R; ++r) {
+    for (int f = 0; f < F; ++f) sum[r][f] = _mm512_setzero_si512();
+  }
+  for (int64_t blk = 0; blk < blocks; blk += 2) {
+    const bool pair = blk + 2 <= blocks;
+    const __mmask64 lanes = pair ? ~0ULL : 0xFFFFFFFFULL;
+    const int64_t q_step = pair ? 64 : 32;
+    __m512i qv[R][4];
+    for (int r = 0; r < R; ++r) {
+      for (int i = 0; i < 4; ++i) {
+        qv[r][i] = _mm512_maskz_loadu_epi8(lanes, q + r * k + kQuantPackUnit * blk + q_step * i);
+      }
+    }
+    for (int f = 0; f < F; ++f) {
+      const __m512i packed = _mm512_maskz_loadu_epi8(lanes, w + f * w_stride + 32 * blk);
+      __m512i c[4];
+      c[0] = _mm512_and_si512(packed, mask);
+      c[1] = _mm512_and_si512(_mm512_srli_epi16(packed, 2), mask);
+      c[2] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), mask);
+      c[3] = _mm512_and_si512(_mm512_srli_epi16(packed, 6), mask);
+      for (int r = 0; r < R; ++r) {
+        for (int i = 0; i < 4; ++i) sum[r][f] = _mm512_dpbusd_epi32(sum[r][f], c[i], qv[r][i]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    if constexpr (F == 4) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(acc + r * F),
+                       hsum4_epi32(sum[r][0], sum[r][1], sum[r][2], sum[r][3]));
+    } else {
+      for (int f = 0; f < F; ++f) acc[r * F + f] = _mm512_reduce_add_epi32(sum[r][f]);
+    }
+  }
+}
+// dot_pairs_vnni for m <= kQuantRows rows and n <= kDecodeCols features (acc row stride n).
+template <int R = kQuantRows>
+void dot_pairs(const uint8_t* w, int64_t w_stride, const int8_t* q, int64_t k, int64_t m,
+               int64_t n, int32_t* acc) {
+  if constexpr (R > 1) {
+    if (m < R) return dot_pairs<R - 1>(w, w_stride, q, k, m, n, acc);
+  }
+  static_assert(kDecodeCols == 4);
+  switch (n) {
+    case 4: return dot_pairs_vnni<R, 4>(w, w_stride, q, k, acc);
+    case 3: return dot_pairs_vnni<R, 3>(w, w_stride, q, k, acc);
+    case 2: return dot_pairs_vnni<R, 2>(w, w_stride, q, k, acc);
+    default: return dot_pairs_vnni<R, 1>(w, w_stride, q, k, acc);
+  }
+}
+
+// The few-row projection on VNNI: tasks of kQuantColBlock features, kDecodeCols of them at a
+// time against every row (kQuantRows at a time; the features' packed rows stay in L1 between).
+template <typename Store>
+void quant_linear_few_rows_vnni(const QuantLinear& a, const Store& store) {
+  const int64_t k = a.in_features, n = a.out_features, w_stride = k / 4;
+  std::vector<int8_t> q(a.rows * k);
+  for (int64_t r = 0; r < a.rows; ++r) pair_blocks(a.q + r * k, k, q.data() + r * k);
+  const int64_t col_blocks = (n + kQuantColBlock - 1) / kQuantColBlock;
+  at::parallel_for(0, col_blocks, 1, [&](int64_t cb, int64_t ce) {
+    const int64_t col_end = std::min(n, ce * kQuantColBlock);
+    for (int64_t col = cb * kQuantColBlock; col < col_end; col += kDecodeCols) {
+      const int64_t nc = std::min<int64_t>(kDecodeCols, col_end - col);
+      for (int64_t r = 0; r < a.rows; r += kQuantRows) {
+        const int64_t nr = std::min(kQuantRows, a.rows - r);
+        int32_t acc[kQuantRows * kDecodeCols];
+        dot_pairs(a.weight + col * w_stride, w_stride, q.data() + r * k, k, nr, nc, acc);
+        for (int64_t i = 0; i < nr; ++i) {
+          for (int64_t j = 0; j < nc; ++j) store(acc[i * nc + j], r + i, col + j);
+        }
+      }
+    }
+  });
+}
+#endif
+
+// acc[r] = Σ_k q_r[k]·c[k] for `rows` (<= kQuantRows) rows: the few-row dot without VNNI.
 inline void dot_codes(const uint8_t* w, const int8_t* q, int64_t q_stride, int64_t blocks,
                       int64_t rows, int32_t* acc) {
 #if defined(__AVX2__)
-  auto run = [&]<int R>() {
-#if defined(__AVX512F__)
-    if (cpu_has_vnni()) return dot_codes_vnni<R>(w, q, q_stride, blocks, acc);
-#endif
-    dot_codes_maddubs<R>(w, q, q_stride, blocks, acc);
-  };
   switch (rows) {
-    case 4: return run.template operator()<4>();
-    case 3: return run.template operator()<3>();
-    case 2: return run.template operator()<2>();
-    default: return run.template operator()<1>();
+    case 4: return dot_codes_maddubs<4>(w, q, q_stride, blocks, acc);
+    case 3: return dot_codes_maddubs<3>(w, q, q_stride, blocks, acc);
+    case 2: return dot_codes_maddubs<2>(w, q, q_stride, blocks, acc);
+    default: return dot_codes_maddubs<1>(w, q, q_stride, blocks, acc);
   }
 #else
   dot_codes_portable(w, q, q_stride, blocks, rows, acc);
@@ -497,18 +582,20 @@ void quant_linear_typed(const QuantLinear& a) {
     });
     return;
   }
+  // The few-row path (fewer than kTiledMinRows rows: decoding): every weight row read straight
+  // from its packed bytes, once per kQuantRows rows.
+#if defined(__AVX512F__)
+  if (cpu_has_vnni()) return quant_linear_few_rows_vnni(a, store);
+#endif
   at::parallel_for(0, col_blocks, 1, [&](int64_t cb, int64_t ce) {
     const int64_t col_end = std::min(n, ce * kQuantColBlock);
-    for (int64_t r0 = 0; r0 < a.rows; r0 += kQuantRowBlock) {
-      const int64_t r_end = std::min(a.rows, r0 + kQuantRowBlock);
-      for (int64_t col = cb * kQuantColBlock; col < col_end; ++col) {
-        const uint8_t* w = a.weight + col * w_stride;
-        for (int64_t r = r0; r < r_end; r += kQuantRows) {
-          const int64_t count = std::min(kQuantRows, r_end - r);
-          int32_t acc[kQuantRows];
-          dot_codes(w, a.q + r * k, k, blocks, count, acc);
-          for (int64_t j = 0; j < count; ++j) store(acc[j], r + j, col);
-        }
+    for (int64_t col = cb * kQuantColBlock; col < col_end; ++col) {
+      const uint8_t* w = a.weight + col * w_stride;
+      for (int64_t r = 0; r < a.rows; r += kQuantRows) {
+        const int64_t count = std::min(kQuantRows, a.rows - r);
+        int32_t acc[kQuantRows];
+        dot_codes(w, a.q + r * k, k, blocks, count, acc);
+        for (int64_t j = 0; j < count; ++j) store(acc[j], r + j, col);
       }
     }
   });
