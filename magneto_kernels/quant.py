@@ -179,9 +179,7 @@ def ln_linear_group_bitnet(
         )
     hq = fake_quant(h, act_codes)
     if quant == "bitnet_online":
-        return tuple(
-            F.linear(hq, fake_quant(w, weight_codes), b) for w, b in zip(weights, biases)
-        )
+        return tuple(F.linear(hq, fake_quant(w, weight_codes), b) for w, b in zip(weights, biases))
     return tuple(
         F.linear(hq, w, b) * weight_scales[i : i + 1]
         for i, (w, b) in enumerate(zip(weights, biases))
