@@ -11,6 +11,7 @@ are held to the unsharded op on the same backend and to the reference. A gloo wo
 runs ``row_parallel_norm_linear`` over real collectives against one process.
 """
 
+import itertools
 import tempfile
 
 import pytest
@@ -258,12 +259,18 @@ def test_given_row_amax_has_no_autograd_formula():
 # ------------------------------------------------------------------------------------ gloo
 
 
+GLOO_BACKENDS = ("cpu", "triton")
+"""The families on CPU tensors in a gloo world (the emulated cuda one is selected at import, in
+a process of its own: its simulated shards above)."""
+
+
 def _row_parallel_rank(rank, world, out_dir):
-    """This rank's shard of every mode's row-parallel projection through real collectives:
-    (output, dx shard, dln_weight shard, dweight shard) per mode, gradients online only."""
+    """This rank's shard of every mode's row-parallel projection through real collectives, per
+    family: (output, dx shard, dln_weight shard, dweight shard) per (backend, mode), gradients
+    online only."""
     group = dist.group.WORLD
     results = {}
-    for mode in quant.QUANT_MODES:
+    for backend, mode in itertools.product(GLOO_BACKENDS, quant.QUANT_MODES):
         x, ln_weight, weight, dout = _inputs(mode, "relu2_glu")
         xs = _shard_of(x, rank, world, gated=True).requires_grad_()
         lw = _shard_of(ln_weight, rank, world).requires_grad_()
@@ -275,14 +282,14 @@ def _row_parallel_rank(rank, world, out_dir):
             w, scale = quant.pack(w), torch.tensor([0.43])
         with functional.communication_log() as log:
             partial = functional.row_parallel_norm_linear(
-                xs, lw, None, w, EPS, "rms", "relu2_glu", group, "cpu", quant=mode,
+                xs, lw, None, w, EPS, "rms", "relu2_glu", group, backend, quant=mode,
                 weight_scale=scale, numel=weight.numel(),
             )  # fmt: skip
             out = functional.reduce_from_parallel(partial, group)
         grads = None
         if mode == "bitnet_online":
             grads = torch.autograd.grad(out, [xs, lw, w], dout)
-        results[mode] = (out.detach(), grads, [name for name, _ in log])
+        results[backend, mode] = (out.detach(), grads, [name for name, _ in log])
     return results
 
 
@@ -293,16 +300,18 @@ def _shard_of(t, rank, world, gated=False):
     return t.chunk(world, -1)[rank].detach().clone().contiguous()
 
 
-def test_row_parallel_over_gloo_is_one_process(_world):
-    """2 ranks: every mode's output within 1e-5 of one process; online every gradient too;
-    the collectives counted (the norm's sum of squares, the row amax, online the weight
-    scale, the output)."""
+@pytest.mark.parametrize("backend", GLOO_BACKENDS)
+def test_row_parallel_over_gloo_is_one_process(_world, backend):
+    """2 ranks: every mode's output within 1e-5 of one process on the same family; online
+    every gradient too; the collectives counted (the norm's sum of squares, the row amax,
+    online the weight scale, the output)."""
+    require_backend(backend)
     ranks = [r["row_parallel"] for r in _world]
     for mode in quant.QUANT_MODES:
         inputs = _inputs(mode, "relu2_glu")
-        one = _unsharded("cpu", mode, "relu2_glu", *inputs)
+        one = _unsharded(backend, mode, "relu2_glu", *inputs)
         for rank, result in enumerate(ranks):
-            out, grads, log = result[mode]
+            out, grads, log = result[backend, mode]
             torch.testing.assert_close(out, one[0], rtol=1e-5, atol=1e-5)
             reduces = 4 if mode == "bitnet_online" else 3
             assert log == ["all_reduce"] * reduces, f"{mode}: {log}"
