@@ -11,13 +11,14 @@ are held to the unsharded op on the same backend and to the reference. A gloo wo
 runs ``row_parallel_norm_linear`` over real collectives against one process.
 """
 
+import itertools
 import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
 from gloo import run_worlds
-from harness import BY_NAME, GPU, assert_close, randn, require_backend
+from harness import assert_close, backend_params, randn, require_backend
 
 import magneto_kernels
 from magneto.parallel import functional
@@ -27,13 +28,13 @@ from magneto_kernels.codes import QUANT_PACK_UNIT, RTOL
 EPS = 1e-6
 ROWS, N, SHARDS = 5, 16, 2
 K = SHARDS * QUANT_PACK_UNIT  # an offline shard's in_features: a multiple of the packing unit
-BACKENDS = ["reference", "cpu"]  # triton and cuda refuse the tensor-parallel arguments (below)
+BACKENDS = [p for p in backend_params() if p.values[0].name in quant.BACKENDS]
 ACTS = ["none", "relu2_glu"]
 
 
-def _inputs(mode, act, seed=0):
+def _inputs(mode, act, seed=0, device="cpu"):
     """x, the norm weight, the weight (the master weight online, else the ternary one) and the
-    output gradient, float32."""
+    output gradient, float32, on device."""
     g = torch.Generator().manual_seed(seed)
     x = randn(ROWS, 2 * K if act == "relu2_glu" else K, mean=0.3, std=1.2, generator=g)
     ln_weight = randn(K, mean=1.0, std=0.2, generator=g)
@@ -42,7 +43,7 @@ def _inputs(mode, act, seed=0):
     else:
         weight = torch.randint(-1, 2, (N, K), generator=g).float()
     dout = randn(ROWS, N, mean=0.2, generator=g)
-    return x, ln_weight, weight, dout
+    return tuple(t.to(device) for t in (x, ln_weight, weight, dout))
 
 
 def _shard(t, s, gated=False):
@@ -73,7 +74,7 @@ def _sharded(backend, mode, act, x, ln_weight, weight, dout):
     if mode == "bitnet_online":
         scale = (sum(w.abs().sum() for w in ws) / weight.numel()).reshape(1)
     else:
-        scale = torch.tensor([0.43])
+        scale = torch.tensor([0.43], device=x.device)
         ws = [quant.pack(w) for w in ws]
     args = (None, None, None, EPS, "rms", act, "none", 1.0, 0.0, mode, scale, mean, rstd, row_amax)
     out = sum(ln_linear(xs[s], lws[s], None, ws[s], *args) for s in range(SHARDS))
@@ -130,7 +131,7 @@ def _unsharded(backend, mode, act, x, ln_weight, weight, dout):
     """The same four by the public op on one process, differentiated by autograd (online)."""
     leaves = [t.detach().clone().requires_grad_(mode == "bitnet_online") for t in (x, ln_weight)]
     w = weight.detach().clone().requires_grad_(mode == "bitnet_online")
-    scale = None if mode == "bitnet_online" else torch.tensor([0.43])
+    scale = None if mode == "bitnet_online" else torch.tensor([0.43], device=x.device)
     out = magneto_kernels.ln_linear(
         leaves[0], leaves[1], None, w if mode == "bitnet_online" else quant.pack(weight),
         eps=EPS, norm="rms", input_activation=act, quant=mode, weight_scale=scale,
@@ -148,16 +149,17 @@ def test_shards_composed_match_the_unsharded_op(backend, mode, act):
     """Row-parallel: the shards' entry points with the reduced rstd, row amax and (online)
     weight scale given, composed, are the unsharded op on the same backend and the reference:
     output and, online, every gradient."""
-    require_backend(backend)
-    inputs = _inputs(mode, act)
-    got = _sharded(backend, mode, act, *inputs)
-    same = _unsharded(backend, mode, act, *inputs)
+    require_backend(backend.name, backend.device)
+    inputs = _inputs(mode, act, device=backend.device)
+    got = _sharded(backend.name, mode, act, *inputs)
+    same = _unsharded(backend.name, mode, act, *inputs)
     ref = _unsharded("reference", mode, act, *inputs)
     for name, g, s, r in zip(("output", "dx", "dln_weight", "dweight"), got, same, ref):
         if g is None:
             continue
-        assert_close(g, s, RTOL[torch.float32], name=f"{backend} {mode} {name} vs one process")
-        assert_close(g, r, RTOL[torch.float32], name=f"{backend} {mode} {name} vs reference")
+        what = f"{backend.name} {mode} {name}"
+        assert_close(g, s, RTOL[torch.float32], name=f"{what} vs one process")
+        assert_close(g, r, RTOL[torch.float32], name=f"{what} vs reference")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -165,21 +167,24 @@ def test_online_weight_scale_given_is_the_weights_own(backend):
     """Column-parallel online: the op given the whole weight's mean|W| computes what it computes
     from the whole weight itself, forward and every gradient; a shard given the whole weight's
     scale is that op's rows."""
-    require_backend(backend)
-    x, ln_weight, weight, dout = _inputs("bitnet_online", "none", seed=1)
+    require_backend(backend.name, backend.device)
+    x, ln_weight, weight, dout = _inputs("bitnet_online", "none", seed=1, device=backend.device)
+    # On a grid of 1/256 (numerators far below 2^10, 4096 of them), Σ|W| is exact in float32 in any
+    # order and so is its mean: torch's mean|W| is each family's own, to the bit.
+    weight = (weight * 256).round() / 256
 
     def run(w, scale):
         leaves = [t.detach().clone().requires_grad_() for t in (x, ln_weight, w)]
         out = magneto_kernels.ln_linear(
             leaves[0], leaves[1], None, leaves[2], eps=EPS, norm="rms", quant="bitnet_online",
-            weight_scale=scale, backend=backend,
+            weight_scale=scale, backend=backend.name,
         )  # fmt: skip
         return (out, *torch.autograd.grad(out, leaves, dout[:, : w.shape[0]]))
 
     own = run(weight, None)
     given = run(weight, weight.abs().mean().reshape(1))
     for name, g, o in zip(("output", "dx", "dln_weight", "dweight"), given, own):
-        torch.testing.assert_close(g, o, rtol=0, atol=0, msg=f"{backend} {name}")
+        torch.testing.assert_close(g, o, rtol=0, atol=0, msg=f"{backend.name} {name}")
     rows = run(weight[: N // 2], weight.abs().mean().reshape(1))[0]
     torch.testing.assert_close(rows, own[0][:, : N // 2], rtol=0, atol=0)
     # a different scale changes the codes: the argument is read
@@ -196,42 +201,23 @@ def test_online_weight_scale_given_is_the_weights_own(backend):
         ({"weight_scale": "pair"}, r"weight_scale must have shape \(1,\), got \(2,\)"),
     ],
 )
-@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_argument_errors(backend, change, error):
     """The same error, word for word, on every family (checks.py and csrc/checks.cpp)."""
-    require_backend(backend)
-    x, ln_weight, weight, _ = _inputs("bitnet_online", "none")
-    row_amax = {"short": torch.ones(ROWS - 1), "float64": torch.ones(ROWS, dtype=torch.float64)}
-    scale = torch.ones(2) if change.get("weight_scale") == "pair" else None
-    entry = functional._entry_points(backend)[1]
+    require_backend(backend.name, backend.device)
+    device = backend.device
+    x, ln_weight, weight, _ = _inputs("bitnet_online", "none", device=device)
+    row_amax = {
+        "short": torch.ones(ROWS - 1, device=device),
+        "float64": torch.ones(ROWS, dtype=torch.float64, device=device),
+    }
+    scale = torch.ones(2, device=device) if change.get("weight_scale") == "pair" else None
+    entry = functional._entry_points(backend.name)[1]
     with pytest.raises(ValueError, match=error):
         entry(
             x, ln_weight, None, weight, None, None, None, EPS, "rms", "none", "none", 1.0, 0.0,
             change.get("quant", "bitnet_online"), scale, None, None,
-            row_amax.get(change.get("row_amax"), torch.ones(ROWS)),
-        )  # fmt: skip
-
-
-@pytest.mark.parametrize(
-    "backend", ["triton", pytest.param("cuda", marks=[GPU] if BY_NAME["cuda"].gpu else [])]
-)
-def test_families_without_it_refuse(backend):
-    """The triton and cuda families refuse the tensor-parallel arguments of the quantised modes
-    (forward and the partial backward), naming themselves."""
-    device = BY_NAME[backend].device
-    require_backend(backend, device)
-    x, ln_weight, weight, dout = (t.to(device) for t in _inputs("bitnet_online", "none"))
-    _, ln_linear, backward_partial, _ = functional._entry_points(backend)
-    rstd = torch.ones(ROWS, device=device)
-    with pytest.raises(NotImplementedError, match=f"not implemented on the {backend} backend"):
-        ln_linear(
-            x, ln_weight, None, weight, None, None, None, EPS, "rms", "none", "none", 1.0, 0.0,
-            "bitnet_online", None, None, None, torch.ones(ROWS, device=device),
-        )  # fmt: skip
-    with pytest.raises(NotImplementedError, match=f"not implemented on the {backend} backend"):
-        backward_partial(
-            dout, x, ln_weight, None, weight, x.new_empty((0,)), rstd, x.new_empty((0,)), None,
-            "rms", "none", "none", 0.0, [True, True, False], "bitnet_online", None, rstd,
+            row_amax.get(change.get("row_amax"), torch.ones(ROWS, device=device)),
         )  # fmt: skip
 
 
@@ -273,12 +259,18 @@ def test_given_row_amax_has_no_autograd_formula():
 # ------------------------------------------------------------------------------------ gloo
 
 
+GLOO_BACKENDS = ("cpu", "triton")
+"""The families on CPU tensors in a gloo world (the emulated cuda one is selected at import, in
+a process of its own: its simulated shards above)."""
+
+
 def _row_parallel_rank(rank, world, out_dir):
-    """This rank's shard of every mode's row-parallel projection through real collectives:
-    (output, dx shard, dln_weight shard, dweight shard) per mode, gradients online only."""
+    """This rank's shard of every mode's row-parallel projection through real collectives, per
+    family: (output, dx shard, dln_weight shard, dweight shard) per (backend, mode), gradients
+    online only."""
     group = dist.group.WORLD
     results = {}
-    for mode in quant.QUANT_MODES:
+    for backend, mode in itertools.product(GLOO_BACKENDS, quant.QUANT_MODES):
         x, ln_weight, weight, dout = _inputs(mode, "relu2_glu")
         xs = _shard_of(x, rank, world, gated=True).requires_grad_()
         lw = _shard_of(ln_weight, rank, world).requires_grad_()
@@ -290,14 +282,14 @@ def _row_parallel_rank(rank, world, out_dir):
             w, scale = quant.pack(w), torch.tensor([0.43])
         with functional.communication_log() as log:
             partial = functional.row_parallel_norm_linear(
-                xs, lw, None, w, EPS, "rms", "relu2_glu", group, "cpu", quant=mode,
+                xs, lw, None, w, EPS, "rms", "relu2_glu", group, backend, quant=mode,
                 weight_scale=scale, numel=weight.numel(),
             )  # fmt: skip
             out = functional.reduce_from_parallel(partial, group)
         grads = None
         if mode == "bitnet_online":
             grads = torch.autograd.grad(out, [xs, lw, w], dout)
-        results[mode] = (out.detach(), grads, [name for name, _ in log])
+        results[backend, mode] = (out.detach(), grads, [name for name, _ in log])
     return results
 
 
@@ -308,16 +300,18 @@ def _shard_of(t, rank, world, gated=False):
     return t.chunk(world, -1)[rank].detach().clone().contiguous()
 
 
-def test_row_parallel_over_gloo_is_one_process(_world):
-    """2 ranks: every mode's output within 1e-5 of one process; online every gradient too;
-    the collectives counted (the norm's sum of squares, the row amax, online the weight
-    scale, the output)."""
+@pytest.mark.parametrize("backend", GLOO_BACKENDS)
+def test_row_parallel_over_gloo_is_one_process(_world, backend):
+    """2 ranks: every mode's output within 1e-5 of one process on the same family; online
+    every gradient too; the collectives counted (the norm's sum of squares, the row amax,
+    online the weight scale, the output)."""
+    require_backend(backend)
     ranks = [r["row_parallel"] for r in _world]
     for mode in quant.QUANT_MODES:
         inputs = _inputs(mode, "relu2_glu")
-        one = _unsharded("cpu", mode, "relu2_glu", *inputs)
+        one = _unsharded(backend, mode, "relu2_glu", *inputs)
         for rank, result in enumerate(ranks):
-            out, grads, log = result[mode]
+            out, grads, log = result[backend, mode]
             torch.testing.assert_close(out, one[0], rtol=1e-5, atol=1e-5)
             reduces = 4 if mode == "bitnet_online" else 3
             assert log == ["all_reduce"] * reduces, f"{mode}: {log}"

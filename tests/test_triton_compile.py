@@ -128,6 +128,11 @@ def _op_calls():
         for gated in (False, True):
             online = dict(rows=BIG, k=2560, n=6912, quant="bitnet_online", gated=gated, bias=gated)
             calls.append(("quant", dtype, online, False))
+    # ... and under tensor parallelism (the row's rstd and amax, online the weight's absmean
+    # given; the partial backward writing the row sums), online and offline, bf16.
+    for quant in ("bitnet_online", "bitnet_offline"):
+        sharded = dict(rows=BIG, k=1280, n=6912, quant=quant, gated=True, bias=False, tp=True)
+        calls.append(("quant", "bf16", sharded, False))
     # The sharded norm's entry points (tensor parallelism): the row statistics pass (STORE_M2),
     # the GEMM backward writing the row sums and the norm backward reading the reduced means,
     # for the layer and RMS norms, the gated input activation and the widest row in registers.
@@ -190,10 +195,16 @@ def _run_op_call(kind, dtype_name, spec, all_tiles):
         w = t(n, k) if online else t(n, k // 4, dt=torch.uint8)
         bias = t(n) if spec["bias"] else None
         scale = None if online else t(1)
+        given = (None, None)
+        if spec.get("tp"):
+            scale, given = t(1, dt=torch.float32), (t(rows, dt=torch.float32),) * 2
         out, _, rstd, _ = tq.ln_linear(
-            x, t(k), w, bias, t(rows, n), 1e-6, "rms", in_act, 1.0, mode, scale
+            x, t(k), w, bias, t(rows, n), 1e-6, "rms", in_act, 1.0, mode, scale, *given
         )
-        if online:
+        if online and spec.get("tp"):
+            sums, mask = t(rows, 1, dt=torch.float32), [False, False, False, True, True]
+            tq.ln_linear_backward(out, x, t(k), w, rstd, "rms", in_act, mask, scale, rstd, sums)
+        elif online:
             tq.ln_linear_backward(out, x, t(k), w, rstd, "rms", in_act, [True] * 5)
         return
     if kind == "sharded_norm":

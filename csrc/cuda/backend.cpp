@@ -118,11 +118,12 @@ Tensor new_h(const Tensor& x, const Tensor& weight) {
 
 // quantize_rows (kernels.h) of h = N(in_act(x)), in_features wide: into q, q_sum and scale (the
 // offline operand) when q is given, else into a new fake-quantised h, returned (online). rstd
-// (kRms): written, or applied when `saved` (the backward's recompute, bitwise the forward's h).
+// (kRms): written, or applied when `saved` (the backward's recompute, bitwise the forward's h;
+// the sharded norm's). amax: the rows' max|h| given (tensor parallelism), else their own.
 Tensor quantize_rows_of(const Tensor& x, const OptTensor& ln_weight, double eps, Norm norm,
                         Activation input_activation, int64_t in_features, const Tensor& rstd,
-                        bool saved, const Tensor& q = Tensor(), const Tensor& q_sum = Tensor(),
-                        const Tensor& scale = Tensor()) {
+                        bool saved, const OptTensor& amax, const Tensor& q = Tensor(),
+                        const Tensor& q_sum = Tensor(), const Tensor& scale = Tensor()) {
   const NormParams params(ln_weight, std::nullopt, x);
   QuantizeRowsParams p;
   p.x = x.data_ptr();
@@ -134,6 +135,7 @@ Tensor quantize_rows_of(const Tensor& x, const OptTensor& ln_weight, double eps,
   } else {
     p.rstd = r;
   }
+  p.amax = amax.has_value() ? amax->data_ptr<float>() : nullptr;
   Tensor fake;
   if (q.defined()) {
     p.q = q.data_ptr<int8_t>();
@@ -154,16 +156,18 @@ Tensor quantize_rows_of(const Tensor& x, const OptTensor& ln_weight, double eps,
   return fake;
 }
 
-// The online mode's weight, fake-quantised per tensor (WeightQuant).
-Tensor fake_quant_weight_of(const Tensor& weight) {
+// The online mode's weight, fake-quantised per tensor (WeightQuant): at its own mean|W|, or at
+// absmean (the whole weight's, given under tensor parallelism).
+Tensor fake_quant_weight_of(const Tensor& weight, const OptTensor& absmean = std::nullopt) {
   const Tensor fake = new_like(weight);
   FakeQuantWeightParams p;
   p.weight = weight.data_ptr();
+  p.absmean = absmean.has_value() ? absmean->data_ptr<float>() : nullptr;
   p.fake = fake.data_ptr();
   p.numel = weight.numel();
-  p.workspace_bytes = fake_quant_weight_workspace_bytes(p.numel);
+  p.workspace_bytes = absmean.has_value() ? 0 : fake_quant_weight_workspace_bytes(p.numel);
   const Tensor ws = workspace(weight, p.workspace_bytes);
-  p.workspace = ws.data_ptr();
+  p.workspace = p.workspace_bytes > 0 ? ws.data_ptr() : nullptr;
   p.dtype = dtype_code(weight.scalar_type());
   check_status(cuda::fake_quant_weight(p, current_stream(weight)));
   return fake;
@@ -216,7 +220,7 @@ void offline_projection(const LnLinearArgs& a, LnLinearOutputs& out) {
   const int64_t in_features = norm_cols(x, a.input_activation);
   const QuantizedRows r = quantized_rows(x, in_features);
   quantize_rows_of(x, a.ln_weight, a.eps, a.norm, a.input_activation, in_features, out.rstd,
-                   /*saved=*/false, r.q, r.q_sum, r.scale);
+                   /*saved=*/a.given_rstd.has_value(), a.row_amax, r.q, r.q_sum, r.scale);
   out.out = quant_projection(x, a.quant, r, a.weight, a.weight_scale->data_ptr<float>(), a.bias,
                              a.residual, a.alpha);
   out.preact = empty0(x);
@@ -286,11 +290,6 @@ void Kernels::norm_backward(const NormBackwardArgs& args, const NormGrads& grads
 void Kernels::ln_linear(const LnLinearArgs& a, LnLinearOutputs& out) {
   const Tensor& x = a.x;
   const DeviceGuard guard(x.device());
-  TORCH_CHECK_NOT_IMPLEMENTED(
-      a.quant == Quant::kNone || (!a.given_rstd.has_value() && !a.row_amax.has_value() &&
-                                  !(a.quant == Quant::kBitnetOnline && a.weight_scale.has_value())),
-      "ln_linear: the quantised modes under tensor parallelism (given mean and rstd, row_amax, "
-      "an online weight_scale) are not implemented on the cuda backend yet");
   if (is_offline(a.quant)) {
     offline_projection(a, out);
     return;
@@ -299,7 +298,7 @@ void Kernels::ln_linear(const LnLinearArgs& a, LnLinearOutputs& out) {
   Tensor h = x;
   if (online) {
     h = quantize_rows_of(x, a.ln_weight, a.eps, a.norm, a.input_activation, a.weight.size(1),
-                         out.rstd, /*saved=*/false);
+                         out.rstd, /*saved=*/a.given_rstd.has_value(), a.row_amax);
   } else if (a.norm != Norm::kNone || a.input_activation != Activation::kNone) {
     h = new_h(x, a.weight);
     // Given statistics (the sharded norm's) normalise as the backward's recompute of h does.
@@ -309,7 +308,7 @@ void Kernels::ln_linear(const LnLinearArgs& a, LnLinearOutputs& out) {
                       {h, Tensor(), given ? Tensor() : out.mean, given ? Tensor() : out.rstd},
                       given ? out.mean : Tensor(), given ? out.rstd : Tensor());
   }
-  const Tensor wt = (online ? fake_quant_weight_of(a.weight) : a.weight).t();
+  const Tensor wt = (online ? fake_quant_weight_of(a.weight, a.weight_scale) : a.weight).t();
   if (a.activation == Activation::kNone && a.dropout_p == 0.0 && !a.residual.has_value()) {
     out.out = a.bias.has_value() ? at::addmm(*a.bias, h, wt) : at::mm(h, wt);
     out.preact = empty0(x);
@@ -350,11 +349,6 @@ void Kernels::ln_linear(const LnLinearArgs& a, LnLinearOutputs& out) {
 void Kernels::ln_linear_backward(const LnLinearBackwardArgs& a, LnLinearGrads& grads) {
   const Tensor& x = a.x;
   const DeviceGuard guard(x.device());
-  TORCH_CHECK_NOT_IMPLEMENTED(
-      a.quant == Quant::kNone ||
-          (!a.weight_scale.has_value() && !a.row_amax.has_value() && !grads.dh.defined()),
-      "ln_linear: the quantised modes' backward under tensor parallelism (the partial backward, "
-      "weight_scale, row_amax) is not implemented on the cuda backend yet");
   const int64_t rows = x.size(0), out_features = a.weight.size(0);
   const bool dz_is_dy = a.activation == Activation::kNone && a.dropout_p == 0.0;
   Tensor dz = a.grad_out;
@@ -398,7 +392,7 @@ void Kernels::ln_linear_backward(const LnLinearBackwardArgs& a, LnLinearGrads& g
   // Straight-through (online quant): the linear's gradients at the fake-quantised operands.
   const bool online = a.quant == Quant::kBitnetOnline;
   if (want_norm_grads) {
-    const Tensor w = online ? fake_quant_weight_of(a.weight) : a.weight;
+    const Tensor w = online ? fake_quant_weight_of(a.weight, a.weight_scale) : a.weight;
     Tensor dh = partial ? at::mm_out(grads.dh, dz, w) : at::mm(dz, w);
     if (identity_prologue) {
       grads.dx = dh;
@@ -413,7 +407,7 @@ void Kernels::ln_linear_backward(const LnLinearBackwardArgs& a, LnLinearGrads& g
     Tensor h = x;
     if (online) {
       h = quantize_rows_of(x, a.ln_weight, 0.0, a.norm, a.input_activation, a.weight.size(1),
-                           a.rstd, /*saved=*/true);
+                           a.rstd, /*saved=*/true, a.row_amax);
     } else if (!identity_prologue) {
       h = new_h(x, a.weight);
       norm_forward_with({x, std::nullopt, 1.0, a.ln_weight, a.ln_bias, 0.0, a.norm,
@@ -452,7 +446,7 @@ void Kernels::ln_linear_group(const LnLinearGroupArgs& a, LnLinearGroupOutputs& 
     // The rows normalised and quantised once; every weight's projection reads their codes.
     const QuantizedRows r = quantized_rows(x, in_features);
     quantize_rows_of(x, a.ln_weight, a.eps, a.norm, Activation::kNone, in_features, out.rstd,
-                     /*saved=*/false, r.q, r.q_sum, r.scale);
+                     /*saved=*/false, std::nullopt, r.q, r.q_sum, r.scale);
     const float* scales = a.weight_scales->data_ptr<float>();
     for (size_t i = 0; i < a.weights.size(); ++i) {
       out.outs.push_back(quant_projection(x, a.quant, r, a.weights[i], scales + i, a.biases[i],
@@ -464,7 +458,7 @@ void Kernels::ln_linear_group(const LnLinearGroupArgs& a, LnLinearGroupOutputs& 
   Tensor h = x;
   if (online) {  // h fake-quantised once, every weight fake-quantised (WeightQuant)
     h = quantize_rows_of(x, a.ln_weight, a.eps, a.norm, Activation::kNone, in_features, out.rstd,
-                         /*saved=*/false);
+                         /*saved=*/false, std::nullopt);
   } else if (a.norm != Norm::kNone) {
     h = new_h(x, a.weights[0]);
     norm_forward_with({x, std::nullopt, 1.0, a.ln_weight, a.ln_bias, a.eps, a.norm},
@@ -519,7 +513,7 @@ void Kernels::ln_linear_group_backward(const LnLinearGroupBackwardArgs& a,
       h = x;
       if (online) {
         h = quantize_rows_of(x, a.ln_weight, 0.0, a.norm, Activation::kNone, x.size(1), a.rstd,
-                             /*saved=*/true);
+                             /*saved=*/true, std::nullopt);
       } else if (!identity_prologue) {
         h = new_h(x, a.weights[0]);
         norm_forward_with({x, std::nullopt, 1.0, a.ln_weight, a.ln_bias, 0.0, a.norm},

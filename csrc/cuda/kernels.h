@@ -217,6 +217,7 @@ struct QuantizeRowsParams {
   int64_t x_stride = 0;
   const void* gamma = nullptr;  // (cols,) param_dtype; kRms only
   const float* saved_rstd = nullptr;
+  const float* amax = nullptr;  // (rows,): given (tensor parallelism's max|h| over every shard)
   int8_t* q = nullptr;
   int32_t* q_sum = nullptr;  // (rows,)
   float* scale = nullptr;    // (rows,)
@@ -264,9 +265,11 @@ Status quant_linear(const QuantLinearParams& p, cudaStream_t stream);
 // The online mode's weight (transformers' WeightQuant): s_w = 1 / max(mean_k |W|, 1e-5) over the
 // whole (numel,) tensor in float32 (a deterministic two-stage sum: per-block partials in the
 // float32 workspace of fake_quant_weight_workspace_bytes bytes, then one block in fixed order),
-// fake = round_dtype(clamp(rint(W*s_w), -1, 1) / s_w).
+// fake = round_dtype(clamp(rint(W*s_w), -1, 1) / s_w). absmean given (a (1,) float32 device
+// pointer: tensor parallelism's whole weight's mean|W|): s_w from it, no sum, no workspace.
 struct FakeQuantWeightParams {
   const void* weight = nullptr;
+  const float* absmean = nullptr;
   void* fake = nullptr;
   int64_t numel = 0;
   void* workspace = nullptr;

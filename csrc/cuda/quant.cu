@@ -1,8 +1,9 @@
 // BitNet b1.58's quantised projection (kernels.h, "quantised projection"; the specification is
 // magneto_kernels/quant.py).
 // - quantize_rows_kernel: a block per row. The norm's input is read three times (sum of squares,
-//   absmax of h, codes), from L2 after the first: h itself is never written, only its int8
-//   codes with their scale and sum (offline) or its fake-quantised copy (online).
+//   absmax of h, codes), from L2 after the first, once when rstd and the row's amax are given
+//   (tensor parallelism): h itself is never written, only its int8 codes with their scale and
+//   sum (offline) or its fake-quantised copy (online).
 // - quant_gemv (decode, up to kQuantGemvRows rows): a warp per output feature streams its packed
 //   row once, 16 bytes a lane, against every row's codes. quant_gemm (prefill): 64x64 output
 //   tiles over 128-wide k blocks through shared memory, each thread a 4x4 micro tile.
@@ -12,7 +13,8 @@
 //   as an intrinsic (u8 x s8 needs inline PTX), exact either way. Σ q·t = Σ q·c − Σ q in the
 //   epilogue, with the scales divided as the spec's steps (__fdiv_rn: --use_fast_math would
 //   otherwise approximate the divisions transformers' codes and outputs are defined by).
-// - weight_abs_partials + weight_fake: the online mode's per-tensor WeightQuant.
+// - weight_abs_partials + weight_fake: the online mode's per-tensor WeightQuant (weight_fake
+//   alone when mean|W| is given).
 #include "cuda/common.cuh"
 
 namespace magneto {
@@ -120,13 +122,18 @@ __global__ void __launch_bounds__(kRowThreads)
     }
   };
   float amax = 0.0f;
-  for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
-    float h[VEC];
-    load_h(v * VEC, h);
+  if (p.amax != nullptr) {  // the same for every thread of the block
+    amax = p.amax[row];
+  } else {
+    for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
+      float h[VEC];
+      load_h(v * VEC, h);
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) amax = fmaxf(amax, fabsf(h[i]));
+      for (int i = 0; i < VEC; ++i) amax = fmaxf(amax, fabsf(h[i]));
+    }
+    amax = block_reduce(amax, MaxOp{}, fbuf);
   }
-  const float s = __fdiv_rn(kQmax, fmaxf(block_reduce(amax, MaxOp{}, fbuf), kActEps));
+  const float s = __fdiv_rn(kQmax, fmaxf(amax, kActEps));
   int sum = 0;
   for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
     const int c0 = v * VEC;
@@ -298,16 +305,21 @@ __global__ void __launch_bounds__(kWeightThreads)
   if (threadIdx.x == 0) static_cast<float*>(p.workspace)[blockIdx.x] = s;
 }
 
-// Every block sums the partials in the same order (one s_w for all), then fake-quantises its
-// grid-stride share of W.
+// Every block sums the partials in the same order (one s_w for all), or reads the given absmean,
+// then fake-quantises its grid-stride share of W.
 template <typename T>
 __global__ void __launch_bounds__(kWeightThreads)
     weight_fake(const FakeQuantWeightParams p, int64_t parts) {
   __shared__ float buf[kWeightThreads / kWarp];
-  const float* partials = static_cast<const float*>(p.workspace);
-  float s = 0.0f;
-  for (int64_t j = threadIdx.x; j < parts; j += kWeightThreads) s += partials[j];
-  const float mean = __fdiv_rn(block_reduce(s, AddOp{}, buf), static_cast<float>(p.numel));
+  float mean = 0.0f;
+  if (p.absmean != nullptr) {
+    mean = *p.absmean;
+  } else {
+    const float* partials = static_cast<const float*>(p.workspace);
+    float s = 0.0f;
+    for (int64_t j = threadIdx.x; j < parts; j += kWeightThreads) s += partials[j];
+    mean = __fdiv_rn(block_reduce(s, AddOp{}, buf), static_cast<float>(p.numel));
+  }
   const float sw = __fdiv_rn(1.0f, fmaxf(mean, kWeightEps));
   const T* w = static_cast<const T*>(p.weight);
   T* fake = static_cast<T*>(p.fake);
@@ -414,15 +426,19 @@ Status fake_quant_weight(const FakeQuantWeightParams& p, cudaStream_t stream) {
   if (!valid_dtype(p.dtype)) return "magneto cuda fake_quant_weight: unknown dtype code";
   if (p.numel == 0) return nullptr;
   const int64_t parts = weight_partials(p.numel);
-  if (p.weight == nullptr || p.fake == nullptr || p.workspace == nullptr ||
-      p.workspace_bytes < static_cast<size_t>(parts) * sizeof(float))
-    return "magneto cuda fake_quant_weight: weight, fake and the workspace are required";
+  const bool given = p.absmean != nullptr;
+  if (p.weight == nullptr || p.fake == nullptr ||
+      (!given && (p.workspace == nullptr ||
+                  p.workspace_bytes < static_cast<size_t>(parts) * sizeof(float))))
+    return "magneto cuda fake_quant_weight: weight, fake and (no absmean) the workspace are "
+           "required";
   const unsigned grid = static_cast<unsigned>(
       std::min<int64_t>(ceil_div(p.numel, kWeightThreads * 4), 4 * kMaxWeightPartials));
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    launch_kernel(weight_abs_partials<T>, static_cast<unsigned>(parts), kWeightThreads, 0,
-                  stream)(p, parts);
+    if (!given)
+      launch_kernel(weight_abs_partials<T>, static_cast<unsigned>(parts), kWeightThreads, 0,
+                    stream)(p, parts);
     launch_kernel(weight_fake<T>, grid, kWeightThreads, 0, stream)(p, parts);
     return 0;
   });

@@ -48,11 +48,6 @@ from magneto.parallel.plan import _group
 from magneto_kernels import quant
 from magneto_kernels.codes import QUANT_PACK_UNIT
 
-QUANT_BACKENDS = ("reference", "cpu")
-"""The backends whose quantised ``ln_linear`` takes the tensor-parallel arguments (given
-``row_amax``, (mean, rstd) and online ``weight_scale``); on the others a quantised shard runs
-its module's forward (transformers' formula on the shards, with the same collectives)."""
-
 _ATTENTION = (
     ("q_proj", "k_proj", "v_proj"),
     ("o_proj", "out_proj"),
@@ -213,13 +208,15 @@ class RowParallelBitLinear(_QuantShard, RowParallelLinear):
 class ColumnParallelBitProjection:
     """The Hugging Face integration's adapter (``_projections.PROJECTIONS``) of a
     ``ColumnParallelBitLinear``: one quantised ``ln_linear`` per shard (as one process runs
-    BitNet's q/k/v and gate/up), on the backends with the tensor-parallel arguments."""
+    BitNet's q/k/v and gate/up), on the backends with the quantised modes (``quant.BACKENDS``:
+    each takes their tensor-parallel arguments); on another a shard runs its module's forward
+    (transformers' formula on the shards, with the same collectives)."""
 
     @staticmethod
     def accepts(linear: nn.Module, x, options) -> bool:
         backend = magneto_kernels.resolve_backend(options.backend, x)
         return (
-            not has_hooks(linear) and linear.compute_dtype == x.dtype and backend in QUANT_BACKENDS
+            not has_hooks(linear) and linear.compute_dtype == x.dtype and backend in quant.BACKENDS
         )
 
     @staticmethod

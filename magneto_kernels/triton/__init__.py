@@ -107,21 +107,14 @@ def _add_layer_norm_op(*args):
 _QUANT_ARGS = ("quant", "weight_scale", "mean", "rstd", "row_amax")
 _QUANT_BACKWARD_ARGS = ("quant", "weight_scale", "row_amax")
 
-_TP_QUANT = (
-    "the quantised modes under tensor parallelism (given mean and rstd, row_amax, an online"
-    " weight_scale) are not implemented on the triton backend yet"
-)
-
 
 def _ln_linear_op(*args):
     a = checks.ln_linear(*args)
-    online_scale = a.quant == "bitnet_online" and a.weight_scale is not None
-    if a.quant != "none" and (a.rstd is not None or a.row_amax is not None or online_scale):
-        raise NotImplementedError(f"ln_linear: {_TP_QUANT}")
     if a.quant != "none":
         out, mean, rstd, preact = _quant.ln_linear(
             _rows(a.x), _dense(a.ln_weight), _dense(a.weight), _dense(a.bias), _rows(a.residual),
-            a.eps, a.norm, a.input_activation, a.alpha, a.quant, a.weight_scale,
+            a.eps, a.norm, a.input_activation, a.alpha, a.quant, a.weight_scale, _dense(a.rstd),
+            _dense(a.row_amax),
         )  # fmt: skip
         return _like(out, a.x), mean, rstd, preact
     out, mean, rstd, preact = _ln_linear.ln_linear(
@@ -140,12 +133,11 @@ def _ln_linear_op(*args):
 
 def _ln_linear_backward_op(*args):
     a = checks.ln_linear_backward(*args)
-    if a.weight_scale is not None or a.row_amax is not None:
-        raise NotImplementedError(f"ln_linear: {_TP_QUANT}")
     if a.quant != "none":  # bitnet_online: the checks refuse the offline modes' backward
         grads = _quant.ln_linear_backward(
             _rows(a.grad_out), _rows(a.x), _dense(a.ln_weight), _dense(a.weight),
-            _dense(a.rstd), a.norm, a.input_activation, a.output_mask,
+            _dense(a.rstd), a.norm, a.input_activation, a.output_mask, _dense(a.weight_scale),
+            _dense(a.row_amax),
         )  # fmt: skip
         return (_like(grads[0], a.x), *grads[1:])
     grads = _ln_linear.ln_linear_backward(
@@ -174,25 +166,30 @@ def _norm_stats_op(*args):
 
 def _ln_linear_backward_partial_op(*args):
     a = checks.ln_linear_backward_partial(*args)
-    if a.quant != "none":
-        raise NotImplementedError(f"ln_linear_backward_partial: {_TP_QUANT}")
     want_dh, want_dweight, want_dbias = (bool(m) for m in a.output_mask)
     rows, x = a.x.numel() // a.x.shape[-1], a.x
     row_sums = _new_buffer((rows, 2 if a.norm == "layer" else 1), torch.float32, x.device)
-    dh, _, _, dweight, dbias = _ln_linear.ln_linear_backward(
-        *a._replace(
-            grad_out=_rows(a.grad_out),
-            x=_rows(x),
-            ln_weight=_dense(a.ln_weight),
-            ln_bias=_dense(a.ln_bias),
-            weight=_dense(a.weight),
-            mean=_dense(a.mean),
-            rstd=_dense(a.rstd),
-            preact=_rows(a.preact),
-            output_mask=[False, False, False, want_dweight, want_dbias],
-        )[: -len(_QUANT_BACKWARD_ARGS)],
-        row_sums=row_sums if want_dh else None,
-    )
+    if a.quant != "none":  # bitnet_online: the checks refuse the offline modes
+        dh, _, _, dweight, dbias = _quant.ln_linear_backward(
+            _rows(a.grad_out), _rows(x), _dense(a.ln_weight), _dense(a.weight), _dense(a.rstd),
+            a.norm, a.input_activation, [False, False, False, want_dweight, want_dbias],
+            _dense(a.weight_scale), _dense(a.row_amax), row_sums if want_dh else None,
+        )  # fmt: skip
+    else:
+        dh, _, _, dweight, dbias = _ln_linear.ln_linear_backward(
+            *a._replace(
+                grad_out=_rows(a.grad_out),
+                x=_rows(x),
+                ln_weight=_dense(a.ln_weight),
+                ln_bias=_dense(a.ln_bias),
+                weight=_dense(a.weight),
+                mean=_dense(a.mean),
+                rstd=_dense(a.rstd),
+                preact=_rows(a.preact),
+                output_mask=[False, False, False, want_dweight, want_dbias],
+            )[: -len(_QUANT_BACKWARD_ARGS)],
+            row_sums=row_sums if want_dh else None,
+        )
     empty = x.new_empty((0,))
     if not want_dh:
         return empty, empty, dweight, dbias

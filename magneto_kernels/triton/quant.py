@@ -107,6 +107,7 @@ def _row_stats_kernel(
     X,
     GAMMA,
     RSTD,
+    AMAX,
     SCALE,
     K,
     stride_xm,
@@ -119,8 +120,9 @@ def _row_stats_kernel(
     BLOCK: tl.constexpr,
 ):
     """Per row of x: RSTD (RMSNorm; None without a norm) of a = in_act(x), computed (WRITE_RSTD)
-    or read (the backward's saved one), then SCALE = 127 / max(|h|, 1e-5) over h =
-    BitNetRMSNorm(a), in float32. x is [gate | up] when GATED."""
+    or read (given: the backward's saved one, or the sharded norm's), then SCALE = 127 /
+    max(amax, 1e-5) in float32, amax = max|h| over h = BitNetRMSNorm(a), or read from AMAX
+    (given: the max over every shard of the row; None otherwise). x is [gate | up] when GATED."""
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_xm
     rk = tl.arange(0, BLOCK)
@@ -139,16 +141,20 @@ def _row_stats_kernel(
             sq += a * a
         rstd = 1.0 / tl.sqrt(tl.sum(sq, axis=0) / K + eps)
         tl.store(RSTD + row, rstd)
-    amax = tl.zeros([BLOCK], tl.float32)
-    for k0 in range(0, K, BLOCK):
-        k = k0 + rk
-        valid = k < K
-        gamma = tl.zeros([BLOCK], tl.float32)
-        if HAS_GAMMA:
-            gamma = tl.load(GAMMA + k, mask=valid, other=0.0).to(tl.float32)
-        h = _bitnet_h(x_row + k, K, valid, rstd, gamma, NORM, IN_ACT, GATED, HAS_GAMMA)
-        amax = tl.maximum(amax, tl.abs(h))
-    amax = tl.maximum(tl.max(amax, axis=0), _ACT_EPS)
+    if AMAX is None:
+        amaxes = tl.zeros([BLOCK], tl.float32)
+        for k0 in range(0, K, BLOCK):
+            k = k0 + rk
+            valid = k < K
+            gamma = tl.zeros([BLOCK], tl.float32)
+            if HAS_GAMMA:
+                gamma = tl.load(GAMMA + k, mask=valid, other=0.0).to(tl.float32)
+            h = _bitnet_h(x_row + k, K, valid, rstd, gamma, NORM, IN_ACT, GATED, HAS_GAMMA)
+            amaxes = tl.maximum(amaxes, tl.abs(h))
+        amax = tl.max(amaxes, axis=0)
+    else:
+        amax = tl.load(AMAX + row)
+    amax = tl.maximum(amax, _ACT_EPS)
     tl.store(SCALE + row, tl.full((), _QMAX, tl.float32) / amax)
 
 
@@ -337,12 +343,13 @@ def _abs_sum_kernel(W, PARTIAL, numel, per_program, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _fake_quant_weight_kernel(W, ABS_SUM, WQ, numel, BLOCK: tl.constexpr):
+def _fake_quant_weight_kernel(W, ABS_SUM, WQ, numel, count, BLOCK: tl.constexpr):
     """WQ = t / s_w in W's dtype, t = round(w·s_w) clamped to [-1, 1], s_w = 1 / max(mean|W|,
-    1e-5) from ABS_SUM = Σ|W| (WeightQuant)."""
+    1e-5) from mean|W| = ABS_SUM / count: Σ|W| over the count = numel elements, or the given
+    mean with count 1 (WeightQuant)."""
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < numel
-    s = 1.0 / tl.maximum(tl.load(ABS_SUM) / numel, _WEIGHT_EPS)
+    s = 1.0 / tl.maximum(tl.load(ABS_SUM) / count, _WEIGHT_EPS)
     w = tl.load(W + idx, mask=mask, other=0.0).to(tl.float32)
     t = tl.minimum(tl.maximum(_round_half_even(w * s, 2.0), -1.0), 1.0)
     tl.store(WQ + idx, cast_rn(t / s, WQ.dtype.element_ty), mask=mask)
@@ -359,26 +366,30 @@ def _weight_programs(weight) -> int:
     return min(blocks, 4 * sms)
 
 
-def fake_quant_weight(weight):
+def fake_quant_weight(weight, absmean=None):
     """transformers' WeightQuant of the master weight, as a copy in its dtype: Σ|W| in two
-    deterministic stages, then t / s_w elementwise."""
+    deterministic stages, or ``absmean`` (mean|W|, (1,): tensor parallelism's whole weight's)
+    given, then t / s_w elementwise."""
     weight = weight.contiguous()
     numel = weight.numel()
-    programs = _weight_programs(weight)
-    per_program = triton.cdiv(triton.cdiv(numel, programs), WEIGHT_BLOCK) * WEIGHT_BLOCK
-    partial = new_buffer((programs, 1), torch.float32, weight.device)
     tile = configs.Tile((("BLOCK", WEIGHT_BLOCK),), WEIGHT_WARPS)
-    configs.launch(
-        _abs_sum_kernel,
-        lambda meta: (programs,),
-        [tile],
-        (),
-        W=weight,
-        PARTIAL=partial,
-        numel=numel,
-        per_program=per_program,
-    )
-    abs_sum = column_sum(partial, torch.float32)
+    if absmean is None:
+        programs = _weight_programs(weight)
+        per_program = triton.cdiv(triton.cdiv(numel, programs), WEIGHT_BLOCK) * WEIGHT_BLOCK
+        partial = new_buffer((programs, 1), torch.float32, weight.device)
+        configs.launch(
+            _abs_sum_kernel,
+            lambda meta: (programs,),
+            [tile],
+            (),
+            W=weight,
+            PARTIAL=partial,
+            numel=numel,
+            per_program=per_program,
+        )
+        abs_sum, count = column_sum(partial, torch.float32), numel
+    else:
+        abs_sum, count = absmean.float().contiguous(), 1
     wq = new_buffer(weight.shape, weight.dtype, weight.device)
     configs.launch(
         _fake_quant_weight_kernel,
@@ -389,13 +400,15 @@ def fake_quant_weight(weight):
         ABS_SUM=abs_sum,
         WQ=wq,
         numel=numel,
+        count=count,
     )
     return wq
 
 
-def row_stats(x, ln_weight, eps, norm, input_activation, in_features, rstd=None):
+def row_stats(x, ln_weight, eps, norm, input_activation, in_features, rstd=None, row_amax=None):
     """(rstd, scale) per row of x (``_row_stats_kernel``): rstd empty without a norm; given
-    (the backward's saved one), it is read, not computed."""
+    (the backward's saved one, the sharded norm's), it is read, not computed; so is
+    ``row_amax`` (tensor parallelism's max|h| over every shard of the row)."""
     rows = x.shape[0]
     write_rstd = rstd is None
     if write_rstd:
@@ -413,6 +426,7 @@ def row_stats(x, ln_weight, eps, norm, input_activation, in_features, rstd=None)
         X=x,
         GAMMA=ln_weight,
         RSTD=rstd if norm != "none" else None,
+        AMAX=row_amax,
         SCALE=scale,
         K=in_features,
         stride_xm=x.stride(0),
@@ -433,15 +447,17 @@ def _dot_args(dtype, integer=False):
 
 
 def ln_linear(
-    x, ln_weight, weight, bias, residual, eps, norm, input_activation, alpha, quant, weight_scale
-):
+    x, ln_weight, weight, bias, residual, eps, norm, input_activation, alpha, quant, weight_scale,
+    rstd=None, row_amax=None,
+):  # fmt: skip
     """(out, mean, rstd, preact) of ln_linear's quantised mode ``quant``, the triton family's
     outputs: mean and preact empty (RMSNorm, no output activation), rstd empty without a
-    norm."""
+    norm. Tensor parallelism: ``rstd`` and ``row_amax`` (``row_stats``) and, online,
+    ``weight_scale`` (the whole weight's mean|W|) given."""
     x, residual, ln_weight, bias = rowwise(x, residual, ln_weight, bias)
     in_features = weight.shape[1] * (1 if quant == "bitnet_online" else 4)
     empty = x.new_empty((0,), dtype=torch.float32)
-    rstd, scale = row_stats(x, ln_weight, eps, norm, input_activation, in_features)
+    rstd, scale = row_stats(x, ln_weight, eps, norm, input_activation, in_features, rstd, row_amax)
     out = project(
         x, ln_weight, weight, bias, residual, norm, input_activation, alpha, quant, weight_scale,
         rstd, scale,
@@ -455,14 +471,14 @@ def project(
 ):  # fmt: skip
     """``_quant_matmul_kernel``'s output for x's rows (rowwise) of statistics (rstd, scale)
     from ``row_stats``: ln_linear's, or one weight's of ln_linear_group (which takes the row
-    statistics once for every weight)."""
+    statistics once for every weight). Online, ``weight_scale`` is the given mean|W| or None."""
     rows = x.shape[0]
     online = quant == "bitnet_online"
     n, in_features = weight.shape[0], weight.shape[1] * (1 if online else 4)
     out = new_buffer((rows, n), x.dtype, x.device)
     if rows == 0 or n == 0:
         return out
-    w = fake_quant_weight(weight) if online else weight
+    w = fake_quant_weight(weight, weight_scale) if online else weight
     flags = dict(
         QUANT=_MODES[quant],
         NORM=NORMS[norm],
@@ -508,15 +524,21 @@ def project(
     return out
 
 
-def ln_linear_backward(grad_out, x, ln_weight, weight, rstd, norm, input_activation, output_mask):
-    """(dx, dln_weight, dln_bias, dweight, dbias) of the online mode (module docstring)."""
+def ln_linear_backward(
+    grad_out, x, ln_weight, weight, rstd, norm, input_activation, output_mask, weight_scale=None,
+    row_amax=None, row_sums=None,
+):  # fmt: skip
+    """(dx, dln_weight, dln_bias, dweight, dbias) of the online mode (module docstring), at the
+    forward's given ``weight_scale`` and ``row_amax`` (tensor parallelism) when not None.
+    ``row_sums`` given (ln_linear_backward_partial): it receives the norm backward's row sums,
+    dx's place holds dh and the norm's gradients are not formed."""
     grad_out, x, ln_weight = rowwise(grad_out, x, ln_weight)
     rows = x.shape[0]
     n, k = weight.shape
     empty = x.new_empty((0,))
     want_dx, want_dgamma, _, want_dweight, want_dbias = (bool(m) for m in output_mask)
     want_dgamma = want_dgamma and ln_weight is not None
-    need_dh = want_dx or want_dgamma
+    need_dh = want_dx or want_dgamma or row_sums is not None
     dx = dgamma = dweight = dbias = empty
     if rows == 0:
         zeros = torch.zeros_like
@@ -531,11 +553,17 @@ def ln_linear_backward(grad_out, x, ln_weight, weight, rstd, norm, input_activat
     if want_dbias:
         dbias = column_sum(dz.float(), weight.dtype)
     if want_dweight:
-        _, scale = row_stats(x, ln_weight, 0.0, norm, input_activation, k, rstd)
+        _, scale = row_stats(x, ln_weight, 0.0, norm, input_activation, k, rstd, row_amax)
         dweight = quant_dweight(dz, x, ln_weight, weight, rstd, scale, norm, input_activation)
     if need_dh:
         dh = new_buffer((rows, k), x.dtype, x.device)
-        gemm.ln_matmul(dz, fake_quant_weight(weight), dh)
+        gemm.ln_matmul(dz, fake_quant_weight(weight, weight_scale), dh)
+        if row_sums is not None:
+            norm_backward(
+                dh, x, ln_weight, None, None, rstd, None, norm, [False] * 3,
+                input_activation=input_activation, row_sums=row_sums,
+            )  # fmt: skip
+            return dh, dgamma, empty, dweight, dbias
         dx, dgamma, _ = norm_backward(
             dh, x, ln_weight, None, None, rstd if norm != "none" else None, None, norm,
             [want_dx, want_dgamma, False], input_activation=input_activation,
