@@ -118,12 +118,15 @@ class KVRoom:
         )
         self.length = 0
         if prev_k is not None:
-            self._write(prev_k, prev_v)
+            self._append(prev_k, prev_v)  # no views: nobody holds the copied cache alone
 
-    def _write(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def _append(self, k: Tensor, v: Tensor) -> None:
         start, self.length = self.length, self.length + k.shape[2]
         self.key[:, :, start : self.length].copy_(k)
         self.value[:, :, start : self.length].copy_(v)
+
+    def _write(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self._append(k, v)
         views = self.key[:, :, : self.length], self.value[:, :, : self.length]
         for view in views:
             _ROOMS[view] = self
