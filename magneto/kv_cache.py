@@ -94,24 +94,39 @@ class KVRoom:
     saved state holds plain tensors). A step extends in place only if the cache it is given is the
     room's latest pair of views and the new positions fit; anything else (a caller's tensors,
     torchscale's reordered copies, an older view shared by a copied dict, another dtype, a full
-    room) starts a new room, copying what it is given, with half as much room again. Positions
-    a view covers are never written again, so earlier views keep their values.
+    room) starts a new room, copying what it is given. A room that follows another (or starts
+    a sequence) has half as much room again; one that copies a cache no room made (a caller's,
+    torchscale's beam search reordering it at every step) has none: such a cache is often handed
+    in anew at the next step, and a step fed one measured faster copying it into an exact
+    room (docs/design.md, Decisions); if the next step extends it after all, that step starts
+    a room with room to grow. Positions a view covers
+    are never written again, so earlier views keep their values.
     """
 
-    def __init__(self, prev_k: Optional[Tensor], prev_v: Optional[Tensor], k: Tensor, v: Tensor):
+    def __init__(
+        self,
+        prev_k: Optional[Tensor],
+        prev_v: Optional[Tensor],
+        k: Tensor,
+        v: Tensor,
+        grow: bool = True,
+    ):
         need = k.shape[2] + (0 if prev_k is None else prev_k.shape[2])
-        capacity = need + max(16, need // 2)
+        capacity = need + max(16, need // 2) if grow else need
         self.key, self.value = (
             _room_buffer(self, t, (*t.shape[:2], capacity, t.shape[3])) for t in (k, v)
         )
         self.length = 0
         if prev_k is not None:
-            self._write(prev_k, prev_v)
+            self._append(prev_k, prev_v)  # no views: nobody holds the copied cache alone
 
-    def _write(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def _append(self, k: Tensor, v: Tensor) -> None:
         start, self.length = self.length, self.length + k.shape[2]
         self.key[:, :, start : self.length].copy_(k)
         self.value[:, :, start : self.length].copy_(v)
+
+    def _write(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self._append(k, v)
         views = self.key[:, :, : self.length], self.value[:, :, : self.length]
         for view in views:
             _ROOMS[view] = self
@@ -141,7 +156,7 @@ class KVRoom:
         """The cache (prev_k, prev_v) followed by (k, v) along the positions, as views."""
         room = None if prev_k is None else _ROOMS.get(prev_k)
         if room is None or not room._takes(prev_k, prev_v, k, v):
-            room = cls(prev_k, prev_v, k, v)
+            room = cls(prev_k, prev_v, k, v, grow=prev_k is None or room is not None)
         return room._write(k, v)
 
 

@@ -112,3 +112,25 @@ def test_small_buffers_are_not_kept(monkeypatch):
         assert state["prev_key"].untyped_storage().nbytes() < kv_cache._Spares.MIN_BYTES
         del state
     assert not kv_cache._SPARES.buffers
+
+
+def test_caller_cache_copied_exactly_then_grown():
+    """A caller's cache is copied into a room without spare positions; the step that extends
+    that room starts one with room to grow, which the step after extends in place; the values
+    are the concatenated cache at every step."""
+    with torch.no_grad():
+        prev_k, prev_v = _cache(0)
+        state, k, v = _step(prev_k, prev_v, seed=1)
+        want_k, want_v = torch.cat([prev_k, k], dim=2), torch.cat([prev_v, v], dim=2)
+        assert state["prev_key"].untyped_storage().nbytes() == want_k.nbytes
+        assert torch.equal(state["prev_key"], want_k)
+        assert torch.equal(state["prev_value"], want_v)
+        for seed in (2, 3):
+            before = _storages(state)
+            state, k, v = _step(state["prev_key"], state["prev_value"], seed=seed)
+            want_k, want_v = torch.cat([want_k, k], dim=2), torch.cat([want_v, v], dim=2)
+            assert torch.equal(state["prev_key"], want_k)
+            assert torch.equal(state["prev_value"], want_v)
+            assert state["prev_key"].untyped_storage().nbytes() > want_k.nbytes
+            # the grown room is new at the first of these steps, extended in place at the second
+            assert (_storages(state) == before) == (seed == 3)
