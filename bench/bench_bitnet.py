@@ -155,8 +155,8 @@ def build_model(layers: int, mode: str = "offline"):
 def _timed_rounds(fns: dict, rounds: int, warmups: dict) -> dict:
     """Seconds per call of each function, one call of each per round (the variants interleaved,
     so that the machine's load falls on all of them alike), the median over rounds, after one
-    call of each of ``warmups`` (cheaper calls of the same paths). For calls of seconds or
-    minutes, where ``_median_us``'s calibration would double the run."""
+    call of each of ``warmups`` (the same paths; cheaper calls where they warm the same sizes). For
+    calls of seconds or minutes, where ``_median_us``'s calibration would double the run."""
     for fn in warmups.values():
         fn()
     times = {name: [] for name in fns}
@@ -257,11 +257,11 @@ def bench_model(layers: int, threads: list, prefill: int, new_tokens: int, round
                   f" {new_tokens / t['int8']:.2f} (int8 head), unpatched"
                   f" {new_tokens / t['hf']:.2f}; time ratios {t['dense'] / t['hf']:.2f},"
                   f" {t['int8'] / t['hf']:.2f}", flush=True)  # fmt: skip
-            p = _timed_rounds(
-                {"ours": run("dense", fill), "hf": lambda: fill(reference)},
-                prefill_rounds,
-                warm(fill, long[:, :16]),
-            )
+            # warmed by a call of the full length: the first call of a size pays one-time
+            # costs (allocator growth, first touches of fresh buffers) a shorter warm-up leaves
+            # in the timed call
+            fills = {"ours": run("dense", fill), "hf": lambda: fill(reference)}
+            p = _timed_rounds(fills, prefill_rounds, fills)
             print(f"threads {n}, {layers} layers, prefill {prefill}: {p['ours']:.1f} s patched,"
                   f" {p['hf']:.1f} s unpatched (ratio {p['ours'] / p['hf']:.2f})",
                   flush=True)  # fmt: skip
