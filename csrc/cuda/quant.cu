@@ -74,8 +74,10 @@ __device__ __forceinline__ float quantize(float v, float s) {
   return fminf(fmaxf(rintf(v * s), -kQmax - 1.0f), kQmax);
 }
 
+// At least 1 block per SM: without the bound ptxas held the gated bf16 instance to 32 registers
+// on sm_90a and spilled (tools/check_cuda.py refuses spills); it needs 40.
 template <typename T, bool GATED>
-__global__ void __launch_bounds__(kRowThreads)
+__global__ void __launch_bounds__(kRowThreads, 1)
     quantize_rows_kernel(const QuantizeRowsParams p, bool vec_ok) {
   constexpr int VEC = kVec<T>;
   __shared__ float fbuf[kRowThreads / kWarp];
