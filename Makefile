@@ -90,6 +90,7 @@ test: setup lint $(STAMPS)/triton-newest $(STAMPS)/transformers-oldest
 		"import triton; assert triton.__version__ == '$(TRITON_NEWEST)', triton.__version__"
 	PYTHONPATH=$(TRITON_NEWEST_DIR)$${PYTHONPATH:+:$$PYTHONPATH} $(PYTEST) -q -p no:cacheprovider \
 		tests/test_ops.py tests/test_ops_triton.py tests/test_triton_compile.py tests/test_quant_op.py \
+		tests/test_group.py tests/test_quant_group.py tests/test_tensor_parallel_quant.py \
 		-k "triton or compile"
 	@echo "== Hugging Face integration under transformers $(TRANSFORMERS_OLDEST)"
 	PYTHONPATH=$(TRANSFORMERS_OLDEST_DIR)$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) -c \
