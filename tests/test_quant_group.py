@@ -234,7 +234,7 @@ def test_bad_arguments_refused_alike(backend, change, error):
 @pytest.mark.parametrize("backend", backend_params(kernels_only=True))
 def test_offline_group_has_no_backward(backend):
     if backend.name not in quant.BACKENDS:
-        pytest.skip(f"{backend.name} has no quantised kernels")
+        pytest.skip(f"{backend.name} has no quantised kernels (its refusal: test_quant_op.py)")
     gen = torch.Generator().manual_seed(1)
     d = backend.device
     with backend.running():
@@ -261,7 +261,7 @@ def test_quant_group_opcheck(backend, op, mode):
     """The quantised group's ops as registered (schema, fake impl, autograd registration), rows
     given as two dimensions."""
     if backend.name not in quant.BACKENDS:
-        pytest.skip(f"{backend.name} has no quantised kernels")
+        pytest.skip(f"{backend.name} has no quantised kernels (its refusal: test_quant_op.py)")
     with backend.running():
         dev, family = backend.device, backend.family
         gen = torch.Generator().manual_seed(3)
