@@ -3,6 +3,7 @@ parity numbers, its ratio statistics on a synthetic timer, and its errors for ba
 
 import json
 import math
+import os
 import re
 
 import pytest
@@ -97,7 +98,7 @@ def test_tiny_report_json_md_png(tmp_path, one_thread, capsys):
     )
     files = {p.suffix: p for p in tmp_path.iterdir()}
     assert set(files) == {".json", ".md", ".png"}
-    assert all(p.name.startswith("report-cpu-") for p in files.values())
+    assert all(p.name.startswith("report-cpu-float32-") for p in files.values())
     report = json.loads(files[".json"].read_text())
     assert {
         "command",
@@ -169,9 +170,27 @@ def test_tiny_report_json_md_png(tmp_path, one_thread, capsys):
         assert title in md
 
     # The README's results block is generated from the JSON, between its markers.
-    old = "intro\n<!-- report:cpu:start -->\nstale\n<!-- report:cpu:end -->\nrest\n"
-    new = readme.replace_block(old, "cpu", readme.section(report, str(files[".json"])))
-    assert new.startswith("intro\n<!-- report:cpu:start -->\nMeasured ")
-    assert "stale" not in new and new.endswith("<!-- report:cpu:end -->\nrest\n")
-    with pytest.raises(ValueError, match="no <!-- report:cuda:start -->"):
-        readme.replace_block(old, "cuda", "body")
+    old = "intro\n<!-- report:cpu-float32:start -->\nstale\n<!-- report:cpu-float32:end -->\nrest\n"
+    new = readme.replace_block(old, "cpu-float32", readme.section(report, str(files[".json"])))
+    assert new.startswith("intro\n<!-- report:cpu-float32:start -->\nMeasured ")
+    assert "stale" not in new and new.endswith("<!-- report:cpu-float32:end -->\nrest\n")
+    with pytest.raises(ValueError, match="no <!-- report:cpu-bfloat16:start -->"):
+        readme.replace_block(old, "cpu-bfloat16", "body")
+
+
+def test_readme_blocks_are_their_committed_reports():
+    """Each README results block is what `magneto.report.readme` makes of the committed JSON it
+    links (no number typed by hand, none left stale by a new report), and both dtypes have one."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "README.md")) as f:
+        text = f.read()
+    blocks = re.findall(r"<!-- report:(\S+):start -->\n(.*?)\n<!-- report:\1:end -->", text, re.S)
+    assert {name for name, _ in blocks} >= {"cpu-float32", "cpu-bfloat16"}
+    for name, body in blocks:
+        md_path = re.search(r"full report: \[[^\]]+\]\(([^)]+)\.md\)", body).group(1)
+        json_path = md_path + ".json"
+        with open(os.path.join(root, json_path)) as f:
+            report = json.load(f)
+        settings = report["settings"]
+        assert f"{settings['device']}-{settings['dtype']}" == name
+        assert readme.section(report, json_path) == body

@@ -1,6 +1,6 @@
 """The parity-and-speed report: ``python -m magneto.report`` (``--help`` for the flags).
 
-For the machine it runs on it prints and writes ``report-<device>-<date>.{md,json,png}``
+For the machine it runs on it prints and writes ``report-<device>-<dtype>-<date>.{md,json,png}``
 (default under ``bench/results`` of the current directory):
 
 - parity: every public op on every available backend against float64 (outputs and gradients,

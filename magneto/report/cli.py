@@ -42,7 +42,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m magneto.report",
         description="Parity and speed of magneto's kernels and layers on this machine: writes "
-        "report-<device>-<date>.{md,json,png}.",
+        "report-<device>-<dtype>-<date>.{md,json,png}.",
     )
     p.add_argument(
         "--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu"
@@ -275,10 +275,12 @@ def run(p: Plan, command: str, progress: bool = True) -> dict:
 
 
 def write(report: dict, out_dir: str) -> dict[str, str]:
-    """report-<device>-<date>.{json,md,png} under out_dir; the paths written."""
+    """report-<device>-<dtype>-<date>.{json,md,png} under out_dir (dtype: the speed sections');
+    the paths written."""
     os.makedirs(out_dir, exist_ok=True)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    stem = os.path.join(out_dir, f"report-{report['settings']['device']}-{date}")
+    settings = report["settings"]
+    stem = os.path.join(out_dir, f"report-{settings['device']}-{settings['dtype']}-{date}")
     paths = {"json": stem + ".json", "md": stem + ".md"}
     with open(paths["json"], "w") as f:
         json.dump(report, f, indent=1)

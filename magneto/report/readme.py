@@ -1,11 +1,11 @@
 """The README's results section, generated from a committed report's JSON.
 
-    python -m magneto.report.readme bench/results/report-cpu-<date>.json              # print it
-    python -m magneto.report.readme bench/results/report-cpu-<date>.json --readme README.md
+    python -m magneto.report.readme bench/results/report-cpu-float32-<date>.json    # print it
+    python -m magneto.report.readme bench/results/report-cpu-float32-<date>.json --readme README.md
 
-With ``--readme`` the block between ``<!-- report:<device>:start -->`` and
-``<!-- report:<device>:end -->`` is replaced (the markers stay), so that the README shows the
-latest committed report of each device without a number typed by hand.
+With ``--readme`` the block between ``<!-- report:<device>-<dtype>:start -->`` and
+``<!-- report:<device>-<dtype>:end -->`` is replaced (the markers stay), so that the README shows
+the latest committed report of each device and dtype without a number typed by hand.
 """
 
 from __future__ import annotations
@@ -110,8 +110,9 @@ def section(report: dict, json_path: str) -> str:
     return "\n".join(lines)
 
 
-def replace_block(text: str, device: str, body: str) -> str:
-    start, end = f"<!-- report:{device}:start -->", f"<!-- report:{device}:end -->"
+def replace_block(text: str, name: str, body: str) -> str:
+    """``text`` with the block between the markers of ``name`` (``<device>-<dtype>``) replaced."""
+    start, end = f"<!-- report:{name}:start -->", f"<!-- report:{name}:end -->"
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
     if not pattern.search(text):
         raise ValueError(f"no {start} ... {end} block to replace")
@@ -122,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m magneto.report.readme", description=__doc__.split("\n")[0]
     )
-    p.add_argument("json", help="a report's JSON (bench/results/report-<device>-<date>.json)")
+    p.add_argument(
+        "json", help="a report's JSON (bench/results/report-<device>-<dtype>-<date>.json)"
+    )
     p.add_argument("--readme", help="README to update in place (between the report markers)")
     args = p.parse_args(argv)
     with open(args.json) as f:
@@ -134,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.readme) as f:
         text = f.read()
     try:
-        text = replace_block(text, report["settings"]["device"], body)
+        settings = report["settings"]
+        text = replace_block(text, f"{settings['device']}-{settings['dtype']}", body)
     except ValueError as err:
         p.error(f"--readme {args.readme}: {err}")
     with open(args.readme, "w") as f:
