@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -70,16 +71,15 @@ inline void write_row(const float* src, T* row, int64_t n) {
   }
 }
 
-// Rounds the lanes of v to T and back (what computing in T does to a result).
+// Rounds the lanes of v to T and back (what computing in T does to a result): at::vec's vector
+// conversions, round to nearest even as static_cast<T> is (done a lane at a time it was the
+// bulk of a bf16 norm pass with a residual or an input activation: docs/design.md, Decisions).
 template <typename T>
 inline Vec round_vec(const Vec& v) {
   if constexpr (std::is_same_v<T, float>) {
     return v;
   } else {
-    alignas(64) float lanes[kW];
-    v.store(lanes);
-    for (int64_t l = 0; l < kW; ++l) lanes[l] = static_cast<float>(static_cast<T>(lanes[l]));
-    return Vec::loadu(lanes);
+    return std::get<0>(at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(v, v)));
   }
 }
 
