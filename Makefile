@@ -41,11 +41,20 @@ TRITON_NEWEST_SUITE += $(foreach id,layer-gelu-none-0.7-0.0-True-fp32-dtype1 \
 
 .PHONY: setup report test quick lint format cuda-check bench bench-cpu bench-isa gpu-check clean
 
+# Two jobs: the extension's build (compiler-bound) runs while pip fetches and unpacks the test
+# and benchmark packages, and the other Triton and transformers (network- and disk-bound). Each
+# target's prerequisites say what it needs; the recipes of `test` still run one after another.
+MAKEFLAGS += -j2
+
 # Every pin in one place: CI installs exactly these. Triton: the oldest and the newest release
 # setup.py admits (triton>=3.6,<3.10) are both tested.
-TRITON_OLDEST := 3.6.0
-$(STAMPS)/deps: Makefile
+# What the extension's build needs (torch's headers and build helpers), then the rest.
+$(STAMPS)/build-deps: Makefile
 	$(PIP) install -q torch==2.13.0 numpy ninja pybind11 setuptools wheel
+	@mkdir -p $(@D) && touch $@
+
+TRITON_OLDEST := 3.6.0
+$(STAMPS)/deps: $(STAMPS)/build-deps
 	$(PIP) install -q triton==$(TRITON_OLDEST) fairscale==0.4.0 "pytest>=8" "pytest-benchmark>=4" \
 		pytest-xdist==3.8.0 \
 		matplotlib tqdm ruff==0.17.6 transformers==5.23.0 peft==0.21.2 "hypothesis>=6"
@@ -78,11 +87,11 @@ $(STAMPS)/transformers-oldest: $(STAMPS)/deps
 
 # MAGNETO_BUILD_CUDA_EMU=1: also magneto_kernels._C_emu, the CUDA kernels built for the CPU
 # (csrc/cuda_emu), which the suite runs under MAGNETO_CUDA_EMULATE=1.
-$(STAMPS)/ext: $(STAMPS)/deps $(EXT_SOURCES)
+$(STAMPS)/ext: $(STAMPS)/build-deps $(EXT_SOURCES)
 	MAGNETO_BUILD_CUDA_EMU=1 $(PIP) install -q --no-build-isolation --no-deps -e .
 	@touch $@
 
-setup: $(STAMPS)/ext
+setup: $(STAMPS)/ext $(STAMPS)/deps
 
 # Parity against float64 and torchscale, speed ratios against eager, torchscale, torch.compile
 # and the GEMM floor, memory, machine: bench/results/report-<device>-<date>.{md,json,png}.
