@@ -44,7 +44,10 @@ TRITON_NEWEST_SUITE += $(foreach id,layer-gelu-none-0.7-0.0-True-fp32-dtype1 \
 # Two jobs: the extension's build (compiler-bound) runs while pip fetches and unpacks the test
 # and benchmark packages, and the other Triton and transformers (network- and disk-bound). Each
 # target's prerequisites say what it needs; the recipes of `test` still run one after another.
+# Not with `clean` among the goals (`make clean test` must not build while it deletes).
+ifeq ($(filter clean,$(MAKECMDGOALS)),)
 MAKEFLAGS += -j2
+endif
 
 # Every pin in one place: CI installs exactly these. Triton: the oldest and the newest release
 # setup.py admits (triton>=3.6,<3.10) are both tested.
