@@ -35,6 +35,11 @@ import torch  # noqa: E402
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped on CPU-only machines")
     config.addinivalue_line("markers", "slow: long-running test")
+    config.addinivalue_line(
+        "markers",
+        "repeats_path: its branches are taken by other cases of its test (tests/harness.py); "
+        "the newest-Triton stage of make test leaves it out",
+    )
 
 
 def pytest_collection_modifyitems(config, items):
