@@ -10,6 +10,7 @@ Public ops (see ``ops.py``; the specification is ``reference.py``):
   quant="none", weight_scales=None, backend=None)``: one output per weight, x normalised (and
   quantised) once
 
+``int8_head(x, weight, scale, bias=None)``: decoding's int8 output projection, no gradient.
 ``activation(x, name)`` and ``dropout(x, p)`` are the unfused pieces modules fall back to.
 ``available_backends(device)`` says which backends run on a device and why the others do not.
 """
@@ -20,6 +21,7 @@ from magneto_kernels.ops import (
     activation,
     add_layer_norm,
     dropout,
+    int8_head,
     layer_norm,
     ln_linear,
     ln_linear_group,
@@ -36,4 +38,5 @@ __all__ = [
     "ln_linear_group",
     "activation",
     "dropout",
+    "int8_head",
 ]

@@ -450,3 +450,28 @@ def ln_linear_group_backward(*args):
     _stats(a.mean, a.rstd, a.norm, x)
     _output_mask(a.output_mask, 3 + 2 * len(a.weights))
     return a
+
+
+def check_int8_head(x: Tensor, weight: Tensor, scale: Tensor, bias) -> None:
+    """``magneto::int8_head``'s arguments, as csrc/int8_head.cpp checks them."""
+    if x.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension, got a scalar")
+    if weight.dtype != torch.int8:
+        raise TypeError(f"weight must be int8, got {weight.dtype}")
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(
+            f"weight must have shape (out_features, {x.shape[-1]}), got {_shape(weight.shape)}"
+        )
+    if weight.device != x.device:
+        raise ValueError(f"weight must be on x's device {x.device}, got {weight.device}")
+    for name, t in (("scale", scale), ("bias", bias)):
+        if t is None:
+            continue
+        if t.dim() != 1 or t.shape[0] != weight.shape[0]:
+            raise ValueError(f"{name} must have shape ({weight.shape[0]},), got {_shape(t.shape)}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")

@@ -275,3 +275,20 @@ for _family in FAMILIES:
     for _op, _schema in SCHEMAS.items():
         _lib.define(f"{_op}_{_family}{_schema}")
         torch.library.register_fake(op_name(_op, _family), _FAKES[_op], lib=_lib)
+
+
+# ------------------------------------------------------------------ the int8 output projection
+
+# One op outside the families: decoding's int8 head, y = (x @ weight.T)·scale (+ bias), weight
+# int8 (out_features, in_features), scale and bias (out_features,) in x's dtype; no autograd. The
+# C++ extension registers its CPU kernel (csrc/int8_head.cpp); ops.py registers the reference
+# (checks.py, then reference.py) for every other device.
+INT8_HEAD_SCHEMA = "(Tensor x, Tensor weight, Tensor scale, Tensor? bias=None) -> Tensor"
+
+
+def _int8_head_fake(x, weight, scale, bias=None):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+_lib.define(f"int8_head{INT8_HEAD_SCHEMA}")
+torch.library.register_fake("magneto::int8_head", _int8_head_fake, lib=_lib)

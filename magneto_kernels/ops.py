@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from magneto_kernels import autocast, checks, quant, reference
+from magneto_kernels import autocast, checks, library, quant, reference
 from magneto_kernels.backends import ENV_VAR, EXTENSION, FAMILY, cached_backend, resolve_backend
 from magneto_kernels.codes import ACTIVATION_ALIASES, canonical_activation
 from magneto_kernels.library import get_op
@@ -339,3 +339,37 @@ def ln_linear_group(
         return tuple(_entry("ln_linear_group", backend, x)(*args)[0])
     except RuntimeError as error:
         return tuple(_under_torch_func("ln_linear_group", backend, args, error)[0])
+
+
+def _int8_head_reference(x, weight, scale, bias=None):
+    checks.check_int8_head(x, weight, scale, bias)
+    return reference.int8_head(x, weight, scale, bias)
+
+
+# The C++ extension registers the CPU kernel (csrc/int8_head.cpp); every other device, and the
+# CPU without the extension, runs the reference.
+torch.library.impl("magneto::int8_head", "CompositeExplicitAutograd", lib=library._lib)(
+    _int8_head_reference
+)
+
+
+def _int8_head_backward(ctx, grad):
+    raise RuntimeError(
+        "magneto::int8_head has no backward: the int8 output projection is for inference (run"
+        " the model under torch.no_grad(), or without output_projection='int8' to train)"
+    )
+
+
+# An error at backward, where without an autograd formula the gradient would stop silently.
+torch.library.register_autograd(
+    "magneto::int8_head", _int8_head_backward, setup_context=lambda ctx, inputs, output: None,
+    lib=library._lib,
+)  # fmt: skip
+
+
+def int8_head(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """The int8 output projection of decoding: ``(x @ weight.T)·scale (+ bias)``, x (*, K) in
+    float32/bf16/fp16, weight int8 (N, K), scale and bias (N,) in x's dtype. The products are
+    summed in float32, multiplied by the scale (and the bias added) in float32, and rounded to
+    x's dtype once (``reference.int8_head``). No gradient: an inference op."""
+    return torch.ops.magneto.int8_head(x, weight, scale, bias)

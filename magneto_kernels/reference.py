@@ -348,3 +348,12 @@ def layer_norm_backward(
         else _empty(x),
         dy.sum(rows).to(bias.dtype) if output_mask[2] and bias is not None else _empty(x),
     )
+
+
+def int8_head(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """The int8 output projection: ``(x @ weight.T)·scale (+ bias)`` with weight int8, the
+    products summed and scaled in float32 (float64 for float64 x) and rounded to x's dtype once,
+    the bias added before that rounding."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y = (x.to(acc) @ weight.to(acc).T) * scale.to(acc)
+    return (y if bias is None else y + bias.to(acc)).to(x.dtype)

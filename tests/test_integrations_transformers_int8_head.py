@@ -1,6 +1,6 @@
 """apply_magneto(model, output_projection="int8"): the model's head with per-row int8 weights
-and scales (magneto/integrations/transformers/_head.py), run by torch's
-aten._weight_int8pack_mm. Against float64 of the int8 formula (the quantisation itself, and the
+and scales (magneto/integrations/transformers/_head.py), run by
+magneto_kernels.int8_head. Against float64 of the int8 formula (the quantisation itself, and the
 logits from the module's int8 weights, within twice torch's own same-dtype error); the greedy
 tokens and per-position choices of a tiny BitNet against its dense head (not equal by design:
 the counts are printed and bounded below); state_dict unchanged; off again; bad inputs."""

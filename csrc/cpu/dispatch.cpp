@@ -22,6 +22,7 @@ namespace magneto::cpu {
                           void*, int64_t);                                                   \
   void quantize_rows(const QuantizeRows&);                                                   \
   void quant_linear(const QuantLinear&);                                                     \
+  void int8_head(const Int8Head&);                                                           \
   }
 
 MAGNETO_DECLARE_KERNELS(baseline)
@@ -122,6 +123,7 @@ void linear_few_rows(const LinearFewRows& a) {
 
 void quantize_rows(const QuantizeRows& a) { MAGNETO_DISPATCH(quantize_rows, a) }
 void quant_linear(const QuantLinear& a) { MAGNETO_DISPATCH(quant_linear, a) }
+void int8_head(const Int8Head& a) { MAGNETO_DISPATCH(int8_head, a) }
 
 void residual_bias_init(DType dtype, int64_t rows, int64_t cols, const void* residual,
                         int64_t residual_stride, float alpha, const void* bias, void* out,

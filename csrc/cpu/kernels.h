@@ -198,6 +198,24 @@ struct QuantLinear {
 };
 void quant_linear(const QuantLinear& args);
 
+// The int8 output projection (csrc/cpu/int8_head.h): per element, in float32,
+//   y[i][n] = (Σ_k x[i][k]·weight[n][k])·scale[n] (+ bias[n]),  rounded to dtype once
+// x (rows × in_features, row stride x_stride), scale, bias and y (rows × out_features, row stride
+// y_stride) in dtype; weight int8, out_features × in_features, contiguous. Every build has it
+// (the portable one as at::vec's scalar code).
+struct Int8Head {
+  DType dtype = DType::kFloat32;
+  int64_t rows = 0, in_features = 0, out_features = 0;
+  const void* x = nullptr;
+  int64_t x_stride = 0;
+  const int8_t* weight = nullptr;
+  const void* scale = nullptr;
+  const void* bias = nullptr;  // optional
+  void* y = nullptr;
+  int64_t y_stride = 0;
+};
+void int8_head(const Int8Head& args);
+
 // Which instruction set the kernels run with ("avx512", "avx2" or "default").
 const char* capability();
 

@@ -8,11 +8,13 @@
 // fixed row chunks whose partial sums are added in a fixed order, so results do not depend on the
 // number of threads. One header per concern: rows.h (row access, prefetch, row loops and
 // reductions), activations.h, philox.h (dropout), norm_forward.h, norm_backward.h,
-// linear_epilogue.h, few_rows.h (the decode-size GEMM), quant.h (BitNet's integer projection); each defines its entry points of
+// linear_epilogue.h, few_rows.h (the decode-size GEMM), int8_head.h (the int8 output projection),
+// quant.h (BitNet's integer projection); each defines its entry points of
 // kernels.h.
 #pragma once
 
 #include "cpu/few_rows.h"
+#include "cpu/int8_head.h"
 #include "cpu/linear_epilogue.h"
 #include "cpu/norm_backward.h"
 #include "cpu/norm_forward.h"

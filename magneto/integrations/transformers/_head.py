@@ -7,19 +7,24 @@ sizes) is most of a decoded token's bytes; int8 halves them. Per row n of the he
     s_n = max_k |W_nk| / 127, rounded to W's dtype;   q_nk = clamp(round(W_nk / s_n), -127, 127)
     logits = (x @ q.T) · s   (+ bias)
 
-run by torch's registered CPU operator ``aten._weight_int8pack_mm`` (x, s and the logits in one
-dtype; q int8). It is not transformers' result by design (the logits move by the weights'
-rounding, so a near-tied greedy choice may flip): off by default. The head's module keeps its
-dense weight (tied to the embedding in most models, so it stays resident anyway) and its
-``state_dict``: the int8 weight and scales are non-persistent buffers, quantised again when the
-weight has changed in place (its version counter). The final norm runs as the model's module,
-as it does unpatched. A head replaced later (``resize_token_embeddings``) is dense again.
+run by magneto's op ``magneto_kernels.int8_head`` (x, s, the bias and the logits in one dtype; q
+int8): the products summed in float32, multiplied by s (and the bias added) in float32, rounded
+to the logits' dtype once; on CPU tensors its C++ kernel (csrc/cpu/int8_head.h), which streams
+the int8 weight once for every row of x. It is not transformers' result by design (the logits
+move by the weights' rounding, so a near-tied greedy choice may flip): off by default. The
+head's module keeps its dense weight (tied to the embedding in most models, so it stays resident
+anyway) and its ``state_dict``: the int8 weight and scales are non-persistent buffers, quantised
+again when the weight has changed in place (its version counter). The final norm runs as the
+model's module, as it does unpatched. A head replaced later (``resize_token_embeddings``) is
+dense again.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+
+from magneto_kernels import int8_head
 
 QMAX = 127
 
@@ -46,12 +51,7 @@ class Int8OutputProjection(nn.Linear):
             self._quantize()
         if x.dtype != self.weight.dtype:
             raise TypeError(f"the int8 head runs in {self.weight.dtype}, got x in {x.dtype}")
-        rows = x.reshape(-1, x.shape[-1])
-        out = torch.ops.aten._weight_int8pack_mm(
-            rows.contiguous(), self._magneto_int8, self._magneto_int8_scale
-        )
-        out = out.reshape(*x.shape[:-1], out.shape[-1])
-        return out if self.bias is None else out + self.bias
+        return int8_head(x, self._magneto_int8, self._magneto_int8_scale, self.bias)
 
 
 def quantize(head: nn.Module) -> None:
@@ -66,7 +66,7 @@ def quantize(head: nn.Module) -> None:
         )
     if not head.weight.is_floating_point() or head.weight.device.type != "cpu":
         raise ValueError(
-            "output_projection='int8' runs torch's CPU operator aten._weight_int8pack_mm: the"
+            "output_projection='int8' runs magneto's CPU kernel (magneto_kernels.int8_head): the"
             f" head's weight must be a floating CPU tensor, got {head.weight.dtype} on"
             f" {head.weight.device}"
         )
