@@ -375,6 +375,29 @@ def test_group_weight_scales_follow_edits_and_replacements(mode):
         close(model(tokens).logits, reference(tokens).logits, what="logits, up_proj's replaced")
 
 
+@pytest.mark.parametrize("mode", ("offline", "bitlinear"))
+def test_memory_footprint_counts_the_resident_bytes(mode):
+    """get_memory_footprint of a patched model: transformers' figure for the unpatched model
+    less the dropped weights' bytes, plus the packed ones; kept weights count again (on the
+    copy whose weights are restored, not on the model it was copied from)."""
+    model, reference = _pair(mode, torch.bfloat16)
+    mt.apply_magneto(model)
+    dense = _bytes(q.weight for _, _, q in _projections(reference))
+    packed = _bytes(q._magneto_packed for _, _, q in _projections(model))
+    assert packed < dense if mode == "offline" else packed == dense  # BitLinear: 2-bit both
+    assert model.get_memory_footprint() == reference.get_memory_footprint() - dense + packed
+    dense_parameters = _bytes(  # BitLinear's weight is a buffer
+        q.weight for _, _, q in _projections(reference) if "weight" in q._parameters
+    )
+    assert model.get_memory_footprint(return_buffers=False) == (
+        reference.get_memory_footprint(return_buffers=False) - dense_parameters
+    )
+    copied = copy.deepcopy(model)
+    mt.apply_magneto(copied, keep_weights=True)
+    assert copied.get_memory_footprint() == reference.get_memory_footprint() + packed
+    assert model.get_memory_footprint() == reference.get_memory_footprint() - dense + packed
+
+
 def test_report_section():
     """The report's BitNet section (``python -m magneto.report --sections bitnet``): parity
     with transformers, the resident bytes, and a markdown table naming each ratio."""

@@ -362,6 +362,16 @@ class PackedProjection:
         return self
 
 
+def memory_footprint(model: nn.Module, return_buffers: bool = True) -> int:
+    """transformers' ``get_memory_footprint`` for a patched model (``apply_magneto`` gives it to
+    the model's instances): the bytes of its parameters (and buffers) that hold data.
+    transformers' counts every parameter's numel, so the meta ``weight`` a dropped projection
+    keeps (``PackedProjection``) would count bytes no longer resident; the packed weights are
+    buffers, counted with the others."""
+    tensors = [*model.parameters(), *(model.buffers() if return_buffers else ())]
+    return sum(t.nelement() * t.element_size() for t in tensors if t.device.type != "meta")
+
+
 def _meta_like(weight: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
     meta = torch.empty(weight.shape, dtype=dtype or weight.dtype, device="meta")
     if isinstance(weight, nn.Parameter):
