@@ -16,9 +16,15 @@ magneto's quantised ``ln_linear`` against transformers' own path. Three parts, a
   dense head's.
 - ``head``: the output projection alone at ``--head-rows`` (1, 8, 128) on each of ``--threads``:
   magneto's ``int8_head``, ``aten._weight_int8pack_mm`` and the bf16 dense head, with GB/s.
+- ``split``: where one decoded token's time goes, one thread, patched (dense head) and
+  unpatched, at each of ``--split-layers`` layer counts: the whole token (``generate``), the
+  decoder layers (``model.model``'s step over the KV cache), the dense head's call; the
+  difference of two layer counts is a layer's cost, and of a patched layer, its four fused
+  calls made directly (without the adapters). Thread CPU time (``time.thread_time``), the
+  fastest of ``--rounds``: on a loaded machine it leaves out the time spent waiting for a core.
 
-    python -m bench.bench_bitnet [--part op|head|model|all] [--threads 1 2] [--rows 1 8]
-        [--head-rows 1 8 128] [--layers 30]
+    python -m bench.bench_bitnet [--part op|head|model|split|all] [--threads 1 2] [--rows 1 8]
+        [--head-rows 1 8 128] [--layers 30] [--split-layers 2 6]
 """
 
 from __future__ import annotations
@@ -301,9 +307,95 @@ def bench_head(threads: list, rounds: int, rows_list=HEAD_ROWS) -> None:
                   f" {gbs[0]:.1f}, {gbs[1]:.1f}, {gbs[2]:.1f} |")  # fmt: skip
 
 
+def _cpu_ms(fn, rounds: int, calls: int = 1) -> float:
+    """Thread CPU ms per call of fn, the fastest of ``rounds`` rounds of ``calls`` calls."""
+    fn()
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.thread_time()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.thread_time() - start) / calls)
+    return best * 1e3
+
+
+def bench_split(layer_counts: list, rounds: int, new_tokens: int = 8) -> None:
+    """The ``split`` part (see the top of the file)."""
+    from transformers import DynamicCache
+
+    from magneto.integrations import transformers as mt
+
+    torch.set_num_threads(1)
+    prompt = torch.randint(0, VOCAB, (1, 8))
+    rows = {}
+    for layers in layer_counts:
+        models = {
+            "patched": mt.apply_magneto(build_model(layers)),
+            "unpatched": build_model(layers),
+        }
+        for name, m in models.items():
+
+            def generate(n, m=m):
+                m.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+            cache = DynamicCache(config=m.config)
+            m.model(prompt, past_key_values=cache, use_cache=True)
+            tokens = iter(torch.randint(0, VOCAB, (1, 10_000)).split(1, dim=1))
+            hidden = torch.randn(1, 1, HIDDEN, dtype=torch.bfloat16)
+            rows[name, layers] = {
+                "token": _cpu_ms(lambda: generate(new_tokens + 1), rounds)
+                - _cpu_ms(lambda: generate(1), rounds),
+                "layers": _cpu_ms(
+                    lambda: m.model(next(tokens), past_key_values=cache, use_cache=True), rounds, 8
+                ),
+                "head": _cpu_ms(lambda: m.lm_head(hidden), rounds),
+            }
+            rows[name, layers]["token"] /= new_tokens
+        layer = models["patched"].model.layers[0]
+        attn, mlp = layer.self_attn, layer.mlp
+        x = torch.randn(1, 1, HIDDEN, dtype=torch.bfloat16)
+        gated = torch.randn(1, 1, 2 * INTER, dtype=torch.bfloat16)
+
+        def fused_calls():  # the four calls of a patched layer, arguments built beforehand
+            for norm, linears, h in fused_args:
+                if len(linears) > 1:
+                    packed = [q._magneto_packed for q in linears]
+                    magneto_kernels.ln_linear_group(
+                        x, norm.weight, None, packed, eps=norm.variance_epsilon, norm="rms",
+                        quant="bitnet_offline", weight_scales=scales[len(linears)],
+                    )  # fmt: skip
+                else:
+                    magneto_kernels.ln_linear(
+                        h, norm.weight, None, linears[0]._magneto_packed, eps=norm.variance_epsilon,
+                        norm="rms", quant="bitnet_offline", weight_scale=linears[0].weight_scale,
+                        input_activation="relu2_glu" if h is gated else None, residual=x,
+                    )  # fmt: skip
+
+        fused_args = [
+            (layer.input_layernorm, (attn.q_proj, attn.k_proj, attn.v_proj), x),
+            (attn.attn_sub_norm, (attn.o_proj,), x),
+            (layer.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj), x),
+            (mlp.ffn_sub_norm, (mlp.down_proj,), gated),
+        ]
+        scales = {n: torch.ones(n, dtype=torch.bfloat16) for n in (2, 3)}
+        rows["fused calls", layers] = {"layers": _cpu_ms(fused_calls, rounds, 4) * layers}
+        del models
+    print("| | layers | token (ms) | decoder layers (ms) | dense head (ms) | rest (ms) |")
+    print("|---|---|---|---|---|---|")
+    for (name, layers), r in rows.items():
+        if "token" in r:
+            rest = r["token"] - r["layers"] - r["head"]
+            print(f"| {name} | {layers} | {r['token']:.1f} | {r['layers']:.1f} | {r['head']:.1f}"
+                  f" | {rest:.1f} |")  # fmt: skip
+    low, high = min(layer_counts), max(layer_counts)
+    for name in ("patched", "unpatched", "fused calls"):
+        slope = (rows[name, high]["layers"] - rows[name, low]["layers"]) / (high - low)
+        print(f"{name}: {slope:.2f} ms a layer ({low} -> {high} layers)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--part", choices=("op", "head", "model", "all"), default="all")
+    parser.add_argument("--part", choices=("op", "head", "model", "split", "all"), default="all")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rows", type=int, nargs="+", default=list(ROWS), help="op part's rows")
     parser.add_argument("--head-rows", type=int, nargs="+", default=list(HEAD_ROWS))
@@ -312,6 +404,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--prefill-rounds", type=int, default=1)
+    parser.add_argument("--split-layers", type=int, nargs=2, default=[2, 6])
     args = parser.parse_args()
     if args.part in ("op", "all"):
         torch.set_num_threads(args.threads[0])
@@ -323,6 +416,9 @@ def main() -> None:
             args.layers, args.threads, args.prefill, args.new_tokens, args.rounds,
             args.prefill_rounds,
         )  # fmt: skip
+    if args.part in ("split", "all"):
+        with torch.no_grad():
+            bench_split(args.split_layers, args.rounds)
 
 
 if __name__ == "__main__":

@@ -352,6 +352,52 @@ def test_a_dropped_projection_called_as_a_module(mode):
         close(out, reference.model.layers[0].mlp.down_proj(x), what="down_proj")
 
 
+@pytest.mark.parametrize("mode", ("offline", "bitlinear"))
+def test_group_weight_scales_follow_edits_and_replacements(mode):
+    """The q/k/v and gate/up groups' weight_scales, built once and reused while unchanged: an
+    in-place edit of one projection's scale, then a scale tensor replaced, each reach the next
+    call (logits as the unpatched model edited alike)."""
+    model, reference = _pair(mode)
+    mt.apply_magneto(model)
+    tokens = ids()
+    attention = model.model.layers[0].self_attn
+    with torch.no_grad():
+        model(tokens)
+        joined = attention.q_proj._magneto_scales[2]
+        model(tokens)
+        assert attention.q_proj._magneto_scales[2] is joined  # unchanged: not built again
+        for m in (model, reference):
+            m.model.layers[0].self_attn.k_proj.weight_scale.mul_(3.0)
+        close(model(tokens).logits, reference(tokens).logits, what="logits, k_proj's scale edited")
+        for m in (model, reference):
+            up = m.model.layers[1].mlp.up_proj
+            up.weight_scale = up.weight_scale * 0.5
+        close(model(tokens).logits, reference(tokens).logits, what="logits, up_proj's replaced")
+
+
+@pytest.mark.parametrize("mode", ("offline", "bitlinear"))
+def test_memory_footprint_counts_the_resident_bytes(mode):
+    """get_memory_footprint of a patched model: transformers' figure for the unpatched model
+    less the dropped weights' bytes, plus the packed ones; kept weights count again (on the
+    copy whose weights are restored, not on the model it was copied from)."""
+    model, reference = _pair(mode, torch.bfloat16)
+    mt.apply_magneto(model)
+    dense = _bytes(q.weight for _, _, q in _projections(reference))
+    packed = _bytes(q._magneto_packed for _, _, q in _projections(model))
+    assert packed < dense if mode == "offline" else packed == dense  # BitLinear: 2-bit both
+    assert model.get_memory_footprint() == reference.get_memory_footprint() - dense + packed
+    dense_parameters = _bytes(  # BitLinear's weight is a buffer
+        q.weight for _, _, q in _projections(reference) if "weight" in q._parameters
+    )
+    assert model.get_memory_footprint(return_buffers=False) == (
+        reference.get_memory_footprint(return_buffers=False) - dense_parameters
+    )
+    copied = copy.deepcopy(model)
+    mt.apply_magneto(copied, keep_weights=True)
+    assert copied.get_memory_footprint() == reference.get_memory_footprint() + packed
+    assert model.get_memory_footprint() == reference.get_memory_footprint() - dense + packed
+
+
 def test_report_section():
     """The report's BitNet section (``python -m magneto.report --sections bitnet``): parity
     with transformers, the resident bytes, and a markdown table naming each ratio."""

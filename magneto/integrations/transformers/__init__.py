@@ -26,7 +26,8 @@ gradient summed inside the op).
 BitNet's quantised projections (transformers' ``AutoBitLinear`` online and offline, packed
 ``BitLinear``) run as ``ln_linear``'s quantised modes (``quant=``), their weights packed into
 the kernels' 2-bit layout at patch time and, offline, transformers' copy dropped
-(``_projections.PackedProjection``: ``state_dict`` still writes it). ``output_projection="int8"``
+(``_projections.PackedProjection``: ``state_dict`` still writes it; ``get_memory_footprint``
+counts the bytes resident, ``_projections.memory_footprint``). ``output_projection="int8"``
 runs the model's head with per-row int8 weights (``_head``; off by default).
 
 Left unfused, running the model's own code: projections that no adapter of
@@ -55,6 +56,7 @@ their cache, silently). ``apply_magneto`` therefore refuses a transformers outsi
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 
@@ -63,7 +65,7 @@ from packaging.specifiers import SpecifierSet
 from torch import nn
 
 from ._head import set_output_projection
-from ._projections import PROJECTIONS, MagnetoOptions
+from ._projections import PROJECTIONS, MagnetoOptions, memory_footprint
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +153,9 @@ def apply_magneto(model: nn.Module, **options) -> nn.Module:
                     unfused.append(f"{name}.{proj} ({kind})")
                 elif why is not None:
                     unfused.append(f"{name}.{proj} ({kind}: {why})")
+    for module in model.modules():  # the dropped weights' bytes are not resident
+        if isinstance(module, transformers.PreTrainedModel):
+            module.get_memory_footprint = functools.partial(memory_footprint, module)
     if unfused:
         logger.warning(
             "magneto: these projections have no fused form and run unfused: %s",

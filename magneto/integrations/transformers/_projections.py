@@ -199,11 +199,29 @@ class _BitNetProjection:
             eps=eps,
             norm=norm,
             quant=mode,
-            weight_scales=torch.cat([linear.weight_scale.reshape(1) for linear in linears])
-            if offline
-            else None,
+            weight_scales=cls.weight_scales(linears) if offline else None,
             backend=options.backend,
         )
+
+    @staticmethod
+    def weight_scales(linears) -> Tensor:
+        """The group's ``weight_scales`` (one per projection), concatenated once and kept on the
+        first projection while every projection holds the same ``weight_scale`` tensor, unchanged
+        (its identity and version counter: ``.to()`` replaces it, ``load_state_dict`` and in-place
+        edits change its version; either builds it again)."""
+        scales = tuple(linear.weight_scale for linear in linears)
+        versions = tuple(s._version for s in scales)
+        cached = linears[0].__dict__.get("_magneto_scales")
+        if (
+            cached is not None
+            and cached[1] == versions
+            and len(cached[0]) == len(scales)
+            and all(a is b for a, b in zip(cached[0], scales))
+        ):
+            return cached[2]
+        joined = torch.cat([s.reshape(1) for s in scales])
+        linears[0]._magneto_scales = (scales, versions, joined)
+        return joined
 
 
 def _pack(name: str, ternary: Tensor) -> Tensor:
@@ -342,6 +360,16 @@ class PackedProjection:
             store["weight"] = _meta_like(meta, probe.dtype)
             self._magneto_version = self.weight._version
         return self
+
+
+def memory_footprint(model: nn.Module, return_buffers: bool = True) -> int:
+    """transformers' ``get_memory_footprint`` for a patched model (``apply_magneto`` gives it to
+    the model's instances): the bytes of its parameters (and buffers) that hold data.
+    transformers' counts every parameter's numel, so the meta ``weight`` a dropped projection
+    keeps (``PackedProjection``) would count bytes no longer resident; the packed weights are
+    buffers, counted with the others."""
+    tensors = [*model.parameters(), *(model.buffers() if return_buffers else ())]
+    return sum(t.nelement() * t.element_size() for t in tensors if t.device.type != "meta")
 
 
 def _meta_like(weight: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
