@@ -268,9 +268,8 @@ class MultiheadAttention(nn.Module):
         q = self._heads(q)
         dropout = self.attention_dropout if self.training else 0.0
         attn = None
-        if (key_padding_mask, attn_mask, rel_pos, self.xpos_scale_base) == (None,) * 4 and not (
-            is_causal or dropout
-        ):
+        unmasked = key_padding_mask is None and attn_mask is None and rel_pos is None
+        if unmasked and not is_causal and self.xpos_scale_base is None and not dropout:
             attn = kv_cache.attend_handed_in(incremental_state, q, k, v)
         if attn is None:
             k, v = kv_cache.extend(incremental_state, k, v)
