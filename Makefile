@@ -20,7 +20,8 @@ JOBS ?= $(shell nproc)
 PYTEST := TRITON_INTERPRET=1 $(PYTHON) -m pytest -n $(JOBS) --dist worksteal
 CPU_SUITE := tests/test_ops_cpu.py tests/test_ops.py tests/test_group.py tests/test_ops_edges.py \
 	tests/test_ops_properties.py tests/test_quant_op.py tests/test_quant_group.py \
-	tests/test_tensor_parallel_fused.py tests/test_int8_head.py -k cpu
+	tests/test_tensor_parallel_fused.py tests/test_int8_head.py tests/test_decode_attention.py \
+	-k cpu
 # The tests that choose the build themselves (MAGNETO_CPU_ISA of a process of their own): the
 # main stage runs them; under an instruction-set stage they would run the same builds again.
 CPU_SUITE += $(addprefix --deselect tests/test_ops_cpu.py::,test_instruction_set_builds \

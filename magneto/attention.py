@@ -20,7 +20,9 @@ Positions inside attention (torchscale's options, ``magneto.config``): a relativ
 (``config.xpos_rel_pos``, self-attention only) rotates q and k after the cache is extended, so
 the cache keeps unrotated keys, as torchscale's (``magneto.xpos``).
 
-Decoding caches (``incremental_state``, ``static_kv_cache``): ``magneto.kv_cache``. Multiway
+Decoding caches (``incremental_state``, ``static_kv_cache``): ``magneto.kv_cache``; an
+unmasked step over a cache the caller hands in (torchscale's format, a new tensor pair each
+step) attends while copying it into its room (``kv_cache.attend_handed_in``). Multiway
 (``config.multiway``): ``in_proj``, ``out_proj`` and ``inner_attn_ln`` come in two copies
 ``A``/``B`` (``magneto.multiway``); ``part`` picks the copy every token uses, and a query given
 as two parts (self-attention) runs ``multiway.attention_parts``.
@@ -264,20 +266,29 @@ class MultiheadAttention(nn.Module):
         else:
             k, v = cached
         q = self._heads(q)
-        k, v = kv_cache.extend(incremental_state, k, v)
-        q, k = self.rotate(q, k, incremental_state, is_first_step)
-        mask, causal = masks.sdpa_mask(
-            bsz,
-            self.num_heads,
-            tgt_len,
-            k.shape[2],
-            key_padding_mask,
-            attn_mask,
-            is_causal,
-            q,
-            rel_pos,
-        )
-        attn = attend(q, k, v, mask, causal, self.attention_dropout if self.training else 0.0)
+        dropout = self.attention_dropout if self.training else 0.0
+        attn = None
+        unmasked = key_padding_mask is None and attn_mask is None and rel_pos is None
+        if unmasked and not is_causal and self.xpos_scale_base is None and not dropout:
+            attn = kv_cache.attend_handed_in(incremental_state, q, k, v)
+        if attn is None:
+            k, v = kv_cache.extend(incremental_state, k, v)
+            q, k = self.rotate(q, k, incremental_state, is_first_step)
+            mask, causal = masks.sdpa_mask(
+                bsz,
+                self.num_heads,
+                tgt_len,
+                k.shape[2],
+                key_padding_mask,
+                attn_mask,
+                is_causal,
+                q,
+                rel_pos,
+            )
+            attn = attend(q, k, v, mask, causal, dropout)
+        else:  # an unmasked step over a handed-in cache, attended while copying it
+            k, v = incremental_state["prev_key"], incremental_state["prev_value"]
+            mask, causal = None, False
         weights = self._weights(q, k, mask, causal) if need_weights else None
         attn = attn.transpose(1, 2).reshape(bsz, tgt_len, self.inner_dim)
         return self._out_proj(attn, part, residual, alpha, dropout_p), weights

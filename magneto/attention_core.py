@@ -13,6 +13,9 @@ measured, once per process and per key — device, dtype, head width, query leng
 (each rounded up to a power of two), mask kind, causal —, on the call's own tensors: each path
 runs three times, alternately, and the faster minimum wins.
 
+Under ``torch.compile`` nothing is timed (it would break the graph): a traced call takes the
+path measured eagerly for its key, else ``"sdpa"``.
+
 Only inference calls are measured (no gradient recorded, no attention dropout): a training call
 takes ``"sdpa"``, whose backward recomputes the probabilities where the math path would keep the
 (query x key) matrix per head; CUDA takes ``"sdpa"`` (its flash kernels). ``MAGNETO_ATTENTION``
@@ -41,7 +44,7 @@ _forced: Optional[str] = None
 _chosen: dict[tuple, str] = {}
 
 
-def _pinned() -> Optional[str]:
+def pinned() -> Optional[str]:
     """The path every call takes (``force_path``, else ``MAGNETO_ATTENTION``), None for auto."""
     name = _forced if _forced is not None else os.environ.get(ENV_VAR, "auto")
     if name == "auto":
@@ -122,9 +125,9 @@ def path_for(
     q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: bool, dropout_p: float
 ) -> str:
     """The path a call with these tensors takes (the top of the file), measuring it if needed."""
-    pinned = _pinned()
-    if pinned is not None:
-        return pinned
+    path = pinned()
+    if path is not None:
+        return path
     if (
         q.device.type != "cpu"
         or dropout_p > 0.0
@@ -132,6 +135,9 @@ def path_for(
     ):
         return "sdpa"
     key = _key(q, k, mask, causal)
+    if torch.compiler.is_compiling():
+        # no timing inside a trace (a graph break): the choice measured eagerly, else SDPA
+        return _chosen.get(key, "sdpa")
     return _chosen.get(key) or _chosen.setdefault(key, _measure(q, k, v, mask, causal))
 
 

@@ -10,6 +10,7 @@ room's large buffers are kept for the next room (``_Spares``; ``empty_spares`` d
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
@@ -19,6 +20,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
+
+from magneto import attention_core
 
 
 class _Spares:
@@ -110,6 +113,7 @@ class KVRoom:
         k: Tensor,
         v: Tensor,
         grow: bool = True,
+        copy: bool = True,
     ):
         need = k.shape[2] + (0 if prev_k is None else prev_k.shape[2])
         capacity = need + max(16, need // 2) if grow else need
@@ -117,7 +121,7 @@ class KVRoom:
             _room_buffer(self, t, (*t.shape[:2], capacity, t.shape[3])) for t in (k, v)
         )
         self.length = 0
-        if prev_k is not None:
+        if prev_k is not None and copy:
             self._append(prev_k, prev_v)  # no views: nobody holds the copied cache alone
 
     def _append(self, k: Tensor, v: Tensor) -> None:
@@ -127,6 +131,9 @@ class KVRoom:
 
     def _write(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         self._append(k, v)
+        return self._views()
+
+    def _views(self) -> tuple[Tensor, Tensor]:
         views = self.key[:, :, : self.length], self.value[:, :, : self.length]
         for view in views:
             _ROOMS[view] = self
@@ -164,12 +171,63 @@ _ROOMS = WeakIdKeyDictionary()  # cache view -> its KVRoom, while the view lives
 
 
 def _room_buffer(room: KVRoom, like: Tensor, shape: tuple[int, ...]) -> Tensor:
-    """A buffer of ``shape`` for ``room`` (a spare's first elements, or new), given back to the
-    spares when the room dies if it is a CPU buffer of at least ``_Spares.MIN_BYTES``."""
+    """A buffer of ``shape`` for ``room``: under ``_Spares.MIN_BYTES``, or off the CPU, a new one
+    (the allocator's heap serves it again; no spare search, no finalizer: a decoding step pays
+    these in Python); else a spare's first elements, or new, given back to the spares when the
+    room dies."""
+    numel = math.prod(shape)
+    if numel * like.element_size() < _Spares.MIN_BYTES or like.device.type != "cpu":
+        return like.new_empty(shape)
     flat = _SPARES.take(like, shape)
-    if flat.device.type == "cpu" and flat.nbytes >= _Spares.MIN_BYTES:
-        weakref.finalize(room, _SPARES.add, flat).atexit = False
-    return flat[: math.prod(shape)].view(shape)
+    weakref.finalize(room, _SPARES.add, flat).atexit = False
+    return flat[:numel].view(shape)
+
+
+# The most query rows ``attend_handed_in`` takes: a decoding step's few new tokens per sequence.
+FUSED_MAX_ROWS = 16
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def _fused_kernel() -> bool:
+    """Whether the C++ CPU kernel of ``magneto::decode_attention`` is loaded."""
+    import magneto_kernels  # noqa: F401  (loads the extension, if it was built)
+
+    return torch._C._dispatch_has_kernel_for_dispatch_key("magneto::decode_attention", "CPU")
+
+
+def attend_handed_in(
+    incremental_state: Optional[dict], q: Tensor, k: Tensor, v: Tensor
+) -> Optional[Tensor]:
+    """``extend(incremental_state, k, v)`` followed by the unmasked attention of q over the
+    extended cache, in one pass over the cache (``magneto::decode_attention``), when the cache is
+    one no room made (a caller's, handed in anew at each step) and the call is a CPU inference
+    step of at most ``FUSED_MAX_ROWS`` query rows in one floating dtype, with the attention path
+    left to ``attention_core``'s measured choice (a pinned path pins the unfused one). Such a
+    cache is copied into a new room anyway (``KVRoom``); the kernel attends while it copies, so
+    that the attention does not read the copy again (docs/design.md, Decisions). None when the
+    call does not qualify: nothing is done then."""
+    if incremental_state is None or q.shape[2] > FUSED_MAX_ROWS or q.device.type != "cpu":
+        return None
+    prev_k, prev_v = incremental_state.get("prev_key"), incremental_state.get("prev_value")
+    if prev_k is None or prev_v is None:
+        return None
+    tensors = (k, v, prev_k, prev_v)
+    if (
+        q.dtype not in _FUSED_DTYPES
+        or any(t.dtype != q.dtype or t.device != q.device for t in tensors)
+        or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, *tensors)))
+        or attention_core.pinned() is not None
+        or torch.compiler.is_compiling()
+        or _ROOMS.get(prev_k) is not None
+        or not _fused_kernel()
+    ):
+        return None
+    room = KVRoom(prev_k, prev_v, k, v, grow=False, copy=False)
+    attn = torch.ops.magneto.decode_attention(q, prev_k, prev_v, k, v, room.key, room.value)
+    room.length = room.key.shape[2]
+    incremental_state["prev_key"], incremental_state["prev_value"] = room._views()
+    return attn
 
 
 def extend(incremental_state: Optional[dict], k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:

@@ -292,3 +292,19 @@ def _int8_head_fake(x, weight, scale, bias=None):
 
 _lib.define(f"int8_head{INT8_HEAD_SCHEMA}")
 torch.library.register_fake("magneto::int8_head", _int8_head_fake, lib=_lib)
+
+
+# A decoding step's attention over a key/value cache handed in by the caller, fused with the
+# cache's copy into the room that keeps it (magneto/kv_cache.py): one op, the C++ CPU kernel's
+# (csrc/cpu/decode_attention.cpp), not one per family. Writes key_room = [prev_key; key] and
+# value_room = [prev_value; value] along the positions and returns
+# softmax(q·key_roomᵀ/√head_dim)·value_room.
+_lib.define(
+    "decode_attention(Tensor q, Tensor prev_key, Tensor prev_value, Tensor key, Tensor value, "
+    "Tensor(a!) key_room, Tensor(b!) value_room) -> Tensor"
+)
+
+
+@torch.library.register_fake("magneto::decode_attention", lib=_lib)
+def _decode_attention_fake(q, prev_key, prev_value, key, value, key_room, value_room):
+    return q.new_empty((q.shape[0], q.shape[2], q.shape[1], q.shape[3])).transpose(1, 2)
