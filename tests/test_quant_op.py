@@ -154,6 +154,22 @@ BITWISE_CASES = [
 ] + [(torch.float16, (4 * K, 37))]
 
 
+def _check_cpu_paths_agree(mode, dtype, shape, rows, monkeypatch):
+    require_backend("cpu")
+    cpu = BY_NAME["cpu"]
+    x, ln_weight, t, bias, residual, weight_scale = _case(rows, dtype, True, 3, *shape)
+    args = (ln_weight, t, bias)
+    whole = _run(cpu, x, *args, residual, weight_scale, mode, True)
+    parts = [
+        _run(cpu, x[i : i + 5], *args, residual[i : i + 5], weight_scale, mode, True)
+        for i in range(0, rows, 5)
+    ]
+    monkeypatch.setenv("MAGNETO_CPU_AMX", "0")
+    vector = _run(cpu, x, *args, residual, weight_scale, mode, True)
+    assert torch.equal(whole, torch.cat(parts))
+    assert torch.equal(vector, whole)
+
+
 @pytest.mark.parametrize(
     "dtype, shape",
     BITWISE_CASES,
@@ -165,19 +181,15 @@ def test_offline_cpu_paths_agree_bitwise(mode, dtype, shape, monkeypatch):
     backend's tiled kernels (130 rows at once: AMX where the CPU has it, and with
     MAGNETO_CPU_AMX=0 the vector tiles) and its few-row kernel (the same rows 5 at a time: 4
     and 1) give the same bits."""
-    require_backend("cpu")
-    cpu = BY_NAME["cpu"]
-    x, ln_weight, t, bias, residual, weight_scale = _case(130, dtype, True, 3, *shape)
-    args = (ln_weight, t, bias)
-    whole = _run(cpu, x, *args, residual, weight_scale, mode, True)
-    parts = [
-        _run(cpu, x[i : i + 5], *args, residual[i : i + 5], weight_scale, mode, True)
-        for i in range(0, 130, 5)
-    ]
-    monkeypatch.setenv("MAGNETO_CPU_AMX", "0")
-    vector = _run(cpu, x, *args, residual, weight_scale, mode, True)
-    assert torch.equal(whole, torch.cat(parts))
-    assert torch.equal(vector, whole)
+    _check_cpu_paths_agree(mode, dtype, shape, 130, monkeypatch)
+
+
+@pytest.mark.parametrize("rows", (16, 17, 31, 32, 33, 63, 64, 65))
+def test_offline_cpu_paths_agree_bitwise_at_row_edges(rows, monkeypatch):
+    """The same at the tiled kernels' row edges: the first tiled count (16), AMX's 32-row blocks
+    (a block of rows zero-padded, full, or full and one more) and the vector tiles' 4-row tiles;
+    37 features: each task packs its codes, the last task's second 16-feature group empty."""
+    _check_cpu_paths_agree("bitnet_offline", torch.float32, (4 * K, 37), rows, monkeypatch)
 
 
 @pytest.mark.parametrize("backend", _backends())

@@ -34,11 +34,14 @@ constexpr int64_t kQuantColBlock = 16;   // output features per thread task
 // accumulator per (row, feature), so that each q vector loaded serves them all and the
 // dependent vpdpbusd chains interleave.
 constexpr int kDecodeCols = 4;
-// The tiled kernel (from kTiledMinRows rows on): the codes of every feature unpacked to bytes
-// once per call (codes_workspace), then tasks of kQuantColBlock output features × a block of
-// rows whose q (about kTiledRowBytes) stays in L2; inside, micro-kernels of kQuantTileRows rows ×
+// The tiled kernel (from kTiledMinRows rows on): tasks of kQuantColBlock output features, whose
+// codes the task unpacks to bytes first (codes_workspace, in L1/L2), × a block of rows whose q
+// (about kTiledRowBytes) stays in L2; inside, micro-kernels of kQuantTileRows rows ×
 // kQuantTileCols features, one register accumulator each, every code and q vector loaded once
-// per tile. AMX-INT8, where the CPU has it, runs such tasks on tiles (quant_amx.h).
+// per tile. AMX-INT8, where the CPU has it, runs such tasks on tiles (quant_amx.h). Unpacking
+// per task costs a pass over the weight per row block; unpacking the whole weight once per call
+// instead wrote and read back a buffer as large as the weight's codes (17 MB for gate_proj):
+// 3x slower at 16-128 rows, no faster at 512-2048 (docs/design.md).
 constexpr int64_t kTiledMinRows = 16;
 constexpr int64_t kTiledRowBytes = 512 << 10;
 constexpr int kQuantTileCols = 4;
@@ -174,8 +177,8 @@ inline void unpack_codes(const uint8_t* w, int64_t w_stride, int64_t cols, int64
   }
 }
 
-// A buffer of the calling thread's for one call's unpacked codes, kept between calls so that
-// its pages are not faulted in again on every call (the workers write and read it by pointer).
+// A buffer of the calling thread's for one task's unpacked codes, kept between calls so that its
+// pages are not faulted in again on every call.
 inline uint8_t* codes_workspace(int64_t bytes) {
   thread_local std::vector<uint8_t> buffer;
   if (buffer.size() < static_cast<size_t>(bytes)) buffer = std::vector<uint8_t>(bytes);
@@ -290,33 +293,35 @@ void dot_tile(const uint8_t* codes, const int8_t* q, int64_t k, int64_t m, int64
 }
 
 #if defined(__AVX512F__)
-// The tiled projection on AMX: the codes of all features unpacked once per call (amx_pack_codes,
-// into codes_workspace), then tasks of a block of rows
-// (their q, about kTiledRowBytes, in L2) × kAmxBlock features, 32 × 32 results per amx_block;
-// the rows past the last multiple of 32 run from a zero-padded copy. store_row(acc, row, col,
-// count) finishes and writes `count` consecutive outputs of one row.
+// The tiled projection on AMX: tasks of a block of rows (their q, about kTiledRowBytes, in L2) ×
+// kAmxBlock features, whose codes each task packs first (amx_pack_codes, into this thread's
+// codes_workspace, in L2), 32 × 32 results per amx_block; the rows past the last multiple of 32
+// run from a zero-padded copy. store_row(acc, row, col, count) finishes and writes `count`
+// consecutive outputs of one row.
 template <typename StoreRow>
 void quant_linear_amx(const QuantLinear& a, const StoreRow& store_row) {
-  const int64_t k = a.in_features, n = a.out_features;
-  const int64_t padded_features = (n + kAmxBlock - 1) / kAmxBlock * kAmxBlock;
-  uint8_t* const codes = codes_workspace(padded_features * k);
-  amx_pack_codes(a.weight, k / 4, n, padded_features, k, codes);
+  const int64_t k = a.in_features, n = a.out_features, w_stride = k / 4;
   const int64_t full_rows = a.rows / kAmxBlock * kAmxBlock;
   std::vector<int8_t> tail(kAmxBlock * k, 0);
   std::copy(a.q + full_rows * k, a.q + a.rows * k, tail.begin());
   const int64_t padded_rows = (a.rows + kAmxBlock - 1) / kAmxBlock * kAmxBlock;
   const int64_t row_block = std::max<int64_t>(1, kTiledRowBytes / k / kAmxBlock) * kAmxBlock;
   const int64_t row_blocks = (padded_rows + row_block - 1) / row_block;
-  const int64_t col_blocks = padded_features / kAmxBlock;
+  const int64_t col_blocks = (n + kAmxBlock - 1) / kAmxBlock;
   at::parallel_for(0, row_blocks * col_blocks, 1, [&](int64_t tb, int64_t te) {
     alignas(64) int32_t acc[kAmxBlock * kAmxBlock];
+    uint8_t* const codes = codes_workspace(kAmxBlock * k);
     amx_configure();
     for (int64_t task = tb; task < te; ++task) {
       const int64_t r0 = task / col_blocks * row_block, c0 = task % col_blocks * kAmxBlock;
       const int64_t r_end = std::min(padded_rows, r0 + row_block);
       const int64_t features = std::min(kAmxBlock, n - c0);
+      for (int64_t g = 0; g < kAmxBlock / kAmxTile; ++g) {
+        amx_pack_codes(a.weight + (c0 + g * kAmxTile) * w_stride, w_stride,
+                       features - g * kAmxTile, k, codes + g * kAmxTile * k);
+      }
       for (int64_t r = r0; r < r_end; r += kAmxBlock) {
-        amx_block(r < full_rows ? a.q + r * k : tail.data(), k, codes + c0 * k, k, acc);
+        amx_block(r < full_rows ? a.q + r * k : tail.data(), k, codes, k, acc);
         for (int64_t i = 0; i < std::min(kAmxBlock, a.rows - r); ++i) {
           store_row(acc + i * kAmxBlock, r + i, c0, features);
         }
@@ -497,28 +502,24 @@ void quant_linear_typed(const QuantLinear& a) {
     };
     if (amx_enabled()) return quant_linear_amx(a, store_row);
 #endif
-    // The codes of all features unpacked once per call, then read by every row block.
-    uint8_t* const codes = codes_workspace(n * k);
-    at::parallel_for(0, col_blocks, 1, [&](int64_t cb, int64_t ce) {
-      const int64_t c0 = cb * kQuantColBlock, c_end = std::min(n, ce * kQuantColBlock);
-      unpack_codes(a.weight + c0 * w_stride, w_stride, c_end - c0, k, codes + c0 * k);
-    });
     const int64_t row_block =
         std::max<int64_t>(1, kTiledRowBytes / k / kQuantTileRows) * kQuantTileRows;
     const int64_t row_blocks = (a.rows + row_block - 1) / row_block;
     // Tasks row block-major: a thread's consecutive tasks share their rows of q (in L2).
     at::parallel_for(0, row_blocks * col_blocks, 1, [&](int64_t tb, int64_t te) {
+      uint8_t* const codes = codes_workspace(kQuantColBlock * k);
       for (int64_t task = tb; task < te; ++task) {
         const int64_t r0 = task / col_blocks * row_block;
         const int64_t c0 = task % col_blocks * kQuantColBlock;
         const int64_t r_end = std::min(a.rows, r0 + row_block);
         const int64_t c_end = std::min(n, c0 + kQuantColBlock);
+        unpack_codes(a.weight + c0 * w_stride, w_stride, c_end - c0, k, codes);
         for (int64_t col = c0; col < c_end; col += kQuantTileCols) {
           const int64_t nc = std::min<int64_t>(kQuantTileCols, c_end - col);
           for (int64_t r = r0; r < r_end; r += kQuantTileRows) {
             const int64_t nr = std::min<int64_t>(kQuantTileRows, r_end - r);
             int32_t acc[kQuantTileRows * kQuantTileCols];
-            dot_tile(codes + col * k, a.q + r * k, k, nr, nc, acc);
+            dot_tile(codes + (col - c0) * k, a.q + r * k, k, nr, nc, acc);
             for (int64_t i = 0; i < nr; ++i) {
               for (int64_t j = 0; j < nc; ++j) store(acc[i * nc + j], r + i, col + j);
             }

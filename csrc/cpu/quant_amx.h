@@ -2,8 +2,8 @@
 // TDPBSSD multiplies a tile of 16 rows × 64 signed bytes by one of 16 × 64 signed bytes laid out
 // 4 k per dword (VNNI), accumulating 16 × 16 int32. The first operand is q as it is (16 rows ×
 // 64 k, row stride in_features); the second is the codes c = t + 1 (0..2, signed bytes as well),
-// unpacked once per call from the 2-bit weight into 16-feature groups of 64-k blocks
-// (amx_pack_codes), so that the results come out row-major (row × feature), as preact is.
+// unpacked from the 2-bit weight into 16-feature groups of 64-k blocks (amx_pack_codes), so that
+// the results come out row-major (row × feature), as preact is.
 // Chosen at run time where CPUID lists AMX-INT8 and the OS grants the tile state (arch_prctl),
 // unless MAGNETO_CPU_AMX=0; else the vector tiles run.
 #pragma once
@@ -11,11 +11,11 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 
-#include <ATen/Parallel.h>
 #include <immintrin.h>
 
 namespace magneto::cpu::MAGNETO_ISA {
@@ -38,40 +38,28 @@ inline bool amx_enabled() {
   return available && !(env != nullptr && std::strcmp(env, "0") == 0);
 }
 
-// The codes of `features` packed weight rows (row stride w_stride bytes, k = in_features) as
-// TDPBSSD's second operand, for padded_features (a multiple of 16; the rows past `features`
-// zero): for each group of 16 features, k/4 rows of 64 bytes, row k4 holding each feature's 4
-// codes at k = 4·k4 .. 4·k4 + 3; a 64-k block of a group is one contiguous 1 KiB tile.
-inline void amx_pack_codes(const uint8_t* w, int64_t w_stride, int64_t features,
-                           int64_t padded_features, int64_t k, uint8_t* packed) {
-  const int64_t group_bytes = kAmxTile * k;
-  at::parallel_for(0, padded_features / kAmxTile, 1, [&](int64_t gb, int64_t ge) {
-    const __m256i mask = _mm256_set1_epi8(3);
-    for (int64_t g = gb; g < ge; ++g) {
-      uint8_t* out = packed + g * group_bytes;
-      for (int64_t f = 0; f < kAmxTile; ++f) {
-        const int64_t feature = g * kAmxTile + f;
-        if (feature >= features) {
-          for (int64_t k4 = 0; k4 < k / 4; ++k4) std::memset(out + k4 * 64 + 4 * f, 0, 4);
-          continue;
-        }
-        // A packed 32-byte chunk shifted by 2·i holds the codes of k = 128·chunk + 32·i + b.
-        for (int64_t chunk = 0; chunk < k / kQuantPackUnit; ++chunk) {
-          const auto* chunk_bits = w + feature * w_stride + 32 * chunk;
-          const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk_bits));
-          alignas(32) uint8_t codes[kQuantPackUnit];
-          for (int i = 0; i < 4; ++i) {
-            _mm256_store_si256(reinterpret_cast<__m256i*>(codes + 32 * i),
-                               _mm256_and_si256(_mm256_srli_epi16(bits, 2 * i), mask));
-          }
-          uint8_t* dst = out + chunk * (kQuantPackUnit / 4) * 64 + 4 * f;
-          for (int64_t k4 = 0; k4 < kQuantPackUnit / 4; ++k4) {
-            std::memcpy(dst + k4 * 64, codes + 4 * k4, 4);
-          }
-        }
+// The codes of 16 packed weight rows (row stride w_stride bytes, k = in_features; the rows from
+// `features` on, if any, zero: their rows are not read) as TDPBSSD's second operand: k/4 rows of 64 bytes, row k4 holding each
+// feature's 4 codes at k = 4·k4 .. 4·k4 + 3, so that a 64-k block is one contiguous 1 KiB tile.
+// Dword j of a packed 32-byte chunk shifted by 2·i holds a feature's codes of k = 128·chunk +
+// 32·i + 4·j .. + 3: one gather of that dword from the 16 rows gives 4 rows of the operand.
+inline void amx_pack_codes(const uint8_t* w, int64_t w_stride, int64_t features, int64_t k,
+                           uint8_t* packed) {
+  const __m512i rows = _mm512_mullo_epi32(
+      _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+      _mm512_set1_epi32(static_cast<int32_t>(w_stride / 4)));
+  const __mmask16 lanes = (1u << std::clamp<int64_t>(features, 0, kAmxTile)) - 1;
+  const __m512i mask = _mm512_set1_epi8(3);
+  for (int64_t chunk = 0; chunk < k / kQuantPackUnit; ++chunk) {
+    for (int j = 0; j < 8; ++j) {
+      const __m512i bits = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), lanes, rows,
+                                                       w + 32 * chunk + 4 * j, 4);
+      for (int i = 0; i < 4; ++i) {
+        _mm512_storeu_si512(packed + (32 * chunk + 8 * i + j) * kAmxTileK,
+                            _mm512_and_si512(_mm512_srli_epi32(bits, 2 * i), mask));
       }
     }
-  });
+  }
 }
 
 struct alignas(64) AmxConfig {
