@@ -140,14 +140,12 @@ def _group_kernel(
     stride_b2n,
     stride_b3k,
     stride_b3n,
-    stride_c0m,
-    stride_c1m,
-    stride_c2m,
-    stride_c3m,
+    stride_cm,
     M,
     K,
     stride_am,
     WEIGHTS: tl.constexpr,
+    CONCAT: tl.constexpr,
     NORM: tl.constexpr,
     HAS_GAMMA: tl.constexpr,
     HAS_BETA: tl.constexpr,
@@ -162,8 +160,9 @@ def _group_kernel(
     BLOCK_K: tl.constexpr,
 ):
     """C_i[M, N_i] = N(A) @ B_i + BIAS_i for i < WEIGHTS, B_i[k, n] at B_i + k·stride_bik +
-    n·stride_bin (weight i transposed), C_i with row stride stride_cim (N_i, or the width of the
-    concat output whose columns C_i are): the programs cover weight 0's tiles, then weight 1's...
+    n·stride_bin (weight i transposed), C_i with row stride N_i, or with CONCAT stride_cm (the
+    width of the one output whose columns C_i are): the programs cover weight 0's tiles, then
+    weight 1's...
     The row statistics are loaded once per program. Unused weights' arguments are None / 0."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -184,28 +183,32 @@ def _group_kernel(
     if pid < end0:
         _weight_tile(
             pid, A, B0, C0, BIAS0, mean, rstd, GAMMA, BETA, M, N0, K, stride_am, stride_b0k,
-            stride_b0n, stride_c0m, NORM, HAS_GAMMA, HAS_BETA, HAS_BIAS0, DOT_FP32, PRECISION,
+            stride_b0n, stride_cm if CONCAT else N0, NORM,
+            HAS_GAMMA, HAS_BETA, HAS_BIAS0, DOT_FP32, PRECISION,
             BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip
     if WEIGHTS > 1:
         if (pid >= end0) & (pid < end1):
             _weight_tile(
                 pid - end0, A, B1, C1, BIAS1, mean, rstd, GAMMA, BETA, M, N1, K, stride_am,
-                stride_b1k, stride_b1n, stride_c1m, NORM, HAS_GAMMA, HAS_BETA, HAS_BIAS1, DOT_FP32,
+                stride_b1k, stride_b1n, stride_cm if CONCAT else N1, NORM,
+                HAS_GAMMA, HAS_BETA, HAS_BIAS1, DOT_FP32,
                 PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
             )  # fmt: skip
     if WEIGHTS > 2:
         if (pid >= end1) & (pid < end2):
             _weight_tile(
                 pid - end1, A, B2, C2, BIAS2, mean, rstd, GAMMA, BETA, M, N2, K, stride_am,
-                stride_b2k, stride_b2n, stride_c2m, NORM, HAS_GAMMA, HAS_BETA, HAS_BIAS2, DOT_FP32,
+                stride_b2k, stride_b2n, stride_cm if CONCAT else N2, NORM,
+                HAS_GAMMA, HAS_BETA, HAS_BIAS2, DOT_FP32,
                 PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
             )  # fmt: skip
     if WEIGHTS > 3:
         if pid >= end2:
             _weight_tile(
                 pid - end2, A, B3, C3, BIAS3, mean, rstd, GAMMA, BETA, M, N3, K, stride_am,
-                stride_b3k, stride_b3n, stride_c3m, NORM, HAS_GAMMA, HAS_BETA, HAS_BIAS3, DOT_FP32,
+                stride_b3k, stride_b3n, stride_cm if CONCAT else N3, NORM,
+                HAS_GAMMA, HAS_BETA, HAS_BIAS3, DOT_FP32,
                 PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
             )  # fmt: skip
 
@@ -225,8 +228,9 @@ def group_matmul(x, weights, biases, outs, norm, mean, rstd, gamma, beta):
         slots[f"N{i}"] = 0 if w is None else w.shape[0]
         slots[f"stride_b{i}k"] = 0 if w is None else w.stride(1)
         slots[f"stride_b{i}n"] = 0 if w is None else w.stride(0)
-        slots[f"stride_c{i}m"] = 0 if w is None else outs[i].stride(0)
         slots[f"HAS_BIAS{i}"] = i < count and biases[i] is not None
+    # concat: the outputs are column ranges of one tensor, of one row stride
+    concat = any(o.stride(0) != o.shape[1] for o in outs)
     dtype = weights[0].dtype
     aligned = (
         x.stride(0) % 16 == 0
@@ -246,6 +250,7 @@ def group_matmul(x, weights, biases, outs, norm, mean, rstd, gamma, beta):
 
     flags = dict(
         WEIGHTS=count,
+        CONCAT=concat,
         NORM=NORMS[norm],
         HAS_GAMMA=gamma is not None,
         HAS_BETA=beta is not None,
@@ -274,6 +279,7 @@ def group_matmul(x, weights, biases, outs, norm, mean, rstd, gamma, beta):
         M=rows,
         K=k,
         stride_am=x.stride(0),
+        stride_cm=outs[0].stride(0),
         **slots,
         **flags,
     )
