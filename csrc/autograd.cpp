@@ -285,7 +285,7 @@ struct LnLinearGroupAutograd : torch::autograd::Function<LnLinearGroupAutograd<F
   static R kernel(const Tensor& x, const OptTensor& ln_weight, const OptTensor& ln_bias,
                   at::TensorList weights, const c10::List<OptTensor>& biases, double eps,
                   std::string_view norm, std::string_view quant,
-                  const OptTensor& weight_scales) {
+                  const OptTensor& weight_scales, bool concat) {
     std::vector<Tensor> given_biases;
     for (const OptTensor& b : biases) {
       if (b.has_value()) given_biases.push_back(*b);
@@ -296,12 +296,12 @@ struct LnLinearGroupAutograd : torch::autograd::Function<LnLinearGroupAutograd<F
     if (!at::GradMode::is_enabled() || !records_graph) {
       at::AutoDispatchBelowADInplaceOrView below;
       return op_handle<Op, Family>().call(x, ln_weight, ln_bias, weights, biases, eps, norm,
-                                          quant, weight_scales);
+                                          quant, weight_scales, concat);
     }
-    const Op call{x, ln_weight, ln_bias, weights, biases, eps, norm, quant, weight_scales};
+    const Op call{x, ln_weight, ln_bias, weights, biases, eps, norm, quant, weight_scales, concat};
     const variable_list out = LnLinearGroupAutograd::apply(
         &call, x, ln_weight, ln_bias, weights, at::TensorList(given_biases));
-    const size_t n = weights.size();
+    const size_t n = out.size() - 2;  // the outputs: one per weight, or the one concat output
     return {std::vector<Tensor>(out.begin(), out.begin() + n), out[n], out[n + 1]};
   }
 
@@ -312,7 +312,8 @@ struct LnLinearGroupAutograd : torch::autograd::Function<LnLinearGroupAutograd<F
     at::AutoDispatchBelowADInplaceOrView below;
     const Op& c = *call;
     auto [outs, mean, rstd] = op_handle<Op, Family>().call(
-        c.x, c.ln_weight, c.ln_bias, c.weights, c.biases, c.eps, c.norm, c.quant, c.weight_scales);
+        c.x, c.ln_weight, c.ln_bias, c.weights, c.biases, c.eps, c.norm, c.quant, c.weight_scales,
+        c.concat);
     // x and the statistics of the input side: h is recomputed in the backward.
     variable_list saved{c.x, value_or_undefined(c.ln_weight), value_or_undefined(c.ln_bias), mean,
                         rstd};
@@ -323,6 +324,7 @@ struct LnLinearGroupAutograd : torch::autograd::Function<LnLinearGroupAutograd<F
     ctx->saved_data["norm"] = std::string(c.norm);
     ctx->saved_data["quant"] = std::string(c.quant);
     ctx->saved_data["has_bias"] = has_bias;
+    ctx->saved_data["concat"] = c.concat;
     ctx->mark_non_differentiable({mean, rstd});
     // An output without a gradient stays undefined: the backward op skips its GEMMs.
     ctx->set_materialize_grads(false);
@@ -350,8 +352,17 @@ struct LnLinearGroupAutograd : torch::autograd::Function<LnLinearGroupAutograd<F
       mask.push_back(needs_grad(ctx, e));
       any = any || mask.get(mask.size() - 1);
     }
+    // With concat, each weight's gradient is its column range of the one output's gradient: a
+    // view (row stride Σ out_features_i) that the backward op reads in place.
+    const bool concat = ctx->saved_data["concat"].toBool();
     c10::List<OptTensor> grad_outs;
-    for (size_t i = 0; i < n; ++i) grad_outs.push_back(optional_of(grads[i]));
+    int64_t begin = 0;
+    for (size_t i = 0; i < n; ++i) {
+      const int64_t cols = weights[i].size(0);
+      const Tensor& g = grads[concat ? 0 : i];
+      grad_outs.push_back(optional_of(concat && g.defined() ? g.narrow(-1, begin, cols) : g));
+      begin += cols;
+    }
     // pack's, x's, ln_weight's and ln_bias's positions, then each weight's and given bias's.
     variable_list result(4 + n);
     if (!any) {

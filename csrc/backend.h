@@ -150,16 +150,48 @@ struct LnLinearGroupArgs {
   // every weight packed and weight_scales (n,) float32, weight_scales[i] weights[i]'s.
   Quant quant = Quant::kNone;
   OptTensor weight_scales;
+  // outs is one (rows, Σ out_features_i) tensor, projection i writing its columns in place (from
+  // Σ_{j<i} out_features_j, row stride Σ out_features_i): no concatenation after the GEMMs.
+  bool concat = false;
 };
 
-// outs (rows, out_features_i) are allocated by the backend; mean and rstd as in LnLinearOutputs.
+// outs (rows, out_features_i), or the one concat output, are allocated by the backend
+// (group_outputs); mean and rstd as in LnLinearOutputs.
 struct LnLinearGroupOutputs {
   std::vector<Tensor> outs;
   Tensor mean, rstd;
 };
 
+// Where ln_linear_group's projections go: out.outs set to one new tensor per weight, or with concat
+// to the one (rows, Σ out_features_i) tensor; returns projection i's destination (rows,
+// out_features_i), a column range of out.outs[0] with concat.
+inline std::vector<Tensor> group_outputs(const LnLinearGroupArgs& args,
+                                         LnLinearGroupOutputs& out) {
+  const int64_t rows = args.x.size(0);
+  std::vector<Tensor> dests;
+  if (!args.concat) {
+    for (const Tensor& w : args.weights) {
+      dests.push_back(new_tensor({rows, w.size(0)}, args.x.options()));
+    }
+    out.outs = dests;
+    return dests;
+  }
+  int64_t total = 0;
+  for (const Tensor& w : args.weights) total += w.size(0);
+  const Tensor all = new_tensor({rows, total}, args.x.options());
+  int64_t begin = 0;
+  for (const Tensor& w : args.weights) {
+    dests.push_back(all.narrow(1, begin, w.size(0)));
+    begin += w.size(0);
+  }
+  out.outs = {all};
+  return dests;
+}
+
 struct LnLinearGroupBackwardArgs {
-  std::vector<Tensor> grad_outs;  // (rows, out_features_i); undefined where no gradient came
+  // (rows, out_features_i) with unit column stride and row stride grad_outs[i].stride(0) (a
+  // column range of the concat output's gradient); undefined where no gradient came
+  std::vector<Tensor> grad_outs;
   Tensor x;
   OptTensor ln_weight, ln_bias;
   std::vector<Tensor> weights;

@@ -264,6 +264,15 @@ Tensor as_rows(const Tensor& t) {
   return c.view({c.numel() / std::max<int64_t>(cols, 1), cols});
 }
 
+// (rows, cols) with unit column stride: a view where t allows one (a column range of a wider
+// tensor keeps its row stride), else contiguous.
+Tensor as_strided_rows(const Tensor& t) {
+  const int64_t cols = t.size(-1);
+  if (t.stride(-1) != 1 || cols == 0) return as_rows(t);
+  const Tensor r = t.reshape({t.numel() / cols, cols});
+  return r.stride(-1) == 1 ? r : r.contiguous();
+}
+
 OptTensor as_rows(const OptTensor& t) {
   return t.has_value() ? OptTensor(as_rows(*t)) : std::nullopt;
 }
@@ -533,7 +542,8 @@ LnLinearGroupArgs parse(const schema::LnLinearGroup& call) {
           call.eps,
           norm,
           quant,
-          weight_scales};
+          weight_scales,
+          call.concat};
 }
 
 LnLinearGroupBackwardArgs parse(const schema::LnLinearGroupBackward& call) {
@@ -551,7 +561,7 @@ LnLinearGroupBackwardArgs parse(const schema::LnLinearGroupBackward& call) {
       check_like(*grad, ("grad_outs[" + std::to_string(i) + "]").c_str(), x,
                  rows_shape(x, call.weights[i].size(0)));
     }
-    grad_outs.push_back(grad.has_value() ? as_rows(*grad) : Tensor());
+    grad_outs.push_back(grad.has_value() ? as_strided_rows(*grad) : Tensor());
   }
   check_stats(call.mean, call.rstd, norm, x);
   return {std::move(grad_outs), as_rows(x), contiguous(call.ln_weight), contiguous(call.ln_bias),

@@ -88,6 +88,15 @@ struct Arg<double> {
   double get() const { return value; }
 };
 template <>
+struct Arg<bool> {
+  bool value;
+  Arg(PyObject* obj, const c10::FunctionSchema& schema, size_t index) {
+    if (!PyBool_Check(obj)) wrong_type(schema, index, "a bool", obj);
+    value = obj == Py_True;
+  }
+  bool get() const { return value; }
+};
+template <>
 struct Arg<std::string_view> {
   std::string_view value;
   Arg(PyObject* obj, const c10::FunctionSchema& schema, size_t index) {

@@ -154,14 +154,15 @@ struct Dropout {
   double p;
 };
 
-// ln_linear with one norm for several weights (q/k/v, gate/up): one output per weight. quant as
-// ln_linear's, the row quantised once for every weight; weight_scales (n,) the offline modes'
-// scale of each weight.
+// ln_linear with one norm for several weights (q/k/v, gate/up): one output per weight, or with
+// concat one output holding them side by side (*, Σ out_features_i). quant as ln_linear's, the
+// row quantised once for every weight; weight_scales (n,) the offline modes' scale of each weight.
 struct LnLinearGroup {
   static constexpr const char* kName = "ln_linear_group";
   using Signature = std::tuple<std::vector<Tensor>, Tensor, Tensor>(
       const Tensor&, const OptTensor&, const OptTensor&, at::TensorList,
-      const c10::List<OptTensor>&, double, std::string_view, std::string_view, const OptTensor&);
+      const c10::List<OptTensor>&, double, std::string_view, std::string_view, const OptTensor&,
+      bool);
   const Tensor& x;
   const OptTensor& ln_weight;
   const OptTensor& ln_bias;
@@ -171,9 +172,11 @@ struct LnLinearGroup {
   std::string_view norm;
   std::string_view quant;
   const OptTensor& weight_scales;
+  bool concat;
 };
 
-// output_mask: dx, dln_weight, dln_bias, then one entry per weight for dweights, then one per
+// grad_outs[i] may be a column range of a wider tensor (the concat output's gradient): read with
+// its row stride, not copied. output_mask: dx, dln_weight, dln_bias, then one entry per weight for dweights, then one per
 // weight for dbiases.
 struct LnLinearGroupBackward {
   static constexpr const char* kName = "ln_linear_group_backward";

@@ -53,6 +53,8 @@ def _check_types(signature, args) -> None:
             raise TypeError(f"{name} must be a float, got {type(value).__name__}")
         if type_ == "str" and not isinstance(value, str):
             raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+        if type_ == "bool" and not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
         if type_ in _LIST_TYPES:
             want, allows_none = _LIST_TYPES[type_]
             items = value if isinstance(value, (list, tuple)) else [value]

@@ -87,15 +87,17 @@ SCHEMAS = {
     ),
     # Its backward is itself on the gradient with the same seed: no backward op.
     "dropout": "(Tensor x, Tensor seed, float p) -> Tensor",
-    # One norm for several projections (q/k/v, gate/up): one output per weight; output_mask is
+    # One norm for several projections (q/k/v, gate/up): one output per weight, or with concat
+    # one output, the projections side by side (*, Σ out_features_i), each written in place
+    # (its gradient then reaches the backward as column ranges of one tensor); output_mask is
     # (dx, dln_weight, dln_bias, dweights[0..n), dbiases[0..n)); grad_outs[i] None where
     # outputs[i] got no gradient. quant as ln_linear's, the row quantised once for every weight;
     # weight_scales (n,): the offline modes' scale of each weight (a schema list argument has
     # no None default, hence one tensor).
     "ln_linear_group": (
         "(Tensor x, Tensor? ln_weight, Tensor? ln_bias, Tensor[] weights, Tensor?[] biases, "
-        'float eps=1e-05, str norm="layer", str quant="none", Tensor? weight_scales=None) '
-        "-> (Tensor[], Tensor, Tensor)"
+        'float eps=1e-05, str norm="layer", str quant="none", Tensor? weight_scales=None, '
+        "bool concat=False) -> (Tensor[], Tensor, Tensor)"
     ),
     "ln_linear_group_backward": (
         "(Tensor?[] grad_outs, Tensor x, Tensor? ln_weight, Tensor? ln_bias, Tensor[] weights, "
@@ -137,6 +139,7 @@ _TYPES = {
     "Optional[Tensor]": "Tensor?",
     "float": "float",
     "str": "str",
+    "bool": "bool",
     "List[bool]": "bool[]",
     "List[Tensor]": "Tensor[]",
     "List[Optional[Tensor]]": "Tensor?[]",
@@ -238,8 +241,9 @@ def _dropout_fake(*args):
 
 def _ln_linear_group_fake(*args):
     a = SIGNATURES["ln_linear_group"].bind(args)
-    lead = a.x.shape[:-1]
-    return [a.x.new_empty((*lead, w.shape[0])) for w in a.weights], *_stats(a.x, a.norm)
+    lead, widths = a.x.shape[:-1], [w.shape[0] for w in a.weights]
+    outs = [a.x.new_empty((*lead, sum(widths) if a.concat else n)) for n in widths]
+    return outs[:1] if a.concat else outs, *_stats(a.x, a.norm)
 
 
 def _ln_linear_group_backward_fake(*args):

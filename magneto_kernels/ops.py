@@ -26,7 +26,7 @@ Autograd-key kernel in Python (every family's is C++, ``csrc/autograd.cpp``).
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -103,12 +103,12 @@ def _ln_linear_group_reference(*args):
             a.x, a.ln_weight, weights, biases, quant=a.quant, weight_scales=a.weight_scales,
             eps=a.eps,
         )  # fmt: skip
-        return (outs,)
-    return (
-        reference.ln_linear_group(
+    else:
+        outs = reference.ln_linear_group(
             a.x, a.ln_weight, a.ln_bias, weights, biases, eps=a.eps, norm=a.norm
-        ),
-    )
+        )
+    # The reference defines concat as the concatenation; the families write in place.
+    return ([torch.cat(outs, dim=-1)] if a.concat else outs,)
 
 
 _REFERENCE = {
@@ -311,10 +311,14 @@ def ln_linear_group(
     norm: str = "layer",
     quant: str = "none",
     weight_scales: Optional[Tensor] = None,
+    concat: bool = False,
     backend: Optional[str] = None,
-) -> tuple[Tensor, ...]:
+) -> Union[tuple[Tensor, ...], Tensor]:
     """``tuple(N(x) @ w.T + b for w, b in zip(weights, biases))`` as one op: the projections of
     one normalised input (q/k/v, gate/up), each weight its own parameter (no weight is copied).
+    ``concat=True`` returns them side by side in one tensor instead, ``torch.cat(outs, -1)``
+    bit for bit, each projection written into its columns (no concatenation pass; its gradient
+    is read column range by column range, in place): a gated MLP's ``[gate | up]``.
     x is read and normalised once for every weight, and the backward is one for the group: the
     input gradient ``Σ_i dy_i @ W_i`` is summed inside the op before one norm backward.
     ``N`` as in ``ln_linear`` (nothing when ``ln_weight`` is None); ``biases``: None, or one
@@ -334,11 +338,13 @@ def ln_linear_group(
         "none" if ln_weight is None else norm,
         quant,
         weight_scales,
+        concat,
     )
     try:
-        return tuple(_entry("ln_linear_group", backend, x)(*args)[0])
+        outs = _entry("ln_linear_group", backend, x)(*args)[0]
     except RuntimeError as error:
-        return tuple(_under_torch_func("ln_linear_group", backend, args, error)[0])
+        outs = _under_torch_func("ln_linear_group", backend, args, error)[0]
+    return outs[0] if concat else tuple(outs)
 
 
 def _int8_head_reference(x, weight, scale, bias=None):

@@ -6,6 +6,9 @@ backward, whatever the number of weights."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -19,6 +22,7 @@ from tests.harness import (
     backend_params,
     compare_to_reference,
     randn,
+    require_backend,
 )
 
 # q/k/v of a grouped-query attention is (16, 8, 8); gate/up two equal ones.
@@ -215,14 +219,26 @@ def test_group_refuses_bad_lists(backend):
             mk.ln_linear_group(x, None, None, [w, w], [None, torch.randn(5)], backend=backend.name)
         with pytest.raises(TypeError, match="weights must be a list of Tensors, got int"):
             mk.ln_linear_group(x, None, None, [w, 3], backend=backend.name)
+        with pytest.raises(TypeError, match="concat must be a bool, got int"):
+            mk.ln_linear_group(x, None, None, [w, w], concat=1, backend=backend.name)
 
 
-@pytest.mark.parametrize("op", ["ln_linear_group", "ln_linear_group_backward"])
-@pytest.mark.parametrize("rows_as", [(9,), (3, 3)], ids=["2d", "3d"])
+@pytest.mark.parametrize(
+    "op, rows_as",
+    [
+        ("ln_linear_group", (9,)),
+        ("ln_linear_group", (3, 3)),
+        ("ln_linear_group_concat", (3, 3)),
+        ("ln_linear_group_backward", (9,)),
+        ("ln_linear_group_backward", (3, 3)),
+    ],
+    ids=str,
+)
 @pytest.mark.parametrize("backend", backend_params(kernels_only=True))
 def test_group_opcheck(backend, rows_as, op):
     """The group's ops as registered (schema, fake impl, autograd registration), with the rows
-    given as one dimension and as two."""
+    given as one dimension and as two; ln_linear_group_concat: the forward with concat=True
+    (one output, no aliasing)."""
     with backend.running():
         dev, family = backend.device, backend.family
         gen = torch.Generator().manual_seed(3)
@@ -234,11 +250,13 @@ def test_group_opcheck(backend, rows_as, op):
         ws = [randn(n, 24, std=0.2, generator=gen, device=dev) for n in (10, 6)]
         bs = [randn(10, generator=gen, device=dev), None]
         _, mean, rstd = get_op("ln_linear_group", family)(x, lw, lb, ws, bs, 1e-5, "layer")
-        if op == "ln_linear_group":
+        if op != "ln_linear_group_backward":
             x, lw, lb = (t.requires_grad_() for t in (x, lw, lb))
             ws = [w.requires_grad_() for w in ws]
             bs = [bs[0].requires_grad_(), None]
-            args = (x, lw, lb, ws, bs, 1e-5, "layer")
+            concat = op == "ln_linear_group_concat"
+            args = (x, lw, lb, ws, bs, 1e-5, "layer", "none", None, concat)
+            op = "ln_linear_group"
         else:
             dy = [randn(*rows_as, 10, generator=gen, device=dev), None]
             mask = [True, True, True, True, True, True, False]
@@ -277,3 +295,112 @@ def test_group_under_autocast(backend):
         assert_close_to_reference(out, ref64, same, f"output {i}")
     sum(o.float().sum() for o in outs).backward()
     assert x.grad.dtype == torch.float32 and weights[0].grad.dtype == torch.float32
+
+
+# --------------------------------------------------------------------------------- concat=True
+
+
+def _concat_fn(norm, n):
+    def fn(x, ln_weight, ln_bias, backend, **params):
+        return mk.ln_linear_group(
+            x, ln_weight, ln_bias, [params[f"w{i}"] for i in range(n)],
+            [params.get(f"b{i}") for i in range(n)], eps=1e-5, norm=norm, concat=True,
+            backend=backend,
+        )  # fmt: skip
+
+    return fn
+
+
+@pytest.mark.parametrize(
+    "dtype, out_features",
+    [(torch.float32, (16, 16)), (torch.float32, (16, 8, 8)), (torch.float32, (8, 12, 4, 16, 6))]
+    + [(dtype, (16, 8)) for dtype in DTYPES if dtype != torch.float32],
+    ids=lambda v: str(v) if isinstance(v, torch.dtype) else f"{len(v)}w",
+)
+@pytest.mark.parametrize("norm", ["layer", "rms", "none"])
+@pytest.mark.parametrize("backend", backend_params())
+def test_group_concat_matches_list_and_float64_reference(backend, norm, out_features, dtype):
+    """concat=True: one (*, Σ n_i) output, the list form side by side bit for bit (each
+    projection written into its columns; five weights: two Triton launches into one output),
+    and the forward and every gradient (the one gradient read column range by column range)
+    against the float64 reference."""
+    n = len(out_features)
+    with_bias = tuple(i % 2 == 0 for i in range(n))
+    inputs = _inputs((3, 5), 24, norm, dtype, with_bias, out_features)
+    op_norm = "layer" if norm == "none" else norm
+    with backend.running():
+        compare_to_reference(backend, _concat_fn(op_norm, n), inputs)
+        with torch.no_grad():
+            cat = _concat_fn(op_norm, n)(backend=backend.name, **inputs)
+            outs = _group_fn(op_norm, n, with_bias)(backend=backend.name, **inputs)
+    assert cat.shape == (3, 5, sum(out_features))
+    assert torch.equal(cat, torch.cat(outs, dim=-1))
+
+
+@pytest.mark.parametrize("layout", ["transposed", "column_slice"])
+@pytest.mark.parametrize("backend", backend_params())
+def test_group_concat_non_contiguous_gradient(backend, layout):
+    """The concat output's gradient given transposed or as a column range of a wider tensor
+    (the backward reads each weight's columns with its row stride, or a contiguous copy where
+    the columns are strided): every gradient against the float64 reference."""
+    out_features, with_bias = (16, 8, 8), (True, False, True)
+    inputs = _inputs((6,), 24, "rms", torch.float32, with_bias, out_features)
+    cols = sum(out_features)
+    gen = torch.Generator().manual_seed(7)
+    if layout == "transposed":
+        dy = randn(cols, 6, mean=0.3, generator=gen).t()
+    else:
+        dy = randn(6, cols + 5, mean=0.3, generator=gen)[:, 3 : 3 + cols]
+    assert not dy.is_contiguous()
+
+    def grads(name, cast):
+        leaves = {
+            k: None if t is None else cast(t).detach().clone().requires_grad_()
+            for k, t in inputs.items()
+        }
+        out = _concat_fn("rms", 3)(backend=name, **leaves)
+        wanted = [t for t in leaves.values() if t is not None]
+        return torch.autograd.grad(out, wanted, cast(dy))
+
+    d = backend.device
+    with backend.running():
+        got = grads(backend.name, lambda t: t.to(d))
+    same = grads("reference", lambda t: t)
+    ref64 = grads("reference", lambda t: t.double())
+    for i, (g, s, r) in enumerate(zip(got, same, ref64)):
+        assert_close_to_reference(g.cpu(), r, s, f"grad {i}")
+
+
+_ROW_BLOCKED_SCRIPT = """
+import sys, torch, magneto_kernels as mk
+g = torch.Generator().manual_seed(0)
+x = torch.randn(1000, 300, generator=g) + 0.5
+lw, ws = torch.randn(300, generator=g) + 1.0, [torch.randn(n, 300, generator=g) for n in (24, 16)]
+args = (x, lw, None, ws, [torch.randn(24, generator=g), None])
+runs = {
+    "list": mk.ln_linear_group(*args, norm="rms", backend="cpu"),
+    "cat": mk.ln_linear_group(*args, norm="rms", concat=True, backend="cpu"),
+    "same": mk.ln_linear_group(*args, norm="rms", concat=True, backend="reference"),
+    "ref64": mk.ln_linear_group(
+        *(None if a is None else a.double() for a in args[:3]), [w.double() for w in ws],
+        [args[4][0].double(), None], norm="rms", concat=True, backend="reference"),
+}
+torch.save(runs, sys.argv[1])
+"""
+
+
+def test_cpu_group_concat_row_blocked_forward(tmp_path):
+    """The cpu backend's row-blocked forward (h through a 1 MiB workspace in two blocks, a
+    process of its own): each block's GEMMs accumulate into column ranges of the one output,
+    started as the biases."""
+    require_backend("cpu")
+    path = tmp_path / "runs.pt"
+    env = dict(os.environ, OMP_NUM_THREADS="2", MAGNETO_CPU_WORKSPACE_MB="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", _ROW_BLOCKED_SCRIPT, str(path)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = torch.load(path)
+    assert torch.equal(runs["cat"], torch.cat(runs["list"], dim=-1))
+    assert_close_to_reference(runs["cat"], runs["ref64"], runs["same"], "output")

@@ -15,6 +15,7 @@ import pytest
 import torch
 from transformers_models import (
     BUILD,
+    CONCAT_PER_LAYER,
     FAMILIES,
     FUSED_PER_LAYER,
     LAYERS,
@@ -40,6 +41,7 @@ def test_logits_and_gradients_match(family, attn, fused_calls):
     mask[1, :4] = 0  # left padding in the second row
     out = model(tokens, attention_mask=mask, labels=tokens)
     assert fused_calls.count == LAYERS * FUSED_PER_LAYER[family]
+    assert fused_calls.concat == LAYERS * CONCAT_PER_LAYER[family]  # gate/up: no torch.cat
     expected = reference(tokens, attention_mask=mask, labels=tokens)
     close(out.logits, expected.logits, what="logits")
     out.loss.backward()

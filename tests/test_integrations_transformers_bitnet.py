@@ -83,6 +83,7 @@ def test_fused_and_matching_unpatched(mode, backend, fused_calls, caplog):
     out = model(tokens, labels=tokens)
     expected = reference(tokens, labels=tokens)
     assert fused_calls.count == FUSED_PER_LAYER * LAYERS
+    assert fused_calls.concat == LAYERS  # gate/up side by side in one call: no torch.cat
     close(out.logits, expected.logits, what="logits")
     if mode == "online":
         out.loss.backward()

@@ -121,12 +121,34 @@ def test_offline_group_without_norm_is_one_ln_linear_per_weight_bitwise(backend,
         assert torch.equal(g, e), f"output {i}"
 
 
-def _online_fn(n, norm):
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("mode", quant.OFFLINE_MODES)
+@pytest.mark.parametrize("rows", (3, 17), ids=["few_rows", "tiled"])
+def test_offline_group_concat_is_the_list_side_by_side_bitwise(backend, mode, rows):
+    """concat=True: one (rows, Σ n_i) output, each projection written into its columns (the
+    kernels' output row stride), the list form's bits; bfloat16 at 17 rows (the tiled kernel's
+    row stores)."""
+    dtype = torch.bfloat16 if rows == 17 else torch.float32
+    x, ln_weight, ts, biases, weight_scales = _offline_case(rows, dtype, 6)
+    d = backend.device
+    args = (
+        x.to(d), ln_weight.to(d), None, [quant.pack(t).to(d) for t in ts],
+        [None if b is None else b.to(d) for b in biases],
+    )  # fmt: skip
+    kw = dict(eps=EPS, norm="rms", quant=mode, weight_scales=weight_scales.to(d))
+    with backend.running():
+        outs = ops.ln_linear_group(*args, **kw, backend=backend.name)
+        cat = ops.ln_linear_group(*args, **kw, concat=True, backend=backend.name)
+    assert cat.shape == (rows, sum(OUT_FEATURES))
+    assert torch.equal(cat, torch.cat(outs, dim=-1))
+
+
+def _online_fn(n, norm, concat=False):
     def fn(x, ln_weight, backend, **params):
         return ops.ln_linear_group(
             x, ln_weight, None, [params[f"w{i}"] for i in range(n)],
             [params.get(f"b{i}") for i in range(n)], eps=EPS, norm=norm, quant="bitnet_online",
-            backend=backend,
+            concat=concat, backend=backend,
         )  # fmt: skip
 
     return fn
@@ -154,6 +176,21 @@ def test_online_group_forward_and_every_gradient(backend, with_norm, rows):
             backend, _online_fn(len(OUT_FEATURES), "rms"),
             {k: None if v is None else v.to(backend.device) for k, v in inputs.items()},
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_online_group_concat_forward_and_every_gradient(backend):
+    """concat=True online: the list form's bits forward, every gradient (the one output's
+    gradient read column range by column range) against the float64 reference."""
+    inputs = {k: None if v is None else v.to(backend.device)
+              for k, v in _online_inputs(5, True, 3).items()}  # fmt: skip
+    n = len(OUT_FEATURES)
+    with backend.running():
+        compare_to_reference(backend, _online_fn(n, "rms", concat=True), inputs)
+        with torch.no_grad():
+            cat = _online_fn(n, "rms", concat=True)(backend=backend.name, **inputs)
+            outs = _online_fn(n, "rms")(backend=backend.name, **inputs)
+    assert torch.equal(cat, torch.cat(outs, dim=-1))
 
 
 @pytest.mark.parametrize("backend", _backends())
@@ -248,18 +285,20 @@ def test_offline_group_has_no_backward(backend):
 
 
 @pytest.mark.parametrize(
-    "op, mode",
+    "op, mode, concat",
     [
-        ("ln_linear_group", "bitnet_online"),
-        ("ln_linear_group", "bitnet_offline"),
-        ("ln_linear_group", "bitlinear"),
-        ("ln_linear_group_backward", "bitnet_online"),
+        ("ln_linear_group", "bitnet_online", False),
+        ("ln_linear_group", "bitnet_offline", False),
+        ("ln_linear_group", "bitlinear", False),
+        ("ln_linear_group", "bitnet_online", True),
+        ("ln_linear_group", "bitnet_offline", True),
+        ("ln_linear_group_backward", "bitnet_online", False),
     ],
 )
 @pytest.mark.parametrize("backend", backend_params(kernels_only=True))
-def test_quant_group_opcheck(backend, op, mode):
+def test_quant_group_opcheck(backend, op, mode, concat):
     """The quantised group's ops as registered (schema, fake impl, autograd registration), rows
-    given as two dimensions."""
+    given as two dimensions; the forward also with its one concat output."""
     if backend.name not in quant.BACKENDS:
         pytest.skip(f"{backend.name} has no quantised kernels (its refusal: test_quant_op.py)")
     with backend.running():
@@ -281,7 +320,7 @@ def test_quant_group_opcheck(backend, op, mode):
             if mode == "bitnet_online":
                 x, lw = x.requires_grad_(), lw.requires_grad_()
                 ws = [w.requires_grad_() for w in ws]
-            args = (x, lw, None, ws, bs, EPS, "rms", mode, scales)
+            args = (x, lw, None, ws, bs, EPS, "rms", mode, scales, concat)
         else:
             dy = [randn(3, 3, 10, generator=gen, device=dev), None]
             mask = [True, True, False, True, True, True, False]

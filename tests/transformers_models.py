@@ -83,6 +83,10 @@ FUSED_PER_LAYER = {"llama": 4, "bitnet": 4, "kosmos2": 4, "kosmos2_5": 4}
 """Fused calls of one layer's forward: q/k/v (one group), the output projection, gate/up (one
 group) or fc1, down_proj or fc2."""
 
+CONCAT_PER_LAYER = {"llama": 1, "bitnet": 1, "kosmos2": 0, "kosmos2_5": 0}
+"""Of those, the group calls that write their outputs side by side (``concat=True``): gate/up,
+which down_proj reads as one ``[gate | up]`` (no concatenation after the call)."""
+
 
 def pair(family, seed=0, **overrides):
     """(patched model, unpatched deep copy taken before patching)."""
@@ -117,15 +121,17 @@ def patched_types(model):
 
 class FusedCalls:
     """Counts the integration's ``magneto_kernels.ln_linear`` and ``ln_linear_group`` calls
-    (``fused_calls`` fixture; a group is one call)."""
+    (``fused_calls`` fixture; a group is one call), and in ``concat`` the group calls with
+    ``concat=True``."""
 
     def __init__(self, monkeypatch):
-        self.count = 0
+        self.count = self.concat = 0
         for name in ("ln_linear", "ln_linear_group"):
             original = getattr(magneto_kernels, name)
 
             def counting(*args, original=original, **kwargs):
                 self.count += 1
+                self.concat += bool(kwargs.get("concat"))
                 return original(*args, **kwargs)
 
             monkeypatch.setattr(magneto_kernels, name, counting)

@@ -223,14 +223,15 @@ QuantizedRows quantize_h(const LnLinearArgs& a, const Tensor& mean, const Tensor
 }
 
 // The integer projection (kernels.h, quant_linear) of quantised rows against one packed weight.
-Tensor quant_projection(const Tensor& x, Quant quant, const QuantizedRows& r,
-                        const Tensor& weight, float weight_scale, const OptTensor& bias) {
-  Tensor preact = new_tensor({r.q.size(0), weight.size(0)}, x.options());
+// preact (rows, out_features) = the projection; a column range of a wider tensor is written in
+// place, with its row stride.
+void quant_projection(const Tensor& x, Quant quant, const QuantizedRows& r, const Tensor& weight,
+                      float weight_scale, const OptTensor& bias, const Tensor& preact) {
   quant_linear({dtype_code(x.scalar_type()), quant, r.q.size(0), r.q.size(1), weight.size(0),
                 r.q.data_ptr<int8_t>(), r.q_sum.data_ptr<int32_t>(), r.scale.data_ptr<float>(),
                 weight.data_ptr<uint8_t>(), weight_scale,
-                bias.has_value() ? bias->data_ptr() : nullptr, preact.data_ptr()});
-  return preact;
+                bias.has_value() ? bias->data_ptr() : nullptr, preact.data_ptr(),
+                preact.stride(0)});
 }
 
 }  // namespace
@@ -292,8 +293,9 @@ void Kernels::ln_linear(const LnLinearArgs& a, LnLinearOutputs& out) {
   Tensor preact;
   bool residual_added = false;
   if (is_offline(a.quant)) {
-    preact = quant_projection(x, a.quant, quantize_h(a, out.mean, out.rstd), a.weight,
-                              a.weight_scale->item<float>(), a.bias);
+    preact = new_tensor({rows, cols}, x.options());
+    quant_projection(x, a.quant, quantize_h(a, out.mean, out.rstd), a.weight,
+                     a.weight_scale->item<float>(), a.bias, preact);
   } else if (identity_prologue || block == rows) {
     // One GEMM with the bias in its epilogue: preact = h W^T + b. The residual comes in the pass
     // over preact below: accumulating into an output filled with alpha·residual + b instead
@@ -480,8 +482,9 @@ void Kernels::ln_linear_group(const LnLinearGroupArgs& a, LnLinearGroupOutputs& 
   if (is_offline(a.quant)) {  // the rows quantised once, every weight's projection reading them
     const QuantizedRows r = quantize_h(norm_args, out.mean, out.rstd);
     const float* scales = a.weight_scales->data_ptr<float>();
+    const std::vector<Tensor> dests = group_outputs(a, out);
     for (size_t i = 0; i < a.weights.size(); ++i) {
-      out.outs.push_back(quant_projection(x, a.quant, r, a.weights[i], scales[i], a.biases[i]));
+      quant_projection(x, a.quant, r, a.weights[i], scales[i], a.biases[i], dests[i]);
     }
     return;
   }
@@ -490,39 +493,43 @@ void Kernels::ln_linear_group(const LnLinearGroupArgs& a, LnLinearGroupOutputs& 
   std::vector<Tensor> weights;
   for (const Tensor& w : a.weights) weights.push_back(online ? fake_quant_weight(w) : w);
   const int64_t block_rows = workspace_block_rows(x, rows, in_features, kMinBlockRows);
-  if (identity_prologue || block_rows == 0 || block_rows == rows) {
-    // h at once (x itself without a norm), then one GEMM per weight with its bias.
-    Tensor h = x;
-    if (!identity_prologue) {
-      h = block_rows > 0 ? workspace(x, rows, in_features)
-                         : new_tensor({rows, in_features}, x.options());
-      prologue(norm_args, x, h, out.mean, out.rstd);
+  const bool at_once = identity_prologue || block_rows == 0 || block_rows == rows;
+  Tensor h = x;  // h at once: x itself without a norm
+  if (at_once && !identity_prologue) {
+    h = block_rows > 0 ? workspace(x, rows, in_features)
+                       : new_tensor({rows, in_features}, x.options());
+    prologue(norm_args, x, h, out.mean, out.rstd);
+  }
+  if (at_once && online) h = fake_quant_rows(h, !identity_prologue);
+  if (at_once) {  // one GEMM per weight with its bias in the epilogue, into its destination
+    if (!a.concat) {
+      for (size_t i = 0; i < weights.size(); ++i) {
+        out.outs.push_back(gemm::linear(h, weights[i], a.biases[i]));
+      }
+      return;
     }
-    if (online) h = fake_quant_rows(h, !identity_prologue);
-    for (size_t i = 0; i < weights.size(); ++i) {
-      out.outs.push_back(gemm::linear(h, weights[i], a.biases[i]));
-    }
+    const std::vector<Tensor> dests = group_outputs(a, out);
+    for (size_t i = 0; i < weights.size(); ++i) gemm::linear(h, weights[i], a.biases[i], dests[i]);
     return;
   }
   // h block by block through the workspace, each block followed by every weight's GEMM,
-  // accumulating into outputs that start as the bias.
+  // accumulating into destinations (column ranges of the concat output) that start as the bias.
   const DType dtype = dtype_code(x.scalar_type());
+  const std::vector<Tensor> dests = group_outputs(a, out);
   for (size_t i = 0; i < a.weights.size(); ++i) {
-    const int64_t cols = a.weights[i].size(0);
-    out.outs.push_back(new_tensor({rows, cols}, x.options()));
     if (a.biases[i].has_value()) {
-      residual_bias_init(dtype, rows, cols, nullptr, cols, 1.0f, a.biases[i]->data_ptr(),
-                         out.outs[i].data_ptr(), cols);
+      residual_bias_init(dtype, rows, dests[i].size(1), nullptr, 0, 1.0f,
+                         a.biases[i]->data_ptr(), dests[i].data_ptr(), dests[i].stride(0));
     }
   }
   for (int64_t begin = 0; begin < rows; begin += block_rows) {
     const int64_t count = std::min(block_rows, rows - begin);
-    const Tensor h = workspace(x, count, in_features);
-    prologue(norm_args, x.narrow(0, begin, count), h, row_slice(out.mean, begin, count),
+    const Tensor h_block = workspace(x, count, in_features);
+    prologue(norm_args, x.narrow(0, begin, count), h_block, row_slice(out.mean, begin, count),
              row_slice(out.rstd, begin, count));
-    if (online) fake_quant_rows(h, /*in_place=*/true);
+    if (online) fake_quant_rows(h_block, /*in_place=*/true);
     for (size_t i = 0; i < weights.size(); ++i) {
-      gemm::matmul(gemm::Role::kForward, h, weights[i].t(), out.outs[i].narrow(0, begin, count),
+      gemm::matmul(gemm::Role::kForward, h_block, weights[i].t(), dests[i].narrow(0, begin, count),
                    /*accumulate=*/a.biases[i].has_value());
     }
   }
@@ -545,7 +552,7 @@ void Kernels::ln_linear_group_backward(const LnLinearGroupBackwardArgs& a,
     g.rows = rows;
     g.cols = a.weights[i].size(0);
     g.dy = a.grad_outs[i].data_ptr();
-    g.dy_stride = g.cols;
+    g.dy_stride = a.grad_outs[i].stride(0);
     g.dbias = dbias32.data_ptr<float>();
     linear_epilogue_backward(g);
     copy_back(grads.dbiases[i], dbias32);

@@ -105,9 +105,11 @@ bool few_rows_fit(const Tensor& x, const Tensor& weight, const std::optional<Ten
          (!bias.has_value() || bias->scalar_type() == dtype);
 }
 
-Tensor few_rows_linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias) {
+// Into out where given (unit column stride), else into a new tensor.
+Tensor few_rows_linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                       const Tensor& out) {
   const int64_t rows = x.size(0);
-  Tensor y = new_tensor({rows, weight.size(0)}, x.options());
+  Tensor y = out.defined() ? out : new_tensor({rows, weight.size(0)}, x.options());
   LinearFewRows a;
   a.dtype = dtype_code(x.scalar_type());
   a.rows = rows;
@@ -119,13 +121,13 @@ Tensor few_rows_linear(const Tensor& x, const Tensor& weight, const std::optiona
   a.weight_stride = weight.stride(0);
   a.bias = bias.has_value() ? bias->data_ptr() : nullptr;
   a.y = y.data_ptr();
-  a.y_stride = a.out_features;
+  a.y_stride = y.stride(0);
   linear_few_rows(a);
   return y;
 }
 
-// One GEMM of the engine: the linear (result undefined: returns a new tensor) or the matmul into
-// result.
+// One GEMM of the engine: the linear (into result, or a new tensor where result is undefined) or
+// the matmul into result.
 struct Gemm {
   const Tensor& a;
   const Tensor& b;  // the linear's weight (out x in), or the matmul's right operand
@@ -141,9 +143,14 @@ struct Gemm {
   Tensor run(Engine engine, const c10::OperatorHandle* op, const Tensor& result,
              bool accumulate) const {
     if (is_linear) {
-      if (engine == Engine::kFewRows) return few_rows_linear(a, b, bias);
-      if (engine == Engine::kOneDnn) return onednn_linear(*op, a, b, bias);
-      return bias.has_value() ? at::addmm(*bias, a, b.t()) : at::mm(a, b.t());
+      if (engine == Engine::kFewRows) return few_rows_linear(a, b, bias, result);
+      if (engine == Engine::kOneDnn) {
+        const Tensor y = onednn_linear(*op, a, b, bias);
+        return result.defined() ? result.copy_(y) : y;
+      }
+      if (!result.defined()) return bias.has_value() ? at::addmm(*bias, a, b.t()) : at::mm(a, b.t());
+      Tensor y = result;
+      return bias.has_value() ? at::addmm_out(y, *bias, a, b.t()) : at::mm_out(y, a, b.t());
     }
     if (engine == Engine::kOneDnn) {
       const Tensor product = onednn_linear(*op, a, b.t(), std::nullopt);
@@ -256,12 +263,13 @@ void set_policy(const std::string& policy, bool hide_onednn) {
   s.chosen.clear();
 }
 
-Tensor linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias) {
+Tensor linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+              const Tensor& out) {
   const int64_t rows = x.size(0);
   const Gemm g{x, weight, bias, true, few_rows_fit(x, weight, bias)};
   // fp32 at 1-16 rows: the few-row kernel, unmeasured (it wins on every CPU measured)
-  if (g.few_rows && x.scalar_type() == at::kFloat) return few_rows_linear(x, weight, bias);
-  return dispatch(Role::kForward, g, Tensor(), false, rows, weight.size(0), weight.size(1));
+  if (g.few_rows && x.scalar_type() == at::kFloat) return few_rows_linear(x, weight, bias, out);
+  return dispatch(Role::kForward, g, out, false, rows, weight.size(0), weight.size(1));
 }
 
 void matmul(Role role, const Tensor& a, const Tensor& b, const Tensor& result, bool accumulate) {

@@ -31,13 +31,16 @@ namespace magneto::cpu::gemm {
 enum class Role { kForward, kInputGrad, kWeightGrad };
 
 // result = a @ b (accumulate = false) or result += a @ b (accumulate = true). a and b may be
-// contiguous or transposed views of contiguous tensors; result is contiguous.
+// contiguous or transposed views of contiguous tensors, or have unit column stride (a column
+// range of a wider tensor); so may result.
 void matmul(Role role, const at::Tensor& a, const at::Tensor& b, const at::Tensor& result,
             bool accumulate);
 
-// x @ weight^T + bias (bias optional) into a new tensor; x and weight contiguous.
+// x @ weight^T + bias (bias optional) into a new tensor, or into out where given (unit column
+// stride, any row stride: a column range of a wider tensor), the same bits either way; x and
+// weight contiguous.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
-                  const std::optional<at::Tensor>& bias);
+                  const std::optional<at::Tensor>& bias, const at::Tensor& out = at::Tensor());
 
 // What runs the GEMMs: the engines present, the policy, the few-row kernel's rows where the
 // build has it, and every choice measured so far, per role.

@@ -194,7 +194,8 @@ struct QuantLinear {
   const uint8_t* weight = nullptr;  // out_features × in_features / 4, packed
   float weight_scale = 1.0f;
   const void* bias = nullptr;  // out_features, dtype; optional
-  void* preact = nullptr;      // rows × out_features, dtype
+  void* preact = nullptr;      // rows × out_features, dtype, row stride preact_stride
+  int64_t preact_stride = 0;   // >= out_features: a column range of a wider output
 };
 void quant_linear(const QuantLinear& args);
 

@@ -474,14 +474,14 @@ void quant_linear_typed(const QuantLinear& a) {
   };
   const int64_t col_blocks = (n + kQuantColBlock - 1) / kQuantColBlock;
   auto store = [&](int32_t acc, int64_t row, int64_t col) {
-    preact[row * n + col] = finish(acc - a.q_sum[row], row, col);
+    preact[row * a.preact_stride + col] = finish(acc - a.q_sum[row], row, col);
   };
   if (a.rows >= kTiledMinRows) {
 #if defined(__AVX512F__)
     // finish for one row's outputs [col, col + count), 16 at a time (the same float
     // operations in the same order, so the same bits as the other kernels).
     auto store_row = [&](const int32_t* acc, int64_t row, int64_t col, int64_t count) {
-      T* out = preact + row * n + col;
+      T* out = preact + row * a.preact_stride + col;
       const __m512i q_sum = _mm512_set1_epi32(a.q_sum[row]);
       const float s = a.scale[row];
       const __m512 divisor =

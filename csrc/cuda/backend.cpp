@@ -186,11 +186,13 @@ QuantizedRows quantized_rows(const Tensor& x, int64_t in_features) {
 }
 
 // out = alpha·residual + the integer projection of the rows' codes against one packed weight.
+// Into out where given (unit column stride, its row stride: a column range of a wider tensor),
+// else into a new tensor.
 Tensor quant_projection(const Tensor& x, Quant quant, const QuantizedRows& r,
                         const Tensor& weight, const float* weight_scale, const OptTensor& bias,
-                        const OptTensor& residual, double alpha) {
+                        const OptTensor& residual, double alpha, Tensor out = Tensor()) {
   const int64_t rows = r.q.size(0);
-  Tensor out = new_tensor({rows, weight.size(0)}, x.options());
+  if (!out.defined()) out = new_tensor({rows, weight.size(0)}, x.options());
   QuantLinearParams l;
   l.q = r.q.data_ptr<int8_t>();
   l.q_sum = r.q_sum.data_ptr<int32_t>();
@@ -204,7 +206,7 @@ Tensor quant_projection(const Tensor& x, Quant quant, const QuantizedRows& r,
     l.alpha = static_cast<float>(alpha);
   }
   l.out = out.data_ptr();
-  l.out_stride = out.size(1);
+  l.out_stride = out.stride(0);
   l.rows = rows;
   l.in_features = r.q.size(1);
   l.out_features = weight.size(0);
@@ -448,9 +450,10 @@ void Kernels::ln_linear_group(const LnLinearGroupArgs& a, LnLinearGroupOutputs& 
     quantize_rows_of(x, a.ln_weight, a.eps, a.norm, Activation::kNone, in_features, out.rstd,
                      /*saved=*/false, std::nullopt, r.q, r.q_sum, r.scale);
     const float* scales = a.weight_scales->data_ptr<float>();
+    const std::vector<Tensor> dests = group_outputs(a, out);
     for (size_t i = 0; i < a.weights.size(); ++i) {
-      out.outs.push_back(quant_projection(x, a.quant, r, a.weights[i], scales + i, a.biases[i],
-                                          std::nullopt, 1.0));
+      quant_projection(x, a.quant, r, a.weights[i], scales + i, a.biases[i], std::nullopt, 1.0,
+                       dests[i]);
     }
     return;
   }
@@ -464,9 +467,12 @@ void Kernels::ln_linear_group(const LnLinearGroupArgs& a, LnLinearGroupOutputs& 
     norm_forward_with({x, std::nullopt, 1.0, a.ln_weight, a.ln_bias, a.eps, a.norm},
                       {h, Tensor(), out.mean, out.rstd});
   }
+  // Each projection into its destination (a column range of the concat output: the GEMM's ldc).
+  const std::vector<Tensor> dests = group_outputs(a, out);
   for (size_t i = 0; i < a.weights.size(); ++i) {
     const Tensor wt = (online ? fake_quant_weight_of(a.weights[i]) : a.weights[i]).t();
-    out.outs.push_back(a.biases[i].has_value() ? at::addmm(*a.biases[i], h, wt) : at::mm(h, wt));
+    Tensor dest = dests[i];
+    a.biases[i].has_value() ? at::addmm_out(dest, *a.biases[i], h, wt) : at::mm_out(dest, h, wt);
   }
 }
 

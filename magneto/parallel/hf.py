@@ -72,8 +72,11 @@ class ColumnParallelProjection:
         return column_parallel_group(x, *nargs, [linear], options.backend)[0]
 
     @staticmethod
-    def group(x, nargs, linears, options):
-        return column_parallel_group(x, *nargs, linears, options.backend)
+    def group(x, nargs, linears, options, concat=False):
+        # concat: the shards' outputs concatenated after the call (column_parallel_group
+        # returns one tensor per projection)
+        outs = column_parallel_group(x, *nargs, linears, options.backend)
+        return torch.cat(outs, dim=-1) if concat else outs
 
 
 def _bitnet_mode(linear: nn.Module) -> Optional[str]:
@@ -226,8 +229,9 @@ class ColumnParallelBitProjection:
         return linear.call(x, nargs, options.backend)
 
     @staticmethod
-    def group(x, nargs, linears, options):
-        return tuple(linear.call(x, nargs, options.backend) for linear in linears)
+    def group(x, nargs, linears, options, concat=False):
+        outs = tuple(linear.call(x, nargs, options.backend) for linear in linears)
+        return torch.cat(outs, dim=-1) if concat else outs
 
 
 def _present(module: nn.Module, names) -> list[str]:

@@ -48,6 +48,16 @@ def _rows(t):
     return t if t.dim() == 2 else t.view(-1, t.shape[-1])
 
 
+def _strided_rows(t):
+    """t as (rows, features) with unit column stride, a view where t allows one (a column range
+    of a wider gradient keeps its row stride: the kernels take it), else contiguous; None as
+    it is."""
+    if t is None or t.stride(-1) != 1:
+        return _rows(t)
+    t = t.reshape(-1, t.shape[-1])
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def _dense(t):
     """t contiguous (the kernels read a vector's elements one after another); None as it is."""
     return None if t is None else t.contiguous()
@@ -219,7 +229,7 @@ def _ln_linear_group_backward_op(*args):
     a = checks.ln_linear_group_backward(*args)
     dx, *grads = _group.ln_linear_group_backward(
         *a._replace(
-            grad_outs=[_rows(g) for g in a.grad_outs],
+            grad_outs=[_strided_rows(g) for g in a.grad_outs],
             x=_rows(a.x),
             ln_weight=_dense(a.ln_weight),
             ln_bias=_dense(a.ln_bias),

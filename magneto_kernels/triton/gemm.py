@@ -113,6 +113,7 @@ def _epilogue(
     col0,
     M,
     N,
+    stride_cm,
     stride_rm,
     threshold,
     dropout_scale,
@@ -124,19 +125,20 @@ def _epilogue(
 ):
     """linear_epilogue of the accumulator tile ``acc`` whose element (0, 0) is output element
     (row0, col0): C = alpha·residual + dropout(act(preact)), preact = acc + bias (stored with
-    an output activation). C and PREACT are contiguous (M, N); RES has row stride stride_rm.
+    an output activation). PREACT is contiguous (M, N); C has row stride stride_cm (N, or a
+    column range of a wider output: ln_linear_group's concat), RES stride_rm.
     A tile larger than EPILOGUE_SLICE is halved along its columns and each half done in turn."""
     BM: tl.constexpr = acc.shape[0]
     BN: tl.constexpr = acc.shape[1]
     if BM * BN > EPILOGUE_SLICE:
         left, right = acc.reshape(BM, 2, BN // 2).permute(0, 2, 1).split()
         _epilogue(
-            left, C, PREACT, BIAS, RES, SEED, row0, col0, M, N, stride_rm, threshold,
+            left, C, PREACT, BIAS, RES, SEED, row0, col0, M, N, stride_cm, stride_rm, threshold,
             dropout_scale, alpha, HAS_BIAS, ACT, DROPOUT, HAS_RES,
         )  # fmt: skip
         _epilogue(
-            right, C, PREACT, BIAS, RES, SEED, row0, col0 + BN // 2, M, N, stride_rm, threshold,
-            dropout_scale, alpha, HAS_BIAS, ACT, DROPOUT, HAS_RES,
+            right, C, PREACT, BIAS, RES, SEED, row0, col0 + BN // 2, M, N, stride_cm, stride_rm,
+            threshold, dropout_scale, alpha, HAS_BIAS, ACT, DROPOUT, HAS_RES,
         )  # fmt: skip
     else:
         lm = tl.arange(0, BM)
@@ -157,7 +159,8 @@ def _epilogue(
         if HAS_RES:
             res_offs = row0 * stride_rm + col0 + (lm[:, None] * stride_rm + ln[None, :])
             acc = alpha * tl.load(RES + res_offs, mask=c_mask, other=0.0).to(tl.float32) + acc
-        tl.store(C + tile + offs, cast_rn(acc, C.dtype.element_ty), mask=c_mask)
+        c_offs = row0 * stride_cm + col0 + (lm[:, None] * stride_cm + ln[None, :])
+        tl.store(C + c_offs, cast_rn(acc, C.dtype.element_ty), mask=c_mask)
 
 
 @triton.jit
@@ -260,8 +263,8 @@ def _ln_matmul_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     _epilogue(
-        acc, C, PREACT, BIAS, RES, SEED, row0, col0, M, N, stride_rm, threshold, dropout_scale,
-        alpha, HAS_BIAS, ACT, DROPOUT, HAS_RES,
+        acc, C, PREACT, BIAS, RES, SEED, row0, col0, M, N, N, stride_rm, threshold,
+        dropout_scale, alpha, HAS_BIAS, ACT, DROPOUT, HAS_RES,
     )  # fmt: skip
 
 

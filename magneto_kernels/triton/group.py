@@ -57,6 +57,7 @@ def _weight_tile(
     stride_am,
     stride_bk,
     stride_bn,
+    stride_cm,
     NORM: tl.constexpr,
     HAS_GAMMA: tl.constexpr,
     HAS_BETA: tl.constexpr,
@@ -67,7 +68,8 @@ def _weight_tile(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Output tile ``tile`` (row-tile major over this weight's tiles) of C = N(A) @ B + bias."""
+    """Output tile ``tile`` (row-tile major over this weight's tiles) of C = N(A) @ B + bias, C
+    with row stride stride_cm."""
     num_m = tl.cdiv(M, BLOCK_M)
     row0 = ((tile % num_m) * BLOCK_M).to(tl.int64)
     col0 = ((tile // num_m) * BLOCK_N).to(tl.int64)
@@ -102,7 +104,7 @@ def _weight_tile(
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_bk
     gemm._epilogue(
-        acc, C, None, BIAS, None, None, row0, col0, M, N, 0, 0, 1.0, 1.0,
+        acc, C, None, BIAS, None, None, row0, col0, M, N, stride_cm, 0, 0, 1.0, 1.0,
         HAS_BIAS, ACT_NONE, False, False,
     )  # fmt: skip
 
@@ -138,10 +140,12 @@ def _group_kernel(
     stride_b2n,
     stride_b3k,
     stride_b3n,
+    stride_cm,
     M,
     K,
     stride_am,
     WEIGHTS: tl.constexpr,
+    CONCAT: tl.constexpr,
     NORM: tl.constexpr,
     HAS_GAMMA: tl.constexpr,
     HAS_BETA: tl.constexpr,
@@ -156,7 +160,9 @@ def _group_kernel(
     BLOCK_K: tl.constexpr,
 ):
     """C_i[M, N_i] = N(A) @ B_i + BIAS_i for i < WEIGHTS, B_i[k, n] at B_i + k·stride_bik +
-    n·stride_bin (weight i transposed): the programs cover weight 0's tiles, then weight 1's...
+    n·stride_bin (weight i transposed), C_i with row stride N_i, or with CONCAT stride_cm (the
+    width of the one output whose columns C_i are): the programs cover weight 0's tiles, then
+    weight 1's...
     The row statistics are loaded once per program. Unused weights' arguments are None / 0."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -177,35 +183,40 @@ def _group_kernel(
     if pid < end0:
         _weight_tile(
             pid, A, B0, C0, BIAS0, mean, rstd, GAMMA, BETA, M, N0, K, stride_am, stride_b0k,
-            stride_b0n, NORM, HAS_GAMMA, HAS_BETA, HAS_BIAS0, DOT_FP32, PRECISION, BLOCK_M,
-            BLOCK_N, BLOCK_K,
+            stride_b0n, stride_cm if CONCAT else N0, NORM,
+            HAS_GAMMA, HAS_BETA, HAS_BIAS0, DOT_FP32, PRECISION,
+            BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip
     if WEIGHTS > 1:
         if (pid >= end0) & (pid < end1):
             _weight_tile(
                 pid - end0, A, B1, C1, BIAS1, mean, rstd, GAMMA, BETA, M, N1, K, stride_am,
-                stride_b1k, stride_b1n, NORM, HAS_GAMMA, HAS_BETA, HAS_BIAS1, DOT_FP32,
+                stride_b1k, stride_b1n, stride_cm if CONCAT else N1, NORM,
+                HAS_GAMMA, HAS_BETA, HAS_BIAS1, DOT_FP32,
                 PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
             )  # fmt: skip
     if WEIGHTS > 2:
         if (pid >= end1) & (pid < end2):
             _weight_tile(
                 pid - end1, A, B2, C2, BIAS2, mean, rstd, GAMMA, BETA, M, N2, K, stride_am,
-                stride_b2k, stride_b2n, NORM, HAS_GAMMA, HAS_BETA, HAS_BIAS2, DOT_FP32,
+                stride_b2k, stride_b2n, stride_cm if CONCAT else N2, NORM,
+                HAS_GAMMA, HAS_BETA, HAS_BIAS2, DOT_FP32,
                 PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
             )  # fmt: skip
     if WEIGHTS > 3:
         if pid >= end2:
             _weight_tile(
                 pid - end2, A, B3, C3, BIAS3, mean, rstd, GAMMA, BETA, M, N3, K, stride_am,
-                stride_b3k, stride_b3n, NORM, HAS_GAMMA, HAS_BETA, HAS_BIAS3, DOT_FP32,
+                stride_b3k, stride_b3n, stride_cm if CONCAT else N3, NORM,
+                HAS_GAMMA, HAS_BETA, HAS_BIAS3, DOT_FP32,
                 PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
             )  # fmt: skip
 
 
 def group_matmul(x, weights, biases, outs, norm, mean, rstd, gamma, beta):
     """outs[i] = N(x) @ weights[i]^T + biases[i] for up to MAX_WEIGHTS weights, one launch; x
-    (rows, K) with unit column stride, the weights (N_i, K) any-strided, outs contiguous."""
+    (rows, K) with unit column stride, the weights (N_i, K) any-strided, outs with unit column
+    stride (column ranges of one concat output, or contiguous)."""
     rows, k = x.shape
     count = len(weights)
     slots = {}
@@ -218,8 +229,15 @@ def group_matmul(x, weights, biases, outs, norm, mean, rstd, gamma, beta):
         slots[f"stride_b{i}k"] = 0 if w is None else w.stride(1)
         slots[f"stride_b{i}n"] = 0 if w is None else w.stride(0)
         slots[f"HAS_BIAS{i}"] = i < count and biases[i] is not None
+    # concat: the outputs are column ranges of one tensor, of one row stride
+    concat = any(o.stride(0) != o.shape[1] for o in outs)
     dtype = weights[0].dtype
-    aligned = x.stride(0) % 16 == 0 and k % 16 == 0 and all(w.stride(0) % 16 == 0 for w in weights)
+    aligned = (
+        x.stride(0) % 16 == 0
+        and k % 16 == 0
+        and all(w.stride(0) % 16 == 0 for w in weights)
+        and all(o.is_contiguous() or o.stride(0) % 16 == o.data_ptr() % 16 == 0 for o in outs)
+    )
     tiles = configs.gemm_tiles(dtype, rows, aligned)
     if configs.dot_kind(dtype) == "ieee" and configs.row_bucket(rows) != 16:
         # exact fp32 FMA dots: ln_linear's tiles spill here (the weight slots' code and the
@@ -232,6 +250,7 @@ def group_matmul(x, weights, biases, outs, norm, mean, rstd, gamma, beta):
 
     flags = dict(
         WEIGHTS=count,
+        CONCAT=concat,
         NORM=NORMS[norm],
         HAS_GAMMA=gamma is not None,
         HAS_BETA=beta is not None,
@@ -260,29 +279,41 @@ def group_matmul(x, weights, biases, outs, norm, mean, rstd, gamma, beta):
         M=rows,
         K=k,
         stride_am=x.stride(0),
+        stride_cm=outs[0].stride(0),
         **slots,
         **flags,
     )
 
 
+def _outputs(rows, weights, x, concat):
+    """The op's outputs (one per weight, or the one concat output) and each projection's
+    destination (with concat, its column range of the one output)."""
+    widths = [w.shape[0] for w in weights]
+    if not concat:
+        outs = [new_buffer((rows, n), x.dtype, x.device) for n in widths]
+        return outs, outs
+    out = new_buffer((rows, sum(widths)), x.dtype, x.device)
+    return [out], list(out.split(widths, dim=1))
+
+
 def ln_linear_group(
-    x, ln_weight, ln_bias, weights, biases, eps, norm, quant="none", weight_scales=None
-):
+    x, ln_weight, ln_bias, weights, biases, eps, norm, quant="none", weight_scales=None,
+    concat=False,
+):  # fmt: skip
     rows = x.shape[0]
     x, ln_weight, ln_bias = rowwise(x, ln_weight, ln_bias)
+    outs, dests = _outputs(rows, weights, x, concat)
     if quant != "none":
         rstd, scale = _quant.row_stats(x, ln_weight, eps, norm, "none", x.shape[1])
-        outs = []
         for i, (w, b) in enumerate(zip(weights, biases)):
             ws = None if weight_scales is None else weight_scales[i : i + 1]
             args = (x, ln_weight, w, b, None, norm, "none", 1.0, quant, ws, rstd, scale)
-            outs.append(_quant.project(*args))
+            _quant.project(*args, out=dests[i])
         return outs, x.new_empty((0,), dtype=torch.float32), rstd
     if norm != "none":
         _, _, mean, rstd = norm_forward(x, None, None, eps, norm, write_y=False)
     else:
         mean = rstd = x.new_empty((0,), dtype=torch.float32)
-    outs = [new_buffer((rows, w.shape[0]), x.dtype, x.device) for w in weights]
     if rows == 0:
         return outs, mean, rstd
     for first in range(0, len(weights), MAX_WEIGHTS):
@@ -291,7 +322,7 @@ def ln_linear_group(
             x,
             weights[part],
             biases[part],
-            outs[part],
+            dests[part],
             norm,
             mean if norm == "layer" else None,
             rstd if norm != "none" else None,

@@ -174,6 +174,7 @@ def _quant_matmul_kernel(
     K,
     stride_xm,
     stride_wn,
+    stride_cm,
     stride_rm,
     alpha,
     QUANT: tl.constexpr,
@@ -259,8 +260,8 @@ def _quant_matmul_kernel(
         # preact rounded to x's dtype before alpha·residual, as the reference adds them.
         acc = cast_rn(y, dtype).to(tl.float32)
     gemm._epilogue(
-        acc, C, None, BIAS if QUANT == ONLINE else None, RES, None, row0, col0, M, N, stride_rm,
-        0, 1.0, alpha, HAS_BIAS and QUANT == ONLINE, ACT_NONE, False, HAS_RES,
+        acc, C, None, BIAS if QUANT == ONLINE else None, RES, None, row0, col0, M, N, stride_cm,
+        stride_rm, 0, 1.0, alpha, HAS_BIAS and QUANT == ONLINE, ACT_NONE, False, HAS_RES,
     )  # fmt: skip
 
 
@@ -467,15 +468,18 @@ def ln_linear(
 
 def project(
     x, ln_weight, weight, bias, residual, norm, input_activation, alpha, quant, weight_scale, rstd,
-    scale,
+    scale, out=None,
 ):  # fmt: skip
     """``_quant_matmul_kernel``'s output for x's rows (rowwise) of statistics (rstd, scale)
     from ``row_stats``: ln_linear's, or one weight's of ln_linear_group (which takes the row
-    statistics once for every weight). Online, ``weight_scale`` is the given mean|W| or None."""
+    statistics once for every weight). Online, ``weight_scale`` is the given mean|W| or None.
+    Into ``out`` where given (unit column stride: a column range of the group's concat output),
+    else into a new tensor."""
     rows = x.shape[0]
     online = quant == "bitnet_online"
     n, in_features = weight.shape[0], weight.shape[1] * (1 if online else 4)
-    out = new_buffer((rows, n), x.dtype, x.device)
+    if out is None:
+        out = new_buffer((rows, n), x.dtype, x.device)
     if rows == 0 or n == 0:
         return out
     w = fake_quant_weight(weight, weight_scale) if online else weight
@@ -503,6 +507,7 @@ def project(
         K=in_features,
         stride_xm=x.stride(0),
         stride_wn=w.stride(0),
+        stride_cm=out.stride(0),
         stride_rm=0 if residual is None else residual.stride(0),
         alpha=alpha,
     )

@@ -93,9 +93,9 @@ class LinearProjection:
         return _ln_linear(x, nargs, linear.weight, linear.bias, options, **kwargs)
 
     @staticmethod
-    def group(x: Tensor, nargs: NormArgs, linears, options) -> tuple[Tensor, ...]:
+    def group(x: Tensor, nargs: NormArgs, linears, options, concat=False):
         """``[linear(norm(x)) for linear in linears]`` as one ``ln_linear_group``: x normalised
-        once, its gradient summed inside the op."""
+        once, its gradient summed inside the op; ``concat``: side by side in one tensor."""
         ln_weight, ln_bias, eps, norm = nargs
         outs = magneto_kernels.ln_linear_group(
             x,
@@ -105,6 +105,7 @@ class LinearProjection:
             [linear.bias for linear in linears],
             eps=eps,
             norm=norm,
+            concat=concat,
             backend=options.backend,
         )
         return outs
@@ -181,13 +182,14 @@ class _BitNetProjection:
         )
 
     @classmethod
-    def group(cls, x: Tensor, nargs: NormArgs, linears, options) -> tuple[Tensor, ...]:
+    def group(cls, x: Tensor, nargs: NormArgs, linears, options, concat=False):
         """q/k/v or gate/up as one quantised ``ln_linear_group``: the normalised row quantised
-        once for every projection. Projections of different modes (a model converted in part)
-        run one call each."""
+        once for every projection; ``concat``: side by side in one tensor. Projections of
+        different modes (a model converted in part) run one call each."""
         mode = cls.mode(linears[0])
         if any(cls.mode(linear) != mode for linear in linears):
-            return tuple(cls.call(x, nargs, linear, options) for linear in linears)
+            outs = tuple(cls.call(x, nargs, linear, options) for linear in linears)
+            return torch.cat(outs, dim=-1) if concat else outs
         offline = cls.offline(linears[0])
         ln_weight, ln_bias, eps, norm = nargs
         return magneto_kernels.ln_linear_group(
@@ -200,6 +202,7 @@ class _BitNetProjection:
             norm=norm,
             quant=mode,
             weight_scales=cls.weight_scales(linears) if offline else None,
+            concat=concat,
             backend=options.backend,
         )
 
@@ -420,11 +423,14 @@ def project(
 ):
     """The group call site: ``[linear(norm(x)) for linear in linears]`` (q/k/v, gate/up, fc1),
     each fused with the norm where an adapter accepts it; ``concat``: the outputs concatenated
-    along the last dimension instead. ``module``: the patched module making the call (its
-    options, its family's RMSNorm class)."""
+    along the last dimension instead, written side by side by the group op where one adapter
+    takes every projection (no concatenation pass). ``module``: the patched module making the
+    call (its options, its family's RMSNorm class)."""
     options = module._magneto_options
     nargs = norm_args(norm, module._rms_norm, x)
     adapters = [None if nargs is None else _adapter(linear, x, options) for linear in linears]
+    if concat and len(linears) > 1 and adapters[0] is not None and len(set(adapters)) == 1:
+        return adapters[0].group(x, nargs, linears, options, concat=True)
     outs = [None] * len(linears)
     for adapter in dict.fromkeys(a for a in adapters if a is not None):
         # the projections one adapter accepts: one group call, or one call for a single one
