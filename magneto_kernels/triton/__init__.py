@@ -6,8 +6,9 @@ they run on CPU tensors in Triton's interpreter.
 Modules: ``philox`` (Philox4x32-10 dropout stream), ``activations``, ``norm`` (row kernels:
 LayerNorm/RMSNorm forward and backward, add-LayerNorm, deterministic column sums), ``ln_linear``
 (the fused norm → GEMM → epilogue op and its backward), ``dropout`` (the dropout op),
-``group`` (``ln_linear_group``: one norm for several weights, one launch), ``quant`` (BitNet's
-quantised ``ln_linear``, ``quant=``).
+``group`` (``ln_linear_group``: one norm for several weights, one launch) and
+``group_backward`` (its backward, one launch per gradient), ``quant`` (BitNet's quantised
+``ln_linear``, ``quant=``).
 
 Launch convention: an absent tensor is passed as None next to a constexpr ``HAS_*``/``WANT_*``
 flag (Triton specialises None as a constexpr, so the kernel never sees a placeholder pointer);
@@ -28,6 +29,7 @@ from magneto_kernels import checks
 from magneto_kernels.library import op_name
 from magneto_kernels.triton import dropout as _dropout
 from magneto_kernels.triton import group as _group
+from magneto_kernels.triton import group_backward as _group_backward
 from magneto_kernels.triton import ln_linear as _ln_linear
 from magneto_kernels.triton import norm as _norm
 from magneto_kernels.triton import quant as _quant
@@ -46,6 +48,14 @@ def _rows(t):
         return t
     t = t.contiguous()
     return t if t.dim() == 2 else t.view(-1, t.shape[-1])
+
+
+def _row_view(t):
+    """t as (rows, features) with unit column stride and any row stride, a view where it can be
+    (a column slice of a wider tensor stays one), else as ``_rows``."""
+    if t is None or t.dim() < 2 or t.stride(-1) != 1:
+        return _rows(t)
+    return t.reshape(-1, t.shape[-1])
 
 
 def _dense(t):
@@ -217,9 +227,9 @@ def _ln_linear_group_op(*args):
 
 def _ln_linear_group_backward_op(*args):
     a = checks.ln_linear_group_backward(*args)
-    dx, *grads = _group.ln_linear_group_backward(
+    dx, *grads = _group_backward.ln_linear_group_backward(
         *a._replace(
-            grad_outs=[_rows(g) for g in a.grad_outs],
+            grad_outs=[_row_view(g) for g in a.grad_outs],
             x=_rows(a.x),
             ln_weight=_dense(a.ln_weight),
             ln_bias=_dense(a.ln_bias),
