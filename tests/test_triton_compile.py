@@ -163,6 +163,7 @@ def _run_op_call(kind, dtype_name, spec, all_tiles):
     from magneto_kernels.triton import group_backward as grb
     from magneto_kernels.triton import ln_linear as ll
     from magneto_kernels.triton import norm as nm
+    from magneto_kernels.triton import norm_backward as nmb
 
     dtype = {"fp32": torch.float32, "tf32": torch.float32}.get(dtype_name)
     dtype = dtype or {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
@@ -224,7 +225,7 @@ def _run_op_call(kind, dtype_name, spec, all_tiles):
             t(rows, n), x, ln_w, None, t(n, k), mean, rstd, t(0), seed, *options, 0.0, mask,
             row_sums=sums,
         )  # fmt: skip
-        nm.norm_backward(
+        nmb.norm_backward(
             t(rows, k), x, ln_w, None, mean, rstd, None, norm, [True, True, False],
             input_activation=in_act, row_means=sums,
         )  # fmt: skip
@@ -237,7 +238,7 @@ def _run_op_call(kind, dtype_name, spec, all_tiles):
             nm.add_layer_norm(x, t(rows, width), w, b, 1e-5, 0.5, norm)
             return
         _, mean, rstd = nm.layer_norm(x, w, b, 1e-5, norm)
-        nm.layer_norm_backward(x, x, w, b, mean, rstd, x, norm, [True, True, True])
+        nmb.layer_norm_backward(x, x, w, b, mean, rstd, x, norm, [True, True, True])
         return
     rows, k, n, norm = spec["rows"], spec["k"], spec["n"], spec["norm"]
     gated = spec["in_act"] in ("geglu", "swiglu", "relu2_glu")

@@ -4,8 +4,9 @@ Importing this package registers the kernels. Under ``TRITON_INTERPRET=1`` (set 
 they run on CPU tensors in Triton's interpreter.
 
 Modules: ``philox`` (Philox4x32-10 dropout stream), ``activations``, ``norm`` (row kernels:
-LayerNorm/RMSNorm forward and backward, add-LayerNorm, deterministic column sums), ``ln_linear``
-(the fused norm → GEMM → epilogue op and its backward), ``dropout`` (the dropout op),
+LayerNorm/RMSNorm forward, add-LayerNorm), ``norm_backward`` (their backward, deterministic
+column sums), ``ln_linear`` (the fused norm → GEMM → epilogue op and its backward), ``dropout``
+(the dropout op),
 ``group`` (``ln_linear_group``: one norm for several weights, one launch) and
 ``group_backward`` (its backward, one launch per gradient), ``quant`` (BitNet's quantised
 ``ln_linear``, ``quant=``).
@@ -32,6 +33,7 @@ from magneto_kernels.triton import group as _group
 from magneto_kernels.triton import group_backward as _group_backward
 from magneto_kernels.triton import ln_linear as _ln_linear
 from magneto_kernels.triton import norm as _norm
+from magneto_kernels.triton import norm_backward as _norm_backward
 from magneto_kernels.triton import quant as _quant
 from magneto_kernels.triton.common import INTERPRET  # noqa: F401  (read by backends.py)
 from magneto_kernels.triton.common import new_buffer as _new_buffer
@@ -104,7 +106,7 @@ _SHARDED_ARGS = ("input_activation", "row_means")  # layer_norm_backward's last 
 def _layer_norm_backward_op(*args):
     a = checks.layer_norm_backward(*args)
     k = _for_kernels(a)
-    dx, dweight, dbias = _norm.norm_backward(
+    dx, dweight, dbias = _norm_backward.norm_backward(
         *k[: -len(_SHARDED_ARGS)], input_activation=k.input_activation, row_means=k.row_means
     )
     return _like(dx, a.x), dweight, dbias

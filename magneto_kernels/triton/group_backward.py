@@ -29,7 +29,7 @@ from magneto_kernels.triton.ln_linear import (
     DZ_WARPS,
     _linear_epilogue_backward_kernel,
 )
-from magneto_kernels.triton.norm import column_sum, norm_backward
+from magneto_kernels.triton.norm_backward import column_sum, norm_backward
 
 
 @triton.jit
