@@ -31,6 +31,9 @@ from magneto_kernels.triton.ln_linear import (
 )
 from magneto_kernels.triton.norm_backward import column_sum, norm_backward
 
+GROUP_DH_IEEE_TILE = (64, 64, 16, 4, 2)
+"""(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) of the exact-fp32 dh launch above 64 rows."""
+
 
 @triton.jit
 def _dh_member(
@@ -244,10 +247,15 @@ def group_dh(dh, grad_outs, weights, accumulate):
     aligned = gemm._aligned(dict(slots, DH=dh, K=k))
     flags = dict(WEIGHTS=count, ACCUMULATE=accumulate, **gemm.dot_flags(dtype))
     key = (configs.row_bucket(rows), k, tuple(w.shape[0] for w in weights), dtype, aligned)
+    tiles = configs.gemm_tiles(dtype, rows, aligned)
+    if configs.dot_kind(dtype) == "ieee" and configs.row_bucket(rows) is None:
+        # exact fp32 FMA dots: with three or four members' loops the 8-warp tiles spill (Triton
+        # 3.9, sm_80; tests/test_triton_compile.py), a 4-warp one does not
+        tiles = [configs.gemm_tile(*GROUP_DH_IEEE_TILE, 4)]
     configs.launch(
         _group_dh_kernel,
         lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_N"]),),
-        configs.gemm_tiles(dtype, rows, aligned),
+        tiles,
         (*key, *flags.values()),
         DH=dh,
         M=rows,
