@@ -168,7 +168,8 @@ def test_native_group_normalises_once(backend, weights_count):
 )
 def test_triton_group_launches(backend, weights_count, monkeypatch):
     """The triton family's group forward is two launches (the statistics, then one GEMM launch
-    for up to four weights), its backward one norm backward for the group."""
+    for up to four weights), its backward one launch for dh and one for the weight gradients
+    and their bias sums (per four weights), and one norm backward for the group."""
     from magneto_kernels.triton import configs
 
     launched = []
@@ -185,7 +186,60 @@ def test_triton_group_launches(backend, weights_count, monkeypatch):
     assert counts["_norm_fwd_kernel"] == 1, counts
     assert counts["_group_kernel"] == (1 if weights_count <= 4 else 2), counts
     assert counts["_norm_bwd_kernel"] == 1, counts
-    assert counts["_ln_matmul_kernel"] == weights_count, counts  # dh, summed in float32
+    launches = 1 if weights_count <= 4 else 2
+    assert counts["_group_dh_kernel"] == launches, counts
+    assert counts["_group_dweight_kernel"] == launches, counts
+    # no per-weight GEMM or bias sum is left in the backward
+    per_weight = ("_ln_matmul_kernel", "_dweight_kernel", "_linear_epilogue_backward_kernel")
+    assert not any(counts[name] for name in per_weight), counts
+
+
+@pytest.mark.parametrize("out_features", [(12,), (16, 8), (8, 20, 4)], ids=lambda o: f"{len(o)}w")
+@pytest.mark.parametrize(
+    "backend", [p for p in backend_params(kernels_only=True) if p.id == "triton"]
+)
+def test_triton_group_backward_of_column_slices(backend, out_features, monkeypatch):
+    """The gradients of the outputs as column slices of one wider gradient (strided rows, as
+    when the group's outputs are one tensor): the backward reads them in place, in one dh
+    launch and one weight-gradient launch for the group, and every gradient matches float64."""
+    from magneto_kernels.triton import configs
+
+    n = len(out_features)
+    with_bias = BIASES["mixed"](n)
+    inputs = _inputs((2, 5), 24, "layer", torch.float32, with_bias, out_features, seed=4)
+    width = sum(out_features) + 3  # wider than the outputs: no slice ends the row
+    grad = randn(2, 5, width, mean=0.3, generator=torch.Generator().manual_seed(9))
+    ends = torch.tensor(out_features).cumsum(0).tolist()
+    slices = [grad[..., end - n_i : end] for end, n_i in zip(ends, out_features)]
+
+    def gradients(backend_name, cast):
+        leaves = {k: cast(t) for k, t in inputs.items() if t is not None}
+        trained = {k: t.requires_grad_() for k, t in leaves.items() if (k, n) != ("w0", 3)}
+        outs = _group_fn("layer", n, with_bias)(**leaves, backend=backend_name)
+        grads = torch.autograd.grad(outs, list(trained.values()), [cast(s) for s in slices])
+        return dict(zip(trained, grads))
+
+    launched, dy_strides = [], []
+    real_launch = configs.launch
+
+    def launch(kernel, *args, **kwargs):
+        launched.append(kernel.__name__)
+        if kernel.__name__ in ("_group_dh_kernel", "_group_dweight_kernel"):
+            dy = kwargs["DY0" if "DY0" in kwargs else "DZ0"]
+            dy_strides.append(dy.stride())
+        return real_launch(kernel, *args, **kwargs)
+
+    monkeypatch.setattr(configs, "launch", launch)
+    with backend.running():
+        got = gradients(backend.name, lambda t: t)
+    monkeypatch.setattr(configs, "launch", real_launch)
+    counts = Counter(launched)
+    assert counts["_group_dh_kernel"] == 1 and counts["_group_dweight_kernel"] == 1, counts
+    assert dy_strides == [(width, 1)] * 2  # the slice itself, not a contiguous copy
+    same = gradients("reference", lambda t: t)
+    ref64 = gradients("reference", lambda t: t.double())
+    for name in got:
+        assert_close_to_reference(got[name], ref64[name], same[name], name)
 
 
 @pytest.mark.parametrize("backend", backend_params(kernels_only=True))

@@ -22,7 +22,7 @@ from magneto_kernels import reference
 from magneto_kernels.library import get_op
 
 triton_kernels = pytest.importorskip("magneto_kernels.triton")
-from magneto_kernels.triton import norm as triton_norm  # noqa: E402
+from magneto_kernels.triton import norm_backward as triton_norm  # noqa: E402
 from magneto_kernels.triton import philox as triton_philox  # noqa: E402
 
 TRITON = BY_NAME["triton"]

@@ -103,8 +103,9 @@ def _op_calls():
         calls.append(("ln_linear", "bf16", dict(HEAVY, rows=BIG, k=k, n=4096), False))
     calls.append(("ln_linear", "bf16", dict(PLAIN, rows=BIG, k=1000, n=1000), False))
     # ln_linear_group: q/k/v (three weights per launch, biases on some) in every row bucket in
-    # bf16, the training and decode buckets in every dot kind; four weights; gate/up unaligned.
-    # (Its backward's GEMMs are ln_linear's kernels, compiled above in every bucket.)
+    # bf16, the training and decode buckets in every dot kind; four weights; gate/up unaligned;
+    # five weights (a second launch each, whose dh adds the first's). Each backward (not at
+    # decode) is the group's dh and dweight launches.
     for dtype in DTYPES:
         for rows in (BIG, MID, FEW, ONE) if dtype == "bf16" else (BIG, FEW):
             group = dict(rows=rows, k=4096, n=(4096, 1024, 1024), norm="layer", bias=(1, 0, 1))
@@ -113,6 +114,8 @@ def _op_calls():
         calls.append(("ln_linear_group", dtype, four, False))
     gate_up = dict(rows=BIG, k=1000, n=(4096, 4096), norm="none", bias=(0, 0))
     calls.append(("ln_linear_group", "bf16", gate_up, False))
+    five = dict(rows=BIG, k=4096, n=(1024,) * 5, norm="rms", bias=(1, 0, 0, 0, 1))
+    calls.append(("ln_linear_group", "bf16", five, False))
     # The quantised ln_linear (triton/quant.py; BitNet b1.58 2B-4T's widths): the offline modes'
     # int8 GEMM with every tile of every row bucket in bf16 (the checkpoint's dtype), a decode
     # step, down_proj's gated input and fp32; the online mode's forward and backward in the
@@ -157,8 +160,10 @@ def _run_op_call(kind, dtype_name, spec, all_tiles):
     import torch
 
     from magneto_kernels.triton import group as gr
+    from magneto_kernels.triton import group_backward as grb
     from magneto_kernels.triton import ln_linear as ll
     from magneto_kernels.triton import norm as nm
+    from magneto_kernels.triton import norm_backward as nmb
 
     dtype = {"fp32": torch.float32, "tf32": torch.float32}.get(dtype_name)
     dtype = dtype or {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
@@ -183,7 +188,7 @@ def _run_op_call(kind, dtype_name, spec, all_tiles):
         outs, mean, rstd = gr.ln_linear_group(x, ln_w, ln_b, ws, biases, 1e-5, norm)
         if rows != ONE:  # decoding has no backward
             mask = [True, True, True] + [True] * len(ws) + [bool(b) for b in spec["bias"]]
-            gr.ln_linear_group_backward(outs, x, ln_w, ln_b, ws, mean, rstd, norm, mask)
+            grb.ln_linear_group_backward(outs, x, ln_w, ln_b, ws, mean, rstd, norm, mask)
         return
     if kind == "quant":
         from magneto_kernels.triton import quant as tq
@@ -220,7 +225,7 @@ def _run_op_call(kind, dtype_name, spec, all_tiles):
             t(rows, n), x, ln_w, None, t(n, k), mean, rstd, t(0), seed, *options, 0.0, mask,
             row_sums=sums,
         )  # fmt: skip
-        nm.norm_backward(
+        nmb.norm_backward(
             t(rows, k), x, ln_w, None, mean, rstd, None, norm, [True, True, False],
             input_activation=in_act, row_means=sums,
         )  # fmt: skip
@@ -233,7 +238,7 @@ def _run_op_call(kind, dtype_name, spec, all_tiles):
             nm.add_layer_norm(x, t(rows, width), w, b, 1e-5, 0.5, norm)
             return
         _, mean, rstd = nm.layer_norm(x, w, b, 1e-5, norm)
-        nm.layer_norm_backward(x, x, w, b, mean, rstd, x, norm, [True, True, True])
+        nmb.layer_norm_backward(x, x, w, b, mean, rstd, x, norm, [True, True, True])
         return
     rows, k, n, norm = spec["rows"], spec["k"], spec["n"], spec["norm"]
     gated = spec["in_act"] in ("geglu", "swiglu", "relu2_glu")
@@ -267,10 +272,10 @@ def _record_launches():
 
     def record(kernel, grid, tiles, key, **args):
         # a GEMM's operands: B (the forward's weight^T, dh's weight), B0 (the group's first
-        # weight^T), DZ in the dweight GEMM
+        # weight^T), DZ in the dweight GEMM, DY0 and DZ0 in the group's dh and dweight GEMMs
         gemm = "BLOCK_K" in dict(tiles[0].meta)
         # W in the quantised GEMM (triton/quant.py): packed uint8 codes, an int8 dot
-        names = ("B", "B0", "DZ", "W")
+        names = ("B", "B0", "DZ", "W", "DY0", "DZ0")
         operand = next((args[name] for name in names if name in args), None)
         kind = None
         if gemm:

@@ -4,10 +4,12 @@ Importing this package registers the kernels. Under ``TRITON_INTERPRET=1`` (set 
 they run on CPU tensors in Triton's interpreter.
 
 Modules: ``philox`` (Philox4x32-10 dropout stream), ``activations``, ``norm`` (row kernels:
-LayerNorm/RMSNorm forward and backward, add-LayerNorm, deterministic column sums), ``ln_linear``
-(the fused norm → GEMM → epilogue op and its backward), ``dropout`` (the dropout op),
-``group`` (``ln_linear_group``: one norm for several weights, one launch), ``quant`` (BitNet's
-quantised ``ln_linear``, ``quant=``).
+LayerNorm/RMSNorm forward, add-LayerNorm), ``norm_backward`` (their backward, deterministic
+column sums), ``ln_linear`` (the fused norm → GEMM → epilogue op and its backward), ``dropout``
+(the dropout op),
+``group`` (``ln_linear_group``: one norm for several weights, one launch) and
+``group_backward`` (its backward, one launch per gradient), ``quant`` (BitNet's quantised
+``ln_linear``, ``quant=``).
 
 Launch convention: an absent tensor is passed as None next to a constexpr ``HAS_*``/``WANT_*``
 flag (Triton specialises None as a constexpr, so the kernel never sees a placeholder pointer);
@@ -28,8 +30,10 @@ from magneto_kernels import checks
 from magneto_kernels.library import op_name
 from magneto_kernels.triton import dropout as _dropout
 from magneto_kernels.triton import group as _group
+from magneto_kernels.triton import group_backward as _group_backward
 from magneto_kernels.triton import ln_linear as _ln_linear
 from magneto_kernels.triton import norm as _norm
+from magneto_kernels.triton import norm_backward as _norm_backward
 from magneto_kernels.triton import quant as _quant
 from magneto_kernels.triton.common import INTERPRET  # noqa: F401  (read by backends.py)
 from magneto_kernels.triton.common import new_buffer as _new_buffer
@@ -48,19 +52,36 @@ def _rows(t):
     return t if t.dim() == 2 else t.view(-1, t.shape[-1])
 
 
-def _strided_rows(t):
-    """t as (rows, features) with unit column stride, a view where t allows one (a column range
-    of a wider gradient keeps its row stride: the kernels take it), else contiguous; None as
-    it is."""
-    if t is None or t.stride(-1) != 1:
+def _row_view(t):
+    """t as (rows, features) with unit column stride and any row stride, a view where it can be
+    (a column slice of a wider tensor stays one), else as ``_rows``."""
+    if t is None or t.dim() < 2 or t.stride(-1) != 1:
         return _rows(t)
-    t = t.reshape(-1, t.shape[-1])
-    return t if t.stride(-1) == 1 else t.contiguous()
+    return t.reshape(-1, t.shape[-1])
 
 
 def _dense(t):
     """t contiguous (the kernels read a vector's elements one after another); None as it is."""
     return None if t is None else t.contiguous()
+
+
+_ROW_ARGS = {"x": _rows, "residual": _rows, "grad_y": _rows, "grad_out": _rows, "preact": _rows,
+             "grad_accum": _rows, "grad_outs": _row_view, "weights": lambda w: w}  # fmt: skip
+"""The arguments the kernels take row for row with x (``_rows``; the group's output gradients
+as ``_row_view``, its weights as given: its GEMMs read both with their strides); every other
+tensor argument is made ``_dense``."""
+
+
+def _for_kernels(a):
+    """The checked arguments ``a`` (a namedtuple; lists element by element) as the kernels take
+    them (``_ROW_ARGS``); the arguments that are not tensors as they are."""
+
+    def convert(name, v):
+        if isinstance(v, (list, tuple)):
+            return [convert(name, t) for t in v]
+        return _ROW_ARGS.get(name, _dense)(v) if isinstance(v, torch.Tensor) else v
+
+    return a._replace(**{name: convert(name, v) for name, v in a._asdict().items()})
 
 
 def _like(out, x):
@@ -75,9 +96,7 @@ def _like(out, x):
 
 def _layer_norm_op(*args):
     a = checks.layer_norm(*args)
-    y, mean, rstd = _norm.layer_norm(
-        *a._replace(x=_rows(a.x), weight=_dense(a.weight), bias=_dense(a.bias))
-    )
+    y, mean, rstd = _norm.layer_norm(*_for_kernels(a))
     return _like(y, a.x), mean, rstd
 
 
@@ -86,29 +105,16 @@ _SHARDED_ARGS = ("input_activation", "row_means")  # layer_norm_backward's last 
 
 def _layer_norm_backward_op(*args):
     a = checks.layer_norm_backward(*args)
-    dx, dweight, dbias = _norm.norm_backward(
-        *a._replace(
-            grad_y=_rows(a.grad_y),
-            x=_rows(a.x),
-            weight=_dense(a.weight),
-            bias=_dense(a.bias),
-            mean=_dense(a.mean),
-            rstd=_dense(a.rstd),
-            grad_accum=_rows(a.grad_accum),
-        )[: -len(_SHARDED_ARGS)],
-        input_activation=a.input_activation,
-        row_means=_dense(a.row_means),
+    k = _for_kernels(a)
+    dx, dweight, dbias = _norm_backward.norm_backward(
+        *k[: -len(_SHARDED_ARGS)], input_activation=k.input_activation, row_means=k.row_means
     )
     return _like(dx, a.x), dweight, dbias
 
 
 def _add_layer_norm_op(*args):
     a = checks.add_layer_norm(*args)
-    y, s, mean, rstd = _norm.add_layer_norm(
-        *a._replace(
-            x=_rows(a.x), residual=_rows(a.residual), weight=_dense(a.weight), bias=_dense(a.bias)
-        )
-    )
+    y, s, mean, rstd = _norm.add_layer_norm(*_for_kernels(a))
     return _like(y, a.x), _like(s, a.x), mean, rstd
 
 
@@ -120,48 +126,29 @@ _QUANT_BACKWARD_ARGS = ("quant", "weight_scale", "row_amax")
 
 def _ln_linear_op(*args):
     a = checks.ln_linear(*args)
+    k = _for_kernels(a)
     if a.quant != "none":
         out, mean, rstd, preact = _quant.ln_linear(
-            _rows(a.x), _dense(a.ln_weight), _dense(a.weight), _dense(a.bias), _rows(a.residual),
-            a.eps, a.norm, a.input_activation, a.alpha, a.quant, a.weight_scale, _dense(a.rstd),
-            _dense(a.row_amax),
+            k.x, k.ln_weight, k.weight, k.bias, k.residual, k.eps, k.norm, k.input_activation,
+            k.alpha, k.quant, k.weight_scale, k.rstd, k.row_amax,
         )  # fmt: skip
         return _like(out, a.x), mean, rstd, preact
     out, mean, rstd, preact = _ln_linear.ln_linear(
-        *a._replace(
-            x=_rows(a.x),
-            ln_weight=_dense(a.ln_weight),
-            ln_bias=_dense(a.ln_bias),
-            weight=_dense(a.weight),
-            bias=_dense(a.bias),
-            residual=_rows(a.residual),
-        )[: -len(_QUANT_ARGS)],
-        stats=None if a.rstd is None else (_dense(a.mean), _dense(a.rstd)),
+        *k[: -len(_QUANT_ARGS)], stats=None if k.rstd is None else (k.mean, k.rstd)
     )
     return _like(out, a.x), mean, rstd, _like(preact, a.x)
 
 
 def _ln_linear_backward_op(*args):
     a = checks.ln_linear_backward(*args)
+    k = _for_kernels(a)
     if a.quant != "none":  # bitnet_online: the checks refuse the offline modes' backward
         grads = _quant.ln_linear_backward(
-            _rows(a.grad_out), _rows(a.x), _dense(a.ln_weight), _dense(a.weight),
-            _dense(a.rstd), a.norm, a.input_activation, a.output_mask, _dense(a.weight_scale),
-            _dense(a.row_amax),
+            k.grad_out, k.x, k.ln_weight, k.weight, k.rstd, k.norm, k.input_activation,
+            k.output_mask, k.weight_scale, k.row_amax,
         )  # fmt: skip
         return (_like(grads[0], a.x), *grads[1:])
-    grads = _ln_linear.ln_linear_backward(
-        *a._replace(
-            grad_out=_rows(a.grad_out),
-            x=_rows(a.x),
-            ln_weight=_dense(a.ln_weight),
-            ln_bias=_dense(a.ln_bias),
-            weight=_dense(a.weight),
-            mean=_dense(a.mean),
-            rstd=_dense(a.rstd),
-            preact=_rows(a.preact),
-        )[: -len(_QUANT_BACKWARD_ARGS)]
-    )
+    grads = _ln_linear.ln_linear_backward(*k[: -len(_QUANT_BACKWARD_ARGS)])
     return (_like(grads[0], a.x), *grads[1:])
 
 
@@ -179,25 +166,16 @@ def _ln_linear_backward_partial_op(*args):
     want_dh, want_dweight, want_dbias = (bool(m) for m in a.output_mask)
     rows, x = a.x.numel() // a.x.shape[-1], a.x
     row_sums = _new_buffer((rows, 2 if a.norm == "layer" else 1), torch.float32, x.device)
+    k = _for_kernels(a)
+    mask = [False, False, False, want_dweight, want_dbias]
     if a.quant != "none":  # bitnet_online: the checks refuse the offline modes
         dh, _, _, dweight, dbias = _quant.ln_linear_backward(
-            _rows(a.grad_out), _rows(x), _dense(a.ln_weight), _dense(a.weight), _dense(a.rstd),
-            a.norm, a.input_activation, [False, False, False, want_dweight, want_dbias],
-            _dense(a.weight_scale), _dense(a.row_amax), row_sums if want_dh else None,
+            k.grad_out, k.x, k.ln_weight, k.weight, k.rstd, k.norm, k.input_activation, mask,
+            k.weight_scale, k.row_amax, row_sums if want_dh else None,
         )  # fmt: skip
     else:
         dh, _, _, dweight, dbias = _ln_linear.ln_linear_backward(
-            *a._replace(
-                grad_out=_rows(a.grad_out),
-                x=_rows(x),
-                ln_weight=_dense(a.ln_weight),
-                ln_bias=_dense(a.ln_bias),
-                weight=_dense(a.weight),
-                mean=_dense(a.mean),
-                rstd=_dense(a.rstd),
-                preact=_rows(a.preact),
-                output_mask=[False, False, False, want_dweight, want_dbias],
-            )[: -len(_QUANT_BACKWARD_ARGS)],
+            *k._replace(output_mask=mask)[: -len(_QUANT_BACKWARD_ARGS)],
             row_sums=row_sums if want_dh else None,
         )
     empty = x.new_empty((0,))
@@ -213,30 +191,13 @@ def _dropout_op(*args):
 
 def _ln_linear_group_op(*args):
     a = checks.ln_linear_group(*args)
-    outs, mean, rstd = _group.ln_linear_group(
-        *a._replace(
-            x=_rows(a.x),
-            ln_weight=_dense(a.ln_weight),
-            ln_bias=_dense(a.ln_bias),
-            biases=[_dense(b) for b in a.biases],
-            weight_scales=_dense(a.weight_scales),
-        )
-    )
+    outs, mean, rstd = _group.ln_linear_group(*_for_kernels(a))
     return [_like(out, a.x) for out in outs], mean, rstd
 
 
 def _ln_linear_group_backward_op(*args):
     a = checks.ln_linear_group_backward(*args)
-    dx, *grads = _group.ln_linear_group_backward(
-        *a._replace(
-            grad_outs=[_strided_rows(g) for g in a.grad_outs],
-            x=_rows(a.x),
-            ln_weight=_dense(a.ln_weight),
-            ln_bias=_dense(a.ln_bias),
-            mean=_dense(a.mean),
-            rstd=_dense(a.rstd),
-        )
-    )
+    dx, *grads = _group_backward.ln_linear_group_backward(*_for_kernels(a))
     return (_like(dx, a.x), *grads)
 
 

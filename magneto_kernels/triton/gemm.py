@@ -20,6 +20,8 @@ Tiles come from ``configs.gemm_tiles`` (per dot kind and row bucket; docs/design
 GPU). A, B, x, dz and the residual are read with their strides; outputs are written contiguous.
 """
 
+import re
+
 import torch
 import triton
 import triton.language as tl
@@ -269,6 +271,95 @@ def _ln_matmul_kernel(
 
 
 @triton.jit
+def _dweight_tile(
+    pid_n,
+    pid_k,
+    DZ,
+    X,
+    DWEIGHT,
+    DBIAS,
+    MEAN,
+    RSTD,
+    GAMMA,
+    BETA,
+    M,
+    N,
+    K,
+    stride_dzm,
+    stride_xm,
+    NORM: tl.constexpr,
+    IN_ACT: tl.constexpr,
+    GATED: tl.constexpr,
+    HAS_GAMMA: tl.constexpr,
+    HAS_BETA: tl.constexpr,
+    WANT_DBIAS: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Tile (pid_n, pid_k) of dweight[N, K] = dz^T @ h (see ``_dweight_kernel``). WANT_DBIAS:
+    the programs of the first column tile (pid_k == 0) also write dbias[n] = Σ_rows dz[:, n]
+    from the dz tiles they load anyway, row block after row block (a fixed order)."""
+    n0 = (pid_n * BLOCK_M).to(tl.int64)
+    k0 = (pid_k * BLOCK_N).to(tl.int64)
+    ln = tl.arange(0, BLOCK_M)
+    lk = tl.arange(0, BLOCK_N)
+    rr = tl.arange(0, BLOCK_K)
+    n_mask = n0 + ln < N
+    k_mask = k0 + lk < K
+    gamma = tl.zeros([BLOCK_N], tl.float32)
+    beta = tl.zeros([BLOCK_N], tl.float32)
+    if HAS_GAMMA:
+        gamma = tl.load(GAMMA + k0 + lk, mask=k_mask, other=0.0).to(tl.float32)
+    if HAS_BETA:
+        beta = tl.load(BETA + k0 + lk, mask=k_mask, other=0.0).to(tl.float32)
+    dz_ptrs = DZ + n0 + (rr[None, :] * stride_dzm + ln[:, None])  # dz^T tile (BLOCK_M, BLOCK_K)
+    x_ptrs = X + k0 + (rr[:, None] * stride_xm + lk[None, :])  # x tile (BLOCK_K, BLOCK_N)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    dbias = tl.zeros([BLOCK_M], tl.float32)
+    for m0 in range(0, M, BLOCK_K):
+        rows = m0 + rr
+        r_mask = rows < M
+        dzt = tl.load(dz_ptrs, mask=n_mask[:, None] & r_mask[None, :], other=0.0)
+        if WANT_DBIAS:
+            if pid_k == 0:
+                dbias += tl.sum(dzt.to(tl.float32), axis=1)
+        mean = tl.zeros([BLOCK_K], tl.float32)
+        rstd = tl.zeros([BLOCK_K], tl.float32)
+        if NORM == LAYER_NORM:
+            mean = tl.load(MEAN + rows, mask=r_mask, other=0.0)
+        if NORM != NO_NORM:
+            rstd = tl.load(RSTD + rows, mask=r_mask, other=0.0)
+        h = _normalized_tile(
+            x_ptrs,
+            K,
+            r_mask[:, None] & k_mask[None, :],
+            mean[:, None],
+            rstd[:, None],
+            gamma[None, :],
+            beta[None, :],
+            NORM,
+            IN_ACT,
+            GATED,
+            HAS_GAMMA,
+            HAS_BETA,
+        )
+        acc = _dot(dzt, cast_rn(h, DZ.dtype.element_ty), acc, DOT_FP32, PRECISION)
+        dz_ptrs += BLOCK_K * stride_dzm
+        x_ptrs += BLOCK_K * stride_xm
+    tl.store(
+        DWEIGHT + n0 * K + k0 + (ln[:, None] * K + lk[None, :]),
+        cast_rn(acc, DWEIGHT.dtype.element_ty),
+        mask=n_mask[:, None] & k_mask[None, :],
+    )
+    if WANT_DBIAS:
+        if pid_k == 0:
+            tl.store(DBIAS + n0 + ln, cast_rn(dbias, DBIAS.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
 def _dweight_kernel(
     DZ,
     X,
@@ -299,63 +390,28 @@ def _dweight_kernel(
     BLOCK_K tiles the reduction over M.) dz and x have row strides stride_dzm, stride_xm; x is
     [gate | up] when GATED. Absent MEAN, RSTD, GAMMA, BETA are None."""
     pid_n, pid_k = _tile_ids(N, K, BLOCK_M, BLOCK_N, GROUP_M)
-    n0 = (pid_n * BLOCK_M).to(tl.int64)
-    k0 = (pid_k * BLOCK_N).to(tl.int64)
-    ln = tl.arange(0, BLOCK_M)
-    lk = tl.arange(0, BLOCK_N)
-    rr = tl.arange(0, BLOCK_K)
-    n_mask = n0 + ln < N
-    k_mask = k0 + lk < K
-    gamma = tl.zeros([BLOCK_N], tl.float32)
-    beta = tl.zeros([BLOCK_N], tl.float32)
-    if HAS_GAMMA:
-        gamma = tl.load(GAMMA + k0 + lk, mask=k_mask, other=0.0).to(tl.float32)
-    if HAS_BETA:
-        beta = tl.load(BETA + k0 + lk, mask=k_mask, other=0.0).to(tl.float32)
-    dz_ptrs = DZ + n0 + (rr[None, :] * stride_dzm + ln[:, None])  # dz^T tile (BLOCK_M, BLOCK_K)
-    x_ptrs = X + k0 + (rr[:, None] * stride_xm + lk[None, :])  # x tile (BLOCK_K, BLOCK_N)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for m0 in range(0, M, BLOCK_K):
-        rows = m0 + rr
-        r_mask = rows < M
-        dzt = tl.load(dz_ptrs, mask=n_mask[:, None] & r_mask[None, :], other=0.0)
-        mean = tl.zeros([BLOCK_K], tl.float32)
-        rstd = tl.zeros([BLOCK_K], tl.float32)
-        if NORM == LAYER_NORM:
-            mean = tl.load(MEAN + rows, mask=r_mask, other=0.0)
-        if NORM != NO_NORM:
-            rstd = tl.load(RSTD + rows, mask=r_mask, other=0.0)
-        h = _normalized_tile(
-            x_ptrs,
-            K,
-            r_mask[:, None] & k_mask[None, :],
-            mean[:, None],
-            rstd[:, None],
-            gamma[None, :],
-            beta[None, :],
-            NORM,
-            IN_ACT,
-            GATED,
-            HAS_GAMMA,
-            HAS_BETA,
-        )
-        acc = _dot(dzt, cast_rn(h, DZ.dtype.element_ty), acc, DOT_FP32, PRECISION)
-        dz_ptrs += BLOCK_K * stride_dzm
-        x_ptrs += BLOCK_K * stride_xm
-    tl.store(
-        DWEIGHT + n0 * K + k0 + (ln[:, None] * K + lk[None, :]),
-        cast_rn(acc, DWEIGHT.dtype.element_ty),
-        mask=n_mask[:, None] & k_mask[None, :],
-    )
+    _dweight_tile(
+        pid_n, pid_k, DZ, X, DWEIGHT, None, MEAN, RSTD, GAMMA, BETA, M, N, K, stride_dzm,
+        stride_xm, NORM, IN_ACT, GATED, HAS_GAMMA, HAS_BETA, False, DOT_FP32, PRECISION,
+        BLOCK_M, BLOCK_N, BLOCK_K,
+    )  # fmt: skip
 
 
 def _aligned(args: dict) -> bool:
     """Whether Triton specialises the launch as aligned: every tensor 16-byte aligned, every
-    width and stride a multiple of 16 (or 1)."""
+    width (N, K; a group's N0, N1...) and stride a multiple of 16 (or 1)."""
     return all(
         v.data_ptr() % 16 == 0 if isinstance(v, torch.Tensor) else v % 16 == 0 or v == 1
         for name, v in args.items()
-        if isinstance(v, torch.Tensor) or name in ("N", "K") or name.startswith("stride_")
+        if isinstance(v, torch.Tensor) or re.fullmatch(r"[NK]\d?|stride_.*", name)
+    )
+
+
+def dot_flags(dtype) -> dict:
+    """The DOT_FP32 and PRECISION flags of ``_dot`` for ``dtype`` operands."""
+    return dict(
+        DOT_FP32=INTERPRET and dtype != torch.float16,
+        PRECISION=fp32_dot_precision() if dtype == torch.float32 else "tf32",
     )
 
 
@@ -367,10 +423,7 @@ def _gemm(kernel, rows, cols, dtype, flags, gated_side, **args):
     def grid(meta):
         return (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]),)
 
-    dot = {
-        "DOT_FP32": INTERPRET and dtype != torch.float16,
-        "PRECISION": fp32_dot_precision() if dtype == torch.float32 else "tf32",
-    }
+    dot = dot_flags(dtype)
     aligned = _aligned(args)
     gated = {f"{gated_side}_tiles": 2} if flags["GATED"] else {}
     tiles = configs.gemm_tiles(dtype, rows, aligned, **gated)

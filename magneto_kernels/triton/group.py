@@ -8,13 +8,10 @@ Forward, two launches whatever the number of weights:
      weight from its program id, then runs ``ln_linear``'s normalise-on-load tile
      (``gemm._normalized_tile``, ``gemm._epilogue``) on it. As in ``ln_linear``, h never
      touches memory: each program normalises the A tiles it reads.
-Backward: per weight the column sum of dy_i (dbias_i) and ``dweight_i = dy_i^T @ h`` (h
-recomputed on load, ``gemm.dweight``); ``dh = Σ_i dy_i @ W_i`` accumulated in float32 (each GEMM
-adds the previous sum as its epilogue's residual); one norm backward for the group.
+Backward: ``group_backward.py``.
 Quantised (``quant``, BitNet's; ``triton/quant.py``): the row statistics and activation scales
 once (``quant.row_stats``), then one ``quant.project`` launch per weight, each forming the row's
-codes on load from them; online backward as ln_linear's, the scales taken once for every
-dweight_i and dh summed over the fake-quantised weights.
+codes on load from them.
 """
 
 import torch
@@ -25,13 +22,8 @@ from magneto_kernels.codes import NORMS
 from magneto_kernels.triton import configs, gemm
 from magneto_kernels.triton import quant as _quant
 from magneto_kernels.triton.activations import ACT_NONE, cast_rn
-from magneto_kernels.triton.common import INTERPRET, fp32_dot_precision, new_buffer, rowwise
-from magneto_kernels.triton.ln_linear import (
-    DZ_BLOCK_M,
-    DZ_WARPS,
-    _linear_epilogue_backward_kernel,
-)
-from magneto_kernels.triton.norm import LAYER_NORM, NO_NORM, column_sum, norm_backward, norm_forward
+from magneto_kernels.triton.common import new_buffer, rowwise
+from magneto_kernels.triton.norm import LAYER_NORM, NO_NORM, norm_forward
 
 MAX_WEIGHTS = 4
 """The weights one launch takes (q/k/v and gate/up need 3 and 2); a longer list runs in groups
@@ -254,8 +246,7 @@ def group_matmul(x, weights, biases, outs, norm, mean, rstd, gamma, beta):
         NORM=NORMS[norm],
         HAS_GAMMA=gamma is not None,
         HAS_BETA=beta is not None,
-        DOT_FP32=INTERPRET and dtype != torch.float16,
-        PRECISION=fp32_dot_precision() if dtype == torch.float32 else "tf32",
+        **gemm.dot_flags(dtype),
     )
     key = (
         configs.row_bucket(rows),
@@ -330,95 +321,3 @@ def ln_linear_group(
             ln_bias,
         )
     return outs, mean, rstd
-
-
-def _dbias(dy, n, dtype):
-    """Σ_rows dy in a fixed order (row-block partials, then their column sum)."""
-    rows = dy.shape[0]
-    block_n = min(128, triton.next_power_of_2(n))
-    tile = configs.Tile((("BLOCK_M", DZ_BLOCK_M), ("BLOCK_N", block_n)), DZ_WARPS)
-    row_blocks = triton.cdiv(rows, DZ_BLOCK_M)
-    partials = new_buffer((row_blocks, n), torch.float32, dy.device)
-    configs.launch(
-        _linear_epilogue_backward_kernel,
-        lambda meta: (row_blocks, triton.cdiv(n, block_n)),
-        [tile],
-        (),
-        DY=dy,
-        PREACT=None,
-        SEED=None,
-        DZ=None,
-        DBIAS_PART=partials,
-        M=rows,
-        N=n,
-        stride_dym=dy.stride(0),
-        stride_pm=0,
-        threshold=0,
-        dropout_scale=1.0,
-        ACT=ACT_NONE,
-        DROPOUT=False,
-        WRITE_DZ=False,
-        WANT_DBIAS=True,
-    )
-    return column_sum(partials, dtype)
-
-
-def ln_linear_group_backward(
-    grad_outs, x, ln_weight, ln_bias, weights, mean, rstd, norm, output_mask, quant="none"
-):
-    x, ln_weight, ln_bias = rowwise(x, ln_weight, ln_bias)
-    online = quant == "bitnet_online"  # the checks refuse the offline modes' backward
-    scale = None  # online: the row scales, taken once for every dweight_i
-    rows, k = x.shape
-    n = len(weights)
-    empty = x.new_empty((0,))
-    want = [bool(m) for m in output_mask]
-    want_dx = want[0]
-    want_dgamma = want[1] and ln_weight is not None
-    want_dbeta = want[2] and ln_bias is not None
-    mean = mean if norm == "layer" else None
-    rstd = rstd if norm != "none" else None
-    dweights, dbiases = [], []
-    for i, (w, dy) in enumerate(zip(weights, grad_outs)):
-        dweight = dbias = empty
-        if want[3 + i]:
-            dweight = new_buffer(w.shape, w.dtype, x.device)
-            if dy is None or rows == 0:
-                dweight.zero_()
-            elif online:
-                if scale is None:
-                    _, scale = _quant.row_stats(x, ln_weight, 0.0, norm, "none", k, rstd)
-                dweight = _quant.quant_dweight(dy, x, ln_weight, w, rstd, scale, norm, "none")
-            else:
-                gemm.dweight(dy, x, dweight, norm, "none", mean=mean, rstd=rstd, gamma=ln_weight,
-                             beta=ln_bias)  # fmt: skip
-        if want[3 + n + i]:
-            dbias = (
-                w.new_zeros((w.shape[0],))
-                if dy is None or rows == 0
-                else _dbias(dy, w.shape[0], w.dtype)
-            )
-        dweights.append(dweight)
-        dbiases.append(dbias)
-    dx = dgamma = dbeta = empty
-    if want_dx or want_dgamma or want_dbeta:
-        # dh = Σ_i dy_i @ W_i in float32: each GEMM's epilogue adds the sum so far (its
-        # residual), read and written by the same program, element for element.
-        dh = torch.zeros((rows, k), dtype=torch.float32, device=x.device)
-        given = [(dy, w) for dy, w in zip(grad_outs, weights) if dy is not None]
-        for j, (dy, w) in enumerate(given):
-            if rows > 0:
-                w = _quant.fake_quant_weight(w) if online else w
-                gemm.ln_matmul(dy, w, dh, residual=dh if j > 0 else None)
-        if norm == "none":
-            dx = dh.to(x.dtype) if want_dx else empty
-        elif rows == 0:
-            dx = new_buffer(x.shape, x.dtype, x.device) if want_dx else empty
-            dgamma = torch.zeros_like(ln_weight) if want_dgamma else empty
-            dbeta = torch.zeros_like(ln_bias) if want_dbeta else empty
-        else:
-            dx, dgamma, dbeta = norm_backward(
-                dh, x, ln_weight, ln_bias, mean, rstd, None, norm,
-                [want_dx, want_dgamma, want_dbeta],
-            )  # fmt: skip
-    return dx, dgamma, dbeta, dweights, dbiases

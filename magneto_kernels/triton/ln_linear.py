@@ -30,7 +30,8 @@ from magneto_kernels.codes import ACTIVATIONS
 from magneto_kernels.triton import configs, gemm
 from magneto_kernels.triton.activations import ACT_NONE, activation_grad, cast_rn
 from magneto_kernels.triton.common import new_buffer, rowwise
-from magneto_kernels.triton.norm import column_sum, norm_backward, norm_forward
+from magneto_kernels.triton.norm import norm_forward
+from magneto_kernels.triton.norm_backward import column_sum, norm_backward
 from magneto_kernels.triton.philox import dropout_keep
 
 DZ_BLOCK_M, DZ_WARPS = 32, 4

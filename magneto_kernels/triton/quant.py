@@ -37,7 +37,8 @@ from magneto_kernels.triton import configs, gemm
 from magneto_kernels.triton.activations import ACT_NONE, cast_rn, input_activation_args
 from magneto_kernels.triton.activations import input_activation as in_act
 from magneto_kernels.triton.common import INTERPRET, fp32_dot_precision, new_buffer, rowwise
-from magneto_kernels.triton.norm import RMS_NORM, column_sum, norm_backward
+from magneto_kernels.triton.norm import RMS_NORM
+from magneto_kernels.triton.norm_backward import column_sum, norm_backward
 
 ONLINE: tl.constexpr = tl.constexpr(0)
 BITNET_OFFLINE: tl.constexpr = tl.constexpr(1)
