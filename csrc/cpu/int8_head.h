@@ -92,6 +92,11 @@ inline void int8_tile(const Int8Operands& f, int64_t row, int64_t col) {
   const int8_t* w = a.weight + col * k;
   int64_t j = 0;
   for (; j + kW <= k; j += kW) {
+    // the next tile's weight rows, a cache line each time this one crosses one: the hardware
+    // prefetcher alone keeps too few lines in flight for C streams (docs/design.md, Decisions)
+    if (j % 64 == 0) {
+      for (int c = 0; c < C; ++c) __builtin_prefetch(w + (C + c) * k + j, 0, 3);
+    }
     Vec wv[C];
     for (int c = 0; c < C; ++c) wv[c] = load_int8(w + c * k + j);
     for (int r = 0; r < R; ++r) {

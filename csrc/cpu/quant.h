@@ -374,6 +374,10 @@ dot_pairs_vnni(const uint8_t* w, int64_t w_stride, const int8_t* q, int64_t k, i
       }
     }
     for (int f = 0; f < F; ++f) {
+      // the same line of the weight rows two feature groups on: the hardware prefetcher alone
+      // keeps too few lines in flight for F streams from memory (docs/design.md, Decisions)
+      _mm_prefetch(reinterpret_cast<const char*>(w + (2 * kDecodeCols + f) * w_stride + 32 * blk),
+                   _MM_HINT_T0);
       const __m512i packed = _mm512_maskz_loadu_epi8(lanes, w + f * w_stride + 32 * blk);
       __m512i c[4];
       c[0] = _mm512_and_si512(packed, mask);
