@@ -124,11 +124,12 @@ def _epilogue(
     ACT: tl.constexpr,
     DROPOUT: tl.constexpr,
     HAS_RES: tl.constexpr,
+    C_STRIDED: tl.constexpr = False,
 ):
     """linear_epilogue of the accumulator tile ``acc`` whose element (0, 0) is output element
     (row0, col0): C = alpha·residual + dropout(act(preact)), preact = acc + bias (stored with
-    an output activation). PREACT is contiguous (M, N); C has row stride stride_cm (N, or a
-    column range of a wider output: ln_linear_group's concat), RES stride_rm.
+    an output activation). PREACT is contiguous (M, N); C has row stride stride_cm with C_STRIDED
+    (a column range of a wider output: ln_linear_group's concat), else N; RES stride_rm.
     A tile larger than EPILOGUE_SLICE is halved along its columns and each half done in turn."""
     BM: tl.constexpr = acc.shape[0]
     BN: tl.constexpr = acc.shape[1]
@@ -136,11 +137,11 @@ def _epilogue(
         left, right = acc.reshape(BM, 2, BN // 2).permute(0, 2, 1).split()
         _epilogue(
             left, C, PREACT, BIAS, RES, SEED, row0, col0, M, N, stride_cm, stride_rm, threshold,
-            dropout_scale, alpha, HAS_BIAS, ACT, DROPOUT, HAS_RES,
+            dropout_scale, alpha, HAS_BIAS, ACT, DROPOUT, HAS_RES, C_STRIDED,
         )  # fmt: skip
         _epilogue(
             right, C, PREACT, BIAS, RES, SEED, row0, col0 + BN // 2, M, N, stride_cm, stride_rm,
-            threshold, dropout_scale, alpha, HAS_BIAS, ACT, DROPOUT, HAS_RES,
+            threshold, dropout_scale, alpha, HAS_BIAS, ACT, DROPOUT, HAS_RES, C_STRIDED,
         )  # fmt: skip
     else:
         lm = tl.arange(0, BM)
@@ -161,8 +162,11 @@ def _epilogue(
         if HAS_RES:
             res_offs = row0 * stride_rm + col0 + (lm[:, None] * stride_rm + ln[None, :])
             acc = alpha * tl.load(RES + res_offs, mask=c_mask, other=0.0).to(tl.float32) + acc
-        c_offs = row0 * stride_cm + col0 + (lm[:, None] * stride_cm + ln[None, :])
-        tl.store(C + c_offs, cast_rn(acc, C.dtype.element_ty), mask=c_mask)
+        if C_STRIDED:
+            c_offs = row0 * stride_cm + col0 + (lm[:, None] * stride_cm + ln[None, :])
+            tl.store(C + c_offs, cast_rn(acc, C.dtype.element_ty), mask=c_mask)
+        else:  # contiguous C: the offsets above (a runtime stride costs registers: sm_80 spills)
+            tl.store(C + tile + offs, cast_rn(acc, C.dtype.element_ty), mask=c_mask)
 
 
 @triton.jit

@@ -97,7 +97,7 @@ def _weight_tile(
         b_ptrs += BLOCK_K * stride_bk
     gemm._epilogue(
         acc, C, None, BIAS, None, None, row0, col0, M, N, stride_cm, 0, 0, 1.0, 1.0,
-        HAS_BIAS, ACT_NONE, False, False,
+        HAS_BIAS, ACT_NONE, False, False, True,
     )  # fmt: skip
 
 

@@ -185,6 +185,7 @@ def _quant_matmul_kernel(
     HAS_GAMMA: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_RES: tl.constexpr,
+    CONCAT: tl.constexpr,
     DOT_FP32: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -262,7 +263,7 @@ def _quant_matmul_kernel(
         acc = cast_rn(y, dtype).to(tl.float32)
     gemm._epilogue(
         acc, C, None, BIAS if QUANT == ONLINE else None, RES, None, row0, col0, M, N, stride_cm,
-        stride_rm, 0, 1.0, alpha, HAS_BIAS and QUANT == ONLINE, ACT_NONE, False, HAS_RES,
+        stride_rm, 0, 1.0, alpha, HAS_BIAS and QUANT == ONLINE, ACT_NONE, False, HAS_RES, CONCAT,
     )  # fmt: skip
 
 
@@ -491,6 +492,9 @@ def project(
         HAS_GAMMA=ln_weight is not None,
         HAS_BIAS=bias is not None,
         HAS_RES=residual is not None,
+        # C's row stride is N but in a column range of a wider output (ln_linear_group's
+        # concat): the epilogue's strided store only there (it spilled 4 B on sm_80, Triton 3.9)
+        CONCAT=out.stride(0) != n,
     )
     dot = _dot_args(x.dtype, integer=not online)
     args = dict(
