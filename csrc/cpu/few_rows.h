@@ -76,6 +76,11 @@ inline void few_rows_tile(const FewRows<T>& f, int64_t row, int64_t col) {
   const T* w = f.weight() + col * a.weight_stride;
   // The tail's lanes past k load as zeros in both operands, so they add nothing.
   vec_loop(a.in_features, [&](int64_t j, int64_t count) {
+    // the next tile's weight rows, a cache line each time this one crosses one: the hardware
+    // prefetcher alone keeps too few lines in flight (docs/design.md, Decisions)
+    if (j * static_cast<int64_t>(sizeof(T)) % 64 == 0) {
+      for (int c = 0; c < C; ++c) __builtin_prefetch(w + (C + c) * a.weight_stride + j, 0, 3);
+    }
     Vec wv[C];
     for (int c = 0; c < C; ++c) wv[c] = load_floats(w + c * a.weight_stride + j, count);
     for (int r = 0; r < R; ++r) {
