@@ -218,6 +218,20 @@ def test_offline_bf16_within_bf16_rounding(backend, mode, gated):
 
 
 @pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("rows", (3, 40), ids=["few", "tiled"])
+def test_offline_nan_row_gives_nan_row(backend, rows):
+    """A NaN in a row of x makes that row's max|h|, scale and so every output of the row NaN (as
+    transformers' formula gives), and no other row's: an int8 code cannot carry the NaN, so a
+    kernel that skipped it in max|h| would return finite numbers for the row."""
+    x, ln_weight, t, bias, residual, weight_scale = _case(rows, torch.float32, False, 2)
+    x[1, 5] = float("nan")
+    with backend.running():
+        out = _run(backend, x, ln_weight, t, bias, residual, weight_scale, "bitnet_offline", False)
+    assert out[1].isnan().all()
+    assert out[[0, *range(2, rows)]].isfinite().all()
+
+
+@pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("gated", [False, True], ids=["x", "relu2_glu"])
 @pytest.mark.parametrize("rows", (1, 7))
 def test_online_forward_and_every_gradient(backend, gated, rows):

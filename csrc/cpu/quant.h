@@ -51,24 +51,49 @@ constexpr int kQuantTileRows = 2;  // 16 ymm registers: 8 accumulators, 4 codes,
 constexpr int kQuantTileRows = 4;
 #endif
 
+// h's codes row by row (kernels.h, quantize_rows), vectorised with the scalar form's float
+// operations (Vec::round rounds half to even, as nearbyint and torch.round do). A NaN in a row
+// makes its amax and scale NaN, so the row's outputs are NaN, as transformers' are; a code that
+// is NaN (an infinite h, whose scale is 0) is stored as 0.
 template <typename T>
 void quantize_rows_typed(const QuantizeRows& a) {
   const int64_t n = a.cols;
   for_rows(a.rows, n, 0, [&](int64_t rb, int64_t re, int64_t) {
     std::vector<float> buffer(n);
+#if !defined(__AVX512F__)
+    std::vector<float> codes(n);  // the codes as floats, then stored as int8 below
+#endif
     for (int64_t i = rb; i < re; ++i) {
       const float* h = load_row(static_cast<const T*>(a.h) + i * n, buffer.data(), n);
-      float amax = 0.0f;
-      for (int64_t k = 0; k < n; ++k) amax = std::max(amax, std::fabs(h[k]));
-      const float s = 127.0f / std::max(amax, kActEps);
+      Vec amax(0.0f);
+      vec_loop(n, [&](int64_t j, int64_t count) {
+        amax = at::vec::maximum(amax, Vec::loadu(h + j, count).abs());
+      });
+      const float s = 127.0f / std::max(hmax(amax), kActEps);
+      const Vec scale(s), lowest(-128.0f), highest(127.0f);
+      auto code = [&](int64_t j, int64_t count) {
+        return at::vec::clamp((Vec::loadu(h + j, count) * scale).round(), lowest, highest);
+      };
       int8_t* q = a.q + i * n;
       int32_t sum = 0;
+#if defined(__AVX512F__)
+      __m512i sums = _mm512_setzero_si512();
+      vec_loop(n, [&](int64_t j, int64_t count) {
+        const __m512 c = code(j, count);
+        const __m512i v = _mm512_maskz_cvttps_epi32(_mm512_cmp_ps_mask(c, c, _CMP_ORD_Q), c);
+        _mm_mask_storeu_epi8(q + j, static_cast<__mmask16>((1u << count) - 1),
+                             _mm512_cvtepi32_epi8(v));
+        sums = _mm512_add_epi32(sums, v);
+      });
+      sum = _mm512_reduce_add_epi32(sums);
+#else
+      vec_loop(n, [&](int64_t j, int64_t count) { code(j, count).store(codes.data() + j, count); });
       for (int64_t k = 0; k < n; ++k) {
-        // nearbyint rounds half to even, as torch.round does
-        const float v = std::clamp(std::nearbyint(h[k] * s), -128.0f, 127.0f);
-        q[k] = static_cast<int8_t>(v);
+        const float c = codes[k];
+        q[k] = c == c ? static_cast<int8_t>(c) : 0;
         sum += q[k];
       }
+#endif
       a.q_sum[i] = sum;
       a.scale[i] = s;
     }
@@ -293,7 +318,7 @@ void dot_tile(const uint8_t* codes, const int8_t* q, int64_t k, int64_t m, int64
 }
 
 #if defined(__AVX512F__)
-// The tiled projection on AMX: tasks of a block of rows (their q, about kTiledRowBytes, in L2) ×
+// The tiled projection on AMX: tasks of a block of rows (their q, about kAmxRowBytes, in L2) ×
 // kAmxBlock features, whose codes each task packs first (amx_pack_codes, into this thread's
 // codes_workspace, in L2), 32 × 32 results per amx_block; the rows past the last multiple of 32
 // run from a zero-padded copy. store_row(acc, row, col, count) finishes and writes `count`
@@ -305,7 +330,7 @@ void quant_linear_amx(const QuantLinear& a, const StoreRow& store_row) {
   std::vector<int8_t> tail(kAmxBlock * k, 0);
   std::copy(a.q + full_rows * k, a.q + a.rows * k, tail.begin());
   const int64_t padded_rows = (a.rows + kAmxBlock - 1) / kAmxBlock * kAmxBlock;
-  const int64_t row_block = std::max<int64_t>(1, kTiledRowBytes / k / kAmxBlock) * kAmxBlock;
+  const int64_t row_block = std::max<int64_t>(1, kAmxRowBytes / k / kAmxBlock) * kAmxBlock;
   const int64_t row_blocks = (padded_rows + row_block - 1) / row_block;
   const int64_t col_blocks = (n + kAmxBlock - 1) / kAmxBlock;
   at::parallel_for(0, row_blocks * col_blocks, 1, [&](int64_t tb, int64_t te) {

@@ -24,6 +24,10 @@ namespace {
 constexpr int64_t kAmxTile = 16;     // rows of a tile, and int32 columns of the result
 constexpr int64_t kAmxTileK = 64;    // bytes of k per tile row
 constexpr int64_t kAmxBlock = 32;    // rows and features per pass: 2 × 2 result tiles
+// q's bytes per row block (the rows a task's packed codes serve, in L2 with them): each block
+// packs every feature's codes again, so the larger the fewer packs (half of the 2 MiB L2 of
+// the CPUs with AMX: docs/design.md, Decisions).
+constexpr int64_t kAmxRowBytes = 1 << 20;
 
 // CPUID and the OS's permission (asked once per process), then MAGNETO_CPU_AMX (read per call,
 // so that tests can run both kernels in one process).
@@ -39,24 +43,53 @@ inline bool amx_enabled() {
 }
 
 // The codes of 16 packed weight rows (row stride w_stride bytes, k = in_features; the rows from
-// `features` on, if any, zero: their rows are not read) as TDPBSSD's second operand: k/4 rows of 64 bytes, row k4 holding each
-// feature's 4 codes at k = 4·k4 .. 4·k4 + 3, so that a 64-k block is one contiguous 1 KiB tile.
-// Dword j of a packed 32-byte chunk shifted by 2·i holds a feature's codes of k = 128·chunk +
-// 32·i + 4·j .. + 3: one gather of that dword from the 16 rows gives 4 rows of the operand.
+// `features` on, if any, zero: their rows are not read) as TDPBSSD's second operand: k/4 rows of
+// 64 bytes, row k4 holding each feature's 4 codes at k = 4·k4 .. 4·k4 + 3, so that a 64-k block
+// is one contiguous 1 KiB tile. Dword j of a packed 32-byte chunk shifted by 2·i holds a
+// feature's codes of k = 128·chunk + 32·i + 4·j .. + 3, so the chunk's 16 rows × 8 dwords are
+// transposed to 8 vectors of 16 (one per j, lane f from row f), each giving 4 operand rows.
+// The transpose is shuffles in registers: a 16-lane gather per j instead took ~4x the tiles'
+// own time at 2048 rows (gathers are slow where the microcode mitigates Gather Data Sampling).
 inline void amx_pack_codes(const uint8_t* w, int64_t w_stride, int64_t features, int64_t k,
                            uint8_t* packed) {
-  const __m512i rows = _mm512_mullo_epi32(
-      _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-      _mm512_set1_epi32(static_cast<int32_t>(w_stride / 4)));
-  const __mmask16 lanes = (1u << std::clamp<int64_t>(features, 0, kAmxTile)) - 1;
+  const int64_t live = std::clamp<int64_t>(features, 0, kAmxTile);
   const __m512i mask = _mm512_set1_epi8(3);
+  // qwords of the 128-bit lanes 0 and 2 (dwords 0-3 of rows f and f + 8) of a and b
+  // interleaved, and of lanes 1 and 3 (dwords 4-7)
+  const __m512i low_lanes = _mm512_set_epi64(13, 12, 5, 4, 9, 8, 1, 0);
+  const __m512i high_lanes = _mm512_set_epi64(15, 14, 7, 6, 11, 10, 3, 2);
   for (int64_t chunk = 0; chunk < k / kQuantPackUnit; ++chunk) {
-    for (int j = 0; j < 8; ++j) {
-      const __m512i bits = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), lanes, rows,
-                                                       w + 32 * chunk + 4 * j, 4);
-      for (int i = 0; i < 4; ++i) {
-        _mm512_storeu_si512(packed + (32 * chunk + 8 * i + j) * kAmxTileK,
-                            _mm512_and_si512(_mm512_srli_epi32(bits, 2 * i), mask));
+    auto row = [&](int64_t f) {
+      return f < live ? _mm256_loadu_si256(
+                            reinterpret_cast<const __m256i*>(w + f * w_stride + 32 * chunk))
+                      : _mm256_setzero_si256();
+    };
+    // r[f]: row f's 8 dwords in lanes 0-1, row f + 8's in lanes 2-3
+    __m512i r[8], t[8], u[8];
+    for (int f = 0; f < 8; ++f) {
+      r[f] = _mm512_inserti64x4(_mm512_castsi256_si512(row(f)), row(f + 8), 1);
+    }
+    // 4 × 4 transposes inside each 128-bit lane: u[d] (d < 4) lane L holds dword d (L even) or
+    // d + 4 (L odd) of rows 0-3 (u[d + 4]: rows 4-7), the rows + 8 in lanes 2-3
+    for (int g = 0; g < 8; g += 4) {
+      for (int p = 0; p < 2; ++p) {
+        t[g + 2 * p] = _mm512_unpacklo_epi32(r[g + 2 * p], r[g + 2 * p + 1]);
+        t[g + 2 * p + 1] = _mm512_unpackhi_epi32(r[g + 2 * p], r[g + 2 * p + 1]);
+      }
+      u[g / 4 * 4 + 0] = _mm512_unpacklo_epi64(t[g], t[g + 2]);
+      u[g / 4 * 4 + 1] = _mm512_unpackhi_epi64(t[g], t[g + 2]);
+      u[g / 4 * 4 + 2] = _mm512_unpacklo_epi64(t[g + 1], t[g + 3]);
+      u[g / 4 * 4 + 3] = _mm512_unpackhi_epi64(t[g + 1], t[g + 3]);
+    }
+    for (int d = 0; d < 4; ++d) {
+      for (int half = 0; half < 2; ++half) {
+        const int j = d + 4 * half;
+        const __m512i bits =
+            _mm512_permutex2var_epi64(u[d], half == 0 ? low_lanes : high_lanes, u[d + 4]);
+        for (int i = 0; i < 4; ++i) {
+          _mm512_storeu_si512(packed + (32 * chunk + 8 * i + j) * kAmxTileK,
+                              _mm512_and_si512(_mm512_srli_epi32(bits, 2 * i), mask));
+        }
       }
     }
   }

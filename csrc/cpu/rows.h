@@ -92,6 +92,15 @@ inline float hsum(const Vec& v) {
   return s;
 }
 
+// The largest lane; NaN if any lane is NaN.
+inline float hmax(const Vec& v) {
+  alignas(64) float lanes[kW];
+  v.store(lanes);
+  float m = lanes[0];
+  for (int64_t l = 1; l < kW; ++l) m = lanes[l] > m || lanes[l] != lanes[l] ? lanes[l] : m;
+  return m;
+}
+
 inline float hfirst(const Vec& v) {
   alignas(64) float lanes[kW];
   v.store(lanes);

@@ -36,8 +36,11 @@ constexpr int kWeightThreads = 256;
 constexpr int64_t kMaxWeightPartials = 256;
 constexpr uint32_t kCodeMask = 0x03030303u;
 
+// max that returns NaN when either is NaN (fmaxf returns the other): a NaN in a row must make
+// its amax, scale and outputs NaN, as transformers' formula does; an int8 code cannot carry it.
+__device__ __forceinline__ float max_nan(float a, float b) { return a > b || a != a ? a : b; }
 struct MaxOp {
-  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+  __device__ __forceinline__ float operator()(float a, float b) const { return max_nan(a, b); }
 };
 struct AddOp {
   template <typename V>
@@ -131,11 +134,11 @@ __global__ void __launch_bounds__(kRowThreads, 1)
       float h[VEC];
       load_h(v * VEC, h);
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) amax = fmaxf(amax, fabsf(h[i]));
+      for (int i = 0; i < VEC; ++i) amax = max_nan(amax, fabsf(h[i]));
     }
     amax = block_reduce(amax, MaxOp{}, fbuf);
   }
-  const float s = __fdiv_rn(kQmax, fmaxf(amax, kActEps));
+  const float s = __fdiv_rn(kQmax, max_nan(amax, kActEps));
   int sum = 0;
   for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
     const int c0 = v * VEC;

@@ -1,9 +1,11 @@
-"""Launch-side helpers shared by the Triton kernel modules."""
+"""Helpers shared by the Triton kernel modules: launch-side, and the kernels' own."""
 
 import functools
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -44,6 +46,14 @@ def reduction_programs(x: torch.Tensor, rows: int) -> int:
     if x.device.type == "cuda":
         return max(1, min(rows, num_programs_for_rows(x.device.index or 0)))
     return max(1, min(rows, 4))
+
+
+@triton.jit
+def max_nan(a, b):
+    """max, NaN if either is (Triton's default max returns the other operand): BitNet's row
+    amax, where a NaN must make the row's scale and outputs NaN, as transformers' formula does
+    (no int8 code carries it)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
 def fp32_dot_precision() -> str:

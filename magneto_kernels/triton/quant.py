@@ -14,10 +14,9 @@ Forward, every mode:
        weight, a float dot; the epilogue adds the bias;
      then ``alpha·residual`` (``gemm._epilogue``).
   The online weight is fake-quantised into a copy (``fake_quant_weight``: a deterministic
-  absmean reduction, then the ternary codes t/s_w in the weight's dtype), not in the GEMM's
-  tile loader: training runs prefill-sized row counts, where the GEMM is compute-bound and one
-  elementwise pass over W is small, and the copy lets the compiler pipeline the B operand
-  straight from memory into ``tl.dot`` and serves the backward's dh too.
+  absmean reduction, then t/s_w in the weight's dtype), not in the GEMM's tile loader: at
+  training's row counts one pass over W is small, and the copy lets the compiler pipeline B
+  into ``tl.dot`` and serves the backward's dh too.
 
 Backward (online only; straight-through: the linear's gradients at the fake-quantised operands):
   dbias = Σ dz (dz = dy: no activation, no dropout in the quantised modes);
@@ -33,7 +32,7 @@ import triton.language as tl
 
 from magneto_kernels import quant as spec
 from magneto_kernels.codes import NORMS, QUANT_PACK_UNIT
-from magneto_kernels.triton import configs, gemm
+from magneto_kernels.triton import common, configs, gemm
 from magneto_kernels.triton.activations import ACT_NONE, cast_rn, input_activation_args
 from magneto_kernels.triton.activations import input_activation as in_act
 from magneto_kernels.triton.common import INTERPRET, fp32_dot_precision, new_buffer, rowwise
@@ -151,11 +150,11 @@ def _row_stats_kernel(
             if HAS_GAMMA:
                 gamma = tl.load(GAMMA + k, mask=valid, other=0.0).to(tl.float32)
             h = _bitnet_h(x_row + k, K, valid, rstd, gamma, NORM, IN_ACT, GATED, HAS_GAMMA)
-            amaxes = tl.maximum(amaxes, tl.abs(h))
-        amax = tl.max(amaxes, axis=0)
+            amaxes = common.max_nan(amaxes, tl.abs(h))
+        amax = tl.reduce(amaxes, 0, common.max_nan)
     else:
         amax = tl.load(AMAX + row)
-    amax = tl.maximum(amax, _ACT_EPS)
+    amax = common.max_nan(amax, _ACT_EPS)
     tl.store(SCALE + row, tl.full((), _QMAX, tl.float32) / amax)
 
 
