@@ -27,8 +27,9 @@ CPU_SUITE := tests/test_ops_cpu.py tests/test_ops.py tests/test_group.py tests/t
 CPU_SUITE += $(addprefix --deselect tests/test_ops_cpu.py::,test_instruction_set_builds \
 	test_instruction_set_fallback_is_said test_unknown_instruction_set_is_refused)
 
-# The newest Triton's stage: every launch compiled ahead of time for sm_80 and sm_90a
-# (tests/test_triton_compile.py) and every kernel branch run in the interpreter against float64.
+# The newest Triton's stage: every launch's ahead-of-time compile for sm_80 and sm_90a checked
+# (tests/test_triton_compile.py: compiled where tests/triton_compiled.json lacks its result) and
+# every kernel branch run in the interpreter against float64.
 # Cases that only repeat branches other cases take are left to the main stage (oldest Triton):
 # ln_linear's CUDA option combinations (marked repeats_path in tests/harness.py) and the wide
 # rows' chunked statistics in two of their three dtypes (each of the two kept runs in one dtype,

@@ -18,18 +18,33 @@ may have. ``triton.compile`` with an explicit ``GPUTarget`` needs no device. Thi
 4. checks the table of docs/design.md ("Fitting the GPU") against these results: all of it
    when the Triton that wrote it runs, else its tiles.
 
+Each compile's result is kept per Triton version in tests/triton_compiled.json, under the key
+Triton's own cache gives the compile (the kernel's source and every jit function and global it
+uses, the specialisation, the architecture and ptxas' version, the options, Triton's
+cache-invalidating variables): a launch whose key is there is not compiled again (its inputs
+are those of the compile that wrote it, and the compiler is deterministic), every other one is.
+In the environment that wrote the file (the same ptxas and variables) a compiled launch means a
+changed one, and the test fails until the file is rewritten; so CI compiles exactly the launches
+a commit changed. ``--no-cache`` compiles them all and fails on any result the file keeps
+otherwise.
+
 It runs in a subprocess: the interpreter (TRITON_INTERPRET=1, switched on by conftest.py)
 replaces ``triton.jit`` at import time.
 
-    python3 tests/test_triton_compile.py [--jobs N] [--table] [--write-table]
+    python3 tests/test_triton_compile.py [--jobs N] [--table] [--write-table] [--write-results]
+        [--no-cache]
 
-``--table`` prints the table, ``--write-table`` puts it into docs/design.md.
+``--table`` prints the table, ``--write-table`` puts it into docs/design.md and the results into
+tests/triton_compiled.json (under the oldest Triton, whose table is committed),
+``--write-results`` only the results (under any other).
 """
 
 import argparse
 import collections
 import contextlib
+import hashlib
 import io
+import json
 import math
 import os
 import re
@@ -44,6 +59,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DESIGN = os.path.join(ROOT, "docs", "design.md")
 TABLE_BEGIN = "<!-- fitting-table: written by tests/test_triton_compile.py --write-table -->"
 TABLE_END = "<!-- fitting-table end -->"
+RESULTS = os.path.join(ROOT, "tests", "triton_compiled.json")
+RESULT_FIELDS = ("regs", "spills", "smem", "instr")
 
 # The architectures compiled for and their shared memory per block (the GPUs' peaks and SM
 # resources, for the table's model, are bench/bench_gpu.py's GPUS).
@@ -365,11 +382,13 @@ def _worker_init(root):
     sys.path.insert(0, root)
 
 
-def compile_all(jobs: int, only: str = ""):
-    """Record, dedupe and compile every launch (whose "kernel tile" contains ``only``);
-    returns (results, seconds)."""
+def compile_all(jobs: int, only: str = "", known: dict | None = None):
+    """Record and dedupe every launch (whose "kernel tile" contains ``only``), take the results
+    ``known`` keeps (key -> RESULT_FIELDS) and compile the others; returns (results, seconds)."""
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
+
+    from triton.compiler import ASTSource
 
     started = time.time()
     launches = _record_launches()
@@ -379,19 +398,124 @@ def compile_all(jobs: int, only: str = ""):
         for arch in ARCHS:
             signature, constexprs, attrs, options = _specialize(kernel, args, tile, arch)
             job = (name, arch, signature, constexprs, attrs, options)
-            key = repr(job)
-            if key not in unique:
-                unique[key] = dict(
-                    job=job, kernel=kernel.fn.__name__, tile=tile, kind=kind, calls=[]
-                )
-            unique[key]["calls"].append(call)
+            if repr(job) not in unique:
+                source = ASTSource(kernel, signature, constexprs, attrs)
+                unique[repr(job)] = dict(
+                    job=job, kernel=kernel.fn.__name__, tile=tile, kind=kind, calls=[],
+                    key=_result_key(source, arch, options),
+                )  # fmt: skip
+            unique[repr(job)]["calls"].append(call)
     entries = [e for e in unique.values() if only in f"{e['kernel']} {e['tile']}"]
+    known = known or {}
+    for e in entries:
+        if e["key"] in known:
+            e.update(zip(RESULT_FIELDS, known[e["key"]]), known=True)
+    todo = [e for e in entries if not e.get("known")]
     # the slowest (the GEMMs) first, so that the pool ends together
-    entries.sort(key=lambda e: e["kind"] is None)
+    todo.sort(key=lambda e: e["kind"] is None)
     with ProcessPoolExecutor(jobs, get_context("spawn"), _worker_init, (ROOT,)) as pool:
-        for entry, result in zip(entries, pool.map(_compile, [e["job"] for e in entries])):
+        for entry, result in zip(todo, pool.map(_compile, [e["job"] for e in todo])):
             entry.update(result)
     return entries, time.time() - started
+
+
+def _result_key(source, arch, options):
+    """What Triton's own cache keys this compile by, less its installation's bytes (a wheel per
+    Python version, the same compiler): the source's hash (the kernel, the jit functions and
+    globals it uses, the specialisation), the backend's (the architecture and ptxas' version),
+    the full options' and Triton's cache-invalidating variables."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.compiler.compiler import get_cache_invalidating_env_vars
+
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    full = backend.parse_options(dict(options, **source.parse_options()))
+    variables = sorted(get_cache_invalidating_env_vars().items())
+    key = f"{triton.__version__}-{source.hash()}-{backend.hash()}-{full.hash()}-{variables}"
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def _environment():
+    """The compile environment's part of every key: ptxas per architecture, the variables."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.compiler.compiler import get_cache_invalidating_env_vars
+
+    backends = [make_backend(GPUTarget("cuda", arch, 32)).hash() for arch in ARCHS]
+    variables = sorted(get_cache_invalidating_env_vars().items())
+    return hashlib.sha256(f"{backends}-{variables}".encode()).hexdigest()[:32]
+
+
+def _kept():
+    if not os.path.exists(RESULTS):
+        return {}
+    with open(RESULTS) as f:
+        return json.load(f)
+
+
+def load_results() -> tuple[dict, bool]:
+    """This Triton's kept results (key -> [regs, spills, smem, instr]), and whether they were
+    compiled in this environment (then a launch missing from them is a changed launch)."""
+    import triton
+
+    kept = _kept().get(triton.__version__, {})
+    return kept.get("launches", {}), kept.get("environment") == _environment()
+
+
+def write_results(entries):
+    """This Triton's results into tests/triton_compiled.json (the other versions' kept), one
+    launch per line."""
+    import triton
+
+    versions = _kept()
+    versions[triton.__version__] = {
+        "environment": _environment(),
+        "launches": {
+            e["key"]: [e[field] for field in RESULT_FIELDS] for e in entries if "error" not in e
+        },
+    }
+    blocks = []
+    for version, kept in sorted(versions.items()):
+        rows = ",\n".join(
+            f'      "{k}": {json.dumps(v)}' for k, v in sorted(kept["launches"].items())
+        )
+        blocks.append(
+            f'  "{version}": {{\n    "environment": "{kept["environment"]}",\n'
+            f'    "launches": {{\n{rows}\n    }}\n  }}'
+        )
+    with open(RESULTS, "w") as f:
+        f.write("{\n" + ",\n".join(blocks) + "\n}\n")
+
+
+def results_failures(entries, known, same_environment):
+    """Kept results that differ from a compile's, or (in the environment that wrote them) are
+    missing or left over: a launch changed and the file was not rewritten. In another
+    environment (another ptxas, other Triton variables) every launch compiles, which is no
+    failure."""
+    import triton
+
+    failures = []
+    compiled = [e for e in entries if not e.get("known") and "error" not in e]
+    for e in compiled:
+        if e["key"] in known and known[e["key"]] != [e[field] for field in RESULT_FIELDS]:
+            failures.append(
+                f"{e['kernel']} {e['tile']}: compiled to {e['regs']} registers, {e['spills']} B "
+                f"spills, {e['smem']} B shared memory, {e['instr']}; tests/triton_compiled.json "
+                f"kept {known[e['key']]}"
+            )
+    missing = sum(e["key"] not in known for e in compiled)
+    extra = len(set(known) - {e["key"] for e in entries})
+    if same_environment and (missing or extra):
+        committed = committed_table() or ""
+        oldest = committed.startswith(f"Triton {triton.__version__};")
+        write = "--write-table" if oldest else "--write-results"
+        failures.append(
+            f"tests/triton_compiled.json is stale under Triton {triton.__version__}: {missing} "
+            f"launches compiled that it lacks, {extra} kept results of no launch; run "
+            f"`python3 tests/test_triton_compile.py {write}` under it"
+        )
+    return failures
 
 
 # ------------------------------------------------------------------------------- checking
@@ -571,23 +695,51 @@ def main(argv=None) -> int:
     parser.add_argument("--table", action="store_true", help="print the table")
     parser.add_argument("--write-table", action="store_true", help="write it to docs/design.md")
     parser.add_argument("--only", default="", help='compile the "kernel tile"s containing it')
+    parser.add_argument(
+        "--write-results", action="store_true", help="write tests/triton_compiled.json only"
+    )
+    parser.add_argument(
+        "--no-cache", action="store_true", help="compile every launch, even those the file keeps"
+    )
     args = parser.parse_args(argv)
-    entries, seconds = compile_all(args.jobs, args.only)
+    known, same_environment = load_results()
+    entries, seconds = compile_all(args.jobs, args.only, {} if args.no_cache else known)
     failures = check(entries)
-    per_kernel = collections.Counter(e["kernel"] for e in entries)
-    print(f"{len(entries)} compiles ({dict(per_kernel)}) in {seconds:.0f} s, {args.jobs} jobs")
+    compiled = collections.Counter(e["kernel"] for e in entries if not e.get("known"))
+    print(
+        f"{len(entries)} launches: {len(entries) - sum(compiled.values())} results kept in "
+        f"tests/triton_compiled.json (sources unchanged), {sum(compiled.values())} compiled "
+        f"({dict(compiled)}) in {seconds:.0f} s, {args.jobs} jobs"
+    )
     # the table needs every kernel's launches (its GEMM model reads _ln_matmul_kernel's)
     markdown = table(entries) if not args.only else ""
     if args.table:
         print(markdown)
     if args.write_table:
         write_table(markdown)
+    if args.write_table or args.write_results:
+        write_results(entries)
     elif not args.only:
-        failures += table_failures(markdown)
+        failures += table_failures(markdown) + results_failures(entries, known, same_environment)
     for line in failures:
         print("FAIL", line)
     print(f"{len(failures)} failures")
     return 1 if failures else 0
+
+
+def test_kept_results_are_stale_only_in_their_environment():
+    """A launch compiled because the file lacks it fails the test where the file was written
+    (a changed launch), not elsewhere; a compile that differs from a kept result fails always."""
+    pytest.importorskip("triton.backends.nvidia")
+    result = dict(kernel="_k", tile="t", spills=0, smem=0, instr="fma")
+    entries = [dict(result, key="a", regs=1, known=True), dict(result, key="b", regs=2)]
+    known = {"a": [1, 0, 0, "fma"], "c": [3, 0, 0, "fma"]}
+    (stale,) = results_failures(entries, known, same_environment=True)
+    assert "1 launches compiled that it lacks, 1 kept results of no launch" in stale
+    assert results_failures(entries, known, same_environment=False) == []
+    known["b"] = [9, 0, 0, "fma"]
+    (differs,) = results_failures(entries, known, same_environment=False)
+    assert "compiled to 2 registers" in differs and "kept [9, 0, 0, 'fma']" in differs
 
 
 @pytest.mark.slow
