@@ -48,8 +48,8 @@ inline bool amx_enabled() {
 // is one contiguous 1 KiB tile. Dword j of a packed 32-byte chunk shifted by 2·i holds a
 // feature's codes of k = 128·chunk + 32·i + 4·j .. + 3, so the chunk's 16 rows × 8 dwords are
 // transposed to 8 vectors of 16 (one per j, lane f from row f), each giving 4 operand rows.
-// The transpose is shuffles in registers: a 16-lane gather per j instead took ~4x the tiles'
-// own time at 2048 rows (gathers are slow where the microcode mitigates Gather Data Sampling).
+// The transpose is shuffles in registers: a 16-lane gather per j took longer than the tiles
+// themselves at 2048 rows (gathers are slow where the microcode mitigates Gather Data Sampling).
 inline void amx_pack_codes(const uint8_t* w, int64_t w_stride, int64_t features, int64_t k,
                            uint8_t* packed) {
   const int64_t live = std::clamp<int64_t>(features, 0, kAmxTile);
@@ -76,10 +76,10 @@ inline void amx_pack_codes(const uint8_t* w, int64_t w_stride, int64_t features,
         t[g + 2 * p] = _mm512_unpacklo_epi32(r[g + 2 * p], r[g + 2 * p + 1]);
         t[g + 2 * p + 1] = _mm512_unpackhi_epi32(r[g + 2 * p], r[g + 2 * p + 1]);
       }
-      u[g / 4 * 4 + 0] = _mm512_unpacklo_epi64(t[g], t[g + 2]);
-      u[g / 4 * 4 + 1] = _mm512_unpackhi_epi64(t[g], t[g + 2]);
-      u[g / 4 * 4 + 2] = _mm512_unpacklo_epi64(t[g + 1], t[g + 3]);
-      u[g / 4 * 4 + 3] = _mm512_unpackhi_epi64(t[g + 1], t[g + 3]);
+      u[g] = _mm512_unpacklo_epi64(t[g], t[g + 2]);
+      u[g + 1] = _mm512_unpackhi_epi64(t[g], t[g + 2]);
+      u[g + 2] = _mm512_unpacklo_epi64(t[g + 1], t[g + 3]);
+      u[g + 3] = _mm512_unpackhi_epi64(t[g + 1], t[g + 3]);
     }
     for (int d = 0; d < 4; ++d) {
       for (int half = 0; half < 2; ++half) {
