@@ -312,13 +312,18 @@ def _record_launches():
     return launches
 
 
-def _specialize(kernel, args, tile, arch):
-    """(signature, constexprs, attrs, options) of the launch as Triton's JIT specialises it."""
+def _backend(arch):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
+
+    return make_backend(GPUTarget("cuda", arch, 32))
+
+
+def _specialize(kernel, args, tile, arch):
+    """(signature, constexprs, attrs, options) of the launch as Triton's JIT specialises it."""
     from triton.runtime.jit import create_function_from_signature
 
-    backend = make_backend(GPUTarget("cuda", arch, 32))
+    backend = _backend(arch)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     options = {"num_warps": tile.num_warps, "num_stages": tile.num_stages}
     bound, specialization, parsed = binder(**args, **dict(tile.meta), **options)
@@ -392,6 +397,7 @@ def compile_all(jobs: int, only: str = "", known: dict | None = None):
 
     started = time.time()
     launches = _record_launches()
+    environment = _environment()
     unique = {}  # compile job -> the launches it stands for
     for kernel, args, tile, kind, call in launches:
         name = f"{kernel.fn.__module__}.{kernel.fn.__name__}"
@@ -402,7 +408,7 @@ def compile_all(jobs: int, only: str = "", known: dict | None = None):
                 source = ASTSource(kernel, signature, constexprs, attrs)
                 unique[repr(job)] = dict(
                     job=job, kernel=kernel.fn.__name__, tile=tile, kind=kind, calls=[],
-                    key=_result_key(source, arch, options),
+                    key=_result_key(source, arch, options, environment),
                 )  # fmt: skip
             unique[repr(job)]["calls"].append(call)
     entries = [e for e in unique.values() if only in f"{e['kernel']} {e['tile']}"]
@@ -419,30 +425,24 @@ def compile_all(jobs: int, only: str = "", known: dict | None = None):
     return entries, time.time() - started
 
 
-def _result_key(source, arch, options):
+def _result_key(source, arch, options, environment):
     """What Triton's own cache keys this compile by, less its installation's bytes (a wheel per
     Python version, the same compiler): the source's hash (the kernel, the jit functions and
-    globals it uses, the specialisation), the backend's (the architecture and ptxas' version),
-    the full options' and Triton's cache-invalidating variables."""
+    globals it uses, the specialisation), the architecture, the full options' hash and the
+    environment (``_environment``)."""
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import make_backend
-    from triton.compiler.compiler import get_cache_invalidating_env_vars
 
-    backend = make_backend(GPUTarget("cuda", arch, 32))
-    full = backend.parse_options(dict(options, **source.parse_options()))
-    variables = sorted(get_cache_invalidating_env_vars().items())
-    key = f"{triton.__version__}-{source.hash()}-{backend.hash()}-{full.hash()}-{variables}"
+    full = _backend(arch).parse_options(dict(options, **source.parse_options()))
+    key = f"{triton.__version__}-{source.hash()}-{arch}-{full.hash()}-{environment}"
     return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
 def _environment():
-    """The compile environment's part of every key: ptxas per architecture, the variables."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import make_backend
+    """What else decides a compile: ptxas (its version, per architecture) and Triton's
+    cache-invalidating variables."""
     from triton.compiler.compiler import get_cache_invalidating_env_vars
 
-    backends = [make_backend(GPUTarget("cuda", arch, 32)).hash() for arch in ARCHS]
+    backends = [_backend(arch).hash() for arch in ARCHS]
     variables = sorted(get_cache_invalidating_env_vars().items())
     return hashlib.sha256(f"{backends}-{variables}".encode()).hexdigest()[:32]
 
