@@ -28,10 +28,13 @@ constexpr float kLn2Lo = 1.428606765330187045e-06f;
 // a degree-7 Taylor polynomial on |r| <= ln 2 / 2, exp(−lo) as 1 − lo. A rounded −z²/2 would
 // instead err by up to z²/2 ulps. hi is clamped at 87.3, so the result bottoms out near 2^-126
 // (~1.2e-38) instead of underflowing; Φ there is below float32's normal range anyway.
+// The clamps are clamp_max (one min instruction, which passes a NaN argument through), not
+// at::vec::minimum, whose explicit NaN test doubled GELU's cost on AVX-512 (docs/design.md,
+// Decisions).
 inline Vec exp_neg_half_square(const Vec& z) {
   const Vec z_hi = z & Vec(c10::bit_cast<float>(0xFFFFF000u));
   const Vec z_lo = z - z_hi;
-  const Vec hi = at::vec::minimum(Vec(0.5f) * z_hi * z_hi, Vec(87.3f));
+  const Vec hi = at::vec::clamp_max(Vec(0.5f) * z_hi * z_hi, Vec(87.3f));
   const Vec lo = Vec(0.5f) * at::vec::fmadd(z_lo, z_lo, Vec(2.0f) * z_hi * z_lo);
   const Vec n = (hi * Vec(-kLog2e)).round();  // in [-126, 0]
   const Vec r = (n * Vec(-kLn2Lo) - lo) + (n * Vec(-kLn2Hi) - hi);
@@ -58,7 +61,7 @@ inline Vec exp_neg_half_square(const Vec& z) {
 inline void gelu_cdf_pdf(const Vec& x, Vec& cdf, Vec& pdf) {
   constexpr float kMillsK = 3.5f;
   const Vec z = x.abs();
-  const Vec zc = at::vec::minimum(z, Vec(13.5f));
+  const Vec zc = at::vec::clamp_max(z, Vec(13.5f));
   const Vec inv = Vec(1.0f) / (zc + Vec(kMillsK));
   const Vec q = (zc - Vec(kMillsK)) * inv;
   Vec m = at::vec::fmadd(Vec(1.682307083683554e-05f), q, Vec(6.198870687512681e-05f));
