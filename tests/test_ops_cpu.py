@@ -393,3 +393,17 @@ def test_gelu_accuracy():
             f"at x = {x.flatten()[worst]:.6f} exceeds the bound by "
             f"{ratio.max():.3f}x"
         )
+
+
+def test_gelu_beyond_the_clamps():
+    """Where the kernel clamps (|x| > 13.2 in exp(−x²/2), 13.5 in the tail's polynomial) and at
+    NaN: GELU(x) = x and GELU'(x) = 1 far right, both vanish far left, NaN stays NaN (the clamps
+    pass a NaN argument through)."""
+    x = torch.tensor([20.0, 1e30, 13.4, 13.6, -13.4, -13.6, -20.0, -1e30, float("nan")])
+    x = x.reshape(-1, 1).requires_grad_()
+    y = mk.ln_linear(x, None, None, torch.ones(1, 1), None, input_activation="gelu", backend="cpu")
+    (dx,) = torch.autograd.grad(y.sum(), x)
+    y, dx = y.detach().flatten(), dx.flatten()
+    assert torch.equal(y[:4], x.detach().flatten()[:4]) and torch.equal(dx[:4], torch.ones(4))
+    assert (y[4:8].abs() <= 1e-37).all() and (dx[4:8].abs() <= 1e-36).all(), (y, dx)
+    assert y[8].isnan() and dx[8].isnan()

@@ -73,7 +73,10 @@ inline void gelu_cdf_pdf(const Vec& x, Vec& cdf, Vec& pdf) {
   m = at::vec::fmadd(m, q, Vec(0.04506069794297218f));
   m = at::vec::fmadd(m, q, Vec(-0.08079453557729721f));
   m = at::vec::fmadd(m, q, Vec(0.10634515434503555f));
-  const Vec e = exp_neg_half_square(z);                   // exp(−x²/2)
+  // exp(−x²/2), 0 beyond the clamp: Φ(−z) and φ(z) lie below float32's normal range there, and
+  // z² overflows the exact split above ~1.8e19 (x·Φ(x) was ±inf). A NaN x fails the test but
+  // stays NaN through x·Φ(x) and Φ(x) + x·φ(x).
+  const Vec e = exp_neg_half_square(z) & (z <= Vec(13.5f));
   const Vec tail = (Vec(2.0f * kMillsK) * inv) * m * e;  // Φ(−|x|)
   cdf = Vec::blendv(Vec(1.0f) - tail, tail, x < Vec(0.0f));
   pdf = e * Vec(kInvSqrt2Pi);
