@@ -8,6 +8,7 @@ kernels write it.
 
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -188,6 +189,22 @@ def test_gemm_engine_is_measured_per_role_and_repeats_bitwise(gemm_policy):
     if "onednn unavailable" not in engine:
         for role in ("forward", "input gradient", "weight gradient"):
             assert f"; {role} Float M<=64 " in engine, engine
+
+
+def test_gemm_engine_into_a_given_output_is_its_own_measurement(gemm_policy):
+    """A linear into a given output (a concat group's column ranges) is measured apart from one
+    into a new tensor: oneDNN, which returns a new tensor, pays a copy there that its
+    measurement must count. The concat result equals the list form's columns bit for bit."""
+    gemm_policy("auto")
+    x, lw = randn(64, 48, mean=1.0), randn(48, mean=1.0)
+    ws, bs = [randn(40, 48, std=0.2), randn(24, 48, std=0.2)], [randn(40), randn(24)]
+    listed = mk.ln_linear_group(x, lw, None, ws, bs, norm="rms", backend="cpu")
+    joined = mk.ln_linear_group(x, lw, None, ws, bs, norm="rms", concat=True, backend="cpu")
+    assert torch.equal(joined, torch.cat(listed, -1))
+    engine = _C.cpu_gemm_engine()
+    if "onednn unavailable" not in engine:
+        for into in ("", " into a given output"):
+            assert re.search(rf"; forward Float M<=64 N<=64 K<=64 \d+t{into}: ", engine), engine
 
 
 def _ln_linear_fwd_bwd(x, lw, lb, w, b):

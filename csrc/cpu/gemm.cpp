@@ -39,8 +39,10 @@ const char* role_name(Role role) {
   return "?";
 }
 
-// (role, dtype, log2 of M, N and K rounded up, threads): what one measurement stands for.
-using Key = std::tuple<Role, at::ScalarType, int, int, int, int>;
+// (role, dtype, log2 of M, N and K rounded up, threads, into a given output): what one
+// measurement stands for. A linear into a given output (a column range of a gated MLP's
+// [gate | up], a workspace block) costs oneDNN a copy that a new tensor does not.
+using Key = std::tuple<Role, at::ScalarType, int, int, int, int, bool>;
 
 int log2_ceil(int64_t n) {
   int bits = 0;
@@ -170,13 +172,17 @@ double cpu_seconds() {
   return static_cast<double>(t.tv_sec) + 1e-9 * static_cast<double>(t.tv_nsec);
 }
 
-// The fastest engine for g, timed on its own operands into a scratch output (so that result is
-// written once, by the engine chosen): three alternating rounds, the minimum of each, in the
+// The fastest engine for g, timed on its own operands into a scratch output of result's layout
+// (so that result is written once, by the engine chosen, and each engine's cost of writing
+// there, oneDNN's copy included, is counted; none for a linear into a new tensor): three
+// alternating rounds, the minimum of each, in the
 // process's CPU time, which other processes on a loaded machine disturb far less than wall
 // time. Another engine must beat aten by 5%: within that they are level and torch's default
 // stays. An engine that fails (oneDNN throws where it refuses a dtype on this CPU) drops out.
 Engine measure(const Gemm& g, const c10::OperatorHandle* op, const Tensor& result) {
-  const Tensor scratch = g.is_linear ? Tensor() : at::empty_like(result);
+  const Tensor scratch = result.defined()
+      ? at::empty_strided(result.sizes(), result.strides(), result.options())
+      : Tensor();
   double best[3] = {1e300, 1e300, 1e300};
   bool failed[3] = {false, false, false};
   for (int round = 0; round < 3; ++round) {
@@ -215,7 +221,8 @@ Tensor dispatch(Role role, const Gemm& g, const Tensor& result, bool accumulate,
     } else if (s.policy == "few_rows") {
       engine = g.few_rows ? Engine::kFewRows : Engine::kAten;
     } else if (s.policy == "auto") {
-      const Key key{role, dtype, log2_ceil(m), log2_ceil(n), log2_ceil(k), at::get_num_threads()};
+      const Key key{role, dtype, log2_ceil(m), log2_ceil(n), log2_ceil(k), at::get_num_threads(),
+                    result.defined()};
       auto it = s.chosen.find(key);
       if (it == s.chosen.end()) it = s.chosen.emplace(key, measure(g, op, result)).first;
       engine = it->second;
@@ -245,11 +252,12 @@ std::string engine() {
             " rows: magneto few-row kernel (fp32; bf16/fp16 where measured faster)";
   }
   for (const auto& [key, engine] : s.chosen) {
-    const auto& [role, dtype, m, n, k, threads] = key;
+    const auto& [role, dtype, m, n, k, threads, into] = key;
     name += "; " + std::string(role_name(role)) + " " + c10::toString(dtype) + " M<=" +
             std::to_string(int64_t{1} << m) + " N<=" + std::to_string(int64_t{1} << n) +
-            " K<=" + std::to_string(int64_t{1} << k) + " " + std::to_string(threads) +
-            "t: " + engine_name(engine);
+            " K<=" + std::to_string(int64_t{1} << k) + " " + std::to_string(threads) + "t" +
+            (into && role == Role::kForward ? " into a given output" : "") + ": " +
+            engine_name(engine);
   }
   return name;
 }
