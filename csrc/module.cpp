@@ -311,20 +311,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "set); "
         "hide_onednn: as if torch had no oneDNN linear. Forgets the measured choices.");
   m.def("_cpu_gemm",
-        [](const at::Tensor& a, const at::Tensor& b, const at::Tensor& out, bool accumulate,
-           const std::string& role) {
+        [](const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& out,
+           bool accumulate, const std::string& role) {
           using magneto::cpu::gemm::Role;
           TORCH_CHECK(role == "forward" || role == "input_grad" || role == "weight_grad",
                       "role must be 'forward', 'input_grad' or 'weight_grad', got '", role, "'");
           const Role r = role == "forward"      ? Role::kForward
                          : role == "input_grad" ? Role::kInputGrad
                                                 : Role::kWeightGrad;
-          magneto::cpu::gemm::matmul(r, a, b, out, accumulate);
+          return magneto::cpu::gemm::matmul(r, a, b, out.value_or(at::Tensor()), accumulate);
         },
         py::arg("a"), py::arg("b"), py::arg("out"), py::arg("accumulate"),
         py::arg("role") = "forward",
-        "Benchmarks and tests: out = a @ b (or out += a @ b) as the CPU ln_linear runs the GEMM "
-        "of this role.");
+        "Benchmarks and tests: out = a @ b (or out += a @ b), or a @ b into a new tensor (out "
+        "None), as the CPU ln_linear runs the GEMM of this role; returns the result.");
   m.def("codes", &magneto::codes,
         "csrc/common.h's tables and the op families, for tests to check against "
         "magneto_kernels/codes.py and backends.py: {'norms': {name: code}, 'activations': "

@@ -155,8 +155,8 @@ ROLES = ("forward", "input_grad", "weight_grad")
 @pytest.mark.parametrize("accumulate", [False, True])
 def test_gemm_layouts(gemm_policy, policy, dtype, accumulate):
     """The three GEMMs of ln_linear (H @ W^T, dz @ W, dz^T @ H: plain and transposed operands)
-    on each engine against float64, with and without accumulating into the output (bf16 on an
-    ISA where oneDNN refuses it: aten runs it); empty sums give zeros."""
+    on each engine against float64, with and without accumulating into the output, and into a
+    new tensor (bf16 on an ISA where oneDNN refuses it: aten runs it); empty sums give zeros."""
     gemm_policy(policy)
     h = randn(37, 53, mean=0.5, dtype=dtype)
     w, dz = randn(29, 53, std=0.2, dtype=dtype), randn(37, 29, mean=-0.3, dtype=dtype)
@@ -167,9 +167,14 @@ def test_gemm_layouts(gemm_policy, policy, dtype, accumulate):
         want = a.double() @ b.double() + (start.double() if accumulate else 0)
         same = (a.float() @ b.float() + (start.float() if accumulate else 0)).to(dtype)
         assert_close_to_reference(out, want, same, f"{role} {policy}")
+        if not accumulate:  # into a new tensor: the engine's own output
+            new = _C._cpu_gemm(a, b, None, False, role)
+            assert new.shape == out.shape and new.dtype == dtype and new.is_contiguous()
+            assert_close_to_reference(new, want, same, f"{role} {policy}, new tensor")
     empty = torch.full((4, 3), float("nan"))
     _C._cpu_gemm(randn(4, 0), randn(0, 3), empty, False)
     assert torch.equal(empty, torch.zeros(4, 3))
+    assert torch.equal(_C._cpu_gemm(randn(4, 0), randn(0, 3), None, False), torch.zeros(4, 3))
 
 
 def test_gemm_engine_is_measured_per_role_and_repeats_bitwise(gemm_policy):

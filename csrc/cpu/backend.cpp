@@ -453,8 +453,8 @@ void Kernels::ln_linear_backward(const LnLinearBackwardArgs& a, LnLinearGrads& g
   if (want_dweight && online) {
     h = fake_quant_rows(h, !identity_prologue, opt_rows(a.row_amax, 0, rows));
   }
-  if (want_dweight) {
-    gemm::matmul(gemm::Role::kWeightGrad, dz.t(), h, grads.dweight, /*accumulate=*/false);
+  if (want_dweight) {  // a new tensor: oneDNN's own output, not copied into the one given
+    grads.dweight = gemm::matmul(gemm::Role::kWeightGrad, dz.t(), h, Tensor(), false);
   }
 }
 
@@ -596,8 +596,8 @@ void Kernels::ln_linear_group_backward(const LnLinearGroupBackwardArgs& a,
     if (!a.grad_outs[i].defined()) {
       grads.dweights[i].zero_();
     } else {
-      gemm::matmul(gemm::Role::kWeightGrad, a.grad_outs[i].t(), h, grads.dweights[i],
-                   /*accumulate=*/false);
+      grads.dweights[i] =
+          gemm::matmul(gemm::Role::kWeightGrad, a.grad_outs[i].t(), h, Tensor(), false);
     }
   }
 }

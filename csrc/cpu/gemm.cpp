@@ -40,7 +40,7 @@ const char* role_name(Role role) {
 }
 
 // (role, dtype, log2 of M, N and K rounded up, threads, into a given output): what one
-// measurement stands for. A linear into a given output (a column range of a gated MLP's
+// measurement stands for. A GEMM into a given output (a column range of a gated MLP's
 // [gate | up], a workspace block) costs oneDNN a copy that a new tensor does not.
 using Key = std::tuple<Role, at::ScalarType, int, int, int, int, bool>;
 
@@ -128,8 +128,8 @@ Tensor few_rows_linear(const Tensor& x, const Tensor& weight, const std::optiona
   return y;
 }
 
-// One GEMM of the engine: the linear (into result, or a new tensor where result is undefined) or
-// the matmul into result.
+// One GEMM of the engine: the linear or the matmul, into result, or a new tensor where result is
+// undefined.
 struct Gemm {
   const Tensor& a;
   const Tensor& b;  // the linear's weight (out x in), or the matmul's right operand
@@ -153,6 +153,9 @@ struct Gemm {
       if (!result.defined()) return bias.has_value() ? at::addmm(*bias, a, b.t()) : at::mm(a, b.t());
       Tensor y = result;
       return bias.has_value() ? at::addmm_out(y, *bias, a, b.t()) : at::mm_out(y, a, b.t());
+    }
+    if (!result.defined()) {  // a new tensor: the engine's own output
+      return engine == Engine::kOneDnn ? onednn_linear(*op, a, b.t(), std::nullopt) : at::mm(a, b);
     }
     if (engine == Engine::kOneDnn) {
       const Tensor product = onednn_linear(*op, a, b.t(), std::nullopt);
@@ -256,7 +259,7 @@ std::string engine() {
     name += "; " + std::string(role_name(role)) + " " + c10::toString(dtype) + " M<=" +
             std::to_string(int64_t{1} << m) + " N<=" + std::to_string(int64_t{1} << n) +
             " K<=" + std::to_string(int64_t{1} << k) + " " + std::to_string(threads) + "t" +
-            (into && role == Role::kForward ? " into a given output" : "") + ": " +
+            (into ? " into a given output" : "") + ": " +
             engine_name(engine);
   }
   return name;
@@ -280,10 +283,12 @@ Tensor linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>
   return dispatch(Role::kForward, g, out, false, rows, weight.size(0), weight.size(1));
 }
 
-void matmul(Role role, const Tensor& a, const Tensor& b, const Tensor& result, bool accumulate) {
+Tensor matmul(Role role, const Tensor& a, const Tensor& b, const Tensor& result,
+              bool accumulate) {
   static const std::optional<Tensor> no_bias;
-  dispatch(role, Gemm{a, b, no_bias, false, false}, result, accumulate, a.size(0), b.size(1),
-           a.size(1));
+  TORCH_CHECK(result.defined() || !accumulate, "gemm::matmul: accumulating needs a result");
+  return dispatch(role, Gemm{a, b, no_bias, false, false}, result, accumulate, a.size(0),
+                  b.size(1), a.size(1));
 }
 
 }  // namespace magneto::cpu::gemm

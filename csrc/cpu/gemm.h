@@ -31,11 +31,13 @@ namespace magneto::cpu::gemm {
 // input gradient (dh = dz W) and the weight gradient (dweight = dz^T h).
 enum class Role { kForward, kInputGrad, kWeightGrad };
 
-// result = a @ b (accumulate = false) or result += a @ b (accumulate = true). a and b may be
-// contiguous or transposed views of contiguous tensors, or have unit column stride (a column
-// range of a wider tensor); so may result.
-void matmul(Role role, const at::Tensor& a, const at::Tensor& b, const at::Tensor& result,
-            bool accumulate);
+// result = a @ b (accumulate = false) or result += a @ b (accumulate = true), returned. a and b
+// may be contiguous or transposed views of contiguous tensors, or have unit column stride (a
+// column range of a wider tensor); so may result. An undefined result (accumulate false): a new
+// tensor, the engine's own output (oneDNN's is not copied; it is measured apart from the form
+// into a given output).
+at::Tensor matmul(Role role, const at::Tensor& a, const at::Tensor& b, const at::Tensor& result,
+                  bool accumulate);
 
 // x @ weight^T + bias (bias optional) into a new tensor, or into out where given (unit column
 // stride, any row stride: a column range of a wider tensor), the same bits either way; x and

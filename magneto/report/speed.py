@@ -12,7 +12,8 @@ round. Variants, by name:
   warmed up before the rounds (compile time is reported, never timed);
 - on a GPU, Liger-Kernel's and flash-attn's LayerNorm where importable;
 - floors: what the case cannot do without. For ``ln_linear`` and the layers, their GEMMs alone
-  (ready-made operands, fresh outputs) plus, for the layers, the attention core
+  (ready-made operands; the forward and the weight gradient into new tensors, the input
+  gradient into a given one, as the ``cpu`` backend runs them) plus, for the layers, the attention core
   (``F.scaled_dot_product_attention``, as our layers run it), through the GEMM engine the
   ``cpu`` backend uses (``_C._cpu_gemm``, per GEMM role: the faster of MKL and oneDNN as
   measured on this CPU, so a faster engine does not pass for a fusion win) and through
@@ -125,7 +126,7 @@ def _mm_engines(device: str) -> dict[str, Callable]:
     (cuBLAS, which the cuda backend calls)."""
 
     def aten(a, b, out, role):
-        torch.mm(a, b, out=out)
+        torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
 
     engines = {FLOOR_MM: aten}
     if device == "cpu":
@@ -142,16 +143,18 @@ def _gemms(
     shapes: list[tuple[int, int]], rows: int, backward: bool, mm: Callable, s: Settings
 ) -> Callable[[], None]:
     """The GEMMs of linear layers (in_features, out_features) at ``rows``: forward
-    ``h @ W^T``; backward also ``dz @ W`` and ``dz^T @ h``."""
+    ``h @ W^T``; backward also ``dz @ W`` and ``dz^T @ h``. The forward and the weight gradient
+    go to new tensors and the input gradient into a given one, as the cpu backend's do (oneDNN
+    returns a new tensor: into a given one it pays a copy)."""
     operands = [(_randn(rows, k, s=s), _randn(n, k, s=s), _randn(rows, n, s=s)) for k, n in shapes]
 
     def run():
         for h, w, dz in operands:
             n, k = w.shape
-            mm(h, w.t(), torch.empty(rows, n, device=s.device, dtype=s.dtype), "forward")
+            mm(h, w.t(), None, "forward")
             if backward:
                 mm(dz, w, torch.empty(rows, k, device=s.device, dtype=s.dtype), "input_grad")
-                mm(dz.t(), h, torch.empty(n, k, device=s.device, dtype=s.dtype), "weight_grad")
+                mm(dz.t(), h, None, "weight_grad")
 
     return run
 
