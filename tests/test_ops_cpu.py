@@ -283,8 +283,9 @@ FEW_ROW_KERNELS = {
 def test_few_row_linear(gemm_policy, monkeypatch, dtype, env, k, bias):
     """The decode-size GEMM (kernels.h, linear_few_rows; pinned with the few_rows policy, aten
     past its rows) at every row count up to two past its limit: full row tiles (8 rows on AVX-512,
-    4 on AVX2) and every edge, an odd number of weight rows (the one-row column edge; 23: one full
-    group of 16 AMX tile rows and a zero-padded one), k with a vector tail (37; 200 = 12.5
+    4 on AVX2) and every edge, an odd number of weight rows (23: 11 column pairs and one alone,
+    or at one row 5 column quadruples and 3 alone; one full group of 16 AMX tile rows and a
+    zero-padded one), k with a vector tail (37; 200 = 12.5
     AVX-512 float vectors, 6.25 bf16 pair vectors and AMX blocks) and without (64), x with a
     non-zero mean, every dtype and kernel; judged against float64 as F.linear in that dtype is."""
     gemm_policy("few_rows")
@@ -305,23 +306,24 @@ def test_few_row_linear(gemm_policy, monkeypatch, dtype, env, k, bias):
 )
 def test_few_row_linear_does_not_depend_on_thread_count(gemm_policy, monkeypatch, dtype, env):
     """Each output is one fixed-order dot product, whichever thread computes it: the two threads
-    split 300 column tiles here."""
+    split 300 column tiles here (150 at one row)."""
     if _C.cpu_capability() == "default":
         pytest.skip("the portable build has no few-row kernel (MKL runs these rows)")
     gemm_policy("few_rows")
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    x, w, b = randn(FEW_ROWS_MAX, 64, mean=1.0), randn(600, 64), randn(600)
-    x, w, b = (t.to(dtype) for t in (x, w, b))
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        y2 = _linear(x, w, b)
-        torch.set_num_threads(1)
-        y1 = _linear(x, w, b)
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(y1, y2)
+    w, b = randn(600, 64).to(dtype), randn(600).to(dtype)
+    for rows in (1, FEW_ROWS_MAX):  # one row: 1x4 tiles; more: 8x2 (4x2 on AVX2)
+        x = randn(rows, 64, mean=1.0).to(dtype)
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(2)
+            y2 = _linear(x, w, b)
+            torch.set_num_threads(1)
+            y1 = _linear(x, w, b)
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(y1, y2), f"{rows} rows"
 
 
 def test_without_workspace():

@@ -21,6 +21,9 @@ namespace {
 // room for the operands. (4×4 on AVX-512 streams the weight twice: docs/design.md, Decisions.)
 constexpr int kTileRows = kW >= 16 ? 8 : 4;
 constexpr int kTileCols = 2;
+// At one row the tile is 1×4: four weight rows streamed at once (and four prefetched) keep more
+// lines in flight from memory than two (docs/design.md, Decisions).
+constexpr int kOneRowTileCols = 4;
 
 // Keeps v in a register: GCC otherwise folds the load of an x vector into each of the C FMAs
 // that use it, loading it C times, which makes the loop load-bound (docs/design.md, Decisions).
@@ -37,8 +40,9 @@ inline void in_register(Vec& v) {
 }
 
 // Threads split the weight rows in column tiles, at least ~64 KiB of weight per task.
-inline int64_t column_grain(const LinearFewRows& a, int64_t value_bytes) {
-  const int64_t tile_bytes = kTileCols * std::max<int64_t>(a.in_features, 1) * value_bytes;
+inline int64_t column_grain(const LinearFewRows& a, int64_t value_bytes,
+                            int64_t tile_cols = kTileCols) {
+  const int64_t tile_bytes = tile_cols * std::max<int64_t>(a.in_features, 1) * value_bytes;
   return std::max<int64_t>(1, 65536 / tile_bytes);
 }
 
@@ -65,7 +69,7 @@ struct FewRows {
   T* y() const { return static_cast<T*>(a.y); }
 };
 
-// y[r][c] = x_r · w_c (+ bias[c]) for R ≤ kTileRows rows of x and C ≤ kTileCols weight rows.
+// y[r][c] = x_r · w_c (+ bias[c]) for R ≤ kTileRows rows of x and C ≤ kOneRowTileCols weight rows.
 template <int R, int C, typename T>
 inline void few_rows_tile(const FewRows<T>& f, int64_t row, int64_t col) {
   const LinearFewRows& a = f.a;
@@ -336,11 +340,19 @@ void linear_few_rows(const LinearFewRows& a) {
       x_stride = a.in_features;
     }
     const FewRows<T> f{a, x, x_stride};
-    const int64_t tiles = a.out_features / kTileCols;
-    at::parallel_for(0, tiles, column_grain(a, sizeof(T)), [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) few_rows_column<kTileCols>(f, t * kTileCols);
-    });
-    for (int64_t col = tiles * kTileCols; col < a.out_features; ++col) few_rows_column<1>(f, col);
+    auto columns = [&](auto tile_cols) {
+      constexpr int C = decltype(tile_cols)::value;
+      const int64_t tiles = a.out_features / C;
+      at::parallel_for(0, tiles, column_grain(a, sizeof(T), C), [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) few_rows_column<C>(f, t * C);
+      });
+      for (int64_t col = tiles * C; col < a.out_features; ++col) few_rows_column<1>(f, col);
+    };
+    if (a.rows == 1) {
+      columns(std::integral_constant<int, kOneRowTileCols>{});
+    } else {
+      columns(std::integral_constant<int, kTileCols>{});
+    }
   });
 }
 #endif
