@@ -13,11 +13,11 @@ round. Variants, by name:
 - on a GPU, Liger-Kernel's and flash-attn's LayerNorm where importable;
 - floors: what the case cannot do without. For ``ln_linear`` and the layers, their GEMMs alone
   (ready-made operands; the forward and the weight gradient into new tensors, the input
-  gradient into a given one, as the ``cpu`` backend runs them) plus, for the layers, the attention core
-  (``F.scaled_dot_product_attention``, as our layers run it), through the GEMM engine the
-  ``cpu`` backend uses (``_C._cpu_gemm``, per GEMM role: the faster of MKL and oneDNN as
-  measured on this CPU, so a faster engine does not pass for a fusion win) and through
-  ``torch.mm``; for the memory-bound norm ops, the bytes an ideal kernel moves, at the
+  gradient into a given one, as the ``cpu`` backend runs them) plus, for the layers, the
+  attention core (``F.scaled_dot_product_attention``, as our layers run it), through the GEMM
+  engine the ``cpu`` backend uses (``_C._cpu_gemm``, per GEMM role: the faster of MKL and
+  oneDNN as measured on this CPU, so a faster engine does not pass for a fusion win) and
+  through ``torch.mm``; for the memory-bound norm ops, the bytes an ideal kernel moves, at the
   copy bandwidth measured in the same rounds (``y.copy_(x)`` on a tensor of x's size).
 """
 
