@@ -147,11 +147,14 @@ inline __m256i load_q(const int8_t* q) {
 // saturation), then madd by 1 to int32 once per block.
 template <int R>
 inline void dot_codes_maddubs(const uint8_t* w, const int8_t* q, int64_t q_stride,
-                              int64_t blocks, int32_t* acc) {
+                              int64_t blocks, int32_t* acc, const uint8_t* ahead) {
   const __m256i ones = _mm256_set1_epi16(1);
   __m256i sum[R];
   for (int r = 0; r < R; ++r) sum[r] = _mm256_setzero_si256();
   for (int64_t blk = 0; blk < blocks; ++blk) {
+    if (ahead != nullptr && (blk & 1) == 0) {
+      _mm_prefetch(reinterpret_cast<const char*>(ahead + 32 * blk), _MM_HINT_T0);
+    }
     const BlockCodes codes(w + 32 * blk);
     for (int r = 0; r < R; ++r) {
       const int8_t* qb = q + r * q_stride + kQuantPackUnit * blk;
@@ -464,17 +467,20 @@ void quant_linear_few_rows_vnni(const QuantLinear& a, const Store& store) {
 }
 #endif
 
-// acc[r] = Σ_k q_r[k]·c[k] for `rows` (<= kQuantRows) rows: the few-row dot without VNNI.
+// acc[r] = Σ_k q_r[k]·c[k] for `rows` (<= kQuantRows) rows: the few-row dot without VNNI;
+// `ahead`: a packed row to prefetch (AVX2), kAheadRows on, a cache line every two blocks.
+constexpr int64_t kAheadRows = 4;
 inline void dot_codes(const uint8_t* w, const int8_t* q, int64_t q_stride, int64_t blocks,
-                      int64_t rows, int32_t* acc) {
+                      int64_t rows, int32_t* acc, const uint8_t* ahead) {
 #if defined(__AVX2__)
   switch (rows) {
-    case 4: return dot_codes_maddubs<4>(w, q, q_stride, blocks, acc);
-    case 3: return dot_codes_maddubs<3>(w, q, q_stride, blocks, acc);
-    case 2: return dot_codes_maddubs<2>(w, q, q_stride, blocks, acc);
-    default: return dot_codes_maddubs<1>(w, q, q_stride, blocks, acc);
+    case 4: return dot_codes_maddubs<4>(w, q, q_stride, blocks, acc, ahead);
+    case 3: return dot_codes_maddubs<3>(w, q, q_stride, blocks, acc, ahead);
+    case 2: return dot_codes_maddubs<2>(w, q, q_stride, blocks, acc, ahead);
+    default: return dot_codes_maddubs<1>(w, q, q_stride, blocks, acc, ahead);
   }
 #else
+  (void)ahead;  // the portable loop takes none: no CPU that runs it was measured
   dot_codes_portable(w, q, q_stride, blocks, rows, acc);
 #endif
 }
@@ -570,7 +576,11 @@ void quant_linear_typed(const QuantLinear& a) {
       for (int64_t r = 0; r < a.rows; r += kQuantRows) {
         const int64_t count = std::min(kQuantRows, a.rows - r);
         int32_t acc[kQuantRows];
-        dot_codes(w, a.q + r * k, k, blocks, count, acc);
+        // the first pass over this weight row also prefetches the row kAheadRows on, which the
+        // hardware prefetcher alone does not keep in flight (docs/design.md, Decisions)
+        const uint8_t* ahead =
+            r == 0 && col + kAheadRows < n ? w + kAheadRows * w_stride : nullptr;
+        dot_codes(w, a.q + r * k, k, blocks, count, acc, ahead);
         for (int64_t j = 0; j < count; ++j) store(acc[j], r + j, col);
       }
     }
