@@ -17,13 +17,12 @@
 //             dh = dz @ weight
 //             one pass over x: dx = norm backward of dh ⊙ in_act'(x), dgamma/dbeta partials,
 //                              and h recomputed from the saved stats (the sweep already reads x)
-//             dweight = dz^T @ h
+//             dweight = dz^T @ h                       (a new tensor: the engine's own output)
 //   dropout   the epilogue pass with dropout alone, x for preact
 // BitNet's quantised projection (LnLinearArgs::quant): online, the same passes with the weight
-// and h fake-quantised (ATen: transformers' WeightQuant / ActQuant steps, straight-through in the
-// backward, which quantises the recomputed h again for dweight); offline, h's rows quantised to
-// int8 once and dotted against the packed weight (quantize_rows, quant_linear), then the same
-// output pass.
+// and h fake-quantised (transformers' WeightQuant / ActQuant, straight-through backward, which
+// quantises the recomputed h again for dweight); offline, h's rows quantised to int8 once and
+// dotted against the packed weight (quantize_rows, quant_linear), then the same output pass.
 //   ln_linear_group (one norm, several weights W_i)
 //   forward   per block of rows: h = N(x) once, then out_i = h @ W_i^T + b_i for every weight
 //   backward  dbias_i = Σ dy_i; dh = Σ_i dy_i @ W_i (accumulated by the GEMMs in x's dtype, as
@@ -107,17 +106,13 @@ void norm_backward_and_h(const NormBackwardArgs& args, const NormGrads& grads, c
   if (dbeta32.defined()) copy_back(grads.dbeta, dbeta32);
 }
 
-// The GEMM operand h = N(in_act(x)) is recomputed in the forward and in the backward and
-// dropped right after its GEMM. It lives in a per-thread workspace kept between calls: a fresh
-// M×K tensor per call would be returned to the OS on free (glibc maps large blocks) and
-// page-faulted in again, 4 KiB at a time, on every call. The workspace holds at most
-// MAGNETO_CPU_WORKSPACE_MB (default 64) MiB. A forward whose h is larger runs in row blocks
-// through it, if a block of kMinBlockRows rows fits (smaller blocks slow the GEMMs down:
-// docs/design.md, Decisions); otherwise, and for a backward whose h does not fit, h is
-// allocated per call (MAGNETO_CPU_WORKSPACE_MB=0: always).
+// The GEMM operand h = N(in_act(x)), recomputed in the forward and the backward and dropped after
+// its GEMM, lives in a per-thread workspace kept between calls (a fresh M×K tensor per call goes
+// back to the OS on free and faults in again), of at most MAGNETO_CPU_WORKSPACE_MB (64) MiB. A
+// larger h goes through it in row blocks of at least kMinBlockRows (smaller blocks slow the
+// GEMMs: docs/design.md, Decisions), else (and a backward's h) is allocated per call (0: always).
 constexpr int64_t kMinBlockRows = 256;
-// The offline quantised projection's blocks of h, quantised right after the norm: small enough to
-// stay in L2 between the two passes.
+// Blocks of h for the offline projection, quantised right after the norm: they stay in L2.
 constexpr int64_t kQuantBlockBytes = 256 << 10;
 
 int64_t workspace_limit_bytes() {

@@ -69,7 +69,8 @@ struct FewRows {
   T* y() const { return static_cast<T*>(a.y); }
 };
 
-// y[r][c] = x_r · w_c (+ bias[c]) for R ≤ kTileRows rows of x and C ≤ kOneRowTileCols weight rows.
+// y[r][c] = x_r · w_c (+ bias[c]) for R ≤ kTileRows rows of x and C ≤ kOneRowTileCols weight
+// rows.
 template <int R, int C, typename T>
 inline void few_rows_tile(const FewRows<T>& f, int64_t row, int64_t col) {
   const LinearFewRows& a = f.a;

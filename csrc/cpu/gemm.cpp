@@ -150,7 +150,9 @@ struct Gemm {
         const Tensor y = onednn_linear(*op, a, b, bias);
         return result.defined() ? result.copy_(y) : y;
       }
-      if (!result.defined()) return bias.has_value() ? at::addmm(*bias, a, b.t()) : at::mm(a, b.t());
+      if (!result.defined()) {
+        return bias.has_value() ? at::addmm(*bias, a, b.t()) : at::mm(a, b.t());
+      }
       Tensor y = result;
       return bias.has_value() ? at::addmm_out(y, *bias, a, b.t()) : at::mm_out(y, a, b.t());
     }
@@ -177,11 +179,11 @@ double cpu_seconds() {
 
 // The fastest engine for g, timed on its own operands into a scratch output of result's layout
 // (so that result is written once, by the engine chosen, and each engine's cost of writing
-// there, oneDNN's copy included, is counted; none for a linear into a new tensor): three
-// alternating rounds, the minimum of each, in the
-// process's CPU time, which other processes on a loaded machine disturb far less than wall
-// time. Another engine must beat aten by 5%: within that they are level and torch's default
-// stays. An engine that fails (oneDNN throws where it refuses a dtype on this CPU) drops out.
+// there, oneDNN's copy included, is counted; none for a new tensor): three alternating rounds,
+// the minimum of each, in the process's CPU time, which other processes on a loaded machine
+// disturb far less than wall time. Another engine must beat aten by 5%: within that they are
+// level and torch's default stays. An engine that fails (oneDNN throws where it refuses a dtype
+// on this CPU) drops out.
 Engine measure(const Gemm& g, const c10::OperatorHandle* op, const Tensor& result) {
   const Tensor scratch = result.defined()
       ? at::empty_strided(result.sizes(), result.strides(), result.options())
@@ -259,8 +261,7 @@ std::string engine() {
     name += "; " + std::string(role_name(role)) + " " + c10::toString(dtype) + " M<=" +
             std::to_string(int64_t{1} << m) + " N<=" + std::to_string(int64_t{1} << n) +
             " K<=" + std::to_string(int64_t{1} << k) + " " + std::to_string(threads) + "t" +
-            (into ? " into a given output" : "") + ": " +
-            engine_name(engine);
+            (into ? " into a given output" : "") + ": " + engine_name(engine);
   }
   return name;
 }

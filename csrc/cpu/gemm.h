@@ -7,9 +7,9 @@
 // Which is faster depends on the CPU (MKL takes its AVX2 path on AMD CPUs; oneDNN reaches
 // AMX-BF16 on Intel's), the dtype, the GEMM's role and its size, so it is measured, once per
 // process and per (role, dtype, M/N/K rounded up to powers of two, thread count, output given or
-// new: oneDNN's copy into a given one is part of its time), on the call's
-// own operands (process CPU time; oneDNN must win by 5%), and the chosen engine's result is the
-// one returned (a repeated call is bit-identical). MAGNETO_CPU_GEMM=aten|onednn|few_rows|auto
+// new: oneDNN's copy into a given one is part of its time), on the call's own operands (process
+// CPU time; oneDNN must win by 5%), and the chosen engine's result is the one returned (a
+// repeated call is bit-identical). MAGNETO_CPU_GEMM=aten|onednn|few_rows|auto
 // pins the choice (few_rows: the few-row kernel where it fits, aten elsewhere; set_policy for
 // tests).
 // The forward GEMM of 1-16 rows has a third engine, our few-row kernel (kernels.h,
