@@ -285,9 +285,9 @@ def test_few_row_linear(gemm_policy, monkeypatch, dtype, env, k, bias):
     past its rows) at every row count up to two past its limit: full row tiles (8 rows on AVX-512,
     4 on AVX2) and every edge, an odd number of weight rows (23: 11 column pairs and one alone,
     or at one row 5 column quadruples and 3 alone; one full group of 16 AMX tile rows and a
-    zero-padded one), k with a vector tail (37; 200 = 12.5
-    AVX-512 float vectors, 6.25 bf16 pair vectors and AMX blocks) and without (64), x with a
-    non-zero mean, every dtype and kernel; judged against float64 as F.linear in that dtype is."""
+    zero-padded one), k with a vector tail (37; 200 = 12.5 AVX-512 float vectors, 6.25 bf16 pair
+    vectors and AMX blocks) and without (64), x with a non-zero mean, every dtype and kernel;
+    judged against float64 as F.linear in that dtype is."""
     gemm_policy("few_rows")
     for name, value in env.items():
         monkeypatch.setenv(name, value)
