@@ -307,9 +307,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "measured fastest per role, dtype and size so far (see csrc/cpu/gemm.h).");
   m.def("_set_cpu_gemm_policy", &magneto::cpu::gemm::set_policy, py::arg("policy"),
         py::arg("hide_onednn") = false,
-        "Tests and benchmarks: 'auto', 'aten', 'onednn' or 'few_rows' (MAGNETO_CPU_GEMM until "
-        "set); "
-        "hide_onednn: as if torch had no oneDNN linear. Forgets the measured choices.");
+        "Tests and benchmarks: 'auto', 'aten', 'onednn', 'few_rows' or 'widened' "
+        "(MAGNETO_CPU_GEMM until set); hide_onednn: as if torch had no oneDNN linear. Forgets "
+        "the measured choices.");
   m.def("_cpu_gemm",
         [](const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& out,
            bool accumulate, const std::string& role) {

@@ -14,7 +14,13 @@ import sys
 
 import pytest
 import torch
-from harness import BY_NAME, assert_close_to_reference, randn, require_backend
+from harness import (
+    BY_NAME,
+    assert_close_to_reference,
+    check_ln_linear_case,
+    randn,
+    require_backend,
+)
 
 import magneto_kernels as mk
 from magneto_kernels.library import get_op
@@ -150,13 +156,14 @@ def gemm_policy():
 ROLES = ("forward", "input_grad", "weight_grad")
 
 
-@pytest.mark.parametrize("policy", ["aten", "onednn", "auto"])
+@pytest.mark.parametrize("policy", ["aten", "onednn", "widened", "auto"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("accumulate", [False, True])
 def test_gemm_layouts(gemm_policy, policy, dtype, accumulate):
     """The three GEMMs of ln_linear (H @ W^T, dz @ W, dz^T @ H: plain and transposed operands)
     on each engine against float64, with and without accumulating into the output, and into a
-    new tensor (bf16 on an ISA where oneDNN refuses it: aten runs it); empty sums give zeros."""
+    new tensor (bf16 on an ISA where oneDNN refuses it: aten runs it; float32 pinned to widened:
+    aten runs it); empty sums give zeros."""
     gemm_policy(policy)
     h = randn(37, 53, mean=0.5, dtype=dtype)
     w, dz = randn(29, 53, std=0.2, dtype=dtype), randn(37, 29, mean=-0.3, dtype=dtype)
@@ -175,6 +182,21 @@ def test_gemm_layouts(gemm_policy, policy, dtype, accumulate):
     _C._cpu_gemm(randn(4, 0), randn(0, 3), empty, False)
     assert torch.equal(empty, torch.zeros(4, 3))
     assert torch.equal(_C._cpu_gemm(randn(4, 0), randn(0, 3), None, False), torch.zeros(4, 3))
+
+
+@pytest.mark.parametrize("policy", ["aten", "onednn", "widened"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_ln_linear_on_each_gemm_engine(gemm_policy, policy, dtype):
+    """ln_linear's forward and every gradient with its GEMMs pinned to each engine, in the
+    dtypes where they differ most (widened runs them in float32; oneDNN refuses them on some
+    CPUs, aten then runs them), against float64: a norm with an input activation and a
+    residual, and a gated one with an output activation."""
+    gemm_policy(policy)
+    for case in (
+        (33, 40, 24, "layer", "gelu", "none", 0.7, 0.0, True, "fp32"),
+        (20, 24, 40, "rms", "swiglu", "relu2", None, 0.0, False, "same"),
+    ):
+        check_ln_linear_case(CPU, case, dtype)
 
 
 def test_gemm_engine_is_measured_per_role_and_repeats_bitwise(gemm_policy):
@@ -235,7 +257,8 @@ def test_gemm_engine_falls_back_when_onednn_is_missing(gemm_policy):
 
 def test_gemm_policy_is_checked(gemm_policy):
     with pytest.raises(
-        RuntimeError, match="MAGNETO_CPU_GEMM must be 'auto', 'aten', 'onednn' or 'few_rows'"
+        RuntimeError,
+        match="MAGNETO_CPU_GEMM must be 'auto', 'aten', 'onednn', 'few_rows' or 'widened'",
     ):
         gemm_policy("mkl")
     with pytest.raises(RuntimeError, match="role must be"):

@@ -3,8 +3,12 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <algorithm>
+#include <array>
 #include <cstdlib>
 #include <ctime>
+#include <iterator>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -18,14 +22,15 @@ using at::Tensor;
 
 namespace {
 
-enum class Engine { kAten, kOneDnn, kFewRows };
-constexpr Engine kEngines[] = {Engine::kAten, Engine::kOneDnn, Engine::kFewRows};
+enum class Engine { kAten, kOneDnn, kFewRows, kWidened };
+constexpr Engine kEngines[] = {Engine::kAten, Engine::kOneDnn, Engine::kFewRows, Engine::kWidened};
 
 const char* engine_name(Engine engine) {
   switch (engine) {
     case Engine::kAten: return "aten";
     case Engine::kOneDnn: return "onednn";
     case Engine::kFewRows: return "few-row kernel";
+    case Engine::kWidened: return "aten in float32";
   }
   return "?";
 }
@@ -67,9 +72,10 @@ State& state() {
 }
 
 void check_policy(const std::string& policy) {
-  TORCH_CHECK(policy == "auto" || policy == "aten" || policy == "onednn" || policy == "few_rows",
-              "MAGNETO_CPU_GEMM must be 'auto', 'aten', 'onednn' or 'few_rows', got '", policy,
-              "'");
+  TORCH_CHECK(policy == "auto" || policy == "aten" || policy == "onednn" ||
+                  policy == "few_rows" || policy == "widened",
+              "MAGNETO_CPU_GEMM must be 'auto', 'aten', 'onednn', 'few_rows' or 'widened', got '",
+              policy, "'");
 }
 
 // torch's oneDNN linear, y = x W^T + b, looked up once by its schema name; none when torch has
@@ -138,12 +144,19 @@ struct Gemm {
   bool few_rows;  // a linear the few-row kernel can run
 
   bool can_run(Engine engine, const c10::OperatorHandle* op) const {
-    if (engine == Engine::kOneDnn) return op != nullptr;
-    return engine == Engine::kAten || few_rows;
+    switch (engine) {
+      case Engine::kAten: return true;
+      case Engine::kOneDnn: return op != nullptr;
+      case Engine::kFewRows: return few_rows;
+      case Engine::kWidened:
+        return a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf;
+    }
+    return false;
   }
 
   Tensor run(Engine engine, const c10::OperatorHandle* op, const Tensor& result,
              bool accumulate) const {
+    if (engine == Engine::kWidened) return run_widened(result, accumulate);
     if (is_linear) {
       if (engine == Engine::kFewRows) return few_rows_linear(a, b, bias, result);
       if (engine == Engine::kOneDnn) {
@@ -169,6 +182,25 @@ struct Gemm {
     }
     return result;
   }
+
+  // bf16/fp16 operands widened to float32 (exactly) and torch's fp32 GEMM, whose float32 sum
+  // is rounded once into the result, as the native reduced-precision GEMM's is. Where a CPU has
+  // no bf16/fp16 arithmetic (AVX2), torch's own GEMM in those dtypes is a generic loop several
+  // times slower than its float32 one; the copies are O(MK + KN) against the GEMM's O(MNK).
+  Tensor run_widened(const Tensor& result, bool accumulate) const {
+    const Tensor a32 = a.to(at::kFloat);
+    const Tensor b32 = b.to(at::kFloat);
+    Tensor product;
+    if (is_linear) {
+      product = bias.has_value() ? at::addmm(bias->to(at::kFloat), a32, b32.t())
+                                 : at::mm(a32, b32.t());
+    } else {
+      product = at::mm(a32, b32);
+    }
+    if (!result.defined()) return product.to(a.scalar_type());
+    accumulate ? result.add_(product) : result.copy_(product);
+    return result;
+  }
 };
 
 double cpu_seconds() {
@@ -181,33 +213,40 @@ double cpu_seconds() {
 // (so that result is written once, by the engine chosen, and each engine's cost of writing
 // there, oneDNN's copy included, is counted; none for a new tensor): three alternating rounds,
 // the minimum of each, in the process's CPU time, which other processes on a loaded machine
-// disturb far less than wall time. Another engine must beat aten by 5%: within that they are
-// level and torch's default stays. An engine that fails (oneDNN throws where it refuses a dtype
-// on this CPU) drops out.
+// disturb far less than wall time. An engine over twice the best after a round cannot win and
+// is not run again (torch's bf16 GEMM on an AVX2 CPU takes seconds at training sizes). Another
+// engine must beat aten by 5%: within that they are level and torch's default stays. An engine
+// that fails (oneDNN throws where it refuses a dtype on this CPU) drops out.
 Engine measure(const Gemm& g, const c10::OperatorHandle* op, const Tensor& result) {
   const Tensor scratch = result.defined()
       ? at::empty_strided(result.sizes(), result.strides(), result.options())
       : Tensor();
-  double best[3] = {1e300, 1e300, 1e300};
-  bool failed[3] = {false, false, false};
+  std::array<double, std::size(kEngines)> best;
+  best.fill(std::numeric_limits<double>::infinity());
+  std::array<bool, std::size(kEngines)> dropped{};  // failed, or too slow to win
   for (int round = 0; round < 3; ++round) {
     for (Engine engine : kEngines) {
       const int i = static_cast<int>(engine);
-      if (!g.can_run(engine, op) || failed[i]) continue;
+      if (!g.can_run(engine, op) || dropped[i]) continue;
       const double start = cpu_seconds();
       try {
         g.run(engine, op, scratch, false);
       } catch (const std::exception&) {
-        failed[i] = true;
+        dropped[i] = true;
         continue;
       }
       best[i] = std::min(best[i], cpu_seconds() - start);
     }
+    const double fastest = *std::min_element(best.begin(), best.end());
+    for (size_t i = 0; i < best.size(); ++i) dropped[i] = dropped[i] || best[i] > 2 * fastest;
   }
   Engine chosen = Engine::kAten;
-  for (Engine engine : {Engine::kOneDnn, Engine::kFewRows}) {
+  for (Engine engine : kEngines) {
     const int i = static_cast<int>(engine);
-    if (best[i] < 0.95 * best[0] && best[i] < best[static_cast<int>(chosen)]) chosen = engine;
+    if (engine != Engine::kAten && best[i] < 0.95 * best[0] &&
+        best[i] < best[static_cast<int>(chosen)]) {
+      chosen = engine;
+    }
   }
   return chosen;
 }
@@ -218,13 +257,16 @@ Tensor dispatch(Role role, const Gemm& g, const Tensor& result, bool accumulate,
   const c10::OperatorHandle* op = onednn_linear_op();
   const at::ScalarType dtype = g.a.scalar_type();
   Engine engine = Engine::kAten;
-  if ((op != nullptr || g.few_rows) && m > 0 && n > 0 && k > 0) {
+  const bool choice = op != nullptr || g.few_rows || g.can_run(Engine::kWidened, op);
+  if (choice && m > 0 && n > 0 && k > 0) {
     std::lock_guard<std::mutex> lock(s.mutex);
     check_policy(s.policy);
     if (s.policy == "onednn") {
       engine = Engine::kOneDnn;
     } else if (s.policy == "few_rows") {
       engine = g.few_rows ? Engine::kFewRows : Engine::kAten;
+    } else if (s.policy == "widened") {
+      engine = Engine::kWidened;
     } else if (s.policy == "auto") {
       const Key key{role, dtype, log2_ceil(m), log2_ceil(n), log2_ceil(k), at::get_num_threads(),
                     result.defined()};
@@ -251,6 +293,7 @@ std::string engine() {
   name += onednn_linear_op() != nullptr ? " + onednn (mkldnn::_linear_pointwise)"
                                         : "; onednn unavailable";
   name += "; policy " + s.policy;
+  name += "; bf16/fp16 also in float32 on widened operands";
   const int64_t few = linear_few_rows_max();
   if (few > 0) {
     name += "; linear at 1-" + std::to_string(few) +

@@ -1,18 +1,21 @@
 // The GEMM engine of the CPU ln_linear (csrc/cpu/backend.cpp runs it between our memory-bound
-// passes). Two engines, both torch's and both reached through public, registered entry points:
+// passes). Engines, each torch's and reached through public, registered entry points, bar ours:
 // - aten: at::mm / at::addmm, which torch's CPU wheels run through MKL;
 // - onednn: torch's registered oneDNN linear operator (mkldnn::_linear_pointwise, the op
 //   torch.compile's CPU path emits), found through the dispatcher by its schema name, so that a
-//   torch without it (or whose signature changed) falls back to aten with no error.
+//   torch without it (or whose signature changed) falls back to aten with no error;
+// - widened (bf16/fp16 only): aten's float32 GEMM on operands widened to float32, rounded once
+//   into the dtype. On a CPU without bf16/fp16 arithmetic (AVX2) torch's own GEMM in those
+//   dtypes is a generic loop several times slower than its float32 one, and oneDNN refuses them.
 // Which is faster depends on the CPU (MKL takes its AVX2 path on AMD CPUs; oneDNN reaches
 // AMX-BF16 on Intel's), the dtype, the GEMM's role and its size, so it is measured, once per
 // process and per (role, dtype, M/N/K rounded up to powers of two, thread count, output given or
 // new: oneDNN's copy into a given one is part of its time), on the call's own operands (process
-// CPU time; oneDNN must win by 5%), and the chosen engine's result is the one returned (a
-// repeated call is bit-identical). MAGNETO_CPU_GEMM=aten|onednn|few_rows|auto
-// pins the choice (few_rows: the few-row kernel where it fits, aten elsewhere; set_policy for
-// tests).
-// The forward GEMM of 1-16 rows has a third engine, our few-row kernel (kernels.h,
+// CPU time; another engine must win by 5%), and the chosen engine's result is the one returned
+// (a repeated call is bit-identical). MAGNETO_CPU_GEMM=aten|onednn|few_rows|widened|auto pins
+// the choice (few_rows: the few-row kernel where it fits, aten elsewhere; widened: aten on fp32
+// operands; set_policy for tests).
+// The forward GEMM of 1-16 rows has one more engine, our few-row kernel (kernels.h,
 // linear_few_rows; AVX2 and AVX-512 builds), which streams the weight once where both BLAS pack
 // it first: in fp32 it always runs (it wins on every CPU measured); in bf16/fp16 it is a
 // candidate of the measurement (in bf16 it runs on AMX-BF16 tiles or AVX512-BF16 dot products
@@ -49,9 +52,9 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
 // build has it, and every choice measured so far, per role.
 std::string engine();
 
-// Tests and benchmarks: the policy ("auto", "aten", "onednn" or "few_rows"; the environment's
-// MAGNETO_CPU_GEMM until set), hide_onednn as if torch had no oneDNN operator; forgets the
-// choices measured so far.
+// Tests and benchmarks: the policy ("auto", "aten", "onednn", "few_rows" or "widened"; the
+// environment's MAGNETO_CPU_GEMM until set), hide_onednn as if torch had no oneDNN operator;
+// forgets the choices measured so far.
 void set_policy(const std::string& policy, bool hide_onednn);
 
 }  // namespace magneto::cpu::gemm
