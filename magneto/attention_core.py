@@ -1,27 +1,34 @@
 """The attention core, ``softmax(q·kᵀ/√d + mask)·v``, on the path that is fastest where it runs.
 
-Two paths compute it:
+Three paths compute it:
 - ``"sdpa"``: ``F.scaled_dot_product_attention`` (torch's flash / memory-efficient kernels;
   on CPU its flash-attention kernel);
-- ``"math"``: two batched GEMMs around a float32 softmax, in q's dtype otherwise.
+- ``"math"``: two batched GEMMs around a float32 softmax, in q's dtype otherwise;
+- ``"widened"`` (bf16/fp16 only): ``"sdpa"`` on float32 copies of q, k, v (and of a float
+  mask), its output rounded once to q's dtype. A CPU without bf16/fp16 arithmetic (AVX2) runs
+  torch's flash kernel in those dtypes through generic conversions, several times slower than
+  in float32.
 
 Which is faster depends on the CPU, the dtype and the shape, not on a rule one can write down:
 torch's CPU flash-attention kernel wins on an Intel Sapphire Rapids at every size measured in
 bf16 and fp32, where on an AMD EPYC Zen 5 it takes 1.9 ms for one bf16 query row over 257 cached
-keys and the two GEMMs 0.22 ms (docs/design.md, Decisions: attention path). So the choice is
-measured, once per process and per key — device, dtype, head width, query length and key length
-(each rounded up to a power of two), mask kind, causal —, on the call's own tensors: each path
-runs three times, alternately, and the faster minimum wins.
+keys and the two GEMMs 0.22 ms, and on a Zen 3 its bf16 forward and backward takes 4× its float32
+one (docs/design.md, Decisions: attention path). So the choice is measured, once per process
+and per key — device, dtype, head width, query length and key length (each rounded up to a
+power of two), mask kind, causal, training, dropout —, on the call's own tensors: each path runs
+three times, alternately (a training call's forward and backward), and the faster minimum wins.
+
+A call recording a gradient, or with attention dropout, chooses between ``"sdpa"`` and
+``"widened"`` only: the math path would keep the (query x key) probabilities per head for its
+backward, where SDPA recomputes them (``"widened"`` keeps float32 copies of q, k, v and the
+output, twice the bytes of SDPA's). In float32, and on CUDA (its flash kernels), there is one
+candidate, ``"sdpa"``, and nothing is timed.
 
 Under ``torch.compile`` nothing is timed (it would break the graph): a traced call takes the
-path measured eagerly for its key, else ``"sdpa"``.
-
-Only inference calls are measured (no gradient recorded, no attention dropout): a training call
-takes ``"sdpa"``, whose backward recomputes the probabilities where the math path would keep the
-(query x key) matrix per head; CUDA takes ``"sdpa"`` (its flash kernels). ``MAGNETO_ATTENTION``
-(``sdpa``, ``math`` or ``auto``, the default) or ``force_path`` pins the path for every call, as
-tests and reproducible runs need: the paths round differently (bf16: both within bf16 rounding
-of float64; tests/test_attention_core.py).
+path measured eagerly for its key, else ``"sdpa"``. ``MAGNETO_ATTENTION`` (``sdpa``, ``math``,
+``widened`` or ``auto``, the default) or ``force_path`` pins the path for every call, as tests
+and reproducible runs need: the paths round differently (bf16: each within bf16 rounding of
+float64; tests/test_attention_core.py); ``widened`` on a float32 call runs ``sdpa``.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from torch import Tensor
 
 from magneto import masks
 
-PATHS = ("sdpa", "math")
+PATHS = ("sdpa", "math", "widened")
 ENV_VAR = "MAGNETO_ATTENTION"
 _forced: Optional[str] = None
 _chosen: dict[tuple, str] = {}
@@ -56,7 +63,7 @@ def pinned() -> Optional[str]:
 
 @contextlib.contextmanager
 def force_path(name: Optional[str]) -> Iterator[None]:
-    """Every attention core inside the block runs ``name`` (``"sdpa"`` or ``"math"``; None: the
+    """Every attention core inside the block runs ``name`` (one of ``PATHS``; None: the
     measured choice)."""
     global _forced
     if name is not None and name not in PATHS:
@@ -70,7 +77,7 @@ def force_path(name: Optional[str]) -> Iterator[None]:
 
 def chosen_paths() -> dict[tuple, str]:
     """The measured choices so far: key (device type, dtype, head width, query length bucket,
-    key length bucket, mask kind, causal) -> path."""
+    key length bucket, mask kind, causal, training) -> path."""
     return dict(_chosen)
 
 
@@ -78,6 +85,18 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask, causal: bool, dropout_p: float)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout_p
     )
+
+
+def _widened(q: Tensor, k: Tensor, v: Tensor, mask, causal: bool, dropout_p: float) -> Tensor:
+    """SDPA on float32 copies (the top of the file); a float32 call is SDPA itself."""
+    if q.dtype not in _WIDENED:
+        return _sdpa(q, k, v, mask, causal, dropout_p)
+    if mask is not None and mask.is_floating_point():
+        mask = mask.float()
+    return _sdpa(q.float(), k.float(), v.float(), mask, causal, dropout_p).to(q.dtype)
+
+
+_WIDENED = (torch.bfloat16, torch.float16)
 
 
 def _math(q: Tensor, k: Tensor, v: Tensor, mask, causal: bool, dropout_p: float) -> Tensor:
@@ -99,24 +118,52 @@ def _bucket(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def _key(q: Tensor, k: Tensor, mask: Optional[Tensor], causal: bool) -> tuple:
+def _key(q: Tensor, k: Tensor, mask: Optional[Tensor], causal: bool, training: bool) -> tuple:
     kind = "none" if mask is None else "bool" if mask.dtype == torch.bool else "float"
     return (
         q.device.type, q.dtype, q.shape[-1], _bucket(q.shape[-2]), _bucket(k.shape[-2]), kind,
-        causal,
+        causal, training,
     )  # fmt: skip
 
 
-def _measure(q: Tensor, k: Tensor, v: Tensor, mask, causal: bool) -> str:
-    runs = {
-        "sdpa": lambda: _sdpa(q, k, v, mask, causal, 0.0),
-        "math": lambda: _math(q, k, v, mask, causal, 0.0),
-    }
-    best = {name: math.inf for name in runs}
+def _candidates(q: Tensor, training: bool) -> tuple[str, ...]:
+    """The paths a call may take (the top of the file); training: recording a gradient, or with
+    attention dropout."""
+    if q.device.type != "cpu":
+        return ("sdpa",)
+    return (
+        ("sdpa",) + (("widened",) if q.dtype in _WIDENED else ()) + (() if training else ("math",))
+    )
+
+
+def _run(path: str, q: Tensor, k: Tensor, v: Tensor, mask, causal: bool, dropout_p: float):
+    return {"sdpa": _sdpa, "math": _math, "widened": _widened}[path](
+        q, k, v, mask, causal, dropout_p
+    )
+
+
+def _measure(q: Tensor, k: Tensor, v: Tensor, mask, causal: bool, paths, training: bool) -> str:
+    """The fastest of paths on these tensors: a training call's forward and backward (into the
+    leaves that require a gradient; detached copies, so that nothing reaches the caller's),
+    without dropout."""
+    if training:
+        q, k, v = (t.detach().requires_grad_(t.requires_grad) for t in (q, k, v))
+        mask = mask.detach() if mask is not None else None
+    leaves = [t for t in (q, k, v) if t.requires_grad]
+
+    def timed(path: str) -> None:
+        if not leaves:
+            with torch.no_grad():
+                _run(path, q, k, v, mask, causal, 0.0)
+            return
+        out = _run(path, q, k, v, mask, causal, 0.0)
+        torch.autograd.grad(out, leaves, torch.ones_like(out))
+
+    best = {name: math.inf for name in paths}
     for _ in range(3):
-        for name, run in runs.items():
+        for name in paths:
             start = time.perf_counter()
-            run()
+            timed(name)
             best[name] = min(best[name], time.perf_counter() - start)
     return min(best, key=best.get)
 
@@ -128,17 +175,20 @@ def path_for(
     path = pinned()
     if path is not None:
         return path
-    if (
-        q.device.type != "cpu"
-        or dropout_p > 0.0
-        or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
-    ):
-        return "sdpa"
-    key = _key(q, k, mask, causal)
+    grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, mask)
+    )
+    training = grad or dropout_p > 0.0
+    paths = _candidates(q, training)
+    if len(paths) == 1:
+        return paths[0]
+    key = _key(q, k, mask, causal, training)
     if torch.compiler.is_compiling():
         # no timing inside a trace (a graph break): the choice measured eagerly, else SDPA
         return _chosen.get(key, "sdpa")
-    return _chosen.get(key) or _chosen.setdefault(key, _measure(q, k, v, mask, causal))
+    if key not in _chosen:
+        _chosen[key] = _measure(q, k, v, mask, causal, paths, grad)
+    return _chosen[key]
 
 
 def attend(
@@ -152,6 +202,4 @@ def attend(
     """``F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
     dropout_p=dropout_p)`` (q: (batch, heads, tgt, head_dim); k, v: (batch, heads, src,
     head_dim); mask as ``masks.sdpa_mask`` gives it) on the path ``path_for`` picks."""
-    if path_for(q, k, v, mask, causal, dropout_p) == "sdpa":
-        return _sdpa(q, k, v, mask, causal, dropout_p)
-    return _math(q, k, v, mask, causal, dropout_p)
+    return _run(path_for(q, k, v, mask, causal, dropout_p), q, k, v, mask, causal, dropout_p)

@@ -88,37 +88,56 @@ def test_math_path_applies_dropout():
     assert not torch.equal(plain, dropped)
 
 
-def test_the_choice_is_measured_once_per_key_and_only_for_inference(monkeypatch):
+def test_the_choice_is_measured_once_per_key(monkeypatch):
     monkeypatch.delenv(attention_core.ENV_VAR, raising=False)
     monkeypatch.setattr(attention_core, "_chosen", {})
     measured = []
-    monkeypatch.setattr(
-        attention_core, "_measure", lambda *args: measured.append(args[0].shape) or "math"
-    )
+
+    def measure(q, k, v, mask, causal, paths, training):
+        measured.append((q.shape, paths, training))
+        return paths[-1]
+
+    monkeypatch.setattr(attention_core, "_measure", measure)
     q, k, v = (randn(B, H, 1, D) for _ in range(3))
     with torch.no_grad():
         attend(q, k, v)
         attend(randn(B, H, 1, D), k, v)  # the same key: not measured again
         attend(randn(B, H, 2, D), k, v)  # query length 2: a new bucket
-    assert len(measured) == 2
+    assert [m[1:] for m in measured] == [(("sdpa", "math"), False)] * 2
     assert set(attention_core.chosen_paths().values()) == {"math"}
-    # a call recording a gradient, or with attention dropout, takes sdpa unmeasured
+    # float32 recording a gradient, or with attention dropout: sdpa alone, nothing timed
     assert attention_core.path_for(q.requires_grad_(), k, v, None, False, 0.0) == "sdpa"
     with torch.no_grad():
         assert attention_core.path_for(q, k, v, None, False, 0.1) == "sdpa"
     assert len(measured) == 2
+    # bf16: widened is a candidate, and a training call is measured forward and backward
+    qb, kb, vb = (t.detach().bfloat16() for t in (q, k, v))
+    with torch.no_grad():
+        assert attention_core.path_for(qb, kb, vb, None, False, 0.0) == "math"
+    assert attention_core.path_for(qb.requires_grad_(), kb, vb, None, False, 0.0) == "widened"
+    assert [m[1:] for m in measured[2:]] == [
+        (("sdpa", "widened", "math"), False),
+        (("sdpa", "widened"), True),
+    ]
 
 
 def test_the_measurement_picks_the_faster_path(monkeypatch):
-    def slow_sdpa(*args):
-        import time
+    import time
 
-        time.sleep(0.002)
-        return None
+    def slow_sdpa(q, k, v, *rest):  # slow in q's own dtype only (widened: fast)
+        if q.dtype != torch.float32 or slow_float32:
+            time.sleep(0.002)
+        return q + k + v
 
     monkeypatch.setattr(attention_core, "_sdpa", slow_sdpa)
+    slow_float32 = True
     q = randn(B, H, 1, D)
-    assert attention_core._measure(q, q, q, None, False) == "math"
+    assert attention_core._measure(q, q, q, None, False, ("sdpa", "math"), False) == "math"
+    # training: forward and backward timed, on copies (nothing reaches the caller's tensors)
+    slow_float32 = False
+    qb = randn(B, H, 8, D, dtype=torch.bfloat16).requires_grad_()
+    path = attention_core._measure(qb, qb, qb, None, True, ("sdpa", "widened"), True)
+    assert path == "widened" and qb.grad is None
 
 
 def test_pinning(monkeypatch):

@@ -129,7 +129,8 @@ def test_the_layer_step_on_the_fused_path_and_the_fallbacks(monkeypatch, dtype, 
 
     monkeypatch.setattr(kv_cache, "attend_handed_in", counted)
     outs = {path: _step(layer, x, prev, path) for path in (None, *attention_core.PATHS)}
-    assert fused == [True, False, False]  # auto: fused; a pinned path: the unfused one
+    # auto: fused; a pinned path: the unfused one
+    assert fused == [True] + [False] * len(attention_core.PATHS)
     # float64: the same layer on float64 copies, the cache concatenated as torchscale does
     layer64 = _layer_and_cache(dtype, rows, 17)[0].double()
     ref, _ = _step(layer64, x.double(), [t.double() for t in prev], "math")
