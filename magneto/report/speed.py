@@ -14,11 +14,12 @@ round. Variants, by name:
 - floors: what the case cannot do without. For ``ln_linear`` and the layers, their GEMMs alone
   (ready-made operands; the forward and the weight gradient into new tensors, the input
   gradient into a given one, as the ``cpu`` backend runs them) plus, for the layers, the
-  attention core (``F.scaled_dot_product_attention``, as our layers run it), through the GEMM
-  engine the ``cpu`` backend uses (``_C._cpu_gemm``, per GEMM role: the faster of MKL and
-  oneDNN as measured on this CPU, so a faster engine does not pass for a fusion win) and
-  through ``torch.mm``; for the memory-bound norm ops, the bytes an ideal kernel moves, at the
-  copy bandwidth measured in the same rounds (``y.copy_(x)`` on a tensor of x's size).
+  attention core (``magneto.attention_core.attend``, as our layers run it: the fastest of its
+  paths on this CPU), through the GEMM engine the ``cpu`` backend uses (``_C._cpu_gemm``, per
+  GEMM role: the fastest of MKL, oneDNN and, in bf16, MKL on float32 copies, as measured on
+  this CPU, so a faster engine does not pass for a fusion win) and through ``torch.mm``; for
+  the memory-bound norm ops, the bytes an ideal kernel moves, at the copy bandwidth measured in
+  the same rounds (``y.copy_(x)`` on a tensor of x's size).
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ import time
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
 import magneto_kernels as mk
+from magneto import attention_core
 from magneto.report import harness
 from magneto.report.models import layer_call, twins
 
@@ -175,7 +176,7 @@ def _attention(
     do = _randn(batch, heads, queries, head_dim, s=s)
 
     def run():
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        out = attention_core.attend(q, k, v, causal=causal)
         if backward:
             out.backward(do)
             q.grad = k.grad = v.grad = None
