@@ -2,8 +2,8 @@
 
 Per family (Llama, BitNet, Kosmos-2, Kosmos-2.5 text): one decoder layer at a small training
 size (default batch 4 × 128 tokens, hidden 512, FFN 2048, 8 heads, sdpa attention, dropouts 0,
-fp32, 2 threads on CPU), built in a one-layer model and patched with ``apply_magneto``; the
-unpatched layer is a deep copy taken before patching. Columns:
+fp32 or ``--dtype bfloat16``, 2 threads on CPU), built in a one-layer model and patched with
+``apply_magneto``; the unpatched layer is a deep copy taken before patching. Columns:
 
 - fwd+bwd: medians over rounds of one forward and backward (``out.sum().backward()``), the
   patched and unpatched layer timed alternately in every round; ratio = patched / unpatched.
@@ -16,7 +16,8 @@ unpatched layer is a deep copy taken before patching. Columns:
 ``ln_linear`` per projection, and as one ``ln_linear`` on a packed weight (magneto's own models'
 ``in_proj``), per number of rows, with and without gradients: µs per call.
 
-    python -m bench.bench_transformers [--device cuda] [--backend reference] [--group]
+    python -m bench.bench_transformers [--device cuda] [--backend reference] [--dtype bfloat16]
+                                       [--group]
 """
 
 from __future__ import annotations
@@ -93,13 +94,14 @@ def fwd_bwd_ms(layer, x, kwargs, sync) -> float:
 
 def bench_family(family: str, args, device: torch.device, sync) -> dict:
     torch.manual_seed(0)
-    model = build_model(family, args.hidden, args.ffn, args.heads).to(device)
+    model = build_model(family, args.hidden, args.ffn, args.heads).to(device, args.dtype)
     reference = copy.deepcopy(model)
     mt.apply_magneto(model, backend=args.backend)
     for m in (model, reference):
         m.train()
     layers = {"patched": model.model.layers[0], "unpatched": reference.model.layers[0]}
-    x = torch.randn(args.batch, args.tokens, args.hidden, device=device, requires_grad=True)
+    x = torch.randn(args.batch, args.tokens, args.hidden, device=device, dtype=args.dtype)
+    x.requires_grad_()
     kwargs = layer_kwargs(model, family, x)
     times = {name: [] for name in layers}
     for round_ in range(args.warmup + args.rounds):
@@ -184,6 +186,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--ffn", type=int, default=2048)
     parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--families", default=",".join(FAMILIES))
@@ -192,13 +195,14 @@ def main() -> None:
     )
     parser.add_argument("--group-rows", default="1,4,16,64,256,1024", help="--group's row counts")
     args = parser.parse_args()
+    args.dtype = getattr(torch, args.dtype)
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     load = os.getloadavg()
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, {device}, "
-        f"{args.threads} threads, fp32, {args.rounds} rounds; "
+        f"{args.threads} threads, {str(args.dtype).removeprefix('torch.')}, {args.rounds} rounds; "
         f"load average {load[0]:.1f} on {os.cpu_count()} CPUs\n"
     )
     if args.group:
