@@ -34,6 +34,31 @@ def test_interleaved_rounds_rotate_and_ratios_are_per_round():
     assert harness.time_stats(times["a"]) == {"median_s": 4.0, "min_s": 2.0, "max_s": 6.0}
 
 
+def test_interleaved_rounds_stop_at_the_budget_after_the_least():
+    """Rounds start while the time so far is within the budget, and at least min_rounds run."""
+    import time
+
+    def slow():
+        time.sleep(0.02)
+
+    ticks = []
+    times = harness.interleaved(
+        {"a": slow, "b": slow},
+        rounds=50,
+        timer=lambda f: f() or 1.0,
+        warmup=0,
+        tick=lambda: ticks.append(1),
+        budget_s=0.15,
+        min_rounds=2,
+    )
+    assert 2 <= len(times["a"]) == len(times["b"]) < 50
+    assert len(ticks) == 50  # a progress bar still reaches its end
+    few = harness.interleaved(
+        {"a": slow}, rounds=4, timer=lambda f: f() or 1.0, warmup=0, budget_s=0.0, min_rounds=3
+    )
+    assert len(few["a"]) == 3
+
+
 def test_harness_refuses_what_it_cannot_summarise():
     with pytest.raises(ValueError, match="equally many rounds"):
         harness.ratio_stats([1.0, 2.0], [1.0])

@@ -63,10 +63,14 @@ def interleaved(
     timer: Timer,
     warmup: int = 2,
     tick: Callable[[], None] = lambda: None,
+    budget_s: Optional[float] = None,
+    min_rounds: int = 3,
 ) -> dict[str, list[float]]:
     """Seconds of each variant per round: ``rounds`` measurements each, one of every variant per
     round, the order rotated by one each round, after ``warmup`` untimed calls of each.
-    ``tick()`` is called once per round (a progress bar)."""
+    ``budget_s``: no round starts once the rounds so far took that long in wall time and at
+    least ``min_rounds`` ran (a case whose every call takes seconds is measured well by fewer).
+    ``tick()`` is called once per planned round (a progress bar)."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     names = list(variants)
@@ -74,7 +78,12 @@ def interleaved(
         for name in names:
             variants[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
+    start = time.perf_counter()
     for r in range(rounds):
+        if budget_s is not None and r >= min_rounds and time.perf_counter() - start > budget_s:
+            for _ in range(rounds - r):
+                tick()
+            break
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
             times[name].append(timer(variants[name]))

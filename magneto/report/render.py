@@ -7,6 +7,7 @@ from typing import Optional
 from magneto.report import bitnet
 from magneto.report.harness import markdown_table
 from magneto.report.speed import (
+    CASE_BUDGET_S,
     COMPILED,
     FLOOR_BYTES,
     FLOOR_ENGINE,
@@ -153,6 +154,20 @@ def _speed(records: list[dict]) -> list[str]:
     return lines
 
 
+def _cut_rounds(report: dict) -> str:
+    """The cases that ran fewer rounds than planned (their rounds took over the per-case budget
+    of wall time, ``speed.CASE_BUDGET_S``), named with their count."""
+    planned = report["settings"]["rounds"]
+    cut = [
+        f"{r['case']} {r['pass']} ({r['rounds']})"
+        for r in report.get("speed", [])
+        if r.get("rounds", planned) < planned
+    ]
+    if not cut:
+        return ""
+    return f"; fewer rounds where a case's rounds passed {CASE_BUDGET_S:.0f} s: " + ", ".join(cut)
+
+
 def goals(report: dict) -> list[dict]:
     """The speed goals checked on this run's layer forward+backward records."""
     bounds = GPU_GOALS if report["settings"]["device"] == "cuda" else CPU_GOALS
@@ -257,7 +272,7 @@ def _machine(report: dict) -> list[str]:
         (
             "timing",
             f"{st['rounds']} interleaved rounds, {st['clock']}; ratio = median "
-            "(min–max) over rounds of per-round time ratios",
+            "(min–max) over rounds of per-round time ratios" + _cut_rounds(report),
         ),
         ("runtime", f"{report['runtime_s']:.0f} s"),
     ]
