@@ -140,6 +140,20 @@ def test_the_measurement_picks_the_faster_path(monkeypatch):
     assert path == "widened" and qb.grad is None
 
 
+def test_the_measurement_saves_nothing_a_memory_profiler_counts(monkeypatch):
+    """A training call's first use times its paths forward and backward on copies: what those
+    save is not the call's (the report's memory section counts saved storages with hooks)."""
+    from magneto.profiling import saved_tensor_bytes
+
+    monkeypatch.delenv(attention_core.ENV_VAR, raising=False)
+    monkeypatch.setattr(attention_core, "_chosen", {})
+    q, k, v = (randn(B, H, 16, D, dtype=torch.bfloat16).requires_grad_() for _ in "qkv")
+    first, _ = saved_tensor_bytes(lambda: attend(q, k, v, causal=True))  # measures
+    assert len(attention_core.chosen_paths()) == 1
+    again, _ = saved_tensor_bytes(lambda: attend(q, k, v, causal=True))
+    assert first == again > 0
+
+
 def test_pinning(monkeypatch):
     q = randn(B, H, 1, D)
     monkeypatch.setenv(attention_core.ENV_VAR, "math")
