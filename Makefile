@@ -100,7 +100,8 @@ setup: $(STAMPS)/ext $(STAMPS)/deps
 
 # Parity against float64 and torchscale, speed ratios against eager, torchscale, torch.compile
 # and the GEMM floor, memory, machine: bench/results/report-<device>-<dtype>-<date>.{md,json,png},
-# once with the speed sections in float32 and once in bfloat16 (~7 minutes on 2 CPU cores).
+# once with the speed sections in float32 and once in bfloat16 (~7 minutes on 2 Sapphire Rapids
+# cores, ~30 on 2 AVX2 Zen 3 ones, whose bf16 comparators run torch's generic bf16 loops).
 report: setup
 	$(PYTHON) -m magneto.report --dtype float32
 	$(PYTHON) -m magneto.report --dtype bfloat16
