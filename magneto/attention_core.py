@@ -15,8 +15,9 @@ bf16 and fp32, where on an AMD EPYC Zen 5 it takes 1.9 ms for one bf16 query row
 keys and the two GEMMs 0.22 ms, and on a Zen 3 its bf16 forward and backward takes 4× its float32
 one (docs/design.md, Decisions: attention path). So the choice is measured, once per process
 and per key — device, dtype, head width, query length and key length (each rounded up to a
-power of two), mask kind, causal, training, dropout —, on the call's own tensors: each path runs
-three times, alternately (a training call's forward and backward), and the faster minimum wins.
+power of two), mask kind, causal, training (a gradient recorded, or attention dropout) —, on the
+call's own tensors: each path runs three times, alternately (a training call's forward and
+backward), and the fastest minimum wins.
 
 A call recording a gradient, or with attention dropout, chooses between ``"sdpa"`` and
 ``"widened"`` only: the math path would keep the (query x key) probabilities per head for its
@@ -87,6 +88,9 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask, causal: bool, dropout_p: float)
     )
 
 
+_WIDENED = (torch.bfloat16, torch.float16)
+
+
 def _widened(q: Tensor, k: Tensor, v: Tensor, mask, causal: bool, dropout_p: float) -> Tensor:
     """SDPA on float32 copies (the top of the file); a float32 call is SDPA itself."""
     if q.dtype not in _WIDENED:
@@ -94,9 +98,6 @@ def _widened(q: Tensor, k: Tensor, v: Tensor, mask, causal: bool, dropout_p: flo
     if mask is not None and mask.is_floating_point():
         mask = mask.float()
     return _sdpa(q.float(), k.float(), v.float(), mask, causal, dropout_p).to(q.dtype)
-
-
-_WIDENED = (torch.bfloat16, torch.float16)
 
 
 def _math(q: Tensor, k: Tensor, v: Tensor, mask, causal: bool, dropout_p: float) -> Tensor:
