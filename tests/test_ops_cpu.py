@@ -184,6 +184,15 @@ def test_gemm_layouts(gemm_policy, policy, dtype, accumulate):
     assert torch.equal(_C._cpu_gemm(randn(4, 0), randn(0, 3), None, False), torch.zeros(4, 3))
 
 
+def test_widened_never_narrows(gemm_policy):
+    """Pinned to widened, a float64 GEMM stays float64 (only bf16/fp16 operands widen)."""
+    gemm_policy("widened")
+    a, b = randn(5, 7, dtype=torch.float64), randn(7, 3, dtype=torch.float64)
+    out = _C._cpu_gemm(a, b, None, False, "forward")
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, a @ b, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("policy", ["aten", "onednn", "widened"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_ln_linear_on_each_gemm_engine(gemm_policy, policy, dtype):
