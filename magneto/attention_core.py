@@ -46,7 +46,6 @@ from torch import Tensor
 
 from magneto import masks
 
-PATHS = ("sdpa", "math", "widened")
 ENV_VAR = "MAGNETO_ATTENTION"
 _forced: Optional[str] = None
 _chosen: dict[tuple, str] = {}
@@ -115,6 +114,10 @@ def _math(q: Tensor, k: Tensor, v: Tensor, mask, causal: bool, dropout_p: float)
     return F.dropout(p, dropout_p).to(v.dtype) @ v
 
 
+_PATH_FNS = {"sdpa": _sdpa, "math": _math, "widened": _widened}
+PATHS = tuple(_PATH_FNS)
+
+
 def _bucket(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
@@ -138,19 +141,18 @@ def _candidates(q: Tensor, training: bool) -> tuple[str, ...]:
 
 
 def _run(path: str, q: Tensor, k: Tensor, v: Tensor, mask, causal: bool, dropout_p: float):
-    return {"sdpa": _sdpa, "math": _math, "widened": _widened}[path](
-        q, k, v, mask, causal, dropout_p
-    )
+    return _PATH_FNS[path](q, k, v, mask, causal, dropout_p)
 
 
-def _measure(q: Tensor, k: Tensor, v: Tensor, mask, causal: bool, paths, training: bool) -> str:
-    """The fastest of paths on these tensors: a training call's forward and backward (into the
-    leaves that require a gradient; detached copies, so that nothing reaches the caller's),
-    without dropout."""
-    if training:
+def _measure(q: Tensor, k: Tensor, v: Tensor, mask, causal: bool, paths, backward: bool) -> str:
+    """The fastest of paths on these tensors, without dropout; ``backward``: forward and
+    backward (into the leaves that require a gradient, detached copies, so that nothing reaches
+    the caller's)."""
+    leaves = []
+    if backward:
         q, k, v = (t.detach().requires_grad_(t.requires_grad) for t in (q, k, v))
         mask = mask.detach() if mask is not None else None
-    leaves = [t for t in (q, k, v) if t.requires_grad]
+        leaves = [t for t in (q, k, v) if t.requires_grad]
 
     def timed(path: str) -> None:
         if not leaves:

@@ -129,7 +129,8 @@ def test_the_measurement_picks_the_faster_path(monkeypatch):
             time.sleep(0.002)
         return q + k + v
 
-    monkeypatch.setattr(attention_core, "_sdpa", slow_sdpa)
+    monkeypatch.setattr(attention_core, "_sdpa", slow_sdpa)  # widened's SDPA
+    monkeypatch.setitem(attention_core._PATH_FNS, "sdpa", slow_sdpa)
     slow_float32 = True
     q = randn(B, H, 1, D)
     assert attention_core._measure(q, q, q, None, False, ("sdpa", "math"), False) == "math"
@@ -138,6 +139,16 @@ def test_the_measurement_picks_the_faster_path(monkeypatch):
     qb = randn(B, H, 8, D, dtype=torch.bfloat16).requires_grad_()
     path = attention_core._measure(qb, qb, qb, None, True, ("sdpa", "widened"), True)
     assert path == "widened" and qb.grad is None
+
+
+def test_a_dropout_call_under_no_grad_is_measured_forward_only(monkeypatch):
+    """Attention dropout under torch.no_grad, q a leaf that requires a gradient: the paths are
+    timed without a backward (none is recorded)."""
+    monkeypatch.delenv(attention_core.ENV_VAR, raising=False)
+    monkeypatch.setattr(attention_core, "_chosen", {})
+    q = randn(B, H, 4, D, dtype=torch.bfloat16).requires_grad_()
+    with torch.no_grad():
+        assert attention_core.path_for(q, q, q, None, False, 0.1) in ("sdpa", "widened")
 
 
 def test_the_measurement_saves_nothing_a_memory_profiler_counts(monkeypatch):
