@@ -93,10 +93,10 @@ class Settings:
 
 
 CASE_BUDGET_S = 60.0
-"""Wall seconds of rounds after which a case starts no more (once ``MIN_ROUNDS`` ran): where
-torch's bf16 GEMMs are generic loops (CPUs without bf16 arithmetic), one round of a layer's
-comparators takes over a minute, and 15 of them per case made the bf16 report an hour long."""
-MIN_ROUNDS = 3
+"""Wall seconds of rounds after which a case starts no more (once ``harness.interleaved``'s
+three ran): where torch's bf16 GEMMs are generic loops (CPUs without bf16 arithmetic), one
+round of a layer's comparators takes over a minute, and 15 of them per case made the bf16
+report an hour long."""
 
 
 def _randn(*shape, s: Settings, mean=0.0, std=1.0, grad=False):
@@ -466,9 +466,7 @@ def decode_cases(sz: Sizes, s: Settings) -> list[Case]:
 
 def measure(case: Case, s: Settings, tick: Callable[[], None] = lambda: None) -> dict:
     """Time ``case`` in interleaved rounds; its JSON record."""
-    times = harness.interleaved(
-        case.variants, s.rounds, s.timer, tick=tick, budget_s=CASE_BUDGET_S, min_rounds=MIN_ROUNDS
-    )
+    times = harness.interleaved(case.variants, s.rounds, s.timer, tick=tick, budget_s=CASE_BUDGET_S)
     rounds = len(next(iter(times.values())))
     if case.copy_passes:  # the bandwidth floor, derived per round from the copy's time
         times[FLOOR_BYTES] = [t * case.copy_passes / 2 for t in times.pop(COPY)]
