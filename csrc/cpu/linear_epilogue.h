@@ -18,8 +18,8 @@ void linear_epilogue_typed(const LinearEpilogue& a) {
   const bool drop = a.dropout_p > 0.0;
   const Dropout dropout(a.seed, a.dropout_p);
   for_rows(a.rows, n, 0, [&](int64_t rb, int64_t re, int64_t) {
-    std::vector<float> buffer(3 * n);
-    float* preact_buf = buffer.data();
+    const auto buffer = row_scratch(3 * n);
+    float* preact_buf = buffer.get();
     float* r_buf = preact_buf + n;
     float* o_buf = r_buf + n;
     const Vec alpha(a.alpha);
@@ -51,8 +51,8 @@ void linear_epilogue_backward_typed(const LinearEpilogueBackward& a) {
   const int64_t chunks = a.dbias != nullptr ? reduction_chunks(a.rows, n) : 0;
   std::vector<float> partial(chunks * n, 0.0f);
   for_rows(a.rows, n, chunks, [&](int64_t rb, int64_t re, int64_t chunk) {
-    std::vector<float> buffer(3 * n);
-    float* dy_buf = buffer.data();
+    const auto buffer = row_scratch(3 * n);
+    float* dy_buf = buffer.get();
     float* preact_buf = dy_buf + n;
     float* dz_buf = preact_buf + n;
     float* part = chunk >= 0 ? partial.data() + chunk * n : nullptr;
@@ -84,8 +84,8 @@ void residual_bias_init_typed(int64_t rows, int64_t cols, const T* residual,
   std::vector<float> bias_f(cols, 0.0f);
   if (bias != nullptr) at::vec::convert(bias, bias_f.data(), cols);
   for_rows(rows, cols, 0, [&](int64_t rb, int64_t re, int64_t) {
-    std::vector<float> buffer(2 * cols);
-    float* r_buf = buffer.data();
+    const auto buffer = row_scratch(2 * cols);
+    float* r_buf = buffer.get();
     float* o_buf = r_buf + cols;
     const Vec a(alpha);
     for (int64_t i = rb; i < re; ++i) {

@@ -23,21 +23,25 @@ void norm_backward_typed(const NormBackward& a) {
   const bool layer = a.norm == Norm::kLayer;
   const bool none = a.norm == Norm::kNone;
   const bool want_dx = a.dy != nullptr && a.dx != nullptr;
-  const RowPrefetch x_ahead(static_cast<const T*>(a.x), a.x_stride, a.rows, x_cols);
-  const RowPrefetch dy_ahead = a.dy == nullptr
-      ? RowPrefetch()
-      : RowPrefetch(static_cast<const T*>(a.dy), a.dy_stride, a.rows, n);
-  const RowPrefetch h_ahead = a.h == nullptr
-      ? RowPrefetch()
-      : RowPrefetch(static_cast<const T*>(a.h), a.h_stride, a.rows, n);
-  // dx written in place of dy is in cache already.
-  const RowPrefetch dx_ahead = !want_dx || a.dx == a.dy
-      ? RowPrefetch()
-      : RowPrefetch(static_cast<const T*>(a.dx), a.dx_stride, a.rows, x_cols);
 
   for_rows(a.rows, n, chunks, [&](int64_t rb, int64_t re, int64_t chunk) {
-    std::vector<float> buffer(2 * x_cols + (Gated ? 5 : 4) * n);
-    float* x_buf = buffer.data();     // x as floats (the input activation's argument)
+    // Locals of this block, as in norm_forward_typed: values read through `a` or a capture were
+    // loaded again after every vector store.
+    const float* const gamma = a.gamma;
+    const float* const beta = a.beta;
+    const RowPrefetch x_ahead(static_cast<const T*>(a.x), a.x_stride, a.rows, x_cols);
+    const RowPrefetch dy_ahead = a.dy == nullptr
+        ? RowPrefetch()
+        : RowPrefetch(static_cast<const T*>(a.dy), a.dy_stride, a.rows, n);
+    const RowPrefetch h_ahead = a.h == nullptr
+        ? RowPrefetch()
+        : RowPrefetch(static_cast<const T*>(a.h), a.h_stride, a.rows, n);
+    // dx written in place of dy is in cache already.
+    const RowPrefetch dx_ahead = !want_dx || a.dx == a.dy
+        ? RowPrefetch()
+        : RowPrefetch(static_cast<const T*>(a.dx), a.dx_stride, a.rows, x_cols);
+    const auto buffer = row_scratch(2 * x_cols + (Gated ? 5 : 4) * n);
+    float* x_buf = buffer.get();     // x as floats (the input activation's argument)
     float* xh_buf = x_buf + x_cols;   // xhat (with an input activation)
     float* da_buf = xh_buf + n;       // in_act'(x); gated ∂a/∂gate = up·IA'(gate)
     float* dy_buf = da_buf + n;
@@ -46,8 +50,8 @@ void norm_backward_typed(const NormBackward& a) {
     float* act_buf = acc_buf + n;     // gated: ∂a/∂up = IA(gate)
     float* pg = a.dgamma != nullptr && chunk >= 0 ? dgamma_part.data() + chunk * n : nullptr;
     float* pb = a.dbeta != nullptr && chunk >= 0 ? dbeta_part.data() + chunk * n : nullptr;
-    const bool affine = !none && a.gamma != nullptr;
-    const bool shift = !none && a.beta != nullptr;
+    const bool affine = !none && gamma != nullptr;
+    const bool shift = !none && beta != nullptr;
     // Sweep 2 reads xhat back when it came from the activation; else recomputing it from the
     // cached row of x is cheaper than a store and a load.
     const bool keep_xhat = want_dx && IA != Activation::kNone;
@@ -67,13 +71,14 @@ void norm_backward_typed(const NormBackward& a) {
       // (Compiled once per combination of h and dy present, so the loop carries no such test.)
       // It is the longer sweep, so it also touches the rows ahead, to read and to write
       // (docs/design.md, Decisions).
-      Vec sum_g(0.0f), sum_gxhat(0.0f);
+      LaneSums sum_g, sum_gxhat;
       const char* next_x = x_ahead.after(i);
       const char* next_dy = dy_ahead.after(i);
       const char* next_h = h_ahead.after(i);
       const char* next_dx = dx_ahead.after(i);
-      auto sweep1 = [&](auto with_h, auto with_dy) {
-        vec_loop(n, [&](int64_t j, int64_t c) {
+      // Inlined (each form has one call): called, its captures were read through memory.
+      auto sweep1 = [&](auto with_h, auto with_dy) __attribute__((always_inline)) {
+        vec_loop_lanes(n, [&](int64_t j, int64_t c, int l) {
           x_ahead.touch(next_x, j);
           dy_ahead.touch(next_dy, j);
           h_ahead.touch_for_write(next_h, j);
@@ -105,17 +110,17 @@ void norm_backward_typed(const NormBackward& a) {
           const Vec xh = Vec::set(Vec(0.0f), (av - m) * r, c);  // exact for Norm::kNone (m 0, r 1)
           if (keep_xhat) xh.store(xh_buf + j, c);
           if constexpr (decltype(with_h)::value) {
-            Vec out = affine ? xh * Vec::loadu(a.gamma + j, c) : xh;
-            if (shift) out = out + Vec::loadu(a.beta + j, c);
+            Vec out = affine ? xh * Vec::loadu(gamma + j, c) : xh;
+            if (shift) out = out + Vec::loadu(beta + j, c);
             out.store(h + j, c);
           }
           if constexpr (decltype(with_dy)::value) {
             const Vec d = Vec::loadu(dy + j, c);
             if (pg != nullptr) at::vec::fmadd(d, xh, Vec::loadu(pg + j, c)).store(pg + j, c);
             if (pb != nullptr) (d + Vec::loadu(pb + j, c)).store(pb + j, c);
-            const Vec g = affine ? d * Vec::loadu(a.gamma + j, c) : d;
-            sum_g += g;
-            sum_gxhat = at::vec::fmadd(g, xh, sum_gxhat);
+            const Vec g = affine ? d * Vec::loadu(gamma + j, c) : d;
+            sum_g[l] += g;
+            sum_gxhat[l] = at::vec::fmadd(g, xh, sum_gxhat[l]);
           }
         });
       };
@@ -129,17 +134,17 @@ void norm_backward_typed(const NormBackward& a) {
       if (h != nullptr) store_row(h, h_row, n);
       const int64_t sums = layer ? 2 : 1;
       if (a.row_sums != nullptr) {
-        if (layer) a.row_sums[i * sums] = hsum(sum_g);
-        a.row_sums[i * sums + sums - 1] = hsum(sum_gxhat);
+        if (layer) a.row_sums[i * sums] = sum_g.sum();
+        a.row_sums[i * sums + sums - 1] = sum_gxhat.sum();
       }
       if (!want_dx) continue;
 
       const float inv_n = 1.0f / static_cast<float>(n);
       const float* means = a.row_means == nullptr ? nullptr : a.row_means + i * sums;
-      const Vec mean_g(!layer ? 0.0f : means != nullptr ? means[0] : hsum(sum_g) * inv_n);
+      const Vec mean_g(!layer ? 0.0f : means != nullptr ? means[0] : sum_g.sum() * inv_n);
       const Vec mean_gxhat(none                ? 0.0f
                            : means != nullptr ? means[sums - 1]
-                                              : hsum(sum_gxhat) * inv_n);
+                                              : sum_gxhat.sum() * inv_n);
       const float* acc = a.grad_accum == nullptr
           ? nullptr
           : load_row(static_cast<const T*>(a.grad_accum) + i * a.grad_accum_stride, acc_buf, n);
@@ -154,7 +159,7 @@ void norm_backward_typed(const NormBackward& a) {
         if (none) {
           da = d;
         } else {
-          const Vec g = affine ? d * Vec::loadu(a.gamma + j, c) : d;
+          const Vec g = affine ? d * Vec::loadu(gamma + j, c) : d;
           const Vec xh = keep_xhat ? Vec::loadu(xh_buf + j, c) : (Vec::loadu(xf + j, c) - m) * r;
           da = r * (g - mean_g - xh * mean_gxhat);
         }

@@ -27,22 +27,22 @@ inline void row_stats(Norm norm, const float* v, int64_t n, float eps, float shi
   if (norm == Norm::kLayer) {
     const Vec shift(v[0]);
     if (std::isnan(shifted_sum)) {
-      Vec acc(0.0f);
-      vec_loop(n, [&](int64_t j, int64_t c) {
-        acc += Vec::set(Vec(0.0f), Vec::loadu(v + j, c) - shift, c);
+      LaneSums acc;
+      vec_loop_lanes(n, [&](int64_t j, int64_t c, int l) {
+        acc[l] += Vec::set(Vec(0.0f), Vec::loadu(v + j, c) - shift, c);
       });
-      shifted_sum = hsum(acc);
+      shifted_sum = acc.sum();
     }
     mean = v[0] + shifted_sum * inv_n;
   }
   // Second pass over the cached row: sum of squared deviations (no cancellation).
   const Vec m(mean);
-  Vec acc(0.0f);
-  vec_loop(n, [&](int64_t j, int64_t c) {
+  LaneSums acc;
+  vec_loop_lanes(n, [&](int64_t j, int64_t c, int l) {
     const Vec d = Vec::set(Vec(0.0f), Vec::loadu(v + j, c) - m, c);
-    acc = at::vec::fmadd(d, d, acc);
+    acc[l] = at::vec::fmadd(d, d, acc[l]);
   });
-  const float squares = hsum(acc);
+  const float squares = acc.sum();
   if (m2 != nullptr) *m2 = squares;
   rstd = 1.0f / std::sqrt(std::max(squares * inv_n, 0.0f) + eps);
 }
@@ -53,19 +53,24 @@ template <typename T, Activation IA, bool Gated>
 void norm_forward_typed(const NormForward& a) {
   const int64_t n = a.cols;
   const int64_t x_cols = Gated ? 2 * n : n;
-  const RowPrefetch x_ahead(static_cast<const T*>(a.x), a.x_stride, a.rows, x_cols);
-  const RowPrefetch residual_ahead = a.residual == nullptr
-      ? RowPrefetch()
-      : RowPrefetch(static_cast<const T*>(a.residual), a.residual_stride, a.rows, n);
-  const RowPrefetch y_ahead = a.y == nullptr
-      ? RowPrefetch()
-      : RowPrefetch(static_cast<const T*>(a.y), a.y_stride, a.rows, n);
-  const RowPrefetch sum_ahead = a.sum == nullptr
-      ? RowPrefetch()
-      : RowPrefetch(static_cast<const T*>(a.sum), a.sum_stride, a.rows, n);
   for_rows(a.rows, n, 0, [&](int64_t rb, int64_t re, int64_t) {
-    std::vector<float> buffer(x_cols + 2 * n);
-    float* v_buf = buffer.data();
+    // What the row loops read, as locals of this block: a vector store may alias anything
+    // (at::vec stores through may_alias types), so values read through `a` or a capture were
+    // loaded again after every store (docs/design.md, Decisions).
+    const float* const gamma = a.gamma;
+    const float* const beta = a.beta;
+    const RowPrefetch x_ahead(static_cast<const T*>(a.x), a.x_stride, a.rows, x_cols);
+    const RowPrefetch residual_ahead = a.residual == nullptr
+        ? RowPrefetch()
+        : RowPrefetch(static_cast<const T*>(a.residual), a.residual_stride, a.rows, n);
+    const RowPrefetch y_ahead = a.y == nullptr
+        ? RowPrefetch()
+        : RowPrefetch(static_cast<const T*>(a.y), a.y_stride, a.rows, n);
+    const RowPrefetch sum_ahead = a.sum == nullptr
+        ? RowPrefetch()
+        : RowPrefetch(static_cast<const T*>(a.sum), a.sum_stride, a.rows, n);
+    const auto buffer = row_scratch(x_cols + 2 * n);
+    float* v_buf = buffer.get();
     float* y_buf = v_buf + x_cols;
     float* r_buf = y_buf + n;
     const Vec alpha(a.alpha);
@@ -98,8 +103,8 @@ void norm_forward_typed(const NormForward& a) {
           first = round_vec<T>(first);
         }
         const Vec shift(hfirst(first));
-        Vec acc(0.0f);
-        vec_loop(n, [&](int64_t j, int64_t c) {
+        LaneSums acc;
+        vec_loop_lanes(n, [&](int64_t j, int64_t c, int l) {
           x_ahead.touch(next_x, j);
           if constexpr (Gated) x_ahead.touch(next_x, n + j);
           residual_ahead.touch(next_residual, j);
@@ -116,10 +121,10 @@ void norm_forward_typed(const NormForward& a) {
             av = round_vec<T>(av);
           }
           av.store(v_buf + j, c);
-          acc += Vec::set(Vec(0.0f), av - shift, c);
+          acc[l] += Vec::set(Vec(0.0f), av - shift, c);
         });
         if (s_out != nullptr) write_row(s_out, static_cast<T*>(a.sum) + i * a.sum_stride, n);
-        shifted_sum = hsum(acc);
+        shifted_sum = acc.sum();
         v = v_buf;
       }
       float mean, rstd;
@@ -142,8 +147,8 @@ void norm_forward_typed(const NormForward& a) {
           y_ahead.touch_for_write(next_y, j);
           sum_ahead.touch_for_write(next_sum, j);
           Vec out = (Vec::loadu(v + j, c) - m) * r;
-          if (a.gamma != nullptr) out = out * Vec::loadu(a.gamma + j, c);
-          if (a.beta != nullptr) out = out + Vec::loadu(a.beta + j, c);
+          if (gamma != nullptr) out = out * Vec::loadu(gamma + j, c);
+          if (beta != nullptr) out = out + Vec::loadu(beta + j, c);
           out.store(y + j, c);
         });
       }

@@ -59,12 +59,12 @@ template <typename T>
 void quantize_rows_typed(const QuantizeRows& a) {
   const int64_t n = a.cols;
   for_rows(a.rows, n, 0, [&](int64_t rb, int64_t re, int64_t) {
-    std::vector<float> buffer(n);
+    const auto buffer = row_scratch(n);
 #if !defined(__AVX512F__)
-    std::vector<float> codes(n);  // the codes as floats, then stored as int8 below
+    const auto codes = row_scratch(n);  // the codes as floats, then stored as int8 below
 #endif
     for (int64_t i = rb; i < re; ++i) {
-      const float* h = load_row(static_cast<const T*>(a.h) + i * n, buffer.data(), n);
+      const float* h = load_row(static_cast<const T*>(a.h) + i * n, buffer.get(), n);
       Vec amax(0.0f);
       vec_loop(n, [&](int64_t j, int64_t count) {
         amax = at::vec::maximum(amax, Vec::loadu(h + j, count).abs());
@@ -87,7 +87,7 @@ void quantize_rows_typed(const QuantizeRows& a) {
       });
       sum = _mm512_reduce_add_epi32(sums);
 #else
-      vec_loop(n, [&](int64_t j, int64_t count) { code(j, count).store(codes.data() + j, count); });
+      vec_loop(n, [&](int64_t j, int64_t count) { code(j, count).store(codes.get() + j, count); });
       for (int64_t k = 0; k < n; ++k) {
         const float c = codes[k];
         q[k] = c == c ? static_cast<int8_t>(c) : 0;

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <memory>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -32,6 +33,31 @@ inline void vec_loop(int64_t n, F&& f) {
   int64_t j = 0;
   for (; j + kW <= n; j += kW) f(j, kW);
   if (j < n) f(j, n - j);
+}
+
+// vec_loop for running sums: f(j, count, lane) with lane in [0, kLanes), consecutive vectors on
+// consecutive lanes, so that a sum kept per lane is kLanes independent chains; one chain made the
+// add's latency the loop's bound (docs/design.md, Decisions). The tail goes to lane 1. Flattened:
+// with four call sites GCC called the body per vector, its sums and captures in memory.
+constexpr int kLanes = 4;
+template <typename F>
+__attribute__((flatten)) inline void vec_loop_lanes(int64_t n, F&& f) {
+  int64_t j = 0;
+  for (; j + kLanes * kW <= n; j += kLanes * kW) {
+    f(j, kW, 0);
+    f(j + kW, kW, 1);
+    f(j + 2 * kW, kW, 2);
+    f(j + 3 * kW, kW, 3);
+  }
+  for (; j + kW <= n; j += kW) f(j, kW, 0);
+  if (j < n) f(j, n - j, 1);
+}
+
+// Scratch floats for a unit of rows, left uninitialised: the kernels write each element before
+// reading it (load_row, dest_row), and for float32 rows never touch it; zero-filling it was a
+// memset of up to six row widths per unit (docs/design.md, Decisions).
+inline std::unique_ptr<float[]> row_scratch(int64_t count) {
+  return std::make_unique_for_overwrite<float[]>(static_cast<size_t>(count));
 }
 
 // A row of T seen as floats: the row itself for float, else converted into `scratch`.
@@ -91,6 +117,14 @@ inline float hsum(const Vec& v) {
   for (int64_t l = 0; l < kW; ++l) s += lanes[l];
   return s;
 }
+
+// A running sum per lane of vec_loop_lanes, zeroed; sum() adds them up in a fixed order.
+struct LaneSums {
+  static_assert(kLanes == 4, "sum() pairs four lanes");
+  Vec lanes[kLanes] = {Vec(0.0f), Vec(0.0f), Vec(0.0f), Vec(0.0f)};
+  Vec& operator[](int l) { return lanes[l]; }
+  float sum() const { return hsum((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])); }
+};
 
 // The largest lane; NaN if any lane is NaN.
 inline float hmax(const Vec& v) {
