@@ -164,9 +164,15 @@ def _check_cpu_paths_agree(mode, dtype, shape, rows, monkeypatch):
         _run(cpu, x[i : i + 5], *args, residual[i : i + 5], weight_scale, mode, True)
         for i in range(0, rows, 5)
     ]
+    # One row (decoding one sequence) has a kernel of its own on AVX2: some rows, one at a time.
+    singles = [
+        _run(cpu, x[i : i + 1], *args, residual[i : i + 1], weight_scale, mode, True)
+        for i in range(0, rows, 13)
+    ]
     monkeypatch.setenv("MAGNETO_CPU_AMX", "0")
     vector = _run(cpu, x, *args, residual, weight_scale, mode, True)
     assert torch.equal(whole, torch.cat(parts))
+    assert torch.equal(whole[::13], torch.cat(singles))
     assert torch.equal(vector, whole)
 
 
@@ -179,8 +185,8 @@ def _check_cpu_paths_agree(mode, dtype, shape, rows, monkeypatch):
 def test_offline_cpu_paths_agree_bitwise(mode, dtype, shape, monkeypatch):
     """Every output element is an exact integer sum and one fixed float expression, so the cpu
     backend's tiled kernels (130 rows at once: AMX where the CPU has it, and with
-    MAGNETO_CPU_AMX=0 the vector tiles) and its few-row kernel (the same rows 5 at a time: 4
-    and 1) give the same bits."""
+    MAGNETO_CPU_AMX=0 the vector tiles) and its few-row kernels (the same rows 5 at a time: 4
+    and 1; and one at a time) give the same bits."""
     _check_cpu_paths_agree(mode, dtype, shape, 130, monkeypatch)
 
 

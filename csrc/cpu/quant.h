@@ -167,6 +167,56 @@ inline void dot_codes_maddubs(const uint8_t* w, const int8_t* q, int64_t q_strid
   }
   for (int r = 0; r < R; ++r) acc[r] = hsum_epi32(sum[r]);
 }
+
+// Shift I of a packed 32-byte load: the codes of its I-th 32-wide run of k.
+template <int I>
+inline __m256i code_plane(__m256i packed) {
+  const __m256i mask = _mm256_set1_epi8(3);
+  return _mm256_and_si256(I == 0 ? packed : _mm256_srli_epi16(packed, 2 * I), mask);
+}
+
+// acc[f] = Σ_k q[k]·c_f[k] for one row of q and F packed weight rows (stride w_stride), side by
+// side, as dot_pairs_vnni does on AVX-512: each q vector is loaded once for the F features, their
+// F chains interleave, and the per-feature tail (a horizontal sum, the epilogue's) overlaps F
+// rows' work; one feature at a time, the per-feature cost was about twice a 2560-wide row's
+// blocks' (docs/design.md, Decisions). `ahead` (or null): F·w_stride contiguous bytes to
+// prefetch (the next group's rows, w_stride = blocks·32), 32·F of them a block.
+template <int F>
+inline void dot_cols_maddubs(const uint8_t* w, int64_t w_stride, const int8_t* q,
+                             int64_t blocks, int32_t* acc, const uint8_t* ahead) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i sum[F];
+  for (int f = 0; f < F; ++f) sum[f] = _mm256_setzero_si256();
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    __m256i packed[F], s16[F];
+    if (ahead != nullptr) {
+      for (int off = 0; off < 32 * F; off += 64) {
+        _mm_prefetch(reinterpret_cast<const char*>(ahead + 32 * F * blk + off), _MM_HINT_T0);
+      }
+    }
+    for (int f = 0; f < F; ++f) {
+      const uint8_t* wb = w + f * w_stride + 32 * blk;
+      packed[f] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb));
+    }
+    const int8_t* qb = q + kQuantPackUnit * blk;
+    const __m256i q0 = load_q(qb);
+    for (int f = 0; f < F; ++f) s16[f] = _mm256_maddubs_epi16(code_plane<0>(packed[f]), q0);
+    const __m256i q1 = load_q(qb + 32);
+    for (int f = 0; f < F; ++f) {
+      s16[f] = _mm256_add_epi16(s16[f], _mm256_maddubs_epi16(code_plane<1>(packed[f]), q1));
+    }
+    const __m256i q2 = load_q(qb + 64);
+    for (int f = 0; f < F; ++f) {
+      s16[f] = _mm256_add_epi16(s16[f], _mm256_maddubs_epi16(code_plane<2>(packed[f]), q2));
+    }
+    const __m256i q3 = load_q(qb + 96);
+    for (int f = 0; f < F; ++f) {
+      s16[f] = _mm256_add_epi16(s16[f], _mm256_maddubs_epi16(code_plane<3>(packed[f]), q3));
+      sum[f] = _mm256_add_epi32(sum[f], _mm256_madd_epi16(s16[f], ones));
+    }
+  }
+  for (int f = 0; f < F; ++f) acc[f] = hsum_epi32(sum[f]);
+}
 #endif
 
 #if defined(__AVX512F__)
@@ -571,6 +621,28 @@ void quant_linear_typed(const QuantLinear& a) {
 #endif
   at::parallel_for(0, col_blocks, 1, [&](int64_t cb, int64_t ce) {
     const int64_t col_end = std::min(n, ce * kQuantColBlock);
+#if defined(__AVX2__)
+    if (a.rows == 1) {  // decoding one sequence: kDecodeCols features at a time
+      for (int64_t col = cb * kQuantColBlock; col < col_end; col += kDecodeCols) {
+        const int64_t nc = std::min<int64_t>(kDecodeCols, col_end - col);
+        const uint8_t* w = a.weight + col * w_stride;
+        // the next group's packed rows, prefetched as they lie: contiguous (docs/design.md,
+        // Decisions)
+        const uint8_t* ahead =
+            col + 2 * kDecodeCols <= n ? w + kDecodeCols * w_stride : nullptr;
+        int32_t acc[kDecodeCols];
+        static_assert(kDecodeCols == 4);
+        switch (nc) {
+          case 4: dot_cols_maddubs<4>(w, w_stride, a.q, blocks, acc, ahead); break;
+          case 3: dot_cols_maddubs<3>(w, w_stride, a.q, blocks, acc, ahead); break;
+          case 2: dot_cols_maddubs<2>(w, w_stride, a.q, blocks, acc, ahead); break;
+          default: dot_cols_maddubs<1>(w, w_stride, a.q, blocks, acc, ahead);
+        }
+        for (int64_t j = 0; j < nc; ++j) store(acc[j], 0, col + j);
+      }
+      return;
+    }
+#endif
     for (int64_t col = cb * kQuantColBlock; col < col_end; ++col) {
       const uint8_t* w = a.weight + col * w_stride;
       for (int64_t r = 0; r < a.rows; r += kQuantRows) {
