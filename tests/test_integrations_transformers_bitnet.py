@@ -100,11 +100,13 @@ def _closest_to_a_tie(model, tokens) -> float:
 
 
 @functools.cache
-def _tie_free_seed(mode: str, after: int = -1) -> int:
-    """The first seed after ``after`` whose float32 draw of ``mode`` keeps every activation of
-    the run on ``ids(**TOKENS)`` ``TIE_MARGIN`` away from a rounding boundary."""
+def _tie_free_seed(mode: str, after: int = -1, edit=None) -> int:
+    """The first seed after ``after`` whose float32 draw of ``mode`` (passed through ``edit``,
+    which returns the model a test compares with, where given) keeps every activation of the run
+    on ``ids(**TOKENS)`` ``TIE_MARGIN`` away from a rounding boundary."""
     for seed in range(after + 1, after + 41):
-        if _closest_to_a_tie(_quantised(mode, seed=seed), ids(**TOKENS)) > TIE_MARGIN:
+        model = _quantised(mode, seed=seed)
+        if _closest_to_a_tie(edit(model) if edit else model, ids(**TOKENS)) > TIE_MARGIN:
             return seed
     raise AssertionError(f"no {mode} draw without near-ties in 40 seeds after {after}")
 
@@ -245,30 +247,51 @@ def test_non_ternary_offline_weight_refused_naming_the_module():
         mt.apply_magneto(model)
 
 
-def test_weights_changed_in_place_are_packed_again():
-    """With the weights kept: an in-place edit of one is packed again at the next call."""
-    model, reference = _pair("offline")
-    mt.apply_magneto(model, keep_weights=True)
+def _negate_a_weight(model):
+    """Layer 0's q_proj weight negated in place; returns the model."""
     with torch.no_grad():
-        for m in (model, reference):
-            m.model.layers[0].self_attn.q_proj.weight.mul_(-1)
+        model.model.layers[0].self_attn.q_proj.weight.mul_(-1)
+    return model
+
+
+def test_weights_changed_in_place_are_packed_again():
+    """With the weights kept: an in-place edit of one is packed again at the next call (on a
+    draw whose edited run has no near-ties)."""
+    model = _quantised("offline", seed=_tie_free_seed("offline", edit=_negate_a_weight))
+    reference = copy.deepcopy(model)
+    mt.apply_magneto(model, keep_weights=True)
+    for m in (model, reference):
+        _negate_a_weight(m)
     tokens = ids(**TOKENS)
     with torch.no_grad():
         close(model(tokens).logits, reference(tokens).logits, what="logits")
 
 
-def test_peft_lora_on_quantised_projections_falls_back(fused_calls, caplog):
-    """PEFT LoRA around online AutoBitLinear projections: those run PEFT's forward on the norm
-    module's output, named in the warning; the others stay fused; logits as unpatched."""
-    peft = pytest.importorskip("peft")
-    lora = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0)
-    base = _quantised("online", seed=_tie_free_seed("online"))
-    reference = peft.get_peft_model(copy.deepcopy(base), copy.deepcopy(lora))
-    model = peft.get_peft_model(base, lora)
-    for name, p in reference.named_parameters():  # LoRA's B starts at zero: move it off
+LORA = dict(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0)
+
+
+def _with_lora(model):
+    """``model`` inside PEFT LoRA (``LORA``), its A drawn from a fixed seed and its B (which
+    starts at zero) moved off zero."""
+    import peft
+
+    torch.manual_seed(0)
+    model = peft.get_peft_model(model, peft.LoraConfig(**LORA))
+    for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.manual_seed(len(name))
             p.data.normal_()
+    return model
+
+
+def test_peft_lora_on_quantised_projections_falls_back(fused_calls, caplog):
+    """PEFT LoRA around online AutoBitLinear projections: those run PEFT's forward on the norm
+    module's output, named in the warning; the others stay fused; logits as unpatched (on a
+    draw whose run with LoRA has no near-ties)."""
+    peft = pytest.importorskip("peft")
+    base = _quantised("online", seed=_tie_free_seed("online", edit=_with_lora))
+    reference = _with_lora(copy.deepcopy(base))
+    model = peft.get_peft_model(base, peft.LoraConfig(**LORA))
     model.load_state_dict(reference.state_dict())
     with caplog.at_level(logging.WARNING, logger=mt.__name__):
         mt.apply_magneto(model)
