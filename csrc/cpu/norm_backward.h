@@ -30,12 +30,8 @@ void norm_backward_typed(const NormBackward& a) {
     const float* const gamma = a.gamma;
     const float* const beta = a.beta;
     const RowPrefetch x_ahead(static_cast<const T*>(a.x), a.x_stride, a.rows, x_cols);
-    const RowPrefetch dy_ahead = a.dy == nullptr
-        ? RowPrefetch()
-        : RowPrefetch(static_cast<const T*>(a.dy), a.dy_stride, a.rows, n);
-    const RowPrefetch h_ahead = a.h == nullptr
-        ? RowPrefetch()
-        : RowPrefetch(static_cast<const T*>(a.h), a.h_stride, a.rows, n);
+    const RowPrefetch dy_ahead(static_cast<const T*>(a.dy), a.dy_stride, a.rows, n);
+    const RowPrefetch h_ahead(static_cast<const T*>(a.h), a.h_stride, a.rows, n);
     // dx written in place of dy is in cache already.
     const RowPrefetch dx_ahead = !want_dx || a.dx == a.dy
         ? RowPrefetch()

@@ -60,15 +60,10 @@ void norm_forward_typed(const NormForward& a) {
     const float* const gamma = a.gamma;
     const float* const beta = a.beta;
     const RowPrefetch x_ahead(static_cast<const T*>(a.x), a.x_stride, a.rows, x_cols);
-    const RowPrefetch residual_ahead = a.residual == nullptr
-        ? RowPrefetch()
-        : RowPrefetch(static_cast<const T*>(a.residual), a.residual_stride, a.rows, n);
-    const RowPrefetch y_ahead = a.y == nullptr
-        ? RowPrefetch()
-        : RowPrefetch(static_cast<const T*>(a.y), a.y_stride, a.rows, n);
-    const RowPrefetch sum_ahead = a.sum == nullptr
-        ? RowPrefetch()
-        : RowPrefetch(static_cast<const T*>(a.sum), a.sum_stride, a.rows, n);
+    const RowPrefetch residual_ahead(static_cast<const T*>(a.residual), a.residual_stride, a.rows,
+                                     n);
+    const RowPrefetch y_ahead(static_cast<const T*>(a.y), a.y_stride, a.rows, n);
+    const RowPrefetch sum_ahead(static_cast<const T*>(a.sum), a.sum_stride, a.rows, n);
     const auto buffer = row_scratch(x_cols + 2 * n);
     float* v_buf = buffer.get();
     float* y_buf = v_buf + x_cols;

@@ -159,7 +159,7 @@ inline void with_dtype(DType dtype, F&& f) {
 // ahead, at least a row) of the rows to read and, for writing, of the rows to write, which keeps
 // loads and write-allocations in flight behind the arithmetic (docs/design.md, Decisions).
 struct RowPrefetch {
-  const char* base = nullptr;  // null: nothing to prefetch
+  const char* base = nullptr;  // null (also from a null row pointer): nothing to prefetch
   int64_t row_bytes = 0;       // stride between rows, in bytes
   int64_t rows = 0;
   int64_t ahead = 1;
