@@ -16,7 +16,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <vector>
+#include <memory>
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -120,8 +120,10 @@ inline void attend_head(const DecodeAttention<T>& a, int64_t bh, float* buffer) 
 
 template <typename T>
 inline void attend_heads(const DecodeAttention<T>& a, int64_t begin, int64_t end) {
-  std::vector<float> buffer(a.rows * (2 * a.head_dim + a.cached + a.rows));
-  for (int64_t bh = begin; bh < end; ++bh) attend_head(a, bh, buffer.data());
+  // uninitialised: attend_head writes every element before it reads it
+  const auto buffer = std::make_unique_for_overwrite<float[]>(
+      static_cast<size_t>(a.rows * (2 * a.head_dim + a.cached + a.rows)));
+  for (int64_t bh = begin; bh < end; ++bh) attend_head(a, bh, buffer.get());
 }
 
 // The ISA builds: `flatten` inlines the loops above into each, compiled for its target.

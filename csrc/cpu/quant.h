@@ -126,16 +126,22 @@ inline int32_t hsum_epi32(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
+// Shift I of a packed 32-byte load: the codes of its I-th 32-wide run of k.
+template <int I>
+inline __m256i code_plane(__m256i packed) {
+  const __m256i mask = _mm256_set1_epi8(3);
+  return _mm256_and_si256(I == 0 ? packed : _mm256_srli_epi16(packed, 2 * I), mask);
+}
+
 // The codes of one 32-byte load of a packed block, 32 consecutive k per shift.
 struct BlockCodes {
   __m256i c[4];
   explicit BlockCodes(const uint8_t* w) {
     const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
-    const __m256i mask = _mm256_set1_epi8(3);
-    c[0] = _mm256_and_si256(packed, mask);
-    c[1] = _mm256_and_si256(_mm256_srli_epi16(packed, 2), mask);
-    c[2] = _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask);
-    c[3] = _mm256_and_si256(_mm256_srli_epi16(packed, 6), mask);
+    c[0] = code_plane<0>(packed);
+    c[1] = code_plane<1>(packed);
+    c[2] = code_plane<2>(packed);
+    c[3] = code_plane<3>(packed);
   }
 };
 
@@ -166,13 +172,6 @@ inline void dot_codes_maddubs(const uint8_t* w, const int8_t* q, int64_t q_strid
     }
   }
   for (int r = 0; r < R; ++r) acc[r] = hsum_epi32(sum[r]);
-}
-
-// Shift I of a packed 32-byte load: the codes of its I-th 32-wide run of k.
-template <int I>
-inline __m256i code_plane(__m256i packed) {
-  const __m256i mask = _mm256_set1_epi8(3);
-  return _mm256_and_si256(I == 0 ? packed : _mm256_srli_epi16(packed, 2 * I), mask);
 }
 
 // acc[f] = Σ_k q[k]·c_f[k] for one row of q and F packed weight rows (stride w_stride), side by
