@@ -2,8 +2,10 @@
 the op suite on it (every case there, on a GPU, including the widths that take each kernel path).
 
 On a CPU-only machine only ``test_nvcc_compile_check`` runs: it compiles every csrc/cuda/*.cu
-for sm_80 and sm_90a and fails on errors, warnings or register spills (tools/check_cuda.py);
-it is skipped, saying why, when nvcc is absent. Everything else needs a GPU (``gpu`` marker,
+for sm_80 and sm_90a and fails on errors, warnings or register spills (tools/check_cuda.py;
+where tests/cuda_compiled.json holds the results of the same inputs it reads them instead, and
+``test_nvcc_results_key_covers_the_includes`` checks what that key covers); it is skipped,
+saying why, when nvcc is absent. Everything else needs a GPU (``gpu`` marker,
 run by bench/gpu_check.sh): the backend is there, the scalar path for misaligned tensors gives
 the vector path's bits, and parameter gradients are deterministic.
 """
@@ -31,9 +33,26 @@ def _load_check_cuda():
     return module
 
 
+def test_nvcc_results_key_covers_the_includes():
+    """The key of tools/check_cuda.py's stored results covers every project header a .cu file
+    includes, transitively, the link check's source and the tool itself; it changes with
+    nvcc's version."""
+    check_cuda = _load_check_cuda()
+    sources = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
+    inputs = {p.relative_to(ROOT).as_posix() for p in check_cuda.project_inputs(sources)}
+    assert {"csrc/cuda/common.cuh", "csrc/cuda/kernels.h", "csrc/common.h"} <= inputs
+    assert {p.relative_to(ROOT).as_posix() for p in sources} <= inputs
+    keyed = check_cuda.project_inputs([*sources, check_cuda.LINK_CHECK, Path(check_cuda.__file__)])
+    assert check_cuda.LINK_CHECK.resolve() in keyed and ROOT / "tools" / "check_cuda.py" in keyed
+    build = "Build cuda_13.0.r13.0/compiler.36424714_0"
+    assert check_cuda.inputs_key(build, sources) != check_cuda.inputs_key(build + "x", sources)
+    assert check_cuda.inputs_key(build, sources) != check_cuda.inputs_key(build, sources[1:])
+
+
 @pytest.mark.slow
 def test_nvcc_compile_check():
-    """Every .cu compiles for sm_80 and sm_90a without warnings and without register spills."""
+    """Every .cu compiles for sm_80 and sm_90a without warnings and without register spills
+    (or tests/cuda_compiled.json holds that result for the same inputs)."""
     check_cuda = _load_check_cuda()
     if check_cuda.find_nvcc() is None:
         pytest.skip("nvcc not found (PATH, $NVCC, $CUDA_HOME): the CUDA compile check needs it")

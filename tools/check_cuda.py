@@ -12,7 +12,20 @@ the files that register it (csrc/register.cpp, csrc/module.cpp) with MAGNETO_WIT
 torch's headers (skipped without torch).
 Prints, per kernel template, its instantiations and register range per architecture.
 
-    python tools/check_cuda.py [-j JOBS] [--verbose]
+The nvcc compiles (five minutes of CPU time, the longest test of the suite) and the link check
+are skipped when tests/cuda_compiled.json holds their results for the same inputs: a key over
+nvcc's version, the flags, the architectures, this file and every project file the .cu files
+and tools/cuda_link_check.cpp include (quoted includes, followed transitively). nvcc is
+deterministic, so the same inputs give the same kernels, registers and spills; the results are
+checked again as if just compiled. Where the inputs changed, everything is compiled; with the
+nvcc that wrote the file, the check then fails until the file is rewritten (--write-results),
+so that the committed results stay those of the committed sources (CI compiles only after a
+change to them). The host-compiler checks (the launcher header, the MAGNETO_WITH_CUDA files)
+always run: they are cheap and read torch's headers, which the key leaves out.
+
+    python tools/check_cuda.py [-j JOBS] [--verbose] [--no-cache] [--write-results]
+
+--no-cache compiles everything and fails where the file's results for the same inputs differ.
 
 nvcc is taken from $NVCC, then PATH, then $CUDA_HOME/bin. Exit status: 0 ok, 1 failed,
 2 nvcc not found.
@@ -21,6 +34,8 @@ nvcc is taken from $NVCC, then PATH, then $CUDA_HOME/bin. Exit status: 0 ok, 1 f
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -52,6 +67,9 @@ NVCC_FLAGS = [
     f"-I{ROOT / 'csrc'}",
 ]
 
+RESULTS = ROOT / "tests" / "cuda_compiled.json"
+LINK_CHECK = ROOT / "tools" / "cuda_link_check.cpp"
+QUOTED_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
 ENTRY = re.compile(r"Compiling entry function '(\S+)' for '(sm_\w+)'")
 PROPS = re.compile(r"Function properties for (\S+)")
 SPILLS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -94,6 +112,92 @@ def compile_cu(
     start = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - start
+
+
+def project_inputs(paths: list[Path]) -> list[Path]:
+    """`paths` and the project files they include, transitively: each quoted include resolved
+    beside the including file or under csrc/ (nvcc's -I), as the compiler finds it; includes
+    inside #if branches count too (a superset: the key may change where the compile would not)."""
+    seen: set[Path] = set()
+    todo = [p.resolve() for p in paths]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for name in QUOTED_INCLUDE.findall(path.read_text()):
+            for base in (path.parent, ROOT / "csrc"):
+                if (base / name).is_file():
+                    todo.append((base / name).resolve())
+                    break
+    return sorted(seen)
+
+
+def inputs_key(nvcc_version: str, sources: list[Path]) -> str:
+    """What the compiles and the link check depend on (the module docstring)."""
+    digest = hashlib.sha256()
+    flags = [flag.replace(str(ROOT), "<root>") for flag in NVCC_FLAGS]
+    digest.update(json.dumps([nvcc_version, flags, ARCHS]).encode())
+    for path in project_inputs([*sources, LINK_CHECK, Path(__file__)]):
+        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def load_results() -> dict:
+    try:
+        return json.loads(RESULTS.read_text())
+    except FileNotFoundError:
+        return {}
+
+
+def write_results(build: str, key: str, records: list[dict]) -> None:
+    """A record a line, so that a change to the kernels reads as a diff of theirs."""
+    lines = ",\n".join(json.dumps(r, sort_keys=True) for r in records)
+    head = json.dumps({"nvcc": build, "key": key})[:-1]
+    RESULTS.write_text(f'{head}, "records": [\n{lines}\n]}}\n')
+
+
+def compile_all(nvcc: str, sources: list[Path], jobs: int) -> tuple[bool, list[dict]]:
+    """Every .cu for every architecture, then the link check: (failed, records)."""
+    failed, records = False, []
+    # Largest files first for a balanced pool; the last architecture also builds host objects.
+    sources = sorted(sources, key=lambda p: -p.stat().st_size)
+    tasks = [(source, arch) for source in sources for arch in ARCHS]
+    with tempfile.TemporaryDirectory(prefix="check_cuda_") as tmp:
+        workdir = Path(tmp)
+
+        def obj_for(source, arch):
+            return workdir / f"{source.stem}.o" if arch == ARCHS[-1] else None
+
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            results = pool.map(lambda t: compile_cu(nvcc, t[0], t[1], obj_for(*t)), tasks)
+            for (source, (_, real)), (rc, log, seconds) in zip(tasks, results):
+                rel = source.relative_to(ROOT)
+                ours = [
+                    ln
+                    for ln in log.splitlines()
+                    if re.search(r"\b(error|warning)\b", ln, re.I) and "csrc/" in ln
+                ]
+                if rc != 0:
+                    print(f"FAIL {rel} ({real}): nvcc exit status {rc}\n{log}")
+                    failed = True
+                    continue
+                if ours:
+                    print(f"FAIL {rel} ({real}): warnings in our sources:\n" + "\n".join(ours))
+                    failed = True
+                recs = parse(log)
+                print(f"  {rel} ({real}): {len(recs)} kernels in {seconds:.0f} s")
+                records += recs
+        if not failed:
+            rc, out = link_check(nvcc, [obj_for(s, ARCHS[-1]) for s in sources], workdir)
+            print(("  " if rc == 0 else "FAIL ") + out.strip().replace("\n", "\n  "))
+            failed |= rc != 0
+    # demangled: the mangled names of anonymous namespaces hash the source's path
+    names = demangle(sorted({r["name"] for r in records}))
+    for r in records:
+        r["name"] = names[r["name"]]
+    records.sort(key=lambda r: (r["name"], r["arch"]))
+    return failed, records
 
 
 def link_check(nvcc: str, objects: list[Path], workdir: Path) -> tuple[int, str]:
@@ -228,7 +332,7 @@ def template_name(demangled: str) -> str:
 
 
 def parse(log: str) -> list[dict]:
-    """One record per (kernel, arch): registers, stack frame, spill bytes."""
+    """One record per (kernel, arch): its mangled name, registers, stack frame, spill bytes."""
     records, current, props_for = [], {}, None
     for line in log.splitlines():
         if m := ENTRY.search(line):
@@ -250,6 +354,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--verbose", action="store_true", help="list every kernel instantiation")
+    parser.add_argument(
+        "--no-cache", action="store_true", help=f"compile even where {RESULTS.name} has the results"
+    )
+    parser.add_argument(
+        "--write-results", action="store_true", help=f"compile and write {RESULTS.name}"
+    )
     args = parser.parse_args()
 
     nvcc = find_nvcc()
@@ -261,8 +371,9 @@ def main() -> int:
         print(f"check_cuda: no .cu files under {CUDA_DIR}", file=sys.stderr)
         return 1
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    build = version.strip().splitlines()[-1]  # "Build cuda_13.0.r13.0/compiler.<number>_0"
     print(
-        f"check_cuda: {version.strip().splitlines()[-1]}; {len(sources)} files, "
+        f"check_cuda: {build}; {len(sources)} files, "
         f"archs {', '.join(r for _, r in ARCHS)}, {args.jobs} jobs"
     )
 
@@ -272,52 +383,46 @@ def main() -> int:
         print(f"FAIL csrc/cuda/kernels.h does not compile with the host compiler:\n{out}")
         failed = True
 
-    records = []
-    # Largest files first for a balanced pool; the last architecture also builds host objects.
-    sources.sort(key=lambda p: -p.stat().st_size)
-    tasks = [(source, arch) for source in sources for arch in ARCHS]
+    key = inputs_key(build, sources)
+    stored = load_results()
+    if stored.get("key") == key and not (args.no_cache or args.write_results):
+        records = stored["records"]
+        print(
+            f"  {len(sources)} .cu files and the link check: inputs unchanged since "
+            f"{RESULTS.relative_to(ROOT)} was written, their results read from it"
+        )
+    else:
+        compile_failed, records = compile_all(nvcc, sources, args.jobs)
+        failed |= compile_failed
+        if compile_failed:
+            print(f"  {RESULTS.relative_to(ROOT)} left as it was")
+        elif args.write_results:
+            write_results(build, key, records)
+            print(f"  results written to {RESULTS.relative_to(ROOT)}")
+        elif stored.get("key") == key and stored["records"] != records:
+            print(
+                f"FAIL the compiles differ from {RESULTS.relative_to(ROOT)}'s for the same inputs"
+            )
+            failed = True
+        elif stored.get("key") != key and stored.get("nvcc") == build:
+            print(
+                f"FAIL the inputs changed since {RESULTS.relative_to(ROOT)} was written by this "
+                "nvcc: rewrite it (python tools/check_cuda.py --write-results) with the change"
+            )
+            failed = True
     with tempfile.TemporaryDirectory(prefix="check_cuda_") as tmp:
-        workdir = Path(tmp)
-
-        def obj_for(source, arch):
-            return workdir / f"{source.stem}.o" if arch == ARCHS[-1] else None
-
-        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            results = pool.map(lambda t: compile_cu(nvcc, t[0], t[1], obj_for(*t)), tasks)
-            for (source, (_, real)), (rc, log, seconds) in zip(tasks, results):
-                rel = source.relative_to(ROOT)
-                ours = [
-                    ln
-                    for ln in log.splitlines()
-                    if re.search(r"\b(error|warning)\b", ln, re.I) and "csrc/" in ln
-                ]
-                if rc != 0:
-                    print(f"FAIL {rel} ({real}): nvcc exit status {rc}\n{log}")
-                    failed = True
-                    continue
-                if ours:
-                    print(f"FAIL {rel} ({real}): warnings in our sources:\n" + "\n".join(ours))
-                    failed = True
-                recs = parse(log)
-                print(f"  {rel} ({real}): {len(recs)} kernels in {seconds:.0f} s")
-                records += recs
-        if not failed:
-            rc, out = link_check(nvcc, [obj_for(s, ARCHS[-1]) for s in sources], workdir)
-            print(("  " if rc == 0 else "FAIL ") + out.strip().replace("\n", "\n  "))
-            failed |= rc != 0
-        rc, out = check_orchestration(workdir, args.jobs)
+        rc, out = check_orchestration(Path(tmp), args.jobs)
         print("  " + out.strip().replace("\n", "\n  "))
         failed |= rc != 0
 
-    names = demangle(sorted({r["name"] for r in records}))
     spills = [
         r
         for r in records
-        if "magneto" in names[r["name"]] and (r.get("spill_stores", 0) or r.get("spill_loads", 0))
+        if "magneto" in r["name"] and (r.get("spill_stores", 0) or r.get("spill_loads", 0))
     ]
     for r in spills:
         print(
-            f"FAIL register spill in {names[r['name']]} ({r['arch']}): "
+            f"FAIL register spill in {r['name']} ({r['arch']}): "
             f"{r['spill_stores']} B stores, {r['spill_loads']} B loads"
         )
     failed |= bool(spills)
@@ -325,7 +430,7 @@ def main() -> int:
     table: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     stack: dict[str, int] = defaultdict(int)
     for r in records:
-        name = template_name(names[r["name"]])
+        name = template_name(r["name"])
         table[name][r["arch"]].append(r["regs"])
         stack[name] = max(stack[name], r.get("stack", 0))
     print(f"{'kernel':34s} {'inst':>5s}  " + "  ".join(f"{a:>13s}" for _, a in ARCHS) + "  stack")
@@ -337,10 +442,9 @@ def main() -> int:
         count = len(table[name].get(ARCHS[0][1], []))
         print(f"{name:34s} {count:5d}  " + "  ".join(cells) + f"  {stack[name]:4d} B")
     if args.verbose:
-        for r in sorted(records, key=lambda r: (names[r["name"]], r["arch"])):
+        for r in sorted(records, key=lambda r: (r["name"], r["arch"])):
             print(
-                f"  {r['arch']:7s} {r['regs']:4d} regs {r.get('stack', 0):4d} B stack  "
-                f"{names[r['name']]}"
+                f"  {r['arch']:7s} {r['regs']:4d} regs {r.get('stack', 0):4d} B stack  {r['name']}"
             )
     if not records and not failed:
         print("FAIL no kernels were compiled")
