@@ -39,11 +39,10 @@ def test_nvcc_results_key_covers_the_includes():
     nvcc's version."""
     check_cuda = _load_check_cuda()
     sources = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
-    inputs = {p.relative_to(ROOT).as_posix() for p in check_cuda.project_inputs(sources)}
-    assert {"csrc/cuda/common.cuh", "csrc/cuda/kernels.h", "csrc/common.h"} <= inputs
-    assert {p.relative_to(ROOT).as_posix() for p in sources} <= inputs
-    keyed = check_cuda.project_inputs([*sources, check_cuda.LINK_CHECK, Path(check_cuda.__file__)])
-    assert check_cuda.LINK_CHECK.resolve() in keyed and ROOT / "tools" / "check_cuda.py" in keyed
+    keyed = {p.relative_to(ROOT).as_posix() for p in check_cuda.keyed_files(sources)}
+    assert {"csrc/cuda/common.cuh", "csrc/cuda/kernels.h", "csrc/common.h"} <= keyed
+    assert {p.relative_to(ROOT).as_posix() for p in sources} <= keyed
+    assert {"tools/cuda_link_check.cpp", "tools/check_cuda.py"} <= keyed
     build = "Build cuda_13.0.r13.0/compiler.36424714_0"
     assert check_cuda.inputs_key(build, sources) != check_cuda.inputs_key(build + "x", sources)
     assert check_cuda.inputs_key(build, sources) != check_cuda.inputs_key(build, sources[1:])

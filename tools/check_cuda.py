@@ -133,12 +133,18 @@ def project_inputs(paths: list[Path]) -> list[Path]:
     return sorted(seen)
 
 
+def keyed_files(sources: list[Path]) -> list[Path]:
+    """The files whose contents the key covers: the .cu files, the link check's source, this
+    tool, and what they include."""
+    return project_inputs([*sources, LINK_CHECK, Path(__file__)])
+
+
 def inputs_key(nvcc_version: str, sources: list[Path]) -> str:
     """What the compiles and the link check depend on (the module docstring)."""
     digest = hashlib.sha256()
     flags = [flag.replace(str(ROOT), "<root>") for flag in NVCC_FLAGS]
     digest.update(json.dumps([nvcc_version, flags, ARCHS]).encode())
-    for path in project_inputs([*sources, LINK_CHECK, Path(__file__)]):
+    for path in keyed_files(sources):
         digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
