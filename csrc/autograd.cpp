@@ -10,6 +10,7 @@
 // the op contract's (magneto_kernels/library.py).
 //
 // _C registers these for the process; the emulated build (_C_emu) does not compile this file.
+#include <algorithm>
 #include <array>
 #include <string>
 #include <tuple>
@@ -62,40 +63,29 @@ c10::List<bool> output_mask(AutogradContext* ctx, const std::array<int, N>& edge
   return mask;
 }
 
-// The Autograd kernel of one op (Formula::Op) of one family: Formula says which arguments are
+// An op's Signature, R(A...), taken apart: its result and its arguments as a tuple.
+template <class Signature>
+struct SignatureOf;
+template <class R, class... A>
+struct SignatureOf<R(A...)> {
+  using Result = R;
+  using Args = std::tuple<A...>;
+};
+
+// The autograd Function of one op (Formula::Op) of one family: Formula says which arguments are
 // differentiable (inputs), what the forward saves (save) and how the gradients are formed
 // (backward). The op's own arguments reach the forward as a tuple, so that the op is called with
-// them as the dispatcher passed them.
-template <class Formula, class Signature = typename Formula::Op::Signature>
-struct Autograd;
-template <class Formula, class R, class... A>
-struct Autograd<Formula, R(A...)> : torch::autograd::Function<Autograd<Formula, R(A...)>> {
+// them as the dispatcher passed them. The type names the formula only, not the op's argument
+// types: torch's CppNode demangles its Function's type name on every backward call
+// (CppNode::apply passes name() along), which cost more than a small norm's kernel when the
+// name spelled out an 18-argument signature (docs/design.md, Decisions).
+template <class Formula>
+struct Autograd : torch::autograd::Function<Autograd<Formula>> {
   using Op = typename Formula::Op;
-  using Args = std::tuple<A...>;
+  using R = typename SignatureOf<typename Op::Signature>::Result;
+  using Args = typename SignatureOf<typename Op::Signature>::Args;
   // An op with one output (dropout) returns a Tensor, the others a tuple.
   static constexpr bool kOneOutput = std::is_same_v<R, Tensor>;
-
-  static R kernel(A... args) {
-    const Op call{args...};
-    const auto inputs = Formula::inputs(call);
-    const bool records_graph =
-        at::GradMode::is_enabled() &&
-        std::apply([](const auto&... t) { return (requires_grad(t) || ...); }, inputs);
-    if (!records_graph) {
-      at::AutoDispatchBelowADInplaceOrView below;
-      return Formula::op().call(args...);
-    }
-    const Args pack(args...);
-    const variable_list out = std::apply(
-        [&](const auto&... t) { return Autograd::apply(&pack, t...); }, inputs);
-    if constexpr (kOneOutput) {
-      return out[0];
-    } else {
-      return [&]<size_t... I>(std::index_sequence<I...>) {
-        return R{out[I]...};
-      }(std::make_index_sequence<std::tuple_size_v<R>>{});
-    }
-  }
 
   // The differentiable inputs follow `pack` only so that autograd makes their edges.
   template <class... Inputs>
@@ -103,6 +93,9 @@ struct Autograd<Formula, R(A...)> : torch::autograd::Function<Autograd<Formula, 
     at::AutoDispatchBelowADInplaceOrView below;
     const R out = std::apply([](const auto&... a) { return Formula::op().call(a...); }, *pack);
     Formula::save(ctx, std::apply([](const auto&... a) { return Op{a...}; }, *pack), out);
+    // An output without a gradient (the statistics, preact, an unused output) reaches the
+    // backward undefined, not as a tensor of zeros allocated and filled for every call.
+    ctx->set_materialize_grads(false);
     if constexpr (kOneOutput) {
       return {out};
     } else {
@@ -111,9 +104,44 @@ struct Autograd<Formula, R(A...)> : torch::autograd::Function<Autograd<Formula, 
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    // No output has a gradient: neither has any input (undefined: zero to autograd).
+    if (std::none_of(grads.begin(), grads.end(), [](const Tensor& g) { return g.defined(); })) {
+      return variable_list(1 + std::tuple_size_v<decltype(Formula::inputs(std::declval<Op>()))>);
+    }
     variable_list result = Formula::backward(ctx, grads);
     result.insert(result.begin(), Tensor());  // pack's
     return result;
+  }
+};
+
+// The Autograd-key kernel of the op: the op itself below the Autograd key when the call records
+// no graph, else through Autograd<Formula>.
+template <class Formula, class Signature = typename Formula::Op::Signature>
+struct AutogradKernel;
+template <class Formula, class R, class... A>
+struct AutogradKernel<Formula, R(A...)> {
+  using Function = Autograd<Formula>;
+
+  static R kernel(A... args) {
+    const typename Function::Op call{args...};
+    const auto inputs = Formula::inputs(call);
+    const bool records_graph =
+        at::GradMode::is_enabled() &&
+        std::apply([](const auto&... t) { return (requires_grad(t) || ...); }, inputs);
+    if (!records_graph) {
+      at::AutoDispatchBelowADInplaceOrView below;
+      return Formula::op().call(args...);
+    }
+    const typename Function::Args pack(args...);
+    const variable_list out = std::apply(
+        [&](const auto&... t) { return Function::apply(&pack, t...); }, inputs);
+    if constexpr (Function::kOneOutput) {
+      return out[0];
+    } else {
+      return [&]<size_t... I>(std::index_sequence<I...>) {
+        return R{out[I]...};
+      }(std::make_index_sequence<std::tuple_size_v<R>>{});
+    }
   }
 };
 
@@ -173,9 +201,11 @@ struct AddLayerNormFormula {
     // ds serves both x's and the residual's gradient, so it is always computed.
     const c10::List<bool> mask({true, needs_grad(ctx, edge[2]), needs_grad(ctx, edge[3])});
     const double alpha = ctx->saved_data["alpha"].toDouble();
+    // Only the sum used after the op: the kernel still takes y's gradient, as zeros.
+    const Tensor dy = grads[0].defined() ? grads[0] : at::zeros_like(sum);
     // The sum's own gradient (when the sum is used after the op) joins ds in the kernel.
     auto [ds, dweight, dbias] = op_handle<schema::LayerNormBackward, Family>().call(
-        grads[0], sum, optional_of(weight), optional_of(bias), saved[3], saved[4],
+        dy, sum, optional_of(weight), optional_of(bias), saved[3], saved[4],
         optional_of(grads[1]), ctx->saved_data["norm"].toStringRef(), mask, "none",
         std::nullopt);
     Tensor dresidual;
@@ -391,7 +421,7 @@ template <template <const char*> class Formula, const char* Family>
 void impl(torch::Library& m) {
   using Op = typename Formula<Family>::Op;
   m.impl((std::string(Op::kName) + "_" + Family).c_str(),
-         TORCH_FN(&Autograd<Formula<Family>>::kernel));
+         TORCH_FN(&AutogradKernel<Formula<Family>>::kernel));
 }
 
 template <const char* Family>

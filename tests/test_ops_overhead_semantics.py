@@ -307,3 +307,65 @@ def test_outputs_of_leading_dimensions_are_plain_tensors(backend, grad):
     for out in outs:
         assert out.shape[:-1] == (2, 3) and not out._is_view()
         out.mul_(2.0)  # raises for an output view of a custom autograd function
+
+
+class _NoGradient(torch.autograd.Function):
+    """Passes its input on and gives it no gradient (None): what reaches the op before it."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("used", ["y", "sum", "neither"])
+def test_add_layer_norm_one_output_reaches_the_loss(backend, used):
+    """The Autograd kernels pass an output without a gradient on as undefined (no tensor of
+    zeros a call): with only y, only the sum, or neither reaching the loss (x reaching it
+    another way), every gradient is the float64 reference's."""
+    require_backend(backend)
+    gen = torch.Generator().manual_seed(5)
+    full = [
+        torch.randn(5, 16, generator=gen) + 0.5,
+        torch.randn(5, 16, generator=gen),
+        torch.randn(16, generator=gen),
+        torch.randn(16, generator=gen),
+    ]
+    dy = torch.randn(5, 16, generator=gen)
+
+    def grads(backend, dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in full]
+        y, s = mk.add_layer_norm(*leaves, alpha=1.3, backend=backend)
+        if used != "y":
+            y = _NoGradient.apply(y)
+        if used != "sum":
+            s = _NoGradient.apply(s)
+        loss = (y * dy.to(dtype)).sum() + (s * 2.0).sum() + (leaves[0] * 3.0).sum()
+        got = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
+        return [g.float() for g in got]
+
+    ours, ref = grads(backend, torch.float32), grads("reference", torch.float64)
+    for name, o, r in zip(("x", "residual", "weight", "bias"), ours, ref):
+        torch.testing.assert_close(o, r, rtol=1e-4, atol=1e-4, msg=name)
+    if used == "neither":
+        assert torch.equal(ours[0], torch.full_like(ours[0], 3.0))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("op", ["layer_norm", "ln_linear"])
+def test_an_output_without_a_gradient_gives_its_inputs_none(op, backend):
+    """An op whose output gets no gradient (None from the function after it) gives its inputs
+    none: x's gradient is what reaches it another way, exactly."""
+    require_backend(backend)
+    gen = torch.Generator().manual_seed(6)
+    x = (torch.randn(5, 16, generator=gen) + 0.5).requires_grad_()
+    params = _params(True)
+    out = _calls(x, x, params, backend)[op]()
+    loss = _NoGradient.apply(out).sum() + (x * 3.0).sum()
+    got = torch.autograd.grad(loss, [x, *params], allow_unused=True)
+    assert torch.equal(got[0], torch.full_like(x, 3.0))
+    assert all(g is None for g in got[1:])

@@ -33,7 +33,9 @@
 // stay K wide, and only the norm passes read x (and write dx) at 2·K.
 #include <algorithm>
 #include <cstdlib>
+#include <memory>
 
+#include <ATen/Dispatch.h>
 #include <ATen/record_function.h>
 
 #include "backend.h"
@@ -49,14 +51,28 @@ int64_t norm_cols(const Tensor& x, Activation input_activation) {
   return is_gated(input_activation) ? x.size(1) / 2 : x.size(1);
 }
 
-// Norm parameters as float32 pointers for the kernels (a float32 copy when stored in
-// bf16/fp16): the kernels take one parameter type, and the copy is a (cols,) vector.
+// Norm parameters (contiguous, checks.cpp) as float32 pointers for the kernels, which take one
+// parameter type: the parameter itself, or a float32 copy of a bf16/fp16 one, converted here
+// rather than by a dispatched .to() (an op and a tensor a parameter: more than a one-row norm's
+// own time).
 struct ParamF32 {
-  Tensor t;
-  explicit ParamF32(const OptTensor& p) {
-    if (p.has_value()) t = p->scalar_type() == at::kFloat ? *p : p->to(at::kFloat);
+  std::unique_ptr<float[]> copy;
+  const float* p = nullptr;
+  explicit ParamF32(const OptTensor& t) {
+    if (!t.has_value()) return;
+    if (t->scalar_type() == at::kFloat) {
+      p = t->data_ptr<float>();
+      return;
+    }
+    const int64_t n = t->numel();
+    copy = std::make_unique_for_overwrite<float[]>(n);
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(t->scalar_type(), "ParamF32", [&] {
+      const scalar_t* src = t->data_ptr<scalar_t>();
+      for (int64_t i = 0; i < n; ++i) copy[i] = static_cast<float>(src[i]);
+    });
+    p = copy.get();
   }
-  const float* ptr() const { return t.defined() ? t.data_ptr<float>() : nullptr; }
+  const float* ptr() const { return p; }
 };
 
 // The norm backward (args.dy defined) into grads, and/or the recompute of h = N(in_act(x)) from
