@@ -11,7 +11,6 @@
 #include <vector>
 
 namespace magneto {
-namespace {
 
 // ------------------------------------------------------------------ values as Python prints them
 
@@ -24,6 +23,8 @@ std::string py_shape(at::IntArrayRef shape) {
 std::string py_dtype(at::ScalarType dtype) {
   return "torch." + std::string(c10::getDtypeNames(dtype).first);
 }
+
+namespace {
 
 // repr(float(v)): the shortest digits that read back as v, in fixed notation for decimal
 // exponents -4..15 (with at least one digit after the point), else as d.ddde±XX.

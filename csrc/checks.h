@@ -7,12 +7,18 @@
 #pragma once
 
 #include <array>
+#include <string>
 #include <vector>
 
 #include "backend.h"
 #include "schema.h"
 
 namespace magneto {
+
+// Values as Python prints them, for messages word for word those of magneto_kernels/checks.py
+// (also the int8 head's, csrc/int8_head.cpp).
+std::string py_shape(at::IntArrayRef shape);
+std::string py_dtype(at::ScalarType dtype);
 
 NormArgs parse(const schema::LayerNorm& call);
 NormArgs parse(const schema::AddLayerNorm& call);

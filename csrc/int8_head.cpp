@@ -8,22 +8,12 @@
 
 #include <torch/library.h>
 
+#include "checks.h"
 #include "cpu/kernels.h"
 #include "tensor_utils.h"
 
 namespace magneto {
 namespace {
-
-// As Python prints them (checks.cpp's helpers, local there).
-std::string py_shape(at::IntArrayRef shape) {
-  std::string out = "(";
-  for (size_t i = 0; i < shape.size(); ++i) out += (i > 0 ? ", " : "") + std::to_string(shape[i]);
-  return out + (shape.size() == 1 ? ",)" : ")");
-}
-
-std::string py_dtype(at::ScalarType dtype) {
-  return "torch." + std::string(c10::getDtypeNames(dtype).first);
-}
 
 // A per-output-feature vector (scale, bias): (out_features,), x's dtype and device.
 void check_vector(const char* name, const Tensor& t, const Tensor& x, int64_t out_features) {
