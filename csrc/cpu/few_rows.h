@@ -74,7 +74,7 @@ struct FewRows {
 template <int R, int C, typename T>
 inline void few_rows_tile(const FewRows<T>& f, int64_t row, int64_t col) {
   const LinearFewRows& a = f.a;
-  Vec acc[R][C];
+  VecReg acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = Vec(0.0f);
   const float* x = f.x + row * f.x_stride;
@@ -91,14 +91,14 @@ inline void few_rows_tile(const FewRows<T>& f, int64_t row, int64_t col) {
     for (int r = 0; r < R; ++r) {
       Vec xv = Vec::loadu(x + r * f.x_stride + j, count);
       in_register(xv);
-      for (int c = 0; c < C; ++c) acc[r][c] = at::vec::fmadd(xv, wv[c], acc[r][c]);
+      for (int c = 0; c < C; ++c) acc[r][c] = at::vec::fmadd(xv, wv[c], Vec(acc[r][c]));
     }
   });
   for (int r = 0; r < R; ++r) {
     T* y = f.y() + (row + r) * a.y_stride + col;
     for (int c = 0; c < C; ++c) {
       const float dot = at::vec::vec_reduce_all<float>(
-          [](const Vec& a, const Vec& b) { return a + b; }, acc[r][c]);
+          [](const Vec& a, const Vec& b) { return a + b; }, Vec(acc[r][c]));
       y[c] = static_cast<T>(a.bias != nullptr ? dot + static_cast<float>(f.bias()[col + c])
                                               : dot);
     }

@@ -85,7 +85,7 @@ template <typename T, int R, int C>
 inline void int8_tile(const Int8Operands& f, int64_t row, int64_t col) {
   const Int8Head& a = f.a;
   const int64_t k = a.in_features;
-  Vec acc[R][C];
+  VecReg acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = Vec(0.0f);
   const float* x = f.x + row * f.x_stride;
@@ -102,7 +102,7 @@ inline void int8_tile(const Int8Operands& f, int64_t row, int64_t col) {
     for (int r = 0; r < R; ++r) {
       Vec xv = Vec::loadu(x + r * f.x_stride + j);
       keep_in_register(xv);
-      for (int c = 0; c < C; ++c) acc[r][c] = at::vec::fmadd(xv, wv[c], acc[r][c]);
+      for (int c = 0; c < C; ++c) acc[r][c] = at::vec::fmadd(xv, wv[c], Vec(acc[r][c]));
     }
   }
   if (j < k) {  // the lanes past k are zero in both operands
@@ -110,7 +110,7 @@ inline void int8_tile(const Int8Operands& f, int64_t row, int64_t col) {
     for (int c = 0; c < C; ++c) wv[c] = load_int8_tail(w + c * k + j, k - j);
     for (int r = 0; r < R; ++r) {
       const Vec xv = Vec::loadu(x + r * f.x_stride + j, k - j);
-      for (int c = 0; c < C; ++c) acc[r][c] = at::vec::fmadd(xv, wv[c], acc[r][c]);
+      for (int c = 0; c < C; ++c) acc[r][c] = at::vec::fmadd(xv, wv[c], Vec(acc[r][c]));
     }
   }
   const T* scale = static_cast<const T*>(a.scale);
@@ -119,7 +119,7 @@ inline void int8_tile(const Int8Operands& f, int64_t row, int64_t col) {
     T* y = static_cast<T*>(a.y) + (row + r) * a.y_stride + col;
     for (int c = 0; c < C; ++c) {
       const float dot = at::vec::vec_reduce_all<float>(
-          [](const Vec& u, const Vec& v) { return u + v; }, acc[r][c]);
+          [](const Vec& u, const Vec& v) { return u + v; }, Vec(acc[r][c]));
       const float out = dot * static_cast<float>(scale[col + c]);
       y[c] = static_cast<T>(bias != nullptr ? out + static_cast<float>(bias[col + c]) : out);
     }

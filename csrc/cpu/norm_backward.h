@@ -115,8 +115,8 @@ void norm_backward_typed(const NormBackward& a) {
             if (pg != nullptr) at::vec::fmadd(d, xh, Vec::loadu(pg + j, c)).store(pg + j, c);
             if (pb != nullptr) (d + Vec::loadu(pb + j, c)).store(pb + j, c);
             const Vec g = affine ? d * Vec::loadu(gamma + j, c) : d;
-            sum_g[l] += g;
-            sum_gxhat[l] = at::vec::fmadd(g, xh, sum_gxhat[l]);
+            sum_g.add(l, g);
+            sum_gxhat.fmadd(l, g, xh);
           }
         });
       };

@@ -29,7 +29,7 @@ inline void row_stats(Norm norm, const float* v, int64_t n, float eps, float shi
     if (std::isnan(shifted_sum)) {
       LaneSums acc;
       vec_loop_lanes(n, [&](int64_t j, int64_t c, int l) {
-        acc[l] += Vec::set(Vec(0.0f), Vec::loadu(v + j, c) - shift, c);
+        acc.add(l, Vec::set(Vec(0.0f), Vec::loadu(v + j, c) - shift, c));
       });
       shifted_sum = acc.sum();
     }
@@ -40,7 +40,7 @@ inline void row_stats(Norm norm, const float* v, int64_t n, float eps, float shi
   LaneSums acc;
   vec_loop_lanes(n, [&](int64_t j, int64_t c, int l) {
     const Vec d = Vec::set(Vec(0.0f), Vec::loadu(v + j, c) - m, c);
-    acc[l] = at::vec::fmadd(d, d, acc[l]);
+    acc.fmadd(l, d, d);
   });
   const float squares = acc.sum();
   if (m2 != nullptr) *m2 = squares;
@@ -116,7 +116,7 @@ void norm_forward_typed(const NormForward& a) {
             av = round_vec<T>(av);
           }
           av.store(v_buf + j, c);
-          acc[l] += Vec::set(Vec(0.0f), av - shift, c);
+          acc.add(l, Vec::set(Vec(0.0f), av - shift, c));
         });
         if (s_out != nullptr) write_row(s_out, static_cast<T*>(a.sum) + i * a.sum_stride, n);
         shifted_sum = acc.sum();

@@ -25,6 +25,17 @@ namespace {
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kW = Vec::size();
 
+// Vec's register type, for arrays of accumulators: GCC keeps an array of __m256/__m512 in
+// registers, but leaves an array of Vec (a class) in memory, loading and storing every element
+// around each FMA (a store-to-load chain per update) whatever the register pressure.
+#if defined(CPU_CAPABILITY_AVX512)
+using VecReg = __m512;
+#elif defined(CPU_CAPABILITY_AVX2)
+using VecReg = __m256;
+#else
+using VecReg = Vec;
+#endif
+
 // ------------------------------------------------------------------------------------ helpers
 
 // Calls f(j, count) for consecutive vectors of the row [0, n): count == kW except for the tail.
@@ -118,12 +129,16 @@ inline float hsum(const Vec& v) {
   return s;
 }
 
-// A running sum per lane of vec_loop_lanes, zeroed; sum() adds them up in a fixed order.
+// A running sum per lane of vec_loop_lanes, zeroed (in VecReg, see above); sum() adds them up in
+// a fixed order.
 struct LaneSums {
   static_assert(kLanes == 4, "sum() pairs four lanes");
-  Vec lanes[kLanes] = {Vec(0.0f), Vec(0.0f), Vec(0.0f), Vec(0.0f)};
-  Vec& operator[](int l) { return lanes[l]; }
-  float sum() const { return hsum((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])); }
+  VecReg lanes[kLanes] = {Vec(0.0f), Vec(0.0f), Vec(0.0f), Vec(0.0f)};
+  void add(int l, const Vec& v) { lanes[l] = Vec(lanes[l]) + v; }
+  void fmadd(int l, const Vec& a, const Vec& b) { lanes[l] = at::vec::fmadd(a, b, Vec(lanes[l])); }
+  float sum() const {
+    return hsum((Vec(lanes[0]) + Vec(lanes[1])) + (Vec(lanes[2]) + Vec(lanes[3])));
+  }
 };
 
 // The largest lane; NaN if any lane is NaN.
