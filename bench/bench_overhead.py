@@ -28,8 +28,8 @@ it from the checkout to time (``python -m bench.bench_overhead`` puts the workin
 first on the path).
 
 ``--gemm`` times instead the forward GEMM alone at 1-32 rows (the raw op with no norm and no
-activation, i.e. the cpu backend's ``gemm::linear``: in fp32 the few-row kernel up to 8 rows,
-the engine measurement's choice at 9-16, where the kernel is a candidate) against
+activation, i.e. the cpu backend's ``gemm::linear``: in fp32 the few-row kernel up to 16 rows,
+in bf16/fp16 the engine measurement's choice, where the kernel is a candidate) against
 ``torch.addmm`` on the same tensors, as the median over rounds of the per-round time ratio, for
 the decode shapes K×N = 768×2304, 768×3072, 3072×768 (csrc/cpu/gemm.h quotes it).
 

@@ -333,6 +333,23 @@ def test_few_row_linear(gemm_policy, monkeypatch, dtype, env, k, bias):
         assert_close_to_reference(_linear(x, w, b), y64, same, f"{rows} rows")
 
 
+def test_pinned_aten_runs_aten_at_few_rows(gemm_policy):
+    """MAGNETO_CPU_GEMM=aten pins every forward GEMM to torch's, the fp32 rows that the default
+    policy gives the few-row kernel unmeasured included: bit-equal to torch.addmm at every row
+    count, where the kernel's sums (another order) are not."""
+    if _C.cpu_capability() == "default":
+        pytest.skip("the portable build has no few-row kernel (MKL runs these rows)")
+    w, b = randn(23, 200, std=200**-0.5), randn(23, mean=0.3)
+    differs = False
+    for rows in range(1, FEW_ROWS_MAX + 1):
+        x = randn(rows, 200, mean=1.0)
+        gemm_policy("aten")
+        assert torch.equal(_linear(x, w, b), torch.addmm(b, x, w.t())), f"{rows} rows"
+        gemm_policy("auto")
+        differs = differs or not torch.equal(_linear(x, w, b), torch.addmm(b, x, w.t()))
+    assert differs, "the few-row kernel's sums matched MKL's bit for bit: the test shows nothing"
+
+
 @pytest.mark.parametrize(
     ("dtype", "env"), list(FEW_ROW_KERNELS.values())[:4], ids=list(FEW_ROW_KERNELS)[:4]
 )

@@ -113,9 +113,6 @@ bool few_rows_fit(const Tensor& x, const Tensor& weight, const std::optional<Ten
          (!bias.has_value() || bias->scalar_type() == dtype);
 }
 
-// fp32 rows up to which linear() runs the few-row kernel without measuring it (see there).
-constexpr int64_t kFewRowsAlways = 8;
-
 // Into out where given (unit column stride), else into a new tensor.
 Tensor few_rows_linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                        const Tensor& out) {
@@ -270,6 +267,13 @@ Tensor dispatch(Role role, const Gemm& g, const Tensor& result, bool accumulate,
       engine = g.few_rows ? Engine::kFewRows : Engine::kAten;
     } else if (s.policy == "widened") {
       engine = Engine::kWidened;
+    } else if (s.policy == "auto" && g.few_rows && dtype == at::kFloat) {
+      // The few-row kernel streams the weight once, prefetched, where MKL packs it first. In
+      // fp32 it runs unmeasured: level or faster than MKL on every CPU and row count measured
+      // with the weight coming from memory, as a decoding step's does, which a first-use
+      // measurement (the weight then in cache) does not see. In bf16/fp16 it is a candidate of
+      // the measurement (docs/design.md, Decisions).
+      engine = Engine::kFewRows;
     } else if (s.policy == "auto") {
       const Key key{role, dtype, log2_ceil(m), log2_ceil(n), log2_ceil(k), at::get_num_threads(),
                     result.defined()};
@@ -300,8 +304,7 @@ std::string engine() {
   const int64_t few = linear_few_rows_max();
   if (few > 0) {
     name += "; linear at 1-" + std::to_string(few) +
-            " rows: magneto few-row kernel (fp32 at 1-" + std::to_string(kFewRowsAlways) +
-            " rows; above, and in bf16/fp16, where measured faster)";
+            " rows: magneto few-row kernel (fp32; bf16/fp16 where measured faster)";
   }
   for (const auto& [key, engine] : s.chosen) {
     const auto& [role, dtype, m, n, k, threads, into] = key;
@@ -324,18 +327,8 @@ void set_policy(const std::string& policy, bool hide_onednn) {
 
 Tensor linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
               const Tensor& out) {
-  const int64_t rows = x.size(0);
-  // The few-row kernel streams the weight once, prefetched, where MKL packs it first. In fp32 at
-  // up to kFewRowsAlways rows it runs unmeasured: it was level or faster on every CPU measured,
-  // and faster still with the weight coming from memory, as a decoding step's does, which a
-  // first-use measurement (the weight then in cache) does not see. Above, and in bf16/fp16, it
-  // is a candidate of the measurement: on a Zen 3 MKL's AVX2 GEMM is the faster from 8 rows
-  // (docs/design.md, Decisions).
   const Gemm g{x, weight, bias, true, few_rows_fit(x, weight, bias)};
-  if (g.few_rows && x.scalar_type() == at::kFloat && rows <= kFewRowsAlways) {
-    return few_rows_linear(x, weight, bias, out);
-  }
-  return dispatch(Role::kForward, g, out, false, rows, weight.size(0), weight.size(1));
+  return dispatch(Role::kForward, g, out, false, x.size(0), weight.size(0), weight.size(1));
 }
 
 Tensor matmul(Role role, const Tensor& a, const Tensor& b, const Tensor& result,

@@ -17,11 +17,10 @@
 // operands; set_policy for tests).
 // The forward GEMM of 1-16 rows has one more engine, our few-row kernel (kernels.h,
 // linear_few_rows; AVX2 and AVX-512 builds), which streams the weight once where both BLAS pack
-// it first: in fp32 at 1-8 rows it always runs (level or faster on every CPU measured, and
-// faster from memory, as a decoding step reads the weight, than a first-use measurement in
-// cache shows); at 9-16 rows, and in bf16/fp16 at 1-16, it is a candidate of the measurement
-// (in bf16 it runs on AMX-BF16 tiles or AVX512-BF16 dot products where the CPU has them,
-// few_rows.h).
+// it first: in fp32 it always runs (level or faster on every CPU measured with the weight
+// coming from memory, as a decoding step reads it, which a first-use measurement in cache does
+// not see); in bf16/fp16 it is a candidate of the measurement (in bf16 it runs on AMX-BF16
+// tiles or AVX512-BF16 dot products where the CPU has them, few_rows.h).
 // The measurements: docs/design.md, Decisions.
 #pragma once
 
