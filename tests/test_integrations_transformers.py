@@ -18,6 +18,7 @@ from transformers_models import (
     CONCAT_PER_LAYER,
     FAMILIES,
     FUSED_PER_LAYER,
+    HEAD,
     LAYERS,
     VOCAB,
     check_grads,
@@ -40,7 +41,7 @@ def test_logits_and_gradients_match(family, attn, fused_calls):
     mask = torch.ones_like(tokens)
     mask[1, :4] = 0  # left padding in the second row
     out = model(tokens, attention_mask=mask, labels=tokens)
-    assert fused_calls.count == LAYERS * FUSED_PER_LAYER[family]
+    assert fused_calls.count == LAYERS * FUSED_PER_LAYER[family] + HEAD
     assert fused_calls.concat == LAYERS * CONCAT_PER_LAYER[family]  # gate/up: no torch.cat
     expected = reference(tokens, attention_mask=mask, labels=tokens)
     close(out.logits, expected.logits, what="logits")
@@ -70,7 +71,7 @@ def test_grouped_projections_without_gradients_match(length, fused_calls):
     tokens = ids(batch=2, length=length)
     with torch.no_grad():
         close(model(tokens).logits, reference(tokens).logits, what="no-grad logits")
-    assert fused_calls.count == LAYERS * 4
+    assert fused_calls.count == LAYERS * 4 + HEAD
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -21,7 +21,7 @@ import pytest
 import torch
 from harness import assert_close_to_reference
 from transformers.integrations.bitnet import AutoBitLinear, BitLinear, pack_weights
-from transformers_models import LAYERS, VOCAB, bitnet, check_grads, close, ids, mt
+from transformers_models import HEAD, LAYERS, VOCAB, bitnet, check_grads, close, ids, mt
 
 from magneto_kernels import quant
 
@@ -130,7 +130,7 @@ def test_fused_and_matching_unpatched(mode, backend, fused_calls, caplog):
     tokens = ids(**TOKENS)
     out = model(tokens, labels=tokens)
     expected = reference(tokens, labels=tokens)
-    assert fused_calls.count == FUSED_PER_LAYER * LAYERS
+    assert fused_calls.count == FUSED_PER_LAYER * LAYERS + HEAD
     assert fused_calls.concat == LAYERS  # gate/up side by side in one call: no torch.cat
     close(out.logits, expected.logits, what="logits")
     if mode == "online":
@@ -217,7 +217,7 @@ def test_width_not_a_multiple_of_the_packing_unit_stays_unfused(caplog, fused_ca
     with torch.no_grad():
         close(model(tokens).logits, reference(tokens).logits, what="logits")
     assert "down_proj" not in caplog.text  # in_features 128: fused
-    assert fused_calls.count == LAYERS  # down_proj's
+    assert fused_calls.count == LAYERS + HEAD  # down_proj's, the head's
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -235,7 +235,7 @@ def test_a_backend_without_quantised_kernels_runs_the_modules(mode, fused_calls,
     with pytest.warns(UnfusedWarning, match="runs on the triton backend, which has no quant"):
         with torch.no_grad():
             out = model(tokens).logits
-    assert fused_calls.count == 0
+    assert fused_calls.count == HEAD  # the head is not quantised: dense, on triton
     close(out, reference(tokens).logits, what="logits")
 
 
@@ -300,7 +300,8 @@ def test_peft_lora_on_quantised_projections_falls_back(fused_calls, caplog):
     with torch.no_grad():
         out = model(input_ids=tokens).logits
         expected = reference(input_ids=tokens).logits
-    assert fused_calls.count == LAYERS * FUSED_PER_LAYER  # q and v fall back, k one call alone
+    # q and v fall back, k is one call alone; and the head's
+    assert fused_calls.count == LAYERS * FUSED_PER_LAYER + HEAD
     close(out, expected, what="logits")
 
 

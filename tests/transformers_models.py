@@ -83,6 +83,10 @@ FUSED_PER_LAYER = {"llama": 4, "bitnet": 4, "kosmos2": 4, "kosmos2_5": 4}
 """Fused calls of one layer's forward: q/k/v (one group), the output projection, gate/up (one
 group) or fc1, down_proj or fc2."""
 
+HEAD = 1
+"""Fused calls of the model's head per forward: ``ln_linear`` without a norm
+(``output_projection="dense"``, the default)."""
+
 CONCAT_PER_LAYER = {"llama": 1, "bitnet": 1, "kosmos2": 0, "kosmos2_5": 0}
 """Of those, the group calls that write their outputs side by side (``concat=True``): gate/up,
 which down_proj reads as one ``[gate | up]`` (no concatenation after the call)."""

@@ -27,8 +27,9 @@ BitNet's quantised projections (transformers' ``AutoBitLinear`` online and offli
 ``BitLinear``) run as ``ln_linear``'s quantised modes (``quant=``), their weights packed into
 the kernels' 2-bit layout at patch time and, offline, transformers' copy dropped
 (``_projections.PackedProjection``: ``state_dict`` still writes it; ``get_memory_footprint``
-counts the bytes resident, ``_projections.memory_footprint``). ``output_projection="int8"``
-runs the model's head with per-row int8 weights (``_head``; off by default).
+counts the bytes resident, ``_projections.memory_footprint``). The model's head runs as
+``ln_linear`` without a norm (``output_projection="dense"``, the default: the few-row kernel when
+decoding on CPU), with per-row int8 weights (``"int8"``), or as transformers' (None): ``_head``.
 
 Left unfused, running the model's own code: projections that no adapter of
 ``_projections.PROJECTIONS`` accepts at call time (anything but a plain ``nn.Linear`` or
@@ -132,9 +133,9 @@ def apply_magneto(model: nn.Module, **options) -> nn.Module:
     """
     table = replacements(_family_of(model))
     settings = MagnetoOptions(**options)
-    set_output_projection(model, settings.output_projection)
+    head = set_output_projection(model, settings.output_projection, settings.backend)
     patched = set(table.values())
-    unfused = []
+    unfused = [] if head is None else [head]
     for name, module in model.named_modules():
         if type(module) in table:
             module.__class__ = table[type(module)]

@@ -1,32 +1,46 @@
-"""The int8 output projection (``apply_magneto(model, output_projection="int8")``): the model's
-``lm_head`` with per-output-row int8 weights, for decoding.
+"""The model's output projection (``lm_head``) under ``apply_magneto``'s ``output_projection``:
 
-Once BitNet's projections read 2 bits per weight, the dense head (128256 × 2560 at 2B-4T's
-sizes) is most of a decoded token's bytes; int8 halves them. Per row n of the head's weight W:
+- ``"dense"`` (the default): magneto's ``ln_linear`` without a norm on the head's own weight and
+  bias: the GEMM engine of the backend, which on CPU runs the few-row kernel at decode sizes
+  (the weight streamed once, where a BLAS packs it first) and measures its engines otherwise
+  (in bf16 on a CPU without bf16 arithmetic, float32 GEMMs on widened operands instead of
+  torch's generic loop). Its logits are transformers' up to the order of the sums.
+- ``"int8"``: per-output-row int8 weights, for decoding. Once BitNet's projections read 2 bits
+  per weight, the dense head (128256 × 2560 at 2B-4T's sizes) is most of a decoded token's
+  bytes; int8 halves them. Per row n of the head's weight W:
 
-    s_n = max_k |W_nk| / 127, rounded to W's dtype;   q_nk = clamp(round(W_nk / s_n), -127, 127)
-    logits = (x @ q.T) · s   (+ bias)
+      s_n = max_k |W_nk| / 127, rounded to W's dtype;   q_nk = clamp(round(W_nk / s_n), -127, 127)
+      logits = (x @ q.T) · s   (+ bias)
 
-run by magneto's op ``magneto_kernels.int8_head`` (x, s, the bias and the logits in one dtype; q
-int8): the products summed in float32, multiplied by s (and the bias added) in float32, rounded
-to the logits' dtype once; on CPU tensors its C++ kernel (csrc/cpu/int8_head.h), which streams
-the int8 weight once for every row of x. It is not transformers' result by design (the logits
-move by the weights' rounding, so a near-tied greedy choice may flip): off by default. The
-head's module keeps its dense weight (tied to the embedding in most models, so it stays resident
-anyway) and its ``state_dict``: the int8 weight and scales are non-persistent buffers, quantised
-again when the weight has changed in place (its version counter). The final norm runs as the
-model's module, as it does unpatched. A head replaced later (``resize_token_embeddings``) is
-dense again.
+  run by magneto's op ``magneto_kernels.int8_head`` (x, s, the bias and the logits in one dtype;
+  q int8): the products summed in float32, multiplied by s (and the bias added) in float32,
+  rounded to the logits' dtype once; on CPU tensors its C++ kernel (csrc/cpu/int8_head.h), which
+  streams the int8 weight once for every row of x. It is not transformers' result by design (the
+  logits move by the weights' rounding, so a near-tied greedy choice may flip). The int8 weight
+  and scales are non-persistent buffers, quantised again when the weight has changed in place
+  (its version counter).
+- ``None``: transformers' own head.
+
+Either form is a class given to the head's ``nn.Linear`` instance, which keeps its dense weight
+(tied to the embedding in most models) and its ``state_dict``. A head that is not a plain
+``nn.Linear`` (a PEFT wrapper, say) stays the model's own under ``"dense"`` (named in
+``apply_magneto``'s warning) and is refused by ``"int8"``. The final norm runs as the model's
+module, as it does unpatched (its output is the model's last hidden state). A head replaced
+later (``resize_token_embeddings``) is transformers' again.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor, nn
 
+import magneto_kernels
 from magneto_kernels import int8_head
 
 QMAX = 127
+KINDS = (None, "dense", "int8")
 
 
 def int8_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -54,6 +68,16 @@ class Int8OutputProjection(nn.Linear):
         return int8_head(x, self._magneto_int8, self._magneto_int8_scale, self.bias)
 
 
+class DenseOutputProjection(nn.Linear):
+    """The class ``"dense"`` gives an ``nn.Linear`` head: its forward is ``ln_linear`` without a
+    norm (one counted fused call), on the backend of ``MagnetoOptions.backend``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return magneto_kernels.ln_linear(
+            x, None, None, self.weight, self.bias, backend=self._magneto_backend
+        )
+
+
 def quantize(head: nn.Module) -> None:
     """Gives ``head`` (the model's output projection, an ``nn.Linear``) the int8 forward."""
     if type(head) is Int8OutputProjection:
@@ -76,21 +100,34 @@ def quantize(head: nn.Module) -> None:
     head._quantize()
 
 
-def dequantize(head: nn.Module) -> None:
-    """Back to transformers' dense head (``output_projection=None`` on a patched model)."""
+def restore(head: nn.Module) -> None:
+    """Back to transformers' head (``output_projection=None`` on a patched model)."""
     if type(head) is Int8OutputProjection:
         del head._magneto_int8, head._magneto_int8_scale
-        head.__class__ = nn.Linear
+    elif type(head) is DenseOutputProjection:
+        del head._magneto_backend
+    else:
+        return
+    head.__class__ = nn.Linear
 
 
-def set_output_projection(model: nn.Module, kind) -> None:
-    """Applies ``MagnetoOptions.output_projection`` to the model's head (None: dense)."""
-    if kind not in (None, "int8"):
-        raise ValueError(f"output_projection must be None or 'int8', got {kind!r}")
+def set_output_projection(model: nn.Module, kind, backend: Optional[str] = None) -> Optional[str]:
+    """Applies ``MagnetoOptions.output_projection`` (``kind``) to the model's head; returns, for
+    ``apply_magneto``'s warning, the head that ``"dense"`` leaves to transformers, else None."""
+    if kind not in KINDS:
+        raise ValueError(f"output_projection must be None, 'dense' or 'int8', got {kind!r}")
     getter = getattr(model, "get_output_embeddings", None)
     head = getter() if getter is not None else None
     if head is None:
-        if kind is not None:
+        if kind == "int8":
             raise ValueError(f"{type(model).__name__} has no output projection to quantise")
-        return
-    (quantize if kind == "int8" else dequantize)(head)
+        return None
+    restore(head)
+    if kind == "int8":
+        quantize(head)
+    elif kind == "dense":
+        if type(head) is not nn.Linear:
+            return f"output projection ({type(head).__name__})"
+        head._magneto_backend = backend
+        head.__class__ = DenseOutputProjection
+    return None

@@ -40,13 +40,14 @@ class MagnetoOptions:
         packed one (in-place edits of ``.weight`` are then packed again). False (the default):
         they keep only the packed weight and ``weight_scale`` (``PackedProjection``), 1/8 of the
         bf16 bytes, which is what a 2-bit model is for.
-    output_projection: None (transformers' dense ``lm_head``) or "int8" (``_head``: per-row
-        int8 weights and scales, not the dense head's logits by design).
+    output_projection: the model's head (``_head``): "dense" (the default: ``ln_linear``
+        without a norm on its weight, magneto's GEMM engine), "int8" (per-row int8 weights and
+        scales, not the dense head's logits by design) or None (transformers' ``lm_head``).
     """
 
     backend: Optional[str] = None
     keep_weights: bool = False
-    output_projection: Optional[str] = None
+    output_projection: Optional[str] = "dense"
 
 
 NormArgs = tuple  # (ln_weight, ln_bias, eps, norm): ln_linear's norm arguments

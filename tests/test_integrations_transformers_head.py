@@ -1,16 +1,21 @@
-"""apply_magneto(model, output_projection="int8"): the model's head with per-row int8 weights
-and scales (magneto/integrations/transformers/_head.py), run by
-magneto_kernels.int8_head. Against float64 of the int8 formula (the quantisation itself, and the
-logits from the module's int8 weights, within twice torch's own same-dtype error); the greedy
-tokens and per-position choices of a tiny BitNet against its dense head (not equal by design:
-the counts are printed and bounded below); state_dict unchanged; off again; bad inputs."""
+"""apply_magneto(model, output_projection=...): the model's head (magneto/integrations/
+transformers/_head.py). "dense", the default: ln_linear without a norm on the head's weight,
+counted as a fused call by every family's test in test_integrations_transformers.py; here its
+forms and fallbacks (a head that is not a plain nn.Linear stays transformers', named; a model
+without a head; None restores transformers' head). "int8": per-row int8 weights and scales, run
+by magneto_kernels.int8_head, against float64 of the int8 formula (the quantisation itself, and
+the logits from the module's int8 weights, within twice torch's own same-dtype error); the
+greedy tokens and per-position choices of a tiny BitNet against its dense head (not equal by
+design: the counts are printed and bounded below); state_dict unchanged; off again; bad
+inputs."""
 
 import copy
+import logging
 
 import pytest
 import torch
 from harness import assert_close_to_reference, randn
-from transformers_models import bitnet, ids, mt
+from transformers_models import bitnet, close, ids, mt
 
 from magneto.integrations.transformers import _head
 
@@ -81,6 +86,8 @@ def test_greedy_tokens_against_the_dense_head():
 
 
 def test_state_dict_unchanged_and_off_again():
+    """int8, then the default (dense), then transformers' own head: the state dict stays
+    transformers', and each form's logits are its own."""
     model, reference = _pair(torch.float32)
     mt.apply_magneto(model, output_projection="int8")
     assert list(model.state_dict()) == list(reference.state_dict())
@@ -91,8 +98,65 @@ def test_state_dict_unchanged_and_off_again():
         quantised = model(tokens).logits
         assert not torch.equal(quantised, reference(tokens).logits)  # the int8 head ran
         mt.apply_magneto(model)
-        assert type(model.lm_head) is torch.nn.Linear
+        assert type(model.lm_head) is _head.DenseOutputProjection
         torch.testing.assert_close(model(tokens).logits, mt.apply_magneto(reference)(tokens).logits)
+        mt.apply_magneto(model, output_projection=None)
+        assert type(model.lm_head) is torch.nn.Linear
+        assert not hasattr(model.lm_head, "_magneto_backend")
+        expected = mt.apply_magneto(copy.deepcopy(reference), output_projection=None)
+        assert torch.equal(model(tokens).logits, expected(tokens).logits)
+
+
+def test_dense_head_is_one_fused_call_with_transformers_logits_and_gradients(fused_calls):
+    """The default head: one ln_linear a forward on the head's own weight (tied or not, as it
+    was), logits and the weight's gradient as transformers' head gives them, bf16 within its
+    rounding."""
+    model, reference = _pair(torch.float32)
+    mt.apply_magneto(model, output_projection=None)
+    dense = mt.apply_magneto(copy.deepcopy(model))
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    assert (dense.lm_head.weight is dense.model.embed_tokens.weight) == tied
+    tokens = ids()
+    fused_calls.count = 0
+    with torch.no_grad():
+        plain = model(tokens).logits
+        calls = fused_calls.count
+        close(dense(tokens).logits, plain, what="dense head logits")
+    assert fused_calls.count - calls == calls + 1  # the layers' calls, and the head's
+    for m in (model, dense):
+        m(tokens, labels=tokens).loss.backward()
+    close(dense.lm_head.weight.grad, model.lm_head.weight.grad, what="head weight gradient")
+    for m in (model, dense):
+        m.to(torch.bfloat16)
+    with torch.no_grad():
+        close(dense(tokens).logits.float(), model(tokens).logits.float(), rtol=2e-2,
+              what="bf16 dense head logits")  # fmt: skip
+
+
+def test_dense_head_leaves_other_heads_to_transformers(caplog):
+    """A head that is not a plain nn.Linear (a subclass here, as a PEFT wrapper would be) runs
+    as the model's own under the default, named in apply_magneto's warning; a model without a
+    head takes the default and refuses int8."""
+
+    class OwnHead(torch.nn.Linear):
+        pass
+
+    model, reference = _pair(torch.float32)
+    for m in (model, reference):
+        head = m.lm_head
+        m.lm_head = OwnHead(head.in_features, head.out_features, bias=False)
+        m.lm_head.weight = head.weight
+    with caplog.at_level(logging.WARNING, logger=mt.__name__):
+        mt.apply_magneto(model)
+    assert type(model.lm_head) is OwnHead
+    assert "output projection (OwnHead)" in caplog.text
+    tokens = ids()
+    with torch.no_grad():
+        close(model(tokens).logits, mt.apply_magneto(reference)(tokens).logits, what="logits")
+    base = copy.deepcopy(reference.model)  # BitNetModel: no output projection
+    mt.apply_magneto(base)
+    with pytest.raises(ValueError, match="has no output projection to quantise"):
+        mt.apply_magneto(base, output_projection="int8")
 
 
 def test_weight_edited_in_place_is_quantised_again():
@@ -109,7 +173,7 @@ def test_weight_edited_in_place_is_quantised_again():
 
 def test_bad_inputs():
     model, _ = _pair(torch.float32)
-    with pytest.raises(ValueError, match="output_projection must be None or 'int8'"):
+    with pytest.raises(ValueError, match="output_projection must be None, 'dense' or 'int8'"):
         mt.apply_magneto(model, output_projection="int4")
     mt.apply_magneto(model, output_projection="int8")
     with pytest.raises(TypeError, match="the int8 head runs in torch.float32"):
