@@ -199,6 +199,33 @@ def test_offline_cpu_paths_agree_bitwise_at_row_edges(rows, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("rows", (1, 5, 20))
+def test_offline_integer_sums_at_their_extremes(backend, rows):
+    """Every activation code at ±127 against weights all +1, all -1 and alternating, over 33
+    blocks of 128 k: the integer sums reach ±127·k, and the kernels' narrow partial sums (the
+    AVX2 kernels sum 16 blocks in int16 lanes before widening) would wrap at the first
+    overflow. One row, four and one (the few-row kernels), and 20 (the tiled kernel)."""
+    k, n = 33 * QUANT_PACK_UNIT, 6
+    signs = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0])[:rows].repeat(rows // 5 + 1)[:rows]
+    x = signs[:, None] * torch.full((rows, k), 0.75)
+    t = torch.stack(
+        [torch.ones(k), -torch.ones(k), torch.ones(k).index_fill(0, torch.arange(0, k, 2), -1.0)]
+    )
+    t = torch.cat([t, -t])  # each sum and its negation
+    ln_weight, bias = torch.ones(k), torch.zeros(n)
+    residual, weight_scale = torch.zeros(rows, n), torch.tensor([0.5])
+    with backend.running():
+        out = _run(backend, x, ln_weight, t, bias, residual, weight_scale, "bitnet_offline", False)
+    ref, slack = _float64_offline(
+        x, ln_weight, t, bias, residual, weight_scale, "bitnet_offline", False
+    )
+    assert not slack.any()  # no code at a rounding tie: every sum is exact
+    # 127·k, divided by s = 127 / max|h| (h = x normalised: 1 but for eps)
+    assert abs(ref.abs().max().item() - 0.5 * k) < 1e-5 * k
+    torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("mode", OFFLINE)
 @pytest.mark.parametrize("rows, out_features", [(16, 80), (70, 80)], ids=["decode", "prefill"])
 def test_offline_several_tiles_and_k_blocks(backend, mode, rows, out_features):

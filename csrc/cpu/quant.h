@@ -149,29 +149,38 @@ inline __m256i load_q(const int8_t* q) {
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
 }
 
-// AVX2: maddubs (u8·s8 pairs summed to int16: |c·q| <= 256, 4 pairs of shifts <= 2048, no
-// saturation), then madd by 1 to int32 once per block.
+// AVX2: maddubs multiplies u8 codes by s8 q and sums each pair to an int16 lane: c <= 2 and
+// -128 <= q <= 127 put a pair in [-512, 508], so kInt16Pairs of them add up without leaving
+// int16 ([-32768, 32512]); the int16 lanes are widened and summed into the int32 result once
+// per that many pairs instead of once per block (a 128-wide block adds 4 pairs to each lane).
+// The int32 sums are scalars: kept as vectors, they took the registers of the int16 ones, which
+// GCC then kept in memory across the inner loop.
+constexpr int64_t kInt16Pairs = 64;
+constexpr int64_t kInt16Blocks = kInt16Pairs / 4;
+
 template <int R>
 inline void dot_codes_maddubs(const uint8_t* w, const int8_t* q, int64_t q_stride,
                               int64_t blocks, int32_t* acc, const uint8_t* ahead) {
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256i sum[R];
-  for (int r = 0; r < R; ++r) sum[r] = _mm256_setzero_si256();
-  for (int64_t blk = 0; blk < blocks; ++blk) {
-    if (ahead != nullptr && (blk & 1) == 0) {
-      _mm_prefetch(reinterpret_cast<const char*>(ahead + 32 * blk), _MM_HINT_T0);
+  for (int r = 0; r < R; ++r) acc[r] = 0;
+  for (int64_t first = 0; first < blocks; first += kInt16Blocks) {
+    const int64_t last = std::min(blocks, first + kInt16Blocks);
+    __m256i s16[R];
+    for (int r = 0; r < R; ++r) s16[r] = _mm256_setzero_si256();
+    for (int64_t blk = first; blk < last; ++blk) {
+      if (ahead != nullptr && (blk & 1) == 0) {
+        _mm_prefetch(reinterpret_cast<const char*>(ahead + 32 * blk), _MM_HINT_T0);
+      }
+      const BlockCodes codes(w + 32 * blk);
+      for (int r = 0; r < R; ++r) {
+        const int8_t* qb = q + r * q_stride + kQuantPackUnit * blk;
+        for (int i = 0; i < 4; ++i) {
+          s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(codes.c[i], load_q(qb + 32 * i)));
+        }
+      }
     }
-    const BlockCodes codes(w + 32 * blk);
-    for (int r = 0; r < R; ++r) {
-      const int8_t* qb = q + r * q_stride + kQuantPackUnit * blk;
-      __m256i s16 = _mm256_maddubs_epi16(codes.c[0], load_q(qb));
-      s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(codes.c[1], load_q(qb + 32)));
-      s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(codes.c[2], load_q(qb + 64)));
-      s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(codes.c[3], load_q(qb + 96)));
-      sum[r] = _mm256_add_epi32(sum[r], _mm256_madd_epi16(s16, ones));
-    }
+    for (int r = 0; r < R; ++r) acc[r] += hsum_epi32(_mm256_madd_epi16(s16[r], ones));
   }
-  for (int r = 0; r < R; ++r) acc[r] = hsum_epi32(sum[r]);
 }
 
 // acc[f] = Σ_k q[k]·c_f[k] for one row of q and F packed weight rows (stride w_stride), side by
@@ -184,37 +193,42 @@ template <int F>
 inline void dot_cols_maddubs(const uint8_t* w, int64_t w_stride, const int8_t* q,
                              int64_t blocks, int32_t* acc, const uint8_t* ahead) {
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256i sum[F];
-  for (int f = 0; f < F; ++f) sum[f] = _mm256_setzero_si256();
-  for (int64_t blk = 0; blk < blocks; ++blk) {
-    __m256i packed[F], s16[F];
-    if (ahead != nullptr) {
-      for (int off = 0; off < 32 * F; off += 64) {
-        _mm_prefetch(reinterpret_cast<const char*>(ahead + 32 * F * blk + off), _MM_HINT_T0);
+  for (int f = 0; f < F; ++f) acc[f] = 0;
+  for (int64_t first = 0; first < blocks; first += kInt16Blocks) {
+    const int64_t last = std::min(blocks, first + kInt16Blocks);
+    __m256i s16[F];
+    for (int f = 0; f < F; ++f) s16[f] = _mm256_setzero_si256();
+    for (int64_t blk = first; blk < last; ++blk) {
+      __m256i packed[F];
+      if (ahead != nullptr) {
+        for (int off = 0; off < 32 * F; off += 64) {
+          _mm_prefetch(reinterpret_cast<const char*>(ahead + 32 * F * blk + off), _MM_HINT_T0);
+        }
+      }
+      for (int f = 0; f < F; ++f) {
+        const uint8_t* wb = w + f * w_stride + 32 * blk;
+        packed[f] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb));
+      }
+      const int8_t* qb = q + kQuantPackUnit * blk;
+      const __m256i q0 = load_q(qb);
+      for (int f = 0; f < F; ++f) {
+        s16[f] = _mm256_add_epi16(s16[f], _mm256_maddubs_epi16(code_plane<0>(packed[f]), q0));
+      }
+      const __m256i q1 = load_q(qb + 32);
+      for (int f = 0; f < F; ++f) {
+        s16[f] = _mm256_add_epi16(s16[f], _mm256_maddubs_epi16(code_plane<1>(packed[f]), q1));
+      }
+      const __m256i q2 = load_q(qb + 64);
+      for (int f = 0; f < F; ++f) {
+        s16[f] = _mm256_add_epi16(s16[f], _mm256_maddubs_epi16(code_plane<2>(packed[f]), q2));
+      }
+      const __m256i q3 = load_q(qb + 96);
+      for (int f = 0; f < F; ++f) {
+        s16[f] = _mm256_add_epi16(s16[f], _mm256_maddubs_epi16(code_plane<3>(packed[f]), q3));
       }
     }
-    for (int f = 0; f < F; ++f) {
-      const uint8_t* wb = w + f * w_stride + 32 * blk;
-      packed[f] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb));
-    }
-    const int8_t* qb = q + kQuantPackUnit * blk;
-    const __m256i q0 = load_q(qb);
-    for (int f = 0; f < F; ++f) s16[f] = _mm256_maddubs_epi16(code_plane<0>(packed[f]), q0);
-    const __m256i q1 = load_q(qb + 32);
-    for (int f = 0; f < F; ++f) {
-      s16[f] = _mm256_add_epi16(s16[f], _mm256_maddubs_epi16(code_plane<1>(packed[f]), q1));
-    }
-    const __m256i q2 = load_q(qb + 64);
-    for (int f = 0; f < F; ++f) {
-      s16[f] = _mm256_add_epi16(s16[f], _mm256_maddubs_epi16(code_plane<2>(packed[f]), q2));
-    }
-    const __m256i q3 = load_q(qb + 96);
-    for (int f = 0; f < F; ++f) {
-      s16[f] = _mm256_add_epi16(s16[f], _mm256_maddubs_epi16(code_plane<3>(packed[f]), q3));
-      sum[f] = _mm256_add_epi32(sum[f], _mm256_madd_epi16(s16[f], ones));
-    }
+    for (int f = 0; f < F; ++f) acc[f] += hsum_epi32(_mm256_madd_epi16(s16[f], ones));
   }
-  for (int f = 0; f < F; ++f) acc[f] = hsum_epi32(sum[f]);
 }
 #endif
 
@@ -279,25 +293,28 @@ void tile_portable(const uint8_t* codes, const int8_t* q, int64_t k, int32_t* ac
 template <int M, int N>
 void tile_maddubs(const uint8_t* codes, const int8_t* q, int64_t k, int32_t* acc) {
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256i sum[M][N];
-  for (int r = 0; r < M; ++r) {
-    for (int j = 0; j < N; ++j) sum[r][j] = _mm256_setzero_si256();
-  }
-  for (int64_t kk = 0; kk < k; kk += 32) {
-    __m256i c[N];
-    for (int j = 0; j < N; ++j) {
-      c[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + j * k + kk));
-    }
+  for (int i = 0; i < M * N; ++i) acc[i] = 0;
+  for (int64_t first = 0; first < k; first += 32 * kInt16Pairs) {
+    const int64_t last = std::min(k, first + 32 * kInt16Pairs);
+    __m256i s16[M][N];
     for (int r = 0; r < M; ++r) {
-      const __m256i qv = load_q(q + r * k + kk);
+      for (int j = 0; j < N; ++j) s16[r][j] = _mm256_setzero_si256();
+    }
+    for (int64_t kk = first; kk < last; kk += 32) {
+      __m256i c[N];
       for (int j = 0; j < N; ++j) {
-        const __m256i pairs = _mm256_maddubs_epi16(c[j], qv);  // |pair| <= 512: no saturation
-        sum[r][j] = _mm256_add_epi32(sum[r][j], _mm256_madd_epi16(pairs, ones));
+        c[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + j * k + kk));
+      }
+      for (int r = 0; r < M; ++r) {
+        const __m256i qv = load_q(q + r * k + kk);
+        for (int j = 0; j < N; ++j) {
+          s16[r][j] = _mm256_add_epi16(s16[r][j], _mm256_maddubs_epi16(c[j], qv));
+        }
       }
     }
-  }
-  for (int r = 0; r < M; ++r) {
-    for (int j = 0; j < N; ++j) acc[r * N + j] = hsum_epi32(sum[r][j]);
+    for (int r = 0; r < M; ++r) {
+      for (int j = 0; j < N; ++j) acc[r * N + j] += hsum_epi32(_mm256_madd_epi16(s16[r][j], ones));
+    }
   }
 }
 #endif
