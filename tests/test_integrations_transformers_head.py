@@ -102,7 +102,7 @@ def test_state_dict_unchanged_and_off_again():
         torch.testing.assert_close(model(tokens).logits, mt.apply_magneto(reference)(tokens).logits)
         mt.apply_magneto(model, output_projection=None)
         assert type(model.lm_head) is torch.nn.Linear
-        assert not hasattr(model.lm_head, "_magneto_backend")
+        assert not hasattr(model.lm_head, "_magneto_options")
         expected = mt.apply_magneto(copy.deepcopy(reference), output_projection=None)
         assert torch.equal(model(tokens).logits, expected(tokens).logits)
 

@@ -133,7 +133,7 @@ def apply_magneto(model: nn.Module, **options) -> nn.Module:
     """
     table = replacements(_family_of(model))
     settings = MagnetoOptions(**options)
-    head = set_output_projection(model, settings.output_projection, settings.backend)
+    head = set_output_projection(model, settings)
     patched = set(table.values())
     unfused = [] if head is None else [head]
     for name, module in model.named_modules():

@@ -70,19 +70,17 @@ class Int8OutputProjection(nn.Linear):
 
 class DenseOutputProjection(nn.Linear):
     """The class ``"dense"`` gives an ``nn.Linear`` head: its forward is ``ln_linear`` without a
-    norm (one counted fused call), on the backend of ``MagnetoOptions.backend``."""
+    norm (one counted fused call), on the backend of its ``MagnetoOptions``, which it carries as
+    the patched blocks do."""
 
     def forward(self, x: Tensor) -> Tensor:
         return magneto_kernels.ln_linear(
-            x, None, None, self.weight, self.bias, backend=self._magneto_backend
+            x, None, None, self.weight, self.bias, backend=self._magneto_options.backend
         )
 
 
 def quantize(head: nn.Module) -> None:
     """Gives ``head`` (the model's output projection, an ``nn.Linear``) the int8 forward."""
-    if type(head) is Int8OutputProjection:
-        head._quantize()
-        return
     if type(head) is not nn.Linear:
         raise ValueError(
             f"output_projection='int8' needs the output projection to be an nn.Linear,"
@@ -105,15 +103,17 @@ def restore(head: nn.Module) -> None:
     if type(head) is Int8OutputProjection:
         del head._magneto_int8, head._magneto_int8_scale
     elif type(head) is DenseOutputProjection:
-        del head._magneto_backend
+        del head._magneto_options
     else:
         return
     head.__class__ = nn.Linear
 
 
-def set_output_projection(model: nn.Module, kind, backend: Optional[str] = None) -> Optional[str]:
-    """Applies ``MagnetoOptions.output_projection`` (``kind``) to the model's head; returns, for
-    ``apply_magneto``'s warning, the head that ``"dense"`` leaves to transformers, else None."""
+def set_output_projection(model: nn.Module, settings) -> Optional[str]:
+    """Applies ``settings.output_projection`` (``settings``: the ``MagnetoOptions``) to the
+    model's head; returns, for ``apply_magneto``'s warning, the head that ``"dense"`` leaves to
+    transformers, else None."""
+    kind = settings.output_projection
     if kind not in KINDS:
         raise ValueError(f"output_projection must be None, 'dense' or 'int8', got {kind!r}")
     getter = getattr(model, "get_output_embeddings", None)
@@ -128,6 +128,6 @@ def set_output_projection(model: nn.Module, kind, backend: Optional[str] = None)
     elif kind == "dense":
         if type(head) is not nn.Linear:
             return f"output projection ({type(head).__name__})"
-        head._magneto_backend = backend
+        head._magneto_options = settings
         head.__class__ = DenseOutputProjection
     return None
